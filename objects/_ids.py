@@ -1,0 +1,177 @@
+"""Id allocators that hand out ids the way the kernel's IDR and XArray do.
+
+* :class:`IdrAllocator` is ``idr_alloc(idr, ptr, start, end)``: the **lowest free** id in
+  ``[start, end)``; ``end <= 0`` means "up to INT_MAX" (the kernel's convention).
+  qcomtee uses it for userspace object ids (start 0) and callback request ids.
+* :class:`CyclicAllocator` is ``xa_alloc_cyclic(xa, &id, ptr, XA_LIMIT(min, max), &next)``:
+  the first free id at or after ``next``, wrapping to ``min`` once, with ``next`` set to
+  the id handed out plus one.  qcomtee uses it for NS wire ids (0x80000001..0xFFFFFFFF).
+
+Both answer ``ENOSPC`` (as a :class:`DriverError`) when the range is full.  Both keep the
+*free* space as a sorted set of disjoint intervals, so allocation and release cost
+O(log n) however many ids are live, and memory is proportional to the number of holes.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from sortedcontainers import SortedDict
+
+from objects._errors import DriverError, UsageError
+
+__all__ = ["INT_MAX", "CyclicAllocator", "IdrAllocator"]
+
+INT_MAX = 0x7FFF_FFFF
+
+
+class _FreeRanges:
+    """Disjoint inclusive free intervals ``start -> last`` over ``[lo, hi]``."""
+
+    __slots__ = ("_iv", "hi", "lo", "used")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo = lo
+        self.hi = hi
+        self._iv: SortedDict[int, int] = SortedDict({lo: hi})
+        self.used = 0
+
+    def first_free_at_or_after(self, x: int) -> int | None:
+        iv = self._iv
+        idx = iv.bisect_right(x) - 1
+        if idx >= 0 and iv.peekitem(idx)[1] >= x:
+            return x
+        if idx + 1 < len(iv):
+            return iv.peekitem(idx + 1)[0]
+        return None
+
+    def first_free(self) -> int | None:
+        return self._iv.peekitem(0)[0] if self._iv else None
+
+    def is_free(self, x: int) -> bool:
+        iv = self._iv
+        idx = iv.bisect_right(x) - 1
+        return idx >= 0 and iv.peekitem(idx)[1] >= x
+
+    def take(self, x: int) -> None:
+        """Mark free id ``x`` used (caller guarantees it is free)."""
+        iv = self._iv
+        start = iv.iloc[iv.bisect_right(x) - 1]
+        last = iv[start]
+        if start == x:
+            del iv[start]
+        else:
+            iv[start] = x - 1
+        if x < last:
+            iv[x + 1] = last
+        self.used += 1
+
+    def give_back(self, x: int) -> None:
+        """Mark used id ``x`` free, merging with its neighbours."""
+        iv = self._iv
+        idx = iv.bisect_right(x)
+        new_start, new_last = x, x
+        if idx < len(iv):
+            nstart, nlast = iv.peekitem(idx)
+            if nstart == x + 1:
+                del iv[nstart]
+                new_last = nlast
+        if idx > 0:
+            pstart, plast = iv.peekitem(idx - 1)
+            if plast == x - 1:
+                new_start = pstart
+        iv[new_start] = new_last
+        self.used -= 1
+
+    def holes(self) -> int:
+        return len(self._iv)
+
+
+class _Allocator:
+    __slots__ = ("_free", "name")
+
+    def __init__(self, lo: int, hi: int, name: str) -> None:
+        for what, v in (("start", lo), ("end", hi)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name}: {what} must be an int, not {type(v).__name__}")
+        if lo < 0 or hi < lo:
+            raise UsageError(f"{name}: empty or negative id range [{lo}, {hi}]")
+        self._free = _FreeRanges(lo, hi)
+        self.name = name
+
+    @property
+    def lo(self) -> int:
+        """Smallest id this allocator may hand out."""
+        return self._free.lo
+
+    @property
+    def hi(self) -> int:
+        """Largest id this allocator may hand out (inclusive)."""
+        return self._free.hi
+
+    def __len__(self) -> int:
+        return self._free.used
+
+    def __contains__(self, ident: object) -> bool:
+        return (
+            isinstance(ident, int)
+            and self._free.lo <= ident <= self._free.hi
+            and not self._free.is_free(ident)
+        )
+
+    def free(self, ident: int) -> bool:
+        """Release ``ident``; False (and nothing changes) if it was not allocated.
+
+        Like ``idr_remove``/``xa_erase`` of an absent index, this is not an error.
+        """
+        if ident not in self:
+            return False
+        self._free.give_back(ident)
+        return True
+
+    def _enospc(self) -> DriverError:
+        return DriverError(errno.ENOSPC, f"{self.name}: all ids in [{self.lo}, {self.hi}] in use")
+
+
+class IdrAllocator(_Allocator):
+    """Lowest-free allocator over ``[start, end)`` (``idr_alloc``)."""
+
+    __slots__ = ()
+
+    def __init__(self, start: int = 0, end: int = 0, *, name: str = "idr") -> None:
+        if isinstance(end, int) and not isinstance(end, bool) and end <= 0:
+            end = INT_MAX + 1
+        super().__init__(start, end - 1 if isinstance(end, int) else end, name)
+
+    def alloc(self) -> int:
+        """Hand out the lowest free id; ``ENOSPC`` when none is left."""
+        ident = self._free.first_free()
+        if ident is None:
+            raise self._enospc()
+        self._free.take(ident)
+        return ident
+
+
+class CyclicAllocator(_Allocator):
+    """Cyclic allocator over ``[lo, hi]`` inclusive (``xa_alloc_cyclic`` with XA_LIMIT)."""
+
+    __slots__ = ("next",)
+
+    def __init__(self, lo: int, hi: int, *, name: str = "xarray") -> None:
+        super().__init__(lo, hi, name)
+        self.next = lo
+
+    def alloc(self) -> int:
+        """Hand out the first free id at or after ``next``, wrapping once to ``lo``.
+
+        ``next`` becomes the id handed out plus one, as in the kernel.
+        """
+        free = self._free
+        ident = free.first_free_at_or_after(self.next) if self.next <= free.hi else None
+        if ident is None:
+            ident = free.first_free()
+            if ident is None:
+                raise self._enospc()
+        free.take(ident)
+        self.next = ident + 1
+        return ident

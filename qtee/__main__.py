@@ -1,0 +1,24 @@
+"""The ``qtee`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qtee`` console script."""
+    parser = argparse.ArgumentParser(prog="qtee", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    sub.add_parser("version", help="print the qtee version")
+    args = parser.parse_args(argv)
+    if args.verb == "version":
+        from qtee import __version__
+
+        print(__version__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

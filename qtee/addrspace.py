@@ -1,0 +1,199 @@
+"""Address spaces: how the driver model reaches the user pointers an ioctl carries.
+
+A real driver reads ``buf_ptr`` and UBUF addresses with ``copy_from_user`` and answers
+EFAULT when the range is not mapped.  qtee does the same through an address space:
+
+* :class:`ProcessMemory` (the default) reads and writes this process's real memory, so
+  the address of a ``ctypes`` buffer works as it would with the real driver; unmapped
+  addresses give EFAULT instead of a crash (on Linux it goes through ``/proc/self/mem``).
+* :class:`CheckedMemory` maps only buffers registered with it, at synthetic addresses,
+  and answers EFAULT for everything else -- what tests and the device server use.
+
+``access_ok`` rules are the kernel's: the range must not wrap and must end below the
+top of the user address space; a zero-length range is fine anywhere below it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import errno
+import os
+import threading
+from typing import Final, Protocol, runtime_checkable
+
+from objects import DriverError, UsageError
+
+__all__ = ["TASK_SIZE", "AddressSpace", "CheckedMemory", "ProcessMemory", "address_of"]
+
+#: Top of the user address space (arm64 and x86-64 with 48-bit VA).
+TASK_SIZE: Final = 1 << 47
+
+
+def _efault(addr: int, size: int, why: str) -> DriverError:
+    return DriverError(errno.EFAULT, f"user range {addr:#x}+{size} {why}")
+
+
+def _access_ok(addr: int, size: int) -> None:
+    if not isinstance(addr, int) or not isinstance(size, int):
+        raise TypeError("user address and size must be ints")
+    if addr < 0 or size < 0 or addr + size > TASK_SIZE:
+        raise _efault(addr, size, "is outside the user address space")
+
+
+@runtime_checkable
+class AddressSpace(Protocol):
+    """What the driver model needs from user memory."""
+
+    def check(self, addr: int, size: int) -> None:
+        """``access_ok``: raise EFAULT if ``[addr, addr+size)`` cannot be a user range."""
+
+    def read(self, addr: int, size: int) -> bytes:
+        """``copy_from_user``: ``size`` bytes at ``addr`` or EFAULT."""
+
+    def write(self, addr: int, data: bytes) -> None:
+        """``copy_to_user``: ``data`` at ``addr`` or EFAULT (nothing written on EFAULT)."""
+
+
+def address_of(buf: bytearray | memoryview | ctypes.Array[ctypes.c_char]) -> int:
+    """The address of a writable buffer (for filling ``buf_ptr`` or a UBUF ``a``)."""
+    if isinstance(buf, ctypes.Array):
+        return ctypes.addressof(buf)
+    view = memoryview(buf)
+    if view.readonly:
+        raise UsageError("address_of needs a writable buffer")
+    if view.nbytes == 0:
+        return 0
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+class ProcessMemory:
+    """This process's memory, with EFAULT for unmapped ranges instead of a crash."""
+
+    __slots__ = ("_fd", "_lock", "_pid")
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    def _mem_fd(self) -> int:
+        pid = os.getpid()
+        if self._pid != pid:  # /proc/self/mem names the opener: reopen after fork
+            with self._lock:
+                if self._pid != pid:
+                    self._fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+                    self._pid = pid
+        return self._fd
+
+    def check(self, addr: int, size: int) -> None:
+        """``access_ok``."""
+        _access_ok(addr, size)
+
+    def read(self, addr: int, size: int) -> bytes:
+        """``copy_from_user``."""
+        _access_ok(addr, size)
+        if size == 0:
+            return b""
+        try:
+            data = os.pread(self._mem_fd(), size, addr)
+        except OSError as exc:
+            raise _efault(addr, size, "is not mapped") from exc
+        if len(data) != size:
+            raise _efault(addr, size, "is only partly mapped")
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        """``copy_to_user``: probe the whole range first so a fault writes nothing."""
+        size = len(data)
+        _access_ok(addr, size)
+        if size == 0:
+            return
+        self.read(addr, size)
+        try:
+            written = os.pwrite(self._mem_fd(), data, addr)
+        except OSError as exc:
+            raise _efault(addr, size, "is not writable") from exc
+        if written != size:
+            raise _efault(addr, size, "is only partly writable")
+
+
+class CheckedMemory:
+    """Only registered buffers are mapped; everything else is EFAULT.
+
+    Buffers are placed at page-aligned synthetic addresses (never 0), so a pointer into
+    one is an ordinary integer that can be stored in ``buf_ptr`` or a UBUF param.
+    """
+
+    PAGE: Final = 4096
+    BASE: Final = 0x10_0000
+
+    __slots__ = ("_bufs", "_lock", "_next", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._bufs: dict[int, memoryview] = {}
+        self._next = self.BASE
+        self._lock = threading.Lock()
+
+    def map(self, buf: bytearray | memoryview | bytes) -> int:
+        """Map ``buf`` (read-only if it is ``bytes``) and return its address."""
+        if not isinstance(buf, bytes | bytearray | memoryview):
+            raise TypeError(f"can only map bytes-like buffers, not {type(buf).__name__}")
+        view = memoryview(buf).cast("B")
+        with self._lock:
+            addr = self._next
+            span = max(view.nbytes, 1)
+            self._next = addr + (span + 2 * self.PAGE - 1) // self.PAGE * self.PAGE  # guard page
+            if self._next > TASK_SIZE:
+                raise DriverError(errno.ENOMEM, "checked address space exhausted")
+            bisect.insort(self._starts, addr)
+            self._bufs[addr] = view
+        return addr
+
+    def unmap(self, addr: int) -> None:
+        """Remove the buffer mapped at ``addr``."""
+        with self._lock:
+            if addr not in self._bufs:
+                raise UsageError(f"nothing is mapped at {addr:#x}")
+            del self._bufs[addr]
+            self._starts.remove(addr)
+
+    def __len__(self) -> int:
+        return len(self._bufs)
+
+    def _find(self, addr: int, size: int) -> tuple[memoryview, int]:
+        _access_ok(addr, size)
+        with self._lock:
+            i = bisect.bisect_right(self._starts, addr) - 1
+            if i < 0:
+                raise _efault(addr, size, "is not mapped")
+            start = self._starts[i]
+            view = self._bufs[start]
+        off = addr - start
+        if off + size > view.nbytes or (size == 0 and off > view.nbytes):
+            raise _efault(addr, size, "runs past the mapped buffer")
+        return view, off
+
+    def check(self, addr: int, size: int) -> None:
+        """``access_ok`` (range sanity only, like the kernel)."""
+        _access_ok(addr, size)
+
+    def read(self, addr: int, size: int) -> bytes:
+        """``copy_from_user``."""
+        if size == 0:
+            _access_ok(addr, size)
+            return b""
+        view, off = self._find(addr, size)
+        return bytes(view[off : off + size])
+
+    def write(self, addr: int, data: bytes) -> None:
+        """``copy_to_user``."""
+        size = len(data)
+        if size == 0:
+            _access_ok(addr, size)
+            return
+        view, off = self._find(addr, size)
+        if view.readonly:
+            raise _efault(addr, size, "is read-only")
+        view[off : off + size] = data

@@ -1,0 +1,573 @@
+"""The QTEE transport message, byte for byte (sans-IO).
+
+Two buffers are shared with QTEE per invocation (kernel ``qcomtee_msg.h``, ``core.c``,
+``async.c``):
+
+* the **inbound** buffer carries a direct invocation (``qcomtee_msg_object_invoke``:
+  ``u32 cxt, op, counts`` then 8-byte args) and QTEE's response written in place
+  (OB sizes and payloads, OO ids); its size is computed per call, at most 4 MiB;
+* the **outbound** buffer (exactly 4096 bytes) carries a callback request from QTEE
+  (``qcomtee_msg_callback``: ``u32 result, cxt, op, counts`` then args), the kernel's
+  response written in place, and -- in its unused tail -- asynchronous messages
+  (only RELEASE exists) that QTEE piggybacks on every return.
+
+Buffer arguments are ``{u32 offset; u32 size}`` with ``offset`` counted from the start
+of the message; object arguments are ``u32 id`` in the first half of the 8-byte slot.
+Payloads start at ``align8(header + 8 * nargs)``; each IB, then each OB, takes
+``align8(size)`` bytes.  Everything is little-endian.
+
+Encoders validate what they are given and raise :class:`objects.UsageError`
+(:class:`MessageTooLarge` for the size limits); decoders raise only
+:class:`objects.DecodeError`, whatever the bytes.  Decoded messages are named tuples:
+immutable, and cheap to build on the invoke path.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final, NamedTuple
+
+from objects import DecodeError, UsageError
+
+__all__ = [
+    "ASYNC_STOP_END",
+    "ASYNC_STOP_OP",
+    "ASYNC_STOP_VERSION",
+    "MAX_INBOUND_BUFFER_SIZE",
+    "MAX_OUTBOUND_BUFFER_SIZE",
+    "QCOMTEE_ASYNC_VERSION_1_0",
+    "QCOMTEE_ASYNC_VERSION_1_1",
+    "QCOMTEE_ASYNC_VERSION_1_2",
+    "QCOMTEE_ASYNC_VERSION_CURRENT",
+    "QCOMTEE_MSG_OBJECT_NS_BIT",
+    "QCOMTEE_MSG_OBJECT_NULL",
+    "QCOMTEE_MSG_OBJECT_OP_MASK",
+    "QCOMTEE_MSG_OBJECT_OP_RELEASE",
+    "QCOMTEE_MSG_OBJECT_OP_RETAIN",
+    "QCOMTEE_MSG_OBJECT_PRIMORDIAL",
+    "QCOMTEE_MSG_OBJECT_ROOT",
+    "QCOMTEE_RESULT_INBOUND_REQ_NEEDED",
+    "AsyncBatch",
+    "BufRef",
+    "CallbackMsg",
+    "CallbackResponse",
+    "InvokeMsg",
+    "InvokeResponse",
+    "MessageTooLarge",
+    "align8",
+    "async_offset",
+    "callback_size",
+    "clear_async",
+    "decode_async",
+    "decode_callback",
+    "decode_callback_response",
+    "decode_invoke",
+    "decode_invoke_response",
+    "encode_async_release",
+    "encode_callback",
+    "encode_invoke",
+    "invoke_size",
+    "result_from_errno",
+    "write_async",
+    "write_callback_response",
+    "write_invoke_response",
+]
+
+QCOMTEE_MSG_OBJECT_NULL: Final = 0
+QCOMTEE_MSG_OBJECT_ROOT: Final = 1
+QCOMTEE_MSG_OBJECT_NS_BIT: Final = 1 << 31
+#: The kernel-hosted primordial object: the first NS id, reserved.
+QCOMTEE_MSG_OBJECT_PRIMORDIAL: Final = QCOMTEE_MSG_OBJECT_NS_BIT
+QCOMTEE_MSG_OBJECT_OP_MASK: Final = 0xFFFF
+QCOMTEE_MSG_OBJECT_OP_RELEASE: Final = 0xFFFF
+QCOMTEE_MSG_OBJECT_OP_RETAIN: Final = 0xFFFE
+#: SMC response type meaning "the outbound buffer holds a callback request".
+QCOMTEE_RESULT_INBOUND_REQ_NEEDED: Final = 3
+
+MAX_INBOUND_BUFFER_SIZE: Final = 4 * 1024 * 1024
+MAX_OUTBOUND_BUFFER_SIZE: Final = 4096
+
+QCOMTEE_ASYNC_VERSION_1_0: Final = 0x0001_0000
+QCOMTEE_ASYNC_VERSION_1_1: Final = 0x0001_0001
+QCOMTEE_ASYNC_VERSION_1_2: Final = 0x0001_0002
+QCOMTEE_ASYNC_VERSION_CURRENT: Final = QCOMTEE_ASYNC_VERSION_1_2
+
+ASYNC_STOP_END: Final = "end"  # version 0, or no room for another message
+ASYNC_STOP_VERSION: Final = "version"  # major version is not 1
+ASYNC_STOP_OP: Final = "op"  # an async op other than RELEASE
+
+_INVOKE_HDR: Final = 12
+_CALLBACK_HDR: Final = 16
+_ASYNC_HDR: Final = 8
+_MAX_PER_KIND: Final = 15
+_U32: Final = 0xFFFF_FFFF
+
+_U32_AT = struct.Struct("<I")
+_HDR3 = struct.Struct("<3I")
+_HDR4 = struct.Struct("<4I")
+_PAIR = struct.Struct("<II")
+
+_ARGS: list[struct.Struct] = [struct.Struct("<" + "II" * n) for n in range(4 * _MAX_PER_KIND + 1)]
+_INVOKE_ALL: list[struct.Struct] = [struct.Struct("<3I" + "II" * n) for n in range(61)]
+_CALLBACK_ALL: list[struct.Struct] = [struct.Struct("<4I" + "II" * n) for n in range(61)]
+
+
+class MessageTooLarge(UsageError):
+    """The message would exceed its buffer (4 MiB inbound, 4096 B outbound)."""
+
+
+class BufRef(NamedTuple):
+    """Where a buffer argument lives in its message."""
+
+    offset: int
+    size: int
+
+
+class InvokeMsg(NamedTuple):
+    """A decoded inbound (direct invocation) message."""
+
+    cxt: int
+    op: int
+    counts: int
+    ib: tuple[bytes, ...]
+    ob: tuple[BufRef, ...]
+    io: tuple[int, ...]
+    n_oo: int
+    size: int  # bytes the message occupies (payload end)
+
+
+class CallbackMsg(NamedTuple):
+    """A decoded outbound (callback request) message."""
+
+    cxt: int
+    op: int
+    counts: int
+    ib: tuple[bytes, ...]
+    ob: tuple[BufRef, ...]
+    io: tuple[int, ...]
+    n_oo: int
+    size: int  # payload end == start of the async region
+
+
+class InvokeResponse(NamedTuple):
+    """Outputs QTEE wrote into the inbound buffer (read only when result == 0)."""
+
+    ob: tuple[bytes, ...]
+    oo: tuple[int, ...]
+
+
+class CallbackResponse(NamedTuple):
+    """The kernel's answer written into the outbound buffer."""
+
+    result: int
+    ob: tuple[bytes, ...]
+    oo: tuple[int, ...]
+
+
+class AsyncBatch(NamedTuple):
+    """Async messages found in a region: one tuple of ids per RELEASE message."""
+
+    releases: tuple[tuple[int, ...], ...]
+    stop: str
+
+
+def align8(x: int) -> int:
+    """``qcomtee_msg_offset_align``: round up to a multiple of 8."""
+    return (x + 7) & ~7
+
+
+def result_from_errno(err: int) -> int:
+    """``qcomtee_msg_set_result``: the QTEE result for a callback's errno-style answer.
+
+    0 -> OK; positive values pass through; -ENOMEM -> KMEM; -ENODEV -> DEFUNCT;
+    -ENOSPC, -EBUSY -> BUSY; -EBADF, -EINVAL -> UNAVAIL; any other negative -> ERROR (1).
+    """
+    if not isinstance(err, int) or isinstance(err, bool):
+        raise TypeError(f"err must be an int, not {type(err).__name__}")
+    if err >= 0:
+        return err
+    return _ERRNO_RESULT.get(err, 1)
+
+
+_ERRNO_RESULT: Final = {-12: -97, -19: -90, -28: -99, -16: -99, -9: -96, -22: -96}
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _check_u32(value: int, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U32:
+        raise UsageError(f"{what} must be a u32, not {value!r}")
+
+
+def _shape(ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: int) -> int:
+    nib, nob, nio = len(ib), len(ob), len(io)
+    if nib > _MAX_PER_KIND or nob > _MAX_PER_KIND or nio > _MAX_PER_KIND:
+        raise UsageError(
+            f"at most {_MAX_PER_KIND} arguments of a kind (IB {nib}, OB {nob}, IO {nio})"
+        )
+    if not isinstance(n_oo, int) or isinstance(n_oo, bool) or not 0 <= n_oo <= _MAX_PER_KIND:
+        raise UsageError(f"at most {_MAX_PER_KIND} output objects, not {n_oo!r}")
+    return nib | nob << 4 | nio << 8 | n_oo << 12
+
+
+def _fields(
+    hdr: int, ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: int
+) -> tuple[list[int], int]:
+    """Arg fields and the payload end for a message with a ``hdr``-byte header."""
+    n = len(ib) + len(ob) + len(io) + n_oo
+    off = (hdr + 8 * n + 7) & ~7
+    fields: list[int] = []
+    for i, data in enumerate(ib):
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"IB {i} must be bytes-like, not {type(data).__name__}")
+        size = len(data)
+        fields += (off, size)
+        off += (size + 7) & ~7
+    for i, size in enumerate(ob):
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _U32:
+            raise UsageError(f"OB {i} size must be a u32, not {size!r}")
+        fields += (off, size)
+        off += (size + 7) & ~7
+    for i, ident in enumerate(io):
+        if not isinstance(ident, int) or isinstance(ident, bool) or not 0 <= ident <= _U32:
+            raise UsageError(f"IO {i} object id must be a u32, not {ident!r}")
+        fields += (ident, 0)
+    fields += (0, 0) * n_oo
+    return fields, off
+
+
+def invoke_size(ib_sizes: Sequence[int], ob_sizes: Sequence[int], n_objects: int) -> int:
+    """Bytes an inbound message needs: ``align8(12 + 8n) + sum(align8(IB|OB sizes))``."""
+    n = len(ib_sizes) + len(ob_sizes) + n_objects
+    return ((_INVOKE_HDR + 8 * n + 7) & ~7) + sum((s + 7) & ~7 for s in (*ib_sizes, *ob_sizes))
+
+
+def callback_size(ib_sizes: Sequence[int], ob_sizes: Sequence[int], n_objects: int) -> int:
+    """Bytes a callback message occupies (where its async region starts)."""
+    n = len(ib_sizes) + len(ob_sizes) + n_objects
+    return ((_CALLBACK_HDR + 8 * n + 7) & ~7) + sum((s + 7) & ~7 for s in (*ib_sizes, *ob_sizes))
+
+
+def encode_invoke(
+    cxt: int,
+    op: int,
+    ib: Sequence[bytes] = (),
+    ob: Sequence[int] = (),
+    io: Sequence[int] = (),
+    n_oo: int = 0,
+) -> bytearray:
+    """Build a zero-filled inbound message: IB payloads copied, OB space reserved.
+
+    ``ob`` holds the capacities of the output buffers, ``io`` the wire ids of the input
+    objects, ``n_oo`` the number of output-object slots (left 0 for QTEE to fill).
+    The result is exactly :func:`invoke_size` bytes; over 4 MiB -> :class:`MessageTooLarge`.
+    """
+    counts = _shape(ib, ob, io, n_oo)
+    fields, end = _fields(_INVOKE_HDR, ib, ob, io, n_oo)
+    if end > MAX_INBOUND_BUFFER_SIZE:
+        raise MessageTooLarge(f"inbound message needs {end} bytes, limit {MAX_INBOUND_BUFFER_SIZE}")
+    buf = bytearray(end)
+    try:
+        _INVOKE_ALL[len(fields) >> 1].pack_into(buf, 0, cxt, op, counts, *fields)
+    except struct.error:
+        _check_u32(cxt, "cxt")
+        _check_u32(op, "op")
+        raise
+    for k, data in enumerate(ib):
+        off = fields[2 * k]
+        buf[off : off + len(data)] = data
+    return buf
+
+
+def encode_callback(
+    buf: bytearray | memoryview,
+    cxt: int,
+    op: int,
+    ib: Sequence[bytes] = (),
+    ob: Sequence[int] = (),
+    io: Sequence[int] = (),
+    n_oo: int = 0,
+) -> int:
+    """Write a callback request at the start of the 4096-byte outbound ``buf``.
+
+    The ``result`` word is left 0 for the kernel.  Returns the message size, which is
+    where the async region of this callback starts.
+    """
+    _check_outbound(buf)
+    counts = _shape(ib, ob, io, n_oo)
+    fields, end = _fields(_CALLBACK_HDR, ib, ob, io, n_oo)
+    if end > MAX_OUTBOUND_BUFFER_SIZE:
+        raise MessageTooLarge(
+            f"callback message needs {end} bytes, outbound buffer is {MAX_OUTBOUND_BUFFER_SIZE}"
+        )
+    try:
+        _CALLBACK_ALL[len(fields) >> 1].pack_into(buf, 0, 0, cxt, op, counts, *fields)
+    except struct.error:
+        _check_u32(cxt, "cxt")
+        _check_u32(op, "op")
+        raise
+    for k, data in enumerate(ib):
+        off = fields[2 * k]
+        buf[off : off + len(data)] = data
+    return end
+
+
+def _check_outbound(buf: bytearray | memoryview) -> None:
+    if not isinstance(buf, bytearray | memoryview) or len(buf) != MAX_OUTBOUND_BUFFER_SIZE:
+        raise UsageError(f"the outbound buffer must be {MAX_OUTBOUND_BUFFER_SIZE} writable bytes")
+
+
+# --------------------------------------------------------------------------- decoding
+
+_Buf = bytes | bytearray | memoryview
+
+
+def _decode_args(
+    buf: _Buf, hdr: int, counts: int, what: str
+) -> tuple[tuple[bytes, ...], tuple[BufRef, ...], tuple[int, ...], int, int]:
+    if counts >> 16:
+        raise DecodeError(f"{what}: counts {counts:#010x} has bits set above bit 15")
+    nib = counts & 0xF
+    nob = counts >> 4 & 0xF
+    nio = counts >> 8 & 0xF
+    noo = counts >> 12 & 0xF
+    n = nib + nob + nio + noo
+    length = len(buf)
+    start = (hdr + 8 * n + 7) & ~7
+    if start > length:
+        raise DecodeError(f"{what}: {n} args need {start} bytes, message has {length}")
+    vals = _ARGS[n].unpack_from(buf, hdr)
+    ib: list[bytes] = []
+    ob: list[BufRef] = []
+    end = start
+    for k in range(nib + nob):
+        off = vals[2 * k]
+        size = vals[2 * k + 1]
+        if off & 7 or off < start or off + size > length:
+            kind = "IB" if k < nib else "OB"
+            raise DecodeError(
+                f"{what}: {kind} {k if k < nib else k - nib} at offset {off} size {size} "
+                f"is outside the payload area [{start}, {length}) or not 8-byte aligned"
+            )
+        if k < nib:
+            ib.append(bytes(buf[off : off + size]))
+        else:
+            ob.append(BufRef(off, size))
+        top = off + ((size + 7) & ~7)
+        end = max(end, top)
+    io = vals[2 * (nib + nob) : 2 * (nib + nob + nio) : 2]
+    return tuple(ib), tuple(ob), io, noo, end
+
+
+def decode_invoke(buf: _Buf) -> InvokeMsg:
+    """Parse an inbound message (what QTEE reads)."""
+    length = len(buf)
+    if length < _INVOKE_HDR:
+        raise DecodeError(f"inbound message is {length} bytes, header needs {_INVOKE_HDR}")
+    if length > MAX_INBOUND_BUFFER_SIZE:
+        raise DecodeError(f"inbound message is {length} bytes, limit {MAX_INBOUND_BUFFER_SIZE}")
+    cxt, op, counts = _HDR3.unpack_from(buf, 0)
+    ib, ob, io, noo, end = _decode_args(buf, _INVOKE_HDR, counts, "inbound")
+    return InvokeMsg(cxt, op, counts, ib, ob, io, noo, end)
+
+
+def decode_callback(buf: _Buf) -> CallbackMsg:
+    """Parse the callback request at the head of a 4096-byte outbound buffer."""
+    if len(buf) != MAX_OUTBOUND_BUFFER_SIZE:
+        raise DecodeError(
+            f"outbound buffer is {len(buf)} bytes, must be {MAX_OUTBOUND_BUFFER_SIZE}"
+        )
+    _result, cxt, op, counts = _HDR4.unpack_from(buf, 0)
+    ib, ob, io, noo, end = _decode_args(buf, _CALLBACK_HDR, counts, "callback")
+    return CallbackMsg(cxt, op, counts, ib, ob, io, noo, end)
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def _write_outputs(
+    buf: bytearray | memoryview,
+    hdr: int,
+    counts: int,
+    ob: Sequence[BufRef],
+    ob_data: Sequence[bytes],
+    oo_ids: Sequence[int],
+    what: str,
+) -> None:
+    nib = counts & 0xF
+    nob = counts >> 4 & 0xF
+    nio = counts >> 8 & 0xF
+    noo = counts >> 12 & 0xF
+    if len(ob_data) != nob or len(oo_ids) != noo:
+        raise UsageError(
+            f"{what}: message has {nob} OB and {noo} OO, got {len(ob_data)} and {len(oo_ids)}"
+        )
+    for k, (ref, data) in enumerate(zip(ob, ob_data, strict=True)):
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"{what}: OB {k} data must be bytes-like")
+        if len(data) > ref.size:
+            raise UsageError(f"{what}: OB {k} holds {len(data)} bytes, only {ref.size} allowed")
+        buf[ref.offset : ref.offset + len(data)] = data
+        _PAIR.pack_into(buf, hdr + 8 * (nib + k), ref.offset, len(data))
+    first_oo = hdr + 8 * (nib + nob + nio)
+    for k, ident in enumerate(oo_ids):
+        _check_u32(ident, f"{what}: OO {k} id")
+        _U32_AT.pack_into(buf, first_oo + 8 * k, ident)
+
+
+def write_invoke_response(
+    buf: bytearray | memoryview, msg: InvokeMsg, ob_data: Sequence[bytes], oo_ids: Sequence[int]
+) -> None:
+    """QTEE's side: write OB payloads and sizes (never above the capacity) and OO ids."""
+    _write_outputs(buf, _INVOKE_HDR, msg.counts, msg.ob, ob_data, oo_ids, "invoke response")
+
+
+def write_callback_response(
+    buf: bytearray | memoryview,
+    msg: CallbackMsg,
+    result: int,
+    ob_data: Sequence[bytes] = (),
+    oo_ids: Sequence[int] = (),
+) -> None:
+    """The kernel's side: write ``result`` and, when it is 0, OB data (shrink only) and OO ids.
+
+    An OB longer than QTEE asked for raises :class:`objects.UsageError` (the kernel
+    answers -EINVAL, which QTEE sees as UNAVAIL) and writes nothing.
+    """
+    if not isinstance(result, int) or isinstance(result, bool):
+        raise TypeError("result must be an int")
+    if not -0x8000_0000 <= result <= 0x7FFF_FFFF:
+        raise UsageError(f"result {result} does not fit in 32 bits")
+    if result == 0:
+        _write_outputs(buf, _CALLBACK_HDR, msg.counts, msg.ob, ob_data, oo_ids, "callback response")
+    _U32_AT.pack_into(buf, 0, result & _U32)
+
+
+def _read_outputs(buf: _Buf, hdr: int, what: str) -> tuple[tuple[bytes, ...], tuple[int, ...]]:
+    counts = _U32_AT.unpack_from(buf, hdr - 4)[0]
+    if counts >> 16:
+        raise DecodeError(f"{what}: counts {counts:#010x} has bits set above bit 15")
+    nib = counts & 0xF
+    nob = counts >> 4 & 0xF
+    nio = counts >> 8 & 0xF
+    noo = counts >> 12 & 0xF
+    n = nib + nob + nio + noo
+    length = len(buf)
+    if hdr + 8 * n > length:
+        raise DecodeError(f"{what}: {n} args do not fit in {length} bytes")
+    vals = _ARGS[n].unpack_from(buf, hdr)
+    ob: list[bytes] = []
+    for k in range(nib, nib + nob):
+        off = vals[2 * k]
+        size = vals[2 * k + 1]
+        if off + size > length:
+            raise DecodeError(f"{what}: OB {k - nib} [{off}, +{size}) runs past {length} bytes")
+        ob.append(bytes(buf[off : off + size]))
+    first = 2 * (nib + nob + nio)
+    return tuple(ob), vals[first : first + 2 * noo : 2]
+
+
+def decode_invoke_response(buf: _Buf) -> InvokeResponse:
+    """The kernel's side: read OB data and OO ids QTEE wrote into the inbound buffer.
+
+    Like the kernel, the OB sizes QTEE reports are trusted (only bounded by the buffer).
+    """
+    if len(buf) < _INVOKE_HDR:
+        raise DecodeError(f"inbound message is {len(buf)} bytes, header needs {_INVOKE_HDR}")
+    return InvokeResponse(*_read_outputs(buf, _INVOKE_HDR, "invoke response"))
+
+
+def decode_callback_response(buf: _Buf, msg: CallbackMsg) -> CallbackResponse:
+    """QTEE's side: read the kernel's result and, when it is 0, the outputs.
+
+    OB sizes larger than the request asked for are rejected (the kernel never grows them).
+    """
+    if len(buf) != MAX_OUTBOUND_BUFFER_SIZE:
+        raise DecodeError(
+            f"outbound buffer is {len(buf)} bytes, must be {MAX_OUTBOUND_BUFFER_SIZE}"
+        )
+    raw = _U32_AT.unpack_from(buf, 0)[0]
+    result = raw - 0x1_0000_0000 if raw & 0x8000_0000 else raw
+    if result != 0:
+        return CallbackResponse(result, (), ())
+    ob, oo = _read_outputs(buf, _CALLBACK_HDR, "callback response")
+    for k, (data, ref) in enumerate(zip(ob, msg.ob, strict=False)):
+        if len(data) > ref.size:
+            raise DecodeError(f"callback response: OB {k} grew from {ref.size} to {len(data)}")
+    return CallbackResponse(0, ob, oo)
+
+
+# --------------------------------------------------------------------------- async
+
+
+def async_offset(msg: CallbackMsg | None) -> int:
+    """Start of the async region: 0 after a direct return, the message end after a callback."""
+    return 0 if msg is None else msg.size
+
+
+def encode_async_release(ids: Sequence[int], version: int = QCOMTEE_ASYNC_VERSION_CURRENT) -> bytes:
+    """One RELEASE message: ``{u32 version; u32 op=0xFFFF; u32 counts; u32 ids[counts]}``."""
+    _check_u32(version, "async version")
+    if version == 0:
+        raise UsageError("async version 0 means 'no message'; use a 1.x version")
+    for k, ident in enumerate(ids):
+        _check_u32(ident, f"async release id {k}")
+    n = len(ids)
+    return struct.pack(f"<3I{n}I", version, QCOMTEE_MSG_OBJECT_OP_RELEASE, n, *ids)
+
+
+def write_async(buf: bytearray | memoryview, offset: int, messages: Sequence[bytes]) -> int:
+    """Append async ``messages`` at ``offset``, each at an 8-byte boundary; returns the end."""
+    _check_outbound(buf)
+    if not isinstance(offset, int) or offset & 7 or not 0 <= offset <= len(buf):
+        raise UsageError(f"async offset {offset!r} must be 8-byte aligned inside the buffer")
+    used = offset
+    for k, message in enumerate(messages):
+        if used + len(message) > len(buf):
+            raise MessageTooLarge(f"async message {k} ({len(message)} B) does not fit at {used}")
+        buf[used : used + len(message)] = message
+        used += (len(message) + 7) & ~7
+    return min(used, len(buf))
+
+
+def decode_async(buf: _Buf, offset: int = 0) -> AsyncBatch:
+    """Read the async messages from ``offset`` on, as ``qcomtee_fetch_async_reqs`` does.
+
+    Parsing goes on while more than 8 bytes remain; it ends at a zero version
+    (``end``), at a major version other than 1 (``version``) or at an op other than
+    RELEASE (``op``).  A RELEASE whose ids run past the buffer is a :class:`DecodeError`.
+    """
+    length = len(buf)
+    if not isinstance(offset, int) or not 0 <= offset <= length:
+        raise DecodeError(f"async offset {offset!r} is outside the {length}-byte buffer")
+    releases: list[tuple[int, ...]] = []
+    used = offset
+    stop = ASYNC_STOP_END
+    while length - used > _ASYNC_HDR:
+        version, op = _PAIR.unpack_from(buf, used)
+        if version == 0:
+            break
+        if version >> 16 != 1:
+            stop = ASYNC_STOP_VERSION
+            break
+        if op != QCOMTEE_MSG_OBJECT_OP_RELEASE:
+            stop = ASYNC_STOP_OP
+            break
+        if length - used < _ASYNC_HDR + 4:
+            raise DecodeError(f"async release at {used}: no room for its counts word")
+        count = _U32_AT.unpack_from(buf, used + _ASYNC_HDR)[0]
+        consumed = _ASYNC_HDR + 4 + 4 * count
+        if used + consumed > length:
+            raise DecodeError(
+                f"async release at {used}: {count} ids run past the {length}-byte buffer"
+            )
+        releases.append(struct.unpack_from(f"<{count}I", buf, used + 12))
+        used += (consumed + 7) & ~7
+    return AsyncBatch(tuple(releases), stop)
+
+
+def clear_async(buf: bytearray | memoryview, offset: int) -> None:
+    """Zero the async region after processing, so requests do not loop back to QTEE."""
+    buf[offset:] = bytes(len(buf) - offset)
