@@ -56,8 +56,7 @@ class _FreeRanges:
     def take(self, x: int) -> None:
         """Mark free id ``x`` used (caller guarantees it is free)."""
         iv = self._iv
-        start = iv.iloc[iv.bisect_right(x) - 1]
-        last = iv[start]
+        start, last = iv.peekitem(iv.bisect_right(x) - 1)
         if start == x:
             del iv[start]
         else:

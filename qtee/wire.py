@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, TypeVar
 
 from objects import DecodeError, UsageError
 
@@ -134,7 +134,7 @@ class InvokeMsg(NamedTuple):
     ob: tuple[BufRef, ...]
     io: tuple[int, ...]
     n_oo: int
-    size: int  # bytes the message occupies (payload end)
+    size: int  # align8(12 + 8n) + sum of align8(buffer sizes)
 
 
 class CallbackMsg(NamedTuple):
@@ -147,7 +147,7 @@ class CallbackMsg(NamedTuple):
     ob: tuple[BufRef, ...]
     io: tuple[int, ...]
     n_oo: int
-    size: int  # payload end == start of the async region
+    size: int  # align8(16 + 8n) + sum of align8(buffer sizes): the async region starts here
 
 
 class InvokeResponse(NamedTuple):
@@ -201,41 +201,59 @@ def _check_u32(value: int, what: str) -> None:
         raise UsageError(f"{what} must be a u32, not {value!r}")
 
 
-def _shape(ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: int) -> int:
-    nib, nob, nio = len(ib), len(ob), len(io)
-    if nib > _MAX_PER_KIND or nob > _MAX_PER_KIND or nio > _MAX_PER_KIND:
-        raise UsageError(
-            f"at most {_MAX_PER_KIND} arguments of a kind (IB {nib}, OB {nob}, IO {nio})"
-        )
+def _validate(ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: int) -> None:
+    """Slow path: say exactly what is wrong with an argument set the fast path refused."""
+    if len(ib) > _MAX_PER_KIND or len(ob) > _MAX_PER_KIND or len(io) > _MAX_PER_KIND:
+        shape = f"IB {len(ib)}, OB {len(ob)}, IO {len(io)}"
+        raise UsageError(f"at most {_MAX_PER_KIND} arguments of a kind ({shape})")
     if not isinstance(n_oo, int) or isinstance(n_oo, bool) or not 0 <= n_oo <= _MAX_PER_KIND:
         raise UsageError(f"at most {_MAX_PER_KIND} output objects, not {n_oo!r}")
-    return nib | nob << 4 | nio << 8 | n_oo << 12
-
-
-def _fields(
-    hdr: int, ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: int
-) -> tuple[list[int], int]:
-    """Arg fields and the payload end for a message with a ``hdr``-byte header."""
-    n = len(ib) + len(ob) + len(io) + n_oo
-    off = (hdr + 8 * n + 7) & ~7
-    fields: list[int] = []
     for i, data in enumerate(ib):
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"IB {i} must be bytes-like, not {type(data).__name__}")
-        size = len(data)
-        fields += (off, size)
-        off += (size + 7) & ~7
     for i, size in enumerate(ob):
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _U32:
-            raise UsageError(f"OB {i} size must be a u32, not {size!r}")
+        _check_u32(size, f"OB {i} size")
+    for i, ident in enumerate(io):
+        _check_u32(ident, f"IO {i} object id")
+
+
+def _nbytes(data: object) -> int:
+    """Bytes in a bytes-like object (``len`` counts items of a non-byte memoryview); -1 if none."""
+    if isinstance(data, memoryview):
+        return data.nbytes
+    if isinstance(data, bytes | bytearray):
+        return len(data)
+    return -1
+
+
+def _layout(
+    hdr: int, ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: int
+) -> tuple[list[int], int]:
+    """Fast path: counts word, arg fields and payload end (validated by packing them)."""
+    nib = len(ib)
+    nob = len(ob)
+    nio = len(io)
+    if nib > _MAX_PER_KIND or nob > _MAX_PER_KIND or nio > _MAX_PER_KIND or n_oo > _MAX_PER_KIND:
+        _validate(ib, ob, io, n_oo)
+    off = (hdr + 8 * (nib + nob + nio + n_oo) + 7) & ~7
+    fields = [nib | nob << 4 | nio << 8 | n_oo << 12]
+    for data in ib:
+        size = len(data) if type(data) is bytes else _nbytes(data)
+        if size < 0:
+            _validate(ib, ob, io, n_oo)
         fields += (off, size)
         off += (size + 7) & ~7
-    for i, ident in enumerate(io):
-        if not isinstance(ident, int) or isinstance(ident, bool) or not 0 <= ident <= _U32:
-            raise UsageError(f"IO {i} object id must be a u32, not {ident!r}")
+    for size in ob:
+        fields += (off, size)
+        off += (size + 7) & ~7
+    for ident in io:
         fields += (ident, 0)
-    fields += (0, 0) * n_oo
+    if n_oo:
+        fields.extend(_ZEROS[n_oo])
     return fields, off
+
+
+_ZEROS: Final = [[0] * (2 * n) for n in range(_MAX_PER_KIND + 1)]
 
 
 def invoke_size(ib_sizes: Sequence[int], ob_sizes: Sequence[int], n_objects: int) -> int:
@@ -264,20 +282,26 @@ def encode_invoke(
     objects, ``n_oo`` the number of output-object slots (left 0 for QTEE to fill).
     The result is exactly :func:`invoke_size` bytes; over 4 MiB -> :class:`MessageTooLarge`.
     """
-    counts = _shape(ib, ob, io, n_oo)
-    fields, end = _fields(_INVOKE_HDR, ib, ob, io, n_oo)
-    if end > MAX_INBOUND_BUFFER_SIZE:
-        raise MessageTooLarge(f"inbound message needs {end} bytes, limit {MAX_INBOUND_BUFFER_SIZE}")
-    buf = bytearray(end)
     try:
-        _INVOKE_ALL[len(fields) >> 1].pack_into(buf, 0, cxt, op, counts, *fields)
-    except struct.error:
+        fields, end = _layout(_INVOKE_HDR, ib, ob, io, n_oo)
+        if end > MAX_INBOUND_BUFFER_SIZE:
+            raise MessageTooLarge(
+                f"inbound message needs {end} bytes, limit {MAX_INBOUND_BUFFER_SIZE}"
+            )
+        buf = bytearray(end)
+        _INVOKE_ALL[len(fields) >> 1].pack_into(buf, 0, cxt, op, *fields)
+    except (struct.error, TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        _validate(ib, ob, io, n_oo)
         _check_u32(cxt, "cxt")
         _check_u32(op, "op")
         raise
-    for k, data in enumerate(ib):
-        off = fields[2 * k]
-        buf[off : off + len(data)] = data
+    k = 1
+    for data in ib:
+        off = fields[k]
+        buf[off : off + fields[k + 1]] = data
+        k += 2
     return buf
 
 
@@ -296,21 +320,25 @@ def encode_callback(
     where the async region of this callback starts.
     """
     _check_outbound(buf)
-    counts = _shape(ib, ob, io, n_oo)
-    fields, end = _fields(_CALLBACK_HDR, ib, ob, io, n_oo)
-    if end > MAX_OUTBOUND_BUFFER_SIZE:
-        raise MessageTooLarge(
-            f"callback message needs {end} bytes, outbound buffer is {MAX_OUTBOUND_BUFFER_SIZE}"
-        )
     try:
-        _CALLBACK_ALL[len(fields) >> 1].pack_into(buf, 0, 0, cxt, op, counts, *fields)
-    except struct.error:
+        fields, end = _layout(_CALLBACK_HDR, ib, ob, io, n_oo)
+        if end > MAX_OUTBOUND_BUFFER_SIZE:
+            raise MessageTooLarge(
+                f"callback message needs {end} bytes, outbound buffer is {MAX_OUTBOUND_BUFFER_SIZE}"
+            )
+        _CALLBACK_ALL[len(fields) >> 1].pack_into(buf, 0, 0, cxt, op, *fields)
+    except (struct.error, TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        _validate(ib, ob, io, n_oo)
         _check_u32(cxt, "cxt")
         _check_u32(op, "op")
         raise
-    for k, data in enumerate(ib):
-        off = fields[2 * k]
-        buf[off : off + len(data)] = data
+    k = 1
+    for data in ib:
+        off = fields[k]
+        buf[off : off + fields[k + 1]] = data
+        k += 2
     return end
 
 
@@ -322,18 +350,21 @@ def _check_outbound(buf: bytearray | memoryview) -> None:
 # --------------------------------------------------------------------------- decoding
 
 _Buf = bytes | bytearray | memoryview
+_M = TypeVar("_M", InvokeMsg, CallbackMsg)
 
 
-def _decode_args(
-    buf: _Buf, hdr: int, counts: int, what: str
-) -> tuple[tuple[bytes, ...], tuple[BufRef, ...], tuple[int, ...], int, int]:
+_new = tuple.__new__
+
+
+def _decode(buf: _Buf, hdr: int, cls: type[_M], cxt: int, op: int, counts: int, what: str) -> _M:
+    """Parse the args of a message whose header was read; ``cls`` is the result type."""
     if counts >> 16:
         raise DecodeError(f"{what}: counts {counts:#010x} has bits set above bit 15")
     nib = counts & 0xF
-    nob = counts >> 4 & 0xF
+    nb = nib + (counts >> 4 & 0xF)
     nio = counts >> 8 & 0xF
-    noo = counts >> 12 & 0xF
-    n = nib + nob + nio + noo
+    noo = counts >> 12
+    n = nb + nio + noo
     length = len(buf)
     start = (hdr + 8 * n + 7) & ~7
     if start > length:
@@ -342,23 +373,23 @@ def _decode_args(
     ib: list[bytes] = []
     ob: list[BufRef] = []
     end = start
-    for k in range(nib + nob):
-        off = vals[2 * k]
-        size = vals[2 * k + 1]
-        if off & 7 or off < start or off + size > length:
-            kind = "IB" if k < nib else "OB"
+    for k in range(0, 2 * nb, 2):
+        off = vals[k]
+        size = vals[k + 1]
+        top = off + size
+        if off & 7 or off < start or top > length:
+            kind, index = ("IB", k >> 1) if k < 2 * nib else ("OB", (k >> 1) - nib)
             raise DecodeError(
-                f"{what}: {kind} {k if k < nib else k - nib} at offset {off} size {size} "
-                f"is outside the payload area [{start}, {length}) or not 8-byte aligned"
+                f"{what}: {kind} {index} at offset {off} size {size} is outside the payload "
+                f"area [{start}, {length}) or not 8-byte aligned"
             )
-        if k < nib:
-            ib.append(bytes(buf[off : off + size]))
+        if k < 2 * nib:
+            ib.append(bytes(buf[off:top]))
         else:
-            ob.append(BufRef(off, size))
-        top = off + ((size + 7) & ~7)
-        end = max(end, top)
-    io = vals[2 * (nib + nob) : 2 * (nib + nob + nio) : 2]
-    return tuple(ib), tuple(ob), io, noo, end
+            ob.append(_new(BufRef, (off, size)))
+        end += (size + 7) & ~7
+    io = vals[2 * nb : 2 * (nb + nio) : 2]
+    return _new(cls, (cxt, op, counts, tuple(ib), tuple(ob), io, noo, end))
 
 
 def decode_invoke(buf: _Buf) -> InvokeMsg:
@@ -369,8 +400,7 @@ def decode_invoke(buf: _Buf) -> InvokeMsg:
     if length > MAX_INBOUND_BUFFER_SIZE:
         raise DecodeError(f"inbound message is {length} bytes, limit {MAX_INBOUND_BUFFER_SIZE}")
     cxt, op, counts = _HDR3.unpack_from(buf, 0)
-    ib, ob, io, noo, end = _decode_args(buf, _INVOKE_HDR, counts, "inbound")
-    return InvokeMsg(cxt, op, counts, ib, ob, io, noo, end)
+    return _decode(buf, _INVOKE_HDR, InvokeMsg, cxt, op, counts, "inbound")
 
 
 def decode_callback(buf: _Buf) -> CallbackMsg:
@@ -380,8 +410,7 @@ def decode_callback(buf: _Buf) -> CallbackMsg:
             f"outbound buffer is {len(buf)} bytes, must be {MAX_OUTBOUND_BUFFER_SIZE}"
         )
     _result, cxt, op, counts = _HDR4.unpack_from(buf, 0)
-    ib, ob, io, noo, end = _decode_args(buf, _CALLBACK_HDR, counts, "callback")
-    return CallbackMsg(cxt, op, counts, ib, ob, io, noo, end)
+    return _decode(buf, _CALLBACK_HDR, CallbackMsg, cxt, op, counts, "callback")
 
 
 # --------------------------------------------------------------------------- responses
@@ -404,16 +433,22 @@ def _write_outputs(
         raise UsageError(
             f"{what}: message has {nob} OB and {noo} OO, got {len(ob_data)} and {len(oo_ids)}"
         )
+    # Check everything before writing anything: a refused response leaves the buffer as it was.
+    sizes = []
     for k, (ref, data) in enumerate(zip(ob, ob_data, strict=True)):
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"{what}: OB {k} data must be bytes-like")
-        if len(data) > ref.size:
-            raise UsageError(f"{what}: OB {k} holds {len(data)} bytes, only {ref.size} allowed")
-        buf[ref.offset : ref.offset + len(data)] = data
-        _PAIR.pack_into(buf, hdr + 8 * (nib + k), ref.offset, len(data))
-    first_oo = hdr + 8 * (nib + nob + nio)
+        size = _nbytes(data)
+        if size > ref.size:
+            raise UsageError(f"{what}: OB {k} holds {size} bytes, only {ref.size} allowed")
+        sizes.append(size)
     for k, ident in enumerate(oo_ids):
         _check_u32(ident, f"{what}: OO {k} id")
+    for k, (ref, data, size) in enumerate(zip(ob, ob_data, sizes, strict=True)):
+        buf[ref.offset : ref.offset + size] = data
+        _PAIR.pack_into(buf, hdr + 8 * (nib + k), ref.offset, size)
+    first_oo = hdr + 8 * (nib + nob + nio)
+    for k, ident in enumerate(oo_ids):
         _U32_AT.pack_into(buf, first_oo + 8 * k, ident)
 
 

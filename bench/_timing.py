@@ -1,0 +1,40 @@
+"""Shared timing helper for the benchmarks: best-of-N ops/s of a callable."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def ops_per_sec(fn: Callable[[], object], *, min_time: float = 0.2, repeats: int = 5) -> float:
+    """Best observed rate over ``repeats`` runs of at least ``min_time`` seconds each."""
+    n = 1
+    while True:  # calibrate
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_time / 4:
+            break
+        n *= 2
+    loops = max(1, int(n * min_time / max(dt, 1e-9)))
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        best = max(best, loops / (time.perf_counter() - t0))
+    return best
+
+
+def report(
+    name: str, rate: float, baseline: float | None = None, target: float | None = None
+) -> None:
+    """One line: name, ops/s, and the cost ratio against the baseline (time / baseline time)."""
+    line = f"{name:<48} {rate:>12,.0f} ops/s"
+    if baseline:
+        ratio = baseline / rate
+        line += f"   {ratio:5.2f}x baseline"
+        if target is not None:
+            line += f"  (target <= {target}x: {'ok' if ratio <= target else 'MISSED'})"
+    print(line)
