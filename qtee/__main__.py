@@ -12,7 +12,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qtee", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     sub.add_parser("version", help="print the qtee version")
+    sub.add_parser("demo", help="walk an invocation and a callback through the codecs")
     args = parser.parse_args(argv)
+    if args.verb == "demo":
+        from qtee._demo import run
+
+        return run()
     if args.verb == "version":
         from qtee import __version__
 
