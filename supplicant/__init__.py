@@ -1,0 +1,1 @@
+"""supplicant -- userspace services that QTEE calls back into (see the README)."""

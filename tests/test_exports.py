@@ -1,0 +1,74 @@
+"""The public surface changes only on purpose (a curated API, as trio does it)."""
+
+from __future__ import annotations
+
+import objects
+import qtee
+
+QTEE_API = {
+    "AddressSpace",
+    "CheckedMemory",
+    "DecodeError",
+    "DriverError",
+    "ProcessMemory",
+    "QteeBaseError",
+    "QteeError",
+    "Result",
+    "UsageError",
+    "__version__",
+    "address_of",
+    "uapi",
+    "wire",
+}
+
+OBJECTS_API = {
+    "ENOTSUPP",
+    "INT_MAX",
+    "MAX_ARGS_PER_KIND",
+    "USERSPACE_ONLY_RESULTS",
+    "Arg",
+    "ArgType",
+    "Counts",
+    "CyclicAllocator",
+    "DecodeError",
+    "DriverError",
+    "Grouped",
+    "IdrAllocator",
+    "InBuffer",
+    "InObject",
+    "ObjectTable",
+    "OutBuffer",
+    "OutObject",
+    "QteeBaseError",
+    "QteeError",
+    "RefcountError",
+    "Refcounted",
+    "Result",
+    "UsageError",
+    "errno_name",
+    "group_args",
+    "result_from_u32",
+    "result_name",
+    "result_to_u32",
+}
+
+
+def test_qtee_public_surface() -> None:
+    assert set(qtee.__all__) == QTEE_API
+    for name in qtee.__all__:
+        assert hasattr(qtee, name), name
+
+
+def test_objects_public_surface() -> None:
+    assert set(objects.__all__) == OBJECTS_API
+    for name in objects.__all__:
+        assert hasattr(objects, name), name
+
+
+def test_error_channels_are_distinct() -> None:
+    # DESIGN: one root; errno channel is an OSError; result channel is not.
+    assert issubclass(qtee.DriverError, OSError)
+    assert not issubclass(qtee.QteeError, OSError)
+    assert issubclass(qtee.DriverError, qtee.QteeBaseError)
+    assert issubclass(qtee.QteeError, qtee.QteeBaseError)
+    assert qtee.DriverError is objects.DriverError
