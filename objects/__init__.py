@@ -26,6 +26,7 @@ from objects._errors import (
     errno_name,
 )
 from objects._ids import INT_MAX, CyclicAllocator, IdrAllocator
+from objects._optable import DispatchResult, OpSpec, PyObject, op
 from objects._refs import ObjectTable, Refcounted, RefcountError
 from objects._results import (
     USERSPACE_ONLY_RESULTS,
@@ -51,6 +52,10 @@ __all__ = [
     "InBuffer",
     "InObject",
     "ObjectTable",
+    "OpSpec",
+    "PyObject",
+    "DispatchResult",
+    "op",
     "OutBuffer",
     "OutObject",
     "QteeBaseError",
