@@ -1,0 +1,120 @@
+"""Argument checks the kernel makes before any object is touched (pure, no side effects).
+
+These are the errno rows that fail an ioctl early: the TEE core's buf_data size rules
+(``tee_core.c``), the attr checks of ``params_from_user``, qcomtee's
+``qcomtee_params_check`` and ``qcomtee_root_object_check``.  Each raises
+:class:`objects.DriverError` (EINVAL) and changes nothing, so the driver model can call
+them before it takes a reference.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from typing import Final
+
+from objects import DriverError
+from qtee import uapi
+
+__all__ = [
+    "QCOMTEE_ARGS_MAX",
+    "QCOMTEE_ARGS_PER_TYPE",
+    "QCOMTEE_ROOT_OP_ADCI_ACCEPT",
+    "QCOMTEE_ROOT_OP_ADCI_SHUTDOWN",
+    "QCOMTEE_ROOT_OP_NOTIFY_DOMAIN_CHANGE",
+    "QCOMTEE_ROOT_OP_REG_WITH_CREDENTIALS",
+    "check_buf_len",
+    "check_param_attrs",
+    "params_check",
+    "root_object_check",
+]
+
+QCOMTEE_ARGS_PER_TYPE: Final = 16
+QCOMTEE_ARGS_MAX: Final = 4 * QCOMTEE_ARGS_PER_TYPE
+
+QCOMTEE_ROOT_OP_NOTIFY_DOMAIN_CHANGE: Final = 4
+QCOMTEE_ROOT_OP_REG_WITH_CREDENTIALS: Final = 5
+QCOMTEE_ROOT_OP_ADCI_ACCEPT: Final = 8
+QCOMTEE_ROOT_OP_ADCI_SHUTDOWN: Final = 9
+
+_QCOMTEE_TYPES: Final = frozenset(
+    {
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT,
+    }
+)
+
+
+def _einval(why: str) -> DriverError:
+    return DriverError(errno.EINVAL, why)
+
+
+def check_buf_len(buf_len: int, header: int, num_params: int, *, exact: bool = True) -> None:
+    """The TEE core's size rule for a buf_data ioctl (qtee-kernel.md §1.5).
+
+    ``buf_len`` must lie in ``[header, TEE_MAX_ARG_SIZE]`` and equal
+    ``header + 32 * num_params`` (OBJECT_INVOKE, SUPPL_RECV) or be at least that
+    (SUPPL_SEND, ``exact=False``).
+    """
+    if buf_len > uapi.TEE_MAX_ARG_SIZE or buf_len < header:
+        raise _einval(f"buf_len {buf_len} outside [{header}, {uapi.TEE_MAX_ARG_SIZE}]")
+    need = header + uapi.Param.SIZE * num_params
+    if (buf_len != need) if exact else (buf_len < need):
+        rel = "!=" if exact else "<"
+        raise _einval(f"buf_len {buf_len} {rel} {header} + 32 * {num_params} params")
+
+
+def check_param_attrs(params: Sequence[uapi.Param]) -> None:
+    """``params_from_user``: attr bits outside 0x1FF or an undefined type -> EINVAL."""
+    for i, p in enumerate(params):
+        if p.attr & ~uapi.TEE_IOCTL_PARAM_ATTR_MASK:
+            raise _einval(f"param {i}: attr {p.attr:#x} has bits outside 0x1ff")
+        if p.attr & uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MASK not in uapi.VALID_PARAM_TYPES:
+            raise _einval(f"param {i}: attr type {p.attr & 0xFF} is undefined")
+
+
+def params_check(params: Sequence[uapi.Param]) -> tuple[int, int, int, int]:
+    """``qcomtee_params_check``: at most 64 params, only UBUF/OBJREF INPUT/OUTPUT, at most
+    16 of a type (the kernel's limit; only 15 fit the wire's nibble, spec §7).
+
+    Returns the counts (IB, OB, IO, OO).
+    """
+    if len(params) > QCOMTEE_ARGS_MAX:
+        raise _einval(f"{len(params)} params, at most {QCOMTEE_ARGS_MAX}")
+    counts = dict.fromkeys(_QCOMTEE_TYPES, 0)
+    for i, p in enumerate(params):
+        if p.attr not in _QCOMTEE_TYPES:  # META bit, NONE, VALUE, MEMREF, INOUT
+            raise _einval(f"param {i}: attr {p.attr:#x} is not UBUF/OBJREF INPUT/OUTPUT")
+        counts[p.attr] += 1
+    ib = counts[uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT]
+    ob = counts[uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT]
+    io = counts[uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT]
+    oo = counts[uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT]
+    if max(ib, ob, io, oo) > QCOMTEE_ARGS_PER_TYPE:
+        raise _einval(f"more than {QCOMTEE_ARGS_PER_TYPE} params of a type")
+    return ib, ob, io, oo
+
+
+def root_object_check(op: int, params: Sequence[uapi.Param]) -> None:
+    """``qcomtee_root_object_check`` for a userspace invoke of the root (spec §2.5).
+
+    Ops 4, 8 and 9 are privileged; op 5 with exactly ``[OBJREF_INPUT NULL,
+    OBJREF_OUTPUT]`` would register a NULL credential (kernel-only).  Anything else
+    passes through to QTEE.
+    """
+    if op in (
+        QCOMTEE_ROOT_OP_NOTIFY_DOMAIN_CHANGE,
+        QCOMTEE_ROOT_OP_ADCI_ACCEPT,
+        QCOMTEE_ROOT_OP_ADCI_SHUTDOWN,
+    ):
+        raise _einval(f"root op {op} is privileged")
+    if (
+        op == QCOMTEE_ROOT_OP_REG_WITH_CREDENTIALS
+        and len(params) == 2
+        and params[0].attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
+        and params[1].attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
+        and params[0].a == uapi.TEE_OBJREF_NULL
+    ):
+        raise _einval("root op 5 with a NULL credentials object is kernel-only")
