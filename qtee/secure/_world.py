@@ -1,0 +1,267 @@
+"""QTEE's side of the transport: object table, dispatch, callbacks, async releases.
+
+Ids: 0 is NULL, 1 is the root (static, not refcounted); every other object QTEE exports
+gets the lowest free id from 2 up, and each id handed to the kernel stands for one
+reference the kernel holds.  The kernel gives it back with op RELEASE (0xFFFF).
+
+Objects the kernel passes in (ids with the NS bit) become :class:`NsObject` proxies;
+each proxy is one reference QTEE holds on that NS id.  Dropping the last reference on a
+proxy queues the id for an async RELEASE message, which goes out in the outbound buffer
+on the next return to the kernel (QTEE never sends an explicit release callback).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from objects import DispatchResult, IdrAllocator, PyObject, Result, UsageError
+from qtee import wire
+
+__all__ = ["NsObject", "SecureObject", "SecureWorld", "ServeCallback"]
+
+#: The driver's side of a callback: serve the request in the outbound buffer in place.
+ServeCallback = Callable[[bytearray], None]
+
+_FIRST_ID: Final = 2
+_OP_RELEASE: Final = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
+_OP_RETAIN: Final = wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
+
+
+class SecureObject(PyObject):
+    """An object hosted in QTEE (services, TAs); ops declared with :func:`objects.op`."""
+
+    def on_release(self) -> None:
+        """Called when the last reference to this object is gone."""
+
+
+class NsObject:
+    """QTEE's reference to an object hosted in the non-secure world (an NS wire id)."""
+
+    __slots__ = ("_world", "ns_id", "refs")
+
+    def __init__(self, world: SecureWorld, ns_id: int) -> None:
+        self._world = world
+        self.ns_id = ns_id
+        self.refs = 1
+
+    def retain(self) -> NsObject:
+        """Keep another reference (QTEE-local; the kernel is not told)."""
+        with self._world._lock:
+            if self.refs <= 0:
+                raise UsageError(f"NS object {self.ns_id:#x} was already released")
+            self.refs += 1
+        return self
+
+    def release(self) -> None:
+        """Drop a reference; the last one queues an async RELEASE of the NS id."""
+        with self._world._lock:
+            if self.refs <= 0:
+                raise UsageError(f"NS object {self.ns_id:#x} released twice")
+            self.refs -= 1
+            if self.refs == 0:
+                self._world._pending_release.append(self.ns_id)
+
+    def invoke(
+        self,
+        op: int,
+        ib: Sequence[bytes] = (),
+        ob: Sequence[int] = (),
+        io: Sequence[object] = (),
+        n_oo: int = 0,
+    ) -> DispatchResult:
+        """Call back into the non-secure object (see :meth:`SecureWorld.callback`)."""
+        return self._world.callback(self, op, ib, ob, io, n_oo)
+
+    def __repr__(self) -> str:
+        return f"<NsObject {self.ns_id:#x} refs={self.refs}>"
+
+
+class _Entry:
+    __slots__ = ("obj", "refs")
+
+    def __init__(self, obj: SecureObject) -> None:
+        self.obj = obj
+        self.refs = 1
+
+
+class _Call:
+    """Per-thread state of one direct invocation: its buffers and the driver's server."""
+
+    __slots__ = ("out", "serve")
+
+    def __init__(self, out: bytearray, serve: ServeCallback) -> None:
+        self.out = out
+        self.serve = serve
+
+
+class SecureWorld:
+    """QTEE: consumes inbound messages and answers them (sans-IO apart from callbacks)."""
+
+    def __init__(self, root: SecureObject) -> None:
+        if not isinstance(root, SecureObject):
+            raise TypeError("the root must be a SecureObject")
+        self.root = root
+        self._ids = IdrAllocator(_FIRST_ID, 0, name="qtee objects")
+        self._table: dict[int, _Entry] = {}
+        self._pending_release: list[int] = []
+        self._lock = threading.RLock()
+        self._local = threading.local()
+
+    # ---------------------------------------------------------------- table
+    def export(self, obj: SecureObject) -> int:
+        """Give the kernel one reference to ``obj``: a fresh id every time."""
+        with self._lock:
+            ident = self._ids.alloc()
+            self._table[ident] = _Entry(obj)
+            return ident
+
+    def lookup(self, ident: int) -> SecureObject | None:
+        """The object behind a live QTEE id."""
+        entry = self._table.get(ident)
+        return entry.obj if entry is not None else None
+
+    def live_ids(self) -> list[int]:
+        """QTEE ids the kernel still holds (for leak checks)."""
+        with self._lock:
+            return sorted(self._table)
+
+    def pending_releases(self) -> list[int]:
+        """NS ids queued for an async RELEASE, not yet sent."""
+        with self._lock:
+            return list(self._pending_release)
+
+    def _drop(self, ident: int) -> Result:
+        with self._lock:
+            entry = self._table.get(ident)
+            if entry is None:
+                return Result.ERROR_BADOBJ
+            entry.refs -= 1
+            if entry.refs:
+                return Result.OK
+            del self._table[ident]
+            self._ids.free(ident)
+        entry.obj.on_release()
+        return Result.OK
+
+    # ---------------------------------------------------------------- entry points
+    def invoke(self, inbound: bytearray, outbound: bytearray, serve: ServeCallback) -> int:
+        """One direct invocation (SMC INVOKE); returns QTEE's result.
+
+        ``serve`` is called, in this thread, for every callback request written to
+        ``outbound``.  On return the async RELEASE messages are in ``outbound``.
+        """
+        msg = wire.decode_invoke(inbound)
+        prev = getattr(self._local, "call", None)
+        self._local.call = _Call(outbound, serve)
+        try:
+            result = self._dispatch(msg, inbound)
+        finally:
+            self._local.call = prev
+        self._flush_releases(outbound, 0)
+        return result
+
+    def _dispatch(self, msg: wire.InvokeMsg, inbound: bytearray) -> int:
+        op = msg.op & wire.QCOMTEE_MSG_OBJECT_OP_MASK
+        if msg.cxt == wire.QCOMTEE_MSG_OBJECT_ROOT:
+            target: SecureObject | None = self.root
+        elif msg.cxt == wire.QCOMTEE_MSG_OBJECT_NULL or msg.cxt & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
+            return Result.ERROR_BADOBJ
+        else:
+            target = self.lookup(msg.cxt)
+        if target is None:
+            return Result.ERROR_BADOBJ
+        if op == _OP_RELEASE:
+            return Result.OK if target is self.root else self._drop(msg.cxt)
+        if op == _OP_RETAIN:
+            with self._lock:
+                entry = self._table.get(msg.cxt)
+                if entry is not None:
+                    entry.refs += 1
+            return Result.OK
+        io = tuple(self._import(i) for i in msg.io)
+        ob_caps = tuple(ref.size for ref in msg.ob)
+        res = target.dispatch(op, msg.ib, ob_caps, io, msg.n_oo)
+        for obj in io:  # the method kept what it wanted with retain()
+            if isinstance(obj, NsObject):
+                obj.release()
+        if res.result != Result.OK:
+            for obj in res.oo:
+                if isinstance(obj, NsObject):
+                    obj.release()
+            return res.result
+        oo_ids = [self._export_out(obj) for obj in res.oo]
+        wire.write_invoke_response(inbound, msg, res.ob, oo_ids)
+        return Result.OK
+
+    def _import(self, ident: int) -> object:
+        """A wire id received from the kernel -> what a method sees."""
+        if ident == wire.QCOMTEE_MSG_OBJECT_NULL:
+            return None
+        if ident & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
+            return NsObject(self, ident)
+        return self.lookup(ident)  # QTEE's own object passed back (kernel keeps its ref)
+
+    def _export_out(self, obj: object) -> int:
+        """An output object -> the wire id the kernel receives (one new reference)."""
+        if obj is None:
+            return wire.QCOMTEE_MSG_OBJECT_NULL
+        if isinstance(obj, SecureObject):
+            return self.export(obj)
+        if isinstance(obj, NsObject):
+            # The kernel takes its own reference on the NS id; QTEE keeps its proxy's.
+            return obj.ns_id
+        raise UsageError(f"cannot return a {type(obj).__name__} as an output object")
+
+    # ---------------------------------------------------------------- callbacks
+    def callback(
+        self,
+        target: NsObject,
+        op: int,
+        ib: Sequence[bytes],
+        ob: Sequence[int],
+        io: Sequence[object],
+        n_oo: int,
+    ) -> DispatchResult:
+        """Invoke an NS object: write the outbound request, let the driver serve it."""
+        call: _Call | None = getattr(self._local, "call", None)
+        if call is None:
+            raise UsageError("a callback needs a direct invocation in progress on this thread")
+        if target.refs <= 0:
+            raise UsageError(f"NS object {target.ns_id:#x} was already released")
+        out = call.out
+        out[:] = bytes(len(out))
+        io_ids = [self._export_in(obj) for obj in io]
+        msg_end = wire.encode_callback(out, target.ns_id, op, ib, ob, io_ids, n_oo)
+        msg = wire.decode_callback(out)
+        self._flush_releases(out, msg_end)
+        call.serve(out)
+        answer = wire.decode_callback_response(out, msg)
+        if answer.result != Result.OK:
+            return DispatchResult(answer.result)
+        return DispatchResult(Result.OK, answer.ob, tuple(self._import(i) for i in answer.oo))
+
+    def _export_in(self, obj: object) -> int:
+        if obj is None:
+            return wire.QCOMTEE_MSG_OBJECT_NULL
+        if isinstance(obj, SecureObject):
+            return self.export(obj)
+        if isinstance(obj, NsObject):
+            return obj.ns_id  # the kernel keeps its own count for NS ids it hosts
+        raise UsageError(f"cannot pass a {type(obj).__name__} as an input object")
+
+    def _flush_releases(self, out: bytearray, offset: int) -> None:
+        with self._lock:
+            ids, self._pending_release[:] = list(self._pending_release), []
+        if not ids:
+            return
+        room = (len(out) - offset - 12) // 4
+        if room <= 0:
+            with self._lock:
+                self._pending_release[:0] = ids
+            return
+        wire.write_async(out, offset, [wire.encode_async_release(ids[:room])])
+        if ids[room:]:
+            with self._lock:
+                self._pending_release[:0] = ids[room:]
