@@ -1,0 +1,188 @@
+"""Driver model ioctls through raw structs (qtee-kernel.md §1.3, §4.1, §5)."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from objects import ENOTSUPP, DriverError, Result, op
+from qtee import uapi
+from qtee._driver import Context, Device
+from qtee.addrspace import CheckedMemory
+from qtee.secure import SecureObject, SecureWorld
+
+UB_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
+UB_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
+OBJ_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
+OBJ_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
+
+
+class Adder(SecureObject):
+    @op(0, ib=(8,), ob=(4,))
+    def add(self, pair: bytes) -> bytes:
+        a, b = struct.unpack("<II", pair)
+        return struct.pack("<I", a + b)
+
+    @op(1, io=1, oo=1)
+    def same(self, other: object) -> object:
+        return other
+
+
+class Root(SecureObject):
+    @op(0, oo=1)
+    def open(self) -> SecureObject:
+        return Adder()
+
+
+@pytest.fixture
+def env() -> Iterator[tuple[Device, Context, CheckedMemory]]:
+    mem = CheckedMemory()
+    world = SecureWorld(Root())
+    dev = Device(world, memory=mem)
+    ctx = dev.open()
+    yield dev, ctx, mem
+    ctx.close()
+    # Leak check: every table back to empty.
+    assert len(ctx.objects) == 0
+    assert world.live_ids() == []
+    assert len(dev.ns_ids) == 0
+
+
+def invoke(
+    ctx: Context, mem: CheckedMemory, obj_id: int, op_: int, params: list[uapi.Param]
+) -> tuple[uapi.ObjectInvokeArg, tuple[uapi.Param, ...], bytearray]:
+    block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(obj_id, op_, 0, len(params)), params))
+    addr = mem.map(block)
+    arg = bytearray(uapi.BufData(addr, len(block)).pack())
+    assert ctx.ioctl(uapi.TEE_IOC_OBJECT_INVOKE, arg) == 0
+    head, out = uapi.unpack_arg(uapi.ObjectInvokeArg, block)
+    return head, out, block
+
+
+def expect_errno(code: int, ctx: Context, cmd: int, arg: bytearray) -> None:
+    before = bytes(arg)
+    with pytest.raises(DriverError) as exc:
+        ctx.ioctl(cmd, arg)
+    assert exc.value.errno == code
+    assert bytes(arg) == before  # nothing written back
+
+
+def test_version_section_1_3(env: tuple[Device, Context, CheckedMemory]) -> None:
+    _, ctx, _ = env
+    arg = bytearray(12)
+    ctx.ioctl(uapi.TEE_IOC_VERSION, arg)
+    assert arg == bytes.fromhex("04000000 00000000 10000000")
+
+
+def test_shm_alloc_ids_and_flags_section_5(env: tuple[Device, Context, CheckedMemory]) -> None:
+    _, ctx, _ = env
+    arg = bytearray(uapi.ShmAllocData(4096).pack())
+    ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, arg)
+    assert uapi.ShmAllocData.unpack(arg).id == 1
+    expect_errno(
+        errno.EINVAL, ctx, uapi.TEE_IOC_SHM_ALLOC, bytearray(uapi.ShmAllocData(1, 1).pack())
+    )
+    env[0].shm_ids.free(1)
+
+
+@pytest.mark.parametrize(
+    ("cmd", "code"),
+    [
+        (uapi.TEE_IOC_OPEN_SESSION, errno.EINVAL),
+        (uapi.TEE_IOC_INVOKE, errno.EINVAL),
+        (uapi.TEE_IOC_CANCEL, errno.EINVAL),
+        (uapi.TEE_IOC_CLOSE_SESSION, errno.EINVAL),
+        (uapi.TEE_IOC_SHM_REGISTER, ENOTSUPP),
+        (0xC0DEA4FF, errno.EINVAL),
+    ],
+)
+def test_unsupported_ioctls_section_5(
+    env: tuple[Device, Context, CheckedMemory], cmd: int, code: int
+) -> None:
+    expect_errno(code, env[1], cmd, bytearray(64))
+
+
+def test_open_invoke_release_section_4_1(env: tuple[Device, Context, CheckedMemory]) -> None:
+    dev, ctx, mem = env
+    head, out, _ = invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
+    assert head.ret == 0
+    assert (out[0].a, out[0].b) == (0, uapi.QCOMTEE_OBJREF_FLAG_TEE)  # lowest free id 0
+    pair = bytearray(struct.pack("<II", 40, 2))
+    result = bytearray(8)
+    head, out, _ = invoke(
+        ctx,
+        mem,
+        0,
+        0,
+        [uapi.Param(UB_OUT, mem.map(result), 4), uapi.Param(UB_IN, mem.map(pair), 8)],
+    )
+    assert head.ret == 0
+    assert out[0].b == 4
+    assert result[:4] == struct.pack("<I", 42)
+    # op 0xFFFF is handled locally; ret keeps the caller's value.
+    head, _, _ = invoke(ctx, mem, 0, 0xFFFF, [])
+    assert head.ret == 0
+    assert len(ctx.objects) == 0
+    assert dev.world.live_ids() == []
+
+
+def test_result_channel_section_4_1_step_8(env: tuple[Device, Context, CheckedMemory]) -> None:
+    _, ctx, mem = env
+    invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
+    head, out, _ = invoke(ctx, mem, 0, 9, [uapi.Param(OBJ_OUT, 5, 5)])
+    assert head.ret == Result.ERROR_INVALID
+    assert (out[0].a, out[0].b) == (0, 0)  # OO written back as 0/0 on result != 0
+    # A QTEE object passed in and returned comes back as a new id (every crossing).
+    head, out, _ = invoke(
+        ctx, mem, 0, 1, [uapi.Param(OBJ_IN, 0, uapi.QCOMTEE_OBJREF_FLAG_TEE), uapi.Param(OBJ_OUT)]
+    )
+    assert head.ret == 0
+    assert (out[1].a, out[1].b) == (1, uapi.QCOMTEE_OBJREF_FLAG_TEE)
+
+
+@pytest.mark.parametrize("op_", [4, 8, 9, 0x10000, 0xFFFE])
+def test_forbidden_ops_einval_section_5(
+    env: tuple[Device, Context, CheckedMemory], op_: int
+) -> None:
+    _, ctx, mem = env
+    block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(uapi.TEE_OBJREF_NULL, op_)))
+    arg = bytearray(uapi.BufData(mem.map(block), len(block)).pack())
+    before = bytes(block)
+    with pytest.raises(DriverError) as exc:
+        ctx.ioctl(uapi.TEE_IOC_OBJECT_INVOKE, arg)
+    assert exc.value.errno == errno.EINVAL
+    assert block == before
+
+
+def test_bad_ids_and_faults_section_5(env: tuple[Device, Context, CheckedMemory]) -> None:
+    _, ctx, mem = env
+    for obj_id, params in [
+        (7, []),  # not in this context
+        (
+            uapi.TEE_OBJREF_NULL,
+            [uapi.Param(OBJ_IN, 3, uapi.QCOMTEE_OBJREF_FLAG_TEE), uapi.Param(OBJ_OUT)],
+        ),
+        (uapi.TEE_OBJREF_NULL, [uapi.Param(OBJ_IN, 3, 0), uapi.Param(OBJ_OUT)]),  # flags 0
+    ]:
+        block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(obj_id, 0, 0, len(params)), params))
+        arg = bytearray(uapi.BufData(mem.map(block), len(block)).pack())
+        before = bytes(block)
+        with pytest.raises(DriverError) as exc:
+            ctx.ioctl(uapi.TEE_IOC_OBJECT_INVOKE, arg)
+        assert exc.value.errno == errno.EINVAL
+        assert block == before
+    # buf_ptr that is not mapped -> EFAULT; UBUF outside the user range -> EFAULT.
+    expect_errno(
+        errno.EFAULT, ctx, uapi.TEE_IOC_OBJECT_INVOKE, bytearray(uapi.BufData(0x1000, 24).pack())
+    )
+    params = [uapi.Param(UB_IN, 1 << 48, 8), uapi.Param(OBJ_OUT)]
+    block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(uapi.TEE_OBJREF_NULL, 0, 0, 2), params))
+    expect_errno(
+        errno.EFAULT,
+        ctx,
+        uapi.TEE_IOC_OBJECT_INVOKE,
+        bytearray(uapi.BufData(mem.map(block), len(block)).pack()),
+    )
