@@ -19,6 +19,7 @@ from typing import Final
 
 from objects import ENOTSUPP, CyclicAllocator, DriverError, IdrAllocator, ObjectTable, Refcounted
 from qtee import _checks, uapi, wire
+from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, RequestQueue, UserObject
 from qtee.addrspace import AddressSpace, ProcessMemory
 from qtee.secure import SecureWorld
 
@@ -53,7 +54,9 @@ class Device:
     def __init__(self, world: SecureWorld, *, memory: AddressSpace | None = None) -> None:
         self.world = world
         self.memory: AddressSpace = memory if memory is not None else ProcessMemory()
-        self.ns_ids = CyclicAllocator(QCOMTEE_OBJECT_ID_START, QCOMTEE_OBJECT_ID_END, name="ns ids")
+        self.ns: ObjectTable[CbObject] = ObjectTable(
+            CyclicAllocator(QCOMTEE_OBJECT_ID_START, QCOMTEE_OBJECT_ID_END), name="ns ids"
+        )
         self.shm_ids = IdrAllocator(1, 0, name="shm ids")
         self._lock = threading.Lock()
         self.contexts: set[Context] = set()
@@ -73,10 +76,79 @@ class Device:
         self._fetch_async(outbound, 0)
 
     def _serve(self, out: bytearray) -> None:
-        """Serve a callback request in ``out`` (no callback objects exist yet: UNAVAIL)."""
+        """Serve the callback request in ``out`` in this thread (``qcomtee_cb_object_invoke``)."""
         msg = wire.decode_callback(out)
         self._fetch_async(out, wire.async_offset(msg))
-        wire.write_callback_response(out, msg, wire.result_from_errno(-errno.EINVAL))
+        status, ob_data, oo = self._cb_invoke(msg)
+        if status == 0:
+            try:
+                oo_ids = [self._id_out(o) for o in oo]
+            except DriverError as exc:
+                status, oo_ids = -exc.code, []
+            if status == 0:
+                try:
+                    wire.write_callback_response(out, msg, 0, ob_data, oo_ids)
+                    return
+                except Exception:
+                    status = -errno.EINVAL
+        wire.write_callback_response(out, msg, wire.result_from_errno(status))
+
+    def _cb_invoke(self, msg: wire.CallbackMsg) -> tuple[int, list[bytes], list[object]]:
+        cxt = msg.cxt
+        if not cxt & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
+            return -errno.EINVAL, [], []  # NULL or a QTEE-hosted id
+        obj = self.ns.lookup_get(cxt)
+        if obj is None:
+            return -errno.EINVAL, [], []
+        try:
+            op = msg.op & wire.QCOMTEE_MSG_OBJECT_OP_MASK
+            if op == wire.QCOMTEE_MSG_OBJECT_OP_RELEASE:
+                if self.ns.erase_if(cxt, obj):
+                    obj.put()
+                return 0, [], []
+            if op == wire.QCOMTEE_MSG_OBJECT_OP_RETAIN:
+                obj.get()
+                return 0, [], []
+            io: list[object] = []
+            for ident in msg.io:
+                got = self._id_in(ident)
+                if got is False:
+                    for o in io:
+                        if isinstance(o, Refcounted):
+                            o.put()
+                    return -errno.EINVAL, [], []
+                io.append(got)
+            status, ob_data, oo = obj.dispatch(
+                op, msg.ib, tuple(r.size for r in msg.ob), tuple(io), msg.n_oo
+            )
+            for o in io:
+                if isinstance(o, Refcounted) and not isinstance(o, QteeObject):
+                    o.put()
+            return status, ob_data, oo
+        finally:
+            obj.put()
+
+    def _id_in(self, ident: int) -> object:
+        """A wire id from QTEE -> kernel object with a reference (False if unknown)."""
+        if ident == wire.QCOMTEE_MSG_OBJECT_NULL:
+            return None
+        if ident & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
+            obj = self.ns.lookup_get(ident)
+            return False if obj is None else obj
+        return QteeObject(self, ident)
+
+    def _id_out(self, obj: object) -> int:
+        """A kernel object going to QTEE -> wire id (CB objects get a new NS id each time)."""
+        if obj is None:
+            return wire.QCOMTEE_MSG_OBJECT_NULL
+        if isinstance(obj, QteeObject):
+            return obj.qtee_id
+        if isinstance(obj, CbObject):
+            try:
+                return self.ns.insert(obj)
+            except DriverError:
+                raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
+        raise DriverError(errno.EINVAL, f"cannot send a {type(obj).__name__} to QTEE")
 
     def _fetch_async(self, out: bytearray, offset: int) -> None:
         try:
@@ -86,7 +158,9 @@ class Device:
         for ids in batch.releases:
             for ident in ids:
                 if QCOMTEE_OBJECT_ID_START <= ident <= QCOMTEE_OBJECT_ID_END:
-                    self.ns_ids.free(ident)
+                    obj = self.ns.erase(ident)
+                    if obj is not None:
+                        obj.put()
         wire.clear_async(out, offset)
 
 
@@ -96,6 +170,7 @@ class Context:
     def __init__(self, device: Device) -> None:
         self.device = device
         self.objects: ObjectTable[QteeObject] = ObjectTable(IdrAllocator(0), name="ctx objects")
+        self.requests = RequestQueue()
         self.closed = False
 
     # ------------------------------------------------------------------ ioctl entry
@@ -111,6 +186,10 @@ class Context:
             return self._shm_alloc(arg)
         if cmd == uapi.TEE_IOC_OBJECT_INVOKE:
             return self._object_invoke(arg)
+        if cmd == uapi.TEE_IOC_SUPPL_RECV:
+            return self._supp_recv(arg)
+        if cmd == uapi.TEE_IOC_SUPPL_SEND:
+            return self._supp_send(arg)
         if cmd == uapi.TEE_IOC_SHM_REGISTER:
             data = uapi.ShmRegisterData.unpack(self._need(arg, uapi.ShmRegisterData.SIZE))
             if data.flags:
@@ -173,6 +252,8 @@ class Context:
                 raise _einval(f"object id {head.id} is not in this context")
             cxt = target.qtee_id
         held: list[QteeObject] = [] if target is None else [target]
+        created: list[tuple[int, UserObject]] = []
+        accepted = False
         try:
             if (
                 head.op & ~wire.QCOMTEE_MSG_OBJECT_OP_MASK
@@ -193,7 +274,7 @@ class Context:
                 elif t == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT:
                     ob.append(p.b)
                 elif t == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT:
-                    io.append(self._objref_in(p, held))
+                    io.append(self._objref_in(p, held, created))
                 else:
                     n_oo += 1
             try:
@@ -202,6 +283,7 @@ class Context:
                 raise _einval(str(exc)) from None
             outbound = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)
             result = self.device.world.invoke(inbound, outbound, self.device._serve)
+            accepted = True
             out_params = list(params)
             if result == 0:
                 result = self._outputs(inbound, params, out_params)
@@ -216,15 +298,30 @@ class Context:
         finally:
             for obj in held:
                 obj.put()
+            if not accepted:  # QTEE never saw them: mimic its release, without notifying
+                for ns_id, uo in created:
+                    self.device.ns.erase(ns_id)
+                    uo.notify = False
+                    uo.put()
         done = uapi.ObjectInvokeArg(head.id, head.op, result & 0xFFFF_FFFF, head.num_params)
         mem.write(buf.buf_ptr, uapi.pack_arg(done, out_params))
         return 0
 
-    def _objref_in(self, p: uapi.Param, held: list[QteeObject]) -> int:
+    def _objref_in(
+        self, p: uapi.Param, held: list[QteeObject], created: list[tuple[int, UserObject]]
+    ) -> int:
         if p.a == uapi.TEE_OBJREF_NULL:
             return wire.QCOMTEE_MSG_OBJECT_NULL
         if p.b & uapi.QCOMTEE_OBJREF_FLAG_USER:
-            raise _einval("user objects are not modelled yet")
+            uo = UserObject(self, p.a)
+            try:
+                ns_id = self.device.ns.insert(uo)
+            except DriverError:
+                uo.notify = False
+                uo.put()
+                raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
+            created.append((ns_id, uo))
+            return ns_id
         if p.b & uapi.QCOMTEE_OBJREF_FLAG_TEE:
             obj = self.objects.lookup_get(p.a) if p.a <= 0x7FFF_FFFF else None
             if obj is None:
@@ -255,7 +352,13 @@ class Context:
                 if ident == wire.QCOMTEE_MSG_OBJECT_NULL:
                     out[i] = uapi.Param(p.attr, uapi.TEE_OBJREF_NULL, 0)
                 elif ident & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
-                    ok = False  # callback objects coming back are not modelled yet
+                    cb = self.device.ns.lookup_get(ident)
+                    if isinstance(cb, UserObject) and cb.ctx is self:
+                        out[i] = uapi.Param(p.attr, cb.user_id, uapi.QCOMTEE_OBJREF_FLAG_USER)
+                    else:
+                        ok = False
+                    if cb is not None:
+                        cb.put()
                 else:
                     uid = self.objects.insert(QteeObject(self.device, ident))
                     made.append(uid)
@@ -271,12 +374,161 @@ class Context:
                 out[i] = uapi.Param(p.attr)
         return -96  # QCOMTEE_MSG_ERROR_UNAVAIL
 
+    # ------------------------------------------------------------------ supplicant
+    def _supp_recv(self, arg: bytearray | memoryview) -> int:
+        mem = self.device.memory
+        buf = uapi.BufData.unpack(self._need(arg, uapi.BufData.SIZE))
+        if buf.buf_len > uapi.TEE_MAX_ARG_SIZE or buf.buf_len < uapi.SuppRecvArg.SIZE:
+            raise _einval(f"buf_len {buf.buf_len}")
+        block = bytearray(mem.read(buf.buf_ptr, buf.buf_len))
+        head = uapi.SuppRecvArg.unpack(block)
+        _checks.check_buf_len(buf.buf_len, uapi.SuppRecvArg.SIZE, head.num_params)
+        params = uapi.unpack_params(block, uapi.SuppRecvArg.SIZE, head.num_params)
+        _checks.check_param_attrs(params)
+        meta = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+        if not params or params[0].attr != meta:
+            raise _einval("SUPPL_RECV needs a VALUE_INOUT|META first param")
+        scratch, size = params[0].a, params[0].b
+        if scratch & 7:
+            raise _einval("scratch buffer must be 8-byte aligned")
+        if any(p.attr != uapi.TEE_IOCTL_PARAM_ATTR_TYPE_NONE for p in params[1:]):
+            raise _einval("SUPPL_RECV params after the first must be NONE")
+        q = self.requests
+        with q.cond:
+            while True:
+                if q.released or self.closed:
+                    raise DriverError(errno.EINTR, "context closed while waiting")
+                req = q.fifo[0] if q.fifo else None
+                if req is not None:
+                    break
+                q.cond.wait()
+            n = len(req.ib) + len(req.ob) + len(req.io) + req.n_oo
+            if n > len(params) - 1:
+                raise _einval(f"request needs {n} params, {len(params) - 1} given")
+            offs: list[int] = []
+            top = size
+            for data in req.ib:
+                top = (top - len(data)) & ~7
+                if top < 0:
+                    raise _einval("input buffers do not fit the scratch buffer")
+                offs.append(top)
+            q.fifo.popleft()
+            if req.op == OP_RELEASE:
+                q.finish(req, 0)  # notification: freed now, never answered
+                out = [uapi.Param(meta, req.object_id, req.req_id)]
+                out += [uapi.Param(0)] * (len(params) - 1)
+                for_write = uapi.pack_arg(uapi.SuppRecvArg(OP_RELEASE, 1), out[:1])
+                mem.write(buf.buf_ptr, for_write)
+                return 0
+            req.state = PROCESSING
+        out_params = [uapi.Param(meta, req.object_id, req.req_id)]
+        for data, off in zip(req.ib, offs, strict=True):
+            mem.write(scratch + off, data)
+            out_params.append(
+                uapi.Param(uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT, scratch + off, len(data))
+            )
+        for cap in req.ob:
+            out_params.append(uapi.Param(uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT, 0, cap))
+        for obj in req.io:
+            out_params.append(self._objref_to_user(obj))
+        out_params += [uapi.Param(uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT)] * req.n_oo
+        head_out = uapi.SuppRecvArg(req.op & 0xFFFF, len(out_params))
+        padded = out_params + [uapi.Param(0)] * (len(params) - len(out_params))
+        mem.write(
+            buf.buf_ptr,
+            uapi.SuppRecvArg(head_out.func, len(out_params)).pack() + uapi.pack_params(padded),
+        )
+        return 0
+
+    def _objref_to_user(self, obj: object) -> uapi.Param:
+        attr = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
+        if obj is None:
+            return uapi.Param(attr, uapi.TEE_OBJREF_NULL, 0)
+        if isinstance(obj, QteeObject):
+            return uapi.Param(attr, self.objects.insert(obj), uapi.QCOMTEE_OBJREF_FLAG_TEE)
+        if isinstance(obj, UserObject):
+            return uapi.Param(attr, obj.user_id, uapi.QCOMTEE_OBJREF_FLAG_USER)
+        return uapi.Param(attr, uapi.TEE_OBJREF_NULL, 0)
+
+    def _supp_send(self, arg: bytearray | memoryview) -> int:
+        mem = self.device.memory
+        buf = uapi.BufData.unpack(self._need(arg, uapi.BufData.SIZE))
+        if buf.buf_len > uapi.TEE_MAX_ARG_SIZE or buf.buf_len < uapi.SuppSendArg.SIZE:
+            raise _einval(f"buf_len {buf.buf_len}")
+        block = bytearray(mem.read(buf.buf_ptr, buf.buf_len))
+        head = uapi.SuppSendArg.unpack(block)
+        _checks.check_buf_len(buf.buf_len, uapi.SuppSendArg.SIZE, head.num_params, exact=False)
+        params = uapi.unpack_params(block, uapi.SuppSendArg.SIZE, head.num_params)
+        _checks.check_param_attrs(params)
+        meta = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+        if not params or params[0].attr != meta:
+            raise _einval("SUPPL_SEND needs a VALUE_OUTPUT|META first param")
+        q = self.requests
+        with q.cond:
+            req = q.by_id.get(params[0].a) if params[0].a <= 0x7FFF_FFFF else None
+            if req is None or req.state != PROCESSING:
+                raise _einval(f"no request {params[0].a} is being processed")
+            raw = head.ret
+            status = raw - (1 << 32) if raw & 0x8000_0000 else raw
+            if status != 0:
+                q.finish(req, status)
+                return 0
+            try:
+                ob_data, oo = self._send_outputs(req, params[1:])
+            except DriverError:
+                q.finish(req, -errno.EINVAL)
+                raise
+            req.ob_data, req.oo = ob_data, oo
+            q.finish(req, 0)
+        return 0
+
+    def _send_outputs(
+        self, req: object, params: tuple[uapi.Param, ...]
+    ) -> tuple[list[bytes], list[object]]:
+        from qtee._user_obj import Request
+
+        assert isinstance(req, Request)
+        kinds = (
+            [uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT] * len(req.ib)
+            + [uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT] * len(req.ob)
+            + [uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT] * len(req.io)
+            + [uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT] * req.n_oo
+        )
+        if len(params) < len(kinds):
+            raise _einval("reply has fewer params than the request")
+        ob_data: list[bytes] = []
+        oo: list[object] = []
+        caps = iter(req.ob)
+        for p, kind in zip(params, kinds, strict=False):
+            if p.attr != kind:
+                raise _einval(f"reply param attr {p.attr} does not match the request ({kind})")
+            if kind == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT:
+                if p.b > next(caps):
+                    raise _einval("reply output buffer is larger than QTEE accepts")
+                ob_data.append(self.device.memory.read(p.a, p.b))
+            elif kind == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT:
+                oo.append(self._objref_from_user(p))
+        return ob_data, oo
+
+    def _objref_from_user(self, p: uapi.Param) -> object:
+        if p.a == uapi.TEE_OBJREF_NULL:
+            return None
+        if p.b & uapi.QCOMTEE_OBJREF_FLAG_USER:
+            return UserObject(self, p.a)
+        if p.b & uapi.QCOMTEE_OBJREF_FLAG_TEE:
+            obj = self.objects.lookup_get(p.a) if p.a <= 0x7FFF_FFFF else None
+            if obj is None:
+                raise _einval(f"object id {p.a} is not in this context")
+            return obj
+        raise _einval(f"objref flags {p.b:#x} name no object kind")
+
     # ------------------------------------------------------------------ close
     def close(self) -> None:
         """Release the fd: every QTEE object of this context is released."""
         if self.closed:
             return
         self.closed = True
+        self.requests.close()
         for _, obj in self.objects.drain():
             obj.put()
         with self.device._lock:

@@ -48,7 +48,7 @@ def env() -> Iterator[tuple[Device, Context, CheckedMemory]]:
     # Leak check: every table back to empty.
     assert len(ctx.objects) == 0
     assert world.live_ids() == []
-    assert len(dev.ns_ids) == 0
+    assert len(dev.ns) == 0
 
 
 def invoke(

@@ -1,0 +1,214 @@
+"""Callback requests to userspace objects over SUPPL_RECV/SEND (qtee-kernel.md §4.2-§4.5)."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from objects import DriverError, Result, op
+from qtee import uapi
+from qtee._driver import Context, Device
+from qtee.addrspace import CheckedMemory
+from qtee.secure import NsObject, SecureObject, SecureWorld
+
+UB_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
+UB_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
+OBJ_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
+OBJ_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
+META_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+META_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+
+
+class Caller(SecureObject):
+    @op(0, io=1, ob=(None,))
+    def call(self, cb: NsObject) -> bytes:
+        res = cb.invoke(5, [b"hi"], [8])
+        if res.result != Result.OK:
+            from objects import QteeError
+
+            raise QteeError(res.result)
+        return res.ob[0]
+
+
+class Root(SecureObject):
+    @op(0, oo=1)
+    def open(self) -> SecureObject:
+        return Caller()
+
+
+@pytest.fixture
+def env() -> Iterator[tuple[Device, Context, CheckedMemory]]:
+    mem = CheckedMemory()
+    dev = Device(SecureWorld(Root()), memory=mem)
+    ctx = dev.open()
+    yield dev, ctx, mem
+    ctx.close()
+    assert len(ctx.objects) == 0
+    assert dev.world.live_ids() == []
+    assert len(dev.ns) == 0
+    assert len(ctx.requests) == 0
+
+
+def raw_invoke(ctx: Context, mem: CheckedMemory, obj_id: int, op_: int, params: list[uapi.Param]):  # type: ignore[no-untyped-def]
+    block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(obj_id, op_, 0, len(params)), params))
+    ctx.ioctl(
+        uapi.TEE_IOC_OBJECT_INVOKE, bytearray(uapi.BufData(mem.map(block), len(block)).pack())
+    )
+    return uapi.unpack_arg(uapi.ObjectInvokeArg, block)
+
+
+def recv(
+    ctx: Context, mem: CheckedMemory, n: int = 4
+) -> tuple[uapi.SuppRecvArg, tuple[uapi.Param, ...], bytearray]:
+    scratch = bytearray(256)
+    params = [uapi.Param(META_IN, mem.map(scratch), len(scratch))] + [uapi.Param(0)] * (n - 1)
+    block = bytearray(uapi.pack_arg(uapi.SuppRecvArg(0, n), params))
+    ctx.ioctl(uapi.TEE_IOC_SUPPL_RECV, bytearray(uapi.BufData(mem.map(block), len(block)).pack()))
+    head = uapi.SuppRecvArg.unpack(block)
+    return head, uapi.unpack_params(block, 8, head.num_params), scratch
+
+
+def send(ctx: Context, mem: CheckedMemory, ret: int, params: list[uapi.Param]) -> None:
+    block = bytearray(uapi.pack_arg(uapi.SuppSendArg(ret, len(params)), params))
+    ctx.ioctl(uapi.TEE_IOC_SUPPL_SEND, bytearray(uapi.BufData(mem.map(block), len(block)).pack()))
+
+
+def test_callback_round_trip_and_release_notification(
+    env: tuple[Device, Context, CheckedMemory],
+) -> None:
+    _, ctx, mem = env
+    raw_invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
+    out = bytearray(16)
+    results: list[object] = []
+
+    def client() -> None:
+        results.append(
+            raw_invoke(
+                ctx,
+                mem,
+                0,
+                0,
+                [
+                    uapi.Param(OBJ_IN, 77, uapi.QCOMTEE_OBJREF_FLAG_USER),
+                    uapi.Param(UB_OUT, mem.map(out), 16),
+                ],
+            )
+        )
+
+    t = threading.Thread(target=client)
+    t.start()
+    head, params, scratch = recv(ctx, mem)
+    # §4.3: func = op; meta a = user id, b = request id; IB packed at the scratch end.
+    assert head.func == 5 and head.num_params == 3
+    assert (params[0].attr, params[0].a, params[0].b) == (META_IN, 77, 0)
+    assert params[1].attr == UB_IN and params[1].b == 2
+    assert scratch[248:250] == b"hi"
+    assert (params[2].attr, params[2].a, params[2].b) == (UB_OUT, 0, 8)
+    reply = bytearray(b"pong")
+    send(
+        ctx,
+        mem,
+        0,
+        [
+            uapi.Param(META_OUT, params[0].b),
+            uapi.Param(UB_IN, params[1].a, 2),
+            uapi.Param(UB_OUT, mem.map(reply), 4),
+        ],
+    )
+    t.join(5)
+    assert not t.is_alive()
+    ihead, iparams = results[0]  # type: ignore[misc]
+    assert ihead.ret == 0 and iparams[1].b == 4 and out[:4] == b"pong"
+    # QTEE dropped the callback object: a release notification, never answered.
+    head, params, _ = recv(ctx, mem)
+    assert head.func == 0xFFFF and head.num_params == 1
+    assert (params[0].a, params[0].b) == (77, 0)
+    assert len(ctx.requests) == 0
+    raw_invoke(ctx, mem, 0, 0xFFFF, [])
+
+
+def test_supplicant_error_maps_to_result(env: tuple[Device, Context, CheckedMemory]) -> None:
+    _, ctx, mem = env
+    raw_invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
+    out = bytearray(16)
+    results: list[object] = []
+    t = threading.Thread(
+        target=lambda: results.append(
+            raw_invoke(
+                ctx,
+                mem,
+                0,
+                0,
+                [
+                    uapi.Param(OBJ_IN, 5, uapi.QCOMTEE_OBJREF_FLAG_USER),
+                    uapi.Param(UB_OUT, mem.map(out), 16),
+                ],
+            )
+        )
+    )
+    t.start()
+    _, params, _ = recv(ctx, mem)
+    # §3.6: a supplicant's ret of (u32)-96 is "any other negative" -> ERROR (1); 12 passes.
+    send(ctx, mem, 12, [uapi.Param(META_OUT, params[0].b)])
+    t.join(5)
+    assert results[0][0].ret == 12  # type: ignore[index]
+    # An unknown request id -> EINVAL.
+    with pytest.raises(DriverError) as exc:
+        send(ctx, mem, 0, [uapi.Param(META_OUT, 99)])
+    assert exc.value.errno == errno.EINVAL
+    recv(ctx, mem)  # release notification
+    raw_invoke(ctx, mem, 0, 0xFFFF, [])
+
+
+def test_close_with_callback_in_flight_gives_defunct(
+    env: tuple[Device, Context, CheckedMemory],
+) -> None:
+    dev, client_ctx, mem = env
+    supp = dev.open()
+    raw_invoke(client_ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
+    # The callback object is the supplicant context's... passed by the client here, so
+    # requests go to the client's own context; closing a second context with a blocked
+    # RECV must wake it with an error instead of hanging.
+    errs: list[int] = []
+
+    def waiter() -> None:
+        try:
+            recv(supp, mem)
+        except DriverError as exc:
+            errs.append(exc.code)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    supp.close()
+    t.join(5)
+    assert not t.is_alive() and errs == [errno.EINTR]
+    # A request to a context closed under the caller -> DEFUNCT (-90).
+    out = bytearray(16)
+    results: list[object] = []
+    t = threading.Thread(
+        target=lambda: results.append(
+            raw_invoke(
+                client_ctx,
+                mem,
+                0,
+                0,
+                [
+                    uapi.Param(OBJ_IN, 5, uapi.QCOMTEE_OBJREF_FLAG_USER),
+                    uapi.Param(UB_OUT, mem.map(out), 16),
+                ],
+            )
+        )
+    )
+    t.start()
+    for _ in range(500):
+        if client_ctx.requests.fifo:
+            break
+        threading.Event().wait(0.01)
+    client_ctx.requests.close()
+    t.join(5)
+    assert not t.is_alive()
+    assert results[0][0].ret == (Result.ERROR_DEFUNCT & 0xFFFFFFFF)  # type: ignore[index]
+    raw_invoke(client_ctx, mem, 0, 0xFFFF, [])
