@@ -121,8 +121,8 @@ class Device:
             status, ob_data, oo = obj.dispatch(
                 op, msg.ib, tuple(r.size for r in msg.ob), tuple(io), msg.n_oo
             )
-            for o in io:
-                if isinstance(o, Refcounted) and not isinstance(o, QteeObject):
+            for o in io:  # whoever keeps one (a supplicant's IDR) took its own reference
+                if isinstance(o, Refcounted):
                     o.put()
             return status, ob_data, oo
         finally:
@@ -444,7 +444,7 @@ class Context:
         attr = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
         if obj is None:
             return uapi.Param(attr, uapi.TEE_OBJREF_NULL, 0)
-        if isinstance(obj, QteeObject):
+        if isinstance(obj, QteeObject) and obj.get():
             return uapi.Param(attr, self.objects.insert(obj), uapi.QCOMTEE_OBJREF_FLAG_TEE)
         if isinstance(obj, UserObject):
             return uapi.Param(attr, obj.user_id, uapi.QCOMTEE_OBJREF_FLAG_USER)

@@ -33,10 +33,24 @@ class Caller(SecureObject):
         return res.ob[0]
 
 
+class Giver(SecureObject):
+    @op(0, io=1)
+    def give(self, cb: NsObject) -> None:
+        res = cb.invoke(6, io=[self])
+        if res.result != Result.OK:
+            from objects import QteeError
+
+            raise QteeError(res.result)
+
+
 class Root(SecureObject):
     @op(0, oo=1)
     def open(self) -> SecureObject:
         return Caller()
+
+    @op(1, oo=1)
+    def open_giver(self) -> SecureObject:
+        return Giver()
 
 
 @pytest.fixture
@@ -212,3 +226,29 @@ def test_close_with_callback_in_flight_gives_defunct(
     assert not t.is_alive()
     assert results[0][0].ret == (Result.ERROR_DEFUNCT & 0xFFFFFFFF)  # type: ignore[index]
     raw_invoke(client_ctx, mem, 0, 0xFFFF, [])
+
+
+def test_qtee_object_passed_to_a_supplicant_section_4_3(
+    env: tuple[Device, Context, CheckedMemory],
+) -> None:
+    dev, ctx, mem = env
+    raw_invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 1, [uapi.Param(OBJ_OUT)])
+    results: list[object] = []
+    t = threading.Thread(
+        target=lambda: results.append(
+            raw_invoke(ctx, mem, 0, 0, [uapi.Param(OBJ_IN, 9, uapi.QCOMTEE_OBJREF_FLAG_USER)])
+        )
+    )
+    t.start()
+    head, params, _ = recv(ctx, mem)
+    assert head.func == 6
+    # A new id in this fd's IDR (lowest free: 1), flags TEE; the supplicant owns it.
+    assert (params[1].attr, params[1].a, params[1].b) == (OBJ_IN, 1, uapi.QCOMTEE_OBJREF_FLAG_TEE)
+    send(ctx, mem, 0, [uapi.Param(META_OUT, params[0].b), uapi.Param(OBJ_IN, 1, 1)])
+    t.join(5)
+    assert results[0][0].ret == 0  # type: ignore[index]
+    assert len(dev.world.live_ids()) == 2  # the client's handle and the supplicant's
+    raw_invoke(ctx, mem, 1, 0xFFFF, [])  # supplicant drops its copy -> RELEASE to QTEE
+    assert len(dev.world.live_ids()) == 1
+    recv(ctx, mem)  # the callback object's release notification
+    raw_invoke(ctx, mem, 0, 0xFFFF, [])
