@@ -19,6 +19,7 @@ from typing import Final
 
 from objects import ENOTSUPP, CyclicAllocator, DriverError, IdrAllocator, ObjectTable, Refcounted
 from qtee import _checks, uapi, wire
+from qtee._mem_obj import MemObject, PhysMemory, Primordial, Shm
 from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, RequestQueue, UserObject
 from qtee.addrspace import AddressSpace, ProcessMemory
 from qtee.secure import SecureWorld
@@ -57,7 +58,10 @@ class Device:
         self.ns: ObjectTable[CbObject] = ObjectTable(
             CyclicAllocator(QCOMTEE_OBJECT_ID_START, QCOMTEE_OBJECT_ID_END), name="ns ids"
         )
-        self.shm_ids = IdrAllocator(1, 0, name="shm ids")
+        self.shm: ObjectTable[Shm] = ObjectTable(IdrAllocator(1, 0), name="shm ids")
+        self.phys = PhysMemory()
+        self.primordial = Primordial()
+        world.phys = self.phys
         self._lock = threading.Lock()
         self.contexts: set[Context] = set()
 
@@ -80,24 +84,35 @@ class Device:
         msg = wire.decode_callback(out)
         self._fetch_async(out, wire.async_offset(msg))
         status, ob_data, oo = self._cb_invoke(msg)
+        oo_ids: list[int] = []
         if status == 0:
             try:
-                oo_ids = [self._id_out(o) for o in oo]
+                for o in oo:
+                    oo_ids.append(self._id_out(o))
+                wire.write_callback_response(out, msg, 0, ob_data, oo_ids)
+                return
             except DriverError as exc:
-                status, oo_ids = -exc.code, []
-            if status == 0:
-                try:
-                    wire.write_callback_response(out, msg, 0, ob_data, oo_ids)
-                    return
-                except Exception:
-                    status = -errno.EINVAL
+                status = -exc.code
+            except Exception:
+                status = -errno.EINVAL
+            # The response cannot be delivered: drop what was going to QTEE.
+            for ident in oo_ids:
+                if ident & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
+                    self.ns.erase(ident)
+            for o in oo:
+                if isinstance(o, Refcounted):
+                    o.put()
         wire.write_callback_response(out, msg, wire.result_from_errno(status))
 
     def _cb_invoke(self, msg: wire.CallbackMsg) -> tuple[int, list[bytes], list[object]]:
         cxt = msg.cxt
         if not cxt & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
             return -errno.EINVAL, [], []  # NULL or a QTEE-hosted id
-        obj = self.ns.lookup_get(cxt)
+        obj = (
+            self.primordial
+            if cxt == wire.QCOMTEE_MSG_OBJECT_PRIMORDIAL
+            else self.ns.lookup_get(cxt)
+        )
         if obj is None:
             return -errno.EINVAL, [], []
         try:
@@ -132,6 +147,8 @@ class Device:
         """A wire id from QTEE -> kernel object with a reference (False if unknown)."""
         if ident == wire.QCOMTEE_MSG_OBJECT_NULL:
             return None
+        if ident == wire.QCOMTEE_MSG_OBJECT_PRIMORDIAL:
+            return self.primordial
         if ident & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
             obj = self.ns.lookup_get(ident)
             return False if obj is None else obj
@@ -143,6 +160,8 @@ class Device:
             return wire.QCOMTEE_MSG_OBJECT_NULL
         if isinstance(obj, QteeObject):
             return obj.qtee_id
+        if obj is self.primordial:
+            return wire.QCOMTEE_MSG_OBJECT_PRIMORDIAL
         if isinstance(obj, CbObject):
             try:
                 return self.ns.insert(obj)
@@ -171,6 +190,7 @@ class Context:
         self.device = device
         self.objects: ObjectTable[QteeObject] = ObjectTable(IdrAllocator(0), name="ctx objects")
         self.requests = RequestQueue()
+        self.shms: dict[int, Shm] = {}  # the owner's reference (its shm fd)
         self.closed = False
 
     # ------------------------------------------------------------------ ioctl entry
@@ -207,9 +227,26 @@ class Context:
         data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))
         if data.flags:
             raise _einval("SHM_ALLOC flags must be 0")
-        shm_id = self.device.shm_ids.alloc()
+        shm_id = self.device.shm.reserve()
+        shm = Shm(self, shm_id, data.size, self.device.phys)
+        self.device.shm.replace(shm_id, shm)
+        self.shms[shm_id] = shm
         uapi.ShmAllocData(data.size, 0, shm_id).pack_into(arg)
         return 0
+
+    def shm_view(self, shm_id: int) -> memoryview:
+        """The buffer of a shm this context allocated (what ``mmap`` of its fd gives)."""
+        shm = self.shms.get(shm_id)
+        if shm is None:
+            raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
+        return memoryview(shm.buf)
+
+    def shm_free(self, shm_id: int) -> None:
+        """Close the shm's fd: drop the owner's reference (QTEE's copies live on)."""
+        shm = self.shms.pop(shm_id, None)
+        if shm is None:
+            raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
+        shm.put()
 
     # ------------------------------------------------------------------ OBJECT_INVOKE
     def _object_invoke(self, arg: bytearray | memoryview) -> int:
@@ -252,7 +289,7 @@ class Context:
                 raise _einval(f"object id {head.id} is not in this context")
             cxt = target.qtee_id
         held: list[QteeObject] = [] if target is None else [target]
-        created: list[tuple[int, UserObject]] = []
+        created: list[tuple[int, CbObject]] = []
         accepted = False
         try:
             if (
@@ -299,16 +336,17 @@ class Context:
             for obj in held:
                 obj.put()
             if not accepted:  # QTEE never saw them: mimic its release, without notifying
-                for ns_id, uo in created:
+                for ns_id, cb in created:
                     self.device.ns.erase(ns_id)
-                    uo.notify = False
-                    uo.put()
+                    if isinstance(cb, UserObject):
+                        cb.notify = False
+                    cb.put()
         done = uapi.ObjectInvokeArg(head.id, head.op, result & 0xFFFF_FFFF, head.num_params)
         mem.write(buf.buf_ptr, uapi.pack_arg(done, out_params))
         return 0
 
     def _objref_in(
-        self, p: uapi.Param, held: list[QteeObject], created: list[tuple[int, UserObject]]
+        self, p: uapi.Param, held: list[QteeObject], created: list[tuple[int, CbObject]]
     ) -> int:
         if p.a == uapi.TEE_OBJREF_NULL:
             return wire.QCOMTEE_MSG_OBJECT_NULL
@@ -328,6 +366,15 @@ class Context:
                 raise _einval(f"object id {p.a} is not in this context")
             held.append(obj)
             return obj.qtee_id
+        if p.b & uapi.QCOMTEE_OBJREF_FLAG_MEM:
+            mem = self._mem_in(p.a)
+            try:
+                ns_id = self.device.ns.insert(mem)
+            except DriverError:
+                mem.put()
+                raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
+            created.append((ns_id, mem))
+            return ns_id
         raise _einval(f"objref flags {p.b:#x} name no object kind")
 
     def _outputs(
@@ -355,6 +402,8 @@ class Context:
                     cb = self.device.ns.lookup_get(ident)
                     if isinstance(cb, UserObject) and cb.ctx is self:
                         out[i] = uapi.Param(p.attr, cb.user_id, uapi.QCOMTEE_OBJREF_FLAG_USER)
+                    elif isinstance(cb, MemObject) and cb.shm.ctx is self:
+                        out[i] = uapi.Param(p.attr, cb.shm.id, uapi.QCOMTEE_OBJREF_FLAG_MEM)
                     else:
                         ok = False
                     if cb is not None:
@@ -448,6 +497,8 @@ class Context:
             return uapi.Param(attr, self.objects.insert(obj), uapi.QCOMTEE_OBJREF_FLAG_TEE)
         if isinstance(obj, UserObject):
             return uapi.Param(attr, obj.user_id, uapi.QCOMTEE_OBJREF_FLAG_USER)
+        if isinstance(obj, MemObject):
+            return uapi.Param(attr, obj.shm.id, uapi.QCOMTEE_OBJREF_FLAG_MEM)
         return uapi.Param(attr, uapi.TEE_OBJREF_NULL, 0)
 
     def _supp_send(self, arg: bytearray | memoryview) -> int:
@@ -510,6 +561,15 @@ class Context:
                 oo.append(self._objref_from_user(p))
         return ob_data, oo
 
+    def _mem_in(self, shm_id: int) -> MemObject:
+        shm = self.device.shm.lookup_get(shm_id) if shm_id <= 0x7FFF_FFFF else None
+        if shm is None:
+            raise _einval(f"shm {shm_id} does not exist")
+        if shm.ctx is not self:
+            shm.put()
+            raise _einval(f"shm {shm_id} belongs to another context")
+        return MemObject(shm)
+
     def _objref_from_user(self, p: uapi.Param) -> object:
         if p.a == uapi.TEE_OBJREF_NULL:
             return None
@@ -520,6 +580,8 @@ class Context:
             if obj is None:
                 raise _einval(f"object id {p.a} is not in this context")
             return obj
+        if p.b & uapi.QCOMTEE_OBJREF_FLAG_MEM:
+            return self._mem_in(p.a)
         raise _einval(f"objref flags {p.b:#x} name no object kind")
 
     # ------------------------------------------------------------------ close
@@ -529,6 +591,9 @@ class Context:
             return
         self.closed = True
         self.requests.close()
+        for shm in list(self.shms.values()):
+            shm.put()
+        self.shms.clear()
         for _, obj in self.objects.drain():
             obj.put()
         with self.device._lock:

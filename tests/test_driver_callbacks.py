@@ -64,6 +64,7 @@ def env() -> Iterator[tuple[Device, Context, CheckedMemory]]:
     assert dev.world.live_ids() == []
     assert len(dev.ns) == 0
     assert len(ctx.requests) == 0
+    assert len(dev.shm) == 0 and len(dev.phys) == 0
 
 
 def raw_invoke(ctx: Context, mem: CheckedMemory, obj_id: int, op_: int, params: list[uapi.Param]):  # type: ignore[no-untyped-def]

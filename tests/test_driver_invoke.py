@@ -49,6 +49,7 @@ def env() -> Iterator[tuple[Device, Context, CheckedMemory]]:
     assert len(ctx.objects) == 0
     assert world.live_ids() == []
     assert len(dev.ns) == 0
+    assert len(dev.shm) == 0 and len(dev.phys) == 0
 
 
 def invoke(
@@ -79,13 +80,19 @@ def test_version_section_1_3(env: tuple[Device, Context, CheckedMemory]) -> None
 
 def test_shm_alloc_ids_and_flags_section_5(env: tuple[Device, Context, CheckedMemory]) -> None:
     _, ctx, _ = env
-    arg = bytearray(uapi.ShmAllocData(4096).pack())
-    ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, arg)
-    assert uapi.ShmAllocData.unpack(arg).id == 1
+
+    def alloc(size: int) -> int:
+        arg = bytearray(uapi.ShmAllocData(size).pack())
+        ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, arg)
+        return uapi.ShmAllocData.unpack(arg).id
+
+    assert [alloc(4096), alloc(10)] == [1, 2]  # device-wide IDR from 1
+    assert len(ctx.shm_view(1)) == 4096 and bytes(ctx.shm_view(2)) == bytes(10)
+    ctx.shm_free(1)
+    assert alloc(8) == 1  # lowest free again
     expect_errno(
         errno.EINVAL, ctx, uapi.TEE_IOC_SHM_ALLOC, bytearray(uapi.ShmAllocData(1, 1).pack())
     )
-    env[0].shm_ids.free(1)
 
 
 @pytest.mark.parametrize(

@@ -12,14 +12,40 @@ on the next return to the kernel (QTEE never sends an explicit release callback)
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Final
+from dataclasses import dataclass
+from typing import Final, Protocol
 
-from objects import DispatchResult, IdrAllocator, PyObject, Result, UsageError
+from objects import DispatchResult, IdrAllocator, PyObject, QteeError, Result, UsageError
 from qtee import wire
 
-__all__ = ["NsObject", "SecureObject", "SecureWorld", "ServeCallback"]
+__all__ = ["Mapping", "NsObject", "SecureObject", "SecureWorld", "ServeCallback"]
+
+
+class PhysicalMemory(Protocol):
+    """What QTEE needs of physical memory: a view of a mapped range."""
+
+    def view(self, paddr: int, length: int) -> memoryview:
+        """The bytes at ``[paddr, paddr+length)``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """A memory object mapped into QTEE: its bytes, and the mapping object to release."""
+
+    view: memoryview
+    paddr: int
+    perms: int
+    mapping: NsObject | None
+
+    def unmap(self) -> None:
+        """Drop the mapping object (the kernel gets it back as an async RELEASE)."""
+        if self.mapping is not None:
+            self.mapping.release()
+
 
 #: The driver's side of a callback: serve the request in the outbound buffer in place.
 ServeCallback = Callable[[bytearray], None]
@@ -108,6 +134,8 @@ class SecureWorld:
         self._pending_release: list[int] = []
         self._lock = threading.RLock()
         self._local = threading.local()
+        #: Physical memory of the platform (set by the device), for mapped regions.
+        self.phys: PhysicalMemory | None = None
 
     # ---------------------------------------------------------------- table
     def export(self, obj: SecureObject) -> int:
@@ -241,6 +269,19 @@ class SecureWorld:
         if answer.result != Result.OK:
             return DispatchResult(answer.result)
         return DispatchResult(Result.OK, answer.ob, tuple(self._import(i) for i in answer.oo))
+
+    def map_region(self, mem: NsObject) -> Mapping:
+        """Map a memory object through the primordial object's MAP_REGION (op 0)."""
+        if self.phys is None:
+            raise UsageError("this secure world has no physical memory attached")
+        primordial = NsObject(self, wire.QCOMTEE_MSG_OBJECT_PRIMORDIAL)
+        primordial.refs = 1 << 30  # static: never released
+        res = primordial.invoke(0, ob=[20], io=[mem], n_oo=1)
+        if res.result != Result.OK:
+            raise QteeError(res.result, "MAP_REGION failed")
+        paddr, length, perms = struct.unpack("<QQI", res.ob[0])
+        mapping = res.oo[0] if isinstance(res.oo[0], NsObject) else None
+        return Mapping(self.phys.view(paddr, length), paddr, perms, mapping)
 
     def _export_in(self, obj: object) -> int:
         if obj is None:
