@@ -5,6 +5,28 @@ RELEASE messages on the outbound buffer, and calls back into non-secure objects 
 an outbound callback message that the driver serves in the same thread.
 """
 
-from qtee.secure._world import NsObject, SecureObject, SecureWorld, ServeCallback
+from qtee.secure._services import (
+    CDIAGNOSTICS_UID,
+    FEATURE_VERSIONS_UID,
+    IOPENER_ERROR_NOT_FOUND,
+    ClientEnv,
+    Diagnostics,
+    FeatureVersions,
+    QteeRoot,
+)
+from qtee.secure._world import Mapping, NsObject, SecureObject, SecureWorld, ServeCallback
 
-__all__ = ["NsObject", "SecureObject", "SecureWorld", "ServeCallback"]
+__all__ = [
+    "CDIAGNOSTICS_UID",
+    "FEATURE_VERSIONS_UID",
+    "IOPENER_ERROR_NOT_FOUND",
+    "ClientEnv",
+    "Diagnostics",
+    "FeatureVersions",
+    "Mapping",
+    "NsObject",
+    "QteeRoot",
+    "SecureObject",
+    "SecureWorld",
+    "ServeCallback",
+]

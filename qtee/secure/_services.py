@@ -1,0 +1,136 @@
+"""QTEE's root object, the client environment and the built-in services.
+
+* Root (wire id 1): ``register`` (op 2) and ``registerWithCredentials`` (op 5) take a
+  credentials object, read it through its IIO ops (0 ``getLength``, 1 ``readAtOffset``)
+  as a CBOR map, keep it, and return a client environment.
+* Client env: ``open`` (op 0) takes a u32 service UID and returns the service; an
+  unknown UID answers IOpener's ``NOT_FOUND`` (10).
+* FeatureVersions (UID 2033): op 0, feature 10 -> the QTEE version word
+  (major << 22 | minor << 12 | patch).
+* Diagnostics (UID 143): op 0 ``queryHeapInfo`` -> six u32 heap figures.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Final
+
+from objects import QteeError, Result, op
+from qtee.credentials import Credentials
+from qtee.secure._world import NsObject, SecureObject
+
+__all__ = [
+    "CDIAGNOSTICS_UID",
+    "FEATURE_VERSIONS_UID",
+    "IOPENER_ERROR_NOT_FOUND",
+    "ClientEnv",
+    "Diagnostics",
+    "FeatureVersions",
+    "QteeRoot",
+]
+
+FEATURE_VERSIONS_UID: Final = 2033
+FEATURE_VER_OP_GET_QTEE_ID: Final = 10
+CDIAGNOSTICS_UID: Final = 143
+IOPENER_ERROR_NOT_FOUND: Final = 10
+_MAX_CREDENTIALS: Final = 64 * 1024
+
+ServiceFactory = Callable[["ClientEnv"], SecureObject]
+
+
+def read_credentials(cred: NsObject) -> Credentials:
+    """Read a credentials object through IIO getLength/readAtOffset and parse its CBOR."""
+    res = cred.invoke(0, ob=[8])
+    if res.result != Result.OK or len(res.ob[0]) != 8:
+        raise QteeError(res.result or Result.ERROR_INVALID, "credentials getLength failed")
+    (length,) = struct.unpack("<Q", res.ob[0])
+    if length > _MAX_CREDENTIALS:
+        raise QteeError(Result.ERROR_SIZE_IN, f"credentials of {length} bytes")
+    data = b""
+    while len(data) < length:
+        res = cred.invoke(1, ib=[struct.pack("<Q", len(data))], ob=[length - len(data)])
+        if res.result != Result.OK or not res.ob[0]:
+            raise QteeError(res.result or Result.ERROR_INVALID, "credentials readAtOffset failed")
+        data += res.ob[0]
+    try:
+        return Credentials.decode(data)
+    except Exception:
+        raise QteeError(Result.ERROR_INVALID, "credentials are not a CBOR map") from None
+
+
+class ClientEnv(SecureObject):
+    """A registered client's environment; keeps its credentials object until released."""
+
+    def __init__(
+        self,
+        services: dict[int, ServiceFactory],
+        credentials: Credentials | None,
+        cred_obj: NsObject | None,
+    ) -> None:
+        self.services = services
+        self.credentials = credentials
+        self._cred_obj = cred_obj
+
+    @op(0, ib=(4,), oo=1)
+    def open(self, uid: bytes) -> SecureObject:
+        (number,) = struct.unpack("<I", uid)
+        factory = self.services.get(number)
+        if factory is None:
+            raise QteeError(IOPENER_ERROR_NOT_FOUND, f"no service with UID {number}")
+        return factory(self)
+
+    def on_release(self) -> None:
+        if self._cred_obj is not None:
+            self._cred_obj.release()
+            self._cred_obj = None
+
+
+class QteeRoot(SecureObject):
+    """The root object (wire id 1)."""
+
+    def __init__(self, services: dict[int, ServiceFactory] | None = None) -> None:
+        self.services: dict[int, ServiceFactory] = {
+            FEATURE_VERSIONS_UID: lambda env: FeatureVersions(),
+            CDIAGNOSTICS_UID: lambda env: Diagnostics(),
+        }
+        self.services.update(services or {})
+
+    def _register(self, cred: NsObject | None) -> ClientEnv:
+        if cred is None:  # NULL credentials: the kernel's own privileged client
+            return ClientEnv(self.services, None, None)
+        credentials = read_credentials(cred)
+        return ClientEnv(self.services, credentials, cred.retain())
+
+    @op(2, io=1, oo=1)
+    def register(self, cred: NsObject | None) -> ClientEnv:
+        """IClientEnv_OP_register: credentials object -> client env."""
+        return self._register(cred)
+
+    @op(5, io=1, oo=1)
+    def register_with_credentials(self, cred: NsObject | None) -> ClientEnv:
+        """QCOMTEE_ROOT_OP_REG_WITH_CREDENTIALS."""
+        return self._register(cred)
+
+
+class FeatureVersions(SecureObject):
+    """UID 2033: feature id -> version."""
+
+    VERSION: Final = (2 << 22) | (1 << 12) | 0  # QTEE 2.1.0
+
+    @op(0, ib=(4,), ob=(4,))
+    def get(self, feature: bytes) -> bytes:
+        (fid,) = struct.unpack("<I", feature)
+        if fid != FEATURE_VER_OP_GET_QTEE_ID:
+            raise QteeError(Result.ERROR_INVALID, f"unknown feature {fid}")
+        return struct.pack("<I", self.VERSION)
+
+
+class Diagnostics(SecureObject):
+    """UID 143: IDiagnostics.queryHeapInfo -> six u32 figures."""
+
+    HEAP: Final = (1 << 20, 256 << 10, 768 << 10, 4096, 37, 128 << 10)
+
+    @op(0, ob=(24,))
+    def query_heap_info(self) -> bytes:
+        return struct.pack("<6I", *self.HEAP)
