@@ -5,6 +5,15 @@ RELEASE messages on the outbound buffer, and calls back into non-secure objects 
 an outbound callback message that the driver serves in the same thread.
 """
 
+from qtee.secure._apps import (
+    APP_LOADER_UID,
+    AppController,
+    AppLoader,
+    TrustedApp,
+    register_ta,
+    ta_image,
+    unregister_ta,
+)
 from qtee.secure._services import (
     CDIAGNOSTICS_UID,
     FEATURE_VERSIONS_UID,
@@ -17,6 +26,13 @@ from qtee.secure._services import (
 from qtee.secure._world import Mapping, NsObject, SecureObject, SecureWorld, ServeCallback
 
 __all__ = [
+    "APP_LOADER_UID",
+    "AppController",
+    "AppLoader",
+    "TrustedApp",
+    "register_ta",
+    "ta_image",
+    "unregister_ta",
     "CDIAGNOSTICS_UID",
     "FEATURE_VERSIONS_UID",
     "IOPENER_ERROR_NOT_FOUND",

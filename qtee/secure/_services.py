@@ -18,7 +18,7 @@ from typing import Final
 
 from objects import QteeError, Result, op
 from qtee.credentials import Credentials
-from qtee.secure._world import NsObject, SecureObject
+from qtee.secure._world import NsObject, SecureObject, SecureWorld
 
 __all__ = [
     "CDIAGNOSTICS_UID",
@@ -95,6 +95,13 @@ class QteeRoot(SecureObject):
             CDIAGNOSTICS_UID: lambda env: Diagnostics(),
         }
         self.services.update(services or {})
+        self.loaded_apps: set[str] = set()
+
+    def attach(self, world: SecureWorld) -> None:
+        """Services that need the world (the app loader) are added here."""
+        from qtee.secure._apps import APP_LOADER_UID, AppLoader
+
+        self.services.setdefault(APP_LOADER_UID, lambda env: AppLoader(world, self.loaded_apps))
 
     def _register(self, cred: NsObject | None) -> ClientEnv:
         if cred is None:  # NULL credentials: the kernel's own privileged client

@@ -61,6 +61,9 @@ class SecureObject(PyObject):
     def on_release(self) -> None:
         """Called when the last reference to this object is gone."""
 
+    def attach(self, world: SecureWorld) -> None:
+        """Called on the root object when a secure world is built around it."""
+
 
 class NsObject:
     """QTEE's reference to an object hosted in the non-secure world (an NS wire id)."""
@@ -136,6 +139,7 @@ class SecureWorld:
         self._local = threading.local()
         #: Physical memory of the platform (set by the device), for mapped regions.
         self.phys: PhysicalMemory | None = None
+        root.attach(self)
 
     # ---------------------------------------------------------------- table
     def export(self, obj: SecureObject) -> int:

@@ -1,0 +1,153 @@
+"""The app loader (UID 3), app controllers, and TAs written in Python.
+
+A TA is a :class:`TrustedApp` subclass registered under a name with :func:`register_ta`.
+Its *image* names it: ``b"QTEETA\\x00\\x01" + u16 name length + name (UTF-8) + payload``
+(:func:`ta_image` builds one).  ``loadFromBuffer`` (op 0) takes the image bytes;
+``loadFromRegion`` (op 1) takes a memory object and maps it with MAP_REGION.  Both
+return an IAppController: ``getAppObject`` (op 2) gives the TA's app object, ``unload``
+(op 1) unloads it.  Errors are IAppLoader's and IAppController's (quic-teec.md §5.3).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import TYPE_CHECKING, ClassVar, Final
+
+from objects import QteeError, UsageError, op
+from qtee.secure._world import NsObject, SecureObject
+
+if TYPE_CHECKING:
+    from qtee.secure._world import SecureWorld
+
+__all__ = [
+    "APP_LOADER_UID",
+    "AppController",
+    "AppLoader",
+    "TrustedApp",
+    "register_ta",
+    "ta_image",
+    "unregister_ta",
+]
+
+APP_LOADER_UID: Final = 3
+TA_MAGIC: Final = b"QTEETA\x00\x01"
+
+# IAppLoader errors
+ERROR_INVALID_BUFFER: Final = 10
+ERROR_METADATA_INVALID: Final = 13
+ERROR_ALREADY_LOADED: Final = 16
+# IAppController errors
+ERROR_APP_UNLOADED: Final = 12
+
+_REGISTRY: dict[str, type[TrustedApp]] = {}
+_REG_LOCK = threading.Lock()
+
+
+class TrustedApp(SecureObject):
+    """Base class of TAs written in Python; declare ops with :func:`objects.op`."""
+
+    #: The secure world the TA runs in (set when it is loaded).
+    world: SecureWorld
+    name: ClassVar[str] = ""
+
+
+def register_ta(name: str, cls: type[TrustedApp]) -> None:
+    """Make ``cls`` loadable from images named ``name``."""
+    if not isinstance(name, str) or not name or len(name.encode()) > 0xFFFF:
+        raise UsageError(f"TA name {name!r} must be a non-empty string")
+    if not (isinstance(cls, type) and issubclass(cls, TrustedApp)):
+        raise TypeError("a TA must be a TrustedApp subclass")
+    with _REG_LOCK:
+        _REGISTRY[name] = cls
+
+
+def unregister_ta(name: str) -> None:
+    """Forget the TA registered as ``name``."""
+    with _REG_LOCK:
+        if _REGISTRY.pop(name, None) is None:
+            raise UsageError(f"no TA is registered as {name!r}")
+
+
+def ta_image(name: str, payload: bytes = b"") -> bytes:
+    """The image bytes that select the TA registered as ``name``."""
+    raw = name.encode()
+    return TA_MAGIC + struct.pack("<H", len(raw)) + raw + bytes(payload)
+
+
+def _parse(image: bytes) -> str:
+    if len(image) < len(TA_MAGIC) + 2 or not image.startswith(TA_MAGIC):
+        raise QteeError(ERROR_INVALID_BUFFER, "not a TA image")
+    (n,) = struct.unpack_from("<H", image, len(TA_MAGIC))
+    start = len(TA_MAGIC) + 2
+    if start + n > len(image):
+        raise QteeError(ERROR_INVALID_BUFFER, "TA image is truncated")
+    try:
+        return image[start : start + n].decode()
+    except UnicodeDecodeError:
+        raise QteeError(ERROR_INVALID_BUFFER, "TA name is not UTF-8") from None
+
+
+class AppController(SecureObject):
+    """IAppController of one loaded TA."""
+
+    def __init__(self, loader: AppLoader, name: str, app: TrustedApp) -> None:
+        self.loader = loader
+        self.name = name
+        self.app: TrustedApp | None = app
+
+    @op(1)
+    def unload(self) -> None:
+        self._unload()
+
+    @op(2, oo=1)
+    def get_app_object(self) -> TrustedApp:
+        if self.app is None:
+            raise QteeError(ERROR_APP_UNLOADED, f"{self.name} was unloaded")
+        return self.app
+
+    def _unload(self) -> None:
+        if self.app is not None:
+            self.app = None
+            self.loader.loaded.discard(self.name)
+
+    def on_release(self) -> None:
+        self._unload()
+
+
+class AppLoader(SecureObject):
+    """IAppLoader (UID 3)."""
+
+    def __init__(self, world: SecureWorld, loaded: set[str]) -> None:
+        self.world = world
+        self.loaded = loaded
+
+    def _load(self, image: bytes) -> AppController:
+        name = _parse(image)
+        with _REG_LOCK:
+            cls = _REGISTRY.get(name)
+        if cls is None:
+            raise QteeError(ERROR_METADATA_INVALID, f"no TA named {name!r}")
+        if name in self.loaded:
+            raise QteeError(ERROR_ALREADY_LOADED, f"{name} is already loaded")
+        app = cls()
+        app.world = self.world
+        self.loaded.add(name)
+        return AppController(self, name, app)
+
+    @op(0, ib=(None,), oo=1)
+    def load_from_buffer(self, image: bytes) -> AppController:
+        return self._load(image)
+
+    @op(1, io=1, oo=1)
+    def load_from_region(self, mem: NsObject | None) -> AppController:
+        if not isinstance(mem, NsObject):
+            raise QteeError(ERROR_INVALID_BUFFER, "no memory object")
+        try:
+            mapping = self.world.map_region(mem)
+        except QteeError:
+            raise QteeError(ERROR_INVALID_BUFFER, "memory object could not be mapped") from None
+        try:
+            return self._load(bytes(mapping.view))
+        finally:
+            mapping.unmap()
