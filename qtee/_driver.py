@@ -61,6 +61,7 @@ class Device:
         self.shm: ObjectTable[Shm] = ObjectTable(IdrAllocator(1, 0), name="shm ids")
         self.phys = PhysMemory()
         self.primordial = Primordial()
+        self._local = threading.local()
         world.phys = self.phys
         self._lock = threading.Lock()
         self.contexts: set[Context] = set()
@@ -90,6 +91,15 @@ class Device:
                 for o in oo:
                     oo_ids.append(self._id_out(o))
                 wire.write_callback_response(out, msg, 0, ob_data, oo_ids)
+                # QTEE objects were lent for the call: their temporary references go once
+                # QTEE has consumed this response (CB references moved to the NS ids).
+                lent = getattr(self._local, "lent", None)
+                for o in oo:
+                    if isinstance(o, QteeObject):
+                        if lent is not None:
+                            lent.append(o)
+                        else:
+                            o.put()
                 return
             except DriverError as exc:
                 status = -exc.code
@@ -319,7 +329,14 @@ class Context:
             except wire.MessageTooLarge as exc:
                 raise _einval(str(exc)) from None
             outbound = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)
-            result = self.device.world.invoke(inbound, outbound, self.device._serve)
+            local = self.device._local
+            outer = getattr(local, "lent", None)
+            local.lent = []
+            try:
+                result = self.device.world.invoke(inbound, outbound, self.device._serve)
+            finally:
+                lent, local.lent = local.lent, outer
+                held.extend(lent)
             accepted = True
             out_params = list(params)
             if result == 0:
