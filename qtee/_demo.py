@@ -1,51 +1,106 @@
-"""``qtee demo``: walk one invocation and one callback through the byte-exact codecs.
+"""``qtee demo``: an end-to-end scenario through the public API, one line per crossing.
 
-Every line is one crossing: direction, object, op, counts, result.  The driver model and
-secure world build on exactly these messages.
+Register with credentials, FeatureVersions, Diagnostics, load a sample TA from a buffer
+and from a memory object, add two numbers, let the TA call back into client objects with
+a buffer and with an object, let it write a memory object, release everything, and
+prove every table is empty.
 """
 
 from __future__ import annotations
 
-from objects import Counts, Result, result_name
-from qtee import uapi, wire
+import struct
+
+import qtee
+from qtee import OUT_OBJECT, CallbackObject, Out, op
 
 
-def _line(direction: str, obj: int, op: int, counts: int, result: str, nbytes: int) -> str:
-    c = Counts.unpack(counts)
-    shape = f"IB{c.ib} OB{c.ob} IO{c.io} OO{c.oo}"
-    return f"{direction:<14} obj={obj:#010x} op={op:<5} {shape:<16} {result:<14} {nbytes:>5} B"
+class SampleTA(qtee.TrustedApp):
+    """ISMCIExample-like: add, plus calls back into what the client passes."""
+
+    @op(0, ib=(8,), ob=(4,))
+    def add(self, pair: bytes) -> bytes:
+        a, b = struct.unpack("<II", pair)
+        return struct.pack("<I", a + b)
+
+    @op(1, io=1, ob=(None,))
+    def greet_back(self, cb: qtee.NsObject) -> bytes:
+        res = cb.invoke(0, [b"TA"], [32])
+        if res.result:
+            raise qtee.QteeError(res.result)
+        return res.ob[0]
+
+    @op(2, io=1, ob=(4,))
+    def object_back(self, cb: qtee.NsObject) -> bytes:
+        res = cb.invoke(1, io=[self], n_oo=1)
+        if res.result:
+            raise qtee.QteeError(res.result)
+        return struct.pack("<I", int(res.oo[0] is self))
+
+    @op(3, io=1)
+    def fill(self, mem: qtee.NsObject) -> None:
+        m = self.world.map_region(mem)
+        m.view[:11] = b"from the TA"
+        m.unmap()
+
+
+class Greeter(CallbackObject):
+    @op(0, ib=(None,), ob=(None,))
+    def greet(self, name: bytes) -> bytes:
+        return b"hello " + name
+
+    @op(1, io=1, oo=1)
+    def echo(self, obj: object) -> object:
+        return obj
 
 
 def run() -> int:
-    """Print the trace and return 0 when every check held."""
-    print(f"TEE_IOC_OBJECT_INVOKE = {uapi.TEE_IOC_OBJECT_INVOKE:#010x}  (computed with _IOR)")
-    arg = uapi.ObjectInvokeArg(id=7, op=0, num_params=5)
-    print(f"object_invoke_arg header: {arg.pack().hex(' ', 4)}")
-
-    # client -> QTEE: add(1, 2) on QTEE object 7, passing a callback object in.
-    msg = wire.encode_invoke(7, 0, [b"\x01\0\0\0\x02\0\0\0"], [4], [0x80000001], 1)
-    print(_line("client->QTEE", 7, 0, wire.decode_invoke(msg).counts, "", len(msg)))
-    seen = wire.decode_invoke(msg)
-    a = int.from_bytes(seen.ib[0][:4], "little")
-    b = int.from_bytes(seen.ib[0][4:], "little")
-    wire.write_invoke_response(msg, seen, [(a + b).to_bytes(4, "little")], [9])
-
-    # QTEE -> client callback on the object it was given, with a release piggybacked.
-    out = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)
-    end = wire.encode_callback(out, 0x80000001, 3, [b"ping"], [16])
-    wire.write_async(out, end, [wire.encode_async_release([0x80000002])])
-    cb = wire.decode_callback(out)
-    print(_line("QTEE->client", cb.cxt, cb.op, cb.counts, "", cb.size))
-    released = wire.decode_async(out, wire.async_offset(cb))
-    wire.write_callback_response(out, cb, 0, [b"pong"], [])
-    answer = wire.decode_callback_response(out, cb)
-    print(_line("client->QTEE", cb.cxt, cb.op, cb.counts, result_name(answer.result), 4))
-    print(f"async release   ids={[hex(i) for i in released.releases[0]]} stop={released.stop}")
-
-    reply = wire.decode_invoke_response(msg)
-    total = int.from_bytes(reply.ob[0], "little")
-    print(_line("QTEE->client", 7, 0, seen.counts, Result.OK.name, len(msg)))
-    print(f"add(1, 2) = {total}; out object id {reply.oo[0]}; callback answered {answer.ob[0]!r}")
-    ok = total == 3 and answer.ob == (b"pong",) and released.releases == ((0x80000002,),)
-    print("all checks held" if ok else "A CHECK FAILED")
-    return 0 if ok else 1
+    """Run the scenario; 0 when every check held."""
+    qtee.register_ta("sample.add", SampleTA)
+    device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
+    device.trace = print
+    checks: list[tuple[str, bool]] = []
+    with qtee.Client(device, workers=4) as client:
+        env = client.client_env()
+        with client.open_service(env, 2033) as fv:
+            (v,) = fv.invoke(0, struct.pack("<I", 10), Out(4))
+            (word,) = struct.unpack("<I", v)
+            version = f"{word >> 22 & 0xFF}.{word >> 12 & 0xFF}.{word & 0xFFF}"
+            print(f"-- QTEE version {version}")
+        with client.open_service(env, 143) as diag:
+            (heap,) = diag.invoke(0, Out(24))
+            print(f"-- heap info {struct.unpack('<6I', heap)}")
+        loader = client.open_service(env, 3)
+        (ctrl,) = loader.invoke(0, qtee.ta_image("sample.add"), OUT_OBJECT)
+        (app,) = ctrl.invoke(2, OUT_OBJECT)
+        (total,) = app.invoke(0, struct.pack("<II", 1, 2), Out(4))
+        checks.append(("add(1, 2) == 3", struct.unpack("<I", total)[0] == 3))
+        (reply,) = app.invoke(1, Greeter(), Out(32))
+        checks.append(("callback with a buffer", reply == b"hello TA"))
+        (same,) = app.invoke(2, Greeter(), Out(4))
+        checks.append(("callback with an object", same == b"\x01\x00\x00\x00"))
+        with client.memory(64) as mem:
+            app.invoke(3, mem)
+            checks.append(("memory written by the TA", bytes(mem.view[:11]) == b"from the TA"))
+        ctrl.invoke(1)  # unload, then load again from a donated memory object
+        for ref in (app, ctrl):
+            ref.release()
+        image = qtee.ta_image("sample.add")
+        mem = client.memory(len(image))
+        mem.view[:] = image
+        (ctrl,) = loader.invoke(1, mem, OUT_OBJECT)
+        mem.release()  # donate
+        (app,) = ctrl.invoke(2, OUT_OBJECT)
+        (total,) = app.invoke(0, struct.pack("<II", 40, 2), Out(4))
+        checks.append(("TA from a region: add(40, 2) == 42", struct.unpack("<I", total)[0] == 42))
+        for ref in (app, ctrl, loader, env):
+            ref.release()
+    empty = not device.world.live_ids() and not len(device.ns) and not len(device.shm)
+    checks.append(("every table empty", empty and not len(client.ctx.objects)))
+    for name, ok in checks:
+        print(f"[{'ok' if ok else 'FAILED'}] {name}")
+    print(
+        f"tables: QTEE objects {len(device.world.live_ids())}, NS ids {len(device.ns)}, "
+        f"shm {len(device.shm)}, context ids {len(client.ctx.objects)}, "
+        f"requests {len(client.ctx.requests)}"
+    )
+    return 0 if all(ok for _, ok in checks) else 1

@@ -15,9 +15,19 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable
 from typing import Final
 
-from objects import ENOTSUPP, CyclicAllocator, DriverError, IdrAllocator, ObjectTable, Refcounted
+from objects import (
+    ENOTSUPP,
+    Counts,
+    CyclicAllocator,
+    DriverError,
+    IdrAllocator,
+    ObjectTable,
+    Refcounted,
+    result_name,
+)
 from qtee import _checks, uapi, wire
 from qtee._mem_obj import MemObject, PhysMemory, Primordial, Shm
 from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, RequestQueue, UserObject
@@ -29,6 +39,11 @@ __all__ = ["Context", "Device"]
 QCOMTEE_OBJECT_ID_START: Final = wire.QCOMTEE_MSG_OBJECT_NS_BIT + 1
 QCOMTEE_OBJECT_ID_END: Final = 0xFFFF_FFFF
 _GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
+
+
+def _crossing(direction: str, obj: int, op: int, counts: int, what: str) -> str:
+    c = Counts.unpack(counts)
+    return f"{direction:<11} obj={obj:#010x} op={op:<5} IB{c.ib} OB{c.ob} IO{c.io} OO{c.oo}  {what}"
 
 
 def _einval(why: str) -> DriverError:
@@ -61,6 +76,8 @@ class Device:
         self.shm: ObjectTable[Shm] = ObjectTable(IdrAllocator(1, 0), name="shm ids")
         self.phys = PhysMemory()
         self.primordial = Primordial()
+        #: Called with one line per crossing when set (``qtee demo`` prints them).
+        self.trace: Callable[[str], None] | None = None
         self._local = threading.local()
         world.phys = self.phys
         self._lock = threading.Lock()
@@ -84,7 +101,19 @@ class Device:
         """Serve the callback request in ``out`` in this thread (``qcomtee_cb_object_invoke``)."""
         msg = wire.decode_callback(out)
         self._fetch_async(out, wire.async_offset(msg))
+        if self.trace:
+            self.trace(_crossing("QTEE -> NS", msg.cxt, msg.op, msg.counts, "callback"))
         status, ob_data, oo = self._cb_invoke(msg)
+        if self.trace:
+            self.trace(
+                _crossing(
+                    "NS -> QTEE",
+                    msg.cxt,
+                    msg.op,
+                    msg.counts,
+                    result_name(wire.result_from_errno(status)),
+                )
+            )
         oo_ids: list[int] = []
         if status == 0:
             try:
@@ -185,6 +214,8 @@ class Device:
         except Exception:  # a malformed tail stops parsing, as in the kernel
             batch = wire.AsyncBatch((), wire.ASYNC_STOP_END)
         for ids in batch.releases:
+            if self.trace and ids:
+                self.trace(f"{'QTEE -> NS':<11} async RELEASE of {', '.join(hex(i) for i in ids)}")
             for ident in ids:
                 if QCOMTEE_OBJECT_ID_START <= ident <= QCOMTEE_OBJECT_ID_END:
                     obj = self.ns.erase(ident)
@@ -332,8 +363,14 @@ class Context:
             local = self.device._local
             outer = getattr(local, "lent", None)
             local.lent = []
+            trace = self.device.trace
+            counts = wire.decode_invoke(inbound).counts if trace else 0
+            if trace:
+                trace(_crossing("NS -> QTEE", cxt, head.op, counts, "invoke"))
             try:
                 result = self.device.world.invoke(inbound, outbound, self.device._serve)
+                if trace:
+                    trace(_crossing("QTEE -> NS", cxt, head.op, counts, result_name(result)))
             finally:
                 lent, local.lent = local.lent, outer
                 held.extend(lent)
