@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Callable
-from typing import Final
+from typing import Final, TypeVar
 
 from objects import (
     ENOTSUPP,
@@ -39,6 +39,9 @@ __all__ = ["Context", "Device"]
 QCOMTEE_OBJECT_ID_START: Final = wire.QCOMTEE_MSG_OBJECT_NS_BIT + 1
 QCOMTEE_OBJECT_ID_END: Final = 0xFFFF_FFFF
 _GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
+
+
+_H = TypeVar("_H", uapi.ObjectInvokeArg, uapi.SuppRecvArg, uapi.SuppSendArg)
 
 
 def _crossing(direction: str, obj: int, op: int, counts: int, what: str) -> str:
@@ -264,6 +267,20 @@ class Context:
             raise DriverError(errno.EFAULT, f"ioctl argument must be {size} writable bytes")
         return arg
 
+    def _read_arg(
+        self, arg: bytearray | memoryview, cls: type[_H], *, exact: bool = True
+    ) -> tuple[uapi.BufData, _H, tuple[uapi.Param, ...]]:
+        """The TEE core's half of a buf_data ioctl: copy the block in, check sizes and attrs."""
+        buf = uapi.BufData.unpack(self._need(arg, uapi.BufData.SIZE))
+        if buf.buf_len > uapi.TEE_MAX_ARG_SIZE or buf.buf_len < cls.SIZE:
+            raise _einval(f"buf_len {buf.buf_len}")
+        block = self.device.memory.read(buf.buf_ptr, buf.buf_len)
+        head = cls.unpack(block)
+        _checks.check_buf_len(buf.buf_len, cls.SIZE, head.num_params, exact=exact)
+        params = uapi.unpack_params(block, cls.SIZE, head.num_params)
+        _checks.check_param_attrs(params)
+        return buf, head, params
+
     def _shm_alloc(self, arg: bytearray | memoryview) -> int:
         data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))
         if data.flags:
@@ -292,14 +309,7 @@ class Context:
     # ------------------------------------------------------------------ OBJECT_INVOKE
     def _object_invoke(self, arg: bytearray | memoryview) -> int:
         mem = self.device.memory
-        buf = uapi.BufData.unpack(self._need(arg, uapi.BufData.SIZE))
-        if buf.buf_len > uapi.TEE_MAX_ARG_SIZE or buf.buf_len < uapi.ObjectInvokeArg.SIZE:
-            raise _einval(f"buf_len {buf.buf_len}")
-        block = bytearray(mem.read(buf.buf_ptr, buf.buf_len))
-        head = uapi.ObjectInvokeArg.unpack(block)
-        _checks.check_buf_len(buf.buf_len, uapi.ObjectInvokeArg.SIZE, head.num_params)
-        params = uapi.unpack_params(block, uapi.ObjectInvokeArg.SIZE, head.num_params)
-        _checks.check_param_attrs(params)
+        buf, head, params = self._read_arg(arg, uapi.ObjectInvokeArg)
         for p in params:
             if p.type in (
                 uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT,
@@ -480,14 +490,7 @@ class Context:
     # ------------------------------------------------------------------ supplicant
     def _supp_recv(self, arg: bytearray | memoryview) -> int:
         mem = self.device.memory
-        buf = uapi.BufData.unpack(self._need(arg, uapi.BufData.SIZE))
-        if buf.buf_len > uapi.TEE_MAX_ARG_SIZE or buf.buf_len < uapi.SuppRecvArg.SIZE:
-            raise _einval(f"buf_len {buf.buf_len}")
-        block = bytearray(mem.read(buf.buf_ptr, buf.buf_len))
-        head = uapi.SuppRecvArg.unpack(block)
-        _checks.check_buf_len(buf.buf_len, uapi.SuppRecvArg.SIZE, head.num_params)
-        params = uapi.unpack_params(block, uapi.SuppRecvArg.SIZE, head.num_params)
-        _checks.check_param_attrs(params)
+        buf, _head, params = self._read_arg(arg, uapi.SuppRecvArg)
         meta = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
         if not params or params[0].attr != meta:
             raise _einval("SUPPL_RECV needs a VALUE_INOUT|META first param")
@@ -556,15 +559,7 @@ class Context:
         return uapi.Param(attr, uapi.TEE_OBJREF_NULL, 0)
 
     def _supp_send(self, arg: bytearray | memoryview) -> int:
-        mem = self.device.memory
-        buf = uapi.BufData.unpack(self._need(arg, uapi.BufData.SIZE))
-        if buf.buf_len > uapi.TEE_MAX_ARG_SIZE or buf.buf_len < uapi.SuppSendArg.SIZE:
-            raise _einval(f"buf_len {buf.buf_len}")
-        block = bytearray(mem.read(buf.buf_ptr, buf.buf_len))
-        head = uapi.SuppSendArg.unpack(block)
-        _checks.check_buf_len(buf.buf_len, uapi.SuppSendArg.SIZE, head.num_params, exact=False)
-        params = uapi.unpack_params(block, uapi.SuppSendArg.SIZE, head.num_params)
-        _checks.check_param_attrs(params)
+        _buf, head, params = self._read_arg(arg, uapi.SuppSendArg, exact=False)
         meta = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
         if not params or params[0].attr != meta:
             raise _einval("SUPPL_SEND needs a VALUE_OUTPUT|META first param")
