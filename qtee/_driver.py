@@ -93,6 +93,26 @@ class Device:
             self.contexts.add(ctx)
         return ctx
 
+    def leaks(self) -> dict[str, int]:
+        """Every table that still holds something, by name (empty when nothing leaked).
+
+        Covers the secure world's object table and pending async releases, NS ids, shm ids,
+        physical regions, and per open context its object IDR and request ids.
+        """
+        found = {
+            "secure objects": len(self.world.live_ids()),
+            "pending async releases": len(self.world.pending_releases()),
+            "ns ids": len(self.ns),
+            "shm ids": len(self.shm),
+            "physical regions": len(self.phys),
+        }
+        with self._lock:
+            contexts = sorted(self.contexts, key=id)
+        for n, ctx in enumerate(contexts):
+            found[f"context {n} objects"] = len(ctx.objects)
+            found[f"context {n} request ids"] = len(ctx.requests)
+        return {name: count for name, count in found.items() if count}
+
     def _release_qtee(self, qtee_id: int) -> None:
         """RELEASE (op 0xFFFF, no args) on a QTEE id, as the kernel's release work does."""
         inbound = wire.encode_invoke(qtee_id, wire.QCOMTEE_MSG_OBJECT_OP_RELEASE)
