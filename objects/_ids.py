@@ -8,15 +8,15 @@
   the id handed out plus one.  qcomtee uses it for NS wire ids (0x80000001..0xFFFFFFFF).
 
 Both answer ``ENOSPC`` (as a :class:`DriverError`) when the range is full.  Both keep the
-*free* space as a sorted set of disjoint intervals, so allocation and release cost
-O(log n) however many ids are live, and memory is proportional to the number of holes.
+*free* space as sorted disjoint intervals (two parallel lists searched by bisection), so
+memory is proportional to the number of holes, not of live ids, and taking the lowest
+free id is an in-place update.
 """
 
 from __future__ import annotations
 
 import errno
-
-from sortedcontainers import SortedDict
+from bisect import bisect_right
 
 from objects._errors import DriverError, UsageError
 
@@ -26,64 +26,74 @@ INT_MAX = 0x7FFF_FFFF
 
 
 class _FreeRanges:
-    """Disjoint inclusive free intervals ``start -> last`` over ``[lo, hi]``."""
+    """Disjoint inclusive free intervals over ``[lo, hi]``, as two sorted parallel lists.
 
-    __slots__ = ("_iv", "hi", "lo", "used")
+    ``starts[i]..lasts[i]`` is the i-th hole.  Lookups bisect; taking the first id of a
+    hole (what both allocators do almost always) is an in-place update.
+    """
+
+    __slots__ = ("hi", "lasts", "lo", "starts", "used")
 
     def __init__(self, lo: int, hi: int) -> None:
         self.lo = lo
         self.hi = hi
-        self._iv: SortedDict[int, int] = SortedDict({lo: hi})
+        self.starts: list[int] = [lo]
+        self.lasts: list[int] = [hi]
         self.used = 0
 
     def first_free_at_or_after(self, x: int) -> int | None:
-        iv = self._iv
-        idx = iv.bisect_right(x) - 1
-        if idx >= 0 and iv.peekitem(idx)[1] >= x:
+        idx = bisect_right(self.starts, x) - 1
+        if idx >= 0 and self.lasts[idx] >= x:
             return x
-        if idx + 1 < len(iv):
-            return iv.peekitem(idx + 1)[0]
+        if idx + 1 < len(self.starts):
+            return self.starts[idx + 1]
         return None
 
     def first_free(self) -> int | None:
-        return self._iv.peekitem(0)[0] if self._iv else None
+        return self.starts[0] if self.starts else None
 
     def is_free(self, x: int) -> bool:
-        iv = self._iv
-        idx = iv.bisect_right(x) - 1
-        return idx >= 0 and iv.peekitem(idx)[1] >= x
+        idx = bisect_right(self.starts, x) - 1
+        return idx >= 0 and self.lasts[idx] >= x
 
     def take(self, x: int) -> None:
         """Mark free id ``x`` used (caller guarantees it is free)."""
-        iv = self._iv
-        start, last = iv.peekitem(iv.bisect_right(x) - 1)
+        starts, lasts = self.starts, self.lasts
+        idx = bisect_right(starts, x) - 1
+        start, last = starts[idx], lasts[idx]
         if start == x:
-            del iv[start]
-        else:
-            iv[start] = x - 1
-        if x < last:
-            iv[x + 1] = last
+            if x == last:
+                del starts[idx], lasts[idx]
+            else:
+                starts[idx] = x + 1
+        elif x == last:
+            lasts[idx] = x - 1
+        else:  # split the hole
+            lasts[idx] = x - 1
+            starts.insert(idx + 1, x + 1)
+            lasts.insert(idx + 1, last)
         self.used += 1
 
     def give_back(self, x: int) -> None:
         """Mark used id ``x`` free, merging with its neighbours."""
-        iv = self._iv
-        idx = iv.bisect_right(x)
-        new_start, new_last = x, x
-        if idx < len(iv):
-            nstart, nlast = iv.peekitem(idx)
-            if nstart == x + 1:
-                del iv[nstart]
-                new_last = nlast
-        if idx > 0:
-            pstart, plast = iv.peekitem(idx - 1)
-            if plast == x - 1:
-                new_start = pstart
-        iv[new_start] = new_last
+        starts, lasts = self.starts, self.lasts
+        idx = bisect_right(starts, x)
+        joins_next = idx < len(starts) and starts[idx] == x + 1
+        joins_prev = idx > 0 and lasts[idx - 1] == x - 1
+        if joins_prev and joins_next:
+            lasts[idx - 1] = lasts[idx]
+            del starts[idx], lasts[idx]
+        elif joins_prev:
+            lasts[idx - 1] = x
+        elif joins_next:
+            starts[idx] = x
+        else:
+            starts.insert(idx, x)
+            lasts.insert(idx, x)
         self.used -= 1
 
     def holes(self) -> int:
-        return len(self._iv)
+        return len(self.starts)
 
 
 class _Allocator:

@@ -47,8 +47,20 @@ _QCOMTEE_TYPES: Final = frozenset(
 )
 
 
+#: A param as a record or as the driver's raw ``(attr, a, b, c)`` tuple.
+ParamLike = uapi.Param | tuple[int, int, int, int]
+
+
 def _einval(why: str) -> DriverError:
     return DriverError(errno.EINVAL, why)
+
+
+def _attr(p: ParamLike) -> int:
+    return p[0] if isinstance(p, tuple) else p.attr
+
+
+def _a(p: ParamLike) -> int:
+    return p[1] if isinstance(p, tuple) else p.a
 
 
 def check_buf_len(buf_len: int, header: int, num_params: int, *, exact: bool = True) -> None:
@@ -66,16 +78,17 @@ def check_buf_len(buf_len: int, header: int, num_params: int, *, exact: bool = T
         raise _einval(f"buf_len {buf_len} {rel} {header} + 32 * {num_params} params")
 
 
-def check_param_attrs(params: Sequence[uapi.Param]) -> None:
+def check_param_attrs(params: Sequence[ParamLike]) -> None:
     """``params_from_user``: attr bits outside 0x1FF or an undefined type -> EINVAL."""
     for i, p in enumerate(params):
-        if p.attr & ~uapi.TEE_IOCTL_PARAM_ATTR_MASK:
-            raise _einval(f"param {i}: attr {p.attr:#x} has bits outside 0x1ff")
-        if p.attr & uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MASK not in uapi.VALID_PARAM_TYPES:
-            raise _einval(f"param {i}: attr type {p.attr & 0xFF} is undefined")
+        attr = _attr(p)
+        if attr & ~uapi.TEE_IOCTL_PARAM_ATTR_MASK:
+            raise _einval(f"param {i}: attr {attr:#x} has bits outside 0x1ff")
+        if attr & uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MASK not in uapi.VALID_PARAM_TYPES:
+            raise _einval(f"param {i}: attr type {attr & 0xFF} is undefined")
 
 
-def params_check(params: Sequence[uapi.Param]) -> tuple[int, int, int, int]:
+def params_check(params: Sequence[ParamLike]) -> tuple[int, int, int, int]:
     """``qcomtee_params_check``: at most 64 params, only UBUF/OBJREF INPUT/OUTPUT, at most
     16 of a type (the kernel's limit; only 15 fit the wire's nibble, spec §7).
 
@@ -85,9 +98,10 @@ def params_check(params: Sequence[uapi.Param]) -> tuple[int, int, int, int]:
         raise _einval(f"{len(params)} params, at most {QCOMTEE_ARGS_MAX}")
     counts = dict.fromkeys(_QCOMTEE_TYPES, 0)
     for i, p in enumerate(params):
-        if p.attr not in _QCOMTEE_TYPES:  # META bit, NONE, VALUE, MEMREF, INOUT
-            raise _einval(f"param {i}: attr {p.attr:#x} is not UBUF/OBJREF INPUT/OUTPUT")
-        counts[p.attr] += 1
+        attr = _attr(p)
+        if attr not in _QCOMTEE_TYPES:  # META bit, NONE, VALUE, MEMREF, INOUT
+            raise _einval(f"param {i}: attr {attr:#x} is not UBUF/OBJREF INPUT/OUTPUT")
+        counts[attr] += 1
     ib = counts[uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT]
     ob = counts[uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT]
     io = counts[uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT]
@@ -97,7 +111,7 @@ def params_check(params: Sequence[uapi.Param]) -> tuple[int, int, int, int]:
     return ib, ob, io, oo
 
 
-def root_object_check(op: int, params: Sequence[uapi.Param]) -> None:
+def root_object_check(op: int, params: Sequence[ParamLike]) -> None:
     """``qcomtee_root_object_check`` for a userspace invoke of the root (spec §2.5).
 
     Ops 4, 8 and 9 are privileged; op 5 with exactly ``[OBJREF_INPUT NULL,
@@ -113,8 +127,8 @@ def root_object_check(op: int, params: Sequence[uapi.Param]) -> None:
     if (
         op == QCOMTEE_ROOT_OP_REG_WITH_CREDENTIALS
         and len(params) == 2
-        and params[0].attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
-        and params[1].attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
-        and params[0].a == uapi.TEE_OBJREF_NULL
+        and _attr(params[0]) == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
+        and _attr(params[1]) == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
+        and _a(params[0]) == uapi.TEE_OBJREF_NULL
     ):
         raise _einval("root op 5 with a NULL credentials object is kernel-only")

@@ -14,9 +14,12 @@ block in the context's address space.  Failures raise :class:`objects.DriverErro
 from __future__ import annotations
 
 import errno
+import functools
+import itertools
+import struct
 import threading
 from collections.abc import Callable
-from typing import Final, TypeVar
+from typing import Final
 
 from objects import (
     ENOTSUPP,
@@ -30,8 +33,8 @@ from objects import (
 )
 from qtee import _checks, uapi, wire
 from qtee._mem_obj import MemObject, PhysMemory, Primordial, Shm
-from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, RequestQueue, UserObject
-from qtee.addrspace import AddressSpace, ProcessMemory
+from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, Request, RequestQueue, UserObject
+from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory
 from qtee.secure import SecureWorld
 
 __all__ = ["Context", "Device"]
@@ -41,7 +44,47 @@ QCOMTEE_OBJECT_ID_END: Final = 0xFFFF_FFFF
 _GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
 
 
-_H = TypeVar("_H", uapi.ObjectInvokeArg, uapi.SuppRecvArg, uapi.SuppSendArg)
+#: A param as the driver handles it: ``(attr, a, b, c)`` of ``struct tee_ioctl_param``.
+_P = tuple[int, int, int, int]
+
+_BUF: Final = struct.Struct("<QQ")  # struct tee_ioctl_buf_data
+_U32: Final = struct.Struct("<I")
+_PARAM: Final = struct.Struct("<4Q")  # struct tee_ioctl_param
+_INVOKE_HEAD: Final = struct.Struct("<QIII4x")  # struct tee_ioctl_object_invoke_arg
+_SUPP_HEAD: Final = struct.Struct("<II")  # supp_recv_arg / supp_send_arg
+_NONE_P: Final = (0, 0, 0, 0)
+_UB_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
+_UB_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
+_OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
+_OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
+_UBUF_TYPES: Final = frozenset({_UB_IN, _UB_OUT, uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INOUT})
+_META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+_META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+_FLAG_TEE: Final = uapi.QCOMTEE_OBJREF_FLAG_TEE
+_FLAG_USER: Final = uapi.QCOMTEE_OBJREF_FLAG_USER
+_FLAG_MEM: Final = uapi.QCOMTEE_OBJREF_FLAG_MEM
+_VALID_TYPES: Final = uapi.VALID_PARAM_TYPES
+
+
+@functools.cache
+def _params_struct(n: int) -> struct.Struct:
+    return struct.Struct("<" + "4Q" * n)
+
+
+@functools.cache
+def _invoke_struct(n: int) -> struct.Struct:
+    return struct.Struct("<QIII4x" + "4Q" * n)
+
+
+def _pack_params(params: list[_P]) -> bytes:
+    return _params_struct(len(params)).pack(*itertools.chain.from_iterable(params))
+
+
+def _pack_invoke(ident: int, op: int, ret: int, params: list[_P]) -> bytes:
+    """``struct tee_ioctl_object_invoke_arg`` followed by its params."""
+    return _invoke_struct(len(params)).pack(
+        ident, op, ret, len(params), *itertools.chain.from_iterable(params)
+    )
 
 
 def _crossing(direction: str, obj: int, op: int, counts: int, what: str) -> str:
@@ -232,6 +275,8 @@ class Device:
         raise DriverError(errno.EINVAL, f"cannot send a {type(obj).__name__} to QTEE")
 
     def _fetch_async(self, out: bytearray, offset: int) -> None:
+        if len(out) - offset <= 8 or not _U32.unpack_from(out, offset)[0]:
+            return  # no async message (version 0): nothing to parse or clear
         try:
             batch = wire.decode_async(out, offset)
         except Exception:  # a malformed tail stops parsing, as in the kernel
@@ -287,19 +332,29 @@ class Context:
             raise DriverError(errno.EFAULT, f"ioctl argument must be {size} writable bytes")
         return arg
 
-    def _read_arg(
-        self, arg: bytearray | memoryview, cls: type[_H], *, exact: bool = True
-    ) -> tuple[uapi.BufData, _H, tuple[uapi.Param, ...]]:
-        """The TEE core's half of a buf_data ioctl: copy the block in, check sizes and attrs."""
-        buf = uapi.BufData.unpack(self._need(arg, uapi.BufData.SIZE))
-        if buf.buf_len > uapi.TEE_MAX_ARG_SIZE or buf.buf_len < cls.SIZE:
-            raise _einval(f"buf_len {buf.buf_len}")
-        block = self.device.memory.read(buf.buf_ptr, buf.buf_len)
-        head = cls.unpack(block)
-        _checks.check_buf_len(buf.buf_len, cls.SIZE, head.num_params, exact=exact)
-        params = uapi.unpack_params(block, cls.SIZE, head.num_params)
-        _checks.check_param_attrs(params)
-        return buf, head, params
+    def _read_block(
+        self, arg: bytearray | memoryview, head: struct.Struct, np_at: int, *, exact: bool = True
+    ) -> tuple[int, bytes, list[_P]]:
+        """The TEE core's half of a buf_data ioctl: copy the block in, check sizes and attrs.
+
+        Returns ``buf_ptr``, the block and its params as ``(attr, a, b, c)`` tuples.
+        """
+        if not isinstance(arg, bytearray | memoryview) or len(arg) < _BUF.size:
+            raise DriverError(errno.EFAULT, f"ioctl argument must be {_BUF.size} writable bytes")
+        buf_ptr, buf_len = _BUF.unpack_from(arg)
+        size = head.size
+        if buf_len > uapi.TEE_MAX_ARG_SIZE or buf_len < size:
+            raise _einval(f"buf_len {buf_len}")
+        block = self.device.memory.read(buf_ptr, buf_len)
+        (num,) = _U32.unpack_from(block, np_at)
+        end = size + 32 * num
+        if (buf_len != end) if exact else (buf_len < end):
+            _checks.check_buf_len(buf_len, size, num, exact=exact)
+        params: list[_P] = list(_PARAM.iter_unpack(block[size:end])) if num else []
+        for attr, _a, _b, _c in params:
+            if attr & ~uapi.TEE_IOCTL_PARAM_ATTR_MASK or attr & 0xFF not in _VALID_TYPES:
+                _checks.check_param_attrs(params)
+        return buf_ptr, block, params
 
     def _shm_alloc(self, arg: bytearray | memoryview) -> int:
         data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))
@@ -328,114 +383,111 @@ class Context:
 
     # ------------------------------------------------------------------ OBJECT_INVOKE
     def _object_invoke(self, arg: bytearray | memoryview) -> int:
-        mem = self.device.memory
-        buf, head, params = self._read_arg(arg, uapi.ObjectInvokeArg)
-        for p in params:
-            if p.type in (
-                uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT,
-                uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT,
-                uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INOUT,
-            ):
-                mem.check(p.a, p.b)
-        _checks.params_check(params)
+        device = self.device
+        mem = device.memory
+        buf_ptr, block, params = self._read_block(arg, _INVOKE_HEAD, 16)
+        ident, op, _ret, num = _INVOKE_HEAD.unpack_from(block)
+        n_ib = n_ob = n_io = n_oo = 0
+        for attr, a, b, _c in params:
+            if attr == _UB_IN:
+                n_ib += 1
+            elif attr == _UB_OUT:
+                n_ob += 1
+            elif attr == _OBJ_IN:
+                n_io += 1
+            elif attr == _OBJ_OUT:
+                n_oo += 1
+            if a + b > TASK_SIZE and attr & 0xFF in _UBUF_TYPES:
+                mem.check(a, b)  # params_from_user's access_ok: EFAULT
+        if (
+            num > _checks.QCOMTEE_ARGS_MAX
+            or n_ib + n_ob + n_io + n_oo != num
+            or max(n_ib, n_ob, n_io, n_oo) > _checks.QCOMTEE_ARGS_PER_TYPE
+        ):
+            _checks.params_check(params)
 
-        if head.op == wire.QCOMTEE_MSG_OBJECT_OP_RELEASE:
-            entry = self.objects.erase(head.id) if head.id <= 0x7FFF_FFFF else None
+        if op == wire.QCOMTEE_MSG_OBJECT_OP_RELEASE:
+            entry = self.objects.erase(ident) if ident <= 0x7FFF_FFFF else None
             if entry is not None:
                 entry.put()
-            out = [
-                uapi.Param(p.attr) if p.attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT else p
-                for p in params
-            ]
-            mem.write(buf.buf_ptr, uapi.pack_arg(head, out))
+            if n_oo:
+                params = [(p[0], 0, 0, 0) if p[0] == _OBJ_OUT else p for p in params]
+            mem.write(buf_ptr, _pack_invoke(ident, op, _ret, params))
             return 0
 
         target: QteeObject | None = None
-        if head.id == uapi.TEE_OBJREF_NULL:
-            _checks.root_object_check(head.op, params)
+        if ident == uapi.TEE_OBJREF_NULL:
+            _checks.root_object_check(op, params)
             cxt = wire.QCOMTEE_MSG_OBJECT_ROOT
         else:
-            target = self.objects.lookup_get(head.id) if head.id <= 0x7FFF_FFFF else None
+            target = self.objects.lookup_get(ident) if ident <= 0x7FFF_FFFF else None
             if target is None:
-                raise _einval(f"object id {head.id} is not in this context")
+                raise _einval(f"object id {ident} is not in this context")
             cxt = target.qtee_id
         held: list[QteeObject] = [] if target is None else [target]
         created: list[tuple[int, CbObject]] = []
         accepted = False
         try:
-            if (
-                head.op & ~wire.QCOMTEE_MSG_OBJECT_OP_MASK
-                or head.op == wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
-            ):
-                raise _einval(f"op {head.op:#x}")
+            if op & ~wire.QCOMTEE_MSG_OBJECT_OP_MASK or op == wire.QCOMTEE_MSG_OBJECT_OP_RETAIN:
+                raise _einval(f"op {op:#x}")
             ib: list[bytes] = []
             ob: list[int] = []
             io: list[int] = []
-            n_oo = 0
-            for p in params:
-                t = p.attr
-                if t == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT:
+            for attr, a, b, _c in params:
+                if attr == _UB_IN:
                     try:
-                        ib.append(mem.read(p.a, p.b))
+                        ib.append(mem.read(a, b))
                     except DriverError:
                         raise _einval("input buffer copy faulted") from None
-                elif t == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT:
-                    ob.append(p.b)
-                elif t == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT:
-                    io.append(self._objref_in(p, held, created))
-                else:
-                    n_oo += 1
+                elif attr == _UB_OUT:
+                    ob.append(b)
+                elif attr == _OBJ_IN:
+                    io.append(self._objref_in(a, b, held, created))
             try:
-                inbound = wire.encode_invoke(cxt, head.op, ib, ob, io, n_oo)
+                inbound = wire.encode_invoke(cxt, op, ib, ob, io, n_oo)
             except wire.MessageTooLarge as exc:
                 raise _einval(str(exc)) from None
             outbound = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)
-            local = self.device._local
+            local = device._local
             outer = getattr(local, "lent", None)
             local.lent = []
-            trace = self.device.trace
-            counts = wire.decode_invoke(inbound).counts if trace else 0
+            trace = device.trace
             if trace:
-                trace(_crossing("NS -> QTEE", cxt, head.op, counts, "invoke"))
+                counts = Counts(n_ib, n_ob, n_io, n_oo).pack()
+                trace(_crossing("NS -> QTEE", cxt, op, counts, "invoke"))
             try:
-                result = self.device.world.invoke(inbound, outbound, self.device._serve)
+                result = device.world.invoke(inbound, outbound, device._serve)
                 if trace:
-                    trace(_crossing("QTEE -> NS", cxt, head.op, counts, result_name(result)))
+                    trace(_crossing("QTEE -> NS", cxt, op, counts, result_name(result)))
             finally:
                 lent, local.lent = local.lent, outer
                 held.extend(lent)
             accepted = True
-            out_params = list(params)
             if result == 0:
-                result = self._outputs(inbound, params, out_params)
-            else:
-                out_params = [
-                    uapi.Param(p.attr)
-                    if p.attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
-                    else p
-                    for p in params
-                ]
-            self.device._fetch_async(outbound, 0)
+                if n_ob or n_oo:
+                    result, params = self._outputs(inbound, params)
+            elif n_oo:
+                params = [(p[0], 0, 0, 0) if p[0] == _OBJ_OUT else p for p in params]
+            device._fetch_async(outbound, 0)
         finally:
             for obj in held:
                 obj.put()
             if not accepted:  # QTEE never saw them: mimic its release, without notifying
                 for ns_id, cb in created:
-                    self.device.ns.erase(ns_id)
+                    device.ns.erase(ns_id)
                     if isinstance(cb, UserObject):
                         cb.notify = False
                     cb.put()
-        done = uapi.ObjectInvokeArg(head.id, head.op, result & 0xFFFF_FFFF, head.num_params)
-        mem.write(buf.buf_ptr, uapi.pack_arg(done, out_params))
+        mem.write(buf_ptr, _pack_invoke(ident, op, result & 0xFFFF_FFFF, params))
         return 0
 
     def _objref_in(
-        self, p: uapi.Param, held: list[QteeObject], created: list[tuple[int, CbObject]]
+        self, a: int, b: int, held: list[QteeObject], created: list[tuple[int, CbObject]]
     ) -> int:
-        if p.a == uapi.TEE_OBJREF_NULL:
+        if a == uapi.TEE_OBJREF_NULL:
             return wire.QCOMTEE_MSG_OBJECT_NULL
-        if p.b & uapi.QCOMTEE_OBJREF_FLAG_USER:
-            uo = UserObject(self, p.a)
+        if b & _FLAG_USER:
+            uo = UserObject(self, a)
             try:
                 ns_id = self.device.ns.insert(uo)
             except DriverError:
@@ -444,14 +496,14 @@ class Context:
                 raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
             created.append((ns_id, uo))
             return ns_id
-        if p.b & uapi.QCOMTEE_OBJREF_FLAG_TEE:
-            obj = self.objects.lookup_get(p.a) if p.a <= 0x7FFF_FFFF else None
+        if b & _FLAG_TEE:
+            obj = self.objects.lookup_get(a) if a <= 0x7FFF_FFFF else None
             if obj is None:
-                raise _einval(f"object id {p.a} is not in this context")
+                raise _einval(f"object id {a} is not in this context")
             held.append(obj)
             return obj.qtee_id
-        if p.b & uapi.QCOMTEE_OBJREF_FLAG_MEM:
-            mem = self._mem_in(p.a)
+        if b & _FLAG_MEM:
+            mem = self._mem_in(a)
             try:
                 ns_id = self.device.ns.insert(mem)
             except DriverError:
@@ -459,35 +511,35 @@ class Context:
                 raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
             created.append((ns_id, mem))
             return ns_id
-        raise _einval(f"objref flags {p.b:#x} name no object kind")
+        raise _einval(f"objref flags {b:#x} name no object kind")
 
-    def _outputs(
-        self, inbound: bytearray, params: tuple[uapi.Param, ...], out: list[uapi.Param]
-    ) -> int:
+    def _outputs(self, inbound: bytearray, params: list[_P]) -> tuple[int, list[_P]]:
+        """Copy OB data and convert OO ids; UNAVAIL (and no objects) if any fails."""
         resp = wire.decode_invoke_response(inbound)
         mem = self.device.memory
+        out = list(params)
         made: list[int] = []
         ok = True
         obs = iter(resp.ob)
         oos = iter(resp.oo)
-        for i, p in enumerate(params):
-            if p.attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT:
+        for i, (attr, a, _b, c) in enumerate(params):
+            if attr == _UB_OUT:
                 data = next(obs)
                 try:
-                    mem.write(p.a, data)
+                    mem.write(a, data)
                 except DriverError:
                     ok = False
-                out[i] = uapi.Param(p.attr, p.a, len(data), p.c)
-            elif p.attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT:
+                out[i] = (attr, a, len(data), c)
+            elif attr == _OBJ_OUT:
                 ident = next(oos)
                 if ident == wire.QCOMTEE_MSG_OBJECT_NULL:
-                    out[i] = uapi.Param(p.attr, uapi.TEE_OBJREF_NULL, 0)
+                    out[i] = (attr, uapi.TEE_OBJREF_NULL, 0, 0)
                 elif ident & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
                     cb = self.device.ns.lookup_get(ident)
                     if isinstance(cb, UserObject) and cb.ctx is self:
-                        out[i] = uapi.Param(p.attr, cb.user_id, uapi.QCOMTEE_OBJREF_FLAG_USER)
+                        out[i] = (attr, cb.user_id, _FLAG_USER, 0)
                     elif isinstance(cb, MemObject) and cb.shm.ctx is self:
-                        out[i] = uapi.Param(p.attr, cb.shm.id, uapi.QCOMTEE_OBJREF_FLAG_MEM)
+                        out[i] = (attr, cb.shm.id, _FLAG_MEM, 0)
                     else:
                         ok = False
                     if cb is not None:
@@ -495,30 +547,29 @@ class Context:
                 else:
                     uid = self.objects.insert(QteeObject(self.device, ident))
                     made.append(uid)
-                    out[i] = uapi.Param(p.attr, uid, uapi.QCOMTEE_OBJREF_FLAG_TEE)
+                    out[i] = (attr, uid, _FLAG_TEE, 0)
         if ok:
-            return 0
+            return 0, out
         for uid in made:
             entry = self.objects.erase(uid)
             if entry is not None:
                 entry.put()
-        for i, p in enumerate(params):
-            if p.attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT:
-                out[i] = uapi.Param(p.attr)
-        return -96  # QCOMTEE_MSG_ERROR_UNAVAIL
+        out = [(p[0], 0, 0, 0) if p[0] == _OBJ_OUT else p for p in out]
+        return -96, out  # QCOMTEE_MSG_ERROR_UNAVAIL
 
     # ------------------------------------------------------------------ supplicant
     def _supp_recv(self, arg: bytearray | memoryview) -> int:
         mem = self.device.memory
-        buf, _head, params = self._read_arg(arg, uapi.SuppRecvArg)
-        meta = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
-        if not params or params[0].attr != meta:
+        buf_ptr, _block, params = self._read_block(arg, _SUPP_HEAD, 4)
+        if not params or params[0][0] != _META_IN:
             raise _einval("SUPPL_RECV needs a VALUE_INOUT|META first param")
-        scratch, size = params[0].a, params[0].b
+        _attr, scratch, size, _c = params[0]
         if scratch & 7:
             raise _einval("scratch buffer must be 8-byte aligned")
-        if any(p.attr != uapi.TEE_IOCTL_PARAM_ATTR_TYPE_NONE for p in params[1:]):
-            raise _einval("SUPPL_RECV params after the first must be NONE")
+        for p in params[1:]:
+            if p[0] != uapi.TEE_IOCTL_PARAM_ATTR_TYPE_NONE:
+                raise _einval("SUPPL_RECV params after the first must be NONE")
+        slots = len(params)
         q = self.requests
         with q.cond:
             while True:
@@ -529,8 +580,8 @@ class Context:
                     break
                 q.cond.wait()
             n = len(req.ib) + len(req.ob) + len(req.io) + req.n_oo
-            if n > len(params) - 1:
-                raise _einval(f"request needs {n} params, {len(params) - 1} given")
+            if n > slots - 1:
+                raise _einval(f"request needs {n} params, {slots - 1} given")
             offs: list[int] = []
             top = size
             for data in req.ib:
@@ -541,60 +592,50 @@ class Context:
             q.fifo.popleft()
             if req.op == OP_RELEASE:
                 q.finish(req, 0)  # notification: freed now, never answered
-                out = [uapi.Param(meta, req.object_id, req.req_id)]
-                out += [uapi.Param(0)] * (len(params) - 1)
-                for_write = uapi.pack_arg(uapi.SuppRecvArg(OP_RELEASE, 1), out[:1])
-                mem.write(buf.buf_ptr, for_write)
+                out: list[_P] = [(_META_IN, req.object_id, req.req_id, 0)]
+                mem.write(buf_ptr, _SUPP_HEAD.pack(OP_RELEASE, 1) + _PARAM.pack(*out[0]))
                 return 0
             req.state = PROCESSING
-        out_params = [uapi.Param(meta, req.object_id, req.req_id)]
+        out = [(_META_IN, req.object_id, req.req_id, 0)]
         for data, off in zip(req.ib, offs, strict=True):
             mem.write(scratch + off, data)
-            out_params.append(
-                uapi.Param(uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT, scratch + off, len(data))
-            )
+            out.append((_UB_IN, scratch + off, len(data), 0))
         for cap in req.ob:
-            out_params.append(uapi.Param(uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT, 0, cap))
+            out.append((_UB_OUT, 0, cap, 0))
         for obj in req.io:
-            out_params.append(self._objref_to_user(obj))
-        out_params += [uapi.Param(uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT)] * req.n_oo
-        head_out = uapi.SuppRecvArg(req.op & 0xFFFF, len(out_params))
-        padded = out_params + [uapi.Param(0)] * (len(params) - len(out_params))
-        mem.write(
-            buf.buf_ptr,
-            uapi.SuppRecvArg(head_out.func, len(out_params)).pack() + uapi.pack_params(padded),
-        )
+            out.append(self._objref_to_user(obj))
+        out += [(_OBJ_OUT, 0, 0, 0)] * req.n_oo
+        n_out = len(out)
+        out += [_NONE_P] * (slots - n_out)
+        mem.write(buf_ptr, _SUPP_HEAD.pack(req.op & 0xFFFF, n_out) + _pack_params(out))
         return 0
 
-    def _objref_to_user(self, obj: object) -> uapi.Param:
-        attr = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
-        if obj is None:
-            return uapi.Param(attr, uapi.TEE_OBJREF_NULL, 0)
+    def _objref_to_user(self, obj: object) -> _P:
         if isinstance(obj, QteeObject) and obj.get():
-            return uapi.Param(attr, self.objects.insert(obj), uapi.QCOMTEE_OBJREF_FLAG_TEE)
+            return (_OBJ_IN, self.objects.insert(obj), _FLAG_TEE, 0)
         if isinstance(obj, UserObject):
-            return uapi.Param(attr, obj.user_id, uapi.QCOMTEE_OBJREF_FLAG_USER)
+            return (_OBJ_IN, obj.user_id, _FLAG_USER, 0)
         if isinstance(obj, MemObject):
-            return uapi.Param(attr, obj.shm.id, uapi.QCOMTEE_OBJREF_FLAG_MEM)
-        return uapi.Param(attr, uapi.TEE_OBJREF_NULL, 0)
+            return (_OBJ_IN, obj.shm.id, _FLAG_MEM, 0)
+        return (_OBJ_IN, uapi.TEE_OBJREF_NULL, 0, 0)
 
     def _supp_send(self, arg: bytearray | memoryview) -> int:
-        _buf, head, params = self._read_arg(arg, uapi.SuppSendArg, exact=False)
-        meta = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
-        if not params or params[0].attr != meta:
+        _ptr, block, params = self._read_block(arg, _SUPP_HEAD, 4, exact=False)
+        if not params or params[0][0] != _META_OUT:
             raise _einval("SUPPL_SEND needs a VALUE_OUTPUT|META first param")
+        (raw,) = _U32.unpack_from(block, 0)
+        req_id = params[0][1]
         q = self.requests
         with q.cond:
-            req = q.by_id.get(params[0].a) if params[0].a <= 0x7FFF_FFFF else None
+            req = q.by_id.get(req_id) if req_id <= 0x7FFF_FFFF else None
             if req is None or req.state != PROCESSING:
-                raise _einval(f"no request {params[0].a} is being processed")
-            raw = head.ret
+                raise _einval(f"no request {req_id} is being processed")
             status = raw - (1 << 32) if raw & 0x8000_0000 else raw
             if status != 0:
                 q.finish(req, status)
                 return 0
             try:
-                ob_data, oo = self._send_outputs(req, params[1:])
+                ob_data, oo = self._send_outputs(req, params)
             except DriverError:
                 q.finish(req, -errno.EINVAL)
                 raise
@@ -602,32 +643,42 @@ class Context:
             q.finish(req, 0)
         return 0
 
-    def _send_outputs(
-        self, req: object, params: tuple[uapi.Param, ...]
-    ) -> tuple[list[bytes], list[object]]:
-        from qtee._user_obj import Request
-
-        assert isinstance(req, Request)
-        kinds = (
-            [uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT] * len(req.ib)
-            + [uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT] * len(req.ob)
-            + [uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT] * len(req.io)
-            + [uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT] * req.n_oo
-        )
-        if len(params) < len(kinds):
+    def _send_outputs(self, req: Request, params: list[_P]) -> tuple[list[bytes], list[object]]:
+        """``qcomtee_cb_params_to_args``: index-aligned reply params -> OB data, OO objects."""
+        n_ib, n_ob, n_io = len(req.ib), len(req.ob), len(req.io)
+        end = 1 + n_ib + n_ob + n_io + req.n_oo
+        if len(params) < end:
             raise _einval("reply has fewer params than the request")
         ob_data: list[bytes] = []
         oo: list[object] = []
-        caps = iter(req.ob)
-        for p, kind in zip(params, kinds, strict=False):
-            if p.attr != kind:
-                raise _einval(f"reply param attr {p.attr} does not match the request ({kind})")
-            if kind == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT:
-                if p.b > next(caps):
-                    raise _einval("reply output buffer is larger than QTEE accepts")
-                ob_data.append(self.device.memory.read(p.a, p.b))
-            elif kind == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT:
-                oo.append(self._objref_from_user(p))
+        read = self.device.memory.read
+        try:
+            for i in range(1, end):
+                attr, a, b, _c = params[i]
+                k = i - 1
+                if k < n_ib:
+                    kind = _UB_IN
+                elif k < n_ib + n_ob:
+                    kind = _UB_OUT
+                elif k < n_ib + n_ob + n_io:
+                    kind = _OBJ_IN
+                else:
+                    kind = _OBJ_OUT
+                if attr != kind:
+                    raise _einval(f"reply param attr {attr} does not match the request ({kind})")
+                if kind == _UB_OUT:
+                    if b > req.ob[k - n_ib]:
+                        raise _einval("reply output buffer is larger than QTEE accepts")
+                    ob_data.append(read(a, b))
+                elif kind == _OBJ_OUT:
+                    oo.append(self._objref_from_user(a, b))
+        except DriverError:
+            for o in oo:  # never reached QTEE: dropped without a release notification
+                if isinstance(o, UserObject):
+                    o.notify = False
+                if isinstance(o, Refcounted):
+                    o.put()
+            raise
         return ob_data, oo
 
     def _mem_in(self, shm_id: int) -> MemObject:
@@ -639,19 +690,19 @@ class Context:
             raise _einval(f"shm {shm_id} belongs to another context")
         return MemObject(shm)
 
-    def _objref_from_user(self, p: uapi.Param) -> object:
-        if p.a == uapi.TEE_OBJREF_NULL:
+    def _objref_from_user(self, a: int, b: int) -> object:
+        if a == uapi.TEE_OBJREF_NULL:
             return None
-        if p.b & uapi.QCOMTEE_OBJREF_FLAG_USER:
-            return UserObject(self, p.a)
-        if p.b & uapi.QCOMTEE_OBJREF_FLAG_TEE:
-            obj = self.objects.lookup_get(p.a) if p.a <= 0x7FFF_FFFF else None
+        if b & _FLAG_USER:
+            return UserObject(self, a)
+        if b & _FLAG_TEE:
+            obj = self.objects.lookup_get(a) if a <= 0x7FFF_FFFF else None
             if obj is None:
-                raise _einval(f"object id {p.a} is not in this context")
+                raise _einval(f"object id {a} is not in this context")
             return obj
-        if p.b & uapi.QCOMTEE_OBJREF_FLAG_MEM:
-            return self._mem_in(p.a)
-        raise _einval(f"objref flags {p.b:#x} name no object kind")
+        if b & _FLAG_MEM:
+            return self._mem_in(a)
+        raise _einval(f"objref flags {b:#x} name no object kind")
 
     # ------------------------------------------------------------------ close
     def close(self) -> None:

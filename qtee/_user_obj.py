@@ -55,7 +55,16 @@ class Request:
     status: int = 0
     ob_data: list[bytes] = field(default_factory=list)
     oo: list[object] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
+    #: Held until the request is PROCESSED; the invoking thread blocks acquiring it.
+    done: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.done.acquire()
+
+    def wait(self) -> None:
+        """Block until PROCESSED."""
+        self.done.acquire()
+        self.done.release()
 
 
 class RequestQueue:
@@ -81,12 +90,14 @@ class RequestQueue:
 
     def finish(self, req: Request, status: int) -> None:
         """Mark ``req`` PROCESSED with ``status`` and free its id (caller holds ``cond``)."""
+        if req.state == PROCESSED:
+            return
         req.state = PROCESSED
         req.status = status
         if self.by_id.get(req.req_id) is req:
             del self.by_id[req.req_id]
             self.ids.free(req.req_id)
-        req.done.set()
+        req.done.release()
 
     def close(self) -> None:
         """Context released: pending requests complete with -ENODEV, notifications dropped."""
@@ -119,7 +130,7 @@ class UserObject(CbObject):
         req = Request(self.user_id, op, ib, ob, io, n_oo)
         if not self.ctx.requests.submit(req):
             return -errno.ENODEV, [], []
-        req.done.wait()
+        req.wait()
         return req.status, req.ob_data, req.oo
 
     def on_release(self) -> None:

@@ -54,6 +54,12 @@ class AddressSpace(Protocol):
     def write(self, addr: int, data: bytes) -> None:
         """``copy_to_user``: ``data`` at ``addr`` or EFAULT (nothing written on EFAULT)."""
 
+    def pin(self, buf: bytes | bytearray) -> int:
+        """Make ``buf`` reachable (read-only if ``bytes``) and return its user address."""
+
+    def unpin(self, addr: int) -> None:
+        """Undo :meth:`pin` for the buffer at ``addr``."""
+
 
 def address_of(buf: bytearray | memoryview | ctypes.Array[ctypes.c_char]) -> int:
     """The address of a writable buffer (for filling ``buf_ptr`` or a UBUF ``a``)."""
@@ -68,14 +74,40 @@ def address_of(buf: bytearray | memoryview | ctypes.Array[ctypes.c_char]) -> int
 
 
 class ProcessMemory:
-    """This process's memory, with EFAULT for unmapped ranges instead of a crash."""
+    """This process's memory, with EFAULT for unmapped ranges instead of a crash.
 
-    __slots__ = ("_fd", "_lock", "_pid")
+    Buffers the caller pins (the client's argument blocks and payloads) are known to be
+    mapped, so ranges inside one starting at its address are copied directly; every
+    other address goes through ``/proc/self/mem``.
+    """
+
+    __slots__ = ("_fd", "_lock", "_pid", "_pinned")
 
     def __init__(self) -> None:
         self._fd = -1
         self._pid = -1
         self._lock = threading.Lock()
+        self._pinned: dict[int, memoryview] = {}
+
+    def pin(self, buf: bytes | bytearray) -> int:
+        """The real address of ``buf``, remembered for direct copies until :meth:`unpin`."""
+        if isinstance(buf, bytearray):
+            if not buf:
+                raise UsageError("cannot pin an empty buffer")
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        elif isinstance(buf, bytes):
+            if not buf:
+                raise UsageError("cannot pin an empty buffer")
+            addr = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value or 0
+        else:
+            raise TypeError(f"can only pin bytes or bytearray, not {type(buf).__name__}")
+        self._pinned[addr] = memoryview(buf)
+        return addr
+
+    def unpin(self, addr: int) -> None:
+        """Forget the pinned buffer at ``addr``."""
+        if self._pinned.pop(addr, None) is None:
+            raise UsageError(f"nothing is pinned at {addr:#x}")
 
     def _mem_fd(self) -> int:
         pid = os.getpid()
@@ -92,6 +124,9 @@ class ProcessMemory:
 
     def read(self, addr: int, size: int) -> bytes:
         """``copy_from_user``."""
+        view = self._pinned.get(addr)
+        if view is not None and 0 <= size <= len(view):
+            return bytes(view[:size])
         _access_ok(addr, size)
         if size == 0:
             return b""
@@ -106,6 +141,12 @@ class ProcessMemory:
     def write(self, addr: int, data: bytes) -> None:
         """``copy_to_user``: probe the whole range first so a fault writes nothing."""
         size = len(data)
+        view = self._pinned.get(addr)
+        if view is not None and size <= len(view):
+            if view.readonly:  # pinned as an input: never written behind its owner's back
+                raise _efault(addr, size, "is a read-only pinned buffer")
+            view[:size] = data
+            return
         _access_ok(addr, size)
         if size == 0:
             return
@@ -159,10 +200,21 @@ class CheckedMemory:
             del self._bufs[addr]
             self._starts.remove(addr)
 
+    def pin(self, buf: bytes | bytearray) -> int:
+        """:meth:`map` (the address-space protocol's name)."""
+        return self.map(buf)
+
+    def unpin(self, addr: int) -> None:
+        """:meth:`unmap`."""
+        self.unmap(addr)
+
     def __len__(self) -> int:
         return len(self._bufs)
 
     def _find(self, addr: int, size: int) -> tuple[memoryview, int]:
+        view = self._bufs.get(addr)
+        if view is not None and 0 <= size <= view.nbytes:
+            return view, 0
         _access_ok(addr, size)
         with self._lock:
             i = bisect.bisect_right(self._starts, addr) - 1

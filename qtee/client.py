@@ -16,6 +16,7 @@ served by worker threads doing SUPPL_RECV/SEND on the same context.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import struct
 import threading
@@ -24,8 +25,8 @@ from typing import Any, Final
 
 from objects import DriverError, PyObject, QteeError, UsageError, op, result_from_u32
 from qtee import uapi
-from qtee._driver import Context, Device
-from qtee.addrspace import CheckedMemory, address_of
+from qtee._driver import Context, Device, _invoke_struct, _params_struct
+from qtee.addrspace import AddressSpace
 from qtee.credentials import Credentials
 
 __all__ = ["OUT_OBJECT", "CallbackObject", "Client", "MemoryObject", "ObjRef", "Out"]
@@ -38,6 +39,12 @@ _OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
 _OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
 _META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 _META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+_BUF: Final = struct.Struct("<QQ")  # struct tee_ioctl_buf_data
+_U32: Final = struct.Struct("<I")
+_PARAM: Final = struct.Struct("<4Q")
+_SUPP_HEAD: Final = struct.Struct("<II")
+_INVOKE_HEAD_SIZE: Final = 24
+_P = tuple[int, int, int, int]
 _RECV_PARAMS: Final = 11  # 1 meta + QCOMTEE_OBJECT_PARAMS_MAX (10), as libqcomtee
 _SCRATCH: Final = 4096
 
@@ -147,6 +154,21 @@ class _Credentials(CallbackObject):
         return self.data[off:]
 
 
+class _Block:
+    """A pinned ioctl argument block (up to TEE_MAX_ARG_SIZE) and its buf_data struct."""
+
+    __slots__ = ("addr", "arg", "buf", "mem")
+
+    def __init__(self, mem: AddressSpace) -> None:
+        self.mem = mem
+        self.buf = bytearray(uapi.TEE_MAX_ARG_SIZE)
+        self.addr = mem.pin(self.buf)
+        self.arg = bytearray(_BUF.size)
+
+    def close(self) -> None:
+        self.mem.unpin(self.addr)
+
+
 class Client:
     """One open context, its exported callback objects and its supplicant workers."""
 
@@ -161,6 +183,7 @@ class Client:
         self._exports: dict[int, list[Any]] = {}  # user id -> [object, references]
         self._by_obj: dict[int, int] = {}
         self._next_user_id = 1
+        self._blocks: list[_Block] = []
         self._threads = [
             threading.Thread(target=self._serve, name=f"qtee-supplicant-{i}", daemon=True)
             for i in range(workers)
@@ -169,20 +192,21 @@ class Client:
             t.start()
 
     # ----------------------------------------------------------------- memory
-    def _pin(self, buf: bytearray) -> int:
-        mem = self.device.memory
-        return mem.map(buf) if isinstance(mem, CheckedMemory) else address_of(buf)
+    def _take_block(self) -> _Block:
+        """A pinned argument block (one per concurrent ioctl, reused)."""
+        try:
+            return self._blocks.pop()
+        except IndexError:
+            return _Block(self.device.memory)
 
     def _unpin(self, addrs: list[int]) -> None:
-        mem = self.device.memory
-        if isinstance(mem, CheckedMemory):
-            for a in addrs:
-                mem.unmap(a)
+        unpin = self.device.memory.unpin
+        for a in addrs:
+            unpin(a)
 
-    def _call(self, cmd: int, block: bytearray, pins: list[int]) -> None:
-        addr = self._pin(block)
-        pins.append(addr)
-        self.ctx.ioctl(cmd, bytearray(uapi.BufData(addr, len(block)).pack()))
+    def _call(self, cmd: int, blk: _Block, size: int) -> None:
+        _BUF.pack_into(blk.arg, 0, blk.addr, size)
+        self.ctx.ioctl(cmd, blk.arg)
 
     # ----------------------------------------------------------------- exports
     def _export(self, obj: CallbackObject) -> int:
@@ -213,76 +237,89 @@ class Client:
 
     # ----------------------------------------------------------------- invoke
     def _invoke(self, ident: int, op_: int, args: tuple[Any, ...]) -> list[Any]:
-        params: list[uapi.Param] = []
+        mem = self.device.memory
+        params: list[_P] = []
         pins: list[int] = []
         outs: list[tuple[int, bytearray | None]] = []
         sent: list[int] = []
+        blk: _Block | None = None
         try:
             for i, a in enumerate(args):
                 if isinstance(a, bytes | bytearray | memoryview):
-                    data = bytearray(a)
-                    params.append(uapi.Param(_UB_IN, self._pin(data) if data else 0, len(data)))
+                    data = bytes(a)
+                    addr = 0
                     if data:
-                        pins.append(params[-1].a)
+                        addr = mem.pin(data)
+                        pins.append(addr)
+                    params.append((_UB_IN, addr, len(data), 0))
                 elif isinstance(a, Out):
                     out = bytearray(a.size)
-                    params.append(uapi.Param(_UB_OUT, self._pin(out) if a.size else 0, a.size))
+                    addr = 0
                     if a.size:
-                        pins.append(params[-1].a)
+                        addr = mem.pin(out)
+                        pins.append(addr)
+                    params.append((_UB_OUT, addr, a.size, 0))
                     outs.append((i, out))
                 elif a is OUT_OBJECT:
-                    params.append(uapi.Param(_OBJ_OUT))
+                    params.append((_OBJ_OUT, 0, 0, 0))
                     outs.append((i, None))
                 else:
                     params.append(self._objref(a, sent))
-            block = bytearray(
-                uapi.pack_arg(uapi.ObjectInvokeArg(ident, op_, 0, len(params)), params)
+            n = len(params)
+            size = _INVOKE_HEAD_SIZE + 32 * n
+            if size > uapi.TEE_MAX_ARG_SIZE:
+                raise UsageError(f"{n} arguments do not fit one invoke ({size} > 4096 bytes)")
+            blk = self._take_block()
+            _invoke_struct(n).pack_into(
+                blk.buf, 0, ident, op_, 0, n, *itertools.chain.from_iterable(params)
             )
             try:
-                self._call(uapi.TEE_IOC_OBJECT_INVOKE, block, pins)
+                self._call(uapi.TEE_IOC_OBJECT_INVOKE, blk, size)
             except DriverError:
                 for uid in sent:  # errno channel: the caller keeps ownership
                     self._unexport(uid)
                 raise
-            head, back = uapi.unpack_arg(uapi.ObjectInvokeArg, block)
+            (ret,) = _U32.unpack_from(blk.buf, 12)
+            back = [_PARAM.unpack_from(blk.buf, _INVOKE_HEAD_SIZE + 32 * i) for i, _ in outs]
         finally:
-            self._unpin(pins)
+            if blk is not None:
+                self._blocks.append(blk)
+            if pins:
+                self._unpin(pins)
         if op_ == 0xFFFF:
             return []
-        result = result_from_u32(head.ret)
-        if result != 0:
-            raise QteeError(result)
-        values: list[Any] = []
-        for i, buf in outs:
-            p = back[i]
-            values.append(bytes(buf[: p.b]) if buf is not None else self._objref_out(p))
-        return values
+        if ret:
+            raise QteeError(result_from_u32(ret))
+        return [
+            bytes(buf[: p[2]]) if buf is not None else self._objref_out(p[1], p[2])
+            for (_, buf), p in zip(outs, back, strict=True)
+        ]
 
-    def _objref(self, obj: object, sent: list[int]) -> uapi.Param:
+    def _objref(self, obj: object, sent: list[int]) -> _P:
         if obj is None:
-            return uapi.Param(_OBJ_IN, uapi.TEE_OBJREF_NULL, 0)
+            return (_OBJ_IN, uapi.TEE_OBJREF_NULL, 0, 0)
         if isinstance(obj, ObjRef):
             if obj.released or obj.client is not self:
                 raise UsageError(f"{obj!r} cannot be passed from this client")
-            return uapi.Param(_OBJ_IN, obj.id, uapi.QCOMTEE_OBJREF_FLAG_TEE)
+            return (_OBJ_IN, obj.id, uapi.QCOMTEE_OBJREF_FLAG_TEE, 0)
         if isinstance(obj, MemoryObject):
-            return uapi.Param(_OBJ_IN, obj.id, uapi.QCOMTEE_OBJREF_FLAG_MEM)
+            return (_OBJ_IN, obj.id, uapi.QCOMTEE_OBJREF_FLAG_MEM, 0)
         if isinstance(obj, CallbackObject):
             uid = self._export(obj)
             sent.append(uid)
-            return uapi.Param(_OBJ_IN, uid, uapi.QCOMTEE_OBJREF_FLAG_USER)
+            return (_OBJ_IN, uid, uapi.QCOMTEE_OBJREF_FLAG_USER, 0)
         raise TypeError(f"cannot pass a {type(obj).__name__} to QTEE")
 
-    def _objref_out(self, p: uapi.Param) -> Any:
-        if p.a == uapi.TEE_OBJREF_NULL:
+    def _objref_out(self, a: int, b: int) -> Any:
+        if a == uapi.TEE_OBJREF_NULL:
             return None
-        if p.b & uapi.QCOMTEE_OBJREF_FLAG_TEE:
-            return ObjRef(self, p.a)
-        if p.b & uapi.QCOMTEE_OBJREF_FLAG_USER:
+        if b & uapi.QCOMTEE_OBJREF_FLAG_TEE:
+            return ObjRef(self, a)
+        if b & uapi.QCOMTEE_OBJREF_FLAG_USER:
             with self._lock:
-                entry = self._exports.get(p.a)
+                entry = self._exports.get(a)
             return entry[0] if entry else None
-        return p.a
+        return a
 
     # ----------------------------------------------------------------- conveniences
     def client_env(self, credentials: Credentials | None = None) -> ObjRef:
@@ -304,87 +341,100 @@ class Client:
 
     # ----------------------------------------------------------------- supplicant
     def _serve(self) -> None:
+        mem = self.device.memory
         scratch = bytearray(_SCRATCH)
-        while True:
-            pins: list[int] = []
-            params = [uapi.Param(_META_IN, self._pin(scratch), _SCRATCH)]
-            pins.append(params[0].a)
-            params += [uapi.Param(0)] * (_RECV_PARAMS - 1)
-            block = bytearray(uapi.pack_arg(uapi.SuppRecvArg(0, _RECV_PARAMS), params))
-            try:
-                self._call(uapi.TEE_IOC_SUPPL_RECV, block, pins)
-            except DriverError as exc:
-                self._unpin(pins)
-                if exc.code in (errno.EINTR, errno.EBADF):
+        scratch_addr = mem.pin(scratch)
+        recv = _Block(mem)
+        send = _Block(mem)
+        recv_size = _SUPP_HEAD.size + 32 * _RECV_PARAMS
+        request = _SUPP_HEAD.pack(0, _RECV_PARAMS) + _params_struct(_RECV_PARAMS).pack(
+            _META_IN, scratch_addr, _SCRATCH, 0, *(0,) * (4 * (_RECV_PARAMS - 1))
+        )
+        try:
+            while True:
+                recv.buf[:recv_size] = request
+                try:
+                    self._call(uapi.TEE_IOC_SUPPL_RECV, recv, recv_size)
+                except DriverError as exc:
+                    if exc.code not in (errno.EINTR, errno.EBADF):
+                        log.error("SUPPL_RECV failed: %s", exc)
                     return
-                log.error("SUPPL_RECV failed: %s", exc)
-                return
-            head = uapi.SuppRecvArg.unpack(block)
-            got = uapi.unpack_params(block, 8, head.num_params)
-            try:
-                self._handle(head.func, got)  # input buffers live in the pinned scratch
-            except DriverError as exc:
-                log.warning("callback request %d failed: %s", got[0].b, exc)
-            finally:
-                self._unpin(pins)
+                func, num = _SUPP_HEAD.unpack_from(recv.buf)
+                got = list(
+                    _PARAM.iter_unpack(recv.buf[_SUPP_HEAD.size : _SUPP_HEAD.size + 32 * num])
+                )
+                try:
+                    self._handle(func, got, send, scratch, scratch_addr)
+                except DriverError as exc:
+                    log.warning("callback request %d failed: %s", got[0][2], exc)
+        finally:
+            recv.close()
+            send.close()
+            mem.unpin(scratch_addr)
 
-    def _handle(self, func: int, p: tuple[uapi.Param, ...]) -> None:
-        uid, req = p[0].a, p[0].b
+    def _handle(self, func: int, p: list[_P], send: _Block, scratch: bytearray, base: int) -> None:
+        uid, req = p[0][1], p[0][2]
         if func == 0xFFFF:
             self._unexport(uid)  # release notification: never answered
             return
         with self._lock:
             entry = self._exports.get(uid)
-        reply: list[uapi.Param] = [uapi.Param(_META_OUT, req)]
-        pins: list[int] = []
-        io: tuple[Any, ...] = ()
         if entry is None:
-            ret = 0xFFFFFFFF & -90  # DEFUNCT: no such object here
-        else:
-            obj: CallbackObject = entry[0]
-            try:
-                ib = tuple(self.device.memory.read(x.a, x.b) for x in p[1:] if x.attr == _UB_IN)
-            except DriverError:
-                self._reply_error(req, -96)  # unmarshalling failed: UNAVAIL
-                raise
-            ob = tuple(x.b for x in p[1:] if x.attr == _UB_OUT)
-            io = tuple(self._objref_out(x) for x in p[1:] if x.attr == _OBJ_IN)
-            n_oo = sum(1 for x in p[1:] if x.attr == _OBJ_OUT)
+            self._reply(send, 0xFFFFFFFF & -90, [(_META_OUT, req, 0, 0)])  # DEFUNCT
+            return
+        mem = self.device.memory
+        obj: CallbackObject = entry[0]
+        args = p[1:]
+        try:  # input buffers are in this worker's own scratch buffer
+            ib = tuple(
+                [
+                    bytes(scratch[x[1] - base : x[1] - base + x[2]])
+                    if 0 <= x[1] - base <= len(scratch) - x[2]
+                    else mem.read(x[1], x[2])
+                    for x in args
+                    if x[0] == _UB_IN
+                ]
+            )
+        except DriverError:
+            self._reply(send, 0xFFFFFFFF & -96, [(_META_OUT, req, 0, 0)])  # UNAVAIL
+            raise
+        ob = tuple([x[2] for x in args if x[0] == _UB_OUT])
+        io = tuple([self._objref_out(x[1], x[2]) for x in args if x[0] == _OBJ_IN])
+        n_oo = sum(1 for x in args if x[0] == _OBJ_OUT)
+        pins: list[int] = []
+        try:
             res = obj.dispatch(func, ib, ob, io, n_oo)
-            ret = res.result & 0xFFFFFFFF
+            reply: list[_P] = [(_META_OUT, req, 0, 0)]
             if res.result == 0:
                 obs, oos = iter(res.ob), iter(res.oo)
-                for x in p[1:]:
-                    if x.attr == _UB_OUT:
-                        data = bytearray(next(obs))
-                        addr = self._pin(data) if data else 0
+                for x in args:
+                    if x[0] == _UB_OUT:
+                        data = bytes(next(obs))
+                        addr = 0
                         if data:
+                            addr = mem.pin(data)
                             pins.append(addr)
-                        reply.append(uapi.Param(_UB_OUT, addr, len(data)))
-                    elif x.attr == _OBJ_OUT:
+                        reply.append((_UB_OUT, addr, len(data), 0))
+                    elif x[0] == _OBJ_OUT:
                         ref = self._objref(next(oos), [])
-                        reply.append(uapi.Param(_OBJ_OUT, ref.a, ref.b))
+                        reply.append((_OBJ_OUT, ref[1], ref[2], 0))
                     else:
                         reply.append(x)
-        sblock = bytearray(uapi.pack_arg(uapi.SuppSendArg(ret, len(reply)), reply))
-        try:
-            self._call(uapi.TEE_IOC_SUPPL_SEND, sblock, pins)
+            self._reply(send, res.result & 0xFFFFFFFF, reply)
         finally:
-            self._unpin(pins)
-            if entry is not None:  # input objects not kept by the handler are dropped
-                for ref in io:
-                    if isinstance(ref, ObjRef) and not ref.kept:
-                        ref.release()
+            if pins:
+                self._unpin(pins)
+            for ref in io:  # input objects not kept by the handler are dropped
+                if isinstance(ref, ObjRef) and not ref.kept:
+                    ref.release()
 
-    def _reply_error(self, req: int, result: int) -> None:
-        pins: list[int] = []
-        block = bytearray(
-            uapi.pack_arg(uapi.SuppSendArg(result & 0xFFFFFFFF, 1), [uapi.Param(_META_OUT, req)])
+    def _reply(self, send: _Block, ret: int, reply: list[_P]) -> None:
+        n = len(reply)
+        _SUPP_HEAD.pack_into(send.buf, 0, ret, n)
+        _params_struct(n).pack_into(
+            send.buf, _SUPP_HEAD.size, *itertools.chain.from_iterable(reply)
         )
-        try:
-            self._call(uapi.TEE_IOC_SUPPL_SEND, block, pins)
-        finally:
-            self._unpin(pins)
+        self._call(uapi.TEE_IOC_SUPPL_SEND, send, _SUPP_HEAD.size + 32 * n)
 
     # ----------------------------------------------------------------- close
     def close(self) -> None:
@@ -392,6 +442,8 @@ class Client:
         self.ctx.close()
         for t in self._threads:
             t.join(5)
+        while self._blocks:
+            self._blocks.pop().close()
 
     def __enter__(self) -> Client:
         return self

@@ -297,6 +297,8 @@ class SecureWorld:
         raise UsageError(f"cannot pass a {type(obj).__name__} as an input object")
 
     def _flush_releases(self, out: bytearray, offset: int) -> None:
+        if not self._pending_release:
+            return
         with self._lock:
             ids, self._pending_release[:] = list(self._pending_release), []
         if not ids:
