@@ -9,11 +9,7 @@ import pytest
 from objects import DriverError
 from qtee import uapi
 from qtee._checks import check_buf_len, check_param_attrs, params_check, root_object_check
-
-UB_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
-UB_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
-OBJ_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
-OBJ_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
+from tests._helpers import OBJ_IN, OBJ_OUT, UB_IN, UB_OUT
 
 
 def einval(fn: object, *args: object, **kwargs: object) -> None:
