@@ -251,6 +251,28 @@ def test_seventeen_of_a_type_einval(env: Env, attr: int) -> None:
     expect_invoke_errno(errno.EINVAL, env.ctx, env.mem, env.ta, 2, [p] * 17)
 
 
+@pytest.mark.parametrize(
+    "attr",
+    [
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_NONE,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INPUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MEMREF_OUTPUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INOUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INOUT,
+        OBJ_OUT | uapi.TEE_IOCTL_PARAM_ATTR_META,
+    ],
+)
+def test_unsupported_attr_einval(env: Env, attr: int) -> None:
+    """§5 "OBJECT_INVOKE: unsupported attr (incl. NONE/INOUT/VALUE/MEMREF)" → EINVAL: types
+    tee_core accepts but qcomtee_params_check does not (§4.1 step 1)."""
+    before = env.dev.leaks()
+    expect_invoke_errno(
+        errno.EINVAL, env.ctx, env.mem, env.ta, 2, [uapi.Param(OBJ_IN, NULL, 0), uapi.Param(attr)]
+    )
+    assert env.dev.leaks() == before
+
+
 def test_more_than_64_params_einval(env: Env) -> None:
     """§5 "OBJECT_INVOKE: >64 params" → EINVAL, even with at most 16 of each type."""
     buf = env.mem.map(bytearray(8))
