@@ -1,6 +1,8 @@
 """Invoke-loop costs, each as a ratio to a baseline measured in the same run.
 
-1. Null invoke (client -> TA -> back) vs the bare wire encode+decode of its message.
+1. Null invoke (client -> TA -> back) vs the bare wire work of its message: encode and
+   decode the inbound request, then write and decode its response (what the driver and
+   QTEE must do to the bytes at the very least; no checks, no objects, no ioctl).
 2. Callback round trip through the worker threads vs a bare two-thread queue ping-pong.
 3. Null invoke with 100,000 live objects vs with 10.
 4. Bytes per live object (tracemalloc), for QTEE objects held by a context.
@@ -70,9 +72,15 @@ def main() -> None:
         (ctrl,) = loader.invoke(0, qtee.ta_image("bench.null"), OUT_OBJECT)
         (app,) = ctrl.invoke(2, OUT_OBJECT)
 
-        bare = ops_per_sec(lambda: wire.decode_invoke(wire.encode_invoke(5, 0)))
+        def bare_message() -> None:
+            buf = wire.encode_invoke(5, 0)
+            msg = wire.decode_invoke(buf)
+            wire.write_invoke_response(buf, msg, (), ())
+            wire.decode_invoke_response(buf)
+
+        bare = ops_per_sec(bare_message)
         null = ops_per_sec(lambda: app.invoke(0))
-        report("bare wire encode+decode (null message)", bare)
+        report("bare wire request+response (null message)", bare)
         report("null invoke client -> TA -> client", null, bare, target=3.0)
 
         nop = Nop()

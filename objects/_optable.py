@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from objects._errors import QteeError, UsageError
 from objects._results import Result
@@ -58,14 +58,17 @@ class OpSpec:
 
     def accepts(self, ib: tuple[bytes, ...], ob: tuple[int, ...], n_io: int, n_oo: int) -> bool:
         """True when the call has exactly this shape (fixed sizes must match)."""
-        if len(ib) != len(self.ib) or len(ob) != len(self.ob):
+        if n_io != self.io or n_oo != self.oo or len(ib) != len(self.ib) or len(ob) != len(self.ob):
             return False
-        if n_io != self.io or n_oo != self.oo:
-            return False
-        for data, size in zip(ib, self.ib, strict=True):
-            if size is not None and len(data) != size:
-                return False
-        return all(size is None or cap == size for cap, size in zip(ob, self.ob, strict=True))
+        if ib:
+            for data, size in zip(ib, self.ib, strict=True):
+                if size is not None and len(data) != size:
+                    return False
+        if ob:
+            for cap, size in zip(ob, self.ob, strict=True):
+                if size is not None and cap != size:
+                    return False
+        return True
 
 
 def op(
@@ -85,13 +88,17 @@ def op(
     return mark
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchResult:
-    """What a dispatch produced: the result and, on OK, the outputs."""
+class DispatchResult(NamedTuple):
+    """What a dispatch produced: the result and, on OK, the outputs (immutable)."""
 
     result: int
     ob: tuple[bytes, ...] = ()
     oo: tuple[object, ...] = ()
+
+
+_OK = DispatchResult(0)
+_INVALID = DispatchResult(Result.ERROR_INVALID)
+_ERROR = DispatchResult(Result.ERROR)
 
 
 class PyObject:
@@ -129,14 +136,16 @@ class PyObject:
         """Check the call against the op table, run the method, pack its outputs."""
         spec = self.__ops__.get(number)
         if spec is None or not spec.accepts(ib, ob, len(io), n_oo):
-            return DispatchResult(Result.ERROR_INVALID)
+            return _INVALID
         try:
             out = getattr(self, spec.name)(*ib, *io)
         except QteeError as exc:
             return DispatchResult(exc.result)
         except Exception:
             log.exception("%s.%s (op %d) raised", type(self).__name__, spec.name, number)
-            return DispatchResult(Result.ERROR)
+            return _ERROR
+        if not ob and not n_oo and out is None:
+            return _OK
         values = _as_tuple(out, len(ob) + n_oo)
         if values is None:
             log.error(
@@ -146,7 +155,7 @@ class PyObject:
                 out,
                 len(ob) + n_oo,
             )
-            return DispatchResult(Result.ERROR)
+            return _ERROR
         data = values[: len(ob)]
         for k, (chunk, cap) in enumerate(zip(data, ob, strict=True)):
             if not isinstance(chunk, bytes | bytearray | memoryview):

@@ -90,9 +90,10 @@ class QteeRoot(SecureObject):
     """The root object (wire id 1)."""
 
     def __init__(self, services: dict[int, ServiceFactory] | None = None) -> None:
+        versions, diagnostics = FeatureVersions(), Diagnostics()  # stateless: one instance
         self.services: dict[int, ServiceFactory] = {
-            FEATURE_VERSIONS_UID: lambda env: FeatureVersions(),
-            CDIAGNOSTICS_UID: lambda env: Diagnostics(),
+            FEATURE_VERSIONS_UID: lambda env: versions,
+            CDIAGNOSTICS_UID: lambda env: diagnostics,
         }
         self.services.update(services or {})
         self.loaded_apps: set[str] = set()

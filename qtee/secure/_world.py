@@ -107,14 +107,6 @@ class NsObject:
         return f"<NsObject {self.ns_id:#x} refs={self.refs}>"
 
 
-class _Entry:
-    __slots__ = ("obj", "refs")
-
-    def __init__(self, obj: SecureObject) -> None:
-        self.obj = obj
-        self.refs = 1
-
-
 class _Call:
     """Per-thread state of one direct invocation: its buffers and the driver's server."""
 
@@ -133,7 +125,8 @@ class SecureWorld:
             raise TypeError("the root must be a SecureObject")
         self.root = root
         self._ids = IdrAllocator(_FIRST_ID, 0, name="qtee objects")
-        self._table: dict[int, _Entry] = {}
+        self._table: dict[int, SecureObject] = {}  # each id holds one reference...
+        self._extra_refs: dict[int, int] = {}  # ...plus any the kernel retained
         self._pending_release: list[int] = []
         self._lock = threading.RLock()
         self._local = threading.local()
@@ -146,13 +139,12 @@ class SecureWorld:
         """Give the kernel one reference to ``obj``: a fresh id every time."""
         with self._lock:
             ident = self._ids.alloc()
-            self._table[ident] = _Entry(obj)
+            self._table[ident] = obj
             return ident
 
     def lookup(self, ident: int) -> SecureObject | None:
         """The object behind a live QTEE id."""
-        entry = self._table.get(ident)
-        return entry.obj if entry is not None else None
+        return self._table.get(ident)
 
     def live_ids(self) -> list[int]:
         """QTEE ids the kernel still holds (for leak checks)."""
@@ -166,15 +158,19 @@ class SecureWorld:
 
     def _drop(self, ident: int) -> Result:
         with self._lock:
-            entry = self._table.get(ident)
-            if entry is None:
+            obj = self._table.get(ident)
+            if obj is None:
                 return Result.ERROR_BADOBJ
-            entry.refs -= 1
-            if entry.refs:
+            extra = self._extra_refs.get(ident)
+            if extra:
+                if extra == 1:
+                    del self._extra_refs[ident]
+                else:
+                    self._extra_refs[ident] = extra - 1
                 return Result.OK
             del self._table[ident]
             self._ids.free(ident)
-        entry.obj.on_release()
+        obj.on_release()
         return Result.OK
 
     # ---------------------------------------------------------------- entry points
@@ -208,23 +204,25 @@ class SecureWorld:
             return Result.OK if target is self.root else self._drop(msg.cxt)
         if op == _OP_RETAIN:
             with self._lock:
-                entry = self._table.get(msg.cxt)
-                if entry is not None:
-                    entry.refs += 1
+                if msg.cxt in self._table:
+                    self._extra_refs[msg.cxt] = self._extra_refs.get(msg.cxt, 0) + 1
             return Result.OK
-        io = tuple(self._import(i) for i in msg.io)
-        ob_caps = tuple(ref.size for ref in msg.ob)
-        res = target.dispatch(op, msg.ib, ob_caps, io, msg.n_oo)
-        for obj in io:  # the method kept what it wanted with retain()
-            if isinstance(obj, NsObject):
-                obj.release()
-        if res.result != Result.OK:
+        if msg.io:
+            io = tuple([self._import(i) for i in msg.io])
+            res = target.dispatch(op, msg.ib, tuple([ref.size for ref in msg.ob]), io, msg.n_oo)
+            for obj in io:  # the method kept what it wanted with retain()
+                if isinstance(obj, NsObject):
+                    obj.release()
+        else:
+            res = target.dispatch(op, msg.ib, tuple([ref.size for ref in msg.ob]), (), msg.n_oo)
+        if res.result:
             for obj in res.oo:
                 if isinstance(obj, NsObject):
                     obj.release()
             return res.result
-        oo_ids = [self._export_out(obj) for obj in res.oo]
-        wire.write_invoke_response(inbound, msg, res.ob, oo_ids)
+        if msg.n_oo or msg.ob:  # outputs to write
+            oo_ids = [self._export_out(obj) for obj in res.oo]
+            wire.write_invoke_response(inbound, msg, res.ob, oo_ids)
         return Result.OK
 
     def _import(self, ident: int) -> object:
