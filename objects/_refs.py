@@ -70,16 +70,22 @@ class ObjectTable(Generic[E]):
     """Ids from an allocator mapped to entries, safe to use from several threads.
 
     The table does not own references by itself: callers decide whether an entry in
-    the table stands for a reference (as the kernel's IDRs do).
+    the table stands for a reference (as the kernel's IDRs do).  Tables over an
+    :class:`IdrAllocator` (dense, lowest-free ids) keep entries in a list indexed by
+    ``id - start``: one pointer per id instead of a dict slot.
     """
 
-    __slots__ = ("_alloc", "_entries", "_lock", "name")
+    __slots__ = ("_alloc", "_count", "_dense", "_entries", "_lo", "_lock", "_slots", "name")
 
     def __init__(self, alloc: IdrAllocator | CyclicAllocator, *, name: str = "table") -> None:
         if not isinstance(alloc, IdrAllocator | CyclicAllocator):
             raise TypeError("ObjectTable needs an IdrAllocator or a CyclicAllocator")
         self._alloc = alloc
-        self._entries: dict[int, E] = {}
+        self._dense = isinstance(alloc, IdrAllocator)
+        self._lo = alloc.lo
+        self._slots: list[E | None] = []  # dense tables
+        self._entries: dict[int, E] = {}  # sparse (cyclic) tables
+        self._count = 0
         self._lock = threading.Lock()
         self.name = name
 
@@ -88,11 +94,43 @@ class ObjectTable(Generic[E]):
         """The allocator the ids come from."""
         return self._alloc
 
+    def _put(self, ident: int, entry: E) -> None:
+        if self._dense:
+            slots = self._slots
+            i = ident - self._lo
+            if i >= len(slots):
+                slots.extend([None] * (i + 1 - len(slots)))
+            if slots[i] is None:
+                self._count += 1
+            slots[i] = entry
+        else:
+            if ident not in self._entries:
+                self._count += 1
+            self._entries[ident] = entry
+
+    def _pop(self, ident: int) -> E | None:
+        if self._dense:
+            slots = self._slots
+            i = ident - self._lo
+            if not 0 <= i < len(slots):
+                return None
+            entry = slots[i]
+            if entry is not None:
+                slots[i] = None
+                self._count -= 1
+                while slots and slots[-1] is None:
+                    slots.pop()
+            return entry
+        entry = self._entries.pop(ident, None)
+        if entry is not None:
+            self._count -= 1
+        return entry
+
     def insert(self, entry: E) -> int:
         """Store ``entry`` under a new id (``ENOSPC`` when the id space is full)."""
         with self._lock:
             ident = self._alloc.alloc()
-            self._entries[ident] = entry
+            self._put(ident, entry)
             return ident
 
     def reserve(self) -> int:
@@ -105,16 +143,20 @@ class ObjectTable(Generic[E]):
         with self._lock:
             if ident not in self._alloc:
                 raise UsageError(f"{self.name}: id {ident} is not allocated")
-            self._entries[ident] = entry
+            self._put(ident, entry)
 
     def lookup(self, ident: int) -> E | None:
         """The entry stored under ``ident``, or None."""
+        if self._dense:
+            i = ident - self._lo
+            slots = self._slots
+            return slots[i] if 0 <= i < len(slots) else None
         return self._entries.get(ident)
 
     def lookup_get(self, ident: int) -> E | None:
         """The entry under ``ident`` with a reference taken, or None if absent or dying."""
         with self._lock:
-            entry = self._entries.get(ident)
+            entry = self.lookup(ident)
             if entry is None:
                 return None
             if isinstance(entry, Refcounted) and not entry.get():
@@ -124,42 +166,50 @@ class ObjectTable(Generic[E]):
     def erase(self, ident: int) -> E | None:
         """Remove ``ident`` and free it; returns the entry that was there (or None)."""
         with self._lock:
-            entry = self._entries.pop(ident, None)
+            entry = self._pop(ident)
             self._alloc.free(ident)
             return entry
 
     def erase_if(self, ident: int, entry: E) -> bool:
         """Remove ``ident`` only if it still maps to ``entry`` (no ABA on recycled ids)."""
         with self._lock:
-            if self._entries.get(ident) is not entry:
+            if self.lookup(ident) is not entry:
                 return False
-            del self._entries[ident]
+            self._pop(ident)
             self._alloc.free(ident)
             return True
+
+    def _snapshot(self) -> list[tuple[int, E]]:
+        if self._dense:
+            lo = self._lo
+            return [(lo + i, e) for i, e in enumerate(self._slots) if e is not None]
+        return list(self._entries.items())
 
     def drain(self) -> list[tuple[int, E]]:
         """Remove every entry and free every id; returns what was there."""
         with self._lock:
-            items = list(self._entries.items())
-            for ident in self._entries:
+            items = self._snapshot()
+            for ident, _ in items:
                 self._alloc.free(ident)
+            self._slots.clear()
             self._entries.clear()
+            self._count = 0
             return items
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._count
 
     def __contains__(self, ident: object) -> bool:
-        return ident in self._entries
+        return isinstance(ident, int) and self.lookup(ident) is not None
 
     def __iter__(self) -> Iterator[int]:
         with self._lock:
-            return iter(list(self._entries))
+            return iter([ident for ident, _ in self._snapshot()])
 
     def items(self) -> list[tuple[int, E]]:
         """A snapshot of ``(id, entry)`` pairs."""
         with self._lock:
-            return list(self._entries.items())
+            return self._snapshot()
 
     def __repr__(self) -> str:
-        return f"<ObjectTable {self.name} live={len(self._entries)}>"
+        return f"<ObjectTable {self.name} live={self._count}>"

@@ -18,7 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from objects import DispatchResult, IdrAllocator, PyObject, QteeError, Result, UsageError
+from objects import (
+    DispatchResult,
+    IdrAllocator,
+    ObjectTable,
+    PyObject,
+    QteeError,
+    Result,
+    UsageError,
+)
 from qtee import wire
 
 __all__ = ["Mapping", "NsObject", "SecureObject", "SecureWorld", "ServeCallback"]
@@ -124,8 +132,10 @@ class SecureWorld:
         if not isinstance(root, SecureObject):
             raise TypeError("the root must be a SecureObject")
         self.root = root
-        self._ids = IdrAllocator(_FIRST_ID, 0, name="qtee objects")
-        self._table: dict[int, SecureObject] = {}  # each id holds one reference...
+        # Each id holds one reference...
+        self._table: ObjectTable[SecureObject] = ObjectTable(
+            IdrAllocator(_FIRST_ID, 0), name="qtee objects"
+        )
         self._extra_refs: dict[int, int] = {}  # ...plus any the kernel retained
         self._pending_release: list[int] = []
         self._lock = threading.RLock()
@@ -138,18 +148,17 @@ class SecureWorld:
     def export(self, obj: SecureObject) -> int:
         """Give the kernel one reference to ``obj``: a fresh id every time."""
         with self._lock:
-            ident = self._ids.alloc()
-            self._table[ident] = obj
+            ident = self._table.insert(obj)
             return ident
 
     def lookup(self, ident: int) -> SecureObject | None:
         """The object behind a live QTEE id."""
-        return self._table.get(ident)
+        return self._table.lookup(ident)
 
     def live_ids(self) -> list[int]:
         """QTEE ids the kernel still holds (for leak checks)."""
         with self._lock:
-            return sorted(self._table)
+            return list(self._table)
 
     def pending_releases(self) -> list[int]:
         """NS ids queued for an async RELEASE, not yet sent."""
@@ -158,7 +167,7 @@ class SecureWorld:
 
     def _drop(self, ident: int) -> Result:
         with self._lock:
-            obj = self._table.get(ident)
+            obj = self._table.lookup(ident)
             if obj is None:
                 return Result.ERROR_BADOBJ
             extra = self._extra_refs.get(ident)
@@ -168,8 +177,7 @@ class SecureWorld:
                 else:
                     self._extra_refs[ident] = extra - 1
                 return Result.OK
-            del self._table[ident]
-            self._ids.free(ident)
+            self._table.erase(ident)
         obj.on_release()
         return Result.OK
 
