@@ -80,6 +80,46 @@ def _pack_params(params: list[_P]) -> bytes:
     return _params_struct(len(params)).pack(*itertools.chain.from_iterable(params))
 
 
+def _encode_wrapped(
+    cxt: int, op: int, ib: list[bytes], ob: list[int], io: list[int], n_oo: int
+) -> bytearray:
+    """The inbound message when a kind has 16 args (spec §7): ``qcomtee_msg_init`` masks
+    each count to its nibble (16 -> 0) while every arg is still laid out in full."""
+    n = len(ib) + len(ob) + len(io) + n_oo
+    off = (12 + 8 * n + 7) & ~7
+    fields: list[int] = []
+    for data in ib:
+        fields += (off, len(data))
+        off += (len(data) + 7) & ~7
+    for size in ob:
+        fields += (off, size)
+        off += (size + 7) & ~7
+    for ident in io:
+        fields += (ident, 0)
+    fields += [0] * (2 * n_oo)
+    if off > wire.MAX_INBOUND_BUFFER_SIZE:
+        raise wire.MessageTooLarge(f"inbound message needs {off} bytes")
+    counts = (len(ib) & 15) | (len(ob) & 15) << 4 | (len(io) & 15) << 8 | (n_oo & 15) << 12
+    buf = bytearray(off)
+    struct.pack_into(f"<3I{len(fields)}I", buf, 0, cxt, op, counts, *fields)
+    for k, data in enumerate(ib):
+        buf[fields[2 * k] : fields[2 * k] + len(data)] = data
+    return buf
+
+
+def _wrapped_outputs(
+    buf: bytearray, n_ib: int, n_ob: int, n_io: int, n_oo: int
+) -> tuple[list[bytes], list[int]]:
+    """Outputs read back by the kernel's own arg indexes (not the wrapped counts)."""
+    obs = []
+    for j in range(n_ob):
+        off, size = struct.unpack_from("<II", buf, 12 + 8 * (n_ib + j))
+        obs.append(bytes(buf[off : off + size]))
+    base = 12 + 8 * (n_ib + n_ob + n_io)
+    oos = [struct.unpack_from("<I", buf, base + 8 * j)[0] for j in range(n_oo)]
+    return obs, oos
+
+
 def _pack_invoke(ident: int, op: int, ret: int, params: list[_P]) -> bytes:
     """``struct tee_ioctl_object_invoke_arg`` followed by its params."""
     return _invoke_struct(len(params)).pack(
@@ -351,9 +391,11 @@ class Context:
         if (buf_len != end) if exact else (buf_len < end):
             _checks.check_buf_len(buf_len, size, num, exact=exact)
         params: list[_P] = list(_PARAM.iter_unpack(block[size:end])) if num else []
-        for attr, _a, _b, _c in params:
+        for attr, a, b, _c in params:  # params_from_user / params_from_supp, in order
             if attr & ~uapi.TEE_IOCTL_PARAM_ATTR_MASK or attr & 0xFF not in _VALID_TYPES:
                 _checks.check_param_attrs(params)
+            if a + b > TASK_SIZE and attr & 0xFF in _UBUF_TYPES:
+                self.device.memory.check(a, b)  # access_ok fails: EFAULT
         return buf_ptr, block, params
 
     def _shm_alloc(self, arg: bytearray | memoryview) -> int:
@@ -388,7 +430,7 @@ class Context:
         buf_ptr, block, params = self._read_block(arg, _INVOKE_HEAD, 16)
         ident, op, _ret, num = _INVOKE_HEAD.unpack_from(block)
         n_ib = n_ob = n_io = n_oo = 0
-        for attr, a, b, _c in params:
+        for attr, _a, _b, _c in params:
             if attr == _UB_IN:
                 n_ib += 1
             elif attr == _UB_OUT:
@@ -397,8 +439,6 @@ class Context:
                 n_io += 1
             elif attr == _OBJ_OUT:
                 n_oo += 1
-            if a + b > TASK_SIZE and attr & 0xFF in _UBUF_TYPES:
-                mem.check(a, b)  # params_from_user's access_ok: EFAULT
         if (
             num > _checks.QCOMTEE_ARGS_MAX
             or n_ib + n_ob + n_io + n_oo != num
@@ -435,16 +475,17 @@ class Context:
             io: list[int] = []
             for attr, a, b, _c in params:
                 if attr == _UB_IN:
-                    try:
-                        ib.append(mem.read(a, b))
-                    except DriverError:
-                        raise _einval("input buffer copy faulted") from None
+                    ib.append(mem.read(a, b))  # a fault is EFAULT (qcomtee_prepare_msg)
                 elif attr == _UB_OUT:
                     ob.append(b)
                 elif attr == _OBJ_IN:
                     io.append(self._objref_in(a, b, held, created))
+            wrapped = max(n_ib, n_ob, n_io, n_oo) > 15
             try:
-                inbound = wire.encode_invoke(cxt, op, ib, ob, io, n_oo)
+                if wrapped:
+                    inbound = _encode_wrapped(cxt, op, ib, ob, io, n_oo)
+                else:
+                    inbound = wire.encode_invoke(cxt, op, ib, ob, io, n_oo)
             except wire.MessageTooLarge as exc:
                 raise _einval(str(exc)) from None
             outbound = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)
@@ -465,7 +506,12 @@ class Context:
             accepted = True
             if result == 0:
                 if n_ob or n_oo:
-                    result, params = self._outputs(inbound, params)
+                    if wrapped:
+                        obs, oos = _wrapped_outputs(inbound, n_ib, n_ob, n_io, n_oo)
+                    else:
+                        resp = wire.decode_invoke_response(inbound)
+                        obs, oos = list(resp.ob), list(resp.oo)
+                    result, params = self._outputs(obs, oos, params)
             elif n_oo:
                 params = [(p[0], 0, 0, 0) if p[0] == _OBJ_OUT else p for p in params]
             device._fetch_async(outbound, 0)
@@ -513,15 +559,16 @@ class Context:
             return ns_id
         raise _einval(f"objref flags {b:#x} name no object kind")
 
-    def _outputs(self, inbound: bytearray, params: list[_P]) -> tuple[int, list[_P]]:
+    def _outputs(
+        self, ob_data: list[bytes], oo_ids: list[int], params: list[_P]
+    ) -> tuple[int, list[_P]]:
         """Copy OB data and convert OO ids; UNAVAIL (and no objects) if any fails."""
-        resp = wire.decode_invoke_response(inbound)
         mem = self.device.memory
         out = list(params)
         made: list[int] = []
         ok = True
-        obs = iter(resp.ob)
-        oos = iter(resp.oo)
+        obs = iter(ob_data)
+        oos = iter(oo_ids)
         for i, (attr, a, _b, c) in enumerate(params):
             if attr == _UB_OUT:
                 data = next(obs)
@@ -571,39 +618,50 @@ class Context:
                 raise _einval("SUPPL_RECV params after the first must be NONE")
         slots = len(params)
         q = self.requests
-        with q.cond:
+        with q.cond:  # held for the whole selection, as reqs_lock is
             while True:
                 if q.released or self.closed:
                     raise DriverError(errno.EINTR, "context closed while waiting")
                 req = q.fifo[0] if q.fifo else None
-                if req is not None:
-                    break
-                q.cond.wait()
-            n = len(req.ib) + len(req.ob) + len(req.io) + req.n_oo
-            if n > slots - 1:
-                raise _einval(f"request needs {n} params, {slots - 1} given")
-            offs: list[int] = []
-            top = size
-            for data in req.ib:
-                top = (top - len(data)) & ~7
-                if top < 0:
-                    raise _einval("input buffers do not fit the scratch buffer")
-                offs.append(top)
-            q.fifo.popleft()
-            if req.op == OP_RELEASE:
-                q.finish(req, 0)  # notification: freed now, never answered
+                if req is None:
+                    q.cond.wait()
+                    continue
+                n = len(req.ib) + len(req.ob) + len(req.io) + req.n_oo
+                if n > slots - 1:  # ureq_select: the request stays QUEUED
+                    raise _einval(f"request needs {n} params, {slots - 1} given")
+                offs: list[int] = []
+                top = size
+                for data in req.ib:
+                    top = (top - len(data)) & ~7
+                    if top < 0:
+                        raise _einval("input buffers do not fit the scratch buffer")
+                    offs.append(top)
+                q.fifo.popleft()
                 out: list[_P] = [(_META_IN, req.object_id, req.req_id, 0)]
-                mem.write(buf_ptr, _SUPP_HEAD.pack(OP_RELEASE, 1) + _PARAM.pack(*out[0]))
-                return 0
-            req.state = PROCESSING
-        out = [(_META_IN, req.object_id, req.req_id, 0)]
-        for data, off in zip(req.ib, offs, strict=True):
-            mem.write(scratch + off, data)
-            out.append((_UB_IN, scratch + off, len(data), 0))
-        for cap in req.ob:
-            out.append((_UB_OUT, 0, cap, 0))
-        for obj in req.io:
-            out.append(self._objref_to_user(obj))
+                if req.op == OP_RELEASE:
+                    q.finish(req, 0)  # notification: freed now, never answered
+                    mem.write(buf_ptr, _SUPP_HEAD.pack(OP_RELEASE, 1) + _PARAM.pack(*out[0]))
+                    return 0
+                req.state = PROCESSING
+                try:  # qcomtee_cb_params_from_args
+                    for data, off in zip(req.ib, offs, strict=True):
+                        mem.write(scratch + off, data)
+                        out.append((_UB_IN, scratch + off, len(data), 0))
+                    for cap in req.ob:
+                        out.append((_UB_OUT, 0, cap, 0))
+                    for obj in req.io:
+                        out.append(self._objref_to_user(obj))
+                except DriverError:
+                    # Undo the conversions and fail the request with -EINVAL (QTEE sees
+                    # UNAVAIL); keep waiting for the next one.
+                    for attr, a, b, _c in out[1:]:
+                        if attr == _OBJ_IN and b == _FLAG_TEE:
+                            dropped = self.objects.erase(a)
+                            if dropped is not None:
+                                dropped.put()
+                    q.finish(req, -errno.EINVAL)
+                    continue
+                break
         out += [(_OBJ_OUT, 0, 0, 0)] * req.n_oo
         n_out = len(out)
         out += [_NONE_P] * (slots - n_out)
@@ -611,13 +669,22 @@ class Context:
         return 0
 
     def _objref_to_user(self, obj: object) -> _P:
-        if isinstance(obj, QteeObject) and obj.get():
+        """``qcomtee_objref_from_arg``: an object QTEE passed -> an OBJREF param."""
+        if obj is None:
+            return (_OBJ_IN, uapi.TEE_OBJREF_NULL, 0, 0)
+        if isinstance(obj, QteeObject):
+            if not obj.get():
+                raise _einval("QTEE object is being released")
             return (_OBJ_IN, self.objects.insert(obj), _FLAG_TEE, 0)
         if isinstance(obj, UserObject):
+            if obj.ctx is not self:
+                raise _einval("user object of another context")
             return (_OBJ_IN, obj.user_id, _FLAG_USER, 0)
         if isinstance(obj, MemObject):
+            if obj.shm.ctx is not self:
+                raise _einval("memory object of another context")
             return (_OBJ_IN, obj.shm.id, _FLAG_MEM, 0)
-        return (_OBJ_IN, uapi.TEE_OBJREF_NULL, 0, 0)
+        raise _einval(f"{type(obj).__name__} cannot be passed to userspace")
 
     def _supp_send(self, arg: bytearray | memoryview) -> int:
         _ptr, block, params = self._read_block(arg, _SUPP_HEAD, 4, exact=False)
@@ -628,8 +695,10 @@ class Context:
         q = self.requests
         with q.cond:
             req = q.by_id.get(req_id) if req_id <= 0x7FFF_FFFF else None
-            if req is None or req.state != PROCESSING:
-                raise _einval(f"no request {req_id} is being processed")
+            if req is None:  # ureq_dequeue finds nothing
+                raise _einval(f"no request {req_id}")
+            if req.state != PROCESSING:  # still QUEUED: dequeued and completed all the same
+                q.fifo.remove(req)
             status = raw - (1 << 32) if raw & 0x8000_0000 else raw
             if status != 0:
                 q.finish(req, status)
@@ -669,7 +738,10 @@ class Context:
                 if kind == _UB_OUT:
                     if b > req.ob[k - n_ib]:
                         raise _einval("reply output buffer is larger than QTEE accepts")
-                    ob_data.append(read(a, b))
+                    try:
+                        ob_data.append(read(a, b))
+                    except DriverError:
+                        raise _einval("reply output buffer copy faulted") from None
                 elif kind == _OBJ_OUT:
                     oo.append(self._objref_from_user(a, b))
         except DriverError:

@@ -4,8 +4,8 @@ Each test names the §5 row it checks and the §1.5/§4.x text behind it.  Faili
 must write nothing back and leave every table as it was (HABITS.md "Tests" 8: error paths
 are no-ops); ``Device.leaks()`` is the snapshot, because it names every table.
 
-Where the model and the kernel disagree the test states the kernel's behaviour and is
-marked ``xfail(strict=True)`` with the kernel function that decides it.
+Where the spec and the kernel disagree the test follows the kernel and names the kernel
+function that decides it.
 """
 
 from __future__ import annotations
@@ -160,6 +160,14 @@ def take_request(e: Env) -> tuple[uapi.SuppRecvArg, tuple[uapi.Param, ...]]:
     return head, params
 
 
+def take_release(e: Env, user_id: int = 77) -> None:
+    """RECV the release notification QTEE queued when it dropped the user object; it
+    takes the lowest free request id, often the one just answered (§4.3)."""
+    assert wait_until(lambda: "context 0 request ids" in e.dev.leaks())
+    head, params, _ = recv(e.ctx, e.mem, n=3, scratch_size=len(PAYLOAD))
+    assert (head.func, head.num_params, params[0].a) == (0xFFFF, 1, user_id)
+
+
 # ---------------------------------------------------------------- §1.5 (TEE core) rows
 
 
@@ -285,12 +293,6 @@ def test_more_than_64_params_einval(env: Env) -> None:
     expect_invoke_errno(errno.EINVAL, env.ctx, env.mem, env.ta, 2, params)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="driver bug: 16 of a type passes qcomtee_params_check but wire.encode_invoke "
-    "raises UsageError out of the ioctl; the kernel's qcomtee_msg_init masks each count "
-    "with 0xF and sends the message (spec §7 16-per-type quirk)",
-)
 def test_sixteen_of_a_type_passes_the_check_and_wraps_the_nibble(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -334,13 +336,6 @@ def test_bad_shm_id_einval(env: Env) -> None:
     assert env.dev.leaks() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernel returns EFAULT: torvalds/linux drivers/tee/qcomtee/core.c "
-    "qcomtee_prepare_msg returns -EFAULT when copy_from_user of an IB fails (patch "
-    "'tee: qcom: return -EFAULT instead of -EINVAL if copy_from_user() fails'); the model "
-    "and spec §5 still say EINVAL",
-)
 def test_input_buffer_copy_fault(env: Env) -> None:
     """§5 "OBJECT_INVOKE: IB copy fault during marshalling" (§4.1 step 5): the range passes
     access_ok but is not mapped; the ioctl fails, nothing is written back, and the user
@@ -505,12 +500,6 @@ def test_recv_scratch_too_small_keeps_the_request_queued(env: Env) -> None:
     assert t.outcome()[0].ret == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="driver bug: a fault copying an IB into the scratch buffer raises EFAULT out of "
-    "SUPPL_RECV and leaves the request PROCESSING forever; qcomtee_user_object_select "
-    "completes it with -EINVAL (QTEE: UNAVAIL) and keeps waiting (spec §4.3)",
-)
 def test_recv_conversion_failure_completes_the_request_unavail(env: Env) -> None:
     """§4.3 "If this conversion fails, the request is completed with -EINVAL (QTEE:
     UNAVAIL) and RECV keeps waiting": the scratch range is aligned and passes access_ok
@@ -563,6 +552,7 @@ def test_send_unknown_and_finished_request_ids_einval(env: Env) -> None:
     _, params = take_request(env)
     answer(env, params)
     assert t.outcome()[0].ret == 0
+    take_release(env)
     for req_id in (params[0].b, 5, 0xFFFF_FFFF_FFFF_FFFF):
         block = send_block(0, [uapi.Param(META_OUT, req_id)])
         expect_errno(errno.EINVAL, env.ctx, uapi.TEE_IOC_SUPPL_SEND, buf_arg(env.mem, block), block)
@@ -595,18 +585,13 @@ def test_send_param_mismatch_einval_and_qtee_sees_unavail(env: Env, bad: str) ->
     assert exc.value.errno == errno.EINVAL
     head, _ = t.outcome()
     assert head.ret == UNAVAIL and out == bytes(8)
+    take_release(env)
     block = send_block(
         0, [uapi.Param(META_OUT, params[0].b), params[1], uapi.Param(UB_OUT, data, 4)]
     )
     expect_errno(errno.EINVAL, env.ctx, uapi.TEE_IOC_SUPPL_SEND, buf_arg(env.mem, block), block)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="driver bug: SUPPL_SEND does not run tee_core's access_ok on UBUF_OUTPUT params "
-    "(params_from_supp) before taking the request, so the EFAULT also finishes the request "
-    "and QTEE gets UNAVAIL; the kernel leaves it PROCESSING for a retry (spec §4.4)",
-)
 def test_send_ubuf_outside_user_space_efault_request_stays_processing(env: Env) -> None:
     """§5 "UBUF address range not accessible" → EFAULT on SUPPL_SEND, raised by tee_core
     before qcomtee sees the reply, so the request stays PROCESSING (§4.4) and a corrected
@@ -626,12 +611,6 @@ def test_send_ubuf_outside_user_space_efault_request_stays_processing(env: Env) 
         t.join(5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="driver bug: a reply OB that passes access_ok but faults on copy makes SUPPL_SEND "
-    "fail with EFAULT; qcomtee_cb_params_to_args turns the copy_from_user failure into "
-    "-EINVAL (ioctl EINVAL, QTEE UNAVAIL)",
-)
 def test_send_reply_copy_fault_einval_and_unavail(env: Env) -> None:
     """§5 "SUPPL_SEND: param mismatch with ret==0" family: a reply OB that cannot be
     copied fails the SEND with EINVAL and QTEE sees UNAVAIL (user_obj.c
@@ -652,12 +631,6 @@ def test_send_reply_copy_fault_einval_and_unavail(env: Env) -> None:
         t.join(5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="driver bug: SUPPL_SEND refuses (EINVAL) a request id that is still QUEUED; "
-    "qcomtee_user_object_submit dequeues any id in reqs_idr that is not the placeholder, "
-    "so the kernel completes it (spec §4.4 'Otherwise it is dequeued and marked PROCESSED')",
-)
 def test_send_for_a_queued_request_completes_it(env: Env) -> None:
     """§5 "SUPPL_SEND: unknown request id" is only unknown ids: a request the supplicant
     has not received yet (QUEUED, id 0) is known, so an error reply completes it and QTEE
