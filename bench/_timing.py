@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+
+
+def pin_to_one_cpu() -> str:
+    """Run this process on one CPU; returns a line saying which.
+
+    Python threads take turns on the GIL, so a second CPU adds nothing but cross-CPU
+    wake-ups, whose cost swings 10x on a VM from run to run.  On one CPU a thread
+    handoff costs what the interpreter makes it cost, for the baselines and for qtee.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return "cpu affinity: not supported here, figures are noisier"
+    cpu = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    return f"pinned to cpu {cpu} (see bench/_timing.py)"
 
 
 def ops_per_sec(fn: Callable[[], object], *, min_time: float = 0.2, repeats: int = 5) -> float:

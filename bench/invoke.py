@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import ops_per_sec, report
+from _timing import ops_per_sec, pin_to_one_cpu, report
 
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, op, wire
@@ -64,6 +64,7 @@ def ping_pong() -> float:
 
 
 def main() -> None:
+    print(pin_to_one_cpu())
     qtee.register_ta("bench.null", NullTA)
     device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
     with qtee.Client(device, workers=1) as client:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import ops_per_sec, report
+from _timing import ops_per_sec, pin_to_one_cpu, report
 
 from qtee import wire
 
@@ -77,6 +77,7 @@ def codec() -> object:
 
 
 def main() -> None:
+    print(pin_to_one_cpu())
     if bare_encode(7, 0, IB, OB, IO, N_OO) != wire.encode_invoke(7, 0, IB, OB, IO, N_OO):
         raise SystemExit("baseline and codec disagree on the message bytes")
     base = ops_per_sec(bare)
