@@ -21,13 +21,24 @@ import logging
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from objects import DriverError, PyObject, QteeError, UsageError, op, result_from_u32
+from objects import (
+    CyclicAllocator,
+    DriverError,
+    PyObject,
+    QteeError,
+    UsageError,
+    op,
+    result_from_u32,
+)
 from qtee import uapi
-from qtee._driver import Context, Device, _invoke_struct, _params_struct
+from qtee._driver import Context, Device, _invoke_struct
 from qtee.addrspace import AddressSpace
 from qtee.credentials import Credentials
+
+if TYPE_CHECKING:
+    from supplicant._pool import WorkerPool
 
 __all__ = ["OUT_OBJECT", "CallbackObject", "Client", "MemoryObject", "ObjRef", "Out"]
 
@@ -37,16 +48,13 @@ _UB_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
 _UB_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
 _OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
 _OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
-_META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
-_META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 _BUF: Final = struct.Struct("<QQ")  # struct tee_ioctl_buf_data
 _U32: Final = struct.Struct("<I")
 _PARAM: Final = struct.Struct("<4Q")
-_SUPP_HEAD: Final = struct.Struct("<II")
 _INVOKE_HEAD_SIZE: Final = 24
 _P = tuple[int, int, int, int]
-_RECV_PARAMS: Final = 11  # 1 meta + QCOMTEE_OBJECT_PARAMS_MAX (10), as libqcomtee
-_SCRATCH: Final = 4096
+#: Callback objects one client can have exported at once (libqcomtee: ids 1..1023).
+CALLBACK_IDS_MAX: Final = 1023
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,14 +190,14 @@ class Client:
         self._lock = threading.Lock()
         self._exports: dict[int, list[Any]] = {}  # user id -> [object, references]
         self._by_obj: dict[int, int] = {}
-        self._next_user_id = 1
+        # libqcomtee: callback ids round-robin in [1, 1023] per root, held while referenced.
+        self._ids = CyclicAllocator(1, CALLBACK_IDS_MAX, name="callback ids")
         self._blocks: list[_Block] = []
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"qtee-supplicant-{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for t in self._threads:
-            t.start()
+        self.pool: WorkerPool | None = None
+        if workers:
+            from supplicant._pool import WorkerPool
+
+            self.pool = WorkerPool(self, workers)
 
     # ----------------------------------------------------------------- memory
     def _take_block(self) -> _Block:
@@ -198,6 +206,10 @@ class Client:
             return self._blocks.pop()
         except IndexError:
             return _Block(self.device.memory)
+
+    def _new_block(self) -> _Block:
+        """A pinned argument block owned by the caller (a supplicant thread)."""
+        return _Block(self.device.memory)
 
     def _unpin(self, addrs: list[int]) -> None:
         unpin = self.device.memory.unpin
@@ -210,11 +222,16 @@ class Client:
 
     # ----------------------------------------------------------------- exports
     def _export(self, obj: CallbackObject) -> int:
+        """The object's callback id (allocated on first send, reused while held)."""
         with self._lock:
             uid = self._by_obj.get(id(obj))
             if uid is None:
-                uid = self._next_user_id
-                self._next_user_id += 1
+                try:
+                    uid = self._ids.alloc()
+                except DriverError:
+                    raise DriverError(
+                        errno.ENOSPC, f"{CALLBACK_IDS_MAX} callback objects already exported"
+                    ) from None
                 self._by_obj[id(obj)] = uid
                 self._exports[uid] = [obj, 0]
             self._exports[uid][1] += 1
@@ -229,6 +246,18 @@ class Client:
             if entry[1] <= 0:
                 del self._exports[uid]
                 del self._by_obj[id(entry[0])]
+                self._ids.free(uid)
+
+    def _exported(self, uid: int) -> CallbackObject | None:
+        """The callback object QTEE names by ``uid`` (None: not exported by this client)."""
+        with self._lock:
+            entry = self._exports.get(uid)
+        return entry[0] if entry is not None else None
+
+    def _drop_input(self, ref: object) -> None:
+        """An input object a handler received: released unless the handler kept it."""
+        if isinstance(ref, ObjRef) and not ref.kept:
+            ref.release()
 
     def exported(self) -> int:
         """Callback objects QTEE still holds references to."""
@@ -264,7 +293,7 @@ class Client:
                     params.append((_OBJ_OUT, 0, 0, 0))
                     outs.append((i, None))
                 else:
-                    params.append(self._objref(a, sent))
+                    params.append(self._value_to_param(a, sent))
             n = len(params)
             size = _INVOKE_HEAD_SIZE + 32 * n
             if size > uapi.TEE_MAX_ARG_SIZE:
@@ -291,11 +320,11 @@ class Client:
         if ret:
             raise QteeError(result_from_u32(ret))
         return [
-            bytes(buf[: p[2]]) if buf is not None else self._objref_out(p[1], p[2])
+            bytes(buf[: p[2]]) if buf is not None else self._param_to_value(p[1], p[2])
             for (_, buf), p in zip(outs, back, strict=True)
         ]
 
-    def _objref(self, obj: object, sent: list[int]) -> _P:
+    def _value_to_param(self, obj: object, sent: list[int]) -> _P:
         if obj is None:
             return (_OBJ_IN, uapi.TEE_OBJREF_NULL, 0, 0)
         if isinstance(obj, ObjRef):
@@ -310,7 +339,7 @@ class Client:
             return (_OBJ_IN, uid, uapi.QCOMTEE_OBJREF_FLAG_USER, 0)
         raise TypeError(f"cannot pass a {type(obj).__name__} to QTEE")
 
-    def _objref_out(self, a: int, b: int) -> Any:
+    def _param_to_value(self, a: int, b: int) -> Any:
         if a == uapi.TEE_OBJREF_NULL:
             return None
         if b & uapi.QCOMTEE_OBJREF_FLAG_TEE:
@@ -339,109 +368,13 @@ class Client:
         self.ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, arg)
         return MemoryObject(self, uapi.ShmAllocData.unpack(arg).id)
 
-    # ----------------------------------------------------------------- supplicant
-    def _serve(self) -> None:
-        mem = self.device.memory
-        scratch = bytearray(_SCRATCH)
-        scratch_addr = mem.pin(scratch)
-        recv = _Block(mem)
-        send = _Block(mem)
-        recv_size = _SUPP_HEAD.size + 32 * _RECV_PARAMS
-        request = _SUPP_HEAD.pack(0, _RECV_PARAMS) + _params_struct(_RECV_PARAMS).pack(
-            _META_IN, scratch_addr, _SCRATCH, 0, *(0,) * (4 * (_RECV_PARAMS - 1))
-        )
-        try:
-            while True:
-                recv.buf[:recv_size] = request
-                try:
-                    self._call(uapi.TEE_IOC_SUPPL_RECV, recv, recv_size)
-                except DriverError as exc:
-                    if exc.code not in (errno.EINTR, errno.EBADF):
-                        log.error("SUPPL_RECV failed: %s", exc)
-                    return
-                func, num = _SUPP_HEAD.unpack_from(recv.buf)
-                got = list(
-                    _PARAM.iter_unpack(recv.buf[_SUPP_HEAD.size : _SUPP_HEAD.size + 32 * num])
-                )
-                try:
-                    self._handle(func, got, send, scratch, scratch_addr)
-                except DriverError as exc:
-                    log.warning("callback request %d failed: %s", got[0][2], exc)
-        finally:
-            recv.close()
-            send.close()
-            mem.unpin(scratch_addr)
-
-    def _handle(self, func: int, p: list[_P], send: _Block, scratch: bytearray, base: int) -> None:
-        uid, req = p[0][1], p[0][2]
-        if func == 0xFFFF:
-            self._unexport(uid)  # release notification: never answered
-            return
-        with self._lock:
-            entry = self._exports.get(uid)
-        if entry is None:
-            self._reply(send, 0xFFFFFFFF & -90, [(_META_OUT, req, 0, 0)])  # DEFUNCT
-            return
-        mem = self.device.memory
-        obj: CallbackObject = entry[0]
-        args = p[1:]
-        try:  # input buffers are in this worker's own scratch buffer
-            ib = tuple(
-                [
-                    bytes(scratch[x[1] - base : x[1] - base + x[2]])
-                    if 0 <= x[1] - base <= len(scratch) - x[2]
-                    else mem.read(x[1], x[2])
-                    for x in args
-                    if x[0] == _UB_IN
-                ]
-            )
-        except DriverError:
-            self._reply(send, 0xFFFFFFFF & -96, [(_META_OUT, req, 0, 0)])  # UNAVAIL
-            raise
-        ob = tuple([x[2] for x in args if x[0] == _UB_OUT])
-        io = tuple([self._objref_out(x[1], x[2]) for x in args if x[0] == _OBJ_IN])
-        n_oo = sum(1 for x in args if x[0] == _OBJ_OUT)
-        pins: list[int] = []
-        try:
-            res = obj.dispatch(func, ib, ob, io, n_oo)
-            reply: list[_P] = [(_META_OUT, req, 0, 0)]
-            if res.result == 0:
-                obs, oos = iter(res.ob), iter(res.oo)
-                for x in args:
-                    if x[0] == _UB_OUT:
-                        data = bytes(next(obs))
-                        addr = 0
-                        if data:
-                            addr = mem.pin(data)
-                            pins.append(addr)
-                        reply.append((_UB_OUT, addr, len(data), 0))
-                    elif x[0] == _OBJ_OUT:
-                        ref = self._objref(next(oos), [])
-                        reply.append((_OBJ_OUT, ref[1], ref[2], 0))
-                    else:
-                        reply.append(x)
-            self._reply(send, res.result & 0xFFFFFFFF, reply)
-        finally:
-            if pins:
-                self._unpin(pins)
-            for ref in io:  # input objects not kept by the handler are dropped
-                if isinstance(ref, ObjRef) and not ref.kept:
-                    ref.release()
-
-    def _reply(self, send: _Block, ret: int, reply: list[_P]) -> None:
-        n = len(reply)
-        _SUPP_HEAD.pack_into(send.buf, 0, ret, n)
-        _params_struct(n).pack_into(
-            send.buf, _SUPP_HEAD.size, *itertools.chain.from_iterable(reply)
-        )
-        self._call(uapi.TEE_IOC_SUPPL_SEND, send, _SUPP_HEAD.size + 32 * n)
-
     # ----------------------------------------------------------------- close
     def close(self) -> None:
         """Close the context (QTEE objects released, pending callbacks DEFUNCT), join workers."""
-        self.ctx.close()
-        for t in self._threads:
-            t.join(5)
+        if self.pool is not None:
+            self.pool.stop()
+        else:
+            self.ctx.close()
         while self._blocks:
             self._blocks.pop().close()
 

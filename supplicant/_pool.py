@@ -1,0 +1,329 @@
+"""The supplicant worker pool: threads that serve callback requests of one context.
+
+Each worker loops on SUPPL_RECV, dispatches the request to the callback object it names
+and answers with SUPPL_SEND, following libqcomtee's ``qcomtee_object_process_one``:
+
+1. no exported object with that id -> ``DEFUNCT`` (-90) in the SEND ``ret``;
+2. an op the object's table does not have -> ``BADOBJ`` (-92), without dispatching;
+3. arguments that cannot be unmarshalled -> ``UNAVAIL`` (-96);
+4. a release notification (op 0xFFFF) drops one reference and is never answered;
+5. otherwise the object's method runs; a :class:`objects.QteeError` it raises is its
+   result, any other exception is ``ERROR`` (1) and is logged with the object and op.
+
+The kernel passes a negative ``ret`` to QTEE through ``qcomtee_msg_set_result``, so QTEE
+sees -90/-92/-96 as ``ERROR``; positive results pass unchanged (qtee-kernel.md §3.6).
+
+A worker never dies from a handler.  With ``deadline`` set, a request whose handler runs
+longer is answered ``-EBUSY`` (QTEE sees ``ERROR_BUSY``) by a watchdog, and the late
+answer is dropped.  :meth:`WorkerPool.stop` closes the context -- queued and in-flight
+requests complete with ``DEFUNCT`` for the TA, blocked receivers wake -- and joins every
+thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from objects import DriverError, Result, UsageError
+from qtee import uapi
+from qtee._driver import _params_struct
+
+if TYPE_CHECKING:
+    from qtee.client import CallbackObject, Client, _Block
+
+__all__ = ["WorkerPool"]
+
+log = logging.getLogger("qtee.supplicant")
+
+_PARAM: Final = struct.Struct("<4Q")
+_SUPP_HEAD: Final = struct.Struct("<II")
+_P = tuple[int, int, int, int]
+_UB_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
+_UB_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
+_OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
+_OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
+_META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+_META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+#: 1 meta + QCOMTEE_OBJECT_PARAMS_MAX (10) params per RECV, as libqcomtee.
+RECV_PARAMS: Final = 11
+#: Bytes of the scratch buffer input buffers are copied into (libqcomtee: 1024 on the stack).
+SCRATCH_SIZE: Final = 4096
+OP_RELEASE: Final = 0xFFFF
+
+
+def _u32(result: int) -> int:
+    return result & 0xFFFF_FFFF
+
+
+class _InFlight:
+    """One request being dispatched; answered exactly once (by its worker or the watchdog)."""
+
+    __slots__ = ("answered", "due", "obj", "op", "req")
+
+    def __init__(self, req: int, obj: object, op: int, due: float) -> None:
+        self.req = req
+        self.obj = obj
+        self.op = op
+        self.due = due
+        self.answered = False
+
+
+class WorkerPool:
+    """``workers`` threads serving the callback objects a :class:`qtee.Client` exports."""
+
+    def __init__(self, client: Client, workers: int = 4, *, deadline: float | None = None) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise UsageError(f"workers must be an int >= 1, not {workers!r}")
+        if deadline is not None and (not isinstance(deadline, int | float) or deadline <= 0):
+            raise UsageError(f"deadline must be a number of seconds > 0, not {deadline!r}")
+        self.client = client
+        self.deadline = deadline
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._in_flight: list[_InFlight] = []
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"qtee-supplicant-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        if deadline is not None:
+            self._threads.append(
+                threading.Thread(
+                    target=self._watchdog, name="qtee-supplicant-watchdog", daemon=True
+                )
+            )
+        for t in self._threads:
+            t.start()
+
+    @property
+    def workers(self) -> int:
+        """Number of worker threads."""
+        return sum(1 for t in self._threads if not t.name.endswith("watchdog"))
+
+    def alive(self) -> int:
+        """Threads of this pool still running (0 after :meth:`stop`)."""
+        return sum(1 for t in self._threads if t.is_alive())
+
+    # ----------------------------------------------------------------- lifecycle
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the context (pending requests -> DEFUNCT) and join every thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        self.client.ctx.close()
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, end - time.monotonic()))
+        left = [t.name for t in self._threads if t.is_alive()]
+        if left:
+            raise UsageError(f"supplicant threads still running after {timeout}s: {left}")
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- workers
+    def _serve(self) -> None:
+        client = self.client
+        mem = client.device.memory
+        scratch = bytearray(SCRATCH_SIZE)
+        base = mem.pin(scratch)
+        recv = client._new_block()
+        send = client._new_block()
+        size = _SUPP_HEAD.size + 32 * RECV_PARAMS
+        request = _SUPP_HEAD.pack(0, RECV_PARAMS) + _params_struct(RECV_PARAMS).pack(
+            _META_IN, base, SCRATCH_SIZE, 0, *(0,) * (4 * (RECV_PARAMS - 1))
+        )
+        try:
+            while not self._stopping:
+                recv.buf[:size] = request
+                try:
+                    client._call(uapi.TEE_IOC_SUPPL_RECV, recv, size)
+                except DriverError as exc:
+                    if exc.code not in (errno.EINTR, errno.EBADF):
+                        log.error("SUPPL_RECV failed: %s", exc)
+                    return
+                func, num = _SUPP_HEAD.unpack_from(recv.buf)
+                end = _SUPP_HEAD.size + 32 * num
+                got = list(_PARAM.iter_unpack(recv.buf[_SUPP_HEAD.size : end]))
+                try:
+                    self._handle(func, got, send, scratch, base)
+                except DriverError as exc:
+                    log.warning("callback request %d: %s", got[0][2], exc)
+                except Exception:  # never let a request take the worker down
+                    log.exception("callback request %d (op %d) failed", got[0][2], func)
+        finally:
+            recv.close()
+            send.close()
+            mem.unpin(base)
+
+    def _handle(self, func: int, p: list[_P], send: _Block, scratch: bytearray, base: int) -> None:
+        client = self.client
+        uid, req = p[0][1], p[0][2]
+        if func == OP_RELEASE:
+            client._unexport(uid)  # release notification: never answered
+            return
+        obj = client._exported(uid)
+        if obj is None:
+            self._reply(send, Result.ERROR_DEFUNCT, [(_META_OUT, req, 0, 0)])
+            return
+        if not obj.supports(func):
+            self._reply(send, Result.ERROR_BADOBJ, [(_META_OUT, req, 0, 0)])
+            return
+        args = p[1:]
+        try:
+            ib, ob, io, n_oo = self._unmarshal(args, scratch, base)
+        except Exception as exc:  # any failure here is UNAVAIL
+            log.warning("request %d for %r op %d: cannot unmarshal: %s", req, obj, func, exc)
+            self._reply(send, Result.ERROR_UNAVAIL, [(_META_OUT, req, 0, 0)])
+            return
+        entry = self._begin(req, obj, func)
+        pins: list[int] = []
+        try:
+            res = obj.dispatch(func, ib, ob, io, n_oo)
+            reply: list[_P] = [(_META_OUT, req, 0, 0)]
+            result = res.result
+            if result == 0:
+                result = self._marshal(args, res.ob, res.oo, reply, pins)
+                if result:
+                    reply = reply[:1]
+            if self._finish(entry):
+                self._reply(send, result, reply)
+            else:
+                log.warning("request %d for %r op %d answered after its deadline", req, obj, func)
+        finally:
+            if pins:
+                client._unpin(pins)
+            for ref in io:  # input objects the handler did not keep are dropped
+                client._drop_input(ref)
+
+    def _unmarshal(
+        self, args: list[_P], scratch: bytearray, base: int
+    ) -> tuple[tuple[bytes, ...], tuple[int, ...], tuple[Any, ...], int]:
+        client = self.client
+        mem = client.device.memory
+        ib: list[bytes] = []
+        ob: list[int] = []
+        io: list[Any] = []
+        n_oo = 0
+        try:
+            for attr, a, b, _c in args:
+                if attr == _UB_IN:
+                    off = a - base
+                    if 0 <= off <= len(scratch) - b:  # in this worker's own scratch buffer
+                        ib.append(bytes(scratch[off : off + b]))
+                    else:
+                        ib.append(mem.read(a, b))
+                elif attr == _UB_OUT:
+                    ob.append(b)
+                elif attr == _OBJ_IN:
+                    io.append(client._param_to_value(a, b))
+                elif attr == _OBJ_OUT:
+                    n_oo += 1
+                else:
+                    raise UsageError(f"unexpected param attr {attr:#x}")
+        except BaseException:
+            for ref in io:
+                client._drop_input(ref)
+            raise
+        return tuple(ib), tuple(ob), tuple(io), n_oo
+
+    def _marshal(
+        self,
+        args: list[_P],
+        ob_data: tuple[bytes, ...],
+        oo: tuple[object, ...],
+        reply: list[_P],
+        pins: list[int],
+    ) -> int:
+        """Outputs -> reply params (index-aligned with the request); UNAVAIL on failure."""
+        client = self.client
+        mem = client.device.memory
+        obs, oos = iter(ob_data), iter(oo)
+        try:
+            for x in args:
+                if x[0] == _UB_OUT:
+                    data = bytes(next(obs))
+                    addr = 0
+                    if data:
+                        addr = mem.pin(data)
+                        pins.append(addr)
+                    reply.append((_UB_OUT, addr, len(data), 0))
+                elif x[0] == _OBJ_OUT:
+                    _attr, a, b, _c = client._value_to_param(next(oos), [])
+                    reply.append((_OBJ_OUT, a, b, 0))
+                else:
+                    reply.append(x)
+        except Exception as exc:  # libqcomtee: marshalling out fails -> UNAVAIL
+            log.warning("cannot marshal the outputs: %s", exc)
+            return Result.ERROR_UNAVAIL
+        return 0
+
+    def _reply(self, send: _Block, ret: int, reply: list[_P]) -> None:
+        n = len(reply)
+        _SUPP_HEAD.pack_into(send.buf, 0, _u32(ret), n)
+        _params_struct(n).pack_into(
+            send.buf, _SUPP_HEAD.size, *itertools.chain.from_iterable(reply)
+        )
+        self.client._call(uapi.TEE_IOC_SUPPL_SEND, send, _SUPP_HEAD.size + 32 * n)
+
+    # ----------------------------------------------------------------- deadlines
+    def _begin(self, req: int, obj: CallbackObject, op: int) -> _InFlight | None:
+        if self.deadline is None:
+            return None
+        entry = _InFlight(req, obj, op, time.monotonic() + self.deadline)
+        with self._wake:
+            self._in_flight.append(entry)
+            self._wake.notify()
+        return entry
+
+    def _finish(self, entry: _InFlight | None) -> bool:
+        """True when the worker may answer (the watchdog has not)."""
+        if entry is None:
+            return True
+        with self._wake:
+            if entry.answered:
+                return False
+            entry.answered = True
+            self._in_flight.remove(entry)
+            return True
+
+    def _watchdog(self) -> None:
+        send = self.client._new_block()
+        try:
+            while True:
+                with self._wake:
+                    if self._stopping:
+                        return
+                    now = time.monotonic()
+                    late = [e for e in self._in_flight if e.due <= now]
+                    for e in late:
+                        e.answered = True
+                        self._in_flight.remove(e)
+                    if not late:
+                        nxt = min((e.due for e in self._in_flight), default=now + 1.0)
+                        self._wake.wait(max(0.0, nxt - now))
+                        continue
+                for e in late:
+                    log.warning(
+                        "request %d for %r op %d missed its %.3fs deadline: BUSY",
+                        e.req,
+                        e.obj,
+                        e.op,
+                        self.deadline,
+                    )
+                    try:
+                        self._reply(send, -errno.EBUSY, [(_META_OUT, e.req, 0, 0)])
+                    except DriverError as exc:
+                        log.warning("deadline answer for request %d failed: %s", e.req, exc)
+        finally:
+            send.close()
