@@ -1,0 +1,387 @@
+"""The time listener's messages (listener id 0xB), byte for byte (sans-IO).
+
+QTEE's time listener shares one 20 KiB buffer with the supplicant, like the FS listener
+(:mod:`supplicant._fs_msg`).  A request is written at its start and the response is
+written over it, in place.  Both begin with a u32 command id, and the response echoes
+the request's id (the real service never rewrites it; it is simply left in place).
+Every struct is packed and little-endian (the supplicant runs on aarch64, LP64).
+
+**Where the numbers come from.**  ``qualcomm-linux/pkg-minkipc:listeners/libtimeservice/``
+``time_msg.h`` (the ids, ``tz_time_spec``, ``tz_time`` and every request and response
+struct) and ``atime.c`` (what each command puts in its response), commit ``4dbe8a3``.
+Only facts were taken: numbers, field order, sizes and behaviour.
+
+Every request is the bare u32 id (4 bytes).  The responses, with their total sizes:
+
+=====  ============  ===================================================  ====
+ id     command       response after the u32 id                            size
+=====  ============  ===================================================  ====
+0x302  GET_UTC_SEC   u32 tv_sec, u32 tv_nsec, i32 ret                      16
+0x303  GET_SYSTIME   i32 tm_sec, tm_min, tm_hour, tm_mday, tm_mon,         44
+                     tm_year, tm_wday, tm_yday, tm_isdst; i32 ret
+0x304  GET_TIME_MS   u64 ms (``unsigned long``; there is no ret field)     12
+0x305  GET_HLOS_UTC  same struct and values as GET_UTC_SEC                 16
+0x306  END           i32 ret = 0                                           8
+other  (error)       i32 ret = -1 (``tz_time_err_rsp``)                    8
+=====  ============  ===================================================  ====
+
+0x301 (``TIME_START``) and 0x7FFFFFFF (``UNKNOWN``) are ids in the header's enum, but the
+service's dispatch has no case for them: like any other id they get the error answer.
+
+**What the values mean** (all from ``CLOCK_REALTIME``; the real service reads no
+monotonic clock):
+
+* GET_UTC_SEC and GET_HLOS_UTC: the wall clock as ``tv_sec`` (truncated to 32 bits by a
+  cast) and ``tv_nsec``; ``ret`` is ``clock_gettime``'s result (0, or -1 with both
+  fields 0).
+* GET_SYSTIME: ``gmtime_r`` of the wall clock's seconds, so UTC, ``tm_isdst`` = 0,
+  ``tm_year`` counted from 1900 and ``tm_mon`` from 0.  ``ret`` is 0, or -1 with all
+  nine fields 0.
+* GET_TIME_MS: ``tv_sec * 1000``, plus ``tv_nsec / 1000000`` only when ``tv_nsec`` is
+  *greater than* 1000000 (so exactly 1 ms past the second adds nothing).  A clock
+  failure answers ``(unsigned long)-1`` = 2**64 - 1.
+
+Decoding a request accepts trailing bytes, because the listener hands over the whole
+shared buffer.  (The real dispatch also refuses a shared buffer shorter than
+``TZ_MAX_BUF_LEN`` = 20040 bytes as a transport error; that check belongs to whoever
+owns the buffer, not to this codec.)  Decoders raise only :class:`TimeDecodeError`,
+whatever the bytes.  Records validate their fields when they are built and raise
+:class:`TimeUsageError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+from objects import DecodeError, UsageError
+
+__all__ = [
+    "MAX_BUF_LEN",
+    "TIME_SERVICE_BUF_LEN",
+    "TIME_SERVICE_ID",
+    "TIME_MS_FAILURE",
+    "TM_ZERO",
+    "EndRequest",
+    "GetHlosUtcRequest",
+    "GetSystimeRequest",
+    "GetTimeMsRequest",
+    "GetUtcSecRequest",
+    "StatusResponse",
+    "SystimeResponse",
+    "TimeCmd",
+    "TimeDecodeError",
+    "TimeMsResponse",
+    "TimeRequest",
+    "TimeResponse",
+    "TimeSpecResponse",
+    "TimeUsageError",
+    "TzTime",
+    "UnsupportedRequest",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+    "response_size",
+]
+
+TIME_SERVICE_ID: Final = 0xB
+TIME_SERVICE_BUF_LEN: Final = 20 * 1024
+MAX_BUF_LEN: Final = 20000 + 40  # TZ_MAX_BUF_LEN: the dispatch's minimum buffer length
+
+_I32_MIN: Final = -(1 << 31)
+_I32_MAX: Final = (1 << 31) - 1
+_U32_MAX: Final = (1 << 32) - 1
+_U64_MAX: Final = (1 << 64) - 1
+
+TIME_MS_FAILURE: Final = _U64_MAX  # GET_TIME_MS's answer when the clock fails
+
+
+class TimeCmd(enum.IntEnum):
+    """``tz_time_msg_cmd_type``: consecutive from TIME_START = 0x301."""
+
+    TIME_START = 0x301
+    GET_UTC_SEC = 0x302
+    GET_SYSTIME = 0x303
+    GET_TIME_MS = 0x304
+    GET_HLOS_UTC = 0x305
+    TIME_END = 0x306
+    UNKNOWN = 0x7FFFFFFF
+
+
+class TimeDecodeError(DecodeError):
+    """Time listener bytes are malformed (the message says which command and field)."""
+
+
+class TimeUsageError(UsageError):
+    """A time message field or TimeService argument has the wrong type or range."""
+
+
+def _int(value: object, what: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TimeUsageError(f"{what} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise TimeUsageError(f"{what} {value} is outside [{lo}, {hi}]")
+    return value
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetUtcSecRequest:
+    """GET_UTC_SEC: the wall clock as seconds and nanoseconds."""
+
+    CMD: ClassVar[TimeCmd] = TimeCmd.GET_UTC_SEC
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetSystimeRequest:
+    """GET_SYSTIME: the wall clock broken down in UTC (``struct tm``)."""
+
+    CMD: ClassVar[TimeCmd] = TimeCmd.GET_SYSTIME
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetTimeMsRequest:
+    """GET_TIME_MS: the wall clock in milliseconds."""
+
+    CMD: ClassVar[TimeCmd] = TimeCmd.GET_TIME_MS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetHlosUtcRequest:
+    """GET_HLOS_UTC: the same answer as GET_UTC_SEC."""
+
+    CMD: ClassVar[TimeCmd] = TimeCmd.GET_HLOS_UTC
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndRequest:
+    """END: a no-op that answers 0."""
+
+    CMD: ClassVar[TimeCmd] = TimeCmd.TIME_END
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnsupportedRequest:
+    """Any id the dispatch has no case for (TIME_START and UNKNOWN included)."""
+
+    cmd_id: int
+
+    def __post_init__(self) -> None:
+        _int(self.cmd_id, "command id", 0, _U32_MAX)
+        if self.cmd_id in _REQ_BY_CMD:
+            raise TimeUsageError(f"command {self.cmd_id:#x} is supported; use its own record")
+
+
+TimeRequest = (
+    GetUtcSecRequest
+    | GetSystimeRequest
+    | GetTimeMsRequest
+    | GetHlosUtcRequest
+    | EndRequest
+    | UnsupportedRequest
+)
+
+_FixedRequest = (
+    GetUtcSecRequest | GetSystimeRequest | GetTimeMsRequest | GetHlosUtcRequest | EndRequest
+)
+_REQ_BY_CMD: Final[dict[int, type[_FixedRequest]]] = {
+    cls.CMD: cls
+    for cls in (
+        GetUtcSecRequest,
+        GetSystimeRequest,
+        GetTimeMsRequest,
+        GetHlosUtcRequest,
+        EndRequest,
+    )
+}
+_U32 = struct.Struct("<I")
+
+
+def _buffer(buf: object, what: str) -> bytes:
+    if not isinstance(buf, bytes | bytearray | memoryview):
+        raise TimeDecodeError(f"{what} must be bytes-like, not {type(buf).__name__}")
+    return bytes(buf)
+
+
+def encode_request(req: TimeRequest) -> bytes:
+    """The request's 4 bytes: just the command id (the secure side's half)."""
+    if isinstance(req, UnsupportedRequest):
+        return _U32.pack(req.cmd_id)
+    if type(req) not in _REQ_BY_CMD.values():
+        raise TimeUsageError(f"not a time request record: {type(req).__name__}")
+    return _U32.pack(req.CMD)
+
+
+def decode_request(buf: bytes | bytearray | memoryview) -> TimeRequest:
+    """The request at the start of ``buf`` (trailing bytes are ignored)."""
+    data = _buffer(buf, "request")
+    if len(data) < _U32.size:
+        raise TimeDecodeError(f"request is {len(data)} bytes; the command id needs 4")
+    (cmd_id,) = _U32.unpack_from(data, 0)
+    cls = _REQ_BY_CMD.get(cmd_id)
+    if cls is None:
+        return UnsupportedRequest(cmd_id=cmd_id)
+    return cls()
+
+
+# --------------------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TzTime:
+    """``tz_time``: a ``struct tm`` as nine i32 fields, in wire order."""
+
+    tm_sec: int
+    tm_min: int
+    tm_hour: int
+    tm_mday: int
+    tm_mon: int
+    tm_year: int
+    tm_wday: int
+    tm_yday: int
+    tm_isdst: int
+
+    def __post_init__(self) -> None:
+        for name in _TM_FIELDS:
+            _int(getattr(self, name), name, _I32_MIN, _I32_MAX)
+
+    def fields(self) -> tuple[int, ...]:
+        """The nine values in wire order."""
+        return tuple(getattr(self, name) for name in _TM_FIELDS)
+
+
+_TM_FIELDS: Final = (
+    "tm_sec",
+    "tm_min",
+    "tm_hour",
+    "tm_mday",
+    "tm_mon",
+    "tm_year",
+    "tm_wday",
+    "tm_yday",
+    "tm_isdst",
+)
+TM_ZERO: Final = TzTime(
+    tm_sec=0, tm_min=0, tm_hour=0, tm_mday=0, tm_mon=0, tm_year=0, tm_wday=0, tm_yday=0, tm_isdst=0
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeSpecResponse:
+    """GET_UTC_SEC's or GET_HLOS_UTC's answer (``tz_time_getutcsec_rsp``)."""
+
+    cmd_id: int
+    tv_sec: int
+    tv_nsec: int
+    ret: int
+
+    def __post_init__(self) -> None:
+        _int(self.cmd_id, "command id", 0, _U32_MAX)
+        if self.cmd_id not in _TIMESPEC_CMDS:
+            raise TimeUsageError(
+                f"a timespec response answers GET_UTC_SEC or GET_HLOS_UTC, not {self.cmd_id:#x}"
+            )
+        _int(self.tv_sec, "tv_sec", 0, _U32_MAX)
+        _int(self.tv_nsec, "tv_nsec", 0, _U32_MAX)
+        _int(self.ret, "ret", _I32_MIN, _I32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystimeResponse:
+    """GET_SYSTIME's answer (``tz_time_getsystime_rsp``)."""
+
+    time: TzTime
+    ret: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.time, TzTime):
+            raise TimeUsageError(f"time must be a TzTime, not {type(self.time).__name__}")
+        _int(self.ret, "ret", _I32_MIN, _I32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeMsResponse:
+    """GET_TIME_MS's answer (``tz_time_gettimems_rsp``): milliseconds, no status."""
+
+    ms: int
+
+    def __post_init__(self) -> None:
+        _int(self.ms, "ms", 0, _U64_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusResponse:
+    """The 8-byte ``{id, i32 ret}`` answer: END's (ret 0) and the error one (ret -1)."""
+
+    cmd_id: int
+    ret: int
+
+    def __post_init__(self) -> None:
+        _int(self.cmd_id, "command id", 0, _U32_MAX)
+        if self.cmd_id in _SPECIAL_RSP:
+            raise TimeUsageError(f"{TimeCmd(self.cmd_id).name} has its own response record")
+        _int(self.ret, "ret", _I32_MIN, _I32_MAX)
+
+
+TimeResponse = TimeSpecResponse | SystimeResponse | TimeMsResponse | StatusResponse
+
+_TIMESPEC_CMDS: Final = frozenset({TimeCmd.GET_UTC_SEC, TimeCmd.GET_HLOS_UTC})
+_TIMESPEC_RSP = struct.Struct("<IIIi")
+_SYSTIME_RSP = struct.Struct("<I9ii")
+_TIME_MS_RSP = struct.Struct("<IQ")
+_STATUS = struct.Struct("<Ii")
+_RSP_SIZE: Final[dict[int, int]] = {
+    TimeCmd.GET_UTC_SEC: _TIMESPEC_RSP.size,
+    TimeCmd.GET_HLOS_UTC: _TIMESPEC_RSP.size,
+    TimeCmd.GET_SYSTIME: _SYSTIME_RSP.size,
+    TimeCmd.GET_TIME_MS: _TIME_MS_RSP.size,
+}
+_SPECIAL_RSP: Final = frozenset(_RSP_SIZE)
+
+
+def response_size(cmd_id: int) -> int:
+    """How many bytes the answer to ``cmd_id`` occupies."""
+    _int(cmd_id, "command id", 0, _U32_MAX)
+    return _RSP_SIZE.get(cmd_id, _STATUS.size)
+
+
+def encode_response(rsp: TimeResponse) -> bytes:
+    """The response's bytes, to be written over the request (the supplicant's half)."""
+    match rsp:
+        case TimeSpecResponse():
+            return _TIMESPEC_RSP.pack(rsp.cmd_id, rsp.tv_sec, rsp.tv_nsec, rsp.ret)
+        case SystimeResponse():
+            return _SYSTIME_RSP.pack(TimeCmd.GET_SYSTIME, *rsp.time.fields(), rsp.ret)
+        case TimeMsResponse():
+            return _TIME_MS_RSP.pack(TimeCmd.GET_TIME_MS, rsp.ms)
+        case StatusResponse():
+            return _STATUS.pack(rsp.cmd_id, rsp.ret)
+        case _:
+            raise TimeUsageError(f"not a time response record: {type(rsp).__name__}")
+
+
+def decode_response(buf: bytes | bytearray | memoryview) -> TimeResponse:
+    """The response at the start of ``buf``; its layout follows the echoed command id."""
+    data = _buffer(buf, "response")
+    if len(data) < _U32.size:
+        raise TimeDecodeError(f"response is {len(data)} bytes; the command id needs 4")
+    (cmd_id,) = _U32.unpack_from(data, 0)
+    size = response_size(cmd_id)
+    if len(data) < size:
+        raise TimeDecodeError(f"response to {cmd_id:#x} is {len(data)} bytes; it needs {size}")
+    if cmd_id in _TIMESPEC_CMDS:
+        _, sec, nsec, ret = _TIMESPEC_RSP.unpack_from(data, 0)
+        return TimeSpecResponse(cmd_id=cmd_id, tv_sec=sec, tv_nsec=nsec, ret=ret)
+    if cmd_id == TimeCmd.GET_SYSTIME:
+        _, *tm, ret = _SYSTIME_RSP.unpack_from(data, 0)
+        return SystimeResponse(time=TzTime(**dict(zip(_TM_FIELDS, tm, strict=True))), ret=ret)
+    if cmd_id == TimeCmd.GET_TIME_MS:
+        _, ms = _TIME_MS_RSP.unpack_from(data, 0)
+        return TimeMsResponse(ms=ms)
+    _, ret = _STATUS.unpack_from(data, 0)
+    return StatusResponse(cmd_id=cmd_id, ret=ret)
