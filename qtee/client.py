@@ -352,7 +352,13 @@ class Client:
 
     # ----------------------------------------------------------------- conveniences
     def client_env(self, credentials: Credentials | None = None) -> ObjRef:
-        """Register with QTEE (root op 2) and return the client environment."""
+        """Register with QTEE (root op 2) and return the client environment.
+
+        QTEE reads the credentials object through callbacks, so this client needs
+        supplicant workers (``workers >= 1``).
+        """
+        if self.pool is None:
+            raise UsageError("client_env needs workers >= 1 to serve the credentials object")
         cred = _Credentials((credentials or Credentials.default()).encode())
         (env,) = ObjRef(self, uapi.TEE_OBJREF_NULL).invoke(2, cred, OUT_OBJECT)
         return env  # type: ignore[no-any-return]

@@ -3,7 +3,9 @@
 A TA is a :class:`TrustedApp` subclass registered under a name with :func:`register_ta`.
 Its *image* names it: ``b"QTEETA\\x00\\x01" + u16 name length + name (UTF-8) + payload``
 (:func:`ta_image` builds one).  ``loadFromBuffer`` (op 0) takes the image bytes;
-``loadFromRegion`` (op 1) takes a memory object and maps it with MAP_REGION.  Both
+``loadFromRegion`` (op 1) takes a memory object and maps it with MAP_REGION;
+``loadEmbedded`` (op 2) takes a TA name, or a 16-byte UUID that the supplicant's
+TA-autoload service resolves to an image.  Both
 return an IAppController: ``getAppObject`` (op 2) gives the TA's app object, ``unload``
 (op 1) unloads it.  Errors are IAppLoader's and IAppController's (quic-teec.md §5.3).
 """
@@ -37,6 +39,7 @@ TA_MAGIC: Final = b"QTEETA\x00\x01"
 ERROR_INVALID_BUFFER: Final = 10
 ERROR_METADATA_INVALID: Final = 13
 ERROR_ALREADY_LOADED: Final = 16
+ERROR_EMBEDDED_IMAGE_NOT_FOUND: Final = 17
 # IAppController errors
 ERROR_APP_UNLOADED: Final = 12
 
@@ -138,6 +141,28 @@ class AppLoader(SecureObject):
     @op(0, ib=(None,), oo=1)
     def load_from_buffer(self, image: bytes) -> AppController:
         return self._load(image)
+
+    @op(2, ib=(None,), oo=1)
+    def load_embedded(self, name: bytes) -> AppController:
+        """``loadEmbedded``: a 16-byte name is a TA UUID, fetched through the supplicant's
+        TA-autoload callback (IRequestTABuffer) when one is registered; any other name is
+        a registered TA's name.  Nothing found: EMBEDDED_IMAGE_NOT_FOUND."""
+        from qtee.secure._listeners import fetch_ta_image
+
+        if len(name) == 16:
+            image = fetch_ta_image(self.world, name)
+            if image is None:
+                raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, f"no TA image for {name.hex()}")
+            return self._load(image)
+        try:
+            text = name.decode()
+        except UnicodeDecodeError:
+            raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, "TA name is not UTF-8") from None
+        with _REG_LOCK:
+            known = text in _REGISTRY
+        if not known:
+            raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, f"no TA named {text!r}")
+        return self._load(ta_image(text))
 
     @op(1, io=1, oo=1)
     def load_from_region(self, mem: NsObject | None) -> AppController:

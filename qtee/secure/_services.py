@@ -101,8 +101,17 @@ class QteeRoot(SecureObject):
     def attach(self, world: SecureWorld) -> None:
         """Services that need the world (the app loader) are added here."""
         from qtee.secure._apps import APP_LOADER_UID, AppLoader
+        from qtee.secure._listeners import (
+            REGISTER_LISTENER_UID,
+            REGISTER_TA_BUF_UID,
+            RegisterListener,
+            RegisterTABuffer,
+        )
 
         self.services.setdefault(APP_LOADER_UID, lambda env: AppLoader(world, self.loaded_apps))
+        listeners, ta_buffers = RegisterListener(world), RegisterTABuffer(world)
+        self.services.setdefault(REGISTER_LISTENER_UID, lambda env: listeners)
+        self.services.setdefault(REGISTER_TA_BUF_UID, lambda env: ta_buffers)
 
     def _register(self, cred: NsObject | None) -> ClientEnv:
         if cred is None:  # NULL credentials: the kernel's own privileged client

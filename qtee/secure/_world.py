@@ -142,6 +142,10 @@ class SecureWorld:
         self._local = threading.local()
         #: Physical memory of the platform (set by the device), for mapped regions.
         self.phys: PhysicalMemory | None = None
+        from qtee.secure._listeners import Listeners
+
+        #: Registered listeners and the TA-autoload callback.
+        self.listeners = Listeners()
         root.attach(self)
 
     # ---------------------------------------------------------------- table

@@ -1,0 +1,255 @@
+"""Listener registration in QTEE, and how secure code reaches a listener.
+
+A supplicant registers a *listener* -- a callback object (IListenerCBO) and a memory
+object for the shared buffer -- with the IRegisterListenerCBO service, under a listener
+id (time 0xB, file storage 0xA, ...; quic-teec.md §5.4).  Secure code then calls
+:meth:`ListenerHandle.request`: the request bytes go into the shared buffer, QTEE
+invokes the listener's ``request`` (op 0), and the answer is read back from the buffer.
+A listener already serving a request answers BUSY; the caller then ``wait``s (op 1)
+and tries again (the busy/wait rule of §5.4).
+
+The TA-autoload service (IRegisterTABufCBO) takes one IRequestTABuffer callback object;
+the app loader asks it for the image of a TA by UUID when a client loads a TA that is
+not registered (``loadEmbedded``).  Registering NULL removes the registration, for
+listeners as for TA autoload (qtee's way to unregister; QTEE keeps registrations
+otherwise, and drops one whose callback object answers DEFUNCT).
+
+Service UIDs: Qualcomm's sources never give ``CRegisterListenerCBO_UID``'s value (a
+third-party kernel test uses 87); qtee uses 87 for it and 88 for IRegisterTABufCBO.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from objects import QteeError, Result, UsageError, op
+from qtee.secure._world import Mapping, NsObject, SecureObject
+
+if TYPE_CHECKING:
+    from qtee.secure._world import SecureWorld
+
+__all__ = [
+    "MAX_LISTENERS",
+    "REGISTER_LISTENER_UID",
+    "REGISTER_TA_BUF_UID",
+    "ListenerHandle",
+    "Listeners",
+    "RegisterListener",
+    "RegisterTABuffer",
+]
+
+REGISTER_LISTENER_UID: Final = 87
+REGISTER_TA_BUF_UID: Final = 88
+#: Listeners QTEE accepts at once (qtee's figure; past it: MAX_REGISTERED).
+MAX_LISTENERS: Final = 16
+#: How many BUSY -> wait -> retry rounds a request makes before giving up with BUSY.
+MAX_BUSY_RETRIES: Final = 50
+
+# IRegisterListenerCBO errors
+ERROR_MAX_REGISTERED: Final = 10
+ERROR_ALIGNMENT: Final = 11
+ERROR_ID_IN_USE: Final = 12
+ERROR_ID_RESERVED: Final = 13
+
+#: Capacity QTEE offers for request's "embedded offsets" output (u32 each).
+OFFSETS_CAPACITY: Final = 16
+
+# IListenerCBO ops
+LISTENER_OP_REQUEST: Final = 0
+LISTENER_OP_WAIT: Final = 1
+# IRequestTABuffer ops
+TA_BUF_OP_GET: Final = 0
+
+_PAGE: Final = 4096
+
+
+@dataclass(slots=True)
+class _Registration:
+    listener_id: int
+    cbo: NsObject
+    mem: NsObject | None
+    mapping: Mapping | None
+
+    def drop(self) -> None:
+        if self.mapping is not None:
+            self.mapping.unmap()
+        if self.mem is not None:
+            self.mem.release()
+        self.cbo.release()
+
+
+class Listeners:
+    """QTEE's table of registered listeners and the TA-autoload callback (one per world)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[int, _Registration] = {}
+        self.ta_buffer: NsObject | None = None
+
+    def ids(self) -> list[int]:
+        """Listener ids registered now."""
+        with self._lock:
+            return sorted(self._by_id)
+
+    def get(self, listener_id: int) -> ListenerHandle:
+        """The listener registered under ``listener_id``; NOT_FOUND-like ERROR if none."""
+        with self._lock:
+            reg = self._by_id.get(listener_id)
+        if reg is None:
+            raise QteeError(Result.ERROR_DEFUNCT, f"no listener {listener_id:#x} is registered")
+        return ListenerHandle(self, reg)
+
+    def _add(self, reg: _Registration) -> None:
+        with self._lock:
+            old = self._by_id.get(reg.listener_id)
+            if old is not None:
+                raise QteeError(ERROR_ID_IN_USE, f"listener {reg.listener_id:#x} is registered")
+            if len(self._by_id) >= MAX_LISTENERS:
+                raise QteeError(ERROR_MAX_REGISTERED, f"{MAX_LISTENERS} listeners registered")
+            self._by_id[reg.listener_id] = reg
+
+    def _remove(self, listener_id: int, reg: _Registration | None = None) -> bool:
+        with self._lock:
+            cur = self._by_id.get(listener_id)
+            if cur is None or (reg is not None and cur is not reg):
+                return False
+            del self._by_id[listener_id]
+        cur.drop()
+        return True
+
+    def clear(self) -> None:
+        """Drop every registration (QTEE shutting down)."""
+        with self._lock:
+            regs, self._by_id = list(self._by_id.values()), {}
+            ta, self.ta_buffer = self.ta_buffer, None
+        for reg in regs:
+            reg.drop()
+        if ta is not None:
+            ta.release()
+
+
+class ListenerHandle:
+    """Secure code's view of one listener: :meth:`request` with the busy/wait rule."""
+
+    def __init__(self, table: Listeners, reg: _Registration) -> None:
+        self._table = table
+        self._reg = reg
+
+    @property
+    def buffer_size(self) -> int:
+        """Bytes of the shared buffer (0 when registered without one)."""
+        return len(self._reg.mapping.view) if self._reg.mapping is not None else 0
+
+    def request(self, data: bytes) -> bytes:
+        """Put ``data`` in the shared buffer, call the listener, return the buffer after it.
+
+        BUSY -> ``wait`` -> retry; a listener that answers DEFUNCT is dropped.  Any other
+        failure is raised as :class:`QteeError` with the listener's result.
+        """
+        reg = self._reg
+        if reg.mapping is None:
+            raise QteeError(Result.ERROR_INVALID, "listener has no shared buffer")
+        view = reg.mapping.view
+        if len(data) > len(view):
+            raise QteeError(Result.ERROR_SIZE_IN, f"{len(data)} B request, buffer {len(view)} B")
+        for _ in range(MAX_BUSY_RETRIES):
+            view[: len(data)] = data
+            view[len(data) :] = bytes(len(view) - len(data))
+            res = reg.cbo.invoke(LISTENER_OP_REQUEST, ob=[OFFSETS_CAPACITY, 4], n_oo=4)
+            for obj in res.oo:
+                if isinstance(obj, NsObject):
+                    obj.release()
+            if res.result == Result.OK:
+                return bytes(view)
+            if res.result == Result.ERROR_BUSY:
+                reg.cbo.invoke(LISTENER_OP_WAIT)
+                continue
+            if res.result == Result.ERROR_DEFUNCT:
+                self._table._remove(reg.listener_id, reg)
+            raise QteeError(res.result, f"listener {reg.listener_id:#x} answered {res.result}")
+        raise QteeError(Result.ERROR_BUSY, f"listener {reg.listener_id:#x} stayed busy")
+
+
+class RegisterListener(SecureObject):
+    """IRegisterListenerCBO: op 0 register(u32 listenerId; OI cbo; OI memRegion or NULL)."""
+
+    def __init__(self, world: SecureWorld) -> None:
+        self.world = world
+
+    @op(0, ib=(4,), io=2)
+    def register(self, raw_id: bytes, cbo: NsObject | None, mem: NsObject | None) -> None:
+        (listener_id,) = struct.unpack("<I", raw_id)
+        table = self.world.listeners
+        if listener_id == 0:
+            raise QteeError(ERROR_ID_RESERVED, "listener id 0 is reserved")
+        if cbo is None:  # NULL: unregister
+            table._remove(listener_id)
+            return
+        if not isinstance(cbo, NsObject) or (mem is not None and not isinstance(mem, NsObject)):
+            raise QteeError(Result.ERROR_INVALID, "listener and buffer must be NS objects")
+        mapping = None
+        if mem is not None:
+            mapping = self.world.map_region(mem)
+            if mapping.paddr % _PAGE:
+                mapping.unmap()
+                raise QteeError(ERROR_ALIGNMENT, "listener buffer is not page aligned")
+        reg = _Registration(listener_id, cbo.retain(), mem.retain() if mem else None, mapping)
+        try:
+            table._add(reg)
+        except QteeError:
+            reg.drop()
+            raise
+
+
+class RegisterTABuffer(SecureObject):
+    """IRegisterTABufCBO: op 0 register(OI IRequestTABuffer or NULL to unregister)."""
+
+    def __init__(self, world: SecureWorld) -> None:
+        self.world = world
+
+    @op(0, io=1)
+    def register(self, cbo: NsObject | None) -> None:
+        table = self.world.listeners
+        with table._lock:
+            old, table.ta_buffer = table.ta_buffer, (cbo.retain() if cbo is not None else None)
+        if old is not None:
+            old.release()
+
+
+def fetch_ta_image(world: SecureWorld, uuid: bytes) -> bytes | None:
+    """Ask the TA-autoload callback for the image of ``uuid`` (None: none registered or
+    the supplicant has no such TA)."""
+    if len(uuid) != 16:
+        raise UsageError(f"a TA UUID is 16 bytes, not {len(uuid)}")
+    table = world.listeners
+    with table._lock:
+        cbo = table.ta_buffer.retain() if table.ta_buffer is not None else None
+    if cbo is None:
+        return None
+    try:
+        res = cbo.invoke(TA_BUF_OP_GET, ib=[uuid], n_oo=1)
+        if res.result != Result.OK:
+            if res.result == Result.ERROR_DEFUNCT:  # the supplicant is gone: forget it
+                with table._lock:
+                    stale = table.ta_buffer is cbo
+                    if stale:
+                        table.ta_buffer = None
+                if stale:
+                    cbo.release()
+            return None
+        mem = res.oo[0]
+        if not isinstance(mem, NsObject):
+            return None
+        try:
+            mapping = world.map_region(mem)
+            try:
+                return bytes(mapping.view)
+            finally:
+                mapping.unmap()
+        finally:
+            mem.release()
+    finally:
+        cbo.release()
