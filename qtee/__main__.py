@@ -12,8 +12,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qtee", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     sub.add_parser("version", help="print the qtee version")
-    sub.add_parser("demo", help="walk an invocation and a callback through the codecs")
+    sub.add_parser("demo", help="the end-to-end scenario, one trace line per crossing")
+    from supplicant._cli import add_arguments
+
+    add_arguments(
+        sub.add_parser(
+            "supplicant",
+            help="run the listener daemon (time, file storage, TA autoload)",
+            description="Run the supplicant: listeners registered with QTEE, served by workers.",
+        )
+    )
     args = parser.parse_args(argv)
+    if args.verb == "supplicant":
+        from supplicant._cli import run as run_supplicant
+
+        return run_supplicant(args)
     if args.verb == "demo":
         from qtee._demo import run
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qtee.__main__ import main
@@ -32,3 +34,40 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["version"]) == 0
     assert capsys.readouterr().out.strip() == __version__
+
+
+def test_supplicant_check_calls_every_listener(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``qtee supplicant --storage DIR --check``: time (0xB) and storage (0xA) registered
+    (quic-teec.md §5.4), each answers a TA once (ret 0), everything unregistered after."""
+    assert main(["supplicant", "--storage", str(tmp_path), "--check"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "listeners registered: 0xa, 0xb; TA autoload: off"
+    assert out[1] == "  storage (0xA): StatusResponse(cmd_id=540, ret=0)"
+    assert out[2].startswith("  time (0xB): TimeSpecResponse(cmd_id=770, tv_sec=")
+    assert out[2].endswith(", ret=0)")
+    assert out[3:] == ["requests served: {'0xb': 1, '0xa': 1}", "tables: empty"]
+
+
+def test_supplicant_runs_for_a_duration_and_stops_clean(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["supplicant", "--no-time", "--duration", "0.1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "listeners registered: none; TA autoload: off",
+        "requests served: {}",
+        "tables: empty",
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--storage", "/nonexistent/qtee"], ["--ta-dir", "/nonexistent/tas"], ["--workers", "0"]],
+)
+def test_supplicant_bad_arguments_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["supplicant", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qtee supplicant: ") and err.count("\n") == 1
