@@ -16,7 +16,12 @@ import threading
 import tracemalloc
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# bench/supplicant.py shares its name with the supplicant package: bench/ goes last.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import supplicant  # noqa: F401 - the package is cached before bench/ can shadow it
+
+sys.path.append(str(_HERE))
 
 from _timing import ops_per_sec, pin_to_one_cpu, report
 

@@ -1,0 +1,81 @@
+"""Callback round trips through the supplicant worker pool, against a queue ping-pong.
+
+One client thread invokes a TA op that calls back once into a client object served by
+the pool (``Client(workers=N)``), with 1 and with 4 workers; the baseline is a bare
+two-thread ``queue.Queue`` ping-pong measured in the same run.  Also 4 client threads
+at once with 4 workers, to show the pool serving in parallel what one worker serialises.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+# This file shares its name with the supplicant package: bench/ goes after the packages.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import supplicant  # noqa: F401 - the package is cached before bench/ can shadow it
+
+sys.path.append(str(_HERE))
+
+from _timing import ops_per_sec, pin_to_one_cpu, report
+from invoke import Nop, NullTA, ping_pong
+
+import qtee
+from qtee import OUT_OBJECT
+
+
+def _parallel_rate(app: qtee.ObjRef, nop: Nop, threads: int, seconds: float = 1.0) -> float:
+    count = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def loop(k: int) -> None:
+        while time.monotonic() < stop:
+            app.invoke(1, nop)
+            count[k] += 1
+
+    ts = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(count) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    print(pin_to_one_cpu())
+    qtee.register_ta("bench.supplicant", NullTA)
+    base = ping_pong()
+    report("bare queue.Queue two-thread ping-pong", base)
+    rates: dict[int, float] = {}
+    for workers in (1, 4):
+        device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
+        with qtee.Client(device, workers=workers) as client:
+            env = client.client_env()
+            loader = client.open_service(env, 3)
+            (ctrl,) = loader.invoke(0, qtee.ta_image("bench.supplicant"), OUT_OBJECT)
+            (app,) = ctrl.invoke(2, OUT_OBJECT)
+            nop = Nop()
+
+            def one(app: qtee.ObjRef = app, nop: Nop = nop) -> None:
+                app.invoke(1, nop)
+
+            rates[workers] = ops_per_sec(one, min_time=0.5, repeats=3)
+            report(f"callback round trip, {workers} worker(s)", rates[workers], base, target=1.5)
+            if workers == 4:
+                par = _parallel_rate(app, nop, 4)
+                report("  same, 4 client threads at once", par)
+            for r in (app, ctrl, loader, env):
+                r.release()
+    ratio = rates[1] / rates[4]
+    verdict = "ok" if ratio <= 1.05 else "MISSED"
+    name = "4 workers vs 1 (time ratio)"
+    print(f"{name:<48} {ratio:>12.2f}x    (target: not slower, 5% noise: {verdict})")
+    qtee.secure.unregister_ta("bench.supplicant")
+
+
+if __name__ == "__main__":
+    main()
