@@ -1,11 +1,33 @@
 """supplicant -- userspace services that QTEE calls back into.
 
 * :class:`WorkerPool`: threads serving a client's callback objects over SUPPL_RECV/SEND.
-* :class:`FileStore`: the file-storage listener's backend (listener 0xA), confined to a
-  directory, with atomic replace.
+* :class:`Supplicant`: the listener daemon (time 0xB, file storage 0xA, TA autoload).
+* :class:`ListenerObject` (CListenerCBO) and :class:`TaBufferObject` (CRequestTABuffer).
+* :class:`TimeService`, :class:`FileStore` and :class:`TaDirectory`: the services behind them.
 """
 
+from supplicant._autoload import TaDirectory, format_uuid
 from supplicant._fs import FileStore, FsError
+from supplicant._listener import (
+    FS_LISTENER_ID,
+    TIME_LISTENER_ID,
+    ListenerObject,
+    Supplicant,
+    TaBufferObject,
+)
 from supplicant._pool import WorkerPool
+from supplicant._time import TimeService
 
-__all__ = ["FileStore", "FsError", "WorkerPool"]
+__all__ = [
+    "FS_LISTENER_ID",
+    "TIME_LISTENER_ID",
+    "FileStore",
+    "FsError",
+    "ListenerObject",
+    "Supplicant",
+    "TaBufferObject",
+    "TaDirectory",
+    "TimeService",
+    "WorkerPool",
+    "format_uuid",
+]

@@ -94,3 +94,27 @@ def test_error_channels_are_distinct() -> None:
     assert issubclass(qtee.DriverError, qtee.QteeBaseError)
     assert issubclass(qtee.QteeError, qtee.QteeBaseError)
     assert qtee.DriverError is objects.DriverError
+
+
+SUPPLICANT_API = {
+    "FS_LISTENER_ID",
+    "TIME_LISTENER_ID",
+    "FileStore",
+    "FsError",
+    "ListenerObject",
+    "Supplicant",
+    "TaBufferObject",
+    "TaDirectory",
+    "TimeService",
+    "WorkerPool",
+    "format_uuid",
+}
+
+
+def test_supplicant_public_surface() -> None:
+    import supplicant
+
+    assert set(supplicant.__all__) == SUPPLICANT_API
+    for name in supplicant.__all__:
+        assert hasattr(supplicant, name), name
+    assert (supplicant.TIME_LISTENER_ID, supplicant.FS_LISTENER_ID) == (0xB, 0xA)
