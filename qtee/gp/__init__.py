@@ -1,0 +1,96 @@
+"""GlobalPlatform TEE Client API groundwork: constants, libteec's param handling, identity.
+
+Sans-IO throughout: :mod:`qtee.gp._defs` has the GP/OP-TEE constants and
+:class:`TeecError`, :mod:`qtee.gp._params` libteec's pre/post-processing of an operation's
+params, :mod:`qtee.gp._identity` the kernel's client-UUID rules.
+"""
+
+from __future__ import annotations
+
+from qtee.gp._defs import (
+    TA_FLAG_PROPERTIES,
+    TEE_LOGIN_REE_KERNEL_MAX,
+    TEE_LOGIN_REE_KERNEL_MIN,
+    TEEC_CONFIG_PAYLOAD_REF_COUNT,
+    TaFlag,
+    TeecError,
+    TeecLogin,
+    TeecMemFlag,
+    TeecOrigin,
+    TeecParamType,
+    TeecParamTypeError,
+    TeecResult,
+    errno_to_result,
+    is_ree_kernel_login,
+    name_of,
+    param_type_get,
+    param_types,
+    unpack_param_types,
+)
+from qtee.gp._identity import (
+    NIL_UUID,
+    TEE_CLIENT_UUID_NS,
+    Cred,
+    calc_client_uuid,
+    check_user_login,
+    gid_connection_data,
+    uuid_v5,
+)
+from qtee.gp._params import (
+    SIZE_MAX,
+    MemrefUpdate,
+    NeedTempShm,
+    RegisteredMemref,
+    SharedMemory,
+    TeecParam,
+    TempMemref,
+    Value,
+    ValueUpdate,
+    check_partial_bounds,
+    post_process_operation,
+    post_process_param,
+    pre_process_operation,
+    pre_process_param,
+)
+
+__all__ = [
+    "NIL_UUID",
+    "SIZE_MAX",
+    "TA_FLAG_PROPERTIES",
+    "TEEC_CONFIG_PAYLOAD_REF_COUNT",
+    "TEE_CLIENT_UUID_NS",
+    "TEE_LOGIN_REE_KERNEL_MAX",
+    "TEE_LOGIN_REE_KERNEL_MIN",
+    "Cred",
+    "MemrefUpdate",
+    "NeedTempShm",
+    "RegisteredMemref",
+    "SharedMemory",
+    "TaFlag",
+    "TeecError",
+    "TeecLogin",
+    "TeecMemFlag",
+    "TeecOrigin",
+    "TeecParam",
+    "TeecParamType",
+    "TeecParamTypeError",
+    "TeecResult",
+    "TempMemref",
+    "Value",
+    "ValueUpdate",
+    "calc_client_uuid",
+    "check_partial_bounds",
+    "check_user_login",
+    "errno_to_result",
+    "gid_connection_data",
+    "is_ree_kernel_login",
+    "name_of",
+    "param_type_get",
+    "param_types",
+    "post_process_operation",
+    "post_process_param",
+    "pre_process_operation",
+    "pre_process_param",
+    "unpack_param_types",
+    "uuid_v5",
+]
