@@ -272,6 +272,7 @@ class Client:
         outs: list[tuple[int, bytearray | None]] = []
         sent: list[int] = []
         blk: _Block | None = None
+        called = False
         try:
             for i, a in enumerate(args):
                 if isinstance(a, bytes | bytearray | memoryview):
@@ -302,14 +303,21 @@ class Client:
             _invoke_struct(n).pack_into(
                 blk.buf, 0, ident, op_, 0, n, *itertools.chain.from_iterable(params)
             )
+            called = True  # from here the errno channel decides ownership
             try:
                 self._call(uapi.TEE_IOC_OBJECT_INVOKE, blk, size)
             except DriverError:
                 for uid in sent:  # errno channel: the caller keeps ownership
                     self._unexport(uid)
+                sent.clear()
                 raise
             (ret,) = _U32.unpack_from(blk.buf, 12)
             back = [_PARAM.unpack_from(blk.buf, _INVOKE_HEAD_SIZE + 32 * i) for i, _ in outs]
+        except BaseException:
+            if not called:  # failed before the ioctl: the caller keeps ownership
+                for uid in sent:
+                    self._unexport(uid)
+            raise
         finally:
             if blk is not None:
                 self._blocks.append(blk)

@@ -718,12 +718,6 @@ def test_callback_ids_round_robin_reuse_and_limit(dev: Device) -> None:
     close_all(dev, c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qtee/client.py Client._invoke: callback objects exported for earlier arguments "
-    "are not unexported when a later argument fails before the ioctl (TypeError, "
-    "UsageError, ENOSPC), so the caller loses an id it still owns",
-)
 def test_failed_marshalling_keeps_ownership_of_earlier_arguments(dev: Device) -> None:
     """quic-teec.md §2.2 ownership rule: only a successful invoke moves input callback
     objects to QTEE; when marshalling fails no ioctl is issued and the caller keeps them,

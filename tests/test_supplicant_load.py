@@ -79,14 +79,6 @@ def _round(world: SecureWorld, k: int, i: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(10)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG qtee/secure/_listeners.py ListenerHandle.request: concurrent TA requests to "
-    "one listener share its buffer with no serialisation in QTEE, so TA threads read each "
-    "other's answers (see test_listeners.py::"
-    "test_each_ta_gets_its_own_answer_when_a_retry_overtakes_the_reply)",
-)
 def test_16_ta_threads_hammer_time_and_storage_through_4_workers(
     dev: Device, tmp_path: Path
 ) -> None:

@@ -5,8 +5,9 @@ object for the shared buffer -- with the IRegisterListenerCBO service, under a l
 id (time 0xB, file storage 0xA, ...; quic-teec.md §5.4).  Secure code then calls
 :meth:`ListenerHandle.request`: the request bytes go into the shared buffer, QTEE
 invokes the listener's ``request`` (op 0), and the answer is read back from the buffer.
-A listener already serving a request answers BUSY; the caller then ``wait``s (op 1)
-and tries again (the busy/wait rule of §5.4).
+QTEE threads take turns on one listener's buffer; a listener that is busy anyway (its
+supplicant serving a request from elsewhere) answers BUSY, and the caller then
+``wait``s (op 1) and tries again (the busy/wait rule of §5.4).
 
 The TA-autoload service (IRegisterTABufCBO) takes one IRequestTABuffer callback object;
 the app loader asks it for the image of a TA by UUID when a client loads a TA that is
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from objects import QteeError, Result, UsageError, op
@@ -72,6 +73,8 @@ class _Registration:
     cbo: NsObject
     mem: NsObject | None
     mapping: Mapping | None
+    #: One request at a time owns the shared buffer (write, call, read back).
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def drop(self) -> None:
         if self.mapping is not None:
@@ -155,6 +158,10 @@ class ListenerHandle:
         view = reg.mapping.view
         if len(data) > len(view):
             raise QteeError(Result.ERROR_SIZE_IN, f"{len(data)} B request, buffer {len(view)} B")
+        with reg.lock:  # QTEE threads take turns on the shared buffer
+            return self._request(reg, view, data)
+
+    def _request(self, reg: _Registration, view: memoryview, data: bytes) -> bytes:
         for _ in range(MAX_BUSY_RETRIES):
             view[: len(data)] = data
             view[len(data) :] = bytes(len(view) - len(data))
