@@ -1,0 +1,1027 @@
+"""The secure side of GP sessions: OP-TEE's TA manager, for TAs written in Python.
+
+A GP TA is a :class:`GpTA` subclass with a ``UUID`` and ``TA_FLAG_*`` bits in ``FLAGS``,
+registered with :func:`register_gp_ta` (or handed over by :attr:`GpRuntime.load_ta`, the
+LOAD_TA path).  :class:`GpRuntime` is ``tee_ta_manager.c`` for one secure world
+(optee.md §4):
+
+* A **session** is a :class:`GpSession` in the world's object table: its id is a QTEE
+  object id (``world.export``), and closing it drops that id.  It may be used only by the
+  ``owner`` that opened it (the driver's per-context list), and never from the normal
+  world when a TA opened it (login ``TEE_LOGIN_TRUSTED_APP``).
+* An **instance** (OP-TEE's ``tee_ta_ctx``) is a refcounted object shared by its
+  sessions, plus one reference while a single-instance keep-alive TA is kept.  Only
+  single-instance TAs are found again by UUID; every other open makes a new instance.
+* **Entries** (create + open, invoke, close + destroy) of one instance run one at a time
+  unless ``TA_FLAG_CONCURRENT``; invokes on one session are exclusive.  A wait that
+  would close a cycle of waiting threads fails with ``TEE_ERROR_BUSY`` instead
+  ("deadlock avoided", §4.2 step 4).
+* A TA returns an error by raising :class:`GpTaError`; anything else it raises is a
+  **panic**: that call and every later one on the instance give ``TARGET_DEAD`` (origin
+  TEE), and the instance leaves the UUID lookup at once (§4.4).
+
+``create``/``destroy`` follow libutee (``user_ta_entry.c``): create runs in the first
+open entry of an instance, at most once until destroy (its flag is set before it runs,
+so a kept instance whose create failed is not created again); destroy runs in the entry
+that removes the TA's last session (a close, or a refused open), unless the TA is
+single-instance keep-alive, and never in a panicked TA.
+
+Where the model differs from OP-TEE: session ids are the world's lowest free object ids
+(not OP-TEE's cyclic counter); a wait for a busy TA or session fails with BUSY only when
+it would really deadlock (a cycle of waiting threads) rather than by OP-TEE's global
+single-instance-lock rule; ``TA_FLAG_CONCURRENT`` lifts the serialisation of invokes
+only (open and close entries still take the instance); :meth:`GpRuntime.unload` exists.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import ClassVar, Final, TypeVar
+
+from objects import DriverError, Refcounted, UsageError
+from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult
+from qtee.secure._world import SecureObject, SecureWorld
+
+__all__ = [
+    "TEE_NUM_PARAMS",
+    "TEE_TIMEOUT_INFINITE",
+    "GpParam",
+    "GpRuntime",
+    "GpSession",
+    "GpTA",
+    "GpTaError",
+    "TaSession",
+    "TeeParamType",
+    "gp_params",
+    "lookup_gp_ta",
+    "register_gp_ta",
+    "tee_param_types",
+    "unregister_gp_ta",
+]
+
+log = logging.getLogger("qtee.gp")
+
+TEE_NUM_PARAMS: Final = 4
+#: ``TEE_Wait(TEE_TIMEOUT_INFINITE)`` waits until cancelled.
+TEE_TIMEOUT_INFINITE: Final = 0xFFFF_FFFF
+_U32: Final = 0xFFFF_FFFF
+
+_OK: Final = int(TeecResult.TEEC_SUCCESS)
+_BAD_PARAMETERS: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
+_NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
+_BUSY: Final = int(TeecResult.TEEC_ERROR_BUSY)
+_DEAD: Final = int(TeecResult.TEEC_ERROR_TARGET_DEAD)
+_CANCEL: Final = int(TeecResult.TEEC_ERROR_CANCEL)
+_TEE: Final = int(TeecOrigin.TEEC_ORIGIN_TEE)
+_TA: Final = int(TeecOrigin.TEEC_ORIGIN_TRUSTED_APP)
+_TRUSTED_APP: Final = int(TeecLogin.TEE_LOGIN_TRUSTED_APP)
+
+_SINGLE: Final = TaFlag.TA_FLAG_SINGLE_INSTANCE
+_MULTI: Final = TaFlag.TA_FLAG_MULTI_SESSION
+_KEEP_ALIVE: Final = TaFlag.TA_FLAG_INSTANCE_KEEP_ALIVE
+_KEEP_CRASHED: Final = TaFlag.TA_FLAG_INSTANCE_KEEP_CRASHED
+_CONCURRENT: Final = TaFlag.TA_FLAG_CONCURRENT
+
+
+# ----------------------------------------------------------------------------- params
+
+
+class TeeParamType(enum.IntEnum):
+    """``TEE_PARAM_TYPE_*``: what a TA sees, one nibble per param in ``types``."""
+
+    TEE_PARAM_TYPE_NONE = 0
+    TEE_PARAM_TYPE_VALUE_INPUT = 1
+    TEE_PARAM_TYPE_VALUE_OUTPUT = 2
+    TEE_PARAM_TYPE_VALUE_INOUT = 3
+    TEE_PARAM_TYPE_MEMREF_INPUT = 5
+    TEE_PARAM_TYPE_MEMREF_OUTPUT = 6
+    TEE_PARAM_TYPE_MEMREF_INOUT = 7
+
+
+_VALUES: Final = frozenset({1, 2, 3})
+_MEMREFS: Final = frozenset({5, 6, 7})
+_OUT_VALUES: Final = frozenset({2, 3})
+_OUT_MEMREFS: Final = frozenset({6, 7})
+
+
+def tee_param_types(p0: int = 0, p1: int = 0, p2: int = 0, p3: int = 0) -> int:
+    """``TEE_PARAM_TYPES(p0, p1, p2, p3)``; a nibble that is no TEE type raises ValueError."""
+    word = 0
+    for i, t in enumerate((p0, p1, p2, p3)):
+        word |= TeeParamType(t) << (4 * i)
+    return word
+
+
+@dataclass(slots=True, eq=False)
+class GpParam:
+    """One of a TA's four params (``TEE_Param`` plus its type), mutable by the TA.
+
+    Values: ``a``, ``b`` (u32).  Memrefs: ``buffer`` is the shared bytes (writable for
+    OUTPUT/INOUT, ``None`` for a NULL memref) and ``size`` its size, which the TA may
+    set (the required size, with ``TEE_ERROR_SHORT_BUFFER``).
+    """
+
+    type: int = 0
+    a: int = 0
+    b: int = 0
+    buffer: memoryview | None = None
+    size: int = 0
+
+
+def _is_u32(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _U32
+
+
+def gp_params(types: int, params: Sequence[GpParam]) -> list[GpParam]:
+    """Check a call's params and build the four the TA sees (``copy_in_params``).
+
+    ``types`` must hold TEE types only, agree with each ``params[i].type`` and name NONE
+    for every missing param; at most four params; values are u32; a memref's ``size``
+    fits its buffer and an output buffer is writable.  Anything else raises
+    ``GpTaError(TEE_ERROR_BAD_PARAMETERS)``.  The TA gets copies: values and sizes reach
+    the caller only through :func:`_copy_out`, buffers are shared (INPUT read-only).
+    """
+    if not _is_u32(types) or types >> (4 * TEE_NUM_PARAMS) or len(params) > TEE_NUM_PARAMS:
+        raise GpTaError(_BAD_PARAMETERS)
+    out: list[GpParam] = []
+    for i in range(TEE_NUM_PARAMS):
+        t = (types >> (4 * i)) & 0xF
+        p = params[i] if i < len(params) else None
+        if p is None:
+            if t:
+                raise GpTaError(_BAD_PARAMETERS)
+            out.append(GpParam())
+            continue
+        if not isinstance(p, GpParam) or p.type != t:
+            raise GpTaError(_BAD_PARAMETERS)
+        if t == 0:
+            out.append(GpParam())
+        elif t in _VALUES:
+            if not (_is_u32(p.a) and _is_u32(p.b)):
+                raise GpTaError(_BAD_PARAMETERS)
+            out.append(GpParam(t, p.a, p.b))
+        elif t in _MEMREFS:
+            out.append(GpParam(t, buffer=_ta_view(t, p), size=p.size))
+        else:
+            raise GpTaError(_BAD_PARAMETERS)
+    return out
+
+
+def _ta_view(t: int, p: GpParam) -> memoryview | None:
+    if not isinstance(p.size, int) or isinstance(p.size, bool) or p.size < 0:
+        raise GpTaError(_BAD_PARAMETERS)
+    if p.buffer is None:
+        return None  # a NULL memref: any size (the short-buffer size query)
+    try:
+        view = memoryview(p.buffer)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+    except (TypeError, ValueError):
+        raise GpTaError(_BAD_PARAMETERS) from None
+    if p.size > len(view) or (t in _OUT_MEMREFS and view.readonly):
+        raise GpTaError(_BAD_PARAMETERS)
+    view = view[: p.size]
+    return view if t in _OUT_MEMREFS else view.toreadonly()
+
+
+def _copy_out(params: Sequence[GpParam], ta: Sequence[object]) -> None:
+    """``copy_out_param``: output values and output memref sizes, whatever the result."""
+    for p, q in zip(params, ta, strict=False):
+        if not isinstance(q, GpParam):
+            continue
+        if p.type in _OUT_VALUES:
+            if isinstance(q.a, int):
+                p.a = q.a & _U32
+            if isinstance(q.b, int):
+                p.b = q.b & _U32
+        elif p.type in _OUT_MEMREFS and isinstance(q.size, int) and q.size >= 0:
+            p.size = q.size
+
+
+# ----------------------------------------------------------------------------- TA side
+
+
+class GpTaError(Exception):
+    """Raised by a TA entry point to return ``code`` (a ``TEE_Result``), origin TA."""
+
+    code: int
+
+    def __init__(self, code: int, detail: str = "") -> None:
+        if not _is_u32(code):
+            raise ValueError(f"a TEE_Result is a u32, not {code!r}")
+        self.code = int(code)
+        super().__init__(f"0x{code:08X}: {detail}" if detail else f"0x{code:08X}")
+
+
+class GpTA:
+    """Base class of GP TAs written in Python (``TA_*EntryPoint`` as methods).
+
+    One object is one instance; it is built (no arguments) right before :meth:`create`.
+    The helpers (:meth:`wait`, the cancellation calls, :meth:`open_ta_session`) are the
+    TEE internal API and work only inside one of this instance's entry points.
+    """
+
+    UUID: ClassVar[uuidlib.UUID]
+    FLAGS: ClassVar[int] = 0
+
+    def create(self) -> None:
+        """``TA_CreateEntryPoint``: once per instance, before its first open."""
+
+    def open_session(self, session: GpSession, types: int, params: list[GpParam]) -> None:
+        """``TA_OpenSessionEntryPoint``; raise :class:`GpTaError` to refuse the session."""
+
+    def invoke(self, session: GpSession, cmd: int, types: int, params: list[GpParam]) -> None:
+        """``TA_InvokeCommandEntryPoint``."""
+        raise GpTaError(TeecResult.TEEC_ERROR_NOT_SUPPORTED)
+
+    def close_session(self, session: GpSession) -> None:
+        """``TA_CloseSessionEntryPoint`` (a GpTaError raised here is ignored)."""
+
+    def destroy(self) -> None:
+        """``TA_DestroyEntryPoint``: after the last session closes (not if keep-alive)."""
+
+    # ------------------------------------------------------------ TEE internal API
+    def _entry(self) -> _Entry:
+        entry = _current_entry()
+        if entry is None or entry.instance.ta is not self:
+            raise UsageError("TEE internal API calls work only inside this TA's entry points")
+        return entry
+
+    def wait(self, ms: int) -> int:
+        """``TEE_Wait``: SUCCESS after ``ms``, or TEE_ERROR_CANCEL as soon as the session
+        is cancelled while cancellation is unmasked (``TEE_TIMEOUT_INFINITE``: no limit)."""
+        entry = self._entry()
+        return entry.runtime._wait(entry.session, ms)
+
+    def cancellation_requested(self) -> bool:
+        """``TEE_GetCancellationFlag``: the flag, always False while masked."""
+        entry = self._entry()
+        return entry.runtime._cancelled(entry.session)
+
+    def unmask_cancellation(self) -> bool:
+        """``TEE_UnmaskCancellation``: True if cancellation was masked."""
+        entry = self._entry()
+        return entry.runtime._set_mask(entry.session, False)
+
+    def mask_cancellation(self) -> bool:
+        """``TEE_MaskCancellation``: True if cancellation was masked."""
+        entry = self._entry()
+        return entry.runtime._set_mask(entry.session, True)
+
+    def open_ta_session(
+        self, uuid: uuidlib.UUID | bytes, types: int, params: list[GpParam]
+    ) -> tuple[TaSession | None, int, int]:
+        """``TEE_OpenTASession``: login TRUSTED_APP, client identity = this TA's UUID.
+
+        Returns ``(session or None, TEE_Result, origin)``; the session belongs to this
+        instance (closed with it if the TA forgets) and is unusable from the normal world.
+        """
+        entry = self._entry()
+        raw = uuid.bytes if isinstance(uuid, uuidlib.UUID) else uuid
+        return entry.runtime._open_from_ta(entry.instance, raw, types, params)
+
+
+class TaSession:
+    """A TA's handle on a session it opened (``TEE_TASessionHandle``)."""
+
+    __slots__ = ("_owner", "_runtime", "id")
+
+    def __init__(self, runtime: GpRuntime, ident: int, owner: _Instance) -> None:
+        self._runtime = runtime
+        self._owner = owner
+        self.id = ident
+
+    def invoke(self, cmd: int, types: int, params: list[GpParam]) -> tuple[int, int]:
+        """``TEE_InvokeTACommand``: ``(TEE_Result, origin)``; a panic of the target gives
+        TARGET_DEAD (origin TEE) and leaves the caller running."""
+        return self._runtime._invoke(self.id, cmd, types, params, self._owner, from_ta=True)
+
+    def close(self) -> None:
+        """``TEE_CloseTASession``."""
+        self._runtime._close_checked(self.id, self._owner, from_ta=True)
+
+    def __repr__(self) -> str:
+        return f"<TaSession {self.id}>"
+
+
+# ----------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[bytes, type[GpTA]] = {}
+_REG_LOCK = threading.Lock()
+
+
+def _uuid_bytes(uuid: uuidlib.UUID | bytes) -> bytes:
+    if isinstance(uuid, uuidlib.UUID):
+        return uuid.bytes
+    if isinstance(uuid, bytes | bytearray) and len(uuid) == 16:
+        return bytes(uuid)
+    raise UsageError(f"a TA UUID is a uuid.UUID or 16 bytes, not {uuid!r}")
+
+
+_T = TypeVar("_T", bound=type[GpTA])
+
+
+def register_gp_ta(cls: _T) -> _T:
+    """Make ``cls`` the TA for ``cls.UUID`` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, GpTA)):
+        raise TypeError("a GP TA must be a GpTA subclass")
+    if not isinstance(getattr(cls, "UUID", None), uuidlib.UUID):
+        raise UsageError(f"{cls.__name__}.UUID must be a uuid.UUID")
+    if not _is_u32(cls.FLAGS):
+        raise UsageError(f"{cls.__name__}.FLAGS must be TA_FLAG_* bits (a u32)")
+    with _REG_LOCK:
+        _REGISTRY[cls.UUID.bytes] = cls
+    return cls
+
+
+def unregister_gp_ta(uuid: uuidlib.UUID | bytes) -> None:
+    """Forget the TA registered for ``uuid`` (running instances are not affected)."""
+    with _REG_LOCK:
+        if _REGISTRY.pop(_uuid_bytes(uuid), None) is None:
+            raise UsageError(f"no GP TA is registered for {uuid!r}")
+
+
+def lookup_gp_ta(uuid: uuidlib.UUID | bytes) -> type[GpTA] | None:
+    """The TA class registered for ``uuid``, or None."""
+    with _REG_LOCK:
+        return _REGISTRY.get(_uuid_bytes(uuid))
+
+
+# ----------------------------------------------------------------------------- runtime state
+
+
+class _Instance(Refcounted):
+    """``tee_ta_ctx``: one TA object; a reference per session, plus one while kept."""
+
+    __slots__ = (
+        "cls",
+        "created",
+        "flags",
+        "holder",
+        "kept",
+        "outbound",
+        "panicked",
+        "runtime",
+        "sessions",
+        "ta",
+        "ta_sessions",
+        "uuid",
+    )
+
+    def __init__(self, runtime: GpRuntime, cls: type[GpTA], uuid: bytes) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.cls = cls
+        self.uuid = uuid
+        self.flags = int(cls.FLAGS)
+        self.ta: GpTA | None = None
+        self.created = False  # libutee's init_done
+        self.panicked = False
+        self.kept = False  # single-instance keep-alive: the lookup holds a reference
+        self.sessions = 0  # core sessions bound to it (ref_count)
+        self.ta_sessions = 0  # sessions the TA itself knows (libutee's list)
+        self.holder: int | None = None  # thread running an entry (ctx->busy)
+        self.outbound: set[int] = set()  # ids of sessions this TA opened
+
+    @property
+    def single(self) -> bool:
+        return bool(self.flags & _SINGLE)
+
+    @property
+    def keep_alive(self) -> bool:
+        return bool(self.flags & _SINGLE and self.flags & _KEEP_ALIVE)
+
+    @property
+    def keep_crashed(self) -> bool:
+        return self.keep_alive and bool(self.flags & _KEEP_CRASHED)
+
+    def on_release(self) -> None:
+        self.runtime._instance_gone(self)
+
+    def __repr__(self) -> str:
+        return f"<GP instance {self.cls.__name__} sessions={self.sessions} dead={self.panicked}>"
+
+
+class _State(enum.Enum):
+    OPENING = "opening"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class GpSession(SecureObject):
+    """One session (``tee_ta_session``), an object in the secure world's table.
+
+    A TA sees ``id``, ``login``, ``client_uuid`` (16 bytes), ``uuid`` (the TA's, 16
+    bytes), ``ta`` (its instance) and ``context``, a slot for its own per-session data.
+    """
+
+    def __init__(
+        self, runtime: GpRuntime, uuid: bytes, login: int, client_uuid: bytes, owner: object
+    ) -> None:
+        super().__init__()
+        self.id = 0
+        self.uuid = uuid
+        self.login = login
+        self.client_uuid = client_uuid
+        self.context: object = None
+        self._runtime = runtime
+        self._owner = owner
+        self._instance: _Instance | None = None
+        self._state = _State.OPENING
+        self._holder: int | None = None  # thread holding it exclusively (an invoke)
+        self._depth = 0
+        self._cancel = False  # sess->cancel
+        self._mask = True  # sess->cancel_mask
+        self.cancel_id = 0
+
+    @property
+    def ta(self) -> GpTA | None:
+        """The TA instance behind the session (None once its instance is gone)."""
+        inst = self._instance
+        return None if inst is None else inst.ta
+
+    def on_release(self) -> None:
+        # The id went away without close_session (the kernel released it on the QTEE
+        # wire): close the GP session too.
+        self._runtime._close(self, drop_id=False)
+
+    def __repr__(self) -> str:
+        return f"<GpSession {self.id} {self._state.value}>"
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    runtime: GpRuntime
+    instance: _Instance
+    session: GpSession | None
+
+
+_tls = threading.local()
+
+
+def _entry_stack() -> list[_Entry]:
+    stack: list[_Entry] | None = getattr(_tls, "stack", None)
+    if stack is None:
+        stack = _tls.stack = []
+    return stack
+
+
+def _current_entry() -> _Entry | None:
+    stack = _entry_stack()
+    return stack[-1] if stack else None
+
+
+class _Deadlock(Exception):
+    """Waiting would close a cycle of waiting threads."""
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+class GpRuntime:
+    """OP-TEE's TA manager over one secure world (optee.md §2 cancel, §3, §4)."""
+
+    def __init__(self, world: SecureWorld) -> None:
+        if not isinstance(world, SecureWorld):
+            raise TypeError("a GpRuntime runs in a SecureWorld")
+        self.world = world
+        #: The LOAD_TA path: called (outside any lock, may block) with the UUID of a TA
+        #: that is not registered, each time a new instance of it is needed.
+        self.load_ta: Callable[[bytes], type[GpTA] | None] | None = None
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._by_uuid: dict[bytes, _Instance] = {}  # single-instance TAs only
+        self._instances: set[_Instance] = set()
+        self._sessions: set[GpSession] = set()
+        self._waiting: dict[int, _Instance | GpSession] = {}  # thread -> what it waits for
+
+    # ------------------------------------------------------------------ NS entry points
+    def open_session(
+        self,
+        uuid: bytes | uuidlib.UUID,
+        login: int,
+        client_uuid: bytes | uuidlib.UUID,
+        types: int,
+        params: list[GpParam],
+        *,
+        cancel_id: int = 0,
+        owner: object = None,
+    ) -> tuple[int, int, int]:
+        """``OPTEE_MSG_CMD_OPEN_SESSION``: ``(session id or 0, TEE_Result, origin)``.
+
+        UUIDs are 16 bytes (``uuid.UUID.bytes`` order) or ``uuid.UUID``s."""
+        if isinstance(uuid, uuidlib.UUID):
+            uuid = uuid.bytes
+        if isinstance(client_uuid, uuidlib.UUID):
+            client_uuid = client_uuid.bytes
+        if (
+            not _is_16(uuid)
+            or not _is_16(client_uuid)
+            or not _is_u32(login)
+            or login == _TRUSTED_APP  # the normal world cannot claim to be a TA
+        ):
+            return 0, _BAD_PARAMETERS, _TEE
+        return self._open(bytes(uuid), login, bytes(client_uuid), types, params, owner, cancel_id)
+
+    def invoke(
+        self,
+        session_id: int,
+        cmd: int,
+        types: int,
+        params: list[GpParam],
+        *,
+        cancel_id: int = 0,
+        owner: object = None,
+    ) -> tuple[int, int]:
+        """``OPTEE_MSG_CMD_INVOKE_COMMAND``: ``(TEE_Result, origin)``."""
+        return self._invoke(session_id, cmd, types, params, owner, from_ta=False)
+
+    def cancel(self, session_id: int, cancel_id: int = 0, owner: object = None) -> int:
+        """``OPTEE_MSG_CMD_CANCEL``: flag the session (``cancel_id`` is ignored, as
+        OP-TEE's ``entry_cancel`` ignores it); unknown session -> BAD_PARAMETERS.
+
+        The lookup is not exclusive: it reaches a session while an invoke runs on it,
+        and while a close waits for that invoke."""
+        with self._cond:
+            sess = self._find(session_id)
+            if (
+                sess is None
+                or sess._state is _State.CLOSED
+                or not self._may_use(sess, owner, from_ta=False)
+            ):
+                return _BAD_PARAMETERS
+            sess._cancel = True
+            self._cond.notify_all()
+        return _OK
+
+    def close_session(self, session_id: int, owner: object = None) -> int:
+        """``OPTEE_MSG_CMD_CLOSE_SESSION``: the TA's close entry (not if it panicked),
+        then the id is dropped.  Unknown id -> ITEM_NOT_FOUND; another owner's or a
+        TA's session -> BAD_PARAMETERS."""
+        return self._close_checked(session_id, owner, from_ta=False)
+
+    def close_owner(self, owner: object) -> None:
+        """A client context went away: close every session it opened."""
+        with self._lock:
+            mine = [
+                s
+                for s in self._sessions
+                if s._state is _State.OPEN and s.login != _TRUSTED_APP and _same(s._owner, owner)
+            ]
+        for sess in sorted(mine, key=lambda s: s.id):
+            self._close(sess, drop_id=True)
+
+    def live(self) -> dict[str, int]:
+        """Counts for leak checks: sessions (not yet closed) and TA instances."""
+        with self._lock:
+            return {"sessions": len(self._sessions), "instances": len(self._instances)}
+
+    def unload(self, uuid: uuidlib.UUID | bytes) -> bool:
+        """Let go of a kept (keep-alive or keep-crashed) instance of ``uuid``.
+
+        OP-TEE has no such call (a kept instance lives until reboot); it is here so tests
+        and tools can start over.  An instance that is alive and has no session gets its
+        destroy entry.  Returns whether an instance was kept.
+        """
+        raw = _uuid_bytes(uuid)
+        with self._lock:
+            inst = self._by_uuid.get(raw)
+            if inst is None or not inst.kept:
+                return False
+            del self._by_uuid[raw]
+            inst.kept = False
+            idle = inst.sessions == 0 and not inst.panicked and inst.created
+        if idle:
+            try:
+                with self._busy(inst):
+                    if not inst.panicked and inst.created and inst.ta_sessions == 0:
+                        self._run(inst, None, self._destroy_entry, inst)
+            except _Deadlock:
+                log.warning("%r: unload from inside its own entry, destroy skipped", inst)
+        inst.put()
+        return True
+
+    # ------------------------------------------------------------------ open
+    def _open(
+        self,
+        uuid: bytes,
+        login: int,
+        client_uuid: bytes,
+        types: int,
+        params: list[GpParam],
+        owner: object,
+        cancel_id: int = 0,
+    ) -> tuple[int, int, int]:
+        try:
+            ta_params = gp_params(types, params)
+        except GpTaError as exc:
+            return 0, exc.code, _TEE
+        sess = GpSession(self, uuid, login, client_uuid, owner)
+        sess.cancel_id = cancel_id
+        try:
+            sess.id = self.world.export(sess)  # §4.2 step 1
+        except DriverError:  # ENOSPC: the id space is full
+            return 0, int(TeecResult.TEE_ERROR_OVERFLOW), _TEE
+        with self._lock:
+            self._sessions.add(sess)
+        code, inst = self._attach(uuid)  # steps 2 and 3
+        if inst is None:
+            self._discard(sess)
+            return 0, code, _TEE
+        sess._instance = inst
+        try:
+            with self._busy(inst):  # step 4
+                if inst.panicked:
+                    code, origin = _DEAD, _TEE
+                else:  # step 5
+                    code, origin = self._run(
+                        inst, sess, self._open_entry, inst, sess, types, ta_params
+                    )
+                    _copy_out(params, ta_params)
+        except _Deadlock:
+            code, origin = _BUSY, _TEE
+        if code != _OK:
+            self._discard(sess)
+            return 0, code, origin
+        with self._cond:
+            sess._state = _State.OPEN
+        return sess.id, _OK, _TA
+
+    def _attach(self, uuid: bytes) -> tuple[int, _Instance | None]:
+        """Find or make the instance a new session binds to, with a reference taken."""
+        with self._lock:
+            bound = self._bind(uuid)
+            if bound is not None:
+                return bound
+        cls = lookup_gp_ta(uuid)
+        if cls is None:
+            code, cls = self._load(uuid)
+            if cls is None:
+                return code, None
+        with self._lock:
+            if cls.FLAGS & _SINGLE:  # another thread may have made it meanwhile
+                bound = self._bind(uuid)
+                if bound is not None:
+                    return bound
+            inst = _Instance(self, cls, uuid)  # its first reference is this session's
+            inst.sessions = 1
+            self._instances.add(inst)
+            if inst.single:
+                self._by_uuid[uuid] = inst
+                if inst.keep_alive:
+                    inst.kept = inst.get()
+            return _OK, inst
+
+    def _bind(self, uuid: bytes) -> tuple[int, _Instance | None] | None:
+        """Under the lock: bind to the single-instance TA's instance, if there is one."""
+        inst = self._by_uuid.get(uuid)
+        if inst is None:
+            return None
+        if inst.panicked:  # only a keep-crashed one stays findable
+            return _DEAD, None
+        if not inst.flags & _MULTI and inst.sessions > 0:
+            return _BUSY, None
+        if not inst.get():  # its last reference is being dropped: make a new one
+            del self._by_uuid[uuid]
+            return None
+        inst.sessions += 1
+        return _OK, inst
+
+    def _load(self, uuid: bytes) -> tuple[int, type[GpTA] | None]:
+        """The LOAD_TA path (§3.2): the hook names the TA class, or None if not found."""
+        hook = self.load_ta
+        if hook is None:
+            return _NOT_FOUND, None
+        try:
+            cls = hook(uuid)
+        except GpTaError as exc:  # e.g. COMMUNICATION when no supplicant answers
+            return exc.code, None
+        except Exception:
+            log.exception("load_ta hook failed for %s", uuid.hex())
+            return int(TeecResult.TEEC_ERROR_GENERIC), None
+        if cls is None:
+            return _NOT_FOUND, None
+        if not (isinstance(cls, type) and issubclass(cls, GpTA)) or (
+            getattr(cls, "UUID", None) != uuidlib.UUID(bytes=uuid)
+        ):
+            log.error("load_ta for %s returned %r, not a GpTA with that UUID", uuid.hex(), cls)
+            return int(TeecResult.TEEC_ERROR_SECURITY), None
+        return _OK, cls
+
+    def _open_entry(
+        self, inst: _Instance, sess: GpSession, types: int, params: list[GpParam]
+    ) -> None:
+        if not inst.created:
+            inst.created = True  # libutee: set before create runs, even if it fails
+            if inst.ta is None:
+                inst.ta = inst.cls()
+            inst.ta.create()
+        ta = inst.ta
+        assert ta is not None
+        inst.ta_sessions += 1
+        try:
+            ta.open_session(sess, types, params)
+        except GpTaError:
+            self._remove_ta_session(inst)
+            raise
+
+    def _remove_ta_session(self, inst: _Instance) -> None:
+        inst.ta_sessions -= 1
+        if inst.ta_sessions == 0 and not inst.keep_alive:
+            self._destroy_entry(inst)
+
+    def _destroy_entry(self, inst: _Instance) -> None:
+        ta, inst.created, inst.ta = inst.ta, False, None
+        if ta is not None:
+            with suppress(GpTaError):  # TA_DestroyEntryPoint returns nothing
+                ta.destroy()
+
+    def _open_from_ta(
+        self, caller: _Instance, uuid: bytes, types: int, params: list[GpParam]
+    ) -> tuple[TaSession | None, int, int]:
+        if not _is_16(uuid):
+            return None, _BAD_PARAMETERS, _TEE
+        sid, code, origin = self._open(uuid, _TRUSTED_APP, caller.uuid, types, params, caller)
+        if not sid:
+            return None, code, origin
+        with self._lock:
+            caller.outbound.add(sid)
+        return TaSession(self, sid, caller), code, origin
+
+    # ------------------------------------------------------------------ invoke
+    def _invoke(
+        self,
+        session_id: int,
+        cmd: int,
+        types: int,
+        params: list[GpParam],
+        owner: object,
+        *,
+        from_ta: bool,
+    ) -> tuple[int, int]:
+        try:
+            ta_params = gp_params(types, params)
+        except GpTaError as exc:
+            return exc.code, _TEE
+        if not _is_u32(cmd):
+            return _BAD_PARAMETERS, _TEE
+        with self._lock:
+            sess = self._find(session_id)
+            if sess is None or not self._may_use(sess, owner, from_ta=from_ta):
+                return _BAD_PARAMETERS, _TEE
+        try:
+            with self._exclusive(sess):
+                inst = sess._instance
+                assert inst is not None
+                if inst.panicked:
+                    return _DEAD, _TEE
+                concurrent = bool(inst.flags & _CONCURRENT)
+                with self._busy(inst, skip=concurrent):
+                    if _dead(inst):  # it panicked while this call waited
+                        return _DEAD, _TEE
+                    ta = inst.ta
+                    assert ta is not None
+                    result = self._run(inst, sess, ta.invoke, sess, cmd, types, ta_params)
+                    _copy_out(params, ta_params)
+                    return result
+        except _Deadlock:
+            return _BUSY, _TEE
+        except _Gone:
+            return _BAD_PARAMETERS, _TEE
+
+    # ------------------------------------------------------------------ close
+    def _close_checked(self, session_id: int, owner: object, *, from_ta: bool) -> int:
+        with self._lock:
+            sess = self._find(session_id)
+            if sess is None or sess._state is not _State.OPEN:
+                return _NOT_FOUND
+            if not self._may_use(sess, owner, from_ta=from_ta):
+                return _BAD_PARAMETERS
+        self._close(sess, drop_id=True)
+        return _OK
+
+    def _close(self, sess: GpSession, *, drop_id: bool) -> None:
+        with self._cond:
+            if sess._state is not _State.OPEN:
+                return
+            sess._state = _State.CLOSING  # new invokes are refused from now on
+            self._cond.notify_all()
+        inst = sess._instance
+        assert inst is not None
+        try:
+            with self._exclusive(sess, closing=True), self._busy(inst, skip=inst.panicked):
+                if not inst.panicked:
+                    ta = inst.ta
+                    assert ta is not None
+                    self._run(inst, sess, self._close_entry, inst, ta, sess)
+        except _Deadlock:
+            log.warning("%r: closing it would deadlock, its close entry is skipped", sess)
+        self._discard(sess, drop_id=drop_id)
+
+    def _close_entry(self, inst: _Instance, ta: GpTA, sess: GpSession) -> None:
+        with suppress(GpTaError):  # TA_CloseSessionEntryPoint returns nothing
+            ta.close_session(sess)
+        self._remove_ta_session(inst)
+
+    def _discard(self, sess: GpSession, *, drop_id: bool = True) -> None:
+        """Free a session that is not (or no longer) open: id, instance reference."""
+        with self._cond:
+            sess._state = _State.CLOSED
+            self._sessions.discard(sess)
+            inst, sess._instance = sess._instance, None
+            owner = sess._owner
+            if isinstance(owner, _Instance):
+                owner.outbound.discard(sess.id)
+            if inst is not None:
+                inst.sessions -= 1
+            self._cond.notify_all()
+        if drop_id:
+            self.world._drop(sess.id)  # on_release finds it CLOSED: nothing more
+        if inst is not None:
+            inst.put()
+
+    def _instance_gone(self, inst: _Instance) -> None:
+        """The last reference to an instance is gone: forget it, close what it opened
+        (``tee_ta_ctx`` destruction closes the TA's own sessions)."""
+        with self._lock:
+            self._instances.discard(inst)
+            if self._by_uuid.get(inst.uuid) is inst:
+                del self._by_uuid[inst.uuid]
+            outbound = sorted(inst.outbound)
+        for sid in outbound:
+            with self._lock:
+                sess = self._find(sid)
+            if sess is not None and sess._owner is inst:
+                self._close(sess, drop_id=True)
+
+    # ------------------------------------------------------------------ entries
+    def _run(
+        self, inst: _Instance, sess: GpSession | None, fn: Callable[..., object], *args: object
+    ) -> tuple[int, int]:
+        """Run one TA entry: GpTaError -> its code (origin TA), anything else -> panic."""
+        stack = _entry_stack()
+        stack.append(_Entry(self, inst, sess))
+        try:
+            fn(*args)
+            result = (_OK, _TA)
+        except GpTaError as exc:
+            result = (exc.code, _TA)
+        except Exception:
+            log.warning("TA %s panicked", inst.cls.__name__, exc_info=True)
+            self._panic(inst)
+            result = (_DEAD, _TEE)
+        finally:
+            stack.pop()
+            if sess is not None:
+                with self._lock:  # the end of every entry: flag cleared, mask reset
+                    sess._cancel = False
+                    sess._mask = True
+        return result
+
+    def _panic(self, inst: _Instance) -> None:
+        """``ctx->panicked``: dead for good; out of the UUID lookup unless keep-crashed."""
+        with self._lock:
+            inst.panicked = True
+            unkeep = inst.kept and not inst.keep_crashed
+            if not inst.keep_crashed and self._by_uuid.get(inst.uuid) is inst:
+                del self._by_uuid[inst.uuid]
+            if unkeep:
+                inst.kept = False
+        if unkeep:
+            inst.put()  # a session of this entry still holds one: never the last
+
+    # ------------------------------------------------------------------ waiting
+    @contextmanager
+    def _busy(self, inst: _Instance, *, skip: bool = False) -> Iterator[None]:
+        """``tee_ta_set_busy`` / ``tee_ta_clear_busy``: one entry at a time."""
+        if skip:
+            yield
+            return
+        me = threading.get_ident()
+        with self._cond:
+            self._wait_free(inst, me)
+            inst.holder = me
+        try:
+            yield
+        finally:
+            with self._cond:
+                inst.holder = None
+                self._cond.notify_all()
+
+    @contextmanager
+    def _exclusive(self, sess: GpSession, *, closing: bool = False) -> Iterator[None]:
+        """``tee_ta_get_session(id, exclusive=true)``: invokes on a session serialise."""
+        me = threading.get_ident()
+        with self._cond:
+            if sess._holder != me:
+                self._wait_free(sess, me, closing=closing)
+            if not closing and sess._state is not _State.OPEN:
+                raise _Gone
+            sess._holder = me
+            sess._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                sess._depth -= 1
+                if sess._depth == 0:
+                    sess._holder = None
+                self._cond.notify_all()
+
+    def _wait_free(self, res: _Instance | GpSession, me: int, *, closing: bool = False) -> None:
+        # Under the condition's lock.
+        while (res.holder if isinstance(res, _Instance) else res._holder) is not None:
+            if isinstance(res, GpSession) and not closing and res._state is not _State.OPEN:
+                raise _Gone
+            if self._closes_cycle(res, me):
+                raise _Deadlock
+            self._waiting[me] = res
+            try:
+                self._cond.wait()
+            finally:
+                del self._waiting[me]
+
+    def _closes_cycle(self, res: _Instance | GpSession, me: int) -> bool:
+        seen: set[int] = set()
+        cur: _Instance | GpSession | None = res
+        while cur is not None:
+            holder = cur.holder if isinstance(cur, _Instance) else cur._holder
+            if holder is None or holder in seen:
+                return False
+            if holder == me:
+                return True
+            seen.add(holder)
+            cur = self._waiting.get(holder)
+        return False
+
+    # ------------------------------------------------------------------ cancellation
+    def _wait(self, sess: GpSession | None, ms: int) -> int:
+        if not _is_u32(ms):
+            raise UsageError(f"TEE_Wait takes a u32 of milliseconds, not {ms!r}")
+        deadline = None if ms == TEE_TIMEOUT_INFINITE else time.monotonic() + ms / 1000
+        with self._cond:
+            while True:
+                if sess is not None and sess._cancel and not sess._mask:
+                    return _CANCEL
+                if deadline is None:
+                    if sess is None:
+                        raise UsageError("an infinite TEE_Wait needs a session to cancel it")
+                    self._cond.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return _OK
+                self._cond.wait(left)
+
+    def _cancelled(self, sess: GpSession | None) -> bool:
+        with self._lock:
+            return sess is not None and sess._cancel and not sess._mask
+
+    def _set_mask(self, sess: GpSession | None, masked: bool) -> bool:
+        if sess is None:
+            return True
+        with self._cond:
+            old, sess._mask = sess._mask, masked
+            self._cond.notify_all()
+            return old
+
+    # ------------------------------------------------------------------ lookup
+    def _find(self, session_id: object) -> GpSession | None:
+        if not isinstance(session_id, int) or isinstance(session_id, bool) or session_id <= 0:
+            return None
+        obj = self.world.lookup(session_id)
+        if isinstance(obj, GpSession) and obj._runtime is self:
+            return obj
+        return None
+
+    @staticmethod
+    def _may_use(sess: GpSession, owner: object, *, from_ta: bool) -> bool:
+        """The driver's per-context check, and ``check_client``: the normal world never
+        uses a session a TA opened; a TA only its own."""
+        if (sess.login == _TRUSTED_APP) != from_ta:
+            return False
+        return _same(sess._owner, owner)
+
+
+class _Gone(Exception):
+    """The session was closed while the caller waited for it."""
+
+
+def _dead(inst: _Instance) -> bool:
+    return inst.panicked
+
+
+def _same(a: object, b: object) -> bool:
+    return a is b or (not isinstance(a, _Instance) and a == b)
+
+
+def _is_16(v: object) -> bool:
+    return isinstance(v, bytes | bytearray) and len(v) == 16
