@@ -1,0 +1,314 @@
+"""The OP-TEE-flavoured device: GP sessions through the Linux TEE uAPI (``drivers/tee``).
+
+``OpteeDevice(world).open()`` gives a context whose ``ioctl`` takes the kernel's structs
+like :class:`qtee.Context` does: VERSION (impl id 1, OP-TEE caps TZ, gen caps GP |
+REG_MEM | MEMREF_NULL), SHM_ALLOC, SHM_REGISTER, OPEN_SESSION, INVOKE, CANCEL and
+CLOSE_SESSION (optee.md §2).  Sessions live in the secure world's GP runtime, keyed by
+the context that opened them: a session id from another context is EINVAL here, before
+the secure world is asked, as the OP-TEE driver's per-context session list does.
+
+Memref params name a shm of the calling context by id in ``c`` (offset ``a``, size
+``b``); the TA sees those bytes.  A registered shm is the caller's own memory: its bytes
+are copied in before the call and back after it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from objects import DriverError, IdrAllocator, ObjectTable
+from qtee import _checks, uapi
+from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory
+from qtee.gp._identity import Cred, calc_client_uuid, check_user_login
+
+if TYPE_CHECKING:
+    from qtee.secure import SecureWorld
+    from qtee.secure._gp import GpParam, GpRuntime
+
+__all__ = ["OpteeContext", "OpteeDevice"]
+
+_BUF: Final = struct.Struct("<QQ")
+_PARAM: Final = struct.Struct("<4Q")
+_OPEN_HEAD: Final = struct.Struct("<16s16s6I")
+_INVOKE_HEAD: Final = struct.Struct("<6I")
+_GEN_CAPS: Final = uapi.TEE_GEN_CAP_GP | uapi.TEE_GEN_CAP_REG_MEM | uapi.TEE_GEN_CAP_MEMREF_NULL
+_VALUE_TYPES: Final = frozenset({1, 2, 3})
+_MEMREF_TYPES: Final = frozenset({5, 6, 7})
+_OUTPUT_TYPES: Final = frozenset({2, 3, 6, 7})
+_P = tuple[int, int, int, int]
+
+
+def _einval(why: str) -> DriverError:
+    return DriverError(errno.EINVAL, why)
+
+
+class _GpShm:
+    """A shared buffer of one context: allocated (kernel pages) or registered (user pages)."""
+
+    __slots__ = ("addr", "buf", "ctx", "id", "size")
+
+    def __init__(self, ctx: OpteeContext, shm_id: int, size: int, addr: int | None) -> None:
+        self.ctx = ctx
+        self.id = shm_id
+        self.size = size
+        self.addr = addr  # user address for a registered shm, None when allocated
+        self.buf = bytearray(size) if addr is None else bytearray()
+
+
+class OpteeDevice:
+    """One OP-TEE ``/dev/teeN`` in front of a secure world's GP runtime."""
+
+    def __init__(
+        self,
+        world: SecureWorld,
+        *,
+        memory: AddressSpace | None = None,
+        cred: Callable[[], Cred] | None = None,
+    ) -> None:
+        from qtee.secure._gp import GpRuntime
+
+        self.world = world
+        self.runtime: GpRuntime = getattr(world, "gp", None) or GpRuntime(world)
+        world.gp = self.runtime  # type: ignore[attr-defined]
+        self.memory: AddressSpace = memory if memory is not None else ProcessMemory()
+        self.shm: ObjectTable[_GpShm] = ObjectTable(IdrAllocator(1, 0), name="shm ids")
+        #: Who the caller is (the kernel reads current's credentials).
+        self.cred = cred or (
+            lambda: Cred(euid=os.geteuid(), egid=os.getegid(), groups=frozenset(os.getgroups()))
+        )
+        self._lock = threading.Lock()
+        self.contexts: set[OpteeContext] = set()
+
+    def open(self) -> OpteeContext:
+        """Open the device: one context (one fd)."""
+        ctx = OpteeContext(self)
+        with self._lock:
+            self.contexts.add(ctx)
+        return ctx
+
+    def leaks(self) -> dict[str, int]:
+        """Tables still holding something (empty when nothing leaked)."""
+        found = {f"gp {k}": v for k, v in self.runtime.live().items()}
+        found["shm ids"] = len(self.shm)
+        found["secure objects"] = len(self.world.live_ids())
+        with self._lock:
+            for n, ctx in enumerate(sorted(self.contexts, key=id)):
+                found[f"context {n} sessions"] = len(ctx.sessions)
+        return {k: v for k, v in found.items() if v}
+
+
+class OpteeContext:
+    """One open fd of the OP-TEE device: its sessions and shared buffers."""
+
+    def __init__(self, device: OpteeDevice) -> None:
+        self.device = device
+        self.sessions: set[int] = set()
+        self.shms: dict[int, _GpShm] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+
+    # ------------------------------------------------------------------ entry
+    def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
+        """Run ``cmd`` on ``arg`` (updated in place); failures raise the kernel's errno."""
+        if self.closed:
+            raise DriverError(errno.EBADF, "context is closed")
+        if cmd == uapi.TEE_IOC_VERSION:
+            self._need(arg, uapi.VersionData.SIZE)
+            version = uapi.VersionData(uapi.TEE_IMPL_ID_OPTEE, uapi.TEE_OPTEE_CAP_TZ, _GEN_CAPS)
+            version.pack_into(arg)
+            return 0
+        if cmd == uapi.TEE_IOC_SHM_ALLOC:
+            return self._shm_alloc(arg)
+        if cmd == uapi.TEE_IOC_SHM_REGISTER:
+            return self._shm_register(arg)
+        if cmd == uapi.TEE_IOC_OPEN_SESSION:
+            return self._open_session(arg)
+        if cmd == uapi.TEE_IOC_INVOKE:
+            return self._invoke(arg)
+        if cmd == uapi.TEE_IOC_CANCEL:
+            cancel = uapi.CancelArg.unpack(self._need(arg, uapi.CancelArg.SIZE))
+            self._own(cancel.session)
+            self.device.runtime.cancel(cancel.session, cancel.cancel_id, owner=self)
+            return 0
+        if cmd == uapi.TEE_IOC_CLOSE_SESSION:
+            close = uapi.CloseSessionArg.unpack(self._need(arg, uapi.CloseSessionArg.SIZE))
+            self._own(close.session)
+            with self._lock:
+                self.sessions.discard(close.session)
+            self.device.runtime.close_session(close.session, owner=self)
+            return 0
+        raise _einval(f"ioctl {uapi.IOCTL_NAMES.get(cmd, hex(cmd))} is not supported by optee")
+
+    @staticmethod
+    def _need(arg: bytearray | memoryview, size: int) -> bytearray | memoryview:
+        if not isinstance(arg, bytearray | memoryview) or len(arg) < size:
+            raise DriverError(errno.EFAULT, f"ioctl argument must be {size} writable bytes")
+        return arg
+
+    def _own(self, session: int) -> None:
+        with self._lock:
+            if session not in self.sessions:
+                raise _einval(f"session {session:#x} was not opened on this context")
+
+    # ------------------------------------------------------------------ shared memory
+    def _shm_alloc(self, arg: bytearray | memoryview) -> int:
+        data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))
+        if data.flags:
+            raise _einval("SHM_ALLOC flags must be 0")
+        if data.size > 1 << 32:
+            raise DriverError(errno.ENOMEM, f"cannot allocate {data.size} bytes")
+        shm_id = self.device.shm.reserve()
+        shm = _GpShm(self, shm_id, data.size, None)
+        self.device.shm.replace(shm_id, shm)
+        self.shms[shm_id] = shm
+        uapi.ShmAllocData(data.size, 0, shm_id).pack_into(arg)
+        return 0
+
+    def _shm_register(self, arg: bytearray | memoryview) -> int:
+        data = uapi.ShmRegisterData.unpack(self._need(arg, uapi.ShmRegisterData.SIZE))
+        if data.flags:
+            raise _einval("SHM_REGISTER flags must be 0")
+        if data.length == 0 or data.addr + data.length > TASK_SIZE:
+            raise _einval(f"cannot register {data.length} bytes at {data.addr:#x}")
+        self.device.memory.read(data.addr, data.length)  # pin_user_pages: EFAULT if unmapped
+        shm_id = self.device.shm.reserve()
+        shm = _GpShm(self, shm_id, data.length, data.addr)
+        self.device.shm.replace(shm_id, shm)
+        self.shms[shm_id] = shm
+        uapi.ShmRegisterData(data.addr, data.length, 0, shm_id).pack_into(arg)
+        return 0
+
+    def shm_view(self, shm_id: int) -> memoryview:
+        """The bytes of an allocated shm of this context (what ``mmap`` of its fd gives)."""
+        shm = self.shms.get(shm_id)
+        if shm is None or shm.addr is not None:
+            raise DriverError(errno.EBADF, f"shm {shm_id} is not an allocated shm of this context")
+        return memoryview(shm.buf)
+
+    def shm_free(self, shm_id: int) -> None:
+        """Close the shm's fd (idempotent use is the caller's business: EBADF twice)."""
+        shm = self.shms.pop(shm_id, None)
+        if shm is None:
+            raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
+        self.device.shm.erase(shm_id)
+
+    # ------------------------------------------------------------------ sessions
+    def _read_block(
+        self, arg: bytearray | memoryview, head: struct.Struct
+    ) -> tuple[int, bytes, list[_P]]:
+        buf_ptr, buf_len = _BUF.unpack_from(self._need(arg, _BUF.size))
+        if buf_len > uapi.TEE_MAX_ARG_SIZE or buf_len < head.size:
+            raise _einval(f"buf_len {buf_len}")
+        block = self.device.memory.read(buf_ptr, buf_len)
+        (num,) = struct.unpack_from("<I", block, head.size - 4)
+        _checks.check_buf_len(buf_len, head.size, num)
+        params: list[_P] = list(_PARAM.iter_unpack(block[head.size :])) if num else []
+        _checks.check_param_attrs(params)
+        return buf_ptr, block, params
+
+    def _gp_params(self, params: list[_P]) -> tuple[int, list[GpParam], list[_GpShm | None]]:
+        """Kernel params -> the TA's typed params (``params_from_user`` + the driver)."""
+        from qtee.secure._gp import GpParam
+
+        types = 0
+        out: list[GpParam] = []
+        shms: list[_GpShm | None] = []
+        for i, (attr, a, b, c) in enumerate(params):
+            t = attr
+            if i < 4:
+                types |= (t & 0xF) << (4 * i)
+            if t == 0:
+                out.append(GpParam(0))
+                shms.append(None)
+            elif t in _VALUE_TYPES:
+                out.append(GpParam(t, a=a & 0xFFFF_FFFF, b=b & 0xFFFF_FFFF))
+                shms.append(None)
+            elif t in _MEMREF_TYPES:
+                if c == uapi.TEE_MEMREF_NULL:
+                    out.append(GpParam(t, buffer=None, size=b))
+                    shms.append(None)
+                    continue
+                shm = self.shms.get(c) if c <= 0x7FFF_FFFF else None
+                if shm is None:
+                    raise _einval(f"param {i}: shm {c} is not a shm of this context")
+                if a + b > shm.size:
+                    raise _einval(f"param {i}: offset {a} + size {b} past shm of {shm.size}")
+                if shm.addr is not None:  # registered user memory: copy in now, back later
+                    shm.buf = bytearray(self.device.memory.read(shm.addr, shm.size))
+                out.append(GpParam(t, buffer=memoryview(shm.buf)[a : a + b], size=b))
+                shms.append(shm)
+            else:
+                raise _einval(f"param {i}: attr {attr:#x} is not a GP param type")
+        return types, out, shms
+
+    def _params_back(
+        self, params: list[_P], gp: list[GpParam], shms: list[_GpShm | None]
+    ) -> list[_P]:
+        """``params_to_user``: VALUE outputs a/b/c, MEMREF outputs the size."""
+        out = list(params)
+        for i, ((attr, a, _b, c), p) in enumerate(zip(params, gp, strict=True)):
+            if attr in (2, 3):
+                out[i] = (attr, p.a & 0xFFFF_FFFF, p.b & 0xFFFF_FFFF, 0)
+            elif attr in (6, 7):
+                out[i] = (attr, a, p.size, c)
+                shm = shms[i]
+                if shm is not None and shm.addr is not None:
+                    self.device.memory.write(shm.addr, bytes(shm.buf))
+        return out
+
+    def _open_session(self, arg: bytearray | memoryview) -> int:
+        buf_ptr, block, params = self._read_block(arg, _OPEN_HEAD)
+        uuid, clnt_uuid, login, cancel_id, _s, _r, _o, num = _OPEN_HEAD.unpack_from(block)
+        types, gp, shms = self._gp_params(params)
+        check_user_login(login)  # the REE-kernel login range is EPERM from userspace
+        client = calc_client_uuid(login, clnt_uuid, cred=self.device.cred())
+        session, ret, origin = self.device.runtime.open_session(
+            uuid, login, client, types, gp, cancel_id=cancel_id, owner=self
+        )
+        if session:
+            with self._lock:
+                self.sessions.add(session)
+        back = self._params_back(params, gp, shms)
+        head = _OPEN_HEAD.pack(uuid, clnt_uuid, login, cancel_id, session, ret, origin, num)
+        try:
+            self.device.memory.write(buf_ptr, head + b"".join(_PARAM.pack(*p) for p in back))
+        except DriverError:
+            if session:  # results could not reach the caller: close it again, no leak
+                with self._lock:
+                    self.sessions.discard(session)
+                self.device.runtime.close_session(session, owner=self)
+            raise
+        return 0
+
+    def _invoke(self, arg: bytearray | memoryview) -> int:
+        buf_ptr, block, params = self._read_block(arg, _INVOKE_HEAD)
+        func, session, cancel_id, _r, _o, num = _INVOKE_HEAD.unpack_from(block)
+        types, gp, shms = self._gp_params(params)
+        self._own(session)
+        ret, origin = self.device.runtime.invoke(
+            session, func, types, gp, cancel_id=cancel_id, owner=self
+        )
+        back = self._params_back(params, gp, shms)
+        head = _INVOKE_HEAD.pack(func, session, cancel_id, ret, origin, num)
+        self.device.memory.write(buf_ptr, head + b"".join(_PARAM.pack(*p) for p in back))
+        return 0
+
+    # ------------------------------------------------------------------ close
+    def close(self) -> None:
+        """Release the fd: every session it opened is closed, its shms go."""
+        if self.closed:
+            return
+        self.closed = True
+        self.device.runtime.close_owner(self)
+        with self._lock:
+            self.sessions.clear()
+        for shm_id in list(self.shms):
+            self.device.shm.erase(shm_id)
+        self.shms.clear()
+        with self.device._lock:
+            self.device.contexts.discard(self)
