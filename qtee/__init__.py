@@ -8,6 +8,7 @@ secure world with its services and Python TAs, the codecs (:mod:`qtee.wire`,
 from objects import DecodeError, DriverError, QteeBaseError, QteeError, Result, UsageError, op
 from qtee import uapi, wire
 from qtee._driver import Context, Device
+from qtee._optee import OpteeContext, OpteeDevice
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, address_of
 from qtee.client import OUT_OBJECT, CallbackObject, Client, MemoryObject, ObjRef, Out
 from qtee.credentials import CredentialKey, Credentials
@@ -34,6 +35,8 @@ __all__ = [
     "Credentials",
     "DecodeError",
     "Device",
+    "OpteeContext",
+    "OpteeDevice",
     "DriverError",
     "MemoryObject",
     "NsObject",

@@ -16,6 +16,8 @@ QTEE_API = {
     "Credentials",
     "DecodeError",
     "Device",
+    "OpteeContext",
+    "OpteeDevice",
     "DriverError",
     "MemoryObject",
     "NsObject",
