@@ -375,3 +375,66 @@ def test_transport_cancel(transport: QteeGpTransport) -> None:
     ret, origin, back = got[0]
     assert (ret, origin, back[0].a) == (OK, TA, TeecResult.TEEC_ERROR_CANCEL)
     transport.close_session(s)
+
+
+# ----------------------------------------------------------------------------- TeecContext
+
+
+def test_teec_context_over_qtee(client: Client) -> None:
+    gp = pytest.importorskip("qtee.gp._client")
+    from qtee.gp import TeecError, TeecMemFlag, TeecParamType, param_types
+
+    with client.client_env() as env:
+        ctx = gp.TeecContext(QteeGpTransport(client, env))
+    try:
+        assert ctx.memref_null and not ctx.reg_mem
+        sess = ctx.open_session(TA_UUID)
+        assert sess.origin == TA
+        T = TeecParamType
+        op = gp.TeecOperation(
+            param_types(T.TEEC_VALUE_INOUT, T.TEEC_VALUE_INPUT, T.TEEC_NONE, T.TEEC_NONE),
+            [gp.TeecValue(40), gp.TeecValue(2)],
+        )
+        assert sess.invoke_command(ADD, op) == TA
+        assert op.params[0].a == 42
+        # a temp memref: through a temporary shm (a memory object)
+        buf = bytearray(8)
+        tmp = gp.TeecTempMemoryReference(buf)
+        op = gp.TeecOperation(
+            param_types(T.TEEC_MEMREF_TEMP_OUTPUT, T.TEEC_VALUE_INPUT, T.TEEC_NONE, T.TEEC_NONE),
+            [tmp, gp.TeecValue(5)],
+        )
+        sess.invoke_command(FILL, op)
+        assert (bytes(buf), tmp.size) == (b"QQQQQ" + bytes(3), 5)
+        # short buffer: the needed size comes back
+        tmp = gp.TeecTempMemoryReference(None, 0)
+        op = gp.TeecOperation(
+            param_types(T.TEEC_MEMREF_TEMP_OUTPUT, T.TEEC_VALUE_INPUT, T.TEEC_NONE, T.TEEC_NONE),
+            [tmp, gp.TeecValue(12)],
+        )
+        with pytest.raises(TeecError) as exc:
+            sess.invoke_command(FILL, op)
+        assert (exc.value.code, exc.value.origin, tmp.size) == (SHORT, TA, 12)
+        # allocated shared memory, whole
+        shm = ctx.allocate_shared_memory(
+            16, TeecMemFlag.TEEC_MEM_INPUT | TeecMemFlag.TEEC_MEM_OUTPUT
+        )
+        ref = gp.TeecRegisteredMemoryReference(shm)
+        op = gp.TeecOperation(
+            param_types(T.TEEC_MEMREF_WHOLE, T.TEEC_VALUE_INPUT, T.TEEC_NONE, T.TEEC_NONE),
+            [ref, gp.TeecValue(3)],
+        )
+        sess.invoke_command(FILL, op)
+        assert bytes(shm.buffer[:4]) == b"QQQ\0" and ref.size == 3
+        shm.release()
+        # panic
+        with pytest.raises(TeecError) as exc:
+            sess.invoke_command(PANIC)
+        assert (exc.value.code, exc.value.origin) == (DEAD, TEE)
+        sess.close()
+        with pytest.raises(TeecError) as exc:
+            ctx.open_session(UNKNOWN_UUID)
+        assert (exc.value.code, exc.value.origin) == (NOT_FOUND, TEE)
+        ctx.open_session(TA_UUID)  # left open: finalize closes it
+    finally:
+        ctx.finalize()
