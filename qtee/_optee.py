@@ -27,6 +27,7 @@ from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory
 from qtee.gp._identity import Cred, calc_client_uuid, check_user_login
 
 if TYPE_CHECKING:
+    from qtee._optee_supp import OpteeSuppContext
     from qtee.secure import SecureWorld
     from qtee.secure._gp import GpParam, GpRuntime
 
@@ -90,6 +91,13 @@ class OpteeDevice:
         with self._lock:
             self.contexts.add(ctx)
         return ctx
+
+    def open_supplicant(self) -> OpteeSuppContext:
+        """Open the privileged device (``/dev/teepriv0``): tee-supplicant's context, with
+        SUPPL_RECV/SEND on the RPC queue (:mod:`qtee._optee_supp`); EBUSY while one is open."""
+        from qtee._optee_supp import attach_rpc
+
+        return attach_rpc(self).open()
 
     def leaks(self) -> dict[str, int]:
         """Tables still holding something (empty when nothing leaked)."""

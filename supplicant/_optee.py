@@ -1,0 +1,448 @@
+"""tee-supplicant for the OP-TEE device: LOAD_TA, the REE FS and APPL shared memory.
+
+:class:`OpteeSupplicant` opens the privileged context
+(:meth:`qtee._optee.OpteeDevice.open_supplicant`) and runs ``workers`` threads that loop
+on ``SUPPL_RECV`` (room for 5 params, param[0] = META, so requests are answered by id
+and several can be in flight) and ``SUPPL_SEND``, as ``tee_supplicant.c`` does (optee.md
+§3.3; the real daemon spawns a thread whenever none is left waiting, this one has a
+fixed pool).  It serves:
+
+* **LOAD_TA** (0): value[0] = the UUID octets (``a`` = octets 0-7, ``b`` = 8-15, as
+  little-endian words); the image is ``<ta_dir>/<uuid>.ta`` with the UUID lowercase
+  8-4-4-4-12 (``teec_ta_load.c``'s ``%08x-%04x-%04x-%02x%02x-%02x…%02x.ta``).  No such
+  regular file → ITEM_NOT_FOUND.  memref[1]'s size becomes the image size; a NULL
+  memref only asks for it (SUCCESS), a too small one is SHORT_BUFFER.
+* **FS** (2): the sub-ops of ``tee_supp_fs.c`` over a :class:`supplicant.FileStore` on
+  ``storage_dir`` (names are relative to it; a leading ``/`` is dropped).  OPEN of a
+  missing file → ITEM_NOT_FOUND; CREATE makes missing directories and truncates; READ and
+  WRITE are positioned (value ``c`` = offset); TRUNCATE shortens or zero-extends (the
+  store has no ``ftruncate``: the kept prefix is written back through a second fd opened
+  with O_TRUNC, which commits at once); REMOVE also removes the directory it leaves
+  empty; RENAME with value ``b`` = 0 refuses an existing target (ACCESS_CONFLICT);
+  READDIR skips ``.``/``..``, ITEM_NOT_FOUND at the end, SHORT_BUFFER + size if the
+  name does not fit.  A path the store refuses (escaping it, a symlink) → ACCESS_DENIED;
+  other failures → GENERIC.  The store's atomic replace applies: data written through
+  an fd reaches its file when that fd is closed (or truncated).
+* **SHM_ALLOC** (6) / **SHM_FREE** (7): a shm allocated on its own context
+  (``TEE_IOC_SHM_ALLOC``; the id in value ``c``) / freed by id (value ``b``); an id it
+  did not allocate → BAD_PARAMETERS.
+
+Anything else → NOT_SUPPORTED.  Per-TA directories are the secure side's doing (it
+names every object file ``/<ta uuid>/<object id hex>``, see :mod:`qtee._optee_supp`):
+the supplicant serves paths, as the real one does.  :meth:`OpteeSupplicant.stop`
+closes the context (what it had received or had queued fails with COMMUNICATION), joins
+the threads and closes every fd the TAs left open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import struct
+import threading
+import uuid as uuidlib
+from typing import TYPE_CHECKING, Final
+
+from objects import DriverError
+from qtee import uapi
+from qtee.gp._defs import TeecResult
+from supplicant._fs import FileStore, FsError
+from supplicant._fs_msg import FsOpenFlag
+
+if TYPE_CHECKING:
+    from qtee._optee import OpteeDevice
+    from qtee._optee_supp import OpteeSuppContext
+
+__all__ = ["RECV_PARAMS", "OpteeSupplicant", "ta_file_name"]
+
+log = logging.getLogger("supplicant.optee")
+
+#: Param slots per RECV (``RPC_NUM_PARAMS`` 5 in tee_supplicant.c, META included).
+RECV_PARAMS: Final = 5
+
+_HEAD: Final = struct.Struct("<2I")
+_PARAM: Final = struct.Struct("<4Q")
+_META: Final = uapi.TEE_IOCTL_PARAM_ATTR_META
+_META_INOUT: Final = _META | uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT
+_VALUES: Final = frozenset({1, 2, 3})
+_MEMREFS: Final = frozenset({5, 6, 7})
+_BLOCK: Final = _HEAD.size + _PARAM.size * RECV_PARAMS
+
+_OK: Final = int(TeecResult.TEEC_SUCCESS)
+_GENERIC: Final = int(TeecResult.TEEC_ERROR_GENERIC)
+_DENIED: Final = int(TeecResult.TEEC_ERROR_ACCESS_DENIED)
+_CONFLICT: Final = int(TeecResult.TEEC_ERROR_ACCESS_CONFLICT)
+_BAD: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
+_NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
+_NOT_SUPPORTED: Final = int(TeecResult.TEEC_ERROR_NOT_SUPPORTED)
+_NO_MEMORY: Final = int(TeecResult.TEEC_ERROR_OUT_OF_MEMORY)
+_SHORT: Final = int(TeecResult.TEEC_ERROR_SHORT_BUFFER)
+
+_LOAD_TA, _FS, _SHM_ALLOC, _SHM_FREE = 0, 2, 6, 7
+_F = FsOpenFlag
+_P = list[int]  # a mutable param: attr, a, b, c
+
+
+def ta_file_name(raw: bytes) -> str:
+    """``<uuid>.ta`` for 16 UUID octets: lowercase 8-4-4-4-12."""
+    return f"{uuidlib.UUID(bytes=bytes(raw))}.ta"
+
+
+def _fs_errno(exc: FsError) -> int:
+    return _DENIED if exc.code == errno.EACCES else _GENERIC
+
+
+class OpteeSupplicant:
+    """The tee-supplicant daemon (see the module docstring)."""
+
+    def __init__(
+        self,
+        device: OpteeDevice,
+        ta_dir: str | os.PathLike[str],
+        storage_dir: str | os.PathLike[str],
+        workers: int = 2,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("at least one worker")
+        self.device = device
+        self.ta_dir = os.fspath(ta_dir)
+        self.store = FileStore(storage_dir)
+        self._lock = threading.Lock()
+        self._paths: dict[int, str] = {}  # REE FS fd -> its path (TRUNCATE needs it)
+        self._shms: set[int] = set()  # shm ids of SHM_ALLOC (tee-supplicant's shm list)
+        self.ctx: OpteeSuppContext = device.open_supplicant()
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"tee-supplicant-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the context, join the workers, close what the TAs left open."""
+        self._stopping = True
+        self.ctx.close()
+        for t in self._threads:
+            t.join(timeout)
+        self.store.close_all()
+        with self._lock:
+            self._paths.clear()
+            self._shms.clear()
+
+    def __enter__(self) -> OpteeSupplicant:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ the loop
+    def _serve(self) -> None:
+        mem = self.device.memory
+        block = bytearray(_BLOCK)
+        addr = mem.pin(block)
+        arg = bytearray(uapi.BufData(addr, _BLOCK).pack())
+        request = _HEAD.pack(0, RECV_PARAMS) + _PARAM.pack(_META, 0, 0, 0)
+        request += _PARAM.pack(0, 0, 0, 0) * (RECV_PARAMS - 1)
+        try:
+            while not self._stopping:
+                block[:] = request
+                try:
+                    self.ctx.ioctl(uapi.TEE_IOC_SUPPL_RECV, arg)
+                except DriverError as exc:
+                    if not (self._stopping or self.ctx.closed):
+                        log.error("SUPPL_RECV failed: %s", exc)
+                    return
+                func, num = _HEAD.unpack_from(block)
+                params = [
+                    list(_PARAM.unpack_from(block, _HEAD.size + _PARAM.size * i))
+                    for i in range(num)
+                ]
+                meta, args = params[0], params[1:]
+                try:
+                    ret = self._process(func, args)
+                except Exception:
+                    log.exception("RPC %d failed", func)
+                    ret = _GENERIC
+                out = _HEAD.pack(ret, num) + _PARAM.pack(_META_INOUT, meta[1], 0, 0)
+                out += b"".join(_PARAM.pack(*p) for p in args)
+                block[: len(out)] = out
+                send = bytearray(uapi.BufData(addr, len(out)).pack())
+                try:
+                    self.ctx.ioctl(uapi.TEE_IOC_SUPPL_SEND, send)
+                except DriverError as exc:
+                    if not (self._stopping or self.ctx.closed):
+                        log.error("SUPPL_SEND failed: %s", exc)
+                    return
+        finally:
+            mem.unpin(addr)
+
+    def _process(self, func: int, args: list[_P]) -> int:
+        if func == _LOAD_TA:
+            return self._load_ta(args)
+        if func == _FS:
+            return self._fs(args)
+        if func == _SHM_ALLOC:
+            return self._shm_alloc(args)
+        if func == _SHM_FREE:
+            return self._shm_free(args)
+        return _NOT_SUPPORTED
+
+    # ------------------------------------------------------------------ params
+    @staticmethod
+    def _value(args: list[_P], i: int) -> _P | None:
+        p = args[i] if i < len(args) else None
+        return p if p is not None and p[0] & 0xFF in _VALUES else None
+
+    def _memref(self, args: list[_P], i: int) -> tuple[memoryview | None, _P] | None:
+        """The memref's bytes (None for a NULL memref) and the param, or None if bad."""
+        p = args[i] if i < len(args) else None
+        if p is None or p[0] & 0xFF not in _MEMREFS:
+            return None
+        if p[3] == uapi.TEE_MEMREF_NULL:
+            return None, p
+        with self._lock:
+            if p[3] not in self._shms:
+                return None
+        view = self.ctx.shm_view(p[3])
+        if p[1] + p[2] > len(view):
+            return None
+        return view[p[1] : p[1] + p[2]], p
+
+    def _name(self, args: list[_P], i: int) -> str | None:
+        got = self._memref(args, i)
+        if got is None or got[0] is None:
+            return None
+        raw = bytes(got[0]).split(b"\0", 1)[0]
+        try:
+            return raw.decode().lstrip("/")
+        except UnicodeDecodeError:
+            return None
+
+    # ------------------------------------------------------------------ LOAD_TA
+    def _load_ta(self, args: list[_P]) -> int:
+        value = self._value(args, 0)
+        got = self._memref(args, 1)
+        if len(args) != 2 or value is None or got is None:
+            return _BAD
+        raw = value[1].to_bytes(8, "little") + value[2].to_bytes(8, "little")
+        path = os.path.join(self.ta_dir, ta_file_name(raw))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return _NOT_FOUND
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return _NOT_FOUND
+            with os.fdopen(os.dup(fd), "rb") as f:
+                image = f.read()
+        finally:
+            os.close(fd)
+        view, p = got
+        room = p[2]
+        p[2] = len(image)
+        if view is None:
+            return _OK  # a size query
+        if len(image) > room:
+            return _SHORT
+        view[: len(image)] = image
+        return _OK
+
+    # ------------------------------------------------------------------ shm
+    def _shm_alloc(self, args: list[_P]) -> int:
+        value = self._value(args, 0)
+        if len(args) != 1 or value is None:
+            return _BAD
+        data = bytearray(uapi.ShmAllocData(max(value[2], 1)).pack())
+        try:
+            self.ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, data)
+        except DriverError:
+            return _NO_MEMORY
+        shm_id = uapi.ShmAllocData.unpack(data).id
+        with self._lock:
+            self._shms.add(shm_id)
+        value[3] = shm_id
+        return _OK
+
+    def _shm_free(self, args: list[_P]) -> int:
+        value = self._value(args, 0)
+        if len(args) != 1 or value is None:
+            return _BAD
+        with self._lock:
+            if value[2] not in self._shms:
+                return _BAD
+            self._shms.discard(value[2])
+        self.ctx.shm_free(value[2])
+        return _OK
+
+    # ------------------------------------------------------------------ FS
+    def _fs(self, args: list[_P]) -> int:
+        head = self._value(args, 0)
+        if head is None:
+            return _BAD
+        op = head[1]
+        handler = _FS_OPS.get(op)
+        if handler is None:
+            return _BAD
+        try:
+            return handler(self, head, args)
+        except FsError as exc:
+            return _fs_errno(exc)
+
+    def _fs_open(self, head: _P, args: list[_P], *, create: bool) -> int:
+        name = self._name(args, 1)
+        out = self._value(args, 2)
+        if len(args) != 3 or name is None or out is None:
+            return _BAD
+        flags = _F.O_RDWR | (_F.O_CREAT | _F.O_TRUNC if create else 0)
+        try:
+            fd = self.store.open(name, int(flags))
+        except FsError as exc:
+            if not create and exc.code != errno.EACCES:
+                return _NOT_FOUND
+            raise
+        with self._lock:
+            self._paths[fd] = name
+        out[1] = fd
+        return _OK
+
+    def _fs_close(self, head: _P, args: list[_P]) -> int:
+        if len(args) != 1:
+            return _BAD
+        with self._lock:
+            self._paths.pop(head[2], None)
+        self.store.close(head[2])
+        return _OK
+
+    def _fs_read(self, head: _P, args: list[_P]) -> int:
+        got = self._memref(args, 1)
+        if len(args) != 2 or got is None:
+            return _BAD
+        view, p = got
+        if view is None:
+            return _BAD
+        self.store.lseek(head[2], head[3], os.SEEK_SET)
+        data = self.store.read(head[2], len(view))
+        view[: len(data)] = data
+        p[2] = len(data)
+        return _OK
+
+    def _fs_write(self, head: _P, args: list[_P]) -> int:
+        got = self._memref(args, 1)
+        if len(args) != 2 or got is None or got[0] is None:
+            return _BAD
+        self.store.lseek(head[2], head[3], os.SEEK_SET)
+        self.store.write(head[2], bytes(got[0]))
+        return _OK
+
+    def _fs_truncate(self, head: _P, args: list[_P]) -> int:
+        if len(args) != 1:
+            return _BAD
+        fd, length = head[2], head[3]
+        with self._lock:
+            path = self._paths.get(fd)
+        if path is None:
+            return _GENERIC
+        size = self.store.lseek(fd, 0, os.SEEK_END)
+        self.store.lseek(fd, 0, os.SEEK_SET)
+        keep = self.store.read(fd, min(length, size)) + bytes(max(0, length - size))
+        tmp = self.store.open(path, int(_F.O_WRONLY | _F.O_TRUNC))
+        try:
+            self.store.write(tmp, keep)
+        finally:
+            self.store.close(tmp)
+        return _OK
+
+    def _fs_remove(self, head: _P, args: list[_P]) -> int:
+        name = self._name(args, 1)
+        if len(args) != 2 or name is None:
+            return _BAD
+        try:
+            self.store.unlink(name)
+        except FsError as exc:
+            return _NOT_FOUND if exc.code == errno.ENOENT else _fs_errno(exc)
+        parent = os.path.dirname(name)
+        if parent:
+            with contextlib.suppress(FsError):  # only if now empty, like the real rmdir
+                self.store.remove(parent)
+        return _OK
+
+    def _fs_rename(self, head: _P, args: list[_P]) -> int:
+        old, new = self._name(args, 1), self._name(args, 2)
+        if len(args) != 3 or old is None or new is None:
+            return _BAD
+        if not head[2]:
+            try:
+                fd = self.store.open(new, int(_F.O_RDONLY))
+            except FsError:
+                pass
+            else:
+                self.store.close(fd)
+                return _CONFLICT
+        try:
+            self.store.rename(old, new)
+        except FsError as exc:
+            return _NOT_FOUND if exc.code == errno.ENOENT else _fs_errno(exc)
+        return _OK
+
+    def _fs_opendir(self, head: _P, args: list[_P]) -> int:
+        name = self._name(args, 1)
+        out = self._value(args, 2)
+        if len(args) != 3 or name is None or out is None:
+            return _BAD
+        try:
+            out[1] = self.store.opendir(name or ".")
+        except FsError:
+            return _NOT_FOUND
+        return _OK
+
+    def _fs_closedir(self, head: _P, args: list[_P]) -> int:
+        if len(args) != 1:
+            return _BAD
+        self.store.closedir(head[2])
+        return _OK
+
+    def _fs_readdir(self, head: _P, args: list[_P]) -> int:
+        got = self._memref(args, 1)
+        if len(args) != 2 or got is None:
+            return _BAD
+        view, p = got
+        while True:
+            entry = self.store.readdir(head[2])
+            if entry is None:
+                return _NOT_FOUND
+            if entry.name not in (".", ".."):
+                break
+        raw = os.fsencode(entry.name) + b"\0"
+        if view is None or len(view) < len(raw):
+            p[2] = len(raw)
+            return _SHORT
+        view[: len(raw)] = raw
+        p[2] = len(raw)
+        return _OK
+
+
+def _open(s: OpteeSupplicant, head: _P, args: list[_P]) -> int:
+    return s._fs_open(head, args, create=False)
+
+
+def _create(s: OpteeSupplicant, head: _P, args: list[_P]) -> int:
+    return s._fs_open(head, args, create=True)
+
+
+_FS_OPS: Final = {
+    0: _open,
+    1: _create,
+    2: OpteeSupplicant._fs_close,
+    3: OpteeSupplicant._fs_read,
+    4: OpteeSupplicant._fs_write,
+    5: OpteeSupplicant._fs_truncate,
+    6: OpteeSupplicant._fs_remove,
+    7: OpteeSupplicant._fs_rename,
+    8: OpteeSupplicant._fs_opendir,
+    9: OpteeSupplicant._fs_closedir,
+    10: OpteeSupplicant._fs_readdir,
+}
