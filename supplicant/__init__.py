@@ -3,6 +3,7 @@
 * :class:`WorkerPool`: threads serving a client's callback objects over SUPPL_RECV/SEND.
 * :class:`Supplicant`: the listener daemon (time 0xB, file storage 0xA, TA autoload).
 * :class:`ListenerObject` (CListenerCBO) and :class:`TaBufferObject` (CRequestTABuffer).
+* :class:`OpteeSupplicant`: tee-supplicant for the OP-TEE device (LOAD_TA, FS RPCs).
 * :class:`TimeService`, :class:`FileStore` and :class:`TaDirectory`: the services behind them.
 """
 
@@ -15,6 +16,7 @@ from supplicant._listener import (
     Supplicant,
     TaBufferObject,
 )
+from supplicant._optee import OpteeSupplicant
 from supplicant._pool import WorkerPool
 from supplicant._time import TimeService
 
@@ -24,6 +26,7 @@ __all__ = [
     "FileStore",
     "FsError",
     "ListenerObject",
+    "OpteeSupplicant",
     "Supplicant",
     "TaBufferObject",
     "TaDirectory",

@@ -104,6 +104,7 @@ SUPPLICANT_API = {
     "FileStore",
     "FsError",
     "ListenerObject",
+    "OpteeSupplicant",
     "Supplicant",
     "TaBufferObject",
     "TaDirectory",
