@@ -7,6 +7,17 @@ params, :mod:`qtee.gp._identity` the kernel's client-UUID rules.
 
 from __future__ import annotations
 
+from qtee.gp._client import (
+    TEEC_MAX_DEV_SEQ,
+    TeecContext,
+    TeecOperation,
+    TeecParameter,
+    TeecRegisteredMemoryReference,
+    TeecSession,
+    TeecSharedMemory,
+    TeecTempMemoryReference,
+    TeecValue,
+)
 from qtee.gp._defs import (
     TA_FLAG_PROPERTIES,
     TEE_LOGIN_REE_KERNEL_MAX,
@@ -52,6 +63,7 @@ from qtee.gp._params import (
     pre_process_operation,
     pre_process_param,
 )
+from qtee.gp._transport import GpTransport, OpteeTransport
 
 __all__ = [
     "NIL_UUID",
@@ -93,4 +105,15 @@ __all__ = [
     "pre_process_param",
     "unpack_param_types",
     "uuid_v5",
+    "GpTransport",
+    "OpteeTransport",
+    "TEEC_MAX_DEV_SEQ",
+    "TeecContext",
+    "TeecOperation",
+    "TeecParameter",
+    "TeecRegisteredMemoryReference",
+    "TeecSession",
+    "TeecSharedMemory",
+    "TeecTempMemoryReference",
+    "TeecValue",
 ]
