@@ -61,6 +61,30 @@ class _GpShm:
         self.buf = bytearray(size) if addr is None else bytearray()
 
 
+class _Window:
+    """One call's view of a registered shm: ``[addr, addr+len)`` as read before the call."""
+
+    __slots__ = ("addr", "buf", "snap")
+
+    def __init__(self, addr: int, snap: bytes, buf: bytearray) -> None:
+        self.addr = addr
+        self.snap = snap
+        self.buf = buf
+
+    def write_back(self, memory: AddressSpace) -> None:
+        """Write the bytes the TA changed (first to last changed byte), nothing else."""
+        cur = bytes(self.buf)
+        if cur == self.snap:
+            return
+        lo = next(i for i, (x, y) in enumerate(zip(cur, self.snap, strict=True)) if x != y)
+        hi = len(cur) - next(
+            i
+            for i, (x, y) in enumerate(zip(reversed(cur), reversed(self.snap), strict=True))
+            if x != y
+        )
+        memory.write(self.addr + lo, cur[lo:hi])
+
+
 class OpteeDevice:
     """One OP-TEE ``/dev/teeN`` in front of a secure world's GP runtime."""
 
@@ -219,13 +243,13 @@ class OpteeContext:
         _checks.check_param_attrs(params)
         return buf_ptr, block, params
 
-    def _gp_params(self, params: list[_P]) -> tuple[int, list[GpParam], list[_GpShm | None]]:
+    def _gp_params(self, params: list[_P]) -> tuple[int, list[GpParam], list[_Window | None]]:
         """Kernel params -> the TA's typed params (``params_from_user`` + the driver)."""
         from qtee.secure._gp import GpParam
 
         types = 0
         out: list[GpParam] = []
-        shms: list[_GpShm | None] = []
+        shms: list[_Window | None] = []
         for i, (attr, a, b, c) in enumerate(params):
             t = attr
             if i < 4:
@@ -246,16 +270,22 @@ class OpteeContext:
                     raise _einval(f"param {i}: shm {c} is not a shm of this context")
                 if a + b > shm.size:
                     raise _einval(f"param {i}: offset {a} + size {b} past shm of {shm.size}")
-                if shm.addr is not None:  # registered user memory: copy in now, back later
-                    shm.buf = bytearray(self.device.memory.read(shm.addr, shm.size))
-                out.append(GpParam(t, buffer=memoryview(shm.buf)[a : a + b], size=b))
-                shms.append(shm)
+                if shm.addr is None:  # allocated: the TA works on the shm's pages
+                    out.append(GpParam(t, buffer=memoryview(shm.buf)[a : a + b], size=b))
+                    shms.append(None)
+                    continue
+                # Registered user memory: this call's window only, copied in now; what the
+                # TA changed is written back after the call (pinned pages, in effect).
+                snap = self.device.memory.read(shm.addr + a, b)
+                window = _Window(shm.addr + a, snap, bytearray(snap))
+                out.append(GpParam(t, buffer=memoryview(window.buf), size=b))
+                shms.append(window)
             else:
                 raise _einval(f"param {i}: attr {attr:#x} is not a GP param type")
         return types, out, shms
 
     def _params_back(
-        self, params: list[_P], gp: list[GpParam], shms: list[_GpShm | None]
+        self, params: list[_P], gp: list[GpParam], shms: list[_Window | None]
     ) -> list[_P]:
         """``params_to_user``: VALUE outputs a/b/c, MEMREF outputs the size."""
         out = list(params)
@@ -264,9 +294,9 @@ class OpteeContext:
                 out[i] = (attr, p.a & 0xFFFF_FFFF, p.b & 0xFFFF_FFFF, 0)
             elif attr in (6, 7):
                 out[i] = (attr, a, p.size, c)
-                shm = shms[i]
-                if shm is not None and shm.addr is not None:
-                    self.device.memory.write(shm.addr, bytes(shm.buf))
+                window = shms[i]
+                if window is not None:
+                    window.write_back(self.device.memory)
         return out
 
     def _open_session(self, arg: bytearray | memoryview) -> int:

@@ -725,22 +725,11 @@ def test_open_session_cannot_be_cancelled(env: Env) -> None:
 
 # ----------------------------------------------------------------------------- concurrency
 
-_REGISTERED_RACE = (
-    "qtee/_optee.py models a registered shm by copying the WHOLE user buffer into one "
-    "per-shm bytearray (shm.buf) before every call and writing the whole of shm.buf back "
-    "after an output call: two calls in flight on one registered shm share/replace that "
-    "snapshot, so one call's write-back rolls back what the other TA wrote in its own "
-    "slice (lost updates).  Real SHM_REGISTER pins the user pages: the TA writes them in "
-    "place, nothing is rolled back."
-)
-
 
 @pytest.mark.parametrize(
     "registered",
     [
-        pytest.param(
-            True, id="registered", marks=pytest.mark.xfail(strict=True, reason=_REGISTERED_RACE)
-        ),
+        pytest.param(True, id="registered"),
         pytest.param(False, id="allocated"),
     ],
 )
