@@ -283,3 +283,76 @@ def test_default_cred_is_the_process(tmp_path: object) -> None:
     assert dev.cred() == Cred(
         euid=os.geteuid(), egid=os.getegid(), groups=frozenset(os.getgroups())
     )
+
+
+SINGLE_UUID = uuid.UUID("cb3e5ba0-adf1-11e0-998b-0002a5d5c51b")
+CMD_WAIT, CMD_COUNT = 10, 11
+
+
+class Single(GpTA):
+    """Single-instance, no MULTI_SESSION, KEEP_ALIVE: a counter that outlives sessions."""
+
+    UUID = SINGLE_UUID
+    FLAGS = 0b10100  # SINGLE_INSTANCE (bit 2) | INSTANCE_KEEP_ALIVE (bit 4)
+
+    def create(self) -> None:
+        self.count = 0
+
+    def invoke(self, session: GpSession, cmd: int, types: int, params: list[GpParam]) -> None:
+        if cmd == CMD_COUNT:
+            self.count += 1
+            params[0].a = self.count
+        elif cmd == CMD_WAIT:
+            self.unmask_cancellation()
+            code = self.wait(5000)
+            if code:
+                raise GpTaError(code)
+
+
+@pytest.fixture
+def single(env: tuple[OpteeDevice, OpteeContext, CheckedMemory]) -> Iterator[None]:
+    register_gp_ta(Single)
+    yield
+    env[0].runtime.unload(SINGLE_UUID)
+    unregister_gp_ta(SINGLE_UUID)
+
+
+def test_single_instance_second_open_is_busy(
+    env: tuple[OpteeDevice, OpteeContext, CheckedMemory], single: None
+) -> None:
+    """§4.2 step 2: single-instance without MULTI_SESSION and already open → BUSY, origin
+    TEE, session 0; KEEP_ALIVE keeps the instance (and its state) past its last session."""
+    _, ctx, mem = env
+    none4 = [(0,) * 4] * 4
+    first = open_session(ctx, mem, ta=SINGLE_UUID)[0][4]
+    head, _ = open_session(ctx, mem, ta=SINGLE_UUID)
+    assert head[4:7] == (0, TeecResult.TEEC_ERROR_BUSY, TeecOrigin.TEEC_ORIGIN_TEE)
+    assert invoke(ctx, mem, first, CMD_COUNT, [(VALUE_OUT, 0, 0, 0), *none4[:3]])[1][0][1] == 1
+    close_session(ctx, first)
+    again = open_session(ctx, mem, ta=SINGLE_UUID)[0][4]
+    assert invoke(ctx, mem, again, CMD_COUNT, [(VALUE_OUT, 0, 0, 0), *none4[:3]])[1][0][1] == 2
+    close_session(ctx, again)
+
+
+def test_cancel_ioctl_wakes_a_waiting_ta(
+    env: tuple[OpteeDevice, OpteeContext, CheckedMemory], single: None
+) -> None:
+    """§2 cancel path: TEE_IOC_CANCEL on a session whose TA waits with cancellation
+    unmasked → the invoke returns TEE_ERROR_CANCEL (origin TRUSTED_APP) promptly."""
+    import threading
+    import time
+
+    _, ctx, mem = env
+    session = open_session(ctx, mem, ta=SINGLE_UUID)[0][4]
+    got: list[tuple[int, ...]] = []
+    t = threading.Thread(
+        target=lambda: got.append(invoke(ctx, mem, session, CMD_WAIT, [(0,) * 4] * 4)[0])
+    )
+    t0 = time.monotonic()
+    t.start()
+    time.sleep(0.05)
+    ctx.ioctl(uapi.TEE_IOC_CANCEL, bytearray(struct.pack("<2I", 0, session)))
+    t.join(5)
+    assert not t.is_alive() and time.monotonic() - t0 < 2
+    assert got[0][3:5] == (TeecResult.TEEC_ERROR_CANCEL, TeecOrigin.TEEC_ORIGIN_TRUSTED_APP)
+    close_session(ctx, session)
