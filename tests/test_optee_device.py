@@ -356,3 +356,20 @@ def test_cancel_ioctl_wakes_a_waiting_ta(
     assert not t.is_alive() and time.monotonic() - t0 < 2
     assert got[0][3:5] == (TeecResult.TEEC_ERROR_CANCEL, TeecOrigin.TEEC_ORIGIN_TRUSTED_APP)
     close_session(ctx, session)
+
+
+def test_closed_session_and_separate_instances(
+    env: tuple[OpteeDevice, OpteeContext, CheckedMemory],
+) -> None:
+    """§4.3: invoking a closed session → EINVAL from the driver (the id left the fd's
+    list; OP-TEE is never reached); §4.2: a multi-instance TA gets one instance per
+    session, so two sessions are two instances."""
+    dev, ctx, mem = env
+    a = open_session(ctx, mem)[0][4]
+    b = open_session(ctx, mem)[0][4]
+    assert dev.leaks()["gp instances"] == 2
+    close_session(ctx, a)
+    with pytest.raises(DriverError) as exc:
+        invoke(ctx, mem, a, CMD_ADD, [(0,) * 4] * 4)
+    assert exc.value.errno == errno.EINVAL
+    close_session(ctx, b)
