@@ -1,0 +1,533 @@
+"""The device server's wire protocol: length-prefixed msgpack frames (sans-IO).
+
+One Unix-socket connection is one open fd of the TEE device.  Each direction is a
+stream of frames::
+
+    frame = u32 length (big-endian, 1 .. max_frame) || body (length bytes)
+    body  = one msgpack map {"v": PROTOCOL_VERSION, "t": <kind>, <fields of that kind>}
+
+Keys are msgpack str, byte strings are msgpack bin, integers are msgpack ints.  The
+map holds exactly the keys of its kind (a missing, unknown or duplicated key is an
+error), and the encoder writes them in a fixed order (``v``, ``t``, then the fields as
+declared), so a message has one encoding.
+
+=========  ==========  ==========================================================
+kind       direction   fields
+=========  ==========  ==========================================================
+hello      client      client: str
+welcome    server      impl_id: u32, gen_caps: u32, server: str
+ioctl      client      seq: u32, cmd: u32, arg: bin, regions: [region]
+reply      server      seq: u32, errno: 0..4095, arg: bin, written: [region]
+close      client      seq: u32
+bye        either      reason: str
+(region)               addr: u64, data: bin, writable: bool  (a map without v/t)
+=========  ==========  ==========================================================
+
+An ioctl carries the caller's memory it may touch as regions (addresses do not cross
+processes: the server maps them at those addresses for the call).  A reply with
+``errno`` 0 carries the new ``arg`` and the writable regions the call wrote; with
+``errno`` != 0 nothing is written back (the errno channel: the kernel copies nothing
+out of a failed ioctl), so ``arg`` and ``written`` are empty.
+
+Building a record validates it and raises :class:`objects.UsageError` (the caller broke
+it); decoding raises only :class:`FrameError` (the other side broke it), whatever the
+bytes.  :class:`FrameDecoder` is fed bytes in any chunking and hands out messages; after
+its first error it is dead, and the connection should be closed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final, NoReturn, TypeAlias, TypeVar
+
+import msgpack
+
+from objects import DecodeError, UsageError
+
+__all__ = [
+    "MAX_ERRNO",
+    "MAX_FRAME",
+    "PROTOCOL_VERSION",
+    "Bye",
+    "Close",
+    "FrameDecoder",
+    "FrameError",
+    "Hello",
+    "Ioctl",
+    "IoctlReply",
+    "Message",
+    "Region",
+    "Welcome",
+    "check_reply",
+    "encode",
+    "from_map",
+]
+
+PROTOCOL_VERSION: Final = 1
+#: Default limit on a frame body (the length word); configurable per decoder.
+MAX_FRAME: Final = 8 * 1024 * 1024
+#: Largest errno a reply may carry (the kernel's ``MAX_ERRNO``).
+MAX_ERRNO: Final = 4095
+
+_U32: Final = 0xFFFF_FFFF
+_U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+_HEADER: Final = struct.Struct(">I")
+_HDR: Final = _HEADER.size
+
+
+class FrameError(DecodeError):
+    """A frame from the peer is malformed; the decoder that raised it is dead."""
+
+
+# --------------------------------------------------------------------------- field checks
+# Exact type tests: msgpack ``true`` decodes to a bool, which ``isinstance(_, int)`` accepts.
+
+
+def _int(value: object, what: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise UsageError(f"{what} must be an int in [{lo}, {hi}], not {value!r}")
+    return value
+
+
+def _str(value: object, what: str) -> str:
+    if type(value) is not str:
+        raise UsageError(f"{what} must be a str, not {type(value).__name__}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not encodable as UTF-8") from None
+    return value
+
+
+def _bytes(value: object, what: str) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise UsageError(f"{what} must be bytes, not {type(value).__name__}")
+
+
+def _regions(value: object, what: str, *, writable_only: bool) -> tuple[Region, ...]:
+    """A tuple of non-overlapping regions (empty ones overlap nothing)."""
+    if not isinstance(value, tuple | list):
+        raise UsageError(f"{what} must be a tuple of Region, not {type(value).__name__}")
+    spans: list[tuple[int, int]] = []
+    for k, region in enumerate(value):
+        if not isinstance(region, Region):
+            raise UsageError(f"{what}[{k}] must be a Region, not {type(region).__name__}")
+        if writable_only and not region.writable:
+            raise UsageError(f"{what}[{k}] at {region.addr:#x} is not writable")
+        if region.data:
+            spans.append((region.addr, region.addr + len(region.data)))
+    spans.sort()
+    for (lo, hi), (nlo, _) in itertools.pairwise(spans):
+        if nlo < hi:
+            raise UsageError(f"{what}: regions [{lo:#x}, {hi:#x}) and {nlo:#x}.. overlap")
+    return tuple(value)
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)  # normalising a frozen record in __post_init__
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Region:
+    """``len(data)`` bytes of the caller's memory at ``addr``; ``writable``: the call may write."""
+
+    addr: int
+    data: bytes
+    writable: bool = False
+
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"addr", "data", "writable"})
+
+    def __post_init__(self) -> None:
+        _int(self.addr, "Region.addr", 0, _U64)
+        _set(self, "data", _bytes(self.data, "Region.data"))
+        if type(self.writable) is not bool:
+            raise UsageError(f"Region.writable must be a bool, not {self.writable!r}")
+        if self.addr + len(self.data) > _U64 + 1:
+            raise UsageError(f"Region at {self.addr:#x} ({len(self.data)} B) wraps the space")
+
+    @property
+    def end(self) -> int:
+        """One past the last byte."""
+        return self.addr + len(self.data)
+
+    def to_map(self) -> dict[str, Any]:
+        return {"addr": self.addr, "data": self.data, "writable": self.writable}
+
+    @classmethod
+    def from_map(cls, m: object) -> Region:
+        return _build(cls, _fields(m, cls._KEYS, "region"), "region")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello:
+    """Client -> server, first frame: who is connecting."""
+
+    client: str
+    version: int = PROTOCOL_VERSION
+
+    KIND: ClassVar[str] = "hello"
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "client"})
+
+    def __post_init__(self) -> None:
+        _str(self.client, "Hello.client")
+        _int(self.version, "Hello.version", PROTOCOL_VERSION, PROTOCOL_VERSION)
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": self.version, "t": self.KIND, "client": self.client}
+
+    @classmethod
+    def from_map(cls, m: object) -> Hello:
+        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome:
+    """Server -> client, answer to Hello: what TEE_IOC_VERSION will report."""
+
+    impl_id: int
+    gen_caps: int
+    server: str
+    version: int = PROTOCOL_VERSION
+
+    KIND: ClassVar[str] = "welcome"
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "impl_id", "gen_caps", "server"})
+
+    def __post_init__(self) -> None:
+        _int(self.impl_id, "Welcome.impl_id", 0, _U32)
+        _int(self.gen_caps, "Welcome.gen_caps", 0, _U32)
+        _str(self.server, "Welcome.server")
+        _int(self.version, "Welcome.version", PROTOCOL_VERSION, PROTOCOL_VERSION)
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": self.version,
+            "t": self.KIND,
+            "impl_id": self.impl_id,
+            "gen_caps": self.gen_caps,
+            "server": self.server,
+        }
+
+    @classmethod
+    def from_map(cls, m: object) -> Welcome:
+        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ioctl:
+    """Client -> server: ``ioctl(fd, cmd, arg)`` with the memory it may read or write."""
+
+    seq: int
+    cmd: int
+    arg: bytes = b""
+    regions: tuple[Region, ...] = field(default=())
+
+    KIND: ClassVar[str] = "ioctl"
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "cmd", "arg", "regions"})
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "Ioctl.seq", 0, _U32)
+        _int(self.cmd, "Ioctl.cmd", 0, _U32)
+        _set(self, "arg", _bytes(self.arg, "Ioctl.arg"))
+        _set(self, "regions", _regions(self.regions, "Ioctl.regions", writable_only=False))
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "t": self.KIND,
+            "seq": self.seq,
+            "cmd": self.cmd,
+            "arg": self.arg,
+            "regions": [r.to_map() for r in self.regions],
+        }
+
+    @classmethod
+    def from_map(cls, m: object) -> Ioctl:
+        f = _fields(m, cls._KEYS, cls.KIND)
+        f["regions"] = _region_list(f["regions"], "ioctl.regions")
+        return _build(cls, f, cls.KIND)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IoctlReply:
+    """Server -> client: the ioctl's outcome; on errno != 0 nothing is written back."""
+
+    seq: int
+    errno: int = 0
+    arg: bytes = b""
+    written: tuple[Region, ...] = field(default=())
+
+    KIND: ClassVar[str] = "reply"
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "errno", "arg", "written"})
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "IoctlReply.seq", 0, _U32)
+        _int(self.errno, "IoctlReply.errno", 0, MAX_ERRNO)
+        _set(self, "arg", _bytes(self.arg, "IoctlReply.arg"))
+        _set(self, "written", _regions(self.written, "IoctlReply.written", writable_only=True))
+        if self.errno and (self.arg or self.written):
+            raise UsageError(f"IoctlReply with errno {self.errno} must not write anything back")
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "t": self.KIND,
+            "seq": self.seq,
+            "errno": self.errno,
+            "arg": self.arg,
+            "written": [r.to_map() for r in self.written],
+        }
+
+    @classmethod
+    def from_map(cls, m: object) -> IoctlReply:
+        f = _fields(m, cls._KEYS, cls.KIND)
+        f["written"] = _region_list(f["written"], "reply.written")
+        return _build(cls, f, cls.KIND)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Close:
+    """Client -> server: ``close(fd)``; a request, so it takes the next ``seq``."""
+
+    seq: int
+
+    KIND: ClassVar[str] = "close"
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq"})
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "Close.seq", 0, _U32)
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.KIND, "seq": self.seq}
+
+    @classmethod
+    def from_map(cls, m: object) -> Close:
+        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bye:
+    """Either side, last frame: why the connection ends."""
+
+    reason: str = ""
+
+    KIND: ClassVar[str] = "bye"
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "reason"})
+
+    def __post_init__(self) -> None:
+        _str(self.reason, "Bye.reason")
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.KIND, "reason": self.reason}
+
+    @classmethod
+    def from_map(cls, m: object) -> Bye:
+        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
+
+
+Message: TypeAlias = Hello | Welcome | Ioctl | IoctlReply | Close | Bye
+
+_KINDS: Final[dict[str, type[Message]]] = {
+    c.KIND: c for c in (Hello, Welcome, Ioctl, IoctlReply, Close, Bye)
+}
+_MESSAGE_TYPES: Final = tuple(_KINDS.values())
+
+
+# --------------------------------------------------------------------------- map decoding
+
+
+def _fields(m: object, keys: frozenset[str], what: str) -> dict[str, Any]:
+    """Fast path: the exact key set; else say which keys are missing or unknown."""
+    if type(m) is not dict:
+        raise FrameError(f"{what}: expected a map, got {type(m).__name__}")
+    if m.keys() != keys:
+        missing = ", ".join(sorted(repr(k) for k in keys - m.keys()))
+        unknown = ", ".join(sorted(repr(k) for k in m.keys() - keys))
+        problems = [f"missing keys [{missing}]"] if missing else []
+        problems += [f"unknown keys [{unknown}]"] if unknown else []
+        raise FrameError(f"{what}: {', '.join(problems)}")
+    f = dict(m)
+    if "v" in keys:  # a message, not a region: check and drop the version and the type tag
+        _check_version(f.pop("v"))
+        if f.pop("t") != what:
+            raise FrameError(f"{what}: type tag is {m['t']!r}")
+    return f
+
+
+def _check_version(v: object) -> None:
+    if type(v) is not int or v != PROTOCOL_VERSION:
+        raise FrameError(f"protocol version {v!r}, this side speaks {PROTOCOL_VERSION}")
+
+
+def _region_list(value: object, what: str) -> tuple[Region, ...]:
+    if type(value) is not list:
+        raise FrameError(f"{what}: expected an array, got {type(value).__name__}")
+    return tuple(Region.from_map(r) for r in value)
+
+
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], f: dict[str, Any], what: str) -> _T:
+    try:
+        return cls(**f)
+    except UsageError as exc:
+        raise FrameError(f"{what}: {exc}") from None
+
+
+def from_map(m: object) -> Message:
+    """Decode one message from an unpacked body; :class:`FrameError` if it is not one."""
+    if type(m) is not dict:
+        raise FrameError(f"frame body is a msgpack {type(m).__name__}, not a map")
+    if "v" not in m:
+        raise FrameError("frame body has no protocol version 'v'")
+    _check_version(m["v"])
+    kind = m.get("t")
+    cls = _KINDS.get(kind) if type(kind) is str else None
+    if cls is None:
+        raise FrameError(f"unknown message type {kind!r}")
+    return cls.from_map(m)
+
+
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    m = dict(pairs)
+    if len(m) != len(pairs):
+        raise FrameError("a map has a duplicated key")
+    return m
+
+
+def _unpack(body: memoryview) -> object:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, object_pairs_hook=_pairs)
+    except FrameError:
+        raise
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        # ExtraData, FormatError, StackError, invalid UTF-8, declared lengths past the end.
+        raise FrameError(
+            f"frame body is not one msgpack value: {type(exc).__name__} {exc}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode(msg: Message, *, max_frame: int = MAX_FRAME) -> bytes:
+    """One frame: the 4-byte big-endian body length, then the msgpack map."""
+    if not isinstance(msg, _MESSAGE_TYPES):
+        raise UsageError(f"cannot encode a {type(msg).__name__}: not a frame message")
+    body = msgpack.packb(msg.to_map(), use_bin_type=True)
+    if len(body) > max_frame:
+        raise UsageError(f"{msg.KIND} frame body is {len(body)} bytes, limit {max_frame}")
+    return _HEADER.pack(len(body)) + body
+
+
+def check_reply(request: Ioctl, reply: IoctlReply) -> None:
+    """The client's check of a reply: same ``seq``, writes only inside writable regions."""
+    if reply.seq != request.seq:
+        raise FrameError(f"reply seq {reply.seq} answers no request (expected {request.seq})")
+    for w in reply.written:
+        if not w.data:
+            continue
+        if not any(r.writable and r.addr <= w.addr and w.end <= r.end for r in request.regions):
+            raise FrameError(
+                f"reply {reply.seq} writes [{w.addr:#x}, {w.end:#x}) outside the writable regions"
+            )
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+class FrameDecoder:
+    """Bytes in, messages out, for one direction of one connection.
+
+    :meth:`feed` buffers bytes; :meth:`next_message` returns the next complete message
+    or ``None`` when more bytes are needed.  A length word of 0 or above ``max_frame`` is
+    refused as soon as its 4 bytes are in, before the body arrives.  With
+    ``expect_increasing_seq`` (the default) the ``seq`` of client requests (Ioctl, Close)
+    must strictly increase over the connection.  The first :class:`FrameError` kills the
+    decoder: every later call raises that same error and the buffer is dropped.
+    """
+
+    __slots__ = ("_buf", "_error", "_expect_seq", "_last_seq", "_max_frame")
+
+    def __init__(self, *, max_frame: int = MAX_FRAME, expect_increasing_seq: bool = True) -> None:
+        _int(max_frame, "max_frame", 1, _U32)
+        self._max_frame = max_frame
+        self._expect_seq = bool(expect_increasing_seq)
+        self._buf = bytearray()
+        self._error: FrameError | None = None
+        self._last_seq: int | None = None
+
+    @property
+    def max_frame(self) -> int:
+        return self._max_frame
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed but not yet decoded (non-zero at EOF means a truncated frame)."""
+        return len(self._buf)
+
+    @property
+    def error(self) -> FrameError | None:
+        """The error that killed this decoder, if any."""
+        return self._error
+
+    @property
+    def last_seq(self) -> int | None:
+        """The ``seq`` of the last client request decoded."""
+        return self._last_seq
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append bytes received from the peer (any chunking; empty is fine)."""
+        if self._error is not None:
+            raise self._error
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise UsageError(f"feed takes bytes, not {type(data).__name__}")
+        self._buf += data
+
+    def next_message(self) -> Message | None:
+        """The next message, or ``None`` if the buffer does not hold a whole frame yet."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        if len(buf) < _HDR:
+            return None
+        (length,) = _HEADER.unpack_from(buf, 0)
+        if length == 0 or length > self._max_frame:
+            self._die(FrameError(f"frame length {length} is outside [1, {self._max_frame}]"))
+        end = _HDR + length
+        if len(buf) < end:
+            return None
+        try:
+            with memoryview(buf) as view, view[_HDR:end] as body:
+                msg = from_map(_unpack(body))
+            if self._expect_seq and isinstance(msg, Ioctl | Close):
+                seq = msg.seq
+                if self._last_seq is not None and seq <= self._last_seq:
+                    raise FrameError(f"{msg.KIND} seq {seq} out of order (last {self._last_seq})")
+                self._last_seq = seq
+        except FrameError as exc:
+            self._die(exc)
+        del buf[:end]
+        return msg
+
+    def __iter__(self) -> FrameDecoder:
+        return self
+
+    def __next__(self) -> Message:
+        msg = self.next_message()
+        if msg is None:
+            raise StopIteration
+        return msg
+
+    def _die(self, exc: FrameError) -> NoReturn:
+        self._error = exc
+        self._buf = bytearray()
+        raise exc
