@@ -1,0 +1,350 @@
+"""qtee's pytest plugin: fixtures for testing TAs, and a leak check after every test.
+
+Installing qtee registers it (entry point ``pytest11``, name ``qtee``); ``-p no:qtee``
+turns it off.  Fixtures (all function-scoped):
+
+* ``qtee_device`` -- a fresh ``qtee.Device(SecureWorld(QteeRoot()))``;
+* ``qtee_client`` -- ``Client(qtee_device, workers=2)``, closed at teardown;
+* ``qtee_env`` -- ``qtee_client.client_env()``, released at teardown;
+* ``qtee_supplicant`` -- a ``supplicant.Supplicant`` on ``qtee_device``, stopped at
+  teardown; its listeners come from ``@pytest.mark.qtee_supplicant(...)``;
+* ``qtee_app`` -- ``qtee_app("name")`` loads that TA through the AppLoader (UID 3) and
+  returns its app ``ObjRef``; everything it loaded is released and unloaded at teardown.
+
+Markers:
+
+* ``@pytest.mark.qtee_ta("name", TAClass)`` registers a TA for the test (repeatable;
+  the previous registration of that name, if any, is restored after the test);
+* ``@pytest.mark.qtee_supplicant(storage=False, time=True, ta_dirs=(), workers=4)``:
+  ``storage=True`` serves ``tmp_path / "tzstorage"`` (or give a directory), ``ta_dirs``
+  are TA-autoload directories (relative ones are taken from the test file's directory;
+  ``True`` means ``tmp_path / "tas"``).  Without the marker: the time listener only.
+
+The leak check (autouse): every ``qtee.Device`` and ``qtee.OpteeDevice`` built while a
+test runs (in the test or its function-scoped fixtures) is recorded; after the test and
+its fixtures have torn down, each one's ``leaks()`` must be ``{}``, or the test errors
+at teardown with a table of what is still alive and where the device was built.  A test
+that already failed (or was skipped, or xfailed) is not checked again.
+
+Importing this module imports only pytest and the standard library beyond the ``qtee``
+package itself; the supplicant is imported when ``qtee_supplicant`` is first used.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from qtee import Client, Device, ObjRef
+    from qtee.secure import TrustedApp
+    from supplicant import Supplicant
+
+__all__ = ["TRACKED_DEVICES", "AppLoaderHelper", "format_leaks"]
+
+#: Device classes the leak check records, as ``(module, class)``.  Each needs a
+#: ``leaks() -> dict[str, int]`` method.  A device built by the device server (the
+#: ``qtee_server`` fixture, see the end of this module) is added here.
+TRACKED_DEVICES: list[tuple[str, str]] = [
+    ("qtee._driver", "Device"),
+    ("qtee._optee", "OpteeDevice"),
+]
+
+_SUPPLICANT_OPTIONS = frozenset({"storage", "time", "ta_dirs", "workers"})
+
+# A device recorded by the leak check: [device, class name, where it was built], by id.
+_Record = list[Any]
+_RECORDS = pytest.StashKey[dict[int, _Record]]()
+_ALREADY_FAILED = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "qtee_ta(name, cls): register the TrustedApp subclass cls as TA `name` for this test",
+    )
+    config.addinivalue_line(
+        "markers",
+        "qtee_supplicant(storage=False, time=True, ta_dirs=(), workers=4): listeners of "
+        "the qtee_supplicant fixture (storage=True: a directory in tmp_path)",
+    )
+
+
+# ------------------------------------------------------------------------ leak check
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if (report.when == "call" and call.excinfo is not None) or (
+        report.when == "setup" and report.failed
+    ):  # failed, skipped or xfailed: a leak would only repeat it
+        item.stash[_ALREADY_FAILED] = True
+    return report
+
+
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    """Directories whose frames never name where a device was built."""
+    dirs = []
+    for name in ("qtee", "objects", "supplicant", "pytest", "_pytest", "pluggy"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            dirs.append(os.path.dirname(os.path.realpath(spec.origin)) + os.sep)
+    return tuple(dirs)
+
+
+@functools.cache
+def _is_library(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(_library_dirs())
+
+
+def _where(frame: FrameType | None) -> str:
+    """``file:line`` of the innermost frame outside qtee and pytest (else the innermost)."""
+    first = frame
+    while frame is not None:
+        if not _is_library(frame.f_code.co_filename):
+            break
+        frame = frame.f_back
+    frame = frame or first
+    if frame is None:
+        return "?"
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
+def format_leaks(kind: str, where: str, leaks: dict[str, int]) -> str:
+    """One device's non-empty tables as a ``table | live`` table."""
+    width = max(len("table"), *(len(name) for name in leaks))
+    live = max(len("live"), *(len(str(n)) for n in leaks.values()))
+    lines = [
+        f"{kind} created at {where} still holds:",
+        f"    {'table':<{width}} | {'live':>{live}}",
+        f"    {'-' * width}-+-{'-' * live}",
+    ]
+    lines += [f"    {name:<{width}} | {count:>{live}}" for name, count in leaks.items()]
+    return "\n".join(lines)
+
+
+def _recording(cls: type, made: dict[int, _Record], lock: threading.Lock) -> Callable[..., None]:
+    original: Callable[..., None] = cls.__init__  # type: ignore[misc]
+
+    @functools.wraps(original)
+    def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        where = _where(sys._getframe(1))
+        with lock:  # recorded once, even through two tracked __init__s
+            made.setdefault(id(self), [self, type(self).__name__, where])
+
+    return recording_init
+
+
+@pytest.fixture(autouse=True)
+def qtee_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Record the devices built during the test; at teardown each must have no leaks."""
+    made: dict[int, _Record] = {}  # keeps the devices alive, so ids stay unique
+    lock = threading.Lock()
+    request.node.stash[_RECORDS] = made
+    with pytest.MonkeyPatch.context() as mp:
+        for module, name in TRACKED_DEVICES:
+            cls = getattr(importlib.import_module(module), name)
+            mp.setattr(cls, "__init__", _recording(cls, made, lock))
+        yield
+    if request.node.stash.get(_ALREADY_FAILED, False):
+        return
+    problems = [
+        format_leaks(kind, where, leaks)
+        for dev, kind, where in made.values()
+        if (leaks := dev.leaks())
+    ]
+    if problems:
+        pytest.fail("leak check: " + "\n".join(problems), pytrace=False)
+
+
+def _label(request: pytest.FixtureRequest, device: object, where: str) -> None:
+    """Name the place a fixture-built device comes from in the leak table."""
+    rec = request.node.stash.get(_RECORDS, {}).get(id(device))
+    if rec is not None and rec[0] is device:
+        rec[2] = where
+
+
+# ------------------------------------------------------------------------ TAs
+@pytest.fixture(autouse=True)
+def _qtee_ta_marker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Register the TAs named by ``qtee_ta`` markers; restore the registry afterwards."""
+    marks = list(request.node.iter_markers("qtee_ta"))
+    if not marks:
+        yield
+        return
+    from qtee.secure import _apps
+
+    wanted: dict[str, type[TrustedApp]] = {}
+    for mark in reversed(marks):  # closest marker (the function's) wins
+        if len(mark.args) != 2 or mark.kwargs:
+            pytest.fail(
+                f"{request.node.nodeid}: use @pytest.mark.qtee_ta(name, cls), not {mark!r}",
+                pytrace=False,
+            )
+        name, cls = mark.args
+        wanted[name] = cls
+    saved: dict[str, type[TrustedApp] | None] = {}
+    try:
+        for name, cls in wanted.items():
+            with _apps._REG_LOCK:
+                saved[name] = _apps._REGISTRY.get(name)
+            _apps.register_ta(name, cls)
+        yield
+    finally:
+        with _apps._REG_LOCK:
+            for name, previous in saved.items():
+                if previous is None:
+                    _apps._REGISTRY.pop(name, None)
+                else:
+                    _apps._REGISTRY[name] = previous
+
+
+@dataclass
+class AppLoaderHelper:
+    """``qtee_app``: loads TAs by name through the AppLoader, unloads them at teardown."""
+
+    client: Client
+    env: ObjRef
+    _loader: ObjRef | None = field(default=None, init=False)
+    _loaded: list[tuple[ObjRef, ObjRef]] = field(default_factory=list, init=False)
+
+    def __call__(self, name: str, payload: bytes = b"") -> ObjRef:
+        """loadFromBuffer(ta_image(name, payload)), then getAppObject: the app object."""
+        from qtee import OUT_OBJECT, ta_image
+        from qtee.secure import APP_LOADER_UID
+
+        if self._loader is None:
+            self._loader = self.client.open_service(self.env, APP_LOADER_UID)
+        (ctrl,) = self._loader.invoke(0, ta_image(name, payload), OUT_OBJECT)
+        try:
+            (app,) = ctrl.invoke(2, OUT_OBJECT)
+        except BaseException:
+            ctrl.release()
+            raise
+        self._loaded.append((ctrl, app))
+        return app  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Release every app object, unload every TA, release the loader."""
+        while self._loaded:
+            ctrl, app = self._loaded.pop()
+            try:
+                app.release()
+                ctrl.invoke(1)  # unload
+            finally:
+                ctrl.release()
+        if self._loader is not None:
+            self._loader.release()
+            self._loader = None
+
+
+# ------------------------------------------------------------------------ fixtures
+@pytest.fixture
+def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device:
+    """A fresh in-process device: ``qtee.Device(SecureWorld(QteeRoot()))``."""
+    from qtee import Device, QteeRoot, SecureWorld
+
+    device = Device(SecureWorld(QteeRoot()))
+    _label(request, device, "fixture qtee_device")
+    return device
+
+
+@pytest.fixture
+def qtee_client(qtee_device: Device) -> Iterator[Client]:
+    """``Client(qtee_device, workers=2)``, closed at teardown."""
+    from qtee import Client
+
+    client = Client(qtee_device, workers=2)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def qtee_env(qtee_client: Client) -> Iterator[ObjRef]:
+    """The client env of ``qtee_client`` (root op 2), released at teardown."""
+    env = qtee_client.client_env()
+    try:
+        yield env
+    finally:
+        env.release()
+
+
+@pytest.fixture
+def qtee_app(qtee_client: Client, qtee_env: ObjRef) -> Iterator[AppLoaderHelper]:
+    """``qtee_app("name")`` -> the app ObjRef of that TA (unloaded at teardown)."""
+    helper = AppLoaderHelper(qtee_client, qtee_env)
+    try:
+        yield helper
+    finally:
+        helper.close()
+
+
+def _supplicant_options(request: pytest.FixtureRequest, tmp: Path) -> dict[str, Any]:
+    mark = request.node.get_closest_marker("qtee_supplicant")
+    opts: dict[str, Any] = dict(mark.kwargs) if mark is not None else {}
+    if mark is not None and mark.args:
+        pytest.fail("qtee_supplicant marker: keyword arguments only", pytrace=False)
+    unknown = set(opts) - _SUPPLICANT_OPTIONS
+    if unknown:
+        pytest.fail(
+            f"qtee_supplicant marker: unknown option {', '.join(sorted(unknown))} "
+            f"(options: {', '.join(sorted(_SUPPLICANT_OPTIONS))})",
+            pytrace=False,
+        )
+    storage = opts.get("storage", False)
+    if storage is True:
+        storage = tmp / "tzstorage"
+        storage.mkdir(exist_ok=True)
+    elif storage is False:
+        storage = None
+    ta_dirs: bool | Sequence[str | os.PathLike[str]] = opts.get("ta_dirs", ())
+    if ta_dirs is True:
+        (tmp / "tas").mkdir(exist_ok=True)
+        dirs = [tmp / "tas"]
+    elif ta_dirs is False:
+        dirs = []
+    else:
+        if isinstance(ta_dirs, str | os.PathLike):
+            ta_dirs = [ta_dirs]
+        dirs = [request.path.parent / d for d in ta_dirs]  # an absolute d stays as it is
+    return {
+        "storage": storage,
+        "ta_dirs": dirs,
+        "time_service": bool(opts.get("time", True)),
+        "workers": opts.get("workers", 4),
+    }
+
+
+@pytest.fixture
+def qtee_supplicant(
+    request: pytest.FixtureRequest, qtee_device: Device, tmp_path: Path
+) -> Iterator[Supplicant]:
+    """A running ``supplicant.Supplicant`` on ``qtee_device`` (see ``qtee_supplicant`` marker)."""
+    from supplicant import Supplicant
+
+    with Supplicant(qtee_device, **_supplicant_options(request, tmp_path)) as supp:
+        yield supp
+
+
+# ------------------------------------------------------------------------ device server
+# Hook for the device-server fixture (built later, with qtee/_server.py): a `qtee_server`
+# fixture goes here, next to `qtee_device`.  To be covered by the leak check, its device
+# class is appended to TRACKED_DEVICES (it needs `leaks()`), and a device it builds is
+# named in the leak table with `_label(request, device, "fixture qtee_server")`; the
+# fixture should depend on `qtee_leak_check` so that it is torn down before the check.
