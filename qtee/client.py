@@ -38,6 +38,7 @@ from qtee.addrspace import AddressSpace
 from qtee.credentials import Credentials
 
 if TYPE_CHECKING:
+    from qtee._remote import RemoteContext, RemoteDevice
     from supplicant._pool import WorkerPool
 
 __all__ = ["OUT_OBJECT", "CallbackObject", "Client", "MemoryObject", "ObjRef", "Out"]
@@ -180,13 +181,15 @@ class _Block:
 class Client:
     """One open context, its exported callback objects and its supplicant workers."""
 
-    def __init__(self, device: Device, *, workers: int = 2) -> None:
-        if not isinstance(device, Device):
-            raise TypeError("Client needs a Device")
+    def __init__(self, device: Device | RemoteDevice, *, workers: int = 2) -> None:
+        from qtee._remote import RemoteDevice
+
+        if not isinstance(device, Device | RemoteDevice):
+            raise TypeError("Client needs a Device or a connected device (qtee.connect)")
         if not isinstance(workers, int) or workers < 0:
             raise UsageError("workers must be an int >= 0")
         self.device = device
-        self.ctx: Context = device.open()
+        self.ctx: Context | RemoteContext = device.open()
         self._lock = threading.Lock()
         self._exports: dict[int, list[Any]] = {}  # user id -> [object, references]
         self._by_obj: dict[int, int] = {}
@@ -237,6 +240,11 @@ class Client:
             self._exports[uid][1] += 1
             return uid
 
+    def _hold(self, uid: int) -> None:
+        """One more reference on an exported id (dropped with :meth:`_unexport`)."""
+        with self._lock:
+            self._exports[uid][1] += 1
+
     def _unexport(self, uid: int) -> None:
         with self._lock:
             entry = self._exports.get(uid)
@@ -266,6 +274,16 @@ class Client:
 
     # ----------------------------------------------------------------- invoke
     def _invoke(self, ident: int, op_: int, args: tuple[Any, ...]) -> list[Any]:
+        held: list[int] = []
+        try:
+            return self._invoke_held(ident, op_, args, held)
+        finally:
+            for uid in held:
+                self._unexport(uid)
+
+    def _invoke_held(
+        self, ident: int, op_: int, args: tuple[Any, ...], held: list[int]
+    ) -> list[Any]:
         mem = self.device.memory
         params: list[_P] = []
         pins: list[int] = []
@@ -304,6 +322,9 @@ class Client:
                 blk.buf, 0, ident, op_, 0, n, *itertools.chain.from_iterable(params)
             )
             called = True  # from here the errno channel decides ownership
+            for uid in sent:  # held through the call: an output may name an object sent in
+                self._hold(uid)  # it while QTEE's release of it is being delivered
+            held.extend(sent)
             try:
                 self._call(uapi.TEE_IOC_OBJECT_INVOKE, blk, size)
             except DriverError:
