@@ -9,6 +9,8 @@ from objects import DecodeError, DriverError, QteeBaseError, QteeError, Result, 
 from qtee import uapi, wire
 from qtee._driver import Context, Device
 from qtee._optee import OpteeContext, OpteeDevice
+from qtee._remote import RemoteContext, RemoteDevice, connect
+from qtee._server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, address_of
 from qtee.client import OUT_OBJECT, CallbackObject, Client, MemoryObject, ObjRef, Out
 from qtee.credentials import CredentialKey, Credentials
@@ -35,6 +37,7 @@ __all__ = [
     "Credentials",
     "DecodeError",
     "Device",
+    "DeviceServer",
     "OpteeContext",
     "OpteeDevice",
     "DriverError",
@@ -46,6 +49,8 @@ __all__ = [
     "QteeBaseError",
     "QteeError",
     "QteeRoot",
+    "RemoteContext",
+    "RemoteDevice",
     "Result",
     "SecureObject",
     "SecureWorld",
@@ -53,6 +58,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "address_of",
+    "connect",
     "op",
     "register_ta",
     "ta_image",

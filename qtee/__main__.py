@@ -22,7 +22,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             description="Run the supplicant: listeners registered with QTEE, served by workers.",
         )
     )
+    serve = sub.add_parser(
+        "serve",
+        help="serve a device on a Unix socket (one connection = one open fd)",
+        description="Host the driver model and a secure world on a Unix socket.",
+    )
+    serve.add_argument("--socket", required=True, metavar="PATH", help="socket path to listen on")
+    serve.add_argument(
+        "--ta-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (it registers its TAs); repeatable",
+    )
+    serve.add_argument(
+        "--duration", type=float, default=None, metavar="SECONDS", help="stop after this long"
+    )
     args = parser.parse_args(argv)
+    if args.verb == "serve":
+        return _serve(args)
     if args.verb == "supplicant":
         from supplicant._cli import run as run_supplicant
 
@@ -35,6 +53,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         from qtee import __version__
 
         print(__version__)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import importlib
+    import signal
+    import threading
+
+    from qtee._server import DeviceServer
+
+    for name in args.ta_module:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            print(f"qtee serve: cannot import {name}: {exc}", file=sys.stderr)
+            return 2
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with DeviceServer(args.socket) as server:
+            print(f"serving on {args.socket}", flush=True)
+            stop.wait(args.duration)
+            leaks = server.device.leaks()
+    except OSError as exc:
+        print(f"qtee serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("tables: empty" if not leaks else f"tables: {leaks}")
     return 0
 
 

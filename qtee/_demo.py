@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 
 import qtee
-from qtee import OUT_OBJECT, CallbackObject, Out, op
+from qtee import OUT_OBJECT, CallbackObject, Context, Out, op
 
 
 class SampleTA(qtee.TrustedApp):
@@ -94,13 +94,15 @@ def run() -> int:
         checks.append(("TA from a region: add(40, 2) == 42", struct.unpack("<I", total)[0] == 42))
         for ref in (app, ctrl, loader, env):
             ref.release()
+    ctx = client.ctx
+    assert isinstance(ctx, Context)  # the in-process device
     empty = not device.world.live_ids() and not len(device.ns) and not len(device.shm)
-    checks.append(("every table empty", empty and not len(client.ctx.objects)))
+    checks.append(("every table empty", empty and not len(ctx.objects)))
     for name, ok in checks:
         print(f"[{'ok' if ok else 'FAILED'}] {name}")
     print(
         f"tables: QTEE objects {len(device.world.live_ids())}, NS ids {len(device.ns)}, "
-        f"shm {len(device.shm)}, context ids {len(client.ctx.objects)}, "
-        f"requests {len(client.ctx.requests)}"
+        f"shm {len(device.shm)}, context ids {len(ctx.objects)}, "
+        f"requests {len(ctx.requests)}"
     )
     return 0 if all(ok for _, ok in checks) else 1

@@ -1,0 +1,323 @@
+"""The device server: one driver model and secure world on a Unix socket.
+
+Each connection is one open fd (a :class:`qtee.Context`).  Frames are those of
+:mod:`qtee._frames`: a Hello/Welcome handshake, then Ioctl requests answered by
+IoctlReply.  Addresses do not cross processes, so an Ioctl carries the caller's memory
+the call may touch (the argument block, buffers, the RECV scratch) as regions; the
+server maps them at the same addresses for that call only and sends back the regions the
+driver wrote.  Each request runs in its own thread (a SUPPL_RECV may block for a long
+time).  A malformed, oversized or out-of-order frame closes that connection with a logged
+reason; other connections go on.  A connection that ends is an fd close: its pending
+callbacks complete DEFUNCT, its QTEE objects are released.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import logging
+import os
+import socket
+import threading
+from typing import Final
+
+from objects import DriverError, UsageError
+from qtee import uapi
+from qtee._driver import Context, Device
+from qtee._frames import (
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    Bye,
+    Close,
+    FrameDecoder,
+    FrameError,
+    Hello,
+    Ioctl,
+    IoctlReply,
+    Region,
+    Welcome,
+    encode,
+)
+from qtee.addrspace import TASK_SIZE
+
+__all__ = ["DeviceServer", "RegionMemory"]
+
+log = logging.getLogger("qtee.server")
+
+_GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
+
+
+def _efault(addr: int, size: int, why: str) -> DriverError:
+    return DriverError(errno.EFAULT, f"user range {addr:#x}+{size} {why}")
+
+
+class _CallRegions:
+    """The regions one request brought, at their addresses, and which were written."""
+
+    __slots__ = ("bufs", "starts", "writable", "written")
+
+    def __init__(self, regions: tuple[Region, ...]) -> None:
+        self.starts = sorted(r.addr for r in regions)
+        self.bufs = {r.addr: bytearray(r.data) for r in regions}
+        self.writable = {r.addr for r in regions if r.writable}
+        self.written: set[int] = set()
+
+    def find(self, addr: int, size: int) -> tuple[int, bytearray]:
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i < 0:
+            raise _efault(addr, size, "is not mapped for this call")
+        start = self.starts[i]
+        buf = self.bufs[start]
+        if addr + size > start + len(buf):
+            raise _efault(addr, size, "runs past the mapped buffer")
+        return start, buf
+
+
+class RegionMemory:
+    """An address space whose mappings are the current request's regions (per thread)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _regions(self) -> _CallRegions:
+        call: _CallRegions | None = getattr(self._local, "call", None)
+        if call is None:
+            raise DriverError(errno.EFAULT, "no caller memory in this thread")
+        return call
+
+    def begin(self, regions: tuple[Region, ...]) -> _CallRegions:
+        """Map ``regions`` for the request running in this thread."""
+        call = _CallRegions(regions)
+        self._local.call = call
+        return call
+
+    def end(self) -> None:
+        """Unmap this thread's request regions."""
+        self._local.call = None
+
+    def check(self, addr: int, size: int) -> None:
+        """``access_ok``."""
+        if addr < 0 or size < 0 or addr + size > TASK_SIZE:
+            raise _efault(addr, size, "is outside the user address space")
+
+    def read(self, addr: int, size: int) -> bytes:
+        """``copy_from_user`` from the caller's regions."""
+        self.check(addr, size)
+        if size == 0:
+            return b""
+        start, buf = self._regions().find(addr, size)
+        return bytes(buf[addr - start : addr - start + size])
+
+    def write(self, addr: int, data: bytes) -> None:
+        """``copy_to_user`` into a writable region (sent back with the reply)."""
+        size = len(data)
+        self.check(addr, size)
+        if size == 0:
+            return
+        call = self._regions()
+        start, buf = call.find(addr, size)
+        if start not in call.writable:
+            raise _efault(addr, size, "is read-only")
+        buf[addr - start : addr - start + size] = data
+        call.written.add(start)
+
+    def pin(self, buf: bytes | bytearray) -> int:
+        """Pinning is the client's business; the server only maps what it is sent."""
+        raise UsageError("the server's address space maps regions sent by clients")
+
+    def unpin(self, addr: int) -> None:
+        """See :meth:`pin`."""
+        raise UsageError("the server's address space maps regions sent by clients")
+
+
+class _Connection:
+    """One client: its context, its reader thread and its request threads."""
+
+    def __init__(self, server: DeviceServer, sock: socket.socket, name: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.name = name
+        self.ctx: Context | None = None
+        self._send = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self.closed = threading.Event()
+
+    def send(self, msg: object) -> None:
+        data = encode(msg, max_frame=self.server.max_frame)  # type: ignore[arg-type]
+        with self._send:
+            self.sock.sendall(data)
+
+    def run(self) -> None:
+        decoder = FrameDecoder(max_frame=self.server.max_frame)
+        reason = "end of stream"
+        try:
+            while True:
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    break
+                decoder.feed(data)
+                while (msg := decoder.next_message()) is not None:
+                    if not self._handle(msg):
+                        reason = "client said close"
+                        return
+        except FrameError as exc:
+            reason = f"bad frame: {exc}"
+            log.warning("%s: closing: %s", self.name, reason)
+            with contextlib.suppress(OSError):
+                self.send(Bye(reason=str(exc)[:200]))
+        except OSError as exc:
+            reason = f"socket error: {exc}"
+        finally:
+            self._close(reason)
+
+    def _handle(self, msg: object) -> bool:
+        if self.ctx is None:
+            if not isinstance(msg, Hello):
+                raise FrameError(f"expected hello first, got {type(msg).__name__}")
+            if msg.version != PROTOCOL_VERSION:
+                raise FrameError(f"protocol version {msg.version} is not {PROTOCOL_VERSION}")
+            self.ctx = self.server.device.open()
+            self.send(
+                Welcome(impl_id=uapi.TEE_IMPL_ID_QTEE, gen_caps=_GEN_CAPS, server="qtee server")
+            )
+            return True
+        if isinstance(msg, Close):
+            return False
+        if not isinstance(msg, Ioctl):
+            raise FrameError(f"unexpected {type(msg).__name__} from a client")
+        t = threading.Thread(target=self._ioctl, args=(msg,), name=f"{self.name}-{msg.seq}")
+        t.daemon = True
+        with self._lock:
+            self._threads.add(t)
+        t.start()
+        return True
+
+    def _ioctl(self, req: Ioctl) -> None:
+        mem = self.server.memory
+        call = mem.begin(req.regions)
+        try:
+            arg = bytearray(req.arg)
+            assert self.ctx is not None
+            try:
+                self.ctx.ioctl(req.cmd, arg)
+            except DriverError as exc:
+                reply = IoctlReply(seq=req.seq, errno=exc.code)
+            else:
+                written = tuple(
+                    Region(addr=a, data=bytes(call.bufs[a]), writable=True)
+                    for a in sorted(call.written)
+                )
+                reply = IoctlReply(seq=req.seq, errno=0, arg=bytes(arg), written=written)
+            with contextlib.suppress(OSError):  # the client is gone; its context is closing
+                self.send(reply)
+        except Exception:
+            log.exception("%s: ioctl %#x (seq %d) failed", self.name, req.cmd, req.seq)
+        finally:
+            mem.end()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _close(self, reason: str) -> None:
+        log.info("%s: closed (%s)", self.name, reason)
+        if self.ctx is not None:
+            self.ctx.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(2)
+        self.closed.set()
+        self.server._forget(self)
+
+
+class DeviceServer:
+    """Serve ``device`` (built on a :class:`RegionMemory`) on the Unix socket ``path``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        device: Device | None = None,
+        *,
+        max_frame: int = MAX_FRAME,
+    ) -> None:
+        from qtee.secure import QteeRoot, SecureWorld
+
+        self.path = os.fspath(path)
+        self.memory = RegionMemory()
+        if device is None:
+            device = Device(SecureWorld(QteeRoot()), memory=self.memory)
+        elif not isinstance(device.memory, RegionMemory):
+            raise UsageError("a served Device must be built with memory=server.memory")
+        else:
+            self.memory = device.memory
+        self.device = device
+        self.max_frame = max_frame
+        self._sock: socket.socket | None = None
+        self._accept: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._conns: set[_Connection] = set()
+        self._count = 0
+        self._stopping = False
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        with self._lock:
+            return len(self._conns)
+
+    def start(self) -> DeviceServer:
+        """Bind and listen; connections are served by background threads."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        sock.bind(self.path)
+        sock.listen(64)
+        self._sock = sock
+        self._accept = threading.Thread(target=self._accept_loop, name="qtee-server", daemon=True)
+        self._accept.start()
+        return self
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping:
+            try:
+                sock, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._count += 1
+                conn = _Connection(self, sock, f"conn-{self._count}")
+                self._conns.add(conn)
+            threading.Thread(target=conn.run, name=conn.name, daemon=True).start()
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection (their contexts close), remove the socket."""
+        self._stopping = True
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        for conn in conns:
+            conn.closed.wait(5)
+        if self._accept is not None:
+            self._accept.join(5)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def __enter__(self) -> DeviceServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,249 @@
+"""The device server and ``qtee.connect``: the same client code in process and over a socket.
+
+Scenarios of the invoke-loop issue run against both (one parametrized fixture, no
+per-mode cases in the bodies); bad frames close only the offending connection; a client
+that drops is an fd close for the driver (pending callbacks DEFUNCT, tables back).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import qtee
+from objects import QteeError
+from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, Out, op
+from qtee._frames import MAX_FRAME, Bye, FrameDecoder, Hello, Ioctl, encode
+
+
+class Scenario(qtee.TrustedApp):
+    """Adds; calls back with a buffer; passes an object back and forth."""
+
+    @op(0, ib=(8,), ob=(4,))
+    def add(self, pair: bytes) -> bytes:
+        a, b = struct.unpack("<II", pair)
+        return struct.pack("<I", a + b)
+
+    @op(1, io=1, ob=(None,))
+    def echo_through(self, cb: NsObject) -> bytes:
+        res = cb.invoke(0, ib=[b"ping"], ob=[16])
+        if res.result:
+            raise QteeError(res.result)
+        return res.ob[0]
+
+    @op(2, io=1, oo=1)
+    def give_back(self, cb: NsObject) -> NsObject:
+        return cb  # the output carries the reference QTEE got with the input
+
+    @op(3, io=1)
+    def slow_callback(self, cb: NsObject) -> None:
+        res = cb.invoke(1)
+        if res.result:
+            raise QteeError(res.result)
+
+
+class Echo(CallbackObject):
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    @op(0, ib=(None,), ob=(None,))
+    def echo(self, data: bytes) -> bytes:
+        return data + b"-pong"
+
+    @op(1)
+    def block(self) -> None:
+        self.entered.set()
+        self.release.wait(5)
+
+
+@pytest.fixture(autouse=True)
+def _ta() -> Iterator[None]:
+    qtee.register_ta("server.scenario", Scenario)
+    yield
+    qtee.secure.unregister_ta("server.scenario")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[DeviceServer]:
+    with DeviceServer(tmp_path / "qtee.sock") as srv:
+        yield srv
+        assert _eventually(lambda: srv.connections == 0)
+    assert srv.device.leaks() == {}
+
+
+@pytest.fixture(params=["in-process", "server"])
+def device(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    if request.param == "in-process":
+        yield qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
+        return
+    srv = request.getfixturevalue("server")
+    yield qtee.connect(srv.path)
+
+
+def _eventually(cond: object, timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _app(client: qtee.Client) -> tuple[qtee.ObjRef, ...]:
+    env = client.client_env()
+    loader = client.open_service(env, 3)
+    (ctrl,) = loader.invoke(0, qtee.ta_image("server.scenario"), OUT_OBJECT)
+    (app,) = ctrl.invoke(2, OUT_OBJECT)
+    return app, ctrl, loader, env
+
+
+def test_scenarios_in_process_and_over_a_socket(device: qtee.Device) -> None:
+    """Register, load a TA from a buffer, add, a callback with buffers, an object out and
+    back, every handle released (qtee-kernel.md §4; quic-teec.md §1.4)."""
+    with qtee.Client(device, workers=2) as client:
+        refs = _app(client)
+        app = refs[0]
+        assert app.invoke(0, struct.pack("<II", 40, 2), Out(4)) == [struct.pack("<I", 42)]
+        echo = Echo()
+        assert app.invoke(1, echo, Out(16)) == [b"ping-pong"]
+        assert app.invoke(2, echo, OUT_OBJECT) == [echo]
+        with pytest.raises(QteeError) as exc:
+            app.invoke(0, b"short", Out(4))
+        assert exc.value.result == qtee.Result.ERROR_INVALID
+        for ref in refs:
+            ref.release()
+        assert _eventually(lambda: client.exported() == 0)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x00",  # zero length
+        struct.pack(">I", MAX_FRAME + 1),  # oversized, refused from the header
+        struct.pack(">I", 3) + b"\xc1\xc1\xc1",  # not msgpack
+        encode(Ioctl(seq=1, cmd=0, arg=b"")),  # an ioctl before hello
+    ],
+    ids=["zero", "oversized", "garbage", "no-hello"],
+)
+def test_bad_frames_close_only_that_connection(server: DeviceServer, garbage: bytes) -> None:
+    """A malformed, oversized or out-of-order frame closes the offending connection with a
+    reason; the server stays up and another client is not disturbed."""
+    good = qtee.Client(qtee.connect(server.path), workers=1)
+    try:
+        bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bad.connect(server.path)
+        bad.sendall(garbage)
+        bad.settimeout(3)
+        dec = FrameDecoder(expect_increasing_seq=False)
+        data = b""
+        while chunk := bad.recv(4096):
+            data += chunk
+        bad.close()
+        dec.feed(data)
+        assert isinstance(dec.next_message(), Bye)  # then end of stream
+        refs = _app(good)
+        assert refs[0].invoke(0, struct.pack("<II", 1, 2), Out(4)) == [struct.pack("<I", 3)]
+        for ref in refs:
+            ref.release()
+    finally:
+        good.close()
+
+
+def test_out_of_order_seq_closes_the_connection(server: DeviceServer) -> None:
+    """Sequence numbers of a connection's requests must increase."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(server.path)
+    s.settimeout(3)
+    s.sendall(encode(Hello(client="test")))
+    version = bytearray(12)
+    s.sendall(encode(Ioctl(seq=5, cmd=qtee.uapi.TEE_IOC_VERSION, arg=bytes(version))))
+    s.sendall(encode(Ioctl(seq=4, cmd=qtee.uapi.TEE_IOC_VERSION, arg=bytes(version))))
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    s.close()
+    dec = FrameDecoder(expect_increasing_seq=False)
+    dec.feed(data)
+    kinds = [type(m).__name__ for m in dec]
+    assert kinds[0] == "Welcome" and kinds[-1] == "Bye"
+
+
+class Keeper(qtee.TrustedApp):
+    """Keeps a callback object in QTEE (class-level, so another TA can reach it)."""
+
+    kept: NsObject | None = None
+
+    @op(0, io=1)
+    def keep(self, cb: NsObject) -> None:
+        Keeper.kept = cb.retain()
+
+
+class Caller(qtee.TrustedApp):
+    @op(0)
+    def call_kept(self) -> None:
+        assert Keeper.kept is not None
+        res = Keeper.kept.invoke(1)
+        if res.result:
+            raise QteeError(res.result)
+
+    @op(1)
+    def drop_kept(self) -> None:
+        if Keeper.kept is not None:
+            Keeper.kept.release()
+            Keeper.kept = None
+
+
+def _load(client: qtee.Client, name: str) -> tuple[qtee.ObjRef, ...]:
+    env = client.client_env()
+    loader = client.open_service(env, 3)
+    (ctrl,) = loader.invoke(0, qtee.ta_image(name), OUT_OBJECT)
+    (app,) = ctrl.invoke(2, OUT_OBJECT)
+    return app, ctrl, loader, env
+
+
+def test_dropped_supplicant_connection_is_defunct_for_the_ta(server: DeviceServer) -> None:
+    """A connection that drops is an fd close (qtee-kernel.md §4.5): a TA blocked in a
+    callback to that client's object gets DEFUNCT (-90) within 2 s; tables return empty."""
+    qtee.register_ta("server.keeper", Keeper)
+    qtee.register_ta("server.caller", Caller)
+    try:
+        host = qtee.Client(qtee.connect(server.path), workers=1)
+        caller = qtee.Client(qtee.connect(server.path), workers=1)
+        echo = Echo()
+        host_refs = _load(host, "server.keeper")
+        host_refs[0].invoke(0, echo)
+        refs = _load(caller, "server.caller")
+        got: list[BaseException | None] = []
+
+        def call() -> None:
+            try:
+                refs[0].invoke(0)
+                got.append(None)
+            except BaseException as exc:
+                got.append(exc)
+
+        t = threading.Thread(target=call)
+        t.start()
+        assert echo.entered.wait(3)
+        t0 = time.monotonic()
+        assert isinstance(host.ctx, qtee.RemoteContext)
+        host.ctx.sock.shutdown(socket.SHUT_RDWR)  # the supplicant process dies
+        t.join(3)
+        echo.release.set()
+        assert not t.is_alive() and time.monotonic() - t0 < 2
+        assert isinstance(got[0], QteeError) and got[0].result == qtee.Result.ERROR_DEFUNCT
+        refs[0].invoke(1)  # QTEE drops what it kept
+        for ref in refs:
+            ref.release()
+        caller.close()
+        host.close()
+    finally:
+        qtee.secure.unregister_ta("server.keeper")
+        qtee.secure.unregister_ta("server.caller")
