@@ -1,0 +1,215 @@
+"""A client process of the device server, for tests/test_server_processes.py.
+
+``python tests/_server_peer.py MODE SOCKET ...``; every line it prints is written
+unbuffered (``os.write``), so what the parent reads after a SIGKILL is a true prefix.
+
+``supplicant SOCKET TA WORKERS``
+    Connects with ``WORKERS`` supplicant workers, loads TA ``TA`` and hands its op 0 a
+    callback object whose op 1 prints ``ENTER`` and then blocks for ten minutes.  Prints
+    ``READY`` and waits to be killed.
+
+``echo SOCKET TA N SEED``
+    Loads TA ``TA`` and makes ``N`` calls of its op 0 (``through(data, cb)``: QTEE calls
+    ``cb`` op 0 with ``data`` and returns what it answered), with a callback object of
+    this process that answers ``tag || reversed(data)``.  Checks every answer, releases
+    everything, closes, prints ``OK N`` and exits 0 (1 on the first wrong answer).
+
+``garbage SOCKET SEED``
+    Opens one raw connection per case (random bytes, truncated frames, oversized
+    frames, bad frames after a good hello) and checks that the server closes each one.
+    Prints ``CASE <name> <outcome> <how>`` per case, then ``DONE``; exits 0 if the server
+    closed every connection, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+import sys
+import time
+
+import qtee
+from objects import QteeError
+from qtee import OUT_OBJECT, CallbackObject, Out, op
+from qtee._frames import MAX_FRAME, Bye, FrameDecoder, FrameError, Hello, Ioctl, encode
+
+
+def say(*words: object) -> None:
+    os.write(1, (" ".join(str(w) for w in words) + "\n").encode())
+
+
+def load(client: qtee.Client, name: str) -> tuple[qtee.ObjRef, ...]:
+    env = client.client_env()
+    loader = client.open_service(env, 3)
+    (ctrl,) = loader.invoke(0, qtee.ta_image(name), OUT_OBJECT)
+    (app,) = ctrl.invoke(2, OUT_OBJECT)
+    return app, ctrl, loader, env
+
+
+# ---------------------------------------------------------------------------- supplicant
+class Blocker(CallbackObject):
+    @op(1)
+    def block(self) -> None:
+        say("ENTER")
+        time.sleep(600)
+
+
+def supplicant(path: str, ta: str, workers: int) -> int:
+    client = qtee.Client(qtee.connect(path), workers=workers)
+    refs = load(client, ta)
+    refs[0].invoke(0, Blocker())
+    say("READY")
+    time.sleep(3600)  # until SIGKILL
+    return 1
+
+
+# ---------------------------------------------------------------------------- echo
+class Echoer(CallbackObject):
+    def __init__(self, tag: bytes) -> None:
+        self.tag = tag
+
+    @op(0, ib=(None,), ob=(None,))
+    def echo(self, data: bytes) -> bytes:
+        return self.tag + data[::-1]
+
+
+def echo(path: str, ta: str, n: int, seed: int) -> int:
+    rng = random.Random(seed)
+    tag = f"<{os.getpid()}>".encode()
+    cb = Echoer(tag)
+    with qtee.Client(qtee.connect(path), workers=2) as client:
+        refs = load(client, ta)
+        app = refs[0]
+        for i in range(n):
+            data = rng.randbytes(rng.randint(0, 1500))
+            (got,) = app.invoke(0, data, cb, Out(len(data) + 64))
+            if got != tag + data[::-1]:
+                say("WRONG", i, len(data), got[:32].hex())
+                return 1
+        for ref in refs:
+            ref.release()
+        end = time.monotonic() + 5  # QTEE's releases of our objects arrive asynchronously
+        while client.exported() and time.monotonic() < end:
+            time.sleep(0.01)
+        if client.exported():
+            say("EXPORTED", client.exported())
+            return 1
+    say("OK", n)
+    return 0
+
+
+# ---------------------------------------------------------------------------- garbage
+def _server_view(data: bytes, hello_sent: bool) -> bool:
+    """Whether the server's decoder refuses ``data`` (else it waits for more bytes)."""
+    dec = FrameDecoder(max_frame=MAX_FRAME)
+    try:
+        dec.feed(data)
+        while (msg := dec.next_message()) is not None:
+            if not hello_sent and not isinstance(msg, Hello):
+                return True
+            hello_sent = True
+            if not isinstance(msg, Ioctl):
+                return True
+    except FrameError:
+        return True
+    return False
+
+
+def _cases(rng: random.Random) -> list[tuple[str, bytes, bool]]:
+    """``(name, bytes, after_hello)``."""
+    hello = encode(Hello(client="garbage"))
+    good = encode(Ioctl(seq=1, cmd=qtee.uapi.TEE_IOC_VERSION, arg=bytes(12)))
+    cases: list[tuple[str, bytes, bool]] = []
+    for k in range(8):
+        cases.append((f"random-{k}", rng.randbytes(rng.randint(1, 4096)), False))
+        cases.append((f"random-after-hello-{k}", rng.randbytes(rng.randint(1, 4096)), True))
+    for k in range(4):
+        cut = rng.randint(1, len(hello) - 1)
+        cases.append((f"truncated-hello-{k}", hello[:cut], False))
+        cut = rng.randint(1, len(good) - 1)
+        cases.append((f"truncated-ioctl-{k}", good[:cut], True))
+    cases.append(("truncated-header", b"\x00\x00", False))
+    cases.append(("length-only", struct.pack(">I", 100), False))
+    cases.append(("oversized-header", struct.pack(">I", MAX_FRAME + 1), False))
+    cases.append(("oversized-max-u32", b"\xff\xff\xff\xff" + rng.randbytes(1000), True))
+    cases.append(("oversized-with-body", struct.pack(">I", MAX_FRAME + 1) + bytes(1 << 20), False))
+    cases.append(("max-frame-of-junk", struct.pack(">I", MAX_FRAME) + b"\xc1" * MAX_FRAME, True))
+    cases.append(("zero-length", bytes(4), True))
+    cases.append(("second-hello", hello, True))
+    return cases
+
+
+def _run_case(path: str, data: bytes, after_hello: bool) -> tuple[str, str]:
+    """``(outcome, how)``: ``closed`` and ``refused:bye``, ``refused:reset`` (the server
+    closed with our bytes unread, and the kernel dropped its Bye) or ``truncated:eof``."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    try:
+        if after_hello:
+            s.sendall(encode(Hello(client="garbage")))
+        refused = _server_view(data, after_hello)
+        try:
+            s.sendall(data)
+            if not refused:  # the server waits for the rest of the frame: end the stream
+                s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed on us while we were still sending: refused from the header
+        got = b""
+        reset = False
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            reset = True  # closed with our bytes unread: a close too, the Bye may be lost
+        except TimeoutError:
+            return "still-open", "-"
+        dec = FrameDecoder(expect_increasing_seq=False)
+        dec.feed(got)
+        kinds = [type(m).__name__ for m in dec]
+        if after_hello:
+            if not kinds or kinds[0] != "Welcome":
+                return "no-welcome", ",".join(kinds) or "-"
+            kinds = kinds[1:]
+        if kinds == [Bye.__name__]:
+            how = "bye"
+        elif not kinds:
+            how = "reset" if reset else "eof"
+        else:
+            return "unexpected", ",".join(kinds)
+        return "closed", f"{'refused' if refused else 'truncated'}:{how}"
+    finally:
+        s.close()
+
+
+def garbage(path: str, seed: int) -> int:
+    rng = random.Random(seed)
+    bad = 0
+    for name, data, after_hello in _cases(rng):
+        outcome, how = _run_case(path, data, after_hello)
+        bad += outcome != "closed"
+        say("CASE", name, outcome, how)
+    say("DONE")
+    return 1 if bad else 0
+
+
+def main(argv: list[str]) -> int:
+    mode, path, *rest = argv
+    try:
+        if mode == "supplicant":
+            return supplicant(path, rest[0], int(rest[1]))
+        if mode == "echo":
+            return echo(path, rest[0], int(rest[1]), int(rest[2]))
+        if mode == "garbage":
+            return garbage(path, int(rest[0]))
+    except QteeError as exc:
+        say("QTEE-ERROR", exc.result)
+        return 2
+    say("USAGE", mode)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
