@@ -5,10 +5,11 @@ Each connection is one open fd (a :class:`qtee.Context`).  Frames are those of
 IoctlReply.  Addresses do not cross processes, so an Ioctl carries the caller's memory
 the call may touch (the argument block, buffers, the RECV scratch) as regions; the
 server maps them at the same addresses for that call only and sends back the regions the
-driver wrote.  Each request runs in its own thread (a SUPPL_RECV may block for a long
-time).  A malformed, oversized or out-of-order frame closes that connection with a logged
-reason; other connections go on.  A connection that ends is an fd close: its pending
-callbacks complete DEFUNCT, its QTEE objects are released.
+driver wrote.  Each request runs on a request thread of its connection, a new one only
+when all are busy (a SUPPL_RECV may block for a long time).  A malformed, oversized or
+out-of-order frame closes that connection with a logged reason; other connections go on.
+A connection that ends is an fd close: its pending callbacks complete DEFUNCT, its QTEE
+objects are released.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import errno
 import logging
 import os
+import queue
 import socket
 import threading
 from typing import Final
@@ -141,6 +143,8 @@ class _Connection:
         self.ctx: Context | None = None
         self._send = threading.Lock()
         self._threads: set[threading.Thread] = set()
+        self._requests: queue.SimpleQueue[Ioctl | None] = queue.SimpleQueue()
+        self._idle = 0  # request threads waiting for work
         self._lock = threading.Lock()
         self.closed = threading.Event()
 
@@ -187,12 +191,26 @@ class _Connection:
             return False
         if not isinstance(msg, Ioctl):
             raise FrameError(f"unexpected {type(msg).__name__} from a client")
-        t = threading.Thread(target=self._ioctl, args=(msg,), name=f"{self.name}-{msg.seq}")
-        t.daemon = True
-        with self._lock:
-            self._threads.add(t)
-        t.start()
+        with self._lock:  # a request thread that is not busy takes it, else a new one
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1
+            else:
+                t = threading.Thread(
+                    target=self._worker, name=f"{self.name}-w{len(self._threads)}", daemon=True
+                )
+                self._threads.add(t)
+        self._requests.put(msg)
+        if spawn:
+            t.start()
         return True
+
+    def _worker(self) -> None:
+        """A request thread: one request at a time, kept for the next (a RECV may block)."""
+        while (req := self._requests.get()) is not None:
+            self._ioctl(req)
+            with self._lock:
+                self._idle += 1
 
     def _ioctl(self, req: Ioctl) -> None:
         mem = self.server.memory
@@ -216,8 +234,6 @@ class _Connection:
             log.exception("%s: ioctl %#x (seq %d) failed", self.name, req.cmd, req.seq)
         finally:
             mem.end()
-            with self._lock:
-                self._threads.discard(threading.current_thread())
 
     def _close(self, reason: str) -> None:
         log.info("%s: closed (%s)", self.name, reason)
@@ -227,6 +243,8 @@ class _Connection:
             self.sock.close()
         with self._lock:
             threads = list(self._threads)
+        for _ in threads:
+            self._requests.put(None)
         for t in threads:
             t.join(2)
         self.closed.set()
