@@ -310,6 +310,7 @@ class DeviceServer:
                 conn = _Connection(self, sock, f"conn-{self._count}")
                 self._conns.add(conn)
             threading.Thread(target=conn.run, name=conn.name, daemon=True).start()
+            del conn  # the connection lives as long as its thread, not until the next accept
 
     def _forget(self, conn: _Connection) -> None:
         with self._lock:
