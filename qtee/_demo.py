@@ -53,10 +53,12 @@ class Greeter(CallbackObject):
         return obj
 
 
-def run() -> int:
-    """Run the scenario; 0 when every check held."""
+def run(device: qtee.Device | None = None) -> int:
+    """Run the scenario (on a fresh in-process device unless one is given, with nothing
+    loaded or open on it); 0 when every check held."""
     qtee.register_ta("sample.add", SampleTA)
-    device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
+    if device is None:
+        device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
     device.trace = print
     checks: list[tuple[str, bool]] = []
     with qtee.Client(device, workers=4) as client:

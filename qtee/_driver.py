@@ -18,6 +18,7 @@ import functools
 import itertools
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -33,6 +34,7 @@ from objects import (
 )
 from qtee import _checks, uapi, wire
 from qtee._mem_obj import MemObject, PhysMemory, Primordial, Shm
+from qtee._trace import TraceRecord
 from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, Request, RequestQueue, UserObject
 from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory
 from qtee.secure import SecureWorld
@@ -132,6 +134,23 @@ def _crossing(direction: str, obj: int, op: int, counts: int, what: str) -> str:
     return f"{direction:<11} obj={obj:#010x} op={op:<5} IB{c.ib} OB{c.ob} IO{c.io} OO{c.oo}  {what}"
 
 
+def _emit(
+    trace: Callable[[str], None] | None,
+    records: Callable[[TraceRecord], None] | None,
+    direction: str,
+    obj: int,
+    op: int,
+    counts: int,
+    what: str,
+) -> None:
+    """One crossing to the text trace and to the structured one, whichever are set."""
+    if trace:
+        trace(_crossing(direction, obj, op, counts, what))
+    if records:
+        c = Counts.unpack(counts)
+        records(TraceRecord(time.time(), direction, obj, op, c.ib, c.ob, c.io, c.oo, what))
+
+
 def _einval(why: str) -> DriverError:
     return DriverError(errno.EINVAL, why)
 
@@ -164,6 +183,8 @@ class Device:
         self.primordial = Primordial()
         #: Called with one line per crossing when set (``qtee demo`` prints them).
         self.trace: Callable[[str], None] | None = None
+        #: Called with the same crossings as structured records (``qtee trace``).
+        self.trace_records: Callable[[TraceRecord], None] | None = None
         self._local = threading.local()
         world.phys = self.phys
         self._lock = threading.Lock()
@@ -207,18 +228,19 @@ class Device:
         """Serve the callback request in ``out`` in this thread (``qcomtee_cb_object_invoke``)."""
         msg = wire.decode_callback(out)
         self._fetch_async(out, wire.async_offset(msg))
-        if self.trace:
-            self.trace(_crossing("QTEE -> NS", msg.cxt, msg.op, msg.counts, "callback"))
+        trace, records = self.trace, self.trace_records
+        if trace or records:
+            _emit(trace, records, "QTEE -> NS", msg.cxt, msg.op, msg.counts, "callback")
         status, ob_data, oo = self._cb_invoke(msg)
-        if self.trace:
-            self.trace(
-                _crossing(
-                    "NS -> QTEE",
-                    msg.cxt,
-                    msg.op,
-                    msg.counts,
-                    result_name(wire.result_from_errno(status)),
-                )
+        if trace or records:
+            _emit(
+                trace,
+                records,
+                "NS -> QTEE",
+                msg.cxt,
+                msg.op,
+                msg.counts,
+                result_name(wire.result_from_errno(status)),
             )
         oo_ids: list[int] = []
         if status == 0:
@@ -322,8 +344,14 @@ class Device:
         except Exception:  # a malformed tail stops parsing, as in the kernel
             batch = wire.AsyncBatch((), wire.ASYNC_STOP_END)
         for ids in batch.releases:
-            if self.trace and ids:
-                self.trace(f"{'QTEE -> NS':<11} async RELEASE of {', '.join(hex(i) for i in ids)}")
+            if ids and (self.trace or self.trace_records):
+                what = f"async RELEASE of {', '.join(hex(i) for i in ids)}"
+                if self.trace:
+                    self.trace(f"{'QTEE -> NS':<11} {what}")
+                if self.trace_records:
+                    self.trace_records(
+                        TraceRecord(time.time(), "QTEE -> NS", None, None, 0, 0, 0, 0, what)
+                    )
             for ident in ids:
                 if QCOMTEE_OBJECT_ID_START <= ident <= QCOMTEE_OBJECT_ID_END:
                     obj = self.ns.erase(ident)
@@ -492,14 +520,14 @@ class Context:
             local = device._local
             outer = getattr(local, "lent", None)
             local.lent = []
-            trace = device.trace
-            if trace:
+            trace, records = device.trace, device.trace_records
+            if trace or records:
                 counts = Counts(n_ib, n_ob, n_io, n_oo).pack()
-                trace(_crossing("NS -> QTEE", cxt, op, counts, "invoke"))
+                _emit(trace, records, "NS -> QTEE", cxt, op, counts, "invoke")
             try:
                 result = device.world.invoke(inbound, outbound, device._serve)
-                if trace:
-                    trace(_crossing("QTEE -> NS", cxt, op, counts, result_name(result)))
+                if trace or records:
+                    _emit(trace, records, "QTEE -> NS", cxt, op, counts, result_name(result))
             finally:
                 lent, local.lent = local.lent, outer
                 held.extend(lent)
