@@ -66,6 +66,7 @@ __all__ = [
     "decode_invoke_response",
     "encode_async_release",
     "encode_callback",
+    "encode_callback_msg",
     "encode_invoke",
     "invoke_size",
     "result_from_errno",
@@ -319,6 +320,38 @@ def encode_callback(
     The ``result`` word is left 0 for the kernel.  Returns the message size, which is
     where the async region of this callback starts.
     """
+    return _write_callback(buf, cxt, op, ib, ob, io, n_oo)[1]
+
+
+def encode_callback_msg(
+    buf: bytearray | memoryview,
+    cxt: int,
+    op: int,
+    ib: Sequence[bytes] = (),
+    ob: Sequence[int] = (),
+    io: Sequence[int] = (),
+    n_oo: int = 0,
+) -> CallbackMsg:
+    """:func:`encode_callback`, returning the message written (what :func:`decode_callback`
+    of ``buf`` would give, without parsing it back)."""
+    fields, end = _write_callback(buf, cxt, op, ib, ob, io, n_oo)
+    nib, nob = len(ib), len(ob)
+    refs = tuple(
+        _new(BufRef, (fields[1 + 2 * k], fields[2 + 2 * k])) for k in range(nib, nib + nob)
+    )
+    ib_bytes = tuple(bytes(data) for data in ib)
+    return _new(CallbackMsg, (cxt, op, fields[0], ib_bytes, refs, tuple(io), n_oo, end))
+
+
+def _write_callback(
+    buf: bytearray | memoryview,
+    cxt: int,
+    op: int,
+    ib: Sequence[bytes],
+    ob: Sequence[int],
+    io: Sequence[int],
+    n_oo: int,
+) -> tuple[list[int], int]:
     _check_outbound(buf)
     try:
         fields, end = _layout(_CALLBACK_HDR, ib, ob, io, n_oo)
@@ -339,7 +372,7 @@ def encode_callback(
         off = fields[k]
         buf[off : off + fields[k + 1]] = data
         k += 2
-    return end
+    return fields, end
 
 
 def _check_outbound(buf: bytearray | memoryview) -> None:

@@ -46,6 +46,7 @@ from qtee.wire import (
     decode_invoke_response,
     encode_async_release,
     encode_callback,
+    encode_callback_msg,
     encode_invoke,
     invoke_size,
     write_async,
@@ -305,6 +306,9 @@ def test_callback_round_trip(data: st.DataObject) -> None:
     )
     assert async_offset(msg) == end
     assert async_offset(None) == 0
+    again = bytearray(MAX_OUTBOUND_BUFFER_SIZE)  # the encoder's own account of it, unparsed
+    assert encode_callback_msg(again, s.cxt, s.op, s.ib, s.ob, s.io, s.n_oo) == msg
+    assert again == buf
 
     result = data.draw(st.one_of(st.just(0), st.integers(-(2**31), 2**31 - 1)))
     if result:

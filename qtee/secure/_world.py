@@ -275,9 +275,8 @@ class SecureWorld:
         out = call.out
         out[:] = bytes(len(out))
         io_ids = [self._export_in(obj) for obj in io]
-        msg_end = wire.encode_callback(out, target.ns_id, op, ib, ob, io_ids, n_oo)
-        msg = wire.decode_callback(out)
-        self._flush_releases(out, msg_end)
+        msg = wire.encode_callback_msg(out, target.ns_id, op, ib, ob, io_ids, n_oo)
+        self._flush_releases(out, msg.size)
         call.serve(out)
         answer = wire.decode_callback_response(out, msg)
         if answer.result != Result.OK:
