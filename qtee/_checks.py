@@ -10,11 +10,13 @@ them before it takes a reference.
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Sequence
 from typing import Final
 
 from objects import DriverError
 from qtee import uapi
+from qtee.addrspace import TASK_SIZE, AddressSpace
 
 __all__ = [
     "QCOMTEE_ARGS_MAX",
@@ -25,6 +27,8 @@ __all__ = [
     "QCOMTEE_ROOT_OP_REG_WITH_CREDENTIALS",
     "check_buf_len",
     "check_param_attrs",
+    "need_arg",
+    "read_buf_block",
     "params_check",
     "root_object_check",
 ]
@@ -61,6 +65,55 @@ def _attr(p: ParamLike) -> int:
 
 def _a(p: ParamLike) -> int:
     return p[1] if isinstance(p, tuple) else p.a
+
+
+_BUF: Final = struct.Struct("<QQ")  # struct tee_ioctl_buf_data
+_PARAM: Final = struct.Struct("<4Q")  # struct tee_ioctl_param
+_UBUF_TYPES: Final = frozenset(
+    {
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INOUT,
+    }
+)
+
+
+def need_arg(arg: bytearray | memoryview, size: int) -> bytearray | memoryview:
+    """The ioctl's own struct: ``size`` writable bytes, else EFAULT (``copy_from_user``)."""
+    if not isinstance(arg, bytearray | memoryview) or len(arg) < size:
+        raise DriverError(errno.EFAULT, f"ioctl argument must be {size} writable bytes")
+    return arg
+
+
+def read_buf_block(
+    memory: AddressSpace,
+    arg: bytearray | memoryview,
+    head_size: int,
+    np_at: int,
+    *,
+    exact: bool = True,
+) -> tuple[int, bytes, list[tuple[int, int, int, int]]]:
+    """The TEE core's half of a buf_data ioctl: copy the block in, check its size, then each
+    param in order (attr bits and type, ``access_ok`` of UBUF ranges).
+
+    Returns ``buf_ptr``, the block and its params as ``(attr, a, b, c)`` tuples;
+    ``np_at`` is where ``num_params`` sits in the header.
+    """
+    buf_ptr, buf_len = _BUF.unpack_from(need_arg(arg, _BUF.size))
+    if buf_len > uapi.TEE_MAX_ARG_SIZE or buf_len < head_size:
+        raise _einval(f"buf_len {buf_len}")
+    block = memory.read(buf_ptr, buf_len)
+    (num,) = struct.unpack_from("<I", block, np_at)
+    end = head_size + 32 * num
+    if (buf_len != end) if exact else (buf_len < end):
+        check_buf_len(buf_len, head_size, num, exact=exact)
+    params = list(_PARAM.iter_unpack(block[head_size:end])) if num else []
+    for attr, a, b, _c in params:
+        if attr & ~uapi.TEE_IOCTL_PARAM_ATTR_MASK or attr & 0xFF not in uapi.VALID_PARAM_TYPES:
+            check_param_attrs(params)
+        if a + b > TASK_SIZE and attr & 0xFF in _UBUF_TYPES:
+            memory.check(a, b)  # access_ok fails: EFAULT
+    return buf_ptr, block, params
 
 
 def check_buf_len(buf_len: int, header: int, num_params: int, *, exact: bool = True) -> None:

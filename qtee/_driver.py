@@ -36,7 +36,7 @@ from qtee import _checks, uapi, wire
 from qtee._mem_obj import MemObject, PhysMemory, Primordial, Shm
 from qtee._trace import TraceRecord
 from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, Request, RequestQueue, UserObject
-from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory
+from qtee.addrspace import AddressSpace, ProcessMemory
 from qtee.secure import SecureWorld
 
 __all__ = ["Context", "Device"]
@@ -49,7 +49,6 @@ _GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
 #: A param as the driver handles it: ``(attr, a, b, c)`` of ``struct tee_ioctl_param``.
 _P = tuple[int, int, int, int]
 
-_BUF: Final = struct.Struct("<QQ")  # struct tee_ioctl_buf_data
 _U32: Final = struct.Struct("<I")
 _PARAM: Final = struct.Struct("<4Q")  # struct tee_ioctl_param
 _INVOKE_HEAD: Final = struct.Struct("<QIII4x")  # struct tee_ioctl_object_invoke_arg
@@ -59,13 +58,11 @@ _UB_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
 _UB_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
 _OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
 _OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
-_UBUF_TYPES: Final = frozenset({_UB_IN, _UB_OUT, uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INOUT})
 _META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 _META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 _FLAG_TEE: Final = uapi.QCOMTEE_OBJREF_FLAG_TEE
 _FLAG_USER: Final = uapi.QCOMTEE_OBJREF_FLAG_USER
 _FLAG_MEM: Final = uapi.QCOMTEE_OBJREF_FLAG_MEM
-_VALID_TYPES: Final = uapi.VALID_PARAM_TYPES
 
 
 @functools.cache
@@ -394,37 +391,12 @@ class Context:
             raise DriverError(ENOTSUPP, "qcomtee has no shm_register op")
         raise _einval(f"ioctl {uapi.IOCTL_NAMES.get(cmd, hex(cmd))} is not supported by qcomtee")
 
-    @staticmethod
-    def _need(arg: bytearray | memoryview, size: int) -> bytearray | memoryview:
-        if not isinstance(arg, bytearray | memoryview) or len(arg) < size:
-            raise DriverError(errno.EFAULT, f"ioctl argument must be {size} writable bytes")
-        return arg
+    _need = staticmethod(_checks.need_arg)
 
     def _read_block(
         self, arg: bytearray | memoryview, head: struct.Struct, np_at: int, *, exact: bool = True
     ) -> tuple[int, bytes, list[_P]]:
-        """The TEE core's half of a buf_data ioctl: copy the block in, check sizes and attrs.
-
-        Returns ``buf_ptr``, the block and its params as ``(attr, a, b, c)`` tuples.
-        """
-        if not isinstance(arg, bytearray | memoryview) or len(arg) < _BUF.size:
-            raise DriverError(errno.EFAULT, f"ioctl argument must be {_BUF.size} writable bytes")
-        buf_ptr, buf_len = _BUF.unpack_from(arg)
-        size = head.size
-        if buf_len > uapi.TEE_MAX_ARG_SIZE or buf_len < size:
-            raise _einval(f"buf_len {buf_len}")
-        block = self.device.memory.read(buf_ptr, buf_len)
-        (num,) = _U32.unpack_from(block, np_at)
-        end = size + 32 * num
-        if (buf_len != end) if exact else (buf_len < end):
-            _checks.check_buf_len(buf_len, size, num, exact=exact)
-        params: list[_P] = list(_PARAM.iter_unpack(block[size:end])) if num else []
-        for attr, a, b, _c in params:  # params_from_user / params_from_supp, in order
-            if attr & ~uapi.TEE_IOCTL_PARAM_ATTR_MASK or attr & 0xFF not in _VALID_TYPES:
-                _checks.check_param_attrs(params)
-            if a + b > TASK_SIZE and attr & 0xFF in _UBUF_TYPES:
-                self.device.memory.check(a, b)  # access_ok fails: EFAULT
-        return buf_ptr, block, params
+        return _checks.read_buf_block(self.device.memory, arg, head.size, np_at, exact=exact)
 
     def _shm_alloc(self, arg: bytearray | memoryview) -> int:
         data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))

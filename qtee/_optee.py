@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = ["OpteeContext", "OpteeDevice"]
 
-_BUF: Final = struct.Struct("<QQ")
 _PARAM: Final = struct.Struct("<4Q")
 _OPEN_HEAD: Final = struct.Struct("<16s16s6I")
 _INVOKE_HEAD: Final = struct.Struct("<6I")
@@ -176,11 +175,7 @@ class OpteeContext:
             return 0
         raise _einval(f"ioctl {uapi.IOCTL_NAMES.get(cmd, hex(cmd))} is not supported by optee")
 
-    @staticmethod
-    def _need(arg: bytearray | memoryview, size: int) -> bytearray | memoryview:
-        if not isinstance(arg, bytearray | memoryview) or len(arg) < size:
-            raise DriverError(errno.EFAULT, f"ioctl argument must be {size} writable bytes")
-        return arg
+    _need = staticmethod(_checks.need_arg)
 
     def _own(self, session: int) -> None:
         with self._lock:
@@ -233,15 +228,7 @@ class OpteeContext:
     def _read_block(
         self, arg: bytearray | memoryview, head: struct.Struct
     ) -> tuple[int, bytes, list[_P]]:
-        buf_ptr, buf_len = _BUF.unpack_from(self._need(arg, _BUF.size))
-        if buf_len > uapi.TEE_MAX_ARG_SIZE or buf_len < head.size:
-            raise _einval(f"buf_len {buf_len}")
-        block = self.device.memory.read(buf_ptr, buf_len)
-        (num,) = struct.unpack_from("<I", block, head.size - 4)
-        _checks.check_buf_len(buf_len, head.size, num)
-        params: list[_P] = list(_PARAM.iter_unpack(block[head.size :])) if num else []
-        _checks.check_param_attrs(params)
-        return buf_ptr, block, params
+        return _checks.read_buf_block(self.device.memory, arg, head.size, head.size - 4)
 
     def _gp_params(self, params: list[_P]) -> tuple[int, list[GpParam], list[_Window | None]]:
         """Kernel params -> the TA's typed params (``params_from_user`` + the driver)."""

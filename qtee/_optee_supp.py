@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from objects import DriverError, QteeError, UsageError
-from qtee import uapi
+from qtee import _checks, uapi
 from qtee._optee import OpteeContext, _GpShm
 from qtee.gp._defs import TeecResult
 from qtee.secure._gp import GpRuntime, GpTA, GpTaError
@@ -186,7 +186,6 @@ _CONFLICT: Final = int(TeecResult.TEEC_ERROR_ACCESS_CONFLICT)
 _OVERFLOW: Final = int(TeecResult.TEE_ERROR_OVERFLOW)
 
 _HEAD: Final = struct.Struct("<2I")  # supp_recv_arg / supp_send_arg
-_BUF: Final = struct.Struct("<QQ")
 _PARAM: Final = struct.Struct("<4Q")
 _P = tuple[int, int, int, int]
 #: A LOAD_TA image larger than this is refused (the secure side cannot map it).
@@ -449,18 +448,10 @@ class OpteeSuppContext(OpteeContext):
         return super().ioctl(cmd, arg)
 
     def _supp_block(self, arg: bytearray | memoryview, *, exact: bool) -> tuple[int, int, list[_P]]:
-        buf_ptr, buf_len = _BUF.unpack_from(self._need(arg, _BUF.size))
-        if buf_len > uapi.TEE_MAX_ARG_SIZE or buf_len < _HEAD.size:
-            raise DriverError(errno.EINVAL, f"buf_len {buf_len}")
-        block = self.device.memory.read(buf_ptr, buf_len)
-        first, num = _HEAD.unpack_from(block)
-        need = _HEAD.size + _PARAM.size * num
-        if (buf_len != need) if exact else (buf_len < need):
-            raise DriverError(errno.EINVAL, f"buf_len {buf_len} for {num} params")
-        params = [_PARAM.unpack_from(block, _HEAD.size + _PARAM.size * i) for i in range(num)]
-        for i, p in enumerate(params):
-            if p[0] & ~uapi.TEE_IOCTL_PARAM_ATTR_MASK:
-                raise DriverError(errno.EINVAL, f"param {i}: attr {p[0]:#x}")
+        buf_ptr, block, params = _checks.read_buf_block(
+            self.device.memory, arg, _HEAD.size, 4, exact=exact
+        )
+        first: int = _HEAD.unpack_from(block)[0]
         return buf_ptr, first, params
 
     def _supp_recv(self, arg: bytearray | memoryview) -> int:
