@@ -54,6 +54,7 @@ _PARAM: Final = struct.Struct("<4Q")  # struct tee_ioctl_param
 _INVOKE_HEAD: Final = struct.Struct("<QIII4x")  # struct tee_ioctl_object_invoke_arg
 _SUPP_HEAD: Final = struct.Struct("<II")  # supp_recv_arg / supp_send_arg
 _NONE_P: Final = (0, 0, 0, 0)
+_read: Final = _checks.read_buf_block
 _UB_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
 _UB_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
 _OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
@@ -393,11 +394,6 @@ class Context:
 
     _need = staticmethod(_checks.need_arg)
 
-    def _read_block(
-        self, arg: bytearray | memoryview, head: struct.Struct, np_at: int, *, exact: bool = True
-    ) -> tuple[int, bytes, list[_P]]:
-        return _checks.read_buf_block(self.device.memory, arg, head.size, np_at, exact=exact)
-
     def _shm_alloc(self, arg: bytearray | memoryview) -> int:
         data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))
         if data.flags:
@@ -427,7 +423,7 @@ class Context:
     def _object_invoke(self, arg: bytearray | memoryview) -> int:
         device = self.device
         mem = device.memory
-        buf_ptr, block, params = self._read_block(arg, _INVOKE_HEAD, 16)
+        buf_ptr, block, params = _read(self.device.memory, arg, _INVOKE_HEAD.size, 16)
         ident, op, _ret, num = _INVOKE_HEAD.unpack_from(block)
         n_ib = n_ob = n_io = n_oo = 0
         for attr, _a, _b, _c in params:
@@ -607,7 +603,7 @@ class Context:
     # ------------------------------------------------------------------ supplicant
     def _supp_recv(self, arg: bytearray | memoryview) -> int:
         mem = self.device.memory
-        buf_ptr, _block, params = self._read_block(arg, _SUPP_HEAD, 4)
+        buf_ptr, _block, params = _read(self.device.memory, arg, _SUPP_HEAD.size, 4)
         if not params or params[0][0] != _META_IN:
             raise _einval("SUPPL_RECV needs a VALUE_INOUT|META first param")
         _attr, scratch, size, _c = params[0]
@@ -687,7 +683,7 @@ class Context:
         raise _einval(f"{type(obj).__name__} cannot be passed to userspace")
 
     def _supp_send(self, arg: bytearray | memoryview) -> int:
-        _ptr, block, params = self._read_block(arg, _SUPP_HEAD, 4, exact=False)
+        _ptr, block, params = _read(self.device.memory, arg, _SUPP_HEAD.size, 4, exact=False)
         if not params or params[0][0] != _META_OUT:
             raise _einval("SUPPL_SEND needs a VALUE_OUTPUT|META first param")
         (raw,) = _U32.unpack_from(block, 0)
