@@ -33,7 +33,19 @@ from objects import (
     result_from_u32,
 )
 from qtee import uapi
-from qtee._driver import Context, Device, _invoke_struct
+from qtee._driver import (
+    _INVOKE_HEAD,
+    _OBJ_IN,
+    _OBJ_OUT,
+    _P,
+    _PARAM,
+    _U32,
+    _UB_IN,
+    _UB_OUT,
+    Context,
+    Device,
+    _invoke_struct,
+)
 from qtee.addrspace import AddressSpace
 from qtee.credentials import Credentials
 
@@ -45,15 +57,8 @@ __all__ = ["OUT_OBJECT", "CallbackObject", "Client", "MemoryObject", "ObjRef", "
 
 log = logging.getLogger("qtee.client")
 
-_UB_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
-_UB_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
-_OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
-_OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
 _BUF: Final = struct.Struct("<QQ")  # struct tee_ioctl_buf_data
-_U32: Final = struct.Struct("<I")
-_PARAM: Final = struct.Struct("<4Q")
-_INVOKE_HEAD_SIZE: Final = 24
-_P = tuple[int, int, int, int]
+_INVOKE_HEAD_SIZE: Final = _INVOKE_HEAD.size
 #: Callback objects one client can have exported at once (libqcomtee: ids 1..1023).
 CALLBACK_IDS_MAX: Final = 1023
 

@@ -25,14 +25,24 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Final
 
 from objects import DriverError, Result, UsageError
 from qtee import uapi
-from qtee._driver import _params_struct
+from qtee._driver import (
+    _META_IN,
+    _META_OUT,
+    _OBJ_IN,
+    _OBJ_OUT,
+    _P,
+    _PARAM,
+    _SUPP_HEAD,
+    _UB_IN,
+    _UB_OUT,
+    _params_struct,
+)
 
 if TYPE_CHECKING:
     from qtee.client import CallbackObject, Client, _Block
@@ -41,15 +51,6 @@ __all__ = ["WorkerPool"]
 
 log = logging.getLogger("qtee.supplicant")
 
-_PARAM: Final = struct.Struct("<4Q")
-_SUPP_HEAD: Final = struct.Struct("<II")
-_P = tuple[int, int, int, int]
-_UB_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
-_UB_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
-_OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
-_OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
-_META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
-_META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 #: 1 meta + QCOMTEE_OBJECT_PARAMS_MAX (10) params per RECV, as libqcomtee.
 RECV_PARAMS: Final = 11
 #: Bytes of the scratch buffer input buffers are copied into (libqcomtee: 1024 on the stack).
