@@ -33,7 +33,7 @@ from objects import (
     result_name,
 )
 from qtee import _checks, uapi, wire
-from qtee._mem_obj import MemObject, PhysMemory, Primordial, Shm
+from qtee._mem_obj import MemObject, PhysMemory, Primordial, Shm, ShmBacking, private_backing
 from qtee._trace import TraceRecord
 from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, Request, RequestQueue, UserObject
 from qtee.addrspace import AddressSpace, ProcessMemory
@@ -170,9 +170,17 @@ class QteeObject(Refcounted):
 class Device:
     """One ``/dev/teeN`` backed by a secure world."""
 
-    def __init__(self, world: SecureWorld, *, memory: AddressSpace | None = None) -> None:
+    def __init__(
+        self,
+        world: SecureWorld,
+        *,
+        memory: AddressSpace | None = None,
+        shm_backing: ShmBacking | None = None,
+    ) -> None:
         self.world = world
         self.memory: AddressSpace = memory if memory is not None else ProcessMemory()
+        #: Where SHM_ALLOC puts a buffer (a device server uses memory files it can share).
+        self.shm_backing: ShmBacking = shm_backing or private_backing
         self.ns: ObjectTable[CbObject] = ObjectTable(
             CyclicAllocator(QCOMTEE_OBJECT_ID_START, QCOMTEE_OBJECT_ID_END), name="ns ids"
         )
@@ -367,6 +375,8 @@ class Context:
         self.requests = RequestQueue()
         self.shms: dict[int, Shm] = {}  # the owner's reference (its shm fd)
         self.closed = False
+        #: Who holds this fd, for ``qtee info`` (a device server names its connections).
+        self.label = f"fd {id(self):#x}"
 
     # ------------------------------------------------------------------ ioctl entry
     def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
@@ -398,8 +408,12 @@ class Context:
         data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))
         if data.flags:
             raise _einval("SHM_ALLOC flags must be 0")
+        try:
+            buf, fd = self.device.shm_backing(data.size)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise DriverError(errno.ENOMEM, f"cannot allocate {data.size} bytes: {exc}") from None
         shm_id = self.device.shm.reserve()
-        shm = Shm(self, shm_id, data.size, self.device.phys)
+        shm = Shm(self, shm_id, buf, fd, self.device.phys)
         self.device.shm.replace(shm_id, shm)
         self.shms[shm_id] = shm
         uapi.ShmAllocData(data.size, 0, shm_id).pack_into(arg)

@@ -19,9 +19,19 @@ welcome    server      impl_id: u32, gen_caps: u32, server: str
 ioctl      client      seq: u32, cmd: u32, arg: bin, regions: [region]
 reply      server      seq: u32, errno: 0..4095, arg: bin, written: [region]
 close      client      seq: u32
+shm        server      seq: u32, id: u32, size: u64  (+ one fd, SCM_RIGHTS)
+shm_free   client      seq: u32, id: u32
+query      client      seq: u32, what: "info" | "trace"
+answer     server      seq: u32, data: map with str keys
 bye        either      reason: str
 (region)               addr: u64, data: bin, writable: bool  (a map without v/t)
 =========  ==========  ==========================================================
+
+Shared memory crosses as the kernel's shm fd does: after a successful SHM_ALLOC the
+server sends a ``shm`` frame (before the reply) with the fd of the memory file behind
+the buffer attached to its bytes; the client maps it.  ``shm_free`` is ``close`` of that
+fd.  ``query`` asks the server to describe itself (one ``answer``) or to stream its trace
+(one ``answer`` per crossing until the connection closes).
 
 An ioctl carries the caller's memory it may touch as regions (addresses do not cross
 processes: the server maps them at those addresses for the call).  A reply with
@@ -50,6 +60,8 @@ __all__ = [
     "MAX_ERRNO",
     "MAX_FRAME",
     "PROTOCOL_VERSION",
+    "QUERIES",
+    "Answer",
     "Bye",
     "Close",
     "FrameDecoder",
@@ -58,7 +70,10 @@ __all__ = [
     "Ioctl",
     "IoctlReply",
     "Message",
+    "Query",
     "Region",
+    "ShmFd",
+    "ShmFree",
     "Welcome",
     "check_reply",
     "encode",
@@ -71,6 +86,8 @@ MAX_FRAME: Final = 8 * 1024 * 1024
 #: Largest errno a reply may carry (the kernel's ``MAX_ERRNO``).
 MAX_ERRNO: Final = 4095
 
+#: What a ``query`` may ask for.
+QUERIES: Final = ("info", "trace")
 _U32: Final = 0xFFFF_FFFF
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 _HEADER: Final = struct.Struct(">I")
@@ -332,10 +349,115 @@ class Bye:
         return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
 
 
-Message: TypeAlias = Hello | Welcome | Ioctl | IoctlReply | Close | Bye
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShmFd:
+    """Server -> client, before the reply to a SHM_ALLOC: shm ``id`` of ``size`` bytes; the
+    fd of its memory file rides on this frame's bytes (SCM_RIGHTS)."""
+
+    seq: int
+    id: int
+    size: int
+
+    KIND: ClassVar[str] = "shm"
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "id", "size"})
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "ShmFd.seq", 0, _U32)
+        _int(self.id, "ShmFd.id", 1, 0x7FFF_FFFF)
+        _int(self.size, "ShmFd.size", 0, _U64)
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "t": self.KIND,
+            "seq": self.seq,
+            "id": self.id,
+            "size": self.size,
+        }
+
+    @classmethod
+    def from_map(cls, m: object) -> ShmFd:
+        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShmFree:
+    """Client -> server: ``close`` of a shm fd (the owner's reference goes)."""
+
+    seq: int
+    id: int
+
+    KIND: ClassVar[str] = "shm_free"
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "id"})
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "ShmFree.seq", 0, _U32)
+        _int(self.id, "ShmFree.id", 1, 0x7FFF_FFFF)
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.KIND, "seq": self.seq, "id": self.id}
+
+    @classmethod
+    def from_map(cls, m: object) -> ShmFree:
+        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Query:
+    """Client -> server: describe yourself (``info``) or stream crossings (``trace``)."""
+
+    seq: int
+    what: str
+
+    KIND: ClassVar[str] = "query"
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "what"})
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "Query.seq", 0, _U32)
+        if self.what not in QUERIES:
+            raise UsageError(f"Query.what must be one of {QUERIES}, not {self.what!r}")
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.KIND, "seq": self.seq, "what": self.what}
+
+    @classmethod
+    def from_map(cls, m: object) -> Query:
+        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Answer:
+    """Server -> client: what a query asked for, as a map with str keys."""
+
+    seq: int
+    data: dict[str, Any]
+
+    KIND: ClassVar[str] = "answer"
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "data"})
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "Answer.seq", 0, _U32)
+        if type(self.data) is not dict or not all(type(k) is str for k in self.data):
+            raise UsageError("Answer.data must be a dict with str keys")
+
+    def __hash__(self) -> int:  # data is a dict: hash its one encoding
+        return hash((self.seq, msgpack.packb(self.data, use_bin_type=True)))
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.KIND, "seq": self.seq, "data": self.data}
+
+    @classmethod
+    def from_map(cls, m: object) -> Answer:
+        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
+
+
+Message: TypeAlias = (
+    Hello | Welcome | Ioctl | IoctlReply | Close | ShmFd | ShmFree | Query | Answer | Bye
+)
 
 _KINDS: Final[dict[str, type[Message]]] = {
-    c.KIND: c for c in (Hello, Welcome, Ioctl, IoctlReply, Close, Bye)
+    c.KIND: c
+    for c in (Hello, Welcome, Ioctl, IoctlReply, Close, ShmFd, ShmFree, Query, Answer, Bye)
 }
 _MESSAGE_TYPES: Final = tuple(_KINDS.values())
 
@@ -450,7 +572,7 @@ class FrameDecoder:
     :meth:`feed` buffers bytes; :meth:`next_message` returns the next complete message
     or ``None`` when more bytes are needed.  A length word of 0 or above ``max_frame`` is
     refused as soon as its 4 bytes are in, before the body arrives.  With
-    ``expect_increasing_seq`` (the default) the ``seq`` of client requests (Ioctl, Close)
+    ``expect_increasing_seq`` (the default) the ``seq`` of client requests (all but Hello)
     must strictly increase over the connection.  The first :class:`FrameError` kills the
     decoder: every later call raises that same error and the buffer is dropped.
     """
@@ -508,7 +630,7 @@ class FrameDecoder:
         try:
             with memoryview(buf) as view, view[_HDR:end] as body:
                 msg = from_map(_unpack(body))
-            if self._expect_seq and isinstance(msg, Ioctl | Close):
+            if self._expect_seq and isinstance(msg, Ioctl | Close | ShmFree | Query):
                 seq = msg.seq
                 if self._last_seq is not None and seq <= self._last_seq:
                     raise FrameError(f"{msg.KIND} seq {seq} out of order (last {self._last_seq})")

@@ -10,11 +10,15 @@ memory back as the mapping object.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import mmap
+import os
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from objects import Refcounted
 from qtee._user_obj import CbObject
@@ -30,6 +34,9 @@ __all__ = [
     "PhysMemory",
     "Primordial",
     "Shm",
+    "ShmBacking",
+    "ShmBuffer",
+    "memfd_backing",
 ]
 
 QCOMTEE_OBJECT_OP_MAP_REGION: Final = 0
@@ -39,6 +46,30 @@ QCOM_SCM_PERM_RW: Final = 6
 _REGION: Final = struct.Struct("<QQI")
 _PAGE: Final = 4096
 
+#: What a shm's bytes live in: a private buffer, or a mapping of a memory file.
+ShmBuffer: TypeAlias = bytearray | mmap.mmap
+#: Makes the buffer of a new shm of a size: the buffer and the fd of the file behind it
+#: (None for a private buffer).  Raises OSError when memory runs out.
+ShmBacking: TypeAlias = Callable[[int], tuple[ShmBuffer, int | None]]
+
+
+def private_backing(size: int) -> tuple[ShmBuffer, int | None]:
+    """A zeroed private buffer (the in-process default)."""
+    return bytearray(size), None
+
+
+def memfd_backing(size: int) -> tuple[ShmBuffer, int | None]:
+    """A zeroed anonymous memory file and its shared mapping: the fd can be handed to
+    another process, which maps the same pages (what the kernel's shm fd is for)."""
+    fd = os.memfd_create("qtee-shm", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        buf: ShmBuffer = mmap.mmap(fd, size) if size else bytearray()
+    except BaseException:
+        os.close(fd)
+        raise
+    return buf, fd
+
 
 class PhysMemory:
     """Model physical memory: page-aligned regions handed out for shared buffers."""
@@ -46,11 +77,11 @@ class PhysMemory:
     BASE: Final = 0x8_0000_0000
 
     def __init__(self) -> None:
-        self._regions: dict[int, bytearray] = {}
+        self._regions: dict[int, ShmBuffer] = {}
         self._next = self.BASE
         self._lock = threading.Lock()
 
-    def add(self, buf: bytearray) -> int:
+    def add(self, buf: ShmBuffer) -> int:
         """Place ``buf`` at a new physical address."""
         with self._lock:
             paddr = self._next
@@ -76,21 +107,38 @@ class PhysMemory:
 
 
 class Shm(Refcounted):
-    """A shared buffer from SHM_ALLOC; freed when its last reference goes."""
+    """A shared buffer from SHM_ALLOC; freed when its last reference goes.
 
-    __slots__ = ("buf", "ctx", "id", "paddr", "phys")
+    ``fd`` is the memory file behind ``buf`` while this side still holds it (a device
+    server hands it to the client and closes its copy)."""
 
-    def __init__(self, ctx: Context, shm_id: int, size: int, phys: PhysMemory) -> None:
+    __slots__ = ("buf", "ctx", "fd", "id", "paddr", "phys")
+
+    def __init__(
+        self, ctx: Context, shm_id: int, buf: ShmBuffer, fd: int | None, phys: PhysMemory
+    ) -> None:
         super().__init__()
         self.ctx = ctx
         self.id = shm_id
-        self.buf = bytearray(size)
+        self.buf = buf
+        self.fd = fd
         self.phys = phys
         self.paddr = phys.add(self.buf)
+
+    def take_fd(self) -> int | None:
+        """Hand over the memory file's fd (the caller closes it); None when there is none."""
+        fd, self.fd = self.fd, None
+        return fd
 
     def on_release(self) -> None:
         self.phys.remove(self.paddr)
         self.ctx.device.shm.erase_if(self.id, self)
+        fd = self.take_fd()
+        if fd is not None:
+            os.close(fd)
+        if isinstance(self.buf, mmap.mmap):
+            with contextlib.suppress(BufferError):  # a view still open: unmapped when it goes
+                self.buf.close()
 
 
 class MemObject(CbObject):

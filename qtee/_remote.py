@@ -7,23 +7,30 @@ argument block, UBUF buffers, the RECV scratch buffer, all found by parsing the 
 way the kernel will), and copies back what the server's driver wrote.  The client's
 memory is a :class:`CheckedMemory` (addresses are this process's synthetic ones and mean
 nothing elsewhere).  A connection that drops fails every call in flight with EBADF.
+
+Shared memory is shared: the server sends the fd of each new shm's memory file, and
+:meth:`RemoteContext.shm_view` is this process's mapping of the same pages.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import itertools
+import mmap
 import os
 import socket
 import struct
 import threading
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from objects import DriverError, UsageError
 from qtee import uapi
 from qtee._frames import (
     MAX_FRAME,
+    Answer,
     Bye,
     Close,
     FrameDecoder,
@@ -31,7 +38,10 @@ from qtee._frames import (
     Hello,
     Ioctl,
     IoctlReply,
+    Query,
     Region,
+    ShmFd,
+    ShmFree,
     Welcome,
     encode,
 )
@@ -50,6 +60,8 @@ _HEADS: Final = {
 _UBUF_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
 _UBUF_TYPES: Final = frozenset({8, 9, 10})
 _META_TYPES: Final = frozenset({uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | 0x100})
+#: fds one read may bring (a shm frame carries one).
+_MAX_FDS: Final = 16
 
 
 class RemoteDevice:
@@ -84,6 +96,9 @@ class RemoteContext:
         self.closed = False
         self._lost: str | None = None
         self._decoder = FrameDecoder(max_frame=device.max_frame, expect_increasing_seq=False)
+        self._fds: collections.deque[int] = collections.deque()
+        self._maps: dict[int, mmap.mmap | bytearray] = {}
+        self._streams: dict[int, Callable[[dict[str, Any]], None]] = {}
         self.sock.sendall(encode(Hello(client=f"qtee pid {os.getpid()}")))
         welcome = self._read_one()
         if not isinstance(welcome, Welcome):
@@ -96,11 +111,26 @@ class RemoteContext:
     # ------------------------------------------------------------------ socket
     def _read_one(self) -> object:
         while (msg := self._decoder.next_message()) is None:
-            data = self.sock.recv(1 << 16)
+            data, fds, flags, _ = socket.recv_fds(self.sock, 1 << 16, _MAX_FDS)
+            self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise DriverError(errno.EPROTO, "the server sent more fds than one read takes")
             if not data:
                 raise DriverError(errno.EPROTO, "server closed the connection")
             self._decoder.feed(data)
         return msg
+
+    def _map_shm(self, msg: ShmFd) -> None:
+        """Map the memory file of a new shm (its fd came with the frame's bytes)."""
+        if not self._fds:
+            raise DriverError(errno.EPROTO, f"shm {msg.id} came without its fd")
+        fd = self._fds.popleft()
+        try:
+            if os.fstat(fd).st_size != msg.size:
+                raise DriverError(errno.EPROTO, f"shm {msg.id}: memory file size is not {msg.size}")
+            self._maps[msg.id] = mmap.mmap(fd, msg.size) if msg.size else bytearray()
+        finally:
+            os.close(fd)
 
     def _read_loop(self) -> None:
         reason = "connection closed"
@@ -115,6 +145,13 @@ class RemoteContext:
                         event = slot[0]
                         assert isinstance(event, threading.Event)
                         event.set()
+                elif isinstance(msg, ShmFd):
+                    self._map_shm(msg)
+                elif isinstance(msg, Answer):
+                    with self._lock:
+                        stream = self._streams.get(msg.seq)
+                    if stream is not None:
+                        stream(msg.data)
                 elif isinstance(msg, Bye):
                     reason = f"server said bye: {msg.reason}"
                     return
@@ -122,11 +159,18 @@ class RemoteContext:
             reason = str(exc)
         finally:
             self._fail_all(reason)
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:
             self._lost = reason
             slots = list(self._pending.values())
+            streams = list(self._streams.values())
+            self._streams.clear()
+        for stream in streams:
+            stream({})  # the end of the stream
         for slot in slots:
             event = slot[0]
             assert isinstance(event, threading.Event)
@@ -203,14 +247,78 @@ class RemoteContext:
             mem.write(region.addr, region.data)
         return 0
 
-    # ------------------------------------------------------------------ shm, close
+    # ------------------------------------------------------------------ shm, query, close
     def shm_view(self, shm_id: int) -> memoryview:
-        """Shared memory cannot be mapped across processes yet."""
-        raise UsageError("memory objects are not available over a connection yet")
+        """This process's mapping of a shm this context allocated (the server's pages)."""
+        buf = self._maps.get(shm_id)
+        if buf is None:
+            raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
+        return memoryview(buf)
 
     def shm_free(self, shm_id: int) -> None:
-        """See :meth:`shm_view`."""
-        raise UsageError("memory objects are not available over a connection yet")
+        """Close the shm's fd: unmap here, and the server drops the owner's reference."""
+        buf = self._maps.pop(shm_id, None)
+        if buf is None:
+            raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
+        self._unmap(buf)
+        self._send_request(lambda seq: ShmFree(seq=seq, id=shm_id))
+
+    @staticmethod
+    def _unmap(buf: mmap.mmap | bytearray) -> None:
+        if isinstance(buf, mmap.mmap):
+            with contextlib.suppress(BufferError):  # a view is still open: unmapped with it
+                buf.close()
+
+    def _send_request(self, build: Callable[[int], Any]) -> int:
+        with self._send:
+            seq = next(self._seq)
+            with self._lock:
+                if self._lost is not None:
+                    raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+            try:
+                self.sock.sendall(encode(build(seq), max_frame=self.device.max_frame))
+            except OSError as exc:
+                raise DriverError(errno.EBADF, f"connection lost: {exc}") from None
+        return seq
+
+    def info(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The server's description of its device (what ``qtee info`` prints)."""
+        got: list[dict[str, Any]] = []
+        done = threading.Event()
+
+        def answer(data: dict[str, Any]) -> None:
+            got.append(data)
+            done.set()
+
+        seq = self._query("info", answer)
+        try:
+            if not done.wait(timeout) or not got[0]:
+                raise DriverError(errno.ETIMEDOUT, "the server did not describe itself")
+            return got[0]
+        finally:
+            with self._lock:
+                self._streams.pop(seq, None)
+
+    def stream_trace(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        """Have the server send every crossing from now on: ``sink`` gets each record's map
+        (see :meth:`qtee._trace.TraceRecord.to_map`), and ``{}`` when the stream ends."""
+        self._query("trace", sink)
+
+    def _query(self, what: str, sink: Callable[[dict[str, Any]], None]) -> int:
+        """Send a query; its answers go to ``sink`` (registered before they can arrive)."""
+        with self._send:
+            seq = next(self._seq)
+            with self._lock:
+                if self._lost is not None:
+                    raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+                self._streams[seq] = sink
+            try:
+                self.sock.sendall(encode(Query(seq=seq, what=what)))
+            except OSError as exc:
+                with self._lock:
+                    self._streams.pop(seq, None)
+                raise DriverError(errno.EBADF, f"connection lost: {exc}") from None
+        return seq
 
     def close(self) -> None:
         """Close the fd: the server closes the context (pending callbacks DEFUNCT)."""
@@ -226,6 +334,9 @@ class RemoteContext:
             self.sock.shutdown(socket.SHUT_RDWR)
         self._reader.join(5)
         self.sock.close()
+        for buf in self._maps.values():
+            self._unmap(buf)
+        self._maps.clear()
 
 
 def _merge(spans: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:

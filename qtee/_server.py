@@ -10,6 +10,11 @@ when all are busy (a SUPPL_RECV may block for a long time).  A malformed, oversi
 out-of-order frame closes that connection with a logged reason; other connections go on.
 A connection that ends is an fd close: its pending callbacks complete DEFUNCT, its QTEE
 objects are released.
+
+Shared memory is real shared memory: the server's shms live in memory files, and the fd
+of each goes to the client that allocated it (a ``shm`` frame, SCM_RIGHTS), which maps
+the same pages.  ``query`` frames ask for a description of the device (``qtee info
+--connect``) or a live stream of its crossings (``qtee trace --connect``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from qtee._driver import Context, Device
 from qtee._frames import (
     MAX_FRAME,
     PROTOCOL_VERSION,
+    Answer,
     Bye,
     Close,
     FrameDecoder,
@@ -37,10 +43,16 @@ from qtee._frames import (
     Hello,
     Ioctl,
     IoctlReply,
+    Query,
     Region,
+    ShmFd,
+    ShmFree,
     Welcome,
     encode,
 )
+from qtee._info import describe
+from qtee._mem_obj import memfd_backing
+from qtee._trace import TraceRecord
 from qtee.addrspace import TASK_SIZE
 
 __all__ = ["DeviceServer", "RegionMemory"]
@@ -147,11 +159,18 @@ class _Connection:
         self._idle = 0  # request threads waiting for work
         self._lock = threading.Lock()
         self.closed = threading.Event()
+        self._trace: _TraceStream | None = None
 
-    def send(self, msg: object) -> None:
+    def send(self, msg: object, fd: int | None = None) -> None:
+        """One frame; ``fd`` rides on its first bytes (SCM_RIGHTS)."""
         data = encode(msg, max_frame=self.server.max_frame)  # type: ignore[arg-type]
         with self._send:
-            self.sock.sendall(data)
+            if fd is None:
+                self.sock.sendall(data)
+                return
+            sent = socket.send_fds(self.sock, [data], [fd])
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
 
     def run(self) -> None:
         decoder = FrameDecoder(max_frame=self.server.max_frame)
@@ -183,12 +202,22 @@ class _Connection:
             if msg.version != PROTOCOL_VERSION:
                 raise FrameError(f"protocol version {msg.version} is not {PROTOCOL_VERSION}")
             self.ctx = self.server.device.open()
+            self.ctx.label = f"{self.name} ({msg.client})"
             self.send(
                 Welcome(impl_id=uapi.TEE_IMPL_ID_QTEE, gen_caps=_GEN_CAPS, server="qtee server")
             )
             return True
         if isinstance(msg, Close):
             return False
+        if isinstance(msg, ShmFree):
+            try:
+                self.ctx.shm_free(msg.id)
+            except DriverError as exc:
+                raise FrameError(f"shm_free of shm {msg.id}: {exc}") from None
+            return True
+        if isinstance(msg, Query):
+            self._query(msg)
+            return True
         if not isinstance(msg, Ioctl):
             raise FrameError(f"unexpected {type(msg).__name__} from a client")
         with self._lock:  # a request thread that is not busy takes it, else a new one
@@ -229,14 +258,40 @@ class _Connection:
                 )
                 reply = IoctlReply(seq=req.seq, errno=0, arg=bytes(arg), written=written)
             with contextlib.suppress(OSError):  # the client is gone; its context is closing
+                if req.cmd == uapi.TEE_IOC_SHM_ALLOC and not reply.errno:
+                    self._send_shm_fd(req.seq, arg)
                 self.send(reply)
         except Exception:
             log.exception("%s: ioctl %#x (seq %d) failed", self.name, req.cmd, req.seq)
         finally:
             mem.end()
 
+    def _send_shm_fd(self, seq: int, arg: bytearray) -> None:
+        """The new shm's memory file goes to the client; the server keeps only its mapping."""
+        data = uapi.ShmAllocData.unpack(arg)
+        assert self.ctx is not None
+        shm = self.ctx.shms[data.id]
+        fd = shm.take_fd()
+        if fd is None:
+            raise UsageError("a served device must put shms in memory files (memfd_backing)")
+        try:
+            self.send(ShmFd(seq=seq, id=data.id, size=data.size), fd)
+        finally:
+            os.close(fd)
+
+    def _query(self, msg: Query) -> None:
+        if msg.what == "info":
+            self.send(Answer(seq=msg.seq, data=describe(self.server.device)))
+            return
+        if self._trace is None:  # "trace": crossings from now until the connection closes
+            self._trace = _TraceStream(self, msg.seq)
+            self.server._traces.add(self._trace)
+
     def _close(self, reason: str) -> None:
         log.info("%s: closed (%s)", self.name, reason)
+        if self._trace is not None:
+            self.server._traces.discard(self._trace)
+            self._trace.stop()
         if self.ctx is not None:
             self.ctx.close()
         with contextlib.suppress(OSError):
@@ -251,8 +306,65 @@ class _Connection:
         self.server._forget(self)
 
 
+class _TraceStream:
+    """Sends one connection the crossings of the device, from a queue and its own thread
+    (a slow reader never blocks the driver; past ``LIMIT`` queued records, new ones are
+    dropped and counted)."""
+
+    LIMIT: Final = 10_000
+
+    def __init__(self, conn: _Connection, seq: int) -> None:
+        self.conn = conn
+        self.seq = seq
+        self.dropped = 0
+        self._queue: queue.SimpleQueue[TraceRecord | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"{conn.name}-trace", daemon=True)
+        self._thread.start()
+
+    def __call__(self, record: TraceRecord) -> None:
+        if self._queue.qsize() >= self.LIMIT:
+            self.dropped += 1
+            return
+        self._queue.put(record)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (record := self._queue.get()) is not None:
+            try:
+                self.conn.send(Answer(seq=self.seq, data=record.to_map()))
+            except OSError:
+                return
+
+
+class _TraceFanout:
+    """The device's ``trace_records`` hook while any connection streams the trace."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self._streams: tuple[_TraceStream, ...] = ()
+        self._lock = threading.Lock()
+
+    def add(self, stream: _TraceStream) -> None:
+        with self._lock:
+            self._streams = (*self._streams, stream)
+            self.device.trace_records = self
+
+    def discard(self, stream: _TraceStream) -> None:
+        with self._lock:
+            self._streams = tuple(s for s in self._streams if s is not stream)
+            if not self._streams and self.device.trace_records is self:
+                self.device.trace_records = None
+
+    def __call__(self, record: TraceRecord) -> None:
+        for stream in self._streams:
+            stream(record)
+
+
 class DeviceServer:
-    """Serve ``device`` (built on a :class:`RegionMemory`) on the Unix socket ``path``."""
+    """Serve ``device`` on the Unix socket ``path``; a device given here must be built with
+    ``memory=RegionMemory()`` and ``shm_backing=memfd_backing``."""
 
     def __init__(
         self,
@@ -266,9 +378,11 @@ class DeviceServer:
         self.path = os.fspath(path)
         self.memory = RegionMemory()
         if device is None:
-            device = Device(SecureWorld(QteeRoot()), memory=self.memory)
+            device = Device(SecureWorld(QteeRoot()), memory=self.memory, shm_backing=memfd_backing)
         elif not isinstance(device.memory, RegionMemory):
-            raise UsageError("a served Device must be built with memory=server.memory")
+            raise UsageError("a served Device must be built with memory=RegionMemory()")
+        elif device.shm_backing is not memfd_backing:
+            raise UsageError("a served Device must be built with shm_backing=memfd_backing")
         else:
             self.memory = device.memory
         self.device = device
@@ -277,6 +391,7 @@ class DeviceServer:
         self._accept: threading.Thread | None = None
         self._lock = threading.Lock()
         self._conns: set[_Connection] = set()
+        self._traces = _TraceFanout(device)
         self._count = 0
         self._stopping = False
 

@@ -22,6 +22,7 @@ from qtee._frames import (
     MAX_ERRNO,
     MAX_FRAME,
     PROTOCOL_VERSION,
+    Answer,
     Bye,
     Close,
     FrameDecoder,
@@ -30,7 +31,10 @@ from qtee._frames import (
     Ioctl,
     IoctlReply,
     Message,
+    Query,
     Region,
+    ShmFd,
+    ShmFree,
     Welcome,
     check_reply,
     encode,
@@ -168,6 +172,45 @@ GOLDEN: list[tuple[Message, bytes]] = [
         + bytes.fromhex("a3") + b"seq" + bytes.fromhex("cd 1234"),
     ),
     (
+        ShmFd(seq=7, id=1, size=4096),
+        bytes.fromhex("0000001b")
+        + bytes.fromhex("85")
+        + FIX_V
+        + bytes.fromhex("a174 a3") + b"shm"
+        + bytes.fromhex("a3") + b"seq" + bytes.fromhex("07")
+        + bytes.fromhex("a2") + b"id" + bytes.fromhex("01")
+        + bytes.fromhex("a4") + b"size" + bytes.fromhex("cd 1000"),
+    ),
+    (
+        ShmFree(seq=8, id=0x7FFFFFFF),
+        bytes.fromhex("0000001c")
+        + bytes.fromhex("84")
+        + FIX_V
+        + bytes.fromhex("a174 a8") + b"shm_free"
+        + bytes.fromhex("a3") + b"seq" + bytes.fromhex("08")
+        + bytes.fromhex("a2") + b"id" + bytes.fromhex("ce 7fffffff"),
+    ),
+    (
+        Query(seq=9, what="info"),
+        bytes.fromhex("0000001b")
+        + bytes.fromhex("84")
+        + FIX_V
+        + bytes.fromhex("a174 a5") + b"query"
+        + bytes.fromhex("a3") + b"seq" + bytes.fromhex("09")
+        + bytes.fromhex("a4") + b"what" + bytes.fromhex("a4") + b"info",
+    ),
+    (
+        Answer(seq=9, data={"impl_id": 4, "tas": ["a"]}),
+        bytes.fromhex("00000028")
+        + bytes.fromhex("84")
+        + FIX_V
+        + bytes.fromhex("a174 a6") + b"answer"
+        + bytes.fromhex("a3") + b"seq" + bytes.fromhex("09")
+        + bytes.fromhex("a4") + b"data" + bytes.fromhex("82")
+        + bytes.fromhex("a7") + b"impl_id" + bytes.fromhex("04")
+        + bytes.fromhex("a3") + b"tas" + bytes.fromhex("91 a1") + b"a",
+    ),
+    (
         Bye(reason="é"),
         bytes.fromhex("00000014")
         + bytes.fromhex("83")
@@ -186,7 +229,18 @@ def test_golden(msg: Message, wire: bytes) -> None:
 
 
 def test_golden_covers_every_kind() -> None:
-    assert {type(m) for m, _ in GOLDEN} == {Hello, Welcome, Ioctl, IoctlReply, Close, Bye}
+    assert {type(m) for m, _ in GOLDEN} == {
+        Hello,
+        Welcome,
+        Ioctl,
+        IoctlReply,
+        Close,
+        ShmFd,
+        ShmFree,
+        Query,
+        Answer,
+        Bye,
+    }
 
 
 def test_frame_error_is_a_decode_error() -> None:
@@ -224,6 +278,14 @@ replies = st.one_of(
     st.builds(IoctlReply, seq=u32, errno=st.integers(1, MAX_ERRNO)),
 )
 closes = st.builds(Close, seq=u32)
+shm_fds = st.builds(ShmFd, seq=u32, id=st.integers(1, 0x7FFF_FFFF), size=st.integers(0, 2**64 - 1))
+shm_frees = st.builds(ShmFree, seq=u32, id=st.integers(1, 0x7FFF_FFFF))
+queries = st.builds(Query, seq=u32, what=st.sampled_from(["info", "trace"]))
+answers = st.builds(
+    Answer,
+    seq=u32,
+    data=st.dictionaries(text, st.one_of(st.integers(-(2**63), 2**64 - 1), text), max_size=4),
+)
 byes = st.builds(Bye, reason=text)
 KINDS: dict[str, st.SearchStrategy[Message]] = {
     "hello": hellos,
@@ -231,6 +293,10 @@ KINDS: dict[str, st.SearchStrategy[Message]] = {
     "ioctl": ioctls,
     "reply": replies,
     "close": closes,
+    "shm": shm_fds,
+    "shm_free": shm_frees,
+    "query": queries,
+    "answer": answers,
     "bye": byes,
 }
 messages: st.SearchStrategy[Message] = st.one_of(*KINDS.values())
@@ -244,6 +310,10 @@ def renumber(msgs: list[Message]) -> list[Message]:
             m = Ioctl(seq=n, cmd=m.cmd, arg=m.arg, regions=m.regions)
         elif isinstance(m, Close):
             m = Close(seq=n)
+        elif isinstance(m, ShmFree):
+            m = ShmFree(seq=n, id=m.id)
+        elif isinstance(m, Query):
+            m = Query(seq=n, what=m.what)
         out.append(m)
     return out
 
@@ -278,9 +348,10 @@ def test_chunking_invariance(msgs: list[Message], cuts: list[int]) -> None:
 
 def test_iteration_drains_complete_frames() -> None:
     d = FrameDecoder()
-    wire = b"".join(w for _, w in GOLDEN if not isinstance(_, Ioctl | Close))
+    requests = Ioctl | Close | ShmFree | Query  # their seqs would have to increase
+    wire = b"".join(w for m, w in GOLDEN if not isinstance(m, requests))
     d.feed(wire + b"\x00\x00")
-    assert list(d) == [m for m, _ in GOLDEN if not isinstance(m, Ioctl | Close)]
+    assert list(d) == [m for m, _ in GOLDEN if not isinstance(m, requests)]
     assert d.buffered == 2 and d.next_message() is None
 
 
