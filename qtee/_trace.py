@@ -4,7 +4,10 @@ A :class:`Trace` installed as ``device.trace_records`` receives one :class:`Trac
 per crossing, the same data as the text lines of ``device.trace``.  :meth:`Trace.save`
 writes a msgpack map ``{"version": 1, "records": [{...}, ...]}``; :func:`load` reads one
 back, validating every field (:class:`TraceFileError` when it is not a trace file), and
-:func:`format_table` renders records as aligned columns.
+:func:`format_table` renders records as aligned columns.  A live trace (records that
+arrive one by one from a device server, ``qtee trace --connect``) is checked record by
+record with :func:`record_from_map` and printed with :func:`format_header` and
+:func:`format_row`, in the same columns at fixed widths.
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ import msgpack
 
 __all__ = [
     "DIRECTIONS",
+    "LIVE_WIDTHS",
     "TRACE_VERSION",
     "Trace",
     "TraceFileError",
     "TraceRecord",
+    "format_count",
+    "format_header",
+    "format_row",
     "format_table",
     "load",
+    "record_from_map",
 ]
 
 TRACE_VERSION: Final = 1
@@ -104,7 +112,9 @@ def _int(m: dict[Any, Any], key: str, n: int, *, nullable: bool = False) -> int 
     return v
 
 
-def _record(n: int, m: object) -> TraceRecord:
+def record_from_map(m: object, n: int = 0) -> TraceRecord:
+    """The record of a :meth:`TraceRecord.to_map` map, every field checked as :func:`load`
+    checks a file's; :class:`TraceFileError` (naming record ``n``) when it is malformed."""
     if not isinstance(m, dict):
         raise TraceFileError(f"record {n} is not a map")
     if set(m) != set(_KEYS):
@@ -153,14 +163,17 @@ def load(path: str | Path) -> list[TraceRecord]:
     records = top["records"]
     if not isinstance(records, list):
         raise TraceFileError("'records' is not a list")
-    return [_record(n, m) for n, m in enumerate(records)]
+    return [record_from_map(m, n) for n, m in enumerate(records)]
 
 
 _HEADER: Final = ("time ms", "direction", "object", "op", "IB", "OB", "IO", "OO", "result")
 _RIGHT: Final = frozenset({0, 3, 4, 5, 6, 7})
+#: Column widths of a live table, whose rows are printed before the widest is known: room
+#: for 16 minutes of milliseconds, a direction, an object id, a u16 op and two-digit counts.
+LIVE_WIDTHS: Final = (10, 10, 10, 5, 2, 2, 2, 2, 0)
 
 
-def _row(r: TraceRecord, t0: float) -> tuple[str, ...]:
+def _cells(r: TraceRecord, t0: float) -> tuple[str, ...]:
     return (
         f"{(r.time - t0) * 1000:.3f}",
         r.direction,
@@ -174,19 +187,40 @@ def _row(r: TraceRecord, t0: float) -> tuple[str, ...]:
     )
 
 
+def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    """One table line: numbers right-aligned, text left-aligned, two spaces apart (a cell
+    wider than its column pushes the rest of the line to the right)."""
+    padded = [
+        cell.rjust(w) if i in _RIGHT else cell.ljust(w)
+        for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+    ]
+    return "  ".join(padded).rstrip()
+
+
+def _at_least_header(widths: Sequence[int]) -> list[int]:
+    return [max(w, len(h)) for w, h in zip(widths, _HEADER, strict=True)]
+
+
+def format_header(widths: Sequence[int] = LIVE_WIDTHS) -> str:
+    """The header line of a table with these column widths (default: a live table's)."""
+    return _line(_HEADER, _at_least_header(widths))
+
+
+def format_row(record: TraceRecord, t0: float, widths: Sequence[int] = LIVE_WIDTHS) -> str:
+    """One record as a table row (time in ms from ``t0``), under :func:`format_header`."""
+    return _line(_cells(record, t0), _at_least_header(widths))
+
+
+def format_count(n: int) -> str:
+    """The last line of a table: how many crossings it showed."""
+    return f"{n} crossing{'' if n == 1 else 's'}"
+
+
 def format_table(records: Sequence[TraceRecord] | Iterable[TraceRecord]) -> str:
     """Records as a table: a header, one aligned row per crossing (times in ms from the
     first record), and a count line.  No trailing newline."""
     rs = list(records)
     t0 = rs[0].time if rs else 0.0
-    rows = [_HEADER, *(_row(r, t0) for r in rs)]
+    rows = [_HEADER, *(_cells(r, t0) for r in rs)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(w) if i in _RIGHT else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    lines.append(f"{len(rs)} crossing{'' if len(rs) == 1 else 's'}")
-    return "\n".join(lines)
+    return "\n".join([*(_line(row, widths) for row in rows), format_count(len(rs))])
