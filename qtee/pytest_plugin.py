@@ -3,13 +3,20 @@
 Installing qtee registers it (entry point ``pytest11``, name ``qtee``); ``-p no:qtee``
 turns it off.  Fixtures (all function-scoped):
 
-* ``qtee_device`` -- a fresh ``qtee.Device(SecureWorld(QteeRoot()))``;
+* ``qtee_device`` -- a fresh ``qtee.Device(SecureWorld(QteeRoot()))``, or in ``server``
+  mode ``qtee.connect()`` to a fresh ``qtee_server`` (see modes below);
+* ``qtee_server`` -- a ``DeviceServer`` on a socket in a temporary directory, stopped at
+  teardown (its device is leak-checked like any other);
 * ``qtee_client`` -- ``Client(qtee_device, workers=2)``, closed at teardown;
 * ``qtee_env`` -- ``qtee_client.client_env()``, released at teardown;
 * ``qtee_supplicant`` -- a ``supplicant.Supplicant`` on ``qtee_device``, stopped at
   teardown; its listeners come from ``@pytest.mark.qtee_supplicant(...)``;
 * ``qtee_app`` -- ``qtee_app("name")`` loads that TA through the AppLoader (UID 3) and
   returns its app ``ObjRef``; everything it loaded is released and unloaded at teardown.
+
+Modes: ``@pytest.mark.qtee_modes("in-process", "server")`` runs a test that uses
+``qtee_device`` (or a fixture built on it) once per mode, unchanged; without the marker
+``--qtee-mode=in-process|server|both`` (default ``in-process``) decides.
 
 Markers:
 
@@ -47,21 +54,22 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from qtee import Client, Device, ObjRef
+    from qtee import Client, Device, DeviceServer, ObjRef, RemoteDevice
     from qtee.secure import TrustedApp
     from supplicant import Supplicant
 
 __all__ = ["TRACKED_DEVICES", "AppLoaderHelper", "format_leaks"]
 
 #: Device classes the leak check records, as ``(module, class)``.  Each needs a
-#: ``leaks() -> dict[str, int]`` method.  A device built by the device server (the
-#: ``qtee_server`` fixture, see the end of this module) is added here.
+#: ``leaks() -> dict[str, int]`` method.  A device server's device is a ``Device``.
 TRACKED_DEVICES: list[tuple[str, str]] = [
     ("qtee._driver", "Device"),
     ("qtee._optee", "OpteeDevice"),
 ]
 
 _SUPPLICANT_OPTIONS = frozenset({"storage", "time", "ta_dirs", "workers"})
+#: Where ``qtee_device`` lives: this process, or behind a device server's socket.
+MODES = ("in-process", "server")
 
 # A device recorded by the leak check: [device, class name, where it was built], by id.
 _Record = list[Any]
@@ -69,7 +77,20 @@ _RECORDS = pytest.StashKey[dict[int, _Record]]()
 _ALREADY_FAILED = pytest.StashKey[bool]()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("qtee").addoption(
+        "--qtee-mode",
+        choices=[*MODES, "both"],
+        default="in-process",
+        help="where qtee_device lives for tests without a qtee_modes marker (default: in-process)",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "qtee_modes(*modes): run the test with qtee_device in each mode ('in-process', 'server')",
+    )
     config.addinivalue_line(
         "markers",
         "qtee_ta(name, cls): register the TrustedApp subclass cls as TA `name` for this test",
@@ -79,6 +100,26 @@ def pytest_configure(config: pytest.Config) -> None:
         "qtee_supplicant(storage=False, time=True, ta_dirs=(), workers=4): listeners of "
         "the qtee_supplicant fixture (storage=True: a directory in tmp_path)",
     )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "qtee_device" not in metafunc.fixturenames:
+        return
+    mark = metafunc.definition.get_closest_marker("qtee_modes")
+    if mark is not None:
+        modes = tuple(mark.args)
+        bad = [m for m in modes if m not in MODES]
+        if not modes or bad or mark.kwargs:
+            pytest.fail(
+                f"{metafunc.definition.nodeid}: qtee_modes takes modes from {MODES}, "
+                f"not {mark.args!r}",
+                pytrace=False,
+            )
+    else:
+        option = metafunc.config.getoption("qtee_mode", "in-process")
+        modes = MODES if option == "both" else (option,)
+    if modes != ("in-process",):
+        metafunc.parametrize("qtee_device", modes, indirect=True)
 
 
 # ------------------------------------------------------------------------ leak check
@@ -254,17 +295,40 @@ class AppLoaderHelper:
 
 # ------------------------------------------------------------------------ fixtures
 @pytest.fixture
-def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device:
-    """A fresh in-process device: ``qtee.Device(SecureWorld(QteeRoot()))``."""
-    from qtee import Device, QteeRoot, SecureWorld
+def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device | RemoteDevice:
+    """A fresh in-process device, ``qtee.Device(SecureWorld(QteeRoot()))``; in ``server``
+    mode, ``qtee.connect`` to a fresh ``qtee_server``."""
+    from qtee import Device, QteeRoot, SecureWorld, connect
 
+    if getattr(request, "param", "in-process") == "server":
+        server: DeviceServer = request.getfixturevalue("qtee_server")
+        return connect(server.path)
     device = Device(SecureWorld(QteeRoot()))
     _label(request, device, "fixture qtee_device")
     return device
 
 
 @pytest.fixture
-def qtee_client(qtee_device: Device) -> Iterator[Client]:
+def qtee_server(request: pytest.FixtureRequest, qtee_leak_check: None) -> Iterator[DeviceServer]:
+    """A ``DeviceServer`` on ``qtee.sock`` in a fresh temporary directory (short, for the
+    108-byte limit of a socket path); stopped at teardown, after every connection to it
+    has closed, and its device leak-checked."""
+    import shutil
+    import tempfile
+
+    from qtee import DeviceServer
+
+    tmp = tempfile.mkdtemp(prefix="qtee-")
+    try:
+        with DeviceServer(os.path.join(tmp, "qtee.sock")) as server:
+            _label(request, server.device, "fixture qtee_server")
+            yield server
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def qtee_client(qtee_device: Device | RemoteDevice) -> Iterator[Client]:
     """``Client(qtee_device, workers=2)``, closed at teardown."""
     from qtee import Client
 
@@ -333,18 +397,10 @@ def _supplicant_options(request: pytest.FixtureRequest, tmp: Path) -> dict[str, 
 
 @pytest.fixture
 def qtee_supplicant(
-    request: pytest.FixtureRequest, qtee_device: Device, tmp_path: Path
+    request: pytest.FixtureRequest, qtee_device: Device | RemoteDevice, tmp_path: Path
 ) -> Iterator[Supplicant]:
     """A running ``supplicant.Supplicant`` on ``qtee_device`` (see ``qtee_supplicant`` marker)."""
     from supplicant import Supplicant
 
     with Supplicant(qtee_device, **_supplicant_options(request, tmp_path)) as supp:
         yield supp
-
-
-# ------------------------------------------------------------------------ device server
-# Hook for the device-server fixture (built later, with qtee/_server.py): a `qtee_server`
-# fixture goes here, next to `qtee_device`.  To be covered by the leak check, its device
-# class is appended to TRACKED_DEVICES (it needs `leaks()`), and a device it builds is
-# named in the leak table with `_label(request, device, "fixture qtee_server")`; the
-# fixture should depend on `qtee_leak_check` so that it is torn down before the check.

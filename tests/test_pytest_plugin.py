@@ -8,13 +8,15 @@ use the fixtures directly, in this suite's own session.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from pathlib import Path
 
 import pytest
 
-from qtee import Client, Device, ObjRef, Out, TrustedApp, op
+import qtee
+from qtee import Client, Device, DeviceServer, ObjRef, Out, TrustedApp, op
 from qtee.pytest_plugin import AppLoaderHelper, format_leaks
 from qtee.secure import _apps
 from supplicant import FS_LISTENER_ID, TIME_LISTENER_ID, Supplicant
@@ -301,3 +303,107 @@ def test_a_ta_reaches_the_supplicant(
     (answer,) = qtee_app("plugin.clock").invoke(0, Out(16))
     assert len(answer) == 16
     assert qtee_supplicant.listeners[TIME_LISTENER_ID].served == 1
+
+
+# ---------------------------------------------------------------------- modes and the server
+MODES = """
+import struct
+import pytest
+from qtee import Out, TrustedApp, op
+
+
+class Adder(TrustedApp):
+    @op(0, ib=(8,), ob=(4,))
+    def add(self, pair):
+        return struct.pack("<I", sum(struct.unpack("<II", pair)))
+
+
+@pytest.mark.qtee_ta("adder", Adder)
+@pytest.mark.qtee_modes("in-process", "server")
+def test_both(qtee_app):
+    assert qtee_app("adder").invoke(0, struct.pack("<II", 2, 3), Out(4)) == [b"\\x05\\0\\0\\0"]
+
+
+@pytest.mark.qtee_ta("adder", Adder)
+def test_by_option(qtee_device, qtee_app):
+    assert qtee_app("adder").invoke(0, struct.pack("<II", 1, 1), Out(4)) == [b"\\x02\\0\\0\\0"]
+    print("DEVICE", type(qtee_device).__name__)
+"""
+
+
+@pytest.mark.parametrize(
+    ("option", "ids", "device"),
+    [
+        ((), ["test_both[in-process]", "test_both[server]", "test_by_option "], "Device"),
+        (("--qtee-mode=server",), ["test_both[in-process]", "test_by_option[server]"], "Remote"),
+        (("--qtee-mode=both",), ["test_by_option[in-process]", "test_by_option[server]"], None),
+    ],
+    ids=["default", "server", "both"],
+)
+def test_modes_run_one_test_in_process_and_against_a_server(
+    pytester: pytest.Pytester, option: tuple[str, ...], ids: list[str], device: str | None
+) -> None:
+    """The qtee_modes marker parametrizes qtee_device (and every fixture on it); without
+    it, --qtee-mode decides."""
+    pytester.makepyfile(test_modes=MODES)
+    result = _run(pytester, "-v", "-s", *option)
+    result.assert_outcomes(passed=4 if "--qtee-mode=both" in option else 3)
+    for name in ids:
+        assert any(name in line for line in result.outlines), name
+    if device is not None:
+        assert f"DEVICE {device}" in result.stdout.str()
+
+
+def test_a_misused_modes_marker_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_bad="""
+import pytest
+
+@pytest.mark.qtee_modes("cloud")
+def test_x(qtee_device):
+    pass
+"""
+    )
+    result = _run(pytester)
+    assert result.ret == pytest.ExitCode.INTERRUPTED  # an error while collecting
+    result.stdout.fnmatch_lines(
+        ["*qtee_modes takes modes from ('in-process', 'server'), not ('cloud',)*"]
+    )
+
+
+SERVER_LEAK = """
+import pytest
+from qtee import Client, NsObject, TrustedApp, op
+
+
+class Hoarder(TrustedApp):
+    kept = []
+
+    @op(0, io=1)
+    def keep(self, cb: NsObject) -> None:
+        Hoarder.kept.append(cb.retain())  # never released
+
+
+@pytest.mark.qtee_ta("hoarder", Hoarder)
+@pytest.mark.qtee_modes("server")
+def test_leaks_in_the_server(qtee_app, qtee_env):
+    from qtee import CallbackObject
+    qtee_app("hoarder").invoke(0, CallbackObject())
+"""
+
+
+def test_a_leak_in_the_server_fails_the_test_with_its_table(pytester: pytest.Pytester) -> None:
+    """The server's device is leak-checked like an in-process one, named by its fixture."""
+    pytester.makepyfile(test_server_leak=SERVER_LEAK)
+    result = _run(pytester)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*leak check: Device created at fixture qtee_server still holds:*", "*ns ids |    1"]
+    )
+
+
+def test_the_server_fixture_serves_a_fresh_device(qtee_server: DeviceServer) -> None:
+    assert len(qtee_server.path) < 108 and os.path.exists(qtee_server.path)
+    with Client(qtee.connect(qtee_server.path), workers=1) as client, client.client_env():
+        assert qtee_server.connections == 1
+        assert qtee_server.device.leaks().get("context 0 objects") == 1

@@ -1,8 +1,6 @@
-"""The device server and ``qtee.connect``: the same client code in process and over a socket.
-
-Scenarios of the invoke-loop issue run against both (one parametrized fixture, no
-per-mode cases in the bodies); bad frames close only the offending connection; a client
-that drops is an fd close for the driver (pending callbacks DEFUNCT, tables back).
+"""The device server: bad frames close only the offending connection; a client that drops
+is an fd close for the driver (pending callbacks DEFUNCT, tables back).  The scenario
+suite runs in process and against a server in tests/test_scenarios.py.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -71,20 +68,9 @@ def _ta() -> Iterator[None]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[DeviceServer]:
-    with DeviceServer(tmp_path / "qtee.sock") as srv:
-        yield srv
-        assert _eventually(lambda: srv.connections == 0)
-    assert srv.device.leaks() == {}
-
-
-@pytest.fixture(params=["in-process", "server"])
-def device(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
-    if request.param == "in-process":
-        yield qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
-        return
-    srv = request.getfixturevalue("server")
-    yield qtee.connect(srv.path)
+def server(qtee_server: DeviceServer) -> Iterator[DeviceServer]:
+    yield qtee_server
+    assert _eventually(lambda: qtee_server.connections == 0)
 
 
 def _eventually(cond: object, timeout: float = 3.0) -> bool:
@@ -102,24 +88,6 @@ def _app(client: qtee.Client) -> tuple[qtee.ObjRef, ...]:
     (ctrl,) = loader.invoke(0, qtee.ta_image("server.scenario"), OUT_OBJECT)
     (app,) = ctrl.invoke(2, OUT_OBJECT)
     return app, ctrl, loader, env
-
-
-def test_scenarios_in_process_and_over_a_socket(device: qtee.Device) -> None:
-    """Register, load a TA from a buffer, add, a callback with buffers, an object out and
-    back, every handle released (qtee-kernel.md §4; quic-teec.md §1.4)."""
-    with qtee.Client(device, workers=2) as client:
-        refs = _app(client)
-        app = refs[0]
-        assert app.invoke(0, struct.pack("<II", 40, 2), Out(4)) == [struct.pack("<I", 42)]
-        echo = Echo()
-        assert app.invoke(1, echo, Out(16)) == [b"ping-pong"]
-        assert app.invoke(2, echo, OUT_OBJECT) == [echo]
-        with pytest.raises(QteeError) as exc:
-            app.invoke(0, b"short", Out(4))
-        assert exc.value.result == qtee.Result.ERROR_INVALID
-        for ref in refs:
-            ref.release()
-        assert _eventually(lambda: client.exported() == 0)
 
 
 @pytest.mark.parametrize(
