@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NoReturn, TypeAlias, TypeVar
 
@@ -77,6 +78,8 @@ __all__ = [
     "Welcome",
     "check_reply",
     "encode",
+    "encode_call",
+    "encode_reply",
     "from_map",
 ]
 
@@ -512,10 +515,81 @@ def from_map(m: object) -> Message:
         raise FrameError("frame body has no protocol version 'v'")
     _check_version(m["v"])
     kind = m.get("t")
+    if kind in ("ioctl", "reply"):  # a tuple: kind may be unhashable
+        fast = _fast_call_frame(m, kind)
+        if fast is not None:
+            return fast
     cls = _KINDS.get(kind) if type(kind) is str else None
     if cls is None:
         raise FrameError(f"unknown message type {kind!r}")
     return cls.from_map(m)
+
+
+# The two frames of every call, decoded without building kwargs and re-validating through
+# __post_init__: the same checks, inline.  Anything unusual (a wrong key, type or range,
+# overlapping regions) returns None and the general path decodes it, or says what is wrong.
+_IOCTL_KEYS: Final = frozenset({"v", "t", "seq", "cmd", "arg", "regions"})
+_REPLY_KEYS: Final = frozenset({"v", "t", "seq", "errno", "arg", "written"})
+_REGION_KEYS: Final = frozenset({"addr", "data", "writable"})
+_new = object.__new__
+_setattr = object.__setattr__
+
+
+def _fast_regions(value: object, writable_only: bool) -> tuple[Region, ...] | None:
+    if type(value) is not list:
+        return None
+    out = []
+    for r in value:
+        if type(r) is not dict or r.keys() != _REGION_KEYS:
+            return None
+        addr, data, writable = r["addr"], r["data"], r["writable"]
+        if (
+            type(addr) is not int
+            or type(data) is not bytes
+            or type(writable) is not bool
+            or not 0 <= addr <= _U64
+            or addr + len(data) > _U64 + 1
+            or (writable_only and not writable)
+        ):
+            return None
+        region = _new(Region)
+        _setattr(region, "addr", addr)
+        _setattr(region, "data", data)
+        _setattr(region, "writable", writable)
+        out.append(region)
+    if len(out) > 1:
+        spans = sorted((r.addr, r.addr + len(r.data)) for r in out if r.data)
+        if any(nlo < hi for (_, hi), (nlo, _) in itertools.pairwise(spans)):
+            return None
+    return tuple(out)
+
+
+def _fast_call_frame(m: dict[Any, Any], kind: str) -> Ioctl | IoctlReply | None:
+    if kind == "ioctl":
+        if m.keys() != _IOCTL_KEYS:
+            return None
+        seq, cmd, arg = m["seq"], m["cmd"], m["arg"]
+        if type(cmd) is not int or not 0 <= cmd <= _U32:
+            return None
+        regions = _fast_regions(m["regions"], False)
+        msg: Ioctl | IoctlReply = _new(Ioctl)
+        _setattr(msg, "cmd", cmd)
+        _setattr(msg, "regions", regions)
+    else:
+        if m.keys() != _REPLY_KEYS:
+            return None
+        seq, err, arg = m["seq"], m["errno"], m["arg"]
+        regions = _fast_regions(m["written"], True)
+        if type(err) is not int or not 0 <= err <= MAX_ERRNO or (err and (arg or regions)):
+            return None
+        msg = _new(IoctlReply)
+        _setattr(msg, "errno", err)
+        _setattr(msg, "written", regions)
+    if regions is None or type(seq) is not int or not 0 <= seq <= _U32 or type(arg) is not bytes:
+        return None
+    _setattr(msg, "seq", seq)
+    _setattr(msg, "arg", arg)
+    return msg
 
 
 def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -538,6 +612,61 @@ def _unpack(body: memoryview) -> object:
 
 
 # --------------------------------------------------------------------------- encoding
+
+
+def encode_call(
+    seq: int,
+    cmd: int,
+    arg: bytes,
+    regions: Iterable[tuple[int, bytes, bool]],
+    *,
+    max_frame: int = MAX_FRAME,
+) -> bytes:
+    """``encode(Ioctl(...))`` of a request the caller built itself from disjoint regions
+    ``(addr, data, writable)``: the same bytes, without building the records."""
+    return _frame(
+        {
+            "v": PROTOCOL_VERSION,
+            "t": "ioctl",
+            "seq": seq,
+            "cmd": cmd,
+            "arg": arg,
+            "regions": [{"addr": a, "data": d, "writable": w} for a, d, w in regions],
+        },
+        "ioctl",
+        max_frame,
+    )
+
+
+def encode_reply(
+    seq: int,
+    err: int,
+    arg: bytes = b"",
+    written: Iterable[tuple[int, bytes]] = (),
+    *,
+    max_frame: int = MAX_FRAME,
+) -> bytes:
+    """``encode(IoctlReply(...))`` of a reply whose disjoint written regions are
+    ``(addr, data)``: the same bytes, without building the records."""
+    return _frame(
+        {
+            "v": PROTOCOL_VERSION,
+            "t": "reply",
+            "seq": seq,
+            "errno": err,
+            "arg": arg,
+            "written": [{"addr": a, "data": d, "writable": True} for a, d in written],
+        },
+        "reply",
+        max_frame,
+    )
+
+
+def _frame(m: dict[str, Any], kind: str, max_frame: int) -> bytes:
+    body = msgpack.packb(m, use_bin_type=True)
+    if len(body) > max_frame:
+        raise UsageError(f"{kind} frame body is {len(body)} bytes, limit {max_frame}")
+    return _HEADER.pack(len(body)) + body
 
 
 def encode(msg: Message, *, max_frame: int = MAX_FRAME) -> bytes:

@@ -36,14 +36,13 @@ from qtee._frames import (
     FrameDecoder,
     FrameError,
     Hello,
-    Ioctl,
     IoctlReply,
     Query,
-    Region,
     ShmFd,
     ShmFree,
     Welcome,
     encode,
+    encode_call,
 )
 from qtee.addrspace import CheckedMemory
 
@@ -177,18 +176,18 @@ class RemoteContext:
             event.set()
 
     # ------------------------------------------------------------------ ioctl
-    def _regions(self, cmd: int, arg: bytearray | memoryview) -> tuple[Region, ...]:
+    def _regions(self, cmd: int, arg: bytearray | memoryview) -> list[tuple[int, bytes, bool]]:
         """The caller memory this ioctl may touch, read from this process's memory."""
         head = _HEADS.get(cmd)
         if head is None or len(arg) < _BUF.size:
-            return ()
+            return []
         mem = self.device.memory
         ptr, length = _BUF.unpack_from(arg)
         spans: list[tuple[int, int, bool]] = [(ptr, length, True)]
         try:
             block = mem.read(ptr, length)
         except DriverError:
-            return ()
+            return []
         size, at = head
         if len(block) >= size:
             (num,) = struct.unpack_from("<I", block, at)
@@ -198,14 +197,14 @@ class RemoteContext:
                     spans.append((a, b, attr & 0xFF != _UBUF_IN))
                 elif attr in _META_TYPES:  # the RECV scratch buffer
                     spans.append((a, b, True))
-        regions: list[Region] = []
+        regions: list[tuple[int, bytes, bool]] = []
         for start, end, writable in _merge(spans):
             try:
                 data = mem.read(start, end - start)
             except DriverError:
                 continue  # unmapped here: the server's driver faults as the kernel would
-            regions.append(Region(addr=start, data=data, writable=writable))
-        return tuple(regions)
+            regions.append((start, data, writable))
+        return regions
 
     def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
         """Run ``cmd`` on the server; ``arg`` and the caller's buffers are updated in place."""
@@ -223,8 +222,8 @@ class RemoteContext:
                     raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
                 self._pending[seq] = slot
             try:
-                msg = Ioctl(seq=seq, cmd=cmd, arg=bytes(arg), regions=regions)
-                self.sock.sendall(encode(msg, max_frame=self.device.max_frame))
+                frame = encode_call(seq, cmd, bytes(arg), regions, max_frame=self.device.max_frame)
+                self.sock.sendall(frame)
             except (OSError, UsageError) as exc:
                 with self._lock:
                     self._pending.pop(seq, None)

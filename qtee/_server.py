@@ -42,13 +42,13 @@ from qtee._frames import (
     FrameError,
     Hello,
     Ioctl,
-    IoctlReply,
     Query,
     Region,
     ShmFd,
     ShmFree,
     Welcome,
     encode,
+    encode_reply,
 )
 from qtee._info import describe
 from qtee._mem_obj import memfd_backing
@@ -163,7 +163,10 @@ class _Connection:
 
     def send(self, msg: object, fd: int | None = None) -> None:
         """One frame; ``fd`` rides on its first bytes (SCM_RIGHTS)."""
-        data = encode(msg, max_frame=self.server.max_frame)  # type: ignore[arg-type]
+        self.send_frame(encode(msg, max_frame=self.server.max_frame), fd)  # type: ignore[arg-type]
+
+    def send_frame(self, data: bytes, fd: int | None = None) -> None:
+        """An encoded frame; ``fd`` rides on its first bytes (SCM_RIGHTS)."""
         with self._send:
             if fd is None:
                 self.sock.sendall(data)
@@ -250,17 +253,18 @@ class _Connection:
             try:
                 self.ctx.ioctl(req.cmd, arg)
             except DriverError as exc:
-                reply = IoctlReply(seq=req.seq, errno=exc.code)
+                reply = encode_reply(req.seq, exc.code, max_frame=self.server.max_frame)
+                ok = False
             else:
-                written = tuple(
-                    Region(addr=a, data=bytes(call.bufs[a]), writable=True)
-                    for a in sorted(call.written)
+                written = [(a, bytes(call.bufs[a])) for a in sorted(call.written)]
+                reply = encode_reply(
+                    req.seq, 0, bytes(arg), written, max_frame=self.server.max_frame
                 )
-                reply = IoctlReply(seq=req.seq, errno=0, arg=bytes(arg), written=written)
+                ok = True
             with contextlib.suppress(OSError):  # the client is gone; its context is closing
-                if req.cmd == uapi.TEE_IOC_SHM_ALLOC and not reply.errno:
+                if req.cmd == uapi.TEE_IOC_SHM_ALLOC and ok:
                     self._send_shm_fd(req.seq, arg)
-                self.send(reply)
+                self.send_frame(reply)
         except Exception:
             log.exception("%s: ioctl %#x (seq %d) failed", self.name, req.cmd, req.seq)
         finally:

@@ -38,6 +38,8 @@ from qtee._frames import (
     Welcome,
     check_reply,
     encode,
+    encode_call,
+    encode_reply,
     from_map,
 )
 
@@ -711,3 +713,54 @@ def test_fuzz_decoder(data: bytes, max_frame: int) -> None:
     for m in msgs:  # whatever decoded is a valid message that survives a round trip
         assert decode_one(encode(m), expect_increasing_seq=False) == m
     assert err is not None or left < len(data) + 1
+
+
+# --------------------------------------------------------------------------- the call fast paths
+
+
+@settings(max_examples=300, deadline=None)
+@given(msg=st.one_of(ioctls, replies))
+def test_fast_encoders_write_the_same_bytes(msg: Ioctl | IoctlReply) -> None:
+    """encode_call/encode_reply (no records built) == encode() of the record."""
+    if isinstance(msg, Ioctl):
+        regions = [(r.addr, r.data, r.writable) for r in msg.regions]
+        assert encode_call(msg.seq, msg.cmd, msg.arg, regions) == encode(msg)
+    else:
+        written = [(r.addr, r.data) for r in msg.written]
+        assert encode_reply(msg.seq, msg.errno, msg.arg, written) == encode(msg)
+
+
+def _variants(m: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """The map of a call frame with one field or region field replaced by anything."""
+    anything = st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**64), 2**65), st.binary(max_size=4), text,
+        st.lists(st.integers(), max_size=2), st.just([{"addr": 1, "data": b"", "writable": 1}]),
+        st.just([{"addr": 2**64, "data": b"", "writable": True}]),
+        st.just([{"addr": 2**64 - 1, "data": b"ab", "writable": True}]),
+        st.just([{"addr": 0, "data": b"ab", "writable": False}]),
+        st.just([{"addr": 0, "data": b"ab", "writable": True},
+                 {"addr": 1, "data": b"c", "writable": True}]),
+    )  # fmt: skip
+    keys = sorted(m)
+    return st.tuples(st.sampled_from(keys), anything).map(lambda kv: {**m, kv[0]: kv[1]})
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_the_fast_decoder_agrees_with_the_general_one(data: st.DataObject) -> None:
+    """For call frames, mangled or not, the fast path decodes exactly what the general
+    path decodes and refuses (falls back on) everything it refuses."""
+    msg = data.draw(st.one_of(ioctls, replies))
+    m = msg.to_map()
+    if data.draw(st.booleans()):
+        m = data.draw(_variants(m))
+    cls = Ioctl if m["t"] == "ioctl" else IoctlReply
+    try:
+        expected: object = cls.from_map(dict(m))
+    except FrameError as exc:
+        expected = type(exc)
+    try:
+        got: object = from_map(dict(m))
+    except FrameError as exc:
+        got = type(exc)
+    assert got == expected
