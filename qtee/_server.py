@@ -146,7 +146,14 @@ class RegionMemory:
 
 
 class _Connection:
-    """One client: its context, its reader thread and its request threads."""
+    """One client: its context and the threads that serve it, leader/follower style.
+
+    One thread at a time (the leader) reads the socket.  Control frames it handles itself;
+    when it has an ioctl, it hands the reading to a waiting thread (starting one if none
+    waits) and runs the ioctl, so a request never waits for another thread to wake up.
+    A thread whose ioctl is done queues up to lead again; one blocked in SUPPL_RECV simply
+    is not among them.
+    """
 
     def __init__(self, server: DeviceServer, sock: socket.socket, name: str) -> None:
         self.server = server
@@ -154,9 +161,11 @@ class _Connection:
         self.name = name
         self.ctx: Context | None = None
         self._send = threading.Lock()
+        self._read = threading.Lock()  # held by the leader
+        self._decoder = FrameDecoder(max_frame=server.max_frame)
         self._threads: set[threading.Thread] = set()
-        self._requests: queue.SimpleQueue[Ioctl | None] = queue.SimpleQueue()
-        self._idle = 0  # request threads waiting for work
+        self._waiting = 0  # threads queued to lead
+        self._done = False  # the stream ended: threads that get the lead leave
         self._lock = threading.Lock()
         self.closed = threading.Event()
         self._trace: _TraceStream | None = None
@@ -176,29 +185,70 @@ class _Connection:
                 self.sock.sendall(data[sent:])
 
     def run(self) -> None:
-        decoder = FrameDecoder(max_frame=self.server.max_frame)
-        reason = "end of stream"
+        """The connection's first thread (more start when every thread is busy)."""
+        with self._lock:
+            self._threads.add(threading.current_thread())
+        self._serve()
+
+    def _spawn(self) -> None:
+        t = threading.Thread(
+            target=self._serve, name=f"{self.name}-t{len(self._threads)}", daemon=True
+        )
+        self._threads.add(t)
+        t.start()
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                self._waiting += 1
+            self._read.acquire()
+            with self._lock:
+                self._waiting -= 1
+                if self._done:
+                    self._read.release()
+                    return
+            try:
+                req, reason = self._next_request()
+            except BaseException:
+                req, reason = None, "server error"
+                log.exception("%s: reading failed", self.name)
+            if req is None:
+                with self._lock:
+                    self._done = True
+                self._read.release()
+                self._close(reason)
+                return
+            with self._lock:  # someone must read while this thread runs the ioctl
+                if self._waiting == 0:
+                    self._spawn()
+            self._read.release()
+            self._ioctl(req)
+
+    def _next_request(self) -> tuple[Ioctl | None, str]:
+        """Read until an ioctl (handling the control frames on the way) or the end."""
+        decoder = self._decoder
         try:
             while True:
-                data = self.sock.recv(1 << 16)
-                if not data:
-                    break
-                decoder.feed(data)
-                while (msg := decoder.next_message()) is not None:
-                    if not self._handle(msg):
-                        reason = "client said close"
-                        return
+                msg = decoder.next_message()
+                if msg is None:
+                    data = self.sock.recv(1 << 16)
+                    if not data:
+                        return None, "end of stream"
+                    decoder.feed(data)
+                elif isinstance(msg, Ioctl) and self.ctx is not None:
+                    return msg, ""
+                elif not self._handle(msg):
+                    return None, "client said close"
         except FrameError as exc:
-            reason = f"bad frame: {exc}"
-            log.warning("%s: closing: %s", self.name, reason)
+            log.warning("%s: closing: bad frame: %s", self.name, exc)
             with contextlib.suppress(OSError):
                 self.send(Bye(reason=str(exc)[:200]))
+            return None, f"bad frame: {exc}"
         except OSError as exc:
-            reason = f"socket error: {exc}"
-        finally:
-            self._close(reason)
+            return None, f"socket error: {exc}"
 
     def _handle(self, msg: object) -> bool:
+        """A control frame; False when the client said close."""
         if self.ctx is None:
             if not isinstance(msg, Hello):
                 raise FrameError(f"expected hello first, got {type(msg).__name__}")
@@ -221,28 +271,7 @@ class _Connection:
         if isinstance(msg, Query):
             self._query(msg)
             return True
-        if not isinstance(msg, Ioctl):
-            raise FrameError(f"unexpected {type(msg).__name__} from a client")
-        with self._lock:  # a request thread that is not busy takes it, else a new one
-            spawn = self._idle == 0
-            if not spawn:
-                self._idle -= 1
-            else:
-                t = threading.Thread(
-                    target=self._worker, name=f"{self.name}-w{len(self._threads)}", daemon=True
-                )
-                self._threads.add(t)
-        self._requests.put(msg)
-        if spawn:
-            t.start()
-        return True
-
-    def _worker(self) -> None:
-        """A request thread: one request at a time, kept for the next (a RECV may block)."""
-        while (req := self._requests.get()) is not None:
-            self._ioctl(req)
-            with self._lock:
-                self._idle += 1
+        raise FrameError(f"unexpected {type(msg).__name__} from a client")
 
     def _ioctl(self, req: Ioctl) -> None:
         mem = self.server.memory
@@ -292,18 +321,18 @@ class _Connection:
             self.server._traces.add(self._trace)
 
     def _close(self, reason: str) -> None:
+        """The fd's close: run by the thread that saw the end of the stream."""
         log.info("%s: closed (%s)", self.name, reason)
         if self._trace is not None:
             self.server._traces.discard(self._trace)
             self._trace.stop()
         if self.ctx is not None:
-            self.ctx.close()
+            self.ctx.close()  # wakes the threads blocked in SUPPL_RECV or a callback
         with contextlib.suppress(OSError):
             self.sock.close()
+        me = threading.current_thread()
         with self._lock:
-            threads = list(self._threads)
-        for _ in threads:
-            self._requests.put(None)
+            threads = [t for t in self._threads if t is not me]
         for t in threads:
             t.join(2)
         self.closed.set()
