@@ -90,7 +90,9 @@ class RemoteContext:
             raise DriverError(errno.ENOENT, f"cannot connect to {device.path}: {exc}") from None
         self._send = threading.Lock()
         self._seq = itertools.count(1)
-        self._pending: dict[int, list[object]] = {}
+        #: seq -> [lock held until the reply (or the loss) is in, reply]; each slot is
+        #: taken out of here exactly once, by whoever releases its lock.
+        self._pending: dict[int, list[Any]] = {}
         self._lock = threading.Lock()
         self.closed = False
         self._lost: str | None = None
@@ -138,12 +140,10 @@ class RemoteContext:
                 msg = self._read_one()
                 if isinstance(msg, IoctlReply):
                     with self._lock:
-                        slot = self._pending.get(msg.seq)
+                        slot = self._pending.pop(msg.seq, None)
                     if slot is not None:
                         slot.append(msg)
-                        event = slot[0]
-                        assert isinstance(event, threading.Event)
-                        event.set()
+                        slot[0].release()
                 elif isinstance(msg, ShmFd):
                     self._map_shm(msg)
                 elif isinstance(msg, Answer):
@@ -166,14 +166,13 @@ class RemoteContext:
         with self._lock:
             self._lost = reason
             slots = list(self._pending.values())
+            self._pending.clear()
             streams = list(self._streams.values())
             self._streams.clear()
         for stream in streams:
             stream({})  # the end of the stream
         for slot in slots:
-            event = slot[0]
-            assert isinstance(event, threading.Event)
-            event.set()
+            slot[0].release()
 
     # ------------------------------------------------------------------ ioctl
     def _regions(self, cmd: int, arg: bytearray | memoryview) -> list[tuple[int, bytes, bool]]:
@@ -213,8 +212,9 @@ class RemoteContext:
         if not isinstance(arg, bytearray | memoryview):
             raise DriverError(errno.EFAULT, "ioctl argument must be a writable buffer")
         regions = self._regions(cmd, arg)
-        event = threading.Event()
-        slot: list[object] = [event]
+        done = threading.Lock()
+        done.acquire()
+        slot: list[Any] = [done]
         with self._send:
             seq = next(self._seq)
             with self._lock:
@@ -230,14 +230,10 @@ class RemoteContext:
                 if isinstance(exc, UsageError):
                     raise DriverError(errno.E2BIG, str(exc)) from None
                 raise DriverError(errno.EBADF, f"connection lost: {exc}") from None
-        event.wait()
-        with self._lock:
-            self._pending.pop(seq, None)
-            lost = self._lost
+        done.acquire()  # released with the reply, or when the connection is lost
         if len(slot) < 2:
-            raise DriverError(errno.EBADF, f"connection lost: {lost}")
-        reply = slot[1]
-        assert isinstance(reply, IoctlReply)
+            raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+        reply: IoctlReply = slot[1]
         if reply.errno:
             raise DriverError(reply.errno, os.strerror(reply.errno))
         arg[: len(reply.arg)] = reply.arg
