@@ -1,0 +1,1 @@
+"""Guests and the userspace TEE mediator (VMM side)."""

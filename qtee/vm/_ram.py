@@ -1,0 +1,341 @@
+"""Guest RAM: guest-physical addresses over one host region, with per-page pins.
+
+A guest's RAM is one host-contiguous buffer placed in host-physical memory (like a
+hugepage-backed guest): MAP_REGION answers a single ``{paddr, len}`` (qtee-kernel.md
+§2.4), so memory shared with QTEE must be contiguous on the host.  Guest-physical
+addresses start at :data:`GUEST_RAM_BASE`, not 0: optee.md §6.2 notes that RAM at IPA 0
+collides with "PA 0 = NULL memref".
+
+Two sides use it:
+
+* the **guest kernel** (its driver model's physical space): :meth:`GuestRam.alloc`,
+  :meth:`~GuestRam.backing` for SHM_ALLOC, :meth:`~GuestRam.lend` /
+  :meth:`~GuestRam.take_back` for the SMC buffers (copied into and out of guest pages,
+  page granular and zero-filled as the driver pool's, qtee-kernel.md §3.1);
+* the **VMM**: :meth:`~GuestRam.translate` (IPA -> host PA), :meth:`~GuestRam.read` /
+  :meth:`~GuestRam.write` (IPA -> VMM memory), and :meth:`~GuestRam.pin` /
+  :meth:`~GuestRam.unpin`, counted per page; :meth:`~GuestRam.discard` (balloon, unmap)
+  refuses pinned pages with EBUSY (optee.md §6.1: "no swap, ownership transfer or unmap
+  while shared").
+
+A range the guest names outside its RAM is :class:`GuestFault` (EFAULT).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import threading
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from objects import DriverError, UsageError
+
+__all__ = ["GUEST_RAM_BASE", "PAGE_SIZE", "GuestFault", "GuestRam", "HostPhys", "Pin"]
+
+#: Guest-physical address of the first byte of every guest's RAM.
+GUEST_RAM_BASE: Final = 0x4000_0000
+PAGE_SIZE: Final = 4096
+_SHIFT: Final = 12
+_ZERO_PAGE: Final = memoryview(bytes(PAGE_SIZE))
+
+
+class HostPhys(Protocol):
+    """What guest RAM needs of host-physical memory: a place for its one region."""
+
+    def add(self, buf: bytearray) -> int:
+        """Place ``buf`` at a new page-aligned host-physical address."""
+        ...
+
+    def remove(self, paddr: int) -> None:
+        """Forget the region at ``paddr``."""
+        ...
+
+
+class GuestFault(DriverError):
+    """A guest-physical range outside the guest's RAM (EFAULT)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(errno.EFAULT, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """Pages held by the VMM: ``pages`` guest frames from ``first_gfn`` (gpa >> 12)."""
+
+    first_gfn: int
+    pages: int
+
+
+class GuestRam:
+    """One guest's RAM of ``size`` bytes, placed in ``host`` (see the module docstring)."""
+
+    __slots__ = (
+        "_backed",
+        "_buf",
+        "_closed",
+        "_free_lens",
+        "_free_starts",
+        "_lent",
+        "_lock",
+        "_mv",
+        "_pinned",
+        "_pins",
+        "_regions",
+        "base",
+        "host",
+        "hpa",
+        "size",
+    )
+
+    def __init__(self, size: int, host: HostPhys) -> None:
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % PAGE_SIZE:
+            raise UsageError(f"guest RAM size must be a positive multiple of 4096, not {size!r}")
+        if not callable(getattr(host, "add", None)) or not callable(getattr(host, "remove", None)):
+            raise TypeError(f"host memory must have add() and remove(), not {type(host).__name__}")
+        pages = size >> _SHIFT
+        self.base = GUEST_RAM_BASE
+        self.size = size
+        self.host = host
+        self._buf = bytearray(size)
+        self._mv = memoryview(self._buf)
+        self._lock = threading.Lock()
+        self._free_starts: list[int] = [0]  # free page extents, sorted
+        self._free_lens: list[int] = [pages]
+        self._regions: dict[int, int] = {}  # gpa -> pages, every allocation of the guest kernel
+        self._lent: dict[int, bytearray] = {}  # gpa -> the buffer lend() copied in
+        self._backed: dict[int, tuple[int, memoryview]] = {}  # id(view) -> (gpa, view)
+        self._pins = [0] * pages
+        self._pinned = 0
+        self._closed = False
+        self.hpa = host.add(self._buf)
+
+    # ------------------------------------------------------------------ ranges
+    def _offset(self, gpa: int, n: int) -> int:
+        """Offset of ``[gpa, gpa+n)`` in this RAM; GuestFault when it is not all inside."""
+        if type(gpa) is not int or type(n) is not int:
+            raise TypeError("guest-physical address and size must be ints")
+        off = gpa - self.base
+        if off < 0 or n < 0 or off + n > self.size:
+            raise GuestFault(
+                f"guest range {gpa:#x}+{n} is outside guest RAM "
+                f"[{self.base:#x}, {self.base + self.size:#x})"
+            )
+        return off
+
+    def __contains__(self, gpa: object) -> bool:
+        return type(gpa) is int and self.base <= gpa < self.base + self.size
+
+    # ------------------------------------------------------------------ guest kernel side
+    def _take(self, pages: int) -> int:
+        """First fit over the free extents (caller holds the lock); ENOMEM when none fits."""
+        lens = self._free_lens
+        for i, length in enumerate(lens):
+            if length >= pages:
+                start = self._free_starts[i]
+                if length == pages:
+                    del self._free_starts[i], lens[i]
+                else:
+                    self._free_starts[i] = start + pages
+                    lens[i] = length - pages
+                return start
+        raise DriverError(errno.ENOMEM, f"guest RAM has no {pages} free contiguous pages")
+
+    def _give(self, start: int, pages: int) -> None:
+        """Return an extent, merging with its neighbours (caller holds the lock)."""
+        starts, lens = self._free_starts, self._free_lens
+        i = bisect.bisect_right(starts, start)
+        if i > 0 and starts[i - 1] + lens[i - 1] == start:
+            lens[i - 1] += pages
+            if i < len(starts) and start + pages == starts[i]:
+                lens[i - 1] += lens[i]
+                del starts[i], lens[i]
+        elif i < len(starts) and start + pages == starts[i]:
+            starts[i] = start
+            lens[i] += pages
+        else:
+            starts.insert(i, start)
+            lens.insert(i, pages)
+
+    def alloc(self, size: int) -> int:
+        """Zeroed whole pages holding ``size`` bytes (at least one); their gpa."""
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise UsageError(f"allocation size must be an int >= 0, not {size!r}")
+        pages = max(1, (size + PAGE_SIZE - 1) >> _SHIFT)
+        with self._lock:
+            start = self._take(pages)
+            self._regions[self.base + (start << _SHIFT)] = pages
+        off = start << _SHIFT
+        self._mv[off : off + (pages << _SHIFT)] = bytes(pages << _SHIFT)
+        return self.base + off
+
+    def free(self, gpa: int) -> None:
+        """Give back the pages :meth:`alloc` handed out at ``gpa``."""
+        with self._lock:
+            pages = self._regions.pop(gpa, None)
+            if pages is None:
+                raise UsageError(f"nothing is allocated at guest address {gpa!r}")
+            self._lent.pop(gpa, None)
+            self._give((gpa - self.base) >> _SHIFT, pages)
+
+    def backing(self, size: int) -> tuple[memoryview, None]:
+        """A shm backing for the guest driver's SHM_ALLOC: zeroed guest pages.
+
+        The view must then be placed with :meth:`add` (the shm's physical address).
+        Out of guest RAM raises ``DriverError(ENOMEM)``.
+        """
+        gpa = self.alloc(size)
+        off = gpa - self.base
+        view = self._mv[off : off + size]
+        with self._lock:
+            self._backed[id(view)] = (gpa, view)
+        return view, None
+
+    def add(self, buf: object) -> int:
+        """The gpa of a view :meth:`backing` handed out (a shm's physical address)."""
+        with self._lock:
+            got = self._backed.pop(id(buf), None)
+        if got is None or got[1] is not buf:
+            raise UsageError("guest RAM can only place buffers its backing() handed out")
+        return got[0]
+
+    def remove(self, paddr: int) -> None:
+        """A shm is gone: its pages go back to the guest kernel."""
+        with self._lock:
+            pages = self._regions.pop(paddr, None)
+            if pages is not None:
+                self._lent.pop(paddr, None)
+                self._give((paddr - self.base) >> _SHIFT, pages)
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """The bytes at ``[gpa, gpa+length)`` (GuestFault outside RAM)."""
+        off = self._offset(gpa, length)
+        return self._mv[off : off + length]
+
+    def lend(self, buf: bytearray) -> int:
+        """Copy an SMC buffer into fresh guest pages (zero-filled tail); their gpa."""
+        if not isinstance(buf, bytearray):
+            raise TypeError(f"lend() takes a bytearray, not {type(buf).__name__}")
+        n = len(buf)
+        pages = max(1, (n + PAGE_SIZE - 1) >> _SHIFT)
+        with self._lock:
+            start = self._take(pages)
+            gpa = self.base + (start << _SHIFT)
+            self._regions[gpa] = pages
+            self._lent[gpa] = buf
+        off = start << _SHIFT
+        mv = self._mv
+        mv[off : off + n] = buf
+        tail = (pages << _SHIFT) - n  # < one page (a whole page when n == 0)
+        if tail:
+            mv[off + n : off + n + tail] = _ZERO_PAGE[:tail]
+        return gpa
+
+    def take_back(self, gpa: int) -> None:
+        """Copy a lent buffer's pages back into it and free them."""
+        with self._lock:
+            buf = self._lent.pop(gpa, None)
+            if buf is None:
+                raise UsageError(f"nothing was lent at guest address {gpa!r}")
+            pages = self._regions.pop(gpa)
+            self._give((gpa - self.base) >> _SHIFT, pages)
+        off = gpa - self.base
+        memoryview(buf)[:] = self._mv[off : off + len(buf)]
+
+    def __len__(self) -> int:
+        """Regions the guest kernel holds (allocations, shm, lent SMC buffers)."""
+        return len(self._regions)
+
+    # ------------------------------------------------------------------ VMM side
+    def translate(self, gpa: int, n: int) -> int:
+        """IPA -> host PA of ``[gpa, gpa+n)`` (GuestFault outside RAM)."""
+        off = self._offset(gpa, n)
+        if self._closed:
+            raise GuestFault(f"guest RAM was freed; {gpa:#x} has no host address")
+        return self.hpa + off
+
+    def read(self, gpa: int, n: int) -> bytes:
+        """A copy of ``[gpa, gpa+n)`` (IPA -> VMM memory)."""
+        off = self._offset(gpa, n)
+        return bytes(self._mv[off : off + n])
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``gpa`` (GuestFault, and nothing written, outside RAM)."""
+        off = self._offset(gpa, len(data))
+        self._mv[off : off + len(data)] = data
+
+    def pin(self, gpa: int, n: int) -> Pin:
+        """Pin the pages under ``[gpa, gpa+n)`` (counted per page) until :meth:`unpin`."""
+        off = self._offset(gpa, n)
+        first = off >> _SHIFT
+        pages = ((off + n + PAGE_SIZE - 1) >> _SHIFT) - first if n else 0
+        with self._lock:
+            if self._closed:
+                raise GuestFault(f"guest RAM was freed; cannot pin {gpa:#x}+{n}")
+            counts = self._pins
+            for page in range(first, first + pages):
+                c = counts[page]
+                if not c:
+                    self._pinned += 1
+                counts[page] = c + 1
+        return Pin((self.base >> _SHIFT) + first, pages)
+
+    def unpin(self, pin: Pin) -> None:
+        """Drop one pin taken by :meth:`pin` (UsageError if those pages are not pinned)."""
+        if not isinstance(pin, Pin):
+            raise TypeError(f"unpin() takes a Pin, not {type(pin).__name__}")
+        first = pin.first_gfn - (self.base >> _SHIFT)
+        counts = self._pins
+        with self._lock:
+            if (
+                first < 0
+                or first + pin.pages > len(counts)
+                or not all(counts[first : first + pin.pages])
+            ):
+                raise UsageError(f"{pin} is not pinned in this guest RAM")
+            for page in range(first, first + pin.pages):
+                c = counts[page] - 1
+                counts[page] = c
+                if not c:
+                    self._pinned -= 1
+
+    def pinned_pages(self) -> int:
+        """Distinct pages with at least one pin."""
+        return self._pinned
+
+    def discard(self, gpa: int, n: int) -> None:
+        """Balloon out / unmap ``[gpa, gpa+n)`` (its bytes become zero); EBUSY if pinned."""
+        off = self._offset(gpa, n)
+        first = off >> _SHIFT
+        last = (off + n + PAGE_SIZE - 1) >> _SHIFT
+        with self._lock:
+            if any(self._pins[first:last]):
+                raise DriverError(
+                    errno.EBUSY, f"guest range {gpa:#x}+{n} is pinned (shared with the TEE)"
+                )
+            self._mv[first << _SHIFT : last << _SHIFT] = bytes((last - first) << _SHIFT)
+
+    def close(self) -> None:
+        """Free the host region (the VM is gone); EBUSY while any page is pinned.
+
+        The guest kernel's side keeps working on the (now unreachable) buffer, so a guest
+        thread still unwinding after its VM was destroyed fails cleanly.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            if self._pinned:
+                raise DriverError(errno.EBUSY, f"{self._pinned} guest pages are still pinned")
+            self._closed = True
+        self.host.remove(self.hpa)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` freed the host region."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        return (
+            f"<GuestRam {self.size >> 10} KiB at gpa {self.base:#x} / hpa {self.hpa:#x}, "
+            f"{len(self._regions)} regions, {self._pinned} pinned pages>"
+        )

@@ -1,0 +1,192 @@
+"""Guest RAM: guest-physical ranges, the guest kernel's pool, and the VMM's pins.
+
+optee.md §6.1 (hypervisor duties: translate IPA -> PA, pin shared pages, "no swap,
+ownership transfer or unmap while shared"), §6.2 (guest RAM at IPA 0 collides with the
+NULL memref, so guest RAM starts elsewhere); qtee-kernel.md §3.1 (SMC buffers are page
+granular and zero-filled) and §2.4 (MAP_REGION answers one contiguous range).
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from objects import DriverError, UsageError
+from qtee._mem_obj import PhysMemory
+from qtee.vm._ram import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin
+
+SIZE = 16 * PAGE_SIZE
+
+
+@pytest.fixture
+def host() -> PhysMemory:
+    return PhysMemory()
+
+
+@pytest.fixture
+def ram(host: PhysMemory) -> GuestRam:
+    return GuestRam(SIZE, host)
+
+
+def test_ram_is_one_host_region_at_a_non_zero_guest_base(host: PhysMemory, ram: GuestRam) -> None:
+    """§6.2: IPA 0 would collide with the NULL memref; §2.4: one contiguous host range."""
+    assert ram.base == GUEST_RAM_BASE != 0
+    assert len(host) == 1
+    assert ram.translate(ram.base, SIZE) == ram.hpa
+    assert ram.translate(ram.base + 5 * PAGE_SIZE + 7, 1) == ram.hpa + 5 * PAGE_SIZE + 7
+    ram.write(ram.base + 100, b"guest")
+    assert bytes(host.view(ram.hpa + 100, 5)) == b"guest"  # the host sees the same bytes
+
+
+@pytest.mark.parametrize(
+    ("offset", "size"),
+    [(-1, 1), (SIZE, 1), (SIZE - 1, 2), (0, SIZE + 1), (-PAGE_SIZE, PAGE_SIZE), (0, -1)],
+)
+def test_translate_read_write_pin_refuse_ranges_outside_ram(
+    ram: GuestRam, offset: int, size: int
+) -> None:
+    gpa = ram.base + offset
+    for call in (
+        lambda: ram.translate(gpa, size),
+        lambda: ram.read(gpa, size),
+        lambda: ram.pin(gpa, size),
+        lambda: ram.view(gpa, size),
+    ):
+        with pytest.raises(GuestFault) as exc:
+            call()
+        assert exc.value.errno == errno.EFAULT
+        assert "outside guest RAM" in str(exc.value)
+    assert ram.pinned_pages() == 0
+
+
+def test_write_outside_ram_writes_nothing(ram: GuestRam) -> None:
+    with pytest.raises(GuestFault):
+        ram.write(ram.base + SIZE - 2, b"abcd")
+    assert ram.read(ram.base + SIZE - 2, 2) == b"\0\0"
+
+
+def test_ranges_at_the_edges_are_fine(ram: GuestRam) -> None:
+    assert ram.read(ram.base, 0) == b""
+    assert ram.read(ram.base + SIZE, 0) == b""
+    assert ram.translate(ram.base + SIZE - 1, 1) == ram.hpa + SIZE - 1
+
+
+def test_pins_count_per_page(ram: GuestRam) -> None:
+    """Pinning counts every page the range touches, and each page once per pin."""
+    a = ram.pin(ram.base + PAGE_SIZE - 8, 16)  # straddles pages 0 and 1
+    assert a == Pin((ram.base >> 12) + 0, 2)
+    b = ram.pin(ram.base + PAGE_SIZE, PAGE_SIZE)  # page 1 again
+    assert b == Pin((ram.base >> 12) + 1, 1)
+    assert ram.pinned_pages() == 2
+    ram.unpin(a)
+    assert ram.pinned_pages() == 1  # page 1 still held by b
+    ram.unpin(b)
+    assert ram.pinned_pages() == 0
+    with pytest.raises(UsageError):
+        ram.unpin(b)  # a second unpin is a bug, and changes nothing
+    assert ram.pinned_pages() == 0
+    assert ram.pin(ram.base, 0).pages == 0
+
+
+def test_discard_refuses_pinned_pages(ram: GuestRam) -> None:
+    """§6.1: no unmap while shared -> EBUSY; after unpin the range can be discarded."""
+    gpa = ram.base + 2 * PAGE_SIZE
+    ram.write(gpa, b"shared")
+    pin = ram.pin(gpa, 6)
+    with pytest.raises(DriverError) as exc:
+        ram.discard(ram.base, 4 * PAGE_SIZE)
+    assert exc.value.errno == errno.EBUSY
+    assert ram.read(gpa, 6) == b"shared"  # nothing changed
+    ram.discard(ram.base + 3 * PAGE_SIZE, PAGE_SIZE)  # an unpinned page is fine
+    ram.unpin(pin)
+    ram.discard(ram.base, 4 * PAGE_SIZE)
+    assert ram.read(gpa, 6) == bytes(6)
+
+
+def test_lend_copies_in_and_take_back_copies_out(ram: GuestRam) -> None:
+    """A guest's SMC buffers live in guest pages: lend copies in, take_back copies out."""
+    ram.write(ram.base, b"\xff" * SIZE)  # dirty RAM: lent pages must still be zero-filled
+    buf = bytearray(b"inbound!" * 3)
+    gpa = ram.lend(buf)
+    assert gpa % PAGE_SIZE == 0 and gpa in ram
+    assert ram.read(gpa, len(buf)) == bytes(buf)
+    assert ram.read(gpa + len(buf), PAGE_SIZE - len(buf)) == bytes(PAGE_SIZE - len(buf))
+    buf[:4] = b"XXXX"  # not an alias: the guest page keeps the copy
+    assert ram.read(gpa, 4) == b"inbo"
+    ram.write(gpa, b"resp")  # what the TEE side wrote
+    assert len(ram) == 1
+    ram.take_back(gpa)
+    assert bytes(buf[:8]) == b"respund!"
+    assert len(ram) == 0
+    with pytest.raises(UsageError):
+        ram.take_back(gpa)
+
+
+def test_lend_is_page_granular_and_reuses_freed_pages(ram: GuestRam) -> None:
+    out = bytearray(PAGE_SIZE)
+    big = bytearray(PAGE_SIZE + 1)
+    a = ram.lend(out)
+    b = ram.lend(big)
+    assert b == a + PAGE_SIZE
+    c = ram.lend(bytearray(1))
+    assert c == b + 2 * PAGE_SIZE  # big took two pages
+    ram.take_back(a)
+    ram.take_back(b)
+    assert ram.lend(bytearray(3 * PAGE_SIZE)) == a  # the merged hole fits 3 pages
+    ram.take_back(a)
+    ram.take_back(c)
+    assert len(ram) == 0
+
+
+def test_out_of_guest_ram_is_enomem(ram: GuestRam) -> None:
+    gpa = ram.alloc(SIZE)
+    with pytest.raises(DriverError) as exc:
+        ram.lend(bytearray(1))
+    assert exc.value.errno == errno.ENOMEM
+    with pytest.raises(DriverError) as exc:
+        ram.backing(1)
+    assert exc.value.errno == errno.ENOMEM
+    ram.free(gpa)
+    assert len(ram) == 0
+
+
+def test_backing_places_shm_in_guest_pages(ram: GuestRam) -> None:
+    """SHM_ALLOC in a guest: the shm's bytes are guest pages, its paddr their gpa."""
+    view, fd = ram.backing(100)
+    assert fd is None and len(view) == 100
+    gpa = ram.add(view)
+    view[:5] = b"hello"
+    assert ram.read(gpa, 5) == b"hello"
+    assert bytes(ram.view(gpa, 5)) == b"hello"
+    with pytest.raises(UsageError):
+        ram.add(bytearray(100))  # only buffers backing() handed out
+    ram.remove(gpa)
+    assert len(ram) == 0
+
+
+def test_close_frees_the_host_region_only_when_nothing_is_pinned(
+    host: PhysMemory, ram: GuestRam
+) -> None:
+    pin = ram.pin(ram.base, 1)
+    with pytest.raises(DriverError) as exc:
+        ram.close()
+    assert exc.value.errno == errno.EBUSY
+    assert len(host) == 1 and not ram.closed
+    ram.unpin(pin)
+    ram.close()
+    assert len(host) == 0 and ram.closed
+    with pytest.raises(GuestFault):
+        ram.translate(ram.base, 1)
+    with pytest.raises(GuestFault):
+        ram.pin(ram.base, 1)
+    gpa = ram.lend(bytearray(8))  # the guest kernel side still unwinds cleanly
+    ram.take_back(gpa)
+    ram.close()  # idempotent
+
+
+@pytest.mark.parametrize("size", [0, -4096, 4095, 4097, "4096", True])
+def test_bad_sizes_are_refused(host: PhysMemory, size: object) -> None:
+    with pytest.raises(UsageError, match="positive multiple of 4096"):
+        GuestRam(size, host)  # type: ignore[arg-type]
+    assert len(host) == 0
