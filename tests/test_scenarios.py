@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import pytest
 
@@ -28,7 +29,16 @@ DEFUNCT = -90  # QCOMTEE_MSG_ERROR_DEFUNCT as the TA sees it (qtee-kernel.md §3
 class ScenarioTA(TrustedApp):
     """Adds, calls back, passes objects and memory around, keeps what it is given."""
 
-    kept: NsObject | None = None  # class level: one client parks, another calls
+    #: What the TA of each secure world keeps (class level: one client parks, another
+    #: calls; keyed by world, so partitions running the suite side by side stay apart).
+    kept: ClassVar[dict[int, NsObject]] = {}
+
+    def _kept(self) -> NsObject:
+        return ScenarioTA.kept[id(self.world)]
+
+    def _keep(self, obj: NsObject) -> None:
+        assert id(self.world) not in ScenarioTA.kept, "the TA already keeps an object"
+        ScenarioTA.kept[id(self.world)] = obj.retain()
 
     @op(0, ib=(8,), ob=(4,))
     def add(self, pair: bytes) -> bytes:
@@ -59,32 +69,30 @@ class ScenarioTA(TrustedApp):
 
     @op(5, io=1)
     def keep(self, cb: NsObject) -> None:
-        ScenarioTA.kept = cb.retain()
+        self._keep(cb)
 
     @op(6, ob=(None,))
     def use_kept(self) -> bytes:
-        assert ScenarioTA.kept is not None
-        res = ScenarioTA.kept.invoke(0, [b"later"], [32])
+        res = self._kept().invoke(0, [b"later"], [32])
         if res.result:
             raise QteeError(res.result)
         return res.ob[0]
 
     @op(7)
     def drop_kept(self) -> None:
-        if ScenarioTA.kept is not None:
-            ScenarioTA.kept.release()
-            ScenarioTA.kept = None
+        kept = ScenarioTA.kept.pop(id(self.world), None)
+        if kept is not None:
+            kept.release()
 
     @op(8, io=1)
     def keep_memory(self, mem: NsObject) -> None:
-        ScenarioTA.kept = mem.retain()
+        self._keep(mem)
 
     @op(9, io=1, ob=(None,))
     def write_through_second_read_first(self, mem: NsObject) -> bytes:
         """The same memory shared twice: write through this share, read the kept one."""
-        assert ScenarioTA.kept is not None
         second = self.world.map_region(mem)
-        first = self.world.map_region(ScenarioTA.kept)
+        first = self.world.map_region(self._kept())
         try:
             seen = bytes(first.view[:6])  # what the client wrote before the call
             second.view[:13] = b"written by TA"
@@ -102,8 +110,7 @@ class ScenarioTA(TrustedApp):
 
     @op(11)
     def call_kept_blocking(self) -> None:
-        assert ScenarioTA.kept is not None
-        raise QteeError(ScenarioTA.kept.invoke(4).result)
+        raise QteeError(self._kept().invoke(4).result)
 
 
 class Greeter(CallbackObject):
@@ -154,7 +161,7 @@ def _eventually(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
 @pytest.fixture(autouse=True)
 def _nothing_kept() -> object:
     yield
-    assert ScenarioTA.kept is None, "a test left an object parked in the TA"
+    assert ScenarioTA.kept == {}, "a test left an object parked in the TA"
 
 
 def test_register_and_open_services_by_uid(qtee_client: Client, qtee_env: ObjRef) -> None:
