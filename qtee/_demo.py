@@ -8,7 +8,10 @@ prove every table is empty.
 
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
+import time
 
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, Context, Out, op
@@ -53,58 +56,87 @@ class Greeter(CallbackObject):
         return obj
 
 
-def run(device: qtee.Device | None = None) -> int:
+def _scenario(client: qtee.Client, checks: list[tuple[str, bool]], where: str = "") -> None:
+    """Services, a TA from a buffer and from a donated region, callbacks, shared memory."""
+    env = client.client_env()
+    with client.open_service(env, 2033) as fv:
+        (v,) = fv.invoke(0, struct.pack("<I", 10), Out(4))
+        (word,) = struct.unpack("<I", v)
+        version = f"{word >> 22 & 0xFF}.{word >> 12 & 0xFF}.{word & 0xFFF}"
+        print(f"-- {where}QTEE version {version}")
+    with client.open_service(env, 143) as diag:
+        (heap,) = diag.invoke(0, Out(24))
+        print(f"-- {where}heap info {struct.unpack('<6I', heap)}")
+    loader = client.open_service(env, 3)
+    (ctrl,) = loader.invoke(0, qtee.ta_image("sample.add"), OUT_OBJECT)
+    (app,) = ctrl.invoke(2, OUT_OBJECT)
+    (total,) = app.invoke(0, struct.pack("<II", 1, 2), Out(4))
+    checks.append((f"{where}add(1, 2) == 3", struct.unpack("<I", total)[0] == 3))
+    (reply,) = app.invoke(1, Greeter(), Out(32))
+    checks.append((f"{where}callback with a buffer", reply == b"hello TA"))
+    (same,) = app.invoke(2, Greeter(), Out(4))
+    checks.append((f"{where}callback with an object", same == b"\x01\x00\x00\x00"))
+    with client.memory(64) as mem:
+        app.invoke(3, mem)
+        checks.append((f"{where}memory written by the TA", bytes(mem.view[:11]) == b"from the TA"))
+    ctrl.invoke(1)  # unload, then load again from a donated memory object
+    for ref in (app, ctrl):
+        ref.release()
+    image = qtee.ta_image("sample.add")
+    mem = client.memory(len(image))
+    mem.view[:] = image
+    (ctrl,) = loader.invoke(1, mem, OUT_OBJECT)
+    mem.release()  # donate
+    (app,) = ctrl.invoke(2, OUT_OBJECT)
+    (total,) = app.invoke(0, struct.pack("<II", 40, 2), Out(4))
+    checks.append(
+        (f"{where}TA from a region: add(40, 2) == 42", struct.unpack("<I", total)[0] == 42)
+    )
+    ctrl.invoke(1)
+    for ref in (app, ctrl, loader, env):
+        ref.release()
+
+
+def _over_a_server(checks: list[tuple[str, bool]]) -> None:
+    """The same client code against a device server on a Unix socket (``qtee.connect``)."""
+    print("-- the same scenario against a device server (qtee serve / qtee.connect):")
+    with (
+        tempfile.TemporaryDirectory(prefix="qtee-demo-") as tmp,
+        qtee.DeviceServer(os.path.join(tmp, "qtee.sock")) as server,
+    ):
+        server.device.trace = lambda line: print(f"   server | {line}")
+        with qtee.Client(qtee.connect(server.path), workers=2) as client:
+            _scenario(client, checks, "server: ")
+        end = time.monotonic() + 5
+        while server.connections and time.monotonic() < end:
+            time.sleep(0.01)  # the server closes the fd when it sees the close frame
+        leaks = server.device.leaks()
+    checks.append(("server: every table empty", leaks == {}))
+
+
+def run(device: qtee.Device | None = None, *, server: bool = True) -> int:
     """Run the scenario (on a fresh in-process device unless one is given, with nothing
-    loaded or open on it); 0 when every check held."""
+    loaded or open on it), then, with ``server``, the same against a device server; 0
+    when every check held."""
     qtee.register_ta("sample.add", SampleTA)
     if device is None:
         device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
     device.trace = print
     checks: list[tuple[str, bool]] = []
     with qtee.Client(device, workers=4) as client:
-        env = client.client_env()
-        with client.open_service(env, 2033) as fv:
-            (v,) = fv.invoke(0, struct.pack("<I", 10), Out(4))
-            (word,) = struct.unpack("<I", v)
-            version = f"{word >> 22 & 0xFF}.{word >> 12 & 0xFF}.{word & 0xFFF}"
-            print(f"-- QTEE version {version}")
-        with client.open_service(env, 143) as diag:
-            (heap,) = diag.invoke(0, Out(24))
-            print(f"-- heap info {struct.unpack('<6I', heap)}")
-        loader = client.open_service(env, 3)
-        (ctrl,) = loader.invoke(0, qtee.ta_image("sample.add"), OUT_OBJECT)
-        (app,) = ctrl.invoke(2, OUT_OBJECT)
-        (total,) = app.invoke(0, struct.pack("<II", 1, 2), Out(4))
-        checks.append(("add(1, 2) == 3", struct.unpack("<I", total)[0] == 3))
-        (reply,) = app.invoke(1, Greeter(), Out(32))
-        checks.append(("callback with a buffer", reply == b"hello TA"))
-        (same,) = app.invoke(2, Greeter(), Out(4))
-        checks.append(("callback with an object", same == b"\x01\x00\x00\x00"))
-        with client.memory(64) as mem:
-            app.invoke(3, mem)
-            checks.append(("memory written by the TA", bytes(mem.view[:11]) == b"from the TA"))
-        ctrl.invoke(1)  # unload, then load again from a donated memory object
-        for ref in (app, ctrl):
-            ref.release()
-        image = qtee.ta_image("sample.add")
-        mem = client.memory(len(image))
-        mem.view[:] = image
-        (ctrl,) = loader.invoke(1, mem, OUT_OBJECT)
-        mem.release()  # donate
-        (app,) = ctrl.invoke(2, OUT_OBJECT)
-        (total,) = app.invoke(0, struct.pack("<II", 40, 2), Out(4))
-        checks.append(("TA from a region: add(40, 2) == 42", struct.unpack("<I", total)[0] == 42))
-        for ref in (app, ctrl, loader, env):
-            ref.release()
+        _scenario(client, checks)
     ctx = client.ctx
     assert isinstance(ctx, Context)  # the in-process device
     empty = not device.world.live_ids() and not len(device.ns) and not len(device.shm)
     checks.append(("every table empty", empty and not len(ctx.objects)))
-    for name, ok in checks:
-        print(f"[{'ok' if ok else 'FAILED'}] {name}")
-    print(
+    tables = (
         f"tables: QTEE objects {len(device.world.live_ids())}, NS ids {len(device.ns)}, "
         f"shm {len(device.shm)}, context ids {len(ctx.objects)}, "
         f"requests {len(ctx.requests)}"
     )
+    if server:
+        _over_a_server(checks)
+    for name, ok in checks:
+        print(f"[{'ok' if ok else 'FAILED'}] {name}")
+    print(tables)
     return 0 if all(ok for _, ok in checks) else 1

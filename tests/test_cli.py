@@ -17,7 +17,10 @@ def test_demo_prints_trace_and_succeeds(capsys: pytest.CaptureFixture[str]) -> N
     assert "QTEE -> NS  obj=0x80000000 op=0     IB0 OB1 IO1 OO1  callback" in out
     assert "-- QTEE version 2.1.0" in out
     assert "[FAILED]" not in out
-    assert out.count("[ok]") == 6
+    assert out.count("[ok]") == 12  # six in process, the same six against a device server
+    assert "[ok] server: memory written by the TA" in out
+    assert "[ok] server: every table empty" in out
+    assert "   server | QTEE -> NS  obj=0x80000000 op=0     IB0 OB1 IO1 OO1  callback" in out
     assert out.rstrip().endswith(
         "tables: QTEE objects 0, NS ids 0, shm 0, context ids 0, requests 0"
     )
