@@ -79,6 +79,8 @@ _NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
 _BUSY: Final = int(TeecResult.TEEC_ERROR_BUSY)
 _DEAD: Final = int(TeecResult.TEEC_ERROR_TARGET_DEAD)
 _CANCEL: Final = int(TeecResult.TEEC_ERROR_CANCEL)
+_COMMUNICATION: Final = int(TeecResult.TEEC_ERROR_COMMUNICATION)
+_COMMS: Final = int(TeecOrigin.TEEC_ORIGIN_COMMS)
 _TEE: Final = int(TeecOrigin.TEEC_ORIGIN_TEE)
 _TA: Final = int(TeecOrigin.TEEC_ORIGIN_TRUSTED_APP)
 _TRUSTED_APP: Final = int(TeecLogin.TEE_LOGIN_TRUSTED_APP)
@@ -502,6 +504,7 @@ class GpRuntime:
         self._instances: set[_Instance] = set()
         self._sessions: set[GpSession] = set()
         self._waiting: dict[int, _Instance | GpSession] = {}  # thread -> what it waits for
+        self._closed = False  # shut down: no entry runs any more
 
     # ------------------------------------------------------------------ NS entry points
     def open_session(
@@ -518,6 +521,8 @@ class GpRuntime:
         """``OPTEE_MSG_CMD_OPEN_SESSION``: ``(session id or 0, TEE_Result, origin)``.
 
         UUIDs are 16 bytes (``uuid.UUID.bytes`` order) or ``uuid.UUID``s."""
+        if self._closed:
+            return 0, _COMMUNICATION, _COMMS
         if isinstance(uuid, uuidlib.UUID):
             uuid = uuid.bytes
         if isinstance(client_uuid, uuidlib.UUID):
@@ -551,6 +556,8 @@ class GpRuntime:
         The lookup is not exclusive: it reaches a session while an invoke runs on it,
         and while a close waits for that invoke."""
         with self._cond:
+            if self._closed:
+                return _COMMUNICATION
             sess = self._find(session_id)
             if (
                 sess is None
@@ -579,6 +586,46 @@ class GpRuntime:
         for sess in sorted(mine, key=lambda s: s.id):
             self._close(sess, drop_id=True)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` ran."""
+        return self._closed
+
+    def shutdown(self) -> dict[str, int]:
+        """The partition is going away (``VM_DESTROYED``, optee.md §6.1): drop everything.
+
+        From now on no TA entry point runs: every session and instance is dropped at
+        once without close or destroy entries (the sheet does not say OP-TEE runs them;
+        the model runs none), kept instances too.  Threads inside a TA are not killed,
+        but every wait ends: ``TEE_Wait`` returns ``TEE_ERROR_CANCEL`` and the
+        cancellation flag reads set, whatever the mask; waits for a busy instance or
+        session give up.  A call cut short this way, and every NS call made later,
+        answers ``TEEC_ERROR_COMMUNICATION`` origin COMMS -- what a normal-world client
+        is told when its call cannot complete (§2).  ``live()`` is empty on return even
+        while such threads are still leaving TA code (they touch only what they hold).
+        Idempotent; returns how many sessions and instances were dropped.
+        """
+        with self._cond:
+            if self._closed:
+                return {"sessions": 0, "instances": 0}
+            self._closed = True
+            sessions = sorted(self._sessions, key=lambda s: s.id)
+            instances = list(self._instances)
+            kept = [inst for inst in instances if inst.kept]
+            for inst in kept:
+                inst.kept = False
+            self._by_uuid.clear()
+            self._cond.notify_all()
+        for sess in sessions:
+            self._discard(sess)
+        for inst in kept:
+            inst.put()
+        with self._lock:  # a TA-to-TA session of a dropped instance, say
+            rest = list(self._sessions)
+        for sess in rest:
+            self._discard(sess)
+        return {"sessions": len(sessions) + len(rest), "instances": len(instances)}
+
     def live(self) -> dict[str, int]:
         """Counts for leak checks: sessions (not yet closed) and TA instances."""
         with self._lock:
@@ -593,6 +640,8 @@ class GpRuntime:
         """
         raw = _uuid_bytes(uuid)
         with self._lock:
+            if self._closed:
+                return False
             inst = self._by_uuid.get(raw)
             if inst is None or not inst.kept:
                 return False
@@ -606,6 +655,8 @@ class GpRuntime:
                         self._run(inst, None, self._destroy_entry, inst)
             except _Deadlock:
                 log.warning("%r: unload from inside its own entry, destroy skipped", inst)
+            except _Gone:  # shut down meanwhile
+                pass
         inst.put()
         return True
 
@@ -624,19 +675,35 @@ class GpRuntime:
             ta_params = gp_params(types, params)
         except GpTaError as exc:
             return 0, exc.code, _TEE
+        if self._closed:
+            return 0, _COMMUNICATION, _COMMS
         sess = GpSession(self, uuid, login, client_uuid, owner)
         sess.cancel_id = cancel_id
         try:
             sess.id = self.world.export(sess)  # §4.2 step 1
         except DriverError:  # ENOSPC: the id space is full
             return 0, int(TeecResult.TEE_ERROR_OVERFLOW), _TEE
+        shut: bool
         with self._lock:
-            self._sessions.add(sess)
+            shut = self.closed
+            if not shut:
+                self._sessions.add(sess)
+        if shut:
+            self._discard(sess)
+            return 0, _COMMUNICATION, _COMMS
         code, inst = self._attach(uuid)  # steps 2 and 3
         if inst is None:
             self._discard(sess)
-            return 0, code, _TEE
-        sess._instance = inst
+            return (0, _COMMUNICATION, _COMMS) if self.closed else (0, code, _TEE)
+        with self._cond:
+            shut = sess._state is _State.CLOSED  # shutdown dropped it meanwhile
+            if shut:
+                inst.sessions -= 1
+            else:
+                sess._instance = inst
+        if shut:
+            inst.put()
+            return 0, _COMMUNICATION, _COMMS
         try:
             with self._busy(inst):  # step 4
                 if inst.panicked:
@@ -648,12 +715,15 @@ class GpRuntime:
                     _copy_out(params, ta_params)
         except _Deadlock:
             code, origin = _BUSY, _TEE
-        if code != _OK:
-            self._discard(sess)
-            return 0, code, origin
+        except _Gone:  # shut down while waiting for the instance
+            code, origin = _COMMUNICATION, _COMMS
         with self._cond:
-            sess._state = _State.OPEN
-        return sess.id, _OK, _TA
+            shut = sess._state is _State.CLOSED
+            if code == _OK and not shut:
+                sess._state = _State.OPEN
+                return sess.id, _OK, _TA
+        self._discard(sess)
+        return (0, _COMMUNICATION, _COMMS) if shut else (0, code, origin)
 
     def _attach(self, uuid: bytes) -> tuple[int, _Instance | None]:
         """Find or make the instance a new session binds to, with a reference taken."""
@@ -774,13 +844,16 @@ class GpRuntime:
         if not _is_u32(cmd):
             return _BAD_PARAMETERS, _TEE
         with self._lock:
+            if self._closed:
+                return _COMMUNICATION, _COMMS
             sess = self._find(session_id)
             if sess is None or not self._may_use(sess, owner, from_ta=from_ta):
                 return _BAD_PARAMETERS, _TEE
         try:
             with self._exclusive(sess):
                 inst = sess._instance
-                assert inst is not None
+                if inst is None:  # shutdown dropped it under us
+                    return _COMMUNICATION, _COMMS
                 if inst.panicked:
                     return _DEAD, _TEE
                 concurrent = bool(inst.flags & _CONCURRENT)
@@ -791,15 +864,17 @@ class GpRuntime:
                     assert ta is not None
                     result = self._run(inst, sess, ta.invoke, sess, cmd, types, ta_params)
                     _copy_out(params, ta_params)
-                    return result
+                    return (_COMMUNICATION, _COMMS) if self.closed else result
         except _Deadlock:
             return _BUSY, _TEE
         except _Gone:
-            return _BAD_PARAMETERS, _TEE
+            return (_COMMUNICATION, _COMMS) if self.closed else (_BAD_PARAMETERS, _TEE)
 
     # ------------------------------------------------------------------ close
     def _close_checked(self, session_id: int, owner: object, *, from_ta: bool) -> int:
         with self._lock:
+            if self._closed:
+                return _COMMUNICATION
             sess = self._find(session_id)
             if sess is None or sess._state is not _State.OPEN:
                 return _NOT_FOUND
@@ -815,15 +890,19 @@ class GpRuntime:
             sess._state = _State.CLOSING  # new invokes are refused from now on
             self._cond.notify_all()
         inst = sess._instance
-        assert inst is not None
+        if inst is None or self._closed:  # shut down: no entry runs any more
+            self._discard(sess, drop_id=drop_id)
+            return
         try:
             with self._exclusive(sess, closing=True), self._busy(inst, skip=inst.panicked):
-                if not inst.panicked:
+                if not inst.panicked and not self.closed:
                     ta = inst.ta
                     assert ta is not None
                     self._run(inst, sess, self._close_entry, inst, ta, sess)
         except _Deadlock:
             log.warning("%r: closing it would deadlock, its close entry is skipped", sess)
+        except _Gone:  # shut down while waiting
+            pass
         self._discard(sess, drop_id=drop_id)
 
     def _close_entry(self, inst: _Instance, ta: GpTA, sess: GpSession) -> None:
@@ -832,8 +911,11 @@ class GpRuntime:
         self._remove_ta_session(inst)
 
     def _discard(self, sess: GpSession, *, drop_id: bool = True) -> None:
-        """Free a session that is not (or no longer) open: id, instance reference."""
+        """Free a session that is not (or no longer) open: id, instance reference.
+        Idempotent (shutdown and a racing close may both get here)."""
         with self._cond:
+            if sess._state is _State.CLOSED:
+                return
             sess._state = _State.CLOSED
             self._sessions.discard(sess)
             inst, sess._instance = sess._instance, None
@@ -939,6 +1021,8 @@ class GpRuntime:
     def _wait_free(self, res: _Instance | GpSession, me: int, *, closing: bool = False) -> None:
         # Under the condition's lock.
         while (res.holder if isinstance(res, _Instance) else res._holder) is not None:
+            if self._closed:
+                raise _Gone
             if isinstance(res, GpSession) and not closing and res._state is not _State.OPEN:
                 raise _Gone
             if self._closes_cycle(res, me):
@@ -969,7 +1053,7 @@ class GpRuntime:
         deadline = None if ms == TEE_TIMEOUT_INFINITE else time.monotonic() + ms / 1000
         with self._cond:
             while True:
-                if sess is not None and sess._cancel and not sess._mask:
+                if self._closed or (sess is not None and sess._cancel and not sess._mask):
                     return _CANCEL
                 if deadline is None:
                     if sess is None:
@@ -983,7 +1067,7 @@ class GpRuntime:
 
     def _cancelled(self, sess: GpSession | None) -> bool:
         with self._lock:
-            return sess is not None and sess._cancel and not sess._mask
+            return self._closed or (sess is not None and sess._cancel and not sess._mask)
 
     def _set_mask(self, sess: GpSession | None, masked: bool) -> bool:
         if sess is None:
