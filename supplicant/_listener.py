@@ -154,9 +154,10 @@ class Supplicant:
         credentials: Credentials | None = None,
     ) -> None:
         from qtee._driver import Device
+        from qtee._remote import RemoteDevice
 
-        if not isinstance(device, Device):
-            raise TypeError("Supplicant needs a qtee.Device")
+        if not isinstance(device, Device | RemoteDevice):  # what Client takes
+            raise TypeError("Supplicant needs a qtee.Device or a connected device (qtee.connect)")
         self.client = Client(device, workers=workers)
         self.listeners: dict[int, ListenerObject] = {}
         self._memories: list[MemoryObject] = []
