@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qtee._remote import RemoteContext
+
+#: How often a wait looks at the clock and for a signal.
+_POLL = 0.1
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -15,13 +27,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("demo", help="the end-to-end scenario, one trace line per crossing")
     from supplicant._cli import add_arguments
 
-    add_arguments(
-        sub.add_parser(
-            "supplicant",
-            help="run the listener daemon (time, file storage, TA autoload)",
-            description="Run the supplicant: listeners registered with QTEE, served by workers.",
-        )
+    supplicant_parser = sub.add_parser(
+        "supplicant",
+        help="run the listener daemon (time, file storage, TA autoload)",
+        description="Run the supplicant: listeners registered with QTEE, served by workers, "
+        "on an in-process device or, with --connect PATH, on the device of a running server "
+        "(qtee serve).  At the end it prints the requests each listener served and, in "
+        "process, the driver's tables (a server's tables are the server's: see qtee info "
+        "--connect).",
     )
+    add_arguments(supplicant_parser)
     serve = sub.add_parser(
         "serve",
         help="serve a device on a Unix socket (one connection = one open fd)",
@@ -40,21 +55,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     info = sub.add_parser(
         "info",
-        help="version, impl id, caps, loaded TAs and live objects of an in-process device",
-        description="Describe an in-process device: version, impl id, caps, loaded TAs and "
-        "live objects per context.",
+        help="version, impl id, caps, loaded TAs and live objects per open fd of a device",
+        description="Describe a device: version, impl id, caps, loaded TAs, live objects "
+        "and what each open fd holds.  The device is a fresh in-process one, or with "
+        "--connect PATH the device of a running server (qtee serve).",
     )
-    info.add_argument(
+    source = info.add_mutually_exclusive_group()
+    source.add_argument(
         "--demo",
         action="store_true",
-        help="first load a sample TA and open a service (released again at the end)",
+        help="in process: first load a sample TA and open a service (released again at the end)",
+    )
+    source.add_argument(
+        "--connect",
+        metavar="PATH",
+        help="describe the device of the server at PATH (its own connection is one of the "
+        "open fds)",
     )
     trace = sub.add_parser(
         "trace",
         help="record, show or replay a trace of crossings as a table",
-        description="Run the demo scenario on an in-process device and show its crossings "
-        "as a table, or save them (msgpack) with --record, or show a saved trace with "
-        "--replay.",
+        description="Show crossings as a table: those of the demo scenario on an in-process "
+        "device (--demo), those of a running server as they happen (--connect PATH, one row "
+        "per crossing as it arrives), or a trace saved earlier (--replay FILE).  --record "
+        "FILE saves the trace (msgpack) instead of printing it.",
     )
     where = trace.add_mutually_exclusive_group()
     where.add_argument("--record", metavar="FILE", help="save the trace of the run to FILE")
@@ -62,8 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     trace.add_argument(
         "--demo",
         action="store_true",
-        help="run the demo scenario (the default, and for now the only one); without "
-        "--record its table is printed",
+        help="run the demo scenario in process (what --record traces without --connect); "
+        "without --record its table is printed",
+    )
+    trace.add_argument(
+        "--connect",
+        metavar="PATH",
+        help="trace the server at PATH live, until --duration is over, SIGINT or SIGTERM",
+    )
+    trace.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --connect: stop after this long",
     )
     args = parser.parse_args(argv)
     if args.verb == "serve":
@@ -73,12 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "trace":
         if args.replay is not None and args.demo:
             trace.error("--replay cannot be combined with --demo")
-        if args.record is None and args.replay is None and not args.demo:
-            trace.error("one of --record FILE, --replay FILE or --demo is required")
+        if args.connect is not None and (args.replay is not None or args.demo):
+            trace.error(
+                f"--connect cannot be combined with {'--demo' if args.demo else '--replay'}"
+            )
+        if args.duration is not None and args.connect is None:
+            trace.error("--duration needs --connect")
+        if args.record is None and args.replay is None and not args.demo and not args.connect:
+            trace.error("one of --record FILE, --replay FILE, --demo or --connect PATH is required")
+        if args.connect is not None:
+            return _trace_live(args)
         return _trace(args)
     if args.verb == "supplicant":
+        from supplicant._cli import check_arguments
         from supplicant._cli import run as run_supplicant
 
+        check_arguments(supplicant_parser, args)
         return run_supplicant(args)
     if args.verb == "demo":
         from qtee._demo import run
@@ -93,8 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import importlib
-    import signal
-    import threading
 
     from qtee._server import DeviceServer
 
@@ -104,21 +148,60 @@ def _serve(args: argparse.Namespace) -> int:
         except ImportError as exc:
             print(f"qtee serve: cannot import {name}: {exc}", file=sys.stderr)
             return 2
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    end = None if args.duration is None else time.monotonic() + args.duration
     try:
-        with DeviceServer(args.socket) as server:
+        with _stop_on_signals() as stop, DeviceServer(args.socket) as server:
             print(f"serving on {args.socket}", flush=True)
-            stop.wait(args.duration)
-            leaks = server.device.leaks()
+            _sleep_until(end, stop)
     except OSError as exc:
         print(f"qtee serve: {exc}", file=sys.stderr)
         return 1
+    leaks = server.device.leaks()  # once every connection is closed (its fd with it)
+    print("tables: empty" if not leaks else f"tables: {leaks}")
+    return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[list[int]]:
+    """The signals (SIGINT, SIGTERM) received while in the block, as a list that the
+    handler appends to.  A handler runs between two bytecodes of the main thread, which
+    may then hold any lock (an Event's too), so it takes none; waits poll the list.
+    Handlers can only be set from the main thread: elsewhere (a test running the CLI in
+    a thread) the list stays empty."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = {s: signal.signal(s, lambda sig, _: got.append(sig)) for s in _STOP_SIGNALS}
+    try:
+        yield got
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print("tables: empty" if not leaks else f"tables: {leaks}")
-    return 0
+
+
+def _sleep_until(end: float | None, stop: list[int]) -> None:
+    """Sleep until the monotonic time ``end`` (None: for ever) or a signal in ``stop``."""
+    while not stop:
+        left = _POLL if end is None else min(_POLL, end - time.monotonic())
+        if left <= 0:
+            return
+        time.sleep(left)
+
+
+def _open_remote(verb: str, path: str) -> RemoteContext | None:
+    """One connection to the server at ``path``; None (and one line on stderr) if none."""
+    import qtee
+    from objects import QteeBaseError
+
+    try:
+        return qtee.connect(path).open()
+    except (OSError, QteeBaseError) as exc:
+        detail = getattr(exc, "detail", "") or str(exc)
+        if not detail.startswith("cannot connect"):
+            detail = f"cannot connect to {path}: {detail}"
+        print(f"qtee {verb}: {_one_line(detail)}", file=sys.stderr)
+        return None
 
 
 def _one_line(text: object) -> str:
@@ -168,40 +251,106 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
-_GEN_CAP_NAMES = (
-    (1 << 0, "GP"),
-    (1 << 1, "PRIVILEGED"),
-    (1 << 2, "REG_MEM"),
-    (1 << 3, "MEMREF_NULL"),
-    (1 << 4, "OBJREF"),
-)
+def _trace_live(args: argparse.Namespace) -> int:
+    """``trace --connect``: the server's crossings as they happen, printed or recorded."""
+    import queue
+    from typing import Any
+
+    from qtee import _trace
+
+    path = args.connect
+    ctx = _open_remote("trace", path)
+    if ctx is None:
+        return 1
+    live = args.record is None
+    # queue.Queue, not SimpleQueue: CPython 3.11's SimpleQueue.get(timeout=...) blocks for
+    # ever when a signal handler runs past the deadline.
+    maps: queue.Queue[dict[str, Any]] = queue.Queue()
+    records: list[_trace.TraceRecord] = []
+    failure: str | None = None
+    end = None if args.duration is None else time.monotonic() + args.duration
+    try:
+        with _stop_on_signals() as stop:
+            ctx.stream_trace(maps.put)  # from now on, every crossing of the server
+            if live:
+                print(_trace.format_header(), flush=True)
+            while not stop:
+                left = _POLL if end is None else min(_POLL, end - time.monotonic())
+                if left <= 0:
+                    break
+                try:
+                    m = maps.get(timeout=left)
+                except queue.Empty:
+                    continue
+                if not m:  # the end of the stream: the connection is gone
+                    failure = f"lost the connection to the server at {path}"
+                    break
+                try:
+                    record = _trace.record_from_map(m, len(records))
+                except _trace.TraceFileError as exc:
+                    failure = f"the server at {path} sent a malformed {_one_line(exc)}"
+                    break
+                records.append(record)
+                if live:
+                    print(_trace.format_row(record, records[0].time), flush=True)
+    except OSError as exc:  # DriverError: the connection dropped as the stream was asked for
+        failure = f"{path}: {_one_line(exc)}"
+    finally:
+        ctx.close()
+    if live:
+        print(_trace.format_count(len(records)))
+    else:
+        saved = _trace.Trace()
+        for record in records:
+            saved(record)
+        try:
+            saved.save(args.record)
+        except OSError as exc:
+            why = exc.strerror or exc
+            print(f"qtee trace: cannot write {args.record}: {_one_line(why)}", file=sys.stderr)
+            return 1
+        print(f"recorded {len(records)} crossings to {args.record}")
+    if failure is not None:
+        print(f"qtee trace: {failure}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    import qtee
-    from qtee import OUT_OBJECT, uapi
+    from qtee._info import describe, format_info
 
-    root = qtee.QteeRoot()
-    device = qtee.Device(qtee.SecureWorld(root))
-    ctx = device.open()
-    try:
-        arg = bytearray(uapi.VersionData.SIZE)
-        ctx.ioctl(uapi.TEE_IOC_VERSION, arg)
-        ver = uapi.VersionData.unpack(arg)
-    finally:
-        ctx.close()
-    impl = {uapi.TEE_IMPL_ID_QTEE: "QTEE", uapi.TEE_IMPL_ID_OPTEE: "OP-TEE"}
-    caps = [name for bit, name in _GEN_CAP_NAMES if ver.gen_caps & bit]
-    print(f"version: {qtee.__version__}")
-    print(f"impl id: {ver.impl_id} ({impl.get(ver.impl_id, 'unknown')})")
-    print(f"impl caps: {ver.impl_caps:#x}")
-    print(f"gen caps: {ver.gen_caps:#x} ({' | '.join(caps) or 'none'})")
+    if args.connect is not None:
+        ctx = _open_remote("info", args.connect)
+        if ctx is None:
+            return 1
+        try:
+            text = format_info(ctx.info())
+        except OSError as exc:  # DriverError: the connection dropped, or no answer
+            print(f"qtee info: {args.connect}: {_one_line(exc)}", file=sys.stderr)
+            return 1
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            what = f"{type(exc).__name__} {_one_line(exc)}"
+            print(
+                f"qtee info: the server at {args.connect} sent a malformed description ({what})",
+                file=sys.stderr,
+            )
+            return 1
+        finally:
+            ctx.close()
+        print(text)
+        return 0
+    import qtee
+    from qtee import OUT_OBJECT
+
+    device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
     refs: list[qtee.ObjRef] = []
     client = qtee.Client(device, workers=1) if args.demo else None
     try:
         if client is not None:
             from qtee._demo import SampleTA
 
+            assert isinstance(client.ctx, qtee.Context)
+            client.ctx.label = "demo client"
             qtee.register_ta("sample.add", SampleTA)
             env = client.client_env()
             refs.append(env)
@@ -212,12 +361,7 @@ def _info(args: argparse.Namespace) -> int:
             refs.append(ctrl)
             (app,) = ctrl.invoke(2, OUT_OBJECT)
             refs.append(app)
-        loaded = sorted(root.loaded_apps)
-        print(f"loaded TAs: {', '.join(loaded) if loaded else 'none'}")
-        live = device.leaks()
-        print("live objects:" + ("" if live else " none"))
-        for name, count in live.items():
-            print(f"  {name}: {count}")
+        print(format_info(describe(device)))
     except (OSError, qtee.QteeBaseError, qtee.UsageError) as exc:
         print(f"qtee info: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -1,21 +1,32 @@
 """``qtee supplicant``: run the listener daemon against a device.
 
-For now the device is in-process (a fresh secure world); the out-of-process issue
-connects it to a device server.  ``--check`` loads a small TA that calls every
-registered listener once, so a run shows the listeners answering end to end.
+The device is in-process (a fresh secure world), or with ``--connect PATH`` the device
+of a server (``qtee serve``): the supplicant is then one client of it, and the tables
+are the server's, so the closing ``tables:`` line is left out.  ``--check`` loads a
+small TA that calls every registered listener once, so a run shows the listeners
+answering end to end; the TA must live where QTEE is, so it needs the in-process device.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import struct
 import sys
 import threading
-from typing import Any
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from objects import QteeBaseError, op
+from objects import DriverError, QteeBaseError, op
+
+if TYPE_CHECKING:
+    from supplicant._listener import Supplicant
+
+#: How often a running supplicant looks whether its workers are still serving.
+_POLL: float = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +53,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop after this long (default: run until SIGINT or SIGTERM)",
     )
     parser.add_argument(
-        "--check", action="store_true", help="call every listener once from a TA, then stop"
+        "--check",
+        action="store_true",
+        help="call every listener once from a TA, then stop (in-process device only)",
     )
+    parser.add_argument(
+        "--connect",
+        metavar="PATH",
+        help="serve the device of the server at PATH (qtee serve) instead of an in-process "
+        "one; the server owns the tables, so no tables line is printed",
+    )
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors of option combinations (``parser.error``: exit status 2)."""
+    if args.check and args.connect is not None:
+        parser.error(
+            "--check loads a TA in this process's secure world; it cannot be "
+            "combined with --connect"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
         if d is not None and not os.path.isdir(d):
             print(f"qtee supplicant: {d}: not a directory", file=sys.stderr)
             return 2
-    device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
+    remote = args.connect is not None
+    device = (
+        qtee.connect(args.connect) if remote else qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
+    )
     try:
         sup = Supplicant(
             device,
@@ -68,34 +99,79 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
         )
     except (QteeBaseError, OSError) as exc:
-        print(f"qtee supplicant: cannot start: {exc}", file=sys.stderr)
+        why = exc.detail if remote and isinstance(exc, DriverError) and exc.detail else exc
+        print(f"qtee supplicant: cannot start: {_one_line(why)}", file=sys.stderr)
         return 1
-    ids = ", ".join(f"{i:#x}" for i in device.world.listeners.ids()) or "none"
-    print(f"listeners registered: {ids}; TA autoload: {'on' if args.ta_dir else 'off'}")
+    ids = ", ".join(f"{i:#x}" for i in sorted(sup.listeners)) or "none"
+    print(f"listeners registered: {ids}; TA autoload: {'on' if args.ta_dir else 'off'}", flush=True)
+    failure: str | None = None
     try:
         if args.check:
             _check(device)
-        else:
-            stop = threading.Event()
-            previous = {
-                sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)
-            }
-            try:
-                stop.wait(args.duration)
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+        elif not _serve(sup, args.duration):
+            failure = (
+                f"lost the connection to the server at {args.connect}"
+                if remote
+                else "the supplicant's workers stopped"
+            )
     except QteeBaseError as exc:
-        print(f"qtee supplicant: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        served = {f"{i:#x}": lst.served for i, lst in sup.listeners.items()}
+        failure = _one_line(exc)
+    served = {f"{i:#x}": lst.served for i, lst in sup.listeners.items()}
+    try:
         sup.stop()
+    except (QteeBaseError, OSError) as exc:  # the server went away: cannot unregister
+        failure = failure or f"cannot unregister the listeners: {_one_line(exc)}"
+    if failure is not None:
+        print(f"qtee supplicant: {failure}", file=sys.stderr)
+        return 1
     print(f"requests served: {served}")
+    if remote:
+        return 0
+    assert isinstance(device, qtee.Device)
     leaks = device.leaks()
     print("tables: empty" if not leaks else f"tables: {leaks}")
     return 0 if not leaks else 1
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM received while in the block, in a list the handler appends to (a
+    handler runs between two bytecodes of the main thread, which may hold any lock then,
+    so it takes none).  Handlers can only be set from the main thread: elsewhere, as when
+    a test runs the CLI in a thread, the list stays empty."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = {
+        sig: signal.signal(sig, lambda s, _: got.append(s))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield got
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(sup: Supplicant, duration: float | None) -> bool:
+    """Serve until ``duration`` is over or a signal; False if the workers stopped first
+    (a server that went away fails every SUPPL_RECV, and the workers end)."""
+    pool = sup.client.pool
+    end = None if duration is None else time.monotonic() + duration
+    with _stop_on_signals() as stop:
+        while not stop:
+            left = _POLL if end is None else min(_POLL, end - time.monotonic())
+            if left <= 0:
+                break
+            time.sleep(left)
+            if pool is not None and pool.alive() == 0:
+                return False
+    return True
 
 
 def _check(device: Any) -> None:

@@ -28,6 +28,7 @@ def test_info_on_an_idle_device(capsys: pytest.CaptureFixture[str]) -> None:
         *_header(),
         "loaded TAs: none",
         "live objects: none",
+        "open fds: none",
     ]
 
 
@@ -35,7 +36,8 @@ def test_info_demo_shows_a_loaded_ta_and_live_objects(capsys: pytest.CaptureFixt
     assert main(["info", "--demo"]) == 0
     out = capsys.readouterr()
     # env, FeatureVersions, the loader, the TA controller and the TA: five QTEE objects in
-    # the one context; the credentials callback object held by QTEE is one NS id.
+    # the one context; the credentials callback object held by QTEE is one NS id, and it is
+    # that fd's (qtee-kernel.md §4: objects are per context).
     assert out.out.splitlines() == [
         *_header(),
         "loaded TAs: sample.add",
@@ -43,6 +45,8 @@ def test_info_demo_shows_a_loaded_ta_and_live_objects(capsys: pytest.CaptureFixt
         "  secure objects: 5",
         "  ns ids: 1",
         "  context 0 objects: 5",
+        "open fds:",
+        "  demo client: qtee objects 5, callback objects 1, shms 0, requests 0",
         "released: tables empty",
     ]
     assert out.err == ""
