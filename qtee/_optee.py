@@ -10,6 +10,19 @@ the secure world is asked, as the OP-TEE driver's per-context session list does.
 Memref params name a shm of the calling context by id in ``c`` (offset ``a``, size
 ``b``); the TA sees those bytes.  A registered shm is the caller's own memory: its bytes
 are copied in before the call and back after it.
+
+Where the calls go is a driver's business, so three things are hooks a subclass may
+replace (an OP-TEE guest's driver, :mod:`qtee.vm._guest_optee`, sends OP-TEE messages
+over SMCs instead):
+
+* ``OpteeDevice(None, calls=...)``: cancel, close and the per-context close go there
+  (such a device has no secure world and no ``runtime``);
+* :meth:`OpteeDevice._shm_backing` / :meth:`OpteeDevice._shm_release`: where a shm's
+  bytes live;
+* :meth:`OpteeContext._prepare`: a call's params checked and turned into a
+  :class:`PreparedCall` that opens or invokes, then gives the params back.
+
+The host's defaults call the secure world's GP runtime directly.
 """
 
 from __future__ import annotations
@@ -19,7 +32,8 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
+from uuid import UUID
 
 from objects import DriverError, IdrAllocator, ObjectTable
 from qtee import _checks, uapi
@@ -31,7 +45,7 @@ if TYPE_CHECKING:
     from qtee.secure import SecureWorld
     from qtee.secure._gp import GpParam, GpRuntime
 
-__all__ = ["OpteeContext", "OpteeDevice"]
+__all__ = ["OpteeContext", "OpteeDevice", "PreparedCall", "SessionRuntime"]
 
 _PARAM: Final = struct.Struct("<4Q")
 _OPEN_HEAD: Final = struct.Struct("<16s16s6I")
@@ -47,17 +61,66 @@ def _einval(why: str) -> DriverError:
     return DriverError(errno.EINVAL, why)
 
 
+class SessionRuntime(Protocol):
+    """Where a context's cancel, close and close-all go (the GP runtime on the host)."""
+
+    def cancel(self, session_id: int, cancel_id: int = 0, owner: object = None) -> int:
+        """``OPTEE_MSG_CMD_CANCEL``; the outcome shows in the call."""
+        ...
+
+    def close_session(self, session_id: int, owner: object = None) -> int:
+        """``OPTEE_MSG_CMD_CLOSE_SESSION``."""
+        ...
+
+    def close_owner(self, owner: object) -> None:
+        """Close every session ``owner`` (a context) still has."""
+        ...
+
+    def live(self) -> dict[str, int]:
+        """Counts for leak checks."""
+        ...
+
+
+class PreparedCall(Protocol):
+    """One call's params, checked and ready to go (see :meth:`OpteeContext._prepare`)."""
+
+    def open(
+        self, uuid: bytes, login: int, client: bytes | UUID, cancel_id: int
+    ) -> tuple[int, int, int]:
+        """OPEN_SESSION with these params: ``(session or 0, ret, ret_origin)``."""
+        ...
+
+    def invoke(self, session: int, func: int, cancel_id: int) -> tuple[int, int]:
+        """INVOKE_COMMAND with these params: ``(ret, ret_origin)``."""
+        ...
+
+    def params_back(self) -> list[_P]:
+        """``params_to_user``: the kernel params as the call left them."""
+        ...
+
+
 class _GpShm:
     """A shared buffer of one context: allocated (kernel pages) or registered (user pages)."""
 
-    __slots__ = ("addr", "buf", "ctx", "id", "size")
+    __slots__ = ("addr", "buf", "ctx", "handle", "id", "size")
 
-    def __init__(self, ctx: OpteeContext, shm_id: int, size: int, addr: int | None) -> None:
+    def __init__(
+        self,
+        ctx: OpteeContext,
+        shm_id: int,
+        size: int,
+        addr: int | None,
+        buf: bytearray | memoryview | None = None,
+        handle: object = None,
+    ) -> None:
         self.ctx = ctx
         self.id = shm_id
         self.size = size
         self.addr = addr  # user address for a registered shm, None when allocated
-        self.buf = bytearray(size) if addr is None else bytearray()
+        if buf is None:
+            buf = bytearray(size) if addr is None else bytearray()
+        self.buf: bytearray | memoryview = buf
+        self.handle = handle  # what the device's _shm_backing made it (None on the host)
 
 
 class _Window:
@@ -89,16 +152,26 @@ class OpteeDevice:
 
     def __init__(
         self,
-        world: SecureWorld,
+        world: SecureWorld | None,
         *,
         memory: AddressSpace | None = None,
         cred: Callable[[], Cred] | None = None,
+        calls: SessionRuntime | None = None,
     ) -> None:
         from qtee.secure._gp import GpRuntime
 
         self.world = world
-        self.runtime: GpRuntime = getattr(world, "gp", None) or GpRuntime(world)
-        world.gp = self.runtime  # type: ignore[attr-defined]
+        if world is not None:
+            #: The secure world's GP runtime (devices with a secure world only).
+            self.runtime: GpRuntime = getattr(world, "gp", None) or GpRuntime(world)
+            world.gp = self.runtime  # type: ignore[attr-defined]
+        if calls is not None:  # calls go elsewhere (a guest's driver)
+            #: Where the contexts' cancel, close and close-all go.
+            self.calls: SessionRuntime = calls
+        elif world is None:
+            raise TypeError("an OpteeDevice needs a secure world or somewhere for its calls")
+        else:
+            self.calls = self.runtime
         self.memory: AddressSpace = memory if memory is not None else ProcessMemory()
         self.shm: ObjectTable[_GpShm] = ObjectTable(IdrAllocator(1, 0), name="shm ids")
         #: Who the caller is (the kernel reads current's credentials).
@@ -122,11 +195,23 @@ class OpteeDevice:
 
         return attach_rpc(self).open()
 
+    def _shm_backing(self, size: int, addr: int | None) -> tuple[bytearray | memoryview, object]:
+        """The bytes of a new shm and a handle for :meth:`_shm_release`.
+
+        ``addr`` is None for SHM_ALLOC (the shm's own pages) and the user address for
+        SHM_REGISTER (the host reads the user's memory per call: no bytes here).  May
+        raise DriverError (ENOMEM), and then nothing was made."""
+        return (bytearray(size) if addr is None else bytearray()), None
+
+    def _shm_release(self, shm: _GpShm) -> None:
+        """A shm is gone (its fd closed, or its context): undo :meth:`_shm_backing`."""
+
     def leaks(self) -> dict[str, int]:
         """Tables still holding something (empty when nothing leaked)."""
-        found = {f"gp {k}": v for k, v in self.runtime.live().items()}
+        found = {f"gp {k}": v for k, v in self.calls.live().items()}
         found["shm ids"] = len(self.shm)
-        found["secure objects"] = len(self.world.live_ids())
+        if self.world is not None:
+            found["secure objects"] = len(self.world.live_ids())
         with self._lock:
             for n, ctx in enumerate(sorted(self.contexts, key=id)):
                 found[f"context {n} sessions"] = len(ctx.sessions)
@@ -164,14 +249,14 @@ class OpteeContext:
         if cmd == uapi.TEE_IOC_CANCEL:
             cancel = uapi.CancelArg.unpack(self._need(arg, uapi.CancelArg.SIZE))
             self._own(cancel.session)
-            self.device.runtime.cancel(cancel.session, cancel.cancel_id, owner=self)
+            self.device.calls.cancel(cancel.session, cancel.cancel_id, owner=self)
             return 0
         if cmd == uapi.TEE_IOC_CLOSE_SESSION:
             close = uapi.CloseSessionArg.unpack(self._need(arg, uapi.CloseSessionArg.SIZE))
             self._own(close.session)
             with self._lock:
                 self.sessions.discard(close.session)
-            self.device.runtime.close_session(close.session, owner=self)
+            self.device.calls.close_session(close.session, owner=self)
             return 0
         raise _einval(f"ioctl {uapi.IOCTL_NAMES.get(cmd, hex(cmd))} is not supported by optee")
 
@@ -189,12 +274,27 @@ class OpteeContext:
             raise _einval("SHM_ALLOC flags must be 0")
         if data.size > 1 << 32:
             raise DriverError(errno.ENOMEM, f"cannot allocate {data.size} bytes")
-        shm_id = self.device.shm.reserve()
-        shm = _GpShm(self, shm_id, data.size, None)
+        shm = self._new_shm(data.size, None)
+        uapi.ShmAllocData(data.size, 0, shm.id).pack_into(arg)
+        return 0
+
+    def _new_shm(self, size: int, addr: int | None) -> _GpShm:
+        """A shm of this context with the next shm id (nothing made if that fails)."""
+        buf, handle = self.device._shm_backing(size, addr)
+        shm: _GpShm | None = None
+        try:
+            shm_id = self.device.shm.reserve()
+            shm = _GpShm(self, shm_id, size, addr, buf, handle)
+        finally:
+            if shm is None:
+                self.device._shm_release(_GpShm(self, 0, size, addr, buf, handle))
         self.device.shm.replace(shm_id, shm)
         self.shms[shm_id] = shm
-        uapi.ShmAllocData(data.size, 0, shm_id).pack_into(arg)
-        return 0
+        return shm
+
+    def _drop_shm(self, shm: _GpShm) -> None:
+        self.device.shm.erase(shm.id)
+        self.device._shm_release(shm)
 
     def _shm_register(self, arg: bytearray | memoryview) -> int:
         data = uapi.ShmRegisterData.unpack(self._need(arg, uapi.ShmRegisterData.SIZE))
@@ -203,11 +303,8 @@ class OpteeContext:
         if data.length == 0 or data.addr + data.length > TASK_SIZE:
             raise _einval(f"cannot register {data.length} bytes at {data.addr:#x}")
         self.device.memory.read(data.addr, data.length)  # pin_user_pages: EFAULT if unmapped
-        shm_id = self.device.shm.reserve()
-        shm = _GpShm(self, shm_id, data.length, data.addr)
-        self.device.shm.replace(shm_id, shm)
-        self.shms[shm_id] = shm
-        uapi.ShmRegisterData(data.addr, data.length, 0, shm_id).pack_into(arg)
+        shm = self._new_shm(data.length, data.addr)
+        uapi.ShmRegisterData(data.addr, data.length, 0, shm.id).pack_into(arg)
         return 0
 
     def shm_view(self, shm_id: int) -> memoryview:
@@ -222,13 +319,19 @@ class OpteeContext:
         shm = self.shms.pop(shm_id, None)
         if shm is None:
             raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
-        self.device.shm.erase(shm_id)
+        self._drop_shm(shm)
 
     # ------------------------------------------------------------------ sessions
     def _read_block(
         self, arg: bytearray | memoryview, head: struct.Struct
     ) -> tuple[int, bytes, list[_P]]:
         return _checks.read_buf_block(self.device.memory, arg, head.size, head.size - 4)
+
+    def _prepare(self, params: list[_P]) -> PreparedCall:
+        """Check a call's kernel params (errno, before anything is sent) and get it
+        ready: here for the secure world's GP runtime (``params_from_user``)."""
+        types, gp, shms = self._gp_params(params)
+        return _LocalCall(self, params, types, gp, shms)
 
     def _gp_params(self, params: list[_P]) -> tuple[int, list[GpParam], list[_Window | None]]:
         """Kernel params -> the TA's typed params (``params_from_user`` + the driver)."""
@@ -289,16 +392,14 @@ class OpteeContext:
     def _open_session(self, arg: bytearray | memoryview) -> int:
         buf_ptr, block, params = self._read_block(arg, _OPEN_HEAD)
         uuid, clnt_uuid, login, cancel_id, _s, _r, _o, num = _OPEN_HEAD.unpack_from(block)
-        types, gp, shms = self._gp_params(params)
+        call = self._prepare(params)
         check_user_login(login)  # the REE-kernel login range is EPERM from userspace
         client = calc_client_uuid(login, clnt_uuid, cred=self.device.cred())
-        session, ret, origin = self.device.runtime.open_session(
-            uuid, login, client, types, gp, cancel_id=cancel_id, owner=self
-        )
+        session, ret, origin = call.open(uuid, login, client, cancel_id)
         if session:
             with self._lock:
                 self.sessions.add(session)
-        back = self._params_back(params, gp, shms)
+        back = call.params_back()
         head = _OPEN_HEAD.pack(uuid, clnt_uuid, login, cancel_id, session, ret, origin, num)
         try:
             self.device.memory.write(buf_ptr, head + b"".join(_PARAM.pack(*p) for p in back))
@@ -306,19 +407,17 @@ class OpteeContext:
             if session:  # results could not reach the caller: close it again, no leak
                 with self._lock:
                     self.sessions.discard(session)
-                self.device.runtime.close_session(session, owner=self)
+                self.device.calls.close_session(session, owner=self)
             raise
         return 0
 
     def _invoke(self, arg: bytearray | memoryview) -> int:
         buf_ptr, block, params = self._read_block(arg, _INVOKE_HEAD)
         func, session, cancel_id, _r, _o, num = _INVOKE_HEAD.unpack_from(block)
-        types, gp, shms = self._gp_params(params)
+        call = self._prepare(params)
         self._own(session)
-        ret, origin = self.device.runtime.invoke(
-            session, func, types, gp, cancel_id=cancel_id, owner=self
-        )
-        back = self._params_back(params, gp, shms)
+        ret, origin = call.invoke(session, func, cancel_id)
+        back = call.params_back()
         head = _INVOKE_HEAD.pack(func, session, cancel_id, ret, origin, num)
         self.device.memory.write(buf_ptr, head + b"".join(_PARAM.pack(*p) for p in back))
         return 0
@@ -329,11 +428,49 @@ class OpteeContext:
         if self.closed:
             return
         self.closed = True
-        self.device.runtime.close_owner(self)
+        self.device.calls.close_owner(self)
         with self._lock:
             self.sessions.clear()
-        for shm_id in list(self.shms):
-            self.device.shm.erase(shm_id)
+        for shm in list(self.shms.values()):
+            self._drop_shm(shm)
         self.shms.clear()
         with self.device._lock:
             self.device.contexts.discard(self)
+
+
+class _LocalCall:
+    """A prepared call for the secure world's GP runtime (the host's driver)."""
+
+    __slots__ = ("ctx", "gp", "params", "shms", "types")
+
+    def __init__(
+        self,
+        ctx: OpteeContext,
+        params: list[_P],
+        types: int,
+        gp: list[GpParam],
+        shms: list[_Window | None],
+    ) -> None:
+        self.ctx = ctx
+        self.params = params
+        self.types = types
+        self.gp = gp
+        self.shms = shms
+
+    def _runtime(self) -> GpRuntime:
+        return self.ctx.device.runtime
+
+    def open(
+        self, uuid: bytes, login: int, client: bytes | UUID, cancel_id: int
+    ) -> tuple[int, int, int]:
+        return self._runtime().open_session(
+            uuid, login, client, self.types, self.gp, cancel_id=cancel_id, owner=self.ctx
+        )
+
+    def invoke(self, session: int, func: int, cancel_id: int) -> tuple[int, int]:
+        return self._runtime().invoke(
+            session, func, self.types, self.gp, cancel_id=cancel_id, owner=self.ctx
+        )
+
+    def params_back(self) -> list[_P]:
+        return self.ctx._params_back(self.params, self.gp, self.shms)
