@@ -570,6 +570,32 @@ def test_no_server_is_exit_1_with_one_line(
     assert out.out == ""
 
 
+def test_a_peer_that_is_not_a_server_is_exit_1(
+    sockdir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Something listens at PATH but closes instead of answering the hello."""
+    path = os.path.join(sockdir, "mute")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+
+    def hang_up() -> None:
+        conn, _ = listener.accept()
+        conn.recv(1 << 16)
+        conn.close()
+
+    t = threading.Thread(target=hang_up)
+    t.start()
+    try:
+        assert main(["info", "--connect", path]) == 1
+    finally:
+        t.join(5)
+        listener.close()
+    out = capsys.readouterr()
+    assert out.err == f"qtee info: cannot connect to {path}: server closed the connection\n"
+    assert out.out == ""
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
