@@ -66,9 +66,17 @@ _MAX_FDS: Final = 16
 class RemoteDevice:
     """A device served at ``path``; each :meth:`open` is one connection."""
 
-    def __init__(self, path: str | os.PathLike[str], *, max_frame: int = MAX_FRAME) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_frame: int = MAX_FRAME,
+        handshake_timeout: float = 10.0,
+    ) -> None:
         self.path = os.fspath(path)
         self.max_frame = max_frame
+        #: Seconds to wait for the server's welcome on each new connection.
+        self.handshake_timeout = handshake_timeout
         #: This process's memory as the server sees it: buffers pinned here, by address.
         self.memory = CheckedMemory()
 
@@ -100,11 +108,21 @@ class RemoteContext:
         self._fds: collections.deque[int] = collections.deque()
         self._maps: dict[int, mmap.mmap | bytearray] = {}
         self._streams: dict[int, Callable[[dict[str, Any]], None]] = {}
-        self.sock.sendall(encode(Hello(client=f"qtee pid {os.getpid()}")))
-        welcome = self._read_one()
-        if not isinstance(welcome, Welcome):
+        try:
+            self.sock.settimeout(device.handshake_timeout)
+            self.sock.sendall(encode(Hello(client=f"qtee pid {os.getpid()}")))
+            welcome = self._read_one()
+            if not isinstance(welcome, Welcome):
+                raise DriverError(errno.EPROTO, f"server answered {type(welcome).__name__}")
+            self.sock.settimeout(None)
+        except (DriverError, FrameError, OSError) as exc:
             self.sock.close()
-            raise DriverError(errno.EPROTO, f"server answered {type(welcome).__name__}")
+            for fd in self._fds:
+                os.close(fd)
+            if isinstance(exc, DriverError):
+                raise
+            code = errno.ETIMEDOUT if isinstance(exc, TimeoutError) else errno.EPROTO
+            raise DriverError(code, f"no welcome from {device.path}: {exc}") from None
         self.welcome = welcome
         self._reader = threading.Thread(target=self._read_loop, name="qtee-remote", daemon=True)
         self._reader.start()
@@ -287,8 +305,10 @@ class RemoteContext:
 
         seq = self._query("info", answer)
         try:
-            if not done.wait(timeout) or not got[0]:
+            if not done.wait(timeout):
                 raise DriverError(errno.ETIMEDOUT, "the server did not describe itself")
+            if not got[0]:  # the end of the stream: the connection went away
+                raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
             return got[0]
         finally:
             with self._lock:
@@ -347,6 +367,8 @@ def _merge(spans: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
     return out
 
 
-def connect(path: str | os.PathLike[str]) -> RemoteDevice:
+def connect(
+    path: str | os.PathLike[str], *, max_frame: int = MAX_FRAME, handshake_timeout: float = 10.0
+) -> RemoteDevice:
     """A device served at ``path`` (see ``qtee serve``); use it like an in-process Device."""
-    return RemoteDevice(path)
+    return RemoteDevice(path, max_frame=max_frame, handshake_timeout=handshake_timeout)

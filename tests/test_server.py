@@ -5,8 +5,12 @@ suite runs in process and against a server in tests/test_scenarios.py.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 import qtee
-from objects import QteeError
+from objects import DriverError, QteeError
 from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, Out, op
 from qtee._frames import MAX_FRAME, Bye, FrameDecoder, Hello, Ioctl, encode
 
@@ -215,3 +219,41 @@ def test_dropped_supplicant_connection_is_defunct_for_the_ta(server: DeviceServe
     finally:
         qtee.secure.unregister_ta("server.keeper")
         qtee.secure.unregister_ta("server.caller")
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [(None, errno.ETIMEDOUT), (b"\x00\x00\x00\x03\xc1\xc1\xc1", errno.EPROTO), (b"", errno.EPROTO)],
+    ids=["silent", "garbage", "hangs-up"],
+)
+def test_a_peer_that_does_not_welcome_fails_open_cleanly(answer: bytes | None, code: int) -> None:
+    """No welcome within the handshake timeout, garbage, or a hang-up: open() fails with one
+    DriverError naming it, and the socket is closed (no ResourceWarning under -W error)."""
+    tmp = tempfile.mkdtemp(prefix="qtee-")  # short: a socket path has 108 bytes
+    path = os.path.join(tmp, "peer.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def peer() -> None:
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        if answer is not None:
+            conn.sendall(answer)
+            conn.close()
+        else:
+            time.sleep(1.0)
+            conn.close()
+
+    t = threading.Thread(target=peer)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DriverError) as exc:
+            qtee.connect(path, handshake_timeout=0.3).open()
+        assert exc.value.code == code
+        assert time.monotonic() - t0 < 0.9
+    finally:
+        t.join(3)
+        listener.close()
+        shutil.rmtree(tmp, ignore_errors=True)
