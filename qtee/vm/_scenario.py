@@ -1,0 +1,151 @@
+"""The invoke-loop scenario as a workload: what ``qtee vm`` runs in the host and each guest.
+
+:func:`run_invoke_loop` opens a client on a device (a host ``Device`` or a guest's),
+loads the scenario TA, and repeats one round -- add two numbers, a callback with buffers,
+an object out and back through a callback, shared memory written by the TA -- counting
+rounds that held and calls that failed, until ``iterations`` rounds are done or ``stop``
+is set.  A call failing because the VM went away ends the loop (counted, not raised).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from objects import DriverError, QteeBaseError, QteeError, UsageError, op
+from qtee.client import OUT_OBJECT, CallbackObject, Client, Out
+from qtee.secure import NsObject, TrustedApp, register_ta, ta_image
+
+__all__ = ["SCENARIO_TA", "ScenarioStats", "run_invoke_loop"]
+
+#: The name the scenario TA is registered under.
+SCENARIO_TA = "qtee.vm.scenario"
+
+
+class _ScenarioTA(TrustedApp):
+    @op(0, ib=(8,), ob=(4,))
+    def add(self, pair: bytes) -> bytes:
+        a, b = struct.unpack("<II", pair)
+        return struct.pack("<I", (a + b) & 0xFFFF_FFFF)
+
+    @op(1, io=1, ob=(None,))
+    def call_back(self, cb: NsObject) -> bytes:
+        res = cb.invoke(0, [b"TA"], [32])
+        if res.result:
+            raise QteeError(res.result)
+        return res.ob[0]
+
+    @op(2, io=1, ob=(4,))
+    def object_round_trip(self, cb: NsObject) -> bytes:
+        res = cb.invoke(1, io=[self], n_oo=1)
+        if res.result:
+            raise QteeError(res.result)
+        return struct.pack("<I", 1 if res.oo[0] is self else 0)
+
+    @op(3, io=1, ib=(4,))
+    def fill(self, tag: bytes, mem: NsObject) -> None:
+        mapping = self.world.map_region(mem)
+        try:
+            mapping.view[:8] = b"TA wrote"
+            mapping.view[8:12] = tag
+        finally:
+            mapping.unmap()
+
+
+class _Peer(CallbackObject):
+    @op(0, ib=(None,), ob=(None,))
+    def greet(self, name: bytes) -> bytes:
+        return b"hello " + name
+
+    @op(1, io=1, oo=1)
+    def echo(self, obj: object) -> object:
+        return obj
+
+
+register_ta(SCENARIO_TA, _ScenarioTA)
+
+
+@dataclass(slots=True)
+class ScenarioStats:
+    """What one loop did: rounds that held, rounds with a wrong answer, failed calls by
+    error, and the error that ended it early (None when it ran to the end)."""
+
+    rounds: int = 0
+    wrong: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    ended_by: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Every round held and the loop was not cut short."""
+        return self.wrong == 0 and not self.errors and self.ended_by is None
+
+
+def _error_name(exc: BaseException) -> str:
+    if isinstance(exc, QteeError):
+        return f"result {exc.result}"
+    if isinstance(exc, DriverError):
+        return f"errno {exc.code}"
+    return type(exc).__name__
+
+
+def run_invoke_loop(
+    device: Any, iterations: int, *, stop: threading.Event | None = None, workers: int = 2
+) -> ScenarioStats:
+    """Run the scenario on ``device`` for ``iterations`` rounds (or until ``stop``)."""
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise UsageError(f"iterations must be an int >= 0, not {iterations!r}")
+    stats = ScenarioStats()
+    t0 = time.monotonic()
+    try:
+        client = Client(device, workers=workers)
+    except (QteeBaseError, OSError) as exc:
+        stats.ended_by = _error_name(exc)
+        return stats
+    refs = []
+    try:
+        env = client.client_env()
+        refs.append(env)
+        loader = client.open_service(env, 3)
+        refs.append(loader)
+        (ctrl,) = loader.invoke(0, ta_image(SCENARIO_TA), OUT_OBJECT)
+        refs.append(ctrl)
+        (app,) = ctrl.invoke(2, OUT_OBJECT)
+        refs.append(app)
+        peer = _Peer()
+        with client.memory(64) as mem:
+            for n in range(iterations):
+                if stop is not None and stop.is_set():
+                    break
+                (total,) = app.invoke(0, struct.pack("<II", n, 7), Out(4))
+                (hello,) = app.invoke(1, peer, Out(32))
+                (same,) = app.invoke(2, peer, Out(4))
+                tag = struct.pack("<I", n)
+                app.invoke(3, mem, tag)
+                good = (
+                    struct.unpack("<I", total)[0] == n + 7
+                    and hello == b"hello TA"
+                    and same == b"\x01\x00\x00\x00"
+                    and bytes(mem.view[:12]) == b"TA wrote" + tag
+                )
+                if good:
+                    stats.rounds += 1
+                else:
+                    stats.wrong += 1
+        ctrl.invoke(1)  # unload, so the next loop on this TEE can load it again
+    except (QteeBaseError, OSError) as exc:
+        stats.errors[_error_name(exc)] += 1
+        stats.ended_by = _error_name(exc)
+    finally:
+        for ref in reversed(refs):
+            with contextlib.suppress(QteeBaseError, OSError):  # the VM went, with them
+                ref.release()
+        client.close()
+        stats.seconds = time.monotonic() - t0
+    return stats
