@@ -133,10 +133,21 @@ def test_lend_is_page_granular_and_reuses_freed_pages(ram: GuestRam) -> None:
     assert c == b + 2 * PAGE_SIZE  # big took two pages
     ram.take_back(a)
     ram.take_back(b)
-    assert ram.lend(bytearray(3 * PAGE_SIZE)) == a  # the merged hole fits 3 pages
+    assert ram.lend(bytearray(PAGE_SIZE)) == a  # a freed single page is reused first
     ram.take_back(a)
     ram.take_back(c)
     assert len(ram) == 0
+
+
+def test_single_pages_kept_aside_do_not_fragment_ram(ram: GuestRam) -> None:
+    """Every page lent one by one and given back: the whole RAM is still one allocation."""
+    pages = [ram.lend(bytearray(8)) for _ in range(SIZE // PAGE_SIZE)]
+    assert sorted(pages) == [ram.base + k * PAGE_SIZE for k in range(SIZE // PAGE_SIZE)]
+    for gpa in pages:
+        ram.take_back(gpa)
+    whole = ram.alloc(SIZE)
+    assert whole == ram.base and ram.read(whole, SIZE) == bytes(SIZE)
+    ram.free(whole)
 
 
 def test_out_of_guest_ram_is_enomem(ram: GuestRam) -> None:
@@ -168,6 +179,9 @@ def test_backing_places_shm_in_guest_pages(ram: GuestRam) -> None:
 def test_close_frees_the_host_region_only_when_nothing_is_pinned(
     host: PhysMemory, ram: GuestRam
 ) -> None:
+    ram.alloc(100)  # a guest kernel allocation: it goes with the RAM
+    in_flight = bytearray(b"smc")
+    lent = ram.lend(in_flight)  # an SMC buffer still lent: its thread takes it back
     pin = ram.pin(ram.base, 1)
     with pytest.raises(DriverError) as exc:
         ram.close()
@@ -176,6 +190,9 @@ def test_close_frees_the_host_region_only_when_nothing_is_pinned(
     ram.unpin(pin)
     ram.close()
     assert len(host) == 0 and ram.closed
+    assert len(ram) == 1  # only the lent buffer
+    ram.take_back(lent)
+    assert len(ram) == 0 and in_flight == b"smc"
     with pytest.raises(GuestFault):
         ram.translate(ram.base, 1)
     with pytest.raises(GuestFault):

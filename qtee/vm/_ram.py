@@ -26,8 +26,7 @@ from __future__ import annotations
 import bisect
 import errno
 import threading
-from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from objects import DriverError, UsageError
 
@@ -38,6 +37,7 @@ GUEST_RAM_BASE: Final = 0x4000_0000
 PAGE_SIZE: Final = 4096
 _SHIFT: Final = 12
 _ZERO_PAGE: Final = memoryview(bytes(PAGE_SIZE))
+_KEEP_ASIDE: Final = 64
 
 
 class HostPhys(Protocol):
@@ -59,12 +59,16 @@ class GuestFault(DriverError):
         super().__init__(errno.EFAULT, detail)
 
 
-@dataclass(frozen=True, slots=True)
-class Pin:
-    """Pages held by the VMM: ``pages`` guest frames from ``first_gfn`` (gpa >> 12)."""
+class Pin(NamedTuple):
+    """Pages held by the VMM: ``pages`` guest frames from ``first_gfn`` (gpa >> 12).
+
+    Immutable (a named tuple: one is made per SMC buffer on the call path)."""
 
     first_gfn: int
     pages: int
+
+
+_new_pin: Final = tuple.__new__
 
 
 class GuestRam:
@@ -79,6 +83,7 @@ class GuestRam:
         "_lent",
         "_lock",
         "_mv",
+        "_one",
         "_pinned",
         "_pins",
         "_regions",
@@ -102,6 +107,7 @@ class GuestRam:
         self._lock = threading.Lock()
         self._free_starts: list[int] = [0]  # free page extents, sorted
         self._free_lens: list[int] = [pages]
+        self._one: list[int] = []  # single free pages kept aside (SMC buffers come and go)
         self._regions: dict[int, int] = {}  # gpa -> pages, every allocation of the guest kernel
         self._lent: dict[int, bytearray] = {}  # gpa -> the buffer lend() copied in
         self._backed: dict[int, tuple[int, memoryview]] = {}  # id(view) -> (gpa, view)
@@ -128,21 +134,37 @@ class GuestRam:
 
     # ------------------------------------------------------------------ guest kernel side
     def _take(self, pages: int) -> int:
-        """First fit over the free extents (caller holds the lock); ENOMEM when none fits."""
+        """First fit over the free extents (caller holds the lock); ENOMEM when none fits.
+        A single page comes from the pages kept aside first."""
+        if pages == 1 and self._one:
+            return self._one.pop()
         lens = self._free_lens
-        for i, length in enumerate(lens):
-            if length >= pages:
-                start = self._free_starts[i]
-                if length == pages:
-                    del self._free_starts[i], lens[i]
-                else:
-                    self._free_starts[i] = start + pages
-                    lens[i] = length - pages
-                return start
+        for _ in (0, 1):
+            for i, length in enumerate(lens):
+                if length >= pages:
+                    start = self._free_starts[i]
+                    if length == pages:
+                        del self._free_starts[i], lens[i]
+                    else:
+                        self._free_starts[i] = start + pages
+                        lens[i] = length - pages
+                    return start
+            if not self._one:
+                break
+            one, self._one = self._one, []  # merge the pages kept aside, then retry
+            for page in one:
+                self._merge(page, 1)
         raise DriverError(errno.ENOMEM, f"guest RAM has no {pages} free contiguous pages")
 
     def _give(self, start: int, pages: int) -> None:
-        """Return an extent, merging with its neighbours (caller holds the lock)."""
+        """Return an extent (caller holds the lock); a single page is kept aside."""
+        if pages == 1 and len(self._one) < _KEEP_ASIDE:
+            self._one.append(start)
+        else:
+            self._merge(start, pages)
+
+    def _merge(self, start: int, pages: int) -> None:
+        """Return an extent to the free list, merging with its neighbours."""
         starts, lens = self._free_starts, self._free_lens
         i = bisect.bisect_right(starts, start)
         if i > 0 and starts[i - 1] + lens[i - 1] == start:
@@ -264,40 +286,85 @@ class GuestRam:
         off = self._offset(gpa, len(data))
         self._mv[off : off + len(data)] = data
 
-    def pin(self, gpa: int, n: int) -> Pin:
-        """Pin the pages under ``[gpa, gpa+n)`` (counted per page) until :meth:`unpin`."""
+    def _span(self, gpa: int, n: int) -> tuple[int, int]:
+        """First page index and page count under ``[gpa, gpa+n)`` (GuestFault outside RAM)."""
         off = self._offset(gpa, n)
         first = off >> _SHIFT
-        pages = ((off + n + PAGE_SIZE - 1) >> _SHIFT) - first if n else 0
+        return first, (((off + n + PAGE_SIZE - 1) >> _SHIFT) - first if n else 0)
+
+    def _count(self, first: int, pages: int) -> None:
+        """One more pin on each page (caller holds the lock, RAM not closed)."""
+        counts = self._pins
+        for page in range(first, first + pages):
+            c = counts[page]
+            if not c:
+                self._pinned += 1
+            counts[page] = c + 1
+
+    def _check_pinned(self, pin: Pin) -> int:
+        """The first page index of ``pin``; UsageError unless all its pages are pinned."""
+        first = pin[0] - (self.base >> _SHIFT)
+        pages = pin[1]
+        counts = self._pins
+        if (
+            first < 0
+            or first + pages > len(counts)
+            or not (counts[first] if pages == 1 else all(counts[first : first + pages]))
+        ):
+            raise UsageError(f"{pin} is not pinned in this guest RAM")
+        return first
+
+    def _uncount(self, first: int, pages: int) -> None:
+        """One pin less on each page (caller holds the lock and checked them)."""
+        counts = self._pins
+        for page in range(first, first + pages):
+            c = counts[page] - 1
+            counts[page] = c
+            if not c:
+                self._pinned -= 1
+
+    def pin(self, gpa: int, n: int) -> Pin:
+        """Pin the pages under ``[gpa, gpa+n)`` (counted per page) until :meth:`unpin`."""
+        first, pages = self._span(gpa, n)
         with self._lock:
             if self._closed:
                 raise GuestFault(f"guest RAM was freed; cannot pin {gpa:#x}+{n}")
-            counts = self._pins
-            for page in range(first, first + pages):
-                c = counts[page]
-                if not c:
-                    self._pinned += 1
-                counts[page] = c + 1
-        return Pin((self.base >> _SHIFT) + first, pages)
+            self._count(first, pages)
+        return _new_pin(Pin, ((self.base >> _SHIFT) + first, pages))
+
+    def pin_pair(self, a: int, an: int, b: int, bn: int) -> tuple[Pin, Pin]:
+        """:meth:`pin` of two ranges at once (an SMC's inbound and outbound buffers)."""
+        fa, pa = self._span(a, an)
+        fb, pb = self._span(b, bn)
+        with self._lock:
+            if self._closed:
+                raise GuestFault(f"guest RAM was freed; cannot pin {a:#x}+{an}")
+            self._count(fa, pa)
+            self._count(fb, pb)
+        base = self.base >> _SHIFT
+        return _new_pin(Pin, (base + fa, pa)), _new_pin(Pin, (base + fb, pb))
 
     def unpin(self, pin: Pin) -> None:
-        """Drop one pin taken by :meth:`pin` (UsageError if those pages are not pinned)."""
-        if not isinstance(pin, Pin):
+        """Drop one pin taken by :meth:`pin` (UsageError, nothing changed, if those pages
+        are not pinned)."""
+        if type(pin) is not Pin:
             raise TypeError(f"unpin() takes a Pin, not {type(pin).__name__}")
-        first = pin.first_gfn - (self.base >> _SHIFT)
-        counts = self._pins
         with self._lock:
-            if (
-                first < 0
-                or first + pin.pages > len(counts)
-                or not all(counts[first : first + pin.pages])
-            ):
-                raise UsageError(f"{pin} is not pinned in this guest RAM")
-            for page in range(first, first + pin.pages):
-                c = counts[page] - 1
-                counts[page] = c
-                if not c:
-                    self._pinned -= 1
+            self._uncount(self._check_pinned(pin), pin[1])
+
+    def unpin_pair(self, p: Pin, q: Pin) -> None:
+        """:meth:`unpin` of the two pins :meth:`pin_pair` took (both or, on error, neither)."""
+        if type(p) is not Pin or type(q) is not Pin:
+            raise TypeError("unpin_pair() takes two Pins")
+        with self._lock:
+            fp = self._check_pinned(p)
+            self._uncount(fp, p[1])
+            try:
+                fq = self._check_pinned(q)
+            except UsageError:
+                self._count(fp, p[1])  # p back as it was: a refused move changes nothing
+                raise
+            self._uncount(fq, q[1])
 
     def pinned_pages(self) -> int:
         """Distinct pages with at least one pin."""
@@ -318,8 +385,9 @@ class GuestRam:
     def close(self) -> None:
         """Free the host region (the VM is gone); EBUSY while any page is pinned.
 
-        The guest kernel's side keeps working on the (now unreachable) buffer, so a guest
-        thread still unwinding after its VM was destroyed fails cleanly.
+        The guest kernel's allocations go with it, except SMC buffers still lent: a guest
+        thread unwinding after its VM was destroyed takes them back and fails cleanly (the
+        guest side keeps working on the now unreachable buffer).
         """
         with self._lock:
             if self._closed:
@@ -327,6 +395,9 @@ class GuestRam:
             if self._pinned:
                 raise DriverError(errno.EBUSY, f"{self._pinned} guest pages are still pinned")
             self._closed = True
+            lent = self._lent
+            self._regions = {gpa: n for gpa, n in self._regions.items() if gpa in lent}
+            self._backed.clear()
         self.host.remove(self.hpa)
 
     @property
