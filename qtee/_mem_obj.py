@@ -6,32 +6,40 @@ zeroed buffer at a model physical address.  Passing it to QTEE as
 that refuses every direct op; QTEE maps it only through the primordial object's
 MAP_REGION, which answers ``{u64 paddr; u64 len; u32 perms}`` and hands the same
 memory back as the mapping object.
+
+Physical memory (:class:`PhysSpace`, the host's :class:`PhysMemory`) holds those buffers
+and the inbound/outbound buffers the driver lends for each SMC (QK §3.1: page granular).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
+import itertools
 import mmap
 import os
 import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, TypeAlias
+from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
 
-from objects import Refcounted
+from objects import DriverError, Refcounted, UsageError
 from qtee._user_obj import CbObject
 
 if TYPE_CHECKING:
     from qtee._driver import Context
 
 __all__ = [
+    "PAGE_SIZE",
     "QCOMTEE_OBJECT_OP_MAP_REGION",
     "QCOMTEE_OBJECT_OP_SLEEP",
     "QCOMTEE_OBJECT_OP_YIELD",
     "MemObject",
+    "PhysFault",
     "PhysMemory",
+    "PhysSpace",
     "Primordial",
     "Shm",
     "ShmBacking",
@@ -44,10 +52,15 @@ QCOMTEE_OBJECT_OP_YIELD: Final = 1
 QCOMTEE_OBJECT_OP_SLEEP: Final = 2
 QCOM_SCM_PERM_RW: Final = 6
 _REGION: Final = struct.Struct("<QQI")
-_PAGE: Final = 4096
+#: Physical memory is handed out in whole pages (QK §3.1 "page granular").
+PAGE_SIZE: Final = 4096
+#: The largest SMC buffer (QK §3.1: inbound <= 4 MiB), and the address span of a lend.
+MAX_LEND: Final = 4 << 20
+LEND_SLOT: Final = 8 << 20
 
-#: What a shm's bytes live in: a private buffer, or a mapping of a memory file.
-ShmBuffer: TypeAlias = bytearray | mmap.mmap
+#: What a shm's bytes live in: a private buffer, a mapping of a memory file, or a view
+#: of pages someone else owns (a guest's RAM).
+ShmBuffer: TypeAlias = bytearray | mmap.mmap | memoryview
 #: Makes the buffer of a new shm of a size: the buffer and the fd of the file behind it
 #: (None for a private buffer).  Raises OSError when memory runs out.
 ShmBacking: TypeAlias = Callable[[int], tuple[ShmBuffer, int | None]]
@@ -71,36 +84,160 @@ def memfd_backing(size: int) -> tuple[ShmBuffer, int | None]:
     return buf, fd
 
 
-class PhysMemory:
-    """Model physical memory: page-aligned regions handed out for shared buffers."""
+class PhysFault(UsageError):
+    """A physical address names no region of this memory (or the wrong kind of one)."""
 
-    BASE: Final = 0x8_0000_0000
 
-    def __init__(self) -> None:
-        self._regions: dict[int, ShmBuffer] = {}
-        self._next = self.BASE
-        self._lock = threading.Lock()
+class PhysSpace(Protocol):
+    """Physical memory as a driver model sees it: where shm and SMC buffers live.
+
+    The host's is :class:`PhysMemory`; a guest's RAM (``qtee.vm``) is another, whose
+    ``lend`` copies into guest pages and ``take_back`` copies back out.
+    """
 
     def add(self, buf: ShmBuffer) -> int:
-        """Place ``buf`` at a new physical address."""
-        with self._lock:
-            paddr = self._next
-            self._next += (max(len(buf), 1) + _PAGE - 1) // _PAGE * _PAGE + _PAGE
-            self._regions[paddr] = buf
-            return paddr
+        """Place ``buf`` (a shm's bytes) at a new page-aligned address."""
+        ...
 
     def remove(self, paddr: int) -> None:
-        """Forget the region at ``paddr``."""
+        """Forget the region :meth:`add` placed at ``paddr``."""
+        ...
+
+    def view(self, paddr: int, length: int) -> memoryview:
+        """The bytes at ``[paddr, paddr+length)``, inside one region; else :class:`PhysFault`."""
+        ...
+
+    def lend(self, buf: bytearray) -> int:
+        """Put an SMC buffer at a page-aligned address for the duration of one call."""
+        ...
+
+    def take_back(self, paddr: int) -> None:
+        """End a :meth:`lend`: the bytes at ``paddr`` are the lent buffer's again."""
+        ...
+
+    def __len__(self) -> int:
+        """Regions placed with :meth:`add` (or allocated) and not removed."""
+        ...
+
+
+class PhysMemory:
+    """Host-physical memory: page-aligned regions (shm, guest RAM) and lent SMC buffers.
+
+    Regions placed with :meth:`add`/:meth:`alloc` get addresses upwards from :attr:`BASE`,
+    never reused, each followed by an unmapped guard page, so a stale address names
+    nothing and no range spans two regions.  SMC buffers placed with :meth:`lend` live in
+    a window of their own at :attr:`LEND_BASE`, one :data:`LEND_SLOT` each (the largest
+    SMC buffer, 4 MiB, plus guard pages), reused once taken back -- like the kernel's pool
+    pages.  On the host a lend is an alias: the secure side sees the buffer itself, no
+    copy.  A range at a region's exact start is one dict lookup (the SMC case); inside a
+    lend it is slot arithmetic; inside a region a bisection over the sorted starts.
+    """
+
+    BASE: Final = 0x8_0000_0000
+    LEND_BASE: Final = 0x800_0000_0000
+    LIMIT: Final = 1 << 64
+
+    def __init__(self) -> None:
+        self._regions: dict[int, ShmBuffer] = {}  # added and allocated regions, by start
+        self._starts: list[int] = []  # their starts, sorted
+        self._next = self.BASE
+        self._lock = threading.Lock()  # guards _regions/_starts/_next together
+        # Lends: single dict/list operations only, each atomic, so no lock on the SMC path.
+        self._lent: dict[int, bytearray] = {}
+        #: The buffer lent at exactly this address, or None: one dict lookup, no view
+        #: (the secure side's fast path to an SMC buffer).
+        self.lent_at: Callable[[int], bytearray | None] = self._lent.get
+        self._free_slots: list[int] = []
+        self._slots = itertools.count(self.LEND_BASE, LEND_SLOT)
+
+    def add(self, buf: ShmBuffer) -> int:
+        """Place ``buf`` at a new page-aligned physical address (no copy)."""
+        if not isinstance(buf, bytearray | mmap.mmap | memoryview):
+            raise TypeError(
+                f"a region is a bytearray, mmap or memoryview, not {type(buf).__name__}"
+            )
+        if isinstance(buf, memoryview) and (buf.readonly or buf.itemsize != 1 or buf.ndim != 1):
+            raise TypeError("a memoryview region must be writable, one-dimensional bytes")
+        span = ((len(buf) + PAGE_SIZE - 1) & -PAGE_SIZE or PAGE_SIZE) + PAGE_SIZE
         with self._lock:
-            self._regions.pop(paddr, None)
+            paddr = self._next
+            if paddr + span > self.LEND_BASE:
+                raise DriverError(errno.ENOMEM, "physical address space exhausted")
+            self._next = paddr + span
+            self._regions[paddr] = buf
+            self._starts.append(paddr)  # the highest start so far: still sorted
+            return paddr
+
+    def alloc(self, size: int) -> int:
+        """A new zeroed region of whole pages (at least ``size`` bytes); its address."""
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"size must be an int, not {type(size).__name__}")
+        if not 0 < size < self.LEND_BASE - self.BASE:
+            raise PhysFault(f"cannot allocate {size} bytes")
+        return self.add(bytearray((size + PAGE_SIZE - 1) & -PAGE_SIZE))
+
+    def remove(self, paddr: int) -> None:
+        """Forget the region :meth:`add` or :meth:`alloc` placed at ``paddr``."""
+        with self._lock:
+            if self._regions.pop(paddr, None) is None:
+                what = (
+                    "is lent (take_back ends a lend)" if paddr in self._lent else "names no region"
+                )
+                raise PhysFault(f"physical address {paddr:#x} {what}")
+            starts = self._starts
+            del starts[bisect.bisect_left(starts, paddr)]
+
+    def lend(self, buf: bytearray) -> int:
+        """Place an SMC buffer for one call: on the host, an alias of ``buf`` (no copy)."""
+        if type(buf) is not bytearray:
+            raise TypeError(f"only a bytearray can be lent, not {type(buf).__name__}")
+        if len(buf) > MAX_LEND:
+            raise PhysFault(f"an SMC buffer is at most {MAX_LEND} bytes, not {len(buf)}")
+        try:
+            paddr = self._free_slots.pop()
+        except IndexError:
+            paddr = next(self._slots)
+        self._lent[paddr] = buf
+        return paddr
+
+    def take_back(self, paddr: int) -> None:
+        """End the lend at ``paddr`` (on the host the bytes already are the buffer's)."""
+        if self._lent.pop(paddr, None) is None:
+            raise PhysFault(f"physical address {paddr!r} is not lent")
+        self._free_slots.append(paddr)
+
+    def buffer(self, paddr: int, length: int) -> bytearray | memoryview:
+        """The lent buffer itself when ``[paddr, paddr+length)`` is exactly one lend (no
+        view made: what the secure side uses for SMC buffers); else :meth:`view`."""
+        buf = self._lent.get(paddr)
+        if buf is not None and len(buf) == length:
+            return buf
+        return self.view(paddr, length)
 
     def view(self, paddr: int, length: int) -> memoryview:
         """The bytes at ``[paddr, paddr+length)``; the range must lie in one region."""
-        with self._lock:
-            for start, buf in self._regions.items():
-                if start <= paddr and paddr + length <= start + len(buf):
-                    return memoryview(buf)[paddr - start : paddr - start + length]
-        raise ValueError(f"physical range {paddr:#x}+{length} is not mapped")
+        if not isinstance(paddr, int) or not isinstance(length, int):
+            raise TypeError("a physical range is two ints")
+        buf: ShmBuffer | None = None
+        start = paddr
+        if length >= 0 and self.BASE <= paddr < self.LEND_BASE:
+            with self._lock:
+                buf = self._regions.get(paddr)
+                if buf is None:
+                    i = bisect.bisect_right(self._starts, paddr) - 1
+                    if i >= 0:
+                        start = self._starts[i]
+                        buf = self._regions.get(start)
+        elif length >= 0 and paddr >= self.LEND_BASE:
+            start = paddr - (paddr - self.LEND_BASE) % LEND_SLOT
+            buf = self._lent.get(start)
+        if buf is None or paddr + length > start + len(buf):
+            raise PhysFault(f"physical range {paddr:#x}+{length} is not mapped")
+        return memoryview(buf)[paddr - start : paddr - start + length]
+
+    def lent(self) -> int:
+        """SMC buffers lent now (0 when no call is in flight)."""
+        return len(self._lent)
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -115,7 +252,7 @@ class Shm(Refcounted):
     __slots__ = ("buf", "ctx", "fd", "id", "paddr", "phys")
 
     def __init__(
-        self, ctx: Context, shm_id: int, buf: ShmBuffer, fd: int | None, phys: PhysMemory
+        self, ctx: Context, shm_id: int, buf: ShmBuffer, fd: int | None, phys: PhysSpace
     ) -> None:
         super().__init__()
         self.ctx = ctx
