@@ -12,11 +12,12 @@ on the next return to the kernel (QTEE never sends an explicit release callback)
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from objects import (
     DispatchResult,
@@ -28,6 +29,9 @@ from objects import (
     UsageError,
 )
 from qtee import wire
+
+if TYPE_CHECKING:
+    from qtee.secure._monitor import SecureMonitor
 
 __all__ = ["Mapping", "NsObject", "SecureObject", "SecureWorld", "ServeCallback"]
 
@@ -56,7 +60,11 @@ class Mapping:
 
 
 #: The driver's side of a callback: serve the request in the outbound buffer in place.
-ServeCallback = Callable[[bytearray], None]
+ServeCallback = Callable[[bytearray | memoryview], None]
+#: A message buffer: the driver's own, or the bytes at an SMC's physical address.
+_Buf = bytearray | memoryview
+
+log = logging.getLogger("qtee.secure")
 
 _FIRST_ID: Final = 2
 _OP_RELEASE: Final = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
@@ -115,23 +123,31 @@ class NsObject:
         return f"<NsObject {self.ns_id:#x} refs={self.refs}>"
 
 
-class _Call:
-    """Per-thread state of one direct invocation: its buffers and the driver's server."""
-
-    __slots__ = ("out", "serve")
-
-    def __init__(self, out: bytearray, serve: ServeCallback) -> None:
-        self.out = out
-        self.serve = serve
+#: Per-thread state of one direct invocation: its outbound buffer and the driver's server.
+_Call = tuple[_Buf, ServeCallback]
 
 
 class SecureWorld:
-    """QTEE: consumes inbound messages and answers them (sans-IO apart from callbacks)."""
+    """QTEE: consumes inbound messages and answers them (sans-IO apart from callbacks).
 
-    def __init__(self, root: SecureObject) -> None:
+    One world is one partition of the secure side: its own object ids, async releases,
+    listeners and root.  The host's has ``client_id`` 0; a guest's is made by the
+    :class:`~qtee.secure.SecureMonitor` on VM_CREATED and ``closing`` from VM_DESTROYED.
+    """
+
+    def __init__(self, root: SecureObject, *, client_id: int = 0) -> None:
         if not isinstance(root, SecureObject):
             raise TypeError("the root must be a SecureObject")
+        if not isinstance(client_id, int) or not 0 <= client_id <= 0xFFFF_FFFF:
+            raise UsageError(f"client id {client_id!r} is not a u32")
         self.root = root
+        #: The VM this partition belongs to (``a7`` of its SMCs); 0 = the host.
+        self.client_id = client_id
+        #: The monitor that routes SMCs here (set by it; None until one is made).
+        self.monitor: SecureMonitor | None = None
+        #: VM_DESTROYED was seen: callbacks answer DEFUNCT (and the monitor refuses
+        #: new calls).
+        self.closing = False
         # Each id holds one reference...
         self._table: ObjectTable[SecureObject] = ObjectTable(
             IdrAllocator(_FIRST_ID, 0), name="qtee objects"
@@ -169,6 +185,39 @@ class SecureWorld:
         with self._lock:
             return list(self._pending_release)
 
+    def release_all(self) -> int:
+        """Drop everything the partition holds for its VM (VM destroyed); returns the
+        number of objects released.
+
+        Each exported object's last reference goes (``on_release`` runs), retained counts
+        and queued async releases are forgotten (nobody is left to tell), the listener
+        table is cleared and the GP runtime shut down.  No TA entry point runs: OP §6.1
+        does not say whether OP-TEE runs TA close entries on VM_DESTROYED; the model
+        runs none.  The caller makes sure no call is in flight (the monitor defers this
+        until the last one leaves); afterwards the world is ``closing``.
+        """
+        if getattr(self._local, "call", None) is not None:
+            raise UsageError("release_all from inside a call of this world")
+        self.closing = True
+        shutdown = getattr(getattr(self, "gp", None), "shutdown", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception:
+                log.exception("GP runtime of client %d: shutdown raised", self.client_id)
+        self.listeners.clear()
+        with self._lock:
+            drained = self._table.drain()
+            self._extra_refs.clear()
+        for ident, obj in drained:
+            try:
+                obj.on_release()
+            except Exception:
+                log.exception("client %d: on_release of object %d raised", self.client_id, ident)
+        with self._lock:
+            self._pending_release.clear()
+        return len(drained)
+
     def _drop(self, ident: int) -> Result:
         with self._lock:
             obj = self._table.lookup(ident)
@@ -186,30 +235,32 @@ class SecureWorld:
         return Result.OK
 
     # ---------------------------------------------------------------- entry points
-    def invoke(self, inbound: bytearray, outbound: bytearray, serve: ServeCallback) -> int:
+    def invoke(self, inbound: _Buf, outbound: _Buf, serve: ServeCallback) -> int:
         """One direct invocation (SMC INVOKE); returns QTEE's result.
 
         ``serve`` is called, in this thread, for every callback request written to
         ``outbound``.  On return the async RELEASE messages are in ``outbound``.
         """
         msg = wire.decode_invoke(inbound)
-        prev = getattr(self._local, "call", None)
-        self._local.call = _Call(outbound, serve)
+        local = self._local
+        prev = getattr(local, "call", None)
+        local.call = (outbound, serve)
         try:
             result = self._dispatch(msg, inbound)
         finally:
-            self._local.call = prev
-        self._flush_releases(outbound, 0)
+            local.call = prev
+        if self._pending_release:
+            self._flush_releases(outbound, 0)
         return result
 
-    def _dispatch(self, msg: wire.InvokeMsg, inbound: bytearray) -> int:
+    def _dispatch(self, msg: wire.InvokeMsg, inbound: _Buf) -> int:
         op = msg.op & wire.QCOMTEE_MSG_OBJECT_OP_MASK
         if msg.cxt == wire.QCOMTEE_MSG_OBJECT_ROOT:
             target: SecureObject | None = self.root
         elif msg.cxt == wire.QCOMTEE_MSG_OBJECT_NULL or msg.cxt & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
             return Result.ERROR_BADOBJ
         else:
-            target = self.lookup(msg.cxt)
+            target = self._table.lookup(msg.cxt)
         if target is None:
             return Result.ERROR_BADOBJ
         if op == _OP_RELEASE:
@@ -219,14 +270,15 @@ class SecureWorld:
                 if msg.cxt in self._table:
                     self._extra_refs[msg.cxt] = self._extra_refs.get(msg.cxt, 0) + 1
             return Result.OK
+        ob = tuple([ref.size for ref in msg.ob]) if msg.ob else ()
         if msg.io:
             io = tuple([self._import(i) for i in msg.io])
-            res = target.dispatch(op, msg.ib, tuple([ref.size for ref in msg.ob]), io, msg.n_oo)
+            res = target.dispatch(op, msg.ib, ob, io, msg.n_oo)
             for obj in io:  # the method kept what it wanted with retain()
                 if isinstance(obj, NsObject):
                     obj.release()
         else:
-            res = target.dispatch(op, msg.ib, tuple([ref.size for ref in msg.ob]), (), msg.n_oo)
+            res = target.dispatch(op, msg.ib, ob, (), msg.n_oo)
         if res.result:
             for obj in res.oo:
                 if isinstance(obj, NsObject):
@@ -272,12 +324,14 @@ class SecureWorld:
             raise UsageError("a callback needs a direct invocation in progress on this thread")
         if target.refs <= 0:
             raise UsageError(f"NS object {target.ns_id:#x} was already released")
-        out = call.out
+        if self.closing:  # the VM is going: nobody is left to serve it
+            return DispatchResult(Result.ERROR_DEFUNCT)
+        out, serve = call
         out[:] = bytes(len(out))
         io_ids = [self._export_in(obj) for obj in io]
         msg = wire.encode_callback_msg(out, target.ns_id, op, ib, ob, io_ids, n_oo)
         self._flush_releases(out, msg.size)
-        call.serve(out)
+        serve(out)
         answer = wire.decode_callback_response(out, msg)
         if answer.result != Result.OK:
             return DispatchResult(answer.result)
@@ -305,7 +359,7 @@ class SecureWorld:
             return obj.ns_id  # the kernel keeps its own count for NS ids it hosts
         raise UsageError(f"cannot pass a {type(obj).__name__} as an input object")
 
-    def _flush_releases(self, out: bytearray, offset: int) -> None:
+    def _flush_releases(self, out: _Buf, offset: int) -> None:
         if not self._pending_release:
             return
         with self._lock:
