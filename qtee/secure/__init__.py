@@ -2,7 +2,9 @@
 
 It consumes byte-exact inbound messages, writes responses in place, piggybacks async
 RELEASE messages on the outbound buffer, and calls back into non-secure objects through
-an outbound callback message that the driver serves in the same thread.
+an outbound callback message that the driver serves in the same thread.  The
+:class:`SecureMonitor` is its SMC entry: it routes each call to the partition (one
+:class:`SecureWorld` per client id) that ``a7`` names.
 """
 
 from qtee.secure._apps import (
@@ -14,6 +16,7 @@ from qtee.secure._apps import (
     ta_image,
     unregister_ta,
 )
+from qtee.secure._monitor import SecureMonitor
 from qtee.secure._services import (
     CDIAGNOSTICS_UID,
     FEATURE_VERSIONS_UID,
@@ -42,6 +45,7 @@ __all__ = [
     "Mapping",
     "NsObject",
     "QteeRoot",
+    "SecureMonitor",
     "SecureObject",
     "SecureWorld",
     "ServeCallback",
