@@ -9,6 +9,10 @@ and SUPPL_RECV/SEND come next.
 holding the kernel's struct; for buf_data ioctls its ``buf_ptr`` points at the argument
 block in the context's address space.  Failures raise :class:`objects.DriverError` (an
 ``OSError``) with the kernel's errno and write nothing back.
+
+QTEE is reached through SMCs on a conduit (:mod:`qtee._smc`): INVOKE with the physical
+addresses of the inbound and outbound buffers, then CB_RSP after each callback (QK §3.1,
+§4.1 step 6).  On the host the conduit is the world's :class:`~qtee.secure.SecureMonitor`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from objects import (
     ENOTSUPP,
@@ -30,14 +34,26 @@ from objects import (
     IdrAllocator,
     ObjectTable,
     Refcounted,
+    UsageError,
+    result_from_u32,
     result_name,
 )
 from qtee import _checks, uapi, wire
-from qtee._mem_obj import MemObject, PhysMemory, Primordial, Shm, ShmBacking, private_backing
+from qtee._mem_obj import (
+    MemObject,
+    PhysMemory,
+    PhysSpace,
+    Primordial,
+    Shm,
+    ShmBacking,
+    private_backing,
+)
+from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcConduit, SmcFid
 from qtee._trace import TraceRecord
 from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, Request, RequestQueue, UserObject
 from qtee.addrspace import AddressSpace, ProcessMemory
 from qtee.secure import SecureWorld
+from qtee.secure._monitor import SecureMonitor
 
 __all__ = ["Context", "Device"]
 
@@ -64,6 +80,15 @@ _META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_
 _FLAG_TEE: Final = uapi.QCOMTEE_OBJREF_FLAG_TEE
 _FLAG_USER: Final = uapi.QCOMTEE_OBJREF_FLAG_USER
 _FLAG_MEM: Final = uapi.QCOMTEE_OBJREF_FLAG_MEM
+_ARGS_MAX: Final = _checks.QCOMTEE_ARGS_MAX
+_ARGS_PER_TYPE: Final = _checks.QCOMTEE_ARGS_PER_TYPE
+_OBJREF_NULL: Final = uapi.TEE_OBJREF_NULL
+_OP_RELEASE: Final = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
+_OP_RETAIN: Final = wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
+_OP_MASK: Final = wire.QCOMTEE_MSG_OBJECT_OP_MASK
+_SMC_INVOKE: Final = int(SmcFid.QCOM_SCM_SMCINVOKE_INVOKE)
+_SMC_CB_RSP: Final = int(SmcFid.QCOM_SCM_SMCINVOKE_CB_RSP)
+_OUT_SIZE: Final = wire.MAX_OUTBOUND_BUFFER_SIZE
 
 
 @functools.cache
@@ -167,17 +192,86 @@ class QteeObject(Refcounted):
         self.device._release_qtee(self.qtee_id)
 
 
+_NO_CALL: Final[list[Any]] = []  # what an idle page points at (never written to)
+_ZERO_PAGE: Final = bytes(_OUT_SIZE)
+
+
+class _OutPage:
+    """An outbound buffer (4 KiB) a device keeps lent to ``phys`` and reuses from call to
+    call while it has an open context, as the kernel keeps its pool pages registered; and
+    the state of the call using it.  ``on_return`` is bound once, so a call makes no
+    callable (the invoke hot path)."""
+
+    __slots__ = ("accepted", "device", "lent", "on_return", "out", "pa", "served")
+
+    def __init__(self, device: Device) -> None:
+        phys = device.phys
+        self.device = device
+        self.pa = phys.lend(bytearray(_OUT_SIZE))
+        #: The page as lent: what QTEE writes and the driver reads.
+        self.out: memoryview = phys.view(self.pa, _OUT_SIZE)
+        self.served = False
+        self.accepted: list[bool] = _NO_CALL
+        self.lent: list[QteeObject] = _NO_CALL
+        self.on_return: OnReturn = self._on_return
+
+    def _on_return(self, regs: Regs) -> tuple[int, int, int]:
+        """A type-3 return: serve the callback request in this thread, answer CB_RSP."""
+        self.accepted[0] = True
+        self.served = True
+        device = self.device
+        local = device._local
+        outer = getattr(local, "lent", None)
+        local.lent = self.lent
+        try:
+            device._serve(self.out)
+        finally:
+            local.lent = outer
+        return _SMC_CB_RSP, self.pa, _OUT_SIZE
+
+
 class Device:
-    """One ``/dev/teeN`` backed by a secure world."""
+    """One ``/dev/teeN``: reaches QTEE through SMCs on a conduit (QK §3.1).
+
+    On the host, ``Device(world)`` uses the world's :class:`~qtee.secure.SecureMonitor`
+    (made on first use) as its conduit and the monitor's host-physical memory as
+    ``phys``; every host device on one world shares both.  A guest's device (``qtee.vm``)
+    has no world: ``Device(memory=..., phys=guest_ram, conduit=guest)``.
+    """
 
     def __init__(
         self,
-        world: SecureWorld,
+        world: SecureWorld | None = None,
         *,
         memory: AddressSpace | None = None,
         shm_backing: ShmBacking | None = None,
+        phys: PhysSpace | None = None,
+        conduit: SmcConduit | None = None,
     ) -> None:
-        self.world = world
+        if conduit is not None and not callable(getattr(conduit, "smc", None)):
+            raise TypeError("conduit must have an smc method")
+        monitor: SecureMonitor | None = None
+        if world is None:
+            if phys is None or conduit is None:
+                raise UsageError("a Device without a world needs both phys and conduit")
+        elif not isinstance(world, SecureWorld):
+            raise TypeError(f"world must be a SecureWorld, not {type(world).__name__}")
+        elif world.client_id != HYP_CLIENT_ID:
+            raise UsageError(f"world of client {world.client_id} is a guest's partition")
+        else:
+            if phys is not None and not isinstance(phys, PhysMemory):
+                raise TypeError("a host Device's phys is the monitor's PhysMemory")
+            monitor = SecureMonitor.of(world, phys)
+            phys = monitor.phys
+            if conduit is None:
+                conduit = monitor
+        self._world = world
+        #: The monitor of ``world`` (None for a guest's device).
+        self.monitor = monitor
+        #: Where this device's SMCs go: the monitor, or a given conduit (a VMM trap).
+        self.conduit: SmcConduit = conduit
+        #: Physical memory: shm regions and the buffers lent for each SMC.
+        self.phys: PhysSpace = phys
         self.memory: AddressSpace = memory if memory is not None else ProcessMemory()
         #: Where SHM_ALLOC puts a buffer (a device server uses memory files it can share).
         self.shm_backing: ShmBacking = shm_backing or private_backing
@@ -185,16 +279,27 @@ class Device:
             CyclicAllocator(QCOMTEE_OBJECT_ID_START, QCOMTEE_OBJECT_ID_END), name="ns ids"
         )
         self.shm: ObjectTable[Shm] = ObjectTable(IdrAllocator(1, 0), name="shm ids")
-        self.phys = PhysMemory()
         self.primordial = Primordial()
         #: Called with one line per crossing when set (``qtee demo`` prints them).
         self.trace: Callable[[str], None] | None = None
         #: Called with the same crossings as structured records (``qtee trace``).
         self.trace_records: Callable[[TraceRecord], None] | None = None
         self._local = threading.local()
-        world.phys = self.phys
         self._lock = threading.Lock()
+        self._pages: list[_OutPage] = []  # free outbound pages
         self.contexts: set[Context] = set()
+
+    @property
+    def world(self) -> SecureWorld:
+        """The host's secure world (a guest's device has none: :class:`UsageError`)."""
+        if self._world is None:
+            raise UsageError("a guest's device sees no secure world (see secure_world)")
+        return self._world
+
+    @property
+    def secure_world(self) -> SecureWorld | None:
+        """The secure world this device was built on; None for a guest's device."""
+        return self._world
 
     def open(self) -> Context:
         """Open the device: one context (one open fd)."""
@@ -209,9 +314,10 @@ class Device:
         Covers the secure world's object table and pending async releases, NS ids, shm ids,
         physical regions, and per open context its object IDR and request ids.
         """
+        world = self._world
         found = {
-            "secure objects": len(self.world.live_ids()),
-            "pending async releases": len(self.world.pending_releases()),
+            "secure objects": len(world.live_ids()) if world is not None else 0,
+            "pending async releases": len(world.pending_releases()) if world is not None else 0,
             "ns ids": len(self.ns),
             "shm ids": len(self.shm),
             "physical regions": len(self.phys),
@@ -224,13 +330,98 @@ class Device:
         return {name: count for name, count in found.items() if count}
 
     def _release_qtee(self, qtee_id: int) -> None:
-        """RELEASE (op 0xFFFF, no args) on a QTEE id, as the kernel's release work does."""
-        inbound = wire.encode_invoke(qtee_id, wire.QCOMTEE_MSG_OBJECT_OP_RELEASE)
-        outbound = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)
-        self.world.invoke(inbound, outbound, self._serve)
-        self._fetch_async(outbound, 0)
+        """RELEASE (op 0xFFFF, no args) on a QTEE id, as the kernel's release work does.
 
-    def _serve(self, out: bytearray) -> None:
+        A failed SMC frees the wrapper all the same (the kernel retries only errors other
+        than ENODEV, QK §2.3; the model's conduits fail only when QTEE is gone)."""
+        inbound = wire.encode_invoke(qtee_id, wire.QCOMTEE_MSG_OBJECT_OP_RELEASE)
+        lent: list[QteeObject] = []
+        page = self._page()
+        ok = False
+        try:
+            self._smc_invoke(inbound, page, [False], lent)
+            self._fetch_async(page.out, 0)
+            ok = True
+        except DriverError:
+            pass
+        finally:
+            self._recycle(page, ok)
+            for obj in lent:
+                obj.put()
+
+    def _page(self) -> _OutPage:
+        """An outbound page for one call: a free one, or a new one."""
+        try:
+            return self._pages.pop()
+        except IndexError:
+            return _OutPage(self)
+
+    def _recycle(self, page: _OutPage, clean: bool) -> None:
+        """Give a page back, zero-filled again (QK §3.1: QTEE assumes unused buffers are
+        zeroed): a callback or a failed call may have left bytes in it."""
+        if page.served or not clean:
+            page.out[:] = _ZERO_PAGE
+            page.served = False
+        page.accepted = page.lent = _NO_CALL
+        self._pages.append(page)
+        if not self.contexts:  # no fd is open (release work): the pool goes
+            self.release_pages()
+
+    def release_pages(self) -> int:
+        """Take back the free outbound pages this device keeps lent (see
+        :class:`_OutPage`); returns how many.  Runs by itself when the last context
+        closes, so a device with no open fd holds no lent page."""
+        n = 0
+        while True:
+            try:
+                page = self._pages.pop()
+            except IndexError:
+                return n
+            self.phys.take_back(page.pa)
+            n += 1
+
+    def _smc_invoke(
+        self,
+        inbound: bytearray,
+        page: _OutPage,
+        accepted: list[bool],
+        lent: list[QteeObject],
+    ) -> int:
+        """INVOKE, then serve each callback and answer CB_RSP until a final return (QK §4.1
+        step 6); returns QTEE's result.
+
+        ``inbound`` is lent to ``phys`` for the call; the outbound ``page`` already is.
+        ``accepted[0]`` turns True at the first successful return: QTEE has the message
+        and owns the CB objects in it.  A failed SMC raises its errno before that and
+        ENODEV after it, as the kernel does.  QTEE objects lent to QTEE in callback
+        responses are added to ``lent``; the caller drops their temporary references once
+        the call is over.
+        """
+        phys = self.phys
+        in_pa = phys.lend(inbound)
+        try:
+            page.accepted = accepted
+            page.lent = lent
+            try:
+                regs = self.conduit.smc(
+                    _SMC_INVOKE,
+                    in_pa,
+                    len(inbound),
+                    page.pa,
+                    _OUT_SIZE,
+                    on_return=page.on_return,
+                )
+            except DriverError as exc:
+                if accepted[0]:
+                    raise DriverError(errno.ENODEV, f"SMC failed after a callback: {exc}") from exc
+                raise
+        finally:
+            phys.take_back(in_pa)
+        accepted[0] = True
+        raw = regs[1]
+        return 0 if raw == 0 else result_from_u32(raw)
+
+    def _serve(self, out: bytearray | memoryview) -> None:
         """Serve the callback request in ``out`` in this thread (``qcomtee_cb_object_invoke``)."""
         msg = wire.decode_callback(out)
         self._fetch_async(out, wire.async_offset(msg))
@@ -342,7 +533,7 @@ class Device:
                 raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
         raise DriverError(errno.EINVAL, f"cannot send a {type(obj).__name__} to QTEE")
 
-    def _fetch_async(self, out: bytearray, offset: int) -> None:
+    def _fetch_async(self, out: bytearray | memoryview, offset: int) -> None:
         if len(out) - offset <= 8 or not _U32.unpack_from(out, offset)[0]:
             return  # no async message (version 0): nothing to parse or clear
         try:
@@ -449,14 +640,11 @@ class Context:
                 n_io += 1
             elif attr == _OBJ_OUT:
                 n_oo += 1
-        if (
-            num > _checks.QCOMTEE_ARGS_MAX
-            or n_ib + n_ob + n_io + n_oo != num
-            or max(n_ib, n_ob, n_io, n_oo) > _checks.QCOMTEE_ARGS_PER_TYPE
-        ):
+        most = max(n_ib, n_ob, n_io, n_oo)
+        if num > _ARGS_MAX or n_ib + n_ob + n_io + n_oo != num or most > _ARGS_PER_TYPE:
             _checks.params_check(params)
 
-        if op == wire.QCOMTEE_MSG_OBJECT_OP_RELEASE:
+        if op == _OP_RELEASE:
             entry = self.objects.erase(ident) if ident <= 0x7FFF_FFFF else None
             if entry is not None:
                 entry.put()
@@ -466,7 +654,7 @@ class Context:
             return 0
 
         target: QteeObject | None = None
-        if ident == uapi.TEE_OBJREF_NULL:
+        if ident == _OBJREF_NULL:
             _checks.root_object_check(op, params)
             cxt = wire.QCOMTEE_MSG_OBJECT_ROOT
         else:
@@ -476,9 +664,9 @@ class Context:
             cxt = target.qtee_id
         held: list[QteeObject] = [] if target is None else [target]
         created: list[tuple[int, CbObject]] = []
-        accepted = False
+        accepted = [False]
         try:
-            if op & ~wire.QCOMTEE_MSG_OBJECT_OP_MASK or op == wire.QCOMTEE_MSG_OBJECT_OP_RETAIN:
+            if op & ~_OP_MASK or op == _OP_RETAIN:
                 raise _einval(f"op {op:#x}")
             ib: list[bytes] = []
             ob: list[int] = []
@@ -490,7 +678,7 @@ class Context:
                     ob.append(b)
                 elif attr == _OBJ_IN:
                     io.append(self._objref_in(a, b, held, created))
-            wrapped = max(n_ib, n_ob, n_io, n_oo) > 15
+            wrapped = most > 15
             try:
                 if wrapped:
                     inbound = _encode_wrapped(cxt, op, ib, ob, io, n_oo)
@@ -498,37 +686,38 @@ class Context:
                     inbound = wire.encode_invoke(cxt, op, ib, ob, io, n_oo)
             except wire.MessageTooLarge as exc:
                 raise _einval(str(exc)) from None
-            outbound = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)
-            local = device._local
-            outer = getattr(local, "lent", None)
-            local.lent = []
             trace, records = device.trace, device.trace_records
             if trace or records:
                 counts = Counts(n_ib, n_ob, n_io, n_oo).pack()
                 _emit(trace, records, "NS -> QTEE", cxt, op, counts, "invoke")
             try:
-                result = device.world.invoke(inbound, outbound, device._serve)
+                page = device._pages.pop()
+            except IndexError:
+                page = _OutPage(device)
+            clean = False
+            try:
+                result = device._smc_invoke(inbound, page, accepted, held)
                 if trace or records:
                     _emit(trace, records, "QTEE -> NS", cxt, op, counts, result_name(result))
+                if result == 0:
+                    if n_ob or n_oo:
+                        if wrapped:
+                            obs, oos = _wrapped_outputs(inbound, n_ib, n_ob, n_io, n_oo)
+                        else:
+                            resp = wire.decode_invoke_response(inbound)
+                            obs, oos = list(resp.ob), list(resp.oo)
+                        result, params = self._outputs(obs, oos, params)
+                elif n_oo:
+                    params = [(p[0], 0, 0, 0) if p[0] == _OBJ_OUT else p for p in params]
+                if _U32.unpack_from(page.out, 0)[0]:  # an async message is there
+                    device._fetch_async(page.out, 0)
+                clean = True
             finally:
-                lent, local.lent = local.lent, outer
-                held.extend(lent)
-            accepted = True
-            if result == 0:
-                if n_ob or n_oo:
-                    if wrapped:
-                        obs, oos = _wrapped_outputs(inbound, n_ib, n_ob, n_io, n_oo)
-                    else:
-                        resp = wire.decode_invoke_response(inbound)
-                        obs, oos = list(resp.ob), list(resp.oo)
-                    result, params = self._outputs(obs, oos, params)
-            elif n_oo:
-                params = [(p[0], 0, 0, 0) if p[0] == _OBJ_OUT else p for p in params]
-            device._fetch_async(outbound, 0)
+                device._recycle(page, clean)
         finally:
             for obj in held:
                 obj.put()
-            if not accepted:  # QTEE never saw them: mimic its release, without notifying
+            if not accepted[0]:  # QTEE never saw them: mimic its release, without notifying
                 for ns_id, cb in created:
                     device.ns.erase(ns_id)
                     if isinstance(cb, UserObject):
@@ -798,5 +987,8 @@ class Context:
         self.shms.clear()
         for _, obj in self.objects.drain():
             obj.put()
-        with self.device._lock:
-            self.device.contexts.discard(self)
+        device = self.device
+        with device._lock:
+            device.contexts.discard(self)
+        if not device.contexts:
+            device.release_pages()
