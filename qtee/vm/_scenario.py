@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +59,14 @@ class _ScenarioTA(TrustedApp):
 
 
 class _Peer(CallbackObject):
+    def __init__(self, hook: Callable[[int], None] | None) -> None:
+        self.hook = hook
+        self.round = 0
+
     @op(0, ib=(None,), ob=(None,))
     def greet(self, name: bytes) -> bytes:
+        if self.hook is not None:
+            self.hook(self.round)  # inside a callback: the TA's call is in flight
         return b"hello " + name
 
     @op(1, io=1, oo=1)
@@ -96,9 +103,17 @@ def _error_name(exc: BaseException) -> str:
 
 
 def run_invoke_loop(
-    device: Any, iterations: int, *, stop: threading.Event | None = None, workers: int = 2
+    device: Any,
+    iterations: int,
+    *,
+    stop: threading.Event | None = None,
+    workers: int = 2,
+    in_callback: Callable[[int], None] | None = None,
 ) -> ScenarioStats:
-    """Run the scenario on ``device`` for ``iterations`` rounds (or until ``stop``)."""
+    """Run the scenario on ``device`` for ``iterations`` rounds (or until ``stop``).
+
+    ``in_callback(round)`` runs in each round's callback, while the TA's call waits on it
+    (``qtee vm --destroy`` destroys a VM from there, mid-call)."""
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise UsageError(f"iterations must be an int >= 0, not {iterations!r}")
     stats = ScenarioStats()
@@ -118,11 +133,12 @@ def run_invoke_loop(
         refs.append(ctrl)
         (app,) = ctrl.invoke(2, OUT_OBJECT)
         refs.append(app)
-        peer = _Peer()
+        peer = _Peer(in_callback)
         with client.memory(64) as mem:
             for n in range(iterations):
                 if stop is not None and stop.is_set():
                     break
+                peer.round = n
                 (total,) = app.invoke(0, struct.pack("<II", n, 7), Out(4))
                 (hello,) = app.invoke(1, peer, Out(32))
                 (same,) = app.invoke(2, peer, Out(4))
