@@ -108,7 +108,9 @@ class PhysSpace(Protocol):
         ...
 
     def lend(self, buf: bytearray) -> int:
-        """Put an SMC buffer at a page-aligned address for the duration of one call."""
+        """Put an SMC buffer at a page-aligned address until :meth:`take_back` (a driver
+        lends each call's inbound, and keeps its outbound pages lent while it has an
+        open context; it reads those through :meth:`view`)."""
         ...
 
     def take_back(self, paddr: int) -> None:
@@ -116,7 +118,8 @@ class PhysSpace(Protocol):
         ...
 
     def __len__(self) -> int:
-        """Regions placed with :meth:`add` (or allocated) and not removed."""
+        """Regions held: those placed with :meth:`add` (or allocated) and not removed
+        (a space may count its lends too)."""
         ...
 
 
