@@ -1,1 +1,58 @@
-"""Guests and the userspace TEE mediator (VMM side)."""
+"""Guests and the userspace TEE mediator (the VMM side), over the same object model.
+
+The design of seed 001 (the KVM review): KVM only forwards guest SMCs to userspace, and
+the **VMM** mediates -- "just another piece of userspace using the TEE".  Here:
+
+* a :class:`Guest` has its own RAM (:class:`GuestRam`, guest-physical addresses) and runs
+  its own driver model with unchanged client and supplicant code; its SMCs trap to the VMM;
+* the :class:`Vmm` is the TEE-agnostic mediator core: VM lifecycle (``tee`` per VM:
+  ``none``, ``qtee``, ``optee``), per-VM state and :class:`VmLimits`, and backends
+  registered with :func:`register_backend` and probed at start (a backend that finds no
+  TEE leaves guests without one, quietly);
+* the QTEE backend checks, pins and shadow-copies each guest call and forwards it through
+  the host driver's VM primitive (:class:`HostVmChannel`) with the VM's client id.
+
+Build a :class:`~qtee.secure.SecureMonitor`, a ``Vmm(monitor)``, then
+``vmm.create_vm("vm1", tee="qtee")``; ``guest.device`` is the guest's ``qtee.Device``.
+"""
+
+from qtee.vm import _qtee_backend as _qtee_backend
+from qtee.vm._channel import HostVmChannel, Upcall
+from qtee.vm._framework import (
+    DestroyReport,
+    TeeBackend,
+    VmError,
+    VmLimits,
+    Vmm,
+    VmRow,
+    VmState,
+    register_backend,
+    registered_backends,
+)
+from qtee.vm._guest import Guest, GuestTee, TeeKind
+from qtee.vm._qtee_backend import QteeBackend, QteeGuestTee
+from qtee.vm._ram import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin
+
+__all__ = [
+    "GUEST_RAM_BASE",
+    "PAGE_SIZE",
+    "DestroyReport",
+    "Guest",
+    "GuestFault",
+    "GuestRam",
+    "GuestTee",
+    "HostVmChannel",
+    "Pin",
+    "QteeBackend",
+    "QteeGuestTee",
+    "TeeBackend",
+    "TeeKind",
+    "Upcall",
+    "VmError",
+    "VmLimits",
+    "VmRow",
+    "VmState",
+    "Vmm",
+    "register_backend",
+    "registered_backends",
+]

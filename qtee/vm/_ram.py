@@ -36,7 +36,6 @@ __all__ = ["GUEST_RAM_BASE", "PAGE_SIZE", "GuestFault", "GuestRam", "HostPhys", 
 GUEST_RAM_BASE: Final = 0x4000_0000
 PAGE_SIZE: Final = 4096
 _SHIFT: Final = 12
-_ZERO_PAGE: Final = memoryview(bytes(PAGE_SIZE))
 _KEEP_ASIDE: Final = 64
 
 
@@ -108,8 +107,8 @@ class GuestRam:
         self._free_starts: list[int] = [0]  # free page extents, sorted
         self._free_lens: list[int] = [pages]
         self._one: list[int] = []  # single free pages kept aside (SMC buffers come and go)
-        self._regions: dict[int, int] = {}  # gpa -> pages, every allocation of the guest kernel
-        self._lent: dict[int, bytearray] = {}  # gpa -> the buffer lend() copied in
+        self._regions: dict[int, int] = {}  # gpa -> pages: allocations and shm of the guest kernel
+        self._lent: dict[int, tuple[bytearray, int]] = {}  # gpa -> (lent buffer, pages)
         self._backed: dict[int, tuple[int, memoryview]] = {}  # id(view) -> (gpa, view)
         self._pins = [0] * pages
         self._pinned = 0
@@ -136,8 +135,6 @@ class GuestRam:
     def _take(self, pages: int) -> int:
         """First fit over the free extents (caller holds the lock); ENOMEM when none fits.
         A single page comes from the pages kept aside first."""
-        if pages == 1 and self._one:
-            return self._one.pop()
         lens = self._free_lens
         for _ in (0, 1):
             for i, length in enumerate(lens):
@@ -151,8 +148,11 @@ class GuestRam:
                     return start
             if not self._one:
                 break
-            one, self._one = self._one, []  # merge the pages kept aside, then retry
-            for page in one:
+            while True:  # merge the pages kept aside, then retry (pops race lock-free ones)
+                try:
+                    page = self._one.pop()
+                except IndexError:
+                    break
                 self._merge(page, 1)
         raise DriverError(errno.ENOMEM, f"guest RAM has no {pages} free contiguous pages")
 
@@ -197,7 +197,6 @@ class GuestRam:
             pages = self._regions.pop(gpa, None)
             if pages is None:
                 raise UsageError(f"nothing is allocated at guest address {gpa!r}")
-            self._lent.pop(gpa, None)
             self._give((gpa - self.base) >> _SHIFT, pages)
 
     def backing(self, size: int) -> tuple[memoryview, None]:
@@ -226,7 +225,6 @@ class GuestRam:
         with self._lock:
             pages = self._regions.pop(paddr, None)
             if pages is not None:
-                self._lent.pop(paddr, None)
                 self._give((paddr - self.base) >> _SHIFT, pages)
 
     def view(self, gpa: int, length: int) -> memoryview:
@@ -235,38 +233,47 @@ class GuestRam:
         return self._mv[off : off + length]
 
     def lend(self, buf: bytearray) -> int:
-        """Copy an SMC buffer into fresh guest pages (zero-filled tail); their gpa."""
-        if not isinstance(buf, bytearray):
+        """Copy an SMC buffer into guest pages of its own; their gpa (page-aligned).
+
+        One-page buffers (the SMC case) take a page kept aside without the lock: list and
+        dict operations are atomic, as the host's ``PhysMemory.lend`` relies on too."""
+        if type(buf) is not bytearray:
             raise TypeError(f"lend() takes a bytearray, not {type(buf).__name__}")
         n = len(buf)
-        pages = max(1, (n + PAGE_SIZE - 1) >> _SHIFT)
-        with self._lock:
-            start = self._take(pages)
-            gpa = self.base + (start << _SHIFT)
-            self._regions[gpa] = pages
-            self._lent[gpa] = buf
+        pages = (n + PAGE_SIZE - 1) >> _SHIFT or 1
+        start = -1
+        if pages == 1:
+            try:  # noqa: SIM105 - the hot path: no context manager
+                start = self._one.pop()
+            except IndexError:
+                pass
+        if start < 0:
+            with self._lock:
+                start = self._take(pages)
         off = start << _SHIFT
-        mv = self._mv
-        mv[off : off + n] = buf
-        tail = (pages << _SHIFT) - n  # < one page (a whole page when n == 0)
-        if tail:
-            mv[off + n : off + n + tail] = _ZERO_PAGE[:tail]
+        gpa = self.base + off
+        self._lent[gpa] = (buf, pages)
+        self._mv[off : off + n] = buf  # the page's tail is not part of the buffer
         return gpa
 
     def take_back(self, gpa: int) -> None:
-        """Copy a lent buffer's pages back into it and free them."""
-        with self._lock:
-            buf = self._lent.pop(gpa, None)
-            if buf is None:
-                raise UsageError(f"nothing was lent at guest address {gpa!r}")
-            pages = self._regions.pop(gpa)
-            self._give((gpa - self.base) >> _SHIFT, pages)
+        """Copy a lent buffer's pages back into it, then free them."""
+        got = self._lent.pop(gpa, None)
+        if got is None:
+            raise UsageError(f"nothing was lent at guest address {gpa!r}")
+        buf, pages = got
         off = gpa - self.base
-        memoryview(buf)[:] = self._mv[off : off + len(buf)]
+        buf[:] = self._buf[off : off + len(buf)]  # (faster than from a memoryview slice)
+        start = off >> _SHIFT
+        if pages == 1 and len(self._one) < _KEEP_ASIDE:
+            self._one.append(start)
+        else:
+            with self._lock:
+                self._merge(start, pages)
 
     def __len__(self) -> int:
         """Regions the guest kernel holds (allocations, shm, lent SMC buffers)."""
-        return len(self._regions)
+        return len(self._regions) + len(self._lent)
 
     # ------------------------------------------------------------------ VMM side
     def translate(self, gpa: int, n: int) -> int:
@@ -332,17 +339,54 @@ class GuestRam:
             self._count(first, pages)
         return _new_pin(Pin, ((self.base >> _SHIFT) + first, pages))
 
-    def pin_pair(self, a: int, an: int, b: int, bn: int) -> tuple[Pin, Pin]:
-        """:meth:`pin` of two ranges at once (an SMC's inbound and outbound buffers)."""
-        fa, pa = self._span(a, an)
-        fb, pb = self._span(b, bn)
+    def pin_pair(self, a: int, an: int, b: int, bn: int) -> tuple[Pin, Pin, memoryview, memoryview]:
+        """Pin two ranges at once -- an SMC's inbound and outbound buffers -- and view them
+        (IPA -> VMM memory); GuestFault, nothing pinned, if either is outside RAM.
+
+        The call path of every guest SMC: one lock, no helper calls for one-page buffers."""
+        base = self.base
+        oa = a - base
+        ob = b - base
+        size = self.size
+        if (
+            type(a) is not int
+            or type(b) is not int
+            or type(an) is not int
+            or type(bn) is not int
+            or oa < 0
+            or ob < 0
+            or an < 0
+            or bn < 0
+            or oa + an > size
+            or ob + bn > size
+        ):
+            self._offset(a, an)
+            self._offset(b, bn)
+            raise TypeError("guest-physical address and size must be ints")
+        fa = oa >> _SHIFT
+        ea = (oa + an + PAGE_SIZE - 1) >> _SHIFT if an else fa
+        fb = ob >> _SHIFT
+        eb = (ob + bn + PAGE_SIZE - 1) >> _SHIFT if bn else fb
+        counts = self._pins
         with self._lock:
             if self._closed:
                 raise GuestFault(f"guest RAM was freed; cannot pin {a:#x}+{an}")
-            self._count(fa, pa)
-            self._count(fb, pb)
-        base = self.base >> _SHIFT
-        return _new_pin(Pin, (base + fa, pa)), _new_pin(Pin, (base + fb, pb))
+            for first, end in ((fa, ea), (fb, eb)):
+                if end - first == 1:
+                    c = counts[first]
+                    if not c:
+                        self._pinned += 1
+                    counts[first] = c + 1
+                else:
+                    self._count(first, end - first)
+        gfn = base >> _SHIFT
+        mv = self._mv
+        return (
+            _new_pin(Pin, (gfn + fa, ea - fa)),
+            _new_pin(Pin, (gfn + fb, eb - fb)),
+            mv[oa : oa + an],
+            mv[ob : ob + bn],
+        )
 
     def unpin(self, pin: Pin) -> None:
         """Drop one pin taken by :meth:`pin` (UsageError, nothing changed, if those pages
@@ -356,7 +400,21 @@ class GuestRam:
         """:meth:`unpin` of the two pins :meth:`pin_pair` took (both or, on error, neither)."""
         if type(p) is not Pin or type(q) is not Pin:
             raise TypeError("unpin_pair() takes two Pins")
+        counts = self._pins
+        gfn = self.base >> _SHIFT
         with self._lock:
+            fp = p[0] - gfn
+            fq = q[0] - gfn
+            if p[1] == 1 and q[1] == 1 and 0 <= fp < len(counts) and 0 <= fq < len(counts):
+                cp = counts[fp]
+                cq = counts[fq] - (fq == fp)
+                if cp and cq:  # the fast path: two one-page pins
+                    for page in (fp, fq):
+                        c = counts[page] - 1
+                        counts[page] = c
+                        if not c:
+                            self._pinned -= 1
+                    return
             fp = self._check_pinned(p)
             self._uncount(fp, p[1])
             try:
@@ -395,8 +453,7 @@ class GuestRam:
             if self._pinned:
                 raise DriverError(errno.EBUSY, f"{self._pinned} guest pages are still pinned")
             self._closed = True
-            lent = self._lent
-            self._regions = {gpa: n for gpa, n in self._regions.items() if gpa in lent}
+            self._regions = {}  # the guest kernel's allocations go; lent buffers come back
             self._backed.clear()
         self.host.remove(self.hpa)
 
@@ -408,5 +465,5 @@ class GuestRam:
     def __repr__(self) -> str:
         return (
             f"<GuestRam {self.size >> 10} KiB at gpa {self.base:#x} / hpa {self.hpa:#x}, "
-            f"{len(self._regions)} regions, {self._pinned} pinned pages>"
+            f"{len(self)} regions, {self._pinned} pinned pages>"
         )
