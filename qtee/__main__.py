@@ -37,6 +37,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--connect).",
     )
     add_arguments(supplicant_parser)
+    from qtee.vm._cli import add_arguments as add_vm_arguments
+
+    add_vm_arguments(
+        sub.add_parser(
+            "vm",
+            help="guests with their own TEE through a userspace mediator; per-VM tables",
+            description="Start guests with chosen TEE settings behind a VMM-side mediator, "
+            "run the invoke-loop scenario in the host and each QTEE guest at once, "
+            "optionally destroy one mid-call, and print per-VM tables.",
+        )
+    )
     serve = sub.add_parser(
         "serve",
         help="serve a device on a Unix socket (one connection = one open fd)",
@@ -126,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         check_arguments(supplicant_parser, args)
         return run_supplicant(args)
+    if args.verb == "vm":
+        from qtee.vm._cli import run as run_vm
+
+        return run_vm(args)
     if args.verb == "demo":
         from qtee._demo import run
 

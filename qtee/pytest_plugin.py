@@ -7,6 +7,8 @@ turns it off.  Fixtures (all function-scoped):
   mode ``qtee.connect()`` to a fresh ``qtee_server`` (see modes below);
 * ``qtee_server`` -- a ``DeviceServer`` on a socket in a temporary directory, stopped at
   teardown (its device is leak-checked like any other);
+* ``qtee_guest`` -- a guest VM with QTEE behind a fresh monitor and VMM (``qtee.vm``),
+  destroyed at teardown;
 * ``qtee_client`` -- ``Client(qtee_device, workers=2)``, closed at teardown;
 * ``qtee_env`` -- ``qtee_client.client_env()``, released at teardown;
 * ``qtee_supplicant`` -- a ``supplicant.Supplicant`` on ``qtee_device``, stopped at
@@ -14,9 +16,9 @@ turns it off.  Fixtures (all function-scoped):
 * ``qtee_app`` -- ``qtee_app("name")`` loads that TA through the AppLoader (UID 3) and
   returns its app ``ObjRef``; everything it loaded is released and unloaded at teardown.
 
-Modes: ``@pytest.mark.qtee_modes("in-process", "server")`` runs a test that uses
+Modes: ``@pytest.mark.qtee_modes("in-process", "server", "guest")`` runs a test that uses
 ``qtee_device`` (or a fixture built on it) once per mode, unchanged; without the marker
-``--qtee-mode=in-process|server|both`` (default ``in-process``) decides.
+``--qtee-mode=in-process|server|guest|all`` (default ``in-process``) decides.
 
 Markers:
 
@@ -56,6 +58,7 @@ import pytest
 if TYPE_CHECKING:
     from qtee import Client, Device, DeviceServer, ObjRef, RemoteDevice
     from qtee.secure import TrustedApp
+    from qtee.vm import Guest
     from supplicant import Supplicant
 
 __all__ = ["TRACKED_DEVICES", "AppLoaderHelper", "format_leaks"]
@@ -65,11 +68,14 @@ __all__ = ["TRACKED_DEVICES", "AppLoaderHelper", "format_leaks"]
 TRACKED_DEVICES: list[tuple[str, str]] = [
     ("qtee._driver", "Device"),
     ("qtee._optee", "OpteeDevice"),
+    ("qtee.secure._monitor", "SecureMonitor"),
+    ("qtee.vm._framework", "Vmm"),
 ]
 
 _SUPPLICANT_OPTIONS = frozenset({"storage", "time", "ta_dirs", "workers"})
-#: Where ``qtee_device`` lives: this process, or behind a device server's socket.
-MODES = ("in-process", "server")
+#: Where ``qtee_device`` lives: this process, behind a device server's socket, or in a
+#: guest VM whose SMCs go through the VMM-side mediator (``qtee.vm``).
+MODES = ("in-process", "server", "guest")
 
 # A device recorded by the leak check: [device, class name, where it was built], by id.
 _Record = list[Any]
@@ -80,7 +86,7 @@ _ALREADY_FAILED = pytest.StashKey[bool]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.getgroup("qtee").addoption(
         "--qtee-mode",
-        choices=[*MODES, "both"],
+        choices=[*MODES, "all"],
         default="in-process",
         help="where qtee_device lives for tests without a qtee_modes marker (default: in-process)",
     )
@@ -117,7 +123,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             )
     else:
         option = metafunc.config.getoption("qtee_mode", "in-process")
-        modes = MODES if option == "both" else (option,)
+        modes = MODES if option == "all" else (option,)
     if modes != ("in-process",):
         metafunc.parametrize("qtee_device", modes, indirect=True)
 
@@ -300,9 +306,13 @@ def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device
     mode, ``qtee.connect`` to a fresh ``qtee_server``."""
     from qtee import Device, QteeRoot, SecureWorld, connect
 
-    if getattr(request, "param", "in-process") == "server":
+    mode = getattr(request, "param", "in-process")
+    if mode == "server":
         server: DeviceServer = request.getfixturevalue("qtee_server")
         return connect(server.path)
+    if mode == "guest":
+        guest: Device = request.getfixturevalue("qtee_guest").device
+        return guest
     device = Device(SecureWorld(QteeRoot()))
     _label(request, device, "fixture qtee_device")
     return device
@@ -325,6 +335,23 @@ def qtee_server(request: pytest.FixtureRequest, qtee_leak_check: None) -> Iterat
             yield server
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def qtee_guest(request: pytest.FixtureRequest, qtee_leak_check: None) -> Iterator[Guest]:
+    """A guest VM with QTEE behind a fresh monitor and VMM (``qtee.vm``): ``.device`` is
+    its own driver model, whose SMCs the mediator forwards.  Destroyed at teardown; the
+    monitor, the VMM and the guest's device are leak-checked."""
+    from qtee.secure._monitor import SecureMonitor
+    from qtee.vm import Vmm
+
+    monitor = SecureMonitor()
+    _label(request, monitor, "fixture qtee_guest")
+    with Vmm(monitor) as vmm:
+        _label(request, vmm, "fixture qtee_guest")
+        guest = vmm.create_vm("qtee-guest", tee="qtee")
+        _label(request, guest.device, "fixture qtee_guest")
+        yield guest
 
 
 @pytest.fixture

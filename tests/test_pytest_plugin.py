@@ -336,9 +336,14 @@ def test_by_option(qtee_device, qtee_app):
     [
         ((), ["test_both[in-process]", "test_both[server]", "test_by_option "], "Device"),
         (("--qtee-mode=server",), ["test_both[in-process]", "test_by_option[server]"], "Remote"),
-        (("--qtee-mode=both",), ["test_by_option[in-process]", "test_by_option[server]"], None),
+        (("--qtee-mode=guest",), ["test_both[server]", "test_by_option[guest]"], "Device"),
+        (
+            ("--qtee-mode=all",),
+            ["test_by_option[in-process]", "test_by_option[server]", "test_by_option[guest]"],
+            None,
+        ),
     ],
-    ids=["default", "server", "both"],
+    ids=["default", "server", "guest", "all"],
 )
 def test_modes_run_one_test_in_process_and_against_a_server(
     pytester: pytest.Pytester, option: tuple[str, ...], ids: list[str], device: str | None
@@ -347,7 +352,7 @@ def test_modes_run_one_test_in_process_and_against_a_server(
     it, --qtee-mode decides."""
     pytester.makepyfile(test_modes=MODES)
     result = _run(pytester, "-v", "-s", *option)
-    result.assert_outcomes(passed=4 if "--qtee-mode=both" in option else 3)
+    result.assert_outcomes(passed=5 if "--qtee-mode=all" in option else 3)
     for name in ids:
         assert any(name in line for line in result.outlines), name
     if device is not None:
@@ -367,7 +372,7 @@ def test_x(qtee_device):
     result = _run(pytester)
     assert result.ret == pytest.ExitCode.INTERRUPTED  # an error while collecting
     result.stdout.fnmatch_lines(
-        ["*qtee_modes takes modes from ('in-process', 'server'), not ('cloud',)*"]
+        ["*qtee_modes takes modes from ('in-process', 'server', 'guest'), not ('cloud',)*"]
     )
 
 

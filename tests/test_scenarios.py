@@ -1,8 +1,9 @@
 """The invoke-loop scenario suite, run in process and against a device server.
 
-Every test here runs twice through the plugin's ``qtee_modes`` marker: once with
-``qtee_device`` an in-process ``Device`` and once with it ``qtee.connect()``-ed to a fresh
-``qtee_server`` (one connection per open fd).  The bodies never ask which: the client API,
+Every test here runs three times through the plugin's ``qtee_modes`` marker: with
+``qtee_device`` an in-process ``Device``, ``qtee.connect()``-ed to a fresh ``qtee_server``
+(one connection per open fd), and a guest VM's own driver model whose SMCs the VMM-side
+mediator forwards (``qtee_guest``).  The bodies never ask which: the client API,
 the TAs and the assertions are the same, and the plugin's leak check proves every table
 of the device (in this process or the server's) empty after each test.  Specs:
 qtee-kernel.md §2.3-2.5, §4.1-4.5, §6; quic-teec.md §1.4, §5.3.
@@ -143,7 +144,7 @@ class Greeter(CallbackObject):
 
 
 pytestmark = [
-    pytest.mark.qtee_modes("in-process", "server"),
+    pytest.mark.qtee_modes("in-process", "server", "guest"),
     pytest.mark.qtee_ta("scenario", ScenarioTA),
     pytest.mark.qtee_ta("scenario.peer", ScenarioTA),  # a second TA of the same code
 ]

@@ -13,6 +13,7 @@ import contextlib
 import struct
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,12 +21,18 @@ from typing import Any
 
 from objects import DriverError, QteeBaseError, QteeError, UsageError, op
 from qtee.client import OUT_OBJECT, CallbackObject, Client, Out
+from qtee.gp import TeecError, TeecResult
 from qtee.secure import NsObject, TrustedApp, register_ta, ta_image
+from qtee.secure._gp import GpParam, GpSession, GpTA, GpTaError, register_gp_ta
 
-__all__ = ["SCENARIO_TA", "ScenarioStats", "run_invoke_loop"]
+__all__ = ["GP_SCENARIO_UUID", "SCENARIO_TA", "ScenarioStats", "run_gp_loop", "run_invoke_loop"]
 
 #: The name the scenario TA is registered under.
 SCENARIO_TA = "qtee.vm.scenario"
+#: The UUID of the GP scenario TA (what an OP-TEE guest's loop opens sessions to).
+GP_SCENARIO_UUID = uuid.UUID("8aaaf200-2450-11e4-abe2-0002a5d5c51b")
+_GP_ADD, _GP_FILL = 0, 1
+_GP_GREETING = b"hello from OP-TEE"
 
 
 class _ScenarioTA(TrustedApp):
@@ -74,7 +81,27 @@ class _Peer(CallbackObject):
         return obj
 
 
+class _GpScenarioTA(GpTA):
+    """ADD two values; FILL an output memref with a greeting."""
+
+    UUID = GP_SCENARIO_UUID
+
+    def invoke(self, session: GpSession, cmd: int, types: int, params: list[GpParam]) -> None:
+        if cmd == _GP_ADD:
+            params[1].a = (params[0].a + params[0].b) & 0xFFFF_FFFF
+        elif cmd == _GP_FILL:
+            buf = params[0].buffer
+            if buf is None or params[0].size < len(_GP_GREETING):
+                params[0].size = len(_GP_GREETING)
+                raise GpTaError(TeecResult.TEEC_ERROR_SHORT_BUFFER)
+            buf[: len(_GP_GREETING)] = _GP_GREETING
+            params[0].size = len(_GP_GREETING)
+        else:
+            raise GpTaError(TeecResult.TEEC_ERROR_NOT_SUPPORTED)
+
+
 register_ta(SCENARIO_TA, _ScenarioTA)
+register_gp_ta(_GpScenarioTA)
 
 
 @dataclass(slots=True)
@@ -95,6 +122,8 @@ class ScenarioStats:
 
 
 def _error_name(exc: BaseException) -> str:
+    if isinstance(exc, TeecError):
+        return f"TEEC {exc.code:#x} origin {exc.origin}"
     if isinstance(exc, QteeError):
         return f"result {exc.result}"
     if isinstance(exc, DriverError):
@@ -163,5 +192,61 @@ def run_invoke_loop(
             with contextlib.suppress(QteeBaseError, OSError):  # the VM went, with them
                 ref.release()
         client.close()
+        stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def run_gp_loop(
+    device: Any, iterations: int, *, stop: threading.Event | None = None
+) -> ScenarioStats:
+    """The GP counterpart on an OP-TEE device (a host ``OpteeDevice`` or a guest's): each
+    round opens a session, adds two values, fills an output buffer, closes the session."""
+    from qtee.gp import (
+        TeecContext,
+        TeecOperation,
+        TeecParamType,
+        TeecTempMemoryReference,
+        TeecValue,
+        param_types,
+    )
+
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise UsageError(f"iterations must be an int >= 0, not {iterations!r}")
+    t = TeecParamType
+    stats = ScenarioStats()
+    t0 = time.monotonic()
+    ctx = None
+    try:
+        ctx = TeecContext(device)
+        for n in range(iterations):
+            if stop is not None and stop.is_set():
+                break
+            with ctx.open_session(GP_SCENARIO_UUID) as session:
+                add = TeecOperation(
+                    param_types(t.TEEC_VALUE_INPUT, t.TEEC_VALUE_OUTPUT, 0, 0),
+                    [TeecValue(n, 7), TeecValue()],
+                )
+                session.invoke_command(_GP_ADD, add)
+                got = bytearray(32)
+                out = TeecTempMemoryReference(got)
+                fill = TeecOperation(param_types(t.TEEC_MEMREF_TEMP_OUTPUT, 0, 0, 0), [out])
+                session.invoke_command(_GP_FILL, fill)
+            total = add.params[1]
+            good = (
+                isinstance(total, TeecValue)
+                and total.a == n + 7
+                and bytes(got[: out.size]) == _GP_GREETING
+            )
+            if good:
+                stats.rounds += 1
+            else:
+                stats.wrong += 1
+    except (QteeBaseError, OSError) as exc:
+        stats.errors[_error_name(exc)] += 1
+        stats.ended_by = _error_name(exc)
+    finally:
+        if ctx is not None:
+            with contextlib.suppress(QteeBaseError, OSError):
+                ctx.finalize()
         stats.seconds = time.monotonic() - t0
     return stats
