@@ -10,12 +10,15 @@ the **VMM** mediates -- "just another piece of userspace using the TEE".  Here:
   registered with :func:`register_backend` and probed at start (a backend that finds no
   TEE leaves guests without one, quietly);
 * the QTEE backend checks, pins and shadow-copies each guest call and forwards it through
-  the host driver's VM primitive (:class:`HostVmChannel`) with the VM's client id.
+  the host driver's VM primitive (:class:`HostVmChannel`) with the VM's client id; the
+  OP-TEE backend does the same for a guest's OP-TEE messages (its guest device is a
+  :class:`GuestOpteeDevice`).
 
 Build a :class:`~qtee.secure.SecureMonitor`, a ``Vmm(monitor)``, then
 ``vmm.create_vm("vm1", tee="qtee")``; ``guest.device`` is the guest's ``qtee.Device``.
 """
 
+from qtee.vm import _optee_backend as _optee_backend
 from qtee.vm import _qtee_backend as _qtee_backend
 from qtee.vm._channel import HostVmChannel, Upcall
 from qtee.vm._framework import (
@@ -30,6 +33,8 @@ from qtee.vm._framework import (
     registered_backends,
 )
 from qtee.vm._guest import Guest, GuestTee, TeeKind
+from qtee.vm._guest_optee import GuestOpteeDevice
+from qtee.vm._optee_backend import OpteeBackend, OpteeGuestTee
 from qtee.vm._qtee_backend import QteeBackend, QteeGuestTee
 from qtee.vm._ram import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin
 
@@ -39,9 +44,12 @@ __all__ = [
     "DestroyReport",
     "Guest",
     "GuestFault",
+    "GuestOpteeDevice",
     "GuestRam",
     "GuestTee",
     "HostVmChannel",
+    "OpteeBackend",
+    "OpteeGuestTee",
     "Pin",
     "QteeBackend",
     "QteeGuestTee",
