@@ -267,6 +267,20 @@ class SecureMonitor:
                 if state[3] is not None:
                     raise state[3]
                 return _OK if not result else (0, int(result) & 0xFFFF_FFFF, 0, 0)
+        if (
+            fid == _INVOKE
+            and self.trace_smc is None
+            and self.smcinvoke
+            and type(a7) is int
+            and 0 < a7 < _U64
+            and type(a1) is int
+            and type(a2) is int
+            and type(a3) is int
+            and type(a4) is int
+            and a2 >= 0
+            and (on_return is None or callable(on_return))
+        ):  # a guest's INVOKE (from the VMM): _invoke checks the rest, as _call would
+            return self._invoke(a1, a2, a3, a4, a7, on_return)
         trace = self.trace_smc
         if trace is not None:
             trace(a7, fid, (a1, a2, a3, a4))
