@@ -206,10 +206,13 @@ class _OutPage:
 
     def __init__(self, device: Device) -> None:
         phys = device.phys
+        buf = bytearray(_OUT_SIZE)
         self.device = device
-        self.pa = phys.lend(bytearray(_OUT_SIZE))
-        #: The page as lent: what QTEE writes and the driver reads.
-        self.out: memoryview = phys.view(self.pa, _OUT_SIZE)
+        self.pa = phys.lend(buf)
+        view = phys.view(self.pa, _OUT_SIZE)
+        #: The page as lent: what QTEE writes and the driver reads (the buffer itself
+        #: when the lend is an alias, as on the host; else a view of where it went).
+        self.out: bytearray | memoryview = buf if view.obj is buf else view
         self.served = False
         self.accepted: list[bool] = _NO_CALL
         self.lent: list[QteeObject] = _NO_CALL
@@ -696,7 +699,31 @@ class Context:
                 page = _OutPage(device)
             clean = False
             try:
-                result = device._smc_invoke(inbound, page, accepted, held)
+                # Device._smc_invoke, inlined (the invoke hot path).
+                phys = device.phys
+                in_pa = phys.lend(inbound)
+                try:
+                    page.accepted = accepted
+                    page.lent = held
+                    try:
+                        regs = device.conduit.smc(
+                            _SMC_INVOKE,
+                            in_pa,
+                            len(inbound),
+                            page.pa,
+                            _OUT_SIZE,
+                            on_return=page.on_return,
+                        )
+                    except DriverError as exc:
+                        if accepted[0]:
+                            raise DriverError(
+                                errno.ENODEV, f"SMC failed after a callback: {exc}"
+                            ) from exc
+                        raise
+                finally:
+                    phys.take_back(in_pa)
+                accepted[0] = True
+                result = 0 if regs[1] == 0 else result_from_u32(regs[1])
                 if trace or records:
                     _emit(trace, records, "QTEE -> NS", cxt, op, counts, result_name(result))
                 if result == 0:
@@ -713,7 +740,13 @@ class Context:
                     device._fetch_async(page.out, 0)
                 clean = True
             finally:
-                device._recycle(page, clean)
+                if page.served or not clean:
+                    device._recycle(page, clean)
+                else:  # the common case, inline: nothing to zero
+                    page.accepted = page.lent = _NO_CALL
+                    device._pages.append(page)
+                    if not device.contexts:
+                        device.release_pages()
         finally:
             for obj in held:
                 obj.put()
