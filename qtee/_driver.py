@@ -1,9 +1,8 @@
 """The driver model: a device, its open contexts, and their ioctls (kernel ``call.c``).
 
-Work in progress for the invoke-loop issue: VERSION, SHM_ALLOC, the unsupported
-ioctls, and OBJECT_INVOKE on QTEE objects (root, services, TAs) with buffers, NULL and
-QTEE objects in and out.  User (callback) objects, memory objects, the primordial object
-and SUPPL_RECV/SEND come next.
+VERSION, SHM_ALLOC, OBJECT_INVOKE (QTEE, callback and memory objects in and out, the
+primordial object), SUPPL_RECV/SEND, the ioctls qcomtee does not support, and the fd's
+close (QK §4).
 
 ``Context.ioctl(cmd, arg)`` is shaped like ``fcntl.ioctl``: ``arg`` is a mutable buffer
 holding the kernel's struct; for buf_data ioctls its ``buf_ptr`` points at the argument
