@@ -300,6 +300,14 @@ def _trace_live(args: argparse.Namespace) -> int:
                 if not m:  # the end of the stream: the connection is gone
                     failure = f"lost the connection to the server at {path}"
                     break
+                if m.keys() == {"dropped"}:  # the server's queue for this reader overflowed
+                    print(
+                        f"qtee trace: the server dropped {m['dropped']} crossings "
+                        "(this reader fell behind)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    continue
                 try:
                     record = _trace.record_from_map(m, len(records))
                 except _trace.TraceFileError as exc:

@@ -341,22 +341,27 @@ class _Connection:
 
 class _TraceStream:
     """Sends one connection the crossings of the device, from a queue and its own thread
-    (a slow reader never blocks the driver; past ``LIMIT`` queued records, new ones are
-    dropped and counted)."""
+    (a slow reader never blocks the driver).  Past ``LIMIT`` queued records new ones are
+    dropped and counted, and once the queue has drained the reader is told how many
+    (an answer ``{"dropped": n}`` between the records)."""
 
     LIMIT: Final = 10_000
 
     def __init__(self, conn: _Connection, seq: int) -> None:
         self.conn = conn
         self.seq = seq
-        self.dropped = 0
+        self.dropped = 0  # all the stream dropped
+        self._unsaid = 0  # dropped and not yet told
+        self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[TraceRecord | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"{conn.name}-trace", daemon=True)
         self._thread.start()
 
     def __call__(self, record: TraceRecord) -> None:
         if self._queue.qsize() >= self.LIMIT:
-            self.dropped += 1
+            with self._lock:
+                self.dropped += 1
+                self._unsaid += 1
             return
         self._queue.put(record)
 
@@ -364,11 +369,20 @@ class _TraceStream:
         self._queue.put(None)
 
     def _run(self) -> None:
-        while (record := self._queue.get()) is not None:
-            try:
+        try:
+            while (record := self._queue.get()) is not None:
                 self.conn.send(Answer(seq=self.seq, data=record.to_map()))
-            except OSError:
-                return
+                if self._unsaid and self._queue.empty():
+                    self._tell()
+            if self._unsaid:  # stopping: the last word is how many never went
+                self._tell()
+        except OSError:
+            return
+
+    def _tell(self) -> None:
+        with self._lock:
+            n, self._unsaid = self._unsaid, 0
+        self.conn.send(Answer(seq=self.seq, data={"dropped": n}))
 
 
 class _TraceFanout:

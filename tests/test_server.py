@@ -257,3 +257,39 @@ def test_a_peer_that_does_not_welcome_fails_open_cleanly(answer: bytes | None, c
         t.join(3)
         listener.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_trace_reader_that_falls_behind_is_told_how_many_crossings_it_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server never blocks the driver for a trace reader: past the queue limit records
+    are dropped, and once the queue drains the reader gets ``{"dropped": n}``."""
+    from qtee._server import _TraceStream
+    from qtee._trace import TraceRecord
+
+    class SlowConn:
+        name = "slow"
+
+        def __init__(self) -> None:
+            self.sent: list[dict[str, object]] = []
+            self.entered = threading.Event()
+            self.go = threading.Event()
+
+        def send(self, msg: object, fd: int | None = None) -> None:
+            self.entered.set()
+            assert self.go.wait(5)
+            self.sent.append(msg.data)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(_TraceStream, "LIMIT", 3)
+    conn = SlowConn()
+    stream = _TraceStream(conn, seq=7)  # type: ignore[arg-type]
+    records = [TraceRecord(float(n), "NS -> QTEE", n, 0, 0, 0, 0, 0, "invoke") for n in range(10)]
+    stream(records[0])
+    assert conn.entered.wait(5)  # the sender holds record 0: the next three queue up
+    for r in records[1:]:
+        stream(r)
+    assert stream.dropped == 6
+    conn.go.set()
+    stream.stop()
+    stream._thread.join(5)
+    assert conn.sent == [r.to_map() for r in records[:4]] + [{"dropped": 6}]
