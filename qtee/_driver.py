@@ -698,31 +698,7 @@ class Context:
                 page = _OutPage(device)
             clean = False
             try:
-                # Device._smc_invoke, inlined (the invoke hot path).
-                phys = device.phys
-                in_pa = phys.lend(inbound)
-                try:
-                    page.accepted = accepted
-                    page.lent = held
-                    try:
-                        regs = device.conduit.smc(
-                            _SMC_INVOKE,
-                            in_pa,
-                            len(inbound),
-                            page.pa,
-                            _OUT_SIZE,
-                            on_return=page.on_return,
-                        )
-                    except DriverError as exc:
-                        if accepted[0]:
-                            raise DriverError(
-                                errno.ENODEV, f"SMC failed after a callback: {exc}"
-                            ) from exc
-                        raise
-                finally:
-                    phys.take_back(in_pa)
-                accepted[0] = True
-                result = 0 if regs[1] == 0 else result_from_u32(regs[1])
+                result = device._smc_invoke(inbound, page, accepted, held)
                 if trace or records:
                     _emit(trace, records, "QTEE -> NS", cxt, op, counts, result_name(result))
                 if result == 0:
