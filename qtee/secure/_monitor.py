@@ -253,20 +253,8 @@ class SecureMonitor:
                 and outbound is not None
                 and len(inbound) == a2
                 and a4 == _OUT_SIZE == len(outbound)
-            ):  # _enter, inlined
-                state: list[Any] = [on_return, a3, HYP_CLIENT_ID, None]
-                key = id(outbound)
-                pending = self._pending
-                pending[key] = state
-                try:
-                    result = self._host.invoke(inbound, outbound, self._serve)
-                except DecodeError:  # malformed inbound: answered, not forwarded
-                    result = Result.ERROR_INVALID
-                finally:
-                    del pending[key]
-                if state[3] is not None:
-                    raise state[3]
-                return _OK if not result else (0, int(result) & 0xFFFF_FFFF, 0, 0)
+            ):
+                return self._enter(self._host, inbound, outbound, a3, on_return)
         if (
             fid == _INVOKE
             and self.trace_smc is None
