@@ -51,7 +51,7 @@ import itertools
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, NoReturn, TypeAlias, TypeVar
+from typing import Any, ClassVar, Final, NoReturn, Self, TypeAlias, TypeVar
 
 import msgpack
 
@@ -153,6 +153,31 @@ def _set(obj: object, name: str, value: object) -> None:
 
 
 # --------------------------------------------------------------------------- records
+
+
+class _Control:
+    """The frames other than the call's two: a map of ``v``, ``t`` and ``_FIELDS`` in order."""
+
+    __slots__ = ()
+    KIND: ClassVar[str]
+    _FIELDS: ClassVar[tuple[str, ...]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_FIELDS" in cls.__dict__:
+            cls._KEYS = frozenset({"v", "t", *cls._FIELDS})
+
+    _KEYS: ClassVar[frozenset[str]]
+
+    def to_map(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": self.KIND}
+        for name in self._FIELDS:
+            m[name] = getattr(self, name)
+        return m
+
+    @classmethod
+    def from_map(cls, m: object) -> Self:
+        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -313,47 +338,33 @@ class IoctlReply:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Close:
+class Close(_Control):
     """Client -> server: ``close(fd)``; a request, so it takes the next ``seq``."""
 
     seq: int
 
     KIND: ClassVar[str] = "close"
-    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq"})
+    _FIELDS: ClassVar[tuple[str, ...]] = ("seq",)
 
     def __post_init__(self) -> None:
         _int(self.seq, "Close.seq", 0, _U32)
 
-    def to_map(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "t": self.KIND, "seq": self.seq}
-
-    @classmethod
-    def from_map(cls, m: object) -> Close:
-        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Bye:
+class Bye(_Control):
     """Either side, last frame: why the connection ends."""
 
     reason: str = ""
 
     KIND: ClassVar[str] = "bye"
-    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "reason"})
+    _FIELDS: ClassVar[tuple[str, ...]] = ("reason",)
 
     def __post_init__(self) -> None:
         _str(self.reason, "Bye.reason")
 
-    def to_map(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "t": self.KIND, "reason": self.reason}
-
-    @classmethod
-    def from_map(cls, m: object) -> Bye:
-        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ShmFd:
+class ShmFd(_Control):
     """Server -> client, before the reply to a SHM_ALLOC: shm ``id`` of ``size`` bytes; the
     fd of its memory file rides on this frame's bytes (SCM_RIGHTS)."""
 
@@ -362,81 +373,67 @@ class ShmFd:
     size: int
 
     KIND: ClassVar[str] = "shm"
-    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "id", "size"})
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "seq",
+        "id",
+        "size",
+    )
 
     def __post_init__(self) -> None:
         _int(self.seq, "ShmFd.seq", 0, _U32)
         _int(self.id, "ShmFd.id", 1, 0x7FFF_FFFF)
         _int(self.size, "ShmFd.size", 0, _U64)
 
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "v": PROTOCOL_VERSION,
-            "t": self.KIND,
-            "seq": self.seq,
-            "id": self.id,
-            "size": self.size,
-        }
-
-    @classmethod
-    def from_map(cls, m: object) -> ShmFd:
-        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ShmFree:
+class ShmFree(_Control):
     """Client -> server: ``close`` of a shm fd (the owner's reference goes)."""
 
     seq: int
     id: int
 
     KIND: ClassVar[str] = "shm_free"
-    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "id"})
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "seq",
+        "id",
+    )
 
     def __post_init__(self) -> None:
         _int(self.seq, "ShmFree.seq", 0, _U32)
         _int(self.id, "ShmFree.id", 1, 0x7FFF_FFFF)
 
-    def to_map(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "t": self.KIND, "seq": self.seq, "id": self.id}
-
-    @classmethod
-    def from_map(cls, m: object) -> ShmFree:
-        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Query:
+class Query(_Control):
     """Client -> server: describe yourself (``info``) or stream crossings (``trace``)."""
 
     seq: int
     what: str
 
     KIND: ClassVar[str] = "query"
-    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "what"})
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "seq",
+        "what",
+    )
 
     def __post_init__(self) -> None:
         _int(self.seq, "Query.seq", 0, _U32)
         if self.what not in QUERIES:
             raise UsageError(f"Query.what must be one of {QUERIES}, not {self.what!r}")
 
-    def to_map(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "t": self.KIND, "seq": self.seq, "what": self.what}
-
-    @classmethod
-    def from_map(cls, m: object) -> Query:
-        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Answer:
+class Answer(_Control):
     """Server -> client: what a query asked for, as a map with str keys."""
 
     seq: int
     data: dict[str, Any]
 
     KIND: ClassVar[str] = "answer"
-    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "data"})
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "seq",
+        "data",
+    )
 
     def __post_init__(self) -> None:
         _int(self.seq, "Answer.seq", 0, _U32)
@@ -445,13 +442,6 @@ class Answer:
 
     def __hash__(self) -> int:  # data is a dict: hash its one encoding
         return hash((self.seq, msgpack.packb(self.data, use_bin_type=True)))
-
-    def to_map(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "t": self.KIND, "seq": self.seq, "data": self.data}
-
-    @classmethod
-    def from_map(cls, m: object) -> Answer:
-        return _build(cls, _fields(m, cls._KEYS, cls.KIND), cls.KIND)
 
 
 Message: TypeAlias = (
