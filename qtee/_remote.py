@@ -233,21 +233,10 @@ class RemoteContext:
         done = threading.Lock()
         done.acquire()
         slot: list[Any] = [done]
-        with self._send:
-            seq = next(self._seq)
-            with self._lock:
-                if self._lost is not None:
-                    raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-                self._pending[seq] = slot
-            try:
-                frame = encode_call(seq, cmd, bytes(arg), regions, max_frame=self.device.max_frame)
-                self.sock.sendall(frame)
-            except (OSError, UsageError) as exc:
-                with self._lock:
-                    self._pending.pop(seq, None)
-                if isinstance(exc, UsageError):
-                    raise DriverError(errno.E2BIG, str(exc)) from None
-                raise DriverError(errno.EBADF, f"connection lost: {exc}") from None
+        data, limit = bytes(arg), self.device.max_frame
+        self._request(
+            lambda seq: encode_call(seq, cmd, data, regions, max_frame=limit), self._pending, slot
+        )
         done.acquire()  # released with the reply, or when the connection is lost
         if len(slot) < 2:
             raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
@@ -274,7 +263,7 @@ class RemoteContext:
         if buf is None:
             raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
         self._unmap(buf)
-        self._send_request(lambda seq: ShmFree(seq=seq, id=shm_id))
+        self._request(lambda seq: encode(ShmFree(seq=seq, id=shm_id)))
 
     @staticmethod
     def _unmap(buf: mmap.mmap | bytearray) -> None:
@@ -282,15 +271,30 @@ class RemoteContext:
             with contextlib.suppress(BufferError):  # a view is still open: unmapped with it
                 buf.close()
 
-    def _send_request(self, build: Callable[[int], Any]) -> int:
+    def _request(
+        self,
+        frame_of: Callable[[int], bytes],
+        waiting: dict[int, Any] | None = None,
+        entry: Any = None,
+    ) -> int:
+        """Send the frame ``frame_of(seq)`` of the next request; its seq.  With ``waiting``,
+        ``entry`` is filed there under the seq first (so no answer can beat it) and taken
+        out again if the frame cannot be sent."""
         with self._send:
             seq = next(self._seq)
             with self._lock:
                 if self._lost is not None:
                     raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+                if waiting is not None:
+                    waiting[seq] = entry
             try:
-                self.sock.sendall(encode(build(seq), max_frame=self.device.max_frame))
-            except OSError as exc:
+                self.sock.sendall(frame_of(seq))
+            except (OSError, UsageError) as exc:
+                if waiting is not None:
+                    with self._lock:
+                        waiting.pop(seq, None)
+                if isinstance(exc, UsageError):  # over the frame limit
+                    raise DriverError(errno.E2BIG, str(exc)) from None
                 raise DriverError(errno.EBADF, f"connection lost: {exc}") from None
         return seq
 
@@ -320,20 +324,8 @@ class RemoteContext:
         self._query("trace", sink)
 
     def _query(self, what: str, sink: Callable[[dict[str, Any]], None]) -> int:
-        """Send a query; its answers go to ``sink`` (registered before they can arrive)."""
-        with self._send:
-            seq = next(self._seq)
-            with self._lock:
-                if self._lost is not None:
-                    raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-                self._streams[seq] = sink
-            try:
-                self.sock.sendall(encode(Query(seq=seq, what=what)))
-            except OSError as exc:
-                with self._lock:
-                    self._streams.pop(seq, None)
-                raise DriverError(errno.EBADF, f"connection lost: {exc}") from None
-        return seq
+        """Send a query; its answers go to ``sink``."""
+        return self._request(lambda seq: encode(Query(seq=seq, what=what)), self._streams, sink)
 
     def close(self) -> None:
         """Close the fd: the server closes the context (pending callbacks DEFUNCT)."""
