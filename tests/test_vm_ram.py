@@ -207,24 +207,51 @@ def test_bad_sizes_are_refused(host: PhysMemory, size: object) -> None:
     assert len(host) == 0
 
 
-def test_pin_pair_pins_and_views_both_buffers_of_an_smc(ram: GuestRam) -> None:
-    """An SMC's inbound and outbound pages are pinned together and viewed (IPA -> VMM)."""
+def test_pin_smc_pins_both_buffers_of_an_smc_and_copy_reads_them(ram: GuestRam) -> None:
+    """An SMC's inbound and outbound pages are pinned together (optee.md §6.1: pinned for
+    the call); the inbound is copied into VMM memory, not viewed."""
     ram.write(ram.base, b"in")
-    p, q, vin, vout = ram.pin_pair(ram.base, 16, ram.base + PAGE_SIZE, PAGE_SIZE)
-    assert (p, q) == (Pin(ram.base >> 12, 1), Pin((ram.base >> 12) + 1, 1))
-    assert bytes(vin[:2]) == b"in" and len(vout) == PAGE_SIZE
-    vout[:3] = b"out"
-    assert ram.read(ram.base + PAGE_SIZE, 3) == b"out"
+    token = ram.pin_smc(ram.base, 16, ram.base + PAGE_SIZE, PAGE_SIZE)
     assert ram.pinned_pages() == 2
-    with pytest.raises(UsageError):
-        ram.unpin_pair(p, Pin((ram.base >> 12) + 5, 1))  # q is not pinned: p stays pinned too
-    assert ram.pinned_pages() == 2
-    ram.unpin_pair(p, q)
+    with pytest.raises(DriverError) as busy:
+        ram.discard(ram.base + PAGE_SIZE, PAGE_SIZE)  # the outbound page is held
+    assert busy.value.code == errno.EBUSY
+    shadow = bytearray(b"old contents, longer than 16 bytes")
+    ram.copy_into(shadow, ram.base, 16)
+    assert shadow == b"in" + bytes(14)  # resized to the range
+    ram.write(ram.base, b"XX")  # the guest rewrites its buffer: the copy keeps the original
+    assert shadow[:2] == b"in"
+    assert ram.unpin_smc(token) == 2
     assert ram.pinned_pages() == 0
-    same = ram.pin_pair(ram.base, 8, ram.base, 8)  # both in one page: counted twice
-    ram.unpin(same[0])
+    with pytest.raises(UsageError):
+        ram.unpin_smc(token)  # not held any more: nothing changes
+    assert ram.pinned_pages() == 0
+    same = ram.pin_smc(ram.base, 8, ram.base, 8)  # both in one page: counted twice
     assert ram.pinned_pages() == 1
-    ram.unpin(same[1])
+    ram.pin(ram.base, 1)
+    assert ram.unpin_smc(same) == 2
+    assert ram.pinned_pages() == 1  # the other pin still holds the page
+    ram.unpin(Pin(ram.base >> 12, 1))
+    assert ram.pinned_pages() == 0
     with pytest.raises(GuestFault):
-        ram.pin_pair(ram.base, 16, ram.base + SIZE, PAGE_SIZE)
+        ram.pin_smc(ram.base, 16, ram.base + SIZE, PAGE_SIZE)
+    with pytest.raises(GuestFault):
+        ram.copy_into(shadow, ram.base + SIZE - 4, 8)
+    assert shadow == b"in" + bytes(14)  # a fault changes nothing
+    with pytest.raises(TypeError):
+        ram.pin_smc(ram.base, 16.0, ram.base, 8)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        ram.unpin_smc((1, 2))  # type: ignore[arg-type]
+    assert ram.pinned_pages() == 0
+
+
+def test_pin_smc_of_multi_page_and_empty_ranges(ram: GuestRam) -> None:
+    """A 3-page inbound and a 0-byte one: pages counted by what the range covers."""
+    token = ram.pin_smc(ram.base + 100, 2 * PAGE_SIZE, ram.base + 4 * PAGE_SIZE, PAGE_SIZE)
+    assert ram.pinned_pages() == 4
+    empty = ram.pin_smc(ram.base + 8 * PAGE_SIZE, 0, ram.base + 4 * PAGE_SIZE, PAGE_SIZE)
+    assert ram.pinned_pages() == 4  # the empty range pins nothing, page 4 is counted twice
+    assert ram.unpin_smc(token) == 4
+    assert ram.pinned_pages() == 1
+    assert ram.unpin_smc(empty) == 1
     assert ram.pinned_pages() == 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import operator
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -83,6 +84,8 @@ _MAX_CLIENT_ID: Final = 0xFFFF
 _U32: Final = struct.Struct("<I")
 _U64: Final = 1 << 64
 _OF_LOCK: Final = threading.Lock()
+#: ``world.closing`` read afresh (a destroy sets it while a call is in the world).
+_closing: Final = operator.attrgetter("closing")
 
 
 def _check_reg(value: object, name: str) -> None:
@@ -243,8 +246,9 @@ class SecureMonitor:
         on_return: OnReturn | None = None,
     ) -> Regs:
         """One SMC from the non-secure side; see the module docstring for the calls."""
-        if a7 == HYP_CLIENT_ID and fid == _INVOKE and self.trace_smc is None and self.smcinvoke:
-            # The host's INVOKE, the hot path: two lent buffers, exactly.
+        if fid == _INVOKE and self.trace_smc is None and self.smcinvoke:
+            # INVOKE on two lent buffers, exactly (the host driver's and the VMM's calls):
+            # the hot path, one dict lookup per buffer.
             lent_at = self._lent_at
             inbound = lent_at(a1)
             outbound = lent_at(a3)
@@ -254,7 +258,10 @@ class SecureMonitor:
                 and len(inbound) == a2
                 and a4 == _OUT_SIZE == len(outbound)
             ):
-                return self._enter(self._host, inbound, outbound, a3, on_return)
+                if a7 == HYP_CLIENT_ID:
+                    return self._enter(self._host, inbound, outbound, a3, on_return)
+                if type(a7) is int and 0 < a7 < _U64 and (on_return is None or callable(on_return)):
+                    return self._enter_partition(a7, inbound, outbound, a3, on_return)
         if (
             fid == _INVOKE
             and self.trace_smc is None
@@ -267,7 +274,7 @@ class SecureMonitor:
             and type(a4) is int
             and a2 >= 0
             and (on_return is None or callable(on_return))
-        ):  # a guest's INVOKE (from the VMM): _invoke checks the rest, as _call would
+        ):  # a guest's INVOKE on other memory (from the VMM): _invoke checks the rest
             return self._invoke(a1, a2, a3, a4, a7, on_return)
         trace = self.trace_smc
         if trace is not None:
@@ -330,27 +337,60 @@ class SecureMonitor:
     ) -> Regs:
         if out_size != _OUT_SIZE or in_size > wire.MAX_INBOUND_BUFFER_SIZE:
             raise DriverError(errno.EINVAL, f"buffer sizes {in_size}/{out_size}")
-        if client_id == HYP_CLIENT_ID:
-            world = self._host
-        else:
-            with self._lock:
-                got = self._worlds.get(client_id)
-                if got is None:
-                    raise DriverError(errno.ENODEV, f"client id {client_id} has no partition")
-                if got.closing:
-                    return _DEFUNCT_REGS
-                self._calls[client_id] = self._calls.get(client_id, 0) + 1
-            world = got
         try:
-            try:
-                inbound = self.phys.buffer(in_pa, in_size)
-                outbound = self.phys.buffer(out_pa, out_size)
-            except PhysFault as exc:
-                raise DriverError(errno.EINVAL, str(exc)) from None
+            inbound = self.phys.buffer(in_pa, in_size)
+            outbound = self.phys.buffer(out_pa, out_size)
+        except PhysFault as exc:
+            raise DriverError(errno.EINVAL, str(exc)) from None
+        if client_id == HYP_CLIENT_ID:
+            return self._enter(self._host, inbound, outbound, out_pa, on_return)
+        return self._enter_partition(client_id, inbound, outbound, out_pa, on_return)
+
+    def _enter_partition(
+        self,
+        client_id: int,
+        inbound: bytearray | memoryview,
+        outbound: bytearray | memoryview,
+        out_pa: int,
+        on_return: OnReturn | None,
+    ) -> Regs:
+        """A guest's INVOKE: counted in flight on its partition (a destroy waits for the
+        last one to leave before the partition's objects go)."""
+        lock = self._lock
+        lock.acquire()  # (not ``with``: every guest call's path)
+        try:
+            world = self._worlds.get(client_id)
+            if world is None:
+                raise DriverError(errno.ENODEV, f"client id {client_id} has no partition")
+            if world.closing:
+                return _DEFUNCT_REGS
+            calls = self._calls
+            calls[client_id] = calls.get(client_id, 0) + 1
+        finally:
+            lock.release()
+        try:
             return self._enter(world, inbound, outbound, out_pa, on_return)
         finally:
-            if client_id != HYP_CLIENT_ID:
-                self._leave(client_id, world)
+            freed: SecureWorld | None = None
+            lock.acquire()
+            try:
+                left = calls[client_id] - 1
+                if left:
+                    calls[client_id] = left
+                else:
+                    del calls[client_id]
+                    if _closing(world) and self._worlds.get(client_id) is world:
+                        del self._worlds[client_id]
+                        freed = world
+            finally:
+                lock.release()
+            if freed is not None:  # the last call left a destroyed VM (OP §6.1)
+                released = freed.release_all()
+                log.debug(
+                    "client %d: partition freed after its last call, %d objects",
+                    client_id,
+                    released,
+                )
 
     def _enter(
         self,
@@ -400,19 +440,6 @@ class SecureMonitor:
             trace(cid, nxt[0], (nxt[1], nxt[2], 0, 0))
         if nxt not in ((_CB_RSP, out_pa, _OUT_SIZE), (_CB_RSP_32, out_pa, _OUT_SIZE)):
             _U32.pack_into(out, 0, _UNAVAIL)
-
-    def _leave(self, client_id: int, world: SecureWorld) -> None:
-        with self._lock:
-            left = self._calls[client_id] - 1
-            if left:
-                self._calls[client_id] = left
-                return
-            del self._calls[client_id]
-            if not world.closing or self._worlds.get(client_id) is not world:
-                return
-            del self._worlds[client_id]
-        released = world.release_all()  # the last call left a destroyed VM (OP §6.1)
-        log.debug("client %d: partition freed after its last call, %d objects", client_id, released)
 
     # ------------------------------------------------------------------ VM lifecycle
     def _vm_call(self, fid: int, client_id: int, caller: int) -> Regs:

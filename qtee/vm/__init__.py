@@ -20,7 +20,7 @@ Build a :class:`~qtee.secure.SecureMonitor`, a ``Vmm(monitor)``, then
 
 from qtee.vm import _optee_backend as _optee_backend
 from qtee.vm import _qtee_backend as _qtee_backend
-from qtee.vm._channel import HostVmChannel, Upcall
+from qtee.vm._channel import HostVmChannel, ShadowPage, Upcall
 from qtee.vm._framework import (
     DestroyReport,
     TeeBackend,
@@ -36,7 +36,7 @@ from qtee.vm._guest import Guest, GuestTee, TeeKind
 from qtee.vm._guest_optee import GuestOpteeDevice
 from qtee.vm._optee_backend import OpteeBackend, OpteeGuestTee
 from qtee.vm._qtee_backend import QteeBackend, QteeGuestTee
-from qtee.vm._ram import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin
+from qtee.vm._ram import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin, SmcPins
 
 __all__ = [
     "GUEST_RAM_BASE",
@@ -48,9 +48,11 @@ __all__ = [
     "GuestRam",
     "GuestTee",
     "HostVmChannel",
+    "ShadowPage",
     "OpteeBackend",
     "OpteeGuestTee",
     "Pin",
+    "SmcPins",
     "QteeBackend",
     "QteeGuestTee",
     "TeeBackend",

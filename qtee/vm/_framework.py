@@ -177,16 +177,17 @@ class VmRow:
 def _row(vm: VmState, state: str, objects: int) -> VmRow:
     guest = vm.guest
     with vm.lock:
+        ok = [(0, vm.ok)] if vm.ok else []
         return VmRow(
             name=guest.name,
             vm_id=guest.vm_id,
             client_id=vm.client_id,
             tee=str(guest.tee),
             state=state,
-            calls_ok=vm.stats["ok"],
+            calls_ok=vm.ok,
             calls_failed=vm.stats["failed"],
             callbacks=vm.stats["callbacks"],
-            results=tuple(sorted((int(k), n) for k, n in vm.results.items())),
+            results=tuple(sorted([(int(k), n) for k, n in vm.results.items() if n] + ok)),
             pinned_now=vm.pinned,
             pinned_peak=vm.pinned_peak,
             mappings=len(vm.mappings),

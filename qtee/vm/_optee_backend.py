@@ -315,8 +315,10 @@ class OpteeBackend:
                 for pin in pins:
                     vm.unpin_locked(pin)
                 vm.calls -= 1
-                if ret is not None:
-                    vm.stats["ok" if ret == _OK else "failed"] += 1
+                if ret == _OK:
+                    vm.ok += 1
+                elif ret is not None:
+                    vm.stats["failed"] += 1
                     vm.results[ret] += 1
                 else:
                     vm.stats["smc_errors"] += 1

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, ClassVar, Final
 from objects import DecodeError, DriverError, Result
 from qtee import wire
 from qtee._smc import QCOMTEE_RESULT_INBOUND_REQ_NEEDED, SmcFid, SmcReturn
-from qtee.vm._channel import HostVmChannel
+from qtee.vm._channel import HostVmChannel, ShadowPage
 from qtee.vm._framework import VmError, VmState, register_backend
 from qtee.vm._ram import PAGE_SIZE, GuestFault
 
@@ -75,6 +75,7 @@ _BUSY: Final = _u32(Result.ERROR_BUSY)
 #: ``struct`` of n (offset, size) pairs, by n.
 _ARGS: Final = [struct.Struct("<" + "II" * n) for n in range(16)]
 _DEFUNCT_REGS: Final = (0, _DEFUNCT, 0, 0)
+_ZERO_PAGE: Final = bytes(_OUT)
 _NO_OUTPUTS: Final[tuple[tuple[int, ...], int, int, int]] = ((), 0, 12, 0)
 _CALLBACK_REGS: Final = (QCOMTEE_RESULT_INBOUND_REQ_NEEDED, 0, 0, 0)
 _INVOKE_FIDS: Final = frozenset(
@@ -133,7 +134,7 @@ class QteeBackend:
 
     def __init__(self, monitor: SecureMonitor) -> None:
         self.monitor = monitor
-        self.channel = HostVmChannel(monitor)
+        self.channel = HostVmChannel(monitor, self._upcall)
 
     # ------------------------------------------------------------------ lifecycle
     def probe(self) -> bool:
@@ -188,7 +189,8 @@ class QteeBackend:
 
     def relinquish(self, vm: VmState, deadline: float) -> None:
         """Fail the VM's calls (DEFUNCT), wait for them until ``deadline``, VM_DESTROYED
-        (QTEE releases the partition's objects once its last call left), unpin all."""
+        (QTEE releases the partition's objects once its last call left), unpin all and
+        end the lends of the VM's shadow pages."""
         with vm.cond:
             vm.stopping = True
             while vm.calls:
@@ -202,6 +204,8 @@ class QteeBackend:
         vm.unpin_all()
         with vm.lock:
             vm.refused_ns.clear()
+            pool, vm.pages = vm.pages, []  # a call still in flight ends its own page's lend
+        self.channel.release(pool)
 
     def secure_objects(self, vm: VmState) -> int:
         """Objects QTEE's partition for the VM holds now."""
@@ -238,7 +242,8 @@ class QteeBackend:
             return (0, _u32(Result.ERROR_MAXDATA), 0, 0)
         ram = vm.guest.ram
         lock = vm.lock
-        with lock:
+        lock.acquire()  # (not ``with``: this is every guest call's path)
+        try:
             if vm.stopping:
                 return _DEFUNCT_REGS
             if vm.calls >= vm.max_calls:
@@ -246,64 +251,79 @@ class QteeBackend:
                 vm.results[Result.ERROR_BUSY] += 1
                 return (0, _BUSY, 0, 0)
             try:
-                p_in, p_out, gin, gout = ram.pin_pair(in_pa, in_size, out_pa, _OUT)
+                pins = ram.pin_smc(in_pa, in_size, out_pa, _OUT)
             except GuestFault as exc:
                 raise DriverError(errno.EINVAL, exc.detail) from None
-            pages = p_in[1] + p_out[1]
-            if vm.pinned + pages >= vm.limits.pinned_pages:
-                ram.unpin_pair(p_in, p_out)
+            pages = pins[1] - pins[0] + pins[3] - pins[2]
+            pinned = vm.pinned + pages
+            if pinned >= vm.limits.pinned_pages:
+                ram.unpin_smc(pins)
                 vm.stats["limit:pinned_pages"] += 1
                 vm.results[Result.ERROR_KMEM] += 1
                 return (0, _KMEM, 0, 0)
-            vm.pinned += pages
-            vm.pinned_peak = max(vm.pinned_peak, vm.pinned)
-            key = id(gin)  # unique while the call holds its view
-            vm.pins[key] = (p_in, p_out)
+            vm.pinned = pinned
+            if pinned > vm.pinned_peak:  # noqa: PLR1730 - (no max() call on this path)
+                vm.pinned_peak = pinned
+            pool = vm.pages
+            page = pool.pop() if pool else self.channel.page()
+            vm.pins[page] = pins
             vm.calls += 1
-        callbacks = [0]
+        finally:
+            lock.release()
+        page.call = (vm, out_pa, on_return)
         result: int | None = None
+        dirty = True  # the outbound page needs zeroing before its next call
         try:
-            shadow_in = bytearray(gin)  # THE copy: nothing below reads guest memory for input
+            shadow_in = page.inbuf
+            ram.copy_into(shadow_in, in_pa, in_size)  # THE copy: nothing below reads guest input
             counts = _U32.unpack_from(shadow_in, 8)[0] if in_size >= 12 else -1
             layout = _layout(shadow_in, counts) if counts else _NO_OUTPUTS
             if layout is None:  # no header, or a malformed counts word: not forwarded
                 result = Result.ERROR_INVALID
                 return (0, Result.ERROR_INVALID, 0, 0)
-            shadow_out = bytearray(_OUT)
-
-            def upcall(_regs: Regs) -> None:
-                callbacks[0] += 1
-                self._callback(vm, gout, out_pa, shadow_out, on_return)
-
-            a0, a1, _a2, _a3 = self.channel.invoke(vm.client_id, shadow_in, shadow_out, upcall)
+            a0, a1, _a2, _a3 = self.channel.invoke(vm.client_id, page)
             if _stopping(vm):
                 result = Result.ERROR_DEFUNCT
                 return _DEFUNCT_REGS
             result = a1 - 0x1_0000_0000 if a1 & 0x8000_0000 else a1
             if not result and (layout[0] or layout[3]):
-                _write_back(gin, shadow_in, layout)
+                _write_back(ram.view(in_pa, in_size), shadow_in, layout)
+            out = page.buf
             if vm.mappings or vm.refused_ns:
-                self._async(vm, shadow_out, 0)
-            if callbacks[0] or _U32.unpack_from(shadow_out, 0)[0]:
-                gout[:] = shadow_out
+                self._async(vm, out, 0)
+            if page.callbacks or _U32.unpack_from(out, 0)[0]:
+                ram.write(out_pa, out)
+            else:
+                dirty = False
             return (a0, a1, 0, 0)
         finally:
-            with lock:
-                held = vm.pins.pop(key, None)  # None: a destroy already dropped them
+            if dirty:
+                page.buf[:] = _ZERO_PAGE
+            page.call = None
+            lock.acquire()
+            try:
+                held = vm.pins.pop(page, None)  # None: a destroy already dropped them
                 if held is not None:
-                    ram.unpin_pair(*held)
+                    ram.unpin_smc(held)
                     vm.pinned -= pages
                 vm.calls -= 1
-                stats = vm.stats
                 if result is None:
-                    stats["smc_errors"] += 1
-                else:
-                    stats["failed" if result else "ok"] += 1
+                    vm.stats["smc_errors"] += 1
+                elif result:
+                    vm.stats["failed"] += 1
                     vm.results[result] += 1
-                if callbacks[0]:
-                    stats["callbacks"] += callbacks[0]
-                if _stopping(vm):
+                else:
+                    vm.ok += 1
+                if page.callbacks:
+                    vm.stats["callbacks"] += page.callbacks
+                    page.callbacks = 0
+                if _stopping(vm):  # the VM is going: this page's lend ends with its call
+                    self.channel.release([page])
                     vm.cond.notify_all()  # relinquish waits for the calls to drain
+                else:
+                    pool.append(page)
+            finally:
+                lock.release()
 
     @staticmethod
     def _other(fid: int) -> Regs:
@@ -314,16 +334,14 @@ class QteeBackend:
         return (SmcReturn.UNKNOWN_FUNCTION, 0, 0, 0)
 
     # ------------------------------------------------------------------ callbacks
-    def _callback(
-        self,
-        vm: VmState,
-        gout: memoryview,
-        out_pa: int,
-        shadow_out: bytearray,
-        on_return: OnReturn | None,
-    ) -> None:
-        """One callback request QTEE wrote into ``shadow_out``: let the guest serve it and
-        write back into the shadow only what the protocol lets the kernel answer."""
+    def _upcall(self, page: ShadowPage) -> None:
+        """One callback request QTEE wrote into the call's shadow page: let the guest
+        serve it and write back into the shadow only what the protocol lets the kernel
+        answer."""
+        call: tuple[VmState, int, OnReturn | None] = page.call  # type: ignore[assignment]
+        vm, out_pa, on_return = call
+        shadow_out = page.buf
+        gout = vm.guest.ram.view(out_pa, _OUT)
         if vm.stopping:
             _U32.pack_into(shadow_out, 0, _DEFUNCT)
             return

@@ -24,18 +24,20 @@ A range the guest names outside its RAM is :class:`GuestFault` (EFAULT).
 from __future__ import annotations
 
 import bisect
+import collections
 import errno
 import threading
 from typing import Final, NamedTuple, Protocol
 
 from objects import DriverError, UsageError
 
-__all__ = ["GUEST_RAM_BASE", "PAGE_SIZE", "GuestFault", "GuestRam", "HostPhys", "Pin"]
+__all__ = ["GUEST_RAM_BASE", "PAGE_SIZE", "GuestFault", "GuestRam", "HostPhys", "Pin", "SmcPins"]
 
 #: Guest-physical address of the first byte of every guest's RAM.
 GUEST_RAM_BASE: Final = 0x4000_0000
 PAGE_SIZE: Final = 4096
 _SHIFT: Final = 12
+_PAGE_MASK: Final = PAGE_SIZE - 1
 _KEEP_ASIDE: Final = 64
 
 
@@ -69,6 +71,9 @@ class Pin(NamedTuple):
 
 _new_pin: Final = tuple.__new__
 
+#: What :meth:`GuestRam.pin_smc` returns: the page indices it pinned (first, end) twice.
+SmcPins = tuple[int, int, int, int]
+
 
 class GuestRam:
     """One guest's RAM of ``size`` bytes, placed in ``host`` (see the module docstring)."""
@@ -79,9 +84,11 @@ class GuestRam:
         "_closed",
         "_free_lens",
         "_free_starts",
+        "_gfn",
         "_lent",
         "_lock",
         "_mv",
+        "_npages",
         "_one",
         "_pinned",
         "_pins",
@@ -111,6 +118,8 @@ class GuestRam:
         self._lent: dict[int, tuple[bytearray, int]] = {}  # gpa -> (lent buffer, pages)
         self._backed: dict[int, tuple[int, memoryview]] = {}  # id(view) -> (gpa, view)
         self._pins = [0] * pages
+        self._npages = pages
+        self._gfn = GUEST_RAM_BASE >> _SHIFT
         self._pinned = 0
         self._closed = False
         self.hpa = host.add(self._buf)
@@ -339,55 +348,6 @@ class GuestRam:
             self._count(first, pages)
         return _new_pin(Pin, ((self.base >> _SHIFT) + first, pages))
 
-    def pin_pair(self, a: int, an: int, b: int, bn: int) -> tuple[Pin, Pin, memoryview, memoryview]:
-        """Pin two ranges at once -- an SMC's inbound and outbound buffers -- and view them
-        (IPA -> VMM memory); GuestFault, nothing pinned, if either is outside RAM.
-
-        The call path of every guest SMC: one lock, no helper calls for one-page buffers."""
-        base = self.base
-        oa = a - base
-        ob = b - base
-        size = self.size
-        if (
-            type(a) is not int
-            or type(b) is not int
-            or type(an) is not int
-            or type(bn) is not int
-            or oa < 0
-            or ob < 0
-            or an < 0
-            or bn < 0
-            or oa + an > size
-            or ob + bn > size
-        ):
-            self._offset(a, an)
-            self._offset(b, bn)
-            raise TypeError("guest-physical address and size must be ints")
-        fa = oa >> _SHIFT
-        ea = (oa + an + PAGE_SIZE - 1) >> _SHIFT if an else fa
-        fb = ob >> _SHIFT
-        eb = (ob + bn + PAGE_SIZE - 1) >> _SHIFT if bn else fb
-        counts = self._pins
-        with self._lock:
-            if self._closed:
-                raise GuestFault(f"guest RAM was freed; cannot pin {a:#x}+{an}")
-            for first, end in ((fa, ea), (fb, eb)):
-                if end - first == 1:
-                    c = counts[first]
-                    if not c:
-                        self._pinned += 1
-                    counts[first] = c + 1
-                else:
-                    self._count(first, end - first)
-        gfn = base >> _SHIFT
-        mv = self._mv
-        return (
-            _new_pin(Pin, (gfn + fa, ea - fa)),
-            _new_pin(Pin, (gfn + fb, eb - fb)),
-            mv[oa : oa + an],
-            mv[ob : ob + bn],
-        )
-
     def unpin(self, pin: Pin) -> None:
         """Drop one pin taken by :meth:`pin` (UsageError, nothing changed, if those pages
         are not pinned)."""
@@ -396,33 +356,92 @@ class GuestRam:
         with self._lock:
             self._uncount(self._check_pinned(pin), pin[1])
 
-    def unpin_pair(self, p: Pin, q: Pin) -> None:
-        """:meth:`unpin` of the two pins :meth:`pin_pair` took (both or, on error, neither)."""
-        if type(p) is not Pin or type(q) is not Pin:
-            raise TypeError("unpin_pair() takes two Pins")
+    def pin_smc(self, a: int, an: int, b: int, bn: int) -> SmcPins:
+        """Pin an SMC's two buffers at once -- ``[a, a+an)`` and ``[b, b+bn)``, counted per
+        page -- until :meth:`unpin_smc`; GuestFault, nothing pinned, if either is outside
+        RAM.  The token names the pinned pages; it means nothing else.
+
+        The call path of every guest SMC: one lock, no helper call for one-page buffers."""
+        size = self.size
+        if type(a) is type(an) is type(b) is type(bn) is int:
+            base = self.base
+            oa = a - base
+            ob = b - base
+            ea = oa + an
+            eb = ob + bn
+            if 0 <= oa <= ea <= size and 0 <= ob <= eb <= size:
+                fa = oa >> _SHIFT
+                la = (ea + _PAGE_MASK) >> _SHIFT if an else fa
+                fb = ob >> _SHIFT
+                lb = (eb + _PAGE_MASK) >> _SHIFT if bn else fb
+                counts = self._pins
+                lock = self._lock
+                lock.acquire()
+                try:
+                    if self._closed:
+                        raise GuestFault(f"guest RAM was freed; cannot pin {a:#x}+{an}")
+                    if la - fa == 1 == lb - fb:  # one page each: the SMC case
+                        c = counts[fa]
+                        counts[fa] = c + 1
+                        d = counts[fb]
+                        counts[fb] = d + 1
+                        self._pinned += (not c) + (not d)
+                    else:
+                        self._count(fa, la - fa)
+                        self._count(fb, lb - fb)
+                finally:
+                    lock.release()
+                return (fa, la, fb, lb)
+        self._offset(a, an)  # the error: TypeError or GuestFault
+        self._offset(b, bn)
+        raise AssertionError("unreachable: one of the ranges is outside guest RAM")
+
+    def unpin_smc(self, token: SmcPins) -> int:
+        """Drop the pins :meth:`pin_smc` took (UsageError, nothing changed, when they are
+        not held); the number of pages the token named."""
+        if type(token) is not tuple or len(token) != 4:
+            raise TypeError("unpin_smc() takes the token pin_smc() returned")
+        fa, la, fb, lb = token
         counts = self._pins
-        gfn = self.base >> _SHIFT
-        with self._lock:
-            fp = p[0] - gfn
-            fq = q[0] - gfn
-            if p[1] == 1 and q[1] == 1 and 0 <= fp < len(counts) and 0 <= fq < len(counts):
-                cp = counts[fp]
-                cq = counts[fq] - (fq == fp)
-                if cp and cq:  # the fast path: two one-page pins
-                    for page in (fp, fq):
-                        c = counts[page] - 1
-                        counts[page] = c
-                        if not c:
-                            self._pinned -= 1
-                    return
-            fp = self._check_pinned(p)
-            self._uncount(fp, p[1])
-            try:
-                fq = self._check_pinned(q)
-            except UsageError:
-                self._count(fp, p[1])  # p back as it was: a refused move changes nothing
-                raise
-            self._uncount(fq, q[1])
+        lock = self._lock
+        lock.acquire()
+        try:
+            if la - fa == 1 == lb - fb and 0 <= fa < self._npages and 0 <= fb < self._npages:
+                ca = counts[fa]
+                cb = counts[fb]
+                if ca and cb > (fa == fb):  # the fast path: two one-page pins
+                    counts[fa] = ca - 1
+                    cb = counts[fb] - 1
+                    counts[fb] = cb
+                    self._pinned -= (not cb) if fa == fb else (ca == 1) + (not cb)
+                    return 2
+            need = collections.Counter(range(fa, la)) + collections.Counter(range(fb, lb))
+            if (
+                la < fa
+                or lb < fb
+                or any(not 0 <= page < self._npages or counts[page] < n for page, n in need.items())
+            ):
+                gfn = self._gfn
+                raise UsageError(
+                    f"pages {gfn + fa:#x}..{gfn + la:#x} and {gfn + fb:#x}..{gfn + lb:#x} "
+                    "are not pinned"
+                )
+            self._uncount(fa, la - fa)
+            self._uncount(fb, lb - fb)
+        finally:
+            lock.release()
+        return la - fa + lb - fb
+
+    def copy_into(self, dst: bytearray, gpa: int, n: int) -> None:
+        """Make ``dst`` a copy of ``[gpa, gpa+n)`` (VMM memory; resized to ``n`` bytes);
+        GuestFault, ``dst`` unchanged, outside RAM."""
+        if type(gpa) is int and type(n) is int:
+            off = gpa - self.base
+            if off >= 0 and n >= 0 and off + n <= self.size:
+                dst[:] = self._mv[off : off + n]
+                return
+        off = self._offset(gpa, n)
+        dst[:] = self._mv[off : off + n]
 
     def pinned_pages(self) -> int:
         """Distinct pages with at least one pin."""

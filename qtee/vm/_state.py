@@ -17,7 +17,7 @@ from objects import DriverError, UsageError
 
 if TYPE_CHECKING:
     from qtee.vm._guest import Guest
-    from qtee.vm._ram import GuestRam, Pin
+    from qtee.vm._ram import GuestRam, Pin, SmcPins
 
 __all__ = ["VmError", "VmLimits", "VmState"]
 
@@ -71,8 +71,10 @@ class VmState:
     no slot).  Pins are accounted here against :class:`VmLimits` (``pinned`` pages now,
     ``pinned_peak`` the most at once); ``pins`` holds the pins of calls in flight,
     ``mappings`` the long-lived ones (QTEE: MAP_REGION by mapping NS id; OP-TEE:
-    registered shm by cookie).  ``refused_ns`` are NS ids the guest believes the TEE holds
-    but the TEE never saw (to be released back to the guest).  ``data`` is the backend's.
+    registered shm by cookie); ``pages`` the outbound shadow pages free for its next
+    calls (lent to the TEE from call to call, released at destroy).  ``refused_ns`` are
+    NS ids the guest believes the TEE holds but the TEE never saw (to be released back
+    to the guest).  ``data`` is the backend's.
     """
 
     __slots__ = (
@@ -85,6 +87,8 @@ class VmState:
         "lock",
         "mappings",
         "max_calls",
+        "ok",
+        "pages",
         "pinned",
         "pinned_peak",
         "pins",
@@ -101,14 +105,18 @@ class VmState:
         #: Concurrent direct calls allowed (the backend resolves None to the TEE's threads).
         self.max_calls = limits.max_calls or 0
         self.calls = 0
-        self.pins: dict[object, tuple[Pin, ...]] = {}
+        self.pins: dict[object, SmcPins] = {}  # a call's (GuestRam.pin_smc), by its key
         self.mappings: dict[int, Pin] = {}
         self.refused_ns: list[int] = []
+        #: The VMM's outbound shadow pages kept lent for this VM's calls (the backend's).
+        self.pages: list[Any] = []
         self.stopping = False
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.pinned = 0
         self.pinned_peak = 0
+        #: Calls that returned success (result 0); ``results`` counts the other results.
+        self.ok = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.results: collections.Counter[int] = collections.Counter()
         self.data: dict[str, Any] = {}
@@ -150,15 +158,18 @@ class VmState:
 
     def unpin_all(self) -> int:
         """Drop every pin of the VM (destroy); the number of pages they held."""
+        ram = self.guest.ram
         with self.lock:
-            held = [pin for pins in self.pins.values() for pin in pins]
-            held += self.mappings.values()
+            calls = list(self.pins.values())
+            held = list(self.mappings.values())
             self.pins.clear()
             self.mappings.clear()
+            pages = sum(ram.unpin_smc(pins) for pins in calls)
             for pin in held:
-                self.guest.ram.unpin(pin)
-                self.pinned -= pin.pages
-        return sum(p.pages for p in held)
+                ram.unpin(pin)
+                pages += pin.pages
+            self.pinned -= pages
+        return pages
 
     def __repr__(self) -> str:
         return (
