@@ -11,6 +11,9 @@ from __future__ import annotations
 import errno
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from objects import DriverError, UsageError
 from qtee._mem_obj import PhysMemory
@@ -255,3 +258,107 @@ def test_pin_smc_of_multi_page_and_empty_ranges(ram: GuestRam) -> None:
     assert ram.pinned_pages() == 1
     assert ram.unpin_smc(empty) == 1
     assert ram.pinned_pages() == 0
+
+
+class PinMachine(RuleBasedStateMachine):
+    """Random pins, SMC pins and their releases (valid and stale) against a per-page model:
+    ``pinned_pages()`` and ``discard``'s EBUSY always agree with it, a refused unpin changes
+    nothing, and everything released leaves no page pinned (optee.md §6.1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ram = GuestRam(SIZE, PhysMemory())
+        self.model = [0] * (SIZE // PAGE_SIZE)
+        self.held: list[tuple[str, object, list[int]]] = []
+
+    def _pages(self, off: int, n: int) -> list[int]:
+        return list(range(off // PAGE_SIZE, (off + n + PAGE_SIZE - 1) // PAGE_SIZE)) if n else []
+
+    @rule(off=st.integers(0, SIZE - 1), n=st.integers(0, 3 * PAGE_SIZE))
+    def pin(self, off: int, n: int) -> None:
+        if off + n > SIZE:
+            with pytest.raises(GuestFault):
+                self.ram.pin(self.ram.base + off, n)
+            return
+        pin = self.ram.pin(self.ram.base + off, n)
+        pages = self._pages(off, n)
+        for p in pages:
+            self.model[p] += 1
+        self.held.append(("pin", pin, pages))
+
+    @rule(
+        a=st.integers(0, SIZE - 1),
+        an=st.integers(0, 2 * PAGE_SIZE),
+        b=st.integers(0, SIZE // PAGE_SIZE - 1),
+    )
+    def pin_smc(self, a: int, an: int, b: int) -> None:
+        b *= PAGE_SIZE
+        if a + an > SIZE:
+            with pytest.raises(GuestFault):
+                self.ram.pin_smc(self.ram.base + a, an, self.ram.base + b, PAGE_SIZE)
+            return
+        token = self.ram.pin_smc(self.ram.base + a, an, self.ram.base + b, PAGE_SIZE)
+        pages = [*self._pages(a, an), b // PAGE_SIZE]
+        for p in pages:
+            self.model[p] += 1
+        self.held.append(("smc", token, pages))
+
+    @rule(k=st.integers(0, 50))
+    def release(self, k: int) -> None:
+        if not self.held:
+            return
+        kind, handle, pages = self.held.pop(k % len(self.held))
+        if kind == "pin":
+            self.ram.unpin(handle)  # type: ignore[arg-type]
+        else:
+            assert self.ram.unpin_smc(handle) == len(pages)  # type: ignore[arg-type]
+        for p in pages:
+            self.model[p] -= 1
+
+    @rule(k=st.integers(0, 50))
+    def release_twice_is_refused_when_uncovered(self, k: int) -> None:
+        """A second release of the same handle is refused, nothing changed, unless other
+        pins still cover its pages (counts are per page, as the VMM's)."""
+        if not self.held:
+            return
+        kind, handle, pages = self.held.pop(k % len(self.held))
+        if kind == "pin":
+            self.ram.unpin(handle)  # type: ignore[arg-type]
+        else:
+            self.ram.unpin_smc(handle)  # type: ignore[arg-type]
+        for p in pages:
+            self.model[p] -= 1
+        if any(self.model[p] < pages.count(p) for p in set(pages)):
+            before = list(self.model)
+            with pytest.raises(UsageError):
+                if kind == "pin":
+                    self.ram.unpin(handle)  # type: ignore[arg-type]
+                else:
+                    self.ram.unpin_smc(handle)  # type: ignore[arg-type]
+            assert self.model == before
+
+    @invariant()
+    def counts_agree(self) -> None:
+        assert self.ram.pinned_pages() == sum(1 for c in self.model if c)
+
+    @rule(page=st.integers(0, SIZE // PAGE_SIZE - 1))
+    def discard(self, page: int) -> None:
+        if self.model[page]:
+            with pytest.raises(DriverError) as busy:
+                self.ram.discard(self.ram.base + page * PAGE_SIZE, PAGE_SIZE)
+            assert busy.value.code == errno.EBUSY
+        else:
+            self.ram.discard(self.ram.base + page * PAGE_SIZE, PAGE_SIZE)
+
+    def teardown(self) -> None:
+        for kind, handle, _pages in self.held:
+            if kind == "pin":
+                self.ram.unpin(handle)  # type: ignore[arg-type]
+            else:
+                self.ram.unpin_smc(handle)  # type: ignore[arg-type]
+        assert self.ram.pinned_pages() == 0
+        self.ram.close()
+
+
+TestPinMachine = PinMachine.TestCase
+TestPinMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

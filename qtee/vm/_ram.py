@@ -82,6 +82,7 @@ class GuestRam:
         "_backed",
         "_buf",
         "_closed",
+        "_end",
         "_free_lens",
         "_free_starts",
         "_gfn",
@@ -119,6 +120,7 @@ class GuestRam:
         self._backed: dict[int, tuple[int, memoryview]] = {}  # id(view) -> (gpa, view)
         self._pins = [0] * pages
         self._npages = pages
+        self._end = GUEST_RAM_BASE + size
         self._gfn = GUEST_RAM_BASE >> _SHIFT
         self._pinned = 0
         self._closed = False
@@ -362,58 +364,62 @@ class GuestRam:
         RAM.  The token names the pinned pages; it means nothing else.
 
         The call path of every guest SMC: one lock, no helper call for one-page buffers."""
-        size = self.size
-        if type(a) is type(an) is type(b) is type(bn) is int:
-            base = self.base
-            oa = a - base
-            ob = b - base
-            ea = oa + an
-            eb = ob + bn
-            if 0 <= oa <= ea <= size and 0 <= ob <= eb <= size:
-                fa = oa >> _SHIFT
-                la = (ea + _PAGE_MASK) >> _SHIFT if an else fa
-                fb = ob >> _SHIFT
-                lb = (eb + _PAGE_MASK) >> _SHIFT if bn else fb
-                counts = self._pins
-                lock = self._lock
-                lock.acquire()
-                try:
-                    if self._closed:
-                        raise GuestFault(f"guest RAM was freed; cannot pin {a:#x}+{an}")
-                    if la - fa == 1 == lb - fb:  # one page each: the SMC case
-                        c = counts[fa]
-                        counts[fa] = c + 1
-                        d = counts[fb]
-                        counts[fb] = d + 1
-                        self._pinned += (not c) + (not d)
-                    else:
-                        self._count(fa, la - fa)
-                        self._count(fb, lb - fb)
-                finally:
-                    lock.release()
-                return (fa, la, fb, lb)
-        self._offset(a, an)  # the error: TypeError or GuestFault
-        self._offset(b, bn)
-        raise AssertionError("unreachable: one of the ranges is outside guest RAM")
+        base = self.base
+        end = self._end
+        fa = -1
+        try:  # (a TypeError below means a non-int: _offset says so)
+            ea = a + an
+            eb = b + bn
+            if base <= a <= ea <= end and base <= b <= eb <= end:
+                fa = (a - base) >> _SHIFT
+                fb = (b - base) >> _SHIFT
+                la = (ea - base + _PAGE_MASK) >> _SHIFT if an else fa
+                lb = (eb - base + _PAGE_MASK) >> _SHIFT if bn else fb
+        except TypeError:
+            fa = -1
+        if fa < 0:
+            self._offset(a, an)  # the error: TypeError or GuestFault
+            self._offset(b, bn)
+            raise AssertionError("unreachable: one of the ranges is outside guest RAM")
+        counts = self._pins
+        lock = self._lock
+        lock.acquire()  # (not ``with``: every guest call's path)
+        try:
+            if self._closed:
+                raise GuestFault(f"guest RAM was freed; cannot pin {a:#x}+{an}")
+            if la - fa == 1 == lb - fb:  # one page each: the SMC case
+                c = counts[fa]
+                counts[fa] = c + 1
+                d = counts[fb]
+                counts[fb] = d + 1
+                if not c or not d:
+                    self._pinned += (not c) + (not d)
+            else:
+                self._count(fa, la - fa)
+                self._count(fb, lb - fb)
+        finally:
+            lock.release()
+        return (fa, la, fb, lb)
 
     def unpin_smc(self, token: SmcPins) -> int:
         """Drop the pins :meth:`pin_smc` took (UsageError, nothing changed, when they are
         not held); the number of pages the token named."""
-        if type(token) is not tuple or len(token) != 4:
-            raise TypeError("unpin_smc() takes the token pin_smc() returned")
-        fa, la, fb, lb = token
+        try:
+            fa, la, fb, lb = token
+        except (TypeError, ValueError):
+            raise TypeError("unpin_smc() takes the token pin_smc() returned") from None
         counts = self._pins
         lock = self._lock
         lock.acquire()
         try:
-            if la - fa == 1 == lb - fb and 0 <= fa < self._npages and 0 <= fb < self._npages:
+            if la - fa == 1 == lb - fb and fa != fb and (fa | fb) >= 0 and fa < self._npages > fb:
                 ca = counts[fa]
                 cb = counts[fb]
-                if ca and cb > (fa == fb):  # the fast path: two one-page pins
+                if ca and cb:  # the fast path: two one-page pins on two pages
                     counts[fa] = ca - 1
-                    cb = counts[fb] - 1
-                    counts[fb] = cb
-                    self._pinned -= (not cb) if fa == fb else (ca == 1) + (not cb)
+                    counts[fb] = cb - 1
+                    if ca == 1 or cb == 1:
+                        self._pinned -= (ca == 1) + (cb == 1)
                     return 2
             need = collections.Counter(range(fa, la)) + collections.Counter(range(fb, lb))
             if (
