@@ -277,6 +277,52 @@ def test_destroy_with_a_call_in_flight_defers_release_and_defuncts_callbacks(rig
     assert m.smc(CREATED, 1) == OK
 
 
+def test_destroy_racing_many_calls_frees_the_partition_once_after_the_last(rig: Rig) -> None:
+    """The in-flight count is lock-free: with 6 threads calling into a partition while
+    VM_DESTROYED arrives, every call answers 0 (before), DEFUNCT (closing) or fails
+    ENODEV (freed), no call runs in a released partition, and its objects are released
+    exactly once, after the last call left (OP §6.1).  20 rounds, bounded in time."""
+    m = rig.monitor
+    for _ in range(20):
+        Thing.released = []
+        assert m.smc(CREATED, 1) == OK
+        ident = make_thing(m, 1)
+        part = m.partition(1)
+        assert part is not None
+        answers: list[tuple[int, int]] = []
+        stop = threading.Event()
+
+        def caller(
+            stop: threading.Event = stop,
+            ident: int = ident,
+            answers: list[tuple[int, int]] = answers,
+        ) -> None:
+            while not stop.is_set():
+                try:
+                    got = whoami(m, 1, ident)
+                except DriverError as exc:
+                    got = (-exc.errno, -1)
+                answers.append(got)
+                if got[0]:
+                    return
+
+        threads = [threading.Thread(target=caller) for _ in range(6)]
+        for t in threads:
+            t.start()
+        while len(answers) < 30:
+            threading.Event().wait(0.0005)
+        assert m.smc(DESTROYED, 1) == OK
+        stop.set()
+        for t in threads:
+            t.join(5)
+            assert not t.is_alive()
+        assert set(answers) <= {(0, 1), (DEFUNCT, -1), (-errno.ENODEV, -1)}
+        assert answers.count((0, 1)) >= 30
+        assert Thing.released == [1]  # once, and only once no call was in it
+        assert part.live_ids() == [] and m.calls_in_flight(1) == 0
+        assert m.leaks() == {} and m.partition(1) is None
+
+
 def test_an_on_return_that_raises_abandons_the_call(rig: Rig) -> None:
     """The caller could not make its CB_RSP: the secure side sees DEFUNCT for that
     callback, runs to its end, and the caller's exception comes out of ``smc``."""

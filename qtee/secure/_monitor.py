@@ -151,7 +151,6 @@ class SecureMonitor:
         self._host = host_world
         self._lock = threading.Lock()
         self._worlds: dict[int, SecureWorld] = {HYP_CLIENT_ID: host_world}
-        self._calls: dict[int, int] = {}  # guest client id -> calls in flight
         self._services: dict[int, SmcHandler] = {}
 
     @classmethod
@@ -190,8 +189,8 @@ class SecureMonitor:
 
     def calls_in_flight(self, client_id: int) -> int:
         """INVOKEs of a guest partition still running (host calls are not counted)."""
-        with self._lock:
-            return self._calls.get(client_id, 0)
+        world = self._worlds.get(client_id)
+        return 0 if world is None or not client_id else len(world.inflight)
 
     def leaks(self) -> dict[str, int]:
         """What outlives its VMs, by name (empty when nothing leaked): guest partitions
@@ -204,12 +203,11 @@ class SecureMonitor:
         found: dict[str, int] = {}
         with self._lock:
             guests = [(c, w) for c, w in self._worlds.items() if c]
-            calls = dict(self._calls)
         if guests:
             found["guest partitions"] = len(guests)
         for cid, world in sorted(guests, key=lambda cw: cw[0]):
             found[f"partition {cid} secure objects"] = len(world.live_ids())
-            found[f"partition {cid} calls in flight"] = calls.get(cid, 0)
+            found[f"partition {cid} calls in flight"] = len(world.inflight)
         return {name: count for name, count in found.items() if count}
 
     # ------------------------------------------------------------------ services
@@ -260,8 +258,9 @@ class SecureMonitor:
             ):
                 if a7 == HYP_CLIENT_ID:
                     return self._enter(self._host, inbound, outbound, a3, on_return)
-                if type(a7) is int and 0 < a7 < _U64 and (on_return is None or callable(on_return)):
-                    return self._enter_partition(a7, inbound, outbound, a3, on_return)
+                world = self._worlds.get(a7) if type(a7) is int else None
+                if world is not None:  # (else the general path names what is wrong)
+                    return self._enter_partition(a7, world, inbound, outbound, a3, on_return)
         if (
             fid == _INVOKE
             and self.trace_smc is None
@@ -337,60 +336,57 @@ class SecureMonitor:
     ) -> Regs:
         if out_size != _OUT_SIZE or in_size > wire.MAX_INBOUND_BUFFER_SIZE:
             raise DriverError(errno.EINVAL, f"buffer sizes {in_size}/{out_size}")
+        world = self._host
+        if client_id != HYP_CLIENT_ID:
+            got = self._worlds.get(client_id)
+            if got is None:
+                raise DriverError(errno.ENODEV, f"client id {client_id} has no partition")
+            if got.closing:
+                return _DEFUNCT_REGS
+            world = got
         try:
             inbound = self.phys.buffer(in_pa, in_size)
             outbound = self.phys.buffer(out_pa, out_size)
         except PhysFault as exc:
             raise DriverError(errno.EINVAL, str(exc)) from None
         if client_id == HYP_CLIENT_ID:
-            return self._enter(self._host, inbound, outbound, out_pa, on_return)
-        return self._enter_partition(client_id, inbound, outbound, out_pa, on_return)
+            return self._enter(world, inbound, outbound, out_pa, on_return)
+        return self._enter_partition(client_id, world, inbound, outbound, out_pa, on_return)
 
     def _enter_partition(
         self,
         client_id: int,
+        world: SecureWorld,
         inbound: bytearray | memoryview,
         outbound: bytearray | memoryview,
         out_pa: int,
         on_return: OnReturn | None,
     ) -> Regs:
-        """A guest's INVOKE: counted in flight on its partition (a destroy waits for the
-        last one to leave before the partition's objects go)."""
-        lock = self._lock
-        lock.acquire()  # (not ``with``: every guest call's path)
+        """A guest's INVOKE, counted in flight on its partition: a destroyed partition is
+        freed when its last call leaves (OP §6.1).
+
+        The count is lock-free, as firmware keeps an atomic counter: the deque's append
+        and pop are atomic; a call appends before it reads ``closing`` and VM_DESTROYED
+        sets ``closing`` before it reads the count, so one of them sees the other."""
+        inflight = world.inflight
+        inflight.append(None)
         try:
-            world = self._worlds.get(client_id)
-            if world is None:
-                raise DriverError(errno.ENODEV, f"client id {client_id} has no partition")
-            if world.closing:
+            if _closing(world):
                 return _DEFUNCT_REGS
-            calls = self._calls
-            calls[client_id] = calls.get(client_id, 0) + 1
-        finally:
-            lock.release()
-        try:
             return self._enter(world, inbound, outbound, out_pa, on_return)
         finally:
-            freed: SecureWorld | None = None
-            lock.acquire()
-            try:
-                left = calls[client_id] - 1
-                if left:
-                    calls[client_id] = left
-                else:
-                    del calls[client_id]
-                    if _closing(world) and self._worlds.get(client_id) is world:
-                        del self._worlds[client_id]
-                        freed = world
-            finally:
-                lock.release()
-            if freed is not None:  # the last call left a destroyed VM (OP §6.1)
-                released = freed.release_all()
-                log.debug(
-                    "client %d: partition freed after its last call, %d objects",
-                    client_id,
-                    released,
-                )
+            inflight.pop()
+            if not inflight and _closing(world):
+                self._reap(client_id, world)
+
+    def _reap(self, client_id: int, world: SecureWorld) -> None:
+        """Free a destroyed partition once no call is in it (once: the first to see it)."""
+        with self._lock:
+            if world.inflight or self._worlds.get(client_id) is not world:
+                return
+            del self._worlds[client_id]
+        released = world.release_all()
+        log.debug("client %d: partition freed after its last call, %d objects", client_id, released)
 
     def _enter(
         self,
@@ -474,7 +470,7 @@ class SecureMonitor:
                 log.debug("VM_DESTROYED for client id %d, which has no partition", client_id)
                 return _OK
             world.closing = True  # callbacks answer DEFUNCT, new calls are refused
-            if self._calls.get(client_id):
+            if world.inflight:
                 return _OK  # freed when the last call leaves (OP §6.1)
             del self._worlds[client_id]
         world.release_all()

@@ -12,6 +12,7 @@ on the next return to the kernel (QTEE never sends an explicit release callback)
 
 from __future__ import annotations
 
+import collections
 import logging
 import struct
 import threading
@@ -148,6 +149,9 @@ class SecureWorld:
         #: VM_DESTROYED was seen: callbacks answer DEFUNCT (and the monitor refuses
         #: new calls).
         self.closing = False
+        #: Calls in flight, as the monitor counts them for a guest partition (one entry
+        #: each; a deque for its atomic append and pop).
+        self.inflight: collections.deque[None] = collections.deque()
         # Each id holds one reference...
         self._table: ObjectTable[SecureObject] = ObjectTable(
             IdrAllocator(_FIRST_ID, 0), name="qtee objects"

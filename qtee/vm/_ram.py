@@ -82,7 +82,6 @@ class GuestRam:
         "_backed",
         "_buf",
         "_closed",
-        "_end",
         "_free_lens",
         "_free_starts",
         "_gfn",
@@ -120,7 +119,6 @@ class GuestRam:
         self._backed: dict[int, tuple[int, memoryview]] = {}  # id(view) -> (gpa, view)
         self._pins = [0] * pages
         self._npages = pages
-        self._end = GUEST_RAM_BASE + size
         self._gfn = GUEST_RAM_BASE >> _SHIFT
         self._pinned = 0
         self._closed = False
@@ -364,17 +362,20 @@ class GuestRam:
         RAM.  The token names the pinned pages; it means nothing else.
 
         The call path of every guest SMC: one lock, no helper call for one-page buffers."""
-        base = self.base
-        end = self._end
+        size = self.size
         fa = -1
         try:  # (a TypeError below means a non-int: _offset says so)
-            ea = a + an
-            eb = b + bn
-            if base <= a <= ea <= end and base <= b <= eb <= end:
-                fa = (a - base) >> _SHIFT
-                fb = (b - base) >> _SHIFT
-                la = (ea - base + _PAGE_MASK) >> _SHIFT if an else fa
-                lb = (eb - base + _PAGE_MASK) >> _SHIFT if bn else fb
+            # Guest addresses are >= 2**30, multi-digit ints whose arithmetic is slow in
+            # CPython: subtract the base once, work on offsets.
+            oa = a - self.base
+            ob = b - self.base
+            ea = oa + an
+            eb = ob + bn
+            if 0 <= oa <= ea <= size and 0 <= ob <= eb <= size:
+                fa = oa >> _SHIFT
+                fb = ob >> _SHIFT
+                la = (ea + _PAGE_MASK) >> _SHIFT if an else fa
+                lb = (eb + _PAGE_MASK) >> _SHIFT if bn else fb
         except TypeError:
             fa = -1
         if fa < 0:
@@ -441,11 +442,10 @@ class GuestRam:
     def copy_into(self, dst: bytearray, gpa: int, n: int) -> None:
         """Make ``dst`` a copy of ``[gpa, gpa+n)`` (VMM memory; resized to ``n`` bytes);
         GuestFault, ``dst`` unchanged, outside RAM."""
-        if type(gpa) is int and type(n) is int:
-            off = gpa - self.base
-            if off >= 0 and n >= 0 and off + n <= self.size:
-                dst[:] = self._mv[off : off + n]
-                return
+        off = gpa - self.base if type(gpa) is int else -1
+        if type(n) is int and 0 <= off <= off + n <= self.size:
+            dst[:] = self._mv[off : off + n]
+            return
         off = self._offset(gpa, n)
         dst[:] = self._mv[off : off + n]
 
