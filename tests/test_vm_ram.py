@@ -211,52 +211,64 @@ def test_bad_sizes_are_refused(host: PhysMemory, size: object) -> None:
 
 
 def test_pin_smc_pins_both_buffers_of_an_smc_and_copy_reads_them(ram: GuestRam) -> None:
-    """An SMC's inbound and outbound pages are pinned together (optee.md §6.1: pinned for
-    the call); the inbound is copied into VMM memory, not viewed."""
+    """An SMC's inbound and outbound pages are pinned together for one call (optee.md
+    §6.1: pinned for the call); the inbound is copied into VMM memory, not viewed."""
     ram.write(ram.base, b"in")
-    token = ram.pin_smc(ram.base, 16, ram.base + PAGE_SIZE, PAGE_SIZE)
+    call = object()
+    assert ram.pin_smc(call, ram.base, 16, ram.base + PAGE_SIZE, PAGE_SIZE) == 2
     assert ram.pinned_pages() == 2
     with pytest.raises(DriverError) as busy:
         ram.discard(ram.base + PAGE_SIZE, PAGE_SIZE)  # the outbound page is held
     assert busy.value.code == errno.EBUSY
+    with pytest.raises(DriverError) as busy:
+        ram.close()
+    assert busy.value.code == errno.EBUSY and "2 guest pages" in busy.value.detail
+    with pytest.raises(UsageError):
+        ram.pin_smc(call, ram.base, 16, ram.base + PAGE_SIZE, PAGE_SIZE)  # one pin per call
     shadow = bytearray(b"old contents, longer than 16 bytes")
     ram.copy_into(shadow, ram.base, 16)
     assert shadow == b"in" + bytes(14)  # resized to the range
     ram.write(ram.base, b"XX")  # the guest rewrites its buffer: the copy keeps the original
     assert shadow[:2] == b"in"
-    assert ram.unpin_smc(token) == 2
+    ram.unpin_smc(call)
     assert ram.pinned_pages() == 0
     with pytest.raises(UsageError):
-        ram.unpin_smc(token)  # not held any more: nothing changes
+        ram.unpin_smc(call)  # not held any more: nothing changes
     assert ram.pinned_pages() == 0
-    same = ram.pin_smc(ram.base, 8, ram.base, 8)  # both in one page: counted twice
+    assert ram.pin_smc(call, ram.base, 8, ram.base, 8) == 2  # one page, both ranges in it
     assert ram.pinned_pages() == 1
-    ram.pin(ram.base, 1)
-    assert ram.unpin_smc(same) == 2
+    pin = ram.pin(ram.base, 1)
+    ram.unpin_smc(call)
     assert ram.pinned_pages() == 1  # the other pin still holds the page
-    ram.unpin(Pin(ram.base >> 12, 1))
+    ram.unpin(pin)
     assert ram.pinned_pages() == 0
     with pytest.raises(GuestFault):
-        ram.pin_smc(ram.base, 16, ram.base + SIZE, PAGE_SIZE)
+        ram.pin_smc(call, ram.base, 16, ram.base + SIZE, PAGE_SIZE)
+    with pytest.raises(GuestFault):
+        ram.pin_smc(call, ram.base, -1, ram.base, 8)
     with pytest.raises(GuestFault):
         ram.copy_into(shadow, ram.base + SIZE - 4, 8)
     assert shadow == b"in" + bytes(14)  # a fault changes nothing
     with pytest.raises(TypeError):
-        ram.pin_smc(ram.base, 16.0, ram.base, 8)  # type: ignore[arg-type]
+        ram.pin_smc(call, ram.base, 16.0, ram.base, 8)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        ram.unpin_smc((1, 2))  # type: ignore[arg-type]
+        ram.pin_smc(call, str(ram.base), 16, ram.base, 8)  # type: ignore[arg-type]
     assert ram.pinned_pages() == 0
 
 
 def test_pin_smc_of_multi_page_and_empty_ranges(ram: GuestRam) -> None:
-    """A 3-page inbound and a 0-byte one: pages counted by what the range covers."""
-    token = ram.pin_smc(ram.base + 100, 2 * PAGE_SIZE, ram.base + 4 * PAGE_SIZE, PAGE_SIZE)
+    """A 3-page inbound and a 0-byte one: pages counted by what each range covers."""
+    a, b = object(), object()
+    assert ram.pin_smc(a, ram.base + 100, 2 * PAGE_SIZE, ram.base + 4 * PAGE_SIZE, PAGE_SIZE) == 4
     assert ram.pinned_pages() == 4
-    empty = ram.pin_smc(ram.base + 8 * PAGE_SIZE, 0, ram.base + 4 * PAGE_SIZE, PAGE_SIZE)
-    assert ram.pinned_pages() == 4  # the empty range pins nothing, page 4 is counted twice
-    assert ram.unpin_smc(token) == 4
+    assert ram.pin_smc(b, ram.base + 8 * PAGE_SIZE, 0, ram.base + 4 * PAGE_SIZE, PAGE_SIZE) == 1
+    assert ram.pinned_pages() == 4  # the empty range pins nothing, page 4 is held twice
+    with pytest.raises(DriverError):
+        ram.discard(ram.base + 2 * PAGE_SIZE, 1)  # the 3rd page of the inbound
+    ram.discard(ram.base + 3 * PAGE_SIZE, PAGE_SIZE)  # between the ranges: free
+    ram.unpin_smc(a)
     assert ram.pinned_pages() == 1
-    assert ram.unpin_smc(empty) == 1
+    ram.unpin_smc(b)
     assert ram.pinned_pages() == 0
 
 
@@ -295,10 +307,12 @@ class PinMachine(RuleBasedStateMachine):
         b *= PAGE_SIZE
         if a + an > SIZE:
             with pytest.raises(GuestFault):
-                self.ram.pin_smc(self.ram.base + a, an, self.ram.base + b, PAGE_SIZE)
+                self.ram.pin_smc(object(), self.ram.base + a, an, self.ram.base + b, PAGE_SIZE)
             return
-        token = self.ram.pin_smc(self.ram.base + a, an, self.ram.base + b, PAGE_SIZE)
+        token = object()
         pages = [*self._pages(a, an), b // PAGE_SIZE]
+        got = self.ram.pin_smc(token, self.ram.base + a, an, self.ram.base + b, PAGE_SIZE)
+        assert got == len(pages)
         for p in pages:
             self.model[p] += 1
         self.held.append(("smc", token, pages))
@@ -311,30 +325,31 @@ class PinMachine(RuleBasedStateMachine):
         if kind == "pin":
             self.ram.unpin(handle)  # type: ignore[arg-type]
         else:
-            assert self.ram.unpin_smc(handle) == len(pages)  # type: ignore[arg-type]
+            self.ram.unpin_smc(handle)
         for p in pages:
             self.model[p] -= 1
 
     @rule(k=st.integers(0, 50))
     def release_twice_is_refused_when_uncovered(self, k: int) -> None:
-        """A second release of the same handle is refused, nothing changed, unless other
-        pins still cover its pages (counts are per page, as the VMM's)."""
+        """A second release of the same handle is refused, nothing changed: always for a
+        call's SMC pin (held by its key), and for a plain pin unless other pins still
+        cover its pages (those are counted per page)."""
         if not self.held:
             return
         kind, handle, pages = self.held.pop(k % len(self.held))
         if kind == "pin":
             self.ram.unpin(handle)  # type: ignore[arg-type]
         else:
-            self.ram.unpin_smc(handle)  # type: ignore[arg-type]
+            self.ram.unpin_smc(handle)
         for p in pages:
             self.model[p] -= 1
-        if any(self.model[p] < pages.count(p) for p in set(pages)):
+        if kind == "smc" or any(self.model[p] < pages.count(p) for p in set(pages)):
             before = list(self.model)
             with pytest.raises(UsageError):
                 if kind == "pin":
                     self.ram.unpin(handle)  # type: ignore[arg-type]
                 else:
-                    self.ram.unpin_smc(handle)  # type: ignore[arg-type]
+                    self.ram.unpin_smc(handle)
             assert self.model == before
 
     @invariant()
@@ -355,7 +370,7 @@ class PinMachine(RuleBasedStateMachine):
             if kind == "pin":
                 self.ram.unpin(handle)  # type: ignore[arg-type]
             else:
-                self.ram.unpin_smc(handle)  # type: ignore[arg-type]
+                self.ram.unpin_smc(handle)
         assert self.ram.pinned_pages() == 0
         self.ram.close()
 

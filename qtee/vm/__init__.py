@@ -36,7 +36,7 @@ from qtee.vm._guest import Guest, GuestTee, TeeKind
 from qtee.vm._guest_optee import GuestOpteeDevice
 from qtee.vm._optee_backend import OpteeBackend, OpteeGuestTee
 from qtee.vm._qtee_backend import QteeBackend, QteeGuestTee
-from qtee.vm._ram import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin, SmcPins
+from qtee.vm._ram import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin
 
 __all__ = [
     "GUEST_RAM_BASE",
@@ -52,7 +52,6 @@ __all__ = [
     "OpteeBackend",
     "OpteeGuestTee",
     "Pin",
-    "SmcPins",
     "QteeBackend",
     "QteeGuestTee",
     "TeeBackend",

@@ -250,23 +250,26 @@ class QteeBackend:
                 vm.stats["limit:calls"] += 1
                 vm.results[Result.ERROR_BUSY] += 1
                 return (0, _BUSY, 0, 0)
+            pool = vm.pages
+            page = pool.pop() if pool else self.channel.page()
             try:
-                pins = ram.pin_smc(in_pa, in_size, out_pa, _OUT)
-            except GuestFault as exc:
-                raise DriverError(errno.EINVAL, exc.detail) from None
-            pages = pins[1] - pins[0] + pins[3] - pins[2]
+                pages = ram.pin_smc(page, in_pa, in_size, out_pa, _OUT)
+            except BaseException as exc:
+                pool.append(page)
+                if isinstance(exc, GuestFault):
+                    raise DriverError(errno.EINVAL, exc.detail) from None
+                raise
             pinned = vm.pinned + pages
             if pinned >= vm.limits.pinned_pages:
-                ram.unpin_smc(pins)
+                ram.unpin_smc(page)
+                pool.append(page)
                 vm.stats["limit:pinned_pages"] += 1
                 vm.results[Result.ERROR_KMEM] += 1
                 return (0, _KMEM, 0, 0)
             vm.pinned = pinned
             if pinned > vm.pinned_peak:  # noqa: PLR1730 - (no max() call on this path)
                 vm.pinned_peak = pinned
-            pool = vm.pages
-            page = pool.pop() if pool else self.channel.page()
-            vm.pins[page] = pins
+            vm.pins[page] = pages
             vm.calls += 1
         finally:
             lock.release()
@@ -302,9 +305,8 @@ class QteeBackend:
             page.call = None
             lock.acquire()
             try:
-                held = vm.pins.pop(page, None)  # None: a destroy already dropped them
-                if held is not None:
-                    ram.unpin_smc(held)
+                if vm.pins.pop(page, None) is not None:  # None: a destroy dropped them
+                    ram.unpin_smc(page)
                     vm.pinned -= pages
                 vm.calls -= 1
                 if result is None:

@@ -24,14 +24,13 @@ A range the guest names outside its RAM is :class:`GuestFault` (EFAULT).
 from __future__ import annotations
 
 import bisect
-import collections
 import errno
 import threading
 from typing import Final, NamedTuple, Protocol
 
 from objects import DriverError, UsageError
 
-__all__ = ["GUEST_RAM_BASE", "PAGE_SIZE", "GuestFault", "GuestRam", "HostPhys", "Pin", "SmcPins"]
+__all__ = ["GUEST_RAM_BASE", "PAGE_SIZE", "GuestFault", "GuestRam", "HostPhys", "Pin"]
 
 #: Guest-physical address of the first byte of every guest's RAM.
 GUEST_RAM_BASE: Final = 0x4000_0000
@@ -71,9 +70,6 @@ class Pin(NamedTuple):
 
 _new_pin: Final = tuple.__new__
 
-#: What :meth:`GuestRam.pin_smc` returns: the page indices it pinned (first, end) twice.
-SmcPins = tuple[int, int, int, int]
-
 
 class GuestRam:
     """One guest's RAM of ``size`` bytes, placed in ``host`` (see the module docstring)."""
@@ -81,14 +77,13 @@ class GuestRam:
     __slots__ = (
         "_backed",
         "_buf",
+        "_calls",
         "_closed",
         "_free_lens",
         "_free_starts",
-        "_gfn",
         "_lent",
         "_lock",
         "_mv",
-        "_npages",
         "_one",
         "_pinned",
         "_pins",
@@ -118,9 +113,8 @@ class GuestRam:
         self._lent: dict[int, tuple[bytearray, int]] = {}  # gpa -> (lent buffer, pages)
         self._backed: dict[int, tuple[int, memoryview]] = {}  # id(view) -> (gpa, view)
         self._pins = [0] * pages
-        self._npages = pages
-        self._gfn = GUEST_RAM_BASE >> _SHIFT
         self._pinned = 0
+        self._calls: dict[object, tuple[int, int, int, int]] = {}  # SMC pins, by call
         self._closed = False
         self.hpa = host.add(self._buf)
 
@@ -356,88 +350,64 @@ class GuestRam:
         with self._lock:
             self._uncount(self._check_pinned(pin), pin[1])
 
-    def pin_smc(self, a: int, an: int, b: int, bn: int) -> SmcPins:
-        """Pin an SMC's two buffers at once -- ``[a, a+an)`` and ``[b, b+bn)``, counted per
-        page -- until :meth:`unpin_smc`; GuestFault, nothing pinned, if either is outside
-        RAM.  The token names the pinned pages; it means nothing else.
+    def pin_smc(self, key: object, a: int, an: int, b: int, bn: int) -> int:
+        """Pin an SMC's two buffers, ``[a, a+an)`` and ``[b, b+bn)``, for one call named
+        ``key`` (unique while pinned) until :meth:`unpin_smc`; the number of pages they
+        cover (each range counted on its own).  GuestFault, nothing pinned, if either is
+        outside RAM; UsageError if ``key`` already holds a pin.
 
-        The call path of every guest SMC: one lock, no helper call for one-page buffers."""
+        The call path of every guest SMC: the call's ranges are recorded as they are (one
+        dict entry), and only the rare questions -- :meth:`pinned_pages`,
+        :meth:`discard`, :meth:`close` -- walk them."""
         size = self.size
-        fa = -1
+        pages = -1
         try:  # (a TypeError below means a non-int: _offset says so)
             # Guest addresses are >= 2**30, multi-digit ints whose arithmetic is slow in
             # CPython: subtract the base once, work on offsets.
             oa = a - self.base
             ob = b - self.base
-            ea = oa + an
-            eb = ob + bn
-            if 0 <= oa <= ea <= size and 0 <= ob <= eb <= size:
-                fa = oa >> _SHIFT
-                fb = ob >> _SHIFT
-                la = (ea + _PAGE_MASK) >> _SHIFT if an else fa
-                lb = (eb + _PAGE_MASK) >> _SHIFT if bn else fb
+            if 0 <= oa <= oa + an <= size and 0 <= ob <= ob + bn <= size:
+                pages = ((oa & _PAGE_MASK) + an + _PAGE_MASK) >> _SHIFT if an else 0
+                if bn:
+                    pages += ((ob & _PAGE_MASK) + bn + _PAGE_MASK) >> _SHIFT
         except TypeError:
-            fa = -1
-        if fa < 0:
+            pages = -1
+        if pages < 0:
             self._offset(a, an)  # the error: TypeError or GuestFault
             self._offset(b, bn)
             raise AssertionError("unreachable: one of the ranges is outside guest RAM")
-        counts = self._pins
+        calls = self._calls
         lock = self._lock
         lock.acquire()  # (not ``with``: every guest call's path)
         try:
             if self._closed:
                 raise GuestFault(f"guest RAM was freed; cannot pin {a:#x}+{an}")
-            if la - fa == 1 == lb - fb:  # one page each: the SMC case
-                c = counts[fa]
-                counts[fa] = c + 1
-                d = counts[fb]
-                counts[fb] = d + 1
-                if not c or not d:
-                    self._pinned += (not c) + (not d)
-            else:
-                self._count(fa, la - fa)
-                self._count(fb, lb - fb)
+            if key in calls:
+                raise UsageError(f"{key!r} already holds an SMC pin")
+            calls[key] = (oa, an, ob, bn)
         finally:
             lock.release()
-        return (fa, la, fb, lb)
+        return pages
 
-    def unpin_smc(self, token: SmcPins) -> int:
-        """Drop the pins :meth:`pin_smc` took (UsageError, nothing changed, when they are
-        not held); the number of pages the token named."""
-        try:
-            fa, la, fb, lb = token
-        except (TypeError, ValueError):
-            raise TypeError("unpin_smc() takes the token pin_smc() returned") from None
-        counts = self._pins
+    def unpin_smc(self, key: object) -> None:
+        """Drop the pins :meth:`pin_smc` took for ``key`` (UsageError if it holds none)."""
         lock = self._lock
         lock.acquire()
         try:
-            if la - fa == 1 == lb - fb and fa != fb and (fa | fb) >= 0 and fa < self._npages > fb:
-                ca = counts[fa]
-                cb = counts[fb]
-                if ca and cb:  # the fast path: two one-page pins on two pages
-                    counts[fa] = ca - 1
-                    counts[fb] = cb - 1
-                    if ca == 1 or cb == 1:
-                        self._pinned -= (ca == 1) + (cb == 1)
-                    return 2
-            need = collections.Counter(range(fa, la)) + collections.Counter(range(fb, lb))
-            if (
-                la < fa
-                or lb < fb
-                or any(not 0 <= page < self._npages or counts[page] < n for page, n in need.items())
-            ):
-                gfn = self._gfn
-                raise UsageError(
-                    f"pages {gfn + fa:#x}..{gfn + la:#x} and {gfn + fb:#x}..{gfn + lb:#x} "
-                    "are not pinned"
-                )
-            self._uncount(fa, la - fa)
-            self._uncount(fb, lb - fb)
+            got = self._calls.pop(key, None)
         finally:
             lock.release()
-        return la - fa + lb - fb
+        if got is None:
+            raise UsageError(f"{key!r} holds no SMC pin")
+
+    def _call_pages(self) -> set[int]:
+        """Page indices the SMC pins of the calls in flight cover (caller holds the lock)."""
+        pages: set[int] = set()
+        for oa, an, ob, bn in self._calls.values():
+            for off, n in ((oa, an), (ob, bn)):
+                if n:
+                    pages.update(range(off >> _SHIFT, (off + n + _PAGE_MASK) >> _SHIFT))
+        return pages
 
     def copy_into(self, dst: bytearray, gpa: int, n: int) -> None:
         """Make ``dst`` a copy of ``[gpa, gpa+n)`` (VMM memory; resized to ``n`` bytes);
@@ -450,8 +420,12 @@ class GuestRam:
         dst[:] = self._mv[off : off + n]
 
     def pinned_pages(self) -> int:
-        """Distinct pages with at least one pin."""
-        return self._pinned
+        """Distinct pages with at least one pin (a :meth:`pin` or a call's SMC pin)."""
+        with self._lock:
+            if not self._calls:
+                return self._pinned
+            counts = self._pins
+            return self._pinned + sum(1 for p in self._call_pages() if not counts[p])
 
     def discard(self, gpa: int, n: int) -> None:
         """Balloon out / unmap ``[gpa, gpa+n)`` (its bytes become zero); EBUSY if pinned."""
@@ -459,7 +433,7 @@ class GuestRam:
         first = off >> _SHIFT
         last = (off + n + PAGE_SIZE - 1) >> _SHIFT
         with self._lock:
-            if any(self._pins[first:last]):
+            if any(self._pins[first:last]) or any(first <= p < last for p in self._call_pages()):
                 raise DriverError(
                     errno.EBUSY, f"guest range {gpa:#x}+{n} is pinned (shared with the TEE)"
                 )
@@ -475,8 +449,9 @@ class GuestRam:
         with self._lock:
             if self._closed:
                 return
-            if self._pinned:
-                raise DriverError(errno.EBUSY, f"{self._pinned} guest pages are still pinned")
+            if self._pinned or self._calls:
+                pinned = self._pinned + sum(1 for p in self._call_pages() if not self._pins[p])
+                raise DriverError(errno.EBUSY, f"{pinned} guest pages are still pinned")
             self._closed = True
             self._regions = {}  # the guest kernel's allocations go; lent buffers come back
             self._backed.clear()
@@ -490,5 +465,5 @@ class GuestRam:
     def __repr__(self) -> str:
         return (
             f"<GuestRam {self.size >> 10} KiB at gpa {self.base:#x} / hpa {self.hpa:#x}, "
-            f"{len(self)} regions, {self._pinned} pinned pages>"
+            f"{len(self)} regions, {self.pinned_pages()} pinned pages>"
         )

@@ -17,7 +17,7 @@ from objects import DriverError, UsageError
 
 if TYPE_CHECKING:
     from qtee.vm._guest import Guest
-    from qtee.vm._ram import GuestRam, Pin, SmcPins
+    from qtee.vm._ram import GuestRam, Pin
 
 __all__ = ["VmError", "VmLimits", "VmState"]
 
@@ -105,7 +105,7 @@ class VmState:
         #: Concurrent direct calls allowed (the backend resolves None to the TEE's threads).
         self.max_calls = limits.max_calls or 0
         self.calls = 0
-        self.pins: dict[object, SmcPins] = {}  # a call's (GuestRam.pin_smc), by its key
+        self.pins: dict[object, int] = {}  # pages of a call's GuestRam.pin_smc, by its key
         self.mappings: dict[int, Pin] = {}
         self.refused_ns: list[int] = []
         #: The VMM's outbound shadow pages kept lent for this VM's calls (the backend's).
@@ -160,11 +160,14 @@ class VmState:
         """Drop every pin of the VM (destroy); the number of pages they held."""
         ram = self.guest.ram
         with self.lock:
-            calls = list(self.pins.values())
+            calls = list(self.pins.items())
             held = list(self.mappings.values())
             self.pins.clear()
             self.mappings.clear()
-            pages = sum(ram.unpin_smc(pins) for pins in calls)
+            pages = 0
+            for key, n in calls:
+                ram.unpin_smc(key)
+                pages += n
             for pin in held:
                 ram.unpin(pin)
                 pages += pin.pages
