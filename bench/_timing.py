@@ -21,10 +21,10 @@ def pin_to_one_cpu() -> str:
     return f"pinned to cpu {cpu} (see bench/_timing.py)"
 
 
-def ops_per_sec(fn: Callable[[], object], *, min_time: float = 0.2, repeats: int = 5) -> float:
-    """Best observed rate over ``repeats`` runs of at least ``min_time`` seconds each."""
+def _calibrate(fn: Callable[[], object], min_time: float) -> int:
+    """Loops of ``fn`` that take about ``min_time`` seconds."""
     n = 1
-    while True:  # calibrate
+    while True:
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
@@ -32,14 +32,38 @@ def ops_per_sec(fn: Callable[[], object], *, min_time: float = 0.2, repeats: int
         if dt >= min_time / 4:
             break
         n *= 2
-    loops = max(1, int(n * min_time / max(dt, 1e-9)))
-    best = 0.0
+    return max(1, int(n * min_time / max(dt, 1e-9)))
+
+
+def _rate(fn: Callable[[], object], loops: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(loops):
+        fn()
+    return loops / (time.perf_counter() - t0)
+
+
+def ops_per_sec(fn: Callable[[], object], *, min_time: float = 0.2, repeats: int = 5) -> float:
+    """Best observed rate over ``repeats`` runs of at least ``min_time`` seconds each."""
+    loops = _calibrate(fn, min_time)
+    return max(_rate(fn, loops) for _ in range(repeats))
+
+
+def paired_ops_per_sec(
+    base: Callable[[], object],
+    fn: Callable[[], object],
+    *,
+    min_time: float = 0.2,
+    repeats: int = 7,
+) -> tuple[float, float]:
+    """Best rates of ``base`` and ``fn``, their runs taken in turns (base, fn, base, ...):
+    a slow stretch of the machine hits both sides, not only the one measured then."""
+    loops_base = _calibrate(base, min_time)
+    loops_fn = _calibrate(fn, min_time)
+    best_base = best_fn = 0.0
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        best = max(best, loops / (time.perf_counter() - t0))
-    return best
+        best_base = max(best_base, _rate(base, loops_base))
+        best_fn = max(best_fn, _rate(fn, loops_fn))
+    return best_base, best_fn
 
 
 def report(

@@ -3,7 +3,8 @@
 One process, pinned to one CPU: a :class:`~qtee.secure.SecureMonitor`, a host ``Device``
 on it, and a ``Vmm`` with one QTEE guest running its own driver model over its own RAM.
 The same TA is loaded in the host's partition and in the guest's, each through its own
-``Client``, and the same call is timed on both sides in the same run:
+``Client``, and the same call is timed on both sides in the same run, their runs taken
+in turns (best of 7 each):
 
 1. null invoke (op 0, no arguments): the baseline is the host's rate; target <= 2x;
 2. the same message with an 8-byte input buffer and a 4-byte output buffer; target <= 2x;
@@ -28,7 +29,7 @@ import supplicant  # noqa: F401 - the package is cached before bench/ can shadow
 
 sys.path.append(str(_HERE))
 
-from _timing import ops_per_sec, pin_to_one_cpu, report
+from _timing import paired_ops_per_sec, pin_to_one_cpu, report
 
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, NsObject, ObjRef, Out, QteeError, op
@@ -92,12 +93,13 @@ def main() -> None:
             ("invoke, one 64 KiB IB", lambda app: app.invoke(3, BIG), None),
         ]
         for name, call, target in cases:
-            rates = {}
-            for side in ("host", "guest"):
-                app = refs[side][0]
-                rates[side] = ops_per_sec(lambda app=app, call=call: call(app))
-            report(f"{name}, host", rates["host"])
-            report(f"{name}, guest (mediator)", rates["guest"], rates["host"], target)
+            host_app, guest_app = refs["host"][0], refs["guest"][0]
+            on_host, in_guest = paired_ops_per_sec(
+                lambda app=host_app, call=call: call(app),
+                lambda app=guest_app, call=call: call(app),
+            )
+            report(f"{name}, host", on_host)
+            report(f"{name}, guest (mediator)", in_guest, on_host, target)
         for side in refs.values():
             for ref in side:
                 ref.release()
