@@ -243,14 +243,15 @@ class GuestRam:
         if type(buf) is not bytearray:
             raise TypeError(f"lend() takes a bytearray, not {type(buf).__name__}")
         n = len(buf)
-        pages = (n + PAGE_SIZE - 1) >> _SHIFT or 1
-        start = -1
-        if pages == 1:
-            try:  # noqa: SIM105 - the hot path: no context manager
+        if n <= PAGE_SIZE:
+            pages = 1
+            try:
                 start = self._one.pop()
             except IndexError:
-                pass
-        if start < 0:
+                with self._lock:
+                    start = self._take(1)
+        else:
+            pages = (n + _PAGE_MASK) >> _SHIFT
             with self._lock:
                 start = self._take(pages)
         off = start << _SHIFT
@@ -267,12 +268,11 @@ class GuestRam:
         buf, pages = got
         off = gpa - self.base
         buf[:] = self._buf[off : off + len(buf)]  # (faster than from a memoryview slice)
-        start = off >> _SHIFT
         if pages == 1 and len(self._one) < _KEEP_ASIDE:
-            self._one.append(start)
+            self._one.append(off >> _SHIFT)
         else:
             with self._lock:
-                self._merge(start, pages)
+                self._merge(off >> _SHIFT, pages)
 
     def __len__(self) -> int:
         """Regions the guest kernel holds (allocations, shm, lent SMC buffers)."""
