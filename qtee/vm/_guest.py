@@ -49,6 +49,7 @@ class SmcHandler(Protocol):
         a5: int,
         a6: int,
         on_return: OnReturn | None,
+        /,
     ) -> Regs: ...
 
 

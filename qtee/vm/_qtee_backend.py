@@ -221,19 +221,19 @@ class QteeBackend:
         self,
         vm: VmState,
         fid: int,
-        a1: int,
-        a2: int,
-        a3: int,
-        a4: int,
-        a5: int,
-        a6: int,
+        in_pa: int,
+        in_size: int,
+        out_pa: int,
+        out_size: int,
+        _a5: int,
+        _a6: int,
         on_return: OnReturn | None,
     ) -> Regs:
-        """INVOKE is mediated (the module docstring); CB_RSP outside a callback fails
-        EINVAL; the VM calls are the hypervisor's (ENOTAVAIL); anything else is unknown."""
+        """INVOKE (a1 in_pa, a2 in_size, a3 out_pa, a4 out_size) is mediated (the module
+        docstring); CB_RSP outside a callback fails EINVAL; the VM calls are the
+        hypervisor's (ENOTAVAIL); anything else is unknown."""
         if fid not in _INVOKE_FIDS:
             return self._other(fid)
-        in_pa, in_size, out_pa, out_size = a1, a2, a3, a4
         if out_size != _OUT:
             raise DriverError(errno.EINVAL, f"outbound buffer of {out_size} bytes, must be 4096")
         if in_pa & _PAGE_MASK or out_pa & _PAGE_MASK:
@@ -288,9 +288,12 @@ class QteeBackend:
             if _stopping(vm):
                 result = Result.ERROR_DEFUNCT
                 return _DEFUNCT_REGS
-            result = a1 - 0x1_0000_0000 if a1 & 0x8000_0000 else a1
-            if not result and (layout[0] or layout[3]):
-                _write_back(ram.view(in_pa, in_size), shadow_in, layout)
+            if a1:  # QTEE's error: nothing of the message comes back
+                result = a1 - 0x1_0000_0000 if a1 & 0x8000_0000 else a1
+            else:
+                result = 0
+                if layout[0] or layout[3]:
+                    _write_back(ram.view(in_pa, in_size), shadow_in, layout)
             out = page.buf
             if vm.mappings or vm.refused_ns:
                 self._async(vm, out, 0)
