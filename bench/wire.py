@@ -20,7 +20,7 @@ import supplicant  # noqa: F401 - the package is cached before bench/ can shadow
 
 sys.path.append(str(_HERE))
 
-from _timing import ops_per_sec, pin_to_one_cpu, report
+from _timing import paired_ops_per_sec, pin_to_one_cpu, report
 
 from qtee import wire
 
@@ -85,8 +85,7 @@ def main() -> None:
     print(pin_to_one_cpu())
     if bare_encode(7, 0, IB, OB, IO, N_OO) != wire.encode_invoke(7, 0, IB, OB, IO, N_OO):
         raise SystemExit("baseline and codec disagree on the message bytes")
-    base = ops_per_sec(bare)
-    rate = ops_per_sec(codec)
+    base, rate = paired_ops_per_sec(bare, codec)
     print("invoke message: 2 IB (8, 20 B), 1 OB (4 B), 1 IO, 1 OO")
     report("bare struct pack_into+unpack_from", base)
     report("wire.encode_invoke+decode_invoke", rate, base, target=2.0)

@@ -7,10 +7,13 @@ backend, on the guest's own thread:
    since qcomtee has no ETHREAD-style retry);
 2. checks the registers: in_size <= 4 MiB (else ERROR_MAXDATA), out_size == 4096, both
    buffers page-aligned inside guest RAM (else the SMC fails EINVAL);
-3. pins the guest's in/out pages for the call;
-4. copies the inbound message into VMM memory (the *shadow*) and from then on reads only
-   the shadow: a guest rewriting its buffer mid-call changes nothing QTEE sees; the
-   outbound shadow starts zeroed and the guest's outbound is never read on the way in;
+3. pins the guest's in/out pages for the call (:meth:`~qtee.vm.GuestRam.pin_smc`, counted
+   against ``VmLimits.pinned_pages``);
+4. copies the inbound message into VMM memory (the *shadow*: a
+   :class:`~qtee.vm.ShadowPage` of the VM's, lent to the TEE from call to call) and from
+   then on reads only the shadow: a guest rewriting its buffer mid-call changes nothing
+   QTEE sees; the outbound shadow starts zeroed and the guest's outbound is never read
+   on the way in;
 5. forwards through the host driver (:class:`~qtee.vm.HostVmChannel`, a7 = client id);
 6. for each callback request: releases pins of mappings QTEE dropped (async RELEASE),
    appends NS ids to give back to the guest, copies QTEE's request to the guest page,

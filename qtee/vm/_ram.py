@@ -13,10 +13,12 @@ Two sides use it:
   :meth:`~GuestRam.take_back` for the SMC buffers (copied into and out of guest pages,
   page granular and zero-filled as the driver pool's, qtee-kernel.md §3.1);
 * the **VMM**: :meth:`~GuestRam.translate` (IPA -> host PA), :meth:`~GuestRam.read` /
-  :meth:`~GuestRam.write` (IPA -> VMM memory), and :meth:`~GuestRam.pin` /
-  :meth:`~GuestRam.unpin`, counted per page; :meth:`~GuestRam.discard` (balloon, unmap)
+  :meth:`~GuestRam.write` / :meth:`~GuestRam.copy_into` (IPA -> VMM memory),
+  :meth:`~GuestRam.pin` / :meth:`~GuestRam.unpin` (long-lived, counted per page) and
+  :meth:`~GuestRam.pin_smc` / :meth:`~GuestRam.unpin_smc` (an SMC's two buffers for
+  one call, kept as that call's ranges); :meth:`~GuestRam.discard` (balloon, unmap)
   refuses pinned pages with EBUSY (optee.md §6.1: "no swap, ownership transfer or unmap
-  while shared").
+  while shared"), and so does :meth:`~GuestRam.close` while anything is pinned.
 
 A range the guest names outside its RAM is :class:`GuestFault` (EFAULT).
 """
