@@ -317,10 +317,10 @@ class PinMachine(RuleBasedStateMachine):
             self.model[p] += 1
         self.held.append(("smc", token, pages))
 
-    @rule(k=st.integers(0, 50))
-    def release(self, k: int) -> None:
+    def _release(self, k: int) -> tuple[str, object, list[int]] | None:
+        """Release the k-th held pin (modulo), in the RAM and the model; what it was."""
         if not self.held:
-            return
+            return None
         kind, handle, pages = self.held.pop(k % len(self.held))
         if kind == "pin":
             self.ram.unpin(handle)  # type: ignore[arg-type]
@@ -328,21 +328,21 @@ class PinMachine(RuleBasedStateMachine):
             self.ram.unpin_smc(handle)
         for p in pages:
             self.model[p] -= 1
+        return kind, handle, pages
+
+    @rule(k=st.integers(0, 50))
+    def release(self, k: int) -> None:
+        self._release(k)
 
     @rule(k=st.integers(0, 50))
     def release_twice_is_refused_when_uncovered(self, k: int) -> None:
         """A second release of the same handle is refused, nothing changed: always for a
         call's SMC pin (held by its key), and for a plain pin unless other pins still
         cover its pages (those are counted per page)."""
-        if not self.held:
+        released = self._release(k)
+        if released is None:
             return
-        kind, handle, pages = self.held.pop(k % len(self.held))
-        if kind == "pin":
-            self.ram.unpin(handle)  # type: ignore[arg-type]
-        else:
-            self.ram.unpin_smc(handle)
-        for p in pages:
-            self.model[p] -= 1
+        kind, handle, pages = released
         if kind == "smc" or any(self.model[p] < pages.count(p) for p in set(pages)):
             before = list(self.model)
             with pytest.raises(UsageError):
