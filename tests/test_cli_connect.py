@@ -331,6 +331,50 @@ def test_trace_connect_prints_rows_as_they_arrive(
     assert all(line[col - 2 : col] == "  " and line[col] != " " for line in lines[1:-1])
 
 
+def test_trace_connect_says_how_many_crossings_the_server_dropped(
+    server: DeviceServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that falls behind: the server keeps at most LIMIT crossings queued for it
+    and drops the rest; once its queue drains the CLI says how many, on stderr, and goes
+    on (exit 0).  The server's sender is held until 10 crossings were made, LIMIT is 2."""
+    from qtee._server import _TraceStream
+
+    go = threading.Event()
+    run = _TraceStream._run
+
+    def held(stream: _TraceStream) -> None:
+        assert go.wait(10)
+        run(stream)
+
+    monkeypatch.setattr(_TraceStream, "LIMIT", 2)
+    monkeypatch.setattr(_TraceStream, "_run", held)
+    made = [
+        _trace.TraceRecord(float(n), "NS -> QTEE", 1, n, 0, 0, 0, 0, "invoke") for n in range(10)
+    ]
+
+    def burst() -> None:
+        assert _eventually(lambda: server.device.trace_records is not None)
+        hook = server.device.trace_records
+        assert hook is not None
+        for record in made:
+            hook(record)
+        go.set()
+
+    t = threading.Thread(target=burst)
+    t.start()
+    try:
+        rc = main(["trace", "--connect", server.path, "--duration", "2"])
+    finally:
+        go.set()
+        t.join(10)
+    assert rc == 0
+    out = capsys.readouterr()
+    assert out.err == "qtee trace: the server dropped 8 crossings (this reader fell behind)\n"
+    lines = out.out.splitlines()
+    assert lines[0] == _trace.format_header() and lines[-1] == "2 crossings"
+    assert [line.split()[5] for line in lines[1:-1]] == ["0", "1"]  # the ops of the first two
+
+
 @pytest.mark.parametrize(
     ("fields", "why"),
     [
