@@ -290,6 +290,7 @@ class Device:
         self._lock = threading.Lock()
         self._pages: list[_OutPage] = []  # free outbound pages
         self.contexts: set[Context] = set()
+        self._opens = itertools.count()
 
     @property
     def world(self) -> SecureWorld:
@@ -304,9 +305,9 @@ class Device:
         return self._world
 
     def open(self) -> Context:
-        """Open the device: one context (one open fd)."""
-        ctx = Context(self)
+        """Open the device: one context (one open fd), numbered in the order of opens."""
         with self._lock:
+            ctx = Context(self, next(self._opens))
             self.contexts.add(ctx)
         return ctx
 
@@ -314,7 +315,8 @@ class Device:
         """Every table that still holds something, by name (empty when nothing leaked).
 
         Covers the secure world's object table and pending async releases, NS ids, shm ids,
-        physical regions, and per open context its object IDR and request ids.
+        physical regions, and per open context (by its :attr:`Context.number`) its object
+        IDR and request ids.
         """
         world = self._world
         found = {
@@ -325,10 +327,10 @@ class Device:
             "physical regions": len(self.phys),
         }
         with self._lock:
-            contexts = sorted(self.contexts, key=id)
-        for n, ctx in enumerate(contexts):
-            found[f"context {n} objects"] = len(ctx.objects)
-            found[f"context {n} request ids"] = len(ctx.requests)
+            contexts = sorted(self.contexts, key=lambda c: c.number)
+        for ctx in contexts:
+            found[f"context {ctx.number} objects"] = len(ctx.objects)
+            found[f"context {ctx.number} request ids"] = len(ctx.requests)
         return {name: count for name, count in found.items() if count}
 
     def _release_qtee(self, qtee_id: int) -> None:
@@ -562,14 +564,17 @@ class Device:
 class Context:
     """One open fd: its IDR of QTEE objects and its ioctls."""
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, number: int = 0) -> None:
         self.device = device
+        #: The device's count of opens when this one was made (0 for the first fd): how
+        #: :meth:`Device.leaks` names it.
+        self.number = number
         self.objects: ObjectTable[QteeObject] = ObjectTable(IdrAllocator(0), name="ctx objects")
         self.requests = RequestQueue()
         self.shms: dict[int, Shm] = {}  # the owner's reference (its shm fd)
         self.closed = False
         #: Who holds this fd, for ``qtee info`` (a device server names its connections).
-        self.label = f"fd {id(self):#x}"
+        self.label = f"fd {number}"
 
     # ------------------------------------------------------------------ ioctl entry
     def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:

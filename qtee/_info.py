@@ -45,7 +45,7 @@ def describe(device: Device) -> dict[str, Any]:
         if isinstance(obj, UserObject):
             exported[id(obj.ctx)] = exported.get(id(obj.ctx), 0) + 1
     with device._lock:
-        contexts = sorted(device.contexts, key=lambda c: c.label)
+        contexts = sorted(device.contexts, key=lambda c: c.number)
     return {
         "version": __version__,
         "impl_id": ver.impl_id,

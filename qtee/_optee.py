@@ -28,6 +28,7 @@ The host's defaults call the secure world's GP runtime directly.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import struct
 import threading
@@ -180,11 +181,13 @@ class OpteeDevice:
         )
         self._lock = threading.Lock()
         self.contexts: set[OpteeContext] = set()
+        self._opens = itertools.count()
 
     def open(self) -> OpteeContext:
-        """Open the device: one context (one fd)."""
+        """Open the device: one context (one fd), numbered in the order of opens."""
         ctx = OpteeContext(self)
         with self._lock:
+            ctx.number = next(self._opens)
             self.contexts.add(ctx)
         return ctx
 
@@ -213,8 +216,8 @@ class OpteeDevice:
         if self.world is not None:
             found["secure objects"] = len(self.world.live_ids())
         with self._lock:
-            for n, ctx in enumerate(sorted(self.contexts, key=id)):
-                found[f"context {n} sessions"] = len(ctx.sessions)
+            for ctx in sorted(self.contexts, key=lambda c: c.number):
+                found[f"context {ctx.number} sessions"] = len(ctx.sessions)
         return {k: v for k, v in found.items() if v}
 
 
@@ -223,6 +226,8 @@ class OpteeContext:
 
     def __init__(self, device: OpteeDevice) -> None:
         self.device = device
+        #: The device's count of opens when this one was made: how ``leaks`` names it.
+        self.number = 0
         self.sessions: set[int] = set()
         self.shms: dict[int, _GpShm] = {}
         self._lock = threading.Lock()

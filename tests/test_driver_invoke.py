@@ -161,3 +161,26 @@ def test_bad_ids_and_faults_section_5(env: tuple[Device, Context, CheckedMemory]
         0,
         [uapi.Param(UB_IN, 1 << 48, 8), uapi.Param(OBJ_OUT)],
     )
+
+
+def test_leaks_name_each_context_by_its_order_of_opening() -> None:
+    """Device.leaks names an fd's tables "context N" with N its order of opening, so a
+    report does not change with another fd opening or closing around it."""
+    import qtee
+    from qtee.secure import QteeRoot
+
+    dev = Device(SecureWorld(QteeRoot()))
+    first, second = dev.open(), dev.open()
+    client = qtee.Client(dev, workers=1)  # the third open
+    assert (first.number, second.number, client.ctx.number) == (0, 1, 2)  # type: ignore[union-attr]
+    env = client.client_env()
+    assert dev.leaks()["context 2 objects"] == 1
+    first.close()
+    fourth = dev.open()
+    assert fourth.number == 3  # numbers are not reused
+    assert dev.leaks() == {"secure objects": 1, "ns ids": 1, "context 2 objects": 1}
+    env.release()
+    client.close()
+    for ctx in (second, fourth):
+        ctx.close()
+    assert dev.leaks() == {}
