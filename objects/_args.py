@@ -32,6 +32,8 @@ __all__ = [
     "group_args",
 ]
 
+_BUF_TYPES: Final = (bytearray, memoryview)  # (a tuple: a union is built per call)
+
 #: A nibble holds at most 15 (Mink ``OBJECT_COUNTS_MAX_*``); the kernel's check allows 16.
 MAX_ARGS_PER_KIND: Final = 15
 
@@ -55,7 +57,7 @@ class InBuffer:
     def __post_init__(self) -> None:
         data: object = self.data
         if not isinstance(data, bytes):
-            if not isinstance(data, bytearray | memoryview):
+            if not isinstance(data, _BUF_TYPES):
                 raise TypeError(f"InBuffer data must be bytes, not {type(data).__name__}")
             object.__setattr__(self, "data", bytes(data))
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, Final, NamedTuple, TypeVar
 
 from objects._errors import QteeError, UsageError
 from objects._results import Result
 
 __all__ = ["DispatchResult", "OpSpec", "PyObject", "op"]
+
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
 
 log = logging.getLogger("qtee.objects")
 
@@ -158,7 +160,7 @@ class PyObject:
             return _ERROR
         data = values[: len(ob)]
         for k, (chunk, cap) in enumerate(zip(data, ob, strict=True)):
-            if not isinstance(chunk, bytes | bytearray | memoryview):
+            if not isinstance(chunk, _BYTES_LIKE):
                 log.error(
                     "%s.%s: output buffer %d is a %s",
                     type(self).__name__,

@@ -33,6 +33,8 @@ __all__ = [
     "root_object_check",
 ]
 
+_BUF_TYPES: Final = (bytearray, memoryview)  # (a tuple: a union is built anew per call)
+
 QCOMTEE_ARGS_PER_TYPE: Final = 16
 QCOMTEE_ARGS_MAX: Final = 4 * QCOMTEE_ARGS_PER_TYPE
 
@@ -80,7 +82,7 @@ _UBUF_TYPES: Final = frozenset(
 
 def need_arg(arg: bytearray | memoryview, size: int) -> bytearray | memoryview:
     """The ioctl's own struct: ``size`` writable bytes, else EFAULT (``copy_from_user``)."""
-    if not isinstance(arg, bytearray | memoryview) or len(arg) < size:
+    if not isinstance(arg, _BUF_TYPES) or len(arg) < size:
         raise DriverError(errno.EFAULT, f"ioctl argument must be {size} writable bytes")
     return arg
 

@@ -83,6 +83,10 @@ __all__ = [
     "from_map",
 ]
 
+_BUF_TYPES: Final = (bytearray, memoryview)  # (tuples: a union is built per call)
+_SEQUENCES: Final = (tuple, list)
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)
+
 PROTOCOL_VERSION: Final = 1
 #: Default limit on a frame body (the length word); configurable per decoder.
 MAX_FRAME: Final = 8 * 1024 * 1024
@@ -124,14 +128,14 @@ def _str(value: object, what: str) -> str:
 def _bytes(value: object, what: str) -> bytes:
     if type(value) is bytes:
         return value
-    if isinstance(value, bytearray | memoryview):
+    if isinstance(value, _BUF_TYPES):
         return bytes(value)
     raise UsageError(f"{what} must be bytes, not {type(value).__name__}")
 
 
 def _regions(value: object, what: str, *, writable_only: bool) -> tuple[Region, ...]:
     """A tuple of non-overlapping regions (empty ones overlap nothing)."""
-    if not isinstance(value, tuple | list):
+    if not isinstance(value, _SEQUENCES):
         raise UsageError(f"{what} must be a tuple of Region, not {type(value).__name__}")
     spans: list[tuple[int, int]] = []
     for k, region in enumerate(value):
@@ -729,7 +733,7 @@ class FrameDecoder:
         """Append bytes received from the peer (any chunking; empty is fine)."""
         if self._error is not None:
             raise self._error
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if not isinstance(data, _BYTES_LIKE):
             raise UsageError(f"feed takes bytes, not {type(data).__name__}")
         self._buf += data
 

@@ -48,6 +48,8 @@ from qtee.addrspace import CheckedMemory
 
 __all__ = ["RemoteContext", "RemoteDevice", "connect"]
 
+_BUF_TYPES: Final = (bytearray, memoryview)  # (a tuple: a union is built per call)
+
 _BUF: Final = struct.Struct("<QQ")
 _PARAM: Final = struct.Struct("<4Q")
 #: buf_data ioctls: header size and where num_params sits in it.
@@ -227,7 +229,7 @@ class RemoteContext:
         """Run ``cmd`` on the server; ``arg`` and the caller's buffers are updated in place."""
         if self.closed:
             raise DriverError(errno.EBADF, "context is closed")
-        if not isinstance(arg, bytearray | memoryview):
+        if not isinstance(arg, _BUF_TYPES):
             raise DriverError(errno.EFAULT, "ioctl argument must be a writable buffer")
         regions = self._regions(cmd, arg)
         done = threading.Lock()

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OUT_OBJECT", "CallbackObject", "Client", "MemoryObject", "ObjRef", "Out"]
 
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
+
 log = logging.getLogger("qtee.client")
 
 _BUF: Final = struct.Struct("<QQ")  # struct tee_ioctl_buf_data
@@ -298,7 +300,7 @@ class Client:
         called = False
         try:
             for i, a in enumerate(args):
-                if isinstance(a, bytes | bytearray | memoryview):
+                if isinstance(a, _BYTES_LIKE):
                     data = bytes(a)
                     addr = 0
                     if data:

@@ -75,6 +75,10 @@ __all__ = [
     "write_invoke_response",
 ]
 
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
+_BYTES: Final = (bytes, bytearray)
+_BUF_TYPES: Final = (bytearray, memoryview)
+
 QCOMTEE_MSG_OBJECT_NULL: Final = 0
 QCOMTEE_MSG_OBJECT_ROOT: Final = 1
 QCOMTEE_MSG_OBJECT_NS_BIT: Final = 1 << 31
@@ -210,7 +214,7 @@ def _validate(ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: i
     if not isinstance(n_oo, int) or isinstance(n_oo, bool) or not 0 <= n_oo <= _MAX_PER_KIND:
         raise UsageError(f"at most {_MAX_PER_KIND} output objects, not {n_oo!r}")
     for i, data in enumerate(ib):
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if not isinstance(data, _BYTES_LIKE):
             raise TypeError(f"IB {i} must be bytes-like, not {type(data).__name__}")
     for i, size in enumerate(ob):
         _check_u32(size, f"OB {i} size")
@@ -222,7 +226,7 @@ def _nbytes(data: object) -> int:
     """Bytes in a bytes-like object (``len`` counts items of a non-byte memoryview); -1 if none."""
     if isinstance(data, memoryview):
         return data.nbytes
-    if isinstance(data, bytes | bytearray):
+    if isinstance(data, _BYTES):
         return len(data)
     return -1
 
@@ -376,7 +380,7 @@ def _write_callback(
 
 
 def _check_outbound(buf: bytearray | memoryview) -> None:
-    if not isinstance(buf, bytearray | memoryview) or len(buf) != MAX_OUTBOUND_BUFFER_SIZE:
+    if not isinstance(buf, _BUF_TYPES) or len(buf) != MAX_OUTBOUND_BUFFER_SIZE:
         raise UsageError(f"the outbound buffer must be {MAX_OUTBOUND_BUFFER_SIZE} writable bytes")
 
 
@@ -469,7 +473,7 @@ def _write_outputs(
     # Check everything before writing anything: a refused response leaves the buffer as it was.
     sizes = []
     for k, (ref, data) in enumerate(zip(ob, ob_data, strict=True)):
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if not isinstance(data, _BYTES_LIKE):
             raise TypeError(f"{what}: OB {k} data must be bytes-like")
         size = _nbytes(data)
         if size > ref.size:
