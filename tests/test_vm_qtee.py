@@ -716,3 +716,28 @@ def test_a_guest_kernel_raising_in_its_callback_server_abandons_the_call(env: Vm
         guest.ram.free(out_gpa)
     finally:
         app.close()
+
+
+def test_a_view_of_the_inbound_shadow_kept_past_its_call_costs_only_a_new_shadow(
+    env: VmEnv,
+) -> None:
+    """The VMM reuses each VM's shadow buffers from call to call (issue 7's shadow copy);
+    if something still holds a view of the last inbound shadow, the next call gets a new
+    one, lent in its place, and the answer is the same."""
+    guest = env.guest("vm1")
+    g = open_app(guest.device)
+    try:
+        assert whoami(g) == guest.client_id
+        vm = guest._vm
+        assert vm is not None and vm.pages
+        page = vm.pages[-1]
+        old, old_pa = page.inbuf, page.in_pa
+        held = memoryview(old)  # the shadow can no longer be resized
+        pair = struct.pack("<II", 40, 2)  # a longer message than whoami's
+        assert g.app.invoke(0, pair, Out(4)) == [U32.pack(42)]
+        assert page.inbuf is not old and page.in_pa != old_pa
+        assert env.monitor.phys.lent_at(old_pa) is None  # the old lend ended
+        assert env.monitor.phys.lent_at(page.in_pa) is page.inbuf
+        held.release()
+    finally:
+        g.close()

@@ -96,6 +96,16 @@ class HostVmChannel:
             raise TypeError("this channel was made without an upcall for callbacks")
         return ShadowPage(self.monitor.phys, self.upcall)
 
+    def renew_inbuf(self, page: ShadowPage) -> bytearray:
+        """Give ``page`` a new inbound shadow (its old one cannot be resized: a view of it
+        outlived its call) and lend it in place of the old; the new buffer."""
+        phys = self.monitor.phys
+        fresh = bytearray()
+        in_pa = phys.lend(fresh)
+        phys.take_back(page.in_pa)
+        page.inbuf, page.in_pa = fresh, in_pa
+        return fresh
+
     def release(self, pool: list[ShadowPage]) -> int:
         """End the lends of every page in ``pool`` (a VM's once it stopped, or a page
         whose call ends after that); how many."""

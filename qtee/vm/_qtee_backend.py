@@ -281,7 +281,13 @@ class QteeBackend:
         dirty = True  # the outbound page needs zeroing before its next call
         try:
             shadow_in = page.inbuf
-            ram.copy_into(shadow_in, in_pa, in_size)  # THE copy: nothing below reads guest input
+            try:
+                ram.copy_into(
+                    shadow_in, in_pa, in_size
+                )  # THE copy: nothing below reads guest input
+            except BufferError:  # a view of the last shadow outlived its call: use a new one
+                shadow_in = self.channel.renew_inbuf(page)
+                ram.copy_into(shadow_in, in_pa, in_size)
             counts = _U32.unpack_from(shadow_in, 8)[0] if in_size >= 12 else -1
             layout = _layout(shadow_in, counts) if counts else _NO_OUTPUTS
             if layout is None:  # no header, or a malformed counts word: not forwarded
