@@ -26,6 +26,8 @@ from objects import DriverError, UsageError
 
 __all__ = ["TASK_SIZE", "AddressSpace", "CheckedMemory", "ProcessMemory", "address_of"]
 
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
+
 #: Top of the user address space (arm64 and x86-64 with 48-bit VA).
 TASK_SIZE: Final = 1 << 47
 
@@ -179,7 +181,7 @@ class CheckedMemory:
 
     def map(self, buf: bytearray | memoryview | bytes) -> int:
         """Map ``buf`` (read-only if it is ``bytes``) and return its address."""
-        if not isinstance(buf, bytes | bytearray | memoryview):
+        if not isinstance(buf, _BYTES_LIKE):
             raise TypeError(f"can only map bytes-like buffers, not {type(buf).__name__}")
         view = memoryview(buf).cast("B")
         with self._lock:
@@ -233,6 +235,9 @@ class CheckedMemory:
 
     def read(self, addr: int, size: int) -> bytes:
         """``copy_from_user``."""
+        view = self._bufs.get(addr)  # the common case, inline: a whole mapped buffer's head
+        if view is not None and 0 < size <= view.nbytes:
+            return bytes(view[:size])
         if size == 0:
             _access_ok(addr, size)
             return b""
@@ -242,6 +247,10 @@ class CheckedMemory:
     def write(self, addr: int, data: bytes) -> None:
         """``copy_to_user``."""
         size = len(data)
+        view = self._bufs.get(addr)  # the common case, inline
+        if view is not None and 0 < size <= view.nbytes and not view.readonly:
+            view[:size] = data
+            return
         if size == 0:
             _access_ok(addr, size)
             return
