@@ -23,7 +23,7 @@ import supplicant  # noqa: F401 - the package is cached before bench/ can shadow
 
 sys.path.append(str(_HERE))
 
-from _timing import ops_per_sec, pin_to_one_cpu, report
+from _timing import ops_per_sec, paired_ops_per_sec, pin_to_one_cpu, report
 
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, op, wire
@@ -84,8 +84,7 @@ def main() -> None:
             wire.write_invoke_response(buf, msg, (), ())
             wire.decode_invoke_response(buf)
 
-        bare = ops_per_sec(bare_message)
-        null = ops_per_sec(lambda: app.invoke(0))
+        bare, null = paired_ops_per_sec(bare_message, lambda: app.invoke(0))
         report("bare wire request+response (null message)", bare)
         report("null invoke client -> TA -> client", null, bare, target=3.0)
 
