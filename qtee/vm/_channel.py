@@ -91,7 +91,7 @@ class HostVmChannel:
         return self.monitor.smc(int(fid), client_id, a7=HYP_CLIENT_ID)[0]
 
     def page(self) -> ShadowPage:
-        """A new zeroed outbound page, lent until :meth:`release`."""
+        """A new shadow page for a VM's pool, its two buffers lent until :meth:`release`."""
         if self.upcall is None:
             raise TypeError("this channel was made without an upcall for callbacks")
         return ShadowPage(self.monitor.phys, self.upcall)
