@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from qtee import _trace as _trace_mod
     from qtee._remote import RemoteContext
 
 #: How often a wait looks at the clock and for a signal.
@@ -252,17 +253,21 @@ def _trace(args: argparse.Namespace) -> int:
     if status:
         print("qtee trace: the demo scenario failed (run `qtee demo` to see)", file=sys.stderr)
         return 1
-    records = recorder.records
     if args.record is None:
-        print(_trace.format_table(records))
+        print(_trace.format_table(recorder.records))
         return 0
+    return _save_trace(recorder, args.record)
+
+
+def _save_trace(trace: _trace_mod.Trace, path: str) -> int:
+    """Save ``trace`` to ``path`` and say so; 1 (and one stderr line) when it cannot."""
     try:
-        recorder.save(args.record)
+        trace.save(path)
     except OSError as exc:
         why = exc.strerror or exc
-        print(f"qtee trace: cannot write {args.record}: {_one_line(why)}", file=sys.stderr)
+        print(f"qtee trace: cannot write {path}: {_one_line(why)}", file=sys.stderr)
         return 1
-    print(f"recorded {len(records)} crossings to {args.record}")
+    print(f"recorded {len(trace.records)} crossings to {path}")
     return 0
 
 
@@ -326,13 +331,8 @@ def _trace_live(args: argparse.Namespace) -> int:
         saved = _trace.Trace()
         for record in records:
             saved(record)
-        try:
-            saved.save(args.record)
-        except OSError as exc:
-            why = exc.strerror or exc
-            print(f"qtee trace: cannot write {args.record}: {_one_line(why)}", file=sys.stderr)
+        if _save_trace(saved, args.record):
             return 1
-        print(f"recorded {len(records)} crossings to {args.record}")
     if failure is not None:
         print(f"qtee trace: {failure}", file=sys.stderr)
         return 1
