@@ -261,20 +261,6 @@ class SecureMonitor:
                 world = self._worlds.get(a7) if type(a7) is int else None
                 if world is not None:  # (else the general path names what is wrong)
                     return self._enter_partition(a7, world, inbound, outbound, a3, on_return)
-        if (
-            fid == _INVOKE
-            and self.trace_smc is None
-            and self.smcinvoke
-            and type(a7) is int
-            and 0 < a7 < _U64
-            and type(a1) is int
-            and type(a2) is int
-            and type(a3) is int
-            and type(a4) is int
-            and a2 >= 0
-            and (on_return is None or callable(on_return))
-        ):  # a guest's INVOKE on other memory (from the VMM): _invoke checks the rest
-            return self._invoke(a1, a2, a3, a4, a7, on_return)
         trace = self.trace_smc
         if trace is not None:
             trace(a7, fid, (a1, a2, a3, a4))
