@@ -54,7 +54,6 @@ _INVOKE_HEAD: Final = struct.Struct("<6I")
 _GEN_CAPS: Final = uapi.TEE_GEN_CAP_GP | uapi.TEE_GEN_CAP_REG_MEM | uapi.TEE_GEN_CAP_MEMREF_NULL
 _VALUE_TYPES: Final = frozenset({1, 2, 3})
 _MEMREF_TYPES: Final = frozenset({5, 6, 7})
-_OUTPUT_TYPES: Final = frozenset({2, 3, 6, 7})
 _P = tuple[int, int, int, int]
 
 
