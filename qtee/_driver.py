@@ -697,10 +697,7 @@ class Context:
             if trace or records:
                 counts = Counts(n_ib, n_ob, n_io, n_oo).pack()
                 _emit(trace, records, "NS -> QTEE", cxt, op, counts, "invoke")
-            try:
-                page = device._pages.pop()
-            except IndexError:
-                page = _OutPage(device)
+            page = device._page()
             clean = False
             try:
                 result = device._smc_invoke(inbound, page, accepted, held)
@@ -720,13 +717,7 @@ class Context:
                     device._fetch_async(page.out, 0)
                 clean = True
             finally:
-                if page.served or not clean:
-                    device._recycle(page, clean)
-                else:  # the common case, inline: nothing to zero
-                    page.accepted = page.lent = _NO_CALL
-                    device._pages.append(page)
-                    if not device.contexts:
-                        device.release_pages()
+                device._recycle(page, clean)
         finally:
             for obj in held:
                 obj.put()
