@@ -40,7 +40,6 @@ from __future__ import annotations
 import errno
 import logging
 import operator
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar, Final
 
@@ -192,12 +191,7 @@ class OpteeBackend:
         status = self.channel.vm_destroyed(SmcFid.OPTEE_SMC_VM_DESTROYED, vm.client_id)
         if status != SmcReturn.OK:
             log.debug("VM_DESTROYED of client %d answered %#x", vm.client_id, status)
-        with vm.cond:
-            while vm.calls:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                vm.cond.wait(left)
+        vm.wait_for_calls(deadline)
         vm.unpin_all()
         with vm.cond:
             vm.data[_BUFFERS] = 0

@@ -36,7 +36,6 @@ import errno
 import logging
 import operator
 import struct
-import time
 from typing import TYPE_CHECKING, ClassVar, Final
 
 from objects import DecodeError, DriverError, Result
@@ -196,11 +195,7 @@ class QteeBackend:
         end the lends of the VM's shadow pages."""
         with vm.cond:
             vm.stopping = True
-            while vm.calls:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                vm.cond.wait(left)
+        vm.wait_for_calls(deadline)
         status = self.channel.vm_destroyed(SmcFid.QTEE_MODEL_VM_DESTROYED, vm.client_id)
         if status != SmcReturn.OK:
             log.debug("VM_DESTROYED of client %d answered %#x", vm.client_id, status)

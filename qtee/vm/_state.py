@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +156,17 @@ class VmState:
         """:meth:`unpin` for a caller already holding :attr:`lock`."""
         self.guest.ram.unpin(pin)
         self.pinned -= pin.pages
+
+    def wait_for_calls(self, deadline: float) -> int:
+        """Wait until no direct call is in flight or the monotonic ``deadline`` passes
+        (calls leaving a stopping VM notify :attr:`cond`); the calls still in flight."""
+        with self.cond:
+            while self.calls:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            return self.calls
 
     def unpin_all(self) -> int:
         """Drop every pin of the VM (destroy); the number of pages they held."""
