@@ -372,26 +372,6 @@ class Vmm:
             pins_dropped=pins,
         )
 
-    def trap(
-        self,
-        guest: Guest,
-        fid: int,
-        a1: int = 0,
-        a2: int = 0,
-        a3: int = 0,
-        a4: int = 0,
-        a5: int = 0,
-        a6: int = 0,
-        on_return: OnReturn | None = None,
-    ) -> Regs:
-        """A guest SMC exits to the VMM: hand it to the VM's backend (``Guest.smc`` does
-        this directly; a7 never comes from the guest)."""
-        vm = self.state(guest)
-        backend = self._backends.get(guest.tee)
-        if backend is None or not guest.running:
-            return guest.smc(fid, a1, a2, a3, a4, a5, a6, on_return=on_return)
-        return backend.handle_smc(vm, fid, a1, a2, a3, a4, a5, a6, on_return)
-
     def close(self) -> None:
         """Destroy every live VM (idempotent)."""
         with self._lock:
