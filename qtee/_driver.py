@@ -225,10 +225,15 @@ class _OutPage:
         local = device._local
         outer = getattr(local, "lent", None)
         local.lent = self.lent
+        hook = device.on_callback
+        if hook is not None:
+            hook(True)
         try:
             device._serve(self.out)
         finally:
             local.lent = outer
+            if hook is not None:
+                hook(False)
         return _SMC_CB_RSP, self.pa, _OUT_SIZE
 
 
@@ -286,6 +291,10 @@ class Device:
         self.trace: Callable[[str], None] | None = None
         #: Called with the same crossings as structured records (``qtee trace``).
         self.trace_records: Callable[[TraceRecord], None] | None = None
+        #: Called in the invoking thread with True when QTEE asks it to serve a callback
+        #: request and with False once it is answered (a device server tells its client
+        #: that the call is waiting on a callback, so the client's deadline stands still).
+        self.on_callback: Callable[[bool], None] | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._pages: list[_OutPage] = []  # free outbound pages
