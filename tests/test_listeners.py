@@ -766,14 +766,17 @@ def test_failing_handler_is_an_error_for_the_ta(dev: Device, ta: TaClient) -> No
 
 
 def test_listener_of_a_closed_context_is_defunct_and_dropped(dev: Device, ta: TaClient) -> None:
-    """§5.4 / §6: a listener whose supplicant context is gone answers DEFUNCT; QTEE
-    drops the registration (qtee's rule, _listeners.py docstring)."""
-    reg = _RawRegistrar(dev)
-    lo, mem = reg.listener(0xB, 20 * 1024)
-    reg.register(0xB, lo, mem)
-    mem.release()  # QTEE keeps its own reference to the region
-    reg.close()  # the supplicant dies without unregistering
-    assert dev.world.listeners.ids() == [0xB]
+    """§5.4 / §6: the supplicant dies (its fd closes, nothing unregistered) while a TA's
+    request is with its listener: the kernel's close completes the request DEFUNCT for
+    the TA, and the registration ends with its owner's objects (issue 13 point 5); the
+    next request finds no listener at all."""
+    entered, go = threading.Event(), threading.Event()
+    service = TimeService(clock=lambda: CLOCK)
+
+    def slow(buf: bytes) -> bytes:
+        entered.set()
+        assert go.wait(10)
+        return service.handle(buf)
 
     def script(world: SecureWorld) -> int:
         try:
@@ -782,10 +785,25 @@ def test_listener_of_a_closed_context_is_defunct_and_dropped(dev: Device, ta: Ta
             return exc.result
         return 0
 
-    assert ta.run(script) == Result.ERROR_DEFUNCT == -90
-    assert dev.world.listeners.ids() == []
-    assert lo.served == 0
-    # The next request finds no listener at all.
+    reg = _RawRegistrar(dev)
+    mem = reg.client.memory(20 * 1024)
+    reg.register(0xB, ListenerObject(0xB, mem, slow), mem)
+    mem.release()  # QTEE keeps its own reference to the region
+    results: list[int] = []
+    t = threading.Thread(target=lambda: results.append(ta.run(script)), daemon=True)
+    closer = threading.Thread(target=reg.client.close, daemon=True)
+    try:
+        t.start()
+        assert entered.wait(5)
+        closer.start()  # joins the worker held in `slow` once `go` is set
+        t.join(10)
+        assert results == [Result.ERROR_DEFUNCT] and Result.ERROR_DEFUNCT == -90
+        assert dev.world.listeners.ids() == []
+    finally:
+        go.set()
+        t.join(10)
+        closer.join(10)
+    assert not t.is_alive() and not closer.is_alive()
     assert ta.run(script) == Result.ERROR_DEFUNCT
 
 

@@ -11,9 +11,20 @@ supplicant serving a request from elsewhere) answers BUSY, and the caller then
 
 The TA-autoload service (IRegisterTABufCBO) takes one IRequestTABuffer callback object;
 the app loader asks it for the image of a TA by UUID when a client loads a TA that is
-not registered (``loadEmbedded``).  Registering NULL removes the registration, for
-listeners as for TA autoload (qtee's way to unregister; QTEE keeps registrations
-otherwise, and drops one whose callback object answers DEFUNCT).
+not registered (``loadEmbedded``).
+
+Registering NULL removes the TA-autoload registration.
+
+**Ownership.**  Every ``IClientEnv.open`` of UID 87 gives a fresh service object, and a
+listener registration belongs to the service object it was made through (so to the
+client that opened it; DESIGN.md "Ownership").  Another client cannot remove or replace
+it: a register for a listener id in use is ``ERROR_ID_IN_USE`` whoever asks, its NULL
+too unless it is the owner's.  The owner's NULL unregisters (qtee's way, used on
+deinit; QTEE keeps registrations otherwise).  A registration ends when its service
+object's last reference goes (released, or the owner's fd closed: the kernel then
+releases the context's QTEE objects), and when its callback object answers DEFUNCT.  A
+listener request in flight keeps its registration's buffer and callback object until
+it is done; the table forgets the registration at once.
 
 Service UIDs: Qualcomm's sources never give ``CRegisterListenerCBO_UID``'s value (a
 third-party kernel test uses 87); qtee uses 87 for it and 88 for IRegisterTABufCBO.
@@ -70,11 +81,17 @@ _PAGE: Final = 4096
 @dataclass(slots=True)
 class _Registration:
     listener_id: int
+    #: The RegisterListener service object the registration was made through.
+    owner: object
     cbo: NsObject
     mem: NsObject | None
     mapping: Mapping | None
     #: One request at a time owns the shared buffer (write, call, read back).
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Requests using the buffer now; ``removed``: out of the table.  The last of the
+    #: two to end drops the registration (both guarded by the table's lock).
+    users: int = 0
+    removed: bool = False
 
     def drop(self) -> None:
         if self.mapping is not None:
@@ -114,21 +131,62 @@ class Listeners:
                 raise QteeError(ERROR_MAX_REGISTERED, f"{MAX_LISTENERS} listeners registered")
             self._by_id[reg.listener_id] = reg
 
-    def _remove(self, listener_id: int, reg: _Registration | None = None) -> bool:
+    def _take(self, regs: list[_Registration]) -> list[_Registration]:
+        """Out of the table (lock held); those no request is using are returned to drop."""
+        idle = []
+        for reg in regs:
+            del self._by_id[reg.listener_id]
+            reg.removed = True
+            if not reg.users:
+                idle.append(reg)
+        return idle
+
+    def _unregister(self, listener_id: int, owner: object) -> None:
+        """The NULL register: only the owner's removes; another client's is ID_IN_USE."""
         with self._lock:
             cur = self._by_id.get(listener_id)
-            if cur is None or (reg is not None and cur is not reg):
-                return False
-            del self._by_id[listener_id]
-        cur.drop()
-        return True
+            if cur is None:
+                return
+            if cur.owner is not owner:
+                raise QteeError(ERROR_ID_IN_USE, f"listener {listener_id:#x} is another's")
+            idle = self._take([cur])
+        for reg in idle:
+            reg.drop()
+
+    def _remove(self, reg: _Registration) -> None:
+        """Drop ``reg`` if it is still registered (its listener answered DEFUNCT)."""
+        with self._lock:
+            idle = self._take([reg]) if self._by_id.get(reg.listener_id) is reg else []
+        for r in idle:
+            r.drop()
+
+    def _release_owner(self, owner: object) -> None:
+        """``owner``'s last reference is gone: every registration made through it ends."""
+        with self._lock:
+            idle = self._take([r for r in self._by_id.values() if r.owner is owner])
+        for reg in idle:
+            reg.drop()
+
+    def _use(self, reg: _Registration) -> None:
+        """A request starts using ``reg``'s buffer; DEFUNCT if it was removed meanwhile."""
+        with self._lock:
+            if reg.removed:
+                raise QteeError(Result.ERROR_DEFUNCT, f"listener {reg.listener_id:#x} is gone")
+            reg.users += 1
+
+    def _unuse(self, reg: _Registration) -> None:
+        with self._lock:
+            reg.users -= 1
+            last = reg.removed and not reg.users
+        if last:
+            reg.drop()
 
     def clear(self) -> None:
         """Drop every registration (QTEE shutting down)."""
         with self._lock:
-            regs, self._by_id = list(self._by_id.values()), {}
+            idle = self._take(list(self._by_id.values()))
             ta, self.ta_buffer = self.ta_buffer, None
-        for reg in regs:
+        for reg in idle:
             reg.drop()
         if ta is not None:
             ta.release()
@@ -158,8 +216,12 @@ class ListenerHandle:
         view = reg.mapping.view
         if len(data) > len(view):
             raise QteeError(Result.ERROR_SIZE_IN, f"{len(data)} B request, buffer {len(view)} B")
-        with reg.lock:  # QTEE threads take turns on the shared buffer
-            return self._request(reg, view, data)
+        self._table._use(reg)  # the buffer stays mapped until this request is done
+        try:
+            with reg.lock:  # QTEE threads take turns on the shared buffer
+                return self._request(reg, view, data)
+        finally:
+            self._table._unuse(reg)
 
     def _request(self, reg: _Registration, view: memoryview, data: bytes) -> bytes:
         for _ in range(MAX_BUSY_RETRIES):
@@ -175,13 +237,16 @@ class ListenerHandle:
                 reg.cbo.invoke(LISTENER_OP_WAIT)
                 continue
             if res.result == Result.ERROR_DEFUNCT:
-                self._table._remove(reg.listener_id, reg)
+                self._table._remove(reg)
             raise QteeError(res.result, f"listener {reg.listener_id:#x} answered {res.result}")
         raise QteeError(Result.ERROR_BUSY, f"listener {reg.listener_id:#x} stayed busy")
 
 
 class RegisterListener(SecureObject):
-    """IRegisterListenerCBO: op 0 register(u32 listenerId; OI cbo; OI memRegion or NULL)."""
+    """IRegisterListenerCBO: op 0 register(u32 listenerId; OI cbo; OI memRegion or NULL).
+
+    One instance per ``IClientEnv.open``: the registrations made through it are its own.
+    """
 
     def __init__(self, world: SecureWorld) -> None:
         self.world = world
@@ -192,8 +257,8 @@ class RegisterListener(SecureObject):
         table = self.world.listeners
         if listener_id == 0:
             raise QteeError(ERROR_ID_RESERVED, "listener id 0 is reserved")
-        if cbo is None:  # NULL: unregister
-            table._remove(listener_id)
+        if cbo is None:  # NULL: the owner unregisters
+            table._unregister(listener_id, self)
             return
         if not isinstance(cbo, NsObject) or (mem is not None and not isinstance(mem, NsObject)):
             raise QteeError(Result.ERROR_INVALID, "listener and buffer must be NS objects")
@@ -203,12 +268,15 @@ class RegisterListener(SecureObject):
             if mapping.paddr % _PAGE:
                 mapping.unmap()
                 raise QteeError(ERROR_ALIGNMENT, "listener buffer is not page aligned")
-        reg = _Registration(listener_id, cbo.retain(), mem.retain() if mem else None, mapping)
+        reg = _Registration(listener_id, self, cbo.retain(), mem.retain() if mem else None, mapping)
         try:
             table._add(reg)
         except QteeError:
             reg.drop()
             raise
+
+    def on_release(self) -> None:
+        self.world.listeners._release_owner(self)
 
 
 class RegisterTABuffer(SecureObject):

@@ -109,9 +109,9 @@ class QteeRoot(SecureObject):
         )
 
         self.services.setdefault(APP_LOADER_UID, lambda env: AppLoader(world, self.loaded_apps))
-        listeners, ta_buffers = RegisterListener(world), RegisterTABuffer(world)
-        self.services.setdefault(REGISTER_LISTENER_UID, lambda env: listeners)
-        self.services.setdefault(REGISTER_TA_BUF_UID, lambda env: ta_buffers)
+        # A fresh object per open: registrations belong to the object made through.
+        self.services.setdefault(REGISTER_LISTENER_UID, lambda env: RegisterListener(world))
+        self.services.setdefault(REGISTER_TA_BUF_UID, lambda env: RegisterTABuffer(world))
 
     def _register(self, cred: NsObject | None) -> ClientEnv:
         if cred is None:  # NULL credentials: the kernel's own privileged client
