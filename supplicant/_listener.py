@@ -141,6 +141,8 @@ class Supplicant:
 
     ``storage`` (a directory) enables the file-storage listener, ``ta_dirs`` the TA
     autoload service; the time listener is always there unless ``time_service`` is False.
+    It keeps its IRegisterListenerCBO and IRegisterTABufCBO objects until :meth:`stop`:
+    its registrations are theirs and end when they are released (or its fd closes).
     """
 
     def __init__(

@@ -1,12 +1,14 @@
-"""Registrations belong to their registrant (issue 13 point 5; DESIGN.md "Ownership").
+"""Registrations belong to their registrant (issue 13 points 5 and 6; DESIGN.md "Ownership").
 
 Two clients of one device: a victim that registers a listener (IRegisterListenerCBO,
-UID 87), and an attacker that tries to unregister it (NULL) or put its own callback
-object in its place.  QTEE answers a register for an id in use with ERROR_ID_IN_USE
-(quic-teec.md §5.3 IRegisterListenerCBO errors) and keeps a registration until its
-owner's objects are released.  The owner keeps its rights: its NULL unregisters (§5.4
-deinit).  A registration ends when the service object it was made through is
-released, or its context closes.  Every test
+UID 87) or the TA-autoload callback (IRegisterTABufCBO, UID 88), and an attacker that
+tries to unregister it (NULL) or put its own callback object in its place.  QTEE
+answers a register for an id in use with ERROR_ID_IN_USE (quic-teec.md §5.3
+IRegisterListenerCBO errors) and keeps a registration until its owner's objects are
+released; IRegisterTABufCBO publishes no error codes, so the model answers its own
+ERROR_ALREADY_REGISTERED.  The owner keeps its rights: its NULL unregisters (§5.4
+deinit), and it may replace its own TA-autoload callback.  A registration ends when the
+service object it was made through is released, or its context closes.  Every test
 leaves ``leaks() == {}`` (asserted here where no fixture still holds objects, and by the
 qtee plugin's leak check after teardown).
 """
@@ -17,39 +19,61 @@ import errno
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from objects import QteeError, Result
+from objects import QteeError, Result, op
 from qtee._driver import Device
-from qtee.client import Client, MemoryObject, ObjRef
-from qtee.secure import QteeRoot, SecureWorld, register_ta, unregister_ta
+from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
+from qtee.secure import QteeRoot, SecureWorld, TrustedApp, register_ta, ta_image, unregister_ta
 from qtee.secure._listeners import (
+    ERROR_ALREADY_REGISTERED,
     ERROR_ID_IN_USE,
     REGISTER_LISTENER_UID,
+    REGISTER_TA_BUF_UID,
 )
 from supplicant import _time_msg as tm
-from supplicant._listener import ListenerObject, Supplicant
+from supplicant._autoload import format_uuid
+from supplicant._listener import ListenerObject, Supplicant, TaBufferObject
 from supplicant._time import TimeService
 from tests.test_listeners import (
+    AUTOLOADED,
     CLOCK,
     PROBE,
     UTC_ANSWER,
+    AutoloadedTA,
     ProbeTA,
     TaClient,
     time_call,
 )
 
+EVIL = "owners.evil"
+APP_LOADER_UID = 3
+ERROR_EMBEDDED_IMAGE_NOT_FOUND = 17
+UUID_RAW = bytes.fromhex("DAC902FD6C30C748A49CBBD827AE86EE")
 TIME = 0xB
+
+
+class EvilTA(TrustedApp):
+    """What the attacker would like a victim to load in place of :class:`AutoloadedTA`."""
+
+    @op(0, ib=(8,), ob=(4,))
+    def add(self, pair: bytes) -> bytes:
+        return struct.pack("<I", 666)
 
 
 @pytest.fixture
 def dev() -> Iterator[Device]:
     register_ta(PROBE, ProbeTA)
+    register_ta(AUTOLOADED, AutoloadedTA)
+    register_ta(EVIL, EvilTA)
     try:
         yield Device(SecureWorld(QteeRoot()))
     finally:
+        unregister_ta(EVIL)
+        unregister_ta(AUTOLOADED)
         unregister_ta(PROBE)
 
 
@@ -61,7 +85,7 @@ def ta(dev: Device) -> Iterator[TaClient]:
 
 
 class Registrant:
-    """One client of the device with its own service object for ``uid``."""
+    """One client of the device with its own service object for ``uid`` (87 or 88)."""
 
     def __init__(self, dev: Device, uid: int, workers: int = 2) -> None:
         self.client = Client(dev, workers=workers)
@@ -86,6 +110,10 @@ class Registrant:
     def register(self, listener_id: int, cbo: object, mem: object) -> None:
         assert self.svc is not None
         self.svc.invoke(0, struct.pack("<I", listener_id), cbo, mem)
+
+    def register_ta_buffer(self, cbo: object) -> None:
+        assert self.svc is not None
+        self.svc.invoke(0, cbo)
 
     def release_service(self) -> None:
         if self.svc is not None:
@@ -280,3 +308,119 @@ def test_a_listener_that_answers_defunct_is_dropped_and_its_owner_may_register_a
     finally:
         owner.close()
     assert dev.world.listeners.ids() == []
+
+
+# --------------------------------------------------------------------------- TA autoload
+
+
+def _load_embedded(c: Client, env: ObjRef) -> ObjRef:
+    with c.open_service(env, APP_LOADER_UID) as loader:
+        (ctrl,) = loader.invoke(2, UUID_RAW, OUT_OBJECT)
+    assert isinstance(ctrl, ObjRef)
+    return ctrl
+
+
+def _ta_buffer(dev: Device) -> object:
+    """The TA-autoload callback QTEE holds now (None: no registration)."""
+    return dev.world.listeners.ta_buffer
+
+
+def _load_and_add(dev: Device) -> bytes:
+    """Load the TA of UUID_RAW through loadEmbedded, call add(40, 2), unload it."""
+    with Client(dev, workers=1) as c, c.client_env() as env:
+        ctrl = _load_embedded(c, env)
+        try:
+            (app,) = ctrl.invoke(2, OUT_OBJECT)
+            with app:
+                (total,) = app.invoke(0, struct.pack("<II", 40, 2), Out(4))
+            ctrl.invoke(1)  # unload
+        finally:
+            ctrl.release()
+    return bytes(total)
+
+
+def test_another_client_cannot_replace_or_remove_the_ta_autoload(
+    dev: Device, tmp_path: Path
+) -> None:
+    """Issue 13 point 6; quic-teec.md §5.3 IRequestTABuffer / §5.4 TA autoload: while the
+    victim's supplicant has TA autoload registered, another client's register (its own
+    IRequestTABuffer) and its NULL are refused with the model's ERROR_ALREADY_REGISTERED,
+    the registration is untouched, and loadEmbedded loads the victim's image."""
+    (tmp_path / f"{format_uuid(UUID_RAW)}.mbn").write_bytes(ta_image(AUTOLOADED))
+    attacker = Registrant(dev, REGISTER_TA_BUF_UID)
+    evil = TaBufferObject(attacker.client, lambda uuid: ta_image(EVIL))
+    try:
+        with Supplicant(dev, ta_dirs=[tmp_path], time_service=False):
+            registered = _ta_buffer(dev)
+            assert registered is not None
+            with pytest.raises(QteeError) as exc:
+                attacker.register_ta_buffer(evil)
+            assert exc.value.result == ERROR_ALREADY_REGISTERED == 10
+            with pytest.raises(QteeError) as exc:
+                attacker.register_ta_buffer(None)
+            assert exc.value.result == ERROR_ALREADY_REGISTERED
+            assert _ta_buffer(dev) is registered
+            assert _load_and_add(dev) == struct.pack("<I", 42)
+        assert _ta_buffer(dev) is None  # the owner's NULL on deinit
+
+        # Nobody's registration now: the former attacker may register (and unregister).
+        attacker.register_ta_buffer(evil)
+        assert _load_and_add(dev) == struct.pack("<I", 666)
+        attacker.register_ta_buffer(None)
+        assert _ta_buffer(dev) is None
+    finally:
+        evil.close()
+        attacker.close()
+    assert dev.leaks() == {}
+
+
+def test_the_owner_may_replace_its_own_ta_autoload(dev: Device) -> None:
+    """Issue 13 point 6: replacing one's own registration stays allowed (the new
+    callback answers from then on), and so does one's NULL (§5.4 deinit)."""
+    owner = Registrant(dev, REGISTER_TA_BUF_UID)
+    first = TaBufferObject(owner.client, lambda uuid: ta_image(EVIL))
+    second = TaBufferObject(owner.client, lambda uuid: ta_image(AUTOLOADED))
+    try:
+        owner.register_ta_buffer(first)
+        assert _load_and_add(dev) == struct.pack("<I", 666)
+        owner.register_ta_buffer(second)
+        assert _load_and_add(dev) == struct.pack("<I", 42)
+        owner.register_ta_buffer(None)
+        assert _ta_buffer(dev) is None
+        owner.register_ta_buffer(None)  # NULL with nothing registered: not an error
+    finally:
+        first.close()
+        second.close()
+        owner.close()
+    assert dev.leaks() == {}
+
+
+@pytest.mark.parametrize("how", ["release", "close"])
+def test_the_ta_autoload_registration_ends_with_its_owner(dev: Device, how: str) -> None:
+    """Issue 13 point 6, same end-of-life rule as listeners: releasing the
+    IRegisterTABufCBO object it was made through, or closing the owner's fd, ends the
+    registration (loadEmbedded then finds no image), and another client may register."""
+    owner = Registrant(dev, REGISTER_TA_BUF_UID)
+    other = Registrant(dev, REGISTER_TA_BUF_UID)
+    mine = TaBufferObject(owner.client, lambda uuid: ta_image(AUTOLOADED))
+    theirs = TaBufferObject(other.client, lambda uuid: ta_image(EVIL))
+    try:
+        owner.register_ta_buffer(mine)
+        if how == "release":
+            owner.release_service()
+        else:
+            owner.close_fd()
+        assert _ta_buffer(dev) is None
+        with pytest.raises(QteeError) as exc:
+            _load_and_add(dev)
+        assert exc.value.result == ERROR_EMBEDDED_IMAGE_NOT_FOUND
+
+        other.register_ta_buffer(theirs)
+        assert _load_and_add(dev) == struct.pack("<I", 666)
+    finally:
+        mine.close()
+        theirs.close()
+        other.close()
+        owner.close()
+    assert _ta_buffer(dev) is None
+    assert dev.leaks() == {}

@@ -13,14 +13,14 @@ The TA-autoload service (IRegisterTABufCBO) takes one IRequestTABuffer callback 
 the app loader asks it for the image of a TA by UUID when a client loads a TA that is
 not registered (``loadEmbedded``).
 
-Registering NULL removes the TA-autoload registration.
-
-**Ownership.**  Every ``IClientEnv.open`` of UID 87 gives a fresh service object, and a
-listener registration belongs to the service object it was made through (so to the
-client that opened it; DESIGN.md "Ownership").  Another client cannot remove or replace
-it: a register for a listener id in use is ``ERROR_ID_IN_USE`` whoever asks, its NULL
-too unless it is the owner's.  The owner's NULL unregisters (qtee's way, used on
-deinit; QTEE keeps registrations otherwise).  A registration ends when its service
+**Ownership.**  Every ``IClientEnv.open`` of UID 87 or 88 gives a fresh service object,
+and a registration belongs to the service object it was made through (so to the client
+that opened it; DESIGN.md "Ownership").  Another client cannot remove or replace it: a
+register for a listener id in use is ``ERROR_ID_IN_USE`` whoever asks, its NULL too
+unless it is the owner's; a TA-autoload register or NULL while another client's
+callback is registered is :data:`ERROR_ALREADY_REGISTERED`.  The owner's NULL
+unregisters (qtee's way, used on deinit; QTEE keeps registrations otherwise), and the
+owner may replace its own TA-autoload callback.  A registration ends when its service
 object's last reference goes (released, or the owner's fd closed: the kernel then
 releases the context's QTEE objects), and when its callback object answers DEFUNCT.  A
 listener request in flight keeps its registration's buffer and callback object until
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from qtee.secure._world import SecureWorld
 
 __all__ = [
+    "ERROR_ALREADY_REGISTERED",
     "MAX_LISTENERS",
     "REGISTER_LISTENER_UID",
     "REGISTER_TA_BUF_UID",
@@ -65,6 +66,10 @@ ERROR_MAX_REGISTERED: Final = 10
 ERROR_ALIGNMENT: Final = 11
 ERROR_ID_IN_USE: Final = 12
 ERROR_ID_RESERVED: Final = 13
+#: IRegisterTABufCBO: another client's TA-autoload callback is registered.  The model's
+#: own code: Qualcomm publishes no IRegisterTABufCBO errors; 10 is the first
+#: service-defined result.
+ERROR_ALREADY_REGISTERED: Final = 10
 
 #: Capacity QTEE offers for request's "embedded offsets" output (u32 each).
 OFFSETS_CAPACITY: Final = 16
@@ -108,6 +113,8 @@ class Listeners:
         self._lock = threading.Lock()
         self._by_id: dict[int, _Registration] = {}
         self.ta_buffer: NsObject | None = None
+        #: The RegisterTABuffer service object ``ta_buffer`` was registered through.
+        self.ta_owner: object | None = None
 
     def ids(self) -> list[int]:
         """Listener ids registered now."""
@@ -164,8 +171,13 @@ class Listeners:
         """``owner``'s last reference is gone: every registration made through it ends."""
         with self._lock:
             idle = self._take([r for r in self._by_id.values() if r.owner is owner])
+            ta = None
+            if self.ta_owner is owner:
+                ta, self.ta_buffer, self.ta_owner = self.ta_buffer, None, None
         for reg in idle:
             reg.drop()
+        if ta is not None:
+            ta.release()
 
     def _use(self, reg: _Registration) -> None:
         """A request starts using ``reg``'s buffer; DEFUNCT if it was removed meanwhile."""
@@ -185,7 +197,7 @@ class Listeners:
         """Drop every registration (QTEE shutting down)."""
         with self._lock:
             idle = self._take(list(self._by_id.values()))
-            ta, self.ta_buffer = self.ta_buffer, None
+            ta, self.ta_buffer, self.ta_owner = self.ta_buffer, None, None
         for reg in idle:
             reg.drop()
         if ta is not None:
@@ -280,18 +292,33 @@ class RegisterListener(SecureObject):
 
 
 class RegisterTABuffer(SecureObject):
-    """IRegisterTABufCBO: op 0 register(OI IRequestTABuffer or NULL to unregister)."""
+    """IRegisterTABufCBO: op 0 register(OI IRequestTABuffer or NULL to unregister).
+
+    One instance per ``IClientEnv.open``; the registration belongs to the instance that
+    made it, and only it may replace or unregister it.
+    """
 
     def __init__(self, world: SecureWorld) -> None:
         self.world = world
 
     @op(0, io=1)
     def register(self, cbo: NsObject | None) -> None:
+        if cbo is not None and not isinstance(cbo, NsObject):
+            raise QteeError(Result.ERROR_INVALID, "the TA-buffer callback must be an NS object")
         table = self.world.listeners
         with table._lock:
-            old, table.ta_buffer = table.ta_buffer, (cbo.retain() if cbo is not None else None)
+            if table.ta_owner is not None and table.ta_owner is not self:
+                raise QteeError(ERROR_ALREADY_REGISTERED, "another client's TA autoload")
+            old = table.ta_buffer
+            if cbo is None:
+                table.ta_buffer = table.ta_owner = None
+            else:
+                table.ta_buffer, table.ta_owner = cbo.retain(), self
         if old is not None:
             old.release()
+
+    def on_release(self) -> None:
+        self.world.listeners._release_owner(self)
 
 
 def fetch_ta_image(world: SecureWorld, uuid: bytes) -> bytes | None:
@@ -311,7 +338,7 @@ def fetch_ta_image(world: SecureWorld, uuid: bytes) -> bytes | None:
                 with table._lock:
                     stale = table.ta_buffer is cbo
                     if stale:
-                        table.ta_buffer = None
+                        table.ta_buffer = table.ta_owner = None
                 if stale:
                     cbo.release()
             return None
