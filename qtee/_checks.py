@@ -33,7 +33,6 @@ __all__ = [
     "root_object_check",
 ]
 
-_BUF_TYPES: Final = (bytearray, memoryview)  # (a tuple: a union is built anew per call)
 
 QCOMTEE_ARGS_PER_TYPE: Final = 16
 QCOMTEE_ARGS_MAX: Final = 4 * QCOMTEE_ARGS_PER_TYPE
@@ -80,11 +79,31 @@ _UBUF_TYPES: Final = frozenset(
 )
 
 
-def need_arg(arg: bytearray | memoryview, size: int) -> bytearray | memoryview:
-    """The ioctl's own struct: ``size`` writable bytes, else EFAULT (``copy_from_user``)."""
-    if not isinstance(arg, _BUF_TYPES) or len(arg) < size:
-        raise DriverError(errno.EFAULT, f"ioctl argument must be {size} writable bytes")
-    return arg
+def need_arg(
+    arg: bytearray | memoryview, size: int, *, writable: bool = True
+) -> bytearray | memoryview:
+    """The ioctl's own struct: ``size`` bytes, writable when the ioctl writes its struct
+    back, else EFAULT before anything happens (``copy_from_user``/``copy_to_user``).
+
+    A bytearray, or a one-dimensional byte memoryview that is not released (and not
+    read-only when ``writable``)."""
+    if isinstance(arg, bytearray):
+        if len(arg) >= size:
+            return arg
+    elif isinstance(arg, memoryview):
+        try:
+            usable = (
+                arg.ndim == 1
+                and arg.itemsize == 1
+                and arg.c_contiguous
+                and not (writable and arg.readonly)
+            )
+        except ValueError:  # a released memoryview
+            usable = False
+        if usable and len(arg) >= size:
+            return arg
+    what = "writable bytes" if writable else "bytes"
+    raise DriverError(errno.EFAULT, f"ioctl argument must be {size} {what}")
 
 
 def read_buf_block(
@@ -101,7 +120,7 @@ def read_buf_block(
     Returns ``buf_ptr``, the block and its params as ``(attr, a, b, c)`` tuples;
     ``np_at`` is where ``num_params`` sits in the header.
     """
-    buf_ptr, buf_len = _BUF.unpack_from(need_arg(arg, _BUF.size))
+    buf_ptr, buf_len = _BUF.unpack_from(need_arg(arg, _BUF.size, writable=False))
     if buf_len > uapi.TEE_MAX_ARG_SIZE or buf_len < head_size:
         raise _einval(f"buf_len {buf_len}")
     block = memory.read(buf_ptr, buf_len)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PAGE_SIZE",
+    "SHM_MAX",
     "QCOMTEE_OBJECT_OP_MAP_REGION",
     "QCOMTEE_OBJECT_OP_SLEEP",
     "QCOMTEE_OBJECT_OP_YIELD",
@@ -44,6 +45,7 @@ __all__ = [
     "Shm",
     "ShmBacking",
     "ShmBuffer",
+    "discard_backing",
     "memfd_backing",
 ]
 
@@ -54,6 +56,10 @@ QCOM_SCM_PERM_RW: Final = 6
 _REGION: Final = struct.Struct("<QQI")
 #: Physical memory is handed out in whole pages (QK §3.1 "page granular").
 PAGE_SIZE: Final = 4096
+#: The largest SHM_ALLOC: qcomtee's pool takes a shm's pages with ``alloc_pages_exact``
+#: (``tee_dyn_shm_alloc_helper``), which cannot go past 2**MAX_PAGE_ORDER contiguous
+#: pages -- 4 MiB with arm64's 4 KiB pages and the default order 10; past it, ENOMEM.
+SHM_MAX: Final = PAGE_SIZE << 10
 #: The largest SMC buffer (QK §3.1: inbound <= 4 MiB), and the address span of a lend.
 MAX_LEND: Final = 4 << 20
 LEND_SLOT: Final = 8 << 20
@@ -82,6 +88,15 @@ def memfd_backing(size: int) -> tuple[ShmBuffer, int | None]:
         os.close(fd)
         raise
     return buf, fd
+
+
+def discard_backing(buf: ShmBuffer, fd: int | None) -> None:
+    """Undo a backing's buffer that never became a shm: close its file, unmap it."""
+    if fd is not None:
+        os.close(fd)
+    if isinstance(buf, mmap.mmap):
+        with contextlib.suppress(BufferError):
+            buf.close()
 
 
 class PhysFault(UsageError):

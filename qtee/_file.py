@@ -1,0 +1,90 @@
+"""An open fd's lifetime as the kernel gives it (``tee_core.c``: ``tee_release``).
+
+``close(fd)`` drops the descriptor, but the ``struct file`` behind it lives on while an
+ioctl that started before is still running (the ioctl holds its own reference); the
+driver's ``release`` -- for a TEE context, ``close_context`` and the freeing of every
+object, shm and id the fd holds -- runs when the last of those calls has returned.  So
+no call can add to the fd's tables after they were emptied: whatever an in-flight
+invoke, SHM_ALLOC or SUPPL_RECV makes is torn down with the rest.
+
+:class:`FileLife` counts the calls in flight without a lock (a list that each call
+appends to before it reads ``closed``, and that ``close`` reads after setting it; list
+operations are atomic under the GIL) and runs the teardown in whichever thread sees the
+file closed with no call left in it.  A teardown empties what is there, so running it
+again finds nothing to do; :meth:`FileLife.abandon` (the kernel itself going away, as
+when a VM is destroyed) runs it at once and again as each straggling call leaves.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+
+from objects import DriverError
+
+__all__ = ["FileLife"]
+
+
+class FileLife:
+    """Calls in flight on one open fd, and the teardown that waits for them.
+
+    ``on_close`` runs at once when the fd is closed (what must not wait: failing the
+    requests queued on it, waking the threads blocked in it); ``teardown`` runs after
+    ``on_close`` and after the last call in flight has left.  It must be idempotent.
+    """
+
+    __slots__ = ("_calls", "_closing", "_on_close", "_teardown", "closed", "released")
+
+    def __init__(self, on_close: Callable[[], None], teardown: Callable[[], None]) -> None:
+        #: True once ``close`` ran: new calls fail EBADF (the fd number is gone).
+        self.closed = False
+        self._calls: list[None] = []
+        self._on_close = on_close
+        self._teardown = teardown
+        self._closing = threading.Lock()  # taken (never given back) by the one close
+        #: Set when the teardown has run: the file is released.
+        self.released = threading.Event()
+
+    def enter(self) -> None:
+        """A call starts on the fd: EBADF if it is closed, else the file stays until
+        :meth:`leave`."""
+        self._calls.append(None)
+        if self.closed:
+            self.leave()
+            raise DriverError(errno.EBADF, "context is closed")
+
+    def leave(self) -> None:
+        """A call is done; the last one out of a closed fd runs the teardown."""
+        calls = self._calls
+        calls.pop()
+        if self.closed and not calls:
+            self._release()
+
+    def close(self) -> bool:
+        """Close the fd: ``on_close`` now, the teardown now if no call is in flight, else
+        when the last one leaves.  False (nothing done) if it was closed already."""
+        if not self._closing.acquire(blocking=False):
+            return False
+        self._on_close()
+        self.closed = True
+        if not self._calls:
+            self._release()
+        return True
+
+    def abandon(self) -> None:
+        """The kernel behind the fd is gone (a destroyed VM): close it and tear it down
+        now, calls in flight or not; each of those sweeps again as it leaves."""
+        self.close()
+        self._release()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls running on the fd now."""
+        return len(self._calls)
+
+    def _release(self) -> None:
+        try:
+            self._teardown()
+        finally:
+            self.released.set()
