@@ -38,13 +38,16 @@ from objects import (
     result_name,
 )
 from qtee import _checks, uapi, wire
+from qtee._file import FileLife
 from qtee._mem_obj import (
+    SHM_MAX,
     MemObject,
     PhysMemory,
     PhysSpace,
     Primordial,
     Shm,
     ShmBacking,
+    discard_backing,
     private_backing,
 )
 from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcConduit, SmcFid
@@ -282,6 +285,8 @@ class Device:
         self.memory: AddressSpace = memory if memory is not None else ProcessMemory()
         #: Where SHM_ALLOC puts a buffer (a device server uses memory files it can share).
         self.shm_backing: ShmBacking = shm_backing or private_backing
+        #: The largest SHM_ALLOC; past it ENOMEM (see :data:`qtee._mem_obj.SHM_MAX`).
+        self.shm_max = SHM_MAX
         self.ns: ObjectTable[CbObject] = ObjectTable(
             CyclicAllocator(QCOMTEE_OBJECT_ID_START, QCOMTEE_OBJECT_ID_END), name="ns ids"
         )
@@ -332,7 +337,7 @@ class Device:
             "secure objects": len(world.live_ids()) if world is not None else 0,
             "pending async releases": len(world.pending_releases()) if world is not None else 0,
             "ns ids": len(self.ns),
-            "shm ids": len(self.shm),
+            "shm ids": len(self.shm.allocator),  # reserved ids too
             "physical regions": len(self.phys),
         }
         with self._lock:
@@ -581,49 +586,76 @@ class Context:
         self.objects: ObjectTable[QteeObject] = ObjectTable(IdrAllocator(0), name="ctx objects")
         self.requests = RequestQueue()
         self.shms: dict[int, Shm] = {}  # the owner's reference (its shm fd)
-        self.closed = False
+        #: The fd's lifetime: calls in flight hold it; the teardown waits for the last.
+        self.life = FileLife(self.requests.close, self._teardown)
         #: Who holds this fd, for ``qtee info`` (a device server names its connections).
         self.label = f"fd {number}"
+
+    @property
+    def closed(self) -> bool:
+        """The fd was closed (its teardown may still wait for calls in flight)."""
+        return self.life.closed
 
     # ------------------------------------------------------------------ ioctl entry
     def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
         """Run ``cmd`` on ``arg`` (the kernel's struct, updated in place); returns 0."""
-        if self.closed:
-            raise DriverError(errno.EBADF, "context is closed")
-        if cmd == uapi.TEE_IOC_VERSION:
-            self._need(arg, uapi.VersionData.SIZE)
-            uapi.VersionData(uapi.TEE_IMPL_ID_QTEE, 0, _GEN_CAPS).pack_into(arg)
-            return 0
-        if cmd == uapi.TEE_IOC_SHM_ALLOC:
-            return self._shm_alloc(arg)
-        if cmd == uapi.TEE_IOC_OBJECT_INVOKE:
-            return self._object_invoke(arg)
-        if cmd == uapi.TEE_IOC_SUPPL_RECV:
-            return self._supp_recv(arg)
-        if cmd == uapi.TEE_IOC_SUPPL_SEND:
-            return self._supp_send(arg)
-        if cmd == uapi.TEE_IOC_SHM_REGISTER:
-            data = uapi.ShmRegisterData.unpack(self._need(arg, uapi.ShmRegisterData.SIZE))
-            if data.flags:
-                raise _einval("SHM_REGISTER flags must be 0")
-            raise DriverError(ENOTSUPP, "qcomtee has no shm_register op")
-        raise _einval(f"ioctl {uapi.IOCTL_NAMES.get(cmd, hex(cmd))} is not supported by qcomtee")
+        life = self.life
+        life.enter()
+        try:
+            if cmd == uapi.TEE_IOC_OBJECT_INVOKE:
+                return self._object_invoke(arg)
+            if cmd == uapi.TEE_IOC_SUPPL_RECV:
+                return self._supp_recv(arg)
+            if cmd == uapi.TEE_IOC_SUPPL_SEND:
+                return self._supp_send(arg)
+            if cmd == uapi.TEE_IOC_SHM_ALLOC:
+                return self._shm_alloc(arg)
+            if cmd == uapi.TEE_IOC_VERSION:
+                self._need(arg, uapi.VersionData.SIZE)
+                uapi.VersionData(uapi.TEE_IMPL_ID_QTEE, 0, _GEN_CAPS).pack_into(arg)
+                return 0
+            if cmd == uapi.TEE_IOC_SHM_REGISTER:
+                data = uapi.ShmRegisterData.unpack(self._need(arg, uapi.ShmRegisterData.SIZE))
+                if data.flags:
+                    raise _einval("SHM_REGISTER flags must be 0")
+                raise DriverError(ENOTSUPP, "qcomtee has no shm_register op")
+            raise _einval(
+                f"ioctl {uapi.IOCTL_NAMES.get(cmd, hex(cmd))} is not supported by qcomtee"
+            )
+        finally:
+            life.leave()
 
     _need = staticmethod(_checks.need_arg)
 
     def _shm_alloc(self, arg: bytearray | memoryview) -> int:
+        """``tee_ioctl_shm_alloc``: a shm from the dynamic pool, or ENOMEM and nothing made
+        (no buffer, no memory file, no id)."""
         data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))
         if data.flags:
             raise _einval("SHM_ALLOC flags must be 0")
+        device = self.device
+        size = data.size
+        if size > device.shm_max:  # alloc_pages_exact past the largest page order
+            raise DriverError(
+                errno.ENOMEM, f"cannot allocate {size} bytes (at most {device.shm_max})"
+            )
         try:
-            buf, fd = self.device.shm_backing(data.size)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise DriverError(errno.ENOMEM, f"cannot allocate {data.size} bytes: {exc}") from None
-        shm_id = self.device.shm.reserve()
-        shm = Shm(self, shm_id, buf, fd, self.device.phys)
-        self.device.shm.replace(shm_id, shm)
+            buf, fd = device.shm_backing(size)
+        except (OSError, ValueError, OverflowError, MemoryError) as exc:
+            raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc!r}") from None
+        shm_id = -1
+        shm: Shm | None = None
+        try:
+            shm_id = device.shm.reserve()
+            shm = Shm(self, shm_id, buf, fd, device.phys)
+        finally:
+            if shm is None:  # no id or no physical address: undo what was made
+                if shm_id >= 0:
+                    device.shm.erase(shm_id)
+                discard_backing(buf, fd)
+        device.shm.replace(shm_id, shm)
         self.shms[shm_id] = shm
-        uapi.ShmAllocData(data.size, 0, shm_id).pack_into(arg)
+        uapi.ShmAllocData(size, 0, shm_id).pack_into(arg)
         return 0
 
     def shm_view(self, shm_id: int) -> memoryview:
@@ -990,18 +1022,33 @@ class Context:
 
     # ------------------------------------------------------------------ close
     def close(self) -> None:
-        """Release the fd: every QTEE object of this context is released."""
-        if self.closed:
-            return
-        self.closed = True
-        self.requests.close()
-        for shm in list(self.shms.values()):
+        """Close the fd.  At once: requests queued or in service on it complete with
+        -ENODEV (QTEE sees DEFUNCT), threads blocked in its SUPPL_RECV return EINTR, new
+        calls fail EBADF.  When the last call in flight has returned (at once if none):
+        ``close_context``'s teardown -- every QTEE object of the fd is released, its shms
+        go, the device forgets it (QK §2.3, §4.5)."""
+        self.life.close()
+
+    def abandon(self) -> None:
+        """The guest kernel this fd lives in is gone (a destroyed VM): close it and tear
+        it down now, without waiting for the calls still in it."""
+        self.life.abandon()
+
+    def _teardown(self) -> None:
+        """The file's release, once no call is in flight (see :class:`FileLife`); finds
+        nothing to do when it runs again."""
+        shms = self.shms
+        while shms:
+            try:
+                _, shm = shms.popitem()
+            except KeyError:  # a racing shm_free took the last one
+                break
             shm.put()
-        self.shms.clear()
         for _, obj in self.objects.drain():
             obj.put()
         device = self.device
         with device._lock:
             device.contexts.discard(self)
-        if not device.contexts:
+            idle = not device.contexts
+        if idle:
             device.release_pages()

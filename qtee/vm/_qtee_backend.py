@@ -122,7 +122,7 @@ class QteeGuestTee:
         with device._lock:
             contexts = list(device.contexts)
         for ctx in contexts:
-            ctx.close()
+            ctx.abandon()
         for _ident, obj in device.ns.drain():
             obj.put()
         device.release_pages()  # the outbound pages it kept lent while contexts were open
