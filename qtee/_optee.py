@@ -38,6 +38,8 @@ from uuid import UUID
 
 from objects import DriverError, IdrAllocator, ObjectTable
 from qtee import _checks, uapi
+from qtee._file import FileLife
+from qtee._mem_obj import SHM_MAX
 from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory
 from qtee.gp._identity import Cred, calc_client_uuid, check_user_login
 
@@ -230,13 +232,26 @@ class OpteeContext:
         self.sessions: set[int] = set()
         self.shms: dict[int, _GpShm] = {}
         self._lock = threading.Lock()
-        self.closed = False
+        #: The fd's lifetime: calls in flight hold it; the teardown waits for the last.
+        self.life = FileLife(self._on_close, self._teardown)
+
+    @property
+    def closed(self) -> bool:
+        """The fd was closed (its teardown may still wait for calls in flight)."""
+        return self.life.closed
 
     # ------------------------------------------------------------------ entry
     def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
         """Run ``cmd`` on ``arg`` (updated in place); failures raise the kernel's errno."""
-        if self.closed:
-            raise DriverError(errno.EBADF, "context is closed")
+        life = self.life
+        life.enter()
+        try:
+            return self._dispatch(cmd, arg)
+        finally:
+            life.leave()
+
+    def _dispatch(self, cmd: int, arg: bytearray | memoryview) -> int:
+        """The ioctl switch (a subclass adds its own ioctls in front)."""
         if cmd == uapi.TEE_IOC_VERSION:
             self._need(arg, uapi.VersionData.SIZE)
             version = uapi.VersionData(uapi.TEE_IMPL_ID_OPTEE, uapi.TEE_OPTEE_CAP_TZ, _GEN_CAPS)
@@ -276,7 +291,7 @@ class OpteeContext:
         data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))
         if data.flags:
             raise _einval("SHM_ALLOC flags must be 0")
-        if data.size > 1 << 32:
+        if data.size > SHM_MAX:  # alloc_pages_exact past the largest page order
             raise DriverError(errno.ENOMEM, f"cannot allocate {data.size} bytes")
         shm = self._new_shm(data.size, None)
         uapi.ShmAllocData(data.size, 0, shm.id).pack_into(arg)
@@ -284,7 +299,10 @@ class OpteeContext:
 
     def _new_shm(self, size: int, addr: int | None) -> _GpShm:
         """A shm of this context with the next shm id (nothing made if that fails)."""
-        buf, handle = self.device._shm_backing(size, addr)
+        try:
+            buf, handle = self.device._shm_backing(size, addr)
+        except (MemoryError, OverflowError) as exc:
+            raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc!r}") from None
         shm: _GpShm | None = None
         try:
             shm_id = self.device.shm.reserve()
@@ -428,16 +446,31 @@ class OpteeContext:
 
     # ------------------------------------------------------------------ close
     def close(self) -> None:
-        """Release the fd: every session it opened is closed, its shms go."""
-        if self.closed:
-            return
-        self.closed = True
+        """Close the fd: new calls fail EBADF; once the last call in flight has returned
+        (at once if none), every session it opened is closed and its shms go, as the
+        driver's release runs after the file's last ioctl."""
+        self.life.close()
+
+    def abandon(self) -> None:
+        """The kernel this fd lives in is gone (a destroyed VM): close it and tear it
+        down now, without waiting for the calls still in it."""
+        self.life.abandon()
+
+    def _on_close(self) -> None:
+        """What the close does at once (the supplicant's context wakes its waiters)."""
+
+    def _teardown(self) -> None:
+        """The file's release, once no call is in flight; finds nothing the second time."""
         self.device.calls.close_owner(self)
         with self._lock:
             self.sessions.clear()
-        for shm in list(self.shms.values()):
+        shms = self.shms
+        while shms:
+            try:
+                _, shm = shms.popitem()
+            except KeyError:  # a racing shm_free took the last one
+                break
             self._drop_shm(shm)
-        self.shms.clear()
         with self.device._lock:
             self.device.contexts.discard(self)
 

@@ -438,12 +438,12 @@ class OpteeSuppContext(OpteeContext):
         super().__init__(device)
         self.supp = supp
 
-    def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
-        if cmd == uapi.TEE_IOC_SUPPL_RECV and not self.closed:
+    def _dispatch(self, cmd: int, arg: bytearray | memoryview) -> int:
+        if cmd == uapi.TEE_IOC_SUPPL_RECV:
             return self._supp_recv(arg)
-        if cmd == uapi.TEE_IOC_SUPPL_SEND and not self.closed:
+        if cmd == uapi.TEE_IOC_SUPPL_SEND:
             return self._supp_send(arg)
-        return super().ioctl(cmd, arg)
+        return super()._dispatch(cmd, arg)
 
     def _supp_block(self, arg: bytearray | memoryview, *, exact: bool) -> tuple[int, int, list[_P]]:
         buf_ptr, block, params = _checks.read_buf_block(
@@ -513,10 +513,9 @@ class OpteeSuppContext(OpteeContext):
             supp.cond.notify_all()
         return 0
 
-    def close(self) -> None:
-        """``optee_supp_release``: every request received or queued → COMMUNICATION."""
-        if self.closed:
-            return
+    def _on_close(self) -> None:
+        """``optee_supp_release``: every request received or queued → COMMUNICATION, and
+        the threads blocked in SUPPL_RECV return EINTR."""
         supp = self.supp
         with supp.cond:
             if supp.ctx is self:
@@ -528,7 +527,6 @@ class OpteeSuppContext(OpteeContext):
                 supp.ctx = None
                 supp.req_id = -1
             supp.cond.notify_all()
-        super().close()
 
 
 # ----------------------------------------------------------------------------- attaching

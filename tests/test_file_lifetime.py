@@ -17,6 +17,7 @@ import errno
 import os
 import struct
 import threading
+import uuid
 
 import pytest
 
@@ -24,8 +25,10 @@ from objects import DriverError, op
 from qtee import uapi
 from qtee._driver import Device
 from qtee._mem_obj import SHM_MAX, memfd_backing, private_backing
+from qtee._optee import OpteeDevice
 from qtee.addrspace import CheckedMemory
 from qtee.secure import QteeRoot, SecureObject, SecureWorld
+from qtee.secure._gp import GpParam, GpSession, GpTA, register_gp_ta, unregister_gp_ta
 from tests._helpers import (
     NULL,
     OBJ_IN,
@@ -39,6 +42,7 @@ from tests._helpers import (
 )
 
 GATE_UID = 0x6A7E
+_OPEN_HEAD = struct.Struct("<16s16s6I")  # struct tee_ioctl_open_session_arg
 
 
 class Token(SecureObject):
@@ -300,3 +304,62 @@ def test_abandon_tears_down_with_calls_in_flight_and_sweeps_as_they_leave() -> N
     gate.open.set()
     call.outcome()
     assert dev.leaks() == {} and dev.world.live_ids() == []
+
+
+# ------------------------------------------------------- the OP-TEE device: the same rules
+
+SLOW_UUID = uuid.UUID("5ee1a7e0-2450-11e4-abe2-0002a5d5c51b")
+
+
+class SlowOpen(GpTA):
+    """A TA whose open entry waits for the test."""
+
+    UUID = SLOW_UUID
+    entered = threading.Event()
+    go_on = threading.Event()
+
+    def open_session(self, session: GpSession, types: int, params: list[GpParam]) -> None:
+        SlowOpen.entered.set()
+        assert SlowOpen.go_on.wait(10)
+
+
+def test_optee_open_session_returning_after_close_leaks_no_session() -> None:
+    """Issue 13 point 4 on the OP-TEE device: a session opened by a call that returns
+    after the close is closed by the teardown (the driver's release runs after the
+    file's last ioctl), not left open in the TA."""
+    SlowOpen.entered.clear()
+    SlowOpen.go_on.clear()
+    register_gp_ta(SlowOpen)
+    try:
+        mem = CheckedMemory()
+        dev = OpteeDevice(SecureWorld(QteeRoot()), memory=mem)
+        ctx = dev.open()
+        block = bytearray(_OPEN_HEAD.pack(SLOW_UUID.bytes, bytes(16), 0, 0, 0, 0, 0, 0))
+        arg = bytearray(uapi.BufData(mem.map(block), len(block)).pack())
+        t = threading.Thread(target=ctx.ioctl, args=(uapi.TEE_IOC_OPEN_SESSION, arg))
+        t.start()
+        assert SlowOpen.entered.wait(5)
+        ctx.close()
+        assert not ctx.life.released.is_set()
+        SlowOpen.go_on.set()
+        t.join(5)
+        session, ret = _OPEN_HEAD.unpack_from(block)[4:6]
+        assert ret == 0 and session != 0  # the open itself succeeded
+        assert ctx.life.released.wait(5)
+        assert dev.leaks() == {}
+    finally:
+        unregister_gp_ta(SLOW_UUID)
+
+
+@pytest.mark.parametrize("size", [SHM_MAX + 1, 1 << 32, 1 << 62])
+def test_optee_shm_alloc_of_a_huge_size_is_enomem(size: int) -> None:
+    """Issue 13 point 1 on the OP-TEE device (its dynamic pool takes pages the same way)."""
+    dev = OpteeDevice(SecureWorld(QteeRoot()))
+    ctx = dev.open()
+    with pytest.raises(DriverError) as exc:
+        ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, bytearray(uapi.ShmAllocData(size).pack()))
+    assert exc.value.errno == errno.ENOMEM and dev.leaks() == {}
+    with pytest.raises(DriverError) as exc:  # point 3: read-only struct, nothing made
+        ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, memoryview(uapi.ShmAllocData(64).pack()))
+    assert exc.value.errno == errno.EFAULT and dev.leaks() == {}
+    ctx.close()

@@ -208,11 +208,11 @@ class GuestOpteeDevice(OpteeDevice):
         raise DriverError(errno.ENODEV, "no tee-supplicant device: RPC to guests is not modelled")
 
     def close_all(self) -> None:
-        """Close every context (the guest kernel's TEE state goes with the VM)."""
+        """Abandon every context (the guest kernel's TEE state goes with the VM)."""
         with self._lock:
             contexts = list(self.contexts)
         for ctx in contexts:
-            ctx.close()
+            ctx.abandon()
 
     # ------------------------------------------------------------------ shm hooks
     def _shm_backing(self, size: int, addr: int | None) -> tuple[bytearray | memoryview, object]:
