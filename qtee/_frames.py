@@ -23,6 +23,8 @@ shm        server      seq: u32, id: u32, size: u64  (+ one fd, SCM_RIGHTS)
 shm_free   client      seq: u32, id: u32
 query      client      seq: u32, what: "info" | "trace"
 answer     server      seq: u32, data: map with str keys
+probe      client      seq: u32, call: u32
+status     server      seq: u32, call: u32, running: bool, callback: bool, quiet_ms: u64
 bye        either      reason: str
 (region)               addr: u64, data: bin, writable: bool  (a map without v/t)
 =========  ==========  ==========================================================
@@ -31,13 +33,26 @@ Shared memory crosses as the kernel's shm fd does: after a successful SHM_ALLOC 
 server sends a ``shm`` frame (before the reply) with the fd of the memory file behind
 the buffer attached to its bytes; the client maps it.  ``shm_free`` is ``close`` of that
 fd.  ``query`` asks the server to describe itself (one ``answer``) or to stream its trace
-(one ``answer`` per crossing until the connection closes).
+(an ``answer`` ``{"streaming": true}``, then one per crossing until the connection
+closes).  A server may refuse a query with an ``answer`` ``{"errno": n, "reason": str}``
+(see :func:`refusal` and :func:`refused`): EACCES when it was started without
+introspection, EALREADY for a second trace stream on one connection.
+
+``probe`` asks about a call (its ``seq``) the client has waited on past its deadline; the
+``status`` answer says whether the server is still running it, whether it is waiting on
+a callback (the client's deadline then stands still), and for how many milliseconds it has
+run since it started or its last callback was answered.  A server sends a call's reply
+before it forgets the call, so a ``status`` with ``running`` false comes after the reply.
 
 An ioctl carries the caller's memory it may touch as regions (addresses do not cross
 processes: the server maps them at those addresses for the call).  A reply with
 ``errno`` 0 carries the new ``arg`` and the writable regions the call wrote; with
 ``errno`` != 0 nothing is written back (the errno channel: the kernel copies nothing
 out of a failed ioctl), so ``arg`` and ``written`` are empty.
+
+A reply is checked against its request on the client (:func:`check_reply`,
+:func:`check_written`) before anything is written back: same ``seq``, an ``arg`` as long
+as the request's, and writes only inside the writable regions the request sent.
 
 Building a record validates it and raises :class:`objects.UsageError` (the caller broke
 it); decoding raises only :class:`FrameError` (the other side broke it), whatever the
@@ -71,23 +86,29 @@ __all__ = [
     "Ioctl",
     "IoctlReply",
     "Message",
+    "Probe",
     "Query",
     "Region",
     "ShmFd",
     "ShmFree",
+    "Status",
     "Welcome",
     "check_reply",
+    "check_written",
     "encode",
     "encode_call",
     "encode_reply",
     "from_map",
+    "refusal",
+    "refused",
 ]
 
 _BUF_TYPES: Final = (bytearray, memoryview)  # (tuples: a union is built per call)
 _SEQUENCES: Final = (tuple, list)
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)
 
-PROTOCOL_VERSION: Final = 1
+#: 2: ``probe``/``status``, and trace streams acknowledged or queries refused in ``answer``.
+PROTOCOL_VERSION: Final = 2
 #: Default limit on a frame body (the length word); configurable per decoder.
 MAX_FRAME: Final = 8 * 1024 * 1024
 #: Largest errno a reply may carry (the kernel's ``MAX_ERRNO``).
@@ -448,14 +469,89 @@ class Answer(_Control):
         return hash((self.seq, msgpack.packb(self.data, use_bin_type=True)))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Probe(_Control):
+    """Client -> server: how is call ``call`` doing?  (Sent once its deadline passed.)"""
+
+    seq: int
+    call: int
+
+    KIND: ClassVar[str] = "probe"
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "seq",
+        "call",
+    )
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "Probe.seq", 0, _U32)
+        _int(self.call, "Probe.call", 0, _U32)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Status(_Control):
+    """Server -> client, answer to probe ``seq``: call ``call`` is ``running`` (or its reply
+    was sent already); ``callback``: it waits on a callback now; ``quiet_ms``: how long it
+    has run since it started or its last callback was answered (0 in a callback)."""
+
+    seq: int
+    call: int
+    running: bool
+    callback: bool = False
+    quiet_ms: int = 0
+
+    KIND: ClassVar[str] = "status"
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "seq",
+        "call",
+        "running",
+        "callback",
+        "quiet_ms",
+    )
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "Status.seq", 0, _U32)
+        _int(self.call, "Status.call", 0, _U32)
+        for name in ("running", "callback"):
+            if type(getattr(self, name)) is not bool:
+                raise UsageError(f"Status.{name} must be a bool, not {getattr(self, name)!r}")
+        _int(self.quiet_ms, "Status.quiet_ms", 0, _U64)
+        if self.callback and not self.running:
+            raise UsageError("Status: a call that is not running waits on no callback")
+
+
 Message: TypeAlias = (
-    Hello | Welcome | Ioctl | IoctlReply | Close | ShmFd | ShmFree | Query | Answer | Bye
+    Hello
+    | Welcome
+    | Ioctl
+    | IoctlReply
+    | Close
+    | ShmFd
+    | ShmFree
+    | Query
+    | Answer
+    | Probe
+    | Status
+    | Bye
 )
 
 _KINDS: Final[dict[str, type[Message]]] = {
     c.KIND: c
-    for c in (Hello, Welcome, Ioctl, IoctlReply, Close, ShmFd, ShmFree, Query, Answer, Bye)
+    for c in (
+        Hello,
+        Welcome,
+        Ioctl,
+        IoctlReply,
+        Close,
+        ShmFd,
+        ShmFree,
+        Query,
+        Answer,
+        Probe,
+        Status,
+        Bye,
+    )
 }
+_REQUEST_TYPES: Final = (Ioctl, Close, ShmFree, Query, Probe)  # seq strictly increasing
 _MESSAGE_TYPES: Final = tuple(_KINDS.values())
 
 
@@ -674,16 +770,52 @@ def encode(msg: Message, *, max_frame: int = MAX_FRAME) -> bytes:
 
 
 def check_reply(request: Ioctl, reply: IoctlReply) -> None:
-    """The client's check of a reply: same ``seq``, writes only inside writable regions."""
+    """The client's check of a reply: same ``seq``, then :func:`check_written`."""
     if reply.seq != request.seq:
         raise FrameError(f"reply seq {reply.seq} answers no request (expected {request.seq})")
+    check_written(reply, len(request.arg), [(r.addr, r.data, r.writable) for r in request.regions])
+
+
+def check_written(
+    reply: IoctlReply, arg_len: int, regions: Iterable[tuple[int, bytes, bool]]
+) -> None:
+    """A successful reply's ``arg`` is as long as the request's (``arg_len``), and each
+    region it writes lies inside one writable ``(addr, data, writable)`` region the request
+    sent.  A failed reply carries nothing (the decoder enforces it).  :class:`FrameError`
+    names the first thing the server had no right to write."""
+    if reply.errno:
+        return
+    if len(reply.arg) != arg_len:
+        raise FrameError(
+            f"reply {reply.seq} has a {len(reply.arg)}-byte arg, the request {arg_len} bytes"
+        )
     for w in reply.written:
-        if not w.data:
+        addr, end = w.addr, w.addr + len(w.data)
+        if addr == end:
             continue
-        if not any(r.writable and r.addr <= w.addr and w.end <= r.end for r in request.regions):
+        for a, d, writable in regions:
+            if writable and a <= addr and end <= a + len(d):
+                break
+        else:
             raise FrameError(
-                f"reply {reply.seq} writes [{w.addr:#x}, {w.end:#x}) outside the writable regions"
+                f"reply {reply.seq} writes [{addr:#x}, {end:#x}) outside the writable regions"
             )
+
+
+def refusal(seq: int, code: int, reason: str) -> Answer:
+    """The answer that refuses query ``seq`` with errno ``code``."""
+    _int(code, "refusal errno", 1, MAX_ERRNO)
+    return Answer(seq=seq, data={"errno": code, "reason": _str(reason, "refusal reason")})
+
+
+def refused(data: dict[str, Any]) -> tuple[int, str] | None:
+    """``(errno, reason)`` if an answer's ``data`` refuses the query, else None."""
+    if data.keys() != {"errno", "reason"}:
+        return None
+    code, reason = data["errno"], data["reason"]
+    if type(code) is not int or not 1 <= code <= MAX_ERRNO or type(reason) is not str:
+        return None
+    return code, reason
 
 
 # --------------------------------------------------------------------------- decoder
@@ -753,7 +885,7 @@ class FrameDecoder:
         try:
             with memoryview(buf) as view, view[_HDR:end] as body:
                 msg = from_map(_unpack(body))
-            if self._expect_seq and isinstance(msg, Ioctl | Close | ShmFree | Query):
+            if self._expect_seq and isinstance(msg, _REQUEST_TYPES):
                 seq = msg.seq
                 if self._last_seq is not None and seq <= self._last_seq:
                     raise FrameError(f"{msg.KIND} seq {seq} out of order (last {self._last_seq})")

@@ -31,16 +31,20 @@ from qtee._frames import (
     Ioctl,
     IoctlReply,
     Message,
+    Probe,
     Query,
     Region,
     ShmFd,
     ShmFree,
+    Status,
     Welcome,
     check_reply,
     encode,
     encode_call,
     encode_reply,
     from_map,
+    refusal,
+    refused,
 )
 
 U32 = 2**32 - 1
@@ -87,7 +91,7 @@ def bytewise(data: bytes) -> list[bytes]:
 
 # --------------------------------------------------------------------------- golden frames
 
-FIX_V = bytes.fromhex("a17601")  # "v": 1
+FIX_V = bytes.fromhex("a17602")  # "v": 2
 
 GOLDEN: list[tuple[Message, bytes]] = [
     (
@@ -213,6 +217,27 @@ GOLDEN: list[tuple[Message, bytes]] = [
         + bytes.fromhex("a3") + b"tas" + bytes.fromhex("91 a1") + b"a",
     ),
     (
+        Probe(seq=10, call=9),
+        bytes.fromhex("00000017")
+        + bytes.fromhex("84")
+        + FIX_V
+        + bytes.fromhex("a174 a5") + b"probe"
+        + bytes.fromhex("a3") + b"seq" + bytes.fromhex("0a")
+        + bytes.fromhex("a4") + b"call" + bytes.fromhex("09"),
+    ),
+    (
+        Status(seq=10, call=9, running=True, callback=False, quiet_ms=300),
+        bytes.fromhex("00000037")
+        + bytes.fromhex("87")
+        + FIX_V
+        + bytes.fromhex("a174 a6") + b"status"
+        + bytes.fromhex("a3") + b"seq" + bytes.fromhex("0a")
+        + bytes.fromhex("a4") + b"call" + bytes.fromhex("09")
+        + bytes.fromhex("a7") + b"running" + bytes.fromhex("c3")
+        + bytes.fromhex("a8") + b"callback" + bytes.fromhex("c2")
+        + bytes.fromhex("a8") + b"quiet_ms" + bytes.fromhex("cd 012c"),
+    ),
+    (
         Bye(reason="é"),
         bytes.fromhex("00000014")
         + bytes.fromhex("83")
@@ -241,13 +266,15 @@ def test_golden_covers_every_kind() -> None:
         ShmFree,
         Query,
         Answer,
+        Probe,
+        Status,
         Bye,
     }
 
 
 def test_frame_error_is_a_decode_error() -> None:
     assert issubclass(FrameError, DecodeError)
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_VERSION == 2
     assert MAX_FRAME == 8 * 1024 * 1024
 
 
@@ -288,6 +315,18 @@ answers = st.builds(
     seq=u32,
     data=st.dictionaries(text, st.one_of(st.integers(-(2**63), 2**64 - 1), text), max_size=4),
 )
+probes = st.builds(Probe, seq=u32, call=u32)
+statuses = st.one_of(
+    st.builds(Status, seq=u32, call=u32, running=st.just(False)),
+    st.builds(
+        Status,
+        seq=u32,
+        call=u32,
+        running=st.just(True),
+        callback=st.booleans(),
+        quiet_ms=st.integers(0, 2**64 - 1),
+    ),
+)
 byes = st.builds(Bye, reason=text)
 KINDS: dict[str, st.SearchStrategy[Message]] = {
     "hello": hellos,
@@ -299,6 +338,8 @@ KINDS: dict[str, st.SearchStrategy[Message]] = {
     "shm_free": shm_frees,
     "query": queries,
     "answer": answers,
+    "probe": probes,
+    "status": statuses,
     "bye": byes,
 }
 messages: st.SearchStrategy[Message] = st.one_of(*KINDS.values())
@@ -316,6 +357,8 @@ def renumber(msgs: list[Message]) -> list[Message]:
             m = ShmFree(seq=n, id=m.id)
         elif isinstance(m, Query):
             m = Query(seq=n, what=m.what)
+        elif isinstance(m, Probe):
+            m = Probe(seq=n, call=m.call)
         out.append(m)
     return out
 
@@ -422,10 +465,10 @@ def test_decoder_limit_is_validated(bad: Any) -> None:
 
 # --------------------------------------------------------------------------- garbage bodies
 
-V = {"v": 1}
-GOOD_IOCTL: dict[str, Any] = {"v": 1, "t": "ioctl", "seq": 1, "cmd": 2, "arg": b"", "regions": []}
+V = {"v": 2}
+GOOD_IOCTL: dict[str, Any] = {"v": 2, "t": "ioctl", "seq": 1, "cmd": 2, "arg": b"", "regions": []}
 GOOD_REGION: dict[str, Any] = {"addr": 0, "data": b"x", "writable": False}
-GOOD_REPLY: dict[str, Any] = {"v": 1, "t": "reply", "seq": 1, "errno": 0, "arg": b"", "written": []}
+GOOD_REPLY: dict[str, Any] = {"v": 2, "t": "reply", "seq": 1, "errno": 0, "arg": b"", "written": []}
 
 
 def ioctl_with(**kw: Any) -> dict[str, Any]:
@@ -445,26 +488,26 @@ GARBAGE: list[tuple[str, bytes, str]] = [
     ("bin", packed(b"\x83"), "not a map"),
     ("reserved byte", frame(b"\xc1"), "not one msgpack value"),
     ("truncated map", frame(b"\x83\xa1v"), "not one msgpack value"),
-    ("trailing data", frame(msgpack.packb({"v": 1, "t": "close", "seq": 1}) + b"\x00"), "one"),
+    ("trailing data", frame(msgpack.packb({"v": 2, "t": "close", "seq": 1}) + b"\x00"), "one"),
     ("int key", frame(b"\x81\x01\x01"), "not one msgpack value"),
     ("bad utf-8", frame(b"\x81\xa2\xff\xfe\x01"), "not one msgpack value"),
     ("too deep", frame(b"\x91" * 5000), "not one msgpack value"),
     ("duplicate key", frame(b"\x83\xa1v\x01\xa1v\x01\xa1t\xa3bye"), "duplicated key"),
     # version
     ("no version", packed({"t": "close", "seq": 1}), "no protocol version"),
-    ("version 2", packed({"v": 2, "t": "close", "seq": 1}), "protocol version 2"),
+    ("version 1", packed({"v": 1, "t": "close", "seq": 1}), "protocol version 1"),
     ("version 0", packed({"v": 0, "t": "close", "seq": 1}), "protocol version 0"),
     ("version true", packed({"v": True, "t": "close", "seq": 1}), "protocol version True"),
     ("version str", packed({"v": "1", "t": "close", "seq": 1}), "protocol version '1'"),
     ("version float", packed({"v": 1.0, "t": "close", "seq": 1}), "protocol version 1.0"),
     # type tag
-    ("no type", packed({"v": 1, "seq": 1}), "unknown message type None"),
-    ("unknown type", packed({"v": 1, "t": "shm_alloc"}), "unknown message type 'shm_alloc'"),
-    ("bin type", packed({"v": 1, "t": b"close", "seq": 1}), "unknown message type b'close'"),
+    ("no type", packed({"v": 2, "seq": 1}), "unknown message type None"),
+    ("unknown type", packed({"v": 2, "t": "shm_alloc"}), "unknown message type 'shm_alloc'"),
+    ("bin type", packed({"v": 2, "t": b"close", "seq": 1}), "unknown message type b'close'"),
     # keys
-    ("missing key", packed({"v": 1, "t": "close"}), r"missing keys \['seq'\]"),
-    ("unknown key", packed({"v": 1, "t": "close", "seq": 1, "x": 0}), r"unknown keys \["),
-    ("bin key", packed({"v": 1, "t": "close", b"seq": 1}), r"unknown keys \[b'seq'\]"),
+    ("missing key", packed({"v": 2, "t": "close"}), r"missing keys \['seq'\]"),
+    ("unknown key", packed({"v": 2, "t": "close", "seq": 1, "x": 0}), r"unknown keys \["),
+    ("bin key", packed({"v": 2, "t": "close", b"seq": 1}), r"unknown keys \[b'seq'\]"),
     ("ioctl extra", packed(ioctl_with(fd=3)), "unknown keys"),
     ("region missing", packed(ioctl_with(regions=[{"addr": 0, "data": b""}])), "missing keys"),
     ("region extra", packed(region_with(len=1)), "unknown keys"),
@@ -492,13 +535,13 @@ GARBAGE: list[tuple[str, bytes, str]] = [
         packed(ioctl_with(regions=[{**GOOD_REGION, "data": b"ab"}, {**GOOD_REGION, "addr": 1}])),
         "overlap",
     ),
-    ("hello client bin", packed({"v": 1, "t": "hello", "client": b"c"}), "Hello.client"),
+    ("hello client bin", packed({"v": 2, "t": "hello", "client": b"c"}), "Hello.client"),
     (
         "welcome impl neg",
-        packed({"v": 1, "t": "welcome", "impl_id": -1, "gen_caps": 0, "server": ""}),
+        packed({"v": 2, "t": "welcome", "impl_id": -1, "gen_caps": 0, "server": ""}),
         "Welcome.impl_id",
     ),
-    ("bye reason int", packed({"v": 1, "t": "bye", "reason": 0}), "Bye.reason"),
+    ("bye reason int", packed({"v": 2, "t": "bye", "reason": 0}), "Bye.reason"),
     ("reply errno neg", packed({**GOOD_REPLY, "errno": -22}), "IoctlReply.errno"),
     ("reply errno big", packed({**GOOD_REPLY, "errno": MAX_ERRNO + 1}), "IoctlReply.errno"),
     ("reply fail arg", packed({**GOOD_REPLY, "errno": 22, "arg": b"x"}), "must not write"),
@@ -512,7 +555,7 @@ GARBAGE: list[tuple[str, bytes, str]] = [
         packed({**GOOD_REPLY, "written": [GOOD_REGION]}),
         "is not writable",
     ),
-    ("close seq nil", packed({"v": 1, "t": "close", "seq": None}), "Close.seq"),
+    ("close seq nil", packed({"v": 2, "t": "close", "seq": None}), "Close.seq"),
 ]
 
 
@@ -549,9 +592,9 @@ def test_messages_before_an_error_are_delivered() -> None:
 
 def test_from_map_checks_the_type_tag() -> None:
     with pytest.raises(FrameError, match="type tag"):
-        Close.from_map({"v": 1, "t": "bye", "seq": 1})
+        Close.from_map({"v": 2, "t": "bye", "seq": 1})
     with pytest.raises(FrameError, match="protocol version"):
-        Close.from_map({"v": 2, "t": "close", "seq": 1})
+        Close.from_map({"v": 1, "t": "close", "seq": 1})
 
 
 # --------------------------------------------------------------------------- sequence rule
@@ -567,6 +610,8 @@ def test_seq_strictly_increasing_over_requests() -> None:
         assert err == f"ioctl seq {bad_seq} out of order (last 5)"
     msgs, err, _ = run([encode(Ioctl(seq=3, cmd=0)) + encode(Close(seq=3))])
     assert err == "close seq 3 out of order (last 3)"
+    msgs, err, _ = run([encode(Ioctl(seq=3, cmd=0)) + encode(Probe(seq=2, call=3))])
+    assert err == "probe seq 2 out of order (last 3)"
 
 
 def test_seq_rule_can_be_turned_off_and_ignores_replies() -> None:
@@ -593,7 +638,7 @@ def test_last_seq() -> None:
     [
         lambda: Hello(client=b"x"),  # type: ignore[arg-type]
         lambda: Hello(client="\ud800"),
-        lambda: Hello(client="x", version=2),
+        lambda: Hello(client="x", version=1),
         lambda: Welcome(impl_id=2**32, gen_caps=0, server=""),
         lambda: Ioctl(seq=-1, cmd=0),
         lambda: Ioctl(seq=0, cmd=0, arg="x"),  # type: ignore[arg-type]
@@ -652,6 +697,32 @@ def test_check_reply() -> None:
         bad = IoctlReply(seq=4, written=(Region(addr=addr, data=bytes(size), writable=True),))
         with pytest.raises(FrameError, match="outside the writable regions"):
             check_reply(req, bad)
+    with pytest.raises(FrameError, match="2-byte arg, the request 0 bytes"):
+        check_reply(req, IoctlReply(seq=4, arg=b"ab"))
+    req = Ioctl(seq=5, cmd=1, arg=bytes(16))
+    check_reply(req, IoctlReply(seq=5, arg=bytes(16)))
+    check_reply(req, IoctlReply(seq=5, errno=14))  # a failed call carries nothing back
+    with pytest.raises(FrameError, match="15-byte arg, the request 16 bytes"):
+        check_reply(req, IoctlReply(seq=5, arg=bytes(15)))
+
+
+def test_refusals() -> None:
+    answer = refusal(3, 13, "introspection is off")
+    assert answer == Answer(seq=3, data={"errno": 13, "reason": "introspection is off"})
+    assert refused(answer.data) == (13, "introspection is off")
+    for data in ({}, {"errno": 13}, {"errno": 0, "reason": ""}, {"errno": "13", "reason": ""}):
+        assert refused(data) is None
+    assert refused({"streaming": True}) is None
+    for code in (0, 4096, True):
+        with pytest.raises(UsageError):
+            refusal(1, code, "x")
+
+
+def test_status_rules() -> None:
+    with pytest.raises(UsageError, match="waits on no callback"):
+        Status(seq=1, call=1, running=False, callback=True)
+    with pytest.raises(UsageError, match=r"Status\.running"):
+        Status(seq=1, call=1, running=1)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- fuzz
