@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import signal
 import sys
 import threading
@@ -64,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument(
         "--duration", type=float, default=None, metavar="SECONDS", help="stop after this long"
+    )
+    serve.add_argument(
+        "--introspect",
+        action="store_true",
+        help="answer qtee info/trace --connect (they show every connection's labels and "
+        "calls); refused without it",
     )
     info = sub.add_parser(
         "info",
@@ -166,7 +173,10 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     end = None if args.duration is None else time.monotonic() + args.duration
     try:
-        with _stop_on_signals() as stop, DeviceServer(args.socket) as server:
+        with (
+            _stop_on_signals() as stop,
+            DeviceServer(args.socket, introspect=args.introspect) as server,
+        ):
             print(f"serving on {args.socket}", flush=True)
             _sleep_until(end, stop)
     except OSError as exc:
@@ -222,6 +232,18 @@ def _open_remote(verb: str, path: str) -> RemoteContext | None:
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+def _no_introspection(verb: str, path: str, exc: OSError) -> bool:
+    """Say so in one stderr line if ``exc`` is the server's refusal to be looked at."""
+    if exc.errno != errno.EACCES:
+        return False
+    print(
+        f"qtee {verb}: the server at {path} does not allow introspection "
+        "(start it with qtee serve --introspect)",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -290,8 +312,14 @@ def _trace_live(args: argparse.Namespace) -> int:
     failure: str | None = None
     end = None if args.duration is None else time.monotonic() + args.duration
     try:
+        ctx.stream_trace(maps.put)  # from now on, every crossing of the server
+    except OSError as exc:  # DriverError: refused, or the connection dropped
+        ctx.close()
+        if not _no_introspection("trace", path, exc):
+            print(f"qtee trace: {path}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    try:
         with _stop_on_signals() as stop:
-            ctx.stream_trace(maps.put)  # from now on, every crossing of the server
             if live:
                 print(_trace.format_header(), flush=True)
             while not stop:
@@ -321,8 +349,6 @@ def _trace_live(args: argparse.Namespace) -> int:
                 records.append(record)
                 if live:
                     print(_trace.format_row(record, records[0].time), flush=True)
-    except OSError as exc:  # DriverError: the connection dropped as the stream was asked for
-        failure = f"{path}: {_one_line(exc)}"
     finally:
         ctx.close()
     if live:
@@ -348,8 +374,9 @@ def _info(args: argparse.Namespace) -> int:
             return 1
         try:
             text = format_info(ctx.info())
-        except OSError as exc:  # DriverError: the connection dropped, or no answer
-            print(f"qtee info: {args.connect}: {_one_line(exc)}", file=sys.stderr)
+        except OSError as exc:  # DriverError: refused, the connection dropped, or no answer
+            if not _no_introspection("info", args.connect, exc):
+                print(f"qtee info: {args.connect}: {_one_line(exc)}", file=sys.stderr)
             return 1
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             what = f"{type(exc).__name__} {_one_line(exc)}"

@@ -43,6 +43,7 @@ from qtee._frames import (
     Welcome,
     encode,
     encode_call,
+    refused,
 )
 from qtee.addrspace import CheckedMemory
 
@@ -301,7 +302,8 @@ class RemoteContext:
         return seq
 
     def info(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The server's description of its device (what ``qtee info`` prints)."""
+        """The server's description of its device (what ``qtee info`` prints); EACCES when
+        the server does not allow introspection (``qtee serve --introspect``)."""
         got: list[dict[str, Any]] = []
         done = threading.Event()
 
@@ -315,15 +317,47 @@ class RemoteContext:
                 raise DriverError(errno.ETIMEDOUT, "the server did not describe itself")
             if not got[0]:  # the end of the stream: the connection went away
                 raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+            no = refused(got[0])
+            if no is not None:
+                raise DriverError(*no)
             return got[0]
         finally:
             with self._lock:
                 self._streams.pop(seq, None)
 
-    def stream_trace(self, sink: Callable[[dict[str, Any]], None]) -> None:
+    def stream_trace(self, sink: Callable[[dict[str, Any]], None], timeout: float = 5.0) -> None:
         """Have the server send every crossing from now on: ``sink`` gets each record's map
-        (see :meth:`qtee._trace.TraceRecord.to_map`), and ``{}`` when the stream ends."""
-        self._query("trace", sink)
+        (see :meth:`qtee._trace.TraceRecord.to_map`), ``{"dropped": n}`` when the server
+        dropped records for a slow reader, and ``{}`` when the stream ends.  Returns once
+        the server streams; DriverError if it refuses (EACCES: the server does not allow
+        introspection; EALREADY: this connection streams already) or does not answer."""
+        first: list[dict[str, Any]] = []
+        started = threading.Event()
+
+        def answer(data: dict[str, Any]) -> None:
+            if started.is_set():
+                sink(data)
+                return
+            first.append(data)
+            started.set()
+
+        seq = self._query("trace", answer)
+        ok = False
+        try:
+            if not started.wait(timeout):
+                raise DriverError(errno.ETIMEDOUT, "the server did not start the trace")
+            if not first[0]:
+                raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+            no = refused(first[0])
+            if no is not None:
+                raise DriverError(*no)
+            if first[0] != {"streaming": True}:
+                raise DriverError(errno.EPROTO, f"the server answered a trace with {first[0]!r}")
+            ok = True
+        finally:
+            if not ok:
+                with self._lock:
+                    self._streams.pop(seq, None)
 
     def _query(self, what: str, sink: Callable[[dict[str, Any]], None]) -> int:
         """Send a query; its answers go to ``sink``."""

@@ -14,7 +14,9 @@ objects are released.
 Shared memory is real shared memory: the server's shms live in memory files, and the fd
 of each goes to the client that allocated it (a ``shm`` frame, SCM_RIGHTS), which maps
 the same pages.  ``query`` frames ask for a description of the device (``qtee info
---connect``) or a live stream of its crossings (``qtee trace --connect``).
+--connect``) or a live stream of its crossings (``qtee trace --connect``); both show
+every connection's labels and calls, so a server answers them only when started with
+``introspect=True`` (``qtee serve --introspect``) and refuses them (EACCES) otherwise.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from qtee._frames import (
     Welcome,
     encode,
     encode_reply,
+    refusal,
 )
 from qtee._info import describe
 from qtee._mem_obj import memfd_backing
@@ -60,6 +63,9 @@ __all__ = ["DeviceServer", "RegionMemory"]
 log = logging.getLogger("qtee.server")
 
 _GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
+_INTROSPECT_OFF: Final = (
+    "introspection is off: the server was not started with qtee serve --introspect"
+)
 
 
 def _efault(addr: int, size: int, why: str) -> DriverError:
@@ -313,12 +319,20 @@ class _Connection:
             os.close(fd)
 
     def _query(self, msg: Query) -> None:
+        """``info``: one answer; ``trace``: ``{"streaming": True}``, then the crossings
+        from now until the connection closes.  Refused unless the server introspects."""
+        if not self.server.introspect:
+            self.send(refusal(msg.seq, errno.EACCES, _INTROSPECT_OFF))
+            return
         if msg.what == "info":
             self.send(Answer(seq=msg.seq, data=describe(self.server.device)))
             return
-        if self._trace is None:  # "trace": crossings from now until the connection closes
-            self._trace = _TraceStream(self, msg.seq)
-            self.server._traces.add(self._trace)
+        if self._trace is not None:
+            self.send(refusal(msg.seq, errno.EALREADY, "this connection streams the trace"))
+            return
+        self._trace = _TraceStream(self, msg.seq)
+        self.send(Answer(seq=msg.seq, data={"streaming": True}))  # before any record
+        self.server._traces.add(self._trace)
 
     def _close(self, reason: str) -> None:
         """The fd's close: run by the thread that saw the end of the stream."""
@@ -411,7 +425,11 @@ class _TraceFanout:
 
 class DeviceServer:
     """Serve ``device`` on the Unix socket ``path``; a device given here must be built with
-    ``memory=RegionMemory()`` and ``shm_backing=memfd_backing``."""
+    ``memory=RegionMemory()`` and ``shm_backing=memfd_backing``.
+
+    ``introspect``: answer ``query`` frames (``qtee info``/``qtee trace --connect``), which
+    show every connection's labels and calls; off by default (refused with EACCES).
+    """
 
     def __init__(
         self,
@@ -419,8 +437,12 @@ class DeviceServer:
         device: Device | None = None,
         *,
         max_frame: int = MAX_FRAME,
+        introspect: bool = False,
     ) -> None:
         from qtee.secure import QteeRoot, SecureWorld
+
+        if type(introspect) is not bool:
+            raise UsageError(f"introspect must be a bool, not {introspect!r}")
 
         self.path = os.fspath(path)
         self.memory = RegionMemory()
@@ -434,6 +456,8 @@ class DeviceServer:
             self.memory = device.memory
         self.device = device
         self.max_frame = max_frame
+        #: Whether ``query`` frames are answered (see the class docstring).
+        self.introspect = introspect
         self._sock: socket.socket | None = None
         self._accept: threading.Thread | None = None
         self._lock = threading.Lock()

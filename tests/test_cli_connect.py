@@ -67,7 +67,7 @@ def sockdir() -> Iterator[str]:
 
 @pytest.fixture
 def server(sockdir: str) -> Iterator[DeviceServer]:
-    srv = DeviceServer(os.path.join(sockdir, "s")).start()
+    srv = DeviceServer(os.path.join(sockdir, "s"), introspect=True).start()
     try:
         yield srv
     finally:
