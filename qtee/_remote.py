@@ -8,6 +8,14 @@ way the kernel will), and copies back what the server's driver wrote.  The clien
 memory is a :class:`CheckedMemory` (addresses are this process's synthetic ones and mean
 nothing elsewhere).  A connection that drops fails every call in flight with EBADF.
 
+The server is not trusted with this process's memory.  Before anything is written back,
+a reply is checked against its request: an ``arg`` as long as the request's (and
+unchanged for the ioctls whose ``arg`` only points at a block), writes only inside the
+writable regions sent, a param block whose params are the ones sent (an OBJECT_INVOKE's
+output sizes within their buffers, a SUPPL_RECV's input buffers inside its scratch
+buffer), and a SHM_ALLOC's shm fd frame naming the id and size of its reply.  A reply
+that fails a check fails its call with EPROTO, writes nothing, and closes the connection.
+
 Shared memory is shared: the server sends the fd of each new shm's memory file, and
 :meth:`RemoteContext.shm_view` is this process's mapping of the same pages.
 """
@@ -41,6 +49,7 @@ from qtee._frames import (
     ShmFd,
     ShmFree,
     Welcome,
+    check_written,
     encode,
     encode_call,
     refused,
@@ -53,6 +62,7 @@ _BUF_TYPES: Final = (bytearray, memoryview)  # (a tuple: a union is built per ca
 
 _BUF: Final = struct.Struct("<QQ")
 _PARAM: Final = struct.Struct("<4Q")
+_U32: Final = struct.Struct("<I")
 #: buf_data ioctls: header size and where num_params sits in it.
 _HEADS: Final = {
     uapi.TEE_IOC_OBJECT_INVOKE: (24, 16),
@@ -60,10 +70,28 @@ _HEADS: Final = {
     uapi.TEE_IOC_SUPPL_SEND: (8, 4),
 }
 _UBUF_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
+_UBUF_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
+_OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
 _UBUF_TYPES: Final = frozenset({8, 9, 10})
 _META_TYPES: Final = frozenset({uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | 0x100})
 #: fds one read may bring (a shm frame carries one).
 _MAX_FDS: Final = 16
+
+
+class _Call:
+    """One ioctl in flight: ``done`` is held until its reply (or the loss) is in; the
+    reader files the reply, the shm a SHM_ALLOC's fd frame brought, or why the server's
+    frames for it are lies."""
+
+    __slots__ = ("cmd", "done", "lie", "reply", "shm")
+
+    def __init__(self, cmd: int) -> None:
+        self.cmd = cmd
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.reply: IoctlReply | None = None
+        self.shm: tuple[int, int, mmap.mmap | bytearray] | None = None
+        self.lie: str | None = None
 
 
 class RemoteDevice:
@@ -101,9 +129,9 @@ class RemoteContext:
             raise DriverError(errno.ENOENT, f"cannot connect to {device.path}: {exc}") from None
         self._send = threading.Lock()
         self._seq = itertools.count(1)
-        #: seq -> [lock held until the reply (or the loss) is in, reply]; each slot is
-        #: taken out of here exactly once, by whoever releases its lock.
-        self._pending: dict[int, list[Any]] = {}
+        #: seq -> the call waiting for that reply; each is taken out of here exactly once,
+        #: by whoever releases its lock (the reader, or a loss).
+        self._pending: dict[int, _Call] = {}
         self._lock = threading.Lock()
         self.closed = False
         self._lost: str | None = None
@@ -143,16 +171,32 @@ class RemoteContext:
         return msg
 
     def _map_shm(self, msg: ShmFd) -> None:
-        """Map the memory file of a new shm (its fd came with the frame's bytes)."""
-        if not self._fds:
-            raise DriverError(errno.EPROTO, f"shm {msg.id} came without its fd")
-        fd = self._fds.popleft()
+        """Map the memory file of a new shm (its fd came with the frame's bytes) for the
+        SHM_ALLOC call it answers; any other shm frame is a lie."""
+        fd = self._fds.popleft() if self._fds else None
         try:
-            if os.fstat(fd).st_size != msg.size:
-                raise DriverError(errno.EPROTO, f"shm {msg.id}: memory file size is not {msg.size}")
-            self._maps[msg.id] = mmap.mmap(fd, msg.size) if msg.size else bytearray()
+            with self._lock:
+                call = self._pending.get(msg.seq)
+            if call is None:
+                raise DriverError(errno.EPROTO, f"a shm frame for no call in flight ({msg.seq})")
+            if call.cmd != uapi.TEE_IOC_SHM_ALLOC or call.shm is not None:
+                call.lie = f"a shm frame for call {msg.seq}, which is no SHM_ALLOC awaiting one"
+            elif fd is None:
+                call.lie = f"shm {msg.id} came without its fd"
+            elif os.fstat(fd).st_size != msg.size:
+                call.lie = f"shm {msg.id}: memory file size is not {msg.size}"
+            else:
+                try:
+                    buf = mmap.mmap(fd, msg.size) if msg.size else bytearray()
+                except (OSError, ValueError, OverflowError) as exc:
+                    call.lie = f"shm {msg.id} of {msg.size} bytes cannot be mapped: {exc}"
+                else:
+                    call.shm = (msg.id, msg.size, buf)
+                    return
+            raise DriverError(errno.EPROTO, call.lie)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def _read_loop(self) -> None:
         reason = "connection closed"
@@ -161,10 +205,11 @@ class RemoteContext:
                 msg = self._read_one()
                 if isinstance(msg, IoctlReply):
                     with self._lock:
-                        slot = self._pending.pop(msg.seq, None)
-                    if slot is not None:
-                        slot.append(msg)
-                        slot[0].release()
+                        call = self._pending.pop(msg.seq, None)
+                    if call is None:
+                        raise DriverError(errno.EPROTO, f"a reply for no call ({msg.seq})")
+                    call.reply = msg
+                    call.done.release()
                 elif isinstance(msg, ShmFd):
                     self._map_shm(msg)
                 elif isinstance(msg, Answer):
@@ -175,9 +220,13 @@ class RemoteContext:
                 elif isinstance(msg, Bye):
                     reason = f"server said bye: {msg.reason}"
                     return
+                else:
+                    raise DriverError(errno.EPROTO, f"a {type(msg).__name__} from the server")
         except (DriverError, FrameError, OSError) as exc:
             reason = str(exc)
         finally:
+            with contextlib.suppress(OSError):  # the server sees the end too
+                self.sock.shutdown(socket.SHUT_RDWR)
             self._fail_all(reason)
             for fd in self._fds:
                 os.close(fd)
@@ -185,15 +234,24 @@ class RemoteContext:
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:
-            self._lost = reason
-            slots = list(self._pending.values())
+            if self._lost is None:
+                self._lost = reason
+            calls = list(self._pending.values())
             self._pending.clear()
             streams = list(self._streams.values())
             self._streams.clear()
         for stream in streams:
             stream({})  # the end of the stream
-        for slot in slots:
-            slot[0].release()
+        for call in calls:
+            call.done.release()
+
+    def _abandon(self, reason: str) -> None:
+        """Give the connection up (a lying or silent server): calls in flight fail EBADF."""
+        with self._lock:
+            if self._lost is None:
+                self._lost = reason
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end and fails the rest
 
     # ------------------------------------------------------------------ ioctl
     def _regions(self, cmd: int, arg: bytearray | memoryview) -> list[tuple[int, bytes, bool]]:
@@ -227,26 +285,37 @@ class RemoteContext:
         return regions
 
     def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
-        """Run ``cmd`` on the server; ``arg`` and the caller's buffers are updated in place."""
+        """Run ``cmd`` on the server; ``arg`` and the caller's buffers are updated in place
+        once the reply has passed the checks (EPROTO and nothing written if not)."""
         if self.closed:
             raise DriverError(errno.EBADF, "context is closed")
         if not isinstance(arg, _BUF_TYPES):
             raise DriverError(errno.EFAULT, "ioctl argument must be a writable buffer")
         regions = self._regions(cmd, arg)
-        done = threading.Lock()
-        done.acquire()
-        slot: list[Any] = [done]
+        call = _Call(cmd)
         data, limit = bytes(arg), self.device.max_frame
-        self._request(
-            lambda seq: encode_call(seq, cmd, data, regions, max_frame=limit), self._pending, slot
+        seq = self._request(
+            lambda seq: encode_call(seq, cmd, data, regions, max_frame=limit), self._pending, call
         )
-        done.acquire()  # released with the reply, or when the connection is lost
-        if len(slot) < 2:
+        call.done.acquire()  # released with the reply, or when the connection is lost
+        reply = call.reply
+        if reply is None:
+            if call.shm is not None:
+                self._unmap(call.shm[2])
+            if call.lie is not None:
+                raise DriverError(errno.EPROTO, f"the server lied: {call.lie}")
             raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-        reply: IoctlReply = slot[1]
+        lie = call.lie or _check(cmd, data, regions, reply, call.shm)
+        if lie is not None:
+            if call.shm is not None:
+                self._unmap(call.shm[2])
+            self._abandon(f"the server lied about call {seq}: {lie}")
+            raise DriverError(errno.EPROTO, f"the server lied: {lie}")
         if reply.errno:
             raise DriverError(reply.errno, os.strerror(reply.errno))
-        arg[: len(reply.arg)] = reply.arg
+        if call.shm is not None:
+            self._maps[call.shm[0]] = call.shm[2]
+        arg[:] = reply.arg
         mem = self.device.memory
         for region in reply.written:
             mem.write(region.addr, region.data)
@@ -278,7 +347,7 @@ class RemoteContext:
         self,
         frame_of: Callable[[int], bytes],
         waiting: dict[int, Any] | None = None,
-        entry: Any = None,
+        entry: object = None,
     ) -> int:
         """Send the frame ``frame_of(seq)`` of the next request; its seq.  With ``waiting``,
         ``entry`` is filed there under the seq first (so no answer can beat it) and taken
@@ -291,13 +360,16 @@ class RemoteContext:
                 if waiting is not None:
                     waiting[seq] = entry
             try:
-                self.sock.sendall(frame_of(seq))
+                frame = frame_of(seq)
+                self.sock.sendall(frame)
             except (OSError, UsageError) as exc:
                 if waiting is not None:
                     with self._lock:
                         waiting.pop(seq, None)
-                if isinstance(exc, UsageError):  # over the frame limit
+                if isinstance(exc, UsageError):  # over the frame limit: nothing was sent
                     raise DriverError(errno.E2BIG, str(exc)) from None
+                # Part of the frame may have gone: the stream is no use any more.
+                self._abandon(f"send failed: {exc}")
                 raise DriverError(errno.EBADF, f"connection lost: {exc}") from None
         return seq
 
@@ -400,3 +472,116 @@ def connect(
 ) -> RemoteDevice:
     """A device served at ``path`` (see ``qtee serve``); use it like an in-process Device."""
     return RemoteDevice(path, max_frame=max_frame, handshake_timeout=handshake_timeout)
+
+
+# --------------------------------------------------------------------------- reply checks
+def _check(
+    cmd: int,
+    arg: bytes,
+    regions: list[tuple[int, bytes, bool]],
+    reply: IoctlReply,
+    shm: tuple[int, int, object] | None,
+) -> str | None:
+    """What is wrong with ``reply`` to ``cmd`` (sent with ``arg`` and ``regions``), or
+    None: the frame-level rules (:func:`check_written`), then what the kernel's ioctl may
+    change.  ``shm``: ``(id, size, _)`` from the call's shm fd frame, if one came."""
+    try:
+        check_written(reply, len(arg), regions)
+    except FrameError as exc:
+        return str(exc)
+    if cmd == uapi.TEE_IOC_SHM_ALLOC:
+        return _check_shm(arg, reply, shm)
+    if shm is not None:
+        return "a shm fd for a call that is no SHM_ALLOC"
+    if reply.errno or cmd not in _HEADS:
+        return None
+    if reply.arg != arg:  # tee_ioctl_buf_data: the kernel never writes it back
+        return "the reply changes the buf_data argument"
+    if not reply.written or len(arg) < _BUF.size:
+        return None
+    ptr, length = _BUF.unpack_from(arg)
+    before = after = None
+    for start, data, _w in regions:  # the block as sent
+        if start <= ptr and ptr + length <= start + len(data):
+            before = data[ptr - start : ptr - start + length]
+            break
+    else:
+        return None
+    for w in reply.written:  # the common case: one written region holds all of it
+        if w.addr <= ptr and ptr + length <= w.addr + len(w.data):
+            after = w.data[ptr - w.addr : ptr - w.addr + length]
+            break
+    else:
+        after = _overlay(before, ptr, reply.written)
+    if cmd == uapi.TEE_IOC_OBJECT_INVOKE:
+        return None if before == after else _check_invoke(before, after)
+    if cmd == uapi.TEE_IOC_SUPPL_RECV:
+        return _check_recv(before, after)
+    return None
+
+
+def _check_shm(arg: bytes, reply: IoctlReply, shm: tuple[int, int, object] | None) -> str | None:
+    if reply.errno:
+        return None if shm is None else "a shm fd for a SHM_ALLOC that failed"
+    if shm is None:
+        return "a SHM_ALLOC reply without its shm fd"
+    asked = uapi.ShmAllocData.unpack(arg)
+    got = uapi.ShmAllocData.unpack(reply.arg)
+    if (got.id, got.size) != shm[:2]:
+        return f"SHM_ALLOC says shm {got.id} of {got.size} bytes, its fd frame {shm[0]} of {shm[1]}"
+    if got.size != asked.size or got.flags != asked.flags:
+        return f"SHM_ALLOC of {asked.size} bytes answered with {got.size} (flags {got.flags:#x})"
+    return None
+
+
+def _overlay(block: bytes, ptr: int, written: tuple[Any, ...]) -> bytes:
+    """``block`` (the bytes at ``ptr``) as the ``written`` regions leave it."""
+    out = bytearray(block)
+    end = ptr + len(block)
+    for w in written:
+        lo, hi = max(w.addr, ptr), min(w.end, end)
+        if lo < hi:
+            out[lo - ptr : hi - ptr] = w.data[lo - w.addr : hi - w.addr]
+    return bytes(out)
+
+
+def _check_invoke(before: bytes, after: bytes) -> str | None:
+    """OBJECT_INVOKE writes back ``ret``, the output sizes (at most the buffer) and the
+    output objects; the object, op, count, attrs and every input stay as they were."""
+    if len(before) < 24:
+        return None
+    if before[:12] != after[:12] or before[16:24] != after[16:24]:  # all but ret
+        return "the reply changes the invoke's object, op or param count"
+    (num,) = _U32.unpack_from(before, 16)
+    for i in range(min(num, (len(before) - 24) // 32)):
+        at = 24 + 32 * i
+        attr, a, b, c = _PARAM.unpack_from(before, at)
+        nattr, na, nb, nc = _PARAM.unpack_from(after, at)
+        if attr == _UBUF_OUT:
+            if (nattr, na, nc) != (attr, a, c) or nb > b:
+                return f"param {i}: an output of {nb} bytes for a {b}-byte buffer at {a:#x}"
+        elif attr == _OBJ_OUT:
+            if nattr != attr:
+                return f"param {i}: attr {nattr:#x} for an output object"
+        elif (nattr, na, nb, nc) != (attr, a, b, c):
+            return f"param {i}: the reply changes an input (attr {attr:#x})"
+    return None
+
+
+def _check_recv(before: bytes, after: bytes) -> str | None:
+    """SUPPL_RECV fills at most the params sent; an input buffer lies inside the scratch
+    buffer (the first param), an output names no address."""
+    if len(before) < 40:
+        return None
+    (slots,) = _U32.unpack_from(before, 4)
+    (num,) = _U32.unpack_from(after, 4)
+    if num > slots:
+        return f"a request of {num} params for {slots} slots"
+    _attr, scratch, size, _c = _PARAM.unpack_from(before, 8)
+    for i in range(1, min(num, (len(after) - 8) // 32)):
+        attr, a, b, _c = _PARAM.unpack_from(after, 8 + 32 * i)
+        if attr == _UBUF_IN and b and not (scratch <= a and a + b <= scratch + size):
+            return f"param {i}: an input at [{a:#x}, {a + b:#x}) outside the scratch buffer"
+        if attr == _UBUF_OUT and a:
+            return f"param {i}: an output buffer at {a:#x}"
+    return None

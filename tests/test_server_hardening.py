@@ -1,7 +1,10 @@
-"""The device server and its client under hostile peers (issue 13, point 7).
+"""The device server and its client under hostile peers (issue 13, points 7-8).
 
 * 7: ``query`` frames (info, trace) are refused unless the server was started with
   ``introspect=True`` (``qtee serve --introspect``); the CLI says so in one line.
+* 8: the client checks each reply against its request (arg length, written regions,
+  param blocks, the shm fd of a SHM_ALLOC) before writing anything: a lying server fails
+  that call with EPROTO, writes nothing and loses the connection.
 
 Fake servers are threads on a Unix socket in a ``mkdtemp`` directory (socket paths are
 limited to 108 bytes).
@@ -9,6 +12,7 @@ limited to 108 bytes).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -33,6 +37,9 @@ from qtee._frames import (
     FrameDecoder,
     Hello,
     Ioctl,
+    IoctlReply,
+    Region,
+    ShmFd,
     Welcome,
     encode,
 )
@@ -231,3 +238,279 @@ def test_serve_introspect_flag(sockdir: str) -> None:
             proc.terminate()
             out, _ = proc.communicate(timeout=30)
         assert "tables: empty" in out
+
+
+# ============================================================================ point 8
+class _Call:
+    """An OBJECT_INVOKE argument in this process's memory: a read-only input buffer, an
+    output buffer, and a victim buffer the call has no business writing."""
+
+    def __init__(self, device: qtee.RemoteDevice) -> None:
+        mem = device.memory
+        self.mem = mem
+        self.inp = b"input-bytes!"
+        self.out = bytearray(b"o" * 16)
+        self.victim = bytearray(b"v" * 64)
+        self.in_addr = mem.pin(self.inp)
+        self.out_addr = mem.pin(self.out)
+        self.victim_addr = mem.pin(self.victim)
+        params = [
+            (_UB_IN, self.in_addr, len(self.inp), 0),
+            (_UB_OUT, self.out_addr, len(self.out), 0),
+        ]
+        self.block = bytearray(
+            _INVOKE_HEAD.pack(7, 0, 0, 2) + b"".join(_PARAM.pack(*p) for p in params)
+        )
+        self.block_addr = mem.pin(self.block)
+        self.arg = bytearray(_BUF.pack(self.block_addr, len(self.block)))
+        self.before = self.snapshot()
+
+    def snapshot(self) -> tuple[bytes, ...]:
+        return bytes(self.arg), bytes(self.block), bytes(self.out), bytes(self.victim)
+
+    def block_with(self, *, size: int | None = None, addr: int | None = None) -> bytes:
+        """The param block as a server writes it back, with the output param changed."""
+        block = bytearray(self.block)
+        attr, a, b, c = _PARAM.unpack_from(block, _INVOKE_HEAD.size + 32)
+        _PARAM.pack_into(
+            block,
+            _INVOKE_HEAD.size + 32,
+            attr,
+            a if addr is None else addr,
+            b if size is None else size,
+            c,
+        )
+        return bytes(block)
+
+
+def _w(addr: int, data: bytes) -> Region:
+    return Region(addr=addr, data=data, writable=True)
+
+
+#: (name, the lying reply for the request and the call) -- each writes outside what the
+#: call asked for, or says what the request does not allow.
+LIES: list[tuple[str, Callable[[Ioctl, _Call], IoctlReply]]] = [
+    (
+        "write-to-an-unsent-buffer",
+        lambda req, c: IoctlReply(seq=req.seq, arg=req.arg, written=(_w(c.victim_addr, b"X" * 8),)),
+    ),
+    (
+        "write-to-an-input-buffer",
+        lambda req, c: IoctlReply(seq=req.seq, arg=req.arg, written=(_w(c.in_addr, b"X" * 4),)),
+    ),
+    (
+        "write-past-the-output-buffer",
+        lambda req, c: IoctlReply(seq=req.seq, arg=req.arg, written=(_w(c.out_addr, b"X" * 64),)),
+    ),
+    (
+        "arg-of-another-length",
+        lambda req, c: IoctlReply(seq=req.seq, arg=req.arg + b"\x00" * 8),
+    ),
+    (
+        "arg-pointing-elsewhere",
+        lambda req, c: IoctlReply(seq=req.seq, arg=_BUF.pack(c.victim_addr, 64)),
+    ),
+    (
+        "output-size-over-its-capacity",
+        lambda req, c: IoctlReply(
+            seq=req.seq, arg=req.arg, written=(_w(c.block_addr, c.block_with(size=4096)),)
+        ),
+    ),
+    (
+        "output-buffer-moved",
+        lambda req, c: IoctlReply(
+            seq=req.seq, arg=req.arg, written=(_w(c.block_addr, c.block_with(addr=c.victim_addr)),)
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("lie", [lie for _, lie in LIES], ids=[name for name, _ in LIES])
+def test_a_lying_reply_fails_the_call_and_writes_nothing(
+    sockdir: str, lie: Callable[[Ioctl, _Call], IoctlReply]
+) -> None:
+    path = os.path.join(sockdir, "fake")
+    holder: list[_Call] = []
+
+    def script(peer: FakeServer) -> None:
+        req = peer.recv_ioctl()
+        peer.send(lie(req, holder[0]))
+        peer.drain()
+
+    fake = FakeServer(path, script)
+    try:
+        device = qtee.connect(path)
+        ctx = device.open()
+        call = _Call(device)
+        holder.append(call)
+        with pytest.raises(DriverError) as exc:
+            ctx.ioctl(uapi.TEE_IOC_OBJECT_INVOKE, call.arg)
+        assert exc.value.code == errno.EPROTO, exc.value
+        assert call.snapshot() == call.before  # nothing written
+        assert fake.eof.wait(5)  # the connection is closed
+        with pytest.raises(DriverError) as exc:
+            ctx.ioctl(uapi.TEE_IOC_VERSION, bytearray(12))
+        assert exc.value.code == errno.EBADF
+        ctx.close()
+    finally:
+        fake.close()
+    assert fake.error is None, fake.error
+
+
+def test_an_honest_reply_is_written(sockdir: str) -> None:
+    """The same fake, telling the truth: the output and the param block are written."""
+    path = os.path.join(sockdir, "fake")
+    holder: list[_Call] = []
+
+    def script(peer: FakeServer) -> None:
+        req = peer.recv_ioctl()
+        c = holder[0]
+        peer.send(
+            IoctlReply(
+                seq=req.seq,
+                arg=req.arg,
+                written=(
+                    _w(c.block_addr, c.block_with(size=5)),
+                    _w(c.out_addr, b"hello" + bytes(11)),
+                ),
+            )
+        )
+        peer.drain()
+
+    fake = FakeServer(path, script)
+    try:
+        device = qtee.connect(path)
+        ctx = device.open()
+        call = _Call(device)
+        holder.append(call)
+        ctx.ioctl(uapi.TEE_IOC_OBJECT_INVOKE, call.arg)
+        assert bytes(call.out[:5]) == b"hello" and bytes(call.victim) == b"v" * 64
+        assert _PARAM.unpack_from(call.block, _INVOKE_HEAD.size + 32)[2] == 5
+        ctx.close()
+    finally:
+        fake.close()
+    assert fake.error is None, fake.error
+
+
+def _memfd(size: int) -> int:
+    fd = os.memfd_create("fake-shm")
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _shm_reply(req: Ioctl, shm_id: int, size: int) -> IoctlReply:
+    return IoctlReply(seq=req.seq, arg=uapi.ShmAllocData(size, 0, shm_id).pack())
+
+
+#: (name, script after the SHM_ALLOC request: what the fake sends)
+SHM_LIES: list[tuple[str, Callable[[FakeServer, Ioctl], None]]] = [
+    ("reply-without-an-fd", lambda p, req: p.send(_shm_reply(req, 1, 4096))),
+    (
+        "id-differs-from-the-fd-frame",
+        lambda p, req: (
+            p.send(ShmFd(seq=req.seq, id=1, size=4096), _memfd(4096)),
+            p.send(_shm_reply(req, 2, 4096)),
+        ),
+    ),
+    (
+        "size-differs-from-the-request",
+        lambda p, req: (
+            p.send(ShmFd(seq=req.seq, id=1, size=8192), _memfd(8192)),
+            p.send(_shm_reply(req, 1, 8192)),
+        ),
+    ),
+    (
+        "fd-for-a-failed-alloc",
+        lambda p, req: (
+            p.send(ShmFd(seq=req.seq, id=1, size=4096), _memfd(4096)),
+            p.send(IoctlReply(seq=req.seq, errno=errno.ENOMEM)),
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("lie", [s for _, s in SHM_LIES], ids=[n for n, _ in SHM_LIES])
+def test_a_lying_shm_alloc_fails_with_eproto_and_maps_nothing(
+    sockdir: str, lie: Callable[[FakeServer, Ioctl], None]
+) -> None:
+    path = os.path.join(sockdir, "fake")
+
+    def script(peer: FakeServer) -> None:
+        req = peer.recv_ioctl()
+        with contextlib.suppress(OSError):  # the client may hang up at a lying shm frame
+            lie(peer, req)
+        peer.drain()
+
+    fake = FakeServer(path, script)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    try:
+        ctx = qtee.connect(path).open()
+        arg = bytearray(uapi.ShmAllocData(4096).pack())
+        with pytest.raises(DriverError) as exc:
+            ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, arg)
+        assert exc.value.code == errno.EPROTO, exc.value
+        assert arg == uapi.ShmAllocData(4096).pack()
+        assert ctx._maps == {}
+        assert fake.eof.wait(5)
+        ctx.close()
+    finally:
+        fake.close()
+    assert fake.error is None, fake.error
+    assert _eventually(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)
+
+
+def test_a_shm_frame_for_another_call_fails_that_call(sockdir: str) -> None:
+    """A shm fd frame naming a VERSION call (or no call at all) is a lie: EPROTO."""
+    path = os.path.join(sockdir, "fake")
+
+    def script(peer: FakeServer) -> None:
+        req = peer.recv_ioctl()
+        peer.send(ShmFd(seq=req.seq, id=1, size=64), _memfd(64))
+        with contextlib.suppress(OSError):  # the client may have hung up at the shm frame
+            peer.send(IoctlReply(seq=req.seq, arg=bytes(12)))
+        peer.drain()
+
+    fake = FakeServer(path, script)
+    try:
+        ctx = qtee.connect(path).open()
+        with pytest.raises(DriverError) as exc:
+            ctx.ioctl(uapi.TEE_IOC_VERSION, bytearray(12))
+        assert exc.value.code == errno.EPROTO
+        assert ctx._maps == {}
+        ctx.close()
+    finally:
+        fake.close()
+    assert fake.error is None, fake.error
+
+
+def test_an_unsolicited_shm_frame_closes_the_connection(sockdir: str) -> None:
+    path = os.path.join(sockdir, "fake")
+    go = threading.Event()
+
+    def script(peer: FakeServer) -> None:
+        peer.recv_ioctl()  # a call in flight, never answered
+        go.wait(5)
+        peer.send(ShmFd(seq=999, id=3, size=64), _memfd(64))
+        peer.drain()
+
+    fake = FakeServer(path, script)
+    try:
+        ctx = qtee.connect(path).open()
+        got: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                ctx.ioctl(uapi.TEE_IOC_VERSION, bytearray(12))
+            except BaseException as exc:
+                got.append(exc)
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.1)
+        go.set()
+        t.join(5)
+        assert isinstance(got[0], DriverError) and got[0].code == errno.EBADF
+        assert ctx._maps == {}
+        ctx.close()
+    finally:
+        fake.close()
