@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import struct
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
+import qtee
 from objects import DriverError, op
 from qtee import uapi
 from qtee._driver import Device
@@ -363,3 +366,42 @@ def test_optee_shm_alloc_of_a_huge_size_is_enomem(size: int) -> None:
         ctx.ioctl(uapi.TEE_IOC_SHM_ALLOC, memoryview(uapi.ShmAllocData(64).pack()))
     assert exc.value.errno == errno.EFAULT and dev.leaks() == {}
     ctx.close()
+
+
+def test_a_client_hanging_up_mid_invoke_leaks_nothing_in_the_server(tmp_path: Path) -> None:
+    """Issue 13 point 4 through the device server: the client's connection drops while
+    its invoke is in the TA (the server closes that fd), and the TA then returns a new
+    object; the server's fd teardown waits for the call and releases it."""
+    from qtee._server import DeviceServer, RegionMemory
+
+    gate = Gate()
+    dev = Device(
+        SecureWorld(QteeRoot({GATE_UID: lambda env: gate})),
+        memory=RegionMemory(),
+        shm_backing=memfd_backing,
+    )
+    with DeviceServer(tmp_path / "qtee.sock", dev) as server:
+        remote = qtee.connect(server.path)
+        ctx = remote.open()
+        _env, svc = _open_gate(ctx, remote.memory)
+        errors: list[int] = []
+
+        def call() -> None:
+            try:
+                raw_invoke(ctx, remote.memory, svc, 0, [uapi.Param(OBJ_OUT)])  # type: ignore[arg-type]
+            except DriverError as exc:
+                errors.append(exc.errno)
+
+        t = threading.Thread(target=call)
+        t.start()
+        assert gate.entered.wait(5)
+        ctx.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-call
+        t.join(5)
+        assert errors == [errno.EBADF]
+        (served,) = dev.contexts
+        assert wait_until(lambda: served.closed)  # closed, but held by the call...
+        assert served.life.in_flight == 1
+        gate.open.set()  # ...which now returns a new object into the closed fd
+        assert wait_until(lambda: dev.leaks() == {})
+        assert dev.world.live_ids() == []
+        ctx.close()
