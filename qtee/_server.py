@@ -330,9 +330,10 @@ class _Connection:
         if self._trace is not None:
             self.send(refusal(msg.seq, errno.EALREADY, "this connection streams the trace"))
             return
-        self._trace = _TraceStream(self, msg.seq)
-        self.send(Answer(seq=msg.seq, data={"streaming": True}))  # before any record
-        self.server._traces.add(self._trace)
+        self._trace = _TraceStream(self, msg.seq, held=True)
+        self.server._traces.add(self._trace)  # records queue up from now: the ack is first
+        self.send(Answer(seq=msg.seq, data={"streaming": True}))
+        self._trace.go()
 
     def _close(self, reason: str) -> None:
         """The fd's close: run by the thread that saw the end of the stream."""
@@ -357,13 +358,17 @@ class _TraceStream:
     """Sends one connection the crossings of the device, from a queue and its own thread
     (a slow reader never blocks the driver).  Past ``LIMIT`` queued records new ones are
     dropped and counted, and once the queue has drained the reader is told how many
-    (an answer ``{"dropped": n}`` between the records)."""
+    (an answer ``{"dropped": n}`` between the records).  A ``held`` stream queues records
+    but sends none before :meth:`go` (the query's answer goes first)."""
 
     LIMIT: Final = 10_000
 
-    def __init__(self, conn: _Connection, seq: int) -> None:
+    def __init__(self, conn: _Connection, seq: int, *, held: bool = False) -> None:
         self.conn = conn
         self.seq = seq
+        self._go = threading.Event()
+        if not held:
+            self._go.set()
         self.dropped = 0  # all the stream dropped
         self._unsaid = 0  # dropped and not yet told
         self._lock = threading.Lock()
@@ -379,10 +384,16 @@ class _TraceStream:
             return
         self._queue.put(record)
 
+    def go(self) -> None:
+        """Start sending (a held stream)."""
+        self._go.set()
+
     def stop(self) -> None:
         self._queue.put(None)
+        self._go.set()
 
     def _run(self) -> None:
+        self._go.wait()
         try:
             while (record := self._queue.get()) is not None:
                 self.conn.send(Answer(seq=self.seq, data=record.to_map()))
