@@ -11,6 +11,18 @@ out-of-order frame closes that connection with a logged reason; other connection
 A connection that ends is an fd close: its pending callbacks complete DEFUNCT, its QTEE
 objects are released.
 
+No client can take the server down or wedge it for others:
+
+* a connection has at most :data:`RECV_LIMIT` SUPPL_RECVs waiting and
+  :data:`THREAD_LIMIT` request threads; past either, a SUPPL_RECV or OBJECT_INVOKE is
+  answered EBUSY at once (nothing blocks), and the other ioctls (which never block) run
+  in the thread that read them;
+* the accept loop, each connection's reader and each trace sender outlive resource
+  errors (no thread, EMFILE/ENFILE/ENOMEM, MemoryError): they log, pause
+  (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`) and go on, never holding a lock;
+* a client that leaves the server's frames unread for :data:`SEND_TIMEOUT` seconds with its
+  socket buffer full is disconnected.
+
 Shared memory is real shared memory: the server's shms live in memory files, and the fd
 of each goes to the client that allocated it (a ``shm`` frame, SCM_RIGHTS), which maps
 the same pages.  ``query`` frames ask for a description of the device (``qtee info
@@ -25,10 +37,13 @@ import bisect
 import contextlib
 import errno
 import logging
+import math
 import os
 import queue
 import socket
+import struct
 import threading
+import time
 from typing import Final
 
 from objects import DriverError, UsageError
@@ -58,14 +73,45 @@ from qtee._mem_obj import memfd_backing
 from qtee._trace import TraceRecord
 from qtee.addrspace import TASK_SIZE
 
-__all__ = ["DeviceServer", "RegionMemory"]
+__all__ = [
+    "BACKOFF_FIRST",
+    "BACKOFF_MAX",
+    "RECV_LIMIT",
+    "SEND_TIMEOUT",
+    "THREAD_LIMIT",
+    "DeviceServer",
+    "RegionMemory",
+]
 
 log = logging.getLogger("qtee.server")
 
 _GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
+
+#: SUPPL_RECVs one connection may have waiting in the server at once (a thread each); one
+#: more is answered EBUSY at once.  A supplicant with more workers loses the extra ones.
+RECV_LIMIT: Final = 64
+#: Request threads one connection may have (the one reading included).  At the limit the
+#: reader answers a SUPPL_RECV or OBJECT_INVOKE EBUSY and runs the other ioctls itself.
+THREAD_LIMIT: Final = 96
+#: Seconds one send to a client may wait for room in its socket buffer; then the client,
+#: which has read nothing for that long, is disconnected.
+SEND_TIMEOUT: Final = 30.0
+#: First pause of a server loop after a resource error (seconds); it doubles on each error
+#: in a row, up to BACKOFF_MAX, and starts again after a success.
+BACKOFF_FIRST: Final = 0.01
+BACKOFF_MAX: Final = 1.0
+#: The ioctls that may block for as long as a TA or a supplicant takes.
+_BLOCKING: Final = frozenset({uapi.TEE_IOC_OBJECT_INVOKE, uapi.TEE_IOC_SUPPL_RECV})
+#: What starting a thread raises at the system's limits.
+_NO_THREAD: Final = (RuntimeError, MemoryError)
 _INTROSPECT_OFF: Final = (
     "introspection is off: the server was not started with qtee serve --introspect"
 )
+
+
+def _backoff(delay: float) -> float:
+    """The pause after ``delay`` (0: the first error in a row)."""
+    return BACKOFF_FIRST if delay <= 0 else min(delay * 2, BACKOFF_MAX)
 
 
 def _efault(addr: int, size: int, why: str) -> DriverError:
@@ -158,7 +204,10 @@ class _Connection:
     when it has an ioctl, it hands the reading to a waiting thread (starting one if none
     waits) and runs the ioctl, so a request never waits for another thread to wake up.
     A thread whose ioctl is done queues up to lead again; one blocked in SUPPL_RECV simply
-    is not among them.
+    is not among them.  When no thread can take the lead (``thread_limit`` reached, or the
+    system starts no more threads), the leader keeps it: a SUPPL_RECV or OBJECT_INVOKE is
+    answered EBUSY, any other ioctl (which never blocks) runs in the leader.  A SUPPL_RECV
+    past ``recv_limit`` waiting ones is answered EBUSY as well.
     """
 
     def __init__(self, server: DeviceServer, sock: socket.socket, name: str) -> None:
@@ -171,6 +220,7 @@ class _Connection:
         self._decoder = FrameDecoder(max_frame=server.max_frame)
         self._threads: set[threading.Thread] = set()
         self._waiting = 0  # threads queued to lead
+        self._recvs = 0  # SUPPL_RECVs running
         self._done = False  # the stream ended: threads that get the lead leave
         self._lock = threading.Lock()
         self.closed = threading.Event()
@@ -181,14 +231,21 @@ class _Connection:
         self.send_frame(encode(msg, max_frame=self.server.max_frame), fd)  # type: ignore[arg-type]
 
     def send_frame(self, data: bytes, fd: int | None = None) -> None:
-        """An encoded frame; ``fd`` rides on its first bytes (SCM_RIGHTS)."""
+        """An encoded frame; ``fd`` rides on its first bytes (SCM_RIGHTS).  A send that
+        fails (the client is gone, or read nothing for SEND_TIMEOUT) may have sent part of
+        the frame, so the connection is shut down: its reader sees the end."""
         with self._send:
-            if fd is None:
-                self.sock.sendall(data)
-                return
-            sent = socket.send_fds(self.sock, [data], [fd])
-            if sent < len(data):
-                self.sock.sendall(data[sent:])
+            try:
+                if fd is None:
+                    self.sock.sendall(data)
+                    return
+                sent = socket.send_fds(self.sock, [data], [fd])
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
+            except OSError:
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                raise
 
     def run(self) -> None:
         """The connection's first thread (more start when every thread is busy)."""
@@ -196,14 +253,9 @@ class _Connection:
             self._threads.add(threading.current_thread())
         self._serve()
 
-    def _spawn(self) -> None:
-        t = threading.Thread(
-            target=self._serve, name=f"{self.name}-t{len(self._threads)}", daemon=True
-        )
-        self._threads.add(t)
-        t.start()
-
     def _serve(self) -> None:
+        """Queue up to lead; lead until an ioctl another thread can take the lead for; run
+        it; again, until the stream ends.  The read lock is released on every path."""
         while True:
             with self._lock:
                 self._waiting += 1
@@ -214,21 +266,70 @@ class _Connection:
                     self._read.release()
                     return
             try:
-                req, reason = self._next_request()
+                job, reason = self._lead()
             except BaseException:
-                req, reason = None, "server error"
+                job, reason = None, "server error"
                 log.exception("%s: reading failed", self.name)
-            if req is None:
+            if job is None:
                 with self._lock:
                     self._done = True
                 self._read.release()
                 self._close(reason)
                 return
-            with self._lock:  # someone must read while this thread runs the ioctl
-                if self._waiting == 0:
-                    self._spawn()
             self._read.release()
-            self._ioctl(req)
+            self._run(*job)
+
+    def _lead(self) -> tuple[tuple[Ioctl, _CallRegions] | None, str]:
+        """Read, holding the lead, until an ioctl this thread may run while another leads
+        (with its call state) or the end of the stream (None and why)."""
+        while True:
+            req, reason = self._next_request()
+            if req is None:
+                return None, reason
+            cmd = req.cmd
+            pause = False
+            with self._lock:
+                if cmd == uapi.TEE_IOC_SUPPL_RECV and self._recvs >= self.server.recv_limit:
+                    handed = False
+                else:
+                    handed = self._waiting > 0
+                    if not handed:
+                        handed, pause = self._spawn()
+                    if handed and cmd == uapi.TEE_IOC_SUPPL_RECV:
+                        self._recvs += 1
+            if handed:
+                return (req, self._begin(req)), ""
+            if cmd in _BLOCKING:
+                self._reply_now(req.seq, errno.EBUSY)
+            else:  # never blocks: run it here, still leading
+                self._run(req, self._begin(req))
+            if pause:  # the system starts no threads: give it a moment
+                time.sleep(BACKOFF_FIRST)
+
+    def _spawn(self) -> tuple[bool, bool]:
+        """A new thread to queue for the lead, unless at the limit (with ``_lock`` held):
+        ``(started, failed)``; failed: the system refused it."""
+        if len(self._threads) >= self.server.thread_limit:
+            return False, False
+        t = threading.Thread(
+            target=self._serve, name=f"{self.name}-t{len(self._threads)}", daemon=True
+        )
+        try:
+            t.start()
+        except _NO_THREAD as exc:
+            log.warning("%s: no new request thread (%s): the reader keeps the lead", self.name, exc)
+            return False, True
+        self._threads.add(t)
+        return True, False
+
+    def _begin(self, req: Ioctl) -> _CallRegions:
+        """Map the request's regions in this thread."""
+        return self.server.memory.begin(req.regions)
+
+    def _reply_now(self, seq: int, code: int) -> None:
+        """A refusal, sent by the leader (the client may be gone)."""
+        with contextlib.suppress(OSError):
+            self.send_frame(encode_reply(seq, code, max_frame=self.server.max_frame))
 
     def _next_request(self) -> tuple[Ioctl | None, str]:
         """Read until an ioctl (handling the control frames on the way) or the end."""
@@ -279,31 +380,40 @@ class _Connection:
             return True
         raise FrameError(f"unexpected {type(msg).__name__} from a client")
 
-    def _ioctl(self, req: Ioctl) -> None:
-        mem = self.server.memory
-        call = mem.begin(req.regions)
+    def _run(self, req: Ioctl, call: _CallRegions) -> None:
+        """Run one ioctl in this thread and send its reply (an errno reply if the driver
+        model itself failed: the client must not wait for ever)."""
+        max_frame = self.server.max_frame
         try:
             arg = bytearray(req.arg)
             assert self.ctx is not None
+            ok = False
             try:
                 self.ctx.ioctl(req.cmd, arg)
             except DriverError as exc:
-                reply = encode_reply(req.seq, exc.code, max_frame=self.server.max_frame)
-                ok = False
+                reply = encode_reply(req.seq, exc.code, max_frame=max_frame)
+            except MemoryError:
+                log.error("%s: ioctl %#x (seq %d): out of memory", self.name, req.cmd, req.seq)
+                reply = encode_reply(req.seq, errno.ENOMEM, max_frame=max_frame)
+            except Exception:
+                log.exception("%s: ioctl %#x (seq %d) failed", self.name, req.cmd, req.seq)
+                reply = encode_reply(req.seq, errno.EIO, max_frame=max_frame)
             else:
                 written = [(a, bytes(call.bufs[a])) for a in sorted(call.written)]
-                reply = encode_reply(
-                    req.seq, 0, bytes(arg), written, max_frame=self.server.max_frame
-                )
+                reply = encode_reply(req.seq, 0, bytes(arg), written, max_frame=max_frame)
                 ok = True
+            finally:
+                if req.cmd == uapi.TEE_IOC_SUPPL_RECV:
+                    with self._lock:
+                        self._recvs -= 1
             with contextlib.suppress(OSError):  # the client is gone; its context is closing
                 if req.cmd == uapi.TEE_IOC_SHM_ALLOC and ok:
                     self._send_shm_fd(req.seq, arg)
                 self.send_frame(reply)
         except Exception:
-            log.exception("%s: ioctl %#x (seq %d) failed", self.name, req.cmd, req.seq)
+            log.exception("%s: ioctl %#x (seq %d): no reply", self.name, req.cmd, req.seq)
         finally:
-            mem.end()
+            self.server.memory.end()
 
     def _send_shm_fd(self, seq: int, arg: bytearray) -> None:
         """The new shm's memory file goes to the client; the server keeps only its mapping."""
@@ -330,10 +440,16 @@ class _Connection:
         if self._trace is not None:
             self.send(refusal(msg.seq, errno.EALREADY, "this connection streams the trace"))
             return
-        self._trace = _TraceStream(self, msg.seq, held=True)
-        self.server._traces.add(self._trace)  # records queue up from now: the ack is first
+        try:
+            stream = _TraceStream(self, msg.seq, held=True)
+        except _NO_THREAD as exc:
+            log.warning("%s: no trace sender thread (%s)", self.name, exc)
+            self.send(refusal(msg.seq, errno.EAGAIN, "the server cannot start a trace sender"))
+            return
+        self._trace = stream
+        self.server._traces.add(stream)  # records queue up from now: the ack is first
         self.send(Answer(seq=msg.seq, data={"streaming": True}))
-        self._trace.go()
+        stream.go()
 
     def _close(self, reason: str) -> None:
         """The fd's close: run by the thread that saw the end of the stream."""
@@ -348,8 +464,9 @@ class _Connection:
         me = threading.current_thread()
         with self._lock:
             threads = [t for t in self._threads if t is not me]
+        end = time.monotonic() + 2  # threads still in a TA's code finish on their own
         for t in threads:
-            t.join(2)
+            t.join(max(0.0, end - time.monotonic()))
         self.closed.set()
         self.server._forget(self)
 
@@ -358,8 +475,11 @@ class _TraceStream:
     """Sends one connection the crossings of the device, from a queue and its own thread
     (a slow reader never blocks the driver).  Past ``LIMIT`` queued records new ones are
     dropped and counted, and once the queue has drained the reader is told how many
-    (an answer ``{"dropped": n}`` between the records).  A ``held`` stream queues records
-    but sends none before :meth:`go` (the query's answer goes first)."""
+    (an answer ``{"dropped": n}`` between the records).  A record that cannot be sent for
+    want of memory is dropped and counted too, after a pause; the stream goes on.  The
+    stream ends when the connection does (a send fails) or at :meth:`stop`.  A ``held``
+    stream queues records but sends none before :meth:`go` (the query's answer goes
+    first)."""
 
     LIMIT: Final = 10_000
 
@@ -378,11 +498,14 @@ class _TraceStream:
 
     def __call__(self, record: TraceRecord) -> None:
         if self._queue.qsize() >= self.LIMIT:
-            with self._lock:
-                self.dropped += 1
-                self._unsaid += 1
+            self._drop()
             return
         self._queue.put(record)
+
+    def _drop(self) -> None:
+        with self._lock:
+            self.dropped += 1
+            self._unsaid += 1
 
     def go(self) -> None:
         """Start sending (a held stream)."""
@@ -394,15 +517,26 @@ class _TraceStream:
 
     def _run(self) -> None:
         self._go.wait()
-        try:
-            while (record := self._queue.get()) is not None:
+        delay = 0.0
+        while (record := self._queue.get()) is not None:
+            try:
                 self.conn.send(Answer(seq=self.seq, data=record.to_map()))
                 if self._unsaid and self._queue.empty():
                     self._tell()
-            if self._unsaid:  # stopping: the last word is how many never went
+                delay = 0.0
+            except OSError:
+                return  # the connection is gone (send shut it down)
+            except MemoryError:
+                self._drop()
+                delay = _backoff(delay)
+                log.warning("%s: trace record dropped: out of memory", self.conn.name)
+                time.sleep(delay)
+            except Exception:
+                self._drop()
+                log.exception("%s: trace record dropped", self.conn.name)
+        if self._unsaid:  # stopping: the last word is how many never went
+            with contextlib.suppress(OSError, MemoryError):
                 self._tell()
-        except OSError:
-            return
 
     def _tell(self) -> None:
         with self._lock:
@@ -434,12 +568,20 @@ class _TraceFanout:
             stream(record)
 
 
+def _limit(value: object, what: str, lo: int) -> int:
+    if type(value) is not int or value < lo:
+        raise UsageError(f"{what} must be an int >= {lo}, not {value!r}")
+    return value
+
+
 class DeviceServer:
     """Serve ``device`` on the Unix socket ``path``; a device given here must be built with
     ``memory=RegionMemory()`` and ``shm_backing=memfd_backing``.
 
     ``introspect``: answer ``query`` frames (``qtee info``/``qtee trace --connect``), which
     show every connection's labels and calls; off by default (refused with EACCES).
+    ``recv_limit``/``thread_limit``: per-connection caps (:data:`RECV_LIMIT`,
+    :data:`THREAD_LIMIT`).
     """
 
     def __init__(
@@ -449,12 +591,15 @@ class DeviceServer:
         *,
         max_frame: int = MAX_FRAME,
         introspect: bool = False,
+        recv_limit: int = RECV_LIMIT,
+        thread_limit: int = THREAD_LIMIT,
     ) -> None:
         from qtee.secure import QteeRoot, SecureWorld
 
         if type(introspect) is not bool:
             raise UsageError(f"introspect must be a bool, not {introspect!r}")
-
+        self.recv_limit = _limit(recv_limit, "recv_limit", 1)
+        self.thread_limit = _limit(thread_limit, "thread_limit", 2)
         self.path = os.fspath(path)
         self.memory = RegionMemory()
         if device is None:
@@ -476,6 +621,7 @@ class DeviceServer:
         self._traces = _TraceFanout(device)
         self._count = 0
         self._stopping = False
+        self._stopped = threading.Event()  # wakes the accept loop's pauses
 
     @property
     def connections(self) -> int:
@@ -486,28 +632,64 @@ class DeviceServer:
     def start(self) -> DeviceServer:
         """Bind and listen; connections are served by background threads."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        sock.bind(self.path)
-        sock.listen(64)
-        self._sock = sock
-        self._accept = threading.Thread(target=self._accept_loop, name="qtee-server", daemon=True)
-        self._accept.start()
+        try:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+            sock.bind(self.path)
+            sock.listen(64)
+            self._sock = sock
+            self._accept = threading.Thread(
+                target=self._accept_loop, name="qtee-server", daemon=True
+            )
+            self._accept.start()
+        except BaseException:
+            sock.close()
+            self._sock = None
+            raise
         return self
 
     def _accept_loop(self) -> None:
-        assert self._sock is not None
+        """Accept until stopped.  A failed accept (EMFILE, ENFILE, ENOMEM...) or a new
+        connection that gets no thread is logged, and the loop pauses (BACKOFF_FIRST,
+        doubling to BACKOFF_MAX) and goes on; the pause ends early at :meth:`stop`."""
+        listener = self._sock
+        assert listener is not None
+        delay = 0.0
         while not self._stopping:
             try:
-                sock, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._count += 1
-                conn = _Connection(self, sock, f"conn-{self._count}")
-                self._conns.add(conn)
+                sock, _ = listener.accept()
+            except OSError as exc:
+                if self._stopping or listener.fileno() < 0:
+                    return
+                delay = _backoff(delay)
+                log.warning("accept failed (%s); again in %.2f s", exc, delay)
+                self._stopped.wait(delay)
+                continue
+            try:
+                self._serve_new(sock)
+            except (*_NO_THREAD, OSError) as exc:
+                with contextlib.suppress(OSError):
+                    sock.close()  # the client sees the end of the stream
+                delay = _backoff(delay)
+                log.warning("a new connection was closed unserved (%s); pause %.2f s", exc, delay)
+                self._stopped.wait(delay)
+                continue
+            delay = 0.0
+
+    def _serve_new(self, sock: socket.socket) -> None:
+        """File a new connection and start its first thread."""
+        sec = math.floor(SEND_TIMEOUT)
+        timeval = struct.pack("@ll", sec, int((SEND_TIMEOUT - sec) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        with self._lock:
+            self._count += 1
+            conn = _Connection(self, sock, f"conn-{self._count}")
+            self._conns.add(conn)
+        try:
             threading.Thread(target=conn.run, name=conn.name, daemon=True).start()
-            del conn  # the connection lives as long as its thread, not until the next accept
+        except BaseException:
+            self._forget(conn)
+            raise
 
     def _forget(self, conn: _Connection) -> None:
         with self._lock:
@@ -516,6 +698,7 @@ class DeviceServer:
     def stop(self) -> None:
         """Stop accepting, close every connection (their contexts close), remove the socket."""
         self._stopping = True
+        self._stopped.set()
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)

@@ -1,10 +1,14 @@
-"""The device server and its client under hostile peers (issue 13, points 7-8).
+"""The device server and its client under hostile peers (issue 13, points 7-10).
 
 * 7: ``query`` frames (info, trace) are refused unless the server was started with
   ``introspect=True`` (``qtee serve --introspect``); the CLI says so in one line.
 * 8: the client checks each reply against its request (arg length, written regions,
   param blocks, the shm fd of a SHM_ALLOC) before writing anything: a lying server fails
   that call with EPROTO, writes nothing and loses the connection.
+* 9: one connection cannot take unbounded server threads (blocked SUPPL_RECVs and request
+  threads are capped, past the cap a call is answered EBUSY), and a failure to start a
+  thread kills no loop.
+* 10: accept failures (EMFILE) make the accept loop back off, not stop.
 
 Fake servers are threads on a Unix socket in a ``mkdtemp`` directory (socket paths are
 limited to 108 bytes).
@@ -514,3 +518,246 @@ def test_an_unsolicited_shm_frame_closes_the_connection(sockdir: str) -> None:
         ctx.close()
     finally:
         fake.close()
+
+
+# ============================================================================ point 9
+def _raw(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    s.sendall(encode(Hello(client="raw")))
+    return s
+
+
+def _recv_ioctl(seq: int, base: int = 0x10_0000) -> bytes:
+    """A SUPPL_RECV frame with its block and scratch buffer as regions."""
+    block_addr, scratch_addr, size = base, base + 0x1000, 256
+    block = _SUPP_HEAD.pack(0, 2) + _PARAM.pack(_META_IN, scratch_addr, size, 0) + bytes(32)
+    return encode(
+        Ioctl(
+            seq=seq,
+            cmd=uapi.TEE_IOC_SUPPL_RECV,
+            arg=_BUF.pack(block_addr, len(block)),
+            regions=(
+                Region(addr=block_addr, data=block, writable=True),
+                Region(addr=scratch_addr, data=bytes(size), writable=True),
+            ),
+        )
+    )
+
+
+def _read_frames(s: socket.socket, dec: FrameDecoder, want: int, timeout: float) -> list[object]:
+    got: list[object] = []
+    s.settimeout(0.2)
+    end = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < end:
+        got.extend(dec)
+        if len(got) >= want:
+            break
+        try:
+            data = s.recv(1 << 16)
+        except TimeoutError:
+            continue
+        if not data:
+            break
+        dec.feed(data)
+    return got
+
+
+def _conn_threads(server: DeviceServer) -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("conn-") and t.is_alive())
+
+
+def test_a_recv_flood_takes_at_most_the_recv_limit_of_threads(server: DeviceServer) -> None:
+    """300 SUPPL_RECVs on one connection: RECV_LIMIT of them wait (a thread each), the rest
+    are answered EBUSY at once; another client is served throughout; the hang-up frees
+    every thread."""
+    import qtee._server
+
+    limit = getattr(qtee._server, "RECV_LIMIT", 64)  # (the name is new with the limit)
+    before = _conn_threads(server)
+    s = _raw(server.path)
+    dec = FrameDecoder(expect_increasing_seq=False)
+    try:
+        n = 300
+        s.sendall(b"".join(_recv_ioctl(seq) for seq in range(1, n + 1)))
+        got = _read_frames(s, dec, 1 + n - limit, timeout=10)
+        assert isinstance(got[0], Welcome)
+        replies = [m for m in got[1:] if isinstance(m, IoctlReply)]
+        assert len(replies) == n - limit
+        assert {r.errno for r in replies} == {errno.EBUSY}
+        assert _conn_threads(server) - before <= limit + 2
+        with qtee.Client(qtee.connect(server.path), workers=1) as client:
+            client.client_env().release()
+    finally:
+        s.close()
+    assert _eventually(lambda: _conn_threads(server) <= before, timeout=10)
+
+
+def test_the_thread_limit_answers_blocking_calls_ebusy_and_runs_quick_ones(
+    sockdir: str,
+) -> None:
+    """A connection at its thread limit: an OBJECT_INVOKE or SUPPL_RECV more is EBUSY at
+    once; a quick call (VERSION) is still served."""
+    with DeviceServer(os.path.join(sockdir, "s"), thread_limit=3) as srv:
+        s = _raw(srv.path)
+        dec = FrameDecoder(expect_increasing_seq=False)
+        try:
+            s.sendall(_recv_ioctl(1) + _recv_ioctl(2) + _recv_ioctl(3))
+            s.sendall(encode(Ioctl(seq=4, cmd=uapi.TEE_IOC_VERSION, arg=bytes(12))))
+            got = _read_frames(s, dec, 3, timeout=5)
+            assert isinstance(got[0], Welcome)
+            busy, version = got[1], got[2]
+            assert isinstance(busy, IoctlReply) and (busy.seq, busy.errno) == (3, errno.EBUSY)
+            assert isinstance(version, IoctlReply) and (version.seq, version.errno) == (4, 0)
+        finally:
+            s.close()
+        assert _eventually(lambda: srv.connections == 0)
+
+
+@pytest.fixture
+def no_request_threads(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``fail(prefix)``: from now on starting a thread whose name starts with ``prefix``
+    raises RuntimeError, as at the system's thread limit (``fail("")`` stops it)."""
+    real = threading.Thread.start
+    failing: list[str] = []
+
+    def start(self: threading.Thread) -> None:
+        if failing and failing[0] and self.name.startswith(failing[0]):
+            raise RuntimeError("can't start new thread")
+        real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+
+    def fail(prefix: str) -> None:
+        failing[:] = [prefix]
+
+    return fail
+
+
+def test_a_failed_thread_start_kills_no_loop(
+    server: DeviceServer, no_request_threads: Callable[[str], None]
+) -> None:
+    """The system refuses new threads.  A connection's reader that cannot hand the lead on
+    answers a SUPPL_RECV EBUSY and runs VERSION itself (before, it died holding its lock
+    and the connection hung); a new connection that gets no thread is closed and the accept
+    loop goes on (before, it died); once threads start again, all is served."""
+    s = _raw(server.path)
+    dec = FrameDecoder(expect_increasing_seq=False)
+    try:
+        assert isinstance(_read_frames(s, dec, 1, timeout=5)[0], Welcome)
+        no_request_threads("conn-")
+        s.sendall(_recv_ioctl(1) + encode(Ioctl(seq=2, cmd=uapi.TEE_IOC_VERSION, arg=bytes(12))))
+        busy, version = _read_frames(s, dec, 2, timeout=5)
+        assert isinstance(busy, IoctlReply) and (busy.seq, busy.errno) == (1, errno.EBUSY)
+        assert isinstance(version, IoctlReply) and (version.seq, version.errno) == (2, 0)
+        with pytest.raises(DriverError) as exc:  # no thread for a new connection
+            qtee.connect(server.path, handshake_timeout=3).open()
+        assert exc.value.code == errno.EPROTO
+        no_request_threads("")
+        s.sendall(encode(Ioctl(seq=3, cmd=uapi.TEE_IOC_VERSION, arg=bytes(12))))
+        (version,) = _read_frames(s, dec, 1, timeout=5)
+        assert isinstance(version, IoctlReply) and (version.seq, version.errno) == (3, 0)
+        with qtee.Client(qtee.connect(server.path), workers=1) as client:
+            client.client_env().release()
+    finally:
+        s.close()
+
+
+def test_the_trace_sender_survives_a_memory_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError while sending one record drops that record (counted), not the stream."""
+    from qtee._server import _TraceStream
+    from qtee._trace import TraceRecord
+
+    class Conn:
+        name = "c"
+
+        def __init__(self) -> None:
+            self.sent: list[dict[str, Any]] = []
+            self.fail = 1
+
+        def send(self, msg: Any, fd: int | None = None) -> None:
+            if msg.data.get("op") == 1 and self.fail:
+                self.fail -= 1
+                raise MemoryError
+            self.sent.append(msg.data)
+
+    conn = Conn()
+    stream = _TraceStream(conn, seq=3)  # type: ignore[arg-type]
+    records = [TraceRecord(float(n), "NS -> QTEE", n, n, 0, 0, 0, 0, "invoke") for n in range(3)]
+    for r in records:
+        stream(r)
+    stream.stop()
+    stream._thread.join(5)
+    assert not stream._thread.is_alive()
+    kept = [m for m in conn.sent if "op" in m]
+    assert [m["op"] for m in kept] == [0, 2]
+    assert stream.dropped == 1
+
+
+# ============================================================================ point 10
+def test_accept_backs_off_after_emfile_and_keeps_accepting(
+    sockdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three EMFILE from accept: the loop backs off and goes on accepting."""
+    real = socket.socket.accept
+    failures = [3]
+
+    def accept(self: socket.socket) -> tuple[socket.socket, Any]:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(self)
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    with DeviceServer(os.path.join(sockdir, "s")) as srv:
+        ctx = qtee.connect(srv.path, handshake_timeout=5).open()
+        ctx.ioctl(uapi.TEE_IOC_VERSION, bytearray(12))
+        ctx.close()
+        assert failures == [0]
+        assert srv._accept is not None and srv._accept.is_alive()
+
+
+_RLIMIT_SERVER = """
+import resource, sys, time
+from qtee import DeviceServer
+srv = DeviceServer(sys.argv[1]).start()
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), int(sys.argv[2])))
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_accept_survives_a_real_fd_limit(sockdir: str) -> None:
+    """A server process at RLIMIT_NOFILE: connections past its fds wait in the backlog
+    while accept fails EMFILE; once they hang up, a new client is served."""
+    path = os.path.join(sockdir, "s")
+    limit = 40
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RLIMIT_SERVER, path, str(limit)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=REPO,
+    )
+    held: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        for _ in range(limit + 10):  # more than the server has fds for
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            s.sendall(encode(Hello(client="hog")))
+            held.append(s)
+        time.sleep(0.5)  # the server has run out of fds and met EMFILE
+        for s in held:
+            s.close()
+        held.clear()
+        ctx = qtee.connect(path, handshake_timeout=10).open()
+        ctx.ioctl(uapi.TEE_IOC_VERSION, bytearray(12))
+        ctx.close()
+    finally:
+        for s in held:
+            s.close()
+        proc.kill()
+        proc.wait(10)
