@@ -16,6 +16,12 @@ output sizes within their buffers, a SUPPL_RECV's input buffers inside its scrat
 buffer), and a SHM_ALLOC's shm fd frame naming the id and size of its reply.  A reply
 that fails a check fails its call with EPROTO, writes nothing, and closes the connection.
 
+Every call but SUPPL_RECV has a deadline, ``call_timeout`` (None: none).  When it passes
+the client probes the server: a call waiting on a callback has its deadline stand still
+(it restarts when the callback is answered), a call still running past it, or a server
+that does not answer the probe within ``min(call_timeout, PROBE_WAIT)``, fails with
+ETIMEDOUT, and the connection closes (the other calls in flight on it fail EBADF).
+
 Shared memory is shared: the server sends the fd of each new shm's memory file, and
 :meth:`RemoteContext.shm_view` is this process's mapping of the same pages.
 """
@@ -26,11 +32,13 @@ import collections
 import contextlib
 import errno
 import itertools
+import math
 import mmap
 import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -45,9 +53,11 @@ from qtee._frames import (
     FrameError,
     Hello,
     IoctlReply,
+    Probe,
     Query,
     ShmFd,
     ShmFree,
+    Status,
     Welcome,
     check_written,
     encode,
@@ -56,7 +66,7 @@ from qtee._frames import (
 )
 from qtee.addrspace import CheckedMemory
 
-__all__ = ["RemoteContext", "RemoteDevice", "connect"]
+__all__ = ["CALL_TIMEOUT", "PROBE_WAIT", "RemoteContext", "RemoteDevice", "connect"]
 
 _BUF_TYPES: Final = (bytearray, memoryview)  # (a tuple: a union is built per call)
 
@@ -76,14 +86,33 @@ _UBUF_TYPES: Final = frozenset({8, 9, 10})
 _META_TYPES: Final = frozenset({uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | 0x100})
 #: fds one read may bring (a shm frame carries one).
 _MAX_FDS: Final = 16
+#: Seconds a call may go without a reply before it fails ETIMEDOUT (``connect``'s default).
+CALL_TIMEOUT: Final = 30.0
+#: Longest wait, in seconds, for the answer to a probe (at most ``call_timeout``).
+PROBE_WAIT: Final = 1.0
+#: How often a thread waiting for a probe's answer looks for it.
+_POLL: Final = 0.005
+
+
+def _seconds(value: object, what: str, *, none_ok: bool) -> float | None:
+    if value is None and none_ok:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise UsageError(f"{what} must be a finite number of seconds > 0, not {value!r}")
+    return float(value)
 
 
 class _Call:
     """One ioctl in flight: ``done`` is held until its reply (or the loss) is in; the
-    reader files the reply, the shm a SHM_ALLOC's fd frame brought, or why the server's
-    frames for it are lies."""
+    reader files the reply, the shm a SHM_ALLOC's fd frame brought, a probe's status, or
+    why the server's frames for it are lies."""
 
-    __slots__ = ("cmd", "done", "lie", "reply", "shm")
+    __slots__ = ("cmd", "done", "lie", "reply", "shm", "status")
 
     def __init__(self, cmd: int) -> None:
         self.cmd = cmd
@@ -91,7 +120,12 @@ class _Call:
         self.done.acquire()
         self.reply: IoctlReply | None = None
         self.shm: tuple[int, int, mmap.mmap | bytearray] | None = None
+        self.status: Status | None = None
         self.lie: str | None = None
+
+    def probed(self) -> Status | None:
+        """The answer to the last probe, once the reader has filed it."""
+        return self.status
 
 
 class RemoteDevice:
@@ -103,11 +137,17 @@ class RemoteDevice:
         *,
         max_frame: int = MAX_FRAME,
         handshake_timeout: float = 10.0,
+        call_timeout: float | None = CALL_TIMEOUT,
     ) -> None:
         self.path = os.fspath(path)
+        if type(max_frame) is not int or not 1 <= max_frame <= 0xFFFF_FFFF:
+            raise UsageError(f"max_frame must be an int in [1, 2**32 - 1], not {max_frame!r}")
         self.max_frame = max_frame
         #: Seconds to wait for the server's welcome on each new connection.
-        self.handshake_timeout = handshake_timeout
+        self.handshake_timeout = _seconds(handshake_timeout, "handshake_timeout", none_ok=False)
+        #: Seconds a call other than SUPPL_RECV may wait for its reply, not counting the
+        #: time it waits on a callback (None: no deadline).
+        self.call_timeout = _seconds(call_timeout, "call_timeout", none_ok=True)
         #: This process's memory as the server sees it: buffers pinned here, by address.
         self.memory = CheckedMemory()
 
@@ -130,7 +170,7 @@ class RemoteContext:
         self._send = threading.Lock()
         self._seq = itertools.count(1)
         #: seq -> the call waiting for that reply; each is taken out of here exactly once,
-        #: by whoever releases its lock (the reader, or a loss).
+        #: by whoever releases its lock (the reader, a loss, or the caller timing out).
         self._pending: dict[int, _Call] = {}
         self._lock = threading.Lock()
         self.closed = False
@@ -146,6 +186,12 @@ class RemoteContext:
             if not isinstance(welcome, Welcome):
                 raise DriverError(errno.EPROTO, f"server answered {type(welcome).__name__}")
             self.sock.settimeout(None)
+            if device.call_timeout is not None:  # a send to a server that reads nothing
+                sec = math.floor(device.call_timeout)
+                usec = int((device.call_timeout - sec) * 1_000_000)
+                self.sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", sec, usec)
+                )
         except (DriverError, FrameError, OSError) as exc:
             self.sock.close()
             for fd in self._fds:
@@ -212,6 +258,11 @@ class RemoteContext:
                     call.done.release()
                 elif isinstance(msg, ShmFd):
                     self._map_shm(msg)
+                elif isinstance(msg, Status):
+                    with self._lock:
+                        call = self._pending.get(msg.call)
+                    if call is not None:
+                        call.status = msg
                 elif isinstance(msg, Answer):
                     with self._lock:
                         stream = self._streams.get(msg.seq)
@@ -297,7 +348,11 @@ class RemoteContext:
         seq = self._request(
             lambda seq: encode_call(seq, cmd, data, regions, max_frame=limit), self._pending, call
         )
-        call.done.acquire()  # released with the reply, or when the connection is lost
+        timeout = self.device.call_timeout
+        if timeout is None or cmd == uapi.TEE_IOC_SUPPL_RECV:
+            call.done.acquire()  # released with the reply, or when the connection is lost
+        elif not call.done.acquire(timeout=timeout):
+            self._overdue(seq, call, timeout)
         reply = call.reply
         if reply is None:
             if call.shm is not None:
@@ -320,6 +375,47 @@ class RemoteContext:
         for region in reply.written:
             mem.write(region.addr, region.data)
         return 0
+
+    def _overdue(self, seq: int, call: _Call, timeout: float) -> None:
+        """Call ``seq`` is past its deadline: probe the server until the reply comes (then
+        return), or fail the call ETIMEDOUT and give the connection up.  While the server
+        says the call waits on a callback the deadline stands still; once it is answered,
+        the call has ``timeout`` from then."""
+        while True:
+            call.status = None
+            try:
+                self._request(lambda p: encode(Probe(seq=p, call=seq)))
+            except DriverError:
+                call.done.acquire()  # lost: the reader's end releases every call
+                return
+            end = time.monotonic() + min(timeout, PROBE_WAIT)
+            while (status := call.probed()) is None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                if call.done.acquire(timeout=min(_POLL, left)):
+                    return
+            if status is None:
+                wait, why = 0.0, f"no reply and no answer to a probe in {timeout:g} s"
+            elif status.callback:
+                wait, why = timeout, ""
+            elif status.running:
+                wait = timeout - status.quiet_ms / 1000
+                why = f"the server ran it {status.quiet_ms} ms without a callback"
+            else:  # the reply would have come before this status
+                wait, why = 0.0, "the server has no such call in flight"
+            if wait > 0 and call.done.acquire(timeout=wait):
+                return
+            if wait > 0:
+                continue
+            with self._lock:
+                mine = self._pending.pop(seq, None) is call
+            if not mine:  # the reply (or the loss) won the race
+                call.done.acquire()
+                return
+            reason = f"call {seq} timed out: {why}"
+            self._abandon(reason)
+            raise DriverError(errno.ETIMEDOUT, reason)
 
     # ------------------------------------------------------------------ shm, query, close
     def shm_view(self, shm_id: int) -> memoryview:
@@ -369,6 +465,10 @@ class RemoteContext:
                 if isinstance(exc, UsageError):  # over the frame limit: nothing was sent
                     raise DriverError(errno.E2BIG, str(exc)) from None
                 # Part of the frame may have gone: the stream is no use any more.
+                if isinstance(exc, BlockingIOError):  # SO_SNDTIMEO: the server reads nothing
+                    reason = f"the server read nothing for {self.device.call_timeout:g} s"
+                    self._abandon(reason)
+                    raise DriverError(errno.ETIMEDOUT, reason) from None
                 self._abandon(f"send failed: {exc}")
                 raise DriverError(errno.EBADF, f"connection lost: {exc}") from None
         return seq
@@ -468,10 +568,21 @@ def _merge(spans: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
 
 
 def connect(
-    path: str | os.PathLike[str], *, max_frame: int = MAX_FRAME, handshake_timeout: float = 10.0
+    path: str | os.PathLike[str],
+    *,
+    max_frame: int = MAX_FRAME,
+    handshake_timeout: float = 10.0,
+    call_timeout: float | None = CALL_TIMEOUT,
 ) -> RemoteDevice:
-    """A device served at ``path`` (see ``qtee serve``); use it like an in-process Device."""
-    return RemoteDevice(path, max_frame=max_frame, handshake_timeout=handshake_timeout)
+    """A device served at ``path`` (see ``qtee serve``); use it like an in-process Device.
+    ``call_timeout``: seconds a call other than SUPPL_RECV may wait for its reply, not
+    counting the time it waits on a callback (None: no deadline)."""
+    return RemoteDevice(
+        path,
+        max_frame=max_frame,
+        handshake_timeout=handshake_timeout,
+        call_timeout=call_timeout,
+    )
 
 
 # --------------------------------------------------------------------------- reply checks

@@ -21,7 +21,10 @@ No client can take the server down or wedge it for others:
   errors (no thread, EMFILE/ENFILE/ENOMEM, MemoryError): they log, pause
   (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`) and go on, never holding a lock;
 * a client that leaves the server's frames unread for :data:`SEND_TIMEOUT` seconds with its
-  socket buffer full is disconnected.
+  socket buffer full is disconnected;
+* a client may ``probe`` a call it has waited on past its deadline: the ``status``
+  answer says whether the call is waiting on a callback (the driver's
+  ``Device.on_callback`` hook), so the client's deadline stands still meanwhile.
 
 Shared memory is real shared memory: the server's shms live in memory files, and the fd
 of each goes to the client that allocated it (a ``shm`` frame, SCM_RIGHTS), which maps
@@ -59,10 +62,12 @@ from qtee._frames import (
     FrameError,
     Hello,
     Ioctl,
+    Probe,
     Query,
     Region,
     ShmFd,
     ShmFree,
+    Status,
     Welcome,
     encode,
     encode_reply,
@@ -119,15 +124,35 @@ def _efault(addr: int, size: int, why: str) -> DriverError:
 
 
 class _CallRegions:
-    """The regions one request brought, at their addresses, and which were written."""
+    """One request in a server thread: the regions it brought, at their addresses, which
+    were written, and (for a client's probe) its callbacks in flight and since when it
+    has run without one."""
 
-    __slots__ = ("bufs", "starts", "writable", "written")
+    __slots__ = ("bufs", "callbacks", "quiet_since", "starts", "writable", "written")
 
     def __init__(self, regions: tuple[Region, ...]) -> None:
         self.starts = sorted(r.addr for r in regions)
         self.bufs = {r.addr: bytearray(r.data) for r in regions}
         self.writable = {r.addr for r in regions if r.writable}
         self.written: set[int] = set()
+        self.callbacks = 0  # nesting depth of Device.on_callback(True) in this thread
+        self.quiet_since = time.monotonic()
+
+    def on_callback(self, entering: bool) -> None:
+        """``Device.on_callback`` in this request's thread."""
+        if entering:
+            self.callbacks += 1
+        else:
+            self.callbacks -= 1
+            if not self.callbacks:
+                self.quiet_since = time.monotonic()
+
+    def status(self, probe: Probe) -> Status:
+        """The answer to a probe about this call."""
+        if self.callbacks:
+            return Status(seq=probe.seq, call=probe.call, running=True, callback=True)
+        quiet = max(0, int((time.monotonic() - self.quiet_since) * 1000))
+        return Status(seq=probe.seq, call=probe.call, running=True, quiet_ms=quiet)
 
     def find(self, addr: int, size: int) -> tuple[int, bytearray]:
         i = bisect.bisect_right(self.starts, addr) - 1
@@ -161,6 +186,11 @@ class RegionMemory:
     def end(self) -> None:
         """Unmap this thread's request regions."""
         self._local.call = None
+
+    def current(self) -> _CallRegions | None:
+        """The request running in this thread, if any."""
+        call: _CallRegions | None = getattr(self._local, "call", None)
+        return call
 
     def check(self, addr: int, size: int) -> None:
         """``access_ok``."""
@@ -223,6 +253,7 @@ class _Connection:
         self._recvs = 0  # SUPPL_RECVs running
         self._done = False  # the stream ended: threads that get the lead leave
         self._lock = threading.Lock()
+        self._calls: dict[int, _CallRegions] = {}  # seq -> the ioctl running (for probes)
         self.closed = threading.Event()
         self._trace: _TraceStream | None = None
 
@@ -323,8 +354,10 @@ class _Connection:
         return True, False
 
     def _begin(self, req: Ioctl) -> _CallRegions:
-        """Map the request's regions in this thread."""
-        return self.server.memory.begin(req.regions)
+        """Map the request's regions in this thread and file it for probes."""
+        call = self.server.memory.begin(req.regions)
+        self._calls[req.seq] = call
+        return call
 
     def _reply_now(self, seq: int, code: int) -> None:
         """A refusal, sent by the leader (the client may be gone)."""
@@ -375,6 +408,14 @@ class _Connection:
             except DriverError as exc:
                 raise FrameError(f"shm_free of shm {msg.id}: {exc}") from None
             return True
+        if isinstance(msg, Probe):
+            call = self._calls.get(msg.call)
+            self.send(
+                call.status(msg)
+                if call is not None
+                else Status(seq=msg.seq, call=msg.call, running=False)
+            )
+            return True
         if isinstance(msg, Query):
             self._query(msg)
             return True
@@ -414,6 +455,7 @@ class _Connection:
             log.exception("%s: ioctl %#x (seq %d): no reply", self.name, req.cmd, req.seq)
         finally:
             self.server.memory.end()
+            self._calls.pop(req.seq, None)  # after the reply: a probe after it finds none
 
     def _send_shm_fd(self, seq: int, arg: bytearray) -> None:
         """The new shm's memory file goes to the client; the server keeps only its mapping."""
@@ -581,7 +623,8 @@ class DeviceServer:
     ``introspect``: answer ``query`` frames (``qtee info``/``qtee trace --connect``), which
     show every connection's labels and calls; off by default (refused with EACCES).
     ``recv_limit``/``thread_limit``: per-connection caps (:data:`RECV_LIMIT`,
-    :data:`THREAD_LIMIT`).
+    :data:`THREAD_LIMIT`).  The server sets the device's ``on_callback`` hook (to answer
+    probes).
     """
 
     def __init__(
@@ -611,6 +654,7 @@ class DeviceServer:
         else:
             self.memory = device.memory
         self.device = device
+        device.on_callback = self._on_callback
         self.max_frame = max_frame
         #: Whether ``query`` frames are answered (see the class docstring).
         self.introspect = introspect
@@ -628,6 +672,12 @@ class DeviceServer:
         """Connections open now."""
         with self._lock:
             return len(self._conns)
+
+    def _on_callback(self, entering: bool) -> None:
+        """``Device.on_callback``: a request thread's call waits on a callback, or no more."""
+        call = self.memory.current()
+        if call is not None:
+            call.on_callback(entering)
 
     def start(self) -> DeviceServer:
         """Bind and listen; connections are served by background threads."""

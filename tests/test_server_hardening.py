@@ -1,4 +1,4 @@
-"""The device server and its client under hostile peers (issue 13, points 7-10).
+"""The device server and its client under hostile peers (issue 13, points 7-11).
 
 * 7: ``query`` frames (info, trace) are refused unless the server was started with
   ``introspect=True`` (``qtee serve --introspect``); the CLI says so in one line.
@@ -9,6 +9,9 @@
   threads are capped, past the cap a call is answered EBUSY), and a failure to start a
   thread kills no loop.
 * 10: accept failures (EMFILE) make the accept loop back off, not stop.
+* 11: a call other than SUPPL_RECV has a deadline (``call_timeout``): a silent or wedged
+  server fails it with ETIMEDOUT and the connection closes; the deadline stands still
+  while the call waits on a callback, and restarts when the callback is answered.
 
 Fake servers are threads on a Unix socket in a ``mkdtemp`` directory (socket paths are
 limited to 108 bytes).
@@ -34,10 +37,11 @@ from typing import Any
 import pytest
 
 import qtee
-from objects import DriverError
-from qtee import DeviceServer, uapi
+from objects import DriverError, QteeError
+from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, Out, op, uapi
 from qtee.__main__ import main
 from qtee._frames import (
+    Bye,
     FrameDecoder,
     Hello,
     Ioctl,
@@ -57,6 +61,54 @@ _SUPP_HEAD = struct.Struct("<II")
 _UB_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
 _UB_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
 _META_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+
+
+# ---------------------------------------------------------------------------- TAs
+class Slow(qtee.TrustedApp):
+    """op 0: calls ``cb`` op 1 (which sleeps), then sleeps ``after`` seconds itself;
+    op 1: sleeps without any callback; op 2: adds."""
+
+    @op(0, ib=(8,), io=1)
+    def call_back_then_sleep(self, after: bytes, cb: NsObject) -> None:
+        res = cb.invoke(1)
+        if res.result:
+            raise QteeError(res.result)
+        time.sleep(struct.unpack("<d", after)[0])
+
+    @op(1, ib=(8,))
+    def sleep(self, seconds: bytes) -> None:
+        time.sleep(struct.unpack("<d", seconds)[0])
+
+    @op(2, ib=(8,), ob=(4,))
+    def add(self, pair: bytes) -> bytes:
+        a, b = struct.unpack("<II", pair)
+        return struct.pack("<I", (a + b) & 0xFFFF_FFFF)
+
+
+class Sleeper(CallbackObject):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    @op(1)
+    def nap(self) -> None:
+        time.sleep(self.seconds)
+
+
+SLOW = pytest.mark.qtee_ta("hardening.slow", Slow)
+
+
+def _load(client: qtee.Client, name: str = "hardening.slow") -> list[qtee.ObjRef]:
+    """env, loader, controller, app (release in reverse)."""
+    env = client.client_env()
+    loader = client.open_service(env, 3)
+    (ctrl,) = loader.invoke(0, qtee.ta_image(name), OUT_OBJECT)
+    (app,) = ctrl.invoke(2, OUT_OBJECT)
+    return [env, loader, ctrl, app]
+
+
+def _release(refs: list[qtee.ObjRef]) -> None:
+    for ref in reversed(refs):
+        ref.release()
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -761,3 +813,140 @@ def test_accept_survives_a_real_fd_limit(sockdir: str) -> None:
             s.close()
         proc.kill()
         proc.wait(10)
+
+
+# ============================================================================ point 11
+def test_a_silent_server_fails_calls_with_etimedout(sockdir: str) -> None:
+    """A server that welcomes and then never answers: the call fails ETIMEDOUT shortly
+    after call_timeout, the connection closes, and another call in flight fails EBADF."""
+    path = os.path.join(sockdir, "fake")
+    fake = FakeServer(path, lambda peer: peer.drain())
+    try:
+        ctx = qtee.connect(path, call_timeout=0.5).open()
+        other: list[BaseException] = []
+
+        def second() -> None:
+            time.sleep(0.2)
+            try:
+                ctx.ioctl(uapi.TEE_IOC_VERSION, bytearray(12))
+            except BaseException as exc:
+                other.append(exc)
+
+        t = threading.Thread(target=second)
+        t.start()
+        t0 = time.monotonic()
+        with pytest.raises(DriverError) as exc:
+            ctx.ioctl(uapi.TEE_IOC_VERSION, bytearray(12))
+        took = time.monotonic() - t0
+        assert exc.value.code == errno.ETIMEDOUT
+        assert 0.5 <= took < 2.0, took
+        t.join(3)
+        assert not t.is_alive()
+        assert isinstance(other[0], DriverError) and other[0].code == errno.EBADF
+        assert fake.eof.wait(3)
+        with pytest.raises(DriverError) as exc:
+            ctx.ioctl(uapi.TEE_IOC_VERSION, bytearray(12))
+        assert exc.value.code == errno.EBADF
+        ctx.close()
+    finally:
+        fake.close()
+
+
+def test_recv_has_no_deadline(sockdir: str) -> None:
+    """SUPPL_RECV waits for as long as it takes (the fake answers it after 3 deadlines)."""
+    path = os.path.join(sockdir, "fake")
+
+    def script(peer: FakeServer) -> None:
+        req = peer.recv_ioctl()
+        time.sleep(0.9)
+        peer.send(IoctlReply(seq=req.seq, arg=req.arg))
+        peer.drain()
+
+    fake = FakeServer(path, script)
+    try:
+        device = qtee.connect(path, call_timeout=0.3)
+        ctx = device.open()
+        block = bytearray(_SUPP_HEAD.pack(0, 1) + _PARAM.pack(_META_IN, 0, 0, 0))
+        addr = device.memory.pin(block)
+        ctx.ioctl(uapi.TEE_IOC_SUPPL_RECV, bytearray(_BUF.pack(addr, len(block))))
+        ctx.close()
+    finally:
+        fake.close()
+    assert fake.error is None, fake.error
+
+
+@SLOW
+def test_a_callback_longer_than_the_deadline_succeeds(server: DeviceServer) -> None:
+    """The deadline stands still while QTEE waits on the client's callback object."""
+    with qtee.Client(qtee.connect(server.path, call_timeout=0.4), workers=1) as client:
+        refs = _load(client)
+        time.sleep(0.6)  # the workers' SUPPL_RECVs outlive the deadline
+        t0 = time.monotonic()
+        refs[3].invoke(0, struct.pack("<d", 0.0), Sleeper(1.5))
+        assert time.monotonic() - t0 >= 1.5
+        assert refs[3].invoke(2, struct.pack("<II", 2, 3), Out(4)) == [struct.pack("<I", 5)]
+        _release(refs)
+
+
+@SLOW
+def test_the_deadline_restarts_when_the_callback_ends(server: DeviceServer) -> None:
+    """A callback of 1 s, then the TA runs 1.5 s more: the call fails ETIMEDOUT one deadline
+    (0.5 s) after the callback ended, not before it and not at the end of the TA."""
+    client = qtee.Client(qtee.connect(server.path, call_timeout=0.5), workers=1)
+    try:
+        refs = _load(client)
+        t0 = time.monotonic()
+        with pytest.raises(DriverError) as exc:
+            refs[3].invoke(0, struct.pack("<d", 1.5), Sleeper(1.0))
+        took = time.monotonic() - t0
+        assert exc.value.code == errno.ETIMEDOUT
+        assert 1.4 <= took < 2.4, took
+        with pytest.raises(DriverError) as exc:  # the connection is gone
+            refs[3].invoke(2, struct.pack("<II", 2, 3), Out(4))
+        assert exc.value.code == errno.EBADF
+    finally:
+        client.close()
+
+
+@SLOW
+def test_a_wedged_call_times_out_and_frees_the_connection(server: DeviceServer) -> None:
+    """A TA that runs past the deadline without calling back: ETIMEDOUT, the connection
+    closes, and the server cleans up after it (the plugin checks its tables)."""
+    client = qtee.Client(qtee.connect(server.path, call_timeout=0.3), workers=1)
+    try:
+        refs = _load(client)
+        t0 = time.monotonic()
+        with pytest.raises(DriverError) as exc:
+            refs[3].invoke(1, struct.pack("<d", 1.5))
+        assert exc.value.code == errno.ETIMEDOUT
+        assert time.monotonic() - t0 < 1.4
+    finally:
+        client.close()
+    assert _eventually(lambda: server.connections == 0, timeout=10)
+
+
+def test_call_timeout_is_validated() -> None:
+    for bad in (0, -1.0, float("nan"), float("inf"), "1", True):
+        with pytest.raises(qtee.UsageError):
+            qtee.connect("/nonexistent", call_timeout=bad)  # type: ignore[arg-type]
+    assert qtee.connect("/nonexistent", call_timeout=None).call_timeout is None
+    assert qtee.connect("/nonexistent").call_timeout == 30.0
+
+
+def test_bye_is_still_a_lost_connection(sockdir: str) -> None:
+    """A server that says bye mid-call fails the call EBADF (not ETIMEDOUT)."""
+    path = os.path.join(sockdir, "fake")
+
+    def script(peer: FakeServer) -> None:
+        peer.recv_ioctl()
+        peer.send(Bye(reason="going away"))
+
+    fake = FakeServer(path, script)
+    try:
+        ctx = qtee.connect(path).open()
+        with pytest.raises(DriverError) as exc:
+            ctx.ioctl(uapi.TEE_IOC_VERSION, bytearray(12))
+        assert exc.value.code == errno.EBADF and "going away" in str(exc.value)
+        ctx.close()
+    finally:
+        fake.close()
