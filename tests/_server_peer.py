@@ -19,21 +19,44 @@ unbuffered (``os.write``), so what the parent reads after a SIGKILL is a true pr
     frames, bad frames after a good hello) and checks that the server closes each one.
     Prints ``CASE <name> <outcome> <how>`` per case, then ``DONE``; exits 0 if the server
     closed every connection, 1 otherwise.
+
+``hostile SOCKET CONNS SECONDS SEED``
+    ``CONNS`` threads, each keeping one hostile connection open at a time for ``SECONDS``
+    (the server soak, tests/test_server_soak.py): SUPPL_RECV floods, partial frames,
+    hang-ups mid-call (in a TA's code, in a callback, while loading) and failing
+    SHM_ALLOCs (flags, short arg, huge sizes; a good one never freed).  Thread ``k``
+    loads TA ``soak.hostile.<k>``.  Prints ``HOSTILE kind=count ...`` and exits 0; the
+    server's answers are not checked here (a hostile peer gets what it asks for), only
+    that the server keeps answering: ``unanswered`` counts floods whose VERSION got no
+    reply within 10 s.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import os
 import random
 import socket
 import struct
 import sys
+import threading
 import time
 
 import qtee
-from objects import QteeError
-from qtee import OUT_OBJECT, CallbackObject, Out, op
-from qtee._frames import MAX_FRAME, Bye, FrameDecoder, FrameError, Hello, Ioctl, encode
+from objects import QteeBaseError, QteeError
+from qtee import OUT_OBJECT, CallbackObject, Out, op, uapi
+from qtee._frames import (
+    MAX_FRAME,
+    Bye,
+    FrameDecoder,
+    FrameError,
+    Hello,
+    Ioctl,
+    IoctlReply,
+    Region,
+    encode,
+)
 
 
 def say(*words: object) -> None:
@@ -195,6 +218,176 @@ def garbage(path: str, seed: int) -> int:
     return 1 if bad else 0
 
 
+# ---------------------------------------------------------------------------- hostile
+_BUF = struct.Struct("<QQ")
+_PARAM = struct.Struct("<4Q")
+_META_IN = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+
+
+def _raw(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    s.sendall(encode(Hello(client="hostile")))
+    return s
+
+
+def _recv_frame(seq: int) -> bytes:
+    block_addr, scratch_addr, size = 0x10_0000, 0x10_1000, 256
+    block = struct.pack("<II", 0, 2) + _PARAM.pack(_META_IN, scratch_addr, size, 0) + bytes(32)
+    return encode(
+        Ioctl(
+            seq=seq,
+            cmd=uapi.TEE_IOC_SUPPL_RECV,
+            arg=_BUF.pack(block_addr, len(block)),
+            regions=(
+                Region(addr=block_addr, data=block, writable=True),
+                Region(addr=scratch_addr, data=bytes(size), writable=True),
+            ),
+        )
+    )
+
+
+def _replies(s: socket.socket, want: int, timeout: float) -> list[IoctlReply]:
+    """Replies read within ``timeout`` (up to ``want``); fds that come are dropped."""
+    dec = FrameDecoder(expect_increasing_seq=False)
+    got: list[IoctlReply] = []
+    end = time.monotonic() + timeout
+    while len(got) < want and (left := end - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            data = s.recv(1 << 16)
+        except (TimeoutError, OSError):
+            break
+        if not data:
+            break
+        dec.feed(data)
+        got += [m for m in dec if isinstance(m, IoctlReply)]
+    return got
+
+
+def _flood(path: str, rng: random.Random, counts: collections.Counter[str]) -> None:
+    """More SUPPL_RECVs than the server lets one connection have waiting, then VERSION:
+    the surplus is EBUSY and VERSION is still answered; then hang up."""
+    with _raw(path) as s:
+        n = rng.randint(70, 140)
+        s.sendall(b"".join(_recv_frame(seq) for seq in range(1, n + 1)))
+        s.sendall(encode(Ioctl(seq=n + 1, cmd=uapi.TEE_IOC_VERSION, arg=bytes(12))))
+        got = _replies(s, n + 1, 10.0)
+        counts["ebusy"] += sum(r.errno == errno.EBUSY for r in got)
+        if not any(r.seq == n + 1 for r in got):
+            counts["unanswered"] += 1
+        time.sleep(rng.uniform(0, 0.3))
+
+
+def _partial(path: str, rng: random.Random, counts: collections.Counter[str]) -> None:
+    """Part of a frame (of an ioctl, or a header promising a large body), held, dropped."""
+    with _raw(path) as s:
+        if rng.random() < 0.5:
+            frame = _recv_frame(1)
+            s.sendall(frame[: rng.randint(1, len(frame) - 1)])
+        else:
+            s.sendall(struct.pack(">I", rng.randint(1000, 1 << 20)) + rng.randbytes(100))
+        time.sleep(rng.uniform(0, 0.5))
+
+
+def _shm(path: str, rng: random.Random, counts: collections.Counter[str]) -> None:
+    """SHM_ALLOCs that fail (flags, a short arg, huge sizes) and one that succeeds and is
+    never freed; the fds the server sends are dropped unread (the kernel closes them)."""
+    with _raw(path) as s:
+        args = [
+            uapi.ShmAllocData(4096, 1).pack(),
+            bytes(8),
+            uapi.ShmAllocData(1 << 62).pack(),
+            uapi.ShmAllocData(1 << 47).pack(),
+            uapi.ShmAllocData(rng.randint(1, 65536)).pack(),
+        ]
+        rng.shuffle(args)
+        s.sendall(
+            b"".join(
+                encode(Ioctl(seq=k, cmd=uapi.TEE_IOC_SHM_ALLOC, arg=a))
+                for k, a in enumerate(args, 1)
+            )
+        )
+        got = _replies(s, len(args), 10.0)
+        counts["shm_failed"] += sum(r.errno != 0 for r in got)
+        counts["shm_ok"] += sum(r.errno == 0 for r in got)
+
+
+class _Slow(CallbackObject):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    @op(1)
+    def nap(self) -> None:
+        time.sleep(self.seconds)
+
+
+def _hangup(path: str, k: int, rng: random.Random, counts: collections.Counter[str]) -> None:
+    """A client that drops its connection in the middle of a call: in the TA's code, in a
+    callback to it, or while loading (calls that return new objects)."""
+    client = qtee.Client(qtee.connect(path), workers=1)
+    try:
+        where = rng.choice(["ta", "callback", "loading"])
+        refs: list[qtee.ObjRef] = []
+
+        def calls() -> None:
+            try:
+                refs.extend(load(client, f"soak.hostile.{k}"))
+                if where == "ta":
+                    refs[0].invoke(0, struct.pack("<I", rng.randint(20, 200)))
+                elif where == "callback":
+                    refs[0].invoke(1, _Slow(rng.uniform(0.02, 0.2)))
+            except (QteeBaseError, OSError):
+                pass
+
+        t = threading.Thread(target=calls, daemon=True)
+        t.start()
+        time.sleep(rng.uniform(0, 0.05) if where == "loading" else rng.uniform(0.01, 0.15))
+        assert isinstance(client.ctx, qtee.RemoteContext)
+        client.ctx.sock.shutdown(socket.SHUT_RDWR)
+        t.join(30)
+        counts[f"hangup_{where}"] += 1
+    finally:
+        client.close()
+
+
+def hostile(path: str, conns: int, seconds: float, seed: int) -> int:
+    end = time.monotonic() + seconds
+    counts: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        rng = random.Random(seed * 1000 + k)
+        mine: collections.Counter[str] = collections.Counter()
+        while time.monotonic() < end:
+            kind = rng.choice(["flood", "partial", "shm", "hangup"])
+            try:
+                if kind == "flood":
+                    _flood(path, rng, mine)
+                elif kind == "partial":
+                    _partial(path, rng, mine)
+                elif kind == "shm":
+                    _shm(path, rng, mine)
+                else:
+                    _hangup(path, k, rng, mine)
+                mine[kind] += 1
+            except (QteeBaseError, OSError) as exc:
+                mine[f"error_{kind}"] += 1
+                if mine[f"error_{kind}"] == 1:
+                    say("ERROR", kind, type(exc).__name__, str(exc)[:120])
+        with lock:
+            counts.update(mine)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    say("HOSTILE", *(f"{kind}={n}" for kind, n in sorted(counts.items())))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     mode, path, *rest = argv
     try:
@@ -204,6 +397,8 @@ def main(argv: list[str]) -> int:
             return echo(path, rest[0], int(rest[1]), int(rest[2]))
         if mode == "garbage":
             return garbage(path, int(rest[0]))
+        if mode == "hostile":
+            return hostile(path, int(rest[0]), float(rest[1]), int(rest[2]))
     except QteeError as exc:
         say("QTEE-ERROR", exc.result)
         return 2
