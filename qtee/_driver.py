@@ -849,7 +849,18 @@ class Context:
         return -96, out  # QCOMTEE_MSG_ERROR_UNAVAIL
 
     # ------------------------------------------------------------------ supplicant
-    def _supp_recv(self, arg: bytearray | memoryview) -> int:
+    def recv_nowait(self, arg: bytearray | memoryview) -> int:
+        """SUPPL_RECV that never blocks (the model's own): EAGAIN when no request is
+        queued, else exactly what the ioctl does.  With :meth:`RequestQueue.wait_ready`,
+        a server or a C bridge serves a thread's RECV without parking a thread here."""
+        life = self.life
+        life.enter()
+        try:
+            return self._supp_recv(arg, wait=False)
+        finally:
+            life.leave()
+
+    def _supp_recv(self, arg: bytearray | memoryview, *, wait: bool = True) -> int:
         mem = self.device.memory
         buf_ptr, _block, params = _read(self.device.memory, arg, _SUPP_HEAD.size, 4)
         if not params or params[0][0] != _META_IN:
@@ -868,6 +879,8 @@ class Context:
                     raise DriverError(errno.EINTR, "context closed while waiting")
                 req = q.fifo[0] if q.fifo else None
                 if req is None:
+                    if not wait:
+                        raise DriverError(errno.EAGAIN, "no request is queued")
                     q.cond.wait()
                     continue
                 n = len(req.ib) + len(req.ob) + len(req.io) + req.n_oo

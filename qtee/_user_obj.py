@@ -99,6 +99,15 @@ class RequestQueue:
             self.ids.free(req.req_id)
         req.done.release()
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until a request is queued or the context is released (True), or until
+        ``timeout`` seconds pass (False): when a non-blocking RECV would find something."""
+        with self.cond:
+            ready = self.cond.wait_for(lambda: bool(self.fifo) or self.released, timeout)
+            if ready:  # the wake-up may have been meant for a blocked RECV: pass it on
+                self.cond.notify()
+            return ready
+
     def close(self) -> None:
         """Context released: pending requests complete with -ENODEV, notifications dropped."""
         with self.cond:
