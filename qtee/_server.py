@@ -13,10 +13,12 @@ objects are released.
 
 No client can take the server down or wedge it for others:
 
-* a connection has at most :data:`RECV_LIMIT` SUPPL_RECVs waiting and
-  :data:`THREAD_LIMIT` request threads; past either, a SUPPL_RECV or OBJECT_INVOKE is
-  answered EBUSY at once (nothing blocks), and the other ioctls (which never block) run
-  in the thread that read them;
+* a waiting SUPPL_RECV holds no thread: it is parked, and the connection's one receiver
+  thread serves the parked RECVs in turn as requests are queued (a non-blocking RECV in
+  the driver); past :data:`RECV_LIMIT` parked ones, a SUPPL_RECV is answered EBUSY;
+* a connection has at most :data:`THREAD_LIMIT` request threads; past it an
+  OBJECT_INVOKE is answered EBUSY at once (nothing blocks), and the other ioctls (which
+  never block) run in the thread that read them;
 * the accept loop, each connection's reader and each trace sender outlive resource
   errors (no thread, EMFILE/ENFILE/ENOMEM, MemoryError): they log, pause
   (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`) and go on, never holding a lock;
@@ -37,6 +39,7 @@ every connection's labels and calls, so a server answers them only when started 
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import errno
 import logging
@@ -92,8 +95,9 @@ log = logging.getLogger("qtee.server")
 
 _GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
 
-#: SUPPL_RECVs one connection may have waiting in the server at once (a thread each); one
-#: more is answered EBUSY at once.  A supplicant with more workers loses the extra ones.
+#: SUPPL_RECVs one connection may have waiting in the server at once; one more is answered
+#: EBUSY at once.  Waiting RECVs hold no thread: they are parked and served in turn by the
+#: connection's one receiver thread as requests arrive.
 RECV_LIMIT: Final = 64
 #: Request threads one connection may have (the one reading included).  At the limit the
 #: reader answers a SUPPL_RECV or OBJECT_INVOKE EBUSY and runs the other ioctls itself.
@@ -105,8 +109,6 @@ SEND_TIMEOUT: Final = 30.0
 #: in a row, up to BACKOFF_MAX, and starts again after a success.
 BACKOFF_FIRST: Final = 0.01
 BACKOFF_MAX: Final = 1.0
-#: The ioctls that may block for as long as a TA or a supplicant takes.
-_BLOCKING: Final = frozenset({uapi.TEE_IOC_OBJECT_INVOKE, uapi.TEE_IOC_SUPPL_RECV})
 #: What starting a thread raises at the system's limits.
 _NO_THREAD: Final = (RuntimeError, MemoryError)
 _INTROSPECT_OFF: Final = (
@@ -235,9 +237,9 @@ class _Connection:
     waits) and runs the ioctl, so a request never waits for another thread to wake up.
     A thread whose ioctl is done queues up to lead again; one blocked in SUPPL_RECV simply
     is not among them.  When no thread can take the lead (``thread_limit`` reached, or the
-    system starts no more threads), the leader keeps it: a SUPPL_RECV or OBJECT_INVOKE is
-    answered EBUSY, any other ioctl (which never blocks) runs in the leader.  A SUPPL_RECV
-    past ``recv_limit`` waiting ones is answered EBUSY as well.
+    system starts no more threads), the leader keeps it: an OBJECT_INVOKE is answered
+    EBUSY, any other ioctl (which never blocks) runs in the leader.  A SUPPL_RECV is
+    parked for the receiver thread (EBUSY past ``recv_limit`` parked ones).
     """
 
     def __init__(self, server: DeviceServer, sock: socket.socket, name: str) -> None:
@@ -250,9 +252,12 @@ class _Connection:
         self._decoder = FrameDecoder(max_frame=server.max_frame)
         self._threads: set[threading.Thread] = set()
         self._waiting = 0  # threads queued to lead
-        self._recvs = 0  # SUPPL_RECVs running
         self._done = False  # the stream ended: threads that get the lead leave
         self._lock = threading.Lock()
+        #: SUPPL_RECVs waiting for a request, oldest first, and the thread serving them.
+        self._parked: collections.deque[Ioctl] = collections.deque()
+        self._parked_cond = threading.Condition(self._lock)
+        self._receiver: threading.Thread | None = None
         self._calls: dict[int, _CallRegions] = {}  # seq -> the ioctl running (for probes)
         self.closed = threading.Event()
         self._trace: _TraceStream | None = None
@@ -304,6 +309,7 @@ class _Connection:
             if job is None:
                 with self._lock:
                     self._done = True
+                    self._parked_cond.notify_all()
                 self._read.release()
                 self._close(reason)
                 return
@@ -318,19 +324,18 @@ class _Connection:
             if req is None:
                 return None, reason
             cmd = req.cmd
+            if cmd == uapi.TEE_IOC_SUPPL_RECV:
+                if not self._park(req):
+                    self._reply_now(req.seq, errno.EBUSY)
+                continue
             pause = False
             with self._lock:
-                if cmd == uapi.TEE_IOC_SUPPL_RECV and self._recvs >= self.server.recv_limit:
-                    handed = False
-                else:
-                    handed = self._waiting > 0
-                    if not handed:
-                        handed, pause = self._spawn()
-                    if handed and cmd == uapi.TEE_IOC_SUPPL_RECV:
-                        self._recvs += 1
+                handed = self._waiting > 0
+                if not handed:
+                    handed, pause = self._spawn()
             if handed:
                 return (req, self._begin(req)), ""
-            if cmd in _BLOCKING:
+            if cmd == uapi.TEE_IOC_OBJECT_INVOKE:  # may block as long as a TA takes
                 self._reply_now(req.seq, errno.EBUSY)
             else:  # never blocks: run it here, still leading
                 self._run(req, self._begin(req))
@@ -352,6 +357,43 @@ class _Connection:
             return False, True
         self._threads.add(t)
         return True, False
+
+    def _park(self, req: Ioctl) -> bool:
+        """File a SUPPL_RECV for the receiver thread (started on the first); False when
+        ``recv_limit`` are parked already or no receiver thread can start."""
+        with self._lock:
+            if len(self._parked) >= self.server.recv_limit:
+                return False
+            if self._receiver is None:
+                t = threading.Thread(target=self._receive, name=f"{self.name}-recv", daemon=True)
+                try:
+                    t.start()
+                except _NO_THREAD as exc:
+                    log.warning("%s: no receiver thread (%s)", self.name, exc)
+                    return False
+                self._receiver = t
+                self._threads.add(t)
+            self._parked.append(req)
+            self._parked_cond.notify()
+            return True
+
+    def _receive(self) -> None:
+        """The receiver: serve the parked SUPPL_RECVs, oldest first, each when a request
+        is queued (or the fd closes), with the driver's non-blocking RECV; one that
+        would still block (the request went meanwhile) waits again."""
+        assert self.ctx is not None
+        requests = self.ctx.requests
+        while True:
+            with self._lock:
+                while not self._parked and not self._done:
+                    self._parked_cond.wait()
+                if not self._parked:
+                    return
+                req = self._parked[0]
+            requests.wait_ready()
+            if self._run(req, self._begin(req), nowait=True):
+                with self._lock:
+                    self._parked.popleft()
 
     def _begin(self, req: Ioctl) -> _CallRegions:
         """Map the request's regions in this thread and file it for probes."""
@@ -421,17 +463,24 @@ class _Connection:
             return True
         raise FrameError(f"unexpected {type(msg).__name__} from a client")
 
-    def _run(self, req: Ioctl, call: _CallRegions) -> None:
+    def _run(self, req: Ioctl, call: _CallRegions, *, nowait: bool = False) -> bool:
         """Run one ioctl in this thread and send its reply (an errno reply if the driver
-        model itself failed: the client must not wait for ever)."""
+        model itself failed: the client must not wait for ever).  ``nowait``: the
+        request is a SUPPL_RECV run without blocking; False (nothing sent) if it would
+        block."""
         max_frame = self.server.max_frame
         try:
             arg = bytearray(req.arg)
             assert self.ctx is not None
             ok = False
             try:
-                self.ctx.ioctl(req.cmd, arg)
+                if nowait:
+                    self.ctx.recv_nowait(arg)
+                else:
+                    self.ctx.ioctl(req.cmd, arg)
             except DriverError as exc:
+                if nowait and exc.code == errno.EAGAIN:
+                    return False
                 reply = encode_reply(req.seq, exc.code, max_frame=max_frame)
             except MemoryError:
                 log.error("%s: ioctl %#x (seq %d): out of memory", self.name, req.cmd, req.seq)
@@ -443,10 +492,6 @@ class _Connection:
                 written = [(a, bytes(call.bufs[a])) for a in sorted(call.written)]
                 reply = encode_reply(req.seq, 0, bytes(arg), written, max_frame=max_frame)
                 ok = True
-            finally:
-                if req.cmd == uapi.TEE_IOC_SUPPL_RECV:
-                    with self._lock:
-                        self._recvs -= 1
             with contextlib.suppress(OSError):  # the client is gone; its context is closing
                 if req.cmd == uapi.TEE_IOC_SHM_ALLOC and ok:
                     self._send_shm_fd(req.seq, arg)
@@ -456,6 +501,7 @@ class _Connection:
         finally:
             self.server.memory.end()
             self._calls.pop(req.seq, None)  # after the reply: a probe after it finds none
+        return True
 
     def _send_shm_fd(self, seq: int, arg: bytearray) -> None:
         """The new shm's memory file goes to the client; the server keeps only its mapping."""

@@ -620,10 +620,10 @@ def _conn_threads(server: DeviceServer) -> int:
     return sum(1 for t in threading.enumerate() if t.name.startswith("conn-") and t.is_alive())
 
 
-def test_a_recv_flood_takes_at_most_the_recv_limit_of_threads(server: DeviceServer) -> None:
-    """300 SUPPL_RECVs on one connection: RECV_LIMIT of them wait (a thread each), the rest
-    are answered EBUSY at once; another client is served throughout; the hang-up frees
-    every thread."""
+def test_a_recv_flood_parks_the_recv_limit_and_takes_one_thread(server: DeviceServer) -> None:
+    """300 SUPPL_RECVs on one connection: RECV_LIMIT of them wait, parked for the
+    connection's one receiver thread (no thread each), the rest are answered EBUSY at once;
+    another client is served throughout; the hang-up frees every thread."""
     import qtee._server
 
     limit = getattr(qtee._server, "RECV_LIMIT", 64)  # (the name is new with the limit)
@@ -638,7 +638,7 @@ def test_a_recv_flood_takes_at_most_the_recv_limit_of_threads(server: DeviceServ
         replies = [m for m in got[1:] if isinstance(m, IoctlReply)]
         assert len(replies) == n - limit
         assert {r.errno for r in replies} == {errno.EBUSY}
-        assert _conn_threads(server) - before <= limit + 2
+        assert _conn_threads(server) - before <= 3  # the reader, the receiver, one follower
         with qtee.Client(qtee.connect(server.path), workers=1) as client:
             client.client_env().release()
     finally:
@@ -649,13 +649,16 @@ def test_a_recv_flood_takes_at_most_the_recv_limit_of_threads(server: DeviceServ
 def test_the_thread_limit_answers_blocking_calls_ebusy_and_runs_quick_ones(
     sockdir: str,
 ) -> None:
-    """A connection at its thread limit: an OBJECT_INVOKE or SUPPL_RECV more is EBUSY at
-    once; a quick call (VERSION) is still served."""
-    with DeviceServer(os.path.join(sockdir, "s"), thread_limit=3) as srv:
+    """A connection at its thread limit (here 2: the reader, and the receiver a parked
+    SUPPL_RECV started): an OBJECT_INVOKE is EBUSY at once (it could block in a TA); a
+    quick call (VERSION) is still served, by the reader itself."""
+    with DeviceServer(os.path.join(sockdir, "s"), thread_limit=2) as srv:
         s = _raw(srv.path)
         dec = FrameDecoder(expect_increasing_seq=False)
         try:
-            s.sendall(_recv_ioctl(1) + _recv_ioctl(2) + _recv_ioctl(3))
+            s.sendall(_recv_ioctl(2))
+            invoke = Ioctl(seq=3, cmd=uapi.TEE_IOC_OBJECT_INVOKE, arg=_BUF.pack(0x1000, 24))
+            s.sendall(encode(invoke))
             s.sendall(encode(Ioctl(seq=4, cmd=uapi.TEE_IOC_VERSION, arg=bytes(12))))
             got = _read_frames(s, dec, 3, timeout=5)
             assert isinstance(got[0], Welcome)

@@ -36,7 +36,7 @@ import pytest
 
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, Out, op
-from qtee._server import RECV_LIMIT
+from qtee._server import THREAD_LIMIT
 
 REPO = Path(__file__).resolve().parent.parent
 PEER = REPO / "tests" / "_server_peer.py"
@@ -229,9 +229,10 @@ def test_server_soak(
 
     hostile_line = next((line for line in said.splitlines() if line.startswith("HOSTILE")), said)
     # One connection per hostile thread and good client at a time, plus the sampler's
-    # `qtee info` ones: each may hold RECV_LIMIT waiting RECVs and a few more threads.
+    # `qtee info` ones: each has at most THREAD_LIMIT request threads (its receiver among
+    # them; parked RECVs hold none) and a trace sender.
     conns = HOSTILE + GOOD + 1
-    thread_bound = conns * (RECV_LIMIT + 4) + 8
+    thread_bound = conns * (THREAD_LIMIT + 1) + 8
     fd_bound = idle_fds + conns * 4 + 16
     with capsys.disabled():
         print(
