@@ -144,15 +144,23 @@ class WorkerPool:
         request = _SUPP_HEAD.pack(0, RECV_PARAMS) + _params_struct(RECV_PARAMS).pack(
             _META_IN, base, SCRATCH_SIZE, 0, *(0,) * (4 * (RECV_PARAMS - 1))
         )
+        busy = 0.0
         try:
             while not self._stopping:
                 recv.buf[:size] = request
                 try:
                     client._call(uapi.TEE_IOC_SUPPL_RECV, recv, size)
                 except DriverError as exc:
+                    if exc.code == errno.EBUSY:  # a device server's cap on waiting RECVs
+                        if not busy:
+                            log.warning("SUPPL_RECV: %s; retrying", exc)
+                        busy = min(busy * 2, 1.0) if busy else 0.01
+                        time.sleep(busy)
+                        continue
                     if exc.code not in (errno.EINTR, errno.EBADF):
                         log.error("SUPPL_RECV failed: %s", exc)
                     return
+                busy = 0.0
                 func, num = _SUPP_HEAD.unpack_from(recv.buf)
                 end = _SUPP_HEAD.size + 32 * num
                 got = list(_PARAM.iter_unpack(recv.buf[_SUPP_HEAD.size : end]))

@@ -953,3 +953,22 @@ def test_bye_is_still_a_lost_connection(sockdir: str) -> None:
         ctx.close()
     finally:
         fake.close()
+
+
+@SLOW
+def test_pool_workers_past_the_recv_limit_retry_instead_of_dying(sockdir: str) -> None:
+    """A pool of 4 workers against a server that parks 2 RECVs per connection: two
+    workers get EBUSY and retry (they used to log and exit); callbacks are served, and
+    with the two parked workers busy, the retrying ones take over."""
+    with DeviceServer(os.path.join(sockdir, "s"), recv_limit=2) as srv:
+        with qtee.Client(qtee.connect(srv.path), workers=4) as client:
+            refs = _load(client)
+            pool = client.pool
+            assert pool is not None
+            time.sleep(0.3)  # two RECVs parked, two answered EBUSY and retrying
+            assert pool.alive() == 4
+            for _ in range(3):
+                refs[3].invoke(0, struct.pack("<d", 0.0), Sleeper(0.05))
+            assert pool.alive() == 4
+            _release(refs)
+        assert _eventually(lambda: srv.connections == 0)
