@@ -99,8 +99,8 @@ _GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
 #: EBUSY at once.  Waiting RECVs hold no thread: they are parked and served in turn by the
 #: connection's one receiver thread as requests arrive.
 RECV_LIMIT: Final = 64
-#: Request threads one connection may have (the one reading included).  At the limit the
-#: reader answers a SUPPL_RECV or OBJECT_INVOKE EBUSY and runs the other ioctls itself.
+#: Request threads one connection may have (the one reading and its receiver included).
+#: At the limit the reader answers an OBJECT_INVOKE EBUSY and runs the other ioctls itself.
 THREAD_LIMIT: Final = 96
 #: Seconds one send to a client may wait for room in its socket buffer; then the client,
 #: which has read nothing for that long, is disconnected.
