@@ -1,10 +1,11 @@
-"""The ``qtee`` command line."""
+"""The qtee command line: the demo, a device server, the supplicant, traces, guests."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
+import os
 import signal
 import sys
 import threading
@@ -61,10 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE first (it registers its TAs); repeatable",
+        help="import MODULE first (it registers its TAs; the current directory is searched "
+        "first); repeatable",
     )
     serve.add_argument(
-        "--duration", type=float, default=None, metavar="SECONDS", help="stop after this long"
+        "--duration", type=_seconds, default=None, metavar="SECONDS", help="stop after this long"
     )
     serve.add_argument(
         "--introspect",
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     trace.add_argument(
         "--duration",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="with --connect: stop after this long",
@@ -160,17 +162,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a duration of zero seconds or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a duration is 0 or more seconds, not {text}")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     import importlib
 
+    from objects import UsageError
     from qtee._server import DeviceServer
 
+    if args.ta_module and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -c "import MODULE"` would find it
     for name in args.ta_module:
         try:
             importlib.import_module(name)
         except ImportError as exc:
             print(f"qtee serve: cannot import {name}: {exc}", file=sys.stderr)
-            return 2
+            return 1
     end = None if args.duration is None else time.monotonic() + args.duration
     try:
         with (
@@ -179,8 +195,12 @@ def _serve(args: argparse.Namespace) -> int:
         ):
             print(f"serving on {args.socket}", flush=True)
             _sleep_until(end, stop)
-    except OSError as exc:
+    except UsageError as exc:  # the path holds a live server's socket, or a file
         print(f"qtee serve: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = "" if exc.filename else f" {args.socket}:"
+        print(f"qtee serve:{where} {exc}", file=sys.stderr)
         return 1
     leaks = server.device.leaks()  # once every connection is closed (its fd with it)
     print("tables: empty" if not leaks else f"tables: {leaks}")

@@ -47,6 +47,7 @@ import math
 import os
 import queue
 import socket
+import stat
 import struct
 import threading
 import time
@@ -656,6 +657,30 @@ class _TraceFanout:
             stream(record)
 
 
+def _clear_stale_socket(path: str) -> None:
+    """Make room to bind ``path``: nothing there, or a socket nobody listens on (removed);
+    a live server's socket or any other file is a UsageError."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{path} exists and is not a socket: not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: its server is gone
+        return
+    except OSError:
+        pass  # cannot tell (a full backlog, a timeout): someone holds it
+    finally:
+        probe.close()
+    raise UsageError(f"a server is already listening on {path}")
+
+
 def _limit(value: object, what: str, lo: int) -> int:
     if type(value) is not int or value < lo:
         raise UsageError(f"{what} must be an int >= {lo}, not {value!r}")
@@ -705,6 +730,7 @@ class DeviceServer:
         #: Whether ``query`` frames are answered (see the class docstring).
         self.introspect = introspect
         self._sock: socket.socket | None = None
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket bound
         self._accept: threading.Thread | None = None
         self._lock = threading.Lock()
         self._conns: set[_Connection] = set()
@@ -726,12 +752,16 @@ class DeviceServer:
             call.on_callback(entering)
 
     def start(self) -> DeviceServer:
-        """Bind and listen; connections are served by background threads."""
+        """Bind and listen; connections are served by background threads.
+
+        A socket left at ``path`` by a server that is gone is replaced; anything else
+        there -- a live server's socket, a file -- is a :class:`UsageError`, and stays."""
+        _clear_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if os.path.exists(self.path):
-                os.unlink(self.path)
             sock.bind(self.path)
+            st = os.stat(self.path)
+            self._bound = (st.st_dev, st.st_ino)
             sock.listen(64)
             self._sock = sock
             self._accept = threading.Thread(
@@ -808,8 +838,13 @@ class DeviceServer:
             conn.closed.wait(5)
         if self._accept is not None:
             self._accept.join(5)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        try:  # only the socket this server bound: another may have taken the path since
+            st = os.stat(self.path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) == self._bound and stat.S_ISSOCK(st.st_mode):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     def __enter__(self) -> DeviceServer:
         return self.start()

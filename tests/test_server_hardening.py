@@ -972,3 +972,91 @@ def test_pool_workers_past_the_recv_limit_retry_instead_of_dying(sockdir: str) -
             assert pool.alive() == 4
             _release(refs)
         assert _eventually(lambda: srv.connections == 0)
+
+
+# ------------------------------------------------------ the socket path belongs to one server
+
+
+def test_a_second_server_on_a_live_path_is_refused(sockdir: str) -> None:
+    """``start`` used to unlink whatever was at the path: a second server stole a live
+    server's socket (the first one unreachable), and the first one's stop then removed
+    the second one's."""
+    path = os.path.join(sockdir, "s")
+    with DeviceServer(path) as first:
+        with pytest.raises(qtee.UsageError, match="already listening"):
+            DeviceServer(path).start()
+        ctx = qtee.connect(path).open()  # the first server still answers at the path
+        ctx.close()
+        assert _eventually(lambda: first.connections == 0)
+    assert not os.path.exists(path)
+
+
+def test_a_file_at_the_path_is_never_replaced(sockdir: str) -> None:
+    path = os.path.join(sockdir, "precious.txt")
+    Path(path).write_text("precious data")
+    with pytest.raises(qtee.UsageError, match="not a socket"):
+        DeviceServer(path).start()
+    assert Path(path).read_text() == "precious data"
+    assert main(["serve", "--socket", path, "--duration", "0"]) == 1
+    assert Path(path).read_text() == "precious data"
+
+
+def test_a_stale_socket_is_replaced(sockdir: str) -> None:
+    path = os.path.join(sockdir, "s")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()  # its server is gone; the file stays
+    with DeviceServer(path):
+        qtee.connect(path).open().close()
+
+
+def test_stop_removes_only_its_own_socket(sockdir: str) -> None:
+    """A server whose socket was removed and taken by another leaves the other's alone."""
+    path = os.path.join(sockdir, "s")
+    first = DeviceServer(path).start()
+    os.unlink(path)
+    with DeviceServer(path):
+        first.stop()
+        assert os.path.exists(path)
+        qtee.connect(path).open().close()
+
+
+def test_serve_imports_a_ta_module_from_the_current_directory(tmp_path: Path) -> None:
+    """``qtee serve --ta-module my_tas`` run where my_tas.py is, as the README shows."""
+    (tmp_path / "my_tas.py").write_text("IMPORTED = True\n")
+    sock = tempfile.mkdtemp(prefix="qtee-")
+    try:
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from qtee.__main__ import main; sys.exit(main(sys.argv[1:]))",
+                "serve",
+                "--socket",
+                os.path.join(sock, "s"),
+                "--ta-module",
+                "my_tas",
+                "--duration",
+                "0",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "PYTHONSAFEPATH": "1"},  # as the console script: no cwd
+        )
+    finally:
+        shutil.rmtree(sock, ignore_errors=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "tables: empty"
+
+
+@pytest.mark.parametrize("verb", [["serve", "--socket", "x"], ["trace", "--connect", "x"]])
+def test_a_negative_duration_is_a_usage_error(
+    verb: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*verb, "--duration", "-1"])
+    assert exc.value.code == 2
+    assert "a duration is 0 or more seconds, not -1" in capsys.readouterr().err
