@@ -418,6 +418,12 @@ class RemoteContext:
             raise DriverError(errno.ETIMEDOUT, reason)
 
     # ------------------------------------------------------------------ shm, query, close
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (the server closed it, or a call's check failed): every
+        call fails EBADF, as on a closed fd."""
+        return self._lost is not None
+
     def shm_view(self, shm_id: int) -> memoryview:
         """This process's mapping of a shm this context allocated (the server's pages)."""
         buf = self._maps.get(shm_id)

@@ -114,10 +114,16 @@ class ObjRef:
         return self.client._invoke(self.id, op, args)
 
     def release(self) -> None:
-        """Drop this handle (op 0xFFFF, handled by the driver)."""
+        """Drop this handle (op 0xFFFF, handled by the driver).  On an fd that is closed
+        or a connection that is lost (EBADF) there is nothing left to drop: the fd's close
+        released every object it held, this one with them."""
         if not self.released:
             self.released = True
-            self.client._invoke(self.id, 0xFFFF, ())
+            try:
+                self.client._invoke(self.id, 0xFFFF, ())
+            except DriverError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
 
     def __enter__(self) -> ObjRef:
         return self
@@ -140,10 +146,16 @@ class MemoryObject:
         self.view = client.ctx.shm_view(shm_id)
 
     def release(self) -> None:
-        """Close the owner's copy (QTEE's copies live on until QTEE releases them)."""
+        """Close the owner's copy (QTEE's copies live on until QTEE releases them).  As
+        for :meth:`ObjRef.release`, nothing is left to close once the fd is gone."""
         if self.id >= 0:
-            self.client.ctx.shm_free(self.id)
-            self.id = -1
+            shm_id, self.id = self.id, -1
+            try:
+                self.client.ctx.shm_free(shm_id)
+            except DriverError as exc:
+                ctx = self.client.ctx
+                if exc.errno != errno.EBADF or not (ctx.closed or getattr(ctx, "lost", False)):
+                    raise
 
     def __enter__(self) -> MemoryObject:
         return self

@@ -1060,3 +1060,27 @@ def test_a_negative_duration_is_a_usage_error(
         main([*verb, "--duration", "-1"])
     assert exc.value.code == 2
     assert "a duration is 0 or more seconds, not -1" in capsys.readouterr().err
+
+
+@SLOW
+def test_with_blocks_after_a_timeout_raise_only_the_timeout(server: DeviceServer) -> None:
+    """The README's ``with`` pattern around a call that times out: the handles' releases
+    on the lost connection have nothing left to drop (the fd's close released them), so
+    the caller sees the ETIMEDOUT alone, not EBADF chained on top of it."""
+    client = qtee.Client(qtee.connect(server.path, call_timeout=0.3), workers=1)
+    try:
+        with (
+            pytest.raises(DriverError) as exc,
+            client.client_env() as env,
+            client.open_service(env, 3) as loader,
+        ):
+            (ctrl,) = loader.invoke(0, qtee.ta_image("hardening.slow"), OUT_OBJECT)
+            with ctrl, client.memory(64) as mem:
+                (app,) = ctrl.invoke(2, OUT_OBJECT)
+                with app:
+                    app.invoke(1, struct.pack("<d", 1.0))  # sleeps past the deadline
+        assert exc.value.errno == errno.ETIMEDOUT
+        assert exc.value.__context__ is None  # nothing raised while leaving the blocks
+        assert mem.id == -1
+    finally:
+        client.close()
