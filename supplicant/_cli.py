@@ -32,7 +32,9 @@ _POLL: float = 0.1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``supplicant`` verb's options."""
     parser.add_argument(
-        "--storage", metavar="DIR", help="serve the file-storage listener (0xA) from DIR"
+        "--storage",
+        metavar="DIR",
+        help="serve the file-storage listener (0xA) from DIR (made if missing)",
     )
     parser.add_argument(
         "--ta-dir",
@@ -82,9 +84,16 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("qtee supplicant: --workers must be >= 1", file=sys.stderr)
         return 2
+    if args.storage is not None and not os.path.exists(args.storage):
+        try:  # as tee-supplicant makes its file-system root
+            os.makedirs(args.storage)
+        except OSError as exc:
+            print(f"qtee supplicant: cannot create {args.storage}: {exc.strerror}", file=sys.stderr)
+            return 1
     for d in [args.storage, *args.ta_dir]:
         if d is not None and not os.path.isdir(d):
-            print(f"qtee supplicant: {d}: not a directory", file=sys.stderr)
+            why = "not a directory" if os.path.exists(d) else "no such directory"
+            print(f"qtee supplicant: {d}: {why}", file=sys.stderr)
             return 2
     remote = args.connect is not None
     device = (

@@ -65,12 +65,27 @@ def test_supplicant_runs_for_a_duration_and_stops_clean(
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["--storage", "/nonexistent/qtee"], ["--ta-dir", "/nonexistent/tas"], ["--workers", "0"]],
+    ("argv", "why"),
+    [
+        (["--storage", __file__], "not a directory"),
+        (["--ta-dir", "/nonexistent/tas"], "no such directory"),
+        (["--workers", "0"], "--workers must be >= 1"),
+    ],
 )
 def test_supplicant_bad_arguments_exit_2(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
+    argv: list[str], why: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["supplicant", *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("qtee supplicant: ") and err.count("\n") == 1
+    assert err.startswith("qtee supplicant: ") and err.count("\n") == 1 and why in err
+
+
+def test_supplicant_makes_a_missing_storage_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As tee-supplicant makes its file-system root: the README's
+    ``--storage ./tzstorage`` works on a fresh machine."""
+    storage = tmp_path / "tzstorage"
+    assert main(["supplicant", "--storage", str(storage), "--check"]) == 0
+    assert storage.is_dir()
+    assert capsys.readouterr().out.splitlines()[-1] == "tables: empty"
