@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
     for d in [args.storage, *args.ta_dir]:
         if d is not None and not os.path.isdir(d):
-            why = "not a directory" if os.path.exists(d) else "no such directory"
-            print(f"qtee supplicant: {d}: {why}", file=sys.stderr)
+            what = "not a directory" if os.path.exists(d) else "no such directory"
+            print(f"qtee supplicant: {d}: {what}", file=sys.stderr)
             return 2
     remote = args.connect is not None
     device = (
