@@ -75,6 +75,7 @@ import threading
 import uuid as uuidlib
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -241,6 +242,15 @@ class OpteeSupp:
         self.idr: dict[int, _Req] = {}  # received, not yet answered
         self.req_id = -1  # the synchronous request (no META), -1 if none
         self._pobjs: dict[tuple[bytes, bytes], _PObj] = {}  # open persistent objects
+        #: Called (under ``cond``: it must not block) when a request is queued and when
+        #: the supplicant's context closes (see ``RequestQueue.on_ready``).
+        self.on_ready: Callable[[], None] | None = None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until a request is queued or no supplicant context is attached (True),
+        or ``timeout`` seconds pass (False)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: bool(self.reqs) or self.ctx is None, timeout)
 
     # ------------------------------------------------------------------ attach
     def open(self) -> OpteeSuppContext:
@@ -265,6 +275,8 @@ class OpteeSupp:
         with self.cond:
             self.reqs.append(req)
             self.cond.notify_all()
+            if self.on_ready is not None:
+                self.on_ready()
             while not req.done:
                 self.cond.wait()
         return req.ret
@@ -452,7 +464,17 @@ class OpteeSuppContext(OpteeContext):
         first: int = _HEAD.unpack_from(block)[0]
         return buf_ptr, first, params
 
-    def _supp_recv(self, arg: bytearray | memoryview) -> int:
+    def recv_nowait(self, arg: bytearray | memoryview) -> int:
+        """SUPPL_RECV that never blocks (the model's own): EAGAIN when no request is
+        queued, else what the ioctl does (see ``Context.recv_nowait``)."""
+        life = self.life
+        life.enter()
+        try:
+            return self._supp_recv(arg, wait=False)
+        finally:
+            life.leave()
+
+    def _supp_recv(self, arg: bytearray | memoryview, *, wait: bool = True) -> int:
         buf_ptr, _func, params = self._supp_block(arg, exact=True)
         if not params or any(p[0] not in (0, _META) for p in params):
             raise DriverError(errno.EINVAL, "SUPPL_RECV params must be NONE or META")
@@ -474,6 +496,8 @@ class OpteeSuppContext(OpteeContext):
                     if not num_meta:
                         supp.req_id = req_id
                     break
+                if not wait:
+                    raise DriverError(errno.EAGAIN, "no request is queued")
                 supp.cond.wait()
         out: list[_P] = [(_META_INOUT, req_id, 0, 0)] if num_meta else []
         out += [p.to_supp() for p in req.params]
@@ -527,6 +551,8 @@ class OpteeSuppContext(OpteeContext):
                 supp.ctx = None
                 supp.req_id = -1
             supp.cond.notify_all()
+            if supp.on_ready is not None:
+                supp.on_ready()
 
 
 # ----------------------------------------------------------------------------- attaching

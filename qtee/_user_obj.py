@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -76,6 +77,10 @@ class RequestQueue:
         self.ids = IdrAllocator(0, 0, name="request ids")
         self.by_id: dict[int, Request] = {}
         self.released = False
+        #: Called (under the queue's lock: it must not block) whenever a request is
+        #: queued and when the context is released: how a waiter outside Python (a C
+        #: thread polling an eventfd) or in another process learns a RECV would find work.
+        self.on_ready: Callable[[], None] | None = None
 
     def submit(self, req: Request) -> bool:
         """Queue ``req``; False when the context is already closed."""
@@ -86,6 +91,8 @@ class RequestQueue:
             self.by_id[req.req_id] = req
             self.fifo.append(req)
             self.cond.notify()
+            if self.on_ready is not None:
+                self.on_ready()
             return True
 
     def finish(self, req: Request, status: int) -> None:
@@ -116,6 +123,8 @@ class RequestQueue:
                 self.finish(req, -errno.ENODEV)
             self.fifo.clear()
             self.cond.notify_all()
+            if self.on_ready is not None:
+                self.on_ready()
 
     def __len__(self) -> int:
         return len(self.by_id)

@@ -60,3 +60,38 @@ def test_wait_ready_returns_when_the_fd_closes() -> None:
     with pytest.raises(DriverError) as exc:  # and the RECV itself: the fd is closed
         ctx.recv_nowait(bytearray(16))
     assert exc.value.errno == errno.EBADF
+
+
+def test_on_ready_is_called_when_a_request_is_queued_and_at_close() -> None:
+    """The hook a waiter outside Python uses (a C bridge's eventfd)."""
+    mem = CheckedMemory()
+    dev = Device(SecureWorld(QteeRoot()), memory=mem)
+    ctx = dev.open()
+    calls: list[int] = []
+    ctx.requests.on_ready = lambda: calls.append(len(ctx.requests.fifo))
+    raw_invoke(ctx, mem, uapi.TEE_OBJREF_NULL, 3, [uapi.Param(OBJ_IN, 42, USER)])
+    assert calls == [1]  # the release notification, queued
+    ctx.close()
+    assert calls == [1, 0]  # released: the waiter wakes to find the fd closed
+
+
+def test_optee_supplicant_recv_nowait_and_on_ready() -> None:
+    """The same on the OP-TEE supplicant's fd: EAGAIN with nothing queued; the hook runs
+    when the secure side queues an RPC and when the supplicant's fd closes."""
+    from qtee._optee import OpteeDevice
+    from qtee._optee_supp import attach_rpc
+
+    dev = OpteeDevice(SecureWorld(QteeRoot()), memory=CheckedMemory())
+    supp = attach_rpc(dev)
+    ctx = dev.open_supplicant()
+    calls: list[str] = []
+    supp.on_ready = lambda: calls.append("ready")
+    mem = dev.memory
+    assert isinstance(mem, CheckedMemory)
+    block = bytearray(uapi.pack_arg(uapi.SuppRecvArg(0, 1), [uapi.Param(0)]))
+    with pytest.raises(DriverError) as exc:
+        ctx.recv_nowait(buf_arg(mem, block))
+    assert exc.value.errno == errno.EAGAIN
+    assert supp.wait_ready(0) is False
+    ctx.close()
+    assert calls == ["ready"] and supp.wait_ready(0) is True
