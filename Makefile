@@ -5,7 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PKGS   := qtee objects supplicant
 
-.PHONY: test demo bench lint typecheck pytest soak clean
+CC     ?= cc
+BRIDGE := qtee/bridge/libqtee_preload.so
+BRIDGE_SRC := qtee/bridge/preload.c qtee/bridge/embed.c qtee/bridge/bridge.h
+# The python3-config of the interpreter the virtualenv was made from (its libpython).
+PYCONFIG = $(shell $(BIN)/python -c 'import os, sysconfig; p = os.path.join(sysconfig.get_config_var("BINDIR"), "python3-config"); print(p if os.path.exists(p) else "python3-config")')
+
+.PHONY: test demo bench lint typecheck pytest soak clean bridge
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +31,21 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
 
-test: lint typecheck pytest
+# The preload bridge (qtee run): built when a C compiler is there, else said once.
+bridge: $(STAMP)
+	@if command -v $(CC) >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory $(BRIDGE); \
+	else \
+		echo "bridge: no C compiler ($(CC)): qtee run and the C-program tests are unavailable"; \
+	fi
 
-demo: $(STAMP)
+$(BRIDGE): $(BRIDGE_SRC) $(STAMP)
+	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ qtee/bridge/preload.c qtee/bridge/embed.c \
+		$$($(PYCONFIG) --includes) $$($(PYCONFIG) --ldflags --embed) -ldl -lpthread
+
+test: lint typecheck bridge pytest
+
+demo: $(STAMP) bridge
 	$(BIN)/qtee demo
 
 bench: $(STAMP)
@@ -37,5 +55,5 @@ soak: $(STAMP)
 	QTEE_SOAK=1 $(BIN)/python -m pytest -m slow
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis $(BRIDGE)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -51,6 +51,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "optionally destroy one mid-call, and print per-VM tables.",
         )
     )
+    from qtee.bridge._cli import add_arguments as add_run_arguments
+
+    add_run_arguments(
+        sub.add_parser(
+            "run",
+            help="run a C program against the model (LD_PRELOAD bridge): qtee run -- PROG ARGS",
+            description="Run an unmodified C program whose opens of /dev/tee0 and "
+            "/dev/teepriv0 reach the model in its own process; exit with its status and "
+            "say what the model still holds.",
+        )
+    )
     serve = sub.add_parser(
         "serve",
         help="serve a device on a Unix socket (one connection = one open fd)",
@@ -123,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --connect: stop after this long",
     )
     args = parser.parse_args(argv)
+    if args.verb == "run":
+        from qtee.bridge._cli import run as run_program
+
+        return run_program(args)
     if args.verb == "serve":
         return _serve(args)
     if args.verb == "info":

@@ -1,0 +1,430 @@
+"""The model inside a C program: the Python side of the preload bridge.
+
+``libqtee_preload.so`` (``preload.c``, ``embed.c``) starts an interpreter in the program
+on its first open of a device node and calls :func:`start`; then each hooked call on a
+bridged fd lands in a :class:`Bridge` method, which returns what the syscall returns
+(``>= 0``) or ``-errno``, and never raises.
+
+* ``open`` of a node makes a context (one open file) and hands C an eventfd
+  (semaphore mode, non-blocking) as its fd: the context's request queue writes a token
+  to it for each request queued and a flood at close, so a C thread waiting in
+  SUPPL_RECV polls it instead of blocking here.
+* ``ioctl`` copies the ioctl's struct in from the C pointer (``_IOC_SIZE`` bytes, EFAULT
+  if unmapped), runs the context's ioctl (SUPPL_RECV without blocking: EAGAIN when
+  nothing is queued), and copies the struct back when the driver wrote it.  Pointers
+  inside the struct are raw process memory (:class:`qtee.addrspace.ProcessMemory`).
+  SHM_ALLOC returns the shm's memory file as a new fd, SHM_REGISTER a new fd for the
+  registration, as the kernel does.
+* ``close`` and ``dup`` keep the numbers of each open file: the context closes when its
+  last number does (the kernel's ``release``), a shm is freed when its fd is closed.
+* ``report`` runs at exit: every open file is closed, as the process's exit does, and
+  what the device still holds is written to ``QTEE_BRIDGE_REPORT/<pid>.json`` for
+  ``qtee run``; a snapshot is also written every :data:`SNAPSHOT_PERIOD` seconds while
+  tables change, so a program killed by a signal still has its tables reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from objects import DriverError, UsageError
+from qtee import uapi
+from qtee._driver import Context, Device
+from qtee._mem_obj import memfd_backing
+from qtee._optee import OpteeContext, OpteeDevice, _GpShm
+from qtee.addrspace import ProcessMemory
+
+__all__ = ["SNAPSHOT_PERIOD", "Bridge", "BridgeConfig", "start"]
+
+log = logging.getLogger("qtee.bridge")
+
+#: Seconds between snapshots of the tables while they change.
+SNAPSHOT_PERIOD: Final = 0.2
+_FLOOD: Final = 1 << 40  # tokens written at close: every waiter wakes
+_EFD_FLAGS: Final = os.EFD_SEMAPHORE | os.EFD_NONBLOCK
+_KNOWN: Final = frozenset(uapi.IOCTL_NAMES)
+_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
+_SHM_ALLOC: Final = uapi.TEE_IOC_SHM_ALLOC
+_SHM_REGISTER: Final = uapi.TEE_IOC_SHM_REGISTER
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BridgeConfig:
+    """What the model in the program is (``qtee run``'s options, as JSON in
+    ``QTEE_BRIDGE_CONFIG``)."""
+
+    tee: str = "qtee"
+    ta_modules: tuple[str, ...] = ()
+    storage: str | None = None
+    ta_dir: str | None = None
+    connect: str | None = None
+    trace: bool = False
+    report_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tee not in ("qtee", "optee"):
+            raise UsageError(f"tee must be 'qtee' or 'optee', not {self.tee!r}")
+        for name in self.ta_modules:
+            if not isinstance(name, str) or not name:
+                raise UsageError(f"a TA module is a module name, not {name!r}")
+
+    @classmethod
+    def from_json(cls, text: str) -> BridgeConfig:
+        """Parse ``QTEE_BRIDGE_CONFIG``; a UsageError names what is wrong."""
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"QTEE_BRIDGE_CONFIG is not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise UsageError("QTEE_BRIDGE_CONFIG is not a JSON object")
+        keys = {"tee", "ta_modules", "storage", "ta_dir", "connect", "trace", "report_dir"}
+        unknown = set(raw) - keys
+        if unknown:
+            raise UsageError(f"QTEE_BRIDGE_CONFIG has unknown keys: {sorted(unknown)}")
+        raw["ta_modules"] = tuple(raw.get("ta_modules", ()))
+        return cls(**raw)
+
+    def to_json(self) -> str:
+        """The form ``QTEE_BRIDGE_CONFIG`` carries."""
+        return json.dumps(
+            {
+                "tee": self.tee,
+                "ta_modules": list(self.ta_modules),
+                "storage": self.storage,
+                "ta_dir": self.ta_dir,
+                "connect": self.connect,
+                "trace": self.trace,
+                "report_dir": self.report_dir,
+            }
+        )
+
+
+class _MemfdOpteeDevice(OpteeDevice):
+    """An OP-TEE device whose allocated shms live in memory files, so the fd SHM_ALLOC
+    returns maps the pages the TA sees (registered shms stay the caller's memory)."""
+
+    def _shm_backing(self, size: int, addr: int | None) -> tuple[bytearray | memoryview, object]:
+        if addr is not None:
+            return bytearray(), None
+        try:
+            buf, fd = memfd_backing(size)
+        except OSError as exc:
+            raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc}") from None
+        view = memoryview(buf) if not isinstance(buf, bytearray) else buf
+        return view, _Memfd(buf, fd)
+
+    def _shm_release(self, shm: _GpShm) -> None:
+        handle = shm.handle
+        if isinstance(handle, _Memfd):
+            handle.close()
+
+
+class _Memfd:
+    """The memory file behind an OP-TEE shm and this side's mapping of it."""
+
+    __slots__ = ("buf", "fd")
+
+    def __init__(self, buf: object, fd: int | None) -> None:
+        self.buf = buf
+        self.fd = fd
+
+    def take_fd(self) -> int | None:
+        fd, self.fd = self.fd, None
+        return fd
+
+    def close(self) -> None:
+        fd = self.take_fd()
+        if fd is not None:
+            os.close(fd)
+        close = getattr(self.buf, "close", None)
+        if close is not None:
+            with contextlib.suppress(BufferError):  # a view still open: unmapped when it goes
+                close()
+
+
+@dataclass(eq=False)
+class _File:
+    """One open file of a device node: its context and the fd numbers naming it."""
+
+    ctx: Context | OpteeContext
+    wake: int  # this side's own dup of the eventfd handed to C
+    numbers: set[int] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _ShmFile:
+    """The fd of a shm: the file of the context it belongs to, and the shm id."""
+
+    owner: _File
+    shm_id: int
+    numbers: set[int] = field(default_factory=set)
+
+
+class Bridge:
+    """The bridged fds of this process and the devices behind them."""
+
+    def __init__(self, config: BridgeConfig) -> None:
+        self.config = config
+        self.memory = ProcessMemory()
+        for name in config.ta_modules:
+            importlib.import_module(name)  # it registers its TAs
+        self.qtee: Device | None = None
+        self.optee: OpteeDevice | None = None
+        self._services: list[Any] = []
+        if config.connect is not None:
+            raise UsageError("--connect is not supported by this bridge yet")
+        from qtee.secure import QteeRoot, SecureWorld
+
+        if config.tee == "qtee":
+            self.qtee = Device(
+                SecureWorld(QteeRoot()), memory=self.memory, shm_backing=memfd_backing
+            )
+            if config.trace:
+                self.qtee.trace = _trace_line
+        else:
+            self.optee = _MemfdOpteeDevice(SecureWorld(QteeRoot()), memory=self.memory)
+        if config.storage is not None or config.ta_dir is not None:
+            self._start_supplicant(config.storage, config.ta_dir)
+        self._lock = threading.Lock()
+        self._fds: dict[int, _File | _ShmFile] = {}
+        self._pid = os.getpid()
+        self._dirty = True
+        self._snapshots: threading.Thread | None = None
+        if config.report_dir is not None:
+            self._snapshots = threading.Thread(
+                target=self._snapshot_loop, name="qtee-bridge-snapshots", daemon=True
+            )
+            self._snapshots.start()
+
+    def _start_supplicant(self, storage: str | None, ta_dir: str | None) -> None:
+        """The model's own supplicant (Python threads in this process): file storage
+        from ``storage``, TA images from ``ta_dir``."""
+        if self.qtee is not None:
+            from supplicant import Supplicant
+
+            dirs = [ta_dir] if ta_dir is not None else []
+            self._services.append(Supplicant(self.qtee, storage=storage, ta_dirs=dirs))
+            return
+        from supplicant import OpteeSupplicant
+
+        assert self.optee is not None
+        store = storage if storage is not None else self._scratch("storage")
+        tas = ta_dir if ta_dir is not None else self._scratch("tas")
+        self._services.append(OpteeSupplicant(self.optee, tas, store))
+
+    def _scratch(self, name: str) -> str:
+        """An empty directory for what the configuration leaves out."""
+        import tempfile
+
+        return tempfile.mkdtemp(prefix=f"qtee-bridge-{name}-")
+
+    # ------------------------------------------------------------------ hooks
+    def open(self, path: str, flags: int) -> int:
+        """``open`` of a device node: a new context; its fd (an eventfd) or -errno."""
+        try:
+            ctx = self._open_context(path)
+        except DriverError as exc:
+            return -(exc.errno or errno.EIO)
+        efd_flags = _EFD_FLAGS | (os.EFD_CLOEXEC if flags & os.O_CLOEXEC else 0)
+        try:
+            fd = os.eventfd(0, efd_flags)
+            wake = os.dup(fd)
+        except OSError as exc:
+            ctx.close()
+            return -(exc.errno or errno.EMFILE)
+        entry = _File(ctx, wake, {fd})
+        self._watch(entry)
+        with self._lock:
+            self._fds[fd] = entry
+            self._dirty = True
+        return fd
+
+    def _open_context(self, path: str) -> Context | OpteeContext:
+        node = os.path.basename(path)
+        if self.qtee is not None:
+            if node != "tee0":  # qcomtee registers one device, with no privileged node
+                raise DriverError(errno.ENOENT, f"no such device: {path}")
+            return self.qtee.open()
+        assert self.optee is not None
+        if node == "tee0":
+            return self.optee.open()
+        if node == "teepriv0":
+            return self.optee.open_supplicant()
+        raise DriverError(errno.ENOENT, f"no such device: {path}")
+
+    def _watch(self, entry: _File) -> None:
+        """Tokens on the eventfd: one per queued request, a flood when the queue ends."""
+        ctx = entry.ctx
+        wake = entry.wake
+        if isinstance(ctx, Context):
+            requests = ctx.requests
+
+            def ready() -> None:
+                with contextlib.suppress(BlockingIOError):  # full of tokens already
+                    os.eventfd_write(wake, _FLOOD if requests.released else 1)
+
+            requests.on_ready = ready
+            return
+        supp = getattr(ctx, "supp", None)
+        if supp is not None:
+
+            def supp_ready() -> None:
+                with contextlib.suppress(BlockingIOError):  # full of tokens already
+                    os.eventfd_write(wake, _FLOOD if supp.ctx is not ctx else 1)
+
+            supp.on_ready = supp_ready
+
+    def ioctl(self, fd: int, cmd: int, arg: int, nowait: int) -> int:
+        """One ioctl on a bridged fd: 0 (or a new fd) or -errno."""
+        entry = self._fds.get(fd)
+        if not isinstance(entry, _File):
+            return -errno.EBADF
+        ctx = entry.ctx
+        self._dirty = True
+        try:
+            if cmd not in _KNOWN:
+                buf = bytearray()  # the TEE core's switch answers before any copy
+            else:
+                buf = bytearray(self.memory.read(arg, (cmd >> 16) & 0x3FFF))
+            before = bytes(buf)
+            if nowait:
+                ctx.recv_nowait(buf)  # type: ignore[union-attr]
+            else:
+                ctx.ioctl(cmd, buf)
+            if buf != before:
+                self.memory.write(arg, bytes(buf))
+            if cmd == _SHM_ALLOC:
+                return self._shm_fd(entry, uapi.ShmAllocData.unpack(buf).id, buf)
+            if cmd == _SHM_REGISTER:
+                return self._shm_fd(entry, uapi.ShmRegisterData.unpack(buf).id, buf)
+            return 0
+        except DriverError as exc:
+            return -(exc.errno or errno.EIO)
+        except AttributeError:  # recv_nowait on a fd without SUPPL_RECV
+            return -errno.EINVAL
+        except Exception:
+            log.exception("qtee bridge: ioctl %#x on fd %d failed", cmd, fd)
+            return -errno.EIO
+
+    def _shm_fd(self, entry: _File, shm_id: int, buf: bytearray) -> int:
+        """The fd of a new shm: its memory file (SHM_ALLOC), or a new eventfd standing for
+        a registration (SHM_REGISTER of the caller's memory: nothing to map)."""
+        ctx = entry.ctx
+        fd: int | None = None
+        if isinstance(ctx, Context):
+            fd = ctx.shms[shm_id].take_fd()
+        else:
+            handle = ctx.shms[shm_id].handle
+            if isinstance(handle, _Memfd):
+                fd = handle.take_fd()
+        if fd is None:
+            fd = os.eventfd(0, os.EFD_CLOEXEC)
+        os.set_inheritable(fd, False)
+        with self._lock:
+            self._fds[fd] = _ShmFile(entry, shm_id, {fd})
+        return fd
+
+    def close(self, fd: int) -> int:
+        """``close`` of a bridged fd: the file goes with its last number."""
+        with self._lock:
+            entry = self._fds.pop(fd, None)
+            if entry is None:
+                return -errno.EBADF
+            entry.numbers.discard(fd)
+            last = not entry.numbers
+            self._dirty = True
+        if last:
+            self._release(entry)
+        return 0
+
+    def dup(self, oldfd: int, newfd: int) -> int:
+        """A new number for an open file (dup, dup2, dup3, F_DUPFD)."""
+        with self._lock:
+            entry = self._fds.get(oldfd)
+            if entry is None:
+                return -errno.EBADF
+            entry.numbers.add(newfd)
+            self._fds[newfd] = entry
+        return newfd
+
+    def _release(self, entry: _File | _ShmFile) -> None:
+        if isinstance(entry, _ShmFile):
+            with contextlib.suppress(DriverError):  # a closed context: the shm went with it
+                entry.owner.ctx.shm_free(entry.shm_id)
+            return
+        ctx = entry.ctx
+        ctx.close()  # the queue's end floods the eventfd: waiters wake
+        if isinstance(ctx, Context):
+            ctx.requests.on_ready = None
+        else:
+            supp = getattr(ctx, "supp", None)
+            if supp is not None and supp.on_ready is not None:
+                supp.on_ready = None
+        os.close(entry.wake)
+
+    # ------------------------------------------------------------------ report
+    def leaks(self) -> dict[str, int]:
+        """What the device still holds (see ``Device.leaks``)."""
+        device: Device | OpteeDevice | None = self.qtee or self.optee
+        return device.leaks() if device is not None else {}
+
+    def report(self) -> None:
+        """At exit: close what is open (as the process's exit does), then write the
+        report of what is left."""
+        if os.getpid() != self._pid:
+            return
+        with self._lock:
+            entries = {id(e): e for e in self._fds.values()}
+            self._fds.clear()
+        files = [e for e in entries.values() if isinstance(e, _File)]
+        for e in entries.values():
+            if isinstance(e, _ShmFile):
+                self._release(e)
+        for f in files:
+            self._release(f)
+        for service in self._services:
+            service.stop()
+        self._write_report(final=True)
+
+    def _write_report(self, *, final: bool) -> None:
+        if self.config.report_dir is None:
+            return
+        data = {"pid": self._pid, "final": final, "time": time.time(), "leaks": self.leaks()}
+        path = os.path.join(self.config.report_dir, f"{self._pid}.json")
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+
+    def _snapshot_loop(self) -> None:
+        while True:
+            time.sleep(SNAPSHOT_PERIOD)
+            if self._dirty:
+                self._dirty = False
+                try:
+                    self._write_report(final=False)
+                except OSError:
+                    return
+
+
+def _trace_line(line: str) -> None:
+    os.write(2, f"qtee: {line}\n".encode())
+
+
+def start() -> Bridge:
+    """The bridge of this process, from ``QTEE_BRIDGE_CONFIG`` (raises when the model
+    cannot start: the C side then says why and fails every open with ENOENT)."""
+    text = os.environ.get("QTEE_BRIDGE_CONFIG")
+    config = BridgeConfig.from_json(text) if text else BridgeConfig()
+    logging.basicConfig(stream=sys.stderr, format="%(message)s", level=logging.WARNING)
+    return Bridge(config)
