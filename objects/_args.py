@@ -148,12 +148,16 @@ class Counts:
             raise DecodeError(f"counts word {word!r} is not a u32")
         if word >> 16:
             raise DecodeError(f"counts word {word:#010x} has bits set above bit 15")
-        return _COUNTS_CACHE[word]
+        counts = _COUNTS_CACHE.get(word)
+        if counts is None:
+            counts = Counts(word & 0xF, word >> 4 & 0xF, word >> 8 & 0xF, word >> 12 & 0xF)
+            _COUNTS_CACHE[word] = counts
+        return counts
 
 
-_COUNTS_CACHE: tuple[Counts, ...] = tuple(
-    Counts(w & 0xF, w >> 4 & 0xF, w >> 8 & 0xF, w >> 12 & 0xF) for w in range(0x10000)
-)
+#: Counts decoded so far, by word (filled as words are seen: all 65,536 at import cost
+#: 100 ms of every program's start, the embedded model's in a C program too).
+_COUNTS_CACHE: dict[int, Counts] = {}
 
 
 @dataclass(frozen=True, slots=True)
