@@ -208,7 +208,10 @@ class Bridge:
 
     def _start_supplicant(self, storage: str | None, ta_dir: str | None) -> None:
         """The model's own supplicant (Python threads in this process): file storage
-        from ``storage``, TA images from ``ta_dir``."""
+        from ``storage`` (made if missing, as tee-supplicant makes its root), TA images
+        from ``ta_dir``."""
+        if storage is not None:
+            os.makedirs(storage, exist_ok=True)
         if self.qtee is not None:
             from supplicant import Supplicant
 

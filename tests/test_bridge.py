@@ -1,0 +1,286 @@
+"""Unmodified C programs against the model through the preload bridge (issue 14).
+
+``qtee run -- PROG`` runs PROG with ``libqtee_preload.so``: its opens of the device
+nodes, and the ioctls, closes and dups of the fds they return, reach the model in its
+own process.  Checked here with this suite's own probe (``tests/c/bridge_probe.c``) and
+with the unmodified peers (``tests/_peers.py``): quic-teec's ``qcomteetest`` against the
+QTEE device, optee_examples' host programs through libteec against the OP-TEE device.
+
+The kernel facts each probe step checks: an fd with no read/write op answers EINVAL;
+an unknown ioctl is EINVAL from the TEE core's switch before any copy; an unmapped
+struct is EFAULT; SHM_ALLOC returns a new fd to mmap, whose mapping outlives its close
+(qtee-kernel.md §1.3-§1.5); dup'ed numbers name the same open file, released with the
+last of them; qcomtee registers one device (no /dev/tee1, no privileged node).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from qtee.bridge import LIBRARY
+from tests import _peers
+
+TESTS = Path(__file__).resolve().parent
+PROBE_SRC = TESTS / "c" / "bridge_probe.c"
+SOAK = os.environ.get("QTEE_SOAK") == "1"
+
+pytestmark = pytest.mark.timeout(600 if SOAK else 300)
+
+
+def _library() -> Path:
+    if not LIBRARY.is_file():
+        _peers.unavailable(f"the preload bridge is not built ({LIBRARY}): run `make bridge`")
+    return LIBRARY
+
+
+def probe() -> Path:
+    """The probe, compiled once per content (no library: it speaks the raw uAPI)."""
+    _library()
+    cc = _peers.c_compiler()
+    key = hashlib.sha256(PROBE_SRC.read_bytes() + cc.encode()).hexdigest()
+
+    def build(tmp: Path, _final: Path, log: IO[str]) -> None:
+        subprocess.run(
+            [cc, "-O2", "-Wall", "-Wextra", "-o", str(tmp / "bridge_probe"), str(PROBE_SRC)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
+
+    return _peers.cached_build(_peers.BUILD_ROOT / "cc", f"probe-{key[:16]}", key, build) / (
+        "bridge_probe"
+    )
+
+
+def qtee_run(
+    *argv: str | Path,
+    options: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """``qtee run [options] -- argv`` from the tests folder (TA modules import from it)."""
+    _library()
+    cmd = [sys.executable, "-m", "qtee", "run", *options, "--", *map(str, argv)]
+    return subprocess.run(
+        cmd,
+        cwd=TESTS,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def steps(out: str) -> dict[str, tuple[int, int]]:
+    """The probe's "name ret errno" lines."""
+    found: dict[str, tuple[int, int]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1].lstrip("-").isdigit():
+            found[parts[0]] = (int(parts[1]), int(parts[2]))
+    return found
+
+
+# ---------------------------------------------------------------- the probe
+
+
+def test_the_fd_calls_of_a_c_program_behave_as_on_the_kernel() -> None:
+    run = qtee_run(probe(), "basic")
+    assert run.returncode == 0, run.stderr
+    got = steps(run.stdout)
+    ok = (0, 0)
+    assert got["open"][0] >= 3 and got["open"][1] == 0
+    assert got["version"] == ok and "impl 4 0 0x10" in run.stdout  # QTEE, OBJREF
+    assert got["shm_alloc_is_fd"] == ok and "shm 1 8192" in run.stdout
+    assert got["mmap"] == ok
+    assert got["read_device"] == (-1, errno.EINVAL)
+    assert got["write_device"] == (-1, errno.EINVAL)
+    assert got["unknown_ioctl"] == (-1, errno.EINVAL)
+    assert got["version_efault"] == (-1, errno.EFAULT)
+    assert got["shm_ioctl"] == (-1, errno.ENOTTY)  # a shm fd is a dma-buf, not the device
+    for name in ("dup_ge_100", "dup2", "close_original", "version_on_dup", "close_dup"):
+        assert got[name] == ok, name
+    for name in ("close_dup2", "version_on_last", "close_shm", "shm_still_mapped"):
+        assert got[name] == ok, name
+    assert got["close_last"] == ok
+    assert got["version_closed"] == (-1, errno.EBADF)
+    assert got["open_tee1"] == (-1, errno.ENOENT)
+    assert got["open_teepriv0"] == (-1, errno.ENOENT)
+    assert run.stderr.splitlines()[-1] == "qtee run: tables empty"
+
+
+def test_a_child_forked_without_exec_gets_enodev_not_a_copy_of_the_model() -> None:
+    """Documented: the model lives in the process that opened the device; a forked
+    child's inherited device fd and its own opens answer ENODEV, its close works."""
+    run = qtee_run(probe(), "fork")
+    assert run.returncode == 0, run.stderr
+    got = steps(run.stdout)
+    assert got["child_version"] == (-1, errno.ENODEV)
+    assert got["child_open"] == (-1, errno.ENODEV)
+    assert got["child_close"] == (0, 0)
+    assert got["parent_version"] == (0, 0) and got["close"] == (0, 0)
+    assert run.stderr.splitlines() == ["qtee run: tables empty"]
+
+
+def test_a_program_killed_by_a_signal_exits_128_plus_n_with_its_tables_reported() -> None:
+    run = qtee_run(probe(), "kill")
+    assert run.returncode == 128 + signal.SIGKILL
+    assert run.stderr.splitlines() == [
+        "qtee run: left in the model at the last snapshot (the program was killed by "
+        "SIGKILL): shm ids 1, physical regions 1"
+    ]
+
+
+def test_a_missing_program_exits_127_with_one_line() -> None:
+    run = qtee_run("no-such-program-qtee")
+    assert run.returncode == 127
+    assert run.stderr == "qtee run: no-such-program-qtee: command not found\n"
+
+
+def test_a_file_that_is_not_a_program_exits_126(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    run = qtee_run(text)
+    assert run.returncode == 126
+    assert run.stderr == f"qtee run: {text}: cannot run it (not an executable file)\n"
+
+
+def test_no_program_is_a_usage_error() -> None:
+    run = qtee_run()
+    assert run.returncode == 2 and run.stderr.startswith("qtee run: no program given")
+
+
+def test_a_model_that_cannot_start_fails_open_with_enoent_and_says_why() -> None:
+    """A bad --ta-module: the device is missing as far as the program can tell (ENOENT),
+    and one stderr line says why."""
+    run = qtee_run(probe(), "open", options=("--ta-module", "no_such_ta_module"))
+    assert run.returncode == 0
+    assert steps(run.stdout)["open"] == (-1, errno.ENOENT)
+    first, *rest = run.stderr.splitlines()
+    assert first == (
+        "qtee bridge: cannot start the model: ModuleNotFoundError: "
+        "No module named 'no_such_ta_module'"
+    )
+    assert rest == []  # no device was used: nothing to report
+
+
+def test_trace_prints_the_crossings_and_the_tables() -> None:
+    run = qtee_run(_peers.quic_teec().qcomteetest, "-d", options=("--trace",))
+    assert run.returncode == 0, run.stderr
+    crossings = [line for line in run.stderr.splitlines() if line.startswith("qtee: ")]
+    assert any("NS -> QTEE" in line and "invoke" in line for line in crossings)
+    assert any("QTEE -> NS" in line and "callback" in line for line in crossings)
+    assert run.stderr.splitlines()[-1] == "qtee run: tables empty"
+
+
+# ---------------------------------------------------------------- quic-teec
+
+
+def test_qcomteetest_diagnostics() -> None:
+    """``qcomteetest -d``: credentials served by its supplicant thread (callbacks through
+    SUPPL_RECV/SEND), Diagnostics (UID 143), the thread cancelled at the end."""
+    run = qtee_run(_peers.quic_teec().qcomteetest, "-d")
+    assert run.returncode == 0, run.stderr
+    assert "Obtained object (UID = 143)" in run.stdout
+    assert "    SUCCESS." in run.stdout.splitlines()
+    assert run.stderr.splitlines() == ["qtee run: tables empty"]
+
+
+@pytest.mark.parametrize("use_mo", ["0", "1"], ids=["from a buffer", "from a memory object"])
+def test_qcomteetest_loads_the_real_skeleton_ta(use_mo: str, tmp_path: Path) -> None:
+    """``qcomteetest -l DIR USE_MO 0``: the real smcinvoke_skeleton_ta64.mbn selects the
+    Python TA registered for its SHA-256 (tests/peer_tas.py), which adds two random u32."""
+    peer = _peers.quic_teec()
+    (tmp_path / peer.skeleton_ta.name).write_bytes(peer.skeleton_ta.read_bytes())
+    run = qtee_run(peer.qcomteetest, "-l", tmp_path, use_mo, "0", options=_TAS)
+    assert run.returncode == 0, run.stderr
+    assert "Obtained ta object" in run.stdout
+    assert "    SUCCESS." in run.stdout.splitlines()
+    assert run.stderr.splitlines() == ["qtee run: tables empty"]
+
+
+def test_an_image_that_matches_no_ta_gets_the_loaders_error(tmp_path: Path) -> None:
+    """Without the module that registers the skeleton TA, IAppLoader answers
+    ERROR_INVALID_BUFFER (10) for the unknown image, and qcomteetest says so."""
+    peer = _peers.quic_teec()
+    (tmp_path / peer.skeleton_ta.name).write_bytes(peer.skeleton_ta.read_bytes())
+    run = qtee_run(peer.qcomteetest, "-l", tmp_path, "0", "0")
+    assert "Unable to obtain ta_controller, result 10" in run.stdout
+    assert run.stderr.splitlines() == ["qtee run: tables empty"]
+
+
+_TAS = ("--ta-module", "peer_tas")
+
+
+@pytest.mark.slow
+def test_qcomteetest_cancel_teardown_never_hangs(tmp_path: Path) -> None:
+    """libqcomtee cancels its supplicant thread (asynchronously) while it waits in
+    SUPPL_RECV: that wait is in C, so it never hangs the model.  200 runs of
+    ``qcomteetest -l DIR 1 0`` under make soak, 50 in make test."""
+    peer = _peers.quic_teec()
+    (tmp_path / peer.skeleton_ta.name).write_bytes(peer.skeleton_ta.read_bytes())
+    for i in range(200 if SOAK else 50):
+        run = qtee_run(peer.qcomteetest, "-l", tmp_path, "1", "0", options=_TAS, timeout=30)
+        assert run.returncode == 0 and "    SUCCESS." in run.stdout.splitlines(), (i, run)
+        assert run.stderr.splitlines() == ["qtee run: tables empty"], (i, run.stderr)
+
+
+# ---------------------------------------------------------------- optee_examples
+
+
+def _examples_env() -> dict[str, str]:
+    client = _peers.optee_client()
+    return {"LD_LIBRARY_PATH": str(client.lib_dir)}
+
+
+@pytest.mark.parametrize(
+    ("example", "expect"),
+    [
+        ("hello_world", ["Invoking TA to increment 42", "TA incremented value to 43"]),
+        ("random", ["Invoking TA to generate random UUID... ", "TA generated UUID value = 0x"]),
+        ("hotp", ["HOTP: 755224", "HOTP: 287082", "HOTP: 520489"]),  # RFC 4226 appendix D
+    ],
+)
+def test_optee_example_hosts(example: str, expect: list[str]) -> None:
+    run = qtee_run(
+        _peers.optee_example(example), options=("--tee", "optee", *_TAS), env=_examples_env()
+    )
+    assert run.returncode == 0, run.stderr
+    for line in expect:
+        assert any(out.startswith(line) for out in run.stdout.splitlines()), (line, run.stdout)
+    assert run.stderr.splitlines() == ["qtee run: tables empty"]
+
+
+def test_optee_secure_storage_with_the_models_supplicant(tmp_path: Path) -> None:
+    """secure_storage through the model's own supplicant (``--storage``), its TA loaded
+    through LOAD_TA from a ``<uuid>.ta`` file (``--ta-dir``): object#2 stays in the
+    REE FS under the TA's UUID."""
+    sys.path.insert(0, str(TESTS))
+    try:
+        import peer_tas
+    finally:
+        sys.path.remove(str(TESTS))
+    tas, storage = tmp_path / "tas", tmp_path / "storage"
+    tas.mkdir()
+    peer_tas.write_ta_files(tas)
+    run = qtee_run(
+        _peers.optee_example("secure_storage"),
+        options=("--tee", "optee", *_TAS, "--storage", str(storage), "--ta-dir", str(tas)),
+        env=_examples_env(),
+    )
+    assert run.returncode == 0, run.stderr
+    assert "- Object not found in TA secure storage, create it." in run.stdout
+    assert "We're done, close and release TEE resources" in run.stdout
+    kept = list((storage / str(peer_tas.SecureStorage.UUID)).iterdir())
+    assert [p.name for p in kept] == [b"object#2".hex()]
+    assert run.stderr.splitlines() == ["qtee run: tables empty"]
