@@ -107,6 +107,7 @@ def test_the_fd_calls_of_a_c_program_behave_as_on_the_kernel() -> None:
     assert got["write_device"] == (-1, errno.EINVAL)
     assert got["unknown_ioctl"] == (-1, errno.EINVAL)
     assert got["version_efault"] == (-1, errno.EFAULT)
+    assert got["version_readonly"] == (-1, errno.EFAULT)
     assert got["shm_ioctl"] == (-1, errno.ENOTTY)  # a shm fd is a dma-buf, not the device
     for name in ("dup_ge_100", "dup2", "close_original", "version_on_dup", "close_dup"):
         assert got[name] == ok, name

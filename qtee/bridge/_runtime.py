@@ -56,6 +56,7 @@ _KNOWN: Final = frozenset(uapi.IOCTL_NAMES)
 _RECV: Final = uapi.TEE_IOC_SUPPL_RECV
 _SHM_ALLOC: Final = uapi.TEE_IOC_SHM_ALLOC
 _SHM_REGISTER: Final = uapi.TEE_IOC_SHM_REGISTER
+_NO_SYSCALL: Final = (errno.ENOSYS, errno.EPERM)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +108,60 @@ class BridgeConfig:
                 "report_dir": self.report_dir,
             }
         )
+
+
+class BridgeMemory(ProcessMemory):
+    """The program's memory as the bridge reaches it.
+
+    In a program run through the preload library, reads and writes go through its
+    ``_qtee_bridge`` module (``process_vm_readv``/``writev`` on the program itself): one
+    syscall a copy, EFAULT for an unmapped range and for a write to a read-only page, as
+    ``copy_from_user``/``copy_to_user`` (which may also have written the part before a
+    fault).  Elsewhere (tests of this module in plain Python) it is ``ProcessMemory``."""
+
+    __slots__ = ("_read", "_write")
+
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            import _qtee_bridge  # type: ignore[import-not-found]
+        except ImportError:
+            self._read = self._write = None
+        else:
+            self._read = _qtee_bridge.read
+            self._write = _qtee_bridge.write
+
+    def read(self, addr: int, size: int) -> bytes:
+        """``copy_from_user``."""
+        view = self._pinned.get(addr)
+        if self._read is None or (view is not None and 0 <= size <= len(view)):
+            return super().read(addr, size)
+        self.check(addr, size)
+        try:
+            data: bytes = self._read(addr, size)
+        except OSError as exc:
+            if exc.errno in _NO_SYSCALL:  # a sandbox without process_vm_*: /proc/self/mem
+                self._read = self._write = None
+                return super().read(addr, size)
+            raise DriverError(errno.EFAULT, f"user range {addr:#x}+{size} is not mapped") from exc
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        """``copy_to_user``."""
+        size = len(data)
+        view = self._pinned.get(addr)
+        if self._write is None or (view is not None and size <= len(view)):
+            super().write(addr, data)
+            return
+        self.check(addr, size)
+        try:
+            self._write(addr, data)
+        except OSError as exc:
+            if exc.errno in _NO_SYSCALL:
+                self._read = self._write = None
+                super().write(addr, data)
+                return
+            raise DriverError(errno.EFAULT, f"user range {addr:#x}+{size} is not writable") from exc
 
 
 class _MemfdOpteeDevice(OpteeDevice):
@@ -175,7 +230,7 @@ class Bridge:
 
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
-        self.memory = ProcessMemory()
+        self.memory = BridgeMemory()
         for name in config.ta_modules:
             importlib.import_module(name)  # it registers its TAs
         self.qtee: Device | None = None

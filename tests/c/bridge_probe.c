@@ -61,6 +61,8 @@ static int basic(void)
 	step("write_device", write(fd, "x", 1));
 	step("unknown_ioctl", ioctl(fd, 0x1234, NULL));
 	step("version_efault", ioctl(fd, TEE_IOC_VERSION, (void *)8));
+	/* A read-only struct: the driver's copy_to_user faults (EFAULT). */
+	step("version_readonly", ioctl(fd, TEE_IOC_VERSION, (void *)"a read-only string"));
 	step("shm_ioctl", ioctl(sfd, TEE_IOC_VERSION, &v));
 	d = dup(fd);
 	d2 = fcntl(fd, F_DUPFD_CLOEXEC, 100);
