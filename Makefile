@@ -48,7 +48,7 @@ test: lint typecheck bridge pytest
 demo: $(STAMP) bridge
 	$(BIN)/qtee demo
 
-bench: $(STAMP)
+bench: $(STAMP) bridge
 	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 soak: $(STAMP)
