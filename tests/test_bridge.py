@@ -15,6 +15,7 @@ last of them; qcomtee registers one device (no /dev/tee1, no privileged node).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -285,3 +286,36 @@ def test_optee_secure_storage_with_the_models_supplicant(tmp_path: Path) -> None
     kept = list((storage / str(peer_tas.SecureStorage.UUID)).iterdir())
     assert [p.name for p in kept] == [b"object#2".hex()]
     assert run.stderr.splitlines() == ["qtee run: tables empty"]
+
+
+@pytest.mark.parametrize(
+    ("sig", "group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["^C to the process group", "SIGTERM to qtee run"],
+)
+def test_signals_reach_the_program_and_its_status_is_passed_through(
+    sig: signal.Signals, group: bool
+) -> None:
+    """^C (the terminal signals the whole group): qtee run ignores it and the program
+    dies of it; SIGTERM sent to qtee run alone is passed on.  Exit 128+N either way."""
+    import time
+
+    _library()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qtee", "run", "--", "sleep", "30"],
+        cwd=TESTS,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(1.0)  # qtee run has started sleep
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        assert proc.wait(timeout=10) == 128 + sig
+        assert proc.stderr is not None and proc.stderr.read() == ""  # sleep used no device
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

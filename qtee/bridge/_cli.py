@@ -86,28 +86,37 @@ def run(args: argparse.Namespace) -> int:
         except BridgeNotBuilt as exc:
             print(f"qtee run: {exc}", file=sys.stderr)
             return 1
-        with _signals_go_to_the_child():
-            try:
-                proc = subprocess.Popen([found, *argv[1:]], env=env)
-            except OSError as exc:
-                print(f"qtee run: {prog}: {exc.strerror}", file=sys.stderr)
-                return 126
+        try:
+            proc = subprocess.Popen([found, *argv[1:]], env=env)
+        except OSError as exc:
+            print(f"qtee run: {prog}: {exc.strerror}", file=sys.stderr)
+            return 126
+        with _signals_go_to_the_child(proc):
             status = proc.wait()
         _report(Path(reports), proc.pid, status, table=args.trace)
     return 128 - status if status < 0 else status
 
 
 @contextlib.contextmanager
-def _signals_go_to_the_child() -> Iterator[None]:
-    """^C reaches the program (its process group's signal); this side waits for it."""
-    if sys.platform == "win32":  # pragma: no cover
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _signals_go_to_the_child(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """^C reaches the program by itself (the terminal signals the whole process group):
+    this side ignores it and waits.  SIGTERM and SIGHUP sent to ``qtee run`` alone are
+    passed on to the program, which decides; its status is then reported as usual."""
+
+    def forward(sig: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, forward),
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _report(reports: Path, pid: int, status: int, *, table: bool) -> None:
