@@ -21,6 +21,7 @@ from qtee.secure import (
     SecureWorld,
     TrustedApp,
     register_ta,
+    register_ta_file,
     ta_image,
 )
 
@@ -61,6 +62,7 @@ __all__ = [
     "connect",
     "op",
     "register_ta",
+    "register_ta_file",
     "ta_image",
     "uapi",
     "wire",

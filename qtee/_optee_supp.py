@@ -44,13 +44,19 @@ supplicant as ``ree_fs_ta.c`` does: value[0] = the UUID octets (``a`` = octets 0
 ``b`` = 8-15, little-endian words), memref[1] NULL → the image size; then an APPL
 payload of that size and LOAD_TA again.  Any non-zero answer is the open's result
 (ITEM_NOT_FOUND when the supplicant has no image, COMMUNICATION when it goes away),
-origin TEE.  **How an image names a GP TA:** the image is a :func:`qtee.secure.ta_image`
-image whose name is ``str(uuid)`` (lowercase 8-4-4-4-12; :func:`gp_ta_image` builds
-one), and the Python class is one registered with :func:`register_loadable_ta`: a
-registry of TAs that exist only as images, never found without the supplicant.  An
-image that is not a TA image, or names another UUID, is ``TEE_ERROR_SECURITY`` (OP-TEE's
-signature / header-UUID check); a valid image whose TA the model has no class for is
-ITEM_NOT_FOUND.  Each new instance loads the image again (no cache), as OP-TEE does.
+origin TEE.  **How an image names a GP TA:** a model image is a
+:func:`qtee.secure.ta_image` image whose name is ``str(uuid)`` (lowercase 8-4-4-4-12;
+:func:`gp_ta_image` builds one), and its Python class is one registered with
+:func:`register_loadable_ta` (a registry of TAs that exist only as images, never found
+without the supplicant) or :func:`qtee.secure.register_ta_file` by UUID; a model image
+naming another UUID is ``TEE_ERROR_SECURITY``, one whose TA the model has no class for
+ITEM_NOT_FOUND.  Any other image is a TA file as users have them (``struct shdr``, then
+the ELF): the class :func:`~qtee.secure.register_ta_file` registered for its SHA-256,
+else for its UUID (any bytes).  As ``ree_fs_ta.c`` ``ree_fs_ta_open`` answers, a signed
+header that names another UUID (``shdr_bootstrap_ta``), or that is cut short, and an
+image the model has no class for (OP-TEE could not verify its signature) are
+``TEE_ERROR_SECURITY``; no file at all is the supplicant's ITEM_NOT_FOUND.  Each new
+instance loads the image again (no cache), as OP-TEE does.
 
 **Trusted storage** (:func:`trusted_storage`): a subset of the GP persistent-object
 API for GP TAs, kept in the supplicant's REE FS through FS RPCs (cmd 2: OPEN 0, CREATE
@@ -624,16 +630,44 @@ def gp_ta_image(uuid: uuidlib.UUID, payload: bytes = b"") -> bytes:
 
 
 def _image_class(raw: bytes, image: bytes) -> type[GpTA] | None:
-    from qtee.secure._apps import _parse
+    """The class of the image tee-supplicant sent for the UUID ``raw`` (None: the model
+    has none, ITEM_NOT_FOUND); :class:`GpTaError` (SECURITY) where OP-TEE's checks of
+    the image would fail.  See "How an image names a GP TA" in the module docstring."""
+    from qtee.secure._apps import TA_MAGIC, _parse
+    from qtee.secure._tafiles import (
+        SignedHeaderError,
+        lookup_by_sha256,
+        lookup_by_uuid,
+        signed_header_uuid,
+    )
 
     want = uuidlib.UUID(bytes=bytes(raw))
-    try:
-        name = _parse(image)
-    except QteeError:
-        raise GpTaError(_SECURITY, f"the image for {want} is not a TA image") from None
-    if name != str(want):
-        raise GpTaError(_SECURITY, f"the image for {want} is {name!r}")
-    return lookup_loadable_ta(want)
+    if image.startswith(TA_MAGIC):  # a model image names its TA
+        try:
+            name = _parse(image)
+        except QteeError:
+            raise GpTaError(_SECURITY, f"the image for {want} is not a TA image") from None
+        if name != str(want):
+            raise GpTaError(_SECURITY, f"the image for {want} is {name!r}")
+        return lookup_loadable_ta(want) or lookup_by_uuid(want)
+    try:  # ree_fs_ta_open: the signed header first, its UUID against the one asked for
+        inside, bad = signed_header_uuid(image), ""
+    except SignedHeaderError as exc:
+        inside, bad = None, str(exc)
+    if inside is not None and inside != want:
+        raise GpTaError(_SECURITY, f"the image for {want} is signed for {inside}")
+    found = lookup_by_sha256("optee", image)
+    if found is not None:
+        cls: type[GpTA] = found[0]
+        if want != cls.UUID:
+            raise GpTaError(_SECURITY, f"the image for {want} is registered as {cls.UUID}")
+        return cls
+    if bad:
+        raise GpTaError(_SECURITY, f"the image for {want}: {bad}")
+    cls_by_name = lookup_by_uuid(want)
+    if cls_by_name is None:  # OP-TEE cannot verify an image it has no key for
+        raise GpTaError(_SECURITY, f"no TA is registered for the image of {want}")
+    return cls_by_name
 
 
 # ----------------------------------------------------------------------------- storage

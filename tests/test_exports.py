@@ -40,6 +40,7 @@ QTEE_API = {
     "connect",
     "op",
     "register_ta",
+    "register_ta_file",
     "ta_image",
     "uapi",
     "wire",

@@ -26,6 +26,7 @@ from qtee.secure._services import (
     FeatureVersions,
     QteeRoot,
 )
+from qtee.secure._tafiles import TaFileRegistration, register_ta_file
 from qtee.secure._world import Mapping, NsObject, SecureObject, SecureWorld, ServeCallback
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "register_ta",
     "ta_image",
     "unregister_ta",
+    "TaFileRegistration",
+    "register_ta_file",
     "CDIAGNOSTICS_UID",
     "FEATURE_VERSIONS_UID",
     "IOPENER_ERROR_NOT_FOUND",

@@ -8,15 +8,23 @@ Its *image* names it: ``b"QTEETA\\x00\\x01" + u16 name length + name (UTF-8) + p
 TA-autoload service resolves to an image.  Both
 return an IAppController: ``getAppObject`` (op 2) gives the TA's app object, ``unload``
 (op 1) unloads it.  Errors are IAppLoader's and IAppController's (quic-teec.md §5.3).
+
+Any other image is a real TA file (a signed ELF such as ``smcinvoke_skeleton_ta64.mbn``):
+it loads the TA that :func:`qtee.secure.register_ta_file` registered for its SHA-256
+(:mod:`qtee.secure._tafiles`; a memory object longer by zero bytes matches too).  An
+image that matches nothing is ``ERROR_INVALID_BUFFER`` (10), IAppLoader's answer for a
+buffer it cannot take; a model image naming no registered TA stays METADATA_INVALID.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import threading
 from typing import TYPE_CHECKING, ClassVar, Final
 
 from objects import QteeError, UsageError, op
+from qtee.secure._tafiles import lookup_by_sha256
 from qtee.secure._world import NsObject, SecureObject
 
 if TYPE_CHECKING:
@@ -126,11 +134,23 @@ class AppLoader(SecureObject):
         self.loaded = loaded
 
     def _load(self, image: bytes) -> AppController:
-        name = _parse(image)
-        with _REG_LOCK:
-            cls = _REGISTRY.get(name)
-        if cls is None:
-            raise QteeError(ERROR_METADATA_INVALID, f"no TA named {name!r}")
+        cls: type[TrustedApp] | None
+        if image.startswith(TA_MAGIC):  # a model image: it names its TA
+            name = _parse(image)
+            with _REG_LOCK:
+                cls = _REGISTRY.get(name)
+            if cls is None:
+                raise QteeError(ERROR_METADATA_INVALID, f"no TA named {name!r}")
+        else:  # a real image (a signed ELF): the TA registered for its SHA-256
+            found = lookup_by_sha256("qtee", image)
+            if found is None:
+                raise QteeError(
+                    ERROR_INVALID_BUFFER,
+                    f"no TA is registered for this {len(image)}-byte image "
+                    f"(sha256 {hashlib.sha256(image).hexdigest()})",
+                )
+            cls, digest = found
+            name = f"sha256:{digest.hex()}"
         if name in self.loaded:
             raise QteeError(ERROR_ALREADY_LOADED, f"{name} is already loaded")
         app = cls()
