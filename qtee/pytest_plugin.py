@@ -24,6 +24,9 @@ Markers:
 
 * ``@pytest.mark.qtee_ta("name", TAClass)`` registers a TA for the test (repeatable;
   the previous registration of that name, if any, is restored after the test);
+* ``@pytest.mark.qtee_ta_file(cls, path=None, sha256=None)`` registers ``cls`` for a real
+  TA file for the test (``qtee.register_ta_file``; repeatable; a relative ``path`` is
+  taken from the test file's directory), unregistered after the test;
 * ``@pytest.mark.qtee_supplicant(storage=False, time=True, ta_dirs=(), workers=4)``:
   ``storage=True`` serves ``tmp_path / "tzstorage"`` (or give a directory), ``ta_dirs``
   are TA-autoload directories (relative ones are taken from the test file's directory;
@@ -100,6 +103,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "qtee_ta(name, cls): register the TrustedApp subclass cls as TA `name` for this test",
+    )
+    config.addinivalue_line(
+        "markers",
+        "qtee_ta_file(cls, path=None, sha256=None): register cls for a real TA file "
+        "(by its SHA-256, or a GP TA by its UUID) for this test",
     )
     config.addinivalue_line(
         "markers",
@@ -258,6 +266,35 @@ def _qtee_ta_marker(request: pytest.FixtureRequest) -> Iterator[None]:
                     _apps._REGISTRY.pop(name, None)
                 else:
                     _apps._REGISTRY[name] = previous
+
+
+@pytest.fixture(autouse=True)
+def _qtee_ta_file_marker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Register the TA files named by ``qtee_ta_file`` markers; unregister afterwards."""
+    marks = list(request.node.iter_markers("qtee_ta_file"))
+    if not marks:
+        yield
+        return
+    from qtee.secure import TaFileRegistration, register_ta_file
+
+    regs: list[TaFileRegistration] = []
+    try:
+        for mark in reversed(marks):  # the closest (the function's) is registered last
+            if len(mark.args) not in (1, 2) or set(mark.kwargs) - {"path", "sha256"}:
+                pytest.fail(
+                    f"{request.node.nodeid}: use @pytest.mark.qtee_ta_file(cls, path=None, "
+                    f"sha256=None), not {mark!r}",
+                    pytrace=False,
+                )
+            cls, *rest = mark.args
+            path = rest[0] if rest else mark.kwargs.get("path")
+            if path is not None:
+                path = request.path.parent / path  # an absolute path stays as it is
+            regs.append(register_ta_file(cls, path, sha256=mark.kwargs.get("sha256")))
+        yield
+    finally:
+        for reg in reversed(regs):
+            reg.unregister()
 
 
 @dataclass

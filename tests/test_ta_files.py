@@ -62,6 +62,8 @@ from qtee.secure._tafiles import (
 )
 from supplicant import OpteeSupplicant, Supplicant, format_uuid
 
+pytest_plugins = ["pytester"]
+
 SECURITY = TeecResult.TEEC_ERROR_SECURITY
 NOT_FOUND = TeecResult.TEEC_ERROR_ITEM_NOT_FOUND
 TEE = TeecOrigin.TEEC_ORIGIN_TEE
@@ -276,6 +278,36 @@ def test_bad_registrations(tmp_path: Path) -> None:
     foreign.write_bytes(signed_ta_image(uuid.UUID(int=5)))
     with pytest.raises(UsageError, match="is signed for TA"):
         register_ta_file(Echo, foreign)
+
+
+def test_the_marker_registers_for_one_test_only(pytester: pytest.Pytester) -> None:
+    """``@pytest.mark.qtee_ta_file``: registered while the test runs, gone after it."""
+    pytester.makepyfile(
+        test_marked="""
+import hashlib, pytest
+from qtee.secure import TrustedApp
+from qtee.secure._tafiles import lookup_by_sha256
+
+class A(TrustedApp):
+    pass
+
+IMAGE = b"a real image"
+
+@pytest.mark.qtee_ta_file(A, sha256=hashlib.sha256(IMAGE).hexdigest())
+def test_marked():
+    assert lookup_by_sha256("qtee", IMAGE)[0] is A
+
+@pytest.mark.qtee_ta_file(A, "image.bin")
+def test_by_path():
+    assert lookup_by_sha256("qtee", IMAGE)[0] is A
+
+def test_after():
+    assert lookup_by_sha256("qtee", IMAGE) is None
+"""
+    )
+    (pytester.path / "image.bin").write_bytes(b"a real image")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers")
+    result.assert_outcomes(passed=3)
 
 
 # ----------------------------------------------------------------------------- OP-TEE
