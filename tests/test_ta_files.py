@@ -21,7 +21,10 @@ OP-TEE/optee_os:core/include/signed_hdr.h@0bee0f9c38cd5210b6489769de968cbda8f5e6
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -474,3 +477,33 @@ def test_registration_records_are_frozen() -> None:
     with reg, pytest.raises(AttributeError):
         reg.cls = Subtracter  # type: ignore[misc]
     assert isinstance(reg, TaFileRegistration)
+
+
+# ----------------------------------------------------------------------------- README
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_readme_ta_module_registers_on_import(tmp_path: Path) -> None:
+    """The README's "Real TA files" module, imported as ``--ta-module my_tas`` would."""
+    section = README.read_text().split("### Real TA files", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None
+    (tmp_path / "my_tas.py").write_text(match.group(1))
+    check = (
+        "import my_tas\n"
+        "from qtee.secure._tafiles import _TABLES, lookup_by_uuid\n"
+        "assert lookup_by_uuid(my_tas.HelloWorld.UUID) is my_tas.HelloWorld\n"
+        "(regs,) = _TABLES[('qtee', 'sha256')].values()\n"
+        "assert regs[-1].cls is my_tas.SmciExample\n"
+        "assert regs[-1].key.hex().startswith('a225fb554c2abdf8')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
