@@ -14,9 +14,11 @@ declared), so a message has one encoding.
 =========  ==========  ==========================================================
 kind       direction   fields
 =========  ==========  ==========================================================
-hello      client      client: str
+hello      client      client: str, node: "tee" | "teepriv"
 welcome    server      impl_id: u32, gen_caps: u32, server: str
+denied     server      errno: 1..4095, reason: str  (instead of welcome; then the end)
 ioctl      client      seq: u32, cmd: u32, arg: bin, regions: [region]
+recv_nowait client     seq: u32, arg: bin, regions: [region]  (a SUPPL_RECV that never waits)
 reply      server      seq: u32, errno: 0..4095, arg: bin, written: [region]
 close      client      seq: u32
 shm        server      seq: u32, id: u32, size: u64  (+ one fd, SCM_RIGHTS)
@@ -25,9 +27,24 @@ query      client      seq: u32, what: "info" | "trace"
 answer     server      seq: u32, data: map with str keys
 probe      client      seq: u32, call: u32
 status     server      seq: u32, call: u32, running: bool, callback: bool, quiet_ms: u64
+watch      client      seq: u32
+ready      server      (no fields)
 bye        either      reason: str
 (region)               addr: u64, data: bin, writable: bool  (a map without v/t)
 =========  ==========  ==========================================================
+
+``hello`` names the device node the connection opens: ``tee`` (``/dev/teeN``, the
+default) or ``teepriv`` (``/dev/teeprivN``, tee-supplicant's node of an OP-TEE device).
+A server that cannot open it answers ``denied`` with the errno the open would fail with
+(ENOENT: no such node; EBUSY: a supplicant holds the node already) and closes.
+
+``recv_nowait`` is the model's own non-blocking SUPPL_RECV (``Context.recv_nowait``): its
+``reply`` comes at once, EAGAIN when no request is queued.  ``watch`` asks the server to
+tell this connection when a SUPPL_RECV would find work: it is answered like a query
+(``answer`` ``{"watching": true}``, or a refusal), and from then on the server sends a
+``ready`` frame whenever a request is queued on the fd, and when the fd's queue ends
+(bursts may come as one frame; a ``ready`` right after the answer if one is queued
+already).  A connection that never sends ``watch`` gets no ``ready``.
 
 Shared memory crosses as the kernel's shm fd does: after a successful SHM_ALLOC the
 server sends a ``shm`` frame (before the reply) with the fd of the memory file behind
@@ -75,11 +92,14 @@ from objects import DecodeError, UsageError
 __all__ = [
     "MAX_ERRNO",
     "MAX_FRAME",
+    "NODES",
     "PROTOCOL_VERSION",
     "QUERIES",
+    "SUPPL_RECV",
     "Answer",
     "Bye",
     "Close",
+    "Denied",
     "FrameDecoder",
     "FrameError",
     "Hello",
@@ -88,10 +108,13 @@ __all__ = [
     "Message",
     "Probe",
     "Query",
+    "Ready",
+    "RecvNowait",
     "Region",
     "ShmFd",
     "ShmFree",
     "Status",
+    "Watch",
     "Welcome",
     "check_reply",
     "check_written",
@@ -108,7 +131,8 @@ _SEQUENCES: Final = (tuple, list)
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)
 
 #: 2: ``probe``/``status``, and trace streams acknowledged or queries refused in ``answer``.
-PROTOCOL_VERSION: Final = 2
+#: 3: ``hello.node``, ``denied``, ``recv_nowait``, ``watch``/``ready``.
+PROTOCOL_VERSION: Final = 3
 #: Default limit on a frame body (the length word); configurable per decoder.
 MAX_FRAME: Final = 8 * 1024 * 1024
 #: Largest errno a reply may carry (the kernel's ``MAX_ERRNO``).
@@ -116,6 +140,11 @@ MAX_ERRNO: Final = 4095
 
 #: What a ``query`` may ask for.
 QUERIES: Final = ("info", "trace")
+#: The device nodes a ``hello`` may open.
+NODES: Final = ("tee", "teepriv")
+#: ``TEE_IOC_SUPPL_RECV`` (``_IOR(0xa4, 6, struct tee_ioctl_buf_data)``): the command a
+#: ``recv_nowait`` stands for.
+SUPPL_RECV: Final = 0x8010_A406
 _U32: Final = 0xFFFF_FFFF
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 _HEADER: Final = struct.Struct(">I")
@@ -241,17 +270,20 @@ class Hello:
     """Client -> server, first frame: who is connecting."""
 
     client: str
+    node: str = "tee"
     version: int = PROTOCOL_VERSION
 
     KIND: ClassVar[str] = "hello"
-    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "client"})
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "client", "node"})
 
     def __post_init__(self) -> None:
         _str(self.client, "Hello.client")
+        if type(self.node) is not str or self.node not in NODES:
+            raise UsageError(f"Hello.node must be one of {NODES}, not {self.node!r}")
         _int(self.version, "Hello.version", PROTOCOL_VERSION, PROTOCOL_VERSION)
 
     def to_map(self) -> dict[str, Any]:
-        return {"v": self.version, "t": self.KIND, "client": self.client}
+        return {"v": self.version, "t": self.KIND, "client": self.client, "node": self.node}
 
     @classmethod
     def from_map(cls, m: object) -> Hello:
@@ -291,6 +323,25 @@ class Welcome:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Denied(_Control):
+    """Server -> client, answer to Hello instead of Welcome: the node cannot be opened
+    (``errno`` as the open fails: ENOENT no such node, EBUSY held); the server closes."""
+
+    errno: int
+    reason: str = ""
+
+    KIND: ClassVar[str] = "denied"
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "errno",
+        "reason",
+    )
+
+    def __post_init__(self) -> None:
+        _int(self.errno, "Denied.errno", 1, MAX_ERRNO)
+        _str(self.reason, "Denied.reason")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Ioctl:
     """Client -> server: ``ioctl(fd, cmd, arg)`` with the memory it may read or write."""
 
@@ -322,6 +373,41 @@ class Ioctl:
     def from_map(cls, m: object) -> Ioctl:
         f = _fields(m, cls._KEYS, cls.KIND)
         f["regions"] = _region_list(f["regions"], "ioctl.regions")
+        return _build(cls, f, cls.KIND)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecvNowait:
+    """Client -> server: SUPPL_RECV that never waits (the model's ``recv_nowait``); its
+    ``reply`` comes at once, EAGAIN when nothing is queued.  Fields as :class:`Ioctl`'s."""
+
+    seq: int
+    arg: bytes = b""
+    regions: tuple[Region, ...] = field(default=())
+
+    KIND: ClassVar[str] = "recv_nowait"
+    #: The ioctl it stands for.
+    cmd: ClassVar[int] = SUPPL_RECV
+    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "arg", "regions"})
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "RecvNowait.seq", 0, _U32)
+        _set(self, "arg", _bytes(self.arg, "RecvNowait.arg"))
+        _set(self, "regions", _regions(self.regions, "RecvNowait.regions", writable_only=False))
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "t": self.KIND,
+            "seq": self.seq,
+            "arg": self.arg,
+            "regions": [r.to_map() for r in self.regions],
+        }
+
+    @classmethod
+    def from_map(cls, m: object) -> RecvNowait:
+        f = _fields(m, cls._KEYS, cls.KIND)
+        f["regions"] = _region_list(f["regions"], "recv_nowait.regions")
         return _build(cls, f, cls.KIND)
 
 
@@ -519,10 +605,35 @@ class Status(_Control):
             raise UsageError("Status: a call that is not running waits on no callback")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Watch(_Control):
+    """Client -> server: send ``ready`` frames for this fd from now on (answered like a
+    query: ``{"watching": true}`` or a refusal)."""
+
+    seq: int
+
+    KIND: ClassVar[str] = "watch"
+    _FIELDS: ClassVar[tuple[str, ...]] = ("seq",)
+
+    def __post_init__(self) -> None:
+        _int(self.seq, "Watch.seq", 0, _U32)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ready(_Control):
+    """Server -> a watching client: a SUPPL_RECV on this fd may find work now (a request
+    was queued, or the fd's queue ended)."""
+
+    KIND: ClassVar[str] = "ready"
+    _FIELDS: ClassVar[tuple[str, ...]] = ()
+
+
 Message: TypeAlias = (
     Hello
     | Welcome
+    | Denied
     | Ioctl
+    | RecvNowait
     | IoctlReply
     | Close
     | ShmFd
@@ -531,6 +642,8 @@ Message: TypeAlias = (
     | Answer
     | Probe
     | Status
+    | Watch
+    | Ready
     | Bye
 )
 
@@ -539,7 +652,9 @@ _KINDS: Final[dict[str, type[Message]]] = {
     for c in (
         Hello,
         Welcome,
+        Denied,
         Ioctl,
+        RecvNowait,
         IoctlReply,
         Close,
         ShmFd,
@@ -548,10 +663,13 @@ _KINDS: Final[dict[str, type[Message]]] = {
         Answer,
         Probe,
         Status,
+        Watch,
+        Ready,
         Bye,
     )
 }
-_REQUEST_TYPES: Final = (Ioctl, Close, ShmFree, Query, Probe)  # seq strictly increasing
+# seq strictly increasing
+_REQUEST_TYPES: Final = (Ioctl, RecvNowait, Close, ShmFree, Query, Probe, Watch)
 _MESSAGE_TYPES: Final = tuple(_KINDS.values())
 
 
@@ -711,21 +829,19 @@ def encode_call(
     regions: Iterable[tuple[int, bytes, bool]],
     *,
     max_frame: int = MAX_FRAME,
+    nowait: bool = False,
 ) -> bytes:
     """``encode(Ioctl(...))`` of a request the caller built itself from disjoint regions
-    ``(addr, data, writable)``: the same bytes, without building the records."""
-    return _frame(
-        {
-            "v": PROTOCOL_VERSION,
-            "t": "ioctl",
-            "seq": seq,
-            "cmd": cmd,
-            "arg": arg,
-            "regions": [{"addr": a, "data": d, "writable": w} for a, d, w in regions],
-        },
-        "ioctl",
-        max_frame,
-    )
+    ``(addr, data, writable)``: the same bytes, without building the records.  With
+    ``nowait``, ``encode(RecvNowait(...))`` (``cmd`` must be SUPPL_RECV)."""
+    spans = [{"addr": a, "data": d, "writable": w} for a, d, w in regions]
+    if nowait:
+        if cmd != SUPPL_RECV:
+            raise UsageError(f"recv_nowait stands for SUPPL_RECV, not cmd {cmd:#x}")
+        m = {"v": PROTOCOL_VERSION, "t": "recv_nowait", "seq": seq, "arg": arg, "regions": spans}
+        return _frame(m, "recv_nowait", max_frame)
+    m = {"v": PROTOCOL_VERSION, "t": "ioctl", "seq": seq, "cmd": cmd, "arg": arg, "regions": spans}
+    return _frame(m, "ioctl", max_frame)
 
 
 def encode_reply(

@@ -25,6 +25,7 @@ from qtee._frames import (
     Answer,
     Bye,
     Close,
+    Denied,
     FrameDecoder,
     FrameError,
     Hello,
@@ -33,10 +34,13 @@ from qtee._frames import (
     Message,
     Probe,
     Query,
+    Ready,
+    RecvNowait,
     Region,
     ShmFd,
     ShmFree,
     Status,
+    Watch,
     Welcome,
     check_reply,
     encode,
@@ -91,16 +95,64 @@ def bytewise(data: bytes) -> list[bytes]:
 
 # --------------------------------------------------------------------------- golden frames
 
-FIX_V = bytes.fromhex("a17602")  # "v": 2
+FIX_V = bytes.fromhex("a17603")  # "v": 3
 
 GOLDEN: list[tuple[Message, bytes]] = [
     (
         Hello(client="cli"),
-        bytes.fromhex("00000017")
-        + bytes.fromhex("83")
+        bytes.fromhex("00000020")
+        + bytes.fromhex("84")
         + FIX_V
         + bytes.fromhex("a174 a5") + b"hello"
-        + bytes.fromhex("a6") + b"client" + bytes.fromhex("a3") + b"cli",
+        + bytes.fromhex("a6") + b"client" + bytes.fromhex("a3") + b"cli"
+        + bytes.fromhex("a4") + b"node" + bytes.fromhex("a3") + b"tee",
+    ),
+    (
+        Hello(client="s", node="teepriv"),
+        bytes.fromhex("00000022")
+        + bytes.fromhex("84")
+        + FIX_V
+        + bytes.fromhex("a174 a5") + b"hello"
+        + bytes.fromhex("a6") + b"client" + bytes.fromhex("a1") + b"s"
+        + bytes.fromhex("a4") + b"node" + bytes.fromhex("a7") + b"teepriv",
+    ),
+    (
+        Denied(errno=16, reason="held"),
+        bytes.fromhex("00000020")
+        + bytes.fromhex("84")
+        + FIX_V
+        + bytes.fromhex("a174 a6") + b"denied"
+        + bytes.fromhex("a5") + b"errno" + bytes.fromhex("10")
+        + bytes.fromhex("a6") + b"reason" + bytes.fromhex("a4") + b"held",
+    ),
+    (
+        RecvNowait(seq=3, arg=b"\x01", regions=(Region(addr=0x1000, data=b"ab", writable=True),)),
+        bytes.fromhex("00000043")
+        + bytes.fromhex("85")
+        + FIX_V
+        + bytes.fromhex("a174 ab") + b"recv_nowait"
+        + bytes.fromhex("a3") + b"seq" + bytes.fromhex("03")
+        + bytes.fromhex("a3") + b"arg" + bytes.fromhex("c4 01 01")
+        + bytes.fromhex("a7") + b"regions" + bytes.fromhex("91")
+        + bytes.fromhex("83")
+        + bytes.fromhex("a4") + b"addr" + bytes.fromhex("cd 1000")
+        + bytes.fromhex("a4") + b"data" + bytes.fromhex("c4 02") + b"ab"
+        + bytes.fromhex("a8") + b"writable" + bytes.fromhex("c3"),
+    ),
+    (
+        Watch(seq=4),
+        bytes.fromhex("00000011")
+        + bytes.fromhex("83")
+        + FIX_V
+        + bytes.fromhex("a174 a5") + b"watch"
+        + bytes.fromhex("a3") + b"seq" + bytes.fromhex("04"),
+    ),
+    (
+        Ready(),
+        bytes.fromhex("0000000c")
+        + bytes.fromhex("82")
+        + FIX_V
+        + bytes.fromhex("a174 a5") + b"ready",
     ),
     (
         Welcome(impl_id=7, gen_caps=0x8000_0001, server="qs"),
@@ -259,7 +311,9 @@ def test_golden_covers_every_kind() -> None:
     assert {type(m) for m, _ in GOLDEN} == {
         Hello,
         Welcome,
+        Denied,
         Ioctl,
+        RecvNowait,
         IoctlReply,
         Close,
         ShmFd,
@@ -268,13 +322,15 @@ def test_golden_covers_every_kind() -> None:
         Answer,
         Probe,
         Status,
+        Watch,
+        Ready,
         Bye,
     }
 
 
 def test_frame_error_is_a_decode_error() -> None:
     assert issubclass(FrameError, DecodeError)
-    assert PROTOCOL_VERSION == 2
+    assert PROTOCOL_VERSION == 3
     assert MAX_FRAME == 8 * 1024 * 1024
 
 
@@ -299,9 +355,13 @@ def region_sets(draw: st.DrawFn, *, writable: bool | None = None) -> tuple[Regio
     return tuple(draw(st.permutations(out)))
 
 
-hellos = st.builds(Hello, client=text)
+hellos = st.builds(Hello, client=text, node=st.sampled_from(["tee", "teepriv"]))
 welcomes = st.builds(Welcome, impl_id=u32, gen_caps=u32, server=text)
+denials = st.builds(Denied, errno=st.integers(1, MAX_ERRNO), reason=text)
 ioctls = st.builds(Ioctl, seq=u32, cmd=u32, arg=small_bytes, regions=region_sets())
+nowaits = st.builds(RecvNowait, seq=u32, arg=small_bytes, regions=region_sets())
+watches = st.builds(Watch, seq=u32)
+readies = st.just(Ready())
 replies = st.one_of(
     st.builds(IoctlReply, seq=u32, arg=small_bytes, written=region_sets(writable=True)),
     st.builds(IoctlReply, seq=u32, errno=st.integers(1, MAX_ERRNO)),
@@ -331,7 +391,11 @@ byes = st.builds(Bye, reason=text)
 KINDS: dict[str, st.SearchStrategy[Message]] = {
     "hello": hellos,
     "welcome": welcomes,
+    "denied": denials,
     "ioctl": ioctls,
+    "recv_nowait": nowaits,
+    "watch": watches,
+    "ready": readies,
     "reply": replies,
     "close": closes,
     "shm": shm_fds,
@@ -351,6 +415,10 @@ def renumber(msgs: list[Message]) -> list[Message]:
     for n, m in enumerate(msgs):
         if isinstance(m, Ioctl):
             m = Ioctl(seq=n, cmd=m.cmd, arg=m.arg, regions=m.regions)
+        elif isinstance(m, RecvNowait):
+            m = RecvNowait(seq=n, arg=m.arg, regions=m.regions)
+        elif isinstance(m, Watch):
+            m = Watch(seq=n)
         elif isinstance(m, Close):
             m = Close(seq=n)
         elif isinstance(m, ShmFree):
@@ -465,10 +533,10 @@ def test_decoder_limit_is_validated(bad: Any) -> None:
 
 # --------------------------------------------------------------------------- garbage bodies
 
-V = {"v": 2}
-GOOD_IOCTL: dict[str, Any] = {"v": 2, "t": "ioctl", "seq": 1, "cmd": 2, "arg": b"", "regions": []}
+V = {"v": 3}
+GOOD_IOCTL: dict[str, Any] = {"v": 3, "t": "ioctl", "seq": 1, "cmd": 2, "arg": b"", "regions": []}
 GOOD_REGION: dict[str, Any] = {"addr": 0, "data": b"x", "writable": False}
-GOOD_REPLY: dict[str, Any] = {"v": 2, "t": "reply", "seq": 1, "errno": 0, "arg": b"", "written": []}
+GOOD_REPLY: dict[str, Any] = {"v": 3, "t": "reply", "seq": 1, "errno": 0, "arg": b"", "written": []}
 
 
 def ioctl_with(**kw: Any) -> dict[str, Any]:
@@ -488,7 +556,7 @@ GARBAGE: list[tuple[str, bytes, str]] = [
     ("bin", packed(b"\x83"), "not a map"),
     ("reserved byte", frame(b"\xc1"), "not one msgpack value"),
     ("truncated map", frame(b"\x83\xa1v"), "not one msgpack value"),
-    ("trailing data", frame(msgpack.packb({"v": 2, "t": "close", "seq": 1}) + b"\x00"), "one"),
+    ("trailing data", frame(msgpack.packb({"v": 3, "t": "close", "seq": 1}) + b"\x00"), "one"),
     ("int key", frame(b"\x81\x01\x01"), "not one msgpack value"),
     ("bad utf-8", frame(b"\x81\xa2\xff\xfe\x01"), "not one msgpack value"),
     ("too deep", frame(b"\x91" * 5000), "not one msgpack value"),
@@ -496,18 +564,19 @@ GARBAGE: list[tuple[str, bytes, str]] = [
     # version
     ("no version", packed({"t": "close", "seq": 1}), "no protocol version"),
     ("version 1", packed({"v": 1, "t": "close", "seq": 1}), "protocol version 1"),
+    ("version 2", packed({"v": 2, "t": "close", "seq": 1}), "protocol version 2"),
     ("version 0", packed({"v": 0, "t": "close", "seq": 1}), "protocol version 0"),
     ("version true", packed({"v": True, "t": "close", "seq": 1}), "protocol version True"),
     ("version str", packed({"v": "1", "t": "close", "seq": 1}), "protocol version '1'"),
     ("version float", packed({"v": 1.0, "t": "close", "seq": 1}), "protocol version 1.0"),
     # type tag
-    ("no type", packed({"v": 2, "seq": 1}), "unknown message type None"),
-    ("unknown type", packed({"v": 2, "t": "shm_alloc"}), "unknown message type 'shm_alloc'"),
-    ("bin type", packed({"v": 2, "t": b"close", "seq": 1}), "unknown message type b'close'"),
+    ("no type", packed({"v": 3, "seq": 1}), "unknown message type None"),
+    ("unknown type", packed({"v": 3, "t": "shm_alloc"}), "unknown message type 'shm_alloc'"),
+    ("bin type", packed({"v": 3, "t": b"close", "seq": 1}), "unknown message type b'close'"),
     # keys
-    ("missing key", packed({"v": 2, "t": "close"}), r"missing keys \['seq'\]"),
-    ("unknown key", packed({"v": 2, "t": "close", "seq": 1, "x": 0}), r"unknown keys \["),
-    ("bin key", packed({"v": 2, "t": "close", b"seq": 1}), r"unknown keys \[b'seq'\]"),
+    ("missing key", packed({"v": 3, "t": "close"}), r"missing keys \['seq'\]"),
+    ("unknown key", packed({"v": 3, "t": "close", "seq": 1, "x": 0}), r"unknown keys \["),
+    ("bin key", packed({"v": 3, "t": "close", b"seq": 1}), r"unknown keys \[b'seq'\]"),
     ("ioctl extra", packed(ioctl_with(fd=3)), "unknown keys"),
     ("region missing", packed(ioctl_with(regions=[{"addr": 0, "data": b""}])), "missing keys"),
     ("region extra", packed(region_with(len=1)), "unknown keys"),
@@ -535,13 +604,30 @@ GARBAGE: list[tuple[str, bytes, str]] = [
         packed(ioctl_with(regions=[{**GOOD_REGION, "data": b"ab"}, {**GOOD_REGION, "addr": 1}])),
         "overlap",
     ),
-    ("hello client bin", packed({"v": 2, "t": "hello", "client": b"c"}), "Hello.client"),
+    (
+        "hello client bin",
+        packed({"v": 3, "t": "hello", "client": b"c", "node": "tee"}),
+        "Hello.client",
+    ),
+    ("hello no node", packed({"v": 3, "t": "hello", "client": "c"}), r"missing keys \['node'\]"),
+    (
+        "hello node",
+        packed({"v": 3, "t": "hello", "client": "c", "node": "tee1"}),
+        "Hello.node must be one of",
+    ),
+    ("denied errno 0", packed({"v": 3, "t": "denied", "errno": 0, "reason": ""}), "Denied.errno"),
+    ("ready extra", packed({"v": 3, "t": "ready", "seq": 1}), r"unknown keys \['seq'\]"),
+    (
+        "recv_nowait cmd",
+        packed({"v": 3, "t": "recv_nowait", "seq": 1, "cmd": 0, "arg": b"", "regions": []}),
+        r"unknown keys \['cmd'\]",
+    ),
     (
         "welcome impl neg",
-        packed({"v": 2, "t": "welcome", "impl_id": -1, "gen_caps": 0, "server": ""}),
+        packed({"v": 3, "t": "welcome", "impl_id": -1, "gen_caps": 0, "server": ""}),
         "Welcome.impl_id",
     ),
-    ("bye reason int", packed({"v": 2, "t": "bye", "reason": 0}), "Bye.reason"),
+    ("bye reason int", packed({"v": 3, "t": "bye", "reason": 0}), "Bye.reason"),
     ("reply errno neg", packed({**GOOD_REPLY, "errno": -22}), "IoctlReply.errno"),
     ("reply errno big", packed({**GOOD_REPLY, "errno": MAX_ERRNO + 1}), "IoctlReply.errno"),
     ("reply fail arg", packed({**GOOD_REPLY, "errno": 22, "arg": b"x"}), "must not write"),
@@ -555,7 +641,7 @@ GARBAGE: list[tuple[str, bytes, str]] = [
         packed({**GOOD_REPLY, "written": [GOOD_REGION]}),
         "is not writable",
     ),
-    ("close seq nil", packed({"v": 2, "t": "close", "seq": None}), "Close.seq"),
+    ("close seq nil", packed({"v": 3, "t": "close", "seq": None}), "Close.seq"),
 ]
 
 
@@ -592,7 +678,7 @@ def test_messages_before_an_error_are_delivered() -> None:
 
 def test_from_map_checks_the_type_tag() -> None:
     with pytest.raises(FrameError, match="type tag"):
-        Close.from_map({"v": 2, "t": "bye", "seq": 1})
+        Close.from_map({"v": 3, "t": "bye", "seq": 1})
     with pytest.raises(FrameError, match="protocol version"):
         Close.from_map({"v": 1, "t": "close", "seq": 1})
 
