@@ -5,8 +5,10 @@
 ``Context.ioctl``: it sends the struct and the caller's memory the call may touch (the
 argument block, UBUF buffers, the RECV scratch buffer, all found by parsing the struct the
 way the kernel will), and copies back what the server's driver wrote.  The client's
-memory is a :class:`CheckedMemory` (addresses are this process's synthetic ones and mean
-nothing elsewhere).  A connection that drops fails every call in flight with EBADF.
+memory is a :class:`CheckedMemory` by default (addresses are this process's synthetic
+ones and mean nothing elsewhere), or the caller's choice (``RemoteDevice(path,
+memory=ProcessMemory())``: C pointers, raw process memory).  A connection that drops
+fails every call in flight with EBADF.
 
 The server is not trusted with this process's memory.  Before anything is written back,
 a reply is checked against its request: an ``arg`` as long as the request's (and
@@ -23,7 +25,20 @@ that does not answer the probe within ``min(call_timeout, PROBE_WAIT)``, fails w
 ETIMEDOUT, and the connection closes (the other calls in flight on it fail EBADF).
 
 Shared memory is shared: the server sends the fd of each new shm's memory file, and
-:meth:`RemoteContext.shm_view` is this process's mapping of the same pages.
+:meth:`RemoteContext.shm_view` is this process's mapping of the same pages
+(:meth:`RemoteContext.take_shm_fd` hands the fd itself over, as the kernel's SHM_ALLOC
+returns one).
+
+The served device is a QTEE one or an OP-TEE one (``qtee serve --tee optee``, impl id 1 in
+the welcome): what crosses with each ioctl and what a reply may change are the device's
+(:mod:`qtee._remote_checks`, :mod:`qtee._remote_optee`: an OP-TEE fd sends the windows of
+its registered shms that a call's memrefs name).  :meth:`RemoteDevice.open_supplicant`
+opens an OP-TEE device's privileged node (tee-supplicant's; EBUSY while one is open).
+
+For a waiter outside Python (the C bridge), :meth:`RemoteContext.recv_nowait` is the
+model's non-blocking SUPPL_RECV (EAGAIN when nothing is queued), and
+:attr:`RemoteContext.on_ready` a hook the reader thread calls whenever the server says a
+request was queued on the fd, and once when the connection is lost or closed.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ import collections
 import contextlib
 import errno
 import itertools
+import logging
 import math
 import mmap
 import os
@@ -46,44 +62,47 @@ from objects import DriverError, UsageError
 from qtee import uapi
 from qtee._frames import (
     MAX_FRAME,
+    NODES,
     Answer,
     Bye,
     Close,
+    Denied,
     FrameDecoder,
     FrameError,
     Hello,
     IoctlReply,
     Probe,
     Query,
+    Ready,
     ShmFd,
     ShmFree,
     Status,
+    Watch,
     Welcome,
-    check_written,
     encode,
     encode_call,
     refused,
 )
-from qtee.addrspace import CheckedMemory
+from qtee._remote_checks import Dialect, QteeDialect
+from qtee._remote_optee import OpteeDialect
+from qtee.addrspace import AddressSpace, CheckedMemory
 
 __all__ = ["CALL_TIMEOUT", "PROBE_WAIT", "RemoteContext", "RemoteDevice", "connect"]
 
-_BUF_TYPES: Final = (bytearray, memoryview)  # (a tuple: a union is built per call)
+log = logging.getLogger("qtee.remote")
 
-_BUF: Final = struct.Struct("<QQ")
-_PARAM: Final = struct.Struct("<4Q")
-_U32: Final = struct.Struct("<I")
-#: buf_data ioctls: header size and where num_params sits in it.
-_HEADS: Final = {
-    uapi.TEE_IOC_OBJECT_INVOKE: (24, 16),
-    uapi.TEE_IOC_SUPPL_RECV: (8, 4),
-    uapi.TEE_IOC_SUPPL_SEND: (8, 4),
-}
-_UBUF_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
-_UBUF_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
-_OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
-_UBUF_TYPES: Final = frozenset({8, 9, 10})
-_META_TYPES: Final = frozenset({uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | 0x100})
+_BUF_TYPES: Final = (bytearray, memoryview)  # (a tuple: a union is built per call)
+_SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
+#: Ioctls whose struct is a ``tee_ioctl_buf_data`` the kernel only reads.
+_BUF_DATA: Final = frozenset(
+    {
+        uapi.TEE_IOC_OBJECT_INVOKE,
+        uapi.TEE_IOC_SUPPL_RECV,
+        uapi.TEE_IOC_SUPPL_SEND,
+        uapi.TEE_IOC_OPEN_SESSION,
+        uapi.TEE_IOC_INVOKE,
+    }
+)
 #: fds one read may bring (a shm frame carries one).
 _MAX_FDS: Final = 16
 #: Seconds a call may go without a reply before it fails ETIMEDOUT (``connect``'s default).
@@ -119,7 +138,7 @@ class _Call:
         self.done = threading.Lock()
         self.done.acquire()
         self.reply: IoctlReply | None = None
-        self.shm: tuple[int, int, mmap.mmap | bytearray] | None = None
+        self.shm: tuple[int, int, mmap.mmap | bytearray, int] | None = None  # id, size, map, fd
         self.status: Status | None = None
         self.lie: str | None = None
 
@@ -138,7 +157,10 @@ class RemoteDevice:
         max_frame: int = MAX_FRAME,
         handshake_timeout: float = 10.0,
         call_timeout: float | None = CALL_TIMEOUT,
+        memory: AddressSpace | None = None,
     ) -> None:
+        if memory is not None and not isinstance(memory, AddressSpace):
+            raise UsageError(f"memory must be an AddressSpace, not {type(memory).__name__}")
         self.path = os.fspath(path)
         if type(max_frame) is not int or not 1 <= max_frame <= 0xFFFF_FFFF:
             raise UsageError(f"max_frame must be an int in [1, 2**32 - 1], not {max_frame!r}")
@@ -148,19 +170,31 @@ class RemoteDevice:
         #: Seconds a call other than SUPPL_RECV may wait for its reply, not counting the
         #: time it waits on a callback (None: no deadline).
         self.call_timeout = _seconds(call_timeout, "call_timeout", none_ok=True)
-        #: This process's memory as the server sees it: buffers pinned here, by address.
-        self.memory = CheckedMemory()
+        #: This process's memory as the caller's pointers name it: by default buffers
+        #: pinned here at synthetic addresses (a :class:`CheckedMemory`).
+        self.memory: AddressSpace = memory if memory is not None else CheckedMemory()
 
     def open(self) -> RemoteContext:
-        """Connect: one open fd on the server."""
+        """Connect: one open fd of the device node (``/dev/teeN``) on the server."""
         return RemoteContext(self)
+
+    def open_supplicant(self) -> RemoteContext:
+        """Connect to the privileged node (``/dev/teeprivN``: tee-supplicant's, of an
+        OP-TEE device): EBUSY while a supplicant holds it, ENOENT on a QTEE device."""
+        return RemoteContext(self, node="teepriv")
 
 
 class RemoteContext:
-    """One connection = one fd on the server; ``ioctl`` shaped like ``Context.ioctl``."""
+    """One connection = one fd on the server; ``ioctl`` shaped like ``Context.ioctl``.
 
-    def __init__(self, device: RemoteDevice) -> None:
+    ``node``: ``"tee"`` (the device node) or ``"teepriv"`` (the privileged one); an open
+    the server refuses fails with its errno (EBUSY, ENOENT)."""
+
+    def __init__(self, device: RemoteDevice, node: str = "tee") -> None:
+        if node not in NODES:
+            raise UsageError(f"node must be one of {NODES}, not {node!r}")
         self.device = device
+        self.node = node
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(device.path)
@@ -178,11 +212,18 @@ class RemoteContext:
         self._decoder = FrameDecoder(max_frame=device.max_frame, expect_increasing_seq=False)
         self._fds: collections.deque[int] = collections.deque()
         self._maps: dict[int, mmap.mmap | bytearray] = {}
+        self._shm_fds: dict[int, int] = {}  # shm id -> its memory file's fd, until taken
         self._streams: dict[int, Callable[[dict[str, Any]], None]] = {}
+        self._on_ready: Callable[[], None] | None = None
+        self._watching = False
+        self._told_lost = False
         try:
             self.sock.settimeout(device.handshake_timeout)
-            self.sock.sendall(encode(Hello(client=f"qtee pid {os.getpid()}")))
+            hello = Hello(client=f"qtee pid {os.getpid()}", node=node)
+            self.sock.sendall(encode(hello))
             welcome = self._read_one()
+            if isinstance(welcome, Denied):
+                raise DriverError(welcome.errno, f"{device.path} ({node}): {welcome.reason}")
             if not isinstance(welcome, Welcome):
                 raise DriverError(errno.EPROTO, f"server answered {type(welcome).__name__}")
             self.sock.settimeout(None)
@@ -201,6 +242,12 @@ class RemoteContext:
             code = errno.ETIMEDOUT if isinstance(exc, TimeoutError) else errno.EPROTO
             raise DriverError(code, f"no welcome from {device.path}: {exc}") from None
         self.welcome = welcome
+        #: How this fd's ioctls cross (the served device's kind, from the welcome).
+        self.dialect: Dialect = (
+            OpteeDialect(welcome)
+            if welcome.impl_id == uapi.TEE_IMPL_ID_OPTEE
+            else QteeDialect(welcome)
+        )
         self._reader = threading.Thread(target=self._read_loop, name="qtee-remote", daemon=True)
         self._reader.start()
 
@@ -237,7 +284,8 @@ class RemoteContext:
                 except (OSError, ValueError, OverflowError) as exc:
                     call.lie = f"shm {msg.id} of {msg.size} bytes cannot be mapped: {exc}"
                 else:
-                    call.shm = (msg.id, msg.size, buf)
+                    call.shm = (msg.id, msg.size, buf, fd)
+                    fd = None  # the call keeps it
                     return
             raise DriverError(errno.EPROTO, call.lie)
         finally:
@@ -263,6 +311,10 @@ class RemoteContext:
                         call = self._pending.get(msg.call)
                     if call is not None:
                         call.status = msg
+                elif isinstance(msg, Ready):
+                    if not self._watching:
+                        raise DriverError(errno.EPROTO, "a ready frame, unasked")
+                    self._ready()
                 elif isinstance(msg, Answer):
                     with self._lock:
                         stream = self._streams.get(msg.seq)
@@ -282,6 +334,18 @@ class RemoteContext:
             for fd in self._fds:
                 os.close(fd)
             self._fds.clear()
+            self._told_lost = True
+            self._ready()  # the end: a waiter finds the fd gone
+
+    def _ready(self) -> None:
+        """Call the ``on_ready`` hook (from the reader thread); what it raises is logged."""
+        hook = self._on_ready
+        if hook is None:
+            return
+        try:
+            hook()
+        except Exception:
+            log.exception("on_ready hook failed")
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:
@@ -305,76 +369,71 @@ class RemoteContext:
             self.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end and fails the rest
 
     # ------------------------------------------------------------------ ioctl
-    def _regions(self, cmd: int, arg: bytearray | memoryview) -> list[tuple[int, bytes, bool]]:
-        """The caller memory this ioctl may touch, read from this process's memory."""
-        head = _HEADS.get(cmd)
-        if head is None or len(arg) < _BUF.size:
-            return []
-        mem = self.device.memory
-        ptr, length = _BUF.unpack_from(arg)
-        spans: list[tuple[int, int, bool]] = [(ptr, length, True)]
-        try:
-            block = mem.read(ptr, length)
-        except DriverError:
-            return []
-        size, at = head
-        if len(block) >= size:
-            (num,) = struct.unpack_from("<I", block, at)
-            for i in range(min(num, (len(block) - size) // 32)):
-                attr, a, b, _c = _PARAM.unpack_from(block, size + 32 * i)
-                if attr & 0xFF in _UBUF_TYPES:
-                    spans.append((a, b, attr & 0xFF != _UBUF_IN))
-                elif attr in _META_TYPES:  # the RECV scratch buffer
-                    spans.append((a, b, True))
-        regions: list[tuple[int, bytes, bool]] = []
-        for start, end, writable in _merge(spans):
-            try:
-                data = mem.read(start, end - start)
-            except DriverError:
-                continue  # unmapped here: the server's driver faults as the kernel would
-            regions.append((start, data, writable))
-        return regions
-
     def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
         """Run ``cmd`` on the server; ``arg`` and the caller's buffers are updated in place
         once the reply has passed the checks (EPROTO and nothing written if not)."""
+        return self._call(cmd, arg, nowait=False)
+
+    def recv_nowait(self, arg: bytearray | memoryview) -> int:
+        """SUPPL_RECV that never blocks (the server runs the model's ``recv_nowait``):
+        EAGAIN at once when no request is queued, else what the ioctl does, with the same
+        reply checks.  On an fd without a RECV queue, what SUPPL_RECV gives (EINVAL)."""
+        return self._call(_SUPPL_RECV, arg, nowait=True)
+
+    def _call(self, cmd: int, arg: bytearray | memoryview, *, nowait: bool) -> int:
         if self.closed:
             raise DriverError(errno.EBADF, "context is closed")
         if not isinstance(arg, _BUF_TYPES):
             raise DriverError(errno.EFAULT, "ioctl argument must be a writable buffer")
-        regions = self._regions(cmd, arg)
+        if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
+            raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
+        data, limit = _struct_bytes(cmd, arg), self.device.max_frame
+        dialect = self.dialect
+        regions = dialect.regions(cmd, data, self.device.memory, limit)
         call = _Call(cmd)
-        data, limit = bytes(arg), self.device.max_frame
         seq = self._request(
-            lambda seq: encode_call(seq, cmd, data, regions, max_frame=limit), self._pending, call
+            lambda seq: encode_call(seq, cmd, data, regions, max_frame=limit, nowait=nowait),
+            self._pending,
+            call,
         )
         timeout = self.device.call_timeout
-        if timeout is None or cmd == uapi.TEE_IOC_SUPPL_RECV:
+        if timeout is None or (cmd == _SUPPL_RECV and not nowait):
             call.done.acquire()  # released with the reply, or when the connection is lost
         elif not call.done.acquire(timeout=timeout):
             self._overdue(seq, call, timeout)
         reply = call.reply
         if reply is None:
-            if call.shm is not None:
-                self._unmap(call.shm[2])
+            self._drop_shm(call)
             if call.lie is not None:
                 raise DriverError(errno.EPROTO, f"the server lied: {call.lie}")
             raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-        lie = call.lie or _check(cmd, data, regions, reply, call.shm)
+        shm = call.shm[:2] if call.shm is not None else None
+        lie = call.lie or dialect.check(cmd, data, regions, reply, shm)
         if lie is not None:
-            if call.shm is not None:
-                self._unmap(call.shm[2])
+            self._drop_shm(call)
             self._abandon(f"the server lied about call {seq}: {lie}")
             raise DriverError(errno.EPROTO, f"the server lied: {lie}")
         if reply.errno:
             raise DriverError(reply.errno, os.strerror(reply.errno))
         if call.shm is not None:
-            self._maps[call.shm[0]] = call.shm[2]
-        arg[:] = reply.arg
+            shm_id, _size, buf, fd = call.shm
+            with self._lock:
+                self._maps[shm_id] = buf
+                self._shm_fds[shm_id] = fd
+        if reply.arg != data:
+            arg[:] = reply.arg
         mem = self.device.memory
         for region in reply.written:
             mem.write(region.addr, region.data)
+        dialect.done(cmd, reply.arg)
         return 0
+
+    def _drop_shm(self, call: _Call) -> None:
+        """A shm frame came for a call that fails: unmap it, close its fd."""
+        if call.shm is not None:
+            self._unmap(call.shm[2])
+            os.close(call.shm[3])
+            call.shm = None
 
     def _overdue(self, seq: int, call: _Call, timeout: float) -> None:
         """Call ``seq`` is past its deadline: probe the server until the reply comes (then
@@ -431,12 +490,28 @@ class RemoteContext:
             raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
         return memoryview(buf)
 
+    def take_shm_fd(self, shm_id: int) -> int:
+        """The fd of the memory file behind a shm this context allocated: the caller owns
+        it from now on (mapping it gives the same pages; closing it does not free the
+        shm, :meth:`shm_free` does).  EBADF for another shm, or one whose fd was taken."""
+        with self._lock:
+            fd = self._shm_fds.pop(shm_id, None)
+        if fd is None:
+            raise DriverError(errno.EBADF, f"shm {shm_id} has no memory file fd here")
+        return fd
+
     def shm_free(self, shm_id: int) -> None:
-        """Close the shm's fd: unmap here, and the server drops the owner's reference."""
-        buf = self._maps.pop(shm_id, None)
-        if buf is None:
+        """Close the shm's fd: unmap here, and the server drops the owner's reference (a
+        registered shm of an OP-TEE fd: this side forgets its range)."""
+        with self._lock:
+            buf = self._maps.pop(shm_id, None)
+            fd = self._shm_fds.pop(shm_id, None)
+        if buf is not None:
+            self._unmap(buf)
+        if fd is not None:
+            os.close(fd)
+        if buf is None and not self.dialect.forget(shm_id):
             raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
-        self._unmap(buf)
         self._request(lambda seq: encode(ShmFree(seq=seq, id=shm_id)))
 
     @staticmethod
@@ -478,6 +553,63 @@ class RemoteContext:
                 self._abandon(f"send failed: {exc}")
                 raise DriverError(errno.EBADF, f"connection lost: {exc}") from None
         return seq
+
+    # ------------------------------------------------------------------ ready
+    @property
+    def on_ready(self) -> Callable[[], None] | None:
+        """Called from the reader thread whenever the server says a request was queued on
+        this fd (several may come as one call), and once when the connection is lost or
+        closed; it must not block.  Setting it the first time asks the server to watch
+        the fd (a ``watch`` frame, answered within ``timeout`` of :meth:`watch`); a
+        connection already lost calls it at once.  None: no more calls."""
+        return self._on_ready
+
+    @on_ready.setter
+    def on_ready(self, hook: Callable[[], None] | None) -> None:
+        if hook is not None and not callable(hook):
+            raise UsageError(f"on_ready must be callable or None, not {type(hook).__name__}")
+        self._on_ready = hook
+        if hook is None:
+            return
+        if not self._watching and not self._told_lost:
+            try:
+                self.watch()
+            except DriverError:
+                if self._lost is None:
+                    raise
+        if self._told_lost:  # lost before, or while, it was set: tell it now
+            self._ready()
+
+    def watch(self, timeout: float = 5.0) -> None:
+        """Ask the server for ``ready`` frames on this fd (idempotent); DriverError if it
+        refuses (EAGAIN: no thread for it), does not answer, or the connection is lost."""
+        if self._watching:
+            return
+        got: list[dict[str, Any]] = []
+        done = threading.Event()
+
+        def answer(data: dict[str, Any]) -> None:
+            got.append(data)
+            done.set()
+
+        with self._lock:
+            self._watching = True  # a ready may beat the answer
+        seq = self._request(lambda seq: encode(Watch(seq=seq)), self._streams, answer)
+        try:
+            if not done.wait(timeout):  # it may watch all the same: ready frames are fine
+                raise DriverError(errno.ETIMEDOUT, "the server did not answer the watch")
+            if not got[0]:
+                raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+            no = refused(got[0])
+            if no is not None:
+                with self._lock:
+                    self._watching = False  # it does not: ready frames are lies
+                raise DriverError(*no)
+            if got[0] != {"watching": True}:
+                raise DriverError(errno.EPROTO, f"the server answered a watch with {got[0]!r}")
+        finally:
+            with self._lock:
+                self._streams.pop(seq, None)
 
     def info(self, timeout: float = 5.0) -> dict[str, Any]:
         """The server's description of its device (what ``qtee info`` prints); EACCES when
@@ -555,22 +687,29 @@ class RemoteContext:
             self.sock.shutdown(socket.SHUT_RDWR)
         self._reader.join(5)
         self.sock.close()
-        for buf in self._maps.values():
+        with self._lock:
+            maps, self._maps = list(self._maps.values()), {}
+            fds, self._shm_fds = list(self._shm_fds.values()), {}
+        for buf in maps:
             self._unmap(buf)
-        self._maps.clear()
+        for fd in fds:
+            os.close(fd)
 
 
-def _merge(spans: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
-    """Overlapping or touching ``(addr, size, writable)`` spans -> disjoint ``[start, end)``."""
-    out: list[tuple[int, int, bool]] = []
-    for start, size, writable in sorted((a, b, w) for a, b, w in spans if b > 0):
-        end = start + size
-        if out and start < out[-1][1]:
-            s, e, w = out[-1]
-            out[-1] = (s, max(e, end), w or writable)
-        else:
-            out.append((start, end, writable))
-    return out
+def _struct_bytes(cmd: int, arg: bytearray | memoryview) -> bytes:
+    """What of ``arg`` goes to the server.  A memoryview the driver could not use (released,
+    not one-dimensional bytes, or read-only for an ioctl that writes its struct back)
+    goes as no bytes at all: the server's driver then fails the call as the in-process
+    one does with that view (EFAULT, or EINVAL for an ioctl it does not know)."""
+    if isinstance(arg, bytearray):
+        return bytes(arg)
+    try:
+        usable = arg.ndim == 1 and arg.itemsize == 1 and arg.c_contiguous
+        if usable and arg.readonly and cmd not in _BUF_DATA:
+            usable = False
+    except ValueError:  # released
+        return b""
+    return bytes(arg) if usable else b""
 
 
 def connect(
@@ -579,126 +718,16 @@ def connect(
     max_frame: int = MAX_FRAME,
     handshake_timeout: float = 10.0,
     call_timeout: float | None = CALL_TIMEOUT,
+    memory: AddressSpace | None = None,
 ) -> RemoteDevice:
     """A device served at ``path`` (see ``qtee serve``); use it like an in-process Device.
     ``call_timeout``: seconds a call other than SUPPL_RECV may wait for its reply, not
-    counting the time it waits on a callback (None: no deadline)."""
+    counting the time it waits on a callback (None: no deadline).  ``memory``: what the
+    caller's pointers name (default a fresh :class:`CheckedMemory`)."""
     return RemoteDevice(
         path,
         max_frame=max_frame,
         handshake_timeout=handshake_timeout,
         call_timeout=call_timeout,
+        memory=memory,
     )
-
-
-# --------------------------------------------------------------------------- reply checks
-def _check(
-    cmd: int,
-    arg: bytes,
-    regions: list[tuple[int, bytes, bool]],
-    reply: IoctlReply,
-    shm: tuple[int, int, object] | None,
-) -> str | None:
-    """What is wrong with ``reply`` to ``cmd`` (sent with ``arg`` and ``regions``), or
-    None: the frame-level rules (:func:`check_written`), then what the kernel's ioctl may
-    change.  ``shm``: ``(id, size, _)`` from the call's shm fd frame, if one came."""
-    try:
-        check_written(reply, len(arg), regions)
-    except FrameError as exc:
-        return str(exc)
-    if cmd == uapi.TEE_IOC_SHM_ALLOC:
-        return _check_shm(arg, reply, shm)
-    if shm is not None:
-        return "a shm fd for a call that is no SHM_ALLOC"
-    if reply.errno or cmd not in _HEADS:
-        return None
-    if reply.arg != arg:  # tee_ioctl_buf_data: the kernel never writes it back
-        return "the reply changes the buf_data argument"
-    if not reply.written or len(arg) < _BUF.size:
-        return None
-    ptr, length = _BUF.unpack_from(arg)
-    before = after = None
-    for start, data, _w in regions:  # the block as sent
-        if start <= ptr and ptr + length <= start + len(data):
-            before = data[ptr - start : ptr - start + length]
-            break
-    else:
-        return None
-    for w in reply.written:  # the common case: one written region holds all of it
-        if w.addr <= ptr and ptr + length <= w.addr + len(w.data):
-            after = w.data[ptr - w.addr : ptr - w.addr + length]
-            break
-    else:
-        after = _overlay(before, ptr, reply.written)
-    if cmd == uapi.TEE_IOC_OBJECT_INVOKE:
-        return None if before == after else _check_invoke(before, after)
-    if cmd == uapi.TEE_IOC_SUPPL_RECV:
-        return _check_recv(before, after)
-    return None
-
-
-def _check_shm(arg: bytes, reply: IoctlReply, shm: tuple[int, int, object] | None) -> str | None:
-    if reply.errno:
-        return None if shm is None else "a shm fd for a SHM_ALLOC that failed"
-    if shm is None:
-        return "a SHM_ALLOC reply without its shm fd"
-    asked = uapi.ShmAllocData.unpack(arg)
-    got = uapi.ShmAllocData.unpack(reply.arg)
-    if (got.id, got.size) != shm[:2]:
-        return f"SHM_ALLOC says shm {got.id} of {got.size} bytes, its fd frame {shm[0]} of {shm[1]}"
-    if got.size != asked.size or got.flags != asked.flags:
-        return f"SHM_ALLOC of {asked.size} bytes answered with {got.size} (flags {got.flags:#x})"
-    return None
-
-
-def _overlay(block: bytes, ptr: int, written: tuple[Any, ...]) -> bytes:
-    """``block`` (the bytes at ``ptr``) as the ``written`` regions leave it."""
-    out = bytearray(block)
-    end = ptr + len(block)
-    for w in written:
-        lo, hi = max(w.addr, ptr), min(w.end, end)
-        if lo < hi:
-            out[lo - ptr : hi - ptr] = w.data[lo - w.addr : hi - w.addr]
-    return bytes(out)
-
-
-def _check_invoke(before: bytes, after: bytes) -> str | None:
-    """OBJECT_INVOKE writes back ``ret``, the output sizes (at most the buffer) and the
-    output objects; the object, op, count, attrs and every input stay as they were."""
-    if len(before) < 24:
-        return None
-    if before[:12] != after[:12] or before[16:24] != after[16:24]:  # all but ret
-        return "the reply changes the invoke's object, op or param count"
-    (num,) = _U32.unpack_from(before, 16)
-    for i in range(min(num, (len(before) - 24) // 32)):
-        at = 24 + 32 * i
-        attr, a, b, c = _PARAM.unpack_from(before, at)
-        nattr, na, nb, nc = _PARAM.unpack_from(after, at)
-        if attr == _UBUF_OUT:
-            if (nattr, na, nc) != (attr, a, c) or nb > b:
-                return f"param {i}: an output of {nb} bytes for a {b}-byte buffer at {a:#x}"
-        elif attr == _OBJ_OUT:
-            if nattr != attr:
-                return f"param {i}: attr {nattr:#x} for an output object"
-        elif (nattr, na, nb, nc) != (attr, a, b, c):
-            return f"param {i}: the reply changes an input (attr {attr:#x})"
-    return None
-
-
-def _check_recv(before: bytes, after: bytes) -> str | None:
-    """SUPPL_RECV fills at most the params sent; an input buffer lies inside the scratch
-    buffer (the first param), an output names no address."""
-    if len(before) < 40:
-        return None
-    (slots,) = _U32.unpack_from(before, 4)
-    (num,) = _U32.unpack_from(after, 4)
-    if num > slots:
-        return f"a request of {num} params for {slots} slots"
-    _attr, scratch, size, _c = _PARAM.unpack_from(before, 8)
-    for i in range(1, min(num, (len(after) - 8) // 32)):
-        attr, a, b, _c = _PARAM.unpack_from(after, 8 + 32 * i)
-        if attr == _UBUF_IN and b and not (scratch <= a and a + b <= scratch + size):
-            return f"param {i}: an input at [{a:#x}, {a + b:#x}) outside the scratch buffer"
-        if attr == _UBUF_OUT and a:
-            return f"param {i}: an output buffer at {a:#x}"
-    return None

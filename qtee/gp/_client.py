@@ -552,11 +552,13 @@ class _Call:
 
 
 def _as_transport(source: object) -> GpTransport:
-    """A candidate device -> its transport (an OpteeDevice gets a new context)."""
+    """A candidate device -> its transport (an OpteeDevice, or a device server's device
+    from ``qtee.connect``, gets a new context)."""
     from qtee._optee import OpteeDevice
+    from qtee._remote import RemoteDevice
 
-    if isinstance(source, OpteeDevice):
-        return OpteeTransport(source.open(), source.memory)
+    if isinstance(source, OpteeDevice | RemoteDevice):
+        return OpteeTransport(source.open(), source.memory)  # type: ignore[arg-type]
     if isinstance(source, GpTransport):
         return source
     raise TypeError(f"not a GpTransport or OpteeDevice: {source!r}")
