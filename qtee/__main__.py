@@ -69,6 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument("--socket", required=True, metavar="PATH", help="socket path to listen on")
     serve.add_argument(
+        "--tee",
+        choices=("qtee", "optee"),
+        default="qtee",
+        help="the device served: QTEE (default) or OP-TEE, whose privileged node "
+        "(tee-supplicant's) a connection may open too",
+    )
+    serve.add_argument(
         "--ta-module",
         action="append",
         default=[],
@@ -206,7 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         with (
             _stop_on_signals() as stop,
-            DeviceServer(args.socket, introspect=args.introspect) as server,
+            DeviceServer(args.socket, tee=args.tee, introspect=args.introspect) as server,
         ):
             print(f"serving on {args.socket}", flush=True)
             _sleep_until(end, stop)

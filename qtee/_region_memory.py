@@ -1,0 +1,148 @@
+"""The device server's address space: the current request's regions, per thread.
+
+Addresses do not cross processes, so an ioctl frame brings the caller's memory the call
+may touch (the argument block, buffers, the RECV scratch, registered windows) as regions
+(:class:`qtee._frames.Region`).  :class:`RegionMemory` is the served device's
+``memory``: in the thread that runs a request it maps that request's regions at their
+addresses (:meth:`RegionMemory.begin`) and records which writable ones the driver wrote,
+to send back with the reply; anywhere else an access is EFAULT.  ``copy_from_user`` and
+``copy_to_user`` keep the kernel's rules: a range outside the user address space or not
+inside one region is EFAULT, and a write into a region the client sent read-only too.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import threading
+import time
+
+from objects import DriverError, UsageError
+from qtee._frames import Probe, Region, Status
+from qtee.addrspace import TASK_SIZE
+
+__all__ = ["CallRegions", "RegionMemory"]
+
+
+def _efault(addr: int, size: int, why: str) -> DriverError:
+    return DriverError(errno.EFAULT, f"user range {addr:#x}+{size} {why}")
+
+
+class CallRegions:
+    """One request in a server thread: the regions it brought, at their addresses, which
+    were written, who sent it (``peer``: the connection's credentials, or None), and
+    (for a client's probe) its callbacks in flight and since when it has run without one."""
+
+    __slots__ = ("bufs", "callbacks", "peer", "quiet_since", "starts", "writable", "written")
+
+    def __init__(self, regions: tuple[Region, ...], peer: object = None) -> None:
+        self.starts = sorted(r.addr for r in regions)
+        self.bufs = {r.addr: bytearray(r.data) for r in regions}
+        self.writable = {r.addr for r in regions if r.writable}
+        self.written: set[int] = set()
+        self.peer = peer
+        self.callbacks = 0  # nesting depth of Device.on_callback(True) in this thread
+        self.quiet_since = time.monotonic()
+
+    def on_callback(self, entering: bool) -> None:
+        """``Device.on_callback`` in this request's thread."""
+        if entering:
+            self.callbacks += 1
+        else:
+            self.callbacks -= 1
+            if not self.callbacks:
+                self.quiet_since = time.monotonic()
+
+    def status(self, probe: Probe) -> Status:
+        """The answer to a probe about this call."""
+        if self.callbacks:
+            return Status(seq=probe.seq, call=probe.call, running=True, callback=True)
+        quiet = max(0, int((time.monotonic() - self.quiet_since) * 1000))
+        return Status(seq=probe.seq, call=probe.call, running=True, quiet_ms=quiet)
+
+    def find(self, addr: int, size: int) -> tuple[int, bytearray]:
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i < 0:
+            raise _efault(addr, size, "is not mapped for this call")
+        start = self.starts[i]
+        buf = self.bufs[start]
+        if addr + size > start + len(buf):
+            raise _efault(addr, size, "runs past the mapped buffer")
+        return start, buf
+
+    def overlaps(self, addr: int, size: int) -> bool:
+        """Whether ``[addr, addr+size)`` shares a byte with a region of this call."""
+        end = addr + size
+        return any(s < end and addr < s + len(self.bufs[s]) for s in self.starts)
+
+    def copy_out(self, addr: int, dest: bytearray | memoryview) -> None:
+        """Copy into ``dest`` what this call's regions hold of ``[addr, addr+len(dest))``
+        (the bytes no region covers are left as they are)."""
+        end = addr + len(dest)
+        for start in self.starts:
+            buf = self.bufs[start]
+            lo, hi = max(start, addr), min(start + len(buf), end)
+            if lo < hi:
+                dest[lo - addr : hi - addr] = buf[lo - start : hi - start]
+
+
+class RegionMemory:
+    """An address space whose mappings are the current request's regions (per thread)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _regions(self) -> CallRegions:
+        call: CallRegions | None = getattr(self._local, "call", None)
+        if call is None:
+            raise DriverError(errno.EFAULT, "no caller memory in this thread")
+        return call
+
+    def begin(self, regions: tuple[Region, ...], peer: object = None) -> CallRegions:
+        """Map ``regions`` for the request running in this thread (sent by ``peer``)."""
+        call = CallRegions(regions, peer)
+        self._local.call = call
+        return call
+
+    def end(self) -> None:
+        """Unmap this thread's request regions."""
+        self._local.call = None
+
+    def current(self) -> CallRegions | None:
+        """The request running in this thread, if any."""
+        call: CallRegions | None = getattr(self._local, "call", None)
+        return call
+
+    def check(self, addr: int, size: int) -> None:
+        """``access_ok``."""
+        if addr < 0 or size < 0 or addr + size > TASK_SIZE:
+            raise _efault(addr, size, "is outside the user address space")
+
+    def read(self, addr: int, size: int) -> bytes:
+        """``copy_from_user`` from the caller's regions."""
+        self.check(addr, size)
+        if size == 0:
+            return b""
+        start, buf = self._regions().find(addr, size)
+        return bytes(buf[addr - start : addr - start + size])
+
+    def write(self, addr: int, data: bytes) -> None:
+        """``copy_to_user`` into a writable region (sent back with the reply)."""
+        size = len(data)
+        self.check(addr, size)
+        if size == 0:
+            return
+        call = self._regions()
+        start, buf = call.find(addr, size)
+        if start not in call.writable:
+            raise _efault(addr, size, "is read-only")
+        buf[addr - start : addr - start + size] = data
+        call.written.add(start)
+
+    def pin(self, buf: bytes | bytearray) -> int:
+        """Pinning is the client's business; the server only maps what it is sent."""
+        raise UsageError("the server's address space maps regions sent by clients")
+
+    def unpin(self, addr: int) -> None:
+        """See :meth:`pin`."""
+        raise UsageError("the server's address space maps regions sent by clients")

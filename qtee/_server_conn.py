@@ -1,0 +1,688 @@
+"""One connection of the device server: the threads that serve one open fd.
+
+A :class:`Connection` reads its client's frames leader/follower style (one thread reads,
+and hands the reading on when it has an ioctl to run), parks waiting SUPPL_RECVs for one
+receiver thread, sends ``ready`` frames to a watching client from one notifier thread,
+and streams the trace from one sender thread.  What the fd is -- a QTEE context, an
+OP-TEE client or supplicant context -- is the business of a :class:`ServedFile` made by
+the server's :class:`Flavour` (``qtee._server``, ``qtee._server_optee``); the connection
+only moves frames and runs calls.  The caps and pauses are the server's (see
+``qtee._server``, which re-exports the constants).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from objects import DriverError, UsageError
+from qtee import uapi
+from qtee._frames import (
+    PROTOCOL_VERSION,
+    Answer,
+    Bye,
+    Close,
+    Denied,
+    FrameDecoder,
+    FrameError,
+    Hello,
+    Ioctl,
+    Probe,
+    Query,
+    Ready,
+    RecvNowait,
+    ShmFd,
+    ShmFree,
+    Status,
+    Watch,
+    Welcome,
+    encode,
+    encode_reply,
+    refusal,
+)
+from qtee._region_memory import CallRegions, RegionMemory
+from qtee._trace import TraceRecord
+
+if TYPE_CHECKING:
+    from qtee._server import DeviceServer
+
+__all__ = [
+    "BACKOFF_FIRST",
+    "BACKOFF_MAX",
+    "NO_THREAD",
+    "RECV_LIMIT",
+    "SEND_TIMEOUT",
+    "THREAD_LIMIT",
+    "Connection",
+    "Flavour",
+    "Peer",
+    "ReadyQueue",
+    "ServedFile",
+    "TraceStream",
+    "backoff",
+]
+
+log = logging.getLogger("qtee.server")
+
+#: SUPPL_RECVs one connection may have waiting in the server at once; one more is answered
+#: EBUSY at once.  Waiting RECVs hold no thread: they are parked and served in turn by the
+#: connection's one receiver thread as requests arrive.
+RECV_LIMIT: Final = 64
+#: Request threads one connection may have (the one reading and its receiver included).
+#: At the limit the reader answers an OBJECT_INVOKE EBUSY and runs the other ioctls itself.
+THREAD_LIMIT: Final = 96
+#: Seconds one send to a client may wait for room in its socket buffer; then the client,
+#: which has read nothing for that long, is disconnected.
+SEND_TIMEOUT: Final = 30.0
+#: First pause of a server loop after a resource error (seconds); it doubles on each error
+#: in a row, up to BACKOFF_MAX, and starts again after a success.
+BACKOFF_FIRST: Final = 0.01
+BACKOFF_MAX: Final = 1.0
+#: What starting a thread raises at the system's limits.
+NO_THREAD: Final = (RuntimeError, MemoryError)
+_INTROSPECT_OFF: Final = (
+    "introspection is off: the server was not started with qtee serve --introspect"
+)
+_SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
+_OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
+_SHM_ALLOC: Final = uapi.TEE_IOC_SHM_ALLOC
+
+
+def backoff(delay: float) -> float:
+    """The pause after ``delay`` (0: the first error in a row)."""
+    return BACKOFF_FIRST if delay <= 0 else min(delay * 2, BACKOFF_MAX)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is at the other end of a connection (``SO_PEERCRED``, ``SO_PEERGROUPS``): the
+    credentials the kernel would read of the calling task."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+
+
+class ReadyQueue(Protocol):
+    """The request queue behind an fd's SUPPL_RECV (``RequestQueue``, ``OpteeSupp``)."""
+
+    cond: threading.Condition
+    on_ready: Callable[[], None] | None
+
+
+class ServedFile(Protocol):
+    """One open fd as a connection serves it."""
+
+    #: The context whose ioctls the connection runs.
+    ctx: Any
+
+    @property
+    def queue(self) -> ReadyQueue | None:
+        """The queue SUPPL_RECV takes requests from (None: the fd has no RECV)."""
+        ...
+
+    def pending(self) -> bool:
+        """Whether a non-blocking RECV would find something (under ``queue.cond``)."""
+        ...
+
+    def shm_fd(self, shm_id: int) -> int | None:
+        """Take the fd of the memory file behind a new shm (the caller closes it)."""
+        ...
+
+    def before(self, cmd: int, arg: bytes, call: CallRegions) -> None:
+        """In the request's thread, its regions mapped, before the ioctl runs; never raises."""
+        ...
+
+    def after(self, cmd: int, arg: bytes, call: CallRegions) -> list[tuple[int, bytes]]:
+        """After a successful ioctl: more ``(addr, data)`` regions for the reply, beside
+        and disjoint from the request's; never raises."""
+        ...
+
+
+class Flavour(Protocol):
+    """What kind of TEE device a server serves: the Welcome it gives and how it opens fds."""
+
+    impl_id: int
+    gen_caps: int
+    #: Welcome.server.
+    server: str
+    #: Whether ``query`` ``trace`` streams are possible.
+    traces: bool
+
+    def open(self, node: str, label: str) -> ServedFile:
+        """Open ``node`` ("tee" or "teepriv") for a connection; DriverError as open fails."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What ``qtee info --connect`` shows."""
+        ...
+
+    def leaks(self) -> dict[str, int]:
+        """The device's non-empty tables."""
+        ...
+
+
+class Connection:
+    """One client: its fd and the threads that serve it, leader/follower style.
+
+    One thread at a time (the leader) reads the socket.  Control frames it handles itself;
+    when it has an ioctl, it hands the reading to a waiting thread (starting one if none
+    waits) and runs the ioctl, so a request never waits for another thread to wake up.
+    A thread whose ioctl is done queues up to lead again; one blocked in SUPPL_RECV simply
+    is not among them.  When no thread can take the lead (``thread_limit`` reached, or the
+    system starts no more threads), the leader keeps it: an OBJECT_INVOKE is answered
+    EBUSY, any other ioctl (which never blocks) runs in the leader.  A SUPPL_RECV is
+    parked for the receiver thread (EBUSY past ``recv_limit`` parked ones); a
+    ``recv_nowait`` runs in the leader.  After a ``watch``, a notifier thread sends a
+    ``ready`` frame whenever the fd's queue calls its ``on_ready`` hook (which only sets
+    an event: the TA thread that queues never waits on the socket).
+    """
+
+    def __init__(
+        self, server: DeviceServer, sock: socket.socket, name: str, peer: Peer | None = None
+    ) -> None:
+        self.server = server
+        self.sock = sock
+        self.name = name
+        self.peer = peer
+        self.file: ServedFile | None = None
+        self.ctx: Any = None  # self.file.ctx, once the hello has opened it
+        self._send = threading.Lock()
+        self._read = threading.Lock()  # held by the leader
+        self._decoder = FrameDecoder(max_frame=server.max_frame)
+        self._threads: set[threading.Thread] = set()
+        self._waiting = 0  # threads queued to lead
+        self._done = False  # the stream ended: threads that get the lead leave
+        self._lock = threading.Lock()
+        #: SUPPL_RECVs waiting for a request, oldest first, and the thread serving them.
+        self._parked: collections.deque[Ioctl] = collections.deque()
+        self._parked_cond = threading.Condition(self._lock)
+        self._receiver: threading.Thread | None = None
+        self._calls: dict[int, CallRegions] = {}  # seq -> the ioctl running (for probes)
+        #: ``ready`` notifications: the queue's hook sets the event, the notifier sends.
+        self._ready = threading.Event()
+        self._hook = self._ready.set
+        self._notifier: threading.Thread | None = None
+        self._notifying = True
+        self.closed = threading.Event()
+        self._trace: TraceStream | None = None
+
+    @property
+    def memory(self) -> RegionMemory:
+        return self.server.memory
+
+    def send(self, msg: object, fd: int | None = None) -> None:
+        """One frame; ``fd`` rides on its first bytes (SCM_RIGHTS)."""
+        self.send_frame(encode(msg, max_frame=self.server.max_frame), fd)  # type: ignore[arg-type]
+
+    def send_frame(self, data: bytes, fd: int | None = None) -> None:
+        """An encoded frame; ``fd`` rides on its first bytes (SCM_RIGHTS).  A send that
+        fails (the client is gone, or read nothing for SEND_TIMEOUT) may have sent part of
+        the frame, so the connection is shut down: its reader sees the end."""
+        with self._send:
+            try:
+                if fd is None:
+                    self.sock.sendall(data)
+                    return
+                sent = socket.send_fds(self.sock, [data], [fd])
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
+            except OSError:
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                raise
+
+    def run(self) -> None:
+        """The connection's first thread (more start when every thread is busy)."""
+        with self._lock:
+            self._threads.add(threading.current_thread())
+        self._serve()
+
+    def _serve(self) -> None:
+        """Queue up to lead; lead until an ioctl another thread can take the lead for; run
+        it; again, until the stream ends.  The read lock is released on every path."""
+        while True:
+            with self._lock:
+                self._waiting += 1
+            self._read.acquire()
+            with self._lock:
+                self._waiting -= 1
+                if self._done:
+                    self._read.release()
+                    return
+            try:
+                job, reason = self._lead()
+            except BaseException:
+                job, reason = None, "server error"
+                log.exception("%s: reading failed", self.name)
+            if job is None:
+                with self._lock:
+                    self._done = True
+                    self._parked_cond.notify_all()
+                self._read.release()
+                self._close(reason)
+                return
+            self._read.release()
+            self._run(*job)
+
+    def _lead(self) -> tuple[tuple[Ioctl, CallRegions] | None, str]:
+        """Read, holding the lead, until an ioctl this thread may run while another leads
+        (with its call state) or the end of the stream (None and why)."""
+        while True:
+            req, reason = self._next_request()
+            if req is None:
+                return None, reason
+            if isinstance(req, RecvNowait):  # never blocks: here, still leading
+                self._run(req, self._begin(req), nowait=True)
+                continue
+            cmd = req.cmd
+            if cmd == _SUPPL_RECV:
+                assert self.file is not None
+                if self.file.queue is None:  # no RECV on this fd: it fails at once
+                    self._run(req, self._begin(req))
+                elif self._run(req, self._begin(req), nowait=True, park=True):
+                    pass  # answered now: a request was queued, or the RECV is bad (errno)
+                elif not self._park(req):
+                    self._reply_now(req.seq, errno.EBUSY)
+                continue
+            pause = False
+            with self._lock:
+                handed = self._waiting > 0
+                if not handed:
+                    handed, pause = self._spawn()
+            if handed:
+                return (req, self._begin(req)), ""
+            if cmd == _OBJECT_INVOKE:  # may block as long as a TA takes
+                self._reply_now(req.seq, errno.EBUSY)
+            else:  # never blocks: run it here, still leading
+                self._run(req, self._begin(req))
+            if pause:  # the system starts no threads: give it a moment
+                time.sleep(BACKOFF_FIRST)
+
+    def _spawn(self) -> tuple[bool, bool]:
+        """A new thread to queue for the lead, unless at the limit (with ``_lock`` held):
+        ``(started, failed)``; failed: the system refused it."""
+        if len(self._threads) >= self.server.thread_limit:
+            return False, False
+        t = threading.Thread(
+            target=self._serve, name=f"{self.name}-t{len(self._threads)}", daemon=True
+        )
+        try:
+            t.start()
+        except NO_THREAD as exc:
+            log.warning("%s: no new request thread (%s): the reader keeps the lead", self.name, exc)
+            return False, True
+        self._threads.add(t)
+        return True, False
+
+    def _park(self, req: Ioctl) -> bool:
+        """File a SUPPL_RECV for the receiver thread (started on the first); False when
+        ``recv_limit`` are parked already or no receiver thread can start."""
+        with self._lock:
+            if len(self._parked) >= self.server.recv_limit:
+                return False
+            if self._receiver is None:
+                t = threading.Thread(target=self._receive, name=f"{self.name}-recv", daemon=True)
+                try:
+                    t.start()
+                except NO_THREAD as exc:
+                    log.warning("%s: no receiver thread (%s)", self.name, exc)
+                    return False
+                self._receiver = t
+                self._threads.add(t)
+            self._parked.append(req)
+            self._parked_cond.notify()
+            return True
+
+    def _receive(self) -> None:
+        """The receiver: serve the parked SUPPL_RECVs, oldest first, each when a request
+        is queued (or the fd closes, or the stream ends), with the driver's non-blocking
+        RECV; one that would still block (the request went meanwhile) waits again."""
+        file = self.file
+        assert file is not None and file.queue is not None
+        q = file.queue
+        while True:
+            with self._lock:
+                while not self._parked and not self._done:
+                    self._parked_cond.wait()
+                if not self._parked:
+                    return
+                req = self._parked[0]
+            with q.cond:
+                q.cond.wait_for(lambda: file.pending() or self._done)
+                q.cond.notify()  # the wake-up may have been meant for another waiter
+            if self._run(req, self._begin(req), nowait=True, park=True):
+                with self._lock:
+                    self._parked.popleft()
+
+    def _begin(self, req: Ioctl | RecvNowait) -> CallRegions:
+        """Map the request's regions in this thread and file it for probes."""
+        call = self.server.memory.begin(req.regions, self.peer)
+        self._calls[req.seq] = call
+        return call
+
+    def _reply_now(self, seq: int, code: int) -> None:
+        """A refusal, sent by the leader (the client may be gone)."""
+        with contextlib.suppress(OSError):
+            self.send_frame(encode_reply(seq, code, max_frame=self.server.max_frame))
+
+    def _next_request(self) -> tuple[Ioctl | RecvNowait | None, str]:
+        """Read until an ioctl (handling the control frames on the way) or the end."""
+        decoder = self._decoder
+        try:
+            while True:
+                msg = decoder.next_message()
+                if msg is None:
+                    data = self.sock.recv(1 << 16)
+                    if not data:
+                        return None, "end of stream"
+                    decoder.feed(data)
+                elif isinstance(msg, Ioctl | RecvNowait) and self.ctx is not None:
+                    return msg, ""
+                else:
+                    end = self._handle(msg)
+                    if end is not None:
+                        return None, end
+        except FrameError as exc:
+            log.warning("%s: closing: bad frame: %s", self.name, exc)
+            with contextlib.suppress(OSError):
+                self.send(Bye(reason=str(exc)[:200]))
+            return None, f"bad frame: {exc}"
+        except OSError as exc:
+            return None, f"socket error: {exc}"
+
+    def _handle(self, msg: object) -> str | None:
+        """A control frame; why the connection ends, or None to go on."""
+        if self.ctx is None:
+            if not isinstance(msg, Hello):
+                raise FrameError(f"expected hello first, got {type(msg).__name__}")
+            if msg.version != PROTOCOL_VERSION:
+                raise FrameError(f"protocol version {msg.version} is not {PROTOCOL_VERSION}")
+            flavour = self.server.flavour
+            try:
+                self.file = flavour.open(msg.node, f"{self.name} ({msg.client})")
+            except DriverError as exc:
+                code = exc.errno or errno.EIO
+                self.send(Denied(errno=code, reason=str(exc)[:200]))
+                return f"open of {msg.node} failed: {os.strerror(code)}"
+            self.ctx = self.file.ctx
+            self.send(
+                Welcome(impl_id=flavour.impl_id, gen_caps=flavour.gen_caps, server=flavour.server)
+            )
+            return None
+        if isinstance(msg, Close):
+            return "client said close"
+        if isinstance(msg, ShmFree):
+            try:
+                self.ctx.shm_free(msg.id)
+            except DriverError as exc:
+                raise FrameError(f"shm_free of shm {msg.id}: {exc}") from None
+            return None
+        if isinstance(msg, Probe):
+            call = self._calls.get(msg.call)
+            self.send(
+                call.status(msg)
+                if call is not None
+                else Status(seq=msg.seq, call=msg.call, running=False)
+            )
+            return None
+        if isinstance(msg, Query):
+            self._query(msg)
+            return None
+        if isinstance(msg, Watch):
+            self._watch(msg)
+            return None
+        raise FrameError(f"unexpected {type(msg).__name__} from a client")
+
+    def _run(
+        self,
+        req: Ioctl | RecvNowait,
+        call: CallRegions,
+        *,
+        nowait: bool = False,
+        park: bool = False,
+    ) -> bool:
+        """Run one ioctl in this thread and send its reply (an errno reply if the driver
+        model itself failed: the client must not wait for ever).  ``nowait``: a SUPPL_RECV
+        run without blocking (EAGAIN when nothing is queued); ``park``: a parked one, for
+        which EAGAIN is no answer (False, nothing sent: it waits again)."""
+        max_frame = self.server.max_frame
+        file = self.file
+        assert file is not None
+        try:
+            arg = bytearray(req.arg)
+            ok = False
+            try:
+                file.before(req.cmd, req.arg, call)
+                recv = getattr(self.ctx, "recv_nowait", None) if nowait else None
+                if recv is not None:
+                    recv(arg)
+                else:  # the fd has no queue: SUPPL_RECV fails as the ioctl does
+                    self.ctx.ioctl(req.cmd, arg)
+                extra = file.after(req.cmd, bytes(arg), call)
+            except DriverError as exc:
+                if park and exc.code == errno.EAGAIN:
+                    return False
+                reply = encode_reply(req.seq, exc.code, max_frame=max_frame)
+            except MemoryError:
+                log.error("%s: ioctl %#x (seq %d): out of memory", self.name, req.cmd, req.seq)
+                reply = encode_reply(req.seq, errno.ENOMEM, max_frame=max_frame)
+            except Exception:
+                log.exception("%s: ioctl %#x (seq %d) failed", self.name, req.cmd, req.seq)
+                reply = encode_reply(req.seq, errno.EIO, max_frame=max_frame)
+            else:
+                written = [(a, bytes(call.bufs[a])) for a in sorted(call.written)]
+                if extra:
+                    written = sorted(written + extra)
+                try:
+                    reply = encode_reply(req.seq, 0, bytes(arg), written, max_frame=max_frame)
+                    ok = True
+                except UsageError:  # what the call wrote does not fit a frame
+                    log.error("%s: ioctl %#x (seq %d): reply too big", self.name, req.cmd, req.seq)
+                    reply = encode_reply(req.seq, errno.EIO, max_frame=max_frame)
+            with contextlib.suppress(OSError):  # the client is gone; its context is closing
+                if req.cmd == _SHM_ALLOC and ok:
+                    self._send_shm_fd(req.seq, arg)
+                self.send_frame(reply)
+        except Exception:
+            log.exception("%s: ioctl %#x (seq %d): no reply", self.name, req.cmd, req.seq)
+        finally:
+            self.server.memory.end()
+            self._calls.pop(req.seq, None)  # after the reply: a probe after it finds none
+        return True
+
+    def _send_shm_fd(self, seq: int, arg: bytearray) -> None:
+        """The new shm's memory file goes to the client; the server keeps only its mapping."""
+        data = uapi.ShmAllocData.unpack(arg)
+        assert self.file is not None
+        fd = self.file.shm_fd(data.id)
+        if fd is None:
+            raise UsageError("a served device must put shms in memory files")
+        try:
+            self.send(ShmFd(seq=seq, id=data.id, size=data.size), fd)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ ready
+    def _watch(self, msg: Watch) -> None:
+        """Start sending ``ready`` frames: the queue's hook wakes the notifier thread."""
+        assert self.file is not None
+        q = self.file.queue
+        if q is not None and self._notifier is None:
+            t = threading.Thread(target=self._notify, name=f"{self.name}-ready", daemon=True)
+            try:
+                t.start()
+            except NO_THREAD as exc:
+                log.warning("%s: no notifier thread (%s)", self.name, exc)
+                self.send(refusal(msg.seq, errno.EAGAIN, "the server cannot start a notifier"))
+                return
+            with self._lock:
+                self._notifier = t
+                self._threads.add(t)
+        self.send(Answer(seq=msg.seq, data={"watching": True}))
+        if q is None:  # nothing is ever queued for this fd
+            return
+        with q.cond:  # installed and looked at under the queue's lock: no wake-up lost
+            q.on_ready = self._hook
+            pending = self.file.pending()
+        if pending:
+            self._hook()
+
+    def _notify(self) -> None:
+        """The notifier: one ``ready`` frame per wake-up; wake-ups while it sends are one
+        more frame, not one each."""
+        frame = encode(Ready(), max_frame=self.server.max_frame)
+        delay = 0.0
+        while True:
+            self._ready.wait()
+            if not self._notifying:
+                return
+            self._ready.clear()
+            try:
+                self.send_frame(frame)
+                delay = 0.0
+            except OSError:
+                return  # the connection is gone (send shut it down)
+            except MemoryError:
+                delay = backoff(delay)
+                log.warning("%s: ready frame not sent: out of memory", self.name)
+                time.sleep(delay)
+                self._ready.set()
+
+    # ------------------------------------------------------------------ query
+    def _query(self, msg: Query) -> None:
+        """``info``: one answer; ``trace``: ``{"streaming": True}``, then the crossings
+        from now until the connection closes.  Refused unless the server introspects."""
+        if not self.server.introspect:
+            self.send(refusal(msg.seq, errno.EACCES, _INTROSPECT_OFF))
+            return
+        if msg.what == "info":
+            self.send(Answer(seq=msg.seq, data=self.server.flavour.describe()))
+            return
+        if not self.server.flavour.traces:
+            self.send(refusal(msg.seq, errno.EOPNOTSUPP, "this device records no crossings"))
+            return
+        if self._trace is not None:
+            self.send(refusal(msg.seq, errno.EALREADY, "this connection streams the trace"))
+            return
+        try:
+            stream = TraceStream(self, msg.seq, held=True)
+        except NO_THREAD as exc:
+            log.warning("%s: no trace sender thread (%s)", self.name, exc)
+            self.send(refusal(msg.seq, errno.EAGAIN, "the server cannot start a trace sender"))
+            return
+        self._trace = stream
+        self.server._traces.add(stream)  # records queue up from now: the ack is first
+        self.send(Answer(seq=msg.seq, data={"streaming": True}))
+        stream.go()
+
+    def _close(self, reason: str) -> None:
+        """The fd's close: run by the thread that saw the end of the stream."""
+        log.info("%s: closed (%s)", self.name, reason)
+        if self._trace is not None:
+            self.server._traces.discard(self._trace)
+            self._trace.stop()
+        if self.ctx is not None:
+            self.ctx.close()  # wakes the threads blocked in SUPPL_RECV or a callback
+        q = self.file.queue if self.file is not None else None
+        if q is not None:
+            with q.cond:
+                if q.on_ready is self._hook:
+                    q.on_ready = None
+                q.cond.notify_all()  # the receiver sees _done
+        self._notifying = False
+        self._ready.set()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        me = threading.current_thread()
+        with self._lock:
+            threads = [t for t in self._threads if t is not me]
+        end = time.monotonic() + 2  # threads still in a TA's code finish on their own
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
+        self.closed.set()
+        self.server._forget(self)
+
+
+class TraceStream:
+    """Sends one connection the crossings of the device, from a queue and its own thread
+    (a slow reader never blocks the driver).  Past ``LIMIT`` queued records new ones are
+    dropped and counted, and once the queue has drained the reader is told how many
+    (an answer ``{"dropped": n}`` between the records).  A record that cannot be sent for
+    want of memory is dropped and counted too, after a pause; the stream goes on.  The
+    stream ends when the connection does (a send fails) or at :meth:`stop`.  A ``held``
+    stream queues records but sends none before :meth:`go` (the query's answer goes
+    first)."""
+
+    LIMIT: Final = 10_000
+
+    def __init__(self, conn: Connection, seq: int, *, held: bool = False) -> None:
+        self.conn = conn
+        self.seq = seq
+        self._go = threading.Event()
+        if not held:
+            self._go.set()
+        self.dropped = 0  # all the stream dropped
+        self._unsaid = 0  # dropped and not yet told
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[TraceRecord | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"{conn.name}-trace", daemon=True)
+        self._thread.start()
+
+    def __call__(self, record: TraceRecord) -> None:
+        if self._queue.qsize() >= self.LIMIT:
+            self._drop()
+            return
+        self._queue.put(record)
+
+    def _drop(self) -> None:
+        with self._lock:
+            self.dropped += 1
+            self._unsaid += 1
+
+    def go(self) -> None:
+        """Start sending (a held stream)."""
+        self._go.set()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._go.set()
+
+    def _run(self) -> None:
+        self._go.wait()
+        delay = 0.0
+        while (record := self._queue.get()) is not None:
+            try:
+                self.conn.send(Answer(seq=self.seq, data=record.to_map()))
+                if self._unsaid and self._queue.empty():
+                    self._tell()
+                delay = 0.0
+            except OSError:
+                return  # the connection is gone (send shut it down)
+            except MemoryError:
+                self._drop()
+                delay = backoff(delay)
+                log.warning("%s: trace record dropped: out of memory", self.conn.name)
+                time.sleep(delay)
+            except Exception:
+                self._drop()
+                log.exception("%s: trace record dropped", self.conn.name)
+        if self._unsaid:  # stopping: the last word is how many never went
+            with contextlib.suppress(OSError, MemoryError):
+                self._tell()
+
+    def _tell(self) -> None:
+        with self._lock:
+            n, self._unsaid = self._unsaid, 0
+        self.conn.send(Answer(seq=self.seq, data={"dropped": n}))
