@@ -131,6 +131,13 @@ def _report(reports: Path, pid: int, status: int, *, table: bool) -> None:
     for r in found:
         who = "" if r.get("pid") == pid else f" (process {r.get('pid')})"
         leaks: dict[str, int] = r.get("leaks") or {}
+        if r.get("server"):
+            print(
+                f"qtee run: the device was the server's at {r['server']} "
+                f"(its tables: qtee info --connect {r['server']}){who}",
+                file=sys.stderr,
+            )
+            continue
         when = ""
         if not r.get("final"):
             killed = -status if r.get("pid") == pid and status < 0 else None

@@ -42,6 +42,7 @@ from qtee import uapi
 from qtee._driver import Context, Device
 from qtee._mem_obj import memfd_backing
 from qtee._optee import OpteeContext, OpteeDevice, _GpShm
+from qtee._remote import RemoteContext, RemoteDevice
 from qtee.addrspace import ProcessMemory
 
 __all__ = ["SNAPSHOT_PERIOD", "Bridge", "BridgeConfig", "start"]
@@ -211,7 +212,7 @@ class _Memfd:
 class _File:
     """One open file of a device node: its context and the fd numbers naming it."""
 
-    ctx: Context | OpteeContext
+    ctx: Context | OpteeContext | RemoteContext
     wake: int  # this side's own dup of the eventfd handed to C
     numbers: set[int] = field(default_factory=set)
 
@@ -235,12 +236,16 @@ class Bridge:
             importlib.import_module(name)  # it registers its TAs
         self.qtee: Device | None = None
         self.optee: OpteeDevice | None = None
+        #: The device of a running server (``--connect``): its tables are the server's.
+        self.remote: RemoteDevice | None = None
         self._services: list[Any] = []
-        if config.connect is not None:
-            raise UsageError("--connect is not supported by this bridge yet")
         from qtee.secure import QteeRoot, SecureWorld
 
-        if config.tee == "qtee":
+        if config.connect is not None:
+            from qtee._remote import connect
+
+            self.remote = connect(config.connect, memory=self.memory)
+        elif config.tee == "qtee":
             self.qtee = Device(
                 SecureWorld(QteeRoot()), memory=self.memory, shm_backing=memfd_backing
             )
@@ -248,7 +253,7 @@ class Bridge:
                 self.qtee.trace = _trace_line
         else:
             self.optee = _MemfdOpteeDevice(SecureWorld(QteeRoot()), memory=self.memory)
-        if config.storage is not None or config.ta_dir is not None:
+        if self.remote is None and (config.storage is not None or config.ta_dir is not None):
             self._start_supplicant(config.storage, config.ta_dir)
         self._lock = threading.Lock()
         self._fds: dict[int, _File | _ShmFile] = {}
@@ -307,8 +312,14 @@ class Bridge:
             self._dirty = True
         return fd
 
-    def _open_context(self, path: str) -> Context | OpteeContext:
+    def _open_context(self, path: str) -> Context | OpteeContext | RemoteContext:
         node = os.path.basename(path)
+        if self.remote is not None:  # the server says ENOENT for a node it does not have
+            if node == "tee0":
+                return self.remote.open()
+            if node == "teepriv0":
+                return self.remote.open_supplicant()
+            raise DriverError(errno.ENOENT, f"no such device: {path}")
         if self.qtee is not None:
             if node != "tee0":  # qcomtee registers one device, with no privileged node
                 raise DriverError(errno.ENOENT, f"no such device: {path}")
@@ -324,6 +335,16 @@ class Bridge:
         """Tokens on the eventfd: one per queued request, a flood when the queue ends."""
         ctx = entry.ctx
         wake = entry.wake
+        if isinstance(ctx, RemoteContext):
+            remote = ctx
+
+            def remote_ready() -> None:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_write(wake, _FLOOD if remote.lost or remote.closed else 1)
+
+            if ctx.node == "teepriv" or ctx.welcome.impl_id == uapi.TEE_IMPL_ID_QTEE:
+                ctx.on_ready = remote_ready  # fds that SUPPL_RECV (asks the server to watch)
+            return
         if isinstance(ctx, Context):
             requests = ctx.requests
 
@@ -379,7 +400,10 @@ class Bridge:
         a registration (SHM_REGISTER of the caller's memory: nothing to map)."""
         ctx = entry.ctx
         fd: int | None = None
-        if isinstance(ctx, Context):
+        if isinstance(ctx, RemoteContext):
+            with contextlib.suppress(DriverError):  # a registration has no memory file
+                fd = ctx.take_shm_fd(shm_id)
+        elif isinstance(ctx, Context):
             fd = ctx.shms[shm_id].take_fd()
         else:
             handle = ctx.shms[shm_id].handle
@@ -422,7 +446,9 @@ class Bridge:
             return
         ctx = entry.ctx
         ctx.close()  # the queue's end floods the eventfd: waiters wake
-        if isinstance(ctx, Context):
+        if isinstance(ctx, RemoteContext):
+            ctx.on_ready = None
+        elif isinstance(ctx, Context):
             ctx.requests.on_ready = None
         else:
             supp = getattr(ctx, "supp", None)
@@ -432,7 +458,8 @@ class Bridge:
 
     # ------------------------------------------------------------------ report
     def leaks(self) -> dict[str, int]:
-        """What the device still holds (see ``Device.leaks``)."""
+        """What the device still holds (see ``Device.leaks``; nothing here for a
+        server's device: its tables are the server's)."""
         device: Device | OpteeDevice | None = self.qtee or self.optee
         return device.leaks() if device is not None else {}
 
@@ -457,7 +484,13 @@ class Bridge:
     def _write_report(self, *, final: bool) -> None:
         if self.config.report_dir is None:
             return
-        data = {"pid": self._pid, "final": final, "time": time.time(), "leaks": self.leaks()}
+        data: dict[str, Any] = {
+            "pid": self._pid,
+            "final": final,
+            "time": time.time(),
+            "leaks": self.leaks(),
+            "server": self.config.connect,
+        }
         path = os.path.join(self.config.report_dir, f"{self._pid}.json")
         tmp = f"{path}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:

@@ -23,6 +23,10 @@ struct echo {
 	struct qcomtee_object object;
 };
 
+/* An output buffer of a callback comes with its size only (the kernel's RECV gives no
+ * address): the callee points it at memory of its own that holds the answer. */
+static char answer[256];
+
 static qcomtee_result_t echo_dispatch(struct qcomtee_object *object, qcomtee_op_t op,
 				      struct qcomtee_param *params, int num)
 {
@@ -32,10 +36,11 @@ static qcomtee_result_t echo_dispatch(struct qcomtee_object *object, qcomtee_op_
 	(void)object;
 	if (op == 0 && num == 2) {
 		n = params[0].ubuf.size;
-		if (sizeof(prefix) - 1 + n > params[1].ubuf.size)
+		if (sizeof(prefix) - 1 + n > params[1].ubuf.size || n > sizeof(answer) - 8)
 			return 10;
-		memcpy(params[1].ubuf.addr, prefix, sizeof(prefix) - 1);
-		memcpy((char *)params[1].ubuf.addr + sizeof(prefix) - 1, params[0].ubuf.addr, n);
+		memcpy(answer, prefix, sizeof(prefix) - 1);
+		memcpy(answer + sizeof(prefix) - 1, params[0].ubuf.addr, n);
+		params[1].ubuf.addr = answer;
 		params[1].ubuf.size = sizeof(prefix) - 1 + n;
 		return QCOMTEE_OK;
 	}
