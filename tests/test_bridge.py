@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -35,6 +36,7 @@ PROBE_SRC = TESTS / "c" / "bridge_probe.c"
 SOAK = os.environ.get("QTEE_SOAK") == "1"
 
 pytestmark = pytest.mark.timeout(600 if SOAK else 300)
+_QTEE_RUN = (sys.executable, "-m", "qtee", "run")
 
 
 def _library() -> Path:
@@ -319,3 +321,176 @@ def test_signals_reach_the_program_and_its_status_is_passed_through(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- across processes
+
+
+class Served:
+    """``qtee serve`` in its own process (TA modules from tests/); ``stop()`` returns
+    its last line (``tables: empty`` when nothing is left)."""
+
+    def __init__(self, sock: Path, *options: str) -> None:
+        self.sock = sock
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qtee", "serve", "--socket", str(sock), *options],
+            cwd=TESTS,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()
+        assert first.startswith("serving on"), first
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=30)
+        return out.splitlines()[-1] if out else ""
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short folder for sockets (a socket path is at most 108 bytes)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="qtee-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_qcomteetest_against_a_server_in_another_process(sockdir: Path, tmp_path: Path) -> None:
+    """``qtee run --connect``: the program's device is a running server's."""
+    peer = _peers.quic_teec()
+    (tmp_path / peer.skeleton_ta.name).write_bytes(peer.skeleton_ta.read_bytes())
+    server = Served(sockdir / "q.sock", "--ta-module", "peer_tas")
+    try:
+        connect = ("--connect", str(server.sock))
+        for args in (["-d"], ["-l", str(tmp_path), "0", "0"], ["-l", str(tmp_path), "1", "0"]):
+            run = qtee_run(peer.qcomteetest, *args, options=connect)
+            assert run.returncode == 0, run
+            assert "    SUCCESS." in run.stdout.splitlines(), run.stdout
+            assert run.stderr.splitlines() == [
+                f"qtee run: the device was the server's at {server.sock} "
+                f"(its tables: qtee info --connect {server.sock})"
+            ]
+    finally:
+        assert server.stop() == "tables: empty"
+
+
+def test_sigkill_of_a_c_supplicant_mid_callback_gives_defunct(
+    sockdir: Path, tmp_path: Path
+) -> None:
+    """A libqcomtee supplicant (tests/c/cb_supplicant.c) in its own process parks a
+    callback object in a Python TA; a Python client in this process calls it through
+    the TA (echo), then calls the op that never returns and the supplicant is killed
+    mid-callback: the TA's caller gets DEFUNCT (-90, qtee-kernel.md §4.5) and, once the
+    client lets go, the server holds nothing."""
+    import threading
+    import time
+
+    sys.path.insert(0, str(TESTS))
+    try:
+        import bridge_tas  # noqa: F401 - registers tests.park and tests.call here too
+    finally:
+        sys.path.remove(str(TESTS))
+    import qtee
+    from objects import QteeError, Result
+
+    supplicant = _peers.compile_c([TESTS / "c" / "cb_supplicant.c"], against="libqcomtee")
+    image = tmp_path / "park.img"
+    image.write_bytes(qtee.ta_image("tests.park"))
+    server = Served(sockdir / "q.sock", "--ta-module", "bridge_tas")
+    sup = subprocess.Popen(
+        [*_QTEE_RUN, "--connect", str(server.sock), "--", str(supplicant), str(image)],
+        cwd=TESTS,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sup.stdout is not None and sup.stdout.readline() == "PARKED\n"
+        with qtee.Client(qtee.connect(server.sock), workers=1) as client:
+            env = client.client_env()
+            loader = client.open_service(env, 3)
+            (ctrl,) = loader.invoke(0, qtee.ta_image("tests.call"), qtee.OUT_OBJECT)
+            (app,) = ctrl.invoke(2, qtee.OUT_OBJECT)
+            assert app.invoke(0, b"ping", qtee.Out(64)) == [b"echo:ping"]
+            failed: list[BaseException] = []
+
+            def stall() -> None:
+                try:
+                    app.invoke(1)
+                except BaseException as exc:
+                    failed.append(exc)
+
+            caller = threading.Thread(target=stall)
+            started = time.monotonic()
+            caller.start()
+            assert sup.stdout.readline() == "IN CALLBACK\n"
+            program = _child_of(sup.pid)
+            os.kill(program, signal.SIGKILL)
+            caller.join(10)
+            assert time.monotonic() - started < 10
+            assert len(failed) == 1 and isinstance(failed[0], QteeError)
+            assert failed[0].result == Result.ERROR_DEFUNCT
+            assert sup.wait(10) == 128 + signal.SIGKILL
+            app.invoke(2)  # the TA lets the dead object go
+            for ref in (app, ctrl, loader, env):
+                ref.release()
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        assert server.stop() == "tables: empty"
+
+
+def _child_of(pid: int) -> int:
+    """The one child of ``pid`` (qtee run's program)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_a_libteec_client_and_the_real_tee_supplicant_in_two_processes(
+    sockdir: Path, tmp_path: Path
+) -> None:
+    """``qtee serve --tee optee``: the unmodified tee-supplicant on the privileged node
+    serves LOAD_TA (the secure_storage TA from its ``<uuid>.ta`` under --ta-path) and
+    the REE FS (the TA's objects appear under --fs-parent-path), while the unmodified
+    secure_storage host runs in another process."""
+    sys.path.insert(0, str(TESTS))
+    try:
+        import peer_tas
+    finally:
+        sys.path.remove(str(TESTS))
+    client = _peers.optee_client()
+    fs, tas = tmp_path / "fs", tmp_path / "tas"
+    fs.mkdir()
+    tas.mkdir()
+    peer_tas.write_ta_files(tas)
+    server = Served(sockdir / "o.sock", "--tee", "optee", "--ta-module", "peer_tas")
+    connect = ["--connect", str(server.sock)]
+    supp_args = ["--fs-parent-path", str(fs), "--ta-path", str(tas)]
+    supp = subprocess.Popen(
+        [*_QTEE_RUN, *connect, "--", str(client.tee_supplicant), *supp_args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        run = qtee_run(
+            _peers.optee_example("secure_storage"),
+            options=tuple(connect),
+            env=_examples_env(),
+        )
+        assert run.returncode == 0, run
+        assert "- Object not found in TA secure storage, create it." in run.stdout
+        assert "We're done, close and release TEE resources" in run.stdout
+        kept = list((fs / str(peer_tas.SecureStorage.UUID)).iterdir())
+        assert [p.name for p in kept] == [b"object#2".hex()]
+    finally:
+        supp.terminate()
+        supp.wait(10)
+        assert server.stop() == "tables: empty"
