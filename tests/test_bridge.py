@@ -22,7 +22,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -445,6 +445,28 @@ def test_sigkill_of_a_c_supplicant_mid_callback_gives_defunct(
         assert server.stop() == "tables: empty"
 
 
+def _contexts(sock: Path) -> int:
+    """Open fds of the server at ``sock`` (the asking one included)."""
+    import qtee
+
+    ctx = qtee.connect(sock).open()
+    try:
+        return len(ctx.info()["contexts"])
+    finally:
+        ctx.close()
+
+
+def _eventually(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
 def _child_of(pid: int) -> int:
     """The one child of ``pid`` (qtee run's program)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -469,7 +491,7 @@ def test_a_libteec_client_and_the_real_tee_supplicant_in_two_processes(
     fs.mkdir()
     tas.mkdir()
     peer_tas.write_ta_files(tas)
-    server = Served(sockdir / "o.sock", "--tee", "optee", "--ta-module", "peer_tas")
+    server = Served(sockdir / "o.sock", "--tee", "optee", "--ta-module", "peer_tas", "--introspect")
     connect = ["--connect", str(server.sock)]
     supp_args = ["--fs-parent-path", str(fs), "--ta-path", str(tas)]
     supp = subprocess.Popen(
@@ -480,6 +502,7 @@ def test_a_libteec_client_and_the_real_tee_supplicant_in_two_processes(
         text=True,
     )
     try:
+        assert _eventually(lambda: _contexts(server.sock) >= 2)  # tee-supplicant's and ours
         run = qtee_run(
             _peers.optee_example("secure_storage"),
             options=tuple(connect),
