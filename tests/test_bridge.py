@@ -118,6 +118,7 @@ def test_the_fd_calls_of_a_c_program_behave_as_on_the_kernel() -> None:
         assert got[name] == ok, name
     assert got["close_last"] == ok
     assert got["version_closed"] == (-1, errno.EBADF)
+    assert got["openat"] == ok
     assert got["open_tee1"] == (-1, errno.ENOENT)
     assert got["open_teepriv0"] == (-1, errno.ENOENT)
     assert run.stderr.splitlines()[-1] == "qtee run: tables empty"

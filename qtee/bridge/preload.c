@@ -180,93 +180,65 @@ static mode_t mode_arg(int flags, va_list ap)
 	return (flags & (O_CREAT | O_TMPFILE)) ? (mode_t)va_arg(ap, int) : 0;
 }
 
-int open(const char *path, int flags, ...)
-{
-	va_list ap;
-	mode_t mode;
+/* The open family: a node's path goes to the model, anything else to libc.  The mode
+ * argument is there only with O_CREAT or O_TMPFILE. */
+#define OPEN_HOOK(name)                                               \
+	int name(const char *path, int flags, ...)                    \
+	{                                                             \
+		va_list ap;                                           \
+		mode_t mode;                                          \
+                                                                      \
+		init_real();                                          \
+		va_start(ap, flags);                                  \
+		mode = mode_arg(flags, ap);                           \
+		va_end(ap);                                           \
+		if (is_node(path))                                    \
+			return open_node(path, flags);                \
+		return real_##name(path, flags, mode);                \
+	}
 
-	init_real();
-	va_start(ap, flags);
-	mode = mode_arg(flags, ap);
-	va_end(ap);
-	if (is_node(path))
-		return open_node(path, flags);
-	return real_open(path, flags, mode);
-}
+#define OPENAT_HOOK(name)                                             \
+	int name(int dirfd, const char *path, int flags, ...)         \
+	{                                                             \
+		va_list ap;                                           \
+		mode_t mode;                                          \
+                                                                      \
+		init_real();                                          \
+		va_start(ap, flags);                                  \
+		mode = mode_arg(flags, ap);                           \
+		va_end(ap);                                           \
+		if (is_node(path))                                    \
+			return open_node(path, flags);                \
+		return real_##name(dirfd, path, flags, mode);         \
+	}
 
-int open64(const char *path, int flags, ...)
-{
-	va_list ap;
-	mode_t mode;
+/* The fortified forms (_FORTIFY_SOURCE) take no mode. */
+#define OPEN2_HOOK(name)                                              \
+	int name(const char *path, int flags)                         \
+	{                                                             \
+		init_real();                                          \
+		if (is_node(path))                                    \
+			return open_node(path, flags);                \
+		return real_##name(path, flags);                      \
+	}
 
-	init_real();
-	va_start(ap, flags);
-	mode = mode_arg(flags, ap);
-	va_end(ap);
-	if (is_node(path))
-		return open_node(path, flags);
-	return real_open64(path, flags, mode);
-}
+#define OPENAT2_HOOK(name)                                            \
+	int name(int dirfd, const char *path, int flags)              \
+	{                                                             \
+		init_real();                                          \
+		if (is_node(path))                                    \
+			return open_node(path, flags);                \
+		return real_##name(dirfd, path, flags);               \
+	}
 
-int openat(int dirfd, const char *path, int flags, ...)
-{
-	va_list ap;
-	mode_t mode;
-
-	init_real();
-	va_start(ap, flags);
-	mode = mode_arg(flags, ap);
-	va_end(ap);
-	if (is_node(path))
-		return open_node(path, flags);
-	return real_openat(dirfd, path, flags, mode);
-}
-
-int openat64(int dirfd, const char *path, int flags, ...)
-{
-	va_list ap;
-	mode_t mode;
-
-	init_real();
-	va_start(ap, flags);
-	mode = mode_arg(flags, ap);
-	va_end(ap);
-	if (is_node(path))
-		return open_node(path, flags);
-	return real_openat64(dirfd, path, flags, mode);
-}
-
-int __open_2(const char *path, int flags)
-{
-	init_real();
-	if (is_node(path))
-		return open_node(path, flags);
-	return real___open_2(path, flags);
-}
-
-int __open64_2(const char *path, int flags)
-{
-	init_real();
-	if (is_node(path))
-		return open_node(path, flags);
-	return real___open64_2(path, flags);
-}
-
-int __openat_2(int dirfd, const char *path, int flags)
-{
-	init_real();
-	if (is_node(path))
-		return open_node(path, flags);
-	return real___openat_2(dirfd, path, flags);
-}
-
-int __openat64_2(int dirfd, const char *path, int flags)
-{
-	init_real();
-	if (is_node(path))
-		return open_node(path, flags);
-	return real___openat64_2(dirfd, path, flags);
-}
+OPEN_HOOK(open)
+OPEN_HOOK(open64)
+OPENAT_HOOK(openat)
+OPENAT_HOOK(openat64)
+OPEN2_HOOK(__open_2)
+OPEN2_HOOK(__open64_2)
+OPENAT2_HOOK(__openat_2)
+OPENAT2_HOOK(__openat64_2)
 
 /* ------------------------------------------------------------------ ioctl */
 

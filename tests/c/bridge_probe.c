@@ -79,6 +79,9 @@ static int basic(void)
 	munmap(p, a.size);
 	step("close_last", close(d2));
 	step("version_closed", ioctl(d2, TEE_IOC_VERSION, &v));
+	d = openat(AT_FDCWD, "/dev/tee0", O_RDWR);
+	step("openat", d >= 0 && ioctl(d, TEE_IOC_VERSION, &v) == 0 ? 0 : -1);
+	close(d);
 	step("open_tee1", open("/dev/tee1", O_RDWR));
 	step("open_teepriv0", open("/dev/teepriv0", O_RDWR));
 	return 0;
