@@ -239,6 +239,7 @@ class Bridge:
         #: The device of a running server (``--connect``): its tables are the server's.
         self.remote: RemoteDevice | None = None
         self._services: list[Any] = []
+        self._scratches: list[str] = []
         from qtee.secure import QteeRoot, SecureWorld
 
         if config.connect is not None:
@@ -286,10 +287,12 @@ class Bridge:
         self._services.append(OpteeSupplicant(self.optee, tas, store))
 
     def _scratch(self, name: str) -> str:
-        """An empty directory for what the configuration leaves out."""
+        """An empty directory for what the configuration leaves out (removed at exit)."""
         import tempfile
 
-        return tempfile.mkdtemp(prefix=f"qtee-bridge-{name}-")
+        path = tempfile.mkdtemp(prefix=f"qtee-bridge-{name}-")
+        self._scratches.append(path)
+        return path
 
     # ------------------------------------------------------------------ hooks
     def open(self, path: str, flags: int) -> int:
@@ -480,6 +483,10 @@ class Bridge:
         for service in self._services:
             service.stop()
         self._write_report(final=True)
+        import shutil
+
+        for path in self._scratches:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _write_report(self, *, final: bool) -> None:
         if self.config.report_dir is None:
