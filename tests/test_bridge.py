@@ -176,7 +176,47 @@ def test_a_model_that_cannot_start_fails_open_with_enoent_and_says_why() -> None
         "qtee bridge: cannot start the model: ModuleNotFoundError: "
         "No module named 'no_such_ta_module'"
     )
-    assert rest == []  # no device was used: nothing to report
+    assert rest == [
+        "qtee run: the model did not start: ModuleNotFoundError: "
+        "No module named 'no_such_ta_module'"
+    ]
+
+
+def test_a_program_that_opens_no_device_is_told() -> None:
+    """A static program (or one opening the node otherwise than through libc) is not
+    reached by the preload library: qtee run says the program opened no TEE device."""
+    run = qtee_run("true")
+    assert run.returncode == 0
+    assert run.stderr == (
+        "qtee run: true opened no TEE device (a static program, or one that does not "
+        "open /dev/teeN through libc, is not reached by the bridge)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        (("--ta-module", "my_tas.py"), "not a module name: 'my_tas.py' (the module of"),
+        (("--ta-module", "./my_tas"), "not a module name: './my_tas'"),
+        (("--connect", "x.sock", "--storage", "tee"), "--storage: the device of --connect"),
+        (("--connect", "x.sock", "--tee", "optee", "--trace"), "--tee, --trace: the device of"),
+    ],
+)
+def test_bad_options_are_usage_errors(options: tuple[str, ...], why: str) -> None:
+    run = qtee_run("true", options=options)
+    assert run.returncode == 2 and why in run.stderr, run.stderr
+
+
+def test_connect_to_no_server_says_why_once(tmp_path: Path) -> None:
+    """--connect to a path with no server: each open fails as for a missing device
+    (ENOENT) and one line says why."""
+    run = qtee_run(probe(), "open", options=("--connect", str(tmp_path / "none.sock")))
+    assert steps(run.stdout)["open"] == (-1, errno.ENOENT)
+    assert run.stderr.splitlines() == [
+        f"qtee bridge: /dev/tee0: cannot connect to {tmp_path / 'none.sock'}: "
+        "[Errno 2] No such file or directory",
+        "qtee run: no device could be opened (see above)",
+    ]
 
 
 def test_trace_prints_the_crossings_and_the_tables() -> None:
@@ -318,7 +358,10 @@ def test_signals_reach_the_program_and_its_status_is_passed_through(
         else:
             proc.send_signal(sig)
         assert proc.wait(timeout=10) == 128 + sig
-        assert proc.stderr is not None and proc.stderr.read() == ""  # sleep used no device
+        assert proc.stderr is not None
+        assert proc.stderr.read().startswith(
+            f"qtee run: sleep opened no TEE device before it was killed by {sig.name} "
+        )
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -373,8 +416,8 @@ def test_qcomteetest_against_a_server_in_another_process(sockdir: Path, tmp_path
             assert run.returncode == 0, run
             assert "    SUCCESS." in run.stdout.splitlines(), run.stdout
             assert run.stderr.splitlines() == [
-                f"qtee run: the device was the server's at {server.sock} "
-                f"(its tables: qtee info --connect {server.sock})"
+                f"qtee run: the device was the server's at {server.sock} (its tables are "
+                "the server's: qtee serve prints them when it stops)"
             ]
     finally:
         assert server.stop() == "tables: empty"

@@ -50,7 +50,9 @@ def environment(
     env = dict(os.environ if base is None else base)
     lib = str(library_path())
     preload = env.get("LD_PRELOAD", "")
-    env["LD_PRELOAD"] = f"{lib} {preload}".strip() if lib not in preload.split() else preload
+    # After what is there already: a sanitizer's runtime must come first, and any place in
+    # the list is ahead of libc.
+    env["LD_PRELOAD"] = f"{preload} {lib}".strip() if lib not in preload.split() else preload
     root = str(Path(__file__).resolve().parent.parent.parent)  # where `import qtee` finds it
     path = [search_first] if search_first else []
     path += [root, *(p for p in sys.path if p and os.path.isdir(p))]

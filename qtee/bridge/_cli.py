@@ -1,10 +1,11 @@
 """``qtee run -- PROG ARGS...``: a C program against the model, through the preload bridge.
 
 Exit status: PROG's own; 128+N when a signal N killed it; 127 when PROG is not found,
-126 when it cannot be run; 1 when the bridge is not built (one line on stderr each).
-After PROG ends, one line on stderr says what the model still holds (a table with
-``--trace``), for PROG and for each process it started that used the device; for a
-process killed by a signal, its tables as of the last snapshot.
+126 when it cannot be run; 2 for bad options; 1 when the bridge is not built (one line
+on stderr each).  After PROG ends, one line on stderr per process that opened a device
+says what the model still holds (a table with ``--trace``); for a process killed by a
+signal, its tables as of the last snapshot; when no process opened a device, a line
+says so (a static program is not reached by the preload library).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,14 +26,36 @@ from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+_EPILOG = """\
+exit status: PROG's own; 128+N when signal N killed it; 127 PROG not found; 126 PROG
+cannot be run; 2 bad options; 1 the bridge is not built (make bridge).
+With --connect the device is the server's: --tee, --ta-module, --storage, --ta-dir and
+--trace are the server's business (qtee serve) and cannot be given here.
+"""
+
+
+def _module_name(text: str) -> str:
+    """An argparse type: a TA module is imported by name."""
+    if text.endswith(".py") or not _MODULE.fullmatch(text):
+        hint = f" (the module of {text!r} is {Path(text).stem!r})" if text.endswith(".py") else ""
+        raise argparse.ArgumentTypeError(f"not a module name: {text!r}{hint}")
+    return text
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``qtee run``."""
-    parser.add_argument("--tee", choices=("qtee", "optee"), default="qtee", help="the device")
+    parser.epilog = _EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--tee", choices=("qtee", "optee"), default=None, help="the device (default: qtee)"
+    )
     parser.add_argument(
         "--ta-module",
         action="append",
         default=[],
+        type=_module_name,
         metavar="MODULE",
         help="import MODULE in the program's model first (it registers its TAs; the "
         "current directory is searched first); repeatable",
@@ -63,6 +87,25 @@ def run(args: argparse.Namespace) -> int:
     if not argv:
         print("qtee run: no program given (qtee run [OPTIONS] -- PROG ARGS...)", file=sys.stderr)
         return 2
+    if args.connect is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--tee", args.tee),
+                ("--ta-module", args.ta_module),
+                ("--storage", args.storage),
+                ("--ta-dir", args.ta_dir),
+                ("--trace", args.trace),
+            )
+            if value
+        ]
+        if given:
+            print(
+                f"qtee run: {', '.join(given)}: the device of --connect is the server's "
+                "(give these to qtee serve)",
+                file=sys.stderr,
+            )
+            return 2
     prog = argv[0]
     found = prog if os.sep in prog else shutil.which(prog)
     if found is None or not os.path.exists(found):
@@ -71,9 +114,16 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isdir(found) or not os.access(found, os.X_OK):
         print(f"qtee run: {prog}: cannot run it (not an executable file)", file=sys.stderr)
         return 126
+    tee = args.tee or "qtee"
+    if args.trace and tee == "optee":
+        print(
+            "qtee run: --trace: the OP-TEE device records no crossings; only the tables "
+            "are printed at the end",
+            file=sys.stderr,
+        )
     with tempfile.TemporaryDirectory(prefix="qtee-run-") as reports:
         config = BridgeConfig(
-            tee=args.tee,
+            tee=tee,
             ta_modules=tuple(args.ta_module),
             storage=args.storage,
             ta_dir=args.ta_dir,
@@ -93,15 +143,15 @@ def run(args: argparse.Namespace) -> int:
             return 126
         with _signals_go_to_the_child(proc):
             status = proc.wait()
-        _report(Path(reports), proc.pid, status, table=args.trace)
+        _report(Path(reports), proc.pid, status, prog=prog, table=args.trace)
     return 128 - status if status < 0 else status
 
 
 @contextlib.contextmanager
 def _signals_go_to_the_child(proc: subprocess.Popen[bytes]) -> Iterator[None]:
-    """^C reaches the program by itself (the terminal signals the whole process group):
-    this side ignores it and waits.  SIGTERM and SIGHUP sent to ``qtee run`` alone are
-    passed on to the program, which decides; its status is then reported as usual."""
+    """^C and ^\\ reach the program by themselves (the terminal signals the whole process
+    group): this side ignores them and waits.  SIGTERM and SIGHUP sent to ``qtee run``
+    alone are passed on to the program, which decides; its status is reported as usual."""
 
     def forward(sig: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -109,6 +159,7 @@ def _signals_go_to_the_child(proc: subprocess.Popen[bytes]) -> Iterator[None]:
 
     previous = {
         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGQUIT: signal.signal(signal.SIGQUIT, signal.SIG_IGN),
         signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
         signal.SIGHUP: signal.signal(signal.SIGHUP, forward),
     }
@@ -119,7 +170,7 @@ def _signals_go_to_the_child(proc: subprocess.Popen[bytes]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _report(reports: Path, pid: int, status: int, *, table: bool) -> None:
+def _report(reports: Path, pid: int, status: int, *, prog: str, table: bool) -> None:
     """One line (or a table) per process that used the device."""
     found: list[dict[str, Any]] = []
     for path in sorted(reports.glob("*.json")):
@@ -128,20 +179,37 @@ def _report(reports: Path, pid: int, status: int, *, table: bool) -> None:
         except (OSError, ValueError):
             continue
     found.sort(key=lambda r: (r.get("pid") != pid, r.get("pid", 0)))
+    killed = signal.Signals(-status).name if status < 0 else None
+    if not any(r.get("tried") or r.get("error") for r in found):
+        how = f" before it was killed by {killed}" if killed else ""
+        print(
+            f"qtee run: {prog} opened no TEE device{how} (a static program, or one that "
+            "does not open /dev/teeN through libc, is not reached by the bridge)",
+            file=sys.stderr,
+        )
+        return
     for r in found:
+        if not (r.get("tried") or r.get("error")):
+            continue
+        if not (r.get("opened") or r.get("error")):
+            who = "" if r.get("pid") == pid else f" (process {r.get('pid')})"
+            print(f"qtee run: no device could be opened{who} (see above)", file=sys.stderr)
+            continue
         who = "" if r.get("pid") == pid else f" (process {r.get('pid')})"
-        leaks: dict[str, int] = r.get("leaks") or {}
+        if r.get("error"):
+            print(f"qtee run: the model did not start{who}: {r['error']}", file=sys.stderr)
+            continue
         if r.get("server"):
             print(
-                f"qtee run: the device was the server's at {r['server']} "
-                f"(its tables: qtee info --connect {r['server']}){who}",
+                f"qtee run: the device was the server's at {r['server']} (its tables are "
+                f"the server's: qtee serve prints them when it stops){who}",
                 file=sys.stderr,
             )
             continue
+        leaks: dict[str, int] = r.get("leaks") or {}
         when = ""
         if not r.get("final"):
-            killed = -status if r.get("pid") == pid and status < 0 else None
-            how = f"killed by {signal.Signals(killed).name}" if killed else "ended without exit"
+            how = f"killed by {killed}" if r.get("pid") == pid and killed else "ended without exit"
             when = f" at the last snapshot (the program was {how})"
         if not leaks:
             print(f"qtee run: tables empty{when}{who}", file=sys.stderr)

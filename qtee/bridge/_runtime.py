@@ -260,6 +260,9 @@ class Bridge:
         self._fds: dict[int, _File | _ShmFile] = {}
         self._pid = os.getpid()
         self._dirty = True
+        self._opened = False  # a device was opened (what qtee run reports on)
+        self._tried = False  # an open reached the bridge
+        self._said: set[str] = set()  # connection failures already told
         self._snapshots: threading.Thread | None = None
         if config.report_dir is not None:
             self._snapshots = threading.Thread(
@@ -297,9 +300,12 @@ class Bridge:
     # ------------------------------------------------------------------ hooks
     def open(self, path: str, flags: int) -> int:
         """``open`` of a device node: a new context; its fd (an eventfd) or -errno."""
+        self._tried = True
         try:
             ctx = self._open_context(path)
         except DriverError as exc:
+            if self.remote is not None and exc.errno != errno.EBUSY:
+                self._say_once(f"qtee bridge: {path}: {exc.detail or exc.strerror}")
             return -(exc.errno or errno.EIO)
         efd_flags = _EFD_FLAGS | (os.EFD_CLOEXEC if flags & os.O_CLOEXEC else 0)
         try:
@@ -313,7 +319,18 @@ class Bridge:
         with self._lock:
             self._fds[fd] = entry
             self._dirty = True
+            first = not self._opened
+            self._opened = True
+        if first:  # a program killed right away still has its tables reported
+            with contextlib.suppress(OSError):
+                self._write_report(final=False)
         return fd
+
+    def _say_once(self, line: str) -> None:
+        """One stderr line, the first time it is to be said."""
+        if line not in self._said:
+            self._said.add(line)
+            os.write(2, f"{line}\n".encode())
 
     def _open_context(self, path: str) -> Context | OpteeContext | RemoteContext:
         node = os.path.basename(path)
@@ -495,14 +512,12 @@ class Bridge:
             "pid": self._pid,
             "final": final,
             "time": time.time(),
+            "opened": self._opened,
+            "tried": self._tried,
             "leaks": self.leaks(),
             "server": self.config.connect,
         }
-        path = os.path.join(self.config.report_dir, f"{self._pid}.json")
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
+        _write_json(self.config.report_dir, self._pid, data)
 
     def _snapshot_loop(self) -> None:
         while True:
@@ -519,10 +534,37 @@ def _trace_line(line: str) -> None:
     os.write(2, f"qtee: {line}\n".encode())
 
 
+def _write_json(folder: str, pid: int, data: dict[str, Any]) -> None:
+    """``folder/<pid>.json``, replaced whole."""
+    path = os.path.join(folder, f"{pid}.json")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
 def start() -> Bridge:
     """The bridge of this process, from ``QTEE_BRIDGE_CONFIG`` (raises when the model
-    cannot start: the C side then says why and fails every open with ENOENT)."""
+    cannot start: the C side then says why and fails every open with ENOENT, and the
+    reason goes to ``qtee run``'s report too)."""
     text = os.environ.get("QTEE_BRIDGE_CONFIG")
-    config = BridgeConfig.from_json(text) if text else BridgeConfig()
     logging.basicConfig(stream=sys.stderr, format="%(message)s", level=logging.WARNING)
-    return Bridge(config)
+    try:
+        config = BridgeConfig.from_json(text) if text else BridgeConfig()
+        return Bridge(config)
+    except Exception as exc:
+        folder = _report_dir(text)
+        if folder is not None:
+            with contextlib.suppress(OSError):
+                why = f"{type(exc).__name__}: {exc}"
+                _write_json(folder, os.getpid(), {"pid": os.getpid(), "error": why})
+        raise
+
+
+def _report_dir(text: str | None) -> str | None:
+    """``report_dir`` of a configuration that may be otherwise wrong."""
+    try:
+        folder = json.loads(text or "{}").get("report_dir")
+    except (ValueError, AttributeError):
+        return None
+    return folder if isinstance(folder, str) else None
