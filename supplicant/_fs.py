@@ -280,6 +280,11 @@ class FileStore:
         if not isinstance(sweep, bool):
             raise FsUsageError(f"sweep must be a bool, not {type(sweep).__name__}")
         self._root = os.path.abspath(os.fspath(root))
+        if not os.path.exists(self._root):
+            try:  # as tee-supplicant makes its file-system root (mkpath)
+                os.makedirs(self._root)
+            except OSError as exc:
+                raise _fail(exc.errno or errno.EIO, f"cannot create root {self._root!r}") from None
         if not os.path.isdir(self._root):
             raise _fail(errno.ENOTDIR, f"root {self._root!r} is not a directory")
         self._lock = threading.RLock()

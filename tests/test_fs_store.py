@@ -531,7 +531,7 @@ def test_python_api_type_errors(fs: FileStore) -> None:
     with pytest.raises(FsUsageError, match="root must be a str"):
         FileStore(3)  # type: ignore[arg-type]
     with pytest.raises(FsError) as exc:
-        FileStore("/nonexistent/qtee-root")
+        FileStore(__file__)  # a file, not a directory
     assert errno_of(exc) == "ENOTDIR"
 
 
@@ -866,3 +866,11 @@ class FileStoreMachine(RuleBasedStateMachine):
 
 TestFileStoreMachine = FileStoreMachine.TestCase
 TestFileStoreMachine.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
+
+
+def test_a_missing_root_is_made_as_tee_supplicant_makes_its_own(tmp_path: Path) -> None:
+    """tee-supplicant creates its --fs-parent-path (mkpath) before it serves the REE FS:
+    the store makes its root, and its parents, when they are missing."""
+    root = tmp_path / "var" / "lib" / "tee"
+    store = FileStore(root)
+    assert root.is_dir() and store.root == str(root)
