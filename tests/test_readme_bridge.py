@@ -1,13 +1,13 @@
 """The README's "Running C programs" commands, run as written (issue 14 acceptance).
 
-The ``sh`` block of that section is read from README.md and each line run with bash in
-a folder holding ``my_tas.py`` (the TA module the README's "Real TA files" shows, here
-the peers' TAs) and ``tas/`` (the skeleton TA's real ``.mbn`` and secure_storage's
-``<uuid>.ta``), with ``qtee`` and the built peer programs on ``PATH``.  A line ending in
-``&`` runs in the background until the end (servers and supplicants); every other line
-must exit 0 and report ``tables empty`` or the server's tables.  The two secure_storage
-runs share ``tee/``: the first (the model's supplicant) creates object#2, the second (the
-real tee-supplicant's REE FS) finds it there and deletes it, as the example does.
+The section's two ``sh`` blocks are read from README.md.  The set-up block runs in bash
+from the repository (its folder ``/tmp/qtee-c`` replaced by this test's own), and the
+environment it exports is kept.  Then each line of the second block runs in that folder:
+a line ending in ``&`` runs in the background until the end (servers and supplicants);
+every other line must exit 0 and report ``tables empty`` or the server's tables.  The two
+secure_storage runs share ``tee/``: the first (the model's supplicant) creates object#2,
+the second (the real tee-supplicant's REE FS) finds it there and deletes it, as the
+example does.
 """
 
 from __future__ import annotations
@@ -32,13 +32,31 @@ TESTS = REPO / "tests"
 pytestmark = pytest.mark.timeout(300)
 
 
-def readme_commands() -> list[str]:
-    """The lines of the ``sh`` block in README.md's "Running C programs" section."""
+def readme_blocks() -> tuple[str, list[str]]:
+    """The set-up block (a script) and the command lines of README.md's "Running C
+    programs" section."""
     text = (REPO / "README.md").read_text()
     section = text.split("## Running C programs", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```sh\n(.*?)```", section, re.S)
-    assert block is not None, "no sh block in the Running C programs section"
-    return [line.split("  #")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "the section has a set-up block and a block of commands"
+    lines = [line.split("  #")[0].strip() for line in blocks[1].splitlines() if line.strip()]
+    return blocks[0], lines
+
+
+def setup_env(script: str, folder: Path) -> dict[str, str]:
+    """Run the set-up block from the repository (into ``folder``); its environment."""
+    script = script.replace("/tmp/qtee-c", str(folder))
+    run = subprocess.run(
+        ["bash", "-ec", f"{script}\nenv -0"],
+        cwd=REPO,
+        env=os.environ.copy(),
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr.decode()
+    pairs = (item.split(b"=", 1) for item in run.stdout.split(b"\0") if b"=" in item)
+    return {k.decode(): v.decode() for k, v in pairs}
 
 
 def _sockets(pid: int) -> int:
@@ -57,36 +75,23 @@ def _sockets(pid: int) -> int:
 def test_readme_running_c_programs(tmp_path: Path) -> None:
     if not LIBRARY.is_file():
         _peers.unavailable(f"the preload bridge is not built ({LIBRARY}): run `make bridge`")
-    quic, client = _peers.quic_teec(), _peers.optee_client()
-    examples = _peers.optee_examples()
+    _peers.quic_teec(), _peers.optee_client(), _peers.optee_examples()  # built first
     sys.path.insert(0, str(TESTS))
     try:
         import peer_tas
     finally:
         sys.path.remove(str(TESTS))
-    work = Path(os.path.realpath(tmp_path))
-    (work / "my_tas.py").write_text("from peer_tas import *  # noqa: F403\n")
-    tas = work / "tas"
-    tas.mkdir()
-    (tas / quic.skeleton_ta.name).write_bytes(quic.skeleton_ta.read_bytes())
-    peer_tas.write_ta_files(tas)
-    path = [
-        str(Path(sys.executable).parent),
-        str(quic.qcomteetest.parent),
-        str(client.tee_supplicant.parent),
-        str(examples.bin_dir),
-        os.environ.get("PATH", ""),
+    work = Path(os.path.realpath(tmp_path)) / "qtee-c"
+    setup, commands = readme_blocks()
+    env = setup_env(setup, work)
+    assert sorted(p.name for p in (work / "tas").iterdir()) == [
+        f"{peer_tas.SecureStorage.UUID}.ta",
+        "smcinvoke_skeleton_ta64.mbn",
     ]
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join(path),
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "LD_LIBRARY_PATH": str(client.lib_dir),
-    }
     background: list[subprocess.Popen[str]] = []
     storage_runs: list[str] = []
     try:
-        for line in readme_commands():
+        for line in commands:
             argv = shlex.split(line.rstrip("&").strip())
             if line.endswith("&"):
                 proc = subprocess.Popen(
