@@ -396,9 +396,10 @@ class Bridge:
             else:
                 buf = bytearray(self.memory.read(arg, (cmd >> 16) & 0x3FFF))
             before = bytes(buf)
-            if nowait:
-                ctx.recv_nowait(buf)  # type: ignore[union-attr]
-            else:
+            recv_nowait = getattr(ctx, "recv_nowait", None) if nowait else None
+            if recv_nowait is not None:
+                recv_nowait(buf)
+            else:  # an fd with no RECV queue (an OP-TEE client's): what the ioctl says
                 ctx.ioctl(cmd, buf)
             if buf != before:
                 self.memory.write(arg, bytes(buf))
@@ -409,8 +410,6 @@ class Bridge:
             return 0
         except DriverError as exc:
             return -(exc.errno or errno.EIO)
-        except AttributeError:  # recv_nowait on a fd without SUPPL_RECV
-            return -errno.EINVAL
         except Exception:
             log.exception("qtee bridge: ioctl %#x on fd %d failed", cmd, fd)
             return -errno.EIO
