@@ -38,7 +38,7 @@ from objects import (
     result_name,
 )
 from qtee import _checks, uapi, wire
-from qtee._file import FileLife
+from qtee._file import FileLife, popped
 from qtee._mem_obj import (
     SHM_MAX,
     MemObject,
@@ -1050,12 +1050,7 @@ class Context:
     def _teardown(self) -> None:
         """The file's release, once no call is in flight (see :class:`FileLife`); finds
         nothing to do when it runs again."""
-        shms = self.shms
-        while shms:
-            try:
-                _, shm = shms.popitem()
-            except KeyError:  # a racing shm_free took the last one
-                break
+        for shm in popped(self.shms):
             shm.put()
         for _, obj in self.objects.drain():
             obj.put()

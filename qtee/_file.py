@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import TypeVar
 
 from objects import DriverError
 
-__all__ = ["FileLife"]
+__all__ = ["FileLife", "popped"]
+
+_V = TypeVar("_V")
 
 
 class FileLife:
@@ -88,3 +91,15 @@ class FileLife:
             self._teardown()
         finally:
             self.released.set()
+
+
+def popped(table: MutableMapping[int, _V]) -> Iterator[_V]:
+    """Each value of ``table``, taken out of it one at a time until it is empty: a
+    teardown's way to empty an fd's table while a racing close of one of its entries
+    (a shm fd's) takes entries too -- each entry is taken by exactly one of them."""
+    while True:
+        try:
+            _, value = table.popitem()
+        except KeyError:
+            return
+        yield value

@@ -38,7 +38,7 @@ from uuid import UUID
 
 from objects import DriverError, IdrAllocator, ObjectTable
 from qtee import _checks, uapi
-from qtee._file import FileLife
+from qtee._file import FileLife, popped
 from qtee._mem_obj import SHM_MAX
 from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory
 from qtee.gp._identity import Cred, calc_client_uuid, check_user_login
@@ -464,12 +464,7 @@ class OpteeContext:
         self.device.calls.close_owner(self)
         with self._lock:
             self.sessions.clear()
-        shms = self.shms
-        while shms:
-            try:
-                _, shm = shms.popitem()
-            except KeyError:  # a racing shm_free took the last one
-                break
+        for shm in popped(self.shms):
             self._drop_shm(shm)
         with self.device._lock:
             self.device.contexts.discard(self)
