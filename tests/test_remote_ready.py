@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 import qtee
-from objects import DriverError, QteeError, UsageError
-from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, Out, ProcessMemory, op, uapi
+from objects import DriverError, UsageError
+from qtee import OUT_OBJECT, CallbackObject, DeviceServer, Out, ProcessMemory, op, uapi
 from qtee._driver import Device
 from qtee._frames import (
     Answer,
@@ -45,24 +45,9 @@ from qtee.client import _Credentials
 from qtee.secure import QteeRoot, SecureWorld
 from tests import _optee_tas as tas
 from tests._helpers import META_OUT, OBJ_IN, UB_IN, UB_OUT, USER, buf_arg, recv_block
+from tests._soak_tas import Good
 
 RELEASE = 0xFFFF
-
-
-class Through(qtee.TrustedApp):
-    """op 0: QTEE calls ``cb`` op 0 with ``data`` and returns its answer; op 1: adds."""
-
-    @op(0, ib=(None,), io=1, ob=(None,))
-    def through(self, data: bytes, cb: NsObject) -> bytes:
-        res = cb.invoke(0, ib=[data], ob=[len(data) + 64])
-        if res.result:
-            raise QteeError(res.result)
-        return res.ob[0]
-
-    @op(1, ib=(8,), ob=(4,))
-    def add(self, pair: bytes) -> bytes:
-        a, b = struct.unpack("<II", pair)
-        return struct.pack("<I", (a + b) & 0xFFFF_FFFF)
 
 
 class Echoer(CallbackObject):
@@ -71,7 +56,7 @@ class Echoer(CallbackObject):
         return b"echo" + data[::-1]
 
 
-THROUGH = pytest.mark.qtee_ta("ready.through", Through)
+THROUGH = pytest.mark.qtee_ta("ready.through", Good)  # op 0 calls back, op 1 adds
 
 
 @pytest.fixture
