@@ -3,7 +3,7 @@
 Installing qtee registers it (entry point ``pytest11``, name ``qtee``); ``-p no:qtee``
 turns it off.  Fixtures (all function-scoped):
 
-* ``qtee_device`` -- a fresh ``qtee.Device(SecureWorld(QteeRoot()))``, or in ``server``
+* ``qtee_device`` -- a fresh standard ``qtee.Device()``, or in ``server``
   mode ``qtee.connect()`` to a fresh ``qtee_server`` (see modes below);
 * ``qtee_server`` -- a ``DeviceServer`` on a socket in a temporary directory, stopped at
   teardown (its device is leak-checked like any other);
@@ -26,7 +26,9 @@ Markers:
   the previous registration of that name, if any, is restored after the test);
 * ``@pytest.mark.qtee_gp_ta(cls, loadable=False)`` registers the GP TA ``cls``
   (``qtee.register_gp_ta``, or ``qtee.register_loadable_ta`` with ``loadable=True``)
-  for the test (repeatable; the previous registration of that UUID is restored);
+  for the test (repeatable; the previous registration of that UUID is restored).
+  Write ``loadable=`` (or ``qtee_gp_ta.with_args(cls)``): given a lone class, pytest
+  marks that class instead of the test;
 * ``@pytest.mark.qtee_ta_file(cls, path=None, sha256=None)`` registers ``cls`` for a real
   TA file for the test (``qtee.register_ta_file``; repeatable; a relative ``path`` is
   taken from the test file's directory), unregistered after the test;
@@ -110,7 +112,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "qtee_gp_ta(cls, loadable=False): register the GpTA subclass cls for this test "
-        "(loadable=True: found only through tee-supplicant's LOAD_TA)",
+        "(loadable=True: found only through tee-supplicant's LOAD_TA; write loadable= "
+        "even when False, or pytest takes a lone class for a class to mark)",
     )
     config.addinivalue_line(
         "markers",
@@ -395,9 +398,9 @@ class AppLoaderHelper:
 # ------------------------------------------------------------------------ fixtures
 @pytest.fixture
 def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device | RemoteDevice:
-    """A fresh in-process device, ``qtee.Device(SecureWorld(QteeRoot()))``; in ``server``
-    mode, ``qtee.connect`` to a fresh ``qtee_server``."""
-    from qtee import Device, QteeRoot, SecureWorld, connect
+    """A fresh in-process device, the standard ``qtee.Device()``; in ``server`` mode,
+    ``qtee.connect`` to a fresh ``qtee_server``."""
+    from qtee import Device, connect
 
     mode = getattr(request, "param", "in-process")
     if mode == "server":
@@ -406,7 +409,7 @@ def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device
     if mode == "guest":
         guest: Device = request.getfixturevalue("qtee_guest").device
         return guest
-    device = Device(SecureWorld(QteeRoot()))
+    device = Device()
     _label(request, device, "fixture qtee_device")
     return device
 
