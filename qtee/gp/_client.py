@@ -31,11 +31,11 @@ says memref, say) is a programming error: ``UsageError``/``TypeError``, as C wou
 compile or would misread the union.
 
 **Results, one way.**  Every call either succeeds or raises :class:`~qtee.gp.TeecError`
-(``code``, a :class:`~qtee.gp.TeecResult` member for known codes, and ``origin``, a
-:class:`~qtee.gp.TeecOrigin`).  A call that reached the TEE also reports its return
-origin on success, as a :class:`~qtee.gp.TeecOrigin` too: ``TEEC_InvokeCommand``'s is
-what :meth:`TeecSession.invoke_command` returns, ``TEEC_OpenSession``'s is the new
-session's :attr:`TeecSession.origin` (TRUSTED_APP whenever the TA ran).
+(``code`` and ``origin``: :class:`~qtee.gp.TeecResult` and :class:`~qtee.gp.TeecOrigin`
+members for known values, plain ints otherwise).  A call that reached the TEE also
+reports its return origin on success, in the same form: ``TEEC_InvokeCommand``'s is what
+:meth:`TeecSession.invoke_command` returns, ``TEEC_OpenSession``'s is the new session's
+:attr:`TeecSession.origin` (TRUSTED_APP whenever the TA ran).
 
 The API talks only to a :class:`~qtee.gp.GpTransport` (the kernel's ioctls).
 :class:`TeecContext` makes one from what it is given: an OP-TEE device
@@ -544,12 +544,11 @@ class _Call:
                 self.temps[n] = None
                 self.context._free_temp(temp)
 
-    def run(
-        self, ioctl: Callable[[list[uapi.Param]], tuple[int, int, list[uapi.Param]]]
-    ) -> TeecOrigin:
+    def run(self, ioctl: Callable[[list[uapi.Param]], tuple[int, int, list[uapi.Param]]]) -> int:
         """Pre-process, make the call, post-process; raise a TeecError unless SUCCESS.
 
-        Returns the origin of a successful call.
+        Returns the origin of a successful call (a :class:`TeecOrigin` when it is a known
+        one, as a :class:`TeecError`'s ``origin`` is).
         """
         params = self.prepare()
         try:
@@ -562,20 +561,7 @@ class _Call:
             self.free()
         if ret != TeecResult.TEEC_SUCCESS:
             raise TeecError(ret, origin)
-        return _origin(origin)
-
-
-def _origin(origin: int) -> TeecOrigin:
-    """A success's return origin as a :class:`TeecOrigin` (a TEE that reports a value
-    that is none is answering nonsense: COMMUNICATION, origin COMMS)."""
-    known = _known(TeecOrigin, origin)
-    if not isinstance(known, TeecOrigin):
-        raise TeecError(
-            TeecResult.TEEC_ERROR_COMMUNICATION,
-            TeecOrigin.TEEC_ORIGIN_COMMS,
-            f"the TEE reported success with return origin {origin:#x}",
-        )
-    return known
+        return _known(TeecOrigin, origin)
 
 
 # ----------------------------------------------------------------------------- context
@@ -844,12 +830,7 @@ class TeecContext:
                 opened.append(self._adopt(sid, origin))
             return ret, origin, back
 
-        try:
-            call.run(ioctl)
-        except TeecError:
-            for session in opened:  # opened, but its answer made no sense
-                session.close()
-            raise
+        call.run(ioctl)
         return opened[0]
 
     def _adopt(self, session_id: int, origin: int) -> TeecSession:
@@ -904,13 +885,15 @@ class TeecSession:
     def __init__(self, context: TeecContext, session_id: int, origin: int) -> None:
         self.context = context
         self.session_id = session_id
-        #: The return origin of the OpenSession that made it (a :class:`TeecOrigin`).
+        #: The return origin of the OpenSession that made it (a :class:`TeecOrigin`
+        #: when it is a known one, as a :class:`TeecError`'s ``origin`` is).
         self.origin = _known(TeecOrigin, origin)
         self._lock = threading.Lock()
 
-    def invoke_command(self, command_id: int, operation: TeecOperation | None = None) -> TeecOrigin:
+    def invoke_command(self, command_id: int, operation: TeecOperation | None = None) -> int:
         """``TEEC_InvokeCommand``: run ``command_id`` in the TA; returns the return origin
-        (a :class:`TeecOrigin`; a failure is a :class:`TeecError` with its own).
+        (a :class:`TeecOrigin` when it is a known one; a failure is a :class:`TeecError`
+        with its own).
 
         Records the session in ``operation`` first (under libteec's mutex) so that
         :meth:`TeecContext.request_cancellation` can reach this call.  On a closed session
