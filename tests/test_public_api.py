@@ -21,7 +21,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 
@@ -367,3 +367,43 @@ def test_results_come_back_one_way(make: Callable[[], OpteeDevice | Device]) -> 
         (R.TEEC_ERROR_ITEM_NOT_FOUND, Origin.TEEC_ORIGIN_TEE),
     ]
     assert all(type(code) is TeecResult and type(origin) is TeecOrigin for code, origin in got)
+
+
+CALLER = uuid.UUID("5ca1ab1e-0000-4000-8000-000000000002")
+
+
+class Caller(GpTA):
+    """Opens a session to Counter and invokes it (TEE_OpenTASession, TEE_InvokeTACommand)."""
+
+    UUID = CALLER
+    seen: ClassVar[list[tuple[object, object]]] = []
+
+    def invoke(self, session: GpSession, cmd: int, types: int, params: list[GpParam]) -> None:
+        inner, code, origin = self.open_ta_session(COUNTER, 0, [])
+        Caller.seen.append((code, origin))
+        assert inner is not None
+        try:
+            add = [GpParam(T.TEE_PARAM_TYPE_VALUE_INOUT, 1, 2)]
+            Caller.seen.append(inner.invoke(CMD_ADD, ADD_TYPES, add))
+            Caller.seen.append(inner.invoke(CMD_PANIC, 0, []))
+        finally:
+            inner.close()
+
+
+def test_ta_to_ta_results_take_the_same_form() -> None:
+    """TEE_OpenTASession / TEE_InvokeTACommand give ``(TEE_Result, origin)`` as the
+    same ``TeecResult``/``TeecOrigin`` members a TEEC client sees (optee.md §4.4: the
+    target's panic is TARGET_DEAD, origin TEE, and the caller goes on)."""
+    device = OpteeDevice(SecureWorld(QteeRoot()))
+    device.register_gp_ta(Counter)
+    device.register_gp_ta(Caller)
+    Caller.seen = []
+    with TeecContext(device) as ctx, ctx.open_session(CALLER) as session:
+        assert session.invoke_command(0) is Origin.TEEC_ORIGIN_TRUSTED_APP
+    assert Caller.seen == [
+        (R.TEEC_SUCCESS, Origin.TEEC_ORIGIN_TRUSTED_APP),
+        (R.TEEC_SUCCESS, Origin.TEEC_ORIGIN_TRUSTED_APP),
+        (R.TEEC_ERROR_TARGET_DEAD, Origin.TEEC_ORIGIN_TEE),
+    ]
+    assert all(type(c) is TeecResult and type(o) is TeecOrigin for c, o in Caller.seen)
+    assert device.leaks() == {}

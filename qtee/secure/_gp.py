@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Final, NoReturn, TypeVar
 
 from objects import DriverError, Refcounted, UsageError
-from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult
+from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult, _known
 from qtee.secure._registry import PROCESS_TAS, uuid_bytes
 from qtee.secure._world import SecureObject, SecureWorld
 
@@ -322,12 +322,15 @@ class GpTA:
     ) -> tuple[TaSession | None, int, int]:
         """``TEE_OpenTASession``: login TRUSTED_APP, client identity = this TA's UUID.
 
-        Returns ``(session or None, TEE_Result, origin)``; the session belongs to this
-        instance (closed with it if the TA forgets) and is unusable from the normal world.
+        Returns ``(session or None, TEE_Result, origin)`` (``TeecResult``/``TeecOrigin``
+        members for known values, as a TEEC client sees them); the session belongs to
+        this instance (closed with it if the TA forgets) and is unusable from the normal
+        world.
         """
         entry = self._entry()
         raw = uuid.bytes if isinstance(uuid, uuidlib.UUID) else uuid
-        return entry.runtime._open_from_ta(entry.instance, raw, types, params)
+        sess, code, origin = entry.runtime._open_from_ta(entry.instance, raw, types, params)
+        return sess, _known(TeecResult, code), _known(TeecOrigin, origin)
 
 
 class TaSession:
@@ -341,9 +344,11 @@ class TaSession:
         self.id = ident
 
     def invoke(self, cmd: int, types: int, params: list[GpParam]) -> tuple[int, int]:
-        """``TEE_InvokeTACommand``: ``(TEE_Result, origin)``; a panic of the target gives
-        TARGET_DEAD (origin TEE) and leaves the caller running."""
-        return self._runtime._invoke(self.id, cmd, types, params, self._owner, from_ta=True)
+        """``TEE_InvokeTACommand``: ``(TEE_Result, origin)`` (as :meth:`GpTA.open_ta_session`
+        gives them); a panic of the target gives TARGET_DEAD (origin TEE) and leaves the
+        caller running."""
+        code, origin = self._runtime._invoke(self.id, cmd, types, params, self._owner, from_ta=True)
+        return _known(TeecResult, code), _known(TeecOrigin, origin)
 
     def close(self) -> None:
         """``TEE_CloseTASession``."""
