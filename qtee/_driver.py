@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from objects import (
     ENOTSUPP,
@@ -56,6 +56,11 @@ from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, Request, RequestQue
 from qtee.addrspace import AddressSpace, ProcessMemory
 from qtee.secure import SecureWorld
 from qtee.secure._monitor import SecureMonitor
+
+if TYPE_CHECKING:
+    from qtee.secure import GpTA, TrustedApp
+
+_G = TypeVar("_G", bound="type[GpTA]")
 
 __all__ = ["Context", "Device"]
 
@@ -243,10 +248,13 @@ class _OutPage:
 class Device:
     """One ``/dev/teeN``: reaches QTEE through SMCs on a conduit (QK §3.1).
 
-    On the host, ``Device(world)`` uses the world's :class:`~qtee.secure.SecureMonitor`
-    (made on first use) as its conduit and the monitor's host-physical memory as
-    ``phys``; every host device on one world shares both.  A guest's device (``qtee.vm``)
-    has no world: ``Device(memory=..., phys=guest_ram, conduit=guest)``.
+    ``Device()`` is the standard QTEE on a secure world of its own: the root with its
+    services (the app loader, listeners, TA autoload, FeatureVersions, Diagnostics) and
+    IGPAppClient (0x199) for GP clients.  On the host, ``Device(world)`` uses the
+    world's :class:`~qtee.secure.SecureMonitor` (made on first use) as its conduit and
+    the monitor's host-physical memory as ``phys``; every host device on one world
+    shares both.  A guest's device (``qtee.vm``) has no world:
+    ``Device(memory=..., phys=guest_ram, conduit=guest)``.
     """
 
     def __init__(
@@ -261,9 +269,19 @@ class Device:
         if conduit is not None and not callable(getattr(conduit, "smc", None)):
             raise TypeError("conduit must have an smc method")
         monitor: SecureMonitor | None = None
+        if world is None and phys is None and conduit is None:  # the standard QTEE
+            from qtee.secure import QteeRoot
+            from qtee.secure._gpclient import install_gp_app_client
+
+            world = SecureWorld(QteeRoot())
+            install_gp_app_client(world)
         if world is None:
             if phys is None or conduit is None:
-                raise UsageError("a Device without a world needs both phys and conduit")
+                missing = "conduit=" if conduit is None else "phys="
+                raise UsageError(
+                    f"a guest's Device needs both phys= and conduit=; {missing} is missing "
+                    "(Device() alone is a standard QTEE; Device(world) runs on a SecureWorld)"
+                )
         elif not isinstance(world, SecureWorld):
             raise TypeError(f"world must be a SecureWorld, not {type(world).__name__}")
         elif world.client_id != HYP_CLIENT_ID:
@@ -317,6 +335,16 @@ class Device:
     def secure_world(self) -> SecureWorld | None:
         """The secure world this device was built on; None for a guest's device."""
         return self._world
+
+    def register_ta(self, name: str, cls: type[TrustedApp]) -> None:
+        """Make ``cls`` the TA ``name`` of this device's world only (``world.tas``),
+        found before a process-wide :func:`~qtee.secure.register_ta` of that name."""
+        self.world.tas.register(name, cls)
+
+    def register_gp_ta(self, cls: _G) -> _G:
+        """Make ``cls`` a GP TA of this device's world only (reached through
+        IGPAppClient, :class:`~qtee.gp.TeecContext`); returns ``cls``."""
+        return self.world.tas.register_gp(cls)
 
     def open(self) -> Context:
         """Open the device: one context (one open fd), numbered in the order of opens."""

@@ -281,10 +281,8 @@ class DeviceServer:
         self._stopped = threading.Event()  # wakes the accept loop's pauses
 
     def _qtee(self, device: Device | OpteeDevice | None) -> tuple[Device, Flavour]:
-        from qtee.secure import QteeRoot, SecureWorld
-
-        if device is None:
-            device = Device(SecureWorld(QteeRoot()), memory=self.memory, shm_backing=memfd_backing)
+        if device is None:  # the standard QTEE (IGPAppClient included)
+            device = Device(memory=self.memory, shm_backing=memfd_backing)
         elif not isinstance(device, Device):
             raise UsageError(f"tee='qtee' serves a qtee.Device, not a {type(device).__name__}")
         elif not isinstance(device.memory, RegionMemory):

@@ -3,7 +3,7 @@
 Installing qtee registers it (entry point ``pytest11``, name ``qtee``); ``-p no:qtee``
 turns it off.  Fixtures (all function-scoped):
 
-* ``qtee_device`` -- a fresh ``qtee.Device(SecureWorld(QteeRoot()))``, or in ``server``
+* ``qtee_device`` -- a fresh standard ``qtee.Device()``, or in ``server``
   mode ``qtee.connect()`` to a fresh ``qtee_server`` (see modes below);
 * ``qtee_server`` -- a ``DeviceServer`` on a socket in a temporary directory, stopped at
   teardown (its device is leak-checked like any other);
@@ -24,6 +24,11 @@ Markers:
 
 * ``@pytest.mark.qtee_ta("name", TAClass)`` registers a TA for the test (repeatable;
   the previous registration of that name, if any, is restored after the test);
+* ``@pytest.mark.qtee_gp_ta(cls, loadable=False)`` registers the GP TA ``cls``
+  (``qtee.register_gp_ta``, or ``qtee.register_loadable_ta`` with ``loadable=True``)
+  for the test (repeatable; the previous registration of that UUID is restored).
+  Write ``loadable=`` (or ``qtee_gp_ta.with_args(cls)``): given a lone class, pytest
+  marks that class instead of the test;
 * ``@pytest.mark.qtee_ta_file(cls, path=None, sha256=None)`` registers ``cls`` for a real
   TA file for the test (``qtee.register_ta_file``; repeatable; a relative ``path`` is
   taken from the test file's directory), unregistered after the test;
@@ -103,6 +108,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "qtee_ta(name, cls): register the TrustedApp subclass cls as TA `name` for this test",
+    )
+    config.addinivalue_line(
+        "markers",
+        "qtee_gp_ta(cls, loadable=False): register the GpTA subclass cls for this test "
+        "(loadable=True: found only through tee-supplicant's LOAD_TA; write loadable= "
+        "even when False, or pytest takes a lone class for a class to mark)",
     )
     config.addinivalue_line(
         "markers",
@@ -241,7 +252,7 @@ def _qtee_ta_marker(request: pytest.FixtureRequest) -> Iterator[None]:
     if not marks:
         yield
         return
-    from qtee.secure import _apps
+    from qtee.secure._registry import PROCESS_TAS
 
     wanted: dict[str, type[TrustedApp]] = {}
     for mark in reversed(marks):  # closest marker (the function's) wins
@@ -255,17 +266,65 @@ def _qtee_ta_marker(request: pytest.FixtureRequest) -> Iterator[None]:
     saved: dict[str, type[TrustedApp] | None] = {}
     try:
         for name, cls in wanted.items():
-            with _apps._REG_LOCK:
-                saved[name] = _apps._REGISTRY.get(name)
-            _apps.register_ta(name, cls)
+            saved[name] = PROCESS_TAS.lookup(name, inherit=False)
+            PROCESS_TAS.register(name, cls)
         yield
     finally:
-        with _apps._REG_LOCK:
-            for name, previous in saved.items():
-                if previous is None:
-                    _apps._REGISTRY.pop(name, None)
-                else:
-                    _apps._REGISTRY[name] = previous
+        for name, previous in saved.items():
+            if previous is not None:
+                PROCESS_TAS.register(name, previous)
+            elif PROCESS_TAS.lookup(name, inherit=False) is not None:
+                PROCESS_TAS.unregister(name)
+
+
+@pytest.fixture(autouse=True)
+def _qtee_gp_ta_marker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Register the GP TAs named by ``qtee_gp_ta`` markers; restore the registry after."""
+    marks = list(request.node.iter_markers("qtee_gp_ta"))
+    if not marks:
+        yield
+        return
+    from uuid import UUID
+
+    from qtee.secure import GpTA
+    from qtee.secure._registry import PROCESS_TAS
+
+    wanted: dict[tuple[bytes, bool], type[GpTA]] = {}
+    for mark in reversed(marks):  # closest marker (the function's) wins
+        cls = mark.args[0] if len(mark.args) == 1 else None
+        loadable = mark.kwargs.get("loadable", False)
+        if cls is None or set(mark.kwargs) - {"loadable"} or not isinstance(loadable, bool):
+            pytest.fail(
+                f"{request.node.nodeid}: use @pytest.mark.qtee_gp_ta(cls, loadable=False), "
+                f"not {mark!r}",
+                pytrace=False,
+            )
+        uuid = getattr(cls, "UUID", None)
+        if not (isinstance(cls, type) and issubclass(cls, GpTA)) or not isinstance(uuid, UUID):
+            pytest.fail(
+                f"{request.node.nodeid}: qtee_gp_ta takes a GpTA subclass with a UUID, not {cls!r}",
+                pytrace=False,
+            )
+        wanted[(uuid.bytes, loadable)] = cls
+    saved: dict[tuple[bytes, bool], type[GpTA] | None] = {}
+
+    def lookup(key: tuple[bytes, bool]) -> type[GpTA] | None:
+        uuid, loadable = key
+        if loadable:
+            return PROCESS_TAS.lookup_loadable(uuid, inherit=False)
+        return PROCESS_TAS.lookup_gp(uuid, inherit=False)
+
+    try:
+        for key, cls in wanted.items():
+            saved[key] = lookup(key)
+            PROCESS_TAS.register_gp(cls, loadable=key[1])
+        yield
+    finally:
+        for key, previous in saved.items():
+            if previous is not None:
+                PROCESS_TAS.register_gp(previous, loadable=key[1])
+            elif lookup(key) is not None:
+                PROCESS_TAS.unregister_gp(key[0], loadable=key[1])
 
 
 @pytest.fixture(autouse=True)
@@ -339,9 +398,9 @@ class AppLoaderHelper:
 # ------------------------------------------------------------------------ fixtures
 @pytest.fixture
 def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device | RemoteDevice:
-    """A fresh in-process device, ``qtee.Device(SecureWorld(QteeRoot()))``; in ``server``
-    mode, ``qtee.connect`` to a fresh ``qtee_server``."""
-    from qtee import Device, QteeRoot, SecureWorld, connect
+    """A fresh in-process device, the standard ``qtee.Device()``; in ``server`` mode,
+    ``qtee.connect`` to a fresh ``qtee_server``."""
+    from qtee import Device, connect
 
     mode = getattr(request, "param", "in-process")
     if mode == "server":
@@ -350,7 +409,7 @@ def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device
     if mode == "guest":
         guest: Device = request.getfixturevalue("qtee_guest").device
         return guest
-    device = Device(SecureWorld(QteeRoot()))
+    device = Device()
     _label(request, device, "fixture qtee_device")
     return device
 

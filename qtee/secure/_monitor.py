@@ -443,6 +443,7 @@ class SecureMonitor:
             return _ENOTAVAIL
         world.monitor = self
         world.phys = self.phys
+        world.tas.parent = self._host.tas  # the host partition's TAs, then the process's
         with self._lock:  # checked again: another creation may have won meanwhile
             if client_id in self._worlds or len(self._worlds) - 1 >= self.guest_limit:
                 return _ENOTAVAIL

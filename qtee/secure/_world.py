@@ -166,6 +166,10 @@ class SecureWorld:
 
         #: Registered listeners and the TA-autoload callback.
         self.listeners = Listeners()
+        from qtee.secure._registry import PROCESS_TAS, TaRegistry
+
+        #: The TAs this world loads, looked up before the process-wide ones.
+        self.tas = TaRegistry(PROCESS_TAS)
         root.attach(self)
 
     # ---------------------------------------------------------------- table
