@@ -96,7 +96,13 @@ def _main(argv: Sequence[str] | None) -> int:
         help="serve a device on a Unix socket (one connection = one open fd)",
         description="Host the driver model and a secure world on a Unix socket.",
     )
-    serve.add_argument("--socket", required=True, metavar="PATH", help="socket path to listen on")
+    serve.add_argument(
+        "--socket",
+        required=True,
+        metavar="PATH",
+        help="socket path to listen on (a socket left there by a server that is gone is "
+        "replaced; a live server's socket or any other file is an error, exit 2)",
+    )
     serve.add_argument(
         "--tee",
         choices=("qtee", "optee"),
