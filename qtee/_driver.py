@@ -209,7 +209,7 @@ class _OutPage:
     the state of the call using it.  ``on_return`` is bound once, so a call makes no
     callable (the invoke hot path)."""
 
-    __slots__ = ("accepted", "device", "lent", "on_return", "out", "pa", "served")
+    __slots__ = ("abandoned", "accepted", "device", "lent", "on_return", "out", "pa", "served")
 
     def __init__(self, device: Device) -> None:
         phys = device.phys
@@ -221,6 +221,9 @@ class _OutPage:
         #: when the lend is an alias, as on the host; else a view of where it went).
         self.out: bytearray | memoryview = buf if view.obj is buf else view
         self.served = False
+        #: Serving a callback raised (Ctrl-C in its wait): QTEE then ends the call on
+        #: DEFUNCT, and its final return's async tail is still the driver's to read.
+        self.abandoned = False
         self.accepted: list[bool] = _NO_CALL
         self.lent: list[QteeObject] = _NO_CALL
         self.on_return: OnReturn = self._on_return
@@ -238,6 +241,9 @@ class _OutPage:
             hook(True)
         try:
             device._serve(self.out)
+        except BaseException:
+            self.abandoned = True
+            raise
         finally:
             local.lent = outer
             if hook is not None:
@@ -407,7 +413,7 @@ class Device:
         zeroed): a callback or a failed call may have left bytes in it."""
         if page.served or not clean:
             page.out[:] = _ZERO_PAGE
-            page.served = False
+            page.served = page.abandoned = False
         page.accepted = page.lent = _NO_CALL
         self._pages.append(page)
         if not self.contexts:  # no fd is open (release work): the pool goes
@@ -543,12 +549,14 @@ class Device:
                             o.put()
                     return -errno.EINVAL, [], []
                 io.append(got)
-            status, ob_data, oo = obj.dispatch(
-                op, msg.ib, tuple(r.size for r in msg.ob), tuple(io), msg.n_oo
-            )
-            for o in io:  # whoever keeps one (a supplicant's IDR) took its own reference
-                if isinstance(o, Refcounted):
-                    o.put()
+            try:
+                status, ob_data, oo = obj.dispatch(
+                    op, msg.ib, tuple(r.size for r in msg.ob), tuple(io), msg.n_oo
+                )
+            finally:  # whoever keeps one (a supplicant's IDR) took its own reference
+                for o in io:
+                    if isinstance(o, Refcounted):
+                        o.put()
             return status, ob_data, oo
         finally:
             obj.put()
@@ -785,6 +793,10 @@ class Context:
                 if _U32.unpack_from(page.out, 0)[0]:  # an async message is there
                     device._fetch_async(page.out, 0)
                 clean = True
+            except BaseException:
+                if page.abandoned:  # QTEE's final return came all the same
+                    device._fetch_async(page.out, 0)
+                raise
             finally:
                 device._recycle(page, clean)
         finally:
@@ -982,6 +994,9 @@ class Context:
             req = q.by_id.get(req_id) if req_id <= 0x7FFF_FFFF else None
             if req is None:  # ureq_dequeue finds nothing
                 raise _einval(f"no request {req_id}")
+            if req.abandoned:  # its client stopped waiting: the placeholder goes now
+                q.finish(req, -errno.EINTR)
+                raise _einval(f"request {req_id}: its caller stopped waiting")
             if req.state != PROCESSING:  # still QUEUED: dequeued and completed all the same
                 q.fifo.remove(req)
             status = raw - (1 << 32) if raw & 0x8000_0000 else raw

@@ -92,6 +92,7 @@ __all__ = [
     "BACKOFF_MAX",
     "RECV_LIMIT",
     "SEND_TIMEOUT",
+    "SUN_PATH_MAX",
     "THREAD_LIMIT",
     "TEES",
     "DeviceServer",
@@ -194,9 +195,19 @@ def _peer_of(sock: socket.socket) -> Peer | None:
     return Peer(pid, uid, gid, groups)
 
 
+#: Bytes of a Unix socket path (``sun_path``; the kernel does not need a NUL at the end).
+SUN_PATH_MAX: Final = 108
+
+
 def _clear_stale_socket(path: str) -> None:
-    """Make room to bind ``path``: nothing there, or a socket nobody listens on (removed);
-    a live server's socket or any other file is a UsageError."""
+    """Make room to bind ``path``: nothing there, or a socket nobody answers on (removed).
+    A live server's socket, a socket that cannot be probed, or any other file is a
+    UsageError naming the path and why, and stays."""
+    size = len(os.fsencode(path))
+    if size > SUN_PATH_MAX:
+        raise UsageError(
+            f"{path}: a Unix socket path is at most {SUN_PATH_MAX} bytes, this one is {size}"
+        )
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -211,11 +222,16 @@ def _clear_stale_socket(path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # stale: its server is gone
         return
-    except OSError:
-        pass  # cannot tell (a full backlog, a timeout): someone holds it
+    except (TimeoutError, BlockingIOError):  # a full backlog: someone listens
+        pass
+    except OSError as exc:  # EACCES, EPROTOTYPE (a datagram socket)...
+        why = exc.strerror or exc
+        raise UsageError(
+            f"{path} is a socket that cannot be probed ({why}): not replacing it"
+        ) from None
     finally:
         probe.close()
-    raise UsageError(f"a server is already listening on {path}")
+    raise UsageError(f"a server is already listening on {path}: not replacing it")
 
 
 def _limit(value: object, what: str, lo: int) -> int:

@@ -19,6 +19,7 @@ import errno
 import itertools
 import logging
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -424,9 +425,16 @@ class Client:
 
     # ----------------------------------------------------------------- close
     def close(self) -> None:
-        """Close the context (QTEE objects released, pending callbacks DEFUNCT), join workers."""
+        """Close the context (QTEE objects released, pending callbacks DEFUNCT), join workers.
+
+        While a KeyboardInterrupt or SystemExit propagates (Ctrl-C during a call whose
+        callback is still running), the workers are not waited for: one in a handler
+        goes on until its handler returns, and its late answer fails on the closed fd."""
+        self._close(interrupted=isinstance(sys.exception(), KeyboardInterrupt | SystemExit))
+
+    def _close(self, *, interrupted: bool) -> None:
         if self.pool is not None:
-            self.pool.stop()
+            self.pool.stop(wait=not interrupted)
         else:
             self.ctx.close()
         while self._blocks:
@@ -435,5 +443,7 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self._close(
+            interrupted=kind is not None and issubclass(kind, KeyboardInterrupt | SystemExit)
+        )

@@ -5,8 +5,9 @@ turns it off.  Fixtures (all function-scoped):
 
 * ``qtee_device`` -- a fresh standard ``qtee.Device()``, or in ``server``
   mode ``qtee.connect()`` to a fresh ``qtee_server`` (see modes below);
-* ``qtee_server`` -- a ``DeviceServer`` on a socket in a temporary directory, stopped at
-  teardown (its device is leak-checked like any other);
+* ``qtee_server`` -- a ``DeviceServer`` on a socket in a temporary directory of its own
+  (named after the pytest-xdist worker, if any, and short enough for ``sun_path``),
+  stopped at teardown (its device is leak-checked like any other);
 * ``qtee_guest`` -- a guest VM with QTEE behind a fresh monitor and VMM (``qtee.vm``),
   destroyed at teardown;
 * ``qtee_client`` -- ``Client(qtee_device, workers=2)``, closed at teardown;
@@ -103,7 +104,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "qtee_modes(*modes): run the test with qtee_device in each mode ('in-process', 'server')",
+        f"qtee_modes(*modes): run the test with qtee_device in each mode {MODES}",
     )
     config.addinivalue_line(
         "markers",
@@ -416,21 +417,38 @@ def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device
 
 @pytest.fixture
 def qtee_server(request: pytest.FixtureRequest, qtee_leak_check: None) -> Iterator[DeviceServer]:
-    """A ``DeviceServer`` on ``qtee.sock`` in a fresh temporary directory (short, for the
-    108-byte limit of a socket path); stopped at teardown, after every connection to it
-    has closed, and its device leak-checked."""
+    """A ``DeviceServer`` on ``qtee.sock`` in a fresh temporary directory (see
+    :func:`_socket_dir`); stopped at teardown, after every connection to it has closed,
+    and its device leak-checked."""
     import shutil
-    import tempfile
 
     from qtee import DeviceServer
 
-    tmp = tempfile.mkdtemp(prefix="qtee-")
+    tmp = _socket_dir()
     try:
         with DeviceServer(os.path.join(tmp, "qtee.sock")) as server:
             _label(request, server.device, "fixture qtee_server")
             yield server
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _socket_dir() -> str:
+    """A fresh directory for one server's socket, its own even across pytest-xdist
+    workers (``qtee-gw0-...``), in the temporary directory, or in ``/tmp`` when a long
+    ``TMPDIR`` would put the socket past the 108 bytes of ``sun_path``."""
+    import tempfile
+
+    from qtee._server import SUN_PATH_MAX
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    prefix = f"qtee-{worker}-" if worker else "qtee-"
+    # mkdtemp adds 8 characters, then "/qtee.sock"
+    room = SUN_PATH_MAX - len(prefix) - len("12345678/qtee.sock")
+    base = tempfile.gettempdir()
+    if len(os.fsencode(os.path.join(base, ""))) > room:
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 
 @pytest.fixture

@@ -112,12 +112,18 @@ class WorkerPool:
         return sum(1 for t in self._threads if t.is_alive())
 
     # ----------------------------------------------------------------- lifecycle
-    def stop(self, timeout: float = 5.0) -> None:
-        """Close the context (pending requests -> DEFUNCT) and join every thread."""
+    def stop(self, timeout: float = 5.0, *, wait: bool = True) -> None:
+        """Close the context (pending requests -> DEFUNCT) and join every thread.
+
+        ``wait=False`` (the process is going down: Ctrl-C) joins none: the threads are
+        daemons, a RECV ends at once with EINTR, and a handler still running ends with
+        its own code, its answer refused on the closed fd."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         self.client.ctx.close()
+        if not wait:
+            return
         end = time.monotonic() + timeout
         for t in self._threads:
             if t is not threading.current_thread():
