@@ -7,10 +7,17 @@ sees exactly what a libqcomtee user sees.  Arguments of :meth:`ObjRef.invoke`:
 * an :class:`ObjRef`, a :class:`CallbackObject`, a :class:`MemoryObject` or ``None``
   (NULL) -> input object; :data:`OUT_OBJECT` -> output object.
 
-It returns the outputs in order (bytes for output buffers, objects for output objects).
+It returns the outputs in order (bytes for output buffers, objects for output objects:
+an :class:`ObjRef` for a QTEE object, the exported :class:`CallbackObject` itself, or a
+new :class:`MemoryObject` handle on the client's own memory, to release like any other).
 The ioctl failing raises :class:`objects.DriverError` (errno channel); QTEE answering
 non-zero raises :class:`objects.QteeError` (result channel).  Callback objects are
-served by worker threads doing SUPPL_RECV/SEND on the same context.
+served by worker threads doing SUPPL_RECV/SEND on the same context; a callback that
+returns an object it wants to let go of returns it wrapped in :class:`Transfer`.
+
+:attr:`Client.root` is QTEE's root object (the kernel's ``TEE_OBJREF_NULL`` target):
+``client.root.invoke(2, credentials, OUT_OBJECT)`` registers with a credentials object
+of one's own, which is what :meth:`Client.client_env` does with the default one.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from objects import (
     DriverError,
     PyObject,
     QteeError,
+    Result,
     UsageError,
     op,
     result_from_u32,
@@ -54,7 +62,15 @@ if TYPE_CHECKING:
     from qtee._remote import RemoteContext, RemoteDevice
     from supplicant._pool import WorkerPool
 
-__all__ = ["OUT_OBJECT", "CallbackObject", "Client", "MemoryObject", "ObjRef", "Out"]
+__all__ = [
+    "OUT_OBJECT",
+    "CallbackObject",
+    "Client",
+    "MemoryObject",
+    "ObjRef",
+    "Out",
+    "Transfer",
+]
 
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
 
@@ -136,33 +152,98 @@ class ObjRef:
         return f"<ObjRef {self.id}{' released' if self.released else ''}>"
 
 
-class MemoryObject:
-    """Shared memory from SHM_ALLOC with a writable :attr:`view`."""
+class _Root(ObjRef):
+    """The client's handle on QTEE's root object.
 
-    __slots__ = ("client", "id", "view")
+    libqcomtee gives the root ``tee_object_id`` = ``TEE_OBJREF_NULL``, which the kernel
+    turns into QTEE's root (QK §2.2, §2.5).  It lives as long as the client: it has no
+    id in the fd's table, so there is nothing to release, and it cannot be passed as an
+    argument (``TEE_OBJREF_NULL`` as an input is the NULL object).
+    """
+
+    __slots__ = ()
+
+    def release(self) -> None:
+        """Refused: the root has no id to release; closing the client ends it."""
+        raise UsageError(
+            "the root object is not released: it has no id in the fd's table (the kernel "
+            "ignores a RELEASE of TEE_OBJREF_NULL); close the Client to end it"
+        )
+
+    def __repr__(self) -> str:
+        return "<ObjRef root>"
+
+
+class MemoryObject:
+    """Shared memory from SHM_ALLOC with a writable :attr:`view`.
+
+    Each handle is one reference of this client on the shm, released once with
+    :meth:`release`; the fd's copy goes with the last handle.  A memory object that comes
+    back from QTEE (an output object, or an input of a callback) is a new handle on the
+    same memory, as libqcomtee takes a reference when it finds it in its namespace
+    (quic-teec.md §1.7).
+    """
+
+    __slots__ = ("client", "id", "kept", "view")
 
     def __init__(self, client: Client, shm_id: int) -> None:
         self.client = client
+        self.view = client._mem_hold(shm_id)
         self.id = shm_id
-        self.view = client.ctx.shm_view(shm_id)
+        self.kept = False
+
+    def keep(self) -> MemoryObject:
+        """In a callback: keep an input memory object past the call (otherwise it is
+        released when the handler returns)."""
+        self.kept = True
+        return self
 
     def release(self) -> None:
-        """Close the owner's copy (QTEE's copies live on until QTEE releases them).  As
-        for :meth:`ObjRef.release`, nothing is left to close once the fd is gone."""
+        """Drop this handle.  The last handle closes the owner's copy (QTEE's copies live
+        on until QTEE releases them).  As for :meth:`ObjRef.release`, nothing is left to
+        close once the fd is gone."""
         if self.id >= 0:
             shm_id, self.id = self.id, -1
-            try:
-                self.client.ctx.shm_free(shm_id)
-            except DriverError as exc:
-                ctx = self.client.ctx
-                if exc.errno != errno.EBADF or not (ctx.closed or getattr(ctx, "lost", False)):
-                    raise
+            self.client._mem_drop(shm_id)
 
     def __enter__(self) -> MemoryObject:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A callback's output object whose reference goes with it.
+
+    A :class:`CallbackObject` method that returns an :class:`ObjRef` or a
+    :class:`MemoryObject` it has no further use for returns ``Transfer(obj)``: the worker
+    sends it, then releases it, exactly once, after SUPPL_SEND returns -- whether the send
+    succeeded (QTEE holds its own reference by then: QK §2.3) or failed (then nobody else
+    holds it).  This is what libqcomtee leaves to the object's ``error()`` notification,
+    which runs after the response is submitted (quic-teec.md §2.3).  A plain return keeps
+    the handler's reference: it releases the object itself, later.
+    """
+
+    obj: ObjRef | MemoryObject
+
+    def __post_init__(self) -> None:
+        if isinstance(self.obj, CallbackObject):
+            raise UsageError(
+                "a CallbackObject is returned as it is, not in a Transfer: QTEE's reference "
+                "is its only one, and its release comes back as a release notification"
+            )
+        if isinstance(self.obj, _Root):
+            raise UsageError("the root object cannot be transferred")
+        if not isinstance(self.obj, ObjRef | MemoryObject):
+            raise UsageError(
+                f"Transfer takes an ObjRef or a MemoryObject, not a {type(self.obj).__name__}"
+            )
+
+    def release(self) -> None:
+        """Release the transferred object (once; a second call does nothing)."""
+        self.obj.release()
 
 
 class _Credentials(CallbackObject):
@@ -216,6 +297,9 @@ class Client:
         # libqcomtee: callback ids round-robin in [1, 1023] per root, held while referenced.
         self._ids = CyclicAllocator(1, CALLBACK_IDS_MAX, name="callback ids")
         self._blocks: list[_Block] = []
+        self._shms: dict[int, list[Any]] = {}  # shm id -> [view, handles]
+        #: QTEE's root object (register ops 2 and 5); it lives as long as the client.
+        self.root: ObjRef = _Root(self, uapi.TEE_OBJREF_NULL)
         self.pool: WorkerPool | None = None
         if workers:
             from supplicant._pool import WorkerPool
@@ -233,6 +317,46 @@ class Client:
     def _new_block(self) -> _Block:
         """A pinned argument block owned by the caller (a supplicant thread)."""
         return _Block(self.device.memory)
+
+    def _mem_hold(self, shm_id: int) -> memoryview:
+        """One more handle on shm ``shm_id``; its view.  The first handle of a shm takes
+        the fd's mapping (EBADF: the fd does not own it, or no longer does)."""
+        with self._lock:
+            entry = self._shms.get(shm_id)
+            if entry is not None:
+                if entry[1] <= 0:
+                    raise DriverError(errno.EBADF, f"shm {shm_id} is being released")
+                entry[1] += 1
+                return entry[0]  # type: ignore[no-any-return]
+        view = self.ctx.shm_view(shm_id)
+        with self._lock:
+            entry = self._shms.get(shm_id)
+            if entry is None:
+                entry = self._shms[shm_id] = [view, 0]
+            elif entry[1] <= 0:
+                raise DriverError(errno.EBADF, f"shm {shm_id} is being released")
+            entry[1] += 1
+            return entry[0]  # type: ignore[no-any-return]
+
+    def _mem_drop(self, shm_id: int) -> None:
+        """Drop one handle on shm ``shm_id``; the last closes the fd's copy (SHM free).
+        While it does, the shm takes no new handle."""
+        with self._lock:
+            entry = self._shms.get(shm_id)
+            if entry is None or entry[1] <= 0:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+        try:
+            self.ctx.shm_free(shm_id)
+        except DriverError as exc:
+            ctx = self.ctx
+            if exc.errno != errno.EBADF or not (ctx.closed or getattr(ctx, "lost", False)):
+                raise
+        finally:
+            with self._lock:
+                del self._shms[shm_id]
 
     def _unpin(self, addrs: list[int]) -> None:
         unpin = self.device.memory.unpin
@@ -284,7 +408,7 @@ class Client:
 
     def _drop_input(self, ref: object) -> None:
         """An input object a handler received: released unless the handler kept it."""
-        if isinstance(ref, ObjRef) and not ref.kept:
+        if isinstance(ref, ObjRef | MemoryObject) and not ref.kept:
             ref.release()
 
     def exported(self) -> int:
@@ -368,20 +492,40 @@ class Client:
             return []
         if ret:
             raise QteeError(result_from_u32(ret))
-        return [
-            bytes(buf[: p[2]]) if buf is not None else self._param_to_value(p[1], p[2])
-            for (_, buf), p in zip(outs, back, strict=True)
-        ]
+        values: list[Any] = []
+        try:
+            for (_, buf), p in zip(outs, back, strict=True):
+                values.append(
+                    bytes(buf[: p[2]]) if buf is not None else self._param_to_value(*p[1:3])
+                )
+        except UsageError as exc:
+            # libqcomtee: an output that cannot be unmarshalled makes the result UNAVAIL
+            # and every output object made so far is released (quic-teec.md §1.3).
+            for v in values:
+                if isinstance(v, ObjRef | MemoryObject):
+                    v.release()
+            raise QteeError(Result.ERROR_UNAVAIL, str(exc)) from None
+        return values
 
     def _value_to_param(self, obj: object, sent: list[int]) -> _P:
         if obj is None:
             return (_OBJ_IN, uapi.TEE_OBJREF_NULL, 0, 0)
         if isinstance(obj, ObjRef):
+            if isinstance(obj, _Root):  # libqcomtee refuses a ROOT object as an argument
+                raise UsageError(
+                    "the root object cannot be passed as an argument "
+                    "(its id, TEE_OBJREF_NULL, would arrive as the NULL object)"
+                )
             if obj.released or obj.client is not self:
                 raise UsageError(f"{obj!r} cannot be passed from this client")
             return (_OBJ_IN, obj.id, uapi.QCOMTEE_OBJREF_FLAG_TEE, 0)
         if isinstance(obj, MemoryObject):
+            if obj.id < 0 or obj.client is not self:
+                what = "was released" if obj.id < 0 else "belongs to another client"
+                raise UsageError(f"this memory object {what}: it cannot be passed")
             return (_OBJ_IN, obj.id, uapi.QCOMTEE_OBJREF_FLAG_MEM, 0)
+        if isinstance(obj, Transfer):
+            raise UsageError("Transfer is for a callback's output objects, not an argument")
         if isinstance(obj, CallbackObject):
             uid = self._export(obj)
             sent.append(uid)
@@ -397,7 +541,17 @@ class Client:
             with self._lock:
                 entry = self._exports.get(a)
             return entry[0] if entry else None
-        return a
+        if b & uapi.QCOMTEE_OBJREF_FLAG_MEM:
+            # A new handle on this client's memory (libqcomtee finds it by shm id in its
+            # namespace, taking a reference: quic-teec.md §1.7).  Once the client has
+            # released it, there is nothing to find.
+            try:
+                return MemoryObject(self, a)
+            except DriverError:
+                raise UsageError(
+                    f"memory object {a} came back from QTEE, but this client released it"
+                ) from None
+        raise UsageError(f"objref flags {b:#x} name no object kind")
 
     # ----------------------------------------------------------------- conveniences
     def client_env(self, credentials: Credentials | None = None) -> ObjRef:
@@ -409,7 +563,7 @@ class Client:
         if self.pool is None:
             raise UsageError("client_env needs workers >= 1 to serve the credentials object")
         cred = _Credentials((credentials or Credentials.default()).encode())
-        (env,) = ObjRef(self, uapi.TEE_OBJREF_NULL).invoke(2, cred, OUT_OBJECT)
+        (env,) = self.root.invoke(2, cred, OUT_OBJECT)
         return env  # type: ignore[no-any-return]
 
     def open_service(self, env: ObjRef, uid: int) -> ObjRef:

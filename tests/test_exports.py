@@ -44,6 +44,7 @@ QTEE_API = {
     "Result",
     "SecureObject",
     "SecureWorld",
+    "Transfer",
     "TrustedApp",
     "UsageError",
     "__version__",

@@ -4,6 +4,12 @@ Ids: 0 is NULL, 1 is the root (static, not refcounted); every other object QTEE 
 gets the lowest free id from 2 up, and each id handed to the kernel stands for one
 reference the kernel holds.  The kernel gives it back with op RELEASE (0xFFFF).
 
+Every :class:`SecureObject` knows its partition (:attr:`SecureObject.world`) without
+being told: one created while a call of a world runs on the thread belongs to that
+world, and one a world exports (an output object, an input of a callback) that has none
+yet gets that world.  So a TA's sub-objects (a session, an iterator) can call back and
+map memory exactly as the TA does.
+
 Objects the kernel passes in (ids with the NS bit) become :class:`NsObject` proxies;
 each proxy is one reference QTEE holds on that NS id.  Dropping the last reference on a
 proxy queues the id for an async RELEASE message, which goes out in the outbound buffer
@@ -18,7 +24,7 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self
 
 from objects import (
     DispatchResult,
@@ -72,8 +78,46 @@ _OP_RELEASE: Final = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
 _OP_RETAIN: Final = wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
 
 
+#: The world whose call runs on this thread (``world``; absent outside any call).
+_running = threading.local()
+
+
 class SecureObject(PyObject):
-    """An object hosted in QTEE (services, TAs); ops declared with :func:`objects.op`."""
+    """An object hosted in QTEE (services, TAs); ops declared with :func:`objects.op`.
+
+    :attr:`world` is the partition it lives in.  Nobody has to set it: an object made
+    while a call of a world runs on this thread (in a handler, say) takes that world, and
+    an object a world exports without one (a sub-object returned as an output) takes the
+    exporting world.  Setting it by hand still works and is never overridden.
+    """
+
+    _secure_world: SecureWorld | None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        obj = super().__new__(cls)
+        world = getattr(_running, "world", None)
+        if world is not None:
+            obj._secure_world = world
+        return obj
+
+    @property
+    def world(self) -> SecureWorld:
+        """The secure world (partition) this object lives in."""
+        world: SecureWorld | None = getattr(self, "_secure_world", None)
+        if world is None:
+            raise UsageError(
+                f"{type(self).__name__} is in no secure world yet: it takes the world of "
+                "the call it is created in, or of the first world that exports it; "
+                "outside both, set .world"
+            )
+        return world
+
+    @world.setter
+    def world(self, world: SecureWorld) -> None:
+        # None is let through (it unsets the world: the next export sets it again).
+        if world is not None and not isinstance(world, SecureWorld):
+            raise TypeError(f"world must be a SecureWorld, not {type(world).__name__}")
+        self._secure_world = world
 
     def on_release(self) -> None:
         """Called when the last reference to this object is gone."""
@@ -170,14 +214,22 @@ class SecureWorld:
 
         #: The TAs this world loads, looked up before the process-wide ones.
         self.tas = TaRegistry(PROCESS_TAS)
+        self._adopt(root)
         root.attach(self)
 
     # ---------------------------------------------------------------- table
     def export(self, obj: SecureObject) -> int:
-        """Give the kernel one reference to ``obj``: a fresh id every time."""
+        """Give the kernel one reference to ``obj``: a fresh id every time.  An object in
+        no world yet joins this one."""
+        self._adopt(obj)
         with self._lock:
             ident = self._table.insert(obj)
             return ident
+
+    def _adopt(self, obj: SecureObject) -> None:
+        """``obj`` lives in this world from now on (unless it already lives in one)."""
+        if getattr(obj, "_secure_world", None) is None:
+            obj._secure_world = self
 
     def lookup(self, ident: int) -> SecureObject | None:
         """The object behind a live QTEE id."""
@@ -252,11 +304,14 @@ class SecureWorld:
         msg = wire.decode_invoke(inbound)
         local = self._local
         prev = getattr(local, "call", None)
+        prev_world = getattr(_running, "world", None)
         local.call = (outbound, serve)
+        _running.world = self
         try:
             result = self._dispatch(msg, inbound)
         finally:
             local.call = prev
+            _running.world = prev_world
         if self._pending_release:
             self._flush_releases(outbound, 0)
         return result
