@@ -38,6 +38,13 @@ its fixtures have torn down, each one's ``leaks()`` must be ``{}``, or the test 
 at teardown with a table of what is still alive and where the device was built.  A test
 that already failed (or was skipped, or xfailed) is not checked again.
 
+It also errors when a test leaves ``ObjRef`` or ``MemoryObject`` handles or exported
+callback objects unreleased for a client's ``close`` to free (``qtee_client``'s at teardown, or
+its own): each is named by kind, id, what it refers to and the ``file:line`` that made
+it.  What the fixtures own (``qtee_env``, ``qtee_app``'s apps) they release themselves.
+A test about close releasing things opts out with ``@pytest.mark.qtee_close_releases``
+(the device tables are still checked).
+
 Importing this module imports only pytest and the standard library beyond the ``qtee``
 package itself; the supplicant is imported when ``qtee_supplicant`` is first used.
 """
@@ -60,11 +67,12 @@ import pytest
 
 if TYPE_CHECKING:
     from qtee import Client, Device, DeviceServer, ObjRef, RemoteDevice
+    from qtee.client import Leftover
     from qtee.secure import TrustedApp
     from qtee.vm import Guest
     from supplicant import Supplicant
 
-__all__ = ["TRACKED_DEVICES", "AppLoaderHelper", "format_leaks"]
+__all__ = ["CLOSE_MARKER", "TRACKED_DEVICES", "AppLoaderHelper", "format_leaks", "format_leftovers"]
 
 #: Device classes the leak check records, as ``(module, class)``.  Each needs a
 #: ``leaks() -> dict[str, int]`` method.  A device server's device is a ``Device``.
@@ -84,6 +92,9 @@ MODES = ("in-process", "server", "guest")
 _Record = list[Any]
 _RECORDS = pytest.StashKey[dict[int, _Record]]()
 _ALREADY_FAILED = pytest.StashKey[bool]()
+_TRACKER = pytest.StashKey[Any]()  # the test's ObjectTracker, or None
+#: The marker of a test that leaves objects for the client's close on purpose.
+CLOSE_MARKER = "qtee_close_releases"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -113,6 +124,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "qtee_supplicant(storage=False, time=True, ta_dirs=(), workers=4): listeners of "
         "the qtee_supplicant fixture (storage=True: a directory in tmp_path)",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{CLOSE_MARKER}: the test leaves ObjRefs, MemoryObjects or callback objects for "
+        "a client's close to release (the leak check does not name them)",
     )
 
 
@@ -191,6 +207,20 @@ def format_leaks(kind: str, where: str, leaks: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def format_leftovers(client: str, closed: bool, left: Sequence[Leftover]) -> str:
+    """One client's leftovers as a ``kind | id | refers to | created at`` table."""
+    from qtee._info import format_table
+
+    state = "its close released" if closed else "it was never closed and holds"
+    rows = [[x.kind, x.ident, x.what, x.where] for x in left]
+    return "\n".join(
+        [
+            f"client created at {client}: {state}:",
+            *format_table(("kind", "id", "refers to", "created at"), rows),
+        ]
+    )
+
+
 def _recording(cls: type, made: dict[int, _Record], lock: threading.Lock) -> Callable[..., None]:
     original: Callable[..., None] = cls.__init__  # type: ignore[misc]
 
@@ -207,14 +237,24 @@ def _recording(cls: type, made: dict[int, _Record], lock: threading.Lock) -> Cal
 @pytest.fixture(autouse=True)
 def qtee_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
     """Record the devices built during the test; at teardown each must have no leaks."""
+    from qtee import client as client_module
+
     made: dict[int, _Record] = {}  # keeps the devices alive, so ids stay unique
     lock = threading.Lock()
     request.node.stash[_RECORDS] = made
+    tracker = None
+    if request.node.get_closest_marker(CLOSE_MARKER) is None:
+        tracker = client_module.ObjectTracker(_where)
+    request.node.stash[_TRACKER] = tracker
     with pytest.MonkeyPatch.context() as mp:
         for module, name in TRACKED_DEVICES:
             cls = getattr(importlib.import_module(module), name)
             mp.setattr(cls, "__init__", _recording(cls, made, lock))
-        yield
+        previous = client_module.track_objects(tracker)
+        try:
+            yield
+        finally:
+            client_module.track_objects(previous)
     if request.node.stash.get(_ALREADY_FAILED, False):
         return
     problems = [
@@ -222,6 +262,13 @@ def qtee_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
         for dev, kind, where in made.values()
         if (leaks := dev.leaks())
     ]
+    left = tracker.report() if tracker is not None else []
+    if left:
+        problems.append(
+            "objects left for a client's close to release (release them in the test, or "
+            f"mark a test about close @pytest.mark.{CLOSE_MARKER}):\n"
+            + "\n".join(format_leftovers(*client) for client in left)
+        )
     if problems:
         pytest.fail("leak check: " + "\n".join(problems), pytrace=False)
 
@@ -392,11 +439,16 @@ def qtee_guest(request: pytest.FixtureRequest, qtee_leak_check: None) -> Iterato
 
 
 @pytest.fixture
-def qtee_client(qtee_device: Device | RemoteDevice) -> Iterator[Client]:
+def qtee_client(
+    request: pytest.FixtureRequest, qtee_device: Device | RemoteDevice
+) -> Iterator[Client]:
     """``Client(qtee_device, workers=2)``, closed at teardown."""
     from qtee import Client
 
     client = Client(qtee_device, workers=2)
+    tracker = request.node.stash.get(_TRACKER, None)
+    if tracker is not None:
+        tracker.name(client, "fixture qtee_client")
     try:
         yield client
     finally:
