@@ -35,11 +35,14 @@ HELD_COLUMNS: Final = ("kind", "id", "what")
 
 def world_of(device: Device) -> SecureWorld | None:
     """The secure world that answers ``device``'s SMCs (model-only, for labels): the host's
-    world, or a guest's partition, found through the VMM's backend; None if unknown."""
+    world, or a guest's partition, found through the VMM's backend; None if unknown, and
+    for a stopped or destroyed VM."""
     world = device.secure_world
     if world is not None:
         return world
     guest = device.conduit  # a guest device's SMCs trap to its Guest
+    if getattr(guest, "running", True) is False:  # a stopped VM reaches no secure world
+        return None
     handle = getattr(guest, "_handle", None)
     monitor = getattr(getattr(handle, "__self__", None), "monitor", None)
     client_id = getattr(guest, "client_id", None)
@@ -57,13 +60,15 @@ def object_label(ctx: Context, ident: int) -> str | None:
     return world.label(obj.qtee_id) if world is not None and obj is not None else None
 
 
-def fd_objects(ctx: Context) -> dict[str, list[list[Any]]]:
+def fd_objects(ctx: Context) -> dict[str, Any]:
     """What one fd holds, msgpack-ready, each list sorted by id:
 
     * ``objects``: ``[id, label]`` per QTEE object in its IDR (label ``""``: unknown);
     * ``callbacks``: ``[user id, class name, references]`` per callback object QTEE holds
       (class ``""`` when the fd's owner did not say, as over a device server);
-    * ``memory``: ``[shm id, size, references QTEE holds, owner holds it]`` per shm.
+    * ``memory``: ``[shm id, size, references QTEE holds, owner holds it]`` per shm;
+    * ``secure_world``: whether the secure world behind the fd is there (a destroyed
+      guest's partition is not: nobody holds those callback objects any more).
     """
     from qtee._mem_obj import MemObject
     from qtee._user_obj import UserObject
@@ -95,10 +100,11 @@ def fd_objects(ctx: Context) -> dict[str, list[list[Any]]]:
         "memory": [
             [shm_id, size, refs, shm_id in owned] for shm_id, (size, refs) in sorted(shared.items())
         ],
+        "secure_world": world is not None,
     }
 
 
-def _held_rows(held: dict[str, list[list[Any]]]) -> list[list[Any]]:
+def _held_rows(held: dict[str, Any]) -> list[list[Any]]:
     """:func:`fd_objects` as ``[kind, id, what]`` rows (``qtee info``'s table)."""
     rows: list[list[Any]] = [["QTEE object", i, label or "?"] for i, label in held["objects"]]
     for uid, cls, refs in held["callbacks"]:

@@ -318,12 +318,16 @@ class _ClientTrack:
     def leftovers(self, client: Client) -> list[Leftover]:
         """What the fd holds of the handles and exports not released (the model says
         what it holds: an ObjRef naming an id the fd does not hold is no leftover)."""
+        if getattr(client.ctx, "closed", False):  # closed under it (a VM destroyed): gone
+            return []
         held = client._held()
         if held is None:  # the connection is gone: nothing is left for close to release
             return []
         try:
             labels = {int(i): str(label) for i, label, *_ in held.get("objects", ())}
             callbacks = {int(uid) for uid, *_ in held.get("callbacks", ())}
+            if held.get("secure_world") is False:  # a destroyed VM's: nobody holds them
+                callbacks.clear()
             owned = {int(shm) for shm, *rest in held.get("memory", ()) if rest and rest[-1]}
         except (TypeError, ValueError):  # a server that sent something else
             return []

@@ -61,7 +61,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
@@ -165,11 +165,16 @@ def pytest_runtest_makereport(
     return report
 
 
+_OURS: Final = ("qtee", "objects", "supplicant")
+
+
 @functools.cache
-def _library_dirs() -> tuple[str, ...]:
+def _library_dirs(
+    names: tuple[str, ...] = (*_OURS, "pytest", "_pytest", "pluggy"),
+) -> tuple[str, ...]:
     """Directories whose frames never name where a device was built."""
     dirs = []
-    for name in ("qtee", "objects", "supplicant", "pytest", "_pytest", "pluggy"):
+    for name in names:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin:
             dirs.append(os.path.dirname(os.path.realpath(spec.origin)) + os.sep)
@@ -178,17 +183,29 @@ def _library_dirs() -> tuple[str, ...]:
 
 @functools.cache
 def _is_library(filename: str) -> bool:
-    return os.path.realpath(filename).startswith(_library_dirs())
+    path = os.path.realpath(filename)
+    return path.startswith(_library_dirs()) or path == os.path.realpath(threading.__file__)
+
+
+@functools.cache
+def _is_ours(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(_library_dirs(_OURS))
 
 
 def _where(frame: FrameType | None) -> str:
-    """``file:line`` of the innermost frame outside qtee and pytest (else the innermost)."""
+    """``file:line`` of the innermost frame outside qtee and pytest; when the whole stack is
+    theirs (a thread qtee started), the outermost frame in qtee's own packages, where the
+    thread entered them (else the innermost)."""
     first = frame
+    entry = None
     while frame is not None:
-        if not _is_library(frame.f_code.co_filename):
+        name = frame.f_code.co_filename
+        if not _is_library(name):
             break
+        if _is_ours(name):
+            entry = frame
         frame = frame.f_back
-    frame = frame or first
+    frame = frame or entry or first
     if frame is None:
         return "?"
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
@@ -211,7 +228,7 @@ def format_leftovers(client: str, closed: bool, left: Sequence[Leftover]) -> str
     """One client's leftovers as a ``kind | id | refers to | created at`` table."""
     from qtee._info import format_table
 
-    state = "its close released" if closed else "it was never closed and holds"
+    state = "unreleased when it was closed" if closed else "never closed, holds"
     rows = [[x.kind, x.ident, x.what, x.where] for x in left]
     return "\n".join(
         [
