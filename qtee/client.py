@@ -413,6 +413,8 @@ class Client:
         if not isinstance(workers, int) or workers < 0:
             raise UsageError("workers must be an int >= 0")
         self.device = device
+        # What the leak check tracks (set first: every ObjRef made on this client asks).
+        self._track: _ClientTrack | None = None
         self.ctx: Context | RemoteContext = device.open()
         self._lock = threading.Lock()
         self._exports: dict[int, list[Any]] = {}  # user id -> [object, references]
@@ -421,7 +423,8 @@ class Client:
         self._ids = CyclicAllocator(1, CALLBACK_IDS_MAX, name="callback ids")
         self._blocks: list[_Block] = []
         tracker = _tracker
-        self._track = tracker._attach(self, sys._getframe(1)) if tracker is not None else None
+        if tracker is not None:
+            self._track = tracker._attach(self, sys._getframe(1))
         if isinstance(self.ctx, Context):  # model-only: qtee info names the exports
             self.ctx.callback_class = self._callback_class
         self.pool: WorkerPool | None = None

@@ -253,7 +253,8 @@ def _recording(cls: type, made: dict[int, _Record], lock: threading.Lock) -> Cal
 
 @pytest.fixture(autouse=True)
 def qtee_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Record the devices built during the test; at teardown each must have no leaks."""
+    """Record the devices built during the test and what its clients hold; at teardown
+    each device must have no leaks, and no client may have left handles for its close."""
     from qtee import client as client_module
 
     made: dict[int, _Record] = {}  # keeps the devices alive, so ids stay unique
@@ -272,6 +273,7 @@ def qtee_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
             yield
         finally:
             client_module.track_objects(previous)
+    request.node.stash[_TRACKER] = None  # the clients it keeps alive can go with the test
     if request.node.stash.get(_ALREADY_FAILED, False):
         return
     problems = [

@@ -211,9 +211,9 @@ class SecureWorld:
         if ident == wire.QCOMTEE_MSG_OBJECT_ROOT:
             return "root"
         obj = self._table.lookup(ident)
-        return None if obj is None else self.describe(obj)
+        return None if obj is None else self.label_of(obj)
 
-    def describe(self, obj: object) -> str:
+    def label_of(self, obj: object) -> str:
         """Model-only: the label of an object this world exports (see :meth:`label`)."""
         try:
             named = self._labels.get(obj)
