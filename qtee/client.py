@@ -56,17 +56,8 @@ if TYPE_CHECKING:
     from qtee._remote import RemoteContext, RemoteDevice
     from supplicant._pool import WorkerPool
 
-__all__ = [
-    "OUT_OBJECT",
-    "CallbackObject",
-    "Client",
-    "Leftover",
-    "MemoryObject",
-    "ObjRef",
-    "ObjectTracker",
-    "Out",
-    "track_objects",
-]
+# (ObjectTracker, Leftover and track_objects serve the pytest plugin: not public API.)
+__all__ = ["OUT_OBJECT", "CallbackObject", "Client", "MemoryObject", "ObjRef", "Out"]
 
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
 

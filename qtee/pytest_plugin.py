@@ -39,11 +39,12 @@ at teardown with a table of what is still alive and where the device was built. 
 that already failed (or was skipped, or xfailed) is not checked again.
 
 It also errors when a test leaves ``ObjRef`` or ``MemoryObject`` handles or exported
-callback objects unreleased for a client's ``close`` to free (``qtee_client``'s at teardown, or
-its own): each is named by kind, id, what it refers to and the ``file:line`` that made
-it.  What the fixtures own (``qtee_env``, ``qtee_app``'s apps) they release themselves.
-A test about close releasing things opts out with ``@pytest.mark.qtee_close_releases``
-(the device tables are still checked).
+callback objects unreleased for a client's ``close`` to free (``qtee_client``'s at
+teardown, or the test's own): each is named by kind, id, what it refers to (the secure
+world's label, the size, the class) and the ``file:line`` that made it.  What fixtures
+own (``qtee_env``, ``qtee_app``'s apps) they release themselves.  A test about close
+releasing things opts out with ``@pytest.mark.qtee_close_releases`` (the device tables
+are still checked).
 
 Importing this module imports only pytest and the standard library beyond the ``qtee``
 package itself; the supplicant is imported when ``qtee_supplicant`` is first used.
