@@ -626,6 +626,9 @@ class Context:
         self.life = FileLife(self.requests.close, self._teardown)
         #: Who holds this fd, for ``qtee info`` (a device server names its connections).
         self.label = f"fd {number}"
+        #: Model-only, for ``qtee info``: the class name of the callback object the fd's
+        #: owner exported as a user id (set by the ``Client`` on the fd).
+        self.callback_class: Callable[[int], str | None] | None = None
 
     @property
     def closed(self) -> bool:

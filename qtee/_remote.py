@@ -635,6 +635,31 @@ class RemoteContext:
             with self._lock:
                 self._streams.pop(seq, None)
 
+    def held_objects(self, timeout: float = 2.0) -> dict[str, Any]:
+        """What this fd holds on the server, by name (model-only; ``qtee._info.fd_objects``):
+        ``objects`` ``[id, label]``, ``callbacks`` ``[user id, "", refs]``, ``memory``
+        ``[shm id, size, refs, owned]``.  ETIMEDOUT without an answer, EBADF once lost."""
+        got: list[dict[str, Any]] = []
+        done = threading.Event()
+
+        def answer(data: dict[str, Any]) -> None:
+            got.append(data)
+            done.set()
+
+        seq = self._query("objects", answer)
+        try:
+            if not done.wait(timeout):
+                raise DriverError(errno.ETIMEDOUT, "the server did not name the fd's objects")
+            if not got[0]:  # the end of the stream: the connection went away
+                raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+            no = refused(got[0])
+            if no is not None:
+                raise DriverError(*no)
+            return got[0]
+        finally:
+            with self._lock:
+                self._streams.pop(seq, None)
+
     def stream_trace(self, sink: Callable[[dict[str, Any]], None], timeout: float = 5.0) -> None:
         """Have the server send every crossing from now on: ``sink`` gets each record's map
         (see :meth:`qtee._trace.TraceRecord.to_map`), ``{"dropped": n}`` when the server

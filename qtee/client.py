@@ -28,7 +28,9 @@ import logging
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
 from objects import (
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
     from qtee._remote import RemoteContext, RemoteDevice
     from supplicant._pool import WorkerPool
 
+# (ObjectTracker, Leftover and track_objects serve the pytest plugin: not public API.)
 __all__ = [
     "OUT_OBJECT",
     "CallbackObject",
@@ -109,26 +112,45 @@ class CallbackObject(PyObject):
 
 
 class ObjRef:
-    """A handle on a QTEE object held by this client's context; release() drops it."""
+    """A handle on a QTEE object held by this client's context; release() drops it.
 
-    __slots__ = ("client", "id", "kept", "released")
+    Its repr says what it refers to (:attr:`label`), e.g. ``<ObjRef 3: service 0x3
+    AppLoader>`` or ``<ObjRef 5: TA 'adder' (Adder)>``; a released one says so.
+    """
+
+    __slots__ = ("_about", "_how", "client", "id", "kept", "released")
 
     def __init__(self, client: Client, ident: int) -> None:
         self.client = client
         self.id = ident
         self.released = False
         self.kept = False
+        # The label once known, else the ObjRef this one came out of (and _how: op, index).
+        self._about: str | ObjRef | None = None
+        self._how = 0
+        track = client._track
+        if track is not None and ident != uapi.TEE_OBJREF_NULL:
+            track.made(self, sys._getframe(1))
 
     def keep(self) -> ObjRef:
         """In a callback: keep an input object past the call (otherwise it is released)."""
         self.kept = True
+        track = self.client._track
+        if track is not None:  # the handler that kept it is where it comes from
+            track.made(self, sys._getframe(1))
         return self
 
     def invoke(self, op: int, *args: Any) -> list[Any]:
         """Invoke ``op``; see the module docstring for arguments and results."""
         if self.released:
             raise UsageError(f"object {self.id} was released")
-        return self.client._invoke(self.id, op, args)
+        outs = self.client._invoke(self.id, op, args)
+        if outs:
+            for i, out in enumerate(outs):
+                if type(out) is ObjRef and out._about is None:
+                    out._about = self  # how it was obtained, for a label nobody knows
+                    out._how = op << 8 | i
+        return outs
 
     def release(self) -> None:
         """Drop this handle (op 0xFFFF, handled by the driver).  On an fd that is closed
@@ -136,11 +158,39 @@ class ObjRef:
         released every object it held, this one with them."""
         if not self.released:
             self.released = True
+            track = self.client._track
+            if track is not None:
+                track.gone(self)
             try:
                 self.client._invoke(self.id, 0xFFFF, ())
             except DriverError as exc:
                 if exc.errno != errno.EBADF:
                     raise
+
+    @property
+    def label(self) -> str:
+        """What this handle refers to, as the model knows it (model-only: the secure
+        world's label of the object, see :meth:`qtee.secure.SecureWorld.label`; over a
+        device server, the server's).  When no label is known: how the handle was obtained
+        (``out 0 of op 0 on <ObjRef 2: ClientEnv>``)."""
+        about = self._about
+        if type(about) is str:
+            return about
+        if self.id == uapi.TEE_OBJREF_NULL:
+            return "root"
+        if not self.released:
+            text = self.client._label(self.id)
+            if text:
+                self._about = text
+                return text
+        if isinstance(about, ObjRef):
+            return f"out {self._how & 0xFF} of op {self._how >> 8} on {about!r}"
+        return "no label"
+
+    def _named(self, label: str) -> None:
+        """The label, as the client learnt it (before a close took the object away)."""
+        if label:
+            self._about = label
 
     def __enter__(self) -> ObjRef:
         return self
@@ -149,7 +199,15 @@ class ObjRef:
         self.release()
 
     def __repr__(self) -> str:
-        return f"<ObjRef {self.id}{' released' if self.released else ''}>"
+        if self.id == uapi.TEE_OBJREF_NULL:
+            return "<ObjRef root>"
+        if self.released:
+            state = " released"
+        elif getattr(self.client.ctx, "closed", False):
+            state = " (its fd is closed)"
+        else:
+            state = ""
+        return f"<ObjRef {self.id}{state}: {self.label}>"
 
 
 class _Root(ObjRef):
@@ -184,13 +242,18 @@ class MemoryObject:
     (quic-teec.md §1.7).
     """
 
-    __slots__ = ("client", "id", "kept", "view")
+    __slots__ = ("client", "id", "kept", "size", "view")
 
     def __init__(self, client: Client, shm_id: int) -> None:
         self.client = client
         self.view = client._mem_hold(shm_id)
         self.id = shm_id
         self.kept = False
+        #: The size asked for (the view's length).
+        self.size = len(self.view)
+        track = client._track
+        if track is not None:
+            track.made(self, sys._getframe(1))
 
     def keep(self) -> MemoryObject:
         """In a callback: keep an input memory object past the call (otherwise it is
@@ -198,11 +261,19 @@ class MemoryObject:
         self.kept = True
         return self
 
+    def __repr__(self) -> str:
+        if self.id < 0:
+            return f"<MemoryObject released: {self.size} bytes>"
+        return f"<MemoryObject {self.id}: {self.size} bytes>"
+
     def release(self) -> None:
         """Drop this handle.  The last handle closes the owner's copy (QTEE's copies live
         on until QTEE releases them).  As for :meth:`ObjRef.release`, nothing is left to
         close once the fd is gone."""
         if self.id >= 0:
+            track = self.client._track
+            if track is not None:
+                track.gone(self)
             shm_id, self.id = self.id, -1
             self.client._mem_drop(shm_id)
 
@@ -279,6 +350,130 @@ class _Block:
         self.mem.unpin(self.addr)
 
 
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """An object a client held when it was closed (close released it on the user's
+    behalf), or still holds: what the pytest plugin's leak check names."""
+
+    #: ``"ObjRef"``, ``"MemoryObject"`` or ``"callback object"``.
+    kind: str
+    #: The fd's object id, shm id or callback (user) id.
+    ident: int
+    #: What it refers to: the model's label, the size, the callback object's class.
+    what: str
+    #: ``file:line`` where it was made (or kept, or first sent to QTEE).
+    where: str
+
+
+_KIND_ORDER: Final = {"ObjRef": 0, "MemoryObject": 1, "callback object": 2}
+
+
+class _ClientTrack:
+    """One tracked client: its live handles and exports, and what its close released."""
+
+    __slots__ = ("closed", "exports", "left", "live", "tracker", "where")
+
+    def __init__(self, tracker: ObjectTracker, where: str) -> None:
+        self.tracker = tracker
+        self.where = where  # where the client was made
+        self.live: dict[int, tuple[ObjRef | MemoryObject, str]] = {}  # by id() of the handle
+        self.exports: dict[int, str] = {}  # callback id -> where first sent
+        self.closed = False
+        self.left: list[Leftover] = []  # what close released
+
+    def made(self, obj: ObjRef | MemoryObject, frame: FrameType | None) -> None:
+        self.live[id(obj)] = (obj, self.tracker.where(frame))
+
+    def gone(self, obj: ObjRef | MemoryObject) -> None:
+        self.live.pop(id(obj), None)
+
+    def leftovers(self, client: Client) -> list[Leftover]:
+        """What the fd holds of the handles and exports not released (the model says
+        what it holds: an ObjRef naming an id the fd does not hold is no leftover)."""
+        if getattr(client.ctx, "closed", False):  # closed under it (a VM destroyed): gone
+            return []
+        held = client._held()
+        if held is None:  # the connection is gone: nothing is left for close to release
+            return []
+        try:
+            labels = {int(i): str(label) for i, label, *_ in held.get("objects", ())}
+            callbacks = {int(uid) for uid, *_ in held.get("callbacks", ())}
+            if held.get("secure_world") is False:  # a destroyed VM's: nobody holds them
+                callbacks.clear()
+            owned = {int(shm) for shm, *rest in held.get("memory", ()) if rest and rest[-1]}
+        except (TypeError, ValueError):  # a server that sent something else
+            return []
+        left: list[Leftover] = []
+        seen: set[int] = set()
+        for obj, where in list(self.live.values()):
+            if isinstance(obj, ObjRef):
+                if obj.released or obj.id not in labels or obj.id in seen:
+                    continue
+                seen.add(obj.id)
+                obj._named(labels[obj.id])
+                left.append(Leftover("ObjRef", obj.id, obj.label, where))
+            elif obj.id >= 0 and obj.id in owned:
+                left.append(Leftover("MemoryObject", obj.id, f"{obj.size} bytes", where))
+        with client._lock:
+            exports = [(uid, entry[0]) for uid, entry in client._exports.items()]
+        for uid, cb in exports:
+            if uid in callbacks and not isinstance(cb, _Credentials):  # that goes with its env
+                where = self.exports.get(uid, "?")
+                left.append(Leftover("callback object", uid, type(cb).__name__, where))
+        left.sort(key=lambda x: (_KIND_ORDER[x.kind], x.ident))
+        return left
+
+
+class ObjectTracker:
+    """Model-only bookkeeping of what clients hold, for the pytest plugin's leak check.
+
+    While installed (:func:`track_objects`), every :class:`Client` made remembers where each
+    of its :class:`ObjRef` and :class:`MemoryObject` handles and exported callback objects
+    was made (``where(frame)`` names the place), and its :meth:`Client.close` records what
+    it released on the user's behalf.  Clients made while no tracker is installed pay one
+    ``None`` check per handle.
+    """
+
+    def __init__(self, where: Callable[[FrameType | None], str]) -> None:
+        self.where = where
+        self._lock = threading.Lock()
+        self._clients: list[tuple[Client, _ClientTrack]] = []
+
+    def _attach(self, client: Client, frame: FrameType | None) -> _ClientTrack:
+        track = _ClientTrack(self, self.where(frame))
+        with self._lock:
+            self._clients.append((client, track))
+        return track
+
+    def name(self, client: Client, where: str) -> None:
+        """Say where ``client`` comes from in reports (e.g. ``fixture qtee_client``)."""
+        if client._track is not None:
+            client._track.where = where
+
+    def report(self) -> list[tuple[str, bool, list[Leftover]]]:
+        """Per client with leftovers: where it was made, whether it was closed, and what its
+        close released (closed) or what it still holds (never closed)."""
+        with self._lock:
+            clients = list(self._clients)
+        found = []
+        for client, track in clients:
+            left = track.left if track.closed else track.leftovers(client)
+            if left:
+                found.append((track.where, track.closed, left))
+        return found
+
+
+_tracker: ObjectTracker | None = None
+
+
+def track_objects(tracker: ObjectTracker | None) -> ObjectTracker | None:
+    """Install ``tracker`` for the clients made from now on (None: stop); returns the one
+    installed before."""
+    global _tracker
+    previous, _tracker = _tracker, tracker
+    return previous
+
+
 class Client:
     """One open context, its exported callback objects and its supplicant workers."""
 
@@ -290,6 +485,8 @@ class Client:
         if not isinstance(workers, int) or workers < 0:
             raise UsageError("workers must be an int >= 0")
         self.device = device
+        # What the leak check tracks (set first: every ObjRef made on this client asks).
+        self._track: _ClientTrack | None = None
         self.ctx: Context | RemoteContext = device.open()
         self._lock = threading.Lock()
         self._exports: dict[int, list[Any]] = {}  # user id -> [object, references]
@@ -300,6 +497,11 @@ class Client:
         self._shms: dict[int, list[Any]] = {}  # shm id -> [view, handles]
         #: QTEE's root object (register ops 2 and 5); it lives as long as the client.
         self.root: ObjRef = _Root(self, uapi.TEE_OBJREF_NULL)
+        tracker = _tracker
+        if tracker is not None:
+            self._track = tracker._attach(self, sys._getframe(1))
+        if isinstance(self.ctx, Context):  # model-only: qtee info names the exports
+            self.ctx.callback_class = self._callback_class
         self.pool: WorkerPool | None = None
         if workers:
             from supplicant._pool import WorkerPool
@@ -381,6 +583,8 @@ class Client:
                     ) from None
                 self._by_obj[id(obj)] = uid
                 self._exports[uid] = [obj, 0]
+                if self._track is not None:
+                    self._track.exports[uid] = self._track.tracker.where(sys._getframe(1))
             self._exports[uid][1] += 1
             return uid
 
@@ -399,6 +603,8 @@ class Client:
                 del self._exports[uid]
                 del self._by_obj[id(entry[0])]
                 self._ids.free(uid)
+                if self._track is not None:
+                    self._track.exports.pop(uid, None)
 
     def _exported(self, uid: int) -> CallbackObject | None:
         """The callback object QTEE names by ``uid`` (None: not exported by this client)."""
@@ -415,6 +621,39 @@ class Client:
         """Callback objects QTEE still holds references to."""
         with self._lock:
             return len(self._exports)
+
+    def _callback_class(self, uid: int) -> str | None:
+        """The class of the callback object exported as ``uid`` (model-only)."""
+        obj = self._exported(uid)
+        return None if obj is None else type(obj).__name__
+
+    # ----------------------------------------------------------------- model-only
+    def _held(self) -> dict[str, Any] | None:
+        """What the fd holds, by name (``qtee._info.fd_objects``): asked of the model in
+        process, of the server over a connection; None when it cannot say."""
+        ctx = self.ctx
+        try:
+            if isinstance(ctx, Context):
+                from qtee._info import fd_objects
+
+                return fd_objects(ctx)
+            return ctx.held_objects()
+        except DriverError:
+            return None
+
+    def _label(self, ident: int) -> str | None:
+        """The label of the object the fd holds as ``ident`` (None: the model cannot say)."""
+        ctx = self.ctx
+        if isinstance(ctx, Context):
+            from qtee._info import object_label
+
+            return object_label(ctx, ident)
+        held = self._held()
+        try:
+            labels = {int(i): str(label) for i, label, *_ in (held or {}).get("objects", ())}
+        except (TypeError, ValueError):  # a server that sent something else
+            return None
+        return labels.get(ident)
 
     # ----------------------------------------------------------------- invoke
     def _invoke(self, ident: int, op_: int, args: tuple[Any, ...]) -> list[Any]:
@@ -587,6 +826,10 @@ class Client:
         self._close(interrupted=isinstance(sys.exception(), KeyboardInterrupt | SystemExit))
 
     def _close(self, *, interrupted: bool) -> None:
+        track = self._track
+        if track is not None and not track.closed:  # what close releases on the user's behalf
+            track.left = track.leftovers(self)
+            track.closed = True
         if self.pool is not None:
             self.pool.stop(wait=not interrupted)
         else:

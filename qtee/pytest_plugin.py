@@ -44,6 +44,14 @@ its fixtures have torn down, each one's ``leaks()`` must be ``{}``, or the test 
 at teardown with a table of what is still alive and where the device was built.  A test
 that already failed (or was skipped, or xfailed) is not checked again.
 
+It also errors when a test leaves ``ObjRef`` or ``MemoryObject`` handles or exported
+callback objects unreleased for a client's ``close`` to free (``qtee_client``'s at
+teardown, or the test's own): each is named by kind, id, what it refers to (the secure
+world's label, the size, the class) and the ``file:line`` that made it.  What fixtures
+own (``qtee_env``, ``qtee_app``'s apps) they release themselves.  A test about close
+releasing things opts out with ``@pytest.mark.qtee_close_releases`` (the device tables
+are still checked).
+
 Importing this module imports only pytest and the standard library beyond the ``qtee``
 package itself; the supplicant is imported when ``qtee_supplicant`` is first used.
 """
@@ -60,17 +68,18 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
 if TYPE_CHECKING:
     from qtee import Client, Device, DeviceServer, ObjRef, RemoteDevice
+    from qtee.client import Leftover
     from qtee.secure import TrustedApp
     from qtee.vm import Guest
     from supplicant import Supplicant
 
-__all__ = ["TRACKED_DEVICES", "AppLoaderHelper", "format_leaks"]
+__all__ = ["CLOSE_MARKER", "TRACKED_DEVICES", "AppLoaderHelper", "format_leaks", "format_leftovers"]
 
 #: Device classes the leak check records, as ``(module, class)``.  Each needs a
 #: ``leaks() -> dict[str, int]`` method.  A device server's device is a ``Device``.
@@ -90,6 +99,9 @@ MODES = ("in-process", "server", "guest")
 _Record = list[Any]
 _RECORDS = pytest.StashKey[dict[int, _Record]]()
 _ALREADY_FAILED = pytest.StashKey[bool]()
+_TRACKER = pytest.StashKey[Any]()  # the test's ObjectTracker, or None
+#: The marker of a test that leaves objects for the client's close on purpose.
+CLOSE_MARKER = "qtee_close_releases"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -126,6 +138,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "qtee_supplicant(storage=False, time=True, ta_dirs=(), workers=4): listeners of "
         "the qtee_supplicant fixture (storage=True: a directory in tmp_path)",
     )
+    config.addinivalue_line(
+        "markers",
+        f"{CLOSE_MARKER}: the test leaves ObjRefs, MemoryObjects or callback objects for "
+        "a client's close to release (the leak check does not name them)",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -161,11 +178,16 @@ def pytest_runtest_makereport(
     return report
 
 
+_OURS: Final = ("qtee", "objects", "supplicant")
+
+
 @functools.cache
-def _library_dirs() -> tuple[str, ...]:
+def _library_dirs(
+    names: tuple[str, ...] = (*_OURS, "pytest", "_pytest", "pluggy"),
+) -> tuple[str, ...]:
     """Directories whose frames never name where a device was built."""
     dirs = []
-    for name in ("qtee", "objects", "supplicant", "pytest", "_pytest", "pluggy"):
+    for name in names:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin:
             dirs.append(os.path.dirname(os.path.realpath(spec.origin)) + os.sep)
@@ -174,17 +196,29 @@ def _library_dirs() -> tuple[str, ...]:
 
 @functools.cache
 def _is_library(filename: str) -> bool:
-    return os.path.realpath(filename).startswith(_library_dirs())
+    path = os.path.realpath(filename)
+    return path.startswith(_library_dirs()) or path == os.path.realpath(threading.__file__)
+
+
+@functools.cache
+def _is_ours(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(_library_dirs(_OURS))
 
 
 def _where(frame: FrameType | None) -> str:
-    """``file:line`` of the innermost frame outside qtee and pytest (else the innermost)."""
+    """``file:line`` of the innermost frame outside qtee and pytest; when the whole stack is
+    theirs (a thread qtee started), the outermost frame in qtee's own packages, where the
+    thread entered them (else the innermost)."""
     first = frame
+    entry = None
     while frame is not None:
-        if not _is_library(frame.f_code.co_filename):
+        name = frame.f_code.co_filename
+        if not _is_library(name):
             break
+        if _is_ours(name):
+            entry = frame
         frame = frame.f_back
-    frame = frame or first
+    frame = frame or entry or first
     if frame is None:
         return "?"
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
@@ -203,6 +237,20 @@ def format_leaks(kind: str, where: str, leaks: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def format_leftovers(client: str, closed: bool, left: Sequence[Leftover]) -> str:
+    """One client's leftovers as a ``kind | id | refers to | created at`` table."""
+    from qtee._info import format_table
+
+    state = "unreleased when it was closed" if closed else "never closed, holds"
+    rows = [[x.kind, x.ident, x.what, x.where] for x in left]
+    return "\n".join(
+        [
+            f"client created at {client}: {state}:",
+            *format_table(("kind", "id", "refers to", "created at"), rows),
+        ]
+    )
+
+
 def _recording(cls: type, made: dict[int, _Record], lock: threading.Lock) -> Callable[..., None]:
     original: Callable[..., None] = cls.__init__  # type: ignore[misc]
 
@@ -218,15 +266,27 @@ def _recording(cls: type, made: dict[int, _Record], lock: threading.Lock) -> Cal
 
 @pytest.fixture(autouse=True)
 def qtee_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Record the devices built during the test; at teardown each must have no leaks."""
+    """Record the devices built during the test and what its clients hold; at teardown
+    each device must have no leaks, and no client may have left handles for its close."""
+    from qtee import client as client_module
+
     made: dict[int, _Record] = {}  # keeps the devices alive, so ids stay unique
     lock = threading.Lock()
     request.node.stash[_RECORDS] = made
+    tracker = None
+    if request.node.get_closest_marker(CLOSE_MARKER) is None:
+        tracker = client_module.ObjectTracker(_where)
+    request.node.stash[_TRACKER] = tracker
     with pytest.MonkeyPatch.context() as mp:
         for module, name in TRACKED_DEVICES:
             cls = getattr(importlib.import_module(module), name)
             mp.setattr(cls, "__init__", _recording(cls, made, lock))
-        yield
+        previous = client_module.track_objects(tracker)
+        try:
+            yield
+        finally:
+            client_module.track_objects(previous)
+    request.node.stash[_TRACKER] = None  # the clients it keeps alive can go with the test
     if request.node.stash.get(_ALREADY_FAILED, False):
         return
     problems = [
@@ -234,6 +294,13 @@ def qtee_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
         for dev, kind, where in made.values()
         if (leaks := dev.leaks())
     ]
+    left = tracker.report() if tracker is not None else []
+    if left:
+        problems.append(
+            "objects left for a client's close to release (release them in the test, or "
+            f"mark a test about close @pytest.mark.{CLOSE_MARKER}):\n"
+            + "\n".join(format_leftovers(*client) for client in left)
+        )
     if problems:
         pytest.fail("leak check: " + "\n".join(problems), pytrace=False)
 
@@ -469,11 +536,16 @@ def qtee_guest(request: pytest.FixtureRequest, qtee_leak_check: None) -> Iterato
 
 
 @pytest.fixture
-def qtee_client(qtee_device: Device | RemoteDevice) -> Iterator[Client]:
+def qtee_client(
+    request: pytest.FixtureRequest, qtee_device: Device | RemoteDevice
+) -> Iterator[Client]:
     """``Client(qtee_device, workers=2)``, closed at teardown."""
     from qtee import Client
 
     client = Client(qtee_device, workers=2)
+    tracker = request.node.stash.get(_TRACKER, None)
+    if tracker is not None:
+        tracker.name(client, "fixture qtee_client")
     try:
         yield client
     finally:

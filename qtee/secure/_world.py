@@ -19,9 +19,11 @@ on the next return to the kernel (QTEE never sends an explicit release callback)
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, Self
@@ -171,6 +173,19 @@ class NsObject:
 #: Per-thread state of one direct invocation: its outbound buffer and the driver's server.
 _Call = tuple[_Buf, ServeCallback]
 
+_LABEL_CLASSES: list[type] = []
+
+
+def _label_classes() -> tuple[type, type]:
+    """(AppController, ClientEnv): the objects whose outputs get named (imported on first
+    use: both modules import this one)."""
+    if not _LABEL_CLASSES:
+        from qtee.secure._apps import AppController
+        from qtee.secure._services import ClientEnv
+
+        _LABEL_CLASSES[:] = [AppController, ClientEnv]
+    return _LABEL_CLASSES[0], _LABEL_CLASSES[1]
+
 
 class SecureWorld:
     """QTEE: consumes inbound messages and answers them (sans-IO apart from callbacks).
@@ -214,6 +229,8 @@ class SecureWorld:
 
         #: The TAs this world loads, looked up before the process-wide ones.
         self.tas = TaRegistry(PROCESS_TAS)
+        # Model-only names of exported objects (see label): object -> its label.
+        self._labels: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
         self._adopt(root)
         root.attach(self)
 
@@ -239,6 +256,52 @@ class SecureWorld:
         """QTEE ids the kernel still holds (for leak checks)."""
         with self._lock:
             return list(self._table)
+
+    def label(self, ident: int) -> str | None:
+        """Model-only: what the object behind the live id ``ident`` is (None: no such id).
+
+        The class name, with what QTEE knows of it: ``service 0x3 AppLoader`` for a service
+        opened through a client env (by its UID), ``TA 'adder' (Adder)`` for a TA's app
+        object, ``AppController of TA 'adder'``.  Nothing of this crosses the wire.
+        """
+        if ident == wire.QCOMTEE_MSG_OBJECT_ROOT:
+            return "root"
+        obj = self._table.lookup(ident)
+        return None if obj is None else self.label_of(obj)
+
+    def label_of(self, obj: object) -> str:
+        """Model-only: the label of an object this world exports (see :meth:`label`)."""
+        try:
+            named = self._labels.get(obj)
+        except TypeError:  # a class with __slots__ and no __weakref__: never named
+            named = None
+        if named is not None:
+            return named
+        controller, _ = _label_classes()
+        if isinstance(obj, controller):
+            return f"{type(obj).__name__} of TA {getattr(obj, 'name', '?')!r}"
+        return type(obj).__name__
+
+    def _name_outputs(
+        self, target: SecureObject, op: int, ib: Sequence[bytes], oo: Sequence[object]
+    ) -> None:
+        """Remember what a client env's open (op 0) and an app controller's getAppObject
+        (op 2) returned: the service UID asked for, the TA's name (model-only)."""
+        controller, client_env = _label_classes()
+        if op == 0 and isinstance(target, client_env) and ib and len(ib[0]) == 4:
+            (uid,) = struct.unpack("<I", ib[0])
+            prefix = f"service {uid:#x} "
+            labels = [f"{prefix}{type(obj).__name__}" for obj in oo]
+        elif op == 2 and isinstance(target, controller):
+            name = getattr(target, "name", "?")
+            labels = [f"TA {name!r} ({type(obj).__name__})" for obj in oo]
+        else:
+            return
+        with self._lock:
+            for obj, text in zip(oo, labels, strict=True):
+                if isinstance(obj, SecureObject):
+                    with contextlib.suppress(TypeError):  # no weak reference: stays unnamed
+                        self._labels[obj] = text
 
     def pending_releases(self) -> list[int]:
         """NS ids queued for an async RELEASE, not yet sent."""
@@ -349,6 +412,8 @@ class SecureWorld:
             return res.result
         if msg.n_oo or msg.ob:  # outputs to write
             oo_ids = [self._export_out(obj) for obj in res.oo]
+            if res.oo and op <= 2:
+                self._name_outputs(target, op, msg.ib, res.oo)
             wire.write_invoke_response(inbound, msg, res.ob, oo_ids)
         return Result.OK
 
