@@ -477,13 +477,27 @@ def track_objects(tracker: ObjectTracker | None) -> ObjectTracker | None:
 class Client:
     """One open context, its exported callback objects and its supplicant workers."""
 
-    def __init__(self, device: Device | RemoteDevice, *, workers: int = 2) -> None:
+    def __init__(
+        self, device: Device | RemoteDevice, *, workers: int = 2, deadline: float | None = None
+    ) -> None:
+        """Open ``device`` (one fd) and start ``workers`` supplicant threads on it.
+
+        ``deadline`` (seconds): a callback handler that runs longer is answered BUSY
+        and its late answer dropped (see :class:`supplicant.WorkerPool`).
+        """
         from qtee._remote import RemoteDevice
 
         if not isinstance(device, Device | RemoteDevice):
             raise TypeError("Client needs a Device or a connected device (qtee.connect)")
         if not isinstance(workers, int) or workers < 0:
             raise UsageError("workers must be an int >= 0")
+        if deadline is not None:
+            if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+                raise UsageError(f"deadline must be seconds (a number) or None, not {deadline!r}")
+            if not deadline > 0:
+                raise UsageError(f"deadline must be > 0 seconds, not {deadline!r}")
+            if not workers:
+                raise UsageError("a deadline is the workers' (workers >= 1)")
         self.device = device
         # What the leak check tracks (set first: every ObjRef made on this client asks).
         self._track: _ClientTrack | None = None
@@ -506,7 +520,7 @@ class Client:
         if workers:
             from supplicant._pool import WorkerPool
 
-            self.pool = WorkerPool(self, workers)
+            self.pool = WorkerPool(self, workers, deadline=deadline)
 
     # ----------------------------------------------------------------- memory
     def _take_block(self) -> _Block:

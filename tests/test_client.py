@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from objects import DriverError, QteeError, op
+from objects import DriverError, QteeError, Result, UsageError, op
 from qtee._driver import Device
 from qtee.addrspace import CheckedMemory, ProcessMemory
 from qtee.client import OUT_OBJECT, CallbackObject, Client, Out
@@ -137,3 +137,55 @@ def test_errno_channel(client: Client) -> None:
     with pytest.raises(DriverError):
         env.invoke(0xFFFE)  # RETAIN from userspace -> EINVAL
     env.release()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"deadline": 0}, "deadline must be > 0 seconds, not 0"),
+        ({"deadline": "1"}, "deadline must be seconds"),
+        ({"deadline": True}, "deadline must be seconds"),
+        ({"deadline": 1.0, "workers": 0}, "a deadline is the workers'"),
+    ],
+)
+def test_a_bad_deadline_is_refused_before_the_fd_opens(
+    kwargs: dict[str, object], message: str
+) -> None:
+    """Issue 15: every public function names what was wrong; nothing is opened first."""
+    device = Device()
+    with pytest.raises(UsageError, match=message):
+        Client(device, **kwargs)  # type: ignore[arg-type]
+    assert device.leaks() == {} and not device.contexts
+
+
+def test_a_client_deadline_answers_a_slow_handler_busy() -> None:
+    """``Client(device, deadline=s)``: its pool answers a handler that runs longer BUSY,
+    as the TA sees it."""
+    import time
+
+    class Caller(TrustedApp):
+        @op(0, io=1)
+        def call(self, obj: NsObject) -> None:
+            got = obj.invoke(0)
+            if got.result:
+                raise QteeError(got.result)
+
+    class Slow(CallbackObject):
+        @op(0)
+        def run(self) -> None:
+            time.sleep(0.4)
+
+    device = Device()
+    device.register_ta("caller", Caller)
+    with (
+        Client(device, deadline=0.05) as client,
+        client.client_env() as env,
+        client.open_service(env, 3) as loader,
+    ):
+        (ctrl,) = loader.invoke(0, ta_image("caller"), OUT_OBJECT)
+        with ctrl:
+            (app,) = ctrl.invoke(2, OUT_OBJECT)
+            with app, pytest.raises(QteeError) as caught:
+                app.invoke(0, Slow())
+    assert caught.value.result == Result.ERROR_BUSY
+    assert device.leaks() == {}
