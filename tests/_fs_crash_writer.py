@@ -20,7 +20,7 @@ import random
 import sys
 import traceback
 
-from supplicant._fs import FileStore, FsError
+from supplicant import FileStore, FsError
 
 PATHS = ("f0", "f1", "d/f2", "d/e/f3")
 RD, WR, RW, CREAT, TRUNC = 0, 1, 2, 0o100, 0o1000

@@ -14,8 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from objects import DriverError
-from qtee import uapi
-from qtee._driver import Context
+from qtee import Context, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.credentials import CredentialKey, Credentials
 

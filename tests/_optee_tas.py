@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import uuid
 
-from qtee._optee_supp import (
+from qtee import (
     TEE_DATA_FLAG_ACCESS_READ,
     TEE_DATA_FLAG_ACCESS_WRITE,
     TEE_DATA_FLAG_OVERWRITE,
@@ -27,7 +27,7 @@ from qtee._optee_supp import (
     unregister_loadable_ta,
 )
 from qtee.gp import TeecResult
-from qtee.secure._gp import GpParam, GpSession, GpTA, GpTaError, register_gp_ta, unregister_gp_ta
+from qtee.secure import GpParam, GpSession, GpTA, GpTaError, register_gp_ta, unregister_gp_ta
 
 SAMPLE_UUID = uuid.UUID("0fcb6b5c-3f2d-4a77-8e0c-1b1b6a3c0001")
 LOADABLE_UUID = uuid.UUID("0fcb6b5c-3f2d-4a77-8e0c-1b1b6a3c0002")

@@ -18,8 +18,7 @@ from typing import Any, ClassVar
 
 from objects import QteeError, op
 from qtee import OUT_OBJECT, CallbackObject, Client, NsObject, ObjRef, TrustedApp, ta_image
-from qtee.secure import APP_LOADER_UID, Mapping, SecureObject
-from qtee.secure._monitor import SecureMonitor
+from qtee.secure import APP_LOADER_UID, Mapping, SecureMonitor, SecureObject
 from qtee.vm import Guest, Vmm
 
 TA_NAME = "vmta"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Final
 
 from objects import op
-from qtee._optee_supp import (
+from qtee import (
     TEE_DATA_FLAG_ACCESS_READ,
     TEE_DATA_FLAG_ACCESS_WRITE,
     TEE_DATA_FLAG_ACCESS_WRITE_META,
@@ -39,18 +39,19 @@ from qtee._optee_supp import (
     trusted_storage,
 )
 from qtee.gp import TaFlag, TeecResult
-from qtee.secure import TrustedApp, register_ta_file
-from qtee.secure._gp import (
+from qtee.secure import (
     GpParam,
     GpSession,
     GpTA,
     GpTaError,
     TeeParamType,
-    lookup_gp_ta,
+    TrustedApp,
     register_gp_ta,
+    register_ta_file,
     tee_param_types,
     unregister_gp_ta,
 )
+from qtee.secure._gp import lookup_gp_ta
 from qtee.secure._tafiles import signed_ta_image
 
 __all__ = [

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from objects import op
-from qtee import uapi
-from qtee._driver import Context, Device
+from qtee import Context, Device, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.secure import QteeRoot, SecureWorld, TrustedApp, register_ta, ta_image, unregister_ta
 from tests._helpers import OBJ_IN, OBJ_OUT, UB_IN, UB_OUT, USER, RawSupplicant, raw_invoke

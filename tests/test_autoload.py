@@ -19,16 +19,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from objects import UsageError
+from supplicant import TaDirectory, format_uuid
 from supplicant._autoload import (
     DEFAULT_MAX_SIZE,
     TA_PATH_LIST,
-    TaDirectory,
     TaImageError,
     TaImageTooLargeError,
     TaSplitImageError,
     TaSymlinkEscapeError,
     TaUuidError,
-    format_uuid,
     search_dirs,
 )
 

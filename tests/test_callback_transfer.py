@@ -27,6 +27,7 @@ from qtee import (
     OUT_OBJECT,
     CallbackObject,
     Client,
+    Device,
     MemoryObject,
     NsObject,
     ObjRef,
@@ -35,7 +36,6 @@ from qtee import (
     TrustedApp,
     uapi,
 )
-from qtee._driver import Device
 from qtee.pytest_plugin import AppLoaderHelper
 from qtee.secure import FEATURE_VERSIONS_UID, FeatureVersions
 from supplicant import WorkerPool

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from objects import DriverError, QteeError, Result, UsageError, op
-from qtee._driver import Device
+from qtee import Device
 from qtee.addrspace import CheckedMemory, ProcessMemory
 from qtee.client import OUT_OBJECT, CallbackObject, Client, Out
 from qtee.secure import (

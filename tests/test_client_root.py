@@ -16,8 +16,7 @@ import threading
 import pytest
 
 from objects import DriverError, QteeError, Result, UsageError, op
-from qtee import OUT_OBJECT, CallbackObject, Client, Credentials, ObjRef, uapi
-from qtee._driver import Device
+from qtee import OUT_OBJECT, CallbackObject, Client, Credentials, Device, ObjRef, uapi
 from qtee.credentials import CredentialKey
 from tests._helpers import wait_until
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from objects import QteeError, Result, op
-from qtee._driver import Device
+from qtee import Device
 from qtee.addrspace import ProcessMemory
 from qtee.client import CallbackObject, Client, Out
 from qtee.secure import NsObject, QteeRoot, SecureObject, SecureWorld

@@ -9,7 +9,7 @@ import threading
 import time
 
 from objects import op
-from qtee._driver import Device
+from qtee import Device
 from qtee.addrspace import ProcessMemory
 from qtee.client import OUT_OBJECT, CallbackObject, Client, Out
 from qtee.secure import (

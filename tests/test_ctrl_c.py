@@ -30,8 +30,7 @@ from typing import TypeVar
 import pytest
 
 from objects import DriverError
-from qtee import uapi
-from qtee._driver import Context, Device
+from qtee import Context, Device, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.secure import SecureWorld
 from tests import _sigint_client

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from objects import DriverError, Result, op
-from qtee import uapi
-from qtee._driver import Context, Device
+from qtee import Context, Device, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.secure import NsObject, SecureObject, SecureWorld
 from tests._helpers import (

@@ -40,8 +40,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from objects import DriverError, QteeError, op
-from qtee import uapi
-from qtee._driver import Context, Device
+from qtee import Context, Device, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.secure import NsObject, QteeRoot, SecureObject, SecureWorld
 from tests._helpers import (

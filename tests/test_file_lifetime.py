@@ -25,13 +25,19 @@ import pytest
 
 import qtee
 from objects import DriverError, op
-from qtee import uapi
-from qtee._driver import Device
+from qtee import Device, OpteeDevice, uapi
 from qtee._mem_obj import SHM_MAX, memfd_backing, private_backing
-from qtee._optee import OpteeDevice
 from qtee.addrspace import CheckedMemory
-from qtee.secure import QteeRoot, SecureObject, SecureWorld
-from qtee.secure._gp import GpParam, GpSession, GpTA, register_gp_ta, unregister_gp_ta
+from qtee.secure import (
+    GpParam,
+    GpSession,
+    GpTA,
+    QteeRoot,
+    SecureObject,
+    SecureWorld,
+    register_gp_ta,
+    unregister_gp_ta,
+)
 from tests._helpers import (
     NULL,
     OBJ_IN,
@@ -372,7 +378,8 @@ def test_a_client_hanging_up_mid_invoke_leaks_nothing_in_the_server(tmp_path: Pa
     """Issue 13 point 4 through the device server: the client's connection drops while
     its invoke is in the TA (the server closes that fd), and the TA then returns a new
     object; the server's fd teardown waits for the call and releases it."""
-    from qtee._server import DeviceServer, RegionMemory
+    from qtee import DeviceServer
+    from qtee._server import RegionMemory
 
     gate = Gate()
     dev = Device(

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from supplicant._fs import TEMP_PREFIX, FileStore
+from supplicant import FileStore
+from supplicant._fs import TEMP_PREFIX
 
 WRITER = Path(__file__).with_name("_fs_crash_writer.py")
 REPO = WRITER.parent.parent

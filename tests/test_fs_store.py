@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from objects import DecodeError
-from supplicant._fs import TEMP_PREFIX, FileStore, FsError
+from supplicant import FileStore, FsError
+from supplicant._fs import TEMP_PREFIX
 from supplicant._fs_msg import (
     MAX_DATA_LEN,
     CloseRequest,

@@ -19,11 +19,14 @@ from typing import ClassVar
 import pytest
 
 from objects import DriverError, UsageError
-from qtee import uapi
-from qtee._optee import OpteeDevice
+from qtee import OpteeDevice, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.gp import (
     SIZE_MAX,
+    TEE_CLIENT_UUID_NS,
+    Cred,
+    GpTransport,
+    OpteeTransport,
     TaFlag,
     TeecContext,
     TeecError,
@@ -39,10 +42,16 @@ from qtee.gp import (
     TeecValue,
     param_types,
 )
-from qtee.gp._identity import TEE_CLIENT_UUID_NS, Cred
-from qtee.gp._transport import GpTransport, OpteeTransport
-from qtee.secure import QteeRoot, SecureWorld
-from qtee.secure._gp import GpParam, GpSession, GpTA, GpTaError, register_gp_ta, unregister_gp_ta
+from qtee.secure import (
+    GpParam,
+    GpSession,
+    GpTA,
+    GpTaError,
+    QteeRoot,
+    SecureWorld,
+    register_gp_ta,
+    unregister_gp_ta,
+)
 
 R = TeecResult
 API = TeecOrigin.TEEC_ORIGIN_API

@@ -13,22 +13,29 @@ from collections.abc import Iterator
 import pytest
 
 from objects import DriverError, QteeError
-from qtee import uapi
-from qtee._driver import Device
+from qtee import Device, uapi
 from qtee.client import OUT_OBJECT, Client, ObjRef, Out
 from qtee.gp import TeecOrigin, TeecResult
 from qtee.gp._qtee_transport import QTEE_GEN_CAPS, QteeGpTransport, map_idl_error
-from qtee.secure import QteeRoot, SecureWorld
-from qtee.secure._gp import GpParam, GpSession, GpTA, GpTaError, register_gp_ta, unregister_gp_ta
-from qtee.secure._gpclient import (
+from qtee.secure import (
     CGPAPPCLIENT_UID,
+    GpParam,
+    GpSession,
+    GpTA,
+    GpTaError,
+    QteeRoot,
+    SecureWorld,
+    install_gp_app_client,
+    register_gp_ta,
+    unregister_gp_ta,
+)
+from qtee.secure._gpclient import (
     IC_IN,
     IGPSESSION_ERROR_CLOSED,
     MEM_PARAMS,
     OS_IN,
     OUT_SCALARS,
     VALUE,
-    install_gp_app_client,
 )
 
 OK = TeecResult.TEEC_SUCCESS

@@ -14,22 +14,22 @@ from typing import Any, ClassVar
 import pytest
 
 from qtee.gp import TaFlag, TeecLogin, TeecOrigin, TeecResult
-from qtee.secure import QteeRoot, SecureObject, SecureWorld
-from qtee.secure._gp import (
+from qtee.secure import (
     TEE_TIMEOUT_INFINITE,
     GpParam,
-    GpRuntime,
     GpSession,
     GpTA,
     GpTaError,
+    QteeRoot,
+    SecureObject,
+    SecureWorld,
     TaSession,
     TeeParamType,
-    gp_params,
-    lookup_gp_ta,
     register_gp_ta,
     tee_param_types,
     unregister_gp_ta,
 )
+from qtee.secure._gp import GpRuntime, gp_params, lookup_gp_ta
 
 OK = TeecResult.TEEC_SUCCESS
 BAD_PARAMETERS = TeecResult.TEEC_ERROR_BAD_PARAMETERS

@@ -30,21 +30,23 @@ from typing import ClassVar
 
 import pytest
 
-from qtee import uapi
-from qtee._driver import Device
-from qtee._optee import OpteeDevice
-from qtee._optee_supp import (
+from qtee import (
     TEE_DATA_FLAG_ACCESS_READ,
     TEE_DATA_FLAG_ACCESS_WRITE,
     TEE_DATA_FLAG_ACCESS_WRITE_META,
+    Device,
+    OpteeDevice,
     TrustedStorage,
-    attach_rpc,
     trusted_storage,
+    uapi,
 )
+from qtee._optee_supp import attach_rpc
 from qtee.addrspace import CheckedMemory
 from qtee.client import Client
 from qtee.gp import (
     SIZE_MAX,
+    Cred,
+    OpteeTransport,
     TaFlag,
     TeecContext,
     TeecError,
@@ -58,21 +60,20 @@ from qtee.gp import (
     TeecValue,
     param_types,
 )
-from qtee.gp._identity import Cred
 from qtee.gp._qtee_transport import QteeGpTransport
-from qtee.gp._transport import OpteeTransport
-from qtee.secure import QteeRoot, SecureWorld
-from qtee.secure._gp import (
+from qtee.secure import (
     GpParam,
-    GpRuntime,
     GpSession,
     GpTA,
     GpTaError,
+    QteeRoot,
+    SecureWorld,
+    install_gp_app_client,
     register_gp_ta,
     unregister_gp_ta,
 )
-from qtee.secure._gpclient import install_gp_app_client
-from supplicant._optee import OpteeSupplicant
+from qtee.secure._gp import GpRuntime
+from supplicant import OpteeSupplicant
 
 R = TeecResult
 API = TeecOrigin.TEEC_ORIGIN_API

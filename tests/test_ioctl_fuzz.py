@@ -20,9 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from objects import DriverError
-from qtee import uapi
-from qtee._driver import Device
-from qtee._optee import OpteeDevice
+from qtee import Device, OpteeDevice, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.secure import QteeRoot, SecureWorld
 

@@ -23,28 +23,35 @@ from typing import Any
 import pytest
 
 from objects import QteeError, Result, op
-from qtee._driver import Device
+from qtee import Device
 from qtee.client import OUT_OBJECT, Client, MemoryObject, Out
-from qtee.secure import QteeRoot, SecureWorld, TrustedApp, register_ta, ta_image, unregister_ta
+from qtee.secure import (
+    REGISTER_LISTENER_UID,
+    QteeRoot,
+    SecureWorld,
+    TrustedApp,
+    register_ta,
+    ta_image,
+    unregister_ta,
+)
 from qtee.secure._listeners import (
     ERROR_ID_IN_USE,
     ERROR_ID_RESERVED,
     ERROR_MAX_REGISTERED,
     MAX_BUSY_RETRIES,
     MAX_LISTENERS,
-    REGISTER_LISTENER_UID,
 )
 from qtee.wire import result_from_errno
-from supplicant import _fs_msg as fsm
-from supplicant import _time_msg as tm
-from supplicant._autoload import format_uuid
-from supplicant._listener import (
+from supplicant import (
     FS_LISTENER_ID,
     TIME_LISTENER_ID,
     ListenerObject,
     Supplicant,
+    TimeService,
+    format_uuid,
 )
-from supplicant._time import TimeService
+from supplicant import _fs_msg as fsm
+from supplicant import _time_msg as tm
 from tests._helpers import wait_until
 
 PROBE = "listeners.probe"

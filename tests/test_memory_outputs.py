@@ -19,13 +19,13 @@ from qtee import (
     OUT_OBJECT,
     CallbackObject,
     Client,
+    Device,
     MemoryObject,
     NsObject,
     Out,
     SecureObject,
     TrustedApp,
 )
-from qtee._driver import Device
 from qtee.pytest_plugin import AppLoaderHelper
 from tests._helpers import wait_until
 

@@ -16,13 +16,19 @@ from collections.abc import Iterator
 import pytest
 
 from objects import DriverError
-from qtee import uapi
-from qtee._optee import OpteeContext, OpteeDevice
+from qtee import OpteeContext, OpteeDevice, uapi
 from qtee.addrspace import CheckedMemory
-from qtee.gp import TeecOrigin, TeecResult
-from qtee.gp._identity import TEE_CLIENT_UUID_NS, Cred
-from qtee.secure import QteeRoot, SecureWorld
-from qtee.secure._gp import GpParam, GpSession, GpTA, GpTaError, register_gp_ta, unregister_gp_ta
+from qtee.gp import TEE_CLIENT_UUID_NS, Cred, TeecOrigin, TeecResult
+from qtee.secure import (
+    GpParam,
+    GpSession,
+    GpTA,
+    GpTaError,
+    QteeRoot,
+    SecureWorld,
+    register_gp_ta,
+    unregister_gp_ta,
+)
 
 TA_UUID = uuid.UUID("8aaaf200-2450-11e4-abe2-0002a5d5c51b")
 VALUE_IN, VALUE_OUT, VALUE_INOUT = 1, 2, 3

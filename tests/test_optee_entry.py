@@ -40,17 +40,18 @@ from qtee._optee_msg import (
 )
 from qtee._smc import OPTEE_SMC_SEC_CAP_VIRTUALIZATION, OnReturn, Regs, SmcFid, SmcReturn
 from qtee.gp import TeecOrigin, TeecResult
-from qtee.secure import QteeRoot, SecureWorld
-from qtee.secure._gp import (
+from qtee.secure import (
     TEE_TIMEOUT_INFINITE,
     GpParam,
-    GpRuntime,
     GpSession,
     GpTA,
     GpTaError,
+    QteeRoot,
+    SecureWorld,
     register_gp_ta,
     unregister_gp_ta,
 )
+from qtee.secure._gp import GpRuntime
 from qtee.secure._optee_entry import OPTEE_FIDS, OpteeEntry
 
 A = OpteeMsgAttr

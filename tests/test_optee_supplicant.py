@@ -19,29 +19,38 @@ from pathlib import Path
 import pytest
 
 from objects import DriverError
-from qtee import uapi
-from qtee._optee import OpteeContext, OpteeDevice
-from qtee._optee_supp import (
+from qtee import (
     TEE_DATA_FLAG_ACCESS_READ,
     TEE_DATA_FLAG_ACCESS_WRITE,
     TEE_DATA_FLAG_ACCESS_WRITE_META,
     TEE_DATA_FLAG_OVERWRITE,
     TEE_DATA_SEEK_END,
+    OpteeContext,
+    OpteeDevice,
     OpteeSuppContext,
     TrustedStorage,
-    attach_rpc,
     gp_ta_image,
     register_loadable_ta,
     trusted_storage,
+    uapi,
     unregister_loadable_ta,
 )
+from qtee._optee_supp import attach_rpc
 from qtee.addrspace import CheckedMemory
-from qtee.gp import TeecOrigin, TeecResult
-from qtee.gp._identity import Cred
-from qtee.secure import QteeRoot, SecureWorld
-from qtee.secure._apps import ta_image
-from qtee.secure._gp import GpParam, GpSession, GpTA, GpTaError, register_gp_ta, unregister_gp_ta
-from supplicant._optee import OpteeSupplicant, ta_file_name
+from qtee.gp import Cred, TeecOrigin, TeecResult
+from qtee.secure import (
+    GpParam,
+    GpSession,
+    GpTA,
+    GpTaError,
+    QteeRoot,
+    SecureWorld,
+    register_gp_ta,
+    ta_image,
+    unregister_gp_ta,
+)
+from supplicant import OpteeSupplicant
+from supplicant._optee import ta_file_name
 
 LOADABLE_UUID = uuid.UUID("d96a5b40-c3e5-21e3-8794-0002a5d5c51b")
 STORE_A_UUID = uuid.UUID("b689f2a7-8adf-477a-9f99-32e90c0ad0a2")

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 import pytest
 
 from objects import DriverError, QteeError, Result, op
-from qtee import uapi
-from qtee._driver import Device
+from qtee import Device, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.client import OUT_OBJECT, CallbackObject, Client, ObjRef, Out
 from qtee.secure import NsObject, SecureObject, SecureWorld, TrustedApp
-from supplicant._pool import WorkerPool
+from supplicant import WorkerPool
 from tests._helpers import (
     META_IN,
     META_OUT,

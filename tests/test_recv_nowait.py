@@ -10,8 +10,7 @@ import threading
 import pytest
 
 from objects import DriverError
-from qtee import uapi
-from qtee._driver import Device
+from qtee import Device, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.secure import QteeRoot, SecureWorld
 from tests._helpers import OBJ_IN, RELEASE, USER, buf_arg, raw_invoke, recv_block
@@ -78,7 +77,7 @@ def test_on_ready_is_called_when_a_request_is_queued_and_at_close() -> None:
 def test_optee_supplicant_recv_nowait_and_on_ready() -> None:
     """The same on the OP-TEE supplicant's fd: EAGAIN with nothing queued; the hook runs
     when the secure side queues an RPC and when the supplicant's fd closes."""
-    from qtee._optee import OpteeDevice
+    from qtee import OpteeDevice
     from qtee._optee_supp import attach_rpc
 
     dev = OpteeDevice(SecureWorld(QteeRoot()), memory=CheckedMemory())

@@ -25,19 +25,21 @@ from typing import Any
 import pytest
 
 from objects import QteeError, Result, op
-from qtee._driver import Device
+from qtee import Device
 from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
-from qtee.secure import QteeRoot, SecureWorld, TrustedApp, register_ta, ta_image, unregister_ta
-from qtee.secure._listeners import (
-    ERROR_ALREADY_REGISTERED,
-    ERROR_ID_IN_USE,
+from qtee.secure import (
     REGISTER_LISTENER_UID,
     REGISTER_TA_BUF_UID,
+    QteeRoot,
+    SecureWorld,
+    TrustedApp,
+    register_ta,
+    ta_image,
+    unregister_ta,
 )
+from qtee.secure._listeners import ERROR_ALREADY_REGISTERED, ERROR_ID_IN_USE
+from supplicant import ListenerObject, Supplicant, TaBufferObject, TimeService, format_uuid
 from supplicant import _time_msg as tm
-from supplicant._autoload import format_uuid
-from supplicant._listener import ListenerObject, Supplicant, TaBufferObject
-from supplicant._time import TimeService
 from tests.test_listeners import (
     AUTOLOADED,
     CLOCK,

@@ -26,8 +26,7 @@ import pytest
 
 import qtee
 from objects import DriverError, UsageError
-from qtee import OUT_OBJECT, CallbackObject, DeviceServer, Out, ProcessMemory, op, uapi
-from qtee._driver import Device
+from qtee import OUT_OBJECT, CallbackObject, Device, DeviceServer, Out, ProcessMemory, op, uapi
 from qtee._frames import (
     Answer,
     FrameDecoder,

@@ -31,10 +31,8 @@ import pytest
 
 import qtee
 from objects import DriverError, UsageError
-from qtee import DeviceServer, uapi
+from qtee import DeviceServer, OpteeDevice, gp_ta_image, uapi
 from qtee._frames import FrameDecoder, Hello, Ioctl, IoctlReply, Region, Welcome, encode
-from qtee._optee import OpteeDevice
-from qtee._optee_supp import gp_ta_image
 from qtee._server_optee import ServedOpteeDevice
 from qtee.addrspace import TASK_SIZE, CheckedMemory
 from qtee.gp import (
@@ -47,9 +45,9 @@ from qtee.gp import (
     TeecResult,
     TeecTempMemoryReference,
     TeecValue,
+    calc_client_uuid,
     param_types,
 )
-from qtee.gp._identity import calc_client_uuid
 from qtee.secure import QteeRoot, SecureWorld
 from supplicant import OpteeSupplicant
 from tests import _optee_tas as tas

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from qtee._driver import Device
+from qtee import Device
 from qtee.secure import QteeRoot, SecureWorld, register_ta, unregister_ta
+from supplicant import Supplicant
 from supplicant import _fs_msg as fsm
 from supplicant import _time_msg as tm
-from supplicant._listener import Supplicant
 from tests.test_listeners import PROBE, ProbeTA, TaClient, fs_call, time_call
 
 THREADS = 16

@@ -33,8 +33,18 @@ import pytest
 
 import qtee
 from objects import QteeError, UsageError, op
-from qtee import OUT_OBJECT, Client, Device, OpteeDevice, Out, QteeRoot, SecureWorld
-from qtee._optee_supp import gp_ta_image, register_loadable_ta, unregister_loadable_ta
+from qtee import (
+    OUT_OBJECT,
+    Client,
+    Device,
+    OpteeDevice,
+    Out,
+    QteeRoot,
+    SecureWorld,
+    gp_ta_image,
+    register_loadable_ta,
+    unregister_loadable_ta,
+)
 from qtee.gp import (
     TeecContext,
     TeecError,
@@ -45,14 +55,18 @@ from qtee.gp import (
     param_types,
 )
 from qtee.gp import TeecParamType as P
-from qtee.secure import APP_LOADER_UID, TaFileRegistration, TrustedApp, register_ta_file
-from qtee.secure._apps import (
-    ERROR_ALREADY_LOADED,
-    ERROR_INVALID_BUFFER,
-    ERROR_METADATA_INVALID,
+from qtee.secure import (
+    APP_LOADER_UID,
+    GpParam,
+    GpSession,
+    GpTA,
+    GpTaError,
+    TaFileRegistration,
+    TrustedApp,
+    register_ta_file,
     ta_image,
 )
-from qtee.secure._gp import GpParam, GpSession, GpTA, GpTaError
+from qtee.secure._apps import ERROR_ALREADY_LOADED, ERROR_INVALID_BUFFER, ERROR_METADATA_INVALID
 from qtee.secure._tafiles import (
     SHDR_ENCRYPTED_TA,
     SHDR_MAGIC,

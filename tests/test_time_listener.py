@@ -20,7 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from objects import DecodeError, UsageError
-from supplicant._time import TimeService, gmtime
+from supplicant import TimeService
+from supplicant._time import gmtime
 from supplicant._time_msg import (
     MAX_BUF_LEN,
     TIME_MS_FAILURE,

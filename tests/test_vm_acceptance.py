@@ -19,7 +19,7 @@ import pytest
 
 import qtee
 from qtee.__main__ import main
-from qtee.secure._monitor import SecureMonitor
+from qtee.secure import SecureMonitor
 from qtee.vm import Vmm
 from tests import test_scenarios as suite
 

@@ -17,7 +17,7 @@ import pytest
 
 from objects import DriverError, UsageError
 from qtee._smc import SmcFid, SmcReturn
-from qtee.secure._monitor import SecureMonitor
+from qtee.secure import SecureMonitor
 from qtee.vm import GuestRam, TeeKind, VmError, VmLimits, Vmm, register_backend
 from tests._vm_helpers import TA_NAME, VmTA, open_app, vmm_env, whoami
 

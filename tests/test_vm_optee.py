@@ -34,6 +34,7 @@ from qtee._optee_msg import (
 )
 from qtee._smc import SmcFid, SmcReturn
 from qtee.gp import (
+    OpteeTransport,
     TeecContext,
     TeecError,
     TeecMemFlag,
@@ -47,20 +48,19 @@ from qtee.gp import (
     TeecValue,
     param_types,
 )
-from qtee.gp._transport import OpteeTransport
-from qtee.secure._gp import (
+from qtee.secure import (
     TEE_TIMEOUT_INFINITE,
     GpParam,
     GpSession,
     GpTA,
     GpTaError,
+    SecureMonitor,
     register_gp_ta,
     unregister_gp_ta,
 )
-from qtee.secure._monitor import SecureMonitor
 from qtee.secure._optee_entry import OpteeEntry
-from qtee.vm import Guest, VmError, VmLimits, Vmm
-from qtee.vm._guest_optee import GuestOpteeDevice, _GuestShm
+from qtee.vm import Guest, GuestOpteeDevice, VmError, VmLimits, Vmm
+from qtee.vm._guest_optee import _GuestShm
 
 A = OpteeMsgAttr
 C = OpteeMsgCmd

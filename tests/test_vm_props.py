@@ -37,7 +37,7 @@ from objects import DriverError, QteeError, Result
 from qtee import OUT_OBJECT, Device, ObjRef, Out, uapi, wire
 from qtee._mem_obj import Primordial
 from qtee._smc import SmcFid
-from qtee.secure._monitor import SecureMonitor
+from qtee.secure import SecureMonitor
 from qtee.vm import Guest, Vmm
 from tests._helpers import MEM, OBJ_IN, raw_invoke
 from tests._vm_helpers import TA_NAME, U32, App, Recorder, VmTA, open_app

@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from objects import DriverError, UsageError
 from qtee._mem_obj import PhysMemory
-from qtee.vm._ram import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin
+from qtee.vm import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin
 
 SIZE = 16 * PAGE_SIZE
 
