@@ -361,3 +361,33 @@ def test_the_marker_serves_every_device() -> None:
     """A marker's registration is process-wide: any device's world falls back on it."""
     assert ask(OpteeDevice(SecureWorld(QteeRoot()))) == 0xA
     assert ask(Device()) == 0xA
+
+
+def test_the_gp_marker_given_a_lone_class_says_how_to_write_it(
+    pytester: pytest.Pytester,
+) -> None:
+    """pytest takes ``mark(cls)`` as "mark this class": the TA class is then called with
+    the test function, and says how to write the marker instead of a bare TypeError."""
+    pytester.makepyfile(
+        test_lone="""
+        import uuid
+        import pytest
+        from qtee import GpTA
+
+        class Lone(GpTA):
+            UUID = uuid.UUID("00000000-0000-4000-8000-00000000abcd")
+
+        @pytest.mark.qtee_gp_ta(Lone)
+        def test_never_runs():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(
+        [
+            "*Lone was called with the function test_never_runs(): a pytest marker given a lone "
+            "class marks that class instead of the test; write "
+            "@pytest.mark.qtee_gp_ta(Lone, loadable=False)*"
+        ]
+    )
+    assert result.ret == pytest.ExitCode.INTERRUPTED

@@ -38,6 +38,7 @@ only (open and close entries still take the instance); :meth:`GpRuntime.unload` 
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 import threading
 import time
@@ -272,6 +273,15 @@ class GpTA:
 
     UUID: ClassVar[uuidlib.UUID]
     FLAGS: ClassVar[int] = 0
+
+    def __new__(cls, *args: object, **kwargs: object) -> GpTA:
+        if len(args) == 1 and not kwargs and inspect.isfunction(args[0]):
+            raise UsageError(
+                f"{cls.__name__} was called with the function {args[0].__name__}(): a pytest "
+                "marker given a lone class marks that class instead of the test; write "
+                f"@pytest.mark.qtee_gp_ta({cls.__name__}, loadable=False)"
+            )
+        return super().__new__(cls)
 
     def create(self) -> None:
         """``TA_CreateEntryPoint``: once per instance, before its first open."""
