@@ -11,19 +11,26 @@ from qtee.secure._apps import (
     APP_LOADER_UID,
     AppController,
     AppLoader,
+    IAppController,
+    IAppLoader,
     TrustedApp,
     register_ta,
     ta_image,
     unregister_ta,
 )
+from qtee.secure._gpclient import IGPAppClient, IGPSession
+from qtee.secure._listeners import IRegisterListenerCBO, IRegisterTABufCBO
 from qtee.secure._monitor import SecureMonitor
 from qtee.secure._services import (
     CDIAGNOSTICS_UID,
     FEATURE_VERSIONS_UID,
+    IIO,
     IOPENER_ERROR_NOT_FOUND,
     ClientEnv,
     Diagnostics,
     FeatureVersions,
+    IDiagnostics,
+    IOpener,
     QteeRoot,
 )
 from qtee.secure._tafiles import TaFileRegistration, register_ta_file
@@ -37,6 +44,15 @@ __all__ = [
     "register_ta",
     "ta_image",
     "unregister_ta",
+    "IAppController",
+    "IAppLoader",
+    "IDiagnostics",
+    "IGPAppClient",
+    "IGPSession",
+    "IIO",
+    "IOpener",
+    "IRegisterListenerCBO",
+    "IRegisterTABufCBO",
     "TaFileRegistration",
     "register_ta_file",
     "CDIAGNOSTICS_UID",
