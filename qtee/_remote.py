@@ -59,7 +59,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from objects import DriverError, UsageError
-from qtee import uapi
+from qtee import _reason, uapi
 from qtee._frames import (
     MAX_FRAME,
     NODES,
@@ -426,6 +426,8 @@ class RemoteContext:
         for region in reply.written:
             mem.write(region.addr, region.data)
         dialect.done(cmd, reply.arg)
+        if reply.why is not None and cmd == uapi.TEE_IOC_OBJECT_INVOKE:
+            _reason.put(_reason.Reason(*reply.why))  # the server's note, on this thread
         return 0
 
     def _drop_shm(self, call: _Call) -> None:

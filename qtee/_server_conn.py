@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from objects import DriverError, UsageError
-from qtee import uapi
+from qtee import _reason, uapi
 from qtee._frames import (
     PROTOCOL_VERSION,
     Answer,
@@ -465,6 +465,7 @@ class Connection:
             ok = False
             try:
                 file.before(req.cmd, req.arg, call)
+                _reason.clear()  # the secure side notes why it fails this call, on this thread
                 recv = getattr(self.ctx, "recv_nowait", None) if nowait else None
                 if recv is not None:
                     recv(arg)
@@ -485,8 +486,14 @@ class Connection:
                 written = [(a, bytes(call.bufs[a])) for a in sorted(call.written)]
                 if extra:
                     written = sorted(written + extra)
+                note = _reason.take()
+                why = None
+                if note is not None and req.cmd == _OBJECT_INVOKE:  # model-only, for the client
+                    why = (note.result, note.name, note.detail)
                 try:
-                    reply = encode_reply(req.seq, 0, bytes(arg), written, max_frame=max_frame)
+                    reply = encode_reply(
+                        req.seq, 0, bytes(arg), written, max_frame=max_frame, why=why
+                    )
                     ok = True
                 except UsageError:  # what the call wrote does not fit a frame
                     log.error("%s: ioctl %#x (seq %d): reply too big", self.name, req.cmd, req.seq)

@@ -47,7 +47,6 @@ APP_LOADER_UID: Final = 3
 TA_MAGIC: Final = b"QTEETA\x00\x01"
 
 
-
 class IAppLoader(enum.IntEnum):
     """IAppLoader's errors (quic-teec.md §5.3)."""
 

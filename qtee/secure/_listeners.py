@@ -65,7 +65,6 @@ MAX_LISTENERS: Final = 16
 MAX_BUSY_RETRIES: Final = 50
 
 
-
 class IRegisterListenerCBO(enum.IntEnum):
     """IRegisterListenerCBO's errors (quic-teec.md §5.3)."""
 
