@@ -9,7 +9,7 @@ from objects import DecodeError, DriverError, QteeBaseError, QteeError, Result, 
 from qtee import uapi, wire
 from qtee._driver import Context, Device
 from qtee._optee import OpteeContext, OpteeDevice
-from qtee._remote import RemoteContext, RemoteDevice, connect
+from qtee._remote import ConnectError, RemoteContext, RemoteDevice, connect
 from qtee._server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, address_of
 from qtee.client import OUT_OBJECT, CallbackObject, Client, MemoryObject, ObjRef, Out
@@ -42,6 +42,7 @@ __all__ = [
     "CallbackObject",
     "CheckedMemory",
     "Client",
+    "ConnectError",
     "Context",
     "CredentialKey",
     "Credentials",

@@ -243,6 +243,19 @@ class Connection:
                     self.sock.shutdown(socket.SHUT_RDWR)
                 raise
 
+    def say_bye(self, reason: str, wait: float = 0.2) -> None:
+        """The last frame, ``bye`` with ``reason``, if it can go without blocking: the
+        client's calls then fail saying why (a send in progress for longer than ``wait``,
+        or a full socket buffer, and the client sees only the end of the stream)."""
+        data = encode(Bye(reason=reason[:200]))
+        if not self._send.acquire(timeout=wait):
+            return
+        try:
+            with contextlib.suppress(OSError):
+                self.sock.send(data, socket.MSG_DONTWAIT)
+        finally:
+            self._send.release()
+
     def run(self) -> None:
         """The connection's first thread (more start when every thread is busy)."""
         with self._lock:
@@ -410,6 +423,8 @@ class Connection:
             if msg.version != PROTOCOL_VERSION:
                 raise FrameError(f"protocol version {msg.version} is not {PROTOCOL_VERSION}")
             flavour = self.server.flavour
+            self.name = self.server._named()
+            threading.current_thread().name = self.name
             try:
                 self.file = flavour.open(msg.node, f"{self.name} ({msg.client})")
             except DriverError as exc:

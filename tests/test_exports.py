@@ -11,6 +11,7 @@ QTEE_API = {
     "CallbackObject",
     "CheckedMemory",
     "Client",
+    "ConnectError",
     "Context",
     "CredentialKey",
     "Credentials",
