@@ -90,16 +90,13 @@ class QteeError(QteeBaseError):
             raise TypeError("a QteeError's detail and name are str")
         self.result = result
         self.detail = detail
-        #: Whether the name says which interface's error this is (given or from the enum).
-        self.named = bool(name) or interface_error_name(result) is not None
         #: ``IAppLoader.ERROR_INVALID_BUFFER``, ``ERROR_INVALID``, ``USERBASE+3``...
         self.name = name or interface_error_name(result) or result_name(result)
         text = f"QTEE result {int(result)} ({self.name})"
         super().__init__(f"{text}: {detail}" if detail else text)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        name = self.name if self.named else ""
-        return (_rebuild, (type(self), int(self.result), self.detail, name))
+        return (_rebuild, (type(self), int(self.result), self.detail, self.name))
 
 
 def _rebuild(cls: type[QteeError], result: int, detail: str, name: str) -> QteeError:

@@ -261,7 +261,7 @@ class PyObject:
     def _error_name(self, exc: QteeError) -> str:
         """The raised error's name; a plain number the class's ``ERRORS`` has, by it."""
         errors = type(self).ERRORS
-        if not exc.named and errors is not None:
+        if errors is not None and exc.name == result_name(exc.result):  # a plain number
             try:
                 member = errors(exc.result)
             except ValueError:
