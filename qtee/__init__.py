@@ -1,21 +1,45 @@
 """qtee -- Qualcomm's TEE as the Linux qcomtee driver sees it, in Python.
 
 ``import qtee`` is the public API: the device and its contexts, the client API, the
-secure world with its services and Python TAs, the codecs (:mod:`qtee.wire`,
-:mod:`qtee.uapi`), the address spaces, and the error types shared with :mod:`objects`.
+secure world with its services and Python TAs (QTEE TAs and GP TAs, with GP trusted
+storage), the codecs (:mod:`qtee.wire`, :mod:`qtee.uapi`), the address spaces, and the
+error types shared with :mod:`objects`.  The GP client API is :mod:`qtee.gp`; the rest
+of the secure world is :mod:`qtee.secure`.
 """
 
 from objects import DecodeError, DriverError, QteeBaseError, QteeError, Result, UsageError, op
 from qtee import uapi, wire
 from qtee._driver import Context, Device
 from qtee._optee import OpteeContext, OpteeDevice
+from qtee._optee_supp import (
+    TEE_DATA_FLAG_ACCESS_READ,
+    TEE_DATA_FLAG_ACCESS_WRITE,
+    TEE_DATA_FLAG_ACCESS_WRITE_META,
+    TEE_DATA_FLAG_OVERWRITE,
+    TEE_DATA_FLAG_SHARE_READ,
+    TEE_DATA_FLAG_SHARE_WRITE,
+    TEE_DATA_SEEK_CUR,
+    TEE_DATA_SEEK_END,
+    TEE_DATA_SEEK_SET,
+    TEE_STORAGE_PRIVATE,
+    TEE_STORAGE_PRIVATE_REE,
+    OpteeSuppContext,
+    PersistentObject,
+    TrustedStorage,
+    trusted_storage,
+)
 from qtee._remote import ConnectError, RemoteContext, RemoteDevice, connect
 from qtee._server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, address_of
-from qtee.client import OUT_OBJECT, CallbackObject, Client, MemoryObject, ObjRef, Out
+from qtee.client import OUT_OBJECT, CallbackObject, Client, MemoryObject, ObjRef, Out, Transfer
 from qtee.credentials import CredentialKey, Credentials
 from qtee.secure import (
     IIO,
+    TEE_TIMEOUT_INFINITE,
+    GpParam,
+    GpSession,
+    GpTA,
+    GpTaError,
     IAppController,
     IAppLoader,
     IDiagnostics,
@@ -28,10 +52,21 @@ from qtee.secure import (
     QteeRoot,
     SecureObject,
     SecureWorld,
+    TaPanic,
+    TaSession,
+    TeeParamType,
     TrustedApp,
+    gp_ta_image,
+    panic,
+    register_gp_ta,
+    register_loadable_ta,
     register_ta,
     register_ta_file,
     ta_image,
+    tee_param_types,
+    unregister_gp_ta,
+    unregister_loadable_ta,
+    unregister_ta,
 )
 
 __version__ = "0.1.0"
@@ -74,6 +109,7 @@ __all__ = [
     "Result",
     "SecureObject",
     "SecureWorld",
+    "Transfer",
     "TrustedApp",
     "UsageError",
     "__version__",
@@ -85,4 +121,35 @@ __all__ = [
     "ta_image",
     "uapi",
     "wire",
+    "OpteeSuppContext",
+    "TEE_TIMEOUT_INFINITE",
+    "GpParam",
+    "GpSession",
+    "GpTA",
+    "GpTaError",
+    "TaPanic",
+    "TaSession",
+    "TeeParamType",
+    "gp_ta_image",
+    "panic",
+    "register_gp_ta",
+    "register_loadable_ta",
+    "tee_param_types",
+    "unregister_gp_ta",
+    "unregister_loadable_ta",
+    "unregister_ta",
+    "TEE_DATA_FLAG_ACCESS_READ",
+    "TEE_DATA_FLAG_ACCESS_WRITE",
+    "TEE_DATA_FLAG_ACCESS_WRITE_META",
+    "TEE_DATA_FLAG_OVERWRITE",
+    "TEE_DATA_FLAG_SHARE_READ",
+    "TEE_DATA_FLAG_SHARE_WRITE",
+    "TEE_DATA_SEEK_CUR",
+    "TEE_DATA_SEEK_END",
+    "TEE_DATA_SEEK_SET",
+    "TEE_STORAGE_PRIVATE",
+    "TEE_STORAGE_PRIVATE_REE",
+    "PersistentObject",
+    "TrustedStorage",
+    "trusted_storage",
 ]

@@ -23,7 +23,36 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qtee`` console script."""
+    """Entry point of the ``qtee`` console script.
+
+    A reader that goes away (``qtee trace | head``) ends the command quietly, with
+    status 1 as Python's own tools do on a closed pipe (EPIPE)."""
+    try:
+        try:
+            status = _main(argv)
+        finally:  # after --help's SystemExit too: a closed pipe shows here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 1
+    return status
+
+
+def _stdout_to_devnull() -> None:
+    """Point fd 1 at /dev/null: what is still buffered for the closed pipe is dropped at
+    exit instead of failing again ("Exception ignored ... BrokenPipeError")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # replaced (a test's capture) or closed
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="qtee", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     sub.add_parser("version", help="print the qtee version")
@@ -67,7 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="serve a device on a Unix socket (one connection = one open fd)",
         description="Host the driver model and a secure world on a Unix socket.",
     )
-    serve.add_argument("--socket", required=True, metavar="PATH", help="socket path to listen on")
+    serve.add_argument(
+        "--socket",
+        required=True,
+        metavar="PATH",
+        help="socket path to listen on (a socket left there by a server that is gone is "
+        "replaced; a live server's socket or any other file is an error, exit 2)",
+    )
     serve.add_argument(
         "--tee",
         choices=("qtee", "optee"),
@@ -80,8 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE first (it registers its TAs; the current directory is searched "
-        "first); repeatable",
+        help="import MODULE first (it registers its TAs): a module name (the current "
+        "directory is searched first) or a path to a .py file; repeatable",
     )
     serve.add_argument(
         "--duration", type=_seconds, default=None, metavar="SECONDS", help="stop after this long"
@@ -196,37 +231,67 @@ def _seconds(text: str) -> float:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import importlib
-
     from objects import UsageError
     from qtee._server import DeviceServer
 
-    if args.ta_module and "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -c "import MODULE"` would find it
-    for name in args.ta_module:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            print(f"qtee serve: cannot import {name}: {exc}", file=sys.stderr)
-            return 1
+    for text in args.ta_module:
+        status = _import_ta_module("serve", text)
+        if status:
+            return status
     end = None if args.duration is None else time.monotonic() + args.duration
-    try:
-        with (
-            _stop_on_signals() as stop,
-            DeviceServer(args.socket, tee=args.tee, introspect=args.introspect) as server,
-        ):
+    server = DeviceServer(args.socket, tee=args.tee, introspect=args.introspect)
+    with _stop_on_signals() as stop:
+        try:
+            server.start()
+        except UsageError as exc:  # the path holds a live server's socket, a file; too long
+            print(f"qtee serve: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # its directory is missing, not writable...
+            why = _one_line(exc.strerror or exc)
+            print(f"qtee serve: cannot listen on {args.socket}: {why}", file=sys.stderr)
+            return 2
+        try:
             print(f"serving on {args.socket}", flush=True)
             _sleep_until(end, stop)
-    except UsageError as exc:  # the path holds a live server's socket, or a file
-        print(f"qtee serve: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        where = "" if exc.filename else f" {args.socket}:"
-        print(f"qtee serve:{where} {exc}", file=sys.stderr)
-        return 1
+        finally:
+            server.stop()
     leaks = server.device.leaks()  # once every connection is closed (its fd with it)
     print("tables: empty" if not leaks else f"tables: {leaks}")
     return 0
+
+
+def _import_ta_module(verb: str, text: str) -> int:
+    """Import the TA module ``text`` (a name or a ``.py`` file): 0, or the exit status
+    after one stderr line (2: no such module or file) or, when the module's own code
+    fails, the traceback from its first frame on (1; no importlib or qtee frames)."""
+    from objects import UsageError
+    from qtee._ta_modules import find_ta_module, import_ta_module
+
+    try:
+        import_ta_module(find_ta_module(text))
+    except UsageError as exc:
+        print(f"qtee {verb}: --ta-module {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the module's code (or a parent package's) failed
+        import traceback
+
+        tb = exc.__traceback__
+        while tb is not None and _machinery(tb.tb_frame.f_code.co_filename):
+            tb = tb.tb_next
+        print(f"qtee {verb}: --ta-module {text}: importing it failed:", file=sys.stderr)
+        traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _machinery(filename: str) -> bool:
+    """A frame of the import system or of this package, not of a TA module."""
+    import importlib
+
+    if filename.startswith("<frozen importlib"):
+        return True
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.dirname(os.path.abspath(filename)) in (here, os.path.dirname(importlib.__file__))
 
 
 @contextlib.contextmanager
@@ -453,7 +518,7 @@ def _info(args: argparse.Namespace) -> int:
             refs.append(ctrl)
             (app,) = ctrl.invoke(2, OUT_OBJECT)
             refs.append(app)
-        print(format_info(describe(device)))
+        text = format_info(describe(device))
     except (OSError, qtee.QteeBaseError, qtee.UsageError) as exc:
         print(f"qtee info: {_one_line(exc)}", file=sys.stderr)
         return 1
@@ -462,6 +527,7 @@ def _info(args: argparse.Namespace) -> int:
             ref.release()
         if client is not None:
             client.close()
+    print(text)
     if args.demo:
         left = device.leaks()
         if left:

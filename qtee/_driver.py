@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from objects import (
     ENOTSUPP,
@@ -56,6 +56,11 @@ from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, Request, RequestQue
 from qtee.addrspace import AddressSpace, ProcessMemory
 from qtee.secure import SecureWorld
 from qtee.secure._monitor import SecureMonitor
+
+if TYPE_CHECKING:
+    from qtee.secure import GpTA, TrustedApp
+
+_G = TypeVar("_G", bound="type[GpTA]")
 
 __all__ = ["Context", "Device"]
 
@@ -204,7 +209,7 @@ class _OutPage:
     the state of the call using it.  ``on_return`` is bound once, so a call makes no
     callable (the invoke hot path)."""
 
-    __slots__ = ("accepted", "device", "lent", "on_return", "out", "pa", "served")
+    __slots__ = ("abandoned", "accepted", "device", "lent", "on_return", "out", "pa", "served")
 
     def __init__(self, device: Device) -> None:
         phys = device.phys
@@ -216,6 +221,9 @@ class _OutPage:
         #: when the lend is an alias, as on the host; else a view of where it went).
         self.out: bytearray | memoryview = buf if view.obj is buf else view
         self.served = False
+        #: Serving a callback raised (Ctrl-C in its wait): QTEE then ends the call on
+        #: DEFUNCT, and its final return's async tail is still the driver's to read.
+        self.abandoned = False
         self.accepted: list[bool] = _NO_CALL
         self.lent: list[QteeObject] = _NO_CALL
         self.on_return: OnReturn = self._on_return
@@ -233,6 +241,9 @@ class _OutPage:
             hook(True)
         try:
             device._serve(self.out)
+        except BaseException:
+            self.abandoned = True
+            raise
         finally:
             local.lent = outer
             if hook is not None:
@@ -243,10 +254,13 @@ class _OutPage:
 class Device:
     """One ``/dev/teeN``: reaches QTEE through SMCs on a conduit (QK §3.1).
 
-    On the host, ``Device(world)`` uses the world's :class:`~qtee.secure.SecureMonitor`
-    (made on first use) as its conduit and the monitor's host-physical memory as
-    ``phys``; every host device on one world shares both.  A guest's device (``qtee.vm``)
-    has no world: ``Device(memory=..., phys=guest_ram, conduit=guest)``.
+    ``Device()`` is the standard QTEE on a secure world of its own: the root with its
+    services (the app loader, listeners, TA autoload, FeatureVersions, Diagnostics) and
+    IGPAppClient (0x199) for GP clients.  On the host, ``Device(world)`` uses the
+    world's :class:`~qtee.secure.SecureMonitor` (made on first use) as its conduit and
+    the monitor's host-physical memory as ``phys``; every host device on one world
+    shares both.  A guest's device (``qtee.vm``) has no world:
+    ``Device(memory=..., phys=guest_ram, conduit=guest)``.
     """
 
     def __init__(
@@ -261,9 +275,19 @@ class Device:
         if conduit is not None and not callable(getattr(conduit, "smc", None)):
             raise TypeError("conduit must have an smc method")
         monitor: SecureMonitor | None = None
+        if world is None and phys is None and conduit is None:  # the standard QTEE
+            from qtee.secure import QteeRoot
+            from qtee.secure._gpclient import install_gp_app_client
+
+            world = SecureWorld(QteeRoot())
+            install_gp_app_client(world)
         if world is None:
             if phys is None or conduit is None:
-                raise UsageError("a Device without a world needs both phys and conduit")
+                missing = "conduit=" if conduit is None else "phys="
+                raise UsageError(
+                    f"a guest's Device needs both phys= and conduit=; {missing} is missing "
+                    "(Device() alone is a standard QTEE; Device(world) runs on a SecureWorld)"
+                )
         elif not isinstance(world, SecureWorld):
             raise TypeError(f"world must be a SecureWorld, not {type(world).__name__}")
         elif world.client_id != HYP_CLIENT_ID:
@@ -317,6 +341,16 @@ class Device:
     def secure_world(self) -> SecureWorld | None:
         """The secure world this device was built on; None for a guest's device."""
         return self._world
+
+    def register_ta(self, name: str, cls: type[TrustedApp]) -> None:
+        """Make ``cls`` the TA ``name`` of this device's world only (``world.tas``),
+        found before a process-wide :func:`~qtee.secure.register_ta` of that name."""
+        self.world.tas.register(name, cls)
+
+    def register_gp_ta(self, cls: _G) -> _G:
+        """Make ``cls`` a GP TA of this device's world only (reached through
+        IGPAppClient, :class:`~qtee.gp.TeecContext`); returns ``cls``."""
+        return self.world.tas.register_gp(cls)
 
     def open(self) -> Context:
         """Open the device: one context (one open fd), numbered in the order of opens."""
@@ -379,7 +413,7 @@ class Device:
         zeroed): a callback or a failed call may have left bytes in it."""
         if page.served or not clean:
             page.out[:] = _ZERO_PAGE
-            page.served = False
+            page.served = page.abandoned = False
         page.accepted = page.lent = _NO_CALL
         self._pages.append(page)
         if not self.contexts:  # no fd is open (release work): the pool goes
@@ -515,12 +549,14 @@ class Device:
                             o.put()
                     return -errno.EINVAL, [], []
                 io.append(got)
-            status, ob_data, oo = obj.dispatch(
-                op, msg.ib, tuple(r.size for r in msg.ob), tuple(io), msg.n_oo
-            )
-            for o in io:  # whoever keeps one (a supplicant's IDR) took its own reference
-                if isinstance(o, Refcounted):
-                    o.put()
+            try:
+                status, ob_data, oo = obj.dispatch(
+                    op, msg.ib, tuple(r.size for r in msg.ob), tuple(io), msg.n_oo
+                )
+            finally:  # whoever keeps one (a supplicant's IDR) took its own reference
+                for o in io:
+                    if isinstance(o, Refcounted):
+                        o.put()
             return status, ob_data, oo
         finally:
             obj.put()
@@ -590,6 +626,9 @@ class Context:
         self.life = FileLife(self.requests.close, self._teardown)
         #: Who holds this fd, for ``qtee info`` (a device server names its connections).
         self.label = f"fd {number}"
+        #: Model-only, for ``qtee info``: the class name of the callback object the fd's
+        #: owner exported as a user id (set by the ``Client`` on the fd).
+        self.callback_class: Callable[[int], str | None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -759,6 +798,10 @@ class Context:
                 if _U32.unpack_from(page.out, 0)[0]:  # an async message is there
                     device._fetch_async(page.out, 0)
                 clean = True
+            except BaseException:
+                if page.abandoned:  # QTEE's final return came all the same
+                    device._fetch_async(page.out, 0)
+                raise
             finally:
                 device._recycle(page, clean)
         finally:
@@ -956,6 +999,9 @@ class Context:
             req = q.by_id.get(req_id) if req_id <= 0x7FFF_FFFF else None
             if req is None:  # ureq_dequeue finds nothing
                 raise _einval(f"no request {req_id}")
+            if req.abandoned:  # its client stopped waiting: the placeholder goes now
+                q.finish(req, -errno.EINTR)
+                raise _einval(f"request {req_id}: its caller stopped waiting")
             if req.state != PROCESSING:  # still QUEUED: dequeued and completed all the same
                 q.fifo.remove(req)
             status = raw - (1 << 32) if raw & 0x8000_0000 else raw

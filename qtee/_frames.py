@@ -24,7 +24,7 @@ reply      server      seq: u32, errno: 0..4095, arg: bin, written: [region],
 close      client      seq: u32
 shm        server      seq: u32, id: u32, size: u64  (+ one fd, SCM_RIGHTS)
 shm_free   client      seq: u32, id: u32
-query      client      seq: u32, what: "info" | "trace"
+query      client      seq: u32, what: "info" | "trace" | "objects"
 answer     server      seq: u32, data: map with str keys
 probe      client      seq: u32, call: u32
 status     server      seq: u32, call: u32, running: bool, callback: bool, quiet_ms: u64
@@ -52,9 +52,12 @@ server sends a ``shm`` frame (before the reply) with the fd of the memory file b
 the buffer attached to its bytes; the client maps it.  ``shm_free`` is ``close`` of that
 fd.  ``query`` asks the server to describe itself (one ``answer``) or to stream its trace
 (an ``answer`` ``{"streaming": true}``, then one per crossing until the connection
-closes).  A server may refuse a query with an ``answer`` ``{"errno": n, "reason": str}``
-(see :func:`refusal` and :func:`refused`): EACCES when it was started without
-introspection, EALREADY for a second trace stream on one connection.
+closes), or to name what the connection's own fd holds (``objects``: one ``answer``
+with the model-only labels of its QTEE objects, see ``qtee._info.fd_objects``; never
+refused for want of introspection: the fd is the asker's).  A server may refuse a
+query with an ``answer`` ``{"errno": n, "reason": str}`` (see :func:`refusal` and
+:func:`refused`): EACCES when it was started without introspection, EALREADY for a
+second trace stream on one connection.
 
 ``probe`` asks about a call (its ``seq``) the client has waited on past its deadline; the
 ``status`` answer says whether the server is still running it, whether it is waiting on
@@ -151,7 +154,7 @@ MAX_WHY_NAME: Final = 200
 MAX_WHY_DETAIL: Final = 1000
 
 #: What a ``query`` may ask for.
-QUERIES: Final = ("info", "trace")
+QUERIES: Final = ("info", "trace", "objects")
 #: The device nodes a ``hello`` may open.
 NODES: Final = ("tee", "teepriv")
 #: ``TEE_IOC_SUPPL_RECV`` (``_IOR(0xa4, 6, struct tee_ioctl_buf_data)``): the command a

@@ -1,6 +1,11 @@
 """The OP-TEE-flavoured device: GP sessions through the Linux TEE uAPI (``drivers/tee``).
 
-``OpteeDevice(world).open()`` gives a context whose ``ioctl`` takes the kernel's structs
+``OpteeDevice()`` is a device with a secure world of its own and tee-supplicant's RPC
+queue ready (so ``supplicant.OpteeSupplicant(device, ...)`` serves its LOAD_TA and
+storage at once; until one attaches, a session to a TA no registry knows waits for it,
+as a user-space client does on Linux).  ``OpteeDevice(world)`` runs on a given world
+(the queue is made when the supplicant first opens the privileged device).
+``device.open()`` gives a context whose ``ioctl`` takes the kernel's structs
 like :class:`qtee.Context` does: VERSION (impl id 1, OP-TEE caps TZ, gen caps GP |
 REG_MEM | MEMREF_NULL), SHM_ALLOC, SHM_REGISTER, OPEN_SESSION, INVOKE, CANCEL and
 CLOSE_SESSION (optee.md §2).  Sessions live in the secure world's GP runtime, keyed by
@@ -33,10 +38,10 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 from uuid import UUID
 
-from objects import DriverError, IdrAllocator, ObjectTable
+from objects import DriverError, IdrAllocator, ObjectTable, UsageError
 from qtee import _checks, uapi
 from qtee._file import FileLife, popped
 from qtee._mem_obj import SHM_MAX
@@ -46,7 +51,9 @@ from qtee.gp._identity import Cred, calc_client_uuid, check_user_login
 if TYPE_CHECKING:
     from qtee._optee_supp import OpteeSuppContext
     from qtee.secure import SecureWorld
-    from qtee.secure._gp import GpParam, GpRuntime
+    from qtee.secure._gp import GpParam, GpRuntime, GpTA
+
+_G = TypeVar("_G", bound="type[GpTA]")
 
 __all__ = ["OpteeContext", "OpteeDevice", "PreparedCall", "SessionRuntime"]
 
@@ -150,18 +157,29 @@ class _Window:
 
 
 class OpteeDevice:
-    """One OP-TEE ``/dev/teeN`` in front of a secure world's GP runtime."""
+    """One OP-TEE ``/dev/teeN`` in front of a secure world's GP runtime.
+
+    ``OpteeDevice()``: a world of its own, the RPC queue to tee-supplicant ready.
+    ``OpteeDevice(world)``: the GP runtime of ``world``.  ``OpteeDevice(None,
+    calls=...)``: a driver whose calls go elsewhere (a guest's).
+    """
 
     def __init__(
         self,
-        world: SecureWorld | None,
+        world: SecureWorld | None = None,
         *,
         memory: AddressSpace | None = None,
         cred: Callable[[], Cred] | None = None,
         calls: SessionRuntime | None = None,
     ) -> None:
+        from qtee.secure import QteeRoot, SecureWorld
         from qtee.secure._gp import GpRuntime
 
+        standalone = world is None and calls is None
+        if standalone:
+            world = SecureWorld(QteeRoot())
+        elif world is not None and not isinstance(world, SecureWorld):
+            raise TypeError(f"world must be a SecureWorld or None, not {type(world).__name__}")
         self.world = world
         if world is not None:
             #: The secure world's GP runtime (devices with a secure world only).
@@ -170,8 +188,6 @@ class OpteeDevice:
         if calls is not None:  # calls go elsewhere (a guest's driver)
             #: Where the contexts' cancel, close and close-all go.
             self.calls: SessionRuntime = calls
-        elif world is None:
-            raise TypeError("an OpteeDevice needs a secure world or somewhere for its calls")
         else:
             self.calls = self.runtime
         self.memory: AddressSpace = memory if memory is not None else ProcessMemory()
@@ -183,6 +199,18 @@ class OpteeDevice:
         self._lock = threading.Lock()
         self.contexts: set[OpteeContext] = set()
         self._opens = itertools.count()
+        if standalone:
+            from qtee._optee_supp import attach_rpc
+
+            attach_rpc(self)
+
+    def register_gp_ta(self, cls: _G, *, loadable: bool = False) -> _G:
+        """Make ``cls`` a GP TA of this device's world only (``world.tas.register_gp``):
+        found by UUID at once, or with ``loadable=True`` only through tee-supplicant's
+        LOAD_TA of a :func:`~qtee.secure.gp_ta_image`.  Returns ``cls``."""
+        if self.world is None:
+            raise UsageError("this device has no secure world of its own to register in")
+        return self.world.tas.register_gp(cls, loadable=loadable)
 
     def open(self) -> OpteeContext:
         """Open the device: one context (one fd), numbered in the order of opens."""

@@ -39,7 +39,7 @@ kernel answers; a payload whose supplicant context is already closed is not free
 through the queue (it went with that context) instead of waiting for a new supplicant.
 
 **LOAD_TA** (cmd 0; :func:`attach_rpc` installs the runtime's ``load_ta`` hook).  A
-session to a UUID that no :func:`qtee.secure._gp.register_gp_ta` TA answers asks the
+session to a UUID that no :func:`qtee.secure.register_gp_ta` TA answers asks the
 supplicant as ``ree_fs_ta.c`` does: value[0] = the UUID octets (``a`` = octets 0-7,
 ``b`` = 8-15, little-endian words), memref[1] NULL → the image size; then an APPL
 payload of that size and LOAD_TA again.  Any non-zero answer is the open's result
@@ -52,11 +52,13 @@ without the supplicant) or :func:`qtee.secure.register_ta_file` by UUID; a model
 naming another UUID is ``TEE_ERROR_SECURITY``, one whose TA the model has no class for
 ITEM_NOT_FOUND.  Any other image is a TA file as users have them (``struct shdr``, then
 the ELF): the class :func:`~qtee.secure.register_ta_file` registered for its SHA-256,
-else for its UUID (any bytes).  As ``ree_fs_ta.c`` ``ree_fs_ta_open`` answers, a signed
-header that names another UUID (``shdr_bootstrap_ta``), or that is cut short, and an
-image the model has no class for (OP-TEE could not verify its signature) are
-``TEE_ERROR_SECURITY``; no file at all is the supplicant's ITEM_NOT_FOUND.  Each new
-instance loads the image again (no cache), as OP-TEE does.
+else for its UUID (any bytes).  Every lookup asks the loading world's registry first
+(``world.tas``, :class:`~qtee.secure.TaRegistry`), then the process-wide one.  As
+``ree_fs_ta.c`` ``ree_fs_ta_open`` answers, a signed header that names another UUID
+(``shdr_bootstrap_ta``), or that is cut short, and an image the model has no class for
+(OP-TEE could not verify its signature) are ``TEE_ERROR_SECURITY``; no file at all is
+the supplicant's ITEM_NOT_FOUND.  Each new instance loads the image again (no cache),
+as OP-TEE does.
 
 **Trusted storage** (:func:`trusted_storage`): a subset of the GP persistent-object
 API for GP TAs, kept in the supplicant's REE FS through FS RPCs (cmd 2: OPEN 0, CREATE
@@ -83,16 +85,25 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final
 
 from objects import DriverError, QteeError, UsageError
 from qtee import _checks, uapi
 from qtee._optee import OpteeContext, _GpShm
 from qtee.gp._defs import TeecResult
-from qtee.secure._gp import GpRuntime, GpTA, GpTaError
+from qtee.secure._gp import (
+    GpRuntime,
+    GpTA,
+    GpTaError,
+    gp_ta_image,
+    lookup_loadable_ta,
+    register_loadable_ta,
+    unregister_loadable_ta,
+)
 
 if TYPE_CHECKING:
     from qtee._optee import OpteeDevice
+    from qtee.secure._registry import TaRegistry
 
 __all__ = [
     "OPTEE_RPC_CMD_FS",
@@ -343,7 +354,7 @@ class OpteeSupp:
             image = self.shm_read(shm, 0, min(memref.b, size))
         finally:
             self.free_payload(shm)
-        return _image_class(raw, image)
+        return _image_class(raw, image, self.device.runtime.world.tas)
 
     # ------------------------------------------------------------------ FS
     def _name(self, path: str) -> tuple[_GpShm, RpcParam]:
@@ -592,54 +603,21 @@ def attach_rpc(device: OpteeDevice) -> OpteeSupp:
 
 
 # ----------------------------------------------------------------------------- loadable TAs
-
-_LOADABLE: dict[str, type[GpTA]] = {}
-_LOADABLE_LOCK = threading.Lock()
-_T = TypeVar("_T", bound=type[GpTA])
+# register_loadable_ta, unregister_loadable_ta, lookup_loadable_ta and gp_ta_image live
+# with the GP TA registry (qtee.secure._gp); they are imported above.
 
 
-def register_loadable_ta(cls: _T) -> _T:
-    """Make ``cls`` the code of images named ``str(cls.UUID)``: found only through the
-    supplicant's LOAD_TA (usable as a class decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, GpTA)):
-        raise TypeError("a GP TA must be a GpTA subclass")
-    if not isinstance(getattr(cls, "UUID", None), uuidlib.UUID):
-        raise UsageError(f"{cls.__name__}.UUID must be a uuid.UUID")
-    with _LOADABLE_LOCK:
-        _LOADABLE[str(cls.UUID)] = cls
-    return cls
-
-
-def unregister_loadable_ta(uuid: uuidlib.UUID) -> None:
-    """Forget the loadable TA of ``uuid``."""
-    with _LOADABLE_LOCK:
-        if _LOADABLE.pop(str(uuid), None) is None:
-            raise UsageError(f"no loadable GP TA for {uuid}")
-
-
-def lookup_loadable_ta(uuid: uuidlib.UUID) -> type[GpTA] | None:
-    with _LOADABLE_LOCK:
-        return _LOADABLE.get(str(uuid))
-
-
-def gp_ta_image(uuid: uuidlib.UUID, payload: bytes = b"") -> bytes:
-    """The image (``<uuid>.ta`` file contents) of the loadable GP TA ``uuid``."""
-    from qtee.secure._apps import ta_image
-
-    return ta_image(str(uuid), payload)
-
-
-def _image_class(raw: bytes, image: bytes) -> type[GpTA] | None:
+def _image_class(raw: bytes, image: bytes, tas: TaRegistry | None = None) -> type[GpTA] | None:
     """The class of the image tee-supplicant sent for the UUID ``raw`` (None: the model
     has none, ITEM_NOT_FOUND); :class:`GpTaError` (SECURITY) where OP-TEE's checks of
-    the image would fail.  See "How an image names a GP TA" in the module docstring."""
+    the image would fail.  See "How an image names a GP TA" in the module docstring.
+    ``tas`` is the registry of the world that loads (default: the process-wide one)."""
     from qtee.secure._apps import TA_MAGIC, _parse
-    from qtee.secure._tafiles import (
-        SignedHeaderError,
-        lookup_by_sha256,
-        lookup_by_uuid,
-        signed_header_uuid,
-    )
+    from qtee.secure._registry import PROCESS_TAS
+    from qtee.secure._tafiles import SignedHeaderError, signed_header_uuid
+
+    if tas is None:
+        tas = PROCESS_TAS
 
     want = uuidlib.UUID(bytes=bytes(raw))
     if image.startswith(TA_MAGIC):  # a model image names its TA
@@ -649,14 +627,14 @@ def _image_class(raw: bytes, image: bytes) -> type[GpTA] | None:
             raise GpTaError(_SECURITY, f"the image for {want} is not a TA image") from None
         if name != str(want):
             raise GpTaError(_SECURITY, f"the image for {want} is {name!r}")
-        return lookup_loadable_ta(want) or lookup_by_uuid(want)
+        return tas.lookup_loadable(want) or tas.file_by_uuid(want)
     try:  # ree_fs_ta_open: the signed header first, its UUID against the one asked for
         inside, bad = signed_header_uuid(image), ""
     except SignedHeaderError as exc:
         inside, bad = None, str(exc)
     if inside is not None and inside != want:
         raise GpTaError(_SECURITY, f"the image for {want} is signed for {inside}")
-    found = lookup_by_sha256("optee", image)
+    found = tas.file_by_sha256("optee", image)
     if found is not None:
         cls: type[GpTA] = found[0]
         if want != cls.UUID:
@@ -664,7 +642,7 @@ def _image_class(raw: bytes, image: bytes) -> type[GpTA] | None:
         return cls
     if bad:
         raise GpTaError(_SECURITY, f"the image for {want}: {bad}")
-    cls_by_name = lookup_by_uuid(want)
+    cls_by_name = tas.file_by_uuid(want)
     if cls_by_name is None:  # OP-TEE cannot verify an image it has no key for
         raise GpTaError(_SECURITY, f"no TA is registered for the image of {want}")
     return cls_by_name

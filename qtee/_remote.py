@@ -142,8 +142,8 @@ class ConnectError(DriverError):
         return f"[{errno_name(self.code)}] {self.detail}"
 
 
-#: The longest socket path (``sun_path`` holds 108 bytes with the NUL).
-_SUN_PATH_MAX: Final = 107
+#: The longest socket path (``sun_path``: 108 bytes, no NUL needed; as ``qtee serve``'s).
+_SUN_PATH_MAX: Final = 108
 
 
 def _connect_error(path: str, exc: OSError) -> ConnectError:
@@ -712,6 +712,31 @@ class RemoteContext:
         try:
             if not done.wait(timeout):
                 raise DriverError(errno.ETIMEDOUT, "the server did not describe itself")
+            if not got[0]:  # the end of the stream: the connection went away
+                raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+            no = refused(got[0])
+            if no is not None:
+                raise DriverError(*no)
+            return got[0]
+        finally:
+            with self._lock:
+                self._streams.pop(seq, None)
+
+    def held_objects(self, timeout: float = 2.0) -> dict[str, Any]:
+        """What this fd holds on the server, by name (model-only; ``qtee._info.fd_objects``):
+        ``objects`` ``[id, label]``, ``callbacks`` ``[user id, "", refs]``, ``memory``
+        ``[shm id, size, refs, owned]``.  ETIMEDOUT without an answer, EBADF once lost."""
+        got: list[dict[str, Any]] = []
+        done = threading.Event()
+
+        def answer(data: dict[str, Any]) -> None:
+            got.append(data)
+            done.set()
+
+        seq = self._query("objects", answer)
+        try:
+            if not done.wait(timeout):
+                raise DriverError(errno.ETIMEDOUT, "the server did not name the fd's objects")
             if not got[0]:  # the end of the stream: the connection went away
                 raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
             no = refused(got[0])

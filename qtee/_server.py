@@ -93,6 +93,7 @@ __all__ = [
     "RECV_LIMIT",
     "SEND_TIMEOUT",
     "SHUTDOWN",
+    "SUN_PATH_MAX",
     "THREAD_LIMIT",
     "TEES",
     "DeviceServer",
@@ -198,9 +199,19 @@ def _peer_of(sock: socket.socket) -> Peer | None:
     return Peer(pid, uid, gid, groups)
 
 
+#: Bytes of a Unix socket path (``sun_path``; the kernel does not need a NUL at the end).
+SUN_PATH_MAX: Final = 108
+
+
 def _clear_stale_socket(path: str) -> None:
-    """Make room to bind ``path``: nothing there, or a socket nobody listens on (removed);
-    a live server's socket or any other file is a UsageError."""
+    """Make room to bind ``path``: nothing there, or a socket nobody answers on (removed).
+    A live server's socket, a socket that cannot be probed, or any other file is a
+    UsageError naming the path and why, and stays."""
+    size = len(os.fsencode(path))
+    if size > SUN_PATH_MAX:
+        raise UsageError(
+            f"{path}: a Unix socket path is at most {SUN_PATH_MAX} bytes, this one is {size}"
+        )
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -215,11 +226,16 @@ def _clear_stale_socket(path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # stale: its server is gone
         return
-    except OSError:
-        pass  # cannot tell (a full backlog, a timeout): someone holds it
+    except (TimeoutError, BlockingIOError):  # a full backlog: someone listens
+        pass
+    except OSError as exc:  # EACCES, EPROTOTYPE (a datagram socket)...
+        why = exc.strerror or exc
+        raise UsageError(
+            f"{path} is a socket that cannot be probed ({why}): not replacing it"
+        ) from None
     finally:
         probe.close()
-    raise UsageError(f"a server is already listening on {path}")
+    raise UsageError(f"a server is already listening on {path}: not replacing it")
 
 
 def _limit(value: object, what: str, lo: int) -> int:
@@ -286,10 +302,8 @@ class DeviceServer:
         self._stopped = threading.Event()  # wakes the accept loop's pauses
 
     def _qtee(self, device: Device | OpteeDevice | None) -> tuple[Device, Flavour]:
-        from qtee.secure import QteeRoot, SecureWorld
-
-        if device is None:
-            device = Device(SecureWorld(QteeRoot()), memory=self.memory, shm_backing=memfd_backing)
+        if device is None:  # the standard QTEE (IGPAppClient included)
+            device = Device(memory=self.memory, shm_backing=memfd_backing)
         elif not isinstance(device, Device):
             raise UsageError(f"tee='qtee' serves a qtee.Device, not a {type(device).__name__}")
         elif not isinstance(device.memory, RegionMemory):

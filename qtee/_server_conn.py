@@ -585,7 +585,17 @@ class Connection:
     # ------------------------------------------------------------------ query
     def _query(self, msg: Query) -> None:
         """``info``: one answer; ``trace``: ``{"streaming": True}``, then the crossings
-        from now until the connection closes.  Refused unless the server introspects."""
+        from now until the connection closes.  Refused unless the server introspects;
+        ``objects`` (what this connection's own fd holds, by name) never is."""
+        if msg.what == "objects":
+            from qtee._driver import Context
+            from qtee._info import fd_objects
+
+            held = fd_objects(self.ctx) if isinstance(self.ctx, Context) else {}
+            self.send(
+                Answer(seq=msg.seq, data={"objects": [], "callbacks": [], "memory": [], **held})
+            )
+            return
         if not self.server.introspect:
             self.send(refusal(msg.seq, errno.EACCES, _INTROSPECT_OFF))
             return

@@ -58,6 +58,9 @@ class Request:
     oo: list[object] = field(default_factory=list)
     #: Held until the request is PROCESSED; the invoking thread blocks acquiring it.
     done: threading.Lock = field(default_factory=threading.Lock)
+    #: The invoking thread stopped waiting while the request was PROCESSING: a
+    #: placeholder whose id stays taken until the supplicant's SEND (refused) frees it.
+    abandoned: bool = False
 
     def __post_init__(self) -> None:
         self.done.acquire()
@@ -106,6 +109,24 @@ class RequestQueue:
             self.ids.free(req.req_id)
         req.done.release()
 
+    def abandon(self, req: Request) -> None:
+        """The invoking thread stopped waiting for ``req`` (an exception, as Ctrl-C, in its
+        wait: the kernel's client killed in its killable wait).  A QUEUED request is
+        dropped; a PROCESSING one becomes a placeholder (its id reserved until the SEND
+        for it, which gets EINVAL); a PROCESSED one's output objects are dropped."""
+        with self.cond:
+            if req.state == QUEUED:
+                if req in self.fifo:
+                    self.fifo.remove(req)
+                self.finish(req, -errno.EINTR)
+            elif req.state == PROCESSING:
+                req.abandoned = True
+            else:
+                oo, req.oo = req.oo, []
+                for o in oo:
+                    if isinstance(o, Refcounted):
+                        o.put()
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until a request is queued or the context is released (True), or until
         ``timeout`` seconds pass (False): when a non-blocking RECV would find something."""
@@ -146,9 +167,13 @@ class UserObject(CbObject):
     ) -> tuple[int, list[bytes], list[object]]:
         """Queue the request on the owning context and wait for the supplicant's answer."""
         req = Request(self.user_id, op, ib, ob, io, n_oo)
-        if not self.ctx.requests.submit(req):
-            return -errno.ENODEV, [], []
-        req.wait()
+        try:
+            if not self.ctx.requests.submit(req):
+                return -errno.ENODEV, [], []
+            req.wait()
+        except BaseException:  # KeyboardInterrupt: the caller goes, the request stays sane
+            self.ctx.requests.abandon(req)
+            raise
         return req.status, req.ob_data, req.oo
 
     def on_release(self) -> None:

@@ -7,10 +7,17 @@ sees exactly what a libqcomtee user sees.  Arguments of :meth:`ObjRef.invoke`:
 * an :class:`ObjRef`, a :class:`CallbackObject`, a :class:`MemoryObject` or ``None``
   (NULL) -> input object; :data:`OUT_OBJECT` -> output object.
 
-It returns the outputs in order (bytes for output buffers, objects for output objects).
+It returns the outputs in order (bytes for output buffers, objects for output objects:
+an :class:`ObjRef` for a QTEE object, the exported :class:`CallbackObject` itself, or a
+new :class:`MemoryObject` handle on the client's own memory, to release like any other).
 The ioctl failing raises :class:`objects.DriverError` (errno channel); QTEE answering
 non-zero raises :class:`objects.QteeError` (result channel).  Callback objects are
-served by worker threads doing SUPPL_RECV/SEND on the same context.
+served by worker threads doing SUPPL_RECV/SEND on the same context; a callback that
+returns an object it wants to let go of returns it wrapped in :class:`Transfer`.
+
+:attr:`Client.root` is QTEE's root object (the kernel's ``TEE_OBJREF_NULL`` target):
+``client.root.invoke(2, credentials, OUT_OBJECT)`` registers with a credentials object
+of one's own, which is what :meth:`Client.client_env` does with the default one.
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ import errno
 import itertools
 import logging
 import struct
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
 from objects import (
@@ -28,6 +38,7 @@ from objects import (
     DriverError,
     PyObject,
     QteeError,
+    Result,
     UsageError,
     op,
 )
@@ -52,7 +63,16 @@ if TYPE_CHECKING:
     from qtee._remote import RemoteContext, RemoteDevice
     from supplicant._pool import WorkerPool
 
-__all__ = ["OUT_OBJECT", "CallbackObject", "Client", "MemoryObject", "ObjRef", "Out"]
+# (ObjectTracker, Leftover and track_objects serve the pytest plugin: not public API.)
+__all__ = [
+    "OUT_OBJECT",
+    "CallbackObject",
+    "Client",
+    "MemoryObject",
+    "ObjRef",
+    "Out",
+    "Transfer",
+]
 
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
 
@@ -91,26 +111,45 @@ class CallbackObject(PyObject):
 
 
 class ObjRef:
-    """A handle on a QTEE object held by this client's context; release() drops it."""
+    """A handle on a QTEE object held by this client's context; release() drops it.
 
-    __slots__ = ("client", "id", "kept", "released")
+    Its repr says what it refers to (:attr:`label`), e.g. ``<ObjRef 3: service 0x3
+    AppLoader>`` or ``<ObjRef 5: TA 'adder' (Adder)>``; a released one says so.
+    """
+
+    __slots__ = ("_about", "_how", "client", "id", "kept", "released")
 
     def __init__(self, client: Client, ident: int) -> None:
         self.client = client
         self.id = ident
         self.released = False
         self.kept = False
+        # The label once known, else the ObjRef this one came out of (and _how: op, index).
+        self._about: str | ObjRef | None = None
+        self._how = 0
+        track = client._track
+        if track is not None and ident != uapi.TEE_OBJREF_NULL:
+            track.made(self, sys._getframe(1))
 
     def keep(self) -> ObjRef:
         """In a callback: keep an input object past the call (otherwise it is released)."""
         self.kept = True
+        track = self.client._track
+        if track is not None:  # the handler that kept it is where it comes from
+            track.made(self, sys._getframe(1))
         return self
 
     def invoke(self, op: int, *args: Any) -> list[Any]:
         """Invoke ``op``; see the module docstring for arguments and results."""
         if self.released:
             raise UsageError(f"object {self.id} was released")
-        return self.client._invoke(self.id, op, args)
+        outs = self.client._invoke(self.id, op, args)
+        if outs:
+            for i, out in enumerate(outs):
+                if type(out) is ObjRef and out._about is None:
+                    out._about = self  # how it was obtained, for a label nobody knows
+                    out._how = op << 8 | i
+        return outs
 
     def release(self) -> None:
         """Drop this handle (op 0xFFFF, handled by the driver).  On an fd that is closed
@@ -118,11 +157,39 @@ class ObjRef:
         released every object it held, this one with them."""
         if not self.released:
             self.released = True
+            track = self.client._track
+            if track is not None:
+                track.gone(self)
             try:
                 self.client._invoke(self.id, 0xFFFF, ())
             except DriverError as exc:
                 if exc.errno != errno.EBADF:
                     raise
+
+    @property
+    def label(self) -> str:
+        """What this handle refers to, as the model knows it (model-only: the secure
+        world's label of the object, see :meth:`qtee.secure.SecureWorld.label`; over a
+        device server, the server's).  When no label is known: how the handle was obtained
+        (``out 0 of op 0 on <ObjRef 2: ClientEnv>``)."""
+        about = self._about
+        if type(about) is str:
+            return about
+        if self.id == uapi.TEE_OBJREF_NULL:
+            return "root"
+        if not self.released:
+            text = self.client._label(self.id)
+            if text:
+                self._about = text
+                return text
+        if isinstance(about, ObjRef):
+            return f"out {self._how & 0xFF} of op {self._how >> 8} on {about!r}"
+        return "no label"
+
+    def _named(self, label: str) -> None:
+        """The label, as the client learnt it (before a close took the object away)."""
+        if label:
+            self._about = label
 
     def __enter__(self) -> ObjRef:
         return self
@@ -131,36 +198,122 @@ class ObjRef:
         self.release()
 
     def __repr__(self) -> str:
-        return f"<ObjRef {self.id}{' released' if self.released else ''}>"
+        if self.id == uapi.TEE_OBJREF_NULL:
+            return "<ObjRef root>"
+        if self.released:
+            state = " released"
+        elif getattr(self.client.ctx, "closed", False):
+            state = " (its fd is closed)"
+        else:
+            state = ""
+        return f"<ObjRef {self.id}{state}: {self.label}>"
+
+
+class _Root(ObjRef):
+    """The client's handle on QTEE's root object.
+
+    libqcomtee gives the root ``tee_object_id`` = ``TEE_OBJREF_NULL``, which the kernel
+    turns into QTEE's root (QK §2.2, §2.5).  It lives as long as the client: it has no
+    id in the fd's table, so there is nothing to release, and it cannot be passed as an
+    argument (``TEE_OBJREF_NULL`` as an input is the NULL object).
+    """
+
+    __slots__ = ()
+
+    def release(self) -> None:
+        """Refused: the root has no id to release; closing the client ends it."""
+        raise UsageError(
+            "the root object is not released: it has no id in the fd's table (the kernel "
+            "ignores a RELEASE of TEE_OBJREF_NULL); close the Client to end it"
+        )
+
+    def __repr__(self) -> str:
+        return "<ObjRef root>"
 
 
 class MemoryObject:
-    """Shared memory from SHM_ALLOC with a writable :attr:`view`."""
+    """Shared memory from SHM_ALLOC with a writable :attr:`view`.
 
-    __slots__ = ("client", "id", "view")
+    Each handle is one reference of this client on the shm, released once with
+    :meth:`release`; the fd's copy goes with the last handle.  A memory object that comes
+    back from QTEE (an output object, or an input of a callback) is a new handle on the
+    same memory, as libqcomtee takes a reference when it finds it in its namespace
+    (quic-teec.md §1.7).
+    """
+
+    __slots__ = ("client", "id", "kept", "size", "view")
 
     def __init__(self, client: Client, shm_id: int) -> None:
         self.client = client
+        self.view = client._mem_hold(shm_id)
         self.id = shm_id
-        self.view = client.ctx.shm_view(shm_id)
+        self.kept = False
+        #: The size asked for (the view's length).
+        self.size = len(self.view)
+        track = client._track
+        if track is not None:
+            track.made(self, sys._getframe(1))
+
+    def keep(self) -> MemoryObject:
+        """In a callback: keep an input memory object past the call (otherwise it is
+        released when the handler returns)."""
+        self.kept = True
+        return self
+
+    def __repr__(self) -> str:
+        if self.id < 0:
+            return f"<MemoryObject released: {self.size} bytes>"
+        return f"<MemoryObject {self.id}: {self.size} bytes>"
 
     def release(self) -> None:
-        """Close the owner's copy (QTEE's copies live on until QTEE releases them).  As
-        for :meth:`ObjRef.release`, nothing is left to close once the fd is gone."""
+        """Drop this handle.  The last handle closes the owner's copy (QTEE's copies live
+        on until QTEE releases them).  As for :meth:`ObjRef.release`, nothing is left to
+        close once the fd is gone."""
         if self.id >= 0:
+            track = self.client._track
+            if track is not None:
+                track.gone(self)
             shm_id, self.id = self.id, -1
-            try:
-                self.client.ctx.shm_free(shm_id)
-            except DriverError as exc:
-                ctx = self.client.ctx
-                if exc.errno != errno.EBADF or not (ctx.closed or getattr(ctx, "lost", False)):
-                    raise
+            self.client._mem_drop(shm_id)
 
     def __enter__(self) -> MemoryObject:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A callback's output object whose reference goes with it.
+
+    A :class:`CallbackObject` method that returns an :class:`ObjRef` or a
+    :class:`MemoryObject` it has no further use for returns ``Transfer(obj)``: the worker
+    sends it, then releases it, exactly once, after SUPPL_SEND returns -- whether the send
+    succeeded (QTEE holds its own reference by then: QK §2.3) or failed (then nobody else
+    holds it).  This is what libqcomtee leaves to the object's ``error()`` notification,
+    which runs after the response is submitted (quic-teec.md §2.3).  A plain return keeps
+    the handler's reference: it releases the object itself, later.
+    """
+
+    obj: ObjRef | MemoryObject
+
+    def __post_init__(self) -> None:
+        if isinstance(self.obj, CallbackObject):
+            raise UsageError(
+                "a CallbackObject is returned as it is, not in a Transfer: QTEE's reference "
+                "is its only one, and its release comes back as a release notification"
+            )
+        if isinstance(self.obj, _Root):
+            raise UsageError("the root object cannot be transferred")
+        if not isinstance(self.obj, ObjRef | MemoryObject):
+            raise UsageError(
+                f"Transfer takes an ObjRef or a MemoryObject, not a {type(self.obj).__name__}"
+            )
+
+    def release(self) -> None:
+        """Release the transferred object (once; a second call does nothing)."""
+        self.obj.release()
 
 
 class _Credentials(CallbackObject):
@@ -196,6 +349,130 @@ class _Block:
         self.mem.unpin(self.addr)
 
 
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """An object a client held when it was closed (close released it on the user's
+    behalf), or still holds: what the pytest plugin's leak check names."""
+
+    #: ``"ObjRef"``, ``"MemoryObject"`` or ``"callback object"``.
+    kind: str
+    #: The fd's object id, shm id or callback (user) id.
+    ident: int
+    #: What it refers to: the model's label, the size, the callback object's class.
+    what: str
+    #: ``file:line`` where it was made (or kept, or first sent to QTEE).
+    where: str
+
+
+_KIND_ORDER: Final = {"ObjRef": 0, "MemoryObject": 1, "callback object": 2}
+
+
+class _ClientTrack:
+    """One tracked client: its live handles and exports, and what its close released."""
+
+    __slots__ = ("closed", "exports", "left", "live", "tracker", "where")
+
+    def __init__(self, tracker: ObjectTracker, where: str) -> None:
+        self.tracker = tracker
+        self.where = where  # where the client was made
+        self.live: dict[int, tuple[ObjRef | MemoryObject, str]] = {}  # by id() of the handle
+        self.exports: dict[int, str] = {}  # callback id -> where first sent
+        self.closed = False
+        self.left: list[Leftover] = []  # what close released
+
+    def made(self, obj: ObjRef | MemoryObject, frame: FrameType | None) -> None:
+        self.live[id(obj)] = (obj, self.tracker.where(frame))
+
+    def gone(self, obj: ObjRef | MemoryObject) -> None:
+        self.live.pop(id(obj), None)
+
+    def leftovers(self, client: Client) -> list[Leftover]:
+        """What the fd holds of the handles and exports not released (the model says
+        what it holds: an ObjRef naming an id the fd does not hold is no leftover)."""
+        if getattr(client.ctx, "closed", False):  # closed under it (a VM destroyed): gone
+            return []
+        held = client._held()
+        if held is None:  # the connection is gone: nothing is left for close to release
+            return []
+        try:
+            labels = {int(i): str(label) for i, label, *_ in held.get("objects", ())}
+            callbacks = {int(uid) for uid, *_ in held.get("callbacks", ())}
+            if held.get("secure_world") is False:  # a destroyed VM's: nobody holds them
+                callbacks.clear()
+            owned = {int(shm) for shm, *rest in held.get("memory", ()) if rest and rest[-1]}
+        except (TypeError, ValueError):  # a server that sent something else
+            return []
+        left: list[Leftover] = []
+        seen: set[int] = set()
+        for obj, where in list(self.live.values()):
+            if isinstance(obj, ObjRef):
+                if obj.released or obj.id not in labels or obj.id in seen:
+                    continue
+                seen.add(obj.id)
+                obj._named(labels[obj.id])
+                left.append(Leftover("ObjRef", obj.id, obj.label, where))
+            elif obj.id >= 0 and obj.id in owned:
+                left.append(Leftover("MemoryObject", obj.id, f"{obj.size} bytes", where))
+        with client._lock:
+            exports = [(uid, entry[0]) for uid, entry in client._exports.items()]
+        for uid, cb in exports:
+            if uid in callbacks and not isinstance(cb, _Credentials):  # that goes with its env
+                where = self.exports.get(uid, "?")
+                left.append(Leftover("callback object", uid, type(cb).__name__, where))
+        left.sort(key=lambda x: (_KIND_ORDER[x.kind], x.ident))
+        return left
+
+
+class ObjectTracker:
+    """Model-only bookkeeping of what clients hold, for the pytest plugin's leak check.
+
+    While installed (:func:`track_objects`), every :class:`Client` made remembers where each
+    of its :class:`ObjRef` and :class:`MemoryObject` handles and exported callback objects
+    was made (``where(frame)`` names the place), and its :meth:`Client.close` records what
+    it released on the user's behalf.  Clients made while no tracker is installed pay one
+    ``None`` check per handle.
+    """
+
+    def __init__(self, where: Callable[[FrameType | None], str]) -> None:
+        self.where = where
+        self._lock = threading.Lock()
+        self._clients: list[tuple[Client, _ClientTrack]] = []
+
+    def _attach(self, client: Client, frame: FrameType | None) -> _ClientTrack:
+        track = _ClientTrack(self, self.where(frame))
+        with self._lock:
+            self._clients.append((client, track))
+        return track
+
+    def name(self, client: Client, where: str) -> None:
+        """Say where ``client`` comes from in reports (e.g. ``fixture qtee_client``)."""
+        if client._track is not None:
+            client._track.where = where
+
+    def report(self) -> list[tuple[str, bool, list[Leftover]]]:
+        """Per client with leftovers: where it was made, whether it was closed, and what its
+        close released (closed) or what it still holds (never closed)."""
+        with self._lock:
+            clients = list(self._clients)
+        found = []
+        for client, track in clients:
+            left = track.left if track.closed else track.leftovers(client)
+            if left:
+                found.append((track.where, track.closed, left))
+        return found
+
+
+_tracker: ObjectTracker | None = None
+
+
+def track_objects(tracker: ObjectTracker | None) -> ObjectTracker | None:
+    """Install ``tracker`` for the clients made from now on (None: stop); returns the one
+    installed before."""
+    global _tracker
+    previous, _tracker = _tracker, tracker
+    return previous
+
+
 class Client:
     """One open context, its exported callback objects and its supplicant workers."""
 
@@ -207,6 +484,8 @@ class Client:
         if not isinstance(workers, int) or workers < 0:
             raise UsageError("workers must be an int >= 0")
         self.device = device
+        # What the leak check tracks (set first: every ObjRef made on this client asks).
+        self._track: _ClientTrack | None = None
         self.ctx: Context | RemoteContext = device.open()
         self._lock = threading.Lock()
         self._exports: dict[int, list[Any]] = {}  # user id -> [object, references]
@@ -214,6 +493,14 @@ class Client:
         # libqcomtee: callback ids round-robin in [1, 1023] per root, held while referenced.
         self._ids = CyclicAllocator(1, CALLBACK_IDS_MAX, name="callback ids")
         self._blocks: list[_Block] = []
+        self._shms: dict[int, list[Any]] = {}  # shm id -> [view, handles]
+        #: QTEE's root object (register ops 2 and 5); it lives as long as the client.
+        self.root: ObjRef = _Root(self, uapi.TEE_OBJREF_NULL)
+        tracker = _tracker
+        if tracker is not None:
+            self._track = tracker._attach(self, sys._getframe(1))
+        if isinstance(self.ctx, Context):  # model-only: qtee info names the exports
+            self.ctx.callback_class = self._callback_class
         self.pool: WorkerPool | None = None
         if workers:
             from supplicant._pool import WorkerPool
@@ -231,6 +518,46 @@ class Client:
     def _new_block(self) -> _Block:
         """A pinned argument block owned by the caller (a supplicant thread)."""
         return _Block(self.device.memory)
+
+    def _mem_hold(self, shm_id: int) -> memoryview:
+        """One more handle on shm ``shm_id``; its view.  The first handle of a shm takes
+        the fd's mapping (EBADF: the fd does not own it, or no longer does)."""
+        with self._lock:
+            entry = self._shms.get(shm_id)
+            if entry is not None:
+                if entry[1] <= 0:
+                    raise DriverError(errno.EBADF, f"shm {shm_id} is being released")
+                entry[1] += 1
+                return entry[0]  # type: ignore[no-any-return]
+        view = self.ctx.shm_view(shm_id)
+        with self._lock:
+            entry = self._shms.get(shm_id)
+            if entry is None:
+                entry = self._shms[shm_id] = [view, 0]
+            elif entry[1] <= 0:
+                raise DriverError(errno.EBADF, f"shm {shm_id} is being released")
+            entry[1] += 1
+            return entry[0]  # type: ignore[no-any-return]
+
+    def _mem_drop(self, shm_id: int) -> None:
+        """Drop one handle on shm ``shm_id``; the last closes the fd's copy (SHM free).
+        While it does, the shm takes no new handle."""
+        with self._lock:
+            entry = self._shms.get(shm_id)
+            if entry is None or entry[1] <= 0:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+        try:
+            self.ctx.shm_free(shm_id)
+        except DriverError as exc:
+            ctx = self.ctx
+            if exc.errno != errno.EBADF or not (ctx.closed or getattr(ctx, "lost", False)):
+                raise
+        finally:
+            with self._lock:
+                del self._shms[shm_id]
 
     def _unpin(self, addrs: list[int]) -> None:
         unpin = self.device.memory.unpin
@@ -255,6 +582,8 @@ class Client:
                     ) from None
                 self._by_obj[id(obj)] = uid
                 self._exports[uid] = [obj, 0]
+                if self._track is not None:
+                    self._track.exports[uid] = self._track.tracker.where(sys._getframe(1))
             self._exports[uid][1] += 1
             return uid
 
@@ -273,6 +602,8 @@ class Client:
                 del self._exports[uid]
                 del self._by_obj[id(entry[0])]
                 self._ids.free(uid)
+                if self._track is not None:
+                    self._track.exports.pop(uid, None)
 
     def _exported(self, uid: int) -> CallbackObject | None:
         """The callback object QTEE names by ``uid`` (None: not exported by this client)."""
@@ -282,13 +613,46 @@ class Client:
 
     def _drop_input(self, ref: object) -> None:
         """An input object a handler received: released unless the handler kept it."""
-        if isinstance(ref, ObjRef) and not ref.kept:
+        if isinstance(ref, ObjRef | MemoryObject) and not ref.kept:
             ref.release()
 
     def exported(self) -> int:
         """Callback objects QTEE still holds references to."""
         with self._lock:
             return len(self._exports)
+
+    def _callback_class(self, uid: int) -> str | None:
+        """The class of the callback object exported as ``uid`` (model-only)."""
+        obj = self._exported(uid)
+        return None if obj is None else type(obj).__name__
+
+    # ----------------------------------------------------------------- model-only
+    def _held(self) -> dict[str, Any] | None:
+        """What the fd holds, by name (``qtee._info.fd_objects``): asked of the model in
+        process, of the server over a connection; None when it cannot say."""
+        ctx = self.ctx
+        try:
+            if isinstance(ctx, Context):
+                from qtee._info import fd_objects
+
+                return fd_objects(ctx)
+            return ctx.held_objects()
+        except DriverError:
+            return None
+
+    def _label(self, ident: int) -> str | None:
+        """The label of the object the fd holds as ``ident`` (None: the model cannot say)."""
+        ctx = self.ctx
+        if isinstance(ctx, Context):
+            from qtee._info import object_label
+
+            return object_label(ctx, ident)
+        held = self._held()
+        try:
+            labels = {int(i): str(label) for i, label, *_ in (held or {}).get("objects", ())}
+        except (TypeError, ValueError):  # a server that sent something else
+            return None
+        return labels.get(ident)
 
     # ----------------------------------------------------------------- invoke
     def _invoke(self, ident: int, op_: int, args: tuple[Any, ...]) -> list[Any]:
@@ -367,20 +731,40 @@ class Client:
             return []
         if ret:  # the secure side's note says which error and why (model-only)
             raise _reason.error_for(ret)
-        return [
-            bytes(buf[: p[2]]) if buf is not None else self._param_to_value(p[1], p[2])
-            for (_, buf), p in zip(outs, back, strict=True)
-        ]
+        values: list[Any] = []
+        try:
+            for (_, buf), p in zip(outs, back, strict=True):
+                values.append(
+                    bytes(buf[: p[2]]) if buf is not None else self._param_to_value(*p[1:3])
+                )
+        except UsageError as exc:
+            # libqcomtee: an output that cannot be unmarshalled makes the result UNAVAIL
+            # and every output object made so far is released (quic-teec.md §1.3).
+            for v in values:
+                if isinstance(v, ObjRef | MemoryObject):
+                    v.release()
+            raise QteeError(Result.ERROR_UNAVAIL, str(exc)) from None
+        return values
 
     def _value_to_param(self, obj: object, sent: list[int]) -> _P:
         if obj is None:
             return (_OBJ_IN, uapi.TEE_OBJREF_NULL, 0, 0)
         if isinstance(obj, ObjRef):
+            if isinstance(obj, _Root):  # libqcomtee refuses a ROOT object as an argument
+                raise UsageError(
+                    "the root object cannot be passed as an argument "
+                    "(its id, TEE_OBJREF_NULL, would arrive as the NULL object)"
+                )
             if obj.released or obj.client is not self:
                 raise UsageError(f"{obj!r} cannot be passed from this client")
             return (_OBJ_IN, obj.id, uapi.QCOMTEE_OBJREF_FLAG_TEE, 0)
         if isinstance(obj, MemoryObject):
+            if obj.id < 0 or obj.client is not self:
+                what = "was released" if obj.id < 0 else "belongs to another client"
+                raise UsageError(f"this memory object {what}: it cannot be passed")
             return (_OBJ_IN, obj.id, uapi.QCOMTEE_OBJREF_FLAG_MEM, 0)
+        if isinstance(obj, Transfer):
+            raise UsageError("Transfer is for a callback's output objects, not an argument")
         if isinstance(obj, CallbackObject):
             uid = self._export(obj)
             sent.append(uid)
@@ -396,7 +780,17 @@ class Client:
             with self._lock:
                 entry = self._exports.get(a)
             return entry[0] if entry else None
-        return a
+        if b & uapi.QCOMTEE_OBJREF_FLAG_MEM:
+            # A new handle on this client's memory (libqcomtee finds it by shm id in its
+            # namespace, taking a reference: quic-teec.md §1.7).  Once the client has
+            # released it, there is nothing to find.
+            try:
+                return MemoryObject(self, a)
+            except DriverError:
+                raise UsageError(
+                    f"memory object {a} came back from QTEE, but this client released it"
+                ) from None
+        raise UsageError(f"objref flags {b:#x} name no object kind")
 
     # ----------------------------------------------------------------- conveniences
     def client_env(self, credentials: Credentials | None = None) -> ObjRef:
@@ -408,7 +802,7 @@ class Client:
         if self.pool is None:
             raise UsageError("client_env needs workers >= 1 to serve the credentials object")
         cred = _Credentials((credentials or Credentials.default()).encode())
-        (env,) = ObjRef(self, uapi.TEE_OBJREF_NULL).invoke(2, cred, OUT_OBJECT)
+        (env,) = self.root.invoke(2, cred, OUT_OBJECT)
         return env  # type: ignore[no-any-return]
 
     def open_service(self, env: ObjRef, uid: int) -> ObjRef:
@@ -424,9 +818,20 @@ class Client:
 
     # ----------------------------------------------------------------- close
     def close(self) -> None:
-        """Close the context (QTEE objects released, pending callbacks DEFUNCT), join workers."""
+        """Close the context (QTEE objects released, pending callbacks DEFUNCT), join workers.
+
+        While a KeyboardInterrupt or SystemExit propagates (Ctrl-C during a call whose
+        callback is still running), the workers are not waited for: one in a handler
+        goes on until its handler returns, and its late answer fails on the closed fd."""
+        self._close(interrupted=isinstance(sys.exception(), KeyboardInterrupt | SystemExit))
+
+    def _close(self, *, interrupted: bool) -> None:
+        track = self._track
+        if track is not None and not track.closed:  # what close releases on the user's behalf
+            track.left = track.leftovers(self)
+            track.closed = True
         if self.pool is not None:
-            self.pool.stop()
+            self.pool.stop(wait=not interrupted)
         else:
             self.ctx.close()
         while self._blocks:
@@ -435,5 +840,7 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self._close(
+            interrupted=kind is not None and issubclass(kind, KeyboardInterrupt | SystemExit)
+        )

@@ -3,10 +3,11 @@
 Installing qtee registers it (entry point ``pytest11``, name ``qtee``); ``-p no:qtee``
 turns it off.  Fixtures (all function-scoped):
 
-* ``qtee_device`` -- a fresh ``qtee.Device(SecureWorld(QteeRoot()))``, or in ``server``
+* ``qtee_device`` -- a fresh standard ``qtee.Device()``, or in ``server``
   mode ``qtee.connect()`` to a fresh ``qtee_server`` (see modes below);
-* ``qtee_server`` -- a ``DeviceServer`` on a socket in a temporary directory, stopped at
-  teardown (its device is leak-checked like any other);
+* ``qtee_server`` -- a ``DeviceServer`` on a socket in a temporary directory of its own
+  (named after the pytest-xdist worker, if any, and short enough for ``sun_path``),
+  stopped at teardown (its device is leak-checked like any other);
 * ``qtee_guest`` -- a guest VM with QTEE behind a fresh monitor and VMM (``qtee.vm``),
   destroyed at teardown;
 * ``qtee_client`` -- ``Client(qtee_device, workers=2)``, closed at teardown;
@@ -24,6 +25,11 @@ Markers:
 
 * ``@pytest.mark.qtee_ta("name", TAClass)`` registers a TA for the test (repeatable;
   the previous registration of that name, if any, is restored after the test);
+* ``@pytest.mark.qtee_gp_ta(cls, loadable=False)`` registers the GP TA ``cls``
+  (``qtee.register_gp_ta``, or ``qtee.register_loadable_ta`` with ``loadable=True``)
+  for the test (repeatable; the previous registration of that UUID is restored).
+  Write ``loadable=`` (or ``qtee_gp_ta.with_args(cls)``): given a lone class, pytest
+  marks that class instead of the test;
 * ``@pytest.mark.qtee_ta_file(cls, path=None, sha256=None)`` registers ``cls`` for a real
   TA file for the test (``qtee.register_ta_file``; repeatable; a relative ``path`` is
   taken from the test file's directory), unregistered after the test;
@@ -37,6 +43,14 @@ test runs (in the test or its function-scoped fixtures) is recorded; after the t
 its fixtures have torn down, each one's ``leaks()`` must be ``{}``, or the test errors
 at teardown with a table of what is still alive and where the device was built.  A test
 that already failed (or was skipped, or xfailed) is not checked again.
+
+It also errors when a test leaves ``ObjRef`` or ``MemoryObject`` handles or exported
+callback objects unreleased for a client's ``close`` to free (``qtee_client``'s at
+teardown, or the test's own): each is named by kind, id, what it refers to (the secure
+world's label, the size, the class) and the ``file:line`` that made it.  What fixtures
+own (``qtee_env``, ``qtee_app``'s apps) they release themselves.  A test about close
+releasing things opts out with ``@pytest.mark.qtee_close_releases`` (the device tables
+are still checked).
 
 Importing this module imports only pytest and the standard library beyond the ``qtee``
 package itself; the supplicant is imported when ``qtee_supplicant`` is first used.
@@ -54,17 +68,18 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
 if TYPE_CHECKING:
     from qtee import Client, Device, DeviceServer, ObjRef, RemoteDevice
+    from qtee.client import Leftover
     from qtee.secure import TrustedApp
     from qtee.vm import Guest
     from supplicant import Supplicant
 
-__all__ = ["TRACKED_DEVICES", "AppLoaderHelper", "format_leaks"]
+__all__ = ["CLOSE_MARKER", "TRACKED_DEVICES", "AppLoaderHelper", "format_leaks", "format_leftovers"]
 
 #: Device classes the leak check records, as ``(module, class)``.  Each needs a
 #: ``leaks() -> dict[str, int]`` method.  A device server's device is a ``Device``.
@@ -84,6 +99,9 @@ MODES = ("in-process", "server", "guest")
 _Record = list[Any]
 _RECORDS = pytest.StashKey[dict[int, _Record]]()
 _ALREADY_FAILED = pytest.StashKey[bool]()
+_TRACKER = pytest.StashKey[Any]()  # the test's ObjectTracker, or None
+#: The marker of a test that leaves objects for the client's close on purpose.
+CLOSE_MARKER = "qtee_close_releases"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -98,11 +116,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "qtee_modes(*modes): run the test with qtee_device in each mode ('in-process', 'server')",
+        f"qtee_modes(*modes): run the test with qtee_device in each mode {MODES}",
     )
     config.addinivalue_line(
         "markers",
         "qtee_ta(name, cls): register the TrustedApp subclass cls as TA `name` for this test",
+    )
+    config.addinivalue_line(
+        "markers",
+        "qtee_gp_ta(cls, loadable=False): register the GpTA subclass cls for this test "
+        "(loadable=True: found only through tee-supplicant's LOAD_TA; write loadable= "
+        "even when False, or pytest takes a lone class for a class to mark)",
     )
     config.addinivalue_line(
         "markers",
@@ -113,6 +137,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "qtee_supplicant(storage=False, time=True, ta_dirs=(), workers=4): listeners of "
         "the qtee_supplicant fixture (storage=True: a directory in tmp_path)",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{CLOSE_MARKER}: the test leaves ObjRefs, MemoryObjects or callback objects for "
+        "a client's close to release (the leak check does not name them)",
     )
 
 
@@ -149,11 +178,16 @@ def pytest_runtest_makereport(
     return report
 
 
+_OURS: Final = ("qtee", "objects", "supplicant")
+
+
 @functools.cache
-def _library_dirs() -> tuple[str, ...]:
+def _library_dirs(
+    names: tuple[str, ...] = (*_OURS, "pytest", "_pytest", "pluggy"),
+) -> tuple[str, ...]:
     """Directories whose frames never name where a device was built."""
     dirs = []
-    for name in ("qtee", "objects", "supplicant", "pytest", "_pytest", "pluggy"):
+    for name in names:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin:
             dirs.append(os.path.dirname(os.path.realpath(spec.origin)) + os.sep)
@@ -162,17 +196,29 @@ def _library_dirs() -> tuple[str, ...]:
 
 @functools.cache
 def _is_library(filename: str) -> bool:
-    return os.path.realpath(filename).startswith(_library_dirs())
+    path = os.path.realpath(filename)
+    return path.startswith(_library_dirs()) or path == os.path.realpath(threading.__file__)
+
+
+@functools.cache
+def _is_ours(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(_library_dirs(_OURS))
 
 
 def _where(frame: FrameType | None) -> str:
-    """``file:line`` of the innermost frame outside qtee and pytest (else the innermost)."""
+    """``file:line`` of the innermost frame outside qtee and pytest; when the whole stack is
+    theirs (a thread qtee started), the outermost frame in qtee's own packages, where the
+    thread entered them (else the innermost)."""
     first = frame
+    entry = None
     while frame is not None:
-        if not _is_library(frame.f_code.co_filename):
+        name = frame.f_code.co_filename
+        if not _is_library(name):
             break
+        if _is_ours(name):
+            entry = frame
         frame = frame.f_back
-    frame = frame or first
+    frame = frame or entry or first
     if frame is None:
         return "?"
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
@@ -191,6 +237,20 @@ def format_leaks(kind: str, where: str, leaks: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def format_leftovers(client: str, closed: bool, left: Sequence[Leftover]) -> str:
+    """One client's leftovers as a ``kind | id | refers to | created at`` table."""
+    from qtee._info import format_table
+
+    state = "unreleased when it was closed" if closed else "never closed, holds"
+    rows = [[x.kind, x.ident, x.what, x.where] for x in left]
+    return "\n".join(
+        [
+            f"client created at {client}: {state}:",
+            *format_table(("kind", "id", "refers to", "created at"), rows),
+        ]
+    )
+
+
 def _recording(cls: type, made: dict[int, _Record], lock: threading.Lock) -> Callable[..., None]:
     original: Callable[..., None] = cls.__init__  # type: ignore[misc]
 
@@ -206,15 +266,27 @@ def _recording(cls: type, made: dict[int, _Record], lock: threading.Lock) -> Cal
 
 @pytest.fixture(autouse=True)
 def qtee_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Record the devices built during the test; at teardown each must have no leaks."""
+    """Record the devices built during the test and what its clients hold; at teardown
+    each device must have no leaks, and no client may have left handles for its close."""
+    from qtee import client as client_module
+
     made: dict[int, _Record] = {}  # keeps the devices alive, so ids stay unique
     lock = threading.Lock()
     request.node.stash[_RECORDS] = made
+    tracker = None
+    if request.node.get_closest_marker(CLOSE_MARKER) is None:
+        tracker = client_module.ObjectTracker(_where)
+    request.node.stash[_TRACKER] = tracker
     with pytest.MonkeyPatch.context() as mp:
         for module, name in TRACKED_DEVICES:
             cls = getattr(importlib.import_module(module), name)
             mp.setattr(cls, "__init__", _recording(cls, made, lock))
-        yield
+        previous = client_module.track_objects(tracker)
+        try:
+            yield
+        finally:
+            client_module.track_objects(previous)
+    request.node.stash[_TRACKER] = None  # the clients it keeps alive can go with the test
     if request.node.stash.get(_ALREADY_FAILED, False):
         return
     problems = [
@@ -222,6 +294,13 @@ def qtee_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
         for dev, kind, where in made.values()
         if (leaks := dev.leaks())
     ]
+    left = tracker.report() if tracker is not None else []
+    if left:
+        problems.append(
+            "objects left for a client's close to release (release them in the test, or "
+            f"mark a test about close @pytest.mark.{CLOSE_MARKER}):\n"
+            + "\n".join(format_leftovers(*client) for client in left)
+        )
     if problems:
         pytest.fail("leak check: " + "\n".join(problems), pytrace=False)
 
@@ -241,7 +320,7 @@ def _qtee_ta_marker(request: pytest.FixtureRequest) -> Iterator[None]:
     if not marks:
         yield
         return
-    from qtee.secure import _apps
+    from qtee.secure._registry import PROCESS_TAS
 
     wanted: dict[str, type[TrustedApp]] = {}
     for mark in reversed(marks):  # closest marker (the function's) wins
@@ -255,17 +334,65 @@ def _qtee_ta_marker(request: pytest.FixtureRequest) -> Iterator[None]:
     saved: dict[str, type[TrustedApp] | None] = {}
     try:
         for name, cls in wanted.items():
-            with _apps._REG_LOCK:
-                saved[name] = _apps._REGISTRY.get(name)
-            _apps.register_ta(name, cls)
+            saved[name] = PROCESS_TAS.lookup(name, inherit=False)
+            PROCESS_TAS.register(name, cls)
         yield
     finally:
-        with _apps._REG_LOCK:
-            for name, previous in saved.items():
-                if previous is None:
-                    _apps._REGISTRY.pop(name, None)
-                else:
-                    _apps._REGISTRY[name] = previous
+        for name, previous in saved.items():
+            if previous is not None:
+                PROCESS_TAS.register(name, previous)
+            elif PROCESS_TAS.lookup(name, inherit=False) is not None:
+                PROCESS_TAS.unregister(name)
+
+
+@pytest.fixture(autouse=True)
+def _qtee_gp_ta_marker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Register the GP TAs named by ``qtee_gp_ta`` markers; restore the registry after."""
+    marks = list(request.node.iter_markers("qtee_gp_ta"))
+    if not marks:
+        yield
+        return
+    from uuid import UUID
+
+    from qtee.secure import GpTA
+    from qtee.secure._registry import PROCESS_TAS
+
+    wanted: dict[tuple[bytes, bool], type[GpTA]] = {}
+    for mark in reversed(marks):  # closest marker (the function's) wins
+        cls = mark.args[0] if len(mark.args) == 1 else None
+        loadable = mark.kwargs.get("loadable", False)
+        if cls is None or set(mark.kwargs) - {"loadable"} or not isinstance(loadable, bool):
+            pytest.fail(
+                f"{request.node.nodeid}: use @pytest.mark.qtee_gp_ta(cls, loadable=False), "
+                f"not {mark!r}",
+                pytrace=False,
+            )
+        uuid = getattr(cls, "UUID", None)
+        if not (isinstance(cls, type) and issubclass(cls, GpTA)) or not isinstance(uuid, UUID):
+            pytest.fail(
+                f"{request.node.nodeid}: qtee_gp_ta takes a GpTA subclass with a UUID, not {cls!r}",
+                pytrace=False,
+            )
+        wanted[(uuid.bytes, loadable)] = cls
+    saved: dict[tuple[bytes, bool], type[GpTA] | None] = {}
+
+    def lookup(key: tuple[bytes, bool]) -> type[GpTA] | None:
+        uuid, loadable = key
+        if loadable:
+            return PROCESS_TAS.lookup_loadable(uuid, inherit=False)
+        return PROCESS_TAS.lookup_gp(uuid, inherit=False)
+
+    try:
+        for key, cls in wanted.items():
+            saved[key] = lookup(key)
+            PROCESS_TAS.register_gp(cls, loadable=key[1])
+        yield
+    finally:
+        for key, previous in saved.items():
+            if previous is not None:
+                PROCESS_TAS.register_gp(previous, loadable=key[1])
+            elif lookup(key) is not None:
+                PROCESS_TAS.unregister_gp(key[0], loadable=key[1])
 
 
 @pytest.fixture(autouse=True)
@@ -339,9 +466,9 @@ class AppLoaderHelper:
 # ------------------------------------------------------------------------ fixtures
 @pytest.fixture
 def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device | RemoteDevice:
-    """A fresh in-process device, ``qtee.Device(SecureWorld(QteeRoot()))``; in ``server``
-    mode, ``qtee.connect`` to a fresh ``qtee_server``."""
-    from qtee import Device, QteeRoot, SecureWorld, connect
+    """A fresh in-process device, the standard ``qtee.Device()``; in ``server`` mode,
+    ``qtee.connect`` to a fresh ``qtee_server``."""
+    from qtee import Device, connect
 
     mode = getattr(request, "param", "in-process")
     if mode == "server":
@@ -350,28 +477,45 @@ def qtee_device(request: pytest.FixtureRequest, qtee_leak_check: None) -> Device
     if mode == "guest":
         guest: Device = request.getfixturevalue("qtee_guest").device
         return guest
-    device = Device(SecureWorld(QteeRoot()))
+    device = Device()
     _label(request, device, "fixture qtee_device")
     return device
 
 
 @pytest.fixture
 def qtee_server(request: pytest.FixtureRequest, qtee_leak_check: None) -> Iterator[DeviceServer]:
-    """A ``DeviceServer`` on ``qtee.sock`` in a fresh temporary directory (short, for the
-    108-byte limit of a socket path); stopped at teardown, after every connection to it
-    has closed, and its device leak-checked."""
+    """A ``DeviceServer`` on ``qtee.sock`` in a fresh temporary directory (see
+    :func:`_socket_dir`); stopped at teardown, after every connection to it has closed,
+    and its device leak-checked."""
     import shutil
-    import tempfile
 
     from qtee import DeviceServer
 
-    tmp = tempfile.mkdtemp(prefix="qtee-")
+    tmp = _socket_dir()
     try:
         with DeviceServer(os.path.join(tmp, "qtee.sock")) as server:
             _label(request, server.device, "fixture qtee_server")
             yield server
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _socket_dir() -> str:
+    """A fresh directory for one server's socket, its own even across pytest-xdist
+    workers (``qtee-gw0-...``), in the temporary directory, or in ``/tmp`` when a long
+    ``TMPDIR`` would put the socket past the 108 bytes of ``sun_path``."""
+    import tempfile
+
+    from qtee._server import SUN_PATH_MAX
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    prefix = f"qtee-{worker}-" if worker else "qtee-"
+    # mkdtemp adds 8 characters, then "/qtee.sock"
+    room = SUN_PATH_MAX - len(prefix) - len("12345678/qtee.sock")
+    base = tempfile.gettempdir()
+    if len(os.fsencode(os.path.join(base, ""))) > room:
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 
 @pytest.fixture
@@ -392,11 +536,16 @@ def qtee_guest(request: pytest.FixtureRequest, qtee_leak_check: None) -> Iterato
 
 
 @pytest.fixture
-def qtee_client(qtee_device: Device | RemoteDevice) -> Iterator[Client]:
+def qtee_client(
+    request: pytest.FixtureRequest, qtee_device: Device | RemoteDevice
+) -> Iterator[Client]:
     """``Client(qtee_device, workers=2)``, closed at teardown."""
     from qtee import Client
 
     client = Client(qtee_device, workers=2)
+    tracker = request.node.stash.get(_TRACKER, None)
+    if tracker is not None:
+        tracker.name(client, "fixture qtee_client")
     try:
         yield client
     finally:

@@ -84,14 +84,13 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("qtee supplicant: --workers must be >= 1", file=sys.stderr)
         return 2
-    if args.storage is not None and not os.path.exists(args.storage):
-        try:  # as tee-supplicant makes its file-system root
-            os.makedirs(args.storage)
-        except OSError as exc:
-            print(f"qtee supplicant: cannot create {args.storage}: {exc.strerror}", file=sys.stderr)
-            return 1
-    for d in [args.storage, *args.ta_dir]:
-        if d is not None and not os.path.isdir(d):
+    if args.storage is not None:
+        problem = _storage_problem(args.storage)
+        if problem is not None:
+            print(f"qtee supplicant: --storage {args.storage}: {problem}", file=sys.stderr)
+            return 2
+    for d in args.ta_dir:
+        if not os.path.isdir(d):
             what = "not a directory" if os.path.exists(d) else "no such directory"
             print(f"qtee supplicant: {d}: {what}", file=sys.stderr)
             return 2
@@ -112,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"qtee supplicant: cannot start: {_one_line(why)}", file=sys.stderr)
         return 1
     ids = ", ".join(f"{i:#x}" for i in sorted(sup.listeners)) or "none"
-    print(f"listeners registered: {ids}; TA autoload: {'on' if args.ta_dir else 'off'}", flush=True)
     failure: str | None = None
     try:
+        autoload = "on" if args.ta_dir else "off"
+        print(f"listeners registered: {ids}; TA autoload: {autoload}", flush=True)
         if args.check:
             _check(device)
         elif not _serve(sup, args.duration):
@@ -125,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
             )
     except QteeBaseError as exc:
         failure = _one_line(exc)
+    except BaseException:  # a closed stdout, Ctrl-C in --check: unregister on the way out
+        with contextlib.suppress(QteeBaseError, OSError):
+            sup.stop()
+        raise
     served = {f"{i:#x}": lst.served for i, lst in sup.listeners.items()}
     try:
         sup.stop()
@@ -140,6 +144,20 @@ def run(args: argparse.Namespace) -> int:
     leaks = device.leaks()
     print("tables: empty" if not leaks else f"tables: {leaks}")
     return 0 if not leaks else 1
+
+
+def _storage_problem(path: str) -> str | None:
+    """Make the storage directory ``path`` (and its parents) if missing, as tee-supplicant
+    makes its file-system root; why it cannot be used, or None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "not a directory"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create it: {_one_line(exc.strerror or exc)}"
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        return "not writable (the storage listener writes its files there)"
+    return None
 
 
 def _one_line(text: object) -> str:

@@ -32,7 +32,7 @@ from typing import Final
 from objects import QteeError, UsageError, op
 from qtee.client import CallbackObject, Client, MemoryObject, ObjRef
 from qtee.credentials import Credentials
-from qtee.secure._listeners import REGISTER_LISTENER_UID, REGISTER_TA_BUF_UID
+from qtee.secure import REGISTER_LISTENER_UID, REGISTER_TA_BUF_UID
 
 __all__ = [
     "FS_LISTENER_ID",
@@ -155,8 +155,7 @@ class Supplicant:
         workers: int = 4,
         credentials: Credentials | None = None,
     ) -> None:
-        from qtee._driver import Device
-        from qtee._remote import RemoteDevice
+        from qtee import Device, RemoteDevice
 
         if not isinstance(device, Device | RemoteDevice):  # what Client takes
             raise TypeError("Supplicant needs a qtee.Device or a connected device (qtee.connect)")

@@ -1,7 +1,7 @@
 """tee-supplicant for the OP-TEE device: LOAD_TA, the REE FS and APPL shared memory.
 
 :class:`OpteeSupplicant` opens the privileged context
-(:meth:`qtee._optee.OpteeDevice.open_supplicant`) and runs ``workers`` threads that loop
+(:meth:`qtee.OpteeDevice.open_supplicant`) and runs ``workers`` threads that loop
 on ``SUPPL_RECV`` (room for 5 params, param[0] = META, so requests are answered by id
 and several can be in flight) and ``SUPPL_SEND``, as ``tee_supplicant.c`` does (optee.md
 §3.3; the real daemon spawns a thread whenever none is left waiting, this one has a
@@ -48,13 +48,12 @@ from typing import TYPE_CHECKING, Final
 
 from objects import DriverError
 from qtee import uapi
-from qtee.gp._defs import TeecResult
+from qtee.gp import TeecResult
 from supplicant._fs import FileStore, FsError
 from supplicant._fs_msg import FsOpenFlag
 
 if TYPE_CHECKING:
-    from qtee._optee import OpteeDevice
-    from qtee._optee_supp import OpteeSuppContext
+    from qtee import OpteeDevice, OpteeSuppContext
 
 __all__ = ["RECV_PARAMS", "OpteeSupplicant", "ta_file_name"]
 

@@ -10,6 +10,15 @@ and answers with SUPPL_SEND, following libqcomtee's ``qcomtee_object_process_one
 5. otherwise the object's method runs; a :class:`objects.QteeError` it raises is its
    result, any other exception is ``ERROR`` (1) and is logged with the object and op.
 
+Output objects: a callback object returned gets a callback id that QTEE holds (one
+reference per send, given back by a release notification); an :class:`~qtee.ObjRef` or
+:class:`~qtee.MemoryObject` returned stays the handler's, unless it comes in a
+:class:`~qtee.Transfer`, which the worker releases exactly once after SUPPL_SEND returns
+(what libqcomtee leaves to ``error()``, called after the response is submitted).  If the
+answer never reaches QTEE -- the outputs cannot be marshalled, SUPPL_SEND fails, or the
+watchdog answered first -- the callback ids taken for it are given back at once: the
+kernel made no object of them, so no release notification will come.
+
 The kernel passes a negative ``ret`` to QTEE through ``qcomtee_msg_set_result``, so QTEE
 sees -90/-92/-96 as ``ERROR``; positive results pass unchanged (qtee-kernel.md §3.6).
 
@@ -43,6 +52,7 @@ from qtee._driver import (
     _UB_OUT,
     _params_struct,
 )
+from qtee.client import Transfer
 
 if TYPE_CHECKING:
     from qtee.client import CallbackObject, Client, _Block
@@ -112,12 +122,18 @@ class WorkerPool:
         return sum(1 for t in self._threads if t.is_alive())
 
     # ----------------------------------------------------------------- lifecycle
-    def stop(self, timeout: float = 5.0) -> None:
-        """Close the context (pending requests -> DEFUNCT) and join every thread."""
+    def stop(self, timeout: float = 5.0, *, wait: bool = True) -> None:
+        """Close the context (pending requests -> DEFUNCT) and join every thread.
+
+        ``wait=False`` (the process is going down: Ctrl-C) joins none: the threads are
+        daemons, a RECV ends at once with EINTR, and a handler still running ends with
+        its own code, its answer refused on the closed fd."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         self.client.ctx.close()
+        if not wait:
+            return
         end = time.monotonic() + timeout
         for t in self._threads:
             if t is not threading.current_thread():
@@ -197,21 +213,33 @@ class WorkerPool:
             return
         entry = self._begin(req, obj, func)
         pins: list[int] = []
+        sent: list[int] = []  # callback ids exported for the answer
+        transfers: list[Transfer] = []
+        delivered = False
         try:
             res = obj.dispatch(func, ib, ob, io, n_oo)
             reply: list[_P] = [(_META_OUT, req, 0, 0)]
             result = res.result
             if result == 0:
-                result = self._marshal(args, res.ob, res.oo, reply, pins)
+                result = self._marshal(args, res.ob, res.oo, reply, pins, sent, transfers)
                 if result:
                     reply = reply[:1]
             if self._finish(entry):
                 self._reply(send, result, reply)
+                delivered = result == 0
             else:
                 log.warning("request %d for %r op %d answered after its deadline", req, obj, func)
         finally:
+            if not delivered:  # QTEE never got the objects: nothing will release the ids
+                for uid in sent:
+                    client._unexport(uid)
             if pins:
                 client._unpin(pins)
+            for t in transfers:  # after the SEND, whatever it did: exactly once
+                try:
+                    t.release()
+                except Exception:
+                    log.exception("request %d: releasing the transferred %r failed", req, t.obj)
             for ref in io:  # input objects the handler did not keep are dropped
                 client._drop_input(ref)
 
@@ -253,10 +281,15 @@ class WorkerPool:
         oo: tuple[object, ...],
         reply: list[_P],
         pins: list[int],
+        sent: list[int],
+        transfers: list[Transfer],
     ) -> int:
-        """Outputs -> reply params (index-aligned with the request); UNAVAIL on failure."""
+        """Outputs -> reply params (index-aligned with the request); UNAVAIL on failure.
+        Callback ids exported go to ``sent``, :class:`~qtee.Transfer` s to ``transfers``
+        (all of them, even when a later output fails)."""
         client = self.client
         mem = client.device.memory
+        transfers += [o for o in oo if isinstance(o, Transfer)]
         obs, oos = iter(ob_data), iter(oo)
         try:
             for x in args:
@@ -268,7 +301,10 @@ class WorkerPool:
                         pins.append(addr)
                     reply.append((_UB_OUT, addr, len(data), 0))
                 elif x[0] == _OBJ_OUT:
-                    _attr, a, b, _c = client._value_to_param(next(oos), [])
+                    value = next(oos)
+                    if isinstance(value, Transfer):
+                        value = value.obj
+                    _attr, a, b, _c = client._value_to_param(value, sent)
                     reply.append((_OBJ_OUT, a, b, 0))
                 else:
                     reply.append(x)

@@ -165,21 +165,28 @@ def test_no_program_is_a_usage_error() -> None:
     assert run.returncode == 2 and run.stderr.startswith("qtee run: no program given")
 
 
-def test_a_model_that_cannot_start_fails_open_with_enoent_and_says_why() -> None:
-    """A bad --ta-module: the device is missing as far as the program can tell (ENOENT),
-    and one stderr line says why."""
-    run = qtee_run(probe(), "open", options=("--ta-module", "no_such_ta_module"))
+def test_a_model_that_cannot_start_fails_open_with_enoent_and_says_why(tmp_path: Path) -> None:
+    """A --ta-module whose own code fails: the device is missing as far as the program can
+    tell (ENOENT), and one stderr line says why."""
+    broken = tmp_path / "broken_tas.py"
+    broken.write_text('raise RuntimeError("no TAs today")\n')
+    run = qtee_run(probe(), "open", options=("--ta-module", str(broken)))
     assert run.returncode == 0
     assert steps(run.stdout)["open"] == (-1, errno.ENOENT)
     first, *rest = run.stderr.splitlines()
-    assert first == (
-        "qtee bridge: cannot start the model: ModuleNotFoundError: "
-        "No module named 'no_such_ta_module'"
-    )
-    assert rest == [
-        "qtee run: the model did not start: ModuleNotFoundError: "
-        "No module named 'no_such_ta_module'"
-    ]
+    assert first == "qtee bridge: cannot start the model: RuntimeError: no TAs today"
+    assert rest == ["qtee run: the model did not start: RuntimeError: no TAs today"]
+
+
+def test_a_ta_module_given_as_a_file_is_loaded_in_the_model(tmp_path: Path) -> None:
+    """issue 15 (CLI hygiene): ``--ta-module path/to/file.py`` is imported by the model in
+    the program (here it says so on stderr before the program's first open)."""
+    tas = tmp_path / "file_tas.py"
+    tas.write_text('import sys\nprint("file_tas imported", file=sys.stderr)\n')
+    run = qtee_run(probe(), "open", options=("--ta-module", str(tas)))
+    assert run.returncode == 0, run.stderr
+    assert steps(run.stdout)["open"][1] == 0
+    assert run.stderr.splitlines()[0] == "file_tas imported"
 
 
 def test_a_program_that_opens_no_device_is_told() -> None:
@@ -196,8 +203,10 @@ def test_a_program_that_opens_no_device_is_told() -> None:
 @pytest.mark.parametrize(
     ("options", "why"),
     [
-        (("--ta-module", "my_tas.py"), "not a module name: 'my_tas.py' (the module of"),
-        (("--ta-module", "./my_tas"), "not a module name: './my_tas'"),
+        (("--ta-module", "no_such_ta_module"), "--ta-module no_such_ta_module: no such module"),
+        (("--ta-module", "my_tas.py"), "--ta-module my_tas.py: no such file"),
+        (("--ta-module", "./c"), "--ta-module ./c: not a .py file"),
+        (("--ta-module", "my-tas"), "--ta-module my-tas: not a module name"),
         (("--connect", "x.sock", "--storage", "tee"), "--storage: the device of --connect"),
         (("--connect", "x.sock", "--tee", "optee", "--trace"), "--tee, --trace: the device of"),
     ],
@@ -205,6 +214,7 @@ def test_a_program_that_opens_no_device_is_told() -> None:
 def test_bad_options_are_usage_errors(options: tuple[str, ...], why: str) -> None:
     run = qtee_run("true", options=options)
     assert run.returncode == 2 and why in run.stderr, run.stderr
+    assert run.stderr.count("\n") == 1, run.stderr
 
 
 def test_connect_to_no_server_says_why_once(tmp_path: Path) -> None:

@@ -158,7 +158,8 @@ def test_info_connect_shows_what_a_client_holds(
 ) -> None:
     """A client that loaded a TA: the TA is listed; its fd holds env, loader, controller
     and app (four QTEE objects in its IDR, qtee-kernel.md §2.2), the credentials callback
-    object QTEE keeps (one NS id, §2.3) and one shm (a memory object, §2.2)."""
+    object QTEE keeps (one NS id, §2.3) and one shm (a memory object, §2.2); each named in
+    the fd's table (issue 15, objects visible)."""
     client = qtee.Client(qtee.connect(server.path), workers=1)
     refs = _load(client, ADDER)
     mem = client.memory(4096)
@@ -181,6 +182,14 @@ def test_info_connect_shows_what_a_client_holds(
         "  context 0 objects: 4",  # contexts are numbered in the order of opening
         "open fds:",
         _fd(1, objects=4, callbacks=1, shms=1),
+        "    kind            | id | what",
+        "    ----------------+----+--------------------------------",
+        "    QTEE object     |  0 | ClientEnv",
+        "    QTEE object     |  1 | service 0x3 AppLoader",
+        f"    QTEE object     |  2 | AppController of TA '{ADDER}'",
+        f"    QTEE object     |  3 | TA '{ADDER}' (Adder)",
+        "    callback object |  1 | ?",  # its class is the client's: not the server's to know
+        "    memory object   |  1 | 4096 bytes",
         _fd(2),
     ]
     assert main(["info", "--connect", server.path]) == 0  # all released: nothing held

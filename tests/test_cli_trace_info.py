@@ -37,7 +37,8 @@ def test_info_demo_shows_a_loaded_ta_and_live_objects(capsys: pytest.CaptureFixt
     out = capsys.readouterr()
     # env, FeatureVersions, the loader, the TA controller and the TA: five QTEE objects in
     # the one context; the credentials callback object held by QTEE is one NS id, and it is
-    # that fd's (qtee-kernel.md §4: objects are per context).
+    # that fd's (qtee-kernel.md §4: objects are per context).  Each is named (issue 15:
+    # objects visible): the secure world's labels, the callback object's class.
     assert out.out.splitlines() == [
         *_header(),
         "loaded TAs: sample.add",
@@ -47,6 +48,14 @@ def test_info_demo_shows_a_loaded_ta_and_live_objects(capsys: pytest.CaptureFixt
         "  context 0 objects: 5",
         "open fds:",
         "  demo client: qtee objects 5, callback objects 1, shms 0, requests 0",
+        "    kind            | id | what",
+        "    ----------------+----+---------------------------------",
+        "    QTEE object     |  0 | ClientEnv",
+        "    QTEE object     |  1 | service 0x7f1 FeatureVersions",
+        "    QTEE object     |  2 | service 0x3 AppLoader",
+        "    QTEE object     |  3 | AppController of TA 'sample.add'",
+        "    QTEE object     |  4 | TA 'sample.add' (SampleTA)",
+        "    callback object |  1 | _Credentials",
         "released: tables empty",
     ]
     assert out.err == ""

@@ -69,7 +69,7 @@ def _stale(path: str) -> str:
             "it is a file, not a socket",
         ),
         (lambda d: _stale(os.path.join(d, "stale")), errno.ECONNREFUSED, "nothing listens on it"),
-        (lambda d: "x" * 108, errno.ENAMETOOLONG, "a socket path takes at most 107"),
+        (lambda d: "x" * 109, errno.ENAMETOOLONG, "a socket path takes at most 108"),
         (lambda d: "", errno.ENOENT, "the path is empty"),
     ],
     ids=["missing", "missing-dir", "directory", "file", "stale", "too-long", "empty"],

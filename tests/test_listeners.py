@@ -765,6 +765,7 @@ def test_failing_handler_is_an_error_for_the_ta(dev: Device, ta: TaClient) -> No
 # --------------------------------------------------------------------------- defunct
 
 
+@pytest.mark.qtee_close_releases  # the supplicant dies holding its registration
 def test_listener_of_a_closed_context_is_defunct_and_dropped(dev: Device, ta: TaClient) -> None:
     """§5.4 / §6: the supplicant dies (its fd closes, nothing unregistered) while a TA's
     request is with its listener: the kernel's close completes the request DEFUNCT for

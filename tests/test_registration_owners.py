@@ -232,6 +232,7 @@ def test_a_listener_registration_ends_when_its_service_object_is_released(
     assert dev.world.listeners.ids() == []
 
 
+@pytest.mark.qtee_close_releases  # the owner's close ends what it never released
 def test_a_listener_registration_ends_when_its_context_closes(dev: Device, ta: TaClient) -> None:
     """Issue 13 point 5: closing the owner's fd releases its QTEE objects (the kernel's
     release of the file), so its registration ends; another client may then register."""
@@ -395,7 +396,9 @@ def test_the_owner_may_replace_its_own_ta_autoload(dev: Device) -> None:
     assert dev.leaks() == {}
 
 
-@pytest.mark.parametrize("how", ["release", "close"])
+@pytest.mark.parametrize(
+    "how", ["release", pytest.param("close", marks=pytest.mark.qtee_close_releases)]
+)
 def test_the_ta_autoload_registration_ends_with_its_owner(dev: Device, how: str) -> None:
     """Issue 13 point 6, same end-of-life rule as listeners: releasing the
     IRegisterTABufCBO object it was made through, or closing the owner's fd, ends the

@@ -1012,7 +1012,7 @@ def test_a_file_at_the_path_is_never_replaced(sockdir: str) -> None:
     with pytest.raises(qtee.UsageError, match="not a socket"):
         DeviceServer(path).start()
     assert Path(path).read_text() == "precious data"
-    assert main(["serve", "--socket", path, "--duration", "0"]) == 1
+    assert main(["serve", "--socket", path, "--duration", "0"]) == 2  # a usage error
     assert Path(path).read_text() == "precious data"
 
 

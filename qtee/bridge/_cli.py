@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,22 +25,12 @@ from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
-_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-
 _EPILOG = """\
 exit status: PROG's own; 128+N when signal N killed it; 127 PROG not found; 126 PROG
 cannot be run; 2 bad options; 1 the bridge is not built (make bridge).
 With --connect the device is the server's: --tee, --ta-module, --storage, --ta-dir and
 --trace are the server's business (qtee serve) and cannot be given here.
 """
-
-
-def _module_name(text: str) -> str:
-    """An argparse type: a TA module is imported by name."""
-    if text.endswith(".py") or not _MODULE.fullmatch(text):
-        hint = f" (the module of {text!r} is {Path(text).stem!r})" if text.endswith(".py") else ""
-        raise argparse.ArgumentTypeError(f"not a module name: {text!r}{hint}")
-    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,10 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ta-module",
         action="append",
         default=[],
-        type=_module_name,
         metavar="MODULE",
-        help="import MODULE in the program's model first (it registers its TAs; the "
-        "current directory is searched first); repeatable",
+        help="import MODULE in the program's model first (it registers its TAs): a module "
+        "name (the current directory is searched first) or a path to a .py file; repeatable",
     )
     parser.add_argument(
         "--storage", metavar="DIR", help="serve trusted storage from DIR (the model's supplicant)"
@@ -79,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run PROG against the model; its exit status (see the module docstring)."""
+    from objects import UsageError
+    from qtee._ta_modules import find_ta_module
     from qtee.bridge import BridgeConfig, BridgeNotBuilt, environment
 
     argv = list(args.program)
@@ -106,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    try:  # checked here, so that a typo is one line, not a model that cannot start
+        ta_modules = tuple(find_ta_module(text) for text in args.ta_module)
+    except UsageError as exc:
+        print(f"qtee run: --ta-module {exc}", file=sys.stderr)
+        return 2
     prog = argv[0]
     found = prog if os.sep in prog else shutil.which(prog)
     if found is None or not os.path.exists(found):
@@ -124,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="qtee-run-") as reports:
         config = BridgeConfig(
             tee=tee,
-            ta_modules=tuple(args.ta_module),
+            ta_modules=ta_modules,
             storage=args.storage,
             ta_dir=args.ta_dir,
             connect=args.connect,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from qtee._driver import Context, Device
 from qtee._mem_obj import memfd_backing
 from qtee._optee import OpteeContext, OpteeDevice, _GpShm
 from qtee._remote import RemoteContext, RemoteDevice
+from qtee._ta_modules import import_ta_module
 from qtee.addrspace import ProcessMemory
 
 __all__ = ["SNAPSHOT_PERIOD", "Bridge", "BridgeConfig", "start"]
@@ -78,7 +78,7 @@ class BridgeConfig:
             raise UsageError(f"tee must be 'qtee' or 'optee', not {self.tee!r}")
         for name in self.ta_modules:
             if not isinstance(name, str) or not name:
-                raise UsageError(f"a TA module is a module name, not {name!r}")
+                raise UsageError(f"a TA module is a module name or a .py file, not {name!r}")
 
     @classmethod
     def from_json(cls, text: str) -> BridgeConfig:
@@ -233,7 +233,7 @@ class Bridge:
         self.config = config
         self.memory = BridgeMemory()
         for name in config.ta_modules:
-            importlib.import_module(name)  # it registers its TAs
+            import_ta_module(name)  # a module name or a .py file; it registers its TAs
         self.qtee: Device | None = None
         self.optee: OpteeDevice | None = None
         #: The device of a running server (``--connect``): its tables are the server's.

@@ -1,8 +1,12 @@
-"""GlobalPlatform TEE Client API groundwork: constants, libteec's param handling, identity.
+"""The GlobalPlatform TEE Client API (libteec) and what it rests on.
 
-Sans-IO throughout: :mod:`qtee.gp._defs` has the GP/OP-TEE constants and
-:class:`TeecError`, :mod:`qtee.gp._params` libteec's pre/post-processing of an operation's
-params, :mod:`qtee.gp._identity` the kernel's client-UUID rules.
+:class:`TeecContext` (``TEEC_InitializeContext``) takes an OP-TEE device, a QTEE device
+(through IGPAppClient), a served device of either kind or a :class:`qtee.Client`;
+sessions, operations and shared memory follow libteec (:mod:`qtee.gp._client`).  Every
+failure is a :class:`TeecError` with ``code`` and ``origin``.  Sans-IO beneath it:
+:mod:`qtee.gp._defs` has the GP/OP-TEE constants, :mod:`qtee.gp._params` libteec's
+pre/post-processing of an operation's params, :mod:`qtee.gp._identity` the kernel's
+client-UUID rules.
 """
 
 from __future__ import annotations

@@ -30,8 +30,19 @@ needs (§1.4).  Passing the wrong Python type (a :class:`TeecValue` where the pa
 says memref, say) is a programming error: ``UsageError``/``TypeError``, as C would not
 compile or would misread the union.
 
-The API talks only to a :class:`~qtee.gp._transport.GpTransport` (the kernel's ioctls);
-:class:`TeecContext` also accepts an :class:`~qtee._optee.OpteeDevice` and opens one.
+**Results, one way.**  Every call either succeeds or raises :class:`~qtee.gp.TeecError`
+(``code`` and ``origin``: :class:`~qtee.gp.TeecResult` and :class:`~qtee.gp.TeecOrigin`
+members for known values, plain ints otherwise).  A call that reached the TEE also
+reports its return origin on success, in the same form: ``TEEC_InvokeCommand``'s is what
+:meth:`TeecSession.invoke_command` returns, ``TEEC_OpenSession``'s is the new session's
+:attr:`TeecSession.origin` (TRUSTED_APP whenever the TA ran).
+
+The API talks only to a :class:`~qtee.gp.GpTransport` (the kernel's ioctls).
+:class:`TeecContext` makes one from what it is given: an OP-TEE device
+(:class:`qtee.OpteeDevice`, or a served one from :func:`qtee.connect`) gets a context of
+its own; a QTEE device (:class:`qtee.Device`, or a served one) gets a
+:class:`qtee.Client` of its own that speaks IGPAppClient (0x199); a
+:class:`qtee.Client` is used as it is (and stays the caller's).
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from qtee.gp._defs import (
     TeecOrigin,
     TeecParamType,
     TeecResult,
+    _known,
     errno_to_result,
     param_type_get,
 )
@@ -73,7 +85,10 @@ from qtee.gp._params import (
 from qtee.gp._transport import GpTransport, OpteeTransport
 
 if TYPE_CHECKING:
+    from qtee._driver import Device
     from qtee._optee import OpteeDevice
+    from qtee._remote import RemoteDevice
+    from qtee.client import Client
 
 __all__ = [
     "TEEC_MAX_DEV_SEQ",
@@ -532,7 +547,8 @@ class _Call:
     def run(self, ioctl: Callable[[list[uapi.Param]], tuple[int, int, list[uapi.Param]]]) -> int:
         """Pre-process, make the call, post-process; raise a TeecError unless SUCCESS.
 
-        Returns the origin of a successful call.
+        Returns the origin of a successful call (a :class:`TeecOrigin` when it is a known
+        one, as a :class:`TeecError`'s ``origin`` is).
         """
         params = self.prepare()
         try:
@@ -545,31 +561,83 @@ class _Call:
             self.free()
         if ret != TeecResult.TEEC_SUCCESS:
             raise TeecError(ret, origin)
-        return origin
+        return _known(TeecOrigin, origin)
 
 
 # ----------------------------------------------------------------------------- context
 
 
+class _Unqualified(Exception):
+    """A candidate device that is no GP TEE (``teec_open_dev`` skips it)."""
+
+
 def _as_transport(source: object) -> GpTransport:
-    """A candidate device -> its transport (an OpteeDevice, or a device server's device
-    from ``qtee.connect``, gets a new context)."""
+    """A candidate device -> its transport.
+
+    An OP-TEE device gets a new context (a served one is asked its impl id first); a
+    QTEE device gets a new :class:`~qtee.client.Client` (owned by the transport) that
+    speaks IGPAppClient; a Client is used as it is.  A QTEE without IGPAppClient raises
+    :class:`_Unqualified`."""
+    from qtee._driver import Device
     from qtee._optee import OpteeDevice
     from qtee._remote import RemoteDevice
+    from qtee.client import Client
 
-    if isinstance(source, OpteeDevice | RemoteDevice):
-        return OpteeTransport(source.open(), source.memory)  # type: ignore[arg-type]
+    if isinstance(source, OpteeDevice):
+        return OpteeTransport(source.open(), source.memory)
+    if isinstance(source, RemoteDevice):
+        ctx = source.open()
+        try:
+            arg = bytearray(uapi.VersionData.SIZE)
+            ctx.ioctl(uapi.TEE_IOC_VERSION, arg)
+            impl_id = uapi.VersionData.unpack(arg).impl_id
+        except BaseException:
+            ctx.close()
+            raise
+        if impl_id == uapi.TEE_IMPL_ID_OPTEE:
+            return OpteeTransport(ctx, source.memory)  # type: ignore[arg-type]
+        ctx.close()
+        return _qtee_transport(Client(source, workers=1), owned=True)
+    if isinstance(source, Device):
+        return _qtee_transport(Client(source, workers=1), owned=True)
+    if isinstance(source, Client):
+        return _qtee_transport(source, owned=False)
     if isinstance(source, GpTransport):
         return source
-    raise TypeError(f"not a GpTransport or OpteeDevice: {source!r}")
+    raise TypeError(
+        "TeecContext takes a GpTransport, an OpteeDevice, a qtee Device, a connected "
+        f"device (qtee.connect) or a qtee Client, not {source!r}"
+    )
+
+
+def _qtee_transport(client: Client, *, owned: bool) -> GpTransport:
+    """IGPAppClient of ``client``'s QTEE (``owned``: closed with the transport)."""
+    from objects import QteeError
+    from qtee.gp._qtee_transport import QteeGpTransport
+    from qtee.secure._gpclient import CGPAPPCLIENT_UID
+
+    try:
+        return QteeGpTransport(client, owns_client=owned)
+    except BaseException as exc:
+        if owned:
+            client.close()
+        if isinstance(exc, QteeError):
+            raise _Unqualified(
+                f"this QTEE offers no IGPAppClient (UID {CGPAPPCLIENT_UID:#x}): qtee.Device() "
+                "offers it, or call qtee.secure.install_gp_app_client(world) before use"
+            ) from None
+        raise
 
 
 class TeecContext:
     """``TEEC_Context``: one open TEE device, found as ``TEEC_InitializeContext`` does.
 
-    ``transport_or_device`` is a :class:`~qtee.gp._transport.GpTransport`, an
-    :class:`~qtee._optee.OpteeDevice` (a new context of it is opened), or a sequence of
-    them standing for ``/dev/tee0`` .. ``/dev/tee9`` (only the first
+    ``transport_or_device`` is a :class:`~qtee.gp.GpTransport`; an
+    :class:`~qtee.OpteeDevice` (a new context of it is opened); a QTEE
+    :class:`~qtee.Device` (a new :class:`~qtee.Client` of it, closed with the context,
+    speaks IGPAppClient); a :class:`~qtee.Client` (used as it is: it stays the
+    caller's); a device from :func:`qtee.connect` (either kind, by its impl id); or a
+    sequence of them standing for ``/dev/tee0`` .. ``/dev/tee9`` (only the first
     :data:`TEEC_MAX_DEV_SEQ` are tried).  The first that reports ``TEE_GEN_CAP_GP`` (and
     for ``name == "optee-tz"``, impl id OP-TEE with ``TEE_OPTEE_CAP_TZ``) is used; a
     device that does not qualify is closed again.  Any other name matches nothing.  No
@@ -580,7 +648,14 @@ class TeecContext:
 
     def __init__(
         self,
-        transport_or_device: GpTransport | OpteeDevice | Sequence[GpTransport | OpteeDevice],
+        transport_or_device: (
+            GpTransport
+            | OpteeDevice
+            | Device
+            | RemoteDevice
+            | Client
+            | Sequence[GpTransport | OpteeDevice | Device | RemoteDevice | Client]
+        ),
         name: str | None = None,
     ) -> None:
         if name is not None and not isinstance(name, str):
@@ -594,8 +669,9 @@ class TeecContext:
         self._sessions: set[TeecSession] = set()
         self._shms: set[TeecSharedMemory] = set()
         self.closed = False
+        why: list[str] = []
         for candidate in candidates:
-            found = self._try(candidate, name)
+            found = self._try(candidate, name, why)
             if found is not None:
                 self.transport, gen_caps = found
                 #: ``imp.reg_mem``: the TEE can share client pages (``TEE_GEN_CAP_REG_MEM``).
@@ -603,15 +679,20 @@ class TeecContext:
                 #: ``imp.memref_null``: a NULL memref can be sent (``TEE_GEN_CAP_MEMREF_NULL``).
                 self.memref_null = bool(gen_caps & uapi.TEE_GEN_CAP_MEMREF_NULL)
                 return
+        detail = f"no TEE device matches {name!r}" if name is not None else "no GP TEE device"
         raise _api(
-            TeecResult.TEEC_ERROR_ITEM_NOT_FOUND,
-            f"no TEE device matches {name!r}" if name is not None else "no GP TEE device",
+            TeecResult.TEEC_ERROR_ITEM_NOT_FOUND, "; ".join([detail, *why]) if why else detail
         )
 
     @staticmethod
-    def _try(candidate: object, name: str | None) -> tuple[GpTransport, int] | None:
-        """``teec_open_dev``: the transport and its gen caps if it qualifies."""
-        transport = _as_transport(candidate)
+    def _try(candidate: object, name: str | None, why: list[str]) -> tuple[GpTransport, int] | None:
+        """``teec_open_dev``: the transport and its gen caps if it qualifies (else why
+        not, in ``why`` when there is more to say than its caps)."""
+        try:
+            transport = _as_transport(candidate)
+        except _Unqualified as exc:
+            why.append(str(exc))
+            return None
         try:
             impl_id, impl_caps, gen_caps = transport.version()
         except DriverError as exc:
@@ -724,7 +805,7 @@ class TeecContext:
         into ``clnt_uuid``), for the others it is ignored.  An OpenSession cannot be
         cancelled through libteec (``cancel_id`` 0, the operation's session not set).
         Raises :class:`TeecError`; on SUCCESS the session's ``origin`` is the return
-        origin (TRUSTED_APP when the TA ran).
+        origin, a :class:`TeecOrigin` (TRUSTED_APP when the TA ran).
         """
         if isinstance(uuid, uuidlib.UUID):
             uuid16 = uuid.bytes
@@ -804,11 +885,15 @@ class TeecSession:
     def __init__(self, context: TeecContext, session_id: int, origin: int) -> None:
         self.context = context
         self.session_id = session_id
-        self.origin = origin
+        #: The return origin of the OpenSession that made it (a :class:`TeecOrigin`
+        #: when it is a known one, as a :class:`TeecError`'s ``origin`` is).
+        self.origin = _known(TeecOrigin, origin)
         self._lock = threading.Lock()
 
     def invoke_command(self, command_id: int, operation: TeecOperation | None = None) -> int:
-        """``TEEC_InvokeCommand``: run ``command_id`` in the TA; returns the origin.
+        """``TEEC_InvokeCommand``: run ``command_id`` in the TA; returns the return origin
+        (a :class:`TeecOrigin` when it is a known one; a failure is a :class:`TeecError`
+        with its own).
 
         Records the session in ``operation`` first (under libteec's mutex) so that
         :meth:`TeecContext.request_cancellation` can reach this call.  On a closed session

@@ -25,7 +25,7 @@ the same GP client code runs on either TEE:
   :mod:`qtee.secure._gpclient`); ``cancel_id`` travels as the cancelCode.
 * ``close`` releases every session object and memory object this transport still
   holds and the ``IGPAppClient`` itself; the :class:`~qtee.client.Client` (the fd)
-  belongs to the caller and stays open.
+  belongs to the caller and stays open, unless the transport was made ``owns_client``.
 """
 
 from __future__ import annotations
@@ -116,15 +116,25 @@ class _Session:
 class QteeGpTransport:
     """:class:`~qtee.gp._transport.GpTransport` over ``IGPAppClient`` of ``client``.
 
-    ``env`` is a client env of ``client`` (``client.client_env()``); the service is
-    opened once, here, and ``env`` is not kept.
+    ``env`` is a client env of ``client`` (``client.client_env()``; None: one is made
+    for this and released again); the service is opened once, here, and ``env`` is not
+    kept.  A QTEE that offers no IGPAppClient fails here with IOpener's NOT_FOUND
+    (:class:`~objects.QteeError`).  ``owns_client``: :meth:`close` closes ``client`` too
+    (what :class:`~qtee.gp.TeecContext` does with the client it makes for a device).
     """
 
-    def __init__(self, client: Client, env: ObjRef) -> None:
+    def __init__(
+        self, client: Client, env: ObjRef | None = None, *, owns_client: bool = False
+    ) -> None:
         if not isinstance(client, Client):
             raise TypeError("QteeGpTransport needs a qtee Client")
         self.client = client
-        self.app: ObjRef = client.open_service(env, CGPAPPCLIENT_UID)
+        self.owns_client = owns_client
+        if env is None:
+            with client.client_env() as made:
+                self.app: ObjRef = client.open_service(made, CGPAPPCLIENT_UID)
+        else:
+            self.app = client.open_service(env, CGPAPPCLIENT_UID)
         self._lock = threading.Lock()
         self._shm: dict[int, MemoryObject] = {}
         self._sessions: dict[int, _Session] = {}
@@ -360,9 +370,13 @@ class QteeGpTransport:
                     last.append(entry)
         for entry in last:
             entry.ref.release()  # the last reference closes the GP session
-        for mem in shms:
-            mem.release()
-        self.app.release()
+        try:
+            for mem in shms:
+                mem.release()
+            self.app.release()
+        finally:
+            if self.owns_client:
+                self.client.close()
 
     def __repr__(self) -> str:
         return f"<QteeGpTransport sessions={len(self._sessions)} closed={self._closed}>"

@@ -5,6 +5,13 @@ RELEASE messages on the outbound buffer, and calls back into non-secure objects 
 an outbound callback message that the driver serves in the same thread.  The
 :class:`SecureMonitor` is its SMC entry: it routes each call to the partition (one
 :class:`SecureWorld` per client id) that ``a7`` names.
+
+TAs written in Python: QTEE TAs (:class:`TrustedApp`, ops declared with
+:func:`objects.op`) and GP TAs (:class:`GpTA`, the ``TA_*EntryPoint`` methods, with
+:class:`GpParam`, :class:`GpTaError` and :func:`panic`).  Which class a load finds is
+registered per world (``world.tas``, a :class:`TaRegistry`) or process-wide
+(:func:`register_ta`, :func:`register_gp_ta`, :func:`register_loadable_ta`,
+:func:`register_ta_file`).
 """
 
 from qtee.secure._apps import (
@@ -18,9 +25,37 @@ from qtee.secure._apps import (
     ta_image,
     unregister_ta,
 )
-from qtee.secure._gpclient import IGPAppClient, IGPSession
-from qtee.secure._listeners import IRegisterListenerCBO, IRegisterTABufCBO
+from qtee.secure._gp import (
+    TEE_TIMEOUT_INFINITE,
+    GpParam,
+    GpSession,
+    GpTA,
+    GpTaError,
+    TaPanic,
+    TaSession,
+    TeeParamType,
+    gp_ta_image,
+    panic,
+    register_gp_ta,
+    register_loadable_ta,
+    tee_param_types,
+    unregister_gp_ta,
+    unregister_loadable_ta,
+)
+from qtee.secure._gpclient import (
+    CGPAPPCLIENT_UID,
+    IGPAppClient,
+    IGPSession,
+    install_gp_app_client,
+)
+from qtee.secure._listeners import (
+    REGISTER_LISTENER_UID,
+    REGISTER_TA_BUF_UID,
+    IRegisterListenerCBO,
+    IRegisterTABufCBO,
+)
 from qtee.secure._monitor import SecureMonitor
+from qtee.secure._registry import TaRegistry
 from qtee.secure._services import (
     CDIAGNOSTICS_UID,
     FEATURE_VERSIONS_UID,
@@ -68,4 +103,24 @@ __all__ = [
     "SecureObject",
     "SecureWorld",
     "ServeCallback",
+    "TaRegistry",
+    "CGPAPPCLIENT_UID",
+    "REGISTER_LISTENER_UID",
+    "REGISTER_TA_BUF_UID",
+    "install_gp_app_client",
+    "TEE_TIMEOUT_INFINITE",
+    "GpParam",
+    "GpSession",
+    "GpTA",
+    "GpTaError",
+    "TaPanic",
+    "TaSession",
+    "TeeParamType",
+    "gp_ta_image",
+    "panic",
+    "register_gp_ta",
+    "register_loadable_ta",
+    "tee_param_types",
+    "unregister_gp_ta",
+    "unregister_loadable_ta",
 ]

@@ -1,6 +1,8 @@
 """The app loader (UID 3), app controllers, and TAs written in Python.
 
-A TA is a :class:`TrustedApp` subclass registered under a name with :func:`register_ta`.
+A TA is a :class:`TrustedApp` subclass registered under a name with :func:`register_ta`
+(process-wide) or ``world.tas.register`` (one world's, looked up first:
+:mod:`qtee.secure._registry`).
 Its *image* names it: ``b"QTEETA\\x00\\x01" + u16 name length + name (UTF-8) + payload``
 (:func:`ta_image` builds one).  ``loadFromBuffer`` (op 0) takes the image bytes;
 ``loadFromRegion`` (op 1) takes a memory object and maps it with MAP_REGION;
@@ -21,11 +23,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-import threading
 from typing import TYPE_CHECKING, ClassVar, Final
 
 from objects import QteeError, UsageError, op
-from qtee.secure._tafiles import lookup_by_sha256
+from qtee.secure._registry import PROCESS_TAS
 from qtee.secure._world import NsObject, SecureObject
 
 if TYPE_CHECKING:
@@ -80,8 +81,9 @@ ERROR_ALREADY_LOADED: Final = IAppLoader.ERROR_ALREADY_LOADED
 ERROR_EMBEDDED_IMAGE_NOT_FOUND: Final = IAppLoader.ERROR_EMBEDDED_IMAGE_NOT_FOUND
 ERROR_APP_UNLOADED: Final = IAppController.ERROR_UNLOADED
 
-_REGISTRY: dict[str, type[TrustedApp]] = {}
-_REG_LOCK = threading.Lock()
+# The process-wide layer's table of QTEE TAs, under the names older code reads.
+_REGISTRY = PROCESS_TAS._qtee
+_REG_LOCK = PROCESS_TAS._lock
 
 
 class TrustedApp(SecureObject):
@@ -93,17 +95,13 @@ class TrustedApp(SecureObject):
 
 
 def register_ta(name: str, cls: type[TrustedApp]) -> None:
-    """Make ``cls`` loadable from images named ``name``."""
-    if not isinstance(name, str) or not name or len(name.encode()) > 0xFFFF:
-        raise UsageError(f"TA name {name!r} must be a non-empty string")
-    if not (isinstance(cls, type) and issubclass(cls, TrustedApp)):
-        raise TypeError("a TA must be a TrustedApp subclass")
-    with _REG_LOCK:
-        _REGISTRY[name] = cls
+    """Make ``cls`` loadable from images named ``name``, in every world (process-wide;
+    one world's own: ``world.tas.register``)."""
+    PROCESS_TAS.register(name, cls)
 
 
 def unregister_ta(name: str) -> None:
-    """Forget the TA registered as ``name``."""
+    """Forget the TA registered process-wide as ``name``."""
     with _REG_LOCK:
         if _REGISTRY.pop(name, None) is None:
             raise UsageError(f"no TA is registered as {name!r}")
@@ -170,12 +168,11 @@ class AppLoader(SecureObject):
         cls: type[TrustedApp] | None
         if image.startswith(TA_MAGIC):  # a model image: it names its TA
             name = _parse(image)
-            with _REG_LOCK:
-                cls = _REGISTRY.get(name)
+            cls = self.world.tas.lookup(name)
             if cls is None:
                 raise QteeError(ERROR_METADATA_INVALID, f"no TA named {name!r}")
         else:  # a real image (a signed ELF): the TA registered for its SHA-256
-            found = lookup_by_sha256("qtee", image)
+            found = self.world.tas.file_by_sha256("qtee", image)
             if found is None:
                 raise QteeError(
                     ERROR_INVALID_BUFFER,
@@ -211,9 +208,7 @@ class AppLoader(SecureObject):
             text = name.decode()
         except UnicodeDecodeError:
             raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, "TA name is not UTF-8") from None
-        with _REG_LOCK:
-            known = text in _REGISTRY
-        if not known:
+        if self.world.tas.lookup(text) is None:
             raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, f"no TA named {text!r}")
         return self._load(ta_image(text))
 

@@ -1,9 +1,10 @@
 """The secure side of GP sessions: OP-TEE's TA manager, for TAs written in Python.
 
 A GP TA is a :class:`GpTA` subclass with a ``UUID`` and ``TA_FLAG_*`` bits in ``FLAGS``,
-registered with :func:`register_gp_ta` (or handed over by :attr:`GpRuntime.load_ta`, the
-LOAD_TA path).  :class:`GpRuntime` is ``tee_ta_manager.c`` for one secure world
-(optee.md §4):
+registered with :func:`register_gp_ta` (process-wide) or ``world.tas.register_gp`` (one
+world's, looked up first: :mod:`qtee.secure._registry`), or handed over by
+:attr:`GpRuntime.load_ta`, the LOAD_TA path (:func:`register_loadable_ta` TAs).
+:class:`GpRuntime` is ``tee_ta_manager.c`` for one secure world (optee.md §4):
 
 * A **session** is a :class:`GpSession` in the world's object table: its id is a QTEE
   object id (``world.export``), and closing it drops that id.  It may be used only by the
@@ -16,9 +17,10 @@ LOAD_TA path).  :class:`GpRuntime` is ``tee_ta_manager.c`` for one secure world
   unless ``TA_FLAG_CONCURRENT``; invokes on one session are exclusive.  A wait that
   would close a cycle of waiting threads fails with ``TEE_ERROR_BUSY`` instead
   ("deadlock avoided", §4.2 step 4).
-* A TA returns an error by raising :class:`GpTaError`; anything else it raises is a
-  **panic**: that call and every later one on the instance give ``TARGET_DEAD`` (origin
-  TEE), and the instance leaves the UUID lookup at once (§4.4).
+* A TA returns an error by raising :class:`GpTaError`; :func:`panic` (``TEE_Panic``) or
+  anything else it raises is a **panic**: that call and every later one on the instance
+  give ``TARGET_DEAD`` (origin TEE), and the instance leaves the UUID lookup at once
+  (§4.4).
 
 ``create``/``destroy`` follow libutee (``user_ta_entry.c``): create runs in the first
 open entry of an instance, at most once until destroy (its flag is set before it runs,
@@ -43,10 +45,11 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import ClassVar, Final, TypeVar
+from typing import ClassVar, Final, NoReturn, TypeVar
 
 from objects import DriverError, Refcounted, UsageError
-from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult
+from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult, _known
+from qtee.secure._registry import PROCESS_TAS, uuid_bytes
 from qtee.secure._world import SecureObject, SecureWorld
 
 __all__ = [
@@ -57,13 +60,19 @@ __all__ = [
     "GpSession",
     "GpTA",
     "GpTaError",
+    "TaPanic",
     "TaSession",
     "TeeParamType",
     "gp_params",
+    "gp_ta_image",
     "lookup_gp_ta",
+    "lookup_loadable_ta",
+    "panic",
     "register_gp_ta",
+    "register_loadable_ta",
     "tee_param_types",
     "unregister_gp_ta",
+    "unregister_loadable_ta",
 ]
 
 log = logging.getLogger("qtee.gp")
@@ -222,6 +231,37 @@ class GpTaError(Exception):
         super().__init__(f"0x{code:08X}: {detail}" if detail else f"0x{code:08X}")
 
 
+class TaPanic(BaseException):
+    """``TEE_Panic(code)`` on its way out of a TA entry (see :func:`panic`).
+
+    A ``BaseException``, so that a TA's own ``except Exception`` cannot swallow it:
+    ``TEE_Panic`` never returns.
+    """
+
+    code: int
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        super().__init__(f"TEE_Panic(0x{code:08X})")
+
+
+def panic(code: int = 0) -> NoReturn:
+    """``TEE_Panic(code)``: end the calling TA for good, from inside one of its entry
+    points.
+
+    The entry's caller gets ``TEE_ERROR_TARGET_DEAD`` (origin TEE), and so does every
+    later call on the instance; a single-instance TA leaves the UUID lookup (unless
+    keep-crashed), so the next open makes a new instance.  No close or destroy entry
+    runs in it again.  ``code`` (a u32) is only logged, as OP-TEE only prints it.
+    Outside a TA entry: :class:`~objects.UsageError`.
+    """
+    if not _is_u32(code):
+        raise UsageError(f"a panic code is a u32, not {code!r}")
+    if _current_entry() is None:
+        raise UsageError("panic() works only inside a GP TA's entry point")
+    raise TaPanic(int(code))
+
+
 class GpTA:
     """Base class of GP TAs written in Python (``TA_*EntryPoint`` as methods).
 
@@ -282,12 +322,15 @@ class GpTA:
     ) -> tuple[TaSession | None, int, int]:
         """``TEE_OpenTASession``: login TRUSTED_APP, client identity = this TA's UUID.
 
-        Returns ``(session or None, TEE_Result, origin)``; the session belongs to this
-        instance (closed with it if the TA forgets) and is unusable from the normal world.
+        Returns ``(session or None, TEE_Result, origin)`` (``TeecResult``/``TeecOrigin``
+        members for known values, as a TEEC client sees them); the session belongs to
+        this instance (closed with it if the TA forgets) and is unusable from the normal
+        world.
         """
         entry = self._entry()
         raw = uuid.bytes if isinstance(uuid, uuidlib.UUID) else uuid
-        return entry.runtime._open_from_ta(entry.instance, raw, types, params)
+        sess, code, origin = entry.runtime._open_from_ta(entry.instance, raw, types, params)
+        return sess, _known(TeecResult, code), _known(TeecOrigin, origin)
 
 
 class TaSession:
@@ -301,9 +344,11 @@ class TaSession:
         self.id = ident
 
     def invoke(self, cmd: int, types: int, params: list[GpParam]) -> tuple[int, int]:
-        """``TEE_InvokeTACommand``: ``(TEE_Result, origin)``; a panic of the target gives
-        TARGET_DEAD (origin TEE) and leaves the caller running."""
-        return self._runtime._invoke(self.id, cmd, types, params, self._owner, from_ta=True)
+        """``TEE_InvokeTACommand``: ``(TEE_Result, origin)`` (as :meth:`GpTA.open_ta_session`
+        gives them); a panic of the target gives TARGET_DEAD (origin TEE) and leaves the
+        caller running."""
+        code, origin = self._runtime._invoke(self.id, cmd, types, params, self._owner, from_ta=True)
+        return _known(TeecResult, code), _known(TeecOrigin, origin)
 
     def close(self) -> None:
         """``TEE_CloseTASession``."""
@@ -315,45 +360,61 @@ class TaSession:
 
 # ----------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[bytes, type[GpTA]] = {}
-_REG_LOCK = threading.Lock()
-
-
-def _uuid_bytes(uuid: uuidlib.UUID | bytes) -> bytes:
-    if isinstance(uuid, uuidlib.UUID):
-        return uuid.bytes
-    if isinstance(uuid, bytes | bytearray) and len(uuid) == 16:
-        return bytes(uuid)
-    raise UsageError(f"a TA UUID is a uuid.UUID or 16 bytes, not {uuid!r}")
-
+# The process-wide layer's table of GP TAs, under the name older code reads.
+_REGISTRY = PROCESS_TAS._gp
+_uuid_bytes = uuid_bytes
 
 _T = TypeVar("_T", bound=type[GpTA])
 
 
 def register_gp_ta(cls: _T) -> _T:
-    """Make ``cls`` the TA for ``cls.UUID`` (usable as a class decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, GpTA)):
-        raise TypeError("a GP TA must be a GpTA subclass")
-    if not isinstance(getattr(cls, "UUID", None), uuidlib.UUID):
-        raise UsageError(f"{cls.__name__}.UUID must be a uuid.UUID")
-    if not _is_u32(cls.FLAGS):
-        raise UsageError(f"{cls.__name__}.FLAGS must be TA_FLAG_* bits (a u32)")
-    with _REG_LOCK:
-        _REGISTRY[cls.UUID.bytes] = cls
-    return cls
+    """Make ``cls`` the TA for ``cls.UUID`` in every world (process-wide; usable as a
+    class decorator).  One world's own: ``world.tas.register_gp(cls)``."""
+    return PROCESS_TAS.register_gp(cls)
 
 
 def unregister_gp_ta(uuid: uuidlib.UUID | bytes) -> None:
-    """Forget the TA registered for ``uuid`` (running instances are not affected)."""
-    with _REG_LOCK:
-        if _REGISTRY.pop(_uuid_bytes(uuid), None) is None:
-            raise UsageError(f"no GP TA is registered for {uuid!r}")
+    """Forget the TA registered process-wide for ``uuid`` (running instances are not
+    affected)."""
+    key = uuid_bytes(uuid)
+    if lookup_gp_ta(key) is None:
+        raise UsageError(f"no GP TA is registered for {uuid!r}")
+    PROCESS_TAS.unregister_gp(key)
 
 
 def lookup_gp_ta(uuid: uuidlib.UUID | bytes) -> type[GpTA] | None:
-    """The TA class registered for ``uuid``, or None."""
-    with _REG_LOCK:
-        return _REGISTRY.get(_uuid_bytes(uuid))
+    """The TA class registered process-wide for ``uuid``, or None."""
+    return PROCESS_TAS.lookup_gp(uuid, inherit=False)
+
+
+def register_loadable_ta(cls: _T) -> _T:
+    """Make ``cls`` the code of images named ``str(cls.UUID)`` (:func:`gp_ta_image`), in
+    every world: found only through tee-supplicant's LOAD_TA (usable as a class
+    decorator).  One world's own: ``world.tas.register_gp(cls, loadable=True)``."""
+    return PROCESS_TAS.register_gp(cls, loadable=True)
+
+
+def unregister_loadable_ta(uuid: uuidlib.UUID | bytes) -> None:
+    """Forget the loadable TA registered process-wide for ``uuid``."""
+    key = uuid_bytes(uuid)
+    if lookup_loadable_ta(key) is None:
+        raise UsageError(f"no loadable GP TA for {uuidlib.UUID(bytes=key)}")
+    PROCESS_TAS.unregister_gp(key, loadable=True)
+
+
+def lookup_loadable_ta(uuid: uuidlib.UUID | bytes) -> type[GpTA] | None:
+    """The loadable TA registered process-wide for ``uuid``, or None."""
+    return PROCESS_TAS.lookup_loadable(uuid, inherit=False)
+
+
+def gp_ta_image(uuid: uuidlib.UUID, payload: bytes = b"") -> bytes:
+    """The image (``<uuid>.ta`` file contents) of the loadable GP TA ``uuid``: a model
+    image (:func:`~qtee.secure.ta_image`) named ``str(uuid)``."""
+    from qtee.secure._apps import ta_image
+
+    if not isinstance(uuid, uuidlib.UUID):
+        raise UsageError(f"a TA UUID is a uuid.UUID, not {uuid!r}")
+    return ta_image(str(uuid), payload)
 
 
 # ----------------------------------------------------------------------------- runtime state
@@ -731,7 +792,7 @@ class GpRuntime:
             bound = self._bind(uuid)
             if bound is not None:
                 return bound
-        cls = lookup_gp_ta(uuid)
+        cls = self.world.tas.lookup_gp(uuid)
         if cls is None:
             code, cls = self._load(uuid)
             if cls is None:
@@ -956,6 +1017,10 @@ class GpRuntime:
             result = (_OK, _TA)
         except GpTaError as exc:
             result = (exc.code, _TA)
+        except TaPanic as exc:
+            log.warning("TA %s called TEE_Panic(0x%08X)", inst.cls.__name__, exc.code)
+            self._panic(inst)
+            result = (_DEAD, _TEE)
         except Exception:
             log.warning("TA %s panicked", inst.cls.__name__, exc_info=True)
             self._panic(inst)

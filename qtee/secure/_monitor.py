@@ -414,8 +414,8 @@ class SecureMonitor:
             trace(cid, None, _CB_REQ)
         try:
             nxt = on_return(_CB_REQ)
-        except Exception as exc:  # the caller abandoned the call
-            state[3] = exc
+        except BaseException as exc:  # the caller abandoned the call (Ctrl-C too): QTEE
+            state[3] = exc  # finishes it on DEFUNCTs, then the caller gets its exception
             _U32.pack_into(out, 0, _DEFUNCT)
             return
         if trace is not None and isinstance(nxt, tuple) and len(nxt) == 3:
@@ -443,6 +443,7 @@ class SecureMonitor:
             return _ENOTAVAIL
         world.monitor = self
         world.phys = self.phys
+        world.tas.parent = self._host.tas  # the host partition's TAs, then the process's
         with self._lock:  # checked again: another creation may have won meanwhile
             if client_id in self._worlds or len(self._worlds) - 1 >= self.guest_limit:
                 return _ENOTAVAIL

@@ -254,7 +254,10 @@ class OpteeEntry:
             if len(self._partitions) + len(self._dying) >= self.guest_limit:
                 log.debug("VM_CREATED %d: guest limit %d reached", client_id, self.guest_limit)
                 return SmcReturn.ENOTAVAIL
-            self._partitions[client_id] = OpteePartition(client_id)
+            part = self._partitions[client_id] = OpteePartition(client_id)
+        host = getattr(self.monitor, "host", None)
+        if isinstance(host, SecureWorld):  # the platform's TAs, then the process's
+            part.world.tas.parent = host.tas
         return SmcReturn.OK
 
     def _vm_destroyed(self, client_id: int, a7: int) -> SmcReturn:

@@ -15,8 +15,10 @@ LOAD_TA.  :func:`register_ta_file` says which Python class such a file stands fo
   early TAs are found first too.)
 
 **Scope.**  Like :func:`~qtee.secure.register_ta` and
-:func:`~qtee.secure._gp.register_gp_ta`, registrations are process-wide (a
-``--ta-module`` registers on import and stays).  Each call returns a
+:func:`~qtee.secure.register_gp_ta`, :func:`register_ta_file` registers process-wide (a
+``--ta-module`` registers on import and stays); ``world.tas.register_file(...)``
+registers for one secure world only (:class:`~qtee.secure.TaRegistry`), and a world's
+loaders look there first.  Each table is a :class:`TaFileTable`.  Each call returns a
 :class:`TaFileRegistration`; a later registration of the same key shadows an earlier
 one, and :meth:`TaFileRegistration.unregister` (or leaving it as a ``with`` block)
 removes exactly that registration, in any order.  The pytest plugin's
@@ -54,6 +56,7 @@ __all__ = [
     "SHDR_TA",
     "SignedHeaderError",
     "TaFileRegistration",
+    "TaFileTable",
     "elf_extent",
     "lookup_by_sha256",
     "lookup_by_uuid",
@@ -198,6 +201,7 @@ class TaFileRegistration:
     cls: type[Any]
     size: int | None = None
     _gone: list[bool] = field(default_factory=lambda: [False], repr=False)
+    _table: TaFileTable | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -209,21 +213,8 @@ class TaFileRegistration:
     def unregister(self) -> None:
         """Remove this registration (an earlier one for the same key shows again).
         Idempotent."""
-        with _LOCK:
-            if self._gone[0]:
-                return
-            self._gone[0] = True
-            table = _TABLES[(self.world, self.kind)]
-            stack = table.get(self.key, [])
-            if self in stack:
-                stack.remove(self)
-            if not stack:
-                table.pop(self.key, None)
-            if self.size is not None:
-                sizes = _SIZES[self.world]
-                sizes[self.size] -= 1
-                if not sizes[self.size]:
-                    del sizes[self.size]
+        table = self._table if self._table is not None else _DEFAULT
+        table._remove(self)
 
     def __enter__(self) -> TaFileRegistration:
         return self
@@ -232,14 +223,99 @@ class TaFileRegistration:
         self.unregister()
 
 
-_LOCK = threading.Lock()
-_TABLES: dict[tuple[World, Kind], dict[bytes, list[TaFileRegistration]]] = {
-    ("qtee", "sha256"): {},
-    ("optee", "sha256"): {},
-    ("optee", "uuid"): {},
-}
-#: Lengths of the files registered by path, per world (with a count of registrations).
-_SIZES: dict[World, dict[int, int]] = {"qtee": {}, "optee": {}}
+class TaFileTable:
+    """One layer of TA-file registrations: SHA-256 keys per loader, GP UUIDs, and the
+    lengths of the files registered by path (see Matching)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tables: dict[tuple[World, Kind], dict[bytes, list[TaFileRegistration]]] = {
+            ("qtee", "sha256"): {},
+            ("optee", "sha256"): {},
+            ("optee", "uuid"): {},
+        }
+        #: Lengths of the files registered by path, per world (with a count each).
+        self._sizes: dict[World, dict[int, int]] = {"qtee": {}, "optee": {}}
+
+    def register(
+        self,
+        cls: type[TrustedApp] | type[GpTA],
+        path: str | os.PathLike[str] | None = None,
+        *,
+        sha256: str | bytes | None = None,
+    ) -> TaFileRegistration:
+        """:func:`register_ta_file` into this table."""
+        reg = _registration(cls, path, sha256, self)
+        with self._lock:
+            self._tables[(reg.world, reg.kind)].setdefault(reg.key, []).append(reg)
+            if reg.size is not None:
+                sizes = self._sizes[reg.world]
+                sizes[reg.size] = sizes.get(reg.size, 0) + 1
+        return reg
+
+    def _remove(self, reg: TaFileRegistration) -> None:
+        with self._lock:
+            if reg._gone[0]:
+                return
+            reg._gone[0] = True
+            table = self._tables[(reg.world, reg.kind)]
+            stack = table.get(reg.key, [])
+            if reg in stack:
+                stack.remove(reg)
+            if not stack:
+                table.pop(reg.key, None)
+            if reg.size is not None:
+                sizes = self._sizes[reg.world]
+                sizes[reg.size] -= 1
+                if not sizes[reg.size]:
+                    del sizes[reg.size]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(stack) for t in self._tables.values() for stack in t.values())
+
+    def _candidates(self, world: World, image: bytes) -> list[bytes]:
+        """The image, and its prefixes that leave only zero bytes behind (see Matching)."""
+        out = [image]
+        with self._lock:
+            lengths = [n for n in self._sizes[world] if 0 < n < len(image)]
+        extent = elf_extent(image)
+        if extent is not None and 0 < extent < len(image):
+            lengths.append(extent)
+        for n in sorted(set(lengths), reverse=True):
+            if not image[n:].strip(b"\0"):
+                out.append(image[:n])
+        return out
+
+    def by_sha256(self, world: World, image: bytes) -> tuple[type[Any], bytes] | None:
+        """The class registered here for ``image`` (or a zero-padded copy of it) and the
+        digest it matched, or None."""
+        image = bytes(image)
+        table = self._tables[(world, "sha256")]
+        with self._lock:
+            if not table:
+                return None
+        for candidate in self._candidates(world, image):
+            digest = hashlib.sha256(candidate).digest()
+            with self._lock:
+                stack = table.get(digest)
+                if stack:
+                    return stack[-1].cls, digest
+        return None
+
+    def by_uuid(self, uuid: uuidlib.UUID) -> type[GpTA] | None:
+        """The GP TA registered here for any ``<uuid>.ta`` file, or None."""
+        with self._lock:
+            stack = self._tables[("optee", "uuid")].get(uuid.bytes)
+            return stack[-1].cls if stack else None
+
+
+#: The process-wide layer (what :func:`register_ta_file` fills).
+_DEFAULT = TaFileTable()
+# Its tables, under the names older code reads.
+_LOCK = _DEFAULT._lock
+_TABLES = _DEFAULT._tables
+_SIZES = _DEFAULT._sizes
 
 
 def _digest(sha256: str | bytes) -> bytes:
@@ -273,8 +349,19 @@ def register_ta_file(
 
     Returns the :class:`TaFileRegistration` (``unregister()``, or use it as a ``with``
     block).  Raises ``TypeError`` for another class, :class:`~objects.UsageError` for
-    bad keys, ``OSError`` for a file that cannot be read.
+    bad keys, ``OSError`` for a file that cannot be read.  Process-wide; one world's
+    own: ``world.tas.register_file(...)``.
     """
+    return _DEFAULT.register(cls, path, sha256=sha256)
+
+
+def _registration(
+    cls: type[TrustedApp] | type[GpTA],
+    path: str | os.PathLike[str] | None,
+    sha256: str | bytes | None,
+    table: TaFileTable,
+) -> TaFileRegistration:
+    """Check the arguments of a registration and build it (not yet in ``table``)."""
     from qtee.secure._apps import TrustedApp
     from qtee.secure._gp import GpTA
 
@@ -303,12 +390,7 @@ def register_ta_file(
         key, kind = _digest(sha256), "sha256"
     else:
         key, kind = cls.UUID.bytes, "uuid"  # type: ignore[union-attr]
-    reg = TaFileRegistration(world, kind, key, cls, size)
-    with _LOCK:
-        _TABLES[(world, kind)].setdefault(key, []).append(reg)
-        if size is not None:
-            _SIZES[world][size] = _SIZES[world].get(size, 0) + 1
-    return reg
+    return TaFileRegistration(world, kind, key, cls, size, _table=table)
 
 
 def _check_gp_file(cls: type, path: str, data: bytes) -> None:
@@ -328,39 +410,12 @@ def _check_gp_file(cls: type, path: str, data: bytes) -> None:
         raise UsageError(f"{path} is signed for TA {inside}, not {cls.__name__} ({want})")
 
 
-def _candidates(world: World, image: bytes) -> list[bytes]:
-    """The image, and its prefixes that leave only zero bytes behind (see Matching)."""
-    out = [image]
-    with _LOCK:
-        lengths = [n for n in _SIZES[world] if 0 < n < len(image)]
-    extent = elf_extent(image)
-    if extent is not None and 0 < extent < len(image):
-        lengths.append(extent)
-    for n in sorted(set(lengths), reverse=True):
-        if not image[n:].strip(b"\0"):
-            out.append(image[:n])
-    return out
-
-
 def lookup_by_sha256(world: World, image: bytes) -> tuple[type[Any], bytes] | None:
-    """The class registered for ``image`` (or a zero-padded copy of it) and the digest
-    it matched, or None."""
-    image = bytes(image)
-    with _LOCK:
-        table = _TABLES[(world, "sha256")]
-        if not table:
-            return None
-    for candidate in _candidates(world, image):
-        digest = hashlib.sha256(candidate).digest()
-        with _LOCK:
-            stack = table.get(digest)
-            if stack:
-                return stack[-1].cls, digest
-    return None
+    """The class registered process-wide for ``image`` (or a zero-padded copy of it) and
+    the digest it matched, or None."""
+    return _DEFAULT.by_sha256(world, image)
 
 
 def lookup_by_uuid(uuid: uuidlib.UUID) -> type[GpTA] | None:
-    """The GP TA registered for any ``<uuid>.ta`` file, or None."""
-    with _LOCK:
-        stack = _TABLES[("optee", "uuid")].get(uuid.bytes)
-        return stack[-1].cls if stack else None
+    """The GP TA registered process-wide for any ``<uuid>.ta`` file, or None."""
+    return _DEFAULT.by_uuid(uuid)

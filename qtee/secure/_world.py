@@ -4,6 +4,12 @@ Ids: 0 is NULL, 1 is the root (static, not refcounted); every other object QTEE 
 gets the lowest free id from 2 up, and each id handed to the kernel stands for one
 reference the kernel holds.  The kernel gives it back with op RELEASE (0xFFFF).
 
+Every :class:`SecureObject` knows its partition (:attr:`SecureObject.world`) without
+being told: one created while a call of a world runs on the thread belongs to that
+world, and one a world exports (an output object, an input of a callback) that has none
+yet gets that world.  So a TA's sub-objects (a session, an iterator) can call back and
+map memory exactly as the TA does.
+
 Objects the kernel passes in (ids with the NS bit) become :class:`NsObject` proxies;
 each proxy is one reference QTEE holds on that NS id.  Dropping the last reference on a
 proxy queues the id for an async RELEASE message, which goes out in the outbound buffer
@@ -13,12 +19,14 @@ on the next return to the kernel (QTEE never sends an explicit release callback)
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self
 
 from objects import (
     DispatchResult,
@@ -72,6 +80,10 @@ _OP_RELEASE: Final = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
 _OP_RETAIN: Final = wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
 
 
+#: The world whose call runs on this thread (``world``; absent outside any call).
+_running = threading.local()
+
+
 def _badobj(detail: str) -> Result:
     """BADOBJ for this call, and why (noted for the client; the wire carries -92 only)."""
     _reason.note(Result.ERROR_BADOBJ, Result.ERROR_BADOBJ.name, detail)
@@ -79,7 +91,41 @@ def _badobj(detail: str) -> Result:
 
 
 class SecureObject(PyObject):
-    """An object hosted in QTEE (services, TAs); ops declared with :func:`objects.op`."""
+    """An object hosted in QTEE (services, TAs); ops declared with :func:`objects.op`.
+
+    :attr:`world` is the partition it lives in.  Nobody has to set it: an object made
+    while a call of a world runs on this thread (in a handler, say) takes that world, and
+    an object a world exports without one (a sub-object returned as an output) takes the
+    exporting world.  Setting it by hand still works and is never overridden.
+    """
+
+    _secure_world: SecureWorld | None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        obj = super().__new__(cls)
+        world = getattr(_running, "world", None)
+        if world is not None:
+            obj._secure_world = world
+        return obj
+
+    @property
+    def world(self) -> SecureWorld:
+        """The secure world (partition) this object lives in."""
+        world: SecureWorld | None = getattr(self, "_secure_world", None)
+        if world is None:
+            raise UsageError(
+                f"{type(self).__name__} is in no secure world yet: it takes the world of "
+                "the call it is created in, or of the first world that exports it; "
+                "outside both, set .world"
+            )
+        return world
+
+    @world.setter
+    def world(self, world: SecureWorld) -> None:
+        # None is let through (it unsets the world: the next export sets it again).
+        if world is not None and not isinstance(world, SecureWorld):
+            raise TypeError(f"world must be a SecureWorld, not {type(world).__name__}")
+        self._secure_world = world
 
     def on_release(self) -> None:
         """Called when the last reference to this object is gone."""
@@ -133,6 +179,19 @@ class NsObject:
 #: Per-thread state of one direct invocation: its outbound buffer and the driver's server.
 _Call = tuple[_Buf, ServeCallback]
 
+_LABEL_CLASSES: list[type] = []
+
+
+def _label_classes() -> tuple[type, type]:
+    """(AppController, ClientEnv): the objects whose outputs get named (imported on first
+    use: both modules import this one)."""
+    if not _LABEL_CLASSES:
+        from qtee.secure._apps import AppController
+        from qtee.secure._services import ClientEnv
+
+        _LABEL_CLASSES[:] = [AppController, ClientEnv]
+    return _LABEL_CLASSES[0], _LABEL_CLASSES[1]
+
 
 class SecureWorld:
     """QTEE: consumes inbound messages and answers them (sans-IO apart from callbacks).
@@ -172,14 +231,28 @@ class SecureWorld:
 
         #: Registered listeners and the TA-autoload callback.
         self.listeners = Listeners()
+        from qtee.secure._registry import PROCESS_TAS, TaRegistry
+
+        #: The TAs this world loads, looked up before the process-wide ones.
+        self.tas = TaRegistry(PROCESS_TAS)
+        # Model-only names of exported objects (see label): object -> its label.
+        self._labels: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+        self._adopt(root)
         root.attach(self)
 
     # ---------------------------------------------------------------- table
     def export(self, obj: SecureObject) -> int:
-        """Give the kernel one reference to ``obj``: a fresh id every time."""
+        """Give the kernel one reference to ``obj``: a fresh id every time.  An object in
+        no world yet joins this one."""
+        self._adopt(obj)
         with self._lock:
             ident = self._table.insert(obj)
             return ident
+
+    def _adopt(self, obj: SecureObject) -> None:
+        """``obj`` lives in this world from now on (unless it already lives in one)."""
+        if getattr(obj, "_secure_world", None) is None:
+            obj._secure_world = self
 
     def lookup(self, ident: int) -> SecureObject | None:
         """The object behind a live QTEE id."""
@@ -189,6 +262,52 @@ class SecureWorld:
         """QTEE ids the kernel still holds (for leak checks)."""
         with self._lock:
             return list(self._table)
+
+    def label(self, ident: int) -> str | None:
+        """Model-only: what the object behind the live id ``ident`` is (None: no such id).
+
+        The class name, with what QTEE knows of it: ``service 0x3 AppLoader`` for a service
+        opened through a client env (by its UID), ``TA 'adder' (Adder)`` for a TA's app
+        object, ``AppController of TA 'adder'``.  Nothing of this crosses the wire.
+        """
+        if ident == wire.QCOMTEE_MSG_OBJECT_ROOT:
+            return "root"
+        obj = self._table.lookup(ident)
+        return None if obj is None else self.label_of(obj)
+
+    def label_of(self, obj: object) -> str:
+        """Model-only: the label of an object this world exports (see :meth:`label`)."""
+        try:
+            named = self._labels.get(obj)
+        except TypeError:  # a class with __slots__ and no __weakref__: never named
+            named = None
+        if named is not None:
+            return named
+        controller, _ = _label_classes()
+        if isinstance(obj, controller):
+            return f"{type(obj).__name__} of TA {getattr(obj, 'name', '?')!r}"
+        return type(obj).__name__
+
+    def _name_outputs(
+        self, target: SecureObject, op: int, ib: Sequence[bytes], oo: Sequence[object]
+    ) -> None:
+        """Remember what a client env's open (op 0) and an app controller's getAppObject
+        (op 2) returned: the service UID asked for, the TA's name (model-only)."""
+        controller, client_env = _label_classes()
+        if op == 0 and isinstance(target, client_env) and ib and len(ib[0]) == 4:
+            (uid,) = struct.unpack("<I", ib[0])
+            prefix = f"service {uid:#x} "
+            labels = [f"{prefix}{type(obj).__name__}" for obj in oo]
+        elif op == 2 and isinstance(target, controller):
+            name = getattr(target, "name", "?")
+            labels = [f"TA {name!r} ({type(obj).__name__})" for obj in oo]
+        else:
+            return
+        with self._lock:
+            for obj, text in zip(oo, labels, strict=True):
+                if isinstance(obj, SecureObject):
+                    with contextlib.suppress(TypeError):  # no weak reference: stays unnamed
+                        self._labels[obj] = text
 
     def pending_releases(self) -> list[int]:
         """NS ids queued for an async RELEASE, not yet sent."""
@@ -254,11 +373,14 @@ class SecureWorld:
         msg = wire.decode_invoke(inbound)
         local = self._local
         prev = getattr(local, "call", None)
+        prev_world = getattr(_running, "world", None)
         local.call = (outbound, serve)
+        _running.world = self
         try:
             result = self._dispatch(msg, inbound)
         finally:
             local.call = prev
+            _running.world = prev_world
         if self._pending_release:
             self._flush_releases(outbound, 0)
         return result
@@ -297,6 +419,8 @@ class SecureWorld:
             return res.result
         if msg.n_oo or msg.ob:  # outputs to write
             oo_ids = [self._export_out(obj) for obj in res.oo]
+            if res.oo and op <= 2:
+                self._name_outputs(target, op, msg.ib, res.oo)
             wire.write_invoke_response(inbound, msg, res.ob, oo_ids)
         return Result.OK
 
