@@ -9,14 +9,22 @@ The kernel keeps two channels apart and so does qtee:
 
 Everything else splits into "the caller broke it" (:class:`UsageError`) and "the other
 side sent something malformed" (:class:`DecodeError`).
+
+A :class:`QteeError` names its result the way the interface that answered does: a member
+of an interface's error enum (``IAppLoader.ERROR_INVALID_BUFFER``, an ``IntEnum`` named
+after the interface) is named ``IAppLoader.ERROR_INVALID_BUFFER``; a generic result by its
+:class:`Result` name.  The name and the ``detail`` are the model's own: they never cross
+the wire (QTEE sends only the number).
 """
 
 from __future__ import annotations
 
+import enum
 import errno as _errno
 import os
+from typing import Any
 
-from objects._results import result_name
+from objects._results import Result, result_name
 
 __all__ = ["DecodeError", "DriverError", "QteeBaseError", "QteeError", "UsageError"]
 
@@ -59,19 +67,40 @@ class DriverError(QteeBaseError, OSError):
         return f"[{errno_name(self.code)}] {self.strerror}"
 
 
-class QteeError(QteeBaseError):
-    """The result channel: QTEE (or a callback object) answered with ``result`` != 0."""
+def interface_error_name(result: int) -> str | None:
+    """``IAppLoader.ERROR_INVALID_BUFFER`` for a member of an interface's error enum (any
+    ``IntEnum`` but :class:`Result`), None for anything else."""
+    if isinstance(result, enum.IntEnum) and not isinstance(result, Result):
+        return f"{type(result).__name__}.{result.name}"
+    return None
 
-    def __init__(self, result: int, detail: str = "") -> None:
+
+class QteeError(QteeBaseError):
+    """The result channel: QTEE (or a callback object) answered with ``result`` != 0.
+
+    ``name`` says what the result means: given, or taken from ``result`` when it is a
+    member of an interface's error enum (``IAppLoader.ERROR_INVALID_BUFFER``), else the
+    generic :func:`result_name`.  ``detail`` is why, when the side that answered said so.
+    Both are the model's: QTEE's answer on the wire is the number alone."""
+
+    def __init__(self, result: int, detail: str = "", *, name: str = "") -> None:
         if not isinstance(result, int) or isinstance(result, bool) or result == 0:
             raise ValueError(f"a QteeError needs a non-zero int result, not {result!r}")
+        if not isinstance(detail, str) or not isinstance(name, str):
+            raise TypeError("a QteeError's detail and name are str")
         self.result = result
         self.detail = detail
-        text = f"QTEE result {result} ({result_name(result)})"
+        #: ``IAppLoader.ERROR_INVALID_BUFFER``, ``ERROR_INVALID``, ``USERBASE+3``...
+        self.name = name or interface_error_name(result) or result_name(result)
+        text = f"QTEE result {int(result)} ({self.name})"
         super().__init__(f"{text}: {detail}" if detail else text)
 
-    def __reduce__(self) -> tuple[type[QteeError], tuple[int, str]]:
-        return (type(self), (self.result, self.detail))
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), int(self.result), self.detail, self.name))
+
+
+def _rebuild(cls: type[QteeError], result: int, detail: str, name: str) -> QteeError:
+    return cls(result, detail, name=name)
 
 
 class UsageError(QteeBaseError, ValueError):

@@ -28,17 +28,26 @@ from qtee._optee_supp import (
     TrustedStorage,
     trusted_storage,
 )
-from qtee._remote import RemoteContext, RemoteDevice, connect
+from qtee._remote import ConnectError, RemoteContext, RemoteDevice, connect
 from qtee._server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, address_of
 from qtee.client import OUT_OBJECT, CallbackObject, Client, MemoryObject, ObjRef, Out, Transfer
 from qtee.credentials import CredentialKey, Credentials
 from qtee.secure import (
+    IIO,
     TEE_TIMEOUT_INFINITE,
     GpParam,
     GpSession,
     GpTA,
     GpTaError,
+    IAppController,
+    IAppLoader,
+    IDiagnostics,
+    IGPAppClient,
+    IGPSession,
+    IOpener,
+    IRegisterListenerCBO,
+    IRegisterTABufCBO,
     NsObject,
     QteeRoot,
     SecureObject,
@@ -68,6 +77,7 @@ __all__ = [
     "CallbackObject",
     "CheckedMemory",
     "Client",
+    "ConnectError",
     "Context",
     "CredentialKey",
     "Credentials",
@@ -77,6 +87,15 @@ __all__ = [
     "OpteeContext",
     "OpteeDevice",
     "DriverError",
+    "IAppController",
+    "IAppLoader",
+    "IDiagnostics",
+    "IGPAppClient",
+    "IGPSession",
+    "IIO",
+    "IOpener",
+    "IRegisterListenerCBO",
+    "IRegisterTABufCBO",
     "MemoryObject",
     "NsObject",
     "ObjRef",

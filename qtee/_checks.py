@@ -25,6 +25,7 @@ __all__ = [
     "QCOMTEE_ROOT_OP_ADCI_SHUTDOWN",
     "QCOMTEE_ROOT_OP_NOTIFY_DOMAIN_CHANGE",
     "QCOMTEE_ROOT_OP_REG_WITH_CREDENTIALS",
+    "WRITES_STRUCT",
     "check_buf_len",
     "check_param_attrs",
     "need_arg",
@@ -79,31 +80,54 @@ _UBUF_TYPES: Final = frozenset(
 )
 
 
-def need_arg(
-    arg: bytearray | memoryview, size: int, *, writable: bool = True
-) -> bytearray | memoryview:
+#: The ioctls whose own struct the TEE core writes back (``copy_to_user``): for them a
+#: read-only struct is EFAULT.  Every other ioctl only reads its struct (a buf_data, a
+#: cancel or close-session arg), so a read-only one works, as with the kernel.
+WRITES_STRUCT: Final = frozenset(
+    {
+        uapi.TEE_IOC_VERSION,
+        uapi.TEE_IOC_SHM_ALLOC,
+        uapi.TEE_IOC_SHM_REGISTER,
+        uapi.TEE_IOC_SHM_REGISTER_FD,
+    }
+)
+
+
+def need_arg(arg: object, size: int, *, writable: bool = True) -> bytes | bytearray | memoryview:
     """The ioctl's own struct: ``size`` bytes, writable when the ioctl writes its struct
     back, else EFAULT before anything happens (``copy_from_user``/``copy_to_user``).
 
-    A bytearray, or a one-dimensional byte memoryview that is not released (and not
-    read-only when ``writable``)."""
+    A bytearray, or a one-dimensional byte memoryview that is not released; when the
+    ioctl only reads its struct, a read-only one too (``bytes``, a read-only view).
+    Anything else is a bad pointer: EFAULT, saying what it was."""
     if isinstance(arg, bytearray):
         if len(arg) >= size:
             return arg
-    elif isinstance(arg, memoryview):
-        try:
-            usable = (
-                arg.ndim == 1
-                and arg.itemsize == 1
-                and arg.c_contiguous
-                and not (writable and arg.readonly)
+        raise DriverError(errno.EFAULT, f"ioctl argument is {len(arg)} bytes, the struct {size}")
+    if isinstance(arg, bytes):
+        if writable:
+            raise DriverError(
+                errno.EFAULT, "ioctl argument is read-only (bytes): this ioctl writes it back"
             )
-        except ValueError:  # a released memoryview
-            usable = False
-        if usable and len(arg) >= size:
+        if len(arg) >= size:
             return arg
-    what = "writable bytes" if writable else "bytes"
-    raise DriverError(errno.EFAULT, f"ioctl argument must be {size} {what}")
+        raise DriverError(errno.EFAULT, f"ioctl argument is {len(arg)} bytes, the struct {size}")
+    if isinstance(arg, memoryview):
+        try:
+            usable = arg.ndim == 1 and arg.itemsize == 1 and arg.c_contiguous
+            readonly = arg.readonly
+        except ValueError:  # a released memoryview
+            raise DriverError(errno.EFAULT, "ioctl argument is a released memoryview") from None
+        if not usable:
+            raise DriverError(errno.EFAULT, "ioctl argument is not a flat view of bytes")
+        if writable and readonly:
+            raise DriverError(
+                errno.EFAULT, "ioctl argument is a read-only view: this ioctl writes it back"
+            )
+        if len(arg) >= size:
+            return arg
+        raise DriverError(errno.EFAULT, f"ioctl argument is {len(arg)} bytes, the struct {size}")
+    raise DriverError(errno.EFAULT, f"ioctl argument must be a buffer, not {type(arg).__name__}")
 
 
 def read_buf_block(

@@ -654,7 +654,9 @@ class Context:
                 uapi.VersionData(uapi.TEE_IMPL_ID_QTEE, 0, _GEN_CAPS).pack_into(arg)
                 return 0
             if cmd == uapi.TEE_IOC_SHM_REGISTER:
-                data = uapi.ShmRegisterData.unpack(self._need(arg, uapi.ShmRegisterData.SIZE))
+                # qcomtee fails before the TEE core would write the struct back: read only
+                size = uapi.ShmRegisterData.SIZE
+                data = uapi.ShmRegisterData.unpack(self._need(arg, size, writable=False))
                 if data.flags:
                     raise _einval("SHM_REGISTER flags must be 0")
                 raise DriverError(ENOTSUPP, "qcomtee has no shm_register op")

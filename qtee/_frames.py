@@ -19,7 +19,8 @@ welcome    server      impl_id: u32, gen_caps: u32, server: str
 denied     server      errno: 1..4095, reason: str  (instead of welcome; then the end)
 ioctl      client      seq: u32, cmd: u32, arg: bin, regions: [region]
 recv_nowait client     seq: u32, arg: bin, regions: [region]  (a SUPPL_RECV that never waits)
-reply      server      seq: u32, errno: 0..4095, arg: bin, written: [region]
+reply      server      seq: u32, errno: 0..4095, arg: bin, written: [region],
+                       why: {result: s32 != 0, name: str, detail: str}  (optional)
 close      client      seq: u32
 shm        server      seq: u32, id: u32, size: u64  (+ one fd, SCM_RIGHTS)
 shm_free   client      seq: u32, id: u32
@@ -70,6 +71,11 @@ processes: the server maps them at those addresses for the call).  A reply with
 ``errno`` != 0 nothing is written back (the errno channel: the kernel copies nothing
 out of a failed ioctl), so ``arg`` and ``written`` are empty.
 
+A successful OBJECT_INVOKE's reply may carry ``why``: the secure side's note on why it
+answered with an error (:mod:`qtee._reason`: the result, the interface error's name, the
+reason), a model-only detail the client puts in its :class:`~objects.QteeError`; it is
+absent when there is no note, and never changes ``arg`` or ``written``.
+
 A reply is checked against its request on the client (:func:`check_reply`,
 :func:`check_written`) before anything is written back: same ``seq``, an ``arg`` as long
 as the request's, and writes only inside the writable regions the request sent.
@@ -95,6 +101,8 @@ from objects import DecodeError, UsageError
 __all__ = [
     "MAX_ERRNO",
     "MAX_FRAME",
+    "MAX_WHY_DETAIL",
+    "MAX_WHY_NAME",
     "NODES",
     "PROTOCOL_VERSION",
     "QUERIES",
@@ -135,11 +143,15 @@ _BYTES_LIKE: Final = (bytes, bytearray, memoryview)
 
 #: 2: ``probe``/``status``, and trace streams acknowledged or queries refused in ``answer``.
 #: 3: ``hello.node``, ``denied``, ``recv_nowait``, ``watch``/``ready``.
-PROTOCOL_VERSION: Final = 3
+#: 4: ``reply.why``.
+PROTOCOL_VERSION: Final = 4
 #: Default limit on a frame body (the length word); configurable per decoder.
 MAX_FRAME: Final = 8 * 1024 * 1024
 #: Largest errno a reply may carry (the kernel's ``MAX_ERRNO``).
 MAX_ERRNO: Final = 4095
+#: Longest ``why`` name and detail a reply may carry (characters).
+MAX_WHY_NAME: Final = 200
+MAX_WHY_DETAIL: Final = 1000
 
 #: What a ``query`` may ask for.
 QUERIES: Final = ("info", "trace", "objects")
@@ -414,17 +426,36 @@ class RecvNowait:
         return _build(cls, f, cls.KIND)
 
 
+#: A reply's ``why``: (result, interface error name, detail).
+Why: TypeAlias = tuple[int, str, str]
+
+
+def _why(value: object) -> Why:
+    if type(value) is not tuple or len(value) != 3:
+        raise UsageError(f"IoctlReply.why must be (result, name, detail), not {value!r}")
+    result, name, detail = value
+    if type(result) is not int or result == 0 or not -0x8000_0000 <= result <= 0x7FFF_FFFF:
+        raise UsageError(f"IoctlReply.why result must be a non-zero s32, not {result!r}")
+    for what, text, limit in (("name", name, MAX_WHY_NAME), ("detail", detail, MAX_WHY_DETAIL)):
+        if len(_str(text, f"IoctlReply.why {what}")) > limit:
+            raise UsageError(f"IoctlReply.why {what} is over {limit} characters")
+    return (result, name, detail)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IoctlReply:
-    """Server -> client: the ioctl's outcome; on errno != 0 nothing is written back."""
+    """Server -> client: the ioctl's outcome; on errno != 0 nothing is written back.
+    ``why``: the secure side's note on a failed invocation (model-only, optional)."""
 
     seq: int
     errno: int = 0
     arg: bytes = b""
     written: tuple[Region, ...] = field(default=())
+    why: Why | None = None
 
     KIND: ClassVar[str] = "reply"
     _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "errno", "arg", "written"})
+    _WHY_KEYS: ClassVar[frozenset[str]] = _KEYS | {"why"}
 
     def __post_init__(self) -> None:
         _int(self.seq, "IoctlReply.seq", 0, _U32)
@@ -433,9 +464,13 @@ class IoctlReply:
         _set(self, "written", _regions(self.written, "IoctlReply.written", writable_only=True))
         if self.errno and (self.arg or self.written):
             raise UsageError(f"IoctlReply with errno {self.errno} must not write anything back")
+        if self.why is not None:
+            _set(self, "why", _why(self.why))
+            if self.errno:
+                raise UsageError(f"IoctlReply with errno {self.errno} has no why")
 
     def to_map(self) -> dict[str, Any]:
-        return {
+        m = {
             "v": PROTOCOL_VERSION,
             "t": self.KIND,
             "seq": self.seq,
@@ -443,12 +478,31 @@ class IoctlReply:
             "arg": self.arg,
             "written": [r.to_map() for r in self.written],
         }
+        if self.why is not None:
+            m["why"] = _why_map(self.why)
+        return m
 
     @classmethod
     def from_map(cls, m: object) -> IoctlReply:
-        f = _fields(m, cls._KEYS, cls.KIND)
+        keys = cls._WHY_KEYS if type(m) is dict and "why" in m else cls._KEYS
+        f = _fields(m, keys, cls.KIND)
         f["written"] = _region_list(f["written"], "reply.written")
+        if "why" in f:
+            f["why"] = _why_of(f["why"])
         return _build(cls, f, cls.KIND)
+
+
+_WHY_MAP_KEYS: Final = frozenset({"result", "name", "detail"})
+
+
+def _why_map(why: Why) -> dict[str, Any]:
+    return {"result": why[0], "name": why[1], "detail": why[2]}
+
+
+def _why_of(value: object) -> Why:
+    f = _fields(value, _WHY_MAP_KEYS, "reply.why")
+    # _build's UsageError -> FrameError: a tuple checked by IoctlReply itself
+    return (f["result"], f["name"], f["detail"])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -796,6 +850,7 @@ def _fast_call_frame(m: dict[Any, Any], kind: str) -> Ioctl | IoctlReply | None:
         msg = _new(IoctlReply)
         _setattr(msg, "errno", err)
         _setattr(msg, "written", regions)
+        _setattr(msg, "why", None)
     if regions is None or type(seq) is not int or not 0 <= seq <= _U32 or type(arg) is not bytes:
         return None
     _setattr(msg, "seq", seq)
@@ -854,21 +909,21 @@ def encode_reply(
     written: Iterable[tuple[int, bytes]] = (),
     *,
     max_frame: int = MAX_FRAME,
+    why: Why | None = None,
 ) -> bytes:
     """``encode(IoctlReply(...))`` of a reply whose disjoint written regions are
     ``(addr, data)``: the same bytes, without building the records."""
-    return _frame(
-        {
-            "v": PROTOCOL_VERSION,
-            "t": "reply",
-            "seq": seq,
-            "errno": err,
-            "arg": arg,
-            "written": [{"addr": a, "data": d, "writable": True} for a, d in written],
-        },
-        "reply",
-        max_frame,
-    )
+    m: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "t": "reply",
+        "seq": seq,
+        "errno": err,
+        "arg": arg,
+        "written": [{"addr": a, "data": d, "writable": True} for a, d in written],
+    }
+    if why is not None:
+        m["why"] = _why_map(_why(why))
+    return _frame(m, "reply", max_frame)
 
 
 def _frame(m: dict[str, Any], kind: str, max_frame: int) -> bytes:

@@ -294,12 +294,14 @@ class OpteeContext:
         if cmd == uapi.TEE_IOC_INVOKE:
             return self._invoke(arg)
         if cmd == uapi.TEE_IOC_CANCEL:
-            cancel = uapi.CancelArg.unpack(self._need(arg, uapi.CancelArg.SIZE))
+            # CANCEL and CLOSE_SESSION only read their struct (a read-only one works)
+            cancel = uapi.CancelArg.unpack(self._need(arg, uapi.CancelArg.SIZE, writable=False))
             self._own(cancel.session)
             self.device.calls.cancel(cancel.session, cancel.cancel_id, owner=self)
             return 0
         if cmd == uapi.TEE_IOC_CLOSE_SESSION:
-            close = uapi.CloseSessionArg.unpack(self._need(arg, uapi.CloseSessionArg.SIZE))
+            size = uapi.CloseSessionArg.SIZE
+            close = uapi.CloseSessionArg.unpack(self._need(arg, size, writable=False))
             self._own(close.session)
             with self._lock:
                 self.sessions.discard(close.session)

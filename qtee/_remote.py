@@ -8,7 +8,12 @@ way the kernel will), and copies back what the server's driver wrote.  The clien
 memory is a :class:`CheckedMemory` by default (addresses are this process's synthetic
 ones and mean nothing elsewhere), or the caller's choice (``RemoteDevice(path,
 memory=ProcessMemory())``: C pointers, raw process memory).  A connection that drops
-fails every call in flight with EBADF.
+fails every call in flight with EBADF, the detail saying what happened (the server at
+PATH said bye because it shut down, or closed the connection).
+
+``connect`` checks the path at once: nothing there, something that is not a socket, a
+socket nobody listens on, or one this process may not use is a :class:`ConnectError`
+(a :class:`~objects.DriverError` with the errno, naming the path and why).
 
 The server is not trusted with this process's memory.  Before anything is written back,
 a reply is checked against its request: an ``arg`` as long as the request's (and
@@ -52,14 +57,16 @@ import math
 import mmap
 import os
 import socket
+import stat
 import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from objects import DriverError, UsageError
-from qtee import uapi
+from objects import DriverError, UsageError, errno_name
+from qtee import _reason, uapi
+from qtee._checks import WRITES_STRUCT, need_arg
 from qtee._frames import (
     MAX_FRAME,
     NODES,
@@ -87,22 +94,19 @@ from qtee._remote_checks import Dialect, QteeDialect
 from qtee._remote_optee import OpteeDialect
 from qtee.addrspace import AddressSpace, CheckedMemory
 
-__all__ = ["CALL_TIMEOUT", "PROBE_WAIT", "RemoteContext", "RemoteDevice", "connect"]
+__all__ = [
+    "CALL_TIMEOUT",
+    "PROBE_WAIT",
+    "ConnectError",
+    "RemoteContext",
+    "RemoteDevice",
+    "connect",
+]
 
 log = logging.getLogger("qtee.remote")
 
-_BUF_TYPES: Final = (bytearray, memoryview)  # (a tuple: a union is built per call)
+_BUF_TYPES: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
 _SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
-#: Ioctls whose struct is a ``tee_ioctl_buf_data`` the kernel only reads.
-_BUF_DATA: Final = frozenset(
-    {
-        uapi.TEE_IOC_OBJECT_INVOKE,
-        uapi.TEE_IOC_SUPPL_RECV,
-        uapi.TEE_IOC_SUPPL_SEND,
-        uapi.TEE_IOC_OPEN_SESSION,
-        uapi.TEE_IOC_INVOKE,
-    }
-)
 #: fds one read may bring (a shm frame carries one).
 _MAX_FDS: Final = 16
 #: Seconds a call may go without a reply before it fails ETIMEDOUT (``connect``'s default).
@@ -111,6 +115,67 @@ CALL_TIMEOUT: Final = 30.0
 PROBE_WAIT: Final = 1.0
 #: How often a thread waiting for a probe's answer looks for it.
 _POLL: Final = 0.005
+#: How long a failed send waits for the reader to see why the server went away.
+_READER_GRACE: Final = 1.0
+
+
+class _Closed(DriverError):
+    """The server closed the connection (the end of the stream)."""
+
+
+class ConnectError(DriverError):
+    """No device server can be reached at ``path``.  ``errno`` says why: ENOENT (nothing
+    there), ENOTSOCK (not a socket), ECONNREFUSED (a socket nobody listens on), EACCES (no
+    permission), ENAMETOOLONG (longer than a socket address takes)..."""
+
+    def __init__(self, code: int, path: str, why: str) -> None:
+        super().__init__(code, f"cannot connect to {path}: {why}")
+        #: The path that was tried.
+        self.path = path
+        #: Why, in words.
+        self.why = why
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.code, self.path, self.why))
+
+    def __str__(self) -> str:
+        return f"[{errno_name(self.code)}] {self.detail}"
+
+
+#: The longest socket path (``sun_path``: 108 bytes, no NUL needed; as ``qtee serve``'s).
+_SUN_PATH_MAX: Final = 108
+
+
+def _connect_error(path: str, exc: OSError) -> ConnectError:
+    """What a failed ``connect(path)`` means, in one line."""
+    code = exc.errno or errno.ECONNREFUSED
+    if code in (errno.ECONNREFUSED, errno.EPROTOTYPE):
+        try:  # connecting to a file that is not a socket is refused as well
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFSOCK
+        if not stat.S_ISSOCK(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "a file"
+            return ConnectError(errno.ENOTSOCK, path, f"it is {what}, not a socket")
+        return ConnectError(errno.ECONNREFUSED, path, "nothing listens on it (its server has gone)")
+    if code == errno.ENOENT:
+        return ConnectError(code, path, "no such socket (is `qtee serve` running there?)")
+    if code in (errno.EACCES, errno.EPERM):
+        return ConnectError(errno.EACCES, path, "permission denied")
+    return ConnectError(code, path, os.strerror(code))
+
+
+def _check_path(path: str) -> None:
+    """A path a socket address can hold (ENAMETOOLONG otherwise, as the kernel says)."""
+    size = len(os.fsencode(path))
+    if not size:
+        raise ConnectError(errno.ENOENT, path, "the path is empty")
+    if size > _SUN_PATH_MAX:
+        raise ConnectError(
+            errno.ENAMETOOLONG,
+            path,
+            f"the path is {size} bytes, a socket path takes at most {_SUN_PATH_MAX}",
+        )
 
 
 def _seconds(value: object, what: str, *, none_ok: bool) -> float | None:
@@ -195,12 +260,13 @@ class RemoteContext:
             raise UsageError(f"node must be one of {NODES}, not {node!r}")
         self.device = device
         self.node = node
+        _check_path(device.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(device.path)
         except OSError as exc:
             self.sock.close()
-            raise DriverError(errno.ENOENT, f"cannot connect to {device.path}: {exc}") from None
+            raise _connect_error(device.path, exc) from None
         self._send = threading.Lock()
         self._seq = itertools.count(1)
         #: seq -> the call waiting for that reply; each is taken out of here exactly once,
@@ -237,6 +303,8 @@ class RemoteContext:
             self.sock.close()
             for fd in self._fds:
                 os.close(fd)
+            if isinstance(exc, _Closed):  # something listens there, and hangs up
+                raise ConnectError(exc.code, device.path, exc.detail) from None
             if isinstance(exc, DriverError):
                 raise
             code = errno.ETIMEDOUT if isinstance(exc, TimeoutError) else errno.EPROTO
@@ -259,7 +327,7 @@ class RemoteContext:
             if flags & socket.MSG_CTRUNC:
                 raise DriverError(errno.EPROTO, "the server sent more fds than one read takes")
             if not data:
-                raise DriverError(errno.EPROTO, "server closed the connection")
+                raise _Closed(errno.EPROTO, "server closed the connection")
             self._decoder.feed(data)
         return msg
 
@@ -321,10 +389,12 @@ class RemoteContext:
                     if stream is not None:
                         stream(msg.data)
                 elif isinstance(msg, Bye):
-                    reason = f"server said bye: {msg.reason}"
+                    reason = f"the server at {self.device.path} said bye: {msg.reason}"
                     return
                 else:
                     raise DriverError(errno.EPROTO, f"a {type(msg).__name__} from the server")
+        except _Closed:
+            reason = f"the server at {self.device.path} closed the connection"
         except (DriverError, FrameError, OSError) as exc:
             reason = str(exc)
         finally:
@@ -336,6 +406,13 @@ class RemoteContext:
             self._fds.clear()
             self._told_lost = True
             self._ready()  # the end: a waiter finds the fd gone
+
+    def _await_reader(self) -> None:
+        """A send failed because the server is gone: let the reader take what it said last
+        (a bye, or the end of the stream), briefly, so the error says why."""
+        reader = getattr(self, "_reader", None)
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(_READER_GRACE)
 
     def _ready(self) -> None:
         """Call the ``on_ready`` hook (from the reader thread); what it raises is logged."""
@@ -369,7 +446,7 @@ class RemoteContext:
             self.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end and fails the rest
 
     # ------------------------------------------------------------------ ioctl
-    def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
+    def ioctl(self, cmd: int, arg: bytes | bytearray | memoryview) -> int:
         """Run ``cmd`` on the server; ``arg`` and the caller's buffers are updated in place
         once the reply has passed the checks (EPROTO and nothing written if not)."""
         return self._call(cmd, arg, nowait=False)
@@ -380,11 +457,15 @@ class RemoteContext:
         reply checks.  On an fd without a RECV queue, what SUPPL_RECV gives (EINVAL)."""
         return self._call(_SUPPL_RECV, arg, nowait=True)
 
-    def _call(self, cmd: int, arg: bytearray | memoryview, *, nowait: bool) -> int:
+    def _call(self, cmd: int, arg: bytes | bytearray | memoryview, *, nowait: bool) -> int:
         if self.closed:
             raise DriverError(errno.EBADF, "context is closed")
         if not isinstance(arg, _BUF_TYPES):
-            raise DriverError(errno.EFAULT, "ioctl argument must be a writable buffer")
+            raise DriverError(
+                errno.EFAULT, f"ioctl argument must be a buffer, not {type(arg).__name__}"
+            )
+        if cmd in WRITES_STRUCT:  # a read-only struct: EFAULT here, as in process
+            need_arg(arg, 0)
         if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
             raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
         data, limit = _struct_bytes(cmd, arg), self.device.max_frame
@@ -421,11 +502,16 @@ class RemoteContext:
                 self._maps[shm_id] = buf
                 self._shm_fds[shm_id] = fd
         if reply.arg != data:
+            if isinstance(arg, bytes):  # a struct the kernel only reads came back changed
+                self._abandon(f"the server lied about call {seq}: it changed a read-only struct")
+                raise DriverError(errno.EPROTO, "the server lied: it changed a read-only struct")
             arg[:] = reply.arg
         mem = self.device.memory
         for region in reply.written:
             mem.write(region.addr, region.data)
         dialect.done(cmd, reply.arg)
+        if reply.why is not None and cmd == uapi.TEE_IOC_OBJECT_INVOKE:
+            _reason.put(_reason.Reason(*reply.why))  # the server's note, on this thread
         return 0
 
     def _drop_shm(self, call: _Call) -> None:
@@ -550,8 +636,9 @@ class RemoteContext:
                     reason = f"the server read nothing for {self.device.call_timeout:g} s"
                     self._abandon(reason)
                     raise DriverError(errno.ETIMEDOUT, reason) from None
+                self._await_reader()  # the server's last word (a bye) says more than EPIPE
                 self._abandon(f"send failed: {exc}")
-                raise DriverError(errno.EBADF, f"connection lost: {exc}") from None
+                raise DriverError(errno.EBADF, f"connection lost: {self._lost}") from None
         return seq
 
     # ------------------------------------------------------------------ ready
@@ -721,16 +808,16 @@ class RemoteContext:
             os.close(fd)
 
 
-def _struct_bytes(cmd: int, arg: bytearray | memoryview) -> bytes:
+def _struct_bytes(cmd: int, arg: bytes | bytearray | memoryview) -> bytes:
     """What of ``arg`` goes to the server.  A memoryview the driver could not use (released,
-    not one-dimensional bytes, or read-only for an ioctl that writes its struct back)
-    goes as no bytes at all: the server's driver then fails the call as the in-process
-    one does with that view (EFAULT, or EINVAL for an ioctl it does not know)."""
-    if isinstance(arg, bytearray):
+    not one-dimensional bytes) goes as no bytes at all: the server's driver then fails the
+    call as the in-process one does with that view (EFAULT, or EINVAL for an ioctl it does
+    not know)."""
+    if isinstance(arg, bytes | bytearray):
         return bytes(arg)
     try:
         usable = arg.ndim == 1 and arg.itemsize == 1 and arg.c_contiguous
-        if usable and arg.readonly and cmd not in _BUF_DATA:
+        if usable and arg.readonly and cmd in WRITES_STRUCT:
             usable = False
     except ValueError:  # released
         return b""
@@ -748,11 +835,27 @@ def connect(
     """A device served at ``path`` (see ``qtee serve``); use it like an in-process Device.
     ``call_timeout``: seconds a call other than SUPPL_RECV may wait for its reply, not
     counting the time it waits on a callback (None: no deadline).  ``memory``: what the
-    caller's pointers name (default a fresh :class:`CheckedMemory`)."""
-    return RemoteDevice(
+    caller's pointers name (default a fresh :class:`CheckedMemory`).
+
+    The path is tried at once (a connection made and closed): a :class:`ConnectError`
+    says why nothing can be reached there.  (:class:`RemoteDevice` itself connects only
+    when a context is opened.)"""
+    device = RemoteDevice(
         path,
         max_frame=max_frame,
         handshake_timeout=handshake_timeout,
         call_timeout=call_timeout,
         memory=memory,
     )
+    _check_path(device.path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(device.handshake_timeout)
+        probe.connect(device.path)
+    except TimeoutError:
+        pass  # a server with a full backlog: it is there, and busy
+    except OSError as exc:
+        raise _connect_error(device.path, exc) from None
+    finally:
+        probe.close()
+    return device

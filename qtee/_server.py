@@ -92,6 +92,7 @@ __all__ = [
     "BACKOFF_MAX",
     "RECV_LIMIT",
     "SEND_TIMEOUT",
+    "SHUTDOWN",
     "SUN_PATH_MAX",
     "THREAD_LIMIT",
     "TEES",
@@ -103,6 +104,9 @@ log = logging.getLogger("qtee.server")
 
 #: The kinds of device a server can serve.
 TEES: Final = ("qtee", "optee")
+#: The ``bye`` every client gets at :meth:`DeviceServer.stop`; a client's calls then fail
+#: EBADF with "the server at PATH said bye: shutting down".
+SHUTDOWN: Final = "shutting down"
 # Older names, for the tests that reach in.
 _TraceStream = TraceStream
 _Connection = Connection
@@ -292,7 +296,8 @@ class DeviceServer:
         self._lock = threading.Lock()
         self._conns: set[Connection] = set()
         self._traces = _TraceFanout(self.device)
-        self._count = 0
+        self._count = 0  # connections accepted
+        self._opened = 0  # hellos seen
         self._stopping = False
         self._stopped = threading.Event()  # wakes the accept loop's pauses
 
@@ -333,9 +338,11 @@ class DeviceServer:
 
     @property
     def connections(self) -> int:
-        """Connections open now."""
+        """Connections open now: those whose hello opened a device node (an fd).  A
+        connection that has not said hello (``qtee.connect`` checking the path) is not
+        counted."""
         with self._lock:
-            return len(self._conns)
+            return sum(1 for conn in self._conns if conn.ctx is not None)
 
     def _on_callback(self, entering: bool) -> None:
         """``Device.on_callback``: a request thread's call waits on a callback, or no more."""
@@ -401,8 +408,8 @@ class DeviceServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         peer = _peer_of(sock)
         with self._lock:
-            self._count += 1
-            conn = Connection(self, sock, f"conn-{self._count}", peer)
+            self._count += 1  # a number of its own once its hello opens a node (_named)
+            conn = Connection(self, sock, f"conn-new{self._count}", peer)
             self._conns.add(conn)
         try:
             threading.Thread(target=conn.run, name=conn.name, daemon=True).start()
@@ -410,12 +417,22 @@ class DeviceServer:
             self._forget(conn)
             raise
 
+    def _named(self) -> str:
+        """The name of a connection whose hello opens a node: ``conn-1``, ``conn-2``... in
+        the order of the hellos (one that never says hello, as ``qtee.connect`` trying
+        the path, takes no number)."""
+        with self._lock:
+            self._opened += 1
+            return f"conn-{self._opened}"
+
     def _forget(self, conn: Connection) -> None:
         with self._lock:
             self._conns.discard(conn)
 
     def stop(self) -> None:
-        """Stop accepting, close every connection (their contexts close), remove the socket."""
+        """Stop accepting, close every connection (their contexts close), remove the socket.
+        Each client is told first (a ``bye``): its calls in flight and its next ones fail
+        EBADF saying that the server shut down."""
         self._stopping = True
         self._stopped.set()
         if self._sock is not None:
@@ -424,7 +441,8 @@ class DeviceServer:
             self._sock.close()
         with self._lock:
             conns = list(self._conns)
-        for conn in conns:
+        for conn in conns:  # each client's calls fail saying so (EBADF, as a lost fd)
+            conn.say_bye(SHUTDOWN)
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
         for conn in conns:

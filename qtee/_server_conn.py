@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from objects import DriverError, UsageError
-from qtee import uapi
+from qtee import _reason, uapi
 from qtee._frames import (
     PROTOCOL_VERSION,
     Answer,
@@ -243,6 +243,19 @@ class Connection:
                     self.sock.shutdown(socket.SHUT_RDWR)
                 raise
 
+    def say_bye(self, reason: str, wait: float = 0.2) -> None:
+        """The last frame, ``bye`` with ``reason``, if it can go without blocking: the
+        client's calls then fail saying why (a send in progress for longer than ``wait``,
+        or a full socket buffer, and the client sees only the end of the stream)."""
+        data = encode(Bye(reason=reason[:200]))
+        if not self._send.acquire(timeout=wait):
+            return
+        try:
+            with contextlib.suppress(OSError):
+                self.sock.send(data, socket.MSG_DONTWAIT)
+        finally:
+            self._send.release()
+
     def run(self) -> None:
         """The connection's first thread (more start when every thread is busy)."""
         with self._lock:
@@ -410,6 +423,8 @@ class Connection:
             if msg.version != PROTOCOL_VERSION:
                 raise FrameError(f"protocol version {msg.version} is not {PROTOCOL_VERSION}")
             flavour = self.server.flavour
+            self.name = self.server._named()
+            threading.current_thread().name = self.name
             try:
                 self.file = flavour.open(msg.node, f"{self.name} ({msg.client})")
             except DriverError as exc:
@@ -465,6 +480,7 @@ class Connection:
             ok = False
             try:
                 file.before(req.cmd, req.arg, call)
+                _reason.clear()  # the secure side notes why it fails this call, on this thread
                 recv = getattr(self.ctx, "recv_nowait", None) if nowait else None
                 if recv is not None:
                     recv(arg)
@@ -485,8 +501,14 @@ class Connection:
                 written = [(a, bytes(call.bufs[a])) for a in sorted(call.written)]
                 if extra:
                     written = sorted(written + extra)
+                note = _reason.take()
+                why = None
+                if note is not None and req.cmd == _OBJECT_INVOKE:  # model-only, for the client
+                    why = (note.result, note.name, note.detail)
                 try:
-                    reply = encode_reply(req.seq, 0, bytes(arg), written, max_frame=max_frame)
+                    reply = encode_reply(
+                        req.seq, 0, bytes(arg), written, max_frame=max_frame, why=why
+                    )
                     ok = True
                 except UsageError:  # what the call wrote does not fit a frame
                     log.error("%s: ioctl %#x (seq %d): reply too big", self.name, req.cmd, req.seq)

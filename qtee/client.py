@@ -41,9 +41,8 @@ from objects import (
     Result,
     UsageError,
     op,
-    result_from_u32,
 )
-from qtee import uapi
+from qtee import _reason, uapi
 from qtee._driver import (
     _INVOKE_HEAD,
     _OBJ_IN,
@@ -722,6 +721,7 @@ class Client:
             for uid in sent:  # held through the call: an output may name an object sent in
                 self._hold(uid)  # it while QTEE's release of it is being delivered
             held.extend(sent)
+            _reason.clear()  # a note left by another call never names this one
             try:
                 self._call(uapi.TEE_IOC_OBJECT_INVOKE, blk, size)
             except DriverError:
@@ -743,8 +743,8 @@ class Client:
                 self._unpin(pins)
         if op_ == 0xFFFF:
             return []
-        if ret:
-            raise QteeError(result_from_u32(ret))
+        if ret:  # the secure side's note says which error and why (model-only)
+            raise _reason.error_for(ret)
         values: list[Any] = []
         try:
             for (_, buf), p in zip(outs, back, strict=True):

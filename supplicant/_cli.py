@@ -95,10 +95,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"qtee supplicant: {d}: {what}", file=sys.stderr)
             return 2
     remote = args.connect is not None
-    device = (
-        qtee.connect(args.connect) if remote else qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
-    )
     try:
+        device = (
+            qtee.connect(args.connect) if remote else qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
+        )
         sup = Supplicant(
             device,
             storage=args.storage,

@@ -224,7 +224,7 @@ def test_connect_to_no_server_says_why_once(tmp_path: Path) -> None:
     assert steps(run.stdout)["open"] == (-1, errno.ENOENT)
     assert run.stderr.splitlines() == [
         f"qtee bridge: /dev/tee0: cannot connect to {tmp_path / 'none.sock'}: "
-        "[Errno 2] No such file or directory",
+        "no such socket (is `qtee serve` running there?)",
         "qtee run: no device could be opened (see above)",
     ]
 

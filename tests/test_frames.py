@@ -95,7 +95,7 @@ def bytewise(data: bytes) -> list[bytes]:
 
 # --------------------------------------------------------------------------- golden frames
 
-FIX_V = bytes.fromhex("a17603")  # "v": 3
+FIX_V = bytes.fromhex("a17604")  # "v": 4
 
 GOLDEN: list[tuple[Message, bytes]] = [
     (
@@ -330,7 +330,7 @@ def test_golden_covers_every_kind() -> None:
 
 def test_frame_error_is_a_decode_error() -> None:
     assert issubclass(FrameError, DecodeError)
-    assert PROTOCOL_VERSION == 3
+    assert PROTOCOL_VERSION == 4
     assert MAX_FRAME == 8 * 1024 * 1024
 
 
@@ -533,10 +533,10 @@ def test_decoder_limit_is_validated(bad: Any) -> None:
 
 # --------------------------------------------------------------------------- garbage bodies
 
-V = {"v": 3}
-GOOD_IOCTL: dict[str, Any] = {"v": 3, "t": "ioctl", "seq": 1, "cmd": 2, "arg": b"", "regions": []}
+V = {"v": 4}
+GOOD_IOCTL: dict[str, Any] = {"v": 4, "t": "ioctl", "seq": 1, "cmd": 2, "arg": b"", "regions": []}
 GOOD_REGION: dict[str, Any] = {"addr": 0, "data": b"x", "writable": False}
-GOOD_REPLY: dict[str, Any] = {"v": 3, "t": "reply", "seq": 1, "errno": 0, "arg": b"", "written": []}
+GOOD_REPLY: dict[str, Any] = {"v": 4, "t": "reply", "seq": 1, "errno": 0, "arg": b"", "written": []}
 
 
 def ioctl_with(**kw: Any) -> dict[str, Any]:
@@ -556,7 +556,7 @@ GARBAGE: list[tuple[str, bytes, str]] = [
     ("bin", packed(b"\x83"), "not a map"),
     ("reserved byte", frame(b"\xc1"), "not one msgpack value"),
     ("truncated map", frame(b"\x83\xa1v"), "not one msgpack value"),
-    ("trailing data", frame(msgpack.packb({"v": 3, "t": "close", "seq": 1}) + b"\x00"), "one"),
+    ("trailing data", frame(msgpack.packb({"v": 4, "t": "close", "seq": 1}) + b"\x00"), "one"),
     ("int key", frame(b"\x81\x01\x01"), "not one msgpack value"),
     ("bad utf-8", frame(b"\x81\xa2\xff\xfe\x01"), "not one msgpack value"),
     ("too deep", frame(b"\x91" * 5000), "not one msgpack value"),
@@ -570,13 +570,13 @@ GARBAGE: list[tuple[str, bytes, str]] = [
     ("version str", packed({"v": "1", "t": "close", "seq": 1}), "protocol version '1'"),
     ("version float", packed({"v": 1.0, "t": "close", "seq": 1}), "protocol version 1.0"),
     # type tag
-    ("no type", packed({"v": 3, "seq": 1}), "unknown message type None"),
-    ("unknown type", packed({"v": 3, "t": "shm_alloc"}), "unknown message type 'shm_alloc'"),
-    ("bin type", packed({"v": 3, "t": b"close", "seq": 1}), "unknown message type b'close'"),
+    ("no type", packed({"v": 4, "seq": 1}), "unknown message type None"),
+    ("unknown type", packed({"v": 4, "t": "shm_alloc"}), "unknown message type 'shm_alloc'"),
+    ("bin type", packed({"v": 4, "t": b"close", "seq": 1}), "unknown message type b'close'"),
     # keys
-    ("missing key", packed({"v": 3, "t": "close"}), r"missing keys \['seq'\]"),
-    ("unknown key", packed({"v": 3, "t": "close", "seq": 1, "x": 0}), r"unknown keys \["),
-    ("bin key", packed({"v": 3, "t": "close", b"seq": 1}), r"unknown keys \[b'seq'\]"),
+    ("missing key", packed({"v": 4, "t": "close"}), r"missing keys \['seq'\]"),
+    ("unknown key", packed({"v": 4, "t": "close", "seq": 1, "x": 0}), r"unknown keys \["),
+    ("bin key", packed({"v": 4, "t": "close", b"seq": 1}), r"unknown keys \[b'seq'\]"),
     ("ioctl extra", packed(ioctl_with(fd=3)), "unknown keys"),
     ("region missing", packed(ioctl_with(regions=[{"addr": 0, "data": b""}])), "missing keys"),
     ("region extra", packed(region_with(len=1)), "unknown keys"),
@@ -606,28 +606,28 @@ GARBAGE: list[tuple[str, bytes, str]] = [
     ),
     (
         "hello client bin",
-        packed({"v": 3, "t": "hello", "client": b"c", "node": "tee"}),
+        packed({"v": 4, "t": "hello", "client": b"c", "node": "tee"}),
         "Hello.client",
     ),
-    ("hello no node", packed({"v": 3, "t": "hello", "client": "c"}), r"missing keys \['node'\]"),
+    ("hello no node", packed({"v": 4, "t": "hello", "client": "c"}), r"missing keys \['node'\]"),
     (
         "hello node",
-        packed({"v": 3, "t": "hello", "client": "c", "node": "tee1"}),
+        packed({"v": 4, "t": "hello", "client": "c", "node": "tee1"}),
         "Hello.node must be one of",
     ),
-    ("denied errno 0", packed({"v": 3, "t": "denied", "errno": 0, "reason": ""}), "Denied.errno"),
-    ("ready extra", packed({"v": 3, "t": "ready", "seq": 1}), r"unknown keys \['seq'\]"),
+    ("denied errno 0", packed({"v": 4, "t": "denied", "errno": 0, "reason": ""}), "Denied.errno"),
+    ("ready extra", packed({"v": 4, "t": "ready", "seq": 1}), r"unknown keys \['seq'\]"),
     (
         "recv_nowait cmd",
-        packed({"v": 3, "t": "recv_nowait", "seq": 1, "cmd": 0, "arg": b"", "regions": []}),
+        packed({"v": 4, "t": "recv_nowait", "seq": 1, "cmd": 0, "arg": b"", "regions": []}),
         r"unknown keys \['cmd'\]",
     ),
     (
         "welcome impl neg",
-        packed({"v": 3, "t": "welcome", "impl_id": -1, "gen_caps": 0, "server": ""}),
+        packed({"v": 4, "t": "welcome", "impl_id": -1, "gen_caps": 0, "server": ""}),
         "Welcome.impl_id",
     ),
-    ("bye reason int", packed({"v": 3, "t": "bye", "reason": 0}), "Bye.reason"),
+    ("bye reason int", packed({"v": 4, "t": "bye", "reason": 0}), "Bye.reason"),
     ("reply errno neg", packed({**GOOD_REPLY, "errno": -22}), "IoctlReply.errno"),
     ("reply errno big", packed({**GOOD_REPLY, "errno": MAX_ERRNO + 1}), "IoctlReply.errno"),
     ("reply fail arg", packed({**GOOD_REPLY, "errno": 22, "arg": b"x"}), "must not write"),
@@ -641,7 +641,7 @@ GARBAGE: list[tuple[str, bytes, str]] = [
         packed({**GOOD_REPLY, "written": [GOOD_REGION]}),
         "is not writable",
     ),
-    ("close seq nil", packed({"v": 3, "t": "close", "seq": None}), "Close.seq"),
+    ("close seq nil", packed({"v": 4, "t": "close", "seq": None}), "Close.seq"),
 ]
 
 
@@ -678,7 +678,7 @@ def test_messages_before_an_error_are_delivered() -> None:
 
 def test_from_map_checks_the_type_tag() -> None:
     with pytest.raises(FrameError, match="type tag"):
-        Close.from_map({"v": 3, "t": "bye", "seq": 1})
+        Close.from_map({"v": 4, "t": "bye", "seq": 1})
     with pytest.raises(FrameError, match="protocol version"):
         Close.from_map({"v": 1, "t": "close", "seq": 1})
 

@@ -68,7 +68,12 @@ def test_wrong_shape_is_invalid_without_dispatch(
 
 
 def test_unknown_op_is_invalid() -> None:
-    assert Example().dispatch(99, (), (), (), 0) == DispatchResult(Result.ERROR_INVALID)
+    res = Example().dispatch(99, (), (), (), 0)
+    assert res[:3] == (Result.ERROR_INVALID, (), ())
+    assert (res.name, res.detail) == (
+        "ERROR_INVALID",
+        "op 99 not in Example's table (ops: 0, 1, 2, 3, 4, 5)",
+    )
     assert not Example().supports(99)
     assert Example().supports(0)
 
@@ -77,7 +82,9 @@ def test_any_size_buffers_and_size_out() -> None:
     obj = Example()
     assert obj.dispatch(1, (b"hello",), (5,), (), 0).ob == (b"hello",)
     # The method wrote more than the caller's capacity: SIZE_OUT, nothing returned.
-    assert obj.dispatch(1, (b"hello",), (4,), (), 0) == DispatchResult(Result.ERROR_SIZE_OUT)
+    res = obj.dispatch(1, (b"hello",), (4,), (), 0)
+    assert res[:3] == (Result.ERROR_SIZE_OUT, (), ())
+    assert res.detail == "ob[0]: Example.echo returned 5 bytes, capacity 4"
 
 
 def test_objects_in_and_out() -> None:
@@ -91,10 +98,16 @@ def test_qtee_error_result_passes_through_and_exceptions_become_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     obj = Example()
-    assert obj.dispatch(3, (), (), (), 0) == DispatchResult(12)
-    assert obj.dispatch(4, (), (), (), 0) == DispatchResult(Result.ERROR)
+    assert obj.dispatch(3, (), (), (), 0) == DispatchResult(12, (), (), "USERBASE+2", "user error")
+    crash = obj.dispatch(4, (), (), (), 0)
+    assert crash == DispatchResult(
+        Result.ERROR, (), (), "ERROR", "Example.crash raised RuntimeError: bug in a TA"
+    )
     assert "crash (op 4) raised" in caplog.text
-    assert obj.dispatch(5, (), (4,), (), 0) == DispatchResult(Result.ERROR)
+    arity = obj.dispatch(5, (), (4,), (), 0)
+    assert arity == DispatchResult(
+        Result.ERROR, (), (), "ERROR", "Example.wrong_arity: output buffer 0 is a tuple, not bytes"
+    )
 
 
 def test_op_table_is_inherited_and_extended() -> None:

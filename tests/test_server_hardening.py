@@ -134,6 +134,22 @@ def server(qtee_server: DeviceServer) -> Iterator[DeviceServer]:
     assert _eventually(lambda: qtee_server.connections == 0)
 
 
+def _first_talker(listener: socket.socket, decoder: FrameDecoder) -> socket.socket:
+    """The first connection that sends something (its bytes fed to ``decoder``): the ones
+    closed unused before it are ``qtee.connect`` trying the path."""
+    while True:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        try:
+            data = conn.recv(1 << 16)
+        except OSError:
+            data = b""
+        if data:
+            decoder.feed(data)
+            return conn
+        conn.close()
+
+
 class FakeServer:
     """One connection: welcomes the client, then ``script(peer)`` runs in a thread."""
 
@@ -153,8 +169,7 @@ class FakeServer:
 
     def _run(self) -> None:
         try:
-            self.conn, _ = self.listener.accept()
-            self.conn.settimeout(10)
+            self.conn = _first_talker(self.listener, self.decoder)
             hello = self.recv()
             assert isinstance(hello, Hello)
             self.send(Welcome(impl_id=uapi.TEE_IMPL_ID_QTEE, gen_caps=0x10, server="fake"))
@@ -930,10 +945,10 @@ def test_a_wedged_call_times_out_and_frees_the_connection(server: DeviceServer) 
 
 def test_call_timeout_is_validated() -> None:
     for bad in (0, -1.0, float("nan"), float("inf"), "1", True):
-        with pytest.raises(qtee.UsageError):
+        with pytest.raises(qtee.UsageError):  # before the path is tried
             qtee.connect("/nonexistent", call_timeout=bad)  # type: ignore[arg-type]
-    assert qtee.connect("/nonexistent", call_timeout=None).call_timeout is None
-    assert qtee.connect("/nonexistent").call_timeout == 30.0
+    assert qtee.RemoteDevice("/nonexistent", call_timeout=None).call_timeout is None
+    assert qtee.RemoteDevice("/nonexistent").call_timeout == 30.0
 
 
 def test_bye_is_still_a_lost_connection(sockdir: str) -> None:

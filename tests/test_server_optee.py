@@ -208,7 +208,7 @@ def test_server_arguments_are_checked(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="AddressSpace"):
         qtee.connect(tmp_path / "x", memory=bytearray(4))  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="node"):
-        qtee.RemoteContext(qtee.connect(tmp_path / "x"), node="tee0")
+        qtee.RemoteContext(qtee.RemoteDevice(tmp_path / "x"), node="tee0")
 
 
 # ----------------------------------------------------------------------------- errno parity
@@ -706,9 +706,11 @@ class FakeOptee:
 
     def _run(self) -> None:
         try:
-            conn, _ = self.listener.accept()
+            dec = FrameDecoder(expect_increasing_seq=False)
+            while not (first := (conn := self.listener.accept()[0]).recv(1 << 16)):
+                conn.close()  # qtee.connect trying the path: closed unused
+            dec.feed(first)
             with conn:
-                dec = FrameDecoder(expect_increasing_seq=False)
                 while True:
                     while (msg := dec.next_message()) is None:
                         data = conn.recv(1 << 16)

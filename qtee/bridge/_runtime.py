@@ -242,10 +242,10 @@ class Bridge:
         self._scratches: list[str] = []
         from qtee.secure import QteeRoot, SecureWorld
 
-        if config.connect is not None:
-            from qtee._remote import connect
+        if config.connect is not None:  # each open connects (and says why it cannot)
+            from qtee._remote import RemoteDevice
 
-            self.remote = connect(config.connect, memory=self.memory)
+            self.remote = RemoteDevice(config.connect, memory=self.memory)
         elif config.tee == "qtee":
             self.qtee = Device(
                 SecureWorld(QteeRoot()), memory=self.memory, shm_backing=memfd_backing

@@ -18,6 +18,8 @@ from qtee.secure._apps import (
     APP_LOADER_UID,
     AppController,
     AppLoader,
+    IAppController,
+    IAppLoader,
     TrustedApp,
     register_ta,
     ta_image,
@@ -40,17 +42,30 @@ from qtee.secure._gp import (
     unregister_gp_ta,
     unregister_loadable_ta,
 )
-from qtee.secure._gpclient import CGPAPPCLIENT_UID, install_gp_app_client
-from qtee.secure._listeners import REGISTER_LISTENER_UID, REGISTER_TA_BUF_UID
+from qtee.secure._gpclient import (
+    CGPAPPCLIENT_UID,
+    IGPAppClient,
+    IGPSession,
+    install_gp_app_client,
+)
+from qtee.secure._listeners import (
+    REGISTER_LISTENER_UID,
+    REGISTER_TA_BUF_UID,
+    IRegisterListenerCBO,
+    IRegisterTABufCBO,
+)
 from qtee.secure._monitor import SecureMonitor
 from qtee.secure._registry import TaRegistry
 from qtee.secure._services import (
     CDIAGNOSTICS_UID,
     FEATURE_VERSIONS_UID,
+    IIO,
     IOPENER_ERROR_NOT_FOUND,
     ClientEnv,
     Diagnostics,
     FeatureVersions,
+    IDiagnostics,
+    IOpener,
     QteeRoot,
 )
 from qtee.secure._tafiles import TaFileRegistration, register_ta_file
@@ -64,6 +79,15 @@ __all__ = [
     "register_ta",
     "ta_image",
     "unregister_ta",
+    "IAppController",
+    "IAppLoader",
+    "IDiagnostics",
+    "IGPAppClient",
+    "IGPSession",
+    "IIO",
+    "IOpener",
+    "IRegisterListenerCBO",
+    "IRegisterTABufCBO",
     "TaFileRegistration",
     "register_ta_file",
     "CDIAGNOSTICS_UID",

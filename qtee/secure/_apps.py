@@ -20,6 +20,7 @@ buffer it cannot take; a model image naming no registered TA stays METADATA_INVA
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import struct
 from typing import TYPE_CHECKING, ClassVar, Final
@@ -35,6 +36,8 @@ __all__ = [
     "APP_LOADER_UID",
     "AppController",
     "AppLoader",
+    "IAppController",
+    "IAppLoader",
     "TrustedApp",
     "register_ta",
     "ta_image",
@@ -44,13 +47,39 @@ __all__ = [
 APP_LOADER_UID: Final = 3
 TA_MAGIC: Final = b"QTEETA\x00\x01"
 
-# IAppLoader errors
-ERROR_INVALID_BUFFER: Final = 10
-ERROR_METADATA_INVALID: Final = 13
-ERROR_ALREADY_LOADED: Final = 16
-ERROR_EMBEDDED_IMAGE_NOT_FOUND: Final = 17
-# IAppController errors
-ERROR_APP_UNLOADED: Final = 12
+
+class IAppLoader(enum.IntEnum):
+    """IAppLoader's errors (quic-teec.md §5.3)."""
+
+    ERROR_INVALID_BUFFER = 10
+    ERROR_PIL_ROLLBACK_FAILURE = 11
+    ERROR_ELF_SIGNATURE_ERROR = 12
+    ERROR_METADATA_INVALID = 13
+    ERROR_MAX_NUM_APPS = 14
+    ERROR_NO_NAME_IN_METADATA = 15
+    ERROR_ALREADY_LOADED = 16
+    ERROR_EMBEDDED_IMAGE_NOT_FOUND = 17
+    ERROR_TZ_HEAP_MALLOC_FAILURE = 18
+    ERROR_TA_APP_REGION_MALLOC_FAILURE = 19
+    ERROR_CLIENT_CRED_PARSING_FAILURE = 20
+    ERROR_APP_UNTRUSTED_CLIENT = 21
+
+
+class IAppController(enum.IntEnum):
+    """IAppController's errors (quic-teec.md §5.3)."""
+
+    ERROR_APP_SUSPENDED = 10
+    ERROR_BLOCKED_ON_LISTENER = 11
+    ERROR_UNLOADED = 12
+    ERROR_IN_USE = 13
+
+
+# The names these errors had before their enums (kept: the same values).
+ERROR_INVALID_BUFFER: Final = IAppLoader.ERROR_INVALID_BUFFER
+ERROR_METADATA_INVALID: Final = IAppLoader.ERROR_METADATA_INVALID
+ERROR_ALREADY_LOADED: Final = IAppLoader.ERROR_ALREADY_LOADED
+ERROR_EMBEDDED_IMAGE_NOT_FOUND: Final = IAppLoader.ERROR_EMBEDDED_IMAGE_NOT_FOUND
+ERROR_APP_UNLOADED: Final = IAppController.ERROR_UNLOADED
 
 # The process-wide layer's table of QTEE TAs, under the names older code reads.
 _REGISTRY = PROCESS_TAS._qtee
@@ -100,6 +129,8 @@ def _parse(image: bytes) -> str:
 class AppController(SecureObject):
     """IAppController of one loaded TA."""
 
+    ERRORS = IAppController
+
     def __init__(self, loader: AppLoader, name: str, app: TrustedApp) -> None:
         self.loader = loader
         self.name = name
@@ -126,6 +157,8 @@ class AppController(SecureObject):
 
 class AppLoader(SecureObject):
     """IAppLoader (UID 3)."""
+
+    ERRORS = IAppLoader
 
     def __init__(self, world: SecureWorld, loaded: set[str]) -> None:
         self.world = world

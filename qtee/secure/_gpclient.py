@@ -82,6 +82,7 @@ Model choices, where the sources say nothing or a Python model cannot follow the
 
 from __future__ import annotations
 
+import enum
 import struct
 import threading
 import uuid as uuidlib
@@ -110,6 +111,8 @@ __all__ = [
     "IGPSESSION_OP_INVOKE_COMMAND",
     "IGPSESSION_OP_REQUEST_CANCELLATION",
     "IC_IN",
+    "IGPAppClient",
+    "IGPSession",
     "MEM_PARAMS",
     "OS_IN",
     "OS_IN_V2",
@@ -125,15 +128,35 @@ CGPAPPCLIENT_UID: Final = 0x199
 
 IGPAPPCLIENT_OP_OPEN_SESSION: Final = 0
 IGPAPPCLIENT_OP_OPEN_SESSION_V2: Final = 1
-IGPAPPCLIENT_ERROR_INVALID_UUID_LEN: Final = 10
-IGPAPPCLIENT_ERROR_APP_NOT_FOUND: Final = 11
-IGPAPPCLIENT_ERROR_ACCESS_DENIED: Final = 16
+
+
+class IGPAppClient(enum.IntEnum):
+    """IGPAppClient's errors (qualcomm/minkipc ``IGPAppClient.idl``)."""
+
+    ERROR_INVALID_UUID_LEN = 10
+    ERROR_APP_NOT_FOUND = 11
+    ERROR_APP_BLOCKED_ON_LISTENER = 12
+    ERROR_APP_UNLOADED = 13
+    ERROR_APP_RESTART_FAILED = 14
+    ERROR_APP_AUTOLOAD_INVALID_BUFFER = 15
+    ERROR_ACCESS_DENIED = 16
+
+
+class IGPSession(enum.IntEnum):
+    """IGPSession's errors (qualcomm/minkipc ``IGPSession.idl``)."""
+
+    ERROR_CLOSED = 10
+
+
+IGPAPPCLIENT_ERROR_INVALID_UUID_LEN: Final = IGPAppClient.ERROR_INVALID_UUID_LEN
+IGPAPPCLIENT_ERROR_APP_NOT_FOUND: Final = IGPAppClient.ERROR_APP_NOT_FOUND
+IGPAPPCLIENT_ERROR_ACCESS_DENIED: Final = IGPAppClient.ERROR_ACCESS_DENIED
 
 IGPSESSION_OP_CLOSE: Final = 0
 IGPSESSION_OP_INVOKE_COMMAND: Final = 1
 #: Model-only (not in IGPSession.idl): flag the session as cancelled.
 IGPSESSION_OP_REQUEST_CANCELLATION: Final = 0x3FFF
-IGPSESSION_ERROR_CLOSED: Final = 10
+IGPSESSION_ERROR_CLOSED: Final = IGPSession.ERROR_CLOSED
 
 EX_PARAM_TYPE_NONE: Final = 0
 EX_PARAM_TYPE_MEMREF_NULL: Final = 1
@@ -329,6 +352,8 @@ class GPAppClient(SecureObject):
     kernel keeps in the opening context's object table.
     """
 
+    ERRORS = IGPAppClient
+
     def __init__(self, world: SecureWorld) -> None:
         self.world = world
         self.runtime = gp_runtime(world)
@@ -400,6 +425,8 @@ class GPAppClient(SecureObject):
 
 class GPSessionObject(SecureObject):
     """``IGPSession``: one open GP session; releasing the last reference closes it."""
+
+    ERRORS = IGPSession
 
     def __init__(self, client: GPAppClient, session_id: int) -> None:
         self.client = client

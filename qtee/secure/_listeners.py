@@ -18,7 +18,7 @@ and a registration belongs to the service object it was made through (so to the 
 that opened it; DESIGN.md "Ownership").  Another client cannot remove or replace it: a
 register for a listener id in use is ``ERROR_ID_IN_USE`` whoever asks, its NULL too
 unless it is the owner's; a TA-autoload register or NULL while another client's
-callback is registered is :data:`ERROR_ALREADY_REGISTERED`.  The owner's NULL
+callback is registered is ``IRegisterTABufCBO.ERROR_ALREADY_REGISTERED``.  The owner's NULL
 unregisters (qtee's way, used on deinit; QTEE keeps registrations otherwise), and the
 owner may replace its own TA-autoload callback.  A registration ends when its service
 object's last reference goes (released, or the owner's fd closed: the kernel then
@@ -32,6 +32,7 @@ third-party kernel test uses 87); qtee uses 87 for it and 88 for IRegisterTABufC
 
 from __future__ import annotations
 
+import enum
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ERROR_ALREADY_REGISTERED",
+    "IRegisterListenerCBO",
+    "IRegisterTABufCBO",
     "MAX_LISTENERS",
     "REGISTER_LISTENER_UID",
     "REGISTER_TA_BUF_UID",
@@ -61,15 +64,32 @@ MAX_LISTENERS: Final = 16
 #: How many BUSY -> wait -> retry rounds a request makes before giving up with BUSY.
 MAX_BUSY_RETRIES: Final = 50
 
-# IRegisterListenerCBO errors
-ERROR_MAX_REGISTERED: Final = 10
-ERROR_ALIGNMENT: Final = 11
-ERROR_ID_IN_USE: Final = 12
-ERROR_ID_RESERVED: Final = 13
-#: IRegisterTABufCBO: another client's TA-autoload callback is registered.  The model's
-#: own code: Qualcomm publishes no IRegisterTABufCBO errors; 10 is the first
-#: service-defined result.
-ERROR_ALREADY_REGISTERED: Final = 10
+
+class IRegisterListenerCBO(enum.IntEnum):
+    """IRegisterListenerCBO's errors (quic-teec.md §5.3)."""
+
+    ERROR_MAX_REGISTERED = 10
+    ERROR_ALIGNMENT = 11
+    ERROR_ID_IN_USE = 12
+    ERROR_ID_RESERVED = 13
+    ERROR_REG_NOT_ALLOWED_FROM_CURRENT_VM = 14
+
+
+class IRegisterTABufCBO(enum.IntEnum):
+    """IRegisterTABufCBO's errors.  The model's own: Qualcomm publishes none, and 10 is
+    the first service-defined result."""
+
+    #: Another client's TA-autoload callback is registered.
+    ERROR_ALREADY_REGISTERED = 10
+
+
+# The names these errors had before their enums (kept: the same values).
+ERROR_MAX_REGISTERED: Final = IRegisterListenerCBO.ERROR_MAX_REGISTERED
+ERROR_ALIGNMENT: Final = IRegisterListenerCBO.ERROR_ALIGNMENT
+ERROR_ID_IN_USE: Final = IRegisterListenerCBO.ERROR_ID_IN_USE
+ERROR_ID_RESERVED: Final = IRegisterListenerCBO.ERROR_ID_RESERVED
+#: IRegisterTABufCBO: another client's TA-autoload callback is registered.
+ERROR_ALREADY_REGISTERED: Final = IRegisterTABufCBO.ERROR_ALREADY_REGISTERED
 
 #: Capacity QTEE offers for request's "embedded offsets" output (u32 each).
 OFFSETS_CAPACITY: Final = 16
@@ -260,6 +280,8 @@ class RegisterListener(SecureObject):
     One instance per ``IClientEnv.open``: the registrations made through it are its own.
     """
 
+    ERRORS = IRegisterListenerCBO
+
     def __init__(self, world: SecureWorld) -> None:
         self.world = world
 
@@ -297,6 +319,8 @@ class RegisterTABuffer(SecureObject):
     One instance per ``IClientEnv.open``; the registration belongs to the instance that
     made it, and only it may replace or unregister it.
     """
+
+    ERRORS = IRegisterTABufCBO
 
     def __init__(self, world: SecureWorld) -> None:
         self.world = world

@@ -4,7 +4,10 @@
   credentials object, read it through its IIO ops (0 ``getLength``, 1 ``readAtOffset``)
   as a CBOR map, keep it, and return a client environment.
 * Client env: ``open`` (op 0) takes a u32 service UID and returns the service; an
-  unknown UID answers IOpener's ``NOT_FOUND`` (10).
+  unknown UID answers ``IOpener.ERROR_NOT_FOUND`` (10).
+
+Each interface's errors are an ``IntEnum`` named after it (:class:`IOpener`,
+:class:`IIO`, :class:`IDiagnostics`), so a failed call names them.
 * FeatureVersions (UID 2033): op 0, feature 10 -> the QTEE version word
   (major << 22 | minor << 12 | patch).
 * Diagnostics (UID 143): op 0 ``queryHeapInfo`` -> six u32 heap figures.
@@ -12,6 +15,7 @@
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections.abc import Callable
 from typing import Final
@@ -25,6 +29,9 @@ __all__ = [
     "FEATURE_VERSIONS_UID",
     "IOPENER_ERROR_NOT_FOUND",
     "ClientEnv",
+    "IDiagnostics",
+    "IIO",
+    "IOpener",
     "Diagnostics",
     "FeatureVersions",
     "QteeRoot",
@@ -33,17 +40,52 @@ __all__ = [
 FEATURE_VERSIONS_UID: Final = 2033
 FEATURE_VER_OP_GET_QTEE_ID: Final = 10
 CDIAGNOSTICS_UID: Final = 143
-IOPENER_ERROR_NOT_FOUND: Final = 10
+
+
+class IOpener(enum.IntEnum):
+    """IOpener's errors: the client env's ``open`` (quic-teec.md §5.3)."""
+
+    ERROR_NOT_FOUND = 10
+    ERROR_PRIVILEGE = 11
+    ERROR_NOT_SUPPORTED = 12
+
+
+class IIO(enum.IntEnum):
+    """IIO's errors: what a credentials object may answer (quic-teec.md §5.3)."""
+
+    ERROR_OFFSET_OUT_OF_BOUNDS = 10
+    ERROR_SOURCE_BUFFER_TOO_LARGE = 11
+    ERROR_INVALID_BUFFER_AND_OFFSET = 12
+
+
+class IDiagnostics(enum.IntEnum):
+    """IDiagnostics' errors (quic-teec.md §5.3)."""
+
+    ERROR_APP_NOT_FOUND = 10
+    ERROR_ARCH_NOT_SUPPORTED = 11
+    ERROR_RESTRICTED = 12
+
+
+#: IOpener's NOT_FOUND under its name from before the enum.
+IOPENER_ERROR_NOT_FOUND: Final = IOpener.ERROR_NOT_FOUND
 _MAX_CREDENTIALS: Final = 64 * 1024
 
 ServiceFactory = Callable[["ClientEnv"], SecureObject]
+
+
+def _iio(result: int) -> int:
+    """A credentials object's answer, by its IIO name when it has one."""
+    try:
+        return IIO(result)
+    except ValueError:
+        return result
 
 
 def read_credentials(cred: NsObject) -> Credentials:
     """Read a credentials object through IIO getLength/readAtOffset and parse its CBOR."""
     res = cred.invoke(0, ob=[8])
     if res.result != Result.OK or len(res.ob[0]) != 8:
-        raise QteeError(res.result or Result.ERROR_INVALID, "credentials getLength failed")
+        raise QteeError(_iio(res.result) or Result.ERROR_INVALID, "credentials getLength failed")
     (length,) = struct.unpack("<Q", res.ob[0])
     if length > _MAX_CREDENTIALS:
         raise QteeError(Result.ERROR_SIZE_IN, f"credentials of {length} bytes")
@@ -51,7 +93,9 @@ def read_credentials(cred: NsObject) -> Credentials:
     while len(data) < length:
         res = cred.invoke(1, ib=[struct.pack("<Q", len(data))], ob=[length - len(data)])
         if res.result != Result.OK or not res.ob[0]:
-            raise QteeError(res.result or Result.ERROR_INVALID, "credentials readAtOffset failed")
+            raise QteeError(
+                _iio(res.result) or Result.ERROR_INVALID, "credentials readAtOffset failed"
+            )
         data += res.ob[0]
     try:
         return Credentials.decode(data)
@@ -61,6 +105,8 @@ def read_credentials(cred: NsObject) -> Credentials:
 
 class ClientEnv(SecureObject):
     """A registered client's environment; keeps its credentials object until released."""
+
+    ERRORS = IOpener
 
     def __init__(
         self,
@@ -77,7 +123,7 @@ class ClientEnv(SecureObject):
         (number,) = struct.unpack("<I", uid)
         factory = self.services.get(number)
         if factory is None:
-            raise QteeError(IOPENER_ERROR_NOT_FOUND, f"no service with UID {number}")
+            raise QteeError(IOpener.ERROR_NOT_FOUND, f"no service with UID {number}")
         return factory(self)
 
     def on_release(self) -> None:
@@ -145,6 +191,8 @@ class FeatureVersions(SecureObject):
 
 class Diagnostics(SecureObject):
     """UID 143: IDiagnostics.queryHeapInfo -> six u32 figures."""
+
+    ERRORS = IDiagnostics
 
     HEAP: Final = (1 << 20, 256 << 10, 768 << 10, 4096, 37, 128 << 10)
 

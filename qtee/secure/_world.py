@@ -37,7 +37,7 @@ from objects import (
     Result,
     UsageError,
 )
-from qtee import wire
+from qtee import _reason, wire
 
 if TYPE_CHECKING:
     from qtee.secure._monitor import SecureMonitor
@@ -82,6 +82,12 @@ _OP_RETAIN: Final = wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
 
 #: The world whose call runs on this thread (``world``; absent outside any call).
 _running = threading.local()
+
+
+def _badobj(detail: str) -> Result:
+    """BADOBJ for this call, and why (noted for the client; the wire carries -92 only)."""
+    _reason.note(Result.ERROR_BADOBJ, Result.ERROR_BADOBJ.name, detail)
+    return Result.ERROR_BADOBJ
 
 
 class SecureObject(PyObject):
@@ -384,11 +390,11 @@ class SecureWorld:
         if msg.cxt == wire.QCOMTEE_MSG_OBJECT_ROOT:
             target: SecureObject | None = self.root
         elif msg.cxt == wire.QCOMTEE_MSG_OBJECT_NULL or msg.cxt & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
-            return Result.ERROR_BADOBJ
+            return _badobj(f"{msg.cxt:#x} is not a QTEE object id")
         else:
             target = self._table.lookup(msg.cxt)
         if target is None:
-            return Result.ERROR_BADOBJ
+            return _badobj(f"no object {msg.cxt} in QTEE's table")
         if op == _OP_RELEASE:
             return Result.OK if target is self.root else self._drop(msg.cxt)
         if op == _OP_RETAIN:
@@ -409,6 +415,7 @@ class SecureWorld:
             for obj in res.oo:
                 if isinstance(obj, NsObject):
                     obj.release()
+            _reason.note(res.result, res.name, res.detail)  # model-only: why, for the client
             return res.result
         if msg.n_oo or msg.ob:  # outputs to write
             oo_ids = [self._export_out(obj) for obj in res.oo]
