@@ -391,3 +391,30 @@ def test_the_gp_marker_given_a_lone_class_says_how_to_write_it(
         ]
     )
     assert result.ret == pytest.ExitCode.INTERRUPTED
+
+
+def test_the_ta_file_marker_given_a_lone_class_says_how_to_write_it(
+    pytester: pytest.Pytester,
+) -> None:
+    """The same trap with ``qtee_ta_file(cls)`` and a QTEE TA class."""
+    pytester.makepyfile(
+        test_lone="""
+        import pytest
+        from qtee import TrustedApp
+
+        class Lone(TrustedApp):
+            pass
+
+        @pytest.mark.qtee_ta_file(Lone)
+        def test_never_runs():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(
+        [
+            "*Lone was called with the function test_never_runs(): "
+            "*@pytest.mark.qtee_ta_file(Lone, path=...)*"
+        ]
+    )
+    assert result.ret == pytest.ExitCode.INTERRUPTED

@@ -23,10 +23,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from objects import QteeError, UsageError, op
-from qtee.secure._registry import PROCESS_TAS
+from qtee.secure._registry import PROCESS_TAS, refuse_marker_call
 from qtee.secure._world import NsObject, SecureObject
 
 if TYPE_CHECKING:
@@ -92,6 +92,10 @@ class TrustedApp(SecureObject):
     #: The secure world the TA runs in (set when it is loaded).
     world: SecureWorld
     name: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        refuse_marker_call(cls, args, kwargs)
+        return super().__new__(cls, *args, **kwargs)
 
 
 def register_ta(name: str, cls: type[TrustedApp]) -> None:

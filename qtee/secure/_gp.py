@@ -38,7 +38,6 @@ only (open and close entries still take the instance); :meth:`GpRuntime.unload` 
 from __future__ import annotations
 
 import enum
-import inspect
 import logging
 import threading
 import time
@@ -50,7 +49,7 @@ from typing import ClassVar, Final, NoReturn, TypeVar
 
 from objects import DriverError, Refcounted, UsageError
 from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult, _known
-from qtee.secure._registry import PROCESS_TAS, uuid_bytes
+from qtee.secure._registry import PROCESS_TAS, refuse_marker_call, uuid_bytes
 from qtee.secure._world import SecureObject, SecureWorld
 
 __all__ = [
@@ -275,12 +274,7 @@ class GpTA:
     FLAGS: ClassVar[int] = 0
 
     def __new__(cls, *args: object, **kwargs: object) -> GpTA:
-        if len(args) == 1 and not kwargs and inspect.isfunction(args[0]):
-            raise UsageError(
-                f"{cls.__name__} was called with the function {args[0].__name__}(): a pytest "
-                "marker given a lone class marks that class instead of the test; write "
-                f"@pytest.mark.qtee_gp_ta({cls.__name__}, loadable=False)"
-            )
+        refuse_marker_call(cls, args, kwargs)
         return super().__new__(cls)
 
     def create(self) -> None:

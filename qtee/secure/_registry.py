@@ -24,6 +24,7 @@ crosses the wire, and a running TA instance keeps the class it was loaded with.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import uuid as uuidlib
@@ -40,6 +41,22 @@ if TYPE_CHECKING:
 __all__ = ["PROCESS_TAS", "TaRegistry"]
 
 _G = TypeVar("_G", bound="type[GpTA]")
+
+
+def refuse_marker_call(cls: type, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+    """A TA class called with a test function: pytest's ``mark(cls)`` marked the class
+    and returned it, so the class decorates the test.  Say how to write the marker."""
+    if len(args) == 1 and not kwargs and inspect.isfunction(args[0]):
+        marker = "qtee_gp_ta" if hasattr(cls, "UUID") else "qtee_ta_file"
+        raise UsageError(
+            f"{cls.__name__} was called with the function {args[0].__name__}(): a pytest "
+            "marker given a lone class marks that class instead of the test; write "
+            + (
+                f"@pytest.mark.qtee_gp_ta({cls.__name__}, loadable=False)"
+                if marker == "qtee_gp_ta"
+                else f"@pytest.mark.qtee_ta_file({cls.__name__}, path=...)"
+            )
+        )
 
 
 def uuid_bytes(uuid: uuidlib.UUID | bytes) -> bytes:
