@@ -202,6 +202,12 @@ class WorkerPool:
             self._reply(send, Result.ERROR_DEFUNCT, [(_META_OUT, req, 0, 0)])
             return
         if not obj.supports(func):
+            log.warning(
+                "%s has no op %d (its ops: %s): answered BADOBJ",
+                type(obj).__name__,
+                func,
+                ", ".join(str(n) for n in sorted(type(obj).__ops__)) or "none",
+            )
             self._reply(send, Result.ERROR_BADOBJ, [(_META_OUT, req, 0, 0)])
             return
         args = p[1:]

@@ -391,13 +391,21 @@ def test_unknown_object_is_defunct_and_ta_sees_error(dev: Device) -> None:
 # ------------------------------------------------------------------------------ rule 2
 
 
-def test_unsupported_op_is_badobj_without_dispatch(dev: Device) -> None:
+def test_unsupported_op_is_badobj_without_dispatch(
+    dev: Device, caplog: pytest.LogCaptureFixture
+) -> None:
     """quic-teec.md §2.3 dispatch 2: ``supported(op)`` false -> SEND ret BADOBJ (-92)
-    without calling any method; QTEE sees ERROR (1) (§6, qtee-kernel.md §3.6)."""
+    without calling any method; QTEE sees ERROR (1) (§6, qtee-kernel.md §3.6).  The
+    client's side logs which object lacked which op (the TA sees only ERROR)."""
     c, spy = client_with_spy(dev)
     probe = open_probe(c)
     cb = Counter()
-    assert call(probe, cb, CB_MISSING) == result(Result.ERROR)
+    with caplog.at_level("WARNING", logger="qtee.supplicant"):
+        assert call(probe, cb, CB_MISSING) == result(Result.ERROR)
+    assert [r.getMessage() for r in caplog.records if r.name == "qtee.supplicant"] == [
+        f"Counter has no op {CB_MISSING} (its ops: "
+        f"{', '.join(str(n) for n in sorted(Counter.__ops__))}): answered BADOBJ"
+    ]
     assert cb.calls == []
     assert wait_until(lambda: spy.releases() == [1] and spy.idle())
     assert spy.sends == [Sent(BADOBJ, (meta(0),))]
