@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from objects import QteeError, UsageError, op
+from objects import DriverError, QteeError, UsageError, op
 from qtee.client import CallbackObject, Client, MemoryObject, ObjRef
 from qtee.credentials import Credentials
 from qtee.secure import REGISTER_LISTENER_UID, REGISTER_TA_BUF_UID
@@ -205,7 +205,10 @@ class Supplicant:
         return listener
 
     def stop(self) -> None:
-        """Unregister everything, close the context, join the workers (idempotent)."""
+        """Unregister everything, close the context, join the workers (idempotent).
+
+        On a connection that is already gone (the server said bye, or died) there is
+        nothing to unregister from: the server's fd close ended the registrations."""
         try:
             if self._register is not None:
                 for lid in list(self.listeners):
@@ -213,6 +216,11 @@ class Supplicant:
                 self.listeners.clear()
             if self._ta_register is not None:
                 self._ta_register.invoke(0, None)
+        except DriverError as exc:
+            ctx = self.client.ctx
+            if exc.errno != errno.EBADF or not (ctx.closed or getattr(ctx, "lost", False)):
+                raise
+            self.listeners.clear()
         finally:
             for ref in (self._ta_register, self._register, self._env):
                 if ref is not None:

@@ -215,6 +215,22 @@ def test_a_server_that_shuts_down_says_so(sockdir: str) -> None:
     client.close()
 
 
+def test_a_supplicant_on_a_server_that_shut_down_stops_quietly(sockdir: str) -> None:
+    """``with Supplicant(qtee.connect(path))`` around a server that stops: leaving the
+    block does not raise a second error for the unregistrations the fd close already did
+    (the server's tables are empty)."""
+    from supplicant import Supplicant
+
+    server = qtee.DeviceServer(os.path.join(sockdir, "s")).start()
+    supp = Supplicant(qtee.connect(server.path), workers=1)
+    supp.add_listener(0x100, lambda req: req)
+    server.stop()
+    assert server.device.leaks() == {}
+    supp.stop()  # raised EBADF "... said bye" before
+    assert supp.listeners == {}
+    supp.stop()  # idempotent
+
+
 @pytest.mark.parametrize("wait", [False, True], ids=["at-once", "later"])
 def test_a_server_that_dies_says_it_closed_the_connection(sockdir: str, wait: bool) -> None:
     """``qtee serve`` killed with SIGKILL: the next call fails EBADF saying the server at
