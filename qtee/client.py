@@ -783,7 +783,13 @@ class Client:
             uid = self._export(obj)
             sent.append(uid)
             return (_OBJ_IN, uid, uapi.QCOMTEE_OBJREF_FLAG_USER, 0)
-        raise TypeError(f"cannot pass a {type(obj).__name__} to QTEE")
+        name = type(obj).__name__
+        raise TypeError(
+            f"cannot pass {'an' if name[:1] in 'aeiouAEIOU' else 'a'} {name} to QTEE: an "
+            "argument is bytes (an input buffer), Out(n) (an output buffer of n bytes), "
+            "OUT_OBJECT (an output object), or an ObjRef, CallbackObject, MemoryObject or "
+            "None (an input object)"
+        )
 
     def _param_to_value(self, a: int, b: int) -> Any:
         if a == uapi.TEE_OBJREF_NULL:

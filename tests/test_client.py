@@ -189,3 +189,24 @@ def test_a_client_deadline_answers_a_slow_handler_busy() -> None:
                 app.invoke(0, Slow())
     assert caught.value.result == Result.ERROR_BUSY
     assert device.leaks() == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "article"), [(4, "an int"), (4.0, "a float"), ("s", "a str"), (Out, "a type")]
+)
+def test_an_argument_of_no_kind_names_the_kinds(
+    qtee_client: Client, value: object, article: str
+) -> None:
+    """Issue 15: an argument that is none of the kinds says what it was and what an
+    argument can be; nothing is sent and nothing is left behind."""
+    env = qtee_client.client_env()
+    try:
+        with pytest.raises(TypeError) as caught:
+            env.invoke(0, value)
+    finally:
+        env.release()
+    assert str(caught.value) == (
+        f"cannot pass {article} to QTEE: an argument is bytes (an input buffer), Out(n) (an "
+        "output buffer of n bytes), OUT_OBJECT (an output object), or an ObjRef, "
+        "CallbackObject, MemoryObject or None (an input object)"
+    )
