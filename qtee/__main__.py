@@ -233,11 +233,19 @@ def _seconds(text: str) -> float:
 def _serve(args: argparse.Namespace) -> int:
     from objects import UsageError
     from qtee._server import DeviceServer
+    from qtee.secure._registry import PROCESS_TAS
 
     for text in args.ta_module:
+        before = PROCESS_TAS.describe()
         status = _import_ta_module("serve", text)
         if status:
             return status
+        if PROCESS_TAS.describe() == before:
+            print(
+                f"qtee serve: warning: --ta-module {text} registered no TA (a TA module calls "
+                "register_ta, register_gp_ta or register_ta_file when imported)",
+                file=sys.stderr,
+            )
     end = None if args.duration is None else time.monotonic() + args.duration
     server = DeviceServer(args.socket, tee=args.tee, introspect=args.introspect)
     with _stop_on_signals() as stop:
@@ -252,6 +260,8 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         try:
             print(f"serving on {args.socket}", flush=True)
+            served = PROCESS_TAS.describe()
+            print(f"TAs: {', '.join(served) if served else 'none registered'}", flush=True)
             _sleep_until(end, stop)
         finally:
             server.stop()

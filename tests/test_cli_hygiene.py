@@ -114,7 +114,11 @@ def test_serve_replaces_a_stale_socket(sockdir: str) -> None:
         stale.bind(path)
     run = qtee_cli("serve", "--socket", path, "--duration", "0")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == [f"serving on {path}", "tables: empty"]
+    assert run.stdout.splitlines() == [
+        f"serving on {path}",
+        "TAs: none registered",
+        "tables: empty",
+    ]
     assert not os.path.exists(path)  # removed again at the end
 
 
@@ -167,6 +171,7 @@ def _serve_and_add(cwd: Path, sockdir: str, ta_module: str) -> int:
     try:
         assert server.stdout is not None
         assert server.stdout.readline() == f"serving on {path}\n", server.stderr
+        assert server.stdout.readline() == "TAs: 'hygiene.adder' (Adder)\n"
         with (
             qtee.Client(qtee.connect(path), workers=1) as client,
             client.client_env() as env,
@@ -200,6 +205,22 @@ def test_ta_module_as_a_path_to_a_py_file(tmp_path: Path, sockdir: str) -> None:
     (tmp_path / "tas" / "adder_tas.py").write_text(_ADDER_TAS)
     (tmp_path / "tas" / "adder_op.py").write_text("def add(a, b):\n    return a + b\n")
     assert _serve_and_add(tmp_path, sockdir, "tas/adder_tas.py") == 42
+
+
+def test_a_ta_module_that_registers_nothing_is_warned_about(tmp_path: Path, sockdir: str) -> None:
+    """A ``--ta-module`` whose import registers no TA (a module of helpers, a forgotten
+    ``register_ta``) still serves, with one warning line saying what a TA module does."""
+    (tmp_path / "helpers.py").write_text("X = 1\n")
+    path = os.path.join(sockdir, "s")
+    run = qtee_cli(
+        "serve", "--socket", path, "--ta-module", "helpers", "--duration", "0", cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == [
+        "qtee serve: warning: --ta-module helpers registered no TA (a TA module calls "
+        "register_ta, register_gp_ta or register_ta_file when imported)"
+    ]
+    assert run.stdout.splitlines()[1] == "TAs: none registered"
 
 
 @pytest.mark.parametrize(

@@ -186,6 +186,32 @@ class TaRegistry:
                 return cls
         return None
 
+    def describe(self, *, inherit: bool = True) -> list[str]:
+        """What this registry loads, a line each: ``'name' (Class)`` for QTEE TAs,
+        ``<uuid> (Class, GP)``, ``(Class, loadable GP)``, ``<file key> (Class, file)``;
+        a name shadowed by a nearer layer is listed once."""
+        seen: set[object] = set()
+        lines: list[str] = []
+        for layer in self._chain(inherit):
+            with layer._lock:
+                qtee = sorted(layer._qtee.items())
+                gp = sorted(layer._gp.items())
+                loadable = sorted(layer._loadable.items())
+            for name, cls in qtee:
+                if ("qtee", name) not in seen:
+                    seen.add(("qtee", name))
+                    lines.append(f"{name!r} ({cls.__name__})")
+            for kind, table in (("GP", gp), ("loadable GP", loadable)):
+                for key, gcls in table:
+                    if (kind, key) not in seen:
+                        seen.add((kind, key))
+                        lines.append(f"{uuidlib.UUID(bytes=key)} ({gcls.__name__}, {kind})")
+            for reg in layer.files.entries():
+                if ("file", reg.world, reg.key) not in seen:
+                    seen.add(("file", reg.world, reg.key))
+                    lines.append(f"{reg.name} ({reg.cls.__name__}, {reg.world} file)")
+        return lines
+
     # ------------------------------------------------------------------ TA files
     def register_file(
         self,

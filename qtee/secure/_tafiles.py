@@ -237,6 +237,16 @@ class TaFileTable:
         #: Lengths of the files registered by path, per world (with a count each).
         self._sizes: dict[World, dict[int, int]] = {"qtee": {}, "optee": {}}
 
+    def entries(self) -> list[TaFileRegistration]:
+        """The registrations that are live now (the newest for each key first)."""
+        with self._lock:
+            return [
+                reg
+                for table in self._tables.values()
+                for regs in table.values()
+                for reg in reversed(regs)
+            ]
+
     def register(
         self,
         cls: type[TrustedApp] | type[GpTA],
