@@ -25,6 +25,7 @@ from objects._errors import (
     UsageError,
     errno_name,
 )
+from objects._errors import publish_errors as _publish_errors
 from objects._ids import INT_MAX, CyclicAllocator, IdrAllocator
 from objects._optable import DispatchResult, OpSpec, PyObject, op
 from objects._refs import ObjectTable, Refcounted, RefcountError
@@ -70,3 +71,5 @@ __all__ = [
     "result_name",
     "result_to_u32",
 ]
+
+_publish_errors("objects", globals(), __all__)

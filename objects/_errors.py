@@ -109,3 +109,18 @@ class UsageError(QteeBaseError, ValueError):
 
 class DecodeError(QteeBaseError, ValueError):
     """Bytes from the other side are malformed (says where and what)."""
+
+
+def publish_errors(package: str, namespace: dict[str, object], names: list[str]) -> None:
+    """Name ``package`` as the home of the exception classes it exports that live in a
+    private module, so tracebacks and reprs say ``objects.QteeError``, not
+    ``objects._errors.QteeError`` (an exported class keeps the first public home it gets;
+    pickling by reference still finds it there)."""
+    for name in names:
+        obj = namespace.get(name)
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, BaseException)
+            and any(part.startswith("_") for part in obj.__module__.split("."))
+        ):
+            obj.__module__ = package

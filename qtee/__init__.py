@@ -8,6 +8,7 @@ of the secure world is :mod:`qtee.secure`.
 """
 
 from objects import DecodeError, DriverError, QteeBaseError, QteeError, Result, UsageError, op
+from objects._errors import publish_errors as _publish_errors
 from qtee import uapi, wire
 from qtee._driver import Context, Device
 from qtee._optee import OpteeContext, OpteeDevice
@@ -153,3 +154,5 @@ __all__ = [
     "TrustedStorage",
     "trusted_storage",
 ]
+
+_publish_errors("qtee", globals(), __all__)

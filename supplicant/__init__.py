@@ -7,6 +7,7 @@
 * :class:`TimeService`, :class:`FileStore` and :class:`TaDirectory`: the services behind them.
 """
 
+from objects._errors import publish_errors as _publish_errors
 from supplicant._autoload import TaDirectory, format_uuid
 from supplicant._fs import FileStore, FsError
 from supplicant._listener import (
@@ -34,3 +35,5 @@ __all__ = [
     "WorkerPool",
     "format_uuid",
 ]
+
+_publish_errors("supplicant", globals(), __all__)

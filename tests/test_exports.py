@@ -339,3 +339,26 @@ def test_supplicant_public_surface() -> None:
     for name in supplicant.__all__:
         assert hasattr(supplicant, name), name
     assert (supplicant.TIME_LISTENER_ID, supplicant.FS_LISTENER_ID) == (0xB, 0xA)
+
+
+def test_exported_exceptions_name_a_public_home() -> None:
+    """Issue 15: tracebacks say ``objects.QteeError``, ``qtee.gp.TeecError``, not a
+    private module; that home exports the class under its name, so pickling by
+    reference finds it."""
+    import importlib
+    import pickle
+
+    seen = 0
+    for pkg in ("objects", "qtee", "qtee.secure", "qtee.gp", "qtee.vm", "supplicant"):
+        module = importlib.import_module(pkg)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+                continue
+            seen += 1
+            home = importlib.import_module(obj.__module__)
+            assert not any(p.startswith("_") for p in obj.__module__.split(".")), obj
+            assert getattr(home, obj.__qualname__) is obj
+            assert name in home.__all__
+            assert pickle.loads(pickle.dumps(obj)) is obj
+    assert seen >= 12

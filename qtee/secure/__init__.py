@@ -14,6 +14,7 @@ registered per world (``world.tas``, a :class:`TaRegistry`) or process-wide
 :func:`register_ta_file`).
 """
 
+from objects._errors import publish_errors as _publish_errors
 from qtee.secure._apps import (
     APP_LOADER_UID,
     AppController,
@@ -124,3 +125,5 @@ __all__ = [
     "unregister_gp_ta",
     "unregister_loadable_ta",
 ]
+
+_publish_errors("qtee.secure", globals(), __all__)
