@@ -10,7 +10,13 @@ the method with the input buffers and objects and packs what it returns.
 A method returns its outputs in order: one ``bytes`` per output buffer, then one object
 per output object (a single value may be returned bare, ``None`` when there are none).
 An output buffer longer than the caller's capacity is ``ERROR_SIZE_OUT`` (Mink's answer
-for an output that does not fit) and nothing is returned.  A method that wants to fill
+for an output that does not fit) and nothing is returned.  What the declaration does
+not allow -- a fixed-size output buffer of another length (a skeleton's fixed output is
+always its size), an output object of a kind the caller cannot send -- is the method's
+bug: ``ERROR``, logged once, with a detail ("T.f returned 1 byte for ob[0]; op 0
+declares 4").  The declaration itself is checked when the class is defined: ``op``'s
+arguments, one method per op number, and a signature that can take the inputs.  A
+method that wants to fill
 an output buffer up to its capacity (as a Mink skeleton's implementation writes into
 the BO it is given) declares ``capacities=True``: it is then called with the keyword
 ``capacities``, the capacity of each output buffer in order.
@@ -60,19 +66,11 @@ class OpSpec:
     capacities: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.op, int) or not 0 <= self.op <= 0xFFFF:
-            raise UsageError(f"op {self.op!r} of {self.name} must be in 0..0xFFFF")
-        if self.op in (0xFFFE, 0xFFFF):
-            raise UsageError(f"op {self.op:#x} is reserved for retain/release")
+        _check_number(self.op, f"op {self.op!r} of {self.name}")
         for kind, sizes in (("ib", self.ib), ("ob", self.ob)):
-            if len(sizes) > 15:
-                raise UsageError(f"{self.name}: at most 15 {kind} arguments")
-            for s in sizes:
-                if s is not None and (not isinstance(s, int) or s < 0):
-                    raise UsageError(f"{self.name}: {kind} size {s!r} must be None or >= 0")
+            _check_sizes(self.name, kind, sizes)
         for kind, n in (("io", self.io), ("oo", self.oo)):
-            if not isinstance(n, int) or not 0 <= n <= 15:
-                raise UsageError(f"{self.name}: {kind} count {n!r} must be in 0..15")
+            _check_count(self.name, kind, n)
         if not isinstance(self.capacities, bool):
             raise UsageError(f"{self.name}: capacities must be a bool")
         if self.capacities and not self.ob:
@@ -118,6 +116,57 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
+#: Most arguments of one kind a call can carry: the 4-bit count in the message's
+#: ``counts`` word (qtee-kernel.md §3.3; Mink's ``OBJECT_COUNTS_MAX_*``).
+_MAX_PER_KIND: Final = 15
+#: The largest op number an interface can declare: ops are 16 bits (userspace ops with a
+#: bit above 15 are EINVAL) and 0xFFFE/0xFFFF are RETAIN/RELEASE (qtee-kernel.md §3.5).
+_MAX_OP: Final = 0xFFFD
+_MAX_SIZE: Final = 0xFFFF_FFFF  # a buffer size is a u32 on the wire
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_number(number: object, what: str) -> None:
+    if not _is_int(number) or not 0 <= number <= 0xFFFF:  # type: ignore[operator]
+        raise UsageError(
+            f"{what}: an op number is an int in 0..{_MAX_OP:#x} (ops are 16 bits), not {number!r}"
+        )
+    if number in (0xFFFE, 0xFFFF):
+        raise UsageError(f"{what}: op {number:#x} is reserved for retain/release")
+
+
+def _check_sizes(owner: str, kind: str, sizes: object) -> None:
+    """``ib``/``ob``: a tuple (or list) of at most 15 sizes, each an int >= 0 or None."""
+    example = f"e.g. {kind}=(4,) or {kind}=(None, 8)"
+    if not isinstance(sizes, tuple | list):
+        raise UsageError(
+            f"{owner}: {kind} is a tuple of sizes (int or None), {example}; not {sizes!r}"
+        )
+    if len(sizes) > _MAX_PER_KIND:
+        raise UsageError(
+            f"{owner}: at most {_MAX_PER_KIND} {kind} arguments (a call's count per kind is "
+            f"4 bits), not {len(sizes)}"
+        )
+    for k, size in enumerate(sizes):
+        if size is not None and (not _is_int(size) or not 0 <= size <= _MAX_SIZE):
+            raise UsageError(
+                f"{owner}: {kind}[{k}] is {size!r}; a size is an int in 0..{_MAX_SIZE:#x} "
+                f"or None (any length), {example}"
+            )
+
+
+def _check_count(owner: str, kind: str, n: object) -> None:
+    """``io``/``oo``: a number of objects, 0..15."""
+    if not _is_int(n) or not 0 <= n <= _MAX_PER_KIND:  # type: ignore[operator]
+        raise UsageError(
+            f"{owner}: {kind} is a number of objects, an int in 0..{_MAX_PER_KIND} (a call's "
+            f"count per kind is 4 bits), not {n!r}"
+        )
+
+
 def op(
     number: int,
     *,
@@ -129,14 +178,31 @@ def op(
 ) -> Callable[[F], F]:
     """Declare a method as interface op ``number`` with the given argument shape.
 
+    ``ib``/``ob``: a tuple with one size per input/output buffer (an int, or ``None`` for
+    any length); ``io``/``oo``: how many input/output objects; at most 15 of each kind.
+    The method is called with the input buffers, then the input objects, in order; a
+    signature that cannot take them is refused here, when the class is defined.
+
     ``capacities=True``: the method is also called with the keyword ``capacities``, a
     tuple of each output buffer's capacity (what the caller's ``Out(n)`` offers), so it
     can fill a buffer up to its size; returning more is still ``ERROR_SIZE_OUT``."""
+    where = f"@op({number!r})"
+    _check_number(number, where)
+    _check_sizes(where, "ib", ib)
+    _check_sizes(where, "ob", ob)
+    _check_count(where, "io", io)
+    _check_count(where, "oo", oo)
 
     def mark(fn: F) -> F:
-        spec = OpSpec(number, fn.__name__, tuple(ib), tuple(ob), io, oo, capacities)
+        name = getattr(fn, "__name__", None)
+        if not isinstance(name, str) or not callable(fn):
+            raise UsageError(f"{where} decorates a method, not {fn!r}")
+        spec = OpSpec(number, name, tuple(ib), tuple(ob), io, oo, capacities)
         if capacities and not _takes_keyword(fn, "capacities"):
-            raise UsageError(f"{fn.__name__}: capacities=True needs a 'capacities' parameter")
+            raise UsageError(f"{name}: capacities=True needs a 'capacities' parameter")
+        why = _cannot_take(fn, spec)
+        if why is not None:
+            raise UsageError(why)
         setattr(fn, _OP_ATTR, spec)
         return fn
 
@@ -154,11 +220,36 @@ def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
     return p is not None and p.kind is not inspect.Parameter.POSITIONAL_ONLY
 
 
+def _cannot_take(fn: Callable[..., Any], spec: OpSpec) -> str | None:
+    """Why a plain function (a method: ``self`` first) cannot be called the way dispatch
+    calls it (None: it can, or its signature cannot be read)."""
+    if not inspect.isfunction(fn):  # a staticmethod, a callable object...: not checked
+        return None
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    args = ["self"] + [f"ib[{k}]" for k in range(len(spec.ib))]
+    args += [f"io[{k}]" for k in range(spec.io)]
+    kwargs = {"capacities": ()} if spec.capacities else {}
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        passed = ", ".join(args[1:] + [f"{k}=..." for k in kwargs]) or "no arguments"
+        return (
+            f"{fn.__qualname__}{sig} cannot be op {spec.op}'s method: dispatch calls it "
+            f"with self and {passed} ({exc})"
+        )
+    return None
+
+
 class DispatchResult(NamedTuple):
     """What a dispatch produced: the result and, on OK, the outputs (immutable).
 
     On failure ``name`` names the result (``IAppLoader.ERROR_INVALID_BUFFER``,
     ``ERROR_INVALID``) and ``detail`` says why, when known: model-only, never on the wire.
+    ``ob`` is empty; ``oo`` holds the objects a method returned before its outputs were
+    refused (nothing was sent: the caller disposes of them by its own rules).
     """
 
     result: int
@@ -171,12 +262,22 @@ class DispatchResult(NamedTuple):
 _OK = DispatchResult(0)
 
 
-def _failed(result: int, detail: str, name: str = "") -> DispatchResult:
-    return DispatchResult(result, (), (), name or result_name(result), detail)
+def _failed(
+    result: int, detail: str, name: str = "", oo: tuple[object, ...] = ()
+) -> DispatchResult:
+    return DispatchResult(result, (), oo, name or result_name(result), detail)
 
 
 class PyObject:
-    """Base class of objects written in Python; subclasses declare ops with :func:`op`."""
+    """Base class of objects written in Python; subclasses declare ops with :func:`op`.
+
+    The op table is built when the class is defined, from the ``@op`` methods of the
+    class and its bases.  One op number has one method: two methods declaring the same
+    number are refused (``UsageError``), in one class or across a class and its base.
+    A subclass changes an inherited op by overriding the method of the same name: with
+    its own ``@op`` it replaces the declaration (number and shape), without one it keeps
+    the inherited declaration and only the implementation changes.
+    """
 
     __ops__: ClassVar[dict[int, OpSpec]] = {}
     #: The interface's errors (an ``IntEnum``, values from 10), or None: names what a
@@ -187,17 +288,28 @@ class PyObject:
         super().__init_subclass__(**kwargs)
         if "ERRORS" in cls.__dict__:
             _check_errors(cls.__name__, cls.__dict__["ERRORS"])
-        table: dict[int, OpSpec] = {}
+        # Method name -> (its declaration, the class that declared it); a subclass's
+        # method of the same name replaces its base's.
+        methods: dict[str, tuple[OpSpec, type]] = {}
         for klass in reversed(cls.__mro__):
             for attr in vars(klass).values():
                 spec = getattr(attr, _OP_ATTR, None)
                 if isinstance(spec, OpSpec):
-                    table[spec.op] = spec
-        names: dict[int, str] = {}
-        for spec in table.values():
-            if spec.op in names and names[spec.op] != spec.name:
-                raise UsageError(f"{cls.__name__}: op {spec.op} declared twice")
-            names[spec.op] = spec.name
+                    methods[spec.name] = (spec, klass)
+        table: dict[int, OpSpec] = {}
+        owners: dict[int, type] = {}
+        for spec, klass in methods.values():
+            first = table.get(spec.op)
+            if first is not None:
+                one = f"{owners[spec.op].__name__}.{first.name}"
+                other = f"{klass.__name__}.{spec.name}"
+                raise UsageError(
+                    f"{cls.__name__}: op {spec.op} is declared by both {one} and {other}; "
+                    "an op number has one method (a subclass replaces an inherited op by "
+                    "overriding the method of the same name)"
+                )
+            table[spec.op] = spec
+            owners[spec.op] = klass
         cls.__ops__ = table
 
     def supports(self, number: int) -> bool:
@@ -211,8 +323,18 @@ class PyObject:
         ob: tuple[int, ...],
         io: tuple[object, ...],
         n_oo: int,
+        *,
+        oo_kinds: tuple[type, ...] | None = None,
     ) -> DispatchResult:
-        """Check the call against the op table, run the method, pack its outputs."""
+        """Check the call against the op table, run the method, pack its outputs.
+
+        What the method returns is checked against the declaration, first problem first:
+        each output buffer must be bytes, each output object ``None`` or one of
+        ``oo_kinds`` (the kinds the caller can send on; None: not checked), then each
+        buffer must fit the caller's capacity (else ``ERROR_SIZE_OUT``) and have a fixed
+        size's exact length.  A failure is ``ERROR`` (a bug of the method's, logged once)
+        whose ``oo`` holds the objects the method did return, for the caller to dispose
+        of by its own rules (nothing went out)."""
         spec = self.__ops__.get(number)
         if spec is None:
             return _failed(Result.ERROR_INVALID, self._not_in_table(number))
@@ -234,22 +356,43 @@ class PyObject:
         if values is None:
             outputs = _count(len(ob) + n_oo, "output")
             why = f"{self._method(spec)} returned {_shape(out)}, op {number} has {outputs}"
-            log.error("%s", why)
-            return _failed(Result.ERROR, why)
+            return self._bug(why, _objects_in(out))
         data = values[: len(ob)]
-        for k, (chunk, cap) in enumerate(zip(data, ob, strict=True)):
+        objs = values[len(ob) :]
+        for k, chunk in enumerate(data):
             if not isinstance(chunk, _BYTES_LIKE):
                 kind = type(chunk).__name__
                 why = f"{self._method(spec)}: output buffer {k} is a {kind}, not bytes"
-                log.error("%s", why)
-                return _failed(Result.ERROR, why)
+                return self._bug(why, _objects_in(out))
+        if oo_kinds is not None:
+            for k, obj in enumerate(objs):
+                if obj is not None and not isinstance(obj, oo_kinds):
+                    kinds = ", ".join(t.__name__ for t in oo_kinds)
+                    why = (
+                        f"{self._method(spec)} returned {_a(type(obj).__name__)} for oo[{k}]; "
+                        f"op {number} takes {kinds} or None there"
+                    )
+                    return self._bug(why, _objects_in(out))
+        for k, (chunk, cap, size) in enumerate(zip(data, ob, spec.ob, strict=True)):
             if len(chunk) > cap:
                 return _failed(
                     Result.ERROR_SIZE_OUT,
                     f"ob[{k}]: {self._method(spec)} returned {_count(len(chunk), 'byte')}, "
                     f"capacity {cap}",
+                    oo=_objects_in(out),
                 )
-        return DispatchResult(Result.OK, tuple(bytes(c) for c in data), tuple(values[len(ob) :]))
+            if size is not None and len(chunk) != size:
+                why = (
+                    f"{self._method(spec)} returned {_count(len(chunk), 'byte')} for ob[{k}]; "
+                    f"op {number} declares {size}"
+                )
+                return self._bug(why, _objects_in(out))
+        return DispatchResult(Result.OK, tuple(bytes(c) for c in data), tuple(objs))
+
+    def _bug(self, why: str, oo: tuple[object, ...]) -> DispatchResult:
+        """The method returned what its declaration does not allow: ERROR, logged once."""
+        log.error("%s", why)
+        return _failed(Result.ERROR, why, oo=oo)
 
     def _method(self, spec: OpSpec) -> str:
         return f"{type(self).__name__}.{spec.name}"
@@ -294,6 +437,16 @@ def _shape(out: object) -> str:
     if isinstance(out, tuple):
         return f"{_count(len(out), 'value')}"
     return "None" if out is None else f"a {type(out).__name__}"
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
+def _objects_in(out: object) -> tuple[object, ...]:
+    """What a method returned that is neither None nor bytes (its objects, and junk)."""
+    values = out if isinstance(out, tuple) else (out,)
+    return tuple(v for v in values if v is not None and not isinstance(v, _BYTES_LIKE))
 
 
 def _as_tuple(out: object, n: int) -> tuple[Any, ...] | None:

@@ -495,7 +495,7 @@ class RemoteContext:
             self._abandon(f"the server lied about call {seq}: {lie}")
             raise DriverError(errno.EPROTO, f"the server lied: {lie}")
         if reply.errno:
-            raise DriverError(reply.errno, os.strerror(reply.errno))
+            raise DriverError(reply.errno)  # the errno alone: its text is the message
         if call.shm is not None:
             shm_id, _size, buf, fd = call.shm
             with self._lock:

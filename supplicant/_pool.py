@@ -8,16 +8,19 @@ and answers with SUPPL_SEND, following libqcomtee's ``qcomtee_object_process_one
 3. arguments that cannot be unmarshalled -> ``UNAVAIL`` (-96);
 4. a release notification (op 0xFFFF) drops one reference and is never answered;
 5. otherwise the object's method runs; a :class:`objects.QteeError` it raises is its
-   result, any other exception is ``ERROR`` (1) and is logged with the object and op.
+   result; any other exception, or outputs its ``@op`` does not allow (an output object
+   of another kind, a fixed-size output buffer of another length), is ``ERROR`` (1) and
+   is logged once with the object and op.
 
 Output objects: a callback object returned gets a callback id that QTEE holds (one
 reference per send, given back by a release notification); an :class:`~qtee.ObjRef` or
 :class:`~qtee.MemoryObject` returned stays the handler's, unless it comes in a
 :class:`~qtee.Transfer`, which the worker releases exactly once after SUPPL_SEND returns
-(what libqcomtee leaves to ``error()``, called after the response is submitted).  If the
-answer never reaches QTEE -- the outputs cannot be marshalled, SUPPL_SEND fails, or the
-watchdog answered first -- the callback ids taken for it are given back at once: the
-kernel made no object of them, so no release notification will come.
+(what libqcomtee leaves to ``error()``, called after the response is submitted), also
+when the answer is a failure.  If the answer never reaches QTEE -- the outputs cannot be
+marshalled, SUPPL_SEND fails, or the watchdog answered first -- the callback ids taken
+for it are given back at once: the kernel made no object of them, so no release
+notification will come.
 
 The kernel passes a negative ``ret`` to QTEE through ``qcomtee_msg_set_result``, so QTEE
 sees -90/-92/-96 as ``ERROR``; positive results pass unchanged (qtee-kernel.md §3.6).
@@ -52,10 +55,10 @@ from qtee._driver import (
     _UB_OUT,
     _params_struct,
 )
-from qtee.client import Transfer
+from qtee.client import CallbackObject, MemoryObject, ObjRef, Transfer
 
 if TYPE_CHECKING:
-    from qtee.client import CallbackObject, Client, _Block
+    from qtee.client import Client, _Block
 
 __all__ = ["WorkerPool"]
 
@@ -66,6 +69,9 @@ RECV_PARAMS: Final = 11
 #: Bytes of the scratch buffer input buffers are copied into (libqcomtee: 1024 on the stack).
 SCRATCH_SIZE: Final = 4096
 OP_RELEASE: Final = 0xFFFF
+#: What a callback object's method may return as an output object (besides None); the
+#: dispatch refuses anything else as the handler's bug (ERROR, logged once).
+OUTPUT_KINDS: Final = (CallbackObject, ObjRef, MemoryObject, Transfer)
 
 
 def _u32(result: int) -> int:
@@ -223,13 +229,15 @@ class WorkerPool:
         transfers: list[Transfer] = []
         delivered = False
         try:
-            res = obj.dispatch(func, ib, ob, io, n_oo)
+            res = obj.dispatch(func, ib, ob, io, n_oo, oo_kinds=OUTPUT_KINDS)
             reply: list[_P] = [(_META_OUT, req, 0, 0)]
             result = res.result
             if result == 0:
                 result = self._marshal(args, res.ob, res.oo, reply, pins, sent, transfers)
                 if result:
                     reply = reply[:1]
+            else:  # what the handler returned goes nowhere: its Transfers end here too
+                transfers += [o for o in res.oo if isinstance(o, Transfer)]
             if self._finish(entry):
                 self._reply(send, result, reply)
                 delivered = result == 0

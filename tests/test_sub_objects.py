@@ -85,7 +85,7 @@ class Tagger(CallbackObject):
     def __init__(self) -> None:
         self.seen: list[bytes] = []
 
-    @op(0, ib=(None,), ob=(16,))
+    @op(0, ib=(None,), ob=(None,))  # up to the 16 bytes the session offers
     def answer(self, tag: bytes) -> bytes:
         self.seen.append(tag)
         return b"seen " + tag

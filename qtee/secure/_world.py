@@ -176,6 +176,10 @@ class NsObject:
         return f"<NsObject {self.ns_id:#x} refs={self.refs}>"
 
 
+#: What a secure object's method may return as an output object (besides None); the
+#: dispatch refuses anything else as the method's bug (ERROR) before any is exported.
+_OUTPUT_KINDS: Final = (SecureObject, NsObject)
+
 #: Per-thread state of one direct invocation: its outbound buffer and the driver's server.
 _Call = tuple[_Buf, ServeCallback]
 
@@ -405,16 +409,15 @@ class SecureWorld:
         ob = tuple([ref.size for ref in msg.ob]) if msg.ob else ()
         if msg.io:
             io = tuple([self._import(i) for i in msg.io])
-            res = target.dispatch(op, msg.ib, ob, io, msg.n_oo)
+            res = target.dispatch(op, msg.ib, ob, io, msg.n_oo, oo_kinds=_OUTPUT_KINDS)
             for obj in io:  # the method kept what it wanted with retain()
                 if isinstance(obj, NsObject):
                     obj.release()
         else:
-            res = target.dispatch(op, msg.ib, ob, (), msg.n_oo)
+            res = target.dispatch(op, msg.ib, ob, (), msg.n_oo, oo_kinds=_OUTPUT_KINDS)
         if res.result:
-            for obj in res.oo:
-                if isinstance(obj, NsObject):
-                    obj.release()
+            # Nothing was exported; NsObject proxies the method returned stay its own, as
+            # they do on success (the kernel takes its own reference on an NS output).
             _reason.note(res.result, res.name, res.detail)  # model-only: why, for the client
             return res.result
         if msg.n_oo or msg.ob:  # outputs to write
