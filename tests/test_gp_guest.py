@@ -114,4 +114,5 @@ def test_gp_in_a_destroyed_vm_is_target_dead() -> None:
         TeecResult.TEEC_ERROR_TARGET_DEAD,
         TeecOrigin.TEEC_ORIGIN_TEE,
     )
+    assert "IGPSession.invokeCommand failed: QTEE result -90 (ERROR_DEFUNCT)" in failure[0].detail
     assert monitor.leaks() == {}
