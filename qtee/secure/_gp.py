@@ -21,6 +21,8 @@ world's, looked up first: :mod:`qtee.secure._registry`), or handed over by
   anything else it raises is a **panic**: that call and every later one on the instance
   give ``TARGET_DEAD`` (origin TEE), and the instance leaves the UUID lookup at once
   (§4.4).
+* Every failure is noted on the calling thread, model-only (:mod:`qtee.secure._gp_why`):
+  the client's :class:`~qtee.gp.TeecError` says why in its ``detail``.
 
 ``create``/``destroy`` follow libutee (``user_ta_entry.c``): create runs in the first
 open entry of an instance, at most once until destroy (its flag is set before it runs,
@@ -175,7 +177,7 @@ def gp_params(types: int, params: Sequence[GpParam]) -> list[GpParam]:
             out.append(GpParam())
             continue
         if not isinstance(p, GpParam) or p.type != t:
-            raise GpTaError(_BAD_PARAMETERS, f"param {i}: param types say {t}, not {p!r}")
+            raise GpTaError(_BAD_PARAMETERS, f"param {i}: param types say {t}, the param is {p!r}")
         if t == 0:
             out.append(GpParam())
         elif t in _VALUES:
@@ -1081,7 +1083,9 @@ class GpRuntime:
             result = (_OK, _TA)
         except GpTaError as exc:
             result = (exc.code, _TA)
-            _gp_why.note(exc.code, _entry_text(inst, where, exc.detail or "its own result"))
+            _gp_why.note(
+                exc.code, _entry_text(inst, where, exc.detail or "its own result (no reason given)")
+            )
         except TaPanic as exc:
             log.warning("TA %s called TEE_Panic(0x%08X)", inst.cls.__name__, exc.code)
             self._panic(inst)
