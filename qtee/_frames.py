@@ -71,9 +71,10 @@ processes: the server maps them at those addresses for the call).  A reply with
 ``errno`` != 0 nothing is written back (the errno channel: the kernel copies nothing
 out of a failed ioctl), so ``arg`` and ``written`` are empty.
 
-A successful OBJECT_INVOKE's reply may carry ``why``: the secure side's note on why it
-answered with an error (:mod:`qtee._reason`: the result, the interface error's name, the
-reason), a model-only detail the client puts in its :class:`~objects.QteeError`; it is
+A successful OBJECT_INVOKE's (or OP-TEE OPEN_SESSION's, INVOKE's) reply may carry
+``why``: the secure side's note on why it answered with an error (:mod:`qtee._reason`:
+the result, the interface error's name, the reason), a model-only detail the client puts
+in its :class:`~objects.QteeError` (or :class:`~qtee.gp.TeecError`); it is
 absent when there is no note, and never changes ``arg`` or ``written``.
 
 A reply is checked against its request on the client (:func:`check_reply`,

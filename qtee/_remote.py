@@ -107,6 +107,10 @@ log = logging.getLogger("qtee.remote")
 
 _BUF_TYPES: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
 _SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
+#: Calls whose reply may carry the secure side's note (a QTEE invocation, a GP call).
+_NOTED: Final = frozenset(
+    {uapi.TEE_IOC_OBJECT_INVOKE, uapi.TEE_IOC_OPEN_SESSION, uapi.TEE_IOC_INVOKE}
+)
 #: fds one read may bring (a shm frame carries one).
 _MAX_FDS: Final = 16
 #: Seconds a call may go without a reply before it fails ETIMEDOUT (``connect``'s default).
@@ -510,7 +514,7 @@ class RemoteContext:
         for region in reply.written:
             mem.write(region.addr, region.data)
         dialect.done(cmd, reply.arg)
-        if reply.why is not None and cmd == uapi.TEE_IOC_OBJECT_INVOKE:
+        if reply.why is not None and cmd in _NOTED:
             _reason.put(_reason.Reason(*reply.why))  # the server's note, on this thread
         return 0
 

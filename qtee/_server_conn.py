@@ -95,6 +95,8 @@ _INTROSPECT_OFF: Final = (
 )
 _SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
 _OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
+#: Calls whose reply carries the secure side's note (a QTEE invocation, a GP call).
+_NOTED: Final = frozenset({_OBJECT_INVOKE, uapi.TEE_IOC_OPEN_SESSION, uapi.TEE_IOC_INVOKE})
 _SHM_ALLOC: Final = uapi.TEE_IOC_SHM_ALLOC
 
 
@@ -503,7 +505,7 @@ class Connection:
                     written = sorted(written + extra)
                 note = _reason.take()
                 why = None
-                if note is not None and req.cmd == _OBJECT_INVOKE:  # model-only, for the client
+                if note is not None and req.cmd in _NOTED:  # model-only, for the client
                     why = (note.result, note.name, note.detail)
                 try:
                     reply = encode_reply(

@@ -521,7 +521,8 @@ def _socket_dir() -> str:
 @pytest.fixture
 def qtee_guest(request: pytest.FixtureRequest, qtee_leak_check: None) -> Iterator[Guest]:
     """A guest VM with QTEE behind a fresh monitor and VMM (``qtee.vm``): ``.device`` is
-    its own driver model, whose SMCs the mediator forwards.  Destroyed at teardown; the
+    its own driver model, whose SMCs the mediator forwards to its partition (the standard
+    QTEE, IGPAppClient included).  Destroyed at teardown; the
     monitor, the VMM and the guest's device are leak-checked."""
     from qtee.secure._monitor import SecureMonitor
     from qtee.vm import Vmm

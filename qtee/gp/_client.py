@@ -83,6 +83,7 @@ from qtee.gp._params import (
     pre_process_operation,
 )
 from qtee.gp._transport import GpTransport, OpteeTransport
+from qtee.secure import _gp_why
 
 if TYPE_CHECKING:
     from qtee._driver import Device
@@ -552,15 +553,17 @@ class _Call:
         """
         params = self.prepare()
         try:
+            _gp_why.clear()  # the secure side notes why it fails this call, on this thread
             try:
                 ret, origin, back = ioctl(params)
             except DriverError as exc:
                 raise _comms(exc, "TEE ioctl failed") from exc
+            detail = _gp_why.taken(ret)  # model-only: never changes ret or origin
             self.finish(back)
         finally:
             self.free()
         if ret != TeecResult.TEEC_SUCCESS:
-            raise TeecError(ret, origin)
+            raise TeecError(ret, origin, detail)
         return _known(TeecOrigin, origin)
 
 

@@ -20,7 +20,9 @@ the same GP client code runs on either TEE:
 * An IDL-level failure (the method did not run) becomes a GP result the way
   libminkteec's ``map_err`` does it: DEFUNCT -> TARGET_DEAD, BUSY -> BUSY, KMEM and
   NOSLOTS -> OUT_OF_MEMORY, all origin TEE; anything else GENERIC, origin COMMS for
-  openSession and TEE for invokeCommand (libminkteec's override, kept as it is).
+  openSession and TEE for invokeCommand (libminkteec's override, kept as it is).  The
+  QTEE error (its name and reason) is noted as the model-only detail of the client's
+  :class:`~qtee.gp.TeecError` (:mod:`qtee.secure._gp_why`).
 * ``cancel`` flags the session with the model-only ``IGPSession`` op 0x3FFF (see
   :mod:`qtee.secure._gpclient`); ``cancel_id`` travels as the cancelCode.
 * ``close`` releases every session object and memory object this transport still
@@ -41,6 +43,7 @@ from objects import DriverError, QteeError, Result, UsageError
 from qtee import uapi
 from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
 from qtee.gp._defs import TeecOrigin, TeecResult
+from qtee.secure import _gp_why
 from qtee.secure._gpclient import (
     CGPAPPCLIENT_UID,
     EX_PARAM_TYPE_MEMREF_DUP,
@@ -271,6 +274,7 @@ class QteeGpTransport:
             )
         except QteeError as exc:
             ret, origin = map_idl_error(exc.result, invoke=False)
+            _gp_why.note(ret, f"IGPAppClient.openSession failed: {exc}")  # model-only
             return 0, ret, origin, list(params)
         ret, origin, back = self._params_back(params, res[0], res[1:5])
         session = res[5]
@@ -321,6 +325,7 @@ class QteeGpTransport:
                 )
             except QteeError as exc:
                 ret, origin = map_idl_error(exc.result, invoke=True)
+                _gp_why.note(ret, f"IGPSession.invokeCommand failed: {exc}")  # model-only
                 return ret, origin, list(params)
             return self._params_back(params, res[0], res[1:5])
         finally:

@@ -21,6 +21,8 @@ world's, looked up first: :mod:`qtee.secure._registry`), or handed over by
   anything else it raises is a **panic**: that call and every later one on the instance
   give ``TARGET_DEAD`` (origin TEE), and the instance leaves the UUID lookup at once
   (§4.4).
+* Every failure is noted on the calling thread, model-only (:mod:`qtee.secure._gp_why`):
+  the client's :class:`~qtee.gp.TeecError` says why in its ``detail``.
 
 ``create``/``destroy`` follow libutee (``user_ta_entry.c``): create runs in the first
 open entry of an instance, at most once until destroy (its flag is set before it runs,
@@ -49,6 +51,7 @@ from typing import ClassVar, Final, NoReturn, TypeVar
 
 from objects import DriverError, Refcounted, UsageError
 from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult, _known
+from qtee.secure import _gp_why
 from qtee.secure._registry import PROCESS_TAS, refuse_marker_call, uuid_bytes
 from qtee.secure._world import SecureObject, SecureWorld
 
@@ -89,6 +92,9 @@ _BUSY: Final = int(TeecResult.TEEC_ERROR_BUSY)
 _DEAD: Final = int(TeecResult.TEEC_ERROR_TARGET_DEAD)
 _CANCEL: Final = int(TeecResult.TEEC_ERROR_CANCEL)
 _COMMUNICATION: Final = int(TeecResult.TEEC_ERROR_COMMUNICATION)
+_GENERIC: Final = int(TeecResult.TEEC_ERROR_GENERIC)
+_SECURITY: Final = int(TeecResult.TEEC_ERROR_SECURITY)
+_OVERFLOW: Final = int(TeecResult.TEE_ERROR_OVERFLOW)
 _COMMS: Final = int(TeecOrigin.TEEC_ORIGIN_COMMS)
 _TEE: Final = int(TeecOrigin.TEEC_ORIGIN_TEE)
 _TA: Final = int(TeecOrigin.TEEC_ORIGIN_TRUSTED_APP)
@@ -160,34 +166,34 @@ def gp_params(types: int, params: Sequence[GpParam]) -> list[GpParam]:
     the caller only through :func:`_copy_out`, buffers are shared (INPUT read-only).
     """
     if not _is_u32(types) or types >> (4 * TEE_NUM_PARAMS) or len(params) > TEE_NUM_PARAMS:
-        raise GpTaError(_BAD_PARAMETERS)
+        raise GpTaError(_BAD_PARAMETERS, f"param types {types!r} with {len(params)} params")
     out: list[GpParam] = []
     for i in range(TEE_NUM_PARAMS):
         t = (types >> (4 * i)) & 0xF
         p = params[i] if i < len(params) else None
         if p is None:
             if t:
-                raise GpTaError(_BAD_PARAMETERS)
+                raise GpTaError(_BAD_PARAMETERS, f"param {i}: type {t} but no param")
             out.append(GpParam())
             continue
         if not isinstance(p, GpParam) or p.type != t:
-            raise GpTaError(_BAD_PARAMETERS)
+            raise GpTaError(_BAD_PARAMETERS, f"param {i}: param types say {t}, the param is {p!r}")
         if t == 0:
             out.append(GpParam())
         elif t in _VALUES:
             if not (_is_u32(p.a) and _is_u32(p.b)):
-                raise GpTaError(_BAD_PARAMETERS)
+                raise GpTaError(_BAD_PARAMETERS, f"param {i}: a value is two u32s")
             out.append(GpParam(t, p.a, p.b))
         elif t in _MEMREFS:
             out.append(GpParam(t, buffer=_ta_view(t, p), size=p.size))
         else:
-            raise GpTaError(_BAD_PARAMETERS)
+            raise GpTaError(_BAD_PARAMETERS, f"param {i}: {t} is no TEE param type")
     return out
 
 
 def _ta_view(t: int, p: GpParam) -> memoryview | None:
     if not isinstance(p.size, int) or isinstance(p.size, bool) or p.size < 0:
-        raise GpTaError(_BAD_PARAMETERS)
+        raise GpTaError(_BAD_PARAMETERS, f"a memref size of {p.size!r}")
     if p.buffer is None:
         return None  # a NULL memref: any size (the short-buffer size query)
     try:
@@ -195,9 +201,11 @@ def _ta_view(t: int, p: GpParam) -> memoryview | None:
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
     except (TypeError, ValueError):
-        raise GpTaError(_BAD_PARAMETERS) from None
-    if p.size > len(view) or (t in _OUT_MEMREFS and view.readonly):
-        raise GpTaError(_BAD_PARAMETERS)
+        raise GpTaError(_BAD_PARAMETERS, "a memref buffer is no buffer of bytes") from None
+    if p.size > len(view):
+        raise GpTaError(_BAD_PARAMETERS, f"a memref of {p.size} bytes over {len(view)} bytes")
+    if t in _OUT_MEMREFS and view.readonly:
+        raise GpTaError(_BAD_PARAMETERS, "an output memref over read-only bytes")
     view = view[: p.size]
     return view if t in _OUT_MEMREFS else view.toreadonly()
 
@@ -220,14 +228,19 @@ def _copy_out(params: Sequence[GpParam], ta: Sequence[object]) -> None:
 
 
 class GpTaError(Exception):
-    """Raised by a TA entry point to return ``code`` (a ``TEE_Result``), origin TA."""
+    """Raised by a TA entry point to return ``code`` (a ``TEE_Result``), origin TA.
+
+    ``detail`` (model-only) says why; the client sees it in the
+    :class:`~qtee.gp.TeecError`'s ``detail``."""
 
     code: int
+    detail: str
 
     def __init__(self, code: int, detail: str = "") -> None:
         if not _is_u32(code):
             raise ValueError(f"a TEE_Result is a u32, not {code!r}")
         self.code = int(code)
+        self.detail = str(detail)
         super().__init__(f"0x{code:08X}: {detail}" if detail else f"0x{code:08X}")
 
 
@@ -553,6 +566,17 @@ class _Deadlock(Exception):
 # ----------------------------------------------------------------------------- runtime
 
 
+def _entry_text(inst: _Instance, where: int | tuple[int, int] | None, what: str) -> str:
+    """A failed entry for people: ``TA Acc, command 1 (param types ...): what``."""
+    if isinstance(where, tuple):
+        entry = f", command {where[0]} (param types {_gp_why.types_text(where[1])})"
+    elif where is not None:
+        entry = f", OpenSession (param types {_gp_why.types_text(where)})"
+    else:
+        entry = ""
+    return f"TA {inst.cls.__name__}{entry}: {what}"
+
+
 class GpRuntime:
     """OP-TEE's TA manager over one secure world (optee.md §2 cancel, §3, §4)."""
 
@@ -587,7 +611,7 @@ class GpRuntime:
 
         UUIDs are 16 bytes (``uuid.UUID.bytes`` order) or ``uuid.UUID``s."""
         if self._closed:
-            return 0, _COMMUNICATION, _COMMS
+            return 0, *self._shut()
         if isinstance(uuid, uuidlib.UUID):
             uuid = uuid.bytes
         if isinstance(client_uuid, uuidlib.UUID):
@@ -739,15 +763,17 @@ class GpRuntime:
         try:
             ta_params = gp_params(types, params)
         except GpTaError as exc:
+            _gp_why.note(exc.code, f"OpenSession: {exc.detail}")
             return 0, exc.code, _TEE
         if self._closed:
-            return 0, _COMMUNICATION, _COMMS
+            return 0, *self._shut()
         sess = GpSession(self, uuid, login, client_uuid, owner)
         sess.cancel_id = cancel_id
         try:
             sess.id = self.world.export(sess)  # §4.2 step 1
-        except DriverError:  # ENOSPC: the id space is full
-            return 0, int(TeecResult.TEE_ERROR_OVERFLOW), _TEE
+        except DriverError as exc:  # ENOSPC: the id space is full
+            _gp_why.note(_OVERFLOW, f"no session id left: {exc}")
+            return 0, _OVERFLOW, _TEE
         shut: bool
         with self._lock:
             shut = self.closed
@@ -755,11 +781,11 @@ class GpRuntime:
                 self._sessions.add(sess)
         if shut:
             self._discard(sess)
-            return 0, _COMMUNICATION, _COMMS
+            return 0, *self._shut()
         code, inst = self._attach(uuid)  # steps 2 and 3
         if inst is None:
             self._discard(sess)
-            return (0, _COMMUNICATION, _COMMS) if self.closed else (0, code, _TEE)
+            return (0, *self._shut()) if self.closed else (0, code, _TEE)
         with self._cond:
             shut = sess._state is _State.CLOSED  # shutdown dropped it meanwhile
             if shut:
@@ -768,27 +794,29 @@ class GpRuntime:
                 sess._instance = inst
         if shut:
             inst.put()
-            return 0, _COMMUNICATION, _COMMS
+            return 0, *self._shut()
         try:
             with self._busy(inst):  # step 4
                 if inst.panicked:
                     code, origin = _DEAD, _TEE
+                    _gp_why.note(_DEAD, f"TA {inst.cls.__name__} panicked meanwhile")
                 else:  # step 5
                     code, origin = self._run(
-                        inst, sess, self._open_entry, inst, sess, types, ta_params
+                        inst, sess, self._open_entry, inst, sess, types, ta_params, where=types
                     )
                     _copy_out(params, ta_params)
         except _Deadlock:
             code, origin = _BUSY, _TEE
+            _gp_why.note(_BUSY, f"opening a session to TA {inst.cls.__name__} would deadlock")
         except _Gone:  # shut down while waiting for the instance
-            code, origin = _COMMUNICATION, _COMMS
+            code, origin = self._shut()
         with self._cond:
             shut = sess._state is _State.CLOSED
             if code == _OK and not shut:
                 sess._state = _State.OPEN
                 return sess.id, _OK, _TA
         self._discard(sess)
-        return (0, _COMMUNICATION, _COMMS) if shut else (0, code, origin)
+        return (0, *self._shut()) if shut else (0, code, origin)
 
     def _attach(self, uuid: bytes) -> tuple[int, _Instance | None]:
         """Find or make the instance a new session binds to, with a reference taken."""
@@ -821,8 +849,14 @@ class GpRuntime:
         if inst is None:
             return None
         if inst.panicked:  # only a keep-crashed one stays findable
+            _gp_why.note(_DEAD, f"TA {inst.cls.__name__} panicked and is kept crashed")
             return _DEAD, None
         if not inst.flags & _MULTI and inst.sessions > 0:
+            _gp_why.note(
+                _BUSY,
+                f"TA {inst.cls.__name__} is single-instance without TA_FLAG_MULTI_SESSION "
+                "and has a session already",
+            )
             return _BUSY, None
         if not inst.get():  # its last reference is being dropped: make a new one
             del self._by_uuid[uuid]
@@ -833,22 +867,31 @@ class GpRuntime:
     def _load(self, uuid: bytes) -> tuple[int, type[GpTA] | None]:
         """The LOAD_TA path (§3.2): the hook names the TA class, or None if not found."""
         hook = self.load_ta
+        tas = self.world.tas
         if hook is None:
+            why = _gp_why.not_found(tas, uuid, "no tee-supplicant serves this GP runtime")
+            _gp_why.note(_NOT_FOUND, why)
             return _NOT_FOUND, None
         try:
             cls = hook(uuid)
         except GpTaError as exc:  # e.g. COMMUNICATION when no supplicant answers
+            _gp_why.note(exc.code, _gp_why.load_failed(tas, uuid, exc.code, exc.detail))
             return exc.code, None
-        except Exception:
+        except Exception as exc:
             log.exception("load_ta hook failed for %s", uuid.hex())
-            return int(TeecResult.TEEC_ERROR_GENERIC), None
+            _gp_why.note(_GENERIC, f"LOAD_TA of {uuidlib.UUID(bytes=uuid)} raised {exc!r}")
+            return _GENERIC, None
         if cls is None:
+            load = "the image tee-supplicant sent names no TA the model has a class for"
+            _gp_why.note(_NOT_FOUND, _gp_why.not_found(tas, uuid, load))
             return _NOT_FOUND, None
         if not (isinstance(cls, type) and issubclass(cls, GpTA)) or (
             getattr(cls, "UUID", None) != uuidlib.UUID(bytes=uuid)
         ):
             log.error("load_ta for %s returned %r, not a GpTA with that UUID", uuid.hex(), cls)
-            return int(TeecResult.TEEC_ERROR_SECURITY), None
+            why = f"LOAD_TA of {uuidlib.UUID(bytes=uuid)} gave {cls!r}, not a GpTA of that UUID"
+            _gp_why.note(_SECURITY, why)
+            return _SECURITY, None
         return _OK, cls
 
     def _open_entry(
@@ -905,35 +948,46 @@ class GpRuntime:
         try:
             ta_params = gp_params(types, params)
         except GpTaError as exc:
+            _gp_why.note(exc.code, f"InvokeCommand {cmd}: {exc.detail}")
             return exc.code, _TEE
         if not _is_u32(cmd):
+            _gp_why.note(_BAD_PARAMETERS, f"command {cmd!r} is not a u32")
             return _BAD_PARAMETERS, _TEE
         with self._lock:
             if self._closed:
-                return _COMMUNICATION, _COMMS
+                return self._shut()
             sess = self._find(session_id)
             if sess is None or not self._may_use(sess, owner, from_ta=from_ta):
+                _gp_why.note(_BAD_PARAMETERS, f"no open session {session_id:#x} of this caller")
                 return _BAD_PARAMETERS, _TEE
         try:
             with self._exclusive(sess):
                 inst = sess._instance
                 if inst is None:  # shutdown dropped it under us
-                    return _COMMUNICATION, _COMMS
+                    return self._shut()
                 if inst.panicked:
+                    _gp_why.note(_DEAD, f"TA {inst.cls.__name__} panicked earlier")
                     return _DEAD, _TEE
                 concurrent = bool(inst.flags & _CONCURRENT)
                 with self._busy(inst, skip=concurrent):
                     if _dead(inst):  # it panicked while this call waited
+                        _gp_why.note(_DEAD, f"TA {inst.cls.__name__} panicked meanwhile")
                         return _DEAD, _TEE
                     ta = inst.ta
                     assert ta is not None
-                    result = self._run(inst, sess, ta.invoke, sess, cmd, types, ta_params)
+                    result = self._run(
+                        inst, sess, ta.invoke, sess, cmd, types, ta_params, where=(cmd, types)
+                    )
                     _copy_out(params, ta_params)
-                    return (_COMMUNICATION, _COMMS) if self.closed else result
+                    return self._shut() if self.closed else result
         except _Deadlock:
+            _gp_why.note(_BUSY, f"invoking TA {sess.uuid.hex()} would deadlock")
             return _BUSY, _TEE
         except _Gone:
-            return (_COMMUNICATION, _COMMS) if self.closed else (_BAD_PARAMETERS, _TEE)
+            if self.closed:
+                return self._shut()
+            _gp_why.note(_BAD_PARAMETERS, f"session {session_id:#x} was closed meanwhile")
+            return _BAD_PARAMETERS, _TEE
 
     # ------------------------------------------------------------------ close
     def _close_checked(self, session_id: int, owner: object, *, from_ta: bool) -> int:
@@ -1011,9 +1065,17 @@ class GpRuntime:
 
     # ------------------------------------------------------------------ entries
     def _run(
-        self, inst: _Instance, sess: GpSession | None, fn: Callable[..., object], *args: object
+        self,
+        inst: _Instance,
+        sess: GpSession | None,
+        fn: Callable[..., object],
+        *args: object,
+        where: int | tuple[int, int] | None = None,
     ) -> tuple[int, int]:
-        """Run one TA entry: GpTaError -> its code (origin TA), anything else -> panic."""
+        """Run one TA entry: GpTaError -> its code (origin TA), anything else -> panic.
+
+        ``where`` names the entry in the note of a failure: the open entry's param types,
+        or an invoke's ``(command, param types)``."""
         stack = _entry_stack()
         stack.append(_Entry(self, inst, sess))
         try:
@@ -1021,14 +1083,19 @@ class GpRuntime:
             result = (_OK, _TA)
         except GpTaError as exc:
             result = (exc.code, _TA)
+            _gp_why.note(
+                exc.code, _entry_text(inst, where, exc.detail or "its own result (no reason given)")
+            )
         except TaPanic as exc:
             log.warning("TA %s called TEE_Panic(0x%08X)", inst.cls.__name__, exc.code)
             self._panic(inst)
             result = (_DEAD, _TEE)
-        except Exception:
+            _gp_why.note(_DEAD, _entry_text(inst, where, f"panicked: {exc}"))
+        except Exception as exc:
             log.warning("TA %s panicked", inst.cls.__name__, exc_info=True)
             self._panic(inst)
             result = (_DEAD, _TEE)
+            _gp_why.note(_DEAD, _entry_text(inst, where, f"panicked: it raised {exc!r}"))
         finally:
             stack.pop()
             if sess is not None:
@@ -1036,6 +1103,11 @@ class GpRuntime:
                     sess._cancel = False
                     sess._mask = True
         return result
+
+    def _shut(self) -> tuple[int, int]:
+        """COMMUNICATION, origin COMMS: the runtime is shut down (its VM destroyed)."""
+        _gp_why.note(_COMMUNICATION, "the GP runtime is shut down (its partition's VM is gone)")
+        return _COMMUNICATION, _COMMS
 
     def _panic(self, inst: _Instance) -> None:
         """``ctx->panicked``: dead for good; out of the UUID lookup unless keep-crashed."""

@@ -92,6 +92,7 @@ from typing import Final
 
 from objects import QteeError, op
 from qtee.gp._defs import TeecOrigin, TeecResult
+from qtee.secure import _gp_why
 from qtee.secure._gp import GpParam, GpRuntime
 from qtee.secure._world import Mapping, NsObject, SecureObject, SecureWorld
 
@@ -217,12 +218,19 @@ class _Marshalled:
         self.params: list[GpParam] = []
         self.types = 0
         self.error = _OK
+        self.why = ""  # model-only: why ``error``
         self.temp: list[bytearray | None] = [None] * _NUM
         self.stack = ExitStack()
 
 
 def _nibble(word: int, i: int) -> int:
     return (word >> (4 * i)) & 0xF
+
+
+def _bad(m: _Marshalled, why: str) -> None:
+    """The call's params do not fit: BAD_PARAMETERS (the first reason is kept)."""
+    if not m.error:
+        m.error, m.why = _BAD_PARAMETERS, why
 
 
 def _unmarshal(
@@ -260,7 +268,7 @@ def _fill(
         elif t in _VALUES:
             if t in _IN_VALUES:
                 if len(data) != VALUE.size:
-                    m.error = _BAD_PARAMETERS
+                    _bad(m, f"param {i}: a value of {len(data)} bytes, not {VALUE.size}")
                 else:
                     p.a, p.b = VALUE.unpack(data)
         elif t in _MEMREFS:
@@ -269,7 +277,7 @@ def _fill(
                 EX_PARAM_TYPE_MEMREF_DUP,
             ):
                 if len(data) != MEM_PARAMS.size:
-                    m.error = _BAD_PARAMETERS
+                    _bad(m, f"param {i}: a memref descriptor of {len(data)} bytes")
                     m.params.append(p)
                     continue
                 size, offset, shared = MEM_PARAMS.unpack(data)
@@ -280,7 +288,7 @@ def _fill(
                 elif ex == EX_PARAM_TYPE_MEMREF_DUP:
                     found = mapped.get(shared) if shared < i else None
                     if found is None:
-                        m.error = _BAD_PARAMETERS
+                        _bad(m, f"param {i}: MEMREF_DUP of param {shared}, no memory object")
                         m.params.append(p)
                         continue
                     region = found
@@ -288,7 +296,7 @@ def _fill(
                     m.params.append(p)
                     continue
                 if offset + size > len(region.view):
-                    m.error = _BAD_PARAMETERS
+                    _bad(m, f"param {i}: [{offset}, +{size}) outside {len(region.view)} bytes")
                 else:
                     p.buffer = region.view[offset : offset + size]
             else:  # a temp memref: the bytes themselves
@@ -297,7 +305,7 @@ def _fill(
                 p.buffer = memoryview(buf)
                 p.size = len(buf)
         else:
-            m.error = _BAD_PARAMETERS
+            _bad(m, f"param {i}: {t} is no TEE param type")
         m.params.append(p)
 
 
@@ -414,6 +422,7 @@ class GPAppClient(SecureObject):
         with m.stack:
             if m.error:
                 sid, ret, origin = 0, m.error, _TEE
+                _gp_why.note(ret, f"openSession: {m.why}")
             else:
                 sid, ret, origin = self.runtime.open_session(
                     raw, method, _NIL, types, m.params, cancel_id=cancel, owner=self
@@ -466,6 +475,7 @@ class GPSessionObject(SecureObject):
         with m.stack:
             if m.error:
                 ret, origin = m.error, _TEE
+                _gp_why.note(ret, f"invokeCommand {cmd}: {m.why}")
             else:
                 ret, origin = self.client.runtime.invoke(
                     self.session_id, cmd, types, m.params, cancel_id=cancel, owner=self.client

@@ -46,6 +46,7 @@ from qtee._smc import (
     SmcHandler,
     SmcReturn,
 )
+from qtee.secure._gpclient import CGPAPPCLIENT_UID, install_gp_app_client
 from qtee.secure._services import QteeRoot
 from qtee.secure._world import SecureObject, SecureWorld
 
@@ -88,6 +89,19 @@ _OF_LOCK: Final = threading.Lock()
 _closing: Final = operator.attrgetter("closing")
 
 
+def _services(world: SecureWorld) -> dict[int, object] | None:
+    """The service table of ``world``'s root (a :class:`QteeRoot`'s), or None."""
+    services = getattr(world.root, "services", None)
+    return services if isinstance(services, dict) else None
+
+
+def _offer_gp(world: SecureWorld) -> None:
+    """IGPAppClient (0x199) through ``world``'s client env, as the standard QTEE offers it
+    (``qtee.Device()``), when its root has a service table."""
+    if _services(world) is not None:
+        install_gp_app_client(world)
+
+
 def _check_reg(value: object, name: str) -> None:
     if not isinstance(value, int) or not 0 <= value < _U64:
         raise UsageError(f"{name} = {value!r} is not a 64-bit register value")
@@ -99,7 +113,10 @@ class SecureMonitor:
 
     ``root_factory`` makes each guest partition's root (a root keeps per-world state, so
     every partition needs its own); the host's partition is ``host_world`` or a new world
-    around ``root_factory()``.  ``phys`` is THE host-physical memory: every host
+    around ``root_factory()`` offering IGPAppClient (0x199) too: ``SecureMonitor()`` is
+    the standard QTEE of ``qtee.Device()``.  A guest's partition offers the services the
+    host's does, IGPAppClient included (on a GP runtime of its own, whose TA lookups fall
+    back on the host partition's registry).  ``phys`` is THE host-physical memory: every host
     :class:`~qtee.Device` on this monitor lends its SMC buffers and places its shm there.
     ``smcinvoke=False`` models a QTEE without smcinvoke (the driver's probe gets EIO,
     QK §3.1); ``virtualization=False`` one without the VM calls (UNKNOWN_FUNCTION).
@@ -126,6 +143,7 @@ class SecureMonitor:
             raise TypeError("phys must be a PhysMemory (host-physical memory)")
         if host_world is None:
             host_world = SecureWorld(root_factory())
+            _offer_gp(host_world)
         elif not isinstance(host_world, SecureWorld):
             raise TypeError("host_world must be a SecureWorld")
         elif host_world.client_id != HYP_CLIENT_ID:
@@ -444,6 +462,9 @@ class SecureMonitor:
         world.monitor = self
         world.phys = self.phys
         world.tas.parent = self._host.tas  # the host partition's TAs, then the process's
+        host_services = _services(self._host)
+        if host_services is not None and CGPAPPCLIENT_UID in host_services:
+            _offer_gp(world)  # the standard services the host's partition offers
         with self._lock:  # checked again: another creation may have won meanwhile
             if client_id in self._worlds or len(self._worlds) - 1 >= self.guest_limit:
                 return _ENOTAVAIL
