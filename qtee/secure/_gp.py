@@ -335,18 +335,28 @@ class GpTA:
         return entry.runtime._set_mask(entry.session, True)
 
     def open_ta_session(
-        self, uuid: uuidlib.UUID | bytes, types: int, params: list[GpParam]
+        self,
+        uuid: uuidlib.UUID | bytes,
+        types: int,
+        params: list[GpParam],
+        *,
+        timeout: int = TEE_TIMEOUT_INFINITE,
     ) -> tuple[TaSession | None, int, int]:
         """``TEE_OpenTASession``: login TRUSTED_APP, client identity = this TA's UUID.
 
+        ``timeout`` is the cancellationRequestTimeout in milliseconds (a u32): once it
+        expires the target's open entry reads as cancelled (see :meth:`TaSession.invoke`).
         Returns ``(session or None, TEE_Result, origin)`` (``TeecResult``/``TeecOrigin``
         members for known values, as a TEEC client sees them); the session belongs to
         this instance (closed with it if the TA forgets) and is unusable from the normal
         world.
         """
         entry = self._entry()
+        _check_timeout(timeout)
         raw = uuid.bytes if isinstance(uuid, uuidlib.UUID) else uuid
-        sess, code, origin = entry.runtime._open_from_ta(entry.instance, raw, types, params)
+        sess, code, origin = entry.runtime._open_from_ta(
+            entry.instance, raw, types, params, timeout
+        )
         return sess, _known(TeecResult, code), _known(TeecOrigin, origin)
 
 
@@ -360,11 +370,22 @@ class TaSession:
         self._owner = owner
         self.id = ident
 
-    def invoke(self, cmd: int, types: int, params: list[GpParam]) -> tuple[int, int]:
+    def invoke(
+        self, cmd: int, types: int, params: list[GpParam], *, timeout: int = TEE_TIMEOUT_INFINITE
+    ) -> tuple[int, int]:
         """``TEE_InvokeTACommand``: ``(TEE_Result, origin)`` (as :meth:`GpTA.open_ta_session`
         gives them); a panic of the target gives TARGET_DEAD (origin TEE) and leaves the
-        caller running."""
-        code, origin = self._runtime._invoke(self.id, cmd, types, params, self._owner, from_ta=True)
+        caller running.
+
+        ``timeout`` is the cancellationRequestTimeout in milliseconds (a u32,
+        ``TEE_TIMEOUT_INFINITE`` by default).  When it expires the call is not cut short:
+        the target's session reads as cancelled from then on (its ``TEE_Wait`` returns
+        TEE_ERROR_CANCEL, its cancellation flag reads set) but only while it has
+        cancellation unmasked, and the caller gets whatever the target then returns."""
+        _check_timeout(timeout)
+        code, origin = self._runtime._invoke(
+            self.id, cmd, types, params, self._owner, from_ta=True, timeout=timeout
+        )
         return _known(TeecResult, code), _known(TeecOrigin, origin)
 
     def close(self) -> None:
@@ -520,6 +541,7 @@ class GpSession(SecureObject):
         self._depth = 0
         self._cancel = False  # sess->cancel
         self._mask = True  # sess->cancel_mask
+        self._cancel_at: float | None = None  # sess->cancel_time (monotonic; None: never)
         self.cancel_id = 0
 
     @property
@@ -606,10 +628,14 @@ class GpRuntime:
         *,
         cancel_id: int = 0,
         owner: object = None,
+        timeout: int = TEE_TIMEOUT_INFINITE,
     ) -> tuple[int, int, int]:
         """``OPTEE_MSG_CMD_OPEN_SESSION``: ``(session id or 0, TEE_Result, origin)``.
 
-        UUIDs are 16 bytes (``uuid.UUID.bytes`` order) or ``uuid.UUID``s."""
+        UUIDs are 16 bytes (``uuid.UUID.bytes`` order) or ``uuid.UUID``s.  ``timeout``:
+        the cancellationRequestTimeout in ms (OP-TEE's normal-world entry always passes
+        ``TEE_TIMEOUT_INFINITE``; QTEE's ``openSessionV2`` carries one)."""
+        _check_timeout(timeout)
         if self._closed:
             return 0, *self._shut()
         if isinstance(uuid, uuidlib.UUID):
@@ -623,7 +649,9 @@ class GpRuntime:
             or login == _TRUSTED_APP  # the normal world cannot claim to be a TA
         ):
             return 0, _BAD_PARAMETERS, _TEE
-        return self._open(bytes(uuid), login, bytes(client_uuid), types, params, owner, cancel_id)
+        return self._open(
+            bytes(uuid), login, bytes(client_uuid), types, params, owner, cancel_id, timeout
+        )
 
     def invoke(
         self,
@@ -634,9 +662,12 @@ class GpRuntime:
         *,
         cancel_id: int = 0,
         owner: object = None,
+        timeout: int = TEE_TIMEOUT_INFINITE,
     ) -> tuple[int, int]:
-        """``OPTEE_MSG_CMD_INVOKE_COMMAND``: ``(TEE_Result, origin)``."""
-        return self._invoke(session_id, cmd, types, params, owner, from_ta=False)
+        """``OPTEE_MSG_CMD_INVOKE_COMMAND``: ``(TEE_Result, origin)``.  ``timeout``: the
+        cancellationRequestTimeout in ms, as for :meth:`open_session`."""
+        _check_timeout(timeout)
+        return self._invoke(session_id, cmd, types, params, owner, from_ta=False, timeout=timeout)
 
     def cancel(self, session_id: int, cancel_id: int = 0, owner: object = None) -> int:
         """``OPTEE_MSG_CMD_CANCEL``: flag the session (``cancel_id`` is ignored, as
@@ -759,6 +790,7 @@ class GpRuntime:
         params: list[GpParam],
         owner: object,
         cancel_id: int = 0,
+        timeout: int = TEE_TIMEOUT_INFINITE,
     ) -> tuple[int, int, int]:
         try:
             ta_params = gp_params(types, params)
@@ -802,7 +834,15 @@ class GpRuntime:
                     _gp_why.note(_DEAD, f"TA {inst.cls.__name__} panicked meanwhile")
                 else:  # step 5
                     code, origin = self._run(
-                        inst, sess, self._open_entry, inst, sess, types, ta_params, where=types
+                        inst,
+                        sess,
+                        self._open_entry,
+                        inst,
+                        sess,
+                        types,
+                        ta_params,
+                        where=types,
+                        timeout=timeout,
                     )
                     _copy_out(params, ta_params)
         except _Deadlock:
@@ -923,11 +963,13 @@ class GpRuntime:
                 ta.destroy()
 
     def _open_from_ta(
-        self, caller: _Instance, uuid: bytes, types: int, params: list[GpParam]
+        self, caller: _Instance, uuid: bytes, types: int, params: list[GpParam], timeout: int
     ) -> tuple[TaSession | None, int, int]:
         if not _is_16(uuid):
             return None, _BAD_PARAMETERS, _TEE
-        sid, code, origin = self._open(uuid, _TRUSTED_APP, caller.uuid, types, params, caller)
+        sid, code, origin = self._open(
+            uuid, _TRUSTED_APP, caller.uuid, types, params, caller, timeout=timeout
+        )
         if not sid:
             return None, code, origin
         with self._lock:
@@ -944,6 +986,7 @@ class GpRuntime:
         owner: object,
         *,
         from_ta: bool,
+        timeout: int = TEE_TIMEOUT_INFINITE,
     ) -> tuple[int, int]:
         try:
             ta_params = gp_params(types, params)
@@ -976,7 +1019,15 @@ class GpRuntime:
                     ta = inst.ta
                     assert ta is not None
                     result = self._run(
-                        inst, sess, ta.invoke, sess, cmd, types, ta_params, where=(cmd, types)
+                        inst,
+                        sess,
+                        ta.invoke,
+                        sess,
+                        cmd,
+                        types,
+                        ta_params,
+                        where=(cmd, types),
+                        timeout=timeout,
                     )
                     _copy_out(params, ta_params)
                     return self._shut() if self.closed else result
@@ -1071,11 +1122,17 @@ class GpRuntime:
         fn: Callable[..., object],
         *args: object,
         where: int | tuple[int, int] | None = None,
+        timeout: int = TEE_TIMEOUT_INFINITE,
     ) -> tuple[int, int]:
         """Run one TA entry: GpTaError -> its code (origin TA), anything else -> panic.
 
         ``where`` names the entry in the note of a failure: the open entry's param types,
-        or an invoke's ``(command, param types)``."""
+        or an invoke's ``(command, param types)``.  ``timeout`` (ms) sets the session's
+        cancel time once the instance is held, as ``set_invoke_timeout`` does (a close
+        entry runs with none)."""
+        if sess is not None:
+            with self._lock:
+                sess._cancel_at = _cancel_time(timeout)
         stack = _entry_stack()
         stack.append(_Entry(self, inst, sess))
         try:
@@ -1102,6 +1159,7 @@ class GpRuntime:
                 with self._lock:  # the end of every entry: flag cleared, mask reset
                     sess._cancel = False
                     sess._mask = True
+                    sess._cancel_at = None
         return result
 
     def _shut(self) -> tuple[int, int]:
@@ -1189,26 +1247,42 @@ class GpRuntime:
 
     # ------------------------------------------------------------------ cancellation
     def _wait(self, sess: GpSession | None, ms: int) -> int:
+        """``syscall_wait``: CANCEL as soon as the session reads as cancelled (a cancel,
+        or its cancel time reached, while unmasked), else SUCCESS after ``ms``."""
         if not _is_u32(ms):
             raise UsageError(f"TEE_Wait takes a u32 of milliseconds, not {ms!r}")
         deadline = None if ms == TEE_TIMEOUT_INFINITE else time.monotonic() + ms / 1000
         with self._cond:
             while True:
-                if self._closed or (sess is not None and sess._cancel and not sess._mask):
+                if self._is_cancelled(sess):
                     return _CANCEL
-                if deadline is None:
+                wake = deadline
+                if sess is not None and not sess._mask and sess._cancel_at is not None:
+                    wake = sess._cancel_at if wake is None else min(wake, sess._cancel_at)
+                if wake is None:
                     if sess is None:
                         raise UsageError("an infinite TEE_Wait needs a session to cancel it")
                     self._cond.wait()
                     continue
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if deadline is not None and deadline <= now:
                     return _OK
-                self._cond.wait(left)
+                self._cond.wait(max(wake - now, 0.0))
 
     def _cancelled(self, sess: GpSession | None) -> bool:
         with self._lock:
-            return self._closed or (sess is not None and sess._cancel and not sess._mask)
+            return self._is_cancelled(sess)
+
+    def _is_cancelled(self, sess: GpSession | None) -> bool:
+        """Under the lock: ``tee_ta_session_is_cancelled`` (always False while masked;
+        a shut-down runtime reads cancelled whatever the mask)."""
+        if self._closed:
+            return True
+        if sess is None or sess._mask:
+            return False
+        if sess._cancel:
+            return True
+        return sess._cancel_at is not None and time.monotonic() >= sess._cancel_at
 
     def _set_mask(self, sess: GpSession | None, masked: bool) -> bool:
         if sess is None:
@@ -1246,6 +1320,22 @@ def _dead(inst: _Instance) -> bool:
 
 def _same(a: object, b: object) -> bool:
     return a is b or (not isinstance(a, _Instance) and a == b)
+
+
+def _check_timeout(timeout: object) -> None:
+    """A cancellationRequestTimeout is a u32 of milliseconds."""
+    if not _is_u32(timeout):
+        raise UsageError(
+            f"a cancellation timeout is a u32 of milliseconds (or TEE_TIMEOUT_INFINITE), "
+            f"not {timeout!r}"
+        )
+
+
+def _cancel_time(timeout: int) -> float | None:
+    """``set_invoke_timeout``: the monotonic time the entry reads as cancelled from."""
+    if timeout == TEE_TIMEOUT_INFINITE:
+        return None
+    return time.monotonic() + timeout / 1000
 
 
 def _is_16(v: object) -> bool:

@@ -74,6 +74,10 @@ Model choices, where the sources say nothing or a Python model cannot follow the
   rather than the IDL error APP_NOT_FOUND, so a GP client sees a GP result.
 * The client identity is the nil UUID for every login (QTEE derives it from the
   client's credentials; the GP runtime only records it).
+* ``cancellationRequestTimeout`` (openSessionV2, invokeCommand) is honoured as a TA's
+  ``TEE_OpenTASession``/``TEE_InvokeTACommand`` timeout is in OP-TEE: once it expires the
+  session reads as cancelled while the TA has cancellation unmasked; openSession (V1)
+  carries none (``TEE_TIMEOUT_INFINITE``).
 * waitCBO is accepted and not used.  Real cancellation wakes a ``TEE_Wait`` that QTEE
   forwards to waitCBO's ``IWait.wait``; the Python TAs wait inside the GP runtime, so a
   model-only op, ``IGPSession`` op :data:`IGPSESSION_OP_REQUEST_CANCELLATION`
@@ -93,7 +97,7 @@ from typing import Final
 from objects import QteeError, op
 from qtee.gp._defs import TeecOrigin, TeecResult
 from qtee.secure import _gp_why
-from qtee.secure._gp import GpParam, GpRuntime
+from qtee.secure._gp import TEE_TIMEOUT_INFINITE, GpParam, GpRuntime
 from qtee.secure._world import Mapping, NsObject, SecureObject, SecureWorld
 
 __all__ = [
@@ -383,7 +387,15 @@ class GPAppClient(SecureObject):
     ) -> tuple[object, ...]:
         cancel, method, data, types, ex_types = OS_IN.unpack(scalars)
         return self._open(
-            ta_uuid, cancel, method, data, types, ex_types, (i1, i2, i3, i4), (m1, m2, m3, m4)
+            ta_uuid,
+            cancel,
+            TEE_TIMEOUT_INFINITE,
+            method,
+            data,
+            types,
+            ex_types,
+            (i1, i2, i3, i4),
+            (m1, m2, m3, m4),
         )
 
     @op(IGPAPPCLIENT_OP_OPEN_SESSION_V2, ib=_OS_V2_IB, ob=_OUT_OB, io=5, oo=1)
@@ -401,15 +413,24 @@ class GPAppClient(SecureObject):
         m3: object,
         m4: object,
     ) -> tuple[object, ...]:
-        cancel, _timeout, method, data, types, ex_types = OS_IN_V2.unpack(scalars)
+        cancel, timeout, method, data, types, ex_types = OS_IN_V2.unpack(scalars)
         return self._open(
-            ta_uuid, cancel, method, data, types, ex_types, (i1, i2, i3, i4), (m1, m2, m3, m4)
+            ta_uuid,
+            cancel,
+            timeout,
+            method,
+            data,
+            types,
+            ex_types,
+            (i1, i2, i3, i4),
+            (m1, m2, m3, m4),
         )
 
     def _open(
         self,
         ta_uuid: bytes,
         cancel: int,
+        timeout: int,
         method: int,
         data: int,
         types: int,
@@ -425,7 +446,14 @@ class GPAppClient(SecureObject):
                 _gp_why.note(ret, f"openSession: {m.why}")
             else:
                 sid, ret, origin = self.runtime.open_session(
-                    raw, method, _NIL, types, m.params, cancel_id=cancel, owner=self
+                    raw,
+                    method,
+                    _NIL,
+                    types,
+                    m.params,
+                    cancel_id=cancel,
+                    owner=self,
+                    timeout=timeout,
                 )
             outs = _marshal_out(m, ret, origin)
         session = GPSessionObject(self, sid) if sid else None
@@ -470,7 +498,7 @@ class GPSessionObject(SecureObject):
         m4: object,
     ) -> tuple[bytes, ...]:
         self._check()
-        cmd, cancel, _timeout, types, ex_types = IC_IN.unpack(scalars)
+        cmd, cancel, timeout, types, ex_types = IC_IN.unpack(scalars)
         m = _unmarshal(self.client.world, types, ex_types, (i1, i2, i3, i4), (m1, m2, m3, m4))
         with m.stack:
             if m.error:
@@ -478,7 +506,13 @@ class GPSessionObject(SecureObject):
                 _gp_why.note(ret, f"invokeCommand {cmd}: {m.why}")
             else:
                 ret, origin = self.client.runtime.invoke(
-                    self.session_id, cmd, types, m.params, cancel_id=cancel, owner=self.client
+                    self.session_id,
+                    cmd,
+                    types,
+                    m.params,
+                    cancel_id=cancel,
+                    owner=self.client,
+                    timeout=timeout,
                 )
             return _marshal_out(m, ret, origin)
 
