@@ -28,6 +28,7 @@ from objects import QteeError
 from qtee import Device, GpParam, GpSession, GpTA, RemoteDevice, gp_ta_image
 from qtee.client import OUT_OBJECT, Client, ObjRef
 from qtee.gp import (
+    TaFlag,
     TeecContext,
     TeecError,
     TeecOperation,
@@ -41,6 +42,7 @@ from qtee.secure import APP_LOADER_UID, IAppController, IAppLoader
 
 LOADED_UUID = uuid.UUID("6b1e9a53-2c4d-4e8f-9a01-00000000a10a")
 FILE_UUID = uuid.UUID("6b1e9a53-2c4d-4e8f-9a01-00000000f11e")
+SINGLE_UUID = uuid.UUID("6b1e9a53-2c4d-4e8f-9a01-000000005191")
 ADD = 1
 VALUE_INOUT = param_types(P.TEEC_VALUE_INOUT, P.TEEC_NONE, P.TEEC_NONE, P.TEEC_NONE)
 NOT_FOUND = TeecResult.TEEC_ERROR_ITEM_NOT_FOUND
@@ -59,6 +61,13 @@ class Loaded(GpTA):
 
 class FromFile(Loaded):
     UUID = FILE_UUID
+
+
+class Single(Loaded):
+    """One instance for every session (SINGLE_INSTANCE | MULTI_SESSION)."""
+
+    UUID = SINGLE_UUID
+    FLAGS = TaFlag.TA_FLAG_SINGLE_INSTANCE | TaFlag.TA_FLAG_MULTI_SESSION
 
 
 def add(ctx: TeecContext, ta: uuid.UUID, a: int, b: int) -> int:
@@ -181,6 +190,26 @@ def test_releasing_the_controller_unloads_but_open_sessions_go_on(
         session.close()
         with load(qtee_client, qtee_env, gp_ta_image(LOADED_UUID)) as again:
             assert add(ctx, LOADED_UUID, 1, 1) == 2
+            again.invoke(1)
+
+
+@pytest.mark.qtee_gp_ta(Single, loadable=True)
+def test_a_released_single_instance_ta_takes_no_new_session(
+    qtee_device: Device, qtee_client: Client, qtee_env: ObjRef
+) -> None:
+    """A single-instance multi-session TA whose controller was released while a session
+    is open: that session's instance takes no new session (the TA is not loaded any
+    more, [GPC]); the old session still answers.  Loaded again, a fresh instance."""
+    with TeecContext(qtee_device) as ctx:
+        ctrl = load(qtee_client, qtee_env, gp_ta_image(SINGLE_UUID))
+        with ctx.open_session(SINGLE_UUID) as session:
+            ctrl.release()
+            assert open_fails(ctx, SINGLE_UUID)[0] == NOT_FOUND
+            value = TeecValue(1, 1)
+            session.invoke_command(ADD, TeecOperation(VALUE_INOUT, [value]))
+            assert value.a == 2
+        with load(qtee_client, qtee_env, gp_ta_image(SINGLE_UUID)) as again:
+            assert add(ctx, SINGLE_UUID, 3, 4) == 7
             again.invoke(1)
 
 

@@ -779,6 +779,10 @@ class GpRuntime:
                 return False
             del self._app_loaded[uuid]
         self.unload(uuid)
+        with self._lock:  # a single-instance TA's live instance takes no new session
+            inst = self._by_uuid.get(uuid)
+            if inst is not None and not inst.kept:
+                del self._by_uuid[uuid]
         return True
 
     def app_loaded(self) -> list[uuidlib.UUID]:
