@@ -16,6 +16,18 @@ it loads the TA that :func:`qtee.secure.register_ta_file` registered for its SHA
 (:mod:`qtee.secure._tafiles`; a memory object longer by zero bytes matches too).  An
 image that matches nothing is ``ERROR_INVALID_BUFFER`` (10), IAppLoader's answer for a
 buffer it cannot take; a model image naming no registered TA stays METADATA_INVALID.
+
+**GP TAs.**  An image of a GP TA -- a model image named ``str(uuid)``
+(:func:`~qtee.secure.gp_ta_image`) whose class is registered as a GP TA, a loadable GP TA
+or a TA file by UUID, or a real file registered by SHA-256 for a :class:`~qtee.secure.GpTA` class --
+loads it into the world's GP runtime: from then on IGPAppClient (0x199) finds it by
+UUID, as it finds the TAs a device preloads (the ones :func:`~qtee.secure.register_gp_ta` registers;
+their image is ALREADY_LOADED, like a second load).  The answer is a
+:class:`GpAppController`: ``unload`` is IAppController ``IN_USE`` while a session to
+the TA is open (IAppController.idl: unload fails while the app is busy, to be tried
+again later); ``getAppObject`` is ``NOT_SUPPORTED`` (model choice: a GP TA is reached by
+UUID, not through a Mink object); releasing the controller unloads the TA, and sessions
+open by then go on until they close.
 """
 
 from __future__ import annotations
@@ -23,6 +35,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
+import threading
+import uuid as uuidlib
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from objects import QteeError, UsageError, op
@@ -30,6 +44,7 @@ from qtee.secure._registry import PROCESS_TAS, refuse_marker_call
 from qtee.secure._world import NsObject, SecureObject
 
 if TYPE_CHECKING:
+    from qtee.secure._gp import GpRuntime, GpTA
     from qtee.secure._world import SecureWorld
 
 __all__ = [
@@ -72,6 +87,8 @@ class IAppController(enum.IntEnum):
     ERROR_BLOCKED_ON_LISTENER = 11
     ERROR_UNLOADED = 12
     ERROR_IN_USE = 13
+    #: qualcomm-linux/pkg-minkipc ``IAppController.idl`` (the fifth error).
+    ERROR_NOT_SUPPORTED = 14
 
 
 # The names these errors had before their enums (kept: the same values).
@@ -159,6 +176,51 @@ class AppController(SecureObject):
         self._unload()
 
 
+class GpAppController(SecureObject):
+    """IAppController of a GP TA that IAppLoader loaded: the TA is reachable through
+    IGPAppClient (by UUID) until ``unload`` (op 1), which fails with ``IN_USE`` while a
+    session to it is open.  Releasing the controller unloads it too (sessions already
+    open keep running until they close).  ``getAppObject`` (op 2) is ``NOT_SUPPORTED``:
+    a GP TA offers no Mink object of its own."""
+
+    ERRORS = IAppController
+
+    def __init__(self, runtime: GpRuntime, cls: type[GpTA]) -> None:
+        self.runtime = runtime
+        self.cls = cls
+        self.loaded = True
+        self._lock = threading.Lock()
+
+    @op(1)
+    def unload(self) -> None:
+        with self._lock:
+            if not self.loaded:
+                return
+            if not self.runtime.unload_app(self.cls.UUID.bytes):
+                raise QteeError(
+                    IAppController.ERROR_IN_USE, f"GP TA {self.cls.UUID} has open sessions"
+                )
+            self.loaded = False
+
+    @op(2, oo=1)
+    def get_app_object(self) -> SecureObject:
+        if not self.loaded:
+            raise QteeError(ERROR_APP_UNLOADED, f"GP TA {self.cls.UUID} was unloaded")
+        raise QteeError(
+            IAppController.ERROR_NOT_SUPPORTED,
+            f"GP TA {self.cls.UUID} has no app object: open a session through IGPAppClient",
+        )
+
+    def on_release(self) -> None:
+        with self._lock:
+            loaded, self.loaded = self.loaded, False
+        if loaded:
+            self.runtime.unload_app(self.cls.UUID.bytes, force=True)
+
+    def __repr__(self) -> str:
+        return f"<GP app {self.cls.__name__} {self.cls.UUID}{'' if self.loaded else ' unloaded'}>"
+
+
 class AppLoader(SecureObject):
     """IAppLoader (UID 3)."""
 
@@ -168,16 +230,22 @@ class AppLoader(SecureObject):
         self.world = world
         self.loaded = loaded
 
-    def _load(self, image: bytes) -> AppController:
+    def _load(self, image: bytes) -> AppController | GpAppController:
         cls: type[TrustedApp] | None
         if image.startswith(TA_MAGIC):  # a model image: it names its TA
             name = _parse(image)
             cls = self.world.tas.lookup(name)
             if cls is None:
-                raise QteeError(ERROR_METADATA_INVALID, f"no TA named {name!r}")
+                gp = self._gp_class(name)
+                if gp is None:
+                    raise QteeError(ERROR_METADATA_INVALID, f"no TA named {name!r}")
+                return self._load_gp(gp)
         else:  # a real image (a signed ELF): the TA registered for its SHA-256
             found = self.world.tas.file_by_sha256("qtee", image)
             if found is None:
+                gp_found = self.world.tas.file_by_sha256("optee", image)
+                if gp_found is not None:  # a GP TA's file
+                    return self._load_gp(gp_found[0])
                 raise QteeError(
                     ERROR_INVALID_BUFFER,
                     f"no TA is registered for this {len(image)}-byte image "
@@ -192,12 +260,32 @@ class AppLoader(SecureObject):
         self.loaded.add(name)
         return AppController(self, name, app)
 
+    def _gp_class(self, name: str) -> type[GpTA] | None:
+        """The GP TA a model image named ``str(uuid)`` stands for (a GP, loadable GP or
+        by-UUID file registration), or None."""
+        try:
+            want = uuidlib.UUID(name)
+        except ValueError:
+            return None
+        if str(want) != name:  # only the canonical lowercase form, as gp_ta_image writes
+            return None
+        tas = self.world.tas
+        return tas.lookup_gp(want) or tas.lookup_loadable(want) or tas.file_by_uuid(want)
+
+    def _load_gp(self, cls: type[GpTA]) -> GpAppController:
+        from qtee.secure._gpclient import gp_runtime
+
+        runtime = gp_runtime(self.world)
+        if not runtime.load_app(cls):
+            raise QteeError(ERROR_ALREADY_LOADED, f"GP TA {cls.UUID} is already loaded")
+        return GpAppController(runtime, cls)
+
     @op(0, ib=(None,), oo=1)
-    def load_from_buffer(self, image: bytes) -> AppController:
+    def load_from_buffer(self, image: bytes) -> AppController | GpAppController:
         return self._load(image)
 
     @op(2, ib=(None,), oo=1)
-    def load_embedded(self, name: bytes) -> AppController:
+    def load_embedded(self, name: bytes) -> AppController | GpAppController:
         """``loadEmbedded``: a 16-byte name is a TA UUID, fetched through the supplicant's
         TA-autoload callback (IRequestTABuffer) when one is registered; any other name is
         a registered TA's name.  Nothing found: EMBEDDED_IMAGE_NOT_FOUND."""
@@ -217,7 +305,7 @@ class AppLoader(SecureObject):
         return self._load(ta_image(text))
 
     @op(1, io=1, oo=1)
-    def load_from_region(self, mem: NsObject | None) -> AppController:
+    def load_from_region(self, mem: NsObject | None) -> AppController | GpAppController:
         if not isinstance(mem, NsObject):
             raise QteeError(ERROR_INVALID_BUFFER, "no memory object")
         try:

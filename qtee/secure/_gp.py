@@ -616,6 +616,8 @@ class GpRuntime:
         self._sessions: set[GpSession] = set()
         self._waiting: dict[int, _Instance | GpSession] = {}  # thread -> what it waits for
         self._closed = False  # shut down: no entry runs any more
+        #: GP TAs QTEE's IAppLoader loaded from an image, by UUID (:meth:`load_app`).
+        self._app_loaded: dict[bytes, type[GpTA]] = {}
 
     # ------------------------------------------------------------------ NS entry points
     def open_session(
@@ -780,6 +782,45 @@ class GpRuntime:
         inst.put()
         return True
 
+    # ------------------------------------------------------------------ IAppLoader
+    def load_app(self, cls: type[GpTA]) -> bool:
+        """QTEE's IAppLoader loaded the image of the GP TA ``cls``: from now on a session
+        to ``cls.UUID`` finds it, as one to a TA the device preloads does.  False (and
+        nothing changes) when that UUID is loaded already: preloaded (registered with
+        :func:`register_gp_ta`) or loaded before and not unloaded since."""
+        raw = cls.UUID.bytes
+        if self.world.tas.lookup_gp(raw) is not None:
+            return False
+        with self._lock:
+            if raw in self._app_loaded:
+                return False
+            self._app_loaded[raw] = cls
+        return True
+
+    def unload_app(self, uuid: bytes, *, force: bool = False) -> bool:
+        """Undo :meth:`load_app`: new sessions to ``uuid`` no longer find the TA.  False
+        (nothing changes) while a session to it is open, unless ``force`` (the load's
+        controller went away: open sessions keep their instance until they close).  A
+        kept (keep-alive) instance is let go, as :meth:`unload` does."""
+        with self._lock:
+            if uuid not in self._app_loaded:
+                return True
+            busy = any(s.uuid == uuid and s._state is not _State.CLOSED for s in self._sessions)
+            if busy and not force:
+                return False
+            del self._app_loaded[uuid]
+        self.unload(uuid)
+        with self._lock:  # a single-instance TA's live instance takes no new session
+            inst = self._by_uuid.get(uuid)
+            if inst is not None and not inst.kept:
+                del self._by_uuid[uuid]
+        return True
+
+    def app_loaded(self) -> list[uuidlib.UUID]:
+        """The UUIDs of the GP TAs IAppLoader loaded (not the preloaded ones)."""
+        with self._lock:
+            return sorted(uuidlib.UUID(bytes=k) for k in self._app_loaded)
+
     # ------------------------------------------------------------------ open
     def _open(
         self,
@@ -865,6 +906,9 @@ class GpRuntime:
             if bound is not None:
                 return bound
         cls = self.world.tas.lookup_gp(uuid)
+        if cls is None:
+            with self._lock:
+                cls = self._app_loaded.get(uuid)
         if cls is None:
             code, cls = self._load(uuid)
             if cls is None:
