@@ -154,13 +154,13 @@ class OpteeSupplicant:
     ) -> None:
         if workers < 1:
             raise ValueError("at least one worker")
-        self._plugins: dict[uuidlib.UUID, SuppPlugin] = {}
+        self._lock = threading.Lock()
+        self._plugins: dict[uuidlib.UUID, SuppPlugin] = {}  # plugin.c's plugin list
         for key, fn in (plugins or {}).items():
             self.register_plugin(key, fn)
         self.device = device
         self.ta_dir = os.fspath(ta_dir)
         self.store = FileStore(storage_dir)
-        self._lock = threading.Lock()
         self._paths: dict[int, str] = {}  # REE FS fd -> its path (TRUNCATE needs it)
         self._shms: set[int] = set()  # shm ids of SHM_ALLOC (tee-supplicant's shm list)
         self.ctx: OpteeSuppContext = device.open_supplicant()

@@ -27,14 +27,15 @@ from pathlib import Path
 
 import pytest
 
-from qtee import OpteeContext, OpteeDevice, invoke_supp_plugin, uapi
+import qtee
+from qtee import DeviceServer, OpteeContext, OpteeDevice, invoke_supp_plugin, uapi
 from qtee._optee_supp import (
     OPTEE_RPC_CMD_SUPP_PLUGIN,
     RpcParam,
     attach_rpc,
 )
 from qtee.addrspace import CheckedMemory
-from qtee.gp import Cred, TeecOrigin, TeecResult
+from qtee.gp import Cred, TeecContext, TeecOrigin, TeecResult
 from qtee.secure import (
     GpParam,
     GpSession,
@@ -46,6 +47,7 @@ from qtee.secure import (
     unregister_gp_ta,
 )
 from supplicant import OpteeSupplicant, plugin_from_spec
+from tests._optee_peer import RegisteringSupplicant
 
 TA_UUID = uuid.UUID("5e1f4a2c-7b0d-4c8e-9a61-3f2b8d7c6e50")
 PLUGIN = uuid.UUID("f07bfc66-958c-4a15-99c0-260e4e7375dd")
@@ -273,6 +275,42 @@ def test_unregistered_plugin_is_not_found_again(env: Env, supp: OpteeSupplicant)
     assert run(env, script) == (0, TA_ORIGIN, NOT_FOUND)
 
 
+@pytest.mark.parametrize("kind", [OpteeSupplicant, RegisteringSupplicant])
+def test_plugin_of_a_supplicant_over_the_socket(
+    tmp_path: Path, kind: type[OpteeSupplicant]
+) -> None:
+    """A served OP-TEE device, tee-supplicant as another client of it (payloads
+    SHM_ALLOCated, or its own memory SHM_REGISTERed): the INOUT memref's bytes reach the
+    plugin and come back to the TA (tee_supp_plugin_rpc.c, plugin.c)."""
+    register_gp_ta(Caller)
+    (tmp_path / "ta").mkdir()
+    (tmp_path / "store").mkdir()
+    server = DeviceServer(tmp_path / "s", tee="optee").start()
+    try:
+        supp = kind(
+            qtee.connect(server.path),  # type: ignore[arg-type]
+            tmp_path / "ta",
+            tmp_path / "store",
+            plugins={PLUGIN: lambda c, s, d: (0, bytes(b ^ c for b in d))},
+        )
+        try:
+
+            def script(ta: GpTA) -> object:
+                buf = bytearray(b"plugin data")
+                return invoke_supp_plugin(ta, PLUGIN, 0x20, 0, buf), bytes(buf)
+
+            Caller.script, Caller.results = script, []
+            with TeecContext(qtee.connect(server.path)) as ctx:
+                ctx.open_session(TA_UUID).invoke_command(0)
+            assert Caller.results == [(11, b"PLUGIN\0DATA")]
+        finally:
+            supp.stop()
+    finally:
+        server.stop()
+        unregister_gp_ta(TA_UUID)
+    assert server.device.leaks() == {}
+
+
 # ----------------------------------------------------------------------------- the wire
 
 
@@ -374,6 +412,9 @@ def test_argument_checks(env: Env, supp: OpteeSupplicant) -> None:
         supp.register_plugin(PLUGIN, 5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="plugin UUID"):
         supp.register_plugin(7, lambda c, s, d: (0, b""))  # type: ignore[arg-type]
+    dev, _ctx, _mem, tmp = env
+    with pytest.raises(TypeError, match="must be callable"):  # before it opens teepriv (EBUSY)
+        OpteeSupplicant(dev, tmp / "ta", tmp / "store", plugins={PLUGIN: 5})  # type: ignore[dict-item]
 
     def script(ta: GpTA) -> object:
         errors = []
