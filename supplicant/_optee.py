@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import logging
 import os
 import stat
@@ -61,6 +60,7 @@ from typing import TYPE_CHECKING, Final
 
 from objects import DriverError
 from qtee import uapi
+from qtee._ta_modules import import_ta_module
 from qtee.gp import TeecResult
 from supplicant._fs import FileStore, FsError
 from supplicant._fs_msg import FsOpenFlag
@@ -123,17 +123,18 @@ def _plugin_uuid(value: object) -> uuidlib.UUID:
 
 
 def plugin_from_spec(spec: str) -> tuple[uuidlib.UUID, SuppPlugin]:
-    """``UUID=module:function`` → the UUID and the function (imported now)."""
+    """``UUID=MODULE:FUNCTION`` → the UUID and the function, imported now; MODULE is a
+    module name or a path to a ``.py`` file (as ``--ta-module`` takes them)."""
     if not isinstance(spec, str):
         raise TypeError(f"plugin spec must be a str, not {type(spec).__name__}")
     uuid_part, sep, target = spec.partition("=")
-    module, colon, name = target.partition(":")
+    module, colon, name = target.rpartition(":")
     if not sep or not colon or not module or not name:
         raise ValueError(f"plugin spec {spec!r} is not UUID=module:function")
     uuid = _plugin_uuid(uuid_part)
-    fn = getattr(importlib.import_module(module), name, None)
+    fn = getattr(import_ta_module(module), name, None)
     if not callable(fn):
-        raise ValueError(f"plugin spec {spec!r}: {module}.{name} is not a callable")
+        raise ValueError(f"plugin spec {spec!r}: {module}:{name} is not a callable")
     return uuid, fn
 
 
@@ -150,7 +151,7 @@ class OpteeSupplicant:
         ta_dir: str | os.PathLike[str],
         storage_dir: str | os.PathLike[str],
         workers: int = 2,
-        plugins: Mapping[uuidlib.UUID | str | bytes, SuppPlugin] | None = None,
+        plugins: Mapping[uuidlib.UUID, SuppPlugin] | Mapping[str, SuppPlugin] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("at least one worker")
