@@ -352,7 +352,9 @@ def test_optee_plugins_example_through_a_plugin_of_the_models_supplicant(
 ) -> None:
     """optee_examples plugins (host, TA as ``peer_tas.Plugins``) with the syslog plugin
     given as ``--plugin UUID=peer_tas:syslog_plugin``: five PINGs succeed and the plugin
-    gets each line with LOG_INFO (tee_supp_plugin_rpc.c, optee_client plugin.c)."""
+    gets each line with LOG_INFO (linaro-swg/optee_examples:plugins/host/main.c@934c7ed;
+    OP-TEE/optee_os:core/tee/tee_supp_plugin_rpc.c@11f5b73143c239af59f8a7d05353fea2d9822c91;
+    OP-TEE/optee_client:tee-supplicant/src/plugin.c@0fc6ef70a70d38628ded06590aefb7bc23364d99)."""
     log = tmp_path / "syslog"
     plugin = "96bcf744-4f72-4866-bf1d-8634fd9c65e5=peer_tas:syslog_plugin"
     run = qtee_run(

@@ -143,7 +143,13 @@ def test_plugin_gets_cmd_sub_cmd_and_data_and_fills_the_buffer(
 ) -> None:
     """plugin.c: the plugin gets (cmd, sub_cmd, data of in_len bytes); its out length comes
     back in value[2].b and tee_supp_plugin_rpc.c copies the whole payload (len bytes)
-    over the user TA's buffer when it is non-zero."""
+    over the user TA's buffer when it is non-zero.
+
+    Sources:
+    OP-TEE/optee_client:tee-supplicant/src/plugin.c@0fc6ef70a70d38628ded06590aefb7bc23364d99;
+    OP-TEE/optee_os:core/tee/tee_supp_plugin_rpc.c@11f5b73143c239af59f8a7d05353fea2d9822c91;
+    OP-TEE/optee_os:core/pta/system.c@3dd5cda28504178b68f7e90ff55d26d0c73f37bc.
+    """
     seen: list[tuple[int, int, bytes]] = []
 
     def plugin(cmd: int, sub_cmd: int, data: bytes) -> tuple[int, bytes]:
@@ -163,7 +169,12 @@ def test_plugin_gets_cmd_sub_cmd_and_data_and_fills_the_buffer(
 
 def test_unknown_plugin_is_item_not_found(env: Env, supp: OpteeSupplicant) -> None:
     """plugin.c plugin_invoke: no plugin with the UUID → TEEC_ERROR_ITEM_NOT_FOUND, which
-    the TA's tee_invoke_supp_plugin returns (the buffer stays as it was)."""
+    the TA's tee_invoke_supp_plugin returns (the buffer stays as it was).
+
+    Sources:
+    OP-TEE/optee_client:tee-supplicant/src/plugin.c@0fc6ef70a70d38628ded06590aefb7bc23364d99;
+    OP-TEE/optee_os:lib/libutee/tee_system_pta.c@1dd4fb00bcb5f721e2e2592231e06acf7d0be1fb.
+    """
     supp.register_plugin(PLUGIN, lambda c, s, d: (0, b"x"))
 
     def script(ta: GpTA) -> object:
@@ -182,7 +193,12 @@ def test_plugin_failure_is_its_result_unless_it_reports_output(
 ) -> None:
     """plugin.c returns the plugin's result as the RPC's; tee_supp_plugin_rpc.c keeps it
     when the out length is 0, but with a buffer and a non-zero out length the result of
-    copy_to_user (SUCCESS) replaces it and the buffer is the plugin's."""
+    copy_to_user (SUCCESS) replaces it and the buffer is the plugin's.
+
+    Sources:
+    OP-TEE/optee_client:tee-supplicant/src/plugin.c@0fc6ef70a70d38628ded06590aefb7bc23364d99;
+    OP-TEE/optee_os:core/tee/tee_supp_plugin_rpc.c@11f5b73143c239af59f8a7d05353fea2d9822c91.
+    """
     supp.register_plugin(PLUGIN, lambda c, s, d: (BAD_FORMAT, b"" if c == 0 else b"XY"))
 
     def script(ta: GpTA) -> object:
@@ -209,7 +225,12 @@ def test_no_buffer_and_an_out_length_larger_than_the_buffer(
 ) -> None:
     """tee_supp_plugin_rpc.c: no buffer → a NULL memref (the plugin sees no data, its
     result stands) and the out length is reported as the plugin set it, also beyond
-    the buffer (only the buffer's bytes are written)."""
+    the buffer (only the buffer's bytes are written).
+
+    Sources:
+    OP-TEE/optee_os:core/tee/tee_supp_plugin_rpc.c@11f5b73143c239af59f8a7d05353fea2d9822c91;
+    OP-TEE/optee_os:lib/libutee/tee_system_pta.c@1dd4fb00bcb5f721e2e2592231e06acf7d0be1fb.
+    """
     seen: list[bytes] = []
 
     def plugin(cmd: int, sub_cmd: int, data: bytes) -> tuple[int, bytes]:
@@ -235,7 +256,11 @@ def test_plugin_that_raises_or_answers_garbage_is_generic(
     env: Env, supp: OpteeSupplicant, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A plugin whose call fails has no result of its own: the supplicant answers
-    TEEC_ERROR_GENERIC (as its loop does for any failed request), out length 0."""
+    TEEC_ERROR_GENERIC (as its loop does for any failed request), out length 0.
+
+    Sources:
+    OP-TEE/optee_client:tee-supplicant/src/plugin.c@0fc6ef70a70d38628ded06590aefb7bc23364d99.
+    """
 
     def plugin(cmd: int, sub_cmd: int, data: bytes) -> tuple[int, bytes]:
         if cmd == 0:
@@ -261,7 +286,11 @@ def test_plugin_that_raises_or_answers_garbage_is_generic(
 
 
 def test_unregistered_plugin_is_not_found_again(env: Env, supp: OpteeSupplicant) -> None:
-    """register_plugin/unregister_plugin change what plugin_invoke finds."""
+    """register_plugin/unregister_plugin change what plugin_invoke finds.
+
+    Sources:
+    OP-TEE/optee_client:tee-supplicant/src/plugin.c@0fc6ef70a70d38628ded06590aefb7bc23364d99.
+    """
     supp.register_plugin(PLUGIN, lambda c, s, d: (0, b""))
     assert supp.unregister_plugin(PLUGIN) is True
     assert supp.unregister_plugin(PLUGIN) is False
@@ -281,7 +310,12 @@ def test_plugin_of_a_supplicant_over_the_socket(
 ) -> None:
     """A served OP-TEE device, tee-supplicant as another client of it (payloads
     SHM_ALLOCated, or its own memory SHM_REGISTERed): the INOUT memref's bytes reach the
-    plugin and come back to the TA (tee_supp_plugin_rpc.c, plugin.c)."""
+    plugin and come back to the TA (tee_supp_plugin_rpc.c, plugin.c).
+
+    Sources:
+    OP-TEE/optee_os:core/tee/tee_supp_plugin_rpc.c@11f5b73143c239af59f8a7d05353fea2d9822c91;
+    OP-TEE/optee_client:tee-supplicant/src/plugin.c@0fc6ef70a70d38628ded06590aefb7bc23364d99.
+    """
     register_gp_ta(Caller)
     (tmp_path / "ta").mkdir()
     (tmp_path / "store").mkdir()
@@ -318,7 +352,12 @@ def test_rpc_layout_on_the_wire(env: Env) -> None:
     """optee_rpc_cmd.h: func 12; value[0] IN = (INVOKE 0, d1, d2), value[1] IN = (d3, d4,
     cmd), value[2] INOUT = (sub_cmd, 0, 0), memref[3] INOUT of the buffer's size; d1..d4
     are the UUID's octets as little-endian words.  The supplicant's value[2].b is the out
-    length, its ret the TA's result."""
+    length, its ret the TA's result.
+
+    Sources:
+    OP-TEE/optee_os:core/include/optee_rpc_cmd.h@c725f8635b803d2f89d027a892a5dd8fd2f90c92;
+    OP-TEE/optee_os:core/tee/tee_supp_plugin_rpc.c@11f5b73143c239af59f8a7d05353fea2d9822c91.
+    """
     dev, _ctx, mem, _tmp = env
     sctx = dev.open_supplicant()
     got: list[object] = []
@@ -356,7 +395,11 @@ def test_rpc_layout_on_the_wire(env: Env) -> None:
 def test_supplicant_checks_the_params(env: Env, supp: OpteeSupplicant) -> None:
     """plugin.c plugin_process: anything but value IN, value IN, value INOUT, memref INOUT
     is BAD_PARAMETERS; value[0].a other than OPTEE_RPC_SUPP_PLUGIN_INVOKE is
-    NOT_SUPPORTED; a known UUID is found from the little-endian words."""
+    NOT_SUPPORTED; a known UUID is found from the little-endian words.
+
+    Sources:
+    OP-TEE/optee_client:tee-supplicant/src/plugin.c@0fc6ef70a70d38628ded06590aefb7bc23364d99.
+    """
     dev, _ctx, _mem, _tmp = env
     queue = attach_rpc(dev)
     supp.register_plugin(PLUGIN, lambda c, s, d: (0x42, b"ab"))
@@ -385,7 +428,12 @@ def test_supplicant_checks_the_params(env: Env, supp: OpteeSupplicant) -> None:
 
 
 def test_plugin_from_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``UUID=module:function`` names a plugin the way the option to load one does."""
+    """``UUID=module:function`` names a plugin the way the option to load one does.
+
+    Sources:
+    OP-TEE/optee_client:tee-supplicant/src/plugin.c@0fc6ef70a70d38628ded06590aefb7bc23364d99
+    (plugin_load_all: a plugin is found by its UUID).
+    """
     mod = types.ModuleType("qtee_test_plugin_mod")
 
     def echo(cmd: int, sub_cmd: int, data: bytes) -> tuple[int, bytes]:
@@ -407,7 +455,12 @@ def test_plugin_from_spec(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_argument_checks(env: Env, supp: OpteeSupplicant) -> None:
-    """Wrong arguments name what was wrong (nothing reaches the supplicant)."""
+    """Wrong arguments name what was wrong (nothing reaches the supplicant).
+
+    Sources: OP-TEE/optee_os:lib/libutee/tee_system_pta.c@1dd4fb00bcb5f721e2e2592231e06acf7d0be1fb
+    (BAD_PARAMETERS for a NULL UUID or a length without a buffer; here a TypeError/ValueError
+    names the argument).
+    """
     with pytest.raises(TypeError, match="must be callable"):
         supp.register_plugin(PLUGIN, 5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="plugin UUID"):
