@@ -27,6 +27,7 @@ from qtee._optee_supp import (
     OpteeSuppContext,
     PersistentObject,
     TrustedStorage,
+    invoke_supp_plugin,
     trusted_storage,
 )
 from qtee._remote import ConnectError, RemoteContext, RemoteDevice, connect
@@ -153,6 +154,7 @@ __all__ = [
     "PersistentObject",
     "TrustedStorage",
     "trusted_storage",
+    "invoke_supp_plugin",
 ]
 
 _publish_errors("qtee", globals(), __all__)

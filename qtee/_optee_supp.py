@@ -73,6 +73,16 @@ the enumerator is :meth:`TrustedStorage.enumerate`, a list of ids; TEE_STORAGE_P
 and TEE_STORAGE_PRIVATE_REE name the same store; errors are raised as
 :class:`GpTaError` (which ends the entry with that code unless the TA catches it).
 Handles a TA leaves open stay open in the supplicant until it stops.
+
+**Supplicant plugins** (:func:`invoke_supp_plugin`, libutee's ``tee_invoke_supp_plugin``
+through the system PTA and ``tee_supp_plugin_rpc.c``): cmd 12 with value[0] IN =
+(INVOKE 0, UUID word 0, word 1), value[1] IN = (word 2, word 3, cmd), value[2] INOUT =
+(sub-command, out length), memref[3] INOUT = the buffer copied into an APPL payload
+(NULL when empty); the words are the UUID's octets read as little-endian u32.  The
+supplicant's answer is the TA's result (ITEM_NOT_FOUND: no such plugin) and value[2].b
+the out length; when both the buffer and the out length are non-zero the whole payload
+is copied back over the buffer and the result becomes SUCCESS (``copy_to_user``'s
+result replaces the plugin's, as in OP-TEE for a user TA).
 """
 
 from __future__ import annotations
@@ -110,6 +120,8 @@ __all__ = [
     "OPTEE_RPC_CMD_LOAD_TA",
     "OPTEE_RPC_CMD_SHM_ALLOC",
     "OPTEE_RPC_CMD_SHM_FREE",
+    "OPTEE_RPC_CMD_SUPP_PLUGIN",
+    "OPTEE_RPC_SUPP_PLUGIN_INVOKE",
     "TEE_DATA_FLAG_ACCESS_READ",
     "TEE_DATA_FLAG_ACCESS_WRITE",
     "TEE_DATA_FLAG_ACCESS_WRITE_META",
@@ -129,6 +141,7 @@ __all__ = [
     "TrustedStorage",
     "attach_rpc",
     "gp_ta_image",
+    "invoke_supp_plugin",
     "lookup_loadable_ta",
     "register_loadable_ta",
     "trusted_storage",
@@ -141,6 +154,8 @@ OPTEE_RPC_CMD_LOAD_TA: Final = 0
 OPTEE_RPC_CMD_FS: Final = 2
 OPTEE_RPC_CMD_SHM_ALLOC: Final = 6
 OPTEE_RPC_CMD_SHM_FREE: Final = 7
+OPTEE_RPC_CMD_SUPP_PLUGIN: Final = 12
+OPTEE_RPC_SUPP_PLUGIN_INVOKE: Final = 0
 OPTEE_RPC_SHM_TYPE_APPL: Final = 0
 
 
@@ -188,6 +203,7 @@ _VALUE_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT
 _VALUE_INOUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT
 _MEMREF_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MEMREF_INPUT
 _MEMREF_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MEMREF_OUTPUT
+_MEMREF_INOUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MEMREF_INOUT
 _META: Final = uapi.TEE_IOCTL_PARAM_ATTR_META
 _META_INOUT: Final = _META | _VALUE_INOUT
 _MEMREFS: Final = frozenset({5, 6, 7})
@@ -355,6 +371,32 @@ class OpteeSupp:
         finally:
             self.free_payload(shm)
         return _image_class(raw, image, self.device.runtime.world.tas)
+
+    # ------------------------------------------------------------------ SUPP_PLUGIN
+    def supp_plugin(
+        self, raw: bytes, cmd: int, sub_cmd: int, buf: bytearray | memoryview | None
+    ) -> tuple[int, int]:
+        """RPC SUPP_PLUGIN for a TA's buffer: (result, out length); see
+        :func:`invoke_supp_plugin` for the copy-back rule."""
+        size = len(buf) if buf is not None else 0
+        words = [int.from_bytes(raw[i : i + 4], "little") for i in range(0, 16, 4)]
+        head = RpcParam(_VALUE_IN, OPTEE_RPC_SUPP_PLUGIN_INVOKE, words[0], words[1])
+        mid = RpcParam(_VALUE_IN, words[2], words[3], cmd)
+        sub = RpcParam(_VALUE_INOUT, sub_cmd, 0, 0)
+        shm = self.alloc_payload(size) if size else None
+        try:
+            if shm is not None and buf is not None:
+                self.shm_write(shm, 0, bytes(buf))
+            memref = RpcParam(_MEMREF_INOUT, 0, size, shm=shm)
+            ret = self.request(OPTEE_RPC_CMD_SUPP_PLUGIN, [head, mid, sub, memref])
+            outlen = sub.b & 0xFFFF_FFFF
+            if shm is not None and buf is not None and outlen:
+                buf[:] = self.shm_read(shm, 0, size)
+                ret = _OK
+        finally:
+            if shm is not None:
+                self.free_payload(shm)
+        return ret, outlen
 
     # ------------------------------------------------------------------ FS
     def _name(self, path: str) -> tuple[_GpShm, RpcParam]:
@@ -930,3 +972,42 @@ def trusted_storage(ta: GpTA) -> TrustedStorage:
     if store is None:
         store = _STORAGES[ta] = TrustedStorage(supp, entry.instance.uuid)
     return store
+
+
+def invoke_supp_plugin(
+    ta: GpTA,
+    plugin: uuidlib.UUID | bytes,
+    cmd: int,
+    sub_cmd: int,
+    buf: bytearray | memoryview | None = None,
+) -> int:
+    """``tee_invoke_supp_plugin``: call the supplicant's plugin ``plugin`` with ``cmd``,
+    ``sub_cmd`` and ``buf`` (call it inside one of ``ta``'s entry points); the out length.
+
+    ``buf`` is in/out: its bytes go to the plugin, and when the plugin reports a non-zero
+    out length the whole buffer is replaced by the payload as the plugin left it (the
+    result is then SUCCESS, whatever the plugin answered).  Any other non-success answer
+    is raised as :class:`GpTaError` (ITEM_NOT_FOUND: the supplicant has no such plugin).
+    The out length may exceed ``len(buf)`` (a plugin saying how much it needs)."""
+    if isinstance(plugin, uuidlib.UUID):
+        raw = plugin.bytes
+    elif isinstance(plugin, (bytes, bytearray)) and len(plugin) == 16:
+        raw = bytes(plugin)
+    else:
+        raise TypeError(f"plugin must be a UUID or 16 bytes, not {plugin!r}")
+    for name, value in (("cmd", cmd), ("sub_cmd", sub_cmd)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF_FFFF:
+            raise ValueError(f"{name} must be a u32, not {value!r}")
+    if buf is not None and (
+        not isinstance(buf, (bytearray, memoryview))
+        or (isinstance(buf, memoryview) and buf.readonly)
+    ):
+        raise TypeError(f"buf must be a writable bytearray or memoryview, not {type(buf).__name__}")
+    entry = ta._entry()
+    supp = _queue_of(entry.runtime)
+    if supp is None:
+        raise GpTaError(int(TeecResult.TEEC_ERROR_NOT_SUPPORTED), "no supplicant queue")
+    ret, outlen = supp.supp_plugin(raw, cmd, sub_cmd, buf)
+    if ret != _OK:
+        raise GpTaError(ret, f"plugin {uuidlib.UUID(bytes=raw)} answered {ret:#010x}")
+    return outlen

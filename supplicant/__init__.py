@@ -3,7 +3,7 @@
 * :class:`WorkerPool`: threads serving a client's callback objects over SUPPL_RECV/SEND.
 * :class:`Supplicant`: the listener daemon (time 0xB, file storage 0xA, TA autoload).
 * :class:`ListenerObject` (CListenerCBO) and :class:`TaBufferObject` (CRequestTABuffer).
-* :class:`OpteeSupplicant`: tee-supplicant for the OP-TEE device (LOAD_TA, FS RPCs).
+* :class:`OpteeSupplicant`: tee-supplicant for the OP-TEE device (LOAD_TA, FS RPCs, plugins).
 * :class:`TimeService`, :class:`FileStore` and :class:`TaDirectory`: the services behind them.
 """
 
@@ -17,7 +17,7 @@ from supplicant._listener import (
     Supplicant,
     TaBufferObject,
 )
-from supplicant._optee import OpteeSupplicant
+from supplicant._optee import OpteeSupplicant, SuppPlugin, plugin_from_spec
 from supplicant._pool import WorkerPool
 from supplicant._time import TimeService
 
@@ -28,12 +28,14 @@ __all__ = [
     "FsError",
     "ListenerObject",
     "OpteeSupplicant",
+    "SuppPlugin",
     "Supplicant",
     "TaBufferObject",
     "TaDirectory",
     "TimeService",
     "WorkerPool",
     "format_uuid",
+    "plugin_from_spec",
 ]
 
 _publish_errors("supplicant", globals(), __all__)

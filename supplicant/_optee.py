@@ -26,6 +26,17 @@ fixed pool).  It serves:
 * **SHM_ALLOC** (6) / **SHM_FREE** (7): a shm allocated on its own context
   (``TEE_IOC_SHM_ALLOC``; the id in value ``c``) / freed by id (value ``b``); an id it
   did not allocate → BAD_PARAMETERS.
+* **SUPP_PLUGIN** (12): plugins registered by UUID (``plugins=`` or
+  :meth:`OpteeSupplicant.register_plugin`; :func:`plugin_from_spec` reads
+  ``UUID=module:function``), as ``plugin.c`` ``plugin_process`` serves them: exactly
+  value IN, value IN, value INOUT, memref INOUT or BAD_PARAMETERS; value[0].a not
+  INVOKE (0) → NOT_SUPPORTED; the UUID is value[0].b, value[0].c, value[1].a,
+  value[1].b as little-endian words of its octets, value[1].c the cmd, value[2].a the
+  sub-command.  No plugin with that UUID → ITEM_NOT_FOUND.  A plugin is a callable
+  ``(cmd, sub_cmd, data) -> (result, out)``: its result is the RPC's answer as is,
+  ``out`` is written over the start of the memref (what does not fit is dropped) and
+  its length is value[2].b (the out length, so a plugin can report a size larger than
+  the buffer); a plugin that raises or answers something else → GENERIC, out length 0.
 
 Anything else → NOT_SUPPORTED.  Per-TA directories are the secure side's doing (it
 names every object file ``/<ta uuid>/<object id hex>``, see :mod:`qtee._optee_supp`):
@@ -44,10 +55,12 @@ import stat
 import struct
 import threading
 import uuid as uuidlib
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 from objects import DriverError
 from qtee import uapi
+from qtee._ta_modules import import_ta_module
 from qtee.gp import TeecResult
 from supplicant._fs import FileStore, FsError
 from supplicant._fs_msg import FsOpenFlag
@@ -55,7 +68,7 @@ from supplicant._fs_msg import FsOpenFlag
 if TYPE_CHECKING:
     from qtee import OpteeDevice, OpteeSuppContext
 
-__all__ = ["RECV_PARAMS", "OpteeSupplicant", "ta_file_name"]
+__all__ = ["RECV_PARAMS", "OpteeSupplicant", "SuppPlugin", "plugin_from_spec", "ta_file_name"]
 
 log = logging.getLogger("supplicant.optee")
 
@@ -80,7 +93,13 @@ _NOT_SUPPORTED: Final = int(TeecResult.TEEC_ERROR_NOT_SUPPORTED)
 _NO_MEMORY: Final = int(TeecResult.TEEC_ERROR_OUT_OF_MEMORY)
 _SHORT: Final = int(TeecResult.TEEC_ERROR_SHORT_BUFFER)
 
-_LOAD_TA, _FS, _SHM_ALLOC, _SHM_FREE = 0, 2, 6, 7
+_LOAD_TA, _FS, _SHM_ALLOC, _SHM_FREE, _SUPP_PLUGIN = 0, 2, 6, 7, 12
+_PLUGIN_INVOKE: Final = 0  # OPTEE_RPC_SUPP_PLUGIN_INVOKE
+_VALUE_IN, _VALUE_INOUT, _MEMREF_INOUT = 1, 3, 7
+_U32: Final = 0xFFFF_FFFF
+
+#: A tee-supplicant plugin: ``(cmd, sub_cmd, data) -> (result, out)``.
+SuppPlugin = Callable[[int, int, bytes], tuple[int, bytes]]
 _F = FsOpenFlag
 _P = list[int]  # a mutable param: attr, a, b, c
 
@@ -88,6 +107,35 @@ _P = list[int]  # a mutable param: attr, a, b, c
 def ta_file_name(raw: bytes) -> str:
     """``<uuid>.ta`` for 16 UUID octets: lowercase 8-4-4-4-12."""
     return f"{uuidlib.UUID(bytes=bytes(raw))}.ta"
+
+
+def _plugin_uuid(value: object) -> uuidlib.UUID:
+    if isinstance(value, uuidlib.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuidlib.UUID(value)
+        except ValueError:
+            raise ValueError(f"plugin UUID {value!r} is not a UUID") from None
+    if isinstance(value, (bytes, bytearray)) and len(value) == 16:
+        return uuidlib.UUID(bytes=bytes(value))
+    raise TypeError(f"plugin UUID must be a UUID, its string or 16 bytes, not {value!r}")
+
+
+def plugin_from_spec(spec: str) -> tuple[uuidlib.UUID, SuppPlugin]:
+    """``UUID=MODULE:FUNCTION`` → the UUID and the function, imported now; MODULE is a
+    module name or a path to a ``.py`` file (as ``--ta-module`` takes them)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"plugin spec must be a str, not {type(spec).__name__}")
+    uuid_part, sep, target = spec.partition("=")
+    module, colon, name = target.rpartition(":")
+    if not sep or not colon or not module or not name:
+        raise ValueError(f"plugin spec {spec!r} is not UUID=module:function")
+    uuid = _plugin_uuid(uuid_part)
+    fn = getattr(import_ta_module(module), name, None)
+    if not callable(fn):
+        raise ValueError(f"plugin spec {spec!r}: {module}:{name} is not a callable")
+    return uuid, fn
 
 
 def _fs_errno(exc: FsError) -> int:
@@ -103,13 +151,17 @@ class OpteeSupplicant:
         ta_dir: str | os.PathLike[str],
         storage_dir: str | os.PathLike[str],
         workers: int = 2,
+        plugins: Mapping[uuidlib.UUID, SuppPlugin] | Mapping[str, SuppPlugin] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("at least one worker")
+        self._lock = threading.Lock()
+        self._plugins: dict[uuidlib.UUID, SuppPlugin] = {}  # plugin.c's plugin list
+        for key, fn in (plugins or {}).items():
+            self.register_plugin(key, fn)
         self.device = device
         self.ta_dir = os.fspath(ta_dir)
         self.store = FileStore(storage_dir)
-        self._lock = threading.Lock()
         self._paths: dict[int, str] = {}  # REE FS fd -> its path (TRUNCATE needs it)
         self._shms: set[int] = set()  # shm ids of SHM_ALLOC (tee-supplicant's shm list)
         self.ctx: OpteeSuppContext = device.open_supplicant()
@@ -131,6 +183,20 @@ class OpteeSupplicant:
         with self._lock:
             self._paths.clear()
             self._shms.clear()
+
+    def register_plugin(self, uuid: uuidlib.UUID | str | bytes, fn: SuppPlugin) -> None:
+        """Serve SUPP_PLUGIN calls naming ``uuid`` with ``fn`` (replacing any before)."""
+        key = _plugin_uuid(uuid)
+        if not callable(fn):
+            raise TypeError(f"plugin {key} must be callable, not {fn!r}")
+        with self._lock:
+            self._plugins[key] = fn
+
+    def unregister_plugin(self, uuid: uuidlib.UUID | str | bytes) -> bool:
+        """Forget the plugin of ``uuid``; False if there was none."""
+        key = _plugin_uuid(uuid)
+        with self._lock:
+            return self._plugins.pop(key, None) is not None
 
     def __enter__(self) -> OpteeSupplicant:
         return self
@@ -188,6 +254,8 @@ class OpteeSupplicant:
             return self._shm_alloc(args)
         if func == _SHM_FREE:
             return self._shm_free(args)
+        if func == _SUPP_PLUGIN:
+            return self._supp_plugin(args)
         return _NOT_SUPPORTED
 
     # ------------------------------------------------------------------ params
@@ -276,6 +344,43 @@ class OpteeSupplicant:
             self._shms.discard(value[2])
         self.ctx.shm_free(value[2])
         return _OK
+
+    # ------------------------------------------------------------------ SUPP_PLUGIN
+    def _supp_plugin(self, args: list[_P]) -> int:
+        types = [p[0] & 0xFF for p in args]
+        if types != [_VALUE_IN, _VALUE_IN, _VALUE_INOUT, _MEMREF_INOUT]:
+            return _BAD
+        got = self._memref(args, 3)
+        if got is None or (got[0] is None and args[3][2]):
+            return _BAD
+        view, _p = got
+        head, mid, sub = args[0], args[1], args[2]
+        if head[1] != _PLUGIN_INVOKE:
+            return _NOT_SUPPORTED
+        words = (head[2], head[3], mid[1], mid[2])
+        raw = b"".join((w & _U32).to_bytes(4, "little") for w in words)
+        with self._lock:
+            fn = self._plugins.get(uuidlib.UUID(bytes=raw))
+        sub[2] = 0
+        if fn is None:
+            return _NOT_FOUND
+        data = bytes(view) if view is not None else b""
+        try:
+            answer = fn(mid[3] & _U32, sub[1] & _U32, data)
+            ret, out = answer
+            if not isinstance(ret, int) or not 0 <= ret <= _U32:
+                raise TypeError(f"result {ret!r} is not a u32")
+            if not isinstance(out, (bytes, bytearray, memoryview)):
+                raise TypeError(f"out {out!r} is not bytes")
+            out = bytes(out)
+        except Exception:
+            log.exception("plugin %s failed", uuidlib.UUID(bytes=raw))
+            return _GENERIC
+        if view is not None:
+            n = min(len(out), len(view))
+            view[:n] = out[:n]
+        sub[2] = len(out)
+        return ret
 
     # ------------------------------------------------------------------ FS
     def _fs(self, args: list[_P]) -> int:

@@ -36,6 +36,7 @@ from qtee import (
     TEE_DATA_FLAG_ACCESS_WRITE_META,
     TEE_DATA_FLAG_OVERWRITE,
     TEE_DATA_FLAG_SHARE_READ,
+    invoke_supp_plugin,
     trusted_storage,
 )
 from qtee.gp import TaFlag, TeecResult
@@ -60,10 +61,12 @@ __all__ = [
     "TA_FILES",
     "HelloWorld",
     "Hotp",
+    "Plugins",
     "Random",
     "SecureStorage",
     "SmciExample",
     "register",
+    "syslog_plugin",
     "unregister",
     "write_ta_files",
 ]
@@ -291,6 +294,47 @@ class Hotp(GpTA):
             raise GpTaError(_BAD_PARAMETERS, f"command {cmd}")
 
 
+class Plugins(GpTA):
+    """optee_examples plugins: PING (0) sends "Hello, plugin! value = 0x<n>" (n counting
+    from 0 per instance, no NUL) to the syslog plugin with TO_SYSLOG_CMD (0) and LOG_INFO
+    (6) as sub-command, and returns what ``tee_invoke_supp_plugin`` returned.
+
+    UUIDs and ids: linaro-swg/optee_examples:plugins/ta/include/plugin_ta.h@934c7ed;
+    behaviour: plugins/ta/plugin_ta.c (open and PING take no params, BAD_PARAMETERS
+    otherwise; other commands NOT_SUPPORTED).  ``TA_FLAGS`` 0.
+    """
+
+    UUID = uuid.UUID("2a287631-de1b-4fdd-a55c-b9312e40769a")
+    SYSLOG_PLUGIN: Final = uuid.UUID("96bcf744-4f72-4866-bf1d-8634fd9c65e5")
+    CMD_PING: Final = 0
+
+    def create(self) -> None:
+        self.count = 0
+
+    def open_session(self, session: GpSession, types: int, params: list[GpParam]) -> None:
+        _expect(types)
+
+    def invoke(self, session: GpSession, cmd: int, types: int, params: list[GpParam]) -> None:
+        _expect(types)
+        if cmd != self.CMD_PING:
+            raise GpTaError(TeecResult.TEEC_ERROR_NOT_SUPPORTED, f"command {cmd}")
+        line = f"Hello, plugin! value = {self.count:#x}".encode()
+        self.count += 1
+        invoke_supp_plugin(self, self.SYSLOG_PLUGIN, 0, 6, bytearray(line))
+
+
+def syslog_plugin(cmd: int, sub_cmd: int, data: bytes) -> tuple[int, bytes]:
+    """optee_examples' syslog plugin (plugins/syslog/syslog_plugin.c@934c7ed) for the
+    model's supplicant: TO_SYSLOG (0) logs ``data`` with priority ``sub_cmd``, here as a
+    line ``<priority> <text>`` appended to the file ``$QTEE_TEST_SYSLOG``; SUCCESS, no
+    output.  Any other cmd is NOT_SUPPORTED."""
+    if cmd != 0:
+        return int(TeecResult.TEEC_ERROR_NOT_SUPPORTED), b""
+    with open(os.environ["QTEE_TEST_SYSLOG"], "a", encoding="utf-8") as f:
+        f.write(f"{sub_cmd} {data.decode(errors='replace')}\n")
+    return 0, b""
+
+
 # ----------------------------------------------------------------------------- TA files
 
 #: The GP TAs that exist only as ``<uuid>.ta`` files (found through LOAD_TA).
@@ -314,7 +358,7 @@ def register() -> Callable[[], None]:
     was registered for the same UUIDs before (a test process's registry stays as it
     was: ``tests/test_peer_tas.py`` registers per test)."""
     undo: list[Callable[[], None]] = []
-    for cls in (HelloWorld, Random, Hotp):
+    for cls in (HelloWorld, Random, Hotp, Plugins):
         previous = lookup_gp_ta(cls.UUID)
         register_gp_ta(cls)
         undo.append(functools.partial(_restore_gp, cls, previous))

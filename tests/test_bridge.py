@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -209,6 +210,11 @@ def test_a_program_that_opens_no_device_is_told() -> None:
         (("--ta-module", "my-tas"), "--ta-module my-tas: not a module name"),
         (("--connect", "x.sock", "--storage", "tee"), "--storage: the device of --connect"),
         (("--connect", "x.sock", "--tee", "optee", "--trace"), "--tee, --trace: the device of"),
+        (("--connect", "x.sock", "--plugin", "u=m:f"), "--plugin: the device of --connect"),
+        (("--plugin", f"{uuid.UUID(int=1)}=peer_tas:f"), "plugins are tee-supplicant's"),
+        (("--tee", "optee", "--plugin", "peer_tas:f"), "not UUID=MODULE:FUNCTION"),
+        (("--tee", "optee", "--plugin", "xyz=peer_tas:f"), "'xyz' is not a UUID"),
+        (("--tee", "optee", "--plugin", f"{uuid.UUID(int=1)}=no_such_mod:f"), "no such module"),
     ],
 )
 def test_bad_options_are_usage_errors(options: tuple[str, ...], why: str) -> None:
@@ -338,6 +344,28 @@ def test_optee_secure_storage_with_the_models_supplicant(tmp_path: Path) -> None
     assert "We're done, close and release TEE resources" in run.stdout
     kept = list((storage / str(peer_tas.SecureStorage.UUID)).iterdir())
     assert [p.name for p in kept] == [b"object#2".hex()]
+    assert run.stderr.splitlines() == ["qtee run: tables empty"]
+
+
+def test_optee_plugins_example_through_a_plugin_of_the_models_supplicant(
+    tmp_path: Path,
+) -> None:
+    """optee_examples plugins (host, TA as ``peer_tas.Plugins``) with the syslog plugin
+    given as ``--plugin UUID=peer_tas:syslog_plugin``: five PINGs succeed and the plugin
+    gets each line with LOG_INFO (linaro-swg/optee_examples:plugins/host/main.c@934c7ed;
+    OP-TEE/optee_os:core/tee/tee_supp_plugin_rpc.c@11f5b73143c239af59f8a7d05353fea2d9822c91;
+    OP-TEE/optee_client:tee-supplicant/src/plugin.c@0fc6ef70a70d38628ded06590aefb7bc23364d99)."""
+    log = tmp_path / "syslog"
+    plugin = "96bcf744-4f72-4866-bf1d-8634fd9c65e5=peer_tas:syslog_plugin"
+    run = qtee_run(
+        _peers.optee_example("plugins"),
+        options=("--tee", "optee", *_TAS, "--plugin", plugin),
+        env={**_examples_env(), "QTEE_TEST_SYSLOG": str(log)},
+    )
+    assert run.returncode == 0, run.stderr
+    for i in range(1, 6):
+        assert f"Attempt #{i}: TEEC_InvokeCommand() success; res=0 orig=0x4" in run.stdout
+    assert log.read_text().splitlines() == [f"6 Hello, plugin! value = {i:#x}" for i in range(5)]
     assert run.stderr.splitlines() == ["qtee run: tables empty"]
 
 

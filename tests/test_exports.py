@@ -99,6 +99,7 @@ QTEE_API = {
     "PersistentObject",
     "TrustedStorage",
     "trusted_storage",
+    "invoke_supp_plugin",
 }
 
 SECURE_API = {
@@ -323,12 +324,14 @@ SUPPLICANT_API = {
     "FsError",
     "ListenerObject",
     "OpteeSupplicant",
+    "SuppPlugin",
     "Supplicant",
     "TaBufferObject",
     "TaDirectory",
     "TimeService",
     "WorkerPool",
     "format_uuid",
+    "plugin_from_spec",
 }
 
 

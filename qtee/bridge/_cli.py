@@ -28,8 +28,8 @@ __all__ = ["add_arguments", "run"]
 _EPILOG = """\
 exit status: PROG's own; 128+N when signal N killed it; 127 PROG not found; 126 PROG
 cannot be run; 2 bad options; 1 the bridge is not built (make bridge).
-With --connect the device is the server's: --tee, --ta-module, --storage, --ta-dir and
---trace are the server's business (qtee serve) and cannot be given here.
+With --connect the device is the server's: --tee, --ta-module, --storage, --ta-dir,
+--plugin and --trace are the server's business (qtee serve) and cannot be given here.
 """
 
 
@@ -55,6 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ta-dir",
         metavar="DIR",
         help="TA images the model's supplicant loads (<uuid>.ta for OP-TEE, <UUID>.mbn for QTEE)",
+    )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="UUID=MODULE:FUNCTION",
+        help="a tee-supplicant plugin (--tee optee): FUNCTION(cmd, sub_cmd, data) -> "
+        "(result, out) of MODULE (a module name or a .py file) serves UUID; repeatable",
     )
     parser.add_argument(
         "--connect", metavar="PATH", help="use the device of a running server (qtee serve)"
@@ -85,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 ("--ta-module", args.ta_module),
                 ("--storage", args.storage),
                 ("--ta-dir", args.ta_dir),
+                ("--plugin", args.plugin),
                 ("--trace", args.trace),
             )
             if value
@@ -100,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
         ta_modules = tuple(find_ta_module(text) for text in args.ta_module)
     except UsageError as exc:
         print(f"qtee run: --ta-module {exc}", file=sys.stderr)
+        return 2
+    try:
+        plugins = tuple(_plugin(text, args.tee) for text in args.plugin)
+    except UsageError as exc:
+        print(f"qtee run: --plugin {exc}", file=sys.stderr)
         return 2
     prog = argv[0]
     found = prog if os.sep in prog else shutil.which(prog)
@@ -125,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             connect=args.connect,
             trace=args.trace,
             report_dir=reports,
+            plugins=plugins,
         )
         try:
             env = environment(config, search_first=os.getcwd())
@@ -140,6 +155,27 @@ def run(args: argparse.Namespace) -> int:
             status = proc.wait()
         _report(Path(reports), proc.pid, status, prog=prog, table=args.trace)
     return 128 - status if status < 0 else status
+
+
+def _plugin(text: str, tee: str | None) -> str:
+    """``UUID=MODULE:FUNCTION`` checked without importing MODULE, MODULE as the model
+    will import it (see :func:`qtee._ta_modules.find_ta_module`)."""
+    import uuid
+
+    from objects import UsageError
+    from qtee._ta_modules import find_ta_module
+
+    if tee != "optee":
+        raise UsageError(f"{text}: plugins are tee-supplicant's (give --tee optee)")
+    uuid_part, sep, target = text.partition("=")
+    module, colon, name = target.rpartition(":")
+    if not sep or not colon or not module or not name.isidentifier():
+        raise UsageError(f"{text}: not UUID=MODULE:FUNCTION")
+    try:
+        uuid.UUID(uuid_part)
+    except ValueError:
+        raise UsageError(f"{text}: {uuid_part!r} is not a UUID") from None
+    return f"{uuid_part}={find_ta_module(module)}:{name}"
 
 
 @contextlib.contextmanager

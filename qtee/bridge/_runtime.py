@@ -72,10 +72,17 @@ class BridgeConfig:
     connect: str | None = None
     trace: bool = False
     report_dir: str | None = None
+    #: tee-supplicant plugins, ``UUID=MODULE:FUNCTION`` (OP-TEE only).
+    plugins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tee not in ("qtee", "optee"):
             raise UsageError(f"tee must be 'qtee' or 'optee', not {self.tee!r}")
+        for spec in self.plugins:
+            if not isinstance(spec, str) or "=" not in spec:
+                raise UsageError(f"a plugin is UUID=MODULE:FUNCTION, not {spec!r}")
+        if self.plugins and self.tee != "optee":
+            raise UsageError("plugins are tee-supplicant's: they need tee 'optee'")
         for name in self.ta_modules:
             if not isinstance(name, str) or not name:
                 raise UsageError(f"a TA module is a module name or a .py file, not {name!r}")
@@ -89,11 +96,21 @@ class BridgeConfig:
             raise UsageError(f"QTEE_BRIDGE_CONFIG is not JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise UsageError("QTEE_BRIDGE_CONFIG is not a JSON object")
-        keys = {"tee", "ta_modules", "storage", "ta_dir", "connect", "trace", "report_dir"}
+        keys = {
+            "tee",
+            "ta_modules",
+            "storage",
+            "ta_dir",
+            "connect",
+            "trace",
+            "report_dir",
+            "plugins",
+        }
         unknown = set(raw) - keys
         if unknown:
             raise UsageError(f"QTEE_BRIDGE_CONFIG has unknown keys: {sorted(unknown)}")
         raw["ta_modules"] = tuple(raw.get("ta_modules", ()))
+        raw["plugins"] = tuple(raw.get("plugins", ()))
         return cls(**raw)
 
     def to_json(self) -> str:
@@ -107,6 +124,7 @@ class BridgeConfig:
                 "connect": self.connect,
                 "trace": self.trace,
                 "report_dir": self.report_dir,
+                "plugins": list(self.plugins),
             }
         )
 
@@ -254,8 +272,10 @@ class Bridge:
                 self.qtee.trace = _trace_line
         else:
             self.optee = _MemfdOpteeDevice(SecureWorld(QteeRoot()), memory=self.memory)
-        if self.remote is None and (config.storage is not None or config.ta_dir is not None):
-            self._start_supplicant(config.storage, config.ta_dir)
+        if self.remote is None and (
+            config.storage is not None or config.ta_dir is not None or config.plugins
+        ):
+            self._start_supplicant(config.storage, config.ta_dir, config.plugins)
         self._lock = threading.Lock()
         self._fds: dict[int, _File | _ShmFile] = {}
         self._pid = os.getpid()
@@ -270,10 +290,12 @@ class Bridge:
             )
             self._snapshots.start()
 
-    def _start_supplicant(self, storage: str | None, ta_dir: str | None) -> None:
+    def _start_supplicant(
+        self, storage: str | None, ta_dir: str | None, plugins: tuple[str, ...] = ()
+    ) -> None:
         """The model's own supplicant (Python threads in this process): file storage
         from ``storage`` (made if missing, as tee-supplicant makes its root), TA images
-        from ``ta_dir``."""
+        from ``ta_dir``, the OP-TEE one's ``plugins`` (``UUID=MODULE:FUNCTION``)."""
         if storage is not None:
             os.makedirs(storage, exist_ok=True)
         if self.qtee is not None:
@@ -282,12 +304,13 @@ class Bridge:
             dirs = [ta_dir] if ta_dir is not None else []
             self._services.append(Supplicant(self.qtee, storage=storage, ta_dirs=dirs))
             return
-        from supplicant import OpteeSupplicant
+        from supplicant import OpteeSupplicant, plugin_from_spec
 
         assert self.optee is not None
+        found = dict(plugin_from_spec(spec) for spec in plugins)
         store = storage if storage is not None else self._scratch("storage")
         tas = ta_dir if ta_dir is not None else self._scratch("tas")
-        self._services.append(OpteeSupplicant(self.optee, tas, store))
+        self._services.append(OpteeSupplicant(self.optee, tas, store, plugins=found))
 
     def _scratch(self, name: str) -> str:
         """An empty directory for what the configuration leaves out (removed at exit)."""
