@@ -27,7 +27,15 @@ import pytest
 from objects import DriverError
 from qtee import OpteeContext, OpteeDevice, uapi
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, SharedSpace, address_of
-from qtee.gp import Cred
+from qtee.gp import (
+    Cred,
+    TeecContext,
+    TeecOperation,
+    TeecParamType,
+    TeecRegisteredMemoryReference,
+    TeecTempMemoryReference,
+    param_types,
+)
 from qtee.secure import GpParam, GpSession, GpTA, QteeRoot, SecureWorld
 
 MEMREF_INOUT = 7
@@ -37,7 +45,8 @@ CMD_A, CMD_B = 1, 2
 
 
 class Racer(GpTA):
-    """Call A writes byte 0, waits for call B (which writes byte 5), then writes byte 10."""
+    """Call A writes byte 0, waits until call B (which writes byte 5) has returned, then
+    writes byte 10."""
 
     UUID = uuid.UUID("5a4ed000-0000-4000-8000-00000000a510")
     a_in = threading.Event()
@@ -52,9 +61,7 @@ class Racer(GpTA):
             assert Racer.b_done.wait(5), "call B never ran"
             buf[10] = 0xA1
         else:
-            assert Racer.a_in.wait(5), "call A never started"
             buf[5] = 0xB5
-            Racer.b_done.set()
 
 
 class _CopyOnly:
@@ -117,20 +124,22 @@ def _register(ctx: OpteeContext, addr: int, length: int) -> int:
 
 
 def _race(ctx: OpteeContext, memory: AddressSpace, shm: int) -> None:
-    """Call A and call B at once, each in its own session, on one 16-byte memref."""
+    """Call A (in a thread) and, while it is in the TA, the whole of call B, each in its
+    own session, on one 16-byte memref."""
     sessions = [_open(ctx, memory), _open(ctx, memory)]
-    rets: dict[int, int] = {}
-
-    def run(k: int, cmd: int) -> None:
-        rets[k] = _invoke(ctx, memory, sessions[k], cmd, shm)
-
-    threads = [threading.Thread(target=run, args=(k, c)) for k, c in enumerate((CMD_A, CMD_B))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert not any(t.is_alive() for t in threads), "deadlock"
-    assert rets == {0: 0, 1: 0}
+    rets: list[int] = []
+    thread = threading.Thread(
+        target=lambda: rets.append(_invoke(ctx, memory, sessions[0], CMD_A, shm))
+    )
+    thread.start()
+    try:
+        assert Racer.a_in.wait(5), "call A never reached the TA"
+        assert _invoke(ctx, memory, sessions[1], CMD_B, shm) == 0
+    finally:
+        Racer.b_done.set()
+        thread.join(10)
+    assert not thread.is_alive(), "deadlock"
+    assert rets == [0]
     for s in sessions:
         ctx.ioctl(uapi.TEE_IOC_CLOSE_SESSION, bytearray(struct.pack("<I", s)))
 
@@ -204,7 +213,6 @@ def test_space_that_cannot_lend_pages_copies_and_writes_back() -> None:
         assert exc.value.errno == errno.EFAULT
         shm = _register(ctx, addr, 16)
         session = _open(ctx, memory)
-        Racer.a_in.set()
         assert _invoke(ctx, memory, session, CMD_B, shm) == 0
         assert buf[5] == 0xB5
         ctx.ioctl(uapi.TEE_IOC_CLOSE_SESSION, bytearray(struct.pack("<I", session)))
@@ -298,3 +306,45 @@ def test_checked_memory_registration_errno() -> None:
         memory.unpin(ro)
         memory.unpin(rw)
     assert dev.leaks() == {}
+
+
+class Peeker(GpTA):
+    """Writes byte 0 of its memref and records what the client's own buffer shows then."""
+
+    UUID = uuid.UUID("5a4ed000-0000-4000-8000-00000000a511")
+    client: bytearray = bytearray()
+    seen = -1
+
+    def invoke(self, session: GpSession, cmd: int, types: int, params: list[GpParam]) -> None:
+        assert params[0].buffer is not None
+        params[0].buffer[0] = 0x77
+        Peeker.seen = Peeker.client[0]
+
+
+@pytest.mark.parametrize("kind", ["temporary", "registered"])
+def test_temporary_memrefs_stay_copied(kind: str) -> None:
+    """libteec's ``teec_pre_process_tmpref``/``teec_post_process_tmpref`` put a temporary
+    memref in a shm of its own, copied in before and back after the call: the client's
+    buffer changes only after it.  A registered memref is the client's buffer: the TA's
+    write shows there at once.  Source:
+    OP-TEE/optee_client:libteec/src/tee_client_api.c@27888d73d156d4862c07effce7c8c2455774768b
+    """
+    memory = CheckedMemory()
+    world = SecureWorld(QteeRoot())
+    world.tas.register_gp(Peeker)
+    dev = OpteeDevice(world, memory=memory, cred=lambda: Cred(euid=1000, egid=1000))
+    Peeker.client = bytearray(8)
+    Peeker.seen = -1
+    inout = TeecParamType.TEEC_MEMREF_TEMP_INOUT
+    with TeecContext(dev) as ctx, ctx.open_session(Peeker.UUID) as session:
+        if kind == "temporary":
+            ref = TeecTempMemoryReference(Peeker.client)
+            session.invoke_command(0, TeecOperation(param_types(inout, 0, 0, 0), [ref]))
+        else:
+            with ctx.register_shared_memory(Peeker.client, 3) as shm:
+                whole = TeecParamType.TEEC_MEMREF_WHOLE
+                reg = TeecRegisteredMemoryReference(shm)
+                session.invoke_command(0, TeecOperation(param_types(whole, 0, 0, 0), [reg]))
+    assert Peeker.seen == (0 if kind == "temporary" else 0x77)
+    assert Peeker.client[0] == 0x77
+    assert dev.leaks() == {} and len(memory) == 0
