@@ -32,7 +32,7 @@ from qtee._optee_supp import (
 )
 from qtee._remote import ConnectError, RemoteContext, RemoteDevice, connect
 from qtee._server import DeviceServer
-from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, address_of
+from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, SharedSpace, address_of
 from qtee.client import OUT_OBJECT, CallbackObject, Client, MemoryObject, ObjRef, Out, Transfer
 from qtee.credentials import CredentialKey, Credentials
 from qtee.secure import (
@@ -111,6 +111,7 @@ __all__ = [
     "Result",
     "SecureObject",
     "SecureWorld",
+    "SharedSpace",
     "Transfer",
     "TrustedApp",
     "UsageError",

@@ -13,8 +13,14 @@ the context that opened them: a session id from another context is EINVAL here, 
 the secure world is asked, as the OP-TEE driver's per-context session list does.
 
 Memref params name a shm of the calling context by id in ``c`` (offset ``a``, size
-``b``); the TA sees those bytes.  A registered shm is the caller's own memory: its bytes
-are copied in before the call and back after it.
+``b``); the TA works on those bytes themselves, as OP-TEE maps the shm's pages: an
+allocated shm's pages, and a registered shm's user pages, pinned for writing at
+SHM_REGISTER (EFAULT if the range starts in memory not mapped writable, ENOMEM if only
+its leading part is).  Concurrent calls on one buffer see each other's writes.  Where
+the address space cannot lend its pages (a :class:`~qtee.addrspace.SharedSpace` can; a
+device server's or the bridge's client memory cannot), a registered shm is copied in
+before each call and the range the TA changed written back after it, a known
+departure: two overlapping calls on such a buffer may undo each other's writes.
 
 Where the calls go is a driver's business, so three things are hooks a subclass may
 replace (an OP-TEE guest's driver, :mod:`qtee.vm._guest_optee`, sends OP-TEE messages
@@ -32,6 +38,7 @@ The host's defaults call the secure world's GP runtime directly.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -45,7 +52,7 @@ from objects import DriverError, IdrAllocator, ObjectTable, UsageError
 from qtee import _checks, uapi
 from qtee._file import FileLife, popped
 from qtee._mem_obj import SHM_MAX
-from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory
+from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory, SharedSpace
 from qtee.gp._identity import Cred, calc_client_uuid, check_user_login
 
 if TYPE_CHECKING:
@@ -238,6 +245,18 @@ class OpteeDevice:
     def _shm_release(self, shm: _GpShm) -> None:
         """A shm is gone (its fd closed, or its context): undo :meth:`_shm_backing`."""
 
+    def _shm_pin(self, addr: int, size: int) -> memoryview | None:
+        """SHM_REGISTER's ``pin_user_pages(FOLL_WRITE)`` of ``[addr, addr+size)``.
+
+        The live user bytes where the address space lends them (the TA then works on
+        them), None where it cannot (each call copies).  Raises EFAULT if the range
+        starts in memory not mapped writable, ENOMEM if only its leading part is."""
+        memory = self.memory
+        if isinstance(memory, SharedSpace):
+            return memory.view(addr, size)
+        memory.read(addr, size)  # at least: EFAULT if unmapped
+        return None
+
     def leaks(self) -> dict[str, int]:
         """Tables still holding something (empty when nothing leaked)."""
         found = {f"gp {k}": v for k, v in self.calls.live().items()}
@@ -347,6 +366,10 @@ class OpteeContext:
     def _drop_shm(self, shm: _GpShm) -> None:
         self.device.shm.erase(shm.id)
         self.device._shm_release(shm)
+        if shm.addr is not None and isinstance(shm.buf, memoryview):  # unpin_user_pages
+            with contextlib.suppress(BufferError):
+                shm.buf.release()
+            shm.buf = bytearray()
 
     def _shm_register(self, arg: bytearray | memoryview) -> int:
         data = uapi.ShmRegisterData.unpack(self._need(arg, uapi.ShmRegisterData.SIZE))
@@ -354,8 +377,10 @@ class OpteeContext:
             raise _einval("SHM_REGISTER flags must be 0")
         if data.length == 0 or data.addr + data.length > TASK_SIZE:
             raise _einval(f"cannot register {data.length} bytes at {data.addr:#x}")
-        self.device.memory.read(data.addr, data.length)  # pin_user_pages: EFAULT if unmapped
+        pages = self.device._shm_pin(data.addr, data.length)
         shm = self._new_shm(data.length, data.addr)
+        if pages is not None and not shm.buf:  # the device keeps no bytes of its own
+            shm.buf = pages
         uapi.ShmRegisterData(data.addr, data.length, 0, shm.id).pack_into(arg)
         return 0
 
@@ -412,12 +437,13 @@ class OpteeContext:
                     raise _einval(f"param {i}: shm {c} is not a shm of this context")
                 if a + b > shm.size:
                     raise _einval(f"param {i}: offset {a} + size {b} past shm of {shm.size}")
-                if shm.addr is None:  # allocated: the TA works on the shm's pages
+                if shm.addr is None or len(shm.buf) == shm.size:
+                    # allocated, or registered pages the space lent: the TA works on them
                     out.append(GpParam(t, buffer=memoryview(shm.buf)[a : a + b], size=b))
                     shms.append(None)
                     continue
-                # Registered user memory: this call's window only, copied in now; what the
-                # TA changed is written back after the call (pinned pages, in effect).
+                # Registered memory the space cannot lend: this call's window only, copied
+                # in now; what the TA changed is written back after the call.
                 snap = self.device.memory.read(shm.addr + a, b)
                 window = _Window(shm.addr + a, snap, bytearray(snap))
                 out.append(GpParam(t, buffer=memoryview(window.buf), size=b))

@@ -11,6 +11,10 @@ EFAULT when the range is not mapped.  qtee does the same through an address spac
 
 ``access_ok`` rules are the kernel's: the range must not wrap and must end below the
 top of the user address space; a zero-length range is fine anywhere below it.
+
+Both can also :meth:`~SharedSpace.view` a range: the live, writable bytes a driver gets
+when it pins user pages for writing (``pin_user_pages`` with ``FOLL_WRITE``, what
+SHM_REGISTER does), so a TA works on the caller's memory itself.
 """
 
 from __future__ import annotations
@@ -18,13 +22,21 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
+import mmap
 import os
 import threading
 from typing import Final, Protocol, runtime_checkable
 
 from objects import DriverError, UsageError
 
-__all__ = ["TASK_SIZE", "AddressSpace", "CheckedMemory", "ProcessMemory", "address_of"]
+__all__ = [
+    "TASK_SIZE",
+    "AddressSpace",
+    "CheckedMemory",
+    "ProcessMemory",
+    "SharedSpace",
+    "address_of",
+]
 
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
 
@@ -34,6 +46,14 @@ TASK_SIZE: Final = 1 << 47
 
 def _efault(addr: int, size: int, why: str) -> DriverError:
     return DriverError(errno.EFAULT, f"user range {addr:#x}+{size} {why}")
+
+
+def _short_pin(addr: int, size: int, pinned: int) -> DriverError:
+    """A pin for writing that got no page (EFAULT) or only the leading ``pinned`` bytes
+    (the TEE core turns a short pin into ENOMEM)."""
+    if pinned <= 0:
+        return _efault(addr, size, "is not mapped writable")
+    return DriverError(errno.ENOMEM, f"user range {addr:#x}+{size}: only {pinned} bytes pin")
 
 
 def _access_ok(addr: int, size: int) -> None:
@@ -61,6 +81,40 @@ class AddressSpace(Protocol):
 
     def unpin(self, addr: int) -> None:
         """Undo :meth:`pin` for the buffer at ``addr``."""
+
+
+@runtime_checkable
+class SharedSpace(AddressSpace, Protocol):
+    """An address space whose memory the driver can share instead of copying."""
+
+    def view(self, addr: int, size: int) -> memoryview:
+        """``pin_user_pages(FOLL_WRITE)``: the live bytes of ``[addr, addr+size)``.
+
+        EFAULT if the first page is not mapped writable, ENOMEM if only a leading part
+        is (the TEE core's answer to a short pin)."""
+        ...
+
+
+def _writable_prefix(addr: int, size: int) -> int:
+    """How many bytes from ``addr`` (up to ``size``) lie in contiguous writable mappings
+    of this process, by ``/proc/self/maps`` (whole pages, as the kernel pins them)."""
+    page = mmap.PAGESIZE
+    lo = addr - addr % page
+    end = addr + size
+    reach = lo
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps:
+            span, perms = line.split(maxsplit=2)[:2]
+            start_s, _, stop_s = span.partition(b"-")
+            start, stop = int(start_s, 16), int(stop_s, 16)
+            if stop <= reach:
+                continue
+            if start > reach or perms[1:2] != b"w":
+                break
+            reach = stop
+            if reach >= end:
+                break
+    return max(0, min(reach, end) - addr)
 
 
 def address_of(buf: bytearray | memoryview | ctypes.Array[ctypes.c_char]) -> int:
@@ -110,6 +164,24 @@ class ProcessMemory:
         """Forget the pinned buffer at ``addr``."""
         if self._pinned.pop(addr, None) is None:
             raise UsageError(f"nothing is pinned at {addr:#x}")
+
+    def view(self, addr: int, size: int) -> memoryview:
+        """``pin_user_pages(FOLL_WRITE)``: a slice of the pinned buffer holding the range
+        (EFAULT if it is pinned read-only), else the real pages themselves -- only once
+        ``/proc/self/maps`` shows the whole range mapped writable.  The view stays valid
+        while the memory stays mapped: unmapping it under a view is the caller's bug."""
+        _access_ok(addr, size)
+        for start, pinned in list(self._pinned.items()):
+            if start <= addr and addr + size <= start + pinned.nbytes:
+                if pinned.readonly:
+                    raise _efault(addr, size, "is a read-only pinned buffer")
+                return pinned.cast("B")[addr - start : addr - start + size]
+        if size == 0:
+            return memoryview(bytearray())
+        got = _writable_prefix(addr, size)
+        if got < size:
+            raise _short_pin(addr, size, got)
+        return memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
 
     def _mem_fd(self) -> int:
         pid = os.getpid()
@@ -212,6 +284,22 @@ class CheckedMemory:
 
     def __len__(self) -> int:
         return len(self._bufs)
+
+    def view(self, addr: int, size: int) -> memoryview:
+        """``pin_user_pages(FOLL_WRITE)``: a slice of the mapped buffer holding the range;
+        EFAULT if none holds its start or that buffer is read-only (``bytes``), ENOMEM
+        if the range runs past the buffer's end (only the leading part pins)."""
+        _access_ok(addr, size)
+        with self._lock:
+            i = bisect.bisect_right(self._starts, addr) - 1
+            start = self._starts[i] if i >= 0 else -1
+            buf = self._bufs.get(start)
+        if buf is None or addr - start >= max(buf.nbytes, 1) or buf.readonly:
+            raise _short_pin(addr, size, 0)
+        off = addr - start
+        if off + size > buf.nbytes:
+            raise _short_pin(addr, size, buf.nbytes - off)
+        return buf[off : off + size]
 
     def _find(self, addr: int, size: int) -> tuple[memoryview, int]:
         view = self._bufs.get(addr)

@@ -54,6 +54,7 @@ QTEE_API = {
     "Result",
     "SecureObject",
     "SecureWorld",
+    "SharedSpace",
     "Transfer",
     "TrustedApp",
     "UsageError",

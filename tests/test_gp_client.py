@@ -143,11 +143,10 @@ class SingleTA(GpTA):
 
 
 class Gate:
-    """Counts the device's reads of one registered buffer (its per-call snapshots)."""
+    """Counts the INVOKE argument blocks the device reads (calls on their way in)."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
-        self.addr: int | None = None
         self.reads = 0
         self.armed = False
 
@@ -176,24 +175,20 @@ class SharedTA(GpTA):
         buf[4:] = bytes([params[1].a]) * (len(buf) - 4)
 
 
+INVOKE_BLOCK = uapi.InvokeArg.SIZE + 4 * 32  # libteec always sends 4 params
+
+
 class GatedMemory(CheckedMemory):
-    """CheckedMemory that tells the :class:`Gate` when the device reads its buffer."""
+    """CheckedMemory that tells the :class:`Gate` when the device reads an INVOKE block."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = Gate()
-        self.target: bytearray | None = None
-
-    def pin(self, buf: bytes | bytearray) -> int:
-        addr = super().pin(buf)
-        if buf is self.target:
-            self.gate.addr = addr
-        return addr
 
     def read(self, addr: int, size: int) -> bytes:
         data = super().read(addr, size)
         gate = self.gate
-        if addr == gate.addr:
+        if size == INVOKE_BLOCK:
             with gate.cond:
                 gate.reads += 1
                 gate.cond.notify_all()
@@ -753,12 +748,11 @@ def test_threads_share_one_partial_inout_memref(env: Env, registered: bool) -> N
     loops, width = 30, 64
     ctx = masked(dev, 0 if registered else uapi.TEE_GEN_CAP_REG_MEM)
     buf = bytearray(3 * width)
-    mem.target = buf
     shm = ctx.register_shared_memory(buf, IN | OUT)
     if registered:
         assert shm.shadow is None
         SharedTA.gate = mem.gate
-        mem.gate.reads = 0  # count the per-call snapshots from now on
+        mem.gate.reads = 0  # count the calls from now on
         mem.gate.armed = True
     opened = threading.Barrier(3, timeout=5)
     errors: list[BaseException] = []

@@ -202,6 +202,12 @@ class _MemfdOpteeDevice(OpteeDevice):
         if isinstance(handle, _Memfd):
             handle.close()
 
+    def _shm_pin(self, addr: int, size: int) -> memoryview | None:
+        """The kernel's checks (EFAULT, ENOMEM), but the program's registered memory is
+        copied per call through the bridge, not lent (a known departure)."""
+        super()._shm_pin(addr, size)
+        return None
+
 
 class _Memfd:
     """The memory file behind an OP-TEE shm and this side's mapping of it."""
