@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from objects import QteeError, UsageError
@@ -265,3 +267,68 @@ def test_keys_are_checked() -> None:
     with pytest.raises(UsageError, match="signing key"):
         world.ta_key = default_model_key().public_key()  # type: ignore[assignment]
     assert world.ta_key is default_model_key()
+
+
+# ----------------------------------------------------------------------------- qtee ta sign
+
+
+def qtee_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qtee", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.qtee_ta(Echo.name, Echo)
+def test_cli_sign_makes_images_each_flavour_loads(
+    optee: Env, other_key: rsa.RSAPrivateKey, qtee_client: Client, qtee_env: ObjRef
+) -> None:
+    """``qtee ta sign`` (as ``sign_encrypt.py sign-enc --uuid --key --in --out``): an
+    OP-TEE ``<uuid>.ta`` signed with the given PEM key loads on a device that trusts that
+    key and is TEE_ERROR_SECURITY on one that trusts the default key; ``--name`` makes a
+    QTEE image the AppLoader takes (signed_hdr.c; quic-teec.md §5.3)."""
+    dev, ctx, mem, tmp = optee
+    pem = tmp / "key.pem"
+    pem.write_bytes(
+        other_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp / "payload").write_bytes(b"\x7fELF payload")
+    out = tmp / "ta" / f"{LOADABLE_UUID}.ta"
+    done = qtee_cli(
+        "ta", "sign", "--uuid", str(LOADABLE_UUID), "--in", str(tmp / "payload"),
+        "--key", str(pem), "--algo", "pss", "--out", str(out),
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, "")
+    assert SHDR.unpack_from(out.read_bytes())[3] == TEE_ALG_RSASSA_PKCS1_PSS_MGF1_SHA256
+    assert open_session(ctx, mem, LOADABLE_UUID) == (0, *SECURITY)
+    dev.runtime.ta_key = other_key
+    session, ret, _ = open_session(ctx, mem, LOADABLE_UUID)
+    assert ret == 0
+    close_session(ctx, session)
+    qimage = tmp / "echo.img"
+    done = qtee_cli("ta", "sign", "--name", Echo.name, "--out", str(qimage))
+    assert done.returncode == 0
+    assert load_result(qtee_client, qtee_env, qimage.read_bytes()) == 0
+
+
+def test_cli_sign_refuses_bad_keys_and_uuids(tmp_path: Path) -> None:
+    """Bad arguments exit 2 with a message naming what was wrong; nothing is written."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    out = tmp_path / "x.ta"
+    for args, says in [
+        (["--uuid", "not-a-uuid"], "not a UUID"),
+        (["--uuid", str(LOADABLE_UUID), "--key", str(bad)], "PEM private key"),
+        (["--uuid", str(LOADABLE_UUID), "--algo", "ecdsa"], "algorithm"),
+        (["--name", "x", "--in", str(tmp_path / "missing")], "No such file"),
+    ]:
+        done = qtee_cli("ta", "sign", *args, "--out", str(out))
+        assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
+        assert not out.exists()
