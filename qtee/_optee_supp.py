@@ -649,8 +649,6 @@ def _image_class(
         if name != str(want):
             raise GpTaError(_SECURITY, f"the image for {want} is {name!r}")
         return tas.lookup_loadable(want) or tas.file_by_uuid(want)
-    if tas.lookup_loadable(want) is not None:  # it exists only as a model image
-        raise GpTaError(_SECURITY, f"the image for {want} is not a signed model image")
     try:  # ree_fs_ta_open: the signed header first, its UUID against the one asked for
         inside, bad = signed_header_uuid(image), ""
     except SignedHeaderError as exc:
@@ -663,6 +661,8 @@ def _image_class(
         if want != cls.UUID:
             raise GpTaError(_SECURITY, f"the image for {want} is registered as {cls.UUID}")
         return cls
+    if tas.lookup_loadable(want) is not None:  # it exists only as a model image
+        raise GpTaError(_SECURITY, f"the image for {want} is not a signed model image")
     if bad:
         raise GpTaError(_SECURITY, f"the image for {want}: {bad}")
     cls_by_name = tas.file_by_uuid(want)
