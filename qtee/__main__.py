@@ -1,4 +1,5 @@
-"""The qtee command line: the demo, a device server, the supplicant, traces, guests."""
+"""The qtee command line: the demo, a device server, the supplicant, traces, guests, TA
+signing."""
 
 from __future__ import annotations
 
@@ -91,6 +92,9 @@ def _main(argv: Sequence[str] | None) -> int:
             "say what the model still holds.",
         )
     )
+    from qtee._ta_cli import add_arguments as add_ta_arguments
+
+    add_ta_arguments(sub.add_parser("ta", help="TA images: qtee ta sign"))
     serve = sub.add_parser(
         "serve",
         help="serve a device on a Unix socket (one connection = one open fd)",
@@ -180,6 +184,10 @@ def _main(argv: Sequence[str] | None) -> int:
         from qtee.bridge._cli import run as run_program
 
         return run_program(args)
+    if args.verb == "ta":
+        from qtee._ta_cli import run as run_ta
+
+        return run_ta(args)
     if args.verb == "serve":
         return _serve(args)
     if args.verb == "info":

@@ -45,12 +45,15 @@ supplicant as ``ree_fs_ta.c`` does: value[0] = the UUID octets (``a`` = octets 0
 payload of that size and LOAD_TA again.  Any non-zero answer is the open's result
 (ITEM_NOT_FOUND when the supplicant has no image, COMMUNICATION when it goes away),
 origin TEE.  **How an image names a GP TA:** a model image is a
-:func:`qtee.secure.ta_image` image whose name is ``str(uuid)`` (lowercase 8-4-4-4-12;
-:func:`gp_ta_image` builds one), and its Python class is one registered with
-:func:`register_loadable_ta` (a registry of TAs that exist only as images, never found
-without the supplicant) or :func:`qtee.secure.register_ta_file` by UUID; a model image
-naming another UUID is ``TEE_ERROR_SECURITY``, one whose TA the model has no class for
-ITEM_NOT_FOUND.  Any other image is a TA file as users have them (``struct shdr``, then
+:func:`gp_ta_image` image (OP-TEE's signed ``struct shdr`` layout with the UUID in its
+bootstrap header; :mod:`qtee.secure._signing`) or a :func:`qtee.secure.ta_image` image
+named ``str(uuid)``, and must verify with the device key (``runtime.ta_key``); its
+Python class is one registered with :func:`register_loadable_ta` (a registry of TAs
+that exist only as images, never found without the supplicant) or
+:func:`qtee.secure.register_ta_file` by UUID.  A model image that does not verify (a
+bit flipped anywhere, another key), names another UUID, or any other image for a
+loadable TA, is ``TEE_ERROR_SECURITY`` (``signed_hdr.c``); one whose TA the model has no
+class for, ITEM_NOT_FOUND.  Any other image is a TA file as users have them (``struct shdr``, then
 the ELF): the class :func:`~qtee.secure.register_ta_file` registered for its SHA-256,
 else for its UUID (any bytes).  Every lookup asks the loading world's registry first
 (``world.tas``, :class:`~qtee.secure.TaRegistry`), then the process-wide one.  As
@@ -97,7 +100,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from objects import DriverError, QteeError, UsageError
+from objects import DriverError, UsageError
 from qtee import _checks, uapi
 from qtee._optee import OpteeContext, _GpShm
 from qtee.gp._defs import TeecResult
@@ -114,6 +117,7 @@ from qtee.secure._gp import (
 if TYPE_CHECKING:
     from qtee._optee import OpteeDevice
     from qtee.secure._registry import TaRegistry
+    from qtee.secure._signing import SigningKey
 
 __all__ = [
     "OPTEE_RPC_CMD_FS",
@@ -370,7 +374,8 @@ class OpteeSupp:
             image = self.shm_read(shm, 0, min(memref.b, size))
         finally:
             self.free_payload(shm)
-        return _image_class(raw, image, self.device.runtime.world.tas)
+        world = self.device.runtime.world
+        return _image_class(raw, image, world.tas, world.ta_key)
 
     # ------------------------------------------------------------------ SUPP_PLUGIN
     def supp_plugin(
@@ -649,24 +654,40 @@ def attach_rpc(device: OpteeDevice) -> OpteeSupp:
 # with the GP TA registry (qtee.secure._gp); they are imported above.
 
 
-def _image_class(raw: bytes, image: bytes, tas: TaRegistry | None = None) -> type[GpTA] | None:
+def _image_class(
+    raw: bytes, image: bytes, tas: TaRegistry | None = None, key: SigningKey | None = None
+) -> type[GpTA] | None:
     """The class of the image tee-supplicant sent for the UUID ``raw`` (None: the model
     has none, ITEM_NOT_FOUND); :class:`GpTaError` (SECURITY) where OP-TEE's checks of
     the image would fail.  See "How an image names a GP TA" in the module docstring.
-    ``tas`` is the registry of the world that loads (default: the process-wide one)."""
-    from qtee.secure._apps import TA_MAGIC, _parse
+    ``tas`` is the registry of the world that loads (default: the process-wide one),
+    ``key`` the key it trusts for model images (default: the process's model key)."""
+    from qtee.secure._apps import TA_MAGIC
     from qtee.secure._registry import PROCESS_TAS
+    from qtee.secure._signing import (
+        ImageFormatError,
+        ImageSignatureError,
+        default_model_key,
+        is_optee_model,
+        verify_optee_model,
+        verify_qtee_model,
+    )
     from qtee.secure._tafiles import SignedHeaderError, signed_header_uuid
 
     if tas is None:
         tas = PROCESS_TAS
+    if key is None:
+        key = default_model_key()
 
     want = uuidlib.UUID(bytes=bytes(raw))
-    if image.startswith(TA_MAGIC):  # a model image names its TA
+    if is_optee_model(image) or image.startswith(TA_MAGIC):  # a model image: verify it
         try:
-            name = _parse(image)
-        except QteeError:
-            raise GpTaError(_SECURITY, f"the image for {want} is not a TA image") from None
+            if is_optee_model(image):
+                name = str(verify_optee_model(image, key)[0])
+            else:
+                name = verify_qtee_model(image, key)[0]
+        except (ImageFormatError, ImageSignatureError) as exc:
+            raise GpTaError(_SECURITY, f"the image for {want}: {exc}") from None
         if name != str(want):
             raise GpTaError(_SECURITY, f"the image for {want} is {name!r}")
         return tas.lookup_loadable(want) or tas.file_by_uuid(want)
@@ -682,6 +703,8 @@ def _image_class(raw: bytes, image: bytes, tas: TaRegistry | None = None) -> typ
         if want != cls.UUID:
             raise GpTaError(_SECURITY, f"the image for {want} is registered as {cls.UUID}")
         return cls
+    if tas.lookup_loadable(want) is not None:  # it exists only as a model image
+        raise GpTaError(_SECURITY, f"the image for {want} is not a signed model image")
     if bad:
         raise GpTaError(_SECURITY, f"the image for {want}: {bad}")
     cls_by_name = tas.file_by_uuid(want)

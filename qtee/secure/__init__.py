@@ -69,10 +69,20 @@ from qtee.secure._services import (
     IOpener,
     QteeRoot,
 )
+from qtee.secure._signing import (
+    TEE_ALG_ECDSA_SHA256,
+    TEE_ALG_RSASSA_PKCS1_PSS_MGF1_SHA256,
+    TEE_ALG_RSASSA_PKCS1_V1_5_SHA256,
+    default_model_key,
+)
 from qtee.secure._tafiles import TaFileRegistration, register_ta_file
 from qtee.secure._world import Mapping, NsObject, SecureObject, SecureWorld, ServeCallback
 
 __all__ = [
+    "TEE_ALG_ECDSA_SHA256",
+    "TEE_ALG_RSASSA_PKCS1_PSS_MGF1_SHA256",
+    "TEE_ALG_RSASSA_PKCS1_V1_5_SHA256",
+    "default_model_key",
     "APP_LOADER_UID",
     "AppController",
     "AppLoader",

@@ -3,8 +3,14 @@
 A TA is a :class:`TrustedApp` subclass registered under a name with :func:`register_ta`
 (process-wide) or ``world.tas.register`` (one world's, looked up first:
 :mod:`qtee.secure._registry`).
-Its *image* names it: ``b"QTEETA\\x00\\x01" + u16 name length + name (UTF-8) + payload``
-(:func:`ta_image` builds one).  ``loadFromBuffer`` (op 0) takes the image bytes;
+Its *image* names it and is signed (:mod:`qtee.secure._signing`: magic, lengths, name,
+payload, then a signature over all of them; :func:`ta_image` builds one).  The loader
+checks the signature with the device key (``world.ta_key``): a layout that does not
+add up is ``ERROR_INVALID_BUFFER``, a signature that does not verify (a bit flipped
+anywhere after the magic) ``ERROR_ELF_SIGNATURE_ERROR`` (12), IAppLoader's error for
+an image whose signature fails; a GP TA's image (:func:`~qtee.secure.gp_ta_image`, OP-TEE's
+signed layout) failing its checks is ELF_SIGNATURE_ERROR too.
+``loadFromBuffer`` (op 0) takes the image bytes;
 ``loadFromRegion`` (op 1) takes a memory object and maps it with MAP_REGION;
 ``loadEmbedded`` (op 2) takes a TA name, or a 16-byte UUID that the supplicant's
 TA-autoload service resolves to an image.  Both
@@ -34,13 +40,24 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import struct
 import threading
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from objects import QteeError, UsageError, op
 from qtee.secure._registry import PROCESS_TAS, refuse_marker_call
+from qtee.secure._signing import (
+    QTEE_MAGIC,
+    ImageFormatError,
+    ImageSignatureError,
+    SigningKey,
+    check_signing_key,
+    default_model_key,
+    is_optee_model,
+    qtee_model_image,
+    verify_optee_model,
+    verify_qtee_model,
+)
 from qtee.secure._world import NsObject, SecureObject
 
 if TYPE_CHECKING:
@@ -60,7 +77,7 @@ __all__ = [
 ]
 
 APP_LOADER_UID: Final = 3
-TA_MAGIC: Final = b"QTEETA\x00\x01"
+TA_MAGIC: Final = QTEE_MAGIC
 
 
 class IAppLoader(enum.IntEnum):
@@ -128,23 +145,30 @@ def unregister_ta(name: str) -> None:
             raise UsageError(f"no TA is registered as {name!r}")
 
 
-def ta_image(name: str, payload: bytes = b"") -> bytes:
-    """The image bytes that select the TA registered as ``name``."""
-    raw = name.encode()
-    return TA_MAGIC + struct.pack("<H", len(raw)) + raw + bytes(payload)
+def ta_image(
+    name: str, payload: bytes = b"", *, key: SigningKey | None = None, algo: int | None = None
+) -> bytes:
+    """The signed image that selects the TA registered as ``name``
+    (:func:`~qtee.secure._signing.qtee_model_image`), signed with ``key`` (an RSA or
+    P-256 ECDSA private key; default: the process's default model key, which every world
+    trusts unless given another ``ta_key``)."""
+    if not isinstance(name, str):
+        raise UsageError(f"a TA name is a str, not {type(name).__name__}")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise UsageError(f"a TA payload is bytes, not {type(payload).__name__}")
+    signing = default_model_key() if key is None else check_signing_key(key)
+    return qtee_model_image(name, bytes(payload), signing, algo)
 
 
-def _parse(image: bytes) -> str:
-    if len(image) < len(TA_MAGIC) + 2 or not image.startswith(TA_MAGIC):
-        raise QteeError(ERROR_INVALID_BUFFER, "not a TA image")
-    (n,) = struct.unpack_from("<H", image, len(TA_MAGIC))
-    start = len(TA_MAGIC) + 2
-    if start + n > len(image):
-        raise QteeError(ERROR_INVALID_BUFFER, "TA image is truncated")
+def _verified(world: SecureWorld, image: bytes, padded: bool) -> str:
+    """The TA name of a model image the device key signed: a layout that does not hold
+    together is INVALID_BUFFER, a signature that does not verify ELF_SIGNATURE_ERROR."""
     try:
-        return image[start : start + n].decode()
-    except UnicodeDecodeError:
-        raise QteeError(ERROR_INVALID_BUFFER, "TA name is not UTF-8") from None
+        return verify_qtee_model(image, world.ta_key, padded=padded)[0]
+    except ImageFormatError as exc:
+        raise QteeError(ERROR_INVALID_BUFFER, str(exc)) from None
+    except ImageSignatureError as exc:
+        raise QteeError(IAppLoader.ERROR_ELF_SIGNATURE_ERROR, str(exc)) from None
 
 
 class AppController(SecureObject):
@@ -230,10 +254,21 @@ class AppLoader(SecureObject):
         self.world = world
         self.loaded = loaded
 
-    def _load(self, image: bytes) -> AppController | GpAppController:
+    def _load(self, image: bytes, padded: bool = False) -> AppController | GpAppController:
+        """Load ``image``; ``padded``: it comes from a memory region, which may hold zeros
+        after it."""
         cls: type[TrustedApp] | None
+        if is_optee_model(image):  # a GP TA's model image (gp_ta_image)
+            try:
+                ta_uuid = verify_optee_model(image, self.world.ta_key, padded=padded)[0]
+            except (ImageFormatError, ImageSignatureError) as exc:
+                raise QteeError(IAppLoader.ERROR_ELF_SIGNATURE_ERROR, str(exc)) from None
+            gp_cls = self._gp_class(str(ta_uuid))
+            if gp_cls is None:
+                raise QteeError(ERROR_METADATA_INVALID, f"no GP TA {ta_uuid}")
+            return self._load_gp(gp_cls)
         if image.startswith(TA_MAGIC):  # a model image: it names its TA
-            name = _parse(image)
+            name = _verified(self.world, image, padded)
             cls = self.world.tas.lookup(name)
             if cls is None:
                 gp = self._gp_class(name)
@@ -302,7 +337,7 @@ class AppLoader(SecureObject):
             raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, "TA name is not UTF-8") from None
         if self.world.tas.lookup(text) is None:
             raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, f"no TA named {text!r}")
-        return self._load(ta_image(text))
+        return self._load(ta_image(text, key=self.world.ta_key))
 
     @op(1, io=1, oo=1)
     def load_from_region(self, mem: NsObject | None) -> AppController | GpAppController:
@@ -313,6 +348,6 @@ class AppLoader(SecureObject):
         except QteeError:
             raise QteeError(ERROR_INVALID_BUFFER, "memory object could not be mapped") from None
         try:
-            return self._load(bytes(mapping.view))
+            return self._load(bytes(mapping.view), padded=True)
         finally:
             mapping.unmap()

@@ -47,13 +47,16 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import ClassVar, Final, NoReturn, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Final, NoReturn, TypeVar
 
 from objects import DriverError, Refcounted, UsageError
 from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult, _known
 from qtee.secure import _gp_why
 from qtee.secure._registry import PROCESS_TAS, refuse_marker_call, uuid_bytes
 from qtee.secure._world import SecureObject, SecureWorld
+
+if TYPE_CHECKING:
+    from qtee.secure._signing import SigningKey
 
 __all__ = [
     "TEE_NUM_PARAMS",
@@ -445,14 +448,25 @@ def lookup_loadable_ta(uuid: uuidlib.UUID | bytes) -> type[GpTA] | None:
     return PROCESS_TAS.lookup_loadable(uuid, inherit=False)
 
 
-def gp_ta_image(uuid: uuidlib.UUID, payload: bytes = b"") -> bytes:
-    """The image (``<uuid>.ta`` file contents) of the loadable GP TA ``uuid``: a model
-    image (:func:`~qtee.secure.ta_image`) named ``str(uuid)``."""
-    from qtee.secure._apps import ta_image
+def gp_ta_image(
+    uuid: uuidlib.UUID,
+    payload: bytes = b"",
+    *,
+    key: SigningKey | None = None,
+    algo: int | None = None,
+) -> bytes:
+    """The image (``<uuid>.ta`` file contents) of the loadable GP TA ``uuid``: OP-TEE's
+    signed layout (``struct shdr``, :mod:`qtee.secure._signing`) signed with ``key`` (an
+    RSA private key; default: the process's default model key, which every world trusts
+    unless given another ``ta_key``), ``algo`` TEE_ALG_RSASSA_PKCS1_V1_5_SHA256 (default)
+    or TEE_ALG_RSASSA_PKCS1_PSS_MGF1_SHA256."""
+    from qtee.secure._signing import default_model_key, optee_model_image
 
     if not isinstance(uuid, uuidlib.UUID):
         raise UsageError(f"a TA UUID is a uuid.UUID, not {uuid!r}")
-    return ta_image(str(uuid), payload)
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise UsageError(f"a TA payload is bytes, not {type(payload).__name__}")
+    return optee_model_image(uuid, payload, default_model_key() if key is None else key, algo)
 
 
 # ----------------------------------------------------------------------------- runtime state
@@ -618,6 +632,16 @@ class GpRuntime:
         self._closed = False  # shut down: no entry runs any more
         #: GP TAs QTEE's IAppLoader loaded from an image, by UUID (:meth:`load_app`).
         self._app_loaded: dict[bytes, type[GpTA]] = {}
+
+    @property
+    def ta_key(self) -> SigningKey:
+        """The key this device trusts for model TA images: its world's
+        (:attr:`SecureWorld.ta_key`); assigning one replaces the world's."""
+        return self.world.ta_key
+
+    @ta_key.setter
+    def ta_key(self, key: SigningKey) -> None:
+        self.world.ta_key = key
 
     # ------------------------------------------------------------------ NS entry points
     def open_session(

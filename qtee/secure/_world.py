@@ -41,6 +41,7 @@ from qtee import _reason, wire
 
 if TYPE_CHECKING:
     from qtee.secure._monitor import SecureMonitor
+    from qtee.secure._signing import SigningKey
 
 __all__ = ["Mapping", "NsObject", "SecureObject", "SecureWorld", "ServeCallback"]
 
@@ -239,10 +240,25 @@ class SecureWorld:
 
         #: The TAs this world loads, looked up before the process-wide ones.
         self.tas = TaRegistry(PROCESS_TAS)
+        self._ta_key: SigningKey | None = None
         # Model-only names of exported objects (see label): object -> its label.
         self._labels: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
         self._adopt(root)
         root.attach(self)
+
+    @property
+    def ta_key(self) -> SigningKey:
+        """The key this device trusts for model TA images (:mod:`qtee.secure._signing`):
+        the process's default model key until a private key is assigned."""
+        from qtee.secure._signing import default_model_key
+
+        return self._ta_key if self._ta_key is not None else default_model_key()
+
+    @ta_key.setter
+    def ta_key(self, key: SigningKey) -> None:
+        from qtee.secure._signing import check_signing_key
+
+        self._ta_key = check_signing_key(key)
 
     # ---------------------------------------------------------------- table
     def export(self, obj: SecureObject) -> int:
