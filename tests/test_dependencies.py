@@ -31,7 +31,7 @@ def _imports(module: str, *folders: str) -> bool:
 
 def _used(name: str) -> bool:
     """Where the project uses the declared distribution ``name``."""
-    if name in ("msgpack", "cbor2"):  # runtime: imported by the packages themselves
+    if name in ("msgpack", "cbor2", "cryptography"):  # runtime: imported by the packages
         return _imports(name, *PACKAGES)
     if name in ("pytest", "hypothesis"):
         return _imports(name, "tests")
@@ -60,10 +60,11 @@ def test_every_declared_dependency_is_used(name: str) -> None:
     assert _used(name), f"{name} is declared in pyproject.toml but nothing uses it"
 
 
-def test_the_runtime_dependencies_are_msgpack_and_cbor2() -> None:
-    """The packages import these two and nothing else outside the standard library
-    (pytest only in the plugin, which runs inside pytest)."""
+def test_the_runtime_dependencies_are_msgpack_cbor2_and_cryptography() -> None:
+    """The packages import these three and nothing else outside the standard library
+    (pytest only in the plugin, which runs inside pytest): cryptography signs and
+    verifies model TA images (no hand-written crypto)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = sorted(re.split(r"[<>=!~\[; ]", s, maxsplit=1)[0] for s in project["dependencies"])
-    assert names == ["cbor2", "msgpack"]
+    assert names == ["cbor2", "cryptography", "msgpack"]
     assert "pytest-benchmark" not in _declared()  # nothing uses its fixture
