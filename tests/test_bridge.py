@@ -599,3 +599,18 @@ def test_a_libteec_client_and_the_real_tee_supplicant_in_two_processes(
         supp.terminate()
         supp.wait(10)
         assert server.stop() == "tables: empty"
+
+
+def test_no_snapshot_replaces_the_final_report(tmp_path: Path) -> None:
+    """The snapshot thread may wake while ``report()`` releases the program's fds (which
+    marks the tables changed): its write must not replace the final report, or ``qtee
+    run`` says the program "ended without exit" (seen once in CI with a 10 s program)."""
+    import json
+
+    from qtee.bridge._runtime import Bridge, BridgeConfig
+
+    bridge = Bridge(BridgeConfig(report_dir=str(tmp_path)))
+    bridge.report()
+    bridge._write_report(final=False)  # what a late snapshot does
+    data = json.loads((tmp_path / f"{os.getpid()}.json").read_text())
+    assert data["final"] is True and data["leaks"] == {}

@@ -289,6 +289,10 @@ class Bridge:
         self._opened = False  # a device was opened (what qtee run reports on)
         self._tried = False  # an open reached the bridge
         self._said: set[str] = set()  # connection failures already told
+        # One report file written at a time; once the final one is written no snapshot
+        # may replace it (a snapshot taken while report() released the fds would).
+        self._report_lock = threading.Lock()
+        self._reported = False
         self._snapshots: threading.Thread | None = None
         if config.report_dir is not None:
             self._snapshots = threading.Thread(
@@ -536,16 +540,20 @@ class Bridge:
     def _write_report(self, *, final: bool) -> None:
         if self.config.report_dir is None:
             return
-        data: dict[str, Any] = {
-            "pid": self._pid,
-            "final": final,
-            "time": time.time(),
-            "opened": self._opened,
-            "tried": self._tried,
-            "leaks": self.leaks(),
-            "server": self.config.connect,
-        }
-        _write_json(self.config.report_dir, self._pid, data)
+        with self._report_lock:
+            if self._reported:
+                return
+            self._reported = final
+            data: dict[str, Any] = {
+                "pid": self._pid,
+                "final": final,
+                "time": time.time(),
+                "opened": self._opened,
+                "tried": self._tried,
+                "leaks": self.leaks(),
+                "server": self.config.connect,
+            }
+            _write_json(self.config.report_dir, self._pid, data)
 
     def _snapshot_loop(self) -> None:
         while True:
