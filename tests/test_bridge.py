@@ -607,7 +607,8 @@ def test_no_snapshot_replaces_the_final_report(tmp_path: Path) -> None:
     run`` says the program "ended without exit" (seen once in CI with a 10 s program)."""
     import json
 
-    from qtee.bridge._runtime import Bridge, BridgeConfig
+    from qtee.bridge import BridgeConfig
+    from qtee.bridge._runtime import Bridge
 
     bridge = Bridge(BridgeConfig(report_dir=str(tmp_path)))
     bridge.report()
