@@ -99,6 +99,37 @@ def discard_backing(buf: ShmBuffer, fd: int | None) -> None:
             buf.close()
 
 
+class MemfdShm:
+    """An OP-TEE shm's memory file: its fd until taken (SHM_ALLOC hands it out), and
+    the mapping the TA sees."""
+
+    __slots__ = ("buf", "fd")
+
+    def __init__(self, buf: ShmBuffer, fd: int | None) -> None:
+        self.buf = buf
+        self.fd = fd
+
+    @classmethod
+    def allocate(cls, size: int) -> tuple[bytearray | memoryview, MemfdShm]:
+        """A fresh memory file of ``size`` bytes: the view for the shm, and its owner;
+        ENOMEM when the file cannot be made."""
+        try:
+            buf, fd = memfd_backing(size)
+        except OSError as exc:
+            raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc}") from None
+        view = buf if isinstance(buf, bytearray) else memoryview(buf)  # size 0: nothing mapped
+        return view, cls(buf, fd)
+
+    def take_fd(self) -> int | None:
+        fd, self.fd = self.fd, None
+        return fd
+
+    def close(self) -> None:
+        """Close the fd if still held, and unmap (later, with the last view, if one is
+        still open)."""
+        discard_backing(self.buf, self.take_fd())
+
+
 class PhysFault(UsageError):
     """A physical address names no region of this memory (or the wrong kind of one)."""
 

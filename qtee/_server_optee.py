@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 import os
 import struct
 import threading
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from objects import DriverError, UsageError
 from qtee import uapi
-from qtee._mem_obj import memfd_backing
+from qtee._mem_obj import MemfdShm
 from qtee._optee import _GEN_CAPS, OpteeContext, OpteeDevice, _GpShm
 from qtee._optee_supp import OpteeSupp, OpteeSuppContext, RpcParam
 from qtee._region_memory import CallRegions, RegionMemory
@@ -69,28 +68,6 @@ _TO_SUPP: Final = frozenset({5, 7})  # memrefs whose bytes the supplicant reads
 _FROM_SUPP: Final = frozenset({6, 7})  # memrefs whose bytes the supplicant writes
 _SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
 _SUPPL_SEND: Final = uapi.TEE_IOC_SUPPL_SEND
-
-
-class _Memfd:
-    """The memory file behind an allocated shm: its fd until taken, and the mapping."""
-
-    __slots__ = ("buf", "fd")
-
-    def __init__(self, buf: mmap.mmap | bytearray, fd: int | None) -> None:
-        self.buf = buf
-        self.fd = fd
-
-    def take_fd(self) -> int | None:
-        fd, self.fd = self.fd, None
-        return fd
-
-    def close(self) -> None:
-        fd = self.take_fd()
-        if fd is not None:
-            os.close(fd)
-        if isinstance(self.buf, mmap.mmap):
-            with contextlib.suppress(BufferError):  # a view is still open: unmapped with it
-                self.buf.close()
 
 
 class _Shadow:
@@ -183,18 +160,11 @@ class ServedOpteeDevice(OpteeDevice):
     def _shm_backing(self, size: int, addr: int | None) -> tuple[bytearray | memoryview, object]:
         if addr is not None:
             return bytearray(), _Shadow(size)
-        try:
-            buf, fd = memfd_backing(size)
-        except OSError as exc:
-            raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc}") from None
-        if isinstance(buf, mmap.mmap):
-            return memoryview(buf), _Memfd(buf, fd)
-        assert isinstance(buf, bytearray)  # size 0: nothing to map
-        return buf, _Memfd(buf, fd)
+        return MemfdShm.allocate(size)
 
     def _shm_release(self, shm: _GpShm) -> None:
         handle = shm.handle
-        if isinstance(handle, _Memfd):
+        if isinstance(handle, MemfdShm):
             if isinstance(shm.buf, memoryview):
                 with contextlib.suppress(BufferError):
                     shm.buf.release()
@@ -233,7 +203,7 @@ class _OpteeFile:
     def shm_fd(self, shm_id: int) -> int | None:
         shm = self.ctx.shms.get(shm_id)
         handle = shm.handle if shm is not None else None
-        return handle.take_fd() if isinstance(handle, _Memfd) else None
+        return handle.take_fd() if isinstance(handle, MemfdShm) else None
 
     def before(self, cmd: int, arg: bytes, call: CallRegions) -> None:
         """SUPPL_SEND: the supplicant's bytes of the answered request's output memrefs in

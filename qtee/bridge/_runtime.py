@@ -39,7 +39,7 @@ from typing import Any, Final
 from objects import DriverError, UsageError
 from qtee import uapi
 from qtee._driver import Context, Device
-from qtee._mem_obj import memfd_backing
+from qtee._mem_obj import MemfdShm, memfd_backing
 from qtee._optee import OpteeContext, OpteeDevice, _GpShm
 from qtee._remote import RemoteContext, RemoteDevice
 from qtee._ta_modules import import_ta_module
@@ -190,16 +190,11 @@ class _MemfdOpteeDevice(OpteeDevice):
     def _shm_backing(self, size: int, addr: int | None) -> tuple[bytearray | memoryview, object]:
         if addr is not None:
             return bytearray(), None
-        try:
-            buf, fd = memfd_backing(size)
-        except OSError as exc:
-            raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc}") from None
-        view = memoryview(buf) if not isinstance(buf, bytearray) else buf
-        return view, _Memfd(buf, fd)
+        return MemfdShm.allocate(size)
 
     def _shm_release(self, shm: _GpShm) -> None:
         handle = shm.handle
-        if isinstance(handle, _Memfd):
+        if isinstance(handle, MemfdShm):
             handle.close()
 
     def _shm_pin(self, addr: int, size: int) -> memoryview | None:
@@ -207,29 +202,6 @@ class _MemfdOpteeDevice(OpteeDevice):
         copied per call through the bridge, not lent (a known departure)."""
         super()._shm_pin(addr, size)
         return None
-
-
-class _Memfd:
-    """The memory file behind an OP-TEE shm and this side's mapping of it."""
-
-    __slots__ = ("buf", "fd")
-
-    def __init__(self, buf: object, fd: int | None) -> None:
-        self.buf = buf
-        self.fd = fd
-
-    def take_fd(self) -> int | None:
-        fd, self.fd = self.fd, None
-        return fd
-
-    def close(self) -> None:
-        fd = self.take_fd()
-        if fd is not None:
-            os.close(fd)
-        close = getattr(self.buf, "close", None)
-        if close is not None:
-            with contextlib.suppress(BufferError):  # a view still open: unmapped when it goes
-                close()
 
 
 @dataclass(eq=False)
@@ -459,7 +431,7 @@ class Bridge:
             fd = ctx.shms[shm_id].take_fd()
         else:
             handle = ctx.shms[shm_id].handle
-            if isinstance(handle, _Memfd):
+            if isinstance(handle, MemfdShm):
                 fd = handle.take_fd()
         if fd is None:
             fd = os.eventfd(0, os.EFD_CLOEXEC)
