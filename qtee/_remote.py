@@ -705,31 +705,17 @@ class RemoteContext:
     def info(self, timeout: float = 5.0) -> dict[str, Any]:
         """The server's description of its device (what ``qtee info`` prints); EACCES when
         the server does not allow introspection (``qtee serve --introspect``)."""
-        got: list[dict[str, Any]] = []
-        done = threading.Event()
-
-        def answer(data: dict[str, Any]) -> None:
-            got.append(data)
-            done.set()
-
-        seq = self._query("info", answer)
-        try:
-            if not done.wait(timeout):
-                raise DriverError(errno.ETIMEDOUT, "the server did not describe itself")
-            if not got[0]:  # the end of the stream: the connection went away
-                raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-            no = refused(got[0])
-            if no is not None:
-                raise DriverError(*no)
-            return got[0]
-        finally:
-            with self._lock:
-                self._streams.pop(seq, None)
+        return self._ask("info", timeout, "the server did not describe itself")
 
     def held_objects(self, timeout: float = 2.0) -> dict[str, Any]:
         """What this fd holds on the server, by name (model-only; ``qtee._info.fd_objects``):
         ``objects`` ``[id, label]``, ``callbacks`` ``[user id, "", refs]``, ``memory``
         ``[shm id, size, refs, owned]``.  ETIMEDOUT without an answer, EBADF once lost."""
+        return self._ask("objects", timeout, "the server did not name the fd's objects")
+
+    def _ask(self, kind: str, timeout: float, silent: str) -> dict[str, Any]:
+        """One query frame of ``kind`` and its one answer: ETIMEDOUT (``silent``) without
+        one, EBADF once the connection is lost, the server's refusal as its errno."""
         got: list[dict[str, Any]] = []
         done = threading.Event()
 
@@ -737,10 +723,10 @@ class RemoteContext:
             got.append(data)
             done.set()
 
-        seq = self._query("objects", answer)
+        seq = self._query(kind, answer)
         try:
             if not done.wait(timeout):
-                raise DriverError(errno.ETIMEDOUT, "the server did not name the fd's objects")
+                raise DriverError(errno.ETIMEDOUT, silent)
             if not got[0]:  # the end of the stream: the connection went away
                 raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
             no = refused(got[0])
