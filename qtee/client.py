@@ -566,12 +566,17 @@ class Client:
         try:
             self.ctx.shm_free(shm_id)
         except DriverError as exc:
-            ctx = self.ctx
-            if exc.errno != errno.EBADF or not (ctx.closed or getattr(ctx, "lost", False)):
+            if not self.fd_gone(exc):
                 raise
         finally:
             with self._lock:
                 del self._shms[shm_id]
+
+    def fd_gone(self, exc: DriverError) -> bool:
+        """``exc`` is the EBADF of this client's fd being closed (or its connection
+        lost): what the fd held went with it, so there is nothing left to undo."""
+        ctx = self.ctx
+        return exc.errno == errno.EBADF and (ctx.closed or getattr(ctx, "lost", False))
 
     def _unpin(self, addrs: list[int]) -> None:
         unpin = self.device.memory.unpin

@@ -217,8 +217,7 @@ class Supplicant:
             if self._ta_register is not None:
                 self._ta_register.invoke(0, None)
         except DriverError as exc:
-            ctx = self.client.ctx
-            if exc.errno != errno.EBADF or not (ctx.closed or getattr(ctx, "lost", False)):
+            if not self.client.fd_gone(exc):
                 raise
             self.listeners.clear()
         finally:
