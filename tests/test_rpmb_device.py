@@ -119,10 +119,10 @@ def test_key_is_programmed_once() -> None:
     the result frame (``ioctl_emu_get_keyprog_result``) is a zeroed frame with only the
     type and result set."""
     dev = EmulatedRpmb()
-    assert not dev.key_programmed
+    before = dev.key_programmed
     first = program(dev)
     assert first.pack() == RpmbFrame(msg_type=M.RESP_AUTH_KEY_PROGRAM).pack()
-    assert dev.key_programmed
+    assert (before, dev.key_programmed) == (False, True)
     second = program(dev, bytes(32))
     assert second.result == RpmbResult.GENERAL_FAILURE
     assert second.pack()[508:512] == b"\x00\x01\x01\x00"
