@@ -20,8 +20,11 @@ A frame is 512 bytes, multi-byte fields big-endian::
 The MAC is HMAC-SHA256 over bytes 228..511 of every frame of a request or response, in
 order, and sits in the last frame's ``key_mac``.
 
-What one data request does (``rpmb_data_req``): all request frames must carry the same
-message type (else TEEC_ERROR_BAD_PARAMETERS).  A key program or data write takes exactly
+What one data request does (``rpmb_data_req``): every request frame after the first
+must carry the same message type, else TEEC_ERROR_BAD_PARAMETERS; rpmb.c compares each
+frame's raw (big-endian) field with the first frame's type in host order, so on a
+little-endian host a second frame passes only when its type bytes are swapped (two
+ordinary write frames are refused).  A key program or data write takes exactly
 one response frame: the request frames are written, then a zeroed frame holding
 REQ_RESULT_READ, then that frame is read back as the result.  A counter read takes one
 request and one response frame, a data read one request frame and any number of response
@@ -379,8 +382,8 @@ class EmulatedRpmb:
 
     def _request(self, req: bytearray, req_n: int, out: bytearray, rsp_n: int) -> None:
         (msg_type,) = struct.unpack_from(">H", req, _O_TYPE)
-        for i in range(1, req_n):
-            if struct.unpack_from(">H", req, i * RPMB_FRAME_SIZE + _O_TYPE)[0] != msg_type:
+        for i in range(1, req_n):  # the raw field against the byte-swapped type, as rpmb.c
+            if struct.unpack_from("<H", req, i * RPMB_FRAME_SIZE + _O_TYPE)[0] != msg_type:
                 raise RpmbRequestError(
                     _TEEC_ERROR_BAD_PARAMETERS, "all request frames must be of one type"
                 )

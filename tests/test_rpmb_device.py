@@ -58,17 +58,25 @@ def program(dev: EmulatedRpmb, key: bytes = KEY) -> RpmbFrame:
 
 
 def write(
-    dev: EmulatedRpmb, address: int, blocks: list[bytes], key: bytes = KEY, counter: int = 0
+    dev: EmulatedRpmb,
+    address: int,
+    blocks: list[bytes],
+    key: bytes = KEY,
+    counter: int = 0,
+    *,
+    swap: bool = False,
 ) -> RpmbFrame:
+    """A data write; ``swap`` gives frames after the first the byte-swapped type rpmb.c
+    lets through (see test_second_frame_type_is_compared_byte_swapped)."""
     frames = [
         RpmbFrame(
             data=b,
             address=address,
             block_count=len(blocks),
             write_counter=counter,
-            msg_type=M.REQ_AUTH_DATA_WRITE,
+            msg_type=0x0300 if swap and i else M.REQ_AUTH_DATA_WRITE,
         )
-        for b in blocks
+        for i, b in enumerate(blocks)
     ]
     frames[-1] = replace(frames[-1], key_mac=frame_mac(key, frames))
     return RpmbFrame.unpack(dev.data_request(b"".join(f.pack() for f in frames), 1))
@@ -156,12 +164,25 @@ def test_write_mac_failure_counter_and_result_read() -> None:
     bad = write(dev, 3, [b"x" * 256], key=bytes(32))
     assert (bad.result, bad.write_counter, bad.address) == (RpmbResult.AUTH_FAILURE, 0, 3)
     assert bad.key_mac == frame_mac(KEY, [bad])
-    ok = write(dev, 3, [b"x" * 256, b"y" * 256])
+    ok = write(dev, 3, [b"x" * 256, b"y" * 256], swap=True)
     assert (ok.result, ok.write_counter, ok.msg_type) == (0, 2, M.RESP_AUTH_DATA_WRITE)
     assert ok.pack()[:196] == bytes(196) and ok.data == bytes(256) and ok.nonce == bytes(16)
     assert ok.key_mac == frame_mac(KEY, [ok]) and dev.write_counter == 2
     # the emulation does not compare the request's counter with its own
     assert write(dev, 5, [b"z" * 256], counter=77).write_counter == 3
+
+
+def test_second_frame_type_is_compared_byte_swapped() -> None:
+    """rpmb.c ``rpmb_data_req`` compares ``req_frm[i].msg_type`` (raw, big-endian) with
+    ``ntohs(req_frm->msg_type)``: on a little-endian host two ordinary write frames are
+    BAD_PARAMETERS (found by the differential test against the real tee-supplicant), and
+    a second frame whose type bytes are swapped passes."""
+    dev = EmulatedRpmb()
+    program(dev)
+    with pytest.raises(RpmbRequestError) as exc:
+        write(dev, 3, [b"x" * 256, b"y" * 256])
+    assert exc.value.teec == BAD and dev.write_counter == 0
+    assert write(dev, 3, [b"x" * 256, b"y" * 256], swap=True).result == RpmbResult.OK
 
 
 def test_address_failure_and_reads() -> None:
@@ -171,11 +192,12 @@ def test_address_failure_and_reads() -> None:
     frames."""
     dev = EmulatedRpmb()
     program(dev)
-    assert write(dev, 1023, [b"a" * 256, b"b" * 256]).result == RpmbResult.ADDRESS_FAILURE
+    two = [b"a" * 256, b"b" * 256]
+    assert write(dev, 1023, two, swap=True).result == RpmbResult.ADDRESS_FAILURE
     assert write(dev, 1024, [b"a" * 256], key=bytes(32)).result == RpmbResult.ADDRESS_FAILURE
     assert dev.write_counter == 0
     assert read(dev, 1023, 2) == bytes(1024)
-    write(dev, 1022, [b"p" * 256, b"q" * 256])
+    write(dev, 1022, [b"p" * 256, b"q" * 256], swap=True)
     raw = read(dev, 1022, 2, nonce=b"n" * 16)
     frames = RpmbFrame.unpack_many(raw)
     assert [f.data for f in frames] == [b"p" * 256, b"q" * 256]
