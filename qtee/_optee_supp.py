@@ -288,6 +288,8 @@ class OpteeSupp:
         self.req_id = -1  # the synchronous request (no META), -1 if none
         self._pobjs: dict[tuple[bytes, bytes], _PObj] = {}  # open persistent objects
         self._rpmb_fs: RpmbFs | None = None  # TEE_STORAGE_PRIVATE_RPMB, made on first use
+        self._rpmb_shm: _GpShm | None = None  # the RPMB payload kept between requests
+        self._rpmb_lock = threading.Lock()
         #: Called (under ``cond``: it must not block) when a request is queued and when
         #: the supplicant's context closes (see ``RequestQueue.on_ready``).
         self.on_ready: Callable[[], None] | None = None
@@ -414,18 +416,26 @@ class OpteeSupp:
 
     # ------------------------------------------------------------------ RPMB
     def rpmb_request(self, req: bytes, rsp_size: int, rsp: bytes) -> bytes:
-        """RPC RPMB (``tee_rpmb_invoke``, legacy): one payload, the request at 0 and the
-        response (initially ``rsp``) at the next 4 KiB boundary; the response's bytes."""
+        """RPC RPMB (``tee_rpmb_invoke``, legacy): the request at 0 and the response
+        (initially ``rsp``) at the next 4 KiB boundary of one payload; the response's
+        bytes.  The payload is kept for the next RPMB request, as OP-TEE's per-thread
+        RPC shm cache (``THREAD_SHM_CACHE_USER_RPMB``) keeps it: a larger need, or a new
+        supplicant, replaces it."""
         offs = -(-len(req) // 4096) * 4096
-        shm = self.alloc_payload(offs + max(-(-rsp_size // 4096) * 4096, 4096))
-        try:
+        need = offs + max(-(-rsp_size // 4096) * 4096, 4096)
+        with self._rpmb_lock:
+            shm = self._rpmb_shm
+            if shm is not None and (shm.size < need or shm.ctx is not self.ctx or shm.ctx.closed):
+                self._rpmb_shm = None
+                self.free_payload(shm)
+                shm = None
+            if shm is None:
+                shm = self._rpmb_shm = self.alloc_payload(need)
             self.shm_write(shm, 0, req)
             self.shm_write(shm, offs, rsp)
             out = RpcParam(_MEMREF_OUT, offs, rsp_size, shm=shm)
             self.call(OPTEE_RPC_CMD_RPMB, [RpcParam(_MEMREF_IN, 0, len(req), shm=shm), out])
             return self.shm_read(shm, offs, rsp_size)
-        finally:
-            self.free_payload(shm)
 
     def rpmb_fs(self) -> RpmbFs:
         """The device's RPMB FS, its key derived from the world's HUK on first use."""

@@ -26,10 +26,10 @@ from qtee import (
     TEE_DATA_FLAG_ACCESS_READ,
     TEE_DATA_FLAG_ACCESS_WRITE,
     TEE_DATA_FLAG_OVERWRITE,
+    TEE_STORAGE_PRIVATE_RPMB,
     DeviceServer,
     trusted_storage,
 )
-from qtee._optee_supp import TEE_STORAGE_PRIVATE_RPMB as RPMB
 from qtee.gp import (
     TeecContext,
     TeecOperation,
@@ -43,6 +43,7 @@ from supplicant import EmulatedRpmb
 T = TeecParamType
 REPO = Path(__file__).resolve().parent.parent
 WRITE, READ = 0, 1
+RPMB = TEE_STORAGE_PRIVATE_RPMB
 RW = TEE_DATA_FLAG_ACCESS_READ | TEE_DATA_FLAG_ACCESS_WRITE
 
 

@@ -34,12 +34,12 @@ from qtee import (
     TEE_DATA_FLAG_ACCESS_WRITE,
     TEE_DATA_FLAG_ACCESS_WRITE_META,
     TEE_DATA_FLAG_OVERWRITE,
+    TEE_STORAGE_PRIVATE_RPMB,
     DeviceServer,
     OpteeDevice,
     TrustedStorage,
     trusted_storage,
 )
-from qtee._optee_supp import TEE_STORAGE_PRIVATE_RPMB as RPMB
 from qtee._optee_supp import OpteeSupp, RpcParam, _queue_of, attach_rpc
 from qtee.addrspace import CheckedMemory
 from qtee.gp import Cred, TeecContext
@@ -61,6 +61,7 @@ REPO = Path(__file__).resolve().parent.parent
 LIBRARY = REPO / "qtee" / "bridge" / "libqtee_preload.so"
 KEY = bytes(range(32))
 MEMREF_IN, MEMREF_INOUT = 5, 7
+RPMB = TEE_STORAGE_PRIVATE_RPMB
 RW = TEE_DATA_FLAG_ACCESS_READ | TEE_DATA_FLAG_ACCESS_WRITE
 ALL = RW | TEE_DATA_FLAG_ACCESS_WRITE_META
 Ask = Callable[[bytes, int, bytes], tuple[int, bytes]]

@@ -26,12 +26,12 @@ from qtee import (
     TEE_DATA_FLAG_ACCESS_WRITE_META,
     TEE_DATA_FLAG_OVERWRITE,
     TEE_DATA_SEEK_END,
+    TEE_STORAGE_PRIVATE_RPMB,
     OpteeDevice,
     PersistentObject,
     TrustedStorage,
     trusted_storage,
 )
-from qtee._optee_supp import TEE_STORAGE_PRIVATE_RPMB as RPMB
 from qtee._optee_supp import attach_rpc
 from qtee.addrspace import CheckedMemory
 from qtee.gp import Cred, TeecContext, TeecResult
@@ -43,13 +43,14 @@ from qtee.secure import (
     QteeRoot,
     SecureWorld,
     register_gp_ta,
+    set_rpmb_huk,
     unregister_gp_ta,
 )
-from qtee.secure._rpmb_fs import set_rpmb_huk
 from supplicant import EmulatedRpmb, OpteeSupplicant, RpmbFrame, RpmbMsgType, frame_mac
 from supplicant._rpmb import EMU_CID
 
 R = TeecResult
+RPMB = TEE_STORAGE_PRIVATE_RPMB
 RW = TEE_DATA_FLAG_ACCESS_READ | TEE_DATA_FLAG_ACCESS_WRITE
 ALL = RW | TEE_DATA_FLAG_ACCESS_WRITE_META
 TA_UUID = uuid.UUID("5e17e5e0-0000-4000-8000-0000000000b1")

@@ -57,6 +57,7 @@ from qtee.secure._listeners import (
 )
 from qtee.secure._monitor import SecureMonitor
 from qtee.secure._registry import TaRegistry
+from qtee.secure._rpmb_fs import rpmb_huk, set_rpmb_huk
 from qtee.secure._services import (
     CDIAGNOSTICS_UID,
     FEATURE_VERSIONS_UID,
@@ -83,6 +84,8 @@ __all__ = [
     "TEE_ALG_RSASSA_PKCS1_PSS_MGF1_SHA256",
     "TEE_ALG_RSASSA_PKCS1_V1_5_SHA256",
     "default_model_key",
+    "rpmb_huk",
+    "set_rpmb_huk",
     "APP_LOADER_UID",
     "AppController",
     "AppLoader",
