@@ -49,10 +49,12 @@ written there; otherwise the file is copied to a new place and its FAT entry rew
 last, so a crash leaves the old or the new file.
 
 Differences from OP-TEE, on purpose: no data encryption (``fek`` stays zero) and no
-object header in the file; FAT entries are read 8 at a time with no cache (the
-defaults ``CFG_RPMB_FS_RD_ENTRIES`` 8, ``CFG_RPMB_FS_CACHE_ENTRIES`` 0); the relocating
-copy keeps every old byte (``update_write_helper`` reads old data only before the write's
-position).
+object header in the file; creating an object opens-or-makes its file and empties it
+(OP-TEE writes a temporary ``/<uuid>/.<id>`` file and renames it over the old one); FAT
+entries are read 8 at a time with no cache (the defaults ``CFG_RPMB_FS_RD_ENTRIES`` 8,
+``CFG_RPMB_FS_CACHE_ENTRIES`` 0); the relocating copy keeps every old byte
+(``update_write_helper`` reads old data only for chunks that start before the write's
+position, so a file over 4 KiB loses its later chunks there).
 """
 
 from __future__ import annotations
@@ -501,9 +503,11 @@ class RpmbFs:
 
     def fs_read(self, fd: int, offset: int, size: int) -> bytes:
         """``rpmb_fs_read``: up to ``size`` bytes at ``offset``."""
+        if size <= 0:
+            return b""  # rpmb_fs_read: nothing asked, nothing read
         with self._lock:
             entry = self._need(self._fd(fd))
-            if size <= 0 or offset >= entry.data_size:
+            if offset >= entry.data_size:
                 return b""
             return self._read(entry.start + offset, min(size, entry.data_size - offset))
 
