@@ -355,12 +355,19 @@ class EmulatedRpmb:
     # -- the RPC ---------------------------------------------------------------------------
 
     def data_request(
-        self, req: bytes | bytearray | memoryview, rsp_frames: int, *, rsp: bytes | None = None
+        self,
+        req: bytes | bytearray | memoryview,
+        rsp_frames: int,
+        *,
+        rsp: bytes | None = None,
+        frame_type_check: bool = True,
     ) -> bytes:
         """What ``rpmb_data_req`` does for one RPC: ``req`` is the request frames, the
         result is ``rsp_frames`` response frames.  ``rsp`` is what the response buffer held
         before (zeros by default): reads do not clear it.  A request rpmb.c refuses raises
-        :class:`RpmbRequestError` carrying its TEEC result."""
+        :class:`RpmbRequestError` carrying its TEEC result.  ``frame_type_check=False``
+        leaves out rpmb.c's comparison of later frames' types (see the module docstring),
+        for a caller that is not tee-supplicant and sends a multi-frame write as is."""
         if not isinstance(req, bytes | bytearray | memoryview):
             raise UsageError(f"RPMB request frames are bytes, not {type(req).__name__}")
         req_b = bytearray(req)
@@ -377,12 +384,14 @@ class EmulatedRpmb:
             out = bytearray(rsp)
         req_n = len(req_b) // RPMB_FRAME_SIZE
         with self._lock:
-            self._request(req_b, req_n, out, rsp_frames)
+            self._request(req_b, req_n, out, rsp_frames, frame_type_check)
         return bytes(out)
 
-    def _request(self, req: bytearray, req_n: int, out: bytearray, rsp_n: int) -> None:
+    def _request(
+        self, req: bytearray, req_n: int, out: bytearray, rsp_n: int, type_check: bool
+    ) -> None:
         (msg_type,) = struct.unpack_from(">H", req, _O_TYPE)
-        for i in range(1, req_n):  # the raw field against the byte-swapped type, as rpmb.c
+        for i in range(1 if type_check else req_n, req_n):  # raw field vs host order, as rpmb.c
             if struct.unpack_from("<H", req, i * RPMB_FRAME_SIZE + _O_TYPE)[0] != msg_type:
                 raise RpmbRequestError(
                     _TEEC_ERROR_BAD_PARAMETERS, "all request frames must be of one type"

@@ -183,6 +183,14 @@ def test_second_frame_type_is_compared_byte_swapped() -> None:
         write(dev, 3, [b"x" * 256, b"y" * 256])
     assert exc.value.teec == BAD and dev.write_counter == 0
     assert write(dev, 3, [b"x" * 256, b"y" * 256], swap=True).result == RpmbResult.OK
+    # without rpmb_data_req's check (a caller that is not tee-supplicant) both go through
+    frames = [
+        RpmbFrame(data=b * 256, address=9, msg_type=M.REQ_AUTH_DATA_WRITE) for b in (b"p", b"q")
+    ]
+    frames[1] = replace(frames[1], key_mac=frame_mac(KEY, frames))
+    raw = b"".join(f.pack() for f in frames)
+    rsp = RpmbFrame.unpack(dev.data_request(raw, 1, frame_type_check=False))
+    assert (rsp.result, rsp.write_counter) == (RpmbResult.OK, 4)
 
 
 def test_address_failure_and_reads() -> None:
