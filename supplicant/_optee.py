@@ -376,7 +376,9 @@ class OpteeSupplicant:
         frames = bytes(req[_RPMB_REQ.size : _RPMB_REQ.size + n_req * RPMB_FRAME_SIZE])
         size = n_rsp * RPMB_FRAME_SIZE
         try:
-            out = self.rpmb.data_request(frames, n_rsp, rsp=bytes(rsp[:size]))
+            out = self.rpmb.data_request(
+                frames, n_rsp, rsp=bytes(rsp[:size]), frame_type_check=True
+            )
         except RpmbRequestError as exc:
             return exc.teec
         rsp[:size] = out

@@ -20,13 +20,14 @@ A frame is 512 bytes, multi-byte fields big-endian::
 The MAC is HMAC-SHA256 over bytes 228..511 of every frame of a request or response, in
 order, and sits in the last frame's ``key_mac``.
 
-What one data request does (``rpmb_data_req``): every request frame after the first
-must carry the same message type, else TEEC_ERROR_BAD_PARAMETERS; rpmb.c compares each
-frame's raw (big-endian) field with the first frame's type in host order, so on a
-little-endian host a second frame passes only when its type bytes are swapped (two
-ordinary write frames are refused).  A key program or data write takes exactly
-one response frame: the request frames are written, then a zeroed frame holding
-REQ_RESULT_READ, then that frame is read back as the result.  A counter read takes one
+What one data request does (``rpmb_data_req``): with ``frame_type_check`` (what
+tee-supplicant does), every request frame after the first must carry the same message
+type, else TEEC_ERROR_BAD_PARAMETERS; rpmb.c compares each frame's raw (big-endian) field
+with the first frame's type in host order, so on a little-endian host a second frame
+passes only when its type bytes are swapped (two ordinary write frames are refused).
+A key program or data write takes exactly one response frame: the request frames are
+written, then a zeroed frame holding REQ_RESULT_READ, then that frame is read back as the
+result.  A counter read takes one
 request and one response frame, a data read one request frame and any number of response
 frames; neither zeroes the response buffer first, so fields the emulation does not set
 keep what the buffer held.  Any other type is TEEC_ERROR_GENERIC.
@@ -360,14 +361,15 @@ class EmulatedRpmb:
         rsp_frames: int,
         *,
         rsp: bytes | None = None,
-        frame_type_check: bool = True,
+        frame_type_check: bool = False,
     ) -> bytes:
         """What ``rpmb_data_req`` does for one RPC: ``req`` is the request frames, the
         result is ``rsp_frames`` response frames.  ``rsp`` is what the response buffer held
         before (zeros by default): reads do not clear it.  A request rpmb.c refuses raises
-        :class:`RpmbRequestError` carrying its TEEC result.  ``frame_type_check=False``
-        leaves out rpmb.c's comparison of later frames' types (see the module docstring),
-        for a caller that is not tee-supplicant and sends a multi-frame write as is."""
+        :class:`RpmbRequestError` carrying its TEEC result.  ``frame_type_check=True``
+        adds rpmb.c's comparison of later frames' types (see the module docstring), which
+        refuses ordinary multi-frame writes: tee-supplicant (:class:`OpteeSupplicant`) asks
+        for it; other callers (QTEE's RPMB listener) send multi-frame writes as they are."""
         if not isinstance(req, bytes | bytearray | memoryview):
             raise UsageError(f"RPMB request frames are bytes, not {type(req).__name__}")
         req_b = bytearray(req)

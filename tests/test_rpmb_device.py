@@ -79,7 +79,8 @@ def write(
         for i, b in enumerate(blocks)
     ]
     frames[-1] = replace(frames[-1], key_mac=frame_mac(key, frames))
-    return RpmbFrame.unpack(dev.data_request(b"".join(f.pack() for f in frames), 1))
+    raw = b"".join(f.pack() for f in frames)
+    return RpmbFrame.unpack(dev.data_request(raw, 1, frame_type_check=True))
 
 
 def read(dev: EmulatedRpmb, address: int, count: int, nonce: bytes = b"N" * 16) -> bytes:
@@ -176,20 +177,21 @@ def test_second_frame_type_is_compared_byte_swapped() -> None:
     """rpmb.c ``rpmb_data_req`` compares ``req_frm[i].msg_type`` (raw, big-endian) with
     ``ntohs(req_frm->msg_type)``: on a little-endian host two ordinary write frames are
     BAD_PARAMETERS (found by the differential test against the real tee-supplicant), and
-    a second frame whose type bytes are swapped passes."""
+    a second frame whose type bytes are swapped passes.  ``frame_type_check=True`` is
+    tee-supplicant's path (OpteeSupplicant); without it the device takes both frames."""
     dev = EmulatedRpmb()
     program(dev)
     with pytest.raises(RpmbRequestError) as exc:
         write(dev, 3, [b"x" * 256, b"y" * 256])
     assert exc.value.teec == BAD and dev.write_counter == 0
     assert write(dev, 3, [b"x" * 256, b"y" * 256], swap=True).result == RpmbResult.OK
-    # without rpmb_data_req's check (a caller that is not tee-supplicant) both go through
+    # without rpmb_data_req's check (the default: a caller that is not tee-supplicant)
     frames = [
         RpmbFrame(data=b * 256, address=9, msg_type=M.REQ_AUTH_DATA_WRITE) for b in (b"p", b"q")
     ]
     frames[1] = replace(frames[1], key_mac=frame_mac(KEY, frames))
     raw = b"".join(f.pack() for f in frames)
-    rsp = RpmbFrame.unpack(dev.data_request(raw, 1, frame_type_check=False))
+    rsp = RpmbFrame.unpack(dev.data_request(raw, 1))
     assert (rsp.result, rsp.write_counter) == (RpmbResult.OK, 4)
 
 
@@ -231,7 +233,7 @@ def test_requests_rpmb_data_req_refuses() -> None:
         (RpmbFrame(msg_type=M.REQ_RESULT_READ).pack(), 1, GENERIC),
     ]:
         with pytest.raises(RpmbRequestError) as exc:
-            dev.data_request(req, n)
+            dev.data_request(req, n, frame_type_check=True)
         assert exc.value.teec == code
     with pytest.raises(ValueError, match="RPMB frames"):
         dev.data_request(b"x" * 100, 1)
