@@ -88,9 +88,14 @@ class Tampering(EmulatedRpmb):
     calls = 0
 
     def data_request(
-        self, req: bytes | bytearray | memoryview, rsp_frames: int, *, rsp: bytes | None = None
+        self,
+        req: bytes | bytearray | memoryview,
+        rsp_frames: int,
+        *,
+        rsp: bytes | None = None,
+        frame_type_check: bool = False,
     ) -> bytes:
-        out = super().data_request(req, rsp_frames, rsp=rsp)
+        out = super().data_request(req, rsp_frames, rsp=rsp, frame_type_check=frame_type_check)
         self.calls += 1
         return out if self.tamper is None else self.tamper(bytes(req), out)
 
