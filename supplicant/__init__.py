@@ -5,6 +5,7 @@
 * :class:`ListenerObject` (CListenerCBO) and :class:`TaBufferObject` (CRequestTABuffer).
 * :class:`OpteeSupplicant`: tee-supplicant for the OP-TEE device (LOAD_TA, FS RPCs, plugins).
 * :class:`TimeService`, :class:`FileStore` and :class:`TaDirectory`: the services behind them.
+* :class:`EmulatedRpmb`: tee-supplicant's emulated RPMB partition (JEDEC frames, :func:`frame_mac`).
 """
 
 from objects._errors import publish_errors as _publish_errors
@@ -19,6 +20,17 @@ from supplicant._listener import (
 )
 from supplicant._optee import OpteeSupplicant, SuppPlugin, plugin_from_spec
 from supplicant._pool import WorkerPool
+from supplicant._rpmb import (
+    RPMB_FRAME_SIZE,
+    EmulatedRpmb,
+    RpmbFileError,
+    RpmbFrame,
+    RpmbFrameError,
+    RpmbMsgType,
+    RpmbRequestError,
+    RpmbResult,
+    frame_mac,
+)
 from supplicant._time import TimeService
 
 __all__ = [
@@ -28,6 +40,14 @@ __all__ = [
     "FsError",
     "ListenerObject",
     "OpteeSupplicant",
+    "RPMB_FRAME_SIZE",
+    "EmulatedRpmb",
+    "RpmbFileError",
+    "RpmbFrame",
+    "RpmbFrameError",
+    "RpmbMsgType",
+    "RpmbRequestError",
+    "RpmbResult",
     "SuppPlugin",
     "Supplicant",
     "TaBufferObject",
@@ -35,6 +55,7 @@ __all__ = [
     "TimeService",
     "WorkerPool",
     "format_uuid",
+    "frame_mac",
     "plugin_from_spec",
 ]
 

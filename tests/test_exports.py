@@ -329,6 +329,14 @@ SUPPLICANT_API = {
     "FsError",
     "ListenerObject",
     "OpteeSupplicant",
+    "RPMB_FRAME_SIZE",
+    "EmulatedRpmb",
+    "RpmbFileError",
+    "RpmbFrame",
+    "RpmbFrameError",
+    "RpmbMsgType",
+    "RpmbRequestError",
+    "RpmbResult",
     "SuppPlugin",
     "Supplicant",
     "TaBufferObject",
@@ -336,6 +344,7 @@ SUPPLICANT_API = {
     "TimeService",
     "WorkerPool",
     "format_uuid",
+    "frame_mac",
     "plugin_from_spec",
 }
 
