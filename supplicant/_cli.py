@@ -37,6 +37,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve the file-storage listener (0xA) from DIR (made if missing)",
     )
     parser.add_argument(
+        "--gpfs",
+        metavar="DIR",
+        help="serve QTEE's GPFS listener (0x7000) from DIR: DIR/data and DIR/persist",
+    )
+    rpmb = parser.add_mutually_exclusive_group()
+    rpmb.add_argument(
+        "--rpmb-file",
+        metavar="PATH",
+        help="serve QTEE's RPMB listener (0x2000) on an emulated eMMC RPMB partition kept "
+        "in PATH (made if missing); acknowledged writes survive the supplicant's death",
+    )
+    rpmb.add_argument(
+        "--rpmb",
+        action="store_true",
+        help="serve the RPMB listener (0x2000) on an emulated partition kept in memory",
+    )
+    parser.add_argument(
         "--ta-dir",
         metavar="DIR",
         action="append",
@@ -80,14 +97,15 @@ def run(args: argparse.Namespace) -> int:
     """Start the supplicant, serve, stop; 0 on success, 1 on failure (one line on stderr)."""
     import qtee
     from supplicant._listener import Supplicant
+    from supplicant._rpmb import EmulatedRpmb
 
     if args.workers < 1:
         print("qtee supplicant: --workers must be >= 1", file=sys.stderr)
         return 2
-    if args.storage is not None:
-        problem = _storage_problem(args.storage)
+    for opt, where in (("--storage", args.storage), ("--gpfs", args.gpfs)):
+        problem = None if where is None else _storage_problem(where)
         if problem is not None:
-            print(f"qtee supplicant: --storage {args.storage}: {problem}", file=sys.stderr)
+            print(f"qtee supplicant: {opt} {where}: {problem}", file=sys.stderr)
             return 2
     for d in args.ta_dir:
         if not os.path.isdir(d):
@@ -99,9 +117,13 @@ def run(args: argparse.Namespace) -> int:
         device = (
             qtee.connect(args.connect) if remote else qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
         )
+        # a file's device is the supplicant's to close; an in-memory one holds no fd
+        rpmb = EmulatedRpmb() if args.rpmb else args.rpmb_file
         sup = Supplicant(
             device,
             storage=args.storage,
+            gpfs=args.gpfs,
+            rpmb=rpmb,
             ta_dirs=args.ta_dir,
             time_service=not args.no_time,
             workers=args.workers,
@@ -204,7 +226,7 @@ def _serve(sup: Supplicant, duration: float | None) -> bool:
 def _check(device: Any) -> None:
     """A TA that calls each registered listener once; prints what came back."""
     import qtee
-    from supplicant import _fs_msg, _time_msg
+    from supplicant import _fs_msg, _gpfs_msg, _rpmb_msg, _time_msg
 
     class ListenerCheck(qtee.TrustedApp):
         @op(0, ib=(4,), ob=(None,))
@@ -212,6 +234,10 @@ def _check(device: Any) -> None:
             (lid,) = struct.unpack("<I", raw)
             if lid == 0xB:
                 req = _time_msg.encode_request(_time_msg.GetUtcSecRequest())
+            elif lid == 0x7000:
+                req = _gpfs_msg.encode_request(_gpfs_msg.VersionRequest())
+            elif lid == 0x2000:
+                req = _rpmb_msg.encode_request(_rpmb_msg.InitRequest())
             else:
                 req = _fs_msg.encode_request(_fs_msg.GetErrnoRequest())
             return self.world.listeners.get(lid).request(req)[:64]
@@ -228,6 +254,10 @@ def _check(device: Any) -> None:
                     (out,) = app.invoke(0, struct.pack("<I", lid), qtee.Out(64))
                     if lid == 0xB:
                         print(f"  time (0xB): {_time_msg.decode_response(out)}")
+                    elif lid == 0x7000:
+                        print(f"  gpfs (0x7000): {_gpfs_msg.decode_response(out)}")
+                    elif lid == 0x2000:
+                        print(f"  rpmb (0x2000): {_rpmb_msg.decode_response(out)}")
                     else:
                         print(f"  storage (0xA): {_fs_msg.decode_response(out)}")
             finally:

@@ -324,9 +324,15 @@ def test_error_channels_are_distinct() -> None:
 
 SUPPLICANT_API = {
     "FS_LISTENER_ID",
+    "GPFS_BUFFER_SIZE",
+    "GPFS_LISTENER_ID",
+    "RPMB_BUFFER_SIZE",
+    "RPMB_LISTENER_ID",
     "TIME_LISTENER_ID",
     "FileStore",
     "FsError",
+    "GpfsService",
+    "RpmbService",
     "ListenerObject",
     "OpteeSupplicant",
     "RPMB_FRAME_SIZE",
