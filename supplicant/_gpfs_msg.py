@@ -15,7 +15,7 @@ Only facts were taken.  ``TZ_CM_MAX_NAME_LEN`` = 256 (NUL-terminated path fields
  id     command               request after the u32 id (size)          response after id
 =====  ====================  ========================================  ==================
 4 / 8  DATA/PERSIST READ     char path[256], i32 offset, u32 count     i32 err, u32 n,
-                             (264)                                     u8 buf[n]
+                             (268)                                     u8 buf[n]
 5 / 9  DATA/PERSIST WRITE    char path[256], i32 offset, u32 count,    i32 err, u32 n
                              u32 backup, u8 buf[512000] (512272)       (12)
 6 / 10 DATA/PERSIST REMOVE   char path[256] (260)                      i32 err (8)

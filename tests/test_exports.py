@@ -104,6 +104,10 @@ QTEE_API = {
 }
 
 SECURE_API = {
+    "GpfsClient",
+    "GpfsError",
+    "RpmbClient",
+    "RpmbError",
     "TEE_ALG_ECDSA_SHA256",
     "TEE_ALG_RSASSA_PKCS1_PSS_MGF1_SHA256",
     "TEE_ALG_RSASSA_PKCS1_V1_5_SHA256",
