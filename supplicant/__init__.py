@@ -1,7 +1,8 @@
 """supplicant -- userspace services that QTEE calls back into.
 
 * :class:`WorkerPool`: threads serving a client's callback objects over SUPPL_RECV/SEND.
-* :class:`Supplicant`: the listener daemon (time 0xB, file storage 0xA, TA autoload).
+* :class:`Supplicant`: the listener daemon (time 0xB, file storage 0xA, GPFS 0x7000,
+  RPMB 0x2000, TA autoload).
 * :class:`ListenerObject` (CListenerCBO) and :class:`TaBufferObject` (CRequestTABuffer).
 * :class:`OpteeSupplicant`: tee-supplicant for the OP-TEE device (LOAD_TA, FS RPCs, plugins).
 * :class:`TimeService`, :class:`FileStore` and :class:`TaDirectory`: the services behind them.

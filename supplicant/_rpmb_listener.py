@@ -13,7 +13,7 @@ RPMB partition with ``MMC_IOC_MULTI_CMD`` and back; here each ioctl is one
   ``rel_wr_sec_c``, with the request's version echoed (``rpmb_emmc_init``).
 * READ: one ioctl sends the request frame at ``req_buff_offset`` (CMD25, one block) and
   reads ``num_sectors`` frames (CMD18) to offset 20; ``res_buff_len`` is their size.
-  The frames land over what the buffer held, so fields the device leaves alone keep it.
+  The device returns whole frames (the fields it does not set are zero).
 * WRITE: ``rel_wr_count`` = 0, or ``num_sectors`` not a multiple of it, fails at once
   (status -1).  Otherwise one ioctl per ``rel_wr_count`` frames: the data frames
   (reliable write), a REQ_RESULT_READ frame, then the result frame read to offset 20.
@@ -112,17 +112,17 @@ class RpmbService:
 
     def _read(self, req: RwRequest, buf: bytes) -> RwResponse:
         size = req.num_sectors * RPMB_FRAME_SIZE
-        old = buf[RW_RSP_SIZE : RW_RSP_SIZE + size]
 
         def failed() -> RwResponse:
             return RwResponse(
                 cmd_id=req.cmd_id, status=-1, version=req.version, frames=b"", res_buff_len=0
             )
 
-        if len(req.frames) < req.wanted or len(old) < size or req.num_sectors == 0:
+        fits = RW_RSP_SIZE + size <= len(buf)
+        if len(req.frames) < req.wanted or not fits or req.num_sectors == 0:
             return failed()
         try:
-            frames = self.device.data_request(req.frames, req.num_sectors, rsp=old)
+            frames = self.device.data_request(req.frames, req.num_sectors)
         except RpmbRequestError:
             return failed()
         return RwResponse(

@@ -429,6 +429,37 @@ def test_rpmb_write_failures(ta: TaClient, rpmb: EmulatedRpmb) -> None:
     assert rpmb.write_counter == 2
 
 
+def test_rpmb_read_raw_answers(ta: TaClient, rpmb: EmulatedRpmb) -> None:
+    """rpmb_emmc.c rpmb_emmc_read: the one request frame goes to the device and
+    num_sectors response frames come back at offset 20 (status 0, res_buff_len =
+    num_sectors x 512); frames that would not fit the buffer, or none, fail (status -1,
+    length 0)."""
+    nonce = bytes(range(16, 32))
+
+    def scenario(world: SecureWorld) -> list[tuple[Any, ...]]:
+        RpmbClient(world, KEY).program_key()
+        counter = RpmbFrame(nonce=nonce, msg_type=RpmbMsgType.REQ_WRITE_COUNTER_VAL_READ)
+        data = RpmbFrame(nonce=nonce, msg_type=RpmbMsgType.REQ_AUTH_DATA_READ)
+        out: list[tuple[Any, ...]] = []
+        for frame, blocks in ((counter, 1), (data, 39), (data, 40), (data, 0)):
+            req = rm.RwRequest.read(frame.pack(), blocks)
+            raw = _raw(world, 0x2000, rm.encode_request(req))
+            out.append(struct.unpack_from("<IiIII", raw))
+            if blocks == 1:
+                rsp = RpmbFrame.unpack(raw[20:532])
+                mac_ok = frame_mac(KEY, [rsp]) == rsp.key_mac
+                out.append((rsp.msg_type, rsp.nonce, rsp.result, rsp.write_counter, mac_ok))
+        return out
+
+    assert ta.run(scenario) == [
+        (0x102, 0, 512, 20, 0),
+        (RpmbMsgType.RESP_WRITE_COUNTER_VAL_READ, nonce, RpmbResult.OK, 0, True),
+        (0x102, 0, 39 * 512, 20, 0),  # 20 + 39 x 512 = 19988 bytes fit in 20040
+        (0x102, -1, 0, 20, 0),
+        (0x102, -1, 0, 20, 0),
+    ]
+
+
 def test_rpmb_short_buffer_fails_the_dispatch() -> None:
     """rpmb_service.c smci_dispatch: buf_len < TZ_MAX_BUF_LEN returns -1 (Object_ERROR)."""
     service = RpmbService(EmulatedRpmb())
