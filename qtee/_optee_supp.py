@@ -76,6 +76,10 @@ the enumerator is :meth:`TrustedStorage.enumerate`, a list of ids; TEE_STORAGE_P
 and TEE_STORAGE_PRIVATE_REE name the same store; errors are raised as
 :class:`GpTaError` (which ends the entry with that code unless the TA catches it).
 Handles a TA leaves open stay open in the supplicant until it stops.
+``TEE_STORAGE_PRIVATE_RPMB`` (0x80000100) is another store with the same API: OP-TEE's
+RPMB FS (:mod:`qtee.secure._rpmb_fs`), one per device, over RPC 1 (``OPTEE_RPC_CMD_RPMB``:
+memref[0] IN = ``struct rpmb_req`` + frames, memref[1] OUT = the response, both in one
+payload, the response at the next 4 KiB boundary); its objects are not the REE FS's.
 
 **Supplicant plugins** (:func:`invoke_supp_plugin`, libutee's ``tee_invoke_supp_plugin``
 through the system PTA and ``tee_supp_plugin_rpc.c``): cmd 12 with value[0] IN =
@@ -98,7 +102,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from objects import DriverError, UsageError
 from qtee import _checks, uapi
@@ -113,6 +117,7 @@ from qtee.secure._gp import (
     register_loadable_ta,
     unregister_loadable_ta,
 )
+from qtee.secure._rpmb_fs import RpmbFs, rpmb_huk
 
 if TYPE_CHECKING:
     from qtee._optee import OpteeDevice
@@ -137,6 +142,7 @@ __all__ = [
     "TEE_DATA_SEEK_SET",
     "TEE_STORAGE_PRIVATE",
     "TEE_STORAGE_PRIVATE_REE",
+    "TEE_STORAGE_PRIVATE_RPMB",
     "FsOp",
     "OpteeSupp",
     "OpteeSuppContext",
@@ -155,6 +161,7 @@ __all__ = [
 # ----------------------------------------------------------------------------- constants
 
 OPTEE_RPC_CMD_LOAD_TA: Final = 0
+OPTEE_RPC_CMD_RPMB: Final = 1
 OPTEE_RPC_CMD_FS: Final = 2
 OPTEE_RPC_CMD_SHM_ALLOC: Final = 6
 OPTEE_RPC_CMD_SHM_FREE: Final = 7
@@ -181,6 +188,7 @@ class FsOp:
 
 TEE_STORAGE_PRIVATE: Final = 0x0000_0001
 TEE_STORAGE_PRIVATE_REE: Final = 0x8000_0000
+TEE_STORAGE_PRIVATE_RPMB: Final = 0x8000_0100
 TEE_DATA_FLAG_ACCESS_READ: Final = 0x0001
 TEE_DATA_FLAG_ACCESS_WRITE: Final = 0x0002
 TEE_DATA_FLAG_ACCESS_WRITE_META: Final = 0x0004
@@ -279,6 +287,7 @@ class OpteeSupp:
         self.idr: dict[int, _Req] = {}  # received, not yet answered
         self.req_id = -1  # the synchronous request (no META), -1 if none
         self._pobjs: dict[tuple[bytes, bytes], _PObj] = {}  # open persistent objects
+        self._rpmb_fs: RpmbFs | None = None  # TEE_STORAGE_PRIVATE_RPMB, made on first use
         #: Called (under ``cond``: it must not block) when a request is queued and when
         #: the supplicant's context closes (see ``RequestQueue.on_ready``).
         self.on_ready: Callable[[], None] | None = None
@@ -402,6 +411,29 @@ class OpteeSupp:
             if shm is not None:
                 self.free_payload(shm)
         return ret, outlen
+
+    # ------------------------------------------------------------------ RPMB
+    def rpmb_request(self, req: bytes, rsp_size: int, rsp: bytes) -> bytes:
+        """RPC RPMB (``tee_rpmb_invoke``, legacy): one payload, the request at 0 and the
+        response (initially ``rsp``) at the next 4 KiB boundary; the response's bytes."""
+        offs = -(-len(req) // 4096) * 4096
+        shm = self.alloc_payload(offs + max(-(-rsp_size // 4096) * 4096, 4096))
+        try:
+            self.shm_write(shm, 0, req)
+            self.shm_write(shm, offs, rsp)
+            out = RpcParam(_MEMREF_OUT, offs, rsp_size, shm=shm)
+            self.call(OPTEE_RPC_CMD_RPMB, [RpcParam(_MEMREF_IN, 0, len(req), shm=shm), out])
+            return self.shm_read(shm, offs, rsp_size)
+        finally:
+            self.free_payload(shm)
+
+    def rpmb_fs(self) -> RpmbFs:
+        """The device's RPMB FS, its key derived from the world's HUK on first use."""
+        with self.cond:
+            if self._rpmb_fs is None:
+                huk = rpmb_huk(self.device.runtime.world)
+                self._rpmb_fs = RpmbFs(self.rpmb_request, huk)
+            return self._rpmb_fs
 
     # ------------------------------------------------------------------ FS
     def _name(self, path: str) -> tuple[_GpShm, RpcParam]:
@@ -716,6 +748,23 @@ def _image_class(
 # ----------------------------------------------------------------------------- storage
 
 
+class _StorageFs(Protocol):
+    """What a store's objects are kept through: the REE FS RPCs (:class:`OpteeSupp`) or
+    the RPMB FS (:class:`~qtee.secure._rpmb_fs.RpmbFs`)."""
+
+    cond: threading.Condition
+    _pobjs: dict[tuple[bytes, bytes], _PObj]
+
+    def fs_open(self, path: str, *, create: bool) -> int: ...
+    def fs_close(self, fd: int) -> None: ...
+    def fs_read(self, fd: int, offset: int, size: int) -> bytes: ...
+    def fs_write(self, fd: int, offset: int, data: bytes) -> None: ...
+    def fs_truncate(self, fd: int, length: int) -> None: ...
+    def fs_remove(self, path: str) -> None: ...
+    def fs_rename(self, old: str, new: str, *, overwrite: bool) -> None: ...
+    def fs_listdir(self, path: str) -> list[str]: ...
+
+
 class _PObj:
     """``tee_pobj``: an object's open handles (their flags) and data size."""
 
@@ -753,9 +802,11 @@ class TrustedStorage:
     """One TA's persistent objects (``TEE_*PersistentObject*``), see the module docstring."""
 
     def __init__(self, supp: OpteeSupp, ta_uuid: bytes) -> None:
-        self._supp = supp
+        self._queue = supp
+        self._supp: _StorageFs = supp
         self.ta_uuid = ta_uuid
         self._dir = "/" + str(uuidlib.UUID(bytes=ta_uuid))
+        self._rpmb_store: TrustedStorage | None = None
 
     def path(self, object_id: bytes) -> str:
         """The REE FS name of ``object_id`` (in this TA's directory)."""
@@ -775,10 +826,18 @@ class TrustedStorage:
             raise GpTaError(_CONFLICT, "the object is open with incompatible flags")
         return pobj
 
+    def _rpmb(self) -> TrustedStorage:
+        store = self._rpmb_store
+        if store is None:
+            store = self._rpmb_store = _RpmbStorage(self._queue, self.ta_uuid)
+        return store
+
     def open(
         self, object_id: bytes, flags: int, storage_id: int = TEE_STORAGE_PRIVATE
     ) -> PersistentObject:
         """``TEE_OpenPersistentObject``: ITEM_NOT_FOUND if this TA has no such object."""
+        if storage_id == TEE_STORAGE_PRIVATE_RPMB and not isinstance(self, _RpmbStorage):
+            return self._rpmb().open(object_id, flags, storage_id)
         key = _check_id(object_id)
         self._storage(storage_id)
         if flags & ~_FLAGS & 0xFFFF_FFFF or flags & TEE_DATA_FLAG_OVERWRITE:
@@ -816,6 +875,8 @@ class TrustedStorage:
     ) -> PersistentObject:
         """``TEE_CreatePersistentObject``: an existing object is ACCESS_CONFLICT unless
         ``TEE_DATA_FLAG_OVERWRITE`` (and never while it is open)."""
+        if storage_id == TEE_STORAGE_PRIVATE_RPMB and not isinstance(self, _RpmbStorage):
+            return self._rpmb().create(object_id, flags, data, storage_id)
         key = _check_id(object_id)
         self._storage(storage_id)
         if flags & ~_FLAGS & 0xFFFF_FFFF:
@@ -849,6 +910,8 @@ class TrustedStorage:
 
     def enumerate(self, storage_id: int = TEE_STORAGE_PRIVATE) -> list[bytes]:
         """The ids of this TA's objects, sorted (the persistent-object enumerator)."""
+        if storage_id == TEE_STORAGE_PRIVATE_RPMB and not isinstance(self, _RpmbStorage):
+            return self._rpmb().enumerate(storage_id)
         self._storage(storage_id)
         ids = []
         for name in self._supp.fs_listdir(self._dir):
@@ -859,6 +922,27 @@ class TrustedStorage:
             except ValueError:
                 continue  # not an object file
         return sorted(ids)
+
+
+class _RpmbStorage(TrustedStorage):
+    """The same API over the device's RPMB FS: files ``/<UUID>/<ID>`` in uppercase hex,
+    the UUID as ``TEE_UUID`` lies in memory (``create_filename``)."""
+
+    def __init__(self, supp: OpteeSupp, ta_uuid: bytes) -> None:
+        super().__init__(supp, ta_uuid)
+        self._supp = self._fs = supp.rpmb_fs()
+        self._dir = "/" + uuidlib.UUID(bytes=ta_uuid).bytes_le.hex().upper()
+
+    def path(self, object_id: bytes) -> str:
+        return f"{self._dir}/{object_id.hex().upper()}"
+
+    @staticmethod
+    def _storage(storage_id: int) -> None:
+        if storage_id != TEE_STORAGE_PRIVATE_RPMB:
+            raise GpTaError(_NOT_FOUND, f"no storage {storage_id:#x}")
+
+    def _size(self, fd: int) -> int:
+        return self._fs.fs_size(fd)
 
 
 class PersistentObject:

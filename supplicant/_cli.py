@@ -5,6 +5,13 @@ of a server (``qtee serve``): the supplicant is then one client of it, and the t
 are the server's, so the closing ``tables:`` line is left out.  ``--check`` loads a
 small TA that calls every registered listener once, so a run shows the listeners
 answering end to end; the TA must live where QTEE is, so it needs the in-process device.
+
+``--tee optee --connect PATH`` runs tee-supplicant instead (:class:`OpteeSupplicant`) on
+the privileged node of a ``qtee serve --tee optee`` server: LOAD_TA from ``--ta-dir``, the
+REE FS in ``--storage``, plugins (``--plugin``) and RPMB, with ``--rpmb-file FILE`` the
+emulated partition kept in FILE (an acknowledged write survives kill -9), else in memory.
+It prints ``tee-supplicant attached`` once serving, and serves until ``--duration``,
+SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -41,17 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="serve QTEE's GPFS listener (0x7000) from DIR: DIR/data and DIR/persist",
     )
-    rpmb = parser.add_mutually_exclusive_group()
-    rpmb.add_argument(
-        "--rpmb-file",
-        metavar="PATH",
-        help="serve QTEE's RPMB listener (0x2000) on an emulated eMMC RPMB partition kept "
-        "in PATH (made if missing); acknowledged writes survive the supplicant's death",
-    )
-    rpmb.add_argument(
+    parser.add_argument(
         "--rpmb",
         action="store_true",
-        help="serve the RPMB listener (0x2000) on an emulated partition kept in memory",
+        help="serve QTEE's RPMB listener (0x2000) on an emulated eMMC RPMB partition kept "
+        "in memory (--rpmb-file: kept in a file)",
     )
     parser.add_argument(
         "--ta-dir",
@@ -82,10 +83,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve the device of the server at PATH (qtee serve) instead of an in-process "
         "one; the server owns the tables, so no tables line is printed",
     )
+    optee = parser.add_argument_group("tee-supplicant (--tee optee)")
+    optee.add_argument(
+        "--tee",
+        choices=("qtee", "optee"),
+        default="qtee",
+        help="qtee: the listener daemon (default); optee: tee-supplicant on the privileged "
+        "node of the OP-TEE server given with --connect",
+    )
+    optee.add_argument(
+        "--rpmb-file",
+        metavar="FILE",
+        help="keep the emulated RPMB partition in FILE (made if missing); every acknowledged "
+        "write is on disk first.  With --tee optee: tee-supplicant's RPMB (default: in "
+        "memory); else it serves QTEE's RPMB listener (0x2000)",
+    )
+    optee.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="UUID=MODULE:FUNCTION",
+        help="(--tee optee) a tee-supplicant plugin; repeatable",
+    )
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors of option combinations (``parser.error``: exit status 2)."""
+    if args.tee == "optee":
+        if args.connect is None:
+            parser.error("--tee optee serves the privileged node of a server: give --connect")
+        if args.check or args.no_time or args.gpfs is not None or args.rpmb:
+            parser.error(
+                "--check, --no-time, --gpfs and --rpmb are the QTEE listener daemon's options"
+            )
+    elif args.plugin:
+        parser.error("--plugin is tee-supplicant's option: add --tee optee")
+    if args.rpmb and args.rpmb_file is not None:
+        parser.error("--rpmb keeps the partition in memory, --rpmb-file in a file: give one")
     if args.check and args.connect is not None:
         parser.error(
             "--check loads a TA in this process's secure world; it cannot be "
@@ -102,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("qtee supplicant: --workers must be >= 1", file=sys.stderr)
         return 2
+    if args.tee == "optee":
+        return _run_optee(args)
     for opt, where in (("--storage", args.storage), ("--gpfs", args.gpfs)):
         problem = None if where is None else _storage_problem(where)
         if problem is not None:
@@ -111,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.isdir(d):
             what = "not a directory" if os.path.exists(d) else "no such directory"
             print(f"qtee supplicant: {d}: {what}", file=sys.stderr)
+            return 2
+    if args.rpmb_file is not None:  # made if missing; a file that is not a partition: exit 2
+        try:
+            EmulatedRpmb(args.rpmb_file).close()
+        except (QteeBaseError, OSError) as exc:
+            print(f"qtee supplicant: --rpmb-file {_one_line(exc)}", file=sys.stderr)
             return 2
     remote = args.connect is not None
     try:
@@ -166,6 +208,70 @@ def run(args: argparse.Namespace) -> int:
     leaks = device.leaks()
     print("tables: empty" if not leaks else f"tables: {leaks}")
     return 0 if not leaks else 1
+
+
+def _run_optee(args: argparse.Namespace) -> int:
+    """tee-supplicant on the privileged node of the OP-TEE server at ``args.connect``."""
+    import tempfile
+
+    import qtee
+    from supplicant._optee import OpteeSupplicant, plugin_from_spec
+    from supplicant._rpmb import EmulatedRpmb
+
+    if args.storage is not None:
+        problem = _storage_problem(args.storage)
+        if problem is not None:
+            print(f"qtee supplicant: --storage {args.storage}: {problem}", file=sys.stderr)
+            return 2
+    if len(args.ta_dir) > 1:
+        print("qtee supplicant: --tee optee takes one --ta-dir", file=sys.stderr)
+        return 2
+    try:
+        plugins = dict(plugin_from_spec(spec) for spec in args.plugin)
+    except (ValueError, TypeError, QteeBaseError) as exc:
+        print(f"qtee supplicant: --plugin {_one_line(exc)}", file=sys.stderr)
+        return 2
+    try:
+        rpmb = EmulatedRpmb(args.rpmb_file) if args.rpmb_file is not None else None
+    except QteeBaseError as exc:
+        print(f"qtee supplicant: --rpmb-file {_one_line(exc)}", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        if rpmb is not None:
+            stack.callback(rpmb.close)
+        storage = args.storage or stack.enter_context(tempfile.TemporaryDirectory())
+        ta_dir = args.ta_dir[0] if args.ta_dir else storage
+        try:
+            device = qtee.connect(args.connect)
+            sup = OpteeSupplicant(
+                device,  # type: ignore[arg-type]  # a served OP-TEE device
+                ta_dir,
+                storage,
+                workers=args.workers,
+                plugins=plugins,
+                rpmb=rpmb,
+            )
+        except (QteeBaseError, OSError) as exc:
+            why = exc.detail if isinstance(exc, DriverError) and exc.detail else exc
+            print(f"qtee supplicant: cannot start: {_one_line(why)}", file=sys.stderr)
+            return 1
+        print("tee-supplicant attached", flush=True)
+        end = None if args.duration is None else time.monotonic() + args.duration
+        with _stop_on_signals() as stop:
+            while not stop and any(t.is_alive() for t in sup._threads):
+                left = _POLL if end is None else min(_POLL, end - time.monotonic())
+                if left <= 0:
+                    break
+                time.sleep(left)
+        lost = not any(t.is_alive() for t in sup._threads)
+        with contextlib.suppress(QteeBaseError, OSError):
+            sup.stop()
+    if lost:
+        print(
+            f"qtee supplicant: lost the connection to the server at {args.connect}", file=sys.stderr
+        )
+        return 1
+    return 0
 
 
 def _storage_problem(path: str) -> str | None:

@@ -23,6 +23,18 @@ fixed pool).  It serves:
   name does not fit.  A path the store refuses (escaping it, a symlink) → ACCESS_DENIED;
   other failures → GENERIC.  The store's atomic replace applies: data written through
   an fd reaches its file when that fd is closed (or truncated).
+* **RPMB** (1): memref[0] = ``struct rpmb_req`` (u16 cmd, u16 dev_id, u16 block_count,
+  host order) then request frames, memref[1] the response, served by ``rpmb=`` (an
+  :class:`supplicant.EmulatedRpmb`; by default an in-memory one, as tee-supplicant's
+  ``RPMB_EMU`` build keeps it) as ``rpmb.c`` ``rpmb_process_request`` does: either
+  memref missing or not a memref, or the request shorter than its 6-byte header →
+  BAD_PARAMETERS (a NULL output memref is an empty buffer; a NULL input one is
+  BAD_PARAMETERS); DATA_REQ (0) passes ``(size - 6) // 512`` request frames and
+  ``size // 512`` response frames to the device (a device-level refusal is its TEEC
+  result); GET_DEV_INFO (1) needs exactly the 6-byte header and a 19-byte response
+  (``struct rpmb_dev_info``: CID, rpmb_size_mult, rel_wr_sec_c, ret_code 0), else
+  BAD_PARAMETERS; another command → BAD_PARAMETERS.  The emulation serves any ``dev_id``
+  (its ``remap_rpmb_dev_id`` accepts every id), so no ITEM_NOT_FOUND is answered.
 * **SHM_ALLOC** (6) / **SHM_FREE** (7): a shm allocated on its own context
   (``TEE_IOC_SHM_ALLOC``; the id in value ``c``) / freed by id (value ``b``); an id it
   did not allocate → BAD_PARAMETERS.
@@ -64,6 +76,7 @@ from qtee._ta_modules import import_ta_module
 from qtee.gp import TeecResult
 from supplicant._fs import FileStore, FsError
 from supplicant._fs_msg import FsOpenFlag
+from supplicant._rpmb import RPMB_FRAME_SIZE, EmulatedRpmb, RpmbRequestError
 
 if TYPE_CHECKING:
     from qtee import OpteeDevice, OpteeSuppContext
@@ -93,7 +106,11 @@ _NOT_SUPPORTED: Final = int(TeecResult.TEEC_ERROR_NOT_SUPPORTED)
 _NO_MEMORY: Final = int(TeecResult.TEEC_ERROR_OUT_OF_MEMORY)
 _SHORT: Final = int(TeecResult.TEEC_ERROR_SHORT_BUFFER)
 
-_LOAD_TA, _FS, _SHM_ALLOC, _SHM_FREE, _SUPP_PLUGIN = 0, 2, 6, 7, 12
+_LOAD_TA, _RPMB, _FS, _SHM_ALLOC, _SHM_FREE, _SUPP_PLUGIN = 0, 1, 2, 6, 7, 12
+_RPMB_REQ: Final = struct.Struct("<3H")  # struct rpmb_req: cmd, dev_id, block_count
+_RPMB_CMD_DATA_REQ, _RPMB_CMD_GET_DEV_INFO = 0, 1
+_RPMB_DEV_INFO_SIZE: Final = 19  # struct rpmb_dev_info: cid[16], size_mult, rel_wr, ret
+_MEMREF_INPUT: Final = 5
 _PLUGIN_INVOKE: Final = 0  # OPTEE_RPC_SUPP_PLUGIN_INVOKE
 _VALUE_IN, _VALUE_INOUT, _MEMREF_INOUT = 1, 3, 7
 _U32: Final = 0xFFFF_FFFF
@@ -152,9 +169,15 @@ class OpteeSupplicant:
         storage_dir: str | os.PathLike[str],
         workers: int = 2,
         plugins: Mapping[uuidlib.UUID, SuppPlugin] | Mapping[str, SuppPlugin] | None = None,
+        *,
+        rpmb: EmulatedRpmb | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("at least one worker")
+        if rpmb is not None and not isinstance(rpmb, EmulatedRpmb):
+            raise TypeError(f"rpmb must be an EmulatedRpmb, not {type(rpmb).__name__}")
+        #: The RPMB partition RPC 1 serves (tee-supplicant's emulated one by default).
+        self.rpmb = rpmb if rpmb is not None else EmulatedRpmb()
         self._lock = threading.Lock()
         self._plugins: dict[uuidlib.UUID, SuppPlugin] = {}  # plugin.c's plugin list
         for key, fn in (plugins or {}).items():
@@ -250,6 +273,8 @@ class OpteeSupplicant:
             return self._load_ta(args)
         if func == _FS:
             return self._fs(args)
+        if func == _RPMB:
+            return self._rpmb(args)
         if func == _SHM_ALLOC:
             return self._shm_alloc(args)
         if func == _SHM_FREE:
@@ -316,6 +341,45 @@ class OpteeSupplicant:
         if len(image) > room:
             return _SHORT
         view[: len(image)] = image
+        return _OK
+
+    # ------------------------------------------------------------------ RPMB
+    def _rpmb_buf(self, args: list[_P], i: int) -> memoryview | None:
+        """``get_param``: the memref's bytes; a NULL output memref is empty; None if bad."""
+        p = args[i] if i < len(args) else None
+        if p is None or p[0] & 0xFF not in _MEMREFS:
+            return None
+        with self._lock:
+            known = p[3] in self._shms
+        if not known and p[3] == uapi.TEE_MEMREF_NULL:
+            return None if p[0] & 0xFF == _MEMREF_INPUT else memoryview(bytearray())
+        got = self._memref(args, i)
+        return None if got is None else got[0]
+
+    def _rpmb(self, args: list[_P]) -> int:
+        req, rsp = self._rpmb_buf(args, 0), self._rpmb_buf(args, 1)
+        if req is None or rsp is None or len(req) < _RPMB_REQ.size:
+            return _BAD
+        cmd, _dev_id, _count = _RPMB_REQ.unpack_from(req)
+        if cmd == _RPMB_CMD_GET_DEV_INFO:
+            if len(req) != _RPMB_REQ.size or len(rsp) != _RPMB_DEV_INFO_SIZE:
+                return _BAD
+            dev = self.rpmb
+            rsp[:] = dev.cid + bytes((dev.size_mult, dev.rel_wr_sec_c, 0))
+            return _OK
+        if cmd != _RPMB_CMD_DATA_REQ:
+            return _BAD
+        n_req = (len(req) - _RPMB_REQ.size) // RPMB_FRAME_SIZE
+        n_rsp = len(rsp) // RPMB_FRAME_SIZE
+        if n_req == 0:
+            return _GENERIC  # no frame: no supported message type
+        frames = bytes(req[_RPMB_REQ.size : _RPMB_REQ.size + n_req * RPMB_FRAME_SIZE])
+        size = n_rsp * RPMB_FRAME_SIZE
+        try:
+            out = self.rpmb.data_request(frames, n_rsp, rsp=bytes(rsp[:size]))
+        except RpmbRequestError as exc:
+            return exc.teec
+        rsp[:size] = out
         return _OK
 
     # ------------------------------------------------------------------ shm

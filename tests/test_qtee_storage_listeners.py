@@ -643,3 +643,19 @@ def test_cli_check_calls_gpfs_and_rpmb(tmp_path: Path) -> None:
         "requests served: {'0x7000': 1, '0x2000': 1}",
         "tables: empty",
     ]
+
+
+def test_cli_qtee_storage_options_are_checked(tmp_path: Path) -> None:
+    """``--rpmb`` (memory) and ``--rpmb-file`` (a file) are one choice; ``--gpfs`` and
+    ``--rpmb`` belong to the QTEE listener daemon, not to ``--tee optee`` (exit 2)."""
+    base = [sys.executable, "-m", "qtee", "supplicant"]
+    for extra, says in [
+        (["--rpmb", "--rpmb-file", str(tmp_path / "r")], "give one"),
+        (["--tee", "optee", "--connect", "P", "--gpfs", str(tmp_path)], "QTEE listener daemon"),
+        (["--tee", "optee", "--connect", "P", "--rpmb"], "QTEE listener daemon"),
+    ]:
+        out = subprocess.run(
+            [*base, *extra], cwd=REPO, capture_output=True, text=True, check=False, timeout=60
+        )
+        assert out.returncode == 2 and says in out.stderr, out
+    assert not (tmp_path / "r").exists()
