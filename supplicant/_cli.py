@@ -5,6 +5,8 @@ of a server (``qtee serve``): the supplicant is then one client of it, and the t
 are the server's, so the closing ``tables:`` line is left out.  ``--check`` loads a
 small TA that calls every registered listener once, so a run shows the listeners
 answering end to end; the TA must live where QTEE is, so it needs the in-process device.
+``--gpfs DIR`` adds QTEE's GPFS listener (0x7000) and ``--rpmb`` or ``--rpmb-file FILE``
+its RPMB listener (0x2000) on an emulated eMMC partition, in memory or kept in FILE.
 
 ``--tee optee --connect PATH`` runs tee-supplicant instead (:class:`OpteeSupplicant`) on
 the privileged node of a ``qtee serve --tee optee`` server: LOAD_TA from ``--ta-dir``, the
