@@ -1,18 +1,26 @@
 """supplicant -- userspace services that QTEE calls back into.
 
 * :class:`WorkerPool`: threads serving a client's callback objects over SUPPL_RECV/SEND.
-* :class:`Supplicant`: the listener daemon (time 0xB, file storage 0xA, TA autoload).
+* :class:`Supplicant`: the listener daemon (time 0xB, file storage 0xA, GPFS 0x7000,
+  RPMB 0x2000, TA autoload).
 * :class:`ListenerObject` (CListenerCBO) and :class:`TaBufferObject` (CRequestTABuffer).
 * :class:`OpteeSupplicant`: tee-supplicant for the OP-TEE device (LOAD_TA, FS RPCs, plugins).
 * :class:`TimeService`, :class:`FileStore` and :class:`TaDirectory`: the services behind them.
+* :class:`GpfsService` and :class:`RpmbService`: QTEE's GPFS (0x7000) and RPMB (0x2000)
+  listeners, on a directory and on an :class:`EmulatedRpmb`.
 * :class:`EmulatedRpmb`: tee-supplicant's emulated RPMB partition (JEDEC frames, :func:`frame_mac`).
 """
 
 from objects._errors import publish_errors as _publish_errors
 from supplicant._autoload import TaDirectory, format_uuid
 from supplicant._fs import FileStore, FsError
+from supplicant._gpfs import GpfsService
 from supplicant._listener import (
     FS_LISTENER_ID,
+    GPFS_BUFFER_SIZE,
+    GPFS_LISTENER_ID,
+    RPMB_BUFFER_SIZE,
+    RPMB_LISTENER_ID,
     TIME_LISTENER_ID,
     ListenerObject,
     Supplicant,
@@ -31,13 +39,20 @@ from supplicant._rpmb import (
     RpmbResult,
     frame_mac,
 )
+from supplicant._rpmb_listener import RpmbService
 from supplicant._time import TimeService
 
 __all__ = [
     "FS_LISTENER_ID",
+    "GPFS_BUFFER_SIZE",
+    "GPFS_LISTENER_ID",
+    "RPMB_BUFFER_SIZE",
+    "RPMB_LISTENER_ID",
     "TIME_LISTENER_ID",
     "FileStore",
     "FsError",
+    "GpfsService",
+    "RpmbService",
     "ListenerObject",
     "OpteeSupplicant",
     "RPMB_FRAME_SIZE",

@@ -5,6 +5,8 @@ of a server (``qtee serve``): the supplicant is then one client of it, and the t
 are the server's, so the closing ``tables:`` line is left out.  ``--check`` loads a
 small TA that calls every registered listener once, so a run shows the listeners
 answering end to end; the TA must live where QTEE is, so it needs the in-process device.
+``--gpfs DIR`` adds QTEE's GPFS listener (0x7000) and ``--rpmb`` or ``--rpmb-file FILE``
+its RPMB listener (0x2000) on an emulated eMMC partition, in memory or kept in FILE.
 
 ``--tee optee --connect PATH`` runs tee-supplicant instead (:class:`OpteeSupplicant`) on
 the privileged node of a ``qtee serve --tee optee`` server: LOAD_TA from ``--ta-dir``, the
@@ -42,6 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--storage",
         metavar="DIR",
         help="serve the file-storage listener (0xA) from DIR (made if missing)",
+    )
+    parser.add_argument(
+        "--gpfs",
+        metavar="DIR",
+        help="serve QTEE's GPFS listener (0x7000) from DIR: DIR/data and DIR/persist",
+    )
+    parser.add_argument(
+        "--rpmb",
+        action="store_true",
+        help="serve QTEE's RPMB listener (0x2000) on an emulated eMMC RPMB partition kept "
+        "in memory (--rpmb-file: kept in a file)",
     )
     parser.add_argument(
         "--ta-dir",
@@ -83,8 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optee.add_argument(
         "--rpmb-file",
         metavar="FILE",
-        help="(--tee optee) keep the emulated RPMB partition in FILE (made if missing); "
-        "every acknowledged write is on disk first.  Default: in memory, as tee-supplicant",
+        help="keep the emulated RPMB partition in FILE (made if missing); every acknowledged "
+        "write is on disk first.  With --tee optee: tee-supplicant's RPMB (default: in "
+        "memory); else it serves QTEE's RPMB listener (0x2000)",
     )
     optee.add_argument(
         "--plugin",
@@ -100,10 +114,14 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.tee == "optee":
         if args.connect is None:
             parser.error("--tee optee serves the privileged node of a server: give --connect")
-        if args.check or args.no_time:
-            parser.error("--check and --no-time are the QTEE listener daemon's options")
-    elif args.rpmb_file is not None or args.plugin:
-        parser.error("--rpmb-file and --plugin are tee-supplicant's options: add --tee optee")
+        if args.check or args.no_time or args.gpfs is not None or args.rpmb:
+            parser.error(
+                "--check, --no-time, --gpfs and --rpmb are the QTEE listener daemon's options"
+            )
+    elif args.plugin:
+        parser.error("--plugin is tee-supplicant's option: add --tee optee")
+    if args.rpmb and args.rpmb_file is not None:
+        parser.error("--rpmb keeps the partition in memory, --rpmb-file in a file: give one")
     if args.check and args.connect is not None:
         parser.error(
             "--check loads a TA in this process's secure world; it cannot be "
@@ -115,30 +133,41 @@ def run(args: argparse.Namespace) -> int:
     """Start the supplicant, serve, stop; 0 on success, 1 on failure (one line on stderr)."""
     import qtee
     from supplicant._listener import Supplicant
+    from supplicant._rpmb import EmulatedRpmb
 
     if args.workers < 1:
         print("qtee supplicant: --workers must be >= 1", file=sys.stderr)
         return 2
     if args.tee == "optee":
         return _run_optee(args)
-    if args.storage is not None:
-        problem = _storage_problem(args.storage)
+    for opt, where in (("--storage", args.storage), ("--gpfs", args.gpfs)):
+        problem = None if where is None else _storage_problem(where)
         if problem is not None:
-            print(f"qtee supplicant: --storage {args.storage}: {problem}", file=sys.stderr)
+            print(f"qtee supplicant: {opt} {where}: {problem}", file=sys.stderr)
             return 2
     for d in args.ta_dir:
         if not os.path.isdir(d):
             what = "not a directory" if os.path.exists(d) else "no such directory"
             print(f"qtee supplicant: {d}: {what}", file=sys.stderr)
             return 2
+    if args.rpmb_file is not None:  # made if missing; a file that is not a partition: exit 2
+        try:
+            EmulatedRpmb(args.rpmb_file).close()
+        except (QteeBaseError, OSError) as exc:
+            print(f"qtee supplicant: --rpmb-file {_one_line(exc)}", file=sys.stderr)
+            return 2
     remote = args.connect is not None
     try:
         device = (
             qtee.connect(args.connect) if remote else qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
         )
+        # a file's device is the supplicant's to close; an in-memory one holds no fd
+        rpmb = EmulatedRpmb() if args.rpmb else args.rpmb_file
         sup = Supplicant(
             device,
             storage=args.storage,
+            gpfs=args.gpfs,
+            rpmb=rpmb,
             ta_dirs=args.ta_dir,
             time_service=not args.no_time,
             workers=args.workers,
@@ -305,7 +334,7 @@ def _serve(sup: Supplicant, duration: float | None) -> bool:
 def _check(device: Any) -> None:
     """A TA that calls each registered listener once; prints what came back."""
     import qtee
-    from supplicant import _fs_msg, _time_msg
+    from supplicant import _fs_msg, _gpfs_msg, _rpmb_msg, _time_msg
 
     class ListenerCheck(qtee.TrustedApp):
         @op(0, ib=(4,), ob=(None,))
@@ -313,6 +342,10 @@ def _check(device: Any) -> None:
             (lid,) = struct.unpack("<I", raw)
             if lid == 0xB:
                 req = _time_msg.encode_request(_time_msg.GetUtcSecRequest())
+            elif lid == 0x7000:
+                req = _gpfs_msg.encode_request(_gpfs_msg.VersionRequest())
+            elif lid == 0x2000:
+                req = _rpmb_msg.encode_request(_rpmb_msg.InitRequest())
             else:
                 req = _fs_msg.encode_request(_fs_msg.GetErrnoRequest())
             return self.world.listeners.get(lid).request(req)[:64]
@@ -329,6 +362,10 @@ def _check(device: Any) -> None:
                     (out,) = app.invoke(0, struct.pack("<I", lid), qtee.Out(64))
                     if lid == 0xB:
                         print(f"  time (0xB): {_time_msg.decode_response(out)}")
+                    elif lid == 0x7000:
+                        print(f"  gpfs (0x7000): {_gpfs_msg.decode_response(out)}")
+                    elif lid == 0x2000:
+                        print(f"  rpmb (0x2000): {_rpmb_msg.decode_response(out)}")
                     else:
                         print(f"  storage (0xA): {_fs_msg.decode_response(out)}")
             finally:

@@ -53,12 +53,23 @@ validate their fields when they are built and raise :class:`FsUsageError`.
 from __future__ import annotations
 
 import enum
-import os
 import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 from objects import DecodeError, UsageError
+from supplicant._listener_msg import (
+    I32_MAX,
+    I32_MIN,
+    I64_MAX,
+    I64_MIN,
+    STATUS,
+    U32,
+    U32_MAX,
+    U64_MAX,
+    MessageKit,
+    pack_name,
+)
 
 __all__ = [
     "FILE_SERVICE_BUF_LEN",
@@ -107,13 +118,6 @@ FILE_SERVICE_BUF_LEN: Final = 20 * 1024
 MAX_NAME_LEN: Final = 256  # TZ_CM_MAX_NAME_LEN, NUL included
 MAX_PATH_BYTES: Final = MAX_NAME_LEN - 1
 MAX_DATA_LEN: Final = 20000  # TZ_CM_MAX_DATA_LEN
-
-_I32_MIN: Final = -(1 << 31)
-_I32_MAX: Final = (1 << 31) - 1
-_U32_MAX: Final = (1 << 32) - 1
-_U64_MAX: Final = (1 << 64) - 1
-_I64_MIN: Final = -(1 << 63)
-_I64_MAX: Final = (1 << 63) - 1
 
 
 class FsCmd(enum.IntEnum):
@@ -193,27 +197,13 @@ class FsUsageError(UsageError):
 # --------------------------------------------------------------------------- validation
 
 
-def _int(value: object, what: str, lo: int, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise FsUsageError(f"{what} must be an int, not {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise FsUsageError(f"{what} {value} is outside [{lo}, {hi}]")
-    return value
+_KIT: Final = MessageKit(FsDecodeError, FsUsageError)
+_int = _KIT.int_field
 
 
 def _path(value: object, what: str) -> bytes:
     """The wire bytes of a path field: at most 255 bytes, no NUL."""
-    if not isinstance(value, str):
-        raise FsUsageError(f"{what} must be a str, not {type(value).__name__}")
-    try:
-        raw = os.fsencode(value)
-    except UnicodeEncodeError as exc:
-        raise FsUsageError(f"{what} {value!r} cannot be encoded: {exc.reason}") from None
-    if b"\0" in raw:
-        raise FsUsageError(f"{what} {value!r} contains a NUL byte")
-    if len(raw) > MAX_PATH_BYTES:
-        raise FsUsageError(f"{what} is {len(raw)} bytes; the field holds {MAX_PATH_BYTES}")
-    return raw
+    return _KIT.name_field(value, what, MAX_NAME_LEN)
 
 
 # --------------------------------------------------------------------------- requests
@@ -229,7 +219,7 @@ class OpenRequest:
 
     def __post_init__(self) -> None:
         _path(self.path, "OPEN path")
-        _int(self.flags, "OPEN flags", _I32_MIN, _I32_MAX)
+        _int(self.flags, "OPEN flags", I32_MIN, I32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -242,7 +232,7 @@ class CreatRequest:
 
     def __post_init__(self) -> None:
         _path(self.path, "CREAT path")
-        _int(self.mode, "CREAT mode", 0, _U32_MAX)
+        _int(self.mode, "CREAT mode", 0, U32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -254,8 +244,8 @@ class ReadRequest:
     count: int
 
     def __post_init__(self) -> None:
-        _int(self.fd, "READ fd", _I32_MIN, _I32_MAX)
-        _int(self.count, "READ count", 0, _U32_MAX)
+        _int(self.fd, "READ fd", I32_MIN, I32_MAX)
+        _int(self.count, "READ count", 0, U32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,7 +257,7 @@ class WriteRequest:
     data: bytes
 
     def __post_init__(self) -> None:
-        _int(self.fd, "WRITE fd", _I32_MIN, _I32_MAX)
+        _int(self.fd, "WRITE fd", I32_MIN, I32_MAX)
         if not isinstance(self.data, bytes):
             raise FsUsageError(f"WRITE data must be bytes, not {type(self.data).__name__}")
         if len(self.data) > MAX_DATA_LEN:
@@ -282,7 +272,7 @@ class CloseRequest:
     fd: int
 
     def __post_init__(self) -> None:
-        _int(self.fd, "CLOSE fd", _I32_MIN, _I32_MAX)
+        _int(self.fd, "CLOSE fd", I32_MIN, I32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -295,9 +285,9 @@ class LseekRequest:
     whence: int
 
     def __post_init__(self) -> None:
-        _int(self.fd, "LSEEK fd", _I32_MIN, _I32_MAX)
-        _int(self.offset, "LSEEK offset", _I32_MIN, _I32_MAX)
-        _int(self.whence, "LSEEK whence", _I32_MIN, _I32_MAX)
+        _int(self.fd, "LSEEK fd", I32_MIN, I32_MAX)
+        _int(self.offset, "LSEEK offset", I32_MIN, I32_MAX)
+        _int(self.whence, "LSEEK whence", I32_MIN, I32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -321,7 +311,7 @@ class MkdirRequest:
 
     def __post_init__(self) -> None:
         _path(self.path, "MKDIR path")
-        _int(self.mode, "MKDIR mode", 0, _U32_MAX)
+        _int(self.mode, "MKDIR mode", 0, U32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -343,7 +333,7 @@ class SyncRequest:
     fd: int
 
     def __post_init__(self) -> None:
-        _int(self.fd, "SYNC fd", _I32_MIN, _I32_MAX)
+        _int(self.fd, "SYNC fd", I32_MIN, I32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -378,7 +368,7 @@ class DirReadRequest:
     pdir: int
 
     def __post_init__(self) -> None:
-        _int(self.pdir, "DIR_READ pdir", 0, _U64_MAX)
+        _int(self.pdir, "DIR_READ pdir", 0, U64_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -389,7 +379,7 @@ class DirCloseRequest:
     pdir: int
 
     def __post_init__(self) -> None:
-        _int(self.pdir, "DIR_CLOSE pdir", 0, _U64_MAX)
+        _int(self.pdir, "DIR_CLOSE pdir", 0, U64_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -413,7 +403,7 @@ class UnsupportedRequest:
     cmd_id: int
 
     def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, _U32_MAX)
+        _int(self.cmd_id, "command id", 0, U32_MAX)
         if self.cmd_id in _REQ_BY_CMD:
             raise FsUsageError(f"command {self.cmd_id:#x} is supported; use its own record")
 
@@ -479,18 +469,14 @@ _REQ_BY_CMD: Final[dict[int, type]] = {
         EndRequest,
     )
 }
-_U32 = struct.Struct("<I")
+_U32: Final = U32
 
 
 def _pack_path(raw: bytes) -> bytes:
-    return raw.ljust(MAX_NAME_LEN, b"\0")
+    return pack_name(raw, MAX_NAME_LEN)
 
 
-def _unpack_path(field: bytes, what: str) -> str:
-    end = field.find(b"\0")
-    if end < 0:
-        raise FsDecodeError(f"{what} has no NUL within its {MAX_NAME_LEN} bytes")
-    return os.fsdecode(field[:end])
+_unpack_path = _KIT.unpack_name
 
 
 def encode_request(req: FsRequest) -> bytes:
@@ -526,24 +512,18 @@ def encode_request(req: FsRequest) -> bytes:
     return _U32.pack(cmd) + s.pack(*fields)
 
 
-def _buffer(buf: object, what: str) -> bytes:
-    if not isinstance(buf, bytes | bytearray | memoryview):
-        raise FsDecodeError(f"{what} must be bytes-like, not {type(buf).__name__}")
-    return bytes(buf)
+_buffer = _KIT.buffer
 
 
 def decode_request(buf: bytes | bytearray | memoryview) -> FsRequest:
     """The request at the start of ``buf`` (trailing bytes are ignored)."""
     data = _buffer(buf, "request")
-    if len(data) < 4:
-        raise FsDecodeError(f"request is {len(data)} bytes; the command id needs 4")
-    (cmd_id,) = _U32.unpack_from(data, 0)
+    cmd_id = _KIT.command_id(data, "request")
     if cmd_id not in _REQ_BY_CMD:
         return UnsupportedRequest(cmd_id=cmd_id)
     cmd = FsCmd(cmd_id)
     s = _REQ_STRUCT[cmd]
-    if len(data) < 4 + s.size:
-        raise FsDecodeError(f"{cmd.name} request is {len(data)} bytes; it needs {4 + s.size}")
+    _KIT.need(data, 4 + s.size, f"{cmd.name} request")
     try:
         return _build_request(cmd, s.unpack_from(data, 4))
     except FsUsageError as exc:  # defensive: the layouts above cannot produce one
@@ -601,10 +581,10 @@ class StatusResponse:
     ret: int
 
     def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, _U32_MAX)
+        _int(self.cmd_id, "command id", 0, U32_MAX)
         if self.cmd_id in _SPECIAL_RSP:
             raise FsUsageError(f"{FsCmd(self.cmd_id).name} has its own response record")
-        _int(self.ret, "ret", _I32_MIN, _I32_MAX)
+        _int(self.ret, "ret", I32_MIN, I32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -615,7 +595,7 @@ class ReadResponse:
     ret: int
 
     def __post_init__(self) -> None:
-        _int(self.ret, "READ ret", _I32_MIN, MAX_DATA_LEN)
+        _int(self.ret, "READ ret", I32_MIN, MAX_DATA_LEN)
         if not isinstance(self.data, bytes):
             raise FsUsageError(f"READ data must be bytes, not {type(self.data).__name__}")
         want = max(self.ret, 0)
@@ -631,8 +611,8 @@ class DirOpenResponse:
     ret: int
 
     def __post_init__(self) -> None:
-        _int(self.pdir, "DIR_OPEN pdir", 0, _U64_MAX)
-        _int(self.ret, "DIR_OPEN ret", _I32_MIN, _I32_MAX)
+        _int(self.pdir, "DIR_OPEN pdir", 0, U64_MAX)
+        _int(self.ret, "DIR_OPEN ret", I32_MIN, I32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -646,8 +626,8 @@ class Dirent:
     name: str
 
     def __post_init__(self) -> None:
-        _int(self.ino, "d_ino", 1, _U64_MAX)
-        _int(self.off, "d_off", _I64_MIN, _I64_MAX)
+        _int(self.ino, "d_ino", 1, U64_MAX)
+        _int(self.off, "d_off", I64_MIN, I64_MAX)
         _int(self.reclen, "d_reclen", 0, 0xFFFF)
         _int(self.type, "d_type", 0, 0xFF)
         raw = _path(self.name, "d_name")
@@ -663,7 +643,7 @@ class DirReadResponse:
     ret: int
 
     def __post_init__(self) -> None:
-        _int(self.ret, "DIR_READ ret", _I32_MIN, _I32_MAX)
+        _int(self.ret, "DIR_READ ret", I32_MIN, I32_MAX)
         if self.entry is not None and not isinstance(self.entry, Dirent):
             raise FsUsageError(f"entry must be a Dirent or None, not {type(self.entry).__name__}")
         if self.ret != 0 and self.entry is not None:
@@ -672,7 +652,7 @@ class DirReadResponse:
 
 FsResponse = StatusResponse | ReadResponse | DirOpenResponse | DirReadResponse
 
-_STATUS = struct.Struct("<Ii")
+_STATUS: Final = STATUS
 _READ_RSP = struct.Struct(f"<I{MAX_DATA_LEN}si")
 _DIR_OPEN_RSP = struct.Struct("<IQi")
 _DIR_READ_RSP = struct.Struct("<IQqHB256si")
@@ -686,7 +666,7 @@ _SPECIAL_RSP: Final = frozenset(_RSP_SIZE)
 
 def response_size(cmd_id: int) -> int:
     """How many bytes the answer to ``cmd_id`` occupies."""
-    _int(cmd_id, "command id", 0, _U32_MAX)
+    _int(cmd_id, "command id", 0, U32_MAX)
     return _RSP_SIZE.get(cmd_id, _STATUS.size)
 
 
@@ -712,12 +692,8 @@ def encode_response(rsp: FsResponse) -> bytes:
 def decode_response(buf: bytes | bytearray | memoryview) -> FsResponse:
     """The response at the start of ``buf``; its layout follows the echoed command id."""
     data = _buffer(buf, "response")
-    if len(data) < 4:
-        raise FsDecodeError(f"response is {len(data)} bytes; the command id needs 4")
-    (cmd_id,) = _U32.unpack_from(data, 0)
-    size = response_size(cmd_id)
-    if len(data) < size:
-        raise FsDecodeError(f"response to {cmd_id:#x} is {len(data)} bytes; it needs {size}")
+    cmd_id = _KIT.command_id(data, "response")
+    _KIT.need(data, response_size(cmd_id), f"response to {cmd_id:#x}")
     if cmd_id == FsCmd.FILE_READ:
         _, payload, ret = _READ_RSP.unpack_from(data, 0)
         if ret > MAX_DATA_LEN:

@@ -14,8 +14,9 @@ through the driver.
 of that UUID from the TA directories as a memory object; ``cleanup`` (op 1) does nothing.
 
 :class:`Supplicant` is the daemon: its own context, worker pool and client env, the time
-(0xB) and file-storage (0xA) listeners and TA autoload registered at start, unregistered
-at :meth:`Supplicant.stop`.
+(0xB), file-storage (0xA), GPFS (0x7000) and RPMB (0x2000) listeners and TA autoload
+registered at start, unregistered at :meth:`Supplicant.stop`.  Each listener's buffer
+has the size its real service allocates (quic-teec.md §5.4).
 """
 
 from __future__ import annotations
@@ -33,10 +34,17 @@ from objects import DriverError, QteeError, UsageError, op
 from qtee.client import CallbackObject, Client, MemoryObject, ObjRef
 from qtee.credentials import Credentials
 from qtee.secure import REGISTER_LISTENER_UID, REGISTER_TA_BUF_UID
+from supplicant._gpfs import GpfsService
+from supplicant._rpmb import EmulatedRpmb
+from supplicant._rpmb_listener import RpmbService
 
 __all__ = [
     "FS_LISTENER_ID",
+    "GPFS_BUFFER_SIZE",
+    "GPFS_LISTENER_ID",
     "LISTENER_BUFFER_SIZE",
+    "RPMB_BUFFER_SIZE",
+    "RPMB_LISTENER_ID",
     "TIME_LISTENER_ID",
     "ListenerObject",
     "Supplicant",
@@ -49,6 +57,12 @@ TIME_LISTENER_ID: Final = 0xB
 FS_LISTENER_ID: Final = 0xA
 #: Shared buffer of the time and FS listeners (time_msg.h, fs_msg.h: 20 KiB).
 LISTENER_BUFFER_SIZE: Final = 20 * 1024
+GPFS_LISTENER_ID: Final = 0x7000
+#: The GPFS listener's buffer (gpfs_msg.h: GPFILE_SERVICE_BUF_LEN, 504 KiB).
+GPFS_BUFFER_SIZE: Final = 504 * 1024
+RPMB_LISTENER_ID: Final = 0x2000
+#: The RPMB listener's buffer (rpmb_service.c: TZ_MAX_BUF_LEN, 20000 + 40 bytes).
+RPMB_BUFFER_SIZE: Final = 20000 + 40
 #: How long ``wait`` blocks before returning OK anyway (CListenerCBO: ~4.5 s).
 WAIT_TIMEOUT: Final = 4.5
 
@@ -139,8 +153,11 @@ class TaBufferObject(CallbackObject):
 class Supplicant:
     """The listener daemon: registers listeners and TA autoload, serves them, unregisters.
 
-    ``storage`` (a directory) enables the file-storage listener, ``ta_dirs`` the TA
-    autoload service; the time listener is always there unless ``time_service`` is False.
+    ``storage`` (a directory) enables the file-storage listener, ``gpfs`` (a directory) the
+    GPFS listener, ``rpmb`` (an :class:`~supplicant.EmulatedRpmb`, or the path of its state
+    file) the RPMB listener, ``ta_dirs`` the TA autoload service; the time listener is
+    always there unless ``time_service`` is False.  An RPMB device opened from a path is
+    closed at :meth:`stop`; one passed in stays the caller's.
     It keeps its IRegisterListenerCBO and IRegisterTABufCBO objects until :meth:`stop`:
     its registrations are theirs and end when they are released (or its fd closes).
     """
@@ -150,6 +167,8 @@ class Supplicant:
         device: object,
         *,
         storage: str | os.PathLike[str] | None = None,
+        gpfs: str | os.PathLike[str] | None = None,
+        rpmb: EmulatedRpmb | str | os.PathLike[str] | None = None,
         ta_dirs: Sequence[str | os.PathLike[str]] = (),
         time_service: bool = True,
         workers: int = 4,
@@ -167,6 +186,11 @@ class Supplicant:
         self._ta_register: ObjRef | None = None
         self._ta_object: TaBufferObject | None = None
         self.store: object | None = None
+        self.gpfs: GpfsService | None = None
+        self.rpmb: EmulatedRpmb | None = None
+        self._own_rpmb = False
+        if rpmb is not None and not isinstance(rpmb, EmulatedRpmb | str | os.PathLike):
+            raise UsageError(f"rpmb must be an EmulatedRpmb or a path, not {type(rpmb).__name__}")
         try:
             self._env = self.client.client_env(credentials)
             self._register = self.client.open_service(self._env, REGISTER_LISTENER_UID)
@@ -180,6 +204,16 @@ class Supplicant:
                 store = FileStore(storage)
                 self.store = store
                 self.add_listener(FS_LISTENER_ID, store.handle)
+            if gpfs is not None:
+                self.gpfs = GpfsService(gpfs)
+                self.add_listener(GPFS_LISTENER_ID, self.gpfs.handle, GPFS_BUFFER_SIZE)
+            if rpmb is not None:
+                if isinstance(rpmb, EmulatedRpmb):
+                    self.rpmb = rpmb
+                else:
+                    self.rpmb, self._own_rpmb = EmulatedRpmb(rpmb), True
+                service = RpmbService(self.rpmb)
+                self.add_listener(RPMB_LISTENER_ID, service.handle, RPMB_BUFFER_SIZE)
             if ta_dirs:
                 from supplicant._autoload import TaDirectory
 
@@ -233,6 +267,10 @@ class Supplicant:
             close_all = getattr(self.store, "close_all", None)
             if callable(close_all):
                 close_all()
+            if self.gpfs is not None:
+                self.gpfs.close_all()
+            if self.rpmb is not None and self._own_rpmb:
+                self.rpmb.close()
             self.client.close()
 
     def __enter__(self) -> Supplicant:

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from objects import DecodeError, UsageError
+from supplicant._listener_msg import I32_MAX, I32_MIN, STATUS, U32, U32_MAX, U64_MAX, MessageKit
 
 __all__ = [
     "MAX_BUF_LEN",
@@ -87,18 +88,11 @@ __all__ = [
     "response_size",
 ]
 
-_BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
-
 TIME_SERVICE_ID: Final = 0xB
 TIME_SERVICE_BUF_LEN: Final = 20 * 1024
 MAX_BUF_LEN: Final = 20000 + 40  # TZ_MAX_BUF_LEN: the dispatch's minimum buffer length
 
-_I32_MIN: Final = -(1 << 31)
-_I32_MAX: Final = (1 << 31) - 1
-_U32_MAX: Final = (1 << 32) - 1
-_U64_MAX: Final = (1 << 64) - 1
-
-TIME_MS_FAILURE: Final = _U64_MAX  # GET_TIME_MS's answer when the clock fails
+TIME_MS_FAILURE: Final = U64_MAX  # GET_TIME_MS's answer when the clock fails
 
 
 class TimeCmd(enum.IntEnum):
@@ -121,12 +115,8 @@ class TimeUsageError(UsageError):
     """A time message field or TimeService argument has the wrong type or range."""
 
 
-def _int(value: object, what: str, lo: int, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TimeUsageError(f"{what} must be an int, not {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise TimeUsageError(f"{what} {value} is outside [{lo}, {hi}]")
-    return value
+_KIT: Final = MessageKit(TimeDecodeError, TimeUsageError)
+_int = _KIT.int_field
 
 
 # --------------------------------------------------------------------------- requests
@@ -174,7 +164,7 @@ class UnsupportedRequest:
     cmd_id: int
 
     def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, _U32_MAX)
+        _int(self.cmd_id, "command id", 0, U32_MAX)
         if self.cmd_id in _REQ_BY_CMD:
             raise TimeUsageError(f"command {self.cmd_id:#x} is supported; use its own record")
 
@@ -201,13 +191,8 @@ _REQ_BY_CMD: Final[dict[int, type[_FixedRequest]]] = {
         EndRequest,
     )
 }
-_U32 = struct.Struct("<I")
-
-
-def _buffer(buf: object, what: str) -> bytes:
-    if not isinstance(buf, _BYTES_LIKE):
-        raise TimeDecodeError(f"{what} must be bytes-like, not {type(buf).__name__}")
-    return bytes(buf)
+_U32: Final = U32
+_buffer = _KIT.buffer
 
 
 def encode_request(req: TimeRequest) -> bytes:
@@ -222,9 +207,7 @@ def encode_request(req: TimeRequest) -> bytes:
 def decode_request(buf: bytes | bytearray | memoryview) -> TimeRequest:
     """The request at the start of ``buf`` (trailing bytes are ignored)."""
     data = _buffer(buf, "request")
-    if len(data) < _U32.size:
-        raise TimeDecodeError(f"request is {len(data)} bytes; the command id needs 4")
-    (cmd_id,) = _U32.unpack_from(data, 0)
+    cmd_id = _KIT.command_id(data, "request")
     cls = _REQ_BY_CMD.get(cmd_id)
     if cls is None:
         return UnsupportedRequest(cmd_id=cmd_id)
@@ -250,7 +233,7 @@ class TzTime:
 
     def __post_init__(self) -> None:
         for name in _TM_FIELDS:
-            _int(getattr(self, name), name, _I32_MIN, _I32_MAX)
+            _int(getattr(self, name), name, I32_MIN, I32_MAX)
 
     def fields(self) -> tuple[int, ...]:
         """The nine values in wire order."""
@@ -283,14 +266,14 @@ class TimeSpecResponse:
     ret: int
 
     def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, _U32_MAX)
+        _int(self.cmd_id, "command id", 0, U32_MAX)
         if self.cmd_id not in _TIMESPEC_CMDS:
             raise TimeUsageError(
                 f"a timespec response answers GET_UTC_SEC or GET_HLOS_UTC, not {self.cmd_id:#x}"
             )
-        _int(self.tv_sec, "tv_sec", 0, _U32_MAX)
-        _int(self.tv_nsec, "tv_nsec", 0, _U32_MAX)
-        _int(self.ret, "ret", _I32_MIN, _I32_MAX)
+        _int(self.tv_sec, "tv_sec", 0, U32_MAX)
+        _int(self.tv_nsec, "tv_nsec", 0, U32_MAX)
+        _int(self.ret, "ret", I32_MIN, I32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -303,7 +286,7 @@ class SystimeResponse:
     def __post_init__(self) -> None:
         if not isinstance(self.time, TzTime):
             raise TimeUsageError(f"time must be a TzTime, not {type(self.time).__name__}")
-        _int(self.ret, "ret", _I32_MIN, _I32_MAX)
+        _int(self.ret, "ret", I32_MIN, I32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -313,7 +296,7 @@ class TimeMsResponse:
     ms: int
 
     def __post_init__(self) -> None:
-        _int(self.ms, "ms", 0, _U64_MAX)
+        _int(self.ms, "ms", 0, U64_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -324,10 +307,10 @@ class StatusResponse:
     ret: int
 
     def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, _U32_MAX)
+        _int(self.cmd_id, "command id", 0, U32_MAX)
         if self.cmd_id in _SPECIAL_RSP:
             raise TimeUsageError(f"{TimeCmd(self.cmd_id).name} has its own response record")
-        _int(self.ret, "ret", _I32_MIN, _I32_MAX)
+        _int(self.ret, "ret", I32_MIN, I32_MAX)
 
 
 TimeResponse = TimeSpecResponse | SystimeResponse | TimeMsResponse | StatusResponse
@@ -336,7 +319,7 @@ _TIMESPEC_CMDS: Final = frozenset({TimeCmd.GET_UTC_SEC, TimeCmd.GET_HLOS_UTC})
 _TIMESPEC_RSP = struct.Struct("<IIIi")
 _SYSTIME_RSP = struct.Struct("<I9ii")
 _TIME_MS_RSP = struct.Struct("<IQ")
-_STATUS = struct.Struct("<Ii")
+_STATUS: Final = STATUS
 _RSP_SIZE: Final[dict[int, int]] = {
     TimeCmd.GET_UTC_SEC: _TIMESPEC_RSP.size,
     TimeCmd.GET_HLOS_UTC: _TIMESPEC_RSP.size,
@@ -348,7 +331,7 @@ _SPECIAL_RSP: Final = frozenset(_RSP_SIZE)
 
 def response_size(cmd_id: int) -> int:
     """How many bytes the answer to ``cmd_id`` occupies."""
-    _int(cmd_id, "command id", 0, _U32_MAX)
+    _int(cmd_id, "command id", 0, U32_MAX)
     return _RSP_SIZE.get(cmd_id, _STATUS.size)
 
 
@@ -370,12 +353,8 @@ def encode_response(rsp: TimeResponse) -> bytes:
 def decode_response(buf: bytes | bytearray | memoryview) -> TimeResponse:
     """The response at the start of ``buf``; its layout follows the echoed command id."""
     data = _buffer(buf, "response")
-    if len(data) < _U32.size:
-        raise TimeDecodeError(f"response is {len(data)} bytes; the command id needs 4")
-    (cmd_id,) = _U32.unpack_from(data, 0)
-    size = response_size(cmd_id)
-    if len(data) < size:
-        raise TimeDecodeError(f"response to {cmd_id:#x} is {len(data)} bytes; it needs {size}")
+    cmd_id = _KIT.command_id(data, "response")
+    _KIT.need(data, response_size(cmd_id), f"response to {cmd_id:#x}")
     if cmd_id in _TIMESPEC_CMDS:
         _, sec, nsec, ret = _TIMESPEC_RSP.unpack_from(data, 0)
         return TimeSpecResponse(cmd_id=cmd_id, tv_sec=sec, tv_nsec=nsec, ret=ret)

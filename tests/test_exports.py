@@ -105,6 +105,10 @@ QTEE_API = {
 }
 
 SECURE_API = {
+    "GpfsClient",
+    "GpfsError",
+    "RpmbClient",
+    "RpmbError",
     "TEE_ALG_ECDSA_SHA256",
     "TEE_ALG_RSASSA_PKCS1_PSS_MGF1_SHA256",
     "TEE_ALG_RSASSA_PKCS1_V1_5_SHA256",
@@ -327,9 +331,15 @@ def test_error_channels_are_distinct() -> None:
 
 SUPPLICANT_API = {
     "FS_LISTENER_ID",
+    "GPFS_BUFFER_SIZE",
+    "GPFS_LISTENER_ID",
+    "RPMB_BUFFER_SIZE",
+    "RPMB_LISTENER_ID",
     "TIME_LISTENER_ID",
     "FileStore",
     "FsError",
+    "GpfsService",
+    "RpmbService",
     "ListenerObject",
     "OpteeSupplicant",
     "RPMB_FRAME_SIZE",

@@ -143,13 +143,14 @@ def test_acknowledged_write_survives_kill_9_of_the_supplicant(
 
 
 def test_cli_options_are_checked(tmp_path: Path) -> None:
-    """``--rpmb-file``/``--plugin`` are tee-supplicant's (``--tee optee``), which needs
-    ``--connect``; a file that is not an RPMB state file is named (exit 2)."""
+    """``--plugin`` is tee-supplicant's (``--tee optee``), which needs ``--connect``; a
+    ``--rpmb-file`` that is not an RPMB state file is named, for either flavour (exit 2)."""
     base = [sys.executable, "-m", "qtee", "supplicant"]
     junk = tmp_path / "junk"
     junk.write_bytes(b"not a partition")
     for extra, says in [
-        (["--rpmb-file", str(junk)], "add --tee optee"),
+        (["--plugin", "x=y:z"], "add --tee optee"),
+        (["--rpmb-file", str(junk)], "not an RPMB state file"),
         (["--tee", "optee"], "give --connect"),
         (
             ["--tee", "optee", "--connect", str(tmp_path / "s"), "--rpmb-file", str(junk)],

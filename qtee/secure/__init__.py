@@ -76,6 +76,7 @@ from qtee.secure._signing import (
     TEE_ALG_RSASSA_PKCS1_V1_5_SHA256,
     default_model_key,
 )
+from qtee.secure._storage_listeners import GpfsClient, GpfsError, RpmbClient, RpmbError
 from qtee.secure._tafiles import TaFileRegistration, register_ta_file
 from qtee.secure._world import Mapping, NsObject, SecureObject, SecureWorld, ServeCallback
 
@@ -118,6 +119,10 @@ __all__ = [
     "SecureWorld",
     "ServeCallback",
     "TaRegistry",
+    "GpfsClient",
+    "GpfsError",
+    "RpmbClient",
+    "RpmbError",
     "CGPAPPCLIENT_UID",
     "REGISTER_LISTENER_UID",
     "REGISTER_TA_BUF_UID",
