@@ -7,8 +7,15 @@ error types shared with :mod:`objects`.  The GP client API is :mod:`qtee.gp`; th
 of the secure world is :mod:`qtee.secure`.
 """
 
-from objects import DecodeError, DriverError, QteeBaseError, QteeError, Result, UsageError, op
-from objects._errors import publish_errors as _publish_errors
+from objects import (
+    DecodeError,
+    DriverError,
+    QteeBaseError,
+    QteeError,
+    UsageError,
+    op,
+    publish_errors,
+)
 from qtee import uapi, wire
 from qtee._driver import Context, Device
 from qtee._optee import OpteeContext, OpteeDevice
@@ -30,6 +37,7 @@ from qtee._optee_supp import (
     invoke_supp_plugin,
     trusted_storage,
 )
+from qtee._qcomtee_msg import MAX_ARGS_PER_KIND, USERSPACE_ONLY_RESULTS, Counts, Result
 from qtee._remote import ConnectError, RemoteContext, RemoteDevice, connect
 from qtee._server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, SharedSpace, address_of
@@ -109,6 +117,9 @@ __all__ = [
     "RemoteContext",
     "RemoteDevice",
     "Result",
+    "USERSPACE_ONLY_RESULTS",
+    "MAX_ARGS_PER_KIND",
+    "Counts",
     "SecureObject",
     "SecureWorld",
     "SharedSpace",
@@ -158,4 +169,4 @@ __all__ = [
     "invoke_supp_plugin",
 ]
 
-_publish_errors("qtee", globals(), __all__)
+publish_errors("qtee", globals(), __all__)

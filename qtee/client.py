@@ -33,15 +33,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
-from objects import (
-    CyclicAllocator,
-    DriverError,
-    PyObject,
-    QteeError,
-    Result,
-    UsageError,
-    op,
-)
+from objects import CyclicAllocator, DriverError, PyObject, QteeError, UsageError, op
 from qtee import _reason, uapi
 from qtee._driver import (
     _INVOKE_HEAD,
@@ -56,6 +48,7 @@ from qtee._driver import (
     Device,
     _invoke_struct,
 )
+from qtee._qcomtee_msg import Result
 from qtee.addrspace import AddressSpace
 from qtee.credentials import Credentials
 

@@ -7,7 +7,7 @@
 * :class:`TimeService`, :class:`FileStore` and :class:`TaDirectory`: the services behind them.
 """
 
-from objects._errors import publish_errors as _publish_errors
+from objects import publish_errors as _publish_errors
 from supplicant._autoload import TaDirectory, format_uuid
 from supplicant._fs import FileStore, FsError
 from supplicant._listener import (

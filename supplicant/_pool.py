@@ -41,8 +41,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from objects import DriverError, Result, UsageError
-from qtee import uapi
+from objects import DriverError, UsageError
+from qtee import Result, uapi
 from qtee._driver import (
     _META_IN,
     _META_OUT,

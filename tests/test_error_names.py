@@ -19,8 +19,8 @@ import pytest
 
 import qtee
 import qtee.secure
-from objects import DispatchResult, PyObject, QteeError, Result, UsageError, op, result_name
-from qtee import OUT_OBJECT, Client, Out, _reason
+from objects import DispatchResult, PyObject, QteeError, UsageError, op, result_name
+from qtee import OUT_OBJECT, Client, Out, Result, _reason
 from qtee._frames import (
     MAX_WHY_DETAIL,
     FrameDecoder,

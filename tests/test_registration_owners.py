@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from objects import QteeError, Result, op
-from qtee import Device
+from objects import QteeError, op
+from qtee import Device, Result
 from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
 from qtee.secure import (
     REGISTER_LISTENER_UID,
