@@ -41,7 +41,17 @@ from qtee._qcomtee_msg import MAX_ARGS_PER_KIND, USERSPACE_ONLY_RESULTS, Counts,
 from qtee._remote import ConnectError, RemoteContext, RemoteDevice, connect
 from qtee._server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, SharedSpace, address_of
-from qtee.client import OUT_OBJECT, CallbackObject, Client, MemoryObject, ObjRef, Out, Transfer
+from qtee.client import (
+    OUT_OBJECT,
+    ArgBlock,
+    CallbackObject,
+    Client,
+    ExportTable,
+    MemoryObject,
+    ObjRef,
+    Out,
+    Transfer,
+)
 from qtee.credentials import CredentialKey, Credentials
 from qtee.secure import (
     IIO,
@@ -117,6 +127,8 @@ __all__ = [
     "RemoteContext",
     "RemoteDevice",
     "Result",
+    "ArgBlock",
+    "ExportTable",
     "USERSPACE_ONLY_RESULTS",
     "MAX_ARGS_PER_KIND",
     "Counts",

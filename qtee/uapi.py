@@ -121,6 +121,20 @@ QCOMTEE_OBJREF_FLAG_MEM: Final = 1 << 2
 
 _U64 = (1 << 64) - 1
 
+#: ``struct tee_ioctl_param`` (32 bytes): u64 attr, a, b, c -- the one layout of a param,
+#: for code that packs params in place rather than as :class:`Param` records.
+PARAM_STRUCT: Final = struct.Struct("<4Q")
+#: The header of ``struct tee_iocl_supp_recv_arg`` / ``supp_send_arg``: u32 func (ret),
+#: num_params.
+SUPP_ARG_STRUCT: Final = struct.Struct("<2I")
+
+
+def params_struct(n: int) -> struct.Struct:
+    """``n`` :data:`PARAM_STRUCT` params back to back."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise UsageError(f"a number of params is an int >= 0, not {n!r}")
+    return struct.Struct("<" + "4Q" * n)
+
 
 def _fit(value: object, bits: int, what: str, *, signed: bool = False) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
@@ -186,7 +200,7 @@ class Param(_Record):
     a: int = 0
     b: int = 0
     c: int = 0
-    _S = struct.Struct("<4Q")
+    _S = PARAM_STRUCT
     _FIELDS = (("attr", 64, False), ("a", 64, False), ("b", 64, False), ("c", 64, False))
     SIZE = 32
 
@@ -313,7 +327,7 @@ class SuppRecvArg(_Record):
 
     func: int
     num_params: int
-    _S = struct.Struct("<2I")
+    _S = SUPP_ARG_STRUCT
     _FIELDS = (("func", 32, False), ("num_params", 32, False))
     SIZE = 8
 
@@ -327,7 +341,7 @@ class SuppSendArg(_Record):
 
     ret: int
     num_params: int
-    _S = struct.Struct("<2I")
+    _S = SUPP_ARG_STRUCT
     _FIELDS = (("ret", 32, False), ("num_params", 32, False))
     SIZE = 8
 

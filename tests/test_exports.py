@@ -52,6 +52,8 @@ QTEE_API = {
     "RemoteContext",
     "RemoteDevice",
     "Result",
+    "ArgBlock",
+    "ExportTable",
     "USERSPACE_ONLY_RESULTS",
     "MAX_ARGS_PER_KIND",
     "Counts",
