@@ -35,8 +35,8 @@ __all__ = [
 #: ``(addr, data, writable)``: caller memory sent with a request.
 Span = tuple[int, bytes, bool]
 
-_BUF: Final = struct.Struct("<QQ")
-_PARAM: Final = struct.Struct("<4Q")
+_BUF: Final = uapi.BUF_DATA_STRUCT
+_PARAM: Final = uapi.PARAM_STRUCT
 _U32: Final = struct.Struct("<I")
 #: buf_data ioctls: header size and where num_params sits in it.
 _HEADS: Final = {

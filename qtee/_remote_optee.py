@@ -44,8 +44,8 @@ from qtee.addrspace import TASK_SIZE, AddressSpace
 
 __all__ = ["OpteeDialect"]
 
-_BUF: Final = struct.Struct("<QQ")
-_PARAM: Final = struct.Struct("<4Q")
+_BUF: Final = uapi.BUF_DATA_STRUCT
+_PARAM: Final = uapi.PARAM_STRUCT
 _U32: Final = struct.Struct("<I")
 _OPEN: Final = uapi.TEE_IOC_OPEN_SESSION
 _INVOKE: Final = uapi.TEE_IOC_INVOKE

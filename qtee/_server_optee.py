@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import struct
 import threading
 import uuid as uuidlib
 import weakref
@@ -59,9 +58,9 @@ if TYPE_CHECKING:
 
 __all__ = ["OpteeFlavour", "ServedOpteeDevice"]
 
-_HEAD: Final = struct.Struct("<2I")
-_PARAM: Final = struct.Struct("<4Q")
-_BUF: Final = struct.Struct("<QQ")
+_HEAD: Final = uapi.SUPP_ARG_STRUCT
+_PARAM: Final = uapi.PARAM_STRUCT
+_BUF: Final = uapi.BUF_DATA_STRUCT
 _META_INOUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_META | uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT
 _TYPE_MASK: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MASK
 _TO_SUPP: Final = frozenset({5, 7})  # memrefs whose bytes the supplicant reads

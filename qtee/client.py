@@ -40,7 +40,6 @@ from qtee._driver import (
     _OBJ_IN,
     _OBJ_OUT,
     _P,
-    _PARAM,
     _U32,
     _UB_IN,
     _UB_OUT,
@@ -51,6 +50,7 @@ from qtee._driver import (
 from qtee._qcomtee_msg import Result
 from qtee.addrspace import AddressSpace
 from qtee.credentials import Credentials
+from qtee.uapi import PARAM_STRUCT as _PARAM
 
 if TYPE_CHECKING:
     from qtee._remote import RemoteContext, RemoteDevice
@@ -73,7 +73,7 @@ _BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is buil
 
 log = logging.getLogger("qtee.client")
 
-_BUF: Final = struct.Struct("<QQ")  # struct tee_ioctl_buf_data
+_BUF: Final = uapi.BUF_DATA_STRUCT
 _INVOKE_HEAD_SIZE: Final = _INVOKE_HEAD.size
 #: Callback objects one client can have exported at once (libqcomtee: ids 1..1023).
 CALLBACK_IDS_MAX: Final = 1023

@@ -121,6 +121,9 @@ QCOMTEE_OBJREF_FLAG_MEM: Final = 1 << 2
 
 _U64 = (1 << 64) - 1
 
+#: ``struct tee_ioctl_buf_data`` (16 bytes): u64 buf_ptr, buf_len -- what the ioctls that
+#: take an argument block are given.
+BUF_DATA_STRUCT: Final = struct.Struct("<QQ")
 #: ``struct tee_ioctl_param`` (32 bytes): u64 attr, a, b, c -- the one layout of a param,
 #: for code that packs params in place rather than as :class:`Param` records.
 PARAM_STRUCT: Final = struct.Struct("<4Q")
@@ -184,7 +187,7 @@ class BufData(_Record):
 
     buf_ptr: int
     buf_len: int
-    _S = struct.Struct("<QQ")
+    _S = BUF_DATA_STRUCT
     _FIELDS = (("buf_ptr", 64, False), ("buf_len", 64, False))
     SIZE = 16
 
