@@ -38,8 +38,8 @@ from qtee._optee_supp import (
     trusted_storage,
 )
 from qtee._qcomtee_msg import MAX_ARGS_PER_KIND, USERSPACE_ONLY_RESULTS, Counts, Result
-from qtee._remote import ConnectError, RemoteContext, RemoteDevice, connect
-from qtee._server import DeviceServer
+from qtee._remote.remote import ConnectError, RemoteContext, RemoteDevice, connect
+from qtee._remote.server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, SharedSpace, address_of
 from qtee.client import (
     OUT_OBJECT,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qtee import _trace as _trace_mod
-    from qtee._remote import RemoteContext
+    from qtee._remote.remote import RemoteContext
 
 #: How often a wait looks at the clock and for a signal.
 _POLL = 0.1
@@ -240,7 +240,7 @@ def _seconds(text: str) -> float:
 
 def _serve(args: argparse.Namespace) -> int:
     from objects import UsageError
-    from qtee._server import DeviceServer
+    from qtee._remote.server import DeviceServer
     from qtee.secure._registry import PROCESS_TAS
 
     for text in args.ta_module:

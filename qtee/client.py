@@ -53,7 +53,7 @@ from qtee.credentials import Credentials
 from qtee.uapi import PARAM_STRUCT as _PARAM
 
 if TYPE_CHECKING:
-    from qtee._remote import RemoteContext, RemoteDevice
+    from qtee._remote.remote import RemoteContext, RemoteDevice
     from supplicant import WorkerPool
 
 # (ObjectTracker, Leftover and track_objects serve the pytest plugin: not public API.)
@@ -558,7 +558,7 @@ class Client:
         ``deadline`` (seconds): a callback handler that runs longer is answered BUSY
         and its late answer dropped (see :class:`supplicant.WorkerPool`).
         """
-        from qtee._remote import RemoteDevice
+        from qtee._remote.remote import RemoteDevice
 
         if not isinstance(device, Device | RemoteDevice):
             raise TypeError("Client needs a Device or a connected device (qtee.connect)")

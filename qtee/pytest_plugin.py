@@ -506,7 +506,7 @@ def _socket_dir() -> str:
     ``TMPDIR`` would put the socket past the 108 bytes of ``sun_path``."""
     import tempfile
 
-    from qtee._server import SUN_PATH_MAX
+    from qtee._remote.server import SUN_PATH_MAX
 
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     prefix = f"qtee-{worker}-" if worker else "qtee-"

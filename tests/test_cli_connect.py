@@ -217,9 +217,9 @@ def test_info_connect_malformed_description(
     server: DeviceServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A description without the fields format_info needs: exit 1, one line, no output."""
-    import qtee._server
+    import qtee._remote.server
 
-    monkeypatch.setattr(qtee._server, "describe", lambda device: {"version": "0"})
+    monkeypatch.setattr(qtee._remote.server, "describe", lambda device: {"version": "0"})
     assert main(["info", "--connect", server.path]) == 1
     out = capsys.readouterr()
     assert out.out == ""
@@ -343,7 +343,7 @@ def test_trace_connect_says_how_many_crossings_the_server_dropped(
     """A reader that falls behind: the server keeps at most LIMIT crossings queued for it
     and drops the rest; once its queue drains the CLI says how many, on stderr, and goes
     on (exit 0).  The server's sender is held until 10 crossings were made, LIMIT is 2."""
-    from qtee._server import _TraceStream
+    from qtee._remote.server import _TraceStream
 
     go = threading.Event()
     run = _TraceStream._run

@@ -108,7 +108,9 @@ def test_package_modules_import_public_names_where_they_exist() -> None:
 
 def test_the_cross_package_check_sees_a_private_name() -> None:
     probe = REPO / "supplicant" / "_probe_private_name.py"
-    probe.write_text("from qtee.client import _Root\nfrom qtee._frames import FrameDecoder\n")
+    probe.write_text(
+        "from qtee.client import _Root\nfrom qtee._remote.frames import FrameDecoder\n"
+    )
     try:
         hits = private_names_across_packages(probe)
     finally:
@@ -118,7 +120,9 @@ def test_the_cross_package_check_sees_a_private_name() -> None:
 
 def test_the_check_sees_a_private_import(tmp_path: Path) -> None:
     probe = REPO / "tests" / "_probe_private_import.py"
-    probe.write_text("from qtee._driver import Device\nfrom qtee._frames import FrameDecoder\n")
+    probe.write_text(
+        "from qtee._driver import Device\nfrom qtee._remote.frames import FrameDecoder\n"
+    )
     try:
         hits = private_imports_of_public_names(probe)
     finally:

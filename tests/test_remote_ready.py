@@ -27,7 +27,7 @@ import pytest
 import qtee
 from objects import DriverError, UsageError
 from qtee import OUT_OBJECT, CallbackObject, Device, DeviceServer, Out, ProcessMemory, op, uapi
-from qtee._frames import (
+from qtee._remote.frames import (
     Answer,
     FrameDecoder,
     Hello,

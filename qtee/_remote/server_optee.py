@@ -14,7 +14,7 @@ changed: the same ioctls, the same checks, the same errno.
 * **Registered shms** (SHM_REGISTER) are the caller's own memory, which the server cannot
   reach: the client sends the registered range with SHM_REGISTER (the kernel pins the
   pages, EFAULT if unmapped), and with each OPEN_SESSION/INVOKE the windows of its
-  registered shms that the call's memrefs name (``qtee._remote_optee``); the model copies a
+  registered shms that the call's memrefs name (``qtee._remote.remote_optee``); the model copies a
   window in before the call and writes back what the TA changed
   (``OpteeContext._gp_params``/``_params_back``), which goes back with the reply.
 * **tee-supplicant's registered shms** (what the real tee-supplicant uses for RPC payloads
@@ -47,8 +47,8 @@ from qtee import uapi
 from qtee._mem_obj import MemfdShm
 from qtee._optee import _GEN_CAPS, OpteeContext, OpteeDevice, _GpShm
 from qtee._optee_supp import OpteeSupp, OpteeSuppContext, RpcParam
-from qtee._region_memory import CallRegions, RegionMemory
-from qtee._server_conn import Peer
+from qtee._remote.region_memory import CallRegions, RegionMemory
+from qtee._remote.server_conn import Peer
 from qtee.gp._identity import Cred
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class _ServedSupp(OpteeSupp):
 
 class ServedOpteeDevice(OpteeDevice):
     """An OP-TEE device for a :class:`qtee.DeviceServer` (see the module docstring):
-    ``memory`` is the server's :class:`~qtee._region_memory.RegionMemory`; allocated shms
+    ``memory`` is the server's :class:`~qtee._remote.region_memory.RegionMemory`; allocated shms
     are memory files, registered ones get a shadow; the caller's credentials are the
     connecting process's.  ``on_callback`` is set by the server."""
 

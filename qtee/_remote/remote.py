@@ -36,7 +36,7 @@ returns one).
 
 The served device is a QTEE one or an OP-TEE one (``qtee serve --tee optee``, impl id 1 in
 the welcome): what crosses with each ioctl and what a reply may change are the device's
-(:mod:`qtee._remote_checks`, :mod:`qtee._remote_optee`: an OP-TEE fd sends the windows of
+(:mod:`qtee._remote.checks`, :mod:`qtee._remote.remote_optee`: an OP-TEE fd sends the windows of
 its registered shms that a call's memrefs name).  :meth:`RemoteDevice.open_supplicant`
 opens an OP-TEE device's privileged node (tee-supplicant's; EBUSY while one is open).
 
@@ -67,7 +67,8 @@ from typing import Any, Final
 from objects import DriverError, UsageError, errno_name
 from qtee import _reason, uapi
 from qtee._checks import WRITES_STRUCT, need_arg
-from qtee._frames import (
+from qtee._remote.checks import Dialect, QteeDialect
+from qtee._remote.frames import (
     MAX_FRAME,
     NODES,
     Answer,
@@ -90,8 +91,7 @@ from qtee._frames import (
     encode_call,
     refused,
 )
-from qtee._remote_checks import Dialect, QteeDialect
-from qtee._remote_optee import OpteeDialect
+from qtee._remote.remote_optee import OpteeDialect
 from qtee.addrspace import AddressSpace, CheckedMemory
 
 __all__ = [

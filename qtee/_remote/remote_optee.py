@@ -38,8 +38,8 @@ from typing import Final
 
 from objects import DriverError
 from qtee import uapi
-from qtee._frames import FrameError, IoctlReply, Region, Welcome, check_written
-from qtee._remote_checks import Span, block_change, check_shm, check_version, read_spans
+from qtee._remote.checks import Span, block_change, check_shm, check_version, read_spans
+from qtee._remote.frames import FrameError, IoctlReply, Region, Welcome, check_written
 from qtee.addrspace import TASK_SIZE, AddressSpace
 
 __all__ = ["OpteeDialect"]
