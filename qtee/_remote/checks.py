@@ -1,6 +1,6 @@
 """What crosses the socket for a QTEE fd, and what may come back (client side, sans-IO).
 
-A :class:`RemoteContext <qtee._remote.RemoteContext>` asks its *dialect* -- this module's
+A :class:`RemoteContext <qtee._remote.remote.RemoteContext>` asks its *dialect* -- this module's
 :class:`QteeDialect`, or :class:`qtee._remote.remote_optee.OpteeDialect` for an OP-TEE device --
 two things about each ioctl: which of the caller's memory goes with the request
 (:meth:`regions`, found by parsing the struct as the kernel will), and whether a reply is
