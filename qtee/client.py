@@ -683,12 +683,12 @@ class Client:
 
     # ----------------------------------------------------------------- model-only
     def _held(self) -> dict[str, Any] | None:
-        """What the fd holds, by name (``qtee._info.fd_objects``): asked of the model in
+        """What the fd holds, by name (``qtee._cli.info.fd_objects``): asked of the model in
         process, of the server over a connection; None when it cannot say."""
         ctx = self.ctx
         try:
             if isinstance(ctx, Context):
-                from qtee._info import fd_objects
+                from qtee._cli.info import fd_objects
 
                 return fd_objects(ctx)
             return ctx.held_objects()
@@ -699,7 +699,7 @@ class Client:
         """The label of the object the fd holds as ``ident`` (None: the model cannot say)."""
         ctx = self.ctx
         if isinstance(ctx, Context):
-            from qtee._info import object_label
+            from qtee._cli.info import object_label
 
             return object_label(ctx, ident)
         held = self._held()

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Final
 
 from objects import DriverError
 from qtee import uapi
-from qtee._ta_modules import import_ta_module
+from qtee._cli.ta_modules import import_ta_module
 from qtee.gp import TeecResult
 from supplicant._fs import FileStore, FsError
 from supplicant._fs_msg import FsOpenFlag

@@ -25,8 +25,9 @@ import pytest
 
 import qtee
 from objects import QteeError
-from qtee import OUT_OBJECT, DeviceServer, Out, _trace, op
+from qtee import OUT_OBJECT, DeviceServer, Out, op
 from qtee.__main__ import main
+from qtee._cli import trace as _trace
 from supplicant import _time_msg
 
 ADDER = "cli.adder"
@@ -204,7 +205,7 @@ def test_info_connect_shows_what_a_client_holds(
 def test_info_in_process_and_connected_print_the_same_shape(
     server: DeviceServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Both describe a device with qtee._info: same lines, only the fds differ."""
+    """Both describe a device with qtee._cli.info: same lines, only the fds differ."""
     assert main(["info"]) == 0
     local = capsys.readouterr().out.splitlines()
     assert main(["info", "--connect", server.path]) == 0
@@ -236,7 +237,7 @@ def _stop_the_cli(sig: signal.Signals = signal.SIGTERM) -> None:
     """Send ``sig`` to this process if the CLI (running in the main thread) handles it now;
     never when the default handler is back (it would stop the test run)."""
     handler = signal.getsignal(sig)
-    if getattr(handler, "__module__", None) in ("qtee.__main__", "supplicant._cli"):
+    if getattr(handler, "__module__", None) in ("qtee._cli.verbs", "supplicant._cli"):
         os.kill(os.getpid(), sig)
 
 

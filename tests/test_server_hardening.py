@@ -736,8 +736,8 @@ def test_a_failed_thread_start_kills_no_loop(
 
 def test_the_trace_sender_survives_a_memory_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A MemoryError while sending one record drops that record (counted), not the stream."""
+    from qtee._cli.trace import TraceRecord
     from qtee._remote.server import _TraceStream
-    from qtee._trace import TraceRecord
 
     class Conn:
         name = "c"

@@ -708,7 +708,7 @@ class RemoteContext:
         return self._ask("info", timeout, "the server did not describe itself")
 
     def held_objects(self, timeout: float = 2.0) -> dict[str, Any]:
-        """What this fd holds on the server, by name (model-only; ``qtee._info.fd_objects``):
+        """What this fd holds on the server, by name (model-only; ``qtee._cli.info.fd_objects``):
         ``objects`` ``[id, label]``, ``callbacks`` ``[user id, "", refs]``, ``memory``
         ``[shm id, size, refs, owned]``.  ETIMEDOUT without an answer, EBADF once lost."""
         return self._ask("objects", timeout, "the server did not name the fd's objects")
@@ -739,7 +739,7 @@ class RemoteContext:
 
     def stream_trace(self, sink: Callable[[dict[str, Any]], None], timeout: float = 5.0) -> None:
         """Have the server send every crossing from now on: ``sink`` gets each record's map
-        (see :meth:`qtee._trace.TraceRecord.to_map`), ``{"dropped": n}`` when the server
+        (see :meth:`qtee._cli.trace.TraceRecord.to_map`), ``{"dropped": n}`` when the server
         dropped records for a slow reader, and ``{}`` when the stream ends.  Returns once
         the server streams; DriverError if it refuses (EACCES: the server does not allow
         introspection; EALREADY: this connection streams already) or does not answer."""

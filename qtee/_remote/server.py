@@ -63,8 +63,9 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from objects import DriverError, UsageError
 from qtee import uapi
+from qtee._cli.info import describe
+from qtee._cli.trace import TraceRecord
 from qtee._driver import Context, Device
-from qtee._info import describe
 from qtee._mem_obj import memfd_backing
 from qtee._remote.frames import MAX_FRAME
 from qtee._remote.region_memory import CallRegions, RegionMemory
@@ -82,7 +83,6 @@ from qtee._remote.server_conn import (
     TraceStream,
     backoff,
 )
-from qtee._trace import TraceRecord
 
 if TYPE_CHECKING:
     from qtee._optee import OpteeDevice

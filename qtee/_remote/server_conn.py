@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from objects import DriverError, UsageError
 from qtee import _reason, uapi
+from qtee._cli.trace import TraceRecord
 from qtee._remote.frames import (
     PROTOCOL_VERSION,
     Answer,
@@ -51,7 +52,6 @@ from qtee._remote.frames import (
     refusal,
 )
 from qtee._remote.region_memory import CallRegions, RegionMemory
-from qtee._trace import TraceRecord
 
 if TYPE_CHECKING:
     from qtee._remote.server import DeviceServer
@@ -590,8 +590,8 @@ class Connection:
         from now until the connection closes.  Refused unless the server introspects;
         ``objects`` (what this connection's own fd holds, by name) never is."""
         if msg.what == "objects":
+            from qtee._cli.info import fd_objects
             from qtee._driver import Context
-            from qtee._info import fd_objects
 
             held = fd_objects(self.ctx) if isinstance(self.ctx, Context) else {}
             self.send(

@@ -285,7 +285,7 @@ class OpteeFlavour:
         return self.device.leaks()
 
     def describe(self) -> dict[str, Any]:
-        """What ``qtee info --connect`` prints (``qtee._info.format_info``'s keys)."""
+        """What ``qtee info --connect`` prints (``qtee._cli.info.format_info``'s keys)."""
         from qtee import __version__
 
         device = self.device
