@@ -66,10 +66,6 @@ OUTPUT_KINDS: Final = (CallbackObject, ObjRef, MemoryObject, Transfer)
 
 
 _P = tuple[int, int, int, int]  # one struct tee_ioctl_param: attr, a, b, c
-_UB_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
-_UB_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
-_OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
-_OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
 _META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 _META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 
@@ -270,17 +266,17 @@ class WorkerPool:
         n_oo = 0
         try:
             for attr, a, b, _c in args:
-                if attr == _UB_IN:
+                if attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT:
                     off = a - base
                     if 0 <= off <= len(scratch) - b:  # in this worker's own scratch buffer
                         ib.append(bytes(scratch[off : off + b]))
                     else:
                         ib.append(mem.read(a, b))
-                elif attr == _UB_OUT:
+                elif attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT:
                     ob.append(b)
-                elif attr == _OBJ_IN:
+                elif attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT:
                     io.append(client.from_param(a, b))
-                elif attr == _OBJ_OUT:
+                elif attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT:
                     n_oo += 1
                 else:
                     raise UsageError(f"unexpected param attr {attr:#x}")
@@ -309,19 +305,19 @@ class WorkerPool:
         obs, oos = iter(ob_data), iter(oo)
         try:
             for x in args:
-                if x[0] == _UB_OUT:
+                if x[0] == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT:
                     data = bytes(next(obs))
                     addr = 0
                     if data:
                         addr = mem.pin(data)
                         pins.append(addr)
-                    reply.append((_UB_OUT, addr, len(data), 0))
-                elif x[0] == _OBJ_OUT:
+                    reply.append((uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT, addr, len(data), 0))
+                elif x[0] == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT:
                     value = next(oos)
                     if isinstance(value, Transfer):
                         value = value.obj
                     _attr, a, b, _c = client.to_param(value, sent)
-                    reply.append((_OBJ_OUT, a, b, 0))
+                    reply.append((uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT, a, b, 0))
                 else:
                     reply.append(x)
         except Exception as exc:  # libqcomtee: marshalling out fails -> UNAVAIL
