@@ -117,8 +117,8 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
-#: Most arguments of one kind a call can carry: the 4-bit count in the message's
-#: ``counts`` word (Mink's ``OBJECT_COUNTS_MAX_*``).
+#: Most arguments of one kind a call can carry (Mink's ``OBJECT_COUNTS_MAX_*``: a kind's
+#: count is four bits).
 _MAX_PER_KIND: Final = 15
 #: The largest op number an interface can declare: ops are 16 bits (userspace ops with a
 #: bit above 15 are refused) and 0xFFFE/0xFFFF are Mink's RETAIN/RELEASE.
