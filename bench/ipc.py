@@ -46,7 +46,7 @@ from _timing import ops_per_sec, pin_to_one_cpu, report
 
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, op, uapi
-from qtee._frames import PROTOCOL_VERSION
+from qtee._remote.frames import PROTOCOL_VERSION
 
 _ROOT = _HERE.parent
 _TA_MODULE = "bench._ipc_tas"

@@ -1,21 +1,10 @@
-"""objects -- the generic object-capability core of qtee (no QTEE wire in it).
+"""objects -- the generic object-capability core of qtee (no transport in it).
 
-Result codes, the exception hierarchy, kernel-like id allocators, invocation
-arguments and the counts word, refcounted entries and object tables.
+The generic result codes (a transport registers its own), the exception hierarchy,
+kernel-like id allocators, refcounted entries and object tables, and objects written in
+Python with a declarative op table.
 """
 
-from objects._args import (
-    MAX_ARGS_PER_KIND,
-    Arg,
-    ArgType,
-    Counts,
-    Grouped,
-    InBuffer,
-    InObject,
-    OutBuffer,
-    OutObject,
-    group_args,
-)
 from objects._errors import (
     ENOTSUPP,
     DecodeError,
@@ -24,14 +13,15 @@ from objects._errors import (
     QteeError,
     UsageError,
     errno_name,
+    publish_errors,
 )
-from objects._errors import publish_errors as _publish_errors
 from objects._ids import INT_MAX, CyclicAllocator, IdrAllocator
 from objects._optable import DispatchResult, OpSpec, PyObject, op
 from objects._refs import ObjectTable, Refcounted, RefcountError
 from objects._results import (
-    USERSPACE_ONLY_RESULTS,
-    Result,
+    ObjectResult,
+    canonical_result,
+    register_results,
     result_from_u32,
     result_name,
     result_to_u32,
@@ -40,36 +30,28 @@ from objects._results import (
 __all__ = [
     "ENOTSUPP",
     "INT_MAX",
-    "MAX_ARGS_PER_KIND",
-    "USERSPACE_ONLY_RESULTS",
-    "Arg",
-    "ArgType",
-    "Counts",
     "CyclicAllocator",
     "DecodeError",
     "DriverError",
-    "Grouped",
     "IdrAllocator",
-    "InBuffer",
-    "InObject",
+    "ObjectResult",
     "ObjectTable",
     "OpSpec",
     "PyObject",
     "DispatchResult",
     "op",
-    "OutBuffer",
-    "OutObject",
     "QteeBaseError",
     "QteeError",
     "RefcountError",
     "Refcounted",
-    "Result",
     "UsageError",
+    "canonical_result",
     "errno_name",
-    "group_args",
+    "publish_errors",
+    "register_results",
     "result_from_u32",
     "result_name",
     "result_to_u32",
 ]
 
-_publish_errors("objects", globals(), __all__)
+publish_errors("objects", globals(), __all__)

@@ -4,7 +4,7 @@ The kernel keeps two channels apart and so does qtee:
 
 * the **errno channel** -- the ioctl itself fails and nothing is written back
   (:class:`DriverError`, an :class:`OSError` carrying the kernel's errno);
-* the **result channel** -- the ioctl succeeds and ``ret`` carries QTEE's result
+* the **result channel** -- the ioctl succeeds and ``ret`` carries the callee's result
   (:class:`QteeError`, carrying the signed result).
 
 Everything else splits into "the caller broke it" (:class:`UsageError`) and "the other
@@ -13,8 +13,8 @@ side sent something malformed" (:class:`DecodeError`).
 A :class:`QteeError` names its result the way the interface that answered does: a member
 of an interface's error enum (``IAppLoader.ERROR_INVALID_BUFFER``, an ``IntEnum`` named
 after the interface) is named ``IAppLoader.ERROR_INVALID_BUFFER``; a generic result by its
-:class:`Result` name.  The name and the ``detail`` are the model's own: they never cross
-the wire (QTEE sends only the number).
+registered result name (:func:`objects.register_results`).  The name and the ``detail``
+are the model's own: they never cross the wire (only the number does).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import errno as _errno
 import os
 from typing import Any
 
-from objects._results import Result, result_name
+from objects._results import is_result_member, result_name
 
 __all__ = ["DecodeError", "DriverError", "QteeBaseError", "QteeError", "UsageError"]
 
-#: Linux's ENOTSUPP (kernel-internal, 524): what SHM_REGISTER returns on qcomtee.
+#: Linux's ENOTSUPP (kernel-internal, 524): what a driver returns for a call it lacks.
 ENOTSUPP = 524
 
 _ERRNO_NAMES = {ENOTSUPP: "ENOTSUPP", 512: "ERESTARTSYS"}
@@ -69,19 +69,19 @@ class DriverError(QteeBaseError, OSError):
 
 def interface_error_name(result: int) -> str | None:
     """``IAppLoader.ERROR_INVALID_BUFFER`` for a member of an interface's error enum (any
-    ``IntEnum`` but :class:`Result`), None for anything else."""
-    if isinstance(result, enum.IntEnum) and not isinstance(result, Result):
+    ``IntEnum`` but a registered result table), None for anything else."""
+    if isinstance(result, enum.IntEnum) and not is_result_member(result):
         return f"{type(result).__name__}.{result.name}"
     return None
 
 
 class QteeError(QteeBaseError):
-    """The result channel: QTEE (or a callback object) answered with ``result`` != 0.
+    """The result channel: the callee (a TEE or a callback object) answered with ``result`` != 0.
 
     ``name`` says what the result means: given, or taken from ``result`` when it is a
     member of an interface's error enum (``IAppLoader.ERROR_INVALID_BUFFER``), else the
     generic :func:`result_name`.  ``detail`` is why, when the side that answered said so.
-    Both are the model's: QTEE's answer on the wire is the number alone."""
+    Both are the model's: the answer on the wire is the number alone."""
 
     def __init__(self, result: int, detail: str = "", *, name: str = "") -> None:
         if not isinstance(result, int) or isinstance(result, bool) or result == 0:

@@ -2,10 +2,10 @@
 
 * :class:`IdrAllocator` is ``idr_alloc(idr, ptr, start, end)``: the **lowest free** id in
   ``[start, end)``; ``end <= 0`` means "up to INT_MAX" (the kernel's convention).
-  qcomtee uses it for userspace object ids (start 0) and callback request ids.
+  A driver uses it for per-file object ids (start 0) and request ids.
 * :class:`CyclicAllocator` is ``xa_alloc_cyclic(xa, &id, ptr, XA_LIMIT(min, max), &next)``:
   the first free id at or after ``next``, wrapping to ``min`` once, with ``next`` set to
-  the id handed out plus one.  qcomtee uses it for NS wire ids (0x80000001..0xFFFFFFFF).
+  the id handed out plus one.  A driver uses it for ids it names on a wire.
 
 Both answer ``ENOSPC`` (as a :class:`DriverError`) when the range is full.  Both keep the
 *free* space as sorted disjoint intervals (two parallel lists searched by bisection), so

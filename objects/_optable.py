@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, NamedTuple, TypeVar
 
 from objects._errors import QteeError, UsageError
-from objects._results import Result, result_name
+from objects._results import ObjectResult as Result
+from objects._results import canonical_result, result_name
 
 __all__ = ["DispatchResult", "OpSpec", "PyObject", "op"]
 
@@ -116,11 +117,11 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
-#: Most arguments of one kind a call can carry: the 4-bit count in the message's
-#: ``counts`` word (qtee-kernel.md §3.3; Mink's ``OBJECT_COUNTS_MAX_*``).
+#: Most arguments of one kind a call can carry (Mink's ``OBJECT_COUNTS_MAX_*``: a kind's
+#: count is four bits).
 _MAX_PER_KIND: Final = 15
 #: The largest op number an interface can declare: ops are 16 bits (userspace ops with a
-#: bit above 15 are EINVAL) and 0xFFFE/0xFFFF are RETAIN/RELEASE (qtee-kernel.md §3.5).
+#: bit above 15 are refused) and 0xFFFE/0xFFFF are Mink's RETAIN/RELEASE.
 _MAX_OP: Final = 0xFFFD
 _MAX_SIZE: Final = 0xFFFF_FFFF  # a buffer size is a u32 on the wire
 
@@ -265,6 +266,7 @@ _OK = DispatchResult(0)
 def _failed(
     result: int, detail: str, name: str = "", oo: tuple[object, ...] = ()
 ) -> DispatchResult:
+    result = canonical_result(result)
     return DispatchResult(result, (), oo, name or result_name(result), detail)
 
 
@@ -387,7 +389,8 @@ class PyObject:
                     f"op {number} declares {size}"
                 )
                 return self._bug(why, _objects_in(out))
-        return DispatchResult(Result.OK, tuple(bytes(c) for c in data), tuple(objs))
+        ok = canonical_result(Result.OK)
+        return DispatchResult(ok, tuple(bytes(c) for c in data), tuple(objs))
 
     def _bug(self, why: str, oo: tuple[object, ...]) -> DispatchResult:
         """The method returned what its declaration does not allow: ERROR, logged once."""

@@ -1,10 +1,10 @@
-"""Result codes of the QTEE/Mink object protocol.
+"""Result codes of the object protocol: the generic ones, their two forms, their names.
 
-QTEE answers every invocation with a signed 32-bit result.  0 is success, 1..4 are
-generic errors, 10 and up are defined by the interface (IDL errors), and -90..-103
-are transport errors.  The kernel hands the result to userspace as the ``u32 ret``
-field of ``TEE_IOC_OBJECT_INVOKE`` (two's complement), so -96 reads 0xFFFFFFA0 there.
-qtee keeps results signed and converts only at that boundary.
+Every invocation answers a signed 32-bit result: 0 is success, 1..4 are the generic
+errors any object may answer (Mink's ``Object_ERROR*``), 10 and up are defined by the
+interface (IDL errors).  A transport adds codes of its own (negative ones) and names
+them by passing its enum to :func:`register_results`.  Where a result crosses as a
+``u32`` (two's complement) it is converted at that boundary only: -96 reads 0xFFFFFFA0.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import enum
 
 __all__ = [
-    "USERSPACE_ONLY_RESULTS",
-    "Result",
+    "ObjectResult",
+    "canonical_result",
+    "register_results",
     "result_from_u32",
     "result_name",
     "result_to_u32",
@@ -22,36 +23,43 @@ __all__ = [
 _U32 = 0xFFFF_FFFF
 
 
-class Result(enum.IntEnum):
-    """Result codes under the kernel's ``QCOMTEE_MSG_*`` / Mink ``Object_*`` names."""
+class ObjectResult(enum.IntEnum):
+    """The generic results every object may answer (Mink's ``Object_*`` names)."""
 
     OK = 0
     ERROR = 1
     ERROR_INVALID = 2
     ERROR_SIZE_IN = 3
     ERROR_SIZE_OUT = 4
-    ERROR_MEM = 5  # libqcomtee only; not in the kernel's list
     ERROR_USERBASE = 10  # first interface-defined error
-    ERROR_DEFUNCT = -90  # object no longer exists
-    ERROR_ABORT = -91  # calling thread must exit
-    ERROR_BADOBJ = -92  # invalid object context
-    ERROR_NOSLOTS = -93  # caller's object table full
-    ERROR_MAXARGS = -94  # too many args
-    ERROR_MAXDATA = -95  # buffers too large
-    ERROR_UNAVAIL = -96  # the request could not be processed
-    ERROR_KMEM = -97  # kernel out of memory
-    ERROR_REMOTE = -98  # local method sent to a remote object
-    ERROR_BUSY = -99  # object is busy
-    ERROR_AUTH = -100  # Mink userspace only
-    ERROR_REPLAY = -101  # Mink userspace only
-    ERROR_MAXREPLAY = -102  # Mink userspace only
-    ERROR_TIMEOUT = -103  # callback object invocation timed out
 
 
-#: Codes that exist in Qualcomm's userspace headers but never come out of the kernel.
-USERSPACE_ONLY_RESULTS: frozenset[Result] = frozenset(
-    {Result.ERROR_MEM, Result.ERROR_AUTH, Result.ERROR_REPLAY, Result.ERROR_MAXREPLAY}
-)
+#: The result tables that name codes, the most recently registered first.
+_TABLES: list[type[enum.IntEnum]] = [ObjectResult]
+#: Each known code's member, from the first table that has it.
+_MEMBERS: dict[int, enum.IntEnum] = {int(m): m for m in ObjectResult}
+
+
+def register_results(table: type[enum.IntEnum]) -> None:
+    """Name results by ``table`` (a transport's full result enum) from now on: its
+    members come back from :func:`result_from_u32` and name results in errors."""
+    if not (isinstance(table, type) and issubclass(table, enum.IntEnum)):
+        raise TypeError(f"a result table is an IntEnum class, not {table!r}")
+    if table in _TABLES:
+        return
+    for member in table:
+        known = _MEMBERS.get(int(member))
+        if known is not None and known.name != member.name:
+            raise ValueError(
+                f"{table.__name__}.{member.name} = {int(member)} is already {known.name}"
+            )
+    _TABLES.insert(0, table)
+    _MEMBERS.update({int(m): m for m in table})
+
+
+def is_result_member(value: object) -> bool:
+    """Whether ``value`` is a member of a registered result table (not an interface's)."""
+    return isinstance(value, enum.IntEnum) and type(value) in _TABLES
 
 
 def _check_int(value: object, what: str) -> int:
@@ -69,22 +77,25 @@ def result_to_u32(result: int) -> int:
 
 
 def result_from_u32(raw: int) -> int:
-    """``u32`` wire form -> signed result (an int; a :class:`Result` when it is a known code)."""
+    """``u32`` wire form -> signed result (an int; a registered member when it is a known
+    code)."""
     value = _check_int(raw, "raw result")
     if not 0 <= value <= _U32:
         raise ValueError(f"raw result {value:#x} is not an unsigned 32-bit value")
     signed = value - 0x1_0000_0000 if value & 0x8000_0000 else value
-    try:
-        return Result(signed)
-    except ValueError:
-        return signed
+    return _MEMBERS.get(signed, signed)
+
+
+def canonical_result(result: int) -> int:
+    """``result`` as the registered member of its code, when it has one."""
+    return _MEMBERS.get(result, result)
 
 
 def result_name(result: int) -> str:
     """A readable name: ``ERROR_UNAVAIL``, ``USERBASE+3`` or the number itself."""
-    try:
-        return Result(result).name
-    except ValueError:
-        if result > Result.ERROR_USERBASE:
-            return f"USERBASE+{result - Result.ERROR_USERBASE}"
-        return str(result)
+    member = _MEMBERS.get(result)
+    if member is not None:
+        return member.name
+    if result > ObjectResult.ERROR_USERBASE:
+        return f"USERBASE+{result - ObjectResult.ERROR_USERBASE}"
+    return str(result)

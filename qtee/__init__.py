@@ -7,8 +7,15 @@ error types shared with :mod:`objects`.  The GP client API is :mod:`qtee.gp`; th
 of the secure world is :mod:`qtee.secure`.
 """
 
-from objects import DecodeError, DriverError, QteeBaseError, QteeError, Result, UsageError, op
-from objects._errors import publish_errors as _publish_errors
+from objects import (
+    DecodeError,
+    DriverError,
+    QteeBaseError,
+    QteeError,
+    UsageError,
+    op,
+    publish_errors,
+)
 from qtee import uapi, wire
 from qtee._driver import Context, Device
 from qtee._optee import OpteeContext, OpteeDevice
@@ -31,10 +38,21 @@ from qtee._optee_supp import (
     invoke_supp_plugin,
     trusted_storage,
 )
-from qtee._remote import ConnectError, RemoteContext, RemoteDevice, connect
-from qtee._server import DeviceServer
+from qtee._qcomtee_msg import MAX_ARGS_PER_KIND, USERSPACE_ONLY_RESULTS, Counts, Result
+from qtee._remote.remote import ConnectError, RemoteContext, RemoteDevice, connect
+from qtee._remote.server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, SharedSpace, address_of
-from qtee.client import OUT_OBJECT, CallbackObject, Client, MemoryObject, ObjRef, Out, Transfer
+from qtee.client import (
+    OUT_OBJECT,
+    ArgBlock,
+    CallbackObject,
+    Client,
+    ExportTable,
+    MemoryObject,
+    ObjRef,
+    Out,
+    Transfer,
+)
 from qtee.credentials import CredentialKey, Credentials
 from qtee.secure import (
     IIO,
@@ -110,6 +128,11 @@ __all__ = [
     "RemoteContext",
     "RemoteDevice",
     "Result",
+    "ArgBlock",
+    "ExportTable",
+    "USERSPACE_ONLY_RESULTS",
+    "MAX_ARGS_PER_KIND",
+    "Counts",
     "SecureObject",
     "SecureWorld",
     "SharedSpace",
@@ -160,4 +183,4 @@ __all__ = [
     "invoke_supp_plugin",
 ]
 
-_publish_errors("qtee", globals(), __all__)
+publish_errors("qtee", globals(), __all__)

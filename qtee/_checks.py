@@ -69,8 +69,8 @@ def _a(p: ParamLike) -> int:
     return p[1] if isinstance(p, tuple) else p.a
 
 
-_BUF: Final = struct.Struct("<QQ")  # struct tee_ioctl_buf_data
-_PARAM: Final = struct.Struct("<4Q")  # struct tee_ioctl_param
+_BUF: Final = uapi.BUF_DATA_STRUCT
+_PARAM: Final = uapi.PARAM_STRUCT
 _UBUF_TYPES: Final = frozenset(
     {
         uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT,

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from objects import (
     ENOTSUPP,
-    Counts,
     CyclicAllocator,
     DriverError,
     IdrAllocator,
@@ -38,6 +37,7 @@ from objects import (
     result_name,
 )
 from qtee import _checks, uapi, wire
+from qtee._cli.trace import TraceRecord
 from qtee._file import FileLife, popped
 from qtee._mem_obj import (
     SHM_MAX,
@@ -50,8 +50,8 @@ from qtee._mem_obj import (
     discard_backing,
     private_backing,
 )
+from qtee._qcomtee_msg import Counts
 from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcConduit, SmcFid
-from qtee._trace import TraceRecord
 from qtee._user_obj import OP_RELEASE, PROCESSING, CbObject, Request, RequestQueue, UserObject
 from qtee.addrspace import AddressSpace, ProcessMemory
 from qtee.secure import SecureWorld

@@ -64,7 +64,7 @@ _G = TypeVar("_G", bound="type[GpTA]")
 
 __all__ = ["OpteeContext", "OpteeDevice", "PreparedCall", "SessionRuntime"]
 
-_PARAM: Final = struct.Struct("<4Q")
+_PARAM: Final = uapi.PARAM_STRUCT
 _OPEN_HEAD: Final = struct.Struct("<16s16s6I")
 _INVOKE_HEAD: Final = struct.Struct("<6I")
 _GEN_CAPS: Final = uapi.TEE_GEN_CAP_GP | uapi.TEE_GEN_CAP_REG_MEM | uapi.TEE_GEN_CAP_MEMREF_NULL

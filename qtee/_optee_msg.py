@@ -63,7 +63,7 @@ OPTEE_MSG_ATTR_META: Final = 0x100
 OPTEE_MSG_ATTR_NONCONTIG: Final = 0x200
 
 _HEAD: Final = struct.Struct("<8I")
-_PARAM: Final = struct.Struct("<4Q")
+_PARAM: Final = struct.Struct("<4Q")  # struct optee_msg_param: u64 attr, then a 24-byte union
 _U32: Final = 0xFFFF_FFFF
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 _PAGE: Final = 4096

@@ -95,7 +95,6 @@ result replaces the plugin's, as in OP-TEE for a user TA).
 from __future__ import annotations
 
 import errno
-import struct
 import threading
 import uuid as uuidlib
 import weakref
@@ -229,8 +228,8 @@ _BAD_PARAMETERS: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
 _CONFLICT: Final = int(TeecResult.TEEC_ERROR_ACCESS_CONFLICT)
 _OVERFLOW: Final = int(TeecResult.TEE_ERROR_OVERFLOW)
 
-_HEAD: Final = struct.Struct("<2I")  # supp_recv_arg / supp_send_arg
-_PARAM: Final = struct.Struct("<4Q")
+_HEAD: Final = uapi.SUPP_ARG_STRUCT
+_PARAM: Final = uapi.PARAM_STRUCT
 _P = tuple[int, int, int, int]
 #: A LOAD_TA image larger than this is refused (the secure side cannot map it).
 MAX_TA_IMAGE: Final = 16 << 20

@@ -33,22 +33,13 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
-from objects import (
-    CyclicAllocator,
-    DriverError,
-    PyObject,
-    QteeError,
-    Result,
-    UsageError,
-    op,
-)
+from objects import CyclicAllocator, DriverError, PyObject, QteeError, UsageError, op
 from qtee import _reason, uapi
 from qtee._driver import (
     _INVOKE_HEAD,
     _OBJ_IN,
     _OBJ_OUT,
     _P,
-    _PARAM,
     _U32,
     _UB_IN,
     _UB_OUT,
@@ -56,18 +47,22 @@ from qtee._driver import (
     Device,
     _invoke_struct,
 )
+from qtee._qcomtee_msg import Result
 from qtee.addrspace import AddressSpace
 from qtee.credentials import Credentials
+from qtee.uapi import PARAM_STRUCT as _PARAM
 
 if TYPE_CHECKING:
-    from qtee._remote import RemoteContext, RemoteDevice
-    from supplicant._pool import WorkerPool
+    from qtee._remote.remote import RemoteContext, RemoteDevice
+    from supplicant import WorkerPool
 
 # (ObjectTracker, Leftover and track_objects serve the pytest plugin: not public API.)
 __all__ = [
     "OUT_OBJECT",
+    "ArgBlock",
     "CallbackObject",
     "Client",
+    "ExportTable",
     "MemoryObject",
     "ObjRef",
     "Out",
@@ -78,7 +73,7 @@ _BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is buil
 
 log = logging.getLogger("qtee.client")
 
-_BUF: Final = struct.Struct("<QQ")  # struct tee_ioctl_buf_data
+_BUF: Final = uapi.BUF_DATA_STRUCT
 _INVOKE_HEAD_SIZE: Final = _INVOKE_HEAD.size
 #: Callback objects one client can have exported at once (libqcomtee: ids 1..1023).
 CALLBACK_IDS_MAX: Final = 1023
@@ -334,19 +329,100 @@ class _Credentials(CallbackObject):
         return self.data[off:]
 
 
-class _Block:
-    """A pinned ioctl argument block (up to TEE_MAX_ARG_SIZE) and its buf_data struct."""
+class ArgBlock:
+    """A pinned ioctl argument block (``TEE_MAX_ARG_SIZE`` bytes at ``addr`` in ``mem``) and
+    the ``struct tee_ioctl_buf_data`` that points the kernel at it: what one thread hands
+    to the TEE ioctls that take a buffer (INVOKE, SUPPL_RECV, SUPPL_SEND)."""
 
     __slots__ = ("addr", "arg", "buf", "mem")
 
     def __init__(self, mem: AddressSpace) -> None:
+        if not isinstance(mem, AddressSpace):
+            raise TypeError(f"an ArgBlock is pinned in an AddressSpace, not {mem!r}")
         self.mem = mem
         self.buf = bytearray(uapi.TEE_MAX_ARG_SIZE)
         self.addr = mem.pin(self.buf)
         self.arg = bytearray(_BUF.size)
 
     def close(self) -> None:
+        """Unpin the block (it is not used again)."""
         self.mem.unpin(self.addr)
+
+
+class ExportTable:
+    """The callback objects one client has exported, by callback id (libqcomtee's table
+    on the root object): an id is taken round-robin in 1..1023 when an object is first
+    sent and stays the object's while references to it are out -- one per send, each
+    dropped by QTEE's release notification or by a send QTEE never received."""
+
+    __slots__ = ("_by_obj", "_entries", "_ids", "_lock", "track")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[int, list[Any]] = {}  # callback id -> [object, references]
+        self._by_obj: dict[int, int] = {}  # id() of the object -> callback id
+        self._ids = CyclicAllocator(1, CALLBACK_IDS_MAX, name="callback ids")
+        #: The leak check's record of where each id was first sent (None: not tracked).
+        self.track: _ClientTrack | None = None
+
+    def export(self, obj: CallbackObject) -> int:
+        """One more reference on ``obj``'s callback id, allocated on its first send; the id
+        (ENOSPC with 1023 objects exported)."""
+        if not isinstance(obj, CallbackObject):
+            raise TypeError(f"only a CallbackObject is exported, not {type(obj).__name__}")
+        with self._lock:
+            uid = self._by_obj.get(id(obj))
+            if uid is None:
+                try:
+                    uid = self._ids.alloc()
+                except DriverError:
+                    raise DriverError(
+                        errno.ENOSPC, f"{CALLBACK_IDS_MAX} callback objects already exported"
+                    ) from None
+                self._by_obj[id(obj)] = uid
+                self._entries[uid] = [obj, 0]
+                if self.track is not None:
+                    self.track.exports[uid] = self.track.tracker.where(sys._getframe(1))
+            self._entries[uid][1] += 1
+            return uid
+
+    def hold(self, uid: int) -> None:
+        """One more reference on the exported id ``uid`` (dropped with :meth:`unexport`)."""
+        with self._lock:
+            entry = self._entries.get(uid)
+            if entry is None:
+                raise UsageError(f"callback id {uid!r} is not exported")
+            entry[1] += 1
+
+    def unexport(self, uid: int) -> None:
+        """Drop one reference on ``uid``; the last frees the id (an id not exported: no-op,
+        as a release notification for it is)."""
+        with self._lock:
+            entry = self._entries.get(uid)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._entries[uid]
+                del self._by_obj[id(entry[0])]
+                self._ids.free(uid)
+                if self.track is not None:
+                    self.track.exports.pop(uid, None)
+
+    def get(self, uid: int) -> CallbackObject | None:
+        """The callback object exported as ``uid`` (None: not exported)."""
+        with self._lock:
+            entry = self._entries.get(uid)
+        return entry[0] if entry is not None else None
+
+    def items(self) -> list[tuple[int, CallbackObject]]:
+        """``(callback id, object)`` for each exported object, by id order of export."""
+        with self._lock:
+            return [(uid, entry[0]) for uid, entry in self._entries.items()]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,9 +489,7 @@ class _ClientTrack:
                 left.append(Leftover("ObjRef", obj.id, obj.label, where))
             elif obj.id >= 0 and obj.id in owned:
                 left.append(Leftover("MemoryObject", obj.id, f"{obj.size} bytes", where))
-        with client._lock:
-            exports = [(uid, entry[0]) for uid, entry in client._exports.items()]
-        for uid, cb in exports:
+        for uid, cb in client.exports.items():
             if uid in callbacks and not isinstance(cb, _Credentials):  # that goes with its env
                 where = self.exports.get(uid, "?")
                 left.append(Leftover("callback object", uid, type(cb).__name__, where))
@@ -484,7 +558,7 @@ class Client:
         ``deadline`` (seconds): a callback handler that runs longer is answered BUSY
         and its late answer dropped (see :class:`supplicant.WorkerPool`).
         """
-        from qtee._remote import RemoteDevice
+        from qtee._remote.remote import RemoteDevice
 
         if not isinstance(device, Device | RemoteDevice):
             raise TypeError("Client needs a Device or a connected device (qtee.connect)")
@@ -502,36 +576,36 @@ class Client:
         self._track: _ClientTrack | None = None
         self.ctx: Context | RemoteContext = device.open()
         self._lock = threading.Lock()
-        self._exports: dict[int, list[Any]] = {}  # user id -> [object, references]
-        self._by_obj: dict[int, int] = {}
-        # libqcomtee: callback ids round-robin in [1, 1023] per root, held while referenced.
-        self._ids = CyclicAllocator(1, CALLBACK_IDS_MAX, name="callback ids")
-        self._blocks: list[_Block] = []
+        #: The callback objects this client has exported (what its workers serve).
+        self.exports = ExportTable()
+        self._blocks: list[ArgBlock] = []
         self._shms: dict[int, list[Any]] = {}  # shm id -> [view, handles]
         #: QTEE's root object (register ops 2 and 5); it lives as long as the client.
         self.root: ObjRef = _Root(self, uapi.TEE_OBJREF_NULL)
         tracker = _tracker
         if tracker is not None:
             self._track = tracker._attach(self, sys._getframe(1))
+            self.exports.track = self._track
         if isinstance(self.ctx, Context):  # model-only: qtee info names the exports
             self.ctx.callback_class = self._callback_class
         self.pool: WorkerPool | None = None
         if workers:
-            from supplicant._pool import WorkerPool
+            from supplicant import WorkerPool
 
             self.pool = WorkerPool(self, workers, deadline=deadline)
 
     # ----------------------------------------------------------------- memory
-    def _take_block(self) -> _Block:
+    def _take_block(self) -> ArgBlock:
         """A pinned argument block (one per concurrent ioctl, reused)."""
         try:
             return self._blocks.pop()
         except IndexError:
-            return _Block(self.device.memory)
+            return ArgBlock(self.device.memory)
 
-    def _new_block(self) -> _Block:
-        """A pinned argument block owned by the caller (a supplicant thread)."""
-        return _Block(self.device.memory)
+    def new_block(self) -> ArgBlock:
+        """A pinned argument block owned by the caller (a supplicant thread), for
+        :meth:`call`; the caller closes it."""
+        return ArgBlock(self.device.memory)
 
     def _mem_hold(self, shm_id: int) -> memoryview:
         """One more handle on shm ``shm_id``; its view.  The first handle of a shm takes
@@ -583,76 +657,38 @@ class Client:
         for a in addrs:
             unpin(a)
 
-    def _call(self, cmd: int, blk: _Block, size: int) -> None:
+    def call(self, cmd: int, blk: ArgBlock, size: int) -> None:
+        """The ioctl ``cmd`` on this client's fd, its argument the first ``size`` bytes of
+        ``blk`` (errors: :class:`objects.DriverError`, the errno channel)."""
+        if not 0 <= size <= uapi.TEE_MAX_ARG_SIZE:
+            raise UsageError(f"an ioctl argument is 0..{uapi.TEE_MAX_ARG_SIZE} bytes, not {size}")
         _BUF.pack_into(blk.arg, 0, blk.addr, size)
         self.ctx.ioctl(cmd, blk.arg)
 
     # ----------------------------------------------------------------- exports
-    def _export(self, obj: CallbackObject) -> int:
-        """The object's callback id (allocated on first send, reused while held)."""
-        with self._lock:
-            uid = self._by_obj.get(id(obj))
-            if uid is None:
-                try:
-                    uid = self._ids.alloc()
-                except DriverError:
-                    raise DriverError(
-                        errno.ENOSPC, f"{CALLBACK_IDS_MAX} callback objects already exported"
-                    ) from None
-                self._by_obj[id(obj)] = uid
-                self._exports[uid] = [obj, 0]
-                if self._track is not None:
-                    self._track.exports[uid] = self._track.tracker.where(sys._getframe(1))
-            self._exports[uid][1] += 1
-            return uid
-
-    def _hold(self, uid: int) -> None:
-        """One more reference on an exported id (dropped with :meth:`_unexport`)."""
-        with self._lock:
-            self._exports[uid][1] += 1
-
-    def _unexport(self, uid: int) -> None:
-        with self._lock:
-            entry = self._exports.get(uid)
-            if entry is None:
-                return
-            entry[1] -= 1
-            if entry[1] <= 0:
-                del self._exports[uid]
-                del self._by_obj[id(entry[0])]
-                self._ids.free(uid)
-                if self._track is not None:
-                    self._track.exports.pop(uid, None)
-
-    def _exported(self, uid: int) -> CallbackObject | None:
-        """The callback object QTEE names by ``uid`` (None: not exported by this client)."""
-        with self._lock:
-            entry = self._exports.get(uid)
-        return entry[0] if entry is not None else None
-
-    def _drop_input(self, ref: object) -> None:
-        """An input object a handler received: released unless the handler kept it."""
+    def drop_input(self, ref: object) -> None:
+        """An input object a callback handler received: released unless the handler kept
+        it (:meth:`ObjRef.keep`)."""
         if isinstance(ref, ObjRef | MemoryObject) and not ref.kept:
             ref.release()
 
     def exported(self) -> int:
         """Callback objects QTEE still holds references to."""
-        with self._lock:
-            return len(self._exports)
+        return len(self.exports)
 
     def _callback_class(self, uid: int) -> str | None:
         """The class of the callback object exported as ``uid`` (model-only)."""
-        obj = self._exported(uid)
+        obj = self.exports.get(uid)
         return None if obj is None else type(obj).__name__
 
     # ----------------------------------------------------------------- model-only
     def _held(self) -> dict[str, Any] | None:
-        """What the fd holds, by name (``qtee._info.fd_objects``): asked of the model in
+        """What the fd holds, by name (``qtee._cli.info.fd_objects``): asked of the model in
         process, of the server over a connection; None when it cannot say."""
         ctx = self.ctx
         try:
             if isinstance(ctx, Context):
-                from qtee._info import fd_objects
+                from qtee._cli.info import fd_objects
 
                 return fd_objects(ctx)
             return ctx.held_objects()
@@ -663,7 +699,7 @@ class Client:
         """The label of the object the fd holds as ``ident`` (None: the model cannot say)."""
         ctx = self.ctx
         if isinstance(ctx, Context):
-            from qtee._info import object_label
+            from qtee._cli.info import object_label
 
             return object_label(ctx, ident)
         held = self._held()
@@ -680,7 +716,7 @@ class Client:
             return self._invoke_held(ident, op_, args, held)
         finally:
             for uid in held:
-                self._unexport(uid)
+                self.exports.unexport(uid)
 
     def _invoke_held(
         self, ident: int, op_: int, args: tuple[Any, ...], held: list[int]
@@ -690,7 +726,7 @@ class Client:
         pins: list[int] = []
         outs: list[tuple[int, bytearray | None]] = []
         sent: list[int] = []
-        blk: _Block | None = None
+        blk: ArgBlock | None = None
         called = False
         try:
             for i, a in enumerate(args):
@@ -713,7 +749,7 @@ class Client:
                     params.append((_OBJ_OUT, 0, 0, 0))
                     outs.append((i, None))
                 else:
-                    params.append(self._value_to_param(a, sent))
+                    params.append(self.to_param(a, sent))
             n = len(params)
             size = _INVOKE_HEAD_SIZE + 32 * n
             if size > uapi.TEE_MAX_ARG_SIZE:
@@ -724,14 +760,14 @@ class Client:
             )
             called = True  # from here the errno channel decides ownership
             for uid in sent:  # held through the call: an output may name an object sent in
-                self._hold(uid)  # it while QTEE's release of it is being delivered
+                self.exports.hold(uid)  # it while QTEE's release of it is being delivered
             held.extend(sent)
             _reason.clear()  # a note left by another call never names this one
             try:
-                self._call(uapi.TEE_IOC_OBJECT_INVOKE, blk, size)
+                self.call(uapi.TEE_IOC_OBJECT_INVOKE, blk, size)
             except DriverError:
                 for uid in sent:  # errno channel: the caller keeps ownership
-                    self._unexport(uid)
+                    self.exports.unexport(uid)
                 sent.clear()
                 raise
             (ret,) = _U32.unpack_from(blk.buf, 12)
@@ -739,7 +775,7 @@ class Client:
         except BaseException:
             if not called:  # failed before the ioctl: the caller keeps ownership
                 for uid in sent:
-                    self._unexport(uid)
+                    self.exports.unexport(uid)
             raise
         finally:
             if blk is not None:
@@ -753,9 +789,7 @@ class Client:
         values: list[Any] = []
         try:
             for (_, buf), p in zip(outs, back, strict=True):
-                values.append(
-                    bytes(buf[: p[2]]) if buf is not None else self._param_to_value(*p[1:3])
-                )
+                values.append(bytes(buf[: p[2]]) if buf is not None else self.from_param(*p[1:3]))
         except UsageError as exc:
             # libqcomtee: an output that cannot be unmarshalled makes the result UNAVAIL
             # and every output object made so far is released (quic-teec.md §1.3).
@@ -765,7 +799,10 @@ class Client:
             raise QteeError(Result.ERROR_UNAVAIL, str(exc)) from None
         return values
 
-    def _value_to_param(self, obj: object, sent: list[int]) -> _P:
+    def to_param(self, obj: object, sent: list[int]) -> tuple[int, int, int, int]:
+        """The ``(attr, a, b, c)`` of input object ``obj`` (None, an :class:`ObjRef`, a
+        :class:`MemoryObject` or a :class:`CallbackObject`); a callback object is exported
+        (one reference) and its id appended to ``sent``."""
         if obj is None:
             return (_OBJ_IN, uapi.TEE_OBJREF_NULL, 0, 0)
         if isinstance(obj, ObjRef):
@@ -785,7 +822,7 @@ class Client:
         if isinstance(obj, Transfer):
             raise UsageError("Transfer is for a callback's output objects, not an argument")
         if isinstance(obj, CallbackObject):
-            uid = self._export(obj)
+            uid = self.exports.export(obj)
             sent.append(uid)
             return (_OBJ_IN, uid, uapi.QCOMTEE_OBJREF_FLAG_USER, 0)
         name = type(obj).__name__
@@ -796,15 +833,16 @@ class Client:
             "None (an input object)"
         )
 
-    def _param_to_value(self, a: int, b: int) -> Any:
+    def from_param(self, a: int, b: int) -> Any:
+        """The object an OBJREF param ``(a, b)`` names: None, a new :class:`ObjRef`, this
+        client's exported :class:`CallbackObject` (None if no longer exported) or a new
+        :class:`MemoryObject` handle (:class:`objects.UsageError`: no object kind)."""
         if a == uapi.TEE_OBJREF_NULL:
             return None
         if b & uapi.QCOMTEE_OBJREF_FLAG_TEE:
             return ObjRef(self, a)
         if b & uapi.QCOMTEE_OBJREF_FLAG_USER:
-            with self._lock:
-                entry = self._exports.get(a)
-            return entry[0] if entry else None
+            return self.exports.get(a)
         if b & uapi.QCOMTEE_OBJREF_FLAG_MEM:
             # A new handle on this client's memory (libqcomtee finds it by shm id in its
             # namespace, taking a reference: quic-teec.md §1.7).  Once the client has

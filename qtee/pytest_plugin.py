@@ -239,7 +239,7 @@ def format_leaks(kind: str, where: str, leaks: dict[str, int]) -> str:
 
 def format_leftovers(client: str, closed: bool, left: Sequence[Leftover]) -> str:
     """One client's leftovers as a ``kind | id | refers to | created at`` table."""
-    from qtee._info import format_table
+    from qtee._cli.info import format_table
 
     state = "unreleased when it was closed" if closed else "never closed, holds"
     rows = [[x.kind, x.ident, x.what, x.where] for x in left]
@@ -506,7 +506,7 @@ def _socket_dir() -> str:
     ``TMPDIR`` would put the socket past the 108 bytes of ``sun_path``."""
     import tempfile
 
-    from qtee._server import SUN_PATH_MAX
+    from qtee._remote.server import SUN_PATH_MAX
 
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     prefix = f"qtee-{worker}-" if worker else "qtee-"

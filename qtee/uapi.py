@@ -121,6 +121,23 @@ QCOMTEE_OBJREF_FLAG_MEM: Final = 1 << 2
 
 _U64 = (1 << 64) - 1
 
+#: ``struct tee_ioctl_buf_data`` (16 bytes): u64 buf_ptr, buf_len -- what the ioctls that
+#: take an argument block are given.
+BUF_DATA_STRUCT: Final = struct.Struct("<QQ")
+#: ``struct tee_ioctl_param`` (32 bytes): u64 attr, a, b, c -- the one layout of a param,
+#: for code that packs params in place rather than as :class:`Param` records.
+PARAM_STRUCT: Final = struct.Struct("<4Q")
+#: The header of ``struct tee_iocl_supp_recv_arg`` / ``supp_send_arg``: u32 func (ret),
+#: num_params.
+SUPP_ARG_STRUCT: Final = struct.Struct("<2I")
+
+
+def params_struct(n: int) -> struct.Struct:
+    """``n`` :data:`PARAM_STRUCT` params back to back."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise UsageError(f"a number of params is an int >= 0, not {n!r}")
+    return struct.Struct("<" + "4Q" * n)
+
 
 def _fit(value: object, bits: int, what: str, *, signed: bool = False) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
@@ -170,7 +187,7 @@ class BufData(_Record):
 
     buf_ptr: int
     buf_len: int
-    _S = struct.Struct("<QQ")
+    _S = BUF_DATA_STRUCT
     _FIELDS = (("buf_ptr", 64, False), ("buf_len", 64, False))
     SIZE = 16
 
@@ -186,7 +203,7 @@ class Param(_Record):
     a: int = 0
     b: int = 0
     c: int = 0
-    _S = struct.Struct("<4Q")
+    _S = PARAM_STRUCT
     _FIELDS = (("attr", 64, False), ("a", 64, False), ("b", 64, False), ("c", 64, False))
     SIZE = 32
 
@@ -313,7 +330,7 @@ class SuppRecvArg(_Record):
 
     func: int
     num_params: int
-    _S = struct.Struct("<2I")
+    _S = SUPP_ARG_STRUCT
     _FIELDS = (("func", 32, False), ("num_params", 32, False))
     SIZE = 8
 
@@ -327,7 +344,7 @@ class SuppSendArg(_Record):
 
     ret: int
     num_params: int
-    _S = struct.Struct("<2I")
+    _S = SUPP_ARG_STRUCT
     _FIELDS = (("ret", 32, False), ("num_params", 32, False))
     SIZE = 8
 

@@ -11,7 +11,7 @@
 * :class:`EmulatedRpmb`: tee-supplicant's emulated RPMB partition (JEDEC frames, :func:`frame_mac`).
 """
 
-from objects._errors import publish_errors as _publish_errors
+from objects import publish_errors as _publish_errors
 from supplicant._autoload import TaDirectory, format_uuid
 from supplicant._fs import FileStore, FsError
 from supplicant._gpfs import GpfsService

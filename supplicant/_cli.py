@@ -334,20 +334,20 @@ def _serve(sup: Supplicant, duration: float | None) -> bool:
 def _check(device: Any) -> None:
     """A TA that calls each registered listener once; prints what came back."""
     import qtee
-    from supplicant import _fs_msg, _gpfs_msg, _rpmb_msg, _time_msg
+    from supplicant import fs_msg, gpfs_msg, rpmb_msg, time_msg
 
     class ListenerCheck(qtee.TrustedApp):
         @op(0, ib=(4,), ob=(None,))
         def call(self, raw: bytes) -> bytes:
             (lid,) = struct.unpack("<I", raw)
             if lid == 0xB:
-                req = _time_msg.encode_request(_time_msg.GetUtcSecRequest())
+                req = time_msg.encode_request(time_msg.GetUtcSecRequest())
             elif lid == 0x7000:
-                req = _gpfs_msg.encode_request(_gpfs_msg.VersionRequest())
+                req = gpfs_msg.encode_request(gpfs_msg.VersionRequest())
             elif lid == 0x2000:
-                req = _rpmb_msg.encode_request(_rpmb_msg.InitRequest())
+                req = rpmb_msg.encode_request(rpmb_msg.InitRequest())
             else:
-                req = _fs_msg.encode_request(_fs_msg.GetErrnoRequest())
+                req = fs_msg.encode_request(fs_msg.GetErrnoRequest())
             return self.world.listeners.get(lid).request(req)[:64]
 
     name = f"qtee.check.{os.getpid()}"
@@ -361,13 +361,13 @@ def _check(device: Any) -> None:
                 for lid in device.world.listeners.ids():
                     (out,) = app.invoke(0, struct.pack("<I", lid), qtee.Out(64))
                     if lid == 0xB:
-                        print(f"  time (0xB): {_time_msg.decode_response(out)}")
+                        print(f"  time (0xB): {time_msg.decode_response(out)}")
                     elif lid == 0x7000:
-                        print(f"  gpfs (0x7000): {_gpfs_msg.decode_response(out)}")
+                        print(f"  gpfs (0x7000): {gpfs_msg.decode_response(out)}")
                     elif lid == 0x2000:
-                        print(f"  rpmb (0x2000): {_rpmb_msg.decode_response(out)}")
+                        print(f"  rpmb (0x2000): {rpmb_msg.decode_response(out)}")
                     else:
-                        print(f"  storage (0xA): {_fs_msg.decode_response(out)}")
+                        print(f"  storage (0xA): {fs_msg.decode_response(out)}")
             finally:
                 app.release()
                 ctrl.release()

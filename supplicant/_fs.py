@@ -1,6 +1,6 @@
 """The FS listener's backend: QTEE's persistent files, kept in one directory the user names.
 
-:class:`FileStore` serves the FS listener's operations (:mod:`supplicant._fs_msg`) on a
+:class:`FileStore` serves the FS listener's operations (:mod:`supplicant.fs_msg`) on a
 real directory.  Its Python methods raise :class:`FsError`, an :class:`OSError` that
 carries the errno.  :meth:`FileStore.handle` turns requests into responses the way the
 real service does: ``ret`` = -1 and the errno remembered for GET_ERRNO.
@@ -34,7 +34,7 @@ O_CREAT commits the empty file (and any missing parent directories) before it re
 
 Errno conventions: a refused path is EACCES; a missing file or parent is ENOENT; an
 unknown fd or stream is EBADF; bad flags, whence or offsets are EINVAL; a path with open
-fds is EBUSY.  Wrong argument *types* raise :class:`~supplicant._fs_msg.FsUsageError`.
+fds is EBUSY.  Wrong argument *types* raise :class:`~supplicant.fs_msg.FsUsageError`.
 
 **"Acknowledged".**  A write is acknowledged when a later ``close`` or ``fsync`` of a
 writable fd on the same path returns without error (``ret`` = 0 on the wire).  From then
@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from objects import QteeBaseError
-from supplicant._fs_msg import (
+from supplicant.fs_msg import (
     MAX_DATA_LEN,
     MAX_PATH_BYTES,
     CloseRequest,
@@ -765,7 +765,7 @@ class FileStore:
     def handle(self, request: bytes | bytearray | memoryview) -> bytes:
         """Serve one request from the shared buffer; the response bytes to write back.
 
-        Raises only :class:`supplicant._fs_msg.FsDecodeError`, for a malformed request (the
+        Raises only :class:`supplicant.fs_msg.FsDecodeError`, for a malformed request (the
         real service then fails the whole callback).
         """
         req = decode_request(request)

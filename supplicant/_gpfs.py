@@ -1,6 +1,6 @@
 """The GPFS listener's backend: GP trusted-storage files in two partitions of one directory.
 
-:class:`GpfsService` serves the GPFS listener (0x7000, :mod:`supplicant._gpfs_msg`) on a
+:class:`GpfsService` serves the GPFS listener (0x7000, :mod:`supplicant.gpfs_msg`) on a
 directory the user names: ``data/`` holds the data partition (the real service's
 ``/var/tmp/qtee_supplicant/vendor/tzstorage/``) and ``persist/`` the persist partition
 (``/var/lib/tee/qtee_supplicant/``).  Each partition is a :class:`~supplicant.FileStore`,
@@ -8,7 +8,7 @@ so paths get its confinement (a ``..`` above the partition, a symlink or a temp 
 EACCES) and every write its atomic replace: a WRITE that answered ``err`` = 0 is on disk
 and survives a crash of the supplicant; one cut short leaves the previous contents whole.
 
-What each command does, as ``gpfs.c`` does it (cited in :mod:`supplicant._gpfs_msg`):
+What each command does, as ``gpfs.c`` does it (cited in :mod:`supplicant.gpfs_msg`):
 
 * The dispatch refuses a shared buffer shorter than 504 KiB (non-zero: the listener's
   callback fails with ``Object_ERROR``).
@@ -38,10 +38,11 @@ import os
 import threading
 from typing import Final
 
-from objects import QteeError, Result
+from objects import QteeError
+from qtee import Result
 from supplicant._fs import FileStore, FsError
-from supplicant._fs_msg import FsOpenFlag
-from supplicant._gpfs_msg import (
+from supplicant.fs_msg import FsOpenFlag
+from supplicant.gpfs_msg import (
     GPFS_ERROR_NO_CMD,
     GPFS_FILE_SIZE,
     GPFS_SERVICE_BUF_LEN,

@@ -11,8 +11,8 @@ response.
 :class:`MessageKit` holds what each listener's codec repeats: its two error classes
 (bytes that cannot be decoded; a record field of the wrong type or range), the integer
 and name-field checks, the u32 command id at the start of a buffer and the
-NUL-terminated fixed-size name fields.  The codecs (:mod:`supplicant._time_msg`,
-:mod:`supplicant._fs_msg`, :mod:`supplicant._gpfs_msg`, :mod:`supplicant._rpmb_msg`)
+NUL-terminated fixed-size name fields.  The codecs (:mod:`supplicant.time_msg`,
+:mod:`supplicant.fs_msg`, :mod:`supplicant.gpfs_msg`, :mod:`supplicant.rpmb_msg`)
 keep their own command tables and layouts on top of it.
 """
 

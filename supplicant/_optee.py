@@ -72,11 +72,11 @@ from typing import TYPE_CHECKING, Final
 
 from objects import DriverError
 from qtee import uapi
-from qtee._ta_modules import import_ta_module
+from qtee._cli.ta_modules import import_ta_module
 from qtee.gp import TeecResult
 from supplicant._fs import FileStore, FsError
-from supplicant._fs_msg import FsOpenFlag
 from supplicant._rpmb import RPMB_FRAME_SIZE, EmulatedRpmb, RpmbRequestError
+from supplicant.fs_msg import FsOpenFlag
 
 if TYPE_CHECKING:
     from qtee import OpteeDevice, OpteeSuppContext
@@ -88,8 +88,8 @@ log = logging.getLogger("supplicant.optee")
 #: Param slots per RECV (``RPC_NUM_PARAMS`` 5 in tee_supplicant.c, META included).
 RECV_PARAMS: Final = 5
 
-_HEAD: Final = struct.Struct("<2I")
-_PARAM: Final = struct.Struct("<4Q")
+_HEAD: Final = uapi.SUPP_ARG_STRUCT
+_PARAM: Final = uapi.PARAM_STRUCT
 _META: Final = uapi.TEE_IOCTL_PARAM_ATTR_META
 _META_INOUT: Final = _META | uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT
 _VALUES: Final = frozenset({1, 2, 3})

@@ -41,24 +41,15 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from objects import DriverError, Result, UsageError
-from qtee import uapi
-from qtee._driver import (
-    _META_IN,
-    _META_OUT,
-    _OBJ_IN,
-    _OBJ_OUT,
-    _P,
-    _PARAM,
-    _SUPP_HEAD,
-    _UB_IN,
-    _UB_OUT,
-    _params_struct,
-)
-from qtee.client import CallbackObject, MemoryObject, ObjRef, Transfer
+from objects import DriverError, UsageError
+from qtee import Result, uapi
+from qtee.client import ArgBlock, CallbackObject, MemoryObject, ObjRef, Transfer
+from qtee.uapi import PARAM_STRUCT as _PARAM
+from qtee.uapi import SUPP_ARG_STRUCT as _SUPP_HEAD
+from qtee.uapi import params_struct as _params_struct
 
 if TYPE_CHECKING:
-    from qtee.client import Client, _Block
+    from qtee.client import Client
 
 __all__ = ["WorkerPool"]
 
@@ -72,6 +63,11 @@ OP_RELEASE: Final = 0xFFFF
 #: What a callback object's method may return as an output object (besides None); the
 #: dispatch refuses anything else as the handler's bug (ERROR, logged once).
 OUTPUT_KINDS: Final = (CallbackObject, ObjRef, MemoryObject, Transfer)
+
+
+_P = tuple[int, int, int, int]  # one struct tee_ioctl_param: attr, a, b, c
+_META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+_META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 
 
 def _u32(result: int) -> int:
@@ -160,8 +156,8 @@ class WorkerPool:
         mem = client.device.memory
         scratch = bytearray(SCRATCH_SIZE)
         base = mem.pin(scratch)
-        recv = client._new_block()
-        send = client._new_block()
+        recv = client.new_block()
+        send = client.new_block()
         size = _SUPP_HEAD.size + 32 * RECV_PARAMS
         request = _SUPP_HEAD.pack(0, RECV_PARAMS) + _params_struct(RECV_PARAMS).pack(
             _META_IN, base, SCRATCH_SIZE, 0, *(0,) * (4 * (RECV_PARAMS - 1))
@@ -171,7 +167,7 @@ class WorkerPool:
             while not self._stopping:
                 recv.buf[:size] = request
                 try:
-                    client._call(uapi.TEE_IOC_SUPPL_RECV, recv, size)
+                    client.call(uapi.TEE_IOC_SUPPL_RECV, recv, size)
                 except DriverError as exc:
                     if exc.code == errno.EBUSY:  # a device server's cap on waiting RECVs
                         if not busy:
@@ -197,13 +193,15 @@ class WorkerPool:
             send.close()
             mem.unpin(base)
 
-    def _handle(self, func: int, p: list[_P], send: _Block, scratch: bytearray, base: int) -> None:
+    def _handle(
+        self, func: int, p: list[_P], send: ArgBlock, scratch: bytearray, base: int
+    ) -> None:
         client = self.client
         uid, req = p[0][1], p[0][2]
         if func == OP_RELEASE:
-            client._unexport(uid)  # release notification: never answered
+            client.exports.unexport(uid)  # release notification: never answered
             return
-        obj = client._exported(uid)
+        obj = client.exports.get(uid)
         if obj is None:
             self._reply(send, Result.ERROR_DEFUNCT, [(_META_OUT, req, 0, 0)])
             return
@@ -246,16 +244,16 @@ class WorkerPool:
         finally:
             if not delivered:  # QTEE never got the objects: nothing will release the ids
                 for uid in sent:
-                    client._unexport(uid)
-            if pins:
-                client._unpin(pins)
+                    client.exports.unexport(uid)
+            for addr in pins:
+                client.device.memory.unpin(addr)
             for t in transfers:  # after the SEND, whatever it did: exactly once
                 try:
                     t.release()
                 except Exception:
                     log.exception("request %d: releasing the transferred %r failed", req, t.obj)
             for ref in io:  # input objects the handler did not keep are dropped
-                client._drop_input(ref)
+                client.drop_input(ref)
 
     def _unmarshal(
         self, args: list[_P], scratch: bytearray, base: int
@@ -268,23 +266,23 @@ class WorkerPool:
         n_oo = 0
         try:
             for attr, a, b, _c in args:
-                if attr == _UB_IN:
+                if attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT:
                     off = a - base
                     if 0 <= off <= len(scratch) - b:  # in this worker's own scratch buffer
                         ib.append(bytes(scratch[off : off + b]))
                     else:
                         ib.append(mem.read(a, b))
-                elif attr == _UB_OUT:
+                elif attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT:
                     ob.append(b)
-                elif attr == _OBJ_IN:
-                    io.append(client._param_to_value(a, b))
-                elif attr == _OBJ_OUT:
+                elif attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT:
+                    io.append(client.from_param(a, b))
+                elif attr == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT:
                     n_oo += 1
                 else:
                     raise UsageError(f"unexpected param attr {attr:#x}")
         except BaseException:
             for ref in io:
-                client._drop_input(ref)
+                client.drop_input(ref)
             raise
         return tuple(ib), tuple(ob), tuple(io), n_oo
 
@@ -307,19 +305,19 @@ class WorkerPool:
         obs, oos = iter(ob_data), iter(oo)
         try:
             for x in args:
-                if x[0] == _UB_OUT:
+                if x[0] == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT:
                     data = bytes(next(obs))
                     addr = 0
                     if data:
                         addr = mem.pin(data)
                         pins.append(addr)
-                    reply.append((_UB_OUT, addr, len(data), 0))
-                elif x[0] == _OBJ_OUT:
+                    reply.append((uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT, addr, len(data), 0))
+                elif x[0] == uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT:
                     value = next(oos)
                     if isinstance(value, Transfer):
                         value = value.obj
-                    _attr, a, b, _c = client._value_to_param(value, sent)
-                    reply.append((_OBJ_OUT, a, b, 0))
+                    _attr, a, b, _c = client.to_param(value, sent)
+                    reply.append((uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT, a, b, 0))
                 else:
                     reply.append(x)
         except Exception as exc:  # libqcomtee: marshalling out fails -> UNAVAIL
@@ -327,13 +325,13 @@ class WorkerPool:
             return Result.ERROR_UNAVAIL
         return 0
 
-    def _reply(self, send: _Block, ret: int, reply: list[_P]) -> None:
+    def _reply(self, send: ArgBlock, ret: int, reply: list[_P]) -> None:
         n = len(reply)
         _SUPP_HEAD.pack_into(send.buf, 0, _u32(ret), n)
         _params_struct(n).pack_into(
             send.buf, _SUPP_HEAD.size, *itertools.chain.from_iterable(reply)
         )
-        self.client._call(uapi.TEE_IOC_SUPPL_SEND, send, _SUPP_HEAD.size + 32 * n)
+        self.client.call(uapi.TEE_IOC_SUPPL_SEND, send, _SUPP_HEAD.size + 32 * n)
 
     # ----------------------------------------------------------------- deadlines
     def _begin(self, req: int, obj: CallbackObject, op: int) -> _InFlight | None:
@@ -357,7 +355,7 @@ class WorkerPool:
             return True
 
     def _watchdog(self) -> None:
-        send = self.client._new_block()
+        send = self.client.new_block()
         try:
             while True:
                 with self._wake:

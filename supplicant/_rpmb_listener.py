@@ -1,8 +1,8 @@
 """The QTEE RPMB listener's backend: QTEE's RPMB frames passed to an emulated eMMC device.
 
-:class:`RpmbService` serves the RPMB listener (0x2000, :mod:`supplicant._rpmb_msg`) on an
+:class:`RpmbService` serves the RPMB listener (0x2000, :mod:`supplicant.rpmb_msg`) on an
 :class:`~supplicant._rpmb.EmulatedRpmb`.  The real service (``rpmb_service.c``,
-``rpmb_emmc.c``; cited in :mod:`supplicant._rpmb_msg`) moves QTEE's frames to the eMMC's
+``rpmb_emmc.c``; cited in :mod:`supplicant.rpmb_msg`) moves QTEE's frames to the eMMC's
 RPMB partition with ``MMC_IOC_MULTI_CMD`` and back; here each ioctl is one
 :meth:`EmulatedRpmb.data_request`, and a request the device refuses is a failed ioctl.
 
@@ -35,9 +35,10 @@ from __future__ import annotations
 import threading
 from typing import Final
 
-from objects import QteeError, Result, UsageError
+from objects import QteeError, UsageError
+from qtee import Result
 from supplicant._rpmb import RPMB_FRAME_SIZE, EmulatedRpmb, RpmbRequestError, RpmbResult
-from supplicant._rpmb_msg import (
+from supplicant.rpmb_msg import (
     RPMB_SERVICE_BUF_LEN,
     RW_RSP_SIZE,
     ErrorResponse,

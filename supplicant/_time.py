@@ -1,6 +1,6 @@
 """The time listener's backend: answers QTEE's clock questions from one wall clock.
 
-:class:`TimeService` serves the requests of :mod:`supplicant._time_msg` the way
+:class:`TimeService` serves the requests of :mod:`supplicant.time_msg` the way
 ``pkg-minkipc:listeners/libtimeservice/atime.c`` does.  Every command reads the same
 clock, ``CLOCK_REALTIME``; the real service reads no monotonic clock, so neither does
 this one.
@@ -24,7 +24,7 @@ GET_SYSTIME ``ret`` = -1 with all fields 0, GET_TIME_MS 2**64 - 1.  A failure is
 that raises :class:`OSError`, returns a NaN or an infinity, or returns a time whose
 seconds do not fit a 64-bit ``time_t``.  GET_SYSTIME also fails, as ``gmtime_r`` does,
 when ``tm_year`` would not fit an ``int``.  A clock that returns something that is not
-a number is a programming error: :class:`~supplicant._time_msg.TimeUsageError`.
+a number is a programming error: :class:`~supplicant.time_msg.TimeUsageError`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Final
 
-from supplicant._time_msg import (
+from supplicant.time_msg import (
     TIME_MS_FAILURE,
     TM_ZERO,
     EndRequest,
@@ -176,7 +176,7 @@ class TimeService:
     def handle(self, request: bytes | bytearray | memoryview) -> bytes:
         """Serve one request from the shared buffer; the response bytes to write back.
 
-        Raises :class:`supplicant._time_msg.TimeDecodeError` for a malformed request
+        Raises :class:`supplicant.time_msg.TimeDecodeError` for a malformed request
         (shorter than the 4-byte id, or not bytes-like), and nothing else for any bytes.
         """
         return encode_response(self.answer(decode_request(request)))

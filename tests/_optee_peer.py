@@ -34,7 +34,7 @@ _NO_MEMORY = int(TeecResult.TEEC_ERROR_OUT_OF_MEMORY)
 class RegisteringSupplicant(OpteeSupplicant):
     """tee-supplicant's ``register_local_shm``: each RPC payload is a buffer of this
     process registered with SHM_REGISTER (the bytes cross the socket in windows, as
-    ``qtee._server_optee`` says), not a SHM_ALLOC shm."""
+    ``qtee._remote.server_optee`` says), not a SHM_ALLOC shm."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self._bufs: dict[int, tuple[bytearray, int]] = {}  # shm id -> (buffer, address)

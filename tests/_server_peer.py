@@ -46,7 +46,7 @@ import time
 import qtee
 from objects import QteeBaseError, QteeError
 from qtee import OUT_OBJECT, CallbackObject, Out, op, uapi
-from qtee._frames import (
+from qtee._remote.frames import (
     MAX_FRAME,
     Bye,
     FrameDecoder,

@@ -478,7 +478,8 @@ def test_sigkill_of_a_c_supplicant_mid_callback_gives_defunct(
     finally:
         sys.path.remove(str(TESTS))
     import qtee
-    from objects import QteeError, Result
+    from objects import QteeError
+    from qtee import Result
 
     supplicant = _peers.compile_c([TESTS / "c" / "cb_supplicant.c"], against="libqcomtee")
     image = tmp_path / "park.img"

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from objects import DriverError, Result, UsageError, op
+from objects import DriverError, UsageError, op
 from qtee import (
     OUT_OBJECT,
     CallbackObject,
@@ -32,6 +32,7 @@ from qtee import (
     NsObject,
     ObjRef,
     Out,
+    Result,
     Transfer,
     TrustedApp,
     uapi,

@@ -25,9 +25,10 @@ import pytest
 
 import qtee
 from objects import QteeError
-from qtee import OUT_OBJECT, DeviceServer, Out, _trace, op
+from qtee import OUT_OBJECT, DeviceServer, Out, op
 from qtee.__main__ import main
-from supplicant import _time_msg
+from qtee._cli import trace as _trace
+from supplicant import time_msg
 
 ADDER = "cli.adder"
 TIME_ASKER = "cli.time_asker"
@@ -45,7 +46,7 @@ class TimeAsker(qtee.TrustedApp):
 
     @op(0, ob=(None,))
     def utc(self) -> bytes:
-        req = _time_msg.encode_request(_time_msg.GetUtcSecRequest())
+        req = time_msg.encode_request(time_msg.GetUtcSecRequest())
         return self.world.listeners.get(0xB).request(req)[:64]
 
 
@@ -204,7 +205,7 @@ def test_info_connect_shows_what_a_client_holds(
 def test_info_in_process_and_connected_print_the_same_shape(
     server: DeviceServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Both describe a device with qtee._info: same lines, only the fds differ."""
+    """Both describe a device with qtee._cli.info: same lines, only the fds differ."""
     assert main(["info"]) == 0
     local = capsys.readouterr().out.splitlines()
     assert main(["info", "--connect", server.path]) == 0
@@ -217,9 +218,9 @@ def test_info_connect_malformed_description(
     server: DeviceServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A description without the fields format_info needs: exit 1, one line, no output."""
-    import qtee._server
+    import qtee._remote.server
 
-    monkeypatch.setattr(qtee._server, "describe", lambda device: {"version": "0"})
+    monkeypatch.setattr(qtee._remote.server, "describe", lambda device: {"version": "0"})
     assert main(["info", "--connect", server.path]) == 1
     out = capsys.readouterr()
     assert out.out == ""
@@ -236,7 +237,7 @@ def _stop_the_cli(sig: signal.Signals = signal.SIGTERM) -> None:
     """Send ``sig`` to this process if the CLI (running in the main thread) handles it now;
     never when the default handler is back (it would stop the test run)."""
     handler = signal.getsignal(sig)
-    if getattr(handler, "__module__", None) in ("qtee.__main__", "supplicant._cli"):
+    if getattr(handler, "__module__", None) in ("qtee._cli.verbs", "supplicant._cli"):
         os.kill(os.getpid(), sig)
 
 
@@ -343,7 +344,7 @@ def test_trace_connect_says_how_many_crossings_the_server_dropped(
     """A reader that falls behind: the server keeps at most LIMIT crossings queued for it
     and drops the rest; once its queue drains the CLI says how many, on stderr, and goes
     on (exit 0).  The server's sender is held until 10 crossings were made, LIMIT is 2."""
-    from qtee._server import _TraceStream
+    from qtee._remote.server import _TraceStream
 
     go = threading.Event()
     run = _TraceStream._run
@@ -525,7 +526,7 @@ def test_supplicant_connect_serves_a_tas_time_request(
                     (raw,) = refs[-1].invoke(0, Out(64))
                 finally:
                     _release(refs)
-            answers.append(_time_msg.decode_response(raw))
+            answers.append(time_msg.decode_response(raw))
         except BaseException as exc:
             answers.append(exc)
         finally:
@@ -538,7 +539,7 @@ def test_supplicant_connect_serves_a_tas_time_request(
     finally:
         t.join(10)
     (answer,) = answers
-    assert isinstance(answer, _time_msg.TimeSpecResponse) and answer.ret == 0
+    assert isinstance(answer, time_msg.TimeSpecResponse) and answer.ret == 0
     assert abs(answer.tv_sec - time.time()) < 60
     assert rc == 0
     assert server.device.world.listeners.ids() == []

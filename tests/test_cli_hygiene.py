@@ -322,7 +322,7 @@ def test_a_closed_pipe_ends_quietly(argv: list[str]) -> None:
 def test_trace_replay_into_head_ends_quietly(tmp_path: Path) -> None:
     """``qtee trace --replay FILE | head -1`` of a trace longer than a pipe holds: the
     reader takes one line and goes; qtee ends with status 1 and says nothing."""
-    from qtee import _trace
+    from qtee._cli import trace as _trace
 
     recorded = tmp_path / "demo.trace"
     assert qtee_cli("trace", "--record", str(recorded)).returncode == 0

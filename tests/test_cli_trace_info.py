@@ -8,9 +8,9 @@ import msgpack
 import pytest
 
 import qtee
-from qtee import _trace
 from qtee.__main__ import main
-from qtee._trace import Trace, TraceFileError, TraceRecord, format_table
+from qtee._cli import trace as _trace
+from qtee._cli.trace import Trace, TraceFileError, TraceRecord, format_table
 
 
 def _header() -> list[str]:
@@ -97,7 +97,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_device_trace_records_match_the_text_trace(capsys: pytest.CaptureFixture[str]) -> None:
-    from qtee._demo import run
+    from qtee._cli.demo import run
 
     rec = Trace()
     device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from objects import DriverError, QteeError, Result, UsageError, op
-from qtee import Device
+from objects import DriverError, QteeError, UsageError, op
+from qtee import Device, Result
 from qtee.addrspace import CheckedMemory, ProcessMemory
 from qtee.client import OUT_OBJECT, CallbackObject, Client, Out
 from qtee.secure import (

@@ -15,8 +15,8 @@ import threading
 
 import pytest
 
-from objects import DriverError, QteeError, Result, UsageError, op
-from qtee import OUT_OBJECT, CallbackObject, Client, Credentials, Device, ObjRef, uapi
+from objects import DriverError, QteeError, UsageError, op
+from qtee import OUT_OBJECT, CallbackObject, Client, Credentials, Device, ObjRef, Result, uapi
 from qtee.credentials import CredentialKey
 from tests._helpers import wait_until
 

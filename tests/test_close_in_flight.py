@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from objects import QteeError, Result, op
-from qtee import Device
+from objects import QteeError, op
+from qtee import Device, Result
 from qtee.addrspace import ProcessMemory
 from qtee.client import CallbackObject, Client, Out
 from qtee.secure import NsObject, QteeRoot, SecureObject, SecureWorld

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from objects import DriverError, Result, op
-from qtee import Context, Device, uapi
+from objects import DriverError, op
+from qtee import Context, Device, Result, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.secure import NsObject, SecureObject, SecureWorld
 from tests._helpers import (

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from objects import ENOTSUPP, Result, op
-from qtee import Context, Device, uapi
+from objects import ENOTSUPP, op
+from qtee import Context, Device, Result, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.secure import SecureObject, SecureWorld
 from tests._helpers import (

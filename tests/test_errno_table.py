@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from objects import CyclicAllocator, ObjectTable, QteeError, Result, op
-from qtee import Context, Device, uapi, wire
+from objects import CyclicAllocator, ObjectTable, QteeError, op
+from qtee import Context, Device, Result, uapi, wire
 from qtee._driver import QCOMTEE_OBJECT_ID_START
 from qtee.addrspace import CheckedMemory
 from qtee.secure import NsObject, SecureObject, SecureWorld

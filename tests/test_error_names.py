@@ -19,9 +19,9 @@ import pytest
 
 import qtee
 import qtee.secure
-from objects import DispatchResult, PyObject, QteeError, Result, UsageError, op, result_name
-from qtee import OUT_OBJECT, Client, Out, _reason
-from qtee._frames import (
+from objects import DispatchResult, PyObject, QteeError, UsageError, op, result_name
+from qtee import OUT_OBJECT, Client, Out, Result, _reason
+from qtee._remote.frames import (
     MAX_WHY_DETAIL,
     FrameDecoder,
     FrameError,

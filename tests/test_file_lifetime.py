@@ -379,7 +379,7 @@ def test_a_client_hanging_up_mid_invoke_leaks_nothing_in_the_server(tmp_path: Pa
     its invoke is in the TA (the server closes that fd), and the TA then returns a new
     object; the server's fd teardown waits for the call and releases it."""
     from qtee import DeviceServer
-    from qtee._server import RegionMemory
+    from qtee._remote.server import RegionMemory
 
     gate = Gate()
     dev = Device(

@@ -1,4 +1,4 @@
-"""The device server's frame protocol (qtee/_frames.py).
+"""The device server's frame protocol (qtee/_remote/frames.py).
 
 Golden frames are derived by hand from the msgpack spec (fixmap 0x8N, fixstr 0xaN,
 bin8 0xc4, uint16 0xcd, uint32 0xce, uint64 0xcf, fixarray 0x9N, true 0xc3, false 0xc2),
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from objects import DecodeError, UsageError
-from qtee._frames import (
+from qtee._remote.frames import (
     MAX_ERRNO,
     MAX_FRAME,
     PROTOCOL_VERSION,

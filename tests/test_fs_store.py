@@ -1,4 +1,4 @@
-"""The FS listener: its codec (supplicant/_fs_msg.py) and its backend (supplicant/_fs.py).
+"""The FS listener: its codec (supplicant/fs_msg.py) and its backend (supplicant/_fs.py).
 
 Numbers and layouts are checked against pkg-minkipc ``listeners/libfsservice/fs/fs_msg.h``
 (spec quic-teec.md §5.4: FS commands start at 0x201, listener id 0xA, 20 KiB buffer).
@@ -27,7 +27,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 from objects import DecodeError
 from supplicant import FileStore, FsError
 from supplicant._fs import TEMP_PREFIX
-from supplicant._fs_msg import (
+from supplicant.fs_msg import (
     MAX_DATA_LEN,
     CloseRequest,
     CreatRequest,

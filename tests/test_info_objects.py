@@ -16,7 +16,7 @@ import pytest
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, Client, DeviceServer, NsObject, ObjRef, op
 from qtee.__main__ import main
-from qtee._info import describe, fd_objects, format_info
+from qtee._cli.info import describe, fd_objects, format_info
 
 
 class Keeper(qtee.TrustedApp):

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from objects import QteeError, Result, op
-from qtee import Device
+from objects import QteeError, op
+from qtee import Device, Result
 from qtee.client import OUT_OBJECT, Client, MemoryObject, Out
 from qtee.secure import (
     REGISTER_LISTENER_UID,
@@ -50,8 +50,8 @@ from supplicant import (
     TimeService,
     format_uuid,
 )
-from supplicant import _fs_msg as fsm
-from supplicant import _time_msg as tm
+from supplicant import fs_msg as fsm
+from supplicant import time_msg as tm
 from tests._helpers import wait_until
 
 PROBE = "listeners.probe"

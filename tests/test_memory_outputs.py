@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from objects import QteeError, Result, UsageError, op
+from objects import QteeError, UsageError, op
 from qtee import (
     OUT_OBJECT,
     CallbackObject,
@@ -23,6 +23,7 @@ from qtee import (
     MemoryObject,
     NsObject,
     Out,
+    Result,
     SecureObject,
     TrustedApp,
 )

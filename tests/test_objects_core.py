@@ -1,4 +1,4 @@
-"""The generic object core: results, errors, counts, argument grouping, refcounts, tables."""
+"""The generic object core (results, errors, refcounts, tables); QTEE's results and counts."""
 
 from __future__ import annotations
 
@@ -7,36 +7,34 @@ import pickle
 import random
 import sys
 import threading
+from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+import objects
 from objects import (
     ENOTSUPP,
-    USERSPACE_ONLY_RESULTS,
-    Counts,
     CyclicAllocator,
     DecodeError,
     DriverError,
     IdrAllocator,
-    InBuffer,
-    InObject,
+    ObjectResult,
     ObjectTable,
-    OutBuffer,
-    OutObject,
     QteeBaseError,
     QteeError,
     Refcounted,
     RefcountError,
-    Result,
     UsageError,
+    canonical_result,
     errno_name,
-    group_args,
+    register_results,
     result_from_u32,
     result_name,
     result_to_u32,
 )
+from qtee import USERSPACE_ONLY_RESULTS, Counts, Result
 
 # --------------------------------------------------------------------------- results
 
@@ -147,6 +145,28 @@ def test_result_name() -> None:
     assert result_name(13) == "USERBASE+3"
     assert result_name(7) == "7"
     assert result_name(-5) == "-5"
+
+
+def test_objects_has_no_qcomtee_names() -> None:
+    """Issue 17 (objects generic): the transport's results, its counts word and its
+    argument codes live in qtee; objects names none of the Qualcomm driver's things."""
+    root = Path(objects.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text()
+        assert "qcomtee" not in text.lower(), path.name
+        assert "counts word" not in text and "``counts``" not in text, path.name
+    assert {int(m) for m in ObjectResult} == {0, 1, 2, 3, 4, 10}
+    assert not hasattr(objects, "Result")
+    assert not hasattr(objects, "Counts")
+
+
+def test_a_registered_table_names_and_returns_its_codes() -> None:
+    """Issue 17: qtee registers its result table with objects' generic conversions."""
+    assert result_from_u32(2) is Result.ERROR_INVALID
+    assert canonical_result(ObjectResult.ERROR_INVALID) is Result.ERROR_INVALID
+    assert QteeError(-90).name == "ERROR_DEFUNCT"
+    with pytest.raises(TypeError):
+        register_results(dict)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- errors
@@ -263,69 +283,6 @@ def test_counts_rejects_16_and_negative(field: str) -> None:
         Counts(**{field: -1})
     with pytest.raises(TypeError):
         Counts(**{field: True})
-
-
-# --------------------------------------------------------------------------- grouping
-
-any_arg = st.one_of(
-    st.binary(max_size=8).map(InBuffer),
-    st.integers(0, 100).map(OutBuffer),
-    st.one_of(st.none(), st.integers()).map(InObject),
-    st.just(None).map(lambda _: OutObject()),
-)
-
-
-@settings(max_examples=300)
-@given(st.lists(any_arg, max_size=40))
-def test_group_args_is_stable_and_scatter_inverts_it(args: list[object]) -> None:
-    per_kind = {
-        kind: [a for a in args if type(a) is kind]
-        for kind in (InBuffer, OutBuffer, InObject, OutObject)
-    }
-    if any(len(v) > 15 for v in per_kind.values()):
-        with pytest.raises(UsageError):
-            group_args(args)  # type: ignore[arg-type]
-        return
-    g = group_args(args)  # type: ignore[arg-type]
-    kinds = (InBuffer, OutBuffer, InObject, OutObject)
-    assert g.counts == Counts(*(len(per_kind[k]) for k in kinds))
-    # same objects, same relative order within a kind (identity, not equality)
-    for got, kind in ((g.ib, InBuffer), (g.ob, OutBuffer), (g.io, InObject), (g.oo, OutObject)):
-        assert len(got) == len(per_kind[kind])
-        assert all(a is b for a, b in zip(got, per_kind[kind], strict=True))
-    kind_ordered = [*g.ib, *g.ob, *g.io, *g.oo]
-    assert sorted(g.order) == list(range(len(args)))
-    assert all(args[pos] is a for pos, a in zip(g.order, kind_ordered, strict=True))
-    back = g.scatter(kind_ordered)
-    assert len(back) == len(args)
-    assert all(a is b for a, b in zip(back, args, strict=True))
-    with pytest.raises(UsageError):
-        g.scatter([*kind_ordered, None])
-
-
-def test_group_args_exact() -> None:
-    oo, ib1, io, ob, ib2 = OutObject(), InBuffer(b"a"), InObject(7), OutBuffer(4), InBuffer(b"b")
-    g = group_args([oo, ib1, io, ob, ib2])
-    assert g.counts.pack() == 0x1112
-    assert g.order == (1, 4, 3, 2, 0)
-    assert g.ib == (ib1, ib2)
-    assert g.scatter(["ib1", "ib2", "ob", "io", "oo"]) == ["oo", "ib1", "io", "ob", "ib2"]
-
-
-def test_group_args_rejects_non_args() -> None:
-    with pytest.raises(TypeError):
-        group_args([InBuffer(b""), b"raw"])  # type: ignore[list-item]
-
-
-def test_arg_constructors() -> None:
-    assert InBuffer(bytearray(b"xy")).data == b"xy"
-    assert type(InBuffer(memoryview(b"xy")).data) is bytes
-    with pytest.raises(TypeError):
-        InBuffer("xy")  # type: ignore[arg-type]
-    with pytest.raises(UsageError):
-        OutBuffer(-1)
-    with pytest.raises(TypeError):
-        OutBuffer(1.5)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- refcounts

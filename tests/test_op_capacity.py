@@ -14,8 +14,8 @@ import struct
 import pytest
 
 import qtee
-from objects import QteeError, Result, UsageError, op
-from qtee import OUT_OBJECT, CallbackObject, Client, Out, uapi
+from objects import QteeError, UsageError, op
+from qtee import OUT_OBJECT, CallbackObject, Client, Out, Result, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.secure import NsObject, QteeRoot, SecureWorld, TrustedApp, ta_image
 from tests._helpers import UB_OUT, raw_invoke

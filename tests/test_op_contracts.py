@@ -16,8 +16,8 @@ import struct
 
 import pytest
 
-from objects import DispatchResult, DriverError, PyObject, QteeError, Result, UsageError, op
-from qtee import OUT_OBJECT, CallbackObject, Client, ObjRef, Out, Transfer, uapi
+from objects import DispatchResult, DriverError, PyObject, QteeError, UsageError, op
+from qtee import OUT_OBJECT, CallbackObject, Client, ObjRef, Out, Result, Transfer, uapi
 from qtee.pytest_plugin import AppLoaderHelper
 from qtee.secure import NsObject, SecureObject, TrustedApp
 from tests._helpers import wait_until

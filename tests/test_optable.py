@@ -6,7 +6,8 @@ import struct
 
 import pytest
 
-from objects import DispatchResult, OpSpec, PyObject, QteeError, Result, UsageError, op
+from objects import DispatchResult, OpSpec, PyObject, QteeError, UsageError, op
+from qtee import Result
 
 
 class Example(PyObject):

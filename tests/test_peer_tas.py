@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 import qtee
-from objects import QteeError, Result
-from qtee import OUT_OBJECT, Client, OpteeDevice, Out, QteeRoot, SecureWorld
+from objects import QteeError
+from qtee import OUT_OBJECT, Client, OpteeDevice, Out, QteeRoot, Result, SecureWorld
 from qtee.gp import (
     TeecContext,
     TeecError,

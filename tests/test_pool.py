@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from objects import DriverError, QteeError, Result, op
-from qtee import Device, uapi
+from objects import DriverError, QteeError, op
+from qtee import Device, Result, uapi
 from qtee.addrspace import CheckedMemory
 from qtee.client import OUT_OBJECT, CallbackObject, Client, ObjRef, Out
 from qtee.secure import NsObject, SecureObject, SecureWorld, TrustedApp

@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 
 import qtee
-from objects import QteeError, Result
-from qtee import Device, DeviceServer
+from objects import QteeError
+from qtee import Device, DeviceServer, Result
 from qtee.secure import (
     GpfsClient,
     GpfsError,
@@ -58,8 +58,8 @@ from supplicant import (
     Supplicant,
     frame_mac,
 )
-from supplicant import _gpfs_msg as gm
-from supplicant import _rpmb_msg as rm
+from supplicant import gpfs_msg as gm
+from supplicant import rpmb_msg as rm
 from tests._helpers import wait_until
 from tests.test_listeners import PROBE, ProbeTA, TaClient
 

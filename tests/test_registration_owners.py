@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from objects import QteeError, Result, op
-from qtee import Device
+from objects import QteeError, op
+from qtee import Device, Result
 from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
 from qtee.secure import (
     REGISTER_LISTENER_UID,
@@ -39,7 +39,7 @@ from qtee.secure import (
 )
 from qtee.secure._listeners import ERROR_ALREADY_REGISTERED, ERROR_ID_IN_USE
 from supplicant import ListenerObject, Supplicant, TaBufferObject, TimeService, format_uuid
-from supplicant import _time_msg as tm
+from supplicant import time_msg as tm
 from tests.test_listeners import (
     AUTOLOADED,
     CLOCK,

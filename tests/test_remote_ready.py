@@ -27,7 +27,7 @@ import pytest
 import qtee
 from objects import DriverError, UsageError
 from qtee import OUT_OBJECT, CallbackObject, Device, DeviceServer, Out, ProcessMemory, op, uapi
-from qtee._frames import (
+from qtee._remote.frames import (
     Answer,
     FrameDecoder,
     Hello,
@@ -266,9 +266,9 @@ def _raw_worker(
         params = uapi.unpack_params(block, uapi.SuppRecvArg.SIZE, head.num_params)
         uid, req = params[0].a, params[0].b
         if head.func == RELEASE:
-            client._unexport(uid)
+            client.exports.unexport(uid)
             continue
-        obj = client._exported(uid)
+        obj = client.exports.get(uid)
         assert obj is not None
         ib = tuple(bytes(scratch[p.a - base : p.a - base + p.b]) for p in params if p.attr == UB_IN)
         ob = tuple(p.b for p in params if p.attr == UB_OUT)

@@ -21,8 +21,8 @@ from typing import ClassVar
 import pytest
 
 import qtee
-from objects import DriverError, QteeError, Result, op
-from qtee import OUT_OBJECT, CallbackObject, Client, NsObject, ObjRef, Out, TrustedApp
+from objects import DriverError, QteeError, op
+from qtee import OUT_OBJECT, CallbackObject, Client, NsObject, ObjRef, Out, Result, TrustedApp
 
 DEFUNCT = -90  # QCOMTEE_MSG_ERROR_DEFUNCT as the TA sees it (qtee-kernel.md §3.6)
 

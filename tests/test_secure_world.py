@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from objects import Result, op
-from qtee import wire
+from objects import op
+from qtee import Result, wire
 from qtee.secure import NsObject, SecureObject, SecureWorld
 
 

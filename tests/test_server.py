@@ -20,7 +20,7 @@ import pytest
 import qtee
 from objects import DriverError, QteeError
 from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, Out, op
-from qtee._frames import MAX_FRAME, Bye, FrameDecoder, Hello, Ioctl, encode
+from qtee._remote.frames import MAX_FRAME, Bye, FrameDecoder, Hello, Ioctl, encode
 
 
 class Scenario(qtee.TrustedApp):
@@ -264,8 +264,8 @@ def test_a_trace_reader_that_falls_behind_is_told_how_many_crossings_it_lost(
 ) -> None:
     """The server never blocks the driver for a trace reader: past the queue limit records
     are dropped, and once the queue drains the reader gets ``{"dropped": n}``."""
-    from qtee._server import _TraceStream
-    from qtee._trace import TraceRecord
+    from qtee._cli.trace import TraceRecord
+    from qtee._remote.server import _TraceStream
 
     class SlowConn:
         name = "slow"

@@ -40,7 +40,7 @@ import qtee
 from objects import DriverError, QteeError
 from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, Out, op, uapi
 from qtee.__main__ import main
-from qtee._frames import (
+from qtee._remote.frames import (
     Bye,
     FrameDecoder,
     Hello,
@@ -639,9 +639,9 @@ def test_a_recv_flood_parks_the_recv_limit_and_takes_one_thread(server: DeviceSe
     """300 SUPPL_RECVs on one connection: RECV_LIMIT of them wait, parked for the
     connection's one receiver thread (no thread each), the rest are answered EBUSY at once;
     another client is served throughout; the hang-up frees every thread."""
-    import qtee._server
+    import qtee._remote.server
 
-    limit = getattr(qtee._server, "RECV_LIMIT", 64)  # (the name is new with the limit)
+    limit = getattr(qtee._remote.server, "RECV_LIMIT", 64)  # (the name is new with the limit)
     before = _conn_threads(server)
     s = _raw(server.path)
     dec = FrameDecoder(expect_increasing_seq=False)
@@ -736,8 +736,8 @@ def test_a_failed_thread_start_kills_no_loop(
 
 def test_the_trace_sender_survives_a_memory_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A MemoryError while sending one record drops that record (counted), not the stream."""
-    from qtee._server import _TraceStream
-    from qtee._trace import TraceRecord
+    from qtee._cli.trace import TraceRecord
+    from qtee._remote.server import _TraceStream
 
     class Conn:
         name = "c"

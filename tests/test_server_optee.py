@@ -32,8 +32,8 @@ import pytest
 import qtee
 from objects import DriverError, UsageError
 from qtee import DeviceServer, OpteeDevice, gp_ta_image, uapi
-from qtee._frames import FrameDecoder, Hello, Ioctl, IoctlReply, Region, Welcome, encode
-from qtee._server_optee import ServedOpteeDevice
+from qtee._remote.frames import FrameDecoder, Hello, Ioctl, IoctlReply, Region, Welcome, encode
+from qtee._remote.server_optee import ServedOpteeDevice
 from qtee.addrspace import TASK_SIZE, CheckedMemory
 from qtee.gp import (
     TeecContext,

@@ -36,7 +36,7 @@ import pytest
 
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, Out, op
-from qtee._server import THREAD_LIMIT
+from qtee._remote.server import THREAD_LIMIT
 
 REPO = Path(__file__).resolve().parent.parent
 PEER = REPO / "tests" / "_server_peer.py"

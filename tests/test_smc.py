@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from objects import DriverError, QteeError, Result, UsageError, op, result_to_u32
-from qtee import Context, Device, uapi, wire
+from objects import DriverError, QteeError, UsageError, op, result_to_u32
+from qtee import Context, Device, Result, uapi, wire
 from qtee._driver import QteeObject
 from qtee._mem_obj import PAGE_SIZE, PhysMemory
 from qtee._smc import (

@@ -20,8 +20,8 @@ import pytest
 from qtee import Device
 from qtee.secure import QteeRoot, SecureWorld, register_ta, unregister_ta
 from supplicant import Supplicant
-from supplicant import _fs_msg as fsm
-from supplicant import _time_msg as tm
+from supplicant import fs_msg as fsm
+from supplicant import time_msg as tm
 from tests.test_listeners import PROBE, ProbeTA, TaClient, fs_call, time_call
 
 THREADS = 16

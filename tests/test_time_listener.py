@@ -1,4 +1,4 @@
-"""The time listener: its codec (supplicant/_time_msg.py) and service (supplicant/_time.py).
+"""The time listener: its codec (supplicant/time_msg.py) and service (supplicant/_time.py).
 
 Layouts are checked against pkg-minkipc ``listeners/libtimeservice/time_msg.h`` and the
 behaviour against ``atime.c`` (spec quic-teec.md §5.4: time commands start at 0x301,
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from objects import DecodeError, UsageError
 from supplicant import TimeService
 from supplicant._time import gmtime
-from supplicant._time_msg import (
+from supplicant.time_msg import (
     MAX_BUF_LEN,
     TIME_MS_FAILURE,
     TIME_SERVICE_BUF_LEN,

@@ -415,3 +415,33 @@ def test_non_int_fields() -> None:
         ObjectInvokeArg(id=None, op=0)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         uapi.pack_params([Param(0), (0, 0, 0, 0)])  # type: ignore[list-item]
+
+
+def test_the_layouts_have_one_definition() -> None:
+    """Issue 17: ``struct tee_ioctl_param`` and ``tee_ioctl_buf_data`` are laid out once, in
+    uapi.py (qtee-kernel.md §1.4); the modules that pack them in place use those structs."""
+    import re
+    from pathlib import Path
+
+    assert uapi.PARAM_STRUCT.format == "<4Q" and uapi.PARAM_STRUCT.size == 32
+    assert uapi.BUF_DATA_STRUCT.format == "<QQ" and uapi.BUF_DATA_STRUCT.size == 16
+    assert uapi.SUPP_ARG_STRUCT.format == "<2I" and uapi.SUPP_ARG_STRUCT.size == 8
+    assert uapi.params_struct(3).size == 96
+    with pytest.raises(UsageError):
+        uapi.params_struct(-1)
+    root = Path(uapi.__file__).resolve().parents[1]
+    # optee_msg_param has the same bytes but is OP-TEE's message ABI, not the uAPI's.
+    # The driver is restructured in its own step and takes uapi's then.
+    allowed = {
+        "qtee/uapi.py",
+        "qtee/_optee_msg.py",
+        "qtee/_driver.py",
+    }
+    layouts = re.compile(r"""Struct\(["']<(4Q|QQQQ|QQ)["']\)""")
+    found = {
+        str(p.relative_to(root))
+        for pkg in ("objects", "qtee", "supplicant")
+        for p in (root / pkg).rglob("*.py")
+        if layouts.search(p.read_text())
+    }
+    assert found <= allowed, sorted(found - allowed)

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from objects import DriverError, QteeError, Result
-from qtee import OUT_OBJECT, Device, Out
+from objects import DriverError, QteeError
+from qtee import OUT_OBJECT, Device, Out, Result
 from qtee.vm import Guest
 from tests._vm_helpers import (
     TA_NAME,

@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from objects import DriverError, QteeError, Result
-from qtee import OUT_OBJECT, Device, ObjRef, Out, uapi, wire
+from objects import DriverError, QteeError
+from qtee import OUT_OBJECT, Device, ObjRef, Out, Result, uapi, wire
 from qtee._mem_obj import Primordial
 from qtee._smc import SmcFid
 from qtee.secure import SecureMonitor

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from objects import DriverError, QteeError, Result
-from qtee import OUT_OBJECT, CallbackObject, Client, ObjRef, Out, op, uapi, wire
+from objects import DriverError, QteeError
+from qtee import OUT_OBJECT, CallbackObject, Client, ObjRef, Out, Result, op, uapi, wire
 from qtee._mem_obj import Primordial
 from qtee._smc import SmcFid, SmcReturn
 from qtee.vm import Guest, GuestRam, VmLimits

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run PROG against the model; its exit status (see the module docstring)."""
     from objects import UsageError
-    from qtee._ta_modules import find_ta_module
+    from qtee._cli.ta_modules import find_ta_module
     from qtee.bridge import BridgeConfig, BridgeNotBuilt, environment
 
     argv = list(args.program)
@@ -159,11 +159,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _plugin(text: str, tee: str | None) -> str:
     """``UUID=MODULE:FUNCTION`` checked without importing MODULE, MODULE as the model
-    will import it (see :func:`qtee._ta_modules.find_ta_module`)."""
+    will import it (see :func:`qtee._cli.ta_modules.find_ta_module`)."""
     import uuid
 
     from objects import UsageError
-    from qtee._ta_modules import find_ta_module
+    from qtee._cli.ta_modules import find_ta_module
 
     if tee != "optee":
         raise UsageError(f"{text}: plugins are tee-supplicant's (give --tee optee)")

@@ -38,11 +38,11 @@ from typing import Any, Final
 
 from objects import DriverError, UsageError
 from qtee import uapi
+from qtee._cli.ta_modules import import_ta_module
 from qtee._driver import Context, Device
 from qtee._mem_obj import MemfdShm, memfd_backing
 from qtee._optee import OpteeContext, OpteeDevice, _GpShm
-from qtee._remote import RemoteContext, RemoteDevice
-from qtee._ta_modules import import_ta_module
+from qtee._remote.remote import RemoteContext, RemoteDevice
 from qtee.addrspace import ProcessMemory
 
 __all__ = ["SNAPSHOT_PERIOD", "Bridge", "BridgeConfig", "start"]
@@ -239,7 +239,7 @@ class Bridge:
         from qtee.secure import QteeRoot, SecureWorld
 
         if config.connect is not None:  # each open connects (and says why it cannot)
-            from qtee._remote import RemoteDevice
+            from qtee._remote.remote import RemoteDevice
 
             self.remote = RemoteDevice(config.connect, memory=self.memory)
         elif config.tee == "qtee":

@@ -11,7 +11,7 @@ client-UUID rules.
 
 from __future__ import annotations
 
-from objects._errors import publish_errors as _publish_errors
+from objects import publish_errors as _publish_errors
 from qtee.gp._client import (
     TEEC_MAX_DEV_SEQ,
     TeecContext,

@@ -88,7 +88,7 @@ from qtee.secure import _gp_why
 if TYPE_CHECKING:
     from qtee._driver import Device
     from qtee._optee import OpteeDevice
-    from qtee._remote import RemoteDevice
+    from qtee._remote.remote import RemoteDevice
     from qtee.client import Client
 
 __all__ = [
@@ -583,7 +583,7 @@ def _as_transport(source: object) -> GpTransport:
     :class:`_Unqualified`."""
     from qtee._driver import Device
     from qtee._optee import OpteeDevice
-    from qtee._remote import RemoteDevice
+    from qtee._remote.remote import RemoteDevice
     from qtee.client import Client
 
     if isinstance(source, OpteeDevice):

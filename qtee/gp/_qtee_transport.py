@@ -39,8 +39,9 @@ import threading
 import uuid as uuidlib
 from typing import Any, Final
 
-from objects import DriverError, QteeError, Result, UsageError
+from objects import DriverError, QteeError, UsageError
 from qtee import uapi
+from qtee._qcomtee_msg import Result
 from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
 from qtee.gp._defs import TeecOrigin, TeecResult
 from qtee.secure import _gp_why

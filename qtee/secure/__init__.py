@@ -14,7 +14,7 @@ registered per world (``world.tas``, a :class:`TaRegistry`) or process-wide
 :func:`register_ta_file`).
 """
 
-from objects._errors import publish_errors as _publish_errors
+from objects import publish_errors as _publish_errors
 from qtee.secure._apps import (
     APP_LOADER_UID,
     AppController,

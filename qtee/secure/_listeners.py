@@ -38,7 +38,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from objects import QteeError, Result, UsageError, op
+from objects import QteeError, UsageError, op
+from qtee._qcomtee_msg import Result
 from qtee.secure._world import Mapping, NsObject, SecureObject
 
 if TYPE_CHECKING:

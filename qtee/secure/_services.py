@@ -20,7 +20,8 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
-from objects import QteeError, Result, op
+from objects import QteeError, op
+from qtee._qcomtee_msg import Result
 from qtee.credentials import Credentials
 from qtee.secure._world import NsObject, SecureObject, SecureWorld
 

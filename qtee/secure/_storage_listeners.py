@@ -4,8 +4,8 @@ secure code, as requests through :class:`~qtee.secure._listeners.ListenerHandle`
 Like any listener request (quic-teec.md §5.4) these run inside a direct invocation (a
 TA's op): the request is written into the listener's shared buffer, the supplicant's
 ``request`` callback serves it, and the answer is read back; BUSY -> wait -> retry is
-the handle's.  The byte layouts are :mod:`supplicant._gpfs_msg` and
-:mod:`supplicant._rpmb_msg`; the RPMB frames are JEDEC's (:mod:`supplicant._rpmb`).
+the handle's.  The byte layouts are :mod:`supplicant.gpfs_msg` and
+:mod:`supplicant.rpmb_msg`; the RPMB frames are JEDEC's (:class:`supplicant.RpmbFrame`).
 
 * :class:`GpfsClient`: ``read``/``write``/``remove``/``rename`` in the data or persist
   partition and ``version``; a non-zero ``err`` raises :class:`GpfsError` (an
@@ -30,9 +30,9 @@ from objects import QteeBaseError, UsageError
 
 if TYPE_CHECKING:
     from qtee.secure._world import SecureWorld
-    from supplicant._gpfs_msg import GpfsRequest, GpfsResponse, Partition
-    from supplicant._rpmb import RpmbFrame
-    from supplicant._rpmb_msg import InitResponse, RpmbRequest, RpmbResponse
+    from supplicant import RpmbFrame
+    from supplicant.gpfs_msg import GpfsRequest, GpfsResponse, Partition
+    from supplicant.rpmb_msg import InitResponse, RpmbRequest, RpmbResponse
 
 __all__ = [
     "GPFS_LISTENER_ID",
@@ -75,7 +75,7 @@ class GpfsClient:
 
     def request(self, req: GpfsRequest) -> GpfsResponse:
         """Send one request record; its decoded response."""
-        from supplicant import _gpfs_msg as m
+        from supplicant import gpfs_msg as m
 
         handle = self.world.listeners.get(GPFS_LISTENER_ID)
         return m.decode_response(handle.request(m.encode_request(req)))
@@ -87,7 +87,7 @@ class GpfsClient:
 
     def read(self, partition: Partition, path: str, offset: int = 0, count: int = -1) -> bytes:
         """Up to ``count`` bytes (default: the 500 KiB most) of ``path`` from ``offset``."""
-        from supplicant import _gpfs_msg as m
+        from supplicant import gpfs_msg as m
 
         n = m.GPFS_FILE_SIZE if count == -1 else count
         rsp = self.request(m.ReadRequest(partition=partition, path=path, offset=offset, count=n))
@@ -99,7 +99,7 @@ class GpfsClient:
         self, partition: Partition, path: str, data: bytes, offset: int = 0, *, backup: bool = False
     ) -> int:
         """Write ``data`` at ``offset`` of ``path``; the bytes written."""
-        from supplicant import _gpfs_msg as m
+        from supplicant import gpfs_msg as m
 
         req = m.WriteRequest(
             partition=partition, path=path, offset=offset, data=data, backup=backup
@@ -111,19 +111,19 @@ class GpfsClient:
 
     def remove(self, partition: Partition, path: str) -> None:
         """Delete the file ``path``."""
-        from supplicant import _gpfs_msg as m
+        from supplicant import gpfs_msg as m
 
         self._check(self.request(m.RemoveRequest(partition=partition, path=path)), "remove")
 
     def rename(self, partition: Partition, old: str, new: str) -> None:
         """Rename ``old`` to ``new`` in the partition."""
-        from supplicant import _gpfs_msg as m
+        from supplicant import gpfs_msg as m
 
         self._check(self.request(m.RenameRequest(partition=partition, old=old, new=new)), "rename")
 
     def version(self) -> int:
         """The service's secure file system version."""
-        from supplicant import _gpfs_msg as m
+        from supplicant import gpfs_msg as m
 
         rsp = self.request(m.VersionRequest())
         self._check(rsp, "version")
@@ -144,14 +144,14 @@ class RpmbClient:
 
     def request(self, req: RpmbRequest) -> RpmbResponse:
         """Send one request record; its decoded response."""
-        from supplicant import _rpmb_msg as m
+        from supplicant import rpmb_msg as m
 
         handle = self.world.listeners.get(RPMB_LISTENER_ID)
         return m.decode_response(handle.request(m.encode_request(req)))
 
     def init(self) -> InitResponse:
         """INIT: the partition's size (512-byte sectors) and frames per reliable write."""
-        from supplicant import _rpmb_msg as m
+        from supplicant import rpmb_msg as m
 
         rsp = self.request(m.InitRequest())
         assert isinstance(rsp, m.InitResponse)
@@ -161,8 +161,8 @@ class RpmbClient:
 
     def _send(self, frames: list[RpmbFrame], rel_wr_count: int, what: str) -> RpmbFrame:
         """WRITE the frames; the result frame (device result checked)."""
-        from supplicant import _rpmb_msg as m
-        from supplicant._rpmb import RpmbFrame, RpmbResult
+        from supplicant import RpmbFrame, RpmbResult
+        from supplicant import rpmb_msg as m
 
         raw = b"".join(f.pack() for f in frames)
         handle = self.world.listeners.get(RPMB_LISTENER_ID)
@@ -181,8 +181,8 @@ class RpmbClient:
         return result
 
     def _read(self, frame: RpmbFrame, blocks: int, what: str) -> list[RpmbFrame]:
-        from supplicant import _rpmb_msg as m
-        from supplicant._rpmb import RpmbFrame
+        from supplicant import RpmbFrame
+        from supplicant import rpmb_msg as m
 
         rsp = self.request(m.RwRequest.read(frame.pack(), blocks))
         assert isinstance(rsp, m.RwResponse)
@@ -191,7 +191,7 @@ class RpmbClient:
         return RpmbFrame.unpack_many(rsp.frames)
 
     def _verify(self, frames: list[RpmbFrame], nonce: bytes, what: str) -> None:
-        from supplicant._rpmb import RpmbResult, frame_mac
+        from supplicant import RpmbResult, frame_mac
 
         last = frames[-1]
         if last.result != RpmbResult.OK:
@@ -203,14 +203,14 @@ class RpmbClient:
 
     def program_key(self) -> None:
         """Program ``key`` into the device (once per device)."""
-        from supplicant._rpmb import RpmbFrame, RpmbMsgType
+        from supplicant import RpmbFrame, RpmbMsgType
 
         frame = RpmbFrame(key_mac=self.key, msg_type=RpmbMsgType.REQ_AUTH_KEY_PROGRAM)
         self._send([frame], 1, "key program")
 
     def write_counter(self) -> int:
         """The device's write counter (response MAC and nonce checked)."""
-        from supplicant._rpmb import RpmbFrame, RpmbMsgType
+        from supplicant import RpmbFrame, RpmbMsgType
 
         nonce = secrets.token_bytes(16)
         req = RpmbFrame(nonce=nonce, msg_type=RpmbMsgType.REQ_WRITE_COUNTER_VAL_READ)
@@ -221,7 +221,7 @@ class RpmbClient:
     def write_blocks(self, address: int, data: bytes) -> int:
         """Write ``data`` (whole 256-byte blocks) from block ``address``, ``rel_wr_count``
         frames per MAC as INIT says; the write counter afterwards."""
-        from supplicant._rpmb import RpmbFrame, RpmbMsgType, frame_mac
+        from supplicant import RpmbFrame, RpmbMsgType, frame_mac
 
         if not isinstance(data, bytes) or not data or len(data) % _BLOCK:
             raise UsageError(f"RPMB data is whole {_BLOCK}-byte blocks, not {len(data)} bytes")
@@ -250,7 +250,7 @@ class RpmbClient:
 
     def read_blocks(self, address: int, count: int) -> bytes:
         """``count`` blocks from block ``address`` (response MAC and nonce checked)."""
-        from supplicant._rpmb import RpmbFrame, RpmbMsgType
+        from supplicant import RpmbFrame, RpmbMsgType
 
         nonce = secrets.token_bytes(16)
         req = RpmbFrame(

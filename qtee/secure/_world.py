@@ -28,16 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, Self
 
-from objects import (
-    DispatchResult,
-    IdrAllocator,
-    ObjectTable,
-    PyObject,
-    QteeError,
-    Result,
-    UsageError,
-)
+from objects import DispatchResult, IdrAllocator, ObjectTable, PyObject, QteeError, UsageError
 from qtee import _reason, wire
+from qtee._qcomtee_msg import Result
 
 if TYPE_CHECKING:
     from qtee.secure._monitor import SecureMonitor

@@ -18,7 +18,7 @@ Build a :class:`~qtee.secure.SecureMonitor`, a ``Vmm(monitor)``, then
 ``vmm.create_vm("vm1", tee="qtee")``; ``guest.device`` is the guest's ``qtee.Device``.
 """
 
-from objects._errors import publish_errors as _publish_errors
+from objects import publish_errors as _publish_errors
 from qtee.vm import _optee_backend as _optee_backend
 from qtee.vm import _qtee_backend as _qtee_backend
 from qtee.vm._channel import HostVmChannel, ShadowPage, Upcall

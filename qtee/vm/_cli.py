@@ -55,7 +55,7 @@ def _fail(parser_error: str) -> int:
 def run(args: argparse.Namespace) -> int:
     """Build, run, destroy, print; 0 when every check held (see the module docstring)."""
     import qtee
-    from objects import Result
+    from qtee._qcomtee_msg import Result
     from qtee.secure._monitor import SecureMonitor
     from qtee.secure._optee_entry import OpteeEntry
     from qtee.vm import (

@@ -38,8 +38,9 @@ import operator
 import struct
 from typing import TYPE_CHECKING, ClassVar, Final
 
-from objects import DecodeError, DriverError, Result
+from objects import DecodeError, DriverError
 from qtee import wire
+from qtee._qcomtee_msg import Result
 from qtee._smc import QCOMTEE_RESULT_INBOUND_REQ_NEEDED, SmcFid, SmcReturn
 from qtee.vm._channel import HostVmChannel, ShadowPage
 from qtee.vm._framework import VmError, VmState, register_backend

@@ -36,7 +36,7 @@ returns one).
 
 The served device is a QTEE one or an OP-TEE one (``qtee serve --tee optee``, impl id 1 in
 the welcome): what crosses with each ioctl and what a reply may change are the device's
-(:mod:`qtee._remote_checks`, :mod:`qtee._remote_optee`: an OP-TEE fd sends the windows of
+(:mod:`qtee._remote.checks`, :mod:`qtee._remote.remote_optee`: an OP-TEE fd sends the windows of
 its registered shms that a call's memrefs name).  :meth:`RemoteDevice.open_supplicant`
 opens an OP-TEE device's privileged node (tee-supplicant's; EBUSY while one is open).
 
@@ -67,7 +67,8 @@ from typing import Any, Final
 from objects import DriverError, UsageError, errno_name
 from qtee import _reason, uapi
 from qtee._checks import WRITES_STRUCT, need_arg
-from qtee._frames import (
+from qtee._remote.checks import Dialect, QteeDialect
+from qtee._remote.frames import (
     MAX_FRAME,
     NODES,
     Answer,
@@ -90,8 +91,7 @@ from qtee._frames import (
     encode_call,
     refused,
 )
-from qtee._remote_checks import Dialect, QteeDialect
-from qtee._remote_optee import OpteeDialect
+from qtee._remote.remote_optee import OpteeDialect
 from qtee.addrspace import AddressSpace, CheckedMemory
 
 __all__ = [
@@ -708,7 +708,7 @@ class RemoteContext:
         return self._ask("info", timeout, "the server did not describe itself")
 
     def held_objects(self, timeout: float = 2.0) -> dict[str, Any]:
-        """What this fd holds on the server, by name (model-only; ``qtee._info.fd_objects``):
+        """What this fd holds on the server, by name (model-only; ``qtee._cli.info.fd_objects``):
         ``objects`` ``[id, label]``, ``callbacks`` ``[user id, "", refs]``, ``memory``
         ``[shm id, size, refs, owned]``.  ETIMEDOUT without an answer, EBADF once lost."""
         return self._ask("objects", timeout, "the server did not name the fd's objects")
@@ -739,7 +739,7 @@ class RemoteContext:
 
     def stream_trace(self, sink: Callable[[dict[str, Any]], None], timeout: float = 5.0) -> None:
         """Have the server send every crossing from now on: ``sink`` gets each record's map
-        (see :meth:`qtee._trace.TraceRecord.to_map`), ``{"dropped": n}`` when the server
+        (see :meth:`qtee._cli.trace.TraceRecord.to_map`), ``{"dropped": n}`` when the server
         dropped records for a slow reader, and ``{}`` when the stream ends.  Returns once
         the server streams; DriverError if it refuses (EACCES: the server does not allow
         introspection; EALREADY: this connection streams already) or does not answer."""

@@ -5,9 +5,9 @@ and hands the reading on when it has an ioctl to run), parks waiting SUPPL_RECVs
 receiver thread, sends ``ready`` frames to a watching client from one notifier thread,
 and streams the trace from one sender thread.  What the fd is -- a QTEE context, an
 OP-TEE client or supplicant context -- is the business of a :class:`ServedFile` made by
-the server's :class:`Flavour` (``qtee._server``, ``qtee._server_optee``); the connection
-only moves frames and runs calls.  The caps and pauses are the server's (see
-``qtee._server``, which re-exports the constants).
+the server's :class:`Flavour` (``server``, ``server_optee``); the connection only moves
+frames and runs calls.  The caps and pauses are the server's (see
+``qtee._remote.server``, which re-exports the constants).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from objects import DriverError, UsageError
 from qtee import _reason, uapi
-from qtee._frames import (
+from qtee._cli.trace import TraceRecord
+from qtee._remote.frames import (
     PROTOCOL_VERSION,
     Answer,
     Bye,
@@ -50,11 +51,10 @@ from qtee._frames import (
     encode_reply,
     refusal,
 )
-from qtee._region_memory import CallRegions, RegionMemory
-from qtee._trace import TraceRecord
+from qtee._remote.region_memory import CallRegions, RegionMemory
 
 if TYPE_CHECKING:
-    from qtee._server import DeviceServer
+    from qtee._remote.server import DeviceServer
 
 __all__ = [
     "BACKOFF_FIRST",
@@ -590,8 +590,8 @@ class Connection:
         from now until the connection closes.  Refused unless the server introspects;
         ``objects`` (what this connection's own fd holds, by name) never is."""
         if msg.what == "objects":
+            from qtee._cli.info import fd_objects
             from qtee._driver import Context
-            from qtee._info import fd_objects
 
             held = fd_objects(self.ctx) if isinstance(self.ctx, Context) else {}
             self.send(

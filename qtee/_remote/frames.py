@@ -53,7 +53,7 @@ the buffer attached to its bytes; the client maps it.  ``shm_free`` is ``close``
 fd.  ``query`` asks the server to describe itself (one ``answer``) or to stream its trace
 (an ``answer`` ``{"streaming": true}``, then one per crossing until the connection
 closes), or to name what the connection's own fd holds (``objects``: one ``answer``
-with the model-only labels of its QTEE objects, see ``qtee._info.fd_objects``; never
+with the model-only labels of its QTEE objects, see ``qtee._cli.info.fd_objects``; never
 refused for want of introspection: the fd is the asker's).  A server may refuse a
 query with an ``answer`` ``{"errno": n, "reason": str}`` (see :func:`refusal` and
 :func:`refused`): EACCES when it was started without introspection, EALREADY for a

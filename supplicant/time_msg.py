@@ -1,7 +1,7 @@
 """The time listener's messages (listener id 0xB), byte for byte (sans-IO).
 
 QTEE's time listener shares one 20 KiB buffer with the supplicant, like the FS listener
-(:mod:`supplicant._fs_msg`).  A request is written at its start and the response is
+(:mod:`supplicant.fs_msg`).  A request is written at its start and the response is
 written over it, in place.  Both begin with a u32 command id, and the response echoes
 the request's id (the real service never rewrites it; it is simply left in place).
 Every struct is packed and little-endian (the supplicant runs on aarch64, LP64).

@@ -2,7 +2,7 @@
 
 Addresses do not cross processes, so an ioctl frame brings the caller's memory the call
 may touch (the argument block, buffers, the RECV scratch, registered windows) as regions
-(:class:`qtee._frames.Region`).  :class:`RegionMemory` is the served device's
+(:class:`qtee._remote.frames.Region`).  :class:`RegionMemory` is the served device's
 ``memory``: in the thread that runs a request it maps that request's regions at their
 addresses (:meth:`RegionMemory.begin`) and records which writable ones the driver wrote,
 to send back with the reply; anywhere else an access is EFAULT.  ``copy_from_user`` and
@@ -18,7 +18,7 @@ import threading
 import time
 
 from objects import DriverError, UsageError
-from qtee._frames import Probe, Region, Status
+from qtee._remote.frames import Probe, Region, Status
 from qtee.addrspace import TASK_SIZE
 
 __all__ = ["CallRegions", "RegionMemory"]

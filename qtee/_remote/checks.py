@@ -1,7 +1,7 @@
 """What crosses the socket for a QTEE fd, and what may come back (client side, sans-IO).
 
-A :class:`RemoteContext <qtee._remote.RemoteContext>` asks its *dialect* -- this module's
-:class:`QteeDialect`, or :class:`qtee._remote_optee.OpteeDialect` for an OP-TEE device --
+A :class:`RemoteContext <qtee._remote.remote.RemoteContext>` asks its *dialect* -- this module's
+:class:`QteeDialect`, or :class:`qtee._remote.remote_optee.OpteeDialect` for an OP-TEE device --
 two things about each ioctl: which of the caller's memory goes with the request
 (:meth:`regions`, found by parsing the struct as the kernel will), and whether a reply is
 one the kernel could have given (:meth:`check`: a string saying what is wrong, or None).
@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol
 
 from objects import DriverError
 from qtee import uapi
-from qtee._frames import FrameError, IoctlReply, Welcome, check_written
+from qtee._remote.frames import FrameError, IoctlReply, Welcome, check_written
 from qtee.addrspace import AddressSpace
 
 __all__ = [
@@ -35,8 +35,8 @@ __all__ = [
 #: ``(addr, data, writable)``: caller memory sent with a request.
 Span = tuple[int, bytes, bool]
 
-_BUF: Final = struct.Struct("<QQ")
-_PARAM: Final = struct.Struct("<4Q")
+_BUF: Final = uapi.BUF_DATA_STRUCT
+_PARAM: Final = uapi.PARAM_STRUCT
 _U32: Final = struct.Struct("<I")
 #: buf_data ioctls: header size and where num_params sits in it.
 _HEADS: Final = {

@@ -14,7 +14,7 @@ changed: the same ioctls, the same checks, the same errno.
 * **Registered shms** (SHM_REGISTER) are the caller's own memory, which the server cannot
   reach: the client sends the registered range with SHM_REGISTER (the kernel pins the
   pages, EFAULT if unmapped), and with each OPEN_SESSION/INVOKE the windows of its
-  registered shms that the call's memrefs name (``qtee._remote_optee``); the model copies a
+  registered shms that the call's memrefs name (``qtee._remote.remote_optee``); the model copies a
   window in before the call and writes back what the TA changed
   (``OpteeContext._gp_params``/``_params_back``), which goes back with the reply.
 * **tee-supplicant's registered shms** (what the real tee-supplicant uses for RPC payloads
@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import struct
 import threading
 import uuid as uuidlib
 import weakref
@@ -48,8 +47,8 @@ from qtee import uapi
 from qtee._mem_obj import MemfdShm
 from qtee._optee import _GEN_CAPS, OpteeContext, OpteeDevice, _GpShm
 from qtee._optee_supp import OpteeSupp, OpteeSuppContext, RpcParam
-from qtee._region_memory import CallRegions, RegionMemory
-from qtee._server_conn import Peer
+from qtee._remote.region_memory import CallRegions, RegionMemory
+from qtee._remote.server_conn import Peer
 from qtee.gp._identity import Cred
 
 if TYPE_CHECKING:
@@ -59,9 +58,9 @@ if TYPE_CHECKING:
 
 __all__ = ["OpteeFlavour", "ServedOpteeDevice"]
 
-_HEAD: Final = struct.Struct("<2I")
-_PARAM: Final = struct.Struct("<4Q")
-_BUF: Final = struct.Struct("<QQ")
+_HEAD: Final = uapi.SUPP_ARG_STRUCT
+_PARAM: Final = uapi.PARAM_STRUCT
+_BUF: Final = uapi.BUF_DATA_STRUCT
 _META_INOUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_META | uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT
 _TYPE_MASK: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MASK
 _TO_SUPP: Final = frozenset({5, 7})  # memrefs whose bytes the supplicant reads
@@ -121,7 +120,7 @@ class _ServedSupp(OpteeSupp):
 
 class ServedOpteeDevice(OpteeDevice):
     """An OP-TEE device for a :class:`qtee.DeviceServer` (see the module docstring):
-    ``memory`` is the server's :class:`~qtee._region_memory.RegionMemory`; allocated shms
+    ``memory`` is the server's :class:`~qtee._remote.region_memory.RegionMemory`; allocated shms
     are memory files, registered ones get a shadow; the caller's credentials are the
     connecting process's.  ``on_callback`` is set by the server."""
 
@@ -286,7 +285,7 @@ class OpteeFlavour:
         return self.device.leaks()
 
     def describe(self) -> dict[str, Any]:
-        """What ``qtee info --connect`` prints (``qtee._info.format_info``'s keys)."""
+        """What ``qtee info --connect`` prints (``qtee._cli.info.format_info``'s keys)."""
         from qtee import __version__
 
         device = self.device

@@ -3,8 +3,8 @@
 Each connection is one open fd: of a QTEE device (a :class:`qtee.Context`, the default),
 or with ``tee="optee"`` of an OP-TEE device (an :class:`qtee.OpteeContext`, or on the
 privileged node tee-supplicant's :class:`qtee._optee_supp.OpteeSuppContext`; see
-:mod:`qtee._server_optee`).  Frames are those of
-:mod:`qtee._frames`: a Hello/Welcome handshake, then Ioctl requests answered by
+:mod:`qtee._remote.server_optee`).  Frames are those of
+:mod:`qtee._remote.frames`: a Hello/Welcome handshake, then Ioctl requests answered by
 IoctlReply.  Addresses do not cross processes, so an Ioctl carries the caller's memory
 the call may touch (the argument block, buffers, the RECV scratch) as regions; the
 server maps them at the same addresses for that call only and sends back the regions the
@@ -36,9 +36,9 @@ request is queued for its SUPPL_RECV (the queue's ``on_ready`` hook wakes a noti
 thread of the connection; the TA thread that queues never waits on the socket), so a
 client can wait for work outside Python and take it with ``recv_nowait``.
 
-The pieces: :mod:`qtee._region_memory` (the served device's address space),
-:mod:`qtee._server_conn` (one connection's threads), this module (the listener, the QTEE
-flavour, the trace fan-out) and :mod:`qtee._server_optee` (the OP-TEE flavour).
+The pieces: :mod:`qtee._remote.region_memory` (the served device's address space),
+:mod:`qtee._remote.server_conn` (one connection's threads), this module (the listener, the QTEE
+flavour, the trace fan-out) and :mod:`qtee._remote.server_optee` (the OP-TEE flavour).
 
 Shared memory is real shared memory: the server's shms live in memory files, and the fd
 of each goes to the client that allocated it (a ``shm`` frame, SCM_RIGHTS), which maps
@@ -63,12 +63,13 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from objects import DriverError, UsageError
 from qtee import uapi
+from qtee._cli.info import describe
+from qtee._cli.trace import TraceRecord
 from qtee._driver import Context, Device
-from qtee._frames import MAX_FRAME
-from qtee._info import describe
 from qtee._mem_obj import memfd_backing
-from qtee._region_memory import CallRegions, RegionMemory
-from qtee._server_conn import (
+from qtee._remote.frames import MAX_FRAME
+from qtee._remote.region_memory import CallRegions, RegionMemory
+from qtee._remote.server_conn import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     NO_THREAD,
@@ -82,7 +83,6 @@ from qtee._server_conn import (
     TraceStream,
     backoff,
 )
-from qtee._trace import TraceRecord
 
 if TYPE_CHECKING:
     from qtee._optee import OpteeDevice
@@ -248,7 +248,7 @@ class DeviceServer:
     """Serve a device on the Unix socket ``path``: a fresh QTEE device (``tee="qtee"``, the
     default) or OP-TEE device (``tee="optee"``), or ``device``.  A QTEE ``Device`` given
     here must be built with ``memory=RegionMemory()`` and ``shm_backing=memfd_backing``;
-    an OP-TEE one must be a :class:`qtee._server_optee.ServedOpteeDevice`.
+    an OP-TEE one must be a :class:`qtee._remote.server_optee.ServedOpteeDevice`.
 
     ``introspect``: answer ``query`` frames (``qtee info``/``qtee trace --connect``), which
     show every connection's labels and calls; off by default (refused with EACCES).
@@ -316,14 +316,14 @@ class DeviceServer:
         return device, _QteeFlavour(device)
 
     def _optee(self, device: Device | OpteeDevice | None) -> tuple[OpteeDevice, Flavour]:
-        from qtee._server_optee import OpteeFlavour, ServedOpteeDevice
+        from qtee._remote.server_optee import OpteeFlavour, ServedOpteeDevice
         from qtee.secure import QteeRoot, SecureWorld
 
         if device is None:
             device = ServedOpteeDevice(SecureWorld(QteeRoot()), memory=self.memory)
         elif not isinstance(device, ServedOpteeDevice):
             raise UsageError(
-                f"tee='optee' serves a qtee._server_optee.ServedOpteeDevice, "
+                f"tee='optee' serves a qtee._remote.server_optee.ServedOpteeDevice, "
                 f"not a {type(device).__name__}"
             )
         else:

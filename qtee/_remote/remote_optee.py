@@ -38,14 +38,14 @@ from typing import Final
 
 from objects import DriverError
 from qtee import uapi
-from qtee._frames import FrameError, IoctlReply, Region, Welcome, check_written
-from qtee._remote_checks import Span, block_change, check_shm, check_version, read_spans
+from qtee._remote.checks import Span, block_change, check_shm, check_version, read_spans
+from qtee._remote.frames import FrameError, IoctlReply, Region, Welcome, check_written
 from qtee.addrspace import TASK_SIZE, AddressSpace
 
 __all__ = ["OpteeDialect"]
 
-_BUF: Final = struct.Struct("<QQ")
-_PARAM: Final = struct.Struct("<4Q")
+_BUF: Final = uapi.BUF_DATA_STRUCT
+_PARAM: Final = uapi.PARAM_STRUCT
 _U32: Final = struct.Struct("<I")
 _OPEN: Final = uapi.TEE_IOC_OPEN_SESSION
 _INVOKE: Final = uapi.TEE_IOC_INVOKE
