@@ -55,7 +55,7 @@ bit flipped anywhere, another key), names another UUID, or any other image for a
 loadable TA, is ``TEE_ERROR_SECURITY`` (``signed_hdr.c``); one whose TA the model has no
 class for, ITEM_NOT_FOUND.  Any other image is a TA file as users have them (``struct shdr``, then
 the ELF): the class :func:`~qtee.secure.register_ta_file` registered for its SHA-256,
-else for its UUID (any bytes).  Every lookup asks the loading world's registry first
+else for its UUID (any signed image: one without ``SHDR_MAGIC`` is SECURITY).  Every lookup asks the loading world's registry first
 (``world.tas``, :class:`~qtee.secure.TaRegistry`), then the process-wide one.  As
 ``ree_fs_ta.c`` ``ree_fs_ta_open`` answers, a signed header that names another UUID
 (``shdr_bootstrap_ta``), or that is cut short, and an image the model has no class for
@@ -713,7 +713,7 @@ def _image_class(
         verify_optee_model,
         verify_qtee_model,
     )
-    from qtee.secure._tafiles import SignedHeaderError, signed_header_uuid
+    from qtee.secure._tafiles import SignedHeaderError, is_signed_image, signed_header_uuid
 
     if tas is None:
         tas = PROCESS_TAS
@@ -748,6 +748,8 @@ def _image_class(
         raise GpTaError(_SECURITY, f"the image for {want} is not a signed model image")
     if bad:
         raise GpTaError(_SECURITY, f"the image for {want}: {bad}")
+    if not is_signed_image(image):  # shdr_alloc_and_copy: no SHDR_MAGIC, no TA
+        raise GpTaError(_SECURITY, f"the image for {want} is not a signed TA (no SHDR magic)")
     cls_by_name = tas.file_by_uuid(want)
     if cls_by_name is None:  # OP-TEE cannot verify an image it has no key for
         raise GpTaError(_SECURITY, f"no TA is registered for the image of {want}")

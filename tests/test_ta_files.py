@@ -382,11 +382,13 @@ def open_error(device: OpteeDevice, ta: uuid.UUID = ECHO_UUID) -> tuple[int, int
 
 
 @pytest.mark.parametrize(
-    "image", [b"\0", b"arbitrary bytes", b"\x7fELF\x02\x01", signed_ta_image(ECHO_UUID)]
+    "image",
+    [signed_ta_image(ECHO_UUID), signed_ta_image(ECHO_UUID, b"\x7fELF\x02\x01 other bytes")],
 )
 def test_load_ta_of_a_uuid_file_selects_the_ta_registered_for_the_uuid(
     optee: tuple[OpteeDevice, Path], image: bytes
 ) -> None:
+    """Any signed ``<uuid>.ta`` (SHDR_MAGIC first) loads the class registered for its UUID."""
     device, ta_dir = optee
     (ta_dir / f"{ECHO_UUID}.ta").write_bytes(image)
     with register_ta_file(Echo) as reg:
@@ -394,6 +396,19 @@ def test_load_ta_of_a_uuid_file_selects_the_ta_registered_for_the_uuid(
         assert reg.name == f"uuid:{ECHO_UUID}"
         assert run_echo(device) == (42, 1)
     assert open_error(device) == (SECURITY, TEE)  # nobody's image now
+
+
+@pytest.mark.parametrize("image", [b"\0", b"junk\n", b"\x7fELF\x02\x01", b"\0" * 10])
+def test_a_uuid_registration_refuses_a_file_that_is_not_signed(
+    optee: tuple[OpteeDevice, Path], image: bytes
+) -> None:
+    """OP-TEE/optee_os:core/crypto/signed_hdr.c ``shdr_verify_signature`` (master): a TA
+    file whose first word is not SHDR_MAGIC fails verification (``ree_fs_ta_open`` ->
+    TEE_ERROR_SECURITY, origin TEE), even with a class registered for its UUID."""
+    device, ta_dir = optee
+    (ta_dir / f"{ECHO_UUID}.ta").write_bytes(image)
+    with register_ta_file(Echo):
+        assert open_error(device) == (SECURITY, TEE)
 
 
 def test_load_ta_by_sha256_is_that_file_only(optee: tuple[OpteeDevice, Path]) -> None:

@@ -97,6 +97,11 @@ def _shdr_at(image: bytes, offs: int) -> tuple[int, int, int]:
     return img_type, img_size, size
 
 
+def is_signed_image(image: bytes) -> bool:
+    """Whether ``image`` starts with ``SHDR_MAGIC`` (OP-TEE refuses any other TA file)."""
+    return len(image) >= 4 and struct.unpack_from("<I", image)[0] == SHDR_MAGIC
+
+
 def signed_header_uuid(image: bytes) -> uuidlib.UUID | None:
     """The TA UUID in an OP-TEE signed image's headers, as ``ree_fs_ta_open`` reads it.
 
