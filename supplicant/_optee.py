@@ -65,6 +65,7 @@ import logging
 import os
 import stat
 import struct
+import sys
 import threading
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
@@ -72,7 +73,7 @@ from typing import TYPE_CHECKING, Final
 
 from objects import DriverError
 from qtee import uapi
-from qtee._cli.ta_modules import import_ta_module
+from qtee._cli.ta_modules import find_ta_module, import_ta_module
 from qtee.gp import TeecResult
 from supplicant._fs import FileStore, FsError
 from supplicant._rpmb import RPMB_FRAME_SIZE, EmulatedRpmb, RpmbRequestError
@@ -141,7 +142,8 @@ def _plugin_uuid(value: object) -> uuidlib.UUID:
 
 def plugin_from_spec(spec: str) -> tuple[uuidlib.UUID, SuppPlugin]:
     """``UUID=MODULE:FUNCTION`` → the UUID and the function, imported now; MODULE is a
-    module name or a path to a ``.py`` file (as ``--ta-module`` takes them)."""
+    module name (looked for in the current directory first) or a path to a ``.py`` file,
+    as ``--ta-module`` takes them; a module that is not there is a :class:`UsageError`."""
     if not isinstance(spec, str):
         raise TypeError(f"plugin spec must be a str, not {type(spec).__name__}")
     uuid_part, sep, target = spec.partition("=")
@@ -149,7 +151,10 @@ def plugin_from_spec(spec: str) -> tuple[uuidlib.UUID, SuppPlugin]:
     if not sep or not colon or not module or not name:
         raise ValueError(f"plugin spec {spec!r} is not UUID=module:function")
     uuid = _plugin_uuid(uuid_part)
-    fn = getattr(import_ta_module(module), name, None)
+    loaded = sys.modules.get(module)
+    if loaded is None:  # found as --ta-module finds one: the current directory first
+        loaded = import_ta_module(find_ta_module(module))
+    fn = getattr(loaded, name, None)
     if not callable(fn):
         raise ValueError(f"plugin spec {spec!r}: {module}:{name} is not a callable")
     return uuid, fn

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 import qtee
+from objects import UsageError
 from qtee import DeviceServer, OpteeContext, OpteeDevice, invoke_supp_plugin, uapi
 from qtee._optee_supp import (
     OPTEE_RPC_CMD_SUPP_PLUGIN,
@@ -427,7 +428,7 @@ def test_supplicant_checks_the_params(env: Env, supp: OpteeSupplicant) -> None:
 # ----------------------------------------------------------------------------- the API
 
 
-def test_plugin_from_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plugin_from_spec(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """``UUID=module:function`` names a plugin the way the option to load one does.
 
     Sources:
@@ -450,8 +451,16 @@ def test_plugin_from_spec(monkeypatch: pytest.MonkeyPatch) -> None:
         plugin_from_spec("xyz=qtee_test_plugin_mod:echo")
     with pytest.raises(ValueError, match="not a callable"):
         plugin_from_spec(f"{PLUGIN}=qtee_test_plugin_mod:answer")
-    with pytest.raises(ModuleNotFoundError):
+    with pytest.raises(UsageError, match="qtee_no_such_module_here: no such module"):
         plugin_from_spec(f"{PLUGIN}=qtee_no_such_module_here:echo")
+    # A module name is looked for in the current directory first, as --ta-module's is.
+    (tmp_path / "qtee_cwd_plugin.py").write_text("def double(c, s, d):\n    return 0, d * 2\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "qtee_cwd_plugin", raising=False)
+    uuid, fn = plugin_from_spec(f"{PLUGIN}=qtee_cwd_plugin:double")
+    assert uuid == PLUGIN and fn(0, 0, b"ab") == (0, b"abab")
+    sys.modules.pop("qtee_cwd_plugin", None)
 
 
 def test_argument_checks(env: Env, supp: OpteeSupplicant) -> None:

@@ -153,6 +153,17 @@ def test_cli_options_are_checked(tmp_path: Path) -> None:
         (["--rpmb-file", str(junk)], "not an RPMB state file"),
         (["--tee", "optee"], "give --connect"),
         (
+            [
+                "--tee",
+                "optee",
+                "--connect",
+                str(tmp_path / "s"),
+                "--plugin",
+                f"{uuid.UUID(int=7)}=nomod_q:f",
+            ],
+            "nomod_q: no such module",
+        ),
+        (
             ["--tee", "optee", "--connect", str(tmp_path / "s"), "--rpmb-file", str(junk)],
             "not an RPMB state file",
         ),
