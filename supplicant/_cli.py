@@ -161,6 +161,13 @@ def run(args: argparse.Namespace) -> int:
         device = (
             qtee.connect(args.connect) if remote else qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
         )
+        if remote and _serves_optee(device):
+            print(
+                f"qtee supplicant: the server at {args.connect} serves an OP-TEE device: "
+                "add --tee optee",
+                file=sys.stderr,
+            )
+            return 2
         # a file's device is the supplicant's to close; an in-memory one holds no fd
         rpmb = EmulatedRpmb() if args.rpmb else args.rpmb_file
         sup = Supplicant(
@@ -210,6 +217,19 @@ def run(args: argparse.Namespace) -> int:
     leaks = device.leaks()
     print("tables: empty" if not leaks else f"tables: {leaks}")
     return 0 if not leaks else 1
+
+
+def _serves_optee(device: object) -> bool:
+    """Whether a connected device is OP-TEE (its welcome's impl id), found with one fd."""
+    from qtee import RemoteDevice, uapi
+
+    if not isinstance(device, RemoteDevice):
+        return False
+    probe = device.open()
+    try:
+        return probe.welcome.impl_id == uapi.TEE_IMPL_ID_OPTEE
+    finally:
+        probe.close()
 
 
 def _run_optee(args: argparse.Namespace) -> int:

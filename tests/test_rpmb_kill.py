@@ -172,3 +172,22 @@ def test_cli_options_are_checked(tmp_path: Path) -> None:
             [*base, *extra], cwd=REPO, capture_output=True, text=True, check=False, timeout=60
         )
         assert out.returncode == 2 and says in out.stderr, out
+
+
+def test_a_qtee_supplicant_on_an_optee_server_says_add_tee_optee(server: DeviceServer) -> None:
+    """The QTEE supplicant needs a QTEE device (its listeners are QTEE objects); given an
+    OP-TEE server (impl id 1 in the welcome) it says which option was forgotten, exit 2,
+    and leaves no connection behind."""
+    out = subprocess.run(
+        [sys.executable, "-m", "qtee", "supplicant", "--connect", server.path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert out.returncode == 2, out
+    assert out.stderr == (
+        f"qtee supplicant: the server at {server.path} serves an OP-TEE device: add --tee optee\n"
+    )
+    assert _eventually(lambda: server.connections == 0)
