@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -380,3 +381,19 @@ def test_every_verb_has_help_without_rest_markup() -> None:
         assert run.stdout.startswith("usage: qtee"), argv
         found = _MARKUP.findall(run.stdout)
         assert not found, f"qtee {' '.join(argv)} --help has reST markup {found}:\n{run.stdout}"
+
+
+def test_ctrl_c_in_qtee_vm_ends_the_rounds_and_exits_130() -> None:
+    """^C during ``qtee vm``'s loops: every loop ends after its round, the VMs are
+    destroyed as at a normal end, one line says so, no traceback, status 130."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qtee", "vm", "--iterations", "1000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)  # the loops are running by now
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "qtee vm: interrupted" in err, err

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     OpteeEntry(monitor, guest_limit=args.guest_limit)
     host = qtee.Device(monitor.host)
     checks: list[tuple[str, bool]] = []
+    interrupted = False
     refused: list[tuple[str, str, str]] = []
     results: dict[str, ScenarioStats] = {}
     destroy_report: list[Any] = []
@@ -128,21 +129,31 @@ def run(args: argparse.Namespace) -> int:
             killer.join(5)  # this callback is the call in flight the destroy must fail
 
         threads = []
+        stop = threading.Event()  # set by ^C: every loop ends after its round
         for name, device in runs.items():
             hook = destroy_in_callback if victim is not None and name == args.destroy else None
 
             def loop(name: str = name, device: Any = device, hook: Any = hook) -> None:
                 if name in gp:  # an OP-TEE guest: GP sessions instead of QTEE objects
-                    results[name] = run_gp_loop(device, args.iterations)
+                    results[name] = run_gp_loop(device, args.iterations, stop=stop)
                 else:
-                    results[name] = run_invoke_loop(device, args.iterations, in_callback=hook)
+                    results[name] = run_invoke_loop(
+                        device, args.iterations, stop=stop, in_callback=hook
+                    )
 
             threads.append(threading.Thread(target=loop, name=f"qtee-vm-{name}"))
         t0 = time.monotonic()
         for t in threads:
             t.start()
-        for t in threads:
-            t.join(600)
+        try:
+            for t in threads:
+                t.join(600)
+        except KeyboardInterrupt:  # ^C: the rounds in flight finish, the VMs are destroyed
+            stop.set()
+            for t in threads:
+                t.join(60)
+            print("qtee vm: interrupted", file=sys.stderr)
+            interrupted = True
         elapsed = time.monotonic() - t0
         for name, stats in results.items():
             if name == args.destroy:
@@ -169,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{'ok' if ok else 'FAILED'}] {name}")
     if leaks:
         print(f"left: {leaks}")
+    if interrupted:
+        return 130
     return 0 if all(ok for _, ok in checks) else 1
 
 
