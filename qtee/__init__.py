@@ -10,7 +10,6 @@ of the secure world is :mod:`qtee.secure`.
 from objects import DecodeError, DriverError, QteeBaseError, QteeError, Result, UsageError, op
 from objects._errors import publish_errors as _publish_errors
 from qtee import uapi, wire
-from qtee._driver import Context, Device
 from qtee._optee import OpteeContext, OpteeDevice
 from qtee._optee_supp import (
     TEE_DATA_FLAG_ACCESS_READ,
@@ -30,6 +29,8 @@ from qtee._optee_supp import (
     invoke_supp_plugin,
     trusted_storage,
 )
+from qtee._qcomtee.call import Context
+from qtee._qcomtee.core import Device
 from qtee._remote import ConnectError, RemoteContext, RemoteDevice, connect
 from qtee._server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, SharedSpace, address_of

@@ -50,8 +50,8 @@ from uuid import UUID
 
 from objects import DriverError, IdrAllocator, ObjectTable, UsageError
 from qtee import _checks, uapi
-from qtee._file import FileLife, popped
-from qtee._mem_obj import SHM_MAX
+from qtee._tee.core import FileLife, popped
+from qtee._tee.shm import SHM_MAX
 from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory, SharedSpace
 from qtee.gp._identity import Cred, calc_client_uuid, check_user_login
 

@@ -63,10 +63,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from objects import DriverError, UsageError
 from qtee import uapi
-from qtee._driver import Context, Device
 from qtee._frames import MAX_FRAME
 from qtee._info import describe
-from qtee._mem_obj import memfd_backing
+from qtee._qcomtee.call import Context
+from qtee._qcomtee.core import Device
 from qtee._region_memory import CallRegions, RegionMemory
 from qtee._server_conn import (
     BACKOFF_FIRST,
@@ -82,6 +82,7 @@ from qtee._server_conn import (
     TraceStream,
     backoff,
 )
+from qtee._tee.shm import memfd_backing
 from qtee._trace import TraceRecord
 
 if TYPE_CHECKING:

@@ -590,8 +590,8 @@ class Connection:
         from now until the connection closes.  Refused unless the server introspects;
         ``objects`` (what this connection's own fd holds, by name) never is."""
         if msg.what == "objects":
-            from qtee._driver import Context
             from qtee._info import fd_objects
+            from qtee._qcomtee.call import Context
 
             held = fd_objects(self.ctx) if isinstance(self.ctx, Context) else {}
             self.send(

@@ -43,7 +43,9 @@ from objects import (
     op,
 )
 from qtee import _reason, uapi
-from qtee._driver import (
+from qtee._qcomtee.call import Context
+from qtee._qcomtee.core import Device
+from qtee._tee.core import (
     _INVOKE_HEAD,
     _OBJ_IN,
     _OBJ_OUT,
@@ -52,8 +54,6 @@ from qtee._driver import (
     _U32,
     _UB_IN,
     _UB_OUT,
-    Context,
-    Device,
     _invoke_struct,
 )
 from qtee.addrspace import AddressSpace

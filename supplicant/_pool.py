@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from objects import DriverError, Result, UsageError
 from qtee import uapi
-from qtee._driver import (
+from qtee._tee.core import (
     _META_IN,
     _META_OUT,
     _OBJ_IN,

@@ -64,7 +64,9 @@ def test_no_private_import_of_a_public_name() -> None:
 
 def test_the_check_sees_a_private_import(tmp_path: Path) -> None:
     probe = REPO / "tests" / "_probe_private_import.py"
-    probe.write_text("from qtee._driver import Device\nfrom qtee._frames import FrameDecoder\n")
+    probe.write_text(
+        "from qtee._qcomtee.core import Device\nfrom qtee._frames import FrameDecoder\n"
+    )
     try:
         hits = private_imports_of_public_names(probe)
     finally:

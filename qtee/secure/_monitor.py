@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from objects import DecodeError, DriverError, Result, UsageError, result_to_u32
 from qtee import wire
-from qtee._mem_obj import PhysFault, PhysMemory
+from qtee._qcomtee.shm import PhysFault, PhysMemory
 from qtee._smc import (
     HYP_CLIENT_ID,
     QCOMTEE_RESULT_INBOUND_REQ_NEEDED,

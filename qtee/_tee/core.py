@@ -1,4 +1,5 @@
-"""An open fd's lifetime as the kernel gives it (``tee_core.c``: ``tee_release``).
+"""The TEE core's share of an open fd (``tee_core.c``): the layout of the argument
+blocks every driver reads, and the fd's lifetime (``tee_release``).
 
 ``close(fd)`` drops the descriptor, but the ``struct file`` behind it lives on while an
 ioctl that started before is still running (the ioctl holds its own reference); the
@@ -18,15 +19,57 @@ when a VM is destroyed) runs it at once and again as each straggling call leaves
 from __future__ import annotations
 
 import errno
+import functools
+import itertools
+import struct
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from objects import DriverError
+from qtee import uapi
 
 __all__ = ["FileLife", "popped"]
 
 _V = TypeVar("_V")
+
+#: A param as the driver handles it: ``(attr, a, b, c)`` of ``struct tee_ioctl_param``.
+_P = tuple[int, int, int, int]
+
+_U32: Final = struct.Struct("<I")
+_PARAM: Final = struct.Struct("<4Q")  # struct tee_ioctl_param
+_INVOKE_HEAD: Final = struct.Struct("<QIII4x")  # struct tee_ioctl_object_invoke_arg
+_SUPP_HEAD: Final = struct.Struct("<II")  # supp_recv_arg / supp_send_arg
+_NONE_P: Final = (0, 0, 0, 0)
+_UB_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
+_UB_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
+_OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
+_OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
+_META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+_META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+
+
+@functools.cache
+def _params_struct(n: int) -> struct.Struct:
+    """``n`` consecutive ``struct tee_ioctl_param``."""
+    return struct.Struct("<" + "4Q" * n)
+
+
+@functools.cache
+def _invoke_struct(n: int) -> struct.Struct:
+    """``struct tee_ioctl_object_invoke_arg`` followed by ``n`` params."""
+    return struct.Struct("<QIII4x" + "4Q" * n)
+
+
+def _pack_params(params: list[_P]) -> bytes:
+    return _params_struct(len(params)).pack(*itertools.chain.from_iterable(params))
+
+
+def _pack_invoke(ident: int, op: int, ret: int, params: list[_P]) -> bytes:
+    """``struct tee_ioctl_object_invoke_arg`` followed by its params."""
+    return _invoke_struct(len(params)).pack(
+        ident, op, ret, len(params), *itertools.chain.from_iterable(params)
+    )
 
 
 class FileLife:

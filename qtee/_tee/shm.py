@@ -1,0 +1,141 @@
+"""Shared memory as the TEE core keeps it (``tee_shm.c``): what a shm's bytes live in,
+the largest allocation, and the refcounted :class:`Shm` with its device-wide id.
+
+``TEE_IOC_SHM_ALLOC`` creates a shm (ids from 1, device-wide) backed by a zeroed buffer:
+a private one in process, a memory file a device server can hand to its client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, TypeAlias
+
+from objects import DriverError, Refcounted
+
+if TYPE_CHECKING:
+    from qtee._qcomtee.call import Context
+    from qtee._qcomtee.shm import PhysSpace
+
+__all__ = [
+    "PAGE_SIZE",
+    "SHM_MAX",
+    "MemfdShm",
+    "Shm",
+    "ShmBacking",
+    "ShmBuffer",
+    "discard_backing",
+    "memfd_backing",
+    "private_backing",
+]
+
+#: Physical memory is handed out in whole pages (QK §3.1 "page granular").
+PAGE_SIZE: Final = 4096
+#: The largest SHM_ALLOC: qcomtee's pool takes a shm's pages with ``alloc_pages_exact``
+#: (``tee_dyn_shm_alloc_helper``), which cannot go past 2**MAX_PAGE_ORDER contiguous
+#: pages -- 4 MiB with arm64's 4 KiB pages and the default order 10; past it, ENOMEM.
+SHM_MAX: Final = PAGE_SIZE << 10
+
+
+#: What a shm's bytes live in: a private buffer, a mapping of a memory file, or a view
+#: of pages someone else owns (a guest's RAM).
+ShmBuffer: TypeAlias = bytearray | mmap.mmap | memoryview
+#: Makes the buffer of a new shm of a size: the buffer and the fd of the file behind it
+#: (None for a private buffer).  Raises OSError when memory runs out.
+ShmBacking: TypeAlias = Callable[[int], tuple[ShmBuffer, int | None]]
+
+
+def private_backing(size: int) -> tuple[ShmBuffer, int | None]:
+    """A zeroed private buffer (the in-process default)."""
+    return bytearray(size), None
+
+
+def memfd_backing(size: int) -> tuple[ShmBuffer, int | None]:
+    """A zeroed anonymous memory file and its shared mapping: the fd can be handed to
+    another process, which maps the same pages (what the kernel's shm fd is for)."""
+    fd = os.memfd_create("qtee-shm", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        buf: ShmBuffer = mmap.mmap(fd, size) if size else bytearray()
+    except BaseException:
+        os.close(fd)
+        raise
+    return buf, fd
+
+
+def discard_backing(buf: ShmBuffer, fd: int | None) -> None:
+    """Undo a backing's buffer that never became a shm: close its file, unmap it."""
+    if fd is not None:
+        os.close(fd)
+    if isinstance(buf, mmap.mmap):
+        with contextlib.suppress(BufferError):
+            buf.close()
+
+
+class MemfdShm:
+    """An OP-TEE shm's memory file: its fd until taken (SHM_ALLOC hands it out), and
+    the mapping the TA sees."""
+
+    __slots__ = ("buf", "fd")
+
+    def __init__(self, buf: ShmBuffer, fd: int | None) -> None:
+        self.buf = buf
+        self.fd = fd
+
+    @classmethod
+    def allocate(cls, size: int) -> tuple[bytearray | memoryview, MemfdShm]:
+        """A fresh memory file of ``size`` bytes: the view for the shm, and its owner;
+        ENOMEM when the file cannot be made."""
+        try:
+            buf, fd = memfd_backing(size)
+        except OSError as exc:
+            raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc}") from None
+        view = buf if isinstance(buf, bytearray) else memoryview(buf)  # size 0: nothing mapped
+        return view, cls(buf, fd)
+
+    def take_fd(self) -> int | None:
+        fd, self.fd = self.fd, None
+        return fd
+
+    def close(self) -> None:
+        """Close the fd if still held, and unmap (later, with the last view, if one is
+        still open)."""
+        discard_backing(self.buf, self.take_fd())
+
+
+class Shm(Refcounted):
+    """A shared buffer from SHM_ALLOC; freed when its last reference goes.
+
+    ``fd`` is the memory file behind ``buf`` while this side still holds it (a device
+    server hands it to the client and closes its copy)."""
+
+    __slots__ = ("buf", "ctx", "fd", "id", "paddr", "phys")
+
+    def __init__(
+        self, ctx: Context, shm_id: int, buf: ShmBuffer, fd: int | None, phys: PhysSpace
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.id = shm_id
+        self.buf = buf
+        self.fd = fd
+        self.phys = phys
+        self.paddr = phys.add(self.buf)
+
+    def take_fd(self) -> int | None:
+        """Hand over the memory file's fd (the caller closes it); None when there is none."""
+        fd, self.fd = self.fd, None
+        return fd
+
+    def on_release(self) -> None:
+        self.phys.remove(self.paddr)
+        self.ctx.device.shm.erase_if(self.id, self)
+        fd = self.take_fd()
+        if fd is not None:
+            os.close(fd)
+        if isinstance(self.buf, mmap.mmap):
+            with contextlib.suppress(BufferError):  # a view still open: unmapped when it goes
+                self.buf.close()
