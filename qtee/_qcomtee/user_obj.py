@@ -4,7 +4,8 @@ A :class:`UserObject` is the kernel's wrapper of an object a supplicant exports 
 its own choosing).  Invoking it from QTEE queues a :class:`Request` on the owning
 context, where a supplicant thread takes it with SUPPL_RECV and answers with SUPPL_SEND.
 Request ids come from a per-context lowest-free IDR; requests wait in FIFO order; their
-states are QUEUED (1) -> PROCESSING (2) -> PROCESSED (3).  :func:`supp_recv` selects the
+states are QUEUED (1) -> PROCESSING (2) -> PROCESSED (3), every move in one table
+(:mod:`qtee._qcomtee.req_state`).  :func:`supp_recv` selects the
 FIFO head for a supplicant thread (``ureq_select``) and :func:`supp_send` completes a
 request with its answer (``ureq_dequeue``).
 """
@@ -22,6 +23,7 @@ from objects import DriverError, IdrAllocator, Refcounted
 from qtee import _checks, uapi
 from qtee._qcomtee.mem_obj import MemObject, mem_in
 from qtee._qcomtee.object import CbObject, QteeObject
+from qtee._qcomtee.req_state import REQUEST_STATES, ReqEvent, ReqState
 from qtee._tee.core import (
     _META_IN,
     _META_OUT,
@@ -42,9 +44,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Request", "RequestQueue", "UserObject", "supp_recv", "supp_send"]
 
-QUEUED: Final = 1
-PROCESSING: Final = 2
-PROCESSED: Final = 3
+QUEUED: Final = ReqState.QUEUED
+PROCESSING: Final = ReqState.PROCESSING
+PROCESSED: Final = ReqState.PROCESSED
 OP_RELEASE: Final = 0xFFFF
 _read: Final = _checks.read_buf_block
 _FLAG_TEE: Final = uapi.QCOMTEE_OBJREF_FLAG_TEE
@@ -66,7 +68,8 @@ class Request:
     ob: tuple[int, ...] = ()
     io: tuple[object, ...] = ()
     n_oo: int = 0
-    state: int = QUEUED
+    #: Moved only through :meth:`move` (:data:`~qtee._qcomtee.req_state.REQUEST_STATES`).
+    state: ReqState = QUEUED
     req_id: int = -1
     status: int = 0
     ob_data: list[bytes] = field(default_factory=list)
@@ -79,6 +82,10 @@ class Request:
 
     def __post_init__(self) -> None:
         self.done.acquire()
+
+    def move(self, event: ReqEvent) -> None:
+        """Take the transition ``event`` (an illegal one raises and changes nothing)."""
+        self.state = REQUEST_STATES.move(self.state, event)
 
     def wait(self) -> None:
         """Block until PROCESSED."""
@@ -117,7 +124,7 @@ class RequestQueue:
         """Mark ``req`` PROCESSED with ``status`` and free its id (caller holds ``cond``)."""
         if req.state == PROCESSED:
             return
-        req.state = PROCESSED
+        req.move(ReqEvent.COMPLETE)
         req.status = status
         if self.by_id.get(req.req_id) is req:
             del self.by_id[req.req_id]
@@ -239,7 +246,7 @@ def supp_recv(ctx: Context, arg: bytearray | memoryview, *, wait: bool = True) -
                 q.finish(req, 0)  # notification: freed now, never answered
                 mem.write(buf_ptr, _SUPP_HEAD.pack(OP_RELEASE, 1) + _PARAM.pack(*out[0]))
                 return 0
-            req.state = PROCESSING
+            req.move(ReqEvent.SELECT)
             try:  # qcomtee_cb_params_from_args
                 for data, off in zip(req.ib, offs, strict=True):
                     mem.write(scratch + off, data)
