@@ -25,9 +25,9 @@ from objects import (
 )
 from qtee import _checks, uapi, wire
 from qtee._qcomtee.async_ import fetch_async
-from qtee._qcomtee.core import Device, _emit
+from qtee._qcomtee.core import Device, InvokeCtx, _emit
 from qtee._qcomtee.mem_obj import MemObject, mem_in
-from qtee._qcomtee.object import CbObject, QteeObject
+from qtee._qcomtee.object import QteeObject
 from qtee._qcomtee.user_obj import RequestQueue, UserObject, supp_recv, supp_send
 from qtee._tee.core import (
     _INVOKE_HEAD,
@@ -242,9 +242,7 @@ class Context:
             if target is None:
                 raise _einval(f"object id {ident} is not in this context")
             cxt = target.qtee_id
-        held: list[QteeObject] = [] if target is None else [target]
-        created: list[tuple[int, CbObject]] = []
-        accepted = [False]
+        call = InvokeCtx(params, [] if target is None else [target], [])
         try:
             if op & ~_OP_MASK or op == _OP_RETAIN:
                 raise _einval(f"op {op:#x}")
@@ -257,7 +255,7 @@ class Context:
                 elif attr == _UB_OUT:
                     ob.append(b)
                 elif attr == _OBJ_IN:
-                    io.append(_objref_in(self, a, b, held, created))
+                    io.append(_objref_in(self, a, b, call))
             wrapped = most > 15
             try:
                 if wrapped:
@@ -273,7 +271,7 @@ class Context:
             page = device._page()
             clean = False
             try:
-                result = device._smc_invoke(inbound, page, accepted, held)
+                result = device._smc_invoke(inbound, page, call)
                 if trace or records:
                     _emit(trace, records, "QTEE -> NS", cxt, op, counts, result_name(result))
                 if result == 0:
@@ -296,10 +294,10 @@ class Context:
             finally:
                 device._recycle(page, clean)
         finally:
-            for obj in held:
+            for obj in call.held:
                 obj.put()
-            if not accepted[0]:  # QTEE never saw them: mimic its release, without notifying
-                for ns_id, cb in created:
+            if not call.accepted:  # QTEE never saw them: mimic its release, without notifying
+                for ns_id, cb in call.created:
                     device.ns.erase(ns_id)
                     if isinstance(cb, UserObject):
                         cb.notify = False
@@ -354,9 +352,7 @@ class Context:
             device.release_pages()
 
 
-def _objref_in(
-    ctx: Context, a: int, b: int, held: list[QteeObject], created: list[tuple[int, CbObject]]
-) -> int:
+def _objref_in(ctx: Context, a: int, b: int, call: InvokeCtx) -> int:
     if a == uapi.TEE_OBJREF_NULL:
         return wire.QCOMTEE_MSG_OBJECT_NULL
     if b & _FLAG_USER:
@@ -367,13 +363,13 @@ def _objref_in(
             uo.notify = False
             uo.put()
             raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
-        created.append((ns_id, uo))
+        call.created.append((ns_id, uo))
         return ns_id
     if b & _FLAG_TEE:
         obj = ctx.objects.lookup_get(a) if a <= 0x7FFF_FFFF else None
         if obj is None:
             raise _einval(f"object id {a} is not in this context")
-        held.append(obj)
+        call.held.append(obj)
         return obj.qtee_id
     if b & _FLAG_MEM:
         mem = mem_in(ctx, a)
@@ -382,7 +378,7 @@ def _objref_in(
         except DriverError:
             mem.put()
             raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
-        created.append((ns_id, mem))
+        call.created.append((ns_id, mem))
         return ns_id
     raise _einval(f"objref flags {b:#x} name no object kind")
 

@@ -15,7 +15,8 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from objects import (
     Counts,
@@ -39,6 +40,7 @@ from qtee._qcomtee.object import (
 from qtee._qcomtee.primordial_obj import Primordial
 from qtee._qcomtee.shm import PhysMemory, PhysSpace
 from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcConduit, SmcFid
+from qtee._tee.core import _P
 from qtee._tee.shm import SHM_MAX, Shm, ShmBacking, private_backing
 from qtee._trace import TraceRecord
 from qtee.addrspace import AddressSpace, ProcessMemory
@@ -51,7 +53,13 @@ if TYPE_CHECKING:
 
 _G = TypeVar("_G", bound="type[GpTA]")
 
-__all__ = ["QCOMTEE_OBJECT_ID_END", "QCOMTEE_OBJECT_ID_START", "Device", "QteeObject"]
+__all__ = [
+    "QCOMTEE_OBJECT_ID_END",
+    "QCOMTEE_OBJECT_ID_START",
+    "Device",
+    "InvokeCtx",
+    "QteeObject",
+]
 
 _SMC_INVOKE: Final = int(SmcFid.QCOM_SCM_SMCINVOKE_INVOKE)
 _SMC_CB_RSP: Final = int(SmcFid.QCOM_SCM_SMCINVOKE_CB_RSP)
@@ -80,8 +88,26 @@ def _emit(
         records(TraceRecord(time.time(), direction, obj, op, c.ib, c.ob, c.io, c.oo, what))
 
 
-_NO_CALL: Final[list[Any]] = []  # what an idle page points at (never written to)
 _ZERO_PAGE: Final = bytes(_OUT_SIZE)
+
+
+@dataclass(slots=True, eq=False)
+class InvokeCtx:
+    """One invocation's state, from OBJECT_INVOKE (or a RELEASE the driver makes) to its
+    final return: the kernel's ``qcomtee_object_invoke_ctx``.  Made once per call and
+    passed down to the SMC loop and to each callback request QTEE makes during it, and
+    back to the caller, who undoes what the call leaves."""
+
+    #: ``u[]``: the call's params as the caller gave them (``(attr, a, b, c)``).
+    params: list[_P]
+    #: QTEE objects referenced for the call -- its target, its inputs, and those lent to
+    #: QTEE in callback responses: their temporary references go once the call is over.
+    held: list[QteeObject]
+    #: NS ids made for the inbound message: erased (without a release notification) if
+    #: QTEE never accepted it.
+    created: list[tuple[int, CbObject]]
+    #: QTEE has the message (its first successful return): it owns the CB objects in it.
+    accepted: bool = False
 
 
 class _OutPage:
@@ -90,7 +116,7 @@ class _OutPage:
     the state of the call using it.  ``on_return`` is bound once, so a call makes no
     callable (the invoke hot path)."""
 
-    __slots__ = ("abandoned", "accepted", "device", "lent", "on_return", "out", "pa", "served")
+    __slots__ = ("abandoned", "call", "device", "on_return", "out", "pa", "served")
 
     def __init__(self, device: Device) -> None:
         phys = device.phys
@@ -105,28 +131,27 @@ class _OutPage:
         #: Serving a callback raised (Ctrl-C in its wait): QTEE then ends the call on
         #: DEFUNCT, and its final return's async tail is still the driver's to read.
         self.abandoned = False
-        self.accepted: list[bool] = _NO_CALL
-        self.lent: list[QteeObject] = _NO_CALL
+        #: The call using the page (None while it is free).
+        self.call: InvokeCtx | None = None
         self.on_return: OnReturn = self._on_return
 
     def _on_return(self, regs: Regs) -> tuple[int, int, int]:
         """A type-3 return: serve the callback request in this thread, answer CB_RSP."""
-        self.accepted[0] = True
+        call = self.call
+        if call is None:  # set by _smc_invoke for the length of its SMC
+            raise UsageError("a callback request on an outbound page no call is using")
+        call.accepted = True
         self.served = True
         device = self.device
-        local = device._local
-        outer = getattr(local, "lent", None)
-        local.lent = self.lent
         hook = device.on_callback
         if hook is not None:
             hook(True)
         try:
-            device._serve(self.out)
+            device._serve(self.out, call)
         except BaseException:
             self.abandoned = True
             raise
         finally:
-            local.lent = outer
             if hook is not None:
                 hook(False)
         return _SMC_CB_RSP, self.pa, _OUT_SIZE
@@ -205,7 +230,6 @@ class Device:
         #: request and with False once it is answered (a device server tells its client
         #: that the call is waiting on a callback, so the client's deadline stands still).
         self.on_callback: Callable[[bool], None] | None = None
-        self._local = threading.local()
         self._lock = threading.Lock()
         self._pages: list[_OutPage] = []  # free outbound pages
         self.contexts: set[Context] = set()
@@ -270,18 +294,18 @@ class Device:
         A failed SMC frees the wrapper all the same (the kernel retries only errors other
         than ENODEV, QK §2.3; the model's conduits fail only when QTEE is gone)."""
         inbound = wire.encode_invoke(qtee_id, wire.QCOMTEE_MSG_OBJECT_OP_RELEASE)
-        lent: list[QteeObject] = []
+        call = InvokeCtx([], [], [])
         page = self._page()
         ok = False
         try:
-            self._smc_invoke(inbound, page, [False], lent)
+            self._smc_invoke(inbound, page, call)
             fetch_async(self, page.out, 0)
             ok = True
         except DriverError:
             pass
         finally:
             self._recycle(page, ok)
-            for obj in lent:
+            for obj in call.held:
                 obj.put()
 
     def _page(self) -> _OutPage:
@@ -297,7 +321,7 @@ class Device:
         if page.served or not clean:
             page.out[:] = _ZERO_PAGE
             page.served = page.abandoned = False
-        page.accepted = page.lent = _NO_CALL
+        page.call = None
         self._pages.append(page)
         if not self.contexts:  # no fd is open (release work): the pool goes
             self.release_pages()
@@ -319,24 +343,22 @@ class Device:
         self,
         inbound: bytearray,
         page: _OutPage,
-        accepted: list[bool],
-        lent: list[QteeObject],
+        call: InvokeCtx,
     ) -> int:
         """INVOKE, then serve each callback and answer CB_RSP until a final return (QK §4.1
         step 6); returns QTEE's result.
 
         ``inbound`` is lent to ``phys`` for the call; the outbound ``page`` already is.
-        ``accepted[0]`` turns True at the first successful return: QTEE has the message
+        ``call.accepted`` turns True at the first successful return: QTEE has the message
         and owns the CB objects in it.  A failed SMC raises its errno before that and
         ENODEV after it, as the kernel does.  QTEE objects lent to QTEE in callback
-        responses are added to ``lent``; the caller drops their temporary references once
-        the call is over.
+        responses are added to ``call.held``; the caller drops their temporary references
+        once the call is over.
         """
         phys = self.phys
         in_pa = phys.lend(inbound)
         try:
-            page.accepted = accepted
-            page.lent = lent
+            page.call = call
             try:
                 regs = self.conduit.smc(
                     _SMC_INVOKE,
@@ -347,17 +369,18 @@ class Device:
                     on_return=page.on_return,
                 )
             except DriverError as exc:
-                if accepted[0]:
+                if call.accepted:
                     raise DriverError(errno.ENODEV, f"SMC failed after a callback: {exc}") from exc
                 raise
         finally:
             phys.take_back(in_pa)
-        accepted[0] = True
+        call.accepted = True
         raw = regs[1]
         return 0 if raw == 0 else result_from_u32(raw)
 
-    def _serve(self, out: bytearray | memoryview) -> None:
-        """Serve the callback request in ``out`` in this thread (``qcomtee_cb_object_invoke``)."""
+    def _serve(self, out: bytearray | memoryview, call: InvokeCtx) -> None:
+        """Serve the callback request in ``out`` in this thread, for the invocation ``call``
+        (``qcomtee_cb_object_invoke``)."""
         msg = wire.decode_callback(out)
         fetch_async(self, out, wire.async_offset(msg))
         trace, records = self.trace, self.trace_records
@@ -382,13 +405,10 @@ class Device:
                 wire.write_callback_response(out, msg, 0, ob_data, oo_ids)
                 # QTEE objects were lent for the call: their temporary references go once
                 # QTEE has consumed this response (CB references moved to the NS ids).
-                lent = getattr(self._local, "lent", None)
+                held = call.held
                 for o in oo:
                     if isinstance(o, QteeObject):
-                        if lent is not None:
-                            lent.append(o)
-                        else:
-                            o.put()
+                        held.append(o)
                 return
             except DriverError as exc:
                 status = -exc.code
