@@ -37,11 +37,11 @@ from qtee._tee.core import (
     _U32,
     _UB_IN,
     _UB_OUT,
-    FileLife,
+    TeeFile,
     _pack_invoke,
     popped,
 )
-from qtee._tee.shm import Shm, discard_backing
+from qtee._tee.shm import Shm, alloc_size, discard_backing, install
 
 __all__ = ["Context"]
 
@@ -102,8 +102,11 @@ def _wrapped_outputs(
     return obs, oos
 
 
-class Context:
-    """One open fd: its IDR of QTEE objects and its ioctls."""
+class Context(TeeFile[Shm]):
+    """One open fd: its IDR of QTEE objects, its request queue, its shms, and the
+    qcomtee ops the TEE core's switch calls (:class:`~qtee._tee.core.TeeFile`)."""
+
+    DRIVER = "qcomtee"
 
     def __init__(self, device: Device, number: int = 0) -> None:
         self.device = device
@@ -113,95 +116,45 @@ class Context:
         self.objects: ObjectTable[QteeObject] = ObjectTable(IdrAllocator(0), name="ctx objects")
         self.requests = RequestQueue()
         self.shms: dict[int, Shm] = {}  # the owner's reference (its shm fd)
-        #: The fd's lifetime: calls in flight hold it; the teardown waits for the last.
-        self.life = FileLife(self.requests.close, self._teardown)
+        super().__init__()
         #: Who holds this fd, for ``qtee info`` (a device server names its connections).
         self.label = f"fd {number}"
         #: Model-only, for ``qtee info``: the class name of the callback object the fd's
         #: owner exported as a user id (set by the ``Client`` on the fd).
         self.callback_class: Callable[[int], str | None] | None = None
 
-    @property
-    def closed(self) -> bool:
-        """The fd was closed (its teardown may still wait for calls in flight)."""
-        return self.life.closed
+    # ------------------------------------------------------------------ ops
+    def _version(self) -> uapi.VersionData:
+        return uapi.VersionData(uapi.TEE_IMPL_ID_QTEE, 0, _GEN_CAPS)
 
-    # ------------------------------------------------------------------ ioctl entry
-    def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
-        """Run ``cmd`` on ``arg`` (the kernel's struct, updated in place); returns 0."""
-        life = self.life
-        life.enter()
-        try:
-            if cmd == uapi.TEE_IOC_OBJECT_INVOKE:
-                return self._object_invoke(arg)
-            if cmd == uapi.TEE_IOC_SUPPL_RECV:
-                return self._supp_recv(arg)
-            if cmd == uapi.TEE_IOC_SUPPL_SEND:
-                return self._supp_send(arg)
-            if cmd == uapi.TEE_IOC_SHM_ALLOC:
-                return self._shm_alloc(arg)
-            if cmd == uapi.TEE_IOC_VERSION:
-                self._need(arg, uapi.VersionData.SIZE)
-                uapi.VersionData(uapi.TEE_IMPL_ID_QTEE, 0, _GEN_CAPS).pack_into(arg)
-                return 0
-            if cmd == uapi.TEE_IOC_SHM_REGISTER:
-                # qcomtee fails before the TEE core would write the struct back: read only
-                size = uapi.ShmRegisterData.SIZE
-                data = uapi.ShmRegisterData.unpack(self._need(arg, size, writable=False))
-                if data.flags:
-                    raise _einval("SHM_REGISTER flags must be 0")
-                raise DriverError(ENOTSUPP, "qcomtee has no shm_register op")
-            raise _einval(
-                f"ioctl {uapi.IOCTL_NAMES.get(cmd, hex(cmd))} is not supported by qcomtee"
-            )
-        finally:
-            life.leave()
-
-    _need = staticmethod(_checks.need_arg)
+    def _shm_register(self, arg: bytearray | memoryview) -> int:
+        # qcomtee fails before the TEE core would write the struct back: read only
+        size = uapi.ShmRegisterData.SIZE
+        data = uapi.ShmRegisterData.unpack(self._need(arg, size, writable=False))
+        if data.flags:
+            raise _einval("SHM_REGISTER flags must be 0")
+        raise DriverError(ENOTSUPP, "qcomtee has no shm_register op")
 
     def _shm_alloc(self, arg: bytearray | memoryview) -> int:
         """``tee_ioctl_shm_alloc``: a shm from the dynamic pool, or ENOMEM and nothing made
         (no buffer, no memory file, no id)."""
-        data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))
-        if data.flags:
-            raise _einval("SHM_ALLOC flags must be 0")
         device = self.device
-        size = data.size
-        if size > device.shm_max:  # alloc_pages_exact past the largest page order
-            raise DriverError(
-                errno.ENOMEM, f"cannot allocate {size} bytes (at most {device.shm_max})"
-            )
+        size = alloc_size(arg, device.shm_max)
         try:
             buf, fd = device.shm_backing(size)
         except (OSError, ValueError, OverflowError, MemoryError) as exc:
             raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc!r}") from None
-        shm_id = -1
-        shm: Shm | None = None
-        try:
-            shm_id = device.shm.reserve()
-            shm = Shm(self, shm_id, buf, fd, device.phys)
-        finally:
-            if shm is None:  # no id or no physical address: undo what was made
-                if shm_id >= 0:
-                    device.shm.erase(shm_id)
-                discard_backing(buf, fd)
-        device.shm.replace(shm_id, shm)
-        self.shms[shm_id] = shm
-        uapi.ShmAllocData(size, 0, shm_id).pack_into(arg)
+        shm = install(
+            device.shm,
+            self.shms,
+            lambda shm_id: Shm(self, shm_id, buf, fd, device.phys),
+            lambda: discard_backing(buf, fd),
+        )
+        uapi.ShmAllocData(size, 0, shm.id).pack_into(arg)
         return 0
 
-    def shm_view(self, shm_id: int) -> memoryview:
-        """The buffer of a shm this context allocated (what ``mmap`` of its fd gives)."""
-        shm = self.shms.get(shm_id)
-        if shm is None:
-            raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
-        return memoryview(shm.buf)
-
-    def shm_free(self, shm_id: int) -> None:
-        """Close the shm's fd: drop the owner's reference (QTEE's copies live on)."""
-        shm = self.shms.pop(shm_id, None)
-        if shm is None:
-            raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
+    def _drop_shm(self, shm: Shm) -> None:
+        """The shm's fd is closed: drop the owner's reference (QTEE's copies live on)."""
         shm.put()
 
     # ------------------------------------------------------------------ OBJECT_INVOKE
@@ -306,17 +259,6 @@ class Context:
         return 0
 
     # ------------------------------------------------------------------ supplicant
-    def recv_nowait(self, arg: bytearray | memoryview) -> int:
-        """SUPPL_RECV that never blocks (the model's own): EAGAIN when no request is
-        queued, else exactly what the ioctl does.  With :meth:`RequestQueue.wait_ready`,
-        a server or a C bridge serves a thread's RECV without parking a thread here."""
-        life = self.life
-        life.enter()
-        try:
-            return self._supp_recv(arg, wait=False)
-        finally:
-            life.leave()
-
     def _supp_recv(self, arg: bytearray | memoryview, *, wait: bool = True) -> int:
         return supp_recv(self, arg, wait=wait)
 
@@ -324,24 +266,18 @@ class Context:
         return supp_send(self, arg)
 
     # ------------------------------------------------------------------ close
-    def close(self) -> None:
-        """Close the fd.  At once: requests queued or in service on it complete with
-        -ENODEV (QTEE sees DEFUNCT), threads blocked in its SUPPL_RECV return EINTR, new
-        calls fail EBADF.  When the last call in flight has returned (at once if none):
-        ``close_context``'s teardown -- every QTEE object of the fd is released, its shms
-        go, the device forgets it (QK §2.3, §4.5)."""
-        self.life.close()
-
-    def abandon(self) -> None:
-        """The guest kernel this fd lives in is gone (a destroyed VM): close it and tear
-        it down now, without waiting for the calls still in it."""
-        self.life.abandon()
+    # close(): at once, requests queued or in service on the fd complete with -ENODEV
+    # (QTEE sees DEFUNCT), threads blocked in its SUPPL_RECV return EINTR, new calls fail
+    # EBADF; once the last call in flight has returned, close_context's teardown: every
+    # QTEE object of the fd is released, its shms go, the device forgets it (QK §2.3, §4.5).
+    def _on_close(self) -> None:
+        self.requests.close()
 
     def _teardown(self) -> None:
         """The file's release, once no call is in flight (see :class:`FileLife`); finds
         nothing to do when it runs again."""
         for shm in popped(self.shms):
-            shm.put()
+            self._drop_shm(shm)
         for _, obj in self.objects.drain():
             obj.put()
         device = self.device

@@ -1,5 +1,7 @@
 """Shared memory as the TEE core keeps it (``tee_shm.c``): what a shm's bytes live in,
-the largest allocation, and the refcounted :class:`Shm` with its device-wide id.
+the largest allocation, the refcounted :class:`Shm`, and the steps of SHM_ALLOC every
+driver shares (:func:`alloc_size`: the struct's checks; :func:`install`: the next id of
+the device-wide table, nothing left behind on failure).
 
 ``TEE_IOC_SHM_ALLOC`` creates a shm (ids from 1, device-wide) backed by a zeroed buffer:
 a private one in process, a memory file a device server can hand to its client.
@@ -11,10 +13,11 @@ import contextlib
 import errno
 import mmap
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, TypeAlias
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar
 
-from objects import DriverError, Refcounted
+from objects import DriverError, ObjectTable, Refcounted
+from qtee import _checks, uapi
 
 if TYPE_CHECKING:
     from qtee._qcomtee.call import Context
@@ -27,7 +30,9 @@ __all__ = [
     "Shm",
     "ShmBacking",
     "ShmBuffer",
+    "alloc_size",
     "discard_backing",
+    "install",
     "memfd_backing",
     "private_backing",
 ]
@@ -39,6 +44,8 @@ PAGE_SIZE: Final = 4096
 #: pages -- 4 MiB with arm64's 4 KiB pages and the default order 10; past it, ENOMEM.
 SHM_MAX: Final = PAGE_SIZE << 10
 
+
+_S = TypeVar("_S")
 
 #: What a shm's bytes live in: a private buffer, a mapping of a memory file, or a view
 #: of pages someone else owns (a guest's RAM).
@@ -139,3 +146,38 @@ class Shm(Refcounted):
         if isinstance(self.buf, mmap.mmap):
             with contextlib.suppress(BufferError):  # a view still open: unmapped when it goes
                 self.buf.close()
+
+
+def alloc_size(arg: bytearray | memoryview, shm_max: int) -> int:
+    """SHM_ALLOC's struct read (EFAULT), its flags (EINVAL unless 0), and its size: past
+    ``shm_max`` -- ``alloc_pages_exact`` past the largest page order -- ENOMEM."""
+    data = uapi.ShmAllocData.unpack(_checks.need_arg(arg, uapi.ShmAllocData.SIZE))
+    if data.flags:
+        raise DriverError(errno.EINVAL, "SHM_ALLOC flags must be 0")
+    if data.size > shm_max:
+        raise DriverError(errno.ENOMEM, f"cannot allocate {data.size} bytes (at most {shm_max})")
+    return data.size
+
+
+def install(
+    table: ObjectTable[_S],
+    shms: MutableMapping[int, _S],
+    make: Callable[[int], _S],
+    undo: Callable[[], None],
+) -> _S:
+    """A new shm under the next free id of the device's ``table`` (``tee_shm_alloc``'s
+    ``idr_alloc``), filed in the fd's ``shms``.  ``make(shm_id)`` builds it; if that
+    (or the id) fails, the id is freed and ``undo`` discards the bytes made for it."""
+    shm_id = -1
+    shm: _S | None = None
+    try:
+        shm_id = table.reserve()
+        shm = make(shm_id)
+    finally:
+        if shm is None:  # no id, or no shm: undo what was made
+            if shm_id >= 0:
+                table.erase(shm_id)
+            undo()
+    table.replace(shm_id, shm)
+    shms[shm_id] = shm
+    return shm
