@@ -28,6 +28,7 @@ from qtee._qcomtee.async_ import fetch_async
 from qtee._qcomtee.core import Device, InvokeCtx, _emit
 from qtee._qcomtee.mem_obj import MemObject, mem_in
 from qtee._qcomtee.object import QteeObject
+from qtee._qcomtee.shm import Shm
 from qtee._qcomtee.user_obj import RequestQueue, UserObject, supp_recv, supp_send
 from qtee._tee.core import (
     _INVOKE_HEAD,
@@ -41,7 +42,7 @@ from qtee._tee.core import (
     _pack_invoke,
     popped,
 )
-from qtee._tee.shm import Shm, alloc_size, discard_backing, install
+from qtee._tee.shm import alloc_size, discard_backing, install
 
 __all__ = ["Context"]
 

@@ -38,10 +38,10 @@ from qtee._qcomtee.object import (
     QteeObject,
 )
 from qtee._qcomtee.primordial_obj import Primordial
-from qtee._qcomtee.shm import PhysMemory, PhysSpace
+from qtee._qcomtee.shm import PhysMemory, PhysSpace, Shm
 from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcConduit, SmcFid
 from qtee._tee.core import _P
-from qtee._tee.shm import SHM_MAX, Shm, ShmBacking, private_backing
+from qtee._tee.shm import SHM_MAX, ShmBacking, private_backing
 from qtee._trace import TraceRecord
 from qtee.addrspace import AddressSpace, ProcessMemory
 from qtee.secure import SecureWorld

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from objects import DriverError
 from qtee._qcomtee.object import CbObject
-from qtee._tee.shm import Shm
+from qtee._qcomtee.shm import Shm
 
 if TYPE_CHECKING:
     from qtee._qcomtee.call import Context

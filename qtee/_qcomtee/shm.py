@@ -1,23 +1,37 @@
-"""Physical memory as the QTEE driver lends it (``qcomtee/shm.c`` and the tzmem pool):
-page-granular regions for shm buffers and the inbound/outbound buffers the driver lends
-for each SMC (QK §3.1).  The host's is :class:`PhysMemory`; a guest's RAM is another
+"""Shared and physical memory as the QTEE driver lends it (``qcomtee/shm.c`` and the
+tzmem pool): the :class:`Shm` of SHM_ALLOC at a physical address, and page-granular
+regions for shm buffers and the inbound/outbound buffers the driver lends for each SMC
+(QK §3.1).  The host's is :class:`PhysMemory`; a guest's RAM is another
 :class:`PhysSpace`.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import itertools
 import mmap
+import os
 import threading
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from objects import DriverError, UsageError
+from objects import DriverError, Refcounted, UsageError
 from qtee._tee.shm import PAGE_SIZE, ShmBuffer
 
-__all__ = ["LEND_SLOT", "MAX_LEND", "PAGE_SIZE", "PhysFault", "PhysMemory", "PhysSpace"]
+if TYPE_CHECKING:
+    from qtee._qcomtee.call import Context
+
+__all__ = [
+    "LEND_SLOT",
+    "MAX_LEND",
+    "PAGE_SIZE",
+    "PhysFault",
+    "PhysMemory",
+    "PhysSpace",
+    "Shm",
+]
 
 #: The largest SMC buffer (QK §3.1: inbound <= 4 MiB), and the address span of a lend.
 MAX_LEND: Final = 4 << 20
@@ -184,3 +198,38 @@ class PhysMemory:
 
     def __len__(self) -> int:
         return len(self._regions)
+
+
+class Shm(Refcounted):
+    """A shared buffer from SHM_ALLOC; freed when its last reference goes.
+
+    ``fd`` is the memory file behind ``buf`` while this side still holds it (a device
+    server hands it to the client and closes its copy)."""
+
+    __slots__ = ("buf", "ctx", "fd", "id", "paddr", "phys")
+
+    def __init__(
+        self, ctx: Context, shm_id: int, buf: ShmBuffer, fd: int | None, phys: PhysSpace
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.id = shm_id
+        self.buf = buf
+        self.fd = fd
+        self.phys = phys
+        self.paddr = phys.add(self.buf)
+
+    def take_fd(self) -> int | None:
+        """Hand over the memory file's fd (the caller closes it); None when there is none."""
+        fd, self.fd = self.fd, None
+        return fd
+
+    def on_release(self) -> None:
+        self.phys.remove(self.paddr)
+        self.ctx.device.shm.erase_if(self.id, self)
+        fd = self.take_fd()
+        if fd is not None:
+            os.close(fd)
+        if isinstance(self.buf, mmap.mmap):
+            with contextlib.suppress(BufferError):  # a view still open: unmapped when it goes
+                self.buf.close()

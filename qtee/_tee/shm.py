@@ -1,5 +1,5 @@
 """Shared memory as the TEE core keeps it (``tee_shm.c``): what a shm's bytes live in,
-the largest allocation, the refcounted :class:`Shm`, and the steps of SHM_ALLOC every
+the largest allocation, and the steps of SHM_ALLOC every
 driver shares (:func:`alloc_size`: the struct's checks; :func:`install`: the next id of
 the device-wide table, nothing left behind on failure).
 
@@ -14,20 +14,15 @@ import errno
 import mmap
 import os
 from collections.abc import Callable, MutableMapping
-from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar
+from typing import Final, TypeAlias, TypeVar
 
-from objects import DriverError, ObjectTable, Refcounted
+from objects import DriverError, ObjectTable
 from qtee import _checks, uapi
-
-if TYPE_CHECKING:
-    from qtee._qcomtee.call import Context
-    from qtee._qcomtee.shm import PhysSpace
 
 __all__ = [
     "PAGE_SIZE",
     "SHM_MAX",
     "MemfdShm",
-    "Shm",
     "ShmBacking",
     "ShmBuffer",
     "alloc_size",
@@ -111,41 +106,6 @@ class MemfdShm:
         """Close the fd if still held, and unmap (later, with the last view, if one is
         still open)."""
         discard_backing(self.buf, self.take_fd())
-
-
-class Shm(Refcounted):
-    """A shared buffer from SHM_ALLOC; freed when its last reference goes.
-
-    ``fd`` is the memory file behind ``buf`` while this side still holds it (a device
-    server hands it to the client and closes its copy)."""
-
-    __slots__ = ("buf", "ctx", "fd", "id", "paddr", "phys")
-
-    def __init__(
-        self, ctx: Context, shm_id: int, buf: ShmBuffer, fd: int | None, phys: PhysSpace
-    ) -> None:
-        super().__init__()
-        self.ctx = ctx
-        self.id = shm_id
-        self.buf = buf
-        self.fd = fd
-        self.phys = phys
-        self.paddr = phys.add(self.buf)
-
-    def take_fd(self) -> int | None:
-        """Hand over the memory file's fd (the caller closes it); None when there is none."""
-        fd, self.fd = self.fd, None
-        return fd
-
-    def on_release(self) -> None:
-        self.phys.remove(self.paddr)
-        self.ctx.device.shm.erase_if(self.id, self)
-        fd = self.take_fd()
-        if fd is not None:
-            os.close(fd)
-        if isinstance(self.buf, mmap.mmap):
-            with contextlib.suppress(BufferError):  # a view still open: unmapped when it goes
-                self.buf.close()
 
 
 def alloc_size(arg: bytearray | memoryview, shm_max: int) -> int:
