@@ -334,23 +334,6 @@ class _Credentials(CallbackObject):
         return self.data[off:]
 
 
-@dataclass(slots=True, eq=False)
-class _ClientCall:
-    """One invoke as the client makes it, from its arguments to its outputs: what the
-    call must undo or give back when it ends (libqcomtee's per-call state)."""
-
-    #: The ``(attr, a, b, c)`` params of the arg block.
-    params: list[_P]
-    #: Buffers pinned in ``device.memory`` for the call (unpinned after it).
-    pins: list[int]
-    #: Each output's argument index and its buffer (None for an output object).
-    outs: list[tuple[int, bytearray | None]]
-    #: Callback ids exported for the call's input objects.
-    sent: list[int]
-    #: Callback ids held through the call (their hold goes once it returns).
-    held: list[int]
-
-
 class _Block:
     """A pinned ioctl argument block (up to TEE_MAX_ARG_SIZE) and its buf_data struct."""
 
@@ -692,21 +675,21 @@ class Client:
 
     # ----------------------------------------------------------------- invoke
     def _invoke(self, ident: int, op_: int, args: tuple[Any, ...]) -> list[Any]:
-        call = _ClientCall([], [], [], [], [])
+        held: list[int] = []
         try:
-            return self._invoke_held(ident, op_, args, call)
+            return self._invoke_held(ident, op_, args, held)
         finally:
-            for uid in call.held:
+            for uid in held:
                 self._unexport(uid)
 
     def _invoke_held(
-        self, ident: int, op_: int, args: tuple[Any, ...], call: _ClientCall
+        self, ident: int, op_: int, args: tuple[Any, ...], held: list[int]
     ) -> list[Any]:
         mem = self.device.memory
-        params = call.params
-        pins = call.pins
-        outs = call.outs
-        sent = call.sent
+        params: list[_P] = []
+        pins: list[int] = []
+        outs: list[tuple[int, bytearray | None]] = []
+        sent: list[int] = []
         blk: _Block | None = None
         called = False
         try:
@@ -742,7 +725,7 @@ class Client:
             called = True  # from here the errno channel decides ownership
             for uid in sent:  # held through the call: an output may name an object sent in
                 self._hold(uid)  # it while QTEE's release of it is being delivered
-            call.held.extend(sent)
+            held.extend(sent)
             _reason.clear()  # a note left by another call never names this one
             try:
                 self._call(uapi.TEE_IOC_OBJECT_INVOKE, blk, size)
