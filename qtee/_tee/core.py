@@ -65,6 +65,7 @@ _OBJ_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT
 _OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
 _META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 _META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+_OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
 
 
 @functools.cache
@@ -246,6 +247,8 @@ class TeeFile(Generic[_S]):
         life = self.life
         life.enter()
         try:
+            if cmd == _OBJECT_INVOKE:  # the invoke hot path goes straight to its op
+                return self._object_invoke(arg)
             return self._dispatch(cmd, arg)
         finally:
             life.leave()
@@ -262,8 +265,9 @@ class TeeFile(Generic[_S]):
             life.leave()
 
     def _dispatch(self, cmd: int, arg: bytearray | memoryview) -> int:
-        """The ioctl switch (``tee_ioctl``); a subclass may add ioctls in front."""
-        if cmd == uapi.TEE_IOC_OBJECT_INVOKE:
+        """The ioctl switch (``tee_ioctl``); a subclass may add ioctls in front (all but
+        OBJECT_INVOKE, which :meth:`ioctl` hands to its op at once)."""
+        if cmd == _OBJECT_INVOKE:
             return self._object_invoke(arg)
         if cmd == uapi.TEE_IOC_SUPPL_RECV:
             return self._supp_recv(arg)
