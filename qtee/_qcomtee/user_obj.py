@@ -49,6 +49,7 @@ PROCESSING: Final = ReqState.PROCESSING
 PROCESSED: Final = ReqState.PROCESSED
 OP_RELEASE: Final = 0xFFFF
 _read: Final = _checks.read_buf_block
+_MOVES: Final = REQUEST_STATES.transitions
 _FLAG_TEE: Final = uapi.QCOMTEE_OBJREF_FLAG_TEE
 _FLAG_USER: Final = uapi.QCOMTEE_OBJREF_FLAG_USER
 _FLAG_MEM: Final = uapi.QCOMTEE_OBJREF_FLAG_MEM
@@ -85,7 +86,11 @@ class Request:
 
     def move(self, event: ReqEvent) -> None:
         """Take the transition ``event`` (an illegal one raises and changes nothing)."""
-        self.state = REQUEST_STATES.move(self.state, event)
+        try:
+            self.state = _MOVES[self.state, event]
+        except KeyError:
+            REQUEST_STATES.move(self.state, event)  # raises IllegalTransition, naming it
+            raise
 
     def wait(self) -> None:
         """Block until PROCESSED."""
