@@ -17,7 +17,6 @@ from objects import (
     publish_errors,
 )
 from qtee import uapi, wire
-from qtee._driver import Context, Device
 from qtee._optee import OpteeContext, OpteeDevice
 from qtee._optee_supp import (
     TEE_DATA_FLAG_ACCESS_READ,
@@ -38,6 +37,8 @@ from qtee._optee_supp import (
     invoke_supp_plugin,
     trusted_storage,
 )
+from qtee._qcomtee.call import Context
+from qtee._qcomtee.core import Device
 from qtee._qcomtee_msg import MAX_ARGS_PER_KIND, USERSPACE_ONLY_RESULTS, Counts, Result
 from qtee._remote.remote import ConnectError, RemoteContext, RemoteDevice, connect
 from qtee._remote.server import DeviceServer

@@ -50,8 +50,8 @@ from uuid import UUID
 
 from objects import DriverError, IdrAllocator, ObjectTable, UsageError
 from qtee import _checks, uapi
-from qtee._file import FileLife, popped
-from qtee._mem_obj import SHM_MAX
+from qtee._tee.core import TeeFile, popped
+from qtee._tee.shm import SHM_MAX, alloc_size, install
 from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory, SharedSpace
 from qtee.gp._identity import Cred, calc_client_uuid, check_user_login
 
@@ -269,8 +269,11 @@ class OpteeDevice:
         return {k: v for k, v in found.items() if v}
 
 
-class OpteeContext:
-    """One open fd of the OP-TEE device: its sessions and shared buffers."""
+class OpteeContext(TeeFile["_GpShm"]):
+    """One open fd of the OP-TEE device: its sessions and shared buffers, and the optee
+    ops the TEE core's switch calls (:class:`~qtee._tee.core.TeeFile`)."""
+
+    DRIVER = "optee"
 
     def __init__(self, device: OpteeDevice) -> None:
         self.device = device
@@ -279,56 +282,27 @@ class OpteeContext:
         self.sessions: set[int] = set()
         self.shms: dict[int, _GpShm] = {}
         self._lock = threading.Lock()
-        #: The fd's lifetime: calls in flight hold it; the teardown waits for the last.
-        self.life = FileLife(self._on_close, self._teardown)
+        super().__init__()
 
-    @property
-    def closed(self) -> bool:
-        """The fd was closed (its teardown may still wait for calls in flight)."""
-        return self.life.closed
+    # ------------------------------------------------------------------ ops
+    def _version(self) -> uapi.VersionData:
+        return uapi.VersionData(uapi.TEE_IMPL_ID_OPTEE, uapi.TEE_OPTEE_CAP_TZ, _GEN_CAPS)
 
-    # ------------------------------------------------------------------ entry
-    def ioctl(self, cmd: int, arg: bytearray | memoryview) -> int:
-        """Run ``cmd`` on ``arg`` (updated in place); failures raise the kernel's errno."""
-        life = self.life
-        life.enter()
-        try:
-            return self._dispatch(cmd, arg)
-        finally:
-            life.leave()
+    def _cancel_req(self, arg: bytearray | memoryview) -> int:
+        # CANCEL and CLOSE_SESSION only read their struct (a read-only one works)
+        cancel = uapi.CancelArg.unpack(self._need(arg, uapi.CancelArg.SIZE, writable=False))
+        self._own(cancel.session)
+        self.device.calls.cancel(cancel.session, cancel.cancel_id, owner=self)
+        return 0
 
-    def _dispatch(self, cmd: int, arg: bytearray | memoryview) -> int:
-        """The ioctl switch (a subclass adds its own ioctls in front)."""
-        if cmd == uapi.TEE_IOC_VERSION:
-            self._need(arg, uapi.VersionData.SIZE)
-            version = uapi.VersionData(uapi.TEE_IMPL_ID_OPTEE, uapi.TEE_OPTEE_CAP_TZ, _GEN_CAPS)
-            version.pack_into(arg)
-            return 0
-        if cmd == uapi.TEE_IOC_SHM_ALLOC:
-            return self._shm_alloc(arg)
-        if cmd == uapi.TEE_IOC_SHM_REGISTER:
-            return self._shm_register(arg)
-        if cmd == uapi.TEE_IOC_OPEN_SESSION:
-            return self._open_session(arg)
-        if cmd == uapi.TEE_IOC_INVOKE:
-            return self._invoke(arg)
-        if cmd == uapi.TEE_IOC_CANCEL:
-            # CANCEL and CLOSE_SESSION only read their struct (a read-only one works)
-            cancel = uapi.CancelArg.unpack(self._need(arg, uapi.CancelArg.SIZE, writable=False))
-            self._own(cancel.session)
-            self.device.calls.cancel(cancel.session, cancel.cancel_id, owner=self)
-            return 0
-        if cmd == uapi.TEE_IOC_CLOSE_SESSION:
-            size = uapi.CloseSessionArg.SIZE
-            close = uapi.CloseSessionArg.unpack(self._need(arg, size, writable=False))
-            self._own(close.session)
-            with self._lock:
-                self.sessions.discard(close.session)
-            self.device.calls.close_session(close.session, owner=self)
-            return 0
-        raise _einval(f"ioctl {uapi.IOCTL_NAMES.get(cmd, hex(cmd))} is not supported by optee")
-
-    _need = staticmethod(_checks.need_arg)
+    def _close_session(self, arg: bytearray | memoryview) -> int:
+        size = uapi.CloseSessionArg.SIZE
+        close = uapi.CloseSessionArg.unpack(self._need(arg, size, writable=False))
+        self._own(close.session)
+        with self._lock:
+            self.sessions.discard(close.session)
+        self.device.calls.close_session(close.session, owner=self)
+        return 0
 
     def _own(self, session: int) -> None:
         with self._lock:
@@ -337,13 +311,9 @@ class OpteeContext:
 
     # ------------------------------------------------------------------ shared memory
     def _shm_alloc(self, arg: bytearray | memoryview) -> int:
-        data = uapi.ShmAllocData.unpack(self._need(arg, uapi.ShmAllocData.SIZE))
-        if data.flags:
-            raise _einval("SHM_ALLOC flags must be 0")
-        if data.size > SHM_MAX:  # alloc_pages_exact past the largest page order
-            raise DriverError(errno.ENOMEM, f"cannot allocate {data.size} bytes")
-        shm = self._new_shm(data.size, None)
-        uapi.ShmAllocData(data.size, 0, shm.id).pack_into(arg)
+        size = alloc_size(arg, SHM_MAX)
+        shm = self._new_shm(size, None)
+        uapi.ShmAllocData(size, 0, shm.id).pack_into(arg)
         return 0
 
     def _new_shm(self, size: int, addr: int | None) -> _GpShm:
@@ -352,16 +322,12 @@ class OpteeContext:
             buf, handle = self.device._shm_backing(size, addr)
         except (MemoryError, OverflowError) as exc:
             raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc!r}") from None
-        shm: _GpShm | None = None
-        try:
-            shm_id = self.device.shm.reserve()
-            shm = _GpShm(self, shm_id, size, addr, buf, handle)
-        finally:
-            if shm is None:
-                self.device._shm_release(_GpShm(self, 0, size, addr, buf, handle))
-        self.device.shm.replace(shm_id, shm)
-        self.shms[shm_id] = shm
-        return shm
+        return install(
+            self.device.shm,
+            self.shms,
+            lambda shm_id: _GpShm(self, shm_id, size, addr, buf, handle),
+            lambda: self.device._shm_release(_GpShm(self, 0, size, addr, buf, handle)),
+        )
 
     def _drop_shm(self, shm: _GpShm) -> None:
         self.device.shm.erase(shm.id)
@@ -384,19 +350,8 @@ class OpteeContext:
         uapi.ShmRegisterData(data.addr, data.length, 0, shm.id).pack_into(arg)
         return 0
 
-    def shm_view(self, shm_id: int) -> memoryview:
-        """The bytes of an allocated shm of this context (what ``mmap`` of its fd gives)."""
-        shm = self.shms.get(shm_id)
-        if shm is None or shm.addr is not None:
-            raise DriverError(errno.EBADF, f"shm {shm_id} is not an allocated shm of this context")
-        return memoryview(shm.buf)
-
-    def shm_free(self, shm_id: int) -> None:
-        """Close the shm's fd (idempotent use is the caller's business: EBADF twice)."""
-        shm = self.shms.pop(shm_id, None)
-        if shm is None:
-            raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
-        self._drop_shm(shm)
+    def _mappable(self, shm: _GpShm) -> bool:
+        return shm.addr is None  # a registered shm's fd maps nothing
 
     # ------------------------------------------------------------------ sessions
     def _read_block(
@@ -489,7 +444,7 @@ class OpteeContext:
             raise
         return 0
 
-    def _invoke(self, arg: bytearray | memoryview) -> int:
+    def _invoke_func(self, arg: bytearray | memoryview) -> int:
         buf_ptr, block, params = self._read_block(arg, _INVOKE_HEAD)
         func, session, cancel_id, _r, _o, num = _INVOKE_HEAD.unpack_from(block)
         call = self._prepare(params)
@@ -501,20 +456,9 @@ class OpteeContext:
         return 0
 
     # ------------------------------------------------------------------ close
-    def close(self) -> None:
-        """Close the fd: new calls fail EBADF; once the last call in flight has returned
-        (at once if none), every session it opened is closed and its shms go, as the
-        driver's release runs after the file's last ioctl."""
-        self.life.close()
-
-    def abandon(self) -> None:
-        """The kernel this fd lives in is gone (a destroyed VM): close it and tear it
-        down now, without waiting for the calls still in it."""
-        self.life.abandon()
-
-    def _on_close(self) -> None:
-        """What the close does at once (the supplicant's context wakes its waiters)."""
-
+    # close(): new calls fail EBADF; once the last call in flight has returned (at once
+    # if none), every session it opened is closed and its shms go, as the driver's
+    # release runs after the file's last ioctl.
     def _teardown(self) -> None:
         """The file's release, once no call is in flight; finds nothing the second time."""
         self.device.calls.close_owner(self)

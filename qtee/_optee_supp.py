@@ -55,8 +55,9 @@ bit flipped anywhere, another key), names another UUID, or any other image for a
 loadable TA, is ``TEE_ERROR_SECURITY`` (``signed_hdr.c``); one whose TA the model has no
 class for, ITEM_NOT_FOUND.  Any other image is a TA file as users have them (``struct shdr``, then
 the ELF): the class :func:`~qtee.secure.register_ta_file` registered for its SHA-256,
-else for its UUID (any signed image: one without ``SHDR_MAGIC`` is SECURITY).  Every lookup asks the loading world's registry first
-(``world.tas``, :class:`~qtee.secure.TaRegistry`), then the process-wide one.  As
+else for its UUID (any signed image: one without ``SHDR_MAGIC`` is SECURITY).  Every
+lookup asks the loading world's registry first (``world.tas``,
+:class:`~qtee.secure.TaRegistry`), then the process-wide one.  As
 ``ree_fs_ta.c`` ``ree_fs_ta_open`` answers, a signed header that names another UUID
 (``shdr_bootstrap_ta``), or that is cut short, and an image the model has no class for
 (OP-TEE could not verify its signature) are ``TEE_ERROR_SECURITY``; no file at all is

@@ -35,7 +35,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from objects import CyclicAllocator, DriverError, PyObject, QteeError, UsageError, op
 from qtee import _reason, uapi
-from qtee._driver import (
+from qtee._qcomtee.call import Context
+from qtee._qcomtee.core import Device
+from qtee._qcomtee_msg import Result
+from qtee._tee.core import (
     _INVOKE_HEAD,
     _OBJ_IN,
     _OBJ_OUT,
@@ -43,11 +46,8 @@ from qtee._driver import (
     _U32,
     _UB_IN,
     _UB_OUT,
-    Context,
-    Device,
     _invoke_struct,
 )
-from qtee._qcomtee_msg import Result
 from qtee.addrspace import AddressSpace
 from qtee.credentials import Credentials
 from qtee.uapi import PARAM_STRUCT as _PARAM

@@ -84,7 +84,7 @@ __all__ = ["CLOSE_MARKER", "TRACKED_DEVICES", "AppLoaderHelper", "format_leaks",
 #: Device classes the leak check records, as ``(module, class)``.  Each needs a
 #: ``leaks() -> dict[str, int]`` method.  A device server's device is a ``Device``.
 TRACKED_DEVICES: list[tuple[str, str]] = [
-    ("qtee._driver", "Device"),
+    ("qtee._qcomtee.core", "Device"),
     ("qtee._optee", "OpteeDevice"),
     ("qtee.secure._monitor", "SecureMonitor"),
     ("qtee.vm._framework", "Vmm"),

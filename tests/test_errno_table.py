@@ -19,7 +19,7 @@ import pytest
 
 from objects import CyclicAllocator, ObjectTable, QteeError, op
 from qtee import Context, Device, Result, uapi, wire
-from qtee._driver import QCOMTEE_OBJECT_ID_START
+from qtee._qcomtee.object import QCOMTEE_OBJECT_ID_START
 from qtee.addrspace import CheckedMemory
 from qtee.secure import NsObject, SecureObject, SecureWorld
 from tests._helpers import (

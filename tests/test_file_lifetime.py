@@ -26,7 +26,7 @@ import pytest
 import qtee
 from objects import DriverError, op
 from qtee import Device, OpteeDevice, uapi
-from qtee._mem_obj import SHM_MAX, memfd_backing, private_backing
+from qtee._tee.shm import SHM_MAX, memfd_backing, private_backing
 from qtee.addrspace import CheckedMemory
 from qtee.secure import (
     GpParam,

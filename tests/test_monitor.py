@@ -20,7 +20,7 @@ import pytest
 
 from objects import DriverError, QteeError, UsageError, op, result_to_u32
 from qtee import Result, wire
-from qtee._mem_obj import PhysMemory
+from qtee._qcomtee.shm import PhysMemory
 from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcFid, SmcReturn
 from qtee.secure import NsObject, SecureMonitor, SecureObject, SecureWorld
 

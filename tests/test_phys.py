@@ -19,7 +19,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from qtee._mem_obj import MAX_LEND, PAGE_SIZE, PhysFault, PhysMemory
+from qtee._qcomtee.shm import MAX_LEND, PhysFault, PhysMemory
+from qtee._tee.shm import PAGE_SIZE
 
 
 def test_alloc_is_zeroed_whole_pages_at_page_aligned_addresses() -> None:

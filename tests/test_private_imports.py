@@ -121,7 +121,7 @@ def test_the_cross_package_check_sees_a_private_name() -> None:
 def test_the_check_sees_a_private_import(tmp_path: Path) -> None:
     probe = REPO / "tests" / "_probe_private_import.py"
     probe.write_text(
-        "from qtee._driver import Device\nfrom qtee._remote.frames import FrameDecoder\n"
+        "from qtee._qcomtee.core import Device\nfrom qtee._remote.frames import FrameDecoder\n"
     )
     try:
         hits = private_imports_of_public_names(probe)

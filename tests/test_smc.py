@@ -16,8 +16,8 @@ import pytest
 
 from objects import DriverError, QteeError, UsageError, op, result_to_u32
 from qtee import Context, Device, Result, uapi, wire
-from qtee._driver import QteeObject
-from qtee._mem_obj import PAGE_SIZE, PhysMemory
+from qtee._qcomtee.object import QteeObject
+from qtee._qcomtee.shm import PhysMemory
 from qtee._smc import (
     QCOMTEE_RESULT_INBOUND_REQ_NEEDED,
     OnReturn,
@@ -26,6 +26,7 @@ from qtee._smc import (
     SmcReturn,
     is_smcinvoke,
 )
+from qtee._tee.shm import PAGE_SIZE
 from qtee.addrspace import CheckedMemory
 from qtee.secure import NsObject, SecureMonitor, SecureObject, SecureWorld
 from tests._helpers import (

@@ -35,7 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from objects import DriverError, QteeError
 from qtee import OUT_OBJECT, Device, ObjRef, Out, Result, uapi, wire
-from qtee._mem_obj import Primordial
+from qtee._qcomtee.primordial_obj import Primordial
 from qtee._smc import SmcFid
 from qtee.secure import SecureMonitor
 from qtee.vm import Guest, Vmm

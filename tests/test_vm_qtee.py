@@ -17,7 +17,7 @@ import pytest
 
 from objects import DriverError, QteeError
 from qtee import OUT_OBJECT, CallbackObject, Client, ObjRef, Out, Result, op, uapi, wire
-from qtee._mem_obj import Primordial
+from qtee._qcomtee.primordial_obj import Primordial
 from qtee._smc import SmcFid, SmcReturn
 from qtee.vm import Guest, GuestRam, VmLimits
 from tests._helpers import MEM, OBJ_IN, TEE, expect_invoke_errno

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from objects import DriverError, UsageError
-from qtee._mem_obj import PhysMemory
+from qtee._qcomtee.shm import PhysMemory
 from qtee.vm import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin
 
 SIZE = 16 * PAGE_SIZE

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Final
 from qtee import uapi
 
 if TYPE_CHECKING:
-    from qtee._driver import Context, Device
+    from qtee._qcomtee.call import Context
+    from qtee._qcomtee.core import Device
     from qtee.secure._world import SecureWorld
 
 __all__ = ["describe", "fd_objects", "format_info", "format_table", "object_label", "world_of"]
@@ -70,8 +71,8 @@ def fd_objects(ctx: Context) -> dict[str, Any]:
     * ``secure_world``: whether the secure world behind the fd is there (a destroyed
       guest's partition is not: nobody holds those callback objects any more).
     """
-    from qtee._mem_obj import MemObject
-    from qtee._user_obj import UserObject
+    from qtee._qcomtee.mem_obj import MemObject
+    from qtee._qcomtee.user_obj import UserObject
 
     device = ctx.device
     world = world_of(device)

@@ -65,8 +65,8 @@ from objects import DriverError, UsageError
 from qtee import uapi
 from qtee._cli.info import describe
 from qtee._cli.trace import TraceRecord
-from qtee._driver import Context, Device
-from qtee._mem_obj import memfd_backing
+from qtee._qcomtee.call import Context
+from qtee._qcomtee.core import Device
 from qtee._remote.frames import MAX_FRAME
 from qtee._remote.region_memory import CallRegions, RegionMemory
 from qtee._remote.server_conn import (
@@ -83,6 +83,7 @@ from qtee._remote.server_conn import (
     TraceStream,
     backoff,
 )
+from qtee._tee.shm import memfd_backing
 
 if TYPE_CHECKING:
     from qtee._optee import OpteeDevice

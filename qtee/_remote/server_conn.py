@@ -591,7 +591,7 @@ class Connection:
         ``objects`` (what this connection's own fd holds, by name) never is."""
         if msg.what == "objects":
             from qtee._cli.info import fd_objects
-            from qtee._driver import Context
+            from qtee._qcomtee.call import Context
 
             held = fd_objects(self.ctx) if isinstance(self.ctx, Context) else {}
             self.send(

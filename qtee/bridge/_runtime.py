@@ -39,10 +39,11 @@ from typing import Any, Final
 from objects import DriverError, UsageError
 from qtee import uapi
 from qtee._cli.ta_modules import import_ta_module
-from qtee._driver import Context, Device
-from qtee._mem_obj import MemfdShm, memfd_backing
 from qtee._optee import OpteeContext, OpteeDevice, _GpShm
+from qtee._qcomtee.call import Context
+from qtee._qcomtee.core import Device
 from qtee._remote.remote import RemoteContext, RemoteDevice
+from qtee._tee.shm import MemfdShm, memfd_backing
 from qtee.addrspace import ProcessMemory
 
 __all__ = ["SNAPSHOT_PERIOD", "Bridge", "BridgeConfig", "start"]

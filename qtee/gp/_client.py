@@ -86,8 +86,8 @@ from qtee.gp._transport import GpTransport, OpteeTransport
 from qtee.secure import _gp_why
 
 if TYPE_CHECKING:
-    from qtee._driver import Device
     from qtee._optee import OpteeDevice
+    from qtee._qcomtee.core import Device
     from qtee._remote.remote import RemoteDevice
     from qtee.client import Client
 
@@ -581,8 +581,8 @@ def _as_transport(source: object) -> GpTransport:
     QTEE device gets a new :class:`~qtee.client.Client` (owned by the transport) that
     speaks IGPAppClient; a Client is used as it is.  A QTEE without IGPAppClient raises
     :class:`_Unqualified`."""
-    from qtee._driver import Device
     from qtee._optee import OpteeDevice
+    from qtee._qcomtee.core import Device
     from qtee._remote.remote import RemoteDevice
     from qtee.client import Client
 

@@ -32,11 +32,11 @@ import operator
 import struct
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Final
 
 from objects import DecodeError, DriverError, UsageError, result_to_u32
 from qtee import wire
-from qtee._mem_obj import PhysFault, PhysMemory
+from qtee._qcomtee.shm import PhysFault, PhysMemory
 from qtee._qcomtee_msg import Result
 from qtee._smc import (
     HYP_CLIENT_ID,
@@ -108,6 +108,57 @@ def _check_reg(value: object, name: str) -> None:
         raise UsageError(f"{name} = {value!r} is not a 64-bit register value")
 
 
+class _SmcCall:
+    """One INVOKE's state on the monitor, from its SMC to its final return: whom a
+    callback request goes back to (``on_return``), the outbound buffer it must come
+    back on, and the caller's failure while serving one.  The world gets its ``serve``."""
+
+    __slots__ = ("cid", "failed", "monitor", "on_return", "out", "out_pa")
+
+    def __init__(
+        self,
+        monitor: SecureMonitor,
+        on_return: OnReturn | None,
+        out_pa: int,
+        cid: int,
+        out: bytearray | memoryview,
+    ) -> None:
+        self.monitor = monitor
+        self.on_return = on_return
+        self.out_pa = out_pa
+        self.cid = cid
+        self.out = out
+        #: What the caller raised serving a callback (Ctrl-C too): QTEE finishes the
+        #: call on DEFUNCTs, then the caller gets it.
+        self.failed: BaseException | None = None
+
+    def serve(self, out: bytearray | memoryview) -> None:
+        """The world's ``serve``: one type-3 return, and the caller's next SMC, which must
+        be CB_RSP of the same outbound buffer."""
+        if out is not self.out:  # not this call's buffer
+            _U32.pack_into(out, 0, _UNAVAIL)
+            return
+        on_return = self.on_return
+        if on_return is None or self.failed is not None:
+            _U32.pack_into(out, 0, _UNAVAIL if self.failed is None else _DEFUNCT)
+            return
+        trace = self.monitor.trace_smc
+        cid = self.cid
+        if trace is not None:
+            trace(cid, None, _CB_REQ)
+        try:
+            nxt = on_return(_CB_REQ)
+        except BaseException as exc:  # the caller abandoned the call (Ctrl-C too): QTEE
+            self.failed = exc  # finishes it on DEFUNCTs, then the caller gets its exception
+            _U32.pack_into(out, 0, _DEFUNCT)
+            return
+        if trace is not None and isinstance(nxt, tuple) and len(nxt) == 3:
+            trace(cid, nxt[0], (nxt[1], nxt[2], 0, 0))
+        out_pa = self.out_pa
+        if nxt not in ((_CB_RSP, out_pa, _OUT_SIZE), (_CB_RSP_32, out_pa, _OUT_SIZE)):
+            _U32.pack_into(out, 0, _UNAVAIL)
+
+
 class SecureMonitor:
     """EL3 + QTEE entry: routes each SMC to the partition its ``a7`` names (implements
     :class:`~qtee._smc.SmcConduit`).
@@ -163,8 +214,6 @@ class SecureMonitor:
         #: each return (a type-3 one included), when set.
         self.trace_smc: Callable[[int, int | None, Regs], None] | None = None
         self._lent_at = self.phys.lent_at
-        self._pending: dict[int, list[Any]] = {}  # id(outbound) -> state of its call
-        self._serve = self._serve_callback  # bound once: handed to every world.invoke
         host_world.monitor = self
         host_world.phys = self.phys
         self._host = host_world
@@ -401,46 +450,14 @@ class SecureMonitor:
         out_pa: int,
         on_return: OnReturn | None,
     ) -> Regs:
-        # Per-call state for _serve, found by the outbound buffer the world hands it (no
-        # callable made per call): [on_return, out_pa, client id, the caller's failure].
-        state: list[Any] = [on_return, out_pa, world.client_id, None]
-        key = id(outbound)
-        pending = self._pending
-        pending[key] = state
+        call = _SmcCall(self, on_return, out_pa, world.client_id, outbound)
         try:
-            result = world.invoke(inbound, outbound, self._serve)
+            result = world.invoke(inbound, outbound, call.serve)
         except DecodeError:  # malformed inbound: answered, not forwarded
             result = Result.ERROR_INVALID
-        finally:
-            del pending[key]
-        if state[3] is not None:
-            raise state[3]
+        if call.failed is not None:
+            raise call.failed
         return _OK if not result else (0, int(result) & 0xFFFF_FFFF, 0, 0)
-
-    def _serve_callback(self, out: bytearray | memoryview) -> None:
-        """The world's ``serve``: one type-3 return, and the caller's next SMC, which must
-        be CB_RSP of the same outbound buffer."""
-        state = self._pending.get(id(out))
-        if state is None:  # not a buffer of a call in progress
-            _U32.pack_into(out, 0, _UNAVAIL)
-            return
-        on_return, out_pa, cid, failed = state
-        if on_return is None or failed is not None:
-            _U32.pack_into(out, 0, _UNAVAIL if failed is None else _DEFUNCT)
-            return
-        trace = self.trace_smc
-        if trace is not None:
-            trace(cid, None, _CB_REQ)
-        try:
-            nxt = on_return(_CB_REQ)
-        except BaseException as exc:  # the caller abandoned the call (Ctrl-C too): QTEE
-            state[3] = exc  # finishes it on DEFUNCTs, then the caller gets its exception
-            _U32.pack_into(out, 0, _DEFUNCT)
-            return
-        if trace is not None and isinstance(nxt, tuple) and len(nxt) == 3:
-            trace(cid, nxt[0], (nxt[1], nxt[2], 0, 0))
-        if nxt not in ((_CB_RSP, out_pa, _OUT_SIZE), (_CB_RSP_32, out_pa, _OUT_SIZE)):
-            _U32.pack_into(out, 0, _UNAVAIL)
 
     # ------------------------------------------------------------------ VM lifecycle
     def _vm_call(self, fid: int, client_id: int, caller: int) -> Regs:

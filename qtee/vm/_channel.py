@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final
 from qtee._smc import HYP_CLIENT_ID, Regs, SmcFid
 
 if TYPE_CHECKING:
-    from qtee._mem_obj import PhysMemory
+    from qtee._qcomtee.shm import PhysMemory
     from qtee.secure._monitor import SecureMonitor
 
 __all__ = ["HostVmChannel", "ShadowPage", "Upcall"]

@@ -47,7 +47,7 @@ from qtee.vm._framework import VmError, VmState, register_backend
 from qtee.vm._ram import PAGE_SIZE, GuestFault
 
 if TYPE_CHECKING:
-    from qtee._driver import Device
+    from qtee._qcomtee.core import Device
     from qtee._smc import OnReturn, Regs
     from qtee.secure._monitor import SecureMonitor
 
@@ -181,7 +181,7 @@ class QteeBackend:
 
     def guest_tee(self, vm: VmState) -> QteeGuestTee:
         """The guest's own driver model: ``Device`` over guest RAM, SMCs trapping here."""
-        from qtee._driver import Device
+        from qtee._qcomtee.core import Device
         from qtee.addrspace import CheckedMemory
 
         ram = vm.guest.ram

@@ -1,14 +1,8 @@
-"""Shared memory, memory objects and the primordial object (``mem_obj.c``, ``primordial_obj.c``).
-
-``TEE_IOC_SHM_ALLOC`` creates a :class:`Shm` (ids from 1, device-wide) backed by a
-zeroed buffer at a model physical address.  Passing it to QTEE as
-``OBJREF_INPUT {shm id, MEM}`` wraps it in a :class:`MemObject` -- a callback object
-that refuses every direct op; QTEE maps it only through the primordial object's
-MAP_REGION, which answers ``{u64 paddr; u64 len; u32 perms}`` and hands the same
-memory back as the mapping object.
-
-Physical memory (:class:`PhysSpace`, the host's :class:`PhysMemory`) holds those buffers
-and the inbound/outbound buffers the driver lends for each SMC (QK §3.1: page granular).
+"""Shared and physical memory as the QTEE driver lends it (``qcomtee/shm.c`` and the
+tzmem pool): the :class:`Shm` of SHM_ALLOC at a physical address, and page-granular
+regions for shm buffers and the inbound/outbound buffers the driver lends for each SMC
+(QK §3.1).  The host's is :class:`PhysMemory`; a guest's RAM is another
+:class:`PhysSpace`.
 """
 
 from __future__ import annotations
@@ -19,115 +13,29 @@ import errno
 import itertools
 import mmap
 import os
-import struct
 import threading
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Final, Protocol
 
 from objects import DriverError, Refcounted, UsageError
-from qtee._user_obj import CbObject
+from qtee._tee.shm import PAGE_SIZE, ShmBuffer
 
 if TYPE_CHECKING:
-    from qtee._driver import Context
+    from qtee._qcomtee.call import Context
 
 __all__ = [
+    "LEND_SLOT",
+    "MAX_LEND",
     "PAGE_SIZE",
-    "SHM_MAX",
-    "QCOMTEE_OBJECT_OP_MAP_REGION",
-    "QCOMTEE_OBJECT_OP_SLEEP",
-    "QCOMTEE_OBJECT_OP_YIELD",
-    "MemObject",
     "PhysFault",
     "PhysMemory",
     "PhysSpace",
-    "Primordial",
     "Shm",
-    "ShmBacking",
-    "ShmBuffer",
-    "discard_backing",
-    "memfd_backing",
 ]
 
-QCOMTEE_OBJECT_OP_MAP_REGION: Final = 0
-QCOMTEE_OBJECT_OP_YIELD: Final = 1
-QCOMTEE_OBJECT_OP_SLEEP: Final = 2
-QCOM_SCM_PERM_RW: Final = 6
-_REGION: Final = struct.Struct("<QQI")
-#: Physical memory is handed out in whole pages (QK §3.1 "page granular").
-PAGE_SIZE: Final = 4096
-#: The largest SHM_ALLOC: qcomtee's pool takes a shm's pages with ``alloc_pages_exact``
-#: (``tee_dyn_shm_alloc_helper``), which cannot go past 2**MAX_PAGE_ORDER contiguous
-#: pages -- 4 MiB with arm64's 4 KiB pages and the default order 10; past it, ENOMEM.
-SHM_MAX: Final = PAGE_SIZE << 10
 #: The largest SMC buffer (QK §3.1: inbound <= 4 MiB), and the address span of a lend.
 MAX_LEND: Final = 4 << 20
 LEND_SLOT: Final = 8 << 20
-
-#: What a shm's bytes live in: a private buffer, a mapping of a memory file, or a view
-#: of pages someone else owns (a guest's RAM).
-ShmBuffer: TypeAlias = bytearray | mmap.mmap | memoryview
-#: Makes the buffer of a new shm of a size: the buffer and the fd of the file behind it
-#: (None for a private buffer).  Raises OSError when memory runs out.
-ShmBacking: TypeAlias = Callable[[int], tuple[ShmBuffer, int | None]]
-
-
-def private_backing(size: int) -> tuple[ShmBuffer, int | None]:
-    """A zeroed private buffer (the in-process default)."""
-    return bytearray(size), None
-
-
-def memfd_backing(size: int) -> tuple[ShmBuffer, int | None]:
-    """A zeroed anonymous memory file and its shared mapping: the fd can be handed to
-    another process, which maps the same pages (what the kernel's shm fd is for)."""
-    fd = os.memfd_create("qtee-shm", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, size)
-        buf: ShmBuffer = mmap.mmap(fd, size) if size else bytearray()
-    except BaseException:
-        os.close(fd)
-        raise
-    return buf, fd
-
-
-def discard_backing(buf: ShmBuffer, fd: int | None) -> None:
-    """Undo a backing's buffer that never became a shm: close its file, unmap it."""
-    if fd is not None:
-        os.close(fd)
-    if isinstance(buf, mmap.mmap):
-        with contextlib.suppress(BufferError):
-            buf.close()
-
-
-class MemfdShm:
-    """An OP-TEE shm's memory file: its fd until taken (SHM_ALLOC hands it out), and
-    the mapping the TA sees."""
-
-    __slots__ = ("buf", "fd")
-
-    def __init__(self, buf: ShmBuffer, fd: int | None) -> None:
-        self.buf = buf
-        self.fd = fd
-
-    @classmethod
-    def allocate(cls, size: int) -> tuple[bytearray | memoryview, MemfdShm]:
-        """A fresh memory file of ``size`` bytes: the view for the shm, and its owner;
-        ENOMEM when the file cannot be made."""
-        try:
-            buf, fd = memfd_backing(size)
-        except OSError as exc:
-            raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc}") from None
-        view = buf if isinstance(buf, bytearray) else memoryview(buf)  # size 0: nothing mapped
-        return view, cls(buf, fd)
-
-    def take_fd(self) -> int | None:
-        fd, self.fd = self.fd, None
-        return fd
-
-    def close(self) -> None:
-        """Close the fd if still held, and unmap (later, with the last view, if one is
-        still open)."""
-        discard_backing(self.buf, self.take_fd())
 
 
 class PhysFault(UsageError):
@@ -325,50 +233,3 @@ class Shm(Refcounted):
         if isinstance(self.buf, mmap.mmap):
             with contextlib.suppress(BufferError):  # a view still open: unmapped when it goes
                 self.buf.close()
-
-
-class MemObject(CbObject):
-    """The kernel's wrapper of a shm passed to QTEE; direct ops are refused (-EINVAL)."""
-
-    __slots__ = ("shm",)
-
-    def __init__(self, shm: Shm) -> None:
-        super().__init__()
-        self.shm = shm
-
-    def on_release(self) -> None:
-        self.shm.put()
-
-
-class Primordial(CbObject):
-    """The kernel-hosted object at wire id 0x80000000 (not refcounted)."""
-
-    __slots__ = ()
-
-    def get(self) -> bool:
-        return True
-
-    def put(self) -> bool:
-        return False
-
-    def dispatch(
-        self, op: int, ib: tuple[bytes, ...], ob: tuple[int, ...], io: tuple[object, ...], n_oo: int
-    ) -> tuple[int, list[bytes], list[object]]:
-        """MAP_REGION, YIELD, SLEEP; anything else -EINVAL (QTEE sees UNAVAIL)."""
-        if op == QCOMTEE_OBJECT_OP_MAP_REGION:
-            if len(ib) != 0 or len(ob) != 1 or len(io) != 1 or n_oo != 1 or ob[0] < _REGION.size:
-                return -errno.EINVAL, [], []
-            mem = io[0]
-            if not isinstance(mem, MemObject) or not mem.get():
-                return -errno.EINVAL, [], []
-            region = _REGION.pack(mem.shm.paddr, len(mem.shm.buf), QCOM_SCM_PERM_RW)
-            return 0, [region], [mem]  # the mapping object: the same memory, +1 ref
-        if op == QCOMTEE_OBJECT_OP_YIELD:
-            time.sleep(0)
-            return 0, [], []
-        if op == QCOMTEE_OBJECT_OP_SLEEP:
-            if len(ib) != 1 or len(ob) or len(io) or n_oo or len(ib[0]) < 4:
-                return -errno.EINVAL, [], []
-            time.sleep(struct.unpack_from("<I", ib[0])[0] / 1000)
-            return 0, [], []
-        return -errno.EINVAL, [], []

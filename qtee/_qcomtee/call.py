@@ -1,0 +1,364 @@
+"""The QTEE driver's fd (``qcomtee/call.c``): one open context, its ioctls, and
+OBJECT_INVOKE -- the params read from the caller, the inbound message, the outputs
+written back (QK §4).
+
+``Context.ioctl(cmd, arg)`` is shaped like ``fcntl.ioctl``: ``arg`` is a mutable buffer
+holding the kernel's struct; for buf_data ioctls its ``buf_ptr`` points at the argument
+block in the context's address space.  Failures raise :class:`objects.DriverError` (an
+``OSError``) with the kernel's errno and write nothing back.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+from typing import Final
+
+from objects import (
+    ENOTSUPP,
+    DriverError,
+    IdrAllocator,
+    ObjectTable,
+    result_name,
+)
+from qtee import _checks, uapi, wire
+from qtee._qcomtee.async_ import fetch_async
+from qtee._qcomtee.core import Device, InvokeCtx, _emit
+from qtee._qcomtee.mem_obj import MemObject, mem_in
+from qtee._qcomtee.object import QteeObject
+from qtee._qcomtee.shm import Shm
+from qtee._qcomtee.user_obj import RequestQueue, UserObject, supp_recv, supp_send
+from qtee._qcomtee_msg import Counts
+from qtee._tee.core import (
+    _INVOKE_HEAD,
+    _OBJ_IN,
+    _OBJ_OUT,
+    _P,
+    _U32,
+    _UB_IN,
+    _UB_OUT,
+    TeeFile,
+    _pack_invoke,
+    popped,
+)
+from qtee._tee.shm import alloc_size, discard_backing, install
+
+__all__ = ["Context"]
+
+_GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
+_read: Final = _checks.read_buf_block
+_FLAG_TEE: Final = uapi.QCOMTEE_OBJREF_FLAG_TEE
+_FLAG_USER: Final = uapi.QCOMTEE_OBJREF_FLAG_USER
+_FLAG_MEM: Final = uapi.QCOMTEE_OBJREF_FLAG_MEM
+_ARGS_MAX: Final = _checks.QCOMTEE_ARGS_MAX
+_ARGS_PER_TYPE: Final = _checks.QCOMTEE_ARGS_PER_TYPE
+_OBJREF_NULL: Final = uapi.TEE_OBJREF_NULL
+_OP_RELEASE: Final = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
+_OP_RETAIN: Final = wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
+_OP_MASK: Final = wire.QCOMTEE_MSG_OBJECT_OP_MASK
+
+
+def _einval(why: str) -> DriverError:
+    return DriverError(errno.EINVAL, why)
+
+
+def _encode_wrapped(
+    cxt: int, op: int, ib: list[bytes], ob: list[int], io: list[int], n_oo: int
+) -> bytearray:
+    """The inbound message when a kind has 16 args (spec §7): ``qcomtee_msg_init`` masks
+    each count to its nibble (16 -> 0) while every arg is still laid out in full."""
+    n = len(ib) + len(ob) + len(io) + n_oo
+    off = (12 + 8 * n + 7) & ~7
+    fields: list[int] = []
+    for data in ib:
+        fields += (off, len(data))
+        off += (len(data) + 7) & ~7
+    for size in ob:
+        fields += (off, size)
+        off += (size + 7) & ~7
+    for ident in io:
+        fields += (ident, 0)
+    fields += [0] * (2 * n_oo)
+    if off > wire.MAX_INBOUND_BUFFER_SIZE:
+        raise wire.MessageTooLarge(f"inbound message needs {off} bytes")
+    counts = (len(ib) & 15) | (len(ob) & 15) << 4 | (len(io) & 15) << 8 | (n_oo & 15) << 12
+    buf = bytearray(off)
+    struct.pack_into(f"<3I{len(fields)}I", buf, 0, cxt, op, counts, *fields)
+    for k, data in enumerate(ib):
+        buf[fields[2 * k] : fields[2 * k] + len(data)] = data
+    return buf
+
+
+def _wrapped_outputs(
+    buf: bytearray, n_ib: int, n_ob: int, n_io: int, n_oo: int
+) -> tuple[list[bytes], list[int]]:
+    """Outputs read back by the kernel's own arg indexes (not the wrapped counts)."""
+    obs = []
+    for j in range(n_ob):
+        off, size = struct.unpack_from("<II", buf, 12 + 8 * (n_ib + j))
+        obs.append(bytes(buf[off : off + size]))
+    base = 12 + 8 * (n_ib + n_ob + n_io)
+    oos = [struct.unpack_from("<I", buf, base + 8 * j)[0] for j in range(n_oo)]
+    return obs, oos
+
+
+class Context(TeeFile[Shm]):
+    """One open fd: its IDR of QTEE objects, its request queue, its shms, and the
+    qcomtee ops the TEE core's switch calls (:class:`~qtee._tee.core.TeeFile`)."""
+
+    DRIVER = "qcomtee"
+
+    def __init__(self, device: Device, number: int = 0) -> None:
+        self.device = device
+        #: The device's count of opens when this one was made (0 for the first fd): how
+        #: :meth:`Device.leaks` names it.
+        self.number = number
+        self.objects: ObjectTable[QteeObject] = ObjectTable(IdrAllocator(0), name="ctx objects")
+        self.requests = RequestQueue()
+        self.shms: dict[int, Shm] = {}  # the owner's reference (its shm fd)
+        super().__init__()
+        #: Who holds this fd, for ``qtee info`` (a device server names its connections).
+        self.label = f"fd {number}"
+        #: Model-only, for ``qtee info``: the class name of the callback object the fd's
+        #: owner exported as a user id (set by the ``Client`` on the fd).
+        self.callback_class: Callable[[int], str | None] | None = None
+
+    # ------------------------------------------------------------------ ops
+    def _version(self) -> uapi.VersionData:
+        return uapi.VersionData(uapi.TEE_IMPL_ID_QTEE, 0, _GEN_CAPS)
+
+    def _shm_register(self, arg: bytearray | memoryview) -> int:
+        # qcomtee fails before the TEE core would write the struct back: read only
+        size = uapi.ShmRegisterData.SIZE
+        data = uapi.ShmRegisterData.unpack(self._need(arg, size, writable=False))
+        if data.flags:
+            raise _einval("SHM_REGISTER flags must be 0")
+        raise DriverError(ENOTSUPP, "qcomtee has no shm_register op")
+
+    def _shm_alloc(self, arg: bytearray | memoryview) -> int:
+        """``tee_ioctl_shm_alloc``: a shm from the dynamic pool, or ENOMEM and nothing made
+        (no buffer, no memory file, no id)."""
+        device = self.device
+        size = alloc_size(arg, device.shm_max)
+        try:
+            buf, fd = device.shm_backing(size)
+        except (OSError, ValueError, OverflowError, MemoryError) as exc:
+            raise DriverError(errno.ENOMEM, f"cannot allocate {size} bytes: {exc!r}") from None
+        shm = install(
+            device.shm,
+            self.shms,
+            lambda shm_id: Shm(self, shm_id, buf, fd, device.phys),
+            lambda: discard_backing(buf, fd),
+        )
+        uapi.ShmAllocData(size, 0, shm.id).pack_into(arg)
+        return 0
+
+    def _drop_shm(self, shm: Shm) -> None:
+        """The shm's fd is closed: drop the owner's reference (QTEE's copies live on)."""
+        shm.put()
+
+    # ------------------------------------------------------------------ OBJECT_INVOKE
+    def _object_invoke(self, arg: bytearray | memoryview) -> int:
+        device = self.device
+        mem = device.memory
+        buf_ptr, block, params = _read(self.device.memory, arg, _INVOKE_HEAD.size, 16)
+        ident, op, _ret, num = _INVOKE_HEAD.unpack_from(block)
+        n_ib = n_ob = n_io = n_oo = 0
+        for attr, _a, _b, _c in params:
+            if attr == _UB_IN:
+                n_ib += 1
+            elif attr == _UB_OUT:
+                n_ob += 1
+            elif attr == _OBJ_IN:
+                n_io += 1
+            elif attr == _OBJ_OUT:
+                n_oo += 1
+        most = max(n_ib, n_ob, n_io, n_oo)
+        if num > _ARGS_MAX or n_ib + n_ob + n_io + n_oo != num or most > _ARGS_PER_TYPE:
+            _checks.params_check(params)
+
+        if op == _OP_RELEASE:
+            entry = self.objects.erase(ident) if ident <= 0x7FFF_FFFF else None
+            if entry is not None:
+                entry.put()
+            if n_oo:
+                params = [(p[0], 0, 0, 0) if p[0] == _OBJ_OUT else p for p in params]
+            mem.write(buf_ptr, _pack_invoke(ident, op, _ret, params))
+            return 0
+
+        target: QteeObject | None = None
+        if ident == _OBJREF_NULL:
+            _checks.root_object_check(op, params)
+            cxt = wire.QCOMTEE_MSG_OBJECT_ROOT
+        else:
+            target = self.objects.lookup_get(ident) if ident <= 0x7FFF_FFFF else None
+            if target is None:
+                raise _einval(f"object id {ident} is not in this context")
+            cxt = target.qtee_id
+        call = InvokeCtx(params, [] if target is None else [target], [])
+        try:
+            if op & ~_OP_MASK or op == _OP_RETAIN:
+                raise _einval(f"op {op:#x}")
+            ib: list[bytes] = []
+            ob: list[int] = []
+            io: list[int] = []
+            for attr, a, b, _c in params:
+                if attr == _UB_IN:
+                    ib.append(mem.read(a, b))  # a fault is EFAULT (qcomtee_prepare_msg)
+                elif attr == _UB_OUT:
+                    ob.append(b)
+                elif attr == _OBJ_IN:
+                    io.append(_objref_in(self, a, b, call))
+            wrapped = most > 15
+            try:
+                if wrapped:
+                    inbound = _encode_wrapped(cxt, op, ib, ob, io, n_oo)
+                else:
+                    inbound = wire.encode_invoke(cxt, op, ib, ob, io, n_oo)
+            except wire.MessageTooLarge as exc:
+                raise _einval(str(exc)) from None
+            trace, records = device.trace, device.trace_records
+            if trace or records:
+                counts = Counts(n_ib, n_ob, n_io, n_oo).pack()
+                _emit(trace, records, "NS -> QTEE", cxt, op, counts, "invoke")
+            page = device._page()
+            clean = False
+            try:
+                result = device._smc_invoke(inbound, page, call)
+                if trace or records:
+                    _emit(trace, records, "QTEE -> NS", cxt, op, counts, result_name(result))
+                if result == 0:
+                    if n_ob or n_oo:
+                        if wrapped:
+                            obs, oos = _wrapped_outputs(inbound, n_ib, n_ob, n_io, n_oo)
+                        else:
+                            resp = wire.decode_invoke_response(inbound)
+                            obs, oos = list(resp.ob), list(resp.oo)
+                        result, params = _outputs(self, obs, oos, params)
+                elif n_oo:
+                    params = [(p[0], 0, 0, 0) if p[0] == _OBJ_OUT else p for p in params]
+                if _U32.unpack_from(page.out, 0)[0]:  # an async message is there
+                    fetch_async(device, page.out, 0)
+                clean = True
+            except BaseException:
+                if page.abandoned:  # QTEE's final return came all the same
+                    fetch_async(device, page.out, 0)
+                raise
+            finally:
+                device._recycle(page, clean)
+        finally:
+            for obj in call.held:
+                obj.put()
+            if not call.accepted:  # QTEE never saw them: mimic its release, without notifying
+                for ns_id, cb in call.created:
+                    device.ns.erase(ns_id)
+                    if isinstance(cb, UserObject):
+                        cb.notify = False
+                    cb.put()
+        mem.write(buf_ptr, _pack_invoke(ident, op, result & 0xFFFF_FFFF, params))
+        return 0
+
+    # ------------------------------------------------------------------ supplicant
+    # The ops themselves, no wrapper frame (the callback hot path).
+    _supp_recv = supp_recv
+    _supp_send = supp_send
+
+    # ------------------------------------------------------------------ close
+    # close(): at once, requests queued or in service on the fd complete with -ENODEV
+    # (QTEE sees DEFUNCT), threads blocked in its SUPPL_RECV return EINTR, new calls fail
+    # EBADF; once the last call in flight has returned, close_context's teardown: every
+    # QTEE object of the fd is released, its shms go, the device forgets it (QK §2.3, §4.5).
+    def _on_close(self) -> None:
+        self.requests.close()
+
+    def _teardown(self) -> None:
+        """The file's release, once no call is in flight (see :class:`FileLife`); finds
+        nothing to do when it runs again."""
+        for shm in popped(self.shms):
+            self._drop_shm(shm)
+        for _, obj in self.objects.drain():
+            obj.put()
+        device = self.device
+        with device._lock:
+            device.contexts.discard(self)
+            idle = not device.contexts
+        if idle:
+            device.release_pages()
+
+
+def _objref_in(ctx: Context, a: int, b: int, call: InvokeCtx) -> int:
+    if a == uapi.TEE_OBJREF_NULL:
+        return wire.QCOMTEE_MSG_OBJECT_NULL
+    if b & _FLAG_USER:
+        uo = UserObject(ctx, a)
+        try:
+            ns_id = ctx.device.ns.insert(uo)
+        except DriverError:
+            uo.notify = False
+            uo.put()
+            raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
+        call.created.append((ns_id, uo))
+        return ns_id
+    if b & _FLAG_TEE:
+        obj = ctx.objects.lookup_get(a) if a <= 0x7FFF_FFFF else None
+        if obj is None:
+            raise _einval(f"object id {a} is not in this context")
+        call.held.append(obj)
+        return obj.qtee_id
+    if b & _FLAG_MEM:
+        mem = mem_in(ctx, a)
+        try:
+            ns_id = ctx.device.ns.insert(mem)
+        except DriverError:
+            mem.put()
+            raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
+        call.created.append((ns_id, mem))
+        return ns_id
+    raise _einval(f"objref flags {b:#x} name no object kind")
+
+
+def _outputs(
+    ctx: Context, ob_data: list[bytes], oo_ids: list[int], params: list[_P]
+) -> tuple[int, list[_P]]:
+    """Copy OB data and convert OO ids; UNAVAIL (and no objects) if any fails."""
+    mem = ctx.device.memory
+    out = list(params)
+    made: list[int] = []
+    ok = True
+    obs = iter(ob_data)
+    oos = iter(oo_ids)
+    for i, (attr, a, _b, c) in enumerate(params):
+        if attr == _UB_OUT:
+            data = next(obs)
+            try:
+                mem.write(a, data)
+            except DriverError:
+                ok = False
+            out[i] = (attr, a, len(data), c)
+        elif attr == _OBJ_OUT:
+            ident = next(oos)
+            if ident == wire.QCOMTEE_MSG_OBJECT_NULL:
+                out[i] = (attr, uapi.TEE_OBJREF_NULL, 0, 0)
+            elif ident & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
+                cb = ctx.device.ns.lookup_get(ident)
+                if isinstance(cb, UserObject) and cb.ctx is ctx:
+                    out[i] = (attr, cb.user_id, _FLAG_USER, 0)
+                elif isinstance(cb, MemObject) and cb.shm.ctx is ctx:
+                    out[i] = (attr, cb.shm.id, _FLAG_MEM, 0)
+                else:
+                    ok = False
+                if cb is not None:
+                    cb.put()
+            else:
+                uid = ctx.objects.insert(QteeObject(ctx.device, ident))
+                made.append(uid)
+                out[i] = (attr, uid, _FLAG_TEE, 0)
+    if ok:
+        return 0, out
+    for uid in made:
+        entry = ctx.objects.erase(uid)
+        if entry is not None:
+            entry.put()
+    out = [(p[0], 0, 0, 0) if p[0] == _OBJ_OUT else p for p in out]
+    return -96, out  # QCOMTEE_MSG_ERROR_UNAVAIL
