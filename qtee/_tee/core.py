@@ -55,9 +55,9 @@ _S = TypeVar("_S", bound=FileShm)
 _P = tuple[int, int, int, int]
 
 _U32: Final = struct.Struct("<I")
-_PARAM: Final = struct.Struct("<4Q")  # struct tee_ioctl_param
+_PARAM: Final = uapi.PARAM_STRUCT  # struct tee_ioctl_param
 _INVOKE_HEAD: Final = struct.Struct("<QIII4x")  # struct tee_ioctl_object_invoke_arg
-_SUPP_HEAD: Final = struct.Struct("<II")  # supp_recv_arg / supp_send_arg
+_SUPP_HEAD: Final = uapi.SUPP_ARG_STRUCT  # supp_recv_arg / supp_send_arg
 _NONE_P: Final = (0, 0, 0, 0)
 _UB_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
 _UB_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
@@ -68,10 +68,8 @@ _META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_
 _OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
 
 
-@functools.cache
-def _params_struct(n: int) -> struct.Struct:
-    """``n`` consecutive ``struct tee_ioctl_param``."""
-    return struct.Struct("<" + "4Q" * n)
+#: ``n`` consecutive ``struct tee_ioctl_param`` (uapi's layout, one struct per ``n``).
+_params_struct: Final = functools.cache(uapi.params_struct)
 
 
 @functools.cache
