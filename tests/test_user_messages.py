@@ -143,6 +143,11 @@ def test_run_still_passes_its_program_arguments() -> None:
     [
         (
             ["ta", "sign", "--uuid", str(FiledTA.UUID), "--algo", "ecdsa", "--out", "x.ta"],
+            "qtee ta sign: --algo ecdsa: algorithm TEE_ALG_ECDSA_SHA256 signs QTEE images "
+            "(--name) only; an OP-TEE <uuid>.ta is signed with an RSA key (--algo pkcs1 or pss)",
+        ),
+        (
+            ["ta", "sign", "--name", "n", "--algo", "ecdsa", "--out", "x.ta"],
             "qtee ta sign: --algo ecdsa: algorithm TEE_ALG_ECDSA_SHA256 signs with a P-256 "
             "ECDSA key, and the default model key is RSA: give --key PEM with an EC P-256 "
             "private key",
@@ -206,3 +211,19 @@ def test_optee_supplicant_prints_requests_served(tmp_path: Path) -> None:
     served = ast.literal_eval(line.removeprefix("requests served: "))
     assert served["fs"] >= 2 and set(served) <= {"fs", "shm_alloc", "shm_free"}, served
     assert server.device.leaks() == {}
+
+
+def test_an_ec_key_for_an_optee_image_says_optee_signs_with_rsa() -> None:
+    """Issue 16 point 11: OP-TEE's signed header carries RSA signatures only, and the
+    error says so instead of a generic key-type complaint."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from objects import UsageError
+    from qtee.secure import gp_ta_image
+
+    with pytest.raises(UsageError) as caught:
+        gp_ta_image(FiledTA.UUID, b"", key=ec.generate_private_key(ec.SECP256R1()))
+    assert str(caught.value) == (
+        "an OP-TEE TA image (gp_ta_image) is signed with an RSA private key (cryptography), "
+        "not ECPrivateKey"
+    )

@@ -79,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"{exc.filename}: {exc.strerror}")
     except (ValueError, TypeError) as exc:
         return _fail(f"{args.key}: not an unencrypted PEM private key ({exc})")
+    if args.uuid is not None and args.algo == "ecdsa":  # OP-TEE's shdr: RSA only
+        return _fail(
+            "--algo ecdsa: algorithm TEE_ALG_ECDSA_SHA256 signs QTEE images (--name) only; an "
+            "OP-TEE <uuid>.ta is signed with an RSA key (--algo pkcs1 or pss)"
+        )
     if key is None and args.algo == "ecdsa":  # the default model key is RSA
         return _fail(
             "--algo ecdsa: algorithm TEE_ALG_ECDSA_SHA256 signs with a P-256 ECDSA key, and "

@@ -148,8 +148,15 @@ def check_signing_key(key: object, *, rsa_only: bool = False) -> SigningKey:
         if not isinstance(key.curve, ec.SECP256R1):
             raise UsageError(f"an ECDSA signing key is on P-256, not {key.curve.name}")
         return key
-    want = "an RSA private key" if rsa_only else "an RSA or P-256 ECDSA private key"
-    raise UsageError(f"a TA signing key is {want} (cryptography), not {type(key).__name__}")
+    if rsa_only:  # OP-TEE's struct shdr carries RSA signatures only
+        raise UsageError(
+            f"an OP-TEE TA image (gp_ta_image) is signed with an RSA private key "
+            f"(cryptography), not {type(key).__name__}"
+        )
+    raise UsageError(
+        f"a TA signing key is an RSA or P-256 ECDSA private key (cryptography), "
+        f"not {type(key).__name__}"
+    )
 
 
 def _default_algo(key: SigningKey) -> int:
