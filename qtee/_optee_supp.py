@@ -107,7 +107,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from objects import DriverError, UsageError
 from qtee import _checks, uapi
 from qtee._optee import OpteeContext, _GpShm
-from qtee.gp._defs import TeecResult
+from qtee.gp._defs import TeecResult, name_of
 from qtee.secure._gp import (
     GpRuntime,
     GpTA,
@@ -1128,5 +1128,7 @@ def invoke_supp_plugin(
         raise GpTaError(int(TeecResult.TEEC_ERROR_NOT_SUPPORTED), "no supplicant queue")
     ret, outlen = supp.supp_plugin(raw, cmd, sub_cmd, buf)
     if ret != _OK:
-        raise GpTaError(ret, f"plugin {uuidlib.UUID(bytes=raw)} answered {ret:#010x}")
+        said = name_of(ret)  # the TEEC result's C name when it is one
+        said = f"{said} ({ret:#010x})" if said != f"0x{ret:08X}" else said
+        raise GpTaError(ret, f"plugin {uuidlib.UUID(bytes=raw)} answered {said}")
     return outlen

@@ -12,8 +12,9 @@ its RPMB listener (0x2000) on an emulated eMMC partition, in memory or kept in F
 the privileged node of a ``qtee serve --tee optee`` server: LOAD_TA from ``--ta-dir``, the
 REE FS in ``--storage``, plugins (``--plugin``) and RPMB, with ``--rpmb-file FILE`` the
 emulated partition kept in FILE (an acknowledged write survives kill -9), else in memory.
-It prints ``tee-supplicant attached`` once serving, and serves until ``--duration``,
-SIGINT or SIGTERM.
+It prints ``tee-supplicant attached`` once serving, serves until ``--duration``, SIGINT or
+SIGTERM, and prints ``requests served:`` with the RPCs it answered by kind.  Without
+``--storage`` the REE FS is a temporary directory that goes with the process.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         metavar="DIR",
-        help="serve the file-storage listener (0xA) from DIR (made if missing)",
+        help="serve the file-storage listener (0xA) from DIR (made if missing).  With --tee "
+        "optee: tee-supplicant's REE FS root (default: a temporary directory, removed with "
+        "its files when the supplicant exits; it is also the TA directory without --ta-dir)",
     )
     parser.add_argument(
         "--gpfs",
@@ -293,6 +296,7 @@ def _run_optee(args: argparse.Namespace) -> int:
             f"qtee supplicant: lost the connection to the server at {args.connect}", file=sys.stderr
         )
         return 1
+    print(f"requests served: {sup.served}")
     return 0
 
 

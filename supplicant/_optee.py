@@ -108,6 +108,15 @@ _NO_MEMORY: Final = int(TeecResult.TEEC_ERROR_OUT_OF_MEMORY)
 _SHORT: Final = int(TeecResult.TEEC_ERROR_SHORT_BUFFER)
 
 _LOAD_TA, _RPMB, _FS, _SHM_ALLOC, _SHM_FREE, _SUPP_PLUGIN = 0, 1, 2, 6, 7, 12
+#: The RPC kinds :attr:`OpteeSupplicant.served` counts (``OPTEE_RPC_CMD_*``, lower case).
+_KINDS: Final = {
+    _LOAD_TA: "load_ta",
+    _RPMB: "rpmb",
+    _FS: "fs",
+    _SHM_ALLOC: "shm_alloc",
+    _SHM_FREE: "shm_free",
+    _SUPP_PLUGIN: "supp_plugin",
+}
 _RPMB_REQ: Final = struct.Struct("<3H")  # struct rpmb_req: cmd, dev_id, block_count
 _RPMB_CMD_DATA_REQ, _RPMB_CMD_GET_DEV_INFO = 0, 1
 _RPMB_DEV_INFO_SIZE: Final = 19  # struct rpmb_dev_info: cid[16], size_mult, rel_wr, ret
@@ -192,6 +201,7 @@ class OpteeSupplicant:
         self.store = FileStore(storage_dir)
         self._paths: dict[int, str] = {}  # REE FS fd -> its path (TRUNCATE needs it)
         self._shms: set[int] = set()  # shm ids of SHM_ALLOC (tee-supplicant's shm list)
+        self._served: dict[str, int] = {}  # RPCs answered, by kind
         self.ctx: OpteeSuppContext = device.open_supplicant()
         self._stopping = False
         self._threads = [
@@ -225,6 +235,13 @@ class OpteeSupplicant:
         key = _plugin_uuid(uuid)
         with self._lock:
             return self._plugins.pop(key, None) is not None
+
+    @property
+    def served(self) -> dict[str, int]:
+        """RPCs answered so far by kind (``load_ta``, ``fs``, ``rpmb``, ``shm_alloc``,
+        ``shm_free``, ``supp_plugin``; another command is ``rpc N``), whatever their result."""
+        with self._lock:
+            return dict(self._served)
 
     def __enter__(self) -> OpteeSupplicant:
         return self
@@ -270,6 +287,9 @@ class OpteeSupplicant:
                     if not (self._stopping or self.ctx.closed):
                         log.error("SUPPL_SEND failed: %s", exc)
                     return
+                kind = _KINDS.get(func, f"rpc {func}")
+                with self._lock:
+                    self._served[kind] = self._served.get(kind, 0) + 1
         finally:
             mem.unpin(addr)
 

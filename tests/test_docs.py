@@ -129,3 +129,32 @@ def test_a_failing_example_fails_with_its_line(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match=r"page\.md:7: the script printed") as caught:
         run_page(page, tmp_path)
     assert "hi" in str(caught.value)
+
+
+def test_readme_storage_commands_are_run_by_the_guide() -> None:
+    """Issue 16 (new-user trial, points 1-3): the README's ``qtee ta sign``, ``qtee
+    supplicant --tee optee`` and ``--gpfs`` command lines are lines of the storage guide's
+    ``sh`` blocks, which ``test_every_example_of_the_guide_runs`` runs."""
+    readme = (REPO / "README.md").read_text()
+    guide = DOCS / "storage-and-tee-supplicant.md"
+    run = {
+        line.strip()
+        for step in steps(guide)
+        if step.kind == "sh"
+        for line in step.text.splitlines()
+    }
+    shown = [
+        line.split("  #")[0].strip()
+        for block in re.findall(r"^```sh\n(.*?)^```", readme, re.S | re.M)
+        for line in block.splitlines()
+    ]
+    wanted = [
+        line
+        for line in shown
+        if line.startswith("qtee ta sign")
+        or line.startswith("qtee supplicant --tee optee")
+        or (line.startswith("qtee supplicant") and "--gpfs" in line)
+    ]
+    assert len(wanted) >= 3, wanted
+    for line in wanted:
+        assert line in run or any(r.startswith(line + " ") for r in run), line

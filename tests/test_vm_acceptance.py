@@ -112,7 +112,9 @@ def test_qtee_vm_destroys_one_guest_mid_call_and_prints_the_table(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--tee", "qtee,cloud"], "--tee: each guest's TEE is none, qtee or optee"),
+        (["--tee", "qtee,cloud"], "--tee: cloud: not a TEE (none, qtee or optee)"),
+        (["--tee", "foo"], "qtee vm: --tee: foo: not a TEE (none, qtee or optee)"),
+        (["--tee", "qtee,,none"], "one TEE per guest, comma-separated (none, qtee or optee)"),
         (["--destroy", "vm9"], "--destroy vm9: no such VM (they are vm1, vm2, vm3)"),
         (["--iterations", "0"], "--iterations >= 1"),
         (["--tee", "optee", "--destroy", "vm1"], "--destroy vm1: only a QTEE guest"),

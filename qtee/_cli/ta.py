@@ -23,7 +23,7 @@ _ALGOS = ("pkcs1", "pss", "ecdsa")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``qtee ta`` verbs (``sign``)."""
-    verbs = parser.add_subparsers(dest="ta_verb", required=True)
+    verbs = parser.add_subparsers(dest="ta_verb", metavar="VERB")  # none: a usage error
     sign = verbs.add_parser(
         "sign",
         help="sign a model TA image (OP-TEE <uuid>.ta or QTEE image)",
@@ -79,6 +79,16 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"{exc.filename}: {exc.strerror}")
     except (ValueError, TypeError) as exc:
         return _fail(f"{args.key}: not an unencrypted PEM private key ({exc})")
+    if args.uuid is not None and args.algo == "ecdsa":  # OP-TEE's shdr: RSA only
+        return _fail(
+            "--algo ecdsa: algorithm TEE_ALG_ECDSA_SHA256 signs QTEE images (--name) only; an "
+            "OP-TEE <uuid>.ta is signed with an RSA key (--algo pkcs1 or pss)"
+        )
+    if key is None and args.algo == "ecdsa":  # the default model key is RSA
+        return _fail(
+            "--algo ecdsa: algorithm TEE_ALG_ECDSA_SHA256 signs with a P-256 ECDSA key, and "
+            "the default model key is RSA: give --key PEM with an EC P-256 private key"
+        )
     try:
         if args.uuid is not None:
             try:

@@ -65,9 +65,9 @@ def _main(argv: Sequence[str] | None) -> int:
         help="run the listener daemon (time, file storage, TA autoload)",
         description="Run the supplicant: listeners registered with QTEE, served by workers, "
         "on an in-process device or, with --connect PATH, on the device of a running server "
-        "(qtee serve).  At the end it prints the requests each listener served and, in "
-        "process, the driver's tables (a server's tables are the server's: see qtee info "
-        "--connect).",
+        "(qtee serve).  At the end it prints the requests each listener served (--tee "
+        "optee: the RPCs tee-supplicant answered, by kind) and, in process, the driver's "
+        "tables (a server's tables are the server's: see qtee info --connect).",
     )
     add_arguments(supplicant_parser)
     from qtee.vm._cli import add_arguments as add_vm_arguments
@@ -94,7 +94,8 @@ def _main(argv: Sequence[str] | None) -> int:
     )
     from qtee._cli.ta import add_arguments as add_ta_arguments
 
-    add_ta_arguments(sub.add_parser("ta", help="TA images: qtee ta sign"))
+    ta_parser = sub.add_parser("ta", help="TA images: qtee ta sign")
+    add_ta_arguments(ta_parser)
     serve = sub.add_parser(
         "serve",
         help="serve a device on a Unix socket (one connection = one open fd)",
@@ -179,7 +180,11 @@ def _main(argv: Sequence[str] | None) -> int:
         metavar="SECONDS",
         help="with --connect: stop after this long",
     )
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the verb's own usage and name, not the top level's
+        _verb_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.verb == "ta" and args.ta_verb is None:
+        ta_parser.error("give a verb: sign (sign a model TA image; qtee ta sign --help)")
     if args.verb == "run":
         from qtee.bridge._cli import run as run_program
 
@@ -225,6 +230,18 @@ def _main(argv: Sequence[str] | None) -> int:
 
         print(__version__)
     return 0
+
+
+def _verb_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The parser of the innermost verb ``args`` chose (``qtee ta sign``'s for ``ta sign``)."""
+    while True:
+        verbs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, verbs[0].dest, None) if verbs else None
+        if chosen is None:
+            return parser
+        parser = verbs[0].choices[chosen]
 
 
 def _seconds(text: str) -> float:

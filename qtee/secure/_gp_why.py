@@ -93,6 +93,22 @@ def _registered(tas: TaRegistry) -> list[str]:
     return list(seen.values())
 
 
+def _file_class(tas: TaRegistry, want: uuidlib.UUID) -> type | None:
+    """The class a TA-file registration for OP-TEE gives images of ``want``, or None."""
+    layer: TaRegistry | None = tas
+    layers: list[TaRegistry] = []
+    while layer is not None and layer not in layers:
+        layers.append(layer)
+        for reg in layer.files.entries():
+            if reg.world == "optee" and (
+                (reg.kind == "uuid" and reg.key == want.bytes)
+                or getattr(reg.cls, "UUID", None) == want
+            ):
+                return reg.cls
+        layer = layer.parent
+    return None
+
+
 def not_found(tas: TaRegistry, uuid: bytes, load: str) -> str:
     """Why no TA answers ``uuid``: what ``tas`` has instead, and how to register one.
     ``load`` says what the LOAD_TA path did (no supplicant, no image, ...)."""
@@ -104,6 +120,14 @@ def not_found(tas: TaRegistry, uuid: bytes, load: str) -> str:
             f"loadable TA, found only through tee-supplicant's LOAD_TA, and {load} "
             "(register it with loadable=False to find it at once, or serve its "
             "gp_ta_image as <uuid>.ta from a supplicant.OpteeSupplicant's TA directory)"
+        )
+    filed = _file_class(tas, want)
+    if filed is not None:
+        return (
+            f"no TA with UUID {want} answers: {filed.__name__} is registered for a TA file "
+            f"(register_ta_file), loaded only through tee-supplicant's LOAD_TA, and {load}: "
+            f"the image {want}.ta is missing from the supplicant's TA directory (its ta_dir, "
+            f"or --ta-dir; qtee ta sign --uuid {want} --out DIR/{want}.ta makes one)"
         )
     found = _registered(tas)
     listed = ", ".join(found[:_LISTED]) + (", ..." if len(found) > _LISTED else "")

@@ -148,8 +148,15 @@ def check_signing_key(key: object, *, rsa_only: bool = False) -> SigningKey:
         if not isinstance(key.curve, ec.SECP256R1):
             raise UsageError(f"an ECDSA signing key is on P-256, not {key.curve.name}")
         return key
-    want = "an RSA private key" if rsa_only else "an RSA or P-256 ECDSA private key"
-    raise UsageError(f"a TA signing key is {want} (cryptography), not {type(key).__name__}")
+    if rsa_only:  # OP-TEE's struct shdr carries RSA signatures only
+        raise UsageError(
+            f"an OP-TEE TA image (gp_ta_image) is signed with an RSA private key "
+            f"(cryptography), not {type(key).__name__}"
+        )
+    raise UsageError(
+        f"a TA signing key is an RSA or P-256 ECDSA private key (cryptography), "
+        f"not {type(key).__name__}"
+    )
 
 
 def _default_algo(key: SigningKey) -> int:
@@ -158,12 +165,31 @@ def _default_algo(key: SigningKey) -> int:
     return TEE_ALG_ECDSA_SHA256
 
 
+def _algo_name(algo: int) -> str:
+    """``algo``'s GP name and number (TEE_ALG_ECDSA_SHA256 (0x70004041))."""
+    names = {
+        TEE_ALG_RSASSA_PKCS1_V1_5_SHA256: "TEE_ALG_RSASSA_PKCS1_V1_5_SHA256",
+        TEE_ALG_RSASSA_PKCS1_PSS_MGF1_SHA256: "TEE_ALG_RSASSA_PKCS1_PSS_MGF1_SHA256",
+        TEE_ALG_ECDSA_SHA256: "TEE_ALG_ECDSA_SHA256",
+    }
+    return f"{names[algo]} ({algo:#x})"
+
+
 def _check_algo(key: SigningKey, algo: int | None) -> int:
     if algo is None:
         return _default_algo(key)
     ok = _RSA_ALGS if isinstance(key, rsa.RSAPrivateKey) else (TEE_ALG_ECDSA_SHA256,)
+    if algo not in (*_RSA_ALGS, TEE_ALG_ECDSA_SHA256):
+        raise UsageError(
+            f"algorithm {algo!r} is none of TEE_ALG_RSASSA_PKCS1_V1_5_SHA256, "
+            "TEE_ALG_RSASSA_PKCS1_PSS_MGF1_SHA256 or TEE_ALG_ECDSA_SHA256"
+        )
     if algo not in ok:
-        raise UsageError(f"algorithm {algo!r} does not go with a {type(key).__name__}")
+        kind = "an RSA key" if isinstance(key, rsa.RSAPrivateKey) else "a P-256 ECDSA key"
+        wants = "a P-256 ECDSA key" if algo == TEE_ALG_ECDSA_SHA256 else "an RSA key"
+        raise UsageError(
+            f"algorithm {_algo_name(algo)} signs with {wants}, and the key given is {kind}"
+        )
     return algo
 
 

@@ -67,8 +67,12 @@ def run(args: argparse.Namespace) -> int:
 
     kinds = [k.strip() for k in args.tee.split(",")] if args.tee else []
     bad = [k for k in kinds if k not in ("none", "qtee", "optee")]
-    if bad or not kinds:
-        return _fail(f"--tee: each guest's TEE is none, qtee or optee, not {bad or args.tee!r}")
+    if not kinds or "" in kinds:
+        return _fail(
+            f"--tee {args.tee!r}: one TEE per guest, comma-separated (none, qtee or optee)"
+        )
+    if bad:
+        return _fail(f"--tee: {', '.join(bad)}: not a TEE (none, qtee or optee)")
     if args.guest_limit < 0 or args.iterations < 1:
         return _fail("--guest-limit must be >= 0 and --iterations >= 1")
     names = [f"vm{i + 1}" for i in range(len(kinds))]
