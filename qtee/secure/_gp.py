@@ -52,6 +52,14 @@ from typing import TYPE_CHECKING, ClassVar, Final, NoReturn, TypeVar
 from objects import DriverError, Refcounted, UsageError
 from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult, _known
 from qtee.secure import _gp_why
+from qtee.secure._gp_state import (
+    INSTANCE_STATES,
+    SESSION_STATES,
+    InstEvent,
+    InstState,
+    SessEvent,
+    SessState,
+)
 from qtee.secure._registry import PROCESS_TAS, refuse_marker_call, uuid_bytes
 from qtee.secure._world import SecureObject, SecureWorld
 
@@ -477,14 +485,13 @@ class _Instance(Refcounted):
 
     __slots__ = (
         "cls",
-        "created",
         "flags",
         "holder",
         "kept",
         "outbound",
-        "panicked",
         "runtime",
         "sessions",
+        "state",
         "ta",
         "ta_sessions",
         "uuid",
@@ -497,13 +504,26 @@ class _Instance(Refcounted):
         self.uuid = uuid
         self.flags = int(cls.FLAGS)
         self.ta: GpTA | None = None
-        self.created = False  # libutee's init_done
-        self.panicked = False
+        self.state = InstState.NEW  # INSTANCE_STATES: CREATED is libutee's init_done
         self.kept = False  # single-instance keep-alive: the lookup holds a reference
         self.sessions = 0  # core sessions bound to it (ref_count)
         self.ta_sessions = 0  # sessions the TA itself knows (libutee's list)
         self.holder: int | None = None  # thread running an entry (ctx->busy)
         self.outbound: set[int] = set()  # ids of sessions this TA opened
+
+    def move(self, event: InstEvent) -> None:
+        """Move through :data:`INSTANCE_STATES` (an illegal move raises, nothing changes)."""
+        self.state = INSTANCE_STATES.move(self.state, event)
+
+    @property
+    def created(self) -> bool:
+        """libutee's ``init_done``: its create entry has run (and no destroy since)."""
+        return self.state is InstState.CREATED
+
+    @property
+    def panicked(self) -> bool:
+        """``ctx->panicked``: an entry panicked; the instance is dead for good."""
+        return self.state is InstState.PANICKED
 
     @property
     def single(self) -> bool:
@@ -522,13 +542,6 @@ class _Instance(Refcounted):
 
     def __repr__(self) -> str:
         return f"<GP instance {self.cls.__name__} sessions={self.sessions} dead={self.panicked}>"
-
-
-class _State(enum.Enum):
-    OPENING = "opening"
-    OPEN = "open"
-    CLOSING = "closing"
-    CLOSED = "closed"
 
 
 class GpSession(SecureObject):
@@ -550,7 +563,7 @@ class GpSession(SecureObject):
         self._runtime = runtime
         self._owner = owner
         self._instance: _Instance | None = None
-        self._state = _State.OPENING
+        self._state = SessState.OPENING  # SESSION_STATES
         self._holder: int | None = None  # thread holding it exclusively (an invoke)
         self._depth = 0
         self._cancel = False  # sess->cancel
@@ -563,6 +576,10 @@ class GpSession(SecureObject):
         """The TA instance behind the session (None once its instance is gone)."""
         inst = self._instance
         return None if inst is None else inst.ta
+
+    def _move(self, event: SessEvent) -> None:
+        """Move through :data:`SESSION_STATES` (an illegal move raises, nothing changes)."""
+        self._state = SESSION_STATES.move(self._state, event)
 
     def on_release(self) -> None:
         # The id went away without close_session (the kernel released it on the QTEE
@@ -707,7 +724,7 @@ class GpRuntime:
             sess = self._find(session_id)
             if (
                 sess is None
-                or sess._state is _State.CLOSED
+                or sess._state is SessState.CLOSED
                 or not self._may_use(sess, owner, from_ta=False)
             ):
                 return _BAD_PARAMETERS
@@ -727,7 +744,7 @@ class GpRuntime:
             mine = [
                 s
                 for s in self._sessions
-                if s._state is _State.OPEN and s.login != _TRUSTED_APP and _same(s._owner, owner)
+                if s._state is SessState.OPEN and s.login != _TRUSTED_APP and _same(s._owner, owner)
             ]
         for sess in sorted(mine, key=lambda s: s.id):
             self._close(sess, drop_id=True)
@@ -829,7 +846,7 @@ class GpRuntime:
         with self._lock:
             if uuid not in self._app_loaded:
                 return True
-            busy = any(s.uuid == uuid and s._state is not _State.CLOSED for s in self._sessions)
+            busy = any(s.uuid == uuid and s._state is not SessState.CLOSED for s in self._sessions)
             if busy and not force:
                 return False
             del self._app_loaded[uuid]
@@ -884,7 +901,7 @@ class GpRuntime:
             self._discard(sess)
             return (0, *self._shut()) if self.closed else (0, code, _TEE)
         with self._cond:
-            shut = sess._state is _State.CLOSED  # shutdown dropped it meanwhile
+            shut = sess._state is SessState.CLOSED  # shutdown dropped it meanwhile
             if shut:
                 inst.sessions -= 1
             else:
@@ -916,9 +933,9 @@ class GpRuntime:
         except _Gone:  # shut down while waiting for the instance
             code, origin = self._shut()
         with self._cond:
-            shut = sess._state is _State.CLOSED
+            shut = sess._state is SessState.CLOSED
             if code == _OK and not shut:
-                sess._state = _State.OPEN
+                sess._move(SessEvent.OPENED)
                 return sess.id, _OK, _TA
         self._discard(sess)
         return (0, *self._shut()) if shut else (0, code, origin)
@@ -1005,8 +1022,8 @@ class GpRuntime:
     def _open_entry(
         self, inst: _Instance, sess: GpSession, types: int, params: list[GpParam]
     ) -> None:
-        if not inst.created:
-            inst.created = True  # libutee: set before create runs, even if it fails
+        if inst.state is InstState.NEW:
+            inst.move(InstEvent.CREATE)  # libutee: set before create runs, even if it fails
             if inst.ta is None:
                 inst.ta = inst.cls()
             inst.ta.create()
@@ -1025,7 +1042,8 @@ class GpRuntime:
             self._destroy_entry(inst)
 
     def _destroy_entry(self, inst: _Instance) -> None:
-        ta, inst.created, inst.ta = inst.ta, False, None
+        inst.move(InstEvent.DESTROY)
+        ta, inst.ta = inst.ta, None
         if ta is not None:
             with suppress(GpTaError):  # TA_DestroyEntryPoint returns nothing
                 ta.destroy()
@@ -1114,7 +1132,7 @@ class GpRuntime:
             if self._closed:
                 return _COMMUNICATION
             sess = self._find(session_id)
-            if sess is None or sess._state is not _State.OPEN:
+            if sess is None or sess._state is not SessState.OPEN:
                 return _NOT_FOUND
             if not self._may_use(sess, owner, from_ta=from_ta):
                 return _BAD_PARAMETERS
@@ -1123,9 +1141,9 @@ class GpRuntime:
 
     def _close(self, sess: GpSession, *, drop_id: bool) -> None:
         with self._cond:
-            if sess._state is not _State.OPEN:
+            if sess._state is not SessState.OPEN:
                 return
-            sess._state = _State.CLOSING  # new invokes are refused from now on
+            sess._move(SessEvent.CLOSE)  # new invokes are refused from now on
             self._cond.notify_all()
         inst = sess._instance
         if inst is None or self._closed:  # shut down: no entry runs any more
@@ -1152,9 +1170,9 @@ class GpRuntime:
         """Free a session that is not (or no longer) open: id, instance reference.
         Idempotent (shutdown and a racing close may both get here)."""
         with self._cond:
-            if sess._state is _State.CLOSED:
+            if sess._state is SessState.CLOSED:
                 return
-            sess._state = _State.CLOSED
+            sess._move(SessEvent.DISCARD)
             self._sessions.discard(sess)
             inst, sess._instance = sess._instance, None
             owner = sess._owner
@@ -1238,7 +1256,7 @@ class GpRuntime:
     def _panic(self, inst: _Instance) -> None:
         """``ctx->panicked``: dead for good; out of the UUID lookup unless keep-crashed."""
         with self._lock:
-            inst.panicked = True
+            inst.move(InstEvent.PANIC)
             unkeep = inst.kept and not inst.keep_crashed
             if not inst.keep_crashed and self._by_uuid.get(inst.uuid) is inst:
                 del self._by_uuid[inst.uuid]
@@ -1272,7 +1290,7 @@ class GpRuntime:
         with self._cond:
             if sess._holder != me:
                 self._wait_free(sess, me, closing=closing)
-            if not closing and sess._state is not _State.OPEN:
+            if not closing and sess._state is not SessState.OPEN:
                 raise _Gone
             sess._holder = me
             sess._depth += 1
@@ -1290,7 +1308,7 @@ class GpRuntime:
         while (res.holder if isinstance(res, _Instance) else res._holder) is not None:
             if self._closed:
                 raise _Gone
-            if isinstance(res, GpSession) and not closing and res._state is not _State.OPEN:
+            if isinstance(res, GpSession) and not closing and res._state is not SessState.OPEN:
                 raise _Gone
             if self._closes_cycle(res, me):
                 raise _Deadlock
