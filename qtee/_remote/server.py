@@ -69,20 +69,20 @@ from qtee._driver import Context, Device
 from qtee._mem_obj import memfd_backing
 from qtee._remote.frames import MAX_FRAME
 from qtee._remote.region_memory import CallRegions, RegionMemory
-from qtee._remote.server_conn import (
+from qtee._remote.served import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     NO_THREAD,
     RECV_LIMIT,
     SEND_TIMEOUT,
     THREAD_LIMIT,
-    Connection,
     Flavour,
     Peer,
     ReadyQueue,
-    TraceStream,
     backoff,
 )
+from qtee._remote.server_conn import Connection
+from qtee._remote.trace_stream import TraceStream
 
 if TYPE_CHECKING:
     from qtee._optee import OpteeDevice

@@ -48,7 +48,7 @@ from qtee._mem_obj import MemfdShm
 from qtee._optee import _GEN_CAPS, OpteeContext, OpteeDevice, _GpShm
 from qtee._optee_supp import OpteeSupp, OpteeSuppContext, RpcParam
 from qtee._remote.region_memory import CallRegions, RegionMemory
-from qtee._remote.server_conn import Peer
+from qtee._remote.served import Peer
 from qtee.gp._identity import Cred
 
 if TYPE_CHECKING:
