@@ -115,26 +115,16 @@ __all__ = [
 
 log = logging.getLogger("qtee.gp")
 
-
 _OK: Final = int(TeecResult.TEEC_SUCCESS)
 _BAD_PARAMETERS: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
 _NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
 _BUSY: Final = int(TeecResult.TEEC_ERROR_BUSY)
 _DEAD: Final = int(TeecResult.TEEC_ERROR_TARGET_DEAD)
-_CANCEL: Final = int(TeecResult.TEEC_ERROR_CANCEL)
 _COMMUNICATION: Final = int(TeecResult.TEEC_ERROR_COMMUNICATION)
-_GENERIC: Final = int(TeecResult.TEEC_ERROR_GENERIC)
-_SECURITY: Final = int(TeecResult.TEEC_ERROR_SECURITY)
 _OVERFLOW: Final = int(TeecResult.TEE_ERROR_OVERFLOW)
-_COMMS: Final = int(TeecOrigin.TEEC_ORIGIN_COMMS)
 _TEE: Final = int(TeecOrigin.TEEC_ORIGIN_TEE)
 _TA: Final = int(TeecOrigin.TEEC_ORIGIN_TRUSTED_APP)
 _TRUSTED_APP: Final = int(TeecLogin.TEE_LOGIN_TRUSTED_APP)
-
-_SINGLE: Final = TaFlag.TA_FLAG_SINGLE_INSTANCE
-_MULTI: Final = TaFlag.TA_FLAG_MULTI_SESSION
-_KEEP_ALIVE: Final = TaFlag.TA_FLAG_INSTANCE_KEEP_ALIVE
-_KEEP_CRASHED: Final = TaFlag.TA_FLAG_INSTANCE_KEEP_CRASHED
 _CONCURRENT: Final = TaFlag.TA_FLAG_CONCURRENT
 
 
