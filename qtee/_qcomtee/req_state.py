@@ -6,19 +6,18 @@ thread giving up, or the context's close complete it (PROCESSED).  A release
 notification is completed at its selection, and a request still QUEUED can be
 completed directly (a SEND naming it, an abandoned wait, the close).
 
-Every move is in :data:`REQUEST_STATES`; :meth:`StateTable.move` gives the next state or
-raises :class:`IllegalTransition` -- the caller changes nothing then.  PROCESSED is
-final.  :meth:`StateTable.mermaid` renders the table as a Mermaid ``stateDiagram-v2``.
+Every move is in :data:`REQUEST_STATES` (a :class:`qtee._statetable.StateTable`): ``move``
+gives the next state or raises :class:`IllegalTransition` -- the caller changes nothing
+then.  PROCESSED is final.  ``python -m qtee._diagrams`` puts its diagram in
+ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from typing import Final
 
-from objects import UsageError
+from qtee._statetable import IllegalTransition, StateTable
 
 __all__ = [
     "REQUEST_STATES",
@@ -27,40 +26,6 @@ __all__ = [
     "ReqState",
     "StateTable",
 ]
-
-_S = TypeVar("_S", bound=enum.Enum)
-_E = TypeVar("_E", bound=enum.Enum)
-
-
-class IllegalTransition(UsageError):
-    """A state machine was asked for a move its table does not have."""
-
-
-@dataclass(frozen=True, slots=True)
-class StateTable(Generic[_S, _E]):
-    """A state machine's every transition: ``(state, event) -> next state``."""
-
-    name: str
-    initial: _S
-    transitions: Mapping[tuple[_S, _E], _S]
-
-    def move(self, state: _S, event: _E) -> _S:
-        """The state ``event`` leads to from ``state``; :class:`IllegalTransition` if the
-        table has no such move."""
-        try:
-            return self.transitions[state, event]
-        except KeyError:
-            raise IllegalTransition(
-                f"{self.name}: no move {event.name} from {state.name}"
-            ) from None
-
-    def mermaid(self) -> str:
-        """The table as a Mermaid ``stateDiagram-v2`` (one line per transition, in the
-        table's order; the initial state marked from ``[*]``)."""
-        lines = ["stateDiagram-v2", f"    [*] --> {self.initial.name}"]
-        for (state, event), nxt in self.transitions.items():
-            lines.append(f"    {state.name} --> {nxt.name}: {event.name}")
-        return "\n".join(lines) + "\n"
 
 
 class ReqState(enum.IntEnum):

@@ -69,20 +69,20 @@ from qtee._qcomtee.call import Context
 from qtee._qcomtee.core import Device
 from qtee._remote.frames import MAX_FRAME
 from qtee._remote.region_memory import CallRegions, RegionMemory
-from qtee._remote.server_conn import (
+from qtee._remote.served import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     NO_THREAD,
     RECV_LIMIT,
     SEND_TIMEOUT,
     THREAD_LIMIT,
-    Connection,
     Flavour,
     Peer,
     ReadyQueue,
-    TraceStream,
     backoff,
 )
+from qtee._remote.server_conn import Connection
+from qtee._remote.trace_stream import TraceStream
 from qtee._tee.shm import memfd_backing
 
 if TYPE_CHECKING:

@@ -3,11 +3,12 @@
 A :class:`Connection` reads its client's frames leader/follower style (one thread reads,
 and hands the reading on when it has an ioctl to run), parks waiting SUPPL_RECVs for one
 receiver thread, sends ``ready`` frames to a watching client from one notifier thread,
-and streams the trace from one sender thread.  What the fd is -- a QTEE context, an
-OP-TEE client or supplicant context -- is the business of a :class:`ServedFile` made by
-the server's :class:`Flavour` (``server``, ``server_optee``); the connection only moves
-frames and runs calls.  The caps and pauses are the server's (see
-``qtee._remote.server``, which re-exports the constants).
+and streams the trace from one sender thread (``trace_stream``).  What the fd is -- a
+QTEE context, an OP-TEE client or supplicant context -- is the business of a
+``ServedFile`` made by the server's ``Flavour`` (``served``; ``server``,
+``server_optee``); the connection only moves frames and runs calls.  The caps and pauses
+are the server's (``served``; ``qtee._remote.server`` re-exports the constants).  Its
+lifecycle is the table in ``conn_state``.
 """
 
 from __future__ import annotations
@@ -17,17 +18,14 @@ import contextlib
 import errno
 import logging
 import os
-import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 from objects import DriverError, UsageError
 from qtee import _reason, uapi
-from qtee._cli.trace import TraceRecord
+from qtee._remote.conn_state import CONNECTION_STATES, ConnEvent, ConnState
 from qtee._remote.frames import (
     PROTOCOL_VERSION,
     Answer,
@@ -52,44 +50,16 @@ from qtee._remote.frames import (
     refusal,
 )
 from qtee._remote.region_memory import CallRegions, RegionMemory
+from qtee._remote.served import BACKOFF_FIRST, NO_THREAD, Peer, ServedFile, backoff
+from qtee._remote.trace_stream import TraceStream
 
 if TYPE_CHECKING:
     from qtee._remote.server import DeviceServer
 
-__all__ = [
-    "BACKOFF_FIRST",
-    "BACKOFF_MAX",
-    "NO_THREAD",
-    "RECV_LIMIT",
-    "SEND_TIMEOUT",
-    "THREAD_LIMIT",
-    "Connection",
-    "Flavour",
-    "Peer",
-    "ReadyQueue",
-    "ServedFile",
-    "TraceStream",
-    "backoff",
-]
+__all__ = ["Connection"]
 
 log = logging.getLogger("qtee.server")
 
-#: SUPPL_RECVs one connection may have waiting in the server at once; one more is answered
-#: EBUSY at once.  Waiting RECVs hold no thread: they are parked and served in turn by the
-#: connection's one receiver thread as requests arrive.
-RECV_LIMIT: Final = 64
-#: Request threads one connection may have (the one reading and its receiver included).
-#: At the limit the reader answers an OBJECT_INVOKE EBUSY and runs the other ioctls itself.
-THREAD_LIMIT: Final = 96
-#: Seconds one send to a client may wait for room in its socket buffer; then the client,
-#: which has read nothing for that long, is disconnected.
-SEND_TIMEOUT: Final = 30.0
-#: First pause of a server loop after a resource error (seconds); it doubles on each error
-#: in a row, up to BACKOFF_MAX, and starts again after a success.
-BACKOFF_FIRST: Final = 0.01
-BACKOFF_MAX: Final = 1.0
-#: What starting a thread raises at the system's limits.
-NO_THREAD: Final = (RuntimeError, MemoryError)
 _INTROSPECT_OFF: Final = (
     "introspection is off: the server was not started with qtee serve --introspect"
 )
@@ -98,81 +68,6 @@ _OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
 #: Calls whose reply carries the secure side's note (a QTEE invocation, a GP call).
 _NOTED: Final = frozenset({_OBJECT_INVOKE, uapi.TEE_IOC_OPEN_SESSION, uapi.TEE_IOC_INVOKE})
 _SHM_ALLOC: Final = uapi.TEE_IOC_SHM_ALLOC
-
-
-def backoff(delay: float) -> float:
-    """The pause after ``delay`` (0: the first error in a row)."""
-    return BACKOFF_FIRST if delay <= 0 else min(delay * 2, BACKOFF_MAX)
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """Who is at the other end of a connection (``SO_PEERCRED``, ``SO_PEERGROUPS``): the
-    credentials the kernel would read of the calling task."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int] = frozenset()
-
-
-class ReadyQueue(Protocol):
-    """The request queue behind an fd's SUPPL_RECV (``RequestQueue``, ``OpteeSupp``)."""
-
-    cond: threading.Condition
-    on_ready: Callable[[], None] | None
-
-
-class ServedFile(Protocol):
-    """One open fd as a connection serves it."""
-
-    #: The context whose ioctls the connection runs.
-    ctx: Any
-
-    @property
-    def queue(self) -> ReadyQueue | None:
-        """The queue SUPPL_RECV takes requests from (None: the fd has no RECV)."""
-        ...
-
-    def pending(self) -> bool:
-        """Whether a non-blocking RECV would find something (under ``queue.cond``)."""
-        ...
-
-    def shm_fd(self, shm_id: int) -> int | None:
-        """Take the fd of the memory file behind a new shm (the caller closes it)."""
-        ...
-
-    def before(self, cmd: int, arg: bytes, call: CallRegions) -> None:
-        """In the request's thread, its regions mapped, before the ioctl runs; never raises."""
-        ...
-
-    def after(self, cmd: int, arg: bytes, call: CallRegions) -> list[tuple[int, bytes]]:
-        """After a successful ioctl: more ``(addr, data)`` regions for the reply, beside
-        and disjoint from the request's; never raises."""
-        ...
-
-
-class Flavour(Protocol):
-    """What kind of TEE device a server serves: the Welcome it gives and how it opens fds."""
-
-    impl_id: int
-    gen_caps: int
-    #: Welcome.server.
-    server: str
-    #: Whether ``query`` ``trace`` streams are possible.
-    traces: bool
-
-    def open(self, node: str, label: str) -> ServedFile:
-        """Open ``node`` ("tee" or "teepriv") for a connection; DriverError as open fails."""
-        ...
-
-    def describe(self) -> dict[str, Any]:
-        """What ``qtee info --connect`` shows."""
-        ...
-
-    def leaks(self) -> dict[str, int]:
-        """The device's non-empty tables."""
-        ...
 
 
 class Connection:
@@ -205,7 +100,9 @@ class Connection:
         self._decoder = FrameDecoder(max_frame=server.max_frame)
         self._threads: set[threading.Thread] = set()
         self._waiting = 0  # threads queued to lead
-        self._done = False  # the stream ended: threads that get the lead leave
+        #: CONNECTION_STATES, moved under ``_lock``; from ENDING threads that get the
+        #: lead leave.
+        self.state = ConnState.ACCEPTED
         self._lock = threading.Lock()
         #: SUPPL_RECVs waiting for a request, oldest first, and the thread serving them.
         self._parked: collections.deque[Ioctl] = collections.deque()
@@ -223,6 +120,16 @@ class Connection:
     @property
     def memory(self) -> RegionMemory:
         return self.server.memory
+
+    def _move(self, event: ConnEvent) -> None:
+        """Move through :data:`CONNECTION_STATES` (with ``_lock`` held; an illegal move
+        raises and changes nothing)."""
+        self.state = CONNECTION_STATES.move(self.state, event)
+
+    @property
+    def _done(self) -> bool:
+        """The stream ended: threads that get the lead leave."""
+        return self.state >= ConnState.ENDING
 
     def send(self, msg: object, fd: int | None = None) -> None:
         """One frame; ``fd`` rides on its first bytes (SCM_RIGHTS)."""
@@ -250,6 +157,10 @@ class Connection:
         client's calls then fail saying why (a send in progress for longer than ``wait``,
         or a full socket buffer, and the client sees only the end of the stream)."""
         data = encode(Bye(reason=reason[:200]))
+        with self._lock:
+            if not CONNECTION_STATES.allows(self.state, ConnEvent.BYE):
+                return  # closed: the socket is gone
+            self._move(ConnEvent.BYE)
         if not self._send.acquire(timeout=wait):
             return
         try:
@@ -283,7 +194,7 @@ class Connection:
                 log.exception("%s: reading failed", self.name)
             if job is None:
                 with self._lock:
-                    self._done = True
+                    self._move(ConnEvent.END)
                     self._parked_cond.notify_all()
                 self._read.release()
                 self._close(reason)
@@ -403,7 +314,7 @@ class Connection:
                     if not data:
                         return None, "end of stream"
                     decoder.feed(data)
-                elif isinstance(msg, Ioctl | RecvNowait) and self.ctx is not None:
+                elif isinstance(msg, Ioctl | RecvNowait) and self.state is ConnState.SERVING:
                     return msg, ""
                 else:
                     end = self._handle(msg)
@@ -411,6 +322,8 @@ class Connection:
                         return None, end
         except FrameError as exc:
             log.warning("%s: closing: bad frame: %s", self.name, exc)
+            with self._lock:
+                self._move(ConnEvent.BYE)
             with contextlib.suppress(OSError):
                 self.send(Bye(reason=str(exc)[:200]))
             return None, f"bad frame: {exc}"
@@ -419,7 +332,7 @@ class Connection:
 
     def _handle(self, msg: object) -> str | None:
         """A control frame; why the connection ends, or None to go on."""
-        if self.ctx is None:
+        if self.state is ConnState.ACCEPTED:
             if not isinstance(msg, Hello):
                 raise FrameError(f"expected hello first, got {type(msg).__name__}")
             if msg.version != PROTOCOL_VERSION:
@@ -434,6 +347,8 @@ class Connection:
                 self.send(Denied(errno=code, reason=str(exc)[:200]))
                 return f"open of {msg.node} failed: {os.strerror(code)}"
             self.ctx = self.file.ctx
+            with self._lock:
+                self._move(ConnEvent.WELCOME)
             self.send(
                 Welcome(impl_id=flavour.impl_id, gen_caps=flavour.gen_caps, server=flavour.server)
             )
@@ -645,78 +560,7 @@ class Connection:
         end = time.monotonic() + 2  # threads still in a TA's code finish on their own
         for t in threads:
             t.join(max(0.0, end - time.monotonic()))
+        with self._lock:
+            self._move(ConnEvent.CLOSE)
         self.closed.set()
         self.server._forget(self)
-
-
-class TraceStream:
-    """Sends one connection the crossings of the device, from a queue and its own thread
-    (a slow reader never blocks the driver).  Past ``LIMIT`` queued records new ones are
-    dropped and counted, and once the queue has drained the reader is told how many
-    (an answer ``{"dropped": n}`` between the records).  A record that cannot be sent for
-    want of memory is dropped and counted too, after a pause; the stream goes on.  The
-    stream ends when the connection does (a send fails) or at :meth:`stop`.  A ``held``
-    stream queues records but sends none before :meth:`go` (the query's answer goes
-    first)."""
-
-    LIMIT: Final = 10_000
-
-    def __init__(self, conn: Connection, seq: int, *, held: bool = False) -> None:
-        self.conn = conn
-        self.seq = seq
-        self._go = threading.Event()
-        if not held:
-            self._go.set()
-        self.dropped = 0  # all the stream dropped
-        self._unsaid = 0  # dropped and not yet told
-        self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[TraceRecord | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"{conn.name}-trace", daemon=True)
-        self._thread.start()
-
-    def __call__(self, record: TraceRecord) -> None:
-        if self._queue.qsize() >= self.LIMIT:
-            self._drop()
-            return
-        self._queue.put(record)
-
-    def _drop(self) -> None:
-        with self._lock:
-            self.dropped += 1
-            self._unsaid += 1
-
-    def go(self) -> None:
-        """Start sending (a held stream)."""
-        self._go.set()
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._go.set()
-
-    def _run(self) -> None:
-        self._go.wait()
-        delay = 0.0
-        while (record := self._queue.get()) is not None:
-            try:
-                self.conn.send(Answer(seq=self.seq, data=record.to_map()))
-                if self._unsaid and self._queue.empty():
-                    self._tell()
-                delay = 0.0
-            except OSError:
-                return  # the connection is gone (send shut it down)
-            except MemoryError:
-                self._drop()
-                delay = backoff(delay)
-                log.warning("%s: trace record dropped: out of memory", self.conn.name)
-                time.sleep(delay)
-            except Exception:
-                self._drop()
-                log.exception("%s: trace record dropped", self.conn.name)
-        if self._unsaid:  # stopping: the last word is how many never went
-            with contextlib.suppress(OSError, MemoryError):
-                self._tell()
-
-    def _tell(self) -> None:
-        with self._lock:
-            n, self._unsaid = self._unsaid, 0
-        self.conn.send(Answer(seq=self.seq, data={"dropped": n}))

@@ -47,7 +47,7 @@ from qtee import uapi
 from qtee._optee import _GEN_CAPS, OpteeContext, OpteeDevice, _GpShm
 from qtee._optee_supp import OpteeSupp, OpteeSuppContext, RpcParam
 from qtee._remote.region_memory import CallRegions, RegionMemory
-from qtee._remote.server_conn import Peer
+from qtee._remote.served import Peer
 from qtee._tee.shm import MemfdShm
 from qtee.gp._identity import Cred
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, ClassVar, Final, Protocol, TypeVar
 
 from objects import CyclicAllocator, UsageError
 from qtee.vm._guest import Guest, GuestTee, TeeKind
+from qtee.vm._phase import VmEvent, VmPhase
 from qtee.vm._ram import PAGE_SIZE, GuestRam
 from qtee.vm._state import VmError, VmLimits, VmState
 
@@ -162,7 +163,7 @@ class VmRow:
     vm_id: int
     client_id: int
     tee: str
-    state: str  # "running" or "destroyed"
+    state: str  # "running" or "stopped" (its vCPUs), or "destroyed" (VmPhase.DESTROYED)
     calls_ok: int
     calls_failed: int
     callbacks: int
@@ -215,7 +216,6 @@ class Vmm:
         self._rows: dict[int, VmRow] = {}  # serial -> row of a destroyed VM
         self._order: dict[int, int] = {}  # vm id -> serial (creation order of the rows)
         self._serial = 0
-        self._dying: set[int] = set()  # vm ids being destroyed
         self._backends: dict[str, TeeBackend] = {}
         self._absent: dict[str, str] = {}
         self._closed = False
@@ -294,6 +294,7 @@ class Vmm:
             cursor = self._ids.next
             vm_id = self._ids.alloc()
         ram: GuestRam | None = None
+        vm: VmState | None = None
         try:
             ram = GuestRam(ram_size, self.monitor.phys)
             guest = Guest(vm_id=vm_id, name=name, client_id=vm_id, tee=kind, ram=ram)
@@ -306,13 +307,17 @@ class Vmm:
                     backend.relinquish(vm, time.monotonic())
                     raise
         except BaseException:
+            if vm is not None:
+                with vm.lock:
+                    vm.move(VmEvent.GONE)
             if ram is not None:
                 ram.close()
             with self._lock:
                 self._ids.free(vm_id)
                 self._ids.next = cursor  # a refused creation changes nothing
             raise
-        with self._lock:
+        with self._lock, vm.lock:
+            vm.move(VmEvent.CREATED)
             self._live[vm_id] = vm
             self._serial += 1
             self._order[vm_id] = self._serial
@@ -326,10 +331,10 @@ class Vmm:
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
             raise UsageError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
         vm = self.state(guest)
-        with self._lock:
-            if guest.vm_id in self._dying:
+        with self._lock, vm.lock:  # every DESTROY happens under the VMM's lock
+            if vm.phase is not VmPhase.RUNNING:
                 raise UsageError(f"{guest!r} is already being destroyed")
-            self._dying.add(guest.vm_id)
+            vm.move(VmEvent.DESTROY)
         start = time.monotonic()
         backend = self._backends.get(guest.tee)
         objects = pins = stuck = 0
@@ -348,10 +353,11 @@ class Vmm:
                 guest.discard()
             finally:
                 guest.ram.close()
-                row = _row(vm, "destroyed", 0)
+                with vm.lock:
+                    vm.move(VmEvent.GONE)
+                row = _row(vm, vm.phase.value, 0)
                 with self._lock:
                     del self._live[guest.vm_id]
-                    self._dying.discard(guest.vm_id)
                     self._rows[self._order.pop(guest.vm_id)] = row
                     self._ids.free(guest.vm_id)
         if stuck:
@@ -376,7 +382,7 @@ class Vmm:
         """Destroy every live VM (idempotent)."""
         with self._lock:
             self._closed = True
-            live = [vm.guest for vm in self._live.values() if vm.guest.vm_id not in self._dying]
+            live = [vm.guest for vm in self._live.values() if vm.phase is VmPhase.RUNNING]
         failed: BaseException | None = None
         for guest in live:
             try:

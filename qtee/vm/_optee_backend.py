@@ -61,6 +61,7 @@ from qtee.gp._defs import TeecOrigin, TeecResult
 from qtee.vm._channel import HostVmChannel
 from qtee.vm._framework import VmError, VmState, register_backend
 from qtee.vm._guest_optee import GuestOpteeDevice
+from qtee.vm._phase import VmEvent
 from qtee.vm._ram import PAGE_SIZE, GuestFault, Pin
 
 if TYPE_CHECKING:
@@ -187,7 +188,7 @@ class OpteeBackend:
         partition down, which ends TA waits), wait for the calls until ``deadline``,
         drop every pin."""
         with vm.cond:
-            vm.stopping = True
+            vm.move(VmEvent.STOP)
         status = self.channel.vm_destroyed(SmcFid.OPTEE_SMC_VM_DESTROYED, vm.client_id)
         if status != SmcReturn.OK:
             log.debug("VM_DESTROYED of client %d answered %#x", vm.client_id, status)

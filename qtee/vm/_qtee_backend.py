@@ -44,6 +44,7 @@ from qtee._qcomtee_msg import Result
 from qtee._smc import QCOMTEE_RESULT_INBOUND_REQ_NEEDED, SmcFid, SmcReturn
 from qtee.vm._channel import HostVmChannel, ShadowPage
 from qtee.vm._framework import VmError, VmState, register_backend
+from qtee.vm._phase import VmEvent
 from qtee.vm._ram import PAGE_SIZE, GuestFault
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ class QteeBackend:
         (QTEE releases the partition's objects once its last call left), unpin all and
         end the lends of the VM's shadow pages."""
         with vm.cond:
-            vm.stopping = True
+            vm.move(VmEvent.STOP)
         vm.wait_for_calls(deadline)
         status = self.channel.vm_destroyed(SmcFid.QTEE_MODEL_VM_DESTROYED, vm.client_id)
         if status != SmcReturn.OK:

@@ -2,7 +2,8 @@
 
 :class:`VmLimits` are Xen's OP-TEE mediator figures by default (optee.md §6.2);
 :class:`VmState` holds a VM's calls in flight, pins and mappings, guarded by one lock,
-and accounts pins against the limits; :class:`VmError` is a VM creation the VMM or the
+accounts pins against the limits and moves its :class:`~qtee.vm._phase.VmPhase` through
+the one table (``_phase``); :class:`VmError` is a VM creation the VMM or the
 TEE refused.  TEE-agnostic: both backends use them.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from objects import DriverError, UsageError
+from qtee.vm._phase import VM_STATES, VmEvent, VmPhase
 
 if TYPE_CHECKING:
     from qtee.vm._guest import Guest
@@ -69,7 +71,9 @@ class VmState:
 
     ``lock`` guards every field (``cond`` is a condition on that same lock, for waiting
     until the calls drain); ``calls`` counts direct calls in flight (callbacks take
-    no slot).  Pins are accounted here against :class:`VmLimits` (``pinned`` pages now,
+    no slot).  ``phase`` is its place in :data:`~qtee.vm._phase.VM_STATES`, changed only
+    by :meth:`move`; ``stopping`` (read on every call) is set when it reaches STOPPING.
+    Pins are accounted here against :class:`VmLimits` (``pinned`` pages now,
     ``pinned_peak`` the most at once); ``pins`` holds the pins of calls in flight,
     ``mappings`` the long-lived ones (QTEE: MAP_REGION by mapping NS id; OP-TEE:
     registered shm by cookie); ``pages`` the outbound shadow pages free for its next
@@ -90,6 +94,7 @@ class VmState:
         "max_calls",
         "ok",
         "pages",
+        "phase",
         "pinned",
         "pinned_peak",
         "pins",
@@ -111,7 +116,8 @@ class VmState:
         self.refused_ns: list[int] = []
         #: The VMM's outbound shadow pages kept lent for this VM's calls (the backend's).
         self.pages: list[Any] = []
-        self.stopping = False
+        self.phase = VmPhase.CREATING
+        self.stopping = False  # phase reached STOPPING: no more pins, calls fail
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.pinned = 0
@@ -121,6 +127,14 @@ class VmState:
         self.stats: collections.Counter[str] = collections.Counter()
         self.results: collections.Counter[int] = collections.Counter()
         self.data: dict[str, Any] = {}
+
+    def move(self, event: VmEvent) -> None:
+        """Move through :data:`~qtee.vm._phase.VM_STATES` (an illegal move raises and
+        changes nothing); call it holding :attr:`lock`."""
+        phase = VM_STATES.move(self.phase, event)
+        self.phase = phase
+        if phase is VmPhase.STOPPING:
+            self.stopping = True
 
     @property
     def ram(self) -> GuestRam:
