@@ -390,7 +390,10 @@ def test_signals_reach_the_program_and_its_status_is_passed_through(
         start_new_session=True,
     )
     try:
-        time.sleep(1.0)  # qtee run has started sleep
+        deadline = time.monotonic() + 30  # until qtee run has started sleep (slow when busy)
+        while not _children(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # past the fork: qtee run is waiting for its program
         if group:
             os.killpg(proc.pid, sig)
         else:
@@ -616,3 +619,14 @@ def test_no_snapshot_replaces_the_final_report(tmp_path: Path) -> None:
     bridge._write_report(final=False)  # what a late snapshot does
     data = json.loads((tmp_path / f"{os.getpid()}.json").read_text())
     assert data["final"] is True and data["leaks"] == {}
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (Linux's /proc/PID/task/*/children)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found

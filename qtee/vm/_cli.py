@@ -53,7 +53,16 @@ def _fail(parser_error: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build, run, destroy, print; 0 when every check held (see the module docstring)."""
+    """Build, run, destroy, print; 0 when every check held (see the module docstring).
+    ^C: the rounds in flight end, the VMs are destroyed, one line says so, status 130."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # before or after the loops (during them, _run handles it)
+        print("qtee vm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     import qtee
     from qtee._qcomtee_msg import Result
     from qtee.secure._monitor import SecureMonitor
