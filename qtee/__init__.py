@@ -19,7 +19,7 @@ from objects import (
 from qtee import uapi, wire
 from qtee._driver import Context, Device
 from qtee._optee import OpteeContext, OpteeDevice
-from qtee._optee_supp import (
+from qtee._optee_storage import (
     TEE_DATA_FLAG_ACCESS_READ,
     TEE_DATA_FLAG_ACCESS_WRITE,
     TEE_DATA_FLAG_ACCESS_WRITE_META,
@@ -32,12 +32,12 @@ from qtee._optee_supp import (
     TEE_STORAGE_PRIVATE,
     TEE_STORAGE_PRIVATE_REE,
     TEE_STORAGE_PRIVATE_RPMB,
-    OpteeSuppContext,
     PersistentObject,
     TrustedStorage,
-    invoke_supp_plugin,
     trusted_storage,
 )
+from qtee._optee_supp import OpteeSuppContext
+from qtee._optee_supp_plugin import invoke_supp_plugin
 from qtee._qcomtee_msg import MAX_ARGS_PER_KIND, USERSPACE_ONLY_RESULTS, Counts, Result
 from qtee._remote.remote import ConnectError, RemoteContext, RemoteDevice, connect
 from qtee._remote.server import DeviceServer
