@@ -39,7 +39,8 @@ from qtee._optee_storage import (
 from qtee._optee_supp import OpteeSuppContext
 from qtee._optee_supp_plugin import invoke_supp_plugin
 from qtee._qcomtee_msg import MAX_ARGS_PER_KIND, USERSPACE_ONLY_RESULTS, Counts, Result
-from qtee._remote.remote import ConnectError, RemoteContext, RemoteDevice, connect
+from qtee._remote.connect_errors import ConnectError
+from qtee._remote.remote import RemoteContext, RemoteDevice, connect
 from qtee._remote.server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, SharedSpace, address_of
 from qtee.client import (
