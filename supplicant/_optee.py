@@ -74,7 +74,8 @@ from objects import DriverError
 from qtee import uapi
 from qtee._cli.ta_modules import import_ta_module
 from qtee.gp import TeecResult
-from supplicant._fs import FileStore, FsError
+from supplicant._fs import FileStore
+from supplicant._fs_paths import FsError
 from supplicant._rpmb import RPMB_FRAME_SIZE, EmulatedRpmb, RpmbRequestError
 from supplicant.fs_msg import FsOpenFlag
 
