@@ -18,7 +18,7 @@ from objects import (
 )
 from qtee import uapi, wire
 from qtee._optee import OpteeContext, OpteeDevice
-from qtee._optee_supp import (
+from qtee._optee_storage import (
     TEE_DATA_FLAG_ACCESS_READ,
     TEE_DATA_FLAG_ACCESS_WRITE,
     TEE_DATA_FLAG_ACCESS_WRITE_META,
@@ -31,16 +31,17 @@ from qtee._optee_supp import (
     TEE_STORAGE_PRIVATE,
     TEE_STORAGE_PRIVATE_REE,
     TEE_STORAGE_PRIVATE_RPMB,
-    OpteeSuppContext,
     PersistentObject,
     TrustedStorage,
-    invoke_supp_plugin,
     trusted_storage,
 )
+from qtee._optee_supp import OpteeSuppContext
+from qtee._optee_supp_plugin import invoke_supp_plugin
 from qtee._qcomtee.call import Context
 from qtee._qcomtee.core import Device
 from qtee._qcomtee_msg import MAX_ARGS_PER_KIND, USERSPACE_ONLY_RESULTS, Counts, Result
-from qtee._remote.remote import ConnectError, RemoteContext, RemoteDevice, connect
+from qtee._remote.connect_errors import ConnectError
+from qtee._remote.remote import RemoteContext, RemoteDevice, connect
 from qtee._remote.server import DeviceServer
 from qtee.addrspace import AddressSpace, CheckedMemory, ProcessMemory, SharedSpace, address_of
 from qtee.client import (

@@ -13,7 +13,8 @@
 
 from objects import publish_errors as _publish_errors
 from supplicant._autoload import TaDirectory, format_uuid
-from supplicant._fs import FileStore, FsError
+from supplicant._fs import FileStore
+from supplicant._fs_paths import FsError
 from supplicant._gpfs import GpfsService
 from supplicant._listener import (
     FS_LISTENER_ID,

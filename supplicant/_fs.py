@@ -3,21 +3,12 @@
 :class:`FileStore` serves the FS listener's operations (:mod:`supplicant.fs_msg`) on a
 real directory.  Its Python methods raise :class:`FsError`, an :class:`OSError` that
 carries the errno.  :meth:`FileStore.handle` turns requests into responses the way the
-real service does: ``ret`` = -1 and the errno remembered for GET_ERRNO.
+real service does (:mod:`supplicant._fs_handler`): ``ret`` = -1 and the errno remembered
+for GET_ERRNO.
 
-**Confinement.**  Paths are relative to the root and are normalised lexically: empty
-and ``.`` components are dropped, and ``..`` pops one component.  The store refuses
-these with **EACCES**:
-
-* an absolute path;
-* a ``..`` that would climb above the root;
-* a component that starts with the temp prefix ``.qtee-tmp-``;
-* a symlink anywhere in the path, even one pointing back inside the root.
-
-The store never creates symlinks, so any symlink was put there by someone else.
-Directories are walked one component at a time from a root fd, with
-``O_DIRECTORY | O_NOFOLLOW``.  Files are opened with ``O_NOFOLLOW``.  A symlink swapped
-in mid-walk therefore fails the walk and is never followed.
+**Confinement** (:mod:`supplicant._fs_paths`): a path is relative to the root, normalised
+lexically and refused (EACCES) if it is absolute, climbs above the root, names a temp
+file or crosses a symlink; directories are walked one component at a time.
 
 **Atomic replace.**  Opening a file for writing copies its contents (none with O_TRUNC)
 into a temp file ``.qtee-tmp-<hex>`` in the same directory.  Every fd open on that path
@@ -74,38 +65,23 @@ import threading
 from dataclasses import dataclass, field
 from typing import Final
 
-from objects import QteeBaseError
+from supplicant._fs_handler import respond
+from supplicant._fs_paths import (
+    _DIR_FLAGS,
+    TEMP_PREFIX,
+    FsError,
+    _check_int,
+    _fail,
+    _is_link,
+    _is_under,
+    _parts,
+    _reraise,
+    _step,
+)
 from supplicant.fs_msg import (
-    MAX_DATA_LEN,
-    MAX_PATH_BYTES,
-    CloseRequest,
-    CreatRequest,
-    DirCloseRequest,
     Dirent,
-    DirOpenRequest,
-    DirOpenResponse,
-    DirReadRequest,
-    DirReadResponse,
-    EndRequest,
-    FsCmd,
     FsOpenFlag,
-    FsRequest,
-    FsResponse,
-    FsResult,
     FsUsageError,
-    GetErrnoRequest,
-    LseekRequest,
-    MkdirRequest,
-    OpenRequest,
-    ReadRequest,
-    ReadResponse,
-    RemoveRequest,
-    RenameRequest,
-    StatusResponse,
-    SyncRequest,
-    UnlinkRequest,
-    UnsupportedRequest,
-    WriteRequest,
     decode_request,
     encode_response,
 )
@@ -114,12 +90,9 @@ __all__ = [
     "MAX_DIR_STREAMS",
     "MAX_FILE_SIZE",
     "MAX_OPEN_FILES",
-    "TEMP_PREFIX",
     "FileStore",
-    "FsError",
 ]
 
-TEMP_PREFIX: Final = ".qtee-tmp-"
 MAX_OPEN_FILES: Final = 1024
 MAX_DIR_STREAMS: Final = 64
 #: Offsets travel as i32 on the wire; a file may not grow past what LSEEK can answer.
@@ -131,8 +104,6 @@ _IGNORED_FLAGS: Final = (
 )
 _KNOWN_FLAGS: Final = _F.O_ACCMODE | _F.O_CREAT | _F.O_EXCL | _F.O_TRUNC | _F.O_APPEND
 _ALL_FLAGS: Final = int(_IGNORED_FLAGS | _KNOWN_FLAGS)
-_KNOWN_IDS: Final = frozenset(int(c) for c in FsCmd)
-_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DT: Final = {
     stat.S_IFIFO: 1,
     stat.S_IFCHR: 2,
@@ -142,22 +113,6 @@ _DT: Final = {
     stat.S_IFLNK: 10,
     stat.S_IFSOCK: 12,
 }
-
-
-class FsError(QteeBaseError, OSError):
-    """An FS operation failed with ``errno`` (the listener answers -1 and keeps it)."""
-
-    def __init__(self, code: int, detail: str) -> None:
-        OSError.__init__(self, code, f"{os.strerror(code)}: {detail}")
-        self.detail = detail
-
-    @property
-    def code(self) -> int:
-        """The errno (never None)."""
-        return int(self.errno or 0)
-
-    def __reduce__(self) -> tuple[type[FsError], tuple[int, str]]:
-        return (type(self), (self.code, self.detail))
 
 
 @dataclass(slots=True, eq=False)
@@ -187,88 +142,6 @@ class _OpenFile:
 class _DirStream:
     entries: list[Dirent] = field(default_factory=list)
     next: int = 0
-
-
-def _fail(code: int, what: str) -> FsError:
-    return FsError(code, what)
-
-
-def _check_int(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise FsUsageError(f"{what} must be an int, not {type(value).__name__}")
-    return value
-
-
-def _parts(path: object) -> tuple[str, ...]:
-    """The confined, normalised components of ``path`` (``()`` is the root)."""
-    if not isinstance(path, str):
-        raise FsUsageError(f"path must be a str, not {type(path).__name__}")
-    if path == "":
-        raise _fail(errno.ENOENT, "empty path")
-    try:
-        raw = os.fsencode(path)
-    except UnicodeEncodeError:
-        raise _fail(errno.EINVAL, f"path {path!r} cannot be encoded") from None
-    if b"\0" in raw:
-        raise _fail(errno.EINVAL, f"path {path!r} contains a NUL byte")
-    if len(raw) > MAX_PATH_BYTES:
-        raise _fail(errno.ENAMETOOLONG, f"path is {len(raw)} bytes; at most {MAX_PATH_BYTES}")
-    if path.startswith("/"):
-        raise _fail(errno.EACCES, f"absolute path {path!r} is outside the store")
-    out: list[str] = []
-    for comp in path.split("/"):
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            if not out:
-                raise _fail(errno.EACCES, f"path {path!r} climbs above the store's root")
-            out.pop()
-        elif comp.startswith(TEMP_PREFIX):
-            raise _fail(errno.EACCES, f"path {path!r} names a reserved temp file")
-        else:
-            out.append(comp)
-    return tuple(out)
-
-
-def _is_link(name: str, dir_fd: int) -> bool:
-    try:
-        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
-    except OSError:
-        return False
-
-
-def _reraise(exc: OSError, what: str) -> FsError:
-    return FsError(exc.errno or errno.EIO, f"{what}: {exc.strerror}")
-
-
-def _step(fd: int, comp: str, where: str, create: bool, mode: int) -> int:
-    """Open directory ``comp`` under ``fd`` without following a symlink."""
-    try:
-        return os.open(comp, _DIR_FLAGS, dir_fd=fd)
-    except FileNotFoundError:
-        if not create:
-            raise _fail(errno.ENOENT, f"no directory {where!r}") from None
-    except OSError as exc:
-        if _is_link(comp, fd):
-            raise _fail(errno.EACCES, f"{where!r} is a symlink") from None
-        raise _reraise(exc, f"directory {where!r}") from None
-    try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(comp, mode, dir_fd=fd)
-        os.fsync(fd)
-        return os.open(comp, _DIR_FLAGS, dir_fd=fd)
-    except OSError as exc:
-        if _is_link(comp, fd):
-            raise _fail(errno.EACCES, f"{where!r} is a symlink") from None
-        raise _reraise(exc, f"directory {where!r}") from None
-
-
-def _cmd_of(req: FsRequest) -> int:
-    return req.cmd_id if isinstance(req, UnsupportedRequest) else req.CMD
-
-
-def _is_under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top + "/")
 
 
 class FileStore:
@@ -763,84 +636,12 @@ class FileStore:
     # ------------------------------------------------------------------ the listener
 
     def handle(self, request: bytes | bytearray | memoryview) -> bytes:
-        """Serve one request from the shared buffer; the response bytes to write back.
+        """Serve one request from the shared buffer; the response bytes to write back
+        (:func:`supplicant._fs_handler.respond`).
 
         Raises only :class:`supplicant.fs_msg.FsDecodeError`, for a malformed request (the
         real service then fails the whole callback).
         """
         req = decode_request(request)
         with self._lock:
-            return encode_response(self._dispatch(req))
-
-    def _dispatch(self, req: FsRequest) -> FsResponse:
-        try:
-            return self._run(req)
-        except FsError as exc:
-            self._errno = exc.code
-            return self._failure(req, exc.code)
-
-    def _failure(self, req: FsRequest, code: int) -> FsResponse:
-        match req:
-            case ReadRequest():
-                return ReadResponse(data=b"", ret=-1)
-            case DirOpenRequest():
-                return DirOpenResponse(pdir=0, ret=FsResult.DIR_NOT_EXIST)
-            case DirReadRequest():
-                return DirReadResponse(entry=None, ret=FsResult.INVALID_ARG)
-            case DirCloseRequest():
-                return StatusResponse(cmd_id=FsCmd.DIR_CLOSE, ret=FsResult.INVALID_ARG)
-            case _:
-                return StatusResponse(cmd_id=_cmd_of(req), ret=-1)
-
-    def _run(self, req: FsRequest) -> FsResponse:
-        def ok(cmd: int, ret: int = 0) -> StatusResponse:
-            return StatusResponse(cmd_id=cmd, ret=ret)
-
-        match req:
-            case OpenRequest(path=path, flags=flags):
-                return ok(req.CMD, self.open(path, flags))
-            case CreatRequest(path=path, mode=mode):
-                creat = _F.O_WRONLY | _F.O_CREAT | _F.O_TRUNC
-                return ok(req.CMD, self.open(path, creat, mode & 0o7777))
-            case ReadRequest(fd=fd, count=count):
-                data = self.read(fd, min(count, MAX_DATA_LEN))
-                return ReadResponse(data=data, ret=len(data))
-            case WriteRequest(fd=fd, data=data):
-                return ok(req.CMD, self.write(fd, data))
-            case CloseRequest(fd=fd):
-                self.close(fd)
-            case SyncRequest(fd=fd):
-                self.fsync(fd)
-            case LseekRequest(fd=fd, offset=offset, whence=whence):
-                return ok(req.CMD, self.lseek(fd, offset, whence))
-            case UnlinkRequest(path=path):
-                self.unlink(path)
-            case RemoveRequest(path=path):
-                self.remove(path)
-            case MkdirRequest(path=path, mode=mode):
-                self.mkdir(path, mode & 0o777)
-            case RenameRequest(old=old, new=new):
-                self.rename(old, new)
-            case DirOpenRequest(path=path):
-                return DirOpenResponse(pdir=self.opendir(path), ret=0)
-            case DirReadRequest(pdir=pdir):
-                if pdir == 0:
-                    raise _fail(errno.EINVAL, "directory stream 0 (NULL)")
-                if pdir not in self._dirs:
-                    raise _fail(errno.EBADF, f"directory stream {pdir} is not open")
-                return DirReadResponse(entry=self.readdir(pdir), ret=0)
-            case DirCloseRequest(pdir=pdir):
-                if pdir == 0:
-                    raise _fail(errno.EINVAL, "directory stream 0 (NULL)")
-                if pdir not in self._dirs:
-                    raise _fail(errno.EBADF, f"directory stream {pdir} is not open")
-                self.closedir(pdir)
-            case GetErrnoRequest():
-                return ok(req.CMD, self._errno)
-            case EndRequest():
-                pass
-            case UnsupportedRequest(cmd_id=cmd_id):
-                if cmd_id in _KNOWN_IDS:
-                    raise _fail(errno.ENOSYS, f"command {FsCmd(cmd_id).name} is not implemented")
-                return ok(cmd_id, -1)
-        return ok(_cmd_of(req))
+            return encode_response(respond(self, req))

@@ -40,7 +40,8 @@ from typing import Final
 
 from objects import QteeError
 from qtee import Result
-from supplicant._fs import FileStore, FsError
+from supplicant._fs import FileStore
+from supplicant._fs_paths import FsError
 from supplicant.fs_msg import FsOpenFlag
 from supplicant.gpfs_msg import (
     GPFS_ERROR_NO_CMD,

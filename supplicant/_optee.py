@@ -51,7 +51,7 @@ fixed pool).  It serves:
   the buffer); a plugin that raises or answers something else → GENERIC, out length 0.
 
 Anything else → NOT_SUPPORTED.  Per-TA directories are the secure side's doing (it
-names every object file ``/<ta uuid>/<object id hex>``, see :mod:`qtee._optee_supp`):
+names every object file ``/<ta uuid>/<object id hex>``, see :mod:`qtee._optee_storage`):
 the supplicant serves paths, as the real one does.  :meth:`OpteeSupplicant.stop`
 closes the context (what it had received or had queued fails with COMMUNICATION), joins
 the threads and closes every fd the TAs left open.
@@ -75,7 +75,8 @@ from objects import DriverError
 from qtee import uapi
 from qtee._cli.ta_modules import find_ta_module, import_ta_module
 from qtee.gp import TeecResult
-from supplicant._fs import FileStore, FsError
+from supplicant._fs import FileStore
+from supplicant._fs_paths import FsError
 from supplicant._rpmb import RPMB_FRAME_SIZE, EmulatedRpmb, RpmbRequestError
 from supplicant.fs_msg import FsOpenFlag
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from supplicant import FileStore
-from supplicant._fs import TEMP_PREFIX
+from supplicant._fs_paths import TEMP_PREFIX
 
 WRITER = Path(__file__).with_name("_fs_crash_writer.py")
 REPO = WRITER.parent.parent

@@ -26,7 +26,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from objects import DecodeError
 from supplicant import FileStore, FsError
-from supplicant._fs import TEMP_PREFIX
+from supplicant._fs_paths import TEMP_PREFIX
 from supplicant.fs_msg import (
     MAX_DATA_LEN,
     CloseRequest,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qtee import pytest_plugin
+from qtee import _pytest_fixtures, _pytest_leaks, _pytest_markers, pytest_plugin
 
 pytest_plugins = ["pytester"]
 
@@ -116,7 +116,8 @@ def test_markers_lists_every_mode_and_every_qtee_marker(pytester: pytest.Pyteste
         for line in result.outlines
         if (m := re.match(r"@pytest\.mark\.(qtee_\w+)", line))
     }
-    source = Path(pytest_plugin.__file__).read_text()
+    plugin = (pytest_plugin, _pytest_fixtures, _pytest_leaks, _pytest_markers)
+    source = "".join(Path(str(m.__file__)).read_text() for m in plugin)
     read = set(
         re.findall(r"""(?:iter_markers|get_closest_marker)\(\s*["'](qtee_\w+)["']""", source)
     )

@@ -57,17 +57,17 @@ import math
 import mmap
 import os
 import socket
-import stat
 import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from objects import DriverError, UsageError, errno_name
+from objects import DriverError, UsageError
 from qtee import _reason, uapi
 from qtee._checks import WRITES_STRUCT, need_arg
 from qtee._remote.checks import Dialect, QteeDialect
+from qtee._remote.connect_errors import ConnectError, _check_path, _connect_error
 from qtee._remote.frames import (
     MAX_FRAME,
     NODES,
@@ -80,24 +80,21 @@ from qtee._remote.frames import (
     Hello,
     IoctlReply,
     Probe,
-    Query,
     Ready,
     ShmFd,
-    ShmFree,
     Status,
-    Watch,
     Welcome,
     encode,
     encode_call,
-    refused,
 )
 from qtee._remote.remote_optee import OpteeDialect
+from qtee._remote.remote_queries import RemoteQueries
+from qtee._remote.remote_shm import RemoteShms
 from qtee.addrspace import AddressSpace, CheckedMemory
 
 __all__ = [
     "CALL_TIMEOUT",
     "PROBE_WAIT",
-    "ConnectError",
     "RemoteContext",
     "RemoteDevice",
     "connect",
@@ -125,61 +122,6 @@ _READER_GRACE: Final = 1.0
 
 class _Closed(DriverError):
     """The server closed the connection (the end of the stream)."""
-
-
-class ConnectError(DriverError):
-    """No device server can be reached at ``path``.  ``errno`` says why: ENOENT (nothing
-    there), ENOTSOCK (not a socket), ECONNREFUSED (a socket nobody listens on), EACCES (no
-    permission), ENAMETOOLONG (longer than a socket address takes)..."""
-
-    def __init__(self, code: int, path: str, why: str) -> None:
-        super().__init__(code, f"cannot connect to {path}: {why}")
-        #: The path that was tried.
-        self.path = path
-        #: Why, in words.
-        self.why = why
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.code, self.path, self.why))
-
-    def __str__(self) -> str:
-        return f"[{errno_name(self.code)}] {self.detail}"
-
-
-#: The longest socket path (``sun_path``: 108 bytes, no NUL needed; as ``qtee serve``'s).
-_SUN_PATH_MAX: Final = 108
-
-
-def _connect_error(path: str, exc: OSError) -> ConnectError:
-    """What a failed ``connect(path)`` means, in one line."""
-    code = exc.errno or errno.ECONNREFUSED
-    if code in (errno.ECONNREFUSED, errno.EPROTOTYPE):
-        try:  # connecting to a file that is not a socket is refused as well
-            mode = os.stat(path).st_mode
-        except OSError:
-            mode = stat.S_IFSOCK
-        if not stat.S_ISSOCK(mode):
-            what = "a directory" if stat.S_ISDIR(mode) else "a file"
-            return ConnectError(errno.ENOTSOCK, path, f"it is {what}, not a socket")
-        return ConnectError(errno.ECONNREFUSED, path, "nothing listens on it (its server has gone)")
-    if code == errno.ENOENT:
-        return ConnectError(code, path, "no such socket (is `qtee serve` running there?)")
-    if code in (errno.EACCES, errno.EPERM):
-        return ConnectError(errno.EACCES, path, "permission denied")
-    return ConnectError(code, path, os.strerror(code))
-
-
-def _check_path(path: str) -> None:
-    """A path a socket address can hold (ENAMETOOLONG otherwise, as the kernel says)."""
-    size = len(os.fsencode(path))
-    if not size:
-        raise ConnectError(errno.ENOENT, path, "the path is empty")
-    if size > _SUN_PATH_MAX:
-        raise ConnectError(
-            errno.ENAMETOOLONG,
-            path,
-            f"the path is {size} bytes, a socket path takes at most {_SUN_PATH_MAX}",
-        )
 
 
 def _seconds(value: object, what: str, *, none_ok: bool) -> float | None:
@@ -253,7 +195,7 @@ class RemoteDevice:
         return RemoteContext(self, node="teepriv")
 
 
-class RemoteContext:
+class RemoteContext(RemoteShms, RemoteQueries):
     """One connection = one fd on the server; ``ioctl`` shaped like ``Context.ioctl``.
 
     ``node``: ``"tee"`` (the device node) or ``"teepriv"`` (the privileged one); an open
@@ -334,35 +276,6 @@ class RemoteContext:
                 raise _Closed(errno.EPROTO, "server closed the connection")
             self._decoder.feed(data)
         return msg
-
-    def _map_shm(self, msg: ShmFd) -> None:
-        """Map the memory file of a new shm (its fd came with the frame's bytes) for the
-        SHM_ALLOC call it answers; any other shm frame is a lie."""
-        fd = self._fds.popleft() if self._fds else None
-        try:
-            with self._lock:
-                call = self._pending.get(msg.seq)
-            if call is None:
-                raise DriverError(errno.EPROTO, f"a shm frame for no call in flight ({msg.seq})")
-            if call.cmd != uapi.TEE_IOC_SHM_ALLOC or call.shm is not None:
-                call.lie = f"a shm frame for call {msg.seq}, which is no SHM_ALLOC awaiting one"
-            elif fd is None:
-                call.lie = f"shm {msg.id} came without its fd"
-            elif os.fstat(fd).st_size != msg.size:
-                call.lie = f"shm {msg.id}: memory file size is not {msg.size}"
-            else:
-                try:
-                    buf = mmap.mmap(fd, msg.size) if msg.size else bytearray()
-                except (OSError, ValueError, OverflowError) as exc:
-                    call.lie = f"shm {msg.id} of {msg.size} bytes cannot be mapped: {exc}"
-                else:
-                    call.shm = (msg.id, msg.size, buf, fd)
-                    fd = None  # the call keeps it
-                    return
-            raise DriverError(errno.EPROTO, call.lie)
-        finally:
-            if fd is not None:
-                os.close(fd)
 
     def _read_loop(self) -> None:
         reason = "connection closed"
@@ -518,13 +431,6 @@ class RemoteContext:
             _reason.put(_reason.Reason(*reply.why))  # the server's note, on this thread
         return 0
 
-    def _drop_shm(self, call: _Call) -> None:
-        """A shm frame came for a call that fails: unmap it, close its fd."""
-        if call.shm is not None:
-            self._unmap(call.shm[2])
-            os.close(call.shm[3])
-            call.shm = None
-
     def _overdue(self, seq: int, call: _Call, timeout: float) -> None:
         """Call ``seq`` is past its deadline: probe the server until the reply comes (then
         return), or fail the call ETIMEDOUT and give the connection up.  While the server
@@ -566,49 +472,12 @@ class RemoteContext:
             self._abandon(reason)
             raise DriverError(errno.ETIMEDOUT, reason)
 
-    # ------------------------------------------------------------------ shm, query, close
+    # ------------------------------------------------------------------ lost, requests, close
     @property
     def lost(self) -> bool:
         """The connection is gone (the server closed it, or a call's check failed): every
         call fails EBADF, as on a closed fd."""
         return self._lost is not None
-
-    def shm_view(self, shm_id: int) -> memoryview:
-        """This process's mapping of a shm this context allocated (the server's pages)."""
-        buf = self._maps.get(shm_id)
-        if buf is None:
-            raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
-        return memoryview(buf)
-
-    def take_shm_fd(self, shm_id: int) -> int:
-        """The fd of the memory file behind a shm this context allocated: the caller owns
-        it from now on (mapping it gives the same pages; closing it does not free the
-        shm, :meth:`shm_free` does).  EBADF for another shm, or one whose fd was taken."""
-        with self._lock:
-            fd = self._shm_fds.pop(shm_id, None)
-        if fd is None:
-            raise DriverError(errno.EBADF, f"shm {shm_id} has no memory file fd here")
-        return fd
-
-    def shm_free(self, shm_id: int) -> None:
-        """Close the shm's fd: unmap here, and the server drops the owner's reference (a
-        registered shm of an OP-TEE fd: this side forgets its range)."""
-        with self._lock:
-            buf = self._maps.pop(shm_id, None)
-            fd = self._shm_fds.pop(shm_id, None)
-        if buf is not None:
-            self._unmap(buf)
-        if fd is not None:
-            os.close(fd)
-        if buf is None and not self.dialect.forget(shm_id):
-            raise DriverError(errno.EBADF, f"shm {shm_id} is not owned by this context")
-        self._request(lambda seq: encode(ShmFree(seq=seq, id=shm_id)))
-
-    @staticmethod
-    def _unmap(buf: mmap.mmap | bytearray) -> None:
-        if isinstance(buf, mmap.mmap):
-            with contextlib.suppress(BufferError):  # a view is still open: unmapped with it
-                buf.close()
 
     def _request(
         self,
@@ -645,136 +514,6 @@ class RemoteContext:
                 raise DriverError(errno.EBADF, f"connection lost: {self._lost}") from None
         return seq
 
-    # ------------------------------------------------------------------ ready
-    @property
-    def on_ready(self) -> Callable[[], None] | None:
-        """Called from the reader thread whenever the server says a request was queued on
-        this fd (several may come as one call), and once when the connection is lost or
-        closed; it must not block.  Setting it the first time asks the server to watch
-        the fd (a ``watch`` frame, answered within ``timeout`` of :meth:`watch`); a
-        connection already lost calls it at once.  None: no more calls."""
-        return self._on_ready
-
-    @on_ready.setter
-    def on_ready(self, hook: Callable[[], None] | None) -> None:
-        if hook is not None and not callable(hook):
-            raise UsageError(f"on_ready must be callable or None, not {type(hook).__name__}")
-        self._on_ready = hook
-        if hook is None:
-            return
-        if not self._watching and not self._told_lost:
-            try:
-                self.watch()
-            except DriverError:
-                if self._lost is None:
-                    raise
-        if self._told_lost:  # lost before, or while, it was set: tell it now
-            self._ready()
-
-    def watch(self, timeout: float = 5.0) -> None:
-        """Ask the server for ``ready`` frames on this fd (idempotent); DriverError if it
-        refuses (EAGAIN: no thread for it), does not answer, or the connection is lost."""
-        if self._watching:
-            return
-        got: list[dict[str, Any]] = []
-        done = threading.Event()
-
-        def answer(data: dict[str, Any]) -> None:
-            got.append(data)
-            done.set()
-
-        with self._lock:
-            self._watching = True  # a ready may beat the answer
-        seq = self._request(lambda seq: encode(Watch(seq=seq)), self._streams, answer)
-        try:
-            if not done.wait(timeout):  # it may watch all the same: ready frames are fine
-                raise DriverError(errno.ETIMEDOUT, "the server did not answer the watch")
-            if not got[0]:
-                raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-            no = refused(got[0])
-            if no is not None:
-                with self._lock:
-                    self._watching = False  # it does not: ready frames are lies
-                raise DriverError(*no)
-            if got[0] != {"watching": True}:
-                raise DriverError(errno.EPROTO, f"the server answered a watch with {got[0]!r}")
-        finally:
-            with self._lock:
-                self._streams.pop(seq, None)
-
-    def info(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The server's description of its device (what ``qtee info`` prints); EACCES when
-        the server does not allow introspection (``qtee serve --introspect``)."""
-        return self._ask("info", timeout, "the server did not describe itself")
-
-    def held_objects(self, timeout: float = 2.0) -> dict[str, Any]:
-        """What this fd holds on the server, by name (model-only; ``qtee._cli.info.fd_objects``):
-        ``objects`` ``[id, label]``, ``callbacks`` ``[user id, "", refs]``, ``memory``
-        ``[shm id, size, refs, owned]``.  ETIMEDOUT without an answer, EBADF once lost."""
-        return self._ask("objects", timeout, "the server did not name the fd's objects")
-
-    def _ask(self, kind: str, timeout: float, silent: str) -> dict[str, Any]:
-        """One query frame of ``kind`` and its one answer: ETIMEDOUT (``silent``) without
-        one, EBADF once the connection is lost, the server's refusal as its errno."""
-        got: list[dict[str, Any]] = []
-        done = threading.Event()
-
-        def answer(data: dict[str, Any]) -> None:
-            got.append(data)
-            done.set()
-
-        seq = self._query(kind, answer)
-        try:
-            if not done.wait(timeout):
-                raise DriverError(errno.ETIMEDOUT, silent)
-            if not got[0]:  # the end of the stream: the connection went away
-                raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-            no = refused(got[0])
-            if no is not None:
-                raise DriverError(*no)
-            return got[0]
-        finally:
-            with self._lock:
-                self._streams.pop(seq, None)
-
-    def stream_trace(self, sink: Callable[[dict[str, Any]], None], timeout: float = 5.0) -> None:
-        """Have the server send every crossing from now on: ``sink`` gets each record's map
-        (see :meth:`qtee._cli.trace.TraceRecord.to_map`), ``{"dropped": n}`` when the server
-        dropped records for a slow reader, and ``{}`` when the stream ends.  Returns once
-        the server streams; DriverError if it refuses (EACCES: the server does not allow
-        introspection; EALREADY: this connection streams already) or does not answer."""
-        first: list[dict[str, Any]] = []
-        started = threading.Event()
-
-        def answer(data: dict[str, Any]) -> None:
-            if started.is_set():
-                sink(data)
-                return
-            first.append(data)
-            started.set()
-
-        seq = self._query("trace", answer)
-        ok = False
-        try:
-            if not started.wait(timeout):
-                raise DriverError(errno.ETIMEDOUT, "the server did not start the trace")
-            if not first[0]:
-                raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-            no = refused(first[0])
-            if no is not None:
-                raise DriverError(*no)
-            if first[0] != {"streaming": True}:
-                raise DriverError(errno.EPROTO, f"the server answered a trace with {first[0]!r}")
-            ok = True
-        finally:
-            if not ok:
-                with self._lock:
-                    self._streams.pop(seq, None)
-
-    def _query(self, what: str, sink: Callable[[dict[str, Any]], None]) -> int:
-        """Send a query; its answers go to ``sink``."""
-        return self._request(lambda seq: encode(Query(seq=seq, what=what)), self._streams, sink)
-
     def close(self) -> None:
         """Close the fd: the server closes the context (pending callbacks DEFUNCT)."""
         if self.closed:
@@ -789,13 +528,7 @@ class RemoteContext:
             self.sock.shutdown(socket.SHUT_RDWR)
         self._reader.join(5)
         self.sock.close()
-        with self._lock:
-            maps, self._maps = list(self._maps.values()), {}
-            fds, self._shm_fds = list(self._shm_fds.values()), {}
-        for buf in maps:
-            self._unmap(buf)
-        for fd in fds:
-            os.close(fd)
+        self._unmap_all()
 
 
 def _struct_bytes(cmd: int, arg: bytes | bytearray | memoryview) -> bytes:

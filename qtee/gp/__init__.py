@@ -2,7 +2,8 @@
 
 :class:`TeecContext` (``TEEC_InitializeContext``) takes an OP-TEE device, a QTEE device
 (through IGPAppClient), a served device of either kind or a :class:`qtee.Client`;
-sessions, operations and shared memory follow libteec (:mod:`qtee.gp._client`).  Every
+sessions, operations and shared memory follow libteec (:mod:`qtee.gp._client`,
+:mod:`qtee.gp._operation`, :mod:`qtee.gp._shared_memory`).  Every
 failure is a :class:`TeecError` with ``code`` and ``origin``.  Sans-IO beneath it:
 :mod:`qtee.gp._defs` has the GP/OP-TEE constants, :mod:`qtee.gp._params` libteec's
 pre/post-processing of an operation's params, :mod:`qtee.gp._identity` the kernel's
@@ -12,17 +13,7 @@ client-UUID rules.
 from __future__ import annotations
 
 from objects import publish_errors as _publish_errors
-from qtee.gp._client import (
-    TEEC_MAX_DEV_SEQ,
-    TeecContext,
-    TeecOperation,
-    TeecParameter,
-    TeecRegisteredMemoryReference,
-    TeecSession,
-    TeecSharedMemory,
-    TeecTempMemoryReference,
-    TeecValue,
-)
+from qtee.gp._client import TEEC_MAX_DEV_SEQ, TeecContext, TeecSession
 from qtee.gp._defs import (
     TA_FLAG_PROPERTIES,
     TEE_LOGIN_REE_KERNEL_MAX,
@@ -52,6 +43,13 @@ from qtee.gp._identity import (
     gid_connection_data,
     uuid_v5,
 )
+from qtee.gp._operation import (
+    TeecOperation,
+    TeecParameter,
+    TeecRegisteredMemoryReference,
+    TeecTempMemoryReference,
+    TeecValue,
+)
 from qtee.gp._params import (
     SIZE_MAX,
     MemrefUpdate,
@@ -68,6 +66,7 @@ from qtee.gp._params import (
     pre_process_operation,
     pre_process_param,
 )
+from qtee.gp._shared_memory import TeecSharedMemory
 from qtee.gp._transport import GpTransport, OpteeTransport
 
 __all__ = [

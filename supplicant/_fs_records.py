@@ -1,0 +1,484 @@
+"""The FS listener's records (listener id 0xA): its numbers, enums, errors, and one frozen
+record per request and response, each validating its fields when built (sans-IO).
+
+The byte layouts, and the codec that reads and writes them, are in
+:mod:`supplicant.fs_msg`, which also exports every name here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+from objects import DecodeError, UsageError
+from supplicant._listener_msg import (
+    I32_MAX,
+    I32_MIN,
+    I64_MAX,
+    I64_MIN,
+    U32_MAX,
+    U64_MAX,
+    MessageKit,
+)
+
+__all__ = [
+    "FILE_SERVICE_BUF_LEN",
+    "FILE_SERVICE_ID",
+    "MAX_DATA_LEN",
+    "MAX_NAME_LEN",
+    "MAX_PATH_BYTES",
+    "Dirent",
+    "DirCloseRequest",
+    "DirOpenRequest",
+    "DirOpenResponse",
+    "DirReadRequest",
+    "DirReadResponse",
+    "EndRequest",
+    "FsCmd",
+    "FsDecodeError",
+    "FsOpenFlag",
+    "FsRequest",
+    "FsResponse",
+    "FsResult",
+    "FsUsageError",
+    "CloseRequest",
+    "CreatRequest",
+    "GetErrnoRequest",
+    "LseekRequest",
+    "MkdirRequest",
+    "OpenRequest",
+    "ReadRequest",
+    "ReadResponse",
+    "RemoveRequest",
+    "RenameRequest",
+    "StatusResponse",
+    "SyncRequest",
+    "UnlinkRequest",
+    "UnsupportedRequest",
+    "WriteRequest",
+]
+
+FILE_SERVICE_ID: Final = 0xA
+FILE_SERVICE_BUF_LEN: Final = 20 * 1024
+MAX_NAME_LEN: Final = 256  # TZ_CM_MAX_NAME_LEN, NUL included
+MAX_PATH_BYTES: Final = MAX_NAME_LEN - 1
+MAX_DATA_LEN: Final = 20000  # TZ_CM_MAX_DATA_LEN
+
+
+class FsCmd(enum.IntEnum):
+    """``tz_fs_msg_cmd_type``: consecutive from FILE_START = 0x201."""
+
+    FILE_START = 0x201
+    FILE_OPEN = 0x202
+    FILE_OPENAT = 0x203
+    FILE_UNLINKAT = 0x204
+    FILE_FCNTL = 0x205
+    FILE_CREAT = 0x206
+    FILE_READ = 0x207
+    FILE_WRITE = 0x208
+    FILE_CLOSE = 0x209
+    FILE_LSEEK = 0x20A
+    FILE_LINK = 0x20B
+    FILE_UNLINK = 0x20C
+    FILE_RMDIR = 0x20D
+    FILE_FSTAT = 0x20E
+    FILE_LSTAT = 0x20F
+    FILE_MKDIR = 0x210
+    FILE_TESTDIR = 0x211
+    FILE_TELLDIR = 0x212
+    FILE_REMOVE = 0x213
+    FILE_CHOWN_CHMOD = 0x214
+    FILE_UNUSED = 0x215
+    FILE_SYNC = 0x216
+    FILE_RENAME = 0x217
+    FILE_PAR_FR_SIZE = 0x218
+    DIR_OPEN = 0x219
+    DIR_READ = 0x21A
+    DIR_CLOSE = 0x21B
+    FILE_GET_ERRNO = 0x21C
+    FILE_END = 0x21D
+
+
+class FsResult(enum.IntEnum):
+    """``tz_common_error_codes``: what DIR_OPEN and DIR_READ put in ``ret``."""
+
+    SUCCESS = 0
+    FAILURE = -1
+    INVALID_ARG = -2
+    DIR_NOT_EXIST = -3
+    PATH_TOO_LONG = -4
+
+
+class FsOpenFlag(enum.IntFlag):
+    """Open flags as they arrive on the wire: Linux arm64 values.
+
+    The access mode and the CREAT, EXCL, TRUNC and APPEND bits also equal x86-64's.
+    """
+
+    O_RDONLY = 0
+    O_WRONLY = 0o1
+    O_RDWR = 0o2
+    O_ACCMODE = 0o3
+    O_CREAT = 0o100
+    O_EXCL = 0o200
+    O_NOCTTY = 0o400
+    O_TRUNC = 0o1000
+    O_APPEND = 0o2000
+    O_NONBLOCK = 0o4000
+    O_DSYNC = 0o10000
+    O_LARGEFILE = 0o400000  # arm64
+    O_CLOEXEC = 0o2000000
+    O_SYNC = 0o4010000
+
+
+class FsDecodeError(DecodeError):
+    """FS listener bytes are malformed (the message says which command and field)."""
+
+
+class FsUsageError(UsageError):
+    """An FS message field or FileStore argument has the wrong type or range."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+_KIT: Final = MessageKit(FsDecodeError, FsUsageError)
+_int = _KIT.int_field
+
+
+def _path(value: object, what: str) -> bytes:
+    """The wire bytes of a path field: at most 255 bytes, no NUL."""
+    return _KIT.name_field(value, what, MAX_NAME_LEN)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenRequest:
+    """OPEN: ``open(path, flags, 0600)``."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_OPEN
+    path: str
+    flags: int
+
+    def __post_init__(self) -> None:
+        _path(self.path, "OPEN path")
+        _int(self.flags, "OPEN flags", I32_MIN, I32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreatRequest:
+    """CREAT: ``creat(path, mode)``, that is O_WRONLY | O_CREAT | O_TRUNC."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_CREAT
+    path: str
+    mode: int
+
+    def __post_init__(self) -> None:
+        _path(self.path, "CREAT path")
+        _int(self.mode, "CREAT mode", 0, U32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReadRequest:
+    """READ: up to ``count`` bytes (the service clamps it to 20000)."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_READ
+    fd: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _int(self.fd, "READ fd", I32_MIN, I32_MAX)
+        _int(self.count, "READ count", 0, U32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WriteRequest:
+    """WRITE: ``data`` (at most 20000 bytes; ``count`` on the wire is its length)."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_WRITE
+    fd: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _int(self.fd, "WRITE fd", I32_MIN, I32_MAX)
+        if not isinstance(self.data, bytes):
+            raise FsUsageError(f"WRITE data must be bytes, not {type(self.data).__name__}")
+        if len(self.data) > MAX_DATA_LEN:
+            raise FsUsageError(f"WRITE data is {len(self.data)} bytes; at most {MAX_DATA_LEN}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseRequest:
+    """CLOSE: close ``fd``."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_CLOSE
+    fd: int
+
+    def __post_init__(self) -> None:
+        _int(self.fd, "CLOSE fd", I32_MIN, I32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LseekRequest:
+    """LSEEK: ``lseek(fd, offset, whence)`` with a 32-bit offset."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_LSEEK
+    fd: int
+    offset: int
+    whence: int
+
+    def __post_init__(self) -> None:
+        _int(self.fd, "LSEEK fd", I32_MIN, I32_MAX)
+        _int(self.offset, "LSEEK offset", I32_MIN, I32_MAX)
+        _int(self.whence, "LSEEK whence", I32_MIN, I32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnlinkRequest:
+    """UNLINK: remove a file."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_UNLINK
+    path: str
+
+    def __post_init__(self) -> None:
+        _path(self.path, "UNLINK path")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MkdirRequest:
+    """MKDIR: create a directory and any missing parents."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_MKDIR
+    path: str
+    mode: int
+
+    def __post_init__(self) -> None:
+        _path(self.path, "MKDIR path")
+        _int(self.mode, "MKDIR mode", 0, U32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoveRequest:
+    """REMOVE: remove a file or a directory."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_REMOVE
+    path: str
+
+    def __post_init__(self) -> None:
+        _path(self.path, "REMOVE path")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncRequest:
+    """SYNC: ``fsync(fd)``; here it commits the pending contents."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_SYNC
+    fd: int
+
+    def __post_init__(self) -> None:
+        _int(self.fd, "SYNC fd", I32_MIN, I32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenameRequest:
+    """RENAME: ``rename(old, new)``."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_RENAME
+    old: str
+    new: str
+
+    def __post_init__(self) -> None:
+        _path(self.old, "RENAME old path")
+        _path(self.new, "RENAME new path")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirOpenRequest:
+    """DIR_OPEN: open a directory stream; the answer is an opaque u64 handle."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.DIR_OPEN
+    path: str
+
+    def __post_init__(self) -> None:
+        _path(self.path, "DIR_OPEN path")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirReadRequest:
+    """DIR_READ: the next entry of stream ``pdir``."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.DIR_READ
+    pdir: int
+
+    def __post_init__(self) -> None:
+        _int(self.pdir, "DIR_READ pdir", 0, U64_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirCloseRequest:
+    """DIR_CLOSE: close stream ``pdir``."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.DIR_CLOSE
+    pdir: int
+
+    def __post_init__(self) -> None:
+        _int(self.pdir, "DIR_CLOSE pdir", 0, U64_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetErrnoRequest:
+    """GET_ERRNO: the errno of the last failed call (0 if none failed yet)."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_GET_ERRNO
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndRequest:
+    """END: a no-op that answers 0."""
+
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_END
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnsupportedRequest:
+    """Any id this model does not implement, known (FSTAT, ...) or not."""
+
+    cmd_id: int
+
+    def __post_init__(self) -> None:
+        _int(self.cmd_id, "command id", 0, U32_MAX)
+        if self.cmd_id in _REQ_BY_CMD:
+            raise FsUsageError(f"command {self.cmd_id:#x} is supported; use its own record")
+
+
+FsRequest = (
+    OpenRequest
+    | CreatRequest
+    | ReadRequest
+    | WriteRequest
+    | CloseRequest
+    | LseekRequest
+    | UnlinkRequest
+    | MkdirRequest
+    | RemoveRequest
+    | SyncRequest
+    | RenameRequest
+    | DirOpenRequest
+    | DirReadRequest
+    | DirCloseRequest
+    | GetErrnoRequest
+    | EndRequest
+    | UnsupportedRequest
+)
+
+_REQ_BY_CMD: Final[dict[int, type]] = {
+    cls.CMD: cls
+    for cls in (
+        OpenRequest,
+        CreatRequest,
+        ReadRequest,
+        WriteRequest,
+        CloseRequest,
+        LseekRequest,
+        UnlinkRequest,
+        MkdirRequest,
+        RemoveRequest,
+        SyncRequest,
+        RenameRequest,
+        DirOpenRequest,
+        DirReadRequest,
+        DirCloseRequest,
+        GetErrnoRequest,
+        EndRequest,
+    )
+}
+
+
+# --------------------------------------------------------------------------- responses
+
+
+#: The commands answered by a record of their own (not :class:`StatusResponse`).
+_SPECIAL_RSP: Final = frozenset({FsCmd.FILE_READ, FsCmd.DIR_OPEN, FsCmd.DIR_READ})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusResponse:
+    """The 8-byte ``{id, i32 ret}`` answer of every command but READ and DIR_OPEN/READ."""
+
+    cmd_id: int
+    ret: int
+
+    def __post_init__(self) -> None:
+        _int(self.cmd_id, "command id", 0, U32_MAX)
+        if self.cmd_id in _SPECIAL_RSP:
+            raise FsUsageError(f"{FsCmd(self.cmd_id).name} has its own response record")
+        _int(self.ret, "ret", I32_MIN, I32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReadResponse:
+    """READ's answer: ``data`` (``ret`` bytes of it) or ``ret`` < 0 and no data."""
+
+    data: bytes
+    ret: int
+
+    def __post_init__(self) -> None:
+        _int(self.ret, "READ ret", I32_MIN, MAX_DATA_LEN)
+        if not isinstance(self.data, bytes):
+            raise FsUsageError(f"READ data must be bytes, not {type(self.data).__name__}")
+        want = max(self.ret, 0)
+        if len(self.data) != want:
+            raise FsUsageError(f"READ data is {len(self.data)} bytes but ret is {self.ret}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirOpenResponse:
+    """DIR_OPEN's answer: an opaque non-zero handle, or 0 and an ``FsResult`` < 0."""
+
+    pdir: int
+    ret: int
+
+    def __post_init__(self) -> None:
+        _int(self.pdir, "DIR_OPEN pdir", 0, U64_MAX)
+        _int(self.ret, "DIR_OPEN ret", I32_MIN, I32_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dirent:
+    """``tz_dirent``: one directory entry (``ino`` is never 0: 0 marks the end)."""
+
+    ino: int
+    off: int
+    reclen: int
+    type: int
+    name: str
+
+    def __post_init__(self) -> None:
+        _int(self.ino, "d_ino", 1, U64_MAX)
+        _int(self.off, "d_off", I64_MIN, I64_MAX)
+        _int(self.reclen, "d_reclen", 0, 0xFFFF)
+        _int(self.type, "d_type", 0, 0xFF)
+        raw = _path(self.name, "d_name")
+        if not raw or b"/" in raw:
+            raise FsUsageError(f"d_name {self.name!r} must be one non-empty path component")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirReadResponse:
+    """DIR_READ's answer: an entry, or ``None`` at the end of the stream."""
+
+    entry: Dirent | None
+    ret: int
+
+    def __post_init__(self) -> None:
+        _int(self.ret, "DIR_READ ret", I32_MIN, I32_MAX)
+        if self.entry is not None and not isinstance(self.entry, Dirent):
+            raise FsUsageError(f"entry must be a Dirent or None, not {type(self.entry).__name__}")
+        if self.ret != 0 and self.entry is not None:
+            raise FsUsageError("a failed DIR_READ carries no entry")
+
+
+FsResponse = StatusResponse | ReadResponse | DirOpenResponse | DirReadResponse
