@@ -16,6 +16,7 @@ four nibbles describes the shape::
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -130,18 +131,23 @@ def pack_counts(ib: int, ob: int, io: int, oo: int) -> int:
     return (ib & 0xF) | (ob & 0xF) << 4 | (io & 0xF) << 8 | (oo & 0xF) << 12
 
 
-def unpack_counts(word: int) -> tuple[int, int, int, int]:
-    """``(IB, OB, IO, OO)`` of a u32 counts word; bits 16..31 set -> :class:`DecodeError`."""
-    nibbles = _NIBBLES.get(word)
-    if nibbles is None:
-        if word >> 16:
+class _Nibbles(dict[int, tuple[int, int, int, int]]):
+    """Counts words decoded so far (filled as words are seen: all 65,536 at import cost
+    100 ms of every program's start, the embedded model's in a C program too)."""
+
+    __slots__ = ()
+
+    def __missing__(self, word: int) -> tuple[int, int, int, int]:
+        if word >> 16 or word < 0:
             raise DecodeError(f"counts {word:#010x} has bits set above bit 15")
         nibbles = (word & 0xF, word >> 4 & 0xF, word >> 8 & 0xF, word >> 12)
-        _NIBBLES[word] = nibbles
-    return nibbles
+        self[word] = nibbles
+        return nibbles
 
 
-#: Counts and nibbles decoded so far, by word (filled as words are seen: all 65,536 at
-#: import cost 100 ms of every program's start, the embedded model's in a C program too).
+#: ``unpack_counts(word)``: ``(IB, OB, IO, OO)`` of a u32 counts word; bits 16..31 set ->
+#: :class:`DecodeError`.  A cached dict lookup: every message decoded reads its word here.
+unpack_counts: Final[Callable[[int], tuple[int, int, int, int]]] = _Nibbles().__getitem__
+
+#: Counts decoded so far, by word (filled as words are seen, as the nibbles are).
 _COUNTS_CACHE: dict[int, Counts] = {}
-_NIBBLES: dict[int, tuple[int, int, int, int]] = {}
