@@ -16,12 +16,20 @@ four nibbles describes the shape::
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 from objects import DecodeError, UsageError, register_results
 
-__all__ = ["MAX_ARGS_PER_KIND", "USERSPACE_ONLY_RESULTS", "Counts", "Result"]
+__all__ = [
+    "MAX_ARGS_PER_KIND",
+    "USERSPACE_ONLY_RESULTS",
+    "Counts",
+    "Result",
+    "pack_counts",
+    "unpack_counts",
+]
 
 
 class Result(enum.IntEnum):
@@ -101,23 +109,45 @@ class Counts:
         return self.ib + self.ob + self.io
 
     def pack(self) -> int:
-        """``IB | OB<<4 | IO<<8 | OO<<12``."""
-        return self.ib | self.ob << 4 | self.io << 8 | self.oo << 12
+        """``IB | OB<<4 | IO<<8 | OO<<12`` (:func:`pack_counts`)."""
+        return pack_counts(self.ib, self.ob, self.io, self.oo)
 
     @classmethod
     def unpack(cls, word: int) -> Counts:
-        """Decode a counts word; bits 16..31 must be zero."""
+        """Decode a counts word; bits 16..31 must be zero (:func:`unpack_counts`)."""
         if not isinstance(word, int) or not 0 <= word <= 0xFFFF_FFFF:
             raise DecodeError(f"counts word {word!r} is not a u32")
-        if word >> 16:
-            raise DecodeError(f"counts word {word:#010x} has bits set above bit 15")
         counts = _COUNTS_CACHE.get(word)
         if counts is None:
-            counts = Counts(word & 0xF, word >> 4 & 0xF, word >> 8 & 0xF, word >> 12 & 0xF)
+            counts = Counts(*unpack_counts(word))
             _COUNTS_CACHE[word] = counts
         return counts
 
 
-#: Counts decoded so far, by word (filled as words are seen: all 65,536 at import cost
-#: 100 ms of every program's start, the embedded model's in a C program too).
+def pack_counts(ib: int, ob: int, io: int, oo: int) -> int:
+    """The counts word as ``qcomtee_msg_init`` writes it: each count masked to its nibble,
+    so a kind with 16 args (which ``qcomtee_params_check`` lets through) reads as 0 and
+    its neighbours are unchanged (qtee-kernel.md §3.3, §7)."""
+    return (ib & 0xF) | (ob & 0xF) << 4 | (io & 0xF) << 8 | (oo & 0xF) << 12
+
+
+class _Nibbles(dict[int, tuple[int, int, int, int]]):
+    """Counts words decoded so far (filled as words are seen: all 65,536 at import cost
+    100 ms of every program's start, the embedded model's in a C program too)."""
+
+    __slots__ = ()
+
+    def __missing__(self, word: int) -> tuple[int, int, int, int]:
+        if word >> 16 or word < 0:
+            raise DecodeError(f"counts {word:#010x} has bits set above bit 15")
+        nibbles = (word & 0xF, word >> 4 & 0xF, word >> 8 & 0xF, word >> 12)
+        self[word] = nibbles
+        return nibbles
+
+
+#: ``unpack_counts(word)``: ``(IB, OB, IO, OO)`` of a u32 counts word; bits 16..31 set ->
+#: :class:`DecodeError`.  A cached dict lookup: every message decoded reads its word here.
+unpack_counts: Final[Callable[[int], tuple[int, int, int, int]]] = _Nibbles().__getitem__
+
+#: Counts decoded so far, by word (filled as words are seen, as the nibbles are).
 _COUNTS_CACHE: dict[int, Counts] = {}

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Final, NamedTuple, TypeVar
 
 from objects import DecodeError, UsageError
+from qtee._qcomtee_msg import pack_counts, unpack_counts
 
 __all__ = [
     "ASYNC_STOP_END",
@@ -106,6 +107,7 @@ _INVOKE_HDR: Final = 12
 _CALLBACK_HDR: Final = 16
 _ASYNC_HDR: Final = 8
 _MAX_PER_KIND: Final = 15
+_MAX_ARGS: Final = 64  # the kernel's QCOMTEE_ARGS_MAX: 16 of each kind, counts wrapped
 _U32: Final = 0xFFFF_FFFF
 
 _U32_AT = struct.Struct("<I")
@@ -113,9 +115,9 @@ _HDR3 = struct.Struct("<3I")
 _HDR4 = struct.Struct("<4I")
 _PAIR = struct.Struct("<II")
 
-_ARGS: list[struct.Struct] = [struct.Struct("<" + "II" * n) for n in range(4 * _MAX_PER_KIND + 1)]
-_INVOKE_ALL: list[struct.Struct] = [struct.Struct("<3I" + "II" * n) for n in range(61)]
-_CALLBACK_ALL: list[struct.Struct] = [struct.Struct("<4I" + "II" * n) for n in range(61)]
+_ARGS: list[struct.Struct] = [struct.Struct("<" + "II" * n) for n in range(_MAX_ARGS + 1)]
+_INVOKE_ALL: list[struct.Struct] = [struct.Struct("<3I" + "II" * n) for n in range(_MAX_ARGS + 1)]
+_CALLBACK_ALL: list[struct.Struct] = [struct.Struct("<4I" + "II" * n) for n in range(_MAX_ARGS + 1)]
 
 
 class MessageTooLarge(UsageError):
@@ -206,13 +208,15 @@ def _check_u32(value: int, what: str) -> None:
         raise UsageError(f"{what} must be a u32, not {value!r}")
 
 
-def _validate(ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: int) -> None:
+def _validate(
+    ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: int, most: int = _MAX_PER_KIND
+) -> None:
     """Slow path: say exactly what is wrong with an argument set the fast path refused."""
-    if len(ib) > _MAX_PER_KIND or len(ob) > _MAX_PER_KIND or len(io) > _MAX_PER_KIND:
+    if len(ib) > most or len(ob) > most or len(io) > most:
         shape = f"IB {len(ib)}, OB {len(ob)}, IO {len(io)}"
-        raise UsageError(f"at most {_MAX_PER_KIND} arguments of a kind ({shape})")
-    if not isinstance(n_oo, int) or isinstance(n_oo, bool) or not 0 <= n_oo <= _MAX_PER_KIND:
-        raise UsageError(f"at most {_MAX_PER_KIND} output objects, not {n_oo!r}")
+        raise UsageError(f"at most {most} arguments of a kind ({shape})")
+    if not isinstance(n_oo, int) or isinstance(n_oo, bool) or not 0 <= n_oo <= most:
+        raise UsageError(f"at most {most} output objects, not {n_oo!r}")
     for i, data in enumerate(ib):
         if not isinstance(data, _BYTES_LIKE):
             raise TypeError(f"IB {i} must be bytes-like, not {type(data).__name__}")
@@ -232,20 +236,32 @@ def _nbytes(data: object) -> int:
 
 
 def _layout(
-    hdr: int, ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: int
+    hdr: int,
+    ib: Sequence[bytes],
+    ob: Sequence[int],
+    io: Sequence[int],
+    n_oo: int,
+    most: int = _MAX_PER_KIND,
 ) -> tuple[list[int], int]:
-    """Fast path: counts word, arg fields and payload end (validated by packing them)."""
+    """The one message layout (qtee-kernel.md §3.3, §3.4), for the inbound and the callback
+    message alike: ``[counts, arg words...]`` and the message's total size.
+
+    Arg ``k`` (IBs, then OBs, IOs, OOs) is the 8-byte slot at ``hdr + 8k``: a buffer's
+    ``(offset, size)``, an object's ``(id, 0)``, an OO's ``(0, 0)``.  Payloads start at
+    ``align8(hdr + 8n)``, each buffer taking ``align8(size)``.  Up to ``most`` args of a
+    kind; the counts word is :func:`~qtee._qcomtee_msg.pack_counts`'s (16 wraps to 0).
+    Validated by packing the fields (the slow path names what is wrong)."""
     nib = len(ib)
     nob = len(ob)
     nio = len(io)
-    if nib > _MAX_PER_KIND or nob > _MAX_PER_KIND or nio > _MAX_PER_KIND or n_oo > _MAX_PER_KIND:
-        _validate(ib, ob, io, n_oo)
+    if nib > most or nob > most or nio > most or n_oo > most:
+        _validate(ib, ob, io, n_oo, most)
     off = (hdr + 8 * (nib + nob + nio + n_oo) + 7) & ~7
-    fields = [nib | nob << 4 | nio << 8 | n_oo << 12]
+    fields = [pack_counts(nib, nob, nio, n_oo)]
     for data in ib:
         size = len(data) if type(data) is bytes else _nbytes(data)
         if size < 0:
-            _validate(ib, ob, io, n_oo)
+            _validate(ib, ob, io, n_oo, most)
         fields += (off, size)
         off += (size + 7) & ~7
     for size in ob:
@@ -258,7 +274,7 @@ def _layout(
     return fields, off
 
 
-_ZEROS: Final = [[0] * (2 * n) for n in range(_MAX_PER_KIND + 1)]
+_ZEROS: Final = [[0] * (2 * n) for n in range(_MAX_PER_KIND + 2)]
 
 
 def invoke_size(ib_sizes: Sequence[int], ob_sizes: Sequence[int], n_objects: int) -> int:
@@ -287,8 +303,22 @@ def encode_invoke(
     objects, ``n_oo`` the number of output-object slots (left 0 for QTEE to fill).
     The result is exactly :func:`invoke_size` bytes; over 4 MiB -> :class:`MessageTooLarge`.
     """
+    return _encode_inbound(cxt, op, ib, ob, io, n_oo, _MAX_PER_KIND)
+
+
+def _encode_inbound(
+    cxt: int,
+    op: int,
+    ib: Sequence[bytes],
+    ob: Sequence[int],
+    io: Sequence[int],
+    n_oo: int,
+    most: int,
+) -> bytearray:
+    """:func:`encode_invoke` for up to ``most`` args of a kind: 15, or 16 for the driver,
+    whose ``qcomtee_msg_init`` wraps a count of 16 to 0 and lays out every arg (§7)."""
     try:
-        fields, end = _layout(_INVOKE_HDR, ib, ob, io, n_oo)
+        fields, end = _layout(_INVOKE_HDR, ib, ob, io, n_oo, most)
         if end > MAX_INBOUND_BUFFER_SIZE:
             raise MessageTooLarge(
                 f"inbound message needs {end} bytes, limit {MAX_INBOUND_BUFFER_SIZE}"
@@ -298,7 +328,7 @@ def encode_invoke(
     except (struct.error, TypeError, ValueError, OverflowError) as exc:
         if isinstance(exc, UsageError):
             raise
-        _validate(ib, ob, io, n_oo)
+        _validate(ib, ob, io, n_oo, most)
         _check_u32(cxt, "cxt")
         _check_u32(op, "op")
         raise
@@ -395,12 +425,11 @@ _new = tuple.__new__
 
 def _decode(buf: _Buf, hdr: int, cls: type[_M], cxt: int, op: int, counts: int, what: str) -> _M:
     """Parse the args of a message whose header was read; ``cls`` is the result type."""
-    if counts >> 16:
-        raise DecodeError(f"{what}: counts {counts:#010x} has bits set above bit 15")
-    nib = counts & 0xF
-    nb = nib + (counts >> 4 & 0xF)
-    nio = counts >> 8 & 0xF
-    noo = counts >> 12
+    try:
+        nib, nob, nio, noo = unpack_counts(counts)
+    except DecodeError as exc:
+        raise DecodeError(f"{what}: {exc}") from None
+    nb = nib + nob
     n = nb + nio + noo
     length = len(buf)
     start = (hdr + 8 * n + 7) & ~7
@@ -462,10 +491,7 @@ def _write_outputs(
     oo_ids: Sequence[int],
     what: str,
 ) -> None:
-    nib = counts & 0xF
-    nob = counts >> 4 & 0xF
-    nio = counts >> 8 & 0xF
-    noo = counts >> 12 & 0xF
+    nib, nob, nio, noo = unpack_counts(counts & 0xFFFF)
     if len(ob_data) != nob or len(oo_ids) != noo:
         raise UsageError(
             f"{what}: message has {nob} OB and {noo} OO, got {len(ob_data)} and {len(oo_ids)}"
@@ -517,14 +543,19 @@ def write_callback_response(
     _U32_AT.pack_into(buf, 0, result & _U32)
 
 
-def _read_outputs(buf: _Buf, hdr: int, what: str) -> tuple[tuple[bytes, ...], tuple[int, ...]]:
-    counts = _U32_AT.unpack_from(buf, hdr - 4)[0]
-    if counts >> 16:
-        raise DecodeError(f"{what}: counts {counts:#010x} has bits set above bit 15")
-    nib = counts & 0xF
-    nob = counts >> 4 & 0xF
-    nio = counts >> 8 & 0xF
-    noo = counts >> 12 & 0xF
+def _read_outputs(
+    buf: _Buf, hdr: int, what: str, shape: tuple[int, int, int, int] | None = None
+) -> tuple[tuple[bytes, ...], tuple[int, ...]]:
+    """OB data and OO ids from the arg slots of :func:`_layout`; ``shape`` is ``(IB, OB,
+    IO, OO)``, by default the message's counts word (the driver passes its own counts
+    when a kind had 16 args and the word wrapped, §7)."""
+    if shape is None:
+        counts = _U32_AT.unpack_from(buf, hdr - 4)[0]
+        try:
+            shape = unpack_counts(counts)
+        except DecodeError as exc:
+            raise DecodeError(f"{what}: {exc}") from None
+    nib, nob, nio, noo = shape
     n = nib + nob + nio + noo
     length = len(buf)
     if hdr + 8 * n > length:

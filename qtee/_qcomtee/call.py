@@ -11,8 +11,7 @@ block in the context's address space.  Failures raise :class:`objects.DriverErro
 from __future__ import annotations
 
 import errno
-import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from objects import (
@@ -29,7 +28,7 @@ from qtee._qcomtee.mem_obj import MemObject, mem_in
 from qtee._qcomtee.object import QteeObject
 from qtee._qcomtee.shm import Shm
 from qtee._qcomtee.user_obj import RequestQueue, UserObject, supp_recv, supp_send
-from qtee._qcomtee_msg import Counts
+from qtee._qcomtee_msg import pack_counts
 from qtee._tee.core import (
     _INVOKE_HEAD,
     _OBJ_IN,
@@ -68,39 +67,14 @@ def _encode_wrapped(
 ) -> bytearray:
     """The inbound message when a kind has 16 args (spec §7): ``qcomtee_msg_init`` masks
     each count to its nibble (16 -> 0) while every arg is still laid out in full."""
-    n = len(ib) + len(ob) + len(io) + n_oo
-    off = (12 + 8 * n + 7) & ~7
-    fields: list[int] = []
-    for data in ib:
-        fields += (off, len(data))
-        off += (len(data) + 7) & ~7
-    for size in ob:
-        fields += (off, size)
-        off += (size + 7) & ~7
-    for ident in io:
-        fields += (ident, 0)
-    fields += [0] * (2 * n_oo)
-    if off > wire.MAX_INBOUND_BUFFER_SIZE:
-        raise wire.MessageTooLarge(f"inbound message needs {off} bytes")
-    counts = (len(ib) & 15) | (len(ob) & 15) << 4 | (len(io) & 15) << 8 | (n_oo & 15) << 12
-    buf = bytearray(off)
-    struct.pack_into(f"<3I{len(fields)}I", buf, 0, cxt, op, counts, *fields)
-    for k, data in enumerate(ib):
-        buf[fields[2 * k] : fields[2 * k] + len(data)] = data
-    return buf
+    return wire._encode_inbound(cxt, op, ib, ob, io, n_oo, _ARGS_PER_TYPE)
 
 
 def _wrapped_outputs(
     buf: bytearray, n_ib: int, n_ob: int, n_io: int, n_oo: int
-) -> tuple[list[bytes], list[int]]:
+) -> tuple[tuple[bytes, ...], tuple[int, ...]]:
     """Outputs read back by the kernel's own arg indexes (not the wrapped counts)."""
-    obs = []
-    for j in range(n_ob):
-        off, size = struct.unpack_from("<II", buf, 12 + 8 * (n_ib + j))
-        obs.append(bytes(buf[off : off + size]))
-    base = 12 + 8 * (n_ib + n_ob + n_io)
-    oos = [struct.unpack_from("<I", buf, base + 8 * j)[0] for j in range(n_oo)]
-    return obs, oos
+    return wire._read_outputs(buf, 12, "invoke response", (n_ib, n_ob, n_io, n_oo))
 
 
 class Context(TeeFile[Shm]):
@@ -220,7 +194,7 @@ class Context(TeeFile[Shm]):
                 raise _einval(str(exc)) from None
             trace, records = device.trace, device.trace_records
             if trace or records:
-                counts = Counts(n_ib, n_ob, n_io, n_oo).pack()
+                counts = pack_counts(n_ib, n_ob, n_io, n_oo)  # the word QTEE reads (§7)
                 _emit(trace, records, "NS -> QTEE", cxt, op, counts, "invoke")
             page = device._page()
             clean = False
@@ -233,8 +207,7 @@ class Context(TeeFile[Shm]):
                         if wrapped:
                             obs, oos = _wrapped_outputs(inbound, n_ib, n_ob, n_io, n_oo)
                         else:
-                            resp = wire.decode_invoke_response(inbound)
-                            obs, oos = list(resp.ob), list(resp.oo)
+                            obs, oos = wire.decode_invoke_response(inbound)
                         result, params = _outputs(self, obs, oos, params)
                 elif n_oo:
                     params = [(p[0], 0, 0, 0) if p[0] == _OBJ_OUT else p for p in params]
@@ -319,7 +292,7 @@ def _objref_in(ctx: Context, a: int, b: int, call: InvokeCtx) -> int:
 
 
 def _outputs(
-    ctx: Context, ob_data: list[bytes], oo_ids: list[int], params: list[_P]
+    ctx: Context, ob_data: Sequence[bytes], oo_ids: Sequence[int], params: list[_P]
 ) -> tuple[int, list[_P]]:
     """Copy OB data and convert OO ids; UNAVAIL (and no objects) if any fails."""
     mem = ctx.device.memory
