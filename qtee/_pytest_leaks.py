@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 import pytest
 
 if TYPE_CHECKING:
-    from qtee.client import Leftover
+    from qtee._tracker import Leftover
 
 
 __all__ = ["CLOSE_MARKER", "TRACKED_DEVICES", "format_leaks", "format_leftovers"]
@@ -145,24 +145,24 @@ def _recording(cls: type, made: dict[int, _Record], lock: threading.Lock) -> Cal
 def qtee_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
     """Record the devices built during the test and what its clients hold; at teardown
     each device must have no leaks, and no client may have left handles for its close."""
-    from qtee import client as client_module
+    from qtee import _tracker as tracking
 
     made: dict[int, _Record] = {}  # keeps the devices alive, so ids stay unique
     lock = threading.Lock()
     request.node.stash[_RECORDS] = made
     tracker = None
     if request.node.get_closest_marker(CLOSE_MARKER) is None:
-        tracker = client_module.ObjectTracker(_where)
+        tracker = tracking.ObjectTracker(_where)
     request.node.stash[_TRACKER] = tracker
     with pytest.MonkeyPatch.context() as mp:
         for module, name in TRACKED_DEVICES:
             cls = getattr(importlib.import_module(module), name)
             mp.setattr(cls, "__init__", _recording(cls, made, lock))
-        previous = client_module.track_objects(tracker)
+        previous = tracking.track_objects(tracker)
         try:
             yield
         finally:
-            client_module.track_objects(previous)
+            tracking.track_objects(previous)
     request.node.stash[_TRACKER] = None  # the clients it keeps alive can go with the test
     if request.node.stash.get(_ALREADY_FAILED, False):
         return

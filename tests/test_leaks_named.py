@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from qtee.client import Leftover
+from qtee._tracker import Leftover
 from qtee.pytest_plugin import format_leftovers
 
 pytest_plugins = ["pytester"]
