@@ -10,7 +10,17 @@ while a test runs must have ``leaks() == {}`` once the test and its fixtures are
 
 from __future__ import annotations
 
+import signal
+
 import pytest
+
+# A shell that starts a job in the background (`make test &`, `nohup ... &`) starts it
+# with SIGINT ignored, and an ignored signal stays ignored across exec: every program the
+# Ctrl-C tests start would then shrug SIGINT off.  A handler is not inherited (exec resets
+# it to the default), so installing Python's own here gives the programs the default
+# disposition a terminal gives them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config: pytest.Config) -> None:
