@@ -444,18 +444,12 @@ class OpteeSupp:
 
 
 class OpteeSuppContext(OpteeContext):
-    """The supplicant's context on the privileged device: SUPPL_RECV and SUPPL_SEND too."""
+    """The supplicant's context on the privileged device: its SUPPL_RECV and SUPPL_SEND
+    ops (the TEE core's switch and ``recv_nowait`` reach them)."""
 
     def __init__(self, device: OpteeDevice, supp: OpteeSupp) -> None:
         super().__init__(device)
         self.supp = supp
-
-    def _dispatch(self, cmd: int, arg: bytearray | memoryview) -> int:
-        if cmd == uapi.TEE_IOC_SUPPL_RECV:
-            return self._supp_recv(arg)
-        if cmd == uapi.TEE_IOC_SUPPL_SEND:
-            return self._supp_send(arg)
-        return super()._dispatch(cmd, arg)
 
     def _supp_block(self, arg: bytearray | memoryview, *, exact: bool) -> tuple[int, int, list[_P]]:
         buf_ptr, block, params = _checks.read_buf_block(
@@ -463,16 +457,6 @@ class OpteeSuppContext(OpteeContext):
         )
         first: int = _HEAD.unpack_from(block)[0]
         return buf_ptr, first, params
-
-    def recv_nowait(self, arg: bytearray | memoryview) -> int:
-        """SUPPL_RECV that never blocks (the model's own): EAGAIN when no request is
-        queued, else what the ioctl does (see ``Context.recv_nowait``)."""
-        life = self.life
-        life.enter()
-        try:
-            return self._supp_recv(arg, wait=False)
-        finally:
-            life.leave()
 
     def _supp_recv(self, arg: bytearray | memoryview, *, wait: bool = True) -> int:
         buf_ptr, _func, params = self._supp_block(arg, exact=True)
