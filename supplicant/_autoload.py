@@ -66,7 +66,8 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
-from objects import QteeBaseError, UsageError
+from objects import UsageError
+from supplicant._errno import ErrnoFailure
 
 __all__ = [
     "COMPATIBLE_PATH",
@@ -97,20 +98,8 @@ class TaUuidError(UsageError):
     """The uuid given to ``get`` is not exactly 16 bytes (or not bytes at all)."""
 
 
-class TaImageError(QteeBaseError, OSError):
+class TaImageError(ErrnoFailure):
     """A TA image is present but cannot be served (the errno says why)."""
-
-    def __init__(self, code: int, detail: str) -> None:
-        OSError.__init__(self, code, f"{os.strerror(code)}: {detail}")
-        self.detail = detail
-
-    @property
-    def code(self) -> int:
-        """The errno (never None)."""
-        return int(self.errno or 0)
-
-    def __reduce__(self) -> tuple[type[TaImageError], tuple[int, str]]:
-        return (type(self), (self.code, self.detail))
 
 
 class TaSymlinkEscapeError(TaImageError):
