@@ -367,7 +367,7 @@ class UnsupportedRequest(UnsupportedRecord):
     KIT: ClassVar[MessageKit] = _KIT
 
 
-FsRequest = (
+_Served = (
     OpenRequest
     | CreatRequest
     | ReadRequest
@@ -384,10 +384,10 @@ FsRequest = (
     | DirCloseRequest
     | GetErrnoRequest
     | EndRequest
-    | UnsupportedRequest
 )
+FsRequest = _Served | UnsupportedRequest
 
-_REQ_BY_CMD: Final[dict[int, type[_Request]]] = _KIT.requests(
+_REQ_BY_CMD: Final[dict[int, type[_Served]]] = _KIT.requests(
     OpenRequest,
     CreatRequest,
     ReadRequest,

@@ -58,7 +58,6 @@ U32: Final = struct.Struct("<I")
 STATUS: Final = struct.Struct("<Ii")
 
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
-
 _R = TypeVar("_R")
 
 
@@ -74,7 +73,7 @@ class MessageKit:
 
     def requests(self, *records: _R) -> dict[int, _R]:
         """``records`` by their ``CMD``; those ids become :attr:`supported`."""
-        table = {int(getattr(cls, "CMD")): cls for cls in records}  # noqa: B009
+        table = {int(getattr(cls, "CMD")): cls for cls in records}  # noqa: B009  (a class var)
         self.supported.update(table)
         return table
 

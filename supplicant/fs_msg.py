@@ -143,7 +143,7 @@ def decode_request(buf: bytes | bytearray | memoryview) -> FsRequest:
             value = value[: min(next(values), MAX_DATA_LEN)]
         fields[wire.attr] = value
     try:
-        return cls(**fields)  # type: ignore[return-value]
+        return cls(**fields)
     except FsUsageError as exc:  # defensive: the layouts above cannot produce one
         raise FsDecodeError(f"{cmd.name} request: {exc}") from None
 
