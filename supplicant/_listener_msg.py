@@ -85,6 +85,10 @@ class MessageKit:
             raise self.usage_error(f"{what} {value} is outside [{lo}, {hi}]")
         return value
 
+    def command_field(self, value: object) -> int:
+        """``value`` if it is a u32 command id; else a usage error."""
+        return self.int_field(value, "command id", 0, U32_MAX)
+
     def name_field(self, value: object, what: str, size: int) -> bytes:
         """The wire bytes of a str that goes in a NUL-terminated ``size``-byte field."""
         if not isinstance(value, str):
@@ -139,7 +143,7 @@ class MessageKit:
     def response_size(self, cmd_id: int, sizes: Mapping[int, int]) -> int:
         """How many bytes the answer to ``cmd_id`` occupies: its entry in ``sizes``, or the
         8-byte status answer."""
-        self.int_field(cmd_id, "command id", 0, U32_MAX)
+        self.command_field(cmd_id)
         return sizes.get(cmd_id, STATUS.size)
 
 
@@ -151,10 +155,9 @@ class UnsupportedRecord:
     cmd_id: int
 
     def __post_init__(self) -> None:
-        kit = self.KIT
-        kit.int_field(self.cmd_id, "command id", 0, U32_MAX)
-        if self.cmd_id in kit.supported:
-            raise kit.usage_error(f"command {self.cmd_id:#x} is supported; use its own record")
+        self.KIT.command_field(self.cmd_id)
+        if self.cmd_id in self.KIT.supported:
+            raise self.KIT.usage_error(f"command {self.cmd_id:#x} is supported; use its own record")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,7 +172,7 @@ class StatusRecord:
 
     def __post_init__(self) -> None:
         kit = self.KIT
-        kit.int_field(self.cmd_id, "command id", 0, U32_MAX)
+        kit.command_field(self.cmd_id)
         if self.cmd_id in self.OWN:
             raise kit.usage_error(f"{kit.cmd(self.cmd_id).name} has its own response record")
         kit.int_field(self.ret, "ret", I32_MIN, I32_MAX)

@@ -394,7 +394,7 @@ class StatusResponse:
     err: int
 
     def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, U32_MAX)
+        _KIT.command_field(self.cmd_id)
         if self.cmd_id in _SPECIAL_RSP:
             raise GpfsUsageError(f"{GpfsCmd(self.cmd_id).name} has its own response record")
         _err(self.err, "err")

@@ -334,7 +334,7 @@ class ErrorResponse:
     res_buff_offset: int = 20
 
     def __post_init__(self) -> None:
-        _u32(self.cmd_id, "command id")
+        _KIT.command_field(self.cmd_id)
         _i32(self.status, "status")
         _u32(self.res_buff_len, "res_buff_len")
         _u32(self.res_buff_offset, "res_buff_offset")

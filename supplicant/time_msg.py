@@ -266,7 +266,7 @@ class TimeSpecResponse:
     ret: int
 
     def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, U32_MAX)
+        _KIT.command_field(self.cmd_id)
         if self.cmd_id not in _TIMESPEC_CMDS:
             raise TimeUsageError(
                 f"a timespec response answers GET_UTC_SEC or GET_HLOS_UTC, not {self.cmd_id:#x}"
