@@ -96,7 +96,6 @@ _REQ_STRUCT: Final = {
     cmd: struct.Struct("<" + "".join(wire.code for wire in cls.WIRE))
     for cmd, cls in _REQ_BY_CMD.items()
 }
-_U32: Final = U32
 
 
 def _pack_path(raw: bytes) -> bytes:
@@ -109,7 +108,7 @@ _unpack_path = _KIT.unpack_name
 def encode_request(req: FsRequest) -> bytes:
     """The request's bytes, exactly its struct's size (the secure side's half)."""
     if isinstance(req, UnsupportedRequest):
-        return _U32.pack(req.cmd_id)
+        return U32.pack(req.cmd_id)
     if type(req) not in _REQ_BY_CMD.values():
         raise FsUsageError(f"not an FS request record: {type(req).__name__}")
     fields: list[object] = []
@@ -121,7 +120,7 @@ def encode_request(req: FsRequest) -> bytes:
             fields += (value.ljust(MAX_DATA_LEN, b"\0"), len(value))
         else:
             fields.append(value)
-    return _U32.pack(req.CMD) + _REQ_STRUCT[req.CMD].pack(*fields)
+    return U32.pack(req.CMD) + _REQ_STRUCT[req.CMD].pack(*fields)
 
 
 def decode_request(buf: bytes | bytearray | memoryview) -> FsRequest:
@@ -148,7 +147,6 @@ def decode_request(buf: bytes | bytearray | memoryview) -> FsRequest:
         raise FsDecodeError(f"{cmd.name} request: {exc}") from None
 
 
-_STATUS: Final = STATUS
 _READ_RSP = struct.Struct(f"<I{MAX_DATA_LEN}si")
 _DIR_OPEN_RSP = struct.Struct("<IQi")
 _DIR_READ_RSP = struct.Struct("<IQqHB256si")
@@ -168,7 +166,7 @@ def encode_response(rsp: FsResponse) -> bytes:
     """The response's bytes, to be written over the request (the supplicant's half)."""
     match rsp:
         case StatusResponse():
-            return _STATUS.pack(rsp.cmd_id, rsp.ret)
+            return STATUS.pack(rsp.cmd_id, rsp.ret)
         case ReadResponse():
             return _READ_RSP.pack(FsCmd.FILE_READ, rsp.data, rsp.ret)
         case DirOpenResponse():
@@ -203,5 +201,5 @@ def decode_response(buf: bytes | bytearray | memoryview) -> FsResponse:
             raise FsDecodeError(f"DIR_READ d_name {text!r} is not one path component")
         entry = Dirent(ino=ino, off=off, reclen=reclen, type=dtype, name=text)
         return DirReadResponse(entry=entry, ret=ret)
-    _, ret = _STATUS.unpack_from(data, 0)
+    _, ret = STATUS.unpack_from(data, 0)
     return StatusResponse(cmd_id=cmd_id, ret=ret)

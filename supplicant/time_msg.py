@@ -193,16 +193,15 @@ _REQ_BY_CMD: Final[dict[int, type[_FixedRequest]]] = _KIT.requests(
     GetHlosUtcRequest,
     EndRequest,
 )
-_U32: Final = U32
 
 
 def encode_request(req: TimeRequest) -> bytes:
     """The request's 4 bytes: just the command id (the secure side's half)."""
     if isinstance(req, UnsupportedRequest):
-        return _U32.pack(req.cmd_id)
+        return U32.pack(req.cmd_id)
     if type(req) not in _REQ_BY_CMD.values():
         raise TimeUsageError(f"not a time request record: {type(req).__name__}")
-    return _U32.pack(req.CMD)
+    return U32.pack(req.CMD)
 
 
 def decode_request(buf: bytes | bytearray | memoryview) -> TimeRequest:
@@ -315,7 +314,6 @@ TimeResponse = TimeSpecResponse | SystimeResponse | TimeMsResponse | StatusRespo
 _TIMESPEC_RSP = struct.Struct("<IIIi")
 _SYSTIME_RSP = struct.Struct("<I9ii")
 _TIME_MS_RSP = struct.Struct("<IQ")
-_STATUS: Final = STATUS
 _RSP_SIZE: Final[dict[int, int]] = {
     TimeCmd.GET_UTC_SEC: _TIMESPEC_RSP.size,
     TimeCmd.GET_HLOS_UTC: _TIMESPEC_RSP.size,
@@ -339,7 +337,7 @@ def encode_response(rsp: TimeResponse) -> bytes:
         case TimeMsResponse():
             return _TIME_MS_RSP.pack(TimeCmd.GET_TIME_MS, rsp.ms)
         case StatusResponse():
-            return _STATUS.pack(rsp.cmd_id, rsp.ret)
+            return STATUS.pack(rsp.cmd_id, rsp.ret)
         case _:
             raise TimeUsageError(f"not a time response record: {type(rsp).__name__}")
 
@@ -356,5 +354,5 @@ def decode_response(buf: bytes | bytearray | memoryview) -> TimeResponse:
     if cmd_id == TimeCmd.GET_TIME_MS:
         _, ms = _TIME_MS_RSP.unpack_from(data, 0)
         return TimeMsResponse(ms=ms)
-    _, ret = _STATUS.unpack_from(data, 0)
+    _, ret = STATUS.unpack_from(data, 0)
     return StatusResponse(cmd_id=cmd_id, ret=ret)
