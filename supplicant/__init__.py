@@ -12,6 +12,7 @@
 """
 
 from objects import publish_errors as _publish_errors
+from supplicant import _rpmb
 from supplicant._autoload import TaDirectory, format_uuid
 from supplicant._fs import FileStore
 from supplicant._fs_paths import FsError
@@ -29,17 +30,7 @@ from supplicant._listener import (
 )
 from supplicant._optee import OpteeSupplicant, SuppPlugin, plugin_from_spec
 from supplicant._pool import WorkerPool
-from supplicant._rpmb import (
-    RPMB_FRAME_SIZE,
-    EmulatedRpmb,
-    RpmbFileError,
-    RpmbFrame,
-    RpmbFrameError,
-    RpmbMsgType,
-    RpmbRequestError,
-    RpmbResult,
-    frame_mac,
-)
+from supplicant._rpmb import *  # noqa: F403  (the emulated device: every name in _rpmb.__all__)
 from supplicant._rpmb_listener import RpmbService
 from supplicant._time import TimeService
 
@@ -56,14 +47,6 @@ __all__ = [
     "RpmbService",
     "ListenerObject",
     "OpteeSupplicant",
-    "RPMB_FRAME_SIZE",
-    "EmulatedRpmb",
-    "RpmbFileError",
-    "RpmbFrame",
-    "RpmbFrameError",
-    "RpmbMsgType",
-    "RpmbRequestError",
-    "RpmbResult",
     "SuppPlugin",
     "Supplicant",
     "TaBufferObject",
@@ -71,8 +54,8 @@ __all__ = [
     "TimeService",
     "WorkerPool",
     "format_uuid",
-    "frame_mac",
     "plugin_from_spec",
 ]
+__all__ += _rpmb.__all__
 
 _publish_errors("supplicant", globals(), __all__)

@@ -64,9 +64,11 @@ import os
 import stat
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 
-from objects import QteeBaseError, UsageError
+from objects import UsageError
+from supplicant._errno import ErrnoFailure
 
 __all__ = [
     "COMPATIBLE_PATH",
@@ -91,26 +93,33 @@ _SPLIT_MARKER: Final = "qtee-tas"
 _MAX_SEGMENTS: Final = 100  # two-digit segment names: .b00 to .b99
 
 _UUID = struct.Struct("<IHH8s")
+_U16: Final = struct.Struct("<H")
+
+
+@dataclass(frozen=True, slots=True)
+class _ElfClass:
+    """Where an ELF class keeps what a split image's rebuild reads: ``e_phoff`` and
+    ``p_offset`` are one ``word`` wide, ``e_phnum`` a u16."""
+
+    word: struct.Struct
+    phoff_at: int
+    phnum_at: int
+    phentsize: int
+    p_offset_at: int
+
+
+_ELF_CLASSES: Final = {
+    1: _ElfClass(struct.Struct("<I"), phoff_at=28, phnum_at=44, phentsize=32, p_offset_at=4),
+    2: _ElfClass(struct.Struct("<Q"), phoff_at=32, phnum_at=56, phentsize=56, p_offset_at=8),
+}
 
 
 class TaUuidError(UsageError):
     """The uuid given to ``get`` is not exactly 16 bytes (or not bytes at all)."""
 
 
-class TaImageError(QteeBaseError, OSError):
+class TaImageError(ErrnoFailure):
     """A TA image is present but cannot be served (the errno says why)."""
-
-    def __init__(self, code: int, detail: str) -> None:
-        OSError.__init__(self, code, f"{os.strerror(code)}: {detail}")
-        self.detail = detail
-
-    @property
-    def code(self) -> int:
-        """The errno (never None)."""
-        return int(self.errno or 0)
-
-    def __reduce__(self) -> tuple[type[TaImageError], tuple[int, str]]:
-        return (type(self), (self.code, self.detail))
 
 
 class TaSymlinkEscapeError(TaImageError):
@@ -268,21 +277,12 @@ class TaDirectory:
         where = os.path.join(d, name + ".b00")
         if len(header) < 64 or header[:4] != b"\x7fELF":
             raise TaSplitImageError(errno.ENOEXEC, f"{where} does not start with an ELF header")
-        match header[4]:  # EI_CLASS
-            case 1:
-                (phoff,) = struct.unpack_from("<I", header, 28)
-                (phnum,) = struct.unpack_from("<H", header, 44)
-                phentsize = 32
-                offset_field = struct.Struct("<I")
-                offset_at = 4
-            case 2:
-                (phoff,) = struct.unpack_from("<Q", header, 32)
-                (phnum,) = struct.unpack_from("<H", header, 56)
-                phentsize = 56
-                offset_field = struct.Struct("<Q")
-                offset_at = 8
-            case other:
-                raise TaSplitImageError(errno.ENOEXEC, f"{where} has unknown ELF class {other}")
+        elf = _ELF_CLASSES.get(header[4])  # EI_CLASS
+        if elf is None:
+            raise TaSplitImageError(errno.ENOEXEC, f"{where} has unknown ELF class {header[4]}")
+        (phoff,) = elf.word.unpack_from(header, elf.phoff_at)
+        (phnum,) = _U16.unpack_from(header, elf.phnum_at)
+        phentsize = elf.phentsize
         if phnum > _MAX_SEGMENTS:
             raise TaSplitImageError(
                 errno.ENOEXEC, f"{where} has {phnum} segments; at most {_MAX_SEGMENTS}"
@@ -293,7 +293,7 @@ class TaDirectory:
             )
         image = bytearray(header)
         for seg in range(1, phnum):
-            (offset,) = offset_field.unpack_from(header, phoff + seg * phentsize + offset_at)
+            (offset,) = elf.word.unpack_from(header, phoff + seg * phentsize + elf.p_offset_at)
             if offset >= self._max_size:
                 raise TaImageTooLargeError(
                     errno.EFBIG,

@@ -62,6 +62,7 @@ import os
 import secrets
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -493,47 +494,48 @@ class FileStore:
             raise _fail(errno.EACCES, f"{key!r} is a symlink")
         return parts, dfd, parts[-1], st
 
+    @contextlib.contextmanager
+    def _at_entry(
+        self, path: str, what: str, doing: str
+    ) -> Iterator[tuple[int, str, os.stat_result]]:
+        """The parent fd, name and lstat of an existing entry (see :meth:`_entry`) for the
+        body of a ``with``; an OSError in it becomes the FsError of ``doing`` and the fd is
+        closed after it."""
+        _, dfd, name, st = self._entry(path, what)
+        try:
+            yield dfd, name, st
+        except FsError:
+            raise
+        except OSError as exc:
+            raise _reraise(exc, doing) from None
+        finally:
+            os.close(dfd)
+
     def unlink(self, path: str) -> None:
         """Delete the file ``path`` (EISDIR for a directory)."""
-        with self._lock:
-            _, dfd, name, st = self._entry(path, "unlink")
-            try:
-                if stat.S_ISDIR(st.st_mode):
-                    raise _fail(errno.EISDIR, f"{path!r} is a directory")
-                os.unlink(name, dir_fd=dfd)
-                os.fsync(dfd)
-            except FsError:
-                raise
-            except OSError as exc:
-                raise _reraise(exc, f"unlink {path!r}") from None
-            finally:
-                os.close(dfd)
+        with self._lock, self._at_entry(path, "unlink", f"unlink {path!r}") as (dfd, name, st):
+            if stat.S_ISDIR(st.st_mode):
+                raise _fail(errno.EISDIR, f"{path!r} is a directory")
+            os.unlink(name, dir_fd=dfd)
+            os.fsync(dfd)
 
     def remove(self, path: str) -> None:
         """Delete the file or empty directory ``path`` (stale temp files do not count)."""
-        with self._lock:
-            _, dfd, name, st = self._entry(path, "remove")
-            try:
-                if stat.S_ISDIR(st.st_mode):
-                    sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-                    try:
-                        names = os.listdir(sub)
-                        if any(not n.startswith(TEMP_PREFIX) for n in names):
-                            raise _fail(errno.ENOTEMPTY, f"directory {path!r} is not empty")
-                        for n in names:
-                            os.unlink(n, dir_fd=sub)
-                    finally:
-                        os.close(sub)
-                    os.rmdir(name, dir_fd=dfd)
-                else:
-                    os.unlink(name, dir_fd=dfd)
-                os.fsync(dfd)
-            except FsError:
-                raise
-            except OSError as exc:
-                raise _reraise(exc, f"remove {path!r}") from None
-            finally:
-                os.close(dfd)
+        with self._lock, self._at_entry(path, "remove", f"remove {path!r}") as (dfd, name, st):
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                try:
+                    names = os.listdir(sub)
+                    if any(not n.startswith(TEMP_PREFIX) for n in names):
+                        raise _fail(errno.ENOTEMPTY, f"directory {path!r} is not empty")
+                    for n in names:
+                        os.unlink(n, dir_fd=sub)
+                finally:
+                    os.close(sub)
+                os.rmdir(name, dir_fd=dfd)
+            else:
+                os.unlink(name, dir_fd=dfd)
+            os.fsync(dfd)
 
     def rename(self, old: str, new: str) -> None:
         """``rename(old, new)``: replaces a file at ``new``; both parents must exist."""
@@ -544,8 +546,8 @@ class FileStore:
                 raise _fail(errno.EBUSY, "cannot rename onto the root")
             if self._busy(new_key):
                 raise _fail(errno.EBUSY, f"{new_key!r} has open files")
-            _, ofd, oname, _st = self._entry(old, "rename")
-            try:
+            doing = f"rename {old!r} to {new!r}"
+            with self._at_entry(old, "rename", doing) as (ofd, oname, _st):
                 nfd = self._walk(new_parts[:-1])
                 try:
                     if _is_link(new_parts[-1], nfd):
@@ -555,12 +557,6 @@ class FileStore:
                     os.fsync(ofd)
                 finally:
                     os.close(nfd)
-            except FsError:
-                raise
-            except OSError as exc:
-                raise _reraise(exc, f"rename {old!r} to {new!r}") from None
-            finally:
-                os.close(ofd)
 
     def mkdir(self, path: str, mode: int = 0o770) -> None:
         """Create directory ``path`` and its missing parents (no error if it exists)."""

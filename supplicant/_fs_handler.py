@@ -110,17 +110,9 @@ def _run(store: FileStore, req: FsRequest) -> FsResponse:
         case DirOpenRequest(path=path):
             return DirOpenResponse(pdir=store.opendir(path), ret=0)
         case DirReadRequest(pdir=pdir):
-            if pdir == 0:
-                raise _fail(errno.EINVAL, "directory stream 0 (NULL)")
-            if pdir not in store._dirs:
-                raise _fail(errno.EBADF, f"directory stream {pdir} is not open")
-            return DirReadResponse(entry=store.readdir(pdir), ret=0)
+            return DirReadResponse(entry=store.readdir(_open_stream(store, pdir)), ret=0)
         case DirCloseRequest(pdir=pdir):
-            if pdir == 0:
-                raise _fail(errno.EINVAL, "directory stream 0 (NULL)")
-            if pdir not in store._dirs:
-                raise _fail(errno.EBADF, f"directory stream {pdir} is not open")
-            store.closedir(pdir)
+            store.closedir(_open_stream(store, pdir))
         case GetErrnoRequest():
             return ok(req.CMD, store._errno)
         case EndRequest():
@@ -130,3 +122,12 @@ def _run(store: FileStore, req: FsRequest) -> FsResponse:
                 raise _fail(errno.ENOSYS, f"command {FsCmd(cmd_id).name} is not implemented")
             return ok(cmd_id, -1)
     return ok(_cmd_of(req))
+
+
+def _open_stream(store: FileStore, pdir: int) -> int:
+    """``pdir`` if it names an open directory stream (EINVAL for NULL, EBADF otherwise)."""
+    if pdir == 0:
+        raise _fail(errno.EINVAL, "directory stream 0 (NULL)")
+    if pdir not in store._dirs:
+        raise _fail(errno.EBADF, f"directory stream {pdir} is not open")
+    return pdir

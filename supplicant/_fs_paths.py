@@ -24,7 +24,7 @@ import os
 import stat
 from typing import Final
 
-from objects import QteeBaseError
+from supplicant._errno import ErrnoFailure
 from supplicant.fs_msg import MAX_PATH_BYTES, FsUsageError
 
 __all__ = ["TEMP_PREFIX", "FsError"]
@@ -33,20 +33,8 @@ TEMP_PREFIX: Final = ".qtee-tmp-"
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class FsError(QteeBaseError, OSError):
+class FsError(ErrnoFailure):
     """An FS operation failed with ``errno`` (the listener answers -1 and keeps it)."""
-
-    def __init__(self, code: int, detail: str) -> None:
-        OSError.__init__(self, code, f"{os.strerror(code)}: {detail}")
-        self.detail = detail
-
-    @property
-    def code(self) -> int:
-        """The errno (never None)."""
-        return int(self.errno or 0)
-
-    def __reduce__(self) -> tuple[type[FsError], tuple[int, str]]:
-        return (type(self), (self.code, self.detail))
 
 
 def _fail(code: int, what: str) -> FsError:

@@ -20,6 +20,8 @@ from supplicant._listener_msg import (
     U32_MAX,
     U64_MAX,
     MessageKit,
+    StatusRecord,
+    UnsupportedRecord,
 )
 
 __all__ = [
@@ -143,7 +145,7 @@ class FsUsageError(UsageError):
 # --------------------------------------------------------------------------- validation
 
 
-_KIT: Final = MessageKit(FsDecodeError, FsUsageError)
+_KIT: Final = MessageKit(FsDecodeError, FsUsageError, FsCmd)
 _int = _KIT.int_field
 
 
@@ -152,209 +154,220 @@ def _path(value: object, what: str) -> bytes:
     return _KIT.name_field(value, what, MAX_NAME_LEN)
 
 
+#: Struct codes of the request fields: a path, WRITE's payload and its count.
+PATH: Final = f"{MAX_NAME_LEN}s"
+DATA: Final = f"{MAX_DATA_LEN}sI"
+_RANGE: Final = {"i": (I32_MIN, I32_MAX), "I": (0, U32_MAX), "Q": (0, U64_MAX)}
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """One request field in wire order: its attribute, its struct code (``i``, ``I``,
+    ``Q``, :data:`PATH` or :data:`DATA`) and what messages call it after the command."""
+
+    attr: str
+    code: str
+    label: str = ""
+
+    @property
+    def what(self) -> str:
+        """The field's name in messages (``path``, ``old path``, ``fd``...)."""
+        return self.label or self.attr
+
+    def check(self, value: object, command: str) -> None:
+        """A usage error unless ``value`` fits the field (``command`` names the command)."""
+        what = f"{command} {self.what}"
+        if self.code == PATH:
+            _path(value, what)
+        elif self.code == DATA:
+            if not isinstance(value, bytes):
+                raise FsUsageError(f"{what} must be bytes, not {type(value).__name__}")
+            if len(value) > MAX_DATA_LEN:
+                raise FsUsageError(f"{what} is {len(value)} bytes; at most {MAX_DATA_LEN}")
+        else:
+            _int(value, what, *_RANGE[self.code])
+
+
+_FD: Final = Wire("fd", "i")
+_PDIR: Final = Wire("pdir", "Q")
+_PATH_FIELD: Final = Wire("path", PATH)
+
+
 # --------------------------------------------------------------------------- requests
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class OpenRequest:
+class _Request:
+    """A request record: ``WIRE`` lists its fields in wire order and checks them."""
+
+    CMD: ClassVar[FsCmd]
+    WIRE: ClassVar[tuple[Wire, ...]] = ()
+
+    def __post_init__(self) -> None:
+        command = self.CMD.name.removeprefix("FILE_")
+        for wire in self.WIRE:
+            wire.check(getattr(self, wire.attr), command)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenRequest(_Request):
     """OPEN: ``open(path, flags, 0600)``."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_OPEN
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PATH_FIELD, Wire("flags", "i"))
     path: str
     flags: int
 
-    def __post_init__(self) -> None:
-        _path(self.path, "OPEN path")
-        _int(self.flags, "OPEN flags", I32_MIN, I32_MAX)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CreatRequest:
+class CreatRequest(_Request):
     """CREAT: ``creat(path, mode)``, that is O_WRONLY | O_CREAT | O_TRUNC."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_CREAT
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PATH_FIELD, Wire("mode", "I"))
     path: str
     mode: int
 
-    def __post_init__(self) -> None:
-        _path(self.path, "CREAT path")
-        _int(self.mode, "CREAT mode", 0, U32_MAX)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ReadRequest:
+class ReadRequest(_Request):
     """READ: up to ``count`` bytes (the service clamps it to 20000)."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_READ
+    WIRE: ClassVar[tuple[Wire, ...]] = (_FD, Wire("count", "I"))
     fd: int
     count: int
 
-    def __post_init__(self) -> None:
-        _int(self.fd, "READ fd", I32_MIN, I32_MAX)
-        _int(self.count, "READ count", 0, U32_MAX)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class WriteRequest:
+class WriteRequest(_Request):
     """WRITE: ``data`` (at most 20000 bytes; ``count`` on the wire is its length)."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_WRITE
+    WIRE: ClassVar[tuple[Wire, ...]] = (_FD, Wire("data", DATA))
     fd: int
     data: bytes
 
-    def __post_init__(self) -> None:
-        _int(self.fd, "WRITE fd", I32_MIN, I32_MAX)
-        if not isinstance(self.data, bytes):
-            raise FsUsageError(f"WRITE data must be bytes, not {type(self.data).__name__}")
-        if len(self.data) > MAX_DATA_LEN:
-            raise FsUsageError(f"WRITE data is {len(self.data)} bytes; at most {MAX_DATA_LEN}")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CloseRequest:
+class CloseRequest(_Request):
     """CLOSE: close ``fd``."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_CLOSE
+    WIRE: ClassVar[tuple[Wire, ...]] = (_FD,)
     fd: int
-
-    def __post_init__(self) -> None:
-        _int(self.fd, "CLOSE fd", I32_MIN, I32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LseekRequest:
+class LseekRequest(_Request):
     """LSEEK: ``lseek(fd, offset, whence)`` with a 32-bit offset."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_LSEEK
+    WIRE: ClassVar[tuple[Wire, ...]] = (_FD, Wire("offset", "i"), Wire("whence", "i"))
     fd: int
     offset: int
     whence: int
 
-    def __post_init__(self) -> None:
-        _int(self.fd, "LSEEK fd", I32_MIN, I32_MAX)
-        _int(self.offset, "LSEEK offset", I32_MIN, I32_MAX)
-        _int(self.whence, "LSEEK whence", I32_MIN, I32_MAX)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UnlinkRequest:
+class UnlinkRequest(_Request):
     """UNLINK: remove a file."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_UNLINK
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PATH_FIELD,)
     path: str
-
-    def __post_init__(self) -> None:
-        _path(self.path, "UNLINK path")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MkdirRequest:
+class MkdirRequest(_Request):
     """MKDIR: create a directory and any missing parents."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_MKDIR
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PATH_FIELD, Wire("mode", "I"))
     path: str
     mode: int
 
-    def __post_init__(self) -> None:
-        _path(self.path, "MKDIR path")
-        _int(self.mode, "MKDIR mode", 0, U32_MAX)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RemoveRequest:
+class RemoveRequest(_Request):
     """REMOVE: remove a file or a directory."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_REMOVE
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PATH_FIELD,)
     path: str
-
-    def __post_init__(self) -> None:
-        _path(self.path, "REMOVE path")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SyncRequest:
+class SyncRequest(_Request):
     """SYNC: ``fsync(fd)``; here it commits the pending contents."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_SYNC
+    WIRE: ClassVar[tuple[Wire, ...]] = (_FD,)
     fd: int
-
-    def __post_init__(self) -> None:
-        _int(self.fd, "SYNC fd", I32_MIN, I32_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RenameRequest:
+class RenameRequest(_Request):
     """RENAME: ``rename(old, new)``."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_RENAME
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        Wire("old", PATH, "old path"),
+        Wire("new", PATH, "new path"),
+    )
     old: str
     new: str
 
-    def __post_init__(self) -> None:
-        _path(self.old, "RENAME old path")
-        _path(self.new, "RENAME new path")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DirOpenRequest:
+class DirOpenRequest(_Request):
     """DIR_OPEN: open a directory stream; the answer is an opaque u64 handle."""
 
     CMD: ClassVar[FsCmd] = FsCmd.DIR_OPEN
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PATH_FIELD,)
     path: str
-
-    def __post_init__(self) -> None:
-        _path(self.path, "DIR_OPEN path")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DirReadRequest:
+class DirReadRequest(_Request):
     """DIR_READ: the next entry of stream ``pdir``."""
 
     CMD: ClassVar[FsCmd] = FsCmd.DIR_READ
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PDIR,)
     pdir: int
-
-    def __post_init__(self) -> None:
-        _int(self.pdir, "DIR_READ pdir", 0, U64_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DirCloseRequest:
+class DirCloseRequest(_Request):
     """DIR_CLOSE: close stream ``pdir``."""
 
     CMD: ClassVar[FsCmd] = FsCmd.DIR_CLOSE
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PDIR,)
     pdir: int
-
-    def __post_init__(self) -> None:
-        _int(self.pdir, "DIR_CLOSE pdir", 0, U64_MAX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetErrnoRequest:
+class GetErrnoRequest(_Request):
     """GET_ERRNO: the errno of the last failed call (0 if none failed yet)."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_GET_ERRNO
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EndRequest:
+class EndRequest(_Request):
     """END: a no-op that answers 0."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_END
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UnsupportedRequest:
+class UnsupportedRequest(UnsupportedRecord):
     """Any id this model does not implement, known (FSTAT, ...) or not."""
 
-    cmd_id: int
-
-    def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, U32_MAX)
-        if self.cmd_id in _REQ_BY_CMD:
-            raise FsUsageError(f"command {self.cmd_id:#x} is supported; use its own record")
+    KIT: ClassVar[MessageKit] = _KIT
 
 
-FsRequest = (
+_Served = (
     OpenRequest
     | CreatRequest
     | ReadRequest
@@ -371,30 +384,27 @@ FsRequest = (
     | DirCloseRequest
     | GetErrnoRequest
     | EndRequest
-    | UnsupportedRequest
 )
+FsRequest = _Served | UnsupportedRequest
 
-_REQ_BY_CMD: Final[dict[int, type]] = {
-    cls.CMD: cls
-    for cls in (
-        OpenRequest,
-        CreatRequest,
-        ReadRequest,
-        WriteRequest,
-        CloseRequest,
-        LseekRequest,
-        UnlinkRequest,
-        MkdirRequest,
-        RemoveRequest,
-        SyncRequest,
-        RenameRequest,
-        DirOpenRequest,
-        DirReadRequest,
-        DirCloseRequest,
-        GetErrnoRequest,
-        EndRequest,
-    )
-}
+_REQ_BY_CMD: Final[dict[int, type[_Served]]] = _KIT.requests(
+    OpenRequest,
+    CreatRequest,
+    ReadRequest,
+    WriteRequest,
+    CloseRequest,
+    LseekRequest,
+    UnlinkRequest,
+    MkdirRequest,
+    RemoveRequest,
+    SyncRequest,
+    RenameRequest,
+    DirOpenRequest,
+    DirReadRequest,
+    DirCloseRequest,
+    GetErrnoRequest,
+    EndRequest,
+)
 
 
 # --------------------------------------------------------------------------- responses
@@ -405,17 +415,11 @@ _SPECIAL_RSP: Final = frozenset({FsCmd.FILE_READ, FsCmd.DIR_OPEN, FsCmd.DIR_READ
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StatusResponse:
+class StatusResponse(StatusRecord):
     """The 8-byte ``{id, i32 ret}`` answer of every command but READ and DIR_OPEN/READ."""
 
-    cmd_id: int
-    ret: int
-
-    def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, U32_MAX)
-        if self.cmd_id in _SPECIAL_RSP:
-            raise FsUsageError(f"{FsCmd(self.cmd_id).name} has its own response record")
-        _int(self.ret, "ret", I32_MIN, I32_MAX)
+    KIT: ClassVar[MessageKit] = _KIT
+    OWN: ClassVar[frozenset[FsCmd]] = _SPECIAL_RSP
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -340,6 +340,14 @@ class OpteeSupplicant:
         except UnicodeDecodeError:
             return None
 
+    def _name_and_out(self, args: list[_P]) -> tuple[str, _P] | None:
+        """An FS open's three params: the head, the path memref and the value out param."""
+        name = self._name(args, 1)
+        out = self._value(args, 2)
+        if len(args) != 3 or name is None or out is None:
+            return None
+        return name, out
+
     # ------------------------------------------------------------------ LOAD_TA
     def _load_ta(self, args: list[_P]) -> int:
         value = self._value(args, 0)
@@ -489,10 +497,10 @@ class OpteeSupplicant:
             return _fs_errno(exc)
 
     def _fs_open(self, head: _P, args: list[_P], *, create: bool) -> int:
-        name = self._name(args, 1)
-        out = self._value(args, 2)
-        if len(args) != 3 or name is None or out is None:
+        got = self._name_and_out(args)
+        if got is None:
             return _BAD
+        name, out = got
         flags = _F.O_RDWR | (_F.O_CREAT | _F.O_TRUNC if create else 0)
         try:
             fd = self.store.open(name, int(flags))
@@ -585,10 +593,10 @@ class OpteeSupplicant:
         return _OK
 
     def _fs_opendir(self, head: _P, args: list[_P]) -> int:
-        name = self._name(args, 1)
-        out = self._value(args, 2)
-        if len(args) != 3 or name is None or out is None:
+        got = self._name_and_out(args)
+        if got is None:
             return _BAD
+        name, out = got
         try:
             out[1] = self.store.opendir(name or ".")
         except FsError:

@@ -65,8 +65,6 @@ from typing import Final
 from objects import DecodeError, UsageError
 
 __all__ = [
-    "EMU_CID",
-    "RPMB_BLOCK_SIZE",
     "RPMB_FRAME_SIZE",
     "EmulatedRpmb",
     "RpmbFileError",

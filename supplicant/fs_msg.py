@@ -58,116 +58,44 @@ from __future__ import annotations
 import struct
 from typing import Any, Final
 
+from supplicant import _fs_records
+from supplicant._fs_records import *  # noqa: F403  (every record name: see _fs_records.__all__)
 from supplicant._fs_records import (
     _KIT,
     _REQ_BY_CMD,
-    FILE_SERVICE_BUF_LEN,
-    FILE_SERVICE_ID,
+    DATA,
     MAX_DATA_LEN,
     MAX_NAME_LEN,
-    MAX_PATH_BYTES,
-    CloseRequest,
-    CreatRequest,
-    DirCloseRequest,
+    PATH,
     Dirent,
-    DirOpenRequest,
     DirOpenResponse,
-    DirReadRequest,
     DirReadResponse,
-    EndRequest,
     FsCmd,
     FsDecodeError,
-    FsOpenFlag,
     FsRequest,
     FsResponse,
-    FsResult,
     FsUsageError,
-    GetErrnoRequest,
-    LseekRequest,
-    MkdirRequest,
-    OpenRequest,
-    ReadRequest,
     ReadResponse,
-    RemoveRequest,
-    RenameRequest,
     StatusResponse,
-    SyncRequest,
-    UnlinkRequest,
     UnsupportedRequest,
-    WriteRequest,
-    _int,
     _path,
 )
-from supplicant._listener_msg import (
-    STATUS,
-    U32,
-    U32_MAX,
-    pack_name,
-)
+from supplicant._listener_msg import STATUS, U32, pack_name
 
 __all__ = [
-    "FILE_SERVICE_BUF_LEN",
-    "FILE_SERVICE_ID",
-    "MAX_DATA_LEN",
-    "MAX_NAME_LEN",
-    "MAX_PATH_BYTES",
-    "Dirent",
-    "DirCloseRequest",
-    "DirOpenRequest",
-    "DirOpenResponse",
-    "DirReadRequest",
-    "DirReadResponse",
-    "EndRequest",
-    "FsCmd",
-    "FsDecodeError",
-    "FsOpenFlag",
-    "FsRequest",
-    "FsResponse",
-    "FsResult",
-    "FsUsageError",
-    "CloseRequest",
-    "CreatRequest",
-    "GetErrnoRequest",
-    "LseekRequest",
-    "MkdirRequest",
-    "OpenRequest",
-    "ReadRequest",
-    "ReadResponse",
-    "RemoveRequest",
-    "RenameRequest",
-    "StatusResponse",
-    "SyncRequest",
-    "UnlinkRequest",
-    "UnsupportedRequest",
-    "WriteRequest",
     "decode_request",
     "decode_response",
     "encode_request",
     "encode_response",
     "response_size",
 ]
+__all__ += _fs_records.__all__
 
-# Layouts after the u32 id; "256s" is a NUL-terminated path field.
-_REQ_LAYOUT: Final[dict[FsCmd, str]] = {
-    FsCmd.FILE_OPEN: "<256si",
-    FsCmd.FILE_CREAT: "<256sI",
-    FsCmd.FILE_READ: "<iI",
-    FsCmd.FILE_WRITE: f"<i{MAX_DATA_LEN}sI",
-    FsCmd.FILE_CLOSE: "<i",
-    FsCmd.FILE_LSEEK: "<iii",
-    FsCmd.FILE_UNLINK: "<256s",
-    FsCmd.FILE_MKDIR: "<256sI",
-    FsCmd.FILE_REMOVE: "<256s",
-    FsCmd.FILE_SYNC: "<i",
-    FsCmd.FILE_RENAME: "<256s256s",
-    FsCmd.DIR_OPEN: "<256s",
-    FsCmd.DIR_READ: "<Q",
-    FsCmd.DIR_CLOSE: "<Q",
-    FsCmd.FILE_GET_ERRNO: "<",
-    FsCmd.FILE_END: "<",
+# Each request's layout after the u32 id, from its record's field table.
+_REQ_STRUCT: Final = {
+    cmd: struct.Struct("<" + "".join(wire.code for wire in cls.WIRE))
+    for cmd, cls in _REQ_BY_CMD.items()
 }
-_REQ_STRUCT: Final = {cmd: struct.Struct(fmt) for cmd, fmt in _REQ_LAYOUT.items()}
-_U32: Final = U32
 
 
 def _pack_path(raw: bytes) -> bytes:
@@ -180,95 +108,45 @@ _unpack_path = _KIT.unpack_name
 def encode_request(req: FsRequest) -> bytes:
     """The request's bytes, exactly its struct's size (the secure side's half)."""
     if isinstance(req, UnsupportedRequest):
-        return _U32.pack(req.cmd_id)
+        return U32.pack(req.cmd_id)
     if type(req) not in _REQ_BY_CMD.values():
         raise FsUsageError(f"not an FS request record: {type(req).__name__}")
-    cmd = req.CMD
-    s = _REQ_STRUCT[cmd]
-    fields: tuple[object, ...]
-    match req:
-        case OpenRequest():
-            fields = (_pack_path(_path(req.path, "path")), req.flags)
-        case CreatRequest() | MkdirRequest():
-            fields = (_pack_path(_path(req.path, "path")), req.mode)
-        case ReadRequest():
-            fields = (req.fd, req.count)
-        case WriteRequest():
-            fields = (req.fd, req.data.ljust(MAX_DATA_LEN, b"\0"), len(req.data))
-        case CloseRequest() | SyncRequest():
-            fields = (req.fd,)
-        case LseekRequest():
-            fields = (req.fd, req.offset, req.whence)
-        case UnlinkRequest() | RemoveRequest() | DirOpenRequest():
-            fields = (_pack_path(_path(req.path, "path")),)
-        case RenameRequest():
-            fields = (_pack_path(_path(req.old, "old")), _pack_path(_path(req.new, "new")))
-        case DirReadRequest() | DirCloseRequest():
-            fields = (req.pdir,)
-        case _:
-            fields = ()
-    return _U32.pack(cmd) + s.pack(*fields)
-
-
-_buffer = _KIT.buffer
+    fields: list[object] = []
+    for wire in req.WIRE:
+        value = getattr(req, wire.attr)
+        if wire.code == PATH:
+            fields.append(_pack_path(_path(value, wire.attr)))
+        elif wire.code == DATA:
+            fields += (value.ljust(MAX_DATA_LEN, b"\0"), len(value))
+        else:
+            fields.append(value)
+    return U32.pack(req.CMD) + _REQ_STRUCT[req.CMD].pack(*fields)
 
 
 def decode_request(buf: bytes | bytearray | memoryview) -> FsRequest:
     """The request at the start of ``buf`` (trailing bytes are ignored)."""
-    data = _buffer(buf, "request")
-    cmd_id = _KIT.command_id(data, "request")
-    if cmd_id not in _REQ_BY_CMD:
+    data, cmd_id = _KIT.request(buf)
+    cls = _REQ_BY_CMD.get(cmd_id)
+    if cls is None:
         return UnsupportedRequest(cmd_id=cmd_id)
-    cmd = FsCmd(cmd_id)
+    cmd = cls.CMD
     s = _REQ_STRUCT[cmd]
     _KIT.need(data, 4 + s.size, f"{cmd.name} request")
+    values = iter(s.unpack_from(data, 4))
+    fields: dict[str, Any] = {}
+    for wire in cls.WIRE:
+        value = next(values)
+        if wire.code == PATH:
+            value = _unpack_path(value, f"{cmd.name} {wire.what}")
+        elif wire.code == DATA:
+            value = value[: min(next(values), MAX_DATA_LEN)]
+        fields[wire.attr] = value
     try:
-        return _build_request(cmd, s.unpack_from(data, 4))
+        return cls(**fields)
     except FsUsageError as exc:  # defensive: the layouts above cannot produce one
         raise FsDecodeError(f"{cmd.name} request: {exc}") from None
 
 
-def _build_request(cmd: FsCmd, f: tuple[Any, ...]) -> FsRequest:
-    name = cmd.name
-    match cmd:
-        case FsCmd.FILE_OPEN:
-            return OpenRequest(path=_unpack_path(f[0], f"{name} path"), flags=f[1])
-        case FsCmd.FILE_CREAT:
-            return CreatRequest(path=_unpack_path(f[0], f"{name} path"), mode=f[1])
-        case FsCmd.FILE_MKDIR:
-            return MkdirRequest(path=_unpack_path(f[0], f"{name} path"), mode=f[1])
-        case FsCmd.FILE_READ:
-            return ReadRequest(fd=f[0], count=f[1])
-        case FsCmd.FILE_WRITE:
-            return WriteRequest(fd=f[0], data=f[1][: min(f[2], MAX_DATA_LEN)])
-        case FsCmd.FILE_CLOSE:
-            return CloseRequest(fd=f[0])
-        case FsCmd.FILE_SYNC:
-            return SyncRequest(fd=f[0])
-        case FsCmd.FILE_LSEEK:
-            return LseekRequest(fd=f[0], offset=f[1], whence=f[2])
-        case FsCmd.FILE_UNLINK:
-            return UnlinkRequest(path=_unpack_path(f[0], f"{name} path"))
-        case FsCmd.FILE_REMOVE:
-            return RemoveRequest(path=_unpack_path(f[0], f"{name} path"))
-        case FsCmd.DIR_OPEN:
-            return DirOpenRequest(path=_unpack_path(f[0], f"{name} path"))
-        case FsCmd.FILE_RENAME:
-            return RenameRequest(
-                old=_unpack_path(f[0], f"{name} old path"),
-                new=_unpack_path(f[1], f"{name} new path"),
-            )
-        case FsCmd.DIR_READ:
-            return DirReadRequest(pdir=f[0])
-        case FsCmd.DIR_CLOSE:
-            return DirCloseRequest(pdir=f[0])
-        case FsCmd.FILE_GET_ERRNO:
-            return GetErrnoRequest()
-        case _:
-            return EndRequest()
-
-
-_STATUS: Final = STATUS
 _READ_RSP = struct.Struct(f"<I{MAX_DATA_LEN}si")
 _DIR_OPEN_RSP = struct.Struct("<IQi")
 _DIR_READ_RSP = struct.Struct("<IQqHB256si")
@@ -281,15 +159,14 @@ _RSP_SIZE: Final[dict[int, int]] = {
 
 def response_size(cmd_id: int) -> int:
     """How many bytes the answer to ``cmd_id`` occupies."""
-    _int(cmd_id, "command id", 0, U32_MAX)
-    return _RSP_SIZE.get(cmd_id, _STATUS.size)
+    return _KIT.response_size(cmd_id, _RSP_SIZE)
 
 
 def encode_response(rsp: FsResponse) -> bytes:
     """The response's bytes, to be written over the request (the supplicant's half)."""
     match rsp:
         case StatusResponse():
-            return _STATUS.pack(rsp.cmd_id, rsp.ret)
+            return STATUS.pack(rsp.cmd_id, rsp.ret)
         case ReadResponse():
             return _READ_RSP.pack(FsCmd.FILE_READ, rsp.data, rsp.ret)
         case DirOpenResponse():
@@ -306,9 +183,7 @@ def encode_response(rsp: FsResponse) -> bytes:
 
 def decode_response(buf: bytes | bytearray | memoryview) -> FsResponse:
     """The response at the start of ``buf``; its layout follows the echoed command id."""
-    data = _buffer(buf, "response")
-    cmd_id = _KIT.command_id(data, "response")
-    _KIT.need(data, response_size(cmd_id), f"response to {cmd_id:#x}")
+    data, cmd_id = _KIT.response(buf, _RSP_SIZE)
     if cmd_id == FsCmd.FILE_READ:
         _, payload, ret = _READ_RSP.unpack_from(data, 0)
         if ret > MAX_DATA_LEN:
@@ -326,5 +201,5 @@ def decode_response(buf: bytes | bytearray | memoryview) -> FsResponse:
             raise FsDecodeError(f"DIR_READ d_name {text!r} is not one path component")
         entry = Dirent(ino=ino, off=off, reclen=reclen, type=dtype, name=text)
         return DirReadResponse(entry=entry, ret=ret)
-    _, ret = _STATUS.unpack_from(data, 0)
+    _, ret = STATUS.unpack_from(data, 0)
     return StatusResponse(cmd_id=cmd_id, ret=ret)

@@ -47,6 +47,7 @@ from supplicant._listener_msg import (
     U32,
     U32_MAX,
     MessageKit,
+    UnsupportedRecord,
     pack_name,
 )
 
@@ -118,7 +119,8 @@ class GpfsUsageError(UsageError):
     """A GPFS message field or service argument has the wrong type or range."""
 
 
-_KIT: Final = MessageKit(GpfsDecodeError, GpfsUsageError)
+_KNOWN: Final = {int(c) for c in GpfsCmd if c is not GpfsCmd.UNKNOWN}
+_KIT: Final = MessageKit(GpfsDecodeError, GpfsUsageError, GpfsCmd, _KNOWN)
 _int = _KIT.int_field
 
 # (data id, persist id) per operation
@@ -149,10 +151,23 @@ def _path(value: object, what: str) -> bytes:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ReadRequest:
+class _FileRequest:
+    """A request on a file of one partition; ``OP`` and the partition pick its id."""
+
+    OP: ClassVar[str]
+    partition: Partition
+
+    @property
+    def cmd_id(self) -> GpfsCmd:
+        """The wire id (data or persist flavour)."""
+        return _cmd(self.OP, self.partition)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReadRequest(_FileRequest):
     """DATA/PERSIST_FILE_READ: up to ``count`` bytes of ``path`` from ``offset``."""
 
-    partition: Partition
+    OP: ClassVar[str] = "read"
     path: str
     offset: int
     count: int
@@ -163,17 +178,12 @@ class ReadRequest:
         _int(self.offset, "READ offset", I32_MIN, I32_MAX)
         _int(self.count, "READ count", 0, U32_MAX)
 
-    @property
-    def cmd_id(self) -> GpfsCmd:
-        """The wire id (data or persist flavour)."""
-        return _cmd("read", self.partition)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class WriteRequest:
+class WriteRequest(_FileRequest):
     """DATA/PERSIST_FILE_WRITE: ``data`` at ``offset`` (``backup``: copy to ``.bak`` first)."""
 
-    partition: Partition
+    OP: ClassVar[str] = "write"
     path: str
     offset: int
     data: bytes
@@ -190,34 +200,24 @@ class WriteRequest:
         if not isinstance(self.backup, bool):
             raise GpfsUsageError(f"WRITE backup must be a bool, not {type(self.backup).__name__}")
 
-    @property
-    def cmd_id(self) -> GpfsCmd:
-        """The wire id (data or persist flavour)."""
-        return _cmd("write", self.partition)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RemoveRequest:
+class RemoveRequest(_FileRequest):
     """DATA/PERSIST_FILE_REMOVE: unlink a file (a directory is refused)."""
 
-    partition: Partition
+    OP: ClassVar[str] = "remove"
     path: str
 
     def __post_init__(self) -> None:
         _partition(self.partition, "REMOVE")
         _path(self.path, "REMOVE path")
 
-    @property
-    def cmd_id(self) -> GpfsCmd:
-        """The wire id (data or persist flavour)."""
-        return _cmd("remove", self.partition)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RenameRequest:
+class RenameRequest(_FileRequest):
     """DATA/PERSIST_FILE_RENAME: ``rename(old, new)`` inside one partition."""
 
-    partition: Partition
+    OP: ClassVar[str] = "rename"
     old: str
     new: str
 
@@ -225,11 +225,6 @@ class RenameRequest:
         _partition(self.partition, "RENAME")
         _path(self.old, "RENAME from")
         _path(self.new, "RENAME to")
-
-    @property
-    def cmd_id(self) -> GpfsCmd:
-        """The wire id (data or persist flavour)."""
-        return _cmd("rename", self.partition)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,15 +240,10 @@ class VersionRequest:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UnsupportedRequest:
+class UnsupportedRequest(UnsupportedRecord):
     """Any id the dispatch has no case for (UNKNOWN included)."""
 
-    cmd_id: int
-
-    def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, U32_MAX)
-        if self.cmd_id in _KNOWN:
-            raise GpfsUsageError(f"command {self.cmd_id:#x} is supported; use its own record")
+    KIT: ClassVar[MessageKit] = _KIT
 
 
 GpfsRequest = (
@@ -264,7 +254,6 @@ _READ_REQ: Final = struct.Struct("<I256siI")
 _WRITE_HDR: Final = struct.Struct("<I256siII")
 _REMOVE_REQ: Final = struct.Struct("<I256s")
 _RENAME_REQ: Final = struct.Struct("<I256s256s")
-_KNOWN: Final = frozenset(int(c) for c in GpfsCmd if c is not GpfsCmd.UNKNOWN)
 _OP_OF: Final = {
     int(i): (op, p) for op, ids in _IDS.items() for i, p in zip(ids, Partition, strict=True)
 }
@@ -306,8 +295,7 @@ def encode_request(req: GpfsRequest) -> bytes:
 
 def decode_request(buf: bytes | bytearray | memoryview) -> GpfsRequest:
     """The request at the start of ``buf`` (trailing bytes are ignored)."""
-    data = _KIT.buffer(buf, "request")
-    cmd_id = _KIT.command_id(data, "request")
+    data, cmd_id = _KIT.request(buf)
     if cmd_id == GpfsCmd.GPFS_VERSION:
         return VersionRequest()
     if cmd_id not in _OP_OF:
@@ -406,7 +394,7 @@ class StatusResponse:
     err: int
 
     def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, U32_MAX)
+        _KIT.command_field(self.cmd_id)
         if self.cmd_id in _SPECIAL_RSP:
             raise GpfsUsageError(f"{GpfsCmd(self.cmd_id).name} has its own response record")
         _err(self.err, "err")
@@ -429,8 +417,7 @@ _SPECIAL_RSP: Final = frozenset(_RSP_SIZE)
 
 def response_size(cmd_id: int) -> int:
     """How many bytes the fixed part of the answer to ``cmd_id`` occupies."""
-    _int(cmd_id, "command id", 0, U32_MAX)
-    return _RSP_SIZE.get(cmd_id, STATUS.size)
+    return _KIT.response_size(cmd_id, _RSP_SIZE)
 
 
 def encode_response(rsp: GpfsResponse) -> bytes:
@@ -450,9 +437,7 @@ def encode_response(rsp: GpfsResponse) -> bytes:
 
 def decode_response(buf: bytes | bytearray | memoryview) -> GpfsResponse:
     """The response at the start of ``buf``; its layout follows the echoed command id."""
-    data = _KIT.buffer(buf, "response")
-    cmd_id = _KIT.command_id(data, "response")
-    _KIT.need(data, response_size(cmd_id), f"response to {cmd_id:#x}")
+    data, cmd_id = _KIT.response(buf, _RSP_SIZE)
     if cmd_id in (GpfsCmd.DATA_FILE_READ, GpfsCmd.PERSIST_FILE_READ):
         _, err, n = _READ_RSP.unpack_from(data, 0)
         if n > GPFS_FILE_SIZE:

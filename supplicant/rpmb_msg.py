@@ -41,10 +41,10 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 from objects import DecodeError, UsageError
-from supplicant._listener_msg import I32_MAX, I32_MIN, U32_MAX, MessageKit
+from supplicant._listener_msg import I32_MAX, I32_MIN, U32, U32_MAX, MessageKit, UnsupportedRecord
 
 __all__ = [
     "RPMB_SERVICE_BUF_LEN",
@@ -93,7 +93,7 @@ class RpmbMsgUsageError(UsageError):
     """An RPMB listener message field has the wrong type or range."""
 
 
-_KIT: Final = MessageKit(RpmbMsgDecodeError, RpmbMsgUsageError)
+_KIT: Final = MessageKit(RpmbMsgDecodeError, RpmbMsgUsageError, RpmbCmd, {int(c) for c in RpmbCmd})
 _INIT_IDS: Final = frozenset({RpmbCmd.RPMB_INIT, RpmbCmd.GET_DEV_INFO, RpmbCmd.PROVISION})
 _RW_IDS: Final = frozenset({RpmbCmd.RPMB_READ, RpmbCmd.RPMB_WRITE})
 
@@ -193,24 +193,17 @@ class PartitionRequest:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UnsupportedRequest:
+class UnsupportedRequest(UnsupportedRecord):
     """Any id the dispatch does not serve."""
 
-    cmd_id: int
-
-    def __post_init__(self) -> None:
-        _u32(self.cmd_id, "command id")
-        if self.cmd_id in _KNOWN:
-            raise RpmbMsgUsageError(f"command {self.cmd_id:#x} is supported; use its own record")
+    KIT: ClassVar[MessageKit] = _KIT
 
 
 RpmbRequest = InitRequest | RwRequest | PartitionRequest | UnsupportedRequest
 
-_KNOWN: Final = frozenset(int(c) for c in RpmbCmd)
 _INIT_REQ: Final = struct.Struct("<II")
 _RW_REQ: Final = struct.Struct("<IIIIII")
 _PART_REQ: Final = struct.Struct("<III")
-_U32: Final = struct.Struct("<I")
 
 
 def encode_request(req: RpmbRequest) -> bytes:
@@ -236,16 +229,15 @@ def encode_request(req: RpmbRequest) -> bytes:
         case PartitionRequest():
             return _PART_REQ.pack(RpmbCmd.RPMB_PARTITION, req.version, req.dev_id)
         case UnsupportedRequest():
-            return _U32.pack(req.cmd_id)
+            return U32.pack(req.cmd_id)
         case _:
             raise RpmbMsgUsageError(f"not an RPMB request record: {type(req).__name__}")
 
 
 def decode_request(buf: bytes | bytearray | memoryview) -> RpmbRequest:
     """The request at the start of ``buf`` (a READ/WRITE's frames are taken from it too)."""
-    data = _KIT.buffer(buf, "request")
-    cmd_id = _KIT.command_id(data, "request")
-    if cmd_id not in _KNOWN:
+    data, cmd_id = _KIT.request(buf)
+    if cmd_id not in _KIT.supported:
         return UnsupportedRequest(cmd_id=cmd_id)
     cmd = RpmbCmd(cmd_id)
     if cmd in _INIT_IDS:
@@ -342,7 +334,7 @@ class ErrorResponse:
     res_buff_offset: int = 20
 
     def __post_init__(self) -> None:
-        _u32(self.cmd_id, "command id")
+        _KIT.command_field(self.cmd_id)
         _i32(self.status, "status")
         _u32(self.res_buff_len, "res_buff_len")
         _u32(self.res_buff_offset, "res_buff_offset")

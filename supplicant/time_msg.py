@@ -57,7 +57,17 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from objects import DecodeError, UsageError
-from supplicant._listener_msg import I32_MAX, I32_MIN, STATUS, U32, U32_MAX, U64_MAX, MessageKit
+from supplicant._listener_msg import (
+    I32_MAX,
+    I32_MIN,
+    STATUS,
+    U32,
+    U32_MAX,
+    U64_MAX,
+    MessageKit,
+    StatusRecord,
+    UnsupportedRecord,
+)
 
 __all__ = [
     "MAX_BUF_LEN",
@@ -115,7 +125,7 @@ class TimeUsageError(UsageError):
     """A time message field or TimeService argument has the wrong type or range."""
 
 
-_KIT: Final = MessageKit(TimeDecodeError, TimeUsageError)
+_KIT: Final = MessageKit(TimeDecodeError, TimeUsageError, TimeCmd)
 _int = _KIT.int_field
 
 
@@ -158,15 +168,10 @@ class EndRequest:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UnsupportedRequest:
+class UnsupportedRequest(UnsupportedRecord):
     """Any id the dispatch has no case for (TIME_START and UNKNOWN included)."""
 
-    cmd_id: int
-
-    def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, U32_MAX)
-        if self.cmd_id in _REQ_BY_CMD:
-            raise TimeUsageError(f"command {self.cmd_id:#x} is supported; use its own record")
+    KIT: ClassVar[MessageKit] = _KIT
 
 
 TimeRequest = (
@@ -181,33 +186,27 @@ TimeRequest = (
 _FixedRequest = (
     GetUtcSecRequest | GetSystimeRequest | GetTimeMsRequest | GetHlosUtcRequest | EndRequest
 )
-_REQ_BY_CMD: Final[dict[int, type[_FixedRequest]]] = {
-    cls.CMD: cls
-    for cls in (
-        GetUtcSecRequest,
-        GetSystimeRequest,
-        GetTimeMsRequest,
-        GetHlosUtcRequest,
-        EndRequest,
-    )
-}
-_U32: Final = U32
-_buffer = _KIT.buffer
+_REQ_BY_CMD: Final[dict[int, type[_FixedRequest]]] = _KIT.requests(
+    GetUtcSecRequest,
+    GetSystimeRequest,
+    GetTimeMsRequest,
+    GetHlosUtcRequest,
+    EndRequest,
+)
 
 
 def encode_request(req: TimeRequest) -> bytes:
     """The request's 4 bytes: just the command id (the secure side's half)."""
     if isinstance(req, UnsupportedRequest):
-        return _U32.pack(req.cmd_id)
+        return U32.pack(req.cmd_id)
     if type(req) not in _REQ_BY_CMD.values():
         raise TimeUsageError(f"not a time request record: {type(req).__name__}")
-    return _U32.pack(req.CMD)
+    return U32.pack(req.CMD)
 
 
 def decode_request(buf: bytes | bytearray | memoryview) -> TimeRequest:
     """The request at the start of ``buf`` (trailing bytes are ignored)."""
-    data = _buffer(buf, "request")
-    cmd_id = _KIT.command_id(data, "request")
+    _, cmd_id = _KIT.request(buf)
     cls = _REQ_BY_CMD.get(cmd_id)
     if cls is None:
         return UnsupportedRequest(cmd_id=cmd_id)
@@ -266,7 +265,7 @@ class TimeSpecResponse:
     ret: int
 
     def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, U32_MAX)
+        _KIT.command_field(self.cmd_id)
         if self.cmd_id not in _TIMESPEC_CMDS:
             raise TimeUsageError(
                 f"a timespec response answers GET_UTC_SEC or GET_HLOS_UTC, not {self.cmd_id:#x}"
@@ -299,40 +298,33 @@ class TimeMsResponse:
         _int(self.ms, "ms", 0, U64_MAX)
 
 
+_TIMESPEC_CMDS: Final = frozenset({TimeCmd.GET_UTC_SEC, TimeCmd.GET_HLOS_UTC})
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StatusResponse:
+class StatusResponse(StatusRecord):
     """The 8-byte ``{id, i32 ret}`` answer: END's (ret 0) and the error one (ret -1)."""
 
-    cmd_id: int
-    ret: int
-
-    def __post_init__(self) -> None:
-        _int(self.cmd_id, "command id", 0, U32_MAX)
-        if self.cmd_id in _SPECIAL_RSP:
-            raise TimeUsageError(f"{TimeCmd(self.cmd_id).name} has its own response record")
-        _int(self.ret, "ret", I32_MIN, I32_MAX)
+    KIT: ClassVar[MessageKit] = _KIT
+    OWN: ClassVar[frozenset[TimeCmd]] = _TIMESPEC_CMDS | {TimeCmd.GET_SYSTIME, TimeCmd.GET_TIME_MS}
 
 
 TimeResponse = TimeSpecResponse | SystimeResponse | TimeMsResponse | StatusResponse
 
-_TIMESPEC_CMDS: Final = frozenset({TimeCmd.GET_UTC_SEC, TimeCmd.GET_HLOS_UTC})
 _TIMESPEC_RSP = struct.Struct("<IIIi")
 _SYSTIME_RSP = struct.Struct("<I9ii")
 _TIME_MS_RSP = struct.Struct("<IQ")
-_STATUS: Final = STATUS
 _RSP_SIZE: Final[dict[int, int]] = {
     TimeCmd.GET_UTC_SEC: _TIMESPEC_RSP.size,
     TimeCmd.GET_HLOS_UTC: _TIMESPEC_RSP.size,
     TimeCmd.GET_SYSTIME: _SYSTIME_RSP.size,
     TimeCmd.GET_TIME_MS: _TIME_MS_RSP.size,
 }
-_SPECIAL_RSP: Final = frozenset(_RSP_SIZE)
 
 
 def response_size(cmd_id: int) -> int:
     """How many bytes the answer to ``cmd_id`` occupies."""
-    _int(cmd_id, "command id", 0, U32_MAX)
-    return _RSP_SIZE.get(cmd_id, _STATUS.size)
+    return _KIT.response_size(cmd_id, _RSP_SIZE)
 
 
 def encode_response(rsp: TimeResponse) -> bytes:
@@ -345,16 +337,14 @@ def encode_response(rsp: TimeResponse) -> bytes:
         case TimeMsResponse():
             return _TIME_MS_RSP.pack(TimeCmd.GET_TIME_MS, rsp.ms)
         case StatusResponse():
-            return _STATUS.pack(rsp.cmd_id, rsp.ret)
+            return STATUS.pack(rsp.cmd_id, rsp.ret)
         case _:
             raise TimeUsageError(f"not a time response record: {type(rsp).__name__}")
 
 
 def decode_response(buf: bytes | bytearray | memoryview) -> TimeResponse:
     """The response at the start of ``buf``; its layout follows the echoed command id."""
-    data = _buffer(buf, "response")
-    cmd_id = _KIT.command_id(data, "response")
-    _KIT.need(data, response_size(cmd_id), f"response to {cmd_id:#x}")
+    data, cmd_id = _KIT.response(buf, _RSP_SIZE)
     if cmd_id in _TIMESPEC_CMDS:
         _, sec, nsec, ret = _TIMESPEC_RSP.unpack_from(data, 0)
         return TimeSpecResponse(cmd_id=cmd_id, tv_sec=sec, tv_nsec=nsec, ret=ret)
@@ -364,5 +354,5 @@ def decode_response(buf: bytes | bytearray | memoryview) -> TimeResponse:
     if cmd_id == TimeCmd.GET_TIME_MS:
         _, ms = _TIME_MS_RSP.unpack_from(data, 0)
         return TimeMsResponse(ms=ms)
-    _, ret = _STATUS.unpack_from(data, 0)
+    _, ret = STATUS.unpack_from(data, 0)
     return StatusResponse(cmd_id=cmd_id, ret=ret)
