@@ -470,7 +470,7 @@ class SecureMonitor:
 
     def _vm_created(self, client_id: int) -> Regs:
         with self._lock:
-            if client_id in self._worlds or len(self._worlds) - 1 >= self.guest_limit:
+            if self._no_room_for(client_id):
                 return _ENOTAVAIL
         try:
             world = SecureWorld(self.root_factory(), client_id=client_id)
@@ -484,10 +484,15 @@ class SecureMonitor:
         if host_services is not None and CGPAPPCLIENT_UID in host_services:
             _offer_gp(world)  # the standard services the host's partition offers
         with self._lock:  # checked again: another creation may have won meanwhile
-            if client_id in self._worlds or len(self._worlds) - 1 >= self.guest_limit:
+            if self._no_room_for(client_id):
                 return _ENOTAVAIL
             self._worlds[client_id] = world
         return _OK
+
+    def _no_room_for(self, client_id: int) -> bool:
+        """Whether ``client_id`` has a partition already or the guest limit is reached
+        (under the lock; the host's partition is not a guest)."""
+        return client_id in self._worlds or len(self._worlds) - 1 >= self.guest_limit
 
     def _vm_destroyed(self, client_id: int) -> Regs:
         with self._lock:

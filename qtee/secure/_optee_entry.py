@@ -306,18 +306,16 @@ class OpteeEntry:
         if paddr & _PAGE_MASK:
             return SmcReturn.EBADADDR
         phys = self.monitor.phys
-        try:
-            head = phys.view(paddr, MSG_HEADER_SIZE)
-        except (UsageError, ValueError, KeyError):
+        head = _view(phys, paddr, MSG_HEADER_SIZE)
+        if head is None:
             return SmcReturn.EBADADDR
         try:
             size = arg_size_of(head)
         except DecodeError:
             _refuse(head)
             return SmcReturn.OK
-        try:
-            buf = phys.view(paddr, size)
-        except (UsageError, ValueError, KeyError):
+        buf = _view(phys, paddr, size)
+        if buf is None:
             return SmcReturn.EBADADDR
         try:
             msg = decode_msg(buf)
@@ -462,6 +460,14 @@ class OpteeEntry:
             else:
                 part.shm_users.pop(c, None)
         cookies.clear()
+
+
+def _view(phys: PhysicalMemory, paddr: int, size: int) -> memoryview | None:
+    """The message bytes at ``paddr``, or None when they are not in memory (EBADADDR)."""
+    try:
+        return phys.view(paddr, size)
+    except (UsageError, ValueError, KeyError):
+        return None
 
 
 def _refuse(buf: memoryview) -> None:
