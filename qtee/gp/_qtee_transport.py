@@ -43,14 +43,13 @@ from objects import DriverError, QteeError, UsageError
 from qtee import uapi
 from qtee._qcomtee_msg import Result
 from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
-from qtee.gp._defs import TeecOrigin, TeecResult
+from qtee.gp._defs import TEEC_CONFIG_PAYLOAD_REF_COUNT, TeecOrigin, TeecResult
 from qtee.secure import _gp_why
 from qtee.secure._gp_params import (
     IN_VALUE_TYPES,
     MEMREF_TYPES,
     OUT_MEMREF_TYPES,
     OUT_VALUE_TYPES,
-    TEE_NUM_PARAMS,
     VALUE_TYPES,
 )
 from qtee.secure._gpclient import (
@@ -183,11 +182,13 @@ class QteeGpTransport:
 
     # ------------------------------------------------------------------ params
     def _marshal(self, params: list[uapi.Param]) -> _Call:
-        if len(params) > TEE_NUM_PARAMS:
-            raise _einval(f"{len(params)} params; IGPAppClient carries {TEE_NUM_PARAMS}")
+        if len(params) > TEEC_CONFIG_PAYLOAD_REF_COUNT:
+            raise _einval(
+                f"{len(params)} params; IGPAppClient carries {TEEC_CONFIG_PAYLOAD_REF_COUNT}"
+            )
         call = _Call()
         first: dict[int, int] = {}  # shm id -> index of the first memref naming it
-        for i in range(TEE_NUM_PARAMS):
+        for i in range(TEEC_CONFIG_PAYLOAD_REF_COUNT):
             p = params[i] if i < len(params) else uapi.Param(0)
             if p.attr & ~uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MASK:
                 raise _einval(f"param {i}: attr {p.attr:#x}")
