@@ -57,40 +57,20 @@ from qtee.client import (
 )
 from qtee.credentials import CredentialKey, Credentials
 from qtee.secure import (
-    IIO,
-    TEE_TIMEOUT_INFINITE,
-    GpParam,
-    GpSession,
-    GpTA,
-    GpTaError,
-    IAppController,
-    IAppLoader,
-    IDiagnostics,
-    IGPAppClient,
-    IGPSession,
-    IOpener,
-    IRegisterListenerCBO,
-    IRegisterTABufCBO,
     NsObject,
     QteeRoot,
     SecureObject,
     SecureWorld,
-    TaPanic,
-    TaSession,
-    TeeParamType,
     TrustedApp,
-    gp_ta_image,
-    panic,
-    register_gp_ta,
-    register_loadable_ta,
+    _gp,
+    _interface_errors,
     register_ta,
     register_ta_file,
     ta_image,
-    tee_param_types,
-    unregister_gp_ta,
-    unregister_loadable_ta,
     unregister_ta,
 )
+from qtee.secure._gp import *  # noqa: F403  (the GP TA author's API: its __all__)
+from qtee.secure._interface_errors import *  # noqa: F403  (each interface's errors)
 
 __version__ = "0.1.0"
 
@@ -110,15 +90,6 @@ __all__ = [
     "OpteeContext",
     "OpteeDevice",
     "DriverError",
-    "IAppController",
-    "IAppLoader",
-    "IDiagnostics",
-    "IGPAppClient",
-    "IGPSession",
-    "IIO",
-    "IOpener",
-    "IRegisterListenerCBO",
-    "IRegisterTABufCBO",
     "MemoryObject",
     "NsObject",
     "ObjRef",
@@ -151,21 +122,6 @@ __all__ = [
     "uapi",
     "wire",
     "OpteeSuppContext",
-    "TEE_TIMEOUT_INFINITE",
-    "GpParam",
-    "GpSession",
-    "GpTA",
-    "GpTaError",
-    "TaPanic",
-    "TaSession",
-    "TeeParamType",
-    "gp_ta_image",
-    "panic",
-    "register_gp_ta",
-    "register_loadable_ta",
-    "tee_param_types",
-    "unregister_gp_ta",
-    "unregister_loadable_ta",
     "unregister_ta",
     "TEE_DATA_FLAG_ACCESS_READ",
     "TEE_DATA_FLAG_ACCESS_WRITE",
@@ -184,5 +140,7 @@ __all__ = [
     "trusted_storage",
     "invoke_supp_plugin",
 ]
+__all__ += _gp.__all__
+__all__ += _interface_errors.__all__
 
 publish_errors("qtee", globals(), __all__)

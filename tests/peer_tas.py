@@ -52,7 +52,7 @@ from qtee.secure import (
     tee_param_types,
     unregister_gp_ta,
 )
-from qtee.secure._gp import lookup_gp_ta
+from qtee.secure._gp_ta import lookup_gp_ta
 from qtee.secure._tafiles import signed_ta_image
 
 __all__ = [

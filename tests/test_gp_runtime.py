@@ -29,7 +29,8 @@ from qtee.secure import (
     tee_param_types,
     unregister_gp_ta,
 )
-from qtee.secure._gp import GpRuntime, gp_params, lookup_gp_ta
+from qtee.secure._gp import GpRuntime, gp_params
+from qtee.secure._gp_ta import lookup_gp_ta
 
 OK = TeecResult.TEEC_SUCCESS
 BAD_PARAMETERS = TeecResult.TEEC_ERROR_BAD_PARAMETERS

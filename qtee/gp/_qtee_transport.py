@@ -43,8 +43,15 @@ from objects import DriverError, QteeError, UsageError
 from qtee import uapi
 from qtee._qcomtee_msg import Result
 from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
-from qtee.gp._defs import TeecOrigin, TeecResult
+from qtee.gp._defs import TEEC_CONFIG_PAYLOAD_REF_COUNT, TeecOrigin, TeecResult
 from qtee.secure import _gp_why
+from qtee.secure._gp_params import (
+    IN_VALUE_TYPES,
+    MEMREF_TYPES,
+    OUT_MEMREF_TYPES,
+    OUT_VALUE_TYPES,
+    VALUE_TYPES,
+)
 from qtee.secure._gpclient import (
     CGPAPPCLIENT_UID,
     EX_PARAM_TYPE_MEMREF_DUP,
@@ -65,13 +72,7 @@ __all__ = ["QTEE_GEN_CAPS", "QteeGpTransport", "map_idl_error"]
 
 #: What ``version()`` reports besides impl id QTEE.
 QTEE_GEN_CAPS: Final = uapi.TEE_GEN_CAP_GP | uapi.TEE_GEN_CAP_MEMREF_NULL
-_NUM: Final = 4
 _U32: Final = 0xFFFF_FFFF
-_VALUES: Final = frozenset({1, 2, 3})
-_IN_VALUES: Final = frozenset({1, 3})
-_OUT_VALUES: Final = frozenset({2, 3})
-_MEMREFS: Final = frozenset({5, 6, 7})
-_OUT_MEMREFS: Final = frozenset({6, 7})
 _GROUP_LOGINS: Final = frozenset(
     {uapi.TEE_IOCTL_LOGIN_GROUP, uapi.TEE_IOCTL_LOGIN_GROUP_APPLICATION}
 )
@@ -181,11 +182,13 @@ class QteeGpTransport:
 
     # ------------------------------------------------------------------ params
     def _marshal(self, params: list[uapi.Param]) -> _Call:
-        if len(params) > _NUM:
-            raise _einval(f"{len(params)} params; IGPAppClient carries {_NUM}")
+        if len(params) > TEEC_CONFIG_PAYLOAD_REF_COUNT:
+            raise _einval(
+                f"{len(params)} params; IGPAppClient carries {TEEC_CONFIG_PAYLOAD_REF_COUNT}"
+            )
         call = _Call()
         first: dict[int, int] = {}  # shm id -> index of the first memref naming it
-        for i in range(_NUM):
+        for i in range(TEEC_CONFIG_PAYLOAD_REF_COUNT):
             p = params[i] if i < len(params) else uapi.Param(0)
             if p.attr & ~uapi.TEE_IOCTL_PARAM_ATTR_TYPE_MASK:
                 raise _einval(f"param {i}: attr {p.attr:#x}")
@@ -193,12 +196,12 @@ class QteeGpTransport:
             data, out, mem, ex = b"", Out(0), None, 0
             if t == 0:
                 pass
-            elif t in _VALUES:
-                if t in _IN_VALUES:
+            elif t in VALUE_TYPES:
+                if t in IN_VALUE_TYPES:
                     data = VALUE.pack(p.a & _U32, p.b & _U32)
-                if t in _OUT_VALUES:
+                if t in OUT_VALUE_TYPES:
                     out = Out(VALUE.size)
-            elif t in _MEMREFS:
+            elif t in MEMREF_TYPES:
                 if p.c == uapi.TEE_MEMREF_NULL:
                     data, ex = MEM_PARAMS.pack(p.b, 0, 0), EX_PARAM_TYPE_MEMREF_NULL
                 else:
@@ -214,7 +217,7 @@ class QteeGpTransport:
                         data, mem = MEM_PARAMS.pack(p.b, p.a, 0), shm
                     else:
                         data, ex = MEM_PARAMS.pack(p.b, p.a, j), EX_PARAM_TYPE_MEMREF_DUP
-                        if t in _OUT_MEMREFS:
+                        if t in OUT_MEMREF_TYPES:
                             call.ex_types |= EX_PARAM_TYPE_MEMREF_FORCE_RW << (4 * j)
             else:
                 raise _einval(f"param {i}: type {t}")
@@ -232,10 +235,10 @@ class QteeGpTransport:
         *sizes, ret, origin = OUT_SCALARS.unpack(scalars)
         back: list[uapi.Param] = []
         for i, p in enumerate(params):
-            if p.type in _OUT_VALUES and len(outs[i]) == VALUE.size:
+            if p.type in OUT_VALUE_TYPES and len(outs[i]) == VALUE.size:
                 a, b = VALUE.unpack(outs[i])
                 back.append(uapi.Param(p.attr, a, b, 0))
-            elif p.type in _OUT_MEMREFS:
+            elif p.type in OUT_MEMREF_TYPES:
                 back.append(uapi.Param(p.attr, p.a, sizes[i], p.c))
             else:
                 back.append(p)

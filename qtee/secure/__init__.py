@@ -15,59 +15,30 @@ registered per world (``world.tas``, a :class:`TaRegistry`) or process-wide
 """
 
 from objects import publish_errors as _publish_errors
+from qtee.secure import _gp, _interface_errors
 from qtee.secure._apps import (
     APP_LOADER_UID,
     AppController,
     AppLoader,
-    IAppController,
-    IAppLoader,
     TrustedApp,
     register_ta,
     ta_image,
     unregister_ta,
 )
-from qtee.secure._gp import (
-    TEE_TIMEOUT_INFINITE,
-    GpParam,
-    GpSession,
-    GpTA,
-    GpTaError,
-    TaPanic,
-    TaSession,
-    TeeParamType,
-    gp_ta_image,
-    panic,
-    register_gp_ta,
-    register_loadable_ta,
-    tee_param_types,
-    unregister_gp_ta,
-    unregister_loadable_ta,
-)
-from qtee.secure._gpclient import (
-    CGPAPPCLIENT_UID,
-    IGPAppClient,
-    IGPSession,
-    install_gp_app_client,
-)
-from qtee.secure._listeners import (
-    REGISTER_LISTENER_UID,
-    REGISTER_TA_BUF_UID,
-    IRegisterListenerCBO,
-    IRegisterTABufCBO,
-)
+from qtee.secure._gp import *  # noqa: F403  (the GP TA author's API: its __all__)
+from qtee.secure._gpclient import CGPAPPCLIENT_UID, install_gp_app_client
+from qtee.secure._interface_errors import *  # noqa: F403  (each interface's errors)
+from qtee.secure._listeners import REGISTER_LISTENER_UID, REGISTER_TA_BUF_UID
 from qtee.secure._monitor import SecureMonitor
 from qtee.secure._registry import TaRegistry
 from qtee.secure._rpmb_fs import rpmb_huk, set_rpmb_huk
 from qtee.secure._services import (
     CDIAGNOSTICS_UID,
     FEATURE_VERSIONS_UID,
-    IIO,
     IOPENER_ERROR_NOT_FOUND,
     ClientEnv,
     Diagnostics,
     FeatureVersions,
-    IDiagnostics,
-    IOpener,
     QteeRoot,
 )
 from qtee.secure._signing import (
@@ -94,15 +65,6 @@ __all__ = [
     "register_ta",
     "ta_image",
     "unregister_ta",
-    "IAppController",
-    "IAppLoader",
-    "IDiagnostics",
-    "IGPAppClient",
-    "IGPSession",
-    "IIO",
-    "IOpener",
-    "IRegisterListenerCBO",
-    "IRegisterTABufCBO",
     "TaFileRegistration",
     "register_ta_file",
     "CDIAGNOSTICS_UID",
@@ -127,21 +89,8 @@ __all__ = [
     "REGISTER_LISTENER_UID",
     "REGISTER_TA_BUF_UID",
     "install_gp_app_client",
-    "TEE_TIMEOUT_INFINITE",
-    "GpParam",
-    "GpSession",
-    "GpTA",
-    "GpTaError",
-    "TaPanic",
-    "TaSession",
-    "TeeParamType",
-    "gp_ta_image",
-    "panic",
-    "register_gp_ta",
-    "register_loadable_ta",
-    "tee_param_types",
-    "unregister_gp_ta",
-    "unregister_loadable_ta",
 ]
+__all__ += _gp.__all__
+__all__ += _interface_errors.__all__
 
 _publish_errors("qtee.secure", globals(), __all__)

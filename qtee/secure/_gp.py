@@ -40,8 +40,8 @@ The pieces, by concern: ``_gp_params`` (params, :class:`GpTaError`, :func:`panic
 ``_gp_ta`` (:class:`GpTA`, its TEE internal API, registration), ``_gp_session`` (the
 per-instance and per-session records), ``_gp_state`` (their lifecycle tables),
 ``_gp_instance`` (finding instances, running entries), ``_gp_wait`` (busy, exclusive,
-cancellation); this module keeps :class:`GpRuntime`'s entry points and re-exports the
-names its importers use.
+cancellation); this module keeps :class:`GpRuntime`'s entry points, and its ``__all__``
+is the GP TA author's API, which :mod:`qtee.secure` and :mod:`qtee` re-export.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult
 from qtee.secure import _gp_why
 from qtee.secure._gp_instance import GpInstances
 from qtee.secure._gp_params import (
-    TEE_NUM_PARAMS,
     GpParam,
     GpTaError,
     TaPanic,
@@ -76,8 +75,6 @@ from qtee.secure._gp_ta import (
     TaSession,
     _check_timeout,
     gp_ta_image,
-    lookup_gp_ta,
-    lookup_loadable_ta,
     register_gp_ta,
     register_loadable_ta,
     unregister_gp_ta,
@@ -90,21 +87,17 @@ from qtee.secure._world import SecureWorld
 if TYPE_CHECKING:
     from qtee.secure._signing import SigningKey
 
+#: What a GP TA author imports (``qtee.secure`` and ``qtee`` re-export this list).
 __all__ = [
-    "TEE_NUM_PARAMS",
     "TEE_TIMEOUT_INFINITE",
     "GpParam",
-    "GpRuntime",
     "GpSession",
     "GpTA",
     "GpTaError",
     "TaPanic",
     "TaSession",
     "TeeParamType",
-    "gp_params",
     "gp_ta_image",
-    "lookup_gp_ta",
-    "lookup_loadable_ta",
     "panic",
     "register_gp_ta",
     "register_loadable_ta",

@@ -15,7 +15,12 @@ from qtee.gp._defs import TeecResult
 from qtee.secure._gp_session import _current_entry
 
 __all__ = [
+    "IN_VALUE_TYPES",
+    "MEMREF_TYPES",
+    "OUT_MEMREF_TYPES",
+    "OUT_VALUE_TYPES",
     "TEE_NUM_PARAMS",
+    "VALUE_TYPES",
     "GpParam",
     "GpTaError",
     "TaPanic",
@@ -42,10 +47,12 @@ class TeeParamType(enum.IntEnum):
     TEE_PARAM_TYPE_MEMREF_INOUT = 7
 
 
-_VALUES: Final = frozenset({1, 2, 3})
-_MEMREFS: Final = frozenset({5, 6, 7})
-_OUT_VALUES: Final = frozenset({2, 3})
-_OUT_MEMREFS: Final = frozenset({6, 7})
+#: The types by kind and direction (IGPAppClient's ``paramTypes`` nibbles are these too).
+VALUE_TYPES: Final = frozenset({1, 2, 3})
+IN_VALUE_TYPES: Final = frozenset({1, 3})
+OUT_VALUE_TYPES: Final = frozenset({2, 3})
+MEMREF_TYPES: Final = frozenset({5, 6, 7})
+OUT_MEMREF_TYPES: Final = frozenset({6, 7})
 
 
 def tee_param_types(p0: int = 0, p1: int = 0, p2: int = 0, p3: int = 0) -> int:
@@ -100,11 +107,11 @@ def gp_params(types: int, params: Sequence[GpParam]) -> list[GpParam]:
             raise GpTaError(_BAD_PARAMETERS, f"param {i}: param types say {t}, the param is {p!r}")
         if t == 0:
             out.append(GpParam())
-        elif t in _VALUES:
+        elif t in VALUE_TYPES:
             if not (_is_u32(p.a) and _is_u32(p.b)):
                 raise GpTaError(_BAD_PARAMETERS, f"param {i}: a value is two u32s")
             out.append(GpParam(t, p.a, p.b))
-        elif t in _MEMREFS:
+        elif t in MEMREF_TYPES:
             out.append(GpParam(t, buffer=_ta_view(t, p), size=p.size))
         else:
             raise GpTaError(_BAD_PARAMETERS, f"param {i}: {t} is no TEE param type")
@@ -124,10 +131,10 @@ def _ta_view(t: int, p: GpParam) -> memoryview | None:
         raise GpTaError(_BAD_PARAMETERS, "a memref buffer is no buffer of bytes") from None
     if p.size > len(view):
         raise GpTaError(_BAD_PARAMETERS, f"a memref of {p.size} bytes over {len(view)} bytes")
-    if t in _OUT_MEMREFS and view.readonly:
+    if t in OUT_MEMREF_TYPES and view.readonly:
         raise GpTaError(_BAD_PARAMETERS, "an output memref over read-only bytes")
     view = view[: p.size]
-    return view if t in _OUT_MEMREFS else view.toreadonly()
+    return view if t in OUT_MEMREF_TYPES else view.toreadonly()
 
 
 def _copy_out(params: Sequence[GpParam], ta: Sequence[object]) -> None:
@@ -135,12 +142,12 @@ def _copy_out(params: Sequence[GpParam], ta: Sequence[object]) -> None:
     for p, q in zip(params, ta, strict=False):
         if not isinstance(q, GpParam):
             continue
-        if p.type in _OUT_VALUES:
+        if p.type in OUT_VALUE_TYPES:
             if isinstance(q.a, int):
                 p.a = q.a & _U32
             if isinstance(q.b, int):
                 p.b = q.b & _U32
-        elif p.type in _OUT_MEMREFS and isinstance(q.size, int) and q.size >= 0:
+        elif p.type in OUT_MEMREF_TYPES and isinstance(q.size, int) and q.size >= 0:
             p.size = q.size
 
 

@@ -98,6 +98,14 @@ from objects import QteeError, op
 from qtee.gp._defs import TeecOrigin, TeecResult
 from qtee.secure import _gp_why
 from qtee.secure._gp import TEE_TIMEOUT_INFINITE, GpParam, GpRuntime
+from qtee.secure._gp_params import (
+    IN_VALUE_TYPES,
+    MEMREF_TYPES,
+    OUT_MEMREF_TYPES,
+    OUT_VALUE_TYPES,
+    TEE_NUM_PARAMS,
+    VALUE_TYPES,
+)
 from qtee.secure._world import Mapping, NsObject, SecureObject, SecureWorld
 
 __all__ = [
@@ -184,12 +192,6 @@ MEM_PARAMS: Final = struct.Struct("<3Q")
 #: ``TEEC_Value``: a, b.
 VALUE: Final = struct.Struct("<2I")
 
-_NUM: Final = 4
-_VALUES: Final = frozenset({1, 2, 3})
-_IN_VALUES: Final = frozenset({1, 3})
-_OUT_VALUES: Final = frozenset({2, 3})
-_MEMREFS: Final = frozenset({5, 6, 7})
-_OUT_MEMREFS: Final = frozenset({6, 7})
 _OK: Final = int(TeecResult.TEEC_SUCCESS)
 _BAD_PARAMETERS: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
 _TEE: Final = int(TeecOrigin.TEEC_ORIGIN_TEE)
@@ -223,7 +225,7 @@ class _Marshalled:
         self.types = 0
         self.error = _OK
         self.why = ""  # model-only: why ``error``
-        self.temp: list[bytearray | None] = [None] * _NUM
+        self.temp: list[bytearray | None] = [None] * TEE_NUM_PARAMS
         self.stack = ExitStack()
 
 
@@ -264,18 +266,18 @@ def _fill(
 ) -> None:
     types = m.types
     mapped: dict[int, Mapping] = {}
-    for i in range(_NUM):
+    for i in range(TEE_NUM_PARAMS):
         t, ex, data, mem = _nibble(types, i), _nibble(ex_types, i), ins[i], mems[i]
         p = GpParam(t)
         if t == 0:
             pass
-        elif t in _VALUES:
-            if t in _IN_VALUES:
+        elif t in VALUE_TYPES:
+            if t in IN_VALUE_TYPES:
                 if len(data) != VALUE.size:
                     _bad(m, f"param {i}: a value of {len(data)} bytes, not {VALUE.size}")
                 else:
                     p.a, p.b = VALUE.unpack(data)
-        elif t in _MEMREFS:
+        elif t in MEMREF_TYPES:
             if isinstance(mem, NsObject) or ex in (
                 EX_PARAM_TYPE_MEMREF_NULL,
                 EX_PARAM_TYPE_MEMREF_DUP,
@@ -325,14 +327,14 @@ def _mapped(world: SecureWorld, mem: NsObject) -> Iterator[Mapping]:
 
 def _marshal_out(m: _Marshalled, ret: int, origin: int) -> tuple[bytes, ...]:
     """The GpParams after the call -> the 24-byte block and o1..o4."""
-    sizes = [0] * _NUM
+    sizes = [0] * TEE_NUM_PARAMS
     outs: list[bytes] = []
-    for i in range(_NUM):
+    for i in range(TEE_NUM_PARAMS):
         p = m.params[i] if i < len(m.params) else GpParam()
         t = _nibble(m.types, i)
-        if t in _OUT_VALUES:
+        if t in OUT_VALUE_TYPES:
             outs.append(VALUE.pack(p.a & 0xFFFF_FFFF, p.b & 0xFFFF_FFFF))
-        elif t in _OUT_MEMREFS:
+        elif t in OUT_MEMREF_TYPES:
             sizes[i] = p.size & 0xFFFF_FFFF
             temp = m.temp[i]
             outs.append(b"" if temp is None else bytes(temp[: min(p.size, len(temp))]))

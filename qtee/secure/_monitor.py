@@ -84,6 +84,9 @@ _UNKNOWN: Final = (int(SmcReturn.UNKNOWN_FUNCTION), 0, 0, 0)
 #: Guest client ids are 16-bit on the secure side (OP §6.2); 0 is the hypervisor's.
 _MAX_CLIENT_ID: Final = 0xFFFF
 _U32: Final = struct.Struct("<I")
+#: An SMC's argument registers ``(fid, a1, ..., a7)``, and their names in a refusal.
+_Args = tuple[int, int, int, int, int, int, int, int]
+_ARG_NAMES: Final = ("fid", "a1", "a2", "a3", "a4", "a5", "a6", "a7")
 _U64: Final = 1 << 64
 _OF_LOCK: Final = threading.Lock()
 #: ``world.closing`` read afresh (a destroy sets it while a call is in the world).
@@ -325,43 +328,27 @@ class SecureMonitor:
                 and a4 == _OUT_SIZE == len(outbound)
             ):
                 if a7 == HYP_CLIENT_ID:
-                    return self._enter(self._host, inbound, outbound, a3, on_return)
+                    call = _SmcCall(self, on_return, a3, HYP_CLIENT_ID, outbound)
+                    return self._enter(self._host, inbound, call)
                 world = self._worlds.get(a7) if type(a7) is int else None
                 if world is not None:  # (else the general path names what is wrong)
-                    return self._enter_partition(a7, world, inbound, outbound, a3, on_return)
+                    call = _SmcCall(self, on_return, a3, a7, outbound)
+                    return self._enter_partition(world, inbound, call)
         trace = self.trace_smc
         if trace is not None:
             trace(a7, fid, (a1, a2, a3, a4))
-        regs = self._call(fid, a1, a2, a3, a4, a5, a6, a7, on_return)
+        regs = self._call((fid, a1, a2, a3, a4, a5, a6, a7), on_return)
         if trace is not None:
             trace(a7, None, regs)
         return regs
 
-    def _call(
-        self,
-        fid: int,
-        a1: int,
-        a2: int,
-        a3: int,
-        a4: int,
-        a5: int,
-        a6: int,
-        a7: int,
-        on_return: OnReturn | None,
-    ) -> Regs:
-        for value, name in (
-            (fid, "fid"),
-            (a1, "a1"),
-            (a2, "a2"),
-            (a3, "a3"),
-            (a4, "a4"),
-            (a5, "a5"),
-            (a6, "a6"),
-            (a7, "a7"),
-        ):
+    def _call(self, args: _Args, on_return: OnReturn | None) -> Regs:
+        """The general path: ``args`` is the call's ``(fid, a1, ..., a7)``, each checked."""
+        for value, name in zip(args, _ARG_NAMES, strict=True):
             _check_reg(value, name)
         if on_return is not None and not callable(on_return):
             raise TypeError("on_return must be callable")
+        fid, a1, a2, a3, a4, _a5, _a6, a7 = args
         if fid in _OWN:
             if not self.smcinvoke:  # qcom_scm_call fails: the probe's -EIO (QK §3.1)
                 raise DriverError(errno.EIO, "QTEE has no smcinvoke service")
@@ -377,7 +364,7 @@ class SecureMonitor:
         handler = self._services.get(fid)
         if handler is None:
             return _UNKNOWN
-        return handler(fid, a1, a2, a3, a4, a5, a6, a7, on_return)
+        return handler(*args, on_return)
 
     def _invoke(
         self,
@@ -403,18 +390,13 @@ class SecureMonitor:
             outbound = self.phys.buffer(out_pa, out_size)
         except PhysFault as exc:
             raise DriverError(errno.EINVAL, str(exc)) from None
+        call = _SmcCall(self, on_return, out_pa, client_id, outbound)
         if client_id == HYP_CLIENT_ID:
-            return self._enter(world, inbound, outbound, out_pa, on_return)
-        return self._enter_partition(client_id, world, inbound, outbound, out_pa, on_return)
+            return self._enter(world, inbound, call)
+        return self._enter_partition(world, inbound, call)
 
     def _enter_partition(
-        self,
-        client_id: int,
-        world: SecureWorld,
-        inbound: bytearray | memoryview,
-        outbound: bytearray | memoryview,
-        out_pa: int,
-        on_return: OnReturn | None,
+        self, world: SecureWorld, inbound: bytearray | memoryview, call: _SmcCall
     ) -> Regs:
         """A guest's INVOKE, counted in flight on its partition: a destroyed partition is
         freed when its last call leaves (OP §6.1).
@@ -427,11 +409,11 @@ class SecureMonitor:
         try:
             if _closing(world):
                 return _DEFUNCT_REGS
-            return self._enter(world, inbound, outbound, out_pa, on_return)
+            return self._enter(world, inbound, call)
         finally:
             inflight.pop()
             if not inflight and _closing(world):
-                self._reap(client_id, world)
+                self._reap(call.cid, world)
 
     def _reap(self, client_id: int, world: SecureWorld) -> None:
         """Free a destroyed partition once no call is in it (once: the first to see it)."""
@@ -442,17 +424,10 @@ class SecureMonitor:
         released = world.release_all()
         log.debug("client %d: partition freed after its last call, %d objects", client_id, released)
 
-    def _enter(
-        self,
-        world: SecureWorld,
-        inbound: bytearray | memoryview,
-        outbound: bytearray | memoryview,
-        out_pa: int,
-        on_return: OnReturn | None,
-    ) -> Regs:
-        call = _SmcCall(self, on_return, out_pa, world.client_id, outbound)
+    def _enter(self, world: SecureWorld, inbound: bytearray | memoryview, call: _SmcCall) -> Regs:
+        """One INVOKE in ``world``, ``call`` its state on the monitor (made by the caller)."""
         try:
-            result = world.invoke(inbound, outbound, call.serve)
+            result = world.invoke(inbound, call.out, call.serve)
         except DecodeError:  # malformed inbound: answered, not forwarded
             result = Result.ERROR_INVALID
         if call.failed is not None:
@@ -470,7 +445,7 @@ class SecureMonitor:
 
     def _vm_created(self, client_id: int) -> Regs:
         with self._lock:
-            if client_id in self._worlds or len(self._worlds) - 1 >= self.guest_limit:
+            if self._no_room_for(client_id):
                 return _ENOTAVAIL
         try:
             world = SecureWorld(self.root_factory(), client_id=client_id)
@@ -484,10 +459,15 @@ class SecureMonitor:
         if host_services is not None and CGPAPPCLIENT_UID in host_services:
             _offer_gp(world)  # the standard services the host's partition offers
         with self._lock:  # checked again: another creation may have won meanwhile
-            if client_id in self._worlds or len(self._worlds) - 1 >= self.guest_limit:
+            if self._no_room_for(client_id):
                 return _ENOTAVAIL
             self._worlds[client_id] = world
         return _OK
+
+    def _no_room_for(self, client_id: int) -> bool:
+        """Whether ``client_id`` has a partition already or the guest limit is reached
+        (under the lock; the host's partition is not a guest)."""
+        return client_id in self._worlds or len(self._worlds) - 1 >= self.guest_limit
 
     def _vm_destroyed(self, client_id: int) -> Regs:
         with self._lock:

@@ -54,7 +54,8 @@ from qtee._optee_msg import (
 )
 from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcFid, SmcReturn
 from qtee.gp._defs import TeecOrigin, TeecResult
-from qtee.secure._gp import TEE_NUM_PARAMS, GpParam, GpRuntime
+from qtee.secure._gp import GpParam, GpRuntime
+from qtee.secure._gp_params import TEE_NUM_PARAMS
 from qtee.secure._world import PhysicalMemory, SecureObject, SecureWorld
 
 __all__ = ["OPTEE_FIDS", "OpteeEntry", "OpteePartition", "ServiceHost"]
@@ -306,18 +307,16 @@ class OpteeEntry:
         if paddr & _PAGE_MASK:
             return SmcReturn.EBADADDR
         phys = self.monitor.phys
-        try:
-            head = phys.view(paddr, MSG_HEADER_SIZE)
-        except (UsageError, ValueError, KeyError):
+        head = _view(phys, paddr, MSG_HEADER_SIZE)
+        if head is None:
             return SmcReturn.EBADADDR
         try:
             size = arg_size_of(head)
         except DecodeError:
             _refuse(head)
             return SmcReturn.OK
-        try:
-            buf = phys.view(paddr, size)
-        except (UsageError, ValueError, KeyError):
+        buf = _view(phys, paddr, size)
+        if buf is None:
             return SmcReturn.EBADADDR
         try:
             msg = decode_msg(buf)
@@ -334,12 +333,8 @@ class OpteeEntry:
 
     # ------------------------------------------------------------------ commands
     def _open(self, part: OpteePartition, msg: OpteeMsg) -> OpteeReply:
-        prepared = self._gp_params(part, msg)
-        if isinstance(prepared, OpteeReply):
-            return prepared
-        types, gp, cookies = prepared
-        try:
-            session, ret, origin = part.gp.open_session(
+        def open_session(types: int, gp: list[GpParam]) -> tuple[int, int, int]:
+            return part.gp.open_session(
                 msg.uuid,
                 msg.login,
                 msg.clnt_uuid,
@@ -348,22 +343,35 @@ class OpteeEntry:
                 cancel_id=msg.cancel_id,
                 owner=part,
             )
-        finally:
-            self._unuse(part, cookies)
-        return _reply(msg, gp, ret, origin, session)
+
+        return self._gp_entry(part, msg, open_session)
 
     def _invoke(self, part: OpteePartition, msg: OpteeMsg) -> OpteeReply:
+        def invoke(types: int, gp: list[GpParam]) -> tuple[int, int, int]:
+            ret, origin = part.gp.invoke(
+                msg.session, msg.func, types, gp, cancel_id=msg.cancel_id, owner=part
+            )
+            return msg.session, ret, origin
+
+        return self._gp_entry(part, msg, invoke)
+
+    def _gp_entry(
+        self,
+        part: OpteePartition,
+        msg: OpteeMsg,
+        entry: Callable[[int, list[GpParam]], tuple[int, int, int]],
+    ) -> OpteeReply:
+        """An open or invoke: the params copied in, ``entry(types, params) -> (session,
+        ret, origin)`` run, the shm buffers it held released, the params copied out."""
         prepared = self._gp_params(part, msg)
         if isinstance(prepared, OpteeReply):
             return prepared
         types, gp, cookies = prepared
         try:
-            ret, origin = part.gp.invoke(
-                msg.session, msg.func, types, gp, cancel_id=msg.cancel_id, owner=part
-            )
+            session, ret, origin = entry(types, gp)
         finally:
             self._unuse(part, cookies)
-        return _reply(msg, gp, ret, origin, msg.session)
+        return _reply(msg, gp, ret, origin, session)
 
     def _close(self, part: OpteePartition, msg: OpteeMsg) -> OpteeReply:
         if msg.params:
@@ -462,6 +470,14 @@ class OpteeEntry:
             else:
                 part.shm_users.pop(c, None)
         cookies.clear()
+
+
+def _view(phys: PhysicalMemory, paddr: int, size: int) -> memoryview | None:
+    """The message bytes at ``paddr``, or None when they are not in memory (EBADADDR)."""
+    try:
+        return phys.view(paddr, size)
+    except (UsageError, ValueError, KeyError):
+        return None
 
 
 def _refuse(buf: memoryview) -> None:

@@ -166,22 +166,19 @@ class TaRegistry:
 
     def lookup_gp(self, uuid: uuidlib.UUID | bytes, *, inherit: bool = True) -> type[GpTA] | None:
         """The GP TA registered for ``uuid`` (not a loadable one), or None."""
-        key = uuid_bytes(uuid)
-        for layer in self._chain(inherit):
-            with layer._lock:
-                cls = layer._gp.get(key)
-            if cls is not None:
-                return cls
-        return None
+        return self._lookup_gp(uuid_bytes(uuid), inherit, loadable=False)
 
     def lookup_loadable(
         self, uuid: uuidlib.UUID | bytes, *, inherit: bool = True
     ) -> type[GpTA] | None:
         """The loadable GP TA registered for ``uuid``, or None."""
-        key = uuid_bytes(uuid)
+        return self._lookup_gp(uuid_bytes(uuid), inherit, loadable=True)
+
+    def _lookup_gp(self, key: bytes, inherit: bool, *, loadable: bool) -> type[GpTA] | None:
+        """The nearest layer's GP TA (or loadable TA) of UUID bytes ``key``, or None."""
         for layer in self._chain(inherit):
             with layer._lock:
-                cls = layer._loadable.get(key)
+                cls = (layer._loadable if loadable else layer._gp).get(key)
             if cls is not None:
                 return cls
         return None

@@ -173,6 +173,9 @@ class NsObject:
 #: What a secure object's method may return as an output object (besides None); the
 #: dispatch refuses anything else as the method's bug (ERROR) before any is exported.
 _OUTPUT_KINDS: Final = (SecureObject, NsObject)
+#: How a method's output, or a callback's input, of another kind is refused.
+_NOT_AN_OUTPUT: Final = "cannot return a {} as an output object"
+_NOT_AN_INPUT: Final = "cannot pass a {} as an input object"
 
 #: Per-thread state of one direct invocation: its outbound buffer and the driver's server.
 _Call = tuple[_Buf, ServeCallback]
@@ -430,7 +433,7 @@ class SecureWorld:
             _reason.note(res.result, res.name, res.detail)  # model-only: why, for the client
             return res.result
         if msg.n_oo or msg.ob:  # outputs to write
-            oo_ids = [self._export_out(obj) for obj in res.oo]
+            oo_ids = [self._wire_id(obj, _NOT_AN_OUTPUT) for obj in res.oo]
             if res.oo and op <= 2:
                 self._name_outputs(target, op, msg.ib, res.oo)
             wire.write_invoke_response(inbound, msg, res.ob, oo_ids)
@@ -444,16 +447,18 @@ class SecureWorld:
             return NsObject(self, ident)
         return self.lookup(ident)  # QTEE's own object passed back (kernel keeps its ref)
 
-    def _export_out(self, obj: object) -> int:
-        """An output object -> the wire id the kernel receives (one new reference)."""
+    def _wire_id(self, obj: object, refused: str) -> int:
+        """An object QTEE sends the kernel (an output, or a callback's input) -> its wire
+        id: a secure object is exported (one new reference); an NS object goes as its id
+        (the kernel keeps its own count for the NS ids it hosts; QTEE keeps its proxy's).
+        Anything else: UsageError, ``refused`` worded with the type's name."""
         if obj is None:
             return wire.QCOMTEE_MSG_OBJECT_NULL
         if isinstance(obj, SecureObject):
             return self.export(obj)
         if isinstance(obj, NsObject):
-            # The kernel takes its own reference on the NS id; QTEE keeps its proxy's.
             return obj.ns_id
-        raise UsageError(f"cannot return a {type(obj).__name__} as an output object")
+        raise UsageError(refused.format(type(obj).__name__))
 
     # ---------------------------------------------------------------- callbacks
     def callback(
@@ -475,7 +480,7 @@ class SecureWorld:
             return DispatchResult(Result.ERROR_DEFUNCT)
         out, serve = call
         out[:] = bytes(len(out))
-        io_ids = [self._export_in(obj) for obj in io]
+        io_ids = [self._wire_id(obj, _NOT_AN_INPUT) for obj in io]
         msg = wire.encode_callback_msg(out, target.ns_id, op, ib, ob, io_ids, n_oo)
         self._flush_releases(out, msg.size)
         serve(out)
@@ -496,15 +501,6 @@ class SecureWorld:
         paddr, length, perms = struct.unpack("<QQI", res.ob[0])
         mapping = res.oo[0] if isinstance(res.oo[0], NsObject) else None
         return Mapping(self.phys.view(paddr, length), paddr, perms, mapping)
-
-    def _export_in(self, obj: object) -> int:
-        if obj is None:
-            return wire.QCOMTEE_MSG_OBJECT_NULL
-        if isinstance(obj, SecureObject):
-            return self.export(obj)
-        if isinstance(obj, NsObject):
-            return obj.ns_id  # the kernel keeps its own count for NS ids it hosts
-        raise UsageError(f"cannot pass a {type(obj).__name__} as an input object")
 
     def _flush_releases(self, out: _Buf, offset: int) -> None:
         if not self._pending_release:

@@ -19,20 +19,11 @@ Build a :class:`~qtee.secure.SecureMonitor`, a ``Vmm(monitor)``, then
 """
 
 from objects import publish_errors as _publish_errors
+from qtee.vm import _framework
 from qtee.vm import _optee_backend as _optee_backend
 from qtee.vm import _qtee_backend as _qtee_backend
 from qtee.vm._channel import HostVmChannel, ShadowPage, Upcall
-from qtee.vm._framework import (
-    DestroyReport,
-    TeeBackend,
-    VmError,
-    VmLimits,
-    Vmm,
-    VmRow,
-    VmState,
-    register_backend,
-    registered_backends,
-)
+from qtee.vm._framework import *  # noqa: F403  (the mediator core: its __all__)
 from qtee.vm._guest import Guest, GuestTee, TeeKind
 from qtee.vm._guest_optee import GuestOpteeDevice
 from qtee.vm._optee_backend import OpteeBackend, OpteeGuestTee
@@ -42,7 +33,6 @@ from qtee.vm._ram import GUEST_RAM_BASE, PAGE_SIZE, GuestFault, GuestRam, Pin
 __all__ = [
     "GUEST_RAM_BASE",
     "PAGE_SIZE",
-    "DestroyReport",
     "Guest",
     "GuestFault",
     "GuestOpteeDevice",
@@ -55,16 +45,9 @@ __all__ = [
     "Pin",
     "QteeBackend",
     "QteeGuestTee",
-    "TeeBackend",
     "TeeKind",
     "Upcall",
-    "VmError",
-    "VmLimits",
-    "VmRow",
-    "VmState",
-    "Vmm",
-    "register_backend",
-    "registered_backends",
 ]
+__all__ += _framework.__all__
 
 _publish_errors("qtee.vm", globals(), __all__)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from objects import DriverError
@@ -35,22 +36,9 @@ class TeeKind(enum.StrEnum):
     OPTEE = "optee"
 
 
-class SmcHandler(Protocol):
-    """A backend's ``handle_smc``: one trapped guest SMC (a7 already dropped)."""
-
-    def __call__(
-        self,
-        vm: VmState,
-        fid: int,
-        a1: int,
-        a2: int,
-        a3: int,
-        a4: int,
-        a5: int,
-        a6: int,
-        on_return: OnReturn | None,
-        /,
-    ) -> Regs: ...
+#: A backend's :meth:`~qtee.vm.TeeBackend.handle_smc`, bound: ``(vm, fid, a1..a6,
+#: on_return) -> regs``, one trapped guest SMC (a7 already dropped).
+SmcHandler = Callable[["VmState", int, int, int, int, int, int, int, "OnReturn | None"], "Regs"]
 
 
 class GuestTee(Protocol):
