@@ -17,8 +17,8 @@ from objects import (
     publish_errors,
 )
 from qtee import uapi, wire
-from qtee._optee import OpteeContext, OpteeDevice
-from qtee._optee_storage import (
+from qtee._optee.core import OpteeContext, OpteeDevice
+from qtee._optee.storage import (
     TEE_DATA_FLAG_ACCESS_READ,
     TEE_DATA_FLAG_ACCESS_WRITE,
     TEE_DATA_FLAG_ACCESS_WRITE_META,
@@ -35,8 +35,8 @@ from qtee._optee_storage import (
     TrustedStorage,
     trusted_storage,
 )
-from qtee._optee_supp import OpteeSuppContext
-from qtee._optee_supp_plugin import invoke_supp_plugin
+from qtee._optee.supp import OpteeSuppContext
+from qtee._optee.supp_plugin import invoke_supp_plugin
 from qtee._qcomtee.call import Context
 from qtee._qcomtee.core import Device
 from qtee._qcomtee_msg import MAX_ARGS_PER_KIND, USERSPACE_ONLY_RESULTS, Counts, Result

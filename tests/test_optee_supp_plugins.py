@@ -30,7 +30,7 @@ import pytest
 import qtee
 from objects import UsageError
 from qtee import DeviceServer, OpteeContext, OpteeDevice, invoke_supp_plugin, uapi
-from qtee._optee_supp import (
+from qtee._optee.supp import (
     OPTEE_RPC_CMD_SUPP_PLUGIN,
     RpcParam,
     attach_rpc,

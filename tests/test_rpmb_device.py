@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qtee import OpteeDevice
-from qtee._optee_supp import OPTEE_RPC_CMD_RPMB, attach_rpc
+from qtee._optee.supp import OPTEE_RPC_CMD_RPMB, attach_rpc
 from qtee.addrspace import CheckedMemory
 from qtee.gp import Cred, TeecResult
 from qtee.secure import GpTaError, QteeRoot, SecureWorld

@@ -56,7 +56,7 @@ from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory, SharedSpace
 from qtee.gp._identity import Cred, calc_client_uuid, check_user_login
 
 if TYPE_CHECKING:
-    from qtee._optee_supp import OpteeSuppContext
+    from qtee._optee.supp import OpteeSuppContext
     from qtee.secure import SecureWorld
     from qtee.secure._gp import GpParam, GpRuntime, GpTA
 
@@ -207,7 +207,7 @@ class OpteeDevice:
         self.contexts: set[OpteeContext] = set()
         self._opens = itertools.count()
         if standalone:
-            from qtee._optee_supp import attach_rpc
+            from qtee._optee.supp import attach_rpc
 
             attach_rpc(self)
 
@@ -229,8 +229,8 @@ class OpteeDevice:
 
     def open_supplicant(self) -> OpteeSuppContext:
         """Open the privileged device (``/dev/teepriv0``): tee-supplicant's context, with
-        SUPPL_RECV/SEND on the RPC queue (:mod:`qtee._optee_supp`); EBUSY while one is open."""
-        from qtee._optee_supp import attach_rpc
+        SUPPL_RECV/SEND on the RPC queue (:mod:`qtee._optee.supp`); EBUSY while one is open."""
+        from qtee._optee.supp import attach_rpc
 
         return attach_rpc(self).open()
 

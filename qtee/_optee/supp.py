@@ -1,7 +1,7 @@
 """The OP-TEE device's RPC queue to tee-supplicant, and the secure-world services on it.
 
 **The queue** (:class:`OpteeSupp`, the kernel's ``optee/supp.c``; optee.md §3.3).
-:meth:`qtee._optee.OpteeDevice.open_supplicant` opens the privileged device
+:meth:`qtee._optee.core.OpteeDevice.open_supplicant` opens the privileged device
 (``/dev/teepriv0``): one :class:`OpteeSuppContext` at a time, a second open is EBUSY.
 A secure-world thread that needs the supplicant queues a request with
 :meth:`OpteeSupp.request` and waits (without limit: no supplicant attached means it
@@ -38,9 +38,9 @@ thread); a failed SHM_ALLOC is ``TEE_ERROR_OUT_OF_MEMORY`` to the secure side, a
 kernel answers; a payload whose supplicant context is already closed is not freed
 through the queue (it went with that context) instead of waiting for a new supplicant.
 
-The services on the queue: which class a LOAD_TA image is (:mod:`qtee._optee_ta_image`),
-GP trusted storage (:mod:`qtee._optee_storage`) and the TA side of supplicant plugins
-(:mod:`qtee._optee_supp_plugin`); :class:`OpteeSupp` makes their RPCs.
+The services on the queue: which class a LOAD_TA image is (:mod:`qtee._optee.ta_image`),
+GP trusted storage (:mod:`qtee._optee.storage`) and the TA side of supplicant plugins
+(:mod:`qtee._optee.supp_plugin`); :class:`OpteeSupp` makes their RPCs.
 """
 
 from __future__ import annotations
@@ -54,15 +54,15 @@ from typing import TYPE_CHECKING, Final
 
 from objects import DriverError, UsageError
 from qtee import _checks, uapi
-from qtee._optee import OpteeContext, _GpShm
-from qtee._optee_ta_image import _image_class
+from qtee._optee.core import OpteeContext, _GpShm
+from qtee._optee.ta_image import _image_class
 from qtee.gp._defs import TeecResult
 from qtee.secure._gp import GpRuntime, GpTA, GpTaError
 from qtee.secure._rpmb_fs import RpmbFs, rpmb_huk
 
 if TYPE_CHECKING:
-    from qtee._optee import OpteeDevice
-    from qtee._optee_storage import _PObj
+    from qtee._optee.core import OpteeDevice
+    from qtee._optee.storage import _PObj
 
 __all__ = [
     "OPTEE_RPC_CMD_FS",
