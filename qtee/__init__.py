@@ -17,24 +17,9 @@ from objects import (
     publish_errors,
 )
 from qtee import uapi, wire
+from qtee._optee import storage as _storage
 from qtee._optee.core import OpteeContext, OpteeDevice
-from qtee._optee.storage import (
-    TEE_DATA_FLAG_ACCESS_READ,
-    TEE_DATA_FLAG_ACCESS_WRITE,
-    TEE_DATA_FLAG_ACCESS_WRITE_META,
-    TEE_DATA_FLAG_OVERWRITE,
-    TEE_DATA_FLAG_SHARE_READ,
-    TEE_DATA_FLAG_SHARE_WRITE,
-    TEE_DATA_SEEK_CUR,
-    TEE_DATA_SEEK_END,
-    TEE_DATA_SEEK_SET,
-    TEE_STORAGE_PRIVATE,
-    TEE_STORAGE_PRIVATE_REE,
-    TEE_STORAGE_PRIVATE_RPMB,
-    PersistentObject,
-    TrustedStorage,
-    trusted_storage,
-)
+from qtee._optee.storage import *  # noqa: F403  (its __all__, re-exported below)
 from qtee._optee.supp import OpteeSuppContext
 from qtee._optee.supp_plugin import invoke_supp_plugin
 from qtee._qcomtee.call import Context
@@ -167,22 +152,8 @@ __all__ = [
     "unregister_gp_ta",
     "unregister_loadable_ta",
     "unregister_ta",
-    "TEE_DATA_FLAG_ACCESS_READ",
-    "TEE_DATA_FLAG_ACCESS_WRITE",
-    "TEE_DATA_FLAG_ACCESS_WRITE_META",
-    "TEE_DATA_FLAG_OVERWRITE",
-    "TEE_DATA_FLAG_SHARE_READ",
-    "TEE_DATA_FLAG_SHARE_WRITE",
-    "TEE_DATA_SEEK_CUR",
-    "TEE_DATA_SEEK_END",
-    "TEE_DATA_SEEK_SET",
-    "TEE_STORAGE_PRIVATE",
-    "TEE_STORAGE_PRIVATE_REE",
-    "TEE_STORAGE_PRIVATE_RPMB",
-    "PersistentObject",
-    "TrustedStorage",
-    "trusted_storage",
     "invoke_supp_plugin",
 ]
+__all__ += _storage.__all__  # GP trusted storage: its constants, classes and entry point
 
 publish_errors("qtee", globals(), __all__)

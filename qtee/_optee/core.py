@@ -50,6 +50,7 @@ from uuid import UUID
 
 from objects import DriverError, IdrAllocator, ObjectTable, UsageError
 from qtee import _checks, uapi
+from qtee._checks import _einval
 from qtee._tee.core import TeeFile, popped
 from qtee._tee.shm import SHM_MAX, alloc_size, install
 from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory, SharedSpace
@@ -71,10 +72,6 @@ _GEN_CAPS: Final = uapi.TEE_GEN_CAP_GP | uapi.TEE_GEN_CAP_REG_MEM | uapi.TEE_GEN
 _VALUE_TYPES: Final = frozenset({1, 2, 3})
 _MEMREF_TYPES: Final = frozenset({5, 6, 7})
 _P = tuple[int, int, int, int]
-
-
-def _einval(why: str) -> DriverError:
-    return DriverError(errno.EINVAL, why)
 
 
 class SessionRuntime(Protocol):
