@@ -45,6 +45,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 from uuid import UUID
 
@@ -136,15 +137,13 @@ class _GpShm:
         self.handle = handle  # what the device's _shm_backing made it (None on the host)
 
 
+@dataclass(slots=True, eq=False)
 class _Window:
     """One call's view of a registered shm: ``[addr, addr+len)`` as read before the call."""
 
-    __slots__ = ("addr", "buf", "snap")
-
-    def __init__(self, addr: int, snap: bytes, buf: bytearray) -> None:
-        self.addr = addr
-        self.snap = snap
-        self.buf = buf
+    addr: int
+    snap: bytes
+    buf: bytearray
 
     def write_back(self, memory: AddressSpace) -> None:
         """Write the bytes the TA changed (first to last changed byte), nothing else."""
@@ -467,24 +466,15 @@ class OpteeContext(TeeFile["_GpShm"]):
             self.device.contexts.discard(self)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
 class _LocalCall:
     """A prepared call for the secure world's GP runtime (the host's driver)."""
 
-    __slots__ = ("ctx", "gp", "params", "shms", "types")
-
-    def __init__(
-        self,
-        ctx: OpteeContext,
-        params: list[_P],
-        types: int,
-        gp: list[GpParam],
-        shms: list[_Window | None],
-    ) -> None:
-        self.ctx = ctx
-        self.params = params
-        self.types = types
-        self.gp = gp
-        self.shms = shms
+    ctx: OpteeContext
+    params: list[_P]
+    types: int
+    gp: list[GpParam]
+    shms: list[_Window | None]
 
     def _runtime(self) -> GpRuntime:
         return self.ctx.device.runtime

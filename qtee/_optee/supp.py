@@ -160,14 +160,14 @@ class RpcParam:
         return (self.attr, 0, 0, 0)
 
 
+@dataclass(slots=True, eq=False)
 class _Req:
-    __slots__ = ("done", "func", "params", "ret")
+    """One RPC request: its command and params, then the supplicant's answer."""
 
-    def __init__(self, func: int, params: list[RpcParam]) -> None:
-        self.func = func
-        self.params = params
-        self.ret = _COMMUNICATION
-        self.done = False
+    func: int
+    params: list[RpcParam]
+    ret: int = _COMMUNICATION
+    done: bool = False
 
 
 class OpteeSupp:
