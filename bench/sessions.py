@@ -23,7 +23,7 @@ from _timing import ops_per_sec, pin_to_one_cpu, report
 
 import qtee
 from qtee import OUT_OBJECT, Out, op, uapi
-from qtee._optee import OpteeContext, OpteeDevice
+from qtee._optee.core import OpteeContext, OpteeDevice
 from qtee.secure._gp import GpParam, GpSession, GpTA, register_gp_ta, unregister_gp_ta
 
 ADD_UUID = uuid.UUID("5b9e0e40-2636-11e1-ad9e-0002a5d5c51b")

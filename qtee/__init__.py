@@ -17,26 +17,11 @@ from objects import (
     publish_errors,
 )
 from qtee import uapi, wire
-from qtee._optee import OpteeContext, OpteeDevice
-from qtee._optee_storage import (
-    TEE_DATA_FLAG_ACCESS_READ,
-    TEE_DATA_FLAG_ACCESS_WRITE,
-    TEE_DATA_FLAG_ACCESS_WRITE_META,
-    TEE_DATA_FLAG_OVERWRITE,
-    TEE_DATA_FLAG_SHARE_READ,
-    TEE_DATA_FLAG_SHARE_WRITE,
-    TEE_DATA_SEEK_CUR,
-    TEE_DATA_SEEK_END,
-    TEE_DATA_SEEK_SET,
-    TEE_STORAGE_PRIVATE,
-    TEE_STORAGE_PRIVATE_REE,
-    TEE_STORAGE_PRIVATE_RPMB,
-    PersistentObject,
-    TrustedStorage,
-    trusted_storage,
-)
-from qtee._optee_supp import OpteeSuppContext
-from qtee._optee_supp_plugin import invoke_supp_plugin
+from qtee._optee import storage as _storage
+from qtee._optee.core import OpteeContext, OpteeDevice
+from qtee._optee.storage import *  # noqa: F403  (its __all__, re-exported below)
+from qtee._optee.supp import OpteeSuppContext
+from qtee._optee.supp_plugin import invoke_supp_plugin
 from qtee._qcomtee.call import Context
 from qtee._qcomtee.core import Device
 from qtee._qcomtee_msg import MAX_ARGS_PER_KIND, USERSPACE_ONLY_RESULTS, Counts, Result
@@ -123,24 +108,10 @@ __all__ = [
     "wire",
     "OpteeSuppContext",
     "unregister_ta",
-    "TEE_DATA_FLAG_ACCESS_READ",
-    "TEE_DATA_FLAG_ACCESS_WRITE",
-    "TEE_DATA_FLAG_ACCESS_WRITE_META",
-    "TEE_DATA_FLAG_OVERWRITE",
-    "TEE_DATA_FLAG_SHARE_READ",
-    "TEE_DATA_FLAG_SHARE_WRITE",
-    "TEE_DATA_SEEK_CUR",
-    "TEE_DATA_SEEK_END",
-    "TEE_DATA_SEEK_SET",
-    "TEE_STORAGE_PRIVATE",
-    "TEE_STORAGE_PRIVATE_REE",
-    "TEE_STORAGE_PRIVATE_RPMB",
-    "PersistentObject",
-    "TrustedStorage",
-    "trusted_storage",
     "invoke_supp_plugin",
 ]
 __all__ += _gp.__all__
 __all__ += _interface_errors.__all__
+__all__ += _storage.__all__  # GP trusted storage: its constants, classes and entry point
 
 publish_errors("qtee", globals(), __all__)

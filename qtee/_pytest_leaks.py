@@ -28,7 +28,7 @@ __all__ = ["CLOSE_MARKER", "TRACKED_DEVICES", "format_leaks", "format_leftovers"
 #: ``leaks() -> dict[str, int]`` method.  A device server's device is a ``Device``.
 TRACKED_DEVICES: list[tuple[str, str]] = [
     ("qtee._qcomtee.core", "Device"),
-    ("qtee._optee", "OpteeDevice"),
+    ("qtee._optee.core", "OpteeDevice"),
     ("qtee.secure._monitor", "SecureMonitor"),
     ("qtee.vm._framework", "Vmm"),
 ]

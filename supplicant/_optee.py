@@ -51,7 +51,7 @@ fixed pool).  It serves:
   the buffer); a plugin that raises or answers something else → GENERIC, out length 0.
 
 Anything else → NOT_SUPPORTED.  Per-TA directories are the secure side's doing (it
-names every object file ``/<ta uuid>/<object id hex>``, see :mod:`qtee._optee_storage`):
+names every object file ``/<ta uuid>/<object id hex>``, see :mod:`qtee._optee.storage`):
 the supplicant serves paths, as the real one does.  :meth:`OpteeSupplicant.stop`
 closes the context (what it had received or had queued fails with COMMUNICATION), joins
 the threads and closes every fd the TAs left open.

@@ -40,7 +40,7 @@ from qtee import (
     trusted_storage,
     uapi,
 )
-from qtee._optee_supp import attach_rpc
+from qtee._optee.supp import attach_rpc
 from qtee.addrspace import CheckedMemory
 from qtee.client import Client
 from qtee.gp import (

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from objects import DecodeError, UsageError
-from qtee._optee_msg import (
+from qtee._optee.optee_msg import (
     MSG_HEADER_SIZE,
     MSG_MAX_PARAMS,
     OPTEE_MSG_ATTR_META,

@@ -30,8 +30,8 @@ import pytest
 import qtee
 from objects import UsageError
 from qtee import DeviceServer, OpteeContext, OpteeDevice, invoke_supp_plugin, uapi
-from qtee._optee_supp import (
-    OPTEE_RPC_CMD_SUPP_PLUGIN,
+from qtee._optee.supp import (
+    OpteeRpcCmd,
     RpcParam,
     attach_rpc,
 )
@@ -55,6 +55,7 @@ PLUGIN = uuid.UUID("f07bfc66-958c-4a15-99c0-260e4e7375dd")
 OTHER = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
 OPEN_HEAD = struct.Struct("<16s16s6I")
 INVOKE_HEAD = struct.Struct("<6I")
+_PLUGIN = OpteeRpcCmd.OPTEE_RPC_CMD_SUPP_PLUGIN
 HEAD = struct.Struct("<2I")
 PARAM = struct.Struct("<4Q")
 META, VALUE_IN, VALUE_INOUT, MEMREF_INOUT = 0x100, 1, 3, 7
@@ -377,7 +378,7 @@ def test_rpc_layout_on_the_wire(env: Env) -> None:
     func, num = HEAD.unpack_from(block)
     params = [PARAM.unpack_from(block, 8 + 32 * i) for i in range(num)]
     d = struct.unpack("<4I", PLUGIN.bytes)
-    assert (func, num) == (OPTEE_RPC_CMD_SUPP_PLUGIN, 5)
+    assert (func, num) == (_PLUGIN, 5)
     assert params[1:] == [
         (VALUE_IN, 0, d[0], d[1]),
         (VALUE_IN, d[2], d[3], 7),
@@ -415,14 +416,14 @@ def test_supplicant_checks_the_params(env: Env, supp: OpteeSupplicant) -> None:
         ]
 
     good = params()
-    assert queue.request(OPTEE_RPC_CMD_SUPP_PLUGIN, good) == 0x42
+    assert queue.request(_PLUGIN, good) == 0x42
     assert good[2].b == 2
-    assert queue.request(OPTEE_RPC_CMD_SUPP_PLUGIN, params(op=1)) == NOT_SUPPORTED
-    assert queue.request(OPTEE_RPC_CMD_SUPP_PLUGIN, params(last=6)) == BAD
-    assert queue.request(OPTEE_RPC_CMD_SUPP_PLUGIN, params()[:3]) == BAD
+    assert queue.request(_PLUGIN, params(op=1)) == NOT_SUPPORTED
+    assert queue.request(_PLUGIN, params(last=6)) == BAD
+    assert queue.request(_PLUGIN, params()[:3]) == BAD
     wrong = params()
     wrong[1].attr = VALUE_INOUT
-    assert queue.request(OPTEE_RPC_CMD_SUPP_PLUGIN, wrong) == BAD
+    assert queue.request(_PLUGIN, wrong) == BAD
 
 
 # ----------------------------------------------------------------------------- the API

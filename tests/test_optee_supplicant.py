@@ -35,7 +35,7 @@ from qtee import (
     uapi,
     unregister_loadable_ta,
 )
-from qtee._optee_supp import attach_rpc
+from qtee._optee.supp import attach_rpc
 from qtee.addrspace import CheckedMemory
 from qtee.gp import Cred, TeecOrigin, TeecResult
 from qtee.secure import (

@@ -78,7 +78,7 @@ def test_optee_supplicant_recv_nowait_and_on_ready() -> None:
     """The same on the OP-TEE supplicant's fd: EAGAIN with nothing queued; the hook runs
     when the secure side queues an RPC and when the supplicant's fd closes."""
     from qtee import OpteeDevice
-    from qtee._optee_supp import attach_rpc
+    from qtee._optee.supp import attach_rpc
 
     dev = OpteeDevice(SecureWorld(QteeRoot()), memory=CheckedMemory())
     supp = attach_rpc(dev)

@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qtee import OpteeDevice
-from qtee._optee_supp import OPTEE_RPC_CMD_RPMB, attach_rpc
+from qtee._optee.supp import OpteeRpcCmd, attach_rpc
 from qtee.addrspace import CheckedMemory
 from qtee.gp import Cred, TeecResult
 from qtee.secure import GpTaError, QteeRoot, SecureWorld
@@ -363,4 +363,4 @@ def test_rpmb_option_is_checked(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="EmulatedRpmb"):
         OpteeSupplicant(dev, tmp_path, tmp_path, rpmb=object())  # type: ignore[arg-type]
     assert dev.leaks() == {}
-    assert OPTEE_RPC_CMD_RPMB == 1  # optee.md §3.2
+    assert OpteeRpcCmd.OPTEE_RPC_CMD_RPMB == 1  # optee.md §3.2

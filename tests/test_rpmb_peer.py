@@ -40,7 +40,7 @@ from qtee import (
     TrustedStorage,
     trusted_storage,
 )
-from qtee._optee_supp import OpteeSupp, RpcParam, _queue_of, attach_rpc
+from qtee._optee.supp import OpteeSupp, RpcParam, _queue_of, attach_rpc
 from qtee.addrspace import CheckedMemory
 from qtee.gp import Cred, TeecContext
 from qtee.secure import (

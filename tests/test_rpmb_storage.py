@@ -32,7 +32,7 @@ from qtee import (
     TrustedStorage,
     trusted_storage,
 )
-from qtee._optee_supp import attach_rpc
+from qtee._optee.supp import attach_rpc
 from qtee.addrspace import CheckedMemory
 from qtee.gp import Cred, TeecContext, TeecResult
 from qtee.secure import (

@@ -158,7 +158,7 @@ def test_optee_signed_image_loads_and_any_flipped_bit_is_security(optee: Env) ->
 def test_optee_every_flipped_bit_is_refused_by_the_loader(optee: Env) -> None:
     """The same for every byte of the image, on the LOAD_TA path's image check (the
     class lookup that follows tee-supplicant's answer): TEE_ERROR_SECURITY each time."""
-    from qtee._optee_ta_image import _image_class
+    from qtee._optee.ta_image import _image_class
     from qtee.secure import GpTaError
 
     dev = optee[0]

@@ -433,7 +433,7 @@ def test_the_layouts_have_one_definition() -> None:
     # optee_msg_param has the same bytes but is OP-TEE's message ABI, not the uAPI's.
     allowed = {
         "qtee/uapi.py",
-        "qtee/_optee_msg.py",
+        "qtee/_optee/optee_msg.py",
     }
     layouts = re.compile(r"""Struct\(["']<(4Q|QQQQ|QQ)["']\)""")
     found = {

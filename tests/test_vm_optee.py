@@ -22,7 +22,7 @@ import pytest
 import qtee.vm._optee_backend  # noqa: F401  (registers the "optee" backend)
 from objects import DriverError
 from qtee import uapi
-from qtee._optee_msg import (
+from qtee._optee.optee_msg import (
     MsgParam,
     OpteeMsg,
     OpteeMsgAttr,

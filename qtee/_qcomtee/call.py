@@ -22,12 +22,19 @@ from objects import (
     result_name,
 )
 from qtee import _checks, uapi, wire
+from qtee._checks import _einval
 from qtee._qcomtee.async_ import fetch_async
 from qtee._qcomtee.core import Device, InvokeCtx, _emit
-from qtee._qcomtee.mem_obj import MemObject, mem_in
+from qtee._qcomtee.mem_obj import MemObject
 from qtee._qcomtee.object import QteeObject
 from qtee._qcomtee.shm import Shm
-from qtee._qcomtee.user_obj import RequestQueue, UserObject, supp_recv, supp_send
+from qtee._qcomtee.user_obj import (
+    RequestQueue,
+    UserObject,
+    _objref_from_user,
+    supp_recv,
+    supp_send,
+)
 from qtee._qcomtee_msg import pack_counts
 from qtee._tee.core import (
     _INVOKE_HEAD,
@@ -56,10 +63,6 @@ _OBJREF_NULL: Final = uapi.TEE_OBJREF_NULL
 _OP_RELEASE: Final = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
 _OP_RETAIN: Final = wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
 _OP_MASK: Final = wire.QCOMTEE_MSG_OBJECT_OP_MASK
-
-
-def _einval(why: str) -> DriverError:
-    return DriverError(errno.EINVAL, why)
 
 
 def _encode_wrapped(
@@ -261,34 +264,23 @@ class Context(TeeFile[Shm]):
 
 
 def _objref_in(ctx: Context, a: int, b: int, call: InvokeCtx) -> int:
-    if a == uapi.TEE_OBJREF_NULL:
+    """An OBJREF_INPUT param's object as QTEE will name it: a QTEE object by its id (held
+    for the call), a user or memory object by a new NS id (dropped if QTEE never takes it)."""
+    obj = _objref_from_user(ctx, a, b)
+    if obj is None:
         return wire.QCOMTEE_MSG_OBJECT_NULL
-    if b & _FLAG_USER:
-        uo = UserObject(ctx, a)
-        try:
-            ns_id = ctx.device.ns.insert(uo)
-        except DriverError:
-            uo.notify = False
-            uo.put()
-            raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
-        call.created.append((ns_id, uo))
-        return ns_id
-    if b & _FLAG_TEE:
-        obj = ctx.objects.lookup_get(a) if a <= 0x7FFF_FFFF else None
-        if obj is None:
-            raise _einval(f"object id {a} is not in this context")
+    if isinstance(obj, QteeObject):
         call.held.append(obj)
         return obj.qtee_id
-    if b & _FLAG_MEM:
-        mem = mem_in(ctx, a)
-        try:
-            ns_id = ctx.device.ns.insert(mem)
-        except DriverError:
-            mem.put()
-            raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
-        call.created.append((ns_id, mem))
-        return ns_id
-    raise _einval(f"objref flags {b:#x} name no object kind")
+    try:
+        ns_id = ctx.device.ns.insert(obj)
+    except DriverError:
+        if isinstance(obj, UserObject):
+            obj.notify = False
+        obj.put()
+        raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
+    call.created.append((ns_id, obj))
+    return ns_id
 
 
 def _outputs(

@@ -5,6 +5,7 @@ or to sleep."""
 
 from __future__ import annotations
 
+import enum
 import errno
 import struct
 import time
@@ -13,16 +14,18 @@ from typing import Final
 from qtee._qcomtee.mem_obj import MemObject
 from qtee._qcomtee.object import CbObject
 
-__all__ = [
-    "QCOMTEE_OBJECT_OP_MAP_REGION",
-    "QCOMTEE_OBJECT_OP_SLEEP",
-    "QCOMTEE_OBJECT_OP_YIELD",
-    "Primordial",
-]
+__all__ = ["Primordial", "PrimordialOp"]
 
-QCOMTEE_OBJECT_OP_MAP_REGION: Final = 0
-QCOMTEE_OBJECT_OP_YIELD: Final = 1
-QCOMTEE_OBJECT_OP_SLEEP: Final = 2
+
+class PrimordialOp(enum.IntEnum):
+    """The primordial object's ops, by the kernel's names."""
+
+    QCOMTEE_OBJECT_OP_MAP_REGION = 0
+    QCOMTEE_OBJECT_OP_YIELD = 1
+    QCOMTEE_OBJECT_OP_SLEEP = 2
+
+
+_OP = PrimordialOp
 QCOM_SCM_PERM_RW: Final = 6
 _REGION: Final = struct.Struct("<QQI")
 
@@ -42,7 +45,7 @@ class Primordial(CbObject):
         self, op: int, ib: tuple[bytes, ...], ob: tuple[int, ...], io: tuple[object, ...], n_oo: int
     ) -> tuple[int, list[bytes], list[object]]:
         """MAP_REGION, YIELD, SLEEP; anything else -EINVAL (QTEE sees UNAVAIL)."""
-        if op == QCOMTEE_OBJECT_OP_MAP_REGION:
+        if op == _OP.QCOMTEE_OBJECT_OP_MAP_REGION:
             if len(ib) != 0 or len(ob) != 1 or len(io) != 1 or n_oo != 1 or ob[0] < _REGION.size:
                 return -errno.EINVAL, [], []
             mem = io[0]
@@ -50,10 +53,10 @@ class Primordial(CbObject):
                 return -errno.EINVAL, [], []
             region = _REGION.pack(mem.shm.paddr, len(mem.shm.buf), QCOM_SCM_PERM_RW)
             return 0, [region], [mem]  # the mapping object: the same memory, +1 ref
-        if op == QCOMTEE_OBJECT_OP_YIELD:
+        if op == _OP.QCOMTEE_OBJECT_OP_YIELD:
             time.sleep(0)
             return 0, [], []
-        if op == QCOMTEE_OBJECT_OP_SLEEP:
+        if op == _OP.QCOMTEE_OBJECT_OP_SLEEP:
             if len(ib) != 1 or len(ob) or len(io) or n_oo or len(ib[0]) < 4:
                 return -errno.EINVAL, [], []
             time.sleep(struct.unpack_from("<I", ib[0])[0] / 1000)

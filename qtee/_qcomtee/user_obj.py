@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 from objects import DriverError, IdrAllocator, Refcounted
 from qtee import _checks, uapi
+from qtee._checks import _einval
 from qtee._qcomtee.mem_obj import MemObject, mem_in
 from qtee._qcomtee.object import CbObject, QteeObject
 from qtee._qcomtee.req_state import REQUEST_STATES, ReqEvent, ReqState
@@ -53,10 +54,6 @@ _MOVES: Final = REQUEST_STATES.transitions
 _FLAG_TEE: Final = uapi.QCOMTEE_OBJREF_FLAG_TEE
 _FLAG_USER: Final = uapi.QCOMTEE_OBJREF_FLAG_USER
 _FLAG_MEM: Final = uapi.QCOMTEE_OBJREF_FLAG_MEM
-
-
-def _einval(why: str) -> DriverError:
-    return DriverError(errno.EINVAL, why)
 
 
 @dataclass(eq=False, slots=True)
@@ -279,7 +276,7 @@ def supp_recv(ctx: Context, arg: bytearray | memoryview, *, wait: bool = True) -
 
 
 def _objref_to_user(ctx: Context, obj: object) -> _P:
-    """``qcomtee_objref_from_arg``: an object QTEE passed -> an OBJREF param."""
+    """``qcomtee_objref_to_arg``: an object QTEE passed -> an OBJREF param."""
     if obj is None:
         return (_OBJ_IN, uapi.TEE_OBJREF_NULL, 0, 0)
     if isinstance(obj, QteeObject):
@@ -369,7 +366,9 @@ def _send_outputs(ctx: Context, req: Request, params: list[_P]) -> tuple[list[by
     return ob_data, oo
 
 
-def _objref_from_user(ctx: Context, a: int, b: int) -> object:
+def _objref_from_user(ctx: Context, a: int, b: int) -> UserObject | QteeObject | MemObject | None:
+    """``qcomtee_objref_from_arg``: an OBJREF param ``(a, b)`` -> its object (a QTEE object
+    with a reference taken), for an invoke's inputs and a callback's outputs alike."""
     if a == uapi.TEE_OBJREF_NULL:
         return None
     if b & _FLAG_USER:

@@ -2,7 +2,7 @@
 
 Each connection is one open fd: of a QTEE device (a :class:`qtee.Context`, the default),
 or with ``tee="optee"`` of an OP-TEE device (an :class:`qtee.OpteeContext`, or on the
-privileged node tee-supplicant's :class:`qtee._optee_supp.OpteeSuppContext`; see
+privileged node tee-supplicant's :class:`qtee._optee.supp.OpteeSuppContext`; see
 :mod:`qtee._remote.server_optee`).  Frames are those of
 :mod:`qtee._remote.frames`: a Hello/Welcome handshake, then Ioctl requests answered by
 IoctlReply.  Addresses do not cross processes, so an Ioctl carries the caller's memory
@@ -86,7 +86,7 @@ from qtee._remote.trace_stream import TraceStream
 from qtee._tee.shm import memfd_backing
 
 if TYPE_CHECKING:
-    from qtee._optee import OpteeDevice
+    from qtee._optee.core import OpteeDevice
 
 __all__ = [
     "BACKOFF_FIRST",

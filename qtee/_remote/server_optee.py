@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from objects import DriverError, UsageError
 from qtee import uapi
-from qtee._optee import _GEN_CAPS, OpteeContext, OpteeDevice, _GpShm
-from qtee._optee_supp import OpteeSupp, OpteeSuppContext, RpcParam
+from qtee._optee.core import _GEN_CAPS, OpteeContext, OpteeDevice, _GpShm
+from qtee._optee.supp import OpteeSupp, OpteeSuppContext, RpcParam
 from qtee._remote.region_memory import CallRegions, RegionMemory
 from qtee._remote.served import Peer
 from qtee._tee.shm import MemfdShm

@@ -39,7 +39,7 @@ from typing import Any, Final
 from objects import DriverError, UsageError
 from qtee import uapi
 from qtee._cli.ta_modules import import_ta_module
-from qtee._optee import OpteeContext, OpteeDevice, _GpShm
+from qtee._optee.core import OpteeContext, OpteeDevice, _GpShm
 from qtee._qcomtee.call import Context
 from qtee._qcomtee.core import Device
 from qtee._remote.remote import RemoteContext, RemoteDevice

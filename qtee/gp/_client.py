@@ -63,7 +63,7 @@ from qtee.gp._teec_errors import _api, _bad, _is_int
 from qtee.gp._transport import GpTransport, OpteeTransport
 
 if TYPE_CHECKING:
-    from qtee._optee import OpteeDevice
+    from qtee._optee.core import OpteeDevice
     from qtee._qcomtee.core import Device
     from qtee._remote.remote import RemoteDevice
     from qtee.client import Client
@@ -100,7 +100,7 @@ def _as_transport(source: object) -> GpTransport:
     QTEE device gets a new :class:`~qtee.client.Client` (owned by the transport) that
     speaks IGPAppClient; a Client is used as it is.  A QTEE without IGPAppClient raises
     :class:`_Unqualified`."""
-    from qtee._optee import OpteeDevice
+    from qtee._optee.core import OpteeDevice
     from qtee._qcomtee.core import Device
     from qtee._remote.remote import RemoteDevice
     from qtee.client import Client

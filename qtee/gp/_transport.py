@@ -6,7 +6,7 @@ client API (:mod:`qtee.gp._client`) does all the GP logic -- param pre/post-proc
 temporary and shadow shared memory, errno mapping, cancellation bookkeeping -- and a
 transport only moves kernel structs.  Two implementations are meant to exist:
 
-* :class:`OpteeTransport`: the real ioctls of an :class:`~qtee._optee.OpteeContext`,
+* :class:`OpteeTransport`: the real ioctls of an :class:`~qtee._optee.core.OpteeContext`,
   argument blocks pinned in the device's address space, as libteec passes them;
 * a transport through QTEE objects (written elsewhere against this Protocol).
 
@@ -28,7 +28,7 @@ from qtee import uapi
 from qtee.addrspace import AddressSpace
 
 if TYPE_CHECKING:
-    from qtee._optee import OpteeContext
+    from qtee._optee.core import OpteeContext
 
 __all__ = ["GpTransport", "OpteeTransport"]
 
@@ -111,7 +111,7 @@ class GpTransport(Protocol):
 
 
 class OpteeTransport:
-    """:class:`GpTransport` over an :class:`~qtee._optee.OpteeContext`, with real ioctls.
+    """:class:`GpTransport` over an :class:`~qtee._optee.core.OpteeContext`, with real ioctls.
 
     Argument blocks (``tee_ioctl_buf_data`` payloads) and registered buffers live in
     ``memory``, the device's address space: each is pinned (``memory.pin``) for as long

@@ -12,7 +12,7 @@ function ids and answers them as OP-TEE built with virtualization does (optee.md
 * Any call whose a7 names neither the hypervisor (fast calls only) nor a live guest is
   ``ENOTAVAIL``: there is no implicit creation on a first std call (§6.1).
 * ``CALL_WITH_ARG`` (a1:a2 = the message's physical address) runs one
-  :class:`~qtee._optee_msg.OpteeMsg` in the caller's partition: a :class:`OpteePartition`,
+  :class:`~qtee._optee.optee_msg.OpteeMsg` in the caller's partition: a :class:`OpteePartition`,
   which is its own :class:`SecureWorld` and :class:`GpRuntime` (so session ids, session
   lists, TA instances and registered buffers are per guest: the same session number in
   two guests names two sessions) and its own threads (``threads`` calls at a time, then
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from objects import DecodeError, UsageError
-from qtee._optee_msg import (
+from qtee._optee.optee_msg import (
     MSG_HEADER_SIZE,
     MsgParam,
     OpteeMsg,

@@ -168,7 +168,7 @@ class _Entry:
 class RpmbFs:
     """OP-TEE's RPMB FS over one device (see the module docstring).
 
-    The file interface is the one :class:`qtee._optee_storage.TrustedStorage` uses for the
+    The file interface is the one :class:`qtee._optee.storage.TrustedStorage` uses for the
     REE FS (``fs_open``/``fs_close``/``fs_read``/``fs_write``/``fs_truncate``/
     ``fs_remove``/``fs_rename``/``fs_listdir``), plus :meth:`fs_size`; errors are raised
     as :class:`GpTaError` with the code optee_os gives.

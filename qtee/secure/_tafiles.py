@@ -29,7 +29,7 @@ unregisters after it.
 when it is longer only by zero bytes (a memory object rounded up to pages): past the
 length of a file registered by ``path``, or past the end of its ELF contents (the last
 program or section header table, or segment).  What the loaders do with an image that
-matches nothing is theirs (:mod:`qtee.secure._apps`, :mod:`qtee._optee_ta_image`).
+matches nothing is theirs (:mod:`qtee.secure._apps`, :mod:`qtee._optee.ta_image`).
 """
 
 from __future__ import annotations

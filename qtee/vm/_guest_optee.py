@@ -1,10 +1,10 @@
 """An OP-TEE guest's kernel driver: the same OP-TEE device, its calls sent as OP-TEE messages.
 
-The guest runs its own :class:`~qtee._optee.OpteeDevice` (its own shm ids, contexts and
+The guest runs its own :class:`~qtee._optee.core.OpteeDevice` (its own shm ids, contexts and
 per-context session lists), so ``TeecContext(guest.device)`` and everything on top of it
-run unchanged.  What differs is where calls go (the hooks of :mod:`qtee._optee`):
+run unchanged.  What differs is where calls go (the hooks of :mod:`qtee._optee.core`):
 
-* every OPEN_SESSION, INVOKE, CANCEL and CLOSE becomes an :class:`~qtee._optee_msg.OpteeMsg`
+* every OPEN_SESSION, INVOKE, CANCEL and CLOSE becomes an :class:`~qtee._optee.optee_msg.OpteeMsg`
   in a page of guest RAM and the std call ``CALL_WITH_ARG`` (a1:a2 = its guest-physical
   address) through the guest's SMC instruction, which traps to the VMM (optee.md §6.1);
 * the answer is read back from that page; a std call that fails (any a0 but OK, or an SMC
@@ -36,8 +36,8 @@ from uuid import UUID
 
 from objects import DriverError
 from qtee import uapi
-from qtee._optee import OpteeContext, OpteeDevice, _GpShm, _Window
-from qtee._optee_msg import (
+from qtee._optee.core import OpteeContext, OpteeDevice, _GpShm, _Window
+from qtee._optee.optee_msg import (
     MsgParam,
     OpteeMsg,
     OpteeMsgAttr,
@@ -52,7 +52,7 @@ from qtee.gp._defs import TeecOrigin, TeecResult
 from qtee.vm._ram import PAGE_SIZE, GuestRam
 
 if TYPE_CHECKING:
-    from qtee._optee_supp import OpteeSuppContext
+    from qtee._optee.supp import OpteeSuppContext
     from qtee.gp._identity import Cred
 
 __all__ = ["GuestOpteeContext", "GuestOpteeDevice", "OpteePort"]
@@ -78,7 +78,7 @@ def _failed(msg: OpteeMsg) -> OpteeReply:
 
 class OpteePort:
     """The guest driver's std-call path (``optee_do_call_with_arg``), and its
-    :class:`~qtee._optee.SessionRuntime` for cancel and close."""
+    :class:`~qtee._optee.core.SessionRuntime` for cancel and close."""
 
     def __init__(self, conduit: SmcConduit, ram: GuestRam) -> None:
         if not callable(getattr(conduit, "smc", None)):

@@ -21,7 +21,7 @@ the guest's own thread, as Xen's OP-TEE mediator does (optee.md §6.2):
 5. the host driver places the translated message in host-physical memory and makes the
    std call with the VM's client id in a7;
 6. only ``ret``, ``ret_origin``, ``session``, output values and output memref sizes are
-   written back to the guest's page (:func:`~qtee._optee_msg.reply_patches`).
+   written back to the guest's page (:func:`~qtee._optee.optee_msg.reply_patches`).
 
 Destroy (:meth:`OpteeBackend.relinquish`): every call of the VM in flight is answered
 ``TEEC_ERROR_COMMUNICATION``, origin COMMS, with nothing else written back.  VM_DESTROYED
@@ -44,7 +44,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar, Final
 
 from objects import DecodeError, DriverError
-from qtee._optee_msg import (
+from qtee._optee.optee_msg import (
     MSG_HEADER_SIZE,
     OpteeMsg,
     OpteeMsgCmd,

@@ -1,7 +1,7 @@
 """The OP-TEE device's RPC queue to tee-supplicant, and the secure-world services on it.
 
 **The queue** (:class:`OpteeSupp`, the kernel's ``optee/supp.c``; optee.md §3.3).
-:meth:`qtee._optee.OpteeDevice.open_supplicant` opens the privileged device
+:meth:`qtee._optee.core.OpteeDevice.open_supplicant` opens the privileged device
 (``/dev/teepriv0``): one :class:`OpteeSuppContext` at a time, a second open is EBUSY.
 A secure-world thread that needs the supplicant queues a request with
 :meth:`OpteeSupp.request` and waits (without limit: no supplicant attached means it
@@ -38,13 +38,14 @@ thread); a failed SHM_ALLOC is ``TEE_ERROR_OUT_OF_MEMORY`` to the secure side, a
 kernel answers; a payload whose supplicant context is already closed is not freed
 through the queue (it went with that context) instead of waiting for a new supplicant.
 
-The services on the queue: which class a LOAD_TA image is (:mod:`qtee._optee_ta_image`),
-GP trusted storage (:mod:`qtee._optee_storage`) and the TA side of supplicant plugins
-(:mod:`qtee._optee_supp_plugin`); :class:`OpteeSupp` makes their RPCs.
+The services on the queue: which class a LOAD_TA image is (:mod:`qtee._optee.ta_image`),
+GP trusted storage (:mod:`qtee._optee.storage`) and the TA side of supplicant plugins
+(:mod:`qtee._optee.supp_plugin`); :class:`OpteeSupp` makes their RPCs.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import threading
 from collections import deque
@@ -54,25 +55,20 @@ from typing import TYPE_CHECKING, Final
 
 from objects import DriverError, UsageError
 from qtee import _checks, uapi
-from qtee._optee import OpteeContext, _GpShm
-from qtee._optee_ta_image import _image_class
+from qtee._optee.core import OpteeContext, _GpShm
+from qtee._optee.ta_image import _image_class
 from qtee.gp._defs import TeecResult
 from qtee.secure._gp import GpRuntime, GpTA, GpTaError
 from qtee.secure._rpmb_fs import RpmbFs, rpmb_huk
 
 if TYPE_CHECKING:
-    from qtee._optee import OpteeDevice
-    from qtee._optee_storage import _PObj
+    from qtee._optee.core import OpteeDevice
+    from qtee._optee.storage import _PObj
 
 __all__ = [
-    "OPTEE_RPC_CMD_FS",
-    "OPTEE_RPC_CMD_LOAD_TA",
-    "OPTEE_RPC_CMD_RPMB",
-    "OPTEE_RPC_CMD_SHM_ALLOC",
-    "OPTEE_RPC_CMD_SHM_FREE",
-    "OPTEE_RPC_CMD_SUPP_PLUGIN",
     "OPTEE_RPC_SUPP_PLUGIN_INVOKE",
     "FsOp",
+    "OpteeRpcCmd",
     "OpteeSupp",
     "OpteeSuppContext",
     "RpcParam",
@@ -81,12 +77,19 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- constants
 
-OPTEE_RPC_CMD_LOAD_TA: Final = 0
-OPTEE_RPC_CMD_RPMB: Final = 1
-OPTEE_RPC_CMD_FS: Final = 2
-OPTEE_RPC_CMD_SHM_ALLOC: Final = 6
-OPTEE_RPC_CMD_SHM_FREE: Final = 7
-OPTEE_RPC_CMD_SUPP_PLUGIN: Final = 12
+
+class OpteeRpcCmd(enum.IntEnum):
+    """``OPTEE_RPC_CMD_*``: what a request asks tee-supplicant for (its ``func``)."""
+
+    OPTEE_RPC_CMD_LOAD_TA = 0
+    OPTEE_RPC_CMD_RPMB = 1
+    OPTEE_RPC_CMD_FS = 2
+    OPTEE_RPC_CMD_SHM_ALLOC = 6
+    OPTEE_RPC_CMD_SHM_FREE = 7
+    OPTEE_RPC_CMD_SUPP_PLUGIN = 12
+
+
+_CMD = OpteeRpcCmd
 OPTEE_RPC_SUPP_PLUGIN_INVOKE: Final = 0
 OPTEE_RPC_SHM_TYPE_APPL: Final = 0
 
@@ -160,14 +163,14 @@ class RpcParam:
         return (self.attr, 0, 0, 0)
 
 
+@dataclass(slots=True, eq=False)
 class _Req:
-    __slots__ = ("done", "func", "params", "ret")
+    """One RPC request: its command and params, then the supplicant's answer."""
 
-    def __init__(self, func: int, params: list[RpcParam]) -> None:
-        self.func = func
-        self.params = params
-        self.ret = _COMMUNICATION
-        self.done = False
+    func: int
+    params: list[RpcParam]
+    ret: int = _COMMUNICATION
+    done: bool = False
 
 
 class OpteeSupp:
@@ -226,7 +229,7 @@ class OpteeSupp:
     def alloc_payload(self, size: int) -> _GpShm:
         """An APPL shm of ``size`` bytes from the supplicant (RPC SHM_ALLOC)."""
         p = RpcParam(_VALUE_INOUT, OPTEE_RPC_SHM_TYPE_APPL, size, 0)
-        if self.request(OPTEE_RPC_CMD_SHM_ALLOC, [p]) != _OK:
+        if self.request(_CMD.OPTEE_RPC_CMD_SHM_ALLOC, [p]) != _OK:
             raise GpTaError(_NO_MEMORY, "supplicant could not allocate a payload")
         with self.cond:  # tee_shm_get_from_id(supp->ctx, c)
             ctx = self.ctx
@@ -241,7 +244,7 @@ class OpteeSupp:
             if shm.ctx is not self.ctx or shm.ctx.closed:
                 return
         self.request(
-            OPTEE_RPC_CMD_SHM_FREE, [RpcParam(_VALUE_INOUT, OPTEE_RPC_SHM_TYPE_APPL, shm.id)]
+            _CMD.OPTEE_RPC_CMD_SHM_FREE, [RpcParam(_VALUE_INOUT, OPTEE_RPC_SHM_TYPE_APPL, shm.id)]
         )
 
     def shm_write(self, shm: _GpShm, off: int, data: bytes) -> None:
@@ -268,14 +271,14 @@ class OpteeSupp:
             _VALUE_IN, int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
         )
         query = RpcParam(_MEMREF_OUT, 0, 0)
-        self.call(OPTEE_RPC_CMD_LOAD_TA, [value, query])
+        self.call(_CMD.OPTEE_RPC_CMD_LOAD_TA, [value, query])
         size = query.b
         if not 0 < size <= MAX_TA_IMAGE:
             raise GpTaError(_SECURITY, f"TA image of {size} bytes")
         shm = self.alloc_payload(size)
         try:
             memref = RpcParam(_MEMREF_OUT, 0, size, shm=shm)
-            self.call(OPTEE_RPC_CMD_LOAD_TA, [value, memref])
+            self.call(_CMD.OPTEE_RPC_CMD_LOAD_TA, [value, memref])
             image = self.shm_read(shm, 0, min(memref.b, size))
         finally:
             self.free_payload(shm)
@@ -298,7 +301,7 @@ class OpteeSupp:
             if shm is not None and buf is not None:
                 self.shm_write(shm, 0, bytes(buf))
             memref = RpcParam(_MEMREF_INOUT, 0, size, shm=shm)
-            ret = self.request(OPTEE_RPC_CMD_SUPP_PLUGIN, [head, mid, sub, memref])
+            ret = self.request(_CMD.OPTEE_RPC_CMD_SUPP_PLUGIN, [head, mid, sub, memref])
             outlen = sub.b & 0xFFFF_FFFF
             if shm is not None and buf is not None and outlen:
                 buf[:] = self.shm_read(shm, 0, size)
@@ -328,7 +331,7 @@ class OpteeSupp:
             self.shm_write(shm, 0, req)
             self.shm_write(shm, offs, rsp)
             out = RpcParam(_MEMREF_OUT, offs, rsp_size, shm=shm)
-            self.call(OPTEE_RPC_CMD_RPMB, [RpcParam(_MEMREF_IN, 0, len(req), shm=shm), out])
+            self.call(_CMD.OPTEE_RPC_CMD_RPMB, [RpcParam(_MEMREF_IN, 0, len(req), shm=shm), out])
             return self.shm_read(shm, offs, rsp_size)
 
     def rpmb_fs(self) -> RpmbFs:
@@ -351,13 +354,13 @@ class OpteeSupp:
         try:
             out = RpcParam(_VALUE_OUT)
             op = FsOp.CREATE if create else FsOp.OPEN
-            self.call(OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, op), name, out])
+            self.call(_CMD.OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, op), name, out])
             return out.a
         finally:
             self.free_payload(shm)
 
     def fs_close(self, fd: int) -> None:
-        self.call(OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.CLOSE, fd)])
+        self.call(_CMD.OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.CLOSE, fd)])
 
     def fs_read(self, fd: int, offset: int, size: int) -> bytes:
         if size == 0:
@@ -365,7 +368,7 @@ class OpteeSupp:
         shm = self.alloc_payload(size)
         try:
             memref = RpcParam(_MEMREF_OUT, 0, size, shm=shm)
-            self.call(OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.READ, fd, offset), memref])
+            self.call(_CMD.OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.READ, fd, offset), memref])
             return self.shm_read(shm, 0, min(memref.b, size))
         finally:
             self.free_payload(shm)
@@ -377,17 +380,17 @@ class OpteeSupp:
         try:
             self.shm_write(shm, 0, data)
             memref = RpcParam(_MEMREF_IN, 0, len(data), shm=shm)
-            self.call(OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.WRITE, fd, offset), memref])
+            self.call(_CMD.OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.WRITE, fd, offset), memref])
         finally:
             self.free_payload(shm)
 
     def fs_truncate(self, fd: int, length: int) -> None:
-        self.call(OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.TRUNCATE, fd, length)])
+        self.call(_CMD.OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.TRUNCATE, fd, length)])
 
     def fs_remove(self, path: str) -> None:
         shm, name = self._name(path)
         try:
-            self.call(OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.REMOVE), name])
+            self.call(_CMD.OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.REMOVE), name])
         finally:
             self.free_payload(shm)
 
@@ -397,7 +400,7 @@ class OpteeSupp:
             shm_new, p_new = self._name(new)
             try:
                 head = RpcParam(_VALUE_IN, FsOp.RENAME, int(overwrite))
-                self.call(OPTEE_RPC_CMD_FS, [head, p_old, p_new])
+                self.call(_CMD.OPTEE_RPC_CMD_FS, [head, p_old, p_new])
             finally:
                 self.free_payload(shm_new)
         finally:
@@ -408,7 +411,8 @@ class OpteeSupp:
         shm, name = self._name(path)
         try:
             out = RpcParam(_VALUE_OUT)
-            ret = self.request(OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.OPENDIR), name, out])
+            head = RpcParam(_VALUE_IN, FsOp.OPENDIR)
+            ret = self.request(_CMD.OPTEE_RPC_CMD_FS, [head, name, out])
         finally:
             self.free_payload(shm)
         if ret == _NOT_FOUND:
@@ -423,7 +427,7 @@ class OpteeSupp:
                 while True:
                     memref = RpcParam(_MEMREF_OUT, 0, _NAME_MAX, shm=shm)
                     head = RpcParam(_VALUE_IN, FsOp.READDIR, handle)
-                    ret = self.request(OPTEE_RPC_CMD_FS, [head, memref])
+                    ret = self.request(_CMD.OPTEE_RPC_CMD_FS, [head, memref])
                     if ret == _NOT_FOUND:
                         break
                     if ret != _OK:
@@ -437,7 +441,7 @@ class OpteeSupp:
         return names
 
     def fs_closedir(self, handle: int) -> None:
-        self.call(OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.CLOSEDIR, handle)])
+        self.call(_CMD.OPTEE_RPC_CMD_FS, [RpcParam(_VALUE_IN, FsOp.CLOSEDIR, handle)])
 
 
 # ----------------------------------------------------------------------------- the context

@@ -45,18 +45,20 @@ import os
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 from uuid import UUID
 
 from objects import DriverError, IdrAllocator, ObjectTable, UsageError
 from qtee import _checks, uapi
+from qtee._checks import _einval
 from qtee._tee.core import TeeFile, popped
 from qtee._tee.shm import SHM_MAX, alloc_size, install
 from qtee.addrspace import TASK_SIZE, AddressSpace, ProcessMemory, SharedSpace
 from qtee.gp._identity import Cred, calc_client_uuid, check_user_login
 
 if TYPE_CHECKING:
-    from qtee._optee_supp import OpteeSuppContext
+    from qtee._optee.supp import OpteeSuppContext
     from qtee.secure import SecureWorld
     from qtee.secure._gp import GpParam, GpRuntime, GpTA
 
@@ -71,10 +73,6 @@ _GEN_CAPS: Final = uapi.TEE_GEN_CAP_GP | uapi.TEE_GEN_CAP_REG_MEM | uapi.TEE_GEN
 _VALUE_TYPES: Final = frozenset({1, 2, 3})
 _MEMREF_TYPES: Final = frozenset({5, 6, 7})
 _P = tuple[int, int, int, int]
-
-
-def _einval(why: str) -> DriverError:
-    return DriverError(errno.EINVAL, why)
 
 
 class SessionRuntime(Protocol):
@@ -139,15 +137,13 @@ class _GpShm:
         self.handle = handle  # what the device's _shm_backing made it (None on the host)
 
 
+@dataclass(slots=True, eq=False)
 class _Window:
     """One call's view of a registered shm: ``[addr, addr+len)`` as read before the call."""
 
-    __slots__ = ("addr", "buf", "snap")
-
-    def __init__(self, addr: int, snap: bytes, buf: bytearray) -> None:
-        self.addr = addr
-        self.snap = snap
-        self.buf = buf
+    addr: int
+    snap: bytes
+    buf: bytearray
 
     def write_back(self, memory: AddressSpace) -> None:
         """Write the bytes the TA changed (first to last changed byte), nothing else."""
@@ -207,7 +203,7 @@ class OpteeDevice:
         self.contexts: set[OpteeContext] = set()
         self._opens = itertools.count()
         if standalone:
-            from qtee._optee_supp import attach_rpc
+            from qtee._optee.supp import attach_rpc
 
             attach_rpc(self)
 
@@ -229,8 +225,8 @@ class OpteeDevice:
 
     def open_supplicant(self) -> OpteeSuppContext:
         """Open the privileged device (``/dev/teepriv0``): tee-supplicant's context, with
-        SUPPL_RECV/SEND on the RPC queue (:mod:`qtee._optee_supp`); EBUSY while one is open."""
-        from qtee._optee_supp import attach_rpc
+        SUPPL_RECV/SEND on the RPC queue (:mod:`qtee._optee.supp`); EBUSY while one is open."""
+        from qtee._optee.supp import attach_rpc
 
         return attach_rpc(self).open()
 
@@ -470,24 +466,15 @@ class OpteeContext(TeeFile["_GpShm"]):
             self.device.contexts.discard(self)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
 class _LocalCall:
     """A prepared call for the secure world's GP runtime (the host's driver)."""
 
-    __slots__ = ("ctx", "gp", "params", "shms", "types")
-
-    def __init__(
-        self,
-        ctx: OpteeContext,
-        params: list[_P],
-        types: int,
-        gp: list[GpParam],
-        shms: list[_Window | None],
-    ) -> None:
-        self.ctx = ctx
-        self.params = params
-        self.types = types
-        self.gp = gp
-        self.shms = shms
+    ctx: OpteeContext
+    params: list[_P]
+    types: int
+    gp: list[GpParam]
+    shms: list[_Window | None]
 
     def _runtime(self) -> GpRuntime:
         return self.ctx.device.runtime

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid as uuidlib
 
-from qtee._optee_supp import _OK, _queue_of
+from qtee._optee.supp import _OK, _queue_of
 from qtee.gp._defs import TeecResult, name_of
 from qtee.secure._gp import GpTA, GpTaError
 

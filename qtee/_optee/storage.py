@@ -26,7 +26,7 @@ import uuid as uuidlib
 import weakref
 from typing import Final, Protocol
 
-from qtee._optee_supp import OpteeSupp, _queue_of
+from qtee._optee.supp import OpteeSupp, _queue_of
 from qtee.gp._defs import TeecResult
 from qtee.secure._gp import GpTA, GpTaError
 
