@@ -1,4 +1,4 @@
-"""A client process of the device server, for tests/test_server_processes.py.
+"""A client process of the device server, for tests/remote/test_server_processes.py.
 
 ``python tests/_server_peer.py MODE SOCKET ...``; every line it prints is written
 unbuffered (``os.write``), so what the parent reads after a SIGKILL is a true prefix.
@@ -22,7 +22,7 @@ unbuffered (``os.write``), so what the parent reads after a SIGKILL is a true pr
 
 ``hostile SOCKET CONNS SECONDS SEED``
     ``CONNS`` threads, each keeping one hostile connection open at a time for ``SECONDS``
-    (the server soak, tests/test_server_soak.py): SUPPL_RECV floods, partial frames,
+    (the server soak, tests/remote/test_server_soak.py): SUPPL_RECV floods, partial frames,
     hang-ups mid-call (in a TA's code, in a callback, while loading) and failing
     SHM_ALLOCs (flags, short arg, huge sizes; a good one never freed).  Thread ``k``
     loads TA ``soak.hostile.<k>``.  Prints ``HOSTILE kind=count ...`` and exits 0; the

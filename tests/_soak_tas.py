@@ -1,4 +1,4 @@
-"""TAs of the server soak (tests/test_server_soak.py), registered on import so that
+"""TAs of the server soak (tests/remote/test_server_soak.py), registered on import so that
 ``qtee serve --ta-module tests._soak_tas`` serves them.
 
 ``soak.good.<k>`` (one per well-behaved client, a TA is loaded once per world at a time):

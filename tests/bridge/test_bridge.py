@@ -31,8 +31,8 @@ import pytest
 
 from qtee.bridge import LIBRARY
 from tests import _peers
+from tests._paths import TESTS
 
-TESTS = Path(__file__).resolve().parent
 PROBE_SRC = TESTS / "c" / "bridge_probe.c"
 SOAK = os.environ.get("QTEE_SOAK") == "1"
 

@@ -50,13 +50,13 @@ from qtee.secure import APP_LOADER_UID
 from qtee.secure._apps import ERROR_INVALID_BUFFER
 from supplicant import OpteeSupplicant
 from tests import peer_tas
+from tests._paths import REPO
 from tests.peer_tas import SKELETON_MBN, SKELETON_SHA256, HelloWorld, Hotp, Random, SecureStorage
 
 # The import registered the peer TAs for the whole process; each test here registers them
 # again for itself (``registered`` below), so that other tests' registries stay theirs.
 peer_tas.unregister()
 
-REPO = Path(__file__).resolve().parents[1]
 QUIC_TEEC = "quic-teec-61f6fab.tar.gz"
 SKELETON_MEMBER = f"quic-teec/tests/ta/smcinvoke_skeleton_ta/{SKELETON_MBN}"
 BAD = TeecResult.TEEC_ERROR_BAD_PARAMETERS

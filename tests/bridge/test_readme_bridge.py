@@ -25,9 +25,7 @@ import pytest
 
 from qtee.bridge import LIBRARY
 from tests import _peers
-
-REPO = Path(__file__).resolve().parents[1]
-TESTS = REPO / "tests"
+from tests._paths import REPO, TESTS
 
 pytestmark = pytest.mark.timeout(300)
 

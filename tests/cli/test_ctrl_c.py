@@ -129,7 +129,7 @@ class Interrupted(BaseException):
 def env() -> Iterator[tuple[Device, Context, CheckedMemory]]:
     """A device whose root opens test_driver_callbacks' Caller (op 0: calls back op 5 of
     the object it is given, with ``b"hi"`` and an 8-byte output)."""
-    from tests.test_driver_callbacks import Root
+    from tests.qcomtee.test_driver_callbacks import Root
 
     mem = CheckedMemory()
     dev = Device(SecureWorld(Root()), memory=mem)

@@ -3,7 +3,7 @@ named"): ObjRefs, MemoryObjects and callback objects QTEE holds, each by kind, i
 refers to and the line that made it; ``qtee_close_releases`` opts a test out.
 
 Each scenario runs in a test session of its own (``pytester``, in a subprocess that gets
-the plugin from its entry point), as tests/test_pytest_plugin.py does.
+the plugin from its entry point), as tests/plugin/test_pytest_plugin.py does.
 """
 
 from __future__ import annotations

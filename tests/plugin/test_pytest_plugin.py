@@ -20,10 +20,11 @@ from qtee import Client, Device, DeviceServer, ObjRef, Out, TrustedApp, op
 from qtee.pytest_plugin import AppLoaderHelper, format_leaks
 from qtee.secure import _apps
 from supplicant import FS_LISTENER_ID, TIME_LISTENER_ID, Supplicant
+from tests._paths import REPO, TESTS
 
 pytest_plugins = ["pytester"]
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 
 
 def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -155,7 +156,7 @@ def test_the_plugin_comes_from_the_entry_point_once(pytestconfig: pytest.Config)
 def test_the_conftest_loads_the_plugin_when_autoload_is_off(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makeconftest((TESTS / "conftest.py").read_text())
     pytester.makepyfile(test_inner=LEAKY_AND_CLEAN)
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     result = _run(pytester, "-p", "no:timeout")

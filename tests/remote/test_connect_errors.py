@@ -34,8 +34,7 @@ import qtee
 from objects import ENOTSUPP, op
 from qtee import OUT_OBJECT, Client, ConnectError, DriverError, uapi
 from qtee.secure import QteeRoot, SecureWorld, TrustedApp, ta_image
-
-REPO = Path(__file__).resolve().parent.parent
+from tests._paths import REPO
 
 
 @pytest.fixture

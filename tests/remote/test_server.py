@@ -1,6 +1,6 @@
 """The device server: bad frames close only the offending connection; a client that drops
 is an fd close for the driver (pending callbacks DEFUNCT, tables back).  The scenario
-suite runs in process and against a server in tests/test_scenarios.py.
+suite runs in process and against a server in tests/remote/test_scenarios.py.
 """
 
 from __future__ import annotations

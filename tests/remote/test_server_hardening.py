@@ -51,8 +51,7 @@ from qtee._remote.frames import (
     Welcome,
     encode,
 )
-
-REPO = Path(__file__).resolve().parent.parent
+from tests._paths import REPO
 
 _BUF = struct.Struct("<QQ")
 _PARAM = struct.Struct("<4Q")

@@ -52,10 +52,10 @@ from qtee.secure import QteeRoot, SecureWorld
 from supplicant import OpteeSupplicant
 from tests import _optee_tas as tas
 from tests._optee_peer import RegisteringSupplicant
+from tests._paths import REPO, TESTS
 
 T = TeecParamType
-REPO = Path(__file__).resolve().parent.parent
-PEER = Path(__file__).with_name("_optee_peer.py")
+PEER = TESTS / "_optee_peer.py"
 OPEN_HEAD = struct.Struct("<16s16s6I")
 INVOKE_HEAD = struct.Struct("<6I")
 HEAD = struct.Struct("<2I")

@@ -36,9 +36,9 @@ import pytest
 import qtee
 from objects import QteeError
 from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, Out, op
+from tests._paths import REPO, TESTS
 
-PEER = Path(__file__).with_name("_server_peer.py")
-REPO = PEER.parent.parent
+PEER = TESTS / "_server_peer.py"
 SOAK = os.environ.get("QTEE_SOAK") == "1"
 
 

@@ -37,9 +37,9 @@ import pytest
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, Out, op
 from qtee._remote.server import THREAD_LIMIT
+from tests._paths import REPO, TESTS
 
-REPO = Path(__file__).resolve().parent.parent
-PEER = REPO / "tests" / "_server_peer.py"
+PEER = TESTS / "_server_peer.py"
 SOAK = os.environ.get("QTEE_SOAK") == "1"
 HOSTILE, GOOD, SECONDS = (64, 8, 60.0) if SOAK else (8, 2, 4.0)
 

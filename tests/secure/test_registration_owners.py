@@ -40,7 +40,7 @@ from qtee.secure import (
 from qtee.secure._listeners import ERROR_ALREADY_REGISTERED, ERROR_ID_IN_USE
 from supplicant import ListenerObject, Supplicant, TaBufferObject, TimeService, format_uuid
 from supplicant import time_msg as tm
-from tests.test_listeners import (
+from tests.supp.test_listeners import (
     AUTOLOADED,
     CLOCK,
     PROBE,

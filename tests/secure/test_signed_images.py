@@ -49,7 +49,7 @@ from qtee.secure import (
 )
 from qtee.secure._tafiles import signed_header_uuid
 from supplicant import OpteeSupplicant
-from tests.test_optee_supplicant import LOADABLE_UUID, Loadable, close_session, open_session
+from tests.optee.test_optee_supplicant import LOADABLE_UUID, Loadable, close_session, open_session
 
 SHDR = struct.Struct("<4I2H")
 BOOT = struct.Struct("<16sI")

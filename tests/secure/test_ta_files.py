@@ -78,6 +78,7 @@ from qtee.secure._tafiles import (
     signed_ta_image,
 )
 from supplicant import OpteeSupplicant, Supplicant, format_uuid
+from tests._paths import REPO
 
 pytest_plugins = ["pytester"]
 
@@ -510,7 +511,7 @@ def test_registration_records_are_frozen() -> None:
 
 # ----------------------------------------------------------------------------- README
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 
 
 def test_the_readme_ta_module_registers_on_import(tmp_path: Path) -> None:

@@ -33,9 +33,9 @@ import pytest
 
 from supplicant import FileStore
 from supplicant._fs_paths import TEMP_PREFIX
+from tests._paths import REPO, TESTS
 
-WRITER = Path(__file__).with_name("_fs_crash_writer.py")
-REPO = WRITER.parent.parent
+WRITER = TESTS / "_fs_crash_writer.py"
 WORKERS = 4
 KILLS_PER_WORKER = 55  # 220 kills in all
 EMPTY = hashlib.sha256(b"").hexdigest()

@@ -1,6 +1,6 @@
 """QTEE's GPFS (0x7000) and RPMB (0x2000) listeners in the supplicant (quic-teec.md §5.4;
 issue 16 point 5), reached as QTEE reaches them: secure code in a TA's op
-(:class:`tests.test_listeners.ProbeTA`) makes the request through the listener handle.
+(:class:`tests.supp.test_listeners.ProbeTA`) makes the request through the listener handle.
 
 Facts checked here come from qualcomm-linux/pkg-minkipc:
 * ``listeners/libfsservice/gpfs/gpfs_msg.h@4dbe8a3c9b9fa5c4f769cc90ed6c52de470c7448``
@@ -61,12 +61,12 @@ from supplicant import (
 from supplicant import gpfs_msg as gm
 from supplicant import rpmb_msg as rm
 from tests._helpers import wait_until
-from tests.test_listeners import PROBE, ProbeTA, TaClient
+from tests._paths import REPO
+from tests.supp.test_listeners import PROBE, ProbeTA, TaClient
 
 KEY = bytes(range(32))
 DATA = gm.Partition.DATA
 PERSIST = gm.Partition.PERSIST
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture

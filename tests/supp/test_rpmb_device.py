@@ -38,6 +38,7 @@ from supplicant import (
     frame_mac,
 )
 from supplicant._rpmb import EMU_CID
+from tests._paths import REPO
 
 M = RpmbMsgType
 KEY = bytes(range(32))
@@ -266,7 +267,7 @@ def test_state_file_keeps_key_counter_and_blocks(tmp_path: Path) -> None:
 _KILLED_WRITER = """
 import os, sys
 sys.path.insert(0, {repo!r})
-from tests.test_rpmb_device import program, write
+from tests.supp.test_rpmb_device import program, write
 from supplicant import EmulatedRpmb
 dev = EmulatedRpmb({path!r})
 program(dev)
@@ -281,7 +282,7 @@ def test_an_acknowledged_write_survives_kill_9(tmp_path: Path) -> None:
     """Issue 16 point 5: the response is built after the write is on disk, so a process
     killed right after the answer leaves it in the file."""
     path = tmp_path / "rpmb.bin"
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(REPO)
     code = _KILLED_WRITER.format(repo=repo, path=str(path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=False)
     assert out.returncode == -9 and out.stdout == b"ACK\n", out

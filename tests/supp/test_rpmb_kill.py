@@ -39,9 +39,9 @@ from qtee.gp import (
 )
 from qtee.secure import GpParam, GpSession, GpTA, GpTaError, register_gp_ta, unregister_gp_ta
 from supplicant import EmulatedRpmb
+from tests._paths import REPO
 
 T = TeecParamType
-REPO = Path(__file__).resolve().parent.parent
 WRITE, READ = 0, 1
 RPMB = TEE_STORAGE_PRIVATE_RPMB
 RW = TEE_DATA_FLAG_ACCESS_READ | TEE_DATA_FLAG_ACCESS_WRITE

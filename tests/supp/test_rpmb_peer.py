@@ -55,9 +55,9 @@ from qtee.secure import (
 )
 from supplicant import OpteeSupplicant, RpmbFrame, RpmbMsgType, frame_mac
 from tests import _peers
+from tests._paths import REPO
 
 M = RpmbMsgType
-REPO = Path(__file__).resolve().parent.parent
 LIBRARY = REPO / "qtee" / "bridge" / "libqtee_preload.so"
 KEY = bytes(range(32))
 MEMREF_IN, MEMREF_INOUT = 5, 7

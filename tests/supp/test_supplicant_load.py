@@ -22,7 +22,7 @@ from qtee.secure import QteeRoot, SecureWorld, register_ta, unregister_ta
 from supplicant import Supplicant
 from supplicant import fs_msg as fsm
 from supplicant import time_msg as tm
-from tests.test_listeners import PROBE, ProbeTA, TaClient, fs_call, time_call
+from tests.supp.test_listeners import PROBE, ProbeTA, TaClient, fs_call, time_call
 
 THREADS = 16
 WORKERS = 4

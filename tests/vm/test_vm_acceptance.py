@@ -1,6 +1,6 @@
 """Two guests and the host run the invoke-loop scenario suite at the same time.
 
-Every test function of tests/test_scenarios.py runs, unchanged, on three devices at once:
+Every test function of tests/remote/test_scenarios.py runs, unchanged, on three devices at once:
 the host's ``Device`` on the monitor, and the own driver models of two QTEE guests behind
 the VMM-side mediator, each in its own thread with its own client and client env (what
 the plugin's fixtures would give it).  All green, every table empty afterwards: the host
@@ -21,7 +21,7 @@ import qtee
 from qtee.__main__ import main
 from qtee.secure import SecureMonitor
 from qtee.vm import Vmm
-from tests import test_scenarios as suite
+from tests.remote import test_scenarios as suite
 
 SCENARIOS: list[tuple[str, Callable[..., None]]] = [
     (name, fn)

@@ -41,7 +41,7 @@ from qtee.secure import SecureMonitor
 from qtee.vm import Guest, Vmm
 from tests._helpers import MEM, OBJ_IN, raw_invoke
 from tests._vm_helpers import TA_NAME, U32, App, Recorder, VmTA, open_app
-from tests.test_vm_qtee import RoguePrimordial, Smuggler
+from tests.vm.test_vm_qtee import RoguePrimordial, Smuggler
 
 pytestmark = [pytest.mark.qtee_ta(TA_NAME, VmTA), pytest.mark.timeout(120)]
 
