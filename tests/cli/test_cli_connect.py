@@ -29,16 +29,10 @@ from qtee import OUT_OBJECT, DeviceServer, Out, op
 from qtee.__main__ import main
 from qtee._cli import trace as _trace
 from supplicant import time_msg
+from tests._tas import Adder
 
 ADDER = "cli.adder"
 TIME_ASKER = "cli.time_asker"
-
-
-class Adder(qtee.TrustedApp):
-    @op(0, ib=(8,), ob=(4,))
-    def add(self, pair: bytes) -> bytes:
-        a, b = struct.unpack("<II", pair)
-        return struct.pack("<I", a + b)
 
 
 class TimeAsker(qtee.TrustedApp):

@@ -12,14 +12,9 @@ from typing import Any
 import pytest
 
 import qtee
-from qtee import Client, ObjRef, Out, op, uapi
+from qtee import Client, ObjRef, Out, uapi
 from qtee.pytest_plugin import AppLoaderHelper
-
-
-class Adder(qtee.TrustedApp):
-    @op(0, ib=(8,), ob=(4,))
-    def add(self, pair: bytes) -> bytes:
-        return struct.pack("<I", sum(struct.unpack("<II", pair)))
+from tests._tas import Adder
 
 
 @pytest.mark.qtee_ta("adder", Adder)

@@ -21,13 +21,11 @@ from tests._helpers import (
     expect_invoke_errno,
     raw_invoke,
 )
+from tests._tas import Adder
 
 
-class Adder(SecureObject):
-    @op(0, ib=(8,), ob=(4,))
-    def add(self, pair: bytes) -> bytes:
-        a, b = struct.unpack("<II", pair)
-        return struct.pack("<I", a + b)
+class Target(Adder):
+    """The shared adder (op 0), and op 1 answering the object it is given."""
 
     @op(1, io=1, oo=1)
     def same(self, other: object) -> object:
@@ -37,7 +35,7 @@ class Adder(SecureObject):
 class Root(SecureObject):
     @op(0, oo=1)
     def open(self) -> SecureObject:
-        return Adder()
+        return Target()
 
 
 @pytest.fixture

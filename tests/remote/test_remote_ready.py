@@ -26,7 +26,7 @@ import pytest
 
 import qtee
 from objects import DriverError, UsageError
-from qtee import OUT_OBJECT, CallbackObject, Device, DeviceServer, Out, ProcessMemory, op, uapi
+from qtee import OUT_OBJECT, Device, DeviceServer, Out, ProcessMemory, uapi
 from qtee._remote.frames import (
     Answer,
     FrameDecoder,
@@ -44,18 +44,12 @@ from qtee.client import _Credentials
 from qtee.secure import QteeRoot, SecureWorld
 from tests import _optee_tas as tas
 from tests._helpers import META_OUT, OBJ_IN, UB_IN, UB_OUT, USER, buf_arg, recv_block
-from tests._soak_tas import Good
+from tests._tas import Echoer, Through
 
 RELEASE = 0xFFFF
 
 
-class Echoer(CallbackObject):
-    @op(0, ib=(None,), ob=(None,))
-    def echo(self, data: bytes) -> bytes:
-        return b"echo" + data[::-1]
-
-
-THROUGH = pytest.mark.qtee_ta("ready.through", Good)  # op 0 calls back, op 1 adds
+THROUGH = pytest.mark.qtee_ta("ready.through", Through)  # op 0 calls back, op 1 adds
 
 
 @pytest.fixture
@@ -320,7 +314,7 @@ def test_four_raw_workers_serve_callbacks(server: DeviceServer) -> None:
     errors: list[BaseException] = []
 
     def caller(k: int) -> None:
-        cb = Echoer()
+        cb = Echoer(b"echo")
         try:
             for i in range(25):
                 data = f"{k}:{i}".encode() * (1 + i % 3)

@@ -21,6 +21,7 @@ import qtee
 from objects import DriverError, QteeError
 from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, Out, op
 from qtee._remote.frames import MAX_FRAME, Bye, FrameDecoder, Hello, Ioctl, encode
+from tests._tas import Caller, Keeper
 
 
 class Scenario(qtee.TrustedApp):
@@ -145,31 +146,6 @@ def test_out_of_order_seq_closes_the_connection(server: DeviceServer) -> None:
     dec.feed(data)
     kinds = [type(m).__name__ for m in dec]
     assert kinds[0] == "Welcome" and kinds[-1] == "Bye"
-
-
-class Keeper(qtee.TrustedApp):
-    """Keeps a callback object in QTEE (class-level, so another TA can reach it)."""
-
-    kept: NsObject | None = None
-
-    @op(0, io=1)
-    def keep(self, cb: NsObject) -> None:
-        Keeper.kept = cb.retain()
-
-
-class Caller(qtee.TrustedApp):
-    @op(0)
-    def call_kept(self) -> None:
-        assert Keeper.kept is not None
-        res = Keeper.kept.invoke(1)
-        if res.result:
-            raise QteeError(res.result)
-
-    @op(1)
-    def drop_kept(self) -> None:
-        if Keeper.kept is not None:
-            Keeper.kept.release()
-            Keeper.kept = None
 
 
 def _load(client: qtee.Client, name: str) -> tuple[qtee.ObjRef, ...]:

@@ -38,7 +38,7 @@ import pytest
 
 import qtee
 from objects import DriverError, QteeError
-from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, Out, op, uapi
+from qtee import OUT_OBJECT, DeviceServer, NsObject, Out, op, uapi
 from qtee.__main__ import main
 from qtee._remote.frames import (
     Bye,
@@ -52,6 +52,7 @@ from qtee._remote.frames import (
     encode,
 )
 from tests._paths import REPO
+from tests._tas import Sleeper
 
 _BUF = struct.Struct("<QQ")
 _PARAM = struct.Struct("<4Q")
@@ -82,15 +83,6 @@ class Slow(qtee.TrustedApp):
     def add(self, pair: bytes) -> bytes:
         a, b = struct.unpack("<II", pair)
         return struct.pack("<I", (a + b) & 0xFFFF_FFFF)
-
-
-class Sleeper(CallbackObject):
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    @op(1)
-    def nap(self) -> None:
-        time.sleep(self.seconds)
 
 
 SLOW = pytest.mark.qtee_ta("hardening.slow", Slow)

@@ -35,62 +35,15 @@ import pytest
 
 import qtee
 from objects import QteeError
-from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, Out, op
+from qtee import OUT_OBJECT, DeviceServer, Out
 from tests._paths import REPO, TESTS
+from tests._tas import Caller, Echoer, Keeper, Through
 
 PEER = TESTS / "_server_peer.py"
 SOAK = os.environ.get("QTEE_SOAK") == "1"
 
 
 # ---------------------------------------------------------------------------- TAs
-class Keeper(qtee.TrustedApp):
-    """Keeps the callback object it is given (class-level, so Caller reaches it)."""
-
-    kept: NsObject | None = None
-
-    @op(0, io=1)
-    def keep(self, cb: NsObject) -> None:
-        Keeper.kept = cb.retain()
-
-
-class Caller(qtee.TrustedApp):
-    @op(0)
-    def call_kept(self) -> None:
-        kept = Keeper.kept
-        assert kept is not None
-        res = kept.invoke(1)
-        if res.result:
-            raise QteeError(res.result)
-
-    @op(1)
-    def drop_kept(self) -> None:
-        if Keeper.kept is not None:
-            Keeper.kept.release()
-            Keeper.kept = None
-
-
-class Through(qtee.TrustedApp):
-    """op 0: QTEE calls ``cb`` op 0 with ``data`` and returns its answer; op 1: adds."""
-
-    @op(0, ib=(None,), io=1, ob=(None,))
-    def through(self, data: bytes, cb: NsObject) -> bytes:
-        res = cb.invoke(0, ib=[data], ob=[len(data) + 64])
-        if res.result:
-            raise QteeError(res.result)
-        return res.ob[0]
-
-    @op(1, ib=(8,), ob=(4,))
-    def add(self, pair: bytes) -> bytes:
-        a, b = struct.unpack("<II", pair)
-        return struct.pack("<I", (a + b) & 0xFFFF_FFFF)
-
-
-class Echoer(CallbackObject):
-    @op(0, ib=(None,), ob=(None,))
-    def echo(self, data: bytes) -> bytes:
-        return b"test" + data[::-1]
-
-
 KEEPER = pytest.mark.qtee_ta("procs.keeper", Keeper)
 CALLER = pytest.mark.qtee_ta("procs.caller", Caller)
 THROUGH = pytest.mark.qtee_ta("procs.through", Through)
@@ -231,7 +184,7 @@ def test_kill_9_supplicant(server: DeviceServer) -> None:
 
         # The server goes on: the other client is served, new connections are accepted.
         assert _add(orefs[0], 1, 2) == 3
-        echo = Echoer()
+        echo = Echoer(b"test")
         assert orefs[0].invoke(0, b"abc", echo, Out(64)) == [b"testcba"]
         with qtee.Client(qtee.connect(server.path), workers=1) as late_client:
             # The dead process's controller was released with its fd: Keeper is unloaded.
@@ -349,7 +302,7 @@ def test_garbage_process(server: DeviceServer, caplog: pytest.LogCaptureFixture)
     errors: list[BaseException] = []
     try:
         refs = _load(good, "procs.through")
-        echo = Echoer()
+        echo = Echoer(b"test")
 
         def invoke_forever() -> None:
             rng = random.Random(6)

@@ -35,22 +35,14 @@ from pathlib import Path
 import pytest
 
 import qtee
-from qtee import OUT_OBJECT, CallbackObject, Out, op
+from qtee import OUT_OBJECT, Out
 from qtee._remote.server import THREAD_LIMIT
 from tests._paths import REPO, TESTS
+from tests._tas import Echoer
 
 PEER = TESTS / "_server_peer.py"
 SOAK = os.environ.get("QTEE_SOAK") == "1"
 HOSTILE, GOOD, SECONDS = (64, 8, 60.0) if SOAK else (8, 2, 4.0)
-
-
-class Echoer(CallbackObject):
-    def __init__(self, tag: bytes) -> None:
-        self.tag = tag
-
-    @op(0, ib=(None,), ob=(None,))
-    def echo(self, data: bytes) -> bytes:
-        return self.tag + data[::-1]
 
 
 class _Sampler:

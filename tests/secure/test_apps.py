@@ -7,23 +7,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from objects import op
 from qtee import Context, Device, uapi
 from qtee.addrspace import CheckedMemory
-from qtee.secure import QteeRoot, SecureWorld, TrustedApp, register_ta, ta_image, unregister_ta
+from qtee.secure import QteeRoot, SecureWorld, register_ta, ta_image, unregister_ta
 from tests._helpers import OBJ_IN, OBJ_OUT, UB_IN, UB_OUT, USER, RawSupplicant, raw_invoke
-
-
-class AddTA(TrustedApp):
-    @op(0, ib=(8,), ob=(4,))
-    def add(self, pair: bytes) -> bytes:
-        a, b = struct.unpack("<II", pair)
-        return struct.pack("<I", a + b)
+from tests._tas import Adder
 
 
 @pytest.fixture
 def env() -> Iterator[tuple[Device, Context, CheckedMemory, int]]:
-    register_ta("sample.add", AddTA)
+    register_ta("sample.add", Adder)
     mem = CheckedMemory()
     dev = Device(SecureWorld(QteeRoot()), memory=mem)
     ctx = dev.open()

@@ -40,12 +40,12 @@ from qtee.secure import (
 from qtee.secure._listeners import ERROR_ALREADY_REGISTERED, ERROR_ID_IN_USE
 from supplicant import ListenerObject, Supplicant, TaBufferObject, TimeService, format_uuid
 from supplicant import time_msg as tm
+from tests._tas import Adder
 from tests.supp.test_listeners import (
     AUTOLOADED,
     CLOCK,
     PROBE,
     UTC_ANSWER,
-    AutoloadedTA,
     ProbeTA,
     TaClient,
     time_call,
@@ -59,7 +59,7 @@ TIME = 0xB
 
 
 class EvilTA(TrustedApp):
-    """What the attacker would like a victim to load in place of :class:`AutoloadedTA`."""
+    """What the attacker would like a victim to load in place of :class:`tests._tas.Adder`."""
 
     @op(0, ib=(8,), ob=(4,))
     def add(self, pair: bytes) -> bytes:
@@ -69,7 +69,7 @@ class EvilTA(TrustedApp):
 @pytest.fixture
 def dev() -> Iterator[Device]:
     register_ta(PROBE, ProbeTA)
-    register_ta(AUTOLOADED, AutoloadedTA)
+    register_ta(AUTOLOADED, Adder)
     register_ta(EVIL, EvilTA)
     try:
         yield Device(SecureWorld(QteeRoot()))

@@ -79,6 +79,7 @@ from qtee.secure._tafiles import (
 )
 from supplicant import OpteeSupplicant, Supplicant, format_uuid
 from tests._paths import REPO
+from tests._tas import Adder
 
 pytest_plugins = ["pytester"]
 
@@ -94,12 +95,6 @@ ELF64 = (
     + struct.pack("<IIQQQQQQ", 1, 5, 0, 0, 0, 200, 200, 0x1000)
     + bytes(range(256))[: 200 - 120]
 )
-
-
-class Adder(TrustedApp):
-    @op(0, ib=(8,), ob=(4,))
-    def add(self, pair: bytes) -> bytes:
-        return struct.pack("<I", sum(struct.unpack("<II", pair)))
 
 
 class Subtracter(TrustedApp):

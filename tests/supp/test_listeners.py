@@ -53,6 +53,7 @@ from supplicant import (
 from supplicant import fs_msg as fsm
 from supplicant import time_msg as tm
 from tests._helpers import wait_until
+from tests._tas import Adder
 
 PROBE = "listeners.probe"
 AUTOLOADED = "listeners.autoloaded"
@@ -88,15 +89,6 @@ class ProbeTA(TrustedApp):
             job.exc = exc
 
 
-class AutoloadedTA(TrustedApp):
-    """The TA the autoload test fetches by UUID: op 0 add(u32, u32) -> u32."""
-
-    @op(0, ib=(8,), ob=(4,))
-    def add(self, pair: bytes) -> bytes:
-        a, b = struct.unpack("<II", pair)
-        return struct.pack("<I", a + b)
-
-
 class TaClient:
     """A client with :class:`ProbeTA` loaded; :meth:`run` runs code as that TA."""
 
@@ -128,7 +120,7 @@ class TaClient:
 @pytest.fixture
 def dev() -> Iterator[Device]:
     register_ta(PROBE, ProbeTA)
-    register_ta(AUTOLOADED, AutoloadedTA)
+    register_ta(AUTOLOADED, Adder)
     try:
         yield Device(SecureWorld(QteeRoot()))
     finally:
