@@ -25,9 +25,6 @@ from qtee.secure import (
     GpTaError,
     QteeRoot,
     SecureWorld,
-    install_gp_app_client,
-    register_gp_ta,
-    unregister_gp_ta,
 )
 from qtee.secure._gpclient import (
     IC_IN,
@@ -90,26 +87,15 @@ class AddTA(GpTA):
             raise GpTaError(TeecResult.TEEC_ERROR_NOT_SUPPORTED)
 
 
-@pytest.fixture
-def device() -> Iterator[Device]:
-    register_gp_ta(AddTA)
-    world = SecureWorld(QteeRoot())
-    install_gp_app_client(world)
-    yield Device(world)
-    unregister_gp_ta(TA_UUID)
+#: Every test's GP TA, on the plugin's standard QTEE (``qtee_device`` offers IGPAppClient);
+#: ``with_args``: a lone class argument would be taken for the decorated object.
+pytestmark = pytest.mark.qtee_gp_ta.with_args(AddTA)
 
 
 @pytest.fixture
-def client(device: Device) -> Iterator[Client]:
-    c = Client(device, workers=1)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def transport(client: Client) -> Iterator[QteeGpTransport]:
-    with client.client_env() as env:
-        t = QteeGpTransport(client, env)
+def transport(qtee_client: Client) -> Iterator[QteeGpTransport]:
+    with qtee_client.client_env() as env:
+        t = QteeGpTransport(qtee_client, env)
     yield t
     t.close()
 
@@ -165,8 +151,8 @@ def raw_add(sess: ObjRef, a: int, b: int) -> tuple[int, int, int]:
     return ret, origin, VALUE.unpack(res[1])[0]
 
 
-def test_idl_open_invoke_close(client: Client) -> None:
-    with client.client_env() as env, client.open_service(env, CGPAPPCLIENT_UID) as app:
+def test_idl_open_invoke_close(qtee_client: Client) -> None:
+    with qtee_client.client_env() as env, qtee_client.open_service(env, CGPAPPCLIENT_UID) as app:
         ret, origin, sess = raw_open(app, TA_UUID)
         assert (ret, origin) == (OK, TA)
         assert isinstance(sess, ObjRef)
@@ -182,8 +168,8 @@ def test_idl_open_invoke_close(client: Client) -> None:
         sess.release()
 
 
-def test_idl_open_failures(client: Client) -> None:
-    with client.client_env() as env, client.open_service(env, CGPAPPCLIENT_UID) as app:
+def test_idl_open_failures(qtee_client: Client) -> None:
+    with qtee_client.client_env() as env, qtee_client.open_service(env, CGPAPPCLIENT_UID) as app:
         assert raw_open(app, UNKNOWN_UUID) == (NOT_FOUND, TEE, None)
         refuse = (VALUE.pack(REFUSE, 0), b"", b"", b"")
         assert raw_open(app, TA_UUID, VI, refuse) == (DENIED, TA, None)
@@ -196,9 +182,9 @@ def test_idl_open_failures(client: Client) -> None:
         assert exc.value.result == 2
 
 
-def test_idl_release_closes_session(client: Client, device: Device) -> None:
-    runtime = device.world.gp  # type: ignore[attr-defined]
-    with client.client_env() as env, client.open_service(env, CGPAPPCLIENT_UID) as app:
+def test_idl_release_closes_session(qtee_client: Client, qtee_device: Device) -> None:
+    runtime = qtee_device.world.gp  # type: ignore[attr-defined]
+    with qtee_client.client_env() as env, qtee_client.open_service(env, CGPAPPCLIENT_UID) as app:
         _, _, sess = raw_open(app, TA_UUID)
         assert sess is not None
         assert runtime.live()["sessions"] == 1
@@ -206,11 +192,11 @@ def test_idl_release_closes_session(client: Client, device: Device) -> None:
         assert runtime.live() == {"sessions": 0, "instances": 0}
 
 
-def test_idl_memref_through_memory_object(client: Client) -> None:
+def test_idl_memref_through_memory_object(qtee_client: Client) -> None:
     with (
-        client.client_env() as env,
-        client.open_service(env, CGPAPPCLIENT_UID) as app,
-        client.memory(64) as mem,
+        qtee_client.client_env() as env,
+        qtee_client.open_service(env, CGPAPPCLIENT_UID) as app,
+        qtee_client.memory(64) as mem,
     ):
         _, _, sess = raw_open(app, TA_UUID)
         assert sess is not None
@@ -233,11 +219,11 @@ def test_idl_memref_through_memory_object(client: Client) -> None:
         sess.release()
 
 
-def test_session_object_of_another_context(device: Device, client: Client) -> None:
-    with client.client_env() as env, client.open_service(env, CGPAPPCLIENT_UID) as app:
+def test_session_object_of_another_context(qtee_device: Device, qtee_client: Client) -> None:
+    with qtee_client.client_env() as env, qtee_client.open_service(env, CGPAPPCLIENT_UID) as app:
         _, _, sess = raw_open(app, TA_UUID)
         assert sess is not None
-        with Client(device, workers=0) as other:
+        with Client(qtee_device, workers=0) as other:
             with pytest.raises(DriverError) as exc:
                 ObjRef(other, sess.id).invoke(0)
             assert exc.value.errno == errno.EINVAL
@@ -333,10 +319,10 @@ def test_transport_panic_and_failures(transport: QteeGpTransport) -> None:
     assert exc.value.errno == errno.EOPNOTSUPP
 
 
-def test_transport_sessions_are_per_transport(device: Device, client: Client) -> None:
-    with client.client_env() as env:
-        a = QteeGpTransport(client, env)
-    with Client(device, workers=1) as other:
+def test_transport_sessions_are_per_transport(qtee_device: Device, qtee_client: Client) -> None:
+    with qtee_client.client_env() as env:
+        a = QteeGpTransport(qtee_client, env)
+    with Client(qtee_device, workers=1) as other:
         with other.client_env() as env2:
             b = QteeGpTransport(other, env2)
         s = open_ta(a)
@@ -351,7 +337,7 @@ def test_transport_sessions_are_per_transport(device: Device, client: Client) ->
         b.close()
     a.cancel(s, 1)
     a.close()  # closes the session it still holds
-    assert device.world.gp.live() == {"sessions": 0, "instances": 0}  # type: ignore[attr-defined]
+    assert qtee_device.world.gp.live() == {"sessions": 0, "instances": 0}  # type: ignore[attr-defined]
 
 
 def test_map_idl_error() -> None:
@@ -387,12 +373,12 @@ def test_transport_cancel(transport: QteeGpTransport) -> None:
 # ----------------------------------------------------------------------------- TeecContext
 
 
-def test_teec_context_over_qtee(client: Client) -> None:
+def test_teec_context_over_qtee(qtee_client: Client) -> None:
     import qtee.gp as gp
     from qtee.gp import TeecError, TeecMemFlag, TeecParamType, param_types
 
-    with client.client_env() as env:
-        ctx = gp.TeecContext(QteeGpTransport(client, env))
+    with qtee_client.client_env() as env:
+        ctx = gp.TeecContext(QteeGpTransport(qtee_client, env))
     try:
         assert ctx.memref_null and not ctx.reg_mem
         sess = ctx.open_session(TA_UUID)

@@ -19,7 +19,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,15 +52,6 @@ RELEASE = 0xFFFF
 THROUGH = pytest.mark.qtee_ta("ready.through", Through)  # op 0 calls back, op 1 adds
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[DeviceServer]:
-    srv = DeviceServer(tmp_path / "s").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def _eventually(cond: Callable[[], object], timeout: float = 5.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -82,12 +73,12 @@ def _queue_release(ctx: object, mem: CheckedMemory, uid: int = 42) -> None:
 
 
 # ----------------------------------------------------------------------------- recv_nowait
-def test_recv_nowait_over_the_socket_is_the_models(server: DeviceServer) -> None:
+def test_recv_nowait_over_the_socket_is_the_models(qtee_server: DeviceServer) -> None:
     """EAGAIN at once with nothing queued and nothing written; a queued request is
     received with the same bytes as in process."""
     local = Device(SecureWorld(QteeRoot()), memory=CheckedMemory())
     assert isinstance(local.memory, CheckedMemory)
-    remote = qtee.connect(server.path)
+    remote = qtee.connect(qtee_server.path)
     assert isinstance(remote.memory, CheckedMemory)
     got = []
     for dev, mem in ((local, local.memory), (remote, remote.memory)):
@@ -106,13 +97,13 @@ def test_recv_nowait_over_the_socket_is_the_models(server: DeviceServer) -> None
     assert got[0] == got[1]
     head = uapi.SuppRecvArg.unpack(got[1])
     assert (head.func, head.num_params) == (RELEASE, 1)
-    assert _eventually(lambda: server.device.leaks() == {})
+    assert _eventually(lambda: qtee_server.device.leaks() == {})
 
 
-def test_recv_nowait_on_a_lost_connection_is_ebadf(server: DeviceServer) -> None:
-    device = qtee.connect(server.path)
+def test_recv_nowait_on_a_lost_connection_is_ebadf(qtee_server: DeviceServer) -> None:
+    device = qtee.connect(qtee_server.path)
     ctx = device.open()
-    server.stop()
+    qtee_server.stop()
     assert _eventually(lambda: ctx.lost)
     with pytest.raises(DriverError) as exc:
         ctx.recv_nowait(bytearray(16))
@@ -120,8 +111,8 @@ def test_recv_nowait_on_a_lost_connection_is_ebadf(server: DeviceServer) -> None
 
 
 # ----------------------------------------------------------------------------- on_ready
-def test_on_ready_fires_when_a_request_is_queued_and_at_the_end(server: DeviceServer) -> None:
-    device = qtee.connect(server.path)
+def test_on_ready_fires_when_a_request_is_queued_and_at_the_end(qtee_server: DeviceServer) -> None:
+    device = qtee.connect(qtee_server.path)
     ctx = device.open()
     calls: list[float] = []
     ready = threading.Event()
@@ -139,7 +130,7 @@ def test_on_ready_fires_when_a_request_is_queued_and_at_the_end(server: DeviceSe
     block = recv_block(device.memory.pin(bytearray(64)), 64, 2)
     assert ctx.recv_nowait(buf_arg(device.memory, block)) == 0  # type: ignore[arg-type]
     n = len(calls)
-    server.stop()  # the connection is lost: one more call, and the fd is gone
+    qtee_server.stop()  # the connection is lost: one more call, and the fd is gone
     assert ready.wait(5) and len(calls) == n + 1 and ctx.lost
     with pytest.raises(DriverError):
         ctx.recv_nowait(buf_arg(device.memory, block))  # type: ignore[arg-type]
@@ -149,8 +140,8 @@ def test_on_ready_fires_when_a_request_is_queued_and_at_the_end(server: DeviceSe
     ctx.close()
 
 
-def test_on_ready_fires_at_close_and_none_stops_it(server: DeviceServer) -> None:
-    device = qtee.connect(server.path)
+def test_on_ready_fires_at_close_and_none_stops_it(qtee_server: DeviceServer) -> None:
+    device = qtee.connect(qtee_server.path)
     ctx = device.open()
     calls: list[int] = []
     ctx.on_ready = lambda: calls.append(1)
@@ -167,8 +158,8 @@ def test_on_ready_fires_at_close_and_none_stops_it(server: DeviceServer) -> None
         other.on_ready = 5  # type: ignore[assignment]
 
 
-def test_a_request_queued_before_the_watch_is_told(server: DeviceServer) -> None:
-    device = qtee.connect(server.path)
+def test_a_request_queued_before_the_watch_is_told(qtee_server: DeviceServer) -> None:
+    device = qtee.connect(qtee_server.path)
     ctx = device.open()
     _queue_release(ctx, device.memory)  # type: ignore[arg-type]
     ready = threading.Event()
@@ -193,12 +184,12 @@ def _frames(sock: socket.socket, dec: FrameDecoder, seconds: float) -> list[obje
     return out
 
 
-def test_no_ready_frames_unless_watched(server: DeviceServer) -> None:
+def test_no_ready_frames_unless_watched(qtee_server: DeviceServer) -> None:
     """A connection that never sends ``watch`` gets no ``ready`` frame when a request is
     queued on its fd; after a ``watch`` (answered ``watching``) it does."""
     mem = CheckedMemory()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(server.path)
+    sock.connect(qtee_server.path)
     dec = FrameDecoder(expect_increasing_seq=False)
     try:
         sock.sendall(encode(Hello(client="raw")))
@@ -222,7 +213,7 @@ def test_no_ready_frames_unless_watched(server: DeviceServer) -> None:
         assert got == [Answer(seq=2, data={"watching": True}), Ready()]
     finally:
         sock.close()
-    assert _eventually(lambda: server.connections == 0)
+    assert _eventually(lambda: qtee_server.connections == 0)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -287,11 +278,11 @@ def _raw_worker(
 
 
 @THROUGH
-def test_four_raw_workers_serve_callbacks(server: DeviceServer) -> None:
+def test_four_raw_workers_serve_callbacks(qtee_server: DeviceServer) -> None:
     """Four workers, each looping "wait for the event on_ready sets, recv_nowait, SEND",
     serve 8 concurrent callers x 25 callbacks: every answer right, no thread ever
     blocked in SUPPL_RECV, nothing left in the server."""
-    device = qtee.connect(server.path)
+    device = qtee.connect(qtee_server.path)
     client = qtee.Client(device, workers=0)  # the raw workers serve the credentials too
     ctx = client.ctx
     assert isinstance(ctx, qtee.RemoteContext) and isinstance(device.memory, CheckedMemory)
@@ -340,15 +331,15 @@ def test_four_raw_workers_serve_callbacks(server: DeviceServer) -> None:
     for t in workers:
         t.join(5)
     client.close()
-    assert _eventually(lambda: server.device.leaks() == {})
+    assert _eventually(lambda: qtee_server.device.leaks() == {})
 
 
 # ----------------------------------------------------------------------------- ProcessMemory
 @THROUGH
-def test_process_memory_with_ctypes_buffers(server: DeviceServer) -> None:
+def test_process_memory_with_ctypes_buffers(qtee_server: DeviceServer) -> None:
     """``RemoteDevice(path, memory=ProcessMemory())``: the argument block and the buffers
     are plain ctypes buffers named by their real addresses, nothing pinned."""
-    device = qtee.connect(server.path, memory=ProcessMemory())
+    device = qtee.connect(qtee_server.path, memory=ProcessMemory())
     assert isinstance(device.memory, ProcessMemory)
     client = qtee.Client(device, workers=1)
     try:
@@ -381,7 +372,7 @@ def test_process_memory_with_ctypes_buffers(server: DeviceServer) -> None:
             ref.release()
     finally:
         client.close()
-    assert _eventually(lambda: server.device.leaks() == {})
+    assert _eventually(lambda: qtee_server.device.leaks() == {})
 
 
 def test_process_memory_registered_windows(tmp_path: Path) -> None:

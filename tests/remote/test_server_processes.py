@@ -28,7 +28,6 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import IO
 
 import pytest
@@ -50,15 +49,6 @@ THROUGH = pytest.mark.qtee_ta("procs.through", Through)
 
 
 # ---------------------------------------------------------------------------- helpers
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[DeviceServer]:
-    srv = DeviceServer(tmp_path / "s").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def _eventually(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -129,25 +119,25 @@ IN_FLIGHT = 50
 @KEEPER
 @CALLER
 @THROUGH
-def test_kill_9_supplicant(server: DeviceServer) -> None:
+def test_kill_9_supplicant(qtee_server: DeviceServer) -> None:
     """Kill -9 of a supplicant process while 50 callbacks into it are in flight: every
     waiting TA call completes with DEFUNCT (-90) within 2 s, the server keeps serving the
     other connections, and its tables return to their pre-test state (issue 6)."""
-    caller = qtee.Client(qtee.connect(server.path), workers=1)
-    other = qtee.Client(qtee.connect(server.path), workers=1)
+    caller = qtee.Client(qtee.connect(qtee_server.path), workers=1)
+    other = qtee.Client(qtee.connect(qtee_server.path), workers=1)
     peer: subprocess.Popen[bytes] | None = None
     try:
         refs = _load(caller, "procs.caller")
         orefs = _load(other, "procs.through")
-        before = server.device.leaks()
-        conns = server.connections
+        before = qtee_server.device.leaks()
+        conns = qtee_server.connections
         assert conns == 2
 
         # The supplicant: 50 workers, its blocking object kept by QTEE.
-        peer = _peer("supplicant", server.path, "procs.keeper", IN_FLIGHT)
+        peer = _peer("supplicant", qtee_server.path, "procs.keeper", IN_FLIGHT)
         lines = _Lines(peer)
         lines.expect("READY")
-        assert Keeper.kept is not None and server.connections == conns + 1
+        assert Keeper.kept is not None and qtee_server.connections == conns + 1
 
         outcome: list[tuple[BaseException | None, float]] = []
         lock = threading.Lock()
@@ -186,14 +176,14 @@ def test_kill_9_supplicant(server: DeviceServer) -> None:
         assert _add(orefs[0], 1, 2) == 3
         echo = Echoer(b"test")
         assert orefs[0].invoke(0, b"abc", echo, Out(64)) == [b"testcba"]
-        with qtee.Client(qtee.connect(server.path), workers=1) as late_client:
+        with qtee.Client(qtee.connect(qtee_server.path), workers=1) as late_client:
             # The dead process's controller was released with its fd: Keeper is unloaded.
             _release(_load(late_client, "procs.keeper"))
 
         refs[0].invoke(1)  # QTEE drops the reference it kept to the dead process's object
-        assert _eventually(lambda: server.connections == conns)
-        assert _eventually(lambda: server.device.leaks() == before), (
-            server.device.leaks(),
+        assert _eventually(lambda: qtee_server.connections == conns)
+        assert _eventually(lambda: qtee_server.device.leaks() == before), (
+            qtee_server.device.leaks(),
             before,
         )
         _release(refs)
@@ -205,8 +195,8 @@ def test_kill_9_supplicant(server: DeviceServer) -> None:
         Keeper.kept = None
         caller.close()
         other.close()
-    assert _eventually(lambda: server.connections == 0)
-    assert server.device.leaks() == {}
+    assert _eventually(lambda: qtee_server.connections == 0)
+    assert qtee_server.device.leaks() == {}
 
 
 # ---------------------------------------------------------------------------- many clients
@@ -254,7 +244,7 @@ def through_per_process() -> Iterator[None]:
 @pytest.mark.slow
 @pytest.mark.timeout(900 if SOAK else 300)
 @pytest.mark.usefixtures("through_per_process")
-def test_many_client_processes(server: DeviceServer) -> None:
+def test_many_client_processes(qtee_server: DeviceServer) -> None:
     """Concurrent client processes x invokes with callbacks against one server: every
     answer correct (checked in each process), and after they disconnect the server holds
     nothing and its traced memory is back to the baseline (issue 6).
@@ -263,9 +253,9 @@ def test_many_client_processes(server: DeviceServer) -> None:
     with ``QTEE_SOAK=1`` (``make soak``); otherwise 8 processes x 50 invokes.
     """
     # Warm-up: first-use allocations (imports, caches, thread-local slots) are not growth.
-    assert _run_echo_peers(server.path, 2, 5, 60) == []
-    assert _eventually(lambda: server.connections == 0)
-    assert server.device.leaks() == {}
+    assert _run_echo_peers(qtee_server.path, 2, 5, 60) == []
+    assert _eventually(lambda: qtee_server.connections == 0)
+    assert qtee_server.device.leaks() == {}
 
     started = not tracemalloc.is_tracing()
     if started:
@@ -274,11 +264,11 @@ def test_many_client_processes(server: DeviceServer) -> None:
         gc.collect()
         base = tracemalloc.get_traced_memory()[0]
         t0 = time.monotonic()
-        problems = _run_echo_peers(server.path, PROCS, INVOKES, 600 if SOAK else 120)
+        problems = _run_echo_peers(qtee_server.path, PROCS, INVOKES, 600 if SOAK else 120)
         elapsed = time.monotonic() - t0
         assert problems == []
-        assert _eventually(lambda: server.connections == 0)
-        assert server.device.leaks() == {}
+        assert _eventually(lambda: qtee_server.connections == 0)
+        assert qtee_server.device.leaks() == {}
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - base
     finally:
@@ -292,11 +282,11 @@ def test_many_client_processes(server: DeviceServer) -> None:
 
 # ---------------------------------------------------------------------------- garbage
 @THROUGH
-def test_garbage_process(server: DeviceServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_garbage_process(qtee_server: DeviceServer, caplog: pytest.LogCaptureFixture) -> None:
     """A process sending random bytes, truncated and oversized frames: each offending
     connection is closed (with a Bye when the frame is refused), the server stays up,
     and another client invoking all along sees only right answers (issue 6)."""
-    good = qtee.Client(qtee.connect(server.path), workers=2)
+    good = qtee.Client(qtee.connect(qtee_server.path), workers=2)
     stop = threading.Event()
     done: list[int] = []
     errors: list[BaseException] = []
@@ -319,7 +309,7 @@ def test_garbage_process(server: DeviceServer, caplog: pytest.LogCaptureFixture)
         worker = threading.Thread(target=invoke_forever, daemon=True)
         worker.start()
         with caplog.at_level(logging.WARNING, logger="qtee.server"):
-            peer = _peer("garbage", server.path, 6)
+            peer = _peer("garbage", qtee_server.path, 6)
             lines = _Lines(peer)
             said = lines.expect("DONE", timeout=60)
             assert peer.wait(10) == 0, said
@@ -342,13 +332,13 @@ def test_garbage_process(server: DeviceServer, caplog: pytest.LogCaptureFixture)
         assert not worker.is_alive()
         assert errors == []
         assert during > 0 and len(done) > during  # invoked while the garbage came, and after
-        assert _eventually(lambda: server.connections == 1)  # only the good client is left
-        with qtee.Client(qtee.connect(server.path), workers=1) as fresh:
+        assert _eventually(lambda: qtee_server.connections == 1)  # only the good client is left
+        with qtee.Client(qtee.connect(qtee_server.path), workers=1) as fresh:
             fresh.client_env().release()  # and the server still accepts
         _release(refs)
         assert _eventually(lambda: good.exported() == 0)
     finally:
         stop.set()
         good.close()
-    assert _eventually(lambda: server.connections == 0)
-    assert server.device.leaks() == {}
+    assert _eventually(lambda: qtee_server.connections == 0)
+    assert qtee_server.device.leaks() == {}

@@ -30,7 +30,6 @@ from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
 from qtee.secure import (
     REGISTER_LISTENER_UID,
     REGISTER_TA_BUF_UID,
-    QteeRoot,
     SecureWorld,
     TrustedApp,
     register_ta,
@@ -67,12 +66,12 @@ class EvilTA(TrustedApp):
 
 
 @pytest.fixture
-def dev() -> Iterator[Device]:
+def dev(qtee_device: Device) -> Iterator[Device]:
     register_ta(PROBE, ProbeTA)
     register_ta(AUTOLOADED, Adder)
     register_ta(EVIL, EvilTA)
     try:
-        yield Device(SecureWorld(QteeRoot()))
+        yield qtee_device
     finally:
         unregister_ta(EVIL)
         unregister_ta(AUTOLOADED)

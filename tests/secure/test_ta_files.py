@@ -36,7 +36,6 @@ from objects import QteeError, UsageError, op
 from qtee import (
     OUT_OBJECT,
     Client,
-    Device,
     OpteeDevice,
     Out,
     QteeRoot,
@@ -107,12 +106,6 @@ class Subtracter(TrustedApp):
 # ----------------------------------------------------------------------------- QTEE
 
 
-@pytest.fixture
-def client() -> Iterator[Client]:
-    with Client(Device(SecureWorld(QteeRoot())), workers=1) as c:
-        yield c
-
-
 def load(client: Client, image: bytes | qtee.MemoryObject) -> int:
     """Load ``image`` (bytes: loadFromBuffer; a memory object: loadFromRegion), add 40 + 2
     through getAppObject, release everything (which unloads): the sum."""
@@ -140,7 +133,7 @@ def load_error(client: Client, image: bytes) -> int:
 
 @pytest.mark.parametrize("form", ["hex", "HEX", "bytes", "path"])
 def test_a_real_image_loads_the_ta_registered_for_its_sha256(
-    client: Client, tmp_path: Path, form: str
+    qtee_client: Client, tmp_path: Path, form: str
 ) -> None:
     digest = hashlib.sha256(ELF64).digest()
     path = tmp_path / "adder.mbn"
@@ -151,26 +144,26 @@ def test_a_real_image_loads_the_ta_registered_for_its_sha256(
         assert (reg.world, reg.kind, reg.key, reg.cls) == ("qtee", "sha256", digest, Adder)
         assert reg.name == f"sha256:{digest.hex()}"
         assert reg.size == (len(ELF64) if form == "path" else None)
-        assert load(client, ELF64) == 42
-    assert load_error(client, ELF64) == ERROR_INVALID_BUFFER
+        assert load(qtee_client, ELF64) == 42
+    assert load_error(qtee_client, ELF64) == ERROR_INVALID_BUFFER
 
 
-def test_an_image_that_matches_nothing_is_invalid_buffer(client: Client) -> None:
+def test_an_image_that_matches_nothing_is_invalid_buffer(qtee_client: Client) -> None:
     """IAppLoader's INVALID_BUFFER (10) for bytes it cannot take; model images keep
     their own errors (a name nobody registered: METADATA_INVALID, 13)."""
     with register_ta_file(Adder, sha256=hashlib.sha256(ELF64).digest()):
-        assert load_error(client, ELF64 + b"\x01") == ERROR_INVALID_BUFFER
-        assert load_error(client, b"") == ERROR_INVALID_BUFFER
-        assert load_error(client, b"QTEETA") == ERROR_INVALID_BUFFER  # a cut model header
-        assert load_error(client, ta_image("nobody.registered")) == ERROR_METADATA_INVALID
+        assert load_error(qtee_client, ELF64 + b"\x01") == ERROR_INVALID_BUFFER
+        assert load_error(qtee_client, b"") == ERROR_INVALID_BUFFER
+        assert load_error(qtee_client, b"QTEETA") == ERROR_INVALID_BUFFER  # a cut model header
+        assert load_error(qtee_client, ta_image("nobody.registered")) == ERROR_METADATA_INVALID
     assert ERROR_INVALID_BUFFER == 10
 
 
 @pytest.mark.qtee_ta("files.model", Subtracter)
-def test_model_images_keep_working_beside_real_ones(client: Client) -> None:
+def test_model_images_keep_working_beside_real_ones(qtee_client: Client) -> None:
     with register_ta_file(Adder, sha256=hashlib.sha256(ELF64).digest()):
-        assert load(client, ta_image("files.model")) == 38
-        assert load(client, ELF64) == 42
+        assert load(qtee_client, ta_image("files.model")) == 38
+        assert load(qtee_client, ELF64) == 42
 
 
 def region_load(client: Client, data: bytes, size: int = 4096) -> int:
@@ -184,7 +177,9 @@ def region_load(client: Client, data: bytes, size: int = 4096) -> int:
             return exc.result
 
 
-def test_load_from_region_of_a_memory_object_rounded_up(client: Client, tmp_path: Path) -> None:
+def test_load_from_region_of_a_memory_object_rounded_up(
+    qtee_client: Client, tmp_path: Path
+) -> None:
     """loadFromRegion maps the whole memory object: one longer than the file only by zero
     bytes holds the same image -- past the length of a file registered by path, or past
     the end of an ELF's contents (headers, tables, segments) for any registration."""
@@ -194,24 +189,24 @@ def test_load_from_region_of_a_memory_object_rounded_up(client: Client, tmp_path
     (tmp_path / "elf.mbn").write_bytes(ELF64)
     (tmp_path / "blob.mbn").write_bytes(blob)
     with register_ta_file(Adder, sha256=hashlib.sha256(ELF64).digest()):
-        assert region_load(client, ELF64, len(ELF64)) == 42
-        assert region_load(client, ELF64) == 42
-        assert region_load(client, ELF64 + b"\x01") == ERROR_INVALID_BUFFER
+        assert region_load(qtee_client, ELF64, len(ELF64)) == 42
+        assert region_load(qtee_client, ELF64) == 42
+        assert region_load(qtee_client, ELF64 + b"\x01") == ERROR_INVALID_BUFFER
     with register_ta_file(Adder, sha256=hashlib.sha256(blob).digest()):
-        assert region_load(client, blob, len(blob)) == 42
-        assert region_load(client, blob) == ERROR_INVALID_BUFFER  # no length known
+        assert region_load(qtee_client, blob, len(blob)) == 42
+        assert region_load(qtee_client, blob) == ERROR_INVALID_BUFFER  # no length known
     with register_ta_file(Adder, tmp_path / "blob.mbn"):
-        assert region_load(client, blob) == 42
-        assert region_load(client, blob + b"\x01") == ERROR_INVALID_BUFFER
+        assert region_load(qtee_client, blob) == 42
+        assert region_load(qtee_client, blob + b"\x01") == ERROR_INVALID_BUFFER
     with register_ta_file(Adder, tmp_path / "elf.mbn"):
-        assert region_load(client, ELF64) == 42
+        assert region_load(qtee_client, ELF64) == 42
 
 
-def test_a_loaded_file_is_loaded_once_at_a_time(client: Client) -> None:
+def test_a_loaded_file_is_loaded_once_at_a_time(qtee_client: Client) -> None:
     with (
         register_ta_file(Adder, sha256=hashlib.sha256(ELF64).hexdigest()),
-        client.client_env() as env,
-        client.open_service(env, APP_LOADER_UID) as loader,
+        qtee_client.client_env() as env,
+        qtee_client.open_service(env, APP_LOADER_UID) as loader,
     ):
         (ctrl,) = loader.invoke(0, ELF64, OUT_OBJECT)
         with ctrl, pytest.raises(QteeError) as exc:
@@ -221,17 +216,17 @@ def test_a_loaded_file_is_loaded_once_at_a_time(client: Client) -> None:
         again.release()
 
 
-def test_ta_autoload_serves_a_real_mbn(client: Client, tmp_path: Path) -> None:
+def test_ta_autoload_serves_a_real_mbn(qtee_client: Client, tmp_path: Path) -> None:
     """The supplicant's TA autoload reads ``<UUID>.mbn`` from disk; loadEmbedded of the
     UUID selects the TA registered for those bytes."""
     raw = uuid.UUID("0fd0d5b2-54e4-4a4c-a13d-0b2c1c3f9a11").bytes
     (tmp_path / f"{format_uuid(raw)}.mbn").write_bytes(ELF64)
-    device = client.device
+    device = qtee_client.device
     with (
         register_ta_file(Adder, tmp_path / f"{format_uuid(raw)}.mbn"),
         Supplicant(device, ta_dirs=[tmp_path], time_service=False),
-        client.client_env() as env,
-        client.open_service(env, APP_LOADER_UID) as loader,
+        qtee_client.client_env() as env,
+        qtee_client.open_service(env, APP_LOADER_UID) as loader,
     ):
         (ctrl,) = loader.invoke(2, raw, OUT_OBJECT)
         with ctrl:
@@ -243,21 +238,21 @@ def test_ta_autoload_serves_a_real_mbn(client: Client, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- registry
 
 
-def test_registrations_shadow_and_unregister_in_any_order(client: Client) -> None:
+def test_registrations_shadow_and_unregister_in_any_order(qtee_client: Client) -> None:
     digest = hashlib.sha256(ELF64).digest()
     first = register_ta_file(Adder, sha256=digest)
     second = register_ta_file(Subtracter, sha256=digest)
     try:
-        assert load(client, ELF64) == 38  # the later one shadows
+        assert load(qtee_client, ELF64) == 38  # the later one shadows
         first.unregister()
-        assert load(client, ELF64) == 38
+        assert load(qtee_client, ELF64) == 38
         first.unregister()  # idempotent
         second.unregister()
-        assert load_error(client, ELF64) == ERROR_INVALID_BUFFER
+        assert load_error(qtee_client, ELF64) == ERROR_INVALID_BUFFER
         third = register_ta_file(Adder, sha256=digest)
         fourth = register_ta_file(Subtracter, sha256=digest)
         fourth.unregister()
-        assert load(client, ELF64) == 42  # the earlier one shows again
+        assert load(qtee_client, ELF64) == 42  # the earlier one shows again
         third.unregister()
     finally:
         first.unregister()

@@ -27,7 +27,6 @@ from qtee import Device, Result
 from qtee.client import OUT_OBJECT, Client, MemoryObject, Out
 from qtee.secure import (
     REGISTER_LISTENER_UID,
-    QteeRoot,
     SecureWorld,
     TrustedApp,
     register_ta,
@@ -118,11 +117,11 @@ class TaClient:
 
 
 @pytest.fixture
-def dev() -> Iterator[Device]:
+def dev(qtee_device: Device) -> Iterator[Device]:
     register_ta(PROBE, ProbeTA)
     register_ta(AUTOLOADED, Adder)
     try:
-        yield Device(SecureWorld(QteeRoot()))
+        yield qtee_device
     finally:
         unregister_ta(AUTOLOADED)
         unregister_ta(PROBE)

@@ -37,7 +37,6 @@ from qtee import Device, DeviceServer, Result
 from qtee.secure import (
     GpfsClient,
     GpfsError,
-    QteeRoot,
     RpmbClient,
     RpmbError,
     SecureWorld,
@@ -70,10 +69,10 @@ PERSIST = gm.Partition.PERSIST
 
 
 @pytest.fixture
-def dev() -> Iterator[Device]:
+def dev(qtee_device: Device) -> Iterator[Device]:
     register_ta(PROBE, ProbeTA)
     try:
-        yield Device(SecureWorld(QteeRoot()))
+        yield qtee_device
     finally:
         unregister_ta(PROBE)
 

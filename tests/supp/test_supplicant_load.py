@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from qtee import Device
-from qtee.secure import QteeRoot, SecureWorld, register_ta, unregister_ta
+from qtee.secure import SecureWorld, register_ta, unregister_ta
 from supplicant import Supplicant
 from supplicant import fs_msg as fsm
 from supplicant import time_msg as tm
@@ -36,10 +36,10 @@ O_RDONLY = fsm.FsOpenFlag.O_RDONLY
 
 
 @pytest.fixture
-def dev() -> Iterator[Device]:
+def dev(qtee_device: Device) -> Iterator[Device]:
     register_ta(PROBE, ProbeTA)
     try:
-        yield Device(SecureWorld(QteeRoot()))
+        yield qtee_device
     finally:
         unregister_ta(PROBE)
 
