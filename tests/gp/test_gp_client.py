@@ -4,6 +4,12 @@ Every test drives :class:`qtee.gp.TeecContext` against an ``OpteeDevice`` in fro
 secure world running Python GP TAs, and checks ``TEEC_Result`` codes and origins exactly.
 The fixture asserts that nothing leaked: no session, instance, shm id or secure object on
 the device, and nothing left pinned in the checked address space.
+
+The session rules both TEEs share (open/invoke/close, values, temp and registered memrefs,
+short buffers, origins, panics, busy, threads) are tests/gp/test_gp_suite.py's, run over
+both devices; this file keeps what libteec over the OP-TEE device alone shows: choosing the
+device, the ioctl errno mapping, logins, masked capabilities, registration and shadows,
+cancellation's ioctls, finalize.
 """
 
 from __future__ import annotations
@@ -65,13 +71,13 @@ NONE = T.TEEC_NONE
 VI, VO, VIO = T.TEEC_VALUE_INPUT, T.TEEC_VALUE_OUTPUT, T.TEEC_VALUE_INOUT
 TI, TO, TIO = T.TEEC_MEMREF_TEMP_INPUT, T.TEEC_MEMREF_TEMP_OUTPUT, T.TEEC_MEMREF_TEMP_INOUT
 WHOLE = T.TEEC_MEMREF_WHOLE
-PI, PO, PIO = T.TEEC_MEMREF_PARTIAL_INPUT, T.TEEC_MEMREF_PARTIAL_OUTPUT, T.TEEC_MEMREF_PARTIAL_INOUT
+PIO = T.TEEC_MEMREF_PARTIAL_INOUT
 SINGLE = TaFlag.TA_FLAG_SINGLE_INSTANCE
 MULTI = TaFlag.TA_FLAG_MULTI_SESSION
 GROUP = 2000
 
 # ParamTA commands
-VALUES, ECHO, FILL, UPPER, DESCRIBE, PANIC, WHO, WAIT, COUNT = range(9)
+VALUES, ECHO, FILL, UPPER, DESCRIBE, WHO, WAIT, COUNT = range(8)
 DATA = b"0123456789"
 
 
@@ -119,8 +125,6 @@ class ParamTA(GpTA):
             p[1].a, p[1].b = types & 0xF, int(p[0].buffer is None)
             first = p[0].buffer[0] if p[0].buffer is not None and p[0].size else 0xFFFF
             p[2].a, p[2].b = p[0].size, first
-        elif cmd == PANIC:
-            raise RuntimeError("ParamTA panics on purpose")
         elif cmd == WHO:
             assert p[0].buffer is not None and isinstance(session.context, bytes)
             p[0].buffer[:16] = session.context
@@ -133,13 +137,6 @@ class ParamTA(GpTA):
                 raise GpTaError(ret)
         else:
             raise GpTaError(R.TEEC_ERROR_NOT_SUPPORTED)
-
-
-class SingleTA(GpTA):
-    """Single-instance, one session at a time."""
-
-    UUID = uuid.UUID("a0c1e5e0-0000-4000-8000-000000000002")
-    FLAGS = SINGLE
 
 
 class Gate:
@@ -159,8 +156,6 @@ class SharedTA(GpTA):
     gate: ClassVar[Gate | None] = None
 
     def invoke(self, session: GpSession, cmd: int, types: int, params: list[GpParam]) -> None:
-        if cmd == PANIC:
-            raise RuntimeError("SharedTA panics on purpose")
         if cmd != COUNT:
             raise GpTaError(R.TEEC_ERROR_NOT_SUPPORTED)
         gate = SharedTA.gate
@@ -226,7 +221,7 @@ Env = tuple[OpteeDevice, GatedMemory]
 
 @pytest.fixture
 def env() -> Iterator[Env]:
-    for cls in (ParamTA, SingleTA, SharedTA):
+    for cls in (ParamTA, SharedTA):
         register_gp_ta(cls)
     mem = GatedMemory()
     dev = OpteeDevice(
@@ -237,7 +232,7 @@ def env() -> Iterator[Env]:
     ParamTA.waiting.clear()
     yield dev, mem
     SharedTA.gate = None
-    for cls in (ParamTA, SingleTA, SharedTA):
+    for cls in (ParamTA, SharedTA):
         unregister_gp_ta(cls.UUID)
     assert dev.leaks() == {}
     assert len(mem) == 0, "something is still pinned"
@@ -331,61 +326,6 @@ def test_finalize_closes_sessions_and_shared_memory(env: Env) -> None:
 # ----------------------------------------------------------------------------- sessions
 
 
-def test_open_invoke_close(env: Env, ctx: TeecContext) -> None:
-    """§1.1/§1.3: open → origin TRUSTED_APP on success (xtest 1009); values in/out/inout;
-    close releases the session; close is idempotent."""
-    dev, _ = env
-    session = ctx.open_session(ParamTA.UUID)
-    assert session.session_id and session.origin == TA
-    operation = op(TeecValue(6, 7), TeecValue(), TeecValue(1, 2), types=(VI, VO, VIO))
-    assert session.invoke_command(VALUES, operation) == TA
-    v = operation.params
-    assert isinstance(v[0], TeecValue) and (v[0].a, v[0].b) == (6, 7)  # input: not back
-    assert isinstance(v[1], TeecValue) and (v[1].a, v[1].b) == (13, 42)
-    assert isinstance(v[2], TeecValue) and (v[2].a, v[2].b) == (2, 3)
-    zeros = [TeecValue(), TeecValue(), TeecValue()]
-    session.invoke_command(VALUES, TeecOperation(param_types(VI, VO, VIO, NONE), zeros))
-    session.close()
-    assert dev.leaks() == {}
-    session.close()
-
-
-def test_open_session_operation_is_post_processed(ctx: TeecContext) -> None:
-    """§1.1 OpenSession: outputs are post-processed whenever the ioctl succeeded, even if
-    ret != SUCCESS; the error carries the TA's code and origin TRUSTED_APP."""
-    value = TeecValue(10, 0)
-    with ctx.open_session(ParamTA.UUID, operation=op(value, types=(VIO,))):
-        assert value.a == 11
-    value = TeecValue(20, 0xDE)
-    with raises(R.TEEC_ERROR_ACCESS_DENIED, TA):
-        ctx.open_session(ParamTA.UUID, operation=op(value, types=(VIO,)))
-    assert value.a == 21
-
-
-def test_error_origins(env: Env, ctx: TeecContext) -> None:
-    """§1.3/§4.2/§4.4: unknown UUID → ITEM_NOT_FOUND origin TEE; a TA's own error →
-    origin TRUSTED_APP; a panic → TARGET_DEAD origin TEE, now and on every later invoke;
-    close still works."""
-    with raises(R.TEEC_ERROR_ITEM_NOT_FOUND, TEE):
-        ctx.open_session(uuid.UUID(int=1))
-    with ctx.open_session(ParamTA.UUID) as session:
-        with raises(R.TEEC_ERROR_NOT_SUPPORTED, TA):
-            session.invoke_command(0x1234)
-        with raises(R.TEEC_ERROR_TARGET_DEAD, TEE):
-            session.invoke_command(PANIC)
-        with raises(R.TEEC_ERROR_TARGET_DEAD, TEE):
-            session.invoke_command(VALUES)
-
-
-def test_invoke_on_a_closed_session_is_bad_parameters_from_comms(ctx: TeecContext) -> None:
-    """§4.3: the driver dropped the id from the fd's list → EINVAL → BAD_PARAMETERS,
-    origin COMMS (OP-TEE is never reached); temporary shms are freed all the same."""
-    session = ctx.open_session(ParamTA.UUID)
-    session.close()
-    with raises(R.TEEC_ERROR_BAD_PARAMETERS, COMMS):
-        session.invoke_command(FILL, op(TeecTempMemoryReference(bytearray(16)), types=(TO,)))
-
-
 def test_ioctl_errno_mapping(env: Env) -> None:
     """§1.1: an ioctl failure → origin COMMS, ENOMEM → OUT_OF_MEMORY, EINVAL →
     BAD_PARAMETERS, anything else → GENERIC (EPERM: REE-kernel login from userspace)."""
@@ -435,16 +375,6 @@ def test_login_methods(ctx: TeecContext) -> None:
         ctx.open_session(ParamTA.UUID, TeecLogin.TEEC_LOGIN_GROUP)
 
 
-def test_single_instance_without_multi_session_is_busy(ctx: TeecContext) -> None:
-    """§4.2 step 2: single-instance without MULTI_SESSION and a session open → BUSY
-    (origin TEE); once it closes, a new open works."""
-    first = ctx.open_session(SingleTA.UUID)
-    with raises(R.TEEC_ERROR_BUSY, TEE):
-        ctx.open_session(SingleTA.UUID)
-    first.close()
-    ctx.open_session(SingleTA.UUID).close()
-
-
 # ----------------------------------------------------------------------------- temp memrefs
 
 
@@ -491,24 +421,6 @@ def test_temp_null_memref(env: Env, memref_null: bool) -> None:
                 DESCRIBE, op(TeecTempMemoryReference(None, 4), kind, info, types=(TI, VO, VO))
             )
         assert shm_count(dev) == 0
-
-
-def test_temp_short_buffer_copies_size_back(ctx: TeecContext) -> None:
-    """§1.4: with SHORT_BUFFER the size the TA needs comes back (origin TRUSTED_APP): a
-    NULL {NULL, 0} output (xtest stats idiom) and a 4-byte one, whose bytes stay as they
-    were (only MIN(returned, original) shadow bytes are copied back); then it fits."""
-    with ctx.open_session(ParamTA.UUID) as session:
-        null = TeecTempMemoryReference(None)
-        with raises(R.TEEC_ERROR_SHORT_BUFFER, TA):
-            session.invoke_command(FILL, op(null, types=(TO,)))
-        assert null.size == 10
-        small = TeecTempMemoryReference(bytearray(b"abcd"))
-        with raises(R.TEEC_ERROR_SHORT_BUFFER, TA):
-            session.invoke_command(FILL, op(small, types=(TO,)))
-        assert small.size == 10 and small.buffer == bytearray(b"abcd")
-        big = TeecTempMemoryReference(bytearray(16))
-        session.invoke_command(FILL, op(big, types=(TO,)))
-        assert big.size == 10 and bytes(big.buffer or b"")[:10] == DATA
 
 
 # ----------------------------------------------------------------------------- registered
@@ -564,111 +476,6 @@ def test_released_parent_is_bad_parameters(ctx: TeecContext) -> None:
     shm.release()
     with ctx.open_session(ParamTA.UUID) as session, raises(R.TEEC_ERROR_BAD_PARAMETERS, API):
         session.invoke_command(DESCRIBE, op(TeecRegisteredMemoryReference(shm), types=(WHOLE,)))
-
-
-@pytest.mark.parametrize("reg_mem", [True, False], ids=["registered", "shadowed"])
-def test_whole_memref(env: Env, reg_mem: bool) -> None:
-    """§1.2 WHOLE: offset 0, size = parent size, direction from the parent's flags
-    (INPUT → TEE type 5, OUTPUT → 6, both → 7).  Without REG_MEM the shm is a shadow
-    (SHM_ALLOC) copied in and out around the call."""
-    dev, _ = env
-    with masked(dev, 0 if reg_mem else uapi.TEE_GEN_CAP_REG_MEM) as ctx:
-        session = ctx.open_session(ParamTA.UUID)
-        for flags, tee_type in ((IN, 5), (OUT, 6), (IN | OUT, 7)):
-            buf = bytearray(b"wxyz")
-            with ctx.register_shared_memory(buf, flags) as shm:
-                assert (shm.shadow is None) is reg_mem
-                kind, info = TeecValue(), TeecValue()
-                ref = TeecRegisteredMemoryReference(shm, offset=3, size=1)  # ignored
-                session.invoke_command(DESCRIBE, op(ref, kind, info, types=(WHOLE, VO, VO)))
-                seen = ord("w") if reg_mem or flags & IN else 0  # a shadow: copied in if INPUT
-                assert (kind.a, info.a, info.b) == (tee_type, 4, seen)
-        with ctx.register_shared_memory(bytearray(b"abcdef"), IN | OUT) as shm:
-            session.invoke_command(UPPER, op(TeecRegisteredMemoryReference(shm), types=(WHOLE,)))
-            assert bytes(shm.buffer) == b"ABCDEF"
-        session.close()
-
-
-@pytest.mark.parametrize("reg_mem", [True, False], ids=["registered", "shadowed"])
-def test_whole_and_partial_short_buffer(env: Env, reg_mem: bool) -> None:
-    """§1.4: WHOLE/PARTIAL: memref.size takes the returned size whatever the code; the
-    shadow is copied back only if returned <= original."""
-    dev, _ = env
-    with masked(dev, 0 if reg_mem else uapi.TEE_GEN_CAP_REG_MEM) as ctx:
-        session = ctx.open_session(ParamTA.UUID)
-        with ctx.allocate_shared_memory(4, OUT) as shm:
-            shm.buffer[:] = b"...."
-            whole = TeecRegisteredMemoryReference(shm)
-            with raises(R.TEEC_ERROR_SHORT_BUFFER, TA):
-                session.invoke_command(FILL, op(whole, types=(WHOLE,)))
-            assert whole.size == 10 and bytes(shm.buffer) == b"...."
-        with ctx.allocate_shared_memory(32, IN | OUT) as shm:
-            part = TeecRegisteredMemoryReference(shm, 8, 4)
-            with raises(R.TEEC_ERROR_SHORT_BUFFER, TA):
-                session.invoke_command(FILL, op(part, types=(PO,)))
-            assert part.size == 10
-            part = TeecRegisteredMemoryReference(shm, 8, 16)
-            session.invoke_command(FILL, op(part, types=(PO,)))
-            assert part.size == 10 and bytes(shm.buffer[8:18]) == DATA
-            assert bytes(shm.buffer[:8]) == bytes(8) and bytes(shm.buffer[18:]) == bytes(14)
-        session.close()
-
-
-@pytest.mark.parametrize("reg_mem", [True, False], ids=["registered", "shadowed"])
-def test_partial_memrefs(env: Env, reg_mem: bool) -> None:
-    """§1.2 PARTIAL: the TA sees exactly the window (TEE types 5/6/7); INOUT round-trips
-    only the window."""
-    dev, _ = env
-    with masked(dev, 0 if reg_mem else uapi.TEE_GEN_CAP_REG_MEM) as ctx:
-        session = ctx.open_session(ParamTA.UUID)
-        buf = bytearray(b"abcdefghij")
-        with ctx.register_shared_memory(buf, IN | OUT) as shm:
-            for ptype, tee_type in ((PI, 5), (PO, 6), (PIO, 7)):
-                kind, info = TeecValue(), TeecValue()
-                ref = TeecRegisteredMemoryReference(shm, 2, 3)
-                session.invoke_command(DESCRIBE, op(ref, kind, info, types=(ptype, VO, VO)))
-                assert (kind.a, info.a) == (tee_type, 3)
-                if ptype != PO:
-                    assert info.b == ord("c")
-            ref = TeecRegisteredMemoryReference(shm, 2, 3)
-            session.invoke_command(UPPER, op(ref, types=(PIO,)))
-            assert buf == bytearray(b"abCDEfghij") and ref.size == 3
-        session.close()
-
-
-def test_partial_bounds_and_parent_flags(env: Env, ctx: TeecContext) -> None:
-    """§1.2: PARTIAL with offset+size overflowing size_t or past the parent, a parent
-    missing the needed flag, a WHOLE on a parent without flags, or an unknown type
-    nibble → BAD_PARAMETERS (origin API) before any ioctl."""
-    dev, _ = env
-    session = ctx.open_session(ParamTA.UUID)
-    shm_in = ctx.allocate_shared_memory(16, IN)
-    shm_out = ctx.allocate_shared_memory(16, OUT)
-    bad = (
-        (TeecRegisteredMemoryReference(shm_in, 8, 9), PI),
-        (TeecRegisteredMemoryReference(shm_in, 17, 0), PI),
-        (TeecRegisteredMemoryReference(shm_in, SIZE_MAX, 2), PI),
-        (TeecRegisteredMemoryReference(shm_in, 0, 4), PO),
-        (TeecRegisteredMemoryReference(shm_in, 0, 4), PIO),
-        (TeecRegisteredMemoryReference(shm_out, 0, 4), PI),
-        (TeecRegisteredMemoryReference(shm_out, 0, 4), PIO),
-    )
-    for ref, ptype in bad:
-        with raises(R.TEEC_ERROR_BAD_PARAMETERS, API):
-            session.invoke_command(
-                DESCRIBE, op(TeecTempMemoryReference(bytearray(4)), ref, types=(TI, ptype))
-            )
-    ok = TeecRegisteredMemoryReference(shm_in, 16, 0)  # an empty window at the end is fine
-    session.invoke_command(DESCRIBE, op(ok, TeecValue(), TeecValue(), types=(PI, VO, VO)))
-    shm_out.flags = 0
-    with raises(R.TEEC_ERROR_BAD_PARAMETERS, API):
-        session.invoke_command(DESCRIBE, op(TeecRegisteredMemoryReference(shm_out), types=(WHOLE,)))
-    with raises(R.TEEC_ERROR_BAD_PARAMETERS, API):
-        session.invoke_command(DESCRIBE, TeecOperation(0x4, [None]))
-    assert shm_count(dev) == 2  # no temporary shm survived the refusals
-    shm_in.release()
-    shm_out.release()
-    session.close()
 
 
 def test_parent_of_another_context_is_einval(env: Env, ctx: TeecContext) -> None:
@@ -782,45 +589,6 @@ def test_threads_share_one_partial_inout_memref(env: Env, registered: bool) -> N
     finally:
         shm.release()
         ctx.finalize()
-
-
-def test_threads_open_panic_close_loop(env: Env, ctx: TeecContext) -> None:
-    """Issue acceptance (§4.4): 3 threads x 100 of open → panic → TARGET_DEAD (origin
-    TEE) → close on one single-instance multi-session TA.  An open that binds to an
-    instance another thread just killed gets TARGET_DEAD too (origin TEE) and is retried;
-    no deadlock, nothing leaks."""
-    dev, _ = env
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            done = 0
-            while done < 100:
-                try:
-                    session = ctx.open_session(SharedTA.UUID)
-                except TeecError as exc:
-                    assert (exc.code, exc.origin) == (R.TEEC_ERROR_TARGET_DEAD, TEE)
-                    continue
-                try:
-                    session.invoke_command(PANIC)
-                except TeecError as exc:
-                    assert (exc.code, exc.origin) == (R.TEEC_ERROR_TARGET_DEAD, TEE)
-                else:
-                    raise AssertionError("a panic returned SUCCESS")
-                finally:
-                    session.close()
-                done += 1
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(15)
-    assert not any(t.is_alive() for t in threads), "deadlock"
-    assert errors == []
-    assert dev.leaks() == {}
 
 
 def test_session_close_is_thread_safe(ctx: TeecContext) -> None:
