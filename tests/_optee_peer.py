@@ -1,4 +1,4 @@
-"""tee-supplicant in its own process, for tests/test_server_optee.py.
+"""tee-supplicant in its own process, for tests/remote/test_server_optee.py.
 
 ``python tests/_optee_peer.py SOCKET TA_DIR STORAGE [register]`` connects to a ``qtee serve
 --tee optee`` server's privileged node and serves LOAD_TA from ``TA_DIR`` and the REE FS

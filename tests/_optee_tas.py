@@ -1,4 +1,4 @@
-"""GP TAs for the OP-TEE device server tests (tests/test_server_optee.py), in process and
+"""GP TAs for the OP-TEE device server tests (tests/remote/test_server_optee.py), in process and
 in a ``qtee serve --tee optee`` subprocess (``--ta-module tests._optee_tas_serve``).
 
 ``Sample`` is registered with ``register_gp_ta`` (the runtime finds it); ``Loadable`` is

@@ -1,4 +1,4 @@
-"""A client process of the device server, for tests/test_server_processes.py.
+"""A client process of the device server, for tests/remote/test_server_processes.py.
 
 ``python tests/_server_peer.py MODE SOCKET ...``; every line it prints is written
 unbuffered (``os.write``), so what the parent reads after a SIGKILL is a true prefix.
@@ -22,7 +22,7 @@ unbuffered (``os.write``), so what the parent reads after a SIGKILL is a true pr
 
 ``hostile SOCKET CONNS SECONDS SEED``
     ``CONNS`` threads, each keeping one hostile connection open at a time for ``SECONDS``
-    (the server soak, tests/test_server_soak.py): SUPPL_RECV floods, partial frames,
+    (the server soak, tests/remote/test_server_soak.py): SUPPL_RECV floods, partial frames,
     hang-ups mid-call (in a TA's code, in a callback, while loading) and failing
     SHM_ALLOCs (flags, short arg, huge sizes; a good one never freed).  Thread ``k``
     loads TA ``soak.hostile.<k>``.  Prints ``HOSTILE kind=count ...`` and exits 0; the
@@ -42,6 +42,10 @@ import struct
 import sys
 import threading
 import time
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: the repository's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qtee
 from objects import QteeBaseError, QteeError
@@ -57,6 +61,7 @@ from qtee._remote.frames import (
     Region,
     encode,
 )
+from tests._tas import Echoer, Sleeper
 
 
 def say(*words: object) -> None:
@@ -89,15 +94,6 @@ def supplicant(path: str, ta: str, workers: int) -> int:
 
 
 # ---------------------------------------------------------------------------- echo
-class Echoer(CallbackObject):
-    def __init__(self, tag: bytes) -> None:
-        self.tag = tag
-
-    @op(0, ib=(None,), ob=(None,))
-    def echo(self, data: bytes) -> bytes:
-        return self.tag + data[::-1]
-
-
 def echo(path: str, ta: str, n: int, seed: int) -> int:
     rng = random.Random(seed)
     tag = f"<{os.getpid()}>".encode()
@@ -314,15 +310,6 @@ def _shm(path: str, rng: random.Random, counts: collections.Counter[str]) -> Non
         counts["shm_ok"] += sum(r.errno == 0 for r in got)
 
 
-class _Slow(CallbackObject):
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    @op(1)
-    def nap(self) -> None:
-        time.sleep(self.seconds)
-
-
 def _hangup(path: str, k: int, rng: random.Random, counts: collections.Counter[str]) -> None:
     """A client that drops its connection in the middle of a call: in the TA's code, in a
     callback to it, or while loading (calls that return new objects)."""
@@ -337,7 +324,7 @@ def _hangup(path: str, k: int, rng: random.Random, counts: collections.Counter[s
                 if where == "ta":
                     refs[0].invoke(0, struct.pack("<I", rng.randint(20, 200)))
                 elif where == "callback":
-                    refs[0].invoke(1, _Slow(rng.uniform(0.02, 0.2)))
+                    refs[0].invoke(1, Sleeper(rng.uniform(0.02, 0.2)))
             except (QteeBaseError, OSError):
                 pass
 

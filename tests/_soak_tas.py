@@ -1,4 +1,4 @@
-"""TAs of the server soak (tests/test_server_soak.py), registered on import so that
+"""TAs of the server soak (tests/remote/test_server_soak.py), registered on import so that
 ``qtee serve --ta-module tests._soak_tas`` serves them.
 
 ``soak.good.<k>`` (one per well-behaved client, a TA is loaded once per world at a time):
@@ -14,25 +14,11 @@ import time
 from typing import Final
 
 import qtee
-from objects import QteeError
 from qtee import NsObject, op
+from tests._tas import Through
 
 GOOD: Final = 16
 HOSTILE: Final = 64
-
-
-class Good(qtee.TrustedApp):
-    @op(0, ib=(None,), io=1, ob=(None,))
-    def through(self, data: bytes, cb: NsObject) -> bytes:
-        res = cb.invoke(0, ib=[data], ob=[len(data) + 64])
-        if res.result:
-            raise QteeError(res.result)
-        return res.ob[0]
-
-    @op(1, ib=(8,), ob=(4,))
-    def add(self, pair: bytes) -> bytes:
-        a, b = struct.unpack("<II", pair)
-        return struct.pack("<I", (a + b) & 0xFFFF_FFFF)
 
 
 class Hostile(qtee.TrustedApp):
@@ -46,6 +32,6 @@ class Hostile(qtee.TrustedApp):
 
 
 for _k in range(GOOD):
-    qtee.register_ta(f"soak.good.{_k}", Good)
+    qtee.register_ta(f"soak.good.{_k}", Through)
 for _k in range(HOSTILE):
     qtee.register_ta(f"soak.hostile.{_k}", Hostile)

@@ -89,7 +89,7 @@ def _expect(types: int, *want: int) -> None:
 
 #: The file qcomteetest ``-l DIR`` reads, and the SHA-256 of the one quic-teec ships
 #: (quic/quic-teec:tests/ta/smcinvoke_skeleton_ta/smcinvoke_skeleton_ta64.mbn@61f6fab;
-#: tests/test_peer_tas.py recomputes it from the archive).
+#: tests/bridge/test_peer_tas.py recomputes it from the archive).
 SKELETON_MBN: Final = "smcinvoke_skeleton_ta64.mbn"
 SKELETON_SHA256: Final = "a225fb554c2abdf8b758a3009e80002f47e7e65245f07c8bf909409bc8fbbd8f"
 
@@ -356,7 +356,7 @@ def write_ta_files(directory: str | os.PathLike[str]) -> list[Path]:
 def register() -> Callable[[], None]:
     """Register every TA above (done on import); returns the undo, which puts back what
     was registered for the same UUIDs before (a test process's registry stays as it
-    was: ``tests/test_peer_tas.py`` registers per test)."""
+    was: ``tests/bridge/test_peer_tas.py`` registers per test)."""
     undo: list[Callable[[], None]] = []
     for cls in (HelloWorld, Random, Hotp, Plugins):
         previous = lookup_gp_ta(cls.UUID)

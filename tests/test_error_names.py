@@ -46,17 +46,9 @@ from qtee.secure import (
     _services,
     ta_image,
 )
+from tests._tas import Adder
 
 MODES = pytest.mark.qtee_modes("in-process", "server", "guest")
-
-
-class Adder(TrustedApp):
-    """ISMCIExample (quic-teec.md §5.3): op 0 add({u32,u32} -> u32)."""
-
-    @op(0, ib=(8,), ob=(4,))
-    def add(self, pair: bytes) -> bytes:
-        a, b = struct.unpack("<II", pair)
-        return struct.pack("<I", (a + b) & 0xFFFF_FFFF)
 
 
 class KvError(enum.IntEnum):
