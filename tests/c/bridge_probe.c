@@ -1,5 +1,5 @@
 /* A C program that probes the device nodes as a user of the kernel's TEE uAPI would, for
- * tests/test_bridge.py: each step prints "name ret errno" (errno 0 when ret >= 0).
+ * tests/bridge/test_bridge.py: each step prints "name ret errno" (errno 0 when ret >= 0).
  *
  *   bridge_probe basic    VERSION, SHM_ALLOC + mmap, the fd calls the bridge hooks
  *   bridge_probe fork     a child forked without exec uses the inherited fd

@@ -1,4 +1,4 @@
-/* A small supplicant on libqcomtee, for tests/test_bridge.py: it loads the TA image
+/* A small supplicant on libqcomtee, for tests/bridge/test_bridge.py: it loads the TA image
  * given (tests.park, tests/bridge_tas.py), parks a callback object of its own there, says
  * "PARKED" and serves that object from its supplicant thread until killed:
  *
