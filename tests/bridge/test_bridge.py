@@ -287,10 +287,10 @@ _TAS = ("--ta-module", "peer_tas")
 def test_qcomteetest_cancel_teardown_never_hangs(tmp_path: Path) -> None:
     """libqcomtee cancels its supplicant thread (asynchronously) while it waits in
     SUPPL_RECV: that wait is in C, so it never hangs the model.  200 runs of
-    ``qcomteetest -l DIR 1 0`` under make soak, 50 in make test."""
+    ``qcomteetest -l DIR 1 0`` under make soak, 15 in make test (each run is ~2 s)."""
     peer = _peers.quic_teec()
     (tmp_path / peer.skeleton_ta.name).write_bytes(peer.skeleton_ta.read_bytes())
-    for i in range(200 if SOAK else 50):
+    for i in range(200 if SOAK else 15):
         run = qtee_run(peer.qcomteetest, "-l", tmp_path, "1", "0", options=_TAS, timeout=30)
         assert run.returncode == 0 and "    SUCCESS." in run.stdout.splitlines(), (i, run)
         assert run.stderr.splitlines() == ["qtee run: tables empty"], (i, run.stderr)
