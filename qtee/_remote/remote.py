@@ -479,41 +479,6 @@ class RemoteContext(RemoteShms, RemoteQueries):
         call fails EBADF, as on a closed fd."""
         return self._lost is not None
 
-    def _request(
-        self,
-        frame_of: Callable[[int], bytes],
-        waiting: dict[int, Any] | None = None,
-        entry: object = None,
-    ) -> int:
-        """Send the frame ``frame_of(seq)`` of the next request; its seq.  With ``waiting``,
-        ``entry`` is filed there under the seq first (so no answer can beat it) and taken
-        out again if the frame cannot be sent."""
-        with self._send:
-            seq = next(self._seq)
-            with self._lock:
-                if self._lost is not None:
-                    raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-                if waiting is not None:
-                    waiting[seq] = entry
-            try:
-                frame = frame_of(seq)
-                self.sock.sendall(frame)
-            except (OSError, UsageError) as exc:
-                if waiting is not None:
-                    with self._lock:
-                        waiting.pop(seq, None)
-                if isinstance(exc, UsageError):  # over the frame limit: nothing was sent
-                    raise DriverError(errno.E2BIG, str(exc)) from None
-                # Part of the frame may have gone: the stream is no use any more.
-                if isinstance(exc, BlockingIOError):  # SO_SNDTIMEO: the server reads nothing
-                    reason = f"the server read nothing for {self.device.call_timeout:g} s"
-                    self._abandon(reason)
-                    raise DriverError(errno.ETIMEDOUT, reason) from None
-                self._await_reader()  # the server's last word (a bye) says more than EPIPE
-                self._abandon(f"send failed: {exc}")
-                raise DriverError(errno.EBADF, f"connection lost: {self._lost}") from None
-        return seq
-
     def close(self) -> None:
         """Close the fd: the server closes the context (pending callbacks DEFUNCT)."""
         if self.closed:
