@@ -131,8 +131,10 @@ class BufRef(NamedTuple):
     size: int
 
 
-class InvokeMsg(NamedTuple):
-    """A decoded inbound (direct invocation) message."""
+class _Message(NamedTuple):
+    """A decoded message: header words, then the args by kind; ``size`` is where it ends,
+    ``align8(header + 8n) + sum(align8(buffer sizes))`` (after a callback message, the
+    async region starts there)."""
 
     cxt: int
     op: int
@@ -141,20 +143,19 @@ class InvokeMsg(NamedTuple):
     ob: tuple[BufRef, ...]
     io: tuple[int, ...]
     n_oo: int
-    size: int  # align8(12 + 8n) + sum of align8(buffer sizes)
+    size: int
 
 
-class CallbackMsg(NamedTuple):
-    """A decoded outbound (callback request) message."""
+class InvokeMsg(_Message):
+    """A decoded inbound (direct invocation) message (12-byte header)."""
 
-    cxt: int
-    op: int
-    counts: int
-    ib: tuple[bytes, ...]
-    ob: tuple[BufRef, ...]
-    io: tuple[int, ...]
-    n_oo: int
-    size: int  # align8(16 + 8n) + sum of align8(buffer sizes): the async region starts here
+    __slots__ = ()
+
+
+class CallbackMsg(_Message):
+    """A decoded outbound (callback request) message (16-byte header)."""
+
+    __slots__ = ()
 
 
 class InvokeResponse(NamedTuple):
@@ -280,14 +281,17 @@ _ZEROS: Final = [[0] * (2 * n) for n in range(_MAX_PER_KIND + 2)]
 
 def invoke_size(ib_sizes: Sequence[int], ob_sizes: Sequence[int], n_objects: int) -> int:
     """Bytes an inbound message needs: ``align8(12 + 8n) + sum(align8(IB|OB sizes))``."""
-    n = len(ib_sizes) + len(ob_sizes) + n_objects
-    return ((_INVOKE_HDR + 8 * n + 7) & ~7) + sum((s + 7) & ~7 for s in (*ib_sizes, *ob_sizes))
+    return _size(_INVOKE_HDR, ib_sizes, ob_sizes, n_objects)
 
 
 def callback_size(ib_sizes: Sequence[int], ob_sizes: Sequence[int], n_objects: int) -> int:
     """Bytes a callback message occupies (where its async region starts)."""
+    return _size(_CALLBACK_HDR, ib_sizes, ob_sizes, n_objects)
+
+
+def _size(hdr: int, ib_sizes: Sequence[int], ob_sizes: Sequence[int], n_objects: int) -> int:
     n = len(ib_sizes) + len(ob_sizes) + n_objects
-    return ((_CALLBACK_HDR + 8 * n + 7) & ~7) + sum((s + 7) & ~7 for s in (*ib_sizes, *ob_sizes))
+    return ((hdr + 8 * n + 7) & ~7) + sum((s + 7) & ~7 for s in (*ib_sizes, *ob_sizes))
 
 
 class _InboundEncoder(Protocol):
