@@ -66,7 +66,7 @@ from typing import Any, Final
 from objects import DriverError, UsageError
 from qtee import _reason, uapi
 from qtee._checks import WRITES_STRUCT, need_arg
-from qtee._remote.checks import Dialect, QteeDialect
+from qtee._remote.checks import Dialect, QteeDialect, Sent
 from qtee._remote.connect_errors import ConnectError, _check_path, _connect_error
 from qtee._remote.frames import (
     MAX_FRAME,
@@ -406,7 +406,7 @@ class RemoteContext(RemoteShms, RemoteQueries):
                 raise DriverError(errno.EPROTO, f"the server lied: {call.lie}")
             raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
         shm = call.shm[:2] if call.shm is not None else None
-        lie = call.lie or dialect.check(cmd, data, regions, reply, shm)
+        lie = call.lie or dialect.check(Sent(cmd, data, regions), reply, shm)
         if lie is not None:
             self._drop_shm(call)
             self._abandon(f"the server lied about call {seq}: {lie}")
