@@ -51,6 +51,33 @@ class StateTable(Generic[_S, _E]):
             if not isinstance(event, enum.Enum):
                 raise UsageError(f"{self.name}: event {event!r} is not an enum member")
 
+    @classmethod
+    def parse(cls, name: str, states: type[_S], events: type[_E], spec: str) -> StateTable[_S, _E]:
+        """A table written one line per state, by member names: ``STATE: EVENT -> NEXT,
+        EVENT -> NEXT`` (the state's every move on its line).  The first line's state is
+        the initial one; the moves keep the order written.  An empty or malformed line, a
+        move written twice, or a name ``states``/``events`` lack raises
+        :class:`~objects.UsageError`."""
+        transitions: dict[tuple[_S, _E], _S] = {}
+        initial: _S | None = None
+        for line in filter(None, map(str.strip, spec.splitlines())):
+            state, _, moves = line.partition(":")
+            try:
+                source = states[state.strip()]
+                for move in moves.split(","):
+                    event, arrow, nxt = (part.strip() for part in move.partition("->"))
+                    key = (source, events[event])
+                    if not arrow or key in transitions:
+                        raise KeyError(move.strip())
+                    transitions[key] = states[nxt]
+            except KeyError as exc:
+                raise UsageError(f"{name}: cannot read {exc} in {line!r}") from None
+            if initial is None:
+                initial = source
+        if initial is None:
+            raise UsageError(f"{name}: the table lists no state")
+        return cls(name, initial, transitions)
+
     def move(self, state: _S, event: _E) -> _S:
         """The state ``event`` leads to from ``state``; :class:`IllegalTransition` if the
         table has no such move."""

@@ -80,11 +80,7 @@ from qtee._pytest_leaks import (
     pytest_runtest_makereport,  # noqa: F401
     qtee_leak_check,  # noqa: F401
 )
-from qtee._pytest_markers import (
-    _qtee_gp_ta_marker,  # noqa: F401
-    _qtee_ta_file_marker,  # noqa: F401
-    _qtee_ta_marker,  # noqa: F401
-)
+from qtee._pytest_markers import _qtee_ta_markers  # noqa: F401
 
 __all__ = ["CLOSE_MARKER", "TRACKED_DEVICES", "AppLoaderHelper", "format_leaks", "format_leftovers"]
 

@@ -157,7 +157,11 @@ class _Record:
     _FIELDS: ClassVar[tuple[tuple[str, int, bool], ...]]  # name, bits, signed
     SIZE: ClassVar[int]
 
+    def __post_init__(self) -> None:
+        self._validate()
+
     def _validate(self) -> None:
+        """Each field fits its width (an int of ``bits`` bits, signed or not)."""
         for name, bits, signed in self._FIELDS:
             _fit(getattr(self, name), bits, f"{type(self).__name__}.{name}", signed=signed)
 
@@ -191,9 +195,6 @@ class BufData(_Record):
     _FIELDS = (("buf_ptr", 64, False), ("buf_len", 64, False))
     SIZE = 16
 
-    def __post_init__(self) -> None:
-        self._validate()
-
 
 @dataclass(frozen=True, slots=True)
 class Param(_Record):
@@ -206,9 +207,6 @@ class Param(_Record):
     _S = PARAM_STRUCT
     _FIELDS = (("attr", 64, False), ("a", 64, False), ("b", 64, False), ("c", 64, False))
     SIZE = 32
-
-    def __post_init__(self) -> None:
-        self._validate()
 
     @property
     def type(self) -> int:
@@ -227,9 +225,6 @@ class VersionData(_Record):
     _FIELDS = (("impl_id", 32, False), ("impl_caps", 32, False), ("gen_caps", 32, False))
     SIZE = 12
 
-    def __post_init__(self) -> None:
-        self._validate()
-
 
 @dataclass(frozen=True, slots=True)
 class ShmAllocData(_Record):
@@ -241,9 +236,6 @@ class ShmAllocData(_Record):
     _S = struct.Struct("<QIi")
     _FIELDS = (("size", 64, False), ("flags", 32, False), ("id", 32, True))
     SIZE = 16
-
-    def __post_init__(self) -> None:
-        self._validate()
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,9 +250,6 @@ class ShmRegisterData(_Record):
     _FIELDS = (("addr", 64, False), ("length", 64, False), ("flags", 32, False), ("id", 32, True))
     SIZE = 24
 
-    def __post_init__(self) -> None:
-        self._validate()
-
 
 @dataclass(frozen=True, slots=True)
 class ShmRegisterFdData(_Record):
@@ -274,9 +263,6 @@ class ShmRegisterFdData(_Record):
     _FIELDS = (("fd", 64, True), ("size", 64, False), ("flags", 32, False), ("id", 32, True))
     SIZE = 24
 
-    def __post_init__(self) -> None:
-        self._validate()
-
 
 @dataclass(frozen=True, slots=True)
 class CancelArg(_Record):
@@ -288,9 +274,6 @@ class CancelArg(_Record):
     _FIELDS = (("cancel_id", 32, False), ("session", 32, False))
     SIZE = 8
 
-    def __post_init__(self) -> None:
-        self._validate()
-
 
 @dataclass(frozen=True, slots=True)
 class CloseSessionArg(_Record):
@@ -300,9 +283,6 @@ class CloseSessionArg(_Record):
     _S = struct.Struct("<I")
     _FIELDS = (("session", 32, False),)
     SIZE = 4
-
-    def __post_init__(self) -> None:
-        self._validate()
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,9 +300,6 @@ class ObjectInvokeArg(_Record):
     _FIELDS = (("id", 64, False), ("op", 32, False), ("ret", 32, False), ("num_params", 32, False))
     SIZE = 24
 
-    def __post_init__(self) -> None:
-        self._validate()
-
 
 @dataclass(frozen=True, slots=True)
 class SuppRecvArg(_Record):
@@ -334,9 +311,6 @@ class SuppRecvArg(_Record):
     _FIELDS = (("func", 32, False), ("num_params", 32, False))
     SIZE = 8
 
-    def __post_init__(self) -> None:
-        self._validate()
-
 
 @dataclass(frozen=True, slots=True)
 class SuppSendArg(_Record):
@@ -347,9 +321,6 @@ class SuppSendArg(_Record):
     _S = SUPP_ARG_STRUCT
     _FIELDS = (("ret", 32, False), ("num_params", 32, False))
     SIZE = 8
-
-    def __post_init__(self) -> None:
-        self._validate()
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,9 +389,6 @@ class InvokeArg(_Record):
         ("num_params", 32, False),
     )
     SIZE = 24
-
-    def __post_init__(self) -> None:
-        self._validate()
 
 
 # The buf_data ioctls' fixed headers, by the struct each one carries.

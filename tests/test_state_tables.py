@@ -160,6 +160,42 @@ def test_a_table_of_mixed_enums_is_refused() -> None:
         StateTable("", SessState.OPENING, {})
 
 
+def test_a_table_read_from_its_text_is_the_table_written_out() -> None:
+    """Issue 17 ("each lifecycle in one table"): ``StateTable.parse`` reads one line per
+    state, keeps the written order (the diagrams' order) and takes the first state as the
+    initial one."""
+    table = StateTable.parse(
+        "t",
+        VmPhase,
+        VmEvent,
+        "\n  STOPPING: GONE -> DESTROYED\n  RUNNING: STOP -> STOPPING, DESTROY -> DESTROYING\n",
+    )
+    assert table.initial is VmPhase.STOPPING
+    assert list(table.transitions.items()) == [
+        ((VmPhase.STOPPING, VmEvent.GONE), VmPhase.DESTROYED),
+        ((VmPhase.RUNNING, VmEvent.STOP), VmPhase.STOPPING),
+        ((VmPhase.RUNNING, VmEvent.DESTROY), VmPhase.DESTROYING),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("", "the table lists no state"),
+        ("RUNNING: DESTROY DESTROYING", "cannot read 'DESTROY DESTROYING'"),
+        ("RUNNING: DESTROYED -> STOPPING", "cannot read 'DESTROYED'"),
+        ("RUN: STOP -> STOPPING", "cannot read 'RUN'"),
+        ("RUNNING: STOP -> STOPPING, STOP -> DESTROYED", "cannot read 'STOP -> DESTROYED'"),
+        ("RUNNING: STOP -> STOPPED", "cannot read 'STOPPED'"),
+    ],
+)
+def test_a_table_text_that_does_not_read_is_refused(spec: str, why: str) -> None:
+    """An unknown name, a move without its arrow or written twice, or no line at all: a
+    UsageError naming the table and what it could not read."""
+    with pytest.raises(UsageError, match=f"vm: {why}"):
+        StateTable.parse("vm", VmPhase, VmEvent, spec)
+
+
 # ----------------------------------------------------------------------------- the objects
 
 

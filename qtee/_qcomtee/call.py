@@ -70,7 +70,7 @@ def _encode_wrapped(
 ) -> bytearray:
     """The inbound message when a kind has 16 args (spec §7): ``qcomtee_msg_init`` masks
     each count to its nibble (16 -> 0) while every arg is still laid out in full."""
-    return wire._encode_inbound(cxt, op, ib, ob, io, n_oo, _ARGS_PER_TYPE)
+    return wire._encode_inbound(cxt, op, ib, ob, io, n_oo)
 
 
 def _wrapped_outputs(

@@ -46,12 +46,12 @@ class ReqEvent(enum.Enum):
     COMPLETE = "complete"
 
 
-REQUEST_STATES: Final[StateTable[ReqState, ReqEvent]] = StateTable(
+REQUEST_STATES: Final = StateTable.parse(
     "callback request",
-    ReqState.QUEUED,
-    {
-        (ReqState.QUEUED, ReqEvent.SELECT): ReqState.PROCESSING,
-        (ReqState.QUEUED, ReqEvent.COMPLETE): ReqState.PROCESSED,
-        (ReqState.PROCESSING, ReqEvent.COMPLETE): ReqState.PROCESSED,
-    },
+    ReqState,
+    ReqEvent,
+    """
+    QUEUED:     SELECT -> PROCESSING, COMPLETE -> PROCESSED
+    PROCESSING: COMPLETE -> PROCESSED
+    """,
 )

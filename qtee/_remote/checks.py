@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from objects import DriverError
 from qtee import uapi
@@ -24,16 +24,28 @@ from qtee.addrspace import AddressSpace
 __all__ = [
     "Dialect",
     "QteeDialect",
+    "Sent",
     "Span",
     "block_change",
     "check_shm",
     "check_version",
     "merge",
+    "recv_overflow",
     "read_spans",
 ]
 
 #: ``(addr, data, writable)``: caller memory sent with a request.
 Span = tuple[int, bytes, bool]
+
+
+class Sent(NamedTuple):
+    """An ioctl as it went to the server: its command, its struct's bytes and the caller
+    memory sent with it (what a reply is checked against)."""
+
+    cmd: int
+    arg: bytes
+    regions: list[Span]
+
 
 _BUF: Final = uapi.BUF_DATA_STRUCT
 _PARAM: Final = uapi.PARAM_STRUCT
@@ -58,16 +70,9 @@ class Dialect(Protocol):
         """The caller memory ``cmd`` may touch, read now; DriverError to fail the call."""
         ...
 
-    def check(
-        self,
-        cmd: int,
-        arg: bytes,
-        regions: list[Span],
-        reply: IoctlReply,
-        shm: tuple[int, int] | None,
-    ) -> str | None:
-        """What is wrong with ``reply`` to ``cmd`` (sent with ``arg`` and ``regions``), or
-        None.  ``shm``: ``(id, size)`` from the call's shm fd frame, if one came."""
+    def check(self, sent: Sent, reply: IoctlReply, shm: tuple[int, int] | None) -> str | None:
+        """What is wrong with ``reply`` to the ioctl ``sent``, or None.  ``shm``: ``(id,
+        size)`` from the call's shm fd frame, if one came."""
         ...
 
     def done(self, cmd: int, arg: bytes) -> None:
@@ -120,15 +125,8 @@ class QteeDialect:
                     spans.append((a, b, True))
         return read_spans(mem, spans)
 
-    def check(
-        self,
-        cmd: int,
-        arg: bytes,
-        regions: list[Span],
-        reply: IoctlReply,
-        shm: tuple[int, int] | None,
-    ) -> str | None:
-        return _check(cmd, arg, regions, reply, shm, self.welcome)
+    def check(self, sent: Sent, reply: IoctlReply, shm: tuple[int, int] | None) -> str | None:
+        return _check(sent, reply, shm, self.welcome)
 
     def done(self, cmd: int, arg: bytes) -> None:
         pass
@@ -151,16 +149,12 @@ def merge(spans: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
 
 
 def _check(
-    cmd: int,
-    arg: bytes,
-    regions: list[tuple[int, bytes, bool]],
-    reply: IoctlReply,
-    shm: tuple[int, int] | None,
-    welcome: Welcome,
+    sent: Sent, reply: IoctlReply, shm: tuple[int, int] | None, welcome: Welcome
 ) -> str | None:
-    """What is wrong with ``reply`` to ``cmd`` (sent with ``arg`` and ``regions``), or
-    None: the frame-level rules (:func:`check_written`), then what the kernel's ioctl may
-    change.  ``shm``: ``(id, size)`` from the call's shm fd frame, if one came."""
+    """What is wrong with ``reply`` to the ioctl ``sent``, or None: the frame-level rules
+    (:func:`check_written`), then what the kernel's ioctl may change.  ``shm``: ``(id,
+    size)`` from the call's shm fd frame, if one came."""
+    cmd, arg, regions = sent
     try:
         check_written(reply, len(arg), regions)
     except FrameError as exc:
@@ -269,15 +263,23 @@ def _check_invoke(before: bytes, after: bytes) -> str | None:
     return None
 
 
+def recv_overflow(before: bytes, after: bytes) -> str | None:
+    """What is wrong if SUPPL_RECV's block (``before`` and ``after`` the call, each with
+    its header) holds more params than the slots sent: the kernel fills at most those."""
+    (slots,) = _U32.unpack_from(before, 4)
+    (num,) = _U32.unpack_from(after, 4)
+    return f"a request of {num} params for {slots} slots" if num > slots else None
+
+
 def _check_recv(before: bytes, after: bytes) -> str | None:
     """SUPPL_RECV fills at most the params sent; an input buffer lies inside the scratch
     buffer (the first param), an output names no address."""
     if len(before) < 40:
         return None
-    (slots,) = _U32.unpack_from(before, 4)
+    lie = recv_overflow(before, after)
+    if lie is not None:
+        return lie
     (num,) = _U32.unpack_from(after, 4)
-    if num > slots:
-        return f"a request of {num} params for {slots} slots"
     _attr, scratch, size, _c = _PARAM.unpack_from(before, 8)
     for i in range(1, min(num, (len(after) - 8) // 32)):
         attr, a, b, _c = _PARAM.unpack_from(after, 8 + 32 * i)

@@ -45,16 +45,13 @@ class ConnEvent(enum.Enum):
     CLOSE = "close"
 
 
-CONNECTION_STATES: Final[StateTable[ConnState, ConnEvent]] = StateTable(
+CONNECTION_STATES: Final = StateTable.parse(
     "server connection",
-    ConnState.ACCEPTED,
-    {
-        (ConnState.ACCEPTED, ConnEvent.WELCOME): ConnState.SERVING,
-        (ConnState.ACCEPTED, ConnEvent.BYE): ConnState.ACCEPTED,
-        (ConnState.ACCEPTED, ConnEvent.END): ConnState.ENDING,
-        (ConnState.SERVING, ConnEvent.BYE): ConnState.SERVING,
-        (ConnState.SERVING, ConnEvent.END): ConnState.ENDING,
-        (ConnState.ENDING, ConnEvent.BYE): ConnState.ENDING,
-        (ConnState.ENDING, ConnEvent.CLOSE): ConnState.CLOSED,
-    },
+    ConnState,
+    ConnEvent,
+    """
+    ACCEPTED: WELCOME -> SERVING, BYE -> ACCEPTED, END -> ENDING
+    SERVING:  BYE -> SERVING, END -> ENDING
+    ENDING:   BYE -> ENDING, CLOSE -> CLOSED
+    """,
 )

@@ -100,6 +100,8 @@ from typing import Any, Final, NoReturn
 import msgpack
 
 from objects import UsageError
+from qtee._remote import frame_fields, frame_records
+from qtee._remote.frame_fields import *  # noqa: F403 - every name is importable here
 from qtee._remote.frame_fields import (
     _HDR,
     _HEADER,
@@ -107,73 +109,30 @@ from qtee._remote.frame_fields import (
     _U64,
     MAX_ERRNO,
     MAX_FRAME,
-    MAX_WHY_DETAIL,
-    MAX_WHY_NAME,
-    NODES,
     PROTOCOL_VERSION,
-    QUERIES,
     SUPPL_RECV,
     FrameError,
     _check_version,
     _int,
     _str,
 )
+from qtee._remote.frame_records import *  # noqa: F403
 from qtee._remote.frame_records import (
     _KINDS,
     _MESSAGE_TYPES,
     _REQUEST_TYPES,
     Answer,
-    Bye,
-    Close,
-    Denied,
-    Hello,
     Ioctl,
     IoctlReply,
     Message,
-    Probe,
-    Query,
-    Ready,
-    RecvNowait,
     Region,
-    ShmFd,
-    ShmFree,
-    Status,
-    Watch,
-    Welcome,
     Why,
     _why,
     _why_map,
 )
 
 __all__ = [
-    "MAX_ERRNO",
-    "MAX_FRAME",
-    "MAX_WHY_DETAIL",
-    "MAX_WHY_NAME",
-    "NODES",
-    "PROTOCOL_VERSION",
-    "QUERIES",
-    "SUPPL_RECV",
-    "Answer",
-    "Bye",
-    "Close",
-    "Denied",
     "FrameDecoder",
-    "FrameError",
-    "Hello",
-    "Ioctl",
-    "IoctlReply",
-    "Message",
-    "Probe",
-    "Query",
-    "Ready",
-    "RecvNowait",
-    "Region",
-    "ShmFd",
-    "ShmFree",
-    "Status",
-    "Watch",
-    "Welcome",
     "check_reply",
     "check_written",
     "encode",
@@ -183,6 +142,8 @@ __all__ = [
     "refusal",
     "refused",
 ]
+__all__ += frame_fields.__all__
+__all__ += frame_records.__all__
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)
 
 

@@ -66,7 +66,7 @@ from typing import Any, Final
 from objects import DriverError, UsageError
 from qtee import _reason, uapi
 from qtee._checks import WRITES_STRUCT, need_arg
-from qtee._remote.checks import Dialect, QteeDialect
+from qtee._remote.checks import Dialect, QteeDialect, Sent
 from qtee._remote.connect_errors import ConnectError, _check_path, _connect_error
 from qtee._remote.frames import (
     MAX_FRAME,
@@ -406,7 +406,7 @@ class RemoteContext(RemoteShms, RemoteQueries):
                 raise DriverError(errno.EPROTO, f"the server lied: {call.lie}")
             raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
         shm = call.shm[:2] if call.shm is not None else None
-        lie = call.lie or dialect.check(cmd, data, regions, reply, shm)
+        lie = call.lie or dialect.check(Sent(cmd, data, regions), reply, shm)
         if lie is not None:
             self._drop_shm(call)
             self._abandon(f"the server lied about call {seq}: {lie}")
@@ -478,41 +478,6 @@ class RemoteContext(RemoteShms, RemoteQueries):
         """The connection is gone (the server closed it, or a call's check failed): every
         call fails EBADF, as on a closed fd."""
         return self._lost is not None
-
-    def _request(
-        self,
-        frame_of: Callable[[int], bytes],
-        waiting: dict[int, Any] | None = None,
-        entry: object = None,
-    ) -> int:
-        """Send the frame ``frame_of(seq)`` of the next request; its seq.  With ``waiting``,
-        ``entry`` is filed there under the seq first (so no answer can beat it) and taken
-        out again if the frame cannot be sent."""
-        with self._send:
-            seq = next(self._seq)
-            with self._lock:
-                if self._lost is not None:
-                    raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-                if waiting is not None:
-                    waiting[seq] = entry
-            try:
-                frame = frame_of(seq)
-                self.sock.sendall(frame)
-            except (OSError, UsageError) as exc:
-                if waiting is not None:
-                    with self._lock:
-                        waiting.pop(seq, None)
-                if isinstance(exc, UsageError):  # over the frame limit: nothing was sent
-                    raise DriverError(errno.E2BIG, str(exc)) from None
-                # Part of the frame may have gone: the stream is no use any more.
-                if isinstance(exc, BlockingIOError):  # SO_SNDTIMEO: the server reads nothing
-                    reason = f"the server read nothing for {self.device.call_timeout:g} s"
-                    self._abandon(reason)
-                    raise DriverError(errno.ETIMEDOUT, reason) from None
-                self._await_reader()  # the server's last word (a bye) says more than EPIPE
-                self._abandon(f"send failed: {exc}")
-                raise DriverError(errno.EBADF, f"connection lost: {self._lost}") from None
-        return seq
 
     def close(self) -> None:
         """Close the fd: the server closes the context (pending callbacks DEFUNCT)."""

@@ -38,6 +38,7 @@ from typing import Final
 
 from objects import DriverError
 from qtee import uapi
+from qtee._remote import checks
 from qtee._remote.checks import Span, block_change, check_shm, check_version, read_spans
 from qtee._remote.frames import FrameError, IoctlReply, Region, Welcome, check_written
 from qtee.addrspace import TASK_SIZE, AddressSpace
@@ -147,13 +148,9 @@ class OpteeDialect:
 
     # ------------------------------------------------------------------ replies
     def check(
-        self,
-        cmd: int,
-        arg: bytes,
-        regions: list[Span],
-        reply: IoctlReply,
-        shm: tuple[int, int] | None,
+        self, sent: checks.Sent, reply: IoctlReply, shm: tuple[int, int] | None
     ) -> str | None:
+        cmd, arg, regions = sent
         if cmd == uapi.TEE_IOC_SHM_ALLOC:
             lie = _written(reply, arg, regions)
             return lie or check_shm(arg, reply, shm)
@@ -197,10 +194,9 @@ class OpteeDialect:
         before, after = change
         if len(before) < 8:
             return None
-        (slots,) = _U32.unpack_from(before, 4)
-        (num,) = _U32.unpack_from(after, 4)
-        if num > slots:
-            return f"a request of {num} params for {slots} slots"
+        lie = checks.recv_overflow(before, after)
+        if lie is not None:
+            return lie
         allowed = set()
         for attr, a, b, c in _params(after, 8, 4):
             window = self._window(attr, a, b, c, _MEMREF_IN)

@@ -16,29 +16,20 @@ from typing import Any
 
 from objects import DriverError, UsageError
 from qtee._remote.frames import Query, Watch, encode, refused
+from qtee._remote.remote_send import RemoteSender
 
 __all__ = ["RemoteQueries"]
 
 
-class RemoteQueries:
+class RemoteQueries(RemoteSender):
     """The query half of :class:`~qtee._remote.remote.RemoteContext` (a mixin: the context
     owns the attributes declared here)."""
 
-    _lock: threading.Lock
-    _lost: str | None
     #: seq -> the sink of that query's answers.
     _streams: dict[int, Callable[[dict[str, Any]], None]]
     _on_ready: Callable[[], None] | None
     _watching: bool
     _told_lost: bool
-
-    def _request(
-        self,
-        frame_of: Callable[[int], bytes],
-        waiting: dict[int, Any] | None = None,
-        entry: object = None,
-    ) -> int:
-        raise NotImplementedError
 
     def _ready(self) -> None:
         raise NotImplementedError

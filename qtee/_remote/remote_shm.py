@@ -15,13 +15,12 @@ import contextlib
 import errno
 import mmap
 import os
-import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from objects import DriverError
 from qtee import uapi
 from qtee._remote.frames import ShmFd, ShmFree, encode
+from qtee._remote.remote_send import RemoteSender
 
 if TYPE_CHECKING:
     from qtee._remote.checks import Dialect
@@ -30,11 +29,10 @@ if TYPE_CHECKING:
 __all__ = ["RemoteShms"]
 
 
-class RemoteShms:
+class RemoteShms(RemoteSender):
     """The shm half of :class:`~qtee._remote.remote.RemoteContext` (a mixin: the context
     owns the attributes declared here)."""
 
-    _lock: threading.Lock
     _fds: collections.deque[int]
     _pending: dict[int, _Call]
     #: shm id -> this process's mapping of its memory file.
@@ -42,14 +40,6 @@ class RemoteShms:
     #: shm id -> its memory file's fd, until taken.
     _shm_fds: dict[int, int]
     dialect: Dialect
-
-    def _request(
-        self,
-        frame_of: Callable[[int], bytes],
-        waiting: dict[int, Any] | None = None,
-        entry: object = None,
-    ) -> int:
-        raise NotImplementedError
 
     def _map_shm(self, msg: ShmFd) -> None:
         """Map the memory file of a new shm (its fd came with the frame's bytes) for the

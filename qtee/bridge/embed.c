@@ -44,22 +44,45 @@ static PyObject *mem_error(int code, unsigned long long addr, Py_ssize_t size)
 	return NULL;
 }
 
+/* SIZE bytes between BUF and ADDR of this process, one process_vm_writev (WRITE) or
+ * process_vm_readv: 0, or the errno (EFAULT for a short copy). */
+static int mem_copy(void *buf, unsigned long long addr, Py_ssize_t size, int write)
+{
+	struct iovec local = { .iov_base = buf, .iov_len = (size_t)size };
+	struct iovec remote = { .iov_base = (void *)(uintptr_t)addr, .iov_len = (size_t)size };
+	ssize_t n = write ? process_vm_writev(getpid(), &local, 1, &remote, 1, 0)
+			  : process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+
+	if (n == size)
+		return 0;
+	return n < 0 ? errno : EFAULT;
+}
+
+/* The two args of read/write (USAGE names them) and the first, ADDR: -1 with the
+ * exception set if they are not that. */
+static int addr_arg(PyObject *const *args, Py_ssize_t nargs, const char *usage,
+		    unsigned long long *addr)
+{
+	if (nargs != 2) {
+		PyErr_SetString(PyExc_TypeError, usage);
+		return -1;
+	}
+	*addr = PyLong_AsUnsignedLongLong(args[0]);
+	return PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *mem_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
 	unsigned long long addr;
 	Py_ssize_t size;
 	PyObject *out;
-	struct iovec local, remote;
-	ssize_t n;
+	int code;
 
 	(void)self;
-	if (nargs != 2) {
-		PyErr_SetString(PyExc_TypeError, "read(addr, size)");
+	if (addr_arg(args, nargs, "read(addr, size)", &addr))
 		return NULL;
-	}
-	addr = PyLong_AsUnsignedLongLong(args[0]);
 	size = PyLong_AsSsize_t(args[1]);
-	if (PyErr_Occurred())
+	if (size == -1 && PyErr_Occurred())
 		return NULL;
 	if (size < 0) {
 		PyErr_SetString(PyExc_ValueError, "size < 0");
@@ -68,14 +91,8 @@ static PyObject *mem_read(PyObject *self, PyObject *const *args, Py_ssize_t narg
 	out = PyBytes_FromStringAndSize(NULL, size);
 	if (!out || size == 0)
 		return out;
-	local.iov_base = PyBytes_AS_STRING(out);
-	local.iov_len = (size_t)size;
-	remote.iov_base = (void *)(uintptr_t)addr;
-	remote.iov_len = (size_t)size;
-	n = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
-	if (n != size) {
-		int code = n < 0 ? errno : EFAULT;
-
+	code = mem_copy(PyBytes_AS_STRING(out), addr, size, 0);
+	if (code) {
 		Py_DECREF(out);
 		return mem_error(code, addr, size);
 	}
@@ -86,34 +103,19 @@ static PyObject *mem_write(PyObject *self, PyObject *const *args, Py_ssize_t nar
 {
 	unsigned long long addr;
 	Py_buffer data;
-	struct iovec local, remote;
-	ssize_t n;
+	Py_ssize_t size;
+	int code;
 
 	(void)self;
-	if (nargs != 2) {
-		PyErr_SetString(PyExc_TypeError, "write(addr, data)");
+	if (addr_arg(args, nargs, "write(addr, data)", &addr))
 		return NULL;
-	}
-	addr = PyLong_AsUnsignedLongLong(args[0]);
-	if (PyErr_Occurred() || PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE))
+	if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE))
 		return NULL;
-	if (data.len == 0) {
-		PyBuffer_Release(&data);
-		Py_RETURN_NONE;
-	}
-	local.iov_base = data.buf;
-	local.iov_len = (size_t)data.len;
-	remote.iov_base = (void *)(uintptr_t)addr;
-	remote.iov_len = (size_t)data.len;
-	n = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
-	if (n != data.len) {
-		int code = n < 0 ? errno : EFAULT;
-		Py_ssize_t size = data.len;
-
-		PyBuffer_Release(&data);
-		return mem_error(code, addr, size);
-	}
+	size = data.len;
+	code = size ? mem_copy(data.buf, addr, size, 1) : 0;
 	PyBuffer_Release(&data);
+	if (code)
+		return mem_error(code, addr, size);
 	Py_RETURN_NONE;
 }
 

@@ -155,6 +155,19 @@ static int is_node(const char *path)
 	return 1;
 }
 
+/* FD, an fd the model just made, as this process's fd of KIND; one past the kind table
+ * is closed again, in the model and here: EMFILE. */
+static int model_fd(int fd, enum qb_kind kind)
+{
+	if (fd >= QB_MAX_FD) {
+		qb_close(fd);
+		qb_real_close(fd);
+		return fail(EMFILE);
+	}
+	qb_set_kind(fd, kind);
+	return fd;
+}
+
 static int open_node(const char *path, int flags)
 {
 	int fd;
@@ -166,13 +179,7 @@ static int open_node(const char *path, int flags)
 	fd = qb_open(path, flags);
 	if (fd < 0)
 		return fail(-fd);
-	if (fd >= QB_MAX_FD) {
-		qb_close(fd);
-		qb_real_close(fd);
-		return fail(EMFILE);
-	}
-	qb_set_kind(fd, QB_DEVICE);
-	return fd;
+	return model_fd(fd, QB_DEVICE);
 }
 
 static mode_t mode_arg(int flags, va_list ap)
@@ -180,65 +187,36 @@ static mode_t mode_arg(int flags, va_list ap)
 	return (flags & (O_CREAT | O_TMPFILE)) ? (mode_t)va_arg(ap, int) : 0;
 }
 
-/* The open family: a node's path goes to the model, anything else to libc.  The mode
- * argument is there only with O_CREAT or O_TMPFILE. */
-#define OPEN_HOOK(name)                                               \
-	int name(const char *path, int flags, ...)                    \
-	{                                                             \
-		va_list ap;                                           \
-		mode_t mode;                                          \
-                                                                      \
-		init_real();                                          \
-		va_start(ap, flags);                                  \
-		mode = mode_arg(flags, ap);                           \
-		va_end(ap);                                           \
-		if (is_node(path))                                    \
-			return open_node(path, flags);                \
-		return real_##name(path, flags, mode);                \
+/* The open family, one body: a node's path goes to the model, anything else to libc's
+ * own function, called with the hook's arguments (the ones after PARAMS).  The mode
+ * argument is there only with O_CREAT or O_TMPFILE (READ_MODE, the PROLOGUE of the
+ * variadic forms); the fortified forms (_FORTIFY_SOURCE) take none. */
+#define READ_MODE                               \
+	va_list ap;                             \
+	mode_t mode;                            \
+                                                \
+	va_start(ap, flags);                    \
+	mode = mode_arg(flags, ap);             \
+	va_end(ap);
+
+#define PATH_HOOK(name, params, prologue, ...)  \
+	int name params                         \
+	{                                       \
+		prologue                        \
+		init_real();                    \
+		if (is_node(path))              \
+			return open_node(path, flags); \
+		return real_##name(__VA_ARGS__); \
 	}
 
-#define OPENAT_HOOK(name)                                             \
-	int name(int dirfd, const char *path, int flags, ...)         \
-	{                                                             \
-		va_list ap;                                           \
-		mode_t mode;                                          \
-                                                                      \
-		init_real();                                          \
-		va_start(ap, flags);                                  \
-		mode = mode_arg(flags, ap);                           \
-		va_end(ap);                                           \
-		if (is_node(path))                                    \
-			return open_node(path, flags);                \
-		return real_##name(dirfd, path, flags, mode);         \
-	}
-
-/* The fortified forms (_FORTIFY_SOURCE) take no mode. */
-#define OPEN2_HOOK(name)                                              \
-	int name(const char *path, int flags)                         \
-	{                                                             \
-		init_real();                                          \
-		if (is_node(path))                                    \
-			return open_node(path, flags);                \
-		return real_##name(path, flags);                      \
-	}
-
-#define OPENAT2_HOOK(name)                                            \
-	int name(int dirfd, const char *path, int flags)              \
-	{                                                             \
-		init_real();                                          \
-		if (is_node(path))                                    \
-			return open_node(path, flags);                \
-		return real_##name(dirfd, path, flags);               \
-	}
-
-OPEN_HOOK(open)
-OPEN_HOOK(open64)
-OPENAT_HOOK(openat)
-OPENAT_HOOK(openat64)
-OPEN2_HOOK(__open_2)
-OPEN2_HOOK(__open64_2)
-OPENAT2_HOOK(__openat_2)
-OPENAT2_HOOK(__openat64_2)
+PATH_HOOK(open, (const char *path, int flags, ...), READ_MODE, path, flags, mode)
+PATH_HOOK(open64, (const char *path, int flags, ...), READ_MODE, path, flags, mode)
+PATH_HOOK(openat, (int dirfd, const char *path, int flags, ...), READ_MODE, dirfd, path, flags, mode)
+PATH_HOOK(openat64, (int dirfd, const char *path, int flags, ...), READ_MODE, dirfd, path, flags, mode)
+PATH_HOOK(__open_2, (const char *path, int flags), , path, flags)
+PATH_HOOK(__open64_2, (const char *path, int flags), , path, flags)
+PATH_HOOK(__openat_2, (int dirfd, const char *path, int flags), , dirfd, path, flags)
+PATH_HOOK(__openat64_2, (int dirfd, const char *path, int flags), , dirfd, path, flags)
 
 /* ------------------------------------------------------------------ ioctl */
 
@@ -300,14 +278,8 @@ int ioctl(int fd, unsigned long request, ...)
 		ret = qb_ioctl(fd, request, arg, 0);
 	if (ret < 0)
 		return fail(-ret);
-	if (request == QB_IOC_SHM_ALLOC || request == QB_IOC_SHM_REGISTER) {
-		if (ret >= QB_MAX_FD) {
-			qb_close(ret);
-			real_close(ret);
-			return fail(EMFILE);
-		}
-		qb_set_kind(ret, QB_SHM);
-	}
+	if (request == QB_IOC_SHM_ALLOC || request == QB_IOC_SHM_REGISTER)
+		return model_fd(ret, QB_SHM);
 	return ret;
 }
 

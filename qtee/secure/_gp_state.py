@@ -53,16 +53,15 @@ class SessEvent(enum.Enum):
     DISCARD = "discard"
 
 
-SESSION_STATES: Final[StateTable[SessState, SessEvent]] = StateTable(
+SESSION_STATES: Final = StateTable.parse(
     "GP session",
-    SessState.OPENING,
-    {
-        (SessState.OPENING, SessEvent.OPENED): SessState.OPEN,
-        (SessState.OPENING, SessEvent.DISCARD): SessState.CLOSED,
-        (SessState.OPEN, SessEvent.CLOSE): SessState.CLOSING,
-        (SessState.OPEN, SessEvent.DISCARD): SessState.CLOSED,
-        (SessState.CLOSING, SessEvent.DISCARD): SessState.CLOSED,
-    },
+    SessState,
+    SessEvent,
+    """
+    OPENING: OPENED -> OPEN, DISCARD -> CLOSED
+    OPEN:    CLOSE -> CLOSING, DISCARD -> CLOSED
+    CLOSING: DISCARD -> CLOSED
+    """,
 )
 
 
@@ -85,15 +84,13 @@ class InstEvent(enum.Enum):
     PANIC = "panic"
 
 
-INSTANCE_STATES: Final[StateTable[InstState, InstEvent]] = StateTable(
+INSTANCE_STATES: Final = StateTable.parse(
     "GP TA instance",
-    InstState.NEW,
-    {
-        (InstState.NEW, InstEvent.CREATE): InstState.CREATED,
-        (InstState.NEW, InstEvent.PANIC): InstState.PANICKED,
-        (InstState.CREATED, InstEvent.DESTROY): InstState.NEW,
-        (InstState.CREATED, InstEvent.PANIC): InstState.PANICKED,
-        (InstState.PANICKED, InstEvent.PANIC): InstState.PANICKED,
-        (InstState.PANICKED, InstEvent.DESTROY): InstState.PANICKED,
-    },
+    InstState,
+    InstEvent,
+    """
+    NEW:      CREATE -> CREATED, PANIC -> PANICKED
+    CREATED:  DESTROY -> NEW, PANIC -> PANICKED
+    PANICKED: PANIC -> PANICKED, DESTROY -> PANICKED
+    """,
 )

@@ -45,16 +45,14 @@ class VmEvent(enum.Enum):
     GONE = "gone"
 
 
-VM_STATES: Final[StateTable[VmPhase, VmEvent]] = StateTable(
+VM_STATES: Final = StateTable.parse(
     "VM partition",
-    VmPhase.CREATING,
-    {
-        (VmPhase.CREATING, VmEvent.CREATED): VmPhase.RUNNING,
-        (VmPhase.CREATING, VmEvent.STOP): VmPhase.STOPPING,
-        (VmPhase.CREATING, VmEvent.GONE): VmPhase.DESTROYED,
-        (VmPhase.RUNNING, VmEvent.DESTROY): VmPhase.DESTROYING,
-        (VmPhase.DESTROYING, VmEvent.STOP): VmPhase.STOPPING,
-        (VmPhase.DESTROYING, VmEvent.GONE): VmPhase.DESTROYED,
-        (VmPhase.STOPPING, VmEvent.GONE): VmPhase.DESTROYED,
-    },
+    VmPhase,
+    VmEvent,
+    """
+    CREATING:   CREATED -> RUNNING, STOP -> STOPPING, GONE -> DESTROYED
+    RUNNING:    DESTROY -> DESTROYING
+    DESTROYING: STOP -> STOPPING, GONE -> DESTROYED
+    STOPPING:   GONE -> DESTROYED
+    """,
 )
