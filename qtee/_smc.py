@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final
 
 __all__ = [
     "HYP_CLIENT_ID",
@@ -115,8 +115,14 @@ def is_smcinvoke(fid: int) -> bool:
     return fid in _SMCINVOKE
 
 
-class SmcConduit(Protocol):
-    """Where a driver's SMCs go: the secure monitor (host) or a VMM trap (guest)."""
+class SmcConduit:
+    """Where a driver's SMCs go: the secure monitor (host) or a VMM trap (guest).
+
+    :meth:`smc` is the SMC instruction's calling convention, spelled here once; a conduit
+    implements :meth:`_smc`, which takes every register positionally (an
+    :data:`SmcHandler`'s signature)."""
+
+    __slots__ = ()
 
     def smc(
         self,
@@ -134,4 +140,19 @@ class SmcConduit(Protocol):
         """Make one SMC; type-3 returns go to ``on_return``; the final regs are returned.
 
         Raises :class:`objects.DriverError` when the call cannot be made or completed."""
-        ...
+        return self._smc(fid, a1, a2, a3, a4, a5, a6, a7, on_return)
+
+    def _smc(
+        self,
+        fid: int,
+        a1: int,
+        a2: int,
+        a3: int,
+        a4: int,
+        a5: int,
+        a6: int,
+        a7: int,
+        on_return: OnReturn | None,
+    ) -> Regs:
+        """The conduit's SMC, every register given."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _smc")

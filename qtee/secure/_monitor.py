@@ -43,6 +43,7 @@ from qtee._smc import (
     QCOMTEE_RESULT_INBOUND_REQ_NEEDED,
     OnReturn,
     Regs,
+    SmcConduit,
     SmcFid,
     SmcHandler,
     SmcReturn,
@@ -162,7 +163,7 @@ class _SmcCall:
             _U32.pack_into(out, 0, _UNAVAIL)
 
 
-class SecureMonitor:
+class SecureMonitor(SmcConduit):
     """EL3 + QTEE entry: routes each SMC to the partition its ``a7`` names (implements
     :class:`~qtee._smc.SmcConduit`).
 
@@ -301,18 +302,17 @@ class SecureMonitor:
                 self._services[fid] = handler
 
     # ------------------------------------------------------------------ the SMC
-    def smc(
+    def _smc(
         self,
         fid: int,
-        a1: int = 0,
-        a2: int = 0,
-        a3: int = 0,
-        a4: int = 0,
-        a5: int = 0,
-        a6: int = 0,
-        a7: int = 0,
-        *,
-        on_return: OnReturn | None = None,
+        a1: int,
+        a2: int,
+        a3: int,
+        a4: int,
+        a5: int,
+        a6: int,
+        a7: int,
+        on_return: OnReturn | None,
     ) -> Regs:
         """One SMC from the non-secure side; see the module docstring for the calls."""
         if fid == _INVOKE and self.trace_smc is None and self.smcinvoke:

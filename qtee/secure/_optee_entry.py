@@ -52,7 +52,7 @@ from qtee._optee.optee_msg import (
     decode_msg,
     write_reply,
 )
-from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcFid, SmcReturn
+from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcConduit, SmcFid, SmcReturn
 from qtee.gp._defs import TeecOrigin, TeecResult
 from qtee.secure._gp import GpParam, GpRuntime
 from qtee.secure._gp_params import TEE_NUM_PARAMS
@@ -143,7 +143,7 @@ class OpteePartition:
         return f"<OpteePartition {self.client_id} {state} calls={self.calls}>"
 
 
-class OpteeEntry:
+class OpteeEntry(SmcConduit):
     """OP-TEE's fast-call and std-call entry for guests (see the module docstring)."""
 
     def __init__(
@@ -166,7 +166,7 @@ class OpteeEntry:
         self._lock = threading.Lock()
         self._partitions: dict[int, OpteePartition] = {}
         self._dying: set[OpteePartition] = set()  # destroyed, calls still inside
-        monitor.add_service(OPTEE_FIDS, self.smc)
+        monitor.add_service(OPTEE_FIDS, self._smc)
         with _OF_LOCK:
             _ENTRIES[monitor] = self
 
@@ -213,17 +213,17 @@ class OpteeEntry:
         return found
 
     # ------------------------------------------------------------------ the SMC
-    def smc(
+    def _smc(
         self,
         fid: int,
-        a1: int = 0,
-        a2: int = 0,
-        a3: int = 0,
-        a4: int = 0,
-        a5: int = 0,
-        a6: int = 0,
-        a7: int = 0,
-        on_return: OnReturn | None = None,
+        a1: int,
+        a2: int,
+        a3: int,
+        a4: int,
+        a5: int,
+        a6: int,
+        a7: int,
+        on_return: OnReturn | None,
     ) -> Regs:
         """Answer one SMC of :data:`OPTEE_FIDS` (the monitor's service handler)."""
         if fid in _VM_FIDS:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from objects import DriverError
-from qtee._smc import SmcReturn
+from qtee._smc import SmcConduit, SmcReturn
 
 if TYPE_CHECKING:
     from qtee._smc import OnReturn, Regs
@@ -55,7 +55,7 @@ class GuestTee(Protocol):
         """The guest kernel's state goes: every context closed, every table empty."""
 
 
-class Guest:
+class Guest(SmcConduit):
     """One VM as the VMM runs it.  Built by :meth:`qtee.vm.Vmm.create_vm`."""
 
     __slots__ = ("_handle", "_tee", "_vm", "client_id", "name", "ram", "running", "tee", "vm_id")
@@ -84,18 +84,17 @@ class Guest:
         """The guest's TEE device, or None: a VM with ``tee="none"`` has no TEE device."""
         return None if self._tee is None else self._tee.device
 
-    def smc(
+    def _smc(
         self,
         fid: int,
-        a1: int = 0,
-        a2: int = 0,
-        a3: int = 0,
-        a4: int = 0,
-        a5: int = 0,
-        a6: int = 0,
-        a7: int = 0,
-        *,
-        on_return: OnReturn | None = None,
+        a1: int,
+        a2: int,
+        a3: int,
+        a4: int,
+        a5: int,
+        a6: int,
+        a7: int,
+        on_return: OnReturn | None,
     ) -> Regs:
         """The guest's SMC instruction: traps to the VMM, which answers with a0..a3.
 
