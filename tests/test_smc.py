@@ -22,6 +22,7 @@ from qtee._smc import (
     QCOMTEE_RESULT_INBOUND_REQ_NEEDED,
     OnReturn,
     Regs,
+    SmcArgs,
     SmcConduit,
     SmcFid,
     SmcReturn,
@@ -171,18 +172,7 @@ class Flaky(SmcConduit):
         self.fail_invoke = 0  # errno of the INVOKE SMC itself
         self.fail_cb_rsp = 0  # errno of the CB_RSP SMC after a callback was served
 
-    def _smc(
-        self,
-        fid: int,
-        a1: int,
-        a2: int,
-        a3: int,
-        a4: int,
-        a5: int,
-        a6: int,
-        a7: int,
-        on_return: OnReturn | None,
-    ) -> Regs:
+    def _smc(self, args: SmcArgs, on_return: OnReturn | None) -> Regs:
         if self.fail_invoke:
             raise DriverError(self.fail_invoke, "INVOKE failed")
         if on_return is not None and self.fail_cb_rsp:
@@ -193,7 +183,7 @@ class Flaky(SmcConduit):
                 raise DriverError(self.fail_cb_rsp, "CB_RSP failed")  # ...its answer did not go
 
             on_return = failing
-        return self.monitor.smc(fid, a1, a2, a3, a4, a5, a6, a7, on_return=on_return)
+        return self.monitor.smc(*args, on_return=on_return)
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ from qtee._smc import (
     QCOMTEE_RESULT_INBOUND_REQ_NEEDED,
     OnReturn,
     Regs,
+    SmcArgs,
     SmcConduit,
     SmcFid,
     SmcHandler,
@@ -85,8 +86,7 @@ _UNKNOWN: Final = (int(SmcReturn.UNKNOWN_FUNCTION), 0, 0, 0)
 #: Guest client ids are 16-bit on the secure side (OP §6.2); 0 is the hypervisor's.
 _MAX_CLIENT_ID: Final = 0xFFFF
 _U32: Final = struct.Struct("<I")
-#: An SMC's argument registers ``(fid, a1, ..., a7)``, and their names in a refusal.
-_Args = tuple[int, int, int, int, int, int, int, int]
+#: The names of an SMC's argument registers, in a refusal.
 _ARG_NAMES: Final = ("fid", "a1", "a2", "a3", "a4", "a5", "a6", "a7")
 _U64: Final = 1 << 64
 _OF_LOCK: Final = threading.Lock()
@@ -302,19 +302,9 @@ class SecureMonitor(SmcConduit):
                 self._services[fid] = handler
 
     # ------------------------------------------------------------------ the SMC
-    def _smc(
-        self,
-        fid: int,
-        a1: int,
-        a2: int,
-        a3: int,
-        a4: int,
-        a5: int,
-        a6: int,
-        a7: int,
-        on_return: OnReturn | None,
-    ) -> Regs:
+    def _smc(self, args: SmcArgs, on_return: OnReturn | None) -> Regs:
         """One SMC from the non-secure side; see the module docstring for the calls."""
+        fid, a1, a2, a3, a4, _a5, _a6, a7 = args
         if fid == _INVOKE and self.trace_smc is None and self.smcinvoke:
             # INVOKE on two lent buffers, exactly (the host driver's and the VMM's calls):
             # the hot path, one dict lookup per buffer.
@@ -337,12 +327,12 @@ class SecureMonitor(SmcConduit):
         trace = self.trace_smc
         if trace is not None:
             trace(a7, fid, (a1, a2, a3, a4))
-        regs = self._call((fid, a1, a2, a3, a4, a5, a6, a7), on_return)
+        regs = self._call(args, on_return)
         if trace is not None:
             trace(a7, None, regs)
         return regs
 
-    def _call(self, args: _Args, on_return: OnReturn | None) -> Regs:
+    def _call(self, args: SmcArgs, on_return: OnReturn | None) -> Regs:
         """The general path: ``args`` is the call's ``(fid, a1, ..., a7)``, each checked."""
         for value, name in zip(args, _ARG_NAMES, strict=True):
             _check_reg(value, name)

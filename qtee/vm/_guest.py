@@ -19,7 +19,7 @@ from objects import DriverError
 from qtee._smc import SmcConduit, SmcReturn
 
 if TYPE_CHECKING:
-    from qtee._smc import OnReturn, Regs
+    from qtee._smc import OnReturn, Regs, SmcArgs
     from qtee.vm._framework import VmState
     from qtee.vm._ram import GuestRam
 
@@ -36,9 +36,9 @@ class TeeKind(enum.StrEnum):
     OPTEE = "optee"
 
 
-#: A backend's :meth:`~qtee.vm.TeeBackend.handle_smc`, bound: ``(vm, fid, a1..a6,
-#: on_return) -> regs``, one trapped guest SMC (a7 already dropped).
-SmcHandler = Callable[["VmState", int, int, int, int, int, int, int, "OnReturn | None"], "Regs"]
+#: A backend's :meth:`~qtee.vm.TeeBackend.handle_smc`, bound: ``(vm, args, on_return) ->
+#: regs``, one trapped guest SMC (the guest's a7 is ignored).
+SmcHandler = Callable[["VmState", "SmcArgs", "OnReturn | None"], "Regs"]
 
 
 class GuestTee(Protocol):
@@ -84,18 +84,7 @@ class Guest(SmcConduit):
         """The guest's TEE device, or None: a VM with ``tee="none"`` has no TEE device."""
         return None if self._tee is None else self._tee.device
 
-    def _smc(
-        self,
-        fid: int,
-        a1: int,
-        a2: int,
-        a3: int,
-        a4: int,
-        a5: int,
-        a6: int,
-        a7: int,
-        on_return: OnReturn | None,
-    ) -> Regs:
+    def _smc(self, args: SmcArgs, on_return: OnReturn | None) -> Regs:
         """The guest's SMC instruction: traps to the VMM, which answers with a0..a3.
 
         ``a7`` is ignored (the VMM puts the VM's client id there).  A VM without a TEE
@@ -106,7 +95,7 @@ class Guest(SmcConduit):
         handle = self._handle
         if handle is None:
             return _UNKNOWN  # no TEE for this VM
-        return handle(self._vm, fid, a1, a2, a3, a4, a5, a6, on_return)  # type: ignore[arg-type]
+        return handle(self._vm, args, on_return)  # type: ignore[arg-type]
 
     def stop(self) -> None:
         """Stop the vCPUs: no further SMC traps, and the guest kernel's TEE driver is frozen
