@@ -32,6 +32,7 @@ import operator
 import struct
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Final
 
 from objects import DecodeError, DriverError, UsageError, result_to_u32
@@ -112,29 +113,20 @@ def _check_reg(value: object, name: str) -> None:
         raise UsageError(f"{name} = {value!r} is not a 64-bit register value")
 
 
+@dataclass(slots=True, eq=False)
 class _SmcCall:
     """One INVOKE's state on the monitor, from its SMC to its final return: whom a
     callback request goes back to (``on_return``), the outbound buffer it must come
     back on, and the caller's failure while serving one.  The world gets its ``serve``."""
 
-    __slots__ = ("cid", "failed", "monitor", "on_return", "out", "out_pa")
-
-    def __init__(
-        self,
-        monitor: SecureMonitor,
-        on_return: OnReturn | None,
-        out_pa: int,
-        cid: int,
-        out: bytearray | memoryview,
-    ) -> None:
-        self.monitor = monitor
-        self.on_return = on_return
-        self.out_pa = out_pa
-        self.cid = cid
-        self.out = out
-        #: What the caller raised serving a callback (Ctrl-C too): QTEE finishes the
-        #: call on DEFUNCTs, then the caller gets it.
-        self.failed: BaseException | None = None
+    monitor: SecureMonitor
+    on_return: OnReturn | None
+    out_pa: int
+    cid: int
+    out: bytearray | memoryview
+    #: What the caller raised serving a callback (Ctrl-C too): QTEE finishes the call on
+    #: DEFUNCTs, then the caller gets it.
+    failed: BaseException | None = None
 
     def serve(self, out: bytearray | memoryview) -> None:
         """The world's ``serve``: one type-3 return, and the caller's next SMC, which must
