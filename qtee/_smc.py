@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final
 
 __all__ = [
     "HYP_CLIENT_ID",
@@ -33,6 +33,7 @@ __all__ = [
     "QCOMTEE_RESULT_INBOUND_REQ_NEEDED",
     "OnReturn",
     "Regs",
+    "SmcArgs",
     "SmcConduit",
     "SmcFid",
     "SmcHandler",
@@ -89,6 +90,8 @@ OPTEE_SMC_SEC_CAP_VIRTUALIZATION: Final = 1 << 3
 
 #: ``a0..a3`` on return from an SMC.
 Regs = tuple[int, int, int, int]
+#: An SMC's argument registers, ``(fid, a1, a2, a3, a4, a5, a6, a7)``.
+SmcArgs = tuple[int, int, int, int, int, int, int, int]
 #: Called with each type-3 return, on the caller's thread; returns the next SMC,
 #: ``(fid, a1, a2)`` -- for QTEE always ``(CB_RSP, out_pa, out_size)``.
 OnReturn = Callable[[Regs], tuple[int, int, int]]
@@ -115,8 +118,13 @@ def is_smcinvoke(fid: int) -> bool:
     return fid in _SMCINVOKE
 
 
-class SmcConduit(Protocol):
-    """Where a driver's SMCs go: the secure monitor (host) or a VMM trap (guest)."""
+class SmcConduit:
+    """Where a driver's SMCs go: the secure monitor (host) or a VMM trap (guest).
+
+    :meth:`smc` is the SMC instruction's calling convention, spelled here once; a conduit
+    implements :meth:`_smc`, which takes the registers as one :data:`SmcArgs`."""
+
+    __slots__ = ()
 
     def smc(
         self,
@@ -134,4 +142,8 @@ class SmcConduit(Protocol):
         """Make one SMC; type-3 returns go to ``on_return``; the final regs are returned.
 
         Raises :class:`objects.DriverError` when the call cannot be made or completed."""
-        ...
+        return self._smc((fid, a1, a2, a3, a4, a5, a6, a7), on_return)
+
+    def _smc(self, args: SmcArgs, on_return: OnReturn | None) -> Regs:
+        """The conduit's SMC: ``args`` is ``(fid, a1, ..., a7)``, every register given."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _smc")

@@ -92,7 +92,7 @@ import threading
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Final
+from typing import Any, Final
 
 from objects import QteeError, op
 from qtee.gp._defs import TeecOrigin, TeecResult
@@ -372,61 +372,18 @@ class GPAppClient(SecureObject):
         self.world = world
         self.runtime = gp_runtime(world)
 
+    # Dispatch passes each op the scalars, the TA's UUID, then ``params``: the four GP
+    # params' input buffers, the wait object (unused) and the four params' memory objects.
     @op(IGPAPPCLIENT_OP_OPEN_SESSION, ib=_OS_IB, ob=_OUT_OB, io=5, oo=1)
-    def open_session(
-        self,
-        scalars: bytes,
-        ta_uuid: bytes,
-        i1: bytes,
-        i2: bytes,
-        i3: bytes,
-        i4: bytes,
-        wait: object,
-        m1: object,
-        m2: object,
-        m3: object,
-        m4: object,
-    ) -> tuple[object, ...]:
+    def open_session(self, scalars: bytes, ta_uuid: bytes, *params: Any) -> tuple[object, ...]:
         cancel, method, data, types, ex_types = OS_IN.unpack(scalars)
-        return self._open(
-            ta_uuid,
-            cancel,
-            TEE_TIMEOUT_INFINITE,
-            method,
-            data,
-            types,
-            ex_types,
-            (i1, i2, i3, i4),
-            (m1, m2, m3, m4),
-        )
+        timeout = TEE_TIMEOUT_INFINITE
+        return self._open(ta_uuid, cancel, timeout, method, data, types, ex_types, params)
 
     @op(IGPAPPCLIENT_OP_OPEN_SESSION_V2, ib=_OS_V2_IB, ob=_OUT_OB, io=5, oo=1)
-    def open_session_v2(
-        self,
-        scalars: bytes,
-        ta_uuid: bytes,
-        i1: bytes,
-        i2: bytes,
-        i3: bytes,
-        i4: bytes,
-        wait: object,
-        m1: object,
-        m2: object,
-        m3: object,
-        m4: object,
-    ) -> tuple[object, ...]:
+    def open_session_v2(self, scalars: bytes, ta_uuid: bytes, *params: Any) -> tuple[object, ...]:
         cancel, timeout, method, data, types, ex_types = OS_IN_V2.unpack(scalars)
-        return self._open(
-            ta_uuid,
-            cancel,
-            timeout,
-            method,
-            data,
-            types,
-            ex_types,
-            (i1, i2, i3, i4),
-            (m1, m2, m3, m4),
-        )
+        return self._open(ta_uuid, cancel, timeout, method, data, types, ex_types, params)
 
     def _open(
         self,
@@ -437,9 +394,9 @@ class GPAppClient(SecureObject):
         data: int,
         types: int,
         ex_types: int,
-        ins: Sequence[bytes],
-        mems: Sequence[object],
+        params: Sequence[Any],
     ) -> tuple[object, ...]:
+        ins, mems = params[:TEE_NUM_PARAMS], params[TEE_NUM_PARAMS + 1 :]
         raw = _uuid_from_wire(ta_uuid)
         m = _unmarshal(self.world, types, ex_types, ins, mems)
         with m.stack:

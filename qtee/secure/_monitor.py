@@ -32,6 +32,7 @@ import operator
 import struct
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Final
 
 from objects import DecodeError, DriverError, UsageError, result_to_u32
@@ -43,6 +44,8 @@ from qtee._smc import (
     QCOMTEE_RESULT_INBOUND_REQ_NEEDED,
     OnReturn,
     Regs,
+    SmcArgs,
+    SmcConduit,
     SmcFid,
     SmcHandler,
     SmcReturn,
@@ -84,8 +87,7 @@ _UNKNOWN: Final = (int(SmcReturn.UNKNOWN_FUNCTION), 0, 0, 0)
 #: Guest client ids are 16-bit on the secure side (OP §6.2); 0 is the hypervisor's.
 _MAX_CLIENT_ID: Final = 0xFFFF
 _U32: Final = struct.Struct("<I")
-#: An SMC's argument registers ``(fid, a1, ..., a7)``, and their names in a refusal.
-_Args = tuple[int, int, int, int, int, int, int, int]
+#: The names of an SMC's argument registers, in a refusal.
 _ARG_NAMES: Final = ("fid", "a1", "a2", "a3", "a4", "a5", "a6", "a7")
 _U64: Final = 1 << 64
 _OF_LOCK: Final = threading.Lock()
@@ -111,29 +113,20 @@ def _check_reg(value: object, name: str) -> None:
         raise UsageError(f"{name} = {value!r} is not a 64-bit register value")
 
 
+@dataclass(slots=True, eq=False)
 class _SmcCall:
     """One INVOKE's state on the monitor, from its SMC to its final return: whom a
     callback request goes back to (``on_return``), the outbound buffer it must come
     back on, and the caller's failure while serving one.  The world gets its ``serve``."""
 
-    __slots__ = ("cid", "failed", "monitor", "on_return", "out", "out_pa")
-
-    def __init__(
-        self,
-        monitor: SecureMonitor,
-        on_return: OnReturn | None,
-        out_pa: int,
-        cid: int,
-        out: bytearray | memoryview,
-    ) -> None:
-        self.monitor = monitor
-        self.on_return = on_return
-        self.out_pa = out_pa
-        self.cid = cid
-        self.out = out
-        #: What the caller raised serving a callback (Ctrl-C too): QTEE finishes the
-        #: call on DEFUNCTs, then the caller gets it.
-        self.failed: BaseException | None = None
+    monitor: SecureMonitor
+    on_return: OnReturn | None
+    out_pa: int
+    cid: int
+    out: bytearray | memoryview
+    #: What the caller raised serving a callback (Ctrl-C too): QTEE finishes the call on
+    #: DEFUNCTs, then the caller gets it.
+    failed: BaseException | None = None
 
     def serve(self, out: bytearray | memoryview) -> None:
         """The world's ``serve``: one type-3 return, and the caller's next SMC, which must
@@ -162,7 +155,7 @@ class _SmcCall:
             _U32.pack_into(out, 0, _UNAVAIL)
 
 
-class SecureMonitor:
+class SecureMonitor(SmcConduit):
     """EL3 + QTEE entry: routes each SMC to the partition its ``a7`` names (implements
     :class:`~qtee._smc.SmcConduit`).
 
@@ -301,20 +294,9 @@ class SecureMonitor:
                 self._services[fid] = handler
 
     # ------------------------------------------------------------------ the SMC
-    def smc(
-        self,
-        fid: int,
-        a1: int = 0,
-        a2: int = 0,
-        a3: int = 0,
-        a4: int = 0,
-        a5: int = 0,
-        a6: int = 0,
-        a7: int = 0,
-        *,
-        on_return: OnReturn | None = None,
-    ) -> Regs:
+    def _smc(self, args: SmcArgs, on_return: OnReturn | None) -> Regs:
         """One SMC from the non-secure side; see the module docstring for the calls."""
+        fid, a1, a2, a3, a4, _a5, _a6, a7 = args
         if fid == _INVOKE and self.trace_smc is None and self.smcinvoke:
             # INVOKE on two lent buffers, exactly (the host driver's and the VMM's calls):
             # the hot path, one dict lookup per buffer.
@@ -337,12 +319,12 @@ class SecureMonitor:
         trace = self.trace_smc
         if trace is not None:
             trace(a7, fid, (a1, a2, a3, a4))
-        regs = self._call((fid, a1, a2, a3, a4, a5, a6, a7), on_return)
+        regs = self._call(args, on_return)
         if trace is not None:
             trace(a7, None, regs)
         return regs
 
-    def _call(self, args: _Args, on_return: OnReturn | None) -> Regs:
+    def _call(self, args: SmcArgs, on_return: OnReturn | None) -> Regs:
         """The general path: ``args`` is the call's ``(fid, a1, ..., a7)``, each checked."""
         for value, name in zip(args, _ARG_NAMES, strict=True):
             _check_reg(value, name)

@@ -38,7 +38,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from objects import DecodeError, UsageError
 from qtee._optee.optee_msg import (
@@ -52,7 +52,7 @@ from qtee._optee.optee_msg import (
     decode_msg,
     write_reply,
 )
-from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcFid, SmcReturn
+from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcArgs, SmcConduit, SmcFid, SmcReturn
 from qtee.gp._defs import TeecOrigin, TeecResult
 from qtee.secure._gp import GpParam, GpRuntime
 from qtee.secure._gp_params import TEE_NUM_PARAMS
@@ -143,7 +143,7 @@ class OpteePartition:
         return f"<OpteePartition {self.client_id} {state} calls={self.calls}>"
 
 
-class OpteeEntry:
+class OpteeEntry(SmcConduit):
     """OP-TEE's fast-call and std-call entry for guests (see the module docstring)."""
 
     def __init__(
@@ -166,7 +166,7 @@ class OpteeEntry:
         self._lock = threading.Lock()
         self._partitions: dict[int, OpteePartition] = {}
         self._dying: set[OpteePartition] = set()  # destroyed, calls still inside
-        monitor.add_service(OPTEE_FIDS, self.smc)
+        monitor.add_service(OPTEE_FIDS, self._service)
         with _OF_LOCK:
             _ENTRIES[monitor] = self
 
@@ -213,19 +213,13 @@ class OpteeEntry:
         return found
 
     # ------------------------------------------------------------------ the SMC
-    def smc(
-        self,
-        fid: int,
-        a1: int = 0,
-        a2: int = 0,
-        a3: int = 0,
-        a4: int = 0,
-        a5: int = 0,
-        a6: int = 0,
-        a7: int = 0,
-        on_return: OnReturn | None = None,
-    ) -> Regs:
-        """Answer one SMC of :data:`OPTEE_FIDS` (the monitor's service handler)."""
+    def _service(self, *args: Any) -> Regs:
+        """The monitor's :data:`~qtee._smc.SmcHandler`: ``(fid, a1, ..., a7, on_return)``."""
+        return self._smc(args[:8], args[8])
+
+    def _smc(self, args: SmcArgs, on_return: OnReturn | None) -> Regs:
+        """Answer one SMC of :data:`OPTEE_FIDS`."""
+        fid, a1, a2, _a3, _a4, _a5, _a6, a7 = args
         if fid in _VM_FIDS:
             if not self.virtualization:
                 return _regs(SmcReturn.UNKNOWN_FUNCTION)

@@ -33,7 +33,7 @@ from qtee.vm._ram import PAGE_SIZE, GuestRam
 from qtee.vm._state import VmError, VmLimits, VmState
 
 if TYPE_CHECKING:
-    from qtee._smc import OnReturn, Regs
+    from qtee._smc import OnReturn, Regs, SmcArgs
     from qtee.secure._monitor import SecureMonitor
 
 __all__ = [
@@ -77,19 +77,9 @@ class TeeBackend(Protocol):
         """Build the guest kernel's TEE driver instance, trapping to this backend."""
         ...
 
-    def handle_smc(
-        self,
-        vm: VmState,
-        fid: int,
-        a1: int,
-        a2: int,
-        a3: int,
-        a4: int,
-        a5: int,
-        a6: int,
-        on_return: OnReturn | None,
-    ) -> Regs:
-        """One trapped guest SMC (on the guest's thread; a7 already dropped)."""
+    def handle_smc(self, vm: VmState, args: SmcArgs, on_return: OnReturn | None) -> Regs:
+        """One trapped guest SMC, ``args`` its ``(fid, a1, ..., a7)`` (on the guest's
+        thread; the guest's a7 is ignored: ``vm.client_id`` is the VM's)."""
         ...
 
     def relinquish(self, vm: VmState, deadline: float) -> None:

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from objects import DriverError
-from qtee._smc import SmcReturn
+from qtee._smc import SmcConduit, SmcReturn
 
 if TYPE_CHECKING:
-    from qtee._smc import OnReturn, Regs
+    from qtee._smc import OnReturn, Regs, SmcArgs
     from qtee.vm._framework import VmState
     from qtee.vm._ram import GuestRam
 
@@ -36,9 +36,9 @@ class TeeKind(enum.StrEnum):
     OPTEE = "optee"
 
 
-#: A backend's :meth:`~qtee.vm.TeeBackend.handle_smc`, bound: ``(vm, fid, a1..a6,
-#: on_return) -> regs``, one trapped guest SMC (a7 already dropped).
-SmcHandler = Callable[["VmState", int, int, int, int, int, int, int, "OnReturn | None"], "Regs"]
+#: A backend's :meth:`~qtee.vm.TeeBackend.handle_smc`, bound: ``(vm, args, on_return) ->
+#: regs``, one trapped guest SMC (the guest's a7 is ignored).
+SmcHandler = Callable[["VmState", "SmcArgs", "OnReturn | None"], "Regs"]
 
 
 class GuestTee(Protocol):
@@ -55,7 +55,7 @@ class GuestTee(Protocol):
         """The guest kernel's state goes: every context closed, every table empty."""
 
 
-class Guest:
+class Guest(SmcConduit):
     """One VM as the VMM runs it.  Built by :meth:`qtee.vm.Vmm.create_vm`."""
 
     __slots__ = ("_handle", "_tee", "_vm", "client_id", "name", "ram", "running", "tee", "vm_id")
@@ -84,19 +84,7 @@ class Guest:
         """The guest's TEE device, or None: a VM with ``tee="none"`` has no TEE device."""
         return None if self._tee is None else self._tee.device
 
-    def smc(
-        self,
-        fid: int,
-        a1: int = 0,
-        a2: int = 0,
-        a3: int = 0,
-        a4: int = 0,
-        a5: int = 0,
-        a6: int = 0,
-        a7: int = 0,
-        *,
-        on_return: OnReturn | None = None,
-    ) -> Regs:
+    def _smc(self, args: SmcArgs, on_return: OnReturn | None) -> Regs:
         """The guest's SMC instruction: traps to the VMM, which answers with a0..a3.
 
         ``a7`` is ignored (the VMM puts the VM's client id there).  A VM without a TEE
@@ -107,7 +95,7 @@ class Guest:
         handle = self._handle
         if handle is None:
             return _UNKNOWN  # no TEE for this VM
-        return handle(self._vm, fid, a1, a2, a3, a4, a5, a6, on_return)  # type: ignore[arg-type]
+        return handle(self._vm, args, on_return)  # type: ignore[arg-type]
 
     def stop(self) -> None:
         """Stop the vCPUs: no further SMC traps, and the guest kernel's TEE driver is frozen

@@ -284,23 +284,15 @@ class GuestOpteeContext(OpteeContext):
         return _GuestCall(self, params, tuple(out), windows)
 
 
+@dataclass(slots=True, eq=False)
 class _GuestCall:
     """A prepared guest call: sends the message, gives the params back."""
 
-    __slots__ = ("ctx", "msg_params", "params", "reply", "windows")
-
-    def __init__(
-        self,
-        ctx: GuestOpteeContext,
-        params: list[_P],
-        msg_params: tuple[MsgParam, ...],
-        windows: list[tuple[_Window, _GuestShm, int] | None],
-    ) -> None:
-        self.ctx = ctx
-        self.params = params
-        self.msg_params = msg_params
-        self.windows = windows
-        self.reply: OpteeReply | None = None
+    ctx: GuestOpteeContext
+    params: list[_P]
+    msg_params: tuple[MsgParam, ...]
+    windows: list[tuple[_Window, _GuestShm, int] | None]
+    reply: OpteeReply | None = None
 
     def open(
         self, uuid: bytes, login: int, client: bytes | UUID, cancel_id: int

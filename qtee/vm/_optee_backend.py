@@ -65,7 +65,7 @@ from qtee.vm._phase import VmEvent
 from qtee.vm._ram import PAGE_SIZE, GuestFault, Pin
 
 if TYPE_CHECKING:
-    from qtee._smc import OnReturn, Regs
+    from qtee._smc import OnReturn, Regs, SmcArgs
     from qtee.secure._monitor import SecureMonitor
 
 __all__ = ["OpteeBackend", "OpteeGuestTee"]
@@ -213,19 +213,9 @@ class OpteeBackend:
         return {} if entry is None else entry.leaks()
 
     # ------------------------------------------------------------------ SMCs
-    def handle_smc(
-        self,
-        vm: VmState,
-        fid: int,
-        a1: int,
-        a2: int,
-        a3: int,
-        a4: int,
-        a5: int,
-        a6: int,
-        on_return: OnReturn | None,
-    ) -> Regs:
+    def handle_smc(self, vm: VmState, args: SmcArgs, on_return: OnReturn | None) -> Regs:
         """One trapped guest SMC (see the module docstring)."""
+        fid, a1, a2 = args[0], args[1], args[2]
         if fid == _CALL:
             return (self._std_call(vm, ((a1 & _U32) << 32) | (a2 & _U32)), 0, 0, 0)
         if fid in _FORWARDED:

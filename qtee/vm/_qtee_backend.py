@@ -49,7 +49,7 @@ from qtee.vm._ram import PAGE_SIZE, GuestFault
 
 if TYPE_CHECKING:
     from qtee._qcomtee.core import Device
-    from qtee._smc import OnReturn, Regs
+    from qtee._smc import OnReturn, Regs, SmcArgs
     from qtee.secure._monitor import SecureMonitor
 
 __all__ = ["QteeBackend", "QteeGuestTee"]
@@ -217,21 +217,11 @@ class QteeBackend:
         return {}
 
     # ------------------------------------------------------------------ SMCs
-    def handle_smc(
-        self,
-        vm: VmState,
-        fid: int,
-        in_pa: int,
-        in_size: int,
-        out_pa: int,
-        out_size: int,
-        _a5: int,
-        _a6: int,
-        on_return: OnReturn | None,
-    ) -> Regs:
+    def handle_smc(self, vm: VmState, args: SmcArgs, on_return: OnReturn | None) -> Regs:
         """INVOKE (a1 in_pa, a2 in_size, a3 out_pa, a4 out_size) is mediated (the module
         docstring); CB_RSP outside a callback fails EINVAL; the VM calls are the
         hypervisor's (ENOTAVAIL); anything else is unknown."""
+        fid, in_pa, in_size, out_pa, out_size, _a5, _a6, _a7 = args
         if fid not in _INVOKE_FIDS:
             return self._other(fid)
         if out_size != _OUT:

@@ -22,6 +22,8 @@ from qtee._smc import (
     QCOMTEE_RESULT_INBOUND_REQ_NEEDED,
     OnReturn,
     Regs,
+    SmcArgs,
+    SmcConduit,
     SmcFid,
     SmcReturn,
     is_smcinvoke,
@@ -162,7 +164,7 @@ def test_inbound_at_in_pa_is_the_byte_exact_message_and_outbound_is_zeroed(rig: 
     assert captured[1] == (bytes(wire.encode_invoke(1, 0, [b"hello"], [8], [], 0)), bytes(OUT))
 
 
-class Flaky:
+class Flaky(SmcConduit):
     """A conduit in front of the monitor whose SMCs fail on command."""
 
     def __init__(self, monitor: SecureMonitor) -> None:
@@ -170,19 +172,7 @@ class Flaky:
         self.fail_invoke = 0  # errno of the INVOKE SMC itself
         self.fail_cb_rsp = 0  # errno of the CB_RSP SMC after a callback was served
 
-    def smc(
-        self,
-        fid: int,
-        a1: int = 0,
-        a2: int = 0,
-        a3: int = 0,
-        a4: int = 0,
-        a5: int = 0,
-        a6: int = 0,
-        a7: int = 0,
-        *,
-        on_return: OnReturn | None = None,
-    ) -> Regs:
+    def _smc(self, args: SmcArgs, on_return: OnReturn | None) -> Regs:
         if self.fail_invoke:
             raise DriverError(self.fail_invoke, "INVOKE failed")
         if on_return is not None and self.fail_cb_rsp:
@@ -193,7 +183,7 @@ class Flaky:
                 raise DriverError(self.fail_cb_rsp, "CB_RSP failed")  # ...its answer did not go
 
             on_return = failing
-        return self.monitor.smc(fid, a1, a2, a3, a4, a5, a6, a7, on_return=on_return)
+        return self.monitor.smc(*args, on_return=on_return)
 
 
 @pytest.fixture
