@@ -27,6 +27,7 @@ import weakref
 from typing import Final, Protocol
 
 from qtee._optee.supp import OpteeSupp, _queue_of
+from qtee.gp import _codes as teec
 from qtee.gp._defs import TeecResult
 from qtee.secure._gp import GpTA, GpTaError
 
@@ -63,10 +64,6 @@ TEE_DATA_SEEK_END: Final = 2
 TEE_OBJECT_ID_MAX_LEN: Final = 64
 TEE_DATA_MAX_POSITION: Final = 0xFFFF_FFFF
 
-_NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
-_BAD_PARAMETERS: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
-_CONFLICT: Final = int(TeecResult.TEEC_ERROR_ACCESS_CONFLICT)
-_OVERFLOW: Final = int(TeecResult.TEE_ERROR_OVERFLOW)
 
 _FLAGS: Final = (
     TEE_DATA_FLAG_ACCESS_READ
@@ -124,7 +121,7 @@ def _check_id(object_id: object) -> bytes:
     if not isinstance(object_id, bytes | bytearray) or not (
         0 < len(object_id) <= TEE_OBJECT_ID_MAX_LEN
     ):
-        raise GpTaError(_BAD_PARAMETERS, "an object id is 1 to 64 bytes")
+        raise GpTaError(teec.BAD_PARAMETERS, "an object id is 1 to 64 bytes")
     return bytes(object_id)
 
 
@@ -145,7 +142,7 @@ class TrustedStorage:
     @staticmethod
     def _storage(storage_id: int) -> None:
         if storage_id not in (TEE_STORAGE_PRIVATE, TEE_STORAGE_PRIVATE_REE):
-            raise GpTaError(_NOT_FOUND, f"no storage {storage_id:#x}")
+            raise GpTaError(teec.ITEM_NOT_FOUND, f"no storage {storage_id:#x}")
 
     def _join(self, key: bytes, flags: int, size: int) -> _PObj:
         # Under supp.cond.
@@ -153,7 +150,7 @@ class TrustedStorage:
         if pobj is None:
             pobj = self._supp._pobjs[(self.ta_uuid, key)] = _PObj(size)
         elif any(_conflicts(h.flags, flags) for h in pobj.handles):
-            raise GpTaError(_CONFLICT, "the object is open with incompatible flags")
+            raise GpTaError(teec.ACCESS_CONFLICT, "the object is open with incompatible flags")
         return pobj
 
     def _rpmb(self) -> TrustedStorage:
@@ -171,11 +168,11 @@ class TrustedStorage:
         key = _check_id(object_id)
         self._storage(storage_id)
         if flags & ~_FLAGS & 0xFFFF_FFFF or flags & TEE_DATA_FLAG_OVERWRITE:
-            raise GpTaError(_BAD_PARAMETERS, f"open flags {flags:#x}")
+            raise GpTaError(teec.BAD_PARAMETERS, f"open flags {flags:#x}")
         with self._supp.cond:  # sharing is checked before the REE FS is asked
             pobj = self._supp._pobjs.get((self.ta_uuid, key))
             if pobj is not None and any(_conflicts(h.flags, flags) for h in pobj.handles):
-                raise GpTaError(_CONFLICT, "the object is open with incompatible flags")
+                raise GpTaError(teec.ACCESS_CONFLICT, "the object is open with incompatible flags")
         fd = self._supp.fs_open(self.path(key), create=False)
         try:
             size = self._size(fd)
@@ -210,21 +207,21 @@ class TrustedStorage:
         key = _check_id(object_id)
         self._storage(storage_id)
         if flags & ~_FLAGS & 0xFFFF_FFFF:
-            raise GpTaError(_BAD_PARAMETERS, f"create flags {flags:#x}")
+            raise GpTaError(teec.BAD_PARAMETERS, f"create flags {flags:#x}")
         data = bytes(data)
         with self._supp.cond:
             if (self.ta_uuid, key) in self._supp._pobjs:
-                raise GpTaError(_CONFLICT, "the object is open")
+                raise GpTaError(teec.ACCESS_CONFLICT, "the object is open")
         path = self.path(key)
         if not flags & TEE_DATA_FLAG_OVERWRITE:
             try:
                 fd = self._supp.fs_open(path, create=False)
             except GpTaError as exc:
-                if exc.code != _NOT_FOUND:
+                if exc.code != teec.ITEM_NOT_FOUND:
                     raise
             else:
                 self._supp.fs_close(fd)
-                raise GpTaError(_CONFLICT, "the object exists")
+                raise GpTaError(teec.ACCESS_CONFLICT, "the object exists")
         fd = self._supp.fs_open(path, create=True)
         try:
             self._supp.fs_write(fd, 0, data)
@@ -269,7 +266,7 @@ class _RpmbStorage(TrustedStorage):
     @staticmethod
     def _storage(storage_id: int) -> None:
         if storage_id != TEE_STORAGE_PRIVATE_RPMB:
-            raise GpTaError(_NOT_FOUND, f"no storage {storage_id:#x}")
+            raise GpTaError(teec.ITEM_NOT_FOUND, f"no storage {storage_id:#x}")
 
     def _size(self, fd: int) -> int:
         return self._fs.fs_size(fd)
@@ -297,15 +294,15 @@ class PersistentObject:
 
     def _need(self, flag: int) -> None:
         if self.closed:
-            raise GpTaError(_BAD_PARAMETERS, "the handle is closed")
+            raise GpTaError(teec.BAD_PARAMETERS, "the handle is closed")
         if flag and not self.flags & flag:
-            raise GpTaError(_CONFLICT, f"the handle lacks access flag {flag:#x}")
+            raise GpTaError(teec.ACCESS_CONFLICT, f"the handle lacks access flag {flag:#x}")
 
     def read(self, size: int) -> bytes:
         """``TEE_ReadObjectData``: up to ``size`` bytes from the position."""
         self._need(TEE_DATA_FLAG_ACCESS_READ)
         if size < 0:
-            raise GpTaError(_BAD_PARAMETERS, "negative size")
+            raise GpTaError(teec.BAD_PARAMETERS, "negative size")
         data = self._supp.fs_read(self._fd, self.pos, min(size, max(0, self.size - self.pos)))
         self.pos += len(data)
         return data
@@ -315,7 +312,7 @@ class PersistentObject:
         self._need(TEE_DATA_FLAG_ACCESS_WRITE)
         data = bytes(data)
         if self.pos + len(data) > TEE_DATA_MAX_POSITION:
-            raise GpTaError(_OVERFLOW, "past TEE_DATA_MAX_POSITION")
+            raise GpTaError(teec.OVERFLOW, "past TEE_DATA_MAX_POSITION")
         self._supp.fs_write(self._fd, self.pos, data)
         self.pos += len(data)
         with self._supp.cond:
@@ -326,11 +323,11 @@ class PersistentObject:
         self._need(0)
         base = {TEE_DATA_SEEK_SET: 0, TEE_DATA_SEEK_CUR: self.pos, TEE_DATA_SEEK_END: self.size}
         if whence not in base:
-            raise GpTaError(_BAD_PARAMETERS, f"whence {whence}")
+            raise GpTaError(teec.BAD_PARAMETERS, f"whence {whence}")
         new = base[whence] + offset
         new = max(new, 0)  # GP: a negative result sets the position to 0
         if new > TEE_DATA_MAX_POSITION:
-            raise GpTaError(_OVERFLOW, "past TEE_DATA_MAX_POSITION")
+            raise GpTaError(teec.OVERFLOW, "past TEE_DATA_MAX_POSITION")
         self.pos = new
         return new
 
@@ -338,7 +335,7 @@ class PersistentObject:
         """``TEE_TruncateObjectData``: shorten, or extend with zeros."""
         self._need(TEE_DATA_FLAG_ACCESS_WRITE)
         if not 0 <= size <= TEE_DATA_MAX_POSITION:
-            raise GpTaError(_BAD_PARAMETERS, f"size {size}")
+            raise GpTaError(teec.BAD_PARAMETERS, f"size {size}")
         self._supp.fs_truncate(self._fd, size)
         with self._supp.cond:
             self._pobj.size = size
@@ -353,7 +350,7 @@ class PersistentObject:
         st = self._storage
         with self._supp.cond:
             if (st.ta_uuid, new_key) in self._supp._pobjs:
-                raise GpTaError(_CONFLICT, "an object with the new id is open")
+                raise GpTaError(teec.ACCESS_CONFLICT, "an object with the new id is open")
         self._supp.fs_close(self._fd)  # the REE FS renames closed files only
         old_path = st.path(self.object_id)
         try:

@@ -57,7 +57,7 @@ from objects import DriverError, UsageError
 from qtee import _checks, uapi
 from qtee._optee.core import OpteeContext, _GpShm
 from qtee._optee.ta_image import _image_class
-from qtee.gp._defs import TeecResult
+from qtee.gp import _codes as teec
 from qtee.secure._gp import GpRuntime, GpTA, GpTaError
 from qtee.secure._rpmb_fs import RpmbFs, rpmb_huk
 
@@ -120,11 +120,6 @@ _META: Final = uapi.TEE_IOCTL_PARAM_ATTR_META
 _META_INOUT: Final = _META | _VALUE_INOUT
 _MEMREFS: Final = frozenset({5, 6, 7})
 
-_OK: Final = int(TeecResult.TEEC_SUCCESS)
-_COMMUNICATION: Final = int(TeecResult.TEEC_ERROR_COMMUNICATION)
-_NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
-_NO_MEMORY: Final = int(TeecResult.TEEC_ERROR_OUT_OF_MEMORY)
-_SECURITY: Final = int(TeecResult.TEEC_ERROR_SECURITY)
 
 _HEAD: Final = uapi.SUPP_ARG_STRUCT
 _PARAM: Final = uapi.PARAM_STRUCT
@@ -169,7 +164,7 @@ class _Req:
 
     func: int
     params: list[RpcParam]
-    ret: int = _COMMUNICATION
+    ret: int = teec.COMMUNICATION
     done: bool = False
 
 
@@ -229,13 +224,15 @@ class OpteeSupp:
     def alloc_payload(self, size: int) -> _GpShm:
         """An APPL shm of ``size`` bytes from the supplicant (RPC SHM_ALLOC)."""
         p = RpcParam(_VALUE_INOUT, OPTEE_RPC_SHM_TYPE_APPL, size, 0)
-        if self.request(_CMD.OPTEE_RPC_CMD_SHM_ALLOC, [p]) != _OK:
-            raise GpTaError(_NO_MEMORY, "supplicant could not allocate a payload")
+        if self.request(_CMD.OPTEE_RPC_CMD_SHM_ALLOC, [p]) != teec.SUCCESS:
+            raise GpTaError(teec.OUT_OF_MEMORY, "supplicant could not allocate a payload")
         with self.cond:  # tee_shm_get_from_id(supp->ctx, c)
             ctx = self.ctx
             shm = ctx.shms.get(p.c) if ctx is not None and not ctx.closed else None
         if shm is None or shm.size < size:
-            raise GpTaError(_NO_MEMORY, f"supplicant answered shm {p.c}, no such {size} bytes")
+            raise GpTaError(
+                teec.OUT_OF_MEMORY, f"supplicant answered shm {p.c}, no such {size} bytes"
+            )
         return shm
 
     def free_payload(self, shm: _GpShm) -> None:
@@ -261,7 +258,7 @@ class OpteeSupp:
     def call(self, func: int, params: list[RpcParam]) -> None:
         """:meth:`request`; a non-zero answer is raised as :class:`GpTaError`."""
         ret = self.request(func, params)
-        if ret != _OK:
+        if ret != teec.SUCCESS:
             raise GpTaError(ret, f"RPC {func} answered {ret:#010x}")
 
     # ------------------------------------------------------------------ LOAD_TA
@@ -274,7 +271,7 @@ class OpteeSupp:
         self.call(_CMD.OPTEE_RPC_CMD_LOAD_TA, [value, query])
         size = query.b
         if not 0 < size <= MAX_TA_IMAGE:
-            raise GpTaError(_SECURITY, f"TA image of {size} bytes")
+            raise GpTaError(teec.SECURITY, f"TA image of {size} bytes")
         shm = self.alloc_payload(size)
         try:
             memref = RpcParam(_MEMREF_OUT, 0, size, shm=shm)
@@ -305,7 +302,7 @@ class OpteeSupp:
             outlen = sub.b & 0xFFFF_FFFF
             if shm is not None and buf is not None and outlen:
                 buf[:] = self.shm_read(shm, 0, size)
-                ret = _OK
+                ret = teec.SUCCESS
         finally:
             if shm is not None:
                 self.free_payload(shm)
@@ -415,9 +412,9 @@ class OpteeSupp:
             ret = self.request(_CMD.OPTEE_RPC_CMD_FS, [head, name, out])
         finally:
             self.free_payload(shm)
-        if ret == _NOT_FOUND:
+        if ret == teec.ITEM_NOT_FOUND:
             return []
-        if ret != _OK:
+        if ret != teec.SUCCESS:
             raise GpTaError(ret, f"OPENDIR {path!r}")
         handle = out.a
         names: list[str] = []
@@ -428,9 +425,9 @@ class OpteeSupp:
                     memref = RpcParam(_MEMREF_OUT, 0, _NAME_MAX, shm=shm)
                     head = RpcParam(_VALUE_IN, FsOp.READDIR, handle)
                     ret = self.request(_CMD.OPTEE_RPC_CMD_FS, [head, memref])
-                    if ret == _NOT_FOUND:
+                    if ret == teec.ITEM_NOT_FOUND:
                         break
-                    if ret != _OK:
+                    if ret != teec.SUCCESS:
                         raise GpTaError(ret, f"READDIR {path!r}")
                     raw = self.shm_read(shm, 0, min(memref.b, _NAME_MAX))
                     names.append(raw.split(b"\0", 1)[0].decode(errors="replace"))
@@ -532,7 +529,7 @@ class OpteeSuppContext(OpteeContext):
         with supp.cond:
             if supp.ctx is self:
                 for req in [*supp.idr.values(), *supp.reqs]:
-                    req.ret = _COMMUNICATION
+                    req.ret = teec.COMMUNICATION
                     req.done = True
                 supp.idr.clear()
                 supp.reqs.clear()

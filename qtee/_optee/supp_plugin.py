@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import uuid as uuidlib
 
-from qtee._optee.supp import _OK, _queue_of
+from qtee._optee.supp import _queue_of
+from qtee.gp import _codes as teec
 from qtee.gp._defs import TeecResult, name_of
 from qtee.secure._gp import GpTA, GpTaError
 
@@ -56,7 +57,7 @@ def invoke_supp_plugin(
     if supp is None:
         raise GpTaError(int(TeecResult.TEEC_ERROR_NOT_SUPPORTED), "no supplicant queue")
     ret, outlen = supp.supp_plugin(raw, cmd, sub_cmd, buf)
-    if ret != _OK:
+    if ret != teec.SUCCESS:
         said = name_of(ret)  # the TEEC result's C name when it is one
         said = f"{said} ({ret:#010x})" if said != f"0x{ret:08X}" else said
         raise GpTaError(ret, f"plugin {uuidlib.UUID(bytes=raw)} answered {said}")

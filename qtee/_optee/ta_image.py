@@ -30,9 +30,9 @@ as OP-TEE does.
 from __future__ import annotations
 
 import uuid as uuidlib
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
-from qtee.gp._defs import TeecResult
+from qtee.gp import _codes as teec
 from qtee.secure._gp import GpTA, GpTaError
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
-_SECURITY: Final = int(TeecResult.TEEC_ERROR_SECURITY)
 
 # register_loadable_ta, unregister_loadable_ta, lookup_loadable_ta and gp_ta_image live
 # with the GP TA registry (qtee.secure._gp).
@@ -80,29 +79,29 @@ def _image_class(
             else:
                 name = verify_qtee_model(image, key)[0]
         except (ImageFormatError, ImageSignatureError) as exc:
-            raise GpTaError(_SECURITY, f"the image for {want}: {exc}") from None
+            raise GpTaError(teec.SECURITY, f"the image for {want}: {exc}") from None
         if name != str(want):
-            raise GpTaError(_SECURITY, f"the image for {want} is {name!r}")
+            raise GpTaError(teec.SECURITY, f"the image for {want} is {name!r}")
         return tas.lookup_loadable(want) or tas.file_by_uuid(want)
     try:  # ree_fs_ta_open: the signed header first, its UUID against the one asked for
         inside, bad = signed_header_uuid(image), ""
     except SignedHeaderError as exc:
         inside, bad = None, str(exc)
     if inside is not None and inside != want:
-        raise GpTaError(_SECURITY, f"the image for {want} is signed for {inside}")
+        raise GpTaError(teec.SECURITY, f"the image for {want} is signed for {inside}")
     found = tas.file_by_sha256("optee", image)
     if found is not None:
         cls: type[GpTA] = found[0]
         if want != cls.UUID:
-            raise GpTaError(_SECURITY, f"the image for {want} is registered as {cls.UUID}")
+            raise GpTaError(teec.SECURITY, f"the image for {want} is registered as {cls.UUID}")
         return cls
     if tas.lookup_loadable(want) is not None:  # it exists only as a model image
-        raise GpTaError(_SECURITY, f"the image for {want} is not a signed model image")
+        raise GpTaError(teec.SECURITY, f"the image for {want} is not a signed model image")
     if bad:
-        raise GpTaError(_SECURITY, f"the image for {want}: {bad}")
+        raise GpTaError(teec.SECURITY, f"the image for {want}: {bad}")
     if not is_signed_image(image):  # shdr_verify_signature: no SHDR_MAGIC, no TA
-        raise GpTaError(_SECURITY, f"the image for {want} is not a signed TA (no SHDR magic)")
+        raise GpTaError(teec.SECURITY, f"the image for {want} is not a signed TA (no SHDR magic)")
     cls_by_name = tas.file_by_uuid(want)
     if cls_by_name is None:  # OP-TEE cannot verify an image it has no key for
-        raise GpTaError(_SECURITY, f"no TA is registered for the image of {want}")
+        raise GpTaError(teec.SECURITY, f"no TA is registered for the image of {want}")
     return cls_by_name

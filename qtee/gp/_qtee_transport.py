@@ -43,7 +43,8 @@ from objects import DriverError, QteeError, UsageError
 from qtee import uapi
 from qtee._qcomtee_msg import Result
 from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
-from qtee.gp._defs import TEEC_CONFIG_PAYLOAD_REF_COUNT, TeecOrigin, TeecResult
+from qtee.gp import _codes as teec
+from qtee.gp._defs import TEEC_CONFIG_PAYLOAD_REF_COUNT, TeecResult
 from qtee.secure import _gp_why
 from qtee.secure._gp_params import (
     IN_VALUE_TYPES,
@@ -78,9 +79,6 @@ _GROUP_LOGINS: Final = frozenset(
 )
 _LOGINS: Final = frozenset({0, 1, 2, 4, 5, 6})
 _INFINITE: Final = 0xFFFF_FFFF
-_OK: Final = int(TeecResult.TEEC_SUCCESS)
-_TEE: Final = int(TeecOrigin.TEEC_ORIGIN_TEE)
-_COMMS: Final = int(TeecOrigin.TEEC_ORIGIN_COMMS)
 
 
 def _einval(why: str) -> DriverError:
@@ -90,12 +88,12 @@ def _einval(why: str) -> DriverError:
 def map_idl_error(result: int, *, invoke: bool) -> tuple[int, int]:
     """An IDL-level result (the GP method did not run) -> ``(TEEC_Result, origin)``."""
     if result == Result.ERROR_DEFUNCT:
-        return int(TeecResult.TEEC_ERROR_TARGET_DEAD), _TEE
+        return int(TeecResult.TEEC_ERROR_TARGET_DEAD), teec.ORIGIN_TEE
     if result == Result.ERROR_BUSY:
-        return int(TeecResult.TEEC_ERROR_BUSY), _TEE
+        return int(TeecResult.TEEC_ERROR_BUSY), teec.ORIGIN_TEE
     if result in (Result.ERROR_KMEM, Result.ERROR_NOSLOTS):
-        return int(TeecResult.TEEC_ERROR_OUT_OF_MEMORY), _TEE
-    return int(TeecResult.TEEC_ERROR_GENERIC), _TEE if invoke else _COMMS
+        return int(TeecResult.TEEC_ERROR_OUT_OF_MEMORY), teec.ORIGIN_TEE
+    return int(TeecResult.TEEC_ERROR_GENERIC), teec.ORIGIN_TEE if invoke else teec.ORIGIN_COMMS
 
 
 class _Call:
@@ -284,7 +282,7 @@ class QteeGpTransport:
         session = res[5]
         if not isinstance(session, ObjRef):
             return 0, ret, origin, back
-        if ret != _OK:  # not expected from this QTEE, but libminkteec drops it too
+        if ret != teec.SUCCESS:  # not expected from this QTEE, but libminkteec drops it too
             session.release()
             return 0, ret, origin, back
         with self._lock:

@@ -53,7 +53,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from objects import DriverError
-from qtee.gp._defs import TaFlag, TeecLogin, TeecOrigin, TeecResult
+from qtee.gp import _codes as teec
+from qtee.gp._defs import TaFlag
 from qtee.secure import _gp_why
 from qtee.secure._gp_instance import GpInstances
 from qtee.secure._gp_params import (
@@ -108,16 +109,6 @@ __all__ = [
 
 log = logging.getLogger("qtee.gp")
 
-_OK: Final = int(TeecResult.TEEC_SUCCESS)
-_BAD_PARAMETERS: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
-_NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
-_BUSY: Final = int(TeecResult.TEEC_ERROR_BUSY)
-_DEAD: Final = int(TeecResult.TEEC_ERROR_TARGET_DEAD)
-_COMMUNICATION: Final = int(TeecResult.TEEC_ERROR_COMMUNICATION)
-_OVERFLOW: Final = int(TeecResult.TEE_ERROR_OVERFLOW)
-_TEE: Final = int(TeecOrigin.TEEC_ORIGIN_TEE)
-_TA: Final = int(TeecOrigin.TEEC_ORIGIN_TRUSTED_APP)
-_TRUSTED_APP: Final = int(TeecLogin.TEE_LOGIN_TRUSTED_APP)
 _CONCURRENT: Final = TaFlag.TA_FLAG_CONCURRENT
 
 
@@ -183,9 +174,9 @@ class GpRuntime(GpInstances, GpWaiting):
             not _is_16(uuid)
             or not _is_16(client_uuid)
             or not _is_u32(login)
-            or login == _TRUSTED_APP  # the normal world cannot claim to be a TA
+            or login == teec.LOGIN_TRUSTED_APP  # the normal world cannot claim to be a TA
         ):
-            return 0, _BAD_PARAMETERS, _TEE
+            return 0, teec.BAD_PARAMETERS, teec.ORIGIN_TEE
         return self._open(
             bytes(uuid), login, bytes(client_uuid), types, params, owner, cancel_id, timeout
         )
@@ -214,17 +205,17 @@ class GpRuntime(GpInstances, GpWaiting):
         and while a close waits for that invoke."""
         with self._cond:
             if self._closed:
-                return _COMMUNICATION
+                return teec.COMMUNICATION
             sess = self._find(session_id)
             if (
                 sess is None
                 or sess._state is SessState.CLOSED
                 or not self._may_use(sess, owner, from_ta=False)
             ):
-                return _BAD_PARAMETERS
+                return teec.BAD_PARAMETERS
             sess._cancel = True
             self._cond.notify_all()
-        return _OK
+        return teec.SUCCESS
 
     def close_session(self, session_id: int, owner: object = None) -> int:
         """``OPTEE_MSG_CMD_CLOSE_SESSION``: the TA's close entry (not if it panicked),
@@ -238,7 +229,9 @@ class GpRuntime(GpInstances, GpWaiting):
             mine = [
                 s
                 for s in self._sessions
-                if s._state is SessState.OPEN and s.login != _TRUSTED_APP and _same(s._owner, owner)
+                if s._state is SessState.OPEN
+                and s.login != teec.LOGIN_TRUSTED_APP
+                and _same(s._owner, owner)
             ]
         for sess in sorted(mine, key=lambda s: s.id):
             self._close(sess, drop_id=True)
@@ -372,7 +365,7 @@ class GpRuntime(GpInstances, GpWaiting):
             ta_params = gp_params(types, params)
         except GpTaError as exc:
             _gp_why.note(exc.code, f"OpenSession: {exc.detail}")
-            return 0, exc.code, _TEE
+            return 0, exc.code, teec.ORIGIN_TEE
         if self._closed:
             return 0, *self._shut()
         sess = GpSession(self, uuid, login, client_uuid, owner)
@@ -380,8 +373,8 @@ class GpRuntime(GpInstances, GpWaiting):
         try:
             sess.id = self.world.export(sess)  # §4.2 step 1
         except DriverError as exc:  # ENOSPC: the id space is full
-            _gp_why.note(_OVERFLOW, f"no session id left: {exc}")
-            return 0, _OVERFLOW, _TEE
+            _gp_why.note(teec.OVERFLOW, f"no session id left: {exc}")
+            return 0, teec.OVERFLOW, teec.ORIGIN_TEE
         shut: bool
         with self._lock:
             shut = self.closed
@@ -393,7 +386,7 @@ class GpRuntime(GpInstances, GpWaiting):
         code, inst = self._attach(uuid)  # steps 2 and 3
         if inst is None:
             self._discard(sess)
-            return (0, *self._shut()) if self.closed else (0, code, _TEE)
+            return (0, *self._shut()) if self.closed else (0, code, teec.ORIGIN_TEE)
         with self._cond:
             shut = sess._state is SessState.CLOSED  # shutdown dropped it meanwhile
             if shut:
@@ -406,8 +399,8 @@ class GpRuntime(GpInstances, GpWaiting):
         try:
             with self._busy(inst):  # step 4
                 if inst.panicked:
-                    code, origin = _DEAD, _TEE
-                    _gp_why.note(_DEAD, f"TA {inst.cls.__name__} panicked meanwhile")
+                    code, origin = teec.TARGET_DEAD, teec.ORIGIN_TEE
+                    _gp_why.note(teec.TARGET_DEAD, f"TA {inst.cls.__name__} panicked meanwhile")
                 else:  # step 5
                     code, origin = self._run(
                         inst,
@@ -422,15 +415,15 @@ class GpRuntime(GpInstances, GpWaiting):
                     )
                     _copy_out(params, ta_params)
         except _Deadlock:
-            code, origin = _BUSY, _TEE
-            _gp_why.note(_BUSY, f"opening a session to TA {inst.cls.__name__} would deadlock")
+            code, origin = teec.BUSY, teec.ORIGIN_TEE
+            _gp_why.note(teec.BUSY, f"opening a session to TA {inst.cls.__name__} would deadlock")
         except _Gone:  # shut down while waiting for the instance
             code, origin = self._shut()
         with self._cond:
             shut = sess._state is SessState.CLOSED
-            if code == _OK and not shut:
+            if code == teec.SUCCESS and not shut:
                 sess._move(SessEvent.OPENED)
-                return sess.id, _OK, _TA
+                return sess.id, teec.SUCCESS, teec.ORIGIN_TRUSTED_APP
         self._discard(sess)
         return (0, *self._shut()) if shut else (0, code, origin)
 
@@ -438,9 +431,9 @@ class GpRuntime(GpInstances, GpWaiting):
         self, caller: _Instance, uuid: bytes, types: int, params: list[GpParam], timeout: int
     ) -> tuple[TaSession | None, int, int]:
         if not _is_16(uuid):
-            return None, _BAD_PARAMETERS, _TEE
+            return None, teec.BAD_PARAMETERS, teec.ORIGIN_TEE
         sid, code, origin = self._open(
-            uuid, _TRUSTED_APP, caller.uuid, types, params, caller, timeout=timeout
+            uuid, teec.LOGIN_TRUSTED_APP, caller.uuid, types, params, caller, timeout=timeout
         )
         if not sid:
             return None, code, origin
@@ -464,30 +457,30 @@ class GpRuntime(GpInstances, GpWaiting):
             ta_params = gp_params(types, params)
         except GpTaError as exc:
             _gp_why.note(exc.code, f"InvokeCommand {cmd}: {exc.detail}")
-            return exc.code, _TEE
+            return exc.code, teec.ORIGIN_TEE
         if not _is_u32(cmd):
-            _gp_why.note(_BAD_PARAMETERS, f"command {cmd!r} is not a u32")
-            return _BAD_PARAMETERS, _TEE
+            _gp_why.note(teec.BAD_PARAMETERS, f"command {cmd!r} is not a u32")
+            return teec.BAD_PARAMETERS, teec.ORIGIN_TEE
         with self._lock:
             if self._closed:
                 return self._shut()
             sess = self._find(session_id)
             if sess is None or not self._may_use(sess, owner, from_ta=from_ta):
-                _gp_why.note(_BAD_PARAMETERS, f"no open session {session_id:#x} of this caller")
-                return _BAD_PARAMETERS, _TEE
+                _gp_why.note(teec.BAD_PARAMETERS, f"no open session {session_id:#x} of this caller")
+                return teec.BAD_PARAMETERS, teec.ORIGIN_TEE
         try:
             with self._exclusive(sess):
                 inst = sess._instance
                 if inst is None:  # shutdown dropped it under us
                     return self._shut()
                 if inst.panicked:
-                    _gp_why.note(_DEAD, f"TA {inst.cls.__name__} panicked earlier")
-                    return _DEAD, _TEE
+                    _gp_why.note(teec.TARGET_DEAD, f"TA {inst.cls.__name__} panicked earlier")
+                    return teec.TARGET_DEAD, teec.ORIGIN_TEE
                 concurrent = bool(inst.flags & _CONCURRENT)
                 with self._busy(inst, skip=concurrent):
                     if _dead(inst):  # it panicked while this call waited
-                        _gp_why.note(_DEAD, f"TA {inst.cls.__name__} panicked meanwhile")
-                        return _DEAD, _TEE
+                        _gp_why.note(teec.TARGET_DEAD, f"TA {inst.cls.__name__} panicked meanwhile")
+                        return teec.TARGET_DEAD, teec.ORIGIN_TEE
                     ta = inst.ta
                     assert ta is not None
                     result = self._run(
@@ -504,26 +497,26 @@ class GpRuntime(GpInstances, GpWaiting):
                     _copy_out(params, ta_params)
                     return self._shut() if self.closed else result
         except _Deadlock:
-            _gp_why.note(_BUSY, f"invoking TA {sess.uuid.hex()} would deadlock")
-            return _BUSY, _TEE
+            _gp_why.note(teec.BUSY, f"invoking TA {sess.uuid.hex()} would deadlock")
+            return teec.BUSY, teec.ORIGIN_TEE
         except _Gone:
             if self.closed:
                 return self._shut()
-            _gp_why.note(_BAD_PARAMETERS, f"session {session_id:#x} was closed meanwhile")
-            return _BAD_PARAMETERS, _TEE
+            _gp_why.note(teec.BAD_PARAMETERS, f"session {session_id:#x} was closed meanwhile")
+            return teec.BAD_PARAMETERS, teec.ORIGIN_TEE
 
     # ------------------------------------------------------------------ close
     def _close_checked(self, session_id: int, owner: object, *, from_ta: bool) -> int:
         with self._lock:
             if self._closed:
-                return _COMMUNICATION
+                return teec.COMMUNICATION
             sess = self._find(session_id)
             if sess is None or sess._state is not SessState.OPEN:
-                return _NOT_FOUND
+                return teec.ITEM_NOT_FOUND
             if not self._may_use(sess, owner, from_ta=from_ta):
-                return _BAD_PARAMETERS
+                return teec.BAD_PARAMETERS
         self._close(sess, drop_id=True)
-        return _OK
+        return teec.SUCCESS
 
     def _close(self, sess: GpSession, *, drop_id: bool) -> None:
         with self._cond:
@@ -596,7 +589,7 @@ class GpRuntime(GpInstances, GpWaiting):
     def _may_use(sess: GpSession, owner: object, *, from_ta: bool) -> bool:
         """The driver's per-context check, and ``check_client``: the normal world never
         uses a session a TA opened; a TA only its own."""
-        if (sess.login == _TRUSTED_APP) != from_ta:
+        if (sess.login == teec.LOGIN_TRUSTED_APP) != from_ta:
             return False
         return _same(sess._owner, owner)
 

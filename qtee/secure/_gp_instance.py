@@ -16,7 +16,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Final, cast
 
-from qtee.gp._defs import TaFlag, TeecOrigin, TeecResult
+from qtee.gp import _codes as teec
+from qtee.gp._defs import TaFlag
 from qtee.secure import _gp_why
 from qtee.secure._gp_params import GpParam, GpTaError, TaPanic
 from qtee.secure._gp_session import GpSession, _Entry, _entry_stack, _Instance
@@ -31,16 +32,6 @@ __all__ = ["GpInstances"]
 
 log = logging.getLogger("qtee.gp")
 
-_OK: Final = int(TeecResult.TEEC_SUCCESS)
-_NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
-_BUSY: Final = int(TeecResult.TEEC_ERROR_BUSY)
-_DEAD: Final = int(TeecResult.TEEC_ERROR_TARGET_DEAD)
-_COMMUNICATION: Final = int(TeecResult.TEEC_ERROR_COMMUNICATION)
-_GENERIC: Final = int(TeecResult.TEEC_ERROR_GENERIC)
-_SECURITY: Final = int(TeecResult.TEEC_ERROR_SECURITY)
-_COMMS: Final = int(TeecOrigin.TEEC_ORIGIN_COMMS)
-_TEE: Final = int(TeecOrigin.TEEC_ORIGIN_TEE)
-_TA: Final = int(TeecOrigin.TEEC_ORIGIN_TRUSTED_APP)
 _SINGLE: Final = TaFlag.TA_FLAG_SINGLE_INSTANCE
 _MULTI: Final = TaFlag.TA_FLAG_MULTI_SESSION
 
@@ -93,7 +84,7 @@ class GpInstances:
                 self._by_uuid[uuid] = inst
                 if inst.keep_alive:
                     inst.kept = inst.get()
-            return _OK, inst
+            return teec.SUCCESS, inst
 
     def _bind(self, uuid: bytes) -> tuple[int, _Instance | None] | None:
         """Under the lock: bind to the single-instance TA's instance, if there is one."""
@@ -101,20 +92,20 @@ class GpInstances:
         if inst is None:
             return None
         if inst.panicked:  # only a keep-crashed one stays findable
-            _gp_why.note(_DEAD, f"TA {inst.cls.__name__} panicked and is kept crashed")
-            return _DEAD, None
+            _gp_why.note(teec.TARGET_DEAD, f"TA {inst.cls.__name__} panicked and is kept crashed")
+            return teec.TARGET_DEAD, None
         if not inst.flags & _MULTI and inst.sessions > 0:
             _gp_why.note(
-                _BUSY,
+                teec.BUSY,
                 f"TA {inst.cls.__name__} is single-instance without TA_FLAG_MULTI_SESSION "
                 "and has a session already",
             )
-            return _BUSY, None
+            return teec.BUSY, None
         if not inst.get():  # its last reference is being dropped: make a new one
             del self._by_uuid[uuid]
             return None
         inst.sessions += 1
-        return _OK, inst
+        return teec.SUCCESS, inst
 
     def _load(self, uuid: bytes) -> tuple[int, type[GpTA] | None]:
         """The LOAD_TA path (§3.2): the hook names the TA class, or None if not found."""
@@ -122,8 +113,8 @@ class GpInstances:
         tas = self.world.tas
         if hook is None:
             why = _gp_why.not_found(tas, uuid, "no tee-supplicant serves this GP runtime")
-            _gp_why.note(_NOT_FOUND, why)
-            return _NOT_FOUND, None
+            _gp_why.note(teec.ITEM_NOT_FOUND, why)
+            return teec.ITEM_NOT_FOUND, None
         try:
             cls = hook(uuid)
         except GpTaError as exc:  # e.g. COMMUNICATION when no supplicant answers
@@ -131,20 +122,20 @@ class GpInstances:
             return exc.code, None
         except Exception as exc:
             log.exception("load_ta hook failed for %s", uuid.hex())
-            _gp_why.note(_GENERIC, f"LOAD_TA of {uuidlib.UUID(bytes=uuid)} raised {exc!r}")
-            return _GENERIC, None
+            _gp_why.note(teec.GENERIC, f"LOAD_TA of {uuidlib.UUID(bytes=uuid)} raised {exc!r}")
+            return teec.GENERIC, None
         if cls is None:
             load = "the image tee-supplicant sent names no TA the model has a class for"
-            _gp_why.note(_NOT_FOUND, _gp_why.not_found(tas, uuid, load))
-            return _NOT_FOUND, None
+            _gp_why.note(teec.ITEM_NOT_FOUND, _gp_why.not_found(tas, uuid, load))
+            return teec.ITEM_NOT_FOUND, None
         if not (isinstance(cls, type) and issubclass(cls, GpTA)) or (
             getattr(cls, "UUID", None) != uuidlib.UUID(bytes=uuid)
         ):
             log.error("load_ta for %s returned %r, not a GpTA with that UUID", uuid.hex(), cls)
             why = f"LOAD_TA of {uuidlib.UUID(bytes=uuid)} gave {cls!r}, not a GpTA of that UUID"
-            _gp_why.note(_SECURITY, why)
-            return _SECURITY, None
-        return _OK, cls
+            _gp_why.note(teec.SECURITY, why)
+            return teec.SECURITY, None
+        return teec.SUCCESS, cls
 
     def _open_entry(
         self, inst: _Instance, sess: GpSession, types: int, params: list[GpParam]
@@ -202,22 +193,22 @@ class GpInstances:
         stack.append(_Entry(cast("GpRuntime", self), inst, sess))
         try:
             fn(*args)
-            result = (_OK, _TA)
+            result = (teec.SUCCESS, teec.ORIGIN_TRUSTED_APP)
         except GpTaError as exc:
-            result = (exc.code, _TA)
+            result = (exc.code, teec.ORIGIN_TRUSTED_APP)
             _gp_why.note(
                 exc.code, _entry_text(inst, where, exc.detail or "its own result (no reason given)")
             )
         except TaPanic as exc:
             log.warning("TA %s called TEE_Panic(0x%08X)", inst.cls.__name__, exc.code)
             self._panic(inst)
-            result = (_DEAD, _TEE)
-            _gp_why.note(_DEAD, _entry_text(inst, where, f"panicked: {exc}"))
+            result = (teec.TARGET_DEAD, teec.ORIGIN_TEE)
+            _gp_why.note(teec.TARGET_DEAD, _entry_text(inst, where, f"panicked: {exc}"))
         except Exception as exc:
             log.warning("TA %s panicked", inst.cls.__name__, exc_info=True)
             self._panic(inst)
-            result = (_DEAD, _TEE)
-            _gp_why.note(_DEAD, _entry_text(inst, where, f"panicked: it raised {exc!r}"))
+            result = (teec.TARGET_DEAD, teec.ORIGIN_TEE)
+            _gp_why.note(teec.TARGET_DEAD, _entry_text(inst, where, f"panicked: it raised {exc!r}"))
         finally:
             stack.pop()
             if sess is not None:
@@ -229,8 +220,8 @@ class GpInstances:
 
     def _shut(self) -> tuple[int, int]:
         """COMMUNICATION, origin COMMS: the runtime is shut down (its VM destroyed)."""
-        _gp_why.note(_COMMUNICATION, "the GP runtime is shut down (its partition's VM is gone)")
-        return _COMMUNICATION, _COMMS
+        _gp_why.note(teec.COMMUNICATION, "the GP runtime is shut down (its partition's VM is gone)")
+        return teec.COMMUNICATION, teec.ORIGIN_COMMS
 
     def _panic(self, inst: _Instance) -> None:
         """``ctx->panicked``: dead for good; out of the UUID lookup unless keep-crashed."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Final, NoReturn
 
 from objects import UsageError
-from qtee.gp._defs import TeecResult
+from qtee.gp import _codes as teec
 from qtee.secure._gp_session import _current_entry
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
 
 TEE_NUM_PARAMS: Final = 4
 _U32: Final = 0xFFFF_FFFF
-_BAD_PARAMETERS: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
 
 
 class TeeParamType(enum.IntEnum):
@@ -93,34 +92,36 @@ def gp_params(types: int, params: Sequence[GpParam]) -> list[GpParam]:
     the caller only through :func:`_copy_out`, buffers are shared (INPUT read-only).
     """
     if not _is_u32(types) or types >> (4 * TEE_NUM_PARAMS) or len(params) > TEE_NUM_PARAMS:
-        raise GpTaError(_BAD_PARAMETERS, f"param types {types!r} with {len(params)} params")
+        raise GpTaError(teec.BAD_PARAMETERS, f"param types {types!r} with {len(params)} params")
     out: list[GpParam] = []
     for i in range(TEE_NUM_PARAMS):
         t = (types >> (4 * i)) & 0xF
         p = params[i] if i < len(params) else None
         if p is None:
             if t:
-                raise GpTaError(_BAD_PARAMETERS, f"param {i}: type {t} but no param")
+                raise GpTaError(teec.BAD_PARAMETERS, f"param {i}: type {t} but no param")
             out.append(GpParam())
             continue
         if not isinstance(p, GpParam) or p.type != t:
-            raise GpTaError(_BAD_PARAMETERS, f"param {i}: param types say {t}, the param is {p!r}")
+            raise GpTaError(
+                teec.BAD_PARAMETERS, f"param {i}: param types say {t}, the param is {p!r}"
+            )
         if t == 0:
             out.append(GpParam())
         elif t in VALUE_TYPES:
             if not (_is_u32(p.a) and _is_u32(p.b)):
-                raise GpTaError(_BAD_PARAMETERS, f"param {i}: a value is two u32s")
+                raise GpTaError(teec.BAD_PARAMETERS, f"param {i}: a value is two u32s")
             out.append(GpParam(t, p.a, p.b))
         elif t in MEMREF_TYPES:
             out.append(GpParam(t, buffer=_ta_view(t, p), size=p.size))
         else:
-            raise GpTaError(_BAD_PARAMETERS, f"param {i}: {t} is no TEE param type")
+            raise GpTaError(teec.BAD_PARAMETERS, f"param {i}: {t} is no TEE param type")
     return out
 
 
 def _ta_view(t: int, p: GpParam) -> memoryview | None:
     if not isinstance(p.size, int) or isinstance(p.size, bool) or p.size < 0:
-        raise GpTaError(_BAD_PARAMETERS, f"a memref size of {p.size!r}")
+        raise GpTaError(teec.BAD_PARAMETERS, f"a memref size of {p.size!r}")
     if p.buffer is None:
         return None  # a NULL memref: any size (the short-buffer size query)
     try:
@@ -128,11 +129,11 @@ def _ta_view(t: int, p: GpParam) -> memoryview | None:
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
     except (TypeError, ValueError):
-        raise GpTaError(_BAD_PARAMETERS, "a memref buffer is no buffer of bytes") from None
+        raise GpTaError(teec.BAD_PARAMETERS, "a memref buffer is no buffer of bytes") from None
     if p.size > len(view):
-        raise GpTaError(_BAD_PARAMETERS, f"a memref of {p.size} bytes over {len(view)} bytes")
+        raise GpTaError(teec.BAD_PARAMETERS, f"a memref of {p.size} bytes over {len(view)} bytes")
     if t in OUT_MEMREF_TYPES and view.readonly:
-        raise GpTaError(_BAD_PARAMETERS, "an output memref over read-only bytes")
+        raise GpTaError(teec.BAD_PARAMETERS, "an output memref over read-only bytes")
     view = view[: p.size]
     return view if t in OUT_MEMREF_TYPES else view.toreadonly()
 

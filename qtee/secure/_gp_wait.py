@@ -13,19 +13,15 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Final
 
 from objects import UsageError
-from qtee.gp._defs import TeecResult
+from qtee.gp import _codes as teec
 from qtee.secure._gp_params import _is_u32
 from qtee.secure._gp_session import GpSession, _Deadlock, _Gone, _Instance
 from qtee.secure._gp_state import SessState
 from qtee.secure._gp_ta import TEE_TIMEOUT_INFINITE
 
 __all__ = ["GpWaiting"]
-
-_OK: Final = int(TeecResult.TEEC_SUCCESS)
-_CANCEL: Final = int(TeecResult.TEEC_ERROR_CANCEL)
 
 
 class GpWaiting:
@@ -111,7 +107,7 @@ class GpWaiting:
         with self._cond:
             while True:
                 if self._is_cancelled(sess):
-                    return _CANCEL
+                    return teec.CANCEL
                 wake = deadline
                 if sess is not None and not sess._mask and sess._cancel_at is not None:
                     wake = sess._cancel_at if wake is None else min(wake, sess._cancel_at)
@@ -122,7 +118,7 @@ class GpWaiting:
                     continue
                 now = time.monotonic()
                 if deadline is not None and deadline <= now:
-                    return _OK
+                    return teec.SUCCESS
                 self._cond.wait(max(wake - now, 0.0))
 
     def _cancelled(self, sess: GpSession | None) -> bool:

@@ -21,15 +21,14 @@ import uuid as uuidlib
 from typing import TYPE_CHECKING, Final
 
 from qtee import _reason
-from qtee.gp._defs import TeecResult, name_of
+from qtee.gp import _codes as teec
+from qtee.gp._defs import name_of
 
 if TYPE_CHECKING:
     from qtee.secure._registry import TaRegistry
 
 __all__ = ["clear", "load_failed", "not_found", "note", "taken", "types_text"]
 
-_NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
-_COMMUNICATION: Final = int(TeecResult.TEEC_ERROR_COMMUNICATION)
 #: The most registered UUIDs a not-found detail lists.
 _LISTED: Final = 8
 _TYPE_NAMES: Final = {
@@ -138,8 +137,8 @@ def not_found(tas: TaRegistry, uuid: bytes, load: str) -> str:
 
 def load_failed(tas: TaRegistry, uuid: bytes, code: int, detail: str) -> str:
     """Why LOAD_TA of ``uuid`` answered ``code`` (tee-supplicant's or OP-TEE's checks)."""
-    if code == _NOT_FOUND:
+    if code == teec.ITEM_NOT_FOUND:
         return not_found(tas, uuid, "tee-supplicant has no image of it")
-    if code == _COMMUNICATION:
+    if code == teec.COMMUNICATION:
         return f"LOAD_TA of {uuidlib.UUID(bytes=uuid)}: tee-supplicant went away"
     return f"LOAD_TA of {uuidlib.UUID(bytes=uuid)}: {detail or name_of(code)}"

@@ -95,7 +95,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Final
 
 from objects import QteeError, op
-from qtee.gp._defs import TeecOrigin, TeecResult
+from qtee.gp import _codes as teec
 from qtee.secure import _gp_why
 from qtee.secure._gp import TEE_TIMEOUT_INFINITE, GpParam, GpRuntime
 from qtee.secure._gp_params import (
@@ -192,9 +192,6 @@ MEM_PARAMS: Final = struct.Struct("<3Q")
 #: ``TEEC_Value``: a, b.
 VALUE: Final = struct.Struct("<2I")
 
-_OK: Final = int(TeecResult.TEEC_SUCCESS)
-_BAD_PARAMETERS: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
-_TEE: Final = int(TeecOrigin.TEEC_ORIGIN_TEE)
 _NIL: Final = bytes(16)
 
 
@@ -223,7 +220,7 @@ class _Marshalled:
     def __init__(self) -> None:
         self.params: list[GpParam] = []
         self.types = 0
-        self.error = _OK
+        self.error = teec.SUCCESS
         self.why = ""  # model-only: why ``error``
         self.temp: list[bytearray | None] = [None] * TEE_NUM_PARAMS
         self.stack = ExitStack()
@@ -236,7 +233,7 @@ def _nibble(word: int, i: int) -> int:
 def _bad(m: _Marshalled, why: str) -> None:
     """The call's params do not fit: BAD_PARAMETERS (the first reason is kept)."""
     if not m.error:
-        m.error, m.why = _BAD_PARAMETERS, why
+        m.error, m.why = teec.BAD_PARAMETERS, why
 
 
 def _unmarshal(
@@ -401,7 +398,7 @@ class GPAppClient(SecureObject):
         m = _unmarshal(self.world, types, ex_types, ins, mems)
         with m.stack:
             if m.error:
-                sid, ret, origin = 0, m.error, _TEE
+                sid, ret, origin = 0, m.error, teec.ORIGIN_TEE
                 _gp_why.note(ret, f"openSession: {m.why}")
             else:
                 sid, ret, origin = self.runtime.open_session(
@@ -461,7 +458,7 @@ class GPSessionObject(SecureObject):
         m = _unmarshal(self.client.world, types, ex_types, (i1, i2, i3, i4), (m1, m2, m3, m4))
         with m.stack:
             if m.error:
-                ret, origin = m.error, _TEE
+                ret, origin = m.error, teec.ORIGIN_TEE
                 _gp_why.note(ret, f"invokeCommand {cmd}: {m.why}")
             else:
                 ret, origin = self.client.runtime.invoke(

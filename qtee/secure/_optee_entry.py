@@ -53,7 +53,7 @@ from qtee._optee.optee_msg import (
     write_reply,
 )
 from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcArgs, SmcConduit, SmcFid, SmcReturn
-from qtee.gp._defs import TeecOrigin, TeecResult
+from qtee.gp import _codes as teec
 from qtee.secure._gp import GpParam, GpRuntime
 from qtee.secure._gp_params import TEE_NUM_PARAMS
 from qtee.secure._world import PhysicalMemory, SecureObject, SecureWorld
@@ -76,11 +76,6 @@ _MAX_GUEST_ID: Final = 0xFFFF
 _PAGE_MASK: Final = 0xFFF
 _U32: Final = 0xFFFF_FFFF
 
-_OK: Final = int(TeecResult.TEEC_SUCCESS)
-_BAD: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
-_NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
-_BUSY: Final = int(TeecResult.TEEC_ERROR_BUSY)
-_TEE: Final = int(TeecOrigin.TEEC_ORIGIN_TEE)
 _C = OpteeMsgCmd
 _ENTRIES: weakref.WeakKeyDictionary[object, OpteeEntry] = weakref.WeakKeyDictionary()
 _OF_LOCK: Final = threading.Lock()
@@ -369,41 +364,41 @@ class OpteeEntry(SmcConduit):
 
     def _close(self, part: OpteePartition, msg: OpteeMsg) -> OpteeReply:
         if msg.params:
-            return _fail(msg, _BAD)
+            return _fail(msg, teec.BAD_PARAMETERS)
         return _fail(msg, part.gp.close_session(msg.session, owner=part))
 
     def _cancel(self, part: OpteePartition, msg: OpteeMsg) -> OpteeReply:
         if msg.params:
-            return _fail(msg, _BAD)
+            return _fail(msg, teec.BAD_PARAMETERS)
         return _fail(msg, part.gp.cancel(msg.session, msg.cancel_id, owner=part))
 
     def _register_shm(self, part: OpteePartition, msg: OpteeMsg) -> OpteeReply:
         if len(msg.params) != 1 or not msg.params[0].attr.is_tmem:
-            return _fail(msg, _BAD)
+            return _fail(msg, teec.BAD_PARAMETERS)
         p = msg.params[0]
         if not p.a or not p.b or not p.c:  # address, size and cookie all needed
-            return _fail(msg, _BAD)
+            return _fail(msg, teec.BAD_PARAMETERS)
         try:
             self.monitor.phys.view(p.a, p.b)
         except (UsageError, ValueError, KeyError):
-            return _fail(msg, _BAD)
+            return _fail(msg, teec.BAD_PARAMETERS)
         with self._lock:
             if p.c in part.shm:  # a cookie registered twice
-                return _fail(msg, _BAD)
+                return _fail(msg, teec.BAD_PARAMETERS)
             part.shm[p.c] = _Shm(p.a, p.b)
-        return _fail(msg, _OK)
+        return _fail(msg, teec.SUCCESS)
 
     def _unregister_shm(self, part: OpteePartition, msg: OpteeMsg) -> OpteeReply:
         if len(msg.params) != 1 or not msg.params[0].attr.is_rmem:
-            return _fail(msg, _BAD)
+            return _fail(msg, teec.BAD_PARAMETERS)
         cookie = msg.params[0].c
         with self._lock:
             if cookie not in part.shm:
-                return _fail(msg, _NOT_FOUND)
+                return _fail(msg, teec.ITEM_NOT_FOUND)
             if part.shm_users.get(cookie):  # a call is using it
-                return _fail(msg, _BUSY)
+                return _fail(msg, teec.BUSY)
             del part.shm[cookie]
-        return _fail(msg, _OK)
+        return _fail(msg, teec.SUCCESS)
 
     # ------------------------------------------------------------------ params
     def _gp_params(
@@ -414,7 +409,7 @@ class OpteeEntry(SmcConduit):
         Memrefs become views of the physical pages (the TA works on shared memory); an
         RMEM names a buffer of this partition only and is held for the call."""
         if len(msg.params) > TEE_NUM_PARAMS:
-            return _fail(msg, _BAD)
+            return _fail(msg, teec.BAD_PARAMETERS)
         phys = self.monitor.phys
         types = 0
         gp: list[GpParam] = []
@@ -438,7 +433,7 @@ class OpteeEntry(SmcConduit):
                     shm = part.shm.get(p.c)
                     if shm is None or p.a + p.b > shm.size:
                         self._unuse(part, cookies, locked=True)
-                        return _fail(msg, _BAD)
+                        return _fail(msg, teec.BAD_PARAMETERS)
                     part.shm_users[p.c] = part.shm_users.get(p.c, 0) + 1
                     cookies.append(p.c)
                 paddr = shm.paddr + p.a
@@ -446,7 +441,7 @@ class OpteeEntry(SmcConduit):
                 view = phys.view(paddr, p.b)
             except (UsageError, ValueError, KeyError):
                 self._unuse(part, cookies)
-                return _fail(msg, _BAD)
+                return _fail(msg, teec.BAD_PARAMETERS)
             gp.append(GpParam(t, buffer=view, size=p.b))
         return types, gp, cookies
 
@@ -476,13 +471,13 @@ def _view(phys: PhysicalMemory, paddr: int, size: int) -> memoryview | None:
 
 def _refuse(buf: memoryview) -> None:
     """Answer a malformed message in its header: BAD_PARAMETERS, origin TEE."""
-    buf[20:24] = _BAD.to_bytes(4, "little")
-    buf[24:28] = _TEE.to_bytes(4, "little")
+    buf[20:24] = teec.BAD_PARAMETERS.to_bytes(4, "little")
+    buf[24:28] = teec.ORIGIN_TEE.to_bytes(4, "little")
 
 
 def _fail(msg: OpteeMsg, ret: int, session: int = 0) -> OpteeReply:
     """A reply that changes no param (``ret``, origin TEE)."""
-    return OpteeReply(ret=ret, ret_origin=_TEE, session=session, outs=msg.params)
+    return OpteeReply(ret=ret, ret_origin=teec.ORIGIN_TEE, session=session, outs=msg.params)
 
 
 def _reply(msg: OpteeMsg, gp: list[GpParam], ret: int, origin: int, session: int) -> OpteeReply:

@@ -68,7 +68,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from qtee.gp._defs import TeecResult
+from qtee.gp import _codes as teec
 from qtee.secure._gp import GpTaError
 
 if TYPE_CHECKING:
@@ -83,14 +83,6 @@ RpmbRpc = Callable[[bytes, int, bytes], bytes]
 DEFAULT_HUK: Final = bytes(16)  # tee_otp_get_hw_unique_key's stub
 
 _OK: Final = 0
-_GENERIC: Final = int(TeecResult.TEEC_ERROR_GENERIC)
-_ACCESS_DENIED: Final = int(TeecResult.TEEC_ERROR_ACCESS_DENIED)
-_CONFLICT: Final = int(TeecResult.TEEC_ERROR_ACCESS_CONFLICT)
-_BAD_PARAMETERS: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
-_NOT_FOUND: Final = int(TeecResult.TEEC_ERROR_ITEM_NOT_FOUND)
-_COMMUNICATION: Final = int(TeecResult.TEEC_ERROR_COMMUNICATION)
-_SECURITY: Final = int(TeecResult.TEEC_ERROR_SECURITY)
-_NO_SPACE: Final = int(TeecResult.TEEC_ERROR_STORAGE_NO_SPACE)
 
 # Frames (big-endian fields; see supplicant._rpmb).
 _FRAME: Final = 512
@@ -242,25 +234,27 @@ class RpmbFs:
         last = rsp[-_FRAME:]
         result = last[_O_RESULT + 1] & _RESULT_MASK
         if result == _KEY_NOT_PROGRAMMED:
-            raise GpTaError(_NOT_FOUND, "RPMB: authentication key not programmed")
+            raise GpTaError(teec.ITEM_NOT_FOUND, "RPMB: authentication key not programmed")
         if result != 0:
-            raise GpTaError(_GENERIC, f"RPMB: operation result {result}")
+            raise GpTaError(teec.GENERIC, f"RPMB: operation result {result}")
         got_type, got_addr = struct.unpack_from(">H", last, _O_TYPE)[0], last[_O_ADDR : _O_ADDR + 2]
         if got_type != msg_type:
-            raise GpTaError(_GENERIC, f"RPMB: message type {got_type:#06x}, not {msg_type:#06x}")
+            raise GpTaError(
+                teec.GENERIC, f"RPMB: message type {got_type:#06x}, not {msg_type:#06x}"
+            )
         if address is not None and int.from_bytes(got_addr, "big") != address:
-            raise GpTaError(_GENERIC, "RPMB: unexpected block address")
+            raise GpTaError(teec.GENERIC, "RPMB: unexpected block address")
         if counter is not None:
             sent = counter[0]
             counter[0] = struct.unpack_from(">I", last, _O_COUNTER)[0]
             if msg_type == _RESP_WRITE:
                 if counter[0] != (sent + 1) & 0xFFFF_FFFF:
-                    raise GpTaError(_SECURITY, "RPMB: write counter mismatch")
+                    raise GpTaError(teec.SECURITY, "RPMB: write counter mismatch")
                 self.wr_cnt = (self.wr_cnt + 1) & 0xFFFF_FFFF
         if nonce is not None and not hmac.compare_digest(nonce, last[_O_NONCE : _O_NONCE + 16]):
-            raise GpTaError(_SECURITY, "RPMB: nonce mismatch")
+            raise GpTaError(teec.SECURITY, "RPMB: nonce mismatch")
         if mac and not hmac.compare_digest(self._mac(rsp), last[_O_MAC : _O_MAC + 32]):
-            raise GpTaError(_SECURITY, "RPMB: MAC mismatch")
+            raise GpTaError(teec.SECURITY, "RPMB: MAC mismatch")
 
     def _read_counter(self) -> None:
         nonce = os.urandom(16)
@@ -278,16 +272,16 @@ class RpmbFs:
     def _init(self) -> None:
         """``tee_rpmb_init`` taking the legacy path (``CFG_RPMB_WRITE_KEY``)."""
         if self.dead:
-            raise GpTaError(_COMMUNICATION, "RPMB is dead until reboot")
+            raise GpTaError(teec.COMMUNICATION, "RPMB is dead until reboot")
         if self._key_verified:
             return
         if not self._dev_info_synced:
             preset = bytes(18) + b"\x01"  # ret_code = RPMB_CMD_GET_DEV_INFO_RET_ERROR
             info = self._invoke(_CMD_GET_DEV_INFO, b"", 0, _DEV_INFO_SIZE, preset)
             if info[18] != 0:
-                raise GpTaError(_GENERIC, "RPMB: GET_DEV_INFO answered an error")
+                raise GpTaError(teec.GENERIC, "RPMB: GET_DEV_INFO answered an error")
             if info[16] == 0:
-                raise GpTaError(_GENERIC, "RPMB: rpmb_size_mult is 0")
+                raise GpTaError(teec.GENERIC, "RPMB: rpmb_size_mult is 0")
             self.max_blk_idx = info[16] * (128 * 1024 // _BLOCK) - 1
             self._cid = bytes(info[:16])
             self._dev_info_synced = True
@@ -298,7 +292,7 @@ class RpmbFs:
             try:
                 self._read_counter()
             except GpTaError as exc:
-                if exc.code != _NOT_FOUND or self._key_verified:
+                if exc.code != teec.ITEM_NOT_FOUND or self._key_verified:
                     raise
                 self._write_key()
                 self._read_counter()
@@ -308,12 +302,12 @@ class RpmbFs:
     def _read(self, addr: int, length: int) -> bytes:
         """``tee_rpmb_read``: ``length`` bytes at byte ``addr``."""
         if length <= 0:
-            raise GpTaError(_BAD_PARAMETERS, "RPMB read of nothing")
+            raise GpTaError(teec.BAD_PARAMETERS, "RPMB read of nothing")
         blk, off = divmod(addr, _BLOCK)
         count = -(-(length + off) // _BLOCK)
         self._init()
         if blk > self.max_blk_idx:
-            raise GpTaError(_GENERIC, "RPMB: block index out of range")
+            raise GpTaError(teec.GENERIC, "RPMB: block index out of range")
         nonce = os.urandom(16)
         frame = self._frame(_REQ_READ, address=blk, nonce=nonce)
         rsp = self._invoke(
@@ -330,7 +324,7 @@ class RpmbFs:
         while True:
             if blk > self.max_blk_idx:
                 if not retries:
-                    raise GpTaError(_GENERIC, "RPMB: block index out of range")
+                    raise GpTaError(teec.GENERIC, "RPMB: block index out of range")
             else:
                 frame = self._frame(_REQ_WRITE, address=blk, count=1, counter=counter[0], data=data)
                 frame[_O_MAC : _O_MAC + 32] = self._mac(bytes(frame))
@@ -343,7 +337,7 @@ class RpmbFs:
             retries += 1
             if retries >= _MAX_RETRIES:
                 self.dead = True
-                raise GpTaError(_COMMUNICATION, "RPMB write failed 10 times: RPMB is dead")
+                raise GpTaError(teec.COMMUNICATION, "RPMB write failed 10 times: RPMB is dead")
 
     def _write(self, addr: int, data: bytes) -> None:
         """``tee_rpmb_write``: whole blocks, a partial one read and patched first."""
@@ -369,7 +363,7 @@ class RpmbFs:
         magic, version, _wc, _fat = _PARTITION.unpack(head)
         if magic == _MAGIC:
             if version != _FS_VERSION:
-                raise GpTaError(_ACCESS_DENIED, f"RPMB FS version {version}")
+                raise GpTaError(teec.ACCESS_DENIED, f"RPMB FS version {version}")
         else:
             last = _Entry(_FAT_START, bytes(_ENTRY.size))
             last.flags = _LAST
@@ -400,12 +394,12 @@ class RpmbFs:
     def _need(self, name: bytes) -> _Entry:
         entry = self._find(name)
         if entry is None:
-            raise GpTaError(_NOT_FOUND, f"no RPMB file {name.decode()}")
+            raise GpTaError(teec.ITEM_NOT_FOUND, f"no RPMB file {name.decode()}")
         return entry
 
     def _write_entry(self, entry: _Entry) -> None:
         if entry.addr < _PARTITION.size:
-            raise GpTaError(_CONFLICT, "the partition data is not a FAT entry")
+            raise GpTaError(teec.ACCESS_CONFLICT, "the partition data is not a FAT entry")
         self._write(entry.addr, entry.pack())
 
     def _used(self, *, creating: bool) -> tuple[list[tuple[int, int]], _Entry, _Entry]:
@@ -437,7 +431,7 @@ class RpmbFs:
             top = min(top, start)
         if top >= need:
             return top - need
-        raise GpTaError(_NO_SPACE, "RPMB: no space left")
+        raise GpTaError(teec.STORAGE_NO_SPACE, "RPMB: no space left")
 
     def _relocate(self, entry: _Entry, new_size: int, patch: tuple[int, bytes] | None) -> None:
         """Copy the file (zero-extended to ``new_size``, ``patch`` applied) to a new place,
@@ -464,19 +458,19 @@ class RpmbFs:
     def _fd(self, fd: int) -> bytes:
         name = self._fds.get(fd)
         if name is None:
-            raise GpTaError(_BAD_PARAMETERS, f"no RPMB file handle {fd}")
+            raise GpTaError(teec.BAD_PARAMETERS, f"no RPMB file handle {fd}")
         return name
 
     def fs_open(self, path: str, *, create: bool) -> int:
         """Open ``path`` (ITEM_NOT_FOUND if missing); ``create`` makes it, or empties it."""
         name = path.encode()
         if len(name) >= 224:
-            raise GpTaError(_BAD_PARAMETERS, "RPMB file name too long")
+            raise GpTaError(teec.BAD_PARAMETERS, "RPMB file name too long")
         with self._lock:
             entry = self._find(name)
             if entry is None:
                 if not create:
-                    raise GpTaError(_NOT_FOUND, f"no RPMB file {path}")
+                    raise GpTaError(teec.ITEM_NOT_FOUND, f"no RPMB file {path}")
                 _used, free, last = self._used(creating=True)
                 if free is last:
                     end = _Entry(last.addr + _ENTRY.size, bytes(_ENTRY.size))
@@ -527,7 +521,7 @@ class RpmbFs:
     def fs_truncate(self, fd: int, length: int) -> None:
         """``rpmb_fs_truncate``: shrink in place, or copy to a zero-extended new place."""
         if length > _INT32_MAX:
-            raise GpTaError(_BAD_PARAMETERS, "RPMB truncate past INT32_MAX")
+            raise GpTaError(teec.BAD_PARAMETERS, "RPMB truncate past INT32_MAX")
         with self._lock:
             entry = self._need(self._fd(fd))
             if length > entry.data_size:
@@ -549,7 +543,7 @@ class RpmbFs:
             target = self._find(new.encode())
             if target is not None:
                 if not overwrite:
-                    raise GpTaError(_CONFLICT, f"RPMB file {new} exists")
+                    raise GpTaError(teec.ACCESS_CONFLICT, f"RPMB file {new} exists")
                 self._write_entry(_Entry(target.addr, bytes(_ENTRY.size)))
             entry.filename = new.encode()
             self._write_entry(entry)

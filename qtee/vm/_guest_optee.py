@@ -48,7 +48,7 @@ from qtee._optee.optee_msg import (
 )
 from qtee._smc import SmcConduit, SmcFid, SmcReturn
 from qtee.addrspace import AddressSpace, CheckedMemory
-from qtee.gp._defs import TeecOrigin, TeecResult
+from qtee.gp import _codes as teec
 from qtee.vm._ram import PAGE_SIZE, GuestRam
 
 if TYPE_CHECKING:
@@ -61,9 +61,6 @@ log = logging.getLogger("qtee.vm.optee")
 
 _U32: Final = 0xFFFF_FFFF
 _CALL: Final = int(SmcFid.OPTEE_SMC_CALL_WITH_ARG)
-_OK: Final = int(TeecResult.TEEC_SUCCESS)
-_COMMUNICATION: Final = int(TeecResult.TEEC_ERROR_COMMUNICATION)
-_COMMS: Final = int(TeecOrigin.TEEC_ORIGIN_COMMS)
 #: How long a caller parked on ETHREAD_LIMIT waits before it tries again anyway.
 _RETRY: Final = 0.01
 _A = OpteeMsgAttr
@@ -73,7 +70,9 @@ _P = tuple[int, int, int, int]
 
 def _failed(msg: OpteeMsg) -> OpteeReply:
     """What the driver reports when the std call itself failed (§2)."""
-    return OpteeReply(ret=_COMMUNICATION, ret_origin=_COMMS, session=0, outs=msg.params)
+    return OpteeReply(
+        ret=teec.COMMUNICATION, ret_origin=teec.ORIGIN_COMMS, session=0, outs=msg.params
+    )
 
 
 class OpteePort:
@@ -148,7 +147,7 @@ class OpteePort:
             return self.call(msg).ret
         except DriverError as exc:  # no guest page for the message: the call is lost
             log.debug("%s not sent: %s", _C(msg.cmd).name, exc)
-            return _COMMUNICATION
+            return teec.COMMUNICATION
 
     def live(self) -> dict[str, int]:
         """Calls in flight."""
@@ -227,7 +226,7 @@ class GuestOpteeDevice(OpteeDevice):
         except BaseException:
             self.ram.remove(gpa)
             raise
-        if ret != _OK:
+        if ret != teec.SUCCESS:
             self.ram.remove(gpa)
             raise DriverError(errno.ENOMEM, f"OP-TEE did not register {size} bytes: {ret:#010x}")
         handle = _GuestShm(gpa, view, cookie)
@@ -240,7 +239,7 @@ class GuestOpteeDevice(OpteeDevice):
             return
         rmem = MsgParam.rmem(_A.OPTEE_MSG_ATTR_TYPE_RMEM_INPUT, handle.cookie, 0, 0)
         ret = self.port._quiet(OpteeMsg(cmd=_C.OPTEE_MSG_CMD_UNREGISTER_SHM, params=(rmem,)))
-        if ret != _OK:
+        if ret != teec.SUCCESS:
             log.debug("UNREGISTER_SHM of cookie %d answered %#010x", handle.cookie, ret)
         self.ram.remove(handle.gpa)
 
@@ -307,7 +306,7 @@ class _GuestCall:
             params=self.msg_params,
         )
         reply = self.reply = self.ctx.device.port.call(msg)
-        session = reply.session if reply.ret == _OK else 0
+        session = reply.session if reply.ret == teec.SUCCESS else 0
         return session, reply.ret, reply.ret_origin
 
     def invoke(self, session: int, func: int, cancel_id: int) -> tuple[int, int]:

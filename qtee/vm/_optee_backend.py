@@ -57,7 +57,7 @@ from qtee._optee.optee_msg import (
     reply_patches,
 )
 from qtee._smc import HYP_CLIENT_ID, SmcFid, SmcReturn
-from qtee.gp._defs import TeecOrigin, TeecResult
+from qtee.gp import _codes as teec
 from qtee.vm._channel import HostVmChannel
 from qtee.vm._framework import VmError, VmState, register_backend
 from qtee.vm._guest_optee import GuestOpteeDevice
@@ -76,11 +76,6 @@ _U32: Final = 0xFFFF_FFFF
 _PAGE_MASK: Final = PAGE_SIZE - 1
 _CALL: Final = int(SmcFid.OPTEE_SMC_CALL_WITH_ARG)
 _COMMANDS: Final = frozenset(int(c) for c in OpteeMsgCmd)
-_OK: Final = int(TeecResult.TEEC_SUCCESS)
-_BAD: Final = int(TeecResult.TEEC_ERROR_BAD_PARAMETERS)
-_NO_MEMORY: Final = int(TeecResult.TEEC_ERROR_OUT_OF_MEMORY)
-_COMMUNICATION: Final = int(TeecResult.TEEC_ERROR_COMMUNICATION)
-_COMMS: Final = int(TeecOrigin.TEEC_ORIGIN_COMMS)
 _REGISTER: Final = int(OpteeMsgCmd.OPTEE_MSG_CMD_REGISTER_SHM)
 _UNREGISTER: Final = int(OpteeMsgCmd.OPTEE_MSG_CMD_UNREGISTER_SHM)
 _VM_FIDS: Final = frozenset(
@@ -253,16 +248,16 @@ class OpteeBackend:
             if arg_pin is None:  # stopping, or the VM's pinned pages are at the limit
                 if _stopping(vm):
                     return SmcReturn.ENOTAVAIL
-                ret = _NO_MEMORY
-                return self._answer_ret(vm, gpa, _NO_MEMORY)
+                ret = teec.OUT_OF_MEMORY
+                return self._answer_ret(vm, gpa, teec.OUT_OF_MEMORY)
             pins.append(arg_pin)
             try:
                 shadow = ram.read(gpa, arg_size_of(head))  # THE copy of the message
                 msg = decode_msg(shadow)
             except (DecodeError, GuestFault) as exc:
                 log.debug("client %d: malformed message: %s", vm.client_id, exc)
-                ret = _BAD
-                return self._answer_ret(vm, gpa, _BAD)
+                ret = teec.BAD_PARAMETERS
+                return self._answer_ret(vm, gpa, teec.BAD_PARAMETERS)
             if msg.cmd not in _COMMANDS:
                 return SmcReturn.EBADCMD
             try:
@@ -276,14 +271,14 @@ class OpteeBackend:
                 return a0
             assert reply is not None
             if _stopping(vm):
-                ret = _COMMUNICATION
-                return self._answer_ret(vm, gpa, _COMMUNICATION)
+                ret = teec.COMMUNICATION
+                return self._answer_ret(vm, gpa, teec.COMMUNICATION)
             ret = reply.ret
-            if held is not None and msg.cmd == _REGISTER and reply.ret == _OK:
+            if held is not None and msg.cmd == _REGISTER and reply.ret == teec.SUCCESS:
                 with vm.cond:
                     vm.mappings[msg.params[0].c] = held
                 held = None
-            if msg.cmd == _UNREGISTER and reply.ret == _OK:
+            if msg.cmd == _UNREGISTER and reply.ret == teec.SUCCESS:
                 self._unregistered(vm, msg.params[0].c)
             try:
                 for off, data in reply_patches(msg, reply):
@@ -300,7 +295,7 @@ class OpteeBackend:
                 for pin in pins:
                     vm.unpin_locked(pin)
                 vm.calls -= 1
-                if ret == _OK:
+                if ret == teec.SUCCESS:
                     vm.ok += 1
                 elif ret is not None:
                     vm.stats["failed"] += 1
@@ -314,7 +309,9 @@ class OpteeBackend:
     def _answer_ret(vm: VmState, gpa: int, ret: int) -> int:
         """Answer in the guest's page: ``ret``, origin COMMS; nothing else written."""
         try:
-            vm.guest.ram.write(gpa + 20, ret.to_bytes(4, "little") + _COMMS.to_bytes(4, "little"))
+            vm.guest.ram.write(
+                gpa + 20, ret.to_bytes(4, "little") + teec.ORIGIN_COMMS.to_bytes(4, "little")
+            )
         except GuestFault:
             return SmcReturn.EBADADDR
         return SmcReturn.OK
@@ -332,10 +329,14 @@ class OpteeBackend:
         if register:
             p0 = msg.params[0] if len(msg.params) == 1 else None
             if p0 is None or not p0.attr.is_tmem or not p0.a:
-                raise _Refused(_BAD, "REGISTER_SHM needs one TMEM param with an address")
+                raise _Refused(
+                    teec.BAD_PARAMETERS, "REGISTER_SHM needs one TMEM param with an address"
+                )
             with vm.cond:
                 if p0.c in vm.mappings:
-                    raise _Refused(_BAD, f"shm cookie {p0.c:#x} is already registered")
+                    raise _Refused(
+                        teec.BAD_PARAMETERS, f"shm cookie {p0.c:#x} is already registered"
+                    )
         held: Pin | None = None
         params = []
         for i, p in enumerate(msg.params):
@@ -346,23 +347,28 @@ class OpteeBackend:
             try:
                 hpa = ram.translate(p.a, p.b)
             except GuestFault as exc:
-                raise _Refused(_BAD, f"param {i}: {exc.detail}") from None
+                raise _Refused(teec.BAD_PARAMETERS, f"param {i}: {exc.detail}") from None
             pages = ((p.a + p.b + _PAGE_MASK) >> 12) - (p.a >> 12) if p.b else 0
             if pages > limits.shm_buffer_pages:
                 with vm.cond:
                     vm.stats["limit:shm_buffer_pages"] += 1
                 raise _Refused(
-                    _NO_MEMORY, f"param {i}: {pages} pages > {limits.shm_buffer_pages} per buffer"
+                    teec.OUT_OF_MEMORY,
+                    f"param {i}: {pages} pages > {limits.shm_buffer_pages} per buffer",
                 )
             with vm.cond:
                 if vm.stopping:
-                    raise _Refused(_COMMUNICATION, "the VM is being destroyed")
+                    raise _Refused(teec.COMMUNICATION, "the VM is being destroyed")
                 if vm.data[_BUFFERS] >= limits.shm_buffers:
                     vm.stats["limit:shm_buffers"] += 1
-                    raise _Refused(_NO_MEMORY, f"{limits.shm_buffers} shared buffers already")
+                    raise _Refused(
+                        teec.OUT_OF_MEMORY, f"{limits.shm_buffers} shared buffers already"
+                    )
                 pin = vm.pin_locked(p.a, p.b)
                 if pin is None:
-                    raise _Refused(_NO_MEMORY, f"pinned pages would reach {limits.pinned_pages}")
+                    raise _Refused(
+                        teec.OUT_OF_MEMORY, f"pinned pages would reach {limits.pinned_pages}"
+                    )
                 vm.data[_BUFFERS] += 1
             if register:
                 held = pin
