@@ -11,12 +11,18 @@ response.
 :class:`MessageKit` holds what each listener's codec repeats: its two error classes
 (bytes that cannot be decoded; a record field of the wrong type or range), its command
 enum and the ids it serves, the integer and name-field checks, the u32 command id at the
-start of a buffer, the NUL-terminated fixed-size name fields and the size of an answer.
-:class:`UnsupportedRecord` and :class:`StatusRecord` are the two records every listener
-has: the request of an id its dispatch does not serve, and the 8-byte ``{id, i32 ret}``
-answer.  The codecs (:mod:`supplicant.time_msg`, :mod:`supplicant.fs_msg`,
-:mod:`supplicant.gpfs_msg`, :mod:`supplicant.rpmb_msg`) keep their own command tables and
-layouts on top of them.
+start of a buffer, and the dispatch from a command id to the record that decodes it.
+
+Every request and response is a :class:`Record` whose field table (``WIRE``, one
+:class:`Wire` a field, in wire order) is both its check and its layout: built, a record
+checks each field in turn; encoded, it packs the command id and the fields' struct codes
+(:func:`layout`); decoded, it unpacks them.  What a record adds is only what is its own:
+a check across fields, a payload after the fixed part, a layout whose order differs from
+the order its fields are checked in.  :class:`UnsupportedRecord` and
+:class:`StatusRecord` are the two records every listener has: the request of an id its
+dispatch does not serve, and the 8-byte ``{id, i32 ret}`` answer.  The codecs
+(:mod:`supplicant.time_msg`, :mod:`supplicant.fs_msg`, :mod:`supplicant.gpfs_msg`,
+:mod:`supplicant.rpmb_msg`) hold their command tables and records.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ from __future__ import annotations
 import enum
 import os
 import struct
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, Self, TypeVar
 
 from objects import DecodeError, UsageError
 
@@ -35,14 +41,16 @@ __all__ = [
     "I32_MIN",
     "I64_MAX",
     "I64_MIN",
-    "STATUS",
     "U32",
     "U32_MAX",
     "U64_MAX",
     "MessageKit",
+    "Record",
     "StatusRecord",
     "UnsupportedRecord",
-    "pack_name",
+    "Wire",
+    "layout",
+    "status_wire",
 ]
 
 I32_MIN: Final = -(1 << 31)
@@ -54,11 +62,21 @@ I64_MAX: Final = (1 << 63) - 1
 
 #: The command id every request and response starts with.
 U32: Final = struct.Struct("<I")
-#: ``{u32 cmd_id, i32 ret}``: the shortest response, the error answer of most services.
-STATUS: Final = struct.Struct("<Ii")
+
+#: The range of each integer struct code a field may have.
+_RANGE: Final = {
+    "i": (I32_MIN, I32_MAX),
+    "I": (0, U32_MAX),
+    "q": (I64_MIN, I64_MAX),
+    "Q": (0, U64_MAX),
+    "H": (0, 0xFFFF),
+    "B": (0, 0xFF),
+}
 
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
 _R = TypeVar("_R")
+_Rec = TypeVar("_Rec", bound="Record")
+_Req = TypeVar("_Req", bound="UnsupportedRecord")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,51 +151,257 @@ class MessageKit:
         data = self.buffer(buf, "request")
         return data, self.command_id(data, "request")
 
-    def response(self, buf: object, sizes: Mapping[int, int]) -> tuple[bytes, int]:
-        """A response buffer as bytes and its echoed id, checked to hold the id's answer."""
+    def response_size(
+        self, cmd_id: int, answers: Mapping[int, type[Record]], other: type[Record]
+    ) -> int:
+        """How many bytes the fixed part of the answer to ``cmd_id`` occupies: that of its
+        record in ``answers``, or of ``other``, the answer of every other id."""
+        self.command_field(cmd_id)
+        return answers.get(cmd_id, other).fixed_size()
+
+    def decode_response(
+        self, buf: object, answers: Mapping[int, type[_Rec]], other: type[_Rec]
+    ) -> _Rec:
+        """The response at the start of ``buf``: the record in ``answers`` of its echoed id
+        (or ``other``), after checking the buffer holds that record's fixed part."""
         data = self.buffer(buf, "response")
         cmd_id = self.command_id(data, "response")
-        self.need(data, self.response_size(cmd_id, sizes), f"response to {cmd_id:#x}")
-        return data, cmd_id
+        cls = answers.get(cmd_id, other)
+        self.need(data, cls.fixed_size(), f"response to {cmd_id:#x}")
+        return cls.decode(data, cmd_id)
 
-    def response_size(self, cmd_id: int, sizes: Mapping[int, int]) -> int:
-        """How many bytes the answer to ``cmd_id`` occupies: its entry in ``sizes``, or the
-        8-byte status answer."""
-        self.command_field(cmd_id)
-        return sizes.get(cmd_id, STATUS.size)
+    def decode_request(
+        self, buf: object, requests: Mapping[int, type[_Rec]], other: type[_Req]
+    ) -> _Rec | _Req:
+        """The request at the start of ``buf``: the record in ``requests`` of its id, after
+        checking the buffer holds that record's fixed part, or ``other(cmd_id=...)``."""
+        data, cmd_id = self.request(buf)
+        cls = requests.get(cmd_id)
+        if cls is None:
+            return other(cmd_id=cmd_id)
+        self.need(data, cls.fixed_size(), f"{self.cmd(cmd_id).name} request")
+        return cls.decode(data, cmd_id)
+
+    def encode(self, record: object, kinds: tuple[type[Record], ...], what: str) -> bytes:
+        """The bytes of ``record``, one of ``kinds``; else a usage error (``what`` names
+        the records, as in ``an FS response``)."""
+        if not isinstance(record, kinds):
+            raise self.usage_error(f"not {what} record: {type(record).__name__}")
+        return record.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """One record field in wire order: its attribute, its struct code (``""`` when the
+    field is not on the wire), the name messages give it and what it must hold.
+
+    ``kind`` is one of:
+
+    * ``"int"``: in ``[lo, hi]``, by default the code's range;
+    * ``"name"``: a str, NUL-terminated in a ``"<size>s"`` field;
+    * ``"bytes"``: at most ``hi`` of them; code ``"<size>sI"`` is the payload padded to
+      its size, then its length; code ``"I"`` is the length alone (the record places
+      the payload);
+    * ``"bool"``: a u32 0 or 1;
+    * ``"is"``: an instance of ``types`` (``noun`` in messages); with a struct code, a
+      nested :class:`Record` whose fields are packed in place;
+    * ``"cmd"``: a u32 command id, one of ``ids`` if given; ``"id"``: one of ``ids``;
+      for both, ``label`` is the whole message, formatted with the value;
+    * ``"status"``: a u32 command id not in ``ids`` (those have their own answer);
+    * ``"own"``: the record checks it itself.
+    """
+
+    attr: str
+    code: str
+    label: str = ""
+    kind: str = "int"
+    lo: int | None = None
+    hi: int | None = None
+    types: tuple[type, ...] = ()
+    noun: str = ""
+    ids: Collection[int] = ()
+
+    @property
+    def what(self) -> str:
+        """The field's name in messages (``path``, ``old path``, ``fd``...)."""
+        return self.label or self.attr
+
+    def check(self, value: object, what: str, kit: MessageKit) -> None:
+        """A usage error of ``kit`` unless ``value`` fits the field (``what`` names it)."""
+        kind = self.kind
+        if kind == "int":
+            lo, hi = _RANGE[self.code]
+            kit.int_field(
+                value, what, lo if self.lo is None else self.lo, hi if self.hi is None else self.hi
+            )
+        elif kind == "name":
+            kit.name_field(value, what, int(self.code[:-1]))
+        elif kind == "bytes":
+            if not isinstance(value, bytes):
+                raise kit.usage_error(f"{what} must be bytes, not {type(value).__name__}")
+            if self.hi is not None and len(value) > self.hi:
+                raise kit.usage_error(f"{what} is {len(value)} bytes; at most {self.hi}")
+        elif kind == "is":
+            if not isinstance(value, self.types):
+                raise kit.usage_error(f"{what} must be {self.noun}, not {type(value).__name__}")
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise kit.usage_error(f"{what} must be a bool, not {type(value).__name__}")
+        elif kind == "status":
+            cmd_id = kit.command_field(value)
+            if cmd_id in self.ids:
+                raise kit.usage_error(f"{kit.cmd(cmd_id).name} has its own response record")
+        elif kind in ("cmd", "id"):
+            if kind == "cmd":
+                kit.command_field(value)
+            if self.ids and value not in self.ids:
+                raise kit.usage_error(self.label.format(value))
+
+    def pack(self, value: Any) -> tuple[Any, ...]:
+        """The field's values for its struct code."""
+        if not self.code:
+            return ()
+        if self.kind == "name":
+            return (os.fsencode(value),)
+        if self.kind == "bytes" and self.code.endswith("I"):  # the payload's length
+            return (len(value),) if self.code == "I" else (value, len(value))
+        if self.kind == "is":
+            return value.pack_fields()  # type: ignore[no-any-return]
+        if self.kind == "bool":
+            return (int(value),)
+        return (value,)
+
+    def unpack(self, values: Iterator[Any], kit: MessageKit, cmd_id: int) -> Any:
+        """The field's value from its struct values (of a message with id ``cmd_id``)."""
+        if self.kind == "is":  # a nested record
+            return _build(self.types[0], values, kit, cmd_id)
+        value = next(values)
+        if self.kind == "name":
+            return kit.unpack_name(value, f"{kit.cmd(cmd_id).name} {self.what}")
+        if self.kind == "bytes" and self.code.endswith("sI"):
+            return value[: min(next(values), self.hi or 0)]
+        if self.kind == "bool":
+            return value != 0
+        return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UnsupportedRecord:
-    """The request of an id the dispatch does not serve (``KIT`` names the listener)."""
+class Record:
+    """A record whose fields ``WIRE`` lists in wire order: built, it checks each of them
+    (messages put ``PREFIX`` before a field's name), then what is its own
+    (:meth:`_check`).  Its bytes are the command id (unless ``WIRE`` starts with it), the
+    fields' struct codes and :meth:`_tail`."""
 
     KIT: ClassVar[MessageKit]
-    cmd_id: int
+    WIRE: ClassVar[tuple[Wire, ...]] = ()
+    PREFIX: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        self.KIT.command_field(self.cmd_id)
+        kit, prefix = self.KIT, self._prefix()
+        for wire in self.WIRE:
+            wire.check(getattr(self, wire.attr), prefix + wire.what, kit)
+        self._check()
+
+    def _prefix(self) -> str:
+        return self.PREFIX
+
+    def _check(self) -> None:
+        """What the record checks beyond its fields' own ranges (nothing)."""
+
+    def _wire_id(self) -> int:
+        """The command id its bytes start with when ``WIRE`` does not hold it."""
+        return int(getattr(self, "CMD"))  # noqa: B009  (a class var of the subclasses)
+
+    def pack_fields(self) -> tuple[Any, ...]:
+        """The values of its fields for :func:`layout`'s struct, in wire order."""
+        values: tuple[Any, ...] = ()
+        for wire in self.WIRE:
+            values += wire.pack(getattr(self, wire.attr))
+        return values
+
+    def _tail(self) -> bytes:
+        """The bytes that follow its fixed fields (none)."""
+        return b""
+
+    @classmethod
+    def fixed_size(cls) -> int:
+        """How many bytes its fixed part occupies (all a decoder needs before it looks)."""
+        return layout(cls).size
+
+    def encode(self) -> bytes:
+        """The record's bytes."""
+        head = () if _id_in_wire(type(self)) else (self._wire_id(),)
+        return layout(type(self)).pack(*head, *self.pack_fields()) + self._tail()
+
+    @classmethod
+    def fields_from(cls, data: bytes, cmd_id: int) -> dict[str, Any]:
+        """Its fields from the fixed part at the start of ``data`` (at least
+        ``layout(cls).size`` bytes), a message with id ``cmd_id``."""
+        values = iter(layout(cls).unpack_from(data, 0))
+        if not _id_in_wire(cls):
+            next(values)
+        return {wire.attr: wire.unpack(values, cls.KIT, cmd_id) for wire in cls.WIRE if wire.code}
+
+    @classmethod
+    def decode(cls, data: bytes, cmd_id: int) -> Self:
+        """The record from ``data``, which holds at least its fixed part."""
+        return cls(**cls.fields_from(data, cmd_id))
+
+
+def _id_in_wire(cls: type[Record]) -> bool:
+    """Whether the record's first field is the command id its bytes start with."""
+    return bool(cls.WIRE) and cls.WIRE[0].kind in ("cmd", "id", "status")
+
+
+def _build(cls: type[Record], values: Iterator[Any], kit: MessageKit, cmd_id: int) -> Record:
+    """A nested record from the struct values of its fields."""
+    return cls(**{wire.attr: wire.unpack(values, kit, cmd_id) for wire in cls.WIRE})
+
+
+def layout(cls: type[Record]) -> struct.Struct:
+    """The struct of a record's fixed part: the command id, then its fields' codes."""
+    found = _LAYOUTS.get(cls)
+    if found is None:
+        head = "" if _id_in_wire(cls) else "I"
+        found = _LAYOUTS[cls] = struct.Struct("<" + head + "".join(_codes(cls)))
+    return found
+
+
+_LAYOUTS: Final[dict[type[Record], struct.Struct]] = {}
+
+
+def _codes(cls: type[Record]) -> list[str]:
+    codes: list[str] = []
+    for wire in cls.WIRE:
+        if wire.kind == "is" and wire.code:
+            codes += _codes(wire.types[0])  # a nested record
+        else:
+            codes.append(wire.code)
+    return codes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnsupportedRecord(Record):
+    """The request of an id the dispatch does not serve (``KIT`` names the listener)."""
+
+    WIRE: ClassVar[tuple[Wire, ...]] = (Wire("cmd_id", "I", kind="cmd"),)
+    cmd_id: int
+
+    def _check(self) -> None:
         if self.cmd_id in self.KIT.supported:
             raise self.KIT.usage_error(f"command {self.cmd_id:#x} is supported; use its own record")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StatusRecord:
-    """The 8-byte ``{id, i32 ret}`` answer of every id not in ``OWN``."""
+def status_wire(own: Collection[int], result: str = "ret") -> tuple[Wire, Wire]:
+    """The fields of a ``{id, i32 result}`` answer of every id not in ``own`` (the ids
+    answered by a record of their own)."""
+    return (Wire("cmd_id", "I", kind="status", ids=own), Wire(result, "i"))
 
-    KIT: ClassVar[MessageKit]
-    #: The ids answered by a record of their own.
-    OWN: ClassVar[Collection[int]]
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusRecord(Record):
+    """The 8-byte ``{id, i32 ret}`` answer of every id not answered by a record of its
+    own (``WIRE`` is :func:`status_wire` of those ids)."""
+
     cmd_id: int
     ret: int
-
-    def __post_init__(self) -> None:
-        kit = self.KIT
-        kit.command_field(self.cmd_id)
-        if self.cmd_id in self.OWN:
-            raise kit.usage_error(f"{kit.cmd(self.cmd_id).name} has its own response record")
-        kit.int_field(self.ret, "ret", I32_MIN, I32_MAX)
-
-
-def pack_name(raw: bytes, size: int) -> bytes:
-    """``raw`` NUL-padded to a ``size``-byte field."""
-    return raw.ljust(size, b"\0")
