@@ -19,7 +19,6 @@ from supplicant._listener_msg import (
     UnsupportedRecord,
     Wire,
     layout,
-    status_wire,
 )
 
 __all__ = [
@@ -341,7 +340,7 @@ class UnsupportedRequest(UnsupportedRecord):
     KIT: ClassVar[MessageKit] = _KIT
 
 
-_Served = (
+FsRequest = (
     OpenRequest
     | CreatRequest
     | ReadRequest
@@ -358,34 +357,11 @@ _Served = (
     | DirCloseRequest
     | GetErrnoRequest
     | EndRequest
-)
-FsRequest = _Served | UnsupportedRequest
-
-_REQ_BY_CMD: Final[dict[int, type[_Served]]] = _KIT.requests(
-    OpenRequest,
-    CreatRequest,
-    ReadRequest,
-    WriteRequest,
-    CloseRequest,
-    LseekRequest,
-    UnlinkRequest,
-    MkdirRequest,
-    RemoveRequest,
-    SyncRequest,
-    RenameRequest,
-    DirOpenRequest,
-    DirReadRequest,
-    DirCloseRequest,
-    GetErrnoRequest,
-    EndRequest,
+    | UnsupportedRequest
 )
 
 
 # --------------------------------------------------------------------------- responses
-
-
-#: The commands answered by a record of their own (not :class:`StatusResponse`).
-_SPECIAL_RSP: Final = frozenset({FsCmd.FILE_READ, FsCmd.DIR_OPEN, FsCmd.DIR_READ})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -393,7 +369,6 @@ class StatusResponse(StatusRecord):
     """The 8-byte ``{id, i32 ret}`` answer of every command but READ and DIR_OPEN/READ."""
 
     KIT: ClassVar[MessageKit] = _KIT
-    WIRE: ClassVar[tuple[Wire, ...]] = status_wire(_SPECIAL_RSP)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,9 +30,9 @@ from __future__ import annotations
 import enum
 import os
 import struct
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Self, TypeVar
+from typing import Any, ClassVar, Final, Generic, Self, TypeVar, get_args
 
 from objects import DecodeError, UsageError
 
@@ -44,6 +44,7 @@ __all__ = [
     "U32",
     "U32_MAX",
     "U64_MAX",
+    "Codec",
     "MessageKit",
     "Record",
     "StatusRecord",
@@ -74,9 +75,8 @@ _RANGE: Final = {
 }
 
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
-_R = TypeVar("_R")
-_Rec = TypeVar("_Rec", bound="Record")
-_Req = TypeVar("_Req", bound="UnsupportedRecord")
+_Q = TypeVar("_Q")
+_P = TypeVar("_P")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +86,10 @@ class MessageKit:
     decode_error: type[DecodeError]
     usage_error: type[UsageError]
     cmd: type[enum.IntEnum]
-    #: The ids the dispatch serves with a record of their own (filled by :meth:`requests`).
+    #: The ids the dispatch serves with a request record of their own, and the ids
+    #: answered by a response record of their own (both filled by :class:`Codec`).
     supported: set[int] = field(default_factory=set)
-
-    def requests(self, *records: _R) -> dict[int, _R]:
-        """``records`` by their ``CMD``; those ids become :attr:`supported`."""
-        table = {int(getattr(cls, "CMD")): cls for cls in records}  # noqa: B009  (a class var)
-        self.supported.update(table)
-        return table
+    answered: set[int] = field(default_factory=set)
 
     def int_field(self, value: object, what: str, lo: int, hi: int) -> int:
         """``value`` if it is an int (not a bool) in ``[lo, hi]``; else a usage error."""
@@ -151,44 +147,6 @@ class MessageKit:
         data = self.buffer(buf, "request")
         return data, self.command_id(data, "request")
 
-    def response_size(
-        self, cmd_id: int, answers: Mapping[int, type[Record]], other: type[Record]
-    ) -> int:
-        """How many bytes the fixed part of the answer to ``cmd_id`` occupies: that of its
-        record in ``answers``, or of ``other``, the answer of every other id."""
-        self.command_field(cmd_id)
-        return answers.get(cmd_id, other).fixed_size()
-
-    def decode_response(
-        self, buf: object, answers: Mapping[int, type[_Rec]], other: type[_Rec]
-    ) -> _Rec:
-        """The response at the start of ``buf``: the record in ``answers`` of its echoed id
-        (or ``other``), after checking the buffer holds that record's fixed part."""
-        data = self.buffer(buf, "response")
-        cmd_id = self.command_id(data, "response")
-        cls = answers.get(cmd_id, other)
-        self.need(data, cls.fixed_size(), f"response to {cmd_id:#x}")
-        return cls.decode(data, cmd_id)
-
-    def decode_request(
-        self, buf: object, requests: Mapping[int, type[_Rec]], other: type[_Req]
-    ) -> _Rec | _Req:
-        """The request at the start of ``buf``: the record in ``requests`` of its id, after
-        checking the buffer holds that record's fixed part, or ``other(cmd_id=...)``."""
-        data, cmd_id = self.request(buf)
-        cls = requests.get(cmd_id)
-        if cls is None:
-            return other(cmd_id=cmd_id)
-        self.need(data, cls.fixed_size(), f"{self.cmd(cmd_id).name} request")
-        return cls.decode(data, cmd_id)
-
-    def encode(self, record: object, kinds: tuple[type[Record], ...], what: str) -> bytes:
-        """The bytes of ``record``, one of ``kinds``; else a usage error (``what`` names
-        the records, as in ``an FS response``)."""
-        if not isinstance(record, kinds):
-            raise self.usage_error(f"not {what} record: {type(record).__name__}")
-        return record.encode()
-
 
 @dataclass(frozen=True, slots=True)
 class Wire:
@@ -207,7 +165,7 @@ class Wire:
       nested :class:`Record` whose fields are packed in place;
     * ``"cmd"``: a u32 command id, one of ``ids`` if given; ``"id"``: one of ``ids``;
       for both, ``label`` is the whole message, formatted with the value;
-    * ``"status"``: a u32 command id not in ``ids`` (those have their own answer);
+    * ``"status"``: a u32 command id not answered by a record of its own;
     * ``"own"``: the record checks it itself.
     """
 
@@ -249,7 +207,7 @@ class Wire:
                 raise kit.usage_error(f"{what} must be a bool, not {type(value).__name__}")
         elif kind == "status":
             cmd_id = kit.command_field(value)
-            if cmd_id in self.ids:
+            if cmd_id in kit.answered:
                 raise kit.usage_error(f"{kit.cmd(cmd_id).name} has its own response record")
         elif kind in ("cmd", "id"):
             if kind == "cmd":
@@ -307,6 +265,14 @@ class Record:
 
     def _check(self) -> None:
         """What the record checks beyond its fields' own ranges (nothing)."""
+
+    @classmethod
+    def command_ids(cls) -> Collection[int]:
+        """The ids of the messages this record is (its ``CMD``, or the ids its first
+        field allows)."""
+        if _id_in_wire(cls):
+            return cls.WIRE[0].ids
+        return (getattr(cls, "CMD"),)  # noqa: B009  (a class var of the subclasses)
 
     def _wire_id(self) -> int:
         """The command id its bytes start with when ``WIRE`` does not hold it."""
@@ -392,16 +358,102 @@ class UnsupportedRecord(Record):
             raise self.KIT.usage_error(f"command {self.cmd_id:#x} is supported; use its own record")
 
 
-def status_wire(own: Collection[int], result: str = "ret") -> tuple[Wire, Wire]:
-    """The fields of a ``{id, i32 result}`` answer of every id not in ``own`` (the ids
-    answered by a record of their own)."""
-    return (Wire("cmd_id", "I", kind="status", ids=own), Wire(result, "i"))
+def status_wire(result: str = "ret") -> tuple[Wire, Wire]:
+    """The fields of a ``{id, i32 result}`` answer: an id not answered by a record of
+    its own, and the result."""
+    return (Wire("cmd_id", "I", kind="status"), Wire(result, "i"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StatusRecord(Record):
     """The 8-byte ``{id, i32 ret}`` answer of every id not answered by a record of its
-    own (``WIRE`` is :func:`status_wire` of those ids)."""
+    own."""
 
+    WIRE: ClassVar[tuple[Wire, ...]] = status_wire()
     cmd_id: int
     ret: int
+
+
+class Codec(Generic[_Q, _P]):
+    """One listener's codec: its request and response records by command id.
+
+    ``requests`` and ``responses`` are the unions of the listener's records.  The
+    request of every id no request record serves is the union's
+    :class:`UnsupportedRecord`; ``other`` is the answer of every id no response record
+    answers; ``what`` names the listener in messages (``an FS``).  ``exact`` refuses a
+    subclass of a request record."""
+
+    def __init__(
+        self,
+        kit: MessageKit,
+        what: str,
+        requests: object,
+        responses: object,
+        other: type[Record],
+        *,
+        exact: bool = False,
+    ) -> None:
+        request_types: tuple[type[Record], ...] = get_args(requests)
+        response_types: tuple[type[Record], ...] = get_args(responses)
+        served = [cls for cls in request_types if not issubclass(cls, UnsupportedRecord)]
+        (unsupported,) = (cls for cls in request_types if issubclass(cls, UnsupportedRecord))
+        answers = [cls for cls in response_types if cls is not other]
+        self._kit = kit
+        self._what = what
+        self._requests = {int(i): cls for cls in served for i in cls.command_ids()}
+        self._responses = {int(i): cls for cls in answers for i in cls.command_ids()}
+        kit.supported.update(self._requests)
+        kit.answered.update(self._responses)
+        self._unsupported = unsupported
+        self._other = other
+        self._request_types = request_types
+        self._response_types = response_types
+        self._exact = exact
+
+    def encode_request(self, req: _Q) -> bytes:
+        """The request's bytes (the secure side's half)."""
+        served = not isinstance(req, self._unsupported)
+        if self._exact and served and type(req) not in self._request_types:
+            raise self._kit.usage_error(f"not {self._what} request record: {_name(req)}")
+        return self._encode(req, self._request_types, "request")
+
+    def decode_request(self, buf: bytes | bytearray | memoryview) -> _Q:
+        """The request at the start of ``buf`` (trailing bytes are ignored)."""
+        kit = self._kit
+        data, cmd_id = kit.request(buf)
+        cls = self._requests.get(cmd_id)
+        if cls is None:
+            return self._unsupported(cmd_id=cmd_id)  # type: ignore[return-value]
+        name = kit.cmd(cmd_id).name
+        kit.need(data, cls.fixed_size(), f"{name} request")
+        try:
+            return cls.decode(data, cmd_id)  # type: ignore[return-value]
+        except kit.usage_error as exc:  # defensive: the layouts cannot produce one
+            raise kit.decode_error(f"{name} request: {exc}") from None
+
+    def response_size(self, cmd_id: int) -> int:
+        """How many bytes the fixed part of the answer to ``cmd_id`` occupies."""
+        self._kit.command_field(cmd_id)
+        return self._responses.get(cmd_id, self._other).fixed_size()
+
+    def encode_response(self, rsp: _P) -> bytes:
+        """The response's bytes, written over the request (the supplicant's half)."""
+        return self._encode(rsp, self._response_types, "response")
+
+    def decode_response(self, buf: bytes | bytearray | memoryview) -> _P:
+        """The response at the start of ``buf``; its layout follows the echoed command id."""
+        kit = self._kit
+        data = kit.buffer(buf, "response")
+        cmd_id = kit.command_id(data, "response")
+        cls = self._responses.get(cmd_id, self._other)
+        kit.need(data, cls.fixed_size(), f"response to {cmd_id:#x}")
+        return cls.decode(data, cmd_id)  # type: ignore[return-value]
+
+    def _encode(self, record: object, kinds: tuple[type[Record], ...], half: str) -> bytes:
+        if not isinstance(record, kinds):
+            raise self._kit.usage_error(f"not {self._what} {half} record: {_name(record)}")
+        return record.encode()
+
+
+def _name(value: object) -> str:
+    return type(value).__name__

@@ -59,20 +59,8 @@ from typing import Final
 
 from supplicant import _fs_records
 from supplicant._fs_records import *  # noqa: F403  (every record name: see _fs_records.__all__)
-from supplicant._fs_records import (
-    _KIT,
-    _REQ_BY_CMD,
-    DirOpenResponse,
-    DirReadResponse,
-    FsCmd,
-    FsDecodeError,
-    FsRequest,
-    FsResponse,
-    FsUsageError,
-    ReadResponse,
-    StatusResponse,
-    UnsupportedRequest,
-)
+from supplicant._fs_records import _KIT, FsRequest, FsResponse, StatusResponse
+from supplicant._listener_msg import Codec
 
 __all__ = [
     "decode_request",
@@ -83,41 +71,11 @@ __all__ = [
 ]
 __all__ += _fs_records.__all__
 
-
-def encode_request(req: FsRequest) -> bytes:
-    """The request's bytes, exactly its struct's size (the secure side's half)."""
-    if not isinstance(req, UnsupportedRequest) and type(req) not in _REQ_BY_CMD.values():
-        raise FsUsageError(f"not an FS request record: {type(req).__name__}")
-    return req.encode()
-
-
-def decode_request(buf: bytes | bytearray | memoryview) -> FsRequest:
-    """The request at the start of ``buf`` (trailing bytes are ignored)."""
-    try:
-        return _KIT.decode_request(buf, _REQ_BY_CMD, UnsupportedRequest)
-    except FsUsageError as exc:  # defensive: the layouts cannot produce one
-        cmd = FsCmd(_KIT.request(buf)[1])
-        raise FsDecodeError(f"{cmd.name} request: {exc}") from None
-
-
-_RSP_BY_CMD: Final[dict[int, type[ReadResponse | DirOpenResponse | DirReadResponse]]] = {
-    FsCmd.FILE_READ: ReadResponse,
-    FsCmd.DIR_OPEN: DirOpenResponse,
-    FsCmd.DIR_READ: DirReadResponse,
-}
-_RSP_TYPES: Final = (StatusResponse, ReadResponse, DirOpenResponse, DirReadResponse)
-
-
-def response_size(cmd_id: int) -> int:
-    """How many bytes the answer to ``cmd_id`` occupies."""
-    return _KIT.response_size(cmd_id, _RSP_BY_CMD, StatusResponse)
-
-
-def encode_response(rsp: FsResponse) -> bytes:
-    """The response's bytes, to be written over the request (the supplicant's half)."""
-    return _KIT.encode(rsp, _RSP_TYPES, "an FS response")
-
-
-def decode_response(buf: bytes | bytearray | memoryview) -> FsResponse:
-    """The response at the start of ``buf``; its layout follows the echoed command id."""
-    return _KIT.decode_response(buf, _RSP_BY_CMD, StatusResponse)
+_CODEC: Final = Codec[FsRequest, FsResponse](
+    _KIT, "an FS", FsRequest, FsResponse, StatusResponse, exact=True
+)
+encode_request: Final = _CODEC.encode_request
+decode_request: Final = _CODEC.decode_request
+encode_response: Final = _CODEC.encode_response
+decode_response: Final = _CODEC.decode_response
+response_size: Final = _CODEC.response_size

@@ -40,6 +40,7 @@ from typing import ClassVar, Final, Self
 
 from objects import DecodeError, UsageError
 from supplicant._listener_msg import (
+    Codec,
     MessageKit,
     Record,
     UnsupportedRecord,
@@ -116,8 +117,7 @@ class GpfsUsageError(UsageError):
     """A GPFS message field or service argument has the wrong type or range."""
 
 
-_KNOWN: Final = {int(c) for c in GpfsCmd if c is not GpfsCmd.UNKNOWN}
-_KIT: Final = MessageKit(GpfsDecodeError, GpfsUsageError, GpfsCmd, _KNOWN)
+_KIT: Final = MessageKit(GpfsDecodeError, GpfsUsageError, GpfsCmd)
 
 # (data id, persist id) per operation
 _IDS: Final = {
@@ -163,6 +163,11 @@ class _FileRequest(_Record):
 
     def _prefix(self) -> str:
         return self.OP.upper() + " "
+
+    @classmethod
+    def command_ids(cls) -> tuple[GpfsCmd, GpfsCmd]:
+        """Its data and persist ids."""
+        return _IDS[cls.OP]
 
     def _wire_id(self) -> int:
         return self.cmd_id
@@ -272,36 +277,8 @@ class UnsupportedRequest(UnsupportedRecord):
 GpfsRequest = (
     ReadRequest | WriteRequest | RemoveRequest | RenameRequest | VersionRequest | UnsupportedRequest
 )
-_REQ_TYPES: Final = (
-    ReadRequest,
-    WriteRequest,
-    RemoveRequest,
-    RenameRequest,
-    VersionRequest,
-    UnsupportedRequest,
-)
-_REQ_BY_CMD: Final[
-    dict[int, type[ReadRequest | WriteRequest | RemoveRequest | RenameRequest | VersionRequest]]
-] = {
-    GpfsCmd.GPFS_VERSION: VersionRequest,
-    **{
-        int(i): cls
-        for cls in (ReadRequest, WriteRequest, RemoveRequest, RenameRequest)
-        for i in _IDS[cls.OP]
-    },
-}
 #: The write request's full size: header and the 500 KiB payload field.
 WRITE_REQUEST_SIZE: Final = WriteRequest.fixed_size()
-
-
-def encode_request(req: GpfsRequest) -> bytes:
-    """The request's bytes (the secure side's half); a write carries its full payload field."""
-    return _KIT.encode(req, _REQ_TYPES, "a GPFS request")
-
-
-def decode_request(buf: bytes | bytearray | memoryview) -> GpfsRequest:
-    """The request at the start of ``buf`` (trailing bytes are ignored)."""
-    return _KIT.decode_request(buf, _REQ_BY_CMD, UnsupportedRequest)
 
 
 # --------------------------------------------------------------------------- responses
@@ -391,38 +368,22 @@ class VersionResponse(_Record):
     err: int
 
 
-_RSP_BY_CMD: Final[dict[int, type[ReadResponse | WriteResponse | VersionResponse]]] = {
-    GpfsCmd.DATA_FILE_READ: ReadResponse,
-    GpfsCmd.PERSIST_FILE_READ: ReadResponse,
-    GpfsCmd.DATA_FILE_WRITE: WriteResponse,
-    GpfsCmd.PERSIST_FILE_WRITE: WriteResponse,
-    GpfsCmd.GPFS_VERSION: VersionResponse,
-}
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StatusResponse(_Record):
     """The 8-byte ``{id, i32 err}`` answer: REMOVE's, RENAME's and the unknown-id one."""
 
-    WIRE: ClassVar[tuple[Wire, ...]] = status_wire(frozenset(_RSP_BY_CMD), "err")
+    WIRE: ClassVar[tuple[Wire, ...]] = status_wire("err")
     cmd_id: int
     err: int
 
 
 GpfsResponse = ReadResponse | WriteResponse | VersionResponse | StatusResponse
-_RSP_TYPES: Final = (ReadResponse, WriteResponse, VersionResponse, StatusResponse)
 
-
-def response_size(cmd_id: int) -> int:
-    """How many bytes the fixed part of the answer to ``cmd_id`` occupies."""
-    return _KIT.response_size(cmd_id, _RSP_BY_CMD, StatusResponse)
-
-
-def encode_response(rsp: GpfsResponse) -> bytes:
-    """The response's bytes, written over the request (a read's data follows its header)."""
-    return _KIT.encode(rsp, _RSP_TYPES, "a GPFS response")
-
-
-def decode_response(buf: bytes | bytearray | memoryview) -> GpfsResponse:
-    """The response at the start of ``buf``; its layout follows the echoed command id."""
-    return _KIT.decode_response(buf, _RSP_BY_CMD, StatusResponse)
+_CODEC: Final = Codec[GpfsRequest, GpfsResponse](
+    _KIT, "a GPFS", GpfsRequest, GpfsResponse, StatusResponse
+)
+encode_request: Final = _CODEC.encode_request
+decode_request: Final = _CODEC.decode_request
+encode_response: Final = _CODEC.encode_response
+decode_response: Final = _CODEC.decode_response
+response_size: Final = _CODEC.response_size

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from objects import DecodeError, UsageError
-from supplicant._listener_msg import U32_MAX, MessageKit, Record, UnsupportedRecord, Wire
+from supplicant._listener_msg import U32_MAX, Codec, MessageKit, Record, UnsupportedRecord, Wire
 
 __all__ = [
     "RPMB_SERVICE_BUF_LEN",
@@ -93,7 +93,7 @@ class RpmbMsgUsageError(UsageError):
     """An RPMB listener message field has the wrong type or range."""
 
 
-_KIT: Final = MessageKit(RpmbMsgDecodeError, RpmbMsgUsageError, RpmbCmd, {int(c) for c in RpmbCmd})
+_KIT: Final = MessageKit(RpmbMsgDecodeError, RpmbMsgUsageError, RpmbCmd)
 _INIT_IDS: Final = frozenset({RpmbCmd.RPMB_INIT, RpmbCmd.GET_DEV_INFO, RpmbCmd.PROVISION})
 _RW_IDS: Final = frozenset({RpmbCmd.RPMB_READ, RpmbCmd.RPMB_WRITE})
 
@@ -254,22 +254,6 @@ class UnsupportedRequest(UnsupportedRecord):
 
 
 RpmbRequest = InitRequest | RwRequest | PartitionRequest | UnsupportedRequest
-_REQ_TYPES: Final = (InitRequest, RwRequest, PartitionRequest, UnsupportedRequest)
-_REQ_BY_CMD: Final[dict[int, type[InitRequest | RwRequest | PartitionRequest]]] = {
-    **dict.fromkeys(_INIT_IDS, InitRequest),
-    **dict.fromkeys(_RW_IDS, RwRequest),
-    RpmbCmd.RPMB_PARTITION: PartitionRequest,
-}
-
-
-def encode_request(req: RpmbRequest) -> bytes:
-    """The request's bytes (the secure side's half)."""
-    return _KIT.encode(req, _REQ_TYPES, "an RPMB request")
-
-
-def decode_request(buf: bytes | bytearray | memoryview) -> RpmbRequest:
-    """The request at the start of ``buf`` (a READ/WRITE's frames are taken from it too)."""
-    return _KIT.decode_request(buf, _REQ_BY_CMD, UnsupportedRequest)
 
 
 # --------------------------------------------------------------------------- responses
@@ -381,19 +365,10 @@ class ErrorResponse(_Record):
 
 
 RpmbResponse = InitResponse | RwResponse | PartitionResponse | ErrorResponse
-_RSP_TYPES: Final = (InitResponse, RwResponse, PartitionResponse, ErrorResponse)
-_RSP_BY_CMD: Final[dict[int, type[InitResponse | RwResponse | PartitionResponse]]] = {
-    **dict.fromkeys(_INIT_IDS, InitResponse),
-    **dict.fromkeys(_RW_IDS, RwResponse),
-    RpmbCmd.RPMB_PARTITION: PartitionResponse,
-}
-
-
-def encode_response(rsp: RpmbResponse) -> bytes:
-    """The response's bytes, written over the request (a read/write's frames follow)."""
-    return _KIT.encode(rsp, _RSP_TYPES, "an RPMB response")
-
-
-def decode_response(buf: bytes | bytearray | memoryview) -> RpmbResponse:
-    """The response at the start of ``buf``; its layout follows the echoed command id."""
-    return _KIT.decode_response(buf, _RSP_BY_CMD, ErrorResponse)
+_CODEC: Final = Codec[RpmbRequest, RpmbResponse](
+    _KIT, "an RPMB", RpmbRequest, RpmbResponse, ErrorResponse
+)
+encode_request: Final = _CODEC.encode_request
+decode_request: Final = _CODEC.decode_request
+encode_response: Final = _CODEC.encode_response
+decode_response: Final = _CODEC.decode_response

@@ -58,12 +58,12 @@ from typing import ClassVar, Final
 from objects import DecodeError, UsageError
 from supplicant._listener_msg import (
     U64_MAX,
+    Codec,
     MessageKit,
     Record,
     StatusRecord,
     UnsupportedRecord,
     Wire,
-    status_wire,
 )
 
 __all__ = [
@@ -184,33 +184,6 @@ TimeRequest = (
     | UnsupportedRequest
 )
 
-_FixedRequest = (
-    GetUtcSecRequest | GetSystimeRequest | GetTimeMsRequest | GetHlosUtcRequest | EndRequest
-)
-_REQ_BY_CMD: Final[dict[int, type[_FixedRequest]]] = _KIT.requests(
-    GetUtcSecRequest,
-    GetSystimeRequest,
-    GetTimeMsRequest,
-    GetHlosUtcRequest,
-    EndRequest,
-)
-
-
-def encode_request(req: TimeRequest) -> bytes:
-    """The request's 4 bytes: just the command id (the secure side's half)."""
-    if not isinstance(req, UnsupportedRequest) and type(req) not in _REQ_BY_CMD.values():
-        raise TimeUsageError(f"not a time request record: {type(req).__name__}")
-    return req.encode()
-
-
-def decode_request(buf: bytes | bytearray | memoryview) -> TimeRequest:
-    """The request at the start of ``buf`` (trailing bytes are ignored)."""
-    _, cmd_id = _KIT.request(buf)
-    cls = _REQ_BY_CMD.get(cmd_id)
-    if cls is None:
-        return UnsupportedRequest(cmd_id=cmd_id)
-    return cls()
-
 
 # --------------------------------------------------------------------------- responses
 
@@ -299,36 +272,20 @@ class TimeMsResponse(_Record):
     ms: int
 
 
-_RSP_BY_CMD: Final[dict[int, type[TimeSpecResponse | SystimeResponse | TimeMsResponse]]] = {
-    TimeCmd.GET_UTC_SEC: TimeSpecResponse,
-    TimeCmd.GET_HLOS_UTC: TimeSpecResponse,
-    TimeCmd.GET_SYSTIME: SystimeResponse,
-    TimeCmd.GET_TIME_MS: TimeMsResponse,
-}
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StatusResponse(StatusRecord):
     """The 8-byte ``{id, i32 ret}`` answer: END's (ret 0) and the error one (ret -1)."""
 
     KIT: ClassVar[MessageKit] = _KIT
-    WIRE: ClassVar[tuple[Wire, ...]] = status_wire(frozenset(_RSP_BY_CMD))
 
 
 TimeResponse = TimeSpecResponse | SystimeResponse | TimeMsResponse | StatusResponse
-_RSP_TYPES: Final = (TimeSpecResponse, SystimeResponse, TimeMsResponse, StatusResponse)
 
-
-def response_size(cmd_id: int) -> int:
-    """How many bytes the answer to ``cmd_id`` occupies."""
-    return _KIT.response_size(cmd_id, _RSP_BY_CMD, StatusResponse)
-
-
-def encode_response(rsp: TimeResponse) -> bytes:
-    """The response's bytes, to be written over the request (the supplicant's half)."""
-    return _KIT.encode(rsp, _RSP_TYPES, "a time response")
-
-
-def decode_response(buf: bytes | bytearray | memoryview) -> TimeResponse:
-    """The response at the start of ``buf``; its layout follows the echoed command id."""
-    return _KIT.decode_response(buf, _RSP_BY_CMD, StatusResponse)
+_CODEC: Final = Codec[TimeRequest, TimeResponse](
+    _KIT, "a time", TimeRequest, TimeResponse, StatusResponse, exact=True
+)
+encode_request: Final = _CODEC.encode_request
+decode_request: Final = _CODEC.decode_request
+encode_response: Final = _CODEC.encode_response
+decode_response: Final = _CODEC.decode_response
+response_size: Final = _CODEC.response_size
