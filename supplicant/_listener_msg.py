@@ -50,6 +50,7 @@ __all__ = [
     "StatusRecord",
     "UnsupportedRecord",
     "Wire",
+    "id_wire",
     "layout",
     "status_wire",
 ]
@@ -179,6 +180,16 @@ class Wire:
     noun: str = ""
     ids: Collection[int] = ()
 
+    #: An int field's range: ``lo``/``hi`` where given, else its code's.
+    min: int = field(init=False, repr=False, default=0)
+    max: int = field(init=False, repr=False, default=-1)
+
+    def __post_init__(self) -> None:
+        if self.kind == "int":
+            lo, hi = _RANGE[self.code]
+            object.__setattr__(self, "min", lo if self.lo is None else self.lo)
+            object.__setattr__(self, "max", hi if self.hi is None else self.hi)
+
     @property
     def what(self) -> str:
         """The field's name in messages (``path``, ``old path``, ``fd``...)."""
@@ -188,10 +199,7 @@ class Wire:
         """A usage error of ``kit`` unless ``value`` fits the field (``what`` names it)."""
         kind = self.kind
         if kind == "int":
-            lo, hi = _RANGE[self.code]
-            kit.int_field(
-                value, what, lo if self.lo is None else self.lo, hi if self.hi is None else self.hi
-            )
+            kit.int_field(value, what, self.min, self.max)
         elif kind == "name":
             kit.name_field(value, what, int(self.code[:-1]))
         elif kind == "bytes":
@@ -255,9 +263,11 @@ class Record:
     PREFIX: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        kit, prefix = self.KIT, self._prefix()
         for wire in self.WIRE:
-            wire.check(getattr(self, wire.attr), prefix + wire.what, kit)
+            value = getattr(self, wire.attr)
+            if type(value) is int and wire.kind == "int" and wire.min <= value <= wire.max:
+                continue  # the common case, decided without building a message
+            wire.check(value, self._prefix() + wire.what, self.KIT)
         self._check()
 
     def _prefix(self) -> str:
@@ -280,10 +290,14 @@ class Record:
 
     def pack_fields(self) -> tuple[Any, ...]:
         """The values of its fields for :func:`layout`'s struct, in wire order."""
-        values: tuple[Any, ...] = ()
+        values: list[Any] = []
         for wire in self.WIRE:
-            values += wire.pack(getattr(self, wire.attr))
-        return values
+            value = getattr(self, wire.attr)
+            if wire.kind == "int":
+                values.append(value)
+            else:
+                values += wire.pack(value)
+        return tuple(values)
 
     def _tail(self) -> bytes:
         """The bytes that follow its fixed fields (none)."""
@@ -296,8 +310,9 @@ class Record:
 
     def encode(self) -> bytes:
         """The record's bytes."""
-        head = () if _id_in_wire(type(self)) else (self._wire_id(),)
-        return layout(type(self)).pack(*head, *self.pack_fields()) + self._tail()
+        cls = type(self)
+        head = () if _id_in_wire(cls) else (self._wire_id(),)
+        return layout(cls).pack(*head, *self.pack_fields()) + self._tail()
 
     @classmethod
     def fields_from(cls, data: bytes, cmd_id: int) -> dict[str, Any]:
@@ -364,6 +379,12 @@ def status_wire(result: str = "ret") -> tuple[Wire, Wire]:
     return (Wire("cmd_id", "I", kind="status"), Wire(result, "i"))
 
 
+def id_wire(message: str, ids: Collection[int], *, u32: bool = False) -> Wire:
+    """A ``cmd_id`` field that must be one of ``ids`` (``message`` is the error, formatted
+    with the value; ``u32``: checked to be a u32 command id first)."""
+    return Wire("cmd_id", "I", message, kind="cmd" if u32 else "id", ids=ids)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StatusRecord(Record):
     """The 8-byte ``{id, i32 ret}`` answer of every id not answered by a record of its
@@ -424,12 +445,13 @@ class Codec(Generic[_Q, _P]):
         cls = self._requests.get(cmd_id)
         if cls is None:
             return self._unsupported(cmd_id=cmd_id)  # type: ignore[return-value]
-        name = kit.cmd(cmd_id).name
-        kit.need(data, cls.fixed_size(), f"{name} request")
+        size = cls.fixed_size()
+        if len(data) < size:
+            kit.need(data, size, f"{kit.cmd(cmd_id).name} request")
         try:
             return cls.decode(data, cmd_id)  # type: ignore[return-value]
         except kit.usage_error as exc:  # defensive: the layouts cannot produce one
-            raise kit.decode_error(f"{name} request: {exc}") from None
+            raise kit.decode_error(f"{kit.cmd(cmd_id).name} request: {exc}") from None
 
     def response_size(self, cmd_id: int) -> int:
         """How many bytes the fixed part of the answer to ``cmd_id`` occupies."""

@@ -45,6 +45,7 @@ from supplicant._listener_msg import (
     Record,
     UnsupportedRecord,
     Wire,
+    id_wire,
     layout,
     status_wire,
 )
@@ -294,13 +295,7 @@ class ReadResponse(_Record):
 
     PREFIX: ClassVar[str] = "READ "
     WIRE: ClassVar[tuple[Wire, ...]] = (
-        Wire(
-            "cmd_id",
-            "I",
-            "a read response answers a READ id, not {!r}",
-            kind="id",
-            ids=_IDS["read"],
-        ),
+        id_wire("a read response answers a READ id, not {!r}", _IDS["read"]),
         _ERR,
         Wire("data", "I", kind="bytes", hi=GPFS_FILE_SIZE),
     )
@@ -334,13 +329,7 @@ class WriteResponse(_Record):
 
     PREFIX: ClassVar[str] = "WRITE "
     WIRE: ClassVar[tuple[Wire, ...]] = (
-        Wire(
-            "cmd_id",
-            "I",
-            "a write response answers a WRITE id, not {!r}",
-            kind="id",
-            ids=_IDS["write"],
-        ),
+        id_wire("a write response answers a WRITE id, not {!r}", _IDS["write"]),
         _ERR,
         Wire("written", "I", "count", hi=GPFS_FILE_SIZE),
     )

@@ -44,7 +44,15 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from objects import DecodeError, UsageError
-from supplicant._listener_msg import U32_MAX, Codec, MessageKit, Record, UnsupportedRecord, Wire
+from supplicant._listener_msg import (
+    U32_MAX,
+    Codec,
+    MessageKit,
+    Record,
+    UnsupportedRecord,
+    Wire,
+    id_wire,
+)
 
 __all__ = [
     "RPMB_SERVICE_BUF_LEN",
@@ -104,11 +112,6 @@ def _bytes(value: object, what: str) -> bytes:
     return value
 
 
-def _id_wire(template: str, ids: frozenset[RpmbCmd]) -> Wire:
-    """A ``cmd_id`` field that must be one of ``ids`` (``template`` is the message)."""
-    return Wire("cmd_id", "I", template, kind="id", ids=ids)
-
-
 _VERSION: Final = Wire("version", "I")
 _STATUS: Final = Wire("status", "i")
 _FRAMES: Final = Wire("frames", "", kind="bytes")
@@ -127,7 +130,7 @@ class InitRequest(_Record):
     """INIT (and GET_DEV_INFO, PROVISION, which the service answers the same way)."""
 
     WIRE: ClassVar[tuple[Wire, ...]] = (
-        _id_wire("an init request is INIT/GET_DEV_INFO/PROVISION, not {!r}", _INIT_IDS),
+        id_wire("an init request is INIT/GET_DEV_INFO/PROVISION, not {!r}", _INIT_IDS),
         Wire("version", "I", "INIT version"),
     )
     cmd_id: int = RpmbCmd.RPMB_INIT
@@ -154,7 +157,7 @@ class RwRequest(_Record):
 
     #: In the order they are checked; the header packs them as :data:`_RW_REQ` does.
     WIRE: ClassVar[tuple[Wire, ...]] = (
-        _id_wire("a read/write request is READ or WRITE, not {!r}", _RW_IDS),
+        id_wire("a read/write request is READ or WRITE, not {!r}", _RW_IDS),
         Wire("num_sectors", "I"),
         _FRAMES,
         _VERSION,
@@ -264,7 +267,7 @@ class InitResponse(_Record):
     """INIT's answer: the partition's size in 512-byte sectors and frames per write."""
 
     WIRE: ClassVar[tuple[Wire, ...]] = (
-        _id_wire("an init response answers INIT-like ids, not {!r}", _INIT_IDS),
+        id_wire("an init response answers INIT-like ids, not {!r}", _INIT_IDS),
         _VERSION,
         _STATUS,
         Wire("num_sectors", "I"),
@@ -291,7 +294,7 @@ class RwResponse(_Record):
 
     #: In the order they are checked; the header packs them as :data:`_RW_RSP` does.
     WIRE: ClassVar[tuple[Wire, ...]] = (
-        _id_wire("a read/write response answers READ/WRITE, not {!r}", _RW_IDS),
+        id_wire("a read/write response answers READ/WRITE, not {!r}", _RW_IDS),
         _STATUS,
         _VERSION,
         _FRAMES,

@@ -64,6 +64,7 @@ from supplicant._listener_msg import (
     StatusRecord,
     UnsupportedRecord,
     Wire,
+    id_wire,
 )
 
 __all__ = [
@@ -233,12 +234,10 @@ class TimeSpecResponse(_Record):
     """GET_UTC_SEC's or GET_HLOS_UTC's answer (``tz_time_getutcsec_rsp``)."""
 
     WIRE: ClassVar[tuple[Wire, ...]] = (
-        Wire(
-            "cmd_id",
-            "I",
+        id_wire(
             "a timespec response answers GET_UTC_SEC or GET_HLOS_UTC, not {:#x}",
-            kind="cmd",
-            ids=_TIMESPEC_CMDS,
+            _TIMESPEC_CMDS,
+            u32=True,
         ),
         Wire("tv_sec", "I"),
         Wire("tv_nsec", "I"),
