@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 from objects import DecodeError, UsageError
 from supplicant._listener_msg import (
-    I32_MAX,
-    I32_MIN,
-    I64_MAX,
-    I64_MIN,
-    U32_MAX,
-    U64_MAX,
     MessageKit,
+    Record,
     StatusRecord,
     UnsupportedRecord,
+    Wire,
+    layout,
 )
 
 __all__ = [
@@ -142,11 +139,14 @@ class FsUsageError(UsageError):
     """An FS message field or FileStore argument has the wrong type or range."""
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- fields
 
 
 _KIT: Final = MessageKit(FsDecodeError, FsUsageError, FsCmd)
-_int = _KIT.int_field
+
+#: Struct codes of a path field and of WRITE's payload and its count.
+PATH: Final = f"{MAX_NAME_LEN}s"
+DATA: Final = f"{MAX_DATA_LEN}sI"
 
 
 def _path(value: object, what: str) -> bytes:
@@ -154,59 +154,32 @@ def _path(value: object, what: str) -> bytes:
     return _KIT.name_field(value, what, MAX_NAME_LEN)
 
 
-#: Struct codes of the request fields: a path, WRITE's payload and its count.
-PATH: Final = f"{MAX_NAME_LEN}s"
-DATA: Final = f"{MAX_DATA_LEN}sI"
-_RANGE: Final = {"i": (I32_MIN, I32_MAX), "I": (0, U32_MAX), "Q": (0, U64_MAX)}
-
-
-@dataclass(frozen=True, slots=True)
-class Wire:
-    """One request field in wire order: its attribute, its struct code (``i``, ``I``,
-    ``Q``, :data:`PATH` or :data:`DATA`) and what messages call it after the command."""
-
-    attr: str
-    code: str
-    label: str = ""
-
-    @property
-    def what(self) -> str:
-        """The field's name in messages (``path``, ``old path``, ``fd``...)."""
-        return self.label or self.attr
-
-    def check(self, value: object, command: str) -> None:
-        """A usage error unless ``value`` fits the field (``command`` names the command)."""
-        what = f"{command} {self.what}"
-        if self.code == PATH:
-            _path(value, what)
-        elif self.code == DATA:
-            if not isinstance(value, bytes):
-                raise FsUsageError(f"{what} must be bytes, not {type(value).__name__}")
-            if len(value) > MAX_DATA_LEN:
-                raise FsUsageError(f"{what} is {len(value)} bytes; at most {MAX_DATA_LEN}")
-        else:
-            _int(value, what, *_RANGE[self.code])
+def _path_wire(attr: str, label: str = "") -> Wire:
+    return Wire(attr, PATH, label, kind="name")
 
 
 _FD: Final = Wire("fd", "i")
 _PDIR: Final = Wire("pdir", "Q")
-_PATH_FIELD: Final = Wire("path", PATH)
+_PATH_FIELD: Final = _path_wire("path")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Record(Record):
+    KIT: ClassVar[MessageKit] = _KIT
 
 
 # --------------------------------------------------------------------------- requests
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _Request:
-    """A request record: ``WIRE`` lists its fields in wire order and checks them."""
+class _Request(_Record):
+    """A request record: ``WIRE`` lists its fields in wire order; messages name them after
+    the command (``OPEN path``)."""
 
     CMD: ClassVar[FsCmd]
-    WIRE: ClassVar[tuple[Wire, ...]] = ()
 
-    def __post_init__(self) -> None:
-        command = self.CMD.name.removeprefix("FILE_")
-        for wire in self.WIRE:
-            wire.check(getattr(self, wire.attr), command)
+    def _prefix(self) -> str:
+        return self.CMD.name.removeprefix("FILE_") + " "
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -244,7 +217,7 @@ class WriteRequest(_Request):
     """WRITE: ``data`` (at most 20000 bytes; ``count`` on the wire is its length)."""
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_WRITE
-    WIRE: ClassVar[tuple[Wire, ...]] = (_FD, Wire("data", DATA))
+    WIRE: ClassVar[tuple[Wire, ...]] = (_FD, Wire("data", DATA, kind="bytes", hi=MAX_DATA_LEN))
     fd: int
     data: bytes
 
@@ -312,8 +285,8 @@ class RenameRequest(_Request):
 
     CMD: ClassVar[FsCmd] = FsCmd.FILE_RENAME
     WIRE: ClassVar[tuple[Wire, ...]] = (
-        Wire("old", PATH, "old path"),
-        Wire("new", PATH, "new path"),
+        _path_wire("old", "old path"),
+        _path_wire("new", "new path"),
     )
     old: str
     new: str
@@ -367,7 +340,7 @@ class UnsupportedRequest(UnsupportedRecord):
     KIT: ClassVar[MessageKit] = _KIT
 
 
-_Served = (
+FsRequest = (
     OpenRequest
     | CreatRequest
     | ReadRequest
@@ -384,34 +357,11 @@ _Served = (
     | DirCloseRequest
     | GetErrnoRequest
     | EndRequest
-)
-FsRequest = _Served | UnsupportedRequest
-
-_REQ_BY_CMD: Final[dict[int, type[_Served]]] = _KIT.requests(
-    OpenRequest,
-    CreatRequest,
-    ReadRequest,
-    WriteRequest,
-    CloseRequest,
-    LseekRequest,
-    UnlinkRequest,
-    MkdirRequest,
-    RemoveRequest,
-    SyncRequest,
-    RenameRequest,
-    DirOpenRequest,
-    DirReadRequest,
-    DirCloseRequest,
-    GetErrnoRequest,
-    EndRequest,
+    | UnsupportedRequest
 )
 
 
 # --------------------------------------------------------------------------- responses
-
-
-#: The commands answered by a record of their own (not :class:`StatusResponse`).
-_SPECIAL_RSP: Final = frozenset({FsCmd.FILE_READ, FsCmd.DIR_OPEN, FsCmd.DIR_READ})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -419,70 +369,108 @@ class StatusResponse(StatusRecord):
     """The 8-byte ``{id, i32 ret}`` answer of every command but READ and DIR_OPEN/READ."""
 
     KIT: ClassVar[MessageKit] = _KIT
-    OWN: ClassVar[frozenset[FsCmd]] = _SPECIAL_RSP
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ReadResponse:
+class ReadResponse(_Record):
     """READ's answer: ``data`` (``ret`` bytes of it) or ``ret`` < 0 and no data."""
 
+    CMD: ClassVar[FsCmd] = FsCmd.FILE_READ
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        Wire("data", f"{MAX_DATA_LEN}s", kind="own"),
+        Wire("ret", "i", "READ ret", hi=MAX_DATA_LEN),
+    )
     data: bytes
     ret: int
 
-    def __post_init__(self) -> None:
-        _int(self.ret, "READ ret", I32_MIN, MAX_DATA_LEN)
+    def _check(self) -> None:
         if not isinstance(self.data, bytes):
             raise FsUsageError(f"READ data must be bytes, not {type(self.data).__name__}")
         want = max(self.ret, 0)
         if len(self.data) != want:
             raise FsUsageError(f"READ data is {len(self.data)} bytes but ret is {self.ret}")
 
+    @classmethod
+    def decode(cls, data: bytes, cmd_id: int) -> ReadResponse:
+        """READ's answer; a ``ret`` past the buffer is a decode error."""
+        fields = cls.fields_from(data, cmd_id)
+        ret = fields["ret"]
+        if ret > MAX_DATA_LEN:
+            raise FsDecodeError(f"READ ret {ret} exceeds the {MAX_DATA_LEN}-byte buffer")
+        return cls(data=fields["data"][: max(ret, 0)], ret=ret)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DirOpenResponse:
+class DirOpenResponse(_Record):
     """DIR_OPEN's answer: an opaque non-zero handle, or 0 and an ``FsResult`` < 0."""
 
+    CMD: ClassVar[FsCmd] = FsCmd.DIR_OPEN
+    PREFIX: ClassVar[str] = "DIR_OPEN "
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PDIR, Wire("ret", "i"))
     pdir: int
     ret: int
 
-    def __post_init__(self) -> None:
-        _int(self.pdir, "DIR_OPEN pdir", 0, U64_MAX)
-        _int(self.ret, "DIR_OPEN ret", I32_MIN, I32_MAX)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Dirent:
+class Dirent(_Record):
     """``tz_dirent``: one directory entry (``ino`` is never 0: 0 marks the end)."""
 
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        Wire("ino", "Q", "d_ino", lo=1),
+        Wire("off", "q", "d_off"),
+        Wire("reclen", "H", "d_reclen"),
+        Wire("type", "B", "d_type"),
+        _path_wire("name", "d_name"),
+    )
     ino: int
     off: int
     reclen: int
     type: int
     name: str
 
-    def __post_init__(self) -> None:
-        _int(self.ino, "d_ino", 1, U64_MAX)
-        _int(self.off, "d_off", I64_MIN, I64_MAX)
-        _int(self.reclen, "d_reclen", 0, 0xFFFF)
-        _int(self.type, "d_type", 0, 0xFF)
-        raw = _path(self.name, "d_name")
-        if not raw or b"/" in raw:
+    def _check(self) -> None:
+        if not self.name or "/" in self.name:
             raise FsUsageError(f"d_name {self.name!r} must be one non-empty path component")
 
 
+#: A DIR_READ answer's ``tz_dirent`` field: all zeros at the end of the stream.
+_NO_ENTRY: Final = (0, 0, 0, 0, b"")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DirReadResponse:
+class DirReadResponse(_Record):
     """DIR_READ's answer: an entry, or ``None`` at the end of the stream."""
 
+    CMD: ClassVar[FsCmd] = FsCmd.DIR_READ
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        Wire("entry", f"QqHB{MAX_NAME_LEN}s", kind="own"),
+        Wire("ret", "i", "DIR_READ ret"),
+    )
     entry: Dirent | None
     ret: int
 
-    def __post_init__(self) -> None:
-        _int(self.ret, "DIR_READ ret", I32_MIN, I32_MAX)
+    def _check(self) -> None:
         if self.entry is not None and not isinstance(self.entry, Dirent):
             raise FsUsageError(f"entry must be a Dirent or None, not {type(self.entry).__name__}")
         if self.ret != 0 and self.entry is not None:
             raise FsUsageError("a failed DIR_READ carries no entry")
+
+    def pack_fields(self) -> tuple[Any, ...]:
+        """The entry's fields (zeros when there is none), then ``ret``."""
+        entry = _NO_ENTRY if self.entry is None else self.entry.pack_fields()
+        return (*entry, self.ret)
+
+    @classmethod
+    def decode(cls, data: bytes, cmd_id: int) -> DirReadResponse:
+        """DIR_READ's answer: ``ret`` != 0 or ``d_ino`` = 0 carries no entry."""
+        _, ino, off, reclen, dtype, name, ret = layout(cls).unpack_from(data, 0)
+        if ret != 0 or ino == 0:
+            return cls(entry=None, ret=ret)
+        text = _KIT.unpack_name(name, "DIR_READ d_name")
+        if not text or "/" in text:
+            raise FsDecodeError(f"DIR_READ d_name {text!r} is not one path component")
+        entry = Dirent(ino=ino, off=off, reclen=reclen, type=dtype, name=text)
+        return cls(entry=entry, ret=ret)
 
 
 FsResponse = StatusResponse | ReadResponse | DirOpenResponse | DirReadResponse

@@ -35,20 +35,19 @@ and raise :class:`GpfsUsageError`.
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import ClassVar, Final, Self
 
 from objects import DecodeError, UsageError
 from supplicant._listener_msg import (
-    I32_MAX,
-    I32_MIN,
-    STATUS,
-    U32,
-    U32_MAX,
+    Codec,
     MessageKit,
+    Record,
     UnsupportedRecord,
-    pack_name,
+    Wire,
+    id_wire,
+    layout,
+    status_wire,
 )
 
 __all__ = [
@@ -119,9 +118,7 @@ class GpfsUsageError(UsageError):
     """A GPFS message field or service argument has the wrong type or range."""
 
 
-_KNOWN: Final = {int(c) for c in GpfsCmd if c is not GpfsCmd.UNKNOWN}
-_KIT: Final = MessageKit(GpfsDecodeError, GpfsUsageError, GpfsCmd, _KNOWN)
-_int = _KIT.int_field
+_KIT: Final = MessageKit(GpfsDecodeError, GpfsUsageError, GpfsCmd)
 
 # (data id, persist id) per operation
 _IDS: Final = {
@@ -130,12 +127,9 @@ _IDS: Final = {
     "remove": (GpfsCmd.DATA_FILE_REMOVE, GpfsCmd.PERSIST_FILE_REMOVE),
     "rename": (GpfsCmd.DATA_FILE_RENAME, GpfsCmd.PERSIST_FILE_RENAME),
 }
-
-
-def _partition(value: object, what: str) -> Partition:
-    if not isinstance(value, Partition):
-        raise GpfsUsageError(f"{what} partition must be a Partition, not {type(value).__name__}")
-    return value
+_OP_OF: Final = {
+    int(i): (op, p) for op, ids in _IDS.items() for i, p in zip(ids, Partition, strict=True)
+}
 
 
 def _cmd(op: str, partition: Partition) -> GpfsCmd:
@@ -143,16 +137,22 @@ def _cmd(op: str, partition: Partition) -> GpfsCmd:
     return data if partition is Partition.DATA else persist
 
 
-def _path(value: object, what: str) -> bytes:
-    return _KIT.name_field(value, what, MAX_NAME_LEN)
+def _path_wire(attr: str, label: str = "") -> Wire:
+    return Wire(attr, f"{MAX_NAME_LEN}s", label, kind="name")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Record(Record):
+    KIT: ClassVar[MessageKit] = _KIT
 
 
 # --------------------------------------------------------------------------- requests
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _FileRequest:
-    """A request on a file of one partition; ``OP`` and the partition pick its id."""
+class _FileRequest(_Record):
+    """A request on a file of one partition; ``OP`` and the partition pick its id, and
+    messages name its fields after the operation (``READ path``)."""
 
     OP: ClassVar[str]
     partition: Partition
@@ -162,43 +162,75 @@ class _FileRequest:
         """The wire id (data or persist flavour)."""
         return _cmd(self.OP, self.partition)
 
+    def _prefix(self) -> str:
+        return self.OP.upper() + " "
+
+    @classmethod
+    def command_ids(cls) -> tuple[GpfsCmd, GpfsCmd]:
+        """Its data and persist ids."""
+        return _IDS[cls.OP]
+
+    def _wire_id(self) -> int:
+        return self.cmd_id
+
+    @classmethod
+    def decode(cls, data: bytes, cmd_id: int) -> Self:
+        """The request, its partition from its id."""
+        return cls(partition=_OP_OF[cmd_id][1], **cls.fields_from(data, cmd_id))
+
+
+_PARTITION: Final = Wire("partition", "", kind="is", types=(Partition,), noun="a Partition")
+_PATH: Final = _path_wire("path")
+_OFFSET: Final = Wire("offset", "i")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReadRequest(_FileRequest):
     """DATA/PERSIST_FILE_READ: up to ``count`` bytes of ``path`` from ``offset``."""
 
     OP: ClassVar[str] = "read"
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PARTITION, _PATH, _OFFSET, Wire("count", "I"))
     path: str
     offset: int
     count: int
 
-    def __post_init__(self) -> None:
-        _partition(self.partition, "READ")
-        _path(self.path, "READ path")
-        _int(self.offset, "READ offset", I32_MIN, I32_MAX)
-        _int(self.count, "READ count", 0, U32_MAX)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WriteRequest(_FileRequest):
-    """DATA/PERSIST_FILE_WRITE: ``data`` at ``offset`` (``backup``: copy to ``.bak`` first)."""
+    """DATA/PERSIST_FILE_WRITE: ``data`` at ``offset`` (``backup``: copy to ``.bak`` first).
+
+    Its bytes carry the payload's length before ``backup`` and the payload, padded to
+    500 KiB, after it."""
 
     OP: ClassVar[str] = "write"
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        _PARTITION,
+        _PATH,
+        _OFFSET,
+        Wire("data", "I", kind="bytes", hi=GPFS_FILE_SIZE),
+        Wire("backup", "I", kind="bool"),
+    )
     path: str
     offset: int
     data: bytes
     backup: bool = False
 
-    def __post_init__(self) -> None:
-        _partition(self.partition, "WRITE")
-        _path(self.path, "WRITE path")
-        _int(self.offset, "WRITE offset", I32_MIN, I32_MAX)
-        if not isinstance(self.data, bytes):
-            raise GpfsUsageError(f"WRITE data must be bytes, not {type(self.data).__name__}")
-        if len(self.data) > GPFS_FILE_SIZE:
-            raise GpfsUsageError(f"WRITE data is {len(self.data)} bytes; at most {GPFS_FILE_SIZE}")
-        if not isinstance(self.backup, bool):
-            raise GpfsUsageError(f"WRITE backup must be a bool, not {type(self.backup).__name__}")
+    def _tail(self) -> bytes:
+        return self.data.ljust(GPFS_FILE_SIZE, b"\0")
+
+    @classmethod
+    def fixed_size(cls) -> int:
+        """The header and the whole payload field."""
+        return layout(cls).size + GPFS_FILE_SIZE
+
+    @classmethod
+    def decode(cls, data: bytes, cmd_id: int) -> WriteRequest:
+        """The request; its payload is the first ``count`` bytes (at most 500 KiB) after
+        the header."""
+        fields = cls.fields_from(data, cmd_id)
+        head = layout(cls).size
+        fields["data"] = data[head : head + min(fields["data"], GPFS_FILE_SIZE)]
+        return cls(partition=_OP_OF[cmd_id][1], **fields)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,11 +238,8 @@ class RemoveRequest(_FileRequest):
     """DATA/PERSIST_FILE_REMOVE: unlink a file (a directory is refused)."""
 
     OP: ClassVar[str] = "remove"
+    WIRE: ClassVar[tuple[Wire, ...]] = (_PARTITION, _PATH)
     path: str
-
-    def __post_init__(self) -> None:
-        _partition(self.partition, "REMOVE")
-        _path(self.path, "REMOVE path")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,17 +247,17 @@ class RenameRequest(_FileRequest):
     """DATA/PERSIST_FILE_RENAME: ``rename(old, new)`` inside one partition."""
 
     OP: ClassVar[str] = "rename"
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        _PARTITION,
+        _path_wire("old", "from"),
+        _path_wire("new", "to"),
+    )
     old: str
     new: str
 
-    def __post_init__(self) -> None:
-        _partition(self.partition, "RENAME")
-        _path(self.old, "RENAME from")
-        _path(self.new, "RENAME to")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class VersionRequest:
+class VersionRequest(_Record):
     """GPFS_VERSION: which secure file system version the service speaks."""
 
     CMD: ClassVar[GpfsCmd] = GpfsCmd.GPFS_VERSION
@@ -249,210 +278,101 @@ class UnsupportedRequest(UnsupportedRecord):
 GpfsRequest = (
     ReadRequest | WriteRequest | RemoveRequest | RenameRequest | VersionRequest | UnsupportedRequest
 )
-
-_READ_REQ: Final = struct.Struct("<I256siI")
-_WRITE_HDR: Final = struct.Struct("<I256siII")
-_REMOVE_REQ: Final = struct.Struct("<I256s")
-_RENAME_REQ: Final = struct.Struct("<I256s256s")
-_OP_OF: Final = {
-    int(i): (op, p) for op, ids in _IDS.items() for i, p in zip(ids, Partition, strict=True)
-}
 #: The write request's full size: header and the 500 KiB payload field.
-WRITE_REQUEST_SIZE: Final = _WRITE_HDR.size + GPFS_FILE_SIZE
-
-
-def encode_request(req: GpfsRequest) -> bytes:
-    """The request's bytes (the secure side's half); a write carries its full payload field."""
-    match req:
-        case ReadRequest():
-            return _READ_REQ.pack(
-                req.cmd_id, pack_name(_path(req.path, "path"), MAX_NAME_LEN), req.offset, req.count
-            )
-        case WriteRequest():
-            head = _WRITE_HDR.pack(
-                req.cmd_id,
-                pack_name(_path(req.path, "path"), MAX_NAME_LEN),
-                req.offset,
-                len(req.data),
-                int(req.backup),
-            )
-            return head + req.data.ljust(GPFS_FILE_SIZE, b"\0")
-        case RemoveRequest():
-            return _REMOVE_REQ.pack(req.cmd_id, pack_name(_path(req.path, "path"), MAX_NAME_LEN))
-        case RenameRequest():
-            return _RENAME_REQ.pack(
-                req.cmd_id,
-                pack_name(_path(req.old, "from"), MAX_NAME_LEN),
-                pack_name(_path(req.new, "to"), MAX_NAME_LEN),
-            )
-        case VersionRequest():
-            return U32.pack(req.CMD)
-        case UnsupportedRequest():
-            return U32.pack(req.cmd_id)
-        case _:
-            raise GpfsUsageError(f"not a GPFS request record: {type(req).__name__}")
-
-
-def decode_request(buf: bytes | bytearray | memoryview) -> GpfsRequest:
-    """The request at the start of ``buf`` (trailing bytes are ignored)."""
-    data, cmd_id = _KIT.request(buf)
-    if cmd_id == GpfsCmd.GPFS_VERSION:
-        return VersionRequest()
-    if cmd_id not in _OP_OF:
-        return UnsupportedRequest(cmd_id=cmd_id)
-    op, part = _OP_OF[cmd_id]
-    name = GpfsCmd(cmd_id).name
-    f: tuple[Any, ...]
-    match op:
-        case "read":
-            _KIT.need(data, _READ_REQ.size, f"{name} request")
-            f = _READ_REQ.unpack_from(data, 0)
-            path = _KIT.unpack_name(f[1], f"{name} path")
-            return ReadRequest(partition=part, path=path, offset=f[2], count=f[3])
-        case "write":
-            _KIT.need(data, WRITE_REQUEST_SIZE, f"{name} request")
-            f = _WRITE_HDR.unpack_from(data, 0)
-            count = min(f[3], GPFS_FILE_SIZE)
-            payload = data[_WRITE_HDR.size : _WRITE_HDR.size + count]
-            path = _KIT.unpack_name(f[1], f"{name} path")
-            return WriteRequest(
-                partition=part, path=path, offset=f[2], data=payload, backup=f[4] != 0
-            )
-        case "remove":
-            _KIT.need(data, _REMOVE_REQ.size, f"{name} request")
-            f = _REMOVE_REQ.unpack_from(data, 0)
-            return RemoveRequest(partition=part, path=_KIT.unpack_name(f[1], f"{name} path"))
-        case _:
-            _KIT.need(data, _RENAME_REQ.size, f"{name} request")
-            f = _RENAME_REQ.unpack_from(data, 0)
-            return RenameRequest(
-                partition=part,
-                old=_KIT.unpack_name(f[1], f"{name} from"),
-                new=_KIT.unpack_name(f[2], f"{name} to"),
-            )
+WRITE_REQUEST_SIZE: Final = WriteRequest.fixed_size()
 
 
 # --------------------------------------------------------------------------- responses
 
 
-def _err(value: object, what: str) -> int:
-    return _int(value, what, I32_MIN, I32_MAX)
+_ERR: Final = Wire("err", "i")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ReadResponse:
-    """READ's answer: ``err`` and the bytes read (none unless ``err`` is 0)."""
+class ReadResponse(_Record):
+    """READ's answer: ``err`` and the bytes read (none unless ``err`` is 0), which follow
+    their count."""
 
+    PREFIX: ClassVar[str] = "READ "
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        id_wire("a read response answers a READ id, not {!r}", _IDS["read"]),
+        _ERR,
+        Wire("data", "I", kind="bytes", hi=GPFS_FILE_SIZE),
+    )
     cmd_id: int
     err: int
     data: bytes
 
-    def __post_init__(self) -> None:
-        if self.cmd_id not in (GpfsCmd.DATA_FILE_READ, GpfsCmd.PERSIST_FILE_READ):
-            raise GpfsUsageError(f"a read response answers a READ id, not {self.cmd_id!r}")
-        _err(self.err, "READ err")
-        if not isinstance(self.data, bytes):
-            raise GpfsUsageError(f"READ data must be bytes, not {type(self.data).__name__}")
-        if len(self.data) > GPFS_FILE_SIZE:
-            raise GpfsUsageError(f"READ data is {len(self.data)} bytes; at most {GPFS_FILE_SIZE}")
+    def _check(self) -> None:
         if self.err != 0 and self.data:
             raise GpfsUsageError("a failed READ carries no data")
 
+    def _tail(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def decode(cls, data: bytes, cmd_id: int) -> ReadResponse:
+        """READ's answer and the ``n`` bytes after it."""
+        _, err, n = layout(cls).unpack_from(data, 0)
+        if n > GPFS_FILE_SIZE:
+            raise GpfsDecodeError(f"READ count {n} exceeds the {GPFS_FILE_SIZE}-byte buffer")
+        head = layout(cls).size
+        _KIT.need(data, head + n, f"READ response of {n} bytes")
+        if err != 0 and n:
+            raise GpfsDecodeError(f"READ failed with err {err} but counts {n} bytes")
+        return cls(cmd_id=cmd_id, err=err, data=data[head : head + n])
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class WriteResponse:
+class WriteResponse(_Record):
     """WRITE's answer: ``err`` and how many bytes were written (0 unless ``err`` is 0)."""
 
+    PREFIX: ClassVar[str] = "WRITE "
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        id_wire("a write response answers a WRITE id, not {!r}", _IDS["write"]),
+        _ERR,
+        Wire("written", "I", "count", hi=GPFS_FILE_SIZE),
+    )
     cmd_id: int
     err: int
     written: int
 
-    def __post_init__(self) -> None:
-        if self.cmd_id not in (GpfsCmd.DATA_FILE_WRITE, GpfsCmd.PERSIST_FILE_WRITE):
-            raise GpfsUsageError(f"a write response answers a WRITE id, not {self.cmd_id!r}")
-        _err(self.err, "WRITE err")
-        _int(self.written, "WRITE count", 0, GPFS_FILE_SIZE)
+    @classmethod
+    def decode(cls, data: bytes, cmd_id: int) -> WriteResponse:
+        """WRITE's answer; a count past the buffer is a decode error."""
+        fields = cls.fields_from(data, cmd_id)
+        if fields["written"] > GPFS_FILE_SIZE:
+            n = fields["written"]
+            raise GpfsDecodeError(f"WRITE count {n} exceeds the {GPFS_FILE_SIZE}-byte buffer")
+        return cls(**fields)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class VersionResponse:
+class VersionResponse(_Record):
     """GPFS_VERSION's answer."""
 
+    CMD: ClassVar[GpfsCmd] = GpfsCmd.GPFS_VERSION
+    WIRE: ClassVar[tuple[Wire, ...]] = (Wire("version", "I"), Wire("err", "i", "VERSION err"))
     version: int
     err: int
 
-    def __post_init__(self) -> None:
-        _int(self.version, "version", 0, U32_MAX)
-        _err(self.err, "VERSION err")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StatusResponse:
+class StatusResponse(_Record):
     """The 8-byte ``{id, i32 err}`` answer: REMOVE's, RENAME's and the unknown-id one."""
 
+    WIRE: ClassVar[tuple[Wire, ...]] = status_wire("err")
     cmd_id: int
     err: int
-
-    def __post_init__(self) -> None:
-        _KIT.command_field(self.cmd_id)
-        if self.cmd_id in _SPECIAL_RSP:
-            raise GpfsUsageError(f"{GpfsCmd(self.cmd_id).name} has its own response record")
-        _err(self.err, "err")
 
 
 GpfsResponse = ReadResponse | WriteResponse | VersionResponse | StatusResponse
 
-_READ_RSP: Final = struct.Struct("<IiI")
-_WRITE_RSP: Final = struct.Struct("<IiI")
-_VERSION_RSP: Final = struct.Struct("<IIi")
-_RSP_SIZE: Final[dict[int, int]] = {
-    GpfsCmd.DATA_FILE_READ: _READ_RSP.size,
-    GpfsCmd.PERSIST_FILE_READ: _READ_RSP.size,
-    GpfsCmd.DATA_FILE_WRITE: _WRITE_RSP.size,
-    GpfsCmd.PERSIST_FILE_WRITE: _WRITE_RSP.size,
-    GpfsCmd.GPFS_VERSION: _VERSION_RSP.size,
-}
-_SPECIAL_RSP: Final = frozenset(_RSP_SIZE)
-
-
-def response_size(cmd_id: int) -> int:
-    """How many bytes the fixed part of the answer to ``cmd_id`` occupies."""
-    return _KIT.response_size(cmd_id, _RSP_SIZE)
-
-
-def encode_response(rsp: GpfsResponse) -> bytes:
-    """The response's bytes, written over the request (a read's data follows its header)."""
-    match rsp:
-        case ReadResponse():
-            return _READ_RSP.pack(rsp.cmd_id, rsp.err, len(rsp.data)) + rsp.data
-        case WriteResponse():
-            return _WRITE_RSP.pack(rsp.cmd_id, rsp.err, rsp.written)
-        case VersionResponse():
-            return _VERSION_RSP.pack(GpfsCmd.GPFS_VERSION, rsp.version, rsp.err)
-        case StatusResponse():
-            return STATUS.pack(rsp.cmd_id, rsp.err)
-        case _:
-            raise GpfsUsageError(f"not a GPFS response record: {type(rsp).__name__}")
-
-
-def decode_response(buf: bytes | bytearray | memoryview) -> GpfsResponse:
-    """The response at the start of ``buf``; its layout follows the echoed command id."""
-    data, cmd_id = _KIT.response(buf, _RSP_SIZE)
-    if cmd_id in (GpfsCmd.DATA_FILE_READ, GpfsCmd.PERSIST_FILE_READ):
-        _, err, n = _READ_RSP.unpack_from(data, 0)
-        if n > GPFS_FILE_SIZE:
-            raise GpfsDecodeError(f"READ count {n} exceeds the {GPFS_FILE_SIZE}-byte buffer")
-        _KIT.need(data, _READ_RSP.size + n, f"READ response of {n} bytes")
-        if err != 0 and n:
-            raise GpfsDecodeError(f"READ failed with err {err} but counts {n} bytes")
-        return ReadResponse(cmd_id=cmd_id, err=err, data=data[_READ_RSP.size : _READ_RSP.size + n])
-    if cmd_id in (GpfsCmd.DATA_FILE_WRITE, GpfsCmd.PERSIST_FILE_WRITE):
-        _, err, n = _WRITE_RSP.unpack_from(data, 0)
-        if n > GPFS_FILE_SIZE:
-            raise GpfsDecodeError(f"WRITE count {n} exceeds the {GPFS_FILE_SIZE}-byte buffer")
-        return WriteResponse(cmd_id=cmd_id, err=err, written=n)
-    if cmd_id == GpfsCmd.GPFS_VERSION:
-        _, version, err = _VERSION_RSP.unpack_from(data, 0)
-        return VersionResponse(version=version, err=err)
-    _, err = STATUS.unpack_from(data, 0)
-    return StatusResponse(cmd_id=cmd_id, err=err)
+_CODEC: Final = Codec[GpfsRequest, GpfsResponse](
+    _KIT, "a GPFS", GpfsRequest, GpfsResponse, StatusResponse
+)
+encode_request: Final = _CODEC.encode_request
+decode_request: Final = _CODEC.decode_request
+encode_response: Final = _CODEC.encode_response
+decode_response: Final = _CODEC.decode_response
+response_size: Final = _CODEC.response_size

@@ -44,7 +44,15 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from objects import DecodeError, UsageError
-from supplicant._listener_msg import I32_MAX, I32_MIN, U32, U32_MAX, MessageKit, UnsupportedRecord
+from supplicant._listener_msg import (
+    U32_MAX,
+    Codec,
+    MessageKit,
+    Record,
+    UnsupportedRecord,
+    Wire,
+    id_wire,
+)
 
 __all__ = [
     "RPMB_SERVICE_BUF_LEN",
@@ -93,17 +101,9 @@ class RpmbMsgUsageError(UsageError):
     """An RPMB listener message field has the wrong type or range."""
 
 
-_KIT: Final = MessageKit(RpmbMsgDecodeError, RpmbMsgUsageError, RpmbCmd, {int(c) for c in RpmbCmd})
+_KIT: Final = MessageKit(RpmbMsgDecodeError, RpmbMsgUsageError, RpmbCmd)
 _INIT_IDS: Final = frozenset({RpmbCmd.RPMB_INIT, RpmbCmd.GET_DEV_INFO, RpmbCmd.PROVISION})
 _RW_IDS: Final = frozenset({RpmbCmd.RPMB_READ, RpmbCmd.RPMB_WRITE})
-
-
-def _u32(value: object, what: str) -> int:
-    return _KIT.int_field(value, what, 0, U32_MAX)
-
-
-def _i32(value: object, what: str) -> int:
-    return _KIT.int_field(value, what, I32_MIN, I32_MAX)
 
 
 def _bytes(value: object, what: str) -> bytes:
@@ -112,32 +112,58 @@ def _bytes(value: object, what: str) -> bytes:
     return value
 
 
+_VERSION: Final = Wire("version", "I")
+_STATUS: Final = Wire("status", "i")
+_FRAMES: Final = Wire("frames", "", kind="bytes")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Record(Record):
+    KIT: ClassVar[MessageKit] = _KIT
+
+
 # --------------------------------------------------------------------------- requests
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class InitRequest:
+class InitRequest(_Record):
     """INIT (and GET_DEV_INFO, PROVISION, which the service answers the same way)."""
 
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        id_wire("an init request is INIT/GET_DEV_INFO/PROVISION, not {!r}", _INIT_IDS),
+        Wire("version", "I", "INIT version"),
+    )
     cmd_id: int = RpmbCmd.RPMB_INIT
     version: int = 0
 
-    def __post_init__(self) -> None:
-        if self.cmd_id not in _INIT_IDS:
-            raise RpmbMsgUsageError(
-                f"an init request is INIT/GET_DEV_INFO/PROVISION, not {self.cmd_id!r}"
-            )
-        _u32(self.version, "INIT version")
+    @classmethod
+    def decode(cls, data: bytes, cmd_id: int) -> InitRequest:
+        """The request, its id as the command."""
+        return cls(**{**cls.fields_from(data, cmd_id), "cmd_id": RpmbCmd(cmd_id)})
+
+
+#: READ's and WRITE's header: id, num_sectors, req_buff_len, req_buff_offset, version,
+#: rel_wr_count (not the order its fields are checked in).
+_RW_REQ: Final = struct.Struct("<IIIIII")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RwRequest:
+class RwRequest(_Record):
     """READ or WRITE: ``frames`` are the bytes at ``req_buff_offset`` the command sends.
 
     For READ that is one request frame and ``num_sectors`` counts the response frames;
     for WRITE it is ``num_sectors`` frames sent ``rel_wr_count`` at a time.  A decoded
     request's ``frames`` stop at the end of the buffer (so may be short)."""
 
+    #: In the order they are checked; the header packs them as :data:`_RW_REQ` does.
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        id_wire("a read/write request is READ or WRITE, not {!r}", _RW_IDS),
+        Wire("num_sectors", "I"),
+        _FRAMES,
+        _VERSION,
+        Wire("rel_wr_count", "I"),
+        Wire("req_buff_offset", "I"),
+    )
     cmd_id: int
     num_sectors: int
     frames: bytes
@@ -146,16 +172,9 @@ class RwRequest:
     req_buff_offset: int = 24
     req_buff_len: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.cmd_id not in _RW_IDS:
-            raise RpmbMsgUsageError(f"a read/write request is READ or WRITE, not {self.cmd_id!r}")
-        _u32(self.num_sectors, "num_sectors")
-        _bytes(self.frames, "frames")
-        _u32(self.version, "version")
-        _u32(self.rel_wr_count, "rel_wr_count")
-        _u32(self.req_buff_offset, "req_buff_offset")
+    def _check(self) -> None:
         if self.req_buff_len is not None:
-            _u32(self.req_buff_len, "req_buff_len")
+            self.KIT.int_field(self.req_buff_len, "req_buff_len", 0, U32_MAX)
 
     @classmethod
     def read(cls, frame: bytes, blocks: int = 1, *, version: int = 0) -> RwRequest:
@@ -179,17 +198,55 @@ class RwRequest:
         """How many bytes at ``req_buff_offset`` the command sends to the device."""
         return _FRAME if self.cmd_id == RpmbCmd.RPMB_READ else self.num_sectors * _FRAME
 
+    def encode(self) -> bytes:
+        """The header, zeros up to ``req_buff_offset``, then the frames."""
+        blen = len(self.frames) if self.req_buff_len is None else self.req_buff_len
+        head = _RW_REQ.pack(
+            self.cmd_id,
+            self.num_sectors,
+            blen,
+            self.req_buff_offset,
+            self.version,
+            self.rel_wr_count,
+        )
+        if self.req_buff_offset < len(head):
+            raise RpmbMsgUsageError(
+                f"req_buff_offset {self.req_buff_offset} is inside the {len(head)}-byte header"
+            )
+        return head.ljust(self.req_buff_offset, b"\0") + self.frames
+
+    @classmethod
+    def fixed_size(cls) -> int:
+        """The header's size."""
+        return _RW_REQ.size
+
+    @classmethod
+    def decode(cls, data: bytes, cmd_id: int) -> RwRequest:
+        """The request; its frames are the bytes the command sends from ``req_buff_offset``
+        (as many of them as ``data`` holds)."""
+        cmd = RpmbCmd(cmd_id)
+        _, num, blen, off, version, rel = _RW_REQ.unpack_from(data, 0)
+        want = _FRAME if cmd == RpmbCmd.RPMB_READ else num * _FRAME
+        return cls(
+            cmd_id=cmd,
+            num_sectors=num,
+            frames=data[off : off + want],
+            version=version,
+            rel_wr_count=rel,
+            req_buff_offset=off,
+            req_buff_len=blen,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PartitionRequest:
+class PartitionRequest(_Record):
     """PARTITION: add RPMB partitions from a table (the service supports none)."""
 
+    CMD: ClassVar[RpmbCmd] = RpmbCmd.RPMB_PARTITION
+    PREFIX: ClassVar[str] = "PARTITION "
+    WIRE: ClassVar[tuple[Wire, ...]] = (_VERSION, Wire("dev_id", "I"))
     version: int = 0
     dev_id: int = 0
-
-    def __post_init__(self) -> None:
-        _u32(self.version, "PARTITION version")
-        _u32(self.dev_id, "PARTITION dev_id")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,200 +258,120 @@ class UnsupportedRequest(UnsupportedRecord):
 
 RpmbRequest = InitRequest | RwRequest | PartitionRequest | UnsupportedRequest
 
-_INIT_REQ: Final = struct.Struct("<II")
-_RW_REQ: Final = struct.Struct("<IIIIII")
-_PART_REQ: Final = struct.Struct("<III")
-
-
-def encode_request(req: RpmbRequest) -> bytes:
-    """The request's bytes (the secure side's half)."""
-    match req:
-        case InitRequest():
-            return _INIT_REQ.pack(req.cmd_id, req.version)
-        case RwRequest():
-            blen = len(req.frames) if req.req_buff_len is None else req.req_buff_len
-            head = _RW_REQ.pack(
-                req.cmd_id,
-                req.num_sectors,
-                blen,
-                req.req_buff_offset,
-                req.version,
-                req.rel_wr_count,
-            )
-            if req.req_buff_offset < len(head):
-                raise RpmbMsgUsageError(
-                    f"req_buff_offset {req.req_buff_offset} is inside the {len(head)}-byte header"
-                )
-            return head.ljust(req.req_buff_offset, b"\0") + req.frames
-        case PartitionRequest():
-            return _PART_REQ.pack(RpmbCmd.RPMB_PARTITION, req.version, req.dev_id)
-        case UnsupportedRequest():
-            return U32.pack(req.cmd_id)
-        case _:
-            raise RpmbMsgUsageError(f"not an RPMB request record: {type(req).__name__}")
-
-
-def decode_request(buf: bytes | bytearray | memoryview) -> RpmbRequest:
-    """The request at the start of ``buf`` (a READ/WRITE's frames are taken from it too)."""
-    data, cmd_id = _KIT.request(buf)
-    if cmd_id not in _KIT.supported:
-        return UnsupportedRequest(cmd_id=cmd_id)
-    cmd = RpmbCmd(cmd_id)
-    if cmd in _INIT_IDS:
-        _KIT.need(data, _INIT_REQ.size, f"{cmd.name} request")
-        _, version = _INIT_REQ.unpack_from(data, 0)
-        return InitRequest(cmd_id=cmd, version=version)
-    if cmd == RpmbCmd.RPMB_PARTITION:
-        _KIT.need(data, _PART_REQ.size, f"{cmd.name} request")
-        _, version, dev_id = _PART_REQ.unpack_from(data, 0)
-        return PartitionRequest(version=version, dev_id=dev_id)
-    _KIT.need(data, _RW_REQ.size, f"{cmd.name} request")
-    _, num, blen, off, version, rel = _RW_REQ.unpack_from(data, 0)
-    want = _FRAME if cmd == RpmbCmd.RPMB_READ else num * _FRAME
-    return RwRequest(
-        cmd_id=cmd,
-        num_sectors=num,
-        frames=data[off : off + want],
-        version=version,
-        rel_wr_count=rel,
-        req_buff_offset=off,
-        req_buff_len=blen,
-    )
-
 
 # --------------------------------------------------------------------------- responses
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class InitResponse:
+class InitResponse(_Record):
     """INIT's answer: the partition's size in 512-byte sectors and frames per write."""
 
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        id_wire("an init response answers INIT-like ids, not {!r}", _INIT_IDS),
+        _VERSION,
+        _STATUS,
+        Wire("num_sectors", "I"),
+        Wire("rel_wr_count", "I"),
+    )
     cmd_id: int
     version: int
     status: int
     num_sectors: int
     rel_wr_count: int
 
-    def __post_init__(self) -> None:
-        if self.cmd_id not in _INIT_IDS:
-            raise RpmbMsgUsageError(f"an init response answers INIT-like ids, not {self.cmd_id!r}")
-        _u32(self.version, "version")
-        _i32(self.status, "status")
-        _u32(self.num_sectors, "num_sectors")
-        _u32(self.rel_wr_count, "rel_wr_count")
+
+#: READ's and WRITE's answer before its frames: id, status, res_buff_len,
+#: res_buff_offset (always 20: the frames follow), version.
+_RW_RSP: Final = struct.Struct("<IiIII")
+#: Where a READ/WRITE response's frames start (``sizeof(tz_rpmb_rw_res_t)``).
+RW_RSP_SIZE: Final = _RW_RSP.size
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RwResponse:
+class RwResponse(_Record):
     """READ's or WRITE's answer: ``frames`` were written at offset 20 (``res_buff_len``
     of them count; a failed write leaves its result frame there with a length of 0)."""
 
+    #: In the order they are checked; the header packs them as :data:`_RW_RSP` does.
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        id_wire("a read/write response answers READ/WRITE, not {!r}", _RW_IDS),
+        _STATUS,
+        _VERSION,
+        _FRAMES,
+        Wire("res_buff_len", "I"),
+    )
     cmd_id: int
     status: int
     version: int
     frames: bytes
     res_buff_len: int
 
-    def __post_init__(self) -> None:
-        if self.cmd_id not in _RW_IDS:
-            raise RpmbMsgUsageError(
-                f"a read/write response answers READ/WRITE, not {self.cmd_id!r}"
-            )
-        _i32(self.status, "status")
-        _u32(self.version, "version")
-        _bytes(self.frames, "frames")
-        _u32(self.res_buff_len, "res_buff_len")
+    def _check(self) -> None:
         if self.res_buff_len > len(self.frames):
             raise RpmbMsgUsageError(
                 f"res_buff_len {self.res_buff_len} exceeds the {len(self.frames)} bytes of frames"
             )
 
+    def encode(self) -> bytes:
+        """The answer's header, then all of ``frames``."""
+        head = _RW_RSP.pack(self.cmd_id, self.status, self.res_buff_len, RW_RSP_SIZE, self.version)
+        return head + self.frames
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PartitionResponse:
-    """PARTITION's answer (status -1 as a u32 field: no table version is supported)."""
+    @classmethod
+    def fixed_size(cls) -> int:
+        """The header's size."""
+        return RW_RSP_SIZE
 
-    status: int
-    num_partitions: int = 0
-    rsp_buff_offset: int = 16
-
-    def __post_init__(self) -> None:
-        _u32(self.status, "status")
-        _u32(self.num_partitions, "num_partitions")
-        _u32(self.rsp_buff_offset, "rsp_buff_offset")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ErrorResponse:
-    """An unserved id's answer: ``{id, status -1, res_buff_len 0, res_buff_offset 20}``."""
-
-    cmd_id: int
-    status: int = -1
-    res_buff_len: int = 0
-    res_buff_offset: int = 20
-
-    def __post_init__(self) -> None:
-        _KIT.command_field(self.cmd_id)
-        _i32(self.status, "status")
-        _u32(self.res_buff_len, "res_buff_len")
-        _u32(self.res_buff_offset, "res_buff_offset")
-
-
-RpmbResponse = InitResponse | RwResponse | PartitionResponse | ErrorResponse
-
-_INIT_RSP: Final = struct.Struct("<IIiII")
-_RW_RSP: Final = struct.Struct("<IiIII")
-_PART_RSP: Final = struct.Struct("<IIII")
-_ERR_RSP: Final = struct.Struct("<IiII")
-#: Where a READ/WRITE response's frames start (``sizeof(tz_rpmb_rw_res_t)``).
-RW_RSP_SIZE: Final = _RW_RSP.size
-
-
-def encode_response(rsp: RpmbResponse) -> bytes:
-    """The response's bytes, written over the request (a read/write's frames follow)."""
-    match rsp:
-        case InitResponse():
-            return _INIT_RSP.pack(
-                rsp.cmd_id, rsp.version, rsp.status, rsp.num_sectors, rsp.rel_wr_count
-            )
-        case RwResponse():
-            head = _RW_RSP.pack(rsp.cmd_id, rsp.status, rsp.res_buff_len, RW_RSP_SIZE, rsp.version)
-            return head + rsp.frames
-        case PartitionResponse():
-            return _PART_RSP.pack(
-                RpmbCmd.RPMB_PARTITION, rsp.status, rsp.num_partitions, rsp.rsp_buff_offset
-            )
-        case ErrorResponse():
-            return _ERR_RSP.pack(rsp.cmd_id, rsp.status, rsp.res_buff_len, rsp.res_buff_offset)
-        case _:
-            raise RpmbMsgUsageError(f"not an RPMB response record: {type(rsp).__name__}")
-
-
-def decode_response(buf: bytes | bytearray | memoryview) -> RpmbResponse:
-    """The response at the start of ``buf``; its layout follows the echoed command id."""
-    data = _KIT.buffer(buf, "response")
-    cmd_id = _KIT.command_id(data, "response")
-    if cmd_id in _INIT_IDS:
-        _KIT.need(data, _INIT_RSP.size, f"response to {cmd_id:#x}")
-        _, version, status, num, rel = _INIT_RSP.unpack_from(data, 0)
-        return InitResponse(
-            cmd_id=cmd_id, version=version, status=status, num_sectors=num, rel_wr_count=rel
-        )
-    if cmd_id in _RW_IDS:
-        _KIT.need(data, _RW_RSP.size, f"response to {cmd_id:#x}")
+    @classmethod
+    def decode(cls, data: bytes, cmd_id: int) -> RwResponse:
+        """The answer and the ``res_buff_len`` bytes at ``res_buff_offset``."""
         _, status, rlen, roff, version = _RW_RSP.unpack_from(data, 0)
         _KIT.need(data, roff + rlen, f"response to {cmd_id:#x} with {rlen} bytes of frames")
-        return RwResponse(
+        return cls(
             cmd_id=cmd_id,
             status=status,
             version=version,
             frames=data[roff : roff + rlen],
             res_buff_len=rlen,
         )
-    if cmd_id == RpmbCmd.RPMB_PARTITION:
-        _KIT.need(data, _PART_RSP.size, f"response to {cmd_id:#x}")
-        _, status, num, off = _PART_RSP.unpack_from(data, 0)
-        return PartitionResponse(status=status, num_partitions=num, rsp_buff_offset=off)
-    _KIT.need(data, _ERR_RSP.size, f"response to {cmd_id:#x}")
-    _, status, rlen, roff = _ERR_RSP.unpack_from(data, 0)
-    return ErrorResponse(cmd_id=cmd_id, status=status, res_buff_len=rlen, res_buff_offset=roff)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartitionResponse(_Record):
+    """PARTITION's answer (status -1 as a u32 field: no table version is supported)."""
+
+    CMD: ClassVar[RpmbCmd] = RpmbCmd.RPMB_PARTITION
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        Wire("status", "I"),
+        Wire("num_partitions", "I"),
+        Wire("rsp_buff_offset", "I"),
+    )
+    status: int
+    num_partitions: int = 0
+    rsp_buff_offset: int = 16
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorResponse(_Record):
+    """An unserved id's answer: ``{id, status -1, res_buff_len 0, res_buff_offset 20}``."""
+
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        Wire("cmd_id", "I", kind="cmd"),
+        _STATUS,
+        Wire("res_buff_len", "I"),
+        Wire("res_buff_offset", "I"),
+    )
+    cmd_id: int
+    status: int = -1
+    res_buff_len: int = 0
+    res_buff_offset: int = 20
+
+
+RpmbResponse = InitResponse | RwResponse | PartitionResponse | ErrorResponse
+_CODEC: Final = Codec[RpmbRequest, RpmbResponse](
+    _KIT, "an RPMB", RpmbRequest, RpmbResponse, ErrorResponse
+)
+encode_request: Final = _CODEC.encode_request
+decode_request: Final = _CODEC.decode_request
+encode_response: Final = _CODEC.encode_response
+decode_response: Final = _CODEC.decode_response

@@ -52,21 +52,19 @@ whatever the bytes.  Records validate their fields when they are built and raise
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from objects import DecodeError, UsageError
 from supplicant._listener_msg import (
-    I32_MAX,
-    I32_MIN,
-    STATUS,
-    U32,
-    U32_MAX,
     U64_MAX,
+    Codec,
     MessageKit,
+    Record,
     StatusRecord,
     UnsupportedRecord,
+    Wire,
+    id_wire,
 )
 
 __all__ = [
@@ -126,42 +124,46 @@ class TimeUsageError(UsageError):
 
 
 _KIT: Final = MessageKit(TimeDecodeError, TimeUsageError, TimeCmd)
-_int = _KIT.int_field
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Record(Record):
+    KIT: ClassVar[MessageKit] = _KIT
 
 
 # --------------------------------------------------------------------------- requests
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetUtcSecRequest:
+class GetUtcSecRequest(_Record):
     """GET_UTC_SEC: the wall clock as seconds and nanoseconds."""
 
     CMD: ClassVar[TimeCmd] = TimeCmd.GET_UTC_SEC
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetSystimeRequest:
+class GetSystimeRequest(_Record):
     """GET_SYSTIME: the wall clock broken down in UTC (``struct tm``)."""
 
     CMD: ClassVar[TimeCmd] = TimeCmd.GET_SYSTIME
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetTimeMsRequest:
+class GetTimeMsRequest(_Record):
     """GET_TIME_MS: the wall clock in milliseconds."""
 
     CMD: ClassVar[TimeCmd] = TimeCmd.GET_TIME_MS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetHlosUtcRequest:
+class GetHlosUtcRequest(_Record):
     """GET_HLOS_UTC: the same answer as GET_UTC_SEC."""
 
     CMD: ClassVar[TimeCmd] = TimeCmd.GET_HLOS_UTC
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EndRequest:
+class EndRequest(_Record):
     """END: a no-op that answers 0."""
 
     CMD: ClassVar[TimeCmd] = TimeCmd.TIME_END
@@ -183,60 +185,8 @@ TimeRequest = (
     | UnsupportedRequest
 )
 
-_FixedRequest = (
-    GetUtcSecRequest | GetSystimeRequest | GetTimeMsRequest | GetHlosUtcRequest | EndRequest
-)
-_REQ_BY_CMD: Final[dict[int, type[_FixedRequest]]] = _KIT.requests(
-    GetUtcSecRequest,
-    GetSystimeRequest,
-    GetTimeMsRequest,
-    GetHlosUtcRequest,
-    EndRequest,
-)
-
-
-def encode_request(req: TimeRequest) -> bytes:
-    """The request's 4 bytes: just the command id (the secure side's half)."""
-    if isinstance(req, UnsupportedRequest):
-        return U32.pack(req.cmd_id)
-    if type(req) not in _REQ_BY_CMD.values():
-        raise TimeUsageError(f"not a time request record: {type(req).__name__}")
-    return U32.pack(req.CMD)
-
-
-def decode_request(buf: bytes | bytearray | memoryview) -> TimeRequest:
-    """The request at the start of ``buf`` (trailing bytes are ignored)."""
-    _, cmd_id = _KIT.request(buf)
-    cls = _REQ_BY_CMD.get(cmd_id)
-    if cls is None:
-        return UnsupportedRequest(cmd_id=cmd_id)
-    return cls()
-
 
 # --------------------------------------------------------------------------- responses
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TzTime:
-    """``tz_time``: a ``struct tm`` as nine i32 fields, in wire order."""
-
-    tm_sec: int
-    tm_min: int
-    tm_hour: int
-    tm_mday: int
-    tm_mon: int
-    tm_year: int
-    tm_wday: int
-    tm_yday: int
-    tm_isdst: int
-
-    def __post_init__(self) -> None:
-        for name in _TM_FIELDS:
-            _int(getattr(self, name), name, I32_MIN, I32_MAX)
-
-    def fields(self) -> tuple[int, ...]:
-        """The nine values in wire order."""
-        return tuple(getattr(self, name) for name in _TM_FIELDS)
 
 
 _TM_FIELDS: Final = (
@@ -250,55 +200,75 @@ _TM_FIELDS: Final = (
     "tm_yday",
     "tm_isdst",
 )
-TM_ZERO: Final = TzTime(
-    tm_sec=0, tm_min=0, tm_hour=0, tm_mday=0, tm_mon=0, tm_year=0, tm_wday=0, tm_yday=0, tm_isdst=0
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TimeSpecResponse:
+class TzTime(_Record):
+    """``tz_time``: a ``struct tm`` as nine i32 fields, in wire order."""
+
+    WIRE: ClassVar[tuple[Wire, ...]] = tuple(Wire(name, "i") for name in _TM_FIELDS)
+    tm_sec: int
+    tm_min: int
+    tm_hour: int
+    tm_mday: int
+    tm_mon: int
+    tm_year: int
+    tm_wday: int
+    tm_yday: int
+    tm_isdst: int
+
+    def fields(self) -> tuple[int, ...]:
+        """The nine values in wire order."""
+        return self.pack_fields()
+
+
+TM_ZERO: Final = TzTime(
+    tm_sec=0, tm_min=0, tm_hour=0, tm_mday=0, tm_mon=0, tm_year=0, tm_wday=0, tm_yday=0, tm_isdst=0
+)
+_TIMESPEC_CMDS: Final = frozenset({TimeCmd.GET_UTC_SEC, TimeCmd.GET_HLOS_UTC})
+_RET: Final = Wire("ret", "i")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeSpecResponse(_Record):
     """GET_UTC_SEC's or GET_HLOS_UTC's answer (``tz_time_getutcsec_rsp``)."""
 
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        id_wire(
+            "a timespec response answers GET_UTC_SEC or GET_HLOS_UTC, not {:#x}",
+            _TIMESPEC_CMDS,
+            u32=True,
+        ),
+        Wire("tv_sec", "I"),
+        Wire("tv_nsec", "I"),
+        _RET,
+    )
     cmd_id: int
     tv_sec: int
     tv_nsec: int
     ret: int
 
-    def __post_init__(self) -> None:
-        _KIT.command_field(self.cmd_id)
-        if self.cmd_id not in _TIMESPEC_CMDS:
-            raise TimeUsageError(
-                f"a timespec response answers GET_UTC_SEC or GET_HLOS_UTC, not {self.cmd_id:#x}"
-            )
-        _int(self.tv_sec, "tv_sec", 0, U32_MAX)
-        _int(self.tv_nsec, "tv_nsec", 0, U32_MAX)
-        _int(self.ret, "ret", I32_MIN, I32_MAX)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SystimeResponse:
+class SystimeResponse(_Record):
     """GET_SYSTIME's answer (``tz_time_getsystime_rsp``)."""
 
+    CMD: ClassVar[TimeCmd] = TimeCmd.GET_SYSTIME
+    WIRE: ClassVar[tuple[Wire, ...]] = (
+        Wire("time", "9i", kind="is", types=(TzTime,), noun="a TzTime"),
+        _RET,
+    )
     time: TzTime
     ret: int
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.time, TzTime):
-            raise TimeUsageError(f"time must be a TzTime, not {type(self.time).__name__}")
-        _int(self.ret, "ret", I32_MIN, I32_MAX)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TimeMsResponse:
+class TimeMsResponse(_Record):
     """GET_TIME_MS's answer (``tz_time_gettimems_rsp``): milliseconds, no status."""
 
+    CMD: ClassVar[TimeCmd] = TimeCmd.GET_TIME_MS
+    WIRE: ClassVar[tuple[Wire, ...]] = (Wire("ms", "Q"),)
     ms: int
-
-    def __post_init__(self) -> None:
-        _int(self.ms, "ms", 0, U64_MAX)
-
-
-_TIMESPEC_CMDS: Final = frozenset({TimeCmd.GET_UTC_SEC, TimeCmd.GET_HLOS_UTC})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -306,53 +276,15 @@ class StatusResponse(StatusRecord):
     """The 8-byte ``{id, i32 ret}`` answer: END's (ret 0) and the error one (ret -1)."""
 
     KIT: ClassVar[MessageKit] = _KIT
-    OWN: ClassVar[frozenset[TimeCmd]] = _TIMESPEC_CMDS | {TimeCmd.GET_SYSTIME, TimeCmd.GET_TIME_MS}
 
 
 TimeResponse = TimeSpecResponse | SystimeResponse | TimeMsResponse | StatusResponse
 
-_TIMESPEC_RSP = struct.Struct("<IIIi")
-_SYSTIME_RSP = struct.Struct("<I9ii")
-_TIME_MS_RSP = struct.Struct("<IQ")
-_RSP_SIZE: Final[dict[int, int]] = {
-    TimeCmd.GET_UTC_SEC: _TIMESPEC_RSP.size,
-    TimeCmd.GET_HLOS_UTC: _TIMESPEC_RSP.size,
-    TimeCmd.GET_SYSTIME: _SYSTIME_RSP.size,
-    TimeCmd.GET_TIME_MS: _TIME_MS_RSP.size,
-}
-
-
-def response_size(cmd_id: int) -> int:
-    """How many bytes the answer to ``cmd_id`` occupies."""
-    return _KIT.response_size(cmd_id, _RSP_SIZE)
-
-
-def encode_response(rsp: TimeResponse) -> bytes:
-    """The response's bytes, to be written over the request (the supplicant's half)."""
-    match rsp:
-        case TimeSpecResponse():
-            return _TIMESPEC_RSP.pack(rsp.cmd_id, rsp.tv_sec, rsp.tv_nsec, rsp.ret)
-        case SystimeResponse():
-            return _SYSTIME_RSP.pack(TimeCmd.GET_SYSTIME, *rsp.time.fields(), rsp.ret)
-        case TimeMsResponse():
-            return _TIME_MS_RSP.pack(TimeCmd.GET_TIME_MS, rsp.ms)
-        case StatusResponse():
-            return STATUS.pack(rsp.cmd_id, rsp.ret)
-        case _:
-            raise TimeUsageError(f"not a time response record: {type(rsp).__name__}")
-
-
-def decode_response(buf: bytes | bytearray | memoryview) -> TimeResponse:
-    """The response at the start of ``buf``; its layout follows the echoed command id."""
-    data, cmd_id = _KIT.response(buf, _RSP_SIZE)
-    if cmd_id in _TIMESPEC_CMDS:
-        _, sec, nsec, ret = _TIMESPEC_RSP.unpack_from(data, 0)
-        return TimeSpecResponse(cmd_id=cmd_id, tv_sec=sec, tv_nsec=nsec, ret=ret)
-    if cmd_id == TimeCmd.GET_SYSTIME:
-        _, *tm, ret = _SYSTIME_RSP.unpack_from(data, 0)
-        return SystimeResponse(time=TzTime(**dict(zip(_TM_FIELDS, tm, strict=True))), ret=ret)
-    if cmd_id == TimeCmd.GET_TIME_MS:
-        _, ms = _TIME_MS_RSP.unpack_from(data, 0)
-        return TimeMsResponse(ms=ms)
-    _, ret = STATUS.unpack_from(data, 0)
-    return StatusResponse(cmd_id=cmd_id, ret=ret)
+_CODEC: Final = Codec[TimeRequest, TimeResponse](
+    _KIT, "a time", TimeRequest, TimeResponse, StatusResponse, exact=True
+)
+encode_request: Final = _CODEC.encode_request
+decode_request: Final = _CODEC.decode_request
+encode_response: Final = _CODEC.encode_response
+decode_response: Final = _CODEC.decode_response
+response_size: Final = _CODEC.response_size
