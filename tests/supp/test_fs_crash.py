@@ -148,8 +148,10 @@ def test_sigkill_never_tears_an_acknowledged_file(tmp_path: Path) -> None:
     kills = sum(w.kills for w in workers)
     assert kills >= 200
     assert elapsed < 60, f"{kills} kills took {elapsed:.1f} s"
-    # The kills must really land mid-write, or the test proves nothing.
-    assert sum(w.acks for w in workers) > kills
+    # The kills must really land mid-write, and writes must get acknowledged between them,
+    # or the test proves nothing (about one ACK per kill on an idle machine; fewer when the
+    # machine is loaded, since the kill comes 0-30 ms after READY whatever the load).
+    assert sum(w.acks for w in workers) > kills // 2
     assert sum(w.mid_write for w in workers) > kills // 4
     assert sum(w.leftover_temps for w in workers) > 0
     for w in workers:
