@@ -63,12 +63,17 @@ _CB_ID = 1  # the client's id of its callback object
 _NS_ID = wire.QCOMTEE_MSG_OBJECT_NS_BIT | 0x10  # the driver's wire id of that object
 
 
+_PAGE = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)  # an outbound page no callback wrote to
+
+
 def _qtee_null(oid: int, op: int) -> None:
-    """Driver -> QTEE -> driver for a call with no arguments."""
+    """Driver -> QTEE -> driver for a call with no arguments (and the driver's read of the
+    async region QTEE may have written at the head of the outbound page)."""
     msg_buf = wire.encode_invoke(oid, op)
     msg = wire.decode_invoke(msg_buf)
     wire.write_invoke_response(msg_buf, msg, (), ())
     wire.decode_invoke_response(msg_buf)
+    wire.decode_async(_PAGE, 0)
 
 
 def null_invoke() -> Callable[[], None]:
@@ -181,6 +186,7 @@ class CallbackFloor:
         sent = wire.encode_callback_msg(out, msg.io[0], 0)
         # the driver (same thread): read the request, queue it for the worker, wait
         self._request = wire.decode_callback(out)
+        wire.decode_async(out, self._request.size)  # the release tail after the request
         self._queued.release()
         self._answered.acquire()
         # the driver writes the worker's answer; QTEE reads it, the TA returns
@@ -287,6 +293,7 @@ class _Served:
             msg = wire.decode_invoke(inbound)
             sent = wire.encode_callback_msg(out, msg.io[0], 0)
             request = wire.decode_callback(out)
+            wire.decode_async(out, request.size)
             # answer the client's posted SUPPL_RECV with the request
             self.recv_posted.acquire()
             recv = self.recv
