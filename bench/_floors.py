@@ -340,6 +340,7 @@ class SocketFloor:
         self._worker: threading.Thread | None = None
 
     def __enter__(self) -> SocketFloor:
+        self.null()  # the child has started and answers
         return self
 
     def __exit__(self, *exc: object) -> None:

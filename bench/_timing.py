@@ -27,7 +27,10 @@ def pin_to_one_cpu() -> str:
 
 
 def _calibrate(fn: Callable[[], object], min_time: float) -> int:
-    """Loops of ``fn`` that take about ``min_time`` seconds."""
+    """Loops of ``fn`` that take about ``min_time`` seconds.  One call first, untimed: a
+    first call that waits (for a child process still starting, say) would otherwise make
+    the count 1, and every run a single call's wake-up latency."""
+    fn()
     n = 1
     if QUICK:
         min_time = 0.002

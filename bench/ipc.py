@@ -145,6 +145,7 @@ class PingPong:
         self.seq = 0
 
     def __enter__(self) -> PingPong:
+        self.null()  # the child has started and answers
         return self
 
     def __exit__(self, *exc: object) -> None:
