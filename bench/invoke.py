@@ -1,10 +1,16 @@
-"""Invoke-loop costs, each as a ratio to a baseline measured in the same run.
+"""Invoke-loop costs, each as a ratio to a baseline measured in the same run, with the
+ratio of its floor prototype (bench/_floors.py: the least work the path must do, built from
+qtee's own encoders and structs) to the same baseline beside it.
 
 1. Null invoke (client -> TA -> back) vs the bare wire work of its message: encode and
    decode the inbound request, then write and decode its response (what the driver and
    QTEE must do to the bytes at the very least; no checks, no objects, no ioctl).
+   Floor: the same plus the OBJECT_INVOKE block packed and read on both sides.
 2. Callback round trip through the worker threads vs a bare two-thread queue ping-pong.
-3. Null invoke with 100,000 live objects vs with 10.
+   Floor: the wire messages of the invoke and the callback, the four ioctl structs
+   (buf_data, OBJECT_INVOKE, SUPPL_RECV, SUPPL_SEND) and two bare-lock handoffs.
+3. Null invoke with 100,000 live objects vs with 10: two devices, their runs paired.
+   Floor: the floor null invoke with a 100,000-entry id table vs a 10-entry one.
 4. Bytes per live object (tracemalloc), for QTEE objects held by a context.
 """
 
@@ -23,7 +29,8 @@ import supplicant  # noqa: F401 - the package is cached before bench/ can shadow
 
 sys.path.append(str(_HERE))
 
-from _timing import ops_per_sec, paired_ops_per_sec, pin_to_one_cpu, report
+import _floors
+from _timing import QUICK, paired_ops_per_sec, pin_to_one_cpu, report, rotated_ops_per_sec
 
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, op, wire
@@ -47,25 +54,46 @@ class Nop(CallbackObject):
         return None
 
 
-def ping_pong() -> float:
-    a: queue.Queue[int] = queue.Queue()
-    b: queue.Queue[int] = queue.Queue()
+class PingPong:
+    """A bare two-thread ``queue.Queue`` ping-pong; :meth:`one` is one round trip."""
 
-    def echo() -> None:
-        while (x := a.get()) >= 0:
-            b.put(x)
+    def __init__(self) -> None:
+        self.a: queue.Queue[int] = queue.Queue()
+        self.b: queue.Queue[int] = queue.Queue()
+        self.thread = threading.Thread(target=self._echo, daemon=True)
 
-    t = threading.Thread(target=echo)
-    t.start()
+    def _echo(self) -> None:
+        while (x := self.a.get()) >= 0:
+            self.b.put(x)
 
-    def one() -> None:
-        a.put(1)
-        b.get()
+    def __enter__(self) -> PingPong:
+        self.thread.start()
+        return self
 
-    rate = ops_per_sec(one)
-    a.put(-1)
-    t.join()
-    return rate
+    def __exit__(self, *exc: object) -> None:
+        self.a.put(-1)
+        self.thread.join(10)
+
+    def one(self) -> None:
+        self.a.put(1)
+        self.b.get()
+
+
+LIVE = 1_000 if QUICK else 100_000
+FEW = 10
+
+
+def _load(client: qtee.Client) -> list[qtee.ObjRef]:
+    env = client.client_env()
+    loader = client.open_service(env, 3)
+    (ctrl,) = loader.invoke(0, qtee.ta_image("bench.null"), OUT_OBJECT)
+    (app,) = ctrl.invoke(2, OUT_OBJECT)
+    return [app, ctrl, loader, env]
+
+
+def _hold(client: qtee.Client, env: qtee.ObjRef, n: int) -> list[qtee.ObjRef]:
+    """``n`` more live QTEE objects held by the client's context."""
+    return [client.open_service(env, 2033) for _ in range(n)]
 
 
 def main() -> None:
@@ -73,10 +101,8 @@ def main() -> None:
     qtee.register_ta("bench.null", NullTA)
     device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
     with qtee.Client(device, workers=1) as client:
-        env = client.client_env()
-        loader = client.open_service(env, 3)
-        (ctrl,) = loader.invoke(0, qtee.ta_image("bench.null"), OUT_OBJECT)
-        (app,) = ctrl.invoke(2, OUT_OBJECT)
+        refs = _load(client)
+        app, env = refs[0], refs[-1]
 
         def bare_message() -> None:
             buf = wire.encode_invoke(5, 0)
@@ -84,31 +110,54 @@ def main() -> None:
             wire.write_invoke_response(buf, msg, (), ())
             wire.decode_invoke_response(buf)
 
-        bare, null = paired_ops_per_sec(bare_message, lambda: app.invoke(0))
+        bare, floor, null = rotated_ops_per_sec(
+            bare_message, _floors.null_invoke(), lambda: app.invoke(0)
+        )
         report("bare wire request+response (null message)", bare)
-        report("null invoke client -> TA -> client", null, bare, target=3.0)
+        report("floor: null invoke, blocks + wire", floor, bare)
+        report("null invoke client -> TA -> client", null, bare, 2.0, floor=bare / floor)
 
         nop = Nop()
-        base_pp = ping_pong()
-        cb = ops_per_sec(lambda: app.invoke(1, nop), min_time=0.5, repeats=3)
+        with PingPong() as pp, _floors.CallbackFloor() as cb_floor:
+            base_pp, floor_cb, cb = rotated_ops_per_sec(
+                pp.one, cb_floor.one, lambda: app.invoke(1, nop), repeats=5
+            )
         report("bare queue.Queue two-thread ping-pong", base_pp)
-        report("invoke + callback through the worker", cb, base_pp, target=1.5)
+        report("floor: invoke + callback, 4 structs, bare locks", floor_cb, base_pp)
+        report("invoke + callback through the worker", cb, base_pp, 6.0, floor=base_pp / floor_cb)
 
-        few = ops_per_sec(lambda: app.invoke(0))
-        tracemalloc.start()
-        before = tracemalloc.get_traced_memory()[0]
-        fv = client.open_service(env, 2033)
-        refs = [client.open_service(env, 2033) for _ in range(100_000 - 10)]
-        after = tracemalloc.get_traced_memory()[0]
-        tracemalloc.stop()
-        many = ops_per_sec(lambda: app.invoke(0))
-        report("null invoke, 10 live objects", few)
-        report("null invoke, 100,000 live objects", many, few, target=1.2)
-        per = (after - before) / (len(refs) + 1)
-        print(
-            f"{'bytes per live object (client+driver+QTEE)':<48} {per:>12,.0f} B   (target <= 300)"
-        )
-        for r in [*refs, fv, app, ctrl, loader, env]:
+        few = _hold(client, env, FEW - len(refs))
+        other = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
+        with qtee.Client(other, workers=1) as crowded:
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            crowd = _load(crowded)
+            many = _hold(crowded, crowd[-1], LIVE - len(crowd))
+            after = tracemalloc.get_traced_memory()[0]
+            tracemalloc.stop()
+            crowd_app = crowd[0]
+            rate_few, rate_many = paired_ops_per_sec(
+                lambda: app.invoke(0), lambda: crowd_app.invoke(0)
+            )
+            floor_few, floor_many = paired_ops_per_sec(
+                _floors.null_invoke_with_table(FEW), _floors.null_invoke_with_table(LIVE)
+            )
+            report(f"null invoke, {FEW} live objects", rate_few)
+            report(
+                f"null invoke, {LIVE:,} live objects (paired)",
+                rate_many,
+                rate_few,
+                1.1,
+                floor=floor_few / floor_many,
+            )
+            per = (after - before) / LIVE
+            print(
+                f"{'bytes per live object (client+driver+QTEE)':<48} {per:>12,.0f} B"
+                "   (target <= 300)"
+            )
+            for r in [*many, *crowd]:
+                r.release()
+        for r in [*few, *refs]:
             r.release()
     qtee.secure.unregister_ta("bench.null")
 

@@ -1,24 +1,26 @@
-"""Round trips over the device server's socket, against a bare msgpack ping-pong.
+"""Round trips over the device server's socket, against bare msgpack ping-pongs of the
+same frames, with the floor prototype of each (bench/_floors.py) beside it.
 
-Three processes, all on the one CPU this bench pins itself to (children inherit the
-affinity, so every round trip pays the same two cross-process context switches):
+All processes run on the one CPU this bench pins itself to (children inherit the
+affinity, so every round trip pays the same cross-process context switches):
 
-* baseline: this process and an echo child (``ipc.py --echo FD``) joined by a
+* baselines: this process and an echo child (``ipc.py --echo FD``) joined by a
   ``socket.socketpair()``.  One thread on each side, blocking calls, no checks: this side
-  packs a map shaped like the ``Ioctl`` frame of a null invoke (same keys, a 16-byte arg,
-  one 24-byte region), writes it length-prefixed, reads the answer and unpacks it; the
-  child reads the frame, unpacks it, packs a map shaped like the ``IoctlReply`` and writes
-  it back.  That is the least a request/reply over a socket between two Python
-  processes costs.
+  packs a map shaped like an ``Ioctl`` frame (same keys, its 16-byte arg, its regions),
+  writes it length-prefixed, reads the answer and unpacks it; the child unpacks the
+  frame, packs an ``IoctlReply``-shaped map (its first region written back) and writes it.
+  The null invoke's baseline is one such pair (the null invoke's frame); the callback's is
+  the four pairs its exchange is made of (INVOKE, the worker's RECV, its SEND, its next RECV).
+* floors: ``_floors.SocketFloor``, a child serving one socketpair with a lean codec (the
+  frames' real encoding, read as plain maps), answering on its reading thread; here the
+  caller reads its own reply and hands the worker its replies through a bare lock.
 * qtee: ``python -m qtee serve`` in a child (the TA is ``bench/_ipc_tas.py``), and here a
-  ``Client(qtee.connect(path), workers=1)``.  A null invoke is one Ioctl/IoctlReply pair:
-  the client's reader thread hands the reply to the calling thread; the server's reader
-  thread starts a thread per request.  An invoke with one callback is three pairs (the
-  invoke; the pending SUPPL_RECV answered with the callback, then the next RECV posted;
-  the SUPPL_SEND of its result), with the callback run by the client's one worker.
+  ``Client(qtee.connect(path), workers=1)``: a null invoke, and an invoke with one callback
+  run by the client's one worker.
 * the same null invoke with 32 more connections open and idle (each a context on the
   server, each with a reader thread on both sides), against the same invoke without them,
-  measured before opening them and again after closing them (the better of the two).
+  the runs alternated (the 32 opened before each run with them, closed after it).  Its
+  floor: the floor's null invoke with 32 idle socketpairs here, a thread blocked on each end.
 
 Run ``python bench/ipc.py`` from anywhere; the server child runs from the repository root
 so that ``bench._ipc_tas`` imports.
@@ -32,6 +34,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # bench/supplicant.py shares its name with the supplicant package: bench/ goes last.
@@ -41,8 +44,9 @@ import supplicant  # noqa: F401 - the package is cached before bench/ can shadow
 
 sys.path.append(str(_HERE))
 
+import _floors
 import msgpack
-from _timing import ops_per_sec, pin_to_one_cpu, report
+from _timing import alternated_ops_per_sec, pin_to_one_cpu, report, rotated_ops_per_sec
 
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, op, uapi
@@ -64,32 +68,43 @@ class Nop(CallbackObject):
 # --------------------------------------------------------------------------- baseline
 
 
-def _region() -> dict[str, object]:
-    return {"addr": 0x7F00_0000_1000, "data": bytes(24), "writable": True}
+def _region(addr: int, size: int) -> dict[str, object]:
+    return {"addr": addr, "data": bytes(size), "writable": True}
 
 
-def _request(seq: int) -> dict[str, object]:
-    """The shape of a null invoke's Ioctl frame (113 bytes on the wire)."""
+def _request(seq: int, cmd: int, regions: list[dict[str, object]]) -> dict[str, object]:
+    """The shape of an ``Ioctl`` frame (a null invoke's is 113 bytes on the wire)."""
     return {
         "v": PROTOCOL_VERSION,
         "t": "ioctl",
         "seq": seq,
-        "cmd": uapi.TEE_IOC_OBJECT_INVOKE,
+        "cmd": cmd,
         "arg": bytes(16),
-        "regions": [_region()],
+        "regions": regions,
     }
 
 
-def _reply(seq: int) -> dict[str, object]:
-    """The shape of its IoctlReply (111 bytes on the wire)."""
+def _reply(seq: int, written: list[object]) -> dict[str, object]:
+    """The shape of an ``IoctlReply`` (a null invoke's is 111 bytes on the wire)."""
     return {
         "v": PROTOCOL_VERSION,
         "t": "reply",
         "seq": seq,
         "errno": 0,
         "arg": bytes(16),
-        "written": [_region()],
+        "written": written,
     }
+
+
+_BLOCK = 0x7F00_0000_1000
+#: (cmd, regions) of each frame: a null invoke's; then the four of an invoke + 1 callback.
+_NULL = (uapi.TEE_IOC_OBJECT_INVOKE, [_region(_BLOCK, 24)])
+_EXCHANGE = (
+    (uapi.TEE_IOC_OBJECT_INVOKE, [_region(_BLOCK, 24 + 32)]),
+    (uapi.TEE_IOC_SUPPL_RECV, [_region(_BLOCK, 8 + 32 * 11), _region(_BLOCK + 4096, 4096)]),
+    (uapi.TEE_IOC_SUPPL_SEND, [_region(_BLOCK, 8 + 32)]),
+    (uapi.TEE_IOC_SUPPL_RECV, [_region(_BLOCK, 8 + 32 * 11), _region(_BLOCK + 4096, 4096)]),
+)
 
 
 def _frame(obj: object) -> bytes:
@@ -111,33 +126,71 @@ def _read_frame(sock: socket.socket) -> object | None:
 
 
 def _echo(fd: int) -> None:
-    """The baseline's child: answer each request map with a reply map, until EOF."""
+    """The baselines' child: answer each request map with a reply map, until EOF."""
     sock = socket.socket(fileno=fd)
     while (msg := _read_frame(sock)) is not None:
         assert isinstance(msg, dict)
-        sock.sendall(_frame(_reply(msg["seq"])))
+        sock.sendall(_frame(_reply(msg["seq"], msg["regions"][:1])))
 
 
-def ping_pong() -> float:
-    here, there = socket.socketpair()
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--echo", str(there.fileno())], pass_fds=[there.fileno()]
-    )
-    there.close()
-    seq = 0
+class PingPong:
+    """The baselines: msgpack request/reply pairs with the echo child."""
 
-    def one() -> None:
-        nonlocal seq
-        seq += 1
-        here.sendall(_frame(_request(seq)))
-        msg = _read_frame(here)
+    def __init__(self) -> None:
+        self.here, there = socket.socketpair()
+        self.child = subprocess.Popen(
+            [sys.executable, __file__, "--echo", str(there.fileno())], pass_fds=[there.fileno()]
+        )
+        there.close()
+        self.seq = 0
+
+    def __enter__(self) -> PingPong:
+        self.null()  # the child has started and answers
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.here.close()
+        self.child.wait(10)
+
+    def _pair(self, cmd: int, regions: list[dict[str, object]]) -> None:
+        self.seq += 1
+        self.here.sendall(_frame(_request(self.seq, cmd, regions)))
+        msg = _read_frame(self.here)
         assert isinstance(msg, dict)
 
-    try:
-        return ops_per_sec(one)
-    finally:
-        here.close()
-        child.wait(10)
+    def null(self) -> None:
+        self._pair(*_NULL)
+
+    def exchange(self) -> None:
+        for cmd, regions in _EXCHANGE:
+            self._pair(cmd, regions)
+
+
+class IdlePairs:
+    """The idle floor's state: ``n`` socketpairs, a thread blocked reading each end."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.socks: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+
+    def open(self) -> None:
+        for _ in range(self.n):
+            for sock in socket.socketpair():
+                self.socks.append(sock)
+                t = threading.Thread(target=sock.recv, args=(1,), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.shutdown(socket.SHUT_RDWR)
+        for t in self.threads:
+            t.join(10)
+        for sock in self.socks:
+            sock.close()
+        self.socks.clear()
+        self.threads.clear()
 
 
 # --------------------------------------------------------------------------- server
@@ -165,16 +218,17 @@ def _stop_server(proc: subprocess.Popen[str]) -> None:
 
 def main() -> None:
     print(pin_to_one_cpu())
-    base = ping_pong()
-    report("bare msgpack ping-pong, 2 processes, socketpair", base)
-
     with tempfile.TemporaryDirectory(prefix="qtee-bench-") as tmp:
         proc = _start_server(os.path.join(tmp, "qtee.sock"))
         try:
             affinity = sorted(os.sched_getaffinity(proc.pid))
             print(f"server process {proc.pid} on cpus {affinity}")
             device = qtee.connect(os.path.join(tmp, "qtee.sock"))
-            with qtee.Client(device, workers=1) as client:
+            with (
+                qtee.Client(device, workers=1) as client,
+                PingPong() as pp,
+                _floors.SocketFloor() as floor,
+            ):
                 env = client.client_env()
                 loader = client.open_service(env, 3)
                 (ctrl,) = loader.invoke(0, qtee.ta_image(_TA_NAME), OUT_OBJECT)
@@ -187,18 +241,42 @@ def main() -> None:
                 def callback() -> None:
                     app.invoke(1, nop)
 
-                alone = ops_per_sec(null)
-                report("null invoke over the socket", alone, base, target=1.5)
-                cb = ops_per_sec(callback, min_time=0.5, repeats=3)
-                report("invoke + 1 callback over the socket", cb, base, target=1.5)
+                base, floor_null, alone = rotated_ops_per_sec(pp.null, floor.null, null)
+                report("bare msgpack ping-pong, 2 processes, socketpair", base)
+                report("floor: null invoke, lean frames", floor_null, base)
+                report("null invoke over the socket", alone, base, 3.0, floor=base / floor_null)
+                base4, floor_cb, cb = rotated_ops_per_sec(
+                    pp.exchange, floor.callback, callback, min_time=0.5, repeats=5
+                )
+                report("bare msgpack exchange, 4 pairs", base4)
+                report("floor: invoke + 1 callback, lean frames", floor_cb, base4)
+                report(
+                    "invoke + 1 callback over the socket", cb, base4, 4.0, floor=base4 / floor_cb
+                )
 
-                idle = [device.open() for _ in range(IDLE)]
-                busy = ops_per_sec(null)
-                for ctx in idle:
-                    ctx.close()
-                alone = max(alone, ops_per_sec(null))
+                idle: list[qtee.RemoteContext] = []
+
+                def open_idle() -> None:
+                    idle.extend(device.open() for _ in range(IDLE))
+
+                def close_idle() -> None:
+                    for ctx in idle:
+                        ctx.close()
+                    idle.clear()
+
+                alone, busy = alternated_ops_per_sec(null, open_idle, close_idle)
+                pairs = IdlePairs(IDLE)
+                floor_alone, floor_busy = alternated_ops_per_sec(
+                    floor.null, pairs.open, pairs.close
+                )
                 report("null invoke, no other connection", alone)
-                report(f"null invoke, {IDLE} idle connections open", busy, alone, target=1.1)
+                report(
+                    f"null invoke, {IDLE} idle connections (alternated)",
+                    busy,
+                    alone,
+                    1.1,
+                    floor=floor_alone / floor_busy,
+                )
                 for ref in (app, ctrl, loader, env):
                     ref.release()
         finally:

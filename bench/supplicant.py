@@ -2,7 +2,8 @@
 
 One client thread invokes a TA op that calls back once into a client object served by
 the pool (``Client(workers=N)``), with 1 and with 4 workers; the baseline is a bare
-two-thread ``queue.Queue`` ping-pong measured in the same run.  Also 4 client threads
+two-thread ``queue.Queue`` ping-pong, and the floor prototype ``_floors.CallbackFloor``
+(bench/README.md), both measured in the same run, their runs taken in turns.  Also 4 client threads
 at once with 4 workers, to show the pool serving in parallel what one worker serialises.
 """
 
@@ -20,8 +21,9 @@ import supplicant  # noqa: F401 - the package is cached before bench/ can shadow
 
 sys.path.append(str(_HERE))
 
-from _timing import ops_per_sec, pin_to_one_cpu, report
-from invoke import Nop, NullTA, ping_pong
+import _floors
+from _timing import pin_to_one_cpu, report, rotated_ops_per_sec
+from invoke import Nop, NullTA, PingPong
 
 import qtee
 from qtee import OUT_OBJECT, op
@@ -56,8 +58,6 @@ class Sleeper(Nop):
 def main() -> None:
     print(pin_to_one_cpu())
     qtee.register_ta("bench.supplicant", NullTA)
-    base = ping_pong()
-    report("bare queue.Queue two-thread ping-pong", base)
     rates: dict[int, float] = {}
     par: dict[int, float] = {}
     blocking: dict[int, float] = {}
@@ -73,8 +73,18 @@ def main() -> None:
             def one(app: qtee.ObjRef = app, nop: Nop = nop) -> None:
                 app.invoke(1, nop)
 
-            rates[workers] = ops_per_sec(one, min_time=0.5, repeats=3)
-            report(f"callback round trip, {workers} worker(s)", rates[workers], base, target=1.5)
+            with PingPong() as pp, _floors.CallbackFloor() as cb_floor:
+                base, floor, rates[workers] = rotated_ops_per_sec(
+                    pp.one, cb_floor.one, one, min_time=0.5, repeats=3
+                )
+            report("bare queue.Queue two-thread ping-pong", base)
+            report(
+                f"callback round trip, {workers} worker(s)",
+                rates[workers],
+                base,
+                6.0,
+                floor=base / floor,
+            )
             par[workers] = _parallel_rate(app, nop, 4)
             report(f"  same, 4 client threads at once, {workers} worker(s)", par[workers])
             blocking[workers] = _parallel_rate(app, Sleeper(), 4)
