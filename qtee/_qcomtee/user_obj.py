@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from objects import DriverError, IdrAllocator, Refcounted
+from objects import DriverError, Refcounted
 from qtee import _checks, uapi
 from qtee._checks import _einval
 from qtee._qcomtee.mem_obj import MemObject, mem_in
@@ -50,7 +50,11 @@ PROCESSING: Final = ReqState.PROCESSING
 PROCESSED: Final = ReqState.PROCESSED
 OP_RELEASE: Final = 0xFFFF
 _read: Final = _checks.read_buf_block
-_MOVES: Final = REQUEST_STATES.transitions
+#: The table's moves split by event, keyed by the (int) state: a move is one dict lookup.
+_SELECT: Final = {s: n for (s, e), n in REQUEST_STATES.transitions.items() if e is ReqEvent.SELECT}
+_COMPLETE: Final = {
+    s: n for (s, e), n in REQUEST_STATES.transitions.items() if e is ReqEvent.COMPLETE
+}
 _FLAG_TEE: Final = uapi.QCOMTEE_OBJREF_FLAG_TEE
 _FLAG_USER: Final = uapi.QCOMTEE_OBJREF_FLAG_USER
 _FLAG_MEM: Final = uapi.QCOMTEE_OBJREF_FLAG_MEM
@@ -72,27 +76,20 @@ class Request:
     status: int = 0
     ob_data: list[bytes] = field(default_factory=list)
     oo: list[object] = field(default_factory=list)
-    #: Held until the request is PROCESSED; the invoking thread blocks acquiring it.
-    done: threading.Lock = field(default_factory=threading.Lock)
+    #: Held (acquired by its maker) until the request is PROCESSED; the invoking thread
+    #: blocks acquiring it.  None for a request nobody waits on (a release notification).
+    done: threading.Lock | None = None
     #: The invoking thread stopped waiting while the request was PROCESSING: a
     #: placeholder whose id stays taken until the supplicant's SEND (refused) frees it.
     abandoned: bool = False
 
-    def __post_init__(self) -> None:
-        self.done.acquire()
-
     def move(self, event: ReqEvent) -> None:
         """Take the transition ``event`` (an illegal one raises and changes nothing)."""
         try:
-            self.state = _MOVES[self.state, event]
+            self.state = (_SELECT if event is ReqEvent.SELECT else _COMPLETE)[self.state]
         except KeyError:
             REQUEST_STATES.move(self.state, event)  # raises IllegalTransition, naming it
             raise
-
-    def wait(self) -> None:
-        """Block until PROCESSED."""
-        self.done.acquire()
-        self.done.release()
 
 
 class RequestQueue:
@@ -101,8 +98,10 @@ class RequestQueue:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.fifo: deque[Request] = deque()
-        self.ids = IdrAllocator(0, 0, name="request ids")
+        #: Requests by id; an id is the lowest one not in it (``idr_alloc(.., 0, 0, ..)``),
+        #: ``_free`` being that lowest free id.
         self.by_id: dict[int, Request] = {}
+        self._free = 0
         self.released = False
         #: Called (under the queue's lock: it must not block) whenever a request is
         #: queued and when the context is released: how a waiter outside Python (a C
@@ -114,8 +113,13 @@ class RequestQueue:
         with self.cond:
             if self.released:
                 return False
-            req.req_id = self.ids.alloc()
-            self.by_id[req.req_id] = req
+            by_id = self.by_id
+            req.req_id = rid = self._free
+            by_id[rid] = req
+            rid += 1
+            while rid in by_id:
+                rid += 1
+            self._free = rid
             self.fifo.append(req)
             self.cond.notify()
             if self.on_ready is not None:
@@ -124,14 +128,17 @@ class RequestQueue:
 
     def finish(self, req: Request, status: int) -> None:
         """Mark ``req`` PROCESSED with ``status`` and free its id (caller holds ``cond``)."""
-        if req.state == PROCESSED:
+        try:
+            req.state = _COMPLETE[req.state]
+        except KeyError:  # PROCESSED already: nothing changes
             return
-        req.move(ReqEvent.COMPLETE)
         req.status = status
-        if self.by_id.get(req.req_id) is req:
-            del self.by_id[req.req_id]
-            self.ids.free(req.req_id)
-        req.done.release()
+        rid = req.req_id
+        if self.by_id.get(rid) is req:
+            del self.by_id[rid]
+            self._free = min(self._free, rid)
+        if req.done is not None:
+            req.done.release()
 
     def abandon(self, req: Request) -> None:
         """The invoking thread stopped waiting for ``req`` (an exception, as Ctrl-C, in its
@@ -190,11 +197,13 @@ class UserObject(CbObject):
         self, op: int, ib: tuple[bytes, ...], ob: tuple[int, ...], io: tuple[object, ...], n_oo: int
     ) -> tuple[int, list[bytes], list[object]]:
         """Queue the request on the owning context and wait for the supplicant's answer."""
-        req = Request(self.user_id, op, ib, ob, io, n_oo)
+        done = threading.Lock()
+        done.acquire()
+        req = Request(self.user_id, op, ib, ob, io, n_oo, done=done)
         try:
             if not self.ctx.requests.submit(req):
                 return -errno.ENODEV, [], []
-            req.wait()
+            done.acquire()  # until PROCESSED
         except BaseException:  # KeyboardInterrupt: the caller goes, the request stays sane
             self.ctx.requests.abandon(req)
             raise
@@ -248,7 +257,7 @@ def supp_recv(ctx: Context, arg: bytearray | memoryview, *, wait: bool = True) -
                 q.finish(req, 0)  # notification: freed now, never answered
                 mem.write(buf_ptr, _SUPP_HEAD.pack(OP_RELEASE, 1) + _PARAM.pack(*out[0]))
                 return 0
-            req.move(ReqEvent.SELECT)
+            req.state = _SELECT[req.state]  # QUEUED, as every request in the FIFO
             try:  # qcomtee_cb_params_from_args
                 for data, off in zip(req.ib, offs, strict=True):
                     mem.write(scratch + off, data)
