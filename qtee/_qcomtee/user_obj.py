@@ -101,7 +101,10 @@ class RequestQueue:
     """A context's supplicant queue: FIFO of QUEUED requests and the request-id IDR."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
+        #: The queue's lock (``reqs_lock``); the hot paths take it bare, waits go
+        #: through ``cond`` on it.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.fifo: deque[Request] = deque()
         #: Requests by id; an id is the lowest one not in it (``idr_alloc(.., 0, 0, ..)``),
         #: ``_free`` being that lowest free id.
@@ -115,7 +118,7 @@ class RequestQueue:
 
     def submit(self, req: Request) -> bool:
         """Queue ``req``; False when the context is already closed."""
-        with self.cond:
+        with self.lock:
             if self.released:
                 return False
             by_id = self.by_id
@@ -132,7 +135,7 @@ class RequestQueue:
             return True
 
     def finish(self, req: Request, status: int) -> None:
-        """Mark ``req`` PROCESSED with ``status`` and free its id (caller holds ``cond``)."""
+        """Mark ``req`` PROCESSED with ``status`` and free its id (caller holds ``lock``)."""
         try:
             req.state = _COMPLETE[req.state]
         except KeyError:  # PROCESSED already: nothing changes
@@ -150,7 +153,7 @@ class RequestQueue:
         wait: the kernel's client killed in its killable wait).  A QUEUED request is
         dropped; a PROCESSING one becomes a placeholder (its id reserved until the SEND
         for it, which gets EINVAL); a PROCESSED one's output objects are dropped."""
-        with self.cond:
+        with self.lock:
             if req.state == QUEUED:
                 if req in self.fifo:
                     self.fifo.remove(req)
@@ -166,7 +169,7 @@ class RequestQueue:
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until a request is queued or the context is released (True), or until
         ``timeout`` seconds pass (False): when a non-blocking RECV would find something."""
-        with self.cond:
+        with self.lock:
             ready = self.cond.wait_for(lambda: bool(self.fifo) or self.released, timeout)
             if ready:  # the wake-up may have been meant for a blocked RECV: pass it on
                 self.cond.notify()
@@ -174,7 +177,7 @@ class RequestQueue:
 
     def close(self) -> None:
         """Context released: pending requests complete with -ENODEV, notifications dropped."""
-        with self.cond:
+        with self.lock:
             self.released = True
             for req in list(self.by_id.values()):
                 self.finish(req, -errno.ENODEV)
@@ -235,9 +238,9 @@ def supp_recv(ctx: Context, arg: bytearray | memoryview, *, wait: bool = True) -
     else:
         buf_ptr, scratch, size, slots = _recv_block(ctx, mem, arg, key)
     q = ctx.requests
-    with q.cond:  # held for the whole selection, as reqs_lock is
+    with q.lock:  # held for the whole selection, as reqs_lock is
         while True:
-            if q.released or ctx.closed:
+            if q.released or ctx.life.closed:
                 raise DriverError(errno.EINTR, "context closed while waiting")
             req = q.fifo[0] if q.fifo else None
             if req is None:
@@ -337,7 +340,7 @@ def supp_send(ctx: Context, arg: bytearray | memoryview) -> int:
     (raw,) = _U32.unpack_from(block, 0)
     req_id = params[0][1]
     q = ctx.requests
-    with q.cond:
+    with q.lock:
         req = q.by_id.get(req_id) if req_id <= 0x7FFF_FFFF else None
         if req is None:  # ureq_dequeue finds nothing
             raise _einval(f"no request {req_id}")
