@@ -102,8 +102,9 @@ class RequestQueue:
 
     def __init__(self) -> None:
         #: The queue's lock (``reqs_lock``); the hot paths take it bare, waits go
-        #: through ``cond`` on it.
-        self.lock = threading.Lock()
+        #: through ``cond`` on it.  An RLock: a Condition on one checks ownership and
+        #: hands the lock over in C (on a Lock, in Python on every notify and wait).
+        self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.fifo: deque[Request] = deque()
         #: Requests by id; an id is the lowest one not in it (``idr_alloc(.., 0, 0, ..)``),
