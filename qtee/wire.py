@@ -638,6 +638,22 @@ def encode_async_release(ids: Sequence[int], version: int = QCOMTEE_ASYNC_VERSIO
     return struct.pack(f"<3I{n}I", version, QCOMTEE_MSG_OBJECT_OP_RELEASE, n, *ids)
 
 
+def _write_async_release(buf: bytearray | memoryview, offset: int, ids: Sequence[int]) -> None:
+    """:func:`encode_async_release` of ``ids`` written by :func:`write_async` at ``offset``,
+    for a caller whose ids are its own u32 NS ids and who checked the room (an 8-aligned
+    ``offset``, ``12 + 4 * len(ids)`` bytes free): the same bytes, without the checks."""
+    n = len(ids)
+    struct.pack_into(
+        f"<3I{n}I",
+        buf,
+        offset,
+        QCOMTEE_ASYNC_VERSION_CURRENT,
+        QCOMTEE_MSG_OBJECT_OP_RELEASE,
+        n,
+        *ids,
+    )
+
+
 def write_async(buf: bytearray | memoryview, offset: int, messages: Sequence[bytes]) -> int:
     """Append async ``messages`` at ``offset``, each at an 8-byte boundary; returns the end."""
     _check_outbound(buf)
