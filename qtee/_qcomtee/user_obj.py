@@ -354,12 +354,12 @@ def supp_send(ctx: Context, arg: bytearray | memoryview) -> int:
         if status != 0:
             q.finish(req, status)
             return 0
-        try:
-            ob_data, oo = _send_outputs(ctx, req, params)
-        except DriverError:
-            q.finish(req, -errno.EINVAL)
-            raise
-        req.ob_data, req.oo = ob_data, oo
+        if req.ib or req.ob or req.io or req.n_oo:  # else no reply param to read
+            try:
+                req.ob_data, req.oo = _send_outputs(ctx, req, params)
+            except DriverError:
+                q.finish(req, -errno.EINVAL)
+                raise
         q.finish(req, 0)
     return 0
 
