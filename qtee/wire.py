@@ -611,12 +611,12 @@ def decode_callback_response(buf: _Buf, msg: CallbackMsg) -> CallbackResponse:
     raw = _U32_AT.unpack_from(buf, 0)[0]
     result = raw - 0x1_0000_0000 if raw & 0x8000_0000 else raw
     if result != 0:
-        return CallbackResponse(result, (), ())
+        return _new(CallbackResponse, (result, (), ()))
     ob, oo = _read_outputs(buf, _CALLBACK_HDR, "callback response")
     for k, (data, ref) in enumerate(zip(ob, msg.ob, strict=False)):
         if len(data) > ref.size:
             raise DecodeError(f"callback response: OB {k} grew from {ref.size} to {len(data)}")
-    return CallbackResponse(0, ob, oo)
+    return _new(CallbackResponse, (0, ob, oo))
 
 
 # --------------------------------------------------------------------------- async
@@ -701,7 +701,7 @@ def decode_async(buf: _Buf, offset: int = 0) -> AsyncBatch:
             )
         releases.append(struct.unpack_from(f"<{count}I", buf, used + 12))
         used += (consumed + 7) & ~7
-    return AsyncBatch(tuple(releases), stop)
+    return _new(AsyncBatch, (tuple(releases), stop))
 
 
 def clear_async(buf: bytearray | memoryview, offset: int) -> None:
