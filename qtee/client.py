@@ -319,7 +319,11 @@ class Client:
                 sent.clear()
                 raise
             (ret,) = _U32.unpack_from(blk.buf, 12)
-            back = [_PARAM.unpack_from(blk.buf, _INVOKE_HEAD_SIZE + 32 * i) for i, _ in outs]
+            back = (
+                [_PARAM.unpack_from(blk.buf, _INVOKE_HEAD_SIZE + 32 * i) for i, _ in outs]
+                if outs
+                else []
+            )
         except BaseException:
             if not called:  # failed before the ioctl: the caller keeps ownership
                 for uid in sent:

@@ -611,12 +611,12 @@ def decode_callback_response(buf: _Buf, msg: CallbackMsg) -> CallbackResponse:
     raw = _U32_AT.unpack_from(buf, 0)[0]
     result = raw - 0x1_0000_0000 if raw & 0x8000_0000 else raw
     if result != 0:
-        return CallbackResponse(result, (), ())
+        return _new(CallbackResponse, (result, (), ()))
     ob, oo = _read_outputs(buf, _CALLBACK_HDR, "callback response")
     for k, (data, ref) in enumerate(zip(ob, msg.ob, strict=False)):
         if len(data) > ref.size:
             raise DecodeError(f"callback response: OB {k} grew from {ref.size} to {len(data)}")
-    return CallbackResponse(0, ob, oo)
+    return _new(CallbackResponse, (0, ob, oo))
 
 
 # --------------------------------------------------------------------------- async
@@ -636,6 +636,22 @@ def encode_async_release(ids: Sequence[int], version: int = QCOMTEE_ASYNC_VERSIO
         _check_u32(ident, f"async release id {k}")
     n = len(ids)
     return struct.pack(f"<3I{n}I", version, QCOMTEE_MSG_OBJECT_OP_RELEASE, n, *ids)
+
+
+def _write_async_release(buf: bytearray | memoryview, offset: int, ids: Sequence[int]) -> None:
+    """:func:`encode_async_release` of ``ids`` written by :func:`write_async` at ``offset``,
+    for a caller whose ids are its own u32 NS ids and who checked the room (an 8-aligned
+    ``offset``, ``12 + 4 * len(ids)`` bytes free): the same bytes, without the checks."""
+    n = len(ids)
+    struct.pack_into(
+        f"<3I{n}I",
+        buf,
+        offset,
+        QCOMTEE_ASYNC_VERSION_CURRENT,
+        QCOMTEE_MSG_OBJECT_OP_RELEASE,
+        n,
+        *ids,
+    )
 
 
 def write_async(buf: bytearray | memoryview, offset: int, messages: Sequence[bytes]) -> int:
@@ -685,7 +701,7 @@ def decode_async(buf: _Buf, offset: int = 0) -> AsyncBatch:
             )
         releases.append(struct.unpack_from(f"<{count}I", buf, used + 12))
         used += (consumed + 7) & ~7
-    return AsyncBatch(tuple(releases), stop)
+    return _new(AsyncBatch, (tuple(releases), stop))
 
 
 def clear_async(buf: bytearray | memoryview, offset: int) -> None:

@@ -70,8 +70,8 @@ _META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PA
 _META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 
 
-def _u32(result: int) -> int:
-    return result & 0xFFFF_FFFF
+#: The SEND blocks a worker writes: 1 meta + up to RECV_PARAMS - 1 params, by count.
+_REPLY_STRUCTS: Final = tuple(_params_struct(n) for n in range(RECV_PARAMS + 1))
 
 
 class _InFlight:
@@ -215,13 +215,18 @@ class WorkerPool:
             self._reply(send, Result.ERROR_BADOBJ, [(_META_OUT, req, 0, 0)])
             return
         args = p[1:]
-        try:
-            ib, ob, io, n_oo = self._unmarshal(args, scratch, base)
-        except Exception as exc:  # any failure here is UNAVAIL
-            log.warning("request %d for %r op %d: cannot unmarshal: %s", req, obj, func, exc)
-            self._reply(send, Result.ERROR_UNAVAIL, [(_META_OUT, req, 0, 0)])
-            return
-        entry = self._begin(req, obj, func)
+        if args:
+            try:
+                ib, ob, io, n_oo = self._unmarshal(args, scratch, base)
+            except Exception as exc:  # any failure here is UNAVAIL
+                log.warning("request %d for %r op %d: cannot unmarshal: %s", req, obj, func, exc)
+                self._reply(send, Result.ERROR_UNAVAIL, [(_META_OUT, req, 0, 0)])
+                return
+        else:  # a request without arguments (the common callback)
+            ib = ob = io = ()
+            n_oo = 0
+        deadline = self.deadline
+        entry = None if deadline is None else self._begin(req, obj, func, deadline)
         pins: list[int] = []
         sent: list[int] = []  # callback ids exported for the answer
         transfers: list[Transfer] = []
@@ -231,12 +236,13 @@ class WorkerPool:
             reply: list[_P] = [(_META_OUT, req, 0, 0)]
             result = res.result
             if result == 0:
-                result = self._marshal(args, res.ob, res.oo, reply, pins, sent, transfers)
-                if result:
-                    reply = reply[:1]
-            else:  # what the handler returned goes nowhere: its Transfers end here too
+                if args or res.oo:
+                    result = self._marshal(args, res.ob, res.oo, reply, pins, sent, transfers)
+                    if result:
+                        reply = reply[:1]
+            elif res.oo:  # what the handler returned goes nowhere: its Transfers end here too
                 transfers += [o for o in res.oo if isinstance(o, Transfer)]
-            if self._finish(entry):
+            if entry is None or self._finish(entry):
                 self._reply(send, result, reply)
                 delivered = result == 0
             else:
@@ -327,26 +333,22 @@ class WorkerPool:
 
     def _reply(self, send: ArgBlock, ret: int, reply: list[_P]) -> None:
         n = len(reply)
-        _SUPP_HEAD.pack_into(send.buf, 0, _u32(ret), n)
-        _params_struct(n).pack_into(
-            send.buf, _SUPP_HEAD.size, *itertools.chain.from_iterable(reply)
-        )
+        _SUPP_HEAD.pack_into(send.buf, 0, ret & 0xFFFF_FFFF, n)
+        layout = _REPLY_STRUCTS[n] if n <= RECV_PARAMS else _params_struct(n)
+        layout.pack_into(send.buf, _SUPP_HEAD.size, *itertools.chain.from_iterable(reply))
         self.client.call(uapi.TEE_IOC_SUPPL_SEND, send, _SUPP_HEAD.size + 32 * n)
 
     # ----------------------------------------------------------------- deadlines
-    def _begin(self, req: int, obj: CallbackObject, op: int) -> _InFlight | None:
-        if self.deadline is None:
-            return None
-        entry = _InFlight(req, obj, op, time.monotonic() + self.deadline)
+    def _begin(self, req: int, obj: CallbackObject, op: int, deadline: float) -> _InFlight:
+        """Put the request under the watchdog, due ``deadline`` seconds from now."""
+        entry = _InFlight(req, obj, op, time.monotonic() + deadline)
         with self._wake:
             self._in_flight.append(entry)
             self._wake.notify()
         return entry
 
-    def _finish(self, entry: _InFlight | None) -> bool:
+    def _finish(self, entry: _InFlight) -> bool:
         """True when the worker may answer (the watchdog has not)."""
-        if entry is None:
-            return True
         with self._wake:
             if entry.answered:
                 return False

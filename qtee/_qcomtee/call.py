@@ -93,6 +93,9 @@ class Context(TeeFile[Shm]):
         self.number = number
         self.objects: ObjectTable[QteeObject] = ObjectTable(IdrAllocator(0), name="ctx objects")
         self.requests = RequestQueue()
+        #: SUPPL_RECV blocks that passed the checks, by their argument struct's bytes:
+        #: (the block's bytes, what they gave) (``user_obj._recv_block``).
+        self.recv_blocks: dict[bytes, tuple[bytes, tuple[int, int, int, int]]] = {}
         self.shms: dict[int, Shm] = {}  # the owner's reference (its shm fd)
         super().__init__()
         #: Who holds this fd, for ``qtee info`` (a device server names its connections).

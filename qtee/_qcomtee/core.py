@@ -382,7 +382,7 @@ class Device:
         """Serve the callback request in ``out`` in this thread, for the invocation ``call``
         (``qcomtee_cb_object_invoke``)."""
         msg = wire.decode_callback(out)
-        fetch_async(self, out, wire.async_offset(msg))
+        fetch_async(self, out, msg.size)  # the async tail follows the request
         trace, records = self.trace, self.trace_records
         if trace or records:
             _emit(trace, records, "QTEE -> NS", msg.cxt, msg.op, msg.counts, "callback")
@@ -453,9 +453,8 @@ class Device:
                     return -errno.EINVAL, [], []
                 io.append(got)
             try:
-                status, ob_data, oo = obj.dispatch(
-                    op, msg.ib, tuple(r.size for r in msg.ob), tuple(io), msg.n_oo
-                )
+                ob = tuple([r.size for r in msg.ob]) if msg.ob else ()
+                status, ob_data, oo = obj.dispatch(op, msg.ib, ob, tuple(io), msg.n_oo)
             finally:  # whoever keeps one (a supplicant's IDR) took its own reference
                 for o in io:
                     if isinstance(o, Refcounted):

@@ -66,6 +66,8 @@ _OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
 _META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 _META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 _OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
+_SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
+_SUPPL_SEND: Final = uapi.TEE_IOC_SUPPL_SEND
 
 
 #: ``n`` consecutive ``struct tee_ioctl_param`` (uapi's layout, one struct per ``n``).
@@ -245,8 +247,13 @@ class TeeFile(Generic[_S]):
         life = self.life
         life.enter()
         try:
-            if cmd == _OBJECT_INVOKE:  # the invoke hot path goes straight to its op
+            # The invoke and callback hot paths go straight to their ops.
+            if cmd == _OBJECT_INVOKE:
                 return self._object_invoke(arg)
+            if cmd == _SUPPL_RECV:
+                return self._supp_recv(arg)
+            if cmd == _SUPPL_SEND:
+                return self._supp_send(arg)
             return self._dispatch(cmd, arg)
         finally:
             life.leave()
@@ -264,7 +271,8 @@ class TeeFile(Generic[_S]):
 
     def _dispatch(self, cmd: int, arg: bytearray | memoryview) -> int:
         """The ioctl switch (``tee_ioctl``); a subclass may add ioctls in front (all but
-        OBJECT_INVOKE, which :meth:`ioctl` hands to its op at once)."""
+        OBJECT_INVOKE, SUPPL_RECV and SUPPL_SEND, which :meth:`ioctl` hands to their ops
+        at once)."""
         if cmd == _OBJECT_INVOKE:
             return self._object_invoke(arg)
         if cmd == uapi.TEE_IOC_SUPPL_RECV:

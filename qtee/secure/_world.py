@@ -72,6 +72,9 @@ log = logging.getLogger("qtee.secure")
 _FIRST_ID: Final = 2
 _OP_RELEASE: Final = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
 _OP_RETAIN: Final = wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
+_OUT_SIZE: Final = wire.MAX_OUTBOUND_BUFFER_SIZE
+#: A clean outbound buffer (QTEE writes a callback request into a zeroed one).
+_ZERO_OUT: Final = bytes(_OUT_SIZE)
 
 
 #: The world whose call runs on this thread (``world``; absent outside any call).
@@ -479,15 +482,17 @@ class SecureWorld:
         if self.closing:  # the VM is going: nobody is left to serve it
             return DispatchResult(Result.ERROR_DEFUNCT)
         out, serve = call
-        out[:] = bytes(len(out))
-        io_ids = [self._wire_id(obj, _NOT_AN_INPUT) for obj in io]
+        out[:] = _ZERO_OUT if len(out) == _OUT_SIZE else bytes(len(out))
+        io_ids = [self._wire_id(obj, _NOT_AN_INPUT) for obj in io] if io else []
         msg = wire.encode_callback_msg(out, target.ns_id, op, ib, ob, io_ids, n_oo)
-        self._flush_releases(out, msg.size)
+        if self._pending_release:
+            self._flush_releases(out, msg.size)
         serve(out)
         answer = wire.decode_callback_response(out, msg)
         if answer.result != Result.OK:
             return DispatchResult(answer.result)
-        return DispatchResult(Result.OK, answer.ob, tuple(self._import(i) for i in answer.oo))
+        oo = tuple(map(self._import, answer.oo)) if answer.oo else ()
+        return DispatchResult(Result.OK, answer.ob, oo)
 
     def map_region(self, mem: NsObject) -> Mapping:
         """Map a memory object through the primordial object's MAP_REGION (op 0)."""
@@ -514,7 +519,7 @@ class SecureWorld:
             with self._lock:
                 self._pending_release[:0] = ids
             return
-        wire.write_async(out, offset, [wire.encode_async_release(ids[:room])])
+        wire._write_async_release(out, offset, ids[:room])
         if ids[room:]:
             with self._lock:
                 self._pending_release[:0] = ids[room:]

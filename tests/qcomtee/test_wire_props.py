@@ -784,3 +784,18 @@ def test_decode_invoke_size_limits() -> None:
         decode_invoke(bytes(12))  # align8(12) = 16 bytes needed even with no args
     with pytest.raises(DecodeError):
         decode_invoke_response(bytes(11))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(u32, max_size=24), st.integers(0, 400))
+def test_a_partition_release_tail_is_the_encoded_message(ids: list[int], slot: int) -> None:
+    """§3.5: the secure world's own RELEASE tail (``wire._write_async_release``, no checks)
+    writes exactly what ``write_async(encode_async_release(ids))`` writes, and nothing else
+    (issue 18: a lean release-notification path, the same bytes)."""
+    from qtee.wire import _write_async_release
+
+    want = bytearray(MAX_OUTBOUND_BUFFER_SIZE)
+    got = bytearray(MAX_OUTBOUND_BUFFER_SIZE)
+    write_async(want, 8 * slot, [encode_async_release(ids)])
+    _write_async_release(got, 8 * slot, ids)
+    assert got == want
