@@ -415,7 +415,10 @@ class Connection:
                 log.exception("%s: ioctl %#x (seq %d) failed", self.name, req.cmd, req.seq)
                 reply = encode_reply(req.seq, errno.EIO, max_frame=max_frame)
             else:
-                written = [(a, bytes(call.bufs[a])) for a in sorted(call.written)]
+                bufs = call.bufs
+                written = []
+                for a in sorted(call.written):  # (a loop: one call fewer per reply)
+                    written.append((a, bytes(bufs[a])))
                 if extra:
                     written = sorted(written + extra)
                 note = _reason.take()
@@ -430,10 +433,12 @@ class Connection:
                 except UsageError:  # what the call wrote does not fit a frame
                     log.error("%s: ioctl %#x (seq %d): reply too big", self.name, req.cmd, req.seq)
                     reply = encode_reply(req.seq, errno.EIO, max_frame=max_frame)
-            with contextlib.suppress(OSError):  # the client is gone; its context is closing
+            try:
                 if req.cmd == _SHM_ALLOC and ok:
                     self._send_shm_fd(req.seq, arg)
                 self.send_frame(reply)
+            except OSError:  # the client is gone; its context is closing
+                pass
         except Exception:
             log.exception("%s: ioctl %#x (seq %d): no reply", self.name, req.cmd, req.seq)
         finally:
