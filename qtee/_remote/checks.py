@@ -138,7 +138,9 @@ class QteeDialect:
 def merge(spans: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
     """Overlapping or touching ``(addr, size, writable)`` spans -> disjoint ``[start, end)``."""
     out: list[tuple[int, int, bool]] = []
-    for start, size, writable in sorted((a, b, w) for a, b, w in spans if b > 0):
+    for start, size, writable in sorted(spans):  # (no generator: one call fewer per ioctl)
+        if size <= 0:
+            continue
         end = start + size
         if out and start < out[-1][1]:
             s, e, w = out[-1]

@@ -48,6 +48,7 @@ request was queued on the fd, and once when the connection is lost or closed.
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import errno
@@ -110,6 +111,10 @@ _NOTED: Final = frozenset(
 )
 #: fds one read may bring (a shm frame carries one).
 _MAX_FDS: Final = 16
+_FD_SPACE: Final = socket.CMSG_LEN(_MAX_FDS * 4)  # as socket.recv_fds asks for them
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)  # a plain int: ``&`` with the IntFlag is 3 calls
+_SOL_SOCKET: Final = int(socket.SOL_SOCKET)
+_SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
 #: Seconds a call may go without a reply before it fails ETIMEDOUT (``connect``'s default).
 CALL_TIMEOUT: Final = 30.0
 #: Longest wait, in seconds, for the answer to a probe (at most ``call_timeout``).
@@ -268,9 +273,14 @@ class RemoteContext(RemoteShms, RemoteQueries):
     # ------------------------------------------------------------------ socket
     def _read_one(self) -> object:
         while (msg := self._decoder.next_message()) is None:
-            data, fds, flags, _ = socket.recv_fds(self.sock, 1 << 16, _MAX_FDS)
-            self._fds.extend(fds)
-            if flags & socket.MSG_CTRUNC:
+            # socket.recv_fds, inline (a Python function, run for every frame).
+            data, ancdata, flags, _ = self.sock.recvmsg(1 << 16, _FD_SPACE)
+            for level, kind, cdata in ancdata:
+                if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                    self._fds.extend(fds)
+            if flags & _MSG_CTRUNC:
                 raise DriverError(errno.EPROTO, "the server sent more fds than one read takes")
             if not data:
                 raise _Closed(errno.EPROTO, "server closed the connection")
