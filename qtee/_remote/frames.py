@@ -510,11 +510,16 @@ class FrameDecoder:
             raise UsageError(f"feed takes bytes, not {type(data).__name__}")
         self._buf += data
 
-    def next_message(self) -> Message | None:
-        """The next message, or ``None`` if the buffer does not hold a whole frame yet."""
+    def feed_next(self, data: bytes | bytearray | memoryview = b"") -> Message | None:
+        """:meth:`feed` ``data``, then :meth:`next_message`, in one call (a reader does
+        both for every read)."""
         if self._error is not None:
             raise self._error
         buf = self._buf
+        if data:
+            if not isinstance(data, _BYTES_LIKE):
+                raise UsageError(f"feed takes bytes, not {type(data).__name__}")
+            buf += data
         if len(buf) < _HDR:
             return None
         (length,) = _HEADER.unpack_from(buf, 0)
@@ -535,6 +540,10 @@ class FrameDecoder:
             self._die(exc)
         del buf[:end]
         return msg
+
+    def next_message(self) -> Message | None:
+        """The next message, or ``None`` if the buffer does not hold a whole frame yet."""
+        return self.feed_next()
 
     def __iter__(self) -> FrameDecoder:
         return self

@@ -272,7 +272,8 @@ class RemoteContext(RemoteShms, RemoteQueries):
 
     # ------------------------------------------------------------------ socket
     def _read_one(self) -> object:
-        while (msg := self._decoder.next_message()) is None:
+        data = b""
+        while (msg := self._decoder.feed_next(data)) is None:
             # socket.recv_fds, inline (a Python function, run for every frame).
             data, ancdata, flags, _ = self.sock.recvmsg(1 << 16, _FD_SPACE)
             for level, kind, cdata in ancdata:
@@ -284,7 +285,6 @@ class RemoteContext(RemoteShms, RemoteQueries):
                 raise DriverError(errno.EPROTO, "the server sent more fds than one read takes")
             if not data:
                 raise _Closed(errno.EPROTO, "server closed the connection")
-            self._decoder.feed(data)
         return msg
 
     def _read_loop(self) -> None:

@@ -306,14 +306,15 @@ class Connection:
     def _next_request(self) -> tuple[Ioctl | RecvNowait | None, str]:
         """Read until an ioctl (handling the control frames on the way) or the end."""
         decoder = self._decoder
+        data = b""
         try:
             while True:
-                msg = decoder.next_message()
+                msg = decoder.feed_next(data)
+                data = b""
                 if msg is None:
                     data = self.sock.recv(1 << 16)
                     if not data:
                         return None, "end of stream"
-                    decoder.feed(data)
                 elif isinstance(msg, Ioctl | RecvNowait) and self.state is ConnState.SERVING:
                     return msg, ""
                 else:
@@ -396,14 +397,16 @@ class Connection:
             arg = bytearray(req.arg)
             ok = False
             try:
-                file.before(req.cmd, req.arg, call)
+                plain = file.plain
+                if not plain:
+                    file.before(req.cmd, req.arg, call)
                 _reason.clear()  # the secure side notes why it fails this call, on this thread
                 recv = getattr(self.ctx, "recv_nowait", None) if nowait else None
                 if recv is not None:
                     recv(arg)
                 else:  # the fd has no queue: SUPPL_RECV fails as the ioctl does
                     self.ctx.ioctl(req.cmd, arg)
-                extra = file.after(req.cmd, bytes(arg), call)
+                extra = None if plain else file.after(req.cmd, bytes(arg), call)
             except DriverError as exc:
                 if park and exc.code == errno.EAGAIN:
                     return False
