@@ -123,6 +123,8 @@ class QteeDialect:
                     spans.append((a, b, attr & 0xFF != _UBUF_IN))
                 elif attr in _META_TYPES:  # the RECV scratch buffer
                     spans.append((a, b, True))
+        if len(spans) == 1:  # the block alone (no UBUF, no scratch), read already
+            return [(ptr, block, True)] if length > 0 else []
         return read_spans(mem, spans)
 
     def check(self, sent: Sent, reply: IoctlReply, shm: tuple[int, int] | None) -> str | None:

@@ -184,7 +184,7 @@ class Connection:
             self._read.acquire()
             with self._lock:
                 self._waiting -= 1
-                if self._done:
+                if self.state >= ConnState.ENDING:  # _done, inline: once per request
                     self._read.release()
                     return
             try:
