@@ -466,8 +466,9 @@ class FrameDecoder:
     """Bytes in, messages out, for one direction of one connection.
 
     :meth:`feed` buffers bytes; :meth:`next_message` returns the next complete message
-    or ``None`` when more bytes are needed.  A length word of 0 or above ``max_frame`` is
-    refused as soon as its 4 bytes are in, before the body arrives.  With
+    or ``None`` when more bytes are needed (:meth:`feed_next` does both in one call).  A
+    length word of 0 or above ``max_frame`` is refused as soon as its 4 bytes are in,
+    before the body arrives.  With
     ``expect_increasing_seq`` (the default) the ``seq`` of client requests (all but Hello)
     must strictly increase over the connection.  The first :class:`FrameError` kills the
     decoder: every later call raises that same error and the buffer is dropped.

@@ -439,7 +439,13 @@ class Connection:
             try:
                 if req.cmd == _SHM_ALLOC and ok:
                     self._send_shm_fd(req.seq, arg)
-                self.send_frame(reply)
+                with self._send:  # send_frame without the call (no fd rides on a reply)
+                    try:
+                        self.sock.sendall(reply)
+                    except OSError:
+                        with contextlib.suppress(OSError):
+                            self.sock.shutdown(socket.SHUT_RDWR)
+                        raise
             except OSError:  # the client is gone; its context is closing
                 pass
         except Exception:

@@ -970,3 +970,23 @@ def test_the_pairs_decoder_leaves_duplicated_keys_to_the_general_path() -> None:
     dec.feed(len(body).to_bytes(4, "big") + body)
     with pytest.raises(FrameError, match="duplicated key"):
         dec.next_message()
+
+
+@settings(max_examples=100, deadline=None)
+@given(msgs=st.lists(messages, max_size=6), cuts=st.lists(st.integers(0, 2000), max_size=8))
+def test_feed_next_is_feed_then_next_message(msgs: list[Message], cuts: list[int]) -> None:
+    """feed_next(chunk) (the readers' one call per read) hands out the same messages, in
+    any chunking, as feed then next_message; feed_next() with no bytes is next_message."""
+    msgs = renumber(msgs)
+    stream = b"".join(encode(m) for m in msgs)
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    dec = FrameDecoder()
+    got: list[Message] = []
+    for a, b in itertools.pairwise([0, *points, len(stream)]):
+        msg = dec.feed_next(stream[a:b])
+        while msg is not None:
+            got.append(msg)
+            msg = dec.feed_next()
+    assert got == msgs and dec.buffered == 0
+    with pytest.raises(UsageError, match="feed takes bytes"):
+        dec.feed_next("ab")  # type: ignore[arg-type]
