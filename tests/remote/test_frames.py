@@ -990,3 +990,29 @@ def test_feed_next_is_feed_then_next_message(msgs: list[Message], cuts: list[int
     assert got == msgs and dec.buffered == 0
     with pytest.raises(UsageError, match="feed takes bytes"):
         dec.feed_next("ab")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"regions": [{"addr": 0, "data": b"ab", "writable": True},
+                     {"addr": 1, "data": b"c", "writable": False}]},
+        {"seq": True},
+        {"cmd": -1},
+        {"arg": "text"},
+        {"regions": [{"addr": 2**64 - 1, "data": b"ab", "writable": True}]},
+        {"regions": [{"addr": 0, "data": b"", "writable": 1}]},
+        {"v": PROTOCOL_VERSION + 1},
+    ],
+)  # fmt: skip
+def test_the_pairs_decoder_refuses_what_the_general_path_refuses(change: dict[str, Any]) -> None:
+    """An ioctl frame in the encoder's key order with one bad field (overlapping regions,
+    a bool seq, a negative cmd, a str arg, a region past 2**64, a non-bool writable, another
+    version) is a FrameError, as the general path says (frames docstring: the field
+    types and ranges; regions are disjoint)."""
+    m = {**Ioctl(seq=1, cmd=2).to_map(), **change}
+    body = msgpack.packb(m, use_bin_type=True)
+    dec = FrameDecoder()
+    dec.feed(len(body).to_bytes(4, "big") + body)
+    with pytest.raises(FrameError):
+        dec.next_message()
