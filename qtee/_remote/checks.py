@@ -123,10 +123,38 @@ class QteeDialect:
                     spans.append((a, b, attr & 0xFF != _UBUF_IN))
                 elif attr in _META_TYPES:  # the RECV scratch buffer
                     spans.append((a, b, True))
+        if len(spans) == 1:  # the block alone (no UBUF, no scratch), read already
+            return [(ptr, block, True)] if length > 0 else []
         return read_spans(mem, spans)
 
     def check(self, sent: Sent, reply: IoctlReply, shm: tuple[int, int] | None) -> str | None:
-        return _check(sent, reply, shm, self.welcome)
+        """What is wrong with ``reply`` to the ioctl ``sent``, or None: the frame-level rules
+        (:func:`check_written`), then what the kernel's ioctl may change.  ``shm``: ``(id,
+        size)`` from the call's shm fd frame, if one came."""
+        cmd, arg, regions = sent
+        try:
+            check_written(reply, len(arg), regions)
+        except FrameError as exc:
+            return str(exc)
+        if cmd == uapi.TEE_IOC_SHM_ALLOC:
+            return check_shm(arg, reply, shm)
+        if shm is not None:
+            return "a shm fd for a call that is no SHM_ALLOC"
+        if cmd == uapi.TEE_IOC_VERSION:
+            return check_version(reply, self.welcome)
+        if reply.errno or cmd not in _HEADS:
+            return None
+        if reply.arg != arg:  # tee_ioctl_buf_data: the kernel never writes it back
+            return "the reply changes the buf_data argument"
+        change = block_change(arg, regions, reply.written)
+        if change is None:
+            return None
+        before, after = change
+        if cmd == uapi.TEE_IOC_OBJECT_INVOKE:
+            return None if before == after else _check_invoke(before, after)
+        if cmd == uapi.TEE_IOC_SUPPL_RECV:
+            return _check_recv(before, after)
+        return None
 
     def done(self, cmd: int, arg: bytes) -> None:
         pass
@@ -138,7 +166,9 @@ class QteeDialect:
 def merge(spans: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
     """Overlapping or touching ``(addr, size, writable)`` spans -> disjoint ``[start, end)``."""
     out: list[tuple[int, int, bool]] = []
-    for start, size, writable in sorted((a, b, w) for a, b, w in spans if b > 0):
+    for start, size, writable in sorted(spans):  # (no generator: one call fewer per ioctl)
+        if size <= 0:
+            continue
         end = start + size
         if out and start < out[-1][1]:
             s, e, w = out[-1]
@@ -146,38 +176,6 @@ def merge(spans: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
         else:
             out.append((start, end, writable))
     return out
-
-
-def _check(
-    sent: Sent, reply: IoctlReply, shm: tuple[int, int] | None, welcome: Welcome
-) -> str | None:
-    """What is wrong with ``reply`` to the ioctl ``sent``, or None: the frame-level rules
-    (:func:`check_written`), then what the kernel's ioctl may change.  ``shm``: ``(id,
-    size)`` from the call's shm fd frame, if one came."""
-    cmd, arg, regions = sent
-    try:
-        check_written(reply, len(arg), regions)
-    except FrameError as exc:
-        return str(exc)
-    if cmd == uapi.TEE_IOC_SHM_ALLOC:
-        return check_shm(arg, reply, shm)
-    if shm is not None:
-        return "a shm fd for a call that is no SHM_ALLOC"
-    if cmd == uapi.TEE_IOC_VERSION:
-        return check_version(reply, welcome)
-    if reply.errno or cmd not in _HEADS:
-        return None
-    if reply.arg != arg:  # tee_ioctl_buf_data: the kernel never writes it back
-        return "the reply changes the buf_data argument"
-    change = block_change(arg, regions, reply.written)
-    if change is None:
-        return None
-    before, after = change
-    if cmd == uapi.TEE_IOC_OBJECT_INVOKE:
-        return None if before == after else _check_invoke(before, after)
-    if cmd == uapi.TEE_IOC_SUPPL_RECV:
-        return _check_recv(before, after)
-    return None
 
 
 def block_change(

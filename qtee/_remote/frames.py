@@ -233,6 +233,84 @@ def _fast_call_frame(m: dict[Any, Any], kind: str) -> Ioctl | IoctlReply | None:
     return msg
 
 
+# The same two frames from the msgpack pairs themselves (maps decoded as tuples of pairs, in
+# C): a frame whose keys come in the encoder's order is checked and built here, in one call;
+# anything else (another key order, a duplicated key, any doubt) is None, and the body is
+# decoded again by the path above, which accepts or names the error exactly as ever.
+_IOCTL_ORDER: Final = ("v", "t", "seq", "cmd", "arg", "regions")
+_REPLY_ORDER: Final = ("v", "t", "seq", "errno", "arg", "written")
+_unpackb = msgpack.unpackb
+
+
+def _decode_call(body: memoryview) -> Ioctl | IoctlReply | None:
+    try:
+        m = _unpackb(body, raw=False, strict_map_key=True, object_pairs_hook=tuple)
+    except Exception:
+        return None
+    if type(m) is not tuple or len(m) != 6:
+        return None
+    keys, (v, t, seq, x, arg, regs) = zip(*m, strict=True)
+    if type(v) is not int or v != PROTOCOL_VERSION or type(seq) is not int or type(x) is not int:
+        return None
+    if keys == _IOCTL_ORDER and t == "ioctl":
+        if not 0 <= x <= _U32:
+            return None
+        writable_only = False
+    elif keys == _REPLY_ORDER and t == "reply":
+        if not 0 <= x <= MAX_ERRNO or (x and (arg or regs)):
+            return None
+        writable_only = True
+    else:
+        return None
+    if type(regs) is not list or type(arg) is not bytes or not 0 <= seq <= _U32:
+        return None
+    out = []
+    spans = []
+    for r in regs:
+        if type(r) is not tuple or len(r) != 3:
+            return None
+        (ka, addr), (kd, data), (kw, writable) = r
+        if (
+            ka != "addr"
+            or kd != "data"
+            or kw != "writable"
+            or type(addr) is not int
+            or type(data) is not bytes
+            or type(writable) is not bool
+            or not 0 <= addr <= _U64
+            or addr + len(data) > _U64 + 1
+            or (writable_only and not writable)
+        ):
+            return None
+        region = _new(Region)
+        _setattr(region, "addr", addr)
+        _setattr(region, "data", data)
+        _setattr(region, "writable", writable)
+        out.append(region)
+        if data:
+            spans.append((addr, addr + len(data)))
+    if len(spans) > 1:
+        spans.sort()
+        hi = spans[0][1]
+        for nlo, nhi in spans[1:]:
+            if nlo < hi:
+                return None
+            hi = nhi
+    msg: Ioctl | IoctlReply
+    if writable_only:
+        msg = _new(IoctlReply)
+        _setattr(msg, "errno", x)
+        _setattr(msg, "written", tuple(out))
+        _setattr(msg, "why", None)
+    else:
+        msg = _new(Ioctl)
+        _setattr(msg, "cmd", x)
+        _setattr(msg, "regions", tuple(out))
+    _setattr(msg, "seq", seq)
+    _setattr(msg, "arg", arg)
+    return msg
+
+
 def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     m = dict(pairs)
     if len(m) != len(pairs):
@@ -267,14 +345,19 @@ def encode_call(
     """``encode(Ioctl(...))`` of a request the caller built itself from disjoint regions
     ``(addr, data, writable)``: the same bytes, without building the records.  With
     ``nowait``, ``encode(RecvNowait(...))`` (``cmd`` must be SUPPL_RECV)."""
-    spans = [{"addr": a, "data": d, "writable": w} for a, d, w in regions]
+    spans = []
+    for a, d, w in regions:  # (a loop: a comprehension is one more call per request)
+        spans.append({"addr": a, "data": d, "writable": w})
     if nowait:
         if cmd != SUPPL_RECV:
             raise UsageError(f"recv_nowait stands for SUPPL_RECV, not cmd {cmd:#x}")
         m = {"v": PROTOCOL_VERSION, "t": "recv_nowait", "seq": seq, "arg": arg, "regions": spans}
         return _frame(m, "recv_nowait", max_frame)
     m = {"v": PROTOCOL_VERSION, "t": "ioctl", "seq": seq, "cmd": cmd, "arg": arg, "regions": spans}
-    return _frame(m, "ioctl", max_frame)
+    body = _Packer(use_bin_type=True).pack(m)
+    if len(body) > max_frame:
+        raise UsageError(f"ioctl frame body is {len(body)} bytes, limit {max_frame}")
+    return _HEADER.pack(len(body)) + body
 
 
 def encode_reply(
@@ -288,21 +371,30 @@ def encode_reply(
 ) -> bytes:
     """``encode(IoctlReply(...))`` of a reply whose disjoint written regions are
     ``(addr, data)``: the same bytes, without building the records."""
+    spans = []
+    for a, d in written:  # (a loop: a comprehension is one more call per reply)
+        spans.append({"addr": a, "data": d, "writable": True})
     m: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
         "t": "reply",
         "seq": seq,
         "errno": err,
         "arg": arg,
-        "written": [{"addr": a, "data": d, "writable": True} for a, d in written],
+        "written": spans,
     }
     if why is not None:
         m["why"] = _why_map(_why(why))
-    return _frame(m, "reply", max_frame)
+    body = _Packer(use_bin_type=True).pack(m)
+    if len(body) > max_frame:
+        raise UsageError(f"reply frame body is {len(body)} bytes, limit {max_frame}")
+    return _HEADER.pack(len(body)) + body
+
+
+_Packer = msgpack.Packer  # msgpack.packb is a Python wrapper around a new Packer
 
 
 def _frame(m: dict[str, Any], kind: str, max_frame: int) -> bytes:
-    body = msgpack.packb(m, use_bin_type=True)
+    body = _Packer(use_bin_type=True).pack(m)
     if len(body) > max_frame:
         raise UsageError(f"{kind} frame body is {len(body)} bytes, limit {max_frame}")
     return _HEADER.pack(len(body)) + body
@@ -374,8 +466,9 @@ class FrameDecoder:
     """Bytes in, messages out, for one direction of one connection.
 
     :meth:`feed` buffers bytes; :meth:`next_message` returns the next complete message
-    or ``None`` when more bytes are needed.  A length word of 0 or above ``max_frame`` is
-    refused as soon as its 4 bytes are in, before the body arrives.  With
+    or ``None`` when more bytes are needed (:meth:`feed_next` does both in one call).  A
+    length word of 0 or above ``max_frame`` is refused as soon as its 4 bytes are in,
+    before the body arrives.  With
     ``expect_increasing_seq`` (the default) the ``seq`` of client requests (all but Hello)
     must strictly increase over the connection.  The first :class:`FrameError` kills the
     decoder: every later call raises that same error and the buffer is dropped.
@@ -418,11 +511,16 @@ class FrameDecoder:
             raise UsageError(f"feed takes bytes, not {type(data).__name__}")
         self._buf += data
 
-    def next_message(self) -> Message | None:
-        """The next message, or ``None`` if the buffer does not hold a whole frame yet."""
+    def feed_next(self, data: bytes | bytearray | memoryview = b"") -> Message | None:
+        """:meth:`feed` ``data``, then :meth:`next_message`, in one call (a reader does
+        both for every read)."""
         if self._error is not None:
             raise self._error
         buf = self._buf
+        if data:
+            if not isinstance(data, _BYTES_LIKE):
+                raise UsageError(f"feed takes bytes, not {type(data).__name__}")
+            buf += data
         if len(buf) < _HDR:
             return None
         (length,) = _HEADER.unpack_from(buf, 0)
@@ -433,7 +531,7 @@ class FrameDecoder:
             return None
         try:
             with memoryview(buf) as view, view[_HDR:end] as body:
-                msg = from_map(_unpack(body))
+                msg = _decode_call(body) or from_map(_unpack(body))
             if self._expect_seq and isinstance(msg, _REQUEST_TYPES):
                 seq = msg.seq
                 if self._last_seq is not None and seq <= self._last_seq:
@@ -443,6 +541,10 @@ class FrameDecoder:
             self._die(exc)
         del buf[:end]
         return msg
+
+    def next_message(self) -> Message | None:
+        """The next message, or ``None`` if the buffer does not hold a whole frame yet."""
+        return self.feed_next()
 
     def __iter__(self) -> FrameDecoder:
         return self

@@ -48,6 +48,7 @@ request was queued on the fd, and once when the connection is lost or closed.
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import errno
@@ -61,6 +62,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
 from objects import DriverError, UsageError
@@ -110,6 +112,12 @@ _NOTED: Final = frozenset(
 )
 #: fds one read may bring (a shm frame carries one).
 _MAX_FDS: Final = 16
+_FD_SPACE: Final = socket.CMSG_LEN(_MAX_FDS * 4)  # as socket.recv_fds asks for them
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)  # a plain int: ``&`` with the IntFlag is 3 calls
+_SOL_SOCKET: Final = int(socket.SOL_SOCKET)
+_SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
+#: ``Sent(*fields)`` in C (a NamedTuple's own ``__new__`` is a Python function).
+_sent: Final = partial(tuple.__new__, Sent)
 #: Seconds a call may go without a reply before it fails ETIMEDOUT (``connect``'s default).
 CALL_TIMEOUT: Final = 30.0
 #: Longest wait, in seconds, for the answer to a probe (at most ``call_timeout``).
@@ -267,14 +275,19 @@ class RemoteContext(RemoteShms, RemoteQueries):
 
     # ------------------------------------------------------------------ socket
     def _read_one(self) -> object:
-        while (msg := self._decoder.next_message()) is None:
-            data, fds, flags, _ = socket.recv_fds(self.sock, 1 << 16, _MAX_FDS)
-            self._fds.extend(fds)
-            if flags & socket.MSG_CTRUNC:
+        data = b""
+        while (msg := self._decoder.feed_next(data)) is None:
+            # socket.recv_fds, inline (a Python function, run for every frame).
+            data, ancdata, flags, _ = self.sock.recvmsg(1 << 16, _FD_SPACE)
+            for level, kind, cdata in ancdata:
+                if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                    self._fds.extend(fds)
+            if flags & _MSG_CTRUNC:
                 raise DriverError(errno.EPROTO, "the server sent more fds than one read takes")
             if not data:
                 raise _Closed(errno.EPROTO, "server closed the connection")
-            self._decoder.feed(data)
         return msg
 
     def _read_loop(self) -> None:
@@ -385,12 +398,16 @@ class RemoteContext(RemoteShms, RemoteQueries):
             need_arg(arg, 0)
         if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
             raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
-        data, limit = _struct_bytes(cmd, arg), self.device.max_frame
+        kind = type(arg)  # bytes and bytearray go whole: _struct_bytes without the call
+        data = bytes(arg) if kind is bytearray or kind is bytes else _struct_bytes(cmd, arg)
+        limit = self.device.max_frame
         dialect = self.dialect
         regions = dialect.regions(cmd, data, self.device.memory, limit)
         call = _Call(cmd)
         seq = self._request(
-            lambda seq: encode_call(seq, cmd, data, regions, max_frame=limit, nowait=nowait),
+            partial(
+                encode_call, cmd=cmd, arg=data, regions=regions, max_frame=limit, nowait=nowait
+            ),
             self._pending,
             call,
         )
@@ -406,7 +423,7 @@ class RemoteContext(RemoteShms, RemoteQueries):
                 raise DriverError(errno.EPROTO, f"the server lied: {call.lie}")
             raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
         shm = call.shm[:2] if call.shm is not None else None
-        lie = call.lie or dialect.check(Sent(cmd, data, regions), reply, shm)
+        lie = call.lie or dialect.check(_sent((cmd, data, regions)), reply, shm)
         if lie is not None:
             self._drop_shm(call)
             self._abandon(f"the server lied about call {seq}: {lie}")

@@ -73,6 +73,8 @@ class ServedFile(Protocol):
 
     #: The context whose ioctls the connection runs.
     ctx: Any
+    #: ``before`` and ``after`` do nothing (the connection then skips them).
+    plain: bool
 
     @property
     def queue(self) -> ReadyQueue | None:

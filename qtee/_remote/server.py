@@ -118,6 +118,7 @@ class _QteeFile:
     """A QTEE context as a connection serves it."""
 
     __slots__ = ("ctx", "queue")
+    plain = True  # before and after do nothing
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -189,6 +189,7 @@ class _OpteeFile:
     windows of tee-supplicant's registered shms (see the module docstring)."""
 
     __slots__ = ("ctx", "memory", "queue")
+    plain = False
 
     def __init__(self, ctx: OpteeContext, memory: RegionMemory) -> None:
         self.ctx = ctx
