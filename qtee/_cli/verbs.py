@@ -54,7 +54,10 @@ def _stdout_to_devnull() -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    from qtee import __version__
+
     parser = argparse.ArgumentParser(prog="qtee", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="verb", required=True)
     sub.add_parser("version", help="print the qtee version")
     sub.add_parser("demo", help="the end-to-end scenario, one trace line per crossing")
@@ -226,8 +229,6 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return run()
     if args.verb == "version":
-        from qtee import __version__
-
         print(__version__)
     return 0
 
@@ -291,7 +292,10 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             server.stop()
     leaks = server.device.leaks()  # once every connection is closed (its fd with it)
-    print("tables: empty" if not leaks else f"tables: {leaks}")
+    if leaks:  # a call still running in the model when the server stopped holds these
+        print("tables: " + ", ".join(f"{name} {n}" for name, n in leaks.items()))
+    else:
+        print("tables: empty")
     return 0
 
 

@@ -39,6 +39,16 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == __version__
 
 
+def test_version_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """``qtee --version`` is ``qtee version`` (a new user's first try gave a usage error)."""
+    from qtee import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == __version__
+
+
 def test_supplicant_check_calls_every_listener(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
