@@ -60,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "in memory (--rpmb-file: kept in a file)",
     )
     parser.add_argument(
+        "--rpmb-file",
+        metavar="FILE",
+        help="keep the emulated RPMB partition in FILE (made if missing); every acknowledged "
+        "write is on disk first.  With --tee optee: tee-supplicant's RPMB (default: in "
+        "memory); else it serves QTEE's RPMB listener (0x2000)",
+    )
+    parser.add_argument(
         "--ta-dir",
         metavar="DIR",
         action="append",
@@ -95,13 +102,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="qtee",
         help="qtee: the listener daemon (default); optee: tee-supplicant on the privileged "
         "node of the OP-TEE server given with --connect",
-    )
-    optee.add_argument(
-        "--rpmb-file",
-        metavar="FILE",
-        help="keep the emulated RPMB partition in FILE (made if missing); every acknowledged "
-        "write is on disk first.  With --tee optee: tee-supplicant's RPMB (default: in "
-        "memory); else it serves QTEE's RPMB listener (0x2000)",
     )
     optee.add_argument(
         "--plugin",
