@@ -144,7 +144,9 @@ def read_buf_block(
     Returns ``buf_ptr``, the block and its params as ``(attr, a, b, c)`` tuples;
     ``np_at`` is where ``num_params`` sits in the header.
     """
-    buf_ptr, buf_len = _BUF.unpack_from(need_arg(arg, _BUF.size, writable=False))
+    # A bytearray that holds the struct is the usual arg: need_arg checks the others.
+    fits = type(arg) is bytearray and len(arg) >= _BUF.size
+    buf_ptr, buf_len = _BUF.unpack_from(arg if fits else need_arg(arg, _BUF.size, writable=False))
     if buf_len > uapi.TEE_MAX_ARG_SIZE or buf_len < head_size:
         raise _einval(f"buf_len {buf_len}")
     block = memory.read(buf_ptr, buf_len)

@@ -18,6 +18,7 @@ names this one.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Final
@@ -69,9 +70,9 @@ def put(reason: Reason | None) -> None:
     _local.reason = reason
 
 
-def clear() -> None:
-    """Forget this thread's note (before a call)."""
-    _local.reason = None
+#: Forget this thread's note (before a call): ``clear()``.  A partial of ``setattr``, so the
+#: invoke path clears the note without a Python frame.
+clear: Final = functools.partial(setattr, _local, "reason", None)
 
 
 def take() -> Reason | None:

@@ -143,13 +143,6 @@ class Client:
             self.pool = WorkerPool(self, workers, deadline=deadline)
 
     # ----------------------------------------------------------------- memory
-    def _take_block(self) -> ArgBlock:
-        """A pinned argument block (one per concurrent ioctl, reused)."""
-        try:
-            return self._blocks.pop()
-        except IndexError:
-            return ArgBlock(self.device.memory)
-
     def new_block(self) -> ArgBlock:
         """A pinned argument block owned by the caller (a supplicant thread), for
         :meth:`call`; the caller closes it."""
@@ -259,97 +252,97 @@ class Client:
 
     # ----------------------------------------------------------------- invoke
     def _invoke(self, ident: int, op_: int, args: tuple[Any, ...]) -> list[Any]:
-        held: list[int] = []
+        held: list[int] = []  # callback ids held through the call, outputs read included
         try:
-            return self._invoke_held(ident, op_, args, held)
+            mem = self.device.memory
+            params: list[_P] = []
+            pins: list[int] = []
+            outs: list[tuple[int, bytearray | None]] = []
+            sent: list[int] = []
+            blk: ArgBlock | None = None
+            called = False
+            try:
+                for i, a in enumerate(args):
+                    if isinstance(a, _BYTES_LIKE):
+                        data = bytes(a)
+                        addr = 0
+                        if data:
+                            addr = mem.pin(data)
+                            pins.append(addr)
+                        params.append((_UB_IN, addr, len(data), 0))
+                    elif isinstance(a, Out):
+                        out = bytearray(a.size)
+                        addr = 0
+                        if a.size:
+                            addr = mem.pin(out)
+                            pins.append(addr)
+                        params.append((_UB_OUT, addr, a.size, 0))
+                        outs.append((i, out))
+                    elif a is OUT_OBJECT:
+                        params.append((_OBJ_OUT, 0, 0, 0))
+                        outs.append((i, None))
+                    else:
+                        params.append(self.to_param(a, sent))
+                n = len(params)
+                size = _INVOKE_HEAD_SIZE + 32 * n
+                if size > uapi.TEE_MAX_ARG_SIZE:
+                    raise UsageError(f"{n} arguments do not fit one invoke ({size} > 4096 bytes)")
+                try:  # a pinned argument block (one per concurrent ioctl, reused)
+                    blk = self._blocks.pop()
+                except IndexError:
+                    blk = ArgBlock(self.device.memory)
+                _invoke_struct(n).pack_into(
+                    blk.buf, 0, ident, op_, 0, n, *itertools.chain.from_iterable(params)
+                )
+                called = True  # from here the errno channel decides ownership
+                for uid in sent:  # held through the call: an output may name an object sent in
+                    self.exports.hold(uid)  # it while QTEE's release of it is being delivered
+                held.extend(sent)
+                _reason.clear()  # a note left by another call never names this one
+                try:
+                    self.call(uapi.TEE_IOC_OBJECT_INVOKE, blk, size)
+                except DriverError:
+                    for uid in sent:  # errno channel: the caller keeps ownership
+                        self.exports.unexport(uid)
+                    sent.clear()
+                    raise
+                (ret,) = _U32.unpack_from(blk.buf, 12)
+                back = (
+                    [_PARAM.unpack_from(blk.buf, _INVOKE_HEAD_SIZE + 32 * i) for i, _ in outs]
+                    if outs
+                    else []
+                )
+            except BaseException:
+                if not called:  # failed before the ioctl: the caller keeps ownership
+                    for uid in sent:
+                        self.exports.unexport(uid)
+                raise
+            finally:
+                if blk is not None:
+                    self._blocks.append(blk)
+                if pins:
+                    self._unpin(pins)
+            if op_ == 0xFFFF:
+                return []
+            if ret:  # the secure side's note says which error and why (model-only)
+                raise _reason.error_for(ret)
+            values: list[Any] = []
+            try:
+                for (_, buf), p in zip(outs, back, strict=True):
+                    values.append(
+                        bytes(buf[: p[2]]) if buf is not None else self.from_param(*p[1:3])
+                    )
+            except UsageError as exc:
+                # libqcomtee: an output that cannot be unmarshalled makes the result UNAVAIL
+                # and every output object made so far is released (quic-teec.md §1.3).
+                for v in values:
+                    if isinstance(v, ObjRef | MemoryObject):
+                        v.release()
+                raise QteeError(Result.ERROR_UNAVAIL, str(exc)) from None
+            return values
         finally:
             for uid in held:
                 self.exports.unexport(uid)
-
-    def _invoke_held(
-        self, ident: int, op_: int, args: tuple[Any, ...], held: list[int]
-    ) -> list[Any]:
-        mem = self.device.memory
-        params: list[_P] = []
-        pins: list[int] = []
-        outs: list[tuple[int, bytearray | None]] = []
-        sent: list[int] = []
-        blk: ArgBlock | None = None
-        called = False
-        try:
-            for i, a in enumerate(args):
-                if isinstance(a, _BYTES_LIKE):
-                    data = bytes(a)
-                    addr = 0
-                    if data:
-                        addr = mem.pin(data)
-                        pins.append(addr)
-                    params.append((_UB_IN, addr, len(data), 0))
-                elif isinstance(a, Out):
-                    out = bytearray(a.size)
-                    addr = 0
-                    if a.size:
-                        addr = mem.pin(out)
-                        pins.append(addr)
-                    params.append((_UB_OUT, addr, a.size, 0))
-                    outs.append((i, out))
-                elif a is OUT_OBJECT:
-                    params.append((_OBJ_OUT, 0, 0, 0))
-                    outs.append((i, None))
-                else:
-                    params.append(self.to_param(a, sent))
-            n = len(params)
-            size = _INVOKE_HEAD_SIZE + 32 * n
-            if size > uapi.TEE_MAX_ARG_SIZE:
-                raise UsageError(f"{n} arguments do not fit one invoke ({size} > 4096 bytes)")
-            blk = self._take_block()
-            _invoke_struct(n).pack_into(
-                blk.buf, 0, ident, op_, 0, n, *itertools.chain.from_iterable(params)
-            )
-            called = True  # from here the errno channel decides ownership
-            for uid in sent:  # held through the call: an output may name an object sent in
-                self.exports.hold(uid)  # it while QTEE's release of it is being delivered
-            held.extend(sent)
-            _reason.clear()  # a note left by another call never names this one
-            try:
-                self.call(uapi.TEE_IOC_OBJECT_INVOKE, blk, size)
-            except DriverError:
-                for uid in sent:  # errno channel: the caller keeps ownership
-                    self.exports.unexport(uid)
-                sent.clear()
-                raise
-            (ret,) = _U32.unpack_from(blk.buf, 12)
-            back = (
-                [_PARAM.unpack_from(blk.buf, _INVOKE_HEAD_SIZE + 32 * i) for i, _ in outs]
-                if outs
-                else []
-            )
-        except BaseException:
-            if not called:  # failed before the ioctl: the caller keeps ownership
-                for uid in sent:
-                    self.exports.unexport(uid)
-            raise
-        finally:
-            if blk is not None:
-                self._blocks.append(blk)
-            if pins:
-                self._unpin(pins)
-        if op_ == 0xFFFF:
-            return []
-        if ret:  # the secure side's note says which error and why (model-only)
-            raise _reason.error_for(ret)
-        values: list[Any] = []
-        try:
-            for (_, buf), p in zip(outs, back, strict=True):
-                values.append(bytes(buf[: p[2]]) if buf is not None else self.from_param(*p[1:3]))
-        except UsageError as exc:
-            # libqcomtee: an output that cannot be unmarshalled makes the result UNAVAIL
-            # and every output object made so far is released (quic-teec.md §1.3).
-            for v in values:
-                if isinstance(v, ObjRef | MemoryObject):
-                    v.release()
-            raise QteeError(Result.ERROR_UNAVAIL, str(exc)) from None
-        return values
 
     def to_param(self, obj: object, sent: list[int]) -> tuple[int, int, int, int]:
         """The ``(attr, a, b, c)`` of input object ``obj`` (None, an :class:`ObjRef`, a
