@@ -175,6 +175,27 @@ _new = object.__new__
 _setattr = object.__setattr__
 
 
+def _fast_region(
+    addr: object, data: object, writable: object, writable_only: bool
+) -> Region | None:
+    """A region from its three fields, checked as ``Region`` checks them (None: anything
+    unusual, left to the general path)."""
+    if (
+        type(addr) is not int
+        or type(data) is not bytes
+        or type(writable) is not bool
+        or not 0 <= addr <= _U64
+        or addr + len(data) > _U64 + 1
+        or (writable_only and not writable)
+    ):
+        return None
+    region = _new(Region)
+    _setattr(region, "addr", addr)
+    _setattr(region, "data", data)
+    _setattr(region, "writable", writable)
+    return region
+
+
 def _fast_regions(value: object, writable_only: bool) -> tuple[Region, ...] | None:
     if type(value) is not list:
         return None
@@ -182,20 +203,9 @@ def _fast_regions(value: object, writable_only: bool) -> tuple[Region, ...] | No
     for r in value:
         if type(r) is not dict or r.keys() != _REGION_KEYS:
             return None
-        addr, data, writable = r["addr"], r["data"], r["writable"]
-        if (
-            type(addr) is not int
-            or type(data) is not bytes
-            or type(writable) is not bool
-            or not 0 <= addr <= _U64
-            or addr + len(data) > _U64 + 1
-            or (writable_only and not writable)
-        ):
+        region = _fast_region(r["addr"], r["data"], r["writable"], writable_only)
+        if region is None:
             return None
-        region = _new(Region)
-        _setattr(region, "addr", addr)
-        _setattr(region, "data", data)
-        _setattr(region, "writable", writable)
         out.append(region)
     if len(out) > 1:
         spans = sorted((r.addr, r.addr + len(r.data)) for r in out if r.data)
@@ -270,22 +280,11 @@ def _decode_call(body: memoryview) -> Ioctl | IoctlReply | None:
         if type(r) is not tuple or len(r) != 3:
             return None
         (ka, addr), (kd, data), (kw, writable) = r
-        if (
-            ka != "addr"
-            or kd != "data"
-            or kw != "writable"
-            or type(addr) is not int
-            or type(data) is not bytes
-            or type(writable) is not bool
-            or not 0 <= addr <= _U64
-            or addr + len(data) > _U64 + 1
-            or (writable_only and not writable)
-        ):
+        if ka != "addr" or kd != "data" or kw != "writable":
             return None
-        region = _new(Region)
-        _setattr(region, "addr", addr)
-        _setattr(region, "data", data)
-        _setattr(region, "writable", writable)
+        region = _fast_region(addr, data, writable, writable_only)
+        if region is None:
+            return None
         out.append(region)
         if data:
             spans.append((addr, addr + len(data)))

@@ -128,14 +128,9 @@ class RegionMemory:
         if addr < 0 or size < 0 or addr + size > TASK_SIZE:
             raise _efault(addr, size, "is outside the user address space")
 
-    # read and write are check, _regions and CallRegions.find inline (they run for every
-    # block an ioctl touches).
-    def read(self, addr: int, size: int) -> bytes:
-        """``copy_from_user`` from the caller's regions."""
-        if addr < 0 or size < 0 or addr + size > TASK_SIZE:
-            raise _efault(addr, size, "is outside the user address space")
-        if size == 0:
-            return b""
+    def _mapped(self, addr: int, size: int) -> tuple[CallRegions, int, bytearray]:
+        """The caller's region holding ``size`` bytes at ``addr``: the call, its start, its
+        buffer (EFAULT: no caller memory, unmapped, or running past the buffer)."""
         call: CallRegions | None = getattr(self._local, "call", None)
         if call is None:
             raise DriverError(errno.EFAULT, "no caller memory in this thread")
@@ -147,6 +142,17 @@ class RegionMemory:
         buf = call.bufs[start]
         if addr + size > start + len(buf):
             raise _efault(addr, size, "runs past the mapped buffer")
+        return call, start, buf
+
+    # read and write run for every block an ioctl touches: the range check and the lookup
+    # (_mapped) without CallRegions.find's extra frames.
+    def read(self, addr: int, size: int) -> bytes:
+        """``copy_from_user`` from the caller's regions."""
+        if addr < 0 or size < 0 or addr + size > TASK_SIZE:
+            raise _efault(addr, size, "is outside the user address space")
+        if size == 0:
+            return b""
+        _, start, buf = self._mapped(addr, size)
         return bytes(buf[addr - start : addr - start + size])
 
     def write(self, addr: int, data: bytes) -> None:
@@ -156,17 +162,7 @@ class RegionMemory:
             raise _efault(addr, size, "is outside the user address space")
         if size == 0:
             return
-        call: CallRegions | None = getattr(self._local, "call", None)
-        if call is None:
-            raise DriverError(errno.EFAULT, "no caller memory in this thread")
-        starts = call.starts
-        i = bisect.bisect_right(starts, addr) - 1
-        if i < 0:
-            raise _efault(addr, size, "is not mapped for this call")
-        start = starts[i]
-        buf = call.bufs[start]
-        if addr + size > start + len(buf):
-            raise _efault(addr, size, "runs past the mapped buffer")
+        call, start, buf = self._mapped(addr, size)
         if start not in call.writable:
             raise _efault(addr, size, "is read-only")
         buf[addr - start : addr - start + size] = data
