@@ -227,6 +227,25 @@ def _validate(
         _check_u32(ident, f"IO {i} object id")
 
 
+def _name_refusal(
+    exc: Exception,
+    cxt: int,
+    op: int,
+    ib: Sequence[bytes],
+    ob: Sequence[int],
+    io: Sequence[int],
+    n_oo: int,
+    most: int,
+) -> None:
+    """An encoder's pack failed with ``exc``: raise the error that names the bad argument
+    (``exc`` itself when it is one); return only when none is found, for the caller's raise."""
+    if isinstance(exc, UsageError):
+        raise exc
+    _validate(ib, ob, io, n_oo, most)
+    _check_u32(cxt, "cxt")
+    _check_u32(op, "op")
+
+
 def _nbytes(data: object) -> int:
     """Bytes in a bytes-like object (``len`` counts items of a non-byte memoryview); -1 if none."""
     if isinstance(data, memoryview):
@@ -334,11 +353,7 @@ def _inbound_encoder(most: int) -> _InboundEncoder:
             buf = bytearray(end)
             _INVOKE_ALL[len(fields) >> 1].pack_into(buf, 0, cxt, op, *fields)
         except (struct.error, TypeError, ValueError, OverflowError) as exc:
-            if isinstance(exc, UsageError):
-                raise
-            _validate(ib, ob, io, n_oo, most)
-            _check_u32(cxt, "cxt")
-            _check_u32(op, "op")
+            _name_refusal(exc, cxt, op, ib, ob, io, n_oo, most)
             raise
         k = 1
         for data in ib:
@@ -411,11 +426,7 @@ def _write_callback(
             )
         _CALLBACK_ALL[len(fields) >> 1].pack_into(buf, 0, 0, cxt, op, *fields)
     except (struct.error, TypeError, ValueError, OverflowError) as exc:
-        if isinstance(exc, UsageError):
-            raise
-        _validate(ib, ob, io, n_oo)
-        _check_u32(cxt, "cxt")
-        _check_u32(op, "op")
+        _name_refusal(exc, cxt, op, ib, ob, io, n_oo, _MAX_PER_KIND)
         raise
     k = 1
     for data in ib:
