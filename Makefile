@@ -11,7 +11,7 @@ BRIDGE_SRC := qtee/bridge/preload.c qtee/bridge/embed.c qtee/bridge/bridge.h
 # The python3-config of the interpreter the virtualenv was made from (its libpython).
 PYCONFIG = $(shell $(BIN)/python -c 'import os, sysconfig; p = os.path.join(sysconfig.get_config_var("BINDIR"), "python3-config"); print(p if os.path.exists(p) else "python3-config")')
 
-.PHONY: test demo bench lint typecheck pytest soak clean bridge
+.PHONY: test demo bench bench-spread lint typecheck pytest soak clean bridge
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ demo: $(STAMP) bridge
 
 bench: $(STAMP) bridge
 	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# The targeted figures, five runs each: median and spread (the README's figures).
+bench-spread: $(STAMP) bridge
+	$(BIN)/python bench/_spread.py --runs 5
 
 soak: $(STAMP)
 	QTEE_SOAK=1 $(BIN)/python -m pytest -m slow

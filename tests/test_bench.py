@@ -65,3 +65,47 @@ def test_each_figure_prints_its_floor_beside_it(script: str) -> None:
             found[m["name"]] = m["target"]
             assert float(m["ratio"]) > 0 and float(m["floor"]) > 0, line
     assert found == FIGURES[script], out
+
+
+SPREAD = re.compile(
+    r"^(?P<name>\S.*?)\s+(?P<median>\d+\.\d\d)x \((?P<lo>\d+\.\d\d)-(?P<hi>\d+\.\d\d)\)"
+    r"   floor\s+\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)"
+    r"   target <= (?P<target>\d+(\.\d+)?)x: (ok|MISSED) \((?P<met>\d)/2 runs\)$"
+)
+
+
+def test_spread_gives_each_targeted_figure_its_median_and_range() -> None:
+    """Issue 18 "Acceptance": "the README states each figure's spread across 5 runs";
+    ``make bench-spread`` runs the two benches N times and prints, per targeted figure,
+    the median ratio, its lowest and highest, the floor's, and how many runs met it."""
+    env = {**os.environ, "QTEE_BENCH_QUICK": "1"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "_spread.py"), "--runs", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    found = {}
+    for line in done.stdout.splitlines():
+        m = SPREAD.match(line)
+        if m:
+            assert float(m["lo"]) <= float(m["median"]) <= float(m["hi"]), line
+            found[m["name"]] = m["target"]
+    assert found == {**FIGURES["invoke.py"], **FIGURES["ipc.py"]}, done.stdout
+    assert done.stderr.count("run 1/2") == 2 and done.stderr.count("run 2/2") == 2
+
+
+def test_spread_refuses_fewer_than_one_run() -> None:
+    """A run count below one is named, not run."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "_spread.py"), "--runs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--runs must be at least 1, not 0" in done.stderr
