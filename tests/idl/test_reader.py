@@ -122,8 +122,17 @@ def test_itest3_inherits_ops_and_errors() -> None:
 
 def test_reserved_words_warn_with_the_place() -> None:
     """idlc_codegen_c/src/lib.rs renames C keywords with a warning (``struct break``)."""
-    with pytest.warns(IdlWarning, match=r"ITest\.idl:11:8: struct `break` is a reserved word"):
+    with pytest.warns(IdlWarning) as record:
         read_idl(DATA / "ITest.idl")
+    messages = [str(w.message) for w in record]
+    assert messages == [
+        f"{DATA / 'ITest.idl'}:11:8: struct `break` is a reserved word in C, C++, Java, "
+        "Python; backends for those languages rename it `_break`",
+        f"{DATA / 'ITest.idl'}:12:12: field `switch` is a reserved word in C, C++, Java; "
+        "backends for those languages rename it `_switch`",
+        f"{DATA / 'ITest.idl'}:69:10: method `delete` is a reserved word in C++; "
+        "backends for those languages rename it `_delete`",
+    ]
 
 
 def test_idl_error_is_a_usage_error_with_a_location() -> None:
@@ -133,3 +142,14 @@ def test_idl_error_is_a_usage_error_with_a_location() -> None:
     assert isinstance(info.value, UsageError)
     assert str(info.value).startswith("t.idl:2:15: ")
     assert (info.value.location.line, info.value.location.column) == (2, 15)
+
+
+def test_public_names() -> None:
+    """The reader's names are exported from objects.idl (not from objects)."""
+    import objects
+    import objects.idl
+
+    assert {"IdlError", "IdlWarning", "parse_idl", "read_idl"} <= set(objects.idl.__all__)
+    assert not {"IdlError", "read_idl"} & set(objects.__all__)
+    assert issubclass(objects.idl.IdlError, UsageError)
+    assert issubclass(objects.idl.IdlWarning, UserWarning)
