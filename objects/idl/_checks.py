@@ -1,7 +1,7 @@
-"""The Mink IDL compiler's checks and lowering, from syntax records to :mod:`.model` records.
+"""The Mink IDL compiler's checks on syntax records, in its order (passes 1-5 here; the
+lowering and the interface checks, 6-7, are :mod:`objects.idl._lower`).
 
-The passes run in the compiler's order, over every file read (the file and its
-includes):
+The passes run over every file read (the file and its includes):
 
 1. what its syntax-tree builder rejects: constants out of their type's range, malformed
    or repeated ``#[version]`` attributes, array sizes outside 1..65535;
@@ -27,11 +27,11 @@ reader turns both into its public exception and :mod:`warnings` calls.
 from __future__ import annotations
 
 import struct as _struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from objects.idl import model
-from objects.idl._grammar import (
+from objects.idl._keywords import reserved_in
+from objects.idl._syntax import (
     ConstSyntax,
     ErrorSyntax,
     FileSyntax,
@@ -40,11 +40,9 @@ from objects.idl._grammar import (
     ParamSyntax,
     StructSyntax,
 )
-from objects.idl._keywords import reserved_in
 
-__all__ = ["CheckFailure", "Unit", "lower"]
+__all__ = ["CheckFailure", "Checks", "Decl", "Unit", "check"]
 
-_VERSION_FUNC_NAME = "api_version"
 _VERSION_PART_MAX = 0x3FF
 _COUNT_MAX = 0xFFFF
 #: The struct verifier's alignment for a plain ``interface`` field (a named interface
@@ -156,21 +154,20 @@ def array_count(unit: Unit, digits: str, offset: int) -> int:
 
 
 @dataclass(slots=True)
-class _Decl:
+class Decl:
     unit: Unit
     node: StructSyntax | InterfaceSyntax
 
 
 @dataclass(slots=True)
-class _Lowering:
-    units: list[Unit]
+class Checks:
+    """What passes 1-5 learnt: the declarations by name, constants, versions, layouts."""
+
     warnings: list[tuple[model.Location, str]] = field(default_factory=list)
-    types: dict[str, _Decl] = field(default_factory=dict)
+    types: dict[str, Decl] = field(default_factory=dict)
     consts: dict[str, model.Location] = field(default_factory=dict)
     versions: dict[int, tuple[model.Version | None, ...]] = field(default_factory=dict)
     layout: dict[str, tuple[int, int]] = field(default_factory=dict)
-    structs: dict[str, model.Struct] = field(default_factory=dict)
-    interfaces: dict[str, model.Interface] = field(default_factory=dict)
     const_values: dict[int, model.Const] = field(default_factory=dict)
 
     def warn(self, where: model.Location, message: str) -> None:
@@ -252,7 +249,7 @@ class _Lowering:
                     f"{prior.unit.loc(prior.node.name_offset)} (structs and interfaces share "
                     "one namespace)",
                 )
-            self.types[decl.name] = _Decl(unit, decl)
+            self.types[decl.name] = Decl(unit, decl)
 
     # -- 3 ----------------------------------------------------------------------------------
 
@@ -380,225 +377,10 @@ class _Lowering:
             )
         return size, align
 
-    # -- 6: lowering -----------------------------------------------------------------------
 
-    def field_type(self, name: str) -> model.FieldType:
-        prim = model.Primitive.from_name(name)
-        if prim is not None:
-            return prim
-        if name == "interface":
-            return model.InterfaceType(None)
-        decl = self.types[name]
-        if isinstance(decl.node, InterfaceSyntax):
-            return model.InterfaceType(name)
-        return self.struct(decl.unit, decl.node)
-
-    def struct(self, unit: Unit, s: StructSyntax) -> model.Struct:
-        done = self.structs.get(s.name)
-        if done is not None:
-            return done
-        fields = tuple(
-            model.StructField(
-                f.name,
-                self.field_type(f.type_name),
-                int(f.count) if f.count is not None else 1,
-                f.count is not None,
-            )
-            for f in s.fields
-        )
-        out = model.Struct(s.name, fields, unit.label, unit.loc(s.name_offset), s.doc)
-        self.structs[s.name] = out
-        return out
-
-    def param(self, unit: Unit, iface: str, m: MethodSyntax, p: ParamSyntax) -> model.Param:
-        direction = model.Direction.IN if p.direction == "in" else model.Direction.OUT
-        where = unit.loc(p.name_offset)
-        name = p.type_name
-        ptype: model.ParamType
-        if name == "buffer":  # the compiler makes any ``buffer`` (even ``buffer[]``) untyped
-            return model.Param(p.name, direction, model.Buffer.BUFFER, location=where)
-        prim = model.Primitive.from_name(name)
-        if prim is not None:
-            ptype = prim
-        elif name == "interface":
-            ptype = model.InterfaceType(None)
-        else:
-            decl = self.types.get(name)
-            if decl is None:
-                raise CheckFailure(
-                    unit.loc(p.type_offset),
-                    f"parameter `{p.name}` of `{iface}::{m.name}` has the unknown type `{name}`",
-                )
-            if isinstance(decl.node, InterfaceSyntax):
-                ptype = model.InterfaceType(name)
-            else:
-                ptype = self.struct(decl.unit, decl.node)
-        bound = int(p.array) if p.array else None
-        return model.Param(p.name, direction, ptype, p.array is not None, bound, location=where)
-
-    def interface(self, unit: Unit, s: InterfaceSyntax) -> model.Interface:
-        done = self.interfaces.get(s.name)
-        if done is not None:
-            return done
-        base: model.Interface | None = None
-        if s.base is not None:
-            decl = self.types[s.base]
-            assert isinstance(decl.node, InterfaceSyntax)
-            base = self.interface(decl.unit, decl.node)
-        op = len(base.all_methods) if base else 0
-        code = model.ERROR_CODE_START + (len(base.all_errors) if base else 0)
-        methods: list[model.Method] = []
-        errors: list[model.Error] = []
-        consts: list[model.Const] = []
-        for item in s.items:
-            if isinstance(item, ConstSyntax):
-                consts.append(self.const_values[id(item)])
-            elif isinstance(item, ErrorSyntax):
-                errors.append(model.Error(item.name, code, unit.loc(item.name_offset)))
-                code += 1
-            else:
-                if op > model.MAX_OP:
-                    raise CheckFailure(
-                        unit.loc(item.name_offset),
-                        f"method `{s.name}::{item.name}` would be op {op:#x}: an interface "
-                        f"(with its bases) has at most {model.MAX_OP + 1} methods",
-                    )
-                params = tuple(self.param(unit, s.name, item, p) for p in item.params)
-                versions = self.versions[id(item)]
-                methods.append(
-                    model.Method(
-                        item.name,
-                        op,
-                        params,
-                        versions[0] if versions else None,
-                        item.doc,
-                        unit.loc(item.name_offset),
-                    )
-                )
-                op += 1
-        out = model.Interface(
-            s.name,
-            base,
-            tuple(methods),
-            tuple(errors),
-            tuple(consts),
-            unit.label,
-            s.doc,
-            unit.loc(s.name_offset),
-        )
-        self.interfaces[s.name] = out
-        return out
-
-    # -- 7 ----------------------------------------------------------------------------------
-
-    def verify(self, iface: model.Interface) -> None:
-        chain: list[model.Interface] = []
-        here: model.Interface | None = iface
-        while here is not None:
-            chain.insert(0, here)
-            here = here.base
-        values: dict[str, tuple[str, model.Location | None]] = {}
-        methods: dict[str, tuple[str, model.Location | None]] = {}
-        for level in chain:
-            named: Iterable[model.Const | model.Error] = (*level.consts, *level.errors)
-            for item in sorted(named, key=lambda x: _order(x.location)):
-                _collide(values, item.name, level.name, item.location, iface.name)
-            for m in level.methods:
-                _collide(methods, m.name, level.name, m.location, iface.name)
-        for m in iface.methods:
-            self.verify_method(iface, m)
-
-    def verify_method(self, iface: model.Interface, m: model.Method) -> None:
-        where = m.location or model.Location(iface.file, 0, 0)
-        if m.name == _VERSION_FUNC_NAME:
-            raise CheckFailure(
-                where,
-                f"method `{iface.name}::{m.name}` conflicts with a Mink IDL reserved word "
-                "(every generated interface has an api_version method)",
-            )
-        arrays = {model.Direction.IN: False, model.Direction.OUT: False}
-        singles = {model.Direction.IN: False, model.Direction.OUT: False}
-        for p in m.params:
-            at = p.location or where
-            if isinstance(p.type, model.InterfaceType):
-                if not p.is_array:
-                    singles[p.direction] = True
-                    continue
-                shown = p.type.name or "interface"
-                if p.bound is None:
-                    raise CheckFailure(
-                        at,
-                        f"method `{iface.name}::{m.name}`: `{p.name}` is an unbounded array "
-                        f"of {shown}; object arrays must be bounded (`{shown}[N]`)",
-                    )
-                if p.bound == 1:
-                    self.warn(
-                        at,
-                        f"method `{iface.name}::{m.name}`: `{p.name}` is an object array of "
-                        "size 1; a single object parameter is better",
-                    )
-                arrays[p.direction] = True
-                continue
-            if not p.is_array:
-                continue
-            if (
-                isinstance(p.type, model.Struct)
-                and p.type.has_objects
-                and (p.direction is model.Direction.OUT or not p.type.is_small)
-            ):
-                raise CheckFailure(
-                    at,
-                    f"method `{iface.name}::{m.name}`: `{p.name}` is an array of struct "
-                    f"`{p.type.name}`, which holds objects; such structs cannot be arrays",
-                )
-            if p.bound is not None:
-                raise CheckFailure(
-                    at,
-                    f"method `{iface.name}::{m.name}`: `{p.name}` is a bounded array of "
-                    "data; only objects may be bounded arrays (use `type name[]`)",
-                )
-        for direction in model.Direction:
-            if arrays[direction] and singles[direction]:
-                raise CheckFailure(
-                    where,
-                    f"method `{iface.name}::{m.name}` has both an object array and single "
-                    f"object {direction.value}put parameters; use one or the other",
-                )
-
-
-def _order(location: model.Location | None) -> tuple[int, int]:
-    return (location.line, location.column) if location else (0, 0)
-
-
-def _collide(
-    seen: dict[str, tuple[str, model.Location | None]],
-    name: str,
-    owner: str,
-    where: model.Location | None,
-    checked: str,
-) -> None:
-    first = seen.get(name)
-    if first is not None:
-        place = where or model.Location("", 0, 0)
-        raise CheckFailure(
-            place,
-            f"interface `{checked}`: the name `{name}` of `{owner}` is already used in "
-            f"`{first[0]}` at {first[1]}",
-        )
-    seen[name] = (owner, where)
-
-
-def lower(
-    units: list[Unit],
-) -> tuple[
-    dict[
-        int, tuple[tuple[model.Const, ...], tuple[model.Struct, ...], tuple[model.Interface, ...]]
-    ],
-    list[tuple[model.Location, str]],
-]:
-    """Check ``units`` (every file read, each after the files it includes) and lower them:
-    per unit (by ``id``) its own constants, structs and interfaces; and the warnings."""
-    run = _Lowering(units)
+def check(units: list[Unit]) -> Checks:
+    """Passes 1-5 over ``units`` (every file read, each after the files it includes)."""
+    run = Checks()
     for unit in units:
         run.syntax_tree(unit)
     for unit in units:
@@ -613,19 +395,4 @@ def lower(
                 run.inheritance(unit, decl)
             elif isinstance(decl, StructSyntax):
                 run.struct_graph(unit, decl, [])
-    out = {}
-    for unit in units:
-        consts = tuple(
-            run.const_values[id(d)] for d in unit.syntax.decls if isinstance(d, ConstSyntax)
-        )
-        structs = tuple(
-            run.struct(unit, d) for d in unit.syntax.decls if isinstance(d, StructSyntax)
-        )
-        interfaces = tuple(
-            run.interface(unit, d) for d in unit.syntax.decls if isinstance(d, InterfaceSyntax)
-        )
-        out[id(unit)] = (consts, structs, interfaces)
-    for unit in units:
-        for iface in out[id(unit)][2]:
-            run.verify(iface)
-    return out, run.warnings
+    return run

@@ -21,8 +21,10 @@ from pathlib import Path
 
 from objects._errors import UsageError
 from objects.idl import model
-from objects.idl._checks import CheckFailure, Unit, lower
-from objects.idl._grammar import SyntaxFailure, parse_text
+from objects.idl._checks import CheckFailure, Unit
+from objects.idl._grammar import parse_text
+from objects.idl._lower import lower
+from objects.idl._syntax import SyntaxFailure
 
 __all__ = ["IdlError", "IdlWarning", "parse_idl", "read_idl"]
 
