@@ -31,21 +31,10 @@ from objects.idl._syntax import (
     ParamSyntax,
     StructSyntax,
     SyntaxFailure,
+    clean_doc,
 )
 
-__all__ = [
-    "ConstSyntax",
-    "ErrorSyntax",
-    "FieldSyntax",
-    "FileSyntax",
-    "IncludeSyntax",
-    "InterfaceSyntax",
-    "MethodSyntax",
-    "ParamSyntax",
-    "StructSyntax",
-    "SyntaxFailure",
-    "parse_text",
-]
+__all__ = ["SyntaxFailure", "parse_text"]
 
 _WS: Final = " \t\r\n"
 _ALPHA: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -58,24 +47,6 @@ _HEX: Final = _DIGITS | frozenset("abcdefABCDEF")
 class _Comment:
     is_doc: bool
     text: str
-
-
-def _clean_doc(raw: str) -> str:
-    """The text of a ``/** ... */`` comment without the markers and leading ``*``s."""
-    body = raw[3:-2]
-    lines = []
-    for line in body.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("*"):
-            stripped = stripped[1:]
-            if stripped.startswith(" "):
-                stripped = stripped[1:]
-        lines.append(stripped.rstrip())
-    while lines and not lines[0]:
-        lines.pop(0)
-    while lines and not lines[-1]:
-        lines.pop()
-    return "\n".join(lines)
 
 
 @dataclass(slots=True)
@@ -219,7 +190,7 @@ class _Parser:
         """The compiler's rule: the last comment before a node is its documentation when
         it is a ``/**``-newline comment; any later plain comment cancels it."""
         if comments and comments[-1].is_doc:
-            return _clean_doc(comments[-1].text)
+            return clean_doc(comments[-1].text)
         return None
 
     # -- rules ------------------------------------------------------------------------------
@@ -436,12 +407,10 @@ class _Parser:
         if name is None and not self.ahead("interface"):
             name = self.ident()
         if name is not None:
-            at = self.pos
             self.skip()
             arr_at = self.pos
             if self.unbounded_array():
                 return name, start, "", arr_at
-            del at
         self.pos = start
         # primitive_type | ident | "interface" | "buffer"
         name = self.primitive_type()

@@ -18,6 +18,7 @@ __all__ = [
     "ParamSyntax",
     "StructSyntax",
     "SyntaxFailure",
+    "clean_doc",
 ]
 
 
@@ -112,3 +113,21 @@ class SyntaxFailure(Exception):
         super().__init__(reason)
         self.offset = offset
         self.reason = reason
+
+
+def clean_doc(raw: str) -> str:
+    """The text of a ``/** ... */`` comment without the markers and leading ``*``s."""
+    body = raw[3:-2]
+    lines = []
+    for line in body.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("*"):
+            stripped = stripped[1:]
+            if stripped.startswith(" "):
+                stripped = stripped[1:]
+        lines.append(stripped.rstrip())
+    while lines and not lines[0]:
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ from objects.idl import (
     Buffer,
     Direction,
     IdlError,
+    IdlFile,
     IdlWarning,
     InterfaceType,
     Primitive,
@@ -30,7 +31,7 @@ from objects.idl import (
 DATA = Path(__file__).parent / "data"
 
 
-def _read(path: Path) -> object:
+def _read(path: Path) -> IdlFile:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IdlWarning)
         return read_idl(path)

@@ -132,7 +132,7 @@ def test_included_names_resolve_and_duplicates_across_files_fail(tmp_path: Path)
     assert [(m.name, m.id) for m in d.all_methods] == [("m", 0), ("n", 1)]
     assert [(e.name, e.value) for e in d.all_errors] == [("E1", 10), ("E2", 11)]
     assert d.method("n").params[0].type is f.struct("Pair")
-    assert d.method("n").params[0].type.file == str(tmp_path / "base.idl")
+    assert f.struct("Pair").file == str(tmp_path / "base.idl")
     with pytest.raises(IdlError, match=r"^main\.idl:2:8: duplicate symbol: `Pair` is already"):
         parse_idl(
             'include "base.idl"\nstruct Pair { uint64 x; };',
@@ -156,7 +156,7 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="path must be"):
         read_idl(3)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="include_paths must be a sequence"):
-        read_idl(DATA / "invalid_file.idl", include_paths=str(tmp_path))  # type: ignore[arg-type]
+        read_idl(DATA / "invalid_file.idl", include_paths=str(tmp_path))
     with pytest.raises(UsageError, match="text must be a str"):
         parse_idl(b"struct")  # type: ignore[arg-type]
     with pytest.raises(IdlError, match=r"nope\.idl:1:1: cannot read the file"):
