@@ -119,6 +119,8 @@ def test_itest3_inherits_ops_and_errors() -> None:
     assert itest4.method("add_1000").id == 0
     assert [e.value for e in itest4.all_errors] == [10, 11, 12]
     assert itest3.doc is not None and itest3.doc.startswith("ITest3/ITest4 is for checking")
+    # mir.rs Interface::get_version: the highest of its own methods' versions only
+    assert itest3.version == Version(1, 0) and itest3.base.version == Version(2, 0)
 
 
 def test_reserved_words_warn_with_the_place() -> None:
