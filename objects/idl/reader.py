@@ -38,6 +38,9 @@ class IdlError(UsageError):
         self.location = location
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[IdlError], tuple[model.Location, str]]:
+        return (type(self), (self.location, self.reason))
+
 
 class IdlWarning(UserWarning):
     """What the compiler accepts but warns about; the message starts ``FILE:LINE:COLUMN: ``."""

@@ -8,6 +8,7 @@ declaration order base first, errors from 10 across inheritance) and its own che
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -145,6 +146,12 @@ def test_idl_error_is_a_usage_error_with_a_location() -> None:
     assert isinstance(info.value, UsageError)
     assert str(info.value).startswith("t.idl:2:15: ")
     assert (info.value.location.line, info.value.location.column) == (2, 15)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert (str(again), again.location, again.reason) == (
+        str(info.value),
+        info.value.location,
+        info.value.reason,
+    )
 
 
 def test_public_names() -> None:

@@ -216,3 +216,9 @@ def test_syntax_error_names_line_and_column() -> None:
         parse_idl("interface I {\n  method f(in uint32 a)\n};", name="x.idl")
     assert str(info.value).startswith("x.idl:2:23: syntax error: expected ")
     assert "');'" in str(info.value)
+
+
+def test_crlf_line_ends_count_as_one_line() -> None:
+    """pest's NEWLINE takes ``\\r\\n`` as one line end: places stay right in such files."""
+    with pytest.raises(IdlError, match=r"^w\.idl:3:10: "):
+        parse_idl("struct S {\r\n  uint8 a;\r\n  uint32 b;\r\n};\r\n", name="w.idl")
