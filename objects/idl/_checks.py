@@ -174,7 +174,7 @@ class Checks:
         self.warnings.append((where, message))
 
     def reserved(self, unit: Unit, name: str, offset: int, what: str) -> None:
-        langs = reserved_in(name)
+        langs = reserved_in(name, what)
         if langs:
             self.warn(
                 unit.loc(offset),

@@ -1,9 +1,11 @@
 """Words the backends cannot emit as identifiers: C17, C++23, Java and Python keywords.
 
-The Mink IDL compiler keeps such a list for its C, C++ and Java backends: an IDL name that
-is a keyword of the target language is renamed with a leading ``_`` and a warning is
-printed (its own test IDL names a struct ``break``).  The reader warns the same way, and
-adds Python's keywords (the Python backend renames them the same way).
+The Mink IDL compiler keeps such a list for its C, C++ and Java backends: where a backend
+writes an IDL name that is a keyword of its language, it writes it with a leading ``_``
+and prints a warning (its own test IDL names a struct ``break``).  It does so for struct
+and field names in C and Java and for method names in C++ and Java, nowhere else.  The
+reader warns the same way, adding Python's keywords for every name (the Python backend
+renames them the same way).
 """
 
 from __future__ import annotations
@@ -53,10 +55,18 @@ _JAVA: Final = frozenset(
 _PYTHON: Final = frozenset(keyword.kwlist)
 
 
-def reserved_in(name: str) -> tuple[str, ...]:
-    """The languages (``"C"``, ``"C++"``, ``"Java"``, ``"Python"``) reserving ``name``."""
-    return tuple(
-        lang
-        for lang, words in (("C", _C17), ("C++", _CPP23), ("Java", _JAVA), ("Python", _PYTHON))
-        if name in words
-    )
+#: Which backends rename which kind of name (the others write every name as it is).
+_RENAMED_BY: Final = {
+    "struct": ("C", "Java"),
+    "field": ("C", "Java"),
+    "method": ("C++", "Java"),
+}
+_WORDS: Final = {"C": _C17, "C++": _CPP23, "Java": _JAVA, "Python": _PYTHON}
+
+
+def reserved_in(name: str, kind: str) -> tuple[str, ...]:
+    """The languages among ``"C"``, ``"C++"``, ``"Java"``, ``"Python"`` whose backend
+    renames ``name`` used as a ``kind`` (``"struct"``, ``"field"``, ``"method"``, or any
+    other kind of name: Python only) because it is one of their keywords."""
+    langs = (*_RENAMED_BY.get(kind, ()), "Python")
+    return tuple(lang for lang in langs if name in _WORDS[lang])

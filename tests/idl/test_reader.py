@@ -125,14 +125,16 @@ def test_itest3_inherits_ops_and_errors() -> None:
 
 
 def test_reserved_words_warn_with_the_place() -> None:
-    """idlc_codegen_c/src/lib.rs renames C keywords with a warning (``struct break``)."""
+    """idlc_codegen_{c,cpp,java}: a backend renames its keywords with a warning, C and
+    Java in struct and field names (globals.rs), C++ and Java in method names
+    (interface/mod.rs); Python's keywords are added for the Python backend."""
     with pytest.warns(IdlWarning) as record:
         read_idl(DATA / "ITest.idl")
     messages = [str(w.message) for w in record]
     assert messages == [
-        f"{DATA / 'ITest.idl'}:11:8: struct `break` is a reserved word in C, C++, Java, "
-        "Python; backends for those languages rename it `_break`",
-        f"{DATA / 'ITest.idl'}:12:12: field `switch` is a reserved word in C, C++, Java; "
+        f"{DATA / 'ITest.idl'}:11:8: struct `break` is a reserved word in C, Java, Python; "
+        "backends for those languages rename it `_break`",
+        f"{DATA / 'ITest.idl'}:12:12: field `switch` is a reserved word in C, Java; "
         "backends for those languages rename it `_switch`",
         f"{DATA / 'ITest.idl'}:69:10: method `delete` is a reserved word in C++; "
         "backends for those languages rename it `_delete`",

@@ -50,7 +50,8 @@ GRAMMAR_WORDS = {
 
 def _usable(name: str) -> bool:
     return (
-        not reserved_in(name)
+        not reserved_in(name, "struct")
+        and not reserved_in(name, "method")
         and name not in GRAMMAR_WORDS
         and not name.startswith(("int", "uint", "float", "interface"))
     )
