@@ -525,14 +525,16 @@ class _Parser:
                 self.pos = mark
         else:
             self.pos = mark
-        self.skip()
+        # comments before the "{" are the interface's too: the first item may take one
+        before = self.skip()
         if not self.lit("{"):
             self.pos = start
             return None
         items: list[MethodSyntax | ConstSyntax | ErrorSyntax] = []
         while True:
             mark = self.pos
-            item_doc = self.doc_of(self.skip())
+            item_doc = self.doc_of(before + self.skip())
+            before = []
             item: MethodSyntax | ConstSyntax | ErrorSyntax | None = self.function(item_doc)
             if item is None:
                 item = self.const()

@@ -190,6 +190,14 @@ def test_a_plain_comment_after_documentation_cancels_it() -> None:
     assert f.interface("I").method("f").doc is None
 
 
+def test_documentation_before_the_brace_documents_the_first_method() -> None:
+    """pst.rs parse_interface walks every comment of the interface rule, those between
+    its name and ``{`` included."""
+    f = parse_idl("interface I\n/**\n first */\n{\n  method f();\n  method g();\n};")
+    assert f.interface("I").method("f").doc == "first"
+    assert f.interface("I").method("g").doc is None
+
+
 def test_peg_choice_commits_to_the_primitive_prefix() -> None:
     """idl_grammar.pest struct_field: ``(primitive_type | ident)`` takes ``uint8`` out of
     ``uint8x`` and never retries it as a name (PEG ordered choice)."""
