@@ -283,7 +283,7 @@ def test_what_qtee_and_qtee_secure_both_offer_is_one_object() -> None:
         assert getattr(qtee, name) is getattr(qtee.secure, name), name
 
 
-PACKAGES = ["qtee", "qtee.secure", "qtee.gp", "objects", "supplicant"]
+PACKAGES = ["qtee", "qtee.secure", "qtee.gp", "objects", "objects.idl", "supplicant"]
 
 
 def _documented(value: object) -> bool:
@@ -376,7 +376,15 @@ def test_exported_exceptions_name_a_public_home() -> None:
     import pickle
 
     seen = 0
-    for pkg in ("objects", "qtee", "qtee.secure", "qtee.gp", "qtee.vm", "supplicant"):
+    for pkg in (
+        "objects",
+        "objects.idl",
+        "qtee",
+        "qtee.secure",
+        "qtee.gp",
+        "qtee.vm",
+        "supplicant",
+    ):
         module = importlib.import_module(pkg)
         for name in module.__all__:
             obj = getattr(module, name)

@@ -212,6 +212,8 @@ ParamType = Primitive | Struct | InterfaceType | Buffer
 
 
 class Direction(enum.Enum):
+    """A parameter's direction: ``in`` (caller to callee) or ``out`` (back to the caller)."""
+
     IN = "in"
     OUT = "out"
 
