@@ -30,6 +30,7 @@ from objects.idl.model import (
     StructField,
 )
 from objects.idl.packing import layout, py_name
+from objects.idl.reader import read_idl
 
 __all__ = ["generate", "module_name", "module_text"]
 
@@ -315,8 +316,6 @@ def generate(
     if isinstance(source, IdlFile):
         file = source
     elif isinstance(source, str | os.PathLike):
-        from objects.idl.reader import read_idl  # type: ignore[import-not-found,unused-ignore]
-
         file = read_idl(source, tuple(include_paths))
     else:
         raise UsageError(f"generate takes a path or a model.IdlFile, not {type(source).__name__}")

@@ -32,15 +32,22 @@ object (None is ``Object_NULL``); an object array is a sequence of N objects.
 
 from __future__ import annotations
 
-import functools
-import keyword
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from objects._errors import QteeError, UsageError
 from objects._results import ObjectResult
+from objects.idl._values import (
+    object_paths,
+    pack_primitive,
+    pack_struct,
+    py_name,
+    struct_class,
+    unpack_struct,
+    with_objects,
+)
 from objects.idl.model import (
     BUNDLED_SIZE_MAX,
     Buffer,
@@ -70,7 +77,6 @@ OP_RELEASE: Final = 0xFFFF
 OP_RETAIN: Final = 0xFFFE
 #: Most arguments of one kind (a nibble of the counts word).
 _MAX_PER_KIND: Final = 15
-_OBJECT_NULL: Final = bytes(16)  # an ``Object`` field as the C struct holds it when NULL
 
 
 def counts_pack(n_bi: int, n_bo: int, n_oi: int, n_oo: int) -> int:
@@ -93,143 +99,6 @@ def check_lifecycle(op: int, counts: int) -> int | None:
     if op & 0xFFFF not in (OP_RELEASE, OP_RETAIN):
         return None
     return 0 if counts == 0 else int(ObjectResult.ERROR_INVALID)
-
-
-# ------------------------------------------------------------------ struct values
-def py_name(name: str) -> str:
-    """An IDL identifier as a Python name: a Python keyword gets a trailing ``_``
-    (``break`` -> ``break_``), as a field, parameter or class name."""
-    return name + "_" if keyword.iskeyword(name) else name
-
-
-@functools.cache
-def struct_class(st: Struct) -> type:
-    """The Python class of a struct's values: a frozen dataclass with its fields, in order
-    (one per struct, made once).  A field declared as an array holds a tuple."""
-    fields = [(py_name(f.name), Any) for f in st.fields]
-    return make_dataclass(py_name(st.name), fields, frozen=True, slots=True)
-
-
-def _object_paths(st: Struct) -> tuple[tuple[str, ...], ...]:
-    """The objects inside a struct, in the compiler's order: breadth first (a struct's own
-    object fields before those of the structs nested in it)."""
-    out: list[tuple[str, ...]] = []
-    queue: list[tuple[tuple[str, ...], Struct]] = [((), st)]
-    while queue:
-        prefix, node = queue.pop(0)
-        for f in node.fields:
-            if isinstance(f.type, Struct):
-                queue.append(((*prefix, f.name), f.type))
-            elif isinstance(f.type, InterfaceType):
-                if f.is_array:
-                    raise UsageError(
-                        f"struct {node.name}: field {f.name} is an array of objects, which "
-                        "the C backend cannot pass"
-                    )
-                out.append((*prefix, f.name))
-    return tuple(out)
-
-
-def _get(value: object, name: str, owner: str) -> Any:
-    name = py_name(name)
-    if isinstance(value, Mapping):
-        try:
-            return value[name]
-        except KeyError:
-            raise UsageError(f"a {owner} value has no field {name!r}") from None
-    try:
-        return getattr(value, name)
-    except AttributeError:
-        raise UsageError(
-            f"a {owner} value needs a field {name!r}; {type(value).__name__} has none"
-        ) from None
-
-
-def _pack_primitive(p: Primitive, value: object, what: str) -> bytes:
-    if p.is_float:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise UsageError(f"{what} is a {p.idl_name}: a float, not {value!r}")
-    elif not isinstance(value, int) or isinstance(value, bool):
-        raise UsageError(f"{what} is a {p.idl_name}: an int, not {value!r}")
-    try:
-        return struct.pack("<" + p.code, value)
-    except (struct.error, OverflowError):
-        raise UsageError(f"{what}: {value!r} does not fit a {p.idl_name}") from None
-
-
-def _pack_struct(st: Struct, value: object, objects: list[object], what: str) -> bytes:
-    """The struct's bytes, object fields zeroed; its objects appended breadth first."""
-    parts: list[bytes] = []
-    for f in st.fields:
-        v = _get(value, f.name, st.name)
-        where = f"{what}.{f.name}"
-        items: Sequence[object]
-        if f.is_array:
-            if isinstance(v, str) or not isinstance(v, Sequence | bytes | bytearray):
-                raise UsageError(f"{where} is an array of {f.count}: a sequence, not {v!r}")
-            if len(v) != f.count:
-                raise UsageError(f"{where} has {f.count} elements, not {len(v)}")
-            items = v
-        else:
-            items = (v,)
-        for k, item in enumerate(items):
-            here = f"{where}[{k}]" if f.is_array else where
-            if isinstance(f.type, Primitive):
-                parts.append(_pack_primitive(f.type, item, here))
-            elif isinstance(f.type, Struct):
-                parts.append(_pack_struct(f.type, item, [], here))
-            else:
-                parts.append(_OBJECT_NULL)
-    if objects is not None:
-        for path in _object_paths(st):
-            node: object = value
-            for name in path:
-                node = _get(node, name, st.name)
-            objects.append(node)
-    return b"".join(parts)
-
-
-def _unpack_struct(
-    st: Struct, data: bytes | memoryview, offset: int, make: Callable[[Struct], Callable[..., Any]]
-) -> tuple[Any, int]:
-    """A struct value read at ``offset`` (object fields None), and the offset after it."""
-    values: dict[str, Any] = {}
-    for f in st.fields:
-        items: list[Any] = []
-        for _ in range(f.count):
-            if isinstance(f.type, Primitive):
-                (v,) = struct.unpack_from("<" + f.type.code, data, offset)
-                offset += f.type.size
-            elif isinstance(f.type, Struct):
-                v, offset = _unpack_struct(f.type, data, offset, make)
-            else:
-                v = None
-                offset += f.type.size
-            items.append(v)
-        values[py_name(f.name)] = tuple(items) if f.is_array else items[0]
-    return make(st)(**values), offset
-
-
-def _with_objects(
-    st: Struct, value: Any, objects: Sequence[object], make: Callable[[Struct], Callable[..., Any]]
-) -> Any:
-    """``value`` with its object fields set from ``objects`` (breadth-first order)."""
-    if not objects:
-        return value
-    fill: dict[tuple[str, ...], object] = dict(zip(_object_paths(st), objects, strict=True))
-
-    def rebuild(node_st: Struct, node: Any, prefix: tuple[str, ...]) -> Any:
-        values = {py_name(f.name): _get(node, f.name, node_st.name) for f in node_st.fields}
-        for f in node_st.fields:
-            path = (*prefix, f.name)
-            key = py_name(f.name)
-            if isinstance(f.type, InterfaceType) and path in fill:
-                values[key] = fill[path]
-            elif isinstance(f.type, Struct) and not f.is_array:
-                values[key] = rebuild(f.type, values[key], path)
-        return make(node_st)(**values)
-
-    return rebuild(st, value, ())
 
 
 # ------------------------------------------------------------------ the layout
@@ -261,7 +130,7 @@ def _kind(p: Param) -> str:
         return "small"
     if isinstance(p.type, Struct):
         if p.type.size <= BUNDLED_SIZE_MAX:
-            if _object_paths(p.type):
+            if object_paths(p.type):
                 raise UsageError(
                     f"{p.name}: a small struct holding objects ({p.type.name}) cannot be "
                     "passed: the C backend counts no object argument for it"
@@ -318,7 +187,7 @@ def _objects(params: list[Param]) -> tuple[tuple[Param, int], ...]:
     for p in params:
         if _kind(p) == "struct":
             assert isinstance(p.type, Struct)
-            n = len(_object_paths(p.type))
+            n = len(object_paths(p.type))
             if n:
                 out.append((p, n))
     for p in params:
@@ -491,13 +360,13 @@ class MethodLayout:
             if isinstance(v, str) or not isinstance(v, Sequence | bytes | bytearray):
                 raise UsageError(f"{what} is an array: a sequence, not {v!r}")
             if isinstance(p.type, Primitive):
-                return b"".join(_pack_primitive(p.type, x, f"{what}[{k}]") for k, x in enumerate(v))
+                return b"".join(pack_primitive(p.type, x, f"{what}[{k}]") for k, x in enumerate(v))
             assert isinstance(p.type, Struct)
-            return b"".join(_pack_struct(p.type, x, [], f"{what}[{k}]") for k, x in enumerate(v))
+            return b"".join(pack_struct(p.type, x, [], f"{what}[{k}]") for k, x in enumerate(v))
         if isinstance(p.type, Primitive):
-            return _pack_primitive(p.type, v, what)
+            return pack_primitive(p.type, v, what)
         assert isinstance(p.type, Struct)
-        return _pack_struct(p.type, v, objs if objs is not None else [], what)
+        return pack_struct(p.type, v, objs if objs is not None else [], what)
 
     def unpack_outputs(
         self, ob: Sequence[bytes | bytearray | memoryview], oo: Sequence[object] = ()
@@ -546,7 +415,7 @@ class MethodLayout:
         assert isinstance(p.type, Struct)
         items = []
         for k in range(n):
-            v, _ = _unpack_struct(p.type, data, k * size, self._make)
+            v, _ = unpack_struct(p.type, data, k * size, self._make)
             items.append(v)
         values[p.name] = tuple(items)
 
@@ -555,7 +424,7 @@ class MethodLayout:
             (v,) = struct.unpack_from("<" + p.type.code, data, offset)
             return v, offset + p.type.size
         assert isinstance(p.type, Struct)
-        return _unpack_struct(p.type, data, offset, self._make)
+        return unpack_struct(p.type, data, offset, self._make)
 
     def _read_objects(
         self, slots: tuple[tuple[Param, int], ...], objs: tuple[object, ...], values: dict[str, Any]
@@ -566,7 +435,7 @@ class MethodLayout:
             at += n
             if _kind(p) == "struct":
                 assert isinstance(p.type, Struct)
-                values[p.name] = _with_objects(p.type, values[p.name], got, self._make)
+                values[p.name] = with_objects(p.type, values[p.name], got, self._make)
             elif p.is_array:
                 values[p.name] = got
             else:

@@ -36,6 +36,7 @@ from objects._optable import DispatchResult, PyObject, op
 from objects._results import ObjectResult
 from objects.idl.model import Const, IdlFile, Interface, InterfaceType, Param, Struct
 from objects.idl.packing import MethodLayout, layout, py_name, struct_class
+from objects.idl.reader import read_idl
 
 __all__ = ["Namespace", "SkeletonBase", "StubBase", "invoker_for", "load"]
 
@@ -405,6 +406,4 @@ def load(
         return namespace(source, by_size=by_size)
     if not isinstance(source, str | os.PathLike):
         raise UsageError(f"load takes a path or a model.IdlFile, not {type(source).__name__}")
-    from objects.idl.reader import read_idl  # type: ignore[import-not-found,unused-ignore]
-
     return namespace(read_idl(source, include_paths), by_size=by_size)

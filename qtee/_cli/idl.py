@@ -2,13 +2,15 @@
 of a Mink IDL file (:func:`objects.idl.gen.generate`).
 
 An IDL problem prints one line, ``qtee idl: FILE:LINE:COL: message``, and exits 2; so
-does an output directory that cannot be written.
+does an output directory that cannot be written.  What the compiler only warns about
+prints ``qtee idl: warning: FILE:LINE:COL: message`` and the module is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 __all__ = ["add_arguments", "run"]
 
@@ -42,10 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``qtee idl gen``: 0 with the module's path printed, 2 for an IDL problem."""
     from objects import UsageError
+    from objects.idl import IdlWarning
     from objects.idl.gen import generate
 
     try:
-        target = generate(args.file, args.out, args.include, by_size=args.by_size)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", IdlWarning)
+            target = generate(args.file, args.out, args.include, by_size=args.by_size)
+        for w in caught:
+            if issubclass(w.category, IdlWarning):
+                print(f"qtee idl: warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except UsageError as exc:
         print(f"qtee idl: {exc}", file=sys.stderr)
         return 2
