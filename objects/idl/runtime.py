@@ -29,7 +29,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, Self
 
 from objects._errors import QteeError, UsageError
 from objects._optable import DispatchResult, PyObject, op
@@ -168,7 +168,7 @@ class StubBase:
         if callable(release):
             release()
 
-    def __enter__(self) -> StubBase:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
