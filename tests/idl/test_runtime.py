@@ -346,3 +346,46 @@ def test_readme_example(tmp_path: Any) -> None:
     assert greeter.greet(b"mink", greeting_len=64) == b"hello mink"
     with pytest.raises(QteeError, match=r"IGreeter\.ERROR_TOO_LONG"):
         greeter.greet(b"x" * 17, greeting_len=64)
+
+
+SERVICES_IDL = """\
+interface IAppController {
+  error INVALID;
+  error UNLOADED;
+  method openSession(in uint32 cancelCode);
+  method unload();
+  method getAppObject(out interface obj);
+};
+
+interface IAppLoader {
+  error INVALID_BUFFER;
+  method loadFromBuffer(in buffer appElf, out IAppController appController);
+};
+
+interface IClientEnv {
+  method open(in uint32 uid, out interface obj);
+};
+"""
+
+
+@pytest.mark.qtee_modes("in-process", "server")
+@pytest.mark.qtee_ta("itest2", Two)
+def test_stubs_drive_the_models_own_services(qtee_env: ObjRef) -> None:
+    """Stubs over the client's ObjRefs agree with the model's hand-written op tables
+    (quic-teec.md §5.3: IClientEnv.open, IAppLoader.loadFromBuffer, IAppController's
+    unload and getAppObject), an output object of a named interface comes back as its
+    stub, a service error by its IDL name; every handle released."""
+    from objects.idl import parse_idl
+    from qtee import ta_image
+
+    svc = namespace(parse_idl(SERVICES_IDL, "services.idl"))
+    env = svc.IClientEnv.Stub(qtee_env)
+    with svc.IAppLoader.Stub(env.open(3)) as loader:
+        with pytest.raises(QteeError) as exc:
+            loader.loadFromBuffer(b"junk")
+        assert (exc.value.result, exc.value.name) == (10, "IAppLoader.ERROR_INVALID_BUFFER")
+        with loader.loadFromBuffer(ta_image("itest2")) as ctrl:
+            assert type(ctrl).__qualname__ == "IAppController.Stub"
+            with NS.ITest2.Stub(ctrl.getAppObject()) as two, two.get() as one:
+                assert one.add_1000(1) == 1001
+            ctrl.unload()
