@@ -6,8 +6,35 @@ backends read.
 """
 
 from objects.idl import model
+from objects.idl.gen import generate, module_text
 from objects.idl.model import *  # noqa: F403
+from objects.idl.packing import (
+    MethodLayout,
+    Slot,
+    check_lifecycle,
+    counts_pack,
+    counts_unpack,
+    layout,
+    struct_class,
+)
 from objects.idl.reader import IdlError, IdlWarning, parse_idl, read_idl
+from objects.idl.runtime import Namespace, SkeletonBase, StubBase, load, namespace
 
 __all__ = list(model.__all__)
 __all__ += ["IdlError", "IdlWarning", "parse_idl", "read_idl"]
+__all__ += [
+    "MethodLayout",
+    "Namespace",
+    "SkeletonBase",
+    "Slot",
+    "StubBase",
+    "check_lifecycle",
+    "counts_pack",
+    "counts_unpack",
+    "generate",
+    "layout",
+    "load",
+    "module_text",
+    "namespace",
+    "struct_class",
+]

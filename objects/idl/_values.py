@@ -1,0 +1,165 @@
+"""Struct and primitive values as the C backend lays them out: little-endian, fields
+back to back, an object field as ``Object_NULL`` (16 zero bytes) with the object itself
+travelling as an object argument (breadth first, as the compiler lists a struct's
+objects)."""
+
+from __future__ import annotations
+
+import functools
+import keyword
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import make_dataclass
+from typing import Any, Final
+
+from objects._errors import UsageError
+from objects.idl.model import InterfaceType, Primitive, Struct
+
+__all__ = [
+    "object_paths",
+    "pack_primitive",
+    "pack_struct",
+    "py_name",
+    "struct_class",
+    "unpack_struct",
+    "with_objects",
+]
+
+_OBJECT_NULL: Final = bytes(16)  # an ``Object`` field as the C struct holds it when NULL
+
+
+def py_name(name: str) -> str:
+    """An IDL identifier as a Python name: a Python keyword gets a leading ``_``
+    (``break`` -> ``_break``), as the compiler's backends rename their languages' keywords
+    (a field, parameter, method or class name)."""
+    return "_" + name if keyword.iskeyword(name) else name
+
+
+@functools.cache
+def struct_class(st: Struct) -> type:
+    """The Python class of a struct's values: a frozen dataclass with its fields, in order
+    (one per struct, made once).  A field declared as an array holds a tuple."""
+    fields = [(py_name(f.name), Any) for f in st.fields]
+    return make_dataclass(py_name(st.name), fields, frozen=True, slots=True)
+
+
+def object_paths(st: Struct) -> tuple[tuple[str, ...], ...]:
+    """The objects inside a struct, in the compiler's order: breadth first (a struct's own
+    object fields before those of the structs nested in it)."""
+    out: list[tuple[str, ...]] = []
+    queue: list[tuple[tuple[str, ...], Struct]] = [((), st)]
+    while queue:
+        prefix, node = queue.pop(0)
+        for f in node.fields:
+            if isinstance(f.type, Struct):
+                queue.append(((*prefix, f.name), f.type))
+            elif isinstance(f.type, InterfaceType):
+                if f.is_array:
+                    raise UsageError(
+                        f"struct {node.name}: field {f.name} is an array of objects, which "
+                        "the C backend cannot pass"
+                    )
+                out.append((*prefix, f.name))
+    return tuple(out)
+
+
+def _get(value: object, name: str, owner: str) -> Any:
+    name = py_name(name)
+    if isinstance(value, Mapping):
+        try:
+            return value[name]
+        except KeyError:
+            raise UsageError(f"a {owner} value has no field {name!r}") from None
+    try:
+        return getattr(value, name)
+    except AttributeError:
+        raise UsageError(
+            f"a {owner} value needs a field {name!r}; {type(value).__name__} has none"
+        ) from None
+
+
+def pack_primitive(p: Primitive, value: object, what: str) -> bytes:
+    if p.is_float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise UsageError(f"{what} is a {p.idl_name}: a float, not {value!r}")
+    elif not isinstance(value, int) or isinstance(value, bool):
+        raise UsageError(f"{what} is a {p.idl_name}: an int, not {value!r}")
+    try:
+        return struct.pack("<" + p.code, value)
+    except (struct.error, OverflowError):
+        raise UsageError(f"{what}: {value!r} does not fit a {p.idl_name}") from None
+
+
+def pack_struct(st: Struct, value: object, objects: list[object], what: str) -> bytes:
+    """The struct's bytes, object fields zeroed; its objects appended breadth first."""
+    parts: list[bytes] = []
+    for f in st.fields:
+        v = _get(value, f.name, st.name)
+        where = f"{what}.{f.name}"
+        items: Sequence[object]
+        if f.is_array:
+            if isinstance(v, str) or not isinstance(v, Sequence | bytes | bytearray):
+                raise UsageError(f"{where} is an array of {f.count}: a sequence, not {v!r}")
+            if len(v) != f.count:
+                raise UsageError(f"{where} has {f.count} elements, not {len(v)}")
+            items = v
+        else:
+            items = (v,)
+        for k, item in enumerate(items):
+            here = f"{where}[{k}]" if f.is_array else where
+            if isinstance(f.type, Primitive):
+                parts.append(pack_primitive(f.type, item, here))
+            elif isinstance(f.type, Struct):
+                parts.append(pack_struct(f.type, item, [], here))
+            else:
+                parts.append(_OBJECT_NULL)
+    if objects is not None:
+        for path in object_paths(st):
+            node: object = value
+            for name in path:
+                node = _get(node, name, st.name)
+            objects.append(node)
+    return b"".join(parts)
+
+
+def unpack_struct(
+    st: Struct, data: bytes | memoryview, offset: int, make: Callable[[Struct], Callable[..., Any]]
+) -> tuple[Any, int]:
+    """A struct value read at ``offset`` (object fields None), and the offset after it."""
+    values: dict[str, Any] = {}
+    for f in st.fields:
+        items: list[Any] = []
+        for _ in range(f.count):
+            if isinstance(f.type, Primitive):
+                (v,) = struct.unpack_from("<" + f.type.code, data, offset)
+                offset += f.type.size
+            elif isinstance(f.type, Struct):
+                v, offset = unpack_struct(f.type, data, offset, make)
+            else:
+                v = None
+                offset += f.type.size
+            items.append(v)
+        values[py_name(f.name)] = tuple(items) if f.is_array else items[0]
+    return make(st)(**values), offset
+
+
+def with_objects(
+    st: Struct, value: Any, objects: Sequence[object], make: Callable[[Struct], Callable[..., Any]]
+) -> Any:
+    """``value`` with its object fields set from ``objects`` (breadth-first order)."""
+    if not objects:
+        return value
+    fill: dict[tuple[str, ...], object] = dict(zip(object_paths(st), objects, strict=True))
+
+    def rebuild(node_st: Struct, node: Any, prefix: tuple[str, ...]) -> Any:
+        values = {py_name(f.name): _get(node, f.name, node_st.name) for f in node_st.fields}
+        for f in node_st.fields:
+            path = (*prefix, f.name)
+            key = py_name(f.name)
+            if isinstance(f.type, InterfaceType) and path in fill:
+                values[key] = fill[path]
+            elif isinstance(f.type, Struct) and not f.is_array:
+                values[key] = rebuild(f.type, values[key], path)
+        return make(node_st)(**values)
+
+    return rebuild(st, value, ())
