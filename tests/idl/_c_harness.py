@@ -314,3 +314,23 @@ def header_facts(path: Path) -> HeaderFacts:
     return HeaderFacts(
         defines, tuple(_TYPEDEF.findall(text)), includes, tuple(_INTERFACE.findall(text))
     )
+
+
+def stub_counts(path: Path, iface: str, method: str) -> tuple[int, int, int, int]:
+    """The ``ObjectCounts_pack(BI, BO, OI, OO)`` the stub ``<iface>_<method>`` passes
+    (all zero for a stub that passes none), read from the header's text."""
+    text = path.read_text()
+    start = re.search(rf"int32_t\s+{iface}_{method}\(Object self", text)
+    if start is None:
+        raise KeyError(f"no stub {iface}_{method} in {path.name}")
+    end = text.find("\n}", start.end())
+    call = re.search(
+        rf"Object_invoke\(self, {iface}_OP_{method}, (?:\w+, ObjectCounts_pack\("
+        r"(\d+), (\d+), (\d+), (\d+)\)|(?:0|NULL), 0)\)",
+        text[start.end() : end],
+    )
+    if call is None:
+        raise KeyError(f"no Object_invoke in {iface}_{method} of {path.name}")
+    if call[1] is None:
+        return (0, 0, 0, 0)
+    return (int(call[1]), int(call[2]), int(call[3]), int(call[4]))
