@@ -208,21 +208,24 @@ def header_names() -> list[str]:
 # -- compiling and running ---------------------------------------------------------------
 
 
-def _program(headers: Sequence[str], body: str) -> str:
+def _program(headers: Sequence[str], body: str, prelude: str) -> str:
     includes = "\n".join(f'#include "{h}"' for h in headers)
     return (
         "#include <stdio.h>\n#include <string.h>\n"
-        f'#include "recorder.h"\n{includes}\n\n'
+        f'#include "recorder.h"\n{includes}\n\n{prelude}\n\n'
         f"int main(void)\n{{\n{body}\n    return 0;\n}}\n"
     )
 
 
-def build(headers: Sequence[str], body: str, extra_sources: Sequence[Path] = ()) -> Path:
-    """Compile ``body`` (a C ``main``'s statements) with the recorder and ``headers``."""
+def build(
+    headers: Sequence[str], body: str, extra_sources: Sequence[Path] = (), prelude: str = ""
+) -> Path:
+    """Compile ``body`` (a C ``main``'s statements) with the recorder and ``headers``;
+    ``prelude`` is C at file scope after the includes."""
     paths = [find_header(h) for h in headers]
     include_dirs = list(dict.fromkeys([C_DIR, *(p.parent for p in paths)]))
     include_dirs.append(minkipc_tree() / OBJECT_H_DIR)
-    source = _program(headers, body)
+    source = _program(headers, body, prelude)
     cc = _peers.c_compiler()
     own = [*RECORDER_SOURCES, *extra_sources, *paths]
     key = _peers._key("idl-c", cc, CFLAGS, source, [(p.name, _peers._sha256(p)) for p in own])
@@ -240,9 +243,11 @@ def build(headers: Sequence[str], body: str, extra_sources: Sequence[Path] = ())
     return _peers.cached_build(BUILD, f"prog-{key[:16]}", key, compile_it) / "prog"
 
 
-def run_c(headers: Sequence[str], body: str, extra_sources: Sequence[Path] = ()) -> Run:
+def run_c(
+    headers: Sequence[str], body: str, extra_sources: Sequence[Path] = (), prelude: str = ""
+) -> Run:
     """Build and run a program; its stdout parsed.  A crash or non-zero exit fails."""
-    binary = build(headers, body, extra_sources)
+    binary = build(headers, body, extra_sources, prelude)
     with tempfile.TemporaryDirectory() as cwd:
         proc = subprocess.run(
             [str(binary)], cwd=cwd, capture_output=True, text=True, timeout=60, check=False

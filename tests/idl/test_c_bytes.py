@@ -13,12 +13,12 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from objects.idl import packing, read_idl
-from objects.idl.model import Buffer, IdlFile, InterfaceType, Method, Primitive, Struct
+from objects.idl.model import Buffer, IdlFile, Interface, InterfaceType, Method, Primitive, Struct
 from tests.idl import _c_harness as harness
 from tests.idl._c_harness import Record, RecordError
 
@@ -179,7 +179,7 @@ def _c_type(t: Primitive | Struct) -> str:
 
 def _prim_value(p: Primitive, raw: bytes) -> int | float:
     (value,) = struct.unpack("<" + p.code, raw)
-    return value
+    return float(value) if p.is_float else int(value)
 
 
 def _struct_value(st: Struct, seed: int) -> dict[str, Any]:
@@ -285,11 +285,11 @@ def _call_for(iface: str, method: Method) -> _Call:
                 call.decls.append(f"memcpy(&{v}, (const uint8_t[]){_c_bytes(raw)}, {len(raw)});")
                 call.args.append(f"&{v}")
         elif isinstance(t, InterfaceType):
-            n = p.bound if p.is_array else 1
-            assert n is not None
-            call.decls.append(f"Object {v}[{n}];")
+            count = p.bound if p.is_array else 1
+            assert count is not None
+            call.decls.append(f"Object {v}[{count}];")
             call.args.append(f"&{v}" if p.is_array else v)
-            call.shows += [f'show_obj("{p.name}.{k}", {v}[{k}]);' for k in range(n)]
+            call.shows += [f'show_obj("{p.name}.{k}", {v}[{k}]);' for k in range(count)]
         elif isinstance(t, Buffer) or p.is_array:
             elem = 1 if isinstance(t, Buffer) else t.size
             ctype = "uint8_t" if isinstance(t, Buffer) else _c_type(t)
@@ -368,3 +368,267 @@ def test_python_packs_as_the_c_stubs(name: str) -> None:
         got = dict(next(printed) for _ in range(1 + len(want)))
         assert got.pop("ret") == "0", where
         assert got == want, where
+
+
+# -- the C skeletons (*_invoke.h) serving what Python packs --------------------------------
+#
+# A small C implementation of each interface, generated from the model (each method prints
+# its inputs and fills its outputs with impl_fill's pattern), is put behind the header's
+# <Iface>_DEFINE_INVOKE skeleton; the invocations objects.idl.packing builds are handed to
+# it, and what comes back is read with unpack_outputs.  Broken invocations (an extra
+# buffer, a fixed-size buffer one byte off, a missing object, release/retain with
+# arguments) must be refused with Object_ERROR_INVALID exactly when MethodLayout.check /
+# check_lifecycle say so, without calling the implementation.
+
+SKELETONS = {
+    "IIO": ("IIO.idl", "IIO_invoke.h"),
+    "IWait": ("IWait.idl", "IWait_invoke.h"),
+    "ITestCallable": ("ITestCBack.idl", "ITestCBack_invoke.h"),
+    "ITestCBack": ("ITestCBack.idl", "ITestCBack_invoke.h"),
+}
+IMPL_OO_TAG = 0x200
+ERROR_INVALID = 2
+
+
+def _impl_fill(j: int, n: int) -> bytes:
+    return bytes((0x40 + 16 * j + k) & 0xFF for k in range(n))
+
+
+_IMPL_PRELUDE = """
+struct impl { int unused; };
+static void impl_fill(void *p, size_t j, size_t n)
+{
+    uint8_t *b = p;
+    for (size_t k = 0; k < n; k++)
+        b[k] = (uint8_t)(0x40 + 16 * j + k);
+}
+"""
+
+
+def _c_impl(iface: Interface) -> str:
+    """C functions ``impl_<Iface>_<method>`` with the skeleton's calling convention."""
+    out = []
+    for name in ("release", "retain"):
+        out.append(
+            f"static int32_t impl_{iface.name}_{name}(struct impl *me)\n"
+            f'{{ (void)me; printf("OUT called={name}\\n"); return 0; }}\n'
+        )
+    for m in iface.all_methods:
+        params, body = ["struct impl *me"], ["(void)me;", f'printf("OUT called={m.name}\\n");']
+        j = 0
+        for i, p in enumerate(m.params):
+            v, t = f"p{i}", p.type
+            if p.is_array and isinstance(t, InterfaceType):
+                raise NotImplementedError("object arrays: no skeleton header has one")
+            if p.is_input:
+                if isinstance(t, InterfaceType):
+                    params.append(f"Object {v}")
+                    body.append(f'show_obj("{p.name}", {v});')
+                elif isinstance(t, Buffer) or p.is_array:
+                    ctype = "void" if isinstance(t, Buffer) else _c_type(t)
+                    elem = "1" if isinstance(t, Buffer) else f"sizeof *{v}"
+                    params += [f"const {ctype} *{v}", f"size_t {v}_len"]
+                    body.append(f'show_hex("{p.name}", {v}, {v}_len * {elem});')
+                elif isinstance(t, Primitive):
+                    params.append(f"{_c_type(t)} {v}")
+                    body.append(f'show_hex("{p.name}", &{v}, sizeof {v});')
+                else:
+                    assert isinstance(t, Struct)
+                    params.append(f"const {t.name} *{v}")
+                    body.append(f'show_hex("{p.name}", {v}, sizeof *{v});')
+                continue
+            if isinstance(t, InterfaceType):
+                params.append(f"Object *{v}")
+                body.append(f"*{v} = tagged({IMPL_OO_TAG + j});")
+            elif isinstance(t, Buffer) or p.is_array:
+                ctype = "void" if isinstance(t, Buffer) else _c_type(t)
+                elem = "1" if isinstance(t, Buffer) else f"sizeof *{v}"
+                params += [f"{ctype} *{v}", f"size_t {v}_len", f"size_t *{v}_lenout"]
+                body.append(f"size_t {v}_n = {v}_len > 0 ? {v}_len - 1 : 0;")
+                body.append(f"impl_fill({v}, {j}, {v}_n * {elem});")
+                body.append(f"*{v}_lenout = {v}_n;")
+            else:
+                assert isinstance(t, Primitive | Struct)
+                params.append(f"{_c_type(t)} *{v}")
+                body.append(f"impl_fill({v}, {j}, sizeof *{v});")
+            j += 1
+        body.append("return 0;")
+        out.append(
+            f"static int32_t impl_{iface.name}_{m.name}({', '.join(params)})\n{{\n"
+            + "".join(f"    {line}\n" for line in body)
+            + "}\n"
+        )
+    out.append(
+        f"static {iface.name}_DEFINE_INVOKE(invoke_{iface.name}, impl_{iface.name}_, "
+        "struct impl *)\n"
+    )
+    return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class _Invocation:
+    """What a caller hands a skeleton: op, input buffers, output capacities, input
+    objects (tags, None for Object_NULL) and how many output objects."""
+
+    op: int
+    ib: tuple[bytes, ...]
+    caps: tuple[int, ...]
+    io: tuple[int | None, ...]
+    n_oo: int
+
+    @property
+    def k(self) -> int:
+        return packing.counts_pack(len(self.ib), len(self.caps), len(self.io), self.n_oo)
+
+
+def _c_invocation(iface: str, index: int, inv: _Invocation) -> str:
+    total = len(inv.ib) + len(inv.caps) + len(inv.io) + inv.n_oo
+    lines = [f"ObjectArg a[{max(total, 1)}];", f'show_u64("call", {index});']
+    at = 0
+    for n, data in enumerate(inv.ib):
+        lines.append(f"static const uint8_t bi{n}[] = {_c_bytes(data)};")
+        lines.append(f"a[{at}].bi = (ObjectBufIn){{bi{n}, {len(data)}}};")
+        at += 1
+    for n, cap in enumerate(inv.caps):
+        lines.append(f"uint8_t bo{n}[{max(cap, 1)}]; memset(bo{n}, 0, sizeof bo{n});")
+        lines.append(f"a[{at}].b = (ObjectBuf){{bo{n}, {cap}}};")
+        at += 1
+    for tag in inv.io:
+        lines.append(f"a[{at}].o = " + ("Object_NULL;" if tag is None else f"tagged({tag});"))
+        at += 1
+    oo_at = at
+    for _ in range(inv.n_oo):
+        lines.append(f"a[{at}].o = Object_NULL;")
+        at += 1
+    lines.append(f'show_i64("ret", invoke_{iface}(&impl_ctx, 0x{inv.op:x}, a, 0x{inv.k:x}));')
+    bo_at = len(inv.ib)
+    lines += [f'show_hex("bo", a[{bo_at + n}].b.ptr, a[{bo_at + n}].b.size);'
+              for n in range(len(inv.caps))]  # fmt: skip
+    lines += [f'show_obj("oo", a[{oo_at + n}].o);' for n in range(inv.n_oo)]
+    return "    {\n" + "".join(f"        {x}\n" for x in lines) + "    }"
+
+
+def _invocations(lay: packing.MethodLayout, call: _Call) -> list[tuple[str, _Invocation]]:
+    """The method's right invocation first, then broken ones."""
+    op, ib, caps, io = lay.pack_inputs(call.inputs, call.out_lens)
+    n_oo = lay.counts[3]
+    # The inputs' objects are the tags _call_for chose (ints).
+    good = _Invocation(op, ib, caps, cast("tuple[int | None, ...]", io), n_oo)
+    out = [("good", good)]
+    if len(ib) < 15:
+        out.append(("extra input buffer", _Invocation(op, (*ib, b""), caps, good.io, n_oo)))
+    for n, size in enumerate(lay.ib_sizes):
+        if size is not None:
+            longer = (*ib[:n], ib[n] + b"\0", *ib[n + 1 :])
+            out.append((f"ib[{n}] one byte long", _Invocation(op, longer, caps, good.io, n_oo)))
+    for n, size in enumerate(lay.ob_sizes):
+        if size is not None:
+            bigger = (*caps[:n], caps[n] + 1, *caps[n + 1 :])
+            out.append((f"ob[{n}] one byte big", _Invocation(op, ib, bigger, good.io, n_oo)))
+    if good.io:
+        out.append(("an input object short", _Invocation(op, ib, caps, good.io[:-1], n_oo)))
+    if n_oo:
+        out.append(("an output object short", _Invocation(op, ib, caps, good.io, n_oo - 1)))
+    return out
+
+
+def _results(run: harness.Run) -> list[dict[str, list[str]]]:
+    """The program's OUT lines, one dict (name -> values in order) per ``call``."""
+    calls: list[dict[str, list[str]]] = []
+    for name, value in run.out:
+        if name == "call":
+            calls.append({})
+        else:
+            calls[-1].setdefault(name, []).append(value)
+    return calls
+
+
+@pytest.mark.parametrize("iface_name", sorted(SKELETONS))
+def test_c_skeleton_serves_python_invocations(iface_name: str) -> None:
+    """Issue 19 Acceptance: the C ``*_invoke.h`` skeleton (IIO, IWait, ITestCBack's two
+    interfaces; minkipc) dispatches the invocations objects.idl.packing builds for every
+    method to the C implementation with the values Python packed, its outputs read back
+    by ``unpack_outputs``; and refuses (Object_ERROR_INVALID, implementation not called)
+    exactly the broken invocations ``MethodLayout.check`` refuses; release and retain only
+    with counts 0 (``check_lifecycle``)."""
+    idl_name, header = SKELETONS[iface_name]
+    iface = _load(idl_name).interface(iface_name)
+    cases: list[tuple[str, Method | None, _Call | None, _Invocation]] = []
+    for m in iface.all_methods:
+        call = _call_for(iface.name, m)
+        lay = packing.layout(m)
+        cases += [(what, m, call, inv) for what, inv in _invocations(lay, call)]
+    for op in (packing.OP_RELEASE, packing.OP_RETAIN):
+        cases.append(("lifecycle", None, None, _Invocation(op, (), (), (), 0)))
+        cases.append(("lifecycle with a buffer", None, None, _Invocation(op, (b"x",), (), (), 0)))
+    body = "\n".join(_c_invocation(iface.name, n, c[3]) for n, c in enumerate(cases))
+    prelude = _IMPL_PRELUDE + "static struct impl impl_ctx;\n" + _c_impl(iface)
+    run = harness.run_c([header], "    (void)impl_ctx;\n" + body, prelude=prelude)
+    results = _results(run)
+    assert len(results) == len(cases)
+    for (what, meth, c_call, inv), got in zip(cases, results, strict=True):
+        where = f"{iface.name}.{meth.name if meth else hex(inv.op)}: {what}"
+        if meth is None or c_call is None:
+            expect = packing.check_lifecycle(inv.op, inv.k)
+            assert got["ret"] == [str(expect)], where
+            assert ("called" in got) == (expect == 0), where
+            continue
+        lay = packing.layout(meth)
+        refused = lay.check([len(b) for b in inv.ib], inv.caps, len(inv.io), inv.n_oo)
+        if refused is not None:
+            assert got == {"ret": [str(ERROR_INVALID)]} | _untouched(inv), (where, refused)
+            continue
+        assert got.pop("ret") == ["0"], where
+        assert got.pop("called") == [meth.name], where
+        _check_served(meth, c_call, got, where)
+
+
+def _untouched(inv: _Invocation) -> dict[str, list[str]]:
+    """What a refused call's outputs print: capacities unchanged, zeros, no objects."""
+    out: dict[str, list[str]] = {}
+    if inv.caps:
+        out["bo"] = [bytes(c).hex() for c in inv.caps]
+    if inv.n_oo:
+        out["oo"] = ["null"] * inv.n_oo
+    return out
+
+
+def _check_served(m: Method, call: _Call, got: dict[str, list[str]], where: str) -> None:
+    """The implementation saw Python's inputs; Python reads back what it wrote."""
+    for p, value in zip([p for p in m.params if p.is_input], call.inputs, strict=True):
+        t = p.type
+        if isinstance(t, InterfaceType):
+            want = str(value)
+        elif isinstance(t, Buffer) or (p.is_array and t is Primitive.UINT8):
+            want = bytes(value).hex()
+        elif p.is_array:
+            assert isinstance(t, Primitive | Struct)
+            want = b"".join(_value_bytes(t, x) for x in value).hex()
+        else:
+            assert isinstance(t, Primitive | Struct)
+            want = _value_bytes(t, value).hex()
+        assert got.pop(p.name) == [want], f"{where}: {p.name}"
+    ob = [bytes.fromhex(h) for h in got.pop("bo", [])]
+    oo = [int(x) for x in got.pop("oo", [])]
+    assert not got, f"{where}: unexpected output {got}"
+    values = packing.layout(m).unpack_outputs(ob, oo)
+    outs = [p for p in m.params if not p.is_input]
+    lens = iter(call.out_lens)
+    for j, (p, value) in enumerate(zip(outs, values, strict=True)):
+        t = p.type
+        if isinstance(t, InterfaceType):
+            assert value == IMPL_OO_TAG + j, f"{where}: {p.name}"
+        elif isinstance(t, Buffer):
+            assert bytes(value) == _impl_fill(j, max(next(lens) - 1, 0)), f"{where}: {p.name}"
+        elif p.is_array:
+            assert isinstance(t, Primitive | Struct)
+            n = max(next(lens) - 1, 0)
+            raw = (
+                bytes(value)
+                if isinstance(value, bytes)
+                else b"".join(_value_bytes(t, x) for x in value)
+            )
+            assert raw == _impl_fill(j, n * t.size), f"{where}: {p.name}"
+        else:
+            assert isinstance(t, Primitive | Struct)
+            assert _value_bytes(t, value) == _impl_fill(j, t.size), f"{where}: {p.name}"

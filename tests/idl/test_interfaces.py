@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from objects import PyObject
 from objects.idl import read_idl
 from objects.idl.model import Const, IdlFile, Interface, Primitive, Struct
 from tests.idl import _c_harness as harness
@@ -222,7 +223,7 @@ def test_model_class_uids_equal_the_idl() -> None:
     }
 
 
-def _served() -> list[tuple[str, type, str, str]]:
+def _served() -> list[tuple[str, type[PyObject], str, str]]:
     from qtee.client import _Credentials
     from qtee.secure._apps import AppController, AppLoader, GpAppController
     from qtee.secure._gpclient import GPAppClient, GPSessionObject
