@@ -18,7 +18,8 @@ API::
     run_c(headers, body) -> Run            records and OUT lines of one program
     record(header, c_calls) -> list[Record]
     sizeof(header, names) -> dict[str, int]
-    header_defines(path) -> dict[str, Define]
+    header_facts(path) -> HeaderFacts      its defines, struct typedefs, includes
+    stub_params(path, iface, method)       a stub's parameters (C type, name)
 """
 
 from __future__ import annotations
@@ -321,21 +322,18 @@ def header_facts(path: Path) -> HeaderFacts:
     )
 
 
-def stub_counts(path: Path, iface: str, method: str) -> tuple[int, int, int, int]:
-    """The ``ObjectCounts_pack(BI, BO, OI, OO)`` the stub ``<iface>_<method>`` passes
-    (all zero for a stub that passes none), read from the header's text."""
+def stub_params(path: Path, iface: str, method: str) -> list[tuple[str, str]]:
+    """The parameters of the stub ``<iface>_<method>`` after ``self``, as (C type, name)
+    with spaces removed from the type (``const void*``); read from the header's text."""
     text = path.read_text()
-    start = re.search(rf"int32_t\s+{iface}_{method}\(Object self", text)
-    if start is None:
+    m = re.search(rf"int32_t\s+{iface}_{method}\(Object self([^)]*)\)", text)
+    if m is None:
         raise KeyError(f"no stub {iface}_{method} in {path.name}")
-    end = text.find("\n}", start.end())
-    call = re.search(
-        rf"Object_invoke\(self, {iface}_OP_{method}, (?:\w+, ObjectCounts_pack\("
-        r"(\d+), (\d+), (\d+), (\d+)\)|(?:0|NULL), 0)\)",
-        text[start.end() : end],
-    )
-    if call is None:
-        raise KeyError(f"no Object_invoke in {iface}_{method} of {path.name}")
-    if call[1] is None:
-        return (0, 0, 0, 0)
-    return (int(call[1]), int(call[2]), int(call[3]), int(call[4]))
+    out = []
+    for arg in filter(None, (a.strip() for a in m[1].split(","))):
+        parts = re.fullmatch(r"(.*?)([*\s]+)(\w+)", arg)
+        if parts is None:
+            raise ValueError(f"cannot read parameter {arg!r} of {iface}_{method}")
+        ctype = (parts[1] + parts[2]).replace(" ", "")
+        out.append((ctype, parts[3]))
+    return out

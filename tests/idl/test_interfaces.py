@@ -14,14 +14,24 @@ from __future__ import annotations
 import enum
 import importlib
 import importlib.resources
+import re
 import warnings
 from pathlib import Path
 
 import pytest
 
 from objects import PyObject
-from objects.idl import read_idl
-from objects.idl.model import Const, IdlFile, Interface, Primitive, Struct
+from objects.idl import packing, read_idl
+from objects.idl.model import (
+    Buffer,
+    Const,
+    IdlFile,
+    Interface,
+    InterfaceType,
+    Param,
+    Primitive,
+    Struct,
+)
 from tests.idl import _c_harness as harness
 
 IDL_DIR = Path(str(importlib.resources.files("qtee") / "idl"))
@@ -119,6 +129,42 @@ def test_file_agrees_with_its_header(name: str) -> None:
     assert tuple(i.name for i in idl.interfaces) == facts.interfaces
     assert tuple(s.name for s in idl.structs) == facts.structs
     assert tuple(Path(i.path).stem + ".h" for i in idl.includes) == facts.includes
+
+
+def _c_params(p: Param) -> list[tuple[str, str]]:
+    """The stub parameters the C backend writes for ``p`` (types without spaces)."""
+    t, n = p.type, p.name
+    if isinstance(t, InterfaceType):
+        if p.is_array:
+            raise NotImplementedError("object arrays: no generated header has one")
+        return [("Object" if p.is_input else "Object*", n)]
+    if isinstance(t, Buffer):
+        return [("constvoid*", n), ("size_t", n)] if p.is_input else [
+            ("void*", n), ("size_t", n), ("size_t*", n)]  # fmt: skip
+    ctype = t.name if isinstance(t, Struct) else f"{t.idl_name}_t"
+    if p.is_array:
+        return [(f"const{ctype}*", n), ("size_t", n)] if p.is_input else [
+            (f"{ctype}*", n), ("size_t", n), ("size_t*", n)]  # fmt: skip
+    if p.is_input:
+        return [(f"const{ctype}*" if isinstance(t, Struct) else ctype, n)]
+    return [(f"{ctype}*", n)]
+
+
+@pytest.mark.parametrize("name", [n for n in HEADERED if n.startswith("I")])
+def test_stub_signatures_are_the_idl_params(name: str) -> None:
+    """Issue 19 Build 5: each method's parameters, in order, with their names, types and
+    directions, are the generated stub's (``IFoo_m(Object self, ...)``: an input buffer is
+    ``const void *x_ptr, size_t x_len``, an output one adds ``size_t *x_lenout``, ...).
+    The C backends before and after 2024 name the C variables differently (``x_val`` or
+    ``x``): the suffixes are set aside."""
+    idl = load(name)
+    path = harness.find_header(Path(name).stem + ".h")
+    for iface in idl.interfaces:
+        for m in iface.methods:
+            want = [c for p in m.params for c in _c_params(p)]
+            got = [(t, re.sub(r"_(val|ptr|lenout|len)$", "", n))
+                   for t, n in harness.stub_params(path, iface.name, m.name)]  # fmt: skip
+            assert got == want, f"{iface.name}.{m.name}"
 
 
 def _field_layout(struct: Struct) -> list[tuple[str, int, int]]:
@@ -249,35 +295,31 @@ def _served() -> list[tuple[str, type[PyObject], str, str]]:
 
 #: Ops a served class has that its interface has not (KNOWN).
 EXTRA_OPS = {"GPSessionObject": {0x3FFF}, "QteeRoot": {5}}
+#: The interface's methods a served class does not serve (an unknown op: INVALID).
+UNSERVED = {
+    "ClientEnv": {1, 2, 3},
+    "QteeRoot": {0, 1, 3},
+    "Diagnostics": {1, 2, 3, 4},
+    "AppController": {0, 3, 4},
+    "GpAppController": {0, 3, 4},
+    "credentials": {2},
+}
 
 
 @pytest.mark.parametrize("label", [s[0] for s in _served()])
 def test_model_ops_are_the_interfaces(label: str) -> None:
     """Issue 19 Build 5: each op a modelled service serves is the interface method of that
-    number, with the counts the C backend packs for it (the generated header's stub; for
-    an interface with no header, counted from its arguments)."""
+    number with the exact shape the C backend gives it (objects.idl.packing, checked
+    against the C stubs by test_c_bytes): each input and output buffer's fixed size (or
+    any), the object counts; the methods it leaves out are the ones listed."""
     _, cls, idl_name, iface_name = next(s for s in _served() if s[0] == label)
     iface = load(idl_name).interface(iface_name)
     methods = {m.id: m for m in iface.all_methods}
     ops = dict(cls.__ops__)
-    extra = {n for n in ops if n not in methods}
-    assert extra == EXTRA_OPS.get(label, set())
-    for number in sorted(set(ops) - extra):
-        spec, method = ops[number], methods[number]
-        counts = _counts(iface_name, method.name, idl_name)
-        assert (len(spec.ib), len(spec.ob), spec.io, spec.oo) == counts, (
-            f"{label} op {number} ({method.name})"
-        )
-
-
-def _counts(iface: str, method: str, idl_name: str) -> tuple[int, int, int, int]:
-    """The method's (BI, BO, OI, OO): from the generated header's stub when there is one,
-    else as the IDL declares the arguments (no bundling among them)."""
-    if idl_name in NO_HEADER:
-        m = load(idl_name).interface(iface).method(method)
-        bi = sum(1 for p in m.params if p.is_input and not p.is_object)
-        bo = sum(1 for p in m.params if not p.is_input and not p.is_object)
-        oi = sum(p.bound or 1 for p in m.params if p.is_input and p.is_object)
-        oo = sum(p.bound or 1 for p in m.params if not p.is_input and p.is_object)
-        return (bi, bo, oi, oo)
-    return harness.stub_counts(harness.find_header(Path(idl_name).stem + ".h"), iface, method)
+    assert {n for n in ops if n not in methods} == EXTRA_OPS.get(label, set())
+    assert {n for n in methods if n not in ops} == UNSERVED.get(label, set())
+    for number in sorted(set(ops) & set(methods)):
+        spec, lay = ops[number], packing.layout(methods[number])
+        served = (spec.ib, spec.ob, spec.io, spec.oo)
+        shape = (lay.ib_sizes, lay.ob_sizes, lay.counts[2], lay.counts[3])
+        assert served == shape, f"{label} op {number} ({methods[number].name})"
