@@ -33,6 +33,7 @@ object (None is ``Object_NULL``); an object array is a sequence of N objects.
 from __future__ import annotations
 
 import functools
+import keyword
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, make_dataclass
@@ -60,6 +61,7 @@ __all__ = [
     "counts_pack",
     "counts_unpack",
     "layout",
+    "py_name",
     "struct_class",
 ]
 
@@ -94,12 +96,18 @@ def check_lifecycle(op: int, counts: int) -> int | None:
 
 
 # ------------------------------------------------------------------ struct values
+def py_name(name: str) -> str:
+    """An IDL identifier as a Python name: a Python keyword gets a trailing ``_``
+    (``break`` -> ``break_``), as a field, parameter or class name."""
+    return name + "_" if keyword.iskeyword(name) else name
+
+
 @functools.cache
 def struct_class(st: Struct) -> type:
     """The Python class of a struct's values: a frozen dataclass with its fields, in order
     (one per struct, made once).  A field declared as an array holds a tuple."""
-    fields = [(f.name, Any) for f in st.fields]
-    return make_dataclass(st.name, fields, frozen=True, slots=True)
+    fields = [(py_name(f.name), Any) for f in st.fields]
+    return make_dataclass(py_name(st.name), fields, frozen=True, slots=True)
 
 
 def _object_paths(st: Struct) -> tuple[tuple[str, ...], ...]:
@@ -123,6 +131,7 @@ def _object_paths(st: Struct) -> tuple[tuple[str, ...], ...]:
 
 
 def _get(value: object, name: str, owner: str) -> Any:
+    name = py_name(name)
     if isinstance(value, Mapping):
         try:
             return value[name]
@@ -197,7 +206,7 @@ def _unpack_struct(
                 v = None
                 offset += f.type.size
             items.append(v)
-        values[f.name] = tuple(items) if f.is_array else items[0]
+        values[py_name(f.name)] = tuple(items) if f.is_array else items[0]
     return make(st)(**values), offset
 
 
@@ -210,13 +219,14 @@ def _with_objects(
     fill: dict[tuple[str, ...], object] = dict(zip(_object_paths(st), objects, strict=True))
 
     def rebuild(node_st: Struct, node: Any, prefix: tuple[str, ...]) -> Any:
-        values = {f.name: _get(node, f.name, node_st.name) for f in node_st.fields}
+        values = {py_name(f.name): _get(node, f.name, node_st.name) for f in node_st.fields}
         for f in node_st.fields:
             path = (*prefix, f.name)
+            key = py_name(f.name)
             if isinstance(f.type, InterfaceType) and path in fill:
-                values[f.name] = fill[path]
+                values[key] = fill[path]
             elif isinstance(f.type, Struct) and not f.is_array:
-                values[f.name] = rebuild(f.type, values[f.name], path)
+                values[key] = rebuild(f.type, values[key], path)
         return make(node_st)(**values)
 
     return rebuild(st, value, ())

@@ -29,13 +29,13 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from objects._errors import QteeError, UsageError
 from objects._optable import DispatchResult, PyObject, op
 from objects._results import ObjectResult
 from objects.idl.model import Const, IdlFile, Interface, InterfaceType, Param, Struct
-from objects.idl.packing import MethodLayout, layout, struct_class
+from objects.idl.packing import MethodLayout, layout, py_name, struct_class
 
 __all__ = ["Namespace", "SkeletonBase", "StubBase", "invoker_for", "load"]
 
@@ -195,10 +195,8 @@ def _wrap_objects(
 
 
 def _not_implemented(name: str) -> Callable[..., Any]:
-    def method(self: object, *args: object, **kwargs: object) -> Any:
-        raise QteeError(
-            ObjectResult.ERROR_INVALID, f"{type(self).__name__}.{name} is not implemented"
-        )
+    def method(self: SkeletonBase, *args: object, **kwargs: object) -> Any:
+        self._not_implemented(name)
 
     method.__name__ = name
     return method
@@ -208,6 +206,7 @@ def _trampoline(lay: MethodLayout, stubs: Mapping[str, type[StubBase]]) -> Calla
     """The op-table method of one IDL method: unpack as the C skeleton does, call the
     user's method by its IDL name, pack what it returns."""
     name = lay.method.name
+    attr = py_name(name)
     n_ib = len(lay.bi)
     n_out = len(lay.outputs)
     fixed_caps = tuple(s or 0 for s in lay.ob_sizes)
@@ -218,7 +217,7 @@ def _trampoline(lay: MethodLayout, stubs: Mapping[str, type[StubBase]]) -> Calla
             args[:n_ib], capacities or fixed_caps, args[n_ib:], lay.counts[3]
         )
         values = _wrap_objects(lay.inputs, values, stubs)
-        out = getattr(self, name)(*values, **dict(zip(keys, lens, strict=True)))
+        out = getattr(self, attr)(*values, **dict(zip(keys, lens, strict=True)))
         if n_out == 0:
             if out is not None:
                 raise TypeError(f"{type(self).__name__}.{name} returns nothing, not {out!r}")
@@ -254,14 +253,20 @@ class SkeletonBase(PyObject):
     LAYOUTS: ClassVar[Mapping[str, MethodLayout]] = {}
     STUBS: ClassVar[Mapping[str, type[StubBase]]] = {}
 
+    def _not_implemented(self, name: str) -> NoReturn:
+        """What a method the subclass does not override answers: ERROR_INVALID."""
+        raise QteeError(
+            ObjectResult.ERROR_INVALID, f"{type(self).__name__}.{name} is not implemented"
+        )
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         layouts = cls.__dict__.get("LAYOUTS")
         if layouts is not None:
             stubs = cls.__dict__.get("STUBS", cls.STUBS)
             for name, lay in layouts.items():
                 setattr(cls, f"_op_{name}", _trampoline(lay, stubs))
-                if name not in cls.__dict__:
-                    setattr(cls, name, _not_implemented(name))
+                if py_name(name) not in cls.__dict__:
+                    setattr(cls, py_name(name), _not_implemented(name))
         super().__init_subclass__(**kwargs)
 
 
@@ -305,7 +310,7 @@ def _interface_class(
         "STUBS": stubs,
     }
     for m in iface.all_methods:
-        stub_attrs[m.name] = _stub_method(layouts[m.name])
+        stub_attrs[py_name(m.name)] = _stub_method(layouts[m.name])
     stub = type("Stub", (StubBase,), stub_attrs)
     stubs[iface.name] = stub
     skeleton = type(
@@ -343,14 +348,13 @@ def _stub_method(lay: MethodLayout) -> Callable[..., Any]:
     name = lay.method.name
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
     params += [
-        inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in lay.inputs
+        inspect.Parameter(py_name(p.name), inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for p in lay.inputs
     ]
-    params += [
-        inspect.Parameter(f"{p.name}_len", inspect.Parameter.KEYWORD_ONLY) for p in lay.out_arrays
-    ]
+    keys = [f"{p.name}_len" for p in lay.out_arrays]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in keys]
     sig = inspect.Signature(params)
     n_in = len(lay.inputs)
-    keys = [f"{p.name}_len" for p in lay.out_arrays]
 
     def method(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -361,7 +365,7 @@ def _stub_method(lay: MethodLayout) -> Callable[..., Any]:
         self = values[0]
         return self._call(name, values[1 : 1 + n_in], [bound.arguments[k] for k in keys])
 
-    method.__name__ = name
+    method.__name__ = py_name(name)
     method.__signature__ = sig  # type: ignore[attr-defined]
     method.__doc__ = lay.method.doc
     return method
@@ -382,10 +386,10 @@ def namespace(file: IdlFile, *, by_size: bool = False) -> Namespace:
         for i in f.interfaces:
             interfaces[i.name] = i
     classes: dict[str, Callable[..., Any]] = {n: struct_class(s) for n, s in structs.items()}
-    items.update(classes)
+    items.update((py_name(n), c) for n, c in classes.items())
     stubs: dict[str, type[StubBase]] = {}
     for name, iface in interfaces.items():
-        items[name] = _interface_class(iface, classes, stubs, by_size=by_size)
+        items[py_name(name)] = _interface_class(iface, classes, stubs, by_size=by_size)
     return Namespace(file, items)
 
 

@@ -99,6 +99,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
     ta_parser = sub.add_parser("ta", help="TA images: qtee ta sign")
     add_ta_arguments(ta_parser)
+    from qtee._cli.idl import add_arguments as add_idl_arguments
+
+    idl_parser = sub.add_parser("idl", help="Mink IDL files: qtee idl gen")
+    add_idl_arguments(idl_parser)
     serve = sub.add_parser(
         "serve",
         help="serve a device on a Unix socket (one connection = one open fd)",
@@ -196,6 +200,12 @@ def _main(argv: Sequence[str] | None) -> int:
         from qtee._cli.ta import run as run_ta
 
         return run_ta(args)
+    if args.verb == "idl":
+        if args.idl_verb is None:
+            idl_parser.error("give a verb: gen (write a typed module; qtee idl gen --help)")
+        from qtee._cli.idl import run as run_idl
+
+        return run_idl(args)
     if args.verb == "serve":
         return _serve(args)
     if args.verb == "info":
