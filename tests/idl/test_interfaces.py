@@ -222,13 +222,13 @@ def _idl_errors(name: str, iface: str) -> list[tuple[str, int]]:
 @pytest.mark.parametrize(
     ("enum_path", "idl", "iface"),
     [
-        ("qtee.secure._services.IOpener", "IOpener.idl", "IOpener"),
-        ("qtee.secure._services.IIO", "IIO.idl", "IIO"),
-        ("qtee.secure._services.IDiagnostics", "IDiagnostics.idl", "IDiagnostics"),
-        ("qtee.secure._apps.IAppLoader", "IAppLoader.idl", "IAppLoader"),
-        ("qtee.secure._gpclient.IGPAppClient", "IGPAppClient.idl", "IGPAppClient"),
-        ("qtee.secure._gpclient.IGPSession", "IGPSession.idl", "IGPSession"),
-        ("qtee.secure._listeners.IRegisterListenerCBO", "IRegisterListenerCBO.idl",
+        ("qtee.secure.IOpener", "IOpener.idl", "IOpener"),
+        ("qtee.secure.IIO", "IIO.idl", "IIO"),
+        ("qtee.secure.IDiagnostics", "IDiagnostics.idl", "IDiagnostics"),
+        ("qtee.secure.IAppLoader", "IAppLoader.idl", "IAppLoader"),
+        ("qtee.secure.IGPAppClient", "IGPAppClient.idl", "IGPAppClient"),
+        ("qtee.secure.IGPSession", "IGPSession.idl", "IGPSession"),
+        ("qtee.secure.IRegisterListenerCBO", "IRegisterListenerCBO.idl",
          "IRegisterListenerCBO"),
     ],
 )  # fmt: skip
@@ -241,7 +241,7 @@ def test_model_error_enums_equal_the_idl(enum_path: str, idl: str, iface: str) -
 
 def test_model_app_controller_errors_as_known() -> None:
     """KNOWN["IAppController.errors"]: the same values, three other names, one more."""
-    from qtee.secure._apps import IAppController
+    from qtee.secure import IAppController
 
     idl = _idl_errors("IAppController.idl", "IAppController")
     assert [v for _, v in idl] == [10, 11, 12, 13]
@@ -256,9 +256,7 @@ def test_model_app_controller_errors_as_known() -> None:
 
 def test_model_class_uids_equal_the_idl() -> None:
     """The class UIDs QTEE's root opens (CAppLoader.h, CDiagnostics.h, CGPAppClient.h)."""
-    from qtee.secure._apps import APP_LOADER_UID
-    from qtee.secure._gpclient import CGPAPPCLIENT_UID
-    from qtee.secure._services import CDIAGNOSTICS_UID
+    from qtee.secure import APP_LOADER_UID, CDIAGNOSTICS_UID, CGPAPPCLIENT_UID
 
     uids = {c.name: c.value for n in ("CAppLoader", "CDiagnostics", "CGPAppClient")
             for c in load(f"{n}.idl").consts}  # fmt: skip
@@ -271,11 +269,11 @@ def test_model_class_uids_equal_the_idl() -> None:
 
 def _served() -> list[tuple[str, type[PyObject], str, str]]:
     from qtee.client import _Credentials
-    from qtee.secure._apps import AppController, AppLoader, GpAppController
+    from qtee.secure import AppController, AppLoader, ClientEnv, Diagnostics, QteeRoot
+    from qtee.secure._apps import GpAppController
     from qtee.secure._gpclient import GPAppClient, GPSessionObject
     from qtee.secure._listeners import RegisterListener
-    from qtee.secure._services import ClientEnv, Diagnostics, QteeRoot
-    from supplicant._listener import ListenerObject
+    from supplicant import ListenerObject
 
     return [
         ("ClientEnv", ClientEnv, "IClientEnv.idl", "IClientEnv"),
