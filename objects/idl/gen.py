@@ -3,7 +3,8 @@
 :func:`generate` writes one module per ``.idl`` file (named after it: ``ITest.idl`` ->
 ``ITest.py``) holding what the file declares and what it includes: a frozen dataclass per
 struct, the constants, and per interface ``IFoo`` a class with ``Stub``, ``Skeleton``,
-``Errors`` (an ``IntEnum`` named ``IFoo``, members ``ERROR_<name>`` from 10, also
+``Errors`` (an ``IntEnum`` named ``IFoo``, each member the
+``error`` as written (the C backend's ``IFoo_<name>``) from 10, also
 attributes of ``IFoo``), the interface's constants and ``OP_<method>`` numbers.  Stub and
 skeleton methods carry the IDL's types, so the module passes ``mypy --strict``; the
 argument layouts are the packing's, built from the records the module spells out.
@@ -172,7 +173,7 @@ class _Writer:
         self.emit(f'    """{name}\'s errors."""')
         self.emit()
         for e in iface.all_errors:
-            self.emit(f"    ERROR_{e.name} = {e.value}")
+            self.emit(f"    {py_name(e.name)} = {e.value}")
         if not iface.all_errors:
             self.emit("    pass")
         self.emit()
@@ -190,7 +191,7 @@ class _Writer:
         self.emit()
         self.emit(f"    Errors = _{name}Errors")
         for e in iface.all_errors:
-            self.emit(f"    ERROR_{e.name}: Final = _{name}Errors.ERROR_{e.name}")
+            self.emit(f"    {py_name(e.name)}: Final = _{name}Errors.{py_name(e.name)}")
         for c in _consts(iface):
             self.emit(f"    {py_name(c.name)}: Final = {c.value!r}")
         for m in methods:

@@ -8,14 +8,16 @@ and gives a namespace with, per interface ``IFoo``, a class holding:
   in-parameters in declaration order (each output array's capacity, in elements, as the
   keyword ``<name>_len``) and returning the out-parameters (none: None, one: bare,
   several: a tuple in declaration order).  A non-zero result raises
-  :class:`~objects.QteeError`, an interface error by its name (``IFoo.ERROR_X``);
+  :class:`~objects.QteeError`, an interface error by its name (``IFoo.ERROR_X`` for
+  ``error ERROR_X;``);
 * ``IFoo.Skeleton``: a :class:`~objects.PyObject` base class whose op table is the
   interface's (exact fixed sizes, counts); mix it with the object kind that serves it
   (``class Impl(IFoo.Skeleton, CallbackObject)``, ``(IFoo.Skeleton, TrustedApp)``) and
   override the methods by their IDL names with the same signature as the stub's;
-* ``IFoo.Errors``: the interface's errors, an ``IntEnum`` named ``IFoo`` whose members are
-  ``ERROR_<name>`` from 10 (also attributes of ``IFoo``), its constants as attributes, and
-  ``IFoo.OP_<method>`` the op numbers.
+* ``IFoo.Errors``: the interface's errors, an ``IntEnum`` named ``IFoo`` whose members
+  are named as the ``error`` lines (the C backend's ``IFoo_<name>``) from 10 (also
+  attributes of ``IFoo``), its constants as attributes, and ``IFoo.OP_<method>``
+  the op numbers.
 
 Objects of a named interface arrive wrapped in that interface's stub (its ``obj`` is the
 raw object); a stub given where an object goes is unwrapped.  Structs are frozen
@@ -117,7 +119,7 @@ def _unwrap(value: object) -> object:
 
 
 def _errors_enum(iface: Interface) -> type[enum.IntEnum]:
-    members = {f"ERROR_{e.name}": e.value for e in iface.all_errors}
+    members = {py_name(e.name): e.value for e in iface.all_errors}
     errors: type[enum.IntEnum] = enum.IntEnum(iface.name, members)  # type: ignore[misc]
     return errors
 

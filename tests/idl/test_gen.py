@@ -47,7 +47,7 @@ IDL = textwrap.dedent(
 
     /** A counter. */
     interface ICounter {
-      error OVERFLOW;
+      error ERROR_OVERFLOW;
       const uint32 LIMIT = 100;
 
       method add(in uint32 a, in uint32 b, out uint32 sum);
@@ -59,7 +59,7 @@ IDL = textwrap.dedent(
     };
 
     interface IFactory : ICounter {
-      error EMPTY;
+      error ERROR_EMPTY;
 
       method make(out ICounter c);
       method use(in ICounter c, out uint32 sum);

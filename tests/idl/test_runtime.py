@@ -71,14 +71,14 @@ class One(NS.ITest1.Skeleton):  # type: ignore[misc, name-defined]
 
     def in_struct(self, input: Any) -> None:
         if input != TRUTH:
-            raise QteeError(NS.ITest1.ERROR_MISMATCH)
+            raise QteeError(NS.ITest1.MISMATCH)
 
     def out_struct(self) -> Any:
         return TRUTH
 
     def single_primitive_in(self, unused: bytes, input: int, *, unused2_len: int) -> bytes:
         if input != SUCCESS_FLAG:
-            raise QteeError(NS.ITest1.ERROR_MISMATCH)
+            raise QteeError(NS.ITest1.MISMATCH)
         return b"x" * unused2_len
 
     def multiple_primitive(
@@ -86,7 +86,7 @@ class One(NS.ITest1.Skeleton):  # type: ignore[misc, name-defined]
         unused5_len: int,
     ) -> tuple[bytes, int, object, int, bytes]:  # fmt: skip
         if (input, input2) != (SUCCESS_FLAG & 0xFFFF, SUCCESS_FLAG):
-            raise QteeError(NS.ITest1.ERROR_MISMATCH)
+            raise QteeError(NS.ITest1.MISMATCH)
         return unused[::-1], SUCCESS_FLAG & 0xFFFF, None, SUCCESS_FLAG, b""
 
     def primitive_plus_struct_out(self) -> tuple[Any, int]:
@@ -94,13 +94,13 @@ class One(NS.ITest1.Skeleton):  # type: ignore[misc, name-defined]
 
     def struct_array_in(self, s_in: tuple[Any, ...]) -> None:
         if s_in != (TRUTH, TRUTH):
-            raise QteeError(NS.ITest1.ERROR_MISMATCH)
+            raise QteeError(NS.ITest1.MISMATCH)
 
     def no_args(self) -> None:
         return None
 
     def fail(self) -> None:
-        raise QteeError(NS.ITest1.ERROR_CUSTOM_ME_ARE_TWO, "asked to")
+        raise QteeError(NS.ITest1.CUSTOM_ME_ARE_TWO, "asked to")
 
 
 def _drive_itest1(o: Any) -> None:
@@ -117,24 +117,24 @@ def _drive_itest1(o: Any) -> None:
     assert o.no_args() is None
     with pytest.raises(QteeError) as exc:
         o.in_struct(NS.Collection(a=0, b=2, c=3, d=4))
-    assert (exc.value.result, exc.value.name) == (12, "ITest1.ERROR_MISMATCH")
+    assert (exc.value.result, exc.value.name) == (12, "ITest1.MISMATCH")
     with pytest.raises(QteeError) as exc:
         o.fail()
-    assert exc.value.name == "ITest1.ERROR_CUSTOM_ME_ARE_TWO"
+    assert exc.value.name == "ITest1.CUSTOM_ME_ARE_TWO"
 
 
 def test_namespace_shape() -> None:
-    """Issue 19 point 4: errors as an IntEnum named after the interface (ERROR_... from 10,
-    inherited numbering), consts as attributes, op numbers, stub methods typed by the
-    IDL's parameters (output arrays' capacities as ``<name>_len``)."""
+    """Issue 19 point 4: errors as an IntEnum named after the interface (each named as
+    declared, from 10, inherited numbering), consts as attributes, op numbers, stub
+    methods typed by the IDL's parameters (output arrays' capacities as ``<name>_len``)."""
     it1 = NS.ITest1
     assert it1.Errors.__name__ == "ITest1"
     assert [(e.name, e.value) for e in it1.Errors] == [
-        ("ERROR_CUSTOM_1", 10),
-        ("ERROR_CUSTOM_ME_ARE_TWO", 11),
-        ("ERROR_MISMATCH", 12),
+        ("CUSTOM_1", 10),
+        ("CUSTOM_ME_ARE_TWO", 11),
+        ("MISMATCH", 12),
     ]
-    assert it1.ERROR_MISMATCH is it1.Errors.ERROR_MISMATCH
+    assert it1.MISMATCH is it1.Errors.MISMATCH
     assert it1.LIMIT == 7 and NS.SUCCESS_FLAG == SUCCESS_FLAG
     assert (it1.OP_add_1000, it1.OP_fail) == (0, 8)
     sig = inspect.signature(it1.Stub.multiple_primitive)
@@ -241,7 +241,7 @@ def test_stub_errors_from_qtee_are_named(qtee_client: Client, qtee_app: AppLoade
     with pytest.raises(QteeError) as exc:
         app.invoke(0)  # entrypoint without its object: the skeleton refuses the counts
     assert exc.value.result == 2
-    assert NS.ITest2.ERROR_my_custom_error == 10
+    assert NS.ITest2.my_custom_error == 10
 
 
 def test_struct_classes_and_local_skeleton_is_a_pyobject() -> None:
@@ -280,7 +280,7 @@ def test_load_the_compilers_itest(itest: Namespace) -> None:
     assert lay["test_obj_array_in"].counts == (0, 1, 3, 0)
     assert lay["objects_in_struct"].counts == (1, 1, 3, 3)
     assert itest.ITest1.OP_derive_v2p2 == lay["derive_v2p2"].op
-    assert itest.ITest2.ERROR_my_custom_error == 10
+    assert itest.ITest2.my_custom_error == 10
     assert itest.SUCCESS_FLAG == 0xDEAD
     assert itest._break(switch=1).switch == 1
 
@@ -306,7 +306,7 @@ def test_itest_file_round_trip(itest: Namespace) -> None:
 
         def delete(self, key: float) -> None:
             if key != 2.5:
-                raise QteeError(ns.ITest1.ERROR_MISMATCH)
+                raise QteeError(ns.ITest1.MISMATCH)
 
     impl = Impl()
     stub = ns.ITest1.Stub(impl)
@@ -320,7 +320,7 @@ def test_itest_file_round_trip(itest: Namespace) -> None:
     arr, magic = stub.primitive_array_in_struct()
     assert (arr.a, arr.c[1].b, arr.d, magic) == ((7, 8), 9, 0xDEAD, 0xDEAD)
     stub.delete(2.5)
-    with pytest.raises(QteeError, match=r"ITest1\.ERROR_MISMATCH"):
+    with pytest.raises(QteeError, match=r"ITest1\.MISMATCH"):
         stub.delete(1.0)
 
 
@@ -330,7 +330,7 @@ def test_readme_example(tmp_path: Any) -> None:
 
     (tmp_path / "IGreeter.idl").write_text(
         "interface IGreeter {\n"
-        "  error TOO_LONG;\n"
+        "  error ERROR_TOO_LONG;\n"
         "  method greet(in buffer name, out buffer greeting);\n"
         "};\n"
     )
@@ -350,15 +350,15 @@ def test_readme_example(tmp_path: Any) -> None:
 
 SERVICES_IDL = """\
 interface IAppController {
-  error INVALID;
-  error UNLOADED;
+  error ERROR_INVALID;
+  error ERROR_UNLOADED;
   method openSession(in uint32 cancelCode);
   method unload();
   method getAppObject(out interface obj);
 };
 
 interface IAppLoader {
-  error INVALID_BUFFER;
+  error ERROR_INVALID_BUFFER;
   method loadFromBuffer(in buffer appElf, out IAppController appController);
 };
 
@@ -389,3 +389,21 @@ def test_stubs_drive_the_models_own_services(qtee_env: ObjRef) -> None:
             with NS.ITest2.Stub(ctrl.getAppObject()) as two, two.get() as one:
                 assert one.add_1000(1) == 1001
             ctrl.unload()
+
+
+def test_error_names_are_the_c_backends() -> None:
+    """Issue 19 point 3 ("identical to the C backend"): the C backend writes ``error X;``
+    of IFoo as ``#define IFoo_X``, so the Python name is ``IFoo.X`` with no prefix added:
+    IDiagnostics.h's ``IDiagnostics_ERROR_APP_NOT_FOUND`` is
+    ``IDiagnostics.ERROR_APP_NOT_FOUND``."""
+    from importlib.resources import as_file, files
+
+    from objects.idl import load
+
+    with as_file(files("qtee") / "idl" / "IDiagnostics.idl") as path:
+        diag = load(path).IDiagnostics
+    assert [(e.name, e.value) for e in diag.Errors] == [
+        ("ERROR_APP_NOT_FOUND", 10),
+        ("ERROR_ARCH_NOT_SUPPORTED", 11),
+        ("ERROR_RESTRICTED", 12),
+    ]
