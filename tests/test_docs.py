@@ -2,7 +2,8 @@
 
 A page is read top to bottom and its fenced blocks are steps in one temporary folder:
 
-* ```` ```python file=NAME ```` writes the block to ``NAME`` (a TA module, a test file);
+* ```` ```python file=NAME ```` writes the block to ``NAME`` (a TA module, a test file),
+  and so does any other language with ``file=`` (```` ```idl file=IFoo.idl ````);
 * ```` ```python ```` runs the block as a script there (``python -`` with the folder as its
   working directory), which must exit 0;
 * ```` ```text output ```` right after a script is what that script prints, exactly;
@@ -50,7 +51,7 @@ def steps(page: Path) -> list[Step]:
         line = text.count("\n", 0, match.start()) + 1
         lang = info[0] if info else ""
         extra = dict(item.split("=", 1) for item in info[1:] if "=" in item)
-        if lang == "python" and "file" in extra:
+        if "file" in extra:
             found.append(Step("file", extra["file"], body, line))
         elif lang == "python":
             found.append(Step("script", "", body, line))
@@ -121,6 +122,19 @@ def test_the_readme_links_every_guide() -> None:
     assert pages(), "docs/ has the guides"
     for page in pages():
         assert f"docs/{page.name}" in readme, f"README.md does not link docs/{page.name}"
+
+
+def test_the_readmes_idl_example_runs(tmp_path: Path) -> None:
+    """Issue 19 "Acceptance": an "Interfaces from IDL" section whose examples are run by a
+    test: the README's section is run as a page (its IDL file, script and output)."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Interfaces from IDL\n")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    page = tmp_path / "readme-idl.md"
+    page.write_text(section)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert run_page(page, work) == 1  # one script, its output checked
 
 
 def test_a_failing_example_fails_with_its_line(tmp_path: Path) -> None:
