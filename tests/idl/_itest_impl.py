@@ -65,10 +65,11 @@ class Suite:
         return QteeError(self.MISMATCH, what)
 
     # ------------------------------------------------------------ mod.rs:384-475
-    def singular_object(self, o: Any) -> int:
+    def singular_object(self, o: Any, version: tuple[int, int] = (2, 0)) -> int:
         """``test_singular_object`` (mod.rs:384-475) on the ITest1 stub ``o``: every
-        check an assertion of its own; None is BADOBJ (mod.rs:390-392).  The version
-        check (mod.rs:467-472) is :meth:`api_version_check`."""
+        check an assertion of its own; None is BADOBJ (mod.rs:390-392).  ``version``:
+        what ``api_version`` must answer (mod.rs:467-472: ITest1 is 2.0; an ITest3 or
+        ITest4 answers its own, 1.0)."""
         if o is None:
             return BADOBJ
         f = self.SUCCESS_FLAG
@@ -129,6 +130,8 @@ class Suite:
         assert o.out_small_struct() == self.TRUTH2
         # mod.rs:465
         assert o.well_documented_method(f) == f
+        # mod.rs:467-472
+        self.api_version_check(o, *version)
         return 0
 
     def api_version_check(self, o: Any, major: int, minor: int) -> None:

@@ -24,7 +24,7 @@ Checks, each a distinct assertion (paths in mink-idl-compiler/tests/src/):
   :444 c[1] == F2{8, 9}; :445 d == SUCCESS_FLAG as u16; :446 magic == SUCCESS_FLAG;
   :448 single_out; :449-452 single_primitive_out; :453-461 primitive_plus_struct_out;
   :462 out_struct == TRUTH; :463 out_small_struct == TRUTH2; :465 well_documented_method;
-  :467-472 api_version == IDLVersion(2, 0, 0) (xfail: see below).
+  :467-472 api_version == IDLVersion(2, 0, 0) (1.0 for an ITest3 or ITest4).
 ``ITest2::entrypoint`` (``Suite.entrypoint``):
   implementation/test2.rs:330 test_singular_object(o); :332-337 test_obj_array_in([new(1),
   None, new(2)]) == SUCCESS_FLAG; :338 test_obj_array_out; :339 its flag; :340-342
@@ -42,15 +42,15 @@ The ITest1 implementation's own checks (``ITest1Methods``), run when the driver 
   well_documented_method.
 ITest3 (tests/main.rs:25-33, tests/c.rs:25-32, test1.rs:287-301): :27 single_in(0xdead) on
   an ITest3; test1.rs:296-298 extra_test3 == SUCCESS_FLAG; :28-33 api_version ==
-  IDLVersion(1, 0, 0) (xfail).  ITest4 has no Rust implementation: ours answers
+  IDLVersion(1, 0, 0).  ITest4 has no Rust implementation: ours answers
   extra_test4 as extra_test3, to check two levels of inheritance through the stubs.
 The drivers of tests/main.rs: :46-53 to_rust and :55-60 implementation_and_invoke (both
   ends local); :62-75 implementation_and_invoke_sync (10 threads on one ITest2 and one
   ITest1).
 
-Not possible in Python: ``api_version`` (the compiler's version op, ``Object_OP_version``
-= 0x7FFF, answered by every generated skeleton) is neither on the stubs nor in the
-skeletons' op tables; ``test_api_version`` is xfail(strict=True) until it is.
+``api_version`` (mod.rs:467-472) is the compiler's version op, ``Object_OP_version``
+(0x7FFF), which every backend generates: ``objects.idl.runtime`` answers it in every
+skeleton and calls it from every stub (``test_api_version`` checks the op itself).
 """
 
 from __future__ import annotations
@@ -163,15 +163,14 @@ def test_to_rust_both_local(impls: Impls) -> None:
 
 def test_itest3_local(impls: Impls) -> None:
     """tests/main.rs:25-27 and test1.rs:287-301: an ITest3 answers ITest1's methods
-    (every check of test_singular_object, through ITest3's stub and ITest1's) and
-    extra_test3; ITest2's entry point takes it as an ITest1."""
+    (every check of test_singular_object, through ITest3's stub and ITest1's; its
+    api_version is its own, 1.0: main.rs:28-33) and extra_test3."""
     ns = impls.suite.ns
     three = ns.ITest3.Stub(impls.ITest3Local())
     assert three.single_in(0xDEAD) is None  # main.rs:27
     assert three.extra_test3() == impls.suite.SUCCESS_FLAG  # test1.rs:296-298
-    assert impls.suite.singular_object(three) == 0
-    assert impls.suite.singular_object(ns.ITest1.Stub(three)) == 0
-    ns.ITest2.Stub(impls.ITest2Local()).entrypoint(three)
+    assert impls.suite.singular_object(three, (1, 0)) == 0
+    assert impls.suite.singular_object(ns.ITest1.Stub(three), (1, 0)) == 0
 
 
 def test_invoke_sync_ten_threads(impls: Impls) -> None:
@@ -240,19 +239,20 @@ def test_itest1_refuses_what_the_rust_refuses(impls: Impls) -> None:
     assert o.derive_v255() == 0xDEAD
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="the Python stubs and skeletons have no api_version (Object_OP_version 0x7FFF, "
-    "which every backend of the compiler generates)",
-)
 def test_api_version(impls: Impls) -> None:
     """implementation/mod.rs:467-472 (ITest1 is at 2.0: derive_v2p2) and tests/main.rs:28-33
-    (ITest3's own methods carry no version: 1.0)."""
+    (ITest3's own methods carry no version: 1.0); the op is Object_OP_version (0x7FFF), and
+    the skeleton refuses it with other counts or another buffer size (the C skeleton's
+    version case: ERROR_INVALID)."""
     ns = impls.suite.ns
     assert idl_version(2, 0, 0) == 0x0080_0000
     impls.suite.api_version_check(ns.ITest1.Stub(impls.ITest1Local()), 2, 0)
     impls.suite.api_version_check(ns.ITest3.Stub(impls.ITest3Local()), 1, 0)
+    impls.suite.api_version_check(ns.ITest2.Stub(impls.ITest2Local()), 1, 0)
+    one = impls.ITest1Local()
+    assert one.dispatch(0x7FFF, (), (4,), (), 0).ob == (b"\x00\x00\x80\x00",)
+    assert one.dispatch(0x7FFF, (), (8,), (), 0).result == ObjectResult.ERROR_INVALID
+    assert one.dispatch(0x7FFF, (b"",), (4,), (), 0).result == ObjectResult.ERROR_INVALID
 
 
 # ------------------------------------------------------------------ across the model
@@ -301,21 +301,20 @@ def test_client_drives_the_itest1_objects_a_ta_gives(
 @pytest.mark.qtee_modes(*MODES)
 def test_itest3_itest4_inheritance_across_the_model(tas: Impls, qtee_app: AppLoaderHelper) -> None:
     """tests/main.rs:25-27, test1.rs:287-301 in a TA: ITest3's stub answers ITest1's
-    methods and extra_test3; ITest1's stub over the same object is the upcast; ITest2's
-    entry point (in the client) drives it as an ITest1.  ITest4 (ITest3.idl, no Rust
+    methods and extra_test3; ITest1's stub over the same object is the upcast; its
+    api_version is its own, 1.0 (main.rs:28-33).  ITest4 (ITest3.idl, no Rust
     implementation): two levels of inheritance, extra_test3 and extra_test4."""
     ns = tas.suite.ns
     f = tas.suite.SUCCESS_FLAG
     with ns.ITest3.Stub(qtee_app("itest3")) as three:
         assert three.single_in(0xDEAD) is None  # main.rs:27
         assert three.extra_test3() == f  # test1.rs:296-298
-        assert tas.suite.singular_object(three) == 0
-        assert tas.suite.singular_object(ns.ITest1.Stub(three)) == 0
-        ns.ITest2.Stub(tas.ITest2Client()).entrypoint(three)
+        assert tas.suite.singular_object(three, (1, 0)) == 0
+        assert tas.suite.singular_object(ns.ITest1.Stub(three), (1, 0)) == 0
     with ns.ITest4.Stub(qtee_app("itest4")) as four:
         assert four.extra_test4() == f
         assert four.extra_test3() == f
-        assert tas.suite.singular_object(four) == 0
+        assert tas.suite.singular_object(four, (1, 0)) == 0
         with pytest.raises(QteeError) as exc:  # ITest3's stub has no op 28: ask raw
             four.obj.invoke(ns.ITest4.OP_extra_test4 + 1)
         assert exc.value.result == ObjectResult.ERROR_INVALID
