@@ -6,9 +6,10 @@ object across the model, and the reverse; every check of the Rust test passes".
 
 The compiler's ``tests/idl/ITest.idl`` and ``ITest3.idl`` (copied to ``data/``) are read
 with ``read_idl`` and turned into Python two ways: ``objects.idl.load`` (a namespace at run
-time) and ``objects.idl.gen.generate`` (a module written to ``tmp_path`` and imported).
+time, also with the legacy by-size packing order) and ``objects.idl.gen.generate`` (a
+module written to ``tmp_path`` and imported).
 The implementations (``_itest_impl.py``) subclass each one's skeletons; every test runs
-over both, and the ones that cross the model in every mode of the plugin (in-process,
+over each, and the ones that cross the model in every mode of the plugin (in-process,
 server, guest).  The plugin's leak check then asserts every reference came back to zero.
 
 Checks, each a distinct assertion (paths in mink-idl-compiler/tests/src/):
@@ -108,11 +109,14 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         del sys.modules[name]
 
 
-@pytest.fixture(scope="module", params=["load", "gen"])
+@pytest.fixture(scope="module", params=["load", "load-by-size", "gen"])
 def impls(request: pytest.FixtureRequest, loaded: Namespace) -> Impls:
-    """The implementations over the loaded namespace, then over the generated module."""
+    """The implementations over the loaded namespace, the same packed in the legacy
+    by-size order, then over the generated module."""
     if request.param == "load":
         return suite(loaded)
+    if request.param == "load-by-size":
+        return suite(load(_read("ITest3.idl"), by_size=True))
     return suite(request.getfixturevalue("generated"))
 
 
@@ -344,3 +348,23 @@ def test_ta_entrypoint_from_ten_threads(tas: Impls, qtee_app: AppLoaderHelper) -
         for t in threads:
             t.join()
     assert errors == []
+
+
+@pytest.mark.qtee_modes(*MODES)
+def test_loaded_client_and_generated_ta_agree(
+    loaded: Namespace, generated: Any, qtee_app: AppLoaderHelper
+) -> None:
+    """Issue 19 point 4: both ways to get Python code are one interface: a client on the
+    loaded namespace drives TAs built on the generated module, both directions
+    (test2.rs:326-363 in the TA over a callback object, and in the client over the TA)."""
+    client, secure = suite(loaded), suite(generated)
+    register_ta("itest1-gen", secure.ITest1Ta)
+    register_ta("itest2-gen", secure.ITest2Ta)
+    try:
+        with loaded.ITest2.Stub(qtee_app("itest2-gen")) as two:
+            two.entrypoint(client.ITest1Cb())
+        with loaded.ITest1.Stub(qtee_app("itest1-gen")) as one:
+            loaded.ITest2.Stub(client.ITest2Client()).entrypoint(one)
+    finally:
+        unregister_ta("itest1-gen")
+        unregister_ta("itest2-gen")
