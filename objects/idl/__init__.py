@@ -18,11 +18,20 @@ from objects.idl.packing import (
     struct_class,
 )
 from objects.idl.reader import IdlError, IdlWarning, parse_idl, read_idl
-from objects.idl.runtime import Namespace, SkeletonBase, StubBase, load, namespace
+from objects.idl.runtime import (
+    OP_VERSION,
+    Namespace,
+    SkeletonBase,
+    StubBase,
+    load,
+    namespace,
+    pack_version,
+)
 
 __all__ = list(model.__all__)
 __all__ += ["IdlError", "IdlWarning", "parse_idl", "read_idl"]
 __all__ += [
+    "OP_VERSION",
     "MethodLayout",
     "Namespace",
     "SkeletonBase",
@@ -36,5 +45,6 @@ __all__ += [
     "load",
     "module_text",
     "namespace",
+    "pack_version",
     "struct_class",
 ]

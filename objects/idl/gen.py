@@ -260,6 +260,8 @@ class _Writer:
         self.emit(f"        LAYOUTS: ClassVar[Mapping[str, MethodLayout]] = _{name}_LAYOUTS")
         self.emit("        STUBS: ClassVar[Mapping[str, type[StubBase]]] = _STUBS")
         self.emit(f"        ERRORS: ClassVar[type[enum.IntEnum] | None] = _{name}Errors")
+        v = iface.version
+        self.emit(f"        VERSION: ClassVar[_m.Version] = _m.Version({v.major}, {v.minor})")
         for m in iface.all_methods:
             args, ret, _, _ = self.signature(m, skeleton=True)
             self.emit()

@@ -19,6 +19,10 @@ and gives a namespace with, per interface ``IFoo``, a class holding:
   attributes of ``IFoo``), its constants as attributes, and ``IFoo.OP_<method>``
   the op numbers.
 
+Every stub has ``api_version()`` and every skeleton answers it (op ``OP_VERSION``, one
+4-byte output buffer), as the compiler's backends generate: the interface's version, the
+highest ``#[version]`` of its own methods (1.0 without one), packed by :func:`pack_version`.
+
 Objects of a named interface arrive wrapped in that interface's stub (its ``obj`` is the
 raw object); a stub given where an object goes is unwrapped.  Structs are frozen
 dataclasses named after them (``ns.Collection``); file-level constants are attributes.
@@ -29,18 +33,49 @@ from __future__ import annotations
 import enum
 import inspect
 import os
+import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, NoReturn, Self
+from typing import Any, ClassVar, Final, NoReturn, Self
 
 from objects._errors import QteeError, UsageError
 from objects._optable import DispatchResult, PyObject, op
 from objects._results import ObjectResult
-from objects.idl.model import Const, IdlFile, Interface, InterfaceType, Param, Struct
+from objects.idl.model import (
+    DEFAULT_VERSION,
+    Const,
+    IdlFile,
+    Interface,
+    InterfaceType,
+    Param,
+    Struct,
+    Version,
+)
 from objects.idl.packing import MethodLayout, layout, py_name, struct_class
 from objects.idl.reader import read_idl
 
-__all__ = ["Namespace", "SkeletonBase", "StubBase", "invoker_for", "load"]
+__all__ = [
+    "OP_VERSION",
+    "Namespace",
+    "SkeletonBase",
+    "StubBase",
+    "invoker_for",
+    "load",
+    "pack_version",
+]
+
+#: The op every generated object answers with its interface's version (``Object_OP_version``:
+#: one below Mink's local-op bit 0x8000, outside the IDL's method numbers).
+OP_VERSION: Final = 0x7FFF
+
+
+def pack_version(version: Version, patch: int = 0) -> int:
+    """The u32 ``api_version`` answers: major in bits 22-31, minor in 12-21, patch in 0-11
+    (each cut to its width, as the backends do)."""
+    if not isinstance(version, Version):
+        raise UsageError(f"pack_version takes a model.Version, not {type(version).__name__}")
+    return (version.major & 0x3FF) << 22 | (version.minor & 0x3FF) << 12 | (patch & 0xFFF)
+
 
 #: (op, input buffers, output capacities, input objects, number of output objects) ->
 #: (output buffers, output objects); raises QteeError for a non-zero result.
@@ -145,6 +180,18 @@ class StubBase:
     STUBS: ClassVar[Mapping[str, type[StubBase]]] = {}
 
     __slots__ = ("_invoke", "obj")
+
+    def api_version(self) -> int:
+        """The object's interface version (op :data:`OP_VERSION`), packed as
+        :func:`pack_version` packs it."""
+        try:
+            ob, _ = self._invoke(OP_VERSION, (), (4,), (), 0)
+        except QteeError as exc:
+            raise _named(self.ERRORS, exc) from None
+        if len(ob) != 1 or len(ob[0]) != 4:
+            raise QteeError(ObjectResult.ERROR_INVALID, f"api_version answered {ob!r}")
+        value: int = struct.unpack("<I", ob[0])[0]
+        return value
 
     def __init__(self, obj: object) -> None:
         self.obj = _unwrap(obj)
@@ -255,6 +302,14 @@ class SkeletonBase(PyObject):
 
     LAYOUTS: ClassVar[Mapping[str, MethodLayout]] = {}
     STUBS: ClassVar[Mapping[str, type[StubBase]]] = {}
+    #: The interface's version (the highest ``#[version]`` of its own methods).
+    VERSION: ClassVar[Version] = DEFAULT_VERSION
+
+    @op(OP_VERSION, ob=(4,))
+    def _op_api_version(self) -> bytes:
+        """The C skeleton's version case: counts (0, 1, 0, 0) and a 4-byte buffer, else
+        ERROR_INVALID (the op table's check); the packed :attr:`VERSION`."""
+        return struct.pack("<I", pack_version(self.VERSION))
 
     def _not_implemented(self, name: str) -> NoReturn:
         """What a method the subclass does not override answers: ERROR_INVALID."""
@@ -325,6 +380,7 @@ def _interface_class(
             "LAYOUTS": layouts,
             "STUBS": stubs,
             "ERRORS": errors,
+            "VERSION": iface.version,
         },
     )
     attrs: dict[str, Any] = {

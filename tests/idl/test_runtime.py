@@ -11,116 +11,35 @@ from __future__ import annotations
 
 import inspect
 import struct
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from objects import PyObject, QteeError, UsageError
-from objects.idl.model import Const, Primitive
+from objects.idl import IdlWarning, load, parse_idl
 from objects.idl.runtime import Namespace, namespace
-from qtee import CallbackObject, Client, ObjRef, TrustedApp
+from qtee import CallbackObject, Client, ObjRef
 from qtee._pytest_fixtures import AppLoaderHelper
-from tests.idl._builders import COLLECTION, SINGLE, idl_file, iface, method
+from tests.idl._itest_impl import suite
 
-S = {"SingleEncapsulated": SINGLE, "Collection": COLLECTION}
+DATA = Path(__file__).parent / "data"
 SUCCESS_FLAG = 0xDEAD
 
 
 def _itest() -> Namespace:
-    """A part of the compiler's tests/idl/ITest.idl, built as the reader would."""
-    itest1 = iface(
-        "ITest1",
-        method("add_1000", 0, "in uint32 a", "out uint32 b"),
-        method("in_struct", 1, "in Collection input", structs=S),
-        method("out_struct", 2, "out Collection output", structs=S),
-        method("single_primitive_in", 3, "in buffer unused", "out buffer unused2",
-               "in uint32 input"),
-        method("multiple_primitive", 4, "in buffer unused", "out buffer unused2",
-               "in uint16 input", "out uint16 output", "in interface unused3",
-               "out interface unused4", "in uint32 input2", "out uint64 output2",
-               "out buffer unused5"),
-        method("primitive_plus_struct_out", 5, "out SingleEncapsulated encapsulated",
-               "out uint32 magic", structs=S),
-        method("struct_array_in", 6, "in Collection[] s_in", structs=S),
-        method("no_args", 7),
-        method("fail", 8),
-        errors=("CUSTOM_1", "CUSTOM_ME_ARE_TWO", "MISMATCH"),
-        consts=(Const("LIMIT", Primitive.UINT32, 7, "7"),),
-    )  # fmt: skip
-    itest2 = iface(
-        "ITest2",
-        method("entrypoint", 0, "in ITest1 o"),
-        method("get", 1, "out ITest1 o"),
-        errors=("my_custom_error",),
-    )
-    consts = (Const("SUCCESS_FLAG", Primitive.UINT32, SUCCESS_FLAG, "0xdead"),)
-    return namespace(
-        idl_file("ITest.idl", itest1, itest2, structs=(SINGLE, COLLECTION), consts=consts)
-    )
+    """The compiler's tests/idl/ITest3.idl (and the ITest.idl it includes), as read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IdlWarning)  # `break`, `switch`, `delete`
+        return load(DATA / "ITest3.idl")
 
 
 NS = _itest()
-TRUTH = NS.Collection(a=1, b=2, c=3, d=4)
-
-
-class One(NS.ITest1.Skeleton):  # type: ignore[misc, name-defined]
-    """ITest1 after the compiler's test1.rs (the methods these tests call)."""
-
-    def add_1000(self, a: int) -> int:
-        return a + 1000
-
-    def in_struct(self, input: Any) -> None:
-        if input != TRUTH:
-            raise QteeError(NS.ITest1.MISMATCH)
-
-    def out_struct(self) -> Any:
-        return TRUTH
-
-    def single_primitive_in(self, unused: bytes, input: int, *, unused2_len: int) -> bytes:
-        if input != SUCCESS_FLAG:
-            raise QteeError(NS.ITest1.MISMATCH)
-        return b"x" * unused2_len
-
-    def multiple_primitive(
-        self, unused: bytes, input: int, unused3: object, input2: int, *, unused2_len: int,
-        unused5_len: int,
-    ) -> tuple[bytes, int, object, int, bytes]:  # fmt: skip
-        if (input, input2) != (SUCCESS_FLAG & 0xFFFF, SUCCESS_FLAG):
-            raise QteeError(NS.ITest1.MISMATCH)
-        return unused[::-1], SUCCESS_FLAG & 0xFFFF, None, SUCCESS_FLAG, b""
-
-    def primitive_plus_struct_out(self) -> tuple[Any, int]:
-        return NS.SingleEncapsulated(SUCCESS_FLAG), SUCCESS_FLAG
-
-    def struct_array_in(self, s_in: tuple[Any, ...]) -> None:
-        if s_in != (TRUTH, TRUTH):
-            raise QteeError(NS.ITest1.MISMATCH)
-
-    def no_args(self) -> None:
-        return None
-
-    def fail(self) -> None:
-        raise QteeError(NS.ITest1.CUSTOM_ME_ARE_TWO, "asked to")
-
-
-def _drive_itest1(o: Any) -> None:
-    """The checks test2.rs's entry point makes on an ITest1 (the ones above)."""
-    assert o.add_1000(5) == 1005
-    o.in_struct(TRUTH)
-    assert o.out_struct() == TRUTH
-    assert o.single_primitive_in(b"u", SUCCESS_FLAG, unused2_len=3) == b"xxx"
-    out = o.multiple_primitive(b"ab", SUCCESS_FLAG & 0xFFFF, None, SUCCESS_FLAG,
-                               unused2_len=4, unused5_len=0)  # fmt: skip
-    assert out == (b"ba", SUCCESS_FLAG & 0xFFFF, None, SUCCESS_FLAG, b"")
-    assert o.primitive_plus_struct_out() == (NS.SingleEncapsulated(SUCCESS_FLAG), SUCCESS_FLAG)
-    o.struct_array_in((TRUTH, TRUTH))
-    assert o.no_args() is None
-    with pytest.raises(QteeError) as exc:
-        o.in_struct(NS.Collection(a=0, b=2, c=3, d=4))
-    assert (exc.value.result, exc.value.name) == (12, "ITest1.MISMATCH")
-    with pytest.raises(QteeError) as exc:
-        o.fail()
-    assert exc.value.name == "ITest1.CUSTOM_ME_ARE_TWO"
+IMPLS = suite(NS)
+TRUTH = IMPLS.suite.TRUTH
+#: ITest1 after the compiler's test1.rs, both ends local (tests/idl/_itest_impl.py).
+One = IMPLS.ITest1Local
 
 
 def test_namespace_shape() -> None:
@@ -135,19 +54,17 @@ def test_namespace_shape() -> None:
         ("MISMATCH", 12),
     ]
     assert it1.MISMATCH is it1.Errors.MISMATCH
-    assert it1.LIMIT == 7 and NS.SUCCESS_FLAG == SUCCESS_FLAG
-    assert (it1.OP_add_1000, it1.OP_fail) == (0, 8)
+    assert NS.SUCCESS_FLAG == SUCCESS_FLAG
+    assert (it1.OP_add_1000, it1.OP_no_args, it1.OP_derive_v2p2) == (0, 20, 26)
+    assert [(e.name, e.value) for e in NS.ITest3.Errors] == [(e.name, e.value) for e in it1.Errors]
     sig = inspect.signature(it1.Stub.multiple_primitive)
     assert list(sig.parameters) == [
         "self", "unused", "input", "unused3", "input2", "unused2_len", "unused5_len",
     ]  # fmt: skip
-    spec = One.__ops__[4]
+    spec = One.__ops__[9]
     assert (spec.ib, spec.ob, spec.io, spec.oo) == ((6, None), (10, None, None), 1, 1)
-
-
-def test_stub_over_a_local_skeleton() -> None:
-    """The stub packs, the skeleton's op table unpacks (PyObject.dispatch), both ways."""
-    _drive_itest1(NS.ITest1.Stub(One()))
+    ic = namespace(parse_idl("interface IC { const uint32 LIMIT = 7; method m(); };", "c.idl"))
+    assert (ic.IC.LIMIT, ic.IC.OP_m) == (7, 0)
 
 
 def test_skeleton_refuses_what_the_c_skeleton_refuses() -> None:
@@ -158,12 +75,12 @@ def test_skeleton_refuses_what_the_c_skeleton_refuses() -> None:
     assert one.dispatch(0, (b"\x01\x00\x00",), (4,), (), 0).result == 2
     assert one.dispatch(0, (b"\x01\x00\x00\x00",), (8,), (), 0).result == 2
     assert one.dispatch(0, (b"\x01\x00\x00\x00",), (4,), (None,), 0).result == 2
-    assert one.dispatch(7, (), (), (), 1).result == 2
+    assert one.dispatch(NS.ITest1.OP_no_args, (), (), (), 1).result == 2
 
     class Lazy(NS.ITest1.Skeleton):  # type: ignore[misc, name-defined]
         pass
 
-    res = Lazy().dispatch(7, (), (), (), 0)
+    res = Lazy().dispatch(NS.ITest1.OP_no_args, (), (), (), 0)
     assert (res.result, res.detail) == (2, "Lazy.no_args is not implemented")
 
 
@@ -193,47 +110,7 @@ def test_stub_refuses_what_cannot_be_invoked() -> None:
 
 
 # ------------------------------------------------------------------ across the model
-class Two(NS.ITest2.Skeleton, TrustedApp):  # type: ignore[misc, name-defined]
-    """ITest2 as a TA: its entry point drives the ITest1 it is given (test2.rs)."""
-
-    def entrypoint(self, o: Any) -> None:
-        assert type(o).__qualname__ == "ITest1.Stub"
-        _drive_itest1(o)
-
-    def get(self) -> Any:
-        return OneTa()
-
-
-class OneTa(One, TrustedApp):
-    """ITest1 served in the secure world."""
-
-
-class OneCb(One, CallbackObject):
-    """ITest1 served by the client, as a callback object."""
-
-
-@pytest.mark.qtee_modes("in-process", "server")
-@pytest.mark.qtee_ta("itest2", Two)
-def test_ta_entrypoint_drives_a_client_callback_object(qtee_app: AppLoaderHelper) -> None:
-    """Issue 19 acceptance: ITest2's entry point in a TA drives ITest1 served by a client
-    callback object across the model (stub over NsObject -> callbacks -> skeleton)."""
-    app: ObjRef = qtee_app("itest2")
-    NS.ITest2.Stub(app).entrypoint(OneCb())
-
-
-@pytest.mark.qtee_modes("in-process", "server")
-@pytest.mark.qtee_ta("itest2", Two)
-def test_client_drives_an_itest1_from_the_ta(qtee_app: AppLoaderHelper) -> None:
-    """The reverse: the client drives an ITest1 served in the secure world, obtained as an
-    output object (wrapped in ITest1's stub), and releases it."""
-    two = NS.ITest2.Stub(qtee_app("itest2"))
-    with two.get() as one:
-        assert type(one).__qualname__ == "ITest1.Stub"
-        assert isinstance(one.obj, ObjRef)
-        _drive_itest1(one)
-
-
-@pytest.mark.qtee_ta("itest2", Two)
+@pytest.mark.qtee_ta("itest2", IMPLS.ITest2Ta)
 def test_stub_errors_from_qtee_are_named(qtee_client: Client, qtee_app: AppLoaderHelper) -> None:
     """A result from across the model is raised by the interface's name (ITest2 has
     my_custom_error = 10; a wrong op count through a raw ObjRef is ERROR_INVALID)."""
@@ -253,9 +130,6 @@ def test_struct_classes_and_local_skeleton_is_a_pyobject() -> None:
 
 
 # ------------------------------------------------------------------ from the IDL file
-DATA = __import__("pathlib").Path(__file__).parent / "data"
-
-
 @pytest.fixture(scope="module")
 def itest() -> Namespace:
     from objects.idl import IdlWarning, load
@@ -369,7 +243,7 @@ interface IClientEnv {
 
 
 @pytest.mark.qtee_modes("in-process", "server")
-@pytest.mark.qtee_ta("itest2", Two)
+@pytest.mark.qtee_ta("itest1", IMPLS.ITest1Ta)
 def test_stubs_drive_the_models_own_services(qtee_env: ObjRef) -> None:
     """Stubs over the client's ObjRefs agree with the model's hand-written op tables
     (quic-teec.md §5.3: IClientEnv.open, IAppLoader.loadFromBuffer, IAppController's
@@ -384,9 +258,9 @@ def test_stubs_drive_the_models_own_services(qtee_env: ObjRef) -> None:
         with pytest.raises(QteeError) as exc:
             loader.loadFromBuffer(b"junk")
         assert (exc.value.result, exc.value.name) == (10, "IAppLoader.ERROR_INVALID_BUFFER")
-        with loader.loadFromBuffer(ta_image("itest2")) as ctrl:
+        with loader.loadFromBuffer(ta_image("itest1")) as ctrl:
             assert type(ctrl).__qualname__ == "IAppController.Stub"
-            with NS.ITest2.Stub(ctrl.getAppObject()) as two, two.get() as one:
+            with NS.ITest1.Stub(ctrl.getAppObject()) as one:
                 assert one.add_1000(1) == 1001
             ctrl.unload()
 
