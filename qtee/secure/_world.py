@@ -72,6 +72,10 @@ log = logging.getLogger("qtee.secure")
 _FIRST_ID: Final = 2
 _OP_RELEASE: Final = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
 _OP_RETAIN: Final = wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
+_OP_MASK: Final = wire.QCOMTEE_MSG_OBJECT_OP_MASK
+_ROOT_ID: Final = wire.QCOMTEE_MSG_OBJECT_ROOT
+_NULL_ID: Final = wire.QCOMTEE_MSG_OBJECT_NULL
+_NS_BIT: Final = wire.QCOMTEE_MSG_OBJECT_NS_BIT
 _OUT_SIZE: Final = wire.MAX_OUTBOUND_BUFFER_SIZE
 #: A clean outbound buffer (QTEE writes a callback request into a zeroed one).
 _ZERO_OUT: Final = bytes(_OUT_SIZE)
@@ -405,40 +409,41 @@ class SecureWorld:
         return result
 
     def _dispatch(self, msg: wire.InvokeMsg, inbound: _Buf) -> int:
-        op = msg.op & wire.QCOMTEE_MSG_OBJECT_OP_MASK
-        if msg.cxt == wire.QCOMTEE_MSG_OBJECT_ROOT:
+        cxt, op, _counts, ib, refs, ids, n_oo, _size = msg  # one unpack, not a load per use
+        op &= _OP_MASK
+        if cxt == _ROOT_ID:
             target: SecureObject | None = self.root
-        elif msg.cxt == wire.QCOMTEE_MSG_OBJECT_NULL or msg.cxt & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
-            return _badobj(f"{msg.cxt:#x} is not a QTEE object id")
+        elif cxt == _NULL_ID or cxt & _NS_BIT:
+            return _badobj(f"{cxt:#x} is not a QTEE object id")
         else:
-            target = self._table.lookup(msg.cxt)
+            target = self._table.lookup(cxt)
         if target is None:
-            return _badobj(f"no object {msg.cxt} in QTEE's table")
+            return _badobj(f"no object {cxt} in QTEE's table")
         if op == _OP_RELEASE:
-            return Result.OK if target is self.root else self._drop(msg.cxt)
+            return Result.OK if target is self.root else self._drop(cxt)
         if op == _OP_RETAIN:
             with self._lock:
-                if msg.cxt in self._table:
-                    self._extra_refs[msg.cxt] = self._extra_refs.get(msg.cxt, 0) + 1
+                if cxt in self._table:
+                    self._extra_refs[cxt] = self._extra_refs.get(cxt, 0) + 1
             return Result.OK
-        ob = tuple([ref.size for ref in msg.ob]) if msg.ob else ()
-        if msg.io:
-            io = tuple([self._import(i) for i in msg.io])
-            res = target.dispatch(op, msg.ib, ob, io, msg.n_oo, oo_kinds=_OUTPUT_KINDS)
+        ob = tuple([ref.size for ref in refs]) if refs else ()
+        if ids:
+            io = tuple([self._import(i) for i in ids])
+            res = target.dispatch(op, ib, ob, io, n_oo, oo_kinds=_OUTPUT_KINDS)
             for obj in io:  # the method kept what it wanted with retain()
                 if isinstance(obj, NsObject):
                     obj.release()
         else:
-            res = target.dispatch(op, msg.ib, ob, (), msg.n_oo, oo_kinds=_OUTPUT_KINDS)
+            res = target.dispatch(op, ib, ob, (), n_oo, oo_kinds=_OUTPUT_KINDS)
         if res.result:
             # Nothing was exported; NsObject proxies the method returned stay its own, as
             # they do on success (the kernel takes its own reference on an NS output).
             _reason.note(res.result, res.name, res.detail)  # model-only: why, for the client
             return res.result
-        if msg.n_oo or msg.ob:  # outputs to write
+        if n_oo or refs:  # outputs to write
             oo_ids = [self._wire_id(obj, _NOT_AN_OUTPUT) for obj in res.oo]
             if res.oo and op <= 2:
-                self._name_outputs(target, op, msg.ib, res.oo)
+                self._name_outputs(target, op, ib, res.oo)
             wire.write_invoke_response(inbound, msg, res.ob, oo_ids)
         return Result.OK
 
