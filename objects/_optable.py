@@ -352,10 +352,13 @@ class PyObject:
         if not spec.accepts(ib, ob, len(io), n_oo):
             return _failed(Result.ERROR_INVALID, spec.mismatch(ib, ob, len(io), n_oo) or "")
         try:
+            method = getattr(self, spec.name)
             if spec.capacities:
-                out = getattr(self, spec.name)(*ib, *io, capacities=ob)
-            else:
-                out = getattr(self, spec.name)(*ib, *io)
+                out = method(*ib, *io, capacities=ob)
+            elif ib or io:
+                out = method(*ib, *io)
+            else:  # no arguments: a plain call, no tuple built
+                out = method()
         except QteeError as exc:
             return _failed(exc.result, exc.detail, self._error_name(exc))
         except Exception as exc:
