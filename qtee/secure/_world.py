@@ -81,8 +81,26 @@ _OUT_SIZE: Final = wire.MAX_OUTBOUND_BUFFER_SIZE
 _ZERO_OUT: Final = bytes(_OUT_SIZE)
 
 
-#: The world whose call runs on this thread (``world``; absent outside any call).
-_running = threading.local()
+class _Running(threading.local):
+    """This thread's world calls, innermost first: ``top`` is ``(world, outbound, serve,
+    the call it is nested in)``, None outside any call.  One thread-local for what an
+    invocation sets up (the call's world, for objects made in it; its outbound buffer
+    and server, for its callbacks), read once and set twice per call."""
+
+    top: _Frame | None = None
+
+
+_running = _Running()
+
+
+def _call_of(world: SecureWorld) -> _Call | None:
+    """The innermost call of ``world`` running on this thread (None: there is none)."""
+    frame = _running.top
+    while frame is not None:
+        if frame[0] is world:
+            return frame[1], frame[2]
+        frame = frame[3]
+    return None
 
 
 def _badobj(detail: str) -> Result:
@@ -104,9 +122,9 @@ class SecureObject(PyObject):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         obj = super().__new__(cls)
-        world = getattr(_running, "world", None)
-        if world is not None:
-            obj._secure_world = world
+        top = _running.top
+        if top is not None:
+            obj._secure_world = top[0]
         return obj
 
     @property
@@ -186,6 +204,8 @@ _NOT_AN_INPUT: Final = "cannot pass a {} as an input object"
 
 #: Per-thread state of one direct invocation: its outbound buffer and the driver's server.
 _Call = tuple[_Buf, ServeCallback]
+#: One entry of :class:`_Running`'s chain.
+_Frame = tuple["SecureWorld", _Buf, ServeCallback, Any]
 
 _LABEL_CLASSES: list[type] = []
 
@@ -232,7 +252,6 @@ class SecureWorld:
         self._extra_refs: dict[int, int] = {}  # ...plus any the kernel retained
         self._pending_release: list[int] = []
         self._lock = threading.RLock()
-        self._local = threading.local()
         #: Physical memory of the platform (set by the device), for mapped regions.
         self.phys: PhysicalMemory | None = None
         from qtee.secure._listeners import Listeners
@@ -348,7 +367,7 @@ class SecureWorld:
         runs none.  The caller makes sure no call is in flight (the monitor defers this
         until the last one leaves); afterwards the world is ``closing``.
         """
-        if getattr(self._local, "call", None) is not None:
+        if _call_of(self) is not None:
             raise UsageError("release_all from inside a call of this world")
         self.closing = True
         shutdown = getattr(getattr(self, "gp", None), "shutdown", None)
@@ -394,16 +413,13 @@ class SecureWorld:
         ``outbound``.  On return the async RELEASE messages are in ``outbound``.
         """
         msg = wire.decode_invoke(inbound)
-        local = self._local
-        prev = getattr(local, "call", None)
-        prev_world = getattr(_running, "world", None)
-        local.call = (outbound, serve)
-        _running.world = self
+        running = _running
+        prev = running.top
+        running.top = (self, outbound, serve, prev)
         try:
             result = self._dispatch(msg, inbound)
         finally:
-            local.call = prev
-            _running.world = prev_world
+            running.top = prev
         if self._pending_release:
             self._flush_releases(outbound, 0)
         return result
@@ -479,7 +495,7 @@ class SecureWorld:
         n_oo: int,
     ) -> DispatchResult:
         """Invoke an NS object: write the outbound request, let the driver serve it."""
-        call: _Call | None = getattr(self._local, "call", None)
+        call = _call_of(self)
         if call is None:
             raise UsageError("a callback needs a direct invocation in progress on this thread")
         if target.refs <= 0:
