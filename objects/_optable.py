@@ -36,7 +36,7 @@ import enum
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NamedTuple, TypeVar
 
 from objects._errors import QteeError, UsageError
@@ -65,6 +65,11 @@ class OpSpec:
     oo: int = 0
     #: The method is called with ``capacities=`` (each output buffer's capacity).
     capacities: bool = False
+    #: ``(len(ib), len(ob), io, oo)``: the counts of a call with this shape (set from the
+    #: fields, once: a dispatch compares one tuple).
+    shape: tuple[int, int, int, int] = field(init=False, repr=False, compare=False)
+    #: Some buffer has a fixed size: a call's sizes are checked too (:meth:`fits`).
+    sized: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_number(self.op, f"op {self.op!r} of {self.name}")
@@ -76,19 +81,23 @@ class OpSpec:
             raise UsageError(f"{self.name}: capacities must be a bool")
         if self.capacities and not self.ob:
             raise UsageError(f"{self.name}: capacities=True needs output buffers (ob=...)")
+        object.__setattr__(self, "shape", (len(self.ib), len(self.ob), self.io, self.oo))
+        object.__setattr__(self, "sized", any(s is not None for s in (*self.ib, *self.ob)))
 
     def accepts(self, ib: tuple[bytes, ...], ob: tuple[int, ...], n_io: int, n_oo: int) -> bool:
         """True when the call has exactly this shape (fixed sizes must match)."""
-        if n_io != self.io or n_oo != self.oo or len(ib) != len(self.ib) or len(ob) != len(self.ob):
-            return False
-        if ib:
-            for data, size in zip(ib, self.ib, strict=True):
-                if size is not None and len(data) != size:
-                    return False
-        if ob:
-            for cap, size in zip(ob, self.ob, strict=True):
-                if size is not None and cap != size:
-                    return False
+        return (len(ib), len(ob), n_io, n_oo) == self.shape and (
+            not self.sized or self.fits(ib, ob)  # most ops have no fixed size to check
+        )
+
+    def fits(self, ib: tuple[bytes, ...], ob: tuple[int, ...]) -> bool:
+        """Each buffer of a call with this shape's counts has its fixed size, if any."""
+        for data, size in zip(ib, self.ib, strict=True):
+            if size is not None and len(data) != size:
+                return False
+        for cap, size in zip(ob, self.ob, strict=True):
+            if size is not None and cap != size:
+                return False
         return True
 
     def mismatch(
@@ -343,10 +352,13 @@ class PyObject:
         if not spec.accepts(ib, ob, len(io), n_oo):
             return _failed(Result.ERROR_INVALID, spec.mismatch(ib, ob, len(io), n_oo) or "")
         try:
+            method = getattr(self, spec.name)
             if spec.capacities:
-                out = getattr(self, spec.name)(*ib, *io, capacities=ob)
-            else:
-                out = getattr(self, spec.name)(*ib, *io)
+                out = method(*ib, *io, capacities=ob)
+            elif ib or io:
+                out = method(*ib, *io)
+            else:  # no arguments: a plain call, no tuple built
+                out = method()
         except QteeError as exc:
             return _failed(exc.result, exc.detail, self._error_name(exc))
         except Exception as exc:

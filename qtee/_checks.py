@@ -70,6 +70,9 @@ def _a(p: ParamLike) -> int:
 
 
 _BUF: Final = uapi.BUF_DATA_STRUCT
+_BUF_SIZE: Final = _BUF.size
+_U32: Final = struct.Struct("<I")
+_MAX_ARG_SIZE: Final = uapi.TEE_MAX_ARG_SIZE
 _PARAM: Final = uapi.PARAM_STRUCT
 _UBUF_TYPES: Final = frozenset(
     {
@@ -145,12 +148,12 @@ def read_buf_block(
     ``np_at`` is where ``num_params`` sits in the header.
     """
     # A bytearray that holds the struct is the usual arg: need_arg checks the others.
-    fits = type(arg) is bytearray and len(arg) >= _BUF.size
-    buf_ptr, buf_len = _BUF.unpack_from(arg if fits else need_arg(arg, _BUF.size, writable=False))
-    if buf_len > uapi.TEE_MAX_ARG_SIZE or buf_len < head_size:
+    fits = type(arg) is bytearray and len(arg) >= _BUF_SIZE
+    buf_ptr, buf_len = _BUF.unpack_from(arg if fits else need_arg(arg, _BUF_SIZE, writable=False))
+    if buf_len > _MAX_ARG_SIZE or buf_len < head_size:
         raise _einval(f"buf_len {buf_len}")
     block = memory.read(buf_ptr, buf_len)
-    (num,) = struct.unpack_from("<I", block, np_at)
+    (num,) = _U32.unpack_from(block, np_at)
     end = head_size + 32 * num
     if (buf_len != end) if exact else (buf_len < end):
         check_buf_len(buf_len, head_size, num, exact=exact)

@@ -75,6 +75,8 @@ log = logging.getLogger("qtee.client")
 
 _BUF: Final = uapi.BUF_DATA_STRUCT
 _INVOKE_HEAD_SIZE: Final = _INVOKE_HEAD.size
+_MAX_ARG_SIZE: Final = uapi.TEE_MAX_ARG_SIZE
+_OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
 
 
 class _Credentials(CallbackObject):
@@ -201,8 +203,8 @@ class Client:
     def call(self, cmd: int, blk: ArgBlock, size: int) -> None:
         """The ioctl ``cmd`` on this client's fd, its argument the first ``size`` bytes of
         ``blk`` (errors: :class:`objects.DriverError`, the errno channel)."""
-        if not 0 <= size <= uapi.TEE_MAX_ARG_SIZE:
-            raise UsageError(f"an ioctl argument is 0..{uapi.TEE_MAX_ARG_SIZE} bytes, not {size}")
+        if not 0 <= size <= _MAX_ARG_SIZE:
+            raise UsageError(f"an ioctl argument is 0..{_MAX_ARG_SIZE} bytes, not {size}")
         _BUF.pack_into(blk.arg, 0, blk.addr, size)
         self.ctx.ioctl(cmd, blk.arg)
 
@@ -285,22 +287,26 @@ class Client:
                         params.append(self.to_param(a, sent))
                 n = len(params)
                 size = _INVOKE_HEAD_SIZE + 32 * n
-                if size > uapi.TEE_MAX_ARG_SIZE:
+                if size > _MAX_ARG_SIZE:
                     raise UsageError(f"{n} arguments do not fit one invoke ({size} > 4096 bytes)")
                 try:  # a pinned argument block (one per concurrent ioctl, reused)
                     blk = self._blocks.pop()
                 except IndexError:
                     blk = ArgBlock(self.device.memory)
-                _invoke_struct(n).pack_into(
-                    blk.buf, 0, ident, op_, 0, n, *itertools.chain.from_iterable(params)
-                )
+                if n:
+                    _invoke_struct(n).pack_into(
+                        blk.buf, 0, ident, op_, 0, n, *itertools.chain.from_iterable(params)
+                    )
+                else:  # the header alone
+                    _INVOKE_HEAD.pack_into(blk.buf, 0, ident, op_, 0, 0)
                 called = True  # from here the errno channel decides ownership
-                for uid in sent:  # held through the call: an output may name an object sent in
-                    self.exports.hold(uid)  # it while QTEE's release of it is being delivered
-                held.extend(sent)
+                if sent:  # held through the call: an output may name an object sent in it
+                    for uid in sent:  # while QTEE's release of it is being delivered
+                        self.exports.hold(uid)
+                    held.extend(sent)
                 _reason.clear()  # a note left by another call never names this one
                 try:
-                    self.call(uapi.TEE_IOC_OBJECT_INVOKE, blk, size)
+                    self.call(_OBJECT_INVOKE, blk, size)
                 except DriverError:
                     for uid in sent:  # errno channel: the caller keeps ownership
                         self.exports.unexport(uid)
@@ -327,6 +333,8 @@ class Client:
             if ret:  # the secure side's note says which error and why (model-only)
                 raise _reason.error_for(ret)
             values: list[Any] = []
+            if not outs:
+                return values
             try:
                 for (_, buf), p in zip(outs, back, strict=True):
                     values.append(

@@ -63,6 +63,7 @@ _OBJREF_NULL: Final = uapi.TEE_OBJREF_NULL
 _OP_RELEASE: Final = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
 _OP_RETAIN: Final = wire.QCOMTEE_MSG_OBJECT_OP_RETAIN
 _OP_MASK: Final = wire.QCOMTEE_MSG_OBJECT_OP_MASK
+_OP_HIGH: Final = ~_OP_MASK  # the bits a userspace op may not set
 
 
 def _encode_wrapped(
@@ -142,21 +143,22 @@ class Context(TeeFile[Shm]):
     def _object_invoke(self, arg: bytearray | memoryview) -> int:
         device = self.device
         mem = device.memory
-        buf_ptr, block, params = _read(self.device.memory, arg, _INVOKE_HEAD.size, 16)
+        buf_ptr, block, params = _read(mem, arg, _INVOKE_HEAD.size, 16)
         ident, op, _ret, num = _INVOKE_HEAD.unpack_from(block)
-        n_ib = n_ob = n_io = n_oo = 0
-        for attr, _a, _b, _c in params:
-            if attr == _UB_IN:
-                n_ib += 1
-            elif attr == _UB_OUT:
-                n_ob += 1
-            elif attr == _OBJ_IN:
-                n_io += 1
-            elif attr == _OBJ_OUT:
-                n_oo += 1
-        most = max(n_ib, n_ob, n_io, n_oo)
-        if num > _ARGS_MAX or n_ib + n_ob + n_io + n_oo != num or most > _ARGS_PER_TYPE:
-            _checks.params_check(params)
+        n_ib = n_ob = n_io = n_oo = most = 0
+        if params:  # (no params: nothing to count or check)
+            for attr, _a, _b, _c in params:
+                if attr == _UB_IN:
+                    n_ib += 1
+                elif attr == _UB_OUT:
+                    n_ob += 1
+                elif attr == _OBJ_IN:
+                    n_io += 1
+                elif attr == _OBJ_OUT:
+                    n_oo += 1
+            most = max(n_ib, n_ob, n_io, n_oo)
+            if num > _ARGS_MAX or n_ib + n_ob + n_io + n_oo != num or most > _ARGS_PER_TYPE:
+                _checks.params_check(params)
 
         if op == _OP_RELEASE:
             entry = self.objects.erase(ident) if ident <= 0x7FFF_FFFF else None
@@ -178,7 +180,7 @@ class Context(TeeFile[Shm]):
             cxt = target.qtee_id
         call = InvokeCtx(params, [] if target is None else [target], [])
         try:
-            if op & ~_OP_MASK or op == _OP_RETAIN:
+            if op & _OP_HIGH or op == _OP_RETAIN:
                 raise _einval(f"op {op:#x}")
             ib: list[bytes] = []
             ob: list[int] = []

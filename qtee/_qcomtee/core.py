@@ -40,7 +40,7 @@ from qtee._qcomtee.object import (
 from qtee._qcomtee.primordial_obj import Primordial
 from qtee._qcomtee.shm import PhysMemory, PhysSpace, Shm
 from qtee._qcomtee_msg import Counts
-from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcConduit, SmcFid
+from qtee._smc import HYP_CLIENT_ID, OnReturn, Regs, SmcArgs, SmcConduit, SmcFid
 from qtee._tee.core import _P
 from qtee._tee.shm import SHM_MAX, ShmBacking, private_backing
 from qtee.addrspace import AddressSpace, ProcessMemory
@@ -210,6 +210,13 @@ class Device:
         self.monitor = monitor
         #: Where this device's SMCs go: the monitor, or a given conduit (a VMM trap).
         self.conduit: SmcConduit = conduit
+        #: The conduit's SMC with every register in one tuple: its own ``_smc`` when its
+        #: ``smc`` is the standard spelling (no keyword call, no repacking per SMC).
+        self._smc_regs: Callable[[SmcArgs, OnReturn | None], Regs] = (
+            conduit._smc
+            if getattr(type(conduit), "smc", None) is SmcConduit.smc
+            else lambda args, on_return: conduit.smc(*args, on_return=on_return)
+        )
         #: Physical memory: shm regions and the buffers lent for each SMC.
         self.phys: PhysSpace = phys
         self.memory: AddressSpace = memory if memory is not None else ProcessMemory()
@@ -360,13 +367,9 @@ class Device:
         try:
             page.call = call
             try:
-                regs = self.conduit.smc(
-                    _SMC_INVOKE,
-                    in_pa,
-                    len(inbound),
-                    page.pa,
-                    _OUT_SIZE,
-                    on_return=page.on_return,
+                regs = self._smc_regs(
+                    (_SMC_INVOKE, in_pa, len(inbound), page.pa, _OUT_SIZE, 0, 0, 0),
+                    page.on_return,
                 )
             except DriverError as exc:
                 if call.accepted:

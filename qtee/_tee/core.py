@@ -86,6 +86,8 @@ def _pack_params(params: list[_P]) -> bytes:
 
 def _pack_invoke(ident: int, op: int, ret: int, params: list[_P]) -> bytes:
     """``struct tee_ioctl_object_invoke_arg`` followed by its params."""
+    if not params:  # the header alone (a null invoke, a release)
+        return _INVOKE_HEAD.pack(ident, op, ret, 0)
     return _invoke_struct(len(params)).pack(
         ident, op, ret, len(params), *itertools.chain.from_iterable(params)
     )
