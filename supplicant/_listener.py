@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from objects import DriverError, QteeError, UsageError, op
+from qtee._idl import idl_op
 from qtee.client import CallbackObject, Client, MemoryObject, ObjRef
 from qtee.credentials import Credentials
 from qtee.secure import REGISTER_LISTENER_UID, REGISTER_TA_BUF_UID
@@ -87,7 +88,7 @@ class ListenerObject(CallbackObject):
     def __repr__(self) -> str:
         return f"<ListenerObject {self.listener_id:#x}>"
 
-    @op(0, ob=(None, 4), oo=4)
+    @idl_op("IListenerCBO", "request")
     def request(self) -> tuple[bytes, bytes, None, None, None, None]:
         """Serve the request in the shared buffer; BUSY if one is being served."""
         with self._free:
@@ -107,7 +108,7 @@ class ListenerObject(CallbackObject):
                 self._free.notify()
         return b"", struct.pack("<I", 1), None, None, None, None
 
-    @op(1)
+    @idl_op("IListenerCBO", "wait")
     def wait(self) -> None:
         """Return once the listener is free (OK after the timeout too)."""
         with self._free:

@@ -94,7 +94,10 @@ class KvStore(TrustedApp):
                 "ERROR_APP_UNTRUSTED_CLIENT": 21,
             },
         ),
-        (IAppController, {"ERROR_APP_SUSPENDED": 10, "ERROR_UNLOADED": 12, "ERROR_IN_USE": 13}),
+        (
+            IAppController,
+            {"ERROR_APP_SUSPENDED": 10, "ERROR_APP_UNLOADED": 12, "ERROR_APP_IN_USE": 13},
+        ),
         (IOpener, {"ERROR_NOT_FOUND": 10, "ERROR_PRIVILEGE": 11, "ERROR_NOT_SUPPORTED": 12}),
         (IIO, {"ERROR_OFFSET_OUT_OF_BOUNDS": 10, "ERROR_INVALID_BUFFER_AND_OFFSET": 12}),
         (IDiagnostics, {"ERROR_APP_NOT_FOUND": 10, "ERROR_RESTRICTED": 12}),
@@ -134,7 +137,7 @@ def test_the_old_constant_names_are_the_enum_members() -> None:
     assert _apps.ERROR_METADATA_INVALID is IAppLoader.ERROR_METADATA_INVALID == 13
     assert _apps.ERROR_ALREADY_LOADED is IAppLoader.ERROR_ALREADY_LOADED == 16
     assert _apps.ERROR_EMBEDDED_IMAGE_NOT_FOUND is IAppLoader.ERROR_EMBEDDED_IMAGE_NOT_FOUND
-    assert _apps.ERROR_APP_UNLOADED is IAppController.ERROR_UNLOADED == 12
+    assert _apps.ERROR_APP_UNLOADED is IAppController.ERROR_APP_UNLOADED == 12
     assert _services.IOPENER_ERROR_NOT_FOUND is IOpener.ERROR_NOT_FOUND
     assert qtee.secure.IOPENER_ERROR_NOT_FOUND == 10
     assert _listeners.ERROR_MAX_REGISTERED is IRegisterListenerCBO.ERROR_MAX_REGISTERED
@@ -211,7 +214,7 @@ def test_loader_errors_are_named_with_their_reason(
             ctrl.invoke(1)  # unload
             with pytest.raises(QteeError) as exc:
                 ctrl.invoke(2, OUT_OBJECT)
-            assert (exc.value.result, exc.value.name) == (12, "IAppController.ERROR_UNLOADED")
+            assert (exc.value.result, exc.value.name) == (12, "IAppController.ERROR_APP_UNLOADED")
             assert exc.value.detail == "adder was unloaded"
     with pytest.raises(QteeError) as exc:
         qtee_client.open_service(qtee_env, 999)

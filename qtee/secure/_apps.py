@@ -29,7 +29,7 @@ or a TA file by UUID, or a real file registered by SHA-256 for a :class:`~qtee.s
 loads it into the world's GP runtime: from then on IGPAppClient (0x199) finds it by
 UUID, as it finds the TAs a device preloads (the ones :func:`~qtee.secure.register_gp_ta` registers;
 their image is ALREADY_LOADED, like a second load).  The answer is a
-:class:`GpAppController`: ``unload`` is IAppController ``IN_USE`` while a session to
+:class:`GpAppController`: ``unload`` is IAppController ``APP_IN_USE`` while a session to
 the TA is open (IAppController.idl: unload fails while the app is busy, to be tried
 again later); ``getAppObject`` is ``NOT_SUPPORTED`` (model choice: a GP TA is reached by
 UUID, not through a Mink object); releasing the controller unloads the TA, and sessions
@@ -38,13 +38,14 @@ open by then go on until they close.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import threading
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
-from objects import QteeError, UsageError, op
+from objects import QteeError, UsageError
+from qtee import _idl
+from qtee._idl import idl_op
 from qtee.secure._registry import PROCESS_TAS, refuse_marker_call
 from qtee.secure._signing import (
     QTEE_MAGIC,
@@ -76,36 +77,17 @@ __all__ = [
     "unregister_ta",
 ]
 
-APP_LOADER_UID: Final = 3
+APP_LOADER_UID: Final = _idl.const("CAppLoader", "CAppLoader_UID")
 TA_MAGIC: Final = QTEE_MAGIC
 
 
-class IAppLoader(enum.IntEnum):
-    """IAppLoader's errors (quic-teec.md §5.3)."""
-
-    ERROR_INVALID_BUFFER = 10
-    ERROR_PIL_ROLLBACK_FAILURE = 11
-    ERROR_ELF_SIGNATURE_ERROR = 12
-    ERROR_METADATA_INVALID = 13
-    ERROR_MAX_NUM_APPS = 14
-    ERROR_NO_NAME_IN_METADATA = 15
-    ERROR_ALREADY_LOADED = 16
-    ERROR_EMBEDDED_IMAGE_NOT_FOUND = 17
-    ERROR_TZ_HEAP_MALLOC_FAILURE = 18
-    ERROR_TA_APP_REGION_MALLOC_FAILURE = 19
-    ERROR_CLIENT_CRED_PARSING_FAILURE = 20
-    ERROR_APP_UNTRUSTED_CLIENT = 21
-
-
-class IAppController(enum.IntEnum):
-    """IAppController's errors (quic-teec.md §5.3)."""
-
-    ERROR_APP_SUSPENDED = 10
-    ERROR_BLOCKED_ON_LISTENER = 11
-    ERROR_UNLOADED = 12
-    ERROR_IN_USE = 13
-    #: qualcomm-linux/pkg-minkipc ``IAppController.idl`` (the fifth error).
-    ERROR_NOT_SUPPORTED = 14
+#: IAppLoader's and IAppController's errors, from their shipped ``.idl`` (quic-teec.md
+#: §5.3).  IAppController's 14 NOT_SUPPORTED is the model's: the fifth error of a later
+#: IAppController.idl (qualcomm-linux/pkg-minkipc), absent from the file qtee ships
+#: (checked against minkipc's generated header), which a GP TA's controller answers to
+#: getAppObject.
+IAppLoader = _idl.errors("IAppLoader", __name__)
+IAppController = _idl.errors("IAppController", __name__, {"ERROR_NOT_SUPPORTED": 14})
 
 
 # The names these errors had before their enums (kept: the same values).
@@ -113,7 +95,7 @@ ERROR_INVALID_BUFFER: Final = IAppLoader.ERROR_INVALID_BUFFER
 ERROR_METADATA_INVALID: Final = IAppLoader.ERROR_METADATA_INVALID
 ERROR_ALREADY_LOADED: Final = IAppLoader.ERROR_ALREADY_LOADED
 ERROR_EMBEDDED_IMAGE_NOT_FOUND: Final = IAppLoader.ERROR_EMBEDDED_IMAGE_NOT_FOUND
-ERROR_APP_UNLOADED: Final = IAppController.ERROR_UNLOADED
+ERROR_APP_UNLOADED: Final = IAppController.ERROR_APP_UNLOADED
 
 # The process-wide layer's table of QTEE TAs, under the names older code reads.
 _REGISTRY = PROCESS_TAS._qtee
@@ -181,11 +163,11 @@ class AppController(SecureObject):
         self.name = name
         self.app: TrustedApp | None = app
 
-    @op(1)
+    @idl_op("IAppController", "unload")
     def unload(self) -> None:
         self._unload()
 
-    @op(2, oo=1)
+    @idl_op("IAppController", "getAppObject")
     def get_app_object(self) -> TrustedApp:
         if self.app is None:
             raise QteeError(ERROR_APP_UNLOADED, f"{self.name} was unloaded")
@@ -202,7 +184,7 @@ class AppController(SecureObject):
 
 class GpAppController(SecureObject):
     """IAppController of a GP TA that IAppLoader loaded: the TA is reachable through
-    IGPAppClient (by UUID) until ``unload`` (op 1), which fails with ``IN_USE`` while a
+    IGPAppClient (by UUID) until ``unload`` (op 1), which fails with ``APP_IN_USE`` while a
     session to it is open.  Releasing the controller unloads it too (sessions already
     open keep running until they close).  ``getAppObject`` (op 2) is ``NOT_SUPPORTED``:
     a GP TA offers no Mink object of its own."""
@@ -215,18 +197,18 @@ class GpAppController(SecureObject):
         self.loaded = True
         self._lock = threading.Lock()
 
-    @op(1)
+    @idl_op("IAppController", "unload")
     def unload(self) -> None:
         with self._lock:
             if not self.loaded:
                 return
             if not self.runtime.unload_app(self.cls.UUID.bytes):
                 raise QteeError(
-                    IAppController.ERROR_IN_USE, f"GP TA {self.cls.UUID} has open sessions"
+                    IAppController.ERROR_APP_IN_USE, f"GP TA {self.cls.UUID} has open sessions"
                 )
             self.loaded = False
 
-    @op(2, oo=1)
+    @idl_op("IAppController", "getAppObject")
     def get_app_object(self) -> SecureObject:
         if not self.loaded:
             raise QteeError(ERROR_APP_UNLOADED, f"GP TA {self.cls.UUID} was unloaded")
@@ -315,11 +297,11 @@ class AppLoader(SecureObject):
             raise QteeError(ERROR_ALREADY_LOADED, f"GP TA {cls.UUID} is already loaded")
         return GpAppController(runtime, cls)
 
-    @op(0, ib=(None,), oo=1)
+    @idl_op("IAppLoader", "loadFromBuffer")
     def load_from_buffer(self, image: bytes) -> AppController | GpAppController:
         return self._load(image)
 
-    @op(2, ib=(None,), oo=1)
+    @idl_op("IAppLoader", "loadEmbedded")
     def load_embedded(self, name: bytes) -> AppController | GpAppController:
         """``loadEmbedded``: a 16-byte name is a TA UUID, fetched through the supplicant's
         TA-autoload callback (IRequestTABuffer) when one is registered; any other name is
@@ -339,7 +321,7 @@ class AppLoader(SecureObject):
             raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, f"no TA named {text!r}")
         return self._load(ta_image(text, key=self.world.ta_key))
 
-    @op(1, io=1, oo=1)
+    @idl_op("IAppLoader", "loadFromRegion")
     def load_from_region(self, mem: NsObject | None) -> AppController | GpAppController:
         if not isinstance(mem, NsObject):
             raise QteeError(ERROR_INVALID_BUFFER, "no memory object")

@@ -86,7 +86,6 @@ Model choices, where the sources say nothing or a Python model cannot follow the
 
 from __future__ import annotations
 
-import enum
 import struct
 import threading
 import uuid as uuidlib
@@ -95,6 +94,8 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Final
 
 from objects import QteeError, op
+from qtee import _idl
+from qtee._idl import idl_op
 from qtee.gp import _codes as teec
 from qtee.secure import _gp_why
 from qtee.secure._gp import TEE_TIMEOUT_INFINITE, GpParam, GpRuntime
@@ -137,36 +138,21 @@ __all__ = [
     "install_gp_app_client",
 ]
 
-CGPAPPCLIENT_UID: Final = 0x199
+CGPAPPCLIENT_UID: Final = _idl.const("CGPAppClient", "CGPAppClient_UID")
 
-IGPAPPCLIENT_OP_OPEN_SESSION: Final = 0
-IGPAPPCLIENT_OP_OPEN_SESSION_V2: Final = 1
+IGPAPPCLIENT_OP_OPEN_SESSION: Final = _idl.op_number("IGPAppClient", "openSession")
+IGPAPPCLIENT_OP_OPEN_SESSION_V2: Final = _idl.op_number("IGPAppClient", "openSessionV2")
 
-
-class IGPAppClient(enum.IntEnum):
-    """IGPAppClient's errors (qualcomm/minkipc ``IGPAppClient.idl``)."""
-
-    ERROR_INVALID_UUID_LEN = 10
-    ERROR_APP_NOT_FOUND = 11
-    ERROR_APP_BLOCKED_ON_LISTENER = 12
-    ERROR_APP_UNLOADED = 13
-    ERROR_APP_RESTART_FAILED = 14
-    ERROR_APP_AUTOLOAD_INVALID_BUFFER = 15
-    ERROR_ACCESS_DENIED = 16
-
-
-class IGPSession(enum.IntEnum):
-    """IGPSession's errors (qualcomm/minkipc ``IGPSession.idl``)."""
-
-    ERROR_CLOSED = 10
-
+#: IGPAppClient's and IGPSession's errors, from their shipped ``.idl`` (qualcomm/minkipc).
+IGPAppClient = _idl.errors("IGPAppClient", __name__)
+IGPSession = _idl.errors("IGPSession", __name__)
 
 IGPAPPCLIENT_ERROR_INVALID_UUID_LEN: Final = IGPAppClient.ERROR_INVALID_UUID_LEN
 IGPAPPCLIENT_ERROR_APP_NOT_FOUND: Final = IGPAppClient.ERROR_APP_NOT_FOUND
 IGPAPPCLIENT_ERROR_ACCESS_DENIED: Final = IGPAppClient.ERROR_ACCESS_DENIED
 
-IGPSESSION_OP_CLOSE: Final = 0
-IGPSESSION_OP_INVOKE_COMMAND: Final = 1
+IGPSESSION_OP_CLOSE: Final = _idl.op_number("IGPSession", "close")
+IGPSESSION_OP_INVOKE_COMMAND: Final = _idl.op_number("IGPSession", "invokeCommand")
 #: Model-only (not in IGPSession.idl): flag the session as cancelled.
 IGPSESSION_OP_REQUEST_CANCELLATION: Final = 0x3FFF
 IGPSESSION_ERROR_CLOSED: Final = IGPSession.ERROR_CLOSED
@@ -348,12 +334,6 @@ def _uuid_from_wire(raw: bytes) -> bytes:
 
 # ----------------------------------------------------------------------------- objects
 
-_BUF = None  # an output or input buffer of any size, in op tables
-_OS_IB: Final = (OS_IN.size, _BUF, _BUF, _BUF, _BUF, _BUF)
-_OS_V2_IB: Final = (OS_IN_V2.size, _BUF, _BUF, _BUF, _BUF, _BUF)
-_OUT_OB: Final = (OUT_SCALARS.size, _BUF, _BUF, _BUF, _BUF)
-_IC_IB: Final = (IC_IN.size, _BUF, _BUF, _BUF, _BUF)
-
 
 class GPAppClient(SecureObject):
     """``IGPAppClient`` (one per ``IClientEnv.open``): opens GP sessions.
@@ -371,13 +351,13 @@ class GPAppClient(SecureObject):
 
     # Dispatch passes each op the scalars, the TA's UUID, then ``params``: the four GP
     # params' input buffers, the wait object (unused) and the four params' memory objects.
-    @op(IGPAPPCLIENT_OP_OPEN_SESSION, ib=_OS_IB, ob=_OUT_OB, io=5, oo=1)
+    @idl_op("IGPAppClient", "openSession")
     def open_session(self, scalars: bytes, ta_uuid: bytes, *params: Any) -> tuple[object, ...]:
         cancel, method, data, types, ex_types = OS_IN.unpack(scalars)
         timeout = TEE_TIMEOUT_INFINITE
         return self._open(ta_uuid, cancel, timeout, method, data, types, ex_types, params)
 
-    @op(IGPAPPCLIENT_OP_OPEN_SESSION_V2, ib=_OS_V2_IB, ob=_OUT_OB, io=5, oo=1)
+    @idl_op("IGPAppClient", "openSessionV2")
     def open_session_v2(self, scalars: bytes, ta_uuid: bytes, *params: Any) -> tuple[object, ...]:
         cancel, timeout, method, data, types, ex_types = OS_IN_V2.unpack(scalars)
         return self._open(ta_uuid, cancel, timeout, method, data, types, ex_types, params)
@@ -432,7 +412,7 @@ class GPSessionObject(SecureObject):
             if self._closed:
                 raise QteeError(IGPSESSION_ERROR_CLOSED, "the GP session is closed")
 
-    @op(IGPSESSION_OP_CLOSE)
+    @idl_op("IGPSession", "close")
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -440,7 +420,7 @@ class GPSessionObject(SecureObject):
             self._closed = True
         self.client.runtime.close_session(self.session_id, owner=self.client)
 
-    @op(IGPSESSION_OP_INVOKE_COMMAND, ib=_IC_IB, ob=_OUT_OB, io=4)
+    @idl_op("IGPSession", "invokeCommand")
     def invoke_command(
         self,
         scalars: bytes,

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from objects import QteeError, UsageError, op
+from qtee import _idl
+from qtee._idl import idl_op
 from qtee._qcomtee_msg import Result
 from qtee.secure._world import Mapping, NsObject, SecureObject
 
@@ -66,14 +68,8 @@ MAX_LISTENERS: Final = 16
 MAX_BUSY_RETRIES: Final = 50
 
 
-class IRegisterListenerCBO(enum.IntEnum):
-    """IRegisterListenerCBO's errors (quic-teec.md §5.3)."""
-
-    ERROR_MAX_REGISTERED = 10
-    ERROR_ALIGNMENT = 11
-    ERROR_ID_IN_USE = 12
-    ERROR_ID_RESERVED = 13
-    ERROR_REG_NOT_ALLOWED_FROM_CURRENT_VM = 14
+#: IRegisterListenerCBO's errors, from its shipped ``.idl`` (quic-teec.md §5.3).
+IRegisterListenerCBO = _idl.errors("IRegisterListenerCBO", __name__)
 
 
 class IRegisterTABufCBO(enum.IntEnum):
@@ -96,8 +92,8 @@ ERROR_ALREADY_REGISTERED: Final = IRegisterTABufCBO.ERROR_ALREADY_REGISTERED
 OFFSETS_CAPACITY: Final = 16
 
 # IListenerCBO ops
-LISTENER_OP_REQUEST: Final = 0
-LISTENER_OP_WAIT: Final = 1
+LISTENER_OP_REQUEST: Final = _idl.op_number("IListenerCBO", "request")
+LISTENER_OP_WAIT: Final = _idl.op_number("IListenerCBO", "wait")
 # IRequestTABuffer ops
 TA_BUF_OP_GET: Final = 0
 
@@ -286,7 +282,7 @@ class RegisterListener(SecureObject):
     def __init__(self, world: SecureWorld) -> None:
         self.world = world
 
-    @op(0, ib=(4,), io=2)
+    @idl_op("IRegisterListenerCBO", "register")
     def register(self, raw_id: bytes, cbo: NsObject | None, mem: NsObject | None) -> None:
         (listener_id,) = struct.unpack("<I", raw_id)
         table = self.world.listeners

@@ -15,12 +15,13 @@ Each interface's errors are an ``IntEnum`` named after it (:class:`IOpener`,
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections.abc import Callable
 from typing import Final
 
 from objects import QteeError, op
+from qtee import _idl
+from qtee._idl import idl_op
 from qtee._qcomtee_msg import Result
 from qtee.credentials import Credentials
 from qtee.secure._world import NsObject, SecureObject, SecureWorld
@@ -40,32 +41,16 @@ __all__ = [
 
 FEATURE_VERSIONS_UID: Final = 2033
 FEATURE_VER_OP_GET_QTEE_ID: Final = 10
-CDIAGNOSTICS_UID: Final = 143
+CDIAGNOSTICS_UID: Final = _idl.const("CDiagnostics", "CDiagnostics_UID")
+#: IIO's ops, as QTEE calls them on a credentials object.
+_IIO_GET_LENGTH: Final = _idl.op_number("IIO", "getLength")
+_IIO_READ_AT_OFFSET: Final = _idl.op_number("IIO", "readAtOffset")
 
 
-class IOpener(enum.IntEnum):
-    """IOpener's errors: the client env's ``open`` (quic-teec.md §5.3)."""
-
-    ERROR_NOT_FOUND = 10
-    ERROR_PRIVILEGE = 11
-    ERROR_NOT_SUPPORTED = 12
-
-
-class IIO(enum.IntEnum):
-    """IIO's errors: what a credentials object may answer (quic-teec.md §5.3)."""
-
-    ERROR_OFFSET_OUT_OF_BOUNDS = 10
-    ERROR_SOURCE_BUFFER_TOO_LARGE = 11
-    ERROR_INVALID_BUFFER_AND_OFFSET = 12
-
-
-class IDiagnostics(enum.IntEnum):
-    """IDiagnostics' errors (quic-teec.md §5.3)."""
-
-    ERROR_APP_NOT_FOUND = 10
-    ERROR_ARCH_NOT_SUPPORTED = 11
-    ERROR_RESTRICTED = 12
-
+#: Each interface's errors, from its shipped ``.idl`` (quic-teec.md §5.3).
+IOpener = _idl.errors("IOpener", __name__)
+IIO = _idl.errors("IIO", __name__)
+IDiagnostics = _idl.errors("IDiagnostics", __name__)
 
 #: IOpener's NOT_FOUND under its name from before the enum.
 IOPENER_ERROR_NOT_FOUND: Final = IOpener.ERROR_NOT_FOUND
@@ -77,14 +62,15 @@ ServiceFactory = Callable[["ClientEnv"], SecureObject]
 def _iio(result: int) -> int:
     """A credentials object's answer, by its IIO name when it has one."""
     try:
-        return IIO(result)
+        named: int = IIO(result)
     except ValueError:
         return result
+    return named
 
 
 def read_credentials(cred: NsObject) -> Credentials:
     """Read a credentials object through IIO getLength/readAtOffset and parse its CBOR."""
-    res = cred.invoke(0, ob=[8])
+    res = cred.invoke(_IIO_GET_LENGTH, ob=[8])
     if res.result != Result.OK or len(res.ob[0]) != 8:
         raise QteeError(_iio(res.result) or Result.ERROR_INVALID, "credentials getLength failed")
     (length,) = struct.unpack("<Q", res.ob[0])
@@ -92,7 +78,9 @@ def read_credentials(cred: NsObject) -> Credentials:
         raise QteeError(Result.ERROR_SIZE_IN, f"credentials of {length} bytes")
     data = b""
     while len(data) < length:
-        res = cred.invoke(1, ib=[struct.pack("<Q", len(data))], ob=[length - len(data)])
+        res = cred.invoke(
+            _IIO_READ_AT_OFFSET, ib=[struct.pack("<Q", len(data))], ob=[length - len(data)]
+        )
         if res.result != Result.OK or not res.ob[0]:
             raise QteeError(
                 _iio(res.result) or Result.ERROR_INVALID, "credentials readAtOffset failed"
@@ -119,7 +107,7 @@ class ClientEnv(SecureObject):
         self.credentials = credentials
         self._cred_obj = cred_obj
 
-    @op(0, ib=(4,), oo=1)
+    @idl_op("IClientEnv", "open")
     def open(self, uid: bytes) -> SecureObject:
         (number,) = struct.unpack("<I", uid)
         factory = self.services.get(number)
@@ -166,7 +154,7 @@ class QteeRoot(SecureObject):
         credentials = read_credentials(cred)
         return ClientEnv(self.services, credentials, cred.retain())
 
-    @op(2, io=1, oo=1)
+    @idl_op("IClientEnv", "register")
     def register(self, cred: NsObject | None) -> ClientEnv:
         """IClientEnv_OP_register: credentials object -> client env."""
         return self._register(cred)
@@ -197,6 +185,6 @@ class Diagnostics(SecureObject):
 
     HEAP: Final = (1 << 20, 256 << 10, 768 << 10, 4096, 37, 128 << 10)
 
-    @op(0, ob=(24,))
+    @idl_op("IDiagnostics", "queryHeapInfo")
     def query_heap_info(self) -> bytes:
         return struct.pack("<6I", *self.HEAP)

@@ -103,7 +103,7 @@ def test_a_loaded_gp_image_opens_through_igpappclient(
 ) -> None:
     """A loadable-only GP TA is not found through IGPAppClient until its image is loaded
     with loadFromBuffer (IGPAppClient.idl: only *loaded* apps are found); then TEEC
-    sessions reach it; ``unload`` with a session open is IAppController IN_USE (13,
+    sessions reach it; ``unload`` with a session open is IAppController APP_IN_USE (13,
     IAppController.idl: unload fails while the app is busy) and the session still
     answers; after the close ``unload`` succeeds and the TA is not found again.  The
     same in process, through a device server and from a guest.  [GPC], [CTRL], [LOADER]."""
@@ -113,12 +113,12 @@ def test_a_loaded_gp_image_opens_through_igpappclient(
             assert add(ctx, LOADED_UUID, 40, 2) == 42
             value = TeecValue(1, 2)
             with ctx.open_session(LOADED_UUID) as session:
-                assert result_of(ctrl, 1) == IAppController.ERROR_IN_USE == 13
+                assert result_of(ctrl, 1) == IAppController.ERROR_APP_IN_USE == 13
                 session.invoke_command(ADD, TeecOperation(VALUE_INOUT, [value]))
             assert value.a == 3
             ctrl.invoke(1)  # unload: no session is open now
             assert open_fails(ctx, LOADED_UUID)[0] == NOT_FOUND
-            assert result_of(ctrl, 2, OUT_OBJECT) == IAppController.ERROR_UNLOADED == 12
+            assert result_of(ctrl, 2, OUT_OBJECT) == IAppController.ERROR_APP_UNLOADED == 12
         # Unloaded: the image loads again.
         with load(qtee_client, qtee_env, gp_ta_image(LOADED_UUID)) as ctrl:
             assert add(ctx, LOADED_UUID, 5, 6) == 11
