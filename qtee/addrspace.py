@@ -200,7 +200,7 @@ class ProcessMemory:
         """``copy_from_user``."""
         view = self._pinned.get(addr)
         if view is not None and 0 <= size <= len(view):
-            return bytes(view[:size])
+            return view[:size].tobytes()  # (tobytes: one call less than bytes() of a slice)
         _access_ok(addr, size)
         if size == 0:
             return b""
@@ -325,7 +325,7 @@ class CheckedMemory:
         """``copy_from_user``."""
         view = self._bufs.get(addr)  # the common case, inline: a whole mapped buffer's head
         if view is not None and 0 < size <= view.nbytes:
-            return bytes(view[:size])
+            return view[:size].tobytes()
         if size == 0:
             _access_ok(addr, size)
             return b""
