@@ -96,27 +96,20 @@ class Primitive(enum.Enum):
     FLOAT32 = ("float32", 4, "f")
     FLOAT64 = ("float64", 8, "d")
 
-    @property
-    def idl_name(self) -> str:
-        return self.value[0]
-
-    @property
-    def size(self) -> int:
-        return self.value[1]
+    def __init__(self, idl_name: str, size: int, code: str) -> None:
+        self.idl_name = idl_name
+        self.size = size
+        #: The :mod:`struct` format character (little-endian use: ``"<" + code``).
+        self.code = code
 
     @property
     def align(self) -> int:
         """A primitive is aligned to its size."""
-        return self.value[1]
-
-    @property
-    def code(self) -> str:
-        """The :mod:`struct` format character (little-endian use: ``"<" + code``)."""
-        return self.value[2]
+        return self.size
 
     @property
     def is_float(self) -> bool:
-        return self.value[2] in "fd"
+        return self.code in "fd"
 
     @classmethod
     def from_name(cls, name: str) -> Primitive | None:
@@ -124,7 +117,7 @@ class Primitive(enum.Enum):
         return _PRIMITIVES.get(name)
 
 
-_PRIMITIVES: Final = {p.value[0]: p for p in Primitive}
+_PRIMITIVES: Final = {p.idl_name: p for p in Primitive}
 
 
 @dataclass(frozen=True, slots=True)
