@@ -11,6 +11,8 @@ rule, with the PEG's behaviour kept where it differs from a tokenizer's:
 * every other rule skips whitespace and comments between its parts;
 * ``};`` and ``);`` are single tokens (no space between the two characters).
 
+Each rule reads like its grammar line: a part that is not there ends the rule with no
+match, which puts the position back where the rule started (the PEG's backtracking).
 Failures report the furthest position any rule reached, with what was expected there.
 Nothing here knows about types or names: :mod:`objects.idl._checks` does the semantics.
 """
