@@ -11,14 +11,18 @@ rule, with the PEG's behaviour kept where it differs from a tokenizer's:
 * every other rule skips whitespace and comments between its parts;
 * ``};`` and ``);`` are single tokens (no space between the two characters).
 
+Each rule reads like its grammar line: a part that is not there ends the rule with no
+match, which puts the position back where the rule started (the PEG's backtracking).
 Failures report the furthest position any rule reached, with what was expected there.
 Nothing here knows about types or names: :mod:`objects.idl._checks` does the semantics.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Concatenate, Final, ParamSpec, TypeVar
 
 from objects.idl._syntax import (
     ConstSyntax,
@@ -41,6 +45,31 @@ _ALPHA: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _DIGITS: Final = frozenset("0123456789")
 _ALNUM_: Final = _ALPHA | _DIGITS | {"_"}
 _HEX: Final = _DIGITS | frozenset("abcdefABCDEF")
+
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+class _NoMatch(Exception):
+    """A rule does not match here; what it wanted is in the parser's failure record."""
+
+
+def _rule(
+    method: Callable[Concatenate[_Parser, _P], _T],
+) -> Callable[Concatenate[_Parser, _P], _T | None]:
+    """A rule that either matches or returns None with the position where it started."""
+
+    @functools.wraps(method)
+    def attempt(parser: _Parser, /, *args: _P.args, **kwargs: _P.kwargs) -> _T | None:
+        start = parser.pos
+        try:
+            return method(parser, *args, **kwargs)
+        except _NoMatch:
+            parser.pos = start
+            return None
+
+    return attempt
 
 
 @dataclass(slots=True)
@@ -193,386 +222,310 @@ class _Parser:
             return clean_doc(comments[-1].text)
         return None
 
-    # -- rules ------------------------------------------------------------------------------
+    # -- combinators --------------------------------------------------------------------------
 
-    def include(self) -> IncludeSyntax | None:
-        start = self.pos
-        if not self.lit("include"):
-            return None
-        if not self.one_ws():
-            self.pos = start
-            return None
-        self.many_ws()
-        if not self.lit('"'):
-            self.pos = start
-            return None
-        end = self.text.find(".idl", self.pos)
-        if end <= self.pos:
-            self._miss("a path ending in '.idl'")
-            self.pos = start
-            return None
-        path = self.text[self.pos : end + 4]
-        self.pos = end + 4
-        if not self.lit('"'):
-            self.pos = start
-            return None
-        return IncludeSyntax(path, start)
+    @staticmethod
+    def need(got: _T | None) -> _T:
+        """``got``, or no match (a terminal's miss is already recorded)."""
+        if got is None or got is False:
+            raise _NoMatch
+        return got
 
-    def keyword(self, word: str) -> bool:
-        """``@{ word ~ WHITESPACE }``: the keyword then exactly one whitespace character."""
-        start = self.pos
-        if self.lit(word) and self.one_ws():
-            return True
-        self.pos = start
-        return False
+    def token(self, token: str) -> None:
+        """``token`` right here (atomic), or no match."""
+        self.need(self.lit(token))
 
-    def const(self) -> ConstSyntax | None:
-        start = self.pos
-        if not self.keyword("const"):
-            return None
-        self.skip()
-        type_offset = self.pos
-        type_name = self.primitive_type()
-        if type_name is None:
-            self.pos = start
-            return None
-        self.skip()
-        name_offset = self.pos
-        name = self.ident()
-        if name is None:
-            self.pos = start
-            return None
-        self.skip()
-        if not self.lit("="):
-            self.pos = start
-            return None
-        self.skip()
-        value_offset = self.pos
-        value = self.value()
-        if value is None:
-            self.pos = start
-            return None
-        self.skip()
-        if not self.lit(";"):
-            self.pos = start
-            return None
-        return ConstSyntax(type_name, type_offset, name, name_offset, value, value_offset, start)
-
-    def bounded_array(self) -> tuple[str, int] | None:
-        start = self.pos
-        if not self.lit("["):
-            return None
+    def part(self, read: Callable[[], _T | None]) -> tuple[_T, int]:
+        """The next part of a non-atomic rule: ``read`` after whitespace and comments, with
+        the offset it starts at; or no match."""
         self.skip()
         at = self.pos
-        size = self.digits("an array size")
-        if size is None:
-            self.pos = start
-            return None
-        self.skip()
-        if not self.lit("]"):
-            self.pos = start
-            return None
-        return size, at
+        return self.need(read()), at
 
-    def unbounded_array(self) -> bool:
-        start = self.pos
-        if not self.lit("["):
-            return False
+    def expect(self, token: str) -> None:
+        """``token`` as the next part of a non-atomic rule, or no match."""
         self.skip()
-        if not self.lit("]"):
-            self.pos = start
-            return False
-        return True
+        self.token(token)
 
-    def struct_field(self) -> FieldSyntax | None:
-        start = self.pos
-        type_name = self.primitive_type()
-        if type_name is None:
-            type_name = self.ident()
-        if type_name is None:
-            return None
+    @staticmethod
+    def choice(*alternatives: Callable[[], _T | None]) -> _T | None:
+        """PEG ordered choice: the first alternative that matches (each restores on a miss)."""
+        for alternative in alternatives:
+            got = alternative()
+            if got is not None:
+                return got
+        return None
+
+    def optional(self, rule: Callable[[], _T | None]) -> _T | None:
+        """``rule?`` in a non-atomic rule: ``rule`` after whitespace and comments; on a miss
+        the position stays before them."""
         mark = self.pos
         self.skip()
-        count: tuple[str, int] | None = self.bounded_array()
-        if count is None:
+        got = rule()
+        if got is None:
             self.pos = mark
-        self.skip()
-        name_offset = self.pos
-        name = self.ident()
-        if name is None:
-            self.pos = start
-            return None
-        self.skip()
-        if not self.lit(";"):
-            self.pos = start
-            return None
-        return FieldSyntax(
-            type_name,
-            start,
-            count[0] if count else None,
-            count[1] if count else start,
-            name,
-            name_offset,
-        )
+        return got
 
-    def struct(self, doc: str | None) -> StructSyntax | None:
+    @staticmethod
+    def many(rule: Callable[[], _T | None]) -> list[_T]:
+        """``rule*``: as many matches as there are in a row."""
+        items: list[_T] = []
+        while (item := rule()) is not None:
+            items.append(item)
+        return items
+
+    def repeat(self, rule: Callable[[], _T | None]) -> list[_T]:
+        """``rule*`` in a non-atomic rule (each after whitespace and comments)."""
+        return self.many(lambda: self.optional(rule))
+
+    def documented(
+        self,
+        *alternatives: Callable[[str | None], _T | None],
+        before: Sequence[_Comment] = (),
+    ) -> list[_T]:
+        """``(a | b | ...)*`` where each item is given the documentation comment before it
+        (``before``: comments already skipped ahead of the first item)."""
+        items: list[_T] = []
+        comments = list(before)
+        while True:
+            mark = self.pos
+            doc = self.doc_of(comments + self.skip())
+            comments = []
+            item = self.choice(*(functools.partial(alt, doc) for alt in alternatives))
+            if item is None:
+                self.pos = mark
+                return items
+            items.append(item)
+
+    # -- rules ------------------------------------------------------------------------------
+
+    @_rule
+    def include(self) -> IncludeSyntax:
+        """``include = ${ "include" ~ WHITESPACE+ ~ "\\"" ~ path ~ "\\"" }``"""
         start = self.pos
-        if not self.keyword("struct"):
+        self.token("include")
+        self.need(self.one_ws())
+        self.many_ws()
+        self.token('"')
+        path = self.need(self.path())
+        self.token('"')
+        return IncludeSyntax(path, start)
+
+    def path(self) -> str | None:
+        """``path = @{ (!".idl" ~ ANY)+ ~ ".idl" }``"""
+        start = self.pos
+        end = self.text.find(".idl", start)
+        if end <= start:
+            self._miss("a path ending in '.idl'")
             return None
+        self.pos = end + 4
+        return self.text[start : self.pos]
+
+    @_rule
+    def keyword(self, word: str) -> bool:
+        """``@{ word ~ WHITESPACE }``: the keyword then exactly one whitespace character."""
+        self.token(word)
+        return self.need(self.one_ws())
+
+    @_rule
+    def const(self) -> ConstSyntax:
+        """``const_keyword ~ primitive_type ~ ident ~ "=" ~ value ~ ";"``"""
+        start = self.pos
+        self.need(self.keyword("const"))
+        type_name, type_offset = self.part(self.primitive_type)
+        name, name_offset = self.part(self.ident)
+        self.expect("=")
+        value, value_offset = self.part(self.value)
+        self.expect(";")
+        return ConstSyntax(type_name, type_offset, name, name_offset, value, value_offset, start)
+
+    def array_size(self) -> str | None:
+        return self.digits("an array size")
+
+    @_rule
+    def bounded_array(self) -> tuple[str, int]:
+        """``"[" ~ array_size ~ "]"``: the size's digits and their offset."""
+        self.token("[")
+        size = self.part(self.array_size)
+        self.expect("]")
+        return size
+
+    @_rule
+    def unbounded_array(self) -> bool:
+        """``"[" ~ "]"``"""
+        self.token("[")
+        self.expect("]")
+        return True
+
+    @_rule
+    def struct_field(self) -> FieldSyntax:
+        """``(primitive_type | ident) ~ bounded_array? ~ ident ~ ";"``"""
+        start = self.pos
+        type_name = self.need(self.choice(self.primitive_type, self.ident))
+        count, count_offset = self.optional(self.bounded_array) or (None, start)
+        name, name_offset = self.part(self.ident)
+        self.expect(";")
+        return FieldSyntax(type_name, start, count, count_offset, name, name_offset)
+
+    @_rule
+    def struct(self, doc: str | None) -> StructSyntax:
+        """``struct_keyword ~ (!"interface" ~ ident) ~ "{" ~ (struct_field)+ ~ "};"``"""
+        start = self.pos
+        self.need(self.keyword("struct"))
         self.skip()
         if self.ahead("interface"):
             self._miss("a struct name (not starting with 'interface')")
-            self.pos = start
-            return None
-        name_offset = self.pos
-        name = self.ident()
-        if name is None:
-            self.pos = start
-            return None
-        self.skip()
-        if not self.lit("{"):
-            self.pos = start
-            return None
-        fields: list[FieldSyntax] = []
-        while True:
-            mark = self.pos
-            self.skip()
-            f = self.struct_field()
-            if f is None:
-                self.pos = mark
-                break
-            fields.append(f)
-        if not fields:
-            self.pos = start
-            return None
-        self.skip()
-        if not self.lit("};"):
-            self.pos = start
-            return None
+            raise _NoMatch
+        name, name_offset = self.part(self.ident)
+        self.expect("{")
+        fields = self.repeat(self.struct_field)
+        if not fields:  # (struct_field)+
+            raise _NoMatch
+        self.expect("};")
         return StructSyntax(name, name_offset, tuple(fields), doc, start)
 
-    def attribute(self) -> tuple[str, int] | None:
-        """``#[version = X.Y]`` (atomic: only the spaces the grammar spells)."""
+    @_rule
+    def attribute(self) -> tuple[str, int]:
+        """``${ "#[" ~ "version" ~ WHITESPACE* ~ "=" ~ WHITESPACE* ~ version ~ "]" }``: the
+        version's ``X.Y`` text and where the attribute starts."""
         start = self.pos
-        if not self.lit("#["):
-            return None
-        if not self.lit("version"):
-            self.pos = start
-            return None
+        self.token("#[")
+        self.token("version")
         self.many_ws()
-        if not self.lit("="):
-            self.pos = start
-            return None
+        self.token("=")
         self.many_ws()
         v0 = self.pos
-        if self.digits() is None or not self.lit(".") or self.digits() is None:
-            self.pos = start
-            return None
+        self.need(self.digits())
+        self.token(".")
+        self.need(self.digits())
         version = self.text[v0 : self.pos]
-        if not self.lit("]"):
-            self.pos = start
-            return None
+        self.token("]")
         return version, start
 
-    def function_keyword(self) -> list[tuple[str, int]] | None:
-        start = self.pos
-        versions: list[tuple[str, int]] = []
-        while True:
-            mark = self.pos
-            self.many_ws()
-            attr = self.attribute()
-            if attr is None or not self.one_ws():
-                self.pos = mark
-                break
-            versions.append(attr)
+    @_rule
+    def spaced_attribute(self) -> tuple[str, int]:
+        """``WHITESPACE* ~ attribute ~ WHITESPACE``"""
         self.many_ws()
-        if not self.keyword("method"):
-            self.pos = start
-            return None
+        attr = self.need(self.attribute())
+        self.need(self.one_ws())
+        return attr
+
+    @_rule
+    def function_keyword(self) -> list[tuple[str, int]]:
+        """``@{ (WHITESPACE* ~ attribute ~ WHITESPACE)* ~ WHITESPACE* ~ "method" ~
+        WHITESPACE }``: the versions its attributes give."""
+        versions = self.many(self.spaced_attribute)
+        self.many_ws()
+        self.need(self.keyword("method"))
         return versions
 
-    def param_type(self) -> tuple[str, int, str | None, int] | None:
-        """``(name, offset, array, array_offset)``; array None, "" (``[]``) or digits."""
+    @_rule
+    def bounded_param_type(self) -> tuple[str, int, str | None, int]:
+        """``(ident | "interface") ~ bounded_array``"""
         start = self.pos
-        # ((ident | "interface") ~ bounded_array)
-        name = self.ident()
-        if name is not None:
-            self.skip()
-            bounded = self.bounded_array()
-            if bounded is not None:
-                return name, start, bounded[0], bounded[1]
-        self.pos = start
-        # ((primitive_type | !"interface" ~ ident) ~ unbounded_array)
+        name = self.need(self.ident())
+        self.skip()
+        size, size_offset = self.need(self.bounded_array())
+        return name, start, size, size_offset
+
+    @_rule
+    def unbounded_param_type(self) -> tuple[str, int, str | None, int]:
+        """``(primitive_type | !"interface" ~ ident) ~ unbounded_array``"""
+        start = self.pos
         name = self.primitive_type()
         if name is None and not self.ahead("interface"):
             name = self.ident()
-        if name is not None:
-            self.skip()
-            arr_at = self.pos
-            if self.unbounded_array():
-                return name, start, "", arr_at
-        self.pos = start
-        # primitive_type | ident | "interface" | "buffer"
-        name = self.primitive_type()
-        if name is None:
-            name = self.ident()
-        if name is None:
-            return None
-        return name, start, None, start
+        name = self.need(name)
+        _, array_offset = self.part(self.unbounded_array)
+        return name, start, "", array_offset
 
-    def param(self) -> ParamSyntax | None:
+    def plain_param_type(self) -> tuple[str, int, str | None, int] | None:
+        """``primitive_type | ident | "interface" | "buffer"`` (both words are idents)."""
         start = self.pos
-        if self.ahead("in"):
-            direction = "in"
-        elif self.ahead("out"):
-            direction = "out"
-        else:
-            self._miss("'in' or 'out'")
-            return None
-        self.pos += len(direction)
-        self.skip()
-        ptype = self.param_type()
-        if ptype is None:
-            self.pos = start
-            return None
-        self.skip()
-        name_offset = self.pos
-        name = self.ident()
-        if name is None:
-            self.pos = start
-            return None
-        type_name, type_offset, array, array_offset = ptype
+        name = self.choice(self.primitive_type, self.ident)
+        return None if name is None else (name, start, None, start)
+
+    def param_type(self) -> tuple[str, int, str | None, int] | None:
+        """``(name, offset, array, array_offset)``; array None, "" (``[]``) or digits."""
+        return self.choice(
+            self.bounded_param_type, self.unbounded_param_type, self.plain_param_type
+        )
+
+    def direction(self) -> str | None:
+        """``mutability = @{ ("in" | "out") }``"""
+        for word in ("in", "out"):
+            if self.ahead(word):
+                self.pos += len(word)
+                return word
+        self._miss("'in' or 'out'")
+        return None
+
+    @_rule
+    def param(self) -> ParamSyntax:
+        """``mutability ~ param_type ~ ident``"""
+        start = self.pos
+        direction = self.need(self.direction())
+        (type_name, type_offset, array, array_offset), _ = self.part(self.param_type)
+        name, name_offset = self.part(self.ident)
         return ParamSyntax(
             direction, type_name, type_offset, array, array_offset, name, name_offset, start
         )
 
-    def function(self, doc: str | None) -> MethodSyntax | None:
+    @_rule
+    def next_param(self) -> ParamSyntax:
+        """``"," ~ param``"""
+        self.token(",")
+        return self.part(self.param)[0]
+
+    @_rule
+    def function(self, doc: str | None) -> MethodSyntax:
+        """``function_keyword ~ ident ~ "(" ~ param? ~ ("," ~ param)* ~ ");"``"""
         start = self.pos
-        versions = self.function_keyword()
-        if versions is None:
-            return None
-        self.skip()
-        name_offset = self.pos
-        name = self.ident()
-        if name is None:
-            self.pos = start
-            return None
-        self.skip()
-        if not self.lit("("):
-            self.pos = start
-            return None
-        params: list[ParamSyntax] = []
-        mark = self.pos
-        self.skip()
-        first = self.param()
-        if first is None:
-            self.pos = mark
-        else:
-            params.append(first)
-        while True:
-            mark = self.pos
-            self.skip()
-            if not self.lit(","):
-                self.pos = mark
-                break
-            self.skip()
-            p = self.param()
-            if p is None:
-                self.pos = mark
-                break
-            params.append(p)
-        self.skip()
-        if not self.lit(");"):
-            self.pos = start
-            return None
+        versions = self.need(self.function_keyword())
+        name, name_offset = self.part(self.ident)
+        self.expect("(")
+        first = self.optional(self.param)
+        params = ([] if first is None else [first]) + self.repeat(self.next_param)
+        self.expect(");")
         return MethodSyntax(name, name_offset, tuple(params), tuple(versions), doc, start)
 
-    def error(self) -> ErrorSyntax | None:
-        start = self.pos
-        if not self.keyword("error"):
-            return None
-        self.skip()
-        name_offset = self.pos
-        name = self.ident()
-        if name is None:
-            self.pos = start
-            return None
-        self.skip()
-        if not self.lit(";"):
-            self.pos = start
-            return None
+    @_rule
+    def error(self) -> ErrorSyntax:
+        """``error_keyword ~ ident ~ ";"``"""
+        self.need(self.keyword("error"))
+        name, name_offset = self.part(self.ident)
+        self.expect(";")
         return ErrorSyntax(name, name_offset)
 
-    def interface(self, doc: str | None) -> InterfaceSyntax | None:
+    @_rule
+    def base(self) -> tuple[str, int]:
+        """``":" ~ ident``: the base interface's name and offset."""
+        self.token(":")
+        return self.part(self.ident)
+
+    @_rule
+    def interface(self, doc: str | None) -> InterfaceSyntax:
+        """``interface_keyword ~ ident ~ (":" ~ ident)? ~ "{" ~ (function | const | error)*
+        ~ "};"``"""
         start = self.pos
-        if not self.keyword("interface"):
-            return None
-        self.skip()
-        name_offset = self.pos
-        name = self.ident()
-        if name is None:
-            self.pos = start
-            return None
-        base: str | None = None
-        base_offset = name_offset
-        mark = self.pos
-        self.skip()
-        if self.lit(":"):
-            self.skip()
-            base_offset = self.pos
-            base = self.ident()
-            if base is None:
-                self.pos = mark
-        else:
-            self.pos = mark
+        self.need(self.keyword("interface"))
+        name, name_offset = self.part(self.ident)
+        base, base_offset = self.optional(self.base) or (None, name_offset)
         # comments before the "{" are the interface's too: the first item may take one
         before = self.skip()
-        if not self.lit("{"):
-            self.pos = start
-            return None
-        items: list[MethodSyntax | ConstSyntax | ErrorSyntax] = []
-        while True:
-            mark = self.pos
-            item_doc = self.doc_of(before + self.skip())
-            before = []
-            item: MethodSyntax | ConstSyntax | ErrorSyntax | None = self.function(item_doc)
-            if item is None:
-                item = self.const()
-            if item is None:
-                item = self.error()
-            if item is None:
-                self.pos = mark
-                break
-            items.append(item)
-        self.skip()
-        if not self.lit("};"):
-            self.pos = start
-            return None
+        self.token("{")
+        items: list[MethodSyntax | ConstSyntax | ErrorSyntax] = self.documented(
+            self.function, lambda _: self.const(), lambda _: self.error(), before=before
+        )
+        self.expect("};")
         return InterfaceSyntax(name, name_offset, base, base_offset, tuple(items), doc, start)
 
     def idl(self) -> FileSyntax:
-        includes: list[IncludeSyntax] = []
-        decls: list[ConstSyntax | StructSyntax | InterfaceSyntax] = []
-        while True:
-            mark = self.pos
-            self.skip()
-            inc = self.include()
-            if inc is None:
-                self.pos = mark
-                break
-            includes.append(inc)
-        while True:
-            mark = self.pos
-            doc = self.doc_of(self.skip())
-            decl: ConstSyntax | StructSyntax | InterfaceSyntax | None = self.const()
-            if decl is None:
-                decl = self.struct(doc)
-            if decl is None:
-                decl = self.interface(doc)
-            if decl is None:
-                self.pos = mark
-                break
-            decls.append(decl)
+        """``SOI ~ include* ~ (const | struct | interface)* ~ EOI``"""
+        includes = self.repeat(self.include)
+        decls: list[ConstSyntax | StructSyntax | InterfaceSyntax] = self.documented(
+            lambda _: self.const(), self.struct, self.interface
+        )
         self.skip()
         if self.pos != len(self.text):
             self._miss("the end of the file")

@@ -13,7 +13,7 @@ argument layouts are the packing's, built from the records the module spells out
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from objects._errors import UsageError
@@ -55,15 +55,6 @@ _STUBS: dict[str, type[StubBase]] = {{}}
 '''
 
 
-def _walk(file: IdlFile, seen: set[int]) -> Iterator[IdlFile]:
-    if id(file) in seen:
-        return
-    seen.add(id(file))
-    for inc in file.includes:
-        yield from _walk(inc, seen)
-    yield file
-
-
 def module_name(file: IdlFile) -> str:
     """The module's name: the file's stem, as a Python identifier."""
     stem = Path(file.path).stem
@@ -79,7 +70,7 @@ class _Writer:
         self.structs: dict[str, Struct] = {}
         self.interfaces: dict[str, Interface] = {}
         self.consts: list[Const] = []
-        for f in _walk(file, set()):
+        for f in file.files():
             self.consts.extend(f.consts)
             for s in f.structs:
                 self.structs.setdefault(s.name, s)
@@ -300,7 +291,7 @@ def module_text(file: IdlFile, *, by_size: bool = False) -> str:
     """The Python module for ``file`` (and what it includes), as text."""
     if not isinstance(file, IdlFile):
         raise UsageError(f"module_text takes a model.IdlFile, not {type(file).__name__}")
-    for f in _walk(file, set()):
+    for f in file.files():
         for i in f.interfaces:
             for m in i.all_methods:
                 layout(m)  # refuse what cannot be packed before writing anything

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 __all__ = [
     "BUNDLED_SIZE_MAX",
@@ -50,6 +50,9 @@ ERROR_CODE_START: Final = 10
 MAX_OP: Final = 0x3FFF
 #: A struct (or primitive) of at most this many bytes may travel in a bundle.
 BUNDLED_SIZE_MAX: Final = 16
+
+#: What :meth:`IdlFile.interface` and :meth:`IdlFile.struct` look up by name.
+_Named = TypeVar("_Named", "Interface", "Struct")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -93,27 +96,20 @@ class Primitive(enum.Enum):
     FLOAT32 = ("float32", 4, "f")
     FLOAT64 = ("float64", 8, "d")
 
-    @property
-    def idl_name(self) -> str:
-        return self.value[0]
-
-    @property
-    def size(self) -> int:
-        return self.value[1]
+    def __init__(self, idl_name: str, size: int, code: str) -> None:
+        self.idl_name = idl_name
+        self.size = size
+        #: The :mod:`struct` format character (little-endian use: ``"<" + code``).
+        self.code = code
 
     @property
     def align(self) -> int:
         """A primitive is aligned to its size."""
-        return self.value[1]
-
-    @property
-    def code(self) -> str:
-        """The :mod:`struct` format character (little-endian use: ``"<" + code``)."""
-        return self.value[2]
+        return self.size
 
     @property
     def is_float(self) -> bool:
-        return self.value[2] in "fd"
+        return self.code in "fd"
 
     @classmethod
     def from_name(cls, name: str) -> Primitive | None:
@@ -121,7 +117,7 @@ class Primitive(enum.Enum):
         return _PRIMITIVES.get(name)
 
 
-_PRIMITIVES: Final = {p.value[0]: p for p in Primitive}
+_PRIMITIVES: Final = {p.idl_name: p for p in Primitive}
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,26 +318,33 @@ class IdlFile:
     structs: tuple[Struct, ...] = ()
     interfaces: tuple[Interface, ...] = ()
 
+    def files(self) -> tuple[IdlFile, ...]:
+        """This file and every file it includes, each once, every file after the files it
+        includes (the order in which their declarations come into scope)."""
+        order: list[IdlFile] = []
+        seen: set[int] = set()
+
+        def visit(file: IdlFile) -> None:
+            if id(file) not in seen:
+                seen.add(id(file))
+                for inc in file.includes:
+                    visit(inc)
+                order.append(file)
+
+        visit(self)
+        return tuple(order)
+
     def interface(self, name: str) -> Interface:
         """The interface called ``name``, here or in an included file."""
-        for i in self.interfaces:
-            if i.name == name:
-                return i
-        for inc in self.includes:
-            try:
-                return inc.interface(name)
-            except KeyError:
-                pass
-        raise KeyError(f"no interface {name!r} in {self.path} or its includes")
+        return self._named("interface", name, [i for f in self.files() for i in f.interfaces])
 
     def struct(self, name: str) -> Struct:
         """The struct called ``name``, here or in an included file."""
-        for s in self.structs:
-            if s.name == name:
-                return s
-        for inc in self.includes:
-            try:
-                return inc.struct(name)
-            except KeyError:
-                pass
-        raise KeyError(f"no struct {name!r} in {self.path} or its includes")
+        return self._named("struct", name, [s for f in self.files() for s in f.structs])
+
+    def _named(self, what: str, name: str, decls: list[_Named]) -> _Named:
+        # the reader lets no name be declared twice across a file and its includes
+        for decl in decls:
+            if decl.name == name:
+                return decl
+        raise KeyError(f"no {what} {name!r} in {self.path} or its includes")

@@ -300,29 +300,15 @@ class MethodLayout:
         """(op, input buffers, output capacities in bytes, input objects) for a call
         with ``values`` (the in-parameters in declaration order) and ``out_lens`` (the
         capacity of each :attr:`out_arrays` in elements, in order)."""
-        ins = self.inputs
         name = self.method.name
-        if isinstance(values, str | bytes) or not isinstance(values, Sequence):
-            raise UsageError(f"{name}: the inputs are a sequence, not {values!r}")
-        if len(values) != len(ins):
-            raise UsageError(f"{name} takes {len(ins)} input(s), not {len(values)}")
+        by_name = self._by_name(self.inputs, values, "input", "takes")
         arrays = self.out_arrays
         if len(out_lens) != len(arrays):
             raise UsageError(
                 f"{name} takes {len(arrays)} output length(s) "
                 f"({', '.join(p.name for p in arrays) or 'none'}), not {len(out_lens)}"
             )
-        by_name = {p.name: v for p, v in zip(ins, values, strict=True)}
-        struct_objs: dict[str, list[object]] = {}
-        ib: list[bytes] = []
-        for slot in self.bi:
-            if slot.bundle:
-                ib.append(b"".join(self._pack_value(m, by_name[m.name], None) for m in slot.params))
-            else:
-                p = slot.param
-                objs: list[object] = []
-                ib.append(self._pack_value(p, by_name[p.name], objs))
-                struct_objs[p.name] = objs
+        ib, struct_objs = self._pack_slots(self.bi, by_name)
         caps: list[int] = []
         lens = iter(out_lens)
         for slot in self.bo:
@@ -335,18 +321,60 @@ class MethodLayout:
                     f"{name}: the length of {slot.param.name} is an int >= 0, not {n!r}"
                 )
             caps.append(n * _elem_size(slot.param))
-        io: list[object] = []
-        for p, n in self.oi:
+        io = self._pack_objects(self.oi, by_name, struct_objs)
+        return self.op, ib, tuple(caps), io
+
+    def _by_name(
+        self, params: tuple[Param, ...], values: Sequence[object], what: str, verb: str
+    ) -> dict[str, object]:
+        """``values`` (one per parameter of ``params``, in order) by parameter name."""
+        name = self.method.name
+        if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+            raise UsageError(f"{name}: the {what}s are a sequence, not {values!r}")
+        if len(values) != len(params):
+            raise UsageError(f"{name} {verb} {len(params)} {what}(s), not {len(values)}")
+        return {p.name: v for p, v in zip(params, values, strict=True)}
+
+    def _pack_slots(
+        self, slots: tuple[Slot, ...], by_name: dict[str, object]
+    ) -> tuple[tuple[bytes, ...], dict[str, list[object]]]:
+        """The buffers of ``slots``, and the objects each struct parameter holds."""
+        struct_objs: dict[str, list[object]] = {}
+        buffers: list[bytes] = []
+        for slot in slots:
+            if slot.bundle:
+                buffers.append(
+                    b"".join(self._pack_value(m, by_name[m.name], None) for m in slot.params)
+                )
+            else:
+                p = slot.param
+                objs: list[object] = []
+                buffers.append(self._pack_value(p, by_name[p.name], objs))
+                struct_objs[p.name] = objs
+        return tuple(buffers), struct_objs
+
+    def _pack_objects(
+        self,
+        objects: tuple[tuple[Param, int], ...],
+        by_name: dict[str, object],
+        struct_objs: dict[str, list[object]],
+    ) -> tuple[object, ...]:
+        """The object arguments of ``objects`` (a direction's object parameters and how
+        many objects each gives): a struct's objects, an object, an array's elements."""
+        out: list[object] = []
+        for p, n in objects:
             v = by_name[p.name]
             if _kind(p) == "struct":
-                io.extend(struct_objs[p.name])
-            elif n == 1 and not p.is_array:
-                io.append(v)
+                out.extend(struct_objs[p.name])
+            elif not p.is_array:
+                out.append(v)
             else:
                 if isinstance(v, str | bytes) or not isinstance(v, Sequence) or len(v) != n:
-                    raise UsageError(f"{name}: {p.name} is a sequence of {n} objects, not {v!r}")
-                io.extend(v)
-        return self.op, tuple(ib), tuple(caps), tuple(io)
+                    raise UsageError(
+                        f"{self.method.name}: {p.name} is a sequence of {n} objects, not {v!r}"
+                    )
+                out.extend(v)
+        return tuple(out)
 
     def _pack_value(self, p: Param, v: object, objs: list[object] | None) -> bytes:
         what = f"{self.method.name}: {p.name}"
@@ -490,32 +518,6 @@ class MethodLayout:
     ) -> tuple[tuple[bytes, ...], tuple[object, ...]]:
         """(output buffers, output objects) for the out-parameters' ``values`` in
         declaration order (an array's buffer is as long as its elements)."""
-        outs = self.outputs
-        name = self.method.name
-        if isinstance(values, str | bytes) or not isinstance(values, Sequence):
-            raise UsageError(f"{name}: the outputs are a sequence, not {values!r}")
-        if len(values) != len(outs):
-            raise UsageError(f"{name} gives {len(outs)} output(s), not {len(values)}")
-        by_name = {p.name: v for p, v in zip(outs, values, strict=True)}
-        struct_objs: dict[str, list[object]] = {}
-        ob: list[bytes] = []
-        for slot in self.bo:
-            if slot.bundle:
-                ob.append(b"".join(self._pack_value(m, by_name[m.name], None) for m in slot.params))
-            else:
-                p = slot.param
-                objs: list[object] = []
-                ob.append(self._pack_value(p, by_name[p.name], objs))
-                struct_objs[p.name] = objs
-        oo: list[object] = []
-        for p, n in self.oo:
-            v = by_name[p.name]
-            if _kind(p) == "struct":
-                oo.extend(struct_objs[p.name])
-            elif not p.is_array:
-                oo.append(v)
-            else:
-                if isinstance(v, str | bytes) or not isinstance(v, Sequence) or len(v) != n:
-                    raise UsageError(f"{name}: {p.name} is a sequence of {n} objects, not {v!r}")
-                oo.extend(v)
-        return tuple(ob), tuple(oo)
+        by_name = self._by_name(self.outputs, values, "output", "gives")
+        ob, struct_objs = self._pack_slots(self.bo, by_name)
+        return ob, self._pack_objects(self.oo, by_name, struct_objs)

@@ -35,7 +35,7 @@ import inspect
 import os
 import struct
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final, NoReturn, Self
 
 from objects._errors import QteeError, UsageError
@@ -340,16 +340,6 @@ class Namespace:
         return f"<idl {self.file.path}: {names}>"
 
 
-def _walk(file: IdlFile, seen: set[int] | None = None) -> Iterator[IdlFile]:
-    seen = set() if seen is None else seen
-    if id(file) in seen:
-        return
-    seen.add(id(file))
-    for inc in file.includes:
-        yield from _walk(inc, seen)
-    yield file
-
-
 def _interface_class(
     iface: Interface,
     classes: Mapping[str, Callable[..., Any]],
@@ -437,7 +427,7 @@ def namespace(file: IdlFile, *, by_size: bool = False) -> Namespace:
     items: dict[str, object] = {}
     structs: dict[str, Struct] = {}
     interfaces: dict[str, Interface] = {}
-    for f in _walk(file):
+    for f in file.files():
         for c in f.consts:
             items[c.name] = c.value
         for s in f.structs:
