@@ -30,11 +30,12 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any, Final
 
-from objects import DriverError, QteeError, UsageError, op
+from objects import DriverError, QteeError, UsageError
 from qtee import _reason, uapi
 from qtee import _tracker as _tracking
 from qtee._export_table import ArgBlock, ExportTable
 from qtee._handles import OUT_OBJECT, CallbackObject, MemoryObject, ObjRef, Out, Transfer, _Root
+from qtee._idl import idl_op
 from qtee._qcomtee.call import Context
 from qtee._qcomtee.core import Device
 from qtee._qcomtee_msg import Result
@@ -85,11 +86,11 @@ class _Credentials(CallbackObject):
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    @op(0, ob=(8,))
+    @idl_op("IIO", "getLength")
     def get_length(self) -> bytes:
         return struct.pack("<Q", len(self.data))
 
-    @op(1, ib=(8,), ob=(None,))
+    @idl_op("IIO", "readAtOffset")
     def read_at_offset(self, offset: bytes) -> bytes:
         (off,) = struct.unpack("<Q", offset)
         if off >= len(self.data):
