@@ -9,6 +9,7 @@ the lines ``_timing.report`` prints: ``name  ops/s  R x baseline  floor F x  (ta
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -46,6 +47,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, not {args.runs}")
+    if os.environ.get("QTEE_BENCH_QUICK") == "1":
+        print("QTEE_BENCH_QUICK is set: tiny runs, the figures mean nothing")
     seen: dict[str, list[tuple[float, float | None, float | None]]] = {}
     for bench in BENCHES:
         for run in range(1, args.runs + 1):
