@@ -136,6 +136,9 @@ _READER_GRACE: Final = 1.0
 #: for ``ready`` frames and query answers) looks whether anyone reads the socket.
 _LAZY: Final = 0.002
 _POLLIN: Final = select.POLLIN
+#: How long the reader kept for queries (no ``watch``) reads before it looks whether a
+#: query still waits.
+_KEPT_READS: Final = 0.1
 _TIMEVAL: Final = struct.Struct("@ll")
 
 
@@ -523,8 +526,13 @@ class RemoteContext(RemoteShms, RemoteQueries):
                         call.waiting = True
                         self._lazies.append(call)
                 if lead:
+                    # the kept reader of queries alone reads a while at a time: it looks
+                    # whether it is still needed
+                    end = None
+                    if not call.cmd and not self._watching:
+                        end = time.monotonic() + _KEPT_READS
                     try:
-                        answered = self._lead(call, None)
+                        answered = self._lead(call, end)
                     finally:
                         self._pass_lead()
                     if answered:
