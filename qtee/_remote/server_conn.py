@@ -1,7 +1,8 @@
 """One connection of the device server: the threads that serve one open fd.
 
-A :class:`Connection` reads its client's frames leader/follower style (one thread reads,
-and hands the reading on when it has an ioctl to run), parks waiting SUPPL_RECVs for one
+A :class:`Connection` reads its client's frames leader/follower style (one thread reads
+and runs the ioctls it reads, and hands the reading on when one waits on a callback or runs
+long), parks waiting SUPPL_RECVs for one
 receiver thread, sends ``ready`` frames to a watching client from one notifier thread,
 and streams the trace from one sender thread (``trace_stream``).  What the fd is -- a
 QTEE context, an OP-TEE client or supplicant context -- is the business of a
@@ -140,8 +141,10 @@ class Connection:
     """One client: its fd and the threads that serve it, leader/follower style.
 
     One thread at a time (the leader) reads the socket.  Control frames it handles itself;
-    when it has an ioctl, it hands the reading to a waiting thread (starting one if none
-    waits) and runs the ioctl, so a request never waits for another thread to wake up.
+    when it has an ioctl and a thread waits to take the lead (one is started if none
+    waits), it runs the ioctl keeping the lead, which goes to that thread when the call
+    waits on a callback or runs past :data:`LEND` (:class:`LeadWatch`): a quick call is
+    answered with no thread woken, and a long one holds up no other frame of the fd.
     A thread whose ioctl is done queues up to lead again; one blocked in SUPPL_RECV simply
     is not among them.  When no thread can take the lead (``thread_limit`` reached, or the
     system starts no more threads), the leader keeps it: an OBJECT_INVOKE is answered
