@@ -40,6 +40,7 @@ class CallRegions:
         "bufs",
         "callbacks",
         "lender",
+        "only",
         "peer",
         "quiet_since",
         "starts",
@@ -57,7 +58,12 @@ class CallRegions:
             bufs[addr] = bytearray(r.data)
             if r.writable:
                 writable.add(addr)
-        starts.sort()
+        #: The start of the one region, if the call brought one (most do): no search.
+        self.only: int | None = None
+        if len(starts) == 1:
+            self.only = starts[0]
+        else:
+            starts.sort()
         self.starts = starts
         self.bufs = bufs
         self.writable = writable
@@ -149,11 +155,13 @@ class RegionMemory:
         call: CallRegions | None = getattr(self._local, "call", None)
         if call is None:
             raise DriverError(errno.EFAULT, "no caller memory in this thread")
-        starts = call.starts
-        i = bisect.bisect_right(starts, addr) - 1
-        if i < 0:
-            raise _efault(addr, size, "is not mapped for this call")
-        start = starts[i]
+        start = call.only
+        if start is None or addr < start:
+            starts = call.starts
+            i = bisect.bisect_right(starts, addr) - 1
+            if i < 0:
+                raise _efault(addr, size, "is not mapped for this call")
+            start = starts[i]
         buf = call.bufs[start]
         if addr + size > start + len(buf):
             raise _efault(addr, size, "runs past the mapped buffer")
