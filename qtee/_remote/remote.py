@@ -168,8 +168,7 @@ class _Call:
     thread reading the socket files the reply, the shm a SHM_ALLOC's fd frame brought, a
     probe's status, or why the server's frames for it are lies.  ``waiting``: its thread
     waits on ``done`` and may be woken to read (``lead``); ``lazy``: its wait has no
-    deadline (a blocking SUPPL_RECV), it is never woken to read but looks every
-    :data:`_LAZY` s whether anyone reads."""
+    deadline (a blocking SUPPL_RECV; see :meth:`RemoteContext._wait_lazy`)."""
 
     __slots__ = ("cmd", "done", "lazy", "lead", "lie", "reply", "shm", "status", "waiting")
 
