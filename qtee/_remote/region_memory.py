@@ -16,6 +16,7 @@ import bisect
 import errno
 import threading
 import time
+from collections.abc import Callable
 
 from objects import DriverError, UsageError
 from qtee._remote.frames import Probe, Region, Status
@@ -31,9 +32,21 @@ def _efault(addr: int, size: int, why: str) -> DriverError:
 class CallRegions:
     """One request in a server thread: the regions it brought, at their addresses, which
     were written, who sent it (``peer``: the connection's credentials, or None), and
-    (for a client's probe) its callbacks in flight and since when it has run without one."""
+    (for a client's probe) its callbacks in flight and since when it has run without one.
+    ``lender``: called with the call when it starts waiting on a callback (the connection
+    takes back the reading it lent to the thread running the call)."""
 
-    __slots__ = ("bufs", "callbacks", "peer", "quiet_since", "starts", "writable", "written")
+    __slots__ = (
+        "bufs",
+        "callbacks",
+        "lender",
+        "only",
+        "peer",
+        "quiet_since",
+        "starts",
+        "writable",
+        "written",
+    )
 
     def __init__(self, regions: tuple[Region, ...], peer: object = None) -> None:
         starts: list[int] = []
@@ -45,7 +58,12 @@ class CallRegions:
             bufs[addr] = bytearray(r.data)
             if r.writable:
                 writable.add(addr)
-        starts.sort()
+        #: The start of the one region, if the call brought one (most do): no search.
+        self.only: int | None = None
+        if len(starts) == 1:
+            self.only = starts[0]
+        else:
+            starts.sort()
         self.starts = starts
         self.bufs = bufs
         self.writable = writable
@@ -53,11 +71,14 @@ class CallRegions:
         self.peer = peer
         self.callbacks = 0  # nesting depth of Device.on_callback(True) in this thread
         self.quiet_since = time.monotonic()
+        self.lender: Callable[[CallRegions], None] | None = None
 
     def on_callback(self, entering: bool) -> None:
         """``Device.on_callback`` in this request's thread."""
         if entering:
             self.callbacks += 1
+            if self.lender is not None:
+                self.lender(self)
         else:
             self.callbacks -= 1
             if not self.callbacks:
@@ -134,11 +155,13 @@ class RegionMemory:
         call: CallRegions | None = getattr(self._local, "call", None)
         if call is None:
             raise DriverError(errno.EFAULT, "no caller memory in this thread")
-        starts = call.starts
-        i = bisect.bisect_right(starts, addr) - 1
-        if i < 0:
-            raise _efault(addr, size, "is not mapped for this call")
-        start = starts[i]
+        start = call.only
+        if start is None or addr < start:
+            starts = call.starts
+            i = bisect.bisect_right(starts, addr) - 1
+            if i < 0:
+                raise _efault(addr, size, "is not mapped for this call")
+            start = starts[i]
         buf = call.bufs[start]
         if addr + size > start + len(buf):
             raise _efault(addr, size, "runs past the mapped buffer")

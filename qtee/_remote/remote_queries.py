@@ -34,12 +34,15 @@ class RemoteQueries(RemoteSender):
     def _ready(self) -> None:
         raise NotImplementedError
 
+    def _reading(self) -> None:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ ready
     @property
     def on_ready(self) -> Callable[[], None] | None:
-        """Called from the reader thread whenever the server says a request was queued on
-        this fd (several may come as one call), and once when the connection is lost or
-        closed; it must not block.  Setting it the first time asks the server to watch
+        """Called from the thread reading the socket whenever the server says a request was
+        queued on this fd (several may come as one call), and once when the connection is
+        lost or closed; it must not block.  Setting it the first time asks the server to watch
         the fd (a ``watch`` frame, answered within ``timeout`` of :meth:`watch`); a
         connection already lost calls it at once.  None: no more calls."""
         return self._on_ready
@@ -75,6 +78,7 @@ class RemoteQueries(RemoteSender):
         with self._lock:
             self._watching = True  # a ready may beat the answer
         seq = self._request(lambda seq: encode(Watch(seq=seq)), self._streams, answer)
+        self._reading()
         try:
             if not done.wait(timeout):  # it may watch all the same: ready frames are fine
                 raise DriverError(errno.ETIMEDOUT, "the server did not answer the watch")
@@ -162,4 +166,6 @@ class RemoteQueries(RemoteSender):
 
     def _query(self, what: str, sink: Callable[[dict[str, Any]], None]) -> int:
         """Send a query; its answers go to ``sink``."""
-        return self._request(lambda seq: encode(Query(seq=seq, what=what)), self._streams, sink)
+        seq = self._request(lambda seq: encode(Query(seq=seq, what=what)), self._streams, sink)
+        self._reading()
+        return seq

@@ -81,7 +81,7 @@ from qtee._remote.served import (
     ReadyQueue,
     backoff,
 )
-from qtee._remote.server_conn import Connection
+from qtee._remote.server_conn import Connection, LeadWatch
 from qtee._remote.trace_stream import TraceStream
 from qtee._tee.shm import memfd_backing
 
@@ -302,6 +302,8 @@ class DeviceServer:
         self._opened = 0  # hellos seen
         self._stopping = False
         self._stopped = threading.Event()  # wakes the accept loop's pauses
+        #: Takes the reading back from leaders running long ioctls (``server_conn``).
+        self.lead_watch = LeadWatch()
 
     def _qtee(self, device: Device | OpteeDevice | None) -> tuple[Device, Flavour]:
         if device is None:  # the standard QTEE (IGPAppClient included)
@@ -449,6 +451,7 @@ class DeviceServer:
                 conn.sock.shutdown(socket.SHUT_RDWR)
         for conn in conns:
             conn.closed.wait(5)
+        self.lead_watch.stop()
         if self._accept is not None:
             self._accept.join(5)
         try:  # only the socket this server bound: another may have taken the path since

@@ -1,7 +1,8 @@
 """One connection of the device server: the threads that serve one open fd.
 
-A :class:`Connection` reads its client's frames leader/follower style (one thread reads,
-and hands the reading on when it has an ioctl to run), parks waiting SUPPL_RECVs for one
+A :class:`Connection` reads its client's frames leader/follower style (one thread reads
+and runs the ioctls it reads, and hands the reading on when one waits on a callback or runs
+long), parks waiting SUPPL_RECVs for one
 receiver thread, sends ``ready`` frames to a watching client from one notifier thread,
 and streams the trace from one sender thread (``trace_stream``).  What the fd is -- a
 QTEE context, an OP-TEE client or supplicant context -- is the business of a
@@ -68,14 +69,82 @@ _OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
 #: Calls whose reply carries the secure side's note (a QTEE invocation, a GP call).
 _NOTED: Final = frozenset({_OBJECT_INVOKE, uapi.TEE_IOC_OPEN_SESSION, uapi.TEE_IOC_INVOKE})
 _SHM_ALLOC: Final = uapi.TEE_IOC_SHM_ALLOC
+#: Seconds a leader runs an ioctl before :class:`LeadWatch` hands the reading on.
+LEND: Final = 0.005
+#: Seconds the lead watch's thread stays with no leader running an ioctl.
+_WATCH_LINGER: Final = 0.5
+
+
+class LeadWatch:
+    """One thread for a whole server that takes the reading back from a leader running an
+    ioctl for longer than :data:`LEND` (the connection's next frames -- a probe, another
+    call, its close -- do not wait for a long TA).  It looks every ``LEND`` s while a
+    leader runs an ioctl, sleeps while none does, and ends after ``_WATCH_LINGER`` s of
+    that."""
+
+    def __init__(self) -> None:
+        self._lent: set[Connection] = set()
+        self._cond = threading.Condition()
+        self._asleep = True
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def lend(self, conn: Connection) -> bool:
+        """``conn``'s leader runs an ioctl (``conn._lent``): watch it; False if no thread
+        can watch (the leader hands the reading on at once)."""
+        self._lent.add(conn)  # then _asleep: the watch sets it, then looks at _lent
+        if self._asleep:
+            with self._cond:
+                if self._thread is None:
+                    t = threading.Thread(target=self._watch, name="qtee-lead-watch", daemon=True)
+                    try:
+                        t.start()
+                    except NO_THREAD as exc:
+                        log.warning("no lead watch thread (%s): leaders hand the reading on", exc)
+                        self._lent.discard(conn)
+                        return False
+                    self._thread = t
+                self._cond.notify()
+        return True
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            t = self._thread
+        if t is not None:
+            t.join(5)
+
+    def _watch(self) -> None:
+        while True:
+            with self._cond:
+                self._asleep = True
+                if not self._lent and not self._stopping:
+                    self._cond.wait(_WATCH_LINGER)
+                if self._stopping or not self._lent:  # idle: a lend starts another
+                    self._thread = None
+                    return
+                self._asleep = False
+                self._cond.wait(LEND)
+            now = time.monotonic()
+            for conn in list(self._lent):
+                call = conn._lent
+                if call is None:
+                    self._lent.discard(conn)
+                    if conn._lent is not None:  # lent again meanwhile
+                        self._lent.add(conn)
+                elif not call.callbacks and now - call.quiet_since >= LEND:
+                    conn._take_back(call)
 
 
 class Connection:
     """One client: its fd and the threads that serve it, leader/follower style.
 
     One thread at a time (the leader) reads the socket.  Control frames it handles itself;
-    when it has an ioctl, it hands the reading to a waiting thread (starting one if none
-    waits) and runs the ioctl, so a request never waits for another thread to wake up.
+    when it has an ioctl and a thread waits to take the lead (one is started if none
+    waits), it runs the ioctl keeping the lead, which goes to that thread when the call
+    waits on a callback or runs past :data:`LEND` (:class:`LeadWatch`): a quick call is
+    answered with no thread woken, and a long one holds up no other frame of the fd.
     A thread whose ioctl is done queues up to lead again; one blocked in SUPPL_RECV simply
     is not among them.  When no thread can take the lead (``thread_limit`` reached, or the
     system starts no more threads), the leader keeps it: an OBJECT_INVOKE is answered
@@ -116,6 +185,8 @@ class Connection:
         self._notifying = True
         self.closed = threading.Event()
         self._trace: TraceStream | None = None
+        #: The ioctl the leader runs while it keeps the lead (see :meth:`_run_lent`).
+        self._lent: CallRegions | None = None
 
     @property
     def memory(self) -> RegionMemory:
@@ -177,7 +248,9 @@ class Connection:
 
     def _serve(self) -> None:
         """Queue up to lead; lead until an ioctl another thread can take the lead for; run
-        it; again, until the stream ends.  The read lock is released on every path."""
+        it, keeping the lead unless it is taken back meanwhile (:meth:`_run_lent`); lead
+        on, or queue up again, until the stream ends.  The read lock is released on every
+        path."""
         while True:
             with self._lock:
                 self._waiting += 1
@@ -187,20 +260,49 @@ class Connection:
                 if self.state >= ConnState.ENDING:  # _done, inline: once per request
                     self._read.release()
                     return
-            try:
-                job, reason = self._lead()
-            except BaseException:
-                job, reason = None, "server error"
-                log.exception("%s: reading failed", self.name)
-            if job is None:
-                with self._lock:
-                    self._move(ConnEvent.END)
-                    self._parked_cond.notify_all()
-                self._read.release()
-                self._close(reason)
-                return
+            while True:
+                try:
+                    job, reason = self._lead()
+                except BaseException:
+                    job, reason = None, "server error"
+                    log.exception("%s: reading failed", self.name)
+                if job is None:
+                    with self._lock:
+                        self._move(ConnEvent.END)
+                        self._parked_cond.notify_all()
+                    self._read.release()
+                    self._close(reason)
+                    return
+                if not self._run_lent(*job):
+                    break
+
+    def _run_lent(self, req: Ioctl, call: CallRegions) -> bool:
+        """Run an ioctl in the leader, which keeps the lead (a waiting thread is there to
+        take it): the call waiting on a callback (``call.lender``), or running for
+        :data:`LEND` s (:class:`LeadWatch`), hands the reading to that thread.  True if
+        this thread still leads."""
+        self._lent = call
+        if not self.server.lead_watch.lend(self):
+            self._lent = None
             self._read.release()
-            self._run(*job)
+            self._run(req, call)
+            return False
+        call.lender = self._take_back
+        self._run(req, call)
+        with self._lock:
+            kept = self._lent is call
+            if kept:  # (else another leader may have lent it since)
+                self._lent = None
+        return kept
+
+    def _take_back(self, call: CallRegions) -> None:
+        """The leader's ioctl ``call`` waits on a callback or runs long: the reading goes to
+        a waiting thread (once; from the leader's thread or the lead watch)."""
+        with self._lock:
+            if self._lent is not call:
+                return
+            self._lent = None
+        self._read.release()
 
     def _lead(self) -> tuple[tuple[Ioctl, CallRegions] | None, str]:
         """Read, holding the lead, until an ioctl this thread may run while another leads
