@@ -24,7 +24,7 @@ from qtee._remote.remote_send import RemoteSender
 
 if TYPE_CHECKING:
     from qtee._remote.checks import Dialect
-    from qtee._remote.remote import _Call
+    from qtee._remote.remote_lead import _Call
 
 __all__ = ["RemoteShms"]
 
