@@ -255,37 +255,40 @@ class Client:
 
     # ----------------------------------------------------------------- invoke
     def _invoke(self, ident: int, op_: int, args: tuple[Any, ...]) -> list[Any]:
-        held: list[int] = []  # callback ids held through the call, outputs read included
+        # The per-argument lists are made only for a call that has arguments.
+        held: list[int] | tuple[()] = ()  # callback ids held through the call, outputs read
         try:
-            mem = self.device.memory
-            params: list[_P] = []
-            pins: list[int] = []
-            outs: list[tuple[int, bytearray | None]] = []
-            sent: list[int] = []
+            params: list[_P] | tuple[()] = ()
+            pins: list[int] | tuple[()] = ()
+            outs: list[tuple[int, bytearray | None]] | tuple[()] = ()
+            sent: list[int] | tuple[()] = ()
             blk: ArgBlock | None = None
             called = False
             try:
-                for i, a in enumerate(args):
-                    if isinstance(a, _BYTES_LIKE):
-                        data = bytes(a)
-                        addr = 0
-                        if data:
-                            addr = mem.pin(data)
-                            pins.append(addr)
-                        params.append((_UB_IN, addr, len(data), 0))
-                    elif isinstance(a, Out):
-                        out = bytearray(a.size)
-                        addr = 0
-                        if a.size:
-                            addr = mem.pin(out)
-                            pins.append(addr)
-                        params.append((_UB_OUT, addr, a.size, 0))
-                        outs.append((i, out))
-                    elif a is OUT_OBJECT:
-                        params.append((_OBJ_OUT, 0, 0, 0))
-                        outs.append((i, None))
-                    else:
-                        params.append(self.to_param(a, sent))
+                if args:
+                    mem = self.device.memory
+                    params, pins, outs, sent = [], [], [], []
+                    for i, a in enumerate(args):
+                        if isinstance(a, _BYTES_LIKE):
+                            data = bytes(a)
+                            addr = 0
+                            if data:
+                                addr = mem.pin(data)
+                                pins.append(addr)
+                            params.append((_UB_IN, addr, len(data), 0))
+                        elif isinstance(a, Out):
+                            out = bytearray(a.size)
+                            addr = 0
+                            if a.size:
+                                addr = mem.pin(out)
+                                pins.append(addr)
+                            params.append((_UB_OUT, addr, a.size, 0))
+                            outs.append((i, out))
+                        elif a is OUT_OBJECT:
+                            params.append((_OBJ_OUT, 0, 0, 0))
+                            outs.append((i, None))
+                        else:
+                            params.append(self.to_param(a, sent))
                 n = len(params)
                 size = _INVOKE_HEAD_SIZE + 32 * n
                 if size > _MAX_ARG_SIZE:
@@ -304,20 +307,19 @@ class Client:
                 if sent:  # held through the call: an output may name an object sent in it
                     for uid in sent:  # while QTEE's release of it is being delivered
                         self.exports.hold(uid)
-                    held.extend(sent)
+                    held = list(sent)
                 _reason.clear()  # a note left by another call never names this one
                 try:
                     self.call(_OBJECT_INVOKE, blk, size)
                 except DriverError:
                     for uid in sent:  # errno channel: the caller keeps ownership
                         self.exports.unexport(uid)
-                    sent.clear()
                     raise
                 (ret,) = _U32.unpack_from(blk.buf, 12)
                 back = (
                     [_PARAM.unpack_from(blk.buf, _INVOKE_HEAD_SIZE + 32 * i) for i, _ in outs]
                     if outs
-                    else []
+                    else ()
                 )
             except BaseException:
                 if not called:  # failed before the ioctl: the caller keeps ownership
@@ -333,9 +335,9 @@ class Client:
                 return []
             if ret:  # the secure side's note says which error and why (model-only)
                 raise _reason.error_for(ret)
-            values: list[Any] = []
             if not outs:
-                return values
+                return []
+            values: list[Any] = []
             try:
                 for (_, buf), p in zip(outs, back, strict=True):
                     values.append(

@@ -67,7 +67,7 @@ _OP_HIGH: Final = ~_OP_MASK  # the bits a userspace op may not set
 
 
 def _encode_wrapped(
-    cxt: int, op: int, ib: list[bytes], ob: list[int], io: list[int], n_oo: int
+    cxt: int, op: int, ib: Sequence[bytes], ob: Sequence[int], io: Sequence[int], n_oo: int
 ) -> bytearray:
     """The inbound message when a kind has 16 args (spec §7): ``qcomtee_msg_init`` masks
     each count to its nibble (16 -> 0) while every arg is still laid out in full."""
@@ -182,16 +182,18 @@ class Context(TeeFile[Shm]):
         try:
             if op & _OP_HIGH or op == _OP_RETAIN:
                 raise _einval(f"op {op:#x}")
-            ib: list[bytes] = []
-            ob: list[int] = []
-            io: list[int] = []
-            for attr, a, b, _c in params:
-                if attr == _UB_IN:
-                    ib.append(mem.read(a, b))  # a fault is EFAULT (qcomtee_prepare_msg)
-                elif attr == _UB_OUT:
-                    ob.append(b)
-                elif attr == _OBJ_IN:
-                    io.append(_objref_in(self, a, b, call))
+            ib: list[bytes] | tuple[()] = ()  # (lists only for a call with params)
+            ob: list[int] | tuple[()] = ()
+            io: list[int] | tuple[()] = ()
+            if params:
+                ib, ob, io = [], [], []
+                for attr, a, b, _c in params:
+                    if attr == _UB_IN:
+                        ib.append(mem.read(a, b))  # a fault is EFAULT (qcomtee_prepare_msg)
+                    elif attr == _UB_OUT:
+                        ob.append(b)
+                    elif attr == _OBJ_IN:
+                        io.append(_objref_in(self, a, b, call))
             wrapped = most > 15
             try:
                 if wrapped:

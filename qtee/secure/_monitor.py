@@ -117,7 +117,8 @@ def _check_reg(value: object, name: str) -> None:
 class _SmcCall:
     """One INVOKE's state on the monitor, from its SMC to its final return: whom a
     callback request goes back to (``on_return``), the outbound buffer it must come
-    back on, and the caller's failure while serving one.  The world gets its ``serve``."""
+    back on, and the caller's failure while serving one.  The record itself is the
+    world's ``serve`` (no bound method made per INVOKE)."""
 
     monitor: SecureMonitor
     on_return: OnReturn | None
@@ -128,7 +129,7 @@ class _SmcCall:
     #: DEFUNCTs, then the caller gets it.
     failed: BaseException | None = None
 
-    def serve(self, out: bytearray | memoryview) -> None:
+    def __call__(self, out: bytearray | memoryview) -> None:
         """The world's ``serve``: one type-3 return, and the caller's next SMC, which must
         be CB_RSP of the same outbound buffer."""
         if out is not self.out:  # not this call's buffer
@@ -409,7 +410,7 @@ class SecureMonitor(SmcConduit):
     def _enter(self, world: SecureWorld, inbound: bytearray | memoryview, call: _SmcCall) -> Regs:
         """One INVOKE in ``world``, ``call`` its state on the monitor (made by the caller)."""
         try:
-            result = world.invoke(inbound, call.out, call.serve)
+            result = world.invoke(inbound, call.out, call)
         except DecodeError:  # malformed inbound: answered, not forwarded
             result = Result.ERROR_INVALID
         if call.failed is not None:

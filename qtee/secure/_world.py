@@ -414,56 +414,53 @@ class SecureWorld:
         ``serve`` is called, in this thread, for every callback request written to
         ``outbound``.  On return the async RELEASE messages are in ``outbound``.
         """
-        msg = wire.decode_invoke(inbound)
+        # The dispatch is inline (one call per invoke saved) with one result and no return
+        # inside the try: the releases are flushed after it on every result, and on an
+        # exception not at all (the driver does not read that page then).
+        cxt, op, _counts, ib, refs, ids, n_oo, _size = msg = wire.decode_invoke(inbound)
         running = _running
         prev = running.top
         running.top = (self, outbound, serve, prev)
+        result: int
         try:
-            result = self._dispatch(msg, inbound)
+            op &= _OP_MASK
+            if cxt == _NULL_ID or cxt & _NS_BIT:
+                result = _badobj(f"{cxt:#x} is not a QTEE object id")
+            elif (target := self.root if cxt == _ROOT_ID else self._table.lookup(cxt)) is None:
+                result = _badobj(f"no object {cxt} in QTEE's table")
+            elif op == _OP_RELEASE:
+                result = _RESULT_OK if target is self.root else self._drop(cxt)
+            elif op == _OP_RETAIN:
+                with self._lock:
+                    if cxt in self._table:
+                        self._extra_refs[cxt] = self._extra_refs.get(cxt, 0) + 1
+                result = _RESULT_OK
+            else:
+                ob = tuple([ref.size for ref in refs]) if refs else ()
+                if ids:
+                    io = tuple([self._import(i) for i in ids])
+                    res = target.dispatch(op, ib, ob, io, n_oo, oo_kinds=_OUTPUT_KINDS)
+                    for obj in io:  # the method kept what it wanted with retain()
+                        if isinstance(obj, NsObject):
+                            obj.release()
+                else:
+                    res = target.dispatch(op, ib, ob, (), n_oo, oo_kinds=_OUTPUT_KINDS)
+                result = res.result
+                if result:
+                    # Nothing was exported; NsObject proxies the method returned stay its
+                    # own, as they do on success (the kernel takes its own reference on an
+                    # NS output).
+                    _reason.note(result, res.name, res.detail)  # model-only: why, for the client
+                elif n_oo or refs:  # outputs to write
+                    oo_ids = [self._wire_id(obj, _NOT_AN_OUTPUT) for obj in res.oo]
+                    if res.oo and op <= 2:
+                        self._name_outputs(target, op, ib, res.oo)
+                    wire.write_invoke_response(inbound, msg, res.ob, oo_ids)
         finally:
             running.top = prev
         if self._pending_release:
             self._flush_releases(outbound, 0)
         return result
-
-    def _dispatch(self, msg: wire.InvokeMsg, inbound: _Buf) -> int:
-        cxt, op, _counts, ib, refs, ids, n_oo, _size = msg  # one unpack, not a load per use
-        op &= _OP_MASK
-        if cxt == _ROOT_ID:
-            target: SecureObject | None = self.root
-        elif cxt == _NULL_ID or cxt & _NS_BIT:
-            return _badobj(f"{cxt:#x} is not a QTEE object id")
-        else:
-            target = self._table.lookup(cxt)
-        if target is None:
-            return _badobj(f"no object {cxt} in QTEE's table")
-        if op == _OP_RELEASE:
-            return _RESULT_OK if target is self.root else self._drop(cxt)
-        if op == _OP_RETAIN:
-            with self._lock:
-                if cxt in self._table:
-                    self._extra_refs[cxt] = self._extra_refs.get(cxt, 0) + 1
-            return _RESULT_OK
-        ob = tuple([ref.size for ref in refs]) if refs else ()
-        if ids:
-            io = tuple([self._import(i) for i in ids])
-            res = target.dispatch(op, ib, ob, io, n_oo, oo_kinds=_OUTPUT_KINDS)
-            for obj in io:  # the method kept what it wanted with retain()
-                if isinstance(obj, NsObject):
-                    obj.release()
-        else:
-            res = target.dispatch(op, ib, ob, (), n_oo, oo_kinds=_OUTPUT_KINDS)
-        if res.result:
-            # Nothing was exported; NsObject proxies the method returned stay its own, as
-            # they do on success (the kernel takes its own reference on an NS output).
-            _reason.note(res.result, res.name, res.detail)  # model-only: why, for the client
-            return res.result
-        if n_oo or refs:  # outputs to write
-            oo_ids = [self._wire_id(obj, _NOT_AN_OUTPUT) for obj in res.oo]
-            if res.oo and op <= 2:
-                self._name_outputs(target, op, ib, res.oo)
-            wire.write_invoke_response(inbound, msg, res.ob, oo_ids)
-        return _RESULT_OK
 
     def _import(self, ident: int) -> object:
         """A wire id received from the kernel -> what a method sees."""
