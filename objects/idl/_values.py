@@ -13,13 +13,14 @@ from dataclasses import make_dataclass
 from typing import Any, Final
 
 from objects._errors import UsageError
-from objects.idl.model import InterfaceType, Primitive, Struct
+from objects.idl.model import Buffer, InterfaceType, Method, Primitive, Struct
 
 __all__ = [
     "object_paths",
     "pack_primitive",
     "pack_struct",
     "py_name",
+    "py_params",
     "struct_class",
     "unpack_struct",
     "with_objects",
@@ -33,6 +34,43 @@ def py_name(name: str) -> str:
     (``break`` -> ``_break``), as the compiler's backends rename their languages' keywords
     (a field, parameter, method or class name)."""
     return "_" + name if keyword.iskeyword(name) else name
+
+
+def out_length_keywords(method: Method) -> tuple[str, ...]:
+    """The keyword giving each output array's (and ``out buffer``'s) capacity, in
+    declaration order: ``<name>_len``."""
+    return tuple(
+        f"{p.name}_len"
+        for p in method.params
+        if not p.is_input and not p.is_object and (p.is_array or isinstance(p.type, Buffer))
+    )
+
+
+@functools.cache
+def py_params(method: Method) -> Mapping[str, tuple[str, str | None]]:
+    """The Python name of each in-parameter of ``method`` (IDL name -> (name, the
+    collision that renamed it or None)), unique among the method's Python names: a
+    keyword or ``self`` gets a leading ``_`` (the reader warns of those as reserved
+    words); a name that an earlier parameter or an output length keyword already takes
+    gets a trailing ``_`` until it is free."""
+    taken = {
+        k: f"the keyword `{k}` (the length of output `{k[:-4]}`)"
+        for k in out_length_keywords(method)
+    }
+    taken["self"] = "the method's `self`"
+    out: dict[str, tuple[str, str | None]] = {}
+    for p in method.params:
+        if not p.is_input:
+            continue
+        name = "_self" if p.name == "self" else py_name(p.name)
+        why = None
+        if name in taken:
+            why = f"`{name}` would collide with {taken[name]}"
+            while name in taken:
+                name += "_"
+        taken[name] = f"parameter `{p.name}`"
+        out[p.name] = (name, why)
+    return out
 
 
 @functools.cache

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from objects._errors import UsageError
+from objects.idl._values import py_params
 from objects.idl.model import (
     Buffer,
     Const,
@@ -198,9 +199,10 @@ class _Writer:
     def signature(self, m: Method, *, skeleton: bool) -> tuple[str, str, list[str], list[str]]:
         """(parameters text, return type, input names, output array length names)."""
         lay = layout(m)
-        ins = [py_name(p.name) for p in lay.inputs]
+        names = py_params(m)
+        ins = [names[p.name][0] for p in lay.inputs]
         args = ["self"] + [
-            f"{py_name(p.name)}: {self.param_type(p, out=skeleton)}" for p in lay.inputs
+            f"{names[p.name][0]}: {self.param_type(p, out=skeleton)}" for p in lay.inputs
         ]
         lens = [f"{p.name}_len" for p in lay.out_arrays]
         if lens:

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Final, NoReturn, Self
 from objects._errors import QteeError, UsageError
 from objects._optable import DispatchResult, PyObject, op
 from objects._results import ObjectResult
+from objects.idl._values import py_params
 from objects.idl.model import (
     DEFAULT_VERSION,
     Const,
@@ -383,7 +384,7 @@ def _interface_class(
     for member in errors:
         attrs[member.name] = member
     for c in _all_consts(iface):
-        attrs[c.name] = c.value
+        attrs[py_name(c.name)] = c.value
     for m in iface.all_methods:
         attrs[f"OP_{m.name}"] = m.id
     return type(iface.name, (), attrs)
@@ -396,8 +397,9 @@ def _all_consts(iface: Interface) -> tuple[Const, ...]:
 def _stub_method(lay: MethodLayout) -> Callable[..., Any]:
     name = lay.method.name
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
+    names = py_params(lay.method)
     params += [
-        inspect.Parameter(py_name(p.name), inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        inspect.Parameter(names[p.name][0], inspect.Parameter.POSITIONAL_OR_KEYWORD)
         for p in lay.inputs
     ]
     keys = [f"{p.name}_len" for p in lay.out_arrays]
@@ -429,7 +431,7 @@ def namespace(file: IdlFile, *, by_size: bool = False) -> Namespace:
     interfaces: dict[str, Interface] = {}
     for f in file.files():
         for c in f.consts:
-            items[c.name] = c.value
+            items[py_name(c.name)] = c.value
         for s in f.structs:
             structs[s.name] = s
         for i in f.interfaces:
