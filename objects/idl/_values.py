@@ -101,18 +101,19 @@ def object_paths(st: Struct) -> tuple[tuple[str, ...], ...]:
     return tuple(out)
 
 
-def _get(value: object, name: str, owner: str) -> Any:
+def _get(value: object, name: str, owner: str, what: str = "") -> Any:
     name = py_name(name)
+    at = f"{what}: " if what else ""
     if isinstance(value, Mapping):
         try:
             return value[name]
         except KeyError:
-            raise UsageError(f"a {owner} value has no field {name!r}") from None
+            raise UsageError(f"{at}a {owner} value has no field {name!r}") from None
     try:
         return getattr(value, name)
     except AttributeError:
         raise UsageError(
-            f"a {owner} value needs a field {name!r}; {type(value).__name__} has none"
+            f"{at}a {owner} value needs a field {name!r}; {type(value).__name__} has none"
         ) from None
 
 
@@ -132,7 +133,7 @@ def pack_struct(st: Struct, value: object, objects: list[object], what: str) -> 
     """The struct's bytes, object fields zeroed; its objects appended breadth first."""
     parts: list[bytes] = []
     for f in st.fields:
-        v = _get(value, f.name, st.name)
+        v = _get(value, f.name, st.name, what)
         where = f"{what}.{f.name}"
         items: Sequence[object]
         if f.is_array:
@@ -155,7 +156,7 @@ def pack_struct(st: Struct, value: object, objects: list[object], what: str) -> 
         for path in object_paths(st):
             node: object = value
             for name in path:
-                node = _get(node, name, st.name)
+                node = _get(node, name, st.name, what)
             objects.append(node)
     return b"".join(parts)
 

@@ -201,7 +201,12 @@ class StubBase:
     def _call(self, name: str, args: Sequence[object], out_lens: Sequence[int] = ()) -> Any:
         """Pack ``args``, invoke, unpack: the out-parameters (None, bare, or a tuple)."""
         lay = self.LAYOUTS[name]
-        op_, ib, caps, io = lay.pack_inputs(args, out_lens)
+        try:
+            if len(args) == len(lay.inputs):
+                _check_objects(lay, args)
+            op_, ib, caps, io = lay.pack_inputs(args, out_lens)
+        except UsageError as exc:
+            raise UsageError(f"{_interface_name(type(self))}.{exc}") from None
         io = tuple(map(_unwrap, io))
         try:
             ob, oo = self._invoke(op_, ib, caps, io, lay.counts[3])
@@ -226,6 +231,36 @@ class StubBase:
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} of {self.obj!r}>"
+
+
+def _interface_name(stub: type) -> str:
+    return stub.__qualname__.removesuffix(".Stub")
+
+
+def _is_object(value: object) -> bool:
+    """What can go where the IDL has an object: a stub, a local object, anything with
+    ``invoke`` (a client's handle, a secure-side reference), or None (``Object_NULL``)."""
+    return (
+        value is None
+        or isinstance(value, StubBase | PyObject)
+        or callable(getattr(value, "invoke", None))
+    )
+
+
+def _check_objects(lay: MethodLayout, args: Sequence[object]) -> None:
+    """Refuse, naming the parameter, what cannot go where the IDL has an object (it would
+    otherwise be sent and refused by the far side)."""
+    for p, v in zip(lay.inputs, args, strict=True):
+        if not isinstance(p.type, InterfaceType):
+            continue
+        items = v if p.is_array and isinstance(v, Sequence) and not isinstance(v, str) else (v,)
+        for k, item in enumerate(items):
+            if not _is_object(item):
+                where = f"{p.name}[{k}]" if p.is_array else p.name
+                raise UsageError(
+                    f"{lay.method.name}: {where} must be an object (a stub, an invocable "
+                    f"handle, a local object) or None, not {type(item).__name__}"
+                )
 
 
 def _wrap_objects(
@@ -359,7 +394,7 @@ def _interface_class(
         "STUBS": stubs,
     }
     for m in iface.all_methods:
-        stub_attrs[py_name(m.name)] = _stub_method(layouts[m.name])
+        stub_attrs[py_name(m.name)] = _stub_method(layouts[m.name], iface.name)
     stub = type("Stub", (StubBase,), stub_attrs)
     stubs[iface.name] = stub
     skeleton = type(
@@ -394,7 +429,7 @@ def _all_consts(iface: Interface) -> tuple[Const, ...]:
     return (_all_consts(iface.base) if iface.base else ()) + iface.consts
 
 
-def _stub_method(lay: MethodLayout) -> Callable[..., Any]:
+def _stub_method(lay: MethodLayout, iface: str) -> Callable[..., Any]:
     name = lay.method.name
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
     names = py_params(lay.method)
@@ -411,7 +446,7 @@ def _stub_method(lay: MethodLayout) -> Callable[..., Any]:
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError as exc:
-            raise UsageError(f"{name}{sig}: {exc}") from None
+            raise UsageError(f"{iface}.{name}{sig}: {_bind_problem(sig, kwargs, exc)}") from None
         values = list(bound.arguments.values())
         self = values[0]
         return self._call(name, values[1 : 1 + n_in], [bound.arguments[k] for k in keys])
@@ -420,6 +455,27 @@ def _stub_method(lay: MethodLayout) -> Callable[..., Any]:
     method.__signature__ = sig  # type: ignore[attr-defined]
     method.__doc__ = lay.method.doc
     return method
+
+
+def _bind_problem(sig: inspect.Signature, kwargs: Mapping[str, object], exc: TypeError) -> str:
+    """What is wrong with a call's keywords: the unexpected and the missing ones together
+    (``result=`` where ``result_len=`` is meant names both), else what Python says."""
+    unexpected = [
+        k
+        for k in kwargs
+        if k not in sig.parameters or sig.parameters[k].kind is inspect.Parameter.POSITIONAL_ONLY
+    ]
+    missing = [
+        k
+        for k, p in sig.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in kwargs
+    ]
+    if not unexpected:
+        return str(exc)
+    text = f"unexpected keyword {', '.join(repr(k) for k in unexpected)}"
+    if missing:
+        text += f"; missing keyword {', '.join(repr(k) for k in missing)}"
+    return text
 
 
 def namespace(file: IdlFile, *, by_size: bool = False) -> Namespace:
