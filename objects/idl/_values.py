@@ -10,12 +10,14 @@ import keyword
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import make_dataclass
+from pathlib import PurePath
 from typing import Any, Final
 
 from objects._errors import UsageError
 from objects.idl.model import Buffer, InterfaceType, Method, Primitive, Struct
 
 __all__ = [
+    "module_name_of",
     "object_paths",
     "pack_primitive",
     "pack_struct",
@@ -78,7 +80,18 @@ def struct_class(st: Struct) -> type:
     """The Python class of a struct's values: a frozen dataclass with its fields, in order
     (one per struct, made once).  A field declared as an array holds a tuple."""
     fields = [(py_name(f.name), Any) for f in st.fields]
-    return make_dataclass(py_name(st.name), fields, frozen=True, slots=True)
+    cls = make_dataclass(py_name(st.name), fields, frozen=True, slots=True)
+    if st.file:
+        cls.__module__ = module_name_of(st.file)
+    return cls
+
+
+def module_name_of(path: str) -> str:
+    """The Python module named after an IDL file: its stem, as a Python identifier
+    (``ICounter.idl`` -> ``ICounter``)."""
+    stem = PurePath(path).stem
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in stem) or "idl"
+    return py_name("_" + name if name[0].isdigit() else name)
 
 
 def object_paths(st: Struct) -> tuple[tuple[str, ...], ...]:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from objects._errors import UsageError
-from objects.idl._values import py_params
+from objects.idl._values import module_name_of, py_params
 from objects.idl.model import (
     Buffer,
     Const,
@@ -58,9 +58,7 @@ _STUBS: dict[str, type[StubBase]] = {{}}
 
 def module_name(file: IdlFile) -> str:
     """The module's name: the file's stem, as a Python identifier."""
-    stem = Path(file.path).stem
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in stem) or "idl"
-    return py_name("_" + name if name[0].isdigit() else name)
+    return module_name_of(file.path)
 
 
 class _Writer:

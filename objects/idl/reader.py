@@ -92,7 +92,10 @@ class _Reader:
             if place.is_file() and place.resolve() not in [h.resolve() for h in hits]:
                 hits.append(place)
         if not hits:
-            looked = ", ".join(str(p.parent) for p in places) or "no folder"
+            folders: dict[Path, str] = {}
+            for p in places:
+                folders.setdefault(p.parent.resolve(), str(p.parent))
+            looked = ", ".join(folders.values()) or "no folder"
             raise IdlError(
                 unit.loc(offset), f'include "{name}": file not found (looked in {looked})'
             )

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Final, NoReturn, Self
 from objects._errors import QteeError, UsageError
 from objects._optable import DispatchResult, PyObject, op
 from objects._results import ObjectResult
-from objects.idl._values import py_params
+from objects.idl._values import module_name_of, py_params
 from objects.idl.model import (
     DEFAULT_VERSION,
     Const,
@@ -395,6 +395,9 @@ def _interface_class(
     }
     for m in iface.all_methods:
         stub_attrs[py_name(m.name)] = _stub_method(layouts[m.name], iface.name)
+    module = module_name_of(iface.file) if iface.file else __name__
+    stub_attrs["__module__"] = module
+    errors.__module__ = module
     stub = type("Stub", (StubBase,), stub_attrs)
     stubs[iface.name] = stub
     skeleton = type(
@@ -402,6 +405,7 @@ def _interface_class(
         (SkeletonBase,),
         {
             "__qualname__": f"{iface.name}.Skeleton",
+            "__module__": module,
             "__doc__": f"Callee's side of {iface.name}: override its methods.",
             "LAYOUTS": layouts,
             "STUBS": stubs,
@@ -410,6 +414,7 @@ def _interface_class(
         },
     )
     attrs: dict[str, Any] = {
+        "__module__": module,
         "__doc__": iface.doc or f"Interface {iface.name}.",
         "interface": iface,
         "Stub": stub,
