@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -280,5 +282,61 @@ def test_cli_gen_error_is_one_line_with_the_place(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     missing = _cli("gen", "missing.idl", "-o", "out", cwd=tmp_path)
     assert missing.returncode == 2
-    assert missing.stderr.startswith("qtee idl: missing.idl:1:1: ")
+    assert missing.stderr == "qtee idl: missing.idl: no such file\n"
     assert _cli(cwd=tmp_path).returncode == 2  # no verb: a usage error
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["nope.idl", "-o", "out"], "qtee idl: nope.idl: no such file"),
+        (["folder", "-o", "out"], "qtee idl: folder: is a folder, not an .idl file"),
+        (["IFoo.idl", "-o", "IFoo.idl"], "qtee idl: -o must be a folder: IFoo.idl is a file"),
+    ],
+)
+def test_cli_gen_wrong_paths_get_no_fake_position(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    """A path that is not what it should be is named as such (it read
+    ``nope.idl:1:1: cannot read the file``): one line, exit 2, nothing written."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "IFoo.idl").write_text("interface IFoo {\n  method f();\n};\n")
+    done = _cli("gen", *argv, cwd=tmp_path)
+    assert (done.returncode, done.stderr, done.stdout) == (2, message + "\n", "")
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "IFoo.idl").read_text().startswith("interface")
+
+
+def test_cli_gen_interrupted_while_reading_exits_130(tmp_path: Path) -> None:
+    """^C while the file is being read (a FIFO nobody writes): one line, status 130, no
+    traceback, as the other verbs end on ^C."""
+    fifo = tmp_path / "IFoo.idl"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qtee", "idl", "gen", "IFoo.idl", "-o", "out"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # wait until it blocks opening the FIFO: it is then among the FIFO's openers
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _opening(proc.pid, fifo):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, err, out) == (130, "qtee idl: interrupted\n", "")
+
+
+def _opening(pid: int, fifo: Path) -> bool:
+    """Whether process ``pid`` waits in the open of a FIFO for a writer (``fifo_open``
+    sleeps in ``wait_for_partner``)."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+    except OSError:
+        return False
