@@ -340,3 +340,45 @@ def _opening(pid: int, fifo: Path) -> bool:
         return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
     except OSError:
         return False
+
+
+def test_mypy_finds_qtee_from_a_users_folder(tmp_path: Path) -> None:
+    """``mypy --strict`` run in a folder of the user's (no MYPYPATH) type-checks code
+    using a generated module: the virtualenv's editable install is one mypy can follow
+    (a path, not setuptools' import-hook finder, which mypy cannot see through)."""
+    (tmp_path / "IFoo.idl").write_text(
+        "struct IFoo_Point { uint32 x; uint32 y; };\n"
+        "interface IFoo {\n  method move(in IFoo_Point p, out IFoo_Point q);\n};\n"
+    )
+    assert _cli("gen", "IFoo.idl", "-o", ".", cwd=tmp_path).returncode == 0
+    (tmp_path / "use.py").write_text(
+        textwrap.dedent(
+            """\
+            from __future__ import annotations
+
+            from IFoo import IFoo, IFoo_Point
+            from objects.idl import IdlError
+            from qtee import CallbackObject
+
+
+            class Local(IFoo.Skeleton, CallbackObject):
+                def move(self, p: IFoo_Point) -> IFoo_Point:
+                    return IFoo_Point(p.y, p.x)
+
+
+            moved: IFoo_Point = IFoo.Stub(Local()).move(IFoo_Point(1, 2))
+            problem: type[Exception] = IdlError
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k not in {"MYPYPATH", "PYTHONPATH"}}
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "IFoo.py", "use.py"],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
