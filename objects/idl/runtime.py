@@ -7,9 +7,13 @@ and gives a namespace with, per interface ``IFoo``, a class holding:
   :func:`invoker_for`); one method per IDL method, named after it, taking the
   in-parameters in declaration order (each output array's capacity, in elements, as the
   keyword ``<name>_len``) and returning the out-parameters (none: None, one: bare,
-  several: a tuple in declaration order).  A non-zero result raises
-  :class:`~objects.QteeError`, an interface error by its name (``IFoo.ERROR_X`` for
-  ``error ERROR_X;``);
+  several: a tuple in declaration order).  A parameter named as a Python keyword or
+  ``self`` is ``_<name>``; one that would take another's name or a ``<name>_len``
+  keyword gets a trailing ``_`` (the reader warns of each; ``gen`` names them alike).
+  An argument that cannot be packed raises :class:`~objects.UsageError` naming
+  ``IFoo.method`` and the parameter before anything is invoked.  A non-zero result
+  raises :class:`~objects.QteeError`, an interface error by its name (``IFoo.ERROR_X``
+  for ``error ERROR_X;``);
 * ``IFoo.Skeleton``: a :class:`~objects.PyObject` base class whose op table is the
   interface's (exact fixed sizes, counts); mix it with the object kind that serves it
   (``class Impl(IFoo.Skeleton, CallbackObject)``, ``(IFoo.Skeleton, TrustedApp)``) and
