@@ -78,6 +78,15 @@ class _Comment:
     text: str
 
 
+#: What an expected token means, in the IDL's words (the others are shown as they are).
+_IN_WORDS: Final = {
+    "`);`": "`);` (a method ends with `);`, no space inside)",
+    "`};`": "`};` (an interface or a struct ends with `};`, no space inside)",
+    "`,`": "`,` and another parameter",
+    "`;`": "`;` (a field, constant or error ends with `;`)",
+}
+
+
 @dataclass(slots=True)
 class _Parser:
     text: str
@@ -99,7 +108,7 @@ class _Parser:
         at = self.far
         found = self.text[at : at + 12].split("\n", 1)[0]
         got = f"found {found!r}" if at < len(self.text) else "found the end of the file"
-        wanted = ", ".join(sorted(self.expected)) or "nothing more"
+        wanted = " or ".join(_IN_WORDS.get(w, w) for w in sorted(self.expected)) or "nothing more"
         return SyntaxFailure(at, f"syntax error: expected {wanted}; {got}")
 
     # -- terminals -----------------------------------------------------------------------
@@ -108,7 +117,7 @@ class _Parser:
         if self.text.startswith(token, self.pos):
             self.pos += len(token)
             return True
-        self._miss(f"'{token}'")
+        self._miss(f"`{token}`")
         return False
 
     def ahead(self, token: str) -> bool:
@@ -316,7 +325,7 @@ class _Parser:
         start = self.pos
         end = self.text.find(".idl", start)
         if end <= start:
-            self._miss("a path ending in '.idl'")
+            self._miss("a path ending in `.idl`")
             return None
         self.pos = end + 4
         return self.text[start : self.pos]
@@ -374,7 +383,7 @@ class _Parser:
         self.need(self.keyword("struct"))
         self.skip()
         if self.ahead("interface"):
-            self._miss("a struct name (not starting with 'interface')")
+            self._miss("a struct name (not starting with `interface`)")
             raise _NoMatch
         name, name_offset = self.part(self.ident)
         self.expect("{")
@@ -457,7 +466,7 @@ class _Parser:
             if self.ahead(word):
                 self.pos += len(word)
                 return word
-        self._miss("'in' or 'out'")
+        self._miss("`in` or `out`")
         return None
 
     @_rule

@@ -5,7 +5,7 @@ writes an IDL name that is a keyword of its language, it writes it with a leadin
 and prints a warning (its own test IDL names a struct ``break``).  It does so for struct
 and field names in C and Java and for method names in C++ and Java, nowhere else.  The
 reader warns the same way, adding Python's keywords for every name (the Python backend
-renames them the same way).
+renames them the same way, and a parameter named ``self``).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ _JAVA: Final = frozenset(
 )
 
 _PYTHON: Final = frozenset(keyword.kwlist)
+#: A parameter cannot be named ``self`` either: the Python backend's methods take it first.
+_PYTHON_PARAMETER: Final = _PYTHON | {"self"}
 
 
 #: Which backends rename which kind of name (the others write every name as it is).
@@ -69,4 +71,5 @@ def reserved_in(name: str, kind: str) -> tuple[str, ...]:
     renames ``name`` used as a ``kind`` (``"struct"``, ``"field"``, ``"method"``, or any
     other kind of name: Python only) because it is one of their keywords."""
     langs = (*_RENAMED_BY.get(kind, ()), "Python")
-    return tuple(lang for lang in langs if name in _WORDS[lang])
+    words = {**_WORDS, "Python": _PYTHON_PARAMETER} if kind == "parameter" else _WORDS
+    return tuple(lang for lang in langs if name in words[lang])

@@ -10,16 +10,19 @@ import keyword
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import make_dataclass
+from pathlib import PurePath
 from typing import Any, Final
 
 from objects._errors import UsageError
-from objects.idl.model import InterfaceType, Primitive, Struct
+from objects.idl.model import Buffer, InterfaceType, Method, Primitive, Struct
 
 __all__ = [
+    "module_name_of",
     "object_paths",
     "pack_primitive",
     "pack_struct",
     "py_name",
+    "py_params",
     "struct_class",
     "unpack_struct",
     "with_objects",
@@ -35,12 +38,60 @@ def py_name(name: str) -> str:
     return "_" + name if keyword.iskeyword(name) else name
 
 
+def out_length_keywords(method: Method) -> tuple[str, ...]:
+    """The keyword giving each output array's (and ``out buffer``'s) capacity, in
+    declaration order: ``<name>_len``."""
+    return tuple(
+        f"{p.name}_len"
+        for p in method.params
+        if not p.is_input and not p.is_object and (p.is_array or isinstance(p.type, Buffer))
+    )
+
+
+@functools.cache
+def py_params(method: Method) -> Mapping[str, tuple[str, str | None]]:
+    """The Python name of each in-parameter of ``method`` (IDL name -> (name, the
+    collision that renamed it or None)), unique among the method's Python names: a
+    keyword or ``self`` gets a leading ``_`` (the reader warns of those as reserved
+    words); a name that an earlier parameter or an output length keyword already takes
+    gets a trailing ``_`` until it is free."""
+    taken = {
+        k: f"the keyword `{k}` (the length of output `{k[:-4]}`)"
+        for k in out_length_keywords(method)
+    }
+    taken["self"] = "the method's `self`"
+    out: dict[str, tuple[str, str | None]] = {}
+    for p in method.params:
+        if not p.is_input:
+            continue
+        name = "_self" if p.name == "self" else py_name(p.name)
+        why = None
+        if name in taken:
+            why = f"`{name}` would collide with {taken[name]}"
+            while name in taken:
+                name += "_"
+        taken[name] = f"parameter `{p.name}`"
+        out[p.name] = (name, why)
+    return out
+
+
 @functools.cache
 def struct_class(st: Struct) -> type:
     """The Python class of a struct's values: a frozen dataclass with its fields, in order
     (one per struct, made once).  A field declared as an array holds a tuple."""
     fields = [(py_name(f.name), Any) for f in st.fields]
-    return make_dataclass(py_name(st.name), fields, frozen=True, slots=True)
+    cls = make_dataclass(py_name(st.name), fields, frozen=True, slots=True)
+    if st.file:
+        cls.__module__ = module_name_of(st.file)
+    return cls
+
+
+def module_name_of(path: str) -> str:
+    """The Python module named after an IDL file: its stem, as a Python identifier
+    (``ICounter.idl`` -> ``ICounter``)."""
+    stem = PurePath(path).stem
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in stem) or "idl"
+    return py_name("_" + name if name[0].isdigit() else name)
 
 
 def object_paths(st: Struct) -> tuple[tuple[str, ...], ...]:
@@ -63,18 +114,19 @@ def object_paths(st: Struct) -> tuple[tuple[str, ...], ...]:
     return tuple(out)
 
 
-def _get(value: object, name: str, owner: str) -> Any:
+def _get(value: object, name: str, owner: str, what: str = "") -> Any:
     name = py_name(name)
+    at = f"{what}: " if what else ""
     if isinstance(value, Mapping):
         try:
             return value[name]
         except KeyError:
-            raise UsageError(f"a {owner} value has no field {name!r}") from None
+            raise UsageError(f"{at}a {owner} value has no field {name!r}") from None
     try:
         return getattr(value, name)
     except AttributeError:
         raise UsageError(
-            f"a {owner} value needs a field {name!r}; {type(value).__name__} has none"
+            f"{at}a {owner} value needs a field {name!r}; {type(value).__name__} has none"
         ) from None
 
 
@@ -94,7 +146,7 @@ def pack_struct(st: Struct, value: object, objects: list[object], what: str) -> 
     """The struct's bytes, object fields zeroed; its objects appended breadth first."""
     parts: list[bytes] = []
     for f in st.fields:
-        v = _get(value, f.name, st.name)
+        v = _get(value, f.name, st.name, what)
         where = f"{what}.{f.name}"
         items: Sequence[object]
         if f.is_array:
@@ -117,7 +169,7 @@ def pack_struct(st: Struct, value: object, objects: list[object], what: str) -> 
         for path in object_paths(st):
             node: object = value
             for name in path:
-                node = _get(node, name, st.name)
+                node = _get(node, name, st.name, what)
             objects.append(node)
     return b"".join(parts)
 

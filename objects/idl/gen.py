@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from objects._errors import UsageError
+from objects.idl._values import module_name_of, py_params
 from objects.idl.model import (
     Buffer,
     Const,
@@ -57,9 +58,7 @@ _STUBS: dict[str, type[StubBase]] = {{}}
 
 def module_name(file: IdlFile) -> str:
     """The module's name: the file's stem, as a Python identifier."""
-    stem = Path(file.path).stem
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in stem) or "idl"
-    return py_name("_" + name if name[0].isdigit() else name)
+    return module_name_of(file.path)
 
 
 class _Writer:
@@ -198,9 +197,10 @@ class _Writer:
     def signature(self, m: Method, *, skeleton: bool) -> tuple[str, str, list[str], list[str]]:
         """(parameters text, return type, input names, output array length names)."""
         lay = layout(m)
-        ins = [py_name(p.name) for p in lay.inputs]
+        names = py_params(m)
+        ins = [names[p.name][0] for p in lay.inputs]
         args = ["self"] + [
-            f"{py_name(p.name)}: {self.param_type(p, out=skeleton)}" for p in lay.inputs
+            f"{names[p.name][0]}: {self.param_type(p, out=skeleton)}" for p in lay.inputs
         ]
         lens = [f"{p.name}_len" for p in lay.out_arrays]
         if lens:

@@ -25,6 +25,7 @@ from objects.idl._checks import CheckFailure, Unit
 from objects.idl._grammar import parse_text
 from objects.idl._lower import lower
 from objects.idl._syntax import SyntaxFailure
+from objects.idl._values import py_params
 
 __all__ = ["IdlError", "IdlWarning", "parse_idl", "read_idl"]
 
@@ -91,7 +92,10 @@ class _Reader:
             if place.is_file() and place.resolve() not in [h.resolve() for h in hits]:
                 hits.append(place)
         if not hits:
-            looked = ", ".join(str(p.parent) for p in places) or "no folder"
+            folders: dict[Path, str] = {}
+            for p in places:
+                folders.setdefault(p.parent.resolve(), str(p.parent))
+            looked = ", ".join(folders.values()) or "no folder"
             raise IdlError(
                 unit.loc(offset), f'include "{name}": file not found (looked in {looked})'
             )
@@ -136,6 +140,10 @@ class _Reader:
             raise IdlError(e.location, e.reason) from None
         for where, message in found_warnings:
             warnings.warn(IdlWarning(f"{where}: {message}"), stacklevel=3)
+        for unit in self.order:
+            for iface in lowered[id(unit)][2]:
+                for m in iface.methods:
+                    _warn_collisions(m)
         files: dict[int, model.IdlFile] = {}
         for unit in self.order:
             consts, structs, interfaces = lowered[id(unit)]
@@ -147,6 +155,21 @@ class _Reader:
                 interfaces,
             )
         return files[id(root)]
+
+
+def _warn_collisions(m: model.Method) -> None:
+    """Warn of each parameter the Python backend renames so its names stay distinct."""
+    names = py_params(m)
+    for p in m.params:
+        name, why = names.get(p.name, (p.name, None))
+        if why is not None:
+            warnings.warn(
+                IdlWarning(
+                    f"{p.location or m.location}: parameter `{p.name}` of method `{m.name}`: "
+                    f"{why}; the Python backend names it `{name}`"
+                ),
+                stacklevel=5,
+            )
 
 
 def read_idl(

@@ -7,9 +7,13 @@ and gives a namespace with, per interface ``IFoo``, a class holding:
   :func:`invoker_for`); one method per IDL method, named after it, taking the
   in-parameters in declaration order (each output array's capacity, in elements, as the
   keyword ``<name>_len``) and returning the out-parameters (none: None, one: bare,
-  several: a tuple in declaration order).  A non-zero result raises
-  :class:`~objects.QteeError`, an interface error by its name (``IFoo.ERROR_X`` for
-  ``error ERROR_X;``);
+  several: a tuple in declaration order).  A parameter named as a Python keyword or
+  ``self`` is ``_<name>``; one that would take another's name or a ``<name>_len``
+  keyword gets a trailing ``_`` (the reader warns of each; ``gen`` names them alike).
+  An argument that cannot be packed raises :class:`~objects.UsageError` naming
+  ``IFoo.method`` and the parameter before anything is invoked.  A non-zero result
+  raises :class:`~objects.QteeError`, an interface error by its name (``IFoo.ERROR_X``
+  for ``error ERROR_X;``);
 * ``IFoo.Skeleton``: a :class:`~objects.PyObject` base class whose op table is the
   interface's (exact fixed sizes, counts); mix it with the object kind that serves it
   (``class Impl(IFoo.Skeleton, CallbackObject)``, ``(IFoo.Skeleton, TrustedApp)``) and
@@ -41,6 +45,7 @@ from typing import Any, ClassVar, Final, NoReturn, Self
 from objects._errors import QteeError, UsageError
 from objects._optable import DispatchResult, PyObject, op
 from objects._results import ObjectResult
+from objects.idl._values import module_name_of, py_params
 from objects.idl.model import (
     DEFAULT_VERSION,
     Const,
@@ -200,7 +205,12 @@ class StubBase:
     def _call(self, name: str, args: Sequence[object], out_lens: Sequence[int] = ()) -> Any:
         """Pack ``args``, invoke, unpack: the out-parameters (None, bare, or a tuple)."""
         lay = self.LAYOUTS[name]
-        op_, ib, caps, io = lay.pack_inputs(args, out_lens)
+        try:
+            if len(args) == len(lay.inputs):
+                _check_objects(lay, args)
+            op_, ib, caps, io = lay.pack_inputs(args, out_lens)
+        except UsageError as exc:
+            raise UsageError(f"{_interface_name(type(self))}.{exc}") from None
         io = tuple(map(_unwrap, io))
         try:
             ob, oo = self._invoke(op_, ib, caps, io, lay.counts[3])
@@ -225,6 +235,36 @@ class StubBase:
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} of {self.obj!r}>"
+
+
+def _interface_name(stub: type) -> str:
+    return stub.__qualname__.removesuffix(".Stub")
+
+
+def _is_object(value: object) -> bool:
+    """What can go where the IDL has an object: a stub, a local object, anything with
+    ``invoke`` (a client's handle, a secure-side reference), or None (``Object_NULL``)."""
+    return (
+        value is None
+        or isinstance(value, StubBase | PyObject)
+        or callable(getattr(value, "invoke", None))
+    )
+
+
+def _check_objects(lay: MethodLayout, args: Sequence[object]) -> None:
+    """Refuse, naming the parameter, what cannot go where the IDL has an object (it would
+    otherwise be sent and refused by the far side)."""
+    for p, v in zip(lay.inputs, args, strict=True):
+        if not isinstance(p.type, InterfaceType):
+            continue
+        items = v if p.is_array and isinstance(v, Sequence) and not isinstance(v, str) else (v,)
+        for k, item in enumerate(items):
+            if not _is_object(item):
+                where = f"{p.name}[{k}]" if p.is_array else p.name
+                raise UsageError(
+                    f"{lay.method.name}: {where} must be an object (a stub, an invocable "
+                    f"handle, a local object) or None, not {type(item).__name__}"
+                )
 
 
 def _wrap_objects(
@@ -358,7 +398,10 @@ def _interface_class(
         "STUBS": stubs,
     }
     for m in iface.all_methods:
-        stub_attrs[py_name(m.name)] = _stub_method(layouts[m.name])
+        stub_attrs[py_name(m.name)] = _stub_method(layouts[m.name], iface.name)
+    module = module_name_of(iface.file) if iface.file else __name__
+    stub_attrs["__module__"] = module
+    errors.__module__ = module
     stub = type("Stub", (StubBase,), stub_attrs)
     stubs[iface.name] = stub
     skeleton = type(
@@ -366,6 +409,7 @@ def _interface_class(
         (SkeletonBase,),
         {
             "__qualname__": f"{iface.name}.Skeleton",
+            "__module__": module,
             "__doc__": f"Callee's side of {iface.name}: override its methods.",
             "LAYOUTS": layouts,
             "STUBS": stubs,
@@ -374,6 +418,7 @@ def _interface_class(
         },
     )
     attrs: dict[str, Any] = {
+        "__module__": module,
         "__doc__": iface.doc or f"Interface {iface.name}.",
         "interface": iface,
         "Stub": stub,
@@ -383,7 +428,7 @@ def _interface_class(
     for member in errors:
         attrs[member.name] = member
     for c in _all_consts(iface):
-        attrs[c.name] = c.value
+        attrs[py_name(c.name)] = c.value
     for m in iface.all_methods:
         attrs[f"OP_{m.name}"] = m.id
     return type(iface.name, (), attrs)
@@ -393,11 +438,12 @@ def _all_consts(iface: Interface) -> tuple[Const, ...]:
     return (_all_consts(iface.base) if iface.base else ()) + iface.consts
 
 
-def _stub_method(lay: MethodLayout) -> Callable[..., Any]:
+def _stub_method(lay: MethodLayout, iface: str) -> Callable[..., Any]:
     name = lay.method.name
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
+    names = py_params(lay.method)
     params += [
-        inspect.Parameter(py_name(p.name), inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        inspect.Parameter(names[p.name][0], inspect.Parameter.POSITIONAL_OR_KEYWORD)
         for p in lay.inputs
     ]
     keys = [f"{p.name}_len" for p in lay.out_arrays]
@@ -409,7 +455,7 @@ def _stub_method(lay: MethodLayout) -> Callable[..., Any]:
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError as exc:
-            raise UsageError(f"{name}{sig}: {exc}") from None
+            raise UsageError(f"{iface}.{name}{sig}: {_bind_problem(sig, kwargs, exc)}") from None
         values = list(bound.arguments.values())
         self = values[0]
         return self._call(name, values[1 : 1 + n_in], [bound.arguments[k] for k in keys])
@@ -418,6 +464,27 @@ def _stub_method(lay: MethodLayout) -> Callable[..., Any]:
     method.__signature__ = sig  # type: ignore[attr-defined]
     method.__doc__ = lay.method.doc
     return method
+
+
+def _bind_problem(sig: inspect.Signature, kwargs: Mapping[str, object], exc: TypeError) -> str:
+    """What is wrong with a call's keywords: the unexpected and the missing ones together
+    (``result=`` where ``result_len=`` is meant names both), else what Python says."""
+    unexpected = [
+        k
+        for k in kwargs
+        if k not in sig.parameters or sig.parameters[k].kind is inspect.Parameter.POSITIONAL_ONLY
+    ]
+    missing = [
+        k
+        for k, p in sig.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in kwargs
+    ]
+    if not unexpected:
+        return str(exc)
+    text = f"unexpected keyword {', '.join(repr(k) for k in unexpected)}"
+    if missing:
+        text += f"; missing keyword {', '.join(repr(k) for k in missing)}"
+    return text
 
 
 def namespace(file: IdlFile, *, by_size: bool = False) -> Namespace:
@@ -429,7 +496,7 @@ def namespace(file: IdlFile, *, by_size: bool = False) -> Namespace:
     interfaces: dict[str, Interface] = {}
     for f in file.files():
         for c in f.consts:
-            items[c.name] = c.value
+            items[py_name(c.name)] = c.value
         for s in f.structs:
             structs[s.name] = s
         for i in f.interfaces:

@@ -2,7 +2,9 @@
 of a Mink IDL file (:func:`objects.idl.gen.generate`).
 
 An IDL problem prints one line, ``qtee idl: FILE:LINE:COL: message``, and exits 2; so
-does an output directory that cannot be written.  What the compiler only warns about
+does an output directory that cannot be written, and a path that is not what it should
+be (``qtee idl: nope.idl: no such file``, a folder given as the file, ``-o`` naming a
+file).  ^C prints ``qtee idl: interrupted`` and exits 130.  What the compiler only warns about
 prints ``qtee idl: warning: FILE:LINE:COL: message`` and the module is written.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 __all__ = ["add_arguments", "run"]
 
@@ -42,11 +45,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``qtee idl gen``: 0 with the module's path printed, 2 for an IDL problem."""
+    """Run ``qtee idl gen``: 0 with the module's path printed, 2 for an IDL problem or a
+    path that is not what it should be, 130 on ^C (one line, no traceback)."""
+    try:
+        return _gen(args)
+    except KeyboardInterrupt:  # ^C while reading (a FIFO, a slow disk) or writing
+        print("qtee idl: interrupted", file=sys.stderr)
+        return 130
+
+
+def _path_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the paths given, before reading: no fake FILE:1:1 position."""
+    file = Path(args.file)
+    if not file.exists():
+        return f"{args.file}: no such file"
+    if file.is_dir():
+        return f"{args.file}: is a folder, not an .idl file"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"-o must be a folder: {args.out} is a file"
+    return None
+
+
+def _gen(args: argparse.Namespace) -> int:
     from objects import UsageError
     from objects.idl import IdlWarning
     from objects.idl.gen import generate
 
+    problem = _path_problem(args)
+    if problem is not None:
+        print(f"qtee idl: {problem}", file=sys.stderr)
+        return 2
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IdlWarning)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -280,5 +282,103 @@ def test_cli_gen_error_is_one_line_with_the_place(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     missing = _cli("gen", "missing.idl", "-o", "out", cwd=tmp_path)
     assert missing.returncode == 2
-    assert missing.stderr.startswith("qtee idl: missing.idl:1:1: ")
+    assert missing.stderr == "qtee idl: missing.idl: no such file\n"
     assert _cli(cwd=tmp_path).returncode == 2  # no verb: a usage error
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["nope.idl", "-o", "out"], "qtee idl: nope.idl: no such file"),
+        (["folder", "-o", "out"], "qtee idl: folder: is a folder, not an .idl file"),
+        (["IFoo.idl", "-o", "IFoo.idl"], "qtee idl: -o must be a folder: IFoo.idl is a file"),
+    ],
+)
+def test_cli_gen_wrong_paths_get_no_fake_position(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    """A path that is not what it should be is named as such (it read
+    ``nope.idl:1:1: cannot read the file``): one line, exit 2, nothing written."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "IFoo.idl").write_text("interface IFoo {\n  method f();\n};\n")
+    done = _cli("gen", *argv, cwd=tmp_path)
+    assert (done.returncode, done.stderr, done.stdout) == (2, message + "\n", "")
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "IFoo.idl").read_text().startswith("interface")
+
+
+def test_cli_gen_interrupted_while_reading_exits_130(tmp_path: Path) -> None:
+    """^C while the file is being read (a FIFO nobody writes): one line, status 130, no
+    traceback, as the other verbs end on ^C."""
+    fifo = tmp_path / "IFoo.idl"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qtee", "idl", "gen", "IFoo.idl", "-o", "out"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # wait until it blocks opening the FIFO: it is then among the FIFO's openers
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _opening(proc.pid, fifo):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, err, out) == (130, "qtee idl: interrupted\n", "")
+
+
+def _opening(pid: int, fifo: Path) -> bool:
+    """Whether process ``pid`` waits in the open of a FIFO for a writer (``fifo_open``
+    sleeps in ``wait_for_partner``)."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+    except OSError:
+        return False
+
+
+def test_mypy_finds_qtee_from_a_users_folder(tmp_path: Path) -> None:
+    """``mypy --strict`` run in a folder of the user's (no MYPYPATH) type-checks code
+    using a generated module: the virtualenv's editable install is one mypy can follow
+    (a path, not setuptools' import-hook finder, which mypy cannot see through)."""
+    (tmp_path / "IFoo.idl").write_text(
+        "struct IFoo_Point { uint32 x; uint32 y; };\n"
+        "interface IFoo {\n  method move(in IFoo_Point p, out IFoo_Point q);\n};\n"
+    )
+    assert _cli("gen", "IFoo.idl", "-o", ".", cwd=tmp_path).returncode == 0
+    (tmp_path / "use.py").write_text(
+        textwrap.dedent(
+            """\
+            from __future__ import annotations
+
+            from IFoo import IFoo, IFoo_Point
+            from objects.idl import IdlError
+            from qtee import CallbackObject
+
+
+            class Local(IFoo.Skeleton, CallbackObject):
+                def move(self, p: IFoo_Point) -> IFoo_Point:
+                    return IFoo_Point(p.y, p.x)
+
+
+            moved: IFoo_Point = IFoo.Stub(Local()).move(IFoo_Point(1, 2))
+            problem: type[Exception] = IdlError
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k not in {"MYPYPATH", "PYTHONPATH"}}
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "IFoo.py", "use.py"],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

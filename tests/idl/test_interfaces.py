@@ -357,3 +357,41 @@ def test_model_ops_are_declared_by_the_files(label: str) -> None:
     for number, source in declared.items():
         want = None if number in extra else f"{iface_name}.{methods[number].name}"
         assert source == want, f"{label} op {number}"
+
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "interfaces-from-idl.md"
+
+
+def _guide_table() -> dict[tuple[str, str], set[str]]:
+    """The guide's table of QTEE's interfaces: (interface, object label) -> methods."""
+    rows: dict[tuple[str, str], set[str]] = {}
+    text = GUIDE.read_text()
+    start = text.index("| Interface | Object of the model | Methods it serves |")
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        iface, obj, methods = (cell.strip() for cell in line.strip("|").split("|"))
+        names = set() if methods == "none" else {m.strip() for m in methods.split(",")}
+        rows[(iface, obj.split()[0])] = names
+    return rows
+
+
+def test_the_guides_table_is_what_the_model_serves() -> None:
+    """The guide's table of served methods is the served set above (so it cannot drift):
+    one row per served object with the methods its op table has, and a "none" row for
+    each shipped interface nothing in the model serves."""
+    served: dict[tuple[str, str], set[str]] = {}
+    for label, cls, idl_name, iface_name in _served():
+        iface = load(idl_name).interface(iface_name)
+        ops = dict(cls.__ops__)
+        served[(iface_name, label)] = {m.name for m in iface.all_methods if m.id in ops}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shipped = {
+            i.name
+            for path in importlib.resources.files("qtee").joinpath("idl").iterdir()
+            if path.name.endswith(".idl")
+            for i in load(path.name).interfaces
+        }
+    unserved = shipped - {iface for iface, _ in served}
+    assert _guide_table() == served | {(name, "none"): set() for name in unserved}

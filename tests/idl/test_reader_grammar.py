@@ -223,7 +223,24 @@ def test_syntax_error_names_line_and_column() -> None:
     with pytest.raises(IdlError) as info:
         parse_idl("interface I {\n  method f(in uint32 a)\n};", name="x.idl")
     assert str(info.value).startswith("x.idl:2:23: syntax error: expected ")
-    assert "');'" in str(info.value)
+    assert "`);`" in str(info.value)
+
+
+def test_syntax_errors_say_what_ends_a_declaration() -> None:
+    """A missing ``;`` after a method's ``)`` is named in the IDL's words at the ``)``:
+    a method ends with the single token ``);`` (idl_grammar.pest ``function``)."""
+    with pytest.raises(IdlError) as info:
+        parse_idl("interface IFoo {\n  method foo(in uint32 a)\n};\n", name="x.idl")
+    assert str(info.value) == (
+        "x.idl:2:25: syntax error: expected `);` (a method ends with `);`, no space inside) "
+        "or `,` and another parameter; found ')'"
+    )
+    with pytest.raises(IdlError) as info:
+        parse_idl("struct S {\n  uint32 a\n}", name="s.idl")
+    assert str(info.value) == (
+        "s.idl:3:1: syntax error: expected `;` (a field, constant or error ends with `;`); "
+        "found '}'"
+    )
 
 
 def test_crlf_line_ends_count_as_one_line() -> None:

@@ -161,3 +161,17 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
         parse_idl(b"struct")  # type: ignore[arg-type]
     with pytest.raises(IdlError, match=r"nope\.idl:1:1: cannot read the file"):
         read_idl(tmp_path / "nope.idl")
+
+
+def test_missing_include_lists_each_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file read by a relative name: the folder next to it and the first file's folder
+    are the same one, named once ("looked in ., ." before); an include path that is that
+    folder again is not repeated either."""
+    (tmp_path / "IFoo.idl").write_text('include "IBar.idl"\n')
+    (tmp_path / "inc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IdlError) as info:
+        read_idl("IFoo.idl", include_paths=["inc", "."])
+    assert str(info.value) == 'IFoo.idl:1:1: include "IBar.idl": file not found (looked in ., inc)'

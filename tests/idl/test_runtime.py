@@ -129,6 +129,17 @@ def test_struct_classes_and_local_skeleton_is_a_pyobject() -> None:
         TRUTH.a = 5
 
 
+def test_classes_are_named_after_the_file_that_declares_them() -> None:
+    """Reprs name the IDL file as the module (``ITest.Collection``, ``ITest3.ITest3.Stub``)
+    where they said ``types`` or ``objects.idl.runtime``: the module ``qtee idl gen``
+    writes for that file."""
+    assert repr(NS.Collection) == "<class 'ITest.Collection'>"
+    assert repr(NS.ITest3) == "<class 'ITest3.ITest3'>"
+    assert repr(NS.ITest3.Stub) == "<class 'ITest3.ITest3.Stub'>"
+    assert repr(NS.ITest3.Skeleton) == "<class 'ITest3.ITest3.Skeleton'>"
+    assert NS.ITest1.Errors.__module__ == "ITest"
+
+
 # ------------------------------------------------------------------ from the IDL file
 @pytest.fixture(scope="module")
 def itest() -> Namespace:
