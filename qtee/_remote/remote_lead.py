@@ -356,6 +356,8 @@ class RemoteLead(RemoteShms):
                     finally:
                         self._pass_lead()
                     if answered:
+                        if not call.cmd:  # the kept reader saw the end: nobody answers it
+                            return False
                         call.done.acquire()
                         return True
                 if delegate:

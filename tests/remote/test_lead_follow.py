@@ -123,3 +123,18 @@ def test_a_long_call_does_not_hold_up_the_fd(qtee_server: DeviceServer) -> None:
                 slow.join(5)
                 assert not slow.is_alive()
                 assert quick < 0.8, quick
+
+
+def test_closing_a_watched_connection_ends_its_reader_at_once(qtee_server: DeviceServer) -> None:
+    """The reader kept for ``ready`` frames (a ``watch``, as a worker pool's) ends when
+    the stream does: the close returns at once and leaves no reader thread behind.  (The
+    kept reader once took the end of the stream for its own answer and waited for that
+    answer for ever, so the close sat out its 5 s join.)"""
+    before = _readers()
+    ctx = qtee.connect(qtee_server.path).open()
+    ctx.on_ready = lambda: None  # a watch: a reader is kept for the ready frames
+    assert _eventually(lambda: _readers() > before)
+    t0 = time.monotonic()
+    ctx.close()
+    assert time.monotonic() - t0 < 2.0
+    assert _eventually(lambda: _readers() == before, 2.0)
