@@ -19,21 +19,25 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = ("invoke.py", "ipc.py")
 _LINE = re.compile(
-    r"^(?P<name>.+?)\s+[\d,]+ ops/s\s+(?P<ratio>[\d.]+)x baseline"
+    r"^(?P<name>.+?)\s+(?P<rate>[\d,]+) ops/s\s+(?P<ratio>[\d.]+)x baseline"
     r"(?:\s+floor\s+(?P<floor>[\d.]+)x)?(?:\s+\(target <= (?P<target>[\d.]+)x)?"
 )
 
 
-def parse(text: str) -> dict[str, tuple[float, float | None, float | None]]:
-    """name -> (ratio, floor, target) for each report line with a baseline."""
-    out: dict[str, tuple[float, float | None, float | None]] = {}
+Figure = tuple[float, float | None, float | None, float]
+
+
+def parse(text: str) -> dict[str, Figure]:
+    """name -> (ratio, floor, target, ops/s) for each report line with a baseline."""
+    out: dict[str, Figure] = {}
     for line in text.splitlines():
         m = _LINE.match(line)
         if m is None:
             continue
         floor = float(m["floor"]) if m["floor"] else None
         target = float(m["target"]) if m["target"] else None
-        out[m["name"].strip()] = (float(m["ratio"]), floor, target)
+        rate = float(m["rate"].replace(",", ""))
+        out[m["name"].strip()] = (float(m["ratio"]), floor, target, rate)
     return out
 
 
@@ -49,7 +53,7 @@ def main() -> int:
         parser.error(f"--runs must be at least 1, not {args.runs}")
     if os.environ.get("QTEE_BENCH_QUICK") == "1":
         print("QTEE_BENCH_QUICK is set: tiny runs, the figures mean nothing")
-    seen: dict[str, list[tuple[float, float | None, float | None]]] = {}
+    seen: dict[str, list[Figure]] = {}
     for bench in BENCHES:
         for run in range(1, args.runs + 1):
             print(f"== {bench} run {run}/{args.runs}", file=sys.stderr, flush=True)
@@ -61,10 +65,11 @@ def main() -> int:
                 return done.returncode
             for name, figure in parse(done.stdout).items():
                 seen.setdefault(name, []).append(figure)
-    print(f"{'figure':<48} median (min-max) of {args.runs} runs")
+    print(f"{'figure':<48} median ops/s and ratio (min-max) of {args.runs} runs")
     for name, figures in seen.items():
         ratios = [f[0] for f in figures]
-        line = f"{name:<48} {_spread(ratios)}"
+        rate = statistics.median(f[3] for f in figures)
+        line = f"{name:<48} {rate:>9,.0f} ops/s  {_spread(ratios)}"
         floors = [f[1] for f in figures if f[1] is not None]
         if floors:
             line += f"   floor {_spread(floors)}"

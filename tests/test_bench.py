@@ -68,7 +68,8 @@ def test_each_figure_prints_its_floor_beside_it(script: str) -> None:
 
 
 SPREAD = re.compile(
-    r"^(?P<name>\S.*?)\s+(?P<median>\d+\.\d\d)x \((?P<lo>\d+\.\d\d)-(?P<hi>\d+\.\d\d)\)"
+    r"^(?P<name>\S.*?)\s+[\d,]+ ops/s\s+(?P<median>\d+\.\d\d)x "
+    r"\((?P<lo>\d+\.\d\d)-(?P<hi>\d+\.\d\d)\)"
     r"   floor\s+\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)"
     r"   target <= (?P<target>\d+(\.\d+)?)x: (ok|MISSED) \((?P<met>\d)/2 runs\)$"
 )
