@@ -355,11 +355,8 @@ def _inbound_encoder(most: int) -> _InboundEncoder:
         except (struct.error, TypeError, ValueError, OverflowError) as exc:
             _name_refusal(exc, cxt, op, ib, ob, io, n_oo, most)
             raise
-        k = 1
-        for data in ib:
-            off = fields[k]
-            buf[off : off + fields[k + 1]] = data
-            k += 2
+        if ib:
+            _copy_ib(buf, fields, ib)
         return buf
 
     encode_invoke.__module__ = __name__
@@ -428,12 +425,19 @@ def _write_callback(
     except (struct.error, TypeError, ValueError, OverflowError) as exc:
         _name_refusal(exc, cxt, op, ib, ob, io, n_oo, _MAX_PER_KIND)
         raise
+    if ib:
+        _copy_ib(buf, fields, ib)
+    return fields, end
+
+
+def _copy_ib(buf: bytearray | memoryview, fields: list[int], ib: Sequence[bytes]) -> None:
+    """Copy each input buffer's payload to its offset (``fields``: offset, size pairs
+    after the counts word, inputs first, as :func:`_layout` gives them)."""
     k = 1
     for data in ib:
         off = fields[k]
         buf[off : off + fields[k + 1]] = data
         k += 2
-    return fields, end
 
 
 def _check_outbound(buf: bytearray | memoryview) -> None:
