@@ -349,7 +349,9 @@ class PyObject:
         spec = self.__ops__.get(number)
         if spec is None:
             return _failed(Result.ERROR_INVALID, self._not_in_table(number))
-        if not spec.accepts(ib, ob, len(io), n_oo):
+        if (len(ib), len(ob), len(io), n_oo) != spec.shape or (  # (spec.accepts inline)
+            spec.sized and not spec.fits(ib, ob)
+        ):
             return _failed(Result.ERROR_INVALID, spec.mismatch(ib, ob, len(io), n_oo) or "")
         try:
             method = getattr(self, spec.name)

@@ -168,12 +168,22 @@ class ObjectTable(Generic[E]):
         lock = self._lock
         lock.acquire()  # (not ``with``: see _ref_acquire)
         try:
-            entry = self.lookup(ident)
-            if entry is None:
-                return None
-            if isinstance(entry, Refcounted) and not entry.get():
-                return None
-            return entry
+            if self._dense:  # (lookup's dense case inline: one call per invoke)
+                i = ident - self._lo
+                slots = self._slots
+                entry = slots[i] if 0 <= i < len(slots) else None
+            else:
+                entry = self._entries.get(ident)
+            if entry is None or not isinstance(entry, Refcounted):
+                return entry
+            _ref_acquire()  # (Refcounted.get inline, as above)
+            try:
+                if entry.refs <= 0:
+                    return None
+                entry.refs += 1
+                return entry
+            finally:
+                _ref_release()
         finally:
             lock.release()
 

@@ -54,6 +54,7 @@ __all__ = ["Context"]
 
 _GEN_CAPS: Final = uapi.TEE_GEN_CAP_OBJREF
 _read: Final = _checks.read_buf_block
+_head: Final = _INVOKE_HEAD.pack  # the header alone: a null invoke's whole block
 _FLAG_TEE: Final = uapi.QCOMTEE_OBJREF_FLAG_TEE
 _FLAG_USER: Final = uapi.QCOMTEE_OBJREF_FLAG_USER
 _FLAG_MEM: Final = uapi.QCOMTEE_OBJREF_FLAG_MEM
@@ -178,7 +179,7 @@ class Context(TeeFile[Shm]):
             if target is None:
                 raise _einval(f"object id {ident} is not in this context")
             cxt = target.qtee_id
-        call = InvokeCtx(params, [] if target is None else [target], [])
+        call = InvokeCtx(params, [] if target is None else [target])
         try:
             if op & _OP_HIGH or op == _OP_RETAIN:
                 raise _einval(f"op {op:#x}")
@@ -206,7 +207,10 @@ class Context(TeeFile[Shm]):
             if trace or records:
                 counts = pack_counts(n_ib, n_ob, n_io, n_oo)  # the word QTEE reads (§7)
                 _emit(trace, records, "NS -> QTEE", cxt, op, counts, "invoke")
-            page = device._page()
+            try:  # (device._page inline: the hot path)
+                page = device._pages.pop()
+            except IndexError:
+                page = device._page()
             clean = False
             try:
                 result = device._smc_invoke(inbound, page, call)
@@ -229,7 +233,11 @@ class Context(TeeFile[Shm]):
                     fetch_async(device, page.out, 0)
                 raise
             finally:
-                device._recycle(page, clean)
+                if clean and not page.served and device.contexts:  # (the common case of
+                    page.call = None  # device._recycle inline: nothing to zero-fill)
+                    device._pages.append(page)
+                else:
+                    device._recycle(page, clean)
         finally:
             for obj in call.held:
                 obj.put()
@@ -239,7 +247,9 @@ class Context(TeeFile[Shm]):
                     if isinstance(cb, UserObject):
                         cb.notify = False
                     cb.put()
-        mem.write(buf_ptr, _pack_invoke(ident, op, result & 0xFFFF_FFFF, params))
+        ret = result & 0xFFFF_FFFF
+        back = _pack_invoke(ident, op, ret, params) if params else _head(ident, op, ret, 0)
+        mem.write(buf_ptr, back)
         return 0
 
     # ------------------------------------------------------------------ supplicant
@@ -286,7 +296,10 @@ def _objref_in(ctx: Context, a: int, b: int, call: InvokeCtx) -> int:
             obj.notify = False
         obj.put()
         raise DriverError(errno.ENOSPC, "NS ids exhausted") from None
-    call.created.append((ns_id, obj))
+    if call.created:
+        call.created.append((ns_id, obj))
+    else:
+        call.created = [(ns_id, obj)]
     return ns_id
 
 

@@ -104,8 +104,8 @@ class InvokeCtx:
     #: QTEE in callback responses: their temporary references go once the call is over.
     held: list[QteeObject]
     #: NS ids made for the inbound message: erased (without a release notification) if
-    #: QTEE never accepted it.
-    created: list[tuple[int, CbObject]]
+    #: QTEE never accepted it.  Empty (a shared tuple, no list made) until the first.
+    created: list[tuple[int, CbObject]] | tuple[()] = ()
     #: QTEE has the message (its first successful return): it owns the CB objects in it.
     accepted: bool = False
 
@@ -301,7 +301,7 @@ class Device:
         A failed SMC frees the wrapper all the same (the kernel retries only errors other
         than ENODEV, QK §2.3; the model's conduits fail only when QTEE is gone)."""
         inbound = wire.encode_invoke(qtee_id, wire.QCOMTEE_MSG_OBJECT_OP_RELEASE)
-        call = InvokeCtx([], [], [])
+        call = InvokeCtx([], [])
         page = self._page()
         ok = False
         try:

@@ -247,7 +247,10 @@ class TeeFile(Generic[_S]):
         """Run ``cmd`` on ``arg`` (the kernel's struct, updated in place); returns 0.
         Failures raise the driver's errno and write nothing back."""
         life = self.life
-        life.enter()
+        life._calls.append(None)  # (FileLife.enter inline: the hot path)
+        if life.closed:
+            life.leave()
+            raise DriverError(errno.EBADF, "context is closed")
         try:
             # The invoke and callback hot paths go straight to their ops.
             if cmd == _OBJECT_INVOKE:
