@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from objects import DecodeError, DriverError, UsageError, result_to_u32
+from objects import DriverError, UsageError, result_to_u32
 from qtee import wire
 from qtee._qcomtee.shm import PhysFault, PhysMemory
 from qtee._qcomtee_msg import Result
@@ -310,9 +310,12 @@ class SecureMonitor(SmcConduit):
                 and len(inbound) == a2
                 and a4 == _OUT_SIZE == len(outbound)
             ):
-                if a7 == HYP_CLIENT_ID:
+                if a7 == HYP_CLIENT_ID:  # (the host's INVOKE: _enter inline)
                     call = _SmcCall(self, on_return, a3, HYP_CLIENT_ID, outbound)
-                    return self._enter(self._host, inbound, call)
+                    result = self._host.invoke(inbound, outbound, call)
+                    if call.failed is not None:
+                        raise call.failed
+                    return _OK if not result else (0, int(result) & 0xFFFF_FFFF, 0, 0)
                 world = self._worlds.get(a7) if type(a7) is int else None
                 if world is not None:  # (else the general path names what is wrong)
                     call = _SmcCall(self, on_return, a3, a7, outbound)
@@ -409,10 +412,7 @@ class SecureMonitor(SmcConduit):
 
     def _enter(self, world: SecureWorld, inbound: bytearray | memoryview, call: _SmcCall) -> Regs:
         """One INVOKE in ``world``, ``call`` its state on the monitor (made by the caller)."""
-        try:
-            result = world.invoke(inbound, call.out, call)
-        except DecodeError:  # malformed inbound: answered, not forwarded
-            result = Result.ERROR_INVALID
+        result = world.invoke(inbound, call.out, call)
         if call.failed is not None:
             raise call.failed
         return _OK if not result else (0, int(result) & 0xFFFF_FFFF, 0, 0)
