@@ -170,6 +170,10 @@ def plugin_from_spec(spec: str) -> tuple[uuidlib.UUID, SuppPlugin]:
     return uuid, fn
 
 
+class _BadParams(Exception):
+    """An FS request's params are not the op's: TEEC_ERROR_BAD_PARAMETERS."""
+
+
 def _fs_errno(exc: FsError) -> int:
     return _DENIED if exc.code == errno.EACCES else _GENERIC
 
@@ -261,11 +265,7 @@ class OpteeSupplicant:
         try:
             while not self._stopping:
                 block[:] = request
-                try:
-                    self.ctx.ioctl(uapi.TEE_IOC_SUPPL_RECV, arg)
-                except DriverError as exc:
-                    if not (self._stopping or self.ctx.closed):
-                        log.error("SUPPL_RECV failed: %s", exc)
+                if not self._ioctl(uapi.TEE_IOC_SUPPL_RECV, arg, "SUPPL_RECV"):
                     return
                 func, num = _HEAD.unpack_from(block)
                 params = [
@@ -282,11 +282,7 @@ class OpteeSupplicant:
                 out += b"".join(_PARAM.pack(*p) for p in args)
                 block[: len(out)] = out
                 send = bytearray(uapi.BufData(addr, len(out)).pack())
-                try:
-                    self.ctx.ioctl(uapi.TEE_IOC_SUPPL_SEND, send)
-                except DriverError as exc:
-                    if not (self._stopping or self.ctx.closed):
-                        log.error("SUPPL_SEND failed: %s", exc)
+                if not self._ioctl(uapi.TEE_IOC_SUPPL_SEND, send, "SUPPL_SEND"):
                     return
                 kind = _KINDS.get(func, f"rpc {func}")
                 with self._lock:
@@ -294,20 +290,19 @@ class OpteeSupplicant:
         finally:
             mem.unpin(addr)
 
+    def _ioctl(self, cmd: int, arg: bytearray, name: str) -> bool:
+        """One of the loop's two ioctls; False when it failed (logged unless stopping)."""
+        try:
+            self.ctx.ioctl(cmd, arg)
+        except DriverError as exc:
+            if not (self._stopping or self.ctx.closed):
+                log.error("%s failed: %s", name, exc)
+            return False
+        return True
+
     def _process(self, func: int, args: list[_P]) -> int:
-        if func == _LOAD_TA:
-            return self._load_ta(args)
-        if func == _FS:
-            return self._fs(args)
-        if func == _RPMB:
-            return self._rpmb(args)
-        if func == _SHM_ALLOC:
-            return self._shm_alloc(args)
-        if func == _SHM_FREE:
-            return self._shm_free(args)
-        if func == _SUPP_PLUGIN:
-            return self._supp_plugin(args)
-        return _NOT_SUPPORTED
+        handler = _RPCS.get(func)
+        return _NOT_SUPPORTED if handler is None else handler(self, args)
 
     # ------------------------------------------------------------------ params
     @staticmethod
@@ -340,12 +335,12 @@ class OpteeSupplicant:
         except UnicodeDecodeError:
             return None
 
-    def _name_and_out(self, args: list[_P]) -> tuple[str, _P] | None:
+    def _name_and_out(self, args: list[_P]) -> tuple[str, _P]:
         """An FS open's three params: the head, the path memref and the value out param."""
         name = self._name(args, 1)
         out = self._value(args, 2)
         if len(args) != 3 or name is None or out is None:
-            return None
+            raise _BadParams
         return name, out
 
     # ------------------------------------------------------------------ LOAD_TA
@@ -493,14 +488,13 @@ class OpteeSupplicant:
             return _BAD
         try:
             return handler(self, head, args)
+        except _BadParams:
+            return _BAD
         except FsError as exc:
             return _fs_errno(exc)
 
     def _fs_open(self, head: _P, args: list[_P], *, create: bool) -> int:
-        got = self._name_and_out(args)
-        if got is None:
-            return _BAD
-        name, out = got
+        name, out = self._name_and_out(args)
         flags = _F.O_RDWR | (_F.O_CREAT | _F.O_TRUNC if create else 0)
         try:
             fd = self.store.open(name, int(flags))
@@ -521,25 +515,31 @@ class OpteeSupplicant:
         self.store.close(head[2])
         return _OK
 
-    def _fs_read(self, head: _P, args: list[_P]) -> int:
+    def _buffer(self, args: list[_P]) -> tuple[memoryview | None, _P]:
+        """An FS read's, write's or readdir's two params: the head and the buffer memref."""
         got = self._memref(args, 1)
         if len(args) != 2 or got is None:
-            return _BAD
-        view, p = got
+            raise _BadParams
+        return got
+
+    def _at_offset(self, head: _P, args: list[_P]) -> tuple[memoryview, _P]:
+        """An FS read's or write's buffer (not NULL), the file positioned at the offset."""
+        view, p = self._buffer(args)
         if view is None:
-            return _BAD
+            raise _BadParams
         self.store.lseek(head[2], head[3], os.SEEK_SET)
+        return view, p
+
+    def _fs_read(self, head: _P, args: list[_P]) -> int:
+        view, p = self._at_offset(head, args)
         data = self.store.read(head[2], len(view))
         view[: len(data)] = data
         p[2] = len(data)
         return _OK
 
     def _fs_write(self, head: _P, args: list[_P]) -> int:
-        got = self._memref(args, 1)
-        if len(args) != 2 or got is None or got[0] is None:
-            return _BAD
-        self.store.lseek(head[2], head[3], os.SEEK_SET)
-        self.store.write(head[2], bytes(got[0]))
+        view, _p = self._at_offset(head, args)
+        self.store.write(head[2], bytes(view))
         return _OK
 
     def _fs_truncate(self, head: _P, args: list[_P]) -> int:
@@ -593,10 +593,7 @@ class OpteeSupplicant:
         return _OK
 
     def _fs_opendir(self, head: _P, args: list[_P]) -> int:
-        got = self._name_and_out(args)
-        if got is None:
-            return _BAD
-        name, out = got
+        name, out = self._name_and_out(args)
         try:
             out[1] = self.store.opendir(name or ".")
         except FsError:
@@ -610,10 +607,7 @@ class OpteeSupplicant:
         return _OK
 
     def _fs_readdir(self, head: _P, args: list[_P]) -> int:
-        got = self._memref(args, 1)
-        if len(args) != 2 or got is None:
-            return _BAD
-        view, p = got
+        view, p = self._buffer(args)
         while True:
             entry = self.store.readdir(head[2])
             if entry is None:
@@ -649,4 +643,14 @@ _FS_OPS: Final = {
     8: OpteeSupplicant._fs_opendir,
     9: OpteeSupplicant._fs_closedir,
     10: OpteeSupplicant._fs_readdir,
+}
+
+#: The RPCs served, by ``OPTEE_MSG_RPC_CMD_*`` (tee-supplicant's ``process_one_request``).
+_RPCS: Final[dict[int, Callable[[OpteeSupplicant, list[_P]], int]]] = {
+    _LOAD_TA: OpteeSupplicant._load_ta,
+    _FS: OpteeSupplicant._fs,
+    _RPMB: OpteeSupplicant._rpmb,
+    _SHM_ALLOC: OpteeSupplicant._shm_alloc,
+    _SHM_FREE: OpteeSupplicant._shm_free,
+    _SUPP_PLUGIN: OpteeSupplicant._supp_plugin,
 }

@@ -15,13 +15,29 @@ import os
 import re
 import sys
 from types import ModuleType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from objects import UsageError
 
-__all__ = ["find_ta_module", "import_ta_module", "is_path"]
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = ["add_ta_module_option", "find_ta_module", "import_ta_module", "is_path"]
 
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def add_ta_module_option(parser: argparse.ArgumentParser, where: str = "") -> None:
+    """The ``--ta-module MODULE`` option (repeatable: ``args.ta_module``, a list) of the
+    verbs that host a model (``qtee serve``, ``qtee run``); ``where`` says whose model."""
+    parser.add_argument(
+        "--ta-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help=f"import MODULE {where}first (it registers its TAs): a module name (the current "
+        "directory is searched first) or a path to a .py file; repeatable",
+    )
 
 
 def is_path(text: str) -> bool:

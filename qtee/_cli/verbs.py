@@ -122,14 +122,9 @@ def _main(argv: Sequence[str] | None) -> int:
         help="the device served: QTEE (default) or OP-TEE, whose privileged node "
         "(tee-supplicant's) a connection may open too",
     )
-    serve.add_argument(
-        "--ta-module",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import MODULE first (it registers its TAs): a module name (the current "
-        "directory is searched first) or a path to a .py file; repeatable",
-    )
+    from qtee._cli.ta_modules import add_ta_module_option
+
+    add_ta_module_option(serve)
     serve.add_argument(
         "--duration", type=_seconds, default=None, metavar="SECONDS", help="stop after this long"
     )

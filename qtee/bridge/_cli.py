@@ -35,19 +35,14 @@ With --connect the device is the server's: --tee, --ta-module, --storage, --ta-d
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``qtee run``."""
+    from qtee._cli.ta_modules import add_ta_module_option
+
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "--tee", choices=("qtee", "optee"), default=None, help="the device (default: qtee)"
     )
-    parser.add_argument(
-        "--ta-module",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import MODULE in the program's model first (it registers its TAs): a module "
-        "name (the current directory is searched first) or a path to a .py file; repeatable",
-    )
+    add_ta_module_option(parser, "in the program's model ")
     parser.add_argument(
         "--storage", metavar="DIR", help="serve trusted storage from DIR (the model's supplicant)"
     )

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Final
 
 from objects import DriverError, UsageError
 from qtee import uapi
-from qtee.gp._defs import TeecLogin, TeecOrigin, TeecResult, _known
+from qtee.gp._defs import _U32, TeecLogin, TeecOrigin, TeecResult, _known
 from qtee.gp._identity import gid_connection_data
 from qtee.gp._operation import TeecOperation, _Call, _TempShm
 from qtee.gp._shared_memory import _MAX_ALLOC, TeecSharedMemory, _register_pages, _shm_failure
@@ -80,7 +80,6 @@ log = logging.getLogger("qtee.gp.client")
 TEEC_MAX_DEV_SEQ: Final = 10
 #: The one name ``TEEC_InitializeContext`` recognises.
 _OPTEE_TZ: Final = "optee-tz"
-_U32: Final = 0xFFFF_FFFF
 
 #: libteec's ``teec_mutex``: guards ``TEEC_Operation.imp.session`` for cancellation.
 _teec_mutex = threading.Lock()

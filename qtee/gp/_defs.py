@@ -37,6 +37,8 @@ __all__ = [
     "unpack_param_types",
 ]
 
+#: The largest ``uint32_t``: the range of GP values, logins, command and cancel ids (the
+#: GP modules, client and TA side, read this one).
 _U32: Final = 0xFFFF_FFFF
 
 #: At most four parameters per operation (``TEEC_CONFIG_PAYLOAD_REF_COUNT``).

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from objects import DriverError, UsageError
-from qtee.gp._defs import TeecLogin, is_ree_kernel_login
+from qtee.gp._defs import _U32, TeecLogin, is_ree_kernel_login
 
 __all__ = [
     "NIL_UUID",
@@ -40,7 +40,6 @@ __all__ = [
     "uuid_v5",
 ]
 
-_U32: Final = 0xFFFF_FFFF
 _INVALID_GID: Final = _U32  # (gid_t)-1
 _UUID_LEN: Final = 16
 

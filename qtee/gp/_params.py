@@ -25,6 +25,7 @@ from typing import Final, TypeVar
 
 from objects import UsageError
 from qtee.gp._defs import (
+    _U32,
     TEEC_CONFIG_PAYLOAD_REF_COUNT,
     TeecError,
     TeecMemFlag,
@@ -59,7 +60,6 @@ __all__ = [
     "pre_process_param",
 ]
 
-_U32: Final = 0xFFFF_FFFF
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 _S32_MIN: Final = -(1 << 31)
 _S32_MAX: Final = (1 << 31) - 1

@@ -44,7 +44,7 @@ from qtee import uapi
 from qtee._qcomtee_msg import Result
 from qtee.client import OUT_OBJECT, Client, MemoryObject, ObjRef, Out
 from qtee.gp import _codes as teec
-from qtee.gp._defs import TEEC_CONFIG_PAYLOAD_REF_COUNT, TeecResult
+from qtee.gp._defs import _U32, TEEC_CONFIG_PAYLOAD_REF_COUNT, TeecResult
 from qtee.secure import _gp_why
 from qtee.secure._gp_params import (
     IN_VALUE_TYPES,
@@ -73,7 +73,6 @@ __all__ = ["QTEE_GEN_CAPS", "QteeGpTransport", "map_idl_error"]
 
 #: What ``version()`` reports besides impl id QTEE.
 QTEE_GEN_CAPS: Final = uapi.TEE_GEN_CAP_GP | uapi.TEE_GEN_CAP_MEMREF_NULL
-_U32: Final = 0xFFFF_FFFF
 _GROUP_LOGINS: Final = frozenset(
     {uapi.TEE_IOCTL_LOGIN_GROUP, uapi.TEE_IOCTL_LOGIN_GROUP_APPLICATION}
 )

@@ -12,6 +12,7 @@ from typing import Final, NoReturn
 
 from objects import UsageError
 from qtee.gp import _codes as teec
+from qtee.gp._defs import _U32
 from qtee.secure._gp_session import _current_entry
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
 ]
 
 TEE_NUM_PARAMS: Final = 4
-_U32: Final = 0xFFFF_FFFF
 
 
 class TeeParamType(enum.IntEnum):

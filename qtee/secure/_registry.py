@@ -25,14 +25,13 @@ crosses the wire, and a running TA instance keeps the class it was loaded with.
 from __future__ import annotations
 
 import inspect
-import os
 import threading
 import uuid as uuidlib
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from objects import UsageError
 from qtee.secure._tafiles import _DEFAULT as _PROCESS_FILES
-from qtee.secure._tafiles import TaFileRegistration, TaFileTable
+from qtee.secure._tafiles import TaFileTable
 
 if TYPE_CHECKING:
     from qtee.secure._apps import TrustedApp
@@ -112,6 +111,8 @@ class TaRegistry:
         self._loadable: dict[bytes, type[GpTA]] = {}
         #: Real TA files registered in this layer.
         self.files = TaFileTable()
+        #: :func:`~qtee.secure.register_ta_file` in this layer: its table's ``register``.
+        self.register_file: Final = self.files.register
 
     def _chain(self, inherit: bool) -> list[TaRegistry]:
         layers: list[TaRegistry] = []
@@ -210,16 +211,6 @@ class TaRegistry:
         return lines
 
     # ------------------------------------------------------------------ TA files
-    def register_file(
-        self,
-        cls: type[TrustedApp] | type[GpTA],
-        path: str | os.PathLike[str] | None = None,
-        *,
-        sha256: str | bytes | None = None,
-    ) -> TaFileRegistration:
-        """:func:`~qtee.secure.register_ta_file` in this layer."""
-        return self.files.register(cls, path, sha256=sha256)
-
     def file_by_sha256(
         self, kind: Literal["qtee", "optee"], image: bytes, *, inherit: bool = True
     ) -> tuple[type[Any], bytes] | None:
