@@ -301,8 +301,8 @@ class OpteeSupplicant:
         return True
 
     def _process(self, func: int, args: list[_P]) -> int:
-        handler = _RPCS.get(func)
-        return _NOT_SUPPORTED if handler is None else handler(self, args)
+        name = _RPCS.get(func)  # by name: a subclass's override serves its RPC
+        return _NOT_SUPPORTED if name is None else getattr(self, name)(args)
 
     # ------------------------------------------------------------------ params
     @staticmethod
@@ -646,11 +646,11 @@ _FS_OPS: Final = {
 }
 
 #: The RPCs served, by ``OPTEE_MSG_RPC_CMD_*`` (tee-supplicant's ``process_one_request``).
-_RPCS: Final[dict[int, Callable[[OpteeSupplicant, list[_P]], int]]] = {
-    _LOAD_TA: OpteeSupplicant._load_ta,
-    _FS: OpteeSupplicant._fs,
-    _RPMB: OpteeSupplicant._rpmb,
-    _SHM_ALLOC: OpteeSupplicant._shm_alloc,
-    _SHM_FREE: OpteeSupplicant._shm_free,
-    _SUPP_PLUGIN: OpteeSupplicant._supp_plugin,
+_RPCS: Final[dict[int, str]] = {
+    _LOAD_TA: "_load_ta",
+    _FS: "_fs",
+    _RPMB: "_rpmb",
+    _SHM_ALLOC: "_shm_alloc",
+    _SHM_FREE: "_shm_free",
+    _SUPP_PLUGIN: "_supp_plugin",
 }
