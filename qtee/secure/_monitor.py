@@ -113,6 +113,10 @@ def _check_reg(value: object, name: str) -> None:
         raise UsageError(f"{name} = {value!r} is not a 64-bit register value")
 
 
+#: What a reused :class:`_SmcCall` holds between calls.
+_NO_OUT: Final = memoryview(b"")
+
+
 @dataclass(slots=True, eq=False)
 class _SmcCall:
     """One INVOKE's state on the monitor, from its SMC to its final return: whom a
@@ -214,6 +218,8 @@ class SecureMonitor(SmcConduit):
         host_world.monitor = self
         host_world.phys = self.phys
         self._host = host_world
+        #: The records of the host's finished INVOKEs, reused (one per call in flight).
+        self._idle_calls: list[_SmcCall] = []
         self._lock = threading.Lock()
         self._worlds: dict[int, SecureWorld] = {HYP_CLIENT_ID: host_world}
         self._services: dict[int, SmcHandler] = {}
@@ -311,10 +317,18 @@ class SecureMonitor(SmcConduit):
                 and a4 == _OUT_SIZE == len(outbound)
             ):
                 if a7 == HYP_CLIENT_ID:  # (the host's INVOKE: _enter inline)
-                    call = _SmcCall(self, on_return, a3, HYP_CLIENT_ID, outbound)
+                    idle = self._idle_calls
+                    try:  # a record of a finished call, or a new one
+                        call = idle.pop()
+                    except IndexError:
+                        call = _SmcCall(self, on_return, a3, HYP_CLIENT_ID, outbound)
+                    else:
+                        call.on_return, call.out_pa, call.out = on_return, a3, outbound
                     result = self._host.invoke(inbound, outbound, call)
                     if call.failed is not None:
-                        raise call.failed
+                        raise call.failed  # (that record is not reused)
+                    call.on_return, call.out = None, _NO_OUT  # it keeps nothing alive
+                    idle.append(call)
                     return _OK if not result else (0, int(result) & 0xFFFF_FFFF, 0, 0)
                 world = self._worlds.get(a7) if type(a7) is int else None
                 if world is not None:  # (else the general path names what is wrong)
