@@ -179,7 +179,16 @@ class Context(TeeFile[Shm]):
             if target is None:
                 raise _einval(f"object id {ident} is not in this context")
             cxt = target.qtee_id
-        call = InvokeCtx(params, [] if target is None else [target])
+        try:  # a free outbound page and its invoke context (device._page inline)
+            page = device._pages.pop()
+        except IndexError:
+            page = device._page()
+        call = page.ctx  # its last call left it reset: held and created empty
+        call.params = params
+        held = call.held
+        if target is not None:
+            held.append(target)
+        clean = True  # nothing is in the page before the SMC
         try:
             if op & _OP_HIGH or op == _OP_RETAIN:
                 raise _einval(f"op {op:#x}")
@@ -207,10 +216,6 @@ class Context(TeeFile[Shm]):
             if trace or records:
                 counts = pack_counts(n_ib, n_ob, n_io, n_oo)  # the word QTEE reads (§7)
                 _emit(trace, records, "NS -> QTEE", cxt, op, counts, "invoke")
-            try:  # (device._page inline: the hot path)
-                page = device._pages.pop()
-            except IndexError:
-                page = device._page()
             clean = False
             try:
                 result = device._smc_invoke(inbound, page, call)
@@ -232,21 +237,24 @@ class Context(TeeFile[Shm]):
                 if page.abandoned:  # QTEE's final return came all the same
                     fetch_async(device, page.out, 0)
                 raise
-            finally:
-                if clean and not page.served and device.contexts:  # (the common case of
-                    page.call = None  # device._recycle inline: nothing to zero-fill)
-                    device._pages.append(page)
-                else:
-                    device._recycle(page, clean)
         finally:
-            for obj in call.held:
+            for obj in held:
                 obj.put()
-            if not call.accepted:  # QTEE never saw them: mimic its release, without notifying
-                for ns_id, cb in call.created:
-                    device.ns.erase(ns_id)
-                    if isinstance(cb, UserObject):
-                        cb.notify = False
-                    cb.put()
+            held.clear()
+            if call.created:
+                if not call.accepted:  # QTEE never saw them: mimic its release, unnotified
+                    for ns_id, cb in call.created:
+                        device.ns.erase(ns_id)
+                        if isinstance(cb, UserObject):
+                            cb.notify = False
+                        cb.put()
+                call.created = ()
+            call.accepted = False
+            if clean and not page.served and device.contexts:  # (the common case of
+                page.call = None  # device._recycle inline: nothing to zero-fill)
+                device._pages.append(page)
+            else:
+                device._recycle(page, clean)
         ret = result & 0xFFFF_FFFF
         back = _pack_invoke(ident, op, ret, params) if params else _head(ident, op, ret, 0)
         mem.write(buf_ptr, back)

@@ -94,9 +94,11 @@ _ZERO_PAGE: Final = bytes(_OUT_SIZE)
 @dataclass(slots=True, eq=False)
 class InvokeCtx:
     """One invocation's state, from OBJECT_INVOKE (or a RELEASE the driver makes) to its
-    final return: the kernel's ``qcomtee_object_invoke_ctx``.  Made once per call and
-    passed down to the SMC loop and to each callback request QTEE makes during it, and
-    back to the caller, who undoes what the call leaves."""
+    final return: the kernel's ``qcomtee_object_invoke_ctx``.  Passed down to the SMC loop
+    and to each callback request QTEE makes during it, and back to the caller, who undoes
+    what the call leaves.  As the kernel's context owns its message buffers, each outbound
+    page owns one (:attr:`_OutPage.ctx`): a call that takes the page resets it, and a
+    finished call leaves ``held`` empty."""
 
     #: ``u[]``: the call's params as the caller gave them (``(attr, a, b, c)``).
     params: list[_P]
@@ -116,9 +118,11 @@ class _OutPage:
     the state of the call using it.  ``on_return`` is bound once, so a call makes no
     callable (the invoke hot path)."""
 
-    __slots__ = ("abandoned", "call", "device", "on_return", "out", "pa", "served")
+    __slots__ = ("abandoned", "call", "ctx", "device", "on_return", "out", "pa", "served")
 
     def __init__(self, device: Device) -> None:
+        #: The invoke context of the call that takes this page (reset by that call).
+        self.ctx = InvokeCtx([], [])
         phys = device.phys
         buf = bytearray(_OUT_SIZE)
         self.device = device
@@ -301,8 +305,9 @@ class Device:
         A failed SMC frees the wrapper all the same (the kernel retries only errors other
         than ENODEV, QK §2.3; the model's conduits fail only when QTEE is gone)."""
         inbound = wire.encode_invoke(qtee_id, wire.QCOMTEE_MSG_OBJECT_OP_RELEASE)
-        call = InvokeCtx([], [])
         page = self._page()
+        call = page.ctx  # (reset by its last call; this one creates no NS id)
+        call.params = []
         ok = False
         try:
             self._smc_invoke(inbound, page, call)
@@ -311,9 +316,12 @@ class Device:
         except DriverError:
             pass
         finally:
-            self._recycle(page, ok)
-            for obj in call.held:
+            held = call.held
+            for obj in held:
                 obj.put()
+            held.clear()
+            call.accepted = False
+            self._recycle(page, ok)
 
     def _page(self) -> _OutPage:
         """An outbound page for one call: a free one, or a new one."""
