@@ -337,7 +337,6 @@ def encode_call(
     cmd: int,
     arg: bytes,
     regions: Iterable[tuple[int, bytes, bool]],
-    *,
     max_frame: int = MAX_FRAME,
     nowait: bool = False,
 ) -> bytes:

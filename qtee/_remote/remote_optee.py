@@ -148,9 +148,13 @@ class OpteeDialect:
 
     # ------------------------------------------------------------------ replies
     def check(
-        self, sent: checks.Sent, reply: IoctlReply, shm: tuple[int, int] | None
+        self,
+        cmd: int,
+        arg: bytes,
+        regions: list[checks.Span],
+        reply: IoctlReply,
+        shm: tuple[int, int] | None,
     ) -> str | None:
-        cmd, arg, regions = sent
         if cmd == uapi.TEE_IOC_SHM_ALLOC:
             lie = _written(reply, arg, regions)
             return lie or check_shm(arg, reply, shm)
