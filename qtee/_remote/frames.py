@@ -296,7 +296,6 @@ def encode_reply(
     err: int,
     arg: bytes = b"",
     written: Iterable[tuple[int, bytes]] = (),
-    *,
     max_frame: int = MAX_FRAME,
     why: Why | None = None,
 ) -> bytes:

@@ -182,6 +182,7 @@ class Connection(ConnectionQueries):
         self._trace: TraceStream | None = None
         #: The ioctl the leader runs while it keeps the lead (see :meth:`_run_lent`).
         self._lent: CallRegions | None = None
+        self._lender = self._take_back  # (bound once: every lent call gets it)
 
     @property
     def memory(self) -> RegionMemory:
@@ -282,7 +283,7 @@ class Connection(ConnectionQueries):
             self._read.release()
             self._run(req, call)
             return False
-        call.lender = self._take_back
+        call.lender = self._lender
         self._run(req, call)
         with self._lock:
             kept = self._lent is call
@@ -526,9 +527,7 @@ class Connection(ConnectionQueries):
                 if note is not None and req.cmd in _NOTED:  # model-only, for the client
                     why = (note.result, note.name, note.detail)
                 try:
-                    reply = encode_reply(
-                        req.seq, 0, bytes(arg), written, max_frame=max_frame, why=why
-                    )
+                    reply = encode_reply(req.seq, 0, bytes(arg), written, max_frame, why)
                     ok = True
                 except UsageError:  # what the call wrote does not fit a frame
                     log.error("%s: ioctl %#x (seq %d): reply too big", self.name, req.cmd, req.seq)
