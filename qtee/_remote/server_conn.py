@@ -64,6 +64,7 @@ _OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
 #: Calls whose reply carries the secure side's note (a QTEE invocation, a GP call).
 _NOTED: Final = frozenset({_OBJECT_INVOKE, uapi.TEE_IOC_OPEN_SESSION, uapi.TEE_IOC_INVOKE})
 _SHM_ALLOC: Final = uapi.TEE_IOC_SHM_ALLOC
+_CALLS: Final = (Ioctl, RecvNowait)  # (a tuple: a union is built per use)
 #: Seconds a leader runs an ioctl before :class:`LeadWatch` hands the reading on.
 LEND: Final = 0.005
 #: Seconds the lead watch's thread stays with no leader running an ioctl.
@@ -413,7 +414,7 @@ class Connection(ConnectionQueries):
                     data = self.sock.recv(1 << 16)
                     if not data:
                         return None, "end of stream"
-                elif isinstance(msg, Ioctl | RecvNowait) and self.state is ConnState.SERVING:
+                elif isinstance(msg, _CALLS) and self.state is ConnState.SERVING:
                     return msg, ""
                 else:
                     end = self._handle(msg)
