@@ -24,6 +24,7 @@ from qtee.addrspace import AddressSpace
 __all__ = [
     "Dialect",
     "QteeDialect",
+    "ShmSeen",
     "Span",
     "block_change",
     "check_shm",
@@ -35,6 +36,8 @@ __all__ = [
 
 #: ``(addr, data, writable)``: caller memory sent with a request.
 Span = tuple[int, bytes, bool]
+#: ``(id, size)`` from a call's shm fd frame, or None if none came.
+ShmSeen = tuple[int, int] | None
 
 
 _BUF: Final = uapi.BUF_DATA_STRUCT
@@ -61,12 +64,7 @@ class Dialect(Protocol):
         ...
 
     def check(
-        self,
-        cmd: int,
-        arg: bytes,
-        regions: list[Span],
-        reply: IoctlReply,
-        shm: tuple[int, int] | None,
+        self, cmd: int, arg: bytes, regions: list[Span], reply: IoctlReply, shm: ShmSeen
     ) -> str | None:
         """What is wrong with ``reply`` to the ioctl ``cmd`` as it went to the server (its
         struct's bytes ``arg``, the caller memory ``regions`` sent with it), or None.
@@ -126,12 +124,7 @@ class QteeDialect:
         return read_spans(mem, spans)
 
     def check(
-        self,
-        cmd: int,
-        arg: bytes,
-        regions: list[Span],
-        reply: IoctlReply,
-        shm: tuple[int, int] | None,
+        self, cmd: int, arg: bytes, regions: list[Span], reply: IoctlReply, shm: ShmSeen
     ) -> str | None:
         """What is wrong with ``reply`` to the ioctl ``cmd`` (see :meth:`Dialect.check`), or
         None: the frame-level rules (:func:`check_written`), then what the kernel's ioctl
