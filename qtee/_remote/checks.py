@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, Protocol
 
 from objects import DriverError
 from qtee import uapi
@@ -24,7 +24,7 @@ from qtee.addrspace import AddressSpace
 __all__ = [
     "Dialect",
     "QteeDialect",
-    "Sent",
+    "ShmSeen",
     "Span",
     "block_change",
     "check_shm",
@@ -36,15 +36,8 @@ __all__ = [
 
 #: ``(addr, data, writable)``: caller memory sent with a request.
 Span = tuple[int, bytes, bool]
-
-
-class Sent(NamedTuple):
-    """An ioctl as it went to the server: its command, its struct's bytes and the caller
-    memory sent with it (what a reply is checked against)."""
-
-    cmd: int
-    arg: bytes
-    regions: list[Span]
+#: ``(id, size)`` from a call's shm fd frame, or None if none came.
+ShmSeen = tuple[int, int] | None
 
 
 _BUF: Final = uapi.BUF_DATA_STRUCT
@@ -70,9 +63,12 @@ class Dialect(Protocol):
         """The caller memory ``cmd`` may touch, read now; DriverError to fail the call."""
         ...
 
-    def check(self, sent: Sent, reply: IoctlReply, shm: tuple[int, int] | None) -> str | None:
-        """What is wrong with ``reply`` to the ioctl ``sent``, or None.  ``shm``: ``(id,
-        size)`` from the call's shm fd frame, if one came."""
+    def check(
+        self, cmd: int, arg: bytes, regions: list[Span], reply: IoctlReply, shm: ShmSeen
+    ) -> str | None:
+        """What is wrong with ``reply`` to the ioctl ``cmd`` as it went to the server (its
+        struct's bytes ``arg``, the caller memory ``regions`` sent with it), or None.
+        ``shm``: ``(id, size)`` from the call's shm fd frame, if one came."""
         ...
 
     def done(self, cmd: int, arg: bytes) -> None:
@@ -127,11 +123,12 @@ class QteeDialect:
             return [(ptr, block, True)] if length > 0 else []
         return read_spans(mem, spans)
 
-    def check(self, sent: Sent, reply: IoctlReply, shm: tuple[int, int] | None) -> str | None:
-        """What is wrong with ``reply`` to the ioctl ``sent``, or None: the frame-level rules
-        (:func:`check_written`), then what the kernel's ioctl may change.  ``shm``: ``(id,
-        size)`` from the call's shm fd frame, if one came."""
-        cmd, arg, regions = sent
+    def check(
+        self, cmd: int, arg: bytes, regions: list[Span], reply: IoctlReply, shm: ShmSeen
+    ) -> str | None:
+        """What is wrong with ``reply`` to the ioctl ``cmd`` (see :meth:`Dialect.check`), or
+        None: the frame-level rules (:func:`check_written`), then what the kernel's ioctl
+        may change."""
         try:
             check_written(reply, len(arg), regions)
         except FrameError as exc:

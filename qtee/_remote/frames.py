@@ -93,7 +93,6 @@ and field checks in :mod:`qtee._remote.frame_fields`, and every name is importab
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from typing import Any, Final, NoReturn
 
@@ -155,98 +154,21 @@ def from_map(m: object) -> Message:
         raise FrameError("frame body has no protocol version 'v'")
     _check_version(m["v"])
     kind = m.get("t")
-    if kind in ("ioctl", "reply"):  # a tuple: kind may be unhashable
-        fast = _fast_call_frame(m, kind)
-        if fast is not None:
-            return fast
     cls = _KINDS.get(kind) if type(kind) is str else None
     if cls is None:
         raise FrameError(f"unknown message type {kind!r}")
     return cls.from_map(m)
 
 
-# The two frames of every call, decoded without building kwargs and re-validating through
-# __post_init__: the same checks, inline.  Anything unusual (a wrong key, type or range,
-# overlapping regions) returns None and the general path decodes it, or says what is wrong.
-_IOCTL_KEYS: Final = frozenset({"v", "t", "seq", "cmd", "arg", "regions"})
-_REPLY_KEYS: Final = frozenset({"v", "t", "seq", "errno", "arg", "written"})
-_REGION_KEYS: Final = frozenset({"addr", "data", "writable"})
 _new = object.__new__
 _setattr = object.__setattr__
 
 
-def _fast_region(
-    addr: object, data: object, writable: object, writable_only: bool
-) -> Region | None:
-    """A region from its three fields, checked as ``Region`` checks them (None: anything
-    unusual, left to the general path)."""
-    if (
-        type(addr) is not int
-        or type(data) is not bytes
-        or type(writable) is not bool
-        or not 0 <= addr <= _U64
-        or addr + len(data) > _U64 + 1
-        or (writable_only and not writable)
-    ):
-        return None
-    region = _new(Region)
-    _setattr(region, "addr", addr)
-    _setattr(region, "data", data)
-    _setattr(region, "writable", writable)
-    return region
-
-
-def _fast_regions(value: object, writable_only: bool) -> tuple[Region, ...] | None:
-    if type(value) is not list:
-        return None
-    out = []
-    for r in value:
-        if type(r) is not dict or r.keys() != _REGION_KEYS:
-            return None
-        region = _fast_region(r["addr"], r["data"], r["writable"], writable_only)
-        if region is None:
-            return None
-        out.append(region)
-    if len(out) > 1:
-        spans = sorted((r.addr, r.addr + len(r.data)) for r in out if r.data)
-        if any(nlo < hi for (_, hi), (nlo, _) in itertools.pairwise(spans)):
-            return None
-    return tuple(out)
-
-
-def _fast_call_frame(m: dict[Any, Any], kind: str) -> Ioctl | IoctlReply | None:
-    if kind == "ioctl":
-        if m.keys() != _IOCTL_KEYS:
-            return None
-        seq, cmd, arg = m["seq"], m["cmd"], m["arg"]
-        if type(cmd) is not int or not 0 <= cmd <= _U32:
-            return None
-        regions = _fast_regions(m["regions"], False)
-        msg: Ioctl | IoctlReply = _new(Ioctl)
-        _setattr(msg, "cmd", cmd)
-        _setattr(msg, "regions", regions)
-    else:
-        if m.keys() != _REPLY_KEYS:
-            return None
-        seq, err, arg = m["seq"], m["errno"], m["arg"]
-        regions = _fast_regions(m["written"], True)
-        if type(err) is not int or not 0 <= err <= MAX_ERRNO or (err and (arg or regions)):
-            return None
-        msg = _new(IoctlReply)
-        _setattr(msg, "errno", err)
-        _setattr(msg, "written", regions)
-        _setattr(msg, "why", None)
-    if regions is None or type(seq) is not int or not 0 <= seq <= _U32 or type(arg) is not bytes:
-        return None
-    _setattr(msg, "seq", seq)
-    _setattr(msg, "arg", arg)
-    return msg
-
-
-# The same two frames from the msgpack pairs themselves (maps decoded as tuples of pairs, in
-# C): a frame whose keys come in the encoder's order is checked and built here, in one call;
-# anything else (another key order, a duplicated key, any doubt) is None, and the body is
-# decoded again by the path above, which accepts or names the error exactly as ever.
+# The two frames of every call, from the msgpack pairs themselves (maps decoded as tuples of
+# pairs, in C): a frame whose keys come in the encoder's order is checked and built here, in
+# one call, without building kwargs and re-validating through __post_init__ (the same checks,
+# inline); anything else (another key order, a duplicated key, any doubt) is None, and the
+# body is decoded again as maps by from_map, which accepts or names the error exactly as ever.
 _IOCTL_ORDER: Final = ("v", "t", "seq", "cmd", "arg", "regions")
 _REPLY_ORDER: Final = ("v", "t", "seq", "errno", "arg", "written")
 _unpackb = msgpack.unpackb
@@ -276,15 +198,26 @@ def _decode_call(body: memoryview) -> Ioctl | IoctlReply | None:
         return None
     out = []
     spans = []
-    for r in regs:
+    for r in regs:  # each checked as Region checks it
         if type(r) is not tuple or len(r) != 3:
             return None
         (ka, addr), (kd, data), (kw, writable) = r
-        if ka != "addr" or kd != "data" or kw != "writable":
+        if (
+            ka != "addr"
+            or kd != "data"
+            or kw != "writable"
+            or type(addr) is not int
+            or type(data) is not bytes
+            or type(writable) is not bool
+            or not 0 <= addr <= _U64
+            or addr + len(data) > _U64 + 1
+            or (writable_only and not writable)
+        ):
             return None
-        region = _fast_region(addr, data, writable, writable_only)
-        if region is None:
-            return None
+        region = _new(Region)
+        _setattr(region, "addr", addr)
+        _setattr(region, "data", data)
+        _setattr(region, "writable", writable)
         out.append(region)
         if data:
             spans.append((addr, addr + len(data)))
@@ -337,7 +270,6 @@ def encode_call(
     cmd: int,
     arg: bytes,
     regions: Iterable[tuple[int, bytes, bool]],
-    *,
     max_frame: int = MAX_FRAME,
     nowait: bool = False,
 ) -> bytes:
@@ -364,7 +296,6 @@ def encode_reply(
     err: int,
     arg: bytes = b"",
     written: Iterable[tuple[int, bytes]] = (),
-    *,
     max_frame: int = MAX_FRAME,
     why: Why | None = None,
 ) -> bytes:
@@ -529,8 +460,11 @@ class FrameDecoder:
         if len(buf) < end:
             return None
         try:
-            with memoryview(buf) as view, view[_HDR:end] as body:
+            body = memoryview(buf)[_HDR:end]  # (the whole buffer's view goes with the slice)
+            try:
                 msg = _decode_call(body) or from_map(_unpack(body))
+            finally:
+                body.release()  # before the buffer is resized
             if self._expect_seq and isinstance(msg, _REQUEST_TYPES):
                 seq = msg.seq
                 if self._last_seq is not None and seq <= self._last_seq:

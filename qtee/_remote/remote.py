@@ -65,13 +65,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any, Final
 
 from objects import DriverError, UsageError
 from qtee import _reason, uapi
 from qtee._checks import WRITES_STRUCT, need_arg
-from qtee._remote.checks import Dialect, QteeDialect, Sent
+from qtee._remote.checks import Dialect, QteeDialect
 from qtee._remote.connect_errors import ConnectError, _check_path, _connect_error
 from qtee._remote.frames import (
     MAX_FRAME,
@@ -105,8 +104,6 @@ _SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
 _NOTED: Final = frozenset(
     {uapi.TEE_IOC_OBJECT_INVOKE, uapi.TEE_IOC_OPEN_SESSION, uapi.TEE_IOC_INVOKE}
 )
-#: ``Sent(*fields)`` in C (a NamedTuple's own ``__new__`` is a Python function).
-_sent: Final = partial(tuple.__new__, Sent)
 #: Seconds a call may go without a reply before it fails ETIMEDOUT (``connect``'s default).
 CALL_TIMEOUT: Final = 30.0
 #: Longest wait, in seconds, for the answer to a probe (at most ``call_timeout``).
@@ -285,13 +282,7 @@ class RemoteContext(RemoteLead, RemoteQueries):
         regions = dialect.regions(cmd, data, self.device.memory, limit)
         lazy = cmd == _SUPPL_RECV and not nowait
         call = _Call(cmd, lazy)
-        seq = self._request(
-            partial(
-                encode_call, cmd=cmd, arg=data, regions=regions, max_frame=limit, nowait=nowait
-            ),
-            self._pending,
-            call,
-        )
+        seq = self._request(encode_call, self._pending, call, cmd, data, regions, limit, nowait)
         timeout = self.device.call_timeout
         if timeout is None or lazy:
             self._wait(call, None)  # the reply, or the connection lost
@@ -304,7 +295,7 @@ class RemoteContext(RemoteLead, RemoteQueries):
                 raise DriverError(errno.EPROTO, f"the server lied: {call.lie}")
             raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
         shm = call.shm[:2] if call.shm is not None else None
-        lie = call.lie or dialect.check(_sent((cmd, data, regions)), reply, shm)
+        lie = call.lie or dialect.check(cmd, data, regions, reply, shm)
         if lie is not None:
             self._drop_shm(call)
             self._abandon(f"the server lied about call {seq}: {lie}")

@@ -2,8 +2,8 @@
 (leader/follower).
 
 No thread reads the socket for nobody.  A caller whose reply is due reads it itself when
-nobody does (it leads: :meth:`RemoteLead._lead`), filing each frame for its call
-(:meth:`RemoteLead._file`: replies, shm fds, probe answers, query answers, ``ready``),
+nobody does (it leads: :meth:`RemoteLead._lead`), filing each frame for its call (replies
+there, shm fds, probe answers, query answers and ``ready`` in :meth:`RemoteLead._file`),
 until its own reply comes; then it stops and wakes one caller with a deadline that waits,
 to read in its place (:meth:`RemoteLead._pass_lead`).  A caller whose reply another thread
 files is woken with it: one thread switch, not two.
@@ -70,6 +70,7 @@ _LAZY: Final = 0.002
 #: query still waits.
 _KEPT_READS: Final = 0.1
 _TIMEVAL: Final = struct.Struct("@ll")
+_new_lock: Final = threading.Lock
 
 
 class _Closed(DriverError):
@@ -92,10 +93,9 @@ class _Call:
     def __init__(self, cmd: int, lazy: bool = False) -> None:
         self.cmd = cmd
         self.lazy = lazy
-        self.waiting = False
-        self.lead = False
-        self.done = threading.Lock()
-        self.done.acquire()
+        self.waiting = self.lead = False
+        self.done = done = _new_lock()
+        done.acquire()
         self.reply: IoctlReply | None = None
         self.shm: tuple[int, int, mmap.mmap | bytearray, int] | None = None  # id, size, map, fd
         self.status: Status | None = None
@@ -167,22 +167,10 @@ class RemoteLead(RemoteShms):
                 raise _Closed(errno.EPROTO, "server closed the connection")
         return msg
 
-    def _file(self, msg: object) -> _Call | None:
-        """File one frame from the server; the call a reply answered.  A bye raises
-        :class:`_Bye` with what it said, a frame no client expects DriverError."""
-        if isinstance(msg, IoctlReply):
-            with self._lock:
-                call = self._pending.pop(msg.seq, None)
-                if call is not None:
-                    call.reply = msg
-                    woken, call.lead = call.lead, False  # woken to read: that wakes it
-                    if call.waiting:
-                        self._unwait(call)
-            if call is None:
-                raise DriverError(errno.EPROTO, f"a reply for no call ({msg.seq})")
-            if not woken:
-                call.done.release()
-            return call
+    def _file(self, msg: object) -> None:
+        """File one frame from the server other than a reply (:meth:`_lead` files those).
+        A bye raises :class:`_Bye` with what it said, a frame no client expects
+        DriverError."""
         if isinstance(msg, ShmFd):
             self._map_shm(msg)
         elif isinstance(msg, Status):
@@ -203,7 +191,6 @@ class RemoteLead(RemoteShms):
             raise _Bye(f"the server at {self.device.path} said bye: {msg.reason}")
         else:
             raise DriverError(errno.EPROTO, f"a {type(msg).__name__} from the server")
-        return None
 
     def _lead(self, call: _Call, end: float | None) -> bool:
         """Read the socket (this thread leads) and file what comes until ``call`` is
@@ -215,9 +202,24 @@ class RemoteLead(RemoteShms):
                 msg = self._read_one(end)
                 if msg is None:
                     return False
-                answered = self._file(msg)
-                if answered is call:
-                    return True
+                answered: _Call | None = None
+                if isinstance(msg, IoctlReply):  # (filed here: one call fewer per reply)
+                    with self._lock:
+                        answered = self._pending.pop(msg.seq, None)
+                        if answered is not None:
+                            answered.reply = msg
+                            # woken to read: that wakes it
+                            woken, answered.lead = answered.lead, False
+                            if answered.waiting:
+                                self._unwait(answered)
+                    if answered is None:
+                        raise DriverError(errno.EPROTO, f"a reply for no call ({msg.seq})")
+                    if not woken:
+                        answered.done.release()
+                    if answered is call:
+                        return True
+                else:
+                    self._file(msg)
                 if call.lazy and (
                     answered is not None  # that caller reads its next reply itself
                     or (call.cmd == 0 and not (self._watching or self._streams))
@@ -278,7 +280,7 @@ class RemoteLead(RemoteShms):
             return self._wait_lazy(call)
         end = None if timeout is None else time.monotonic() + timeout
         while True:
-            if call.done.acquire(blocking=False):  # answered already
+            if call.done.acquire(False):  # answered already
                 return True
             with self._lock:
                 lead = not self._leading
@@ -305,14 +307,14 @@ class RemoteLead(RemoteShms):
                     self._unwait(call)
                     if call.lead:
                         call.lead = False
-                        call.done.acquire(blocking=False)
+                        call.done.acquire(False)
                         self._promote()
                 raise
             with self._lock:
                 self._unwait(call)
                 promoted, call.lead = call.lead, False
                 if promoted and not got:  # woken to read as the wait ran out
-                    got = call.done.acquire(blocking=False)
+                    got = call.done.acquire(False)
             if not promoted:
                 return got
 
@@ -331,7 +333,7 @@ class RemoteLead(RemoteShms):
         another call's reply, so that caller reads its own next reply."""
         try:
             while True:
-                if call.done.acquire(blocking=False):  # answered already
+                if call.done.acquire(False):  # answered already
                     return True
                 if call.cmd == 0 and (self._ended or not (self._watching or self._streams)):
                     return False  # the kept reader, no longer needed
@@ -377,7 +379,7 @@ class RemoteLead(RemoteShms):
                     self._lazies.remove(call)
                 if call.lead:  # made the delegate as it stopped waiting (Ctrl-C)
                     call.lead = False
-                    call.done.acquire(blocking=False)
+                    call.done.acquire(False)
                 if self._delegate is call:  # another lazy call takes its place
                     self._delegate = None
                     while self._lazies:

@@ -39,7 +39,7 @@ from typing import Final
 from objects import DriverError
 from qtee import uapi
 from qtee._remote import checks
-from qtee._remote.checks import Span, block_change, check_shm, check_version, read_spans
+from qtee._remote.checks import ShmSeen, Span, block_change, check_shm, check_version, read_spans
 from qtee._remote.frames import FrameError, IoctlReply, Region, Welcome, check_written
 from qtee.addrspace import TASK_SIZE, AddressSpace
 
@@ -148,9 +148,8 @@ class OpteeDialect:
 
     # ------------------------------------------------------------------ replies
     def check(
-        self, sent: checks.Sent, reply: IoctlReply, shm: tuple[int, int] | None
+        self, cmd: int, arg: bytes, regions: list[checks.Span], reply: IoctlReply, shm: ShmSeen
     ) -> str | None:
-        cmd, arg, regions = sent
         if cmd == uapi.TEE_IOC_SHM_ALLOC:
             lie = _written(reply, arg, regions)
             return lie or check_shm(arg, reply, shm)

@@ -42,13 +42,14 @@ class RemoteSender:
 
     def _request(
         self,
-        frame_of: Callable[[int], bytes],
+        frame_of: Callable[..., bytes],
         waiting: dict[int, Any] | None = None,
         entry: object = None,
+        *args: Any,
     ) -> int:
-        """Send the frame ``frame_of(seq)`` of the next request; its seq.  With ``waiting``,
-        ``entry`` is filed there under the seq first (so no answer can beat it) and taken
-        out again if the frame cannot be sent."""
+        """Send the frame ``frame_of(seq, *args)`` of the next request; its seq.  With
+        ``waiting``, ``entry`` is filed there under the seq first (so no answer can beat it)
+        and taken out again if the frame cannot be sent."""
         with self._send:
             seq = next(self._seq)
             with self._lock:
@@ -57,7 +58,7 @@ class RemoteSender:
                 if waiting is not None:
                     waiting[seq] = entry
             try:
-                frame = frame_of(seq)
+                frame = frame_of(seq, *args)
                 self.sock.sendall(frame)
             except (OSError, UsageError) as exc:
                 if waiting is not None:

@@ -64,6 +64,7 @@ _OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
 #: Calls whose reply carries the secure side's note (a QTEE invocation, a GP call).
 _NOTED: Final = frozenset({_OBJECT_INVOKE, uapi.TEE_IOC_OPEN_SESSION, uapi.TEE_IOC_INVOKE})
 _SHM_ALLOC: Final = uapi.TEE_IOC_SHM_ALLOC
+_CALLS: Final = (Ioctl, RecvNowait)  # (a tuple: a union is built per use)
 #: Seconds a leader runs an ioctl before :class:`LeadWatch` hands the reading on.
 LEND: Final = 0.005
 #: Seconds the lead watch's thread stays with no leader running an ioctl.
@@ -182,6 +183,7 @@ class Connection(ConnectionQueries):
         self._trace: TraceStream | None = None
         #: The ioctl the leader runs while it keeps the lead (see :meth:`_run_lent`).
         self._lent: CallRegions | None = None
+        self._lender = self._take_back  # (bound once: every lent call gets it)
 
     @property
     def memory(self) -> RegionMemory:
@@ -282,7 +284,7 @@ class Connection(ConnectionQueries):
             self._read.release()
             self._run(req, call)
             return False
-        call.lender = self._take_back
+        call.lender = self._lender
         self._run(req, call)
         with self._lock:
             kept = self._lent is call
@@ -412,7 +414,7 @@ class Connection(ConnectionQueries):
                     data = self.sock.recv(1 << 16)
                     if not data:
                         return None, "end of stream"
-                elif isinstance(msg, Ioctl | RecvNowait) and self.state is ConnState.SERVING:
+                elif isinstance(msg, _CALLS) and self.state is ConnState.SERVING:
                     return msg, ""
                 else:
                     end = self._handle(msg)
@@ -526,9 +528,7 @@ class Connection(ConnectionQueries):
                 if note is not None and req.cmd in _NOTED:  # model-only, for the client
                     why = (note.result, note.name, note.detail)
                 try:
-                    reply = encode_reply(
-                        req.seq, 0, bytes(arg), written, max_frame=max_frame, why=why
-                    )
+                    reply = encode_reply(req.seq, 0, bytes(arg), written, max_frame, why)
                     ok = True
                 except UsageError:  # what the call wrote does not fit a frame
                     log.error("%s: ioctl %#x (seq %d): reply too big", self.name, req.cmd, req.seq)
