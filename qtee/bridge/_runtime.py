@@ -44,7 +44,7 @@ from qtee._qcomtee.call import Context
 from qtee._qcomtee.core import Device
 from qtee._remote.remote import RemoteContext, RemoteDevice
 from qtee._tee.shm import MemfdShm, memfd_backing
-from qtee.addrspace import ProcessMemory
+from qtee.addrspace import TASK_SIZE, ProcessMemory
 
 __all__ = ["SNAPSHOT_PERIOD", "Bridge", "BridgeConfig", "start"]
 
@@ -156,7 +156,8 @@ class BridgeMemory(ProcessMemory):
         view = self._pinned.get(addr)
         if self._read is None or (view is not None and 0 <= size <= len(view)):
             return super().read(addr, size)
-        self.check(addr, size)
+        if addr < 0 or size < 0 or addr + size > TASK_SIZE:  # (access_ok, inline)
+            self.check(addr, size)  # EFAULT, saying why
         try:
             data: bytes = self._read(addr, size)
         except OSError as exc:
@@ -173,7 +174,8 @@ class BridgeMemory(ProcessMemory):
         if self._write is None or (view is not None and size <= len(view)):
             super().write(addr, data)
             return
-        self.check(addr, size)
+        if addr < 0 or addr + size > TASK_SIZE:  # (access_ok, inline)
+            self.check(addr, size)  # EFAULT, saying why
         try:
             self._write(addr, data)
         except OSError as exc:
