@@ -213,8 +213,35 @@ class Denied(_Control):
         _str(self.reason, "Denied.reason")
 
 
+class _CallFrame(_Control):
+    """The call's frames: a :class:`_Control` map whose last field is a list of regions."""
+
+    __slots__ = ()
+
+    def to_map(self) -> dict[str, Any]:
+        m = super().to_map()
+        key = self._FIELDS[-1]
+        m[key] = [r.to_map() for r in m[key]]
+        return m
+
+    @classmethod
+    def from_map(cls, m: object) -> Self:
+        return cls._from_fields(_fields(m, cls._KEYS, cls.KIND))
+
+    @classmethod
+    def _from_fields(cls, f: dict[str, Any]) -> Self:
+        key = cls._FIELDS[-1]
+        f[key] = _region_list(f[key], f"{cls.KIND}.{key}")
+        cls._decode_more(f)
+        return _build(cls, f, cls.KIND)
+
+    @classmethod
+    def _decode_more(cls, f: dict[str, Any]) -> None:
+        """Decode the fields past ``_FIELDS`` a frame may carry (in place)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Ioctl:
+class Ioctl(_CallFrame):
     """Client -> server: ``ioctl(fd, cmd, arg)`` with the memory it may read or write."""
 
     seq: int
@@ -223,7 +250,7 @@ class Ioctl:
     regions: tuple[Region, ...] = field(default=())
 
     KIND: ClassVar[str] = "ioctl"
-    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "cmd", "arg", "regions"})
+    _FIELDS: ClassVar[tuple[str, ...]] = ("seq", "cmd", "arg", "regions")
 
     def __post_init__(self) -> None:
         _int(self.seq, "Ioctl.seq", 0, _U32)
@@ -231,25 +258,9 @@ class Ioctl:
         _set(self, "arg", _bytes(self.arg, "Ioctl.arg"))
         _set(self, "regions", _regions(self.regions, "Ioctl.regions", writable_only=False))
 
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "v": PROTOCOL_VERSION,
-            "t": self.KIND,
-            "seq": self.seq,
-            "cmd": self.cmd,
-            "arg": self.arg,
-            "regions": [r.to_map() for r in self.regions],
-        }
-
-    @classmethod
-    def from_map(cls, m: object) -> Ioctl:
-        f = _fields(m, cls._KEYS, cls.KIND)
-        f["regions"] = _region_list(f["regions"], "ioctl.regions")
-        return _build(cls, f, cls.KIND)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RecvNowait:
+class RecvNowait(_CallFrame):
     """Client -> server: SUPPL_RECV that never waits (the model's ``recv_nowait``); its
     ``reply`` comes at once, EAGAIN when nothing is queued.  Fields as :class:`Ioctl`'s."""
 
@@ -260,27 +271,12 @@ class RecvNowait:
     KIND: ClassVar[str] = "recv_nowait"
     #: The ioctl it stands for.
     cmd: ClassVar[int] = SUPPL_RECV
-    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "arg", "regions"})
+    _FIELDS: ClassVar[tuple[str, ...]] = ("seq", "arg", "regions")
 
     def __post_init__(self) -> None:
         _int(self.seq, "RecvNowait.seq", 0, _U32)
         _set(self, "arg", _bytes(self.arg, "RecvNowait.arg"))
         _set(self, "regions", _regions(self.regions, "RecvNowait.regions", writable_only=False))
-
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "v": PROTOCOL_VERSION,
-            "t": self.KIND,
-            "seq": self.seq,
-            "arg": self.arg,
-            "regions": [r.to_map() for r in self.regions],
-        }
-
-    @classmethod
-    def from_map(cls, m: object) -> RecvNowait:
-        f = _fields(m, cls._KEYS, cls.KIND)
-        f["regions"] = _region_list(f["regions"], "recv_nowait.regions")
-        return _build(cls, f, cls.KIND)
 
 
 #: A reply's ``why``: (result, interface error name, detail).
@@ -300,7 +296,7 @@ def _why(value: object) -> Why:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class IoctlReply:
+class IoctlReply(_CallFrame):
     """Server -> client: the ioctl's outcome; on errno != 0 nothing is written back.
     ``why``: the secure side's note on a failed invocation (model-only, optional)."""
 
@@ -311,8 +307,7 @@ class IoctlReply:
     why: Why | None = None
 
     KIND: ClassVar[str] = "reply"
-    _KEYS: ClassVar[frozenset[str]] = frozenset({"v", "t", "seq", "errno", "arg", "written"})
-    _WHY_KEYS: ClassVar[frozenset[str]] = _KEYS | {"why"}
+    _FIELDS: ClassVar[tuple[str, ...]] = ("seq", "errno", "arg", "written")
 
     def __post_init__(self) -> None:
         _int(self.seq, "IoctlReply.seq", 0, _U32)
@@ -327,26 +322,20 @@ class IoctlReply:
                 raise UsageError(f"IoctlReply with errno {self.errno} has no why")
 
     def to_map(self) -> dict[str, Any]:
-        m = {
-            "v": PROTOCOL_VERSION,
-            "t": self.KIND,
-            "seq": self.seq,
-            "errno": self.errno,
-            "arg": self.arg,
-            "written": [r.to_map() for r in self.written],
-        }
+        m = super(IoctlReply, self).to_map()
         if self.why is not None:
             m["why"] = _why_map(self.why)
         return m
 
     @classmethod
     def from_map(cls, m: object) -> IoctlReply:
-        keys = cls._WHY_KEYS if type(m) is dict and "why" in m else cls._KEYS
-        f = _fields(m, keys, cls.KIND)
-        f["written"] = _region_list(f["written"], "reply.written")
+        keys = cls._KEYS | {"why"} if type(m) is dict and "why" in m else cls._KEYS
+        return cls._from_fields(_fields(m, keys, cls.KIND))
+
+    @classmethod
+    def _decode_more(cls, f: dict[str, Any]) -> None:
         if "why" in f:
             f["why"] = _why_of(f["why"])
-        return _build(cls, f, cls.KIND)
 
 
 _WHY_MAP_KEYS: Final = frozenset({"result", "name", "detail"})
