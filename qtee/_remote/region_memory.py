@@ -49,24 +49,28 @@ class CallRegions:
     )
 
     def __init__(self, regions: tuple[Region, ...], peer: object = None) -> None:
-        starts: list[int] = []
-        bufs: dict[int, bytearray] = {}
-        writable: set[int] = set()
-        for r in regions:  # (a loop, not three comprehensions: this runs for every ioctl)
-            addr = r.addr
-            starts.append(addr)
-            bufs[addr] = bytearray(r.data)
-            if r.writable:
-                writable.add(addr)
         #: The start of the one region, if the call brought one (most do): no search.
         self.only: int | None = None
-        if len(starts) == 1:
-            self.only = starts[0]
+        if len(regions) == 1:  # (most calls bring only their argument block: no loop)
+            r = regions[0]
+            self.only = addr = r.addr
+            self.starts = [addr]
+            self.bufs = {addr: bytearray(r.data)}
+            self.writable = {addr} if r.writable else set()
         else:
+            starts: list[int] = []
+            bufs: dict[int, bytearray] = {}
+            writable: set[int] = set()
+            for r in regions:  # (a loop, not three comprehensions: this runs for every ioctl)
+                addr = r.addr
+                starts.append(addr)
+                bufs[addr] = bytearray(r.data)
+                if r.writable:
+                    writable.add(addr)
             starts.sort()
-        self.starts = starts
-        self.bufs = bufs
-        self.writable = writable
+            self.starts = starts
+            self.bufs = bufs
+            self.writable = writable
         self.written: set[int] = set()
         self.peer = peer
         self.callbacks = 0  # nesting depth of Device.on_callback(True) in this thread

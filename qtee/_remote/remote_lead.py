@@ -139,8 +139,10 @@ class RemoteLead(RemoteShms):
         """The next frame; None if none is in by ``end`` (a ``time.monotonic()``).  A read
         waits at most SO_RCVTIMEO (no poll before it: a call releases the GIL, and every
         release may hand it to another thread)."""
-        data = b""
-        while (msg := self._decoder.feed_next(data)) is None:
+        decoder = self._decoder
+        # (a frame left in the decoder's buffer first; an empty buffer needs no call)
+        msg = decoder.feed_next() if decoder._buf else None
+        while msg is None:
             if end is not None:
                 left = end - time.monotonic()
                 if left <= 0:
@@ -152,7 +154,6 @@ class RemoteLead(RemoteShms):
                 # socket.recv_fds, inline (a Python function, run for every frame).
                 data, ancdata, flags, _ = self.sock.recvmsg(1 << 16, _FD_SPACE)
             except BlockingIOError:  # SO_RCVTIMEO: nothing came in time
-                data = b""
                 if self._rcv_now < self._rcv_base:  # shortened for a deadline: back
                     self._set_rcv(self._rcv_base)
                 continue
@@ -165,6 +166,7 @@ class RemoteLead(RemoteShms):
                 raise DriverError(errno.EPROTO, "the server sent more fds than one read takes")
             if not data:
                 raise _Closed(errno.EPROTO, "server closed the connection")
+            msg = decoder.feed_next(data)
         return msg
 
     def _file(self, msg: object) -> None:

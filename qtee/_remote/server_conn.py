@@ -408,7 +408,8 @@ class Connection(ConnectionQueries):
         data = b""
         try:
             while True:
-                msg = decoder.feed_next(data)
+                # (a frame left in the decoder's buffer: an empty one needs no call)
+                msg = decoder.feed_next(data) if data or decoder._buf else None
                 data = b""
                 if msg is None:
                     data = self.sock.recv(1 << 16)
