@@ -13,8 +13,8 @@ Nothing reaches the caller's memory before the check passes.  The helpers here
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
-from typing import Any, Final, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Protocol, TypeVar
 
 from objects import DriverError
 from qtee import uapi
@@ -31,6 +31,7 @@ __all__ = [
     "check_version",
     "merge",
     "recv_overflow",
+    "read_block",
     "read_spans",
 ]
 
@@ -80,6 +81,26 @@ class Dialect(Protocol):
         ...
 
 
+_H = TypeVar("_H")
+
+
+def read_block(
+    heads: Mapping[int, _H], cmd: int, arg: bytes, mem: AddressSpace
+) -> tuple[_H, int, int, bytes] | None:
+    """The buf_data block that ``cmd``'s argument names, read now, with ``cmd``'s entry in
+    ``heads``: ``(head, ptr, length, block)``.  None when ``cmd`` has no block, or its
+    argument or block cannot be read (the server's driver fails it as the kernel would)."""
+    head = heads.get(cmd)
+    if head is None or len(arg) < _BUF.size:
+        return None
+    ptr, length = _BUF.unpack_from(arg)
+    try:
+        block = mem.read(ptr, length)
+    except DriverError:
+        return None
+    return head, ptr, length, block
+
+
 def read_spans(mem: AddressSpace, spans: list[tuple[int, int, bool]]) -> list[Span]:
     """The merged spans' bytes; a span this process has not mapped is left out (the
     server's driver faults on it as the kernel would)."""
@@ -109,19 +130,14 @@ class QteeDialect:
         self._seen: tuple[int, bytes, bytes, list[tuple[int, int, bool]]] | None = None
 
     def regions(self, cmd: int, arg: bytes, mem: AddressSpace, max_frame: int) -> list[Span]:
-        head = _HEADS.get(cmd)
-        if head is None or len(arg) < _BUF.size:
+        got = read_block(_HEADS, cmd, arg, mem)
+        if got is None:
             return []
-        ptr, length = _BUF.unpack_from(arg)
-        try:
-            block = mem.read(ptr, length)
-        except DriverError:
-            return []
+        (size, at), ptr, length, block = got
         seen = self._seen  # (the spans depend on the cmd, argument and block alone)
         if seen is not None and seen[1] == arg and seen[2] == block and seen[0] == cmd:
             return _read_merged(mem, seen[3])
         spans: list[tuple[int, int, bool]] = [(ptr, length, True)]
-        size, at = head
         if len(block) >= size:
             (num,) = _U32.unpack_from(block, at)
             for i in range(min(num, (len(block) - size) // 32)):

@@ -70,7 +70,6 @@ _LAZY: Final = 0.002
 #: query still waits.
 _KEPT_READS: Final = 0.1
 _TIMEVAL: Final = struct.Struct("@ll")
-_new_lock: Final = threading.Lock
 
 
 class _Closed(DriverError):
@@ -94,7 +93,7 @@ class _Call:
         self.cmd = cmd
         self.lazy = lazy
         self.waiting = self.lead = False
-        self.done = done = _new_lock()
+        self.done = done = threading.Lock()
         done.acquire()
         self.reply: IoctlReply | None = None
         self.shm: tuple[int, int, mmap.mmap | bytearray, int] | None = None  # id, size, map, fd

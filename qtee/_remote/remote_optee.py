@@ -92,16 +92,11 @@ class OpteeDialect:
     def regions(self, cmd: int, arg: bytes, mem: AddressSpace, max_frame: int) -> list[Span]:
         if cmd == _REGISTER:
             return self._register_range(arg, mem, max_frame)
-        head = _HEADS.get(cmd)
-        if head is None or len(arg) < _BUF.size:
+        got = checks.read_block(_HEADS, cmd, arg, mem)
+        if got is None:
             return []
-        ptr, length = _BUF.unpack_from(arg)
-        try:
-            block = mem.read(ptr, length)
-        except DriverError:
-            return []
+        (size, at, _kept), ptr, length, block = got
         spans: list[tuple[int, int, bool]] = [(ptr, length, cmd != _SEND)]
-        size, at, _kept = head
         params = _params(block, size, at)
         if cmd in (_OPEN, _INVOKE):
             for attr, a, b, c in params:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from objects import DriverError, UsageError, result_to_u32
+from objects import DecodeError, DriverError, UsageError, result_to_u32
 from qtee import wire
 from qtee._qcomtee.shm import PhysFault, PhysMemory
 from qtee._qcomtee_msg import Result
@@ -316,7 +316,7 @@ class SecureMonitor(SmcConduit):
                 and len(inbound) == a2
                 and a4 == _OUT_SIZE == len(outbound)
             ):
-                if a7 == HYP_CLIENT_ID:  # (the host's INVOKE: _enter inline)
+                if a7 == HYP_CLIENT_ID:
                     idle = self._idle_calls
                     try:  # a record of a finished call, or a new one
                         call = idle.pop()
@@ -324,12 +324,10 @@ class SecureMonitor(SmcConduit):
                         call = _SmcCall(self, on_return, a3, HYP_CLIENT_ID, outbound)
                     else:
                         call.on_return, call.out_pa, call.out = on_return, a3, outbound
-                    result = self._host.invoke(inbound, outbound, call)
-                    if call.failed is not None:
-                        raise call.failed  # (that record is not reused)
+                    regs = self._enter(self._host, inbound, call)  # (raises: not reused)
                     call.on_return, call.out = None, _NO_OUT  # it keeps nothing alive
                     idle.append(call)
-                    return _OK if not result else (0, int(result) & 0xFFFF_FFFF, 0, 0)
+                    return regs
                 world = self._worlds.get(a7) if type(a7) is int else None
                 if world is not None:  # (else the general path names what is wrong)
                     call = _SmcCall(self, on_return, a3, a7, outbound)
@@ -426,7 +424,10 @@ class SecureMonitor(SmcConduit):
 
     def _enter(self, world: SecureWorld, inbound: bytearray | memoryview, call: _SmcCall) -> Regs:
         """One INVOKE in ``world``, ``call`` its state on the monitor (made by the caller)."""
-        result = world.invoke(inbound, call.out, call)
+        try:
+            result = world.invoke(inbound, call.out, call)
+        except DecodeError:  # malformed inbound: answered, not forwarded
+            result = Result.ERROR_INVALID
         if call.failed is not None:
             raise call.failed
         return _OK if not result else (0, int(result) & 0xFFFF_FFFF, 0, 0)

@@ -28,15 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, Self
 
-from objects import (
-    DecodeError,
-    DispatchResult,
-    IdrAllocator,
-    ObjectTable,
-    PyObject,
-    QteeError,
-    UsageError,
-)
+from objects import DispatchResult, IdrAllocator, ObjectTable, PyObject, QteeError, UsageError
 from qtee import _reason, wire
 from qtee._qcomtee_msg import Result
 
@@ -425,10 +417,7 @@ class SecureWorld:
         # The dispatch is inline (one call per invoke saved) with one result and no return
         # inside the try: the releases are flushed after it on every result, and on an
         # exception not at all (the driver does not read that page then).
-        try:
-            cxt, op, _counts, ib, refs, ids, n_oo, _size = msg = wire.decode_invoke(inbound)
-        except DecodeError:  # a malformed inbound message: answered, not forwarded
-            return Result.ERROR_INVALID
+        cxt, op, _counts, ib, refs, ids, n_oo, _size = msg = wire.decode_invoke(inbound)
         running = _running
         prev = running.top
         running.top = (self, outbound, serve, prev)
