@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -188,3 +189,14 @@ class RawSupplicant:
         """After the context is closed: the loop's RECV fails and the thread ends."""
         self.thread.join(5)
         assert not self.thread.is_alive()
+
+
+def eventually(cond: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll ``cond`` every 5 ms until it is true or ``timeout`` seconds pass; its last
+    truth (a wait on another thread or process, bounded)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return bool(cond())

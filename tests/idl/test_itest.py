@@ -60,7 +60,7 @@ import importlib.util
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,11 +183,16 @@ def test_invoke_sync_ten_threads(impls: Impls) -> None:
     ns = impls.suite.ns
     two = ns.ITest2.Stub(impls.ITest2Local())
     one = impls.ITest1Local()
+    assert _in_ten_threads(lambda: two.entrypoint(one)) == []
+
+
+def _in_ten_threads(call: Callable[[], object]) -> list[BaseException]:
+    """Run ``call`` in ten threads at once; what they raised."""
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            two.entrypoint(one)
+            call()
         except BaseException as exc:
             errors.append(exc)
 
@@ -196,7 +201,7 @@ def test_invoke_sync_ten_threads(impls: Impls) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert errors == []
+    return errors
 
 
 def _mismatch(call: Any) -> None:
@@ -333,20 +338,8 @@ def test_ta_entrypoint_from_ten_threads(tas: Impls, qtee_app: AppLoaderHelper) -
     and answers ERROR_BUSY past it (qtee.vm's QTEE backend, step 1), as it should."""
     ns = tas.suite.ns
     one = tas.ITest1Cb()
-    errors: list[BaseException] = []
     with ns.ITest2.Stub(qtee_app("itest2")) as two:
-
-        def run() -> None:
-            try:
-                two.entrypoint(one)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run) for _ in range(10)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = _in_ten_threads(lambda: two.entrypoint(one))
     assert errors == []
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 import qtee
 from qtee import OUT_OBJECT, CallbackObject, DeviceServer, NsObject, QteeError, TrustedApp, op, uapi
+from tests._helpers import eventually
 
 #: The server threads that ran ``Recorder.where``, in order.
 THREADS: list[int] = []
@@ -51,15 +51,6 @@ class Nop(CallbackObject):
 RECORDER = pytest.mark.qtee_ta("lead.recorder", Recorder)
 
 
-def _eventually(cond: Callable[[], object], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return bool(cond())
-
-
 def _readers() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "qtee-remote")
 
@@ -76,7 +67,7 @@ def test_plain_calls_start_no_reader_thread(qtee_server: DeviceServer) -> None:
         assert uapi.VersionData.unpack(version).impl_id == uapi.TEE_IMPL_ID_QTEE
         assert _readers() == before
         assert ctx.held_objects()["objects"] == []
-        assert _eventually(lambda: _readers() == before)
+        assert eventually(lambda: _readers() == before)
         assert ctx.ioctl(uapi.TEE_IOC_VERSION, version) == 0
         assert not ctx.lost
     finally:
@@ -133,8 +124,8 @@ def test_closing_a_watched_connection_ends_its_reader_at_once(qtee_server: Devic
     before = _readers()
     ctx = qtee.connect(qtee_server.path).open()
     ctx.on_ready = lambda: None  # a watch: a reader is kept for the ready frames
-    assert _eventually(lambda: _readers() > before)
+    assert eventually(lambda: _readers() > before)
     t0 = time.monotonic()
     ctx.close()
     assert time.monotonic() - t0 < 2.0
-    assert _eventually(lambda: _readers() == before, 2.0)
+    assert eventually(lambda: _readers() == before, 2.0)

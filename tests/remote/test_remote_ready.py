@@ -19,7 +19,6 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,22 +42,13 @@ from qtee.addrspace import CheckedMemory
 from qtee.client import _Credentials
 from qtee.secure import QteeRoot, SecureWorld
 from tests import _optee_tas as tas
-from tests._helpers import META_OUT, OBJ_IN, UB_IN, UB_OUT, USER, buf_arg, recv_block
+from tests._helpers import META_OUT, OBJ_IN, UB_IN, UB_OUT, USER, buf_arg, eventually, recv_block
 from tests._tas import Echoer, Through
 
 RELEASE = 0xFFFF
 
 
 THROUGH = pytest.mark.qtee_ta("ready.through", Through)  # op 0 calls back, op 1 adds
-
-
-def _eventually(cond: Callable[[], object], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return bool(cond())
 
 
 def _queue_release(ctx: object, mem: CheckedMemory, uid: int = 42) -> None:
@@ -97,14 +87,14 @@ def test_recv_nowait_over_the_socket_is_the_models(qtee_server: DeviceServer) ->
     assert got[0] == got[1]
     head = uapi.SuppRecvArg.unpack(got[1])
     assert (head.func, head.num_params) == (RELEASE, 1)
-    assert _eventually(lambda: qtee_server.device.leaks() == {})
+    assert eventually(lambda: qtee_server.device.leaks() == {})
 
 
 def test_recv_nowait_on_a_lost_connection_is_ebadf(qtee_server: DeviceServer) -> None:
     device = qtee.connect(qtee_server.path)
     ctx = device.open()
     qtee_server.stop()
-    assert _eventually(lambda: ctx.lost)
+    assert eventually(lambda: ctx.lost)
     with pytest.raises(DriverError) as exc:
         ctx.recv_nowait(bytearray(16))
     assert exc.value.errno == errno.EBADF
@@ -213,7 +203,7 @@ def test_no_ready_frames_unless_watched(qtee_server: DeviceServer) -> None:
         assert got == [Answer(seq=2, data={"watching": True}), Ready()]
     finally:
         sock.close()
-    assert _eventually(lambda: qtee_server.connections == 0)
+    assert eventually(lambda: qtee_server.connections == 0)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -322,16 +312,16 @@ def test_four_raw_workers_serve_callbacks(qtee_server: DeviceServer) -> None:
     assert not errors, errors[0]
     # A worker counts its answer after SUPPL_SEND returns, which may be after the caller
     # it answered has already seen the reply.
-    assert _eventually(lambda: len(served) == 200), len(served)
+    assert eventually(lambda: len(served) == 200), len(served)
     for ref in (app, ctrl, loader, env):
         ref.release()
-    assert _eventually(lambda: client.exported() == 0)  # release notifications, taken too
+    assert eventually(lambda: client.exported() == 0)  # release notifications, taken too
     stop.set()
     woken.set()
     for t in workers:
         t.join(5)
     client.close()
-    assert _eventually(lambda: qtee_server.device.leaks() == {})
+    assert eventually(lambda: qtee_server.device.leaks() == {})
 
 
 # ----------------------------------------------------------------------------- ProcessMemory
@@ -372,7 +362,7 @@ def test_process_memory_with_ctypes_buffers(qtee_server: DeviceServer) -> None:
             ref.release()
     finally:
         client.close()
-    assert _eventually(lambda: qtee_server.device.leaks() == {})
+    assert eventually(lambda: qtee_server.device.leaks() == {})
 
 
 def test_process_memory_registered_windows(tmp_path: Path) -> None:
@@ -411,7 +401,7 @@ def test_process_memory_registered_windows(tmp_path: Path) -> None:
             assert buf.raw == b"abdeffgh"  # bytes 2..4 bumped by the TA, the rest as it was
             ctx.shm_free(shm_id)
             ctx.close()
-            assert _eventually(lambda: srv.device.leaks() == {})
+            assert eventually(lambda: srv.device.leaks() == {})
     finally:
         tas.uninstall()
 
