@@ -404,13 +404,14 @@ class FrameDecoder:
     decoder: every later call raises that same error and the buffer is dropped.
     """
 
-    __slots__ = ("_buf", "_error", "_expect_seq", "_last_seq", "_max_frame")
+    __slots__ = ("_error", "_expect_seq", "_last_seq", "_max_frame", "pending")
 
     def __init__(self, *, max_frame: int = MAX_FRAME, expect_increasing_seq: bool = True) -> None:
         _int(max_frame, "max_frame", 1, _U32)
         self._max_frame = max_frame
         self._expect_seq = bool(expect_increasing_seq)
-        self._buf = bytearray()
+        #: Bytes fed and not decoded yet (read-only to callers: empty, no frame is due).
+        self.pending = bytearray()
         self._error: FrameError | None = None
         self._last_seq: int | None = None
 
@@ -421,7 +422,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes fed but not yet decoded (non-zero at EOF means a truncated frame)."""
-        return len(self._buf)
+        return len(self.pending)
 
     @property
     def error(self) -> FrameError | None:
@@ -439,14 +440,14 @@ class FrameDecoder:
             raise self._error
         if not isinstance(data, _BYTES_LIKE):
             raise UsageError(f"feed takes bytes, not {type(data).__name__}")
-        self._buf += data
+        self.pending += data
 
     def feed_next(self, data: bytes | bytearray | memoryview = b"") -> Message | None:
         """:meth:`feed` ``data``, then :meth:`next_message`, in one call (a reader does
         both for every read)."""
         if self._error is not None:
             raise self._error
-        buf = self._buf
+        buf = self.pending
         if data:
             if not isinstance(data, _BYTES_LIKE):
                 raise UsageError(f"feed takes bytes, not {type(data).__name__}")
@@ -490,5 +491,5 @@ class FrameDecoder:
 
     def _die(self, exc: FrameError) -> NoReturn:
         self._error = exc
-        self._buf = bytearray()
+        self.pending = bytearray()
         raise exc

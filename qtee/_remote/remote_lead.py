@@ -140,7 +140,7 @@ class RemoteLead(RemoteShms):
         release may hand it to another thread)."""
         decoder = self._decoder
         # (a frame left in the decoder's buffer first; an empty buffer needs no call)
-        msg = decoder.feed_next() if decoder._buf else None
+        msg = decoder.feed_next() if decoder.pending else None
         while msg is None:
             if end is not None:
                 left = end - time.monotonic()

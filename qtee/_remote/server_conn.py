@@ -409,7 +409,7 @@ class Connection(ConnectionQueries):
         try:
             while True:
                 # (a frame left in the decoder's buffer: an empty one needs no call)
-                msg = decoder.feed_next(data) if data or decoder._buf else None
+                msg = decoder.feed_next(data) if data or decoder.pending else None
                 data = b""
                 if msg is None:
                     data = self.sock.recv(1 << 16)
