@@ -14,6 +14,11 @@ same baseline in the same run: the distance between the two is what qtee could s
 * :class:`SocketFloor`: the same two calls over a Unix socket to a child process
   (``python bench/_floors.py --serve FD``): a lean codec for the device server's frames,
   the server answering on its reading thread, the caller reading its own reply.
+  ``SocketFloor(driver=True)`` (``--serve-driver FD``) is the null invoke's *driver floor*:
+  the same lean frames, but the server runs each ``OBJECT_INVOKE`` through qtee's own
+  driver and secure world, so what lies between it and qtee's figure is the device
+  server's and the remote client's own work (frame checks, records, region mapping,
+  leader/follower reading), not the model's.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ if __name__ == "__main__":  # bench/supplicant.py would shadow the package: benc
     _HERE = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _HERE] + [_HERE]
 
+import qtee
 from qtee import uapi, wire
 from qtee._remote.frames import PROTOCOL_VERSION, encode_call, encode_reply
 
@@ -317,19 +323,57 @@ def serve(fd: int) -> None:
         _Served(sock).serve()
 
 
+def serve_driver(fd: int) -> None:
+    """The driver floor's child process: each null invoke's frame runs through qtee's own
+    driver and secure world (an in-process ``Device``: the block copied into mapped memory,
+    ``OBJECT_INVOKE`` on the fd, the block copied back), with the lean codec and no checks,
+    records or tables of the server's own.  It first sends ``{"ta": id, "block": addr}``:
+    the TA object's id in its fd and the address of the block's mapping."""
+    from _ipc_tas import NAME  # the TA of bench/ipc.py (registered on import)
+
+    device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
+    with qtee.Client(device) as client, socket.socket(fileno=fd) as sock:
+        env = client.client_env()
+        loader = client.open_service(env, 3)
+        (ctrl,) = loader.invoke(0, qtee.ta_image(NAME), qtee.OUT_OBJECT)
+        (app,) = ctrl.invoke(2, qtee.OUT_OBJECT)
+        block = bytearray(_HEAD.size)
+        addr = device.memory.pin(block)
+        body = msgpack.packb({"v": PROTOCOL_VERSION, "ta": app.id, "block": addr})
+        sock.sendall(_LEN.pack(len(body)) + body)
+        ioctl = client.ctx.ioctl
+        pending = bytearray()
+        while (frame := _read(sock, pending)) is not None:
+            block[:] = frame["regions"][0]["data"]
+            arg = bytearray(frame["arg"])
+            ioctl(frame["cmd"], arg)
+            sock.sendall(encode_reply(frame["seq"], 0, bytes(arg), [(addr, bytes(block))]))
+        device.memory.unpin(addr)
+        for ref in (app, ctrl, loader, env):
+            ref.release()
+
+
 class SocketFloor:
     """The client end of the socket floor, and its server child.  :meth:`null` is a null
     invoke (one frame pair); :meth:`callback` an invoke + one callback (the invoke, the
     worker's pending RECV answered, its SEND, its next RECV: four pairs).  The caller reads
     the socket while its call is open and hands the worker its replies through a bare lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, driver: bool = False) -> None:
         self.sock, there = socket.socketpair()
+        serve = "--serve-driver" if driver else "--serve"
         self.child = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(there.fileno())], pass_fds=[there.fileno()]
+            [sys.executable, __file__, serve, str(there.fileno())], pass_fds=[there.fileno()]
         )
         there.close()
         self._pending = bytearray()
+        self._driver = driver
+        self._ta_id, self._block_addr = _TA_ID, _BLOCK_ADDR
+        if driver:  # the driver floor's child names its TA object and block address
+            hello = _read(self.sock, self._pending)
+            if hello is None:
+                raise EOFError("the driver floor's server did not start")
+            self._ta_id, self._block_addr = hello["ta"], hello["block"]
         self._send_lock = threading.Lock()
         self._seq = 0
         self._worker_seq = -1
@@ -384,11 +428,11 @@ class SocketFloor:
 
     def _invoke(self, op: int, params: int) -> None:
         block = self._block
-        _HEAD.pack_into(block, 0, _TA_ID, op, 0, params)
+        _HEAD.pack_into(block, 0, self._ta_id, op, 0, params)
         if params:
             _PARAM.pack_into(block, _HEAD.size, _OBJ_IN, _CB_ID, uapi.QCOMTEE_OBJREF_FLAG_USER, 0)
         data = bytes(block[: _HEAD.size + _PARAM.size * params])
-        reply = self._wait(self._call(uapi.TEE_IOC_OBJECT_INVOKE, data, _BLOCK_ADDR))
+        reply = self._wait(self._call(uapi.TEE_IOC_OBJECT_INVOKE, data, self._block_addr))
         if reply["errno"]:
             raise OSError(reply["errno"], "floor invoke")
         (region,) = reply["written"]
@@ -400,6 +444,8 @@ class SocketFloor:
         self._invoke(0, 0)
 
     def callback(self) -> None:
+        if self._driver:
+            raise NotImplementedError("the driver floor serves the null invoke only")
         if self._worker is None:
             self._worker = threading.Thread(target=self._serve_callbacks, daemon=True)
             self._worker.start()
@@ -438,6 +484,9 @@ class SocketFloor:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["--serve"]:
-        raise SystemExit(f"usage: {Path(__file__).name} --serve FD")
-    serve(int(sys.argv[2]))
+    if sys.argv[1:2] == ["--serve"]:
+        serve(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["--serve-driver"]:
+        serve_driver(int(sys.argv[2]))
+    else:
+        raise SystemExit(f"usage: {Path(__file__).name} --serve|--serve-driver FD")

@@ -13,7 +13,9 @@ affinity, so every round trip pays the same cross-process context switches):
   the four pairs its exchange is made of (INVOKE, the worker's RECV, its SEND, its next RECV).
 * floors: ``_floors.SocketFloor``, a child serving one socketpair with a lean codec (the
   frames' real encoding, read as plain maps), answering on its reading thread; here the
-  caller reads its own reply and hands the worker its replies through a bare lock.
+  caller reads its own reply and hands the worker its replies through a bare lock.  The
+  null invoke has a second floor, the driver floor (``SocketFloor(driver=True)``): the
+  same, but its child runs the invoke through qtee's own driver and secure world.
 * qtee: ``python -m qtee serve`` in a child (the TA is ``bench/_ipc_tas.py``), and here a
   ``Client(qtee.connect(path), workers=1)``: a null invoke, and an invoke with one callback
   run by the client's one worker.
@@ -228,6 +230,7 @@ def main() -> None:
                 qtee.Client(device, workers=1) as client,
                 PingPong() as pp,
                 _floors.SocketFloor() as floor,
+                _floors.SocketFloor(driver=True) as driver_floor,
             ):
                 env = client.client_env()
                 loader = client.open_service(env, 3)
@@ -241,9 +244,12 @@ def main() -> None:
                 def callback() -> None:
                     app.invoke(1, nop)
 
-                base, floor_null, alone = rotated_ops_per_sec(pp.null, floor.null, null)
+                base, floor_null, driver_null, alone = rotated_ops_per_sec(
+                    pp.null, floor.null, driver_floor.null, null
+                )
                 report("bare msgpack ping-pong, 2 processes, socketpair", base)
                 report("floor: null invoke, lean frames", floor_null, base)
+                report("floor + qtee's driver and QTEE, lean frames", driver_null, base)
                 report("null invoke over the socket", alone, base, 3.0, floor=base / floor_null)
                 base4, floor_cb, cb = rotated_ops_per_sec(
                     pp.exchange, floor.callback, callback, min_time=0.5, repeats=5
