@@ -70,6 +70,14 @@ _LAZY: Final = 0.002
 #: query still waits.
 _KEPT_READS: Final = 0.1
 _TIMEVAL: Final = struct.Struct("@ll")
+_monotonic: Final = time.monotonic
+_new_lock: Final = threading.Lock
+#: What :meth:`RemoteLead._lead` ends with: ``end`` passed (or a lazy reader stops), the
+#: leader's own reply filed (its ``done`` still held: nobody need release it to itself),
+#: or the stream ended (every call in flight released).
+_STOPPED: Final = 0
+_ANSWERED: Final = 1
+_ENDED: Final = 2
 
 
 class _Closed(DriverError):
@@ -93,7 +101,7 @@ class _Call:
         self.cmd = cmd
         self.lazy = lazy
         self.waiting = self.lead = False
-        self.done = done = threading.Lock()
+        self.done = done = _new_lock()
         done.acquire()
         self.reply: IoctlReply | None = None
         self.shm: tuple[int, int, mmap.mmap | bytearray, int] | None = None  # id, size, map, fd
@@ -143,7 +151,7 @@ class RemoteLead(RemoteShms):
         msg = decoder.feed_next() if decoder.pending else None
         while msg is None:
             if end is not None:
-                left = end - time.monotonic()
+                left = end - _monotonic()
                 if left <= 0:
                     if not self._poll.poll(0):
                         return None
@@ -156,11 +164,12 @@ class RemoteLead(RemoteShms):
                 if self._rcv_now < self._rcv_base:  # shortened for a deadline: back
                     self._set_rcv(self._rcv_base)
                 continue
-            for level, kind, cdata in ancdata:
-                if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-                    self._fds.extend(fds)
+            if ancdata:  # (most reads bring no fd)
+                for level, kind, cdata in ancdata:
+                    if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                        fds = array.array("i")
+                        fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                        self._fds.extend(fds)
             if flags & _MSG_CTRUNC:
                 raise DriverError(errno.EPROTO, "the server sent more fds than one read takes")
             if not data:
@@ -193,20 +202,25 @@ class RemoteLead(RemoteShms):
         else:
             raise DriverError(errno.EPROTO, f"a {type(msg).__name__} from the server")
 
-    def _lead(self, call: _Call, end: float | None) -> bool:
+    def _lead(self, call: _Call, end: float | None) -> int:
         """Read the socket (this thread leads) and file what comes until ``call`` is
-        answered or the stream ends (True), or ``end`` passes (False); a lazy call stops
-        after another call's reply too (False): that caller reads its next one itself."""
+        answered (:data:`_ANSWERED`: its ``done`` is left held, the reader has its reply)
+        or the stream ends (:data:`_ENDED`), or ``end`` passes (:data:`_STOPPED`); a lazy
+        call stops after another call's reply too (:data:`_STOPPED`): that caller reads its
+        next one itself."""
         reason = "connection closed"
         try:
             while True:
                 msg = self._read_one(end)
                 if msg is None:
-                    return False
+                    return _STOPPED
                 answered: _Call | None = None
                 if isinstance(msg, IoctlReply):  # (filed here: one call fewer per reply)
                     with self._lock:
                         answered = self._pending.pop(msg.seq, None)
+                        if answered is call:  # (the reader: neither waiting nor woken)
+                            call.reply = msg
+                            return _ANSWERED
                         if answered is not None:
                             answered.reply = msg
                             # woken to read: that wakes it
@@ -217,15 +231,13 @@ class RemoteLead(RemoteShms):
                         raise DriverError(errno.EPROTO, f"a reply for no call ({msg.seq})")
                     if not woken:
                         answered.done.release()
-                    if answered is call:
-                        return True
                 else:
                     self._file(msg)
                 if call.lazy and (
                     answered is not None  # that caller reads its next reply itself
                     or (call.cmd == 0 and not (self._watching or self._streams))
                 ):
-                    return False
+                    return _STOPPED
         except _Bye as exc:
             reason = str(exc)
         except _Closed:
@@ -233,7 +245,7 @@ class RemoteLead(RemoteShms):
         except (DriverError, FrameError, OSError) as exc:
             reason = str(exc)
         self._end_stream(reason)
-        return True
+        return _ENDED
 
     def _end_stream(self, reason: str) -> None:
         """The stream ended (seen by the leader, which keeps the lead for good): every call
@@ -279,7 +291,7 @@ class RemoteLead(RemoteShms):
         until its own reply; else it waits to be handed its reply, or the reading."""
         if call.lazy:
             return self._wait_lazy(call)
-        end = None if timeout is None else time.monotonic() + timeout
+        end = None if timeout is None else _monotonic() + timeout
         while True:
             if call.done.acquire(False):  # answered already
                 return True
@@ -292,13 +304,12 @@ class RemoteLead(RemoteShms):
                     self._followers += 1
             if lead:
                 try:
-                    answered = self._lead(call, end)
+                    led = self._lead(call, end)
                 finally:
                     self._pass_lead()
-                if answered:
-                    call.done.acquire()  # released by the reply or the loss
-                    return True
-                return False
+                if led == _ENDED:
+                    call.done.acquire()  # released by the loss
+                return led != _STOPPED
             try:
                 got = call.done.acquire(
                     timeout=-1.0 if end is None else max(0.0, end - time.monotonic())
@@ -355,13 +366,14 @@ class RemoteLead(RemoteShms):
                     if not call.cmd and not self._watching:
                         end = time.monotonic() + _KEPT_READS
                     try:
-                        answered = self._lead(call, end)
+                        led = self._lead(call, end)
                     finally:
                         self._pass_lead()
-                    if answered:
+                    if led:
                         if not call.cmd:  # the kept reader saw the end: nobody answers it
                             return False
-                        call.done.acquire()
+                        if led == _ENDED:
+                            call.done.acquire()  # released by the loss
                         return True
                 if delegate:
                     if call.done.acquire(timeout=_LAZY):
