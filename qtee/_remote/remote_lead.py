@@ -207,45 +207,54 @@ class RemoteLead(RemoteShms):
         answered (:data:`_ANSWERED`: its ``done`` is left held, the reader has its reply)
         or the stream ends (:data:`_ENDED`), or ``end`` passes (:data:`_STOPPED`); a lazy
         call stops after another call's reply too (:data:`_STOPPED`): that caller reads its
-        next one itself."""
+        next one itself.  The lead is passed on (:meth:`_pass_lead`) before it returns."""
         reason = "connection closed"
+        passed = False
         try:
-            while True:
-                msg = self._read_one(end)
-                if msg is None:
-                    return _STOPPED
-                answered: _Call | None = None
-                if isinstance(msg, IoctlReply):  # (filed here: one call fewer per reply)
-                    with self._lock:
-                        answered = self._pending.pop(msg.seq, None)
-                        if answered is call:  # (the reader: neither waiting nor woken)
-                            call.reply = msg
-                            return _ANSWERED
-                        if answered is not None:
-                            answered.reply = msg
-                            # woken to read: that wakes it
-                            woken, answered.lead = answered.lead, False
-                            if answered.waiting:
-                                self._unwait(answered)
-                    if answered is None:
-                        raise DriverError(errno.EPROTO, f"a reply for no call ({msg.seq})")
-                    if not woken:
-                        answered.done.release()
-                else:
-                    self._file(msg)
-                if call.lazy and (
-                    answered is not None  # that caller reads its next reply itself
-                    or (call.cmd == 0 and not (self._watching or self._streams))
-                ):
-                    return _STOPPED
-        except _Bye as exc:
-            reason = str(exc)
-        except _Closed:
-            reason = f"the server at {self.device.path} closed the connection"
-        except (DriverError, FrameError, OSError) as exc:
-            reason = str(exc)
-        self._end_stream(reason)
-        return _ENDED
+            try:
+                while True:
+                    msg = self._read_one(end)
+                    if msg is None:
+                        return _STOPPED
+                    answered: _Call | None = None
+                    if isinstance(msg, IoctlReply):  # (filed here: one call fewer per reply)
+                        with self._lock:
+                            answered = self._pending.pop(msg.seq, None)
+                            if answered is call:  # (the reader: neither waiting nor woken)
+                                call.reply = msg
+                                passed = True  # (_pass_lead inline: the lock is held)
+                                self._leading = False
+                                if self._followers:
+                                    self._promote()
+                                return _ANSWERED
+                            if answered is not None:
+                                answered.reply = msg
+                                # woken to read: that wakes it
+                                woken, answered.lead = answered.lead, False
+                                if answered.waiting:
+                                    self._unwait(answered)
+                        if answered is None:
+                            raise DriverError(errno.EPROTO, f"a reply for no call ({msg.seq})")
+                        if not woken:
+                            answered.done.release()
+                    else:
+                        self._file(msg)
+                    if call.lazy and (
+                        answered is not None  # that caller reads its next reply itself
+                        or (call.cmd == 0 and not (self._watching or self._streams))
+                    ):
+                        return _STOPPED
+            except _Bye as exc:
+                reason = str(exc)
+            except _Closed:
+                reason = f"the server at {self.device.path} closed the connection"
+            except (DriverError, FrameError, OSError) as exc:
+                reason = str(exc)
+            self._end_stream(reason)
+            return _ENDED
+        finally:
+            if not passed:
+                self._pass_lead()
 
     def _end_stream(self, reason: str) -> None:
         """The stream ended (seen by the leader, which keeps the lead for good): every call
@@ -303,10 +312,7 @@ class RemoteLead(RemoteShms):
                     call.waiting = True
                     self._followers += 1
             if lead:
-                try:
-                    led = self._lead(call, end)
-                finally:
-                    self._pass_lead()
+                led = self._lead(call, end)
                 if led == _ENDED:
                     call.done.acquire()  # released by the loss
                 return led != _STOPPED
@@ -365,10 +371,7 @@ class RemoteLead(RemoteShms):
                     end = None
                     if not call.cmd and not self._watching:
                         end = time.monotonic() + _KEPT_READS
-                    try:
-                        led = self._lead(call, end)
-                    finally:
-                        self._pass_lead()
+                    led = self._lead(call, end)
                     if led:
                         if not call.cmd:  # the kept reader saw the end: nobody answers it
                             return False
@@ -416,10 +419,7 @@ class RemoteLead(RemoteShms):
         if not lead:
             self._end.wait(grace)
             return
-        try:
-            self._lead(_Call(0), time.monotonic() + grace)
-        finally:
-            self._pass_lead()
+        self._lead(_Call(0), _monotonic() + grace)
 
     def _reading(self) -> None:
         """A query or a watch waits for frames nobody may call for: keep a reader."""
