@@ -100,6 +100,11 @@ __all__ = [
 
 _BUF_TYPES: Final = (bytes, bytearray, memoryview)  # (a tuple: a union is built per call)
 _SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
+#: u32 ioctls whose own struct the kernel only reads (not in WRITES_STRUCT): nothing to
+#: check of ``cmd`` or ``arg`` before the call but that ``arg`` is a buffer.
+_PLAIN: Final = frozenset(
+    {uapi.TEE_IOC_OBJECT_INVOKE, uapi.TEE_IOC_SUPPL_RECV, uapi.TEE_IOC_SUPPL_SEND}
+)
 #: Calls whose reply may carry the secure side's note (a QTEE invocation, a GP call).
 _NOTED: Final = frozenset(
     {uapi.TEE_IOC_OBJECT_INVOKE, uapi.TEE_IOC_OPEN_SESSION, uapi.TEE_IOC_INVOKE}
@@ -271,19 +276,21 @@ class RemoteContext(RemoteLead, RemoteQueries):
             raise DriverError(
                 errno.EFAULT, f"ioctl argument must be a buffer, not {type(arg).__name__}"
             )
-        if cmd in WRITES_STRUCT:  # a read-only struct: EFAULT here, as in process
-            need_arg(arg, 0)
-        if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
-            raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
+        if type(cmd) is not int or cmd not in _PLAIN:  # (the common ioctls need no more)
+            if cmd in WRITES_STRUCT:  # a read-only struct: EFAULT here, as in process
+                need_arg(arg, 0)
+            if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
+                raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
         kind = type(arg)  # bytes and bytearray go whole: _struct_bytes without the call
         data = bytes(arg) if kind is bytearray or kind is bytes else _struct_bytes(cmd, arg)
-        limit = self.device.max_frame
+        device = self.device
+        limit = device.max_frame
         dialect = self.dialect
-        regions = dialect.regions(cmd, data, self.device.memory, limit)
+        regions = dialect.regions(cmd, data, device.memory, limit)
         lazy = cmd == _SUPPL_RECV and not nowait
         call = _Call(cmd, lazy)
         seq = self._request(encode_call, self._pending, call, cmd, data, regions, limit, nowait)
-        timeout = self.device.call_timeout
+        timeout = device.call_timeout
         if timeout is None or lazy:
             self._wait(call, None)  # the reply, or the connection lost
         elif not self._wait(call, timeout):
@@ -294,16 +301,18 @@ class RemoteContext(RemoteLead, RemoteQueries):
             if call.lie is not None:
                 raise DriverError(errno.EPROTO, f"the server lied: {call.lie}")
             raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-        shm = call.shm[:2] if call.shm is not None else None
-        lie = call.lie or dialect.check(cmd, data, regions, reply, shm)
+        shm = call.shm
+        lie = call.lie
+        if lie is None:
+            lie = dialect.check(cmd, data, regions, reply, None if shm is None else shm[:2])
         if lie is not None:
             self._drop_shm(call)
             self._abandon(f"the server lied about call {seq}: {lie}")
             raise DriverError(errno.EPROTO, f"the server lied: {lie}")
         if reply.errno:
             raise DriverError(reply.errno)  # the errno alone: its text is the message
-        if call.shm is not None:
-            shm_id, _size, buf, fd = call.shm
+        if shm is not None:
+            shm_id, _size, buf, fd = shm
             with self._lock:
                 self._maps[shm_id] = buf
                 self._shm_fds[shm_id] = fd
@@ -312,7 +321,7 @@ class RemoteContext(RemoteLead, RemoteQueries):
                 self._abandon(f"the server lied about call {seq}: it changed a read-only struct")
                 raise DriverError(errno.EPROTO, "the server lied: it changed a read-only struct")
             arg[:] = reply.arg
-        mem = self.device.memory
+        mem = device.memory
         for region in reply.written:
             mem.write(region.addr, region.data)
         dialect.done(cmd, reply.arg)
