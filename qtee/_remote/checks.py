@@ -52,6 +52,7 @@ _HEADS: Final = {
     uapi.TEE_IOC_SUPPL_SEND: (8, 4),
 }
 _INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
+_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
 _UBUF_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
 _UBUF_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
 _OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
@@ -168,26 +169,23 @@ class QteeDialect:
         """What is wrong with ``reply`` to the ioctl ``cmd`` (see :meth:`Dialect.check`), or
         None: the frame-level rules (:func:`check_written`), then what the kernel's ioctl
         may change."""
-        if cmd == _INVOKE and shm is None:  # the common case first: it passes or goes on
+        if shm is None and cmd in _HEADS:  # the common cases first: they pass or go on
             if reply.errno:
                 return None
             written = reply.written
-            if (
-                len(written) == 1
-                and len(regions) == 1
-                and reply.arg == arg
-                and len(arg) >= _BUF_SIZE
-            ):
-                (w,) = written
-                start, before, writable = regions[0]
-                after = w.data
-                if (
-                    w.addr == start
-                    and len(after) == len(before)
-                    and writable
-                    and _BUF.unpack_from(arg) == (start, len(before))
-                ):  # the block alone went, and came back whole
-                    return None if after == before else _check_invoke(before, after)
+            if reply.arg == arg:
+                if not written:  # nothing written back
+                    return None
+                if len(written) == 1 and len(arg) >= _BUF_SIZE:
+                    (w,) = written
+                    after = w.data
+                    ptr, length = _BUF.unpack_from(arg)
+                    if w.addr == ptr and len(after) == length:  # the block, whole
+                        for start, before, writable in regions:  # as it went, alone
+                            if start == ptr and len(before) == length and writable:
+                                if cmd == _INVOKE:
+                                    return None if after == before else _check_invoke(before, after)
+                                return _check_recv(before, after) if cmd == _RECV else None
         try:
             check_written(reply, len(arg), regions)
         except FrameError as exc:

@@ -83,3 +83,68 @@ def test_writes_past_the_block_or_elsewhere_are_lies() -> None:
     assert lie == "the reply changes the buf_data argument"
     shm = dialect.check(_INVOKE, arg, regions, _reply(arg, _w(addr, block)), (1, 4096))
     assert shm == "a shm fd for a call that is no SHM_ALLOC"
+
+
+_RECV = uapi.TEE_IOC_SUPPL_RECV
+_SEND = uapi.TEE_IOC_SUPPL_SEND
+_META_SCRATCH = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
+
+
+def _recv_setup() -> tuple[QteeDialect, bytes, list[tuple[int, bytes, bool]], int, int, bytes]:
+    """A supplicant's RECV: its block (3 slots, the scratch buffer first) and scratch."""
+    mem = CheckedMemory()
+    scratch = bytearray(64)
+    s_addr = mem.pin(scratch)
+    block = bytearray(struct.pack("<II", 0, 3))
+    block += uapi.PARAM_STRUCT.pack(_META_SCRATCH, s_addr, len(scratch), 0) + bytes(64)
+    b_addr = mem.pin(block)
+    arg = uapi.BUF_DATA_STRUCT.pack(b_addr, len(block))
+    dialect = QteeDialect(Welcome(impl_id=uapi.TEE_IMPL_ID_QTEE, gen_caps=0, server="test"))
+    regions = dialect.regions(_RECV, arg, mem, 1 << 20)
+    return dialect, arg, regions, b_addr, s_addr, bytes(block)
+
+
+def _request(s_addr: int, num: int, attr: int, addr: int, size: int) -> bytes:
+    """A RECV block as the server fills it: ``num`` params, the second one given."""
+    head = struct.pack("<II", 9, num)
+    first = uapi.PARAM_STRUCT.pack(_META_SCRATCH, s_addr, 64, 0)
+    return head + first + uapi.PARAM_STRUCT.pack(attr, addr, size, 0) + bytes(32)
+
+
+def test_a_recv_reply_writing_its_block_alone_is_checked_param_by_param() -> None:
+    """SUPPL_RECV (issue 18: same verdicts): a request inside the scratch buffer passes;
+    more params than slots, an input outside the scratch buffer, or an output naming an
+    address is a lie -- also when the block alone comes back."""
+    dialect, arg, regions, b_addr, s_addr, _block = _recv_setup()
+    ubuf_in = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT
+    ubuf_out = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
+
+    def verdict(back: bytes) -> str | None:
+        return dialect.check(_RECV, arg, regions, _reply(arg, _w(b_addr, back)), None)
+
+    assert verdict(_request(s_addr, 2, ubuf_in, s_addr + 8, 16)) is None
+    assert verdict(_request(s_addr, 4, ubuf_in, s_addr, 8)) == "a request of 4 params for 3 slots"
+    outside = verdict(_request(s_addr, 2, ubuf_in, s_addr + 60, 16))
+    assert (
+        outside
+        == f"param 1: an input at [{s_addr + 60:#x}, {s_addr + 76:#x}) outside the scratch buffer"
+    )
+    assert (
+        verdict(_request(s_addr, 2, ubuf_out, s_addr, 8))
+        == f"param 1: an output buffer at {s_addr:#x}"
+    )
+
+
+def test_a_send_reply_writing_nothing_passes_and_one_changing_the_arg_does_not() -> None:
+    """SUPPL_SEND writes nothing back: an empty reply passes; an argument changed is a lie."""
+    mem = CheckedMemory()
+    block = bytearray(struct.pack("<II", 9, 1) + bytes(32))
+    addr = mem.pin(block)
+    arg = uapi.BUF_DATA_STRUCT.pack(addr, len(block))
+    dialect = QteeDialect(Welcome(impl_id=uapi.TEE_IMPL_ID_QTEE, gen_caps=0, server="test"))
+    regions = dialect.regions(_SEND, arg, mem, 1 << 20)
+    assert dialect.check(_SEND, arg, regions, _reply(arg), None) is None
+    other = uapi.BUF_DATA_STRUCT.pack(addr, len(block) - 8)
+    assert dialect.check(_SEND, arg, regions, _reply(other), None) == (
+        "the reply changes the buf_data argument"
+    )
