@@ -110,10 +110,16 @@ def read_spans(mem: AddressSpace, spans: list[tuple[int, int, bool]]) -> list[Sp
     return _read_merged(mem, merge(spans))
 
 
-def _read_merged(mem: AddressSpace, merged: list[tuple[int, int, bool]]) -> list[Span]:
-    """:func:`read_spans` of spans merged already (``[start, end)``)."""
+def _read_merged(
+    mem: AddressSpace, merged: list[tuple[int, int, bool]], at: int = -1, read: bytes = b""
+) -> list[Span]:
+    """:func:`read_spans` of spans merged already (``[start, end)``); a span that is
+    exactly the bytes ``read`` at ``at`` just now is not read again."""
     regions: list[Span] = []
     for start, end, writable in merged:
+        if start == at and end - start == len(read):
+            regions.append((start, read, writable))
+            continue
         try:
             data = mem.read(start, end - start)
         except DriverError:
@@ -148,7 +154,7 @@ class QteeDialect:
                 return [(ptr, block, True)]
         seen = self._seen  # (the spans depend on the cmd, argument and block alone)
         if seen is not None and seen[1] == arg and seen[2] == block and seen[0] == cmd:
-            return _read_merged(mem, seen[3])
+            return _read_merged(mem, seen[3], ptr, block)
         spans: list[tuple[int, int, bool]] = [(ptr, length, True)]
         if len(block) >= size:
             for i in range(min(num, (len(block) - size) // 32)):
@@ -161,7 +167,7 @@ class QteeDialect:
             return [(ptr, block, True)] if length > 0 else []
         merged = merge(spans)
         self._seen = (cmd, arg, block, merged)
-        return _read_merged(mem, merged)
+        return _read_merged(mem, merged, ptr, block)
 
     def check(
         self, cmd: int, arg: bytes, regions: list[Span], reply: IoctlReply, shm: ShmSeen
