@@ -93,7 +93,8 @@ and field checks in :mod:`qtee._remote.frame_fields`, and every name is importab
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
 from typing import Any, Final, NoReturn
 
 import msgpack
@@ -161,85 +162,111 @@ def from_map(m: object) -> Message:
 
 
 _new = object.__new__
-_setattr = object.__setattr__
 
 
 # The two frames of every call, from the msgpack pairs themselves (maps decoded as tuples of
-# pairs, in C): a frame whose keys come in the encoder's order is checked and built here, in
-# one call, without building kwargs and re-validating through __post_init__ (the same checks,
-# inline); anything else (another key order, a duplicated key, any doubt) is None, and the
-# body is decoded again as maps by from_map, which accepts or names the error exactly as ever.
-_IOCTL_ORDER: Final = ("v", "t", "seq", "cmd", "arg", "regions")
-_REPLY_ORDER: Final = ("v", "t", "seq", "errno", "arg", "written")
+# pairs, in C, so a duplicated key is seen): a frame whose keys come in the encoder's order
+# is checked and built here, in one call, without building kwargs and re-validating through
+# __post_init__ (the same checks, inline: ``n >> k`` is n outside [0, 2**k); the records'
+# slots set directly); anything else (another key order, a duplicated key, a ``why``, any
+# doubt) is None, and the body is decoded again as maps by from_map, which accepts or names
+# the error exactly as ever.
 _unpackb = msgpack.unpackb
+_IOCTL_KEYS: Final = ("v", "t", "seq", "cmd", "arg", "regions")
+_REPLY_KEYS: Final = ("v", "t", "seq", "errno", "arg", "written")
+_REGION_KEYS: Final = ("addr", "data", "writable")
+_ERRNO_BITS: Final = MAX_ERRNO.bit_length()
+_ADDR_END: Final = _U64 + 1
+assert MAX_ERRNO == (1 << _ERRNO_BITS) - 1
+assert _U32 == (1 << 32) - 1 and _U64 == (1 << 64) - 1
 
 
-def _decode_call(body: memoryview) -> Ioctl | IoctlReply | None:
+def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
+    """The setter of a slotted record's field (a frozen record's, set once, no lookup)."""
+    setter: Callable[[object, object], None] = cls.__dict__[name].__set__
+    return setter
+
+
+_region_addr = _slot_setter(Region, "addr")
+_region_data = _slot_setter(Region, "data")
+_region_writable = _slot_setter(Region, "writable")
+_ioctl_seq = _slot_setter(Ioctl, "seq")
+_ioctl_cmd = _slot_setter(Ioctl, "cmd")
+_ioctl_arg = _slot_setter(Ioctl, "arg")
+_ioctl_regions = _slot_setter(Ioctl, "regions")
+_reply_seq = _slot_setter(IoctlReply, "seq")
+_reply_errno = _slot_setter(IoctlReply, "errno")
+_reply_arg = _slot_setter(IoctlReply, "arg")
+_reply_written = _slot_setter(IoctlReply, "written")
+_reply_why = _slot_setter(IoctlReply, "why")
+
+
+def _decode_call(body: bytes | bytearray) -> Ioctl | IoctlReply | None:
+    """A call frame's record from its body, or None (the general path decides)."""
     try:
         m = _unpackb(body, raw=False, strict_map_key=True, object_pairs_hook=tuple)
-    except Exception:
+        (k0, v), (k1, t), (k2, seq), (k3, x), (k4, arg), (k5, regs) = m
+    except Exception:  # not one msgpack value, not a map of six pairs
         return None
-    if type(m) is not tuple or len(m) != 6:
+    if (
+        type(v) is not int
+        or type(seq) is not int
+        or type(x) is not int
+        or type(arg) is not bytes
+        or type(regs) is not list
+        or v != PROTOCOL_VERSION
+        or seq >> 32
+    ):
         return None
-    keys, (v, t, seq, x, arg, regs) = zip(*m, strict=True)
-    if type(v) is not int or v != PROTOCOL_VERSION or type(seq) is not int or type(x) is not int:
-        return None
-    if keys == _IOCTL_ORDER and t == "ioctl":
-        if not 0 <= x <= _U32:
+    keys = (k0, k1, k2, k3, k4, k5)
+    if keys == _IOCTL_KEYS and t == "ioctl":
+        if x >> 32:
             return None
         writable_only = False
-    elif keys == _REPLY_ORDER and t == "reply":
-        if not 0 <= x <= MAX_ERRNO or (x and (arg or regs)):
+    elif keys == _REPLY_KEYS and t == "reply":
+        if x >> _ERRNO_BITS or (x and (arg or regs)):
             return None
         writable_only = True
     else:
         return None
-    if type(regs) is not list or type(arg) is not bytes or not 0 <= seq <= _U32:
-        return None
     out = []
-    spans = []
-    for r in regs:  # each checked as Region checks it
-        if type(r) is not tuple or len(r) != 3:
-            return None
-        (ka, addr), (kd, data), (kw, writable) = r
-        if (
-            ka != "addr"
-            or kd != "data"
-            or kw != "writable"
-            or type(addr) is not int
-            or type(data) is not bytes
-            or type(writable) is not bool
-            or not 0 <= addr <= _U64
-            or addr + len(data) > _U64 + 1
-            or (writable_only and not writable)
-        ):
-            return None
-        region = _new(Region)
-        _setattr(region, "addr", addr)
-        _setattr(region, "data", data)
-        _setattr(region, "writable", writable)
-        out.append(region)
-        if data:
-            spans.append((addr, addr + len(data)))
-    if len(spans) > 1:
-        spans.sort()
-        hi = spans[0][1]
-        for nlo, nhi in spans[1:]:
+    try:
+        for (ka, addr), (kd, data), (kw, writable) in regs:  # each checked as Region checks it
+            if (
+                (ka, kd, kw) != _REGION_KEYS
+                or type(addr) is not int
+                or type(data) is not bytes
+                or type(writable) is not bool
+                or addr >> 64
+                or addr + len(data) > _ADDR_END
+                or (writable_only and not writable)
+            ):
+                return None
+            region = _new(Region)
+            _region_addr(region, addr)
+            _region_data(region, data)
+            _region_writable(region, writable)
+            out.append(region)
+    except (TypeError, ValueError):  # a region that is not a map of three pairs
+        return None
+    if len(out) > 1:  # non-overlapping (empty ones overlap nothing)
+        spans = sorted((r.addr, r.addr + len(r.data)) for r in out if r.data)
+        for (_, hi), (nlo, _) in itertools.pairwise(spans):
             if nlo < hi:
                 return None
-            hi = nhi
-    msg: Ioctl | IoctlReply
     if writable_only:
-        msg = _new(IoctlReply)
-        _setattr(msg, "errno", x)
-        _setattr(msg, "written", tuple(out))
-        _setattr(msg, "why", None)
-    else:
-        msg = _new(Ioctl)
-        _setattr(msg, "cmd", x)
-        _setattr(msg, "regions", tuple(out))
-    _setattr(msg, "seq", seq)
-    _setattr(msg, "arg", arg)
+        reply = _new(IoctlReply)
+        _reply_seq(reply, seq)
+        _reply_errno(reply, x)
+        _reply_arg(reply, arg)
+        _reply_written(reply, tuple(out))
+        _reply_why(reply, None)
+        return reply
+    msg = _new(Ioctl)
+    _ioctl_seq(msg, seq)
+    _ioctl_cmd(msg, x)
+    _ioctl_arg(msg, arg)
+    _ioctl_regions(msg, tuple(out))
     return msg
 
 
@@ -250,7 +277,7 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return m
 
 
-def _unpack(body: memoryview) -> object:
+def _unpack(body: bytes | bytearray) -> object:
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True, object_pairs_hook=_pairs)
     except FrameError:
@@ -461,11 +488,8 @@ class FrameDecoder:
         if len(buf) < end:
             return None
         try:
-            body = memoryview(buf)[_HDR:end]  # (the whole buffer's view goes with the slice)
-            try:
-                msg = _decode_call(body) or from_map(_unpack(body))
-            finally:
-                body.release()  # before the buffer is resized
+            body = buf[_HDR:end]  # (a copy: the buffer is resized below)
+            msg = _decode_call(body) or from_map(_unpack(body))
             if self._expect_seq and isinstance(msg, _REQUEST_TYPES):
                 seq = msg.seq
                 if self._last_seq is not None and seq <= self._last_seq:

@@ -1,0 +1,81 @@
+"""The call frames' fast decode: a call frame with its keys in the encoder's order is
+decoded in one pass; any other is left to the general path, which decodes the same record
+or names the error."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+
+from qtee._remote.frames import (
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    FrameError,
+    Ioctl,
+    IoctlReply,
+    Region,
+    _decode_call,
+    _unpack,
+    encode,
+    from_map,
+)
+from tests.remote.test_frames import ioctls, replies
+
+_HEAD = b"\xa1v" + bytes([PROTOCOL_VERSION]) + b"\xa1t\xa5ioctl"
+_REST = b"\xa3seq\x01\xa3cmd\x02\xa3arg\xc4\x01x\xa7regions\x91"
+_REGION = b"\x83\xa4addr\x10\xa4data\xc4\x02ab\xa8writable\xc3"
+_EXPECTED = Ioctl(seq=1, cmd=2, arg=b"x", regions=(Region(addr=16, data=b"ab", writable=True),))
+
+
+def _decoded(body: bytes) -> object:
+    dec = FrameDecoder()
+    return dec.feed_next(len(body).to_bytes(4, "big") + body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(msg=ioctls | replies)
+def test_the_encoders_frames_take_the_fast_path(msg: Ioctl | IoctlReply) -> None:
+    """Every call frame the encoder writes is decoded by the fast path itself, to the record
+    it was encoded from (frames docstring: a message has one encoding)."""
+    body = encode(msg)[4:]
+    assert _decode_call(bytearray(body)) == msg
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x86" + _HEAD + b"\xa3seq\xce\x00\x00\x00\x01" + _REST[5:] + _REGION,  # u32 for 1
+        b"\xde\x00\x06" + _HEAD + _REST + _REGION,  # a map16 header for 6 keys
+        b"\x86" + _HEAD + _REST[:-1] + b"\xdc\x00\x01" + _REGION,  # an array16 of 1
+        b"\x86" + _HEAD.replace(b"\xa1t", b"\xd9\x01t") + _REST + _REGION,  # a str8 key
+    ],
+)
+def test_longer_encodings_in_the_encoders_order_take_the_fast_path(body: bytes) -> None:
+    """The same ioctl map with a longer int, map, array or str encoding is the same record,
+    from the fast path as from the general one (msgpack: any encoding of a value)."""
+    assert _decode_call(bytearray(body)) == _EXPECTED
+    assert from_map(_unpack(bytearray(body))) == _EXPECTED
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x86" + _HEAD + _REST + b"\x83\xa4data\xc4\x02ab\xa4addr\x10\xa8writable\xc3",
+        b"\x86" + _HEAD[3:] + _HEAD[:3] + _REST + _REGION,  # t before v
+    ],
+)
+def test_other_key_orders_are_left_to_the_general_path(body: bytes) -> None:
+    """A valid ioctl frame whose keys are not in the encoder's order is not the fast
+    path's (None), and the decoder still hands out the same record (frames docstring: a
+    map holds its kind's keys, in any order)."""
+    assert _decode_call(bytearray(body)) is None
+    assert _decoded(body) == _EXPECTED
+
+
+def test_a_duplicated_key_is_left_to_the_general_path() -> None:
+    """A top-level key twice (seven pairs) is not the fast path's; the decoder refuses it
+    (frames docstring: a duplicated key is an error)."""
+    body = b"\x87" + _HEAD + _REST[:5] + _REST + _REGION
+    assert _decode_call(bytearray(body)) is None
+    with pytest.raises(FrameError, match="duplicated key"):
+        _decoded(body)
