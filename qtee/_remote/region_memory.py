@@ -25,6 +25,10 @@ from qtee.addrspace import TASK_SIZE
 __all__ = ["CallRegions", "RegionMemory"]
 
 
+#: ``CallRegions.only`` of a call with no region or several: above every user address.
+_NOWHERE = TASK_SIZE + 1
+
+
 def _efault(addr: int, size: int, why: str) -> DriverError:
     return DriverError(errno.EFAULT, f"user range {addr:#x}+{size} {why}")
 
@@ -40,6 +44,7 @@ class CallRegions:
         "bufs",
         "callbacks",
         "lender",
+        "one",
         "only",
         "peer",
         "quiet_since",
@@ -49,13 +54,14 @@ class CallRegions:
     )
 
     def __init__(self, regions: tuple[Region, ...], peer: object = None) -> None:
-        #: The start of the one region, if the call brought one (most do): no search.
-        self.only: int | None = None
         if len(regions) == 1:  # (most calls bring only their argument block: no loop)
             r = regions[0]
+            #: The start and buffer of the one region the call brought (most do); else
+            #: past the user address space and empty, which no access lies in.
             self.only = addr = r.addr
+            self.one = buf = bytearray(r.data)
             self.starts = [addr]
-            self.bufs = {addr: bytearray(r.data)}
+            self.bufs = {addr: buf}
             self.writable = {addr} if r.writable else set()
         else:
             starts: list[int] = []
@@ -68,6 +74,8 @@ class CallRegions:
                 if r.writable:
                     writable.add(addr)
             starts.sort()
+            self.only = _NOWHERE
+            self.one = bytearray()
             self.starts = starts
             self.bufs = bufs
             self.writable = writable
@@ -121,14 +129,20 @@ class CallRegions:
                 dest[lo - addr : hi - addr] = buf[lo - start : hi - start]
 
 
+class _ThreadCall(threading.local):
+    """The request running in a thread (None in a thread running none)."""
+
+    call: CallRegions | None = None
+
+
 class RegionMemory:
     """An address space whose mappings are the current request's regions (per thread)."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._local = _ThreadCall()
 
     def _regions(self) -> CallRegions:
-        call: CallRegions | None = getattr(self._local, "call", None)
+        call = self._local.call
         if call is None:
             raise DriverError(errno.EFAULT, "no caller memory in this thread")
         return call
@@ -145,8 +159,7 @@ class RegionMemory:
 
     def current(self) -> CallRegions | None:
         """The request running in this thread, if any."""
-        call: CallRegions | None = getattr(self._local, "call", None)
-        return call
+        return self._local.call
 
     def check(self, addr: int, size: int) -> None:
         """``access_ok``."""
@@ -156,27 +169,32 @@ class RegionMemory:
     def _mapped(self, addr: int, size: int) -> tuple[CallRegions, int, bytearray]:
         """The caller's region holding ``size`` bytes at ``addr``: the call, its start, its
         buffer (EFAULT: no caller memory, unmapped, or running past the buffer)."""
-        call: CallRegions | None = getattr(self._local, "call", None)
+        call = self._local.call
         if call is None:
             raise DriverError(errno.EFAULT, "no caller memory in this thread")
-        start = call.only
-        if start is None or addr < start:
-            starts = call.starts
-            i = bisect.bisect_right(starts, addr) - 1
-            if i < 0:
-                raise _efault(addr, size, "is not mapped for this call")
-            start = starts[i]
+        starts = call.starts
+        i = bisect.bisect_right(starts, addr) - 1
+        if i < 0:
+            raise _efault(addr, size, "is not mapped for this call")
+        start = starts[i]
         buf = call.bufs[start]
         if addr + size > start + len(buf):
             raise _efault(addr, size, "runs past the mapped buffer")
         return call, start, buf
 
-    # read and write run for every block an ioctl touches: the range check and the lookup
-    # (_mapped) without CallRegions.find's extra frames.
+    # read and write run for every block an ioctl touches: inside the call's one region
+    # (most calls bring one) they need no lookup; anywhere else _mapped finds the region
+    # or names the EFAULT.
     def read(self, addr: int, size: int) -> bytes:
         """``copy_from_user`` from the caller's regions."""
         if addr < 0 or size < 0 or addr + size > TASK_SIZE:
             raise _efault(addr, size, "is outside the user address space")
+        call = self._local.call
+        if call is not None:
+            off = addr - call.only
+            one = call.one
+            if off >= 0 and off + size <= len(one):
+                return bytes(one[off : off + size])
         if size == 0:
             return b""
         _, start, buf = self._mapped(addr, size)
@@ -189,6 +207,15 @@ class RegionMemory:
             raise _efault(addr, size, "is outside the user address space")
         if size == 0:
             return
+        call = self._local.call
+        if call is not None:
+            start = call.only
+            off = addr - start
+            one = call.one
+            if off >= 0 and off + size <= len(one) and start in call.writable:
+                one[off : off + size] = data
+                call.written.add(start)
+                return
         call, start, buf = self._mapped(addr, size)
         if start not in call.writable:
             raise _efault(addr, size, "is read-only")
