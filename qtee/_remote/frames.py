@@ -172,9 +172,10 @@ _new = object.__new__
 # doubt) is None, and the body is decoded again as maps by from_map, which accepts or names
 # the error exactly as ever.
 _unpackb = msgpack.unpackb
-_IOCTL_KEYS: Final = ("v", "t", "seq", "cmd", "arg", "regions")
-_REPLY_KEYS: Final = ("v", "t", "seq", "errno", "arg", "written")
-_REGION_KEYS: Final = ("addr", "data", "writable")
+_FIELD_TYPES: Final = (int, int, int, bytes, list)  # v, seq, cmd or errno, arg, regions
+_IOCTL_SHAPE: Final = ("v", "t", "seq", "cmd", "arg", "regions", "ioctl", *_FIELD_TYPES)
+_REPLY_SHAPE: Final = ("v", "t", "seq", "errno", "arg", "written", "reply", *_FIELD_TYPES)
+_REGION_SHAPE: Final = ("addr", "data", "writable", int, bytes, bool)
 _ERRNO_BITS: Final = MAX_ERRNO.bit_length()
 _ADDR_END: Final = _U64 + 1
 assert MAX_ERRNO == (1 << _ERRNO_BITS) - 1
@@ -208,23 +209,14 @@ def _decode_call(body: bytes | bytearray) -> Ioctl | IoctlReply | None:
         (k0, v), (k1, t), (k2, seq), (k3, x), (k4, arg), (k5, regs) = m
     except Exception:  # not one msgpack value, not a map of six pairs
         return None
-    if (
-        type(v) is not int
-        or type(seq) is not int
-        or type(x) is not int
-        or type(arg) is not bytes
-        or type(regs) is not list
-        or v != PROTOCOL_VERSION
-        or seq >> 32
-    ):
-        return None
-    keys = (k0, k1, k2, k3, k4, k5)
-    if keys == _IOCTL_KEYS and t == "ioctl":
-        if x >> 32:
+    # (the keys, the kind and the fields' types, compared as one tuple)
+    shape = (k0, k1, k2, k3, k4, k5, t, type(v), type(seq), type(x), type(arg), type(regs))
+    if shape == _IOCTL_SHAPE:
+        if v != PROTOCOL_VERSION or seq >> 32 or x >> 32:
             return None
         writable_only = False
-    elif keys == _REPLY_KEYS and t == "reply":
-        if x >> _ERRNO_BITS or (x and (arg or regs)):
+    elif shape == _REPLY_SHAPE:
+        if v != PROTOCOL_VERSION or seq >> 32 or x >> _ERRNO_BITS or (x and (arg or regs)):
             return None
         writable_only = True
     else:
@@ -233,10 +225,7 @@ def _decode_call(body: bytes | bytearray) -> Ioctl | IoctlReply | None:
     try:
         for (ka, addr), (kd, data), (kw, writable) in regs:  # each checked as Region checks it
             if (
-                (ka, kd, kw) != _REGION_KEYS
-                or type(addr) is not int
-                or type(data) is not bytes
-                or type(writable) is not bool
+                (ka, kd, kw, type(addr), type(data), type(writable)) != _REGION_SHAPE
                 or addr >> 64
                 or addr + len(data) > _ADDR_END
                 or (writable_only and not writable)
