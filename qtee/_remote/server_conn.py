@@ -322,12 +322,18 @@ class Connection(ConnectionQueries):
                     self._reply_now(req.seq, errno.EBUSY)
                 continue
             pause = False
-            with self._lock:
-                handed = self._waiting > 0
-                if not handed:
-                    handed, pause = self._spawn()
+            # (a thread counted in _waiting leaves the count only once it has the read
+            # lock this thread holds: a count seen without _lock stands)
+            handed = self._waiting > 0
+            if not handed:
+                with self._lock:
+                    handed = self._waiting > 0
+                    if not handed:
+                        handed, pause = self._spawn()
             if handed:
-                return (req, self._begin(req)), ""
+                call = self.server.memory.begin(req.regions, self.peer)  # _begin, inline
+                self._calls[req.seq] = call
+                return (req, call), ""
             if cmd == _OBJECT_INVOKE:  # may block as long as a TA takes
                 self._reply_now(req.seq, errno.EBUSY)
             else:  # never blocks: run it here, still leading
@@ -405,22 +411,20 @@ class Connection(ConnectionQueries):
     def _next_request(self) -> tuple[Ioctl | RecvNowait | None, str]:
         """Read until an ioctl (handling the control frames on the way) or the end."""
         decoder = self._decoder
-        data = b""
         try:
             while True:
                 # (a frame left in the decoder's buffer: an empty one needs no call)
-                msg = decoder.feed_next(data) if data or decoder.pending else None
-                data = b""
-                if msg is None:
+                msg = decoder.feed_next() if decoder.pending else None
+                while msg is None:
                     data = self.sock.recv(1 << 16)
                     if not data:
                         return None, "end of stream"
-                elif isinstance(msg, _CALLS) and self.state is ConnState.SERVING:
+                    msg = decoder.feed_next(data)
+                if isinstance(msg, _CALLS) and self.state is ConnState.SERVING:
                     return msg, ""
-                else:
-                    end = self._handle(msg)
-                    if end is not None:
-                        return None, end
+                end = self._handle(msg)
+                if end is not None:
+                    return None, end
         except FrameError as exc:
             log.warning("%s: closing: bad frame: %s", self.name, exc)
             with self._lock:
