@@ -56,8 +56,9 @@ class CallRegions:
     def __init__(self, regions: tuple[Region, ...], peer: object = None) -> None:
         if len(regions) == 1:  # (most calls bring only their argument block: no loop)
             r = regions[0]
-            #: The start and buffer of the one region the call brought (most do); else
-            #: past the user address space and empty, which no access lies in.
+            #: The start and buffer of the region the last access found, first the one
+            #: region of a call that brought one (most do); else past the user address
+            #: space and empty, which no access lies in (the regions are disjoint).
             self.only = addr = r.addr
             self.one = buf = bytearray(r.data)
             self.starts = [addr]
@@ -180,11 +181,13 @@ class RegionMemory:
         buf = call.bufs[start]
         if addr + size > start + len(buf):
             raise _efault(addr, size, "runs past the mapped buffer")
+        call.only = start  # the next access to this region needs no lookup
+        call.one = buf
         return call, start, buf
 
-    # read and write run for every block an ioctl touches: inside the call's one region
-    # (most calls bring one) they need no lookup; anywhere else _mapped finds the region
-    # or names the EFAULT.
+    # read and write run for every block an ioctl touches: inside the region the last
+    # access found (the call's one region, if it brought one) they need no lookup; anywhere
+    # else _mapped finds the region or names the EFAULT.
     def read(self, addr: int, size: int) -> bytes:
         """``copy_from_user`` from the caller's regions."""
         if addr < 0 or size < 0 or addr + size > TASK_SIZE:
