@@ -310,13 +310,14 @@ def encode_call(
 def encode_reply(
     seq: int,
     err: int,
-    arg: bytes = b"",
-    written: Iterable[tuple[int, bytes]] = (),
+    arg: bytes | bytearray = b"",
+    written: Iterable[tuple[int, bytes | bytearray]] = (),
     max_frame: int = MAX_FRAME,
     why: Why | None = None,
 ) -> bytes:
     """``encode(IoctlReply(...))`` of a reply whose disjoint written regions are
-    ``(addr, data)``: the same bytes, without building the records."""
+    ``(addr, data)``: the same bytes, without building the records (a bytearray is packed
+    as the bytes it holds, so the caller's buffers need no copy)."""
     spans = []
     for a, d in written:  # (a loop: a comprehension is one more call per reply)
         spans.append({"addr": a, "data": d, "writable": True})

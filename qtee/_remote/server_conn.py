@@ -523,17 +523,17 @@ class Connection(ConnectionQueries):
                 reply = encode_reply(req.seq, errno.EIO, max_frame=max_frame)
             else:
                 bufs = call.bufs
-                written = []
+                written: list[tuple[int, bytes | bytearray]] = []
                 for a in sorted(call.written):  # (a loop: one call fewer per reply)
-                    written.append((a, bytes(bufs[a])))
+                    written.append((a, bufs[a]))  # (packed now, as bytes are: no copy)
                 if extra:
-                    written = sorted(written + extra)
+                    written = sorted([*written, *extra])
                 note = _reason.take()
                 why = None
                 if note is not None and req.cmd in _NOTED:  # model-only, for the client
                     why = (note.result, note.name, note.detail)
                 try:
-                    reply = encode_reply(req.seq, 0, bytes(arg), written, max_frame, why)
+                    reply = encode_reply(req.seq, 0, arg, written, max_frame, why)
                     ok = True
                 except UsageError:  # what the call wrote does not fit a frame
                     log.error("%s: ioctl %#x (seq %d): reply too big", self.name, req.cmd, req.seq)
