@@ -95,7 +95,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeAlias
 
 import msgpack
 
@@ -182,24 +182,19 @@ assert MAX_ERRNO == (1 << _ERRNO_BITS) - 1
 assert _U32 == (1 << 32) - 1 and _U64 == (1 << 64) - 1
 
 
-def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
-    """The setter of a slotted record's field (a frozen record's, set once, no lookup)."""
-    setter: Callable[[object, object], None] = cls.__dict__[name].__set__
-    return setter
+_Setter: TypeAlias = Callable[[object, object], None]
 
 
-_region_addr = _slot_setter(Region, "addr")
-_region_data = _slot_setter(Region, "data")
-_region_writable = _slot_setter(Region, "writable")
-_ioctl_seq = _slot_setter(Ioctl, "seq")
-_ioctl_cmd = _slot_setter(Ioctl, "cmd")
-_ioctl_arg = _slot_setter(Ioctl, "arg")
-_ioctl_regions = _slot_setter(Ioctl, "regions")
-_reply_seq = _slot_setter(IoctlReply, "seq")
-_reply_errno = _slot_setter(IoctlReply, "errno")
-_reply_arg = _slot_setter(IoctlReply, "arg")
-_reply_written = _slot_setter(IoctlReply, "written")
-_reply_why = _slot_setter(IoctlReply, "why")
+def _slot_setters(cls: type, *names: str) -> tuple[_Setter, ...]:
+    """The setters of a slotted record's fields (a frozen record's, set once, no lookup)."""
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_region_addr, _region_data, _region_writable = _slot_setters(Region, *_REGION_SHAPE[:3])
+_ioctl_seq, _ioctl_cmd, _ioctl_arg, _ioctl_regions = _slot_setters(Ioctl, *Ioctl._FIELDS)
+_reply_seq, _reply_errno, _reply_arg, _reply_written, _reply_why = _slot_setters(
+    IoctlReply, *IoctlReply._FIELDS, "why"
+)
 
 
 def _decode_call(body: bytes | bytearray) -> Ioctl | IoctlReply | None:
