@@ -197,6 +197,17 @@ _reply_seq, _reply_errno, _reply_arg, _reply_written, _reply_why = _slot_setters
 )
 
 
+def _overlap(regions: list[Region]) -> bool:
+    """Whether two of ``regions`` share a byte (empty ones overlap nothing)."""
+    if len(regions) == 2:  # (a SUPPL_RECV's block and scratch: no sort)
+        a, b = regions
+        if not a.data or not b.data:
+            return False
+        return a.addr < b.addr + len(b.data) and b.addr < a.addr + len(a.data)
+    spans = sorted((r.addr, r.addr + len(r.data)) for r in regions if r.data)
+    return any(nlo < hi for (_, hi), (nlo, _) in itertools.pairwise(spans))
+
+
 def _decode_call(body: bytes | bytearray) -> Ioctl | IoctlReply | None:
     """A call frame's record from its body, or None (the general path decides)."""
     try:
@@ -233,11 +244,8 @@ def _decode_call(body: bytes | bytearray) -> Ioctl | IoctlReply | None:
             out.append(region)
     except (TypeError, ValueError):  # a region that is not a map of three pairs
         return None
-    if len(out) > 1:  # non-overlapping (empty ones overlap nothing)
-        spans = sorted((r.addr, r.addr + len(r.data)) for r in out if r.data)
-        for (_, hi), (nlo, _) in itertools.pairwise(spans):
-            if nlo < hi:
-                return None
+    if len(out) > 1 and _overlap(out):
+        return None
     if writable_only:
         reply = _new(IoctlReply)
         _reply_seq(reply, seq)

@@ -4,6 +4,7 @@ or names the error."""
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 
@@ -79,3 +80,34 @@ def test_a_duplicated_key_is_left_to_the_general_path() -> None:
     assert _decode_call(bytearray(body)) is None
     with pytest.raises(FrameError, match="duplicated key"):
         _decoded(body)
+
+
+@pytest.mark.parametrize(
+    ("spans", "overlap"),
+    [
+        (((0x10, 4), (0x14, 4)), False),  # adjacent
+        (((0x14, 4), (0x10, 4)), False),  # adjacent, the higher first
+        (((0x10, 4), (0x13, 4)), True),
+        (((0x13, 4), (0x10, 4)), True),
+        (((0x10, 8), (0x12, 2)), True),  # one inside the other
+        (((0x10, 8), (0x12, 0)), False),  # an empty one overlaps nothing
+        (((0x12, 0), (0x10, 8)), False),
+        (((0x10, 0), (0x10, 0)), False),
+        (((0x10, 4), (0x20, 4), (0x13, 2)), True),
+        (((0x10, 4), (0x20, 4), (0x14, 12)), False),
+    ],
+)
+def test_overlapping_regions_are_refused_on_both_paths(
+    spans: tuple[tuple[int, int], ...], overlap: bool
+) -> None:
+    """Two or three regions, in any order: the fast path refuses overlapping ones, as the
+    general path does (frames docstring: regions are disjoint), and takes the others."""
+    regions = [{"addr": a, "data": bytes(n), "writable": True} for a, n in spans]
+    m = {"v": PROTOCOL_VERSION, "t": "ioctl", "seq": 1, "cmd": 2, "arg": b"", "regions": regions}
+    body = msgpack.packb(m)
+    if overlap:
+        assert _decode_call(bytearray(body)) is None
+        with pytest.raises(FrameError, match="overlap"):
+            _decoded(body)
+    else:
+        assert _decode_call(bytearray(body)) == _decoded(body) == from_map(m)
