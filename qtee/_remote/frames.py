@@ -173,9 +173,10 @@ _new = object.__new__
 # the error exactly as ever.
 _unpackb = msgpack.unpackb
 _FIELD_TYPES: Final = (int, int, int, bytes, list)  # v, seq, cmd or errno, arg, regions
-_IOCTL_SHAPE: Final = ("v", "t", "seq", "cmd", "arg", "regions", "ioctl", *_FIELD_TYPES)
-_REPLY_SHAPE: Final = ("v", "t", "seq", "errno", "arg", "written", "reply", *_FIELD_TYPES)
-_REGION_SHAPE: Final = ("addr", "data", "writable", int, bytes, bool)
+# (a map decodes as a tuple of pairs; an array of [key, value] arrays, a list, is no map)
+_IOCTL_SHAPE: Final = (tuple, "v", "t", "seq", "cmd", "arg", "regions", "ioctl", *_FIELD_TYPES)
+_REPLY_SHAPE: Final = (tuple, "v", "t", "seq", "errno", "arg", "written", "reply", *_FIELD_TYPES)
+_REGION_SHAPE: Final = (tuple, "addr", "data", "writable", int, bytes, bool)
 _ERRNO_BITS: Final = MAX_ERRNO.bit_length()
 _ADDR_END: Final = _U64 + 1
 assert MAX_ERRNO == (1 << _ERRNO_BITS) - 1
@@ -190,7 +191,7 @@ def _slot_setters(cls: type, *names: str) -> tuple[_Setter, ...]:
     return tuple(cls.__dict__[name].__set__ for name in names)
 
 
-_region_addr, _region_data, _region_writable = _slot_setters(Region, *_REGION_SHAPE[:3])
+_region_addr, _region_data, _region_writable = _slot_setters(Region, *_REGION_SHAPE[1:4])
 _ioctl_seq, _ioctl_cmd, _ioctl_arg, _ioctl_regions = _slot_setters(Ioctl, *Ioctl._FIELDS)
 _reply_seq, _reply_errno, _reply_arg, _reply_written, _reply_why = _slot_setters(
     IoctlReply, *IoctlReply._FIELDS, "why"
@@ -216,7 +217,7 @@ def _decode_call(body: bytes | bytearray) -> Ioctl | IoctlReply | None:
     except Exception:  # not one msgpack value, not a map of six pairs
         return None
     # (the keys, the kind and the fields' types, compared as one tuple)
-    shape = (k0, k1, k2, k3, k4, k5, t, type(v), type(seq), type(x), type(arg), type(regs))
+    shape = (type(m), k0, k1, k2, k3, k4, k5, t, type(v), type(seq), type(x), type(arg), type(regs))
     if shape == _IOCTL_SHAPE:
         if v != PROTOCOL_VERSION or seq >> 32 or x >> 32:
             return None
@@ -229,9 +230,10 @@ def _decode_call(body: bytes | bytearray) -> Ioctl | IoctlReply | None:
         return None
     out = []
     try:
-        for (ka, addr), (kd, data), (kw, writable) in regs:  # each checked as Region checks it
+        for r in regs:  # each checked as Region checks it
+            (ka, addr), (kd, data), (kw, writable) = r
             if (
-                (ka, kd, kw, type(addr), type(data), type(writable)) != _REGION_SHAPE
+                (type(r), ka, kd, kw, type(addr), type(data), type(writable)) != _REGION_SHAPE
                 or addr >> 64
                 or addr + len(data) > _ADDR_END
                 or (writable_only and not writable)

@@ -111,3 +111,39 @@ def test_overlapping_regions_are_refused_on_both_paths(
             _decoded(body)
     else:
         assert _decode_call(bytearray(body)) == _decoded(body) == from_map(m)
+
+
+def _as_array(pairs: bytes, n: int) -> bytes:
+    """``n`` key/value pairs written as an array of two-element arrays, not as a map."""
+    return bytes([0x90 | n]) + pairs
+
+
+def _pairs_of(encoded_pairs: list[bytes]) -> bytes:
+    return b"".join(b"\x92" + p for p in encoded_pairs)
+
+
+_HEAD_PAIRS = [b"\xa1v" + bytes([PROTOCOL_VERSION]), b"\xa1t\xa5ioctl"]
+_REST_PAIRS = [b"\xa3seq\x01", b"\xa3cmd\x02", b"\xa3arg\xc4\x01x"]
+_REGION_PAIRS = [b"\xa4addr\x10", b"\xa4data\xc4\x02ab", b"\xa8writable\xc3"]
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (  # the frame itself an array of [key, value] arrays
+            _as_array(_pairs_of([*_HEAD_PAIRS, *_REST_PAIRS, b"\xa7regions\x91" + _REGION]), 6),
+            "is a msgpack list, not a map",
+        ),
+        (  # a region an array of [key, value] arrays
+            b"\x86" + _HEAD + _REST + _as_array(_pairs_of(_REGION_PAIRS), 3),
+            "region",
+        ),
+    ],
+)
+def test_arrays_of_pairs_are_not_maps(body: bytes, error: str) -> None:
+    """A frame, or a region, written as an array of ``[key, value]`` pairs is no map: the
+    fast path leaves it (None) and the decoder refuses it (frames docstring: a frame body
+    is one msgpack map; a region is a map of addr, data, writable)."""
+    assert _decode_call(bytearray(body)) is None
+    with pytest.raises(FrameError, match=error):
+        _decoded(body)
