@@ -51,6 +51,7 @@ from qtee._remote.frames import (
     Welcome,
     encode,
 )
+from tests._helpers import eventually
 from tests._paths import REPO
 from tests._tas import Sleeper
 
@@ -103,15 +104,6 @@ def _release(refs: list[qtee.ObjRef]) -> None:
 
 
 # ---------------------------------------------------------------------------- fixtures
-def _eventually(cond: Callable[[], object], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return bool(cond())
-
-
 @pytest.fixture
 def sockdir() -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="qtee-")
@@ -122,7 +114,7 @@ def sockdir() -> Iterator[str]:
 @pytest.fixture
 def server(qtee_server: DeviceServer) -> Iterator[DeviceServer]:
     yield qtee_server
-    assert _eventually(lambda: qtee_server.connections == 0)
+    assert eventually(lambda: qtee_server.connections == 0)
 
 
 def _first_talker(listener: socket.socket, decoder: FrameDecoder) -> socket.socket:
@@ -248,7 +240,7 @@ def test_an_introspecting_server_answers_and_acknowledges_the_trace(sockdir: str
             assert exc.value.code == errno.EALREADY
         finally:
             ctx.close()
-        assert _eventually(lambda: srv.connections == 0)
+        assert eventually(lambda: srv.connections == 0)
         assert srv.device.trace_records is None
         assert srv.device.leaks() == {}
 
@@ -518,7 +510,7 @@ def test_a_lying_shm_alloc_fails_with_eproto_and_maps_nothing(
     finally:
         fake.close()
     assert fake.error is None, fake.error
-    assert _eventually(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)
+    assert eventually(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)
 
 
 def test_a_shm_frame_for_another_call_fails_that_call(sockdir: str) -> None:
@@ -649,7 +641,7 @@ def test_a_recv_flood_parks_the_recv_limit_and_takes_one_thread(server: DeviceSe
             client.client_env().release()
     finally:
         s.close()
-    assert _eventually(lambda: _conn_threads(server) <= before, timeout=10)
+    assert eventually(lambda: _conn_threads(server) <= before, timeout=10)
 
 
 def test_the_thread_limit_answers_blocking_calls_ebusy_and_runs_quick_ones(
@@ -673,7 +665,7 @@ def test_the_thread_limit_answers_blocking_calls_ebusy_and_runs_quick_ones(
             assert isinstance(version, IoctlReply) and (version.seq, version.errno) == (4, 0)
         finally:
             s.close()
-        assert _eventually(lambda: srv.connections == 0)
+        assert eventually(lambda: srv.connections == 0)
 
 
 @pytest.fixture
@@ -931,7 +923,7 @@ def test_a_wedged_call_times_out_and_frees_the_connection(server: DeviceServer) 
         assert time.monotonic() - t0 < 1.4
     finally:
         client.close()
-    assert _eventually(lambda: server.connections == 0, timeout=10)
+    assert eventually(lambda: server.connections == 0, timeout=10)
 
 
 def test_call_timeout_is_validated() -> None:
@@ -977,7 +969,7 @@ def test_pool_workers_past_the_recv_limit_retry_instead_of_dying(sockdir: str) -
                 refs[3].invoke(0, struct.pack("<d", 0.0), Sleeper(0.05))
             assert pool.alive() == 4
             _release(refs)
-        assert _eventually(lambda: srv.connections == 0)
+        assert eventually(lambda: srv.connections == 0)
 
 
 # ------------------------------------------------------ the socket path belongs to one server
@@ -993,7 +985,7 @@ def test_a_second_server_on_a_live_path_is_refused(sockdir: str) -> None:
             DeviceServer(path).start()
         ctx = qtee.connect(path).open()  # the first server still answers at the path
         ctx.close()
-        assert _eventually(lambda: first.connections == 0)
+        assert eventually(lambda: first.connections == 0)
     assert not os.path.exists(path)
 
 

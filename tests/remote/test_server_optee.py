@@ -51,6 +51,7 @@ from qtee.gp import (
 from qtee.secure import QteeRoot, SecureWorld
 from supplicant import OpteeSupplicant
 from tests import _optee_tas as tas
+from tests._helpers import eventually
 from tests._optee_peer import RegisteringSupplicant
 from tests._paths import REPO, TESTS
 
@@ -94,15 +95,6 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     store.mkdir()
     (ta_dir / f"{tas.LOADABLE_UUID}.ta").write_bytes(gp_ta_image(tas.LOADABLE_UUID))
     return ta_dir, store
-
-
-def _eventually(cond: Callable[[], object], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return bool(cond())
 
 
 # ----------------------------------------------------------------------------- raw calls
@@ -184,7 +176,7 @@ def test_welcome_version_and_nodes(server: DeviceServer) -> None:
         ctx.close()
         lctx.close()
     again = qtee.connect(server.path)
-    assert _eventually(lambda: server.connections == 0)
+    assert eventually(lambda: server.connections == 0)
     again.open_supplicant().close()
 
 
@@ -193,7 +185,7 @@ def test_a_qtee_server_has_no_privileged_node(tmp_path: Path) -> None:
         with pytest.raises(DriverError) as exc:
             qtee.connect(srv.path).open_supplicant()
         assert exc.value.errno == errno.ENOENT
-        assert _eventually(lambda: srv.connections == 0)
+        assert eventually(lambda: srv.connections == 0)
 
 
 def test_server_arguments_are_checked(tmp_path: Path) -> None:
@@ -502,7 +494,7 @@ def test_errno_parity(server: DeviceServer, row: Row) -> None:
         in_process.close()
         over.close()
     assert local.leaks() == {}
-    assert _eventually(lambda: server.device.leaks() == {})
+    assert eventually(lambda: server.device.leaks() == {})
 
 
 def test_recv_nowait_parity(server: DeviceServer) -> None:
@@ -588,7 +580,7 @@ def test_teec_client_over_the_socket(server: DeviceServer) -> None:
         assert bytes(who) == calc_client_uuid(LOGIN_USER, cred=me).bytes
         user.close()
         session.close()
-    assert _eventually(lambda: server.device.leaks() == {})
+    assert eventually(lambda: server.device.leaks() == {})
 
 
 # ----------------------------------------------------------------------------- tee-supplicant
@@ -637,7 +629,7 @@ def test_supplicant_over_the_socket(
             assert supp.registered > 0
     finally:
         supp.stop()
-    assert _eventually(lambda: server.connections == 0)
+    assert eventually(lambda: server.connections == 0)
 
 
 def test_a_call_waiting_on_the_supplicant_is_not_overdue(

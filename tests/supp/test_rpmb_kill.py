@@ -14,9 +14,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from qtee.gp import (
 )
 from qtee.secure import GpParam, GpSession, GpTA, GpTaError, register_gp_ta, unregister_gp_ta
 from supplicant import EmulatedRpmb
+from tests._helpers import eventually
 from tests._paths import REPO
 
 T = TeecParamType
@@ -83,15 +83,6 @@ def server(tmp_path: Path) -> Iterator[DeviceServer]:
     assert srv.device.leaks() == {}
 
 
-def _eventually(cond: Callable[[], object], timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return bool(cond())
-
-
 def _supplicant(server: DeviceServer, rpmb: Path, store: Path) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "qtee", "supplicant", "--tee", "optee"]
     argv += ["--connect", str(server.path), "--rpmb-file", str(rpmb), "--storage", str(store)]
@@ -126,7 +117,7 @@ def test_acknowledged_write_survives_kill_9_of_the_supplicant(
             _call(ctx, WRITE, b"kept", bytearray(data))  # acknowledged
             os.kill(first.pid, signal.SIGKILL)
             assert first.wait(10) == -signal.SIGKILL
-            assert _eventually(lambda: server.connections == 1)  # only the client's
+            assert eventually(lambda: server.connections == 1, timeout=10)  # only the client's
             second = _supplicant(server, rpmb, store)
             try:
                 assert _call(ctx, READ, b"kept", bytearray(1000)) == data
@@ -190,4 +181,4 @@ def test_a_qtee_supplicant_on_an_optee_server_says_add_tee_optee(server: DeviceS
     assert out.stderr == (
         f"qtee supplicant: the server at {server.path} serves an OP-TEE device: add --tee optee\n"
     )
-    assert _eventually(lambda: server.connections == 0)
+    assert eventually(lambda: server.connections == 0, timeout=10)
