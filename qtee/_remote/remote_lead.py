@@ -222,10 +222,8 @@ class RemoteLead(RemoteShms):
                             answered = self._pending.pop(msg.seq, None)
                             if answered is call:  # (the reader: neither waiting nor woken)
                                 call.reply = msg
-                                passed = True  # (_pass_lead inline: the lock is held)
-                                self._leading = False
-                                if self._followers:
-                                    self._promote()
+                                passed = True  # (under the lock held already)
+                                self._hand_on()
                                 return _ANSWERED
                             if answered is not None:
                                 answered.reply = msg
@@ -289,10 +287,14 @@ class RemoteLead(RemoteShms):
         """Stop reading: a waiting caller with a deadline takes over (the lazy delegate
         looks for itself); once the stream has ended nobody reads again."""
         with self._lock:
-            if not self._ended:
-                self._leading = False
-                if self._followers:
-                    self._promote()
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """:meth:`_pass_lead` with ``_lock`` held."""
+        if not self._ended:
+            self._leading = False
+            if self._followers:
+                self._promote()
 
     def _wait(self, call: _Call, timeout: float | None) -> bool:
         """Wait for ``call``'s reply or the loss (True), at most ``timeout`` s (False).

@@ -331,9 +331,7 @@ class Connection(ConnectionQueries):
                     if not handed:
                         handed, pause = self._spawn()
             if handed:
-                call = self.server.memory.begin(req.regions, self.peer)  # _begin, inline
-                self._calls[req.seq] = call
-                return (req, call), ""
+                return (req, self._begin(req)), ""
             if cmd == _OBJECT_INVOKE:  # may block as long as a TA takes
                 self._reply_now(req.seq, errno.EBUSY)
             else:  # never blocks: run it here, still leading
