@@ -10,15 +10,16 @@ same baseline in the same run: the distance between the two is what qtee could s
 
 * :func:`null_invoke`: a null OBJECT_INVOKE, client block -> driver -> QTEE -> back.
 * :class:`CallbackFloor`: an invoke whose TA calls back into a client object once, served
-  by a second thread doing SUPPL_RECV / SUPPL_SEND (all four argument structs).
+  by a second thread doing SUPPL_RECV / SUPPL_SEND (all four argument structs), which then
+  gets the RELEASE notification of that object.
 * :class:`SocketFloor`: the same two calls over a Unix socket to a child process
   (``python bench/_floors.py --serve FD``): a lean codec for the device server's frames,
   the server answering on its reading thread, the caller reading its own reply.
-  ``SocketFloor(driver=True)`` (``--serve-driver FD``) is the null invoke's *driver floor*:
-  the same lean frames, but the server runs each ``OBJECT_INVOKE`` through qtee's own
-  driver and secure world, so what lies between it and qtee's figure is the device
-  server's and the remote client's own work (frame checks, records, region mapping,
-  leader/follower reading), not the model's.
+  ``SocketFloor(driver=True)`` (``--serve-driver FD``) is the *driver floor* of both: the
+  same lean frames, but the server runs each ioctl through qtee's own driver and secure
+  world, so what lies between it and qtee's figure is the device server's and the remote
+  client's own work (frame checks, records, region mapping, leader/follower reading), not
+  the model's.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ _SCRATCH_ADDR = 0x7F00_0001_0000
 _TA_ID = 5  # QTEE's id of the TA object
 _CB_ID = 1  # the client's id of its callback object
 _NS_ID = wire.QCOMTEE_MSG_OBJECT_NS_BIT | 0x10  # the driver's wire id of that object
+_RELEASE = wire.QCOMTEE_MSG_OBJECT_OP_RELEASE
+#: QTEE's async RELEASE of the callback object, in the final return's outbound page.
+_ASYNC_RELEASE = wire.encode_async_release((_NS_ID,))
 
 
 _PAGE = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)  # an outbound page no callback wrote to
@@ -122,12 +126,15 @@ def null_invoke_with_table(live: int) -> Callable[[], None]:
 class CallbackFloor:
     """Invoke + one callback: the caller's thread is the client, the driver and QTEE (as in
     qtee, the callback is served on the invoking thread); a worker thread posts SUPPL_RECV,
-    gets the request, answers with SUPPL_SEND and posts its next RECV.  The two threads hand
-    off through two bare locks.  Use as a context manager; :meth:`one` is one round trip."""
+    gets the request, answers with SUPPL_SEND and posts its next RECV, which gets the RELEASE
+    notification of the callback object (QTEE releases it in the invoke's final return, as
+    the real TA's dropped reference does); it posts another.  The threads hand off through
+    bare locks.  Use as a context manager; :meth:`one` is one round trip."""
 
     def __init__(self) -> None:
         self._queued = threading.Lock()  # released: a request is there for the worker
         self._answered = threading.Lock()  # released: the worker's SEND has landed
+        self._notified = threading.Lock()  # released: the worker has read the RELEASE
         self._queued.acquire()
         self._answered.acquire()
         self._stop = False
@@ -143,6 +150,7 @@ class CallbackFloor:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._notified.acquire()  # the worker has read the last RELEASE
         self._stop = True
         self._queued.release()
         self._thread.join(10)
@@ -160,13 +168,16 @@ class CallbackFloor:
             if self._stop:
                 return
             msg = self._request
-            assert msg is not None
             # the driver writes the request (object, request id, op) into the block
-            _SUPP.pack_into(recv, 0, msg.op, 1)
+            _SUPP.pack_into(recv, 0, _RELEASE if msg is None else msg.op, 1)
             _PARAM.pack_into(recv, _SUPP.size, _META_IN, _CB_ID, 0, 0)
-            # userspace reads it, runs the (empty) op and answers with SUPPL_SEND
-            _func, _n = _SUPP.unpack_from(recv)
+            # userspace reads it; a RELEASE is never answered: it posts its next RECV
+            func, _n = _SUPP.unpack_from(recv)
             _attr, _uid, req, _c = _PARAM.unpack_from(recv, _SUPP.size)
+            if func == _RELEASE:
+                self._notified.release()
+                continue
+            # it runs the (empty) op and answers with SUPPL_SEND
             _SUPP.pack_into(send, 0, 0, 1)
             _PARAM.pack_into(send, _SUPP.size, _META_OUT, req, 0, 0)
             # the driver reads the answer and wakes the caller
@@ -190,7 +201,9 @@ class CallbackFloor:
         # QTEE: decode it; the TA calls the object: a callback request in the outbound page
         msg = wire.decode_invoke(inbound)
         sent = wire.encode_callback_msg(out, msg.io[0], 0)
-        # the driver (same thread): read the request, queue it for the worker, wait
+        # the driver (same thread): read the request, queue it for the worker (once it has
+        # read the last round trip's RELEASE: a queue of one), wait
+        self._notified.acquire()
         self._request = wire.decode_callback(out)
         wire.decode_async(out, self._request.size)  # the release tail after the request
         self._queued.release()
@@ -199,6 +212,12 @@ class CallbackFloor:
         wire.write_callback_response(out, self._request, self._result)
         wire.decode_callback_response(out, sent)
         wire.write_invoke_response(inbound, msg, (), ())
+        # the final return: QTEE releases the callback object in the outbound page's async
+        # region; the driver reads it and queues the RELEASE notification for the worker
+        wire.write_async(out, 0, (_ASYNC_RELEASE,))
+        wire.decode_async(out)
+        self._request = None
+        self._queued.release()
         # the driver reads the response and writes ret back; the client reads it
         wire.decode_invoke_response(inbound)
         _HEAD.pack_into(block, 0, oid, op, 0, 1)
@@ -283,6 +302,9 @@ class _Served:
                 self._send(encode_reply(frame["seq"], 0, frame["arg"], [(_BLOCK_ADDR, out)]))
         self.call = None
         self.call_ready.release()
+        self.recv = None  # (the last RELEASE may wait for a RECV that never comes)
+        if self.recv_posted.locked():
+            self.recv_posted.release()
         caller.join(10)
 
     def _calls(self) -> None:
@@ -300,21 +322,30 @@ class _Served:
             sent = wire.encode_callback_msg(out, msg.io[0], 0)
             request = wire.decode_callback(out)
             wire.decode_async(out, request.size)
-            # answer the client's posted SUPPL_RECV with the request
-            self.recv_posted.acquire()
-            recv = self.recv
-            assert recv is not None
-            written = bytearray(_SUPP.size + _PARAM.size)
-            _SUPP.pack_into(written, 0, request.op, 1)
-            _PARAM.pack_into(written, _SUPP.size, _META_IN, _CB_ID, 0, 0)
-            self._send(encode_reply(recv["seq"], 0, recv["arg"], [(_RECV_ADDR, bytes(written))]))
+            self._answer_recv(request.op)  # the client's posted SUPPL_RECV gets the request
             self.send_landed.acquire()
             wire.write_callback_response(out, request, self.result)
             wire.decode_callback_response(out, sent)
             wire.write_invoke_response(inbound, msg, (), ())
+            # the final return releases the callback object (async, in the outbound page):
+            # the RELEASE notification is queued for the worker's next RECV
+            wire.write_async(out, 0, (_ASYNC_RELEASE,))
+            wire.decode_async(out)
             wire.decode_invoke_response(inbound)
             reply = _HEAD.pack(oid, op, 0, n)
             self._send(encode_reply(frame["seq"], 0, frame["arg"], [(_BLOCK_ADDR, reply)]))
+            self._answer_recv(_RELEASE)
+
+    def _answer_recv(self, func: int) -> None:
+        """Answer the worker's posted SUPPL_RECV with a request for its callback object."""
+        self.recv_posted.acquire()
+        recv = self.recv
+        if recv is None:  # the connection closed
+            return
+        written = bytearray(_SUPP.size + _PARAM.size)
+        _SUPP.pack_into(written, 0, func, 1)
+        _PARAM.pack_into(written, _SUPP.size, _META_IN, _CB_ID, 0, 0)
+        self._send(encode_reply(recv["seq"], 0, recv["arg"], [(_RECV_ADDR, bytes(written))]))
 
 
 def serve(fd: int) -> None:
@@ -323,41 +354,128 @@ def serve(fd: int) -> None:
         _Served(sock).serve()
 
 
+class _DriverServed:
+    """The driver floor's server side: each frame's blocks are copied into mapped memory and
+    the ioctl runs on qtee's own driver (one in-process fd, the same for the caller's and the
+    worker's ioctls, as a QTEE fd is).  A null invoke and a SUPPL_SEND run on the reading
+    thread; an invoke that calls back runs on a call thread (it waits for the SEND), a posted
+    SUPPL_RECV on a receiving thread (it waits for a request); each sends its own reply."""
+
+    def __init__(self, sock: socket.socket, ctx: Any, bufs: dict[str, bytearray]) -> None:
+        self.sock, self.ctx, self.bufs = sock, ctx, bufs
+        self.send_lock = threading.Lock()
+        self.call_ready = threading.Lock()  # released: an invoke that calls back to run
+        self.recv_posted = threading.Lock()  # released: a SUPPL_RECV to run
+        self.call_ready.acquire()
+        self.recv_posted.acquire()
+        self.call: dict[str, Any] | None = None
+        self.recv: dict[str, Any] | None = None
+
+    def _run(self, frame: dict[str, Any], name: str) -> None:
+        """Copy the frame's block into ``name``'s mapping, run the ioctl, send the reply with
+        the block as the driver left it."""
+        region = frame["regions"][0]
+        buf, data = self.bufs[name], region["data"]
+        buf[: len(data)] = data
+        arg = bytearray(frame["arg"])
+        self.ctx.ioctl(frame["cmd"], arg)
+        written = [(region["addr"], bytes(buf[: len(data)]))]
+        reply = encode_reply(frame["seq"], 0, bytes(arg), written)
+        with self.send_lock:
+            self.sock.sendall(reply)
+
+    def _loop(self, ready: threading.Lock, attr: str, name: str) -> None:
+        while True:
+            ready.acquire()
+            frame = getattr(self, attr)
+            if frame is None:
+                return
+            try:
+                self._run(frame, name)
+            except (qtee.DriverError, OSError):  # the fd or the connection closed under it
+                return
+
+    def serve(self) -> None:
+        threads = [
+            threading.Thread(target=self._loop, args=args, daemon=True)
+            for args in ((self.call_ready, "call", "block"), (self.recv_posted, "recv", "recv"))
+        ]
+        for t in threads:
+            t.start()
+        pending = bytearray()
+        while (frame := _read(self.sock, pending)) is not None:
+            cmd = frame["cmd"]
+            if cmd == uapi.TEE_IOC_SUPPL_RECV:
+                self.recv = frame
+                self.recv_posted.release()
+            elif cmd == uapi.TEE_IOC_SUPPL_SEND:
+                self._run(frame, "send")
+            elif _HEAD.unpack_from(frame["regions"][0]["data"])[3]:  # it calls back
+                self.call = frame
+                self.call_ready.release()
+            else:
+                self._run(frame, "block")
+        self.call = self.recv = None
+        for lock in (self.call_ready, self.recv_posted):
+            if lock.locked():
+                lock.release()
+        self.ctx.close()  # a RECV still waiting fails: its thread ends
+        for t in threads:
+            t.join(10)
+
+
+class _Nop(qtee.CallbackObject):
+    @qtee.op(0)
+    def nop(self) -> None:
+        return None
+
+
 def serve_driver(fd: int) -> None:
-    """The driver floor's child process: each null invoke's frame runs through qtee's own
-    driver and secure world (an in-process ``Device``: the block copied into mapped memory,
-    ``OBJECT_INVOKE`` on the fd, the block copied back), with the lean codec and no checks,
-    records or tables of the server's own.  It first sends ``{"ta": id, "block": addr}``:
-    the TA object's id in its fd and the address of the block's mapping."""
+    """The driver floor's child process: each frame runs through qtee's own driver and secure
+    world (an in-process ``Device``; the blocks copied into mapped memory, the ioctl on the
+    fd, the blocks copied back), with the lean codec and no checks, records or tables of the
+    server's own.  It first sends ``{"ta": id, "block": a, "recv": a, "send": a, "scratch":
+    a}``: the TA object's id in its fd and the addresses of the blocks' mappings."""
     from _ipc_tas import NAME  # the TA of bench/ipc.py (registered on import)
 
     device = qtee.Device(qtee.SecureWorld(qtee.QteeRoot()))
-    with qtee.Client(device) as client, socket.socket(fileno=fd) as sock:
-        env = client.client_env()
+    with qtee.Client(device, workers=1) as client, socket.socket(fileno=fd) as sock:
+        env = client.client_env()  # (its worker serves the credentials object's reads)
         loader = client.open_service(env, 3)
         (ctrl,) = loader.invoke(0, qtee.ta_image(NAME), qtee.OUT_OBJECT)
         (app,) = ctrl.invoke(2, qtee.OUT_OBJECT)
-        block = bytearray(_HEAD.size)
-        addr = device.memory.pin(block)
-        body = msgpack.packb({"v": PROTOCOL_VERSION, "ta": app.id, "block": addr})
+        # The client's worker answers one more callback and ends, its last SEND done: from
+        # now on only this floor's thread posts SUPPL_RECVs on the fd.  (The RELEASE of that
+        # callback object is the first thing the floor's worker gets: it posts its next RECV.)
+        assert client.pool is not None
+        client.pool._stopping = True
+        app.invoke(1, _Nop())
+        bufs = {
+            "block": bytearray(_HEAD.size + _PARAM.size),
+            "recv": bytearray(_SUPP.size + _PARAM.size * RECV_PARAMS),
+            "send": bytearray(_SUPP.size + _PARAM.size),
+            "scratch": bytearray(SCRATCH),
+        }
+        addrs = {name: device.memory.pin(buf) for name, buf in bufs.items()}
+        body = msgpack.packb({"v": PROTOCOL_VERSION, "ta": app.id, **addrs})
         sock.sendall(_LEN.pack(len(body)) + body)
-        ioctl = client.ctx.ioctl
-        pending = bytearray()
-        while (frame := _read(sock, pending)) is not None:
-            block[:] = frame["regions"][0]["data"]
-            arg = bytearray(frame["arg"])
-            ioctl(frame["cmd"], arg)
-            sock.sendall(encode_reply(frame["seq"], 0, bytes(arg), [(addr, bytes(block))]))
-        device.memory.unpin(addr)
-        for ref in (app, ctrl, loader, env):
-            ref.release()
+        try:
+            _DriverServed(sock, client.ctx, bufs).serve()
+        finally:
+            for addr in addrs.values():
+                device.memory.unpin(addr)
+            for ref in (app, ctrl, loader, env):
+                with contextlib.suppress(qtee.DriverError):
+                    ref.release()
 
 
 class SocketFloor:
     """The client end of the socket floor, and its server child.  :meth:`null` is a null
     invoke (one frame pair); :meth:`callback` an invoke + one callback (the invoke, the
-    worker's pending RECV answered, its SEND, its next RECV: four pairs).  The caller reads
-    the socket while its call is open and hands the worker its replies through a bare lock."""
+    worker's pending RECV answered with the request, its SEND, its next RECV answered with
+    the RELEASE notification of the callback object, one more RECV posted: four pairs and a
+    frame, as qtee's).  The caller reads the socket while its call is open and hands the
+    worker its replies through a bare lock."""
 
     def __init__(self, driver: bool = False) -> None:
         self.sock, there = socket.socketpair()
@@ -368,12 +486,19 @@ class SocketFloor:
         there.close()
         self._pending = bytearray()
         self._driver = driver
-        self._ta_id, self._block_addr = _TA_ID, _BLOCK_ADDR
-        if driver:  # the driver floor's child names its TA object and block address
+        self._ta_id = _TA_ID
+        self._addr = {
+            "block": _BLOCK_ADDR,
+            "recv": _RECV_ADDR,
+            "send": _SEND_ADDR,
+            "scratch": _SCRATCH_ADDR,
+        }
+        if driver:  # the driver floor's child names its TA object and its blocks' addresses
             hello = _read(self.sock, self._pending)
             if hello is None:
                 raise EOFError("the driver floor's server did not start")
-            self._ta_id, self._block_addr = hello["ta"], hello["block"]
+            self._ta_id = hello["ta"]
+            self._addr = {name: hello[name] for name in self._addr}
         self._send_lock = threading.Lock()
         self._seq = 0
         self._worker_seq = -1
@@ -432,7 +557,7 @@ class SocketFloor:
         if params:
             _PARAM.pack_into(block, _HEAD.size, _OBJ_IN, _CB_ID, uapi.QCOMTEE_OBJREF_FLAG_USER, 0)
         data = bytes(block[: _HEAD.size + _PARAM.size * params])
-        reply = self._wait(self._call(uapi.TEE_IOC_OBJECT_INVOKE, data, self._block_addr))
+        reply = self._wait(self._call(uapi.TEE_IOC_OBJECT_INVOKE, data, self._addr["block"]))
         if reply["errno"]:
             raise OSError(reply["errno"], "floor invoke")
         (region,) = reply["written"]
@@ -444,8 +569,6 @@ class SocketFloor:
         self._invoke(0, 0)
 
     def callback(self) -> None:
-        if self._driver:
-            raise NotImplementedError("the driver floor serves the null invoke only")
         if self._worker is None:
             self._worker = threading.Thread(target=self._serve_callbacks, daemon=True)
             self._worker.start()
@@ -453,9 +576,10 @@ class SocketFloor:
 
     def _post_recv(self, recv: bytearray) -> None:
         _SUPP.pack_into(recv, 0, 0, RECV_PARAMS)
-        _RECV.pack_into(recv, _SUPP.size, _META_IN, _SCRATCH_ADDR, SCRATCH, 0, *_EMPTY)
-        scratch = (_SCRATCH_ADDR, bytes(SCRATCH), True)
-        self._call(uapi.TEE_IOC_SUPPL_RECV, bytes(recv), _RECV_ADDR, (scratch,), worker=True)
+        addr = self._addr
+        _RECV.pack_into(recv, _SUPP.size, _META_IN, addr["scratch"], SCRATCH, 0, *_EMPTY)
+        scratch = (addr["scratch"], bytes(SCRATCH), True)
+        self._call(uapi.TEE_IOC_SUPPL_RECV, bytes(recv), addr["recv"], (scratch,), worker=True)
 
     def _serve_callbacks(self) -> None:
         with contextlib.suppress(OSError):  # the connection closed under a RECV being posted
@@ -472,14 +596,15 @@ class SocketFloor:
                 return
             region = reply["written"][0]["data"]
             recv[: len(region)] = region
-            _func, _n = _SUPP.unpack_from(recv)
+            func, _n = _SUPP.unpack_from(recv)
             _attr, _uid, req, _c = _PARAM.unpack_from(recv, _SUPP.size)
-            _SUPP.pack_into(send, 0, 0, 1)
-            _PARAM.pack_into(send, _SUPP.size, _META_OUT, req, 0, 0)
-            self._call(uapi.TEE_IOC_SUPPL_SEND, bytes(send), _SEND_ADDR, worker=True)
-            self._for_worker.acquire()
-            if self._worker_reply is None or self._worker_reply["errno"]:
-                return
+            if func != _RELEASE:  # a request, answered with SUPPL_SEND (a RELEASE never is)
+                _SUPP.pack_into(send, 0, 0, 1)
+                _PARAM.pack_into(send, _SUPP.size, _META_OUT, req, 0, 0)
+                self._call(uapi.TEE_IOC_SUPPL_SEND, bytes(send), self._addr["send"], worker=True)
+                self._for_worker.acquire()
+                if self._worker_reply is None or self._worker_reply["errno"]:
+                    return
             self._post_recv(recv)
 
 

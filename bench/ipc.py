@@ -10,12 +10,14 @@ affinity, so every round trip pays the same cross-process context switches):
   writes it length-prefixed, reads the answer and unpacks it; the child unpacks the
   frame, packs an ``IoctlReply``-shaped map (its first region written back) and writes it.
   The null invoke's baseline is one such pair (the null invoke's frame); the callback's is
-  the four pairs its exchange is made of (INVOKE, the worker's RECV, its SEND, its next RECV).
+  the four pairs its exchange is made of (INVOKE, the worker's RECV, its SEND, its next RECV,
+  which gets the RELEASE notification of the callback object; the RECV the worker posts
+  after that waits into the next exchange and is not counted).
 * floors: ``_floors.SocketFloor``, a child serving one socketpair with a lean codec (the
   frames' real encoding, read as plain maps), answering on its reading thread; here the
-  caller reads its own reply and hands the worker its replies through a bare lock.  The
-  null invoke has a second floor, the driver floor (``SocketFloor(driver=True)``): the
-  same, but its child runs the invoke through qtee's own driver and secure world.
+  caller reads its own reply and hands the worker its replies through a bare lock.  Each
+  figure has a second floor, the driver floor (``SocketFloor(driver=True)``): the same,
+  but its child runs the ioctls through qtee's own driver and secure world.
 * qtee: ``python -m qtee serve`` in a child (the TA is ``bench/_ipc_tas.py``), and here a
   ``Client(qtee.connect(path), workers=1)``: a null invoke, and an invoke with one callback
   run by the client's one worker.
@@ -249,13 +251,19 @@ def main() -> None:
                 )
                 report("bare msgpack ping-pong, 2 processes, socketpair", base)
                 report("floor: null invoke, lean frames", floor_null, base)
-                report("floor + qtee's driver and QTEE, lean frames", driver_null, base)
+                report("driver floor: null invoke, qtee's driver", driver_null, base)
                 report("null invoke over the socket", alone, base, 3.0, floor=base / floor_null)
-                base4, floor_cb, cb = rotated_ops_per_sec(
-                    pp.exchange, floor.callback, callback, min_time=0.5, repeats=5
+                base4, floor_cb, driver_cb, cb = rotated_ops_per_sec(
+                    pp.exchange,
+                    floor.callback,
+                    driver_floor.callback,
+                    callback,
+                    min_time=0.5,
+                    repeats=5,
                 )
                 report("bare msgpack exchange, 4 pairs", base4)
                 report("floor: invoke + 1 callback, lean frames", floor_cb, base4)
+                report("driver floor: invoke + 1 callback, qtee's driver", driver_cb, base4)
                 report(
                     "invoke + 1 callback over the socket", cb, base4, 4.0, floor=base4 / floor_cb
                 )
