@@ -58,8 +58,12 @@ class _FreeRanges:
 
     def take(self, x: int) -> None:
         """Mark free id ``x`` used (caller guarantees it is free)."""
+        self.take_at(bisect_right(self.starts, x) - 1, x)
+
+    def take_at(self, idx: int, x: int) -> None:
+        """:meth:`take` of ``x``, known to lie in hole ``idx`` (an allocator that found
+        it there needs no second lookup)."""
         starts, lasts = self.starts, self.lasts
-        idx = bisect_right(starts, x) - 1
         start, last = starts[idx], lasts[idx]
         if start == x:
             if x == last:
@@ -74,10 +78,13 @@ class _FreeRanges:
             lasts.insert(idx + 1, last)
         self.used += 1
 
-    def give_back(self, x: int) -> None:
-        """Mark used id ``x`` free, merging with its neighbours."""
+    def give_back(self, x: int) -> bool:
+        """Mark used id ``x`` free, merging with its neighbours; False (and nothing
+        changes) if ``x`` is free already (the lookup :meth:`is_free` does, shared)."""
         starts, lasts = self.starts, self.lasts
         idx = bisect_right(starts, x)
+        if idx and lasts[idx - 1] >= x:  # inside hole idx - 1: free
+            return False
         joins_next = idx < len(starts) and starts[idx] == x + 1
         joins_prev = idx > 0 and lasts[idx - 1] == x - 1
         if joins_prev and joins_next:
@@ -91,6 +98,7 @@ class _FreeRanges:
             starts.insert(idx, x)
             lasts.insert(idx, x)
         self.used -= 1
+        return True
 
     def holes(self) -> int:
         return len(self.starts)
@@ -133,10 +141,10 @@ class _Allocator:
 
         Like ``idr_remove``/``xa_erase`` of an absent index, this is not an error.
         """
-        if ident not in self:
+        free = self._free  # (__contains__ inline: its lookup is give_back's)
+        if not isinstance(ident, int) or not free.lo <= ident <= free.hi:
             return False
-        self._free.give_back(ident)
-        return True
+        return free.give_back(ident)
 
     def _enospc(self) -> DriverError:
         return DriverError(errno.ENOSPC, f"{self.name}: all ids in [{self.lo}, {self.hi}] in use")
@@ -154,10 +162,11 @@ class IdrAllocator(_Allocator):
 
     def alloc(self) -> int:
         """Hand out the lowest free id; ``ENOSPC`` when none is left."""
-        ident = self._free.first_free()
-        if ident is None:
+        free = self._free
+        if not free.starts:
             raise self._enospc()
-        self._free.take(ident)
+        ident = free.starts[0]  # (first_free and take, with the hole known: the first)
+        free.take_at(0, ident)
         return ident
 
 
@@ -176,11 +185,20 @@ class CyclicAllocator(_Allocator):
         ``next`` becomes the id handed out plus one, as in the kernel.
         """
         free = self._free
-        ident = free.first_free_at_or_after(self.next) if self.next <= free.hi else None
-        if ident is None:
-            ident = free.first_free()
-            if ident is None:
-                raise self._enospc()
-        free.take(ident)
+        starts = free.starts
+        x = self.next
+        # (first_free_at_or_after inline, keeping the hole it finds x in for take_at)
+        idx = bisect_right(starts, x) - 1 if x <= free.hi else len(starts)
+        if 0 <= idx < len(starts) and free.lasts[idx] >= x:
+            ident = x
+        elif idx + 1 < len(starts):
+            idx += 1
+            ident = starts[idx]
+        elif starts:  # nothing at or after next: wrap once to the first hole
+            idx = 0
+            ident = starts[0]
+        else:
+            raise self._enospc()
+        free.take_at(idx, ident)
         self.next = ident + 1
         return ident

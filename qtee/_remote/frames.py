@@ -199,17 +199,13 @@ _reply_seq, _reply_errno, _reply_arg, _reply_written, _reply_why = _slot_setters
 
 
 def _overlap(regions: list[Region]) -> bool:
-    """Whether two of ``regions`` share a byte (empty ones overlap nothing)."""
-    if len(regions) == 2:  # (a SUPPL_RECV's block and scratch: no sort)
-        a, b = regions
-        if not a.data or not b.data:
-            return False
-        return a.addr < b.addr + len(b.data) and b.addr < a.addr + len(a.data)
+    """Whether two of ``regions`` share a byte (empty ones overlap nothing; two regions,
+    as a SUPPL_RECV's block and scratch, are compared in :func:`_decode_call` itself)."""
     spans = sorted((r.addr, r.addr + len(r.data)) for r in regions if r.data)
     return any(nlo < hi for (_, hi), (nlo, _) in itertools.pairwise(spans))
 
 
-def _decode_call(body: bytes | bytearray) -> Ioctl | IoctlReply | None:
+def _decode_call(body: bytes | bytearray | memoryview) -> Ioctl | IoctlReply | None:
     """A call frame's record from its body, or None (the general path decides)."""
     try:
         m = _unpackb(body, raw=False, strict_map_key=True, object_pairs_hook=tuple)
@@ -246,7 +242,11 @@ def _decode_call(body: bytes | bytearray) -> Ioctl | IoctlReply | None:
             out.append(region)
     except (TypeError, ValueError):  # a region that is not a map of three pairs
         return None
-    if len(out) > 1 and _overlap(out):
+    if len(out) == 2:  # (a SUPPL_RECV's block and scratch: _overlap's test, inline)
+        a, b = out
+        if a.data and b.data and a.addr < b.addr + len(b.data) and b.addr < a.addr + len(a.data):
+            return None
+    elif len(out) > 2 and _overlap(out):
         return None
     if writable_only:
         reply = _new(IoctlReply)
@@ -271,7 +271,7 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return m
 
 
-def _unpack(body: bytes | bytearray) -> object:
+def _unpack(body: bytes | bytearray | memoryview) -> object:
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True, object_pairs_hook=_pairs)
     except FrameError:
@@ -471,6 +471,12 @@ class FrameDecoder:
             raise self._error
         buf = self.pending
         if data:
+            if type(data) is bytes and not buf and len(data) > _HDR:
+                # One whole frame, as a read mostly brings: decoded in place, not copied
+                # into the buffer and out again (anything else takes the path below).
+                (length,) = _HEADER.unpack_from(data, 0)
+                if len(data) == _HDR + length and length <= self._max_frame:
+                    return self._decode(memoryview(data)[_HDR:])
             if not isinstance(data, _BYTES_LIKE):
                 raise UsageError(f"feed takes bytes, not {type(data).__name__}")
             buf += data
@@ -482,8 +488,14 @@ class FrameDecoder:
         end = _HDR + length
         if len(buf) < end:
             return None
+        msg = self._decode(buf[_HDR:end])  # (a copy: the buffer is resized below)
+        del buf[:end]
+        return msg
+
+    def _decode(self, body: bytes | bytearray | memoryview) -> Message:
+        """The message of one frame's body, its ``seq`` checked (a FrameError kills the
+        decoder)."""
         try:
-            body = buf[_HDR:end]  # (a copy: the buffer is resized below)
             msg = _decode_call(body) or from_map(_unpack(body))
             if self._expect_seq and isinstance(msg, _REQUEST_TYPES):
                 seq = msg.seq
@@ -492,7 +504,6 @@ class FrameDecoder:
                 self._last_seq = seq
         except FrameError as exc:
             self._die(exc)
-        del buf[:end]
         return msg
 
     def next_message(self) -> Message | None:

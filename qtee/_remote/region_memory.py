@@ -57,8 +57,9 @@ class CallRegions:
         if len(regions) == 1:  # (most calls bring only their argument block: no loop)
             r = regions[0]
             #: The start and buffer of the region the last access found, first the one
-            #: region of a call that brought one (most do); else past the user address
-            #: space and empty, which no access lies in (the regions are disjoint).
+            #: region of a call that brought one (most do), or the last of several;
+            #: with none, past the user address space and empty, which no access lies
+            #: in (the regions are disjoint).
             self.only = addr = r.addr
             self.one = buf = bytearray(r.data)
             self.starts = [addr]
@@ -75,8 +76,12 @@ class CallRegions:
                 if r.writable:
                     writable.add(addr)
             starts.sort()
-            self.only = _NOWHERE
-            self.one = bytearray()
+            if regions:  # the last one sent: a SUPPL_RECV's block (its scratch comes first)
+                self.only = addr
+                self.one = bufs[addr]
+            else:
+                self.only = _NOWHERE
+                self.one = bytearray()
             self.starts = starts
             self.bufs = bufs
             self.writable = writable

@@ -147,3 +147,66 @@ def test_arrays_of_pairs_are_not_maps(body: bytes, error: str) -> None:
     assert _decode_call(bytearray(body)) is None
     with pytest.raises(FrameError, match=error):
         _decoded(body)
+
+
+def _outcome(dec: FrameDecoder, chunks: list[bytes | bytearray]) -> list[object]:
+    """What a decoder hands out for ``chunks``: each message, or the error that killed it."""
+    out: list[object] = []
+    for chunk in chunks:
+        try:
+            msg = dec.feed_next(chunk)
+            while msg is not None:
+                out.append(msg)
+                msg = dec.feed_next()
+        except FrameError as exc:
+            out.append(("error", str(exc)))
+            break
+    out.append(("buffered", dec.buffered, dec.last_seq))
+    return out
+
+
+def _frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+@settings(max_examples=100, deadline=None)
+@given(first=ioctls, second=ioctls)
+def test_a_read_of_one_whole_frame_decodes_as_the_buffered_path(
+    first: Ioctl, second: Ioctl
+) -> None:
+    """A ``bytes`` chunk that is exactly one frame is decoded without the buffer; the
+    messages, the seq check and the errors are those of the same bytes fed as a bytearray
+    or a byte at a time (which go through the buffer)."""
+    frames = [encode(first), encode(second)]
+    whole = list(frames)
+    for chunks in ([bytearray(f) for f in frames], [bytes([b]) for f in frames for b in f]):
+        assert _outcome(FrameDecoder(), whole) == _outcome(FrameDecoder(), chunks)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "max_frame"),
+    [
+        (_frame(b"\x86" + _HEAD + _REST + _REGION), 16),  # over max_frame, whole
+        (_frame(b"\xc1"), 1 << 20),  # not msgpack
+        (_frame(b"\x86" + _HEAD + _REST + _REGION) + b"\x00", 1 << 20),  # a byte more
+        (_frame(b"\x86" + _HEAD + _REST + _REGION)[:-1], 1 << 20),  # a byte short
+        (b"\x00\x00\x00\x00", 1 << 20),  # length 0
+        (b"\x00\x00\x00\x00\x90", 1 << 20),  # length 0 and a byte
+    ],
+)
+def test_whole_frame_reads_refuse_as_the_buffered_path(chunk: bytes, max_frame: int) -> None:
+    """A frame over ``max_frame``, a bad body, a chunk a byte longer or shorter than its
+    frame: the same verdict from one ``bytes`` read as from the buffered path."""
+    fast = _outcome(FrameDecoder(max_frame=max_frame), [chunk])
+    slow = _outcome(FrameDecoder(max_frame=max_frame), [bytearray(chunk)])
+    assert fast == slow
+
+
+def test_a_whole_frame_read_checks_the_seq_order() -> None:
+    """The seq of a request decoded from a whole-frame read is checked and recorded."""
+    body = b"\x86" + _HEAD + _REST + _REGION
+    dec = FrameDecoder()
+    assert dec.feed_next(_frame(body)) == _EXPECTED
+    assert dec.last_seq == 1
+    with pytest.raises(FrameError, match="out of order"):
+        dec.feed_next(_frame(body))

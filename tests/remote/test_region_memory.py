@@ -1,0 +1,112 @@
+"""The served device's address space: a request's regions mapped in its thread, every
+access checked as ``copy_from_user``/``copy_to_user`` are, whatever region the last access
+found (the fast path's remembered one, first the one region or the last one sent)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from objects import DriverError
+from qtee._remote.frames import Region
+from qtee._remote.region_memory import CallRegions, RegionMemory
+
+_BASE = 0x10_0000
+
+
+@st.composite
+def _layouts(draw: st.DrawFn) -> list[Region]:
+    """Up to three disjoint regions (some empty, some read-only), in any order."""
+    n = draw(st.integers(0, 3))
+    regions, addr = [], _BASE
+    for _ in range(n):
+        addr += draw(st.integers(0, 16))
+        size = draw(st.integers(0, 24))
+        data = bytes((addr + i) & 0xFF for i in range(size))
+        regions.append(Region(addr=addr, data=data, writable=draw(st.booleans())))
+        addr += size
+    return draw(st.permutations(regions))
+
+
+def _expected_read(regions: list[Region], addr: int, size: int) -> bytes | None:
+    """What a read gives in a model of the rules: the bytes, or None for EFAULT."""
+    if size == 0:
+        return b""
+    for r in regions:
+        if r.addr <= addr and addr + size <= r.addr + len(r.data):
+            return r.data[addr - r.addr : addr - r.addr + size]
+    return None
+
+
+_ACCESSES = st.lists(
+    st.tuples(st.booleans(), st.integers(_BASE - 4, _BASE + 160), st.integers(0, 20)),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(regions=_layouts(), accesses=_ACCESSES)
+def test_accesses_follow_the_rules_whatever_region_was_found_last(
+    regions: list[Region], accesses: list[tuple[bool, int, int]]
+) -> None:
+    """Reads and writes in any order, inside, across, between and outside the regions:
+    each gives what the model of the rules gives (EFAULT off a region or into a read-only
+    one, the bytes written read back, written regions marked)."""
+    mem = RegionMemory()
+    call = mem.begin(tuple(regions))
+    model = {r.addr: bytearray(r.data) for r in regions}
+    writable = {r.addr for r in regions if r.writable}
+    marked: set[int] = set()
+    try:
+        for is_write, addr, size in accesses:
+            current = [
+                Region(addr=a, data=bytes(b), writable=a in writable) for a, b in model.items()
+            ]
+            if is_write:
+                data = bytes([0xEE]) * size
+                start = next(
+                    (
+                        r.addr
+                        for r in current
+                        if r.addr <= addr and addr + size <= r.addr + len(r.data)
+                    ),
+                    None,
+                )
+                ok = size == 0 or (start is not None and start in writable)
+                if ok:
+                    mem.write(addr, data)
+                    if size:
+                        assert start is not None
+                        model[start][addr - start : addr - start + size] = data
+                        marked.add(start)
+                else:
+                    with pytest.raises(DriverError) as exc:
+                        mem.write(addr, data)
+                    assert exc.value.code == errno.EFAULT
+            else:
+                want = _expected_read(current, addr, size)
+                if want is None:
+                    with pytest.raises(DriverError) as exc:
+                        mem.read(addr, size)
+                    assert exc.value.code == errno.EFAULT
+                else:
+                    assert mem.read(addr, size) == want
+        assert call.written == marked
+        assert {a: bytes(b) for a, b in call.bufs.items()} == {
+            a: bytes(b) for a, b in model.items()
+        }
+    finally:
+        mem.end()
+
+
+def test_several_regions_start_with_the_last_one_sent() -> None:
+    """A SUPPL_RECV sends its scratch, then its block: the block, which the RECV reads
+    first, is the region remembered at the start."""
+    scratch = Region(addr=_BASE, data=bytes(64), writable=True)
+    block = Region(addr=_BASE + 0x2000, data=bytes(32), writable=True)
+    call = CallRegions((scratch, block))
+    assert call.only == block.addr and call.one == bytearray(block.data)
+    assert CallRegions(()).one == bytearray()
