@@ -141,21 +141,21 @@ class QteeDialect:
 
     def regions(self, cmd: int, arg: bytes, mem: AddressSpace, max_frame: int) -> list[Span]:
         head = _HEADS.get(cmd)  # (read_block inline: this runs for every ioctl)
-        if head is None or len(arg) < _BUF.size:
+        if head is None or len(arg) < _BUF_SIZE:
             return []
         ptr, length = _BUF.unpack_from(arg)
         try:
             block = mem.read(ptr, length)
         except DriverError:
             return []
+        seen = self._seen  # (the spans depend on the cmd, argument and block alone)
+        if seen is not None and seen[2] == block and seen[1] == arg and seen[0] == cmd:
+            return _read_merged(mem, seen[3], ptr, block)
         size, at = head
         if len(block) >= size:
             (num,) = _U32.unpack_from(block, at)
             if not num:  # the block alone (a call without params), read already
                 return [(ptr, block, True)]
-        seen = self._seen  # (the spans depend on the cmd, argument and block alone)
-        if seen is not None and seen[1] == arg and seen[2] == block and seen[0] == cmd:
-            return _read_merged(mem, seen[3], ptr, block)
         spans: list[tuple[int, int, bool]] = [(ptr, length, True)]
         if len(block) >= size:
             for i in range(min(num, (len(block) - size) // 32)):
@@ -177,22 +177,25 @@ class QteeDialect:
         None: the frame-level rules (:func:`check_written`), then what the kernel's ioctl
         may change."""
         if shm is None and cmd in _HEADS:  # the common replies first: they pass or go on
+            if reply.errno:
+                return None  # a failure writes nothing
             written = reply.written
-            if reply.errno or (not written and reply.arg == arg):
-                return None  # a failure writes nothing; nor did this success
-            # The reply keeps ``arg`` and writes the block alone and whole, which went as one
-            # writable region of its own: check_written passes and block_change gives
-            # (before, w.data), so the tail's checks run at once.
-            if len(written) == 1 and reply.arg == arg and len(arg) >= _BUF_SIZE:
-                (w,) = written
-                ptr, length = _BUF.unpack_from(arg)
-                after = w.data
-                if w.addr == ptr and len(after) == length:
-                    for start, before, writable in regions:
-                        if start == ptr and len(before) == length and writable:
-                            if cmd == _INVOKE:
-                                return None if after == before else _check_invoke(before, after)
-                            return _check_recv(before, after) if cmd == _RECV else None
+            # The reply keeps ``arg`` and writes nothing, or the block alone and whole, which
+            # went as one writable region of its own: check_written passes and block_change
+            # gives (before, w.data), so the tail's checks run at once.
+            if reply.arg == arg:
+                if not written:
+                    return None
+                if len(written) == 1 and len(arg) >= _BUF_SIZE:
+                    (w,) = written
+                    ptr, length = _BUF.unpack_from(arg)
+                    after = w.data
+                    if w.addr == ptr and len(after) == length:
+                        for start, before, writable in regions:
+                            if start == ptr and writable and len(before) == length:
+                                if cmd == _INVOKE:
+                                    return None if after == before else _check_invoke(before, after)
+                                return _check_recv(before, after) if cmd == _RECV else None
         try:
             check_written(reply, len(arg), regions)
         except FrameError as exc:

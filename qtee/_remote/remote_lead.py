@@ -229,8 +229,10 @@ class RemoteLead(RemoteShms):
                                 answered.reply = msg
                                 # woken to read: that wakes it
                                 woken, answered.lead = answered.lead, False
-                                if answered.waiting:
-                                    self._unwait(answered)
+                                if answered.waiting:  # (_unwait inline)
+                                    answered.waiting = False
+                                    if not answered.lazy:
+                                        self._followers -= 1
                         if answered is None:
                             raise DriverError(errno.EPROTO, f"a reply for no call ({msg.seq})")
                         if not woken:
@@ -392,8 +394,8 @@ class RemoteLead(RemoteShms):
                     return got
         finally:
             with self._lock:
-                self._unwait(call)
-                if call in self._lazies:
+                call.waiting = False  # (_unwait: a lazy call is no follower)
+                if self._lazies and call in self._lazies:
                     self._lazies.remove(call)
                 if call.lead:  # made the delegate as it stopped waiting (Ctrl-C)
                     call.lead = False
