@@ -322,7 +322,7 @@ class RemoteLead(RemoteShms):
                 return led != _STOPPED
             try:
                 got = call.done.acquire(
-                    timeout=-1.0 if end is None else max(0.0, end - time.monotonic())
+                    timeout=-1.0 if end is None else max(0.0, end - _monotonic())
                 )
             except BaseException:  # interrupted (Ctrl-C): a wake-up to read goes on
                 with self._lock:
@@ -333,7 +333,9 @@ class RemoteLead(RemoteShms):
                         self._promote()
                 raise
             with self._lock:
-                self._unwait(call)
+                if call.waiting:  # (_unwait inline: the reader cleared it if it answered)
+                    call.waiting = False
+                    self._followers -= 1
                 promoted, call.lead = call.lead, False
                 if promoted and not got:  # woken to read as the wait ran out
                     got = call.done.acquire(False)
