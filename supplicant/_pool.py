@@ -70,6 +70,11 @@ _META_IN: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PA
 _META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 
 
+_SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
+_SUPPL_SEND: Final = uapi.TEE_IOC_SUPPL_SEND
+_HEAD_SIZE: Final = _SUPP_HEAD.size
+_BUF: Final = uapi.BUF_DATA_STRUCT
+
 #: The SEND blocks a worker writes: 1 meta + up to RECV_PARAMS - 1 params, by count.
 _REPLY_STRUCTS: Final = tuple(_params_struct(n) for n in range(RECV_PARAMS + 1))
 
@@ -162,12 +167,15 @@ class WorkerPool:
         request = _SUPP_HEAD.pack(0, RECV_PARAMS) + _params_struct(RECV_PARAMS).pack(
             _META_IN, base, SCRATCH_SIZE, 0, *(0,) * (4 * (RECV_PARAMS - 1))
         )
+        ioctl = client.ctx.ioctl
+        buf, arg, addr = recv.buf, recv.arg, recv.addr
         busy = 0.0
         try:
             while not self._stopping:
-                recv.buf[:size] = request
-                try:
-                    client.call(uapi.TEE_IOC_SUPPL_RECV, recv, size)
+                buf[:size] = request
+                try:  # (client.call inline: the size is in range)
+                    _BUF.pack_into(arg, 0, addr, size)
+                    ioctl(_SUPPL_RECV, arg)
                 except DriverError as exc:
                     if exc.code == errno.EBUSY:  # a device server's cap on waiting RECVs
                         if not busy:
@@ -179,9 +187,8 @@ class WorkerPool:
                         log.error("SUPPL_RECV failed: %s", exc)
                     return
                 busy = 0.0
-                func, num = _SUPP_HEAD.unpack_from(recv.buf)
-                end = _SUPP_HEAD.size + 32 * num
-                got = list(_PARAM.iter_unpack(recv.buf[_SUPP_HEAD.size : end]))
+                func, num = _SUPP_HEAD.unpack_from(buf)
+                got = list(_PARAM.iter_unpack(buf[_HEAD_SIZE : _HEAD_SIZE + 32 * num]))
                 try:
                     self._handle(func, got, send, scratch, base)
                 except DriverError as exc:
@@ -333,10 +340,14 @@ class WorkerPool:
 
     def _reply(self, send: ArgBlock, ret: int, reply: list[_P]) -> None:
         n = len(reply)
-        _SUPP_HEAD.pack_into(send.buf, 0, ret & 0xFFFF_FFFF, n)
-        layout = _REPLY_STRUCTS[n] if n <= RECV_PARAMS else _params_struct(n)
-        layout.pack_into(send.buf, _SUPP_HEAD.size, *itertools.chain.from_iterable(reply))
-        self.client.call(uapi.TEE_IOC_SUPPL_SEND, send, _SUPP_HEAD.size + 32 * n)
+        buf = send.buf
+        _SUPP_HEAD.pack_into(buf, 0, ret & 0xFFFF_FFFF, n)
+        if n == 1:  # (the common answer: the meta param alone)
+            _PARAM.pack_into(buf, _HEAD_SIZE, *reply[0])
+        else:
+            layout = _REPLY_STRUCTS[n] if n <= RECV_PARAMS else _params_struct(n)
+            layout.pack_into(buf, _HEAD_SIZE, *itertools.chain.from_iterable(reply))
+        self.client.call(_SUPPL_SEND, send, _HEAD_SIZE + 32 * n)
 
     # ----------------------------------------------------------------- deadlines
     def _begin(self, req: int, obj: CallbackObject, op: int, deadline: float) -> _InFlight:

@@ -76,7 +76,8 @@ class Dialect(Protocol):
         ...
 
     def done(self, cmd: int, arg: bytes) -> None:
-        """``cmd`` succeeded and left ``arg``: what the dialect keeps track of."""
+        """``cmd`` succeeded and left ``arg``: what the dialect keeps track of (not called
+        for OBJECT_INVOKE, SUPPL_RECV and SUPPL_SEND, which change nothing it tracks)."""
         ...
 
     def forget(self, shm_id: int) -> bool:
@@ -140,21 +141,21 @@ class QteeDialect:
 
     def regions(self, cmd: int, arg: bytes, mem: AddressSpace, max_frame: int) -> list[Span]:
         head = _HEADS.get(cmd)  # (read_block inline: this runs for every ioctl)
-        if head is None or len(arg) < _BUF.size:
+        if head is None or len(arg) < _BUF_SIZE:
             return []
         ptr, length = _BUF.unpack_from(arg)
         try:
             block = mem.read(ptr, length)
         except DriverError:
             return []
+        seen = self._seen  # (the spans depend on the cmd, argument and block alone)
+        if seen is not None and seen[2] == block and seen[1] == arg and seen[0] == cmd:
+            return _read_merged(mem, seen[3], ptr, block)
         size, at = head
         if len(block) >= size:
             (num,) = _U32.unpack_from(block, at)
             if not num:  # the block alone (a call without params), read already
                 return [(ptr, block, True)]
-        seen = self._seen  # (the spans depend on the cmd, argument and block alone)
-        if seen is not None and seen[1] == arg and seen[2] == block and seen[0] == cmd:
-            return _read_merged(mem, seen[3], ptr, block)
         spans: list[tuple[int, int, bool]] = [(ptr, length, True)]
         if len(block) >= size:
             for i in range(min(num, (len(block) - size) // 32)):
@@ -176,14 +177,25 @@ class QteeDialect:
         None: the frame-level rules (:func:`check_written`), then what the kernel's ioctl
         may change."""
         if shm is None and cmd in _HEADS:  # the common replies first: they pass or go on
-            if reply.errno or (not reply.written and reply.arg == arg):
-                return None  # a failure writes nothing; nor did this success
-            whole = _whole_block(arg, regions, reply)
-            if whole is not None:  # check_written passes: the tail's checks, at once
-                before, after = whole
-                if cmd == _INVOKE:
-                    return None if after == before else _check_invoke(before, after)
-                return _check_recv(before, after) if cmd == _RECV else None
+            if reply.errno:
+                return None  # a failure writes nothing
+            written = reply.written
+            # The reply keeps ``arg`` and writes nothing, or the block alone and whole, which
+            # went as one writable region of its own: check_written passes and block_change
+            # gives (before, w.data), so the tail's checks run at once.
+            if reply.arg == arg:
+                if not written:
+                    return None
+                if len(written) == 1 and len(arg) >= _BUF_SIZE:
+                    (w,) = written
+                    ptr, length = _BUF.unpack_from(arg)
+                    after = w.data
+                    if w.addr == ptr and len(after) == length:
+                        for start, before, writable in regions:
+                            if start == ptr and writable and len(before) == length:
+                                if cmd == _INVOKE:
+                                    return None if after == before else _check_invoke(before, after)
+                                return _check_recv(before, after) if cmd == _RECV else None
         try:
             check_written(reply, len(arg), regions)
         except FrameError as exc:
@@ -213,24 +225,6 @@ class QteeDialect:
 
     def forget(self, shm_id: int) -> bool:
         return False
-
-
-def _whole_block(arg: bytes, regions: list[Span], reply: IoctlReply) -> tuple[bytes, bytes] | None:
-    """The buf_data block as sent and as written back, when the reply keeps ``arg`` and
-    writes that block alone and whole, and the request sent it as one writable region of
-    its own (then :func:`check_written` passes and :func:`block_change` gives the same);
-    else None."""
-    written = reply.written
-    if len(written) != 1 or reply.arg != arg or len(arg) < _BUF_SIZE:
-        return None
-    (w,) = written
-    ptr, length = _BUF.unpack_from(arg)
-    if w.addr != ptr or len(w.data) != length:
-        return None
-    for start, before, writable in regions:
-        if start == ptr and len(before) == length and writable:
-            return before, w.data
-    return None
 
 
 def merge(spans: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
@@ -344,10 +338,10 @@ def _check_recv(before: bytes, after: bytes) -> str | None:
     buffer (the first param), an output names no address."""
     if len(before) < 40:
         return None
-    lie = recv_overflow(before, after)
-    if lie is not None:
-        return lie
+    (slots,) = _U32.unpack_from(before, 4)  # (recv_overflow inline)
     (num,) = _U32.unpack_from(after, 4)
+    if num > slots:
+        return f"a request of {num} params for {slots} slots"
     _attr, scratch, size, _c = _PARAM.unpack_from(before, 8)
     for i in range(1, min(num, (len(after) - 8) // 32)):
         attr, a, b, _c = _PARAM.unpack_from(after, 8 + 32 * i)

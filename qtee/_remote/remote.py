@@ -83,7 +83,6 @@ from qtee._remote.frames import (
     Probe,
     Welcome,
     encode,
-    encode_call,
 )
 from qtee._remote.remote_lead import _POLL, RemoteLead, _Call, _Closed, _timeval
 from qtee._remote.remote_optee import OpteeDialect
@@ -272,7 +271,8 @@ class RemoteContext(RemoteLead, RemoteQueries):
     def _call(self, cmd: int, arg: bytes | bytearray | memoryview, *, nowait: bool) -> int:
         if self.closed:
             raise DriverError(errno.EBADF, "context is closed")
-        if not isinstance(arg, _BUF_TYPES):
+        kind = type(arg)  # bytes and bytearray go whole: _struct_bytes without the call
+        if kind is not bytearray and kind is not bytes and not isinstance(arg, _BUF_TYPES):
             raise DriverError(
                 errno.EFAULT, f"ioctl argument must be a buffer, not {type(arg).__name__}"
             )
@@ -281,20 +281,23 @@ class RemoteContext(RemoteLead, RemoteQueries):
                 need_arg(arg, 0)
             if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
                 raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
-        kind = type(arg)  # bytes and bytearray go whole: _struct_bytes without the call
         data = bytes(arg) if kind is bytearray or kind is bytes else _struct_bytes(cmd, arg)
         device = self.device
         limit = device.max_frame
         dialect = self.dialect
         regions = dialect.regions(cmd, data, device.memory, limit)
-        lazy = cmd == _SUPPL_RECV and not nowait
-        call = _Call(cmd, lazy)
-        seq = self._request(encode_call, self._pending, call, cmd, data, regions, limit, nowait)
-        timeout = device.call_timeout
-        if timeout is None or lazy:
-            self._wait(call, None)  # the reply, or the connection lost
-        elif not self._wait(call, timeout):
-            self._overdue(seq, call, timeout)
+        if cmd == _SUPPL_RECV and not nowait:  # no deadline: the reply, or the loss
+            call = _Call(cmd, True)
+            seq = self._request_call(call, cmd, data, regions, limit, nowait)
+            self._wait_lazy(call)
+        else:
+            call = _Call(cmd)
+            seq = self._request_call(call, cmd, data, regions, limit, nowait)
+            timeout = device.call_timeout
+            if timeout is None:
+                self._wait(call, None)  # the reply, or the connection lost
+            elif not self._wait(call, timeout):
+                self._overdue(seq, call, timeout)
         reply = call.reply
         if reply is None:
             self._drop_shm(call)
@@ -324,7 +327,8 @@ class RemoteContext(RemoteLead, RemoteQueries):
         mem = device.memory
         for region in reply.written:
             mem.write(region.addr, region.data)
-        dialect.done(cmd, reply.arg)
+        if cmd not in _PLAIN:  # (what a dialect tracks is none of these)
+            dialect.done(cmd, reply.arg)
         if reply.why is not None and cmd in _NOTED:
             _reason.put(_reason.Reason(*reply.why))  # the server's note, on this thread
         return 0

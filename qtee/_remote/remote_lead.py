@@ -229,8 +229,10 @@ class RemoteLead(RemoteShms):
                                 answered.reply = msg
                                 # woken to read: that wakes it
                                 woken, answered.lead = answered.lead, False
-                                if answered.waiting:
-                                    self._unwait(answered)
+                                if answered.waiting:  # (_unwait inline)
+                                    answered.waiting = False
+                                    if not answered.lazy:
+                                        self._followers -= 1
                         if answered is None:
                             raise DriverError(errno.EPROTO, f"a reply for no call ({msg.seq})")
                         if not woken:
@@ -320,7 +322,7 @@ class RemoteLead(RemoteShms):
                 return led != _STOPPED
             try:
                 got = call.done.acquire(
-                    timeout=-1.0 if end is None else max(0.0, end - time.monotonic())
+                    timeout=-1.0 if end is None else max(0.0, end - _monotonic())
                 )
             except BaseException:  # interrupted (Ctrl-C): a wake-up to read goes on
                 with self._lock:
@@ -331,7 +333,9 @@ class RemoteLead(RemoteShms):
                         self._promote()
                 raise
             with self._lock:
-                self._unwait(call)
+                if call.waiting:  # (_unwait inline: the reader cleared it if it answered)
+                    call.waiting = False
+                    self._followers -= 1
                 promoted, call.lead = call.lead, False
                 if promoted and not got:  # woken to read as the wait ran out
                     got = call.done.acquire(False)
@@ -392,8 +396,8 @@ class RemoteLead(RemoteShms):
                     return got
         finally:
             with self._lock:
-                self._unwait(call)
-                if call in self._lazies:
+                call.waiting = False  # (_unwait: a lazy call is no follower)
+                if self._lazies and call in self._lazies:
                     self._lazies.remove(call)
                 if call.lead:  # made the delegate as it stopped waiting (Ctrl-C)
                     call.lead = False

@@ -13,9 +13,10 @@ import itertools
 import socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from objects import DriverError, UsageError
+from qtee._remote.frames import encode_call
 
 if TYPE_CHECKING:
     from qtee._remote.remote import RemoteDevice
@@ -33,6 +34,7 @@ class RemoteSender:
     _seq: itertools.count[int]
     _lock: threading.Lock
     _lost: str | None
+    _pending: dict[int, Any]
 
     def _abandon(self, reason: str) -> None:
         raise NotImplementedError
@@ -58,20 +60,42 @@ class RemoteSender:
                 if waiting is not None:
                     waiting[seq] = entry
             try:
-                frame = frame_of(seq, *args)
-                self.sock.sendall(frame)
+                self.sock.sendall(frame_of(seq, *args))
             except (OSError, UsageError) as exc:
-                if waiting is not None:
-                    with self._lock:
-                        waiting.pop(seq, None)
-                if isinstance(exc, UsageError):  # over the frame limit: nothing was sent
-                    raise DriverError(errno.E2BIG, str(exc)) from None
-                # Part of the frame may have gone: the stream is no use any more.
-                if isinstance(exc, BlockingIOError):  # SO_SNDTIMEO: the server reads nothing
-                    reason = f"the server read nothing for {self.device.call_timeout:g} s"
-                    self._abandon(reason)
-                    raise DriverError(errno.ETIMEDOUT, reason) from None
-                self._await_reader()  # the server's last word (a bye) says more than EPIPE
-                self._abandon(f"send failed: {exc}")
-                raise DriverError(errno.EBADF, f"connection lost: {self._lost}") from None
+                self._unsent(seq, waiting, exc)
         return seq
+
+    def _request_call(
+        self, call: object, cmd: int, data: bytes, regions: list[Any], limit: int, nowait: bool
+    ) -> int:
+        """:meth:`_request` of an ioctl (``encode_call``), its ``call`` filed in
+        ``_pending``: the same, without the generic frame builder's calls (every ioctl)."""
+        with self._send:
+            seq = next(self._seq)
+            with self._lock:
+                if self._lost is not None:
+                    raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+                self._pending[seq] = call
+            try:
+                self.sock.sendall(encode_call(seq, cmd, data, regions, limit, nowait))
+            except (OSError, UsageError) as exc:
+                self._unsent(seq, self._pending, exc)
+        return seq
+
+    def _unsent(self, seq: int, waiting: dict[int, Any] | None, exc: Exception) -> NoReturn:
+        """Request ``seq`` could not be sent (``exc``; with the send lock held): its entry
+        leaves ``waiting``; over the frame limit is E2BIG (nothing went), a send timeout
+        ETIMEDOUT, else the connection is lost (part of the frame may have gone)."""
+        if waiting is not None:
+            with self._lock:
+                waiting.pop(seq, None)
+        if isinstance(exc, UsageError):  # over the frame limit: nothing was sent
+            raise DriverError(errno.E2BIG, str(exc)) from None
+        # Part of the frame may have gone: the stream is no use any more.
+        if isinstance(exc, BlockingIOError):  # SO_SNDTIMEO: the server reads nothing
+            reason = f"the server read nothing for {self.device.call_timeout:g} s"
+            self._abandon(reason)
+            raise DriverError(errno.ETIMEDOUT, reason) from None
+        self._await_reader()  # the server's last word (a bye) says more than EPIPE
+        self._abandon(f"send failed: {exc}")
+        raise DriverError(errno.EBADF, f"connection lost: {self._lost}") from None

@@ -9,13 +9,14 @@ verdicts the cheaper check must keep, each the same string the full check gives.
 from __future__ import annotations
 
 import errno
+import random
 import struct
 
 import pytest
 
 from qtee import uapi
-from qtee._remote.checks import QteeDialect
-from qtee._remote.frames import IoctlReply, Region, Welcome
+from qtee._remote.checks import QteeDialect, _check_invoke, _check_recv, block_change
+from qtee._remote.frames import FrameError, IoctlReply, Region, Welcome, check_written
 from qtee.addrspace import CheckedMemory
 
 _INVOKE = uapi.TEE_IOC_OBJECT_INVOKE
@@ -86,6 +87,7 @@ def test_writes_past_the_block_or_elsewhere_are_lies() -> None:
 
 
 _RECV = uapi.TEE_IOC_SUPPL_RECV
+_UBUF_OUT = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
 _SEND = uapi.TEE_IOC_SUPPL_SEND
 _META_SCRATCH = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | uapi.TEE_IOCTL_PARAM_ATTR_META
 
@@ -148,3 +150,92 @@ def test_a_send_reply_writing_nothing_passes_and_one_changing_the_arg_does_not()
     assert dialect.check(_SEND, arg, regions, _reply(other), None) == (
         "the reply changes the buf_data argument"
     )
+
+
+def _general(
+    cmd: int, arg: bytes, regions: list[tuple[int, bytes, bool]], reply: IoctlReply
+) -> str | None:
+    """The QTEE dialect's general check of a buf_data ioctl's reply without a shm fd
+    (check_written, the arg, block_change, the ioctl's tail): what the one-pass check of the
+    common replies must say too."""
+    try:
+        check_written(reply, len(arg), regions)
+    except FrameError as exc:
+        return str(exc)
+    if reply.errno:
+        return None
+    if reply.arg != arg:
+        return "the reply changes the buf_data argument"
+    change = block_change(arg, regions, reply.written)
+    if change is None:
+        return None
+    before, after = change
+    if cmd == _INVOKE:
+        return None if before == after else _check_invoke(before, after)
+    return _check_recv(before, after) if cmd == _RECV else None
+
+
+def test_the_one_pass_check_gives_the_general_checks_verdict() -> None:
+    """Issue 18: for random OBJECT_INVOKE, SUPPL_RECV and SUPPL_SEND replies -- the block
+    written whole, in part, with more, elsewhere, or not at all; params inside and outside
+    the buffers; headers changed -- ``QteeDialect.check`` says what the general path says."""
+    rng = random.Random(18)
+    attrs = [
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_INPUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_INPUT,
+        uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT,
+        _META_SCRATCH,
+        0,
+    ]
+    verdicts = set()
+    for _ in range(600):
+        mem = CheckedMemory()
+        scratch = bytearray(64)
+        s_addr = mem.pin(scratch)
+        out = bytearray(16)
+        o_addr = mem.pin(out)
+        cmd = rng.choice([_INVOKE, _RECV, _SEND])
+        slots = rng.randint(1, 3)
+        head = _HEAD.pack(7, 3, 0, slots, 0) if cmd == _INVOKE else struct.pack("<II", 0, slots)
+        size = len(head) + 32 * slots
+        whole = bytearray(size + 16)  # the block, then 16 bytes a param may name
+        b_addr = mem.pin(whole)
+        params = [uapi.PARAM_STRUCT.pack(_META_SCRATCH, s_addr, len(scratch), 0)]
+        if cmd == _INVOKE:  # an output buffer elsewhere, or just past the block
+            target = rng.choice([o_addr, b_addr + size])
+            params = [uapi.PARAM_STRUCT.pack(_UBUF_OUT, target, 16, 0)]
+        params += [bytes(32)] * (slots - 1)
+        whole[:size] = head + b"".join(params)
+        block = whole[:size]
+        arg = uapi.BUF_DATA_STRUCT.pack(b_addr, size)
+        dialect = QteeDialect(Welcome(impl_id=uapi.TEE_IMPL_ID_QTEE, gen_caps=0, server="t"))
+        regions = dialect.regions(cmd, arg, mem, 1 << 20)
+        back = bytearray(block)
+        if rng.random() < 0.5:  # a new header: a count, a ret, or the object changed
+            at = rng.choice([0, 8, 12, 16] if cmd == _INVOKE else [0, 4])
+            struct.pack_into("<I", back, at, rng.choice([0, 1, slots, slots + 1, 9]))
+        for i in range(slots):  # params the server fills in
+            if rng.random() < 0.6:
+                base = len(head) + 32 * i
+                addr = rng.choice([0, s_addr, s_addr + 60, o_addr, b_addr])
+                size = rng.choice([0, 4, 16, 17, 64])
+                uapi.PARAM_STRUCT.pack_into(back, base, rng.choice(attrs), addr, size, 0)
+        shape = rng.randrange(6)
+        err = errno.EINVAL if shape == 0 else 0
+        written = {
+            0: (),
+            1: (),
+            2: (_w(b_addr, bytes(back)),),
+            3: (_w(b_addr, bytes(back[:8])),),
+            4: (_w(b_addr, bytes(back)), _w(o_addr, bytes(4))),
+            5: (_w(o_addr + 8, bytes(back[:8])),),
+        }[shape]
+        reply_arg = b"" if err else arg
+        if shape == 1 and rng.random() < 0.5:
+            reply_arg = uapi.BUF_DATA_STRUCT.pack(b_addr, len(block) - 8)
+        reply = _reply(reply_arg, *written, err=err)
+        want = _general(cmd, arg, regions, reply)
+        assert dialect.check(cmd, arg, regions, reply, None) == want, (cmd, shape, bytes(back))
+        verdicts.add(want is None)
+    assert verdicts == {True, False}  # both kinds were met
