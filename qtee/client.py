@@ -255,6 +255,22 @@ class Client:
 
     # ----------------------------------------------------------------- invoke
     def _invoke(self, ident: int, op_: int, args: tuple[Any, ...]) -> list[Any]:
+        if not args:  # the header alone (a null call, a release): no per-argument work
+            try:  # a pinned argument block (one per concurrent ioctl, reused)
+                block = self._blocks.pop()
+            except IndexError:
+                block = ArgBlock(self.device.memory)
+            try:
+                _INVOKE_HEAD.pack_into(block.buf, 0, ident, op_, 0, 0)
+                _reason.clear()  # a note left by another call never names this one
+                _BUF.pack_into(block.arg, 0, block.addr, _INVOKE_HEAD_SIZE)
+                self.ctx.ioctl(_OBJECT_INVOKE, block.arg)
+                (ret,) = _U32.unpack_from(block.buf, 12)
+            finally:
+                self._blocks.append(block)
+            if ret and op_ != 0xFFFF:  # the secure side's note says which error and why
+                raise _reason.error_for(ret)
+            return []
         # The per-argument lists are made only for a call that has arguments.
         held: list[int] | tuple[()] = ()  # callback ids held through the call, outputs read
         try:
