@@ -152,20 +152,20 @@ class QteeDialect:
         if seen is not None and seen[2] == block and seen[1] == arg and seen[0] == cmd:
             return _read_merged(mem, seen[3], ptr, block)
         size, at = head
-        if len(block) >= size:
-            (num,) = _U32.unpack_from(block, at)
-            if not num:  # the block alone (a call without params), read already
-                return [(ptr, block, True)]
-        spans: list[tuple[int, int, bool]] = [(ptr, length, True)]
-        if len(block) >= size:
-            for i in range(min(num, (len(block) - size) // 32)):
-                attr, a, b, _c = _PARAM.unpack_from(block, size + 32 * i)
-                if attr & 0xFF in _UBUF_TYPES:
-                    spans.append((a, b, attr & 0xFF != _UBUF_IN))
-                elif attr in _META_TYPES:  # the RECV scratch buffer
-                    spans.append((a, b, True))
-        if len(spans) == 1:  # the block alone (no UBUF, no scratch), read already
+        if len(block) < size:  # no params to read: the block alone, if any
             return [(ptr, block, True)] if length > 0 else []
+        (num,) = _U32.unpack_from(block, at)
+        if not num:  # the block alone (a call without params), read already
+            return [(ptr, block, True)]
+        spans: list[tuple[int, int, bool]] = [(ptr, length, True)]
+        for i in range(min(num, (len(block) - size) // 32)):
+            attr, a, b, _c = _PARAM.unpack_from(block, size + 32 * i)
+            if attr & 0xFF in _UBUF_TYPES:
+                spans.append((a, b, attr & 0xFF != _UBUF_IN))
+            elif attr in _META_TYPES:  # the RECV scratch buffer
+                spans.append((a, b, True))
+        if len(spans) == 1:  # the block alone (no UBUF, no scratch), read already
+            return [(ptr, block, True)]
         merged = merge(spans)
         self._seen = (cmd, arg, block, merged)
         return _read_merged(mem, merged, ptr, block)
