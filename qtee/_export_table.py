@@ -105,8 +105,7 @@ class ExportTable:
 
     def get(self, uid: int) -> CallbackObject | None:
         """The callback object exported as ``uid`` (None: not exported)."""
-        with self._lock:
-            entry = self._entries.get(uid)
+        entry = self._entries.get(uid)  # (one dict lookup, atomic: no lock needed)
         return entry[0] if entry is not None else None
 
     def items(self) -> list[tuple[int, CallbackObject]]:
