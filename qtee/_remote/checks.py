@@ -342,6 +342,8 @@ def _check_recv(before: bytes, after: bytes) -> str | None:
     (num,) = _U32.unpack_from(after, 4)
     if num > slots:
         return f"a request of {num} params for {slots} slots"
+    if num < 2:  # the meta param alone (a release, a call without arguments)
+        return None
     _attr, scratch, size, _c = _PARAM.unpack_from(before, 8)
     for i in range(1, min(num, (len(after) - 8) // 32)):
         attr, a, b, _c = _PARAM.unpack_from(after, 8 + 32 * i)
