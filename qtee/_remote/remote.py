@@ -271,17 +271,11 @@ class RemoteContext(RemoteLead, RemoteQueries):
         call, not two.)"""
         if self.closed:
             raise DriverError(errno.EBADF, "context is closed")
-        kind = type(arg)  # bytes and bytearray go whole: _struct_bytes without the call
-        if kind is not bytearray and kind is not bytes and not isinstance(arg, _BUF_TYPES):
-            raise DriverError(
-                errno.EFAULT, f"ioctl argument must be a buffer, not {type(arg).__name__}"
-            )
-        if type(cmd) is not int or cmd not in _PLAIN:  # (the common ioctls need no more)
-            if cmd in WRITES_STRUCT:  # a read-only struct: EFAULT here, as in process
-                need_arg(arg, 0)
-            if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
-                raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
-        data = bytes(arg) if kind is bytearray or kind is bytes else _struct_bytes(cmd, arg)
+        # The common ioctl (a bytearray for a struct the kernel only reads) needs no more.
+        if type(arg) is bytearray and cmd in _PLAIN and type(cmd) is int:
+            data = bytes(arg)
+        else:
+            data = _checked_arg(cmd, arg)
         device = self.device
         limit = device.max_frame
         dialect = self.dialect
@@ -409,6 +403,22 @@ class RemoteContext(RemoteLead, RemoteQueries):
             reader.join(5)
         self.sock.close()
         self._unmap_all()
+
+
+def _checked_arg(cmd: int, arg: bytes | bytearray | memoryview) -> bytes:
+    """What of ``arg`` goes to the server, after the checks the driver makes before it
+    reads ``arg``: EFAULT for no buffer (or a read-only struct the ioctl writes), EINVAL
+    for a ``cmd`` that is no u32."""
+    if not isinstance(arg, _BUF_TYPES):
+        raise DriverError(
+            errno.EFAULT, f"ioctl argument must be a buffer, not {type(arg).__name__}"
+        )
+    if type(cmd) is not int or cmd not in _PLAIN:  # (the common ioctls need no more)
+        if cmd in WRITES_STRUCT:  # a read-only struct: EFAULT here, as in process
+            need_arg(arg, 0)
+        if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
+            raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
+    return _struct_bytes(cmd, arg)
 
 
 def _struct_bytes(cmd: int, arg: bytes | bytearray | memoryview) -> bytes:

@@ -302,9 +302,8 @@ class RemoteLead(RemoteShms):
     def _wait(self, call: _Call, timeout: float | None) -> bool:
         """Wait for ``call``'s reply or the loss (True), at most ``timeout`` s (False).
         If nobody reads the socket this thread reads it, filing what comes for the others,
-        until its own reply; else it waits to be handed its reply, or the reading."""
-        if call.lazy:
-            return self._wait_lazy(call)
+        until its own reply; else it waits to be handed its reply, or the reading.  (A call
+        with a deadline: a lazy one waits in :meth:`_wait_lazy`.)"""
         end = None if timeout is None else _monotonic() + timeout
         while True:
             if call.done.acquire(False):  # answered already
