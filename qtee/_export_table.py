@@ -59,9 +59,9 @@ class ExportTable:
         #: The leak check's record of where each id was first sent (None: not tracked).
         self.track: _ClientTrack | None = None
 
-    def export(self, obj: CallbackObject) -> int:
-        """One more reference on ``obj``'s callback id, allocated on its first send; the id
-        (ENOSPC with 1023 objects exported)."""
+    def export(self, obj: CallbackObject, refs: int = 1) -> int:
+        """``refs`` more references on ``obj``'s callback id, allocated on its first send;
+        the id (ENOSPC with 1023 objects exported)."""
         if not isinstance(obj, CallbackObject):
             raise TypeError(f"only a CallbackObject is exported, not {type(obj).__name__}")
         with self._lock:
@@ -77,7 +77,7 @@ class ExportTable:
                 self._entries[uid] = [obj, 0]
                 if self.track is not None:
                     self.track.exports[uid] = self.track.tracker.where(sys._getframe(1))
-            self._entries[uid][1] += 1
+            self._entries[uid][1] += refs
             return uid
 
     def hold(self, uid: int) -> None:
@@ -105,8 +105,7 @@ class ExportTable:
 
     def get(self, uid: int) -> CallbackObject | None:
         """The callback object exported as ``uid`` (None: not exported)."""
-        with self._lock:
-            entry = self._entries.get(uid)
+        entry = self._entries.get(uid)  # (one dict lookup, atomic: no lock needed)
         return entry[0] if entry is not None else None
 
     def items(self) -> list[tuple[int, CallbackObject]]:

@@ -255,6 +255,22 @@ class Client:
 
     # ----------------------------------------------------------------- invoke
     def _invoke(self, ident: int, op_: int, args: tuple[Any, ...]) -> list[Any]:
+        if not args:  # the header alone (a null call, a release): no per-argument work
+            try:  # a pinned argument block (one per concurrent ioctl, reused)
+                block = self._blocks.pop()
+            except IndexError:
+                block = ArgBlock(self.device.memory)
+            try:
+                _INVOKE_HEAD.pack_into(block.buf, 0, ident, op_, 0, 0)
+                _reason.clear()  # a note left by another call never names this one
+                _BUF.pack_into(block.arg, 0, block.addr, _INVOKE_HEAD_SIZE)
+                self.ctx.ioctl(_OBJECT_INVOKE, block.arg)
+                (ret,) = _U32.unpack_from(block.buf, 12)
+            finally:
+                self._blocks.append(block)
+            if ret and op_ != 0xFFFF:  # the secure side's note says which error and why
+                raise _reason.error_for(ret)
+            return []
         # The per-argument lists are made only for a call that has arguments.
         held: list[int] | tuple[()] = ()  # callback ids held through the call, outputs read
         try:
@@ -268,6 +284,10 @@ class Client:
                 if args:
                     mem = self.device.memory
                     params, pins, outs, sent = [], [], [], []
+                    # Each callback id sent is held through the call too (an output may name
+                    # an object sent in it while QTEE's release of it is being delivered):
+                    # to_param takes both references at once, the finally drops the hold.
+                    held = sent
                     for i, a in enumerate(args):
                         if isinstance(a, _BYTES_LIKE):
                             data = bytes(a)
@@ -288,7 +308,7 @@ class Client:
                             params.append((_OBJ_OUT, 0, 0, 0))
                             outs.append((i, None))
                         else:
-                            params.append(self.to_param(a, sent))
+                            params.append(self.to_param(a, sent, 2))
                 n = len(params)
                 size = _INVOKE_HEAD_SIZE + 32 * n
                 if size > _MAX_ARG_SIZE:
@@ -304,10 +324,6 @@ class Client:
                 else:  # the header alone
                     _INVOKE_HEAD.pack_into(blk.buf, 0, ident, op_, 0, 0)
                 called = True  # from here the errno channel decides ownership
-                if sent:  # held through the call: an output may name an object sent in it
-                    for uid in sent:  # while QTEE's release of it is being delivered
-                        self.exports.hold(uid)
-                    held = list(sent)
                 _reason.clear()  # a note left by another call never names this one
                 try:  # (self.call inline, ``size`` checked above: the hot path)
                     _BUF.pack_into(blk.arg, 0, blk.addr, size)
@@ -356,10 +372,11 @@ class Client:
             for uid in held:
                 self.exports.unexport(uid)
 
-    def to_param(self, obj: object, sent: list[int]) -> tuple[int, int, int, int]:
+    def to_param(self, obj: object, sent: list[int], refs: int = 1) -> tuple[int, int, int, int]:
         """The ``(attr, a, b, c)`` of input object ``obj`` (None, an :class:`ObjRef`, a
         :class:`MemoryObject` or a :class:`CallbackObject`); a callback object is exported
-        (one reference) and its id appended to ``sent``."""
+        (``refs`` references: the send's, and an invoke's hold through the call) and its id
+        appended to ``sent``."""
         if obj is None:
             return (_OBJ_IN, uapi.TEE_OBJREF_NULL, 0, 0)
         if isinstance(obj, ObjRef):
@@ -379,7 +396,7 @@ class Client:
         if isinstance(obj, Transfer):
             raise UsageError("Transfer is for a callback's output objects, not an argument")
         if isinstance(obj, CallbackObject):
-            uid = self.exports.export(obj)
+            uid = self.exports.export(obj, refs)
             sent.append(uid)
             return (_OBJ_IN, uid, uapi.QCOMTEE_OBJREF_FLAG_USER, 0)
         name = type(obj).__name__

@@ -152,20 +152,20 @@ class QteeDialect:
         if seen is not None and seen[2] == block and seen[1] == arg and seen[0] == cmd:
             return _read_merged(mem, seen[3], ptr, block)
         size, at = head
-        if len(block) >= size:
-            (num,) = _U32.unpack_from(block, at)
-            if not num:  # the block alone (a call without params), read already
-                return [(ptr, block, True)]
-        spans: list[tuple[int, int, bool]] = [(ptr, length, True)]
-        if len(block) >= size:
-            for i in range(min(num, (len(block) - size) // 32)):
-                attr, a, b, _c = _PARAM.unpack_from(block, size + 32 * i)
-                if attr & 0xFF in _UBUF_TYPES:
-                    spans.append((a, b, attr & 0xFF != _UBUF_IN))
-                elif attr in _META_TYPES:  # the RECV scratch buffer
-                    spans.append((a, b, True))
-        if len(spans) == 1:  # the block alone (no UBUF, no scratch), read already
+        if len(block) < size:  # no params to read: the block alone, if any
             return [(ptr, block, True)] if length > 0 else []
+        (num,) = _U32.unpack_from(block, at)
+        if not num:  # the block alone (a call without params), read already
+            return [(ptr, block, True)]
+        spans: list[tuple[int, int, bool]] = [(ptr, length, True)]
+        for i in range(min(num, (len(block) - size) // 32)):
+            attr, a, b, _c = _PARAM.unpack_from(block, size + 32 * i)
+            if attr & 0xFF in _UBUF_TYPES:
+                spans.append((a, b, attr & 0xFF != _UBUF_IN))
+            elif attr in _META_TYPES:  # the RECV scratch buffer
+                spans.append((a, b, True))
+        if len(spans) == 1:  # the block alone (no UBUF, no scratch), read already
+            return [(ptr, block, True)]
         merged = merge(spans)
         self._seen = (cmd, arg, block, merged)
         return _read_merged(mem, merged, ptr, block)
@@ -342,6 +342,8 @@ def _check_recv(before: bytes, after: bytes) -> str | None:
     (num,) = _U32.unpack_from(after, 4)
     if num > slots:
         return f"a request of {num} params for {slots} slots"
+    if num < 2:  # the meta param alone (a release, a call without arguments)
+        return None
     _attr, scratch, size, _c = _PARAM.unpack_from(before, 8)
     for i in range(1, min(num, (len(after) - 8) // 32)):
         attr, a, b, _c = _PARAM.unpack_from(after, 8 + 32 * i)

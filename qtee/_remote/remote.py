@@ -83,6 +83,7 @@ from qtee._remote.frames import (
     Probe,
     Welcome,
     encode,
+    encode_call,
 )
 from qtee._remote.remote_lead import _POLL, RemoteLead, _Call, _Closed, _timeval
 from qtee._remote.remote_optee import OpteeDialect
@@ -257,42 +258,43 @@ class RemoteContext(RemoteLead, RemoteQueries):
         self._drain(0)
 
     # ------------------------------------------------------------------ ioctl
-    def ioctl(self, cmd: int, arg: bytes | bytearray | memoryview) -> int:
-        """Run ``cmd`` on the server; ``arg`` and the caller's buffers are updated in place
-        once the reply has passed the checks (EPROTO and nothing written if not)."""
-        return self._call(cmd, arg, nowait=False)
-
     def recv_nowait(self, arg: bytearray | memoryview) -> int:
         """SUPPL_RECV that never blocks (the server runs the model's ``recv_nowait``):
         EAGAIN at once when no request is queued, else what the ioctl does, with the same
         reply checks.  On an fd without a RECV queue, what SUPPL_RECV gives (EINVAL)."""
-        return self._call(_SUPPL_RECV, arg, nowait=True)
+        return self.ioctl(_SUPPL_RECV, arg, _nowait=True)
 
-    def _call(self, cmd: int, arg: bytes | bytearray | memoryview, *, nowait: bool) -> int:
+    def ioctl(self, cmd: int, arg: bytes | bytearray | memoryview, *, _nowait: bool = False) -> int:
+        """Run ``cmd`` on the server; ``arg`` and the caller's buffers are updated in place
+        once the reply has passed the checks (EPROTO and nothing written if not).
+        (``_nowait``: :meth:`recv_nowait`'s, a keyword here so that every ioctl is one
+        call, not two.)"""
         if self.closed:
             raise DriverError(errno.EBADF, "context is closed")
-        kind = type(arg)  # bytes and bytearray go whole: _struct_bytes without the call
-        if kind is not bytearray and kind is not bytes and not isinstance(arg, _BUF_TYPES):
-            raise DriverError(
-                errno.EFAULT, f"ioctl argument must be a buffer, not {type(arg).__name__}"
-            )
-        if type(cmd) is not int or cmd not in _PLAIN:  # (the common ioctls need no more)
-            if cmd in WRITES_STRUCT:  # a read-only struct: EFAULT here, as in process
-                need_arg(arg, 0)
-            if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
-                raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
-        data = bytes(arg) if kind is bytearray or kind is bytes else _struct_bytes(cmd, arg)
+        # The common ioctl (a bytearray for a struct the kernel only reads) needs no more.
+        if type(arg) is bytearray and cmd in _PLAIN and type(cmd) is int:
+            data = bytes(arg)
+        else:
+            data = _checked_arg(cmd, arg)
         device = self.device
         limit = device.max_frame
         dialect = self.dialect
         regions = dialect.regions(cmd, data, device.memory, limit)
-        if cmd == _SUPPL_RECV and not nowait:  # no deadline: the reply, or the loss
-            call = _Call(cmd, True)
-            seq = self._request_call(call, cmd, data, regions, limit, nowait)
+        # A blocking RECV has no deadline (the reply, or the loss).
+        call = _Call(cmd, True) if cmd == _SUPPL_RECV and not _nowait else _Call(cmd)
+        with self._send:  # (RemoteSender._request inline, with encode_call: every ioctl)
+            seq = next(self._seq)
+            with self._lock:
+                if self._lost is not None:
+                    raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
+                self._pending[seq] = call
+            try:
+                self.sock.sendall(encode_call(seq, cmd, data, regions, limit, _nowait))
+            except (OSError, UsageError) as exc:
+                self._unsent(seq, self._pending, exc)
+        if call.lazy:
             self._wait_lazy(call)
         else:
-            call = _Call(cmd)
-            seq = self._request_call(call, cmd, data, regions, limit, nowait)
             timeout = device.call_timeout
             if timeout is None:
                 self._wait(call, None)  # the reply, or the connection lost
@@ -401,6 +403,22 @@ class RemoteContext(RemoteLead, RemoteQueries):
             reader.join(5)
         self.sock.close()
         self._unmap_all()
+
+
+def _checked_arg(cmd: int, arg: bytes | bytearray | memoryview) -> bytes:
+    """What of ``arg`` goes to the server, after the checks the driver makes before it
+    reads ``arg``: EFAULT for no buffer (or a read-only struct the ioctl writes), EINVAL
+    for a ``cmd`` that is no u32."""
+    if not isinstance(arg, _BUF_TYPES):
+        raise DriverError(
+            errno.EFAULT, f"ioctl argument must be a buffer, not {type(arg).__name__}"
+        )
+    if type(cmd) is not int or cmd not in _PLAIN:  # (the common ioctls need no more)
+        if cmd in WRITES_STRUCT:  # a read-only struct: EFAULT here, as in process
+            need_arg(arg, 0)
+        if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
+            raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
+    return _struct_bytes(cmd, arg)
 
 
 def _struct_bytes(cmd: int, arg: bytes | bytearray | memoryview) -> bytes:

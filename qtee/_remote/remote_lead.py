@@ -95,18 +95,19 @@ class _Call:
     waits on ``done`` and may be woken to read (``lead``); ``lazy``: its wait has no
     deadline (a blocking SUPPL_RECV; see :meth:`RemoteLead._wait_lazy`)."""
 
-    __slots__ = ("cmd", "done", "lazy", "lead", "lie", "reply", "shm", "status", "waiting")
+    # (No __slots__: what most calls never change is a class default, not a store per call.)
+    lazy = waiting = lead = False
+    reply: IoctlReply | None = None
+    shm: tuple[int, int, mmap.mmap | bytearray, int] | None = None  # id, size, map, fd
+    status: Status | None = None
+    lie: str | None = None
 
     def __init__(self, cmd: int, lazy: bool = False) -> None:
         self.cmd = cmd
-        self.lazy = lazy
-        self.waiting = self.lead = False
+        if lazy:
+            self.lazy = True
         self.done = done = _new_lock()
         done.acquire()
-        self.reply: IoctlReply | None = None
-        self.shm: tuple[int, int, mmap.mmap | bytearray, int] | None = None  # id, size, map, fd
-        self.status: Status | None = None
-        self.lie: str | None = None
 
     def probed(self) -> Status | None:
         """The answer to the last probe, once the reader has filed it."""
@@ -301,9 +302,8 @@ class RemoteLead(RemoteShms):
     def _wait(self, call: _Call, timeout: float | None) -> bool:
         """Wait for ``call``'s reply or the loss (True), at most ``timeout`` s (False).
         If nobody reads the socket this thread reads it, filing what comes for the others,
-        until its own reply; else it waits to be handed its reply, or the reading."""
-        if call.lazy:
-            return self._wait_lazy(call)
+        until its own reply; else it waits to be handed its reply, or the reading.  (A call
+        with a deadline: a lazy one waits in :meth:`_wait_lazy`.)"""
         end = None if timeout is None else _monotonic() + timeout
         while True:
             if call.done.acquire(False):  # answered already

@@ -1,7 +1,8 @@
 """How each half of a :class:`~qtee._remote.remote.RemoteContext` sends a request: one
 frame under the send lock, with the next ``seq``.
 
-An ioctl, a query, a ``watch`` and a ``shm_free`` all go this way.  A frame over the
+A query, a ``watch`` and a ``shm_free`` go this way; an ioctl's frame is sent by
+:meth:`~qtee._remote.remote.RemoteContext.ioctl` itself, the same steps inline.  A frame over the
 limit is E2BIG and sends nothing; a send that fails part way loses the connection (the
 stream is no use any more), and the reader's last word says why.
 """
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from objects import DriverError, UsageError
-from qtee._remote.frames import encode_call
 
 if TYPE_CHECKING:
     from qtee._remote.remote import RemoteDevice
@@ -63,23 +63,6 @@ class RemoteSender:
                 self.sock.sendall(frame_of(seq, *args))
             except (OSError, UsageError) as exc:
                 self._unsent(seq, waiting, exc)
-        return seq
-
-    def _request_call(
-        self, call: object, cmd: int, data: bytes, regions: list[Any], limit: int, nowait: bool
-    ) -> int:
-        """:meth:`_request` of an ioctl (``encode_call``), its ``call`` filed in
-        ``_pending``: the same, without the generic frame builder's calls (every ioctl)."""
-        with self._send:
-            seq = next(self._seq)
-            with self._lock:
-                if self._lost is not None:
-                    raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-                self._pending[seq] = call
-            try:
-                self.sock.sendall(encode_call(seq, cmd, data, regions, limit, nowait))
-            except (OSError, UsageError) as exc:
-                self._unsent(seq, self._pending, exc)
         return seq
 
     def _unsent(self, seq: int, waiting: dict[int, Any] | None, exc: Exception) -> NoReturn:

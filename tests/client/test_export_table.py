@@ -89,3 +89,27 @@ def test_an_arg_block_is_pinned_and_checked(qtee_client: Client) -> None:
         blk.close()
     with pytest.raises(TypeError):
         ArgBlock(bytearray(4))  # type: ignore[arg-type]
+
+
+def test_an_invoke_that_fails_gives_back_every_reference_it_took(qtee_client: Client) -> None:
+    """An invoke takes the send's reference and its own hold through the call at once
+    (``to_param(..., refs=2)``); a call that fails before the ioctl, or on the errno
+    channel, gives both back: nothing stays exported, and a later send starts afresh."""
+    cb = Echo()
+    env = qtee_client.client_env()
+    before = qtee_client.exported()  # (QTEE keeps the credentials object)
+    try:
+        with pytest.raises(UsageError):  # too many arguments: before the ioctl
+            env.invoke(0, cb, *([b"x"] * 200))
+        assert qtee_client.exported() == before
+        with pytest.raises(DriverError):  # RETAIN from userspace: EINVAL, the errno channel
+            env.invoke(0xFFFE, cb)
+        assert qtee_client.exported() == before
+        sent: list[int] = []
+        uid = qtee_client.to_param(cb, sent, 2)[1]
+        assert qtee_client.exports._entries[uid][1] == 2
+        qtee_client.exports.unexport(uid)
+        qtee_client.exports.unexport(uid)
+        assert qtee_client.exported() == before
+    finally:
+        env.release()
