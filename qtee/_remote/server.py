@@ -81,7 +81,8 @@ from qtee._remote.served import (
     ReadyQueue,
     backoff,
 )
-from qtee._remote.server_conn import Connection, LeadWatch
+from qtee._remote.server_conn import Connection
+from qtee._remote.server_watch import LeadWatch
 from qtee._remote.trace_stream import TraceStream
 from qtee._tee.shm import memfd_backing
 

@@ -65,72 +65,6 @@ _OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
 _NOTED: Final = frozenset({_OBJECT_INVOKE, uapi.TEE_IOC_OPEN_SESSION, uapi.TEE_IOC_INVOKE})
 _SHM_ALLOC: Final = uapi.TEE_IOC_SHM_ALLOC
 _CALLS: Final = (Ioctl, RecvNowait)  # (a tuple: a union is built per use)
-#: Seconds a leader runs an ioctl before :class:`LeadWatch` hands the reading on.
-LEND: Final = 0.005
-#: Seconds the lead watch's thread stays with no leader running an ioctl.
-_WATCH_LINGER: Final = 0.5
-
-
-class LeadWatch:
-    """One thread for a whole server that takes the reading back from a leader running an
-    ioctl for longer than :data:`LEND` (the connection's next frames -- a probe, another
-    call, its close -- do not wait for a long TA).  It looks every ``LEND`` s while a
-    leader runs an ioctl, sleeps while none does, and ends after ``_WATCH_LINGER`` s of
-    that."""
-
-    def __init__(self) -> None:
-        self._lent: set[Connection] = set()
-        self._cond = threading.Condition()
-        self._asleep = True
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-
-    def lend(self, conn: Connection) -> bool:
-        """``conn``'s leader runs an ioctl (``conn._lent``): watch it; False if no thread
-        can watch (the leader hands the reading on at once)."""
-        self._lent.add(conn)  # then _asleep: the watch sets it, then looks at _lent
-        if self._asleep:
-            with self._cond:
-                if self._thread is None:
-                    t = threading.Thread(target=self._watch, name="qtee-lead-watch", daemon=True)
-                    try:
-                        t.start()
-                    except NO_THREAD as exc:
-                        log.warning("no lead watch thread (%s): leaders hand the reading on", exc)
-                        self._lent.discard(conn)
-                        return False
-                    self._thread = t
-                self._cond.notify()
-        return True
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-            t = self._thread
-        if t is not None:
-            t.join(5)
-
-    def _watch(self) -> None:
-        while True:
-            with self._cond:
-                self._asleep = True
-                if not self._lent and not self._stopping:
-                    self._cond.wait(_WATCH_LINGER)
-                if self._stopping or not self._lent:  # idle: a lend starts another
-                    self._thread = None
-                    return
-                self._asleep = False
-                self._cond.wait(LEND)
-            now = time.monotonic()
-            for conn in list(self._lent):
-                call = conn._lent
-                if call is None:
-                    self._lent.discard(conn)
-                    if conn._lent is not None:  # lent again meanwhile
-                        self._lent.add(conn)
-                elif not call.callbacks and now - call.quiet_since >= LEND:
-                    conn._take_back(call)
 
 
 class Connection(ConnectionQueries):
@@ -139,7 +73,7 @@ class Connection(ConnectionQueries):
     One thread at a time (the leader) reads the socket.  Control frames it handles itself;
     when it has an ioctl and a thread waits to take the lead (one is started if none
     waits), it runs the ioctl keeping the lead, which goes to that thread when the call
-    waits on a callback or runs past :data:`LEND` (:class:`LeadWatch`): a quick call is
+    waits on a callback or runs past ``LEND`` (``server_watch.LeadWatch``): a quick call is
     answered with no thread woken, and a long one holds up no other frame of the fd.
     A thread whose ioctl is done queues up to lead again; one blocked in SUPPL_RECV simply
     is not among them.  When no thread can take the lead (``thread_limit`` reached, or the
@@ -276,7 +210,7 @@ class Connection(ConnectionQueries):
     def _run_lent(self, req: Ioctl, call: CallRegions) -> bool:
         """Run an ioctl in the leader, which keeps the lead (a waiting thread is there to
         take it): the call waiting on a callback (``call.lender``), or running for
-        :data:`LEND` s (:class:`LeadWatch`), hands the reading to that thread.  True if
+        ``LEND`` s (``server_watch.LeadWatch``), hands the reading to that thread.  True if
         this thread still leads."""
         self._lent = call
         if not self.server.lead_watch.lend(self):
