@@ -159,6 +159,10 @@ class RegionMemory:
         self._local.call = call
         return call
 
+    def resume(self, call: CallRegions) -> None:
+        """Map again, in this thread, the regions of a request :meth:`begin` mapped."""
+        self._local.call = call
+
     def end(self) -> None:
         """Unmap this thread's request regions."""
         self._local.call = None

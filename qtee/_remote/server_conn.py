@@ -103,8 +103,9 @@ class Connection(ConnectionQueries):
         #: lead leave.
         self.state = ConnState.ACCEPTED
         self._lock = threading.Lock()
-        #: SUPPL_RECVs waiting for a request, oldest first, and the thread serving them.
-        self._parked: collections.deque[Ioctl] = collections.deque()
+        #: SUPPL_RECVs waiting for a request, oldest first (each with the regions its
+        #: first try mapped), and the thread serving them.
+        self._parked: collections.deque[tuple[Ioctl, CallRegions]] = collections.deque()
         self._parked_cond = threading.Condition(self._lock)
         self._receiver: threading.Thread | None = None
         self._calls: dict[int, CallRegions] = {}  # seq -> the ioctl running (for probes)
@@ -250,9 +251,9 @@ class Connection(ConnectionQueries):
                 assert self.file is not None
                 if self.file.queue is None:  # no RECV on this fd: it fails at once
                     self._run(req, self._begin(req))
-                elif self._run(req, self._begin(req), nowait=True, park=True):
+                elif self._run(req, call := self._begin(req), nowait=True, park=True):
                     pass  # answered now: a request was queued, or the RECV is bad (errno)
-                elif not self._park(req):
+                elif not self._park(req, call):
                     self._reply_now(req.seq, errno.EBUSY)
                 continue
             pause = False
@@ -289,7 +290,7 @@ class Connection(ConnectionQueries):
         self._threads.add(t)
         return True, False
 
-    def _park(self, req: Ioctl) -> bool:
+    def _park(self, req: Ioctl, call: CallRegions) -> bool:
         """File a SUPPL_RECV for the receiver thread (started on the first); False when
         ``recv_limit`` are parked already or no receiver thread can start."""
         with self._lock:
@@ -304,7 +305,7 @@ class Connection(ConnectionQueries):
                     return False
                 self._receiver = t
                 self._threads.add(t)
-            self._parked.append(req)
+            self._parked.append((req, call))
             self._parked_cond.notify()
             return True
 
@@ -321,17 +322,28 @@ class Connection(ConnectionQueries):
                     self._parked_cond.wait()
                 if not self._parked:
                     return
-                req = self._parked[0]
+                req, call = self._parked[0]
             with q.cond:
                 q.cond.wait_for(lambda: file.pending() or self._done)
                 q.cond.notify()  # the wake-up may have been meant for another waiter
-            if self._run(req, self._begin(req), nowait=True, park=True):
+            if self._run(req, self._resume(req, call), nowait=True, park=True):
                 with self._lock:
                     self._parked.popleft()
 
     def _begin(self, req: Ioctl | RecvNowait) -> CallRegions:
         """Map the request's regions in this thread and file it for probes."""
         call = self.server.memory.begin(req.regions, self.peer)
+        self._calls[req.seq] = call
+        return call
+
+    def _resume(self, req: Ioctl, call: CallRegions) -> CallRegions:
+        """:meth:`_begin` for a parked RECV's next try: its last try's regions, which that
+        try (a RECV that would wait) left as they came, else (anything written) new ones.
+        (A RECV brings two regions: not copying them again is most of a parked one's cost.)"""
+        if call.written:
+            return self._begin(req)
+        call.quiet_since = time.monotonic()  # as a new CallRegions starts
+        self.server.memory.resume(call)
         self._calls[req.seq] = call
         return call
 
