@@ -180,6 +180,14 @@ class RegionMemory:
         """The request running in this thread, if any."""
         return self._local.call
 
+    def on_callback(self, entering: bool) -> None:
+        """The served device's ``on_callback`` hook: the request running in this thread
+        waits on a callback, or no more (:meth:`CallRegions.on_callback`; the hook reads
+        the thread's request itself, as :meth:`current` would, a call fewer per callback)."""
+        call = self._local.call
+        if call is not None:
+            call.on_callback(entering)
+
     def check(self, addr: int, size: int) -> None:
         """``access_ok``."""
         if addr < 0 or size < 0 or addr + size > TASK_SIZE:
