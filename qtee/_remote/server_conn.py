@@ -208,7 +208,7 @@ class Connection(ConnectionQueries):
                 if not self._run_lent(*job):
                     break
 
-    def _run_lent(self, req: Ioctl, call: CallRegions) -> bool:
+    def _run_lent(self, req: Ioctl | RecvNowait, call: CallRegions) -> bool:
         """Run an ioctl in the leader, which keeps the lead (a waiting thread is there to
         take it): the call waiting on a callback (``call.lender``), or running for
         ``LEND`` s (``server_watch.LeadWatch``), hands the reading to that thread.  True if
@@ -236,18 +236,18 @@ class Connection(ConnectionQueries):
             self._lent = None
         self._read.release()
 
-    def _lead(self) -> tuple[tuple[Ioctl, CallRegions] | None, str]:
+    def _lead(self) -> tuple[tuple[Ioctl | RecvNowait, CallRegions] | None, str]:
         """Read, holding the lead, until an ioctl this thread may run while another leads
         (with its call state) or the end of the stream (None and why)."""
         while True:
             req, reason = self._next_request()
             if req is None:
                 return None, reason
-            if isinstance(req, RecvNowait):  # never blocks: here, still leading
-                self._run(req, self._begin(req), nowait=True)
-                continue
             cmd = req.cmd
-            if cmd == _SUPPL_RECV:
+            if cmd == _SUPPL_RECV:  # (a recv_nowait's cmd too: one test for the others)
+                if isinstance(req, RecvNowait):  # never blocks: here, still leading
+                    self._run(req, self._begin(req), nowait=True)
+                    continue
                 assert self.file is not None
                 if self.file.queue is None:  # no RECV on this fd: it fails at once
                     self._run(req, self._begin(req))
@@ -449,8 +449,8 @@ class Connection(ConnectionQueries):
                 if not plain:
                     file.before(req.cmd, req.arg, call)
                 _reason.clear()  # the secure side notes why it fails this call, on this thread
-                recv = getattr(self.ctx, "recv_nowait", None) if nowait else None
-                if recv is not None:
+                # (the plain ioctl tests nowait alone)
+                if nowait and (recv := getattr(self.ctx, "recv_nowait", None)) is not None:
                     recv(arg)
                 else:  # the fd has no queue: SUPPL_RECV fails as the ioctl does
                     self.ctx.ioctl(req.cmd, arg)
