@@ -94,7 +94,8 @@ class CallRegions:
             self.starts = starts
             self.bufs = bufs
             self.writable = writable
-        self.written: set[int] = set()
+        #: The writable regions written, start -> buffer (what the reply sends back).
+        self.written: dict[int, bytearray] = {}
         self.peer = peer
         self.callbacks = 0  # nesting depth of Device.on_callback(True) in this thread
         self.quiet_since = time.monotonic()
@@ -242,7 +243,7 @@ class RegionMemory:
             one = call.one
             if off >= 0 and size and off + size <= len(one) and start in call.writable:
                 one[off : off + size] = data
-                call.written.add(start)
+                call.written[start] = one
                 return
         if addr < 0 or addr + size > TASK_SIZE:
             raise _efault(addr, size, "is outside the user address space")
@@ -252,7 +253,7 @@ class RegionMemory:
         if start not in call.writable:
             raise _efault(addr, size, "is read-only")
         buf[addr - start : addr - start + size] = data
-        call.written.add(start)
+        call.written[start] = buf
 
     def pin(self, buf: bytes | bytearray) -> int:
         """Pinning is the client's business; the server only maps what it is sent."""

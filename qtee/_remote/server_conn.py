@@ -466,10 +466,9 @@ class Connection(ConnectionQueries):
                 log.exception("%s: ioctl %#x (seq %d) failed", self.name, req.cmd, req.seq)
                 reply = encode_reply(req.seq, errno.EIO, max_frame=max_frame)
             else:
-                bufs = call.bufs
-                written: list[tuple[int, bytes | bytearray]] = []
-                for a in sorted(call.written):  # (a loop: one call fewer per reply)
-                    written.append((a, bufs[a]))  # (packed now, as bytes are: no copy)
+                # (the buffers themselves, packed as bytes are: no copy; the starts differ,
+                # so the pairs sort by address)
+                written: list[tuple[int, bytes | bytearray]] = sorted(call.written.items())
                 if extra:
                     written = sorted([*written, *extra])
                 note = _reason.take()

@@ -111,7 +111,7 @@ def test_accesses_follow_the_rules_whatever_region_was_found_last(
                     assert exc.value.code == errno.EFAULT
                 else:
                     assert mem.read(addr, size) == want
-        assert call.written == marked
+        assert call.written == {a: call.bufs[a] for a in marked}
         assert {a: bytes(b) for a, b in call.bufs.items()} == {
             a: bytes(b) for a, b in model.items()
         }
@@ -145,6 +145,6 @@ def test_a_region_past_the_user_address_space_is_never_remembered() -> None:
             assert "outside the user address space" in str(exc.value)
             with pytest.raises(DriverError):
                 mem.write(addr, bytes(size))
-        assert call.one == bytearray() and call.written == {TASK_SIZE - 8}
+        assert call.one == bytearray() and call.written.keys() == {TASK_SIZE - 8}
     finally:
         mem.end()
