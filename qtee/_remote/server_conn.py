@@ -238,11 +238,28 @@ class Connection(ConnectionQueries):
 
     def _lead(self) -> tuple[tuple[Ioctl | RecvNowait, CallRegions] | None, str]:
         """Read, holding the lead, until an ioctl this thread may run while another leads
-        (with its call state) or the end of the stream (None and why)."""
+        (with its call state) or the end of the stream (None and why).  Control frames on
+        the way are handled here (:meth:`_handle`).  (The reading is inline, not a method of
+        its own: a call and a tuple fewer per request.)"""
+        decoder = self._decoder
         while True:
-            req, reason = self._next_request()
-            if req is None:
-                return None, reason
+            try:
+                # (a frame left in the decoder's buffer: an empty one needs no call)
+                req = decoder.feed_next() if decoder.pending else None
+                while req is None:
+                    data = self.sock.recv(1 << 16)
+                    if not data:
+                        return None, "end of stream"
+                    req = decoder.feed_next(data)
+                if not isinstance(req, _CALLS) or self.state is not ConnState.SERVING:
+                    end = self._handle(req)
+                    if end is not None:
+                        return None, end
+                    continue
+            except FrameError as exc:
+                return None, self._bad_frame(exc)
+            except OSError as exc:
+                return None, f"socket error: {exc}"
             cmd = req.cmd
             if cmd == _SUPPL_RECV:  # (a recv_nowait's cmd too: one test for the others)
                 if isinstance(req, RecvNowait):  # never blocks: here, still leading
@@ -352,32 +369,14 @@ class Connection(ConnectionQueries):
         with contextlib.suppress(OSError):
             self.send_frame(encode_reply(seq, code, max_frame=self.server.max_frame))
 
-    def _next_request(self) -> tuple[Ioctl | RecvNowait | None, str]:
-        """Read until an ioctl (handling the control frames on the way) or the end."""
-        decoder = self._decoder
-        try:
-            while True:
-                # (a frame left in the decoder's buffer: an empty one needs no call)
-                msg = decoder.feed_next() if decoder.pending else None
-                while msg is None:
-                    data = self.sock.recv(1 << 16)
-                    if not data:
-                        return None, "end of stream"
-                    msg = decoder.feed_next(data)
-                if isinstance(msg, _CALLS) and self.state is ConnState.SERVING:
-                    return msg, ""
-                end = self._handle(msg)
-                if end is not None:
-                    return None, end
-        except FrameError as exc:
-            log.warning("%s: closing: bad frame: %s", self.name, exc)
-            with self._lock:
-                self._move(ConnEvent.BYE)
-            with contextlib.suppress(OSError):
-                self.send(Bye(reason=str(exc)[:200]))
-            return None, f"bad frame: {exc}"
-        except OSError as exc:
-            return None, f"socket error: {exc}"
+    def _bad_frame(self, exc: FrameError) -> str:
+        """The leader read a bad frame: a ``bye`` saying why, if it can go; why it ends."""
+        log.warning("%s: closing: bad frame: %s", self.name, exc)
+        with self._lock:
+            self._move(ConnEvent.BYE)
+        with contextlib.suppress(OSError):
+            self.send(Bye(reason=str(exc)[:200]))
+        return f"bad frame: {exc}"
 
     def _handle(self, msg: object) -> str | None:
         """A control frame; why the connection ends, or None to go on."""
