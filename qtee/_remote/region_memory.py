@@ -74,16 +74,14 @@ class CallRegions:
             self.bufs = {addr: buf}
             self.writable = {addr} if r.writable else set()
         else:
-            starts: list[int] = []
             bufs: dict[int, bytearray] = {}
             writable: set[int] = set()
-            for r in regions:  # (a loop, not three comprehensions: this runs for every ioctl)
+            for r in regions:  # (a loop, not two comprehensions: this runs for every ioctl)
                 addr = r.addr
-                starts.append(addr)
                 bufs[addr] = bytearray(r.data)
                 if r.writable:
                     writable.add(addr)
-            starts.sort()
+            starts = sorted(bufs)  # (the starts once each: no list to append to)
             # the last one sent: a SUPPL_RECV's block (its scratch comes first)
             if regions and addr + len(bufs[addr]) <= TASK_SIZE:
                 self.only = addr
