@@ -25,8 +25,10 @@ from qtee.addrspace import TASK_SIZE
 __all__ = ["CallRegions", "RegionMemory"]
 
 
-#: ``CallRegions.only`` of a call with no region or several: above every user address.
-_NOWHERE = TASK_SIZE + 1
+#: ``CallRegions.only`` with no region to remember (none, or one that does not lie in the
+#: user address space): empty, at the end of that space.  The one access it holds, an empty
+#: one there, the general path answers the same (an empty read or write).
+_NOWHERE = TASK_SIZE
 
 
 def _efault(addr: int, size: int, why: str) -> DriverError:
@@ -56,27 +58,32 @@ class CallRegions:
     def __init__(self, regions: tuple[Region, ...], peer: object = None) -> None:
         if len(regions) == 1:  # (most calls bring only their argument block: no loop)
             r = regions[0]
+            addr = r.addr
+            buf = bytearray(r.data)
             #: The start and buffer of the region the last access found, first the one
             #: region of a call that brought one (most do), or the last of several;
-            #: with none, past the user address space and empty, which no access lies
-            #: in (the regions are disjoint).
-            self.only = addr = r.addr
-            self.one = buf = bytearray(r.data)
+            #: only a region inside the user address space (an access inside it needs no
+            #: range check), else :data:`_NOWHERE` and empty (the regions are disjoint).
+            if addr + len(buf) <= TASK_SIZE:
+                self.only = addr
+                self.one = buf
+            else:
+                self.only = _NOWHERE
+                self.one = bytearray()
             self.starts = [addr]
             self.bufs = {addr: buf}
             self.writable = {addr} if r.writable else set()
         else:
-            starts: list[int] = []
             bufs: dict[int, bytearray] = {}
             writable: set[int] = set()
-            for r in regions:  # (a loop, not three comprehensions: this runs for every ioctl)
+            for r in regions:  # (a loop, not two comprehensions: this runs for every ioctl)
                 addr = r.addr
-                starts.append(addr)
                 bufs[addr] = bytearray(r.data)
                 if r.writable:
                     writable.add(addr)
-            starts.sort()
-            if regions:  # the last one sent: a SUPPL_RECV's block (its scratch comes first)
+            starts = sorted(bufs)  # (the starts once each: no list to append to)
+            # the last one sent: a SUPPL_RECV's block (its scratch comes first)
+            if regions and addr + len(bufs[addr]) <= TASK_SIZE:
                 self.only = addr
                 self.one = bufs[addr]
             else:
@@ -85,7 +92,8 @@ class CallRegions:
             self.starts = starts
             self.bufs = bufs
             self.writable = writable
-        self.written: set[int] = set()
+        #: The writable regions written, start -> buffer (what the reply sends back).
+        self.written: dict[int, bytearray] = {}
         self.peer = peer
         self.callbacks = 0  # nesting depth of Device.on_callback(True) in this thread
         self.quiet_since = time.monotonic()
@@ -159,6 +167,10 @@ class RegionMemory:
         self._local.call = call
         return call
 
+    def resume(self, call: CallRegions) -> None:
+        """Map again, in this thread, the regions of a request :meth:`begin` mapped."""
+        self._local.call = call
+
     def end(self) -> None:
         """Unmap this thread's request regions."""
         self._local.call = None
@@ -166,6 +178,14 @@ class RegionMemory:
     def current(self) -> CallRegions | None:
         """The request running in this thread, if any."""
         return self._local.call
+
+    def on_callback(self, entering: bool) -> None:
+        """The served device's ``on_callback`` hook: the request running in this thread
+        waits on a callback, or no more (:meth:`CallRegions.on_callback`; the hook reads
+        the thread's request itself, as :meth:`current` would, a call fewer per callback)."""
+        call = self._local.call
+        if call is not None:
+            call.on_callback(entering)
 
     def check(self, addr: int, size: int) -> None:
         """``access_ok``."""
@@ -184,25 +204,28 @@ class RegionMemory:
             raise _efault(addr, size, "is not mapped for this call")
         start = starts[i]
         buf = call.bufs[start]
-        if addr + size > start + len(buf):
+        end = start + len(buf)
+        if addr + size > end:
             raise _efault(addr, size, "runs past the mapped buffer")
-        call.only = start  # the next access to this region needs no lookup
-        call.one = buf
+        if end <= TASK_SIZE:  # the next access to this region needs no lookup
+            call.only = start
+            call.one = buf
         return call, start, buf
 
     # read and write run for every block an ioctl touches: inside the region the last
-    # access found (the call's one region, if it brought one) they need no lookup; anywhere
-    # else _mapped finds the region or names the EFAULT.
+    # access found (the call's one region, if it brought one) they need no lookup and no
+    # range check (that region lies in the user address space); anywhere else the checks
+    # run in the kernel's order, and _mapped finds the region or names the EFAULT.
     def read(self, addr: int, size: int) -> bytes:
         """``copy_from_user`` from the caller's regions."""
-        if addr < 0 or size < 0 or addr + size > TASK_SIZE:
-            raise _efault(addr, size, "is outside the user address space")
         call = self._local.call
         if call is not None:
             off = addr - call.only
             one = call.one
-            if off >= 0 and off + size <= len(one):
+            if off >= 0 and size >= 0 and off + size <= len(one):
                 return bytes(one[off : off + size])
+        if addr < 0 or size < 0 or addr + size > TASK_SIZE:
+            raise _efault(addr, size, "is outside the user address space")
         if size == 0:
             return b""
         _, start, buf = self._mapped(addr, size)
@@ -211,24 +234,24 @@ class RegionMemory:
     def write(self, addr: int, data: bytes) -> None:
         """``copy_to_user`` into a writable region (sent back with the reply)."""
         size = len(data)
-        if addr < 0 or addr + size > TASK_SIZE:
-            raise _efault(addr, size, "is outside the user address space")
-        if size == 0:
-            return
         call = self._local.call
         if call is not None:
             start = call.only
             off = addr - start
             one = call.one
-            if off >= 0 and off + size <= len(one) and start in call.writable:
+            if off >= 0 and size and off + size <= len(one) and start in call.writable:
                 one[off : off + size] = data
-                call.written.add(start)
+                call.written[start] = one
                 return
+        if addr < 0 or addr + size > TASK_SIZE:
+            raise _efault(addr, size, "is outside the user address space")
+        if size == 0:
+            return
         call, start, buf = self._mapped(addr, size)
         if start not in call.writable:
             raise _efault(addr, size, "is read-only")
         buf[addr - start : addr - start + size] = data
-        call.written.add(start)
+        call.written[start] = buf
 
     def pin(self, buf: bytes | bytearray) -> int:
         """Pinning is the client's business; the server only maps what it is sent."""

@@ -81,7 +81,8 @@ from qtee._remote.served import (
     ReadyQueue,
     backoff,
 )
-from qtee._remote.server_conn import Connection, LeadWatch
+from qtee._remote.server_conn import Connection
+from qtee._remote.server_watch import LeadWatch
 from qtee._remote.trace_stream import TraceStream
 from qtee._tee.shm import memfd_backing
 
@@ -316,7 +317,7 @@ class DeviceServer:
             raise UsageError("a served Device must be built with shm_backing=memfd_backing")
         else:
             self.memory = device.memory
-        device.on_callback = self._on_callback
+        device.on_callback = self.memory.on_callback
         return device, _QteeFlavour(device)
 
     def _optee(self, device: Device | OpteeDevice | None) -> tuple[OpteeDevice, Flavour]:
@@ -332,7 +333,7 @@ class DeviceServer:
             )
         else:
             self.memory = device.memory
-        device.on_callback = self._on_callback
+        device.on_callback = self.memory.on_callback
         return device, OpteeFlavour(device)
 
     @property
@@ -347,12 +348,6 @@ class DeviceServer:
         counted."""
         with self._lock:
             return sum(1 for conn in self._conns if conn.ctx is not None)
-
-    def _on_callback(self, entering: bool) -> None:
-        """``Device.on_callback``: a request thread's call waits on a callback, or no more."""
-        call = self.memory.current()
-        if call is not None:
-            call.on_callback(entering)
 
     def start(self) -> DeviceServer:
         """Bind and listen; connections are served by background threads.

@@ -65,72 +65,6 @@ _OBJECT_INVOKE: Final = uapi.TEE_IOC_OBJECT_INVOKE
 _NOTED: Final = frozenset({_OBJECT_INVOKE, uapi.TEE_IOC_OPEN_SESSION, uapi.TEE_IOC_INVOKE})
 _SHM_ALLOC: Final = uapi.TEE_IOC_SHM_ALLOC
 _CALLS: Final = (Ioctl, RecvNowait)  # (a tuple: a union is built per use)
-#: Seconds a leader runs an ioctl before :class:`LeadWatch` hands the reading on.
-LEND: Final = 0.005
-#: Seconds the lead watch's thread stays with no leader running an ioctl.
-_WATCH_LINGER: Final = 0.5
-
-
-class LeadWatch:
-    """One thread for a whole server that takes the reading back from a leader running an
-    ioctl for longer than :data:`LEND` (the connection's next frames -- a probe, another
-    call, its close -- do not wait for a long TA).  It looks every ``LEND`` s while a
-    leader runs an ioctl, sleeps while none does, and ends after ``_WATCH_LINGER`` s of
-    that."""
-
-    def __init__(self) -> None:
-        self._lent: set[Connection] = set()
-        self._cond = threading.Condition()
-        self._asleep = True
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-
-    def lend(self, conn: Connection) -> bool:
-        """``conn``'s leader runs an ioctl (``conn._lent``): watch it; False if no thread
-        can watch (the leader hands the reading on at once)."""
-        self._lent.add(conn)  # then _asleep: the watch sets it, then looks at _lent
-        if self._asleep:
-            with self._cond:
-                if self._thread is None:
-                    t = threading.Thread(target=self._watch, name="qtee-lead-watch", daemon=True)
-                    try:
-                        t.start()
-                    except NO_THREAD as exc:
-                        log.warning("no lead watch thread (%s): leaders hand the reading on", exc)
-                        self._lent.discard(conn)
-                        return False
-                    self._thread = t
-                self._cond.notify()
-        return True
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-            t = self._thread
-        if t is not None:
-            t.join(5)
-
-    def _watch(self) -> None:
-        while True:
-            with self._cond:
-                self._asleep = True
-                if not self._lent and not self._stopping:
-                    self._cond.wait(_WATCH_LINGER)
-                if self._stopping or not self._lent:  # idle: a lend starts another
-                    self._thread = None
-                    return
-                self._asleep = False
-                self._cond.wait(LEND)
-            now = time.monotonic()
-            for conn in list(self._lent):
-                call = conn._lent
-                if call is None:
-                    self._lent.discard(conn)
-                    if conn._lent is not None:  # lent again meanwhile
-                        self._lent.add(conn)
-                elif not call.callbacks and now - call.quiet_since >= LEND:
-                    conn._take_back(call)
 
 
 class Connection(ConnectionQueries):
@@ -139,7 +73,7 @@ class Connection(ConnectionQueries):
     One thread at a time (the leader) reads the socket.  Control frames it handles itself;
     when it has an ioctl and a thread waits to take the lead (one is started if none
     waits), it runs the ioctl keeping the lead, which goes to that thread when the call
-    waits on a callback or runs past :data:`LEND` (:class:`LeadWatch`): a quick call is
+    waits on a callback or runs past ``LEND`` (``server_watch.LeadWatch``): a quick call is
     answered with no thread woken, and a long one holds up no other frame of the fd.
     A thread whose ioctl is done queues up to lead again; one blocked in SUPPL_RECV simply
     is not among them.  When no thread can take the lead (``thread_limit`` reached, or the
@@ -169,8 +103,9 @@ class Connection(ConnectionQueries):
         #: lead leave.
         self.state = ConnState.ACCEPTED
         self._lock = threading.Lock()
-        #: SUPPL_RECVs waiting for a request, oldest first, and the thread serving them.
-        self._parked: collections.deque[Ioctl] = collections.deque()
+        #: SUPPL_RECVs waiting for a request, oldest first (each with the regions its
+        #: first try mapped), and the thread serving them.
+        self._parked: collections.deque[tuple[Ioctl, CallRegions]] = collections.deque()
         self._parked_cond = threading.Condition(self._lock)
         self._receiver: threading.Thread | None = None
         self._calls: dict[int, CallRegions] = {}  # seq -> the ioctl running (for probes)
@@ -273,10 +208,10 @@ class Connection(ConnectionQueries):
                 if not self._run_lent(*job):
                     break
 
-    def _run_lent(self, req: Ioctl, call: CallRegions) -> bool:
+    def _run_lent(self, req: Ioctl | RecvNowait, call: CallRegions) -> bool:
         """Run an ioctl in the leader, which keeps the lead (a waiting thread is there to
         take it): the call waiting on a callback (``call.lender``), or running for
-        :data:`LEND` s (:class:`LeadWatch`), hands the reading to that thread.  True if
+        ``LEND`` s (``server_watch.LeadWatch``), hands the reading to that thread.  True if
         this thread still leads."""
         self._lent = call
         if not self.server.lead_watch.lend(self):
@@ -301,24 +236,41 @@ class Connection(ConnectionQueries):
             self._lent = None
         self._read.release()
 
-    def _lead(self) -> tuple[tuple[Ioctl, CallRegions] | None, str]:
+    def _lead(self) -> tuple[tuple[Ioctl | RecvNowait, CallRegions] | None, str]:
         """Read, holding the lead, until an ioctl this thread may run while another leads
-        (with its call state) or the end of the stream (None and why)."""
+        (with its call state) or the end of the stream (None and why).  Control frames on
+        the way are handled here (:meth:`_handle`).  (The reading is inline, not a method of
+        its own: a call and a tuple fewer per request.)"""
+        decoder = self._decoder
         while True:
-            req, reason = self._next_request()
-            if req is None:
-                return None, reason
-            if isinstance(req, RecvNowait):  # never blocks: here, still leading
-                self._run(req, self._begin(req), nowait=True)
-                continue
+            try:
+                # (a frame left in the decoder's buffer: an empty one needs no call)
+                req = decoder.feed_next() if decoder.pending else None
+                while req is None:
+                    data = self.sock.recv(1 << 16)
+                    if not data:
+                        return None, "end of stream"
+                    req = decoder.feed_next(data)
+                if not isinstance(req, _CALLS) or self.state is not ConnState.SERVING:
+                    end = self._handle(req)
+                    if end is not None:
+                        return None, end
+                    continue
+            except FrameError as exc:
+                return None, self._bad_frame(exc)
+            except OSError as exc:
+                return None, f"socket error: {exc}"
             cmd = req.cmd
-            if cmd == _SUPPL_RECV:
+            if cmd == _SUPPL_RECV:  # (a recv_nowait's cmd too: one test for the others)
+                if isinstance(req, RecvNowait):  # never blocks: here, still leading
+                    self._run(req, self._begin(req), nowait=True)
+                    continue
                 assert self.file is not None
                 if self.file.queue is None:  # no RECV on this fd: it fails at once
                     self._run(req, self._begin(req))
-                elif self._run(req, self._begin(req), nowait=True, park=True):
+                elif self._run(req, call := self._begin(req), nowait=True, park=True):
                     pass  # answered now: a request was queued, or the RECV is bad (errno)
-                elif not self._park(req):
+                elif not self._park(req, call):
                     self._reply_now(req.seq, errno.EBUSY)
                 continue
             pause = False
@@ -355,7 +307,7 @@ class Connection(ConnectionQueries):
         self._threads.add(t)
         return True, False
 
-    def _park(self, req: Ioctl) -> bool:
+    def _park(self, req: Ioctl, call: CallRegions) -> bool:
         """File a SUPPL_RECV for the receiver thread (started on the first); False when
         ``recv_limit`` are parked already or no receiver thread can start."""
         with self._lock:
@@ -370,7 +322,7 @@ class Connection(ConnectionQueries):
                     return False
                 self._receiver = t
                 self._threads.add(t)
-            self._parked.append(req)
+            self._parked.append((req, call))
             self._parked_cond.notify()
             return True
 
@@ -387,11 +339,11 @@ class Connection(ConnectionQueries):
                     self._parked_cond.wait()
                 if not self._parked:
                     return
-                req = self._parked[0]
+                req, call = self._parked[0]
             with q.cond:
                 q.cond.wait_for(lambda: file.pending() or self._done)
                 q.cond.notify()  # the wake-up may have been meant for another waiter
-            if self._run(req, self._begin(req), nowait=True, park=True):
+            if self._run(req, self._resume(req, call), nowait=True, park=True):
                 with self._lock:
                     self._parked.popleft()
 
@@ -401,37 +353,30 @@ class Connection(ConnectionQueries):
         self._calls[req.seq] = call
         return call
 
+    def _resume(self, req: Ioctl, call: CallRegions) -> CallRegions:
+        """:meth:`_begin` for a parked RECV's next try: its last try's regions, which that
+        try (a RECV that would wait) left as they came, else (anything written) new ones.
+        (A RECV brings two regions: not copying them again is most of a parked one's cost.)"""
+        if call.written:
+            return self._begin(req)
+        call.quiet_since = time.monotonic()  # as a new CallRegions starts
+        self.server.memory.resume(call)
+        self._calls[req.seq] = call
+        return call
+
     def _reply_now(self, seq: int, code: int) -> None:
         """A refusal, sent by the leader (the client may be gone)."""
         with contextlib.suppress(OSError):
             self.send_frame(encode_reply(seq, code, max_frame=self.server.max_frame))
 
-    def _next_request(self) -> tuple[Ioctl | RecvNowait | None, str]:
-        """Read until an ioctl (handling the control frames on the way) or the end."""
-        decoder = self._decoder
-        try:
-            while True:
-                # (a frame left in the decoder's buffer: an empty one needs no call)
-                msg = decoder.feed_next() if decoder.pending else None
-                while msg is None:
-                    data = self.sock.recv(1 << 16)
-                    if not data:
-                        return None, "end of stream"
-                    msg = decoder.feed_next(data)
-                if isinstance(msg, _CALLS) and self.state is ConnState.SERVING:
-                    return msg, ""
-                end = self._handle(msg)
-                if end is not None:
-                    return None, end
-        except FrameError as exc:
-            log.warning("%s: closing: bad frame: %s", self.name, exc)
-            with self._lock:
-                self._move(ConnEvent.BYE)
-            with contextlib.suppress(OSError):
-                self.send(Bye(reason=str(exc)[:200]))
-            return None, f"bad frame: {exc}"
-        except OSError as exc:
-            return None, f"socket error: {exc}"
+    def _bad_frame(self, exc: FrameError) -> str:
+        """The leader read a bad frame: a ``bye`` saying why, if it can go; why it ends."""
+        log.warning("%s: closing: bad frame: %s", self.name, exc)
+        with self._lock:
+            self._move(ConnEvent.BYE)
+        with contextlib.suppress(OSError):
+            self.send(Bye(reason=str(exc)[:200]))
+        return f"bad frame: {exc}"
 
     def _handle(self, msg: object) -> str | None:
         """A control frame; why the connection ends, or None to go on."""
@@ -503,8 +448,8 @@ class Connection(ConnectionQueries):
                 if not plain:
                     file.before(req.cmd, req.arg, call)
                 _reason.clear()  # the secure side notes why it fails this call, on this thread
-                recv = getattr(self.ctx, "recv_nowait", None) if nowait else None
-                if recv is not None:
+                # (the plain ioctl tests nowait alone)
+                if nowait and (recv := getattr(self.ctx, "recv_nowait", None)) is not None:
                     recv(arg)
                 else:  # the fd has no queue: SUPPL_RECV fails as the ioctl does
                     self.ctx.ioctl(req.cmd, arg)
@@ -520,10 +465,9 @@ class Connection(ConnectionQueries):
                 log.exception("%s: ioctl %#x (seq %d) failed", self.name, req.cmd, req.seq)
                 reply = encode_reply(req.seq, errno.EIO, max_frame=max_frame)
             else:
-                bufs = call.bufs
-                written: list[tuple[int, bytes | bytearray]] = []
-                for a in sorted(call.written):  # (a loop: one call fewer per reply)
-                    written.append((a, bufs[a]))  # (packed now, as bytes are: no copy)
+                # (the buffers themselves, packed as bytes are: no copy; the starts differ,
+                # so the pairs sort by address)
+                written: list[tuple[int, bytes | bytearray]] = sorted(call.written.items())
                 if extra:
                     written = sorted([*written, *extra])
                 note = _reason.take()

@@ -11,6 +11,7 @@ call waits on a callback or runs long, so another call on the same fd still gets
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 import time
 
@@ -129,3 +130,41 @@ def test_closing_a_watched_connection_ends_its_reader_at_once(qtee_server: Devic
     ctx.close()
     assert time.monotonic() - t0 < 2.0
     assert eventually(lambda: _readers() == before, 2.0)
+
+
+def test_a_parked_recv_tries_again_on_the_regions_it_came_with() -> None:
+    """The receiver's next try of a parked SUPPL_RECV reuses the regions of its first try
+    (``Connection._resume``) only as they came: mapped again in the thread, filed for
+    probes, with the bytes a new mapping would have; one its try wrote to gets new ones."""
+    from types import SimpleNamespace
+
+    from qtee._remote.frames import Ioctl, Region
+    from qtee._remote.region_memory import CallRegions, RegionMemory
+    from qtee._remote.server_conn import Connection
+
+    mem = RegionMemory()
+    a, b = socket.socketpair()
+    try:
+        conn = Connection(SimpleNamespace(max_frame=1 << 16, memory=mem), a, "c")  # type: ignore[arg-type]
+        regions = (
+            Region(addr=0x1000, data=bytes(range(16)), writable=True),
+            Region(addr=0x3000, data=b"\x05" * 8, writable=True),
+        )
+        req = Ioctl(seq=7, cmd=uapi.TEE_IOC_SUPPL_RECV, arg=b"", regions=regions)
+        first = conn._begin(req)
+        assert mem.read(0x1004, 4) == bytes(range(4, 8))  # a would-wait try only reads
+        mem.end()
+        del conn._calls[7]
+        again = conn._resume(req, first)
+        fresh = CallRegions(regions)
+        assert again is first and mem.current() is first and conn._calls[7] is first
+        assert again.bufs == fresh.bufs and not again.written and not again.callbacks
+        mem.write(0x3000, b"\x09")  # a try that wrote: the next one starts afresh
+        mem.end()
+        renewed = conn._resume(req, again)
+        assert renewed is not again and mem.current() is renewed and conn._calls[7] is renewed
+        assert renewed.bufs == fresh.bufs and not renewed.written
+        mem.end()
+    finally:
+        a.close()
+        b.close()

@@ -13,26 +13,37 @@ from hypothesis import strategies as st
 from objects import DriverError
 from qtee._remote.frames import Region
 from qtee._remote.region_memory import CallRegions, RegionMemory
+from qtee.addrspace import TASK_SIZE
 
 _BASE = 0x10_0000
 
 
 @st.composite
-def _layouts(draw: st.DrawFn) -> list[Region]:
-    """Up to three disjoint regions (some empty, some read-only), in any order."""
+def _layouts(draw: st.DrawFn) -> tuple[int, list[Region]]:
+    """Up to three disjoint regions (some empty, some read-only), in any order, from a
+    base well inside the user address space or just below its end (regions that lie
+    across it or past it)."""
+    base = draw(st.sampled_from([_BASE, TASK_SIZE - 48]))
     n = draw(st.integers(0, 3))
-    regions, addr = [], _BASE
+    regions, addr = [], base
     for _ in range(n):
         addr += draw(st.integers(0, 16))
         size = draw(st.integers(0, 24))
         data = bytes((addr + i) & 0xFF for i in range(size))
         regions.append(Region(addr=addr, data=data, writable=draw(st.booleans())))
         addr += size
-    return draw(st.permutations(regions))
+    return base, draw(st.permutations(regions))
+
+
+def _outside(addr: int, size: int) -> bool:
+    """``access_ok`` fails: EFAULT before any region is looked at."""
+    return addr < 0 or size < 0 or addr + size > TASK_SIZE
 
 
 def _expected_read(regions: list[Region], addr: int, size: int) -> bytes | None:
     """What a read gives in a model of the rules: the bytes, or None for EFAULT."""
+    if _outside(addr, size):
+        return None
     if size == 0:
         return b""
     for r in regions:
@@ -42,30 +53,34 @@ def _expected_read(regions: list[Region], addr: int, size: int) -> bytes | None:
 
 
 _ACCESSES = st.lists(
-    st.tuples(st.booleans(), st.integers(_BASE - 4, _BASE + 160), st.integers(0, 20)),
+    st.tuples(st.booleans(), st.integers(-4, 160), st.integers(-1, 20)),
     max_size=12,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(regions=_layouts(), accesses=_ACCESSES)
+@given(layout=_layouts(), accesses=_ACCESSES)
 def test_accesses_follow_the_rules_whatever_region_was_found_last(
-    regions: list[Region], accesses: list[tuple[bool, int, int]]
+    layout: tuple[int, list[Region]], accesses: list[tuple[bool, int, int]]
 ) -> None:
-    """Reads and writes in any order, inside, across, between and outside the regions:
-    each gives what the model of the rules gives (EFAULT off a region or into a read-only
-    one, the bytes written read back, written regions marked)."""
+    """Reads and writes in any order, inside, across, between and outside the regions and
+    the user address space: each gives what the model of the rules gives (EFAULT outside
+    that space, off a region or into a read-only one, the bytes written read back, written
+    regions marked)."""
+    base, regions = layout
     mem = RegionMemory()
     call = mem.begin(tuple(regions))
     model = {r.addr: bytearray(r.data) for r in regions}
     writable = {r.addr for r in regions if r.writable}
     marked: set[int] = set()
     try:
-        for is_write, addr, size in accesses:
+        for is_write, off, size in accesses:
+            addr = base + off
             current = [
                 Region(addr=a, data=bytes(b), writable=a in writable) for a, b in model.items()
             ]
             if is_write:
+                size = max(size, 0)
                 data = bytes([0xEE]) * size
                 start = next(
                     (
@@ -75,7 +90,9 @@ def test_accesses_follow_the_rules_whatever_region_was_found_last(
                     ),
                     None,
                 )
-                ok = size == 0 or (start is not None and start in writable)
+                ok = not _outside(addr, size) and (
+                    size == 0 or (start is not None and start in writable)
+                )
                 if ok:
                     mem.write(addr, data)
                     if size:
@@ -94,7 +111,7 @@ def test_accesses_follow_the_rules_whatever_region_was_found_last(
                     assert exc.value.code == errno.EFAULT
                 else:
                     assert mem.read(addr, size) == want
-        assert call.written == marked
+        assert call.written == {a: call.bufs[a] for a in marked}
         assert {a: bytes(b) for a, b in call.bufs.items()} == {
             a: bytes(b) for a, b in model.items()
         }
@@ -110,3 +127,24 @@ def test_several_regions_start_with_the_last_one_sent() -> None:
     call = CallRegions((scratch, block))
     assert call.only == block.addr and call.one == bytearray(block.data)
     assert CallRegions(()).one == bytearray()
+
+
+def test_a_region_past_the_user_address_space_is_never_remembered() -> None:
+    """A region lying across the end of the user address space is mapped, but an access
+    past that end is EFAULT, even right after an access found the region."""
+    mem = RegionMemory()
+    call = mem.begin((Region(addr=TASK_SIZE - 8, data=bytes(16), writable=True),))
+    try:
+        assert call.one == bytearray()
+        assert mem.read(TASK_SIZE, 0) == b""  # the empty access at the end: allowed
+        assert mem.read(TASK_SIZE - 8, 4) == bytes(4)
+        mem.write(TASK_SIZE - 4, b"\x01\x02")
+        for addr, size in ((TASK_SIZE - 2, 4), (TASK_SIZE, 1), (TASK_SIZE + 1, 0)):
+            with pytest.raises(DriverError) as exc:
+                mem.read(addr, size)
+            assert "outside the user address space" in str(exc.value)
+            with pytest.raises(DriverError):
+                mem.write(addr, bytes(size))
+        assert call.one == bytearray() and call.written.keys() == {TASK_SIZE - 8}
+    finally:
+        mem.end()
