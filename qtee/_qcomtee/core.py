@@ -14,7 +14,7 @@ import errno
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -434,7 +434,7 @@ class Device:
                     o.put()
         wire.write_callback_response(out, msg, wire.result_from_errno(status))
 
-    def _cb_invoke(self, msg: wire.CallbackMsg) -> tuple[int, list[bytes], list[object]]:
+    def _cb_invoke(self, msg: wire.CallbackMsg) -> tuple[int, Sequence[bytes], Sequence[object]]:
         cxt = msg.cxt
         if not cxt & wire.QCOMTEE_MSG_OBJECT_NS_BIT:
             return -errno.EINVAL, [], []  # NULL or a QTEE-hosted id

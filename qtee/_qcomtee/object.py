@@ -8,6 +8,7 @@ A callback object crossing to QTEE gets an NS id from the device's table, in
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from objects import Refcounted
@@ -43,6 +44,6 @@ class CbObject(Refcounted):
 
     def dispatch(
         self, op: int, ib: tuple[bytes, ...], ob: tuple[int, ...], io: tuple[object, ...], n_oo: int
-    ) -> tuple[int, list[bytes], list[object]]:
+    ) -> tuple[int, Sequence[bytes], Sequence[object]]:
         """Serve ``op``: (errno-style status, OB data, OO objects).  Default: -EINVAL."""
         return -errno.EINVAL, [], []

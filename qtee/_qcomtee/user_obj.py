@@ -15,8 +15,8 @@ from __future__ import annotations
 import errno
 import threading
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from objects import DriverError, Refcounted
@@ -79,8 +79,10 @@ class Request:
     state: ReqState = QUEUED
     req_id: int = -1
     status: int = 0
-    ob_data: list[bytes] = field(default_factory=list)
-    oo: list[object] = field(default_factory=list)
+    #: The answer's outputs, set by SUPPL_SEND (empty tuples until then: no lists are
+    #: made for a request that has none, as a release notification).
+    ob_data: Sequence[bytes] = ()
+    oo: Sequence[object] = ()
     #: Held (acquired by its maker) until the request is PROCESSED; the invoking thread
     #: blocks acquiring it.  None for a request nobody waits on (a release notification).
     done: threading.Lock | None = None
@@ -162,7 +164,7 @@ class RequestQueue:
             elif req.state == PROCESSING:
                 req.abandoned = True
             else:
-                oo, req.oo = req.oo, []
+                oo, req.oo = req.oo, ()
                 for o in oo:
                     if isinstance(o, Refcounted):
                         o.put()
@@ -204,7 +206,7 @@ class UserObject(CbObject):
 
     def dispatch(
         self, op: int, ib: tuple[bytes, ...], ob: tuple[int, ...], io: tuple[object, ...], n_oo: int
-    ) -> tuple[int, list[bytes], list[object]]:
+    ) -> tuple[int, Sequence[bytes], Sequence[object]]:
         """Queue the request on the owning context and wait for the supplicant's answer."""
         done = threading.Lock()
         done.acquire()
@@ -249,6 +251,12 @@ def supp_recv(ctx: Context, arg: bytearray | memoryview, *, wait: bool = True) -
                     raise DriverError(errno.EAGAIN, "no request is queued")
                 q.cond.wait()
                 continue
+            if req.op == OP_RELEASE:  # a notification: no args (on_release), so it fits
+                q.fifo.popleft()
+                q.finish(req, 0)  # freed now, never answered
+                meta = _PARAM.pack(_META_IN, req.object_id, req.req_id, 0)
+                mem.write(buf_ptr, _SUPP_HEAD.pack(OP_RELEASE, 1) + meta)
+                return 0
             n = len(req.ib) + len(req.ob) + len(req.io) + req.n_oo
             if n > slots - 1:  # ureq_select: the request stays QUEUED
                 raise _einval(f"request needs {n} params, {slots - 1} given")
@@ -261,10 +269,6 @@ def supp_recv(ctx: Context, arg: bytearray | memoryview, *, wait: bool = True) -
                 offs.append(top)
             q.fifo.popleft()
             out: list[_P] = [(_META_IN, req.object_id, req.req_id, 0)]
-            if req.op == OP_RELEASE:
-                q.finish(req, 0)  # notification: freed now, never answered
-                mem.write(buf_ptr, _SUPP_HEAD.pack(OP_RELEASE, 1) + _PARAM.pack(*out[0]))
-                return 0
             req.state = _SELECT[req.state]  # QUEUED, as every request in the FIFO
             try:  # qcomtee_cb_params_from_args
                 for data, off in zip(req.ib, offs, strict=True):

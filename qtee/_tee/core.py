@@ -260,19 +260,28 @@ class TeeFile(Generic[_S]):
             if cmd == _SUPPL_SEND:
                 return self._supp_send(arg)
             return self._dispatch(cmd, arg)
-        finally:
-            life.leave()
+        finally:  # (FileLife.leave inline, as enter above)
+            calls = life._calls
+            calls.pop()
+            if self.life.closed and not calls:  # (read again: closed meanwhile?)
+                life._release()
 
     def recv_nowait(self, arg: bytearray | memoryview) -> int:
         """SUPPL_RECV that never blocks (the model's own): EAGAIN when no request is
         queued, else exactly what the ioctl does.  A server or a C bridge serves a
         thread's RECV with it without parking a thread in the driver."""
         life = self.life
-        life.enter()
+        calls = life._calls
+        calls.append(None)  # (FileLife.enter and leave inline, as in ioctl)
+        if life.closed:
+            life.leave()
+            raise DriverError(errno.EBADF, "context is closed")
         try:
             return self._supp_recv(arg, wait=False)
         finally:
-            life.leave()
+            calls.pop()
+            if self.life.closed and not calls:  # (read again: closed meanwhile?)
+                life._release()
 
     def _dispatch(self, cmd: int, arg: bytearray | memoryview) -> int:
         """The ioctl switch (``tee_ioctl``); a subclass may add ioctls in front (all but

@@ -503,7 +503,7 @@ class SecureWorld:
             return DispatchResult(Result.ERROR_DEFUNCT)
         out, serve = call
         out[:] = _ZERO_OUT if len(out) == _OUT_SIZE else bytes(len(out))
-        io_ids = [self._wire_id(obj, _NOT_AN_INPUT) for obj in io] if io else []
+        io_ids = [self._wire_id(obj, _NOT_AN_INPUT) for obj in io] if io else ()
         msg = wire.encode_callback_msg(out, target.ns_id, op, ib, ob, io_ids, n_oo)
         if self._pending_release:
             self._flush_releases(out, msg.size)
@@ -530,16 +530,16 @@ class SecureWorld:
     def _flush_releases(self, out: _Buf, offset: int) -> None:
         if not self._pending_release:
             return
-        with self._lock:
-            ids, self._pending_release[:] = list(self._pending_release), []
+        with self._lock:  # the queue is taken whole (no copy): later releases go to a new one
+            ids, self._pending_release = self._pending_release, []
         if not ids:
             return
         room = (len(out) - offset - 12) // 4
-        if room <= 0:
-            with self._lock:
-                self._pending_release[:0] = ids
+        if len(ids) <= room:  # they all fit (the usual case)
+            wire._write_async_release(out, offset, ids)
             return
-        wire._write_async_release(out, offset, ids[:room])
-        if ids[room:]:
-            with self._lock:
-                self._pending_release[:0] = ids[room:]
+        if room > 0:
+            wire._write_async_release(out, offset, ids[:room])
+            ids = ids[room:]
+        with self._lock:  # what does not fit waits for the next return, first in line
+            self._pending_release[:0] = ids

@@ -139,3 +139,21 @@ def test_callback_outside_an_invocation_is_refused() -> None:
     world = SecureWorld(Root())
     with pytest.raises(Exception, match="direct invocation"):
         NsObject(world, 0x80000001).invoke(0)
+
+
+def test_flush_releases_keeps_what_does_not_fit_first_in_line() -> None:
+    """The async tail takes the ids that fit; the rest wait, in order, ahead of later ones."""
+    world = SecureWorld(SecureObject())
+    ids = [0x8000_0000 + i for i in range(1, 11)]
+    world._pending_release.extend(ids)
+    out = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)
+    world._flush_releases(out, len(out) - 24)  # room for 3 ids
+    assert wire.decode_async(out, len(out) - 24).releases == (tuple(ids[:3]),)
+    assert world.pending_releases() == ids[3:]
+    world._flush_releases(out, len(out) - 8)  # no room: nothing written, nothing lost
+    assert world.pending_releases() == ids[3:]
+    world._pending_release.append(0x8000_0100)
+    out = bytearray(wire.MAX_OUTBOUND_BUFFER_SIZE)
+    world._flush_releases(out, 0)
+    assert wire.decode_async(out).releases == ((*ids[3:], 0x8000_0100),)
+    assert world.pending_releases() == []
