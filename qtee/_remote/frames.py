@@ -145,6 +145,8 @@ __all__ = [
 __all__ += frame_fields.__all__
 __all__ += frame_records.__all__
 _BYTES_LIKE: Final = (bytes, bytearray, memoryview)
+_read_length = _HEADER.unpack_from  # (a frame's length word, at its start)
+_BODY: Final = slice(_HDR, None)  # (a whole frame's body)
 
 
 def from_map(m: object) -> Message:
@@ -453,7 +455,7 @@ class FrameDecoder:
         #: Bytes fed and not decoded yet (read-only to callers: empty, no frame is due).
         self.pending = bytearray()
         self._error: FrameError | None = None
-        self._last_seq: int | None = None
+        self._last_seq = -1  # (none yet: below every seq, so the check needs no None test)
 
     @property
     def max_frame(self) -> int:
@@ -472,7 +474,7 @@ class FrameDecoder:
     @property
     def last_seq(self) -> int | None:
         """The ``seq`` of the last client request decoded."""
-        return self._last_seq
+        return None if self._last_seq < 0 else self._last_seq
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes received from the peer (any chunking; empty is fine)."""
@@ -488,19 +490,19 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         buf = self.pending
+        if data.__class__ is bytes and not buf and len(data) > _HDR:
+            # One whole frame, as a read mostly brings: its body decoded from the read (a
+            # slice: cheaper than a memoryview of it), not through the buffer.
+            (length,) = _read_length(data)
+            if len(data) == _HDR + length and length <= self._max_frame:
+                return self._decode(data[_BODY])
         if data:
-            if type(data) is bytes and not buf and len(data) > _HDR:
-                # One whole frame, as a read mostly brings: decoded in place, not copied
-                # into the buffer and out again (anything else takes the path below).
-                (length,) = _HEADER.unpack_from(data, 0)
-                if len(data) == _HDR + length and length <= self._max_frame:
-                    return self._decode(memoryview(data)[_HDR:])
             if not isinstance(data, _BYTES_LIKE):
                 raise UsageError(f"feed takes bytes, not {type(data).__name__}")
             buf += data
         if len(buf) < _HDR:
             return None
-        (length,) = _HEADER.unpack_from(buf, 0)
+        (length,) = _read_length(buf)
         if length == 0 or length > self._max_frame:
             self._die(FrameError(f"frame length {length} is outside [1, {self._max_frame}]"))
         end = _HDR + length
@@ -517,7 +519,7 @@ class FrameDecoder:
             msg = _decode_call(body) or from_map(_unpack(body))
             if self._expect_seq and isinstance(msg, _REQUEST_TYPES):
                 seq = msg.seq
-                if self._last_seq is not None and seq <= self._last_seq:
+                if seq <= self._last_seq:
                     raise FrameError(f"{msg.KIND} seq {seq} out of order (last {self._last_seq})")
                 self._last_seq = seq
         except FrameError as exc:
