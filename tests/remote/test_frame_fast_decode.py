@@ -4,11 +4,14 @@ or names the error."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import msgpack
 import pytest
 from hypothesis import given, settings
 
 from qtee._remote.frames import (
+    MAX_ERRNO,
     PROTOCOL_VERSION,
     FrameDecoder,
     FrameError,
@@ -18,6 +21,7 @@ from qtee._remote.frames import (
     _decode_call,
     _unpack,
     encode,
+    encode_call,
     from_map,
 )
 from tests.remote.test_frames import ioctls, replies
@@ -210,3 +214,91 @@ def test_a_whole_frame_read_checks_the_seq_order() -> None:
     assert dec.last_seq == 1
     with pytest.raises(FrameError, match="out of order"):
         dec.feed_next(_frame(body))
+
+
+def _general_or_error(body: bytes) -> object:
+    """What the general path (dict maps, the records' from_map) makes of a frame body."""
+    try:
+        return from_map(_unpack(body))
+    except FrameError as exc:
+        return type(exc)
+
+
+_OTHERS: list[object] = [None, -1, 2**64 - 1, 1.5, b"", "", [], {}]
+
+
+def _near(value: object) -> list[object]:
+    """Values next to ``value`` that a check must tell apart from it (a bool for an int
+    and an int for a bool, a float of the same value, the ends of the ranges, text for
+    bytes, an array of [key, value] pairs for a map), then values of every other type."""
+    if isinstance(value, bool):
+        near: list[object] = [not value, int(value), float(value)]
+    elif isinstance(value, int):
+        near = [-1, 2**32 - 1, 2**32, MAX_ERRNO, MAX_ERRNO + 1, float(value), value == 1]
+        near += [2**63 - 1, 2**63, 2**64 - 2]  # (an addr: the ends of the fast range test)
+    elif isinstance(value, bytes):
+        near = [value.decode("latin-1"), list(value)]
+    elif isinstance(value, str):
+        near = [value.encode(), value + "x"]
+    elif isinstance(value, dict):
+        near = [[[k, v] for k, v in value.items()], dict(reversed(value.items()))]
+    else:
+        near = [tuple(value) if isinstance(value, list) else value]
+    return near + _OTHERS
+
+
+def _changes(m: object) -> Iterator[object]:
+    """``m`` with one value in it, anywhere (a field, a region, a region's field, the map
+    itself), replaced by each of its :func:`_near` values in turn."""
+    yield from _near(m)
+    if isinstance(m, dict):
+        for key, value in m.items():
+            for new in _changes(value):
+                yield {**m, key: new}
+    elif isinstance(m, list):
+        for k, value in enumerate(m):
+            for new in _changes(value):
+                yield [*m[:k], new, *m[k + 1 :]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(msg=ioctls | replies)
+def test_the_fast_path_gives_the_general_paths_record_or_none(msg: Ioctl | IoctlReply) -> None:
+    """For a call frame with any one value in it changed to one next to it (a float
+    version, a bool seq, an errno past MAX_ERRNO, a non-bool or false writable, a region
+    as an array of pairs ...), the fast path's answer is None or exactly the general
+    path's record: never one the general path refuses or builds otherwise (frames
+    docstring: the field types and ranges)."""
+    for m in _changes(msg.to_map()):
+        try:
+            body = msgpack.packb(m, use_bin_type=True)
+        except (OverflowError, TypeError):
+            continue
+        fast = _decode_call(body)
+        if fast is not None:
+            general = _general_or_error(body)
+            assert fast == general and type(fast) is type(general), m
+
+
+def test_fast_records_are_the_records_themselves() -> None:
+    """A record from the fast path is of the record's class, frozen, hashed and compared
+    as one built by its constructor (the records: frozen, slotted)."""
+    body = b"\x86" + _HEAD + _REST + _REGION
+    fast = _decode_call(body)
+    assert type(fast) is Ioctl and type(fast.regions[0]) is Region
+    assert fast == _EXPECTED and hash(fast) == hash(_EXPECTED)
+    with pytest.raises(AttributeError):
+        fast.seq = 2  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        fast.regions[0].addr = 0  # type: ignore[misc]
+    reply = _decode_call(encode(IoctlReply(seq=3, arg=b"a"))[4:])
+    assert type(reply) is IoctlReply and reply.why is None
+    assert reply == IoctlReply(seq=3, arg=b"a")
+
+
+@pytest.mark.parametrize("region", [(16, b"ab"), (16, b"ab", True, 0)])
+def test_encode_call_takes_regions_of_three_fields(region: tuple[object, ...]) -> None:
+    """A region of two or four fields is the caller's error (ValueError, as unpacking it
+    into addr, data, writable gives), not a frame with a key missing or dropped."""
+    with pytest.raises(ValueError):
+        encode_call(1, 2, b"", [region])  # type: ignore[list-item]
