@@ -114,11 +114,6 @@ _U32_AT = struct.Struct("<I")
 _HDR3 = struct.Struct("<3I")
 _HDR4 = struct.Struct("<4I")
 _PAIR = struct.Struct("<II")
-#: A message with no args: the header and its zero counts word alone, padded to 8 bytes.
-_INVOKE_BARE = struct.Struct("<3I4x")
-#: The args of a call that has none, as the driver and the world pass them (the one
-#: empty tuple): the encoders' fast path is taken on exactly these.
-_NO_ARGS: Final = ()
 
 _ARGS: list[struct.Struct] = [struct.Struct("<" + "II" * n) for n in range(_MAX_ARGS + 1)]
 _INVOKE_ALL: list[struct.Struct] = [struct.Struct("<3I" + "II" * n) for n in range(_MAX_ARGS + 1)]
@@ -349,12 +344,6 @@ def _inbound_encoder(most: int) -> _InboundEncoder:
         objects, ``n_oo`` the number of output-object slots (left 0 for QTEE to fill).
         The result is exactly :func:`invoke_size` bytes; over 4 MiB -> :class:`MessageTooLarge`.
         """
-        if ib is _NO_ARGS and ob is _NO_ARGS and io is _NO_ARGS and type(n_oo) is int and not n_oo:
-            # No args (a null call, a RELEASE): the header alone, no layout to work out.
-            try:
-                return bytearray(_INVOKE_BARE.pack(cxt, op, 0))
-            except struct.error:
-                pass  # the general path names the bad field
         try:
             fields, end = _layout(_INVOKE_HDR, ib, ob, io, n_oo, most)
             if end > MAX_INBOUND_BUFFER_SIZE:
@@ -407,15 +396,6 @@ def encode_callback_msg(
 ) -> CallbackMsg:
     """:func:`encode_callback`, returning the message written (what :func:`decode_callback`
     of ``buf`` would give, without parsing it back)."""
-    if ib is _NO_ARGS and ob is _NO_ARGS and io is _NO_ARGS and type(n_oo) is int and not n_oo:
-        # No args (a bare callback): the header alone, no layout to work out.
-        _check_outbound(buf)
-        try:
-            _HDR4.pack_into(buf, 0, 0, cxt, op, 0)
-        except struct.error:
-            pass  # the general path names the bad field
-        else:
-            return _new(CallbackMsg, (cxt, op, 0, (), (), (), 0, _CALLBACK_HDR))
     fields, end = _write_callback(buf, cxt, op, ib, ob, io, n_oo)
     nib, nob = len(ib), len(ob)
     refs = tuple(
@@ -518,8 +498,6 @@ def decode_invoke(buf: _Buf) -> InvokeMsg:
     if length > MAX_INBOUND_BUFFER_SIZE:
         raise DecodeError(f"inbound message is {length} bytes, limit {MAX_INBOUND_BUFFER_SIZE}")
     cxt, op, counts = _HDR3.unpack_from(buf, 0)
-    if not counts and length >= 16:  # no args: what _decode gives, without the parse
-        return _new(InvokeMsg, (cxt, op, 0, (), (), (), 0, 16))
     return _decode(buf, _INVOKE_HDR, InvokeMsg, cxt, op, counts, "inbound")
 
 
@@ -530,8 +508,6 @@ def decode_callback(buf: _Buf) -> CallbackMsg:
             f"outbound buffer is {len(buf)} bytes, must be {MAX_OUTBOUND_BUFFER_SIZE}"
         )
     _result, cxt, op, counts = _HDR4.unpack_from(buf, 0)
-    if not counts:  # no args: what _decode gives, without the parse
-        return _new(CallbackMsg, (cxt, op, 0, (), (), (), 0, _CALLBACK_HDR))
     return _decode(buf, _CALLBACK_HDR, CallbackMsg, cxt, op, counts, "callback")
 
 
@@ -594,8 +570,7 @@ def write_callback_response(
         raise TypeError("result must be an int")
     if not -0x8000_0000 <= result <= 0x7FFF_FFFF:
         raise UsageError(f"result {result} does not fit in 32 bits")
-    # (With no outputs asked or given, _write_outputs writes and refuses nothing.)
-    if result == 0 and (msg.counts & 0xFFFF or msg.ob or len(ob_data) or len(oo_ids)):
+    if result == 0:
         _write_outputs(buf, _CALLBACK_HDR, msg.counts, msg.ob, ob_data, oo_ids, "callback response")
     _U32_AT.pack_into(buf, 0, result & _U32)
 
@@ -650,7 +625,7 @@ def decode_callback_response(buf: _Buf, msg: CallbackMsg) -> CallbackResponse:
         )
     raw = _U32_AT.unpack_from(buf, 0)[0]
     result = raw - 0x1_0000_0000 if raw & 0x8000_0000 else raw
-    if result != 0 or not _U32_AT.unpack_from(buf, 12)[0]:  # (no args: no outputs)
+    if result != 0:
         return _new(CallbackResponse, (result, (), ()))
     ob, oo = _read_outputs(buf, _CALLBACK_HDR, "callback response")
     for k, (data, ref) in enumerate(zip(ob, msg.ob, strict=False)):

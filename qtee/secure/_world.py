@@ -503,7 +503,7 @@ class SecureWorld:
             return DispatchResult(Result.ERROR_DEFUNCT)
         out, serve = call
         out[:] = _ZERO_OUT if len(out) == _OUT_SIZE else bytes(len(out))
-        io_ids = [self._wire_id(obj, _NOT_AN_INPUT) for obj in io] if io else ()
+        io_ids = [self._wire_id(obj, _NOT_AN_INPUT) for obj in io] if io else []
         msg = wire.encode_callback_msg(out, target.ns_id, op, ib, ob, io_ids, n_oo)
         if self._pending_release:
             self._flush_releases(out, msg.size)
