@@ -272,7 +272,7 @@ class RemoteContext(RemoteLead, RemoteQueries):
         if self.closed:
             raise DriverError(errno.EBADF, "context is closed")
         # The common ioctl (a bytearray for a struct the kernel only reads) needs no more.
-        if type(arg) is bytearray and cmd in _PLAIN and type(cmd) is int:
+        if type(arg) is bytearray and type(cmd) is int and cmd in _PLAIN:
             data = bytes(arg)
         else:
             data = _checked_arg(cmd, arg)
@@ -409,15 +409,14 @@ def _checked_arg(cmd: int, arg: bytes | bytearray | memoryview) -> bytes:
     """What of ``arg`` goes to the server, after the checks the driver makes before it
     reads ``arg``: EFAULT for no buffer (or a read-only struct the ioctl writes), EINVAL
     for a ``cmd`` that is no u32."""
+    if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:  # (before any lookup by cmd)
+        raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
     if not isinstance(arg, _BUF_TYPES):
         raise DriverError(
             errno.EFAULT, f"ioctl argument must be a buffer, not {type(arg).__name__}"
         )
-    if type(cmd) is not int or cmd not in _PLAIN:  # (the common ioctls need no more)
-        if cmd in WRITES_STRUCT:  # a read-only struct: EFAULT here, as in process
-            need_arg(arg, 0)
-        if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:
-            raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
+    if cmd in WRITES_STRUCT:  # a read-only struct: EFAULT here, as in process
+        need_arg(arg, 0)
     return _struct_bytes(cmd, arg)
 
 
