@@ -56,7 +56,7 @@ class CallRegions:
     )
 
     def __init__(self, regions: tuple[Region, ...], peer: object = None) -> None:
-        if len(regions) == 1:  # (most calls bring only their argument block: no loop)
+        if len(regions) == 1 and regions[0].data:  # (most calls: their block alone, no loop)
             r = regions[0]
             addr = r.addr
             buf = bytearray(r.data)
@@ -76,16 +76,19 @@ class CallRegions:
         else:
             bufs: dict[int, bytearray] = {}
             writable: set[int] = set()
+            last = None
             for r in regions:  # (a loop, not two comprehensions: this runs for every ioctl)
-                addr = r.addr
-                bufs[addr] = bytearray(r.data)
-                if r.writable:
-                    writable.add(addr)
+                data = r.data
+                if data:  # an empty region maps no byte (and may start where another does)
+                    last = addr = r.addr
+                    bufs[addr] = bytearray(data)
+                    if r.writable:
+                        writable.add(addr)
             starts = sorted(bufs)  # (the starts once each: no list to append to)
             # the last one sent: a SUPPL_RECV's block (its scratch comes first)
-            if regions and addr + len(bufs[addr]) <= TASK_SIZE:
-                self.only = addr
-                self.one = bufs[addr]
+            if last is not None and last + len(bufs[last]) <= TASK_SIZE:
+                self.only = last
+                self.one = bufs[last]
             else:
                 self.only = _NOWHERE
                 self.one = bytearray()

@@ -32,6 +32,9 @@ def _layouts(draw: st.DrawFn) -> tuple[int, list[Region]]:
         data = bytes((addr + i) & 0xFF for i in range(size))
         regions.append(Region(addr=addr, data=data, writable=draw(st.booleans())))
         addr += size
+    # empty regions anywhere, inside another or at its start too (empty ones overlap nothing)
+    for at in draw(st.lists(st.integers(base, addr), max_size=2)):
+        regions.append(Region(addr=at, data=b"", writable=draw(st.booleans())))
     return base, draw(st.permutations(regions))
 
 
@@ -70,8 +73,8 @@ def test_accesses_follow_the_rules_whatever_region_was_found_last(
     base, regions = layout
     mem = RegionMemory()
     call = mem.begin(tuple(regions))
-    model = {r.addr: bytearray(r.data) for r in regions}
-    writable = {r.addr for r in regions if r.writable}
+    model = {r.addr: bytearray(r.data) for r in regions if r.data}  # (empty: no bytes)
+    writable = {r.addr for r in regions if r.writable and r.data}
     marked: set[int] = set()
     try:
         for is_write, off, size in accesses:
@@ -117,6 +120,23 @@ def test_accesses_follow_the_rules_whatever_region_was_found_last(
         }
     finally:
         mem.end()
+
+
+def test_an_empty_region_inside_another_maps_nothing() -> None:
+    """An empty region (a zero-size buffer) that starts inside another, or where it
+    starts, takes none of its bytes: a read there gives them whatever came first."""
+    a = Region(addr=_BASE, data=bytes(range(16)), writable=True)
+    for empty_at in (_BASE + 8, _BASE):
+        empty = Region(addr=empty_at, data=b"", writable=False)
+        for regions in ((a, empty), (empty, a)):
+            mem = RegionMemory()
+            call = mem.begin(regions)
+            try:
+                assert mem.read(_BASE + 8, 4) == bytes(range(8, 12))
+                mem.write(_BASE, b"\x01")
+                assert call.written == {_BASE: call.bufs[_BASE]}
+            finally:
+                mem.end()
 
 
 def test_several_regions_start_with_the_last_one_sent() -> None:
