@@ -267,21 +267,20 @@ def _decode_call(body: bytes | bytearray | memoryview) -> Ioctl | IoctlReply | N
         elif _overlap(out):
             return None
     if writable_only:
-        reply = _ReplyFiller()
-        reply.seq = seq
-        reply.errno = x
-        reply.arg = arg
-        reply.written = tuple(out)
-        reply.why = None
-        reply.__class__ = IoctlReply
-        return reply  # type: ignore[no-any-return]
-    msg = _IoctlFiller()
-    msg.seq = seq
-    msg.cmd = x
-    msg.arg = arg
-    msg.regions = tuple(out)
-    msg.__class__ = Ioctl
-    return msg  # type: ignore[no-any-return]
+        rec = _ReplyFiller()
+        rec.errno = x
+        rec.written = tuple(out)
+        rec.why = None
+        cls: type[Ioctl | IoctlReply] = IoctlReply
+    else:
+        rec = _IoctlFiller()
+        rec.cmd = x
+        rec.regions = tuple(out)
+        cls = Ioctl
+    rec.seq = seq
+    rec.arg = arg
+    rec.__class__ = cls
+    return rec  # type: ignore[no-any-return]
 
 
 def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
