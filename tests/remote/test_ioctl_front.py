@@ -76,11 +76,9 @@ def test_a_command_that_is_no_int_is_einval_whatever_the_argument(
         remote.close()
 
 
-@pytest.mark.parametrize("cmd", _CMDS, ids=repr)
-def test_checked_arg_passes_a_bytearray_for_a_common_ioctl_whole(cmd: object) -> None:
+@pytest.mark.parametrize("cmd", sorted(_PLAIN), ids=hex)
+def test_checked_arg_passes_a_bytearray_for_a_common_ioctl_whole(cmd: int) -> None:
     """What the front's short test lets through, ``_checked_arg`` passes with the same
     bytes (so the short test only skips work)."""
-    if not (type(cmd) is int and cmd in _PLAIN):
-        pytest.skip("not a common ioctl")
     arg = bytearray(range(16))
     assert _checked_arg(cmd, arg) == bytes(arg)
