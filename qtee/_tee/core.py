@@ -287,6 +287,8 @@ class TeeFile(Generic[_S]):
         """The ioctl switch (``tee_ioctl``); a subclass may add ioctls in front (all but
         OBJECT_INVOKE, SUPPL_RECV and SUPPL_SEND, which :meth:`ioctl` hands to their ops
         at once)."""
+        if type(cmd) is not int or not 0 <= cmd <= 0xFFFF_FFFF:  # (no lookup by it then)
+            raise DriverError(errno.EINVAL, f"ioctl command {cmd!r} is not a u32")
         if cmd == _OBJECT_INVOKE:
             return self._object_invoke(arg)
         if cmd == uapi.TEE_IOC_SUPPL_RECV:
