@@ -41,28 +41,23 @@ class _FreeRanges:
         self.lasts: list[int] = [hi]
         self.used = 0
 
-    def first_free_at_or_after(self, x: int) -> int | None:
+    def first_free_at_or_after(self, x: int) -> tuple[int, int] | None:
+        """The hole holding the first free id at or after ``x``, and that id (None:
+        there is none)."""
         idx = bisect_right(self.starts, x) - 1
         if idx >= 0 and self.lasts[idx] >= x:
-            return x
+            return idx, x
         if idx + 1 < len(self.starts):
-            return self.starts[idx + 1]
+            return idx + 1, self.starts[idx + 1]
         return None
-
-    def first_free(self) -> int | None:
-        return self.starts[0] if self.starts else None
 
     def is_free(self, x: int) -> bool:
         idx = bisect_right(self.starts, x) - 1
         return idx >= 0 and self.lasts[idx] >= x
 
-    def take(self, x: int) -> None:
-        """Mark free id ``x`` used (caller guarantees it is free)."""
-        self.take_at(bisect_right(self.starts, x) - 1, x)
-
-    def take_at(self, idx: int, x: int) -> None:
-        """:meth:`take` of ``x``, known to lie in hole ``idx`` (an allocator that found
-        it there needs no second lookup)."""
+    def take(self, idx: int, x: int) -> None:
+        """Mark free id ``x``, which lies in hole ``idx``, used (the allocator found it
+        there: no second lookup)."""
         starts, lasts = self.starts, self.lasts
         start, last = starts[idx], lasts[idx]
         if start == x:
@@ -165,8 +160,8 @@ class IdrAllocator(_Allocator):
         free = self._free
         if not free.starts:
             raise self._enospc()
-        ident = free.starts[0]  # (first_free and take, with the hole known: the first)
-        free.take_at(0, ident)
+        ident = free.starts[0]  # (the first free id: the first hole's start)
+        free.take(0, ident)
         return ident
 
 
@@ -185,20 +180,12 @@ class CyclicAllocator(_Allocator):
         ``next`` becomes the id handed out plus one, as in the kernel.
         """
         free = self._free
-        starts = free.starts
-        x = self.next
-        # (first_free_at_or_after inline, keeping the hole it finds x in for take_at)
-        idx = bisect_right(starts, x) - 1 if x <= free.hi else len(starts)
-        if 0 <= idx < len(starts) and free.lasts[idx] >= x:
-            ident = x
-        elif idx + 1 < len(starts):
-            idx += 1
-            ident = starts[idx]
-        elif starts:  # nothing at or after next: wrap once to the first hole
-            idx = 0
-            ident = starts[0]
-        else:
-            raise self._enospc()
-        free.take_at(idx, ident)
+        found = free.first_free_at_or_after(self.next) if self.next <= free.hi else None
+        if found is None:  # nothing at or after next: wrap once to the first hole
+            if not free.starts:
+                raise self._enospc()
+            found = 0, free.starts[0]
+        idx, ident = found
+        free.take(idx, ident)
         self.next = ident + 1
         return ident
