@@ -73,7 +73,6 @@ _META_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT | uapi.TEE_IOCTL_
 _SUPPL_RECV: Final = uapi.TEE_IOC_SUPPL_RECV
 _SUPPL_SEND: Final = uapi.TEE_IOC_SUPPL_SEND
 _HEAD_SIZE: Final = _SUPP_HEAD.size
-_BUF: Final = uapi.BUF_DATA_STRUCT
 
 #: The SEND blocks a worker writes: 1 meta + up to RECV_PARAMS - 1 params, by count.
 _REPLY_STRUCTS: Final = tuple(_params_struct(n) for n in range(RECV_PARAMS + 1))
@@ -167,15 +166,13 @@ class WorkerPool:
         request = _SUPP_HEAD.pack(0, RECV_PARAMS) + _params_struct(RECV_PARAMS).pack(
             _META_IN, base, SCRATCH_SIZE, 0, *(0,) * (4 * (RECV_PARAMS - 1))
         )
-        ioctl = client.ctx.ioctl
-        buf, arg, addr = recv.buf, recv.arg, recv.addr
+        buf = recv.buf
         busy = 0.0
         try:
             while not self._stopping:
                 buf[:size] = request
-                try:  # (client.call inline: the size is in range)
-                    _BUF.pack_into(arg, 0, addr, size)
-                    ioctl(_SUPPL_RECV, arg)
+                try:
+                    client.call(_SUPPL_RECV, recv, size)
                 except DriverError as exc:
                     if exc.code == errno.EBUSY:  # a device server's cap on waiting RECVs
                         if not busy:
@@ -347,10 +344,7 @@ class WorkerPool:
         else:
             layout = _REPLY_STRUCTS[n] if n <= RECV_PARAMS else _params_struct(n)
             layout.pack_into(buf, _HEAD_SIZE, *itertools.chain.from_iterable(reply))
-        # (client.call inline: a reply has no more params than its request, which fitted
-        # the block, so the size is in range)
-        _BUF.pack_into(send.arg, 0, send.addr, _HEAD_SIZE + 32 * n)
-        self.client.ctx.ioctl(_SUPPL_SEND, send.arg)
+        self.client.call(_SUPPL_SEND, send, _HEAD_SIZE + 32 * n)
 
     # ----------------------------------------------------------------- deadlines
     def _begin(self, req: int, obj: CallbackObject, op: int, deadline: float) -> _InFlight:

@@ -260,28 +260,19 @@ class TeeFile(Generic[_S]):
             if cmd == _SUPPL_SEND:
                 return self._supp_send(arg)
             return self._dispatch(cmd, arg)
-        finally:  # (FileLife.leave inline, as enter above)
-            calls = life._calls
-            calls.pop()
-            if self.life.closed and not calls:  # (read again: closed meanwhile?)
-                life._release()
+        finally:
+            life.leave()
 
     def recv_nowait(self, arg: bytearray | memoryview) -> int:
         """SUPPL_RECV that never blocks (the model's own): EAGAIN when no request is
         queued, else exactly what the ioctl does.  A server or a C bridge serves a
         thread's RECV with it without parking a thread in the driver."""
         life = self.life
-        calls = life._calls
-        calls.append(None)  # (FileLife.enter and leave inline, as in ioctl)
-        if life.closed:
-            life.leave()
-            raise DriverError(errno.EBADF, "context is closed")
+        life.enter()
         try:
             return self._supp_recv(arg, wait=False)
         finally:
-            calls.pop()
-            if self.life.closed and not calls:  # (read again: closed meanwhile?)
-                life._release()
+            life.leave()
 
     def _dispatch(self, cmd: int, arg: bytearray | memoryview) -> int:
         """The ioctl switch (``tee_ioctl``); a subclass may add ioctls in front (all but
