@@ -140,14 +140,10 @@ class QteeDialect:
         self._seen: tuple[int, bytes, bytes, list[tuple[int, int, bool]]] | None = None
 
     def regions(self, cmd: int, arg: bytes, mem: AddressSpace, max_frame: int) -> list[Span]:
-        head = _HEADS.get(cmd)  # (read_block inline: this runs for every ioctl)
-        if head is None or len(arg) < _BUF_SIZE:
+        got = read_block(_HEADS, cmd, arg, mem)
+        if got is None:
             return []
-        ptr, length = _BUF.unpack_from(arg)
-        try:
-            block = mem.read(ptr, length)
-        except DriverError:
-            return []
+        head, ptr, length, block = got
         seen = self._seen  # (the spans depend on the cmd, argument and block alone)
         if seen is not None and seen[2] == block and seen[1] == arg and seen[0] == cmd:
             return _read_merged(mem, seen[3], ptr, block)
@@ -338,10 +334,10 @@ def _check_recv(before: bytes, after: bytes) -> str | None:
     buffer (the first param), an output names no address."""
     if len(before) < 40:
         return None
-    (slots,) = _U32.unpack_from(before, 4)  # (recv_overflow inline)
+    lie = recv_overflow(before, after)
+    if lie is not None:
+        return lie
     (num,) = _U32.unpack_from(after, 4)
-    if num > slots:
-        return f"a request of {num} params for {slots} slots"
     if num < 2:  # the meta param alone (a release, a call without arguments)
         return None
     _attr, scratch, size, _c = _PARAM.unpack_from(before, 8)

@@ -282,16 +282,7 @@ class RemoteContext(RemoteLead, RemoteQueries):
         regions = dialect.regions(cmd, data, device.memory, limit)
         # A blocking RECV has no deadline (the reply, or the loss).
         call = _Call(cmd, True) if cmd == _SUPPL_RECV and not _nowait else _Call(cmd)
-        with self._send:  # (RemoteSender._request inline, with encode_call: every ioctl)
-            seq = next(self._seq)
-            with self._lock:
-                if self._lost is not None:
-                    raise DriverError(errno.EBADF, f"connection lost: {self._lost}")
-                self._pending[seq] = call
-            try:
-                self.sock.sendall(encode_call(seq, cmd, data, regions, limit, _nowait))
-            except (OSError, UsageError) as exc:
-                self._unsent(seq, self._pending, exc)
+        seq = self._request(encode_call, self._pending, call, cmd, data, regions, limit, _nowait)
         if call.lazy:
             self._wait_lazy(call)
         else:

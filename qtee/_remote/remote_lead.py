@@ -230,10 +230,8 @@ class RemoteLead(RemoteShms):
                                 answered.reply = msg
                                 # woken to read: that wakes it
                                 woken, answered.lead = answered.lead, False
-                                if answered.waiting:  # (_unwait inline)
-                                    answered.waiting = False
-                                    if not answered.lazy:
-                                        self._followers -= 1
+                                if answered.waiting:
+                                    self._unwait(answered)
                         if answered is None:
                             raise DriverError(errno.EPROTO, f"a reply for no call ({msg.seq})")
                         if not woken:
@@ -333,9 +331,7 @@ class RemoteLead(RemoteShms):
                         self._promote()
                 raise
             with self._lock:
-                if call.waiting:  # (_unwait inline: the reader cleared it if it answered)
-                    call.waiting = False
-                    self._followers -= 1
+                self._unwait(call)
                 promoted, call.lead = call.lead, False
                 if promoted and not got:  # woken to read as the wait ran out
                     got = call.done.acquire(False)
@@ -396,7 +392,7 @@ class RemoteLead(RemoteShms):
                     return got
         finally:
             with self._lock:
-                call.waiting = False  # (_unwait: a lazy call is no follower)
+                self._unwait(call)
                 if self._lazies and call in self._lazies:
                     self._lazies.remove(call)
                 if call.lead:  # made the delegate as it stopped waiting (Ctrl-C)

@@ -1,8 +1,7 @@
 """How each half of a :class:`~qtee._remote.remote.RemoteContext` sends a request: one
 frame under the send lock, with the next ``seq``.
 
-A query, a ``watch`` and a ``shm_free`` go this way; an ioctl's frame is sent by
-:meth:`~qtee._remote.remote.RemoteContext.ioctl` itself, the same steps inline.  A frame over the
+An ioctl, a query, a ``watch`` and a ``shm_free`` all go this way.  A frame over the
 limit is E2BIG and sends nothing; a send that fails part way loses the connection (the
 stream is no use any more), and the reader's last word says why.
 """
@@ -14,7 +13,7 @@ import itertools
 import socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from objects import DriverError, UsageError
 
@@ -34,7 +33,6 @@ class RemoteSender:
     _seq: itertools.count[int]
     _lock: threading.Lock
     _lost: str | None
-    _pending: dict[int, Any]
 
     def _abandon(self, reason: str) -> None:
         raise NotImplementedError
@@ -62,23 +60,17 @@ class RemoteSender:
             try:
                 self.sock.sendall(frame_of(seq, *args))
             except (OSError, UsageError) as exc:
-                self._unsent(seq, waiting, exc)
+                if waiting is not None:
+                    with self._lock:
+                        waiting.pop(seq, None)
+                if isinstance(exc, UsageError):  # over the frame limit: nothing was sent
+                    raise DriverError(errno.E2BIG, str(exc)) from None
+                # Part of the frame may have gone: the stream is no use any more.
+                if isinstance(exc, BlockingIOError):  # SO_SNDTIMEO: the server reads nothing
+                    reason = f"the server read nothing for {self.device.call_timeout:g} s"
+                    self._abandon(reason)
+                    raise DriverError(errno.ETIMEDOUT, reason) from None
+                self._await_reader()  # the server's last word (a bye) says more than EPIPE
+                self._abandon(f"send failed: {exc}")
+                raise DriverError(errno.EBADF, f"connection lost: {self._lost}") from None
         return seq
-
-    def _unsent(self, seq: int, waiting: dict[int, Any] | None, exc: Exception) -> NoReturn:
-        """Request ``seq`` could not be sent (``exc``; with the send lock held): its entry
-        leaves ``waiting``; over the frame limit is E2BIG (nothing went), a send timeout
-        ETIMEDOUT, else the connection is lost (part of the frame may have gone)."""
-        if waiting is not None:
-            with self._lock:
-                waiting.pop(seq, None)
-        if isinstance(exc, UsageError):  # over the frame limit: nothing was sent
-            raise DriverError(errno.E2BIG, str(exc)) from None
-        # Part of the frame may have gone: the stream is no use any more.
-        if isinstance(exc, BlockingIOError):  # SO_SNDTIMEO: the server reads nothing
-            reason = f"the server read nothing for {self.device.call_timeout:g} s"
-            self._abandon(reason)
-            raise DriverError(errno.ETIMEDOUT, reason) from None
-        self._await_reader()  # the server's last word (a bye) says more than EPIPE
-        self._abandon(f"send failed: {exc}")
-        raise DriverError(errno.EBADF, f"connection lost: {self._lost}") from None
