@@ -17,6 +17,7 @@ import errno
 import threading
 import time
 from collections.abc import Callable
+from typing import Final
 
 from objects import DriverError, UsageError
 from qtee._remote.frames import Probe, Region, Status
@@ -29,6 +30,7 @@ __all__ = ["CallRegions", "RegionMemory"]
 #: user address space): empty, at the end of that space.  The one access it holds, an empty
 #: one there, the general path answers the same (an empty read or write).
 _NOWHERE = TASK_SIZE
+_EMPTY: Final = bytearray()  # (never written: an access into it is empty or fails)
 
 
 def _efault(addr: int, size: int, why: str) -> DriverError:
@@ -56,23 +58,19 @@ class CallRegions:
     )
 
     def __init__(self, regions: tuple[Region, ...], peer: object = None) -> None:
+        #: The start and buffer of the region the last access found (:meth:`remember`),
+        #: first the one region of a call that brought one (most do), or the last of
+        #: several (a SUPPL_RECV's block: its scratch comes first).
+        self.only = _NOWHERE
+        self.one = _EMPTY
         if len(regions) == 1 and regions[0].data:  # (most calls: their block alone, no loop)
             r = regions[0]
             addr = r.addr
             buf = bytearray(r.data)
-            #: The start and buffer of the region the last access found, first the one
-            #: region of a call that brought one (most do), or the last of several;
-            #: only a region inside the user address space (an access inside it needs no
-            #: range check), else :data:`_NOWHERE` and empty (the regions are disjoint).
-            if addr + len(buf) <= TASK_SIZE:
-                self.only = addr
-                self.one = buf
-            else:
-                self.only = _NOWHERE
-                self.one = bytearray()
             self.starts = [addr]
             self.bufs = {addr: buf}
             self.writable = {addr} if r.writable else set()
+            self.remember(addr, buf)
         else:
             bufs: dict[int, bytearray] = {}
             writable: set[int] = set()
@@ -84,23 +82,24 @@ class CallRegions:
                     bufs[addr] = bytearray(data)
                     if r.writable:
                         writable.add(addr)
-            starts = sorted(bufs)  # (the starts once each: no list to append to)
-            # the last one sent: a SUPPL_RECV's block (its scratch comes first)
-            if last is not None and last + len(bufs[last]) <= TASK_SIZE:
-                self.only = last
-                self.one = bufs[last]
-            else:
-                self.only = _NOWHERE
-                self.one = bytearray()
-            self.starts = starts
+            self.starts = sorted(bufs)  # (the starts once each: no list to append to)
             self.bufs = bufs
             self.writable = writable
+            if last is not None:
+                self.remember(last, bufs[last])
         #: The writable regions written, start -> buffer (what the reply sends back).
         self.written: dict[int, bytearray] = {}
         self.peer = peer
         self.callbacks = 0  # nesting depth of Device.on_callback(True) in this thread
         self.quiet_since = time.monotonic()
         self.lender: Callable[[CallRegions], None] | None = None
+
+    def remember(self, start: int, buf: bytearray) -> None:
+        """The next access inside region ``start`` needs no lookup and no range check, if
+        the region lies inside the user address space (else nothing is remembered)."""
+        if start + len(buf) <= TASK_SIZE:
+            self.only = start
+            self.one = buf
 
     def on_callback(self, entering: bool) -> None:
         """``Device.on_callback`` in this request's thread."""
@@ -207,12 +206,9 @@ class RegionMemory:
             raise _efault(addr, size, "is not mapped for this call")
         start = starts[i]
         buf = call.bufs[start]
-        end = start + len(buf)
-        if addr + size > end:
+        if addr + size > start + len(buf):
             raise _efault(addr, size, "runs past the mapped buffer")
-        if end <= TASK_SIZE:  # the next access to this region needs no lookup
-            call.only = start
-            call.one = buf
+        call.remember(start, buf)
         return call, start, buf
 
     # read and write run for every block an ioctl touches: inside the region the last
