@@ -256,83 +256,63 @@ class Client:
     # ----------------------------------------------------------------- invoke
     def _invoke(self, ident: int, op_: int, args: tuple[Any, ...]) -> list[Any]:
         if not args:  # the header alone (a null call, a release): no per-argument work
-            try:  # a pinned argument block (one per concurrent ioctl, reused)
-                block = self._blocks.pop()
-            except IndexError:
-                block = ArgBlock(self.device.memory)
+            block = self._take_block()
             try:
                 _INVOKE_HEAD.pack_into(block.buf, 0, ident, op_, 0, 0)
-                _reason.clear()  # a note left by another call never names this one
-                _BUF.pack_into(block.arg, 0, block.addr, _INVOKE_HEAD_SIZE)
-                self.ctx.ioctl(_OBJECT_INVOKE, block.arg)
-                (ret,) = _U32.unpack_from(block.buf, 12)
+                ret = self._ioctl_invoke(block, _INVOKE_HEAD_SIZE)
             finally:
                 self._blocks.append(block)
             if ret and op_ != 0xFFFF:  # the secure side's note says which error and why
                 raise _reason.error_for(ret)
             return []
-        # The per-argument lists are made only for a call that has arguments.
-        held: list[int] | tuple[()] = ()  # callback ids held through the call, outputs read
+        params: list[_P] = []
+        pins: list[int] = []
+        outs: list[tuple[int, bytearray | None]] = []
+        # Each callback id sent is held through the call too (an output may name an object
+        # sent in it while QTEE's release of it is being delivered): to_param takes both
+        # references at once, the finally drops the hold once the outputs are read.
+        sent: list[int] = []
         try:
-            params: list[_P] | tuple[()] = ()
-            pins: list[int] | tuple[()] = ()
-            outs: list[tuple[int, bytearray | None]] | tuple[()] = ()
-            sent: list[int] | tuple[()] = ()
             blk: ArgBlock | None = None
             called = False
             try:
-                if args:
-                    mem = self.device.memory
-                    params, pins, outs, sent = [], [], [], []
-                    # Each callback id sent is held through the call too (an output may name
-                    # an object sent in it while QTEE's release of it is being delivered):
-                    # to_param takes both references at once, the finally drops the hold.
-                    held = sent
-                    for i, a in enumerate(args):
-                        if isinstance(a, _BYTES_LIKE):
-                            data = bytes(a)
-                            addr = 0
-                            if data:
-                                addr = mem.pin(data)
-                                pins.append(addr)
-                            params.append((_UB_IN, addr, len(data), 0))
-                        elif isinstance(a, Out):
-                            out = bytearray(a.size)
-                            addr = 0
-                            if a.size:
-                                addr = mem.pin(out)
-                                pins.append(addr)
-                            params.append((_UB_OUT, addr, a.size, 0))
-                            outs.append((i, out))
-                        elif a is OUT_OBJECT:
-                            params.append((_OBJ_OUT, 0, 0, 0))
-                            outs.append((i, None))
-                        else:
-                            params.append(self.to_param(a, sent, 2))
+                mem = self.device.memory
+                for i, a in enumerate(args):
+                    if isinstance(a, _BYTES_LIKE):
+                        data = bytes(a)
+                        addr = 0
+                        if data:
+                            addr = mem.pin(data)
+                            pins.append(addr)
+                        params.append((_UB_IN, addr, len(data), 0))
+                    elif isinstance(a, Out):
+                        out = bytearray(a.size)
+                        addr = 0
+                        if a.size:
+                            addr = mem.pin(out)
+                            pins.append(addr)
+                        params.append((_UB_OUT, addr, a.size, 0))
+                        outs.append((i, out))
+                    elif a is OUT_OBJECT:
+                        params.append((_OBJ_OUT, 0, 0, 0))
+                        outs.append((i, None))
+                    else:
+                        params.append(self.to_param(a, sent, 2))
                 n = len(params)
                 size = _INVOKE_HEAD_SIZE + 32 * n
                 if size > _MAX_ARG_SIZE:
                     raise UsageError(f"{n} arguments do not fit one invoke ({size} > 4096 bytes)")
-                try:  # a pinned argument block (one per concurrent ioctl, reused)
-                    blk = self._blocks.pop()
-                except IndexError:
-                    blk = ArgBlock(self.device.memory)
-                if n:
-                    _invoke_struct(n).pack_into(
-                        blk.buf, 0, ident, op_, 0, n, *itertools.chain.from_iterable(params)
-                    )
-                else:  # the header alone
-                    _INVOKE_HEAD.pack_into(blk.buf, 0, ident, op_, 0, 0)
+                blk = self._take_block()
+                _invoke_struct(n).pack_into(
+                    blk.buf, 0, ident, op_, 0, n, *itertools.chain.from_iterable(params)
+                )
                 called = True  # from here the errno channel decides ownership
-                _reason.clear()  # a note left by another call never names this one
-                try:  # (self.call inline, ``size`` checked above: the hot path)
-                    _BUF.pack_into(blk.arg, 0, blk.addr, size)
-                    self.ctx.ioctl(_OBJECT_INVOKE, blk.arg)
+                try:
+                    ret = self._ioctl_invoke(blk, size)
                 except DriverError:
                     for uid in sent:  # errno channel: the caller keeps ownership
                         self.exports.unexport(uid)
                     raise
-                (ret,) = _U32.unpack_from(blk.buf, 12)
                 back = (
                     [_PARAM.unpack_from(blk.buf, _INVOKE_HEAD_SIZE + 32 * i) for i, _ in outs]
                     if outs
@@ -369,8 +349,25 @@ class Client:
                 raise QteeError(Result.ERROR_UNAVAIL, str(exc)) from None
             return values
         finally:
-            for uid in held:
+            for uid in sent:
                 self.exports.unexport(uid)
+
+    def _take_block(self) -> ArgBlock:
+        """A pinned argument block (one per concurrent ioctl, reused: give it back to
+        ``_blocks``)."""
+        try:
+            return self._blocks.pop()
+        except IndexError:
+            return ArgBlock(self.device.memory)
+
+    def _ioctl_invoke(self, blk: ArgBlock, size: int) -> int:
+        """OBJECT_INVOKE of the ``size`` bytes packed in ``blk``; QTEE's result (``ret``).
+        (:meth:`call` inline, ``size`` checked by the caller: the hot path.)"""
+        _reason.clear()  # a note left by another call never names this one
+        _BUF.pack_into(blk.arg, 0, blk.addr, size)
+        self.ctx.ioctl(_OBJECT_INVOKE, blk.arg)
+        ret: int = _U32.unpack_from(blk.buf, 12)[0]
+        return ret
 
     def to_param(self, obj: object, sent: list[int], refs: int = 1) -> tuple[int, int, int, int]:
         """The ``(attr, a, b, c)`` of input object ``obj`` (None, an :class:`ObjRef`, a
