@@ -173,25 +173,14 @@ class QteeDialect:
         None: the frame-level rules (:func:`check_written`), then what the kernel's ioctl
         may change."""
         if shm is None and cmd in _HEADS:  # the common replies first: they pass or go on
-            if reply.errno:
-                return None  # a failure writes nothing
-            written = reply.written
-            # The reply keeps ``arg`` and writes nothing, or the block alone and whole, which
-            # went as one writable region of its own: check_written passes and block_change
-            # gives (before, w.data), so the tail's checks run at once.
-            if reply.arg == arg:
-                if not written:
-                    return None
-                if len(written) == 1 and len(arg) >= _BUF_SIZE:
-                    (w,) = written
-                    ptr, length = _BUF.unpack_from(arg)
-                    after = w.data
-                    if w.addr == ptr and len(after) == length:
-                        for start, before, writable in regions:
-                            if start == ptr and writable and len(before) == length:
-                                if cmd == _INVOKE:
-                                    return None if after == before else _check_invoke(before, after)
-                                return _check_recv(before, after) if cmd == _RECV else None
+            if reply.errno or (not reply.written and reply.arg == arg):
+                return None  # a failure writes nothing; nor did this success
+            whole = _whole_block(arg, regions, reply)
+            if whole is not None:  # check_written passes: the tail's checks, at once
+                before, after = whole
+                if cmd == _INVOKE:
+                    return None if after == before else _check_invoke(before, after)
+                return _check_recv(before, after) if cmd == _RECV else None
         try:
             check_written(reply, len(arg), regions)
         except FrameError as exc:
@@ -221,6 +210,24 @@ class QteeDialect:
 
     def forget(self, shm_id: int) -> bool:
         return False
+
+
+def _whole_block(arg: bytes, regions: list[Span], reply: IoctlReply) -> tuple[bytes, bytes] | None:
+    """The buf_data block as sent and as written back, when the reply keeps ``arg`` and
+    writes that block alone and whole, and the request sent it as one writable region of
+    its own (then :func:`check_written` passes and :func:`block_change` gives the same);
+    else None."""
+    written = reply.written
+    if len(written) != 1 or reply.arg != arg or len(arg) < _BUF_SIZE:
+        return None
+    (w,) = written
+    ptr, length = _BUF.unpack_from(arg)
+    if w.addr != ptr or len(w.data) != length:
+        return None
+    for start, before, writable in regions:
+        if start == ptr and len(before) == length and writable:
+            return before, w.data
+    return None
 
 
 def merge(spans: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
