@@ -140,10 +140,15 @@ class QteeDialect:
         self._seen: tuple[int, bytes, bytes, list[tuple[int, int, bool]]] | None = None
 
     def regions(self, cmd: int, arg: bytes, mem: AddressSpace, max_frame: int) -> list[Span]:
-        got = read_block(_HEADS, cmd, arg, mem)
-        if got is None:
+        # (read_block inline, without its result tuple: this runs for every ioctl)
+        head = _HEADS.get(cmd)
+        if head is None or len(arg) < _BUF_SIZE:
             return []
-        head, ptr, length, block = got
+        ptr, length = _BUF.unpack_from(arg)
+        try:
+            block = mem.read(ptr, length)
+        except DriverError:
+            return []
         seen = self._seen  # (the spans depend on the cmd, argument and block alone)
         if seen is not None and seen[2] == block and seen[1] == arg and seen[0] == cmd:
             return _read_merged(mem, seen[3], ptr, block)
