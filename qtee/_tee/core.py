@@ -252,13 +252,15 @@ class TeeFile(Generic[_S]):
             life.leave()
             raise DriverError(errno.EBADF, "context is closed")
         try:
-            # The invoke and callback hot paths go straight to their ops.
-            if cmd == _OBJECT_INVOKE:
-                return self._object_invoke(arg)
-            if cmd == _SUPPL_RECV:
-                return self._supp_recv(arg)
-            if cmd == _SUPPL_SEND:
-                return self._supp_send(arg)
+            # The invoke and callback hot paths go straight to their ops (an int only:
+            # a float equal to one of them is no command; _dispatch says EINVAL).
+            if cmd.__class__ is int:
+                if cmd == _OBJECT_INVOKE:
+                    return self._object_invoke(arg)
+                if cmd == _SUPPL_RECV:
+                    return self._supp_recv(arg)
+                if cmd == _SUPPL_SEND:
+                    return self._supp_send(arg)
             return self._dispatch(cmd, arg)
         finally:
             life.leave()

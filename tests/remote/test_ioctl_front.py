@@ -45,9 +45,7 @@ def _errno(ioctl: Callable[[object, object], object], cmd: object, arg: object) 
     return 0
 
 
-@pytest.mark.parametrize(
-    "cmd", [*(c for c in _CMDS if type(c) is not float), [1], "x", None], ids=repr
-)
+@pytest.mark.parametrize("cmd", [*_CMDS, [1], "x", None], ids=repr)
 def test_every_ioctl_fails_across_the_socket_as_it_does_in_process(
     qtee_server: DeviceServer, cmd: object
 ) -> None:
