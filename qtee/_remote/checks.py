@@ -58,6 +58,8 @@ _UBUF_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_UBUF_OUTPUT
 _OBJ_OUT: Final = uapi.TEE_IOCTL_PARAM_ATTR_TYPE_OBJREF_OUTPUT
 _UBUF_TYPES: Final = frozenset({8, 9, 10})
 _META_TYPES: Final = frozenset({uapi.TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_INOUT | 0x100})
+#: How many argument blocks ``QteeDialect.regions`` remembers (a pool's workers' RECVs).
+_SEEN_MAX: Final = 16
 
 
 class Dialect(Protocol):
@@ -135,9 +137,10 @@ class QteeDialect:
 
     def __init__(self, welcome: Welcome) -> None:
         self.welcome = welcome
-        #: The cmd, argument, block and merged spans of the last call whose block names
-        #: more memory than itself: a supplicant sends the same RECV block every time.
-        self._seen: tuple[int, bytes, bytes, list[tuple[int, int, bool]]] | None = None
+        #: By argument, the cmd, block and merged spans of the last call with it whose
+        #: block names more memory than itself: a supplicant's worker sends the same RECV
+        #: block every time (one entry per worker, so that they do not evict each other).
+        self._seen: dict[bytes, tuple[int, bytes, list[tuple[int, int, bool]]]] = {}
 
     def regions(self, cmd: int, arg: bytes, mem: AddressSpace, max_frame: int) -> list[Span]:
         # (read_block inline, without its result tuple: this runs for every ioctl)
@@ -149,9 +152,9 @@ class QteeDialect:
             block = mem.read(ptr, length)
         except DriverError:
             return []
-        seen = self._seen  # (the spans depend on the cmd, argument and block alone)
-        if seen is not None and seen[2] == block and seen[1] == arg and seen[0] == cmd:
-            return _read_merged(mem, seen[3], ptr, block)
+        seen = self._seen.get(arg)  # (the spans depend on the cmd, argument and block alone)
+        if seen is not None and seen[1] == block and seen[0] == cmd:
+            return _read_merged(mem, seen[2], ptr, block)
         size, at = head
         if len(block) < size:  # no params to read: the block alone, if any
             return [(ptr, block, True)] if length > 0 else []
@@ -168,7 +171,10 @@ class QteeDialect:
         if len(spans) == 1:  # the block alone (no UBUF, no scratch), read already
             return [(ptr, block, True)]
         merged = merge(spans)
-        self._seen = (cmd, arg, block, merged)
+        seen_all = self._seen
+        if len(seen_all) >= _SEEN_MAX and arg not in seen_all:
+            seen_all.clear()  # (many blocks in turn: no cache is as good as any)
+        seen_all[arg] = (cmd, block, merged)
         return _read_merged(mem, merged, ptr, block)
 
     def check(

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from qtee import uapi
 from qtee._remote.checks import QteeDialect
 from qtee._remote.frames import Welcome
@@ -82,3 +85,36 @@ def test_a_block_whose_params_change_names_the_new_memory() -> None:
     got = dialect.regions(_INVOKE, arg, mem, 1 << 20)
     assert (a2, b"2" * 16, False) in got
     assert all(addr != a1 for addr, _d, _w in got)
+
+
+_SCRATCH = 64
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 19), st.sampled_from([_RECV, _INVOKE]), st.integers(0, 3)),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_blocks_used_in_turn_send_what_a_fresh_dialect_sends(
+    calls: list[tuple[int, int, int]],
+) -> None:
+    """Issue 18 (several workers' RECV blocks in turn, more blocks than the dialect
+    remembers, blocks and buffers changed between calls): every call sends exactly what
+    a dialect that has seen no call before sends for it."""
+    mem = CheckedMemory()
+    scratches = [bytearray(_SCRATCH) for _ in range(20)]
+    at = [mem.pin(s) for s in scratches]
+    blocks = [_recv_block(a, _SCRATCH) for a in at]
+    args = [uapi.BUF_DATA_STRUCT.pack(mem.pin(b), len(b)) for b in blocks]
+    dialect = _dialect()
+    for n, (i, cmd, change) in enumerate(calls):
+        if change == 1:  # the scratch's bytes
+            scratches[i][:] = bytes([n % 256]) * _SCRATCH
+        elif change == 2:  # the block names another worker's scratch
+            j = (i + 1) % 20
+            blocks[i][8:40] = uapi.PARAM_STRUCT.pack(_META_SCRATCH, at[j], _SCRATCH, 0)
+        got = dialect.regions(cmd, args[i], mem, 1 << 20)
+        assert got == _dialect().regions(cmd, args[i], mem, 1 << 20)
