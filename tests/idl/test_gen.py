@@ -105,9 +105,12 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _parse(path: Path) -> IdlFile:
-    """The test IDL, read; the reader warns of the keywords it renames."""
-    with pytest.warns(IdlWarning, match="rename it `_class`"):
-        return parse_idl(IDL, str(path))
+    """The test IDL, read; the reader warns of each keyword it renames, once."""
+    with pytest.warns(IdlWarning) as caught:
+        idl = parse_idl(IDL, str(path))
+    renamed = sorted(str(w.message).rsplit("rename it ", 1)[1] for w in caught)
+    assert renamed == ["`_class`", "`_from`", "`_lambda`"]
+    return idl
 
 
 def _import(path: Path) -> ModuleType:
