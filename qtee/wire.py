@@ -454,6 +454,10 @@ _M = TypeVar("_M", InvokeMsg, CallbackMsg)
 _new = tuple.__new__
 
 
+def _not_bytes(buf: object, what: str) -> TypeError:
+    return TypeError(f"{what} takes a bytes-like buffer, not {type(buf).__name__}")
+
+
 def _decode(buf: _Buf, hdr: int, cls: type[_M], cxt: int, op: int, counts: int, what: str) -> _M:
     """Parse the args of a message whose header was read; ``cls`` is the result type."""
     try:
@@ -492,6 +496,8 @@ def _decode(buf: _Buf, hdr: int, cls: type[_M], cxt: int, op: int, counts: int, 
 
 def decode_invoke(buf: _Buf) -> InvokeMsg:
     """Parse an inbound message (what QTEE reads)."""
+    if not isinstance(buf, _BYTES_LIKE):
+        raise _not_bytes(buf, "decode_invoke")
     length = len(buf)
     if length < _INVOKE_HDR:
         raise DecodeError(f"inbound message is {length} bytes, header needs {_INVOKE_HDR}")
@@ -503,6 +509,8 @@ def decode_invoke(buf: _Buf) -> InvokeMsg:
 
 def decode_callback(buf: _Buf) -> CallbackMsg:
     """Parse the callback request at the head of a 4096-byte outbound buffer."""
+    if not isinstance(buf, _BYTES_LIKE):
+        raise _not_bytes(buf, "decode_callback")
     if len(buf) != MAX_OUTBOUND_BUFFER_SIZE:
         raise DecodeError(
             f"outbound buffer is {len(buf)} bytes, must be {MAX_OUTBOUND_BUFFER_SIZE}"
@@ -609,6 +617,8 @@ def decode_invoke_response(buf: _Buf) -> InvokeResponse:
 
     Like the kernel, the OB sizes QTEE reports are trusted (only bounded by the buffer).
     """
+    if not isinstance(buf, _BYTES_LIKE):
+        raise _not_bytes(buf, "decode_invoke_response")
     if len(buf) < _INVOKE_HDR:
         raise DecodeError(f"inbound message is {len(buf)} bytes, header needs {_INVOKE_HDR}")
     return InvokeResponse(*_read_outputs(buf, _INVOKE_HDR, "invoke response"))
@@ -619,6 +629,8 @@ def decode_callback_response(buf: _Buf, msg: CallbackMsg) -> CallbackResponse:
 
     OB sizes larger than the request asked for are rejected (the kernel never grows them).
     """
+    if not isinstance(buf, _BYTES_LIKE):
+        raise _not_bytes(buf, "decode_callback_response")
     if len(buf) != MAX_OUTBOUND_BUFFER_SIZE:
         raise DecodeError(
             f"outbound buffer is {len(buf)} bytes, must be {MAX_OUTBOUND_BUFFER_SIZE}"
@@ -690,6 +702,8 @@ def decode_async(buf: _Buf, offset: int = 0) -> AsyncBatch:
     (``end``), at a major version other than 1 (``version``) or at an op other than
     RELEASE (``op``).  A RELEASE whose ids run past the buffer is a :class:`DecodeError`.
     """
+    if not isinstance(buf, _BYTES_LIKE):
+        raise _not_bytes(buf, "decode_async")
     length = len(buf)
     if not isinstance(offset, int) or not 0 <= offset <= length:
         raise DecodeError(f"async offset {offset!r} is outside the {length}-byte buffer")

@@ -799,3 +799,26 @@ def test_a_partition_release_tail_is_the_encoded_message(ids: list[int], slot: i
     write_async(want, 8 * slot, [encode_async_release(ids)])
     _write_async_release(got, 8 * slot, ids)
     assert got == want
+
+
+@pytest.mark.parametrize("what", [None, "str", "x" * 5000, [1, 2], 7], ids=repr)
+def test_every_decoder_refuses_what_is_no_buffer_by_name(what: object) -> None:
+    """A decoder reads bytes: anything else is a TypeError naming the decoder and the
+    type (a str is not counted as bytes; a DecodeError is for bad bytes only)."""
+    msg = decode_callback(_fresh_callback())
+    calls = {
+        "decode_invoke": lambda: decode_invoke(what),  # type: ignore[arg-type]
+        "decode_callback": lambda: decode_callback(what),  # type: ignore[arg-type]
+        "decode_invoke_response": lambda: decode_invoke_response(what),  # type: ignore[arg-type]
+        "decode_callback_response": lambda: decode_callback_response(what, msg),  # type: ignore[arg-type]
+        "decode_async": lambda: decode_async(what),  # type: ignore[arg-type]
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{name} takes a bytes-like buffer, not "):
+            call()
+
+
+def _fresh_callback() -> bytearray:
+    buf = bytearray(MAX_OUTBOUND_BUFFER_SIZE)
+    encode_callback(buf, 1, 2)
+    return buf
