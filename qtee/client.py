@@ -441,6 +441,12 @@ class Client:
 
     def open_service(self, env: ObjRef, uid: int) -> ObjRef:
         """client_env op 0: the service with class UID ``uid``."""
+        if not isinstance(env, ObjRef):
+            raise TypeError(f"open_service: env must be an ObjRef, not {type(env).__name__}")
+        if type(uid) is not int:
+            raise TypeError(f"open_service: uid must be an int, not {type(uid).__name__}")
+        if not 0 <= uid <= 0xFFFF_FFFF:
+            raise UsageError(f"open_service: uid {uid} does not fit in u32")
         (svc,) = env.invoke(0, struct.pack("<I", uid), OUT_OBJECT)
         return svc  # type: ignore[no-any-return]
 

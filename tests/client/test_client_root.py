@@ -144,3 +144,24 @@ def test_the_root_of_a_closed_client_is_ebadf(qtee_device: Device) -> None:
     with pytest.raises(DriverError) as info:
         client.root.invoke(ROOT_OP_REGISTER, None, OUT_OBJECT)
     assert info.value.code == errno.EBADF
+
+
+@pytest.mark.parametrize(
+    ("uid", "exc", "says"),
+    [
+        ("3", TypeError, "uid must be an int, not str"),
+        (3.0, TypeError, "uid must be an int, not float"),
+        (True, TypeError, "uid must be an int, not bool"),
+        (-1, UsageError, "uid -1 does not fit in u32"),
+        (1 << 32, UsageError, "uid 4294967296 does not fit in u32"),
+    ],
+)
+def test_open_service_names_a_bad_uid_or_env(
+    qtee_client: Client, qtee_env: ObjRef, uid: object, exc: type[Exception], says: str
+) -> None:
+    """A class UID is a u32 (client_env op 0 reads 4 bytes): anything else is refused
+    by name, not as a bare ``struct.error``; so is an env that is no handle."""
+    with pytest.raises(exc, match=rf"^open_service: {says}$"):
+        qtee_client.open_service(qtee_env, uid)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^open_service: env must be an ObjRef, not int$"):
+        qtee_client.open_service(5, 3)  # type: ignore[arg-type]
