@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -92,6 +93,18 @@ class OpteeRpcCmd(enum.IntEnum):
 _CMD = OpteeRpcCmd
 OPTEE_RPC_SUPP_PLUGIN_INVOKE: Final = 0
 OPTEE_RPC_SHM_TYPE_APPL: Final = 0
+#: Seconds a request waits with no supplicant attached before the model says so (once
+#: per request; the request goes on waiting, as the kernel's does).
+NO_SUPPLICANT_NOTE: Final = 2.0
+
+log = logging.getLogger("qtee.optee")
+
+
+def _rpc_name(func: int) -> str:
+    try:
+        return OpteeRpcCmd(func).name.removeprefix("OPTEE_RPC_CMD_")
+    except ValueError:
+        return str(func)
 
 
 class FsOp:
@@ -210,15 +223,28 @@ class OpteeSupp:
 
     # ------------------------------------------------------------------ secure side
     def request(self, func: int, params: list[RpcParam]) -> int:
-        """``optee_supp_thrd_req``: queue, wait for the answer (no limit), its ``ret``."""
+        """``optee_supp_thrd_req``: queue, wait for the answer (no limit), its ``ret``.
+        While no supplicant is attached the request waits all the same, as the kernel's
+        does for a user context; after :data:`NO_SUPPLICANT_NOTE` s a warning says what it
+        waits for (a typo in a UUID otherwise looks like a hang)."""
         req = _Req(func, params)
         with self.cond:
             self.reqs.append(req)
             self.cond.notify_all()
             if self.on_ready is not None:
                 self.on_ready()
+            noted = False
             while not req.done:
-                self.cond.wait()
+                if noted or self.ctx is not None:
+                    self.cond.wait()
+                elif not self.cond.wait(NO_SUPPLICANT_NOTE) and self.ctx is None:
+                    noted = True
+                    log.warning(
+                        "the secure side waits for tee-supplicant (RPC %s) and none is "
+                        "attached: start one (supplicant.OpteeSupplicant, or qtee supplicant "
+                        "--tee optee), or register the TA (register_gp_ta); still waiting",
+                        _rpc_name(func),
+                    )
         return req.ret
 
     def alloc_payload(self, size: int) -> _GpShm:

@@ -35,6 +35,7 @@ from qtee import (
     uapi,
     unregister_loadable_ta,
 )
+from qtee._optee import supp as supp_mod
 from qtee._optee.supp import attach_rpc
 from qtee.addrspace import CheckedMemory
 from qtee.gp import Cred, TeecOrigin, TeecResult
@@ -297,6 +298,33 @@ def test_no_supplicant_waits_then_its_close_is_communication(env: Env) -> None:
     assert queue.counts() == {"queued": 0, "in flight": 1}
     sctx.close()
     t.join(5)
+    assert out == [(0, TeecResult.TEEC_ERROR_COMMUNICATION, TEE)]
+
+
+def test_a_wait_with_no_supplicant_is_told_once_and_goes_on(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """§3.3: the open waits for a supplicant as the kernel's does; past
+    ``NO_SUPPLICANT_NOTE`` one warning names the RPC it waits on (a mistyped UUID would
+    otherwise look like a hang), and a supplicant attached later still gets the request."""
+    monkeypatch.setattr(supp_mod, "NO_SUPPLICANT_NOTE", 0.05)
+    dev, ctx, mem, _tmp = env
+    queue = attach_rpc(dev)
+    with caplog.at_level("WARNING", logger="qtee.optee"):
+        t, out = opener(ctx, mem, LOADABLE_UUID)
+        wait_for(lambda: queue.counts()["queued"] == 1)
+        wait_for(lambda: bool(caplog.records))
+        time.sleep(0.2)  # (four more periods: still one warning)
+        assert t.is_alive() and not out
+        assert [r.getMessage() for r in caplog.records] == [
+            "the secure side waits for tee-supplicant (RPC LOAD_TA) and none is attached: "
+            "start one (supplicant.OpteeSupplicant, or qtee supplicant --tee optee), or "
+            "register the TA (register_gp_ta); still waiting"
+        ]
+        sctx = dev.open_supplicant()
+        recv(sctx, mem, [(META, 0, 0, 0)] + [(0, 0, 0, 0)] * 4)
+        sctx.close()
+        t.join(5)
     assert out == [(0, TeecResult.TEEC_ERROR_COMMUNICATION, TEE)]
 
 
