@@ -16,9 +16,11 @@ PYCONFIG = $(shell $(BIN)/python -c 'import os, sysconfig; p = os.path.join(sysc
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# compat editable mode: see the README; setuptools' banner that it is transitional is silenced.
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	PYTHONWARNINGS='ignore:Compat editable installs' \
+		$(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 lint: $(STAMP)
