@@ -2,16 +2,17 @@
 
 A failed invocation raises a ``QteeError`` that names the interface error
 (``IAppLoader.ERROR_METADATA_INVALID``, not ``USERBASE+3``) and carries the secure side's
-reason ("no TA named 'kv.stor'", "op 7 not in Adder's table", "ib[0] is 5 bytes, op 0
-takes 8"), in process, over a device server and from a guest.  The name and the reason
-are model-only: the result on the wire and in ``ret`` is the number QTEE answers
-(qtee-kernel.md §3.6, quic-teec.md §5.2-§5.3).
+reason ("no TA named 'kv.stor' (registered TAs: ...)", "op 7 not in Adder's table",
+"ib[0] is 5 bytes, op 0 takes 8"), in process, over a device server and from a guest.
+The name and the reason are model-only: the result on the wire and in ``ret`` is the
+number QTEE answers (qtee-kernel.md §3.6, quic-teec.md §5.2-§5.3).
 """
 
 from __future__ import annotations
 
 import enum
 import pickle
+import re
 import struct
 import threading
 
@@ -49,6 +50,20 @@ from qtee.secure import (
 from tests._tas import Adder
 
 MODES = pytest.mark.qtee_modes("in-process", "server", "guest")
+#: The loader's reason for an image naming no registered TA: the names registered (the
+#: test's, and the process's, which other test modules' imports add to), how to add one.
+NO_KV_STOR = re.compile(
+    r"no TA named 'kv\.stor' \(registered TAs: (?P<names>[^)]*)\); "
+    r"@pytest\.mark\.qtee_ta\(name, cls\), device\.register_ta\(name, cls\) or "
+    r"qtee\.register_ta\(name, cls\) registers one"
+)
+
+
+def _names_of_no_kv_stor(detail: str) -> list[str]:
+    """The registered names a NO_KV_STOR detail lists (fails on any other detail)."""
+    m = NO_KV_STOR.fullmatch(detail)
+    assert m is not None, detail
+    return m["names"].split(", ")
 
 
 class KvError(enum.IntEnum):
@@ -194,9 +209,9 @@ def test_loader_errors_are_named_with_their_reason(
             loader.invoke(0, ta_image("kv.stor"), OUT_OBJECT)
         assert exc.value.result == 13
         assert exc.value.name == "IAppLoader.ERROR_METADATA_INVALID"
-        assert exc.value.detail == "no TA named 'kv.stor'"
+        assert "adder" in _names_of_no_kv_stor(exc.value.detail)
         assert str(exc.value) == (
-            "QTEE result 13 (IAppLoader.ERROR_METADATA_INVALID): no TA named 'kv.stor'"
+            f"QTEE result 13 (IAppLoader.ERROR_METADATA_INVALID): {exc.value.detail}"
         )
         with pytest.raises(QteeError) as exc:
             loader.invoke(0, b"junk", OUT_OBJECT)
@@ -347,7 +362,12 @@ def test_dispatch_result_carries_name_and_detail() -> None:
 # --------------------------------------------------------------------------- the frame
 
 
-WHY = (13, "IAppLoader.ERROR_METADATA_INVALID", "no TA named 'kv.stor'")
+WHY = (
+    13,
+    "IAppLoader.ERROR_METADATA_INVALID",
+    "no TA named 'kv.stor' (registered TAs: none); @pytest.mark.qtee_ta(name, cls), "
+    "device.register_ta(name, cls) or qtee.register_ta(name, cls) registers one",
+)
 
 
 def test_reply_why_round_trips_and_is_optional() -> None:
@@ -418,4 +438,5 @@ def test_the_server_sends_the_note_only_with_a_failed_invoke(
             loader.invoke(0, ta_image("kv.stor"), OUT_OBJECT)
         assert exc.value.name == "IAppLoader.ERROR_METADATA_INVALID"
         assert _reason.take() is None  # the client took it
-    assert put == [_reason.Reason(*WHY)]
+    assert [(r.result, r.name) for r in put] == [WHY[:2]]
+    _names_of_no_kv_stor(put[0].detail)

@@ -114,6 +114,21 @@ class TrustedApp(SecureObject):
         return super().__new__(cls, *args, **kwargs)
 
 
+#: How many registered names a "no TA named" detail lists.
+_LISTED: Final = 8
+
+
+def _no_ta(world: SecureWorld, name: str) -> str:
+    """Why no QTEE TA has ``name``: the names that are registered, and how to add one."""
+    found = world.tas.qtee_names()
+    listed = ", ".join(found[:_LISTED]) + (", ..." if len(found) > _LISTED else "")
+    return (
+        f"no TA named {name!r} (registered TAs: {listed or 'none'}); "
+        "@pytest.mark.qtee_ta(name, cls), device.register_ta(name, cls) or "
+        "qtee.register_ta(name, cls) registers one"
+    )
+
+
 def register_ta(name: str, cls: type[TrustedApp]) -> None:
     """Make ``cls`` loadable from images named ``name``, in every world (process-wide;
     one world's own: ``world.tas.register``)."""
@@ -255,7 +270,7 @@ class AppLoader(SecureObject):
             if cls is None:
                 gp = self._gp_class(name)
                 if gp is None:
-                    raise QteeError(ERROR_METADATA_INVALID, f"no TA named {name!r}")
+                    raise QteeError(ERROR_METADATA_INVALID, _no_ta(self.world, name))
                 return self._load_gp(gp)
         else:  # a real image (a signed ELF): the TA registered for its SHA-256
             found = self.world.tas.file_by_sha256("qtee", image)
@@ -318,7 +333,7 @@ class AppLoader(SecureObject):
         except UnicodeDecodeError:
             raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, "TA name is not UTF-8") from None
         if self.world.tas.lookup(text) is None:
-            raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, f"no TA named {text!r}")
+            raise QteeError(ERROR_EMBEDDED_IMAGE_NOT_FOUND, _no_ta(self.world, text))
         return self._load(ta_image(text, key=self.world.ta_key))
 
     @idl_op("IAppLoader", "loadFromRegion")

@@ -231,6 +231,14 @@ class TaRegistry:
         return None
 
     # ------------------------------------------------------------------ info
+    def qtee_names(self) -> list[str]:
+        """Every QTEE TA name a lookup here finds (this layer's and its parents'), sorted."""
+        found: set[str] = set()
+        for layer in self._chain(True):
+            with layer._lock:
+                found.update(layer._qtee)
+        return sorted(found)
+
     def names(self) -> dict[str, list[str]]:
         """This layer's registrations (not its parents'), for people: QTEE TA names,
         GP and loadable UUIDs (TA files: :attr:`files`)."""
