@@ -1,0 +1,69 @@
+"""The supplicant's options (``--storage``, ``--ta-dir``, ``--plugin``), checked by one
+function each (``supplicant/_options.py``): a bad one is one stderr line naming the
+option, its value and why, and exit status 2, before anything starts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_cli_hygiene import qtee_cli
+
+UUID = str(uuid.UUID(int=0x1234))
+
+#: (options, the message after ``qtee VERB: ``), in ``{tmp}`` a file ``file``, the plugin
+#: module ``my_tas`` (a function ``fn``) and ``broken`` (whose import raises).
+CASES = [
+    (["--ta-dir", "{tmp}/none"], "--ta-dir {tmp}/none: no such directory"),
+    (["--ta-dir", "{tmp}/file"], "--ta-dir {tmp}/file: not a directory"),
+    (["--storage", "{tmp}/file"], "--storage {tmp}/file: not a directory"),
+    (["--storage", "{tmp}/file/x"], "--storage {tmp}/file/x: cannot create it: Not a directory"),
+    (
+        ["--plugin", f"{UUID}=my_tas:nofn"],
+        f"--plugin {UUID}=my_tas:nofn: my_tas:nofn is not a callable",
+    ),
+    (
+        ["--plugin", f"{UUID}=nomod:fn"],
+        f"--plugin {UUID}=nomod:fn: nomod: no such module (looked in {{tmp}} first, then on "
+        "sys.path)",
+    ),
+    (
+        ["--plugin", f"{UUID}=broken:fn"],
+        f"--plugin {UUID}=broken:fn: importing it failed: RuntimeError: no plugins today",
+    ),
+    (["--plugin", "xyz=my_tas:fn"], "--plugin xyz=my_tas:fn: 'xyz' is not a UUID"),
+    (["--plugin", f"{UUID}=my_tas"], f"--plugin {UUID}=my_tas: not UUID=MODULE:FUNCTION"),
+]
+IDS = [" ".join(options) for options, _ in CASES]
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "my_tas.py").write_text("def fn(cmd, sub_cmd, data):\n    return 0, data\n")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('no plugins today')\n")
+    return tmp_path
+
+
+def _filled(tmp: Path, options: list[str], message: str) -> tuple[list[str], str]:
+    return [o.format(tmp=tmp) for o in options], message.format(tmp=tmp)
+
+
+@pytest.mark.parametrize(("options", "message"), CASES, ids=IDS)
+def test_qtee_supplicant_says_the_same_for_the_same_mistake(
+    tmp: Path, options: list[str], message: str
+) -> None:
+    """Checked before the supplicant connects (``--connect`` names no server here)."""
+    options, message = _filled(tmp, options, message)
+    optee = ["--tee", "optee", "--connect", str(tmp / "none.sock")]
+    run = qtee_cli("supplicant", *optee, *options, "--duration", "0", cwd=tmp)
+    assert (run.returncode, run.stderr) == (2, f"qtee supplicant: {message}\n")
+
+
+def test_the_qtee_daemon_names_the_ta_dir_option(tmp: Path) -> None:
+    """``qtee supplicant`` (QTEE) used to say ``DIR: no such directory``, without the option."""
+    run = qtee_cli("supplicant", "--ta-dir", "tas", "--duration", "0", cwd=tmp)
+    assert (run.returncode, run.stderr) == (2, "qtee supplicant: --ta-dir tas: no such directory\n")
