@@ -1,6 +1,11 @@
-"""The supplicant's options (``--storage``, ``--ta-dir``, ``--plugin``), checked by one
-function each (``supplicant/_options.py``): a bad one is one stderr line naming the
-option, its value and why, and exit status 2, before anything starts.
+"""``qtee run`` checks what the model will use before it starts the program.
+
+The options of the model's own supplicant (``--storage``, ``--ta-dir``, ``--plugin``) are
+checked as ``qtee supplicant`` checks them, by the same functions
+(``supplicant/_options.py``): a bad one is one stderr line naming the option, its value
+and why, exit status 2, and the program never starts (here it would make a marker file).
+``qtee supplicant`` says the same words for the same mistake.  None of this needs the
+preload library: the checks come before it is looked for.
 """
 
 from __future__ import annotations
@@ -53,6 +58,17 @@ def _filled(tmp: Path, options: list[str], message: str) -> tuple[list[str], str
 
 
 @pytest.mark.parametrize(("options", "message"), CASES, ids=IDS)
+def test_a_bad_option_is_one_line_exit_2_and_the_program_never_starts(
+    tmp: Path, options: list[str], message: str
+) -> None:
+    options, message = _filled(tmp, options, message)
+    tee = ["--tee", "optee"] if options[0] == "--plugin" else []
+    run = qtee_cli("run", *tee, *options, "--", "touch", "started", cwd=tmp)
+    assert (run.returncode, run.stderr) == (2, f"qtee run: {message}\n")
+    assert not (tmp / "started").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), CASES, ids=IDS)
 def test_qtee_supplicant_says_the_same_for_the_same_mistake(
     tmp: Path, options: list[str], message: str
 ) -> None:
@@ -67,3 +83,23 @@ def test_the_qtee_daemon_names_the_ta_dir_option(tmp: Path) -> None:
     """``qtee supplicant`` (QTEE) used to say ``DIR: no such directory``, without the option."""
     run = qtee_cli("supplicant", "--ta-dir", "tas", "--duration", "0", cwd=tmp)
     assert (run.returncode, run.stderr) == (2, "qtee supplicant: --ta-dir tas: no such directory\n")
+
+
+def test_the_model_gets_absolute_paths_and_the_storage_is_made(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A good ``--storage`` is made before the program starts (as the supplicant makes
+    it), and the model gets both folders absolute: a program that changes directory
+    before its first open still finds them."""
+    import argparse
+
+    from qtee.bridge import _cli
+
+    (tmp / "tas").mkdir()
+    monkeypatch.chdir(tmp)
+    parser = argparse.ArgumentParser()
+    _cli.add_arguments(parser)
+    args = parser.parse_args(["--tee", "optee", "--storage", "a/b", "--ta-dir", "tas", "--", "x"])
+    storage, ta_dir, plugins = _cli._supplicant_options(args)
+    assert (storage, ta_dir, plugins) == (str(tmp / "a" / "b"), str(tmp / "tas"), ())
+    assert (tmp / "a" / "b").is_dir()
