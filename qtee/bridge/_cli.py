@@ -219,15 +219,11 @@ def _report(reports: Path, pid: int, status: int, *, prog: str, table: bool) -> 
         )
         return
     for r in found:
-        if not (r.get("tried") or r.get("error")):
-            continue
-        if not (r.get("opened") or r.get("error")):
-            who = "" if r.get("pid") == pid else f" (process {r.get('pid')})"
-            print(f"qtee run: no device could be opened{who} (see above)", file=sys.stderr)
+        if r.get("error") or not r.get("tried"):  # the bridge said why when it happened
             continue
         who = "" if r.get("pid") == pid else f" (process {r.get('pid')})"
-        if r.get("error"):
-            print(f"qtee run: the model did not start{who}: {r['error']}", file=sys.stderr)
+        if not r.get("opened"):
+            print(f"qtee run: no device could be opened{who} (see above)", file=sys.stderr)
             continue
         if r.get("server"):
             print(

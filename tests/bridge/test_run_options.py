@@ -10,11 +10,14 @@ preload library: the checks come before it is looked for.
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
 from pathlib import Path
 
 import pytest
 
+from qtee.bridge import BridgeConfig
 from tests.cli.test_cli_hygiene import qtee_cli
 
 UUID = str(uuid.UUID(int=0x1234))
@@ -103,3 +106,20 @@ def test_the_model_gets_absolute_paths_and_the_storage_is_made(
     storage, ta_dir, plugins = _cli._supplicant_options(args)
     assert (storage, ta_dir, plugins) == (str(tmp / "a" / "b"), str(tmp / "tas"), ())
     assert (tmp / "a" / "b").is_dir()
+
+
+def test_a_model_that_still_cannot_start_says_why_in_one_line(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """What no check foresaw (here a storage folder the configuration names directly):
+    ``start`` gives the C side None, says one line, a ``PATH: strerror`` and no exception
+    repr, and the report carries the same reason for ``qtee run``."""
+    from qtee.bridge import _runtime
+
+    config = BridgeConfig(tee="optee", storage=str(tmp / "file" / "x"), report_dir=str(tmp))
+    monkeypatch.setenv("QTEE_BRIDGE_CONFIG", config.to_json())
+    assert _runtime.start() is None
+    why = f"{tmp / 'file' / 'x'}: Not a directory"
+    assert capfd.readouterr().err == f"qtee bridge: cannot start the model: {why}\n"
+    report = json.loads((tmp / f"{os.getpid()}.json").read_text())
+    assert report == {"pid": os.getpid(), "error": why}
