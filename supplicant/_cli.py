@@ -30,7 +30,8 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from objects import DriverError, QteeBaseError, op
+from objects import DriverError, QteeBaseError, UsageError, op
+from supplicant._options import check_plugin, check_storage, check_ta_dir
 
 if TYPE_CHECKING:
     from supplicant._listener import Supplicant
@@ -143,16 +144,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.tee == "optee":
         return _run_optee(args)
-    for opt, where in (("--storage", args.storage), ("--gpfs", args.gpfs)):
-        problem = None if where is None else _storage_problem(where)
-        if problem is not None:
-            print(f"qtee supplicant: {opt} {where}: {problem}", file=sys.stderr)
-            return 2
-    for d in args.ta_dir:
-        if not os.path.isdir(d):
-            what = "not a directory" if os.path.exists(d) else "no such directory"
-            print(f"qtee supplicant: {d}: {what}", file=sys.stderr)
-            return 2
+    try:
+        for opt, where in (("--storage", args.storage), ("--gpfs", args.gpfs)):
+            if where is not None:
+                check_storage(where, opt)
+        for d in args.ta_dir:
+            check_ta_dir(d)
+    except UsageError as exc:
+        print(f"qtee supplicant: {exc}", file=sys.stderr)
+        return 2
     if args.rpmb_file is not None:  # made if missing; a file that is not a partition: exit 2
         try:
             EmulatedRpmb(args.rpmb_file).close()
@@ -243,18 +243,17 @@ def _run_optee(args: argparse.Namespace) -> int:
     from supplicant._optee import OpteeSupplicant, plugin_from_spec
     from supplicant._rpmb import EmulatedRpmb
 
-    if args.storage is not None:
-        problem = _storage_problem(args.storage)
-        if problem is not None:
-            print(f"qtee supplicant: --storage {args.storage}: {problem}", file=sys.stderr)
-            return 2
     if len(args.ta_dir) > 1:
         print("qtee supplicant: --tee optee takes one --ta-dir", file=sys.stderr)
         return 2
     try:
-        plugins = dict(plugin_from_spec(spec) for spec in args.plugin)
-    except (ValueError, TypeError, QteeBaseError) as exc:
-        print(f"qtee supplicant: --plugin {_one_line(exc)}", file=sys.stderr)
+        if args.storage is not None:
+            check_storage(args.storage)
+        for d in args.ta_dir:
+            check_ta_dir(d)
+        plugins = dict(plugin_from_spec(check_plugin(spec)) for spec in args.plugin)
+    except UsageError as exc:
+        print(f"qtee supplicant: {exc}", file=sys.stderr)
         return 2
     try:
         rpmb = EmulatedRpmb(args.rpmb_file) if args.rpmb_file is not None else None
@@ -298,20 +297,6 @@ def _run_optee(args: argparse.Namespace) -> int:
         return 1
     print(f"requests served: {sup.served}")
     return 0
-
-
-def _storage_problem(path: str) -> str | None:
-    """Make the storage directory ``path`` (and its parents) if missing, as tee-supplicant
-    makes its file-system root; why it cannot be used, or None."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        return "not a directory"
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        return f"cannot create it: {_one_line(exc.strerror or exc)}"
-    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-        return "not writable (the storage listener writes its files there)"
-    return None
 
 
 def _one_line(text: object) -> str:

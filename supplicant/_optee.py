@@ -71,7 +71,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
-from objects import DriverError
+from objects import DriverError, UsageError
 from qtee import uapi
 from qtee._cli.ta_modules import find_ta_module, import_ta_module
 from qtee.gp import TeecResult
@@ -159,14 +159,21 @@ def plugin_from_spec(spec: str) -> tuple[uuidlib.UUID, SuppPlugin]:
     uuid_part, sep, target = spec.partition("=")
     module, colon, name = target.rpartition(":")
     if not sep or not colon or not module or not name:
-        raise ValueError(f"plugin spec {spec!r} is not UUID=module:function")
-    uuid = _plugin_uuid(uuid_part)
+        raise ValueError(f"{spec}: not UUID=MODULE:FUNCTION")
+    try:
+        uuid = uuidlib.UUID(uuid_part)
+    except ValueError:
+        raise ValueError(f"{spec}: {uuid_part!r} is not a UUID") from None
     loaded = sys.modules.get(module)
     if loaded is None:  # found as --ta-module finds one: the current directory first
-        loaded = import_ta_module(find_ta_module(module))
+        try:
+            found = find_ta_module(module)
+        except UsageError as exc:
+            raise UsageError(f"{spec}: {exc}") from None
+        loaded = import_ta_module(found)
     fn = getattr(loaded, name, None)
     if not callable(fn):
-        raise ValueError(f"plugin spec {spec!r}: {module}:{name} is not a callable")
+        raise ValueError(f"{spec}: {module}:{name} is not a callable")
     return uuid, fn
 
 

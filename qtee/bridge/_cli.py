@@ -100,15 +100,21 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    try:  # checked here, so that a typo is one line, not a model that cannot start
+    if args.plugin and args.tee != "optee":
+        print(
+            f"qtee run: --plugin {args.plugin[0]}: plugins are tee-supplicant's (give --tee optee)",
+            file=sys.stderr,
+        )
+        return 2
+    try:  # checked here, so that a mistake is one line, not a model that cannot start
         ta_modules = tuple(find_ta_module(text) for text in args.ta_module)
     except UsageError as exc:
         print(f"qtee run: --ta-module {exc}", file=sys.stderr)
         return 2
-    try:
-        plugins = tuple(_plugin(text, args.tee) for text in args.plugin)
+    try:  # as qtee supplicant checks them, in the same words
+        storage, ta_dir, plugins = _supplicant_options(args)
     except UsageError as exc:
-        print(f"qtee run: --plugin {exc}", file=sys.stderr)
+        print(f"qtee run: {exc}", file=sys.stderr)
         return 2
     prog = argv[0]
     found = prog if os.sep in prog else shutil.which(prog)
@@ -129,11 +135,11 @@ def run(args: argparse.Namespace) -> int:
         config = BridgeConfig(
             tee=tee,
             ta_modules=ta_modules,
-            storage=args.storage,
-            ta_dir=args.ta_dir,
             connect=args.connect,
             trace=args.trace,
             report_dir=reports,
+            storage=storage,
+            ta_dir=ta_dir,
             plugins=plugins,
         )
         try:
@@ -152,25 +158,23 @@ def run(args: argparse.Namespace) -> int:
     return 128 - status if status < 0 else status
 
 
-def _plugin(text: str, tee: str | None) -> str:
-    """``UUID=MODULE:FUNCTION`` checked without importing MODULE, MODULE as the model
-    will import it (see :func:`qtee._cli.ta_modules.find_ta_module`)."""
-    import uuid
+def _supplicant_options(
+    args: argparse.Namespace,
+) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """``--storage`` (made if missing), ``--ta-dir`` and ``--plugin`` (its module imported
+    and its function found) checked by ``qtee supplicant``'s own checks before PROG
+    starts; the paths absolute, so that a PROG that changes directory before its first
+    open still finds them.  A :class:`UsageError` names the option, its value and why."""
+    from supplicant._options import check_plugin, check_storage, check_ta_dir
 
-    from objects import UsageError
-    from qtee._cli.ta_modules import find_ta_module
-
-    if tee != "optee":
-        raise UsageError(f"{text}: plugins are tee-supplicant's (give --tee optee)")
-    uuid_part, sep, target = text.partition("=")
-    module, colon, name = target.rpartition(":")
-    if not sep or not colon or not module or not name.isidentifier():
-        raise UsageError(f"{text}: not UUID=MODULE:FUNCTION")
-    try:
-        uuid.UUID(uuid_part)
-    except ValueError:
-        raise UsageError(f"{text}: {uuid_part!r} is not a UUID") from None
-    return f"{uuid_part}={find_ta_module(module)}:{name}"
+    if args.storage is not None:
+        check_storage(args.storage)
+    if args.ta_dir is not None:
+        check_ta_dir(args.ta_dir)
+    plugins = tuple(check_plugin(text) for text in args.plugin)
+    storage = None if args.storage is None else os.path.abspath(args.storage)
+    ta_dir = None if args.ta_dir is None else os.path.abspath(args.ta_dir)
+    return storage, ta_dir, plugins
 
 
 @contextlib.contextmanager
@@ -215,15 +219,11 @@ def _report(reports: Path, pid: int, status: int, *, prog: str, table: bool) -> 
         )
         return
     for r in found:
-        if not (r.get("tried") or r.get("error")):
-            continue
-        if not (r.get("opened") or r.get("error")):
-            who = "" if r.get("pid") == pid else f" (process {r.get('pid')})"
-            print(f"qtee run: no device could be opened{who} (see above)", file=sys.stderr)
+        if r.get("error") or not r.get("tried"):  # the bridge said why when it happened
             continue
         who = "" if r.get("pid") == pid else f" (process {r.get('pid')})"
-        if r.get("error"):
-            print(f"qtee run: the model did not start{who}: {r['error']}", file=sys.stderr)
+        if not r.get("opened"):
+            print(f"qtee run: no device could be opened{who} (see above)", file=sys.stderr)
             continue
         if r.get("server"):
             print(

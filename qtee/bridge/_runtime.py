@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from objects import DriverError, UsageError
+from objects import DriverError, QteeBaseError, UsageError
 from qtee import uapi
 from qtee._cli.ta_modules import import_ta_module
 from qtee._optee.core import OpteeContext, OpteeDevice, _GpShm
@@ -554,22 +554,39 @@ def _write_json(folder: str, pid: int, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def start() -> Bridge:
-    """The bridge of this process, from ``QTEE_BRIDGE_CONFIG`` (raises when the model
-    cannot start: the C side then says why and fails every open with ENOENT, and the
-    reason goes to ``qtee run``'s report too)."""
+def start() -> Bridge | None:
+    """The bridge of this process, from ``QTEE_BRIDGE_CONFIG``; None when the model cannot
+    start: one stderr line says why (:func:`_reason`), the report for ``qtee run`` carries
+    it, and the C side fails every open with ENOENT, as for a missing device."""
     text = os.environ.get("QTEE_BRIDGE_CONFIG")
     logging.basicConfig(stream=sys.stderr, format="%(message)s", level=logging.WARNING)
     try:
         config = BridgeConfig.from_json(text) if text else BridgeConfig()
         return Bridge(config)
     except Exception as exc:
+        why = _reason(exc)
         folder = _report_dir(text)
         if folder is not None:
             with contextlib.suppress(OSError):
-                why = f"{type(exc).__name__}: {exc}"
                 _write_json(folder, os.getpid(), {"pid": os.getpid(), "error": why})
-        raise
+        with contextlib.suppress(OSError):
+            os.write(2, f"qtee bridge: cannot start the model: {why}\n".encode())
+        return None
+
+
+def _reason(exc: Exception) -> str:
+    """Why the model did not start, in one line: an OS error as ``PATH: strerror`` (what
+    ``qtee run``'s checks could not foresee), the package's own errors by their message,
+    anything else (a TA module's own code) with its type."""
+    if isinstance(exc, DriverError):
+        text = exc.detail or exc.strerror or str(exc)
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
+    elif isinstance(exc, QteeBaseError):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
 
 
 def _report_dir(text: str | None) -> str | None:

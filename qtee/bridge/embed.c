@@ -241,6 +241,8 @@ static void start(void)
 		bridge = PyObject_CallMethod(mod, "start", NULL);
 	if (!bridge) {
 		say_exception("cannot start the model");
+	} else if (bridge == Py_None) {
+		/* start() said why, in one line */
 	} else if ((py_open = method(bridge, "open")) && (py_ioctl = method(bridge, "ioctl")) &&
 		   (py_close = method(bridge, "close")) && (py_dup = method(bridge, "dup")) &&
 		   (py_report = method(bridge, "report"))) {

@@ -446,7 +446,7 @@ def test_plugin_from_spec(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setitem(sys.modules, "qtee_test_plugin_mod", mod)
     assert plugin_from_spec(f"{PLUGIN}=qtee_test_plugin_mod:echo") == (PLUGIN, echo)
     for bad in ("nope", f"{PLUGIN}=qtee_test_plugin_mod", f"{PLUGIN}=:echo"):
-        with pytest.raises(ValueError, match="UUID=module:function"):
+        with pytest.raises(ValueError, match="not UUID=MODULE:FUNCTION"):
             plugin_from_spec(bad)
     with pytest.raises(ValueError, match="is not a UUID"):
         plugin_from_spec("xyz=qtee_test_plugin_mod:echo")
