@@ -303,7 +303,9 @@ class OpteeContext(TeeFile["_GpShm"]):
     def _own(self, session: int) -> None:
         with self._lock:
             if session not in self.sessions:
-                raise _einval(f"session {session:#x} was not opened on this context")
+                raise _einval(
+                    f"session {session:#x} is not open on this context (closed, or never opened)"
+                )
 
     # ------------------------------------------------------------------ shared memory
     def _shm_alloc(self, arg: bytearray | memoryview) -> int:

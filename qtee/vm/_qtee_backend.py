@@ -177,8 +177,8 @@ class QteeBackend:
         limit = getattr(self.monitor, "guest_limit", None)
         guests = [c for c in self.monitor.clients() if c]
         if status == SmcReturn.ENOTAVAIL and limit is not None and len(guests) >= limit:
-            return f"guest limit {limit} reached ({name})"
-        return name
+            return f"guest limit {limit} reached (its SMC answered {name})"
+        return f"its SMC answered {name}"
 
     def guest_tee(self, vm: VmState) -> QteeGuestTee:
         """The guest's own driver model: ``Device`` over guest RAM, SMCs trapping here."""

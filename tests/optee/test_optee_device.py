@@ -178,6 +178,9 @@ def test_session_of_another_context_is_einval(
         with pytest.raises(DriverError) as exc:  # closed: gone from the fd's list
             close_session(ctx, session)
         assert exc.value.errno == errno.EINVAL
+        assert exc.value.detail == (
+            f"session {session:#x} is not open on this context (closed, or never opened)"
+        )
     finally:
         other.close()
 
