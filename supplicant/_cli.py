@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from objects import DriverError, QteeBaseError, UsageError, op
-from supplicant._options import check_plugin, check_storage, check_ta_dir
+from supplicant._options import check_storage, check_ta_dir, load_plugin, one_line
 
 if TYPE_CHECKING:
     from supplicant._listener import Supplicant
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             EmulatedRpmb(args.rpmb_file).close()
         except (QteeBaseError, OSError) as exc:
-            print(f"qtee supplicant: --rpmb-file {_one_line(exc)}", file=sys.stderr)
+            print(f"qtee supplicant: --rpmb-file {one_line(exc)}", file=sys.stderr)
             return 2
     remote = args.connect is not None
     try:
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except (QteeBaseError, OSError) as exc:
         why = exc.detail if remote and isinstance(exc, DriverError) and exc.detail else exc
-        print(f"qtee supplicant: cannot start: {_one_line(why)}", file=sys.stderr)
+        print(f"qtee supplicant: cannot start: {one_line(why)}", file=sys.stderr)
         return 1
     ids = ", ".join(f"{i:#x}" for i in sorted(sup.listeners)) or "none"
     failure: str | None = None
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
                 else "the supplicant's workers stopped"
             )
     except QteeBaseError as exc:
-        failure = _one_line(exc)
+        failure = one_line(exc)
     except BaseException:  # a closed stdout, Ctrl-C in --check: unregister on the way out
         with contextlib.suppress(QteeBaseError, OSError):
             sup.stop()
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         sup.stop()
     except (QteeBaseError, OSError) as exc:  # the server went away: cannot unregister
-        failure = failure or f"cannot unregister the listeners: {_one_line(exc)}"
+        failure = failure or f"cannot unregister the listeners: {one_line(exc)}"
     if failure is not None:
         print(f"qtee supplicant: {failure}", file=sys.stderr)
         return 1
@@ -240,7 +240,7 @@ def _run_optee(args: argparse.Namespace) -> int:
     import tempfile
 
     import qtee
-    from supplicant._optee import OpteeSupplicant, plugin_from_spec
+    from supplicant._optee import OpteeSupplicant
     from supplicant._rpmb import EmulatedRpmb
 
     if len(args.ta_dir) > 1:
@@ -251,14 +251,14 @@ def _run_optee(args: argparse.Namespace) -> int:
             check_storage(args.storage)
         for d in args.ta_dir:
             check_ta_dir(d)
-        plugins = dict(plugin_from_spec(check_plugin(spec)) for spec in args.plugin)
+        plugins = dict(load_plugin(spec) for spec in args.plugin)
     except UsageError as exc:
         print(f"qtee supplicant: {exc}", file=sys.stderr)
         return 2
     try:
         rpmb = EmulatedRpmb(args.rpmb_file) if args.rpmb_file is not None else None
     except QteeBaseError as exc:
-        print(f"qtee supplicant: --rpmb-file {_one_line(exc)}", file=sys.stderr)
+        print(f"qtee supplicant: --rpmb-file {one_line(exc)}", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:
         if rpmb is not None:
@@ -277,7 +277,7 @@ def _run_optee(args: argparse.Namespace) -> int:
             )
         except (QteeBaseError, OSError) as exc:
             why = exc.detail if isinstance(exc, DriverError) and exc.detail else exc
-            print(f"qtee supplicant: cannot start: {_one_line(why)}", file=sys.stderr)
+            print(f"qtee supplicant: cannot start: {one_line(why)}", file=sys.stderr)
             return 1
         print("tee-supplicant attached", flush=True)
         end = None if args.duration is None else time.monotonic() + args.duration
@@ -297,10 +297,6 @@ def _run_optee(args: argparse.Namespace) -> int:
         return 1
     print(f"requests served: {sup.served}")
     return 0
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 @contextlib.contextmanager

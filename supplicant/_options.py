@@ -11,15 +11,17 @@ in one line.
 from __future__ import annotations
 
 import os
+import uuid as uuidlib
 
 from objects import UsageError
 from qtee._cli.ta_modules import find_ta_module
-from supplicant._optee import plugin_from_spec
+from supplicant._optee import SuppPlugin, plugin_from_spec
 
-__all__ = ["check_plugin", "check_storage", "check_ta_dir"]
+__all__ = ["check_plugin", "check_storage", "check_ta_dir", "load_plugin", "one_line"]
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
+    """``text`` with its whitespace runs (newlines too) as single spaces."""
     return " ".join(str(text).split())
 
 
@@ -33,7 +35,7 @@ def check_storage(path: str, option: str = "--storage") -> None:
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
-            why = f"cannot create it: {_one_line(exc.strerror or exc)}"
+            why = f"cannot create it: {one_line(exc.strerror or exc)}"
         else:
             if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
                 why = "not writable (the storage listener writes its files there)"
@@ -48,19 +50,24 @@ def check_ta_dir(path: str) -> None:
         raise UsageError(f"--ta-dir {path}: {why}")
 
 
-def check_plugin(spec: str) -> str:
+def load_plugin(spec: str) -> tuple[uuidlib.UUID, SuppPlugin]:
     """``--plugin UUID=MODULE:FUNCTION``: MODULE imported (a module name, the current
-    directory first, or a ``.py`` file) and FUNCTION a callable of it, as
-    :func:`~supplicant.plugin_from_spec` will find them.  Returns the spec with MODULE as
-    :func:`~qtee._cli.ta_modules.find_ta_module` found it (a file's absolute path), so
-    that another process, or this one after a ``chdir``, loads the same plugin."""
+    directory first, or a ``.py`` file) and FUNCTION a callable of it
+    (:func:`~supplicant.plugin_from_spec`); its UUID and the function."""
     try:
-        uuid, _fn = plugin_from_spec(spec)
+        return plugin_from_spec(spec)
     except (ValueError, TypeError, UsageError) as exc:
-        raise UsageError(f"--plugin {_one_line(exc)}") from None
+        raise UsageError(f"--plugin {one_line(exc)}") from None
     except Exception as exc:  # the module's own code failed
         raise UsageError(
-            f"--plugin {spec}: importing it failed: {type(exc).__name__}: {_one_line(exc)}"
+            f"--plugin {spec}: importing it failed: {type(exc).__name__}: {one_line(exc)}"
         ) from None
+
+
+def check_plugin(spec: str) -> str:
+    """:func:`load_plugin`'s checks, for a plugin another process loads: the spec with
+    MODULE as :func:`~qtee._cli.ta_modules.find_ta_module` found it (a file's absolute
+    path), so that that process, or this one after a ``chdir``, loads the same plugin."""
+    uuid, _fn = load_plugin(spec)
     head, _, name = spec.rpartition(":")
     return f"{uuid}={find_ta_module(head.partition('=')[2])}:{name}"
