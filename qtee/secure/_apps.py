@@ -114,16 +114,11 @@ class TrustedApp(SecureObject):
         return super().__new__(cls, *args, **kwargs)
 
 
-#: How many registered names a "no TA named" detail lists.
-_LISTED: Final = 8
-
-
 def _no_ta(world: SecureWorld, name: str) -> str:
     """Why no QTEE TA has ``name``: the names that are registered, and how to add one."""
-    found = world.tas.qtee_names()
-    listed = ", ".join(found[:_LISTED]) + (", ..." if len(found) > _LISTED else "")
+    tas = world.tas
     return (
-        f"no TA named {name!r} (registered TAs: {listed or 'none'}); "
+        f"no TA named {name!r} (registered TAs: {tas.listed(tas.qtee_names())}); "
         "@pytest.mark.qtee_ta(name, cls), device.register_ta(name, cls) or "
         "qtee.register_ta(name, cls) registers one"
     )

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["clear", "load_failed", "not_found", "note", "taken", "types_text"]
 
-#: The most registered UUIDs a not-found detail lists.
-_LISTED: Final = 8
 _TYPE_NAMES: Final = {
     0: "NONE",
     1: "VALUE_INPUT",
@@ -129,9 +127,8 @@ def not_found(tas: TaRegistry, uuid: bytes, load: str) -> str:
             f"or --ta-dir; qtee ta sign --uuid {want} --out DIR/{want}.ta makes one)"
         )
     found = _registered(tas)
-    listed = ", ".join(found[:_LISTED]) + (", ..." if len(found) > _LISTED else "")
     return (
-        f"no TA with UUID {want} (registered GP TAs: {listed or 'none'}); {load}; {_REGISTER_HINT}"
+        f"no TA with UUID {want} (registered GP TAs: {tas.listed(found)}); {load}; {_REGISTER_HINT}"
     )
 
 

@@ -231,6 +231,13 @@ class TaRegistry:
         return None
 
     # ------------------------------------------------------------------ info
+    @staticmethod
+    def listed(names: list[str], most: int = 8) -> str:
+        """``names`` for a message: the first ``most``, comma-separated (``...`` when there
+        are more), or ``none``."""
+        text = ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+        return text or "none"
+
     def qtee_names(self) -> list[str]:
         """Every QTEE TA name a lookup here finds (this layer's and its parents'), sorted."""
         found: set[str] = set()
